@@ -1,0 +1,146 @@
+//! Configuration types of every role, deserialized from TOML (see `infra/config/`).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A named region with coordinates (degrees).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Region {
+    /// Region name, e.g. `us-east`.
+    pub name: String,
+    /// Latitude in degrees.
+    pub latitude: f64,
+    /// Longitude in degrees.
+    pub longitude: f64,
+}
+
+/// Built-in coordinates for the region names amphi knows (AWS regions and short aliases).
+pub fn known_region(name: &str) -> Option<Region> {
+    let (lat, lon) = match name {
+        "us-east" | "us-east-1" => (38.95, -77.45), // N. Virginia
+        "us-east-2" => (40.0, -83.0),               // Ohio
+        "us-west" | "us-west-2" => (45.84, -119.7), // Oregon
+        "us-west-1" => (37.35, -121.96),            // N. California
+        "eu-west" | "eu-west-1" => (53.35, -6.26),  // Ireland
+        "eu-west-2" => (51.51, -0.13),              // London
+        "eu-central" | "eu-central-1" => (50.11, 8.68), // Frankfurt
+        "ap-southeast" | "ap-southeast-1" => (1.29, 103.85), // Singapore
+        "ap-southeast-2" => (-33.87, 151.21),       // Sydney
+        "ap-northeast" | "ap-northeast-1" => (35.68, 139.69), // Tokyo
+        "ap-south" | "ap-south-1" => (19.08, 72.88), // Mumbai
+        "sa-east" | "sa-east-1" => (-23.55, -46.63), // São Paulo
+        _ => return None,
+    };
+    Some(Region {
+        name: name.to_string(),
+        latitude: lat,
+        longitude: lon,
+    })
+}
+
+/// Paths of the PEM files for the QUIC mTLS link.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificate that signs every mesh peer.
+    pub ca: PathBuf,
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// A token verification key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublicKeyConfig {
+    /// Key id (`kid` in token headers).
+    pub kid: String,
+    /// SPKI PEM of the Ed25519 public key.
+    pub pem: String,
+}
+
+/// `amphi edge` configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EdgeConfig {
+    /// Edge id, unique in the mesh.
+    pub id: String,
+    /// Region this edge serves.
+    pub region: String,
+    /// Index of this edge (0..=255), the high byte of participant ids it allocates.
+    pub index: u8,
+    /// HTTP listener (WHIP, WHEP, WebSocket).
+    pub http_listen: SocketAddr,
+    /// Public base URL of the HTTP listener (used in `Location` headers).
+    pub public_url: String,
+    /// UDP socket for all WebRTC media.
+    pub media_listen: SocketAddr,
+    /// Address advertised in ICE candidates (defaults to `media_listen`).
+    #[serde(default)]
+    pub media_public: Option<SocketAddr>,
+    /// Origin QUIC address.
+    pub origin_addr: SocketAddr,
+    /// TLS server name of the origin certificate.
+    pub origin_server_name: String,
+    /// Geo-router base URL (room existence checks).
+    pub router_url: String,
+}
+
+/// `amphi origin` configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OriginConfig {
+    /// Origin id.
+    pub id: String,
+    /// QUIC listener.
+    pub quic_listen: SocketAddr,
+}
+
+/// `amphi packager` configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PackagerConfig {
+    /// Packager id.
+    pub id: String,
+    /// Origin QUIC address to take program streams from.
+    pub origin_addr: SocketAddr,
+    /// TLS server name of the origin certificate.
+    pub origin_server_name: String,
+    /// HTTP listener serving `/hls/...`.
+    pub http_listen: SocketAddr,
+    /// Directory for parts, segments, playlists and recordings.
+    pub data_dir: PathBuf,
+}
+
+/// An edge as the geo-router knows it (static list until the registry exists).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EdgeEndpoint {
+    /// Edge id.
+    pub id: String,
+    /// Region and its coordinates.
+    pub region: Region,
+    /// Public HTTP base URL of the edge.
+    pub public_url: String,
+}
+
+/// `amphi geo-router` configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RouterConfig {
+    /// HTTP listener (REST API, web client, `/hls` proxy).
+    pub http_listen: SocketAddr,
+    /// Public base URL clients use to reach the router.
+    pub public_url: String,
+    /// Region for clients the router cannot place.
+    pub default_region: String,
+    /// Known edges.
+    pub edges: Vec<EdgeEndpoint>,
+    /// Base URL of the packager's HTTP origin (proxied under `/hls`).
+    pub packager_url: String,
+    /// Dev mode: open API, `?region=` overrides.
+    #[serde(default)]
+    pub dev_mode: bool,
+    /// Token lifetime in seconds.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    6 * 3600
+}

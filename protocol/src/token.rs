@@ -1,0 +1,298 @@
+//! Room tokens: JWTs signed with Ed25519 (`alg: EdDSA`), carrying a `kid` so keys can rotate.
+//!
+//! The geo-router (or `amphi token`) signs with a private key; edges verify with public keys only.
+
+use crate::ids::RoomId;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// Longest token accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// Clock skew tolerated on `iat`, seconds.
+pub const CLOCK_SKEW_SECS: u64 = 60;
+
+/// What a participant may do in a room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs the room: publish, moderate, end.
+    Host,
+    /// Publishes audio.
+    Speaker,
+    /// Subscribes only.
+    Listener,
+}
+
+impl Role {
+    /// Whether this role may publish audio.
+    pub fn may_publish(self) -> bool {
+        matches!(self, Role::Host | Role::Speaker)
+    }
+}
+
+/// The claims of a room token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Stable user identity.
+    pub sub: String,
+    /// Display name.
+    pub name: String,
+    /// The room this token admits to.
+    pub room: RoomId,
+    /// Role in that room.
+    pub role: Role,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+    /// Unique token id.
+    pub jti: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    alg: String,
+    typ: Option<String>,
+    kid: Option<String>,
+}
+
+/// Why a token was refused. Displayed texts never include the token itself.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not three base64url parts of sane JSON.
+    #[error("malformed token")]
+    Malformed,
+    /// `alg` other than EdDSA.
+    #[error("unsupported token algorithm")]
+    Algorithm,
+    /// No configured key has this `kid`.
+    #[error("unknown signing key")]
+    UnknownKey,
+    /// Signature does not verify.
+    #[error("bad token signature")]
+    Signature,
+    /// `exp` is in the past.
+    #[error("token expired")]
+    Expired,
+    /// `iat` is in the future beyond the allowed skew.
+    #[error("token not yet valid")]
+    NotYetValid,
+}
+
+/// Why key material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("bad key material: {0}")]
+pub struct KeyError(String);
+
+/// Signs tokens with one Ed25519 private key.
+pub struct TokenSigner {
+    key: SigningKey,
+    kid: String,
+}
+
+impl TokenSigner {
+    /// A fresh random key (dev mode).
+    pub fn generate(kid: impl Into<String>) -> Self {
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        TokenSigner {
+            key: SigningKey::from_bytes(&seed),
+            kid: kid.into(),
+        }
+    }
+
+    /// Load a PKCS#8 PEM private key.
+    pub fn from_pkcs8_pem(kid: impl Into<String>, pem: &str) -> Result<Self, KeyError> {
+        let key = SigningKey::from_pkcs8_pem(pem).map_err(|e| KeyError(e.to_string()))?;
+        Ok(TokenSigner {
+            key,
+            kid: kid.into(),
+        })
+    }
+
+    /// The private key as PKCS#8 PEM (to write a key file).
+    pub fn to_pkcs8_pem(&self) -> String {
+        self.key
+            .to_pkcs8_pem(Default::default())
+            .expect("ed25519 keys encode")
+            .to_string()
+    }
+
+    /// The key id written into every token header.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as SPKI PEM, for verifiers.
+    pub fn public_pem(&self) -> String {
+        self.key
+            .verifying_key()
+            .to_public_key_pem(Default::default())
+            .expect("ed25519 keys encode")
+    }
+
+    /// A verifier that knows this signer's public key.
+    pub fn verifier(&self) -> TokenVerifier {
+        let mut v = TokenVerifier::default();
+        v.add_key(self.kid.clone(), self.key.verifying_key());
+        v
+    }
+
+    /// Sign `claims` into a compact JWT.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let header = Header {
+            alg: "EdDSA".into(),
+            typ: Some("JWT".into()),
+            kid: Some(self.kid.clone()),
+        };
+        let mut out = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
+        out.push('.');
+        out.push_str(&B64.encode(serde_json::to_vec(claims).expect("claims serialize")));
+        let sig = self.key.sign(out.as_bytes());
+        out.push('.');
+        out.push_str(&B64.encode(sig.to_bytes()));
+        out
+    }
+}
+
+/// Verifies tokens against a set of public keys, by `kid`.
+#[derive(Default, Clone)]
+pub struct TokenVerifier {
+    keys: Vec<(String, VerifyingKey)>,
+}
+
+impl TokenVerifier {
+    /// Add a public key from SPKI PEM.
+    pub fn add_public_pem(&mut self, kid: impl Into<String>, pem: &str) -> Result<(), KeyError> {
+        let key = VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError(e.to_string()))?;
+        self.add_key(kid.into(), key);
+        Ok(())
+    }
+
+    fn add_key(&mut self, kid: String, key: VerifyingKey) {
+        self.keys.retain(|(k, _)| *k != kid);
+        self.keys.push((kid, key));
+    }
+
+    /// Check signature, algorithm and lifetime at `now_unix`; return the claims.
+    pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header: Header = B64
+            .decode(h)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed)?;
+        if header.alg != "EdDSA" {
+            return Err(TokenError::Algorithm);
+        }
+        let key = match header.kid.as_deref() {
+            Some(kid) => self.keys.iter().find(|(k, _)| k == kid),
+            None if self.keys.len() == 1 => self.keys.first(),
+            None => None,
+        }
+        .map(|(_, key)| key)
+        .ok_or(TokenError::UnknownKey)?;
+        let sig_bytes: [u8; 64] = B64
+            .decode(s)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(TokenError::Malformed)?;
+        let signed_len = h.len() + 1 + c.len();
+        key.verify(
+            &token.as_bytes()[..signed_len],
+            &Signature::from_bytes(&sig_bytes),
+        )
+        .map_err(|_| TokenError::Signature)?;
+        let claims: Claims = B64
+            .decode(c)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed)?;
+        if claims.exp <= now_unix {
+            return Err(TokenError::Expired);
+        }
+        if claims.iat > now_unix + CLOCK_SKEW_SECS {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(now: u64) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            name: "Ada".into(),
+            room: RoomId(5),
+            role: Role::Speaker,
+            iat: now,
+            exp: now + 3600,
+            jti: "j1".into(),
+        }
+    }
+
+    #[test]
+    fn sign_then_verify_with_public_key_only() {
+        let signer = TokenSigner::generate("k1");
+        let mut verifier = TokenVerifier::default();
+        verifier.add_public_pem("k1", &signer.public_pem()).unwrap();
+        let t = signer.sign(&claims(1000));
+        assert_eq!(verifier.verify(&t, 1001).unwrap(), claims(1000));
+    }
+
+    #[test]
+    fn pem_round_trip_keeps_the_key() {
+        let signer = TokenSigner::generate("k1");
+        let again = TokenSigner::from_pkcs8_pem("k1", &signer.to_pkcs8_pem()).unwrap();
+        assert_eq!(again.public_pem(), signer.public_pem());
+    }
+
+    #[test]
+    fn refuses_forged_expired_and_foreign_tokens() {
+        let signer = TokenSigner::generate("k1");
+        let v = signer.verifier();
+        let t = signer.sign(&claims(1000));
+        assert_eq!(v.verify(&t, 1000 + 3600), Err(TokenError::Expired));
+        assert_eq!(v.verify(&t, 1000 - 61), Err(TokenError::NotYetValid));
+        let other = TokenSigner::generate("k1");
+        assert_eq!(
+            v.verify(&other.sign(&claims(1000)), 1001),
+            Err(TokenError::Signature)
+        );
+        let rotated = TokenSigner::generate("k2");
+        assert_eq!(
+            v.verify(&rotated.sign(&claims(1000)), 1001),
+            Err(TokenError::UnknownKey)
+        );
+        // Tamper with the claims: role escalation must not verify.
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let mut c = claims(1000);
+        c.role = Role::Host;
+        let forged_claims = B64.encode(serde_json::to_vec(&c).unwrap());
+        parts[1] = &forged_claims;
+        assert_eq!(v.verify(&parts.join("."), 1001), Err(TokenError::Signature));
+        let none_alg = format!(
+            "{}.{}.",
+            B64.encode(br#"{"alg":"none"}"#),
+            B64.encode(serde_json::to_vec(&c).unwrap())
+        );
+        assert_eq!(v.verify(&none_alg, 1001), Err(TokenError::Algorithm));
+        for junk in ["", "a.b", "a.b.c.d", "....", "\u{0}.\u{0}.\u{0}"] {
+            assert_eq!(v.verify(junk, 1001), Err(TokenError::Malformed), "{junk:?}");
+        }
+    }
+}
