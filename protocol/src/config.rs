@@ -92,6 +92,8 @@ pub struct OriginConfig {
     pub id: String,
     /// QUIC listener.
     pub quic_listen: SocketAddr,
+    /// HTTP listener for `/metrics` (Prometheus text format).
+    pub metrics_listen: SocketAddr,
 }
 
 /// `amphi packager` configuration.
