@@ -1,0 +1,401 @@
+//! The geo-router's HTTP driver: REST API, route API, web client, and the `/hls` proxy.
+
+use crate::directory::Directory;
+use crate::select::{select_edge, ClientPlace, SelectError};
+use amphi_protocol::api::{
+    ApiError, CreateRoomRequest, CreateRoomResponse, MintTokenRequest, RouteResponse,
+    TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
+};
+use amphi_protocol::config::RouterConfig;
+use amphi_protocol::token::{Claims, Role, TokenSigner};
+use amphi_protocol::RoomId;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body the API accepts.
+const MAX_BODY: usize = 16 * 1024;
+
+/// A static file of the web client, embedded by the binary.
+#[derive(Clone, Debug)]
+pub struct WebAsset {
+    /// URL path, e.g. `/` or `/app.js`.
+    pub path: &'static str,
+    /// Content type.
+    pub content_type: &'static str,
+    /// File contents.
+    pub body: &'static [u8],
+}
+
+/// Everything the router needs to run.
+pub struct RouterSetup {
+    /// Configuration.
+    pub config: RouterConfig,
+    /// The token signing key.
+    pub signer: TokenSigner,
+    /// The web client's files.
+    pub web: Vec<WebAsset>,
+}
+
+/// Why the router could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The listener could not be bound.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The server failed.
+    #[error("serve: {0}")]
+    Serve(std::io::Error),
+}
+
+#[derive(Default)]
+struct Counters {
+    rooms_created: AtomicU64,
+    tokens_minted: AtomicU64,
+    routes: AtomicU64,
+    hls_proxied: AtomicU64,
+}
+
+struct AppState {
+    config: RouterConfig,
+    signer: TokenSigner,
+    directory: Mutex<Directory>,
+    web: Vec<WebAsset>,
+    hls_client: Client<HttpConnector, Body>,
+    counters: Counters,
+}
+
+type Shared = Arc<AppState>;
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, Json(ApiError::new(code, message))).into_response()
+}
+
+/// Parse a JSON body, answering 400/413 with a JSON error body.
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let bytes = body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_body"
+        };
+        error(status, code, e.body_text())
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), Response> {
+    if value.trim().is_empty() || value.chars().count() > max {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_field",
+            format!("{field} must be 1..={max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_room(id: &str) -> Result<RoomId, Response> {
+    id.parse()
+        .map_err(|_| error(StatusCode::NOT_FOUND, "room_not_found", "no such room"))
+}
+
+impl AppState {
+    fn hls_url(&self, room: RoomId) -> String {
+        format!("{}/hls/{room}/index.m3u8", self.config.public_url)
+    }
+
+    fn mint(&self, room: RoomId, role: Role, name: &str) -> String {
+        let now = now_unix();
+        let jti: u128 = rand::random();
+        self.counters.tokens_minted.fetch_add(1, Ordering::Relaxed);
+        self.signer.sign(&Claims {
+            sub: format!("u-{:016x}", rand::random::<u64>()),
+            name: name.to_string(),
+            room,
+            role,
+            iat: now,
+            exp: now + self.config.token_ttl_secs,
+            jti: format!("{jti:032x}"),
+        })
+    }
+
+    fn room_exists_live(&self, room: RoomId) -> bool {
+        let dir = self.directory.lock().expect("directory lock");
+        matches!(dir.get(room), Some(r) if r.status == amphi_protocol::api::RoomStatus::Live)
+    }
+}
+
+async fn create_room(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: CreateRoomRequest = match parse_json(body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if let Err(e) = check_text("title", &req.title, MAX_TITLE_CHARS) {
+        return e;
+    }
+    if let Some(topic) = &req.topic {
+        if let Err(e) = check_text("topic", topic, MAX_NAME_CHARS) {
+            return e;
+        }
+    }
+    let room = s
+        .directory
+        .lock()
+        .expect("directory lock")
+        .create(req.title, req.topic, now_unix());
+    s.counters.rooms_created.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%room, "room created");
+    let resp = CreateRoomResponse {
+        room,
+        host_token: s.mint(room, Role::Host, "host"),
+        hls_url: s.hls_url(room),
+    };
+    (StatusCode::CREATED, Json(resp)).into_response()
+}
+
+async fn list_rooms(State(s): State<Shared>) -> Response {
+    let dir = s.directory.lock().expect("directory lock");
+    let rooms: Vec<_> = dir
+        .live()
+        .into_iter()
+        .map(|(id, r)| r.info(id, s.hls_url(id)))
+        .collect();
+    Json(serde_json::json!({ "rooms": rooms })).into_response()
+}
+
+async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    let room = match parse_room(&id) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let dir = s.directory.lock().expect("directory lock");
+    match dir.get(room) {
+        Some(entry) => Json(entry.info(room, s.hls_url(room))).into_response(),
+        None => error(StatusCode::NOT_FOUND, "room_not_found", "no such room"),
+    }
+}
+
+async fn mint_token(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let room = match parse_room(&id) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let req: MintTokenRequest = match parse_json(body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if let Err(e) = check_text("name", &req.name, MAX_NAME_CHARS) {
+        return e;
+    }
+    if req.role == Role::Host {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_role",
+            "role must be listener or speaker; the host token comes with the room",
+        );
+    }
+    if !s.room_exists_live(room) {
+        return error(StatusCode::NOT_FOUND, "room_not_found", "no such live room");
+    }
+    Json(TokenResponse {
+        token: s.mint(room, req.role, &req.name),
+    })
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct RouteQuery {
+    room: Option<String>,
+    region: Option<String>,
+}
+
+fn ws_base(http: &str) -> String {
+    if let Some(rest) = http.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = http.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        http.to_string()
+    }
+}
+
+async fn route(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(StatusCode::BAD_REQUEST, "bad_query", "malformed query string");
+    };
+    let Some(room) = q.room.as_deref() else {
+        return error(StatusCode::BAD_REQUEST, "bad_query", "room is required");
+    };
+    let room = match parse_room(room) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if !s.room_exists_live(room) {
+        return error(StatusCode::NOT_FOUND, "room_not_found", "no such live room");
+    }
+    let place = match q.region.as_deref() {
+        Some(region) if s.config.dev_mode => ClientPlace::Region(region),
+        _ => ClientPlace::Unknown,
+    };
+    let choice = match select_edge(place, &s.config.edges, &s.config.default_region) {
+        Ok(c) => c,
+        Err(e @ SelectError::UnknownRegion(_)) => {
+            return error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string()),
+    };
+    s.counters.routes.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%room, %peer, edge = %choice.edge.id, why = %choice.why, "routed");
+    let edge = choice.edge;
+    Json(RouteResponse {
+        region: edge.region.name.clone(),
+        edge: edge.id.clone(),
+        whip_url: format!("{}/whip/{room}", edge.public_url),
+        whep_url: format!("{}/whep/{room}", edge.public_url),
+        ws_url: format!("{}/v1/ws", ws_base(&edge.public_url)),
+        hls_url: s.hls_url(room),
+    })
+    .into_response()
+}
+
+async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET only");
+    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let Ok(uri) = format!("{}{}", s.config.packager_url, path_and_query).parse::<Uri>() else {
+        return error(StatusCode::BAD_REQUEST, "bad_path", "malformed path");
+    };
+    let mut upstream = Request::builder().method(req.method().clone()).uri(uri);
+    for name in [header::ACCEPT, header::RANGE, header::IF_NONE_MATCH] {
+        if let Some(v) = req.headers().get(&name) {
+            upstream = upstream.header(name, v.clone());
+        }
+    }
+    let upstream = upstream.body(Body::empty()).expect("valid request");
+    s.counters.hls_proxied.fetch_add(1, Ordering::Relaxed);
+    match s.hls_client.request(upstream).await {
+        Ok(resp) => resp.map(Body::new).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "hls upstream failed");
+            error(StatusCode::BAD_GATEWAY, "hls_unavailable", "HLS origin unreachable")
+        }
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    let c = &s.counters;
+    let live = s.directory.lock().expect("directory lock").live().len();
+    let text = format!(
+        "# TYPE amphi_router_rooms_created_total counter\namphi_router_rooms_created_total {}\n\
+         # TYPE amphi_router_tokens_minted_total counter\namphi_router_tokens_minted_total {}\n\
+         # TYPE amphi_router_routes_total counter\namphi_router_routes_total {}\n\
+         # TYPE amphi_router_hls_proxied_total counter\namphi_router_hls_proxied_total {}\n\
+         # TYPE amphi_router_live_rooms gauge\namphi_router_live_rooms {}\n",
+        c.rooms_created.load(Ordering::Relaxed),
+        c.tokens_minted.load(Ordering::Relaxed),
+        c.routes.load(Ordering::Relaxed),
+        c.hls_proxied.load(Ordering::Relaxed),
+        live,
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
+}
+
+async fn web_asset(State(s): State<Shared>, uri: Uri) -> Response {
+    match s.web.iter().find(|a| a.path == uri.path()) {
+        Some(a) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static(a.content_type)),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            ],
+            a.body,
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+    }
+}
+
+/// Build the router's axum application (exposed for in-process tests).
+fn app(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{id}", get(get_room))
+        .route("/v1/rooms/{id}/tokens", post(mint_token))
+        .route("/v1/route", get(route))
+        .route("/hls/{*rest}", get(hls_proxy).head(hls_proxy))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(web_asset)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serve the geo-router until `shutdown` fires.
+pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), RouterError> {
+    let addr = setup.config.http_listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RouterError::Bind { addr, source })?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let state = Arc::new(AppState {
+        config: setup.config,
+        signer: setup.signer,
+        directory: Mutex::new(Directory::default()),
+        web: setup.web,
+        hls_client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
+        counters: Counters::default(),
+    });
+    tracing::info!(%addr, "geo-router listening");
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+    .map_err(RouterError::Serve)
+}

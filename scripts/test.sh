@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# amphi's one test command: installs what the tests need (idempotently, cached under
+# ~/.cache/amphi), then runs formatting and lint checks, benchmark smoke runs, and every test.
+# Everything it starts listens on 127.0.0.1 only, and every test stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE=${AMPHI_CACHE:-$HOME/.cache/amphi}
+mkdir -p "$CACHE"
+# CI starts from a fresh clone: keep the build cache outside it.
+if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  export CARGO_TARGET_DIR="$CACHE/target"
+fi
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+command -v ffprobe >/dev/null || missing+=(ffmpeg)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  echo "all present"
+fi
+
+step "browser test client (playwright-core, no browser download)"
+(cd tests/browser && npm ci --no-audit --no-fund --prefer-offline --cache "$CACHE/npm" >/dev/null)
+
+step "format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+
+step "build"
+cargo build --workspace --all-targets --locked
+
+step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
+"$TARGET_DIR/debug/amphi" bench mixer --smoke
+
+step "tests"
+cargo test --workspace --locked -- --test-threads=2

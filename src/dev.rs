@@ -1,0 +1,243 @@
+//! `amphi dev`: the whole mesh in one process on loopback, with embedded defaults.
+
+use amphi_protocol::config::{
+    known_region, EdgeConfig, EdgeEndpoint, OriginConfig, PackagerConfig, Region, RouterConfig,
+};
+use amphi_protocol::mtls::DevPki;
+use amphi_protocol::token::TokenSigner;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// Options of `amphi dev`.
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Where parts, segments, playlists and recordings go.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Regions, one edge each, in port order (built-in coordinates for AWS region names).
+    #[arg(long, value_delimiter = ',', default_value = "us-east,eu-west")]
+    regions: Vec<String>,
+    /// Region for clients the router cannot place (default: the first region).
+    #[arg(long)]
+    default_region: Option<String>,
+    /// Ed25519 signing key (PKCS#8 PEM, kid `dev-1`) for room tokens; a fresh one is made if absent.
+    /// Lets `amphi token mint --key FILE --kid dev-1` mint tokens this mesh accepts.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Added to every dev port, so several meshes can run side by side (tests).
+    #[arg(long, default_value_t = 0)]
+    port_offset: u16,
+}
+
+/// The fixed dev ports (before `--port-offset`).
+struct Ports {
+    router: u16,
+    edge_http: u16,
+    edge_media: u16,
+    origin_quic: u16,
+    origin_metrics: u16,
+    packager_http: u16,
+}
+
+const DEV_PORTS: Ports = Ports {
+    router: 8080,
+    edge_http: 8101,
+    edge_media: 8201,
+    origin_quic: 8300,
+    origin_metrics: 8301,
+    packager_http: 8400,
+};
+
+const ORIGIN_NAME: &str = "origin.amphi.internal";
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn addr(port: u16, offset: u16) -> SocketAddr {
+    SocketAddr::new(LOOPBACK, port + offset)
+}
+
+fn url(port: u16, offset: u16) -> String {
+    format!("http://127.0.0.1:{}", port + offset)
+}
+
+/// Run the dev mesh until Ctrl-C.
+pub async fn run(args: DevArgs) -> Result<()> {
+    let off = args.port_offset;
+    if off > 50_000 {
+        bail!("--port-offset must be at most 50000");
+    }
+    let regions: Vec<Region> = args
+        .regions
+        .iter()
+        .map(|r| known_region(r).with_context(|| format!("unknown region {r}")))
+        .collect::<Result<_>>()?;
+    if regions.is_empty() || regions.len() > 32 {
+        bail!("--regions takes 1 to 32 regions");
+    }
+    let default_region = args
+        .default_region
+        .clone()
+        .unwrap_or_else(|| regions[0].name.clone());
+    if !regions.iter().any(|r| r.name == default_region) {
+        bail!("default region {default_region} is not among --regions");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+
+    let pki = DevPki::generate()?;
+    let signer = match &args.signing_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            TokenSigner::from_pkcs8_pem("dev-1", &pem)?
+        }
+        None => TokenSigner::generate("dev-1"),
+    };
+    let verifier = signer.verifier();
+    let shutdown = crate::roles::shutdown_on_signal();
+    let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
+
+    let origin = amphi_origin::OriginSetup {
+        config: OriginConfig {
+            id: "origin-1".into(),
+            quic_listen: addr(DEV_PORTS.origin_quic, off),
+            metrics_listen: addr(DEV_PORTS.origin_metrics, off),
+        },
+        mesh_tls: pki.issue(ORIGIN_NAME)?,
+    };
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        let r = amphi_origin::run(origin, sd).await;
+        ("origin".into(), r.map_err(Into::into))
+    });
+
+    let packager = amphi_packager::PackagerSetup {
+        config: PackagerConfig {
+            id: "packager-1".into(),
+            origin_addr: addr(DEV_PORTS.origin_quic, off),
+            origin_server_name: ORIGIN_NAME.into(),
+            http_listen: addr(DEV_PORTS.packager_http, off),
+            data_dir: args.data_dir.clone(),
+        },
+        mesh_tls: pki.issue("packager-1.amphi.internal")?,
+    };
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        let r = amphi_packager::run(packager, sd).await;
+        ("packager".into(), r.map_err(Into::into))
+    });
+
+    let mut endpoints = Vec::new();
+    let mut table = Vec::new();
+    for (i, region) in regions.iter().enumerate() {
+        let i16 = i as u16;
+        let id = format!("edge-{}", region.name);
+        let public_url = url(DEV_PORTS.edge_http + i16, off);
+        let media = addr(DEV_PORTS.edge_media + i16, off);
+        let setup = amphi_edge::EdgeSetup {
+            config: EdgeConfig {
+                id: id.clone(),
+                region: region.name.clone(),
+                index: (i + 1) as u8,
+                http_listen: addr(DEV_PORTS.edge_http + i16, off),
+                public_url: public_url.clone(),
+                media_listen: media,
+                media_public: None,
+                origin_addr: addr(DEV_PORTS.origin_quic, off),
+                origin_server_name: ORIGIN_NAME.into(),
+                router_url: url(DEV_PORTS.router, off),
+            },
+            mesh_tls: pki.issue(&format!("{id}.amphi.internal"))?,
+            tokens: verifier.clone(),
+        };
+        let sd = shutdown.clone();
+        let name = id.clone();
+        tasks.spawn(async move {
+            let r = amphi_edge::run(setup, sd).await;
+            (name, r.map_err(Into::into))
+        });
+        table.push((
+            format!("edge {} ({})", region.name, id),
+            format!("{public_url}  (WebRTC udp {media})"),
+        ));
+        endpoints.push(EdgeEndpoint {
+            id,
+            region: region.clone(),
+            public_url,
+        });
+    }
+
+    let router = amphi_geo_router::RouterSetup {
+        config: RouterConfig {
+            http_listen: addr(DEV_PORTS.router, off),
+            public_url: url(DEV_PORTS.router, off),
+            default_region: default_region.clone(),
+            edges: endpoints,
+            packager_url: url(DEV_PORTS.packager_http, off),
+            dev_mode: true,
+            token_ttl_secs: 6 * 3600,
+        },
+        signer,
+        web: crate::web::assets(),
+    };
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        let r = amphi_geo_router::run(router, sd).await;
+        ("geo-router".into(), r.map_err(Into::into))
+    });
+
+    let router_url = url(DEV_PORTS.router, off);
+    println!("amphi dev mesh (default region {default_region}); Ctrl-C to stop");
+    println!("  {:<28} {}", "web client", format!("{router_url}/"));
+    println!("  {:<28} {}", "REST API (geo-router)", format!("{router_url}/v1/rooms"));
+    println!("  {:<28} {}", "HLS", format!("{router_url}/hls/{{room}}/index.m3u8"));
+    for (name, value) in &table {
+        println!("  {name:<28} {value}");
+    }
+    println!(
+        "  {:<28} quic 127.0.0.1:{}  (metrics {})",
+        "origin",
+        DEV_PORTS.origin_quic + off,
+        url(DEV_PORTS.origin_metrics, off)
+    );
+    println!(
+        "  {:<28} {}  (data in {})",
+        "packager",
+        url(DEV_PORTS.packager_http, off),
+        args.data_dir.display()
+    );
+
+    // Run until Ctrl-C, or until any component fails (then stop the rest).
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(done) = tasks.join_next() => {
+            let (name, result) = done.context("component task panicked")?;
+            failure = Some(match result {
+                Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                Err(e) => e.context(format!("{name} failed")),
+            });
+            shutdown.cancel();
+        }
+    }
+    let drain = async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((name, Err(e))) = done {
+                tracing::warn!(component = %name, error = %format!("{e:#}"), "stopped with error");
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tracing::warn!("components did not stop within 5 s");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            println!("amphi dev stopped");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Single-role entry points (`amphi edge|origin|packager|geo-router`), `amphi token` and `amphi bench`.
+
+use crate::config;
+use amphi_protocol::config::{
+    EdgeConfig, OriginConfig, PackagerConfig, PublicKeyConfig, RouterConfig, TlsFiles,
+};
+use amphi_protocol::mtls::MtlsMaterial;
+use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
+use amphi_protocol::RoomId;
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// A token-signing key on disk.
+#[derive(Deserialize)]
+struct SigningFile {
+    kid: String,
+    key_file: PathBuf,
+}
+
+/// Token verification keys.
+#[derive(Deserialize)]
+struct TokensFile {
+    public_keys: Vec<PublicKeyConfig>,
+}
+
+#[derive(Deserialize)]
+struct EdgeFile {
+    edge: EdgeConfig,
+    tls: TlsFiles,
+    tokens: TokensFile,
+}
+
+#[derive(Deserialize)]
+struct OriginFile {
+    origin: OriginConfig,
+    tls: TlsFiles,
+}
+
+#[derive(Deserialize)]
+struct PackagerFile {
+    packager: PackagerConfig,
+    tls: TlsFiles,
+}
+
+#[derive(Deserialize)]
+struct RouterFile {
+    router: RouterConfig,
+    signing: SigningFile,
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn load_tls(files: &TlsFiles) -> Result<MtlsMaterial> {
+    Ok(MtlsMaterial::from_pem(
+        &read(&files.ca)?,
+        &read(&files.cert)?,
+        &read(&files.key)?,
+    )?)
+}
+
+fn load_signer(s: &SigningFile) -> Result<TokenSigner> {
+    TokenSigner::from_pkcs8_pem(s.kid.clone(), &read(&s.key_file)?)
+        .context("loading the signing key")
+}
+
+/// A token that fires on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// `amphi edge`.
+pub async fn edge(path: Option<PathBuf>) -> Result<()> {
+    let file: EdgeFile = config::load(path.as_deref())?;
+    let mut tokens = TokenVerifier::default();
+    for k in &file.tokens.public_keys {
+        tokens
+            .add_public_pem(k.kid.clone(), &k.pem)
+            .with_context(|| format!("token key {}", k.kid))?;
+    }
+    let setup = amphi_edge::EdgeSetup {
+        config: file.edge,
+        mesh_tls: load_tls(&file.tls)?,
+        tokens,
+    };
+    amphi_edge::run(setup, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// `amphi origin`.
+pub async fn origin(path: Option<PathBuf>) -> Result<()> {
+    let file: OriginFile = config::load(path.as_deref())?;
+    let setup = amphi_origin::OriginSetup {
+        config: file.origin,
+        mesh_tls: load_tls(&file.tls)?,
+    };
+    amphi_origin::run(setup, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// `amphi packager`.
+pub async fn packager(path: Option<PathBuf>) -> Result<()> {
+    let file: PackagerFile = config::load(path.as_deref())?;
+    let setup = amphi_packager::PackagerSetup {
+        config: file.packager,
+        mesh_tls: load_tls(&file.tls)?,
+    };
+    amphi_packager::run(setup, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// `amphi geo-router`.
+pub async fn geo_router(path: Option<PathBuf>) -> Result<()> {
+    let file: RouterFile = config::load(path.as_deref())?;
+    let setup = amphi_geo_router::RouterSetup {
+        config: file.router,
+        signer: load_signer(&file.signing)?,
+        web: crate::web::assets(),
+    };
+    amphi_geo_router::run(setup, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// `amphi token ...`
+#[derive(Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Generate an Ed25519 signing key (PKCS#8 PEM) and print its public key (SPKI PEM).
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Mint a room token and print it.
+    Mint {
+        /// PKCS#8 PEM private key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Key id written into the token header.
+        #[arg(long, default_value = "k1")]
+        kid: String,
+        /// Room id (16 hex digits).
+        #[arg(long)]
+        room: RoomId,
+        /// host, speaker or listener.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| "role must be host, speaker or listener".to_string())
+}
+
+/// Run `amphi token`.
+pub fn token(args: TokenArgs) -> Result<()> {
+    match args.command {
+        TokenCommand::Keygen { out } => {
+            let signer = TokenSigner::generate("k1");
+            write_private(&out, &signer.to_pkcs8_pem())?;
+            print!("{}", signer.public_pem());
+        }
+        TokenCommand::Mint {
+            key,
+            kid,
+            room,
+            role,
+            name,
+            ttl,
+        } => {
+            let signer = TokenSigner::from_pkcs8_pem(kid, &read(&key)?)?;
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            let jti: u128 = rand_jti();
+            println!(
+                "{}",
+                signer.sign(&Claims {
+                    sub: name.clone(),
+                    name,
+                    room,
+                    role,
+                    iat: now,
+                    exp: now + ttl,
+                    jti: format!("{jti:032x}"),
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+fn rand_jti() -> u128 {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .expect("/dev/urandom");
+    u128::from_le_bytes(b)
+}
+
+/// Write a secret file readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// `amphi bench ...`
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Our mixer vs `ffmpeg amix` + libopus on the same three Opus inputs, one thread each.
+    Mixer {
+        /// Seconds of audio to mix.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Short run for CI (5 s of audio).
+        #[arg(long)]
+        smoke: bool,
+    },
+}
+
+/// Run `amphi bench`.
+pub async fn bench(args: BenchArgs) -> Result<()> {
+    match args.command {
+        BenchCommand::Mixer { seconds, smoke } => {
+            let seconds = if smoke { 5 } else { seconds };
+            let report = tokio::task::spawn_blocking(move || {
+                amphi_origin::bench::run_mixer_bench(amphi_origin::bench::MixerBenchOptions {
+                    seconds,
+                    speakers: 3,
+                })
+            })
+            .await??;
+            println!("{report}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+// A person's path through the web client: open the lobby, create a room, press "Start speaking".
+// The fake microphone plays AMPHI_WAV. Prints {"room": ID} once publishing is connected, keeps
+// talking for AMPHI_SECONDS, stops, and saves screenshots into AMPHI_ARTIFACTS.
+import { launch } from "./launch.mjs";
+
+const base = process.env.AMPHI_URL;
+const wav = process.env.AMPHI_WAV;
+const seconds = Number(process.env.AMPHI_SECONDS || 8);
+const artifacts = process.env.AMPHI_ARTIFACTS || ".";
+if (!base || !wav) {
+  console.error("AMPHI_URL and AMPHI_WAV are required");
+  process.exit(2);
+}
+
+const browser = await launch({ wav });
+try {
+  const context = await browser.newContext({ permissions: ["microphone"] });
+  const page = await context.newPage();
+  page.on("console", (m) => console.error(`[page] ${m.text()}`));
+  await page.goto(`${base}/`);
+  await page.waitForSelector("#create");
+  await page.screenshot({ path: `${artifacts}/lobby.png` });
+  await page.fill("#title", "browser tone");
+  await page.fill("#topic", "e2e");
+  await page.click("#create");
+  await page.waitForSelector("#room:not([hidden])");
+  await page.click("#speak");
+  await page.waitForFunction(() => window.amphi.status === "connected", null, { timeout: 20000 });
+  const room = await page.evaluate(() => window.amphi.room);
+  console.log(JSON.stringify({ room }));
+  await page.screenshot({ path: `${artifacts}/room.png` });
+  await page.waitForTimeout(seconds * 1000);
+  await page.click("#stop");
+  await page.waitForFunction(() => window.amphi.status === "idle", null, { timeout: 5000 });
+} finally {
+  await browser.close();
+}

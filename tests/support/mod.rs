@@ -1,0 +1,418 @@
+//! Shared helpers for the end-to-end tests: a real `amphi dev` mesh in a child process, HTTP helpers,
+//! tone generation, HLS fetching and audio analysis with ffmpeg.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `amphi dev` child process; killed on drop.
+pub struct DevMesh {
+    child: Child,
+    /// Port offset the mesh was started with.
+    pub offset: u16,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// A scratch directory beside the data directory.
+    pub scratch: PathBuf,
+    log: PathBuf,
+}
+
+impl DevMesh {
+    /// Start `amphi dev --port-offset offset` and wait until every component is up and the edges
+    /// are connected to the origin.
+    pub fn start(offset: u16, name: &str) -> DevMesh {
+        Self::start_with(offset, name, &[])
+    }
+
+    /// Like [`DevMesh::start`] with extra `amphi dev` arguments.
+    pub fn start_with(offset: u16, name: &str, extra: &[&str]) -> DevMesh {
+        let base = scratch_dir(name);
+        let data_dir = base.join("data");
+        let log = base.join("dev.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_amphi"))
+            .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
+            .arg(&data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log_file.try_clone().unwrap()))
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn amphi dev");
+        let mesh = DevMesh {
+            child,
+            offset,
+            data_dir,
+            scratch: base,
+            log,
+        };
+        mesh.wait_ready();
+        mesh
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = [self.router(), self.edge(0), self.edge(1), self.packager()]
+                .iter()
+                .all(|u| get_status(&format!("{u}/healthz")) == 200)
+                && (0..2).all(|i| {
+                    metric(&self.edge(i), "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0
+                });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mesh not ready in 30 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The mesh's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Geo-router base URL.
+    pub fn router(&self) -> String {
+        format!("http://127.0.0.1:{}", 8080 + self.offset)
+    }
+
+    /// Edge `i`'s HTTP base URL (0 = us-east, 1 = eu-west).
+    pub fn edge(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}", 8101 + i + self.offset)
+    }
+
+    /// Edge `i`'s WebRTC UDP address.
+    pub fn edge_media(&self, i: u16) -> String {
+        format!("127.0.0.1:{}", 8201 + i + self.offset)
+    }
+
+    /// Packager HTTP base URL.
+    pub fn packager(&self) -> String {
+        format!("http://127.0.0.1:{}", 8400 + self.offset)
+    }
+
+    /// Origin metrics base URL.
+    pub fn origin_metrics(&self) -> String {
+        format!("http://127.0.0.1:{}", 8301 + self.offset)
+    }
+
+    /// Create a room; returns (room id, host token, hls url).
+    pub fn create_room(&self, title: &str) -> (String, String, String) {
+        let v: serde_json::Value = ureq::post(&format!("{}/v1/rooms", self.router()))
+            .send_json(serde_json::json!({"title": title, "topic": "tests"}))
+            .expect("create room")
+            .into_json()
+            .unwrap();
+        (
+            v["room"].as_str().unwrap().to_string(),
+            v["host_token"].as_str().unwrap().to_string(),
+            v["hls_url"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Mint a token for `room`.
+    pub fn token(&self, room: &str, role: &str, name: &str) -> String {
+        let v: serde_json::Value = ureq::post(&format!("{}/v1/rooms/{room}/tokens", self.router()))
+            .send_json(serde_json::json!({"role": role, "name": name}))
+            .expect("mint token")
+            .into_json()
+            .unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// The route for `room` in `region`.
+    pub fn route(&self, room: &str, region: &str) -> serde_json::Value {
+        ureq::get(&format!("{}/v1/route?room={room}&region={region}", self.router()))
+            .call()
+            .expect("route")
+            .into_json()
+            .unwrap()
+    }
+}
+
+impl Drop for DevMesh {
+    fn drop(&mut self) {
+        unsafe_kill_term(self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ask a process to stop with SIGTERM (as Ctrl-C / systemd would).
+fn unsafe_kill_term(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+/// A fresh scratch directory for test `name`.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let base = std::env::temp_dir().join(format!("amphi-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
+/// Run `amphi` with `args`; return stdout (panics on failure).
+pub fn amphi(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_amphi")).args(args).output().expect("run amphi");
+    assert!(out.status.success(), "amphi {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// HTTP status of a GET (0 if the connection failed).
+pub fn get_status(url: &str) -> u16 {
+    match ureq::get(url).timeout(Duration::from_secs(5)).call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(_) => 0,
+    }
+}
+
+/// GET a body as bytes (panics on non-200).
+pub fn get_bytes(url: &str) -> Vec<u8> {
+    let resp = ureq::get(url)
+        .timeout(Duration::from_secs(15))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let mut out = Vec::new();
+    resp.into_reader().read_to_end(&mut out).unwrap();
+    out
+}
+
+/// A metric's value (summed over label sets) from a Prometheus text endpoint.
+pub fn metric(base: &str, name: &str) -> Option<f64> {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
+    metric_in(&text, name)
+}
+
+/// A metric's value (summed over label sets) in Prometheus text.
+pub fn metric_in(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+/// `seconds` of a sine tone as 20 ms Opus packets (48 kHz mono, 64 kbps).
+pub fn opus_tone(freq: f64, seconds: f64) -> Vec<Vec<u8>> {
+    let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)
+        .expect("opus encoder");
+    enc.set_bitrate(opus::Bitrate::Bits(64_000)).unwrap();
+    let frames = (seconds * 50.0) as usize;
+    let mut out = Vec::with_capacity(frames);
+    let mut pcm = [0i16; 960];
+    for f in 0..frames {
+        for (i, s) in pcm.iter_mut().enumerate() {
+            let t = (f * 960 + i) as f64 / 48_000.0;
+            *s = (0.3 * (2.0 * std::f64::consts::PI * freq * t).sin() * 32767.0) as i16;
+        }
+        out.push(enc.encode_vec(&pcm, 4000).expect("encode"));
+    }
+    out
+}
+
+/// Publish Opus packets through WHIP in real time (20 ms apart) with our str0m client.
+pub async fn publish_tone(whip_url: &str, token: &str, freq: f64, seconds: f64) {
+    let packets = opus_tone(freq, seconds);
+    let mut client = amphi_edge::whip_client::WhipPublisher::connect(whip_url, token)
+        .await
+        .expect("WHIP connect");
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for (i, p) in packets.iter().enumerate() {
+        tick.tick().await;
+        client
+            .send_opus(p, (i as u32).wrapping_mul(960), 20)
+            .await
+            .expect("send opus");
+    }
+    client.close().await.expect("WHIP close");
+}
+
+/// The LL-HLS media playlist URL behind a multivariant `index.m3u8` URL.
+pub fn media_playlist_url(hls_url: &str) -> String {
+    let text = String::from_utf8(get_bytes(hls_url)).unwrap();
+    let parsed = m3u8_rs::parse_playlist_res(text.as_bytes()).expect("multivariant parses");
+    let m3u8_rs::Playlist::MasterPlaylist(master) = parsed else {
+        panic!("{hls_url} is not a multivariant playlist:\n{text}");
+    };
+    let variant = master.variants.first().expect("one variant");
+    join_url(hls_url, &variant.uri)
+}
+
+/// Resolve `rel` against `base`.
+pub fn join_url(base: &str, rel: &str) -> String {
+    if rel.starts_with("http://") || rel.starts_with("https://") {
+        return rel.to_string();
+    }
+    let dir = &base[..base.rfind('/').unwrap() + 1];
+    format!("{dir}{rel}")
+}
+
+/// Poll a media playlist until it lists at least `segments` full segments; return its text.
+pub fn wait_for_segments(url: &str, segments: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(resp) = ureq::get(url).timeout(Duration::from_secs(5)).call() {
+            let text = resp.into_string().unwrap();
+            if let Ok(m3u8_rs::Playlist::MediaPlaylist(p)) =
+                m3u8_rs::parse_playlist_res(text.as_bytes())
+            {
+                if p.segments.len() >= segments {
+                    return text;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "playlist {url} never had {segments} segments");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Download init + every full segment of a media playlist into one fMP4 file; return its path and the
+/// individual (init, segments) bytes.
+pub fn download_media(playlist_url: &str, text: &str, dir: &Path) -> (PathBuf, Vec<u8>, Vec<Vec<u8>>) {
+    let m3u8_rs::Playlist::MediaPlaylist(p) =
+        m3u8_rs::parse_playlist_res(text.as_bytes()).expect("media playlist parses")
+    else {
+        panic!("not a media playlist");
+    };
+    let map = p
+        .segments
+        .iter()
+        .find_map(|s| s.map.as_ref())
+        .expect("EXT-X-MAP");
+    let init = get_bytes(&join_url(playlist_url, &map.uri));
+    let mut all = init.clone();
+    let mut segs = Vec::new();
+    for s in &p.segments {
+        let bytes = get_bytes(&join_url(playlist_url, &s.uri));
+        all.extend_from_slice(&bytes);
+        segs.push(bytes);
+    }
+    let path = dir.join("program.mp4");
+    std::fs::write(&path, &all).unwrap();
+    (path, init, segs)
+}
+
+/// Decode any media ffmpeg reads into 48 kHz mono f32 samples.
+pub fn ffmpeg_decode(input: &str) -> Vec<f32> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i", input, "-f", "f32le", "-ac", "1", "-ar", "48000", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(out.status.success(), "ffmpeg failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// `ffprobe` stream fields of the first audio stream (codec_name, sample_rate, channels).
+pub fn ffprobe_audio(input: &str) -> (String, u32, u32) {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v", "error", "-select_streams", "a:0", "-show_entries",
+            "stream=codec_name,sample_rate,channels", "-of", "json", input,
+        ])
+        .output()
+        .expect("ffprobe runs");
+    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["streams"][0];
+    (
+        s["codec_name"].as_str().unwrap_or("").to_string(),
+        s["sample_rate"].as_str().unwrap_or("0").parse().unwrap(),
+        s["channels"].as_u64().unwrap_or(0) as u32,
+    )
+}
+
+/// Power of `freq` in `samples` (Goertzel), normalised by length.
+pub fn tone_power(samples: &[f32], freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / 48_000.0;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &x in samples {
+        let s0 = x as f64 + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (samples.len() as f64).powi(2)
+}
+
+/// The loudest frequency between 100 and 2000 Hz in the loudest 0.5 s window (2 Hz steps, then 0.5 Hz).
+pub fn dominant_frequency(samples: &[f32]) -> (f64, f64) {
+    let win = loudest_window(samples, 24_000);
+    let coarse = (50..=1000)
+        .map(|k| k as f64 * 2.0)
+        .max_by(|a, b| tone_power(win, *a).total_cmp(&tone_power(win, *b)))
+        .unwrap();
+    let fine = (-8..=8)
+        .map(|k| coarse + k as f64 * 0.5)
+        .max_by(|a, b| tone_power(win, *a).total_cmp(&tone_power(win, *b)))
+        .unwrap();
+    (fine, rms(win))
+}
+
+/// Root mean square.
+pub fn rms(samples: &[f32]) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    (samples.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / samples.len() as f64).sqrt()
+}
+
+/// The `len`-sample window with the most energy.
+pub fn loudest_window(samples: &[f32], len: usize) -> &[f32] {
+    if samples.len() <= len {
+        return samples;
+    }
+    let mut best = (0, -1.0);
+    let mut start = 0;
+    while start + len <= samples.len() {
+        let e = rms(&samples[start..start + len]);
+        if e > best.1 {
+            best = (start, e);
+        }
+        start += len / 2;
+    }
+    &samples[best.0..best.0 + len]
+}
+
+/// Run a child process and stream its stdout lines to `on_line` until it exits; returns the status.
+pub fn run_streaming(mut cmd: Command, mut on_line: impl FnMut(&str)) -> std::process::ExitStatus {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        on_line(&line);
+    }
+    child.wait().unwrap()
+}
