@@ -1,0 +1,325 @@
+//! The QUIC link to the origin: control stream (Hello/Welcome, RoomEnded, Ping) and one
+//! unidirectional program stream per room.
+
+use crate::metrics::Metrics;
+use crate::room::Registry;
+use crate::segmenter::ProgramFrame;
+use amphi_protocol::config::PackagerConfig;
+use amphi_protocol::control::{
+    record_len, ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN,
+};
+use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::RoomId;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// First reconnect delay.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Time allowed for connect + Hello/Welcome.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After `RoomEnded`, how long a still-running program stream may take to finish.
+const END_GRACE: Duration = Duration::from_secs(3);
+
+/// Why a session with the origin ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("control: {0}")]
+    Control(#[from] amphi_protocol::control::ControlError),
+    #[error("timed out")]
+    Timeout,
+    #[error("control stream closed")]
+    Closed,
+    #[error("origin refused: {0}")]
+    Refused(String),
+}
+
+/// Everything the ingest side shares.
+pub struct Ingest {
+    /// Configuration.
+    pub config: PackagerConfig,
+    /// Rooms.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Shutdown.
+    pub shutdown: CancellationToken,
+    /// Stream and timer tasks.
+    pub tasks: TaskTracker,
+    generation: AtomicU64,
+}
+
+impl Ingest {
+    /// Bundle the ingest state.
+    pub fn new(
+        config: PackagerConfig,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Ingest {
+            config,
+            registry,
+            metrics,
+            shutdown,
+            tasks,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Connect to the origin and stay connected (backoff 100 ms .. 5 s) until shutdown.
+    pub async fn run(self: Arc<Self>, client: quinn::ClientConfig) -> std::io::Result<()> {
+        let origin = self.config.origin_addr;
+        let bind = match (origin.is_ipv4(), origin.ip().is_loopback()) {
+            (true, true) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            (true, false) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            (false, true) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+            (false, false) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(client);
+        let mut backoff = MIN_BACKOFF;
+        while !self.shutdown.is_cancelled() {
+            let mut welcomed = false;
+            match self.session(&endpoint, &mut welcomed).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.metrics
+                        .origin_reconnects
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%origin, error = %e, "origin session ended; reconnecting");
+                }
+            }
+            if welcomed {
+                backoff = MIN_BACKOFF;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        Ok(())
+    }
+
+    /// One connection; `Ok(())` only on shutdown.
+    async fn session(
+        self: &Arc<Self>,
+        endpoint: &quinn::Endpoint,
+        welcomed: &mut bool,
+    ) -> Result<(), SessionError> {
+        let cfg = &self.config;
+        let connecting = endpoint.connect(cfg.origin_addr, &cfg.origin_server_name)?;
+        let (conn, mut send, mut recv, mut dec) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let conn = connecting.await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let hello = ControlMessage::Hello {
+                peer: PeerKind::Packager,
+                id: cfg.id.clone(),
+                region: String::new(),
+            };
+            send.write_all(&hello.to_record()).await?;
+            let mut dec = ControlDecoder::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Some(msg) = dec.next_message()? {
+                    return match msg {
+                        ControlMessage::Welcome { origin } => {
+                            tracing::info!(%origin, packager = %cfg.id, "connected to origin");
+                            Ok((conn, send, recv, dec))
+                        }
+                        ControlMessage::Error { code, message } => {
+                            Err(SessionError::Refused(format!("{code}: {message}")))
+                        }
+                        other => Err(SessionError::Refused(format!(
+                            "expected welcome, got {other:?}"
+                        ))),
+                    };
+                }
+                match recv.read(&mut buf).await? {
+                    Some(n) => dec.feed(&buf[..n]),
+                    None => return Err(SessionError::Closed),
+                }
+            }
+        })
+        .await
+        .map_err(|_| SessionError::Timeout)??;
+        *welcomed = true;
+        self.metrics.origin_connected.store(1, Ordering::Relaxed);
+        let result = self.serve(&conn, &mut send, &mut recv, &mut dec).await;
+        self.metrics.origin_connected.store(0, Ordering::Relaxed);
+        if result.is_ok() {
+            conn.close(0u32.into(), b"shutdown");
+        }
+        result
+    }
+
+    async fn serve(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        dec: &mut ControlDecoder,
+    ) -> Result<(), SessionError> {
+        let mut buf = [0u8; 4096];
+        loop {
+            // Messages that arrived together with Welcome are handled first.
+            while let Some(msg) = dec.next_message()? {
+                match msg {
+                    ControlMessage::RoomEnded { room } => self.room_ended(room).await,
+                    ControlMessage::Ping { nonce } => {
+                        send.write_all(&ControlMessage::Pong { nonce }.to_record())
+                            .await?;
+                    }
+                    other => tracing::debug!(?other, "ignoring control message"),
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                uni = conn.accept_uni() => {
+                    let stream = uni?;
+                    let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.metrics.streams_accepted.fetch_add(1, Ordering::Relaxed);
+                    let me = self.clone();
+                    self.tasks.spawn(async move { me.program_stream(stream, gen).await });
+                }
+                read = recv.read(&mut buf) => match read? {
+                    Some(n) => dec.feed(&buf[..n]),
+                    None => return Err(SessionError::Closed),
+                },
+            }
+        }
+    }
+
+    async fn room_ended(self: &Arc<Self>, room: RoomId) {
+        let Some(handle) = self.registry.get(room) else {
+            tracing::debug!(%room, "room ended before any program reached the packager");
+            return;
+        };
+        if let Err(e) = handle.core.lock().await.room_ended().await {
+            tracing::error!(%room, error = %e, "finishing the playlist failed");
+        }
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(END_GRACE) => {
+                    if let Err(e) = handle.core.lock().await.force_end().await {
+                        tracing::error!(%room, error = %e, "finishing the playlist failed");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    /// Read one program stream until it finishes, breaks, or sends a bad record.
+    async fn program_stream(self: Arc<Self>, mut recv: quinn::RecvStream, gen: u64) {
+        let mut body = vec![0u8; MAX_PROGRAM_RECORD_LEN];
+        let mut room: Option<(RoomId, Arc<crate::room::RoomHandle>)> = None;
+        loop {
+            let mut prefix = [0u8; 4];
+            let read = tokio::select! {
+                r = recv.read_exact(&mut prefix) => r,
+                _ = self.shutdown.cancelled() => break,
+            };
+            match read {
+                Ok(()) => {}
+                Err(quinn::ReadExactError::FinishedEarly(0)) => {
+                    tracing::info!(room = ?room.as_ref().map(|r| r.0), gen, "program stream finished");
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(room = ?room.as_ref().map(|r| r.0), gen, error = %e, "program stream broke");
+                    break;
+                }
+            }
+            let len = match record_len(prefix, MAX_PROGRAM_RECORD_LEN) {
+                Ok(len) => len,
+                Err(e) => {
+                    self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
+                    break;
+                }
+            };
+            if let Err(e) = recv.read_exact(&mut body[..len]).await {
+                self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
+                break;
+            }
+            let frame = match RelayFrame::decode(&body[..len]) {
+                Ok(f) if f.kind == FrameKind::Program => f,
+                Ok(f) => {
+                    self.bad_record(&mut recv, Some(f.room), gen, &"not a program frame");
+                    break;
+                }
+                Err(e) => {
+                    self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
+                    break;
+                }
+            };
+            self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+            let handle = match &room {
+                Some((id, h)) if *id == frame.room => h.clone(),
+                Some((id, _)) => {
+                    let msg = format!("room changed mid-stream to {}", frame.room);
+                    self.bad_record(&mut recv, Some(*id), gen, &msg);
+                    break;
+                }
+                None => match self.registry.get_or_open(frame.room).await {
+                    Ok(h) => {
+                        tracing::info!(room = %frame.room, gen, "program stream started");
+                        if let Err(e) = h.core.lock().await.start_stream(gen).await {
+                            tracing::error!(room = %frame.room, error = %e, "starting stream failed");
+                        }
+                        room = Some((frame.room, h.clone()));
+                        h
+                    }
+                    Err(e) => {
+                        tracing::error!(room = %frame.room, error = %e, "cannot open room output");
+                        recv.stop(2u32.into()).ok();
+                        break;
+                    }
+                },
+            };
+            let pf = ProgramFrame {
+                rtp_ts: frame.rtp_ts,
+                payload: frame.payload,
+            };
+            let mut core = handle.core.lock().await;
+            if let Err(e) = core.frame(gen, pf, Instant::now(), SystemTime::now()).await {
+                tracing::error!(room = %core.room(), error = %e, "packaging failed");
+            }
+        }
+        if let Some((id, handle)) = room {
+            if let Err(e) = handle.core.lock().await.stream_finished(gen).await {
+                tracing::error!(room = %id, error = %e, "flushing stream failed");
+            }
+        }
+    }
+
+    fn bad_record(
+        &self,
+        recv: &mut quinn::RecvStream,
+        room: Option<RoomId>,
+        gen: u64,
+        error: &dyn std::fmt::Display,
+    ) {
+        self.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(?room, gen, %error, "bad program record; dropping the stream");
+        recv.stop(1u32.into()).ok();
+    }
+}

@@ -1,0 +1,381 @@
+//! Parsing of HLS request paths and delivery directives (`_HLS_msn`, `_HLS_part`, `_HLS_skip`),
+//! and the sans-IO blocking-reload decision (rfc8216bis section 6.2.5.2). Network-facing: never
+//! panics, whatever the input (fuzzed under `fuzz/`).
+
+use crate::playlist::{PlaylistStatus, PART_TARGET_MS};
+use amphi_protocol::audio::PARTS_PER_SEGMENT;
+use amphi_protocol::RoomId;
+use std::str::FromStr;
+
+/// Advance Part Limit: 3 / PART-TARGET when the part target is under a second (15 parts here).
+pub const ADVANCE_PART_LIMIT: u64 = (3 * 1000 / PART_TARGET_MS) as u64;
+/// A `_HLS_msn` more than this many segments after the last complete one is refused.
+pub const MAX_MSN_AHEAD: u64 = 2;
+/// Largest media sequence number accepted in a URL (about 10^4 years of 2 s segments).
+pub const MAX_MSN: u64 = 1 << 40;
+
+/// A rendition directory of a room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenditionId {
+    /// `opus/`.
+    Opus,
+}
+
+impl RenditionId {
+    /// The directory name.
+    pub fn dir(self) -> &'static str {
+        match self {
+            RenditionId::Opus => "opus",
+        }
+    }
+}
+
+/// A resource under `/hls/{room}/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HlsResource {
+    /// `index.m3u8`.
+    Multivariant,
+    /// `{rendition}/playlist.m3u8`.
+    MediaPlaylist(RenditionId),
+    /// `{rendition}/init.mp4`.
+    Init(RenditionId),
+    /// `{rendition}/seg{msn}.m4s`.
+    Segment(RenditionId, u64),
+    /// `{rendition}/part{msn}.{part}.m4s`.
+    Part(RenditionId, u64, u32),
+}
+
+/// A parsed `/hls/...` path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HlsPath {
+    /// The room.
+    pub room: RoomId,
+    /// The file inside it.
+    pub resource: HlsResource,
+}
+
+/// Why a path was refused (answered with 404).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    /// Not under `/hls/`.
+    #[error("not an HLS path")]
+    NotHls,
+    /// The room id is not 16 hex digits.
+    #[error("bad room id")]
+    BadRoom,
+    /// Not a file the packager serves.
+    #[error("unknown resource")]
+    UnknownResource,
+}
+
+fn parse_number<T: FromStr>(s: &str, max_len: usize) -> Option<T> {
+    if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if s.len() > 1 && s.starts_with('0') {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse_msn(s: &str) -> Option<u64> {
+    parse_number::<u64>(s, 13).filter(|&v| v <= MAX_MSN)
+}
+
+/// Parse the (raw, still percent-encoded) path of a request. Only canonical names are accepted:
+/// anything percent-encoded, dotted or otherwise unusual is refused, so a parsed path can only
+/// name a file the packager wrote.
+pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
+    let rest = path.strip_prefix("/hls/").ok_or(PathError::NotHls)?;
+    let mut it = rest.split('/');
+    let room = it
+        .next()
+        .and_then(|r| RoomId::from_str(r).ok())
+        .ok_or(PathError::BadRoom)?;
+    let parts: Vec<&str> = it.take(3).collect();
+    let resource = match parts.as_slice() {
+        ["index.m3u8"] => HlsResource::Multivariant,
+        ["opus", file] => {
+            let r = RenditionId::Opus;
+            match *file {
+                "playlist.m3u8" => HlsResource::MediaPlaylist(r),
+                "init.mp4" => HlsResource::Init(r),
+                f => {
+                    let stem = f.strip_suffix(".m4s").ok_or(PathError::UnknownResource)?;
+                    if let Some(n) = stem.strip_prefix("seg") {
+                        HlsResource::Segment(r, parse_msn(n).ok_or(PathError::UnknownResource)?)
+                    } else if let Some(n) = stem.strip_prefix("part") {
+                        let (m, p) = n.split_once('.').ok_or(PathError::UnknownResource)?;
+                        let msn = parse_msn(m).ok_or(PathError::UnknownResource)?;
+                        let part = parse_number::<u32>(p, 3)
+                            .filter(|&p| p < PARTS_PER_SEGMENT)
+                            .ok_or(PathError::UnknownResource)?;
+                        HlsResource::Part(r, msn, part)
+                    } else {
+                        return Err(PathError::UnknownResource);
+                    }
+                }
+            }
+        }
+        _ => return Err(PathError::UnknownResource),
+    };
+    Ok(HlsPath { room, resource })
+}
+
+/// Delivery directives of a playlist request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HlsQuery {
+    /// `_HLS_msn`.
+    pub msn: Option<u64>,
+    /// `_HLS_part`.
+    pub part: Option<u32>,
+    /// `_HLS_skip=YES` or `v2`.
+    pub skip: bool,
+}
+
+/// Why a query was refused (answered with 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    /// A directive value is not a plain decimal number in range.
+    #[error("{0} must be a decimal integer in range")]
+    BadNumber(&'static str),
+    /// `_HLS_skip` other than `YES`/`v2`.
+    #[error("_HLS_skip must be YES or v2")]
+    BadSkip,
+    /// A directive given twice.
+    #[error("{0} given more than once")]
+    Duplicate(&'static str),
+    /// `_HLS_part` without `_HLS_msn`.
+    #[error("_HLS_part requires _HLS_msn")]
+    PartWithoutMsn,
+}
+
+/// Parse the raw query string. Parameters other than the `_HLS_` directives (cache busters)
+/// are ignored; unknown `_HLS_` directives too, as the spec reserves but does not define them.
+pub fn parse_hls_query(query: &str) -> Result<HlsQuery, QueryError> {
+    let mut q = HlsQuery::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "_HLS_msn" => {
+                if q.msn.is_some() {
+                    return Err(QueryError::Duplicate("_HLS_msn"));
+                }
+                q.msn = Some(parse_msn(value).ok_or(QueryError::BadNumber("_HLS_msn"))?);
+            }
+            "_HLS_part" => {
+                if q.part.is_some() {
+                    return Err(QueryError::Duplicate("_HLS_part"));
+                }
+                q.part =
+                    Some(parse_number::<u32>(value, 6).ok_or(QueryError::BadNumber("_HLS_part"))?);
+            }
+            "_HLS_skip" => match value {
+                "YES" | "v2" => q.skip = true,
+                _ => return Err(QueryError::BadSkip),
+            },
+            _ => {}
+        }
+    }
+    if q.part.is_some() && q.msn.is_none() {
+        return Err(QueryError::PartWithoutMsn);
+    }
+    Ok(q)
+}
+
+/// What to do with a blocking playlist request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadDecision {
+    /// Answer now with the current playlist.
+    Ready,
+    /// Hold until the playlist changes, then decide again.
+    Wait,
+    /// Too far ahead of the live edge: 400.
+    TooFar,
+}
+
+/// Decide a blocking reload for `_HLS_msn=msn[&_HLS_part=part]` against the current playlist.
+pub fn decide_reload(msn: u64, part: Option<u32>, st: &PlaylistStatus) -> ReloadDecision {
+    if st.ended {
+        return ReloadDecision::Ready;
+    }
+    let last_msn = match st.last_complete {
+        Some((m, _)) => i128::from(m),
+        None => i128::from(st.current_msn) - 1,
+    };
+    if i128::from(msn) > last_msn + i128::from(MAX_MSN_AHEAD) {
+        return ReloadDecision::TooFar;
+    }
+    let Some(part) = part else {
+        return if st.last_complete.is_some_and(|(m, _)| m >= msn) {
+            ReloadDecision::Ready
+        } else {
+            ReloadDecision::Wait
+        };
+    };
+    let per_segment = i128::from(PARTS_PER_SEGMENT);
+    let requested = (i128::from(msn) - i128::from(st.current_msn)) * per_segment + i128::from(part);
+    let last_published = i128::from(st.current_parts) - 1;
+    if requested - last_published > i128::from(ADVANCE_PART_LIMIT) {
+        return ReloadDecision::TooFar;
+    }
+    if msn < st.current_msn {
+        // A complete segment: any of its parts is there; a part index past its last part means
+        // part 0 of the following segment (rfc8216bis 6.2.5.2).
+        match st.last_complete {
+            Some((m, parts)) if m == msn && part >= parts => {
+                if st.current_parts > 0 {
+                    ReloadDecision::Ready
+                } else {
+                    ReloadDecision::Wait
+                }
+            }
+            _ => ReloadDecision::Ready,
+        }
+    } else if msn == st.current_msn && part < st.current_parts {
+        ReloadDecision::Ready
+    } else {
+        ReloadDecision::Wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOM: &str = "00abcdef01234567";
+
+    #[test]
+    fn paths_parse_canonical_names_only() {
+        let room = RoomId(0x00ab_cdef_0123_4567);
+        let ok = |p: &str| parse_hls_path(&format!("/hls/{ROOM}/{p}")).map(|h| h.resource);
+        assert_eq!(
+            parse_hls_path(&format!("/hls/{ROOM}/index.m3u8")),
+            Ok(HlsPath {
+                room,
+                resource: HlsResource::Multivariant
+            })
+        );
+        assert_eq!(
+            ok("opus/playlist.m3u8"),
+            Ok(HlsResource::MediaPlaylist(RenditionId::Opus))
+        );
+        assert_eq!(
+            ok("opus/init.mp4"),
+            Ok(HlsResource::Init(RenditionId::Opus))
+        );
+        assert_eq!(
+            ok("opus/seg12.m4s"),
+            Ok(HlsResource::Segment(RenditionId::Opus, 12))
+        );
+        assert_eq!(
+            ok("opus/part12.9.m4s"),
+            Ok(HlsResource::Part(RenditionId::Opus, 12, 9))
+        );
+        for bad in [
+            "opus/part12.10.m4s",
+            "opus/seg012.m4s",
+            "opus/seg-1.m4s",
+            "opus/seg+1.m4s",
+            "opus/seg.m4s",
+            "opus/part1.m4s",
+            "opus/part1..m4s",
+            "opus/../index.m3u8",
+            "opus/%2e%2e/x",
+            "opus/seg99999999999999999999.m4s",
+            "opus/playlist.m3u8/",
+            "aac/playlist.m3u8",
+            "",
+            "opus",
+            "..",
+        ] {
+            assert_eq!(ok(bad), Err(PathError::UnknownResource), "{bad}");
+        }
+        for bad in [
+            "/hls/../etc/passwd",
+            "/hls/%2e%2e/x",
+            "/hls/0123/index.m3u8",
+            "/hls/",
+        ] {
+            assert_eq!(parse_hls_path(bad), Err(PathError::BadRoom), "{bad}");
+        }
+        assert_eq!(parse_hls_path("/metrics"), Err(PathError::NotHls));
+    }
+
+    #[test]
+    fn queries_parse_and_reject() {
+        assert_eq!(parse_hls_query(""), Ok(HlsQuery::default()));
+        assert_eq!(
+            parse_hls_query("_HLS_msn=5&_HLS_part=2&_HLS_skip=YES&cb=1"),
+            Ok(HlsQuery {
+                msn: Some(5),
+                part: Some(2),
+                skip: true
+            })
+        );
+        assert_eq!(
+            parse_hls_query("_HLS_part=2"),
+            Err(QueryError::PartWithoutMsn)
+        );
+        for bad in [
+            "_HLS_msn=",
+            "_HLS_msn=-1",
+            "_HLS_msn=abc",
+            "_HLS_msn=1e3",
+            "_HLS_msn=%31",
+            "_HLS_msn=99999999999999999999999",
+            "_HLS_msn=1&_HLS_part=x",
+            "_HLS_msn=1&_HLS_part=9999999",
+        ] {
+            assert!(
+                matches!(parse_hls_query(bad), Err(QueryError::BadNumber(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_hls_query("_HLS_skip=NO"), Err(QueryError::BadSkip));
+        assert_eq!(
+            parse_hls_query("_HLS_msn=1&_HLS_msn=2"),
+            Err(QueryError::Duplicate("_HLS_msn"))
+        );
+    }
+
+    fn status(last: Option<(u64, u32)>, cur: u64, parts: u32) -> PlaylistStatus {
+        PlaylistStatus {
+            ended: false,
+            media_sequence: 0,
+            last_complete: last,
+            current_msn: cur,
+            current_parts: parts,
+        }
+    }
+
+    #[test]
+    fn reload_decisions() {
+        use ReloadDecision::*;
+        // Segments 0..=4 complete (10 parts each), segment 5 has 3 parts.
+        let st = status(Some((4, 10)), 5, 3);
+        assert_eq!(decide_reload(4, None, &st), Ready);
+        assert_eq!(decide_reload(5, None, &st), Wait);
+        assert_eq!(decide_reload(6, None, &st), Wait);
+        assert_eq!(decide_reload(7, None, &st), TooFar);
+        assert_eq!(decide_reload(1, Some(0), &st), Ready, "behind: answer now");
+        assert_eq!(decide_reload(5, Some(2), &st), Ready);
+        assert_eq!(decide_reload(5, Some(3), &st), Wait);
+        assert_eq!(decide_reload(4, Some(10), &st), Ready, "past the end = 5.0");
+        assert_eq!(decide_reload(6, Some(7), &st), Wait, "15 parts ahead");
+        assert_eq!(decide_reload(6, Some(8), &st), TooFar, "16 parts ahead");
+        // Segment 0 finished early with 3 parts; nothing of segment 1 yet.
+        let st = status(Some((0, 3)), 1, 0);
+        assert_eq!(decide_reload(0, Some(3), &st), Wait, "means 1.0");
+        assert_eq!(decide_reload(0, Some(2), &st), Ready);
+        // Nothing at all yet.
+        let st = status(None, 0, 0);
+        assert_eq!(decide_reload(0, Some(0), &st), Wait);
+        assert_eq!(decide_reload(1, None, &st), Wait);
+        assert_eq!(decide_reload(2, None, &st), TooFar);
+        // Ended playlists answer at once, whatever was asked.
+        let mut st = status(Some((4, 10)), 5, 0);
+        st.ended = true;
+        assert_eq!(decide_reload(9, Some(9), &st), Ready);
+    }
+}
