@@ -1,1 +1,169 @@
-//! amphi-origin
+//! amphi-origin: the room's home.
+//!
+//! * a QUIC hub (quinn, mTLS) for edges and packagers: one control stream per connection,
+//!   speaker packets as datagrams;
+//! * relay fan-out of every speaker datagram to the other edges subscribed to the room;
+//! * one mixer per room (jitter buffers, Opus decode + PLC, mix, soft limiter, Opus encode at
+//!   64 kbit/s) producing a continuous 50 frames/s program, streamed to every packager on one QUIC
+//!   unidirectional stream per room;
+//! * Prometheus metrics on `GET /metrics`.
+//!
+//! Decision logic lives in sans-IO cores ([`jitter`], [`mixer`], [`programs`], [`subs`],
+//! [`limiter`]); the tokio drivers only move bytes and read clocks.
+
+pub mod bench;
+mod hub;
+pub mod jitter;
+pub mod limiter;
+pub mod metrics;
+pub mod mixer;
+mod mixer_thread;
+pub mod ogg;
+pub mod programs;
+pub mod subs;
+
+use amphi_protocol::config::OriginConfig;
+use amphi_protocol::mtls::{MtlsError, MtlsMaterial};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Speaker packets queued for the mixer thread before they are dropped (about 1 s of 20 rooms x
+/// 3 speakers).
+const MIXER_QUEUE: usize = 4096;
+
+/// Everything [`run`] needs.
+pub struct OriginSetup {
+    /// Origin id and listeners.
+    pub config: OriginConfig,
+    /// mTLS material of the mesh (server side; client certificates are required).
+    pub mesh_tls: MtlsMaterial,
+}
+
+/// Why the origin could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// The mesh TLS material is unusable.
+    #[error("mesh TLS: {0}")]
+    Tls(#[from] MtlsError),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC configuration: {0}")]
+    QuicConfig(String),
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The mixer thread could not start or failed.
+    #[error("mixer: {0}")]
+    Mixer(String),
+}
+
+/// CPU time consumed so far by the calling thread.
+pub(crate) fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes into the timespec we pass.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn server_config(tls: &MtlsMaterial) -> Result<quinn::ServerConfig, OriginError> {
+    let crypto = tls.server_config()?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .map_err(|e| OriginError::QuicConfig(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Peers open exactly one bidirectional control stream; program streams are ours.
+    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.datagram_receive_buffer_size(Some(4 << 20));
+    transport.datagram_send_buffer_size(4 << 20);
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    let idle = quinn::IdleTimeout::try_from(Duration::from_secs(30))
+        .map_err(|e| OriginError::QuicConfig(e.to_string()))?;
+    transport.max_idle_timeout(Some(idle));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Run the origin until `shutdown` is cancelled.
+pub async fn run(setup: OriginSetup, shutdown: CancellationToken) -> Result<(), OriginError> {
+    let OriginSetup { config, mesh_tls } = setup;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let endpoint = quinn::Endpoint::server(server_config(&mesh_tls)?, config.quic_listen).map_err(
+        |source| OriginError::Bind {
+            addr: config.quic_listen,
+            source,
+        },
+    )?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| OriginError::Bind {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    tracing::info!(
+        origin = %config.id,
+        quic = %config.quic_listen,
+        metrics = %config.metrics_listen,
+        "origin listening"
+    );
+
+    // Everything below stops when `stop` is cancelled: on shutdown or when the mixer dies.
+    let stop = shutdown.child_token();
+    let (packets_tx, packets_rx) = mpsc::channel(MIXER_QUEUE);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    let mixer_metrics = metrics.clone();
+    let mixer_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("amphi-mixer".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    rt.block_on(mixer_thread::mixer_loop(
+                        packets_rx,
+                        control_rx,
+                        mixer_metrics,
+                        runtime,
+                        mixer_stop.clone(),
+                    ))
+                    .map_err(|e| e.to_string())
+                });
+            mixer_stop.cancel();
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| OriginError::Mixer(e.to_string()))?;
+
+    let hub = Arc::new(hub::Hub::new(
+        config.id.clone(),
+        metrics.clone(),
+        packets_tx,
+        control_tx,
+    ));
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, stop.clone()));
+    hub.accept_loop(endpoint.clone(), stop.clone()).await;
+
+    endpoint.close(0u32.into(), b"origin shutting down");
+    let mixer_result = done_rx
+        .await
+        .unwrap_or_else(|_| Err("mixer thread vanished".into()));
+    let _ = metrics_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!(origin = %config.id, "origin stopped");
+    mixer_result.map_err(OriginError::Mixer)
+}

@@ -1,0 +1,298 @@
+//! Mixer benchmark: our mixer against `ffmpeg -filter_complex amix` + libopus on the same three
+//! Opus inputs, each on one thread, CPU time compared.
+//!
+//! The inputs are generated once per run with ffmpeg (two tones and pink noise, libopus 32 kbit/s,
+//! 20 ms frames, Ogg), their packets read back with [`crate::ogg`], and fed to a
+//! [`RoomMixer`](crate::mixer::RoomMixer) in real-time order on simulated time (no sleeping).
+
+use crate::jitter::FRAME_NS;
+use crate::mixer::{MixError, MixerConfig, RoomMixer};
+use crate::ogg::{opus_packets, OggError};
+use amphi_protocol::audio::FRAME_SAMPLES;
+use amphi_protocol::RoomId;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Options of [`run_mixer_bench`].
+#[derive(Clone, Debug)]
+pub struct MixerBenchOptions {
+    /// Mix 5 s instead of 60 s.
+    pub smoke: bool,
+    /// The ffmpeg binary (with libopus).
+    pub ffmpeg: PathBuf,
+}
+
+impl Default for MixerBenchOptions {
+    fn default() -> Self {
+        MixerBenchOptions {
+            smoke: false,
+            ffmpeg: PathBuf::from("/usr/bin/ffmpeg"),
+        }
+    }
+}
+
+/// Results of [`run_mixer_bench`].
+#[derive(Clone, Debug)]
+pub struct MixerBenchReport {
+    /// Speakers mixed.
+    pub speakers: usize,
+    /// Program frames our mixer produced.
+    pub frames: u64,
+    /// Seconds of audio mixed (input length).
+    pub audio_seconds: f64,
+    /// Our mixer's thread CPU time (decode, mix, limit, encode).
+    pub ours_cpu: Duration,
+    /// ffmpeg's CPU time (user + system) for the same mix.
+    pub ffmpeg_cpu: Duration,
+    /// Bytes of Opus our mixer produced.
+    pub ours_bytes: u64,
+}
+
+impl MixerBenchReport {
+    /// Seconds of audio mixed per CPU second, ours.
+    pub fn ours_realtime_factor(&self) -> f64 {
+        self.audio_seconds / self.ours_cpu.as_secs_f64().max(1e-9)
+    }
+
+    /// Seconds of audio mixed per CPU second, ffmpeg.
+    pub fn ffmpeg_realtime_factor(&self) -> f64 {
+        self.audio_seconds / self.ffmpeg_cpu.as_secs_f64().max(1e-9)
+    }
+
+    /// ffmpeg CPU time / our CPU time (> 1: we are faster).
+    pub fn speedup(&self) -> f64 {
+        self.ffmpeg_cpu.as_secs_f64() / self.ours_cpu.as_secs_f64().max(1e-9)
+    }
+}
+
+impl fmt::Display for MixerBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "mixer bench: {} speakers, {:.1} s of audio, one thread each",
+            self.speakers, self.audio_seconds
+        )?;
+        writeln!(
+            f,
+            "  amphi mixer (decode+mix+limit+encode 64k): cpu {:.3} s, {:.0}x realtime, {} frames, {} bytes",
+            self.ours_cpu.as_secs_f64(),
+            self.ours_realtime_factor(),
+            self.frames,
+            self.ours_bytes
+        )?;
+        writeln!(
+            f,
+            "  ffmpeg amix + libopus 64k:                 cpu {:.3} s, {:.0}x realtime",
+            self.ffmpeg_cpu.as_secs_f64(),
+            self.ffmpeg_realtime_factor()
+        )?;
+        write!(f, "  ratio ffmpeg / ours: {:.2}x", self.speedup())
+    }
+}
+
+/// Why the benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// File or process IO.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// ffmpeg exited with an error.
+    #[error("ffmpeg failed: {0}")]
+    Ffmpeg(String),
+    /// An input could not be read back.
+    #[error("reading input: {0}")]
+    Ogg(#[from] OggError),
+    /// Our mixer failed.
+    #[error("mixer: {0}")]
+    Mix(#[from] MixError),
+}
+
+/// User + system CPU time of waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_CHILDREN with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn ffmpeg(bin: &Path, args: &[&str]) -> Result<(), BenchError> {
+    let out = Command::new(bin)
+        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+        .args(args)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(BenchError::Ffmpeg(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Mix three speakers with our mixer and with ffmpeg; see the module documentation.
+pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, BenchError> {
+    let seconds = if opts.smoke { 5 } else { 60 };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("amphi-mixer-bench-{}-{nanos}", std::process::id())),
+    );
+    std::fs::create_dir_all(&dir.0)?;
+    let sources = [
+        format!("sine=frequency=440:sample_rate=48000:duration={seconds}"),
+        format!("sine=frequency=660:sample_rate=48000:duration={seconds}"),
+        format!("anoisesrc=color=pink:amplitude=0.2:sample_rate=48000:duration={seconds}"),
+    ];
+    let mut inputs = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let path = dir.0.join(format!("in{i}.opus"));
+        let p = path.to_string_lossy().into_owned();
+        ffmpeg(
+            &opts.ffmpeg,
+            &[
+                "-f",
+                "lavfi",
+                "-i",
+                src,
+                "-ac",
+                "1",
+                "-c:a",
+                "libopus",
+                "-b:a",
+                "32k",
+                "-frame_duration",
+                "20",
+                &p,
+            ],
+        )?;
+        inputs.push(path);
+    }
+    let mut packets = Vec::new();
+    for path in &inputs {
+        packets.push(opus_packets(&std::fs::read(path)?)?);
+    }
+
+    let (frames, ours_cpu, ours_bytes) = mix_ours(&packets)?;
+
+    let names: Vec<String> = inputs
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let out = dir.0.join("amix.opus").to_string_lossy().into_owned();
+    let before = children_cpu();
+    ffmpeg(
+        &opts.ffmpeg,
+        &[
+            "-threads",
+            "1",
+            "-filter_threads",
+            "1",
+            "-filter_complex_threads",
+            "1",
+            "-threads",
+            "1",
+            "-i",
+            &names[0],
+            "-threads",
+            "1",
+            "-i",
+            &names[1],
+            "-threads",
+            "1",
+            "-i",
+            &names[2],
+            "-filter_complex",
+            "amix=inputs=3:duration=longest",
+            "-ac",
+            "1",
+            "-ar",
+            "48000",
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "64k",
+            "-frame_duration",
+            "20",
+            "-application",
+            "audio",
+            "-threads",
+            "1",
+            "-f",
+            "ogg",
+            &out,
+        ],
+    )?;
+    let ffmpeg_cpu = children_cpu().saturating_sub(before);
+
+    let input_frames = packets.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(MixerBenchReport {
+        speakers: packets.len(),
+        frames,
+        audio_seconds: input_frames as f64 * 0.02,
+        ours_cpu,
+        ffmpeg_cpu,
+        ours_bytes,
+    })
+}
+
+/// Feed `inputs` (one packet list per speaker) to one room mixer in real-time order on simulated
+/// time; returns (frames, thread CPU time, output bytes).
+fn mix_ours(inputs: &[Vec<Vec<u8>>]) -> Result<(u64, Duration, u64), BenchError> {
+    let mut mixer = RoomMixer::new(RoomId(1), MixerConfig::default())?;
+    let len = inputs.iter().map(Vec::len).max().unwrap_or(0) as u64;
+    // The jitter buffer holds at most 3 ticks at the start; mix until everything played out.
+    let ticks = len + 4;
+    let mut bytes = 0u64;
+    let start = crate::thread_cpu_time();
+    for tick in 0..ticks {
+        for (s, packets) in inputs.iter().enumerate() {
+            if let Some(p) = packets.get(tick as usize) {
+                let arrival = tick as i64 * FRAME_NS + (s as i64 + 1) * 1_000_000;
+                let ts = (s as u32 * 123_457)
+                    .wrapping_add((tick as u32).wrapping_mul(FRAME_SAMPLES as u32));
+                mixer.push(s as u32 + 1, ts, p, arrival, tick)?;
+            }
+        }
+        bytes += mixer.mix(tick)?.payload.len() as u64;
+    }
+    let cpu = crate::thread_cpu_time().saturating_sub(start);
+    Ok((mixer.frame_index(), cpu, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoke_run_measures_both() {
+        let report = run_mixer_bench(MixerBenchOptions {
+            smoke: true,
+            ..MixerBenchOptions::default()
+        })
+        .unwrap();
+        assert_eq!(report.speakers, 3);
+        assert!((4.9..=5.1).contains(&report.audio_seconds), "{report}");
+        assert!(report.frames >= 250);
+        assert!(report.ours_cpu > Duration::ZERO);
+        assert!(report.ffmpeg_cpu > Duration::ZERO);
+        assert!(report.ours_bytes > 250 * 100, "{report}");
+        assert!(report.to_string().contains("ratio ffmpeg / ours"));
+    }
+}

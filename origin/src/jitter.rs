@@ -1,0 +1,599 @@
+//! Per-speaker jitter buffer keyed by RTP timestamp (sans-IO).
+//!
+//! Time is explicit: arrivals are given in nanoseconds since the mixer epoch, and the mix timeline
+//! is a grid of 20 ms ticks (tick `k` is due at `k * 20 ms`). The first packet of a speaker anchors
+//! its RTP clock onto that grid with [`JitterConfig::initial_delay`] of slack; afterwards the
+//! playout delay follows the spread of observed arrival times over a sliding window, within
+//! [`JitterConfig::min_delay`]..=[`JitterConfig::max_delay`]. Growing the delay conceals one frame,
+//! shrinking it skips one. Reordering, duplicates, loss, RTP timestamp wrap-around and a stream that
+//! restarts with an unrelated timestamp are handled; nothing here allocates after construction.
+
+use amphi_protocol::audio::FRAME_SAMPLES;
+use amphi_protocol::relay::MAX_OPUS_PAYLOAD;
+use std::time::Duration;
+
+/// Length of one tick of the mix timeline, in nanoseconds.
+pub const FRAME_NS: i64 = 20_000_000;
+/// Slots in the ring (640 ms): packets mapped further ahead than this are out of range.
+pub const SLOTS: usize = 32;
+/// Arrival samples the delay estimate looks at (one second of 20 ms packets).
+const WINDOW: usize = 50;
+/// Samples needed before the delay may shrink below the initial delay.
+const MIN_SAMPLES: u32 = 10;
+/// A packet this late (or mapped beyond the ring) does not fit the current mapping.
+const RESYNC_LATE_NS: i64 = 1_000_000_000;
+/// Two out-of-range packets this close in RTP time re-anchor the stream.
+const RESYNC_MAX_STEP: i32 = 5 * FRAME_SAMPLES as i32;
+/// ... and this close in arrival time.
+const RESYNC_MAX_GAP_NS: i64 = 200_000_000;
+
+/// Tuning of a [`JitterBuffer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JitterConfig {
+    /// Slack between a stream's first packet and its playout, before any jitter is measured.
+    pub initial_delay: Duration,
+    /// Smallest playout delay the adaptation goes down to.
+    pub min_delay: Duration,
+    /// Largest playout delay the adaptation goes up to.
+    pub max_delay: Duration,
+    /// Safety margin added to the measured arrival spread.
+    pub margin: Duration,
+    /// Missing frames concealed (PLC) before the speaker is treated as silent.
+    pub max_concealed: u32,
+    /// Accepted packets between two one-frame reductions of the delay.
+    pub decrease_every: u32,
+}
+
+impl Default for JitterConfig {
+    fn default() -> Self {
+        JitterConfig {
+            initial_delay: Duration::from_millis(40),
+            min_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(200),
+            margin: Duration::from_millis(5),
+            max_concealed: 5,
+            decrease_every: 10,
+        }
+    }
+}
+
+/// What happened to a pushed packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Buffered for playout.
+    Accepted,
+    /// The same RTP timestamp is already buffered or was played: dropped.
+    Duplicate,
+    /// Its playout tick has already been mixed: dropped.
+    Late,
+    /// Far outside the current mapping (a jump): dropped, remembered as a possible restart.
+    OutOfRange,
+    /// The stream restarted (a second consistent out-of-range packet): re-anchored and buffered.
+    /// The caller should reset its decoder.
+    Restarted,
+    /// Empty or oversized payload: dropped.
+    Invalid,
+}
+
+/// What to play for one tick.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pop<'a> {
+    /// The packet scheduled for this tick.
+    Packet(&'a [u8]),
+    /// The packet is missing but the speaker was just talking: run packet-loss concealment.
+    Conceal,
+    /// Nothing to play.
+    Silent,
+}
+
+/// Counters of a buffer's life (monotonic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JitterStats {
+    /// Packets buffered.
+    pub accepted: u64,
+    /// Packets dropped because their tick had passed.
+    pub late: u64,
+    /// Duplicate packets dropped.
+    pub duplicate: u64,
+    /// Frames missing at playout while a later packet was already buffered.
+    pub lost: u64,
+    /// Frames concealed with PLC.
+    pub concealed: u64,
+    /// Buffered frames skipped when the delay shrank.
+    pub skipped: u64,
+    /// Stream restarts (re-anchors after a timestamp jump).
+    pub restarts: u64,
+    /// Packets dropped as out of range (timestamp jumps).
+    pub out_of_range: u64,
+}
+
+impl JitterStats {
+    /// Add `other` into `self`.
+    pub fn add(&mut self, other: &JitterStats) {
+        self.accepted += other.accepted;
+        self.late += other.late;
+        self.duplicate += other.duplicate;
+        self.lost += other.lost;
+        self.concealed += other.concealed;
+        self.skipped += other.skipped;
+        self.restarts += other.restarts;
+        self.out_of_range += other.out_of_range;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Empty,
+    Full,
+    Consumed,
+}
+
+struct Slot {
+    frame: i64,
+    state: SlotState,
+    len: usize,
+    data: [u8; MAX_OPUS_PAYLOAD],
+}
+
+/// Where the stream's RTP clock sits on the mix timeline.
+#[derive(Clone, Copy)]
+struct Anchor {
+    /// Extended (unwrapped) timestamp of the anchor packet.
+    ext: i64,
+    /// Speaker frame number of the anchor packet.
+    frame: i64,
+    /// Highest extended timestamp seen, and its raw value (for unwrapping).
+    highest_ext: i64,
+    highest_raw: u32,
+}
+
+#[derive(Clone, Copy)]
+struct Candidate {
+    raw: u32,
+    arrival_ns: i64,
+}
+
+/// One speaker's jitter buffer. See the module documentation.
+pub struct JitterBuffer {
+    cfg: JitterConfig,
+    slots: Box<[Slot]>,
+    anchor: Option<Anchor>,
+    /// Mix tick = speaker frame + offset.
+    offset: i64,
+    last_popped: i64,
+    /// `frame * FRAME_NS - arrival` of recent packets (offset-free slack).
+    window: [i64; WINDOW],
+    window_len: usize,
+    window_pos: usize,
+    since_change: u32,
+    delay_ns: i64,
+    missing_run: u32,
+    active: bool,
+    candidate: Option<Candidate>,
+    stats: JitterStats,
+}
+
+fn ns(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn div_ceil(a: i64, b: i64) -> i64 {
+    -((-a).div_euclid(b))
+}
+
+fn slot_index(frame: i64) -> usize {
+    frame.rem_euclid(SLOTS as i64) as usize
+}
+
+impl JitterBuffer {
+    /// An empty buffer.
+    pub fn new(cfg: JitterConfig) -> Self {
+        let slots = (0..SLOTS)
+            .map(|_| Slot {
+                frame: i64::MIN,
+                state: SlotState::Empty,
+                len: 0,
+                data: [0; MAX_OPUS_PAYLOAD],
+            })
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
+        JitterBuffer {
+            cfg,
+            slots,
+            anchor: None,
+            offset: 0,
+            last_popped: 0,
+            window: [0; WINDOW],
+            window_len: 0,
+            window_pos: 0,
+            since_change: 0,
+            delay_ns: ns(cfg.initial_delay),
+            missing_run: 0,
+            active: false,
+            candidate: None,
+            stats: JitterStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> JitterStats {
+        self.stats
+    }
+
+    /// Current target playout delay (slack of the earliest-arriving packets).
+    pub fn delay(&self) -> Duration {
+        Duration::from_nanos(self.delay_ns.max(0) as u64)
+    }
+
+    /// Buffer one packet that arrived at `arrival_ns` (since the mixer epoch); `next_tick` is the
+    /// next tick the mixer will produce.
+    pub fn push(
+        &mut self,
+        rtp_ts: u32,
+        payload: &[u8],
+        arrival_ns: i64,
+        next_tick: u64,
+    ) -> PushOutcome {
+        if payload.is_empty() || payload.len() > MAX_OPUS_PAYLOAD {
+            return PushOutcome::Invalid;
+        }
+        let next_tick = next_tick as i64;
+        let Some(anchor) = self.anchor else {
+            self.reanchor(rtp_ts, arrival_ns, next_tick, ns(self.cfg.initial_delay));
+            self.store(0, payload);
+            return PushOutcome::Accepted;
+        };
+        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
+        let ext = anchor.highest_ext + diff;
+        let frame = anchor.frame
+            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let tick = frame + self.offset;
+        let slack = tick * FRAME_NS - arrival_ns;
+        if tick >= next_tick + SLOTS as i64 || slack < -RESYNC_LATE_NS {
+            return self.out_of_range(rtp_ts, payload, arrival_ns, next_tick);
+        }
+        self.candidate = None;
+        let slot = &self.slots[slot_index(frame)];
+        if slot.frame == frame && slot.state != SlotState::Empty {
+            self.stats.duplicate += 1;
+            return PushOutcome::Duplicate;
+        }
+        if diff > 0 {
+            if let Some(a) = self.anchor.as_mut() {
+                a.highest_ext = ext;
+                a.highest_raw = rtp_ts;
+            }
+        }
+        self.record_arrival(frame * FRAME_NS - arrival_ns);
+        self.adapt();
+        if frame + self.offset < next_tick || frame <= self.last_popped {
+            self.stats.late += 1;
+            return PushOutcome::Late;
+        }
+        self.store(frame, payload);
+        PushOutcome::Accepted
+    }
+
+    /// What to play at mix tick `tick` (ticks must be popped in increasing order).
+    pub fn pop(&mut self, tick: u64) -> Pop<'_> {
+        if self.anchor.is_none() {
+            return Pop::Silent;
+        }
+        let frame = tick as i64 - self.offset;
+        if frame <= self.last_popped {
+            // The delay grew: stretch with concealment.
+            return self.conceal(false);
+        }
+        for skipped in self.last_popped + 1..frame {
+            let slot = &mut self.slots[slot_index(skipped)];
+            if slot.frame == skipped && slot.state == SlotState::Full {
+                slot.state = SlotState::Consumed;
+                self.stats.skipped += 1;
+            }
+        }
+        self.last_popped = frame;
+        let idx = slot_index(frame);
+        if self.slots[idx].frame == frame && self.slots[idx].state == SlotState::Full {
+            self.slots[idx].state = SlotState::Consumed;
+            self.missing_run = 0;
+            self.active = true;
+            let slot = &self.slots[idx];
+            return Pop::Packet(&slot.data[..slot.len]);
+        }
+        let later_buffered = self
+            .slots
+            .iter()
+            .any(|s| s.state == SlotState::Full && s.frame > frame);
+        self.conceal(later_buffered)
+    }
+
+    fn conceal(&mut self, lost: bool) -> Pop<'static> {
+        if lost {
+            self.stats.lost += 1;
+        }
+        if self.active && self.missing_run < self.cfg.max_concealed {
+            self.missing_run += 1;
+            self.stats.concealed += 1;
+            Pop::Conceal
+        } else {
+            self.active = false;
+            Pop::Silent
+        }
+    }
+
+    fn out_of_range(
+        &mut self,
+        rtp_ts: u32,
+        payload: &[u8],
+        arrival_ns: i64,
+        next_tick: i64,
+    ) -> PushOutcome {
+        if let Some(c) = self.candidate {
+            let step = rtp_ts.wrapping_sub(c.raw) as i32;
+            if step > 0 && step <= RESYNC_MAX_STEP && arrival_ns - c.arrival_ns <= RESYNC_MAX_GAP_NS
+            {
+                self.candidate = None;
+                self.stats.restarts += 1;
+                let delay = self.delay_ns;
+                self.reanchor(rtp_ts, arrival_ns, next_tick, delay);
+                let frame = self.anchor.map_or(0, |a| a.frame);
+                self.store(frame, payload);
+                return PushOutcome::Restarted;
+            }
+        }
+        self.candidate = Some(Candidate {
+            raw: rtp_ts,
+            arrival_ns,
+        });
+        self.stats.out_of_range += 1;
+        PushOutcome::OutOfRange
+    }
+
+    /// Map `rtp_ts` (arriving at `arrival_ns`) onto the first tick at least `delay` later.
+    fn reanchor(&mut self, rtp_ts: u32, arrival_ns: i64, next_tick: i64, delay: i64) {
+        for s in self.slots.iter_mut() {
+            s.state = SlotState::Empty;
+            s.frame = i64::MIN;
+        }
+        let target_tick = next_tick.max(div_ceil(arrival_ns + delay, FRAME_NS));
+        let frame = if self.anchor.is_some() {
+            (target_tick - self.offset).max(self.last_popped + 1)
+        } else {
+            self.last_popped = -1;
+            0
+        };
+        self.offset = target_tick - frame;
+        self.anchor = Some(Anchor {
+            ext: i64::from(rtp_ts),
+            frame,
+            highest_ext: i64::from(rtp_ts),
+            highest_raw: rtp_ts,
+        });
+        self.window_len = 0;
+        self.window_pos = 0;
+        self.since_change = 0;
+        self.missing_run = 0;
+        self.delay_ns = delay;
+        self.record_arrival(frame * FRAME_NS - arrival_ns);
+    }
+
+    fn store(&mut self, frame: i64, payload: &[u8]) {
+        let slot = &mut self.slots[slot_index(frame)];
+        slot.frame = frame;
+        slot.state = SlotState::Full;
+        slot.len = payload.len();
+        slot.data[..payload.len()].copy_from_slice(payload);
+        self.stats.accepted += 1;
+    }
+
+    fn record_arrival(&mut self, g: i64) {
+        self.window[self.window_pos] = g;
+        self.window_pos = (self.window_pos + 1) % WINDOW;
+        self.window_len = (self.window_len + 1).min(WINDOW);
+        self.since_change = self.since_change.saturating_add(1);
+    }
+
+    /// Re-derive the target delay from the window and move the offset toward it.
+    fn adapt(&mut self) {
+        let w = &self.window[..self.window_len];
+        let (Some(&min_g), Some(&max_g)) = (w.iter().min(), w.iter().max()) else {
+            return;
+        };
+        let settled = self.window_len as u32 >= MIN_SAMPLES;
+        let target = if settled {
+            (max_g - min_g + ns(self.cfg.margin))
+                .clamp(ns(self.cfg.min_delay), ns(self.cfg.max_delay))
+        } else {
+            (max_g - min_g + ns(self.cfg.margin))
+                .max(ns(self.cfg.initial_delay))
+                .min(ns(self.cfg.max_delay))
+        };
+        self.delay_ns = target;
+        let desired = div_ceil(target - max_g, FRAME_NS);
+        if desired > self.offset {
+            self.offset = desired;
+            self.since_change = 0;
+        } else if desired < self.offset && settled && self.since_change >= self.cfg.decrease_every {
+            self.offset -= 1;
+            self.since_change = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: i64 = 1_000_000;
+
+    fn pkt(i: u8) -> [u8; 3] {
+        [0xf8, i, 0x55]
+    }
+
+    /// Pop ticks `from..to`, returning the second payload byte of each packet (or None).
+    fn play(jb: &mut JitterBuffer, from: u64, to: u64) -> Vec<Option<u8>> {
+        (from..to)
+            .map(|t| match jb.pop(t) {
+                Pop::Packet(p) => Some(p[1]),
+                Pop::Conceal => Some(0xcc),
+                Pop::Silent => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_packet_gets_initial_delay() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        // Arrives at 5 ms: the first tick at least 40 ms later is tick 3 (60 ms).
+        assert_eq!(jb.push(1000, &pkt(1), 5 * MS, 1), PushOutcome::Accepted);
+        assert_eq!(play(&mut jb, 1, 4), vec![None, None, Some(1)]);
+    }
+
+    #[test]
+    fn reorders_by_timestamp() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let order = [0u8, 2, 1, 4, 3, 5];
+        for (n, &i) in order.iter().enumerate() {
+            let ts = 7_000 + u32::from(i) * 960;
+            assert_eq!(
+                jb.push(ts, &pkt(i), n as i64 * 20 * MS, 0),
+                PushOutcome::Accepted
+            );
+        }
+        let out = play(&mut jb, 0, 12);
+        let got: Vec<u8> = out.into_iter().flatten().take(6).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn duplicates_are_dropped_once_buffered_or_played() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        assert_eq!(jb.push(0, &pkt(0), 0, 0), PushOutcome::Accepted);
+        assert_eq!(jb.push(960, &pkt(1), 20 * MS, 0), PushOutcome::Accepted);
+        assert_eq!(jb.push(960, &pkt(1), 21 * MS, 0), PushOutcome::Duplicate);
+        assert_eq!(play(&mut jb, 0, 4), vec![None, None, Some(0), Some(1)]);
+        assert_eq!(jb.push(960, &pkt(1), 70 * MS, 4), PushOutcome::Duplicate);
+        assert_eq!(jb.stats().duplicate, 2);
+    }
+
+    #[test]
+    fn loss_is_concealed_then_silent() {
+        let cfg = JitterConfig::default();
+        let mut jb = JitterBuffer::new(cfg);
+        // Frames 0, 1, then 2 is lost, 3 arrives; then nothing for a while.
+        for i in [0u8, 1, 3] {
+            jb.push(u32::from(i) * 960, &pkt(i), i64::from(i) * 20 * MS, 0);
+        }
+        let out = play(&mut jb, 2, 2 + 4 + 8);
+        assert_eq!(&out[..4], &[Some(0), Some(1), Some(0xcc), Some(3)]);
+        // After frame 3, `max_concealed` PLC frames, then silence.
+        let tail = &out[4..];
+        let plc = tail.iter().filter(|x| **x == Some(0xcc)).count();
+        assert_eq!(plc as u32, cfg.max_concealed);
+        assert_eq!(tail[tail.len() - 1], None);
+        let s = jb.stats();
+        assert_eq!(s.lost, 1);
+        assert_eq!(s.concealed, 1 + u64::from(cfg.max_concealed));
+    }
+
+    #[test]
+    fn survives_timestamp_wrap_around() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let start = u32::MAX - 2 * 960 + 1;
+        for i in 0..6u8 {
+            let ts = start.wrapping_add(u32::from(i) * 960);
+            assert_eq!(
+                jb.push(ts, &pkt(i), i64::from(i) * 20 * MS, u64::from(i)),
+                PushOutcome::Accepted,
+                "packet {i}"
+            );
+        }
+        let got: Vec<u8> = play(&mut jb, 0, 10).into_iter().flatten().collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn late_packet_is_dropped() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(0, &pkt(0), 0, 0);
+        jb.push(1920, &pkt(2), 40 * MS, 0);
+        // Ticks 2 (frame 0), 3 (frame 1: missing -> PLC) and 4 (frame 2) are mixed.
+        assert_eq!(
+            play(&mut jb, 0, 5),
+            vec![None, None, Some(0), Some(0xcc), Some(2)]
+        );
+        // Frame 1 shows up after its tick.
+        assert_eq!(jb.push(960, &pkt(1), 95 * MS, 5), PushOutcome::Late);
+        assert_eq!(jb.stats().late, 1);
+    }
+
+    #[test]
+    fn delay_shrinks_on_steady_arrivals_and_grows_on_jitter() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let mut tick = 0u64;
+        // Steady packets, 1 ms after each tick: delay falls from 40 ms to the 10 ms floor.
+        for i in 0..100u32 {
+            let arrival = i64::from(i) * 20 * MS + MS;
+            while (tick as i64) * 20 * MS <= arrival {
+                jb.pop(tick);
+                tick += 1;
+            }
+            assert_ne!(jb.push(i * 960, &pkt(0), arrival, tick), PushOutcome::Late);
+        }
+        assert_eq!(jb.delay(), Duration::from_millis(10));
+        // Latest packet (frame 99, arrived 1981 ms) plays at most 30 ms after arrival.
+        let play_tick = 99 + jb.offset;
+        let slack = play_tick * 20 * MS - (99 * 20 * MS + MS);
+        assert!((10 * MS..30 * MS).contains(&slack), "slack {slack}");
+        // A packet 35 ms late in the arrival pattern raises the delay.
+        let arrival = 100 * 20 * MS + MS + 35 * MS;
+        while (tick as i64) * 20 * MS <= arrival {
+            jb.pop(tick);
+            tick += 1;
+        }
+        jb.push(100 * 960, &pkt(0), arrival, tick);
+        assert!(jb.delay() >= Duration::from_millis(40), "{:?}", jb.delay());
+        assert!(jb.stats().skipped > 0);
+    }
+
+    #[test]
+    fn stream_restart_is_reanchored() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        for i in 0..5u32 {
+            jb.push(
+                10_000 + i * 960,
+                &pkt(i as u8),
+                i64::from(i) * 20 * MS,
+                u64::from(i),
+            );
+            jb.pop(u64::from(i));
+        }
+        // The sender restarts with an unrelated timestamp.
+        let base = 3_000_000_000u32;
+        let t = 100 * MS;
+        assert_eq!(jb.push(base, &pkt(50), t, 5), PushOutcome::OutOfRange);
+        assert_eq!(
+            jb.push(base + 960, &pkt(51), t + 20 * MS, 6),
+            PushOutcome::Restarted
+        );
+        assert_eq!(
+            jb.push(base + 1920, &pkt(52), t + 40 * MS, 6),
+            PushOutcome::Accepted
+        );
+        let got: Vec<u8> = play(&mut jb, 5, 20)
+            .into_iter()
+            .flatten()
+            .filter(|&b| b >= 50 && b != 0xcc)
+            .collect();
+        assert_eq!(got, vec![51, 52]);
+        assert_eq!(jb.stats().restarts, 1);
+    }
+
+    #[test]
+    fn invalid_payloads_are_refused() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        assert_eq!(jb.push(0, &[], 0, 0), PushOutcome::Invalid);
+        let big = vec![0u8; MAX_OPUS_PAYLOAD + 1];
+        assert_eq!(jb.push(0, &big, 0, 0), PushOutcome::Invalid);
+    }
+}

@@ -1,0 +1,462 @@
+//! One room's mixer (sans-IO): jitter buffers, Opus decode with PLC, mix, limit, Opus encode.
+//!
+//! [`RoomMixer::push`] takes speaker packets with their arrival time; [`RoomMixer::mix`] produces
+//! the program frame of one 20 ms tick of the mix timeline. Every buffer is allocated up front and
+//! reused; neither call allocates (except when a new speaker appears).
+
+use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, Pop, PushOutcome};
+use crate::limiter::{audio_level, Limiter};
+use amphi_protocol::audio::{FRAME_SAMPLES, PROGRAM_BITRATE, SAMPLE_RATE};
+use amphi_protocol::relay::{
+    FrameKind, RelayError, RelayFrame, MAX_OPUS_PAYLOAD, RELAY_HEADER_LEN,
+};
+use amphi_protocol::RoomId;
+use opus::{Application, Bitrate, Channels, Decoder, Encoder};
+
+/// Largest decoded packet (120 ms at 48 kHz); only the first 20 ms of a longer packet are mixed.
+const MAX_DECODE_SAMPLES: usize = 5760;
+
+/// Why mixing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MixError {
+    /// libopus refused an encoder/decoder operation.
+    #[error("opus: {0}")]
+    Opus(#[from] opus::Error),
+    /// The program frame could not be encoded.
+    #[error("relay frame: {0}")]
+    Relay(#[from] RelayError),
+    /// The room already has the maximum number of speakers.
+    #[error("too many speakers in the room")]
+    TooManySpeakers,
+}
+
+/// Tuning of a [`RoomMixer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixerConfig {
+    /// Jitter buffer settings of every speaker.
+    pub jitter: JitterConfig,
+    /// Speakers mixed at most in one room.
+    pub max_speakers: usize,
+}
+
+impl Default for MixerConfig {
+    fn default() -> Self {
+        MixerConfig {
+            jitter: JitterConfig::default(),
+            max_speakers: 32,
+        }
+    }
+}
+
+/// Counters of a mixer (monotonic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MixStats {
+    /// Program frames produced.
+    pub frames: u64,
+    /// Speaker packets libopus could not decode (concealed instead).
+    pub decode_errors: u64,
+    /// Jitter buffer counters of all speakers, past and present.
+    pub jitter: JitterStats,
+}
+
+impl MixStats {
+    /// Add `other` into `self`.
+    pub fn add(&mut self, other: &MixStats) {
+        self.frames += other.frames;
+        self.decode_errors += other.decode_errors;
+        self.jitter.add(&other.jitter);
+    }
+}
+
+/// One program frame, borrowed from the mixer until the next call.
+#[derive(Debug)]
+pub struct ProgramFrame<'a> {
+    /// Wrapping frame counter.
+    pub seq: u16,
+    /// `frame_index * 960` (48 kHz), wrapping.
+    pub rtp_ts: u32,
+    /// Loudest speaker of the frame, or 0.
+    pub speaker: u32,
+    /// RFC 6464 level of the mixed frame.
+    pub audio_level: u8,
+    /// The Opus packet.
+    pub payload: &'a [u8],
+    /// `u32 LE length | relay frame (kind Program)`: one program stream record.
+    pub record: &'a [u8],
+}
+
+struct Speaker {
+    id: u32,
+    /// Connection that announced the speaker (`SpeakerJoined`), if any.
+    source: Option<u64>,
+    last_packet_ns: i64,
+    jitter: JitterBuffer,
+    decoder: Decoder,
+}
+
+/// The mixer of one room. See the module documentation.
+pub struct RoomMixer {
+    room: RoomId,
+    cfg: MixerConfig,
+    speakers: Vec<Speaker>,
+    encoder: Encoder,
+    limiter: Limiter,
+    mix: Vec<f32>,
+    pcm: Vec<f32>,
+    packet: Vec<u8>,
+    record: Vec<u8>,
+    frame_index: u64,
+    stats: MixStats,
+    retired: JitterStats,
+}
+
+impl RoomMixer {
+    /// A mixer for `room` with a 64 kbit/s, 20 ms, mono, 48 kHz Opus encoder.
+    pub fn new(room: RoomId, cfg: MixerConfig) -> Result<Self, MixError> {
+        let mut encoder = Encoder::new(SAMPLE_RATE, Channels::Mono, Application::Audio)?;
+        encoder.set_bitrate(Bitrate::Bits(PROGRAM_BITRATE))?;
+        Ok(RoomMixer {
+            room,
+            cfg,
+            speakers: Vec::new(),
+            encoder,
+            limiter: Limiter::default(),
+            mix: vec![0.0; FRAME_SAMPLES],
+            pcm: vec![0.0; MAX_DECODE_SAMPLES],
+            packet: vec![0; MAX_OPUS_PAYLOAD],
+            record: Vec::with_capacity(4 + RELAY_HEADER_LEN + MAX_OPUS_PAYLOAD),
+            frame_index: 0,
+            stats: MixStats::default(),
+            retired: JitterStats::default(),
+        })
+    }
+
+    /// The encoder's lookahead in samples (the pre-skip a player must drop).
+    pub fn encoder_lookahead(&mut self) -> Result<i32, MixError> {
+        Ok(self.encoder.get_lookahead()?)
+    }
+
+    /// Index of the next program frame.
+    pub fn frame_index(&self) -> u64 {
+        self.frame_index
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> MixStats {
+        let mut s = self.stats;
+        s.jitter = self.retired;
+        for sp in &self.speakers {
+            s.jitter.add(&sp.jitter.stats());
+        }
+        s
+    }
+
+    /// Speakers currently known to the mixer.
+    pub fn speaker_count(&self) -> usize {
+        self.speakers.len()
+    }
+
+    /// Whether any speaker announced by a connection (`SpeakerJoined`) is still present.
+    pub fn has_joined_speakers(&self) -> bool {
+        self.speakers.iter().any(|s| s.source.is_some())
+    }
+
+    fn find_or_add(&mut self, id: u32) -> Result<usize, MixError> {
+        if let Some(i) = self.speakers.iter().position(|s| s.id == id) {
+            return Ok(i);
+        }
+        if self.speakers.len() >= self.cfg.max_speakers {
+            return Err(MixError::TooManySpeakers);
+        }
+        self.speakers.push(Speaker {
+            id,
+            source: None,
+            last_packet_ns: i64::MIN,
+            jitter: JitterBuffer::new(self.cfg.jitter),
+            decoder: Decoder::new(SAMPLE_RATE, Channels::Mono)?,
+        });
+        Ok(self.speakers.len() - 1)
+    }
+
+    /// A connection (`source`) announced speaker `id`.
+    pub fn join(&mut self, id: u32, source: u64) -> Result<(), MixError> {
+        let i = self.find_or_add(id)?;
+        self.speakers[i].source = Some(source);
+        Ok(())
+    }
+
+    /// Speaker `id` left: its state is dropped.
+    pub fn leave(&mut self, id: u32) {
+        if let Some(i) = self.speakers.iter().position(|s| s.id == id) {
+            let sp = self.speakers.swap_remove(i);
+            self.retired.add(&sp.jitter.stats());
+        }
+    }
+
+    /// Connection `source` went away: every speaker it announced leaves.
+    pub fn source_gone(&mut self, source: u64) {
+        while let Some(i) = self.speakers.iter().position(|s| s.source == Some(source)) {
+            let sp = self.speakers.swap_remove(i);
+            self.retired.add(&sp.jitter.stats());
+        }
+    }
+
+    /// Drop speakers nobody announced that sent nothing for `idle_ns`.
+    pub fn remove_idle(&mut self, now_ns: i64, idle_ns: i64) {
+        while let Some(i) = self
+            .speakers
+            .iter()
+            .position(|s| s.source.is_none() && now_ns.saturating_sub(s.last_packet_ns) >= idle_ns)
+        {
+            let sp = self.speakers.swap_remove(i);
+            self.retired.add(&sp.jitter.stats());
+        }
+    }
+
+    /// Buffer one speaker packet that arrived at `arrival_ns`; `next_tick` is the next tick
+    /// [`RoomMixer::mix`] will be called with.
+    pub fn push(
+        &mut self,
+        speaker: u32,
+        rtp_ts: u32,
+        payload: &[u8],
+        arrival_ns: i64,
+        next_tick: u64,
+    ) -> Result<PushOutcome, MixError> {
+        let i = self.find_or_add(speaker)?;
+        let sp = &mut self.speakers[i];
+        sp.last_packet_ns = sp.last_packet_ns.max(arrival_ns);
+        let outcome = sp.jitter.push(rtp_ts, payload, arrival_ns, next_tick);
+        if outcome == PushOutcome::Restarted {
+            sp.decoder.reset_state()?;
+        }
+        Ok(outcome)
+    }
+
+    /// Mix tick `tick` into one program frame.
+    pub fn mix(&mut self, tick: u64) -> Result<ProgramFrame<'_>, MixError> {
+        self.mix.fill(0.0);
+        let mut loudest: Option<(u8, u32)> = None;
+        for sp in &mut self.speakers {
+            let decoded = match sp.jitter.pop(tick) {
+                Pop::Packet(p) => match sp.decoder.decode_float(p, &mut self.pcm, false) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.stats.decode_errors += 1;
+                        sp.decoder
+                            .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
+                            .unwrap_or(0)
+                    }
+                },
+                Pop::Conceal => sp
+                    .decoder
+                    .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
+                    .unwrap_or(0),
+                Pop::Silent => continue,
+            };
+            let pcm = &self.pcm[..decoded.min(FRAME_SAMPLES)];
+            let level = audio_level(pcm);
+            if level < 127 && loudest.is_none_or(|(l, _)| level < l) {
+                loudest = Some((level, sp.id));
+            }
+            for (m, x) in self.mix.iter_mut().zip(pcm) {
+                *m += x;
+            }
+        }
+        self.limiter.process(&mut self.mix);
+        let level = audio_level(&self.mix);
+        let n = self.encoder.encode_float(&self.mix, &mut self.packet)?;
+        let frame = RelayFrame {
+            kind: FrameKind::Program,
+            room: self.room,
+            speaker: loudest.map_or(0, |(_, id)| id),
+            seq: self.frame_index as u16,
+            rtp_ts: self.frame_index.wrapping_mul(FRAME_SAMPLES as u64) as u32,
+            audio_level: level,
+            payload: &self.packet[..n],
+        };
+        let len = frame.encoded_len();
+        self.record.clear();
+        self.record.extend_from_slice(&(len as u32).to_le_bytes());
+        self.record.resize(4 + len, 0);
+        frame.encode_into(&mut self.record[4..])?;
+        self.frame_index += 1;
+        self.stats.frames += 1;
+        Ok(ProgramFrame {
+            seq: frame.seq,
+            rtp_ts: frame.rtp_ts,
+            speaker: frame.speaker,
+            audio_level: level,
+            payload: &self.packet[..n],
+            record: &self.record,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use amphi_protocol::audio::OPUS_PRE_SKIP;
+    use std::f32::consts::TAU;
+
+    const MS: i64 = 1_000_000;
+
+    /// Encode `frames` 20 ms frames of a sine (amplitude `amp`) as Opus packets.
+    pub(crate) fn tone_packets(freq: f32, amp: f32, frames: usize, bitrate: i32) -> Vec<Vec<u8>> {
+        let mut enc = Encoder::new(SAMPLE_RATE, Channels::Mono, Application::Audio).unwrap();
+        enc.set_bitrate(Bitrate::Bits(bitrate)).unwrap();
+        let mut pcm = vec![0f32; FRAME_SAMPLES];
+        (0..frames)
+            .map(|f| {
+                for (i, x) in pcm.iter_mut().enumerate() {
+                    let t = (f * FRAME_SAMPLES + i) as f32 / SAMPLE_RATE as f32;
+                    *x = amp * (TAU * freq * t).sin();
+                }
+                enc.encode_vec_float(&pcm, MAX_OPUS_PAYLOAD).unwrap()
+            })
+            .collect()
+    }
+
+    /// Goertzel power of `freq` in `samples`, normalised by length.
+    pub(crate) fn tone_power(samples: &[f32], freq: f32) -> f32 {
+        let w = TAU * freq / SAMPLE_RATE as f32;
+        let coeff = 2.0 * w.cos();
+        let (mut s1, mut s2) = (0f32, 0f32);
+        for &x in samples {
+            let s0 = x + coeff * s1 - s2;
+            s2 = s1;
+            s1 = s0;
+        }
+        (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (samples.len() as f32).powi(2)
+    }
+
+    struct Run {
+        frames: Vec<(u16, u32, u32, u8)>,
+        pcm: Vec<f32>,
+    }
+
+    /// Feed each speaker's packets in real-time order, mix `ticks` ticks, decode the program.
+    fn run(speakers: &[(u32, Vec<Vec<u8>>)], ticks: u64) -> (Run, RoomMixer) {
+        let mut mixer = RoomMixer::new(RoomId(9), MixerConfig::default()).unwrap();
+        let mut dec = Decoder::new(SAMPLE_RATE, Channels::Mono).unwrap();
+        let mut out = Run {
+            frames: Vec::new(),
+            pcm: Vec::new(),
+        };
+        let mut buf = vec![0f32; MAX_DECODE_SAMPLES];
+        for tick in 0..ticks {
+            let now = tick as i64 * 20 * MS;
+            for (id, packets) in speakers {
+                if let Some(p) = packets.get(tick as usize) {
+                    let ts = 5_000u32
+                        .wrapping_add(*id * 77)
+                        .wrapping_add(tick as u32 * 960);
+                    mixer.push(*id, ts, p, now - MS, tick).unwrap();
+                }
+            }
+            let f = mixer.mix(tick).unwrap();
+            out.frames.push((f.seq, f.rtp_ts, f.speaker, f.audio_level));
+            let decoded = RelayFrame::decode(&f.record[4..]).unwrap();
+            assert_eq!(decoded.kind, FrameKind::Program);
+            assert_eq!(decoded.payload, f.payload);
+            assert_eq!(
+                u32::from_le_bytes(f.record[..4].try_into().unwrap()) as usize,
+                f.record.len() - 4
+            );
+            let n = dec.decode_float(f.payload, &mut buf, false).unwrap();
+            out.pcm.extend_from_slice(&buf[..n]);
+        }
+        (out, mixer)
+    }
+
+    #[test]
+    fn two_speakers_are_summed() {
+        let a = tone_packets(440.0, 0.3, 100, 32_000);
+        let b = tone_packets(660.0, 0.3, 100, 32_000);
+        let (out, mixer) = run(&[(1, a), (2, b)], 100);
+        let tail = &out.pcm[out.pcm.len() - 48_00 * 5..];
+        let p440 = tone_power(tail, 440.0);
+        let p660 = tone_power(tail, 660.0);
+        let p550 = tone_power(tail, 550.0);
+        assert!(p440 > 100.0 * p550, "440: {p440} 550: {p550}");
+        assert!(p660 > 100.0 * p550, "660: {p660} 550: {p550}");
+        assert!(out.frames[50].2 == 1 || out.frames[50].2 == 2);
+        assert_eq!(mixer.stats().frames, 100);
+    }
+
+    #[test]
+    fn three_full_scale_speakers_do_not_clip_or_wrap() {
+        let speakers: Vec<(u32, Vec<Vec<u8>>)> = [(1, 300.0), (2, 450.0), (3, 700.0)]
+            .into_iter()
+            .map(|(id, f)| (id, tone_packets(f, 1.0, 60, 64_000)))
+            .collect();
+        let (out, _) = run(&speakers, 60);
+        let tail = &out.pcm[48_000 / 5..];
+        // Wrapping would show as full-scale jumps between neighbouring samples.
+        let max_step = tail
+            .windows(2)
+            .map(|w| (w[1] - w[0]).abs())
+            .fold(0f32, f32::max);
+        let peak = tail.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(peak <= 1.05, "peak {peak}");
+        assert!(max_step < 0.5, "step {max_step}");
+        assert!(out.frames[30].3 < 10, "level {}", out.frames[30].3);
+    }
+
+    #[test]
+    fn silence_in_gives_silence_out() {
+        let silent = tone_packets(440.0, 0.0, 50, 32_000);
+        let (out, _) = run(&[(1, silent)], 50);
+        assert!(out.frames.iter().all(|f| f.3 == 127 && f.2 == 0));
+        assert!(out.pcm.iter().all(|x| x.abs() < 1e-3));
+        // No speaker at all: still one frame per tick.
+        let (out, _) = run(&[], 10);
+        assert_eq!(out.frames.len(), 10);
+        assert!(out.frames.iter().all(|f| f.3 == 127));
+    }
+
+    #[test]
+    fn program_frames_count_up() {
+        let (out, _) = run(&[], 5);
+        let seqs: Vec<(u16, u32)> = out.frames.iter().map(|f| (f.0, f.1)).collect();
+        assert_eq!(
+            seqs,
+            vec![(0, 0), (1, 960), (2, 1920), (3, 2880), (4, 3840)]
+        );
+    }
+
+    #[test]
+    fn loudest_speaker_is_reported() {
+        let a = tone_packets(440.0, 0.05, 30, 32_000);
+        let b = tone_packets(660.0, 0.5, 30, 32_000);
+        let (out, _) = run(&[(7, a), (8, b)], 30);
+        assert_eq!(out.frames[20].2, 8);
+    }
+
+    #[test]
+    fn speaker_bookkeeping() {
+        let mut m = RoomMixer::new(
+            RoomId(1),
+            MixerConfig {
+                max_speakers: 2,
+                ..MixerConfig::default()
+            },
+        )
+        .unwrap();
+        m.join(1, 10).unwrap();
+        m.push(2, 0, &[0xf8, 0xff, 0xfe], 0, 0).unwrap();
+        assert!(matches!(m.join(3, 10), Err(MixError::TooManySpeakers)));
+        assert!(m.has_joined_speakers());
+        m.source_gone(10);
+        assert!(!m.has_joined_speakers());
+        assert_eq!(m.speaker_count(), 1);
+        m.remove_idle(20_000 * MS, 10_000 * MS);
+        assert_eq!(m.speaker_count(), 0);
+    }
+
+    #[test]
+    fn pre_skip_matches_encoder_lookahead() {
+        let mut m = RoomMixer::new(RoomId(1), MixerConfig::default()).unwrap();
+        assert_eq!(m.encoder_lookahead().unwrap(), i32::from(OPUS_PRE_SKIP));
+    }
+}

@@ -1,0 +1,242 @@
+//! Tokio driver of [`Programs`]: a dedicated thread that feeds inputs, wakes on the 20 ms tick grid
+//! and hands program frames to one bounded queue per (packager, room) stream.
+
+use crate::metrics::{DropReason, Metrics};
+use crate::programs::{Admission, ProgramEvent, Programs, ProgramsConfig};
+use amphi_protocol::control::ControlMessage;
+use amphi_protocol::relay::RelayFrame;
+use amphi_protocol::RoomId;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Program records queued per packager stream before frames are dropped (2 s).
+const STREAM_QUEUE: usize = 100;
+/// Commands handled at most between two checks of the tick deadline.
+const BATCH: usize = 1024;
+
+/// Input of the mixer thread.
+pub(crate) enum MixerCmd {
+    /// A valid `SpeakerAudio` relay frame and when it arrived.
+    Packet { datagram: Bytes, at: Instant },
+    /// `SpeakerJoined` from connection `source`.
+    Joined {
+        room: RoomId,
+        speaker: u32,
+        source: u64,
+        at: Instant,
+    },
+    /// `SpeakerLeft`.
+    Left {
+        room: RoomId,
+        speaker: u32,
+        at: Instant,
+    },
+    /// An edge connection closed.
+    SourceGone { source: u64, at: Instant },
+    /// `RoomEnded` from an edge.
+    RoomEnded { room: RoomId, at: Instant },
+    /// A packager connected; `control` carries messages for its control stream.
+    PackagerUp {
+        id: u64,
+        conn: quinn::Connection,
+        control: mpsc::UnboundedSender<ControlMessage>,
+    },
+    /// A packager disconnected.
+    PackagerDown { id: u64 },
+}
+
+struct PackagerLink {
+    conn: quinn::Connection,
+    control: mpsc::UnboundedSender<ControlMessage>,
+    /// Dropping a sender finishes the stream once its queue is written.
+    streams: HashMap<RoomId, mpsc::Sender<Bytes>>,
+}
+
+/// Write one room's program records to a new unidirectional stream, then finish it.
+async fn program_writer(
+    conn: quinn::Connection,
+    room: RoomId,
+    mut records: mpsc::Receiver<Bytes>,
+    metrics: Arc<Metrics>,
+) {
+    let mut stream = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%room, error = %e, "cannot open program stream");
+            return;
+        }
+    };
+    while let Some(rec) = records.recv().await {
+        if let Err(e) = stream.write_chunk(rec).await {
+            tracing::debug!(%room, error = %e, "program stream write failed");
+            return;
+        }
+        metrics.program_frames_sent.fetch_add(1, Relaxed);
+    }
+    if stream.finish().is_ok() {
+        tracing::debug!(%room, "program stream finished");
+    }
+}
+
+struct Driver {
+    programs: Programs,
+    packagers: HashMap<u64, PackagerLink>,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Driver {
+    fn admit(&self, a: Admission) {
+        match a {
+            Admission::Mixed(_) => {}
+            Admission::RoomEnded => self.metrics.dropped(DropReason::RoomEnded),
+            Admission::TooManyRooms | Admission::TooManySpeakers => {
+                self.metrics.dropped(DropReason::MixerLimit)
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: MixerCmd) {
+        match cmd {
+            MixerCmd::Packet { datagram, at } => {
+                if let Ok(frame) = RelayFrame::decode(&datagram) {
+                    let a = self.programs.packet(&frame, at);
+                    self.admit(a);
+                }
+            }
+            MixerCmd::Joined {
+                room,
+                speaker,
+                source,
+                at,
+            } => {
+                let a = self.programs.speaker_joined(room, speaker, source, at);
+                if a != Admission::Mixed(crate::jitter::PushOutcome::Accepted) {
+                    tracing::warn!(%room, speaker, ?a, "speaker not mixed");
+                }
+            }
+            MixerCmd::Left { room, speaker, at } => self.programs.speaker_left(room, speaker, at),
+            MixerCmd::SourceGone { source, at } => self.programs.source_gone(source, at),
+            MixerCmd::RoomEnded { room, at } => {
+                let was_running = self.programs.room_ended(room, at);
+                tracing::info!(%room, was_running, "room ended");
+                for link in self.packagers.values() {
+                    let _ = link.control.send(ControlMessage::RoomEnded { room });
+                }
+            }
+            MixerCmd::PackagerUp { id, conn, control } => {
+                self.packagers.insert(
+                    id,
+                    PackagerLink {
+                        conn,
+                        control,
+                        streams: HashMap::new(),
+                    },
+                );
+            }
+            MixerCmd::PackagerDown { id } => {
+                self.packagers.remove(&id);
+            }
+        }
+    }
+
+    fn poll(&mut self, now: Instant) -> Result<(), crate::mixer::MixError> {
+        let Driver {
+            programs,
+            packagers,
+            metrics,
+            runtime,
+        } = self;
+        programs.poll(now, &mut |event| match event {
+            ProgramEvent::Started(room) => tracing::info!(%room, "program started"),
+            ProgramEvent::Frame(room, frame) => {
+                if packagers.is_empty() {
+                    return;
+                }
+                let record = Bytes::copy_from_slice(frame.record);
+                for link in packagers.values_mut() {
+                    let tx = link.streams.entry(room).or_insert_with(|| {
+                        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+                        runtime.spawn(program_writer(link.conn.clone(), room, rx, metrics.clone()));
+                        tx
+                    });
+                    if tx.try_send(record.clone()).is_err() {
+                        metrics.program_frames_dropped.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            ProgramEvent::Stopped(room) => {
+                tracing::info!(%room, "program stopped");
+                for link in packagers.values_mut() {
+                    link.streams.remove(&room);
+                }
+            }
+        })?;
+        metrics
+            .rooms_running
+            .store(programs.running() as u64, Relaxed);
+        metrics.set_mix_stats(programs.stats());
+        metrics
+            .mixer_cpu_ns
+            .store(crate::thread_cpu_time().as_nanos() as u64, Relaxed);
+        Ok(())
+    }
+}
+
+/// Run the mixer loop until `shutdown` or until both command channels close.
+pub(crate) async fn mixer_loop(
+    mut packets: mpsc::Receiver<MixerCmd>,
+    mut control: mpsc::UnboundedReceiver<MixerCmd>,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+) -> Result<(), crate::mixer::MixError> {
+    let mut driver = Driver {
+        programs: Programs::new(ProgramsConfig::default(), Instant::now()),
+        packagers: HashMap::new(),
+        metrics,
+        runtime,
+    };
+    loop {
+        let deadline = tokio::time::Instant::from_std(driver.programs.next_tick_at());
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            cmd = control.recv() => match cmd {
+                Some(cmd) => driver.command(cmd),
+                None => break,
+            },
+            cmd = packets.recv() => match cmd {
+                Some(cmd) => {
+                    driver.command(cmd);
+                    for _ in 0..BATCH {
+                        match packets.try_recv() {
+                            Ok(cmd) => driver.command(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                // Everything that arrived before the tick goes into it.
+                while let Ok(cmd) = control.try_recv() {
+                    driver.command(cmd);
+                }
+                for _ in 0..BATCH {
+                    match packets.try_recv() {
+                        Ok(cmd) => driver.command(cmd),
+                        Err(_) => break,
+                    }
+                }
+                driver.poll(Instant::now())?;
+            }
+        }
+    }
+    Ok(())
+}
