@@ -1,1 +1,175 @@
-//! amphi-edge
+//! amphi-edge: the WebRTC SFU edge.
+//!
+//! Speakers publish Opus over WebRTC (WHIP, RFC 9725) to an edge; the edge terminates ICE-lite,
+//! DTLS-SRTP with str0m on one shared UDP socket and forwards every RTP packet to the origin as a
+//! relay frame in a QUIC datagram over an mTLS link.
+//!
+//! Layout: sans-IO cores ([`peers`], [`lifecycle`], [`mesh`], [`offer`]) make every decision;
+//! thin tokio drivers (media socket, QUIC uplink, HTTP) carry them out. [`whip_client`] is a
+//! str0m-based WHIP publisher used by tests and load generation.
+
+mod http;
+pub mod lifecycle;
+mod media;
+pub mod mesh;
+pub mod metrics;
+pub mod offer;
+pub mod peers;
+mod uplink;
+pub mod whip_client;
+
+pub use offer::{parse_whip_offer, OfferError};
+pub use peers::{stun_local_ufrag, DropReason};
+
+use amphi_protocol::config::EdgeConfig;
+use amphi_protocol::mtls::MtlsMaterial;
+use amphi_protocol::token::TokenVerifier;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Everything an edge needs to run.
+pub struct EdgeSetup {
+    /// Listeners, identity, origin and router addresses.
+    pub config: EdgeConfig,
+    /// Certificate and CA for the QUIC mTLS link to the origin.
+    pub mesh_tls: MtlsMaterial,
+    /// Public keys that verify room tokens.
+    pub tokens: TokenVerifier,
+}
+
+/// Why the edge could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The configuration cannot work.
+    #[error("invalid edge configuration: {0}")]
+    Config(String),
+    /// The mesh TLS material is unusable.
+    #[error("mesh TLS: {0}")]
+    Tls(#[from] amphi_protocol::mtls::MtlsError),
+    /// QUIC setup failed.
+    #[error("QUIC: {0}")]
+    Quic(String),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Install str0m's crypto provider once per process (idempotent).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
+}
+
+/// Capacity of the HTTP -> media driver command queue.
+const MEDIA_QUEUE: usize = 1024;
+
+/// Binds `http_listen` (TCP) and `media_listen` (UDP), keeps the QUIC uplink to the origin, serves
+/// until `shutdown` is cancelled.
+pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), EdgeError> {
+    install_crypto_provider();
+    let EdgeSetup {
+        config,
+        mesh_tls,
+        tokens,
+    } = setup;
+
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(mesh_tls.client_config()?)
+        .map_err(|e| EdgeError::Quic(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic_tls));
+    client_config.transport_config(Arc::new(uplink::transport_config()));
+
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| EdgeError::Bind {
+            what: "http_listen",
+            addr: config.http_listen,
+            source,
+        })?;
+    let udp = tokio::net::UdpSocket::bind(config.media_listen)
+        .await
+        .map_err(|source| EdgeError::Bind {
+            what: "media_listen",
+            addr: config.media_listen,
+            source,
+        })?;
+    let media_local = udp.local_addr().map_err(|source| EdgeError::Bind {
+        what: "media_listen",
+        addr: config.media_listen,
+        source,
+    })?;
+    let candidate = config.media_public.unwrap_or(media_local);
+    if candidate.ip().is_unspecified() || candidate.port() == 0 {
+        return Err(EdgeError::Config(format!(
+            "ICE candidate address {candidate} is not routable: set media_public"
+        )));
+    }
+    tracing::info!(
+        edge = %config.id,
+        region = %config.region,
+        http = %config.http_listen,
+        media = %media_local,
+        %candidate,
+        "edge listening"
+    );
+
+    let endpoint = uplink::client_endpoint(config.origin_addr, client_config)
+        .map_err(|e| EdgeError::Quic(format!("client endpoint: {e}")))?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let inner = shutdown.child_token();
+    let (media_tx, media_rx) = mpsc::channel(MEDIA_QUEUE);
+    let (mesh_tx, mesh_rx) = mpsc::unbounded_channel();
+    let (conn_tx, conn_rx) = watch::channel(None);
+
+    let driver = media::MediaDriver::new(
+        candidate,
+        media::Relay::new(conn_rx),
+        metrics.clone(),
+        mesh_tx,
+    );
+    let media_task = tokio::spawn(driver.run(udp, media_rx, inner.clone()));
+    let uplink = uplink::Uplink {
+        edge_id: config.id.clone(),
+        region: config.region.clone(),
+        origin_addr: config.origin_addr,
+        server_name: config.origin_server_name.clone(),
+        metrics: metrics.clone(),
+        conn_tx,
+        mesh_rx,
+        media_tx: media_tx.clone(),
+    };
+    let uplink_task = tokio::spawn(uplink.run(endpoint, inner.clone()));
+
+    let state = Arc::new(http::AppState {
+        tokens,
+        candidate,
+        media_tx,
+        rooms: Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)),
+        router: http::RouterClient::new(&config.router_url),
+        metrics,
+        ids: Mutex::new(lifecycle::ParticipantIds::new(config.index)),
+    });
+    let served = axum::serve(http_listener, http::router(state))
+        .with_graceful_shutdown(inner.clone().cancelled_owned())
+        .await;
+    inner.cancel();
+    if let Err(e) = media_task.await {
+        tracing::error!(error = %e, "media driver panicked");
+    }
+    if let Err(e) = uplink_task.await {
+        tracing::error!(error = %e, "uplink panicked");
+    }
+    tracing::info!(edge = %config.id, "edge stopped");
+    served.map_err(EdgeError::Http)
+}

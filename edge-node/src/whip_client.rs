@@ -1,0 +1,443 @@
+//! A real WHIP (RFC 9725) publishing client built on str0m: sends one Opus audio track.
+//!
+//! Used by end-to-end tests and by `amphi loadgen`. [`WhipPublisher::connect`] POSTs a sendonly
+//! Opus offer (with the RFC 6464 audio-level extension), applies the answer, then a background task
+//! drives ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0.
+
+use bytes::Bytes;
+use http::header;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use str0m::change::SdpAnswer;
+use str0m::format::Codec;
+use str0m::media::{Direction, ExtensionValues, MediaKind, Mid, Pt};
+use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Default bound on ICE+DTLS connection time in [`WhipPublisher::connect`].
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on each HTTP exchange with the WHIP endpoint.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer body read.
+const MAX_ANSWER_LEN: usize = 256 * 1024;
+
+/// Why publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The WHIP URL or `Location` is not a usable `http://` URL.
+    #[error("bad URL: {0}")]
+    Url(String),
+    /// The HTTP exchange failed.
+    #[error("HTTP: {0}")]
+    Http(String),
+    /// The endpoint answered with an unexpected status.
+    #[error("WHIP endpoint answered {status}: {body}")]
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// Response body (lossy UTF-8).
+        body: String,
+    },
+    /// The 201 answer lacked a `Location` header.
+    #[error("answer without a Location header")]
+    MissingLocation,
+    /// The answer SDP is unusable.
+    #[error("bad SDP answer: {0}")]
+    Sdp(String),
+    /// The WebRTC stack failed.
+    #[error("WebRTC: {0}")]
+    Rtc(String),
+    /// Socket error.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// ICE+DTLS did not connect in time.
+    #[error("ICE/DTLS did not connect within {0:?}")]
+    ConnectTimeout(Duration),
+    /// The media task has stopped.
+    #[error("the media task has stopped")]
+    Closed,
+}
+
+enum Command {
+    Send {
+        payload: Vec<u8>,
+        rtp_ts: u32,
+        audio_level: u8,
+    },
+    Close,
+}
+
+/// A connected WHIP publisher with one Opus track.
+pub struct WhipPublisher {
+    resource: http::Uri,
+    token: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+    etag: Option<String>,
+    local_addr: SocketAddr,
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<Result<(), ClientError>>,
+}
+
+fn rtc_err(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Rtc(e.to_string())
+}
+
+/// Resolve a `Location` value (absolute URL or absolute path) against the endpoint URL.
+fn resolve_location(endpoint: &http::Uri, location: &str) -> Result<http::Uri, ClientError> {
+    if location.starts_with('/') {
+        let scheme = endpoint.scheme_str().unwrap_or("http");
+        let authority = endpoint
+            .authority()
+            .ok_or_else(|| ClientError::Url("endpoint without host".into()))?;
+        format!("{scheme}://{authority}{location}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))
+    } else {
+        location
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))
+    }
+}
+
+impl WhipPublisher {
+    /// POST a sendonly Opus offer to `whip_url` with `Authorization: Bearer token`; on 201 apply
+    /// the answer and wait (at most [`CONNECT_TIMEOUT`]) for ICE+DTLS. Any other status is an
+    /// error carrying the status and body.
+    pub async fn connect(whip_url: &str, token: &str) -> Result<WhipPublisher, ClientError> {
+        Self::connect_with_timeout(whip_url, token, CONNECT_TIMEOUT).await
+    }
+
+    /// [`WhipPublisher::connect`] with an explicit ICE+DTLS timeout.
+    pub async fn connect_with_timeout(
+        whip_url: &str,
+        token: &str,
+        connect_timeout: Duration,
+    ) -> Result<WhipPublisher, ClientError> {
+        crate::install_crypto_provider();
+        let endpoint: http::Uri = whip_url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))?;
+        if endpoint.scheme_str() != Some("http") {
+            return Err(ClientError::Url(
+                "only http:// WHIP URLs are supported".into(),
+            ));
+        }
+        let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let local_addr = socket.local_addr()?;
+
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
+        let mut change = rtc.sdp_api();
+        let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let (offer, pending) = change
+            .apply()
+            .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
+
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        let req = http::Request::post(endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/sdp")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(offer.to_sdp_string())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let (status, headers, body) = exchange(&http, req).await?;
+        if status != http::StatusCode::CREATED {
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let location = headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ClientError::MissingLocation)?;
+        let resource = resolve_location(&endpoint, location)?;
+        let etag = headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let publisher_http = WhipPublisherParts {
+            resource,
+            token: token.to_string(),
+            http,
+        };
+
+        let answer = std::str::from_utf8(&body)
+            .map_err(|_| ClientError::Sdp("answer is not UTF-8".into()))
+            .and_then(|s| {
+                SdpAnswer::from_sdp_string(s).map_err(|e| ClientError::Sdp(e.to_string()))
+            });
+        let setup = answer.and_then(|answer| {
+            rtc.sdp_api()
+                .accept_answer(pending, answer)
+                .map_err(rtc_err)?;
+            opus_pt(&rtc, mid)
+        });
+        let pt = match setup {
+            Ok(pt) => pt,
+            Err(e) => {
+                publisher_http.delete_quietly().await;
+                return Err(e);
+            }
+        };
+
+        let (commands, command_rx) = mpsc::channel(256);
+        let (connected_tx, connected_rx) = oneshot::channel();
+        let mut task = tokio::spawn(drive(
+            rtc,
+            socket,
+            local_addr,
+            mid,
+            pt,
+            command_rx,
+            connected_tx,
+        ));
+        let failure = match tokio::time::timeout(connect_timeout, connected_rx).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(match (&mut task).await {
+                Ok(Err(e)) => e,
+                _ => ClientError::Closed,
+            }),
+            Err(_) => {
+                task.abort();
+                Some(ClientError::ConnectTimeout(connect_timeout))
+            }
+        };
+        if let Some(e) = failure {
+            publisher_http.delete_quietly().await;
+            return Err(e);
+        }
+        let WhipPublisherParts {
+            resource,
+            token,
+            http,
+        } = publisher_http;
+        Ok(WhipPublisher {
+            resource,
+            token,
+            http,
+            etag,
+            local_addr,
+            commands,
+            task,
+        })
+    }
+
+    /// Send one 20 ms Opus packet with RTP timestamp `rtp_ts` (48 kHz) and RFC 6464 audio level
+    /// `audio_level` (0 loudest ..= 127 silence).
+    pub async fn send_opus(
+        &mut self,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+    ) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Send {
+                payload: payload.to_vec(),
+                rtp_ts,
+                audio_level: audio_level.min(127),
+            })
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// The WHIP session URL (resolved `Location`).
+    pub fn resource_url(&self) -> &http::Uri {
+        &self.resource
+    }
+
+    /// The `ETag` of the session, if the endpoint sent one.
+    pub fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
+    /// The local UDP address media is sent from.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// DELETE the WHIP session, then stop the media task. A non-200 answer is an error.
+    pub async fn close(self) -> Result<(), ClientError> {
+        let parts = WhipPublisherParts {
+            resource: self.resource,
+            token: self.token,
+            http: self.http,
+        };
+        let deleted = parts.delete().await;
+        let _ = self.commands.send(Command::Close).await;
+        match tokio::time::timeout(Duration::from_secs(2), self.task).await {
+            Ok(Ok(Ok(()))) | Ok(Ok(Err(_))) | Ok(Err(_)) => {}
+            Err(_) => tracing::debug!("whip client media task did not stop in time"),
+        }
+        deleted
+    }
+}
+
+struct WhipPublisherParts {
+    resource: http::Uri,
+    token: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl WhipPublisherParts {
+    async fn delete(&self) -> Result<(), ClientError> {
+        let req = http::Request::delete(self.resource.clone())
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let (status, _, body) = exchange(&self.http, req).await?;
+        if status == http::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(ClientError::Status {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        }
+    }
+
+    async fn delete_quietly(&self) {
+        if let Err(e) = self.delete().await {
+            tracing::debug!(error = %e, "whip client cleanup DELETE failed");
+        }
+    }
+}
+
+async fn exchange(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(http::StatusCode, http::HeaderMap, Bytes), ClientError> {
+    let resp = tokio::time::timeout(HTTP_TIMEOUT, http.request(req))
+        .await
+        .map_err(|_| ClientError::Http("request timed out".into()))?
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(HTTP_TIMEOUT, Limited::new(body, MAX_ANSWER_LEN).collect())
+        .await
+        .map_err(|_| ClientError::Http("body timed out".into()))?
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+/// The negotiated Opus payload type of `mid`.
+fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<Pt, ClientError> {
+    let media = rtc
+        .media(mid)
+        .ok_or_else(|| ClientError::Sdp("answer dropped the audio m-line".into()))?;
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus && media.remote_pts().contains(&p.pt()))
+        .map(|p| p.pt())
+        .ok_or_else(|| ClientError::Sdp("answer has no Opus payload type".into()))
+}
+
+/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
+async fn drive(
+    mut rtc: Rtc,
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    mid: Mid,
+    pt: Pt,
+    mut commands: mpsc::Receiver<Command>,
+    connected: oneshot::Sender<()>,
+) -> Result<(), ClientError> {
+    let mut connected = Some(connected);
+    let mut buf = vec![0u8; 2048];
+    // Start in the first rollover period (no out-of-band ROC signalling needed).
+    let mut seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let mut closing = false;
+    loop {
+        let timeout = loop {
+            match rtc.poll_output().map_err(rtc_err)? {
+                Output::Timeout(t) => break t,
+                Output::Transmit(t) => {
+                    socket.send_to(&t.contents, t.destination).await?;
+                }
+                Output::Event(Event::Connected) => {
+                    if let Some(tx) = connected.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Output::Event(Event::IceConnectionStateChange(
+                    IceConnectionState::Disconnected,
+                )) => {
+                    return Err(ClientError::Rtc("ICE disconnected".into()));
+                }
+                Output::Event(_) => {}
+            }
+        };
+        if closing || !rtc.is_alive() {
+            return Ok(());
+        }
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(Command::Send { payload, rtp_ts, audio_level }) => {
+                    let mut api = rtc.direct_api();
+                    let stream = api
+                        .stream_tx_by_mid(mid, None)
+                        .ok_or_else(|| ClientError::Rtc("no send stream for the audio m-line".into()))?;
+                    let ext = ExtensionValues {
+                        audio_level: Some(-(audio_level as i8)),
+                        voice_activity: Some(audio_level < 127),
+                        ..Default::default()
+                    };
+                    stream.write_rtp(
+                        RtpWrite::new(pt, seq.into(), rtp_ts, Instant::now(), payload).ext_vals(ext),
+                    );
+                    seq += 1;
+                }
+                Some(Command::Close) | None => {
+                    rtc.close().map_err(rtc_err)?;
+                    closing = true;
+                }
+            },
+            r = socket.recv_from(&mut buf) => {
+                let (n, source) = r?;
+                if let Ok(contents) = DatagramRecv::try_from(&buf[..n]) {
+                    let input = Input::Receive(
+                        Instant::now(),
+                        Receive { proto: Protocol::Udp, source, destination: local_addr, contents },
+                    );
+                    rtc.handle_input(input).map_err(rtc_err)?;
+                }
+            }
+            _ = tokio::time::sleep_until(timeout.into()) => {
+                rtc.handle_input(Input::Timeout(Instant::now())).map_err(rtc_err)?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_resolves_against_the_endpoint() {
+        let ep: http::Uri = "http://127.0.0.1:8101/whip/00000000000000aa"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            resolve_location(&ep, "/whip/00000000000000aa/abc").unwrap(),
+            "http://127.0.0.1:8101/whip/00000000000000aa/abc"
+        );
+        assert_eq!(
+            resolve_location(&ep, "http://other:1/x").unwrap(),
+            "http://other:1/x"
+        );
+        assert!(resolve_location(&ep, "not a url").is_err());
+    }
+}
