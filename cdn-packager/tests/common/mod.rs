@@ -1,0 +1,325 @@
+//! Helpers shared by the packager's integration tests: a tone encoder, a minimal HTTP/1.1
+//! client, a pitch detector, a quinn origin stand-in, and ffmpeg wrappers.
+#![allow(dead_code)]
+
+use amphi_packager::{run, PackagerError, PackagerSetup};
+use amphi_protocol::config::PackagerConfig;
+use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
+use amphi_protocol::mtls::DevPki;
+use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::RoomId;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// `n` consecutive 20 ms Opus packets of a `freq` Hz sine at half scale, 64 kbps mono.
+pub fn tone_frames(freq: f64, n: usize) -> Vec<Vec<u8>> {
+    let mut enc =
+        opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio).unwrap();
+    enc.set_bitrate(opus::Bitrate::Bits(64_000)).unwrap();
+    let mut pcm = [0i16; 960];
+    (0..n)
+        .map(|f| {
+            for (i, s) in pcm.iter_mut().enumerate() {
+                let t = (f * 960 + i) as f64 / 48_000.0;
+                *s = (0.5 * 32767.0 * (2.0 * std::f64::consts::PI * freq * t).sin()) as i16;
+            }
+            enc.encode_vec(&pcm, 1500).unwrap()
+        })
+        .collect()
+}
+
+/// One program-stream record: `u32 LE length | relay frame (Program)`.
+pub fn program_record(room: RoomId, index: u32, payload: &[u8]) -> Vec<u8> {
+    let frame = RelayFrame {
+        kind: FrameKind::Program,
+        room,
+        speaker: 0,
+        seq: index as u16,
+        rtp_ts: index.wrapping_mul(960),
+        audio_level: 20,
+        payload,
+    };
+    let mut body = Vec::new();
+    frame.encode_to_vec(&mut body).unwrap();
+    let mut rec = (body.len() as u32).to_le_bytes().to_vec();
+    rec.extend_from_slice(&body);
+    rec
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` over HTTP/1.1 with `Connection: close`; the raw path is sent untouched.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Resp {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("header end");
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+        if chunked {
+            body = dechunk(&body);
+        }
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    })
+    .await
+    .expect("HTTP request timed out")
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let len =
+            usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if len == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
+        b = &b[eol + 2 + len + 2..];
+    }
+    out
+}
+
+/// Goertzel power of `freq` in `x`.
+fn power(x: &[f64], freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / 48_000.0;
+    let c = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &v in x {
+        let s0 = v + c * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    s1 * s1 + s2 * s2 - c * s1 * s2
+}
+
+/// Dominant frequency (Hz) between 50 and 2000 Hz, and the RMS of the samples.
+pub fn dominant_frequency(samples: &[i16]) -> (f64, f64) {
+    let x: Vec<f64> = samples.iter().map(|&s| f64::from(s)).collect();
+    let rms = (x.iter().map(|v| v * v).sum::<f64>() / x.len().max(1) as f64).sqrt();
+    let mut best = (0.0, 0.0);
+    let mut f = 50.0;
+    while f <= 2000.0 {
+        let p = power(&x, f);
+        if p > best.1 {
+            best = (f, p);
+        }
+        f += 5.0;
+    }
+    let mut fine = best;
+    let mut f = best.0 - 5.0;
+    while f <= best.0 + 5.0 {
+        let p = power(&x, f);
+        if p > fine.1 {
+            fine = (f, p);
+        }
+        f += 0.25;
+    }
+    (fine.0, rms)
+}
+
+/// s16le samples from raw bytes.
+pub fn s16le(bytes: &[u8]) -> Vec<i16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// Run `ffmpeg` with `args` (blocking, in a worker thread) and return its stdout.
+pub async fn ffmpeg_stdout(program: &'static str, args: Vec<String>) -> Vec<u8> {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    })
+    .await
+    .unwrap()
+}
+
+/// A fresh scratch directory.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "amphi-packager-{tag}-{}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running packager plus the origin side of its QUIC link.
+pub struct Harness {
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shutdown: CancellationToken,
+    pub packager: JoinHandle<Result<(), PackagerError>>,
+    pub conn: quinn::Connection,
+    pub control_send: quinn::SendStream,
+    pub control_recv: quinn::RecvStream,
+    pub endpoint: quinn::Endpoint,
+}
+
+impl Harness {
+    /// Start an origin stand-in and `run(...)`, accept the packager, check its Hello and
+    /// answer Welcome.
+    pub async fn start(tag: &str) -> Harness {
+        let pki = DevPki::generate().unwrap();
+        let origin_tls = pki.issue("origin.amphi.internal").unwrap();
+        let packager_tls = pki.issue("packager-test").unwrap();
+        let server =
+            quinn::crypto::rustls::QuicServerConfig::try_from(origin_tls.server_config().unwrap())
+                .unwrap();
+        let endpoint = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(server)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let http = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let data_dir = scratch_dir(tag);
+        let shutdown = CancellationToken::new();
+        let setup = PackagerSetup {
+            config: PackagerConfig {
+                id: "packager-test".into(),
+                origin_addr: endpoint.local_addr().unwrap(),
+                origin_server_name: "origin.amphi.internal".into(),
+                http_listen: http,
+                data_dir: data_dir.clone(),
+            },
+            mesh_tls: packager_tls,
+        };
+        let packager = tokio::spawn(run(setup, shutdown.clone()));
+        let (conn, control_send, control_recv) =
+            tokio::time::timeout(Duration::from_secs(10), async {
+                let conn = endpoint.accept().await.unwrap().await.unwrap();
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                let mut dec = ControlDecoder::default();
+                let mut buf = [0u8; 1024];
+                let hello = loop {
+                    if let Some(m) = dec.next_message().unwrap() {
+                        break m;
+                    }
+                    let n = recv.read(&mut buf).await.unwrap().unwrap();
+                    dec.feed(&buf[..n]);
+                };
+                assert_eq!(
+                    hello,
+                    ControlMessage::Hello {
+                        peer: PeerKind::Packager,
+                        id: "packager-test".into(),
+                        region: String::new()
+                    }
+                );
+                send.write_all(
+                    &ControlMessage::Welcome {
+                        origin: "origin-test".into(),
+                    }
+                    .to_record(),
+                )
+                .await
+                .unwrap();
+                (conn, send, recv)
+            })
+            .await
+            .expect("packager connects and says hello");
+        // The HTTP listener is bound before the QUIC link starts.
+        Harness {
+            http,
+            data_dir,
+            shutdown,
+            packager,
+            conn,
+            control_send,
+            control_recv,
+            endpoint,
+        }
+    }
+
+    /// Poll `path` until `pred` holds (bounded: 200 x 25 ms).
+    pub async fn wait_until(&self, path: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
+        for _ in 0..200 {
+            let r = http_get(self.http, path).await;
+            if pred(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{path} never satisfied the condition");
+    }
+
+    /// Stop the packager and remove its files.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let res = tokio::time::timeout(Duration::from_secs(10), self.packager)
+            .await
+            .expect("packager stops within 10 s")
+            .unwrap();
+        assert!(res.is_ok(), "run returned {res:?}");
+        self.conn.close(0u32.into(), b"done");
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
