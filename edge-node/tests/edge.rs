@@ -1,0 +1,530 @@
+//! End-to-end tests of the edge: real str0m WHIP publisher, real QUIC origin stand-in, fake
+//! geo-router, all on 127.0.0.1.
+
+mod common;
+
+use amphi_edge::whip_client::{ClientError, WhipPublisher};
+use amphi_protocol::api::ApiError;
+use amphi_protocol::control::ControlMessage;
+use amphi_protocol::mtls::DevPki;
+use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::token::{Claims, Role, TokenSigner};
+use amphi_protocol::ParticipantId;
+use common::*;
+use std::time::Duration;
+
+const PACKETS: usize = 50;
+const LEVEL: u8 = 30;
+
+/// Publish `PACKETS` Opus packets, 20 ms apart, starting at `ts0`.
+async fn publish(publisher: &mut WhipPublisher, packets: &[Vec<u8>], ts0: u32) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for (i, p) in packets.iter().enumerate() {
+        tick.tick().await;
+        publisher
+            .send_opus(p, ts0.wrapping_add(960 * i as u32), LEVEL)
+            .await
+            .expect("send_opus");
+    }
+}
+
+/// Drain relay datagrams until `want` arrived or `timeout` passed.
+async fn collect_frames(origin: &mut FakeOrigin, want: usize, timeout: Duration) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < want {
+        match tokio::time::timeout_at(deadline, origin.datagrams.recv()).await {
+            Ok(Some(d)) => out.push(d.to_vec()),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
+
+fn check_frames(frames: &[Vec<u8>], speaker: ParticipantId) {
+    assert!(
+        frames.len() >= 40,
+        "only {} relay frames arrived",
+        frames.len()
+    );
+    let decoded: Vec<RelayFrame> = frames
+        .iter()
+        .map(|f| RelayFrame::decode(f).expect("valid relay frame"))
+        .collect();
+    for f in &decoded {
+        assert_eq!(f.kind, FrameKind::SpeakerAudio);
+        assert_eq!(f.room, LIVE_ROOM);
+        assert_eq!(f.speaker, speaker.0);
+        assert_eq!(f.audio_level, LEVEL);
+        assert!(!f.payload.is_empty());
+    }
+    for w in decoded.windows(2) {
+        let dseq = w[1].seq.wrapping_sub(w[0].seq);
+        assert!(
+            (1..100).contains(&dseq),
+            "seq must increase: {} -> {}",
+            w[0].seq,
+            w[1].seq
+        );
+        assert_eq!(
+            w[1].rtp_ts.wrapping_sub(w[0].rtp_ts),
+            960 * dseq as u32,
+            "rtp_ts steps of 960 per packet"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_audio_reaches_the_origin_and_garbage_is_dropped() {
+    let pki = DevPki::generate().unwrap();
+    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+
+    let hello = expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    assert_eq!(
+        hello,
+        ControlMessage::Hello {
+            peer: amphi_protocol::control::PeerKind::Edge,
+            id: "edge-test-1".into(),
+            region: "us-east".into()
+        }
+    );
+
+    // Garbage at the media port first: random bytes, truncated STUN, STUN for nobody.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let stun = stun_binding_request("nobody:x");
+    for i in 0..20u8 {
+        let junk: Vec<u8> = (0..(37 + i as usize)).map(|_| rand::random()).collect();
+        udp.send_to(&junk, edge.media).unwrap();
+    }
+    udp.send_to(&stun[..stun.len() - 7], edge.media).unwrap();
+    udp.send_to(&stun[..10], edge.media).unwrap();
+    udp.send_to(&stun, edge.media).unwrap();
+    let mut counted = false;
+    for _ in 0..100 {
+        let not_stun = metric(&edge, "amphi_edge_udp_dropped_total{reason=\"not_stun\"}").await;
+        let unknown = metric(
+            &edge,
+            "amphi_edge_udp_dropped_total{reason=\"unknown_peer\"}",
+        )
+        .await;
+        if not_stun >= 22 && unknown >= 1 {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted, "garbage datagrams were not counted as dropped");
+    assert!(metric(&edge, "amphi_edge_udp_datagrams_total").await >= 23);
+
+    // The edge keeps working: a real publisher connects and its audio is relayed.
+    let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
+    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("whip publish connects");
+    assert!(publisher
+        .resource_url()
+        .path()
+        .starts_with(&format!("/whip/{LIVE_ROOM}/")));
+    assert!(publisher.etag().is_some());
+    let sub = expect_control(&mut origin, Duration::from_secs(5), |m| {
+        matches!(m, ControlMessage::SubscribeRoom { .. })
+    })
+    .await;
+    assert_eq!(sub, ControlMessage::SubscribeRoom { room: LIVE_ROOM });
+    let joined = expect_control(&mut origin, Duration::from_secs(5), |m| {
+        matches!(m, ControlMessage::SpeakerJoined { .. })
+    })
+    .await;
+    let ControlMessage::SpeakerJoined {
+        room,
+        speaker,
+        name,
+        region,
+    } = joined
+    else {
+        unreachable!()
+    };
+    assert_eq!(room, LIVE_ROOM);
+    assert_eq!(name, "ada");
+    assert_eq!(region, "us-east");
+    assert_eq!(speaker.0 >> 24, 1, "participant id carries the edge index");
+    assert_eq!(metric(&edge, "amphi_edge_peers").await, 1);
+    assert_eq!(metric(&edge, "amphi_edge_origin_connected").await, 1);
+
+    let packets = opus_packets(PACKETS);
+    publish(&mut publisher, &packets, 0xffff_f000).await;
+    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    check_frames(&frames, speaker);
+    assert!(metric(&edge, "amphi_edge_rtp_packets_in_total").await >= 40);
+    assert!(metric(&edge, "amphi_edge_relay_frames_sent_total").await >= 40);
+
+    publisher.close().await.expect("DELETE answers 200");
+    let left = expect_control(&mut origin, Duration::from_secs(5), |m| {
+        matches!(m, ControlMessage::SpeakerLeft { .. })
+    })
+    .await;
+    assert_eq!(
+        left,
+        ControlMessage::SpeakerLeft {
+            room: LIVE_ROOM,
+            speaker
+        }
+    );
+    assert_eq!(metric(&edge, "amphi_edge_peers").await, 0);
+    edge.stop().await;
+}
+
+fn api_error(body: &str) -> ApiError {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not an ApiError ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_error_paths() {
+    let pki = DevPki::generate().unwrap();
+    let origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    let url = edge.whip_url(LIVE_ROOM);
+    let offer = valid_offer().await;
+    let speaker = edge.token(LIVE_ROOM, Role::Speaker, "sam");
+    let auth = format!("Bearer {speaker}");
+    let sdp = ("content-type", "application/sdp");
+
+    let check = |status: u16, code: &str, got: &(u16, http::HeaderMap, String)| {
+        assert_eq!(got.0, status, "body: {}", got.2);
+        assert_eq!(got.1["content-type"], "application/json");
+        assert_eq!(got.1["access-control-allow-origin"], "*");
+        assert_eq!(api_error(&got.2).error, code);
+    };
+
+    // Room id not parseable.
+    let r = request(
+        &format!("{}/whip/nothex", edge.base()),
+        "POST",
+        &[sdp, ("authorization", &auth)],
+        &offer,
+    )
+    .await
+    .unwrap();
+    check(404, "room_not_found", &r);
+    // No token.
+    let r = request(&url, "POST", &[sdp], &offer).await.unwrap();
+    check(401, "unauthorized", &r);
+    assert_eq!(r.1["www-authenticate"], "Bearer");
+    // Forged: signed by another key with the same kid.
+    let forger = TokenSigner::generate("k1");
+    let now = now_unix();
+    let claims = Claims {
+        sub: "mallory".into(),
+        name: "mallory".into(),
+        room: LIVE_ROOM,
+        role: Role::Host,
+        iat: now,
+        exp: now + 600,
+        jti: "forged".into(),
+    };
+    let forged = format!("Bearer {}", forger.sign(&claims));
+    let r = request(&url, "POST", &[sdp, ("authorization", &forged)], &offer)
+        .await
+        .unwrap();
+    check(401, "unauthorized", &r);
+    // Expired.
+    let expired = format!(
+        "Bearer {}",
+        edge.signer.sign(&Claims {
+            iat: now - 7200,
+            exp: now - 3600,
+            ..claims.clone()
+        })
+    );
+    let r = request(&url, "POST", &[sdp, ("authorization", &expired)], &offer)
+        .await
+        .unwrap();
+    check(401, "unauthorized", &r);
+    // Token for another room.
+    let other = format!("Bearer {}", edge.token(UNKNOWN_ROOM, Role::Speaker, "o"));
+    let r = request(&url, "POST", &[sdp, ("authorization", &other)], &offer)
+        .await
+        .unwrap();
+    check(403, "forbidden", &r);
+    // Listener may not publish.
+    let listener = edge.token(LIVE_ROOM, Role::Listener, "lee");
+    let r = request(
+        &url,
+        "POST",
+        &[sdp, ("authorization", &format!("Bearer {listener}"))],
+        &offer,
+    )
+    .await
+    .unwrap();
+    check(403, "forbidden", &r);
+    // The client surfaces the status and body.
+    match WhipPublisher::connect(&url, &listener).await {
+        Err(ClientError::Status { status, body }) => {
+            assert_eq!(status, 403);
+            assert_eq!(api_error(&body).error, "forbidden");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a listener must not publish"),
+    }
+    // Unknown and ended rooms.
+    for room in [UNKNOWN_ROOM, ENDED_ROOM] {
+        let tok = format!("Bearer {}", edge.token(room, Role::Host, "h"));
+        let r = request(
+            &edge.whip_url(room),
+            "POST",
+            &[sdp, ("authorization", &tok)],
+            &offer,
+        )
+        .await
+        .unwrap();
+        check(404, "room_not_found", &r);
+    }
+    // Garbage body.
+    let r = request(
+        &url,
+        "POST",
+        &[sdp, ("authorization", &auth)],
+        "this is not SDP",
+    )
+    .await
+    .unwrap();
+    check(400, "bad_sdp", &r);
+    // PCMU-only offer.
+    let pcmu = pcmu_only(&offer);
+    let r = request(&url, "POST", &[sdp, ("authorization", &auth)], &pcmu)
+        .await
+        .unwrap();
+    check(406, "unsupported_codec", &r);
+    assert!(api_error(&r.2).message.contains("Opus"));
+    // Too large.
+    let huge = "a".repeat(64 * 1024 + 1);
+    let r = request(&url, "POST", &[sdp, ("authorization", &auth)], &huge)
+        .await
+        .unwrap();
+    check(413, "payload_too_large", &r);
+    // DELETE of an unknown session, PATCH (no trickle ICE).
+    let session_url = format!("{url}/0123456789abcdef0123456789abcdef");
+    let r = request(&session_url, "DELETE", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    check(404, "not_found", &r);
+    let r = request(&session_url, "DELETE", &[], "").await.unwrap();
+    check(401, "unauthorized", &r);
+    let r = request(
+        &session_url,
+        "PATCH",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/trickle-ice-sdpfrag"),
+        ],
+        "a=end-of-candidates\r\n",
+    )
+    .await
+    .unwrap();
+    check(405, "method_not_allowed", &r);
+
+    // CORS preflight on both routes.
+    for u in [&url, &session_url] {
+        let r = request(
+            u,
+            "OPTIONS",
+            &[
+                ("origin", "http://127.0.0.1:8080"),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type",
+                ),
+            ],
+            "",
+        )
+        .await
+        .unwrap();
+        assert!(r.0 == 204 || r.0 == 200, "preflight status {}", r.0);
+        let h = &r.1;
+        assert_eq!(h["access-control-allow-origin"], "*");
+        assert_eq!(
+            h["access-control-allow-methods"],
+            "POST, DELETE, PATCH, OPTIONS"
+        );
+        assert_eq!(
+            h["access-control-allow-headers"],
+            "Authorization, Content-Type, If-Match"
+        );
+        assert_eq!(h["access-control-expose-headers"], "Location, ETag, Link");
+    }
+
+    // A successful POST carries the WHIP headers; DELETE needs the same token.
+    let r = request(&url, "POST", &[sdp, ("authorization", &auth)], &offer)
+        .await
+        .unwrap();
+    assert_eq!(r.0, 201, "{}", r.2);
+    assert_eq!(r.1["content-type"], "application/sdp");
+    assert_eq!(r.1["access-control-expose-headers"], "Location, ETag, Link");
+    assert!(r.1.contains_key("etag"));
+    assert!(r.2.starts_with("v=0"));
+    assert!(r.2.contains("a=ice-lite"), "{}", r.2);
+    assert!(r.2.contains("opus/48000/2"), "{}", r.2);
+    assert!(
+        r.2.contains(&format!("{} typ host", edge.media.port())),
+        "{}",
+        r.2
+    );
+    let location = r.1["location"].to_str().unwrap().to_string();
+    let session = location.rsplit('/').next().unwrap();
+    assert_eq!(location, format!("/whip/{LIVE_ROOM}/{session}"));
+    assert_eq!(session.len(), 32);
+    let resource = format!("{}{location}", edge.base());
+    let other_speaker = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "eve"));
+    let r = request(
+        &resource,
+        "DELETE",
+        &[("authorization", &other_speaker)],
+        "",
+    )
+    .await
+    .unwrap();
+    check(403, "forbidden", &r);
+    let r = request(&resource, "DELETE", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.0, 200);
+    let r = request(&resource, "DELETE", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    check(404, "not_found", &r);
+
+    let r = request(&format!("{}/healthz", edge.base()), "GET", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.0, 200);
+    edge.stop().await;
+}
+
+/// A real browser-shaped offer from str0m (sendonly Opus with audio level), as a string.
+async fn valid_offer() -> String {
+    amphi_edge::install_crypto_provider();
+    let mut rtc = str0m::Rtc::builder().build(std::time::Instant::now());
+    let addr = "127.0.0.1:40000".parse().unwrap();
+    rtc.add_local_candidate(str0m::Candidate::host(addr, "udp").unwrap());
+    let mut change = rtc.sdp_api();
+    change.add_media(
+        str0m::media::MediaKind::Audio,
+        str0m::media::Direction::SendOnly,
+        None,
+        None,
+        None,
+    );
+    let (offer, _pending) = change.apply().unwrap();
+    offer.to_sdp_string()
+}
+
+/// The same offer with every payload type but PCMU removed.
+fn pcmu_only(offer: &str) -> String {
+    let mut out = String::new();
+    for line in offer.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.starts_with("m=audio") {
+            let mut parts: Vec<&str> = line.split(' ').take(3).collect();
+            parts.push("0");
+            out.push_str(&parts.join(" "));
+        } else if line.starts_with("a=rtpmap:")
+            || line.starts_with("a=fmtp:")
+            || line.starts_with("a=rtcp-fb:")
+        {
+            continue;
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+        if line.starts_with("a=mid:") {
+            out.push_str("a=rtpmap:0 PCMU/8000\r\n");
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_reconnects_and_replays_publishers() {
+    let pki = DevPki::generate().unwrap();
+    let router = start_router().await;
+    // The origin is down when the edge starts.
+    let origin_addr = free_udp();
+    let edge = start_edge(&pki, origin_addr, router).await;
+    assert_eq!(metric(&edge, "amphi_edge_origin_connected").await, 0);
+
+    let token = edge.token(LIVE_ROOM, Role::Host, "hana");
+    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("publishing works without an origin");
+    let packets = opus_packets(10);
+    publish(&mut publisher, &packets, 0).await;
+    let mut errors = 0;
+    for _ in 0..50 {
+        errors = metric(&edge, "amphi_edge_relay_send_errors_total").await;
+        if errors >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        errors >= 5,
+        "frames without an origin count as send errors ({errors})"
+    );
+
+    // The origin comes up: the edge connects within the backoff cap and replays the publisher.
+    let mut origin = start_origin(&pki, origin_addr);
+    expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    let joined = expect_control(&mut origin, Duration::from_secs(5), |m| {
+        matches!(m, ControlMessage::SpeakerJoined { .. })
+    })
+    .await;
+    let ControlMessage::SpeakerJoined { speaker, name, .. } = joined else {
+        unreachable!()
+    };
+    assert_eq!(name, "hana");
+    let packets = opus_packets(PACKETS);
+    publish(&mut publisher, &packets, 960 * 10).await;
+    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    check_frames(&frames, speaker);
+
+    // The origin goes away and comes back on the same port: a new connection and a new replay.
+    origin.endpoint.close(0u32.into(), b"bye");
+    let _ = tokio::time::timeout(Duration::from_secs(2), origin.endpoint.wait_idle()).await;
+    drop(origin);
+    let mut down = false;
+    for _ in 0..300 {
+        if metric(&edge, "amphi_edge_origin_connected").await == 0 {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(down, "edge noticed the origin closing");
+    let mut free = false;
+    for _ in 0..100 {
+        if std::net::UdpSocket::bind(origin_addr).is_ok() {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(free, "origin port released");
+    let mut origin = start_origin(&pki, origin_addr);
+    expect_control(
+        &mut origin,
+        Duration::from_secs(10),
+        |m| matches!(m, ControlMessage::SpeakerJoined { speaker: s, .. } if *s == speaker),
+    )
+    .await;
+    publisher.close().await.expect("DELETE answers 200");
+    edge.stop().await;
+}
