@@ -95,7 +95,11 @@ impl Ingest {
         let mut backoff = MIN_BACKOFF;
         while !self.shutdown.is_cancelled() {
             let mut welcomed = false;
-            match self.session(&endpoint, &mut welcomed).await {
+            let session = tokio::select! {
+                r = self.session(&endpoint, &mut welcomed) => r,
+                _ = self.shutdown.cancelled() => Ok(()),
+            };
+            match session {
                 Ok(()) => break,
                 Err(e) => {
                     self.metrics

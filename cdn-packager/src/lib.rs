@@ -12,13 +12,15 @@
 //! Sans-IO cores: [`segmenter::Segmenter`], [`playlist::MediaPlaylist`],
 //! [`request::decide_reload`], [`request::parse_hls_path`], [`request::parse_hls_query`].
 
+#![deny(missing_docs)]
+
 pub mod fmp4;
-pub mod http;
-pub mod ingest;
+mod http;
+mod ingest;
 pub mod metrics;
 pub mod playlist;
 pub mod request;
-pub mod room;
+mod room;
 pub mod segmenter;
 
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};

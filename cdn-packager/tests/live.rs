@@ -221,7 +221,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_program_times_out_blocking_requests_and_bad_records_drop_the_stream() {
-    let h = Harness::start("stall").await;
+    let mut h = Harness::start("stall").await;
     let http = h.http;
     let playlist = format!("/hls/{ROOM}/opus/playlist.m3u8");
     let frames = tone_frames(440.0, 10);
@@ -251,5 +251,24 @@ async fn stalled_program_times_out_blocking_requests_and_bad_records_drop_the_st
     // The stream was stopped by the packager.
     let stopped = tokio::time::timeout(Duration::from_secs(5), uni.stopped()).await;
     assert!(matches!(stopped, Ok(Ok(Some(_)))), "{stopped:?}");
+
+    // The origin goes away: the packager reconnects (first backoff 100 ms) and says hello again.
+    h.conn.close(1u32.into(), b"origin restart");
+    let t = Instant::now();
+    let (conn, send, recv) = common::accept_packager(&h.endpoint).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "reconnected after {:?}",
+        t.elapsed()
+    );
+    h.wait_until("/metrics", |r| {
+        r.text()
+            .contains("amphi_packager_origin_reconnects_total 1\n")
+            && r.text().contains("amphi_packager_origin_connected 1\n")
+    })
+    .await;
+    h.conn = conn;
+    h.control_send = send;
+    h.control_recv = recv;
     h.stop().await;
 }

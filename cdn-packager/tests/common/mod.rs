@@ -209,6 +209,45 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Accept the packager's connection on `endpoint`, check its Hello and answer Welcome
+/// (bounded: 10 s).
+pub async fn accept_packager(
+    endpoint: &quinn::Endpoint,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut dec = ControlDecoder::default();
+        let mut buf = [0u8; 1024];
+        let hello = loop {
+            if let Some(m) = dec.next_message().unwrap() {
+                break m;
+            }
+            let n = recv.read(&mut buf).await.unwrap().unwrap();
+            dec.feed(&buf[..n]);
+        };
+        assert_eq!(
+            hello,
+            ControlMessage::Hello {
+                peer: PeerKind::Packager,
+                id: "packager-test".into(),
+                region: String::new()
+            }
+        );
+        send.write_all(
+            &ControlMessage::Welcome {
+                origin: "origin-test".into(),
+            }
+            .to_record(),
+        )
+        .await
+        .unwrap();
+        (conn, send, recv)
+    })
+    .await
+    .expect("packager connects and says hello")
+}
+
 /// A running packager plus the origin side of its QUIC link.
 pub struct Harness {
     pub http: SocketAddr,
@@ -222,8 +261,7 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Start an origin stand-in and `run(...)`, accept the packager, check its Hello and
-    /// answer Welcome.
+    /// Start an origin stand-in and `run(...)`, and accept the packager.
     pub async fn start(tag: &str) -> Harness {
         let pki = DevPki::generate().unwrap();
         let origin_tls = pki.issue("origin.amphi.internal").unwrap();
@@ -253,39 +291,7 @@ impl Harness {
             mesh_tls: packager_tls,
         };
         let packager = tokio::spawn(run(setup, shutdown.clone()));
-        let (conn, control_send, control_recv) =
-            tokio::time::timeout(Duration::from_secs(10), async {
-                let conn = endpoint.accept().await.unwrap().await.unwrap();
-                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-                let mut dec = ControlDecoder::default();
-                let mut buf = [0u8; 1024];
-                let hello = loop {
-                    if let Some(m) = dec.next_message().unwrap() {
-                        break m;
-                    }
-                    let n = recv.read(&mut buf).await.unwrap().unwrap();
-                    dec.feed(&buf[..n]);
-                };
-                assert_eq!(
-                    hello,
-                    ControlMessage::Hello {
-                        peer: PeerKind::Packager,
-                        id: "packager-test".into(),
-                        region: String::new()
-                    }
-                );
-                send.write_all(
-                    &ControlMessage::Welcome {
-                        origin: "origin-test".into(),
-                    }
-                    .to_record(),
-                )
-                .await
-                .unwrap();
-                (conn, send, recv)
-            })
-            .await
-            .expect("packager connects and says hello");
+        let (conn, control_send, control_recv) = accept_packager(&endpoint).await;
         // The HTTP listener is bound before the QUIC link starts.
         Harness {
             http,
