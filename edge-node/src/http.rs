@@ -36,7 +36,7 @@ pub(crate) struct AppState {
     pub tokens: TokenVerifier,
     pub candidate: SocketAddr,
     pub media_tx: mpsc::Sender<MediaCommand>,
-    pub rooms: Mutex<RoomCache>,
+    pub rooms: Arc<Mutex<RoomCache>>,
     pub router: RouterClient,
     pub metrics: Arc<Metrics>,
     pub ids: Mutex<ParticipantIds>,

@@ -127,6 +127,7 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
     let endpoint = uplink::client_endpoint(config.origin_addr, client_config)
         .map_err(|e| EdgeError::Quic(format!("client endpoint: {e}")))?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let rooms = Arc::new(Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)));
     let inner = shutdown.child_token();
     let (media_tx, media_rx) = mpsc::channel(MEDIA_QUEUE);
     let (mesh_tx, mesh_rx) = mpsc::unbounded_channel();
@@ -148,6 +149,7 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
         conn_tx,
         mesh_rx,
         media_tx: media_tx.clone(),
+        rooms: rooms.clone(),
     };
     let uplink_task = tokio::spawn(uplink.run(endpoint, inner.clone()));
 
@@ -155,7 +157,7 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
         tokens,
         candidate,
         media_tx,
-        rooms: Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)),
+        rooms,
         router: http::RouterClient::new(&config.router_url),
         metrics,
         ids: Mutex::new(lifecycle::ParticipantIds::new(config.index)),

@@ -147,9 +147,25 @@ impl<P> PeerTable<P> {
 
     /// Decide where a datagram from `source` goes, binding `source` to a peer when it is a STUN
     /// binding request for that peer's ufrag.
+    ///
+    /// A STUN binding request from a known address that names another peer's ufrag moves the
+    /// address to that peer (a client reusing its port for a new session).
     pub fn route(&mut self, source: SocketAddr, buf: &[u8]) -> Route {
-        if let Some(id) = self.by_addr.get(&source) {
-            return Route::Peer(*id);
+        if let Some(&id) = self.by_addr.get(&source) {
+            // Only STUN (first byte 0 or 1) can re-home an address; media takes the fast path.
+            if buf.first().is_some_and(|b| *b < 2) {
+                if let Some(&other) = stun_local_ufrag(buf)
+                    .ok()
+                    .and_then(|u| self.by_ufrag.get(u))
+                {
+                    if other != id {
+                        self.unbind(id, source);
+                        self.bind(other, source);
+                        return Route::NewAddr(other);
+                    }
+                }
+            }
+            return Route::Peer(id);
         }
         let ufrag = match stun_local_ufrag(buf) {
             Ok(u) => u,
@@ -160,6 +176,13 @@ impl<P> PeerTable<P> {
         };
         self.bind(id, source);
         Route::NewAddr(id)
+    }
+
+    fn unbind(&mut self, id: PeerId, addr: SocketAddr) {
+        self.by_addr.remove(&addr);
+        if let Some(entry) = self.peers.get_mut(&id) {
+            entry.addrs.retain(|a| *a != addr);
+        }
     }
 
     fn bind(&mut self, id: PeerId, addr: SocketAddr) {
@@ -311,6 +334,31 @@ pub(crate) mod tests {
         assert_eq!(t.route(addr(2), b"anything"), Route::Peer(a));
         assert_eq!(t.by_session("sa"), Some(a));
         assert_eq!(t.get(b), Some(&"peer-b"));
+    }
+
+    #[test]
+    fn a_known_address_moves_to_the_peer_its_stun_names() {
+        let mut t = PeerTable::default();
+        let a = t.insert("ufa", "sa", ()).unwrap();
+        let b = t.insert("ufb", "sb", ()).unwrap();
+        assert_eq!(
+            t.route(addr(5), &binding_request("ufa:x")),
+            Route::NewAddr(a)
+        );
+        // STUN for the same peer, or for nobody, keeps the binding.
+        assert_eq!(t.route(addr(5), &binding_request("ufa:x")), Route::Peer(a));
+        assert_eq!(t.route(addr(5), &binding_request("zzz:x")), Route::Peer(a));
+        assert_eq!(
+            t.route(addr(5), &binding_request("ufb:x")),
+            Route::NewAddr(b)
+        );
+        assert_eq!(t.route(addr(5), b"\x90rtp"), Route::Peer(b));
+        t.remove(a);
+        assert_eq!(
+            t.route(addr(5), b"\x90rtp"),
+            Route::Peer(b),
+            "a's removal leaves b's binding"
+        );
     }
 
     #[test]

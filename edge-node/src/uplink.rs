@@ -3,14 +3,14 @@
 //! Reconnects with [`Backoff`] whenever the origin is unreachable or the link drops, and replays
 //! [`MeshState::resync`] (subscriptions and current publishers) on every new connection.
 
-use crate::lifecycle::Backoff;
+use crate::lifecycle::{Backoff, RoomCache, RoomStatusAnswer};
 use crate::media::MediaCommand;
 use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,8 @@ pub(crate) struct Uplink {
     pub conn_tx: watch::Sender<Option<quinn::Connection>>,
     pub mesh_rx: mpsc::UnboundedReceiver<MeshEvent>,
     pub media_tx: mpsc::Sender<MediaCommand>,
+    /// Forgets rooms the origin reports ended.
+    pub rooms: Arc<Mutex<RoomCache>>,
 }
 
 /// Transport settings of the mesh link: keep-alives so a dead origin is noticed within seconds.
@@ -212,6 +214,9 @@ impl Uplink {
             ControlMessage::Ping { nonce } => Some(ControlMessage::Pong { nonce }),
             ControlMessage::RoomEnded { room } => {
                 tracing::info!(%room, "origin ended room");
+                if let Ok(mut cache) = self.rooms.lock() {
+                    cache.record(room, RoomStatusAnswer::Gone, Instant::now());
+                }
                 if self
                     .media_tx
                     .try_send(MediaCommand::EndRoom { room })

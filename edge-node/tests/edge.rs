@@ -525,6 +525,27 @@ async fn uplink_reconnects_and_replays_publishers() {
         |m| matches!(m, ControlMessage::SpeakerJoined { speaker: s, .. } if *s == speaker),
     )
     .await;
-    publisher.close().await.expect("DELETE answers 200");
+
+    // The origin ends the room: the edge drops its peers there.
+    origin
+        .to_edge
+        .send(ControlMessage::RoomEnded { room: LIVE_ROOM })
+        .unwrap();
+    let left = expect_control(&mut origin, Duration::from_secs(5), |m| {
+        matches!(m, ControlMessage::SpeakerLeft { .. })
+    })
+    .await;
+    assert_eq!(
+        left,
+        ControlMessage::SpeakerLeft {
+            room: LIVE_ROOM,
+            speaker
+        }
+    );
+    assert_eq!(metric(&edge, "amphi_edge_peers").await, 0);
+    match publisher.close().await {
+        Err(ClientError::Status { status: 404, .. }) => {}
+        other => panic!("the session is gone after RoomEnded: {other:?}"),
+    }
     edge.stop().await;
 }

@@ -107,6 +107,8 @@ pub struct FakeOrigin {
     pub addr: SocketAddr,
     pub control: mpsc::UnboundedReceiver<ControlMessage>,
     pub datagrams: mpsc::UnboundedReceiver<Bytes>,
+    /// Control messages to send to the (first) connected edge.
+    pub to_edge: mpsc::UnboundedSender<ControlMessage>,
     pub endpoint: quinn::Endpoint,
 }
 
@@ -120,10 +122,13 @@ pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
     let addr = endpoint.local_addr().unwrap();
     let (ctl_tx, control) = mpsc::unbounded_channel();
     let (dg_tx, datagrams) = mpsc::unbounded_channel();
+    let (to_edge, to_edge_rx) = mpsc::unbounded_channel::<ControlMessage>();
+    let to_edge_rx = Arc::new(std::sync::Mutex::new(Some(to_edge_rx)));
     let ep = endpoint.clone();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let Ok(conn) = incoming.await else { continue };
+            let mut outbox = to_edge_rx.lock().unwrap().take();
             let ctl_tx = ctl_tx.clone();
             let dg_tx = dg_tx.clone();
             let c2 = conn.clone();
@@ -138,16 +143,31 @@ pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
                 };
                 let mut dec = ControlDecoder::default();
                 let mut buf = vec![0u8; 4096];
-                while let Ok(Some(n)) = recv.read(&mut buf).await {
-                    dec.feed(&buf[..n]);
-                    while let Ok(Some(msg)) = dec.next_message() {
-                        if matches!(msg, ControlMessage::Hello { .. }) {
-                            let welcome = ControlMessage::Welcome {
-                                origin: "origin-test".into(),
-                            };
-                            let _ = send.write_all(&welcome.to_record()).await;
+                loop {
+                    let outgoing = async {
+                        match outbox.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
                         }
-                        let _ = ctl_tx.send(msg);
+                    };
+                    tokio::select! {
+                        m = outgoing => match m {
+                            Some(m) => { let _ = send.write_all(&m.to_record()).await; }
+                            None => outbox = None,
+                        },
+                        r = recv.read(&mut buf) => {
+                            let Ok(Some(n)) = r else { break };
+                            dec.feed(&buf[..n]);
+                            while let Ok(Some(msg)) = dec.next_message() {
+                                if matches!(msg, ControlMessage::Hello { .. }) {
+                                    let welcome = ControlMessage::Welcome {
+                                        origin: "origin-test".into(),
+                                    };
+                                    let _ = send.write_all(&welcome.to_record()).await;
+                                }
+                                let _ = ctl_tx.send(msg);
+                            }
+                        }
                     }
                 }
             });
@@ -157,6 +177,7 @@ pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
         addr,
         control,
         datagrams,
+        to_edge,
         endpoint,
     }
 }
