@@ -8,6 +8,8 @@
 //! thin tokio drivers (media socket, QUIC uplink, HTTP) carry them out. [`whip_client`] is a
 //! str0m-based WHIP publisher used by tests and load generation.
 
+#![warn(missing_docs)]
+
 mod http;
 pub mod lifecycle;
 mod media;
