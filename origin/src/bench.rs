@@ -44,8 +44,12 @@ pub struct MixerBenchReport {
     pub audio_seconds: f64,
     /// Our mixer's thread CPU time (decode, mix, limit, encode).
     pub ours_cpu: Duration,
-    /// ffmpeg's CPU time (user + system) for the same mix.
+    /// ffmpeg's CPU time (user + system) for the same mix, libopus at its default complexity (10).
     pub ffmpeg_cpu: Duration,
+    /// Our encoder complexity.
+    pub ours_complexity: i32,
+    /// ffmpeg's CPU time with libopus at our complexity (`-compression_level`).
+    pub ffmpeg_cpu_same_complexity: Duration,
     /// Bytes of Opus our mixer produced.
     pub ours_bytes: u64,
 }
@@ -65,30 +69,49 @@ impl MixerBenchReport {
     pub fn speedup(&self) -> f64 {
         self.ffmpeg_cpu.as_secs_f64() / self.ours_cpu.as_secs_f64().max(1e-9)
     }
+
+    /// Same, with ffmpeg's libopus at our encoder complexity.
+    pub fn speedup_same_complexity(&self) -> f64 {
+        self.ffmpeg_cpu_same_complexity.as_secs_f64() / self.ours_cpu.as_secs_f64().max(1e-9)
+    }
 }
 
 impl fmt::Display for MixerBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rt = |cpu: Duration| self.audio_seconds / cpu.as_secs_f64().max(1e-9);
         writeln!(
             f,
-            "mixer bench: {} speakers, {:.1} s of audio, one thread each",
-            self.speakers, self.audio_seconds
+            "mixer bench: {} speakers, {:.1} s of audio ({} program frames, {} bytes), one thread each",
+            self.speakers, self.audio_seconds, self.frames, self.ours_bytes
         )?;
-        writeln!(
+        let c = self.ours_complexity;
+        for (name, cpu) in [
+            (
+                format!("amphi mixer, encoder complexity {c}"),
+                self.ours_cpu,
+            ),
+            (
+                "ffmpeg amix + libopus, complexity 10".to_string(),
+                self.ffmpeg_cpu,
+            ),
+            (
+                format!("ffmpeg amix + libopus, complexity {c}"),
+                self.ffmpeg_cpu_same_complexity,
+            ),
+        ] {
+            writeln!(
+                f,
+                "  {name:<40} cpu {:.3} s  {:>5.0}x realtime",
+                cpu.as_secs_f64(),
+                rt(cpu)
+            )?;
+        }
+        write!(
             f,
-            "  amphi mixer (decode+mix+limit+encode 64k): cpu {:.3} s, {:.0}x realtime, {} frames, {} bytes",
-            self.ours_cpu.as_secs_f64(),
-            self.ours_realtime_factor(),
-            self.frames,
-            self.ours_bytes
-        )?;
-        writeln!(
-            f,
-            "  ffmpeg amix + libopus 64k:                 cpu {:.3} s, {:.0}x realtime",
-            self.ffmpeg_cpu.as_secs_f64(),
-            self.ffmpeg_realtime_factor()
-        )?;
-        write!(f, "  ratio ffmpeg / ours: {:.2}x", self.speedup())
+            "  ratio ffmpeg / ours: {:.2}x (ffmpeg defaults), {:.2}x (same encoder complexity)",
+            self.speedup(),
+            self.speedup_same_complexity()
+        )
     }
 }
 
@@ -164,24 +187,18 @@ pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, Benc
     for (i, src) in sources.iter().enumerate() {
         let path = dir.0.join(format!("in{i}.opus"));
         let p = path.to_string_lossy().into_owned();
-        ffmpeg(
-            &opts.ffmpeg,
-            &[
-                "-f",
-                "lavfi",
-                "-i",
-                src,
-                "-ac",
-                "1",
-                "-c:a",
-                "libopus",
-                "-b:a",
-                "32k",
-                "-frame_duration",
-                "20",
-                &p,
-            ],
-        )?;
+        let args = [
+            "-f",
+            "lavfi",
+            "-i",
+            src.as_str(),
+            "-ac",
+            "1",
+            "-c:a",
+            "libopus",
+        ];
+        let opus = ["-b:a", "32k", "-frame_duration", "20", p.as_str()];
+        ffmpeg(&opts.ffmpeg, &[&args[..], &opus[..]].concat())?;
         inputs.push(path);
     }
     let mut packets = Vec::new();
@@ -189,57 +206,39 @@ pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, Benc
         packets.push(opus_packets(&std::fs::read(path)?)?);
     }
 
-    let (frames, ours_cpu, ours_bytes) = mix_ours(&packets)?;
+    let cfg = MixerConfig::default();
+    let complexity = cfg.encoder_complexity;
+    let (frames, ours_cpu, ours_bytes) = mix_ours(&packets, cfg)?;
 
     let names: Vec<String> = inputs
         .iter()
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
     let out = dir.0.join("amix.opus").to_string_lossy().into_owned();
-    let before = children_cpu();
-    ffmpeg(
-        &opts.ffmpeg,
-        &[
-            "-threads",
-            "1",
-            "-filter_threads",
-            "1",
-            "-filter_complex_threads",
-            "1",
-            "-threads",
-            "1",
-            "-i",
-            &names[0],
-            "-threads",
-            "1",
-            "-i",
-            &names[1],
-            "-threads",
-            "1",
-            "-i",
-            &names[2],
-            "-filter_complex",
-            "amix=inputs=3:duration=longest",
-            "-ac",
-            "1",
-            "-ar",
-            "48000",
-            "-c:a",
-            "libopus",
-            "-b:a",
-            "64k",
-            "-frame_duration",
-            "20",
-            "-application",
-            "audio",
-            "-threads",
-            "1",
-            "-f",
-            "ogg",
-            &out,
-        ],
-    )?;
-    let ffmpeg_cpu = children_cpu().saturating_sub(before);
+    let amix = |extra: &str| -> Result<Duration, BenchError> {
+        let template = format!(
+            "-filter_threads 1 -filter_complex_threads 1 \
+             -threads 1 -i IN0 -threads 1 -i IN1 -threads 1 -i IN2 \
+             -filter_complex amix=inputs=3:duration=longest -ac 1 -ar 48000 \
+             -c:a libopus -b:a 64k -frame_duration 20 -application audio -threads 1 {extra} \
+             -f ogg OUT"
+        );
+        let args: Vec<&str> = template
+            .split_whitespace()
+            .map(|a| match a {
+                "IN0" => names[0].as_str(),
+                "IN1" => names[1].as_str(),
+                "IN2" => names[2].as_str(),
+                "OUT" => out.as_str(),
+                other => other,
+            })
+            .collect();
+        let before = children_cpu();
+        ffmpeg(&opts.ffmpeg, &args)?;
+        Ok(children_cpu().saturating_sub(before))
+    };
+    let ffmpeg_cpu = amix("")?;
+    let ffmpeg_cpu_same_complexity = amix(&format!("-compression_level {complexity}"))?;
 
     let input_frames = packets.iter().map(Vec::len).max().unwrap_or(0);
     Ok(MixerBenchReport {
@@ -248,14 +247,16 @@ pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, Benc
         audio_seconds: input_frames as f64 * 0.02,
         ours_cpu,
         ffmpeg_cpu,
+        ours_complexity: complexity,
+        ffmpeg_cpu_same_complexity,
         ours_bytes,
     })
 }
 
 /// Feed `inputs` (one packet list per speaker) to one room mixer in real-time order on simulated
 /// time; returns (frames, thread CPU time, output bytes).
-fn mix_ours(inputs: &[Vec<Vec<u8>>]) -> Result<(u64, Duration, u64), BenchError> {
-    let mut mixer = RoomMixer::new(RoomId(1), MixerConfig::default())?;
+fn mix_ours(inputs: &[Vec<Vec<u8>>], cfg: MixerConfig) -> Result<(u64, Duration, u64), BenchError> {
+    let mut mixer = RoomMixer::new(RoomId(1), cfg)?;
     let len = inputs.iter().map(Vec::len).max().unwrap_or(0) as u64;
     // The jitter buffer holds at most 3 ticks at the start; mix until everything played out.
     let ticks = len + 4;
@@ -292,6 +293,7 @@ mod tests {
         assert!(report.frames >= 250);
         assert!(report.ours_cpu > Duration::ZERO);
         assert!(report.ffmpeg_cpu > Duration::ZERO);
+        assert!(report.ffmpeg_cpu_same_complexity > Duration::ZERO);
         assert!(report.ours_bytes > 250 * 100, "{report}");
         assert!(report.to_string().contains("ratio ffmpeg / ours"));
     }

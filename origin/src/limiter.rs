@@ -31,6 +31,9 @@ impl Limiter {
     /// Limit `buf` in place.
     pub fn process(&mut self, buf: &mut [f32]) {
         let thr = self.threshold;
+        if self.gain >= 1.0 && peak(buf) <= thr {
+            return; // fully released and nothing to limit
+        }
         let mut gain = self.gain;
         for x in buf.iter_mut() {
             let a = x.abs();
@@ -39,6 +42,9 @@ impl Limiter {
                 gain = needed;
             } else {
                 gain += (needed - gain) * self.release;
+                if gain > 0.9999 {
+                    gain = 1.0;
+                }
             }
             // NaN-free input stays finite; clamp saturates whatever is left.
             *x = (*x * gain).clamp(-1.0, 1.0);
@@ -54,13 +60,38 @@ impl Default for Limiter {
     }
 }
 
+/// Largest absolute sample value (0 for an empty slice).
+pub fn peak(samples: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = samples.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a = a.max(x.abs());
+        }
+    }
+    rest.iter().chain(&acc).fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// Sum of squares of `samples` (eight independent accumulators so it vectorizes).
+pub fn energy(samples: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = samples.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x * x;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|x| x * x).sum::<f32>()
+}
+
 /// RFC 6464 level of `samples` (full scale = 1.0): 0 (0 dBov) ..= 127 (-127 dBov or digital silence).
 pub fn audio_level(samples: &[f32]) -> u8 {
     if samples.is_empty() {
         return 127;
     }
-    let energy: f32 = samples.iter().map(|x| x * x).sum();
-    let rms = (energy / samples.len() as f32).sqrt();
+    let rms = (energy(samples) / samples.len() as f32).sqrt();
     if rms.is_nan() || rms <= 0.0 {
         return 127;
     }
@@ -102,6 +133,16 @@ mod tests {
         let mut quiet = vec![0.1f32; 48_000];
         lim.process(&mut quiet);
         assert!((quiet[47_999] - 0.1).abs() < 1e-3);
+    }
+
+    #[test]
+    fn peak_and_energy() {
+        let v: Vec<f32> = (0..21)
+            .map(|i| i as f32 * if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        assert_eq!(peak(&v), 20.0);
+        assert_eq!(energy(&v), (0..21).map(|i| (i * i) as f32).sum::<f32>());
+        assert_eq!(peak(&[]), 0.0);
     }
 
     #[test]

@@ -97,7 +97,7 @@ mod tests {
         if let Some(t) = continued_tail {
             // An unterminated packet: only full 255-byte segments.
             assert_eq!(t.len() % 255, 0);
-            table.extend(std::iter::repeat(255u8).take(t.len() / 255));
+            table.extend(std::iter::repeat_n(255u8, t.len() / 255));
             body.extend_from_slice(t);
         }
         let mut out = b"OggS".to_vec();
