@@ -11,6 +11,8 @@
 //! Decision logic lives in sans-IO cores ([`jitter`], [`mixer`], [`programs`], [`subs`],
 //! [`limiter`]); the tokio drivers only move bytes and read clocks.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 mod hub;
 pub mod jitter;
