@@ -3,11 +3,12 @@
 use amphi_origin::bench::{run_mixer_bench, MixerBenchOptions};
 
 fn main() {
-    let smoke = std::env::args().any(|a| a == "--smoke");
-    match run_mixer_bench(MixerBenchOptions {
-        smoke,
-        ..MixerBenchOptions::default()
-    }) {
+    let opts = if std::env::args().any(|a| a == "--smoke") {
+        MixerBenchOptions::smoke()
+    } else {
+        MixerBenchOptions::default()
+    };
+    match run_mixer_bench(opts) {
         Ok(report) => println!("{report}"),
         Err(e) => {
             eprintln!("mixer bench failed: {e}");

@@ -1,7 +1,7 @@
-//! Mixer benchmark: our mixer against `ffmpeg -filter_complex amix` + libopus on the same three
-//! Opus inputs, each on one thread, CPU time compared.
+//! Mixer benchmark: our mixer against `ffmpeg -filter_complex amix` + libopus on the same Opus
+//! inputs (three speakers by default), each on one thread, CPU time compared.
 //!
-//! The inputs are generated once per run with ffmpeg (two tones and pink noise, libopus 32 kbit/s,
+//! The inputs are generated once per run with ffmpeg (tones and pink noise, libopus 32 kbit/s,
 //! 20 ms frames, Ogg), their packets read back with [`crate::ogg`], and fed to a
 //! [`RoomMixer`](crate::mixer::RoomMixer) in real-time order on simulated time (no sleeping).
 
@@ -16,20 +16,44 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Options of [`run_mixer_bench`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MixerBenchOptions {
-    /// Mix 5 s instead of 60 s.
-    pub smoke: bool,
-    /// The ffmpeg binary (with libopus).
-    pub ffmpeg: PathBuf,
+    /// Seconds of audio per speaker (60 for the full run, 5 for a smoke run).
+    pub seconds: u32,
+    /// Speakers in the room (1..=16): tones and pink noise.
+    pub speakers: usize,
+}
+
+impl MixerBenchOptions {
+    /// The 5 s smoke run with 3 speakers.
+    pub fn smoke() -> Self {
+        MixerBenchOptions {
+            seconds: 5,
+            speakers: 3,
+        }
+    }
 }
 
 impl Default for MixerBenchOptions {
+    /// 60 s of audio, 3 speakers.
     fn default() -> Self {
         MixerBenchOptions {
-            smoke: false,
-            ffmpeg: PathBuf::from("/usr/bin/ffmpeg"),
+            seconds: 60,
+            speakers: 3,
         }
+    }
+}
+
+/// The ffmpeg binary: `$AMPHI_FFMPEG`, else `/usr/bin/ffmpeg` if present, else `ffmpeg` on `PATH`.
+fn ffmpeg_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMPHI_FFMPEG") {
+        return PathBuf::from(p);
+    }
+    let debian = Path::new("/usr/bin/ffmpeg");
+    if debian.exists() {
+        debian.to_path_buf()
+    } else {
+        PathBuf::from("ffmpeg")
     }
 }
 
@@ -168,9 +192,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Mix three speakers with our mixer and with ffmpeg; see the module documentation.
+/// Mix the speakers with our mixer and with ffmpeg; see the module documentation.
 pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, BenchError> {
-    let seconds = if opts.smoke { 5 } else { 60 };
+    let seconds = opts.seconds.max(1);
+    let speakers = opts.speakers.clamp(1, 16);
+    let bin = ffmpeg_bin();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -178,27 +204,27 @@ pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, Benc
         std::env::temp_dir().join(format!("amphi-mixer-bench-{}-{nanos}", std::process::id())),
     );
     std::fs::create_dir_all(&dir.0)?;
-    let sources = [
-        format!("sine=frequency=440:sample_rate=48000:duration={seconds}"),
-        format!("sine=frequency=660:sample_rate=48000:duration={seconds}"),
-        format!("anoisesrc=color=pink:amplitude=0.2:sample_rate=48000:duration={seconds}"),
-    ];
     let mut inputs = Vec::new();
-    for (i, src) in sources.iter().enumerate() {
-        let path = dir.0.join(format!("in{i}.opus"));
-        let p = path.to_string_lossy().into_owned();
-        let args = [
-            "-f",
-            "lavfi",
-            "-i",
-            src.as_str(),
-            "-ac",
-            "1",
-            "-c:a",
-            "libopus",
-        ];
-        let opus = ["-b:a", "32k", "-frame_duration", "20", p.as_str()];
-        ffmpeg(&opts.ffmpeg, &[&args[..], &opus[..]].concat())?;
+    for i in 0..speakers {
+        let src = if i % 3 == 2 {
+            format!(
+                "anoisesrc=color=pink:amplitude=0.2:seed={i}:sample_rate=48000:duration={seconds}"
+            )
+        } else {
+            format!(
+                "sine=frequency={}:sample_rate=48000:duration={seconds}",
+                440 + 110 * i
+            )
+        };
+        let path = dir
+            .0
+            .join(format!("in{i}.opus"))
+            .to_string_lossy()
+            .into_owned();
+        let args = format!("-f lavfi -i {src} -ac 1 -c:a libopus -b:a 32k -frame_duration 20");
+        let mut args: Vec<&str> = args.split_whitespace().collect();
+        args.push(&path);
+        ffmpeg(&bin, &args)?;
         inputs.push(path);
     }
     let mut packets = Vec::new();
@@ -210,31 +236,22 @@ pub fn run_mixer_bench(opts: MixerBenchOptions) -> Result<MixerBenchReport, Benc
     let complexity = cfg.encoder_complexity;
     let (frames, ours_cpu, ours_bytes) = mix_ours(&packets, cfg)?;
 
-    let names: Vec<String> = inputs
-        .iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
     let out = dir.0.join("amix.opus").to_string_lossy().into_owned();
     let amix = |extra: &str| -> Result<Duration, BenchError> {
-        let template = format!(
-            "-filter_threads 1 -filter_complex_threads 1 \
-             -threads 1 -i IN0 -threads 1 -i IN1 -threads 1 -i IN2 \
-             -filter_complex amix=inputs=3:duration=longest -ac 1 -ar 48000 \
-             -c:a libopus -b:a 64k -frame_duration 20 -application audio -threads 1 {extra} \
-             -f ogg OUT"
+        let mut args = vec!["-filter_threads", "1", "-filter_complex_threads", "1"];
+        for input in &inputs {
+            args.extend_from_slice(&["-threads", "1", "-i", input]);
+        }
+        let filter = format!("amix=inputs={speakers}:duration=longest");
+        args.extend_from_slice(&["-filter_complex", &filter]);
+        let encode = format!(
+            "-ac 1 -ar 48000 -c:a libopus -b:a 64k -frame_duration 20 -application audio \
+             -threads 1 {extra} -f ogg"
         );
-        let args: Vec<&str> = template
-            .split_whitespace()
-            .map(|a| match a {
-                "IN0" => names[0].as_str(),
-                "IN1" => names[1].as_str(),
-                "IN2" => names[2].as_str(),
-                "OUT" => out.as_str(),
-                other => other,
-            })
-            .collect();
+        args.extend(encode.split_whitespace());
+        args.push(&out);
         let before = children_cpu();
-        ffmpeg(&opts.ffmpeg, &args)?;
+        ffmpeg(&bin, &args)?;
         Ok(children_cpu().saturating_sub(before))
     };
     let ffmpeg_cpu = amix("")?;
@@ -283,11 +300,7 @@ mod tests {
 
     #[test]
     fn smoke_run_measures_both() {
-        let report = run_mixer_bench(MixerBenchOptions {
-            smoke: true,
-            ..MixerBenchOptions::default()
-        })
-        .unwrap();
+        let report = run_mixer_bench(MixerBenchOptions::smoke()).unwrap();
         assert_eq!(report.speakers, 3);
         assert!((4.9..=5.1).contains(&report.audio_seconds), "{report}");
         assert!(report.frames >= 250);
