@@ -211,18 +211,7 @@ pub(crate) async fn mixer_loop(
                 Some(cmd) => driver.command(cmd),
                 None => break,
             },
-            cmd = packets.recv() => match cmd {
-                Some(cmd) => {
-                    driver.command(cmd);
-                    for _ in 0..BATCH {
-                        match packets.try_recv() {
-                            Ok(cmd) => driver.command(cmd),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                None => break,
-            },
+            // The tick goes before packets so a steady packet flow cannot starve it.
             _ = tokio::time::sleep_until(deadline) => {
                 // Everything that arrived before the tick goes into it.
                 while let Ok(cmd) = control.try_recv() {
@@ -236,6 +225,18 @@ pub(crate) async fn mixer_loop(
                 }
                 driver.poll(Instant::now())?;
             }
+            cmd = packets.recv() => match cmd {
+                Some(cmd) => {
+                    driver.command(cmd);
+                    for _ in 0..BATCH {
+                        match packets.try_recv() {
+                            Ok(cmd) => driver.command(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => break,
+            },
         }
     }
     Ok(())
