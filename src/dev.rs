@@ -192,8 +192,16 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let router_url = url(DEV_PORTS.router, off);
     println!("amphi dev mesh (default region {default_region}); Ctrl-C to stop");
     println!("  {:<28} {}", "web client", format!("{router_url}/"));
-    println!("  {:<28} {}", "REST API (geo-router)", format!("{router_url}/v1/rooms"));
-    println!("  {:<28} {}", "HLS", format!("{router_url}/hls/{{room}}/index.m3u8"));
+    println!(
+        "  {:<28} {}",
+        "REST API (geo-router)",
+        format!("{router_url}/v1/rooms")
+    );
+    println!(
+        "  {:<28} {}",
+        "HLS",
+        format!("{router_url}/hls/{{room}}/index.m3u8")
+    );
     for (name, value) in &table {
         println!("  {name:<28} {value}");
     }
@@ -230,7 +238,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("components did not stop within 5 s");
     }
     match failure {

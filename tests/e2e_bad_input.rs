@@ -58,13 +58,29 @@ fn whip_rejects_bad_tokens_rooms_and_offers_with_json_errors() {
     let other_key = scratch.join("other.pem");
     amphi(&["token", "keygen", "--out", key.to_str().unwrap()]);
     amphi(&["token", "keygen", "--out", other_key.to_str().unwrap()]);
-    let mesh = DevMesh::start_with(12_000, "bad-input", &["--signing-key", key.to_str().unwrap()]);
+    let mesh = DevMesh::start_with(
+        12_000,
+        "bad-input",
+        &["--signing-key", key.to_str().unwrap()],
+    );
     let (room, _host, _) = mesh.create_room("bad input");
     let whip = format!("{}/whip/{room}", mesh.edge(0));
     let mint = |key: &std::path::Path, room: &str, role: &str, ttl: &str| {
         amphi(&[
-            "token", "mint", "--key", key.to_str().unwrap(), "--kid", "dev-1", "--room", room,
-            "--role", role, "--name", "t", "--ttl", ttl,
+            "token",
+            "mint",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "dev-1",
+            "--room",
+            room,
+            "--role",
+            role,
+            "--name",
+            "t",
+            "--ttl",
+            ttl,
         ])
         .trim()
         .to_string()
@@ -91,7 +107,11 @@ fn whip_rejects_bad_tokens_rooms_and_offers_with_json_errors() {
         PCMU_ONLY_OFFER,
     );
     assert_json_error(s, &ct, &b, 404, "room_not_found");
-    let (s, ct, b) = whip_post(&format!("{}/whip/not-a-room", mesh.edge(0)), Some(&speaker), "");
+    let (s, ct, b) = whip_post(
+        &format!("{}/whip/not-a-room", mesh.edge(0)),
+        Some(&speaker),
+        "",
+    );
     assert_json_error(s, &ct, &b, 404, "room_not_found");
 
     // A token for another room, and a listener trying to publish.
@@ -108,18 +128,27 @@ fn whip_rejects_bad_tokens_rooms_and_offers_with_json_errors() {
     assert_json_error(s, &ct, &b, 400, "bad_sdp");
     let (s, ct, b) = whip_post(&whip, Some(&speaker), PCMU_ONLY_OFFER);
     assert_json_error(s, &ct, &b, 406, "unsupported_codec");
-    assert!(b.to_lowercase().contains("opus"), "the message names Opus: {b}");
+    assert!(
+        b.to_lowercase().contains("opus"),
+        "the message names Opus: {b}"
+    );
 
     // CORS preflight from the web client's origin.
     let resp = ureq::request("OPTIONS", &whip)
         .set("Origin", &mesh.router())
         .set("Access-Control-Request-Method", "POST")
-        .set("Access-Control-Request-Headers", "authorization, content-type")
+        .set(
+            "Access-Control-Request-Headers",
+            "authorization, content-type",
+        )
         .call()
         .expect("preflight answered");
     assert!(resp.status() == 200 || resp.status() == 204);
     assert!(resp.header("Access-Control-Allow-Origin").is_some());
-    let methods = resp.header("Access-Control-Allow-Methods").unwrap_or("").to_uppercase();
+    let methods = resp
+        .header("Access-Control-Allow-Methods")
+        .unwrap_or("")
+        .to_uppercase();
     assert!(methods.contains("POST"), "{methods}");
 
     // The geo-router's own API errors are JSON too.
@@ -130,13 +159,17 @@ fn whip_rejects_bad_tokens_rooms_and_offers_with_json_errors() {
         panic!("bad JSON must be 400")
     };
     assert_eq!(r.content_type(), "application/json");
-    assert_eq!(get_status(&format!("{}/v1/rooms/00000000deadbeef", mesh.router())), 404);
+    assert_eq!(
+        get_status(&format!("{}/v1/rooms/00000000deadbeef", mesh.router())),
+        404
+    );
 }
 
 #[test]
 fn garbage_at_the_media_port_is_dropped_and_counted() {
     let mesh = DevMesh::start(13_000, "udp-garbage");
     let before = metric(&mesh.edge(0), "amphi_edge_udp_dropped_total").unwrap_or(0.0);
+    let read_before = metric(&mesh.edge(0), "amphi_edge_udp_datagrams_total").unwrap_or(0.0);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let target = mesh.edge_media(0);
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -156,6 +189,8 @@ fn garbage_at_the_media_port_is_dropped_and_counted() {
             buf[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
         }
         sock.send_to(&buf, &target).unwrap();
+        // Paced, so the kernel's socket buffer never overflows and every datagram reaches the edge.
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut after = before;
@@ -166,7 +201,13 @@ fn garbage_at_the_media_port_is_dropped_and_counted() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(after - before >= 300.0, "dropped counter moved by {}", after - before);
+    let read = metric(&mesh.edge(0), "amphi_edge_udp_datagrams_total").unwrap_or(0.0) - read_before;
+    assert_eq!(after - before, read, "every datagram read was dropped");
+    assert!(
+        after - before >= 300.0,
+        "dropped counter moved by {}",
+        after - before
+    );
     assert_eq!(get_status(&format!("{}/healthz", mesh.edge(0))), 200);
     assert!(!mesh.log_text().contains("panicked"), "{}", mesh.log_text());
 }

@@ -12,7 +12,17 @@ fn chromium_publishes_a_tone_through_whip_into_hls() {
     let mesh = DevMesh::start(14_000, "browser");
     let wav = mesh.scratch.join("tone523.wav");
     let status = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=523:sample_rate=48000:duration=10", "-ac", "1"])
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=523:sample_rate=48000:duration=10",
+            "-ac",
+            "1",
+        ])
         .arg(&wav)
         .status()
         .unwrap();
@@ -21,18 +31,25 @@ fn chromium_publishes_a_tone_through_whip_into_hls() {
     std::fs::create_dir_all(&artifacts).unwrap();
 
     let mut cmd = Command::new("node");
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/publish.mjs"))
-        .env("AMPHI_URL", mesh.router())
-        .env("AMPHI_WAV", &wav)
-        .env("AMPHI_SECONDS", "7")
-        .env("AMPHI_ARTIFACTS", &artifacts);
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/browser/publish.mjs"
+    ))
+    .env("AMPHI_URL", mesh.router())
+    .env("AMPHI_WAV", &wav)
+    .env("AMPHI_SECONDS", "7")
+    .env("AMPHI_ARTIFACTS", &artifacts);
     let mut room = None;
     let status = run_streaming(cmd, |line| {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
             room = v["room"].as_str().map(str::to_string);
         }
     });
-    assert!(status.success(), "browser script failed; mesh log:\n{}", mesh.log_text());
+    assert!(
+        status.success(),
+        "browser script failed; mesh log:\n{}",
+        mesh.log_text()
+    );
     let room = room.expect("the page reported its room");
 
     let hls_url = format!("{}/hls/{room}/index.m3u8", mesh.router());

@@ -36,7 +36,10 @@ fn check_init_and_fragments_with_mp4_crate(init: &[u8], segments: &[Vec<u8>]) {
                 }
             }
         }
-        assert!(moofs >= 1 && moofs == mdats, "segment {i}: {moofs} moof / {mdats} mdat");
+        assert!(
+            moofs >= 1 && moofs == mdats,
+            "segment {i}: {moofs} moof / {mdats} mdat"
+        );
     }
 }
 
@@ -107,9 +110,10 @@ async fn two_regions_are_mixed_into_one_program() {
         .await
         .unwrap();
     let u = media_url.clone();
-    let text = tokio::task::spawn_blocking(move || wait_for_segments(&u, 3, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let text =
+        tokio::task::spawn_blocking(move || wait_for_segments(&u, 3, Duration::from_secs(20)))
+            .await
+            .unwrap();
     let dir = mesh.data_dir.parent().unwrap().to_path_buf();
     let (file, _, _) = download_media(&media_url, &text, &dir);
     let samples = ffmpeg_decode(file.to_str().unwrap());
@@ -117,7 +121,16 @@ async fn two_regions_are_mixed_into_one_program() {
     let p440 = tone_power(win, 440.0);
     let p660 = tone_power(win, 660.0);
     let p550 = tone_power(win, 550.0);
-    assert!(p440 > 50.0 * p550, "440 Hz missing: 440={p440:e} 550={p550:e}");
-    assert!(p660 > 50.0 * p550, "660 Hz missing: 660={p660:e} 550={p550:e}");
-    assert!(p440 / p660 < 10.0 && p660 / p440 < 10.0, "unbalanced mix {p440:e} vs {p660:e}");
+    assert!(
+        p440 > 50.0 * p550,
+        "440 Hz missing: 440={p440:e} 550={p550:e}"
+    );
+    assert!(
+        p660 > 50.0 * p550,
+        "660 Hz missing: 660={p660:e} 550={p550:e}"
+    );
+    assert!(
+        p440 / p660 < 10.0 && p660 / p440 < 10.0,
+        "unbalanced mix {p440:e} vs {p660:e}"
+    );
 }

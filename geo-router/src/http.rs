@@ -257,7 +257,11 @@ async fn route(
     query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(q)) = query else {
-        return error(StatusCode::BAD_REQUEST, "bad_query", "malformed query string");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "malformed query string",
+        );
     };
     let Some(room) = q.room.as_deref() else {
         return error(StatusCode::BAD_REQUEST, "bad_query", "room is required");
@@ -296,7 +300,11 @@ async fn route(
 
 async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET only");
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "GET only",
+        );
     }
     let path_and_query = req
         .uri()
@@ -318,7 +326,11 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
         Ok(resp) => resp.map(Body::new).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "hls upstream failed");
-            error(StatusCode::BAD_GATEWAY, "hls_unavailable", "HLS origin unreachable")
+            error(
+                StatusCode::BAD_GATEWAY,
+                "hls_unavailable",
+                "HLS origin unreachable",
+            )
         }
     }
 }
@@ -338,18 +350,17 @@ async fn metrics(State(s): State<Shared>) -> Response {
         c.hls_proxied.load(Ordering::Relaxed),
         live,
     );
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn web_asset(State(s): State<Shared>, uri: Uri) -> Response {
     match s.web.iter().find(|a| a.path == uri.path()) {
         Some(a) => (
             [
-                (header::CONTENT_TYPE, HeaderValue::from_static(a.content_type)),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(a.content_type),
+                ),
                 (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             ],
             a.body,

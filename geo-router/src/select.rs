@@ -95,11 +95,7 @@ pub fn select_edge<'e>(
                 .min_by(|a, b| dist(a).total_cmp(&dist(b)).then_with(|| a.id.cmp(&b.id)))
                 .map(|edge| Choice {
                     edge,
-                    why: format!(
-                        "nearest of {} edges: {:.0} km",
-                        edges.len(),
-                        dist(edge)
-                    ),
+                    why: format!("nearest of {} edges: {:.0} km", edges.len(), dist(edge)),
                 })
                 .ok_or(SelectError::NoEdge)
         }
@@ -124,8 +120,14 @@ mod tests {
 
     #[test]
     fn distance_is_plausible() {
-        let nyc = GeoPoint { latitude: 40.71, longitude: -74.0 };
-        let london = GeoPoint { latitude: 51.51, longitude: -0.13 };
+        let nyc = GeoPoint {
+            latitude: 40.71,
+            longitude: -74.0,
+        };
+        let london = GeoPoint {
+            latitude: 51.51,
+            longitude: -0.13,
+        };
         let d = distance_km(nyc, london);
         assert!((d - 5570.0).abs() < 30.0, "{d}");
         assert_eq!(distance_km(nyc, nyc), 0.0);
@@ -134,14 +136,29 @@ mod tests {
     #[test]
     fn unknown_clients_get_the_default_region() {
         let e = edges();
-        assert_eq!(select_edge(ClientPlace::Unknown, &e, "us-east").unwrap().edge.id, "edge-us-east");
-        assert_eq!(select_edge(ClientPlace::Unknown, &e, "eu-west").unwrap().edge.id, "edge-eu-west");
+        assert_eq!(
+            select_edge(ClientPlace::Unknown, &e, "us-east")
+                .unwrap()
+                .edge
+                .id,
+            "edge-us-east"
+        );
+        assert_eq!(
+            select_edge(ClientPlace::Unknown, &e, "eu-west")
+                .unwrap()
+                .edge
+                .id,
+            "edge-eu-west"
+        );
     }
 
     #[test]
     fn located_clients_get_the_nearest_edge() {
         let e = edges();
-        let paris = GeoPoint { latitude: 48.86, longitude: 2.35 };
+        let paris = GeoPoint {
+            latitude: 48.86,
+            longitude: 2.35,
+        };
         let c = select_edge(ClientPlace::Located(paris), &e, "us-east").unwrap();
         assert_eq!(c.edge.id, "edge-eu-west");
         assert!(c.why.contains("nearest of 2"), "{}", c.why);
@@ -150,11 +167,20 @@ mod tests {
     #[test]
     fn region_override_and_errors() {
         let e = edges();
-        assert_eq!(select_edge(ClientPlace::Region("eu-west"), &e, "us-east").unwrap().edge.id, "edge-eu-west");
+        assert_eq!(
+            select_edge(ClientPlace::Region("eu-west"), &e, "us-east")
+                .unwrap()
+                .edge
+                .id,
+            "edge-eu-west"
+        );
         assert_eq!(
             select_edge(ClientPlace::Region("mars"), &e, "us-east"),
             Err(SelectError::UnknownRegion("mars".into()))
         );
-        assert_eq!(select_edge(ClientPlace::Unknown, &[], "us-east"), Err(SelectError::NoEdge));
+        assert_eq!(
+            select_edge(ClientPlace::Unknown, &[], "us-east"),
+            Err(SelectError::NoEdge)
+        );
     }
 }

@@ -129,11 +129,14 @@ impl DevMesh {
 
     /// The route for `room` in `region`.
     pub fn route(&self, room: &str, region: &str) -> serde_json::Value {
-        ureq::get(&format!("{}/v1/route?room={room}&region={region}", self.router()))
-            .call()
-            .expect("route")
-            .into_json()
-            .unwrap()
+        ureq::get(&format!(
+            "{}/v1/route?room={room}&region={region}",
+            self.router()
+        ))
+        .call()
+        .expect("route")
+        .into_json()
+        .unwrap()
     }
 }
 
@@ -154,7 +157,9 @@ impl Drop for DevMesh {
 
 /// Ask a process to stop with SIGTERM (as Ctrl-C / systemd would).
 fn unsafe_kill_term(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }
 
 /// A fresh scratch directory for test `name`.
@@ -167,8 +172,15 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 /// Run `amphi` with `args`; return stdout (panics on failure).
 pub fn amphi(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_amphi")).args(args).output().expect("run amphi");
-    assert!(out.status.success(), "amphi {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_amphi"))
+        .args(args)
+        .output()
+        .expect("run amphi");
+    assert!(
+        out.status.success(),
+        "amphi {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -292,14 +304,21 @@ pub fn wait_for_segments(url: &str, segments: usize, timeout: Duration) -> Strin
                 }
             }
         }
-        assert!(Instant::now() < deadline, "playlist {url} never had {segments} segments");
+        assert!(
+            Instant::now() < deadline,
+            "playlist {url} never had {segments} segments"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
 /// Download init + every full segment of a media playlist into one fMP4 file; return its path and the
 /// individual (init, segments) bytes.
-pub fn download_media(playlist_url: &str, text: &str, dir: &Path) -> (PathBuf, Vec<u8>, Vec<Vec<u8>>) {
+pub fn download_media(
+    playlist_url: &str,
+    text: &str,
+    dir: &Path,
+) -> (PathBuf, Vec<u8>, Vec<Vec<u8>>) {
     let m3u8_rs::Playlist::MediaPlaylist(p) =
         m3u8_rs::parse_playlist_res(text.as_bytes()).expect("media playlist parses")
     else {
@@ -326,10 +345,16 @@ pub fn download_media(playlist_url: &str, text: &str, dir: &Path) -> (PathBuf, V
 /// Decode any media ffmpeg reads into 48 kHz mono f32 samples.
 pub fn ffmpeg_decode(input: &str) -> Vec<f32> {
     let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-i", input, "-f", "f32le", "-ac", "1", "-ar", "48000", "-"])
+        .args([
+            "-v", "error", "-i", input, "-f", "f32le", "-ac", "1", "-ar", "48000", "-",
+        ])
         .output()
         .expect("ffmpeg runs");
-    assert!(out.status.success(), "ffmpeg failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffmpeg failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -340,12 +365,23 @@ pub fn ffmpeg_decode(input: &str) -> Vec<f32> {
 pub fn ffprobe_audio(input: &str) -> (String, u32, u32) {
     let out = Command::new("ffprobe")
         .args([
-            "-v", "error", "-select_streams", "a:0", "-show_entries",
-            "stream=codec_name,sample_rate,channels", "-of", "json", input,
+            "-v",
+            "error",
+            "-select_streams",
+            "a:0",
+            "-show_entries",
+            "stream=codec_name,sample_rate,channels",
+            "-of",
+            "json",
+            input,
         ])
         .output()
         .expect("ffprobe runs");
-    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["streams"][0];
     (
