@@ -92,12 +92,32 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(ApiError::new(code, message))).into_response()
+/// A failed request: answered with its status and a JSON [`ApiError`] body.
+struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.status, Json(ApiError::new(self.code, self.message))).into_response()
+    }
+}
+
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+/// What a handler answers: a response, or a JSON error.
+type Answer = Result<Response, Failure>;
+
 /// Parse a JSON body, answering 400/413 with a JSON error body.
-fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
     let bytes = body.map_err(|e| {
         let status = e.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -111,7 +131,7 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
 }
 
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), Response> {
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), Failure> {
     if value.trim().is_empty() || value.chars().count() > max {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -122,7 +142,7 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), Response> {
     Ok(())
 }
 
-fn parse_room(id: &str) -> Result<RoomId, Response> {
+fn parse_room(id: &str) -> Result<RoomId, Failure> {
     id.parse()
         .map_err(|_| error(StatusCode::NOT_FOUND, "room_not_found", "no such room"))
 }
@@ -153,18 +173,11 @@ impl AppState {
     }
 }
 
-async fn create_room(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
-    let req: CreateRoomRequest = match parse_json(body) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
-    if let Err(e) = check_text("title", &req.title, MAX_TITLE_CHARS) {
-        return e;
-    }
+async fn create_room(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Answer {
+    let req: CreateRoomRequest = parse_json(body)?;
+    check_text("title", &req.title, MAX_TITLE_CHARS)?;
     if let Some(topic) = &req.topic {
-        if let Err(e) = check_text("topic", topic, MAX_NAME_CHARS) {
-            return e;
-        }
+        check_text("topic", topic, MAX_NAME_CHARS)?;
     }
     let room = s
         .directory
@@ -178,7 +191,7 @@ async fn create_room(State(s): State<Shared>, body: Result<Bytes, BytesRejection
         host_token: s.mint(room, Role::Host, "host"),
         hls_url: s.hls_url(room),
     };
-    (StatusCode::CREATED, Json(resp)).into_response()
+    Ok((StatusCode::CREATED, Json(resp)).into_response())
 }
 
 async fn list_rooms(State(s): State<Shared>) -> Response {
@@ -191,15 +204,16 @@ async fn list_rooms(State(s): State<Shared>) -> Response {
     Json(serde_json::json!({ "rooms": rooms })).into_response()
 }
 
-async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    let room = match parse_room(&id) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
+async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
+    let room = parse_room(&id)?;
     let dir = s.directory.lock().expect("directory lock");
     match dir.get(room) {
-        Some(entry) => Json(entry.info(room, s.hls_url(room))).into_response(),
-        None => error(StatusCode::NOT_FOUND, "room_not_found", "no such room"),
+        Some(entry) => Ok(Json(entry.info(room, s.hls_url(room))).into_response()),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            "no such room",
+        )),
     }
 }
 
@@ -207,32 +221,28 @@ async fn mint_token(
     State(s): State<Shared>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let room = match parse_room(&id) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
-    let req: MintTokenRequest = match parse_json(body) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
-    if let Err(e) = check_text("name", &req.name, MAX_NAME_CHARS) {
-        return e;
-    }
+) -> Answer {
+    let room = parse_room(&id)?;
+    let req: MintTokenRequest = parse_json(body)?;
+    check_text("name", &req.name, MAX_NAME_CHARS)?;
     if req.role == Role::Host {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "bad_role",
             "role must be listener or speaker; the host token comes with the room",
-        );
+        ));
     }
     if !s.room_exists_live(room) {
-        return error(StatusCode::NOT_FOUND, "room_not_found", "no such live room");
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            "no such live room",
+        ));
     }
-    Json(TokenResponse {
+    Ok(Json(TokenResponse {
         token: s.mint(room, req.role, &req.name),
     })
-    .into_response()
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -277,17 +287,17 @@ async fn route(
         Some(region) if s.config.dev_mode => ClientPlace::Region(region),
         _ => ClientPlace::Unknown,
     };
-    let choice = match select_edge(place, &s.config.edges, &s.config.default_region) {
-        Ok(c) => c,
-        Err(e @ SelectError::UnknownRegion(_)) => {
-            return error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
-        }
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string()),
-    };
+    let choice =
+        select_edge(place, &s.config.edges, &s.config.default_region).map_err(|e| match e {
+            SelectError::UnknownRegion(_) => {
+                error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
+            }
+            SelectError::NoEdge => error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string()),
+        })?;
     s.counters.routes.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%room, %peer, edge = %choice.edge.id, why = %choice.why, "routed");
     let edge = choice.edge;
-    Json(RouteResponse {
+    Ok(Json(RouteResponse {
         region: edge.region.name.clone(),
         edge: edge.id.clone(),
         whip_url: format!("{}/whip/{room}", edge.public_url),
@@ -295,7 +305,7 @@ async fn route(
         ws_url: format!("{}/v1/ws", ws_base(&edge.public_url)),
         hls_url: s.hls_url(room),
     })
-    .into_response()
+    .into_response())
 }
 
 async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
@@ -312,7 +322,7 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
         .map(|p| p.as_str())
         .unwrap_or("/");
     let Ok(uri) = format!("{}{}", s.config.packager_url, path_and_query).parse::<Uri>() else {
-        return error(StatusCode::BAD_REQUEST, "bad_path", "malformed path");
+        return Err(error(StatusCode::BAD_REQUEST, "bad_path", "malformed path"));
     };
     let mut upstream = Request::builder().method(req.method().clone()).uri(uri);
     for name in [header::ACCEPT, header::RANGE, header::IF_NONE_MATCH] {
@@ -353,9 +363,9 @@ async fn metrics(State(s): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn web_asset(State(s): State<Shared>, uri: Uri) -> Response {
+async fn web_asset(State(s): State<Shared>, uri: Uri) -> Answer {
     match s.web.iter().find(|a| a.path == uri.path()) {
-        Some(a) => (
+        Some(a) => Ok((
             [
                 (
                     header::CONTENT_TYPE,
@@ -365,8 +375,8 @@ async fn web_asset(State(s): State<Shared>, uri: Uri) -> Response {
             ],
             a.body,
         )
-            .into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+            .into_response()),
+        None => Err(error(StatusCode::NOT_FOUND, "not_found", "no such path")),
     }
 }
 
