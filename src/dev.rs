@@ -191,17 +191,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
     let router_url = url(DEV_PORTS.router, off);
     println!("amphi dev mesh (default region {default_region}); Ctrl-C to stop");
-    println!("  {:<28} {}", "web client", format!("{router_url}/"));
-    println!(
-        "  {:<28} {}",
-        "REST API (geo-router)",
-        format!("{router_url}/v1/rooms")
-    );
-    println!(
-        "  {:<28} {}",
-        "HLS",
-        format!("{router_url}/hls/{{room}}/index.m3u8")
-    );
+    println!("  {:<28} {router_url}/", "web client");
+    println!("  {:<28} {router_url}/v1/rooms", "REST API (geo-router)");
+    println!("  {:<28} {router_url}/hls/{{room}}/index.m3u8", "HLS");
     for (name, value) in &table {
         println!("  {name:<28} {value}");
     }

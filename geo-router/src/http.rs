@@ -265,23 +265,28 @@ async fn route(
     State(s): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
+) -> Answer {
     let Ok(Query(q)) = query else {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "bad_query",
             "malformed query string",
-        );
+        ));
     };
     let Some(room) = q.room.as_deref() else {
-        return error(StatusCode::BAD_REQUEST, "bad_query", "room is required");
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "room is required",
+        ));
     };
-    let room = match parse_room(room) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
+    let room = parse_room(room)?;
     if !s.room_exists_live(room) {
-        return error(StatusCode::NOT_FOUND, "room_not_found", "no such live room");
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            "no such live room",
+        ));
     }
     let place = match q.region.as_deref() {
         Some(region) if s.config.dev_mode => ClientPlace::Region(region),
@@ -308,13 +313,13 @@ async fn route(
     .into_response())
 }
 
-async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
+async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error(
+        return Err(error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "GET only",
-        );
+        ));
     }
     let path_and_query = req
         .uri()
@@ -333,14 +338,14 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Response {
     let upstream = upstream.body(Body::empty()).expect("valid request");
     s.counters.hls_proxied.fetch_add(1, Ordering::Relaxed);
     match s.hls_client.request(upstream).await {
-        Ok(resp) => resp.map(Body::new).into_response(),
+        Ok(resp) => Ok(resp.map(Body::new).into_response()),
         Err(e) => {
             tracing::warn!(error = %e, "hls upstream failed");
-            error(
+            Err(error(
                 StatusCode::BAD_GATEWAY,
                 "hls_unavailable",
                 "HLS origin unreachable",
-            )
+            ))
         }
     }
 }

@@ -194,7 +194,7 @@ mod tests {
         bad[20] = 200;
         assert_eq!(RelayFrame::decode(&bad), Err(RelayError::AudioLevel(200)));
         let mut big = v[..RELAY_HEADER_LEN].to_vec();
-        big.extend(std::iter::repeat(0).take(MAX_OPUS_PAYLOAD + 1));
+        big.extend(std::iter::repeat_n(0, MAX_OPUS_PAYLOAD + 1));
         assert!(matches!(
             RelayFrame::decode(&big),
             Err(RelayError::PayloadLen(_))
