@@ -30,6 +30,8 @@ struct EdgeLink {
 struct HubState {
     subs: Subscriptions,
     edges: HashMap<u64, EdgeLink>,
+    /// Geo-routers, told when a room ends.
+    routers: HashMap<u64, mpsc::UnboundedSender<ControlMessage>>,
 }
 
 /// Shared state of all connection tasks.
@@ -201,6 +203,9 @@ impl Hub {
                 });
                 self.metrics.packagers.fetch_add(1, Relaxed);
             }
+            PeerKind::Router => {
+                lock_write(&self.state).routers.insert(id, ctl_tx);
+            }
         }
         let datagrams = tokio::spawn(self.clone().datagram_loop(conn.clone(), id, peer));
         let result = self
@@ -230,6 +235,9 @@ impl Hub {
             PeerKind::Packager => {
                 let _ = self.control.send(MixerCmd::PackagerDown { id });
                 self.metrics.packagers.fetch_sub(1, Relaxed);
+            }
+            PeerKind::Router => {
+                lock_write(&self.state).routers.remove(&id);
             }
         }
         match result {
@@ -321,6 +329,12 @@ impl Hub {
                 tracing::warn!(peer = %peer_id, %code, %message, "peer reported an error");
                 Ok(None)
             }
+            ControlMessage::RoomEnded { room } if peer != PeerKind::Packager => {
+                tracing::info!(%room, from = %peer_id, ?peer, "room ended");
+                self.forward_room_ended(room, id);
+                let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
+                Ok(None)
+            }
             _ if peer != PeerKind::Edge => edge_only(kind_of(&msg)),
             ControlMessage::SpeakerJoined {
                 room,
@@ -359,18 +373,18 @@ impl Hub {
                 lock_write(&self.state).subs.unsubscribe(room, id);
                 Ok(None)
             }
-            ControlMessage::RoomEnded { room } => {
-                tracing::info!(%room, edge = %peer_id, "room ended by edge");
-                self.forward_room_ended(room, id);
-                let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
-                Ok(None)
-            }
+            ControlMessage::RoomEnded { .. } => edge_only("room_ended"),
         }
     }
 
-    /// Tell the other edges subscribed to `room` that it ended.
+    /// Tell the other edges subscribed to `room`, and every geo-router, that it ended.
     fn forward_room_ended(&self, room: RoomId, from: u64) {
         let st = lock_read(&self.state);
+        for (&router, control) in &st.routers {
+            if router != from {
+                let _ = control.send(ControlMessage::RoomEnded { room });
+            }
+        }
         for &sub in st.subs.subscribers(room) {
             if sub == from {
                 continue;

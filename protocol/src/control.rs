@@ -21,6 +21,8 @@ pub enum PeerKind {
     Edge,
     /// A cdn-packager: receives program streams.
     Packager,
+    /// A geo-router: ends rooms (`RoomEnded`) and learns which rooms ended elsewhere.
+    Router,
 }
 
 /// A message on a control stream.
