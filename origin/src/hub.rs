@@ -317,7 +317,11 @@ impl Hub {
             }))
         };
         match msg {
-            ControlMessage::Hello { .. } | ControlMessage::Welcome { .. } => {
+            ControlMessage::Hello { .. }
+            | ControlMessage::Welcome { .. }
+            | ControlMessage::RoomEvents { .. }
+            | ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::CommandRejected { .. } => {
                 Err(Failure::Protocol {
                     code: "unexpected",
                     message: format!("unexpected {}", kind_of(&msg)),
@@ -374,6 +378,18 @@ impl Hub {
                 Ok(None)
             }
             ControlMessage::RoomEnded { .. } => edge_only("room_ended"),
+            ControlMessage::RoomCommand {
+                room,
+                actor,
+                request,
+                ..
+            } => Ok(Some(ControlMessage::CommandRejected {
+                room,
+                actor,
+                request,
+                code: "unavailable".into(),
+                message: "this origin has no room authority".into(),
+            })),
         }
     }
 
@@ -455,5 +471,9 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::Ping { .. } => "ping",
         ControlMessage::Pong { .. } => "pong",
         ControlMessage::Error { .. } => "error",
+        ControlMessage::RoomCommand { .. } => "room_command",
+        ControlMessage::RoomEvents { .. } => "room_events",
+        ControlMessage::RoomSnapshot { .. } => "room_snapshot",
+        ControlMessage::CommandRejected { .. } => "command_rejected",
     }
 }

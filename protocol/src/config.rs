@@ -122,6 +122,17 @@ pub struct EdgeEndpoint {
     pub public_url: String,
 }
 
+/// An origin as the geo-router knows it (rooms are assigned to origins by rendezvous hashing).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OriginEndpoint {
+    /// Origin id (the hashing key: keep it stable).
+    pub id: String,
+    /// QUIC address of the origin.
+    pub addr: SocketAddr,
+    /// TLS server name of the origin certificate.
+    pub server_name: String,
+}
+
 /// `amphi geo-router` configuration.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RouterConfig {
@@ -141,6 +152,16 @@ pub struct RouterConfig {
     /// Token lifetime in seconds.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
+    /// This router's id (sent to origins in `Hello`).
+    #[serde(default = "default_router_id")]
+    pub id: String,
+    /// Origins the router links to (mTLS QUIC, as a `router` peer) to end rooms and hear of ends.
+    #[serde(default)]
+    pub origins: Vec<OriginEndpoint>,
+}
+
+fn default_router_id() -> String {
+    "geo-router".into()
 }
 
 fn default_token_ttl() -> u64 {

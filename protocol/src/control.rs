@@ -5,6 +5,7 @@
 //! stream per room) use the same record framing with a relay frame as the body.
 
 use crate::ids::{ParticipantId, RoomId};
+use crate::room::{RoomCommand, RoomEvent, RoomState};
 use serde::{Deserialize, Serialize};
 
 /// Largest control record body (64 KiB).
@@ -85,6 +86,43 @@ pub enum ControlMessage {
     Pong {
         /// The nonce of the `Ping`.
         nonce: u64,
+    },
+    /// Edge -> origin: a participant's command to the room authority. `request` is echoed in a
+    /// `CommandRejected` if the authority refuses it.
+    RoomCommand {
+        /// The room.
+        room: RoomId,
+        /// The participant acting (for `Join`: the id the edge allocated).
+        actor: ParticipantId,
+        /// Edge-chosen request id.
+        request: u64,
+        /// What to do.
+        command: RoomCommand,
+    },
+    /// Origin -> edges with participants in the room: state changes, in authority order.
+    RoomEvents {
+        /// The room.
+        room: RoomId,
+        /// The changes.
+        events: Vec<RoomEvent>,
+    },
+    /// Origin -> edge: the full state, after a `Join` from that edge or on (re)subscribe.
+    RoomSnapshot {
+        /// The state.
+        state: RoomState,
+    },
+    /// Origin -> edge: a command was refused and changed nothing.
+    CommandRejected {
+        /// The room.
+        room: RoomId,
+        /// The participant whose command it was.
+        actor: ParticipantId,
+        /// The request id of the command.
+        request: u64,
+        /// Machine-readable code (`forbidden`, `banned`, `not_found`, `ended`, `rate_limited`, ...).
+        code: String,
+        /// Human-readable explanation.
+        message: String,
     },
     /// The peer refused something.
     Error {

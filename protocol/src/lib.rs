@@ -9,6 +9,7 @@ pub mod control;
 pub mod ids;
 pub mod mtls;
 pub mod relay;
+pub mod room;
 pub mod token;
 
 pub use ids::{ParticipantId, RoomId};

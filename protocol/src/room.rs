@@ -1,0 +1,443 @@
+//! Rooms: participants, roles, hands, moderation. The vocabulary shared by the origin's `Room`
+//! authority (fed [`RoomCommand`]s over the edge <-> origin control stream, emitting [`RoomEvent`]s),
+//! the edges' replicas, and the client WebSocket signaling at `/v1/ws` ([`ClientMessage`] in,
+//! [`ServerMessage`] out). See `docs/signaling.md`.
+
+use crate::ids::{ParticipantId, RoomId};
+use crate::token::Role;
+use serde::{Deserialize, Serialize};
+
+/// Longest chat message, in characters.
+pub const MAX_CHAT_CHARS: usize = 500;
+/// Longest reaction (an emoji or a short word), in characters.
+pub const MAX_REACTION_CHARS: usize = 16;
+/// Largest WebSocket text message a client may send, in bytes (an SDP offer fits comfortably).
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
+/// Audio slots an interactive listener receives: the loudest speakers, forwarded, not mixed.
+pub const LISTENER_AUDIO_SLOTS: usize = 3;
+
+/// A participant's role inside a running room (tokens carry only host, speaker or listener;
+/// co-hosts are named by a host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomRole {
+    /// Created the room (or holds a host token): everything.
+    Host,
+    /// Named by a host: moderates (promote, demote, mute, kick) but cannot end the room, name
+    /// co-hosts, or act on hosts (the permission table is in `docs/signaling.md`).
+    Cohost,
+    /// Publishes audio.
+    Speaker,
+    /// Listens; may raise a hand, chat and react.
+    Listener,
+}
+
+impl RoomRole {
+    /// The role a token grants on join.
+    pub fn from_token(role: Role) -> Self {
+        match role {
+            Role::Host => RoomRole::Host,
+            Role::Speaker => RoomRole::Speaker,
+            Role::Listener => RoomRole::Listener,
+        }
+    }
+
+    /// Whether this role may publish audio.
+    pub fn may_publish(self) -> bool {
+        !matches!(self, RoomRole::Listener)
+    }
+
+    /// Whether this role may moderate others (promote, demote, mute, kick).
+    pub fn may_moderate(self) -> bool {
+        matches!(self, RoomRole::Host | RoomRole::Cohost)
+    }
+}
+
+/// One participant as every replica sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Participant {
+    /// Media and signaling id in this room.
+    pub id: ParticipantId,
+    /// Stable user identity (token `sub`); bans apply to it.
+    pub user: String,
+    /// Display name.
+    pub name: String,
+    /// Current role.
+    pub role: RoomRole,
+    /// Region of the edge the participant is connected to.
+    pub region: String,
+    /// Muted by a moderator or by themself.
+    pub muted: bool,
+}
+
+/// Whether a room is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomPhase {
+    /// Running.
+    Live,
+    /// Ended; nobody may join.
+    Ended,
+}
+
+/// A room's full state: what a client gets on join and what the origin persists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomState {
+    /// The room.
+    pub room: RoomId,
+    /// Live or ended.
+    pub phase: RoomPhase,
+    /// Everyone present, in join order.
+    pub participants: Vec<Participant>,
+    /// Raised hands, oldest first.
+    pub hands: Vec<ParticipantId>,
+    /// Users (token `sub`) banned until the room ends.
+    pub banned: Vec<String>,
+}
+
+/// A command to the room authority, on behalf of participant `actor`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RoomCommand {
+    /// A participant connects (the edge verified its token).
+    Join {
+        /// Token `sub`.
+        user: String,
+        /// Display name.
+        name: String,
+        /// Role granted by the token.
+        role: Role,
+        /// Region of the edge.
+        region: String,
+        /// The role the participant held before its edge lost the origin (re-announce after a
+        /// reconnect or an origin restart). Edges are trusted mesh peers (mTLS); the authority keeps
+        /// its own record when it has one.
+        #[serde(default)]
+        resume: Option<RoomRole>,
+    },
+    /// A participant disconnects.
+    Leave,
+    /// Raise own hand (listeners).
+    RaiseHand,
+    /// Lower own hand, or (moderators) someone else's.
+    LowerHand {
+        /// Whose hand; `None` means own.
+        #[serde(default)]
+        target: Option<ParticipantId>,
+    },
+    /// Make `target` a speaker (or a co-host).
+    Promote {
+        /// Who.
+        target: ParticipantId,
+        /// Speaker (default) or co-host (hosts only).
+        #[serde(default = "default_promote_role")]
+        role: RoomRole,
+    },
+    /// Make `target` a listener again.
+    Demote {
+        /// Who.
+        target: ParticipantId,
+    },
+    /// Mute `target` (moderators) or oneself.
+    Mute {
+        /// Who; `None` means self.
+        #[serde(default)]
+        target: Option<ParticipantId>,
+    },
+    /// Unmute oneself.
+    Unmute,
+    /// Remove `target` and ban its user until the room ends.
+    Kick {
+        /// Who.
+        target: ParticipantId,
+    },
+    /// End the room for everyone (hosts).
+    End,
+    /// Send a chat message.
+    Chat {
+        /// Text.
+        text: String,
+    },
+    /// Send a reaction.
+    React {
+        /// Emoji or short word.
+        emoji: String,
+    },
+}
+
+fn default_promote_role() -> RoomRole {
+    RoomRole::Speaker
+}
+
+/// A change of room state, broadcast by the authority to every edge with participants in the room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RoomEvent {
+    /// Someone joined.
+    ParticipantJoined {
+        /// Who.
+        participant: Participant,
+    },
+    /// Someone left (or was kicked).
+    ParticipantLeft {
+        /// Who.
+        id: ParticipantId,
+    },
+    /// A role changed.
+    RoleChanged {
+        /// Whose.
+        id: ParticipantId,
+        /// New role.
+        role: RoomRole,
+        /// Who changed it.
+        by: ParticipantId,
+    },
+    /// A hand went up.
+    HandRaised {
+        /// Whose.
+        id: ParticipantId,
+    },
+    /// A hand went down (lowered, or its owner was promoted or left).
+    HandLowered {
+        /// Whose.
+        id: ParticipantId,
+    },
+    /// A participant was muted.
+    Muted {
+        /// Who.
+        id: ParticipantId,
+        /// By whom.
+        by: ParticipantId,
+    },
+    /// A participant unmuted.
+    Unmuted {
+        /// Who.
+        id: ParticipantId,
+    },
+    /// A chat message.
+    Chat {
+        /// Sender.
+        from: ParticipantId,
+        /// Sender's display name.
+        name: String,
+        /// Text.
+        text: String,
+        /// Unix milliseconds at the authority.
+        at_ms: u64,
+    },
+    /// A reaction.
+    Reaction {
+        /// Sender.
+        from: ParticipantId,
+        /// Emoji or short word.
+        emoji: String,
+    },
+    /// A participant was kicked and banned until the room ends.
+    Kicked {
+        /// Who.
+        id: ParticipantId,
+        /// By whom.
+        by: ParticipantId,
+    },
+    /// The room ended.
+    Ended {
+        /// Who ended it (`None`: ended through the REST API or by an operator).
+        by: Option<ParticipantId>,
+    },
+}
+
+/// One entry of the active-speaker list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveSpeaker {
+    /// Who.
+    pub id: ParticipantId,
+    /// RFC 6464 level, 0 (loudest) to 127 (silent).
+    pub level: u8,
+}
+
+/// A message from a client over the WebSocket (`/v1/ws?token=...`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Enter the room (first message); answered by `snapshot`.
+    Join,
+    /// An SDP offer for the participant's one PeerConnection (receive slots, plus a send track once
+    /// the participant may publish); answered by `answer`.
+    Offer {
+        /// SDP.
+        sdp: String,
+    },
+    /// Raise own hand.
+    RaiseHand,
+    /// Lower own hand, or (moderators) someone else's.
+    LowerHand {
+        /// Whose hand; absent means own.
+        #[serde(default)]
+        target: Option<ParticipantId>,
+    },
+    /// Promote a participant.
+    Promote {
+        /// Who.
+        target: ParticipantId,
+        /// Speaker (default) or co-host.
+        #[serde(default = "default_promote_role")]
+        role: RoomRole,
+    },
+    /// Demote a participant to listener.
+    Demote {
+        /// Who.
+        target: ParticipantId,
+    },
+    /// Mute someone (moderators) or oneself.
+    Mute {
+        /// Who; absent means self.
+        #[serde(default)]
+        target: Option<ParticipantId>,
+    },
+    /// Unmute oneself.
+    Unmute,
+    /// Kick and ban someone until the room ends.
+    Kick {
+        /// Who.
+        target: ParticipantId,
+    },
+    /// End the room.
+    End,
+    /// Chat.
+    Chat {
+        /// Text.
+        text: String,
+    },
+    /// React.
+    React {
+        /// Emoji or short word.
+        emoji: String,
+    },
+    /// Keep-alive; answered by `pong`.
+    Ping,
+}
+
+/// A message from the edge to a client over the WebSocket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Full state, sent once after `join`.
+    Snapshot {
+        /// The receiving participant's id.
+        you: ParticipantId,
+        /// The room.
+        state: RoomState,
+    },
+    /// SDP answer to the client's offer.
+    Answer {
+        /// SDP.
+        sdp: String,
+    },
+    /// The loudest speakers right now (about every 300 ms while anyone speaks).
+    ActiveSpeakers {
+        /// Loudest first.
+        speakers: Vec<ActiveSpeaker>,
+    },
+    /// A request was refused; nothing changed.
+    Error {
+        /// Machine-readable code (`forbidden`, `bad_message`, `rate_limited`, `banned`, ...).
+        code: String,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// A room state change.
+    #[serde(untagged)]
+    Event(RoomEvent),
+}
+
+impl ClientMessage {
+    /// Parse one WebSocket text message; never panics.
+    pub fn parse(text: &str) -> Result<Self, SignalingError> {
+        if text.len() > MAX_CLIENT_MESSAGE_BYTES {
+            return Err(SignalingError::TooLarge(text.len()));
+        }
+        serde_json::from_str(text).map_err(|e| SignalingError::Malformed(e.to_string()))
+    }
+}
+
+/// Why a client message was refused before reaching the room.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignalingError {
+    /// Over [`MAX_CLIENT_MESSAGE_BYTES`].
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    /// Not a known message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn client_messages_parse_from_documented_json() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"join"}"#),
+            Ok(ClientMessage::Join)
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"promote","target":16777217}"#),
+            Ok(ClientMessage::Promote {
+                target: ParticipantId(16_777_217),
+                role: RoomRole::Speaker
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"mute"}"#),
+            Ok(ClientMessage::Mute { target: None })
+        );
+        assert!(matches!(
+            ClientMessage::parse(r#"{"type":"fly"}"#),
+            Err(SignalingError::Malformed(_))
+        ));
+        let big = format!(
+            r#"{{"type":"chat","text":"{}"}}"#,
+            "a".repeat(MAX_CLIENT_MESSAGE_BYTES)
+        );
+        assert!(matches!(
+            ClientMessage::parse(&big),
+            Err(SignalingError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn server_events_are_flat_json() {
+        let ev = ServerMessage::Event(RoomEvent::HandRaised {
+            id: ParticipantId(7),
+        });
+        assert_eq!(
+            serde_json::to_value(&ev).unwrap(),
+            json!({"type": "hand_raised", "id": 7})
+        );
+        let back: ServerMessage =
+            serde_json::from_value(json!({"type": "hand_raised", "id": 7})).unwrap();
+        assert_eq!(back, ev);
+        let err = ServerMessage::Error {
+            code: "forbidden".into(),
+            message: "no".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&err).unwrap(),
+            json!({"type": "error", "code": "forbidden", "message": "no"})
+        );
+        let ended: ServerMessage =
+            serde_json::from_value(json!({"type": "ended", "by": null})).unwrap();
+        assert_eq!(ended, ServerMessage::Event(RoomEvent::Ended { by: None }));
+    }
+
+    #[test]
+    fn roles_map_from_tokens() {
+        assert_eq!(RoomRole::from_token(Role::Host), RoomRole::Host);
+        assert!(RoomRole::Cohost.may_moderate() && !RoomRole::Speaker.may_moderate());
+        assert!(!RoomRole::Listener.may_publish());
+    }
+}
