@@ -1,0 +1,184 @@
+variable "name_prefix" {
+  description = "Prefix of every resource name (e.g. amphi-prod)."
+  type        = string
+  default     = "amphi"
+}
+
+variable "region_name" {
+  description = "amphi region name of this edge group (the AWS region name, e.g. us-east-1); edges report it and the geo-router routes by it."
+  type        = string
+}
+
+variable "vpc_cidr" {
+  description = "CIDR block of the region's VPC."
+  type        = string
+}
+
+variable "availability_zones" {
+  description = "Availability zones to spread the edges over (one public subnet each)."
+  type        = list(string)
+}
+
+variable "public_subnet_cidrs" {
+  description = "One public subnet CIDR per availability zone, in the same order."
+  type        = list(string)
+}
+
+variable "instance_type" {
+  description = "EC2 instance type of the edge nodes (x86_64; the amphi binary is built for x86_64-unknown-linux-gnu)."
+  type        = string
+  default     = "c6i.xlarge"
+}
+
+variable "ami_id" {
+  description = "AMI of the edge nodes; empty means the latest Debian 12 (bookworm) amd64 image."
+  type        = string
+  default     = ""
+}
+
+variable "min_size" {
+  description = "Minimum number of edge nodes in the region."
+  type        = number
+  default     = 2
+}
+
+variable "max_size" {
+  description = "Maximum number of edge nodes in the region (see docs/capacity.md for sizing)."
+  type        = number
+  default     = 20
+}
+
+variable "desired_capacity" {
+  description = "Initial number of edge nodes (the autoscaling policy moves it between min and max)."
+  type        = number
+  default     = 2
+}
+
+variable "target_cpu_percent" {
+  description = "Average CPU utilisation the target-tracking scaling policy keeps the group at."
+  type        = number
+  default     = 60
+}
+
+variable "http_port" {
+  description = "TCP port of the edge's HTTP listener (WHIP, WHEP, WebSocket, /metrics, /healthz) on the instances."
+  type        = number
+  default     = 8080
+}
+
+variable "media_port" {
+  description = "UDP port of the edge's WebRTC media socket (one socket carries every peer)."
+  type        = number
+  default     = 3478
+}
+
+variable "certificate_arn" {
+  description = "ACM certificate (in this region) for the load balancer's TLS listener on 443."
+  type        = string
+}
+
+variable "public_hostname" {
+  description = "DNS name clients use to reach this region's edges (points at the load balancer); the edges' public URL is https://<this>."
+  type        = string
+}
+
+variable "nlb_udp_listener" {
+  description = "Also forward the media UDP port through the load balancer (source-IP affinity). Edges always advertise their own public IP in ICE candidates; enable this only for single-edge regions whose clients must use the load balancer address."
+  type        = bool
+  default     = false
+}
+
+variable "edge_index_base" {
+  description = "First edge index (0..255, the high byte of participant ids) of this region; indexes must not overlap between regions."
+  type        = number
+}
+
+variable "edge_index_span" {
+  description = "Number of edge indexes reserved for this region, starting at edge_index_base (an edge picks base + private-address mod span)."
+  type        = number
+  default     = 48
+}
+
+variable "origin_addr" {
+  description = "QUIC address of the origin as IP:port (edges relay every speaker packet there)."
+  type        = string
+}
+
+variable "origin_server_name" {
+  description = "TLS server name in the origin's mesh certificate."
+  type        = string
+}
+
+variable "router_url" {
+  description = "Base URL of the geo-router API (room existence checks), e.g. https://api.example.com."
+  type        = string
+}
+
+variable "token_public_keys" {
+  description = "Token verification keys (Ed25519 SPKI PEM) with their kid; edges accept tokens signed by any of them."
+  type = list(object({
+    kid = string
+    pem = string
+  }))
+}
+
+variable "mesh_tls_secret_arn" {
+  description = "Secrets Manager secret holding the edge's mesh mTLS material as JSON {\"ca\", \"cert\", \"key\"} (PEM strings)."
+  type        = string
+}
+
+variable "secret_region" {
+  description = "AWS region of the Secrets Manager secrets (empty: this region)."
+  type        = string
+  default     = ""
+}
+
+variable "artifact_bucket" {
+  description = "S3 bucket holding the amphi release binary."
+  type        = string
+}
+
+variable "artifact_key" {
+  description = "S3 key of the amphi release binary (x86_64 Linux)."
+  type        = string
+}
+
+variable "artifact_region" {
+  description = "AWS region of the artifact bucket."
+  type        = string
+}
+
+variable "artifact_sha256" {
+  description = "SHA-256 of the amphi binary; user data refuses any other file."
+  type        = string
+}
+
+variable "client_cidrs" {
+  description = "CIDRs allowed to reach the edges' HTTPS and media ports (clients: normally everyone)."
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+}
+
+variable "monitoring_cidrs" {
+  description = "CIDRs allowed to scrape the edges' /metrics on http_port directly (Prometheus)."
+  type        = list(string)
+  default     = []
+}
+
+variable "log_retention_days" {
+  description = "Retention of the VPC flow logs in CloudWatch, in days."
+  type        = number
+  default     = 365
+}
+
+variable "deletion_protection" {
+  description = "Protect the load balancer from deletion."
+  type        = bool
+  default     = true
+}
+
+variable "tags" {
+  description = "Tags added to every resource."
+  type        = map(string)
+  default     = {}
+}

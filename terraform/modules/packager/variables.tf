@@ -1,0 +1,112 @@
+variable "name_prefix" {
+  description = "Prefix of every resource name (e.g. amphi-prod)."
+  type        = string
+  default     = "amphi"
+}
+
+variable "origins" {
+  description = "Origins to take program streams from (the origin module's `origins` output); one packager runs per origin."
+  type = list(object({
+    id          = string
+    addr        = string
+    server_name = string
+  }))
+}
+
+variable "vpc_id" {
+  description = "VPC of the origin region."
+  type        = string
+}
+
+variable "subnet_ids" {
+  description = "Public subnets (at least two availability zones) for the load balancer and the packagers."
+  type        = list(string)
+}
+
+variable "instance_type" {
+  description = "EC2 instance type of a packager."
+  type        = string
+  default     = "c6i.xlarge"
+}
+
+variable "ami_id" {
+  description = "AMI of the packagers; empty means the latest Debian 12 (bookworm) amd64 image."
+  type        = string
+  default     = ""
+}
+
+variable "http_port" {
+  description = "TCP port of the packager's HTTP origin (/hls/..., /metrics, /healthz) on the instances."
+  type        = number
+  default     = 8400
+}
+
+variable "data_volume_gb" {
+  description = "Size of the data volume holding parts, segments, playlists and recordings, in GiB."
+  type        = number
+  default     = 200
+}
+
+variable "certificate_arn" {
+  description = "ACM certificate (this region) for the load balancer's HTTPS listener."
+  type        = string
+}
+
+variable "public_hostname" {
+  description = "DNS name of the packager origin (points at the load balancer; CloudFront fetches playlists from https://<this>)."
+  type        = string
+}
+
+variable "router_cidrs" {
+  description = "CIDRs of geo-routers that proxy /hls/ to the packagers (besides CloudFront, which is always allowed)."
+  type        = list(string)
+  default     = []
+}
+
+variable "monitoring_cidrs" {
+  description = "CIDRs allowed to scrape the packagers' /metrics directly (Prometheus)."
+  type        = list(string)
+  default     = []
+}
+
+variable "mesh_tls_secret_arn" {
+  description = "Secrets Manager secret holding the packagers' mesh mTLS material as JSON {\"ca\", \"cert\", \"key\"} (PEM strings)."
+  type        = string
+}
+
+variable "media_bucket_arn" {
+  description = "ARN of the CDN media bucket the packagers may write parts and segments to (under hls/)."
+  type        = string
+}
+
+variable "artifact_bucket" {
+  description = "S3 bucket holding the amphi release binary."
+  type        = string
+}
+
+variable "artifact_key" {
+  description = "S3 key of the amphi release binary (x86_64 Linux)."
+  type        = string
+}
+
+variable "artifact_region" {
+  description = "AWS region of the artifact bucket."
+  type        = string
+}
+
+variable "artifact_sha256" {
+  description = "SHA-256 of the amphi binary; user data refuses any other file."
+  type        = string
+}
+
+variable "deletion_protection" {
+  description = "Protect the load balancer from deletion."
+  type        = bool
+  default     = true
+}
+
+variable "tags" {
+  description = "Tags added to every resource."
+  type        = map(string)
+  default     = {}
+}
