@@ -6,10 +6,12 @@
 //! * one mixer per room (jitter buffers, Opus decode + PLC, mix, soft limiter, Opus encode at
 //!   64 kbit/s) producing a continuous 50 frames/s program, streamed to every packager on one QUIC
 //!   unidirectional stream per room;
+//! * the room authority ([`room`]): participants, roles, hands, mutes, bans, chat, applied in
+//!   order from every edge's `RoomCommand`s and broadcast as `RoomEvents`;
 //! * Prometheus metrics on `GET /metrics`.
 //!
 //! Decision logic lives in sans-IO cores ([`jitter`], [`mixer`], [`programs`], [`subs`],
-//! [`limiter`]); the tokio drivers only move bytes and read clocks.
+//! [`limiter`], [`room`]); the tokio drivers only move bytes and read clocks.
 
 #![warn(missing_docs)]
 
@@ -22,6 +24,7 @@ pub mod mixer;
 mod mixer_thread;
 pub mod ogg;
 pub mod programs;
+pub mod room;
 pub mod subs;
 
 use amphi_protocol::config::OriginConfig;

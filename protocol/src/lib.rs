@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod ids;
 pub mod mtls;
+pub mod placement;
 pub mod relay;
 pub mod room;
 pub mod token;

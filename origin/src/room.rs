@@ -1,0 +1,767 @@
+//! The room authority (sans-IO): one [`Room`] per room this origin owns, fed [`RoomCommand`]s on
+//! behalf of participants with an explicit `now`, answering with the [`RoomEvent`]s every replica
+//! applies, or a [`Rejection`] that changed nothing. [`Rooms`] holds every room of the origin.
+//!
+//! The permission table, the codes and the limits are documented in `docs/signaling.md`; the
+//! unit tests below check the whole command x role table.
+
+use amphi_protocol::room::{
+    Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState, MAX_CHAT_CHARS,
+    MAX_REACTION_CHARS,
+};
+use amphi_protocol::{ParticipantId, RoomId};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// Longest user identity (token `sub`) accepted on join, in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+/// Display names are cut to this many characters.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest region name accepted on join, in bytes.
+pub const MAX_REGION_BYTES: usize = 64;
+
+/// Machine-readable reason of a [`Rejection`] (the `code` of `CommandRejected` and of the
+/// client's `error` event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectCode {
+    /// The actor's role does not allow the command (or the target is protected).
+    Forbidden,
+    /// The actor or the target is not in the room, or the room is unknown.
+    NotFound,
+    /// A field is invalid (empty or too long text, a role that cannot be granted).
+    BadMessage,
+    /// Well formed but meaningless here (kicking oneself, a participant id owned by another user).
+    Invalid,
+    /// The user was kicked and is banned until the room ends.
+    Banned,
+    /// The room has ended; it accepts nothing.
+    RoomEnded,
+    /// Too many chat messages or reactions in the window.
+    RateLimited,
+    /// A capacity limit (participants in a room, rooms on this origin).
+    Limit,
+}
+
+impl RejectCode {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::Forbidden => "forbidden",
+            RejectCode::NotFound => "not_found",
+            RejectCode::BadMessage => "bad_message",
+            RejectCode::Invalid => "invalid",
+            RejectCode::Banned => "banned",
+            RejectCode::RoomEnded => "room_ended",
+            RejectCode::RateLimited => "rate_limited",
+            RejectCode::Limit => "limit",
+        }
+    }
+}
+
+impl fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused command: nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Why, for machines.
+    pub code: RejectCode,
+    /// Why, for people.
+    pub message: String,
+}
+
+fn reject<T>(code: RejectCode, message: impl Into<String>) -> Result<T, Rejection> {
+    Err(Rejection {
+        code,
+        message: message.into(),
+    })
+}
+
+/// A sliding-window rate: at most `max` actions in any `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Actions allowed in one window.
+    pub max: usize,
+    /// The window.
+    pub window: Duration,
+}
+
+/// Limits of one room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomLimits {
+    /// Chat messages per participant.
+    pub chat: Rate,
+    /// Reactions per participant.
+    pub reactions: Rate,
+    /// Participants present at most at once.
+    pub max_participants: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        RoomLimits {
+            chat: Rate {
+                max: 5,
+                window: Duration::from_secs(10),
+            },
+            reactions: Rate {
+                max: 10,
+                window: Duration::from_secs(10),
+            },
+            max_participants: 100_000,
+        }
+    }
+}
+
+/// Times of the recent actions of one kind by one participant (sans-IO sliding window).
+#[derive(Debug, Default, Clone)]
+struct Window {
+    times: VecDeque<Instant>,
+}
+
+impl Window {
+    /// Whether one more action at `now` fits in `rate` (does not record it).
+    fn allows(&mut self, rate: Rate, now: Instant) -> bool {
+        while let Some(&t) = self.times.front() {
+            if now.saturating_duration_since(t) >= rate.window {
+                self.times.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.times.len() < rate.max
+    }
+
+    fn record(&mut self, now: Instant) {
+        self.times.push_back(now);
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Activity {
+    chat: Window,
+    reactions: Window,
+}
+
+/// One room's authoritative state. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Room {
+    id: RoomId,
+    limits: RoomLimits,
+    phase: RoomPhase,
+    participants: Vec<Participant>,
+    hands: Vec<ParticipantId>,
+    banned: Vec<String>,
+    /// The role each user last held here: a user who reconnects (new participant id) gets it back,
+    /// and a demotion sticks until the room ends.
+    roles: HashMap<String, RoomRole>,
+    activity: HashMap<ParticipantId, Activity>,
+    created: Instant,
+    created_unix_ms: u64,
+    last_change: Instant,
+}
+
+impl Room {
+    /// A live, empty room. `created_unix_ms` is the wall clock at `created` (chat timestamps are
+    /// derived from it and `now`, so the core never reads a clock).
+    pub fn new(id: RoomId, limits: RoomLimits, created: Instant, created_unix_ms: u64) -> Self {
+        Room {
+            id,
+            limits,
+            phase: RoomPhase::Live,
+            participants: Vec::new(),
+            hands: Vec::new(),
+            banned: Vec::new(),
+            roles: HashMap::new(),
+            activity: HashMap::new(),
+            created,
+            created_unix_ms,
+            last_change: created,
+        }
+    }
+
+    /// The room id.
+    pub fn id(&self) -> RoomId {
+        self.id
+    }
+
+    /// Live or ended.
+    pub fn phase(&self) -> RoomPhase {
+        self.phase
+    }
+
+    /// When the room last accepted a command (or was created).
+    pub fn last_change(&self) -> Instant {
+        self.last_change
+    }
+
+    /// The full state, as sent in `RoomSnapshot`.
+    pub fn snapshot(&self) -> RoomState {
+        RoomState {
+            room: self.id,
+            phase: self.phase,
+            participants: self.participants.clone(),
+            hands: self.hands.clone(),
+            banned: self.banned.clone(),
+        }
+    }
+
+    /// A participant by id.
+    pub fn participant(&self, id: ParticipantId) -> Option<&Participant> {
+        self.participants.iter().find(|p| p.id == id)
+    }
+
+    /// Participants present, in join order.
+    pub fn participants(&self) -> &[Participant] {
+        &self.participants
+    }
+
+    /// Whether `id`'s audio may be relayed and mixed: present, a publishing role, not muted.
+    pub fn may_be_heard(&self, id: ParticipantId) -> bool {
+        self.participant(id)
+            .is_some_and(|p| p.role.may_publish() && !p.muted)
+    }
+
+    /// Participants whose audio may be relayed and mixed (see [`Room::may_be_heard`]).
+    pub fn audible(&self) -> impl Iterator<Item = ParticipantId> + '_ {
+        self.participants
+            .iter()
+            .filter(|p| p.role.may_publish() && !p.muted)
+            .map(|p| p.id)
+    }
+
+    fn index(&self, id: ParticipantId) -> Option<usize> {
+        self.participants.iter().position(|p| p.id == id)
+    }
+
+    fn role_of(&self, id: ParticipantId) -> Result<RoomRole, Rejection> {
+        match self.participant(id) {
+            Some(p) => Ok(p.role),
+            None => reject(
+                RejectCode::NotFound,
+                format!("participant {id} is not in the room"),
+            ),
+        }
+    }
+
+    /// Apply `command` from participant `actor` at `now`: the events to broadcast (possibly none
+    /// when the command changes nothing, e.g. raising a raised hand), or why it was refused. A
+    /// refusal leaves the room exactly as it was.
+    pub fn apply(
+        &mut self,
+        actor: ParticipantId,
+        command: RoomCommand,
+        now: Instant,
+    ) -> Result<Vec<RoomEvent>, Rejection> {
+        if self.phase == RoomPhase::Ended {
+            return reject(RejectCode::RoomEnded, format!("room {} has ended", self.id));
+        }
+        let events = match command {
+            RoomCommand::Join {
+                user,
+                name,
+                role,
+                region,
+                resume,
+            } => self.join(
+                actor,
+                user,
+                name,
+                RoomRole::from_token(role),
+                region,
+                resume,
+            )?,
+            RoomCommand::Leave => {
+                self.role_of(actor)?;
+                self.remove(actor, None)
+            }
+            RoomCommand::RaiseHand => {
+                let role = self.role_of(actor)?;
+                if role != RoomRole::Listener {
+                    return reject(RejectCode::Forbidden, "only listeners raise a hand");
+                }
+                if self.hands.contains(&actor) {
+                    Vec::new()
+                } else {
+                    self.hands.push(actor);
+                    vec![RoomEvent::HandRaised { id: actor }]
+                }
+            }
+            RoomCommand::LowerHand { target } => {
+                let role = self.role_of(actor)?;
+                let target = target.unwrap_or(actor);
+                self.role_of(target)?;
+                if target == actor {
+                    if role != RoomRole::Listener {
+                        return reject(RejectCode::Forbidden, "only listeners have a hand");
+                    }
+                } else if !role.may_moderate() {
+                    return reject(RejectCode::Forbidden, "only moderators lower others' hands");
+                }
+                self.lower_hand(target).into_iter().collect()
+            }
+            RoomCommand::Promote { target, role } => {
+                let actor_role = self.role_of(actor)?;
+                let target_role = self.role_of(target)?;
+                match role {
+                    RoomRole::Speaker => self.may_moderate(actor_role, target_role)?,
+                    RoomRole::Cohost => {
+                        if actor_role != RoomRole::Host {
+                            return reject(RejectCode::Forbidden, "only hosts name co-hosts");
+                        }
+                        self.may_moderate(actor_role, target_role)?;
+                    }
+                    RoomRole::Host | RoomRole::Listener => {
+                        return reject(
+                            RejectCode::BadMessage,
+                            "promote grants speaker or cohost (use demote for listener)",
+                        )
+                    }
+                }
+                self.set_role(target, role, actor)
+            }
+            RoomCommand::Demote { target } => {
+                let actor_role = self.role_of(actor)?;
+                let target_role = self.role_of(target)?;
+                let stepping_down =
+                    target == actor && matches!(actor_role, RoomRole::Cohost | RoomRole::Speaker);
+                if !stepping_down {
+                    self.may_moderate(actor_role, target_role)?;
+                }
+                self.set_role(target, RoomRole::Listener, actor)
+            }
+            RoomCommand::Mute { target } => {
+                let actor_role = self.role_of(actor)?;
+                let target = target.unwrap_or(actor);
+                let target_role = self.role_of(target)?;
+                if target == actor {
+                    if !actor_role.may_publish() {
+                        return reject(RejectCode::Forbidden, "listeners have no microphone");
+                    }
+                } else {
+                    self.may_moderate(actor_role, target_role)?;
+                    if !target_role.may_publish() {
+                        return reject(RejectCode::Invalid, format!("{target} does not publish"));
+                    }
+                }
+                let i = self.index(target).expect("target checked");
+                if self.participants[i].muted {
+                    Vec::new()
+                } else {
+                    self.participants[i].muted = true;
+                    vec![RoomEvent::Muted {
+                        id: target,
+                        by: actor,
+                    }]
+                }
+            }
+            RoomCommand::Unmute => {
+                let role = self.role_of(actor)?;
+                if !role.may_publish() {
+                    return reject(RejectCode::Forbidden, "listeners have no microphone");
+                }
+                let i = self.index(actor).expect("actor checked");
+                if self.participants[i].muted {
+                    self.participants[i].muted = false;
+                    vec![RoomEvent::Unmuted { id: actor }]
+                } else {
+                    Vec::new()
+                }
+            }
+            RoomCommand::Kick { target } => {
+                let actor_role = self.role_of(actor)?;
+                let target_role = self.role_of(target)?;
+                if target == actor {
+                    return reject(RejectCode::Invalid, "use leave to leave the room");
+                }
+                self.may_moderate(actor_role, target_role)?;
+                self.kick(target, actor)
+            }
+            RoomCommand::End => {
+                let role = self.role_of(actor)?;
+                if role != RoomRole::Host {
+                    return reject(RejectCode::Forbidden, "only hosts end the room");
+                }
+                self.end(Some(actor))
+            }
+            RoomCommand::Chat { text } => {
+                self.role_of(actor)?;
+                let text = text.trim();
+                let chars = text.chars().count();
+                if chars == 0 || chars > MAX_CHAT_CHARS {
+                    return reject(
+                        RejectCode::BadMessage,
+                        format!("chat text must be 1 to {MAX_CHAT_CHARS} characters"),
+                    );
+                }
+                if text.chars().any(|c| c.is_control() && c != '\n') {
+                    return reject(RejectCode::BadMessage, "chat text has control characters");
+                }
+                let rate = self.limits.chat;
+                let window = &mut self.activity.entry(actor).or_default().chat;
+                if !window.allows(rate, now) {
+                    return reject(
+                        RejectCode::RateLimited,
+                        format!(
+                            "at most {} chat messages per {} s",
+                            rate.max,
+                            rate.window.as_secs()
+                        ),
+                    );
+                }
+                window.record(now);
+                let name = self.participant(actor).expect("actor checked").name.clone();
+                vec![RoomEvent::Chat {
+                    from: actor,
+                    name,
+                    text: text.to_string(),
+                    at_ms: self.unix_ms(now),
+                }]
+            }
+            RoomCommand::React { emoji } => {
+                self.role_of(actor)?;
+                let emoji = emoji.trim();
+                let chars = emoji.chars().count();
+                if chars == 0 || chars > MAX_REACTION_CHARS || emoji.chars().any(char::is_control) {
+                    return reject(
+                        RejectCode::BadMessage,
+                        format!("a reaction is 1 to {MAX_REACTION_CHARS} printable characters"),
+                    );
+                }
+                let rate = self.limits.reactions;
+                let window = &mut self.activity.entry(actor).or_default().reactions;
+                if !window.allows(rate, now) {
+                    return reject(
+                        RejectCode::RateLimited,
+                        format!(
+                            "at most {} reactions per {} s",
+                            rate.max,
+                            rate.window.as_secs()
+                        ),
+                    );
+                }
+                window.record(now);
+                vec![RoomEvent::Reaction {
+                    from: actor,
+                    emoji: emoji.to_string(),
+                }]
+            }
+        };
+        self.last_change = self.last_change.max(now);
+        Ok(events)
+    }
+
+    /// End the room (a host's `End`, or `by: None` for the REST API / an operator). Refused if it
+    /// already ended.
+    pub fn end_by(
+        &mut self,
+        by: Option<ParticipantId>,
+        now: Instant,
+    ) -> Result<Vec<RoomEvent>, Rejection> {
+        if self.phase == RoomPhase::Ended {
+            return reject(RejectCode::RoomEnded, format!("room {} has ended", self.id));
+        }
+        self.last_change = self.last_change.max(now);
+        Ok(self.end(by))
+    }
+
+    fn end(&mut self, by: Option<ParticipantId>) -> Vec<RoomEvent> {
+        self.phase = RoomPhase::Ended;
+        self.hands.clear();
+        self.activity.clear();
+        vec![RoomEvent::Ended { by }]
+    }
+
+    fn unix_ms(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.created).as_millis();
+        self.created_unix_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    /// Whether an actor of `actor` role may promote, demote, mute or kick a `target` role:
+    /// hosts act on everyone but hosts, co-hosts on speakers and listeners.
+    fn may_moderate(&self, actor: RoomRole, target: RoomRole) -> Result<(), Rejection> {
+        let ok = match actor {
+            RoomRole::Host => target != RoomRole::Host,
+            RoomRole::Cohost => matches!(target, RoomRole::Speaker | RoomRole::Listener),
+            RoomRole::Speaker | RoomRole::Listener => false,
+        };
+        if ok {
+            Ok(())
+        } else if actor.may_moderate() {
+            reject(
+                RejectCode::Forbidden,
+                format!("a {actor:?} cannot moderate a {target:?}").to_lowercase(),
+            )
+        } else {
+            reject(RejectCode::Forbidden, "only hosts and co-hosts moderate")
+        }
+    }
+
+    fn join(
+        &mut self,
+        id: ParticipantId,
+        user: String,
+        name: String,
+        token_role: RoomRole,
+        region: String,
+        resume: Option<RoomRole>,
+    ) -> Result<Vec<RoomEvent>, Rejection> {
+        if user.is_empty() || user.len() > MAX_USER_BYTES || user.chars().any(char::is_control) {
+            return reject(
+                RejectCode::BadMessage,
+                format!("user must be 1 to {MAX_USER_BYTES} printable bytes"),
+            );
+        }
+        if region.len() > MAX_REGION_BYTES || region.chars().any(char::is_control) {
+            return reject(RejectCode::BadMessage, "region is too long");
+        }
+        if self.banned.contains(&user) {
+            return reject(RejectCode::Banned, "you were removed from this room");
+        }
+        if let Some(p) = self.participant(id) {
+            if p.user == user {
+                // The edge re-announces a participant (link reconnect): nothing changes.
+                return Ok(Vec::new());
+            }
+            return reject(
+                RejectCode::Invalid,
+                format!("participant id {id} belongs to someone else"),
+            );
+        }
+        if self.participants.len() >= self.limits.max_participants {
+            return reject(RejectCode::Limit, "the room is full");
+        }
+        let name: String = name
+            .trim()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_NAME_CHARS)
+            .collect();
+        let role = match self.roles.get(&user) {
+            Some(&known) => known,
+            None => resume.unwrap_or(token_role),
+        };
+        self.roles.insert(user.clone(), role);
+        let participant = Participant {
+            id,
+            user,
+            name,
+            role,
+            region,
+            muted: false,
+        };
+        self.participants.push(participant.clone());
+        Ok(vec![RoomEvent::ParticipantJoined { participant }])
+    }
+
+    fn lower_hand(&mut self, id: ParticipantId) -> Option<RoomEvent> {
+        let i = self.hands.iter().position(|h| *h == id)?;
+        self.hands.remove(i);
+        Some(RoomEvent::HandLowered { id })
+    }
+
+    fn set_role(
+        &mut self,
+        target: ParticipantId,
+        role: RoomRole,
+        by: ParticipantId,
+    ) -> Vec<RoomEvent> {
+        let i = self.index(target).expect("target checked");
+        if self.participants[i].role == role {
+            return Vec::new();
+        }
+        self.participants[i].role = role;
+        let user = self.participants[i].user.clone();
+        self.roles.insert(user, role);
+        let mut events = vec![RoomEvent::RoleChanged {
+            id: target,
+            role,
+            by,
+        }];
+        if role != RoomRole::Listener {
+            events.extend(self.lower_hand(target));
+        }
+        events
+    }
+
+    /// Remove `id` (its hand first); `kicked_by` adds the `Kicked` event before it leaves.
+    fn remove(&mut self, id: ParticipantId, kicked_by: Option<ParticipantId>) -> Vec<RoomEvent> {
+        let mut events = Vec::with_capacity(3);
+        events.extend(self.lower_hand(id));
+        if let Some(by) = kicked_by {
+            events.push(RoomEvent::Kicked { id, by });
+        }
+        if let Some(i) = self.index(id) {
+            self.participants.remove(i);
+        }
+        self.activity.remove(&id);
+        events.push(RoomEvent::ParticipantLeft { id });
+        events
+    }
+
+    /// Ban `target`'s user and remove every participant of that user.
+    fn kick(&mut self, target: ParticipantId, by: ParticipantId) -> Vec<RoomEvent> {
+        let user = self
+            .participant(target)
+            .expect("target checked")
+            .user
+            .clone();
+        let sessions: Vec<ParticipantId> = self
+            .participants
+            .iter()
+            .filter(|p| p.user == user)
+            .map(|p| p.id)
+            .collect();
+        let mut events = Vec::new();
+        for id in sessions {
+            events.extend(self.remove(id, Some(by)));
+        }
+        self.banned.push(user);
+        events
+    }
+}
+
+/// Tuning of [`Rooms`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomsConfig {
+    /// Limits of every room.
+    pub room: RoomLimits,
+    /// Rooms held at most (live and remembered ended ones).
+    pub max_rooms: usize,
+    /// Ended rooms are remembered (refusing joins with `room_ended`) this long.
+    pub ended_memory: Duration,
+    /// Live rooms without participants are forgotten after this long without a command.
+    pub empty_idle: Duration,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            room: RoomLimits::default(),
+            max_rooms: 100_000,
+            ended_memory: Duration::from_secs(6 * 3600),
+            empty_idle: Duration::from_secs(6 * 3600),
+        }
+    }
+}
+
+/// What happened when a room was ended through [`Rooms::end`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// A live room ended: broadcast these events.
+    Ended(Vec<RoomEvent>),
+    /// The room was unknown here; it is now remembered as ended.
+    Unknown,
+    /// The room had already ended.
+    AlreadyEnded,
+}
+
+/// Every room of this origin (sans-IO): creates a room on its first `Join`, remembers ended
+/// rooms, forgets idle ones in [`Rooms::housekeeping`].
+#[derive(Debug)]
+pub struct Rooms {
+    cfg: RoomsConfig,
+    rooms: HashMap<RoomId, Room>,
+}
+
+impl Rooms {
+    /// No rooms yet.
+    pub fn new(cfg: RoomsConfig) -> Self {
+        Rooms {
+            cfg,
+            rooms: HashMap::new(),
+        }
+    }
+
+    /// A room by id.
+    pub fn get(&self, room: RoomId) -> Option<&Room> {
+        self.rooms.get(&room)
+    }
+
+    /// Rooms held (live and ended).
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Whether no room is held.
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    /// Apply `command` to `room` (a `Join` creates the room; anything else needs it to exist).
+    /// `unix_ms` is the wall clock at `now`, used only when the room is created.
+    pub fn apply(
+        &mut self,
+        room: RoomId,
+        actor: ParticipantId,
+        command: RoomCommand,
+        now: Instant,
+        unix_ms: u64,
+    ) -> Result<Vec<RoomEvent>, Rejection> {
+        if !self.rooms.contains_key(&room) {
+            if !matches!(command, RoomCommand::Join { .. }) {
+                return reject(
+                    RejectCode::NotFound,
+                    format!("room {room} has nobody in it"),
+                );
+            }
+            if self.rooms.len() >= self.cfg.max_rooms {
+                return reject(RejectCode::Limit, "this origin holds too many rooms");
+            }
+            let mut fresh = Room::new(room, self.cfg.room, now, unix_ms);
+            let events = fresh.apply(actor, command, now)?;
+            self.rooms.insert(room, fresh);
+            return Ok(events);
+        }
+        self.rooms
+            .get_mut(&room)
+            .expect("checked")
+            .apply(actor, command, now)
+    }
+
+    /// End `room` from outside the room (REST API through a geo-router, an edge's `RoomEnded`).
+    pub fn end(&mut self, room: RoomId, now: Instant, unix_ms: u64) -> Ending {
+        match self.rooms.get_mut(&room) {
+            Some(r) => match r.end_by(None, now) {
+                Ok(events) => Ending::Ended(events),
+                Err(_) => Ending::AlreadyEnded,
+            },
+            None => {
+                if self.rooms.len() < self.cfg.max_rooms {
+                    let mut r = Room::new(room, self.cfg.room, now, unix_ms);
+                    r.end(None);
+                    self.rooms.insert(room, r);
+                }
+                Ending::Unknown
+            }
+        }
+    }
+
+    /// Forget ended rooms older than `ended_memory` and empty live rooms idle for `empty_idle`;
+    /// returns the forgotten ids.
+    pub fn housekeeping(&mut self, now: Instant) -> Vec<RoomId> {
+        let cfg = self.cfg;
+        let mut gone = Vec::new();
+        self.rooms.retain(|id, r| {
+            let idle = now.saturating_duration_since(r.last_change);
+            let keep = match r.phase {
+                RoomPhase::Ended => idle < cfg.ended_memory,
+                RoomPhase::Live => !r.participants.is_empty() || idle < cfg.empty_idle,
+            };
+            if !keep {
+                gone.push(*id);
+            }
+            keep
+        });
+        gone
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,759 @@
+use super::*;
+use amphi_protocol::token::Role;
+
+const H: ParticipantId = ParticipantId(1);
+const H2: ParticipantId = ParticipantId(2);
+const C: ParticipantId = ParticipantId(3);
+const S: ParticipantId = ParticipantId(4);
+const L: ParticipantId = ParticipantId(5);
+const A: ParticipantId = ParticipantId(10);
+const NOBODY: ParticipantId = ParticipantId(99);
+
+fn join_cmd(user: &str, role: Role) -> RoomCommand {
+    RoomCommand::Join {
+        user: user.into(),
+        name: user.to_uppercase(),
+        role,
+        region: "us-east".into(),
+        resume: None,
+    }
+}
+
+fn ok(room: &mut Room, actor: ParticipantId, cmd: RoomCommand, now: Instant) -> Vec<RoomEvent> {
+    room.apply(actor, cmd.clone(), now)
+        .unwrap_or_else(|e| panic!("{cmd:?} by {actor}: {e}"))
+}
+
+fn refused(room: &mut Room, actor: ParticipantId, cmd: RoomCommand, now: Instant) -> RejectCode {
+    let before = room.snapshot();
+    let err = room
+        .apply(actor, cmd.clone(), now)
+        .expect_err(&format!("{cmd:?} by {actor} should be refused"));
+    assert_eq!(
+        room.snapshot(),
+        before,
+        "{cmd:?} refused but changed the room"
+    );
+    err.code
+}
+
+/// Host H, host H2, co-host C, speaker S, listener L with a raised hand, and the actor A with `role`.
+fn populated(role: RoomRole, t0: Instant) -> Room {
+    let mut r = Room::new(RoomId(7), RoomLimits::default(), t0, 1_000);
+    ok(&mut r, H, join_cmd("h", Role::Host), t0);
+    ok(&mut r, H2, join_cmd("h2", Role::Host), t0);
+    ok(&mut r, C, join_cmd("c", Role::Speaker), t0);
+    ok(
+        &mut r,
+        H,
+        RoomCommand::Promote {
+            target: C,
+            role: RoomRole::Cohost,
+        },
+        t0,
+    );
+    ok(&mut r, S, join_cmd("s", Role::Speaker), t0);
+    ok(&mut r, L, join_cmd("l", Role::Listener), t0);
+    ok(&mut r, L, RoomCommand::RaiseHand, t0);
+    let token_role = match role {
+        RoomRole::Host => Role::Host,
+        RoomRole::Cohost | RoomRole::Speaker => Role::Speaker,
+        RoomRole::Listener => Role::Listener,
+    };
+    ok(&mut r, A, join_cmd("a", token_role), t0);
+    if role == RoomRole::Cohost {
+        ok(
+            &mut r,
+            H,
+            RoomCommand::Promote {
+                target: A,
+                role: RoomRole::Cohost,
+            },
+            t0,
+        );
+    }
+    assert_eq!(r.participant(A).unwrap().role, role);
+    r
+}
+
+#[derive(Clone, Copy)]
+enum Prep {
+    None,
+    /// The actor raises its hand first (listeners only can).
+    RaiseOwnHand,
+    /// The actor mutes itself first (publishers only can).
+    MuteSelf,
+}
+
+/// Every command for every role: allowed (events, state changed) or refused with `forbidden`
+/// (state unchanged). Columns: host, cohost, speaker, listener.
+#[test]
+fn permission_table_command_by_role() {
+    use RoomCommand as Cmd;
+    let t0 = Instant::now();
+    let table: Vec<(&str, Cmd, Prep, [bool; 4])> = vec![
+        ("leave", Cmd::Leave, Prep::None, [true, true, true, true]),
+        (
+            "raise_hand",
+            Cmd::RaiseHand,
+            Prep::None,
+            [false, false, false, true],
+        ),
+        (
+            "lower_own_hand",
+            Cmd::LowerHand { target: None },
+            Prep::RaiseOwnHand,
+            [false, false, false, true],
+        ),
+        (
+            "lower_others_hand",
+            Cmd::LowerHand { target: Some(L) },
+            Prep::None,
+            [true, true, false, false],
+        ),
+        (
+            "promote_listener",
+            Cmd::Promote {
+                target: L,
+                role: RoomRole::Speaker,
+            },
+            Prep::None,
+            [true, true, false, false],
+        ),
+        (
+            "name_cohost",
+            Cmd::Promote {
+                target: S,
+                role: RoomRole::Cohost,
+            },
+            Prep::None,
+            [true, false, false, false],
+        ),
+        (
+            "promote_cohost_to_speaker",
+            Cmd::Promote {
+                target: C,
+                role: RoomRole::Speaker,
+            },
+            Prep::None,
+            [true, false, false, false],
+        ),
+        (
+            "promote_host",
+            Cmd::Promote {
+                target: H2,
+                role: RoomRole::Speaker,
+            },
+            Prep::None,
+            [false, false, false, false],
+        ),
+        (
+            "demote_speaker",
+            Cmd::Demote { target: S },
+            Prep::None,
+            [true, true, false, false],
+        ),
+        (
+            "demote_cohost",
+            Cmd::Demote { target: C },
+            Prep::None,
+            [true, false, false, false],
+        ),
+        (
+            "demote_host",
+            Cmd::Demote { target: H2 },
+            Prep::None,
+            [false, false, false, false],
+        ),
+        (
+            "demote_self",
+            Cmd::Demote { target: A },
+            Prep::None,
+            [false, true, true, false],
+        ),
+        (
+            "mute_self",
+            Cmd::Mute { target: None },
+            Prep::None,
+            [true, true, true, false],
+        ),
+        (
+            "mute_speaker",
+            Cmd::Mute { target: Some(S) },
+            Prep::None,
+            [true, true, false, false],
+        ),
+        (
+            "mute_cohost",
+            Cmd::Mute { target: Some(C) },
+            Prep::None,
+            [true, false, false, false],
+        ),
+        (
+            "mute_host",
+            Cmd::Mute { target: Some(H2) },
+            Prep::None,
+            [false, false, false, false],
+        ),
+        (
+            "unmute_self",
+            Cmd::Unmute,
+            Prep::MuteSelf,
+            [true, true, true, false],
+        ),
+        (
+            "kick_listener",
+            Cmd::Kick { target: L },
+            Prep::None,
+            [true, true, false, false],
+        ),
+        (
+            "kick_speaker",
+            Cmd::Kick { target: S },
+            Prep::None,
+            [true, true, false, false],
+        ),
+        (
+            "kick_cohost",
+            Cmd::Kick { target: C },
+            Prep::None,
+            [true, false, false, false],
+        ),
+        (
+            "kick_host",
+            Cmd::Kick { target: H2 },
+            Prep::None,
+            [false, false, false, false],
+        ),
+        ("end", Cmd::End, Prep::None, [true, false, false, false]),
+        (
+            "chat",
+            Cmd::Chat { text: "hi".into() },
+            Prep::None,
+            [true, true, true, true],
+        ),
+        (
+            "react",
+            Cmd::React {
+                emoji: "👏".into()
+            },
+            Prep::None,
+            [true, true, true, true],
+        ),
+    ];
+    let roles = [
+        RoomRole::Host,
+        RoomRole::Cohost,
+        RoomRole::Speaker,
+        RoomRole::Listener,
+    ];
+    let mut checked = 0;
+    for (name, cmd, prep, allowed) in &table {
+        for (role, allowed) in roles.iter().zip(allowed) {
+            let mut room = populated(*role, t0);
+            match prep {
+                Prep::None => {}
+                Prep::RaiseOwnHand => {
+                    let _ = room.apply(A, Cmd::RaiseHand, t0);
+                }
+                Prep::MuteSelf => {
+                    let _ = room.apply(A, Cmd::Mute { target: None }, t0);
+                }
+            }
+            let before = room.snapshot();
+            match room.apply(A, cmd.clone(), t0) {
+                Ok(events) => {
+                    assert!(*allowed, "{name} by a {role:?} was allowed");
+                    assert!(!events.is_empty(), "{name} by a {role:?}: no events");
+                    // Chat and reactions are transient: they change no state.
+                    if !matches!(cmd, Cmd::Chat { .. } | Cmd::React { .. }) {
+                        assert_ne!(room.snapshot(), before, "{name} by a {role:?}: no change");
+                    }
+                }
+                Err(e) => {
+                    assert!(!*allowed, "{name} by a {role:?} was refused: {e}");
+                    assert_eq!(e.code, RejectCode::Forbidden, "{name} by a {role:?}: {e}");
+                    assert_eq!(
+                        room.snapshot(),
+                        before,
+                        "{name} by a {role:?} changed the room"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, table.len() * 4);
+}
+
+#[test]
+fn join_produces_participant_and_resume_keeps_roles() {
+    let t0 = Instant::now();
+    let mut r = Room::new(RoomId(1), RoomLimits::default(), t0, 0);
+    let ev = ok(&mut r, H, join_cmd("h", Role::Host), t0);
+    let RoomEvent::ParticipantJoined { participant } = &ev[0] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(
+        (participant.id, participant.role, participant.muted),
+        (H, RoomRole::Host, false)
+    );
+    assert_eq!(participant.name, "H");
+    // Re-announcing the same participant changes nothing.
+    assert!(ok(&mut r, H, join_cmd("h", Role::Host), t0).is_empty());
+    // Another user cannot take the id.
+    assert_eq!(
+        refused(&mut r, H, join_cmd("mallory", Role::Host), t0),
+        RejectCode::Invalid
+    );
+    // A promoted listener who reconnects with a new id keeps the speaker role.
+    ok(&mut r, L, join_cmd("l", Role::Listener), t0);
+    ok(
+        &mut r,
+        H,
+        RoomCommand::Promote {
+            target: L,
+            role: RoomRole::Speaker,
+        },
+        t0,
+    );
+    ok(&mut r, L, RoomCommand::Leave, t0);
+    ok(&mut r, ParticipantId(55), join_cmd("l", Role::Listener), t0);
+    assert_eq!(
+        r.participant(ParticipantId(55)).unwrap().role,
+        RoomRole::Speaker
+    );
+    // A demotion sticks even against a speaker token.
+    ok(&mut r, S, join_cmd("s", Role::Speaker), t0);
+    ok(&mut r, H, RoomCommand::Demote { target: S }, t0);
+    ok(&mut r, S, RoomCommand::Leave, t0);
+    ok(&mut r, ParticipantId(56), join_cmd("s", Role::Speaker), t0);
+    assert_eq!(
+        r.participant(ParticipantId(56)).unwrap().role,
+        RoomRole::Listener
+    );
+    // After an origin restart (no record), `resume` restores the role the edge knew.
+    let mut fresh = Room::new(RoomId(1), RoomLimits::default(), t0, 0);
+    let mut cmd = join_cmd("l", Role::Listener);
+    if let RoomCommand::Join { resume, .. } = &mut cmd {
+        *resume = Some(RoomRole::Speaker);
+    }
+    ok(&mut fresh, L, cmd, t0);
+    assert_eq!(fresh.participant(L).unwrap().role, RoomRole::Speaker);
+}
+
+#[test]
+fn join_validates_its_fields() {
+    let t0 = Instant::now();
+    let mut r = Room::new(RoomId(1), RoomLimits::default(), t0, 0);
+    assert_eq!(
+        refused(&mut r, A, join_cmd("", Role::Listener), t0),
+        RejectCode::BadMessage
+    );
+    let long = "u".repeat(MAX_USER_BYTES + 1);
+    assert_eq!(
+        refused(&mut r, A, join_cmd(&long, Role::Listener), t0),
+        RejectCode::BadMessage
+    );
+    let mut cmd = join_cmd("a", Role::Listener);
+    if let RoomCommand::Join { name, region, .. } = &mut cmd {
+        *name = format!("  {}\u{7}  ", "n".repeat(200));
+        *region = "r".repeat(MAX_REGION_BYTES + 1);
+    }
+    assert_eq!(refused(&mut r, A, cmd.clone(), t0), RejectCode::BadMessage);
+    if let RoomCommand::Join { region, .. } = &mut cmd {
+        *region = "eu-west".into();
+    }
+    ok(&mut r, A, cmd, t0);
+    assert_eq!(r.participant(A).unwrap().name, "n".repeat(MAX_NAME_CHARS));
+    let limits = RoomLimits {
+        max_participants: 1,
+        ..RoomLimits::default()
+    };
+    let mut tiny = Room::new(RoomId(2), limits, t0, 0);
+    ok(&mut tiny, A, join_cmd("a", Role::Listener), t0);
+    assert_eq!(
+        refused(&mut tiny, L, join_cmd("l", Role::Listener), t0),
+        RejectCode::Limit
+    );
+}
+
+#[test]
+fn unknown_actor_or_target_is_not_found() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Host, t0);
+    for cmd in [
+        RoomCommand::Promote {
+            target: NOBODY,
+            role: RoomRole::Speaker,
+        },
+        RoomCommand::Demote { target: NOBODY },
+        RoomCommand::Mute {
+            target: Some(NOBODY),
+        },
+        RoomCommand::Kick { target: NOBODY },
+        RoomCommand::LowerHand {
+            target: Some(NOBODY),
+        },
+    ] {
+        assert_eq!(refused(&mut r, A, cmd, t0), RejectCode::NotFound);
+    }
+    for cmd in [
+        RoomCommand::Leave,
+        RoomCommand::RaiseHand,
+        RoomCommand::Chat { text: "x".into() },
+        RoomCommand::End,
+    ] {
+        assert_eq!(refused(&mut r, NOBODY, cmd, t0), RejectCode::NotFound);
+    }
+}
+
+#[test]
+fn bad_requests_change_nothing() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Host, t0);
+    let too_long = "x".repeat(MAX_CHAT_CHARS + 1);
+    assert_eq!(
+        refused(&mut r, A, RoomCommand::Chat { text: too_long }, t0),
+        RejectCode::BadMessage
+    );
+    assert_eq!(
+        refused(&mut r, A, RoomCommand::Chat { text: "   ".into() }, t0),
+        RejectCode::BadMessage
+    );
+    assert_eq!(
+        refused(
+            &mut r,
+            A,
+            RoomCommand::Chat {
+                text: "a\u{0}b".into()
+            },
+            t0
+        ),
+        RejectCode::BadMessage
+    );
+    // Exactly the limit (in characters, not bytes) is fine.
+    ok(
+        &mut r,
+        A,
+        RoomCommand::Chat {
+            text: "é".repeat(MAX_CHAT_CHARS),
+        },
+        t0,
+    );
+    let emoji = "🎉".repeat(MAX_REACTION_CHARS + 1);
+    assert_eq!(
+        refused(&mut r, A, RoomCommand::React { emoji }, t0),
+        RejectCode::BadMessage
+    );
+    assert_eq!(
+        refused(
+            &mut r,
+            A,
+            RoomCommand::React {
+                emoji: String::new()
+            },
+            t0
+        ),
+        RejectCode::BadMessage
+    );
+    for role in [RoomRole::Host, RoomRole::Listener] {
+        let cmd = RoomCommand::Promote { target: L, role };
+        assert_eq!(refused(&mut r, A, cmd, t0), RejectCode::BadMessage);
+    }
+    assert_eq!(
+        refused(&mut r, A, RoomCommand::Kick { target: A }, t0),
+        RejectCode::Invalid
+    );
+    assert_eq!(
+        refused(&mut r, A, RoomCommand::Mute { target: Some(L) }, t0),
+        RejectCode::Invalid
+    );
+}
+
+#[test]
+fn hand_queue_keeps_order_and_promotion_lowers() {
+    let t0 = Instant::now();
+    let mut r = Room::new(RoomId(1), RoomLimits::default(), t0, 0);
+    ok(&mut r, H, join_cmd("h", Role::Host), t0);
+    let ids: Vec<ParticipantId> = (20..25).map(ParticipantId).collect();
+    for (i, id) in ids.iter().enumerate() {
+        ok(&mut r, *id, join_cmd(&format!("l{i}"), Role::Listener), t0);
+    }
+    for id in [ids[3], ids[0], ids[4], ids[1]] {
+        assert_eq!(
+            ok(&mut r, id, RoomCommand::RaiseHand, t0),
+            vec![RoomEvent::HandRaised { id }]
+        );
+    }
+    // Raising again keeps the place in the queue.
+    assert!(ok(&mut r, ids[3], RoomCommand::RaiseHand, t0).is_empty());
+    assert_eq!(r.snapshot().hands, vec![ids[3], ids[0], ids[4], ids[1]]);
+    // Lowering one keeps the others in order; a moderator lowers someone else's.
+    ok(&mut r, ids[0], RoomCommand::LowerHand { target: None }, t0);
+    ok(&mut r, ids[2], RoomCommand::RaiseHand, t0);
+    assert_eq!(
+        ok(
+            &mut r,
+            H,
+            RoomCommand::LowerHand {
+                target: Some(ids[4])
+            },
+            t0
+        ),
+        vec![RoomEvent::HandLowered { id: ids[4] }]
+    );
+    assert_eq!(r.snapshot().hands, vec![ids[3], ids[1], ids[2]]);
+    // Promotion lowers the hand, after the role change.
+    assert_eq!(
+        ok(
+            &mut r,
+            H,
+            RoomCommand::Promote {
+                target: ids[1],
+                role: RoomRole::Speaker
+            },
+            t0
+        ),
+        vec![
+            RoomEvent::RoleChanged {
+                id: ids[1],
+                role: RoomRole::Speaker,
+                by: H
+            },
+            RoomEvent::HandLowered { id: ids[1] },
+        ]
+    );
+    // Leaving lowers the hand before the participant goes.
+    assert_eq!(
+        ok(&mut r, ids[3], RoomCommand::Leave, t0),
+        vec![
+            RoomEvent::HandLowered { id: ids[3] },
+            RoomEvent::ParticipantLeft { id: ids[3] }
+        ]
+    );
+    assert_eq!(r.snapshot().hands, vec![ids[2]]);
+}
+
+#[test]
+fn mute_unmute_and_who_is_heard() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Speaker, t0);
+    assert!(r.may_be_heard(S) && r.may_be_heard(A) && !r.may_be_heard(L));
+    assert_eq!(
+        ok(&mut r, H, RoomCommand::Mute { target: Some(A) }, t0),
+        vec![RoomEvent::Muted { id: A, by: H }]
+    );
+    assert!(!r.may_be_heard(A));
+    assert!(r.participant(A).unwrap().muted);
+    // Muting twice changes nothing; the speaker may unmute itself (like Clubhouse).
+    assert!(ok(&mut r, H, RoomCommand::Mute { target: Some(A) }, t0).is_empty());
+    assert_eq!(
+        ok(&mut r, A, RoomCommand::Unmute, t0),
+        vec![RoomEvent::Unmuted { id: A }]
+    );
+    assert!(r.may_be_heard(A));
+    // Demotion silences; audible() lists publishers that are not muted.
+    ok(&mut r, C, RoomCommand::Mute { target: Some(S) }, t0);
+    ok(&mut r, H, RoomCommand::Demote { target: A }, t0);
+    let mut heard: Vec<_> = r.audible().collect();
+    heard.sort();
+    assert_eq!(heard, vec![H, H2, C]);
+}
+
+#[test]
+fn kick_bans_the_user_until_the_room_ends() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Cohost, t0);
+    // The kicked user also has a second session (e.g. WHIP publisher + WebSocket client).
+    let second = ParticipantId(77);
+    ok(&mut r, second, join_cmd("l", Role::Listener), t0);
+    let ev = ok(&mut r, A, RoomCommand::Kick { target: L }, t0);
+    assert_eq!(
+        ev,
+        vec![
+            RoomEvent::HandLowered { id: L },
+            RoomEvent::Kicked { id: L, by: A },
+            RoomEvent::ParticipantLeft { id: L },
+            RoomEvent::Kicked { id: second, by: A },
+            RoomEvent::ParticipantLeft { id: second },
+        ]
+    );
+    let state = r.snapshot();
+    assert_eq!(state.banned, vec!["l".to_string()]);
+    assert!(state.participants.iter().all(|p| p.user != "l"));
+    assert!(state.hands.is_empty());
+    // Rejoining with the same identity, under any id, is refused.
+    assert_eq!(
+        refused(&mut r, L, join_cmd("l", Role::Listener), t0),
+        RejectCode::Banned
+    );
+    assert_eq!(
+        refused(&mut r, ParticipantId(78), join_cmd("l", Role::Host), t0),
+        RejectCode::Banned
+    );
+    // The kicked participant can no longer act.
+    assert_eq!(
+        refused(&mut r, L, RoomCommand::Chat { text: "hey".into() }, t0),
+        RejectCode::NotFound
+    );
+    // Others still join.
+    ok(
+        &mut r,
+        ParticipantId(79),
+        join_cmd("newcomer", Role::Listener),
+        t0,
+    );
+}
+
+#[test]
+fn end_refuses_everything_after() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Host, t0);
+    assert_eq!(
+        ok(&mut r, A, RoomCommand::End, t0),
+        vec![RoomEvent::Ended { by: Some(A) }]
+    );
+    let state = r.snapshot();
+    assert_eq!(state.phase, RoomPhase::Ended);
+    assert!(state.hands.is_empty());
+    for (actor, cmd) in [
+        (ParticipantId(80), join_cmd("late", Role::Listener)),
+        (H, RoomCommand::End),
+        (H, RoomCommand::Leave),
+        (L, RoomCommand::RaiseHand),
+        (
+            H,
+            RoomCommand::Chat {
+                text: "still there?".into(),
+            },
+        ),
+        (
+            H,
+            RoomCommand::Promote {
+                target: L,
+                role: RoomRole::Speaker,
+            },
+        ),
+        (S, RoomCommand::Unmute),
+    ] {
+        assert_eq!(refused(&mut r, actor, cmd, t0), RejectCode::RoomEnded);
+    }
+    assert_eq!(r.end_by(None, t0).unwrap_err().code, RejectCode::RoomEnded);
+}
+
+#[test]
+fn chat_and_reactions_are_rate_limited_per_participant() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Listener, t0);
+    let ms = Duration::from_millis;
+    let chat = |t: &str| RoomCommand::Chat { text: t.into() };
+    // 5 messages in 10 s, spread over 4 s.
+    for i in 0..5u64 {
+        let ev = ok(&mut r, A, chat("hello"), t0 + ms(i * 1000));
+        assert_eq!(
+            ev,
+            vec![RoomEvent::Chat {
+                from: A,
+                name: "A".into(),
+                text: "hello".into(),
+                at_ms: 1_000 + i * 1000,
+            }]
+        );
+    }
+    assert_eq!(
+        refused(&mut r, A, chat("flood"), t0 + ms(4_500)),
+        RejectCode::RateLimited
+    );
+    assert_eq!(
+        refused(&mut r, A, chat("flood"), t0 + ms(9_999)),
+        RejectCode::RateLimited
+    );
+    // Another participant is not affected.
+    ok(&mut r, L, chat("me too"), t0 + ms(9_999));
+    // The oldest message leaves the window at 10 s: one more fits, then it is full again.
+    ok(&mut r, A, chat("again"), t0 + ms(10_000));
+    assert_eq!(
+        refused(&mut r, A, chat("flood"), t0 + ms(10_500)),
+        RejectCode::RateLimited
+    );
+    ok(&mut r, A, chat("again"), t0 + ms(11_000));
+    // Reactions have their own budget of 10 per 10 s.
+    for i in 0..10u64 {
+        ok(
+            &mut r,
+            A,
+            RoomCommand::React {
+                emoji: "🔥".into()
+            },
+            t0 + ms(11_000 + i),
+        );
+    }
+    let react = RoomCommand::React {
+        emoji: "🔥".into()
+    };
+    assert_eq!(
+        refused(&mut r, A, react.clone(), t0 + ms(12_000)),
+        RejectCode::RateLimited
+    );
+    ok(&mut r, A, react, t0 + ms(21_000));
+    // A refused (rate limited) message did not use the budget: after the window, 5 fit again.
+    for i in 0..5u64 {
+        ok(&mut r, A, chat("later"), t0 + ms(30_000 + i));
+    }
+}
+
+#[test]
+fn rooms_create_on_join_remember_ends_and_forget_idle() {
+    let t0 = Instant::now();
+    let cfg = RoomsConfig {
+        max_rooms: 3,
+        ended_memory: Duration::from_secs(60),
+        empty_idle: Duration::from_secs(30),
+        ..RoomsConfig::default()
+    };
+    let mut rooms = Rooms::new(cfg);
+    let (a, b, c, d) = (RoomId(1), RoomId(2), RoomId(3), RoomId(4));
+    // Only a join creates a room; a refused join creates nothing.
+    assert_eq!(
+        rooms
+            .apply(a, H, RoomCommand::Leave, t0, 0)
+            .unwrap_err()
+            .code,
+        RejectCode::NotFound
+    );
+    assert!(rooms.apply(a, H, join_cmd("", Role::Host), t0, 0).is_err());
+    assert!(rooms.is_empty());
+    rooms.apply(a, H, join_cmd("h", Role::Host), t0, 0).unwrap();
+    rooms.apply(b, H, join_cmd("h", Role::Host), t0, 0).unwrap();
+    rooms.apply(b, H, RoomCommand::Leave, t0, 0).unwrap();
+    // Ending an unknown room remembers it as ended.
+    assert_eq!(rooms.end(c, t0, 0), Ending::Unknown);
+    assert_eq!(
+        rooms
+            .apply(c, H, join_cmd("h", Role::Host), t0, 0)
+            .unwrap_err()
+            .code,
+        RejectCode::RoomEnded
+    );
+    assert_eq!(rooms.len(), 3);
+    assert_eq!(
+        rooms
+            .apply(d, H, join_cmd("h", Role::Host), t0, 0)
+            .unwrap_err()
+            .code,
+        RejectCode::Limit
+    );
+    assert_eq!(
+        rooms.end(a, t0, 0),
+        Ending::Ended(vec![RoomEvent::Ended { by: None }])
+    );
+    assert_eq!(rooms.end(a, t0, 0), Ending::AlreadyEnded);
+    // The empty live room goes after 30 s, the ended ones after 60 s.
+    assert!(rooms.housekeeping(t0 + Duration::from_secs(29)).is_empty());
+    assert_eq!(rooms.housekeeping(t0 + Duration::from_secs(31)), vec![b]);
+    let mut gone = rooms.housekeeping(t0 + Duration::from_secs(61));
+    gone.sort();
+    assert_eq!(gone, vec![a, c]);
+    assert!(rooms.is_empty());
+}
