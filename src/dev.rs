@@ -1,7 +1,8 @@
 //! `amphi dev`: the whole mesh in one process on loopback, with embedded defaults.
 
 use amphi_protocol::config::{
-    known_region, EdgeConfig, EdgeEndpoint, OriginConfig, PackagerConfig, Region, RouterConfig,
+    known_region, EdgeConfig, EdgeEndpoint, OriginConfig, OriginEndpoint, PackagerConfig, Region,
+    RouterConfig,
 };
 use amphi_protocol::mtls::DevPki;
 use amphi_protocol::token::TokenSigner;
@@ -179,9 +180,16 @@ pub async fn run(args: DevArgs) -> Result<()> {
             packager_url: url(DEV_PORTS.packager_http, off),
             dev_mode: true,
             token_ttl_secs: 6 * 3600,
+            id: "geo-router-1".into(),
+            origins: vec![OriginEndpoint {
+                id: "origin-1".into(),
+                addr: addr(DEV_PORTS.origin_quic, off),
+                server_name: ORIGIN_NAME.into(),
+            }],
         },
         signer,
         web: crate::web::assets(),
+        mesh_tls: Some(pki.issue("geo-router-1.amphi.internal")?),
     };
     let sd = shutdown.clone();
     tasks.spawn(async move {

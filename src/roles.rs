@@ -50,6 +50,9 @@ struct PackagerFile {
 struct RouterFile {
     router: RouterConfig,
     signing: SigningFile,
+    /// mTLS material for the links to `router.origins`.
+    #[serde(default)]
+    tls: Option<TlsFiles>,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -133,6 +136,7 @@ pub async fn geo_router(path: Option<PathBuf>) -> Result<()> {
         config: file.router,
         signer: load_signer(&file.signing)?,
         web: crate::web::assets(),
+        mesh_tls: file.tls.as_ref().map(load_tls).transpose()?,
     };
     amphi_geo_router::run(setup, shutdown_on_signal()).await?;
     Ok(())

@@ -47,6 +47,17 @@ impl Directory {
         self.rooms.get(&id)
     }
 
+    /// Mark a room ended. Returns `true` if it was live (so this call ended it).
+    pub fn end(&mut self, id: RoomId) -> bool {
+        match self.rooms.get_mut(&id) {
+            Some(r) if r.status != RoomStatus::Ended => {
+                r.status = RoomStatus::Ended;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Live rooms, newest first.
     pub fn live(&self) -> Vec<(RoomId, &RoomEntry)> {
         let mut v: Vec<_> = self

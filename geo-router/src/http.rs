@@ -1,18 +1,20 @@
 //! The geo-router's HTTP driver: REST API, route API, web client, and the `/hls` proxy.
 
 use crate::directory::Directory;
+use crate::origins::{OriginEvent, OriginLinks};
 use crate::select::{select_edge, ClientPlace, SelectError};
 use amphi_protocol::api::{
     ApiError, CreateRoomRequest, CreateRoomResponse, MintTokenRequest, RouteResponse,
     TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
 };
 use amphi_protocol::config::RouterConfig;
-use amphi_protocol::token::{Claims, Role, TokenSigner};
+use amphi_protocol::mtls::MtlsMaterial;
+use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body the API accepts.
@@ -48,6 +51,8 @@ pub struct RouterSetup {
     pub signer: TokenSigner,
     /// The web client's files.
     pub web: Vec<WebAsset>,
+    /// Client certificate for the QUIC links to `config.origins` (required when origins are set).
+    pub mesh_tls: Option<MtlsMaterial>,
 }
 
 /// Why the router could not run.
@@ -64,6 +69,9 @@ pub enum RouterError {
     /// The server failed.
     #[error("serve: {0}")]
     Serve(std::io::Error),
+    /// Origins are configured but the links cannot be set up.
+    #[error("origin links: {0}")]
+    Links(String),
 }
 
 #[derive(Default)]
@@ -72,11 +80,14 @@ struct Counters {
     tokens_minted: AtomicU64,
     routes: AtomicU64,
     hls_proxied: AtomicU64,
+    rooms_ended: AtomicU64,
 }
 
 struct AppState {
     config: RouterConfig,
     signer: TokenSigner,
+    verifier: TokenVerifier,
+    links: OriginLinks,
     directory: Mutex<Directory>,
     web: Vec<WebAsset>,
     hls_client: Client<HttpConnector, Body>,
@@ -245,6 +256,75 @@ async fn mint_token(
     .into_response())
 }
 
+/// The bearer token of a request, if well-formed.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// `POST /v1/rooms/{id}/end`: the room's host (Bearer host token) ends it.
+async fn end_room(State(s): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
+    let room = parse_room(&id)?;
+    let Some(token) = bearer(&headers) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a host token (Authorization: Bearer) is required",
+        ));
+    };
+    let claims = s.verifier.verify(token, now_unix()).map_err(|e| {
+        tracing::info!(%room, reason = %e, "end refused");
+        error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("invalid token: {e}"),
+        )
+    })?;
+    if claims.room != room || claims.role != Role::Host {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only this room's host may end it",
+        ));
+    }
+    let ended = {
+        let mut dir = s.directory.lock().expect("directory lock");
+        if dir.get(room).is_none() {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "room_not_found",
+                "no such room",
+            ));
+        }
+        dir.end(room)
+    };
+    if ended {
+        s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
+        let origin = s.links.end_room(room);
+        tracing::info!(%room, origin = ?origin, "room ended by its host");
+    }
+    let dir = s.directory.lock().expect("directory lock");
+    let entry = dir.get(room).expect("room exists");
+    Ok(Json(entry.info(room, s.hls_url(room))).into_response())
+}
+
+/// Apply what the origins report (room ends from elsewhere) to the directory.
+async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEvent>) {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            OriginEvent::RoomEnded { room, origin } => {
+                let ended = s.directory.lock().expect("directory lock").end(room);
+                if ended {
+                    s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%room, %origin, "room ended (reported by origin)");
+                }
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct RouteQuery {
     room: Option<String>,
@@ -358,11 +438,15 @@ async fn metrics(State(s): State<Shared>) -> Response {
          # TYPE amphi_router_tokens_minted_total counter\namphi_router_tokens_minted_total {}\n\
          # TYPE amphi_router_routes_total counter\namphi_router_routes_total {}\n\
          # TYPE amphi_router_hls_proxied_total counter\namphi_router_hls_proxied_total {}\n\
+         # TYPE amphi_router_rooms_ended_total counter\namphi_router_rooms_ended_total {}\n\
+         # TYPE amphi_router_origin_links gauge\namphi_router_origin_links {}\n\
          # TYPE amphi_router_live_rooms gauge\namphi_router_live_rooms {}\n",
         c.rooms_created.load(Ordering::Relaxed),
         c.tokens_minted.load(Ordering::Relaxed),
         c.routes.load(Ordering::Relaxed),
         c.hls_proxied.load(Ordering::Relaxed),
+        c.rooms_ended.load(Ordering::Relaxed),
+        s.links.connected(),
         live,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
@@ -391,6 +475,7 @@ fn app(state: Shared) -> Router {
         .route("/v1/rooms", post(create_room).get(list_rooms))
         .route("/v1/rooms/{id}", get(get_room))
         .route("/v1/rooms/{id}/tokens", post(mint_token))
+        .route("/v1/rooms/{id}/end", post(end_room))
         .route("/v1/route", get(route))
         .route("/hls/{*rest}", get(hls_proxy).head(hls_proxy))
         .route("/metrics", get(metrics))
@@ -408,7 +493,27 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         .map_err(|source| RouterError::Bind { addr, source })?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let links = match (&setup.mesh_tls, setup.config.origins.is_empty()) {
+        (_, true) => OriginLinks::none(),
+        (Some(tls), false) => OriginLinks::start(
+            &setup.config.id,
+            &setup.config.default_region,
+            setup.config.origins.clone(),
+            tls,
+            events_tx,
+            shutdown.clone(),
+        )
+        .map_err(|e| RouterError::Links(e.to_string()))?,
+        (None, false) => {
+            return Err(RouterError::Links(
+                "origins are configured but no mesh TLS material was given".into(),
+            ))
+        }
+    };
     let state = Arc::new(AppState {
+        verifier: setup.signer.verifier(),
+        links,
         config: setup.config,
         signer: setup.signer,
         directory: Mutex::new(Directory::default()),
@@ -416,6 +521,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         hls_client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
         counters: Counters::default(),
     });
+    tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tracing::info!(%addr, "geo-router listening");
     axum::serve(
         listener,

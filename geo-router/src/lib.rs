@@ -3,6 +3,7 @@
 
 pub mod directory;
 pub mod http;
+pub mod origins;
 pub mod select;
 
 pub use http::{run, RouterError, RouterSetup, WebAsset};

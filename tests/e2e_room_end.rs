@@ -1,0 +1,246 @@
+//! Ending a room through the geo-router: `POST /v1/rooms/{id}/end` with the host token marks the
+//! directory and sends `RoomEnded` over the router's mTLS QUIC link to the room's origin, which
+//! ends the HLS playlist; and a `RoomEnded` the origin hears from elsewhere marks the router's
+//! directory too.
+
+mod support;
+
+use amphi_protocol::config::{OriginConfig, OriginEndpoint, RouterConfig};
+use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
+use amphi_protocol::mtls::DevPki;
+use amphi_protocol::token::TokenSigner;
+use amphi_protocol::RoomId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// POST with an optional bearer token; returns (status, JSON body).
+fn post_end(url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = ureq::post(url).timeout(Duration::from_secs(5));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let resp = match req.send_string("") {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = resp.status();
+    (status, resp.into_json().unwrap_or(serde_json::Value::Null))
+}
+
+fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let resp = match ureq::get(url).timeout(Duration::from_secs(5)).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    let status = resp.status();
+    (status, resp.into_json().unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_ends_room_via_router_and_origin_finishes_the_playlist() {
+    let mesh = DevMesh::start(23_100, "room-end");
+    let (room, host, hls_url) = mesh.create_room("to be ended");
+    let speaker = mesh.token(&room, "speaker", "tone");
+    let listener = mesh.token(&room, "listener", "ear");
+    let route = mesh.route(&room, "us-east");
+    let whip = route["whip_url"].as_str().unwrap().to_string();
+    publish_tone(&whip, &speaker, 440.0, 3.0).await;
+    let media_url = {
+        let hls = hls_url.clone();
+        tokio::task::spawn_blocking(move || media_playlist_url(&hls))
+            .await
+            .unwrap()
+    };
+
+    let end_url = format!("{}/v1/rooms/{room}/end", mesh.router());
+    let (status, body) = post_end(&end_url, None);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, body) = post_end(&end_url, Some(&listener));
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+    let (status, body) = post_end(&end_url, Some("not.a.token"));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, body) = post_end(
+        &format!("{}/v1/rooms/00000000000000ff/end", mesh.router()),
+        Some(&host),
+    );
+    assert_eq!(status, 403, "a host token of another room: {body}");
+
+    let (status, body) = post_end(&end_url, Some(&host));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ended");
+    // Ending twice is harmless.
+    let (status, body) = post_end(&end_url, Some(&host));
+    assert_eq!((status, body["status"].as_str()), (200, Some("ended")));
+
+    let (status, info) = get_json(&format!("{}/v1/rooms/{room}", mesh.router()));
+    assert_eq!((status, info["status"].as_str()), (200, Some("ended")));
+    let (status, _) = get_json(&format!("{}/v1/route?room={room}", mesh.router()));
+    assert_eq!(status, 404, "no routes into an ended room");
+
+    // The origin got RoomEnded from the router and told the packager: the playlist ends.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = tokio::task::spawn_blocking({
+            let u = media_url.clone();
+            move || String::from_utf8(get_bytes(&u)).unwrap()
+        })
+        .await
+        .unwrap();
+        if text.contains("#EXT-X-ENDLIST") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "playlist never ended:\n{text}\nlog:\n{}",
+            mesh.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = mesh.log_text();
+    assert!(
+        log.contains("room end sent to origin"),
+        "router link sent it: {log}"
+    );
+    assert_eq!(
+        metric(&mesh.router(), "amphi_router_origin_links"),
+        Some(1.0)
+    );
+}
+
+/// A QUIC mesh peer (an edge, as far as the origin knows) that ends a room at the origin.
+async fn edge_ends_room(pki: &DevPki, origin: SocketAddr, room: RoomId) {
+    let tls = pki.issue("edge-test.amphi.internal").unwrap();
+    let quic_tls =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic_tls)));
+    let conn = endpoint
+        .connect(origin, "origin.amphi.internal")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = ControlMessage::Hello {
+        peer: PeerKind::Edge,
+        id: "edge-test".into(),
+        region: "eu-west".into(),
+    };
+    send.write_all(&hello.to_record()).await.unwrap();
+    let mut dec = ControlDecoder::default();
+    let mut buf = [0u8; 1024];
+    let welcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(m) = dec.next_message().unwrap() {
+                return m;
+            }
+            let n = recv.read(&mut buf).await.unwrap().unwrap();
+            dec.feed(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap();
+    assert!(matches!(welcome, ControlMessage::Welcome { .. }));
+    send.write_all(&ControlMessage::RoomEnded { room }.to_record())
+        .await
+        .unwrap();
+    // Give the origin time to read it before closing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_end_reported_by_the_origin_marks_the_directory() {
+    let pki = DevPki::generate().unwrap();
+    let base = 23_200u16;
+    let origin_addr: SocketAddr = format!("127.0.0.1:{}", 8300 + base).parse().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let origin = amphi_origin::OriginSetup {
+        config: OriginConfig {
+            id: "origin-1".into(),
+            quic_listen: origin_addr,
+            metrics_listen: format!("127.0.0.1:{}", 8301 + base).parse().unwrap(),
+        },
+        mesh_tls: pki.issue("origin.amphi.internal").unwrap(),
+    };
+    let origin_task = tokio::spawn(amphi_origin::run(origin, shutdown.clone()));
+    let router_url = format!("http://127.0.0.1:{}", 8080 + base);
+    let router = amphi_geo_router::RouterSetup {
+        config: RouterConfig {
+            http_listen: format!("127.0.0.1:{}", 8080 + base).parse().unwrap(),
+            public_url: router_url.clone(),
+            default_region: "us-east".into(),
+            edges: vec![],
+            packager_url: "http://127.0.0.1:9".into(),
+            dev_mode: true,
+            token_ttl_secs: 600,
+            id: "router-test".into(),
+            origins: vec![OriginEndpoint {
+                id: "origin-1".into(),
+                addr: origin_addr,
+                server_name: "origin.amphi.internal".into(),
+            }],
+        },
+        signer: TokenSigner::generate("k1"),
+        web: vec![],
+        mesh_tls: Some(pki.issue("router-test.amphi.internal").unwrap()),
+    };
+    let router_task = tokio::spawn(amphi_geo_router::run(router, shutdown.clone()));
+
+    let room = tokio::task::spawn_blocking({
+        let url = router_url.clone();
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while metric(&url, "amphi_router_origin_links") != Some(1.0) {
+                assert!(
+                    Instant::now() < deadline,
+                    "router never linked to the origin"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let v: serde_json::Value = ureq::post(&format!("{url}/v1/rooms"))
+                .send_json(serde_json::json!({"title": "ended elsewhere"}))
+                .unwrap()
+                .into_json()
+                .unwrap();
+            v["room"].as_str().unwrap().to_string()
+        }
+    })
+    .await
+    .unwrap();
+
+    edge_ends_room(&pki, origin_addr, room.parse().unwrap()).await;
+
+    let ended = tokio::task::spawn_blocking({
+        let url = format!("{router_url}/v1/rooms/{room}");
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, v) = get_json(&url);
+                if v["status"] == "ended" {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ended, "the router never learned that the room ended");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), origin_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), router_task).await;
+}
