@@ -1,12 +1,18 @@
-//! The edge's HTTP listener: WHIP (RFC 9725) ingest, CORS, `/metrics`, `/healthz`.
+//! The edge's HTTP listener: WHIP (RFC 9725) ingest, WHEP egress, the `/v1/ws` signaling
+//! WebSocket ([`crate::ws`]), CORS, `/metrics`, `/healthz`.
 
 use crate::lifecycle::{ParticipantIds, RoomCache, RoomStatusAnswer};
 use crate::media::{MediaCommand, NewPeer, RemoveOutcome};
 use crate::metrics::Metrics;
-use crate::offer::{parse_whip_offer, MAX_OFFER_LEN};
+use crate::occupancy::Occupancy;
+use crate::offer::{parse_client_offer, parse_whip_offer, OfferError, MAX_OFFER_LEN};
+use crate::room::Refusal;
+use crate::sessions::{JoinOutcome, Sessions};
+use crate::signaling::{JoinRequest, SessionKind};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
+use amphi_protocol::room::RoomRole;
 use amphi_protocol::token::{Claims, TokenVerifier};
-use amphi_protocol::RoomId;
+use amphi_protocol::{ParticipantId, RoomId};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -30,6 +36,9 @@ pub const ROOM_CACHE_TTL: Duration = Duration::from_secs(5);
 const ROUTER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest geo-router answer read.
 const MAX_ROUTER_BODY: usize = 64 * 1024;
+/// How long a WHIP/WHEP POST waits for the room authority to accept the participant before
+/// continuing with the token's role (origin unreachable or without authority).
+const JOIN_WAIT: Duration = Duration::from_secs(3);
 
 /// Shared state of the HTTP handlers.
 pub(crate) struct AppState {
@@ -40,6 +49,8 @@ pub(crate) struct AppState {
     pub router: RouterClient,
     pub metrics: Arc<Metrics>,
     pub ids: Mutex<ParticipantIds>,
+    pub sessions: Arc<Sessions>,
+    pub occupancy: Arc<Occupancy>,
 }
 
 /// Asks the geo-router whether rooms exist.
@@ -56,7 +67,7 @@ impl RouterClient {
         }
     }
 
-    async fn room_status(&self, room: RoomId) -> Result<RoomStatusAnswer, String> {
+    pub(crate) async fn room_status(&self, room: RoomId) -> Result<RoomStatusAnswer, String> {
         let uri = format!("{}/v1/rooms/{room}", self.base);
         let req = http::Request::get(uri)
             .header(header::ACCEPT, "application/json")
@@ -99,9 +110,20 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
                 .patch(whip_patch)
                 .options(|| async { preflight(false) }),
         )
+        .route(
+            "/whep/{room}",
+            post(whep_post).options(|| async { preflight(true) }),
+        )
+        .route(
+            "/whep/{room}/{session}",
+            axum::routing::delete(whep_delete)
+                .patch(whip_patch)
+                .options(|| async { preflight(false) }),
+        )
         .layer(axum::middleware::map_response(cors));
     Router::new()
         .merge(whip)
+        .route("/v1/ws", get(crate::ws::ws_get))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
@@ -159,7 +181,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// A JSON `ApiError` response.
-fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = serde_json::to_vec(&ApiError::new(code, message)).unwrap_or_default();
     let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -169,7 +191,7 @@ fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     resp
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -195,11 +217,11 @@ fn authorize(st: &AppState, headers: &HeaderMap, room: RoomId) -> Result<Claims,
     })
 }
 
-fn unauthorized(message: String) -> Response {
+pub(crate) fn unauthorized(message: String) -> Response {
     api_error(StatusCode::UNAUTHORIZED, "unauthorized", message)
 }
 
-async fn room_is_live(st: &AppState, room: RoomId) -> Result<bool, String> {
+pub(crate) async fn room_is_live(st: &AppState, room: RoomId) -> Result<bool, String> {
     let cached = st
         .rooms
         .lock()
@@ -223,11 +245,12 @@ fn is_sdp(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/sdp"))
 }
 
-fn new_session_id() -> String {
+pub(crate) fn new_session_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// Build the edge's `Rtc` for one WHIP publisher: ICE-lite, RTP mode, Opus only.
+/// Build the edge's `Rtc` for one peer (WHIP publisher, WHEP or WebSocket listener): ICE-lite,
+/// RTP mode, Opus only.
 pub(crate) fn publisher_rtc(creds: IceCreds, now: Instant) -> Rtc {
     Rtc::builder()
         .set_ice_lite(true)
@@ -238,61 +261,39 @@ pub(crate) fn publisher_rtc(creds: IceCreds, now: Instant) -> Rtc {
         .build(now)
 }
 
-async fn whip_post(
-    State(st): State<Arc<AppState>>,
-    Path(room): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let Ok(room) = room.parse::<RoomId>() else {
-        return api_error(
+/// The room id of a path, or a 404.
+fn parse_room(room: &str) -> Result<RoomId, Response> {
+    room.parse::<RoomId>().map_err(|_| {
+        api_error(
             StatusCode::NOT_FOUND,
             "room_not_found",
             "room ids are 16 hex digits",
-        );
-    };
-    let claims = match authorize(&st, &headers, room) {
-        Ok(c) => c,
-        Err(message) => return unauthorized(message),
-    };
+        )
+    })
+}
+
+/// Token, room and SDP checks shared by WHIP and WHEP POSTs; returns the claims and the body.
+async fn check_post(
+    st: &AppState,
+    room: RoomId,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Claims, Bytes), Response> {
+    let claims = authorize(st, headers, room).map_err(unauthorized)?;
     if claims.room != room {
-        return api_error(
+        return Err(api_error(
             StatusCode::FORBIDDEN,
             "forbidden",
             "the token is for another room",
-        );
+        ));
     }
-    if !claims.role.may_publish() {
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this role may not publish audio",
-        );
-    }
-    match room_is_live(&st, room).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return api_error(
-                StatusCode::NOT_FOUND,
-                "room_not_found",
-                "the room does not exist or has ended",
-            )
-        }
-        Err(e) => {
-            tracing::warn!(%room, error = %e, "geo-router lookup failed");
-            return api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "router_unavailable",
-                "cannot check the room right now",
-            );
-        }
-    }
-    if !is_sdp(&headers) {
-        return api_error(
+    check_live(st, room).await?;
+    if !is_sdp(headers) {
+        return Err(api_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "the body must be an SDP offer with Content-Type: application/sdp",
-        );
+        ));
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -306,68 +307,146 @@ async fn whip_post(
         )
     };
     if declared.is_some_and(|n| n > MAX_OFFER_LEN as u64) {
-        return too_large();
+        return Err(too_large());
     }
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_OFFER_LEN).await else {
-        return too_large();
-    };
-    let offer = match parse_whip_offer(&bytes) {
-        Ok(o) => o,
-        Err(e) => {
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            return api_error(status, e.code(), e.to_string());
-        }
-    };
+    let bytes = axum::body::to_bytes(body, MAX_OFFER_LEN)
+        .await
+        .map_err(|_| too_large())?;
+    Ok((claims, bytes))
+}
 
-    let creds = IceCreds::new();
-    let ufrag = creds.ufrag.clone();
-    let mut rtc = publisher_rtc(creds, Instant::now());
-    let candidate = match Candidate::host(st.candidate, "udp") {
-        Ok(c) => c,
+/// 404 if the geo-router says the room does not exist or ended, 503 if it cannot be asked.
+pub(crate) async fn check_live(st: &AppState, room: RoomId) -> Result<(), Response> {
+    match room_is_live(st, room).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(api_error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            "the room does not exist or has ended",
+        )),
         Err(e) => {
-            tracing::error!(candidate = %st.candidate, error = %e, "bad media candidate address");
-            return api_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "media address misconfigured",
-            );
+            tracing::warn!(%room, error = %e, "geo-router lookup failed");
+            Err(api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "router_unavailable",
+                "cannot check the room right now",
+            ))
         }
-    };
-    rtc.add_local_candidate(candidate);
-    let answer = match rtc.sdp_api().accept_offer(offer) {
-        Ok(a) => a,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_sdp", e.to_string()),
-    };
-    let participant = match st.ids.lock() {
-        Ok(mut ids) => ids.allocate(),
-        Err(_) => {
-            return api_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "id allocator poisoned",
-            )
-        }
-    };
-    let session = new_session_id();
-    let name: String = claims
+    }
+}
+
+fn offer_error(e: OfferError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    api_error(status, e.code(), e.to_string())
+}
+
+/// The HTTP status of a refusal from the room authority.
+pub(crate) fn refusal_status(code: &str) -> StatusCode {
+    match code {
+        "room_ended" | "ended" => StatusCode::GONE,
+        "not_found" => StatusCode::NOT_FOUND,
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "unavailable" | "capacity" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::FORBIDDEN,
+    }
+}
+
+fn refusal_response(r: &Refusal) -> Response {
+    let code = if r.code == "ended" { "room_ended" } else { r.code };
+    api_error(refusal_status(r.code), code, r.message.clone())
+}
+
+fn allocate(st: &AppState) -> Result<ParticipantId, Response> {
+    st.ids.lock().map(|mut ids| ids.allocate()).map_err(|_| {
+        api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "id allocator poisoned",
+        )
+    })
+}
+
+/// Display name from a token, bounded.
+pub(crate) fn display_name(claims: &Claims) -> String {
+    claims
         .name
         .chars()
         .take(amphi_protocol::api::MAX_NAME_CHARS)
-        .collect();
+        .collect()
+}
+
+/// Join a WHIP/WHEP session as a participant. Returns its role and whether it may send audio.
+/// When the origin is unreachable or has no room authority, the session continues with its
+/// token's role (degraded: no room state).
+async fn join_http(
+    st: &AppState,
+    pid: ParticipantId,
+    claims: &Claims,
+    kind: SessionKind,
+) -> Result<(RoomRole, bool), Response> {
+    let token_role = RoomRole::from_token(claims.role);
+    let degraded = (token_role, token_role.may_publish());
+    let rx = st.sessions.join(
+        JoinRequest {
+            participant: pid,
+            room: claims.room,
+            user: claims.sub.clone(),
+            name: display_name(claims),
+            role: claims.role,
+            kind,
+        },
+        None,
+    );
+    let mut rx = rx;
+    if !st.sessions.is_link_up() {
+        // Refusals known locally (banned, ended) are already decided.
+        return match rx.try_recv() {
+            Ok(JoinOutcome::Refused(r)) if r.code != "unavailable" => Err(refusal_response(&r)),
+            _ => Ok(degraded),
+        };
+    }
+    match tokio::time::timeout(JOIN_WAIT, rx).await {
+        Ok(Ok(JoinOutcome::Joined(state))) => {
+            let p = state.participants.iter().find(|p| p.id == pid);
+            let role = p.map_or(token_role, |p| p.role);
+            Ok((role, role.may_publish() && !p.is_some_and(|p| p.muted)))
+        }
+        Ok(Ok(JoinOutcome::Refused(r))) if r.code == "unavailable" => Ok(degraded),
+        Ok(Ok(JoinOutcome::Refused(r))) => Err(refusal_response(&r)),
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!(room = %claims.room, participant = %pid, "room authority did not answer; continuing with the token role");
+            Ok(degraded)
+        }
+    }
+}
+
+/// Accept `offer` on a fresh `Rtc` with our candidate: (rtc, ufrag, answer SDP).
+pub(crate) fn answer_offer(
+    st: &AppState,
+    offer: str0m::change::SdpOffer,
+) -> Result<(Rtc, String, String), Response> {
+    let creds = IceCreds::new();
+    let ufrag = creds.ufrag.clone();
+    let mut rtc = publisher_rtc(creds, Instant::now());
+    let candidate = Candidate::host(st.candidate, "udp").map_err(|e| {
+        tracing::error!(candidate = %st.candidate, error = %e, "bad media candidate address");
+        api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "media address misconfigured",
+        )
+    })?;
+    rtc.add_local_candidate(candidate);
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_sdp", e.to_string()))?;
+    Ok((rtc, ufrag, answer.to_sdp_string()))
+}
+
+/// Hand a peer to the media driver.
+pub(crate) async fn add_peer(st: &AppState, peer: NewPeer) -> Result<(), Response> {
     let (reply_tx, reply_rx) = oneshot::channel();
-    let cmd = MediaCommand::Add {
-        peer: Box::new(NewPeer {
-            session: session.clone(),
-            ufrag: ufrag.clone(),
-            rtc,
-            room,
-            participant,
-            name,
-            jti: claims.jti.clone(),
-            publishing: true,
-        }),
-        reply: reply_tx,
-    };
     let unavailable = || {
         api_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -375,17 +454,22 @@ async fn whip_post(
             "the media engine is not accepting peers",
         )
     };
-    if st.media_tx.send(cmd).await.is_err() {
-        return unavailable();
-    }
+    st.media_tx
+        .send(MediaCommand::Add {
+            peer: Box::new(peer),
+            reply: reply_tx,
+        })
+        .await
+        .map_err(|_| unavailable())?;
     match reply_rx.await {
-        Ok(Ok(())) => {}
-        _ => return unavailable(),
+        Ok(Ok(())) => Ok(()),
+        _ => Err(unavailable()),
     }
-    st.metrics.whip_session_created();
-    tracing::info!(%room, %participant, "whip session created");
-    let location = format!("/whip/{room}/{session}");
-    let mut resp = (StatusCode::CREATED, answer.to_sdp_string()).into_response();
+}
+
+fn created(kind: &str, room: RoomId, session: &str, ufrag: &str, answer: String) -> Response {
+    let location = format!("/{kind}/{room}/{session}");
+    let mut resp = (StatusCode::CREATED, answer).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -400,12 +484,180 @@ async fn whip_post(
     resp
 }
 
+async fn whip_post(
+    State(st): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let room = match parse_room(&room) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let claims = match authorize(&st, &headers, room) {
+        Ok(c) => c,
+        Err(message) => return unauthorized(message),
+    };
+    if claims.room == room && !claims.role.may_publish() {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this role may not publish audio",
+        );
+    }
+    let (claims, bytes) = match check_post(&st, room, &headers, body).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let offer = match parse_whip_offer(&bytes) {
+        Ok(o) => o,
+        Err(e) => return offer_error(e),
+    };
+    let participant = match allocate(&st) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let (role, may_send) = match join_http(&st, participant, &claims, SessionKind::Whip).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let fail = |resp: Response| {
+        st.sessions.leave(participant);
+        resp
+    };
+    if !role.may_publish() {
+        return fail(api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a listener may not publish audio",
+        ));
+    }
+    let (rtc, ufrag, answer) = match answer_offer(&st, offer) {
+        Ok(x) => x,
+        Err(resp) => return fail(resp),
+    };
+    let session = new_session_id();
+    let peer = NewPeer {
+        session: session.clone(),
+        ufrag: ufrag.clone(),
+        rtc,
+        room,
+        participant,
+        name: display_name(&claims),
+        jti: claims.jti.clone(),
+        kind: SessionKind::Whip,
+        publishing: true,
+        may_send,
+        slots: Vec::new(),
+    };
+    if let Err(resp) = add_peer(&st, peer).await {
+        return fail(resp);
+    }
+    st.metrics.whip_session_created();
+    tracing::info!(%room, %participant, "whip session created");
+    created("whip", room, &session, &ufrag, answer)
+}
+
+async fn whep_post(
+    State(st): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let room = match parse_room(&room) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let (claims, bytes) = match check_post(&st, room, &headers, body).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    if st.occupancy.is_full() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "this edge serves its maximum of interactive listeners; listen over HLS",
+        );
+    }
+    let offer = match parse_client_offer(&bytes) {
+        Ok(o) => o,
+        Err(e) => return offer_error(e),
+    };
+    if offer.sends_audio {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "WHEP is receive-only: the offer must not send audio (publish with WHIP)",
+        );
+    }
+    if offer.slots.is_empty() {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_sdp",
+            "the offer has no recvonly Opus audio m-line",
+        );
+    }
+    let participant = match allocate(&st) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    if let Err(resp) = join_http(&st, participant, &claims, SessionKind::Whep).await {
+        return resp;
+    }
+    let fail = |resp: Response| {
+        st.sessions.leave(participant);
+        resp
+    };
+    let slots = offer.slots.clone();
+    let (rtc, ufrag, answer) = match answer_offer(&st, offer.offer) {
+        Ok(x) => x,
+        Err(resp) => return fail(resp),
+    };
+    let session = new_session_id();
+    let peer = NewPeer {
+        session: session.clone(),
+        ufrag: ufrag.clone(),
+        rtc,
+        room,
+        participant,
+        name: display_name(&claims),
+        jti: claims.jti.clone(),
+        kind: SessionKind::Whep,
+        publishing: false,
+        may_send: false,
+        slots,
+    };
+    if let Err(resp) = add_peer(&st, peer).await {
+        return fail(resp);
+    }
+    st.metrics.whep_session_created();
+    tracing::info!(%room, %participant, "whep session created");
+    created("whep", room, &session, &ufrag, answer)
+}
+
+async fn whep_delete(
+    st: State<Arc<AppState>>,
+    path: Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    delete_session(st, path, headers, "no such WHEP session").await
+}
+
 async fn whip_delete(
+    st: State<Arc<AppState>>,
+    path: Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    delete_session(st, path, headers, "no such WHIP session").await
+}
+
+async fn delete_session(
     State(st): State<Arc<AppState>>,
     Path((room, session)): Path<(String, String)>,
     headers: HeaderMap,
+    missing: &'static str,
 ) -> Response {
-    let not_found = || api_error(StatusCode::NOT_FOUND, "not_found", "no such WHIP session");
+    let not_found = || api_error(StatusCode::NOT_FOUND, "not_found", missing);
     let Ok(room) = room.parse::<RoomId>() else {
         return not_found();
     };

@@ -1,26 +1,39 @@
 //! amphi-edge: the WebRTC SFU edge.
 //!
-//! Speakers publish Opus over WebRTC (WHIP, RFC 9725) to an edge; the edge terminates ICE-lite,
-//! DTLS-SRTP with str0m on one shared UDP socket and forwards every RTP packet to the origin as a
-//! relay frame in a QUIC datagram over an mTLS link.
+//! Speakers publish Opus over WebRTC (WHIP, RFC 9725, or a WebSocket-signaled PeerConnection) to
+//! an edge; the edge terminates ICE-lite, DTLS-SRTP with str0m on one shared UDP socket, forwards
+//! every allowed RTP packet to the origin as a relay frame in a QUIC datagram over an mTLS link,
+//! and forwards the room's 3 loudest speakers (local, or relayed from other regions by the origin)
+//! to its interactive listeners (WHEP or WebSocket). Client signaling (`/v1/ws`) keeps a replica
+//! of each room's state, whose authority is the room's origin.
 //!
-//! Layout: sans-IO cores ([`peers`], [`lifecycle`], [`mesh`], [`offer`]) make every decision;
-//! thin tokio drivers (media socket, QUIC uplink, HTTP) carry them out. [`whip_client`] is a
-//! str0m-based WHIP publisher used by tests and load generation.
+//! Layout: sans-IO cores ([`peers`], [`lifecycle`], [`mesh`], [`offer`], [`room`], [`signaling`],
+//! [`slots`]) make every decision; thin tokio drivers (media socket, QUIC uplink, HTTP and
+//! WebSocket) carry them out. [`whip_client`] and [`whep_client`] are str0m-based clients used by
+//! tests and load generation.
 
 #![warn(missing_docs)]
 
+mod batch;
 mod http;
 pub mod lifecycle;
 mod media;
 pub mod mesh;
 pub mod metrics;
+pub mod occupancy;
 pub mod offer;
 pub mod peers;
+pub mod room;
+mod sessions;
+pub mod signaling;
+pub mod slots;
 mod uplink;
+pub mod whep_client;
 pub mod whip_client;
+mod ws;
 
-pub use offer::{parse_whip_offer, OfferError};
+pub use occupancy::Occupancy;
+pub use offer::{parse_client_offer, parse_whip_offer, OfferError};
 pub use peers::{stun_local_ufrag, DropReason};
 
 use amphi_protocol::config::EdgeConfig;
@@ -134,14 +147,30 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
     let (media_tx, media_rx) = mpsc::channel(MEDIA_QUEUE);
     let (mesh_tx, mesh_rx) = mpsc::unbounded_channel();
     let (conn_tx, conn_rx) = watch::channel(None);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (relayed_tx, relayed_rx) = mpsc::channel(media::RELAY_QUEUE);
+    let sessions = Arc::new(sessions::Sessions::new(
+        &config.region,
+        mesh_tx.clone(),
+        control_tx,
+    ));
+    // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.
+    let occupancy = Arc::new(Occupancy::new(config.interactive_capacity));
 
     let driver = media::MediaDriver::new(
         candidate,
         media::Relay::new(conn_rx),
         metrics.clone(),
         mesh_tx,
+        sessions.clone(),
+        occupancy.clone(),
     );
-    let media_task = tokio::spawn(driver.run(udp, media_rx, inner.clone()));
+    let media_inputs = media::MediaInputs {
+        commands: media_rx,
+        control: control_rx,
+        relayed: relayed_rx,
+    };
+    let media_task = tokio::spawn(driver.run(udp, media_inputs, inner.clone()));
     let uplink = uplink::Uplink {
         edge_id: config.id.clone(),
         region: config.region.clone(),
@@ -152,6 +181,8 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
         mesh_rx,
         media_tx: media_tx.clone(),
         rooms: rooms.clone(),
+        sessions: sessions.clone(),
+        relayed_tx,
     };
     let uplink_task = tokio::spawn(uplink.run(endpoint, inner.clone()));
 
@@ -163,6 +194,8 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
         router: http::RouterClient::new(&config.router_url),
         metrics,
         ids: Mutex::new(lifecycle::ParticipantIds::new(config.index)),
+        sessions,
+        occupancy,
     });
     let served = axum::serve(http_listener, http::router(state))
         .with_graceful_shutdown(inner.clone().cancelled_owned())

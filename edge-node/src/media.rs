@@ -1,21 +1,33 @@
 //! The media driver: one task owning the shared UDP socket and every peer's `Rtc`.
 //!
 //! It demultiplexes datagrams with [`PeerTable`], feeds them to str0m, drains `poll_output`
-//! (transmits, events, next timeout), relays publishers' RTP packets to the origin as relay frames,
-//! and removes peers on DELETE, ICE disconnect or inactivity.
+//! (transmits, events, next timeout), relays allowed publishers' RTP packets to the origin as relay
+//! frames, forwards the room's loudest speakers (local publishers and speakers relayed from other
+//! regions by the origin) into every interactive listener's slots, and removes peers on DELETE,
+//! kick, room end, ICE disconnect or inactivity. Decisions live in the sans-IO cores
+//! ([`crate::slots`], [`crate::lifecycle`], [`crate::peers`]).
 
 use crate::lifecycle::{CloseReason, PeerLiveness};
 use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
+use crate::occupancy::Occupancy;
 use crate::peers::{DropReason, InsertError, PeerId, PeerTable, Route};
+use crate::sessions::{MediaControl, Sessions};
+use crate::signaling::SessionKind;
+use crate::slots::{SlotSelector, SlotStream};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::room::{ActiveSpeaker, LISTENER_AUDIO_SLOTS};
 use amphi_protocol::{ParticipantId, RoomId};
-use bytes::BytesMut;
-use std::collections::BTreeSet;
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::change::SdpOffer;
+use str0m::format::Codec;
+use str0m::media::{ExtensionValues, Mid, Pt};
+use str0m::net::{DatagramRecv, DatagramSend, Protocol, Receive};
+use str0m::rtp::RtpWrite;
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -28,10 +40,14 @@ const RELAY_BUF_CAPACITY: usize = 64 * 1024;
 const RECV_BUF_LEN: usize = 2048;
 /// How often liveness is checked.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Cadence of `active_speakers` messages.
+pub(crate) const ACTIVE_SPEAKERS_INTERVAL: Duration = Duration::from_millis(300);
+/// Capacity of the uplink -> media queue of relayed speaker datagrams.
+pub(crate) const RELAY_QUEUE: usize = 4096;
 
 /// A negotiated peer handed from the HTTP layer to the driver.
 pub(crate) struct NewPeer {
-    /// WHIP session id (the last segment of `Location`).
+    /// Session id (WHIP/WHEP: the last segment of `Location`).
     pub session: String,
     /// Local ICE ufrag given in the answer.
     pub ufrag: String,
@@ -45,8 +61,15 @@ pub(crate) struct NewPeer {
     pub name: String,
     /// `jti` of the token that created the session (DELETE must present the same token).
     pub jti: String,
-    /// Whether RTP from this peer is relayed.
+    /// What kind of session owns the PeerConnection.
+    pub kind: SessionKind,
+    /// Whether the offer sends audio (a publisher).
     pub publishing: bool,
+    /// Whether its audio may be forwarded now (publishing role, not muted).
+    pub may_send: bool,
+    /// Mids of the receive slots (the client's recvonly audio m-lines), at most
+    /// [`LISTENER_AUDIO_SLOTS`].
+    pub slots: Vec<Mid>,
 }
 
 /// Result of a DELETE.
@@ -67,15 +90,39 @@ pub(crate) enum MediaCommand {
         peer: Box<NewPeer>,
         reply: oneshot::Sender<Result<(), InsertError>>,
     },
-    /// Tear a session down (WHIP DELETE).
+    /// Tear a session down (WHIP/WHEP DELETE).
     Remove {
         session: String,
         room: RoomId,
         jti: String,
         reply: oneshot::Sender<RemoveOutcome>,
     },
+    /// A new offer on an existing PeerConnection (promotion, demotion, ICE restart).
+    Renegotiate {
+        participant: ParticipantId,
+        offer: Box<SdpOffer>,
+        publishing: bool,
+        slots: Vec<Mid>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Whether the participant already has a PeerConnection here.
+    HasPeer {
+        participant: ParticipantId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The participant's WebSocket closed: drop its PeerConnection.
+    RemoveParticipant { participant: ParticipantId },
     /// The origin says the room ended: drop its peers.
     EndRoom { room: RoomId },
+}
+
+/// One forwarding slot of a receiving peer.
+#[derive(Clone, Copy, Debug)]
+struct SlotOut {
+    mid: Mid,
+    pt: Pt,
+    /// Subtracted from the room slot's sequence numbers so this peer's stream starts at 1 (ROC 0).
+    offset: Option<u64>,
 }
 
 struct Peer {
@@ -84,11 +131,36 @@ struct Peer {
     participant: ParticipantId,
     name: String,
     jti: String,
+    kind: SessionKind,
     publishing: bool,
+    may_send: bool,
     announced: bool,
+    slots: [Option<SlotOut>; LISTENER_AUDIO_SLOTS],
+    receiving: bool,
     liveness: PeerLiveness,
     next_timeout: Option<Instant>,
     dead: Option<CloseReason>,
+}
+
+/// Per-room forwarding state on this edge.
+#[derive(Default)]
+struct MediaRoom {
+    peers: usize,
+    receivers: Vec<PeerId>,
+    selector: SlotSelector,
+    streams: [SlotStream; LISTENER_AUDIO_SLOTS],
+    active_nonempty: bool,
+}
+
+/// A speaker packet waiting to be forwarded into slots.
+struct Inbound {
+    room: RoomId,
+    speaker: u32,
+    seq: u16,
+    ts: u32,
+    level: u8,
+    payload: Arc<[u8]>,
+    at: Instant,
 }
 
 /// Sends relay frames to the origin over the current QUIC connection, if any.
@@ -148,6 +220,23 @@ pub(crate) fn rfc6464_level(dbov: Option<i8>) -> u8 {
     }
 }
 
+/// The negotiated Opus payload type of `mid`, if any.
+fn opus_pt(rtc: &Rtc, mid: Mid) -> Option<Pt> {
+    let media = rtc.media(mid)?;
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus && media.remote_pts().contains(&p.pt()))
+        .map(|p| p.pt())
+}
+
+/// Channels feeding the driver.
+pub(crate) struct MediaInputs {
+    pub commands: mpsc::Receiver<MediaCommand>,
+    pub control: mpsc::UnboundedReceiver<MediaControl>,
+    pub relayed: mpsc::Receiver<(Instant, Bytes)>,
+}
+
 /// The driver's state; the socket is passed in separately so reads and handling can interleave.
 pub(crate) struct MediaDriver {
     local: SocketAddr,
@@ -156,7 +245,15 @@ pub(crate) struct MediaDriver {
     relay: Relay,
     metrics: Arc<Metrics>,
     mesh_tx: mpsc::UnboundedSender<MeshEvent>,
+    sessions: Arc<Sessions>,
+    occupancy: Arc<Occupancy>,
+    rooms: HashMap<RoomId, MediaRoom>,
+    by_participant: HashMap<ParticipantId, PeerId>,
+    permissions: HashMap<ParticipantId, bool>,
+    inbound: VecDeque<Inbound>,
+    outbox: Vec<(SocketAddr, DatagramSend, Option<Instant>)>,
     scratch: Vec<PeerId>,
+    active: Vec<ActiveSpeaker>,
 }
 
 impl MediaDriver {
@@ -166,6 +263,8 @@ impl MediaDriver {
         relay: Relay,
         metrics: Arc<Metrics>,
         mesh_tx: mpsc::UnboundedSender<MeshEvent>,
+        sessions: Arc<Sessions>,
+        occupancy: Arc<Occupancy>,
     ) -> Self {
         MediaDriver {
             local,
@@ -174,7 +273,15 @@ impl MediaDriver {
             relay,
             metrics,
             mesh_tx,
+            sessions,
+            occupancy,
+            rooms: HashMap::new(),
+            by_participant: HashMap::new(),
+            permissions: HashMap::new(),
+            inbound: VecDeque::with_capacity(64),
+            outbox: Vec::with_capacity(256),
             scratch: Vec::new(),
+            active: Vec::new(),
         }
     }
 
@@ -182,7 +289,7 @@ impl MediaDriver {
     pub(crate) async fn run(
         mut self,
         socket: UdpSocket,
-        mut commands: mpsc::Receiver<MediaCommand>,
+        mut inputs: MediaInputs,
         shutdown: CancellationToken,
     ) {
         let mut buf = vec![0u8; RECV_BUF_LEN];
@@ -190,6 +297,8 @@ impl MediaDriver {
         tokio::pin!(sleep);
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut speakers_tick = tokio::time::interval(ACTIVE_SPEAKERS_INTERVAL);
+        speakers_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self
                 .timers
@@ -199,62 +308,54 @@ impl MediaDriver {
             sleep.as_mut().reset(next.into());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.handle_command(&socket, cmd),
+                cmd = inputs.commands.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
                     None => break,
                 },
+                Some(ctl) = inputs.control.recv() => self.handle_control(ctl),
+                Some((at, d)) = inputs.relayed.recv() => {
+                    self.handle_relayed(&d, at);
+                    // Drain whatever else is queued before going back to the socket.
+                    let mut n = 0;
+                    while n < 64 {
+                        match inputs.relayed.try_recv() {
+                            Ok((at, d)) => self.handle_relayed(&d, at),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.handle_datagram(&socket, source, &buf[..n], Instant::now()),
+                    Ok((n, source)) => self.handle_datagram(source, &buf[..n], Instant::now()),
                     Err(e) => tracing::debug!(error = %e, "media socket read failed"),
                 },
-                _ = &mut sleep => self.handle_timeouts(&socket, Instant::now()),
+                _ = &mut sleep => self.handle_timeouts(Instant::now()),
                 _ = sweep.tick() => self.sweep(Instant::now()),
+                _ = speakers_tick.tick() => self.active_speakers(Instant::now()),
             }
+            self.forward_inbound();
+            self.flush(&socket);
         }
         let ids: Vec<PeerId> = self.table.ids().collect();
         for id in ids {
             self.remove(id, CloseReason::Shutdown);
         }
+        self.flush(&socket);
     }
 
-    fn handle_command(&mut self, socket: &UdpSocket, cmd: MediaCommand) {
+    /// Send every queued datagram.
+    fn flush(&mut self, socket: &UdpSocket) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        crate::batch::send_all(socket, &mut self.outbox, &self.metrics);
+    }
+
+    fn handle_command(&mut self, cmd: MediaCommand) {
         match cmd {
             MediaCommand::Add { peer, reply } => {
-                let NewPeer {
-                    session,
-                    ufrag,
-                    rtc,
-                    room,
-                    participant,
-                    name,
-                    jti,
-                    publishing,
-                } = *peer;
-                let now = Instant::now();
-                let peer = Peer {
-                    rtc,
-                    room,
-                    participant,
-                    name,
-                    jti,
-                    publishing,
-                    announced: false,
-                    liveness: PeerLiveness::new(now),
-                    next_timeout: None,
-                    dead: None,
-                };
-                match self.table.insert(&ufrag, &session, peer) {
-                    Ok(id) => {
-                        let _ = self.mesh_tx.send(MeshEvent::PeerAdded { room });
-                        self.metrics.set_peers(self.table.len());
-                        tracing::info!(%room, %participant, publishing, "peer added");
-                        self.drain(socket, id, now);
-                        let _ = reply.send(Ok(()));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                let result = self.add(*peer);
+                let _ = reply.send(result);
             }
             MediaCommand::Remove {
                 session,
@@ -276,6 +377,25 @@ impl MediaDriver {
                 };
                 let _ = reply.send(outcome);
             }
+            MediaCommand::Renegotiate {
+                participant,
+                offer,
+                publishing,
+                slots,
+                reply,
+            } => {
+                let r = self.renegotiate(participant, *offer, publishing, slots);
+                let _ = reply.send(r);
+            }
+            MediaCommand::HasPeer { participant, reply } => {
+                let _ = reply.send(self.by_participant.contains_key(&participant));
+            }
+            MediaCommand::RemoveParticipant { participant } => {
+                self.permissions.remove(&participant);
+                if let Some(&id) = self.by_participant.get(&participant) {
+                    self.remove(id, CloseReason::Deleted);
+                }
+            }
             MediaCommand::EndRoom { room } => {
                 self.scratch.clear();
                 self.scratch.extend(
@@ -293,13 +413,161 @@ impl MediaDriver {
         }
     }
 
-    fn handle_datagram(
+    fn handle_control(&mut self, ctl: MediaControl) {
+        match ctl {
+            MediaControl::Permission {
+                participant,
+                may_send,
+            } => {
+                self.permissions.insert(participant, may_send);
+                if let Some(&id) = self.by_participant.get(&participant) {
+                    if let Some(p) = self.table.get_mut(id) {
+                        p.may_send = may_send;
+                        let room = p.room;
+                        if !may_send {
+                            if let Some(r) = self.rooms.get_mut(&room) {
+                                r.selector.remove(participant.0);
+                            }
+                        }
+                    }
+                }
+            }
+            MediaControl::Close { participant } => {
+                self.permissions.remove(&participant);
+                if let Some(&id) = self.by_participant.get(&participant) {
+                    self.remove(id, CloseReason::Deleted);
+                }
+            }
+        }
+    }
+
+    fn set_slots(peer: &mut Peer, mids: &[Mid]) {
+        let mut next = [None; LISTENER_AUDIO_SLOTS];
+        for (k, mid) in mids.iter().take(LISTENER_AUDIO_SLOTS).enumerate() {
+            let Some(pt) = opus_pt(&peer.rtc, *mid) else {
+                continue;
+            };
+            // Keep the stream continuous if the slot's mid is unchanged.
+            let offset = peer.slots[k]
+                .filter(|s| s.mid == *mid)
+                .and_then(|s| s.offset);
+            next[k] = Some(SlotOut {
+                mid: *mid,
+                pt,
+                offset,
+            });
+        }
+        peer.slots = next;
+    }
+
+    fn add(&mut self, new: NewPeer) -> Result<(), InsertError> {
+        let NewPeer {
+            session,
+            ufrag,
+            rtc,
+            room,
+            participant,
+            name,
+            jti,
+            kind,
+            publishing,
+            may_send,
+            slots,
+        } = new;
+        let now = Instant::now();
+        let may_send = self
+            .permissions
+            .get(&participant)
+            .copied()
+            .unwrap_or(may_send);
+        let mut peer = Peer {
+            rtc,
+            room,
+            participant,
+            name,
+            jti,
+            kind,
+            publishing,
+            may_send,
+            announced: false,
+            slots: [None; LISTENER_AUDIO_SLOTS],
+            receiving: false,
+            liveness: PeerLiveness::new(now),
+            next_timeout: None,
+            dead: None,
+        };
+        Self::set_slots(&mut peer, &slots);
+        let receiving = peer.slots.iter().any(Option::is_some);
+        peer.receiving = receiving;
+        let id = self.table.insert(&ufrag, &session, peer)?;
+        let r = self.rooms.entry(room).or_default();
+        r.peers += 1;
+        if receiving {
+            r.receivers.push(id);
+            self.occupancy.add(room);
+        }
+        if let Some(old) = self.by_participant.insert(participant, id) {
+            // A participant has one PeerConnection: the newer one replaces it.
+            self.remove_peer_only(old);
+        }
+        self.metrics.set_peers(self.table.len());
+        tracing::info!(%room, %participant, publishing, receiving, kind = ?kind, "peer added");
+        self.drain(id, now);
+        Ok(())
+    }
+
+    fn renegotiate(
         &mut self,
-        socket: &UdpSocket,
-        source: SocketAddr,
-        data: &[u8],
-        now: Instant,
-    ) {
+        participant: ParticipantId,
+        offer: SdpOffer,
+        publishing: bool,
+        slots: Vec<Mid>,
+    ) -> Result<String, String> {
+        let Some(&id) = self.by_participant.get(&participant) else {
+            return Err("no PeerConnection to renegotiate".into());
+        };
+        let Some(peer) = self.table.get_mut(id) else {
+            return Err("no PeerConnection to renegotiate".into());
+        };
+        let answer = peer
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| e.to_string())?;
+        let room = peer.room;
+        let was_publishing = peer.publishing;
+        peer.publishing = publishing;
+        let unannounce = was_publishing && !publishing && peer.announced;
+        if unannounce {
+            peer.announced = false;
+        }
+        Self::set_slots(peer, &slots);
+        let receiving = peer.slots.iter().any(Option::is_some);
+        let was_receiving = std::mem::replace(&mut peer.receiving, receiving);
+        if unannounce {
+            let _ = self.mesh_tx.send(MeshEvent::PublisherDown {
+                room,
+                speaker: participant,
+            });
+            if let Some(r) = self.rooms.get_mut(&room) {
+                r.selector.remove(participant.0);
+            }
+        }
+        if let Some(r) = self.rooms.get_mut(&room) {
+            if receiving && !was_receiving {
+                r.receivers.push(id);
+                self.occupancy.add(room);
+            } else if !receiving && was_receiving {
+                r.receivers.retain(|x| *x != id);
+                self.occupancy.remove(room);
+            }
+        }
+        tracing::info!(%room, %participant, publishing, receiving, "renegotiated");
+        self.drain(id, Instant::now());
+        Ok(answer.to_sdp_string())
+    }
+
+    fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], now: Instant) {
         self.metrics.udp_datagram();
         let id = match self.table.route(source, data) {
             Route::Peer(id) | Route::NewAddr(id) => id,
@@ -329,10 +597,83 @@ impl MediaDriver {
             self.metrics.dropped(DropReason::RtcError);
             tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "datagram refused");
         }
-        self.drain(socket, id, now);
+        self.drain(id, now);
     }
 
-    fn handle_timeouts(&mut self, socket: &UdpSocket, now: Instant) {
+    /// A relay frame from the origin (another region's speaker).
+    fn handle_relayed(&mut self, datagram: &[u8], at: Instant) {
+        let frame = match RelayFrame::decode(datagram) {
+            Ok(f) if f.kind == FrameKind::SpeakerAudio => f,
+            _ => return,
+        };
+        if !self.rooms.contains_key(&frame.room)
+            || self
+                .by_participant
+                .contains_key(&ParticipantId(frame.speaker))
+        {
+            return;
+        }
+        self.inbound.push_back(Inbound {
+            room: frame.room,
+            speaker: frame.speaker,
+            seq: frame.seq,
+            ts: frame.rtp_ts,
+            level: frame.audio_level,
+            payload: Arc::from(frame.payload),
+            at,
+        });
+    }
+
+    /// Forward queued speaker packets into the slots of the room's receivers.
+    fn forward_inbound(&mut self) {
+        while let Some(pkt) = self.inbound.pop_front() {
+            let now = Instant::now();
+            let Some(room) = self.rooms.get_mut(&pkt.room) else {
+                continue;
+            };
+            let Some(k) = room.selector.observe(pkt.speaker, pkt.level, now) else {
+                continue;
+            };
+            let (seq, ts) = room.streams[k].rewrite(pkt.speaker, pkt.seq, pkt.ts, now);
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&room.receivers);
+            let targets = std::mem::take(&mut self.scratch);
+            let ext = ExtensionValues {
+                audio_level: Some(-(pkt.level.min(127) as i8)),
+                voice_activity: Some(pkt.level < 127),
+                ..Default::default()
+            };
+            for &id in &targets {
+                let Some(peer) = self.table.get_mut(id) else {
+                    continue;
+                };
+                if peer.participant.0 == pkt.speaker || !peer.liveness.is_connected() {
+                    continue;
+                }
+                let Some(slot) = peer.slots[k].as_mut() else {
+                    continue;
+                };
+                let offset = *slot.offset.get_or_insert(seq.saturating_sub(1));
+                if seq <= offset {
+                    continue;
+                }
+                let (mid, pt) = (slot.mid, slot.pt);
+                let mut api = peer.rtc.direct_api();
+                let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+                    continue;
+                };
+                stream.write_rtp(
+                    RtpWrite::new(pt, (seq - offset).into(), ts, now, pkt.payload.clone())
+                        .ext_vals(ext.clone()),
+                );
+                self.metrics.rtp_forwarded();
+                self.drain_tagged(id, now, Some(pkt.at));
+            }
+            self.scratch = targets;
+        }
+    }
+
+    fn handle_timeouts(&mut self, now: Instant) {
         self.scratch.clear();
         while let Some(&(t, id)) = self.timers.first() {
             if t > now {
@@ -352,7 +693,7 @@ impl MediaDriver {
                     p.dead = Some(CloseReason::RtcFailed);
                 }
             }
-            self.drain(socket, id, now);
+            self.drain(id, now);
         }
         self.scratch = due;
     }
@@ -377,8 +718,25 @@ impl MediaDriver {
         self.scratch = ids;
     }
 
-    /// Drain `poll_output` to the next timeout; remove the peer if it died.
-    fn drain(&mut self, socket: &UdpSocket, id: PeerId, now: Instant) {
+    fn active_speakers(&mut self, now: Instant) {
+        let mut list = std::mem::take(&mut self.active);
+        for (room_id, room) in self.rooms.iter_mut() {
+            room.selector.active(now, &mut list);
+            if !list.is_empty() || room.active_nonempty {
+                room.active_nonempty = !list.is_empty();
+                self.sessions.active_speakers(*room_id, &list);
+            }
+        }
+        self.active = list;
+    }
+
+    fn drain(&mut self, id: PeerId, now: Instant) {
+        self.drain_tagged(id, now, None);
+    }
+
+    /// Drain `poll_output` to the next timeout, queueing transmits (tagged with the ingress time
+    /// of the forwarded packet, for the forwarding-delay histogram); remove the peer if it died.
+    fn drain_tagged(&mut self, id: PeerId, now: Instant, ingress: Option<Instant>) {
         let Some(peer) = self.table.get_mut(id) else {
             return;
         };
@@ -386,13 +744,55 @@ impl MediaDriver {
             match peer.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => break Some(t),
                 Ok(Output::Transmit(t)) => {
-                    if let Err(e) = socket.try_send_to(&t.contents, t.destination) {
-                        tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "media send failed");
+                    self.outbox.push((t.destination, t.contents, ingress));
+                }
+                Ok(Output::Event(ev)) => match ev {
+                    Event::Connected => {
+                        if peer.liveness.on_connected() {
+                            tracing::info!(room = %peer.room, participant = %peer.participant, "peer connected");
+                        }
+                        announce(peer, &self.mesh_tx);
                     }
-                }
-                Ok(Output::Event(ev)) => {
-                    on_event(peer, ev, &mut self.relay, &self.metrics, &self.mesh_tx)
-                }
+                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        peer.dead = Some(CloseReason::Disconnected);
+                    }
+                    Event::Closed => {
+                        peer.dead = Some(CloseReason::Disconnected);
+                    }
+                    Event::RtpPacket(pkt) => {
+                        self.metrics.rtp_in();
+                        if !peer.publishing {
+                            self.metrics.rtp_refused("not_publisher");
+                            continue;
+                        }
+                        if !peer.may_send {
+                            self.metrics.rtp_refused("muted");
+                            continue;
+                        }
+                        announce(peer, &self.mesh_tx);
+                        let level = rfc6464_level(pkt.header.ext_vals.audio_level);
+                        let frame = RelayFrame {
+                            kind: FrameKind::SpeakerAudio,
+                            room: peer.room,
+                            speaker: peer.participant.0,
+                            seq: pkt.header.sequence_number,
+                            rtp_ts: pkt.header.timestamp,
+                            audio_level: level,
+                            payload: &pkt.payload,
+                        };
+                        self.relay.send(&frame, &self.metrics);
+                        self.inbound.push_back(Inbound {
+                            room: peer.room,
+                            speaker: peer.participant.0,
+                            seq: pkt.header.sequence_number,
+                            ts: pkt.header.timestamp,
+                            level,
+                            payload: pkt.payload.clone(),
+                            at: pkt.timestamp,
+                        });
+                    }
+                    _ => {}
+                },
                 Err(e) => {
                     tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "poll_output failed");
                     peer.dead = Some(CloseReason::RtcFailed);
@@ -400,9 +800,6 @@ impl MediaDriver {
                 }
             }
         };
-        if let Some(old) = peer.next_timeout.take() {
-            self.timers.remove(&(old, id));
-        }
         if !peer.rtc.is_alive() && peer.dead.is_none() {
             peer.dead = Some(CloseReason::Disconnected);
         }
@@ -412,8 +809,22 @@ impl MediaDriver {
         }
         // A timeout in the past is due now; never schedule before `now` to avoid spinning.
         let at = next.unwrap_or(now + SWEEP_INTERVAL).max(now);
-        peer.next_timeout = Some(at);
+        if peer.next_timeout == Some(at) {
+            return;
+        }
+        if let Some(old) = peer.next_timeout.replace(at) {
+            self.timers.remove(&(old, id));
+        }
         self.timers.insert((at, id));
+    }
+
+    /// Remove the peer without touching the participant's room membership (it was replaced).
+    fn remove_peer_only(&mut self, id: PeerId) {
+        if let Some(p) = self.table.get_mut(id) {
+            // Make `remove` keep the participant: it has a newer PeerConnection.
+            p.kind = SessionKind::WebSocket;
+        }
+        self.remove(id, CloseReason::Deleted);
     }
 
     fn remove(&mut self, id: PeerId, reason: CloseReason) {
@@ -424,67 +835,46 @@ impl MediaDriver {
             self.timers.remove(&(t, id));
         }
         p.rtc.disconnect();
+        if self.by_participant.get(&p.participant) == Some(&id) {
+            self.by_participant.remove(&p.participant);
+        }
         if p.announced {
             let _ = self.mesh_tx.send(MeshEvent::PublisherDown {
                 room: p.room,
                 speaker: p.participant,
             });
         }
-        let _ = self.mesh_tx.send(MeshEvent::PeerRemoved { room: p.room });
+        if let Some(r) = self.rooms.get_mut(&p.room) {
+            r.peers = r.peers.saturating_sub(1);
+            if p.receiving {
+                r.receivers.retain(|x| *x != id);
+                self.occupancy.remove(p.room);
+            }
+            if p.publishing {
+                r.selector.remove(p.participant.0);
+            }
+            if r.peers == 0 {
+                self.rooms.remove(&p.room);
+            }
+        }
+        if p.kind != SessionKind::WebSocket {
+            // WHIP/WHEP sessions are participants: their end is a Leave.
+            self.permissions.remove(&p.participant);
+            self.sessions.leave(p.participant);
+        }
         self.metrics.set_peers(self.table.len());
-        tracing::info!(room = %p.room, participant = %p.participant, reason = reason.as_str(), "peer removed");
+        tracing::info!(room = %p.room, participant = %p.participant, name = %p.name, reason = reason.as_str(), "peer removed");
     }
 }
 
 fn announce(peer: &mut Peer, mesh_tx: &mpsc::UnboundedSender<MeshEvent>) {
-    if peer.publishing && !peer.announced {
+    if peer.publishing && peer.may_send && !peer.announced {
         peer.announced = true;
         let _ = mesh_tx.send(MeshEvent::PublisherUp {
             room: peer.room,
             speaker: peer.participant,
             name: peer.name.clone(),
         });
-    }
-}
-
-fn on_event(
-    peer: &mut Peer,
-    ev: Event,
-    relay: &mut Relay,
-    metrics: &Metrics,
-    mesh_tx: &mpsc::UnboundedSender<MeshEvent>,
-) {
-    match ev {
-        Event::Connected => {
-            if peer.liveness.on_connected() {
-                tracing::info!(room = %peer.room, participant = %peer.participant, "peer connected");
-            }
-            announce(peer, mesh_tx);
-        }
-        Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-            peer.dead = Some(CloseReason::Disconnected);
-        }
-        Event::Closed => {
-            peer.dead = Some(CloseReason::Disconnected);
-        }
-        Event::RtpPacket(pkt) => {
-            metrics.rtp_in();
-            if !peer.publishing {
-                return;
-            }
-            announce(peer, mesh_tx);
-            let frame = RelayFrame {
-                kind: FrameKind::SpeakerAudio,
-                room: peer.room,
-                speaker: peer.participant.0,
-                seq: pkt.header.sequence_number,
-                rtp_ts: pkt.header.timestamp,
-                audio_level: rfc6464_level(pkt.header.ext_vals.audio_level),
-                payload: &pkt.payload,
-            };
-            relay.send(&frame, metrics);
-        }
-        _ => {}
     }
 }
 

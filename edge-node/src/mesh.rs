@@ -1,6 +1,7 @@
-//! Sans-IO state of what this edge has told (or must tell) the origin: current publishers and the
-//! rooms with participants here. It turns peer events into control messages, and produces the full
-//! set again after every (re)connect.
+//! Sans-IO state of what this edge has told (or must tell) the origin about its publishers. It turns
+//! peer events into control messages, and produces the full set again after every (re)connect.
+//! Room subscriptions and participants are announced by the signaling core
+//! ([`crate::signaling::SignalingCore::link_up`]).
 
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::{ParticipantId, RoomId};
@@ -9,15 +10,13 @@ use std::collections::BTreeMap;
 /// Something that happened to a peer, as the uplink needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeshEvent {
-    /// A participant session was created in `room`.
-    PeerAdded {
-        /// The room.
-        room: RoomId,
-    },
-    /// A participant session in `room` was removed.
-    PeerRemoved {
-        /// The room.
-        room: RoomId,
+    /// A control message from the signaling core, valid for uplink connection `epoch` only
+    /// (messages of an earlier connection are covered by the resync of the new one).
+    Control {
+        /// Connection epoch the message was produced for.
+        epoch: u64,
+        /// The message.
+        msg: ControlMessage,
     },
     /// A publisher's media connected (ICE+DTLS up, or first RTP).
     PublisherUp {
@@ -37,12 +36,11 @@ pub enum MeshEvent {
     },
 }
 
-/// Publishers and subscribed rooms of this edge.
+/// Publishers of this edge.
 #[derive(Debug)]
 pub struct MeshState {
     region: String,
     publishers: BTreeMap<ParticipantId, (RoomId, String)>,
-    rooms: BTreeMap<RoomId, usize>,
 }
 
 impl MeshState {
@@ -51,7 +49,6 @@ impl MeshState {
         MeshState {
             region: region.into(),
             publishers: BTreeMap::new(),
-            rooms: BTreeMap::new(),
         }
     }
 
@@ -59,26 +56,7 @@ impl MeshState {
     /// are covered by the next [`MeshState::resync`]).
     pub fn apply(&mut self, ev: MeshEvent) -> Vec<ControlMessage> {
         match ev {
-            MeshEvent::PeerAdded { room } => {
-                let n = self.rooms.entry(room).or_insert(0);
-                *n += 1;
-                if *n == 1 {
-                    vec![ControlMessage::SubscribeRoom { room }]
-                } else {
-                    Vec::new()
-                }
-            }
-            MeshEvent::PeerRemoved { room } => match self.rooms.get_mut(&room) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    Vec::new()
-                }
-                Some(_) => {
-                    self.rooms.remove(&room);
-                    vec![ControlMessage::UnsubscribeRoom { room }]
-                }
-                None => Vec::new(),
-            },
+            MeshEvent::Control { msg, .. } => vec![msg],
             MeshEvent::PublisherUp {
                 room,
                 speaker,
@@ -105,22 +83,17 @@ impl MeshState {
         }
     }
 
-    /// Everything the origin must learn after a (re)connect: subscriptions, then publishers.
+    /// Everything the origin must learn about publishers after a (re)connect.
     pub fn resync(&self) -> Vec<ControlMessage> {
-        let subs = self
-            .rooms
-            .keys()
-            .map(|&room| ControlMessage::SubscribeRoom { room });
-        let pubs =
-            self.publishers
-                .iter()
-                .map(|(&speaker, (room, name))| ControlMessage::SpeakerJoined {
-                    room: *room,
-                    speaker,
-                    name: name.clone(),
-                    region: self.region.clone(),
-                });
-        subs.chain(pubs).collect()
+        self.publishers
+            .iter()
+            .map(|(&speaker, (room, name))| ControlMessage::SpeakerJoined {
+                room: *room,
+                speaker,
+                name: name.clone(),
+                region: self.region.clone(),
+            })
+            .collect()
     }
 
     /// Number of current publishers.
@@ -139,23 +112,6 @@ mod tests {
             speaker: ParticipantId(sp),
             name: format!("n{sp}"),
         }
-    }
-
-    #[test]
-    fn rooms_are_subscribed_on_first_peer_and_unsubscribed_on_last() {
-        let mut m = MeshState::new("us-east");
-        let r = RoomId(1);
-        assert_eq!(
-            m.apply(MeshEvent::PeerAdded { room: r }),
-            vec![ControlMessage::SubscribeRoom { room: r }]
-        );
-        assert!(m.apply(MeshEvent::PeerAdded { room: r }).is_empty());
-        assert!(m.apply(MeshEvent::PeerRemoved { room: r }).is_empty());
-        assert_eq!(
-            m.apply(MeshEvent::PeerRemoved { room: r }),
-            vec![ControlMessage::UnsubscribeRoom { room: r }]
-        );
-        assert!(m.apply(MeshEvent::PeerRemoved { room: r }).is_empty());
     }
 
     #[test]
@@ -188,10 +144,8 @@ mod tests {
     }
 
     #[test]
-    fn resync_repeats_current_subscriptions_and_publishers() {
+    fn resync_repeats_current_publishers() {
         let mut m = MeshState::new("us-east");
-        m.apply(MeshEvent::PeerAdded { room: RoomId(2) });
-        m.apply(MeshEvent::PeerAdded { room: RoomId(1) });
         m.apply(up(2, 5));
         m.apply(up(1, 9));
         m.apply(up(1, 10));
@@ -200,15 +154,13 @@ mod tests {
             speaker: ParticipantId(10),
         });
         let msgs = m.resync();
-        assert_eq!(msgs.len(), 4);
-        assert_eq!(msgs[0], ControlMessage::SubscribeRoom { room: RoomId(1) });
-        assert_eq!(msgs[1], ControlMessage::SubscribeRoom { room: RoomId(2) });
+        assert_eq!(msgs.len(), 2);
         assert!(matches!(
-            &msgs[2],
+            &msgs[0],
             ControlMessage::SpeakerJoined { speaker, room, .. } if *speaker == ParticipantId(5) && *room == RoomId(2)
         ));
         assert!(matches!(
-            &msgs[3],
+            &msgs[1],
             ControlMessage::SpeakerJoined { speaker, .. } if *speaker == ParticipantId(9)
         ));
     }

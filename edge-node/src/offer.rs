@@ -1,8 +1,10 @@
-//! Validation of WHIP SDP offers: the body must be an SDP offer that sends Opus audio.
+//! Validation of SDP offers: WHIP offers must send Opus audio; WHEP and WebSocket offers are
+//! summarized into receive slots and whether they send.
 
+use amphi_protocol::room::LISTENER_AUDIO_SLOTS;
 use str0m::change::SdpOffer;
 use str0m::format::Codec;
-use str0m::media::Direction;
+use str0m::media::{Direction, Mid};
 
 /// Largest accepted WHIP request body (64 KiB).
 pub const MAX_OFFER_LEN: usize = 64 * 1024;
@@ -100,6 +102,65 @@ pub fn parse_whip_offer(body: &[u8]) -> Result<SdpOffer, OfferError> {
     )))
 }
 
+/// What a client (WHEP or WebSocket) offer asks for.
+#[derive(Debug)]
+pub struct ClientOffer {
+    /// The parsed offer.
+    pub offer: SdpOffer,
+    /// Whether an Opus audio m-line sends (sendonly or sendrecv): the client wants to publish.
+    pub sends_audio: bool,
+    /// Mids of the recvonly Opus audio m-lines, the listener slots (at most
+    /// [`LISTENER_AUDIO_SLOTS`]; extra ones get no audio).
+    pub slots: Vec<Mid>,
+}
+
+/// Parse a WHEP or WebSocket `offer` SDP: UTF-8, at most [`MAX_OFFER_LEN`], at least one enabled
+/// Opus audio m-line.
+///
+/// Never panics, whatever the input; called by the fuzz targets.
+pub fn parse_client_offer(body: &[u8]) -> Result<ClientOffer, OfferError> {
+    if body.len() > MAX_OFFER_LEN {
+        return Err(OfferError::TooLarge(body.len()));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| OfferError::BadSdp("not UTF-8".into()))?;
+    if text.trim().is_empty() {
+        return Err(OfferError::BadSdp("empty body".into()));
+    }
+    let offer = SdpOffer::from_sdp_string(text).map_err(|e| OfferError::BadSdp(e.to_string()))?;
+    let mut sends_audio = false;
+    let mut slots = Vec::new();
+    let mut opus_lines = 0usize;
+    for line in offer.media_lines.iter().filter(|l| !l.disabled) {
+        let has_opus = line
+            .rtp_params()
+            .iter()
+            .any(|p| p.spec().codec == Codec::Opus);
+        if !has_opus {
+            continue;
+        }
+        opus_lines += 1;
+        match line.direction() {
+            Direction::SendOnly | Direction::SendRecv => sends_audio = true,
+            Direction::RecvOnly => {
+                if slots.len() < LISTENER_AUDIO_SLOTS {
+                    slots.push(line.mid());
+                }
+            }
+            Direction::Inactive => {}
+        }
+    }
+    if opus_lines == 0 {
+        return Err(OfferError::UnsupportedCodec(
+            "amphi accepts Opus audio only (48 kHz, RFC 7587); no Opus audio m-line".into(),
+        ));
+    }
+    Ok(ClientOffer {
+        offer,
+        sends_audio,
+        slots,
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -194,6 +255,25 @@ pub(crate) mod tests {
         let o = opus_offer();
         for n in 0..o.len() {
             let _ = parse_whip_offer(&o.as_bytes()[..n]);
+            let _ = parse_client_offer(&o.as_bytes()[..n]);
         }
+    }
+
+    #[test]
+    fn client_offers_are_summarized() {
+        let send = parse_client_offer(opus_offer().as_bytes()).unwrap();
+        assert!(send.sends_audio);
+        assert!(send.slots.is_empty());
+        let recv = opus_offer().replace("a=sendonly", "a=recvonly");
+        let recv = parse_client_offer(recv.as_bytes()).unwrap();
+        assert!(!recv.sends_audio);
+        assert_eq!(recv.slots.len(), 1);
+        let pcmu = offer_sdp(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 0",
+            "a=rtpmap:0 PCMU/8000\r\n",
+            "recvonly",
+        );
+        assert_eq!(parse_client_offer(pcmu.as_bytes()).unwrap_err().status(), 406);
+        assert_eq!(parse_client_offer(b"nope").unwrap_err().status(), 400);
     }
 }

@@ -1,14 +1,18 @@
 //! The QUIC uplink to the origin: one mTLS connection, one control stream, speaker datagrams.
 //!
-//! Reconnects with [`Backoff`] whenever the origin is unreachable or the link drops, and replays
-//! [`MeshState::resync`] (subscriptions and current publishers) on every new connection.
+//! Reconnects with [`Backoff`] whenever the origin is unreachable or the link drops, and on every
+//! new connection re-announces rooms and participants ([`Sessions::link_up`]: `SubscribeRoom`, then
+//! `Join` with `resume`) and publishers ([`MeshState::resync`]). Room messages from the origin go
+//! to the signaling core; relayed speaker datagrams go to the media driver.
 
 use crate::lifecycle::{Backoff, RoomCache, RoomStatusAnswer};
 use crate::media::MediaCommand;
 use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
+use crate::sessions::Sessions;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
+use bytes::Bytes;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +34,10 @@ pub(crate) struct Uplink {
     pub media_tx: mpsc::Sender<MediaCommand>,
     /// Forgets rooms the origin reports ended.
     pub rooms: Arc<Mutex<RoomCache>>,
+    /// The signaling core (room replicas, participants).
+    pub sessions: Arc<Sessions>,
+    /// Relayed speaker datagrams to the media driver.
+    pub relayed_tx: mpsc::Sender<(Instant, Bytes)>,
 }
 
 /// Transport settings of the mesh link: keep-alives so a dead origin is noticed within seconds.
@@ -78,6 +86,7 @@ impl Uplink {
                         .session(&conn, &mut state, &mut backoff, &shutdown)
                         .await;
                     self.conn_tx.send_replace(None);
+                    self.sessions.link_down();
                     self.metrics.set_origin_connected(false);
                     match end {
                         SessionEnd::Shutdown => {
@@ -104,6 +113,8 @@ impl Uplink {
                         return;
                     }
                     ev = self.mesh_rx.recv() => match ev {
+                        // Control messages are covered by the next link_up resync.
+                        Some(MeshEvent::Control { .. }) => {}
                         Some(ev) => { state.apply(ev); }
                         None => return,
                     },
@@ -151,7 +162,8 @@ impl Uplink {
             region: self.region.clone(),
         };
         let mut out = hello.to_record();
-        for m in state.resync() {
+        let (epoch, announce) = self.sessions.link_up();
+        for m in announce.iter().chain(state.resync().iter()) {
             out.extend(m.to_record());
         }
         if let Err(e) = send.write_all(&out).await {
@@ -166,6 +178,11 @@ impl Uplink {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 ev = self.mesh_rx.recv() => {
                     let Some(ev) = ev else { return SessionEnd::Shutdown };
+                    if let MeshEvent::Control { epoch: e, .. } = &ev {
+                        if *e != epoch {
+                            continue;
+                        }
+                    }
                     for m in state.apply(ev) {
                         if let Err(e) = send.write_all(&m.to_record()).await {
                             return SessionEnd::Lost(e.to_string());
@@ -174,7 +191,12 @@ impl Uplink {
                 }
                 d = conn.read_datagram() => match d {
                     Ok(bytes) => match RelayFrame::decode(&bytes) {
-                        Ok(f) if f.kind == FrameKind::SpeakerAudio => self.metrics.relay_received(),
+                        Ok(f) if f.kind == FrameKind::SpeakerAudio => {
+                            self.metrics.relay_received();
+                            if self.relayed_tx.try_send((Instant::now(), bytes)).is_err() {
+                                self.metrics.relay_queue_full();
+                            }
+                        }
                         _ => self.metrics.relay_invalid(),
                     },
                     Err(e) => return SessionEnd::Lost(e.to_string()),
@@ -212,8 +234,15 @@ impl Uplink {
                 None
             }
             ControlMessage::Ping { nonce } => Some(ControlMessage::Pong { nonce }),
+            ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::RoomEvents { .. }
+            | ControlMessage::CommandRejected { .. } => {
+                self.sessions.on_control(msg);
+                None
+            }
             ControlMessage::RoomEnded { room } => {
                 tracing::info!(%room, "origin ended room");
+                self.sessions.on_control(ControlMessage::RoomEnded { room });
                 if let Ok(mut cache) = self.rooms.lock() {
                     cache.record(room, RoomStatusAnswer::Gone, Instant::now());
                 }

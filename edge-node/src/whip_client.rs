@@ -86,12 +86,12 @@ pub struct WhipPublisher {
     task: JoinHandle<Result<(), ClientError>>,
 }
 
-fn rtc_err(e: impl std::fmt::Display) -> ClientError {
+pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
 }
 
 /// Resolve a `Location` value (absolute URL or absolute path) against the endpoint URL.
-fn resolve_location(endpoint: &http::Uri, location: &str) -> Result<http::Uri, ClientError> {
+pub(crate) fn resolve_location(endpoint: &http::Uri, location: &str) -> Result<http::Uri, ClientError> {
     if location.starts_with('/') {
         let scheme = endpoint.scheme_str().unwrap_or("http");
         let authority = endpoint
@@ -314,7 +314,7 @@ impl WhipPublisherParts {
     }
 }
 
-async fn exchange(
+pub(crate) async fn exchange(
     http: &Client<HttpConnector, Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
 ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), ClientError> {

@@ -83,6 +83,14 @@ pub struct EdgeConfig {
     pub origin_server_name: String,
     /// Geo-router base URL (room existence checks).
     pub router_url: String,
+    /// Most interactive (WebRTC receive) listeners this edge serves; beyond it new WHEP and
+    /// listener WebSocket sessions get 503 `capacity` (the route API sends them to HLS).
+    #[serde(default = "default_interactive_capacity")]
+    pub interactive_capacity: usize,
+}
+
+fn default_interactive_capacity() -> usize {
+    500
 }
 
 /// `amphi origin` configuration.

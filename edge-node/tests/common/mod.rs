@@ -81,6 +81,9 @@ async fn room_handler(State(rooms): State<Arc<Rooms>>, Path(id): Path<String>) -
         status,
         created_at: 0,
         hls_url: "http://127.0.0.1/hls".into(),
+        scheduled_at: None,
+        ended_at: None,
+        listeners: 0,
     })
     .into_response()
 }
@@ -239,6 +242,7 @@ pub async fn start_edge(pki: &DevPki, origin_addr: SocketAddr, router: SocketAdd
         origin_addr,
         origin_server_name: ORIGIN_NAME.into(),
         router_url: format!("http://{router}"),
+        interactive_capacity: 500,
     };
     let setup = EdgeSetup {
         config,

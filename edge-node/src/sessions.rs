@@ -1,0 +1,226 @@
+//! Driver of the [`SignalingCore`]: holds it behind a mutex and carries out its outputs (control
+//! messages to the uplink, events to WebSocket clients, join outcomes, media permission changes).
+//! Every output is a non-blocking channel send, so the lock is never held across an await.
+
+use crate::mesh::MeshEvent;
+use crate::room::Refusal;
+use crate::signaling::{CloseWhy, JoinRequest, Output, SignalingCore};
+use amphi_protocol::control::ControlMessage;
+use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, RoomState, ServerMessage};
+use amphi_protocol::{ParticipantId, RoomId};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Capacity of one WebSocket client's outbound queue; a client that falls this far behind is
+/// disconnected.
+pub(crate) const CLIENT_QUEUE: usize = 1024;
+
+/// To a WebSocket session task.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// Send this message.
+    Msg(ServerMessage),
+    /// Close the session (after the event explaining why was sent).
+    Close(CloseWhy),
+}
+
+/// How a join ended.
+#[derive(Debug)]
+pub(crate) enum JoinOutcome {
+    /// The authority accepted it.
+    Joined(RoomState),
+    /// Refused.
+    Refused(Refusal),
+}
+
+/// To the media driver.
+#[derive(Debug)]
+pub(crate) enum MediaControl {
+    /// Whether the participant's audio may be forwarded.
+    Permission {
+        participant: ParticipantId,
+        may_send: bool,
+    },
+    /// Tear down the participant's PeerConnection.
+    Close { participant: ParticipantId },
+}
+
+struct Inner {
+    core: SignalingCore,
+    epoch: u64,
+    clients: HashMap<ParticipantId, mpsc::Sender<Outbound>>,
+    pending: HashMap<ParticipantId, oneshot::Sender<JoinOutcome>>,
+}
+
+/// The edge's signaling state, shared by HTTP handlers, the media driver and the uplink.
+pub(crate) struct Sessions {
+    inner: Mutex<Inner>,
+    mesh_tx: mpsc::UnboundedSender<MeshEvent>,
+    media_ctl: mpsc::UnboundedSender<MediaControl>,
+}
+
+impl Sessions {
+    pub(crate) fn new(
+        region: &str,
+        mesh_tx: mpsc::UnboundedSender<MeshEvent>,
+        media_ctl: mpsc::UnboundedSender<MediaControl>,
+    ) -> Self {
+        Sessions {
+            inner: Mutex::new(Inner {
+                core: SignalingCore::new(region),
+                epoch: 0,
+                clients: HashMap::new(),
+                pending: HashMap::new(),
+            }),
+            mesh_tx,
+            media_ctl,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dispatch(&self, inner: &mut Inner, outs: Vec<Output>) {
+        for o in outs {
+            match o {
+                Output::ToOrigin(msg) => {
+                    let _ = self.mesh_tx.send(MeshEvent::Control {
+                        epoch: inner.epoch,
+                        msg,
+                    });
+                }
+                Output::ToClient(pid, msg) => {
+                    let full = match inner.clients.get(&pid) {
+                        Some(tx) => tx.try_send(Outbound::Msg(msg)).is_err(),
+                        None => false,
+                    };
+                    if full {
+                        // Too slow or gone: dropping the sender closes its session.
+                        tracing::info!(participant = %pid, "client queue full; disconnecting");
+                        inner.clients.remove(&pid);
+                    }
+                }
+                Output::Joined { participant, state } => {
+                    if let Some(tx) = inner.pending.remove(&participant) {
+                        let _ = tx.send(JoinOutcome::Joined(state));
+                    }
+                }
+                Output::JoinRefused {
+                    participant,
+                    refusal,
+                } => {
+                    if let Some(tx) = inner.pending.remove(&participant) {
+                        let _ = tx.send(JoinOutcome::Refused(refusal));
+                    }
+                }
+                Output::Close { participant, why } => {
+                    if let Some(tx) = inner.clients.remove(&participant) {
+                        let _ = tx.try_send(Outbound::Close(why));
+                    }
+                    let _ = self.media_ctl.send(MediaControl::Close { participant });
+                }
+                Output::Permission {
+                    participant,
+                    may_send,
+                } => {
+                    let _ = self.media_ctl.send(MediaControl::Permission {
+                        participant,
+                        may_send,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Register a participant and ask the authority; the receiver resolves with the outcome.
+    /// `client` receives room events once joined (WebSocket sessions).
+    pub(crate) fn join(
+        &self,
+        req: JoinRequest,
+        client: Option<mpsc::Sender<Outbound>>,
+    ) -> oneshot::Receiver<JoinOutcome> {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.lock();
+        let pid = req.participant;
+        inner.pending.insert(pid, tx);
+        if let Some(c) = client {
+            inner.clients.insert(pid, c);
+        }
+        let outs = inner.core.join(req, Instant::now());
+        self.dispatch(&mut inner, outs);
+        rx
+    }
+
+    /// A session ended.
+    pub(crate) fn leave(&self, pid: ParticipantId) {
+        let mut inner = self.lock();
+        inner.clients.remove(&pid);
+        inner.pending.remove(&pid);
+        let outs = inner.core.leave(pid, Instant::now());
+        self.dispatch(&mut inner, outs);
+    }
+
+    /// A joined participant's command.
+    pub(crate) fn command(&self, pid: ParticipantId, cmd: RoomCommand) -> Result<(), Refusal> {
+        let mut inner = self.lock();
+        let outs = inner.core.command(pid, cmd, Instant::now())?;
+        self.dispatch(&mut inner, outs);
+        Ok(())
+    }
+
+    /// A control message from the origin.
+    pub(crate) fn on_control(&self, msg: ControlMessage) {
+        let mut inner = self.lock();
+        let outs = inner.core.on_control(msg);
+        self.dispatch(&mut inner, outs);
+    }
+
+    /// The uplink connected: the new epoch and everything to announce.
+    pub(crate) fn link_up(&self) -> (u64, Vec<ControlMessage>) {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        let msgs = inner.core.link_up();
+        (inner.epoch, msgs)
+    }
+
+    /// The uplink dropped.
+    pub(crate) fn link_down(&self) {
+        self.lock().core.link_down();
+    }
+
+    /// Whether the origin link is up.
+    pub(crate) fn is_link_up(&self) -> bool {
+        self.lock().core.is_link_up()
+    }
+
+    /// Current role of a participant.
+    pub(crate) fn role_of(&self, pid: ParticipantId) -> Option<RoomRole> {
+        self.lock().core.role_of(pid)
+    }
+
+    /// Whether a participant may send audio now.
+    pub(crate) fn may_send(&self, pid: ParticipantId) -> bool {
+        self.lock().core.may_send(pid)
+    }
+
+    /// Send the active-speaker list to the room's WebSocket clients.
+    pub(crate) fn active_speakers(&self, room: RoomId, speakers: &[ActiveSpeaker]) {
+        let mut inner = self.lock();
+        let clients: Vec<ParticipantId> = inner.core.clients(room).collect();
+        let outs = clients
+            .into_iter()
+            .map(|pid| {
+                Output::ToClient(
+                    pid,
+                    ServerMessage::ActiveSpeakers {
+                        speakers: speakers.to_vec(),
+                    },
+                )
+            })
+            .collect();
+        self.dispatch(&mut inner, outs);
+    }
+}

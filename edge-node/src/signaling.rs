@@ -1,0 +1,939 @@
+//! Sans-IO signaling core: this edge's participants, its room replicas, and the traffic between
+//! them, the clients and the origin's room authority.
+//!
+//! Every session (WebSocket client, WHIP publisher, WHEP listener) is a participant. Joining sends
+//! `SubscribeRoom` (first participant of the room here) then `RoomCommand::Join`; the authority's
+//! `RoomSnapshot` / `ParticipantJoined` resolves the join, a `CommandRejected` refuses it. Client
+//! commands are pre-checked against the replica and rate-limited, then forwarded. Authority events
+//! update the replica and fan out to this edge's WebSocket clients of the room; kicks and room ends
+//! close the affected sessions. After a (re)connect, [`SignalingCore::link_up`] re-announces every
+//! room and participant (`Join` with `resume` = its current role).
+
+use crate::room::{precheck, Refusal, RoomReplica, WindowLimiter};
+use amphi_protocol::control::ControlMessage;
+use amphi_protocol::room::{RoomCommand, RoomEvent, RoomRole, RoomState, ServerMessage};
+use amphi_protocol::token::Role;
+use amphi_protocol::{ParticipantId, RoomId};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// How long a departed participant's role is remembered so a fresh session of the same user
+/// (speaker network drop) resumes it.
+pub const RESUME_WINDOW: Duration = Duration::from_secs(120);
+
+/// What kind of session a participant is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionKind {
+    /// `/v1/ws` client: receives events.
+    WebSocket,
+    /// WHIP publisher.
+    Whip,
+    /// WHEP listener.
+    Whep,
+}
+
+/// A session asking to join a room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// Id the edge allocated.
+    pub participant: ParticipantId,
+    /// Room from the token.
+    pub room: RoomId,
+    /// Token `sub`.
+    pub user: String,
+    /// Display name from the token.
+    pub name: String,
+    /// Role from the token.
+    pub role: Role,
+    /// Session kind.
+    pub kind: SessionKind,
+}
+
+/// Why a session is being closed by the edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseWhy {
+    /// Kicked by a moderator.
+    Kicked,
+    /// The room ended.
+    Ended,
+    /// The authority removed the participant.
+    Removed,
+}
+
+/// Something the driver must carry out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send to the origin (on the ordered control stream).
+    ToOrigin(ControlMessage),
+    /// Send to one WebSocket client.
+    ToClient(ParticipantId, ServerMessage),
+    /// A pending join succeeded.
+    Joined {
+        /// Who.
+        participant: ParticipantId,
+        /// The room as of the join.
+        state: RoomState,
+    },
+    /// A pending join was refused. For `unavailable` (the origin has no room authority) the
+    /// participant stays registered, so a session may continue degraded with its token role.
+    JoinRefused {
+        /// Who.
+        participant: ParticipantId,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// Close the session and its PeerConnection.
+    Close {
+        /// Who.
+        participant: ParticipantId,
+        /// Why.
+        why: CloseWhy,
+    },
+    /// Whether a participant may send audio changed (or became known).
+    Permission {
+        /// Who.
+        participant: ParticipantId,
+        /// Publishing role and not muted.
+        may_send: bool,
+    },
+}
+
+struct Member {
+    room: RoomId,
+    user: String,
+    name: String,
+    role: Role,
+    kind: SessionKind,
+    joined: bool,
+    resume: Option<RoomRole>,
+    chat: WindowLimiter,
+    reactions: WindowLimiter,
+}
+
+#[derive(Default)]
+struct LocalRoom {
+    replica: Option<RoomReplica>,
+    members: BTreeSet<ParticipantId>,
+}
+
+/// The signaling state of one edge.
+pub struct SignalingCore {
+    region: String,
+    link_up: bool,
+    next_request: u64,
+    rooms: BTreeMap<RoomId, LocalRoom>,
+    members: HashMap<ParticipantId, Member>,
+    remembered: HashMap<(RoomId, String), (RoomRole, Instant)>,
+}
+
+impl SignalingCore {
+    /// Core of an edge in `region` (carried in `Join`).
+    pub fn new(region: impl Into<String>) -> Self {
+        SignalingCore {
+            region: region.into(),
+            link_up: false,
+            next_request: 1,
+            rooms: BTreeMap::new(),
+            members: HashMap::new(),
+            remembered: HashMap::new(),
+        }
+    }
+
+    /// Whether the origin link is up.
+    pub fn is_link_up(&self) -> bool {
+        self.link_up
+    }
+
+    fn request_id(&mut self) -> u64 {
+        let r = self.next_request;
+        self.next_request += 1;
+        r
+    }
+
+    fn join_message(&mut self, id: ParticipantId, resume: Option<RoomRole>) -> Option<ControlMessage> {
+        let m = self.members.get(&id)?;
+        let (room, user, name, role) = (m.room, m.user.clone(), m.name.clone(), m.role);
+        let request = self.request_id();
+        Some(ControlMessage::RoomCommand {
+            room,
+            actor: id,
+            request,
+            command: RoomCommand::Join {
+                user,
+                name,
+                role,
+                region: self.region.clone(),
+                resume,
+            },
+        })
+    }
+
+    /// A session wants to join. Pre-checks against the replica (banned user, ended room).
+    pub fn join(&mut self, req: JoinRequest, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        let pid = req.participant;
+        let replica = self.rooms.get(&req.room).and_then(|r| r.replica.as_ref());
+        if let Some(r) = replica {
+            if r.ended() {
+                out.push(Output::JoinRefused {
+                    participant: pid,
+                    refusal: Refusal::new("room_ended", "the room has ended"),
+                });
+                return out;
+            }
+            if r.state().banned.iter().any(|u| *u == req.user) {
+                out.push(Output::JoinRefused {
+                    participant: pid,
+                    refusal: Refusal::new("banned", "you were removed from this room"),
+                });
+                return out;
+            }
+        }
+        self.remembered
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < RESUME_WINDOW);
+        let token_role = RoomRole::from_token(req.role);
+        // Another live session of the same user here, or a recent one, keeps its role.
+        let resume = replica
+            .and_then(|r| r.by_user(&req.user))
+            .map(|p| p.role)
+            .or_else(|| {
+                self.remembered
+                    .get(&(req.room, req.user.clone()))
+                    .map(|(role, _)| *role)
+            })
+            .filter(|r| *r != token_role);
+        let room = self.rooms.entry(req.room).or_default();
+        let first = room.members.is_empty();
+        room.members.insert(pid);
+        self.members.insert(
+            pid,
+            Member {
+                room: req.room,
+                user: req.user,
+                name: req.name,
+                role: req.role,
+                kind: req.kind,
+                joined: false,
+                resume,
+                chat: WindowLimiter::chat(),
+                reactions: WindowLimiter::reactions(),
+            },
+        );
+        if self.link_up {
+            if first {
+                out.push(Output::ToOrigin(ControlMessage::SubscribeRoom {
+                    room: req.room,
+                }));
+            }
+            if let Some(m) = self.join_message(pid, resume) {
+                out.push(Output::ToOrigin(m));
+            }
+        }
+        out
+    }
+
+    /// A session ended (WebSocket closed, WHIP/WHEP deleted or timed out).
+    pub fn leave(&mut self, pid: ParticipantId, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some(m) = self.members.remove(&pid) else {
+            return out;
+        };
+        let Some(room) = self.rooms.get_mut(&m.room) else {
+            return out;
+        };
+        room.members.remove(&pid);
+        if let Some(p) = room.replica.as_ref().and_then(|r| r.participant(pid)) {
+            self.remembered.insert((m.room, m.user.clone()), (p.role, now));
+        }
+        let empty = room.members.is_empty();
+        if empty {
+            self.rooms.remove(&m.room);
+        }
+        if self.link_up {
+            let request = self.request_id();
+            out.push(Output::ToOrigin(ControlMessage::RoomCommand {
+                room: m.room,
+                actor: pid,
+                request,
+                command: RoomCommand::Leave,
+            }));
+            if empty {
+                out.push(Output::ToOrigin(ControlMessage::UnsubscribeRoom {
+                    room: m.room,
+                }));
+            }
+        }
+        out
+    }
+
+    /// A joined participant's command (mapped from a client message).
+    pub fn command(
+        &mut self,
+        pid: ParticipantId,
+        command: RoomCommand,
+        now: Instant,
+    ) -> Result<Vec<Output>, Refusal> {
+        let Some(m) = self.members.get_mut(&pid) else {
+            return Err(Refusal::new("not_joined", "join the room first"));
+        };
+        if !m.joined {
+            return Err(Refusal::new("not_joined", "join the room first"));
+        }
+        if matches!(command, RoomCommand::Join { .. } | RoomCommand::Leave) {
+            return Err(Refusal::new("bad_message", "not a client command"));
+        }
+        let room = m.room;
+        let replica = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.replica.as_ref())
+            .ok_or_else(|| Refusal::new("unavailable", "the room state is not known yet"))?;
+        precheck(replica, pid, &command)?;
+        let m = self.members.get_mut(&pid).expect("checked above");
+        let allowed = match command {
+            RoomCommand::Chat { .. } => m.chat.allow(now),
+            RoomCommand::React { .. } => m.reactions.allow(now),
+            _ => true,
+        };
+        if !allowed {
+            return Err(Refusal::new(
+                "rate_limited",
+                "too many messages: chat 5 per 10 s, reactions 10 per 10 s",
+            ));
+        }
+        if !self.link_up {
+            return Err(Refusal::new(
+                "unavailable",
+                "the edge is reconnecting to the room's origin",
+            ));
+        }
+        let request = self.request_id();
+        Ok(vec![Output::ToOrigin(ControlMessage::RoomCommand {
+            room,
+            actor: pid,
+            request,
+            command,
+        })])
+    }
+
+    /// The replica of `room`, if this edge has one.
+    pub fn replica(&self, room: RoomId) -> Option<&RoomReplica> {
+        self.rooms.get(&room).and_then(|r| r.replica.as_ref())
+    }
+
+    /// The room of a registered participant.
+    pub fn room_of(&self, pid: ParticipantId) -> Option<RoomId> {
+        self.members.get(&pid).map(|m| m.room)
+    }
+
+    /// The participant's current role: the replica's, else its token's.
+    pub fn role_of(&self, pid: ParticipantId) -> Option<RoomRole> {
+        let m = self.members.get(&pid)?;
+        Some(
+            self.replica(m.room)
+                .and_then(|r| r.participant(pid))
+                .map(|p| p.role)
+                .unwrap_or_else(|| RoomRole::from_token(m.role)),
+        )
+    }
+
+    /// Whether the participant may send audio now (publishing role, not muted); without a
+    /// replica entry (origin without authority) the token role decides.
+    pub fn may_send(&self, pid: ParticipantId) -> bool {
+        let Some(m) = self.members.get(&pid) else {
+            return false;
+        };
+        match self.replica(m.room).and_then(|r| r.participant(pid)) {
+            Some(p) => p.role.may_publish() && !p.muted,
+            None => RoomRole::from_token(m.role).may_publish(),
+        }
+    }
+
+    /// WebSocket participants of `room` that joined (receivers of events).
+    pub fn clients(&self, room: RoomId) -> impl Iterator<Item = ParticipantId> + '_ {
+        self.rooms
+            .get(&room)
+            .into_iter()
+            .flat_map(|r| r.members.iter().copied())
+            .filter(|p| {
+                self.members
+                    .get(p)
+                    .is_some_and(|m| m.joined && m.kind == SessionKind::WebSocket)
+            })
+    }
+
+    /// Participants here per room (for load reports).
+    pub fn members_per_room(&self) -> BTreeMap<RoomId, usize> {
+        self.rooms
+            .iter()
+            .map(|(r, l)| (*r, l.members.len()))
+            .collect()
+    }
+
+    /// The origin link came up: everything to announce, in order (subscriptions, then a `Join`
+    /// with `resume` for every participant).
+    pub fn link_up(&mut self) -> Vec<ControlMessage> {
+        self.link_up = true;
+        let mut out = Vec::new();
+        let rooms: Vec<(RoomId, Vec<ParticipantId>)> = self
+            .rooms
+            .iter()
+            .map(|(r, l)| (*r, l.members.iter().copied().collect()))
+            .collect();
+        for (room, members) in rooms {
+            out.push(ControlMessage::SubscribeRoom { room });
+            for pid in members {
+                let current = self
+                    .replica(room)
+                    .and_then(|r| r.participant(pid))
+                    .map(|p| p.role);
+                let resume = current.or_else(|| self.members.get(&pid).and_then(|m| m.resume));
+                if let Some(m) = self.join_message(pid, resume) {
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    /// The origin link went down.
+    pub fn link_down(&mut self) {
+        self.link_up = false;
+    }
+
+    fn close_room(&mut self, room: RoomId, out: &mut Vec<Output>) {
+        let Some(local) = self.rooms.remove(&room) else {
+            return;
+        };
+        for pid in local.members {
+            if let Some(m) = self.members.remove(&pid) {
+                if !m.joined {
+                    out.push(Output::JoinRefused {
+                        participant: pid,
+                        refusal: Refusal::new("room_ended", "the room has ended"),
+                    });
+                }
+            }
+            out.push(Output::Close {
+                participant: pid,
+                why: CloseWhy::Ended,
+            });
+        }
+    }
+
+    fn permissions(&self, room: RoomId, out: &mut Vec<Output>) {
+        if let Some(local) = self.rooms.get(&room) {
+            for &pid in &local.members {
+                out.push(Output::Permission {
+                    participant: pid,
+                    may_send: self.may_send(pid),
+                });
+            }
+        }
+    }
+
+    /// A control message from the origin.
+    pub fn on_control(&mut self, msg: ControlMessage) -> Vec<Output> {
+        let mut out = Vec::new();
+        match msg {
+            ControlMessage::RoomSnapshot { state } => {
+                let room = state.room;
+                let Some(local) = self.rooms.get_mut(&room) else {
+                    return out;
+                };
+                let replica = RoomReplica::from_snapshot(state);
+                for &pid in &local.members {
+                    if let Some(m) = self.members.get_mut(&pid) {
+                        if !m.joined && replica.participant(pid).is_some() {
+                            m.joined = true;
+                            out.push(Output::Joined {
+                                participant: pid,
+                                state: replica.state().clone(),
+                            });
+                        }
+                    }
+                }
+                let ended = replica.ended();
+                local.replica = Some(replica);
+                if ended {
+                    self.close_room(room, &mut out);
+                } else {
+                    self.permissions(room, &mut out);
+                }
+            }
+            ControlMessage::RoomEvents { room, events } => {
+                for ev in events {
+                    self.on_event(room, ev, &mut out);
+                }
+            }
+            ControlMessage::CommandRejected {
+                room,
+                actor,
+                code,
+                message,
+                ..
+            } => {
+                let Some(m) = self.members.get(&actor) else {
+                    return out;
+                };
+                if m.room != room {
+                    return out;
+                }
+                let refusal = Refusal {
+                    code: static_code(&code),
+                    message,
+                };
+                if m.joined {
+                    if m.kind == SessionKind::WebSocket {
+                        out.push(Output::ToClient(
+                            actor,
+                            ServerMessage::Error {
+                                code,
+                                message: refusal.message,
+                            },
+                        ));
+                    }
+                } else {
+                    if refusal.code != "unavailable" {
+                        // A refused join leaves nothing behind.
+                        self.members.remove(&actor);
+                        if let Some(local) = self.rooms.get_mut(&room) {
+                            local.members.remove(&actor);
+                            if local.members.is_empty() {
+                                self.rooms.remove(&room);
+                                if self.link_up {
+                                    out.push(Output::ToOrigin(ControlMessage::UnsubscribeRoom {
+                                        room,
+                                    }));
+                                }
+                            }
+                        }
+                    }
+                    out.push(Output::JoinRefused {
+                        participant: actor,
+                        refusal,
+                    });
+                }
+            }
+            ControlMessage::RoomEnded { room } => {
+                if self.rooms.contains_key(&room) {
+                    let ended = ServerMessage::Event(RoomEvent::Ended { by: None });
+                    for pid in self.clients(room).collect::<Vec<_>>() {
+                        out.push(Output::ToClient(pid, ended.clone()));
+                    }
+                    self.close_room(room, &mut out);
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    fn on_event(&mut self, room: RoomId, ev: RoomEvent, out: &mut Vec<Output>) {
+        let Some(local) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(replica) = local.replica.as_mut() else {
+            // The snapshot that follows includes this event.
+            return;
+        };
+        replica.apply(&ev);
+        let msg = ServerMessage::Event(ev.clone());
+        for pid in self.clients(room).collect::<Vec<_>>() {
+            out.push(Output::ToClient(pid, msg.clone()));
+        }
+        match ev {
+            RoomEvent::ParticipantJoined { participant } => {
+                if let Some(m) = self.members.get_mut(&participant.id) {
+                    if m.room == room && !m.joined {
+                        m.joined = true;
+                        let state = self
+                            .replica(room)
+                            .map(|r| r.state().clone())
+                            .expect("replica exists");
+                        out.push(Output::Joined {
+                            participant: participant.id,
+                            state,
+                        });
+                        out.push(Output::Permission {
+                            participant: participant.id,
+                            may_send: self.may_send(participant.id),
+                        });
+                    }
+                }
+            }
+            RoomEvent::RoleChanged { id, .. }
+            | RoomEvent::Muted { id, .. }
+            | RoomEvent::Unmuted { id } => {
+                if self.members.get(&id).is_some_and(|m| m.room == room) {
+                    out.push(Output::Permission {
+                        participant: id,
+                        may_send: self.may_send(id),
+                    });
+                }
+            }
+            RoomEvent::Kicked { id, .. } | RoomEvent::ParticipantLeft { id } => {
+                let why = if matches!(ev, RoomEvent::Kicked { .. }) {
+                    CloseWhy::Kicked
+                } else {
+                    CloseWhy::Removed
+                };
+                if self.members.get(&id).is_some_and(|m| m.room == room && m.joined) {
+                    self.members.remove(&id);
+                    if let Some(local) = self.rooms.get_mut(&room) {
+                        local.members.remove(&id);
+                        if local.members.is_empty() {
+                            self.rooms.remove(&room);
+                            if self.link_up {
+                                out.push(Output::ToOrigin(ControlMessage::UnsubscribeRoom {
+                                    room,
+                                }));
+                            }
+                        }
+                    }
+                    out.push(Output::Permission {
+                        participant: id,
+                        may_send: false,
+                    });
+                    out.push(Output::Close {
+                        participant: id,
+                        why,
+                    });
+                }
+            }
+            RoomEvent::Ended { .. } => self.close_room(room, out),
+            _ => {}
+        }
+    }
+}
+
+/// Known refusal codes as static strings (others become `refused`, the text is kept in the
+/// message sent to clients as-is).
+fn static_code(code: &str) -> &'static str {
+    const KNOWN: [&str; 12] = [
+        "forbidden",
+        "banned",
+        "not_found",
+        "ended",
+        "room_ended",
+        "rate_limited",
+        "unavailable",
+        "bad_message",
+        "not_joined",
+        "full",
+        "capacity",
+        "invalid",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("refused")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amphi_protocol::room::{Participant, RoomPhase};
+
+    const R: RoomId = RoomId(0x42);
+
+    fn req(id: u32, user: &str, role: Role, kind: SessionKind) -> JoinRequest {
+        JoinRequest {
+            participant: ParticipantId(id),
+            room: R,
+            user: user.into(),
+            name: user.into(),
+            role,
+            kind,
+        }
+    }
+
+    fn part(id: u32, user: &str, role: RoomRole) -> Participant {
+        Participant {
+            id: ParticipantId(id),
+            user: user.into(),
+            name: user.into(),
+            role,
+            region: "us-east".into(),
+            muted: false,
+        }
+    }
+
+    fn snapshot(parts: Vec<Participant>) -> ControlMessage {
+        ControlMessage::RoomSnapshot {
+            state: RoomState {
+                room: R,
+                phase: RoomPhase::Live,
+                participants: parts,
+                hands: vec![],
+                banned: vec![],
+            },
+        }
+    }
+
+    fn to_origin(out: &[Output]) -> Vec<ControlMessage> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::ToOrigin(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn joined_core() -> SignalingCore {
+        let mut c = SignalingCore::new("us-east");
+        assert!(c.link_up().is_empty());
+        let now = Instant::now();
+        c.join(req(1, "host", Role::Host, SessionKind::WebSocket), now);
+        c.join(req(2, "lee", Role::Listener, SessionKind::WebSocket), now);
+        c.on_control(snapshot(vec![
+            part(1, "host", RoomRole::Host),
+            part(2, "lee", RoomRole::Listener),
+        ]));
+        c
+    }
+
+    #[test]
+    fn join_subscribes_once_and_resolves_on_snapshot_or_event() {
+        let mut c = SignalingCore::new("us-east");
+        c.link_up();
+        let now = Instant::now();
+        let out = c.join(req(1, "ada", Role::Host, SessionKind::WebSocket), now);
+        let msgs = to_origin(&out);
+        assert_eq!(msgs[0], ControlMessage::SubscribeRoom { room: R });
+        assert!(matches!(
+            &msgs[1],
+            ControlMessage::RoomCommand { actor, command: RoomCommand::Join { user, region, resume: None, .. }, .. }
+                if *actor == ParticipantId(1) && user == "ada" && region == "us-east"
+        ));
+        let out = c.join(req(2, "bob", Role::Listener, SessionKind::Whep), now);
+        assert_eq!(to_origin(&out).len(), 1, "no second SubscribeRoom");
+        // The event before the snapshot is skipped; the snapshot resolves both.
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::ParticipantJoined {
+                participant: part(1, "ada", RoomRole::Host),
+            }],
+        });
+        assert!(out.is_empty());
+        let out = c.on_control(snapshot(vec![
+            part(1, "ada", RoomRole::Host),
+            part(2, "bob", RoomRole::Listener),
+        ]));
+        let joined: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Joined { participant, .. } => Some(participant.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(joined, vec![1, 2]);
+        assert!(out.contains(&Output::Permission {
+            participant: ParticipantId(1),
+            may_send: true
+        }));
+        assert!(out.contains(&Output::Permission {
+            participant: ParticipantId(2),
+            may_send: false
+        }));
+        // A third joins after the snapshot: resolved by its ParticipantJoined event, and the
+        // WebSocket client (1) gets the event, the WHEP listener (2) does not.
+        c.join(req(3, "cy", Role::Speaker, SessionKind::Whip), now);
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::ParticipantJoined {
+                participant: part(3, "cy", RoomRole::Speaker),
+            }],
+        });
+        assert!(matches!(&out[0], Output::ToClient(p, ServerMessage::Event(RoomEvent::ParticipantJoined { .. })) if p.0 == 1));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Joined { participant, .. } if participant.0 == 3)));
+        assert_eq!(out.iter().filter(|o| matches!(o, Output::ToClient(..))).count(), 1);
+    }
+
+    #[test]
+    fn commands_are_prechecked_rate_limited_and_forwarded() {
+        let mut c = joined_core();
+        let now = Instant::now();
+        let e = c
+            .command(ParticipantId(2), RoomCommand::Kick { target: ParticipantId(1) }, now)
+            .unwrap_err();
+        assert_eq!(e.code, "forbidden");
+        let out = c
+            .command(ParticipantId(1), RoomCommand::Promote { target: ParticipantId(2), role: RoomRole::Speaker }, now)
+            .unwrap();
+        assert!(matches!(&to_origin(&out)[0], ControlMessage::RoomCommand { actor, command: RoomCommand::Promote { .. }, .. } if actor.0 == 1));
+        for _ in 0..5 {
+            c.command(ParticipantId(2), RoomCommand::Chat { text: "hi".into() }, now)
+                .unwrap();
+        }
+        let e = c
+            .command(ParticipantId(2), RoomCommand::Chat { text: "hi".into() }, now)
+            .unwrap_err();
+        assert_eq!(e.code, "rate_limited");
+        assert!(c
+            .command(ParticipantId(2), RoomCommand::Chat { text: "later".into() }, now + Duration::from_secs(10))
+            .is_ok());
+        let e = c
+            .command(ParticipantId(9), RoomCommand::RaiseHand, now)
+            .unwrap_err();
+        assert_eq!(e.code, "not_joined");
+        c.link_down();
+        let e = c
+            .command(ParticipantId(2), RoomCommand::RaiseHand, now)
+            .unwrap_err();
+        assert_eq!(e.code, "unavailable");
+    }
+
+    #[test]
+    fn rejections_reach_the_client_or_refuse_the_join() {
+        let mut c = joined_core();
+        let now = Instant::now();
+        let out = c.on_control(ControlMessage::CommandRejected {
+            room: R,
+            actor: ParticipantId(2),
+            request: 5,
+            code: "forbidden".into(),
+            message: "no".into(),
+        });
+        assert_eq!(
+            out,
+            vec![Output::ToClient(
+                ParticipantId(2),
+                ServerMessage::Error {
+                    code: "forbidden".into(),
+                    message: "no".into()
+                }
+            )]
+        );
+        c.join(req(3, "mallory", Role::Listener, SessionKind::WebSocket), now);
+        let out = c.on_control(ControlMessage::CommandRejected {
+            room: R,
+            actor: ParticipantId(3),
+            request: 9,
+            code: "banned".into(),
+            message: "kicked earlier".into(),
+        });
+        assert!(matches!(&out[0], Output::JoinRefused { refusal, .. } if refusal.code == "banned"));
+        assert_eq!(c.room_of(ParticipantId(3)), None);
+        // `unavailable` keeps the participant for a degraded session.
+        c.join(req(4, "deg", Role::Speaker, SessionKind::Whip), now);
+        let out = c.on_control(ControlMessage::CommandRejected {
+            room: R,
+            actor: ParticipantId(4),
+            request: 10,
+            code: "unavailable".into(),
+            message: "no authority".into(),
+        });
+        assert!(matches!(&out[0], Output::JoinRefused { refusal, .. } if refusal.code == "unavailable"));
+        assert_eq!(c.room_of(ParticipantId(4)), Some(R));
+        assert!(c.may_send(ParticipantId(4)), "token role decides without a replica entry");
+    }
+
+    #[test]
+    fn kick_closes_and_bans_end_closes_everyone() {
+        let mut c = joined_core();
+        let now = Instant::now();
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::Kicked {
+                id: ParticipantId(2),
+                by: ParticipantId(1),
+            }],
+        });
+        assert!(out.contains(&Output::ToClient(
+            ParticipantId(2),
+            ServerMessage::Event(RoomEvent::Kicked {
+                id: ParticipantId(2),
+                by: ParticipantId(1)
+            })
+        )));
+        assert!(out.contains(&Output::Close {
+            participant: ParticipantId(2),
+            why: CloseWhy::Kicked
+        }));
+        // Rejoining with the same identity is refused locally.
+        let out = c.join(req(5, "lee", Role::Listener, SessionKind::WebSocket), now);
+        assert!(matches!(&out[0], Output::JoinRefused { refusal, .. } if refusal.code == "banned"));
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::Ended {
+                by: Some(ParticipantId(1)),
+            }],
+        });
+        assert!(matches!(&out[0], Output::ToClient(p, ServerMessage::Event(RoomEvent::Ended { .. })) if p.0 == 1));
+        assert!(out.contains(&Output::Close {
+            participant: ParticipantId(1),
+            why: CloseWhy::Ended
+        }));
+        assert!(c.members_per_room().is_empty());
+    }
+
+    #[test]
+    fn reconnect_reannounces_rooms_and_participants_with_their_roles() {
+        let mut c = joined_core();
+        c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::RoleChanged {
+                id: ParticipantId(2),
+                role: RoomRole::Speaker,
+                by: ParticipantId(1),
+            }],
+        });
+        c.link_down();
+        let msgs = c.link_up();
+        assert_eq!(msgs[0], ControlMessage::SubscribeRoom { room: R });
+        let resumes: Vec<_> = msgs[1..]
+            .iter()
+            .map(|m| match m {
+                ControlMessage::RoomCommand {
+                    actor,
+                    command: RoomCommand::Join { resume, .. },
+                    ..
+                } => (actor.0, *resume),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            resumes,
+            vec![(1, Some(RoomRole::Host)), (2, Some(RoomRole::Speaker))]
+        );
+    }
+
+    #[test]
+    fn a_fresh_session_of_a_departed_speaker_resumes_its_role() {
+        let mut c = joined_core();
+        let now = Instant::now();
+        c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::RoleChanged {
+                id: ParticipantId(2),
+                role: RoomRole::Speaker,
+                by: ParticipantId(1),
+            }],
+        });
+        let out = c.leave(ParticipantId(2), now);
+        assert!(matches!(&to_origin(&out)[0], ControlMessage::RoomCommand { command: RoomCommand::Leave, .. }));
+        c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::ParticipantLeft { id: ParticipantId(2) }],
+        });
+        let out = c.join(req(7, "lee", Role::Listener, SessionKind::WebSocket), now);
+        assert!(matches!(
+            &to_origin(&out)[0],
+            ControlMessage::RoomCommand { command: RoomCommand::Join { resume: Some(RoomRole::Speaker), .. }, .. }
+        ));
+        // After the window it is forgotten.
+        c.leave(ParticipantId(7), now);
+        let out = c.join(
+            req(8, "lee", Role::Listener, SessionKind::WebSocket),
+            now + RESUME_WINDOW,
+        );
+        assert!(matches!(
+            &to_origin(&out)[0],
+            ControlMessage::RoomCommand { command: RoomCommand::Join { resume: None, .. }, .. }
+        ));
+    }
+}
