@@ -1,16 +1,25 @@
 //! QUIC hub driver: accepts edge and packager connections, runs their control streams, relays
-//! speaker datagrams to subscribed edges and feeds the mixer thread.
+//! speaker datagrams to subscribed edges and feeds the mixer thread. It also drives the room
+//! authority ([`Rooms`]): `RoomCommand`s are applied in arrival order and their `RoomEvents` are
+//! queued, under one lock, to every subscribed edge, so every replica sees the same sequence.
+//!
+//! Every message to a peer goes through that peer's one outbound queue (replies too), so a peer
+//! receives messages in the order the hub produced them. After a successful `Join` the joining
+//! edge receives `RoomEvents` (with `ParticipantJoined`, like every subscribed edge) and then
+//! `RoomSnapshot`, whose state already includes the join; after a refused one, `CommandRejected`.
 
 use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
+use crate::room::{Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
 use amphi_protocol::control::{ControlDecoder, ControlError, ControlMessage, PeerKind};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
-use amphi_protocol::RoomId;
-use std::collections::HashMap;
+use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase};
+use amphi_protocol::{ParticipantId, RoomId};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +29,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_OK: u32 = 0;
 /// QUIC application close code: protocol violation.
 const CLOSE_PROTOCOL: u32 = 1;
+/// How often idle and long-ended rooms are forgotten.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+/// `from` of a notice the origin itself originates (connection ids start at 1).
+const FROM_ORIGIN: u64 = 0;
 
 struct EdgeLink {
     conn: quinn::Connection,
@@ -32,6 +45,111 @@ struct HubState {
     edges: HashMap<u64, EdgeLink>,
     /// Geo-routers, told when a room ends.
     routers: HashMap<u64, mpsc::UnboundedSender<ControlMessage>>,
+    /// The room authority.
+    rooms: Rooms,
+    /// The edge connection that announced each participant (its `Leave` on disconnect).
+    owners: HashMap<(RoomId, ParticipantId), u64>,
+    /// Speakers the authority lets be heard, for every room it holds; datagrams from anyone else
+    /// in those rooms are neither relayed nor mixed.
+    audible: HashMap<RoomId, HashSet<u32>>,
+    /// When idle rooms are next forgotten.
+    next_housekeeping: Option<Instant>,
+}
+
+impl HubState {
+    /// Queue `msg` to every edge subscribed to `room`.
+    fn to_subscribers(&self, room: RoomId, msg: &ControlMessage) {
+        for sub in self.subs.subscribers(room) {
+            if let Some(link) = self.edges.get(sub) {
+                let _ = link.control.send(msg.clone());
+            }
+        }
+    }
+
+    /// Tell the edges subscribed to `room` and every geo-router, except connection `from`, that
+    /// the room ended.
+    fn room_ended_notice(&self, room: RoomId, from: u64) {
+        for (&router, control) in &self.routers {
+            if router != from {
+                let _ = control.send(ControlMessage::RoomEnded { room });
+            }
+        }
+        for &sub in self.subs.subscribers(room) {
+            if sub == from {
+                continue;
+            }
+            if let Some(link) = self.edges.get(&sub) {
+                let _ = link.control.send(ControlMessage::RoomEnded { room });
+            }
+        }
+    }
+
+    /// Recompute who may be heard in `room`.
+    fn refresh_audible(&mut self, room: RoomId) {
+        match self.rooms.get(room) {
+            Some(r) if r.phase() == RoomPhase::Live => {
+                let set = r.audible().map(|p| p.0).collect();
+                self.audible.insert(room, set);
+            }
+            Some(_) => {
+                self.audible.insert(room, HashSet::new());
+            }
+            None => {
+                self.audible.remove(&room);
+            }
+        }
+    }
+
+    /// Bookkeeping after the authority produced `events` for `room`; returns whether the room
+    /// ended.
+    fn after_events(&mut self, room: RoomId, events: &[RoomEvent]) -> bool {
+        let mut ended = false;
+        let mut audibility = false;
+        for e in events {
+            match e {
+                RoomEvent::ParticipantLeft { id } => {
+                    self.owners.remove(&(room, *id));
+                    audibility = true;
+                }
+                RoomEvent::Ended { .. } => ended = true,
+                RoomEvent::ParticipantJoined { .. }
+                | RoomEvent::RoleChanged { .. }
+                | RoomEvent::Muted { .. }
+                | RoomEvent::Unmuted { .. }
+                | RoomEvent::Kicked { .. } => audibility = true,
+                RoomEvent::HandRaised { .. }
+                | RoomEvent::HandLowered { .. }
+                | RoomEvent::Chat { .. }
+                | RoomEvent::Reaction { .. } => {}
+            }
+        }
+        if ended {
+            self.owners.retain(|(r, _), _| *r != room);
+        }
+        if ended || audibility {
+            self.refresh_audible(room);
+        }
+        ended
+    }
+
+    /// Forget idle and long-ended rooms (at most every [`HOUSEKEEPING_EVERY`]).
+    fn housekeeping(&mut self, now: Instant) {
+        if self.next_housekeeping.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_housekeeping = Some(now + HOUSEKEEPING_EVERY);
+        for room in self.rooms.housekeeping(now) {
+            self.audible.remove(&room);
+            self.owners.retain(|(r, _), _| *r != room);
+        }
+    }
+}
+
+/// Wall clock in Unix milliseconds (chat timestamps of new rooms).
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Shared state of all connection tasks.
@@ -184,6 +302,7 @@ impl Hub {
         }
         tracing::info!(%remote, peer = %peer_id, %region, ?peer, "mesh peer connected");
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let own = ctl_tx.clone();
         match peer {
             PeerKind::Edge => {
                 lock_write(&self.state).edges.insert(
@@ -215,17 +334,14 @@ impl Hub {
                 &peer_id,
                 &mut reader,
                 &mut send,
-                ctl_rx,
+                (&own, ctl_rx),
                 &shutdown,
             )
             .await;
+        drop(own);
         match peer {
             PeerKind::Edge => {
-                {
-                    let mut st = lock_write(&self.state);
-                    st.edges.remove(&id);
-                    st.subs.remove_connection(id);
-                }
+                self.edge_gone(id, &peer_id);
                 let _ = self.control.send(MixerCmd::SourceGone {
                     source: id,
                     at: Instant::now(),
@@ -278,7 +394,10 @@ impl Hub {
         peer_id: &str,
         reader: &mut ControlReader,
         send: &mut quinn::SendStream,
-        mut outbound: mpsc::UnboundedReceiver<ControlMessage>,
+        (own, mut outbound): (
+            &mpsc::UnboundedSender<ControlMessage>,
+            mpsc::UnboundedReceiver<ControlMessage>,
+        ),
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
         loop {
@@ -293,10 +412,9 @@ impl Hub {
                     None => return Ok(()),
                 },
             };
-            if let Some(reply) = self.on_message(id, peer, peer_id, msg)? {
-                send.write_all(&reply.to_record())
-                    .await
-                    .map_err(|_| Failure::Gone)?;
+            // Replies share the outbound queue so they stay in order with broadcasts.
+            if let Some(reply) = self.on_message(id, peer, peer_id, own, msg)? {
+                let _ = own.send(reply);
             }
         }
     }
@@ -307,6 +425,7 @@ impl Hub {
         id: u64,
         peer: PeerKind,
         peer_id: &str,
+        own: &mpsc::UnboundedSender<ControlMessage>,
         msg: ControlMessage,
     ) -> Result<Option<ControlMessage>, Failure> {
         let now = Instant::now();
@@ -321,12 +440,10 @@ impl Hub {
             | ControlMessage::Welcome { .. }
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::RoomSnapshot { .. }
-            | ControlMessage::CommandRejected { .. } => {
-                Err(Failure::Protocol {
-                    code: "unexpected",
-                    message: format!("unexpected {}", kind_of(&msg)),
-                })
-            }
+            | ControlMessage::CommandRejected { .. } => Err(Failure::Protocol {
+                code: "unexpected",
+                message: format!("unexpected {}", kind_of(&msg)),
+            }),
             ControlMessage::Ping { nonce } => Ok(Some(ControlMessage::Pong { nonce })),
             ControlMessage::Pong { .. } => Ok(None),
             ControlMessage::Error { code, message } => {
@@ -335,8 +452,7 @@ impl Hub {
             }
             ControlMessage::RoomEnded { room } if peer != PeerKind::Packager => {
                 tracing::info!(%room, from = %peer_id, ?peer, "room ended");
-                self.forward_room_ended(room, id);
-                let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
+                self.end_room(room, id, now);
                 Ok(None)
             }
             _ if peer != PeerKind::Edge => edge_only(kind_of(&msg)),
@@ -382,31 +498,143 @@ impl Hub {
                 room,
                 actor,
                 request,
-                ..
-            } => Ok(Some(ControlMessage::CommandRejected {
-                room,
-                actor,
-                request,
-                code: "unavailable".into(),
-                message: "this origin has no room authority".into(),
-            })),
+                command,
+            } => {
+                self.room_command(id, own, room, actor, request, command, now);
+                Ok(None)
+            }
         }
     }
 
-    /// Tell the other edges subscribed to `room`, and every geo-router, that it ended.
-    fn forward_room_ended(&self, room: RoomId, from: u64) {
-        let st = lock_read(&self.state);
-        for (&router, control) in &st.routers {
-            if router != from {
-                let _ = control.send(ControlMessage::RoomEnded { room });
+    /// Apply a participant's command from edge connection `conn`; see the module documentation
+    /// for what is sent to whom.
+    #[allow(clippy::too_many_arguments)]
+    fn room_command(
+        &self,
+        conn: u64,
+        own: &mpsc::UnboundedSender<ControlMessage>,
+        room: RoomId,
+        actor: ParticipantId,
+        request: u64,
+        command: RoomCommand,
+        now: Instant,
+    ) {
+        let is_join = matches!(command, RoomCommand::Join { .. });
+        let mut guard = lock_write(&self.state);
+        let st = &mut *guard;
+        st.housekeeping(now);
+        let live = st
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.phase() == RoomPhase::Live);
+        // An edge acts only for the participants it announced.
+        let result = if !is_join && live && st.owners.get(&(room, actor)) != Some(&conn) {
+            Err(Rejection {
+                code: RejectCode::NotFound,
+                message: format!("participant {actor} is not connected through this edge"),
+            })
+        } else {
+            st.rooms.apply(room, actor, command, now, unix_ms())
+        };
+        let events = match result {
+            Ok(events) => events,
+            Err(rej) => {
+                self.metrics.room_commands_rejected.fetch_add(1, Relaxed);
+                tracing::debug!(%room, %actor, code = %rej.code, message = %rej.message, "room command refused");
+                let _ = own.send(ControlMessage::CommandRejected {
+                    room,
+                    actor,
+                    request,
+                    code: rej.code.as_str().into(),
+                    message: rej.message,
+                });
+                return;
+            }
+        };
+        self.metrics.room_commands.fetch_add(1, Relaxed);
+        if is_join {
+            st.owners.insert((room, actor), conn);
+            // The joining edge needs the room's events even if it did not subscribe first.
+            if st.subs.subscribe(room, conn) == Subscribe::LimitReached {
+                tracing::warn!(%room, "joining edge has too many subscriptions");
             }
         }
-        for &sub in st.subs.subscribers(room) {
-            if sub == from {
-                continue;
+        let ended = st.after_events(room, &events);
+        if !events.is_empty() {
+            st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+        }
+        if is_join {
+            if let Some(r) = st.rooms.get(room) {
+                let _ = own.send(ControlMessage::RoomSnapshot {
+                    state: r.snapshot(),
+                });
             }
-            if let Some(link) = st.edges.get(&sub) {
-                let _ = link.control.send(ControlMessage::RoomEnded { room });
+        }
+        if ended {
+            tracing::info!(%room, by = %actor, "room ended by its host");
+            st.room_ended_notice(room, FROM_ORIGIN);
+            let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
+        }
+        self.metrics
+            .rooms_known
+            .store(st.rooms.len() as u64, Relaxed);
+    }
+
+    /// `RoomEnded` from connection `from` (a geo-router or an edge): end the room's authority
+    /// record, tell the subscribed edges (`RoomEvents` with `Ended`, then `RoomEnded`), the other
+    /// routers and the packagers. A room that already ended here is not announced again.
+    fn end_room(&self, room: RoomId, from: u64, now: Instant) {
+        let mut guard = lock_write(&self.state);
+        let st = &mut *guard;
+        let announce = match st.rooms.end(room, now, unix_ms()) {
+            Ending::Ended(events) => {
+                st.after_events(room, &events);
+                st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                true
+            }
+            Ending::Unknown => {
+                st.refresh_audible(room);
+                true
+            }
+            Ending::AlreadyEnded => false,
+        };
+        if announce {
+            st.room_ended_notice(room, from);
+            let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
+        }
+        self.metrics
+            .rooms_known
+            .store(st.rooms.len() as u64, Relaxed);
+    }
+
+    /// Edge connection `conn` closed: forget it, and every participant it announced leaves.
+    fn edge_gone(&self, conn: u64, peer_id: &str) {
+        let now = Instant::now();
+        let mut guard = lock_write(&self.state);
+        let st = &mut *guard;
+        st.edges.remove(&conn);
+        st.subs.remove_connection(conn);
+        let mut mine: Vec<(RoomId, ParticipantId)> = st
+            .owners
+            .iter()
+            .filter(|(_, &c)| c == conn)
+            .map(|(k, _)| *k)
+            .collect();
+        mine.sort();
+        if !mine.is_empty() {
+            tracing::info!(edge = %peer_id, participants = mine.len(), "edge gone: its participants leave");
+        }
+        for (room, id) in mine {
+            match st.rooms.apply(room, id, RoomCommand::Leave, now, unix_ms()) {
+                Ok(events) => {
+                    st.after_events(room, &events);
+                    if !events.is_empty() {
+                        st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                    }
+                }
+                Err(_) => {
+                    st.owners.remove(&(room, id));
+                }
             }
         }
     }
@@ -422,8 +650,8 @@ impl Hub {
                 m.dropped(DropReason::NotEdge);
                 continue;
             }
-            let room = match RelayFrame::decode(&datagram) {
-                Ok(f) if f.kind == FrameKind::SpeakerAudio => f.room,
+            let (room, speaker) = match RelayFrame::decode(&datagram) {
+                Ok(f) if f.kind == FrameKind::SpeakerAudio => (f.room, f.speaker),
                 Ok(_) => {
                     m.dropped(DropReason::WrongKind);
                     continue;
@@ -435,6 +663,16 @@ impl Hub {
             };
             {
                 let st = lock_read(&self.state);
+                // Muted speakers, listeners and strangers are not heard (the edge drops them
+                // first; this is defense in depth). Rooms without an authority record pass.
+                if st
+                    .audible
+                    .get(&room)
+                    .is_some_and(|heard| !heard.contains(&speaker))
+                {
+                    m.dropped(DropReason::NotAudible);
+                    continue;
+                }
                 for &sub in st.subs.subscribers(room) {
                     if sub == id {
                         continue;

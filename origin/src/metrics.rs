@@ -37,10 +37,13 @@ pub enum DropReason {
     RoomEnded,
     /// Too many rooms or speakers to mix another.
     MixerLimit,
+    /// The room authority does not let this speaker be heard (muted, a listener, or not in the
+    /// room).
+    NotAudible,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 11] = [
+    const ALL: [DropReason; 12] = [
         DropReason::TooShort,
         DropReason::Version,
         DropReason::Kind,
@@ -52,6 +55,7 @@ impl DropReason {
         DropReason::MixerBusy,
         DropReason::RoomEnded,
         DropReason::MixerLimit,
+        DropReason::NotAudible,
     ];
 
     /// The `reason` label value.
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::MixerBusy => "mixer_busy",
             DropReason::RoomEnded => "room_ended",
             DropReason::MixerLimit => "mixer_limit",
+            DropReason::NotAudible => "not_audible",
         }
     }
 }
@@ -106,6 +111,12 @@ pub struct Metrics {
     pub program_frames_dropped: AtomicU64,
     /// Thread CPU time of the mixer, nanoseconds.
     pub mixer_cpu_ns: AtomicU64,
+    /// Room commands applied by the room authority.
+    pub room_commands: AtomicU64,
+    /// Room commands the authority refused.
+    pub room_commands_rejected: AtomicU64,
+    /// Rooms held by the room authority (live and remembered ended ones).
+    pub rooms_known: AtomicU64,
     mix: std::sync::Mutex<MixStats>,
 }
 
@@ -148,6 +159,11 @@ impl Metrics {
             self.rooms_running.load(Relaxed),
         );
         gauge(
+            "amphi_origin_rooms_known",
+            "Rooms held by the room authority, live and recently ended.",
+            self.rooms_known.load(Relaxed),
+        );
+        gauge(
             "amphi_origin_connected_edges",
             "Edge connections.",
             self.edges.load(Relaxed),
@@ -177,6 +193,16 @@ impl Metrics {
             "amphi_origin_control_errors_total",
             "Connections closed for a malformed or unexpected control record.",
             self.control_errors.load(Relaxed),
+        );
+        counter(
+            "amphi_origin_room_commands_total",
+            "Room commands applied by the room authority.",
+            self.room_commands.load(Relaxed),
+        );
+        counter(
+            "amphi_origin_room_commands_rejected_total",
+            "Room commands the room authority refused.",
+            self.room_commands_rejected.load(Relaxed),
         );
         counter(
             "amphi_origin_program_frames_mixed_total",

@@ -670,6 +670,12 @@ pub struct Rooms {
     rooms: HashMap<RoomId, Room>,
 }
 
+impl Default for Rooms {
+    fn default() -> Self {
+        Rooms::new(RoomsConfig::default())
+    }
+}
+
 impl Rooms {
     /// No rooms yet.
     pub fn new(cfg: RoomsConfig) -> Self {

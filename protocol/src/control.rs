@@ -99,14 +99,16 @@ pub enum ControlMessage {
         /// What to do.
         command: RoomCommand,
     },
-    /// Origin -> edges with participants in the room: state changes, in authority order.
+    /// Origin -> every edge subscribed to the room (the sender included): state changes, in
+    /// authority order.
     RoomEvents {
         /// The room.
         room: RoomId,
         /// The changes.
         events: Vec<RoomEvent>,
     },
-    /// Origin -> edge: the full state, after a `Join` from that edge or on (re)subscribe.
+    /// Origin -> edge: the full state, after a successful `Join` from that edge (it follows the
+    /// join's `RoomEvents` and already includes them; see `docs/signaling.md`).
     RoomSnapshot {
         /// The state.
         state: RoomState,
