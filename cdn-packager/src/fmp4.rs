@@ -11,10 +11,10 @@
 
 use amphi_protocol::audio::{FRAME_SAMPLES, OPUS_PRE_SKIP, PROGRAM_CHANNELS, SAMPLE_RATE};
 use mp4_atom::{
-    Audio, Codec, Dinf, Dops, Dref, DrefEntry, Edts, Elst, ElstEntry, Encode, FixedPoint, FourCC,
-    Ftyp, Hdlr, Mdhd, Mdia, Mfhd, Minf, Moof, Moov, Mvex, Mvhd, Opus, Sbgp, SbgpEntry, Sgpd,
-    SgpdEntry, Smhd, Stbl, Stco, Stsd, Styp, Tfdt, Tfhd, Tkhd, Traf, Trak, Trex, Trun, TrunEntry,
-    TrunSamples, Url,
+    Audio, Codec, Dinf, Dops, Dref, DrefEntry, Edts, Elst, ElstEntry, Encode, Esds, FixedPoint,
+    FourCC, Ftyp, Hdlr, Mdhd, Mdia, Mfhd, Minf, Moof, Moov, Mp4a, Mvex, Mvhd, Opus, Sbgp,
+    SbgpEntry, Sgpd, SgpdEntry, Smhd, Stbl, Stco, Stsd, Styp, Tfdt, Tfhd, Tkhd, Traf, Trak, Trex,
+    Trun, TrunEntry, TrunSamples, Url,
 };
 
 /// The only track in our files.
@@ -80,8 +80,77 @@ pub fn opus_sample_entry() -> Opus {
     }
 }
 
-/// Write the initialization segment (`ftyp` + `moov`).
+/// Samples of 48 kHz audio per AAC-LC frame.
+pub const AAC_FRAME_SAMPLES: u32 = 1024;
+
+/// The AAC-LC sample entry (`mp4a` + `esds`, object type 0x40 = MPEG-4 audio) for the
+/// AudioSpecificConfig `asc` the encoder reported.
+pub fn aac_sample_entry(asc: &[u8], bitrate: u32) -> Mp4a {
+    use mp4_atom::esds::{DecoderConfig, DecoderSpecific, EsDescriptor, SLConfig};
+    let (profile, freq_index, chan_conf) = match asc {
+        [a, b, ..] => (a >> 3, ((a & 7) << 1) | (b >> 7), (b >> 3) & 0x0f),
+        _ => (2, 3, 1),
+    };
+    Mp4a {
+        audio: Audio {
+            data_reference_index: 1,
+            channel_count: PROGRAM_CHANNELS as u16,
+            sample_size: 16,
+            sample_rate: FixedPoint::new(SAMPLE_RATE as u16, 0),
+        },
+        esds: Esds {
+            es_desc: EsDescriptor {
+                es_id: 0,
+                dec_config: DecoderConfig {
+                    object_type_indication: 0x40,
+                    stream_type: 5,
+                    up_stream: 0,
+                    buffer_size_db: Default::default(),
+                    max_bitrate: bitrate,
+                    avg_bitrate: bitrate,
+                    dec_specific: Some(DecoderSpecific {
+                        profile,
+                        freq_index,
+                        chan_conf,
+                        raw: asc.to_vec(),
+                    }),
+                },
+                sl_config: SLConfig::default(),
+                ..Default::default()
+            },
+        },
+        btrt: None,
+        taic: None,
+    }
+}
+
+/// Write the Opus initialization segment (`ftyp` + `moov`).
 pub fn init_segment() -> Result<Vec<u8>, MuxError> {
+    init_with(
+        Codec::Opus(opus_sample_entry()),
+        u64::from(OPUS_PRE_SKIP),
+        SAMPLE_DURATION,
+        true,
+    )
+}
+
+/// Write the AAC-LC initialization segment; `delay` is the encoder delay in samples (the edit
+/// list skips it, like the Opus pre-skip).
+pub fn init_segment_aac(asc: &[u8], bitrate: u32, delay: u32) -> Result<Vec<u8>, MuxError> {
+    init_with(
+        Codec::Mp4a(aac_sample_entry(asc, bitrate)),
+        u64::from(delay),
+        AAC_FRAME_SAMPLES,
+        false,
+    )
+}
+
+fn init_with(
+    codec: Codec,
+    media_time: u64,
+    sample_duration: u32,
+    roll: bool,
+) -> Result<Vec<u8>, MuxError> {
     let ftyp = Ftyp {
         major_brand: b"iso6".into(),
         minor_version: 0,
@@ -89,15 +158,19 @@ pub fn init_segment() -> Result<Vec<u8>, MuxError> {
     };
     let stbl = Stbl {
         stsd: Stsd {
-            codecs: vec![Codec::Opus(opus_sample_entry())],
+            codecs: vec![codec],
         },
         stco: Some(Stco::default()),
-        sgpd: vec![roll_group()],
-        sbgp: vec![Sbgp {
-            grouping_type: ROLL,
-            grouping_type_parameter: None,
-            entries: vec![],
-        }],
+        sgpd: if roll { vec![roll_group()] } else { vec![] },
+        sbgp: if roll {
+            vec![Sbgp {
+                grouping_type: ROLL,
+                grouping_type_parameter: None,
+                entries: vec![],
+            }]
+        } else {
+            vec![]
+        },
         ..Default::default()
     };
     let trak = Trak {
@@ -112,7 +185,7 @@ pub fn init_segment() -> Result<Vec<u8>, MuxError> {
             elst: Some(Elst {
                 entries: vec![ElstEntry {
                     segment_duration: 0,
-                    media_time: Some(u64::from(OPUS_PRE_SKIP)),
+                    media_time: Some(media_time),
                     media_rate: 1.into(),
                 }],
             }),
@@ -153,7 +226,7 @@ pub fn init_segment() -> Result<Vec<u8>, MuxError> {
             trex: vec![Trex {
                 track_id: TRACK_ID,
                 default_sample_description_index: 1,
-                default_sample_duration: SAMPLE_DURATION,
+                default_sample_duration: sample_duration,
                 default_sample_size: 0,
                 default_sample_flags: SYNC_SAMPLE_FLAGS,
             }],
@@ -171,17 +244,32 @@ pub fn init_segment() -> Result<Vec<u8>, MuxError> {
 #[derive(Debug)]
 pub struct ChunkWriter {
     sequence: u32,
+    sample_duration: u32,
+    roll: bool,
 }
 
 impl Default for ChunkWriter {
     fn default() -> Self {
-        ChunkWriter { sequence: 1 }
+        ChunkWriter {
+            sequence: 1,
+            sample_duration: SAMPLE_DURATION,
+            roll: true,
+        }
     }
 }
 
 impl ChunkWriter {
-    /// Append one chunk to `out`: `[styp] moof mdat` holding `sizes.len()` Opus samples of
-    /// [`SAMPLE_DURATION`] whose bytes are `payload` (concatenated in order), decoding from
+    /// A writer for AAC-LC chunks (1024-sample frames, no roll group).
+    pub fn aac() -> Self {
+        ChunkWriter {
+            sequence: 1,
+            sample_duration: AAC_FRAME_SAMPLES,
+            roll: false,
+        }
+    }
+
+    /// Append one chunk to `out`: `[styp] moof mdat` holding `sizes.len()` samples of the
+    /// writer's sample duration (Opus: [`SAMPLE_DURATION`]) whose bytes are `payload` (concatenated in order), decoding from
     /// `base_media_decode_time`.
     pub fn write_chunk(
         &mut self,
@@ -207,7 +295,7 @@ impl ChunkWriter {
             traf: vec![Traf {
                 tfhd: Tfhd {
                     track_id: TRACK_ID,
-                    default_sample_duration: Some(SAMPLE_DURATION),
+                    default_sample_duration: Some(self.sample_duration),
                     default_sample_flags: Some(SYNC_SAMPLE_FLAGS),
                     default_base_is_moof: true,
                     ..Default::default()
@@ -227,14 +315,18 @@ impl ChunkWriter {
                             .collect(),
                     ),
                 }],
-                sbgp: vec![Sbgp {
-                    grouping_type: ROLL,
-                    grouping_type_parameter: None,
-                    entries: vec![SbgpEntry {
-                        sample_count: count,
-                        group_description_index: 1,
-                    }],
-                }],
+                sbgp: if self.roll {
+                    vec![Sbgp {
+                        grouping_type: ROLL,
+                        grouping_type_parameter: None,
+                        entries: vec![SbgpEntry {
+                            sample_count: count,
+                            group_description_index: 1,
+                        }],
+                    }]
+                } else {
+                    vec![]
+                },
                 ..Default::default()
             }],
         };

@@ -2,9 +2,10 @@
 //! `/metrics`, `/healthz`.
 
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::playlist::{part_name, render_multivariant, segment_name, RENDITIONS, TARGET_DURATION};
+use crate::playlist::{part_name, render_multivariant, segment_name, TARGET_DURATION};
 use crate::request::{decide_reload, parse_hls_path, parse_hls_query, HlsResource, ReloadDecision};
-use crate::room::{room_dir, Registry, RoomHandle, Snapshot};
+use crate::room::{key, Registry, RoomHandle, Snapshot};
+use crate::storage::{Storage, Store};
 use amphi_protocol::api::ApiError;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -18,11 +19,18 @@ use tokio_util::sync::CancellationToken;
 /// How long a blocking request is held: three target durations (rfc8216bis 6.2.5.2).
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(3 * TARGET_DURATION as u64);
 
-const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
-const MEDIA_TYPE: &str = "video/mp4";
-const IMMUTABLE: &str = "max-age=31536000, immutable";
+const PLAYLIST_TYPE: &str = crate::storage::content_type::PLAYLIST;
+const MEDIA_TYPE: &str = crate::storage::content_type::MEDIA;
+const IMMUTABLE: &str = crate::storage::IMMUTABLE;
+/// Live playlists without delivery directives: about half a part (CDNs round to a second).
 const PLAYLIST_CACHE: &str = "max-age=1";
+/// A blocking reload's answer is what that `_HLS_msn`/`_HLS_part` URL will always be: cacheable
+/// for the playlist's lifetime window (rfc8216bis 6.2.5.2 and Apple's CDN guidance).
 const BLOCKING_PLAYLIST_CACHE: &str = "max-age=6";
+/// Recordings do not change once written.
+const VOD_CACHE: &str = "max-age=60";
+/// Response header with the publication time (Unix microseconds) of the playlist state served.
+pub const PUBLISHED_HEADER: &str = "x-amphi-published-us";
 
 /// Shared state of the HTTP handlers.
 pub struct HttpState {
@@ -110,40 +118,56 @@ async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
     };
     let room = p.room;
     let handle = st.registry.get(room);
-    let base = room_dir(st.registry.data_dir(), room);
+    let store = st.registry.store();
     match p.resource {
-        HlsResource::Multivariant => {
-            if handle.is_some()
-                || tokio::fs::try_exists(base.join("index.m3u8"))
-                    .await
-                    .unwrap_or(false)
-            {
-                response(
-                    StatusCode::OK,
-                    PLAYLIST_TYPE,
-                    PLAYLIST_CACHE,
-                    Body::from(render_multivariant(RENDITIONS)),
-                )
-            } else {
-                room_not_found(room)
-            }
+        HlsResource::Multivariant => match &handle {
+            Some(h) => response(
+                StatusCode::OK,
+                PLAYLIST_TYPE,
+                PLAYLIST_CACHE,
+                Body::from(render_multivariant(h.renditions, "playlist.m3u8")),
+            ),
+            None => room_playlist(store, &key(room, "index.m3u8"), PLAYLIST_CACHE).await,
+        },
+        HlsResource::Recording => {
+            stored(
+                store,
+                &key(room, "recording.m3u8"),
+                PLAYLIST_TYPE,
+                VOD_CACHE,
+            )
+            .await
+        }
+        HlsResource::Vod(r) => {
+            stored(
+                store,
+                &format!("{room}/{}/vod.m3u8", r.dir()),
+                PLAYLIST_TYPE,
+                VOD_CACHE,
+            )
+            .await
         }
         HlsResource::MediaPlaylist(r) => {
             let q = match parse_hls_query(query) {
                 Ok(q) => q,
                 Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             };
-            let Some(handle) = handle else {
-                // Not live in this process (e.g. before a restart): serve what is on disk.
-                return match tokio::fs::read(base.join(r.dir()).join("playlist.m3u8")).await {
-                    Ok(b) => response(StatusCode::OK, PLAYLIST_TYPE, PLAYLIST_CACHE, Body::from(b)),
-                    Err(_) => room_not_found(room),
-                };
+            let Some((handle, ri)) = handle
+                .as_ref()
+                .and_then(|h| h.rendition_index(r.dir()).map(|i| (h, i)))
+            else {
+                // Not live in this process (ended before a restart): serve what is stored.
+                return room_playlist(
+                    store,
+                    &format!("{room}/{}/playlist.m3u8", r.dir()),
+                    PLAYLIST_CACHE,
+                )
+                .await;
             };
             let Some(msn) = q.msn else {
-                return playlist_response(&handle.rx.borrow(), q.skip, PLAYLIST_CACHE);
+                return playlist_response(&handle.rx[ri].borrow(), q.skip, PLAYLIST_CACHE);
             };
-            let mut rx = handle.rx.clone();
+            let mut rx = handle.rx[ri].clone();
             let decision = decide_reload(msn, q.part, &rx.borrow().status);
             match decision {
                 ReloadDecision::Ready => {
@@ -177,14 +201,34 @@ async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                 }
             }
         }
-        HlsResource::Init(r) => file(base.join(r.dir()).join("init.mp4")).await,
-        HlsResource::Segment(r, msn) => file(base.join(r.dir()).join(segment_name(msn))).await,
+        HlsResource::Init(r) => {
+            object(
+                st,
+                handle.as_deref(),
+                format!("{room}/{}/init.mp4", r.dir()),
+            )
+            .await
+        }
+        HlsResource::Segment(r, msn) => {
+            object(
+                st,
+                handle.as_deref(),
+                format!("{room}/{}/{}", r.dir(), segment_name(msn)),
+            )
+            .await
+        }
         HlsResource::Part(r, msn, part) => {
-            let path = base.join(r.dir()).join(part_name(msn, part));
-            if let Some(handle) = handle {
-                wait_for_hinted_part(st, &handle, msn, part).await;
+            if let Some(h) = &handle {
+                if let Some(ri) = h.rendition_index(r.dir()) {
+                    wait_for_hinted_part(st, h, ri, msn, part).await;
+                }
             }
-            file(path).await
+            object(
+                st,
+                handle.as_deref(),
+                format!("{room}/{}/{}", r.dir(), part_name(msn, part)),
+            )
+            .await
         }
     }
 }
@@ -196,8 +240,8 @@ fn part_published(s: &Snapshot, msn: u64, part: u32) -> bool {
 }
 
 /// A request for the preload-hinted part is held until the part exists (rfc8216bis 6.2.6).
-async fn wait_for_hinted_part(st: &HttpState, handle: &RoomHandle, msn: u64, part: u32) {
-    let mut rx = handle.rx.clone();
+async fn wait_for_hinted_part(st: &HttpState, handle: &RoomHandle, ri: usize, msn: u64, part: u32) {
+    let mut rx = handle.rx[ri].clone();
     let hinted_and_missing = {
         let s = rx.borrow();
         s.hint == Some((msn, part)) && !part_published(&s, msn, part)
@@ -217,20 +261,48 @@ fn playlist_response(s: &Snapshot, skip: bool, cache: &str) -> Response {
         (Some(d), true) => d.clone(),
         _ => s.full.clone(),
     };
-    response(StatusCode::OK, PLAYLIST_TYPE, cache, Body::from(text))
+    let mut r = response(StatusCode::OK, PLAYLIST_TYPE, cache, Body::from(text));
+    if let Ok(d) = s.published_at.duration_since(std::time::UNIX_EPOCH) {
+        if let Ok(v) = HeaderValue::from_str(&d.as_micros().to_string()) {
+            r.headers_mut().insert(PUBLISHED_HEADER, v);
+        }
+    }
+    r
 }
 
-fn room_not_found(room: amphi_protocol::RoomId) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "room_not_found",
-        format!("no HLS output for room {room}"),
-    )
+/// A stored object: from the room's memory cache, else from storage.
+async fn object(st: &HttpState, handle: Option<&RoomHandle>, key: String) -> Response {
+    if let Some(b) = handle.and_then(|h| h.cached(&key)) {
+        return response(StatusCode::OK, MEDIA_TYPE, IMMUTABLE, Body::from(b));
+    }
+    stored(st.registry.store(), &key, MEDIA_TYPE, IMMUTABLE).await
 }
 
-async fn file(path: std::path::PathBuf) -> Response {
-    match tokio::fs::read(&path).await {
-        Ok(b) => response(StatusCode::OK, MEDIA_TYPE, IMMUTABLE, Body::from(b)),
-        Err(_) => error(StatusCode::NOT_FOUND, "not_found", "no such file"),
+/// A stored playlist of a room this process does not have live; 404 `room_not_found` if absent.
+async fn room_playlist(store: &Store, key: &str, cache: &str) -> Response {
+    let r = stored(store, key, PLAYLIST_TYPE, cache).await;
+    if r.status() == StatusCode::NOT_FOUND {
+        let room = key.split('/').next().unwrap_or("");
+        return error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            format!("no HLS output for room {room}"),
+        );
+    }
+    r
+}
+
+async fn stored(store: &Store, key: &str, content_type: &str, cache: &str) -> Response {
+    match store.get(key).await {
+        Ok(Some(b)) => response(StatusCode::OK, content_type, cache, Body::from(b)),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such HLS resource"),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "storage read failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage is unavailable",
+            )
+        }
     }
 }

@@ -216,14 +216,14 @@ impl Ingest {
             tracing::debug!(%room, "room ended before any program reached the packager");
             return;
         };
-        if let Err(e) = handle.core.lock().await.room_ended().await {
+        if let Err(e) = handle.core().room_ended() {
             tracing::error!(%room, error = %e, "finishing the playlist failed");
         }
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(END_GRACE) => {
-                    if let Err(e) = handle.core.lock().await.force_end().await {
+                    if let Err(e) = handle.core().force_end() {
                         tracing::error!(%room, error = %e, "finishing the playlist failed");
                     }
                 }
@@ -286,7 +286,7 @@ impl Ingest {
                 None => match self.registry.get_or_open(frame.room).await {
                     Ok(h) => {
                         tracing::info!(room = %frame.room, gen, "program stream started");
-                        if let Err(e) = h.core.lock().await.start_stream(gen).await {
+                        if let Err(e) = h.core().start_stream(gen) {
                             tracing::error!(room = %frame.room, error = %e, "starting stream failed");
                         }
                         room = Some((frame.room, h.clone()));
@@ -303,13 +303,13 @@ impl Ingest {
                 rtp_ts: frame.rtp_ts,
                 payload: frame.payload,
             };
-            let mut core = handle.core.lock().await;
-            if let Err(e) = core.frame(gen, pf, Instant::now(), SystemTime::now()).await {
+            let mut core = handle.core();
+            if let Err(e) = core.frame(gen, pf, frame.speaker, Instant::now(), SystemTime::now()) {
                 tracing::error!(room = %core.room(), error = %e, "packaging failed");
             }
         }
         if let Some((id, handle)) = room {
-            if let Err(e) = handle.core.lock().await.stream_finished(gen).await {
+            if let Err(e) = handle.core().stream_finished(gen) {
                 tracing::error!(room = %id, error = %e, "flushing stream failed");
             }
         }

@@ -1,19 +1,27 @@
-//! amphi-packager: turns each room's program stream into LL-HLS (CMAF fMP4 parts of 200 ms,
-//! segments of 2 s) on local disk and serves it with blocking playlist reload.
+//! amphi-packager: turns each room's program stream into LL-HLS — an Opus rendition (hls.js /
+//! MSE) and an AAC-LC rendition (Safari / iOS) of CMAF fMP4 parts of 200 ms in segments of 2 s —
+//! stores it (filesystem or S3), serves it with blocking playlist reload over HTTP/1.1 and
+//! HTTP/2 (TLS), and keeps a VOD recording of every room that ends.
 //!
-//! Files and URLs (the same layout on disk under `{data_dir}/hls/` and over HTTP under `/hls/`):
-//! `{room}/index.m3u8` (multivariant), `{room}/opus/playlist.m3u8`, `{room}/opus/init.mp4`,
-//! `{room}/opus/seg{msn}.m4s`, `{room}/opus/part{msn}.{part}.m4s`.
+//! Keys (the same under `{data_dir}/hls/`, under the S3 prefix, and over HTTP under `/hls/`):
+//! `{room}/index.m3u8` (multivariant), `{room}/{opus,aac}/playlist.m3u8`, `.../init.mp4`,
+//! `.../seg{msn}.m4s`, `.../part{msn}.{part}.m4s`; after the room ends
+//! `{room}/recording.m3u8` (multivariant of the recording), `{room}/{opus,aac}/vod.m3u8` and
+//! `{room}/recording.json`.
 //!
 //! Retention: the live playlist slides (last 10 segments, parts for the last 2 plus the segment
-//! in progress) but no file is deleted, so a VOD playlist of the whole recording can be added
-//! later without re-packaging.
+//! in progress); objects stay in storage so the VOD playlist can list the whole program, until
+//! the recording's retention (`[packager.recording] retention_hours`) expires.
 //!
-//! Sans-IO cores: [`segmenter::Segmenter`], [`playlist::MediaPlaylist`],
-//! [`request::decide_reload`], [`request::parse_hls_path`], [`request::parse_hls_query`].
+//! Sans-IO cores: [`segmenter::Segmenter`], [`aac::AacRendition`], [`playlist::MediaPlaylist`],
+//! [`speakers::SpeakerTimeline`], [`upload::Backoff`], [`request::decide_reload`],
+//! [`request::parse_hls_path`], [`request::parse_hls_query`], [`conformance`].
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "aac")]
+pub mod aac;
+pub mod conformance;
 pub mod fmp4;
 mod http;
 mod ingest;
@@ -22,19 +30,66 @@ pub mod playlist;
 pub mod request;
 mod room;
 pub mod segmenter;
+pub mod speakers;
+pub mod storage;
+mod tls;
+pub mod upload;
 
+pub use http::PUBLISHED_HEADER;
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};
+pub use storage::{Backend, StorageConfig};
 
 use amphi_protocol::config::PackagerConfig;
 use amphi_protocol::mtls::MtlsMaterial;
+use amphi_protocol::RoomId;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Recording settings, `[packager.recording]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingConfig {
+    /// Delete a recording (and every object of its room) this long after the room ended;
+    /// absent: keep forever.
+    #[serde(default)]
+    pub retention_hours: Option<f64>,
+    /// How often expired recordings are looked for (default 600 s).
+    #[serde(default)]
+    pub sweep_interval_secs: Option<u64>,
+}
+
+/// Packager settings beyond [`PackagerConfig`] (all optional in the TOML `[packager]` table).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PackagerOptions {
+    /// `[packager.storage]`: filesystem (default) or S3.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// `[packager.recording]`: retention of recordings.
+    #[serde(default)]
+    pub recording: RecordingConfig,
+    /// HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN) serving the same resources.
+    #[serde(default)]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the HTTPS listener; absent: a self-signed certificate for
+    /// `localhost`/`127.0.0.1` is generated and written to `{data_dir}/tls/packager.crt`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
 
 /// Everything `run` needs.
 pub struct PackagerSetup {
     /// id, origin_addr, origin_server_name, http_listen, data_dir.
     pub config: PackagerConfig,
+    /// Storage, recording and TLS listener settings.
+    pub options: PackagerOptions,
     /// Mesh certificate, key and CA for the QUIC link to the origin.
     pub mesh_tls: MtlsMaterial,
 }
@@ -48,10 +103,16 @@ pub enum PackagerError {
     /// rustls config not usable for QUIC.
     #[error("QUIC client config: {0}")]
     Quic(String),
+    /// The HTTPS listener's certificate or key is unusable.
+    #[error("HTTPS listener: {0}")]
+    HttpsTls(String),
+    /// Storage unusable.
+    #[error("storage: {0}")]
+    Storage(#[from] storage::StorageError),
     /// Filesystem or socket error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    /// The HTTP listener could not be bound.
+    /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
@@ -61,61 +122,290 @@ pub enum PackagerError {
     },
 }
 
+/// A running packager core without the QUIC link: storage, rooms and the HTTP listeners.
+/// [`run`] connects it to an origin; benchmarks feed it directly through [`Packager::input`].
+pub struct Packager {
+    registry: Arc<room::Registry>,
+    metrics: Arc<metrics::Metrics>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The bound plain HTTP address.
+    pub http_addr: SocketAddr,
+    /// The bound HTTPS address, if any.
+    pub https_addr: Option<SocketAddr>,
+}
+
+/// Program input for one room, for drivers other than the QUIC ingest (benchmarks).
+pub struct RoomInput {
+    handle: Arc<room::RoomHandle>,
+    gen: u64,
+}
+
+impl RoomInput {
+    /// One 20 ms Opus program frame with RTP timestamp `rtp_ts`, `speaker` loudest.
+    pub fn frame(&self, rtp_ts: u32, payload: &[u8], speaker: u32) {
+        let f = segmenter::ProgramFrame { rtp_ts, payload };
+        if let Err(e) =
+            self.handle
+                .core()
+                .frame(self.gen, f, speaker, Instant::now(), SystemTime::now())
+        {
+            tracing::error!(room = %self.handle.room, error = %e, "packaging failed");
+        }
+    }
+
+    /// The room ended.
+    pub fn end(&self) {
+        let mut core = self.handle.core();
+        let _ = core.stream_finished(self.gen);
+        let _ = core.room_ended();
+    }
+}
+
+impl Packager {
+    /// Open storage and start the HTTP (and HTTPS) listeners.
+    pub async fn start(
+        config: &PackagerConfig,
+        options: &PackagerOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Packager, PackagerError> {
+        let store = Arc::new(storage::Store::open(&options.storage, &config.data_dir).await?);
+        let listener = tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .map_err(|source| PackagerError::Bind {
+                addr: config.http_listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr()?;
+        let tls = match options.tls_listen {
+            Some(addr) => {
+                let acceptor = tls::acceptor(options, &config.data_dir).await?;
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| PackagerError::Bind { addr, source })?;
+                Some((l, acceptor))
+            }
+            None => None,
+        };
+        let https_addr = match &tls {
+            Some((l, _)) => Some(l.local_addr()?),
+            None => None,
+        };
+        let metrics = Arc::new(metrics::Metrics::default());
+        let tasks = TaskTracker::new();
+        let max_buffer = options
+            .storage
+            .max_buffer_bytes
+            .unwrap_or(storage::DEFAULT_MAX_BUFFER_BYTES);
+        let registry = Arc::new(room::Registry::new(
+            store.clone(),
+            metrics.clone(),
+            max_buffer,
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        let state = Arc::new(http::HttpState {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let app = http::router(state);
+        if let Some((l, acceptor)) = tls {
+            tasks.spawn(tls::serve(l, acceptor, app.clone(), shutdown.clone()));
+        }
+        if let Some(hours) = options.recording.retention_hours {
+            let every = Duration::from_secs(options.recording.sweep_interval_secs.unwrap_or(600));
+            tasks.spawn(sweep_recordings(
+                registry.clone(),
+                metrics.clone(),
+                Duration::from_secs_f64(hours.max(0.0) * 3600.0),
+                every,
+                shutdown.clone(),
+            ));
+        }
+        let sd = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await
+        });
+        tracing::info!(
+            http = %http_addr,
+            https = ?https_addr,
+            storage = store.kind(),
+            "packager listening"
+        );
+        Ok(Packager {
+            registry,
+            metrics,
+            tasks,
+            shutdown,
+            server,
+            http_addr,
+            https_addr,
+        })
+    }
+
+    /// Open `room` and start a program stream for it (benchmarks and in-process drivers).
+    pub async fn input(&self, room: RoomId) -> Result<RoomInput, PackagerError> {
+        let handle = self
+            .registry
+            .get_or_open(room)
+            .await
+            .map_err(|e| PackagerError::Io(std::io::Error::other(e.to_string())))?;
+        let gen = 1;
+        let _ = handle.core().start_stream(gen);
+        Ok(RoomInput { handle, gen })
+    }
+
+    /// Prometheus text of the packager's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// Wait for the listeners and every room's uploads to stop (after `shutdown` fired).
+    pub async fn stopped(self) -> Result<(), PackagerError> {
+        self.shutdown.cancelled().await;
+        let served = self
+            .server
+            .await
+            .map_err(|e| std::io::Error::other(format!("http task: {e}")))?;
+        self.tasks.close();
+        self.tasks.wait().await;
+        served?;
+        Ok(())
+    }
+}
+
+/// Delete recordings (every object of their room) once older than `retention`.
+async fn sweep_recordings(
+    registry: Arc<room::Registry>,
+    metrics: Arc<metrics::Metrics>,
+    retention: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    use storage::Storage;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let store = registry.store();
+        let keys = match store.list("").await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep: cannot list storage");
+                continue;
+            }
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for k in keys.iter().filter(|k| k.ends_with("/recording.json")) {
+            let Some(room) = k.split('/').next() else {
+                continue;
+            };
+            let ended_at = match store.get(k).await {
+                Ok(Some(b)) => serde_json::from_slice::<serde_json::Value>(&b)
+                    .ok()
+                    .and_then(|v| v["ended_at"].as_u64()),
+                _ => None,
+            };
+            let Some(ended_at) = ended_at else { continue };
+            let live = room
+                .parse::<RoomId>()
+                .ok()
+                .and_then(|id| registry.get(id))
+                .is_some_and(|h| !h.recording_ready.load(std::sync::atomic::Ordering::Relaxed));
+            if live {
+                continue;
+            }
+            if !recording_expired(ended_at, now, retention) {
+                continue;
+            }
+            let prefix = format!("{room}/");
+            let mut removed = 0usize;
+            for obj in keys.iter().filter(|o| o.starts_with(&prefix)) {
+                if store.delete(obj).await.is_ok() {
+                    removed += 1;
+                }
+            }
+            metrics
+                .recordings_expired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(room, removed, "recording expired and deleted");
+        }
+    }
+}
+
+/// A recording of a room that ended at `ended_at` (Unix seconds) is past `retention` at `now`.
+pub fn recording_expired(ended_at: u64, now: u64, retention: Duration) -> bool {
+    now.saturating_sub(ended_at) >= retention.as_secs()
+}
+
 /// Run the packager until `shutdown` is cancelled.
 pub async fn run(setup: PackagerSetup, shutdown: CancellationToken) -> Result<(), PackagerError> {
-    let PackagerSetup { config, mesh_tls } = setup;
+    let PackagerSetup {
+        config,
+        options,
+        mesh_tls,
+    } = setup;
     let tls = mesh_tls.client_config()?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| PackagerError::Quic(e.to_string()))?;
     let client = quinn::ClientConfig::new(Arc::new(quic));
-
-    tokio::fs::create_dir_all(config.data_dir.join("hls")).await?;
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|source| PackagerError::Bind {
-            addr: config.http_listen,
-            source,
-        })?;
-    let metrics = Arc::new(metrics::Metrics::default());
-    let registry = Arc::new(room::Registry::new(
-        config.data_dir.clone(),
-        metrics.clone(),
-    ));
-    let tasks = TaskTracker::new();
+    let packager = Packager::start(&config, &options, shutdown.clone()).await?;
     tracing::info!(
         packager = %config.id,
-        http = %config.http_listen,
         origin = %config.origin_addr,
         data_dir = %config.data_dir.display(),
         "packager starting"
     );
-
     let ingest = Arc::new(ingest::Ingest::new(
         config,
-        registry.clone(),
-        metrics.clone(),
+        packager.registry.clone(),
+        packager.metrics.clone(),
         shutdown.clone(),
-        tasks.clone(),
+        packager.tasks.clone(),
     ));
-    let ingest_task = tokio::spawn(ingest.run(client));
-
-    let state = Arc::new(http::HttpState {
-        registry,
-        metrics,
-        shutdown: shutdown.clone(),
-    });
-    let server = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let served = server.await;
-
+    let ingested = ingest.run(client).await;
     shutdown.cancel();
-    let ingested = ingest_task
-        .await
-        .map_err(|e| std::io::Error::other(format!("ingest task: {e}")))?;
-    tasks.close();
-    tasks.wait().await;
-    served?;
+    let stopped = packager.stopped().await;
     ingested?;
+    stopped?;
     tracing::info!("packager stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_decision() {
+        let day = Duration::from_secs(86_400);
+        assert!(!recording_expired(1_000, 1_000 + 86_399, day));
+        assert!(recording_expired(1_000, 1_000 + 86_400, day));
+        assert!(!recording_expired(2_000, 1_000, day), "clock skew keeps it");
+    }
+
+    #[test]
+    fn options_parse_from_toml_with_defaults() {
+        let o: PackagerOptions = toml_like(
+            r#"{"storage":{"backend":"s3","bucket":"b","endpoint":"http://127.0.0.1:9","path_style":true},
+                "recording":{"retention_hours":48.0},"tls_listen":"127.0.0.1:8443"}"#,
+        );
+        assert_eq!(o.storage.backend, Backend::S3);
+        assert_eq!(o.recording.retention_hours, Some(48.0));
+        let d: PackagerOptions = toml_like("{}");
+        assert_eq!(d.storage.backend, Backend::Filesystem);
+        assert!(d.tls_listen.is_none());
+    }
+
+    fn toml_like(json: &str) -> PackagerOptions {
+        serde_json::from_str(json).unwrap()
+    }
 }

@@ -32,6 +32,18 @@ pub struct Metrics {
     pub origin_connected: AtomicI64,
     /// Origin connection attempts that failed or connections that dropped.
     pub origin_reconnects: AtomicU64,
+    /// Objects stored.
+    pub storage_puts: AtomicU64,
+    /// Failed storage puts (each retried).
+    pub storage_errors: AtomicU64,
+    /// Bytes waiting for storage (all rooms).
+    pub storage_buffered_bytes: AtomicI64,
+    /// 1 while some upload is failing.
+    pub storage_outage: AtomicI64,
+    /// Parts not uploaded because the buffer was full (their segments are).
+    pub storage_parts_skipped: AtomicU64,
+    /// Recordings deleted by retention.
+    pub recordings_expired: AtomicU64,
     delay_buckets: [AtomicU64; DELAY_BUCKETS.len()],
     delay_count: AtomicU64,
     delay_sum_us: AtomicU64,
@@ -103,6 +115,42 @@ impl Metrics {
             "amphi_packager_origin_reconnects_total",
             "Origin connections lost or failed.",
             l(&self.origin_reconnects),
+        );
+        counter(
+            &mut s,
+            "amphi_packager_storage_puts_total",
+            "Objects stored.",
+            l(&self.storage_puts),
+        );
+        counter(
+            &mut s,
+            "amphi_packager_storage_errors_total",
+            "Failed storage puts (retried with backoff).",
+            l(&self.storage_errors),
+        );
+        counter(
+            &mut s,
+            "amphi_packager_storage_parts_skipped_total",
+            "Parts not uploaded because the upload buffer was full (their segments were).",
+            l(&self.storage_parts_skipped),
+        );
+        counter(
+            &mut s,
+            "amphi_packager_recordings_expired_total",
+            "Recordings deleted after their retention.",
+            l(&self.recordings_expired),
+        );
+        gauge(
+            &mut s,
+            "amphi_packager_storage_buffered_bytes",
+            "Bytes waiting to be stored.",
+            g(&self.storage_buffered_bytes),
+        );
+        gauge(
+            &mut s,
+            "amphi_packager_storage_outage",
+            "1 while uploads are failing.",
+            g(&self.storage_outage),
         );
         gauge(
             &mut s,

@@ -1,57 +1,96 @@
-//! Sans-IO LL-HLS playlist writer (rfc8216bis): media playlists with parts, preload hints,
-//! program date times, delta updates, and the multivariant playlist.
+//! Sans-IO LL-HLS playlist writer (rfc8216bis): live media playlists with parts, preload hints,
+//! program date times, delta updates and rendition reports; the VOD playlist of a recording with
+//! speaker changes as `EXT-X-DATERANGE`; the multivariant playlists.
 //!
-//! Output is deterministic: the same inputs always render the same text.
+//! Durations are kept in 48 kHz ticks (the media timescale of both renditions), so the output
+//! is exact and deterministic: the same inputs always render the same text.
 
 use crate::segmenter::SegmentStart;
-use amphi_protocol::audio::PARTS_PER_SEGMENT;
 use std::collections::VecDeque;
 use std::fmt::Write;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-/// Target duration in whole seconds (segments are at most 2 s).
+/// Media timescale of every rendition (ticks per second).
+pub const TICKS_PER_SEC: u64 = 48_000;
+/// Target duration in whole seconds (segments are at most 2 s, rounded).
 pub const TARGET_DURATION: u32 = 2;
-/// Part target duration in milliseconds.
+/// Opus part target duration in milliseconds.
 pub const PART_TARGET_MS: u32 = 200;
 /// Delta updates may skip segments older than this many seconds (6 x target duration).
-pub const CAN_SKIP_UNTIL_SECS: u32 = 12;
+pub const CAN_SKIP_UNTIL_SECS: u32 = 6 * TARGET_DURATION;
 /// Complete segments kept in the live playlist (20 s).
 pub const WINDOW_SEGMENTS: usize = 10;
 /// Complete segments that still list their parts (plus the segment in progress).
 pub const PART_WINDOW_SEGMENTS: usize = 2;
+/// Parts per segment (the Opus segmenter cuts 10 parts of 200 ms; the AAC rendition follows).
+pub const PARTS_PER_SEGMENT: u32 = amphi_protocol::audio::PARTS_PER_SEGMENT;
 
 /// A rendition of a room: one media playlist in its own directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rendition {
-    /// Directory name under the room (`opus`).
+    /// Directory name under the room (`opus`, `aac`).
     pub dir: &'static str,
-    /// RFC 6381 codecs string, lowercase (`opus`).
+    /// RFC 6381 codecs string (`opus` lowercase, `mp4a.40.2`).
     pub codecs: &'static str,
     /// Peak bandwidth in bits per second (media plus container overhead).
     pub bandwidth: u32,
     /// Average bandwidth in bits per second.
     pub average_bandwidth: u32,
+    /// Longest part in ticks; `PART-TARGET` is this, rounded up to the millisecond.
+    pub part_target_ticks: u32,
 }
 
-/// The Opus rendition (hls.js / MSE). An AAC rendition for native Apple players is a later addition
-/// to [`RENDITIONS`].
+impl Rendition {
+    /// `PART-TARGET` in milliseconds (rounded up).
+    pub fn part_target_ms(&self) -> u32 {
+        (u64::from(self.part_target_ticks) * 1000).div_ceil(TICKS_PER_SEC) as u32
+    }
+}
+
+/// The Opus rendition (hls.js / MSE): parts of ten 20 ms packets.
 pub const OPUS: Rendition = Rendition {
     dir: "opus",
     codecs: "opus",
     bandwidth: 96_000,
     average_bandwidth: 72_000,
+    part_target_ticks: 9_600,
 };
 
-/// Every rendition the packager writes, in multivariant order.
-pub const RENDITIONS: &[Rendition] = &[OPUS];
+/// The AAC-LC rendition (Safari / iOS native HLS): parts follow the Opus parts, so they hold 9
+/// or 10 AAC frames of 1024 samples (at most 213.3 ms).
+pub const AAC: Rendition = Rendition {
+    dir: "aac",
+    codecs: "mp4a.40.2",
+    bandwidth: 88_000,
+    average_bandwidth: 70_000,
+    part_target_ticks: 10 * 1024,
+};
 
-/// Render the multivariant playlist (`index.m3u8`) for `renditions`.
-pub fn render_multivariant(renditions: &[Rendition]) -> String {
+/// Every rendition the packager can write, in multivariant order (Opus first: hls.js starts
+/// with the first variant it can play, and it plays both).
+pub const ALL_RENDITIONS: &[Rendition] = &[OPUS, AAC];
+
+/// The renditions this build writes.
+pub fn renditions() -> &'static [Rendition] {
+    if cfg!(feature = "aac") {
+        ALL_RENDITIONS
+    } else {
+        &ALL_RENDITIONS[..1]
+    }
+}
+
+/// Render a multivariant playlist for `renditions`, each pointing at `{dir}/{media}`.
+///
+/// Audio-only: one `EXT-X-STREAM-INF` variant per rendition, told apart by `CODECS`. Players
+/// drop the variants whose codecs they cannot decode (Safari/iOS native HLS lists no Opus and
+/// keeps the AAC variant; hls.js checks `MediaSource.isTypeSupported`) — no `EXT-X-MEDIA` group
+/// is needed because there is no video to attach an audio group to.
+pub fn render_multivariant(renditions: &[Rendition], media: &str) -> String {
     let mut s = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
     for r in renditions {
         let _ = writeln!(
             s,
-            "#EXT-X-STREAM-INF:BANDWIDTH={},AVERAGE-BANDWIDTH={},CODECS=\"{}\"\n{}/playlist.m3u8",
+            "#EXT-X-STREAM-INF:BANDWIDTH={},AVERAGE-BANDWIDTH={},CODECS=\"{}\"\n{}/{media}",
             r.bandwidth, r.average_bandwidth, r.codecs, r.dir
         );
     }
@@ -77,25 +116,41 @@ pub fn format_pdt(t: SystemTime) -> String {
     .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
 }
 
-fn write_secs(s: &mut String, frames: u32) {
-    // frames * 20 ms, printed with three decimals; exact in integer arithmetic.
-    let ms = u64::from(frames) * 20;
+/// Print `ticks` as seconds with three decimals (rounded to the nearest millisecond).
+fn write_secs(s: &mut String, ticks: u64) {
+    let ms = (ticks * 1000 + TICKS_PER_SEC / 2) / TICKS_PER_SEC;
     let _ = write!(s, "{}.{:03}", ms / 1000, ms % 1000);
+}
+
+fn write_ms(s: &mut String, ms: u64) {
+    let _ = write!(s, "{}.{:03}", ms / 1000, ms % 1000);
+}
+
+/// Duration of `ticks`.
+pub fn ticks_duration(ticks: u64) -> Duration {
+    Duration::from_micros(ticks * 1_000_000 / TICKS_PER_SEC)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Segment {
     msn: u64,
     start: SegmentStart,
-    /// Frames of each part, in order.
+    /// Duration of each published part, in ticks.
     parts: Vec<u32>,
+    /// Duration of the whole segment in ticks (once complete).
+    duration: u64,
     complete: bool,
 }
 
-impl Segment {
-    fn frames(&self) -> u32 {
-        self.parts.iter().sum()
-    }
+/// A complete segment as the VOD playlist lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentSummary {
+    /// Media sequence number.
+    pub msn: u64,
+    /// Wall-clock start and discontinuity flag.
+    pub start: SegmentStart,
+    /// Duration in ticks.
+    pub duration: u64,
 }
 
 /// What blocking reload decisions need to know about a playlist.
@@ -113,14 +168,49 @@ pub struct PlaylistStatus {
     pub current_parts: u32,
 }
 
-/// A live media playlist.
-#[derive(Clone, Debug, Default)]
+impl PlaylistStatus {
+    /// The last published part `(msn, part)` (for `EXT-X-RENDITION-REPORT`).
+    pub fn last_part(&self) -> Option<(u64, u32)> {
+        if self.current_parts > 0 {
+            Some((self.current_msn, self.current_parts - 1))
+        } else {
+            self.last_complete
+                .map(|(m, parts)| (m, parts.saturating_sub(1)))
+        }
+    }
+}
+
+/// An `EXT-X-RENDITION-REPORT` line for a sibling rendition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenditionReport {
+    /// URI of the sibling media playlist relative to this one (`../aac/playlist.m3u8`).
+    pub uri: String,
+    /// Its last published part.
+    pub last: Option<(u64, u32)>,
+}
+
+/// A speaker's turn, rendered as `EXT-X-DATERANGE` in the VOD playlist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpeakerSpan {
+    /// Participant id of the loudest speaker (as the origin's program frames carry it).
+    pub speaker: u32,
+    /// Wall-clock start.
+    pub start: SystemTime,
+    /// Length.
+    pub duration: Duration,
+}
+
+/// A live media playlist (and, once ended, the source of the VOD playlist).
+#[derive(Clone, Debug)]
 pub struct MediaPlaylist {
+    rendition: Rendition,
     segments: VecDeque<Segment>,
     current: Option<Segment>,
     next: (u64, u32),
     discontinuity_sequence: u64,
     ended: bool,
+    /// Every complete segment since the room opened (the recording).
+    history: Vec<SegmentSummary>,
 }
 
 /// Why a playlist update was refused (the driver fed parts out of order).
@@ -134,34 +224,39 @@ pub enum PlaylistError {
         /// Its index.
         part: u32,
     },
-    /// A segment completed that is not the one in progress.
-    #[error("segment {0} is not in progress")]
-    NotInProgress(u64),
+    /// A segment completed that is older than the one in progress.
+    #[error("segment {0} is out of order")]
+    SegmentOutOfOrder(u64),
     /// The playlist already ended.
     #[error("playlist already ended")]
     Ended,
 }
 
 impl MediaPlaylist {
-    /// An empty live playlist.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// An empty live playlist whose first segment will be `msn`.
-    pub fn starting_at(msn: u64) -> Self {
+    /// An empty live playlist of `rendition` whose first segment will be `msn`.
+    pub fn new(rendition: Rendition, msn: u64) -> Self {
         MediaPlaylist {
+            rendition,
+            segments: VecDeque::new(),
+            current: None,
             next: (msn, 0),
-            ..Default::default()
+            discontinuity_sequence: 0,
+            ended: false,
+            history: Vec::new(),
         }
     }
 
-    /// A part of `frames` frames has been written: list it.
+    /// The rendition.
+    pub fn rendition(&self) -> Rendition {
+        self.rendition
+    }
+
+    /// A part of `duration` ticks has been stored: list it.
     pub fn add_part(
         &mut self,
         msn: u64,
         part: u32,
-        frames: u32,
+        duration: u32,
         segment_start: Option<SegmentStart>,
     ) -> Result<(), PlaylistError> {
         if self.ended {
@@ -172,12 +267,13 @@ impl MediaPlaylist {
                 self.current = Some(Segment {
                     msn,
                     start,
-                    parts: vec![frames],
+                    parts: vec![duration],
+                    duration: 0,
                     complete: false,
                 });
             }
             (Some(cur), None) if cur.msn == msn && cur.parts.len() as u32 == part => {
-                cur.parts.push(frames);
+                cur.parts.push(duration);
             }
             _ => return Err(PlaylistError::OutOfOrder { msn, part }),
         }
@@ -185,37 +281,67 @@ impl MediaPlaylist {
         Ok(())
     }
 
-    /// The segment in progress has been written as a whole: list it as complete.
-    pub fn complete_segment(&mut self, msn: u64) -> Result<(), PlaylistError> {
-        match self.current.take() {
-            Some(mut seg) if seg.msn == msn => {
-                seg.complete = true;
-                self.segments.push_back(seg);
-                self.next = (msn + 1, 0);
-                while self.segments.len() > WINDOW_SEGMENTS {
-                    if let Some(old) = self.segments.pop_front() {
-                        if old.start.discontinuity {
-                            self.discontinuity_sequence += 1;
-                        }
-                    }
-                }
-                Ok(())
+    /// Segment `msn` (`duration` ticks, starting at `start`) has been stored: list it as
+    /// complete. Its parts are listed only if they were published before (a segment whose
+    /// parts were not uploaded is listed without them).
+    pub fn complete_segment(
+        &mut self,
+        msn: u64,
+        start: SegmentStart,
+        duration: u64,
+    ) -> Result<(), PlaylistError> {
+        if self.ended {
+            return Err(PlaylistError::Ended);
+        }
+        let mut seg = match self.current.take() {
+            Some(cur) if cur.msn == msn => cur,
+            Some(cur) if cur.msn > msn => {
+                self.current = Some(cur);
+                return Err(PlaylistError::SegmentOutOfOrder(msn));
             }
-            other => {
-                self.current = other;
-                Err(PlaylistError::NotInProgress(msn))
+            _ if msn < self.next.0 => return Err(PlaylistError::SegmentOutOfOrder(msn)),
+            _ => Segment {
+                msn,
+                start,
+                parts: Vec::new(),
+                duration: 0,
+                complete: false,
+            },
+        };
+        seg.complete = true;
+        seg.duration = duration;
+        self.history.push(SegmentSummary {
+            msn,
+            start: seg.start,
+            duration,
+        });
+        self.segments.push_back(seg);
+        self.next = (msn + 1, 0);
+        while self.segments.len() > WINDOW_SEGMENTS {
+            if let Some(old) = self.segments.pop_front() {
+                if old.start.discontinuity {
+                    self.discontinuity_sequence += 1;
+                }
             }
         }
+        Ok(())
     }
 
-    /// The room ended: `EXT-X-ENDLIST`, no more preload hint.
+    /// The room ended: `EXT-X-ENDLIST`, no more preload hint. A segment still in progress
+    /// (parts without their segment) is dropped from the listing.
     pub fn end(&mut self) {
         self.ended = true;
+        self.current = None;
     }
 
     /// True once [`MediaPlaylist::end`] was called.
     pub fn is_ended(&self) -> bool {
         self.ended
+    }
+
+    /// Every complete segment since the room opened.
+    pub fn history(&self) -> &[SegmentSummary] {
+        &self.history
     }
 
     /// The state blocking reloads are decided on.
@@ -239,13 +365,13 @@ impl MediaPlaylist {
         if self.ended {
             return 0;
         }
-        let total: u64 = self.segments.iter().map(|s| u64::from(s.frames())).sum();
-        let boundary_frames = u64::from(CAN_SKIP_UNTIL_SECS) * 50;
+        let total: u64 = self.segments.iter().map(|s| s.duration).sum();
+        let boundary = u64::from(CAN_SKIP_UNTIL_SECS) * TICKS_PER_SEC;
         let mut end = 0u64;
         let mut skip = 0;
         for s in &self.segments {
-            end += u64::from(s.frames());
-            if total - end >= boundary_frames {
+            end += s.duration;
+            if total - end >= boundary {
                 skip += 1;
             } else {
                 break;
@@ -254,23 +380,30 @@ impl MediaPlaylist {
         skip
     }
 
-    /// Render the playlist; with `skip`, render a delta update that replaces the segments older
-    /// than the skip boundary with `EXT-X-SKIP` (ignored once ended).
-    pub fn render(&self, skip: bool) -> String {
-        let mut s = String::with_capacity(4096);
-        let status = self.status();
+    fn render_header(&self, s: &mut String) {
+        let r = self.rendition;
+        let part_target_ms = u64::from(r.part_target_ms());
         s.push_str("#EXTM3U\n#EXT-X-VERSION:9\n");
         let _ = writeln!(s, "#EXT-X-TARGETDURATION:{TARGET_DURATION}");
-        let part_target_frames = PART_TARGET_MS / 20;
         s.push_str("#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=");
-        write_secs(&mut s, CAN_SKIP_UNTIL_SECS * 50);
+        write_ms(s, u64::from(CAN_SKIP_UNTIL_SECS) * 1000);
         s.push_str(",PART-HOLD-BACK=");
-        write_secs(&mut s, 3 * part_target_frames);
+        write_ms(s, 3 * part_target_ms);
         s.push_str(",HOLD-BACK=");
-        write_secs(&mut s, 3 * TARGET_DURATION * 50);
+        write_ms(s, 3 * u64::from(TARGET_DURATION) * 1000);
         s.push_str("\n#EXT-X-PART-INF:PART-TARGET=");
-        write_secs(&mut s, part_target_frames);
-        let _ = writeln!(s, "\n#EXT-X-MEDIA-SEQUENCE:{}", status.media_sequence);
+        write_ms(s, part_target_ms);
+        s.push('\n');
+    }
+
+    /// Render the live playlist; with `skip`, a delta update that replaces the segments older
+    /// than the skip boundary with `EXT-X-SKIP` (ignored once ended). `reports` are the sibling
+    /// renditions' `EXT-X-RENDITION-REPORT`s.
+    pub fn render(&self, skip: bool, reports: &[RenditionReport]) -> String {
+        let mut s = String::with_capacity(4096);
+        let status = self.status();
+        self.render_header(&mut s);
+        let _ = writeln!(s, "#EXT-X-MEDIA-SEQUENCE:{}", status.media_sequence);
         if self.discontinuity_sequence > 0 {
             let _ = writeln!(
                 s,
@@ -292,19 +425,58 @@ impl MediaPlaylist {
         }
         if self.ended {
             s.push_str("#EXT-X-ENDLIST\n");
-        } else {
-            let (msn, part) = self.next;
-            let (msn, part) = if part >= PARTS_PER_SEGMENT {
-                (msn + 1, 0)
-            } else {
-                (msn, part)
-            };
+        } else if let Some((msn, part)) = self.preload_hint() {
             let _ = writeln!(
                 s,
                 "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{}\"",
                 part_name(msn, part)
             );
         }
+        for r in reports {
+            let _ = write!(s, "#EXT-X-RENDITION-REPORT:URI=\"{}\"", r.uri);
+            if let Some((msn, part)) = r.last {
+                let _ = write!(s, ",LAST-MSN={msn},LAST-PART={part}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Render the VOD playlist of the whole recording (every complete segment since the room
+    /// opened), with `spans` as `EXT-X-DATERANGE` entries.
+    pub fn render_vod(&self, spans: &[SpeakerSpan]) -> String {
+        let mut s = String::with_capacity(256 + self.history.len() * 96);
+        s.push_str("#EXTM3U\n#EXT-X-VERSION:9\n");
+        let _ = writeln!(s, "#EXT-X-TARGETDURATION:{TARGET_DURATION}");
+        s.push_str("#EXT-X-PLAYLIST-TYPE:VOD\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+        let first = self.history.first().map_or(0, |h| h.msn);
+        let _ = writeln!(s, "#EXT-X-MEDIA-SEQUENCE:{first}");
+        s.push_str("#EXT-X-MAP:URI=\"init.mp4\"\n");
+        for (i, seg) in self.history.iter().enumerate() {
+            if seg.start.discontinuity && i > 0 {
+                s.push_str("#EXT-X-DISCONTINUITY\n");
+            }
+            let _ = writeln!(
+                s,
+                "#EXT-X-PROGRAM-DATE-TIME:{}",
+                format_pdt(seg.start.program_date_time)
+            );
+            if i == 0 {
+                for (n, span) in spans.iter().enumerate() {
+                    let _ = write!(
+                        s,
+                        "#EXT-X-DATERANGE:ID=\"speaker-{n}\",CLASS=\"com.amphi.speaker\",START-DATE=\"{}\",DURATION=",
+                        format_pdt(span.start)
+                    );
+                    write_ms(&mut s, span.duration.as_millis() as u64);
+                    let _ = writeln!(s, ",X-SPEAKER-ID=\"{}\"", span.speaker);
+                }
+            }
+            s.push_str("#EXTINF:");
+            write_secs(&mut s, seg.duration);
+            let _ = writeln!(s, ",\n{}", segment_name(seg.msn));
+        }
+        s.push_str("#EXT-X-ENDLIST\n");
         s
     }
 
@@ -331,9 +503,9 @@ impl MediaPlaylist {
             format_pdt(seg.start.program_date_time)
         );
         if with_parts {
-            for (i, frames) in seg.parts.iter().enumerate() {
+            for (i, ticks) in seg.parts.iter().enumerate() {
                 s.push_str("#EXT-X-PART:DURATION=");
-                write_secs(s, *frames);
+                write_secs(s, u64::from(*ticks));
                 let _ = writeln!(
                     s,
                     ",URI=\"{}\",INDEPENDENT=YES",
@@ -343,7 +515,7 @@ impl MediaPlaylist {
         }
         if seg.complete {
             s.push_str("#EXTINF:");
-            write_secs(s, seg.frames());
+            write_secs(s, seg.duration);
             let _ = writeln!(s, ",\n{}", segment_name(seg.msn));
         }
     }
@@ -352,30 +524,41 @@ impl MediaPlaylist {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::conformance::{check_media, Expect};
+
+    const PART: u32 = 9_600;
 
     fn start(secs: u64, discontinuity: bool) -> SegmentStart {
+        start_ms(secs * 1000, discontinuity)
+    }
+
+    fn start_ms(ms: u64, discontinuity: bool) -> SegmentStart {
         SegmentStart {
             program_date_time: SystemTime::UNIX_EPOCH
-                + Duration::from_secs(1_700_000_000 + secs)
-                + Duration::from_millis(250),
+                + Duration::from_secs(1_700_000_000)
+                + Duration::from_millis(250 + ms),
             discontinuity,
         }
     }
 
     fn add_segment(p: &mut MediaPlaylist, msn: u64, parts: u32, st: SegmentStart) {
         for i in 0..parts {
-            p.add_part(msn, i, 10, (i == 0).then_some(st)).unwrap();
+            p.add_part(msn, i, PART, (i == 0).then_some(st)).unwrap();
         }
-        p.complete_segment(msn).unwrap();
+        p.complete_segment(msn, st, u64::from(parts * PART))
+            .unwrap();
+    }
+
+    fn live() -> Expect {
+        Expect::live(OPUS)
     }
 
     #[test]
     fn golden_small_playlist() {
-        let mut p = MediaPlaylist::new();
+        let mut p = MediaPlaylist::new(OPUS, 0);
         add_segment(&mut p, 0, 2, start(0, false));
-        p.add_part(1, 0, 10, Some(start(2, false))).unwrap();
-        p.add_part(1, 1, 4, None).unwrap();
+        p.add_part(1, 0, PART, Some(start_ms(400, false))).unwrap();
+        p.add_part(1, 1, 4 * 960, None).unwrap();
         let expected = "\
 #EXTM3U
 #EXT-X-VERSION:9
@@ -389,31 +572,58 @@ mod tests {
 #EXT-X-PART:DURATION=0.200,URI=\"part0.1.m4s\",INDEPENDENT=YES
 #EXTINF:0.400,
 seg0.m4s
-#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:22.250Z
+#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.650Z
 #EXT-X-PART:DURATION=0.200,URI=\"part1.0.m4s\",INDEPENDENT=YES
 #EXT-X-PART:DURATION=0.080,URI=\"part1.1.m4s\",INDEPENDENT=YES
 #EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part1.2.m4s\"
+#EXT-X-RENDITION-REPORT:URI=\"../aac/playlist.m3u8\",LAST-MSN=1,LAST-PART=0
 ";
-        assert_eq!(p.render(false), expected);
-        assert_eq!(p.render(true), expected, "nothing old enough to skip");
+        let reports = [RenditionReport {
+            uri: "../aac/playlist.m3u8".into(),
+            last: Some((1, 0)),
+        }];
+        let text = p.render(false, &reports);
+        assert_eq!(text, expected);
+        assert_eq!(
+            p.render(true, &reports),
+            expected,
+            "nothing old enough to skip"
+        );
+        check_media(&text, &live().with_reports(1)).unwrap();
+    }
+
+    #[test]
+    fn aac_part_target_rounds_up_and_conforms() {
+        let mut p = MediaPlaylist::new(AAC, 3);
+        let st = start(0, false);
+        p.add_part(3, 0, 9 * 1024, Some(st)).unwrap();
+        p.add_part(3, 1, 10 * 1024, None).unwrap();
+        let text = p.render(false, &[]);
+        assert!(text.contains("PART-TARGET=0.214\n"), "{text}");
+        assert!(text.contains("PART-HOLD-BACK=0.642,"), "{text}");
+        assert!(text.contains("#EXT-X-PART:DURATION=0.213,URI=\"part3.1.m4s\""));
+        check_media(&text, &Expect::live(AAC)).unwrap();
     }
 
     #[test]
     fn endlist_after_room_ended_and_discontinuity() {
-        let mut p = MediaPlaylist::new();
+        let mut p = MediaPlaylist::new(OPUS, 0);
         add_segment(&mut p, 0, 10, start(0, false));
         add_segment(&mut p, 1, 3, start(2, true));
+        p.add_part(2, 0, PART, Some(start(4, false))).unwrap();
         p.end();
-        let text = p.render(true);
+        let text = p.render(true, &[]);
         assert!(
             text.ends_with("#EXTINF:0.600,\nseg1.m4s\n#EXT-X-ENDLIST\n"),
             "{text}"
         );
         assert!(!text.contains("PRELOAD-HINT"));
         assert!(!text.contains("EXT-X-SKIP"));
+        assert!(!text.contains("part2.0"), "unfinished segment dropped");
         assert_eq!(text.matches("#EXT-X-DISCONTINUITY\n").count(), 1);
+        check_media(&text, &Expect::ended(OPUS)).unwrap();
         assert_eq!(
-            p.add_part(2, 0, 10, Some(start(4, false))),
+            p.add_part(2, 0, PART, Some(start(4, false))),
             Err(PlaylistError::Ended)
         );
         assert!(p.status().ended);
@@ -421,15 +631,53 @@ seg0.m4s
     }
 
     #[test]
+    fn vod_lists_the_whole_recording_with_speaker_dateranges() {
+        let mut p = MediaPlaylist::new(OPUS, 0);
+        for msn in 0..14 {
+            add_segment(&mut p, msn, 10, start(2 * msn, msn == 12));
+        }
+        p.end();
+        let spans = [
+            SpeakerSpan {
+                speaker: 0x0100_0001,
+                start: start(0, false).program_date_time,
+                duration: Duration::from_millis(4_500),
+            },
+            SpeakerSpan {
+                speaker: 0x0200_0003,
+                start: start(4, false).program_date_time + Duration::from_millis(500),
+                duration: Duration::from_secs(3),
+            },
+        ];
+        let vod = p.render_vod(&spans);
+        assert!(vod.contains("#EXT-X-PLAYLIST-TYPE:VOD\n"));
+        assert_eq!(
+            vod.matches("#EXTINF:2.000,").count(),
+            14,
+            "all, not the window"
+        );
+        assert!(vod.contains("seg0.m4s") && vod.contains("seg13.m4s"));
+        assert!(vod.contains(
+            "#EXT-X-DATERANGE:ID=\"speaker-1\",CLASS=\"com.amphi.speaker\",\
+             START-DATE=\"2023-11-14T22:13:24.750Z\",DURATION=3.000,X-SPEAKER-ID=\"33554435\"\n"
+        ));
+        assert!(vod.ends_with("seg13.m4s\n#EXT-X-ENDLIST\n"));
+        check_media(&vod, &Expect::vod()).unwrap();
+        let parsed = m3u8_rs::parse_media_playlist_res(vod.as_bytes()).unwrap();
+        assert_eq!(parsed.segments.len(), 14);
+        assert_eq!(parsed.playlist_type, Some(m3u8_rs::MediaPlaylistType::Vod));
+    }
+
+    #[test]
     fn preload_hint_rolls_to_next_segment() {
-        let mut p = MediaPlaylist::new();
+        let mut p = MediaPlaylist::new(OPUS, 0);
         for i in 0..10 {
-            p.add_part(0, i, 10, (i == 0).then_some(start(0, false)))
+            p.add_part(0, i, PART, (i == 0).then_some(start(0, false)))
                 .unwrap();
         }
         assert_eq!(p.preload_hint(), Some((1, 0)));
-        assert!(p.render(false).contains("URI=\"part1.0.m4s\"\n"));
-        p.complete_segment(0).unwrap();
+        assert!(p.render(false, &[]).contains("URI=\"part1.0.m4s\"\n"));
+        p.complete_segment(0, start(0, false), 96_000).unwrap();
         assert_eq!(p.preload_hint(), Some((1, 0)));
         assert_eq!(
             p.status(),
@@ -441,32 +689,41 @@ seg0.m4s
                 current_parts: 0
             }
         );
+        assert_eq!(p.status().last_part(), Some((0, 9)));
     }
 
     #[test]
-    fn out_of_order_updates_are_refused() {
-        let mut p = MediaPlaylist::new();
-        assert!(p.add_part(0, 1, 10, None).is_err());
+    fn out_of_order_updates_are_refused_and_partless_segments_listed() {
+        let mut p = MediaPlaylist::new(OPUS, 0);
+        assert!(p.add_part(0, 1, PART, None).is_err());
         assert!(
-            p.add_part(0, 0, 10, None).is_err(),
+            p.add_part(0, 0, PART, None).is_err(),
             "first part needs a start"
         );
-        p.add_part(0, 0, 10, Some(start(0, false))).unwrap();
-        assert!(p.add_part(0, 2, 10, None).is_err());
-        assert_eq!(p.complete_segment(3), Err(PlaylistError::NotInProgress(3)));
-        p.complete_segment(0).unwrap();
+        p.add_part(0, 0, PART, Some(start(0, false))).unwrap();
+        assert!(p.add_part(0, 2, PART, None).is_err());
+        p.complete_segment(0, start(0, false), 9_600).unwrap();
+        assert_eq!(
+            p.complete_segment(0, start(0, false), 9_600),
+            Err(PlaylistError::SegmentOutOfOrder(0))
+        );
+        // Segment 1 arrives without its parts (they were not stored): listed whole.
+        p.complete_segment(1, start_ms(200, false), 96_000).unwrap();
+        let text = p.render(false, &[]);
+        assert!(text.contains("#EXTINF:2.000,\nseg1.m4s\n"));
+        check_media(&text, &live()).unwrap();
     }
 
     #[test]
     fn window_slides_parts_expire_and_delta_skips() {
-        let mut p = MediaPlaylist::new();
+        let mut p = MediaPlaylist::new(OPUS, 0);
         for msn in 0..13 {
             add_segment(&mut p, msn, 10, start(2 * msn, msn == 1));
         }
         let st = p.status();
         assert_eq!(st.media_sequence, 3);
         assert_eq!(st.last_complete, Some((12, 10)));
-        let full = p.render(false);
+        let full = p.render(false, &[]);
         assert!(full.contains("#EXT-X-MEDIA-SEQUENCE:3\n#EXT-X-DISCONTINUITY-SEQUENCE:1\n"));
         assert_eq!(full.matches("#EXTINF:2.000,").count(), 10);
         assert_eq!(
@@ -478,18 +735,24 @@ seg0.m4s
         assert!(full.contains("part11.0.m4s"));
         // 20 s listed, skip boundary 12 s: the first 4 segments (8 s) are skipped.
         assert_eq!(p.skippable_segments(), 4);
-        let delta = p.render(true);
+        let delta = p.render(true, &[]);
         assert!(delta.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS=4\n"));
         assert!(!delta.contains("seg6.m4s") && delta.contains("seg7.m4s"));
+        check_media(&full, &live()).unwrap();
+        check_media(&delta, &live()).unwrap();
     }
 
     #[test]
-    fn multivariant_lists_the_opus_rendition() {
+    fn multivariant_lists_both_renditions() {
+        let text = render_multivariant(ALL_RENDITIONS, "playlist.m3u8");
         assert_eq!(
-            render_multivariant(RENDITIONS),
+            text,
             "#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n\
              #EXT-X-STREAM-INF:BANDWIDTH=96000,AVERAGE-BANDWIDTH=72000,CODECS=\"opus\"\n\
-             opus/playlist.m3u8\n"
+             opus/playlist.m3u8\n\
+             #EXT-X-STREAM-INF:BANDWIDTH=88000,AVERAGE-BANDWIDTH=70000,CODECS=\"mp4a.40.2\"\n\
+             aac/playlist.m3u8\n"
         );
+        crate::conformance::check_multivariant(&text, ALL_RENDITIONS.len()).unwrap();
     }
 }

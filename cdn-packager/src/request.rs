@@ -19,6 +19,8 @@ pub const MAX_MSN: u64 = 1 << 40;
 pub enum RenditionId {
     /// `opus/`.
     Opus,
+    /// `aac/`.
+    Aac,
 }
 
 impl RenditionId {
@@ -26,6 +28,7 @@ impl RenditionId {
     pub fn dir(self) -> &'static str {
         match self {
             RenditionId::Opus => "opus",
+            RenditionId::Aac => "aac",
         }
     }
 }
@@ -35,8 +38,12 @@ impl RenditionId {
 pub enum HlsResource {
     /// `index.m3u8`.
     Multivariant,
+    /// `recording.m3u8`: the multivariant playlist of the recording.
+    Recording,
     /// `{rendition}/playlist.m3u8`.
     MediaPlaylist(RenditionId),
+    /// `{rendition}/vod.m3u8`: the recording's media playlist.
+    Vod(RenditionId),
     /// `{rendition}/init.mp4`.
     Init(RenditionId),
     /// `{rendition}/seg{msn}.m4s`.
@@ -95,10 +102,16 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
     let parts: Vec<&str> = it.take(3).collect();
     let resource = match parts.as_slice() {
         ["index.m3u8"] => HlsResource::Multivariant,
-        ["opus", file] => {
-            let r = RenditionId::Opus;
+        ["recording.m3u8"] => HlsResource::Recording,
+        [dir @ ("opus" | "aac"), file] => {
+            let r = if *dir == "opus" {
+                RenditionId::Opus
+            } else {
+                RenditionId::Aac
+            };
             match *file {
                 "playlist.m3u8" => HlsResource::MediaPlaylist(r),
+                "vod.m3u8" => HlsResource::Vod(r),
                 "init.mp4" => HlsResource::Init(r),
                 f => {
                     let stem = f.strip_suffix(".m4s").ok_or(PathError::UnknownResource)?;
@@ -272,6 +285,12 @@ mod tests {
             ok("opus/part12.9.m4s"),
             Ok(HlsResource::Part(RenditionId::Opus, 12, 9))
         );
+        assert_eq!(
+            ok("aac/part3.0.m4s"),
+            Ok(HlsResource::Part(RenditionId::Aac, 3, 0))
+        );
+        assert_eq!(ok("recording.m3u8"), Ok(HlsResource::Recording));
+        assert_eq!(ok("aac/vod.m3u8"), Ok(HlsResource::Vod(RenditionId::Aac)));
         for bad in [
             "opus/part12.10.m4s",
             "opus/seg012.m4s",
@@ -284,7 +303,8 @@ mod tests {
             "opus/%2e%2e/x",
             "opus/seg99999999999999999999.m4s",
             "opus/playlist.m3u8/",
-            "aac/playlist.m3u8",
+            "flac/playlist.m3u8",
+            "aac/../opus/init.mp4",
             "",
             "opus",
             "..",

@@ -1,24 +1,35 @@
-//! Per-room driver: feeds the sans-IO segmenter and playlist, writes files atomically, and
-//! publishes playlist snapshots to blocked HTTP requests through a `watch` channel.
+//! Per-room driver. The ingest side ([`RoomCore`]) feeds the sans-IO segmenter, the AAC
+//! rendition and the speaker timeline and queues what they produce; the room's uploader task
+//! stores each object in order and only then publishes it: playlists are updated, snapshots go
+//! to blocked HTTP requests through `watch` channels, recent objects stay in a small memory
+//! cache for the HTTP origin.
 
+#[cfg(feature = "aac")]
+use crate::aac::AacRendition;
 use crate::fmp4::{init_segment, MuxError};
 use crate::metrics::Metrics;
 use crate::playlist::{
-    part_name, render_multivariant, segment_name, MediaPlaylist, PlaylistError, PlaylistStatus,
-    OPUS, RENDITIONS,
+    part_name, render_multivariant, renditions, segment_name, MediaPlaylist, PlaylistError,
+    PlaylistStatus, Rendition, RenditionReport,
 };
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
+use crate::speakers::SpeakerTimeline;
+use crate::storage::{ObjectMeta, Storage, StorageError, Store};
+use crate::upload::{Backoff, Job, Publish, UploadQueue};
 use amphi_protocol::RoomId;
-use std::collections::HashMap;
-use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-/// A published playlist state.
-#[derive(Debug, Default)]
+/// Segments whose parts and segment stay in the memory cache.
+const CACHE_SEGMENTS: u64 = 4;
+
+/// A published playlist state of one rendition.
+#[derive(Debug)]
 pub struct Snapshot {
     /// What blocking reloads decide on.
     pub status: PlaylistStatus,
@@ -28,77 +39,62 @@ pub struct Snapshot {
     pub full: String,
     /// The delta update (`_HLS_skip=YES`), when it skips anything.
     pub delta: Option<String>,
+    /// When this state was published (for delivery-delay measurements).
+    pub published_at: SystemTime,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            status: PlaylistStatus::default(),
+            hint: None,
+            full: String::new(),
+            delta: None,
+            published_at: SystemTime::UNIX_EPOCH,
+        }
+    }
 }
 
 /// Why a room update failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {
-    /// Writing a file failed.
-    #[error("io: {0}")]
-    Io(#[from] io::Error),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
     /// Muxing failed.
     #[error("mux: {0}")]
     Mux(#[from] MuxError),
+    /// Transcoding to AAC failed.
+    #[cfg(feature = "aac")]
+    #[error("aac: {0}")]
+    Aac(#[from] crate::aac::AacError),
     /// The playlist refused an update (a bug: parts out of order).
     #[error("playlist: {0}")]
     Playlist(#[from] PlaylistError),
 }
 
-/// Directory of a room: `{data_dir}/hls/{room}`.
-pub fn room_dir(data_dir: &Path, room: RoomId) -> PathBuf {
-    data_dir.join("hls").join(room.to_string())
+/// Storage key of a room's file.
+pub fn key(room: RoomId, rest: &str) -> String {
+    format!("{room}/{rest}")
 }
 
-/// Write `bytes` to `path` through a temporary file and a rename, so readers never see a
-/// partial file.
-pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, path).await
+/// Storage key of a rendition's file.
+pub fn rkey(room: RoomId, r: Rendition, file: &str) -> String {
+    format!("{room}/{}/{file}", r.dir)
 }
 
-/// Highest media sequence number among `seg{N}.m4s` / `part{N}.{M}.m4s` files in `dir`.
-async fn highest_msn_on_disk(dir: &Path) -> io::Result<Option<u64>> {
-    let mut rd = match tokio::fs::read_dir(dir).await {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut max = None;
-    while let Some(entry) = rd.next_entry().await? {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name.strip_suffix(".m4s") else {
-            continue;
-        };
-        let digits = if let Some(n) = stem.strip_prefix("seg") {
-            n
-        } else if let Some(n) = stem.strip_prefix("part") {
-            n.split('.').next().unwrap_or("")
-        } else {
-            continue;
-        };
-        if let Ok(msn) = digits.parse::<u64>() {
-            max = max.max(Some(msn));
-        }
-    }
-    Ok(max)
-}
-
-/// The state of one room, behind the room's async mutex.
+/// The ingest side of a room, behind the room's mutex.
 pub struct RoomCore {
     room: RoomId,
-    dir: PathBuf,
+    renditions: &'static [Rendition],
     segmenter: Segmenter,
-    playlist: MediaPlaylist,
+    #[cfg(feature = "aac")]
+    aac: Option<AacRendition>,
+    speakers: SpeakerTimeline,
     active_stream: Option<u64>,
     end_requested: bool,
-    tx: watch::Sender<Arc<Snapshot>>,
-    metrics: Arc<Metrics>,
+    finished: bool,
+    queue: Arc<UploadQueue>,
 }
 
 impl RoomCore {
@@ -108,156 +104,527 @@ impl RoomCore {
     }
 
     /// A program stream (generation `gen`) started. A still-active older stream is superseded.
-    pub async fn start_stream(&mut self, gen: u64) -> Result<(), RoomError> {
-        if self.playlist.is_ended() {
+    pub fn start_stream(&mut self, gen: u64) -> Result<(), RoomError> {
+        if self.finished {
             return Ok(());
         }
         if let Some(old) = self.active_stream.replace(gen) {
             tracing::info!(room = %self.room, old, new = gen, "program stream superseded");
-            let out = self.segmenter.stream_stopped()?;
-            self.apply(out).await?;
+            self.stop()?;
         }
         Ok(())
     }
 
-    /// One program frame of stream `gen`. Frames of superseded streams or ended rooms are dropped.
-    pub async fn frame(
+    /// One program frame of stream `gen` (`speaker`: the loudest speaker's id, 0 if none).
+    /// Frames of superseded streams or ended rooms are dropped.
+    pub fn frame(
         &mut self,
         gen: u64,
         frame: ProgramFrame<'_>,
+        speaker: u32,
         now: Instant,
         wall: SystemTime,
     ) -> Result<(), RoomError> {
-        if self.playlist.is_ended() || self.active_stream != Some(gen) {
+        if self.finished || self.active_stream != Some(gen) {
             return Ok(());
         }
         let out = self.segmenter.push(frame, now, wall)?;
-        if !out.is_empty() {
-            self.apply(out).await?;
+        if self.segmenter.last_ext().is_some() {
+            self.speakers.push(speaker, wall);
+        }
+        #[cfg(feature = "aac")]
+        if let (Some(aac), Some(ext)) = (&mut self.aac, self.segmenter.last_ext()) {
+            aac.push_opus(frame.payload, ext)?;
+        }
+        self.enqueue(out)
+    }
+
+    fn stop(&mut self) -> Result<(), RoomError> {
+        let out = self.segmenter.stream_stopped()?;
+        self.speakers.stop();
+        self.enqueue(out)
+    }
+
+    fn enqueue(&mut self, outputs: Vec<SegmenterOutput>) -> Result<(), RoomError> {
+        for o in outputs {
+            #[cfg(feature = "aac")]
+            let aac = match &mut self.aac {
+                Some(a) => a.follow(&o)?,
+                None => None,
+            };
+            self.push_output(0, o);
+            #[cfg(feature = "aac")]
+            if let Some(a) = aac {
+                self.push_output(1, a);
+            }
         }
         Ok(())
     }
 
+    fn push_output(&self, ri: usize, o: SegmenterOutput) {
+        let Some(r) = self.renditions.get(ri).copied() else {
+            return;
+        };
+        let job = match o {
+            SegmenterOutput::Part(p) => Job::Put {
+                key: rkey(self.room, r, &part_name(p.msn, p.index)),
+                body: Bytes::from(p.bytes),
+                meta: ObjectMeta::MEDIA,
+                publish: Publish::Part {
+                    rendition: ri,
+                    msn: p.msn,
+                    index: p.index,
+                    duration: p.duration,
+                    start: p.segment_start,
+                    arrival: p.last_arrival,
+                },
+            },
+            SegmenterOutput::Segment(s) => Job::Put {
+                key: rkey(self.room, r, &segment_name(s.msn)),
+                body: Bytes::from(s.bytes),
+                meta: ObjectMeta::MEDIA,
+                publish: Publish::Segment {
+                    rendition: ri,
+                    msn: s.msn,
+                    start: s.start,
+                    duration: s.duration,
+                },
+            },
+        };
+        self.queue.push(job);
+    }
+
     /// Stream `gen` finished or broke: the program stopped (or, after `RoomEnded`, the room ended).
-    pub async fn stream_finished(&mut self, gen: u64) -> Result<(), RoomError> {
+    pub fn stream_finished(&mut self, gen: u64) -> Result<(), RoomError> {
         if self.active_stream != Some(gen) {
             return Ok(());
         }
         self.active_stream = None;
-        if self.playlist.is_ended() {
+        if self.finished {
             return Ok(());
         }
-        let out = self.segmenter.stream_stopped()?;
-        self.apply(out).await?;
+        self.stop()?;
         if self.end_requested {
-            self.finish().await?;
+            self.finish()?;
         }
         Ok(())
     }
 
     /// The origin said the room ended. Finishes now if no program stream is running, otherwise
     /// when it finishes (or on [`RoomCore::force_end`]).
-    pub async fn room_ended(&mut self) -> Result<(), RoomError> {
+    pub fn room_ended(&mut self) -> Result<(), RoomError> {
         self.end_requested = true;
         if self.active_stream.is_none() {
-            self.finish().await?;
+            self.finish()?;
         }
         Ok(())
     }
 
     /// End the room now, flushing a still-running stream.
-    pub async fn force_end(&mut self) -> Result<(), RoomError> {
+    pub fn force_end(&mut self) -> Result<(), RoomError> {
         self.active_stream = None;
-        self.finish().await
+        self.finish()
     }
 
-    async fn finish(&mut self) -> Result<(), RoomError> {
-        if self.playlist.is_ended() {
+    fn finish(&mut self) -> Result<(), RoomError> {
+        if self.finished {
             return Ok(());
         }
-        let out = self.segmenter.stream_stopped()?;
-        self.apply(out).await?;
-        self.playlist.end();
-        self.publish().await?;
-        self.metrics.rooms_live.fetch_sub(1, Ordering::Relaxed);
-        tracing::info!(room = %self.room, "room ended: playlist finished with EXT-X-ENDLIST");
+        self.stop()?;
+        self.finished = true;
+        self.queue.push(Job::End {
+            spans: self.speakers.spans(),
+        });
+        self.queue.close();
+        tracing::info!(room = %self.room, "room ended: finishing playlists and the recording");
         Ok(())
     }
+}
 
-    async fn apply(&mut self, outputs: Vec<SegmenterOutput>) -> Result<(), RoomError> {
-        if outputs.is_empty() {
-            return Ok(());
-        }
-        let mut arrivals = Vec::with_capacity(2);
-        for o in outputs {
-            match o {
-                SegmenterOutput::Part(p) => {
-                    write_atomic(&self.dir.join(part_name(p.msn, p.index)), &p.bytes).await?;
-                    self.playlist
-                        .add_part(p.msn, p.index, p.frames, p.segment_start)?;
-                    arrivals.push(p.last_arrival);
-                }
-                SegmenterOutput::Segment(s) => {
-                    write_atomic(&self.dir.join(segment_name(s.msn)), &s.bytes).await?;
-                    self.playlist.complete_segment(s.msn)?;
-                    self.metrics
-                        .segments_published
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+/// Recently stored objects, served without a storage round trip.
+#[derive(Debug, Default)]
+struct ObjectCache {
+    objects: HashMap<String, Bytes>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl ObjectCache {
+    fn insert(&mut self, msn: u64, key: String, body: Bytes) {
+        self.order.push_back((msn, key.clone()));
+        self.objects.insert(key, body);
+        while let Some((m, _)) = self.order.front() {
+            if m + CACHE_SEGMENTS >= msn {
+                break;
+            }
+            if let Some((_, k)) = self.order.pop_front() {
+                self.objects.remove(&k);
             }
         }
-        self.publish().await?;
-        let now = Instant::now();
-        for a in arrivals {
-            self.metrics.parts_published.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .observe_publish_delay(now.saturating_duration_since(a));
-        }
-        Ok(())
     }
+}
 
-    async fn publish(&mut self) -> io::Result<()> {
-        let full = self.playlist.render(false);
-        let delta = (self.playlist.skippable_segments() > 0).then(|| self.playlist.render(true));
-        write_atomic(&self.dir.join("playlist.m3u8"), full.as_bytes()).await?;
-        self.tx.send_replace(Arc::new(Snapshot {
-            status: self.playlist.status(),
-            hint: self.playlist.preload_hint(),
-            full,
-            delta,
-        }));
-        Ok(())
-    }
+/// What the HTTP side reads.
+struct Published {
+    playlists: Vec<MediaPlaylist>,
+    cache: ObjectCache,
+    /// Init segments (kept for the room's life).
+    inits: HashMap<String, Bytes>,
 }
 
 /// A room as the HTTP side sees it.
 pub struct RoomHandle {
-    /// The writer side.
-    pub core: tokio::sync::Mutex<RoomCore>,
-    /// Playlist snapshots; `wait_for` on a clone to block.
-    pub rx: watch::Receiver<Arc<Snapshot>>,
+    /// Room id.
+    pub room: RoomId,
+    /// The ingest side.
+    pub core: Mutex<RoomCore>,
+    /// Renditions, in multivariant order.
+    pub renditions: &'static [Rendition],
+    /// Playlist snapshots per rendition; `wait_for` on a clone to block.
+    pub rx: Vec<watch::Receiver<Arc<Snapshot>>>,
+    tx: Vec<watch::Sender<Arc<Snapshot>>>,
+    published: Mutex<Published>,
+    queue: Arc<UploadQueue>,
+    /// The recording (VOD playlists) is stored.
+    pub recording_ready: AtomicBool,
+}
+
+impl RoomHandle {
+    /// Lock the ingest side.
+    pub fn core(&self) -> std::sync::MutexGuard<'_, RoomCore> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, Published> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Index of the rendition in directory `dir`.
+    pub fn rendition_index(&self, dir: &str) -> Option<usize> {
+        self.renditions.iter().position(|r| r.dir == dir)
+    }
+
+    /// A stored object of this room still in memory.
+    pub fn cached(&self, key: &str) -> Option<Bytes> {
+        let p = self.published();
+        p.cache
+            .objects
+            .get(key)
+            .or_else(|| p.inits.get(key))
+            .cloned()
+    }
+
+    /// Apply a stored object's publication and send new snapshots.
+    fn publish(&self, key: String, body: Bytes, what: Publish, metrics: &Metrics) {
+        let mut p = self.published();
+        let result = match what {
+            Publish::Nothing => {
+                if key.ends_with("init.mp4") {
+                    p.inits.insert(key, body);
+                }
+                return;
+            }
+            Publish::Part {
+                rendition,
+                msn,
+                index,
+                duration,
+                start,
+                arrival,
+            } => {
+                p.cache.insert(msn, key, body);
+                let r = p
+                    .playlists
+                    .get_mut(rendition)
+                    .map(|pl| pl.add_part(msn, index, duration, start));
+                if rendition == 0 {
+                    metrics.parts_published.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .observe_publish_delay(Instant::now().saturating_duration_since(arrival));
+                }
+                r
+            }
+            Publish::Segment {
+                rendition,
+                msn,
+                start,
+                duration,
+            } => {
+                p.cache.insert(msn, key, body);
+                if rendition == 0 {
+                    metrics.segments_published.fetch_add(1, Ordering::Relaxed);
+                }
+                p.playlists
+                    .get_mut(rendition)
+                    .map(|pl| pl.complete_segment(msn, start, duration))
+            }
+        };
+        if let Some(Err(e)) = result {
+            tracing::error!(room = %self.room, error = %e, "playlist update refused");
+        }
+        self.send_snapshots(&p);
+    }
+
+    fn send_snapshots(&self, p: &Published) {
+        let now = SystemTime::now();
+        for (i, pl) in p.playlists.iter().enumerate() {
+            let reports: Vec<RenditionReport> = if pl.is_ended() {
+                Vec::new()
+            } else {
+                p.playlists
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, sib)| RenditionReport {
+                        uri: format!("../{}/playlist.m3u8", sib.rendition().dir),
+                        last: sib.status().last_part(),
+                    })
+                    .collect()
+            };
+            let full = pl.render(false, &reports);
+            let delta = (pl.skippable_segments() > 0).then(|| pl.render(true, &reports));
+            if let Some(tx) = self.tx.get(i) {
+                tx.send_replace(Arc::new(Snapshot {
+                    status: pl.status(),
+                    hint: pl.preload_hint(),
+                    full,
+                    delta,
+                    published_at: now,
+                }));
+            }
+        }
+    }
+}
+
+/// Put with retries and backoff until stored or shut down. `Err` only on shutdown or a
+/// permanent error (bad key).
+async fn put_retrying(
+    store: &Store,
+    key: &str,
+    body: &Bytes,
+    meta: ObjectMeta,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(), StorageError> {
+    let mut backoff = Backoff::default();
+    let mut first_failure = None;
+    loop {
+        match store.put(key, body.clone(), meta).await {
+            Ok(()) => {
+                if let Some(since) = first_failure {
+                    metrics.storage_outage.store(0, Ordering::Relaxed);
+                    tracing::info!(
+                        key,
+                        retries = backoff.failures(),
+                        outage_ms =
+                            Instant::now().saturating_duration_since(since).as_millis() as u64,
+                        "storage reachable again; flushing buffered uploads"
+                    );
+                }
+                metrics.storage_puts.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e @ StorageError::BadKey(_)) => return Err(e),
+            Err(e) => {
+                metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
+                if first_failure.is_none() {
+                    first_failure = Some(Instant::now());
+                    metrics.storage_outage.store(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        key,
+                        error = %e,
+                        buffered_bytes = metrics.storage_buffered_bytes.load(Ordering::Relaxed),
+                        "storage put failed; buffering uploads and retrying"
+                    );
+                }
+                let wait = backoff.fail();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// The room's uploader: drains its queue in order until the room's `End` job is done.
+async fn uploader(
+    handle: Arc<RoomHandle>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let room = handle.room;
+    loop {
+        let job = tokio::select! {
+            j = handle.queue.next() => j,
+            _ = shutdown.cancelled() => None,
+        };
+        let Some(job) = job else { break };
+        match &job {
+            Job::Put {
+                key,
+                body,
+                meta,
+                publish,
+            } => {
+                match put_retrying(&store, key, body, *meta, &metrics, &shutdown).await {
+                    Ok(()) => {
+                        let segment_done = matches!(publish, Publish::Segment { .. });
+                        handle.publish(key.clone(), body.clone(), publish.clone(), &metrics);
+                        if let (true, Publish::Segment { rendition, .. }) = (segment_done, publish)
+                        {
+                            // Keep a copy of the live playlist in storage (inspection, restarts).
+                            let text = handle.rx[*rendition].borrow().full.clone();
+                            let r = handle.renditions[*rendition];
+                            let k = rkey(room, r, "playlist.m3u8");
+                            let _ = put_retrying(
+                                &store,
+                                &k,
+                                &Bytes::from(text),
+                                ObjectMeta::PLAYLIST,
+                                &metrics,
+                                &shutdown,
+                            )
+                            .await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(%room, key, error = %e, "upload abandoned");
+                    }
+                }
+            }
+            Job::End { spans } => {
+                if let Err(e) = finish_recording(&handle, &store, spans, &metrics, &shutdown).await
+                {
+                    tracing::error!(%room, error = %e, "writing the recording failed");
+                }
+            }
+        }
+        handle.queue.done(&job);
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn finish_recording(
+    handle: &RoomHandle,
+    store: &Store,
+    spans: &[crate::playlist::SpeakerSpan],
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(), StorageError> {
+    let room = handle.room;
+    let (texts, segments, ticks) = {
+        let mut p = handle.published();
+        let mut texts = Vec::new();
+        for pl in &mut p.playlists {
+            pl.end();
+            texts.push((pl.rendition(), pl.render(false, &[]), pl.render_vod(spans)));
+        }
+        let segments = p.playlists.first().map_or(0, |pl| pl.history().len());
+        let ticks: u64 = p
+            .playlists
+            .first()
+            .map_or(0, |pl| pl.history().iter().map(|h| h.duration).sum());
+        (texts, segments, ticks)
+    };
+    for (r, live, vod) in &texts {
+        put_retrying(
+            store,
+            &rkey(room, *r, "playlist.m3u8"),
+            &Bytes::from(live.clone()),
+            ObjectMeta::PLAYLIST,
+            metrics,
+            shutdown,
+        )
+        .await?;
+        if segments > 0 {
+            put_retrying(
+                store,
+                &rkey(room, *r, "vod.m3u8"),
+                &Bytes::from(vod.clone()),
+                ObjectMeta::PLAYLIST,
+                metrics,
+                shutdown,
+            )
+            .await?;
+        }
+    }
+    if segments > 0 {
+        let mv = render_multivariant(handle.renditions, "vod.m3u8");
+        put_retrying(
+            store,
+            &key(room, "recording.m3u8"),
+            &Bytes::from(mv),
+            ObjectMeta::PLAYLIST,
+            metrics,
+            shutdown,
+        )
+        .await?;
+    }
+    let meta = serde_json::json!({
+        "room": room.to_string(),
+        "ended_at": unix_secs(SystemTime::now()),
+        "segments": segments,
+        "duration_secs": ticks as f64 / 48_000.0,
+        "speaker_turns": spans.len(),
+    });
+    put_retrying(
+        store,
+        &key(room, "recording.json"),
+        &Bytes::from(meta.to_string()),
+        ObjectMeta::JSON,
+        metrics,
+        shutdown,
+    )
+    .await?;
+    handle
+        .recording_ready
+        .store(segments > 0, Ordering::Relaxed);
+    let p = handle.published();
+    handle.send_snapshots(&p);
+    metrics.rooms_live.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(%room, segments, "room ended: EXT-X-ENDLIST and VOD recording stored");
+    Ok(())
 }
 
 /// Every room this packager has seen since it started.
 pub struct Registry {
-    data_dir: PathBuf,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
+    max_buffer: usize,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
     rooms: Mutex<HashMap<RoomId, Arc<RoomHandle>>>,
 }
 
 impl Registry {
-    /// An empty registry writing under `{data_dir}/hls`.
-    pub fn new(data_dir: PathBuf, metrics: Arc<Metrics>) -> Self {
+    /// An empty registry storing into `store`; uploader tasks run on `tasks` until `shutdown`.
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        max_buffer: usize,
+        shutdown: CancellationToken,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
         Registry {
-            data_dir,
+            store,
             metrics,
+            max_buffer,
+            shutdown,
+            tasks,
             rooms: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+    /// The storage backend.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// A known room.
@@ -269,49 +636,137 @@ impl Registry {
             .cloned()
     }
 
-    /// A known room, or a new one: its directory, `init.mp4`, `index.m3u8` and an empty
-    /// playlist are written before it becomes visible. Numbering continues after any segment
-    /// already on disk (a packager restart), as a discontinuity.
+    /// Highest media sequence number already in storage for `room` (a packager restart).
+    async fn highest_msn(&self, room: RoomId) -> Result<Option<u64>, StorageError> {
+        let keys = self.store.list(&format!("{room}/opus/")).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| {
+                let name = k.rsplit('/').next()?;
+                let stem = name.strip_suffix(".m4s")?;
+                let digits = if let Some(n) = stem.strip_prefix("seg") {
+                    n
+                } else {
+                    stem.strip_prefix("part")?.split('.').next()?
+                };
+                digits.parse::<u64>().ok()
+            })
+            .max())
+    }
+
+    /// A known room, or a new one: its init segments and multivariant playlist are queued
+    /// first, and its uploader started. Numbering continues after any segment already stored
+    /// (a packager restart), as a discontinuity.
     pub async fn get_or_open(&self, room: RoomId) -> Result<Arc<RoomHandle>, RoomError> {
         if let Some(h) = self.get(room) {
             return Ok(h);
         }
-        let base = room_dir(&self.data_dir, room);
-        let dir = base.join(OPUS.dir);
-        tokio::fs::create_dir_all(&dir).await?;
-        let start_msn = highest_msn_on_disk(&dir).await?.map(|m| m + 1);
-        write_atomic(&dir.join("init.mp4"), &init_segment()?).await?;
-        write_atomic(
-            &base.join("index.m3u8"),
-            render_multivariant(RENDITIONS).as_bytes(),
-        )
-        .await?;
-        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        let mut core = RoomCore {
+        let start_msn = match self.highest_msn(room).await {
+            Ok(m) => m.map(|m| m + 1),
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "cannot list earlier output; numbering from 0");
+                None
+            }
+        };
+        let rends = renditions();
+        let queue = Arc::new(UploadQueue::new(self.max_buffer, self.metrics.clone()));
+        queue.push(Job::Put {
+            key: rkey(room, rends[0], "init.mp4"),
+            body: Bytes::from(init_segment()?),
+            meta: ObjectMeta::MEDIA,
+            publish: Publish::Nothing,
+        });
+        #[cfg(feature = "aac")]
+        let aac = {
+            let a = AacRendition::new()?;
+            if let Some(r) = rends.get(1) {
+                queue.push(Job::Put {
+                    key: rkey(room, *r, "init.mp4"),
+                    body: Bytes::from(a.init_segment()?),
+                    meta: ObjectMeta::MEDIA,
+                    publish: Publish::Nothing,
+                });
+            }
+            Some(a)
+        };
+        queue.push(Job::Put {
+            key: key(room, "index.m3u8"),
+            body: Bytes::from(render_multivariant(rends, "playlist.m3u8")),
+            meta: ObjectMeta::PLAYLIST,
+            publish: Publish::Nothing,
+        });
+        let msn = start_msn.unwrap_or(0);
+        let playlists: Vec<MediaPlaylist> =
+            rends.iter().map(|r| MediaPlaylist::new(*r, msn)).collect();
+        let (tx, rx): (Vec<_>, Vec<_>) = rends
+            .iter()
+            .map(|_| watch::channel(Arc::new(Snapshot::default())))
+            .unzip();
+        let core = RoomCore {
             room,
-            dir,
+            renditions: rends,
             segmenter: match start_msn {
                 Some(msn) => Segmenter::default().resume_at(msn),
                 None => Segmenter::default(),
             },
-            playlist: MediaPlaylist::starting_at(start_msn.unwrap_or(0)),
+            #[cfg(feature = "aac")]
+            aac,
+            speakers: SpeakerTimeline::new(),
             active_stream: None,
             end_requested: false,
-            tx,
-            metrics: self.metrics.clone(),
+            finished: false,
+            queue: queue.clone(),
         };
-        core.publish().await?;
         let handle = Arc::new(RoomHandle {
-            core: tokio::sync::Mutex::new(core),
+            room,
+            core: Mutex::new(core),
+            renditions: rends,
             rx,
+            tx,
+            published: Mutex::new(Published {
+                playlists,
+                cache: ObjectCache::default(),
+                inits: HashMap::new(),
+            }),
+            queue,
+            recording_ready: AtomicBool::new(false),
         });
+        {
+            let p = handle.published();
+            handle.send_snapshots(&p);
+        }
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = rooms.entry(room).or_insert_with(|| {
-            self.metrics.rooms_total.fetch_add(1, Ordering::Relaxed);
-            self.metrics.rooms_live.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%room, ?start_msn, "room opened");
-            handle
-        });
-        Ok(entry.clone())
+        if let Some(existing) = rooms.get(&room) {
+            return Ok(existing.clone());
+        }
+        rooms.insert(room, handle.clone());
+        drop(rooms);
+        self.metrics.rooms_total.fetch_add(1, Ordering::Relaxed);
+        self.metrics.rooms_live.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%room, ?start_msn, storage = self.store.kind(), "room opened");
+        self.tasks.spawn(uploader(
+            handle.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keeps_the_last_segments() {
+        let mut c = ObjectCache::default();
+        for msn in 0..10u64 {
+            c.insert(msn, format!("seg{msn}"), Bytes::from_static(b"x"));
+        }
+        assert!(c.objects.contains_key("seg9"));
+        assert!(c.objects.contains_key("seg5"));
+        assert!(!c.objects.contains_key("seg4"));
+        assert_eq!(c.objects.len(), 5);
     }
 }

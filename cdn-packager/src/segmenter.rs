@@ -42,6 +42,8 @@ pub struct PartReady {
     pub index: u32,
     /// Opus frames (20 ms each) in the part.
     pub frames: u32,
+    /// Duration in 48 kHz ticks.
+    pub duration: u32,
     /// Base media decode time of the part (48 kHz ticks).
     pub base_media_decode_time: u64,
     /// `[styp] moof mdat` bytes of the part.
@@ -61,6 +63,10 @@ pub struct SegmentReady {
     pub parts: u32,
     /// Opus frames in the segment.
     pub frames: u32,
+    /// Duration in 48 kHz ticks.
+    pub duration: u64,
+    /// Wall-clock start and discontinuity flag (as on its first part).
+    pub start: SegmentStart,
     /// The segment file.
     pub bytes: Vec<u8>,
 }
@@ -102,6 +108,10 @@ pub struct Segmenter {
     seg_buf: Vec<u8>,
     seg_frames: u32,
     seg_start: Option<SegmentStart>,
+    /// Start of the segment in progress (kept for [`SegmentReady`]).
+    cur_seg_start: Option<SegmentStart>,
+    /// Extended timestamp of the frame the last `push` accepted.
+    accepted: Option<u64>,
 }
 
 impl Default for Segmenter {
@@ -133,6 +143,8 @@ impl Segmenter {
             seg_buf: Vec::new(),
             seg_frames: 0,
             seg_start: None,
+            cur_seg_start: None,
+            accepted: None,
         }
     }
 
@@ -149,6 +161,12 @@ impl Segmenter {
         (self.msn, self.part_index)
     }
 
+    /// Extended (unwrapped, continued) timestamp of the frame the last [`Segmenter::push`]
+    /// accepted; `None` if it dropped it.
+    pub fn last_ext(&self) -> Option<u64> {
+        self.accepted
+    }
+
     /// Feed one frame that arrived at `now` (monotonic) / `wall` (wall clock).
     /// Duplicate or reordered frames (RTP not after the previous one) are dropped.
     pub fn push(
@@ -158,6 +176,7 @@ impl Segmenter {
         wall: SystemTime,
     ) -> Result<Vec<SegmenterOutput>, MuxError> {
         let mut out = Vec::new();
+        self.accepted = None;
         let ext = match self.last {
             None => {
                 let ext = if self.started {
@@ -182,10 +201,9 @@ impl Segmenter {
                     ext
                 } else {
                     if step != SAMPLE_DURATION {
-                        self.flush_part(&mut out)?;
-                        if self.part_index >= self.parts_per_segment {
-                            self.close_segment(&mut out)?;
-                        }
+                        // Frames lost: end the segment here (its last part may be short, no
+                        // other part may), the next one starts at the frame's real time.
+                        self.close_segment(&mut out)?;
                     }
                     last_ext + u64::from(step)
                 }
@@ -197,16 +215,19 @@ impl Segmenter {
             if self.part_index == 0 {
                 let (anchor_wall, anchor_ext) = self.anchor.unwrap_or((wall, ext));
                 let offset = Duration::from_micros((ext - anchor_ext) * 1_000_000 / 48_000);
-                self.seg_start = Some(SegmentStart {
+                let start = SegmentStart {
                     program_date_time: anchor_wall + offset,
                     discontinuity: std::mem::take(&mut self.discontinuity_pending),
-                });
+                };
+                self.seg_start = Some(start);
+                self.cur_seg_start = Some(start);
             }
         }
         self.part_payload.extend_from_slice(frame.payload);
         self.part_sizes.push(frame.payload.len() as u32);
         self.part_last_arrival = Some(now);
         self.last = Some((frame.rtp_ts, ext));
+        self.accepted = Some(ext);
         self.next_ext = ext + u64::from(SAMPLE_DURATION);
         if self.part_sizes.len() as u32 >= self.frames_per_part {
             self.flush_part(&mut out)?;
@@ -250,6 +271,7 @@ impl Segmenter {
             msn: self.msn,
             index: self.part_index,
             frames,
+            duration: frames * SAMPLE_DURATION,
             base_media_decode_time: self.part_base,
             bytes,
             segment_start: if self.part_index == 0 {
@@ -270,10 +292,16 @@ impl Segmenter {
             return Ok(());
         }
         let cap = self.seg_buf.capacity();
+        let start = self.cur_seg_start.take().unwrap_or(SegmentStart {
+            program_date_time: SystemTime::UNIX_EPOCH,
+            discontinuity: false,
+        });
         out.push(SegmenterOutput::Segment(SegmentReady {
             msn: self.msn,
             parts: self.part_index,
             frames: self.seg_frames,
+            duration: u64::from(self.seg_frames) * u64::from(SAMPLE_DURATION),
+            start,
             bytes: std::mem::replace(&mut self.seg_buf, Vec::with_capacity(cap)),
         }));
         self.msn += 1;
@@ -444,17 +472,19 @@ mod tests {
     fn small_gap_cuts_part_and_big_jump_is_a_discontinuity() {
         let mut s = Segmenter::default();
         let (t0, w0) = (Instant::now(), SystemTime::UNIX_EPOCH);
-        feed(&mut s, 0, 5, t0, w0);
-        // Two frames lost: the 5-frame part is cut, the next starts at the real timestamp.
-        let out = feed(&mut s, 7 * 960, 10, t0, w0);
-        assert_eq!(parts(&out), vec![(0, 0, 5, 0), (0, 1, 10, 7 * 960)]);
-        // A jump of an hour: close segment 0, continue the timeline, flag a discontinuity.
-        let out = feed(&mut s, 3600 * 48_000, 10, t0, w0);
+        feed(&mut s, 0, 15, t0, w0);
+        // Two frames lost: segment 0 ends with its short part, segment 1 starts at the real
+        // timestamp (no short part in the middle of a segment).
+        let out = feed(&mut s, 17 * 960, 10, t0, w0);
+        assert_eq!(parts(&out), vec![(0, 1, 5, 9600), (1, 0, 10, 17 * 960)]);
         assert_eq!(segments(&out), vec![(0, 2, 15)]);
+        // A jump of an hour: close segment 1, continue the timeline, flag a discontinuity.
+        let out = feed(&mut s, 3600 * 48_000, 10, t0, w0);
+        assert_eq!(segments(&out), vec![(1, 1, 10)]);
         let SegmenterOutput::Part(p) = out.last().unwrap() else {
             panic!("expected a part last")
         };
-        assert_eq!((p.msn, p.base_media_decode_time), (1, 17 * 960));
+        assert_eq!((p.msn, p.base_media_decode_time), (2, 27 * 960));
         assert!(p.segment_start.unwrap().discontinuity);
     }
 }

@@ -122,7 +122,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
         init.header("cache-control"),
         Some("max-age=31536000, immutable")
     );
-    assert_eq!(init.header("content-type"), Some("video/mp4"));
+    assert_eq!(init.header("content-type"), Some("audio/mp4"));
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("#EXT-X-PART:") {
             let uri = rest

@@ -2,7 +2,7 @@
 //! client, a pitch detector, a quinn origin stand-in, and ffmpeg wrappers.
 #![allow(dead_code)]
 
-use amphi_packager::{run, PackagerError, PackagerSetup};
+use amphi_packager::{run, PackagerError, PackagerOptions, PackagerSetup};
 use amphi_protocol::config::PackagerConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::mtls::DevPki;
@@ -263,6 +263,11 @@ pub struct Harness {
 impl Harness {
     /// Start an origin stand-in and `run(...)`, and accept the packager.
     pub async fn start(tag: &str) -> Harness {
+        Self::start_with(tag, PackagerOptions::default()).await
+    }
+
+    /// Like [`Harness::start`] with packager options (storage, TLS listener).
+    pub async fn start_with(tag: &str, options: PackagerOptions) -> Harness {
         let pki = DevPki::generate().unwrap();
         let origin_tls = pki.issue("origin.amphi.internal").unwrap();
         let packager_tls = pki.issue("packager-test").unwrap();
@@ -288,6 +293,7 @@ impl Harness {
                 http_listen: http,
                 data_dir: data_dir.clone(),
             },
+            options,
             mesh_tls: packager_tls,
         };
         let packager = tokio::spawn(run(setup, shutdown.clone()));
