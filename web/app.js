@@ -1,18 +1,80 @@
-// amphi web client: lobby, room creation, and publishing into a room over WHIP (RFC 9725).
+// amphi web client: lobby (live rooms, create a room) and the room view (speakers, listeners, hands,
+// moderation, chat, reactions). Signaling is the edge's WebSocket (`/v1/ws?token=...`, JSON messages
+// documented in docs/signaling.md); audio is one RTCPeerConnection per participant with
+// LISTENER_AUDIO_SLOTS receive-only transceivers, plus a send-only one while the participant may
+// speak (promotion renegotiates on the same PeerConnection). Passive listeners play the room's LL-HLS
+// stream (native HLS where the browser has it, else the vendored hls.js light build).
+// Plain JS, no framework, no build step; works in Chromium and Firefox.
 "use strict";
 
+/** Receive slots per participant (`LISTENER_AUDIO_SLOTS` in protocol/src/room.rs). */
+const SLOTS = 3;
+/** Roles that may publish audio. */
+const PUBLISHERS = new Set(["host", "cohost", "speaker"]);
+const MODERATORS = new Set(["host", "cohost"]);
+const MAX_EVENTS = 1000;
+const MAX_CHAT_ITEMS = 200;
+const RECONNECT_LIMIT = 8;
+
 const $ = (sel) => document.querySelector(sel);
-const state = { room: null, token: null, role: null, pc: null, stream: null, location: null, status: "idle" };
-window.amphi = state; // inspected by end-to-end tests
+
+/**
+ * Everything the page knows. Exposed as `window.amphi` so end-to-end tests (and curious users) can
+ * inspect it; nothing in it is secret beyond the page's own token.
+ */
+const amphi = {
+  room: null, // room id (16 hex digits)
+  token: null,
+  claims: null, // decoded token claims (sub, name, role, room)
+  info: null, // RoomInfo from the REST API
+  route: null, // RouteResponse
+  ws: null,
+  me: null, // my participant id
+  role: null, // my room role
+  participants: new Map(), // id -> Participant
+  hands: [], // raised hands, oldest first
+  phase: "idle", // idle | connecting | joined | closed
+  status: "idle", // connection status shown in the badge ("connected" once media flows)
+  listenMode: null, // "webrtc" | "hls" | null
+  wantHls: false, // the participant chose HLS (or the edge had no room for WebRTC)
+  sending: false, // my microphone is on an accepted offer
+  pc: null,
+  sendTx: null, // the send-only transceiver, once created
+  mic: null, // MediaStream from getUserMedia
+  micError: null,
+  closedReason: null, // kicked | banned | ended | left | failed
+  notice: "", // text of the banner
+  latencyMs: null,
+  active: new Map(), // participant id -> RFC 6464 level (0 loud .. 127 silent)
+  activeAt: 0,
+  events: [], // every server message received, with `at` = performance.now()
+  errors: [], // error events {code, message}
+  keepMicOnMute: false, // test hook: ignore a moderator mute locally to prove the edge enforces it
+  audio: null, // { ctx, analyser, webrtcGain, hlsGain, hlsSource }
+  hls: null, // hls.js instance
+  reconnects: 0,
+};
+window.amphi = amphi;
+
+// ---------------------------------------------------------------------------------------------
+// small helpers
 
 function showError(msg) {
   const el = $("#error");
-  el.textContent = msg;
+  el.textContent = msg || "";
+  el.hidden = !msg;
+}
+
+function setNotice(msg, kind = "info") {
+  amphi.notice = msg || "";
+  const el = $("#notice");
+  el.textContent = amphi.notice;
+  el.className = `notice ${kind}`;
   el.hidden = !msg;
 }
 
 function setStatus(s) {
-  state.status = s;
+  amphi.status = s;
   $("#status").textContent = s;
 }
 
@@ -22,156 +84,1100 @@ async function api(path, options = {}) {
     headers: { "Content-Type": "application/json", ...(options.headers || {}) },
   });
   const body = await resp.json().catch(() => ({}));
-  if (!resp.ok) throw new Error(body.message || `${resp.status} ${resp.statusText}`);
+  if (!resp.ok) {
+    const err = new Error(body.message || `${resp.status} ${resp.statusText}`);
+    err.code = body.error;
+    err.status = resp.status;
+    throw err;
+  }
   return body;
 }
+
+function hashParams() {
+  return new URLSearchParams(location.hash.slice(1));
+}
+
+/** Region override (dev mesh only): `#region=eu-west`, remembered for this tab. */
+function regionOverride() {
+  const r = hashParams().get("region");
+  if (r) sessionStorage.setItem("amphi:region", r);
+  return r || sessionStorage.getItem("amphi:region");
+}
+
+function decodeClaims(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = decodeURIComponent(
+      atob(part)
+        .split("")
+        .map((c) => "%" + c.charCodeAt(0).toString(16).padStart(2, "0"))
+        .join("")
+    );
+    return JSON.parse(json);
+  } catch {
+    return null;
+  }
+}
+
+function myName() {
+  return ($("#my-name").value || "").trim() || localStorage.getItem("amphi:name") || "";
+}
+
+function participantName(id) {
+  const p = amphi.participants.get(id);
+  return p ? p.name : `#${id}`;
+}
+
+function loadScript(src) {
+  return new Promise((resolve, reject) => {
+    const s = document.createElement("script");
+    s.src = src;
+    s.onload = resolve;
+    s.onerror = () => reject(new Error(`could not load ${src}`));
+    document.head.append(s);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// lobby
 
 async function loadRooms() {
   const list = $("#rooms");
   try {
     const { rooms } = await api("/v1/rooms");
     list.replaceChildren();
-    if (rooms.length === 0) list.innerHTML = '<li class="muted">no live rooms yet</li>';
+    if (rooms.length === 0) {
+      const li = document.createElement("li");
+      li.className = "muted";
+      li.textContent = "No live rooms yet. Start one!";
+      list.append(li);
+    }
     for (const r of rooms) {
       const li = document.createElement("li");
+      li.dataset.room = r.room;
       const a = document.createElement("a");
       a.href = `#room=${r.room}`;
-      a.textContent = r.title + (r.topic ? ` — ${r.topic}` : "");
-      li.append(a);
+      a.className = "room-link";
+      const title = document.createElement("b");
+      title.textContent = r.title;
+      a.append(title);
+      if (r.topic) {
+        const topic = document.createElement("span");
+        topic.className = "muted";
+        topic.textContent = ` — ${r.topic}`;
+        a.append(topic);
+      }
+      const live = document.createElement("span");
+      live.className = "live-dot";
+      live.textContent = "LIVE";
+      li.append(live, a);
       list.append(li);
     }
   } catch (e) {
-    list.innerHTML = "";
+    list.replaceChildren();
     showError(`Could not load rooms: ${e.message}`);
   }
 }
 
-async function enterRoom(room, token, role) {
-  state.room = room;
-  state.token = token;
-  state.role = role;
-  sessionStorage.setItem(`amphi:${room}`, JSON.stringify({ token, role }));
-  const info = await api(`/v1/rooms/${room}`);
-  $("#lobby").hidden = true;
-  $("#room").hidden = false;
-  $("#room-title").textContent = info.title;
-  $("#room-id").textContent = room;
-  $("#role").textContent = role;
-  $("#hls").href = info.hls_url;
-  $("#hls").textContent = info.hls_url;
-  $("#speak").disabled = !(role === "host" || role === "speaker");
+// ---------------------------------------------------------------------------------------------
+// audio graph: remote WebRTC tracks and the HLS element both feed one analyser and the speakers
+
+function audioGraph() {
+  if (amphi.audio) return amphi.audio;
+  const Ctx = window.AudioContext || window.webkitAudioContext;
+  const ctx = new Ctx();
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 4096;
+  analyser.smoothingTimeConstant = 0;
+  const webrtcGain = ctx.createGain();
+  const hlsGain = ctx.createGain();
+  webrtcGain.connect(analyser);
+  hlsGain.connect(analyser);
+  analyser.connect(ctx.destination);
+  amphi.audio = { ctx, analyser, webrtcGain, hlsGain, hlsSource: null, bins: new Float32Array(analyser.frequencyBinCount) };
+  checkAudioUnlocked();
+  return amphi.audio;
 }
+
+/** Browsers may start audio suspended until a click: offer a button then. */
+function checkAudioUnlocked() {
+  const a = amphi.audio;
+  const suspended = a && a.ctx.state === "suspended";
+  $("#enable-sound").hidden = !suspended;
+  if (suspended) a.ctx.resume().then(() => ($("#enable-sound").hidden = a.ctx.state !== "suspended"), () => {});
+}
+
+/**
+ * Strength of a tone in what the page plays: the loudest bin within ±2 bins of `freq`, in dB, and how
+ * far it stands above the median bin (the noise floor). Used by the latency-free "do I hear X" checks.
+ */
+function toneDb(freq) {
+  const a = amphi.audio;
+  if (!a) return { peak: -200, floor: -200, snr: 0 };
+  a.analyser.getFloatFrequencyData(a.bins);
+  const hz = a.ctx.sampleRate / a.analyser.fftSize;
+  const k = Math.round(freq / hz);
+  let peak = -200;
+  for (let i = Math.max(0, k - 2); i <= Math.min(a.bins.length - 1, k + 2); i++) {
+    if (Number.isFinite(a.bins[i])) peak = Math.max(peak, a.bins[i]);
+  }
+  const sorted = Array.from(a.bins.subarray(1, Math.floor(4000 / hz)), (v) => (Number.isFinite(v) ? v : -200)).sort((x, y) => x - y);
+  const floor = sorted.length ? sorted[Math.floor(sorted.length / 2)] : -200;
+  return { peak, floor, snr: peak - floor };
+}
+amphi.toneDb = toneDb;
+
+/** Whether `freq` is clearly audible in the page's output. */
+amphi.hears = (freq) => {
+  const t = toneDb(freq);
+  return t.peak > -70 && t.snr > 25;
+};
+
+function setListenMode(mode) {
+  amphi.listenMode = mode;
+  $("#listen-mode").textContent = mode === "webrtc" ? "WebRTC" : mode === "hls" ? "HLS" : "—";
+  const a = amphi.audio;
+  if (a) {
+    a.webrtcGain.gain.value = mode === "webrtc" ? 1 : 0;
+    a.hlsGain.gain.value = mode === "hls" ? 1 : 0;
+  }
+  renderControls();
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebRTC: one PeerConnection, SLOTS receive-only transceivers, one send-only while speaking
 
 function waitForIceGathering(pc, ms) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
-    const t = setTimeout(resolve, ms);
-    pc.addEventListener("icegatheringstatechange", () => {
-      if (pc.iceGatheringState === "complete") { clearTimeout(t); resolve(); }
-    });
+    const done = () => {
+      clearTimeout(t);
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve();
+    };
+    const check = () => pc.iceGatheringState === "complete" && done();
+    const t = setTimeout(done, ms);
+    pc.addEventListener("icegatheringstatechange", check);
   });
 }
 
-async function speak() {
-  showError("");
-  $("#speak").disabled = true;
-  try {
-    setStatus("routing");
-    const route = await api(`/v1/route?room=${state.room}${regionParam()}`);
-    $("#region").textContent = route.region;
-    setStatus("microphone");
-    state.stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-    const pc = new RTCPeerConnection();
-    state.pc = pc;
-    for (const track of state.stream.getAudioTracks()) {
-      pc.addTransceiver(track, { direction: "sendonly", streams: [state.stream] });
+let pendingAnswer = null; // {resolve, reject, timer}
+let negotiation = Promise.resolve();
+
+function createPeer() {
+  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
+  amphi.pc = pc;
+  amphi.sendTx = null;
+  for (let i = 0; i < SLOTS; i++) pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.addEventListener("track", (ev) => attachRemoteTrack(ev.track));
+  pc.addEventListener("connectionstatechange", () => {
+    if (amphi.pc !== pc) return;
+    setStatus(pc.connectionState);
+    if (pc.connectionState === "failed") {
+      setNotice("Audio connection lost; reconnecting…", "warn");
+      reconnectSoon();
     }
-    pc.addEventListener("connectionstatechange", () => setStatus(pc.connectionState));
+  });
+  return pc;
+}
+
+function attachRemoteTrack(track) {
+  const stream = new MediaStream([track]);
+  // Chromium only pulls a remote track that is played by a media element: play it muted and hear
+  // it through WebAudio (which also feeds the analyser).
+  const el = document.createElement("audio");
+  el.muted = true;
+  el.autoplay = true;
+  el.srcObject = stream;
+  $("#remote-audio").append(el);
+  el.play().catch(() => {});
+  const a = audioGraph();
+  const src = a.ctx.createMediaStreamSource(stream);
+  src.connect(a.webrtcGain);
+  track.addEventListener("ended", () => {
+    src.disconnect();
+    el.remove();
+  });
+}
+
+/** Send an offer for the PeerConnection's current transceivers and apply the edge's answer. */
+function negotiate() {
+  const run = async () => {
+    const pc = amphi.pc;
+    if (!pc || !amphi.ws || amphi.ws.readyState !== WebSocket.OPEN) return;
     await pc.setLocalDescription(await pc.createOffer());
-    // The edge is ICE-lite without trickle: send the offer with all candidates.
+    // The edge is ICE-lite without trickle: send the offer with every candidate in it.
     await waitForIceGathering(pc, 2000);
-    setStatus("publishing");
-    const resp = await fetch(route.whip_url, {
-      method: "POST",
-      headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${state.token}` },
-      body: pc.localDescription.sdp,
+    const answer = new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        pendingAnswer = null;
+        reject(Object.assign(new Error("no answer from the edge"), { code: "timeout" }));
+      }, 10000);
+      pendingAnswer = { resolve, reject, timer };
     });
-    if (resp.status !== 201) {
-      const err = await resp.json().catch(() => ({}));
-      throw new Error(err.message || `WHIP answered ${resp.status}`);
+    send({ type: "offer", sdp: pc.localDescription.sdp });
+    let sdp;
+    try {
+      sdp = await answer;
+    } catch (e) {
+      if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+      throw e;
     }
-    state.location = new URL(resp.headers.get("Location"), route.whip_url).href;
-    await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
-    $("#stop").disabled = false;
+    if (amphi.pc !== pc) return;
+    await pc.setRemoteDescription({ type: "answer", sdp });
+    amphi.sending = !!(amphi.sendTx && amphi.sendTx.sender.track && amphi.sendTx.direction === "sendonly");
+  };
+  negotiation = negotiation.then(run, run);
+  return negotiation;
+}
+
+async function acquireMic() {
+  if (amphi.mic) return amphi.mic;
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    amphi.micError = "unsupported";
+    setNotice("This browser cannot capture a microphone here (a secure https:// page is required). You can listen.", "warn");
+    return null;
+  }
+  try {
+    amphi.mic = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+    amphi.micError = null;
+    return amphi.mic;
   } catch (e) {
-    setStatus("failed");
-    showError(`Could not publish: ${e.message}`);
-    await stop();
+    amphi.micError = e.name || "error";
+    const msg =
+      e.name === "NotAllowedError"
+        ? "Microphone blocked: allow microphone access for this site (the icon in the address bar), then press Unmute."
+        : e.name === "NotFoundError"
+          ? "No microphone found: plug one in, then press Unmute."
+          : `Microphone unavailable (${e.message || e.name}).`;
+    setNotice(msg, "warn");
+    return null;
   }
 }
 
-async function stop() {
-  if (state.location) {
-    await fetch(state.location, { method: "DELETE", headers: { Authorization: `Bearer ${state.token}` } }).catch(() => {});
+function stopMic() {
+  if (amphi.mic) amphi.mic.getTracks().forEach((t) => t.stop());
+  amphi.mic = null;
+}
+
+/** Start (or resume) sending my microphone on the existing PeerConnection. */
+async function startSending() {
+  const stream = await acquireMic();
+  if (!amphi.pc) return renderControls();
+  if (stream) {
+    const track = stream.getAudioTracks()[0];
+    const meP = amphi.participants.get(amphi.me);
+    track.enabled = !(meP && meP.muted);
+    if (amphi.sendTx) {
+      await amphi.sendTx.sender.replaceTrack(track);
+      amphi.sendTx.direction = "sendonly";
+    } else {
+      amphi.sendTx = amphi.pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+    }
   }
-  state.location = null;
-  if (state.pc) state.pc.close();
-  state.pc = null;
-  if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
-  state.stream = null;
-  if (state.status !== "failed") setStatus("idle");
-  $("#stop").disabled = true;
-  $("#speak").disabled = !(state.role === "host" || state.role === "speaker");
+  // Without a microphone the participant still listens on the receive slots.
+  await negotiate();
+  renderControls();
 }
 
-function regionParam() {
-  const region = new URLSearchParams(location.hash.slice(1)).get("region");
-  return region ? `&region=${encodeURIComponent(region)}` : "";
+/** Stop sending (demoted): remove the track and tell the edge with another offer. */
+async function stopSending() {
+  amphi.sending = false;
+  if (amphi.sendTx && amphi.pc) {
+    await amphi.sendTx.sender.replaceTrack(null).catch(() => {});
+    amphi.sendTx.direction = "inactive";
+    stopMic();
+    await negotiate().catch((e) => reportError(e));
+  } else {
+    stopMic();
+  }
+  renderControls();
 }
 
-async function route() {
-  const params = new URLSearchParams(location.hash.slice(1));
-  const room = params.get("room");
+function closePeer() {
+  if (pendingAnswer) {
+    clearTimeout(pendingAnswer.timer);
+    pendingAnswer.reject(new Error("closed"));
+    pendingAnswer = null;
+  }
+  if (amphi.pc) amphi.pc.close();
+  amphi.pc = null;
+  amphi.sendTx = null;
+  amphi.sending = false;
+  $("#remote-audio").replaceChildren();
+}
+
+async function startWebRtc() {
+  if (amphi.pc) return;
+  createPeer();
+  setStatus("connecting");
+  try {
+    if (PUBLISHERS.has(amphi.role)) await startSending();
+    else await negotiate();
+    if (!amphi.wantHls) {
+      stopHls();
+      setListenMode("webrtc");
+    }
+  } catch (e) {
+    if (amphi.closedReason) return;
+    closePeer();
+    if (!PUBLISHERS.has(amphi.role)) {
+      setNotice(`Interactive listening is unavailable right now (${e.message}); listening via HLS.`, "warn");
+      amphi.wantHls = true;
+      await startHls();
+    } else {
+      reportError(e);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LL-HLS: native where the browser says it can play HLS, else hls.js (light build, vendored)
+
+async function startHls() {
+  if (!amphi.info || amphi.hlsStarted) return;
+  amphi.hlsStarted = true;
+  const url = amphi.info.hls_url;
+  const el = $("#hls-audio");
+  const a = audioGraph();
+  if (!a.hlsSource) {
+    a.hlsSource = a.ctx.createMediaElementSource(el);
+    a.hlsSource.connect(a.hlsGain);
+  }
+  try {
+    if (el.canPlayType("application/vnd.apple.mpegurl") && !amphi.nativeHlsFailed) {
+      amphi.hlsEngine = "native";
+      el.src = url;
+      // Some native players (e.g. early desktop Chromium ones) cannot play every HLS flavour
+      // (Opus in fMP4, LL-HLS): fall back to hls.js once.
+      el.addEventListener(
+        "error",
+        () => {
+          if (amphi.hlsEngine !== "native" || !amphi.hlsStarted) return;
+          console.warn(`native HLS failed (${el.error && el.error.message}); using hls.js`);
+          amphi.nativeHlsFailed = true;
+          stopHls();
+          startHls();
+        },
+        { once: true }
+      );
+    } else {
+      if (!window.Hls) await loadScript("/vendor/hls.light.min.js");
+      if (!window.Hls || !window.Hls.isSupported()) throw new Error("this browser cannot play HLS");
+      amphi.hlsEngine = "hls.js";
+      const hls = new window.Hls({ lowLatencyMode: true, backBufferLength: 30 });
+      amphi.hls = hls;
+      hls.on(window.Hls.Events.ERROR, (_ev, data) => {
+        if (!data.fatal) return;
+        if (data.type === window.Hls.ErrorTypes.NETWORK_ERROR && amphi.hls === hls) {
+          setTimeout(() => amphi.hls === hls && hls.startLoad(), 1000);
+        } else if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
+          hls.recoverMediaError();
+        } else {
+          reportError(new Error(`HLS playback failed: ${data.details}`));
+        }
+      });
+      hls.loadSource(url);
+      hls.attachMedia(el);
+    }
+    setListenMode("hls");
+    await el.play().catch(() => checkAudioUnlocked());
+    checkAudioUnlocked();
+  } catch (e) {
+    amphi.hlsStarted = false;
+    reportError(e);
+  }
+}
+
+function stopHls() {
+  amphi.hlsStarted = false;
+  amphi.hlsEngine = null;
+  if (amphi.hls) amphi.hls.destroy();
+  amphi.hls = null;
+  const el = $("#hls-audio");
+  el.pause();
+  el.removeAttribute("src");
+  el.load();
+}
+
+// ---------------------------------------------------------------------------------------------
+// latency estimate
+
+let jbPrev = new Map();
+
+async function updateLatency() {
+  let ms = null;
+  try {
+    if (amphi.listenMode === "webrtc" && amphi.pc) {
+      const stats = await amphi.pc.getStats();
+      let rtt = null;
+      let jbSum = 0;
+      let jbN = 0;
+      stats.forEach((r) => {
+        if (r.type === "candidate-pair" && r.nominated && r.currentRoundTripTime != null) rtt = r.currentRoundTripTime;
+        if (r.type === "inbound-rtp" && r.kind === "audio" && r.jitterBufferEmittedCount) {
+          const prev = jbPrev.get(r.id) || { d: 0, n: 0 };
+          const dn = r.jitterBufferEmittedCount - prev.n;
+          if (dn > 0) {
+            jbSum += (r.jitterBufferDelay - prev.d) / dn;
+            jbN += 1;
+          }
+          jbPrev.set(r.id, { d: r.jitterBufferDelay, n: r.jitterBufferEmittedCount });
+        }
+      });
+      if (jbN > 0) {
+        // Both network legs (the speaker's and mine, estimated by my round trip), the jitter
+        // buffer, and one 20 ms Opus frame of packetization.
+        ms = ((rtt || 0) + jbSum / jbN + 0.02) * 1000;
+      }
+    } else if (amphi.listenMode === "hls") {
+      const el = $("#hls-audio");
+      if (amphi.hls && amphi.hls.playingDate) {
+        ms = Date.now() - amphi.hls.playingDate.getTime();
+      } else if (amphi.hls && Number.isFinite(amphi.hls.latency) && amphi.hls.latency > 0) {
+        ms = amphi.hls.latency * 1000;
+      } else if (el.getStartDate && !el.paused) {
+        const start = el.getStartDate().getTime();
+        if (Number.isFinite(start)) ms = Date.now() - (start + el.currentTime * 1000);
+      }
+    }
+  } catch {
+    ms = null;
+  }
+  amphi.latencyMs = ms == null || !Number.isFinite(ms) ? null : Math.max(0, Math.round(ms));
+  $("#latency").textContent = amphi.latencyMs == null ? "—" : amphi.latencyMs >= 1000 ? `≈${(amphi.latencyMs / 1000).toFixed(1)} s` : `≈${amphi.latencyMs} ms`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// signaling
+
+function send(msg) {
+  if (amphi.ws && amphi.ws.readyState === WebSocket.OPEN) {
+    amphi.ws.send(JSON.stringify(msg));
+    return true;
+  }
+  showError("Not connected to the room.");
+  return false;
+}
+amphi.send = send;
+
+let pingTimer = null;
+let reconnectTimer = null;
+
+function connect() {
+  if (amphi.closedReason) return;
+  const url = new URL(amphi.route.ws_url);
+  url.searchParams.set("token", amphi.token);
+  amphi.phase = "connecting";
+  setStatus("connecting");
+  const ws = new WebSocket(url.href);
+  amphi.ws = ws;
+  let joined = false;
+  ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "join" })));
+  ws.addEventListener("message", (ev) => {
+    if (amphi.ws !== ws) return;
+    let msg;
+    try {
+      msg = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    if (msg.type === "snapshot") {
+      joined = true;
+      amphi.reconnects = 0;
+    }
+    handle(msg);
+  });
+  ws.addEventListener("close", (ev) => {
+    if (amphi.ws !== ws) return;
+    amphi.ws = null;
+    clearInterval(pingTimer);
+    if (amphi.closedReason) return;
+    // The edge closes with these codes after sending the matching event (in case it was lost).
+    if (ev.code === 4001) return onKicked({ id: amphi.me, by: null });
+    if (ev.code === 4002) return onEnded({ by: null });
+    if (ev.code === 4008) return fail("Disconnected for sending too many messages.");
+    closePeer();
+    amphi.phase = "connecting";
+    if (!joined && amphi.listenMode === "hls") {
+      // A passive listener whose edge has no room for another session keeps listening.
+      amphi.phase = "idle";
+      setStatus("HLS only");
+      setNotice("Listening over HLS. Chat and raising a hand are unavailable right now (the edge is full).", "warn");
+      return render();
+    }
+    if (!joined && amphi.reconnects >= 2) {
+      // Refused at the door (bad token, unknown room, edge down): say so rather than loop.
+      fail(`Could not join the room (connection closed${ev.code ? `, code ${ev.code}` : ""}).`);
+      return;
+    }
+    reconnectSoon();
+  });
+  clearInterval(pingTimer);
+  pingTimer = setInterval(() => send({ type: "ping" }), 15000);
+}
+
+function reconnectSoon() {
+  if (amphi.closedReason || reconnectTimer) return;
+  if (amphi.reconnects >= RECONNECT_LIMIT) {
+    fail("Lost the connection to the room. Check your network and press Rejoin.");
+    return;
+  }
+  const delay = Math.min(5000, 500 * 2 ** amphi.reconnects);
+  amphi.reconnects += 1;
+  setStatus("reconnecting");
+  reconnectTimer = setTimeout(() => {
+    reconnectTimer = null;
+    if (amphi.ws) {
+      const old = amphi.ws;
+      amphi.ws = null;
+      old.close();
+    }
+    closePeer();
+    connect();
+  }, delay);
+}
+
+function record(msg) {
+  amphi.events.push({ at: performance.now(), ...msg, sdp: undefined });
+  if (amphi.events.length > MAX_EVENTS) amphi.events.splice(0, amphi.events.length - MAX_EVENTS);
+}
+
+function handle(msg) {
+  record(msg);
+  switch (msg.type) {
+    case "snapshot":
+      return onSnapshot(msg);
+    case "answer":
+      if (pendingAnswer) {
+        clearTimeout(pendingAnswer.timer);
+        pendingAnswer.resolve(msg.sdp);
+        pendingAnswer = null;
+      }
+      return;
+    case "active_speakers":
+      amphi.active = new Map(msg.speakers.map((s) => [s.id, s.level]));
+      amphi.activeAt = performance.now();
+      return renderActive();
+    case "error":
+      return onError(msg);
+    case "pong":
+      return;
+    case "participant_joined":
+      amphi.participants.set(msg.participant.id, msg.participant);
+      return render();
+    case "participant_left":
+      amphi.participants.delete(msg.id);
+      amphi.hands = amphi.hands.filter((h) => h !== msg.id);
+      return render();
+    case "role_changed":
+      return onRoleChanged(msg);
+    case "hand_raised":
+      if (!amphi.hands.includes(msg.id)) amphi.hands.push(msg.id);
+      if (msg.id === amphi.me) prewarm();
+      return render();
+    case "hand_lowered":
+      amphi.hands = amphi.hands.filter((h) => h !== msg.id);
+      return render();
+    case "muted":
+      return onMuted(msg);
+    case "unmuted":
+      return onUnmuted(msg);
+    case "chat":
+      return addChat(msg);
+    case "reaction":
+      return addReaction(msg);
+    case "kicked":
+      return onKicked(msg);
+    case "ended":
+      return onEnded(msg);
+    default:
+      return;
+  }
+}
+
+function onSnapshot({ you, state }) {
+  amphi.me = you;
+  amphi.participants = new Map(state.participants.map((p) => [p.id, p]));
+  amphi.hands = state.hands.slice();
+  amphi.phase = "joined";
+  const mine = amphi.participants.get(you);
+  amphi.role = mine ? mine.role : amphi.claims && amphi.claims.role;
+  if (state.phase === "ended") return onEnded({ by: null });
+  setStatus("joined");
+  render();
+  const hlsOnly = amphi.wantHls && !PUBLISHERS.has(amphi.role);
+  if (hlsOnly) startHls();
+  else startWebRtc();
+}
+
+function onRoleChanged({ id, role, by }) {
+  const p = amphi.participants.get(id);
+  if (p) p.role = role;
+  if (id === amphi.me) {
+    const before = amphi.role;
+    amphi.role = role;
+    const byName = by === id ? "you" : participantName(by);
+    if (PUBLISHERS.has(role) && !PUBLISHERS.has(before)) {
+      setNotice(`${byName} invited you to speak. You're on stage${role === "cohost" ? " as a co-host" : ""}.`, "info");
+      goOnStage();
+    } else if (!PUBLISHERS.has(role) && PUBLISHERS.has(before)) {
+      setNotice(`${byName} moved you back to the audience.`, "info");
+      stopSending();
+    } else {
+      setNotice(`Your role is now ${role}.`, "info");
+    }
+  }
+  render();
+}
+
+/** Promoted: listen over WebRTC (if I was on HLS) and add my microphone on the same connection. */
+async function goOnStage() {
+  amphi.wantHls = false;
+  try {
+    if (!amphi.pc) {
+      await startWebRtc();
+    } else {
+      stopHls();
+      setListenMode("webrtc");
+      await startSending();
+    }
+  } catch (e) {
+    reportError(e);
+  }
+}
+
+/** A passive listener raised a hand: set up the receive-only WebRTC session now so promotion is quick. */
+function prewarm() {
+  if (amphi.pc || PUBLISHERS.has(amphi.role)) return;
+  createPeer();
+  negotiate().catch(() => closePeer());
+}
+
+function onMuted({ id, by }) {
+  const p = amphi.participants.get(id);
+  if (p) p.muted = true;
+  if (id === amphi.me) {
+    if (by !== amphi.me) setNotice(`${participantName(by)} muted you. Unmute when you're ready to talk again.`, "warn");
+    if (amphi.mic && !amphi.keepMicOnMute) amphi.mic.getAudioTracks().forEach((t) => (t.enabled = false));
+  }
+  render();
+}
+
+function onUnmuted({ id }) {
+  const p = amphi.participants.get(id);
+  if (p) p.muted = false;
+  if (id === amphi.me) {
+    if (amphi.mic) amphi.mic.getAudioTracks().forEach((t) => (t.enabled = true));
+    if (amphi.notice.includes("muted you")) setNotice("");
+  }
+  render();
+}
+
+function onKicked({ id, by }) {
+  if (id !== amphi.me) {
+    amphi.participants.delete(id);
+    amphi.hands = amphi.hands.filter((h) => h !== id);
+    return render();
+  }
+  close("kicked", `${by == null ? "A moderator" : participantName(by)} removed you from this room. You can't rejoin until the room ends.`, "error");
+}
+
+function onEnded({ by }) {
+  const who = by != null && by !== amphi.me ? ` by ${participantName(by)}` : "";
+  close("ended", `This room has ended${who}. Thanks for listening!`, "info");
+}
+
+function onError({ code, message }) {
+  amphi.errors.push({ code, message });
+  if (code === "banned") {
+    return close("banned", "You were removed from this room and can't rejoin until it ends.", "error");
+  }
+  if (code === "room_ended") return onEnded({ by: null });
+  if (pendingAnswer && code !== "rate_limited") {
+    clearTimeout(pendingAnswer.timer);
+    pendingAnswer.reject(Object.assign(new Error(message || code), { code }));
+    pendingAnswer = null;
+    return;
+  }
+  if (amphi.phase !== "joined") {
+    return close("failed", `Could not join the room: ${message || code}.`, "error");
+  }
+  const friendly = {
+    rate_limited: "Slow down: you're sending too fast. Try again in a few seconds.",
+    forbidden: `Not allowed: ${message}`,
+  };
+  showError(friendly[code] || `${message || code}`);
+  setTimeout(() => $("#error").textContent.startsWith(friendly[code] || message || code) && showError(""), 6000);
+}
+
+/** Leave the room for good (kicked, banned, ended, left): stop media, show why. */
+function close(reason, text, kind) {
+  amphi.closedReason = reason;
+  amphi.phase = "closed";
+  setNotice(text, kind);
+  clearInterval(pingTimer);
+  clearTimeout(reconnectTimer);
+  reconnectTimer = null;
+  closePeer();
+  stopMic();
+  // A passive listener keeps hearing the last seconds of an ended room until the playlist ends.
+  if (!(reason === "ended" && amphi.listenMode === "hls")) {
+    stopHls();
+    setListenMode(null);
+  }
+  if (amphi.ws) {
+    const ws = amphi.ws;
+    amphi.ws = null;
+    ws.close();
+  }
+  setStatus(reason);
+  render();
+}
+
+function fail(text) {
+  close("failed", text, "error");
+}
+
+function reportError(e) {
+  console.error(e);
+  showError(e.message || String(e));
+}
+
+// ---------------------------------------------------------------------------------------------
+// rendering
+
+function canModerate(target) {
+  if (!MODERATORS.has(amphi.role) || amphi.phase !== "joined" || !target || target.id === amphi.me) return false;
+  if (target.role === "host") return false;
+  if (amphi.role === "cohost" && target.role === "cohost") return false;
+  return true;
+}
+
+function actionButton(action, id, label, extra = "") {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = `small ${extra}`;
+  b.dataset.action = action;
+  b.dataset.id = String(id);
+  b.textContent = label;
+  return b;
+}
+
+function personItem(p) {
+  const li = document.createElement("li");
+  li.className = "person";
+  li.dataset.id = String(p.id);
+  li.dataset.role = p.role;
+  if (p.id === amphi.me) li.classList.add("me");
+  if (p.muted) li.classList.add("is-muted");
+  const avatar = document.createElement("span");
+  avatar.className = "avatar";
+  avatar.textContent = (p.name || "?").slice(0, 1).toUpperCase();
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = p.name + (p.id === amphi.me ? " (you)" : "");
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  meta.textContent = [p.role !== "listener" && p.role !== "speaker" ? p.role : "", p.region, p.muted ? "🔇" : "", amphi.hands.includes(p.id) ? "✋" : ""]
+    .filter(Boolean)
+    .join(" · ");
+  li.append(avatar, name, meta);
+  if (canModerate(p)) {
+    const tools = document.createElement("span");
+    tools.className = "tools";
+    if (p.role === "listener") {
+      tools.append(actionButton("promote", p.id, "Invite to speak"));
+    } else {
+      if (!p.muted) tools.append(actionButton("mute", p.id, "Mute"));
+      if (amphi.role === "host" && p.role === "speaker") tools.append(actionButton("make-cohost", p.id, "Make co-host", "ghost"));
+      tools.append(actionButton("demote", p.id, "Move to audience", "ghost"));
+    }
+    tools.append(actionButton("kick", p.id, "Remove", "danger"));
+    li.append(tools);
+  }
+  return li;
+}
+
+function render() {
+  const people = [...amphi.participants.values()];
+  const speakers = people.filter((p) => PUBLISHERS.has(p.role));
+  const listeners = people.filter((p) => !PUBLISHERS.has(p.role));
+  $("#speakers").replaceChildren(...speakers.map(personItem));
+  $("#listeners").replaceChildren(...listeners.map(personItem));
+  $("#listener-count").textContent = String(listeners.length);
+  $("#role").textContent = amphi.role || (amphi.claims && amphi.claims.role) || "…";
+
+  const moderator = MODERATORS.has(amphi.role) && amphi.phase === "joined";
+  $("#hands-panel").hidden = !moderator;
+  const hands = $("#hands");
+  hands.replaceChildren();
+  for (const id of amphi.hands) {
+    const p = amphi.participants.get(id);
+    const li = document.createElement("li");
+    li.dataset.id = String(id);
+    const name = document.createElement("span");
+    name.textContent = p ? p.name : `#${id}`;
+    li.append(name);
+    if (moderator) li.append(actionButton("promote", id, "Invite to speak"), actionButton("lower", id, "Lower", "ghost"));
+    hands.append(li);
+  }
+  $("#no-hands").hidden = amphi.hands.length > 0;
+  renderControls();
+  renderActive();
+}
+
+function renderControls() {
+  const joined = amphi.phase === "joined";
+  const publisher = PUBLISHERS.has(amphi.role);
+  const meP = amphi.participants.get(amphi.me);
+  const muted = !!(meP && meP.muted);
+  const handUp = amphi.hands.includes(amphi.me);
+  $("#mute").hidden = !(joined && publisher && !muted);
+  $("#unmute").hidden = !(joined && publisher && (muted || (amphi.micError && !amphi.mic)));
+  $("#raise-hand").hidden = !(joined && !publisher && !handUp);
+  $("#lower-hand").hidden = !(joined && !publisher && handUp);
+  $("#switch-hls").hidden = !(joined && !publisher && amphi.listenMode === "webrtc");
+  $("#switch-webrtc").hidden = !(joined && !publisher && amphi.listenMode === "hls");
+  $("#end-room").hidden = !(joined && amphi.role === "host");
+  $("#rejoin").hidden = amphi.closedReason !== "failed";
+  $("#leave").textContent = amphi.closedReason ? "Back to lobby" : "Leave";
+  for (const el of document.querySelectorAll("#chat-form input, #chat-form button, #reactions button")) el.disabled = !joined;
+}
+
+function renderActive() {
+  const fresh = performance.now() - amphi.activeAt < 1000;
+  for (const li of document.querySelectorAll("#speakers .person")) {
+    const level = fresh ? amphi.active.get(Number(li.dataset.id)) : undefined;
+    const speaking = level !== undefined && level < 127;
+    li.classList.toggle("speaking", speaking);
+    // RFC 6464: 0 dBov loudest, 127 silent; a thicker ring for louder speech.
+    li.style.setProperty("--ring", speaking ? `${Math.max(2, 6 - Math.floor(level / 16))}px` : "0px");
+  }
+}
+
+function addChat({ from, name, text, at_ms }) {
+  const li = document.createElement("li");
+  if (from === amphi.me) li.className = "mine";
+  const who = document.createElement("b");
+  who.textContent = name || participantName(from);
+  const when = document.createElement("time");
+  when.textContent = new Date(at_ms || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const body = document.createElement("span");
+  body.textContent = text;
+  li.append(who, " ", body, " ", when);
+  const log = $("#chat-log");
+  log.append(li);
+  while (log.children.length > MAX_CHAT_ITEMS) log.firstChild.remove();
+  log.scrollTop = log.scrollHeight;
+}
+
+function addReaction({ from, emoji }) {
+  const span = document.createElement("span");
+  span.className = "reaction";
+  span.textContent = emoji;
+  span.title = participantName(from);
+  span.style.left = `${10 + Math.random() * 70}%`;
+  $("#reaction-stream").append(span);
+  setTimeout(() => span.remove(), 3000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// entering and leaving a room
+
+async function tokenFor(room) {
+  const params = hashParams();
+  let token = params.get("token");
+  const saved = JSON.parse(sessionStorage.getItem(`amphi:${room}`) || "null");
+  if (!token && saved) token = saved.token;
+  if (!token) {
+    const name = myName() || `guest-${Math.floor(Math.random() * 1e4)}`;
+    ({ token } = await api(`/v1/rooms/${room}/tokens`, {
+      method: "POST",
+      body: JSON.stringify({ role: "listener", name }),
+    }));
+  }
+  sessionStorage.setItem(`amphi:${room}`, JSON.stringify({ token }));
+  return token;
+}
+
+function resetRoomState() {
+  clearTimeout(reconnectTimer);
+  reconnectTimer = null;
+  clearInterval(pingTimer);
+  if (amphi.ws) {
+    const ws = amphi.ws;
+    amphi.ws = null;
+    ws.close();
+  }
+  closePeer();
+  stopMic();
+  stopHls();
+  Object.assign(amphi, {
+    me: null,
+    role: null,
+    participants: new Map(),
+    hands: [],
+    phase: "idle",
+    closedReason: null,
+    sending: false,
+    reconnects: 0,
+    active: new Map(),
+    micError: null,
+  });
+  jbPrev = new Map();
+  setListenMode(null);
+  setNotice("");
+  showError("");
+  $("#chat-log").replaceChildren();
+}
+
+async function enterRoom(room) {
+  resetRoomState();
+  amphi.room = room;
+  $("#lobby").hidden = true;
+  $("#room").hidden = false;
+  $("#room-id").textContent = room;
+  amphi.wantHls = hashParams().get("listen") === "hls";
+  try {
+    amphi.info = await api(`/v1/rooms/${room}`);
+    $("#room-title").textContent = amphi.info.title;
+    $("#room-topic").textContent = amphi.info.topic || "";
+    $("#hls").href = amphi.info.hls_url;
+    $("#hls").textContent = amphi.info.hls_url;
+    if (amphi.info.status === "ended") {
+      amphi.closedReason = "ended";
+      setNotice("This room has ended.", "info");
+      render();
+      return;
+    }
+    amphi.token = await tokenFor(room);
+    amphi.claims = decodeClaims(amphi.token);
+    amphi.role = amphi.claims ? amphi.claims.role : null;
+    render();
+    const region = regionOverride();
+    const q = new URLSearchParams({ room });
+    if (amphi.role) q.set("role", amphi.role);
+    if (region) q.set("region", region);
+    amphi.route = await api(`/v1/route?${q}`);
+    $("#region").textContent = amphi.route.region;
+    audioGraph();
+    if (amphi.route.mode === "hls" && amphi.role === "listener") {
+      amphi.wantHls = true;
+      setNotice("The interactive seats near you are full: you're listening over HLS (a second or two behind).", "info");
+    }
+    if (amphi.wantHls && amphi.role === "listener") startHls();
+    connect();
+  } catch (e) {
+    fail(`Could not open the room: ${e.message}`);
+  }
+}
+
+function route() {
+  const room = hashParams().get("room");
+  regionOverride();
   if (!room) {
+    resetRoomState();
+    amphi.room = null;
     $("#lobby").hidden = false;
     $("#room").hidden = true;
     return loadRooms();
   }
-  try {
-    let token = params.get("token");
-    let role = params.get("role");
-    const saved = JSON.parse(sessionStorage.getItem(`amphi:${room}`) || "null");
-    if (!token && saved) ({ token, role } = saved);
-    if (!token) {
-      const name = `guest-${Math.floor(Math.random() * 1e4)}`;
-      ({ token } = await api(`/v1/rooms/${room}/tokens`, {
-        method: "POST",
-        body: JSON.stringify({ role: "listener", name }),
-      }));
-      role = "listener";
-    }
-    await enterRoom(room, token, role || "listener");
-  } catch (e) {
-    showError(`Could not open the room: ${e.message}`);
-  }
+  if (room !== amphi.room || amphi.phase === "idle" || amphi.closedReason) return enterRoom(room);
 }
+
+// ---------------------------------------------------------------------------------------------
+// wiring
+
+$("#my-name").value = localStorage.getItem("amphi:name") || "";
+$("#my-name").addEventListener("change", () => localStorage.setItem("amphi:name", $("#my-name").value.trim()));
 
 $("#create-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   showError("");
+  $("#create").disabled = true;
   try {
     const topic = $("#topic").value.trim();
     const created = await api("/v1/rooms", {
       method: "POST",
       body: JSON.stringify({ title: $("#title").value.trim(), topic: topic || null }),
     });
-    sessionStorage.setItem(`amphi:${created.room}`, JSON.stringify({ token: created.host_token, role: "host" }));
+    sessionStorage.setItem(`amphi:${created.room}`, JSON.stringify({ token: created.host_token }));
     location.hash = `room=${created.room}`;
   } catch (e) {
     showError(`Could not create the room: ${e.message}`);
+  } finally {
+    $("#create").disabled = false;
   }
 });
-$("#speak").addEventListener("click", speak);
-$("#stop").addEventListener("click", stop);
+$("#refresh").addEventListener("click", loadRooms);
+
+$("#mute").addEventListener("click", () => send({ type: "mute" }));
+$("#unmute").addEventListener("click", async () => {
+  if (!amphi.mic && PUBLISHERS.has(amphi.role)) await startSending();
+  const meP = amphi.participants.get(amphi.me);
+  if (meP && meP.muted) send({ type: "unmute" });
+});
+$("#raise-hand").addEventListener("click", () => send({ type: "raise_hand" }));
+$("#lower-hand").addEventListener("click", () => send({ type: "lower_hand" }));
+$("#end-room").addEventListener("click", () => {
+  if (confirm("End the room for everyone?")) send({ type: "end" });
+});
+$("#leave").addEventListener("click", () => {
+  if (!amphi.closedReason) close("left", "You left the room.", "info");
+  location.hash = "";
+});
+$("#rejoin").addEventListener("click", () => enterRoom(amphi.room));
+$("#enable-sound").addEventListener("click", () => {
+  if (amphi.audio) amphi.audio.ctx.resume().then(checkAudioUnlocked);
+  const el = $("#hls-audio");
+  if (amphi.listenMode === "hls") el.play().catch(() => {});
+});
+$("#switch-hls").addEventListener("click", () => {
+  amphi.wantHls = true;
+  closePeer();
+  startHls();
+});
+$("#switch-webrtc").addEventListener("click", () => {
+  amphi.wantHls = false;
+  startWebRtc();
+});
+$("#chat-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("#chat-text").value.trim();
+  if (text && send({ type: "chat", text })) $("#chat-text").value = "";
+});
+$("#reactions").addEventListener("click", (ev) => {
+  const b = ev.target.closest("button[data-emoji]");
+  if (b) send({ type: "react", emoji: b.dataset.emoji });
+});
+$("#room").addEventListener("click", (ev) => {
+  const b = ev.target.closest("button[data-action]");
+  if (!b) return;
+  const target = Number(b.dataset.id);
+  switch (b.dataset.action) {
+    case "promote":
+      return send({ type: "promote", target });
+    case "make-cohost":
+      return send({ type: "promote", target, role: "cohost" });
+    case "demote":
+      return send({ type: "demote", target });
+    case "mute":
+      return send({ type: "mute", target });
+    case "lower":
+      return send({ type: "lower_hand", target });
+    case "kick":
+      return send({ type: "kick", target });
+  }
+});
+document.addEventListener("click", () => amphi.audio && amphi.audio.ctx.state === "suspended" && checkAudioUnlocked());
+$("#hls-audio").addEventListener("ended", () => {
+  amphi.hlsEnded = true;
+});
+
+setInterval(() => {
+  if (amphi.phase === "joined" || amphi.listenMode) updateLatency();
+  renderActive();
+}, 1000);
 window.addEventListener("hashchange", route);
 route();

@@ -1,6 +1,7 @@
-// A person's path through the web client: open the lobby, create a room, press "Start speaking".
-// The fake microphone plays AMPHI_WAV. Prints {"room": ID} once publishing is connected, keeps
-// talking for AMPHI_SECONDS, stops, and saves screenshots into AMPHI_ARTIFACTS.
+// A person's path through the web client: open the lobby, create a room; as its host the page joins
+// over the edge's WebSocket and publishes the microphone (the fake one plays AMPHI_WAV) on its
+// PeerConnection. Prints {"room": ID} once publishing is connected, keeps talking for AMPHI_SECONDS,
+// leaves, and saves screenshots into AMPHI_ARTIFACTS.
 import { launch } from "./launch.mjs";
 
 const base = process.env.AMPHI_URL;
@@ -24,14 +25,17 @@ try {
   await page.fill("#topic", "e2e");
   await page.click("#create");
   await page.waitForSelector("#room:not([hidden])");
-  await page.click("#speak");
-  await page.waitForFunction(() => window.amphi.status === "connected", null, { timeout: 20000 });
+  await page.waitForFunction(() => window.amphi.status === "connected" && window.amphi.sending, null, {
+    timeout: 20000,
+  });
   const room = await page.evaluate(() => window.amphi.room);
   console.log(JSON.stringify({ room }));
   await page.screenshot({ path: `${artifacts}/room.png` });
   await page.waitForTimeout(seconds * 1000);
-  await page.click("#stop");
-  await page.waitForFunction(() => window.amphi.status === "idle", null, { timeout: 5000 });
+  await page.click("#leave");
+  await page.waitForFunction(() => !window.amphi.ws && !window.amphi.pc && !document.querySelector("#lobby").hidden, null, {
+    timeout: 5000,
+  });
 } finally {
   await browser.close();
 }
