@@ -36,11 +36,14 @@ fn a_room_in_real_browsers_from_lobby_to_end() {
     std::fs::create_dir_all(&artifacts).unwrap();
 
     let mut cmd = Command::new("node");
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/rooms.mjs"))
-        .env("AMPHI_URL", mesh.router())
-        .env("AMPHI_WAV_HOST", &host_wav)
-        .env("AMPHI_WAV_GUEST", &guest_wav)
-        .env("AMPHI_ARTIFACTS", &artifacts);
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/browser/rooms.mjs"
+    ))
+    .env("AMPHI_URL", mesh.router())
+    .env("AMPHI_WAV_HOST", &host_wav)
+    .env("AMPHI_WAV_GUEST", &guest_wav)
+    .env("AMPHI_ARTIFACTS", &artifacts);
     let mut room = None;
     let mut result = None;
     let status = run_streaming(cmd, |line| {
