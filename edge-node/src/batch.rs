@@ -86,7 +86,8 @@ fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::s
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let sin = unsafe { &mut *(out as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
+            let sin =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
             sin.sin_addr = libc::in_addr {
@@ -145,6 +146,8 @@ mod tests {
                 .unwrap();
             assert_eq!(&buf[..n], &[i; 10][..]);
         }
-        assert!(metrics.render().contains("amphi_edge_forward_delay_seconds_count 100"));
+        assert!(metrics
+            .render()
+            .contains("amphi_edge_forward_delay_seconds_count 100"));
     }
 }

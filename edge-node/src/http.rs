@@ -352,7 +352,11 @@ pub(crate) fn refusal_status(code: &str) -> StatusCode {
 }
 
 fn refusal_response(r: &Refusal) -> Response {
-    let code = if r.code == "ended" { "room_ended" } else { r.code };
+    let code = if r.code == "ended" {
+        "room_ended"
+    } else {
+        r.code
+    };
     api_error(refusal_status(r.code), code, r.message.clone())
 }
 

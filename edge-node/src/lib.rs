@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod occupancy;
 pub mod offer;
 pub mod peers;
+pub mod registration;
 pub mod room;
 mod sessions;
 pub mod signaling;
@@ -93,6 +94,17 @@ const MEDIA_QUEUE: usize = 1024;
 /// Binds `http_listen` (TCP) and `media_listen` (UDP), keeps the QUIC uplink to the origin, serves
 /// until `shutdown` is cancelled.
 pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), EdgeError> {
+    run_with(setup, None, Arc::default(), shutdown).await
+}
+
+/// [`run`], plus registration with the geo-router (heartbeats every second; `None`: no
+/// registration) and draining through `drain` (see [`registration`]).
+pub async fn run_with(
+    setup: EdgeSetup,
+    registration: Option<registration::RegistrationOptions>,
+    drain: Arc<registration::DrainHandle>,
+    shutdown: CancellationToken,
+) -> Result<(), EdgeError> {
     install_crypto_provider();
     let EdgeSetup {
         config,
@@ -185,6 +197,19 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
         relayed_tx,
     };
     let uplink_task = tokio::spawn(uplink.run(endpoint, inner.clone()));
+    if let Some(options) = registration {
+        let registrar = registration::Registrar {
+            router_url: config.router_url.clone(),
+            id: config.id.clone(),
+            region: config.region.clone(),
+            public_url: config.public_url.clone(),
+            options,
+            metrics: metrics.clone(),
+            occupancy: occupancy.clone(),
+            drain: drain.clone(),
+        };
+        tokio::spawn(registrar.run(inner.clone()));
+    }
 
     let state = Arc::new(http::AppState {
         tokens,
@@ -197,7 +222,10 @@ pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), Ed
         sessions,
         occupancy,
     });
-    let served = axum::serve(http_listener, http::router(state))
+    let app = http::router(state).layer(axum::middleware::from_fn(move |req, next| {
+        registration::refuse_new_sessions(drain.clone(), req, next)
+    }));
+    let served = axum::serve(http_listener, app)
         .with_graceful_shutdown(inner.clone().cancelled_owned())
         .await;
     inner.cancel();

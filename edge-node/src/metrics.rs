@@ -87,6 +87,11 @@ impl Metrics {
         self.peers.store(n as i64, Ordering::Relaxed);
     }
 
+    /// WebRTC peers on this edge now.
+    pub fn peers(&self) -> usize {
+        self.peers.load(Ordering::Relaxed).max(0) as usize
+    }
+
     /// Set whether the origin link is up.
     pub fn set_origin_connected(&self, up: bool) {
         self.origin_connected.store(up as i64, Ordering::Relaxed);

@@ -273,7 +273,10 @@ pub(crate) mod tests {
             "a=rtpmap:0 PCMU/8000\r\n",
             "recvonly",
         );
-        assert_eq!(parse_client_offer(pcmu.as_bytes()).unwrap_err().status(), 406);
+        assert_eq!(
+            parse_client_offer(pcmu.as_bytes()).unwrap_err().status(),
+            406
+        );
         assert_eq!(parse_client_offer(b"nope").unwrap_err().status(), 400);
     }
 }

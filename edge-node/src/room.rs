@@ -60,7 +60,11 @@ impl RoomReplica {
 
     /// A participant by user identity (token `sub`), the most recent one if several.
     pub fn by_user(&self, user: &str) -> Option<&Participant> {
-        self.state.participants.iter().rev().find(|p| p.user == user)
+        self.state
+            .participants
+            .iter()
+            .rev()
+            .find(|p| p.user == user)
     }
 
     /// Whether `id` may send audio right now (a publishing role and not muted).
@@ -532,7 +536,12 @@ mod tests {
                 text: "x".repeat(MAX_CHAT_CHARS + 1)
             }
         ));
-        assert!(ok(5, RoomCommand::React { emoji: "👏".into() }));
+        assert!(ok(
+            5,
+            RoomCommand::React {
+                emoji: "👏".into()
+            }
+        ));
         assert!(!ok(
             5,
             RoomCommand::React {
@@ -562,7 +571,10 @@ mod tests {
         }
         assert_eq!(g.check(t0), FloodVerdict::Refuse);
         // Refill: 20 per second.
-        assert_eq!(g.check(t0 + Duration::from_millis(100)), FloodVerdict::Accept);
+        assert_eq!(
+            g.check(t0 + Duration::from_millis(100)),
+            FloodVerdict::Accept
+        );
         let mut last = FloodVerdict::Accept;
         for _ in 0..200 {
             last = g.check(t0 + Duration::from_millis(100));

@@ -150,7 +150,11 @@ impl SignalingCore {
         r
     }
 
-    fn join_message(&mut self, id: ParticipantId, resume: Option<RoomRole>) -> Option<ControlMessage> {
+    fn join_message(
+        &mut self,
+        id: ParticipantId,
+        resume: Option<RoomRole>,
+    ) -> Option<ControlMessage> {
         let m = self.members.get(&id)?;
         let (room, user, name, role) = (m.room, m.user.clone(), m.name.clone(), m.role);
         let request = self.request_id();
@@ -243,7 +247,8 @@ impl SignalingCore {
         };
         room.members.remove(&pid);
         if let Some(p) = room.replica.as_ref().and_then(|r| r.participant(pid)) {
-            self.remembered.insert((m.room, m.user.clone()), (p.role, now));
+            self.remembered
+                .insert((m.room, m.user.clone()), (p.role, now));
         }
         let empty = room.members.is_empty();
         if empty {
@@ -539,8 +544,15 @@ impl SignalingCore {
         };
         replica.apply(&ev);
         let msg = ServerMessage::Event(ev.clone());
+        // A participant learns about itself from its snapshot, not from its own join event.
+        let skip = match &ev {
+            RoomEvent::ParticipantJoined { participant } => Some(participant.id),
+            _ => None,
+        };
         for pid in self.clients(room).collect::<Vec<_>>() {
-            out.push(Output::ToClient(pid, msg.clone()));
+            if Some(pid) != skip {
+                out.push(Output::ToClient(pid, msg.clone()));
+            }
         }
         match ev {
             RoomEvent::ParticipantJoined { participant } => {
@@ -578,7 +590,11 @@ impl SignalingCore {
                 } else {
                     CloseWhy::Removed
                 };
-                if self.members.get(&id).is_some_and(|m| m.room == room && m.joined) {
+                if self
+                    .members
+                    .get(&id)
+                    .is_some_and(|m| m.room == room && m.joined)
+                {
                     self.members.remove(&id);
                     if let Some(local) = self.rooms.get_mut(&room) {
                         local.members.remove(&id);
@@ -746,11 +762,18 @@ mod tests {
                 participant: part(3, "cy", RoomRole::Speaker),
             }],
         });
-        assert!(matches!(&out[0], Output::ToClient(p, ServerMessage::Event(RoomEvent::ParticipantJoined { .. })) if p.0 == 1));
+        assert!(
+            matches!(&out[0], Output::ToClient(p, ServerMessage::Event(RoomEvent::ParticipantJoined { .. })) if p.0 == 1)
+        );
         assert!(out
             .iter()
             .any(|o| matches!(o, Output::Joined { participant, .. } if participant.0 == 3)));
-        assert_eq!(out.iter().filter(|o| matches!(o, Output::ToClient(..))).count(), 1);
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::ToClient(..)))
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -758,23 +781,52 @@ mod tests {
         let mut c = joined_core();
         let now = Instant::now();
         let e = c
-            .command(ParticipantId(2), RoomCommand::Kick { target: ParticipantId(1) }, now)
+            .command(
+                ParticipantId(2),
+                RoomCommand::Kick {
+                    target: ParticipantId(1),
+                },
+                now,
+            )
             .unwrap_err();
         assert_eq!(e.code, "forbidden");
         let out = c
-            .command(ParticipantId(1), RoomCommand::Promote { target: ParticipantId(2), role: RoomRole::Speaker }, now)
+            .command(
+                ParticipantId(1),
+                RoomCommand::Promote {
+                    target: ParticipantId(2),
+                    role: RoomRole::Speaker,
+                },
+                now,
+            )
             .unwrap();
-        assert!(matches!(&to_origin(&out)[0], ControlMessage::RoomCommand { actor, command: RoomCommand::Promote { .. }, .. } if actor.0 == 1));
+        assert!(
+            matches!(&to_origin(&out)[0], ControlMessage::RoomCommand { actor, command: RoomCommand::Promote { .. }, .. } if actor.0 == 1)
+        );
         for _ in 0..5 {
-            c.command(ParticipantId(2), RoomCommand::Chat { text: "hi".into() }, now)
-                .unwrap();
+            c.command(
+                ParticipantId(2),
+                RoomCommand::Chat { text: "hi".into() },
+                now,
+            )
+            .unwrap();
         }
         let e = c
-            .command(ParticipantId(2), RoomCommand::Chat { text: "hi".into() }, now)
+            .command(
+                ParticipantId(2),
+                RoomCommand::Chat { text: "hi".into() },
+                now,
+            )
             .unwrap_err();
         assert_eq!(e.code, "rate_limited");
         assert!(c
-            .command(ParticipantId(2), RoomCommand::Chat { text: "later".into() }, now + Duration::from_secs(10))
+            .command(
+                ParticipantId(2),
+                RoomCommand::Chat {
+                    text: "later".into()
+                },
+                now + Duration::from_secs(10)
+            )
             .is_ok());
         let e = c
             .command(ParticipantId(9), RoomCommand::RaiseHand, now)
@@ -808,7 +860,10 @@ mod tests {
                 }
             )]
         );
-        c.join(req(3, "mallory", Role::Listener, SessionKind::WebSocket), now);
+        c.join(
+            req(3, "mallory", Role::Listener, SessionKind::WebSocket),
+            now,
+        );
         let out = c.on_control(ControlMessage::CommandRejected {
             room: R,
             actor: ParticipantId(3),
@@ -827,9 +882,14 @@ mod tests {
             code: "unavailable".into(),
             message: "no authority".into(),
         });
-        assert!(matches!(&out[0], Output::JoinRefused { refusal, .. } if refusal.code == "unavailable"));
+        assert!(
+            matches!(&out[0], Output::JoinRefused { refusal, .. } if refusal.code == "unavailable")
+        );
         assert_eq!(c.room_of(ParticipantId(4)), Some(R));
-        assert!(c.may_send(ParticipantId(4)), "token role decides without a replica entry");
+        assert!(
+            c.may_send(ParticipantId(4)),
+            "token role decides without a replica entry"
+        );
     }
 
     #[test]
@@ -863,7 +923,9 @@ mod tests {
                 by: Some(ParticipantId(1)),
             }],
         });
-        assert!(matches!(&out[0], Output::ToClient(p, ServerMessage::Event(RoomEvent::Ended { .. })) if p.0 == 1));
+        assert!(
+            matches!(&out[0], Output::ToClient(p, ServerMessage::Event(RoomEvent::Ended { .. })) if p.0 == 1)
+        );
         assert!(out.contains(&Output::Close {
             participant: ParticipantId(1),
             why: CloseWhy::Ended
@@ -915,15 +977,29 @@ mod tests {
             }],
         });
         let out = c.leave(ParticipantId(2), now);
-        assert!(matches!(&to_origin(&out)[0], ControlMessage::RoomCommand { command: RoomCommand::Leave, .. }));
+        assert!(matches!(
+            &to_origin(&out)[0],
+            ControlMessage::RoomCommand {
+                command: RoomCommand::Leave,
+                ..
+            }
+        ));
         c.on_control(ControlMessage::RoomEvents {
             room: R,
-            events: vec![RoomEvent::ParticipantLeft { id: ParticipantId(2) }],
+            events: vec![RoomEvent::ParticipantLeft {
+                id: ParticipantId(2),
+            }],
         });
         let out = c.join(req(7, "lee", Role::Listener, SessionKind::WebSocket), now);
         assert!(matches!(
             &to_origin(&out)[0],
-            ControlMessage::RoomCommand { command: RoomCommand::Join { resume: Some(RoomRole::Speaker), .. }, .. }
+            ControlMessage::RoomCommand {
+                command: RoomCommand::Join {
+                    resume: Some(RoomRole::Speaker),
+                    ..
+                },
+                ..
+            }
         ));
         // After the window it is forgotten.
         c.leave(ParticipantId(7), now);
@@ -933,7 +1009,10 @@ mod tests {
         );
         assert!(matches!(
             &to_origin(&out)[0],
-            ControlMessage::RoomCommand { command: RoomCommand::Join { resume: None, .. }, .. }
+            ControlMessage::RoomCommand {
+                command: RoomCommand::Join { resume: None, .. },
+                ..
+            }
         ));
     }
 }

@@ -370,7 +370,11 @@ mod tests {
         for w in outs.windows(2) {
             assert_eq!(w[1].0, w[0].0 + 1, "{outs:?}");
         }
-        assert_eq!(outs[5].1.wrapping_sub(outs[4].1), 960 * 5, "gap kept in time");
+        assert_eq!(
+            outs[5].1.wrapping_sub(outs[4].1),
+            960 * 5,
+            "gap kept in time"
+        );
         for w in outs[5..].windows(2) {
             assert_eq!(w[1].1.wrapping_sub(w[0].1), 960);
         }

@@ -91,7 +91,10 @@ pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
 }
 
 /// Resolve a `Location` value (absolute URL or absolute path) against the endpoint URL.
-pub(crate) fn resolve_location(endpoint: &http::Uri, location: &str) -> Result<http::Uri, ClientError> {
+pub(crate) fn resolve_location(
+    endpoint: &http::Uri,
+    location: &str,
+) -> Result<http::Uri, ClientError> {
     if location.starts_with('/') {
         let scheme = endpoint.scheme_str().unwrap_or("http");
         let authority = endpoint

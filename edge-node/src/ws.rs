@@ -329,11 +329,7 @@ impl Session {
             Ok(o) => o,
             Err(e) => return error(e.code(), e.to_string()),
         };
-        let role = self
-            .st
-            .sessions
-            .role_of(pid)
-            .unwrap_or(RoomRole::Listener);
+        let role = self.st.sessions.role_of(pid).unwrap_or(RoomRole::Listener);
         if parsed.sends_audio && !role.may_publish() {
             return error(
                 "forbidden",

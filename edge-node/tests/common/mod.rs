@@ -1,4 +1,8 @@
-//! Test harness: a fake geo-router, a quinn origin stand-in and an edge started with `run`.
+//! Test harness: a fake geo-router, quinn origin stand-ins (a passive one here, a room authority
+//! in [`authority`]) and edges started with `run`.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod authority;
 
 use amphi_edge::{run, EdgeSetup};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
@@ -228,13 +232,44 @@ impl Edge {
 
 /// Start an edge whose origin is `origin_addr` and geo-router `router`.
 pub async fn start_edge(pki: &DevPki, origin_addr: SocketAddr, router: SocketAddr) -> Edge {
+    start_edge_with(pki, origin_addr, router, EdgeOpts::default()).await
+}
+
+/// Per-edge options of [`start_edge_with`].
+pub struct EdgeOpts {
+    pub index: u8,
+    pub region: &'static str,
+    pub capacity: usize,
+    /// Token signer (share one between edges so a token works on both).
+    pub signer: Option<TokenSigner>,
+}
+
+impl Default for EdgeOpts {
+    fn default() -> Self {
+        EdgeOpts {
+            index: 1,
+            region: "us-east",
+            capacity: 500,
+            signer: None,
+        }
+    }
+}
+
+/// Start an edge with options.
+pub async fn start_edge_with(
+    pki: &DevPki,
+    origin_addr: SocketAddr,
+    router: SocketAddr,
+    opts: EdgeOpts,
+) -> Edge {
     let http = free_tcp();
     let media = free_udp();
-    let signer = TokenSigner::generate("k1");
+    let signer = opts.signer.unwrap_or_else(|| TokenSigner::generate("k1"));
+    let id = format!("edge-test-{}", opts.index);
     let config = EdgeConfig {
-        id: "edge-test-1".into(),
-        region: "us-east".into(),
-        index: 1,
+        id: id.clone(),
+        region: opts.region.into(),
+        index: opts.index,
         http_listen: http,
         public_url: format!("http://{http}"),
         media_listen: media,
@@ -242,11 +277,11 @@ pub async fn start_edge(pki: &DevPki, origin_addr: SocketAddr, router: SocketAdd
         origin_addr,
         origin_server_name: ORIGIN_NAME.into(),
         router_url: format!("http://{router}"),
-        interactive_capacity: 500,
+        interactive_capacity: opts.capacity,
     };
     let setup = EdgeSetup {
         config,
-        mesh_tls: pki.issue("edge-test-1").unwrap(),
+        mesh_tls: pki.issue(&id).unwrap(),
         tokens: signer.verifier(),
     };
     let shutdown = CancellationToken::new();

@@ -1,0 +1,357 @@
+//! Registration with the geo-router and draining.
+//!
+//! Every second the edge `PUT`s an [`EdgeHeartbeat`] (id, region, coordinates, public URL,
+//! sessions, CPU load, capacity, per-room sessions, draining) to `{router_url}/v1/edges/{id}`;
+//! signed with an API key when one is configured (production routers require it). An edge that
+//! stops heartbeating is taken out of routing by the router after three missed beats.
+//!
+//! Draining (SIGTERM on `amphi edge`, or an operator's `POST /v1/edges/{id}/drain` at the router,
+//! learned from the heartbeat answer): new sessions (WHIP, WHEP, WebSocket) get `503` with a JSON
+//! `draining` error, current sessions continue; with `exit_when_drained` the edge stops once it has
+//! no sessions left or the grace period is over ([`DrainPlan`], sans-IO).
+
+use crate::metrics::Metrics;
+use crate::occupancy::Occupancy;
+use amphi_protocol::api::{ApiError, EdgeHeartbeat, HeartbeatAnswer, RoomLoad};
+use amphi_protocol::config::known_region;
+use axum::extract::Request;
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Heartbeat period (the router may ask for another in its answer).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Timeout of one heartbeat request.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(900);
+/// Default grace period of a drain.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(300);
+
+/// How the edge registers.
+#[derive(Clone, Debug)]
+pub struct RegistrationOptions {
+    /// Most WebRTC sessions this edge takes (reported as `capacity`).
+    pub capacity: u32,
+    /// API key (id, secret) that signs heartbeats; `None` for dev-mode routers.
+    pub api_key: Option<(String, String)>,
+    /// Stop the edge once drained (true for `amphi edge`; false inside `amphi dev`).
+    pub exit_when_drained: bool,
+    /// Longest a drain waits for sessions to end.
+    pub drain_grace: Duration,
+}
+
+impl Default for RegistrationOptions {
+    fn default() -> Self {
+        RegistrationOptions {
+            capacity: 1000,
+            api_key: None,
+            exit_when_drained: false,
+            drain_grace: DEFAULT_DRAIN_GRACE,
+        }
+    }
+}
+
+/// Shared draining flag: set by a signal or the router, read by the HTTP layer.
+#[derive(Debug, Default)]
+pub struct DrainHandle {
+    draining: AtomicBool,
+    changed: Notify,
+}
+
+impl DrainHandle {
+    /// Start draining (idempotent).
+    pub fn start(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!("edge draining: no new sessions");
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether the edge is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    async fn started(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.is_draining() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// When a draining edge may stop (sans-IO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPlan {
+    started: Instant,
+    grace: Duration,
+}
+
+impl DrainPlan {
+    /// A drain that started at `started`.
+    pub fn new(started: Instant, grace: Duration) -> Self {
+        DrainPlan { started, grace }
+    }
+
+    /// Whether the edge may stop now, with `sessions` still open.
+    pub fn done(&self, sessions: usize, now: Instant) -> bool {
+        sessions == 0 || now.saturating_duration_since(self.started) >= self.grace
+    }
+}
+
+/// Axum middleware: while draining, refuse requests that would open a session.
+pub async fn refuse_new_sessions(drain: Arc<DrainHandle>, req: Request, next: Next) -> Response {
+    if drain.is_draining() && opens_session(req.method(), req.uri().path()) {
+        let body = serde_json::to_vec(&ApiError::new(
+            "draining",
+            "this edge is draining: ask the geo-router for another edge",
+        ))
+        .unwrap_or_default();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            body,
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether a request would open a new session: `POST /whip/{room}`, `POST /whep/{room}`, or the
+/// WebSocket upgrade at `GET /v1/ws`.
+fn opens_session(method: &Method, path: &str) -> bool {
+    let one_segment = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+    };
+    (method == Method::POST && (one_segment("/whip/") || one_segment("/whep/")))
+        || (method == Method::GET && path == "/v1/ws")
+}
+
+/// Process CPU use since the previous sample, as a fraction of the machine.
+struct CpuSampler {
+    last: Option<(Instant, f64)>,
+    cpus: f64,
+}
+
+impl CpuSampler {
+    fn new() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as f64)
+            .unwrap_or(1.0);
+        CpuSampler { last: None, cpus }
+    }
+
+    /// Seconds of CPU (user + system) this process has used.
+    fn process_cpu_secs() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = f.get(11)?.parse().ok()?;
+        let stime: f64 = f.get(12)?.parse().ok()?;
+        Some((utime + stime) / 100.0) // USER_HZ is 100 on Linux
+    }
+
+    fn sample(&mut self, now: Instant) -> f32 {
+        let Some(cpu) = Self::process_cpu_secs() else {
+            return 0.0;
+        };
+        let load = match self.last {
+            Some((t, c)) if now > t => (cpu - c) / now.duration_since(t).as_secs_f64() / self.cpus,
+            _ => 0.0,
+        };
+        self.last = Some((now, cpu));
+        load.clamp(0.0, 1.0) as f32
+    }
+}
+
+/// What the registration task reads and writes.
+pub(crate) struct Registrar {
+    pub router_url: String,
+    pub id: String,
+    pub region: String,
+    pub public_url: String,
+    pub options: RegistrationOptions,
+    pub metrics: Arc<Metrics>,
+    pub occupancy: Arc<Occupancy>,
+    pub drain: Arc<DrainHandle>,
+}
+
+fn sign(secret: &str, ts: u64, method: &str, path: &str, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("{ts}\n{method}\n{path}\n").as_bytes());
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Registrar {
+    fn beat(&self, cpu_load: f32) -> EdgeHeartbeat {
+        let (lat, lon) = known_region(&self.region)
+            .map(|r| (r.latitude, r.longitude))
+            .unwrap_or((0.0, 0.0));
+        EdgeHeartbeat {
+            id: self.id.clone(),
+            region: self.region.clone(),
+            latitude: lat,
+            longitude: lon,
+            public_url: self.public_url.clone(),
+            participants: self.metrics.peers().try_into().unwrap_or(0),
+            cpu_load,
+            capacity: self.options.capacity,
+            rooms: self
+                .occupancy
+                .listeners_per_room()
+                .into_iter()
+                .map(|(room, sessions)| RoomLoad { room, sessions })
+                .collect(),
+            draining: self.drain.is_draining(),
+        }
+    }
+
+    /// Heartbeat until `stop`; when draining with `exit_when_drained`, cancel `stop` once drained.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let path = format!("/v1/edges/{}", self.id);
+        let url = format!("{}{path}", self.router_url.trim_end_matches('/'));
+        let mut cpu = CpuSampler::new();
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut plan: Option<DrainPlan> = None;
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.drain.started(), if plan.is_none() => {}
+            }
+            let now = Instant::now();
+            if self.drain.is_draining() && plan.is_none() {
+                plan = Some(DrainPlan::new(now, self.options.drain_grace));
+            }
+            if let (Some(p), true) = (plan, self.options.exit_when_drained) {
+                let sessions = self.metrics.peers();
+                if p.done(sessions, now) {
+                    tracing::info!(sessions, "drained: stopping the edge");
+                    stop.cancel();
+                    return;
+                }
+            }
+            let body =
+                serde_json::to_vec(&self.beat(cpu.sample(now))).expect("heartbeat serializes");
+            let mut req = http::Request::put(&url).header(header::CONTENT_TYPE, "application/json");
+            if let Some((key, secret)) = &self.options.api_key {
+                let ts = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                req = req
+                    .header("x-amphi-key", key)
+                    .header("x-amphi-timestamp", ts.to_string())
+                    .header("x-amphi-signature", sign(secret, ts, "PUT", &path, &body));
+            }
+            let Ok(req) = req.body(Full::new(Bytes::from(body))) else {
+                tracing::error!(%url, "bad router URL: registration disabled");
+                return;
+            };
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {
+                    if failures > 0 {
+                        tracing::info!("geo-router reachable again");
+                    }
+                    failures = 0;
+                    let answer = Limited::new(resp.into_body(), 4096).collect().await;
+                    if let Ok(bytes) = answer {
+                        if let Ok(a) = serde_json::from_slice::<HeartbeatAnswer>(&bytes.to_bytes())
+                        {
+                            if a.drain {
+                                self.drain.start();
+                            }
+                        }
+                    }
+                }
+                outcome => {
+                    failures += 1;
+                    if failures == 1 || failures % 60 == 0 {
+                        let why = match outcome {
+                            Ok(Ok(resp)) => format!("status {}", resp.status()),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "timed out".into(),
+                        };
+                        tracing::warn!(%url, reason = %why, failures, "heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_ends_when_empty_or_after_grace() {
+        let t0 = Instant::now();
+        let p = DrainPlan::new(t0, Duration::from_secs(30));
+        assert!(!p.done(2, t0));
+        assert!(!p.done(1, t0 + Duration::from_secs(29)));
+        assert!(p.done(0, t0 + Duration::from_secs(1)));
+        assert!(p.done(5, t0 + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn only_session_opening_requests_are_refused() {
+        assert!(opens_session(&Method::POST, "/whip/00000000000000aa"));
+        assert!(opens_session(&Method::POST, "/whep/00000000000000aa"));
+        assert!(opens_session(&Method::GET, "/v1/ws"));
+        // Ending or patching existing sessions, preflights and metrics go on.
+        assert!(!opens_session(
+            &Method::DELETE,
+            "/whip/00000000000000aa/abc"
+        ));
+        assert!(!opens_session(&Method::POST, "/whip/00000000000000aa/abc"));
+        assert!(!opens_session(&Method::OPTIONS, "/whip/00000000000000aa"));
+        assert!(!opens_session(&Method::GET, "/metrics"));
+        assert!(!opens_session(&Method::POST, "/whip/"));
+    }
+
+    #[test]
+    fn drain_handle_is_idempotent() {
+        let d = DrainHandle::default();
+        assert!(!d.is_draining());
+        d.start();
+        d.start();
+        assert!(d.is_draining());
+    }
+
+    #[test]
+    fn heartbeat_signature_matches_the_router_scheme() {
+        // Same message layout as the router's `auth::sign`: "{ts}\n{METHOD}\n{path}\n{body}".
+        let s = sign("s3cret", 1000, "PUT", "/v1/edges/e1", b"{}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(b"1000\nPUT\n/v1/edges/e1\n{}");
+        assert_eq!(
+            s,
+            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+        );
+        assert_ne!(s, sign("s3cret", 1001, "PUT", "/v1/edges/e1", b"{}"));
+    }
+}
