@@ -2,6 +2,7 @@
 
 mod config;
 mod dev;
+mod loadgen_webrtc;
 mod roles;
 mod web;
 
@@ -49,6 +50,16 @@ enum Command {
     Token(roles::TokenArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(roles::BenchArgs),
+    /// Load generators against a running mesh.
+    #[command(subcommand)]
+    Loadgen(LoadgenCommand),
+}
+
+/// `amphi loadgen ...`
+#[derive(Subcommand)]
+enum LoadgenCommand {
+    /// N receive-only WebRTC (WHEP) subscribers against one edge while 3 speakers talk.
+    Webrtc(loadgen_webrtc::WebrtcArgs),
 }
 
 fn init_tracing() {
@@ -75,6 +86,7 @@ fn main() -> Result<()> {
             Command::GeoRouter { config } => roles::geo_router(config).await,
             Command::Token(args) => roles::token(args),
             Command::Bench(args) => roles::bench(args).await,
+            Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
         }
     })
 }

@@ -262,6 +262,8 @@ enum BenchCommand {
         #[arg(long)]
         smoke: bool,
     },
+    /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
+    Sfu(crate::loadgen_webrtc::SfuArgs),
 }
 
 /// Run `amphi bench`.
@@ -278,6 +280,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             .await??;
             println!("{report}");
         }
+        BenchCommand::Sfu(args) => crate::loadgen_webrtc::bench(args).await?,
     }
     Ok(())
 }

@@ -667,6 +667,11 @@ impl MediaDriver {
                         .ext_vals(ext.clone()),
                 );
                 self.metrics.rtp_forwarded();
+                // str0m releases queued media on its next timeout: run it now so the packet
+                // leaves in this batch instead of on the next loop turn.
+                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(participant = %peer.participant, error = %e, "timeout after write failed");
+                }
                 self.drain_tagged(id, now, Some(pkt.at));
             }
             self.scratch = targets;

@@ -499,6 +499,10 @@ async fn whep_listener_in_eu_west_hears_us_east_speaker() {
     }
     assert!(metric(&eu, "amphi_edge_rtp_forwarded_total").await >= 60);
     assert!(metric(&eu, "amphi_edge_relay_frames_received_total").await >= 60);
+    assert!(
+        metric(&eu, "amphi_edge_forward_delay_seconds_count").await >= 60,
+        "forwarding delay is measured"
+    );
     // Both WHIP and WHEP sessions are participants at the authority.
     let st = authority.state(LIVE_ROOM).unwrap();
     let regions: Vec<&str> = st.participants.iter().map(|p| p.region.as_str()).collect();
