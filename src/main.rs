@@ -2,6 +2,7 @@
 
 mod config;
 mod dev;
+mod plan;
 mod loadgen_webrtc;
 mod roles;
 mod web;
@@ -50,6 +51,8 @@ enum Command {
     Token(roles::TokenArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(roles::BenchArgs),
+    /// Capacity plan: fleet sizes and CDN egress for an audience (see docs/capacity.md).
+    Plan(plan::PlanArgs),
     /// Load generators against a running mesh.
     #[command(subcommand)]
     Loadgen(LoadgenCommand),
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
             Command::GeoRouter { config } => roles::geo_router(config).await,
             Command::Token(args) => roles::token(args),
             Command::Bench(args) => roles::bench(args).await,
+            Command::Plan(args) => plan::run(args),
             Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
         }
     })

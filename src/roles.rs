@@ -284,3 +284,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "roles_config_tests.rs"]
+mod config_tests;

@@ -8,14 +8,15 @@ locals {
   ami_id        = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
 
   edge_config = templatefile("${path.module}/templates/edge.toml.tftpl", {
-    region             = var.region_name
-    http_port          = var.http_port
-    media_port         = var.media_port
-    public_url         = "https://${var.public_hostname}"
-    origin_addr        = var.origin_addr
-    origin_server_name = var.origin_server_name
-    router_url         = var.router_url
-    token_public_keys  = var.token_public_keys
+    region               = var.region_name
+    http_port            = var.http_port
+    media_port           = var.media_port
+    public_url           = "https://${var.public_hostname}"
+    origin_addr          = var.origin_addr
+    origin_server_name   = var.origin_server_name
+    router_url           = var.router_url
+    token_public_keys    = var.token_public_keys
+    interactive_capacity = var.interactive_capacity
   })
 
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {

@@ -114,6 +114,12 @@ variable "router_url" {
   type        = string
 }
 
+variable "interactive_capacity" {
+  description = "Most interactive (WebRTC receive) listeners one edge serves before new ones are sent to HLS (503 capacity)."
+  type        = number
+  default     = 500
+}
+
 variable "token_public_keys" {
   description = "Token verification keys (Ed25519 SPKI PEM) with their kid; edges accept tokens signed by any of them."
   type = list(object({
