@@ -2,8 +2,8 @@
 
 mod config;
 mod dev;
-mod plan;
 mod loadgen_webrtc;
+mod plan;
 mod roles;
 mod web;
 
