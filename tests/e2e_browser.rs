@@ -1,5 +1,7 @@
 //! A real browser publishes: headless Chromium (playwright-core) opens the web client, creates a
-//! room and speaks a fake-microphone tone through WHIP; the LL-HLS output carries that tone.
+//! room and, as its host, speaks a fake-microphone tone on its WebSocket-signaled PeerConnection;
+//! the LL-HLS output carries that tone. (The test's name predates the WebSocket flow: the web client
+//! published over WHIP until the rooms signaling landed.)
 
 mod support;
 

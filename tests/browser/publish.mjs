@@ -21,6 +21,8 @@ try {
   await page.goto(`${base}/`);
   await page.waitForSelector("#create");
   await page.screenshot({ path: `${artifacts}/lobby.png` });
+  // A pure tone is "noise" to speech processing: send the original sound.
+  await page.check("#original-sound");
   await page.fill("#title", "browser tone");
   await page.fill("#topic", "e2e");
   await page.click("#create");

@@ -57,6 +57,8 @@ try {
   const host = await open(hostBrowser, "host", { mic: true });
   await host.goto(`${base}/#region=us-east`);
   await host.waitForSelector("#create");
+  // Pure tones are "noise" to speech processing: both speakers send the original sound.
+  await host.check("#original-sound");
   await host.fill("#title", "Rooms end to end");
   await host.fill("#topic", "tones");
   await host.click("#create");
@@ -83,13 +85,13 @@ try {
   await hal.waitForFunction(() => window.amphi.phase === "joined" && window.amphi.listenMode === "hls", null, {
     timeout: 15000,
   });
-  result.hls_engine = await state(hal, () => window.amphi.hlsEngine);
 
   // --- an interactive listener joins from eu-west over WebRTC and hears the host
   const guest = await open(guestBrowser, "guest", { mic: true });
   await guest.goto(`${base}/#region=eu-west`);
   await guest.fill("#my-name", "Grace");
   await guest.dispatchEvent("#my-name", "change");
+  await guest.check("#original-sound");
   await guest.waitForSelector(`#rooms li[data-room="${room}"]`, { timeout: 10000 });
   await guest.click(`#rooms li[data-room="${room}"] a`);
   await guest.waitForFunction(
@@ -106,6 +108,7 @@ try {
   log("eu-west WebRTC listener hears the us-east host's 440 Hz");
   await waitTone(hal, 440, true, 30000);
   check((await hal.textContent("#listen-mode")) === "HLS", "hal's listen mode reads HLS");
+  result.hls_engine = await state(hal, () => window.amphi.hlsEngine);
   log(`eu-west HLS listener (${result.hls_engine}) hears 440 Hz`);
   await guest.waitForFunction(() => window.amphi.latencyMs != null, null, { timeout: 10000 });
   await hal.waitForFunction(() => window.amphi.latencyMs != null, null, { timeout: 10000 });
@@ -148,12 +151,43 @@ try {
   await guest.screenshot({ path: `${artifacts}/rooms-speaker.png` });
   await hal.screenshot({ path: `${artifacts}/rooms-hls-listener.png` });
 
+  // --- the HLS listener raises a hand: its page pre-warms a receive-only WebRTC session while it
+  // keeps listening over HLS. Promoted, it has no microphone (the person denies the permission):
+  // it is told so and listens over WebRTC; moved back to the audience it stays on WebRTC.
+  const halId = await state(hal, () => window.amphi.me);
+  await hal.click("#raise-hand");
+  await hal.waitForFunction(
+    () => window.amphi.pc && window.amphi.pc.connectionState === "connected" && window.amphi.listenMode === "hls",
+    null,
+    { timeout: 20000 }
+  );
+  await hal.evaluate(() => {
+    navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException("Permission denied", "NotAllowedError"));
+  });
+  await host.click(`#hands button[data-action="promote"][data-id="${halId}"]`);
+  await hal.waitForFunction(
+    () => window.amphi.role === "speaker" && window.amphi.listenMode === "webrtc" && window.amphi.micError === "NotAllowedError",
+    null,
+    { timeout: 10000 }
+  );
+  check((await hal.textContent("#notice")).includes("Microphone blocked"), "hal is told the microphone is blocked");
+  check(await hal.isVisible("#unmute"), "hal can retry the microphone");
+  await hal.screenshot({ path: `${artifacts}/rooms-mic-blocked.png` });
+  await host.click(`#speakers button[data-action="demote"][data-id="${halId}"]`);
+  await hal.waitForFunction(() => window.amphi.role === "listener" && !window.amphi.sending, null, { timeout: 10000 });
+  check((await state(hal, () => window.amphi.listenMode)) === "webrtc", "hal keeps listening over WebRTC");
+  await waitTone(hal, 440, true, 20000);
+  log("HLS listener: hand pre-warmed WebRTC, promoted without a microphone, demoted, still hears 440 Hz");
+
   // --- the host mutes the guest: the 660 Hz stops. The guest's page keeps its microphone on (test
   // hook) so what stops the tone is the edge dropping a muted participant's packets.
   await guest.evaluate(() => (window.amphi.keepMicOnMute = true));
   await host.evaluate(() => {
     window.__tone = [];
-    window.__sampler = setInterval(() => window.__tone.push({ t: performance.now(), on: window.amphi.hears(660) }), 50);
+    window.__sampler = setInterval(() => {
+      const { peak, snr } = window.amphi.toneDb(660);
+      window.__tone.push({ t: performance.now(), on: window.amphi.hears(660), peak: Math.round(peak), snr: Math.round(snr) });
+    }, 50);
   });
   await host.waitForTimeout(500);
   await host.click(`#speakers button[data-action="mute"][data-id="${guestId}"]`);
@@ -175,6 +209,10 @@ try {
   check(stop < mute.samples.length, "660 Hz never stopped after the mute");
   result.mute_to_silence_ms = Math.round(mute.samples[stop].t - mute.at);
   result.mute_samples_after = after.length;
+  // 660 Hz level (dB) around the mute, for the record: [ms after the muted event, peak dB].
+  result.mute_trace = mute.samples
+    .filter((s) => s.t >= mute.at - 200 && s.t <= mute.at + 700)
+    .map((s) => [Math.round(s.t - mute.at), s.peak, s.snr]);
   log(`660 Hz gone ${result.mute_to_silence_ms} ms after the muted event arrived`);
   check(
     after.filter((s) => s.t >= mute.at + 500).every((s) => !s.on),
