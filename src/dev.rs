@@ -32,6 +32,32 @@ pub struct DevArgs {
     /// Added to every dev port, so several meshes can run side by side (tests).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
+    /// Store HLS output in this S3-compatible endpoint instead of `--data-dir` (e.g. s3s-fs
+    /// on `http://127.0.0.1:9000`); keys from `AMPHI_DEV_S3_ACCESS_KEY`/`AMPHI_DEV_S3_SECRET_KEY`.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// Bucket for `--s3-endpoint` (created if missing).
+    #[arg(long, default_value = "amphi-hls")]
+    s3_bucket: String,
+    #[arg(
+        long,
+        env = "AMPHI_DEV_S3_ACCESS_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    /// Access key for `--s3-endpoint`.
+    s3_access_key: String,
+    #[arg(
+        long,
+        env = "AMPHI_DEV_S3_SECRET_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    /// Secret key for `--s3-endpoint`.
+    s3_secret_key: String,
+    /// Delete recordings this many hours after their room ended (default: keep).
+    #[arg(long)]
+    recording_retention_hours: Option<f64>,
 }
 
 /// The fixed dev ports (before `--port-offset`).
@@ -42,6 +68,7 @@ struct Ports {
     origin_quic: u16,
     origin_metrics: u16,
     packager_http: u16,
+    packager_https: u16,
 }
 
 const DEV_PORTS: Ports = Ports {
@@ -51,6 +78,7 @@ const DEV_PORTS: Ports = Ports {
     origin_quic: 8300,
     origin_metrics: 8301,
     packager_http: 8400,
+    packager_https: 8401,
 };
 
 const ORIGIN_NAME: &str = "origin.amphi.internal";
@@ -122,6 +150,28 @@ pub async fn run(args: DevArgs) -> Result<()> {
             origin_server_name: ORIGIN_NAME.into(),
             http_listen: addr(DEV_PORTS.packager_http, off),
             data_dir: args.data_dir.clone(),
+        },
+        options: amphi_packager::PackagerOptions {
+            storage: match &args.s3_endpoint {
+                Some(endpoint) => amphi_packager::StorageConfig {
+                    backend: amphi_packager::Backend::S3,
+                    bucket: args.s3_bucket.clone(),
+                    endpoint: Some(endpoint.clone()),
+                    region: Some("us-east-1".into()),
+                    path_style: true,
+                    access_key: Some(args.s3_access_key.clone()),
+                    secret_key: Some(args.s3_secret_key.clone()),
+                    ..Default::default()
+                },
+                None => Default::default(),
+            },
+            recording: amphi_packager::RecordingConfig {
+                retention_hours: args.recording_retention_hours,
+                sweep_interval_secs: Some(60),
+            },
+            tls_listen: Some(addr(DEV_PORTS.packager_https, off)),
+            tls_cert: None,
+            tls_key: None,
         },
         mesh_tls: pki.issue("packager-1.amphi.internal")?,
     };
@@ -212,9 +262,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
         url(DEV_PORTS.origin_metrics, off)
     );
     println!(
-        "  {:<28} {}  (data in {})",
+        "  {:<28} {}  https://127.0.0.1:{} (HTTP/2)  (data in {})",
         "packager",
         url(DEV_PORTS.packager_http, off),
+        DEV_PORTS.packager_https + off,
         args.data_dir.display()
     );
 

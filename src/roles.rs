@@ -46,6 +46,14 @@ struct PackagerFile {
     tls: TlsFiles,
 }
 
+/// The optional keys of `[packager]` (`storage`, `recording`, `tls_*`; see amphi-packager),
+/// read from the same file as [`PackagerFile`].
+#[derive(Deserialize)]
+struct PackagerOptionsFile {
+    #[serde(default)]
+    packager: amphi_packager::PackagerOptions,
+}
+
 #[derive(Deserialize)]
 struct RouterFile {
     router: RouterConfig,
@@ -121,8 +129,10 @@ pub async fn origin(path: Option<PathBuf>) -> Result<()> {
 /// `amphi packager`.
 pub async fn packager(path: Option<PathBuf>) -> Result<()> {
     let file: PackagerFile = config::load(path.as_deref())?;
+    let options: PackagerOptionsFile = config::load(path.as_deref())?;
     let setup = amphi_packager::PackagerSetup {
         config: file.packager,
+        options: options.packager,
         mesh_tls: load_tls(&file.tls)?,
     };
     amphi_packager::run(setup, shutdown_on_signal()).await?;
