@@ -129,8 +129,8 @@ impl RoomCore {
             return Ok(());
         }
         let out = self.segmenter.push(frame, now, wall)?;
-        if self.segmenter.last_ext().is_some() {
-            self.speakers.push(speaker, wall);
+        if let Some(at) = self.segmenter.last_program_time() {
+            self.speakers.push(speaker, at);
         }
         #[cfg(feature = "aac")]
         if let (Some(aac), Some(ext)) = (&mut self.aac, self.segmenter.last_ext()) {

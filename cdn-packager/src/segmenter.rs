@@ -167,6 +167,14 @@ impl Segmenter {
         self.accepted
     }
 
+    /// Program date time of the frame the last [`Segmenter::push`] accepted: the stream's
+    /// anchor plus its RTP distance from it (what `EXT-X-PROGRAM-DATE-TIME` uses).
+    pub fn last_program_time(&self) -> Option<SystemTime> {
+        let ext = self.accepted?;
+        let (wall, anchor) = self.anchor?;
+        Some(wall + Duration::from_micros(ext.saturating_sub(anchor) * 1_000_000 / 48_000))
+    }
+
     /// Feed one frame that arrived at `now` (monotonic) / `wall` (wall clock).
     /// Duplicate or reordered frames (RTP not after the previous one) are dropped.
     pub fn push(

@@ -35,10 +35,15 @@ pub fn tone_frames(freq: f64, n: usize) -> Vec<Vec<u8>> {
 
 /// One program-stream record: `u32 LE length | relay frame (Program)`.
 pub fn program_record(room: RoomId, index: u32, payload: &[u8]) -> Vec<u8> {
+    program_record_from(room, index, payload, 0)
+}
+
+/// Like [`program_record`] with `speaker` as the loudest speaker.
+pub fn program_record_from(room: RoomId, index: u32, payload: &[u8], speaker: u32) -> Vec<u8> {
     let frame = RelayFrame {
         kind: FrameKind::Program,
         room,
-        speaker: 0,
+        speaker,
         seq: index as u16,
         rtp_ts: index.wrapping_mul(960),
         audio_level: 20,

@@ -1,0 +1,192 @@
+//! The end of a room with the quinn origin stand-in: `RoomEnded` finishes both live playlists
+//! with `EXT-X-ENDLIST` and leaves a VOD recording (speaker turns as `EXT-X-DATERANGE`) that
+//! ffmpeg decodes; the HTTPS listener serves it over HTTP/2; retention deletes it.
+
+mod common;
+
+use amphi_packager::conformance::{check_media, check_multivariant, Expect};
+use amphi_packager::playlist::{AAC, OPUS};
+use amphi_packager::{PackagerOptions, RecordingConfig};
+use amphi_protocol::control::ControlMessage;
+use amphi_protocol::RoomId;
+use common::{
+    dominant_frequency, ffmpeg_stdout, http_get, program_record_from, s16le, tone_frames, Harness,
+};
+use http_body_util::BodyExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const ROOM: RoomId = RoomId(0x0a0b_0c0d_0e0f_1011);
+const ALICE: u32 = 0x0100_0007;
+const BOB: u32 = 0x0200_0009;
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Speak 6 s (Alice 3 s, then Bob 3 s) at 4x real time, then end the room.
+async fn speak_and_end(h: &mut Harness) {
+    let frames = tone_frames(440.0, 300);
+    let mut uni = h.conn.open_uni().await.unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        let who = if i < 150 { ALICE } else { BOB };
+        uni.write_all(&program_record_from(ROOM, i as u32, f, who))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    uni.finish().unwrap();
+    h.control_send
+        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
+        .await
+        .unwrap();
+}
+
+/// GET over HTTPS with HTTP/2 (ALPN h2), trusting the packager's self-signed certificate.
+async fn get_h2(addr: SocketAddr, cert_pem: &[u8], path: &str) -> (http::Version, u16, Vec<u8>) {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://localhost{path}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let version = resp.version();
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (version, status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_end_leaves_a_vod_recording_served_over_http2() {
+    let https = free_port();
+    let options = PackagerOptions {
+        tls_listen: Some(https),
+        ..Default::default()
+    };
+    let mut h = Harness::start_with("recording", options).await;
+    let http = h.http;
+    speak_and_end(&mut h).await;
+    let rec = format!("/hls/{ROOM}/recording.m3u8");
+    let mv = h.wait_until(&rec, |r| r.status == 200).await;
+    assert_eq!(mv.header("cache-control"), Some("max-age=60"));
+    assert_eq!(
+        check_multivariant(&mv.text(), 2).unwrap(),
+        ["opus/vod.m3u8", "aac/vod.m3u8"]
+    );
+    for r in [OPUS, AAC] {
+        let live = http_get(http, &format!("/hls/{ROOM}/{}/playlist.m3u8", r.dir)).await;
+        check_media(&live.text(), &Expect::ended(r)).unwrap_or_else(|e| panic!("{e:?}"));
+        let vod = http_get(http, &format!("/hls/{ROOM}/{}/vod.m3u8", r.dir)).await;
+        let text = vod.text();
+        let sum = check_media(&text, &Expect::vod()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        assert_eq!(sum.segments.len(), 3, "6 s = 3 segments\n{text}");
+        let parsed = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+        assert!(parsed.end_list);
+        // Who spoke when: Alice then Bob, about 3 s each.
+        assert_eq!(sum.dateranges.len(), 2, "{text}");
+        assert!(
+            text.contains(&format!("X-SPEAKER-ID=\"{ALICE}\"")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("X-SPEAKER-ID=\"{BOB}\"")), "{text}");
+        // ffmpeg replays the recording.
+        let pcm = ffmpeg_stdout(
+            "ffmpeg",
+            [
+                "-v",
+                "error",
+                "-i",
+                &format!("http://{http}/hls/{ROOM}/{}/vod.m3u8", r.dir),
+                "-f",
+                "s16le",
+                "-ac",
+                "1",
+                "-ar",
+                "48000",
+                "-",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        )
+        .await;
+        let samples = s16le(&pcm);
+        assert!(samples.len() >= 5 * 48_000, "{}: {}", r.dir, samples.len());
+        let (freq, rms) = dominant_frequency(&samples[48_000..144_000]);
+        assert!((freq - 440.0).abs() <= 5.0, "{}: {freq} Hz", r.dir);
+        assert!(rms > 2000.0, "{}: rms {rms}", r.dir);
+    }
+    // The same over HTTPS, negotiated as HTTP/2.
+    let cert = std::fs::read(h.data_dir.join("tls/packager.crt")).expect("dev certificate");
+    let plain = http_get(http, &format!("/hls/{ROOM}/opus/vod.m3u8")).await;
+    let (version, status, body) = get_h2(https, &cert, &format!("/hls/{ROOM}/opus/vod.m3u8")).await;
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(status, 200);
+    assert_eq!(body, plain.body);
+    let (_, status, _) = get_h2(https, &cert, "/hls/../etc/passwd").await;
+    assert_eq!(status, 404);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_an_expired_recording() {
+    let options = PackagerOptions {
+        recording: RecordingConfig {
+            retention_hours: Some(0.0),
+            sweep_interval_secs: Some(1),
+        },
+        ..Default::default()
+    };
+    let mut h = Harness::start_with("retention", options).await;
+    speak_and_end(&mut h).await;
+    let json = h.data_dir.join(format!("hls/{ROOM}/recording.json"));
+    let seg = h.data_dir.join(format!("hls/{ROOM}/opus/seg0.m4s"));
+    // The recording is written once the room ends, then swept (retention 0 h, every second):
+    // the counter only moves for a recording.json that existed.
+    let gone = h
+        .wait_until("/metrics", |r| {
+            r.text()
+                .contains("amphi_packager_recordings_expired_total 1\n")
+        })
+        .await;
+    assert!(gone.status == 200);
+    assert!(
+        !json.exists() && !seg.exists(),
+        "every object of the room is deleted"
+    );
+    let r = http_get(h.http, &format!("/hls/{ROOM}/recording.m3u8")).await;
+    assert_eq!(r.status, 404);
+    h.stop().await;
+}
