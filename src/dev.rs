@@ -29,6 +29,10 @@ pub struct DevArgs {
     /// Lets `amphi token mint --key FILE --kid dev-1` mint tokens this mesh accepts.
     #[arg(long)]
     signing_key: Option<PathBuf>,
+    /// GeoIP City database (.mmdb; GeoIP2 or dbip schema); repeat for several files (e.g. dbip's
+    /// IPv4 and IPv6 files). The first that knows an address answers.
+    #[arg(long = "geoip", value_name = "FILE")]
+    geoip: Vec<PathBuf>,
     /// Added to every dev port, so several meshes can run side by side (tests).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
@@ -207,7 +211,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let sd = shutdown.clone();
         let name = id.clone();
         tasks.spawn(async move {
-            let r = amphi_edge::run(setup, sd).await;
+            // Registers with the geo-router; drains when an operator asks (never exits on it).
+            let registration = amphi_edge::registration::RegistrationOptions::default();
+            let r = amphi_edge::run_with(setup, Some(registration), Default::default(), sd).await;
             (name, r.map_err(Into::into))
         });
         table.push((
@@ -236,6 +242,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 addr: addr(DEV_PORTS.origin_quic, off),
                 server_name: ORIGIN_NAME.into(),
             }],
+            geoip: args.geoip.clone(),
+            trusted_proxies: vec![],
+            load_threshold: 0.8,
+            interactive_capacity: 500,
+            api_keys: vec![],
+            webhooks: vec![],
+            redis_url: None,
         },
         signer,
         web: crate::web::assets(),

@@ -32,6 +32,22 @@ struct EdgeFile {
     edge: EdgeConfig,
     tls: TlsFiles,
     tokens: TokensFile,
+    /// Registration with the geo-router (heartbeats, draining).
+    #[serde(default)]
+    registration: Option<EdgeRegistrationFile>,
+}
+
+/// `[registration]` of an edge config.
+#[derive(Deserialize, Default)]
+struct EdgeRegistrationFile {
+    /// Most WebRTC sessions this edge takes.
+    capacity: Option<u32>,
+    /// API key id that signs heartbeats (production routers require one).
+    api_key_id: Option<String>,
+    /// Its secret.
+    api_key_secret: Option<String>,
+    /// Longest a SIGTERM drain waits for sessions to end, seconds.
+    drain_grace_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -111,7 +127,31 @@ pub async fn edge(path: Option<PathBuf>) -> Result<()> {
         mesh_tls: load_tls(&file.tls)?,
         tokens,
     };
-    amphi_edge::run(setup, shutdown_on_signal()).await?;
+    // SIGTERM drains (no new sessions; exit when empty or after the grace period); Ctrl-C stops.
+    let reg = file.registration.unwrap_or_default();
+    let options = amphi_edge::registration::RegistrationOptions {
+        capacity: reg.capacity.unwrap_or(1000),
+        api_key: reg.api_key_id.zip(reg.api_key_secret),
+        exit_when_drained: true,
+        drain_grace: std::time::Duration::from_secs(reg.drain_grace_secs.unwrap_or(300)),
+    };
+    let drain = std::sync::Arc::new(amphi_edge::registration::DrainHandle::default());
+    let shutdown = CancellationToken::new();
+    {
+        let (drain, shutdown) = (drain.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => { shutdown.cancel(); return; }
+                    _ = term.recv() => drain.start(),
+                }
+            }
+        });
+    }
+    amphi_edge::run_with(setup, Some(options), drain, shutdown).await?;
     Ok(())
 }
 

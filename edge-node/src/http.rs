@@ -1,6 +1,9 @@
 //! The edge's HTTP listener: WHIP (RFC 9725) ingest, WHEP egress, the `/v1/ws` signaling
 //! WebSocket ([`crate::ws`]), CORS, `/metrics`, `/healthz`.
 
+// Helpers short-circuit handlers with a ready HTTP error response; boxing it buys nothing here.
+#![allow(clippy::result_large_err)]
+
 use crate::lifecycle::{ParticipantIds, RoomCache, RoomStatusAnswer};
 use crate::media::{MediaCommand, NewPeer, RemoveOutcome};
 use crate::metrics::Metrics;

@@ -185,7 +185,7 @@ impl SignalingCore {
                 });
                 return out;
             }
-            if r.state().banned.iter().any(|u| *u == req.user) {
+            if r.state().banned.contains(&req.user) {
                 out.push(Output::JoinRefused {
                     participant: pid,
                     refusal: Refusal::new("banned", "you were removed from this room"),
@@ -520,14 +520,12 @@ impl SignalingCore {
                     });
                 }
             }
-            ControlMessage::RoomEnded { room } => {
-                if self.rooms.contains_key(&room) {
-                    let ended = ServerMessage::Event(RoomEvent::Ended { by: None });
-                    for pid in self.clients(room).collect::<Vec<_>>() {
-                        out.push(Output::ToClient(pid, ended.clone()));
-                    }
-                    self.close_room(room, &mut out);
+            ControlMessage::RoomEnded { room } if self.rooms.contains_key(&room) => {
+                let ended = ServerMessage::Event(RoomEvent::Ended { by: None });
+                for pid in self.clients(room).collect::<Vec<_>>() {
+                    out.push(Output::ToClient(pid, ended.clone()));
                 }
+                self.close_room(room, &mut out);
             }
             _ => {}
         }
@@ -576,13 +574,13 @@ impl SignalingCore {
             }
             RoomEvent::RoleChanged { id, .. }
             | RoomEvent::Muted { id, .. }
-            | RoomEvent::Unmuted { id } => {
-                if self.members.get(&id).is_some_and(|m| m.room == room) {
-                    out.push(Output::Permission {
-                        participant: id,
-                        may_send: self.may_send(id),
-                    });
-                }
+            | RoomEvent::Unmuted { id }
+                if self.members.get(&id).is_some_and(|m| m.room == room) =>
+            {
+                out.push(Output::Permission {
+                    participant: id,
+                    may_send: self.may_send(id),
+                });
             }
             RoomEvent::Kicked { id, .. } | RoomEvent::ParticipantLeft { id } => {
                 let why = if matches!(ev, RoomEvent::Kicked { .. }) {

@@ -1,13 +1,20 @@
-//! The geo-router's HTTP driver: REST API, route API, web client, and the `/hls` proxy.
+//! The geo-router's HTTP driver: REST API (room directory, tokens, route, edge registry), the web
+//! client, and the `/hls` proxy. Decisions are made by the sans-IO cores ([`crate::select`],
+//! [`crate::registry`], [`crate::directory`], [`crate::client_ip`], [`crate::auth`]).
 
-use crate::directory::Directory;
+use crate::auth::{ApiKeys, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::client_ip::{client_ip, Source};
+use crate::directory::{Directory, RoomEntry};
+use crate::geoip::{GeoIp, Place};
 use crate::origins::{OriginEvent, OriginLinks};
-use crate::select::{select_edge, ClientPlace, SelectError};
+use crate::registry::{Registry, HEARTBEAT_INTERVAL};
+use crate::select::{select_edge, ClientPlace, GeoPoint, Policy, SelectError};
+use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
-    ApiError, CreateRoomRequest, CreateRoomResponse, MintTokenRequest, RouteResponse,
-    TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
+    ApiError, CreateRoomRequest, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer,
+    MintTokenRequest, RoomStatus, RouteResponse, TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
 };
-use amphi_protocol::config::RouterConfig;
+use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
@@ -16,21 +23,27 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body the API accepts.
-const MAX_BODY: usize = 16 * 1024;
+pub const MAX_BODY: usize = 16 * 1024;
+/// Largest heartbeat body (it lists rooms).
+const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
+/// Furthest ahead a room may be scheduled (one year).
+const MAX_SCHEDULE_AHEAD_SECS: u64 = 366 * 24 * 3600;
 
 /// A static file of the web client, embedded by the binary.
 #[derive(Clone, Debug)]
@@ -72,6 +85,12 @@ pub enum RouterError {
     /// Origins are configured but the links cannot be set up.
     #[error("origin links: {0}")]
     Links(String),
+    /// The configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A GeoIP database cannot be opened.
+    #[error(transparent)]
+    GeoIp(#[from] crate::geoip::GeoIpError),
 }
 
 #[derive(Default)]
@@ -79,8 +98,12 @@ struct Counters {
     rooms_created: AtomicU64,
     tokens_minted: AtomicU64,
     routes: AtomicU64,
+    routes_hls: AtomicU64,
+    routes_located: AtomicU64,
     hls_proxied: AtomicU64,
     rooms_ended: AtomicU64,
+    heartbeats: AtomicU64,
+    auth_failures: AtomicU64,
 }
 
 struct AppState {
@@ -89,6 +112,14 @@ struct AppState {
     verifier: TokenVerifier,
     links: OriginLinks,
     directory: Mutex<Directory>,
+    registry: Mutex<Registry>,
+    geoip: GeoIp,
+    trusted: Vec<IpNet>,
+    api_keys: ApiKeys,
+    policy: Policy,
+    /// The default region's coordinates (where unplaceable clients are put).
+    anchor: Option<GeoPoint>,
+    webhooks: Webhooks,
     web: Vec<WebAsset>,
     hls_client: Client<HttpConnector, Body>,
     counters: Counters,
@@ -112,7 +143,12 @@ struct Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        (self.status, Json(ApiError::new(self.code, self.message))).into_response()
+        let mut resp = (self.status, Json(ApiError::new(self.code, self.message))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
     }
 }
 
@@ -127,9 +163,8 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
 /// What a handler answers: a response, or a JSON error.
 type Answer = Result<Response, Failure>;
 
-/// Parse a JSON body, answering 400/413 with a JSON error body.
-fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
-    let bytes = body.map_err(|e| {
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
+    body.map_err(|e| {
         let status = e.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "body_too_large"
@@ -137,8 +172,12 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
             "bad_body"
         };
         error(status, code, e.body_text())
-    })?;
-    serde_json::from_slice(&bytes)
+    })
+}
+
+/// Parse a JSON body, answering 400 with a JSON error body.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
 }
 
@@ -156,6 +195,18 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), Failure> {
 fn parse_room(id: &str) -> Result<RoomId, Failure> {
     id.parse()
         .map_err(|_| error(StatusCode::NOT_FOUND, "room_not_found", "no such room"))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The bearer token of a request, if well-formed.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 impl AppState {
@@ -178,25 +229,103 @@ impl AppState {
         })
     }
 
-    fn room_exists_live(&self, room: RoomId) -> bool {
+    fn room_status(&self, room: RoomId) -> Option<RoomStatus> {
         let dir = self.directory.lock().expect("directory lock");
-        matches!(dir.get(room), Some(r) if r.status == amphi_protocol::api::RoomStatus::Live)
+        dir.get(room).map(|r| r.status(now_unix()))
+    }
+
+    fn listeners(&self, room: RoomId) -> u32 {
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .room_sessions(room, Instant::now())
+    }
+
+    /// Check the API key signature of a request. Returns the key id.
+    fn check_api_key(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<String, Failure> {
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        self.api_keys
+            .verify(
+                header_str(headers, KEY_HEADER),
+                header_str(headers, TIMESTAMP_HEADER),
+                header_str(headers, SIGNATURE_HEADER),
+                method.as_str(),
+                path,
+                body,
+                now_unix(),
+            )
+            .map(str::to_string)
+            .map_err(|e| {
+                self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(path, reason = %e, "API key refused");
+                error(StatusCode::UNAUTHORIZED, "bad_api_signature", e.to_string())
+            })
+    }
+
+    /// Production mode requires an API key; dev mode is open.
+    fn require_api_key(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), Failure> {
+        if self.config.dev_mode {
+            return Ok(());
+        }
+        self.check_api_key(method, uri, headers, body).map(|_| ())
     }
 }
 
-async fn create_room(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Answer {
-    let req: CreateRoomRequest = parse_json(body)?;
+async fn create_room(
+    State(s): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let bytes = body_bytes(body)?;
+    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    let req: CreateRoomRequest = parse_json(&bytes)?;
     check_text("title", &req.title, MAX_TITLE_CHARS)?;
     if let Some(topic) = &req.topic {
         check_text("topic", topic, MAX_NAME_CHARS)?;
     }
-    let room = s
-        .directory
-        .lock()
-        .expect("directory lock")
-        .create(req.title, req.topic, now_unix());
+    let now = now_unix();
+    if let Some(at) = req.scheduled_at {
+        if at > now + MAX_SCHEDULE_AHEAD_SECS {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_field",
+                "scheduled_at must be within a year",
+            ));
+        }
+    }
+    let entry = RoomEntry {
+        title: req.title,
+        topic: req.topic,
+        created_at: now,
+        scheduled_at: req.scheduled_at.filter(|at| *at > now),
+        ended_at: None,
+    };
+    let live = entry.status(now) == RoomStatus::Live;
+    let scheduled_at = entry.scheduled_at;
+    let room = s.directory.lock().expect("directory lock").create(entry);
     s.counters.rooms_created.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%room, "room created");
+    tracing::info!(%room, ?scheduled_at, "room created");
+    if live {
+        s.webhooks.emit(
+            EventKind::RoomStarted,
+            now,
+            serde_json::json!({ "room": room }),
+        );
+    }
     let resp = CreateRoomResponse {
         room,
         host_token: s.mint(room, Role::Host, "host"),
@@ -205,21 +334,54 @@ async fn create_room(State(s): State<Shared>, body: Result<Bytes, BytesRejection
     Ok((StatusCode::CREATED, Json(resp)).into_response())
 }
 
-async fn list_rooms(State(s): State<Shared>) -> Response {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    topic: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_rooms(
+    State(s): State<Shared>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Ok(Query(q)) = query else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "malformed query string (topic, limit)",
+        ));
+    };
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let now = now_unix();
+    let counts: HashMap<RoomId, u32> = {
+        let reg = s.registry.lock().expect("registry lock");
+        let dir = s.directory.lock().expect("directory lock");
+        dir.discover(q.topic.as_deref(), now, |_| 0)
+            .iter()
+            .map(|(id, _, _)| (*id, reg.room_sessions(*id, Instant::now())))
+            .collect()
+    };
     let dir = s.directory.lock().expect("directory lock");
     let rooms: Vec<_> = dir
-        .live()
+        .discover(q.topic.as_deref(), now, |id| {
+            counts.get(&id).copied().unwrap_or(0)
+        })
         .into_iter()
-        .map(|(id, r)| r.info(id, s.hls_url(id)))
+        .take(limit)
+        .map(|(id, r, n)| r.info(id, s.hls_url(id), now, n))
         .collect();
-    Json(serde_json::json!({ "rooms": rooms })).into_response()
+    Ok(Json(serde_json::json!({ "rooms": rooms })).into_response())
 }
 
 async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
     let room = parse_room(&id)?;
+    let listeners = s.listeners(room);
     let dir = s.directory.lock().expect("directory lock");
     match dir.get(room) {
-        Some(entry) => Ok(Json(entry.info(room, s.hls_url(room))).into_response()),
+        Some(entry) => {
+            Ok(Json(entry.info(room, s.hls_url(room), now_unix(), listeners)).into_response())
+        }
         None => Err(error(
             StatusCode::NOT_FOUND,
             "room_not_found",
@@ -231,10 +393,15 @@ async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
 async fn mint_token(
     State(s): State<Shared>,
     Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let room = parse_room(&id)?;
-    let req: MintTokenRequest = parse_json(body)?;
+    let bytes = body_bytes(body)?;
+    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    let req: MintTokenRequest = parse_json(&bytes)?;
     check_text("name", &req.name, MAX_NAME_CHARS)?;
     if req.role == Role::Host {
         return Err(error(
@@ -243,12 +410,15 @@ async fn mint_token(
             "role must be listener or speaker; the host token comes with the room",
         ));
     }
-    if !s.room_exists_live(room) {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            "no such live room",
-        ));
+    match s.room_status(room) {
+        Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => {}
+        _ => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "room_not_found",
+                "no such live or scheduled room",
+            ))
+        }
     }
     Ok(Json(TokenResponse {
         token: s.mint(room, req.role, &req.name),
@@ -256,39 +426,44 @@ async fn mint_token(
     .into_response())
 }
 
-/// The bearer token of a request, if well-formed.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// `POST /v1/rooms/{id}/end`: the room's host (Bearer host token) ends it.
-async fn end_room(State(s): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
+/// `POST /v1/rooms/{id}/end`: the room's host (Bearer host token) or an API key ends it.
+async fn end_room(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Answer {
     let room = parse_room(&id)?;
-    let Some(token) = bearer(&headers) else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a host token (Authorization: Bearer) is required",
-        ));
-    };
-    let claims = s.verifier.verify(token, now_unix()).map_err(|e| {
-        tracing::info!(%room, reason = %e, "end refused");
-        error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("invalid token: {e}"),
-        )
-    })?;
-    if claims.room != room || claims.role != Role::Host {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only this room's host may end it",
-        ));
+    let by_api_key = headers.contains_key(KEY_HEADER);
+    if by_api_key {
+        let key = s.check_api_key(&method, &uri, &headers, b"")?;
+        tracing::info!(%room, %key, "end requested with an API key");
+    } else {
+        let Some(token) = bearer(&headers) else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a host token (Authorization: Bearer) or an API key signature is required",
+            ));
+        };
+        let claims = s.verifier.verify(token, now_unix()).map_err(|e| {
+            tracing::info!(%room, reason = %e, "end refused");
+            error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("invalid token: {e}"),
+            )
+        })?;
+        if claims.room != room || claims.role != Role::Host {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only this room's host may end it",
+            ));
+        }
     }
+    let now = now_unix();
     let ended = {
         let mut dir = s.directory.lock().expect("directory lock");
         if dir.get(room).is_none() {
@@ -298,16 +473,22 @@ async fn end_room(State(s): State<Shared>, Path(id): Path<String>, headers: Head
                 "no such room",
             ));
         }
-        dir.end(room)
+        dir.end(room, now)
     };
     if ended {
         s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
         let origin = s.links.end_room(room);
-        tracing::info!(%room, origin = ?origin, "room ended by its host");
+        tracing::info!(%room, origin = ?origin, "room ended through the API");
+        s.webhooks.emit(
+            EventKind::RoomEnded,
+            now,
+            serde_json::json!({ "room": room, "by": if by_api_key { "api_key" } else { "host" } }),
+        );
     }
+    let listeners = s.listeners(room);
     let dir = s.directory.lock().expect("directory lock");
     let entry = dir.get(room).expect("room exists");
-    Ok(Json(entry.info(room, s.hls_url(room))).into_response())
+    Ok(Json(entry.info(room, s.hls_url(room), now, listeners)).into_response())
 }
 
 /// Apply what the origins report (room ends from elsewhere) to the directory.
@@ -315,10 +496,16 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
     while let Some(ev) = rx.recv().await {
         match ev {
             OriginEvent::RoomEnded { room, origin } => {
-                let ended = s.directory.lock().expect("directory lock").end(room);
+                let now = now_unix();
+                let ended = s.directory.lock().expect("directory lock").end(room, now);
                 if ended {
                     s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%room, %origin, "room ended (reported by origin)");
+                    s.webhooks.emit(
+                        EventKind::RoomEnded,
+                        now,
+                        serde_json::json!({ "room": room, "by": "origin", "origin": origin }),
+                    );
                 }
             }
         }
@@ -326,9 +513,12 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RouteQuery {
     room: Option<String>,
     region: Option<String>,
+    ip: Option<String>,
+    role: Option<String>,
 }
 
 fn ws_base(http: &str) -> String {
@@ -344,13 +534,14 @@ fn ws_base(http: &str) -> String {
 async fn route(
     State(s): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
     let Ok(Query(q)) = query else {
         return Err(error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "malformed query string",
+            "malformed query string (room, role, and in dev mode region, ip)",
         ));
     };
     let Some(room) = q.room.as_deref() else {
@@ -361,36 +552,291 @@ async fn route(
         ));
     };
     let room = parse_room(room)?;
-    if !s.room_exists_live(room) {
+    let listener = match q.role.as_deref() {
+        None | Some("speaker") | Some("host") => false,
+        Some("listener") => true,
+        Some(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "role must be listener, speaker or host",
+            ))
+        }
+    };
+    if s.room_status(room) != Some(RoomStatus::Live) {
         return Err(error(
             StatusCode::NOT_FOUND,
             "room_not_found",
             "no such live room",
         ));
     }
-    let place = match q.region.as_deref() {
-        Some(region) if s.config.dev_mode => ClientPlace::Region(region),
-        _ => ClientPlace::Unknown,
+    // Where is the client? `ip=` (dev only) > trusted forwarding headers > TCP peer.
+    let (addr, source) = match (q.ip.as_deref(), s.config.dev_mode) {
+        (Some(text), true) => {
+            let ip: IpAddr = text.parse().map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_ip",
+                    "ip must be an IPv4 or IPv6 address",
+                )
+            })?;
+            (ip, "ip parameter")
+        }
+        _ => {
+            let (ip, src) = client_ip(
+                peer.ip(),
+                headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+                headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .map(|v| v.as_bytes()),
+                &s.trusted,
+            )
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_forwarded", e.to_string()))?;
+            let src = match src {
+                Source::Peer => "peer",
+                Source::PeerHeadersIgnored => "peer (untrusted forwarding headers ignored)",
+                Source::Forwarded => "forwarded by a trusted proxy",
+            };
+            (ip, src)
+        }
     };
-    let choice =
-        select_edge(place, &s.config.edges, &s.config.default_region).map_err(|e| match e {
+    let region_override = q.region.as_deref().filter(|_| s.config.dev_mode);
+    let place = s.geoip.locate(addr);
+    let client_place = match (region_override, place) {
+        (Some(r), _) => ClientPlace::Region(r),
+        (None, Place::Located { point, .. }) => ClientPlace::Located(point),
+        (None, _) => ClientPlace::Unknown,
+    };
+    let anchor = match region_override {
+        Some(r) => known_region(r).map(|r| GeoPoint {
+            latitude: r.latitude,
+            longitude: r.longitude,
+        }),
+        None => s.anchor,
+    };
+    let (edge, hls_only, why) = {
+        let reg = s.registry.lock().expect("registry lock");
+        let candidates = reg.candidates(room, Instant::now());
+        let choice = select_edge(
+            client_place,
+            anchor,
+            &s.config.default_region,
+            &candidates,
+            s.policy,
+            listener,
+        )
+        .map_err(|e| match e {
             SelectError::UnknownRegion(_) => {
                 error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
             }
             SelectError::NoEdge => error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string()),
         })?;
+        let c = choice.edge;
+        (
+            (
+                c.id.to_string(),
+                c.region.to_string(),
+                c.public_url.to_string(),
+            ),
+            choice.hls_only,
+            choice.why,
+        )
+    };
     s.counters.routes.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(%room, %peer, edge = %choice.edge.id, why = %choice.why, "routed");
-    let edge = choice.edge;
+    if matches!(place, Place::Located { .. }) {
+        s.counters.routes_located.fetch_add(1, Ordering::Relaxed);
+    }
+    if hls_only {
+        s.counters.routes_hls.fetch_add(1, Ordering::Relaxed);
+    }
+    let located = match place {
+        Place::Located { point, country, .. } => format!(
+            "{} at {:.2},{:.2} ({})",
+            source,
+            point.latitude,
+            point.longitude,
+            String::from_utf8_lossy(&country).trim()
+        ),
+        Place::NotPublic => format!("{source}: not a public address"),
+        Place::Unknown => format!("{source}: not in the GeoIP databases"),
+    };
+    let why = format!("{located}; {why}");
+    tracing::debug!(%room, edge = %edge.0, %why, "routed");
+    let (id, region, url) = edge;
     Ok(Json(RouteResponse {
-        region: edge.region.name.clone(),
-        edge: edge.id.clone(),
-        whip_url: format!("{}/whip/{room}", edge.public_url),
-        whep_url: format!("{}/whep/{room}", edge.public_url),
-        ws_url: format!("{}/v1/ws", ws_base(&edge.public_url)),
+        region,
+        whip_url: format!("{url}/whip/{room}"),
+        whep_url: format!("{url}/whep/{room}"),
+        ws_url: format!("{}/v1/ws", ws_base(&url)),
+        edge: id,
         hls_url: s.hls_url(room),
+        mode: if hls_only { "hls" } else { "interactive" }.into(),
+        why,
     })
     .into_response())
+}
+
+/// Whether an edge's heartbeat is authorized: open in dev mode, API key in production.
+async fn edge_heartbeat(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let bytes = body_bytes(body)?;
+    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    let hb: EdgeHeartbeat = parse_json(&bytes)?;
+    if hb.id != id {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_field",
+            "the body's id must match the path",
+        ));
+    }
+    let now = Instant::now();
+    let mut changes = Vec::new();
+    let (new, drain) = {
+        let mut reg = s.registry.lock().expect("registry lock");
+        let before: HashMap<RoomId, u32> = reg
+            .list(now)
+            .iter()
+            .find(|(e, healthy, _)| e.beat.id == id && *healthy)
+            .map(|(e, _, _)| e.rooms.iter().map(|(r, n)| (*r, *n)).collect())
+            .unwrap_or_default();
+        for r in &hb.rooms {
+            let was = before.get(&r.room).copied().unwrap_or(0);
+            if r.sessions != was {
+                changes.push((r.room, was, r.sessions));
+            }
+        }
+        for (room, was) in &before {
+            if !hb.rooms.iter().any(|r| r.room == *room) {
+                changes.push((*room, *was, 0));
+            }
+        }
+        let draining = hb.draining;
+        let new = reg
+            .heartbeat(hb, now)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_heartbeat", e.to_string()))?;
+        if draining {
+            tracing::debug!(edge = %id, "edge reports draining");
+        }
+        (new, reg.drain_requested(&id))
+    };
+    s.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+    if new {
+        tracing::info!(edge = %id, "edge registered");
+    }
+    let at = now_unix();
+    for (room, was, now_n) in changes {
+        let kind = if now_n > was {
+            EventKind::ParticipantJoined
+        } else {
+            EventKind::ParticipantLeft
+        };
+        s.webhooks.emit(
+            kind,
+            at,
+            serde_json::json!({ "room": room, "edge": id, "sessions": now_n, "previous": was }),
+        );
+    }
+    Ok(Json(HeartbeatAnswer {
+        drain,
+        interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+    })
+    .into_response())
+}
+
+async fn list_edges(
+    State(s): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Answer {
+    s.require_api_key(&method, &uri, &headers, b"")?;
+    let now = Instant::now();
+    let reg = s.registry.lock().expect("registry lock");
+    let edges: Vec<_> = reg
+        .list(now)
+        .into_iter()
+        .map(|(e, healthy, available)| {
+            serde_json::json!({
+                "id": e.beat.id,
+                "region": e.beat.region,
+                "public_url": e.beat.public_url,
+                "participants": e.beat.participants,
+                "capacity": e.beat.capacity,
+                "cpu_load": e.beat.cpu_load,
+                "load": e.load(),
+                "draining": e.beat.draining || reg.drain_requested(&e.beat.id),
+                "healthy": healthy,
+                "available": available,
+                "last_seen_ms_ago": e.last_seen.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "edges": edges })).into_response())
+}
+
+async fn drain_edge(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Answer {
+    s.require_api_key(&method, &uri, &headers, b"")?;
+    if !s.registry.lock().expect("registry lock").request_drain(&id) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "edge_not_found",
+            "no such edge",
+        ));
+    }
+    tracing::info!(edge = %id, "drain requested by an operator");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "edge": id, "draining": true })),
+    )
+        .into_response())
+}
+
+/// `GET /v1/rooms/{id}/recording`: the URL of the room's VOD recording (a multivariant
+/// playlist of its Opus and AAC renditions), once the packager has stored it.
+async fn recording(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
+    let room = parse_room(&id)?;
+    let path = format!("/hls/{room}/recording.m3u8");
+    let Ok(uri) = format!("{}{path}", s.config.packager_url).parse::<Uri>() else {
+        return Err(error(StatusCode::BAD_REQUEST, "bad_path", "malformed path"));
+    };
+    let head = Request::builder()
+        .method(Method::HEAD)
+        .uri(uri)
+        .body(Body::empty())
+        .expect("valid request");
+    match s.hls_client.request(head).await {
+        Ok(r) if r.status() == StatusCode::OK => Ok(Json(serde_json::json!({
+            "room": room.to_string(),
+            "url": format!("{}{path}", s.config.public_url),
+        }))
+        .into_response()),
+        Ok(_) => Err(error(
+            StatusCode::NOT_FOUND,
+            "recording_not_found",
+            "no recording for this room (it is live, or never had a program)",
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "packager unreachable for a recording lookup");
+            Err(error(
+                StatusCode::BAD_GATEWAY,
+                "hls_unavailable",
+                "HLS origin unreachable",
+            ))
+        }
+    }
 }
 
 async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
@@ -432,23 +878,89 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     let c = &s.counters;
-    let live = s.directory.lock().expect("directory lock").live().len();
-    let text = format!(
-        "# TYPE amphi_router_rooms_created_total counter\namphi_router_rooms_created_total {}\n\
-         # TYPE amphi_router_tokens_minted_total counter\namphi_router_tokens_minted_total {}\n\
-         # TYPE amphi_router_routes_total counter\namphi_router_routes_total {}\n\
-         # TYPE amphi_router_hls_proxied_total counter\namphi_router_hls_proxied_total {}\n\
-         # TYPE amphi_router_rooms_ended_total counter\namphi_router_rooms_ended_total {}\n\
-         # TYPE amphi_router_origin_links gauge\namphi_router_origin_links {}\n\
-         # TYPE amphi_router_live_rooms gauge\namphi_router_live_rooms {}\n",
-        c.rooms_created.load(Ordering::Relaxed),
-        c.tokens_minted.load(Ordering::Relaxed),
-        c.routes.load(Ordering::Relaxed),
-        c.hls_proxied.load(Ordering::Relaxed),
-        c.rooms_ended.load(Ordering::Relaxed),
-        s.links.connected(),
-        live,
+    let live = s
+        .directory
+        .lock()
+        .expect("directory lock")
+        .live_count(now_unix());
+    let (edges, available) = {
+        let reg = s.registry.lock().expect("registry lock");
+        let l = reg.list(Instant::now());
+        (
+            l.iter().filter(|e| e.1).count(),
+            l.iter().filter(|e| e.2).count(),
+        )
+    };
+    let mut text = String::new();
+    let mut put = |name: &str, kind: &str, v: u64| {
+        use std::fmt::Write;
+        let _ = write!(text, "# TYPE {name} {kind}\n{name} {v}\n");
+    };
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    put(
+        "amphi_router_rooms_created_total",
+        "counter",
+        get(&c.rooms_created),
     );
+    put(
+        "amphi_router_tokens_minted_total",
+        "counter",
+        get(&c.tokens_minted),
+    );
+    put("amphi_router_routes_total", "counter", get(&c.routes));
+    put(
+        "amphi_router_routes_located_total",
+        "counter",
+        get(&c.routes_located),
+    );
+    put(
+        "amphi_router_routes_hls_total",
+        "counter",
+        get(&c.routes_hls),
+    );
+    put(
+        "amphi_router_hls_proxied_total",
+        "counter",
+        get(&c.hls_proxied),
+    );
+    put(
+        "amphi_router_rooms_ended_total",
+        "counter",
+        get(&c.rooms_ended),
+    );
+    put(
+        "amphi_router_heartbeats_total",
+        "counter",
+        get(&c.heartbeats),
+    );
+    put(
+        "amphi_router_auth_failures_total",
+        "counter",
+        get(&c.auth_failures),
+    );
+    put(
+        "amphi_router_webhooks_delivered_total",
+        "counter",
+        get(&s.webhooks.delivered),
+    );
+    put(
+        "amphi_router_webhooks_failed_total",
+        "counter",
+        get(&s.webhooks.failed),
+    );
+    put(
+        "amphi_router_webhooks_dropped_total",
+        "counter",
+        get(&s.webhooks.dropped),
+    );
+    put(
+        "amphi_router_origin_links",
+        "gauge",
+        s.links.connected() as u64,
+    );
+    put("amphi_router_live_rooms", "gauge", live as u64);
+    put("amphi_router_healthy_edges", "gauge", edges as u64);
+    put("amphi_router_available_edges", "gauge", available as u64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -469,6 +981,24 @@ async fn web_asset(State(s): State<Shared>, uri: Uri) -> Answer {
     }
 }
 
+/// Every route the router serves as (method, OpenAPI path) — checked against `docs/openapi.yaml`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/rooms"),
+    ("get", "/v1/rooms"),
+    ("get", "/v1/rooms/{id}"),
+    ("post", "/v1/rooms/{id}/tokens"),
+    ("post", "/v1/rooms/{id}/end"),
+    ("get", "/v1/rooms/{id}/recording"),
+    ("get", "/v1/route"),
+    ("get", "/v1/edges"),
+    ("put", "/v1/edges/{id}"),
+    ("post", "/v1/edges/{id}/drain"),
+    ("get", "/hls/{path}"),
+    ("head", "/hls/{path}"),
+    ("get", "/metrics"),
+    ("get", "/healthz"),
+];
+
 /// Build the router's axum application (exposed for in-process tests).
 fn app(state: Shared) -> Router {
     Router::new()
@@ -476,7 +1006,14 @@ fn app(state: Shared) -> Router {
         .route("/v1/rooms/{id}", get(get_room))
         .route("/v1/rooms/{id}/tokens", post(mint_token))
         .route("/v1/rooms/{id}/end", post(end_room))
+        .route("/v1/rooms/{id}/recording", get(recording))
         .route("/v1/route", get(route))
+        .route("/v1/edges", get(list_edges))
+        .route(
+            "/v1/edges/{id}",
+            put(edge_heartbeat).layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BODY)),
+        )
+        .route("/v1/edges/{id}/drain", post(drain_edge))
         .route("/hls/{*rest}", get(hls_proxy).head(hls_proxy))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -485,9 +1022,71 @@ fn app(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// Fire `room_started` for scheduled rooms whose time has come, and forget long-gone edges.
+async fn housekeeping(s: Shared, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut last = now_unix();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_unix();
+        let started: Vec<RoomId> = {
+            let dir = s.directory.lock().expect("directory lock");
+            dir.discover(None, now, |_| 0)
+                .iter()
+                .filter(|(_, r, _)| r.scheduled_at.is_some_and(|at| at > last && at <= now))
+                .map(|(id, _, _)| *id)
+                .collect()
+        };
+        for room in started {
+            tracing::info!(%room, "scheduled room started");
+            s.webhooks.emit(
+                EventKind::RoomStarted,
+                now,
+                serde_json::json!({ "room": room }),
+            );
+        }
+        last = now;
+        for id in s
+            .registry
+            .lock()
+            .expect("registry lock")
+            .expire(Instant::now())
+        {
+            tracing::info!(edge = %id, "edge forgotten after a long silence");
+        }
+    }
+}
+
 /// Serve the geo-router until `shutdown` fires.
 pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), RouterError> {
     let addr = setup.config.http_listen;
+    let trusted = setup
+        .config
+        .trusted_proxies
+        .iter()
+        .map(|n| {
+            n.parse::<IpNet>()
+                .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| RouterError::Config(format!("trusted_proxies: {n:?} is not a CIDR")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !(0.0..=1.0).contains(&setup.config.load_threshold) {
+        return Err(RouterError::Config(
+            "load_threshold must be within 0..=1".into(),
+        ));
+    }
+    if !setup.config.dev_mode && setup.config.api_keys.is_empty() {
+        return Err(RouterError::Config(
+            "production mode needs at least one api_keys entry".into(),
+        ));
+    }
+    let geoip = GeoIp::open(&setup.config.geoip)?;
+    for (path, kind) in geoip.describe() {
+        tracing::info!(path = %path.display(), %kind, "GeoIP database open");
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RouterError::Bind { addr, source })?;
@@ -511,9 +1110,38 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
             ))
         }
     };
+    let anchor = known_region(&setup.config.default_region)
+        .or_else(|| {
+            setup
+                .config
+                .edges
+                .iter()
+                .find(|e| e.region.name == setup.config.default_region)
+                .map(|e| e.region.clone())
+        })
+        .map(|r| GeoPoint {
+            latitude: r.latitude,
+            longitude: r.longitude,
+        });
     let state = Arc::new(AppState {
         verifier: setup.signer.verifier(),
         links,
+        registry: Mutex::new(Registry::with_static(&setup.config.edges)),
+        geoip,
+        trusted,
+        api_keys: ApiKeys::new(
+            setup
+                .config
+                .api_keys
+                .iter()
+                .map(|k| (k.id.clone(), k.secret.clone())),
+        ),
+        policy: Policy {
+            load_threshold: setup.config.load_threshold,
+            interactive_capacity: setup.config.interactive_capacity,
+        },
+        anchor,
+        webhooks: Webhooks::start(setup.config.webhooks.clone(), shutdown.clone()),
         config: setup.config,
         signer: setup.signer,
         directory: Mutex::new(Directory::default()),
@@ -522,6 +1150,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         counters: Counters::default(),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
+    tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
     tracing::info!(%addr, "geo-router listening");
     axum::serve(
         listener,

@@ -1,9 +1,18 @@
-//! amphi geo-router: the front door. Room directory, token minting, edge selection (`/v1/route`), the
-//! embedded web client and a proxy to the packager's HLS origin under `/hls/`.
+//! amphi geo-router: the front door. Room directory, token minting, GeoIP edge selection
+//! (`/v1/route`), the edge registry (heartbeats, health, draining), signed webhooks, links to the
+//! origins (ending rooms), the embedded web client and a proxy to the packager's HLS origin under
+//! `/hls/`.
 
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod client_ip;
 pub mod directory;
+pub mod geoip;
 pub mod http;
 pub mod origins;
+pub mod registry;
 pub mod select;
+pub mod webhooks;
 
-pub use http::{run, RouterError, RouterSetup, WebAsset};
+pub use http::{run, RouterError, RouterSetup, WebAsset, ROUTES};

@@ -298,10 +298,7 @@ impl Link {
         let mut welcomed = false;
         loop {
             // Flush pending ends once the origin has welcomed us.
-            while welcomed {
-                let Some(&room) = self.pending.front() else {
-                    break;
-                };
+            while let Some(&room) = self.pending.front().filter(|_| welcomed) {
                 let msg = ControlMessage::RoomEnded { room };
                 if let Err(e) = send.write_all(&msg.to_record()).await {
                     return SessionEnd::Lost(e.to_string());

@@ -1,6 +1,9 @@
-//! Edge selection (sans-IO): nearest edge by great-circle distance, with overrides.
+//! Edge selection (sans-IO): nearest healthy edge by great-circle distance, spilling to the next
+//! nearest when an edge is above its load threshold, with deterministic tie-breaks and a short
+//! `why` for operators. Listeners beyond a room's interactive capacity on the chosen edge are sent
+//! to HLS.
 
-use amphi_protocol::config::EdgeEndpoint;
+use std::fmt::Write;
 
 /// Mean Earth radius in kilometres.
 const EARTH_RADIUS_KM: f64 = 6371.0;
@@ -26,19 +29,58 @@ pub fn distance_km(a: GeoPoint, b: GeoPoint) -> f64 {
 /// What the caller knows about the client.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ClientPlace<'a> {
-    /// A region was asked for explicitly (dev mode override).
+    /// A region was asked for explicitly (dev mode override); its edges only.
     Region(&'a str),
     /// The client's location is known.
     Located(GeoPoint),
-    /// Nothing known (loopback, private or unknown address).
+    /// Nothing known (loopback, private or unknown address): the default region.
     Unknown,
+}
+
+/// A healthy, non-draining edge that may take new sessions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate<'a> {
+    /// Edge id.
+    pub id: &'a str,
+    /// Region name.
+    pub region: &'a str,
+    /// Where the edge is.
+    pub point: GeoPoint,
+    /// Public HTTP base URL.
+    pub public_url: &'a str,
+    /// Load as a fraction of what the edge can take (max of CPU and participants/capacity).
+    pub load: f64,
+    /// Interactive sessions of the room being routed, on this edge.
+    pub room_interactive: u32,
+}
+
+/// Selection policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Policy {
+    /// Edges at or above this load take no new sessions while a less loaded one is available.
+    pub load_threshold: f64,
+    /// Interactive listeners per room per edge; beyond it listeners get HLS.
+    pub interactive_capacity: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            load_threshold: 0.8,
+            interactive_capacity: 500,
+        }
+    }
 }
 
 /// The chosen edge and why.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Choice<'e> {
+pub struct Choice<'a> {
+    /// Index of the edge in the candidate slice.
+    pub index: usize,
     /// The edge.
-    pub edge: &'e EdgeEndpoint,
+    pub edge: Candidate<'a>,
+    /// The room is full on this edge for listeners: send the client to HLS.
+    pub hls_only: bool,
     /// Short explanation for operators.
     pub why: String,
 }
@@ -46,60 +88,111 @@ pub struct Choice<'e> {
 /// Why no edge could be chosen.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SelectError {
-    /// No edges are configured or healthy.
-    #[error("no edge available")]
+    /// No healthy edge at all.
+    #[error("no healthy edge available")]
     NoEdge,
-    /// The requested region has no edge.
-    #[error("no edge in region {0}")]
+    /// The requested region has no healthy edge.
+    #[error("no healthy edge in region {0}")]
     UnknownRegion(String),
 }
 
-/// Pick an edge for a client. Ties break on edge id, so the answer is deterministic.
-pub fn select_edge<'e>(
+/// Pick an edge for a client. `anchor` is where [`ClientPlace::Unknown`] and
+/// [`ClientPlace::Region`] clients are placed (the region's coordinates; `None` when unknown).
+/// Order: distance, then load, then id — so equal inputs give equal answers.
+pub fn select_edge<'a>(
     place: ClientPlace<'_>,
-    edges: &'e [EdgeEndpoint],
+    anchor: Option<GeoPoint>,
     default_region: &str,
-) -> Result<Choice<'e>, SelectError> {
-    let in_region = |region: &str| {
-        edges
-            .iter()
-            .filter(|e| e.region.name == region)
-            .min_by(|a, b| a.id.cmp(&b.id))
+    candidates: &[Candidate<'a>],
+    policy: Policy,
+    listener: bool,
+) -> Result<Choice<'a>, SelectError> {
+    let (from, only_region, mut why) = match place {
+        ClientPlace::Located(p) => (Some(p), None, String::from("located client")),
+        ClientPlace::Region(r) => (anchor, Some(r), format!("region {r} requested")),
+        ClientPlace::Unknown => (
+            anchor,
+            None,
+            format!("client location unknown: default region {default_region}"),
+        ),
     };
-    match place {
-        ClientPlace::Region(region) => in_region(region)
-            .map(|edge| Choice {
-                edge,
-                why: format!("region {region} requested"),
-            })
-            .ok_or_else(|| SelectError::UnknownRegion(region.to_string())),
-        ClientPlace::Unknown => in_region(default_region)
-            .or_else(|| edges.iter().min_by(|a, b| a.id.cmp(&b.id)))
-            .map(|edge| Choice {
-                edge,
-                why: format!("client location unknown: default region {default_region}"),
-            })
-            .ok_or(SelectError::NoEdge),
-        ClientPlace::Located(at) => {
-            let dist = |e: &EdgeEndpoint| {
-                distance_km(
-                    at,
-                    GeoPoint {
-                        latitude: e.region.latitude,
-                        longitude: e.region.longitude,
-                    },
-                )
-            };
-            edges
-                .iter()
-                .min_by(|a, b| dist(a).total_cmp(&dist(b)).then_with(|| a.id.cmp(&b.id)))
-                .map(|edge| Choice {
-                    edge,
-                    why: format!("nearest of {} edges: {:.0} km", edges.len(), dist(edge)),
-                })
-                .ok_or(SelectError::NoEdge)
-        }
+    let home = match place {
+        ClientPlace::Unknown => Some(default_region),
+        _ => only_region,
+    };
+    // (index, distance km, in the home region) of every eligible edge.
+    let mut order: Vec<(usize, f64, bool)> = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| only_region.is_none_or(|r| c.region == r))
+        .map(|(i, c)| {
+            let d = from.map(|p| distance_km(p, c.point)).unwrap_or(0.0);
+            (i, d, home.is_some_and(|h| c.region == h))
+        })
+        .collect();
+    if order.is_empty() {
+        return Err(match only_region {
+            Some(r) => SelectError::UnknownRegion(r.to_string()),
+            None => SelectError::NoEdge,
+        });
     }
+    order.sort_by(|a, b| {
+        // Home-region edges first (unknown clients), then nearest, least loaded, id.
+        b.2.cmp(&a.2)
+            .then(a.1.total_cmp(&b.1))
+            .then(candidates[a.0].load.total_cmp(&candidates[b.0].load))
+            .then(candidates[a.0].id.cmp(candidates[b.0].id))
+    });
+    let under = order
+        .iter()
+        .position(|&(i, _, _)| candidates[i].load < policy.load_threshold);
+    let pick = match under {
+        Some(pos) => pos,
+        // Everything is above the threshold: the least loaded, nearest first on ties.
+        None => {
+            let mut best = 0;
+            for (pos, &(i, _, _)) in order.iter().enumerate() {
+                if candidates[i].load < candidates[order[best].0].load {
+                    best = pos;
+                }
+            }
+            best
+        }
+    };
+    let (index, dist, _) = order[pick];
+    let edge = candidates[index].clone();
+    let _ = write!(
+        why,
+        "; {} of {} candidates, {:.0} km, load {:.2}",
+        edge.id,
+        order.len(),
+        dist,
+        edge.load
+    );
+    for &(i, _, _) in &order[..pick] {
+        let _ = write!(
+            why,
+            "; skipped {} (load {:.2} >= {:.2})",
+            candidates[i].id, candidates[i].load, policy.load_threshold
+        );
+    }
+    if under.is_none() {
+        why.push_str("; every candidate above the load threshold");
+    }
+    let hls_only = listener && edge.room_interactive >= policy.interactive_capacity;
+    if hls_only {
+        let _ = write!(
+            why,
+            "; room full on {} ({} >= {} interactive): HLS",
+            edge.id, edge.room_interactive, policy.interactive_capacity
+        );
+    }
+    Ok(Choice {
+        index,
+        edge,
+        hls_only,
+        why,
+    })
 }
 
 #[cfg(test)]
@@ -107,16 +200,49 @@ mod tests {
     use super::*;
     use amphi_protocol::config::known_region;
 
-    fn edges() -> Vec<EdgeEndpoint> {
-        ["us-east", "eu-west"]
-            .iter()
-            .map(|r| EdgeEndpoint {
-                id: format!("edge-{r}"),
-                region: known_region(r).unwrap(),
-                public_url: format!("http://{r}"),
-            })
-            .collect()
+    fn point(region: &str) -> GeoPoint {
+        let r = known_region(region).unwrap();
+        GeoPoint {
+            latitude: r.latitude,
+            longitude: r.longitude,
+        }
     }
+
+    fn cand(id: &'static str, region: &'static str, load: f64) -> Candidate<'static> {
+        Candidate {
+            id,
+            region,
+            point: point(region),
+            public_url: "http://edge",
+            load,
+            room_interactive: 0,
+        }
+    }
+
+    fn four() -> Vec<Candidate<'static>> {
+        vec![
+            cand("edge-ap-southeast-2", "ap-southeast-2", 0.1),
+            cand("edge-eu-west", "eu-west", 0.1),
+            cand("edge-us-east", "us-east", 0.1),
+            cand("edge-ap-southeast", "ap-southeast", 0.1),
+        ]
+    }
+
+    fn pick(
+        place: ClientPlace<'_>,
+        c: &[Candidate<'static>],
+    ) -> Result<Choice<'static>, SelectError> {
+        let anchor = match place {
+            ClientPlace::Region(r) => known_region(r).map(|_| point(r)),
+            _ => Some(point("us-east")),
+        };
+        select_edge(place, anchor, "us-east", c, Policy::default(), false)
+    }
+
+    const PARIS: GeoPoint = GeoPoint {
+        latitude: 48.86,
+        longitude: 2.35,
+    };
 
     #[test]
     fn distance_is_plausible() {
@@ -124,63 +250,136 @@ mod tests {
             latitude: 40.71,
             longitude: -74.0,
         };
-        let london = GeoPoint {
-            latitude: 51.51,
-            longitude: -0.13,
-        };
-        let d = distance_km(nyc, london);
+        let d = distance_km(nyc, point("eu-west-2"));
         assert!((d - 5570.0).abs() < 30.0, "{d}");
         assert_eq!(distance_km(nyc, nyc), 0.0);
     }
 
     #[test]
-    fn unknown_clients_get_the_default_region() {
-        let e = edges();
+    fn nearest_healthy_edge_wins() {
+        let c = four();
+        let ch = pick(ClientPlace::Located(PARIS), &c).unwrap();
+        assert_eq!(ch.edge.id, "edge-eu-west");
+        assert!(ch.why.contains("of 4 candidates"), "{}", ch.why);
+        let melbourne = GeoPoint {
+            latitude: -37.8,
+            longitude: 144.96,
+        };
         assert_eq!(
-            select_edge(ClientPlace::Unknown, &e, "us-east")
-                .unwrap()
-                .edge
-                .id,
-            "edge-us-east"
+            pick(ClientPlace::Located(melbourne), &c).unwrap().edge.id,
+            "edge-ap-southeast-2"
         );
+        // Without eu-west (unhealthy edges are simply not candidates) Paris goes to us-east.
+        let fewer: Vec<_> = c
+            .iter()
+            .filter(|e| e.id != "edge-eu-west")
+            .cloned()
+            .collect();
         assert_eq!(
-            select_edge(ClientPlace::Unknown, &e, "eu-west")
-                .unwrap()
-                .edge
-                .id,
-            "edge-eu-west"
+            pick(ClientPlace::Located(PARIS), &fewer).unwrap().edge.id,
+            "edge-us-east"
         );
     }
 
     #[test]
-    fn located_clients_get_the_nearest_edge() {
-        let e = edges();
-        let paris = GeoPoint {
-            latitude: 48.86,
-            longitude: 2.35,
-        };
-        let c = select_edge(ClientPlace::Located(paris), &e, "us-east").unwrap();
-        assert_eq!(c.edge.id, "edge-eu-west");
-        assert!(c.why.contains("nearest of 2"), "{}", c.why);
+    fn loaded_edges_spill_to_the_next_nearest() {
+        let mut c = four();
+        c[1].load = 0.95; // eu-west
+        let ch = pick(ClientPlace::Located(PARIS), &c).unwrap();
+        assert_eq!(ch.edge.id, "edge-us-east");
+        assert!(
+            ch.why.contains("skipped edge-eu-west (load 0.95"),
+            "{}",
+            ch.why
+        );
+        // All loaded: the least loaded one, whatever the distance.
+        for e in &mut c {
+            e.load = 0.9;
+        }
+        c[0].load = 0.85;
+        let ch = pick(ClientPlace::Located(PARIS), &c).unwrap();
+        assert_eq!(ch.edge.id, "edge-ap-southeast-2");
+        assert!(ch.why.contains("every candidate above"), "{}", ch.why);
+    }
+
+    #[test]
+    fn ties_break_on_load_then_id_whatever_the_input_order() {
+        let mut c = vec![
+            cand("edge-eu-west-b", "eu-west", 0.2),
+            cand("edge-eu-west-a", "eu-west", 0.2),
+            cand("edge-eu-west-c", "eu-west", 0.1),
+        ];
+        assert_eq!(
+            pick(ClientPlace::Located(PARIS), &c).unwrap().edge.id,
+            "edge-eu-west-c"
+        );
+        c[2].load = 0.2;
+        for _ in 0..3 {
+            c.rotate_left(1);
+            assert_eq!(
+                pick(ClientPlace::Located(PARIS), &c).unwrap().edge.id,
+                "edge-eu-west-a"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_clients_go_to_the_default_region_then_nearest_to_it() {
+        let c = four();
+        let ch = pick(ClientPlace::Unknown, &c).unwrap();
+        assert_eq!(ch.edge.id, "edge-us-east");
+        assert!(ch.why.contains("default region us-east"), "{}", ch.why);
+        let mut c2 = c.clone();
+        c2[2].load = 0.99;
+        // The default region's only edge is loaded: nearest other edge to Virginia.
+        assert_eq!(
+            pick(ClientPlace::Unknown, &c2).unwrap().edge.id,
+            "edge-eu-west"
+        );
+        let none_home: Vec<_> = c
+            .iter()
+            .filter(|e| e.region != "us-east")
+            .cloned()
+            .collect();
+        assert_eq!(
+            pick(ClientPlace::Unknown, &none_home).unwrap().edge.id,
+            "edge-eu-west"
+        );
+        assert_eq!(pick(ClientPlace::Unknown, &[]), Err(SelectError::NoEdge));
     }
 
     #[test]
     fn region_override_and_errors() {
-        let e = edges();
+        let c = four();
         assert_eq!(
-            select_edge(ClientPlace::Region("eu-west"), &e, "us-east")
-                .unwrap()
-                .edge
-                .id,
+            pick(ClientPlace::Region("eu-west"), &c).unwrap().edge.id,
             "edge-eu-west"
         );
         assert_eq!(
-            select_edge(ClientPlace::Region("mars"), &e, "us-east"),
+            pick(ClientPlace::Region("mars"), &c),
             Err(SelectError::UnknownRegion("mars".into()))
         );
-        assert_eq!(
-            select_edge(ClientPlace::Unknown, &[], "us-east"),
-            Err(SelectError::NoEdge)
+    }
+
+    #[test]
+    fn listeners_beyond_interactive_capacity_get_hls() {
+        let mut c = four();
+        c[1].room_interactive = 2;
+        let policy = Policy {
+            load_threshold: 0.8,
+            interactive_capacity: 2,
+        };
+        let at = ClientPlace::Located(PARIS);
+        let listener = select_edge(at, None, "us-east", &c, policy, true).unwrap();
+        assert!(listener.hls_only);
+        assert!(listener.why.contains("HLS"), "{}", listener.why);
+        let speaker = select_edge(at, None, "us-east", &c, policy, false).unwrap();
+        assert!(!speaker.hls_only);
+        c[1].room_interactive = 1;
+        assert!(
+            !select_edge(at, None, "us-east", &c, policy, true)
+                .unwrap()
+                .hls_only
         );
     }
 }

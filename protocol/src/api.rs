@@ -18,6 +18,9 @@ pub struct CreateRoomRequest {
     /// Optional topic, used for discovery.
     #[serde(default)]
     pub topic: Option<String>,
+    /// Optional start time (Unix seconds) for a scheduled room; live until then it is not.
+    #[serde(default)]
+    pub scheduled_at: Option<u64>,
 }
 
 /// `POST /v1/rooms` answer (`201 Created`).
@@ -39,6 +42,8 @@ pub enum RoomStatus {
     Live,
     /// Over; only the recording remains.
     Ended,
+    /// Announced for a later `scheduled_at`.
+    Scheduled,
 }
 
 /// A room as the directory shows it.
@@ -56,6 +61,15 @@ pub struct RoomInfo {
     pub created_at: u64,
     /// LL-HLS playlist URL.
     pub hls_url: String,
+    /// Start time of a scheduled room, Unix seconds.
+    #[serde(default)]
+    pub scheduled_at: Option<u64>,
+    /// When the room ended, Unix seconds.
+    #[serde(default)]
+    pub ended_at: Option<u64>,
+    /// Interactive sessions in the room over all edges (discovery ranking).
+    #[serde(default)]
+    pub listeners: u32,
 }
 
 /// `POST /v1/rooms/{id}/tokens` body.
@@ -90,6 +104,63 @@ pub struct RouteResponse {
     pub ws_url: String,
     /// LL-HLS playlist of the room.
     pub hls_url: String,
+    /// `interactive` (connect to the edge) or `hls` (the room is full on the nearest edge for
+    /// listeners: play `hls_url`).
+    #[serde(default = "default_route_mode")]
+    pub mode: String,
+    /// Short explanation of the choice, for operators.
+    #[serde(default)]
+    pub why: String,
+}
+
+fn default_route_mode() -> String {
+    "interactive".into()
+}
+
+/// Interactive sessions of one room on an edge (part of [`EdgeHeartbeat`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomLoad {
+    /// The room.
+    pub room: RoomId,
+    /// WebRTC sessions (speakers and interactive listeners) of the room on the edge.
+    pub sessions: u32,
+}
+
+/// `PUT /v1/edges/{id}` body: an edge registers and heartbeats every second.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeHeartbeat {
+    /// Edge id (must match the path).
+    pub id: String,
+    /// Region name.
+    pub region: String,
+    /// Latitude of the edge, degrees.
+    pub latitude: f64,
+    /// Longitude of the edge, degrees.
+    pub longitude: f64,
+    /// Public HTTP base URL (WHIP, WHEP, WebSocket).
+    pub public_url: String,
+    /// WebRTC sessions on the edge now.
+    pub participants: u32,
+    /// Process CPU use, as a fraction of the machine (0..=1).
+    pub cpu_load: f32,
+    /// Most sessions the edge takes.
+    pub capacity: u32,
+    /// Sessions per room.
+    #[serde(default)]
+    pub rooms: Vec<RoomLoad>,
+    /// The edge is draining: no new sessions, current ones continue.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// The router's answer to a heartbeat.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeartbeatAnswer {
+    /// An operator asked this edge to drain.
+    pub drain: bool,
+    /// Send the next heartbeat within this many milliseconds.
+    pub interval_ms: u64,
 }
 
 /// Every HTTP error body: `{"error": "code", "message": "..."}`.

@@ -166,6 +166,70 @@ pub struct RouterConfig {
     /// Origins the router links to (mTLS QUIC, as a `router` peer) to end rooms and hear of ends.
     #[serde(default)]
     pub origins: Vec<OriginEndpoint>,
+    /// GeoIP City databases (.mmdb, GeoIP2 or dbip flat schema), consulted in order.
+    #[serde(default)]
+    pub geoip: Vec<PathBuf>,
+    /// Proxies (CIDR) whose `Forwarded` / `X-Forwarded-For` headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Edges at or above this load (0..=1) spill new sessions to the next nearest edge.
+    #[serde(default = "default_load_threshold")]
+    pub load_threshold: f64,
+    /// Interactive sessions per room per edge; beyond it listeners are routed to HLS.
+    #[serde(default = "default_room_interactive_capacity")]
+    pub interactive_capacity: u32,
+    /// API keys (HMAC secrets) that may create rooms, mint tokens and operate edges in production.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Webhook receivers.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+    /// Redis URL (`redis://127.0.0.1:6379/0`) for the shared room directory and edge registry;
+    /// in memory when absent.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+}
+
+/// An API key: requests are signed with HMAC-SHA256 under `secret` (see the OpenAPI document).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKeyConfig {
+    /// Key id, sent as `X-Amphi-Key`.
+    pub id: String,
+    /// Shared secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ApiKeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyConfig")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A webhook receiver: events are POSTed as JSON, signed with HMAC-SHA256 under `secret`.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// Receiver URL (http).
+    pub url: String,
+    /// Shared secret for `X-Amphi-Webhook-Signature`.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_load_threshold() -> f64 {
+    0.8
+}
+
+fn default_room_interactive_capacity() -> u32 {
+    500
 }
 
 fn default_router_id() -> String {

@@ -1,0 +1,354 @@
+//! The edge registry (sans-IO): edges heartbeat every second; one that misses
+//! [`MISSED_HEARTBEATS`] is out; draining edges take no new sessions. Edges listed in the static
+//! configuration count as healthy until they have heartbeated once, after which the heartbeat rules
+//! apply to them too.
+
+use crate::select::{Candidate, GeoPoint};
+use amphi_protocol::api::EdgeHeartbeat;
+use amphi_protocol::config::EdgeEndpoint;
+use amphi_protocol::RoomId;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Heartbeat period asked of edges.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Missed heartbeats after which an edge is out.
+pub const MISSED_HEARTBEATS: u32 = 3;
+/// Most edges the registry holds.
+pub const MAX_EDGES: usize = 1024;
+/// Most rooms one heartbeat may list.
+pub const MAX_ROOMS_PER_HEARTBEAT: usize = 4096;
+
+/// Why a heartbeat was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeartbeatError {
+    /// A field is out of range.
+    #[error("bad heartbeat: {0}")]
+    Invalid(&'static str),
+    /// The registry is full.
+    #[error("too many edges")]
+    Full,
+}
+
+/// One registered edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EdgeRecord {
+    /// The last heartbeat.
+    pub beat: EdgeHeartbeat,
+    /// When it arrived (`None` for a static edge that never heartbeated).
+    pub last_seen: Option<Instant>,
+    /// Per-room sessions, for capacity checks.
+    pub rooms: BTreeMap<RoomId, u32>,
+}
+
+impl EdgeRecord {
+    /// Load as a fraction: the larger of CPU and sessions/capacity.
+    pub fn load(&self) -> f64 {
+        let sessions = if self.beat.capacity == 0 {
+            0.0
+        } else {
+            f64::from(self.beat.participants) / f64::from(self.beat.capacity)
+        };
+        sessions.max(f64::from(self.beat.cpu_load))
+    }
+}
+
+/// Whether a heartbeat is well-formed.
+pub fn validate(hb: &EdgeHeartbeat) -> Result<(), HeartbeatError> {
+    let ok_text =
+        |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
+    if !ok_text(&hb.id, 128) {
+        return Err(HeartbeatError::Invalid(
+            "id must be 1..=128 printable characters",
+        ));
+    }
+    if !ok_text(&hb.region, 64) {
+        return Err(HeartbeatError::Invalid(
+            "region must be 1..=64 printable characters",
+        ));
+    }
+    if !(hb.public_url.starts_with("http://") || hb.public_url.starts_with("https://"))
+        || !ok_text(&hb.public_url, 512)
+    {
+        return Err(HeartbeatError::Invalid("public_url must be an http(s) URL"));
+    }
+    if !(-90.0..=90.0).contains(&hb.latitude) || !(-180.0..=180.0).contains(&hb.longitude) {
+        return Err(HeartbeatError::Invalid("coordinates out of range"));
+    }
+    if !(0.0..=1.0).contains(&hb.cpu_load) {
+        return Err(HeartbeatError::Invalid("cpu_load must be within 0..=1"));
+    }
+    if hb.rooms.len() > MAX_ROOMS_PER_HEARTBEAT {
+        return Err(HeartbeatError::Invalid("too many rooms"));
+    }
+    Ok(())
+}
+
+/// Every edge the router knows.
+#[derive(Debug, Default)]
+pub struct Registry {
+    edges: BTreeMap<String, EdgeRecord>,
+    /// Edges an operator asked to drain (told in the heartbeat answer).
+    drain_requested: BTreeSet<String>,
+}
+
+impl Registry {
+    /// A registry holding the statically configured edges.
+    pub fn with_static(edges: &[EdgeEndpoint]) -> Self {
+        let mut r = Registry::default();
+        for e in edges {
+            r.edges.insert(
+                e.id.clone(),
+                EdgeRecord {
+                    beat: EdgeHeartbeat {
+                        id: e.id.clone(),
+                        region: e.region.name.clone(),
+                        latitude: e.region.latitude,
+                        longitude: e.region.longitude,
+                        public_url: e.public_url.clone(),
+                        participants: 0,
+                        cpu_load: 0.0,
+                        capacity: 0,
+                        rooms: Vec::new(),
+                        draining: false,
+                    },
+                    last_seen: None,
+                    rooms: BTreeMap::new(),
+                },
+            );
+        }
+        r
+    }
+
+    /// Record a heartbeat at `now`. Returns whether the edge was new (or back after being out).
+    pub fn heartbeat(&mut self, hb: EdgeHeartbeat, now: Instant) -> Result<bool, HeartbeatError> {
+        validate(&hb)?;
+        let was_healthy = self
+            .edges
+            .get(&hb.id)
+            .is_some_and(|e| self.is_healthy(e, now));
+        if !self.edges.contains_key(&hb.id) && self.edges.len() >= MAX_EDGES {
+            return Err(HeartbeatError::Full);
+        }
+        let rooms = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
+        self.edges.insert(
+            hb.id.clone(),
+            EdgeRecord {
+                beat: hb,
+                last_seen: Some(now),
+                rooms,
+            },
+        );
+        Ok(!was_healthy)
+    }
+
+    /// Ask `id` to drain (it learns so from its next heartbeat answer). `false` if unknown.
+    pub fn request_drain(&mut self, id: &str) -> bool {
+        if !self.edges.contains_key(id) {
+            return false;
+        }
+        self.drain_requested.insert(id.to_string());
+        true
+    }
+
+    /// Whether an operator asked `id` to drain.
+    pub fn drain_requested(&self, id: &str) -> bool {
+        self.drain_requested.contains(id)
+    }
+
+    fn is_healthy(&self, e: &EdgeRecord, now: Instant) -> bool {
+        match e.last_seen {
+            None => true,
+            Some(t) => now.saturating_duration_since(t) < HEARTBEAT_INTERVAL * MISSED_HEARTBEATS,
+        }
+    }
+
+    /// Whether an edge may take new sessions: healthy and not draining.
+    fn is_available(&self, e: &EdgeRecord, now: Instant) -> bool {
+        self.is_healthy(e, now) && !e.beat.draining && !self.drain_requested.contains(&e.beat.id)
+    }
+
+    /// Forget edges that have been out for a long time (60 missed heartbeats); returns their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+        let gone: Vec<String> = self
+            .edges
+            .iter()
+            .filter(|(_, e)| {
+                e.last_seen.is_some_and(|t| {
+                    now.saturating_duration_since(t) > HEARTBEAT_INTERVAL * (20 * MISSED_HEARTBEATS)
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            self.edges.remove(id);
+            self.drain_requested.remove(id);
+        }
+        gone
+    }
+
+    /// Edges that may take new sessions, as selection candidates for `room`.
+    pub fn candidates(&self, room: RoomId, now: Instant) -> Vec<Candidate<'_>> {
+        self.edges
+            .values()
+            .filter(|e| self.is_available(e, now))
+            .map(|e| Candidate {
+                id: &e.beat.id,
+                region: &e.beat.region,
+                point: GeoPoint {
+                    latitude: e.beat.latitude,
+                    longitude: e.beat.longitude,
+                },
+                public_url: &e.beat.public_url,
+                load: e.load(),
+                room_interactive: e.rooms.get(&room).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Every edge with its state at `now`: (record, healthy, available).
+    pub fn list(&self, now: Instant) -> Vec<(&EdgeRecord, bool, bool)> {
+        self.edges
+            .values()
+            .map(|e| (e, self.is_healthy(e, now), self.is_available(e, now)))
+            .collect()
+    }
+
+    /// Sessions of `room` over every healthy edge (listener count for discovery).
+    pub fn room_sessions(&self, room: RoomId, now: Instant) -> u32 {
+        self.edges
+            .values()
+            .filter(|e| self.is_healthy(e, now))
+            .filter_map(|e| e.rooms.get(&room))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amphi_protocol::api::RoomLoad;
+    use amphi_protocol::config::known_region;
+
+    fn beat(id: &str, region: &str) -> EdgeHeartbeat {
+        let r = known_region(region).unwrap();
+        EdgeHeartbeat {
+            id: id.into(),
+            region: region.into(),
+            latitude: r.latitude,
+            longitude: r.longitude,
+            public_url: format!("http://{id}"),
+            participants: 10,
+            cpu_load: 0.1,
+            capacity: 100,
+            rooms: vec![RoomLoad {
+                room: RoomId(7),
+                sessions: 4,
+            }],
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn three_missed_heartbeats_take_an_edge_out() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        assert_eq!(r.heartbeat(beat("a", "us-east"), t0), Ok(true));
+        assert_eq!(r.heartbeat(beat("b", "eu-west"), t0), Ok(true));
+        assert_eq!(
+            r.heartbeat(beat("a", "us-east"), t0 + Duration::from_secs(1)),
+            Ok(false)
+        );
+        let ids = |r: &Registry, t| {
+            r.candidates(RoomId(7), t)
+                .iter()
+                .map(|c| c.id.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&r, t0 + Duration::from_millis(2900)), ["a", "b"]);
+        // b's last beat was at t0: out at t0 + 3 s; a's at t0 + 1 s: out at t0 + 4 s.
+        assert_eq!(ids(&r, t0 + Duration::from_secs(3)), ["a"]);
+        assert_eq!(ids(&r, t0 + Duration::from_secs(4)), Vec::<String>::new());
+        // Coming back makes it healthy (and reports it as new).
+        assert_eq!(
+            r.heartbeat(beat("b", "eu-west"), t0 + Duration::from_secs(5)),
+            Ok(true)
+        );
+        assert_eq!(ids(&r, t0 + Duration::from_secs(5)), ["b"]);
+        assert_eq!(r.room_sessions(RoomId(7), t0 + Duration::from_secs(5)), 4);
+        assert_eq!(
+            r.expire(t0 + Duration::from_secs(62)),
+            vec!["a".to_string()]
+        );
+    }
+
+    #[test]
+    fn draining_edges_take_no_new_sessions() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        let mut b = beat("a", "us-east");
+        b.draining = true;
+        r.heartbeat(b, t0).unwrap();
+        r.heartbeat(beat("b", "eu-west"), t0).unwrap();
+        assert_eq!(r.candidates(RoomId(7), t0).len(), 1);
+        assert!(r.request_drain("b"));
+        assert!(!r.request_drain("nope"));
+        assert!(r.drain_requested("b"));
+        assert!(r.candidates(RoomId(7), t0).is_empty());
+        // Still healthy (listed), just unavailable.
+        assert!(r
+            .list(t0)
+            .iter()
+            .all(|(_, healthy, avail)| *healthy && !*avail));
+    }
+
+    #[test]
+    fn static_edges_count_until_they_heartbeat_and_load_is_the_max() {
+        let t0 = Instant::now();
+        let e = EdgeEndpoint {
+            id: "s".into(),
+            region: known_region("eu-west").unwrap(),
+            public_url: "http://s".into(),
+        };
+        let mut r = Registry::with_static(&[e]);
+        assert_eq!(
+            r.candidates(RoomId(1), t0 + Duration::from_secs(3600))
+                .len(),
+            1
+        );
+        let mut b = beat("s", "eu-west");
+        b.participants = 90;
+        r.heartbeat(b, t0).unwrap();
+        let c = r.candidates(RoomId(7), t0);
+        assert!((c[0].load - 0.9).abs() < 1e-9);
+        assert_eq!(c[0].room_interactive, 4);
+        assert!(r
+            .candidates(RoomId(7), t0 + Duration::from_secs(3))
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_heartbeats_are_refused() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        type Mutation = Box<dyn Fn(&mut EdgeHeartbeat)>;
+        let cases: Vec<Mutation> = vec![
+            Box::new(|b| b.id.clear()),
+            Box::new(|b| b.id = "x".repeat(200)),
+            Box::new(|b| b.region = "a\nb".into()),
+            Box::new(|b| b.public_url = "ftp://x".into()),
+            Box::new(|b| b.latitude = 91.0),
+            Box::new(|b| b.longitude = f64::NAN),
+            Box::new(|b| b.cpu_load = 1.5),
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            let mut b = beat("a", "us-east");
+            f(&mut b);
+            assert!(
+                matches!(r.heartbeat(b, t0), Err(HeartbeatError::Invalid(_))),
+                "case {i}"
+            );
+        }
+        assert!(r.list(t0).is_empty());
+    }
+}

@@ -1,0 +1,188 @@
+//! Signed webhooks: events are queued without waiting (a full queue drops and counts the event, so
+//! nothing on the request or media path ever blocks on a receiver), then POSTed as JSON to every
+//! receiver with `X-Amphi-Webhook-Signature: sha256=<hex HMAC-SHA256(secret, body)>`, retried
+//! with exponential backoff.
+
+use crate::auth::hmac_hex;
+use amphi_protocol::config::WebhookConfig;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Events waiting for delivery before new ones are dropped.
+const QUEUE: usize = 1024;
+/// Delivery attempts per event and receiver.
+pub const MAX_ATTEMPTS: u32 = 6;
+/// Timeout of one delivery attempt.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The event kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A room went live.
+    RoomStarted,
+    /// A room ended.
+    RoomEnded,
+    /// Sessions of a room on an edge went up (from edge heartbeats).
+    ParticipantJoined,
+    /// Sessions of a room on an edge went down (from edge heartbeats).
+    ParticipantLeft,
+    /// A recording is ready.
+    RecordingReady,
+}
+
+/// One webhook delivery body.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    /// Unique id (receivers deduplicate retries with it).
+    pub id: String,
+    /// Kind.
+    pub event: EventKind,
+    /// Unix seconds.
+    pub at: u64,
+    /// Event details (`room`, `edge`, `sessions`, ...).
+    pub data: serde_json::Value,
+}
+
+/// Delay before retry `attempt` (1-based): 250 ms doubling, capped at 8 s.
+pub fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(250u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(8))
+}
+
+/// Handle to the webhook dispatcher.
+#[derive(Clone)]
+pub struct Webhooks {
+    tx: Option<mpsc::Sender<Event>>,
+    /// Events dropped because the queue was full.
+    pub dropped: Arc<AtomicU64>,
+    /// Deliveries that succeeded (2xx).
+    pub delivered: Arc<AtomicU64>,
+    /// Deliveries abandoned after every attempt failed.
+    pub failed: Arc<AtomicU64>,
+}
+
+impl Webhooks {
+    /// Start the dispatcher (no task when there are no receivers).
+    pub fn start(receivers: Vec<WebhookConfig>, shutdown: CancellationToken) -> Self {
+        let mut hooks = Webhooks {
+            tx: None,
+            dropped: Arc::default(),
+            delivered: Arc::default(),
+            failed: Arc::default(),
+        };
+        if receivers.is_empty() {
+            return hooks;
+        }
+        let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
+        hooks.tx = Some(tx);
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let receivers = Arc::new(receivers);
+        let (delivered, failed) = (hooks.delivered.clone(), hooks.failed.clone());
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+                };
+                let body = Bytes::from(serde_json::to_vec(&ev).expect("events serialize"));
+                for r in receivers.iter() {
+                    let (client, r, body) = (client.clone(), r.clone(), body.clone());
+                    let (delivered, failed, sd) =
+                        (delivered.clone(), failed.clone(), shutdown.clone());
+                    let kind = ev.event;
+                    let id = ev.id.clone();
+                    tokio::spawn(async move {
+                        let sig = format!("sha256={}", hmac_hex(&r.secret, &body));
+                        for attempt in 1..=MAX_ATTEMPTS {
+                            let req = http::Request::post(&r.url)
+                                .header(http::header::CONTENT_TYPE, "application/json")
+                                .header("x-amphi-webhook-signature", &sig)
+                                .header("x-amphi-webhook-id", &id)
+                                .header("x-amphi-webhook-attempt", attempt.to_string())
+                                .body(Full::new(body.clone()));
+                            let Ok(req) = req else {
+                                tracing::warn!(url = %r.url, "bad webhook URL");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            };
+                            let outcome =
+                                tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req)).await;
+                            match outcome {
+                                Ok(Ok(resp)) if resp.status().is_success() => {
+                                    delivered.fetch_add(1, Ordering::Relaxed);
+                                    return;
+                                }
+                                Ok(Ok(resp)) => {
+                                    tracing::info!(url = %r.url, ?kind, status = %resp.status(), attempt, "webhook refused")
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::info!(url = %r.url, ?kind, error = %e, attempt, "webhook failed")
+                                }
+                                Err(_) => {
+                                    tracing::info!(url = %r.url, ?kind, attempt, "webhook timed out")
+                                }
+                            }
+                            if attempt < MAX_ATTEMPTS {
+                                tokio::select! {
+                                    _ = sd.cancelled() => return,
+                                    _ = tokio::time::sleep(retry_delay(attempt)) => {}
+                                }
+                            }
+                        }
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(url = %r.url, ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
+                    });
+                }
+            }
+        });
+        hooks
+    }
+
+    /// Queue an event; never waits (drops and counts it when the queue is full).
+    pub fn emit(&self, event: EventKind, at: u64, data: serde_json::Value) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let ev = Event {
+            id: format!("{:032x}", rand::random::<u128>()),
+            event,
+            at,
+            data,
+        };
+        if tx.try_send(ev).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_with_a_cap() {
+        let d: Vec<u64> = (1..=8).map(|a| retry_delay(a).as_millis() as u64).collect();
+        assert_eq!(d, [250, 500, 1000, 2000, 4000, 8000, 8000, 8000]);
+    }
+
+    #[test]
+    fn events_serialize_with_snake_case_kinds() {
+        let ev = Event {
+            id: "x".into(),
+            event: EventKind::ParticipantJoined,
+            at: 5,
+            data: serde_json::json!({"room": "00000000000000aa"}),
+        };
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["event"], "participant_joined");
+        assert_eq!(v["data"]["room"], "00000000000000aa");
+    }
+}
