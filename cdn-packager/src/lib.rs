@@ -32,6 +32,7 @@ mod room;
 pub mod segmenter;
 pub mod speakers;
 pub mod storage;
+pub mod synth;
 mod tls;
 pub mod upload;
 

@@ -1,0 +1,624 @@
+//! `amphi loadgen hls`: N LL-HLS players against a packager origin, following the protocol like
+//! a real player: a blocking playlist reload for the preload-hinted part
+//! (`_HLS_msn`/`_HLS_part`), then that part, over one keep-alive HTTP/1.1 connection each.
+//!
+//! By default it starts its own packager in a child process (`--serve-packager`, one
+//! single-threaded tokio runtime = one core) fed a synthetic 20 ms Opus program, so the
+//! packager's RSS and CPU are measured alone. Reports: blocking requests held at once, the delay
+//! from a part's publication (the `x-amphi-published-us` header of the playlist state) to its
+//! delivery to players (per response and per part over all waiting players: p50/p99), requests
+//! per second, packager RSS and CPU.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The room the synthetic program is packaged into.
+const BENCH_ROOM: u64 = 0x00be_ac00_0000_0001;
+
+/// Options of `amphi loadgen hls`.
+#[derive(Args, Debug)]
+pub struct HlsArgs {
+    /// Concurrent players.
+    #[arg(long, default_value_t = 10_000)]
+    players: usize,
+    /// Measured seconds (after every player started).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Short run for CI: 50 players, 3 s.
+    #[arg(long)]
+    smoke: bool,
+    /// Players started per 50 ms while ramping up.
+    #[arg(long, default_value_t = 500)]
+    ramp_batch: usize,
+    /// Port of the packager this command starts (ignored with `--url`).
+    #[arg(long, default_value_t = 18_400)]
+    port: u16,
+    /// Load an existing packager instead: its media playlist URL
+    /// (`http://host:port/hls/{room}/opus/playlist.m3u8`, plain HTTP).
+    #[arg(long)]
+    url: Option<String>,
+    /// Internal: run the packager with a synthetic program on this address (child mode).
+    #[arg(long, hide = true)]
+    serve_packager: Option<SocketAddr>,
+    /// Internal: data directory of the child packager.
+    #[arg(long, hide = true)]
+    data_dir: Option<PathBuf>,
+    /// Internal: the child stops after this many seconds.
+    #[arg(long, hide = true, default_value_t = 120)]
+    serve_seconds: u64,
+}
+
+/// `amphi loadgen hls`.
+pub async fn run(args: HlsArgs) -> Result<()> {
+    if let Some(addr) = args.serve_packager {
+        let dir = args.data_dir.clone().context("--data-dir is required")?;
+        let secs = args.serve_seconds;
+        return tokio::task::spawn_blocking(move || serve_packager(addr, dir, secs))
+            .await
+            .context("packager thread")?;
+    }
+    let (players, seconds) = if args.smoke {
+        (args.players.min(50), args.seconds.min(3))
+    } else {
+        (args.players, args.seconds)
+    };
+    if players == 0 || players > 60_000 {
+        bail!("--players must be 1..=60000");
+    }
+    let mut child = None;
+    let url = match &args.url {
+        Some(u) => u.clone(),
+        None => {
+            let addr: SocketAddr = ([127, 0, 0, 1], args.port).into();
+            let dir =
+                std::env::temp_dir().join(format!("amphi-loadgen-hls-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut c = Command::new(std::env::current_exe()?)
+                .args(["loadgen", "hls", "--serve-packager", &addr.to_string()])
+                .arg("--data-dir")
+                .arg(&dir)
+                .args(["--serve-seconds", &(seconds + 60).to_string()])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting the packager child")?;
+            let stdout = c.stdout.take().context("child stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("ready") => {}
+                other => bail!("packager child did not start: {other:?}"),
+            }
+            child = Some((c, dir));
+            format!(
+                "http://{addr}/hls/{}/opus/playlist.m3u8",
+                amphi_protocol::RoomId(BENCH_ROOM)
+            )
+        }
+    };
+    let result = drive(
+        &url,
+        players,
+        seconds,
+        args.ramp_batch,
+        child.as_ref().map(|c| c.0.id()),
+    )
+    .await;
+    if let Some((mut c, dir)) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// Child mode: a packager on one single-threaded runtime, fed a 440 Hz program in real time.
+fn serve_packager(addr: SocketAddr, data_dir: PathBuf, seconds: u64) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let config = amphi_protocol::config::PackagerConfig {
+            id: "loadgen-packager".into(),
+            origin_addr: ([127, 0, 0, 1], 9).into(),
+            origin_server_name: "unused".into(),
+            http_listen: addr,
+            data_dir,
+        };
+        let packager = amphi_packager::Packager::start(
+            &config,
+            &amphi_packager::PackagerOptions::default(),
+            shutdown.clone(),
+        )
+        .await?;
+        let input = packager.input(amphi_protocol::RoomId(BENCH_ROOM)).await?;
+        let packets = amphi_packager::synth::tone_packets(440.0, 0.3, 500)?;
+        println!("ready {}", packager.http_addr);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let frames = seconds * 50;
+        for i in 0..frames {
+            tick.tick().await;
+            let p = &packets[i as usize % packets.len()];
+            input.frame((i as u32).wrapping_mul(960), p, 1);
+        }
+        input.end();
+        shutdown.cancel();
+        packager.stopped().await?;
+        Ok(())
+    })
+}
+
+/// A minimal keep-alive HTTP/1.1 client connection (Content-Length and chunked bodies).
+struct Conn {
+    stream: TcpStream,
+    host: String,
+    buf: Vec<u8>,
+}
+
+/// A response.
+struct Resp {
+    status: u16,
+    published_us: Option<u64>,
+    body: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            host: addr.to_string(),
+            buf: Vec::with_capacity(8192),
+        })
+    }
+
+    async fn get(&mut self, target: &str) -> std::io::Result<Resp> {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.stream.write_all(req.as_bytes()).await?;
+        loop {
+            if let Some((head_len, resp_head)) = parse_head(&self.buf)? {
+                let total = match resp_head.length {
+                    BodyLength::Known(n) => head_len + n,
+                    BodyLength::Chunked => match chunked_len(&self.buf[head_len..]) {
+                        Some(n) => head_len + n,
+                        None => usize::MAX,
+                    },
+                };
+                if self.buf.len() >= total {
+                    let raw: Vec<u8> = self.buf.drain(..total).collect();
+                    let body = match resp_head.length {
+                        BodyLength::Known(_) => raw[head_len..].to_vec(),
+                        BodyLength::Chunked => dechunk(&raw[head_len..]),
+                    };
+                    return Ok(Resp {
+                        status: resp_head.status,
+                        published_us: resp_head.published_us,
+                        body,
+                    });
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+enum BodyLength {
+    Known(usize),
+    Chunked,
+}
+
+struct Head {
+    status: u16,
+    length: BodyLength,
+    published_us: Option<u64>,
+}
+
+/// Sans-IO: parse a response head at the start of `buf` if it is complete.
+fn parse_head(buf: &[u8]) -> std::io::Result<Option<(usize, Head)>> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() > 64 * 1024 {
+            return Err(std::io::Error::other("response head too long"));
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end]).map_err(std::io::Error::other)?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let mut length = BodyLength::Known(0);
+    let mut published_us = None;
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.eq_ignore_ascii_case("content-length") {
+            length = BodyLength::Known(v.parse().map_err(std::io::Error::other)?);
+        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked") {
+            length = BodyLength::Chunked;
+        } else if k.eq_ignore_ascii_case(amphi_packager::PUBLISHED_HEADER) {
+            published_us = v.parse().ok();
+        }
+    }
+    Ok(Some((
+        end + 4,
+        Head {
+            status,
+            length,
+            published_us,
+        },
+    )))
+}
+
+/// Length of a complete chunked body at the start of `b`, if complete.
+fn chunked_len(b: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    for _ in 0..100_000 {
+        let eol = b[pos..].windows(2).position(|w| w == b"\r\n")?;
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[pos..pos + eol]).ok()?.trim(), 16).ok()?;
+        pos += eol + 2 + n + 2;
+        if pos > b.len() {
+            return None;
+        }
+        if n == 0 {
+            return Some(pos);
+        }
+    }
+    None
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let Some(n) = std::str::from_utf8(&b[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+        else {
+            break;
+        };
+        if n == 0 || b.len() < eol + 2 + n {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[(eol + 4 + n).min(b.len())..];
+    }
+    out
+}
+
+/// The part named by `EXT-X-PRELOAD-HINT` in a playlist.
+fn preload_hint(body: &[u8]) -> Option<(u64, u32)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("#EXT-X-PRELOAD-HINT:"))?;
+    let uri = line.split("URI=\"").nth(1)?.split('"').next()?;
+    let (m, p) = uri
+        .strip_prefix("part")?
+        .strip_suffix(".m4s")?
+        .split_once('.')?;
+    Some((m.parse().ok()?, p.parse().ok()?))
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Counters {
+    playlists: AtomicU64,
+    parts: AtomicU64,
+    part_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One player until `stop`; returns `(msn, part, delay_us)` of measured blocking reloads.
+async fn player(
+    host: String,
+    path: String,
+    dir: String,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    c: Arc<Counters>,
+) -> Vec<(u64, u32, u32)> {
+    let mut out = Vec::new();
+    let mut conn = None;
+    for _ in 0..1_000_000 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let cn = match &mut conn {
+            Some(c) => c,
+            None => match Conn::open(&host).await {
+                Ok(c) => conn.insert(c),
+                Err(_) => {
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+        };
+        // Join at the live edge.
+        let mut hint = match cn.get(&path).await {
+            Ok(r) if r.status == 200 => preload_hint(&r.body),
+            _ => None,
+        };
+        let Some(_) = hint else {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            conn = None;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while let Some((msn, part)) = hint {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let r = match cn
+                .get(&format!("{path}?_HLS_msn={msn}&_HLS_part={part}"))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                    break;
+                }
+            };
+            let got = unix_us();
+            if r.status != 200 {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            c.playlists.fetch_add(1, Ordering::Relaxed);
+            if measuring.load(Ordering::Relaxed) {
+                if let Some(p) = r.published_us {
+                    out.push((msn, part, got.saturating_sub(p).min(u32::MAX as u64) as u32));
+                }
+            }
+            match cn.get(&format!("{dir}part{msn}.{part}.m4s")).await {
+                Ok(p) if p.status == 200 => {
+                    c.parts.fetch_add(1, Ordering::Relaxed);
+                    c.part_bytes
+                        .fetch_add(p.body.len() as u64, Ordering::Relaxed);
+                }
+                _ => {
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            hint = preload_hint(&r.body);
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// (RSS kB, peak RSS kB, CPU ticks) of a process.
+fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((kb("VmRSS:")?, kb("VmHWM:")?, ticks))
+}
+
+async fn drive(
+    url: &str,
+    players: usize,
+    seconds: u64,
+    ramp_batch: usize,
+    packager_pid: Option<u32>,
+) -> Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("--url must be a plain http:// media playlist URL")?;
+    let (host, path) = rest.split_at(rest.find('/').context("URL has no path")?);
+    let dir = path[..path.rfind('/').unwrap_or(0) + 1].to_string();
+    let (host, path) = (host.to_string(), path.to_string());
+    let metrics_path = "/metrics".to_string();
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    // Wait until the playlist has a part.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(mut c) = Conn::open(&host).await {
+            if let Ok(r) = c.get(&path).await {
+                if r.status == 200 && preload_hint(&r.body).is_some_and(|h| h != (0, 0)) {
+                    break;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} never listed a part");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("loadgen hls: {players} players against {url}, ramping up ({ramp_batch} per 50 ms)");
+    let mut tasks = Vec::with_capacity(players);
+    let ramp_start = Instant::now();
+    for i in 0..players {
+        tasks.push(tokio::spawn(player(
+            host.clone(),
+            path.clone(),
+            dir.clone(),
+            measuring.clone(),
+            stop.clone(),
+            counters.clone(),
+        )));
+        if (i + 1) % ramp_batch.max(1) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Let every player reach the live edge, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ramp = ramp_start.elapsed();
+    let before = packager_pid.and_then(proc_stats);
+    let base = (
+        counters.playlists.load(Ordering::Relaxed),
+        counters.parts.load(Ordering::Relaxed),
+        counters.errors.load(Ordering::Relaxed),
+    );
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let mut held_max = 0f64;
+    let mut held_sum = 0f64;
+    let mut held_n = 0u32;
+    let mut mconn = Conn::open(&host).await.ok();
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(c) = &mut mconn {
+            if let Ok(r) = c.get(&metrics_path).await {
+                let text = String::from_utf8_lossy(&r.body);
+                if let Some(v) = text
+                    .lines()
+                    .find(|l| l.starts_with("amphi_packager_blocking_requests_in_flight "))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
+                    held_max = held_max.max(v);
+                    held_sum += v;
+                    held_n += 1;
+                }
+            }
+        }
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = packager_pid.and_then(proc_stats);
+    let totals = (
+        counters.playlists.load(Ordering::Relaxed) - base.0,
+        counters.parts.load(Ordering::Relaxed) - base.1,
+        counters.errors.load(Ordering::Relaxed) - base.2,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    for t in tasks {
+        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(10), t).await {
+            samples.extend(v);
+        }
+    }
+    let mut per_response: Vec<u32> = samples.iter().map(|s| s.2).collect();
+    per_response.sort_unstable();
+    let mut per_part: HashMap<(u64, u32), (u32, u32)> = HashMap::new();
+    for (m, p, d) in &samples {
+        let e = per_part.entry((*m, *p)).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(*d);
+    }
+    // Parts every player waited for (all of them, or nearly: joins and rejoins aside).
+    let full = per_part.values().map(|v| v.0).max().unwrap_or(0);
+    let mut all_waiting: Vec<u32> = per_part
+        .values()
+        .filter(|v| v.0 * 10 >= full * 9)
+        .map(|v| v.1)
+        .collect();
+    all_waiting.sort_unstable();
+    println!(
+        "ramp-up {:.1} s, measured {:.1} s",
+        ramp.as_secs_f64(),
+        elapsed
+    );
+    println!(
+        "blocking playlist requests held by the packager: peak {held_max:.0}, mean {:.0} (sampled every 100 ms)",
+        if held_n > 0 { held_sum / f64::from(held_n) } else { f64::NAN }
+    );
+    println!(
+        "throughput: {:.0} blocking reloads/s, {:.0} part fetches/s, {} errors",
+        totals.0 as f64 / elapsed,
+        totals.1 as f64 / elapsed,
+        totals.2
+    );
+    println!(
+        "publication -> delivery, per response: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} responses)",
+        percentile(&per_response, 0.5),
+        percentile(&per_response, 0.99),
+        percentile(&per_response, 1.0),
+        per_response.len()
+    );
+    println!(
+        "publication -> delivered to all waiting players, per part: p50 {:.1} ms, p99 {:.1} ms ({} parts, {} players each)",
+        percentile(&all_waiting, 0.5),
+        percentile(&all_waiting, 0.99),
+        all_waiting.len(),
+        full
+    );
+    if let (Some(b), Some(a)) = (before, after) {
+        let cpu = (a.2 - b.2) as f64 / 100.0 / elapsed * 100.0;
+        println!(
+            "packager process: RSS {:.1} MiB (peak {:.1} MiB), CPU {cpu:.0}% of one core (single-threaded runtime)",
+            a.0 as f64 / 1024.0,
+            a.1 as f64 / 1024.0
+        );
+    }
+    if totals.0 == 0 {
+        bail!("no blocking reload completed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_bodies_and_hints_parse() {
+        let raw =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-amphi-published-us: 17\r\n\r\nabcHTTP";
+        let (n, h) = parse_head(raw).unwrap().unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.published_us, Some(17));
+        assert!(matches!(h.length, BodyLength::Known(3)));
+        assert_eq!(&raw[n..n + 3], b"abc");
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n").unwrap().is_none());
+        assert!(parse_head(b"garbage\r\n\r\n").is_err());
+        let chunked = b"3\r\nabc\r\n0\r\n\r\nrest";
+        assert_eq!(chunked_len(chunked), Some(chunked.len() - 4));
+        assert_eq!(dechunk(chunked), b"abc");
+        assert_eq!(chunked_len(b"3\r\nab"), None);
+        let pl = b"#EXTM3U\n#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part12.3.m4s\"\n";
+        assert_eq!(preload_hint(pl), Some((12, 3)));
+        assert_eq!(preload_hint(b"#EXTM3U\n#EXT-X-ENDLIST\n"), None);
+        assert_eq!(percentile(&[1000, 2000, 3000], 0.5), 2.0);
+    }
+}
