@@ -171,6 +171,12 @@ async function loadRooms() {
       live.className = "live-dot";
       live.textContent = "LIVE";
       li.append(live, a);
+      if (Number.isFinite(r.listeners)) {
+        const count = document.createElement("span");
+        count.className = "muted small";
+        count.textContent = `${r.listeners} in the room`;
+        li.append(count);
+      }
       list.append(li);
     }
   } catch (e) {
@@ -744,7 +750,7 @@ function onRoleChanged({ id, role, by }) {
       setNotice(`${byName} invited you to speak. You're on stage${role === "cohost" ? " as a co-host" : ""}.`, "info");
       goOnStage();
     } else if (!PUBLISHERS.has(role) && PUBLISHERS.has(before)) {
-      setNotice(`${byName} moved you back to the audience.`, "info");
+      setNotice(by === id ? "You moved to the audience." : `${byName} moved you back to the audience.`, "info");
       stopSending();
     } else {
       setNotice(`Your role is now ${role}.`, "info");
@@ -913,6 +919,7 @@ function personItem(p) {
     } else {
       if (!p.muted) tools.append(actionButton("mute", p.id, "Mute"));
       if (amphi.role === "host" && p.role === "speaker") tools.append(actionButton("make-cohost", p.id, "Make co-host", "ghost"));
+      if (amphi.role === "host" && p.role === "cohost") tools.append(actionButton("make-speaker", p.id, "Make speaker", "ghost"));
       tools.append(actionButton("demote", p.id, "Move to audience", "ghost"));
     }
     tools.append(actionButton("kick", p.id, "Remove", "danger"));
@@ -962,6 +969,7 @@ function renderControls() {
   $("#switch-hls").hidden = !(joined && !publisher && amphi.listenMode === "webrtc");
   $("#switch-webrtc").hidden = !(joined && !publisher && amphi.listenMode === "hls");
   $("#end-room").hidden = !(joined && amphi.role === "host");
+  $("#step-down").hidden = !(joined && (amphi.role === "speaker" || amphi.role === "cohost"));
   $("#rejoin").hidden = amphi.closedReason !== "failed";
   $("#leave").textContent = amphi.closedReason ? "Back to lobby" : "Leave";
   for (const el of document.querySelectorAll("#chat-form input, #chat-form button, #reactions button")) el.disabled = !joined;
@@ -1146,6 +1154,7 @@ $("#unmute").addEventListener("click", async () => {
   if (meP && meP.muted) send({ type: "unmute" });
 });
 $("#raise-hand").addEventListener("click", () => send({ type: "raise_hand" }));
+$("#step-down").addEventListener("click", () => send({ type: "demote", target: amphi.me }));
 $("#lower-hand").addEventListener("click", () => send({ type: "lower_hand" }));
 $("#end-room").addEventListener("click", () => {
   if (confirm("End the room for everyone?")) send({ type: "end" });
@@ -1187,6 +1196,8 @@ $("#room").addEventListener("click", (ev) => {
       return send({ type: "promote", target });
     case "make-cohost":
       return send({ type: "promote", target, role: "cohost" });
+    case "make-speaker":
+      return send({ type: "promote", target, role: "speaker" });
     case "demote":
       return send({ type: "demote", target });
     case "mute":
