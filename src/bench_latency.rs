@@ -24,6 +24,9 @@ const FRAME: usize = 960;
 /// Opus encoder lookahead at 48 kHz, the same for the speaker's and the mixer's encoders.
 const LOOKAHEAD: u64 = amphi_protocol::audio::OPUS_PRE_SKIP as u64;
 
+/// When each (msn, part) was first seen listed, and its URI.
+type ListedParts = BTreeMap<(u64, u32), (Instant, String)>;
+
 /// Options of the latency benchmark.
 pub struct LatencyOptions {
     /// Tone bursts to measure.
@@ -330,7 +333,7 @@ pub async fn run(opts: LatencyOptions) -> Result<()> {
 
     let mut publisher = amphi_edge::whip_client::WhipPublisher::connect(&whip, &token).await?;
     // Follow the playlist from a separate thread, like a player.
-    let listed: Arc<Mutex<BTreeMap<(u64, u32), (Instant, String)>>> = Arc::default();
+    let listed: Arc<Mutex<ListedParts>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let follower = {
         let listed = listed.clone();

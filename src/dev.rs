@@ -204,6 +204,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 origin_addr: addr(DEV_PORTS.origin_quic, off),
                 origin_server_name: ORIGIN_NAME.into(),
                 router_url: url(DEV_PORTS.router, off),
+                interactive_capacity: 500,
             },
             mesh_tls: pki.issue(&format!("{id}.amphi.internal"))?,
             tokens: verifier.clone(),

@@ -1,5 +1,6 @@
 //! `amphi`: one binary for every role of the live audio mesh, plus the all-in-one `dev` mesh.
 
+mod bench_latency;
 mod config;
 mod dev;
 mod loadgen_hls;
@@ -52,11 +53,11 @@ enum Command {
     Token(roles::TokenArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(roles::BenchArgs),
-    /// Capacity plan: fleet sizes and CDN egress for an audience (see docs/capacity.md).
-    Plan(plan::PlanArgs),
     /// Load generators against a running mesh.
     #[command(subcommand)]
     Loadgen(LoadgenCommand),
+    /// Capacity plan: fleet sizes and CDN egress for an audience (see docs/capacity.md).
+    Plan(plan::PlanArgs),
 }
 
 /// `amphi loadgen ...`
@@ -92,9 +93,9 @@ fn main() -> Result<()> {
             Command::GeoRouter { config } => roles::geo_router(config).await,
             Command::Token(args) => roles::token(args),
             Command::Bench(args) => roles::bench(args).await,
-            Command::Plan(args) => plan::run(args),
             Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
             Command::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
+            Command::Plan(args) => plan::run(args),
         }
     })
 }

@@ -312,6 +312,18 @@ enum BenchCommand {
         #[arg(long)]
         smoke: bool,
     },
+    /// Ingest at the edge -> LL-HLS part listed in the playlist, through a dev mesh it starts.
+    Latency {
+        /// Tone bursts to time.
+        #[arg(long, default_value_t = 40)]
+        bursts: usize,
+        /// Short run for CI (3 bursts).
+        #[arg(long)]
+        smoke: bool,
+        /// Port offset of the dev mesh the benchmark starts.
+        #[arg(long, default_value_t = 30_000)]
+        port_offset: u16,
+    },
     /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
     Sfu(crate::loadgen_webrtc::SfuArgs),
 }
@@ -329,6 +341,17 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             })
             .await??;
             println!("{report}");
+        }
+        BenchCommand::Latency {
+            bursts,
+            smoke,
+            port_offset,
+        } => {
+            crate::bench_latency::run(crate::bench_latency::LatencyOptions {
+                bursts: if smoke { 3 } else { bursts },
+                port_offset,
+            })
+            .await?;
         }
         BenchCommand::Sfu(args) => crate::loadgen_webrtc::bench(args).await?,
     }
