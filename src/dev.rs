@@ -85,6 +85,10 @@ const DEV_PORTS: Ports = Ports {
     packager_https: 8401,
 };
 
+/// The largest `--port-offset` that keeps every dev port (the highest is the packager's 8400)
+/// below Linux's default ephemeral range, which starts at 32768.
+const MAX_PORT_OFFSET: u16 = 24_000;
+
 const ORIGIN_NAME: &str = "origin.amphi.internal";
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -99,8 +103,12 @@ fn url(port: u16, offset: u16) -> String {
 /// Run the dev mesh until Ctrl-C.
 pub async fn run(args: DevArgs) -> Result<()> {
     let off = args.port_offset;
-    if off > 50_000 {
-        bail!("--port-offset must be at most 50000");
+    if off > MAX_PORT_OFFSET {
+        bail!(
+            "--port-offset {off} would put dev ports into the kernel's ephemeral port range \
+             (32768 and up), where outgoing connections take ports at random; use at most \
+             {MAX_PORT_OFFSET}"
+        );
     }
     let regions: Vec<Region> = args
         .regions

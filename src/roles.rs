@@ -321,7 +321,7 @@ enum BenchCommand {
         #[arg(long)]
         smoke: bool,
         /// Port offset of the dev mesh the benchmark starts.
-        #[arg(long, default_value_t = 30_000)]
+        #[arg(long, default_value_t = 24_000)]
         port_offset: u16,
     },
     /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
