@@ -95,6 +95,8 @@ cargo build --workspace --all-targets --locked
 
 step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
 "$TARGET_DIR/debug/amphi" bench mixer --smoke
+# Ingest at the edge -> LL-HLS part listed: 3 tone bursts through a dev mesh it starts.
+"$TARGET_DIR/debug/amphi" bench latency --smoke
 # Edge SFU: 4 real WebRTC subscribers, 3 speakers, 3 s, against a dev mesh it starts.
 "$TARGET_DIR/debug/amphi" bench sfu --smoke
 "$TARGET_DIR/debug/amphi" loadgen hls --smoke --port 18490
