@@ -36,9 +36,9 @@ pub struct Snapshot {
     /// The part named by `EXT-X-PRELOAD-HINT`.
     pub hint: Option<(u64, u32)>,
     /// The full playlist.
-    pub full: String,
+    pub full: Bytes,
     /// The delta update (`_HLS_skip=YES`), when it skips anything.
-    pub delta: Option<String>,
+    pub delta: Option<Bytes>,
     /// When this state was published (for delivery-delay measurements).
     pub published_at: SystemTime,
 }
@@ -48,7 +48,7 @@ impl Default for Snapshot {
         Snapshot {
             status: PlaylistStatus::default(),
             hint: None,
-            full: String::new(),
+            full: Bytes::new(),
             delta: None,
             published_at: SystemTime::UNIX_EPOCH,
         }
@@ -380,8 +380,10 @@ impl RoomHandle {
                     })
                     .collect()
             };
-            let full = pl.render(false, &reports);
-            let delta = (pl.skippable_segments() > 0).then(|| pl.render(true, &reports));
+            // Bytes: every held request answers with a reference-counted copy.
+            let full = Bytes::from(pl.render(false, &reports));
+            let delta =
+                (pl.skippable_segments() > 0).then(|| Bytes::from(pl.render(true, &reports)));
             if let Some(tx) = self.tx.get(i) {
                 tx.send_replace(Arc::new(Snapshot {
                     status: pl.status(),
@@ -480,7 +482,7 @@ async fn uploader(
                             let _ = put_retrying(
                                 &store,
                                 &k,
-                                &Bytes::from(text),
+                                &text,
                                 ObjectMeta::PLAYLIST,
                                 &metrics,
                                 &shutdown,
