@@ -47,6 +47,17 @@ pub struct HlsArgs {
     /// (`http://host:port/hls/{room}/opus/playlist.m3u8`, plain HTTP).
     #[arg(long)]
     url: Option<String>,
+    /// Instead of the player load: glass-to-glass latency through an `amphi dev` mesh it starts,
+    /// from a tone burst's first packet sent to the edge (WHIP, loopback) to hls.js in headless
+    /// Chromium playing it (WebAudio onset).
+    #[arg(long)]
+    glass_to_glass: bool,
+    /// Tone bursts timed by `--glass-to-glass` (one every 2 s).
+    #[arg(long, default_value_t = 20)]
+    bursts: usize,
+    /// Port offset of the dev mesh `--glass-to-glass` starts.
+    #[arg(long, default_value_t = 22_000)]
+    port_offset: u16,
     /// Internal: run the packager with a synthetic program on this address (child mode).
     #[arg(long, hide = true)]
     serve_packager: Option<SocketAddr>,
@@ -66,6 +77,14 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         return tokio::task::spawn_blocking(move || serve_packager(addr, dir, secs))
             .await
             .context("packager thread")?;
+    }
+    if args.glass_to_glass {
+        let bursts = if args.smoke {
+            3
+        } else {
+            args.bursts.clamp(1, 1000)
+        };
+        return glass_to_glass(bursts, args.port_offset).await;
     }
     let (players, seconds) = if args.smoke {
         (args.players.min(50), args.seconds.min(3))
@@ -160,6 +179,190 @@ fn serve_packager(addr: SocketAddr, data_dir: PathBuf, seconds: u64) -> Result<(
     })
 }
 
+/// A child process killed on drop.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn json(
+    conn: &mut Conn,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> Result<serde_json::Value> {
+    let r = conn.request(method, target, body.as_bytes()).await?;
+    if r.status / 100 != 2 {
+        bail!(
+            "{method} {target}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    Ok(serde_json::from_slice(&r.body)?)
+}
+
+/// Glass-to-glass: tone bursts through WHIP -> edge -> origin -> packager -> hls.js.
+async fn glass_to_glass(bursts: usize, offset: u16) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("amphi-g2g-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("dev.log"))?;
+    let _mesh = ChildGuard(
+        Command::new(std::env::current_exe()?)
+            .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting amphi dev")?,
+    );
+    let router = format!("127.0.0.1:{}", 8080 + offset);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        if let Ok(mut c) = Conn::open(&router).await {
+            if c.get("/healthz").await.is_ok_and(|r| r.status == 200) {
+                break c;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("amphi dev did not start (log in {})", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await; // edges connect to the origin
+    let room = json(
+        &mut conn,
+        "POST",
+        "/v1/rooms",
+        r#"{"title":"glass to glass","topic":"bench"}"#,
+    )
+    .await?;
+    let room = room["room"].as_str().context("room id")?.to_string();
+    let tok = json(
+        &mut conn,
+        "POST",
+        &format!("/v1/rooms/{room}/tokens"),
+        r#"{"role":"speaker","name":"g2g"}"#,
+    )
+    .await?;
+    let token = tok["token"].as_str().context("token")?.to_string();
+    let route = json(
+        &mut conn,
+        "GET",
+        &format!("/v1/route?room={room}&region=us-east"),
+        "",
+    )
+    .await?;
+    let whip = route["whip_url"].as_str().context("whip_url")?.to_string();
+    let mut publisher = amphi_edge::whip_client::WhipPublisher::connect(&whip, &token)
+        .await
+        .map_err(|e| anyhow::anyhow!("WHIP: {e}"))?;
+    let tone = amphi_packager::synth::tone_packets(660.0, 0.4, 20)?;
+    let silence = amphi_packager::synth::tone_packets(660.0, 0.0, 1)?;
+    // 4 s of silence first so the program and the playlist exist before the player starts.
+    let lead_in = 200usize;
+    let total = lead_in + bursts * 100 + 150;
+    let mut sent_onsets: Vec<u64> = Vec::with_capacity(bursts);
+    let hls_url = format!("http://{router}/hls/{room}/index.m3u8");
+    let page = format!("http://{router}/healthz");
+    let player_secs = (total as u64 * 20 / 1000).saturating_sub(3).max(5);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/hls_play.mjs");
+    let mut player: Option<std::thread::JoinHandle<Result<Vec<u64>>>> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for i in 0..total {
+        tick.tick().await;
+        if i == 100 {
+            let (page, hls_url) = (page.clone(), hls_url.clone());
+            player = Some(std::thread::spawn(move || {
+                let out = Command::new("node")
+                    .arg(script)
+                    .env("AMPHI_PAGE", page)
+                    .env("AMPHI_HLS_URL", hls_url)
+                    .env("AMPHI_SECONDS", player_secs.to_string())
+                    .env("AMPHI_HLS_CONFIG", r#"{"maxLiveSyncPlaybackRate":1.5}"#)
+                    .stderr(Stdio::null())
+                    .output()
+                    .context("running node tests/browser/hls_play.mjs")?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                Ok(text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|v| v["ev"] == "onset")
+                    .filter_map(|v| v["at"].as_f64().map(|a| a as u64))
+                    .collect())
+            }));
+        }
+        let in_burst = i >= lead_in && i < lead_in + bursts * 100 && (i - lead_in) % 100 < 20;
+        if in_burst && (i - lead_in) % 100 == 0 {
+            sent_onsets.push(unix_us() / 1000);
+        }
+        let (pkt, level) = if in_burst {
+            (&tone[(i - lead_in) % 100], 10)
+        } else {
+            (&silence[0], 127)
+        };
+        publisher
+            .send_opus(pkt, (i as u32).wrapping_mul(960), level)
+            .await
+            .map_err(|e| anyhow::anyhow!("send: {e}"))?;
+    }
+    let _ = publisher.close().await;
+    let detected = match player {
+        Some(p) => p.join().map_err(|_| anyhow::anyhow!("player thread"))??,
+        None => Vec::new(),
+    };
+    // Match each burst to the first onset heard after it (within 1.9 s, before the next burst).
+    let mut lat: Vec<u32> = Vec::new();
+    for (k, &sent) in sent_onsets.iter().enumerate() {
+        let next = sent_onsets.get(k + 1).copied().unwrap_or(u64::MAX);
+        if let Some(&heard) = detected
+            .iter()
+            .find(|&&d| d > sent && d < next.min(sent + 1900))
+        {
+            lat.push((heard - sent) as u32);
+        }
+    }
+    lat.sort_unstable();
+    let p = |q: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            f64::from(lat[((lat.len() - 1) as f64 * q).round() as usize])
+        }
+    };
+    println!(
+        "glass-to-glass (WHIP packet sent to the edge -> hls.js playing it, Chromium WebAudio onset): \
+         p50 {:.0} ms, p90 {:.0} ms, min {:.0} ms, max {:.0} ms ({} of {} bursts heard)",
+        p(0.5),
+        p(0.9),
+        p(0.0),
+        p(1.0),
+        lat.len(),
+        sent_onsets.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    if lat.is_empty() {
+        bail!("hls.js heard no burst");
+    }
+    Ok(())
+}
+
 /// A minimal keep-alive HTTP/1.1 client connection (Content-Length and chunked bodies).
 struct Conn {
     stream: TcpStream,
@@ -186,8 +389,21 @@ impl Conn {
     }
 
     async fn get(&mut self, target: &str) -> std::io::Result<Resp> {
-        let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
-        self.stream.write_all(req.as_bytes()).await?;
+        self.request("GET", target, b"").await
+    }
+
+    async fn request(&mut self, method: &str, target: &str, body: &[u8]) -> std::io::Result<Resp> {
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        if !body.is_empty() {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.stream.write_all(&bytes).await?;
         loop {
             if let Some((head_len, resp_head)) = parse_head(&self.buf)? {
                 let total = match resp_head.length {

@@ -2,7 +2,8 @@
 // Chromium; a WebAudio AnalyserNode listens to what the <audio> element plays.
 //
 // Env: AMPHI_PAGE (an http URL on the HLS origin to load first, so requests are same-origin),
-// AMPHI_HLS_URL (multivariant or media playlist), AMPHI_SECONDS (how long to listen).
+// AMPHI_HLS_URL (multivariant or media playlist), AMPHI_SECONDS (how long to listen),
+// AMPHI_HLS_CONFIG (optional JSON merged into the hls.js config).
 // Prints JSON lines on stdout:
 //   {"ev":"level","codec":..}            the level hls.js picked
 //   {"ev":"playing","at":unix_ms}
@@ -18,6 +19,7 @@ const hlsPath = require.resolve("hls.js/dist/hls.min.js");
 const pageUrl = process.env.AMPHI_PAGE;
 const hlsUrl = process.env.AMPHI_HLS_URL;
 const seconds = Number(process.env.AMPHI_SECONDS || 10);
+const extraConfig = JSON.parse(process.env.AMPHI_HLS_CONFIG || "{}");
 if (!pageUrl || !hlsUrl) {
   console.error("AMPHI_PAGE and AMPHI_HLS_URL are required");
   process.exit(2);
@@ -31,7 +33,7 @@ try {
   await page.goto(pageUrl);
   await page.setContent("<!doctype html><title>amphi hls</title><audio id=a></audio>");
   await page.addScriptTag({ path: hlsPath });
-  await page.evaluate((url) => {
+  await page.evaluate(([url, extra]) => {
     const audio = document.getElementById("a");
     const ctx = new AudioContext();
     const an = ctx.createAnalyser();
@@ -41,7 +43,7 @@ try {
     an.connect(ctx.destination);
     const freq = new Float32Array(an.frequencyBinCount);
     const wave = new Float32Array(an.fftSize);
-    const hls = new Hls({ lowLatencyMode: true, debug: false });
+    const hls = new Hls({ lowLatencyMode: true, debug: false, ...extra });
     window.hls = hls;
     hls.on(Hls.Events.ERROR, (_e, d) => window.report({ ev: "error", fatal: !!d.fatal, details: d.details }));
     hls.on(Hls.Events.LEVEL_SWITCHED, (_e, d) => {
@@ -92,7 +94,7 @@ try {
       }
     };
     setInterval(tick, 5);
-  }, hlsUrl);
+  }, [hlsUrl, extraConfig]);
   await page.waitForTimeout(seconds * 1000);
   const done = await page.evaluate(() => ({ currentTime: document.getElementById("a").currentTime }));
   console.log(JSON.stringify({ ev: "done", ...done }));
