@@ -70,6 +70,31 @@ fi
 ls -l "$AMPHI_GEOIP_DIR"/*.mmdb
 # --- end geo-router block ---------------------------------------------------------------------
 
+# --- Redis (issue 5): the shared room directory, edge registry and origin room state ----------
+# Started on 127.0.0.1 on a free port, no persistence, stopped when this script exits. Tests
+# read AMPHI_TEST_REDIS_URL (each test takes its own database number and flushes it).
+step "Redis (redis-server on a free loopback port)"
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+REDIS_DIR=$(mktemp -d)
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+  --dir "$REDIS_DIR" --pidfile "$REDIS_DIR/redis.pid" --logfile "$REDIS_DIR/redis.log"
+stop_redis() {
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$REDIS_DIR"
+}
+trap stop_redis EXIT
+for _ in $(seq 1 50); do
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping
+export AMPHI_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+# --- end Redis block ---------------------------------------------------------------------------
+
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -3,10 +3,12 @@
 
 use amphi_protocol::api::{RoomInfo, RoomStatus};
 use amphi_protocol::RoomId;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// A room as the directory stores it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A room as the directory stores it (and as a shared store serializes it; `ended_at` is kept
+/// apart there so that ending is one atomic write).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomEntry {
     /// Title.
     pub title: String,
@@ -17,6 +19,7 @@ pub struct RoomEntry {
     /// Start time of a scheduled room, Unix seconds.
     pub scheduled_at: Option<u64>,
     /// When the room ended, Unix seconds.
+    #[serde(skip)]
     pub ended_at: Option<u64>,
 }
 
@@ -86,6 +89,26 @@ pub fn topic_matches(entry: &RoomEntry, topic: Option<&str>) -> bool {
     }
 }
 
+/// Live and scheduled rooms of `rooms` matching `topic`, in discovery order; `listeners` gives
+/// each room's listener count.
+pub fn rank(
+    rooms: Vec<(RoomId, RoomEntry)>,
+    topic: Option<&str>,
+    now_unix: u64,
+    listeners: impl Fn(RoomId) -> u32,
+) -> Vec<(RoomId, RoomEntry, u32)> {
+    let mut v: Vec<_> = rooms
+        .into_iter()
+        .filter(|(_, r)| r.status(now_unix) != RoomStatus::Ended && topic_matches(r, topic))
+        .map(|(id, r)| {
+            let n = listeners(id);
+            (id, r, n)
+        })
+        .collect();
+    v.sort_by(|a, b| discovery_order((a.0, &a.1, a.2), (b.0, &b.1, b.2), now_unix));
+    v
+}
+
 /// All rooms this router knows.
 #[derive(Default)]
 pub struct Directory {
@@ -140,6 +163,11 @@ impl Directory {
             .collect();
         v.sort_by(|a, b| discovery_order(*a, *b, now_unix));
         v
+    }
+
+    /// Every room, cloned.
+    pub fn all(&self) -> Vec<(RoomId, RoomEntry)> {
+        self.rooms.iter().map(|(id, r)| (*id, r.clone())).collect()
     }
 
     /// Rooms that are live at `now_unix`.

@@ -4,11 +4,12 @@
 
 use crate::auth::{ApiKeys, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::client_ip::{client_ip, Source};
-use crate::directory::{Directory, RoomEntry};
+use crate::directory::{rank, RoomEntry};
 use crate::geoip::{GeoIp, Place};
 use crate::origins::{OriginEvent, OriginLinks};
-use crate::registry::{Registry, HEARTBEAT_INTERVAL};
+use crate::registry::HEARTBEAT_INTERVAL;
 use crate::select::{select_edge, ClientPlace, GeoPoint, Policy, SelectError};
+use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
     ApiError, CreateRoomRequest, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer,
@@ -30,14 +31,15 @@ use hyper_util::client::legacy::Client;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Prefix of every key the router keeps in Redis.
+pub const REDIS_PREFIX: &str = "amphi:";
 /// Largest request body the API accepts.
 pub const MAX_BODY: usize = 16 * 1024;
 /// Largest heartbeat body (it lists rooms).
@@ -88,6 +90,9 @@ pub enum RouterError {
     /// The configuration cannot work.
     #[error("configuration: {0}")]
     Config(String),
+    /// The shared store (Redis) cannot be reached.
+    #[error("store: {0}")]
+    Store(String),
     /// A GeoIP database cannot be opened.
     #[error(transparent)]
     GeoIp(#[from] crate::geoip::GeoIpError),
@@ -111,8 +116,8 @@ struct AppState {
     signer: TokenSigner,
     verifier: TokenVerifier,
     links: OriginLinks,
-    directory: Mutex<Directory>,
-    registry: Mutex<Registry>,
+    /// Room directory and edge registry (in memory, or shared through Redis).
+    store: Arc<dyn Store>,
     geoip: GeoIp,
     trusted: Vec<IpNet>,
     api_keys: ApiKeys,
@@ -149,6 +154,24 @@ impl IntoResponse for Failure {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Heartbeat(e) => {
+                error(StatusCode::BAD_REQUEST, "bad_heartbeat", e.to_string())
+            }
+            e => {
+                tracing::warn!(error = %e, "store failed");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the room directory is unavailable, retry shortly",
+                )
+            }
+        }
     }
 }
 
@@ -229,16 +252,20 @@ impl AppState {
         })
     }
 
-    fn room_status(&self, room: RoomId) -> Option<RoomStatus> {
-        let dir = self.directory.lock().expect("directory lock");
-        dir.get(room).map(|r| r.status(now_unix()))
+    async fn room_status(&self, room: RoomId) -> Result<Option<RoomStatus>, Failure> {
+        let now = now_unix();
+        Ok(self.store.room(room).await?.map(|r| r.status(now)))
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, crate::registry::Registry> {
+        self.store
+            .registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn listeners(&self, room: RoomId) -> u32 {
-        self.registry
-            .lock()
-            .expect("registry lock")
-            .room_sessions(room, Instant::now())
+        self.registry().room_sessions(room, Instant::now())
     }
 
     /// Check the API key signature of a request. Returns the key id.
@@ -316,7 +343,7 @@ async fn create_room(
     };
     let live = entry.status(now) == RoomStatus::Live;
     let scheduled_at = entry.scheduled_at;
-    let room = s.directory.lock().expect("directory lock").create(entry);
+    let room = s.store.create_room(entry).await?;
     s.counters.rooms_created.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%room, ?scheduled_at, "room created");
     if live {
@@ -354,19 +381,13 @@ async fn list_rooms(
     };
     let limit = q.limit.unwrap_or(100).min(1000);
     let now = now_unix();
-    let counts: HashMap<RoomId, u32> = {
-        let reg = s.registry.lock().expect("registry lock");
-        let dir = s.directory.lock().expect("directory lock");
-        dir.discover(q.topic.as_deref(), now, |_| 0)
-            .iter()
-            .map(|(id, _, _)| (*id, reg.room_sessions(*id, Instant::now())))
-            .collect()
+    let all = s.store.rooms().await?;
+    let ranked = {
+        let reg = s.registry();
+        let at = Instant::now();
+        rank(all, q.topic.as_deref(), now, |id| reg.room_sessions(id, at))
     };
-    let dir = s.directory.lock().expect("directory lock");
-    let rooms: Vec<_> = dir
-        .discover(q.topic.as_deref(), now, |id| {
-            counts.get(&id).copied().unwrap_or(0)
-        })
+    let rooms: Vec<_> = ranked
         .into_iter()
         .take(limit)
         .map(|(id, r, n)| r.info(id, s.hls_url(id), now, n))
@@ -377,8 +398,7 @@ async fn list_rooms(
 async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
     let room = parse_room(&id)?;
     let listeners = s.listeners(room);
-    let dir = s.directory.lock().expect("directory lock");
-    match dir.get(room) {
+    match s.store.room(room).await? {
         Some(entry) => {
             Ok(Json(entry.info(room, s.hls_url(room), now_unix(), listeners)).into_response())
         }
@@ -410,7 +430,7 @@ async fn mint_token(
             "role must be listener or speaker; the host token comes with the room",
         ));
     }
-    match s.room_status(room) {
+    match s.room_status(room).await? {
         Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => {}
         _ => {
             return Err(error(
@@ -464,16 +484,16 @@ async fn end_room(
         }
     }
     let now = now_unix();
-    let ended = {
-        let mut dir = s.directory.lock().expect("directory lock");
-        if dir.get(room).is_none() {
+    let ended = match s.store.end_room(room, now).await? {
+        EndOutcome::NotFound => {
             return Err(error(
                 StatusCode::NOT_FOUND,
                 "room_not_found",
                 "no such room",
-            ));
+            ))
         }
-        dir.end(room, now)
+        EndOutcome::Ended => true,
+        EndOutcome::AlreadyEnded => false,
     };
     if ended {
         s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
@@ -486,8 +506,13 @@ async fn end_room(
         );
     }
     let listeners = s.listeners(room);
-    let dir = s.directory.lock().expect("directory lock");
-    let entry = dir.get(room).expect("room exists");
+    let Some(entry) = s.store.room(room).await? else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            "no such room",
+        ));
+    };
     Ok(Json(entry.info(room, s.hls_url(room), now, listeners)).into_response())
 }
 
@@ -497,7 +522,14 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
         match ev {
             OriginEvent::RoomEnded { room, origin } => {
                 let now = now_unix();
-                let ended = s.directory.lock().expect("directory lock").end(room, now);
+                // Every router linked to the origin hears this; the store lets one of them win.
+                let ended = match s.store.end_room(room, now).await {
+                    Ok(outcome) => outcome == EndOutcome::Ended,
+                    Err(e) => {
+                        tracing::warn!(%room, error = %e, "cannot record a room end");
+                        false
+                    }
+                };
                 if ended {
                     s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%room, %origin, "room ended (reported by origin)");
@@ -563,7 +595,7 @@ async fn route(
             ))
         }
     };
-    if s.room_status(room) != Some(RoomStatus::Live) {
+    if s.room_status(room).await? != Some(RoomStatus::Live) {
         return Err(error(
             StatusCode::NOT_FOUND,
             "room_not_found",
@@ -616,7 +648,7 @@ async fn route(
         None => s.anchor,
     };
     let (edge, hls_only, why) = {
-        let reg = s.registry.lock().expect("registry lock");
+        let reg = s.registry();
         let candidates = reg.candidates(room, Instant::now());
         let choice = select_edge(
             client_place,
@@ -696,36 +728,25 @@ async fn edge_heartbeat(
             "the body's id must match the path",
         ));
     }
-    let now = Instant::now();
+    let draining = hb.draining;
+    let rooms: Vec<(RoomId, u32)> = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
+    let beat = s.store.heartbeat(hb, Now::read()).await?;
     let mut changes = Vec::new();
-    let (new, drain) = {
-        let mut reg = s.registry.lock().expect("registry lock");
-        let before: HashMap<RoomId, u32> = reg
-            .list(now)
-            .iter()
-            .find(|(e, healthy, _)| e.beat.id == id && *healthy)
-            .map(|(e, _, _)| e.rooms.iter().map(|(r, n)| (*r, *n)).collect())
-            .unwrap_or_default();
-        for r in &hb.rooms {
-            let was = before.get(&r.room).copied().unwrap_or(0);
-            if r.sessions != was {
-                changes.push((r.room, was, r.sessions));
-            }
+    for (room, sessions) in &rooms {
+        let was = beat.previous.get(room).copied().unwrap_or(0);
+        if *sessions != was {
+            changes.push((*room, was, *sessions));
         }
-        for (room, was) in &before {
-            if !hb.rooms.iter().any(|r| r.room == *room) {
-                changes.push((*room, *was, 0));
-            }
+    }
+    for (room, was) in &beat.previous {
+        if !rooms.iter().any(|(r, _)| r == room) {
+            changes.push((*room, *was, 0));
         }
-        let draining = hb.draining;
-        let new = reg
-            .heartbeat(hb, now)
-            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_heartbeat", e.to_string()))?;
-        if draining {
-            tracing::debug!(edge = %id, "edge reports draining");
-        }
-        (new, reg.drain_requested(&id))
-    };
+    }
+    if draining {
+        tracing::debug!(edge = %id, "edge reports draining");
+    }
+    let (new, drain) = (beat.new, beat.drain);
     s.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
     if new {
         tracing::info!(edge = %id, "edge registered");
@@ -758,7 +779,7 @@ async fn list_edges(
 ) -> Answer {
     s.require_api_key(&method, &uri, &headers, b"")?;
     let now = Instant::now();
-    let reg = s.registry.lock().expect("registry lock");
+    let reg = s.registry();
     let edges: Vec<_> = reg
         .list(now)
         .into_iter()
@@ -789,7 +810,7 @@ async fn drain_edge(
     headers: HeaderMap,
 ) -> Answer {
     s.require_api_key(&method, &uri, &headers, b"")?;
-    if !s.registry.lock().expect("registry lock").request_drain(&id) {
+    if !s.store.request_drain(id.clone()).await? {
         return Err(error(
             StatusCode::NOT_FOUND,
             "edge_not_found",
@@ -878,13 +899,19 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     let c = &s.counters;
-    let live = s
-        .directory
-        .lock()
-        .expect("directory lock")
-        .live_count(now_unix());
+    let now = now_unix();
+    let live = match s.store.rooms().await {
+        Ok(rooms) => rooms
+            .iter()
+            .filter(|(_, r)| r.status(now) == RoomStatus::Live)
+            .count(),
+        Err(e) => {
+            tracing::warn!(error = %e, "store unavailable for metrics");
+            0
+        }
+    };
     let (edges, available) = {
-        let reg = s.registry.lock().expect("registry lock");
+        let reg = s.registry();
         let l = reg.list(Instant::now());
         (
             l.iter().filter(|e| e.1).count(),
@@ -1022,7 +1049,8 @@ fn app(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Fire `room_started` for scheduled rooms whose time has come, and forget long-gone edges.
+/// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
+/// the store), and forget long-gone edges.
 async fn housekeeping(s: Shared, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut last = now_unix();
@@ -1032,30 +1060,56 @@ async fn housekeeping(s: Shared, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = now_unix();
-        let started: Vec<RoomId> = {
-            let dir = s.directory.lock().expect("directory lock");
-            dir.discover(None, now, |_| 0)
-                .iter()
-                .filter(|(_, r, _)| r.scheduled_at.is_some_and(|at| at > last && at <= now))
-                .map(|(id, _, _)| *id)
-                .collect()
-        };
-        for room in started {
-            tracing::info!(%room, "scheduled room started");
-            s.webhooks.emit(
-                EventKind::RoomStarted,
-                now,
-                serde_json::json!({ "room": room }),
-            );
+        match s.store.scheduled_between(last, now).await {
+            Ok(started) => {
+                last = now;
+                for room in started {
+                    match s.store.claim_once("room_started", room).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(%room, error = %e, "store unavailable");
+                            continue;
+                        }
+                    }
+                    tracing::info!(%room, "scheduled room started");
+                    s.webhooks.emit(
+                        EventKind::RoomStarted,
+                        now,
+                        serde_json::json!({ "room": room }),
+                    );
+                }
+            }
+            // `last` stays: the rooms are looked at again on the next tick.
+            Err(e) => tracing::warn!(error = %e, "store unavailable for scheduled rooms"),
         }
-        last = now;
-        for id in s
-            .registry
-            .lock()
-            .expect("registry lock")
-            .expire(Instant::now())
-        {
+        for id in s.registry().expire(Instant::now()) {
             tracing::info!(edge = %id, "edge forgotten after a long silence");
+        }
+    }
+}
+
+/// Mirror a shared store's edge registry into the local view every [`SYNC_INTERVAL`].
+async fn sync_store(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sync(Now::read()).await {
+            Ok(()) if failing => {
+                tracing::info!("store reachable again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "store sync failed; routing on the last known edges");
+                failing = true;
+            }
+            Err(_) => {}
         }
     }
 }
@@ -1123,10 +1177,25 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
             latitude: r.latitude,
             longitude: r.longitude,
         });
+    let store: Arc<dyn Store> = match &setup.config.redis_url {
+        None => Arc::new(MemoryStore::new(&setup.config.edges)),
+        Some(url) => Arc::new(
+            RedisStore::connect(url, REDIS_PREFIX, &setup.config.edges)
+                .await
+                .map_err(|e| RouterError::Store(e.to_string()))?,
+        ),
+    };
+    tracing::info!(
+        backend = store.backend(),
+        "room directory and edge registry"
+    );
+    if store.backend() != "memory" {
+        tokio::spawn(sync_store(store.clone(), shutdown.clone()));
+    }
     let state = Arc::new(AppState {
         verifier: setup.signer.verifier(),
         links,
-        registry: Mutex::new(Registry::with_static(&setup.config.edges)),
+        store,
         geoip,
         trusted,
         api_keys: ApiKeys::new(
@@ -1144,7 +1213,6 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         webhooks: Webhooks::start(setup.config.webhooks.clone(), shutdown.clone()),
         config: setup.config,
         signer: setup.signer,
-        directory: Mutex::new(Directory::default()),
         web: setup.web,
         hls_client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
         counters: Counters::default(),

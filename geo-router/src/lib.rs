@@ -13,6 +13,7 @@ pub mod http;
 pub mod origins;
 pub mod registry;
 pub mod select;
+pub mod store;
 pub mod webhooks;
 
 pub use http::{run, RouterError, RouterSetup, WebAsset, ROUTES};

@@ -156,6 +156,46 @@ impl Registry {
         self.drain_requested.contains(id)
     }
 
+    /// Whether `id` is registered (statically or by heartbeat).
+    pub fn knows(&self, id: &str) -> bool {
+        self.edges.contains_key(id)
+    }
+
+    /// Replace the heartbeat-fed entries with a shared registry's: `beats` (each with the instant
+    /// it was received) and the edges asked to drain. Static edges that never heartbeated and are
+    /// not in `beats` stay. Returns how many beats did not fit in [`MAX_EDGES`].
+    pub fn mirror(
+        &mut self,
+        statics: &[EdgeEndpoint],
+        beats: Vec<(EdgeHeartbeat, Instant)>,
+        drains: BTreeSet<String>,
+    ) -> usize {
+        let fresh = Registry::with_static(statics);
+        self.edges = fresh
+            .edges
+            .into_iter()
+            .filter(|(id, _)| !beats.iter().any(|(b, _)| &b.id == id))
+            .collect();
+        let mut dropped = 0;
+        for (hb, seen) in beats {
+            if self.edges.len() >= MAX_EDGES {
+                dropped += 1;
+                continue;
+            }
+            let rooms = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
+            self.edges.insert(
+                hb.id.clone(),
+                EdgeRecord {
+                    beat: hb,
+                    last_seen: Some(seen),
+                    rooms,
+                },
+            );
+        }
+        self.drain_requested = drains;
+        dropped
+    }
+
     fn is_healthy(&self, e: &EdgeRecord, now: Instant) -> bool {
         match e.last_seen {
             None => true,
@@ -325,6 +365,49 @@ mod tests {
         assert!(r
             .candidates(RoomId(7), t0 + Duration::from_secs(3))
             .is_empty());
+    }
+
+    #[test]
+    fn mirror_replaces_heartbeat_entries_and_keeps_silent_static_edges() {
+        let t0 = Instant::now();
+        let statics = [
+            EdgeEndpoint {
+                id: "s".into(),
+                region: known_region("eu-west").unwrap(),
+                public_url: "http://s".into(),
+            },
+            EdgeEndpoint {
+                id: "a".into(),
+                region: known_region("us-east").unwrap(),
+                public_url: "http://a".into(),
+            },
+        ];
+        let mut r = Registry::with_static(&statics);
+        r.heartbeat(beat("old", "us-east"), t0).unwrap();
+        let dropped = r.mirror(
+            &statics,
+            vec![(beat("a", "us-east"), t0), (beat("b", "eu-west"), t0)],
+            ["b".to_string()].into(),
+        );
+        assert_eq!(dropped, 0);
+        let ids: Vec<_> = r
+            .list(t0)
+            .iter()
+            .map(|(e, _, _)| e.beat.id.clone())
+            .collect();
+        assert_eq!(
+            ids,
+            ["a", "b", "s"],
+            "old is gone, a is heartbeat-fed, s stays static"
+        );
+        assert!(r.drain_requested("b") && r.knows("s") && !r.knows("old"));
+        let avail: Vec<_> = r
+            .candidates(RoomId(7), t0)
+            .iter()
+            .map(|c| c.id.to_string())
+            .collect();
+        assert_eq!(avail, ["a", "s"]);
+        assert_eq!(r.room_sessions(RoomId(7), t0), 8);
     }
 
     #[test]

@@ -1,0 +1,597 @@
+//! Where the router keeps its shared state: the room directory and the edge registry, behind the
+//! [`Store`] trait. [`MemoryStore`] (the embedded default) keeps them in this process;
+//! [`RedisStore`] keeps them in Redis so that several geo-router replicas see the same rooms and
+//! edges.
+//!
+//! Selection never waits on the network: every backend keeps a local [`Registry`] (in memory it
+//! *is* the registry; with Redis it mirrors the shared one, refreshed by [`Store::sync`] every
+//! [`SYNC_INTERVAL`] and updated at once by this router's own heartbeats). Room lookups go to the
+//! backend, so a room created or ended through one replica is seen by the others immediately.
+//!
+//! Redis layout (every key starts with the store's prefix, `amphi:` by default):
+//! `room:{id}` hash (`entry` JSON, `ended_at`), `rooms` set of room ids, `scheduled` sorted set
+//! (score = start time), `edge:{id}` JSON `{beat, seen_ms}` with a TTL of [`EDGE_TTL`], `edges`
+//! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
+//! markers so that one replica only emits a webhook.
+
+use crate::directory::{Directory, RoomEntry};
+use crate::registry::{validate, HeartbeatError, Registry, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
+use amphi_protocol::api::EdgeHeartbeat;
+use amphi_protocol::config::EdgeEndpoint;
+use amphi_protocol::RoomId;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often a shared backend's edge registry is mirrored into the local one.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// How long Redis keeps an edge that stopped heartbeating (the registry forgets it then too).
+pub const EDGE_TTL: Duration = Duration::from_secs(60);
+/// How long Redis keeps an ended room.
+pub const ENDED_ROOM_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a "done once" marker lives.
+const ONCE_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// What a store operation answers.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The heartbeat was refused.
+    #[error(transparent)]
+    Heartbeat(#[from] HeartbeatError),
+    /// The backend failed (Redis unreachable, timed out, refused the command).
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// The backend holds a record this router cannot read.
+    #[error("store record {key}: {message}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// The time of an operation, on both clocks (the memory backend keeps monotonic instants; a
+/// shared backend needs the wall clock, which every replica agrees on).
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// Monotonic time.
+    pub instant: Instant,
+    /// Wall clock, Unix milliseconds.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Both clocks, read now.
+    pub fn read() -> Self {
+        Now {
+            instant: Instant::now(),
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// The wall clock in Unix seconds.
+    pub fn unix_secs(&self) -> u64 {
+        self.unix_ms / 1000
+    }
+}
+
+/// What a heartbeat did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// The edge was new, or back after being out.
+    pub new: bool,
+    /// Sessions per room of the previous heartbeat (empty if the edge was out or new).
+    pub previous: BTreeMap<RoomId, u32>,
+    /// An operator asked this edge to drain.
+    pub drain: bool,
+}
+
+/// What ending a room did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndOutcome {
+    /// This call ended the room.
+    Ended,
+    /// It had already ended.
+    AlreadyEnded,
+    /// No such room.
+    NotFound,
+}
+
+/// The router's shared state: room directory and edge registry. Object safe (futures are boxed)
+/// so the router holds an `Arc<dyn Store>`.
+pub trait Store: Send + Sync {
+    /// Backend name for logs (`memory`, `redis`).
+    fn backend(&self) -> &'static str;
+    /// The local registry view used for selection (see the module documentation).
+    fn registry(&self) -> &Mutex<Registry>;
+    /// Add a room under a fresh id.
+    fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId>;
+    /// A room by id.
+    fn room(&self, id: RoomId) -> StoreFuture<'_, Option<RoomEntry>>;
+    /// Mark a room ended at `now_unix` (seconds) unless it already ended.
+    fn end_room(&self, id: RoomId, now_unix: u64) -> StoreFuture<'_, EndOutcome>;
+    /// Every room held (live, scheduled and recently ended), in no particular order.
+    fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>>;
+    /// Scheduled rooms whose start time is in `(after, until]` (Unix seconds).
+    fn scheduled_between(&self, after: u64, until: u64) -> StoreFuture<'_, Vec<RoomId>>;
+    /// Record an edge heartbeat.
+    fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat>;
+    /// Ask edge `id` to drain; `false` if no such edge is known.
+    fn request_drain(&self, id: String) -> StoreFuture<'_, bool>;
+    /// `true` exactly once per (`what`, `room`) over every replica sharing the backend: the one
+    /// replica that emits a webhook for something every replica notices.
+    fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool>;
+    /// Refresh the local registry view from the shared backend (nothing to do in memory).
+    fn sync(&self, now: Now) -> StoreFuture<'_, ()>;
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Rooms of `id`'s last heartbeat if it is still healthy at `now`.
+fn previous_rooms(reg: &Registry, id: &str, now: Instant) -> Option<BTreeMap<RoomId, u32>> {
+    reg.list(now)
+        .into_iter()
+        .find(|(e, healthy, _)| e.beat.id == id && *healthy)
+        .map(|(e, _, _)| e.rooms.clone())
+}
+
+/// The embedded default: everything in this process.
+pub struct MemoryStore {
+    directory: Mutex<Directory>,
+    registry: Mutex<Registry>,
+    claimed: Mutex<BTreeSet<(&'static str, RoomId)>>,
+}
+
+impl MemoryStore {
+    /// An empty store knowing the statically configured edges.
+    pub fn new(static_edges: &[EdgeEndpoint]) -> Self {
+        MemoryStore {
+            directory: Mutex::new(Directory::default()),
+            registry: Mutex::new(Registry::with_static(static_edges)),
+            claimed: Mutex::new(BTreeSet::new()),
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    fn registry(&self) -> &Mutex<Registry> {
+        &self.registry
+    }
+
+    fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId> {
+        let id = lock(&self.directory).create(entry);
+        Box::pin(async move { Ok(id) })
+    }
+
+    fn room(&self, id: RoomId) -> StoreFuture<'_, Option<RoomEntry>> {
+        let r = lock(&self.directory).get(id).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn end_room(&self, id: RoomId, now_unix: u64) -> StoreFuture<'_, EndOutcome> {
+        let mut dir = lock(&self.directory);
+        let out = if dir.get(id).is_none() {
+            EndOutcome::NotFound
+        } else if dir.end(id, now_unix) {
+            EndOutcome::Ended
+        } else {
+            EndOutcome::AlreadyEnded
+        };
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>> {
+        let all = lock(&self.directory).all();
+        Box::pin(async move { Ok(all) })
+    }
+
+    fn scheduled_between(&self, after: u64, until: u64) -> StoreFuture<'_, Vec<RoomId>> {
+        let ids = lock(&self.directory)
+            .all()
+            .into_iter()
+            .filter(|(_, r)| r.scheduled_at.is_some_and(|at| at > after && at <= until))
+            .map(|(id, _)| id)
+            .collect();
+        Box::pin(async move { Ok(ids) })
+    }
+
+    fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat> {
+        let result = (|| {
+            let mut reg = lock(&self.registry);
+            let previous = previous_rooms(&reg, &hb.id, now.instant).unwrap_or_default();
+            let id = hb.id.clone();
+            let new = reg.heartbeat(hb, now.instant)?;
+            Ok(Beat {
+                new,
+                previous,
+                drain: reg.drain_requested(&id),
+            })
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn request_drain(&self, id: String) -> StoreFuture<'_, bool> {
+        let ok = lock(&self.registry).request_drain(&id);
+        Box::pin(async move { Ok(ok) })
+    }
+
+    fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool> {
+        let fresh = lock(&self.claimed).insert((what, room));
+        Box::pin(async move { Ok(fresh) })
+    }
+
+    fn sync(&self, _now: Now) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// An edge as stored in Redis.
+#[derive(Serialize, Deserialize)]
+struct StoredEdge {
+    beat: EdgeHeartbeat,
+    /// When the router that took the heartbeat received it, Unix milliseconds.
+    seen_ms: u64,
+}
+
+/// The instant that was `age_ms` before `now` (saturating at the process start).
+fn instant_at(now: Now, then_ms: u64) -> Instant {
+    let age = Duration::from_millis(now.unix_ms.saturating_sub(then_ms));
+    now.instant.checked_sub(age).unwrap_or(now.instant)
+}
+
+/// Room directory and edge registry in Redis (shared by every geo-router replica).
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    registry: Mutex<Registry>,
+    statics: Vec<EdgeEndpoint>,
+    end_script: redis::Script,
+}
+
+/// Ends a room unless it ended: -1 unknown, 0 already ended, 1 ended now.
+const END_ROOM_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], 'entry') == 0 then return -1 end
+if redis.call('HSETNX', KEYS[1], 'ended_at', ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+";
+
+impl RedisStore {
+    /// Connect to `url` (`redis://127.0.0.1:6379/0`) with every key under `prefix`, and load
+    /// the shared edge registry once. Fails if Redis cannot be reached.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        static_edges: &[EdgeEndpoint],
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let store = RedisStore {
+            conn,
+            prefix: prefix.to_string(),
+            registry: Mutex::new(Registry::with_static(static_edges)),
+            statics: static_edges.to_vec(),
+            end_script: redis::Script::new(END_ROOM_LUA),
+        };
+        store.sync(Now::read()).await?;
+        Ok(store)
+    }
+
+    fn key(&self, rest: impl std::fmt::Display) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn decode_entry(
+        &self,
+        id: RoomId,
+        entry: &str,
+        ended_at: Option<u64>,
+    ) -> Result<RoomEntry, StoreError> {
+        let mut e: RoomEntry = serde_json::from_str(entry).map_err(|e| StoreError::Corrupt {
+            key: self.key(format!("room:{id}")),
+            message: e.to_string(),
+        })?;
+        e.ended_at = ended_at;
+        Ok(e)
+    }
+}
+
+impl Store for RedisStore {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn registry(&self) -> &Mutex<Registry> {
+        &self.registry
+    }
+
+    fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let json =
+                serde_json::to_string(&entry).map_err(|e| StoreError::Backend(e.to_string()))?;
+            loop {
+                let id = RoomId::random();
+                let fresh: bool = redis::cmd("HSETNX")
+                    .arg(self.key(format!("room:{id}")))
+                    .arg("entry")
+                    .arg(&json)
+                    .query_async(&mut c)
+                    .await?;
+                if !fresh {
+                    continue;
+                }
+                let mut p = redis::pipe();
+                p.cmd("SADD")
+                    .arg(self.key("rooms"))
+                    .arg(id.to_string())
+                    .ignore();
+                if let Some(at) = entry.scheduled_at {
+                    p.cmd("ZADD")
+                        .arg(self.key("scheduled"))
+                        .arg(at)
+                        .arg(id.to_string())
+                        .ignore();
+                }
+                p.query_async::<()>(&mut c).await?;
+                return Ok(id);
+            }
+        })
+    }
+
+    fn room(&self, id: RoomId) -> StoreFuture<'_, Option<RoomEntry>> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let (entry, ended): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+                .arg(self.key(format!("room:{id}")))
+                .arg("entry")
+                .arg("ended_at")
+                .query_async(&mut c)
+                .await?;
+            entry.map(|e| self.decode_entry(id, &e, ended)).transpose()
+        })
+    }
+
+    fn end_room(&self, id: RoomId, now_unix: u64) -> StoreFuture<'_, EndOutcome> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let r: i64 = self
+                .end_script
+                .key(self.key(format!("room:{id}")))
+                .key(self.key("scheduled"))
+                .arg(now_unix)
+                .arg(ENDED_ROOM_TTL.as_secs())
+                .arg(id.to_string())
+                .invoke_async(&mut c)
+                .await?;
+            Ok(match r {
+                1 => EndOutcome::Ended,
+                0 => EndOutcome::AlreadyEnded,
+                _ => EndOutcome::NotFound,
+            })
+        })
+    }
+
+    fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.key("rooms"))
+                .query_async(&mut c)
+                .await?;
+            let ids: Vec<RoomId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            for id in &ids {
+                p.cmd("HMGET")
+                    .arg(self.key(format!("room:{id}")))
+                    .arg("entry")
+                    .arg("ended_at");
+            }
+            let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
+            let mut out = Vec::with_capacity(ids.len());
+            let mut gone = Vec::new();
+            for (id, (entry, ended)) in ids.into_iter().zip(rows) {
+                match entry {
+                    Some(e) => out.push((id, self.decode_entry(id, &e, ended)?)),
+                    None => gone.push(id.to_string()),
+                }
+            }
+            if !gone.is_empty() {
+                // Ended rooms expire; drop them from the index too.
+                redis::cmd("SREM")
+                    .arg(self.key("rooms"))
+                    .arg(&gone)
+                    .query_async::<()>(&mut c)
+                    .await?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn scheduled_between(&self, after: u64, until: u64) -> StoreFuture<'_, Vec<RoomId>> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.key("scheduled"))
+                .arg(format!("({after}"))
+                .arg(until)
+                .query_async(&mut c)
+                .await?;
+            Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+        })
+    }
+
+    fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat> {
+        Box::pin(async move {
+            validate(&hb)?;
+            let mut c = self.conn();
+            let json = serde_json::to_string(&StoredEdge {
+                beat: hb.clone(),
+                seen_ms: now.unix_ms,
+            })
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let (old, drain): (Option<String>, bool) = redis::pipe()
+                .cmd("SET")
+                .arg(self.key(format!("edge:{}", hb.id)))
+                .arg(json)
+                .arg("PX")
+                .arg(EDGE_TTL.as_millis() as u64)
+                .arg("GET")
+                .cmd("SADD")
+                .arg(self.key("edges"))
+                .arg(&hb.id)
+                .ignore()
+                .cmd("SISMEMBER")
+                .arg(self.key("drain"))
+                .arg(&hb.id)
+                .query_async(&mut c)
+                .await?;
+            let out_after = (HEARTBEAT_INTERVAL * MISSED_HEARTBEATS).as_millis() as u64;
+            let previous = old
+                .and_then(|o| serde_json::from_str::<StoredEdge>(&o).ok())
+                .filter(|o| now.unix_ms.saturating_sub(o.seen_ms) < out_after)
+                .map(|o| o.beat.rooms.iter().map(|r| (r.room, r.sessions)).collect());
+            let new = previous.is_none();
+            let id = hb.id.clone();
+            let mut reg = lock(&self.registry);
+            // The mirror may be full while Redis is not; selection then misses this edge until
+            // the registry shrinks, which the sync logs.
+            let _ = reg.heartbeat(hb, now.instant);
+            if drain {
+                reg.request_drain(&id);
+            }
+            Ok(Beat {
+                new,
+                previous: previous.unwrap_or_default(),
+                drain,
+            })
+        })
+    }
+
+    fn request_drain(&self, id: String) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let known_here = lock(&self.registry).knows(&id);
+            let known = known_here
+                || redis::cmd("EXISTS")
+                    .arg(self.key(format!("edge:{id}")))
+                    .query_async::<bool>(&mut c)
+                    .await?;
+            if !known {
+                return Ok(false);
+            }
+            redis::cmd("SADD")
+                .arg(self.key("drain"))
+                .arg(&id)
+                .query_async::<()>(&mut c)
+                .await?;
+            lock(&self.registry).request_drain(&id);
+            Ok(true)
+        })
+    }
+
+    fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let set: Option<String> = redis::cmd("SET")
+                .arg(self.key(format!("once:{what}:{room}")))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(ONCE_TTL_SECS)
+                .query_async(&mut c)
+                .await?;
+            Ok(set.is_some())
+        })
+    }
+
+    fn sync(&self, now: Now) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let (ids, drains): (Vec<String>, Vec<String>) = redis::pipe()
+                .cmd("SMEMBERS")
+                .arg(self.key("edges"))
+                .cmd("SMEMBERS")
+                .arg(self.key("drain"))
+                .query_async(&mut c)
+                .await?;
+            let mut beats = Vec::with_capacity(ids.len());
+            let mut gone = Vec::new();
+            if !ids.is_empty() {
+                let keys: Vec<String> = ids
+                    .iter()
+                    .map(|id| self.key(format!("edge:{id}")))
+                    .collect();
+                let values: Vec<Option<String>> =
+                    redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+                for (id, v) in ids.iter().zip(values) {
+                    match v.and_then(|v| serde_json::from_str::<StoredEdge>(&v).ok()) {
+                        Some(e) if validate(&e.beat).is_ok() => {
+                            beats.push((e.beat, instant_at(now, e.seen_ms)))
+                        }
+                        _ => gone.push(id.clone()),
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                redis::pipe()
+                    .cmd("SREM")
+                    .arg(self.key("edges"))
+                    .arg(&gone)
+                    .ignore()
+                    .cmd("SREM")
+                    .arg(self.key("drain"))
+                    .arg(&gone)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await?;
+            }
+            let drains: BTreeSet<String> =
+                drains.into_iter().filter(|d| !gone.contains(d)).collect();
+            let mut reg = lock(&self.registry);
+            let dropped = reg.mirror(&self.statics, beats, drains);
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    "edge registry full: some shared edges are not mirrored"
+                );
+            }
+            Ok(())
+        })
+    }
+}
