@@ -112,6 +112,8 @@ pub struct Segmenter {
     cur_seg_start: Option<SegmentStart>,
     /// Extended timestamp of the frame the last `push` accepted.
     accepted: Option<u64>,
+    /// The anchor of the previous stream (after a stop), for [`Segmenter::reanchor`].
+    last_anchor: Option<(SystemTime, u64)>,
 }
 
 impl Default for Segmenter {
@@ -145,6 +147,7 @@ impl Segmenter {
             seg_start: None,
             cur_seg_start: None,
             accepted: None,
+            last_anchor: None,
         }
     }
 
@@ -192,7 +195,7 @@ impl Segmenter {
                 } else {
                     u64::from(frame.rtp_ts)
                 };
-                self.anchor = Some((wall, ext));
+                self.anchor = Some((self.reanchor(wall), ext));
                 ext
             }
             Some((last_rtp, last_ext)) => {
@@ -205,7 +208,7 @@ impl Segmenter {
                     self.close_segment(&mut out)?;
                     self.discontinuity_pending = true;
                     let ext = self.next_ext;
-                    self.anchor = Some((wall, ext));
+                    self.anchor = Some((self.reanchor(wall), ext));
                     ext
                 } else {
                     if step != SAMPLE_DURATION {
@@ -246,12 +249,29 @@ impl Segmenter {
         Ok(out)
     }
 
+    /// Wall clock for a new anchor: the arrival time, but never before the end of the media
+    /// already written (a stream that was fed faster than real time), so program date times
+    /// never go backwards.
+    fn reanchor(&self, wall: SystemTime) -> SystemTime {
+        match (self.anchor.or(self.last_anchor), self.started) {
+            (Some((anchor_wall, anchor_ext)), true) => {
+                let end = anchor_wall
+                    + Duration::from_micros(
+                        self.next_ext.saturating_sub(anchor_ext) * 1_000_000 / 48_000,
+                    );
+                wall.max(end)
+            }
+            _ => wall,
+        }
+    }
+
     /// The program stream stopped (finished or broke): cut the trailing partial part, close the
     /// segment, and flag the next segment as a discontinuity.
     pub fn stream_stopped(&mut self) -> Result<Vec<SegmenterOutput>, MuxError> {
         let mut out = Vec::new();
         self.close_segment(&mut out)?;
         self.last = None;
+        self.last_anchor = self.anchor.or(self.last_anchor);
         self.anchor = None;
         if self.started {
             self.discontinuity_pending = true;
@@ -428,6 +448,36 @@ mod tests {
                 discontinuity: true
             })
         );
+    }
+
+    #[test]
+    fn program_date_time_never_goes_backwards_after_a_fast_stream() {
+        let mut s = Segmenter::default();
+        let t0 = Instant::now();
+        let w0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        // 3 s of media delivered in (simulated) 0 s of wall time, then a restart at w0 + 1 s.
+        feed(&mut s, 0, 150, t0, w0);
+        s.stream_stopped().unwrap();
+        let w1 = w0 + Duration::from_secs(1);
+        let mut out = Vec::new();
+        out.extend(
+            s.push(
+                ProgramFrame {
+                    rtp_ts: 0,
+                    payload: &[0xf8, 0xff, 0xfe],
+                },
+                t0,
+                w1,
+            )
+            .unwrap(),
+        );
+        out.extend(feed(&mut s, 960, 9, t0, w1));
+        let SegmenterOutput::Part(p) = &out[0] else {
+            panic!("a part")
+        };
+        let st = p.segment_start.unwrap();
+        assert!(st.discontinuity);
+        assert_eq!(st.program_date_time, w0 + Duration::from_secs(3), "not w1");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 mod common;
 
+use amphi_packager::conformance::{check_media, Expect};
+use amphi_packager::playlist::{AAC, OPUS};
 use amphi_protocol::api::ApiError;
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::RoomId;
@@ -19,6 +21,13 @@ async fn send_frames(uni: &mut quinn::SendStream, frames: &[Vec<u8>], first: u32
             .await
             .unwrap();
         tokio::time::sleep(pace).await;
+    }
+}
+
+/// Every playlist fetched passes the conformance checker.
+fn conform(text: &str, expect: Expect) {
+    if let Err(errs) = check_media(text, &expect) {
+        panic!("playlist does not conform: {errs:#?}\n{text}");
     }
 }
 
@@ -61,6 +70,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
         "the request was held ({waited:?})"
     );
     assert!(r.text().contains("part0.5.m4s"));
+    conform(&r.text(), Expect::live(OPUS).with_reports(1));
     assert_eq!(
         r.header("content-type"),
         Some("application/vnd.apple.mpegurl")
@@ -102,6 +112,9 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     let r = http_get(http, &format!("{playlist}?_HLS_msn=1")).await;
     assert_eq!(r.status, 200);
     let text = r.text();
+    conform(&text, Expect::live(OPUS).with_reports(1));
+    let aac = http_get(http, &format!("/hls/{room}/aac/playlist.m3u8?_HLS_msn=1")).await;
+    conform(&aac.text(), Expect::live(AAC).with_reports(1));
     let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).expect("m3u8-rs parses");
     assert_eq!(pl.target_duration, 2);
     assert_eq!(pl.media_sequence, 0);
@@ -172,6 +185,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
         .wait_until(&playlist, |r| r.text().contains("#EXT-X-ENDLIST"))
         .await;
     let text = r.text();
+    conform(&text, Expect::ended(OPUS));
     let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
     assert!(pl.end_list);
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
