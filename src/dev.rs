@@ -62,6 +62,10 @@ pub struct DevArgs {
     /// Delete recordings this many hours after their room ended (default: keep).
     #[arg(long)]
     recording_retention_hours: Option<f64>,
+    /// Keep the room directory, edge registry and room state in this Redis
+    /// (`redis://127.0.0.1:6379/0`) instead of in memory.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 /// The fixed dev ports (before `--port-offset`).
@@ -150,8 +154,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
         mesh_tls: pki.issue(ORIGIN_NAME)?,
     };
     let sd = shutdown.clone();
+    let origin_options = amphi_origin::OriginOptions {
+        redis_url: args.redis_url.clone(),
+    };
     tasks.spawn(async move {
-        let r = amphi_origin::run(origin, sd).await;
+        let r = amphi_origin::run_with(origin, origin_options, sd).await;
         ("origin".into(), r.map_err(Into::into))
     });
 
@@ -257,7 +264,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             interactive_capacity: 500,
             api_keys: vec![],
             webhooks: vec![],
-            redis_url: None,
+            redis_url: args.redis_url.clone(),
         },
         signer,
         web: crate::web::assets(),

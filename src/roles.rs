@@ -56,6 +56,20 @@ struct OriginFile {
     tls: TlsFiles,
 }
 
+/// The optional keys of `[origin]` (`redis_url`: durable room state), read from the same file
+/// as [`OriginFile`].
+#[derive(Deserialize)]
+struct OriginOptionsFile {
+    #[serde(default)]
+    origin: OriginOptionsSection,
+}
+
+#[derive(Deserialize, Default)]
+struct OriginOptionsSection {
+    #[serde(default)]
+    redis_url: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct PackagerFile {
     packager: PackagerConfig,
@@ -158,11 +172,15 @@ pub async fn edge(path: Option<PathBuf>) -> Result<()> {
 /// `amphi origin`.
 pub async fn origin(path: Option<PathBuf>) -> Result<()> {
     let file: OriginFile = config::load(path.as_deref())?;
+    let options: OriginOptionsFile = config::load(path.as_deref())?;
     let setup = amphi_origin::OriginSetup {
         config: file.origin,
         mesh_tls: load_tls(&file.tls)?,
     };
-    amphi_origin::run(setup, shutdown_on_signal()).await?;
+    let options = amphi_origin::OriginOptions {
+        redis_url: options.origin.redis_url,
+    };
+    amphi_origin::run_with(setup, options, shutdown_on_signal()).await?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 
 use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
+use crate::persist::{Persister, RoomStore};
 use crate::room::{Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
 use amphi_protocol::control::{ControlDecoder, ControlError, ControlMessage, PeerKind};
@@ -33,6 +34,11 @@ const CLOSE_PROTOCOL: u32 = 1;
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 /// `from` of a notice the origin itself originates (connection ids start at 1).
 const FROM_ORIGIN: u64 = 0;
+/// After a room is restored from the store, participants whose edge has not re-announced them
+/// within this long are taken to have left while the origin was away.
+pub(crate) const RESUME_GRACE: Duration = Duration::from_secs(15);
+/// Longest wait for a room's stored state on its first use.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct EdgeLink {
     conn: quinn::Connection,
@@ -54,6 +60,12 @@ struct HubState {
     audible: HashMap<RoomId, HashSet<u32>>,
     /// When idle rooms are next forgotten.
     next_housekeeping: Option<Instant>,
+    /// Writes every room's durable state after each change (when a store is configured).
+    persister: Option<Arc<Persister>>,
+    /// Rooms looked up in the store since this origin started.
+    looked_up: HashSet<RoomId>,
+    /// Rooms restored from the store, and when (see [`RESUME_GRACE`]).
+    restored: HashMap<RoomId, Instant>,
 }
 
 impl HubState {
@@ -129,7 +141,17 @@ impl HubState {
         if ended || audibility {
             self.refresh_audible(room);
         }
+        if !events.is_empty() {
+            self.persist(room);
+        }
         ended
+    }
+
+    /// Queue `room`'s durable state for the store (never waits).
+    fn persist(&self, room: RoomId) {
+        if let (Some(p), Some(r)) = (&self.persister, self.rooms.get(room)) {
+            p.save(r.persisted());
+        }
     }
 
     /// Forget idle and long-ended rooms (at most every [`HOUSEKEEPING_EVERY`]).
@@ -141,6 +163,8 @@ impl HubState {
         for room in self.rooms.housekeeping(now) {
             self.audible.remove(&room);
             self.owners.retain(|(r, _), _| *r != room);
+            self.looked_up.remove(&room);
+            self.restored.remove(&room);
         }
     }
 }
@@ -160,6 +184,8 @@ pub(crate) struct Hub {
     packets: mpsc::Sender<MixerCmd>,
     control: mpsc::UnboundedSender<MixerCmd>,
     next_id: AtomicU64,
+    /// Where durable room state is loaded from.
+    store: Option<RoomStore>,
 }
 
 /// Why a control stream is being closed.
@@ -217,14 +243,104 @@ impl Hub {
         metrics: Arc<Metrics>,
         packets: mpsc::Sender<MixerCmd>,
         control: mpsc::UnboundedSender<MixerCmd>,
+        durable: Option<(RoomStore, Arc<Persister>)>,
     ) -> Self {
+        let (store, persister) = durable.unzip();
         Hub {
             origin_id,
             metrics,
-            state: RwLock::new(HubState::default()),
+            state: RwLock::new(HubState {
+                persister,
+                ..HubState::default()
+            }),
             packets,
             control,
             next_id: AtomicU64::new(1),
+            store,
+        }
+    }
+
+    /// Before a room's first use on this origin, take back its stored state (if a store is
+    /// configured and holds it). A store failure is logged and the room starts afresh.
+    async fn ensure_loaded(&self, room: RoomId) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        {
+            let st = lock_read(&self.state);
+            if st.looked_up.contains(&room) || st.rooms.get(room).is_some() {
+                return;
+            }
+        }
+        let saved = match tokio::time::timeout(LOAD_TIMEOUT, store.load(room)).await {
+            Ok(Ok(saved)) => saved,
+            Ok(Err(e)) => {
+                tracing::warn!(%room, error = %e, "stored room state unavailable");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%room, "stored room state: load timed out");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut guard = lock_write(&self.state);
+        let st = &mut *guard;
+        st.looked_up.insert(room);
+        let Some(saved) = saved else {
+            return;
+        };
+        let (participants, hands, banned) = (
+            saved.state.participants.len(),
+            saved.state.hands.len(),
+            saved.state.banned.len(),
+        );
+        let phase = saved.state.phase;
+        if st.rooms.restore(saved, now, unix_ms()) {
+            tracing::info!(%room, ?phase, participants, hands, banned, "room restored from the store");
+            st.restored.insert(room, now);
+            st.refresh_audible(room);
+            self.metrics
+                .rooms_known
+                .store(st.rooms.len() as u64, Relaxed);
+        }
+    }
+
+    /// Participants of restored rooms that no edge re-announced within [`RESUME_GRACE`] leave.
+    pub(crate) fn sweep_unclaimed(&self, now: Instant) {
+        let mut guard = lock_write(&self.state);
+        let st = &mut *guard;
+        let due: Vec<RoomId> = st
+            .restored
+            .iter()
+            .filter(|(_, &t)| now.saturating_duration_since(t) >= RESUME_GRACE)
+            .map(|(r, _)| *r)
+            .collect();
+        for room in due {
+            st.restored.remove(&room);
+            let gone: Vec<ParticipantId> = st
+                .rooms
+                .get(room)
+                .filter(|r| r.phase() == RoomPhase::Live)
+                .map(|r| {
+                    r.participants()
+                        .iter()
+                        .map(|p| p.id)
+                        .filter(|id| !st.owners.contains_key(&(room, *id)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !gone.is_empty() {
+                tracing::info!(%room, participants = gone.len(), "not re-announced after the restart: they leave");
+            }
+            for id in gone {
+                if let Ok(events) = st.rooms.apply(room, id, RoomCommand::Leave, now, unix_ms()) {
+                    st.after_events(room, &events);
+                    if !events.is_empty() {
+                        st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                    }
+                }
+            }
         }
     }
 
@@ -341,7 +457,9 @@ impl Hub {
         drop(own);
         match peer {
             PeerKind::Edge => {
-                self.edge_gone(id, &peer_id);
+                // On shutdown the participants stay in the stored state: their edges re-announce
+                // them to the restarted origin.
+                self.edge_gone(id, &peer_id, !shutdown.is_cancelled());
                 let _ = self.control.send(MixerCmd::SourceGone {
                     source: id,
                     at: Instant::now(),
@@ -412,6 +530,12 @@ impl Hub {
                     None => return Ok(()),
                 },
             };
+            match &msg {
+                ControlMessage::RoomCommand { room, .. }
+                | ControlMessage::RoomEnded { room }
+                | ControlMessage::SubscribeRoom { room } => self.ensure_loaded(*room).await,
+                _ => {}
+            }
             // Replies share the outbound queue so they stay in order with broadcasts.
             if let Some(reply) = self.on_message(id, peer, peer_id, own, msg)? {
                 let _ = own.send(reply);
@@ -594,6 +718,7 @@ impl Hub {
             }
             Ending::Unknown => {
                 st.refresh_audible(room);
+                st.persist(room);
                 true
             }
             Ending::AlreadyEnded => false,
@@ -607,13 +732,18 @@ impl Hub {
             .store(st.rooms.len() as u64, Relaxed);
     }
 
-    /// Edge connection `conn` closed: forget it, and every participant it announced leaves.
-    fn edge_gone(&self, conn: u64, peer_id: &str) {
+    /// Edge connection `conn` closed: forget it, and (if `leave`) every participant it announced
+    /// leaves.
+    fn edge_gone(&self, conn: u64, peer_id: &str, leave: bool) {
         let now = Instant::now();
         let mut guard = lock_write(&self.state);
         let st = &mut *guard;
         st.edges.remove(&conn);
         st.subs.remove_connection(conn);
+        if !leave {
+            st.owners.retain(|_, c| *c != conn);
+            return;
+        }
         let mut mine: Vec<(RoomId, ParticipantId)> = st
             .owners
             .iter()

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mixer;
 mod mixer_thread;
 pub mod ogg;
+pub mod persist;
 pub mod programs;
 pub mod room;
 pub mod subs;
@@ -47,6 +48,17 @@ pub struct OriginSetup {
     pub mesh_tls: MtlsMaterial,
 }
 
+/// Optional parts of an origin.
+#[derive(Clone, Debug, Default)]
+pub struct OriginOptions {
+    /// Redis URL (`redis://host:port/db`) for durable room state (roles, bans, hand queue), so a
+    /// restarted origin takes its rooms back; none = rooms live in memory only.
+    pub redis_url: Option<String>,
+}
+
+/// Prefix of every key the origin keeps in Redis.
+pub const REDIS_PREFIX: &str = "amphi:";
+
 /// Why the origin could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
@@ -64,6 +76,9 @@ pub enum OriginError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The room state store cannot be reached.
+    #[error("room state store: {0}")]
+    Store(#[from] persist::PersistError),
     /// The mixer thread could not start or failed.
     #[error("mixer: {0}")]
     Mixer(String),
@@ -103,7 +118,25 @@ fn server_config(tls: &MtlsMaterial) -> Result<quinn::ServerConfig, OriginError>
 
 /// Run the origin until `shutdown` is cancelled.
 pub async fn run(setup: OriginSetup, shutdown: CancellationToken) -> Result<(), OriginError> {
+    run_with(setup, OriginOptions::default(), shutdown).await
+}
+
+/// [`run`] with options (durable room state).
+pub async fn run_with(
+    setup: OriginSetup,
+    options: OriginOptions,
+    shutdown: CancellationToken,
+) -> Result<(), OriginError> {
     let OriginSetup { config, mesh_tls } = setup;
+    let durable = match &options.redis_url {
+        Some(url) => {
+            let store = persist::RoomStore::connect(url, REDIS_PREFIX).await?;
+            let persister = persist::Persister::start(store.clone(), shutdown.clone());
+            tracing::info!(origin = %config.id, "room state is durable (Redis)");
+            Some((store, persister))
+        }
+        None => None,
+    };
     let metrics = Arc::new(metrics::Metrics::default());
     let endpoint = quinn::Endpoint::server(server_config(&mesh_tls)?, config.quic_listen).map_err(
         |source| OriginError::Bind {
@@ -159,7 +192,20 @@ pub async fn run(setup: OriginSetup, shutdown: CancellationToken) -> Result<(), 
         metrics.clone(),
         packets_tx,
         control_tx,
+        durable,
     ));
+    {
+        let (hub, stop) = (hub.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => hub.sweep_unclaimed(std::time::Instant::now()),
+                }
+            }
+        });
+    }
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, stop.clone()));
     hub.accept_loop(endpoint.clone(), stop.clone()).await;
 

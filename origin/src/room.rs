@@ -200,6 +200,35 @@ impl Room {
         self.last_change
     }
 
+    /// The durable part of the room (state, and the role each user last held), as persisted
+    /// after every applied command. Rate-limit windows are not durable.
+    pub fn persisted(&self) -> crate::persist::PersistedRoom {
+        let mut roles: Vec<(String, RoomRole)> =
+            self.roles.iter().map(|(u, r)| (u.clone(), *r)).collect();
+        roles.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::persist::PersistedRoom {
+            state: self.snapshot(),
+            roles,
+        }
+    }
+
+    /// A room as it was persisted, restored at `now` (`now_unix_ms` is the wall clock then).
+    pub fn restore(
+        saved: crate::persist::PersistedRoom,
+        limits: RoomLimits,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Self {
+        let crate::persist::PersistedRoom { state, roles } = saved;
+        let mut room = Room::new(state.room, limits, now, now_unix_ms);
+        room.phase = state.phase;
+        room.participants = state.participants;
+        room.hands = state.hands;
+        room.banned = state.banned;
+        room.roles = roles.into_iter().collect();
+        room
+    }
+
     /// The full state, as sent in `RoomSnapshot`.
     pub fn snapshot(&self) -> RoomState {
         RoomState {
@@ -729,6 +758,23 @@ impl Rooms {
             .get_mut(&room)
             .expect("checked")
             .apply(actor, command, now)
+    }
+
+    /// Take back a persisted room (after an origin restart). Refused (`false`) if the room is
+    /// already held or the origin is full.
+    pub fn restore(
+        &mut self,
+        saved: crate::persist::PersistedRoom,
+        now: Instant,
+        unix_ms: u64,
+    ) -> bool {
+        let id = saved.state.room;
+        if self.rooms.contains_key(&id) || self.rooms.len() >= self.cfg.max_rooms {
+            return false;
+        }
+        self.rooms
+            .insert(id, Room::restore(saved, self.cfg.room, now, unix_ms));
+        true
     }
 
     /// End `room` from outside the room (REST API through a geo-router, an edge's `RoomEnded`).

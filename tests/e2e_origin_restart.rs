@@ -1,0 +1,222 @@
+//! Durable room state: an origin (its own process, room state in a real Redis) is killed with
+//! SIGKILL mid-room and started again. The room, its roles, hand queue and bans are intact; the
+//! edges reconnect and re-announce their participants; a speaker publishing through one edge is
+//! heard again through the origin's relay at the other edge.
+
+mod roles;
+mod support;
+
+use amphi_protocol::room::{RoomEvent, RoomRole, RoomState, ServerMessage};
+use amphi_protocol::ParticipantId;
+use roles::*;
+use std::time::Duration;
+
+fn snapshot(m: ServerMessage) -> (ParticipantId, RoomState) {
+    match m {
+        ServerMessage::Snapshot { you, state } => (you, state),
+        other => panic!("not a snapshot: {other:?}"),
+    }
+}
+
+fn edge_connected(edge: &str) -> bool {
+    support::metric(edge, "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_origin_keeps_its_rooms_roles_hands_and_bans() {
+    let redis = redis_db(4);
+    let mesh = RoleMesh::new("origin-restart", 40_300);
+    let mut origin = mesh.origin(Some(&redis));
+    let _router = mesh.router_process(None, "");
+    let _us = mesh.edge_process(0, "us-east", "");
+    let _eu = mesh.edge_process(1, "eu-west", "");
+    let (router, us, eu) = (mesh.router(), mesh.edge(0), mesh.edge(1));
+    {
+        let (router, us, eu) = (router.clone(), us.clone(), eu.clone());
+        tokio::task::spawn_blocking(move || {
+            eventually("mesh up", Duration::from_secs(30), || {
+                (support::get_status(&format!("{router}/healthz")) == 200
+                    && edge_connected(&us)
+                    && edge_connected(&eu))
+                .then_some(())
+            })
+        })
+        .await
+        .unwrap();
+    }
+
+    let (status, created) = call(
+        "POST",
+        &format!("{router}/v1/rooms"),
+        Some(serde_json::json!({"title": "durable"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let room = created["room"].as_str().unwrap().to_string();
+    let host_token = created["host_token"].as_str().unwrap().to_string();
+    let token = |role: &str, name: &str| {
+        let (status, v) = call(
+            "POST",
+            &format!("{router}/v1/rooms/{room}/tokens"),
+            Some(serde_json::json!({"role": role, "name": name})),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (bob_t, alice_t, carol_t, troll_t, spk_t, dave_t) = (
+        token("listener", "bob"),
+        token("listener", "alice"),
+        token("listener", "carol"),
+        token("listener", "troll"),
+        token("speaker", "spk"),
+        token("listener", "dave"),
+    );
+
+    // The host on us-east; listeners on eu-west.
+    let (mut host, snap) = Ws::join(&us, &host_token).await.expect("host joins");
+    let (host_id, _) = snapshot(snap);
+    let (mut bob, snap) = Ws::join(&eu, &bob_t).await.expect("bob joins");
+    let (bob_id, _) = snapshot(snap);
+    let (mut alice, snap) = Ws::join(&eu, &alice_t).await.expect("alice joins");
+    let (alice_id, _) = snapshot(snap);
+    let (_carol, snap) = Ws::join(&eu, &carol_t).await.expect("carol joins");
+    let (carol_id, _) = snapshot(snap);
+    let (_troll, snap) = Ws::join(&eu, &troll_t).await.expect("troll joins");
+    let (troll_id, _) = snapshot(snap);
+    bob.send(serde_json::json!({"type": "raise_hand"})).await;
+    host.until(|m| {
+        matches!(m, ServerMessage::Event(RoomEvent::HandRaised { id }) if *id == bob_id)
+            .then_some(())
+    })
+    .await;
+    alice.send(serde_json::json!({"type": "raise_hand"})).await;
+    host.until(|m| {
+        matches!(m, ServerMessage::Event(RoomEvent::HandRaised { id }) if *id == alice_id)
+            .then_some(())
+    })
+    .await;
+    host.send(serde_json::json!({"type": "promote", "target": carol_id.0}))
+        .await;
+    host.until(|m| {
+        matches!(m, ServerMessage::Event(RoomEvent::RoleChanged { id, .. }) if *id == carol_id)
+            .then_some(())
+    })
+    .await;
+    host.send(serde_json::json!({"type": "kick", "target": troll_id.0}))
+        .await;
+    host.until(|m| {
+        matches!(m, ServerMessage::Event(RoomEvent::ParticipantLeft { id }) if *id == troll_id)
+            .then_some(())
+    })
+    .await;
+
+    // A speaker publishes through us-east for the whole test; eu-west hears it via the origin.
+    let whip = format!("{us}/whip/{room}");
+    let publisher =
+        tokio::spawn(async move { support::publish_tone(&whip, &spk_t, 440.0, 120.0).await });
+    let relayed =
+        |edge: &str| support::metric(edge, "amphi_edge_relay_frames_received_total").unwrap_or(0.0);
+    {
+        let eu = eu.clone();
+        tokio::task::spawn_blocking(move || {
+            let start = relayed(&eu);
+            eventually("eu-west hears the speaker", Duration::from_secs(15), || {
+                (relayed(&eu) - start >= 50.0).then_some(())
+            })
+        })
+        .await
+        .unwrap();
+    }
+    let (_, before) = snapshot(
+        Ws::join(&us, &dave_t)
+            .await
+            .map(|(_, s)| s)
+            .expect("dave joins"),
+    );
+    assert_eq!(before.hands, vec![bob_id, alice_id]);
+    assert_eq!(before.banned.len(), 1);
+
+    // Crash the origin and start it again at once (the edges' next packets to the old
+    // connection meet a stateless reset; they reconnect and re-announce).
+    origin.signal("KILL");
+    origin
+        .wait_exit(Duration::from_secs(5))
+        .expect("origin died");
+    let restarted = mesh.origin(Some(&redis));
+    {
+        let om = mesh.origin_metrics();
+        tokio::task::spawn_blocking(move || {
+            eventually(
+                "edges reconnect to the new origin",
+                Duration::from_secs(40),
+                || {
+                    (support::metric(&om, "amphi_origin_connected_edges").unwrap_or(0.0) >= 2.0)
+                        .then_some(())
+                },
+            )
+        })
+        .await
+        .unwrap();
+    }
+
+    // The speaker is heard again at eu-west, through the restarted origin.
+    {
+        let eu = eu.clone();
+        tokio::task::spawn_blocking(move || {
+            let start = relayed(&eu);
+            eventually(
+                "eu-west hears the speaker again",
+                Duration::from_secs(20),
+                || (relayed(&eu) - start >= 100.0).then_some(()),
+            )
+        })
+        .await
+        .unwrap();
+    }
+
+    // A new participant sees the same room: everyone, the roles, the hand queue in order, the ban.
+    let (mut erin, snap) = Ws::join(&eu, &token("listener", "erin"))
+        .await
+        .expect("erin joins after the restart");
+    let (erin_id, after) = snapshot(snap);
+    let role = |s: &RoomState, id: ParticipantId| {
+        s.participants
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.role)
+            .unwrap_or_else(|| panic!("{id} missing from {s:?}"))
+    };
+    assert_eq!(role(&after, host_id), RoomRole::Host);
+    assert_eq!(role(&after, carol_id), RoomRole::Speaker);
+    assert_eq!(role(&after, bob_id), RoomRole::Listener);
+    assert_eq!(role(&after, erin_id), RoomRole::Listener);
+    assert_eq!(after.hands, vec![bob_id, alice_id], "hand queue intact");
+    assert_eq!(after.banned, before.banned, "bans intact");
+    assert!(after.participants.iter().all(|p| p.id != troll_id));
+    let speakers = after
+        .participants
+        .iter()
+        .filter(|p| p.role == RoomRole::Speaker)
+        .count();
+    assert_eq!(speakers, 2, "carol and the WHIP speaker: {after:?}");
+    // The banned user is still refused.
+    assert_eq!(
+        Ws::join(&eu, &troll_t).await.err().as_deref(),
+        Some("banned")
+    );
+    // The restored authority still takes commands: the host lowers bob's hand.
+    host.send(serde_json::json!({"type": "lower_hand", "target": bob_id.0}))
+        .await;
+    erin.until(|m| {
+        matches!(m, ServerMessage::Event(RoomEvent::HandLowered { id }) if *id == bob_id)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        restarted
+            .log_text()
+            .contains("room restored from the store"),
+        "{}",
+        restarted.log_text()
+    );
+    publisher.abort();
+}

@@ -1,0 +1,349 @@
+//! A mesh of separate role processes (`amphi origin|edge|geo-router --config`) for tests that
+//! restart or signal one role: a fresh mesh PKI and token signing key on disk, one TOML config per
+//! role, every listener on 127.0.0.1 at `base + n`. Also a small WebSocket signaling client and
+//! the Redis URL of the test run.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use amphi_protocol::mtls::DevPki;
+use amphi_protocol::room::ServerMessage;
+use amphi_protocol::token::TokenSigner;
+use futures_util::{SinkExt, StreamExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+const ORIGIN_NAME: &str = "origin.amphi.internal";
+
+/// The Redis of the test run (`scripts/test.sh` starts it), database `db`, emptied first.
+pub fn redis_db(db: u8) -> String {
+    let base = std::env::var("AMPHI_TEST_REDIS_URL")
+        .expect("AMPHI_TEST_REDIS_URL is not set: run scripts/test.sh (it starts redis-server)");
+    let url = format!("{}/{db}", base.trim_end_matches('/'));
+    let out = Command::new("redis-cli")
+        .args(["-u", &url, "FLUSHDB"])
+        .output()
+        .expect("redis-cli runs");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "FLUSHDB on {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    url
+}
+
+/// One role process; SIGTERM then SIGKILL on drop.
+pub struct RoleProcess {
+    child: Child,
+    /// Its log file (stdout + stderr).
+    pub log: PathBuf,
+}
+
+impl RoleProcess {
+    /// Send a signal (`TERM`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Wait up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        if self.running() {
+            self.signal("TERM");
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// Files and ports of a role-process mesh.
+pub struct RoleMesh {
+    /// Scratch directory (configs, keys, logs).
+    pub dir: PathBuf,
+    /// Ports are `base + n`.
+    pub base: u16,
+    pki: DevPki,
+    signer: TokenSigner,
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+impl RoleMesh {
+    /// A fresh PKI and signing key under a scratch directory for test `name`.
+    pub fn new(name: &str, base: u16) -> RoleMesh {
+        let dir = std::env::temp_dir().join(format!("amphi-roles-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = DevPki::generate().expect("dev PKI");
+        let signer = TokenSigner::generate("k1");
+        write(&dir.join("signing.pem"), &signer.to_pkcs8_pem());
+        RoleMesh {
+            dir,
+            base,
+            pki,
+            signer,
+        }
+    }
+
+    /// Geo-router base URL.
+    pub fn router(&self) -> String {
+        format!("http://127.0.0.1:{}", self.base + 80)
+    }
+
+    /// Edge `i`'s HTTP base URL.
+    pub fn edge(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}", self.base + 10 + i)
+    }
+
+    /// Origin metrics base URL.
+    pub fn origin_metrics(&self) -> String {
+        format!("http://127.0.0.1:{}", self.base + 1)
+    }
+
+    /// Write `name`'s certificate and key; returns the `[tls]` section.
+    fn tls(&self, name: &str, dns: &str) -> String {
+        let issued = self.pki.issue_pem(dns).expect("issue certificate");
+        let (ca, cert, key) = (
+            self.dir.join("ca.pem"),
+            self.dir.join(format!("{name}.cert.pem")),
+            self.dir.join(format!("{name}.key.pem")),
+        );
+        write(&ca, &issued.ca);
+        write(&cert, &issued.cert);
+        write(&key, &issued.key);
+        format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    }
+
+    fn spawn(&self, role: &str, name: &str, config: &str) -> RoleProcess {
+        let path = self.dir.join(format!("{name}.toml"));
+        write(&path, config);
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_amphi"))
+            .args([role, "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn amphi {role}: {e}"));
+        RoleProcess { child, log }
+    }
+
+    /// Start `amphi origin` (durable room state in `redis_url` if given).
+    pub fn origin(&self, redis_url: Option<&str>) -> RoleProcess {
+        let redis = redis_url
+            .map(|u| format!("redis_url = {u:?}\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "[origin]\nid = \"origin-1\"\nquic_listen = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{redis}\n{}",
+            self.base,
+            self.base + 1,
+            self.tls("origin", ORIGIN_NAME)
+        );
+        self.spawn("origin", "origin", &config)
+    }
+
+    /// Start `amphi geo-router` (dev mode: open API, `region=` overrides), linked to the origin.
+    pub fn router_process(&self, redis_url: Option<&str>, extra: &str) -> RoleProcess {
+        let redis = redis_url
+            .map(|u| format!("redis_url = {u:?}\n"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"[router]
+id = "router-1"
+http_listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+default_region = "us-east"
+edges = []
+packager_url = "http://127.0.0.1:{packager}"
+dev_mode = true
+{redis}{extra}
+[[router.origins]]
+id = "origin-1"
+addr = "127.0.0.1:{origin}"
+server_name = "{ORIGIN_NAME}"
+
+[signing]
+kid = "k1"
+key_file = {key:?}
+
+{tls}"#,
+            port = self.base + 80,
+            packager = self.base + 90,
+            origin = self.base,
+            key = self.dir.join("signing.pem").display().to_string(),
+            tls = self.tls("router", "router-1.amphi.internal"),
+        );
+        self.spawn("geo-router", "router", &config)
+    }
+
+    /// Start `amphi edge` number `i` (index `i + 1`) in `region`, registering with the router;
+    /// `registration` is extra TOML for its `[registration]` section.
+    pub fn edge_process(&self, i: u16, region: &str, registration: &str) -> RoleProcess {
+        let id = format!("edge-{region}");
+        let config = format!(
+            r#"[edge]
+id = "{id}"
+region = "{region}"
+index = {index}
+http_listen = "127.0.0.1:{http}"
+public_url = "http://127.0.0.1:{http}"
+media_listen = "127.0.0.1:{media}"
+origin_addr = "127.0.0.1:{origin}"
+origin_server_name = "{ORIGIN_NAME}"
+router_url = "http://127.0.0.1:{router}"
+
+[registration]
+{registration}
+
+{tls}
+[[tokens.public_keys]]
+kid = "k1"
+pem = """
+{pem}"""
+"#,
+            index = i + 1,
+            http = self.base + 10 + i,
+            media = self.base + 20 + i,
+            origin = self.base,
+            router = self.base + 80,
+            tls = self.tls(&id, &format!("{id}.amphi.internal")),
+            pem = self.signer.public_pem(),
+        );
+        self.spawn("edge", &id, &config)
+    }
+}
+
+/// Poll `f` every 100 ms for up to `limit` until it returns `Some`; panics with `what` after.
+pub fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (status, JSON body) of a request; status 0 if the connection failed.
+pub fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let req = ureq::request(method, url).timeout(Duration::from_secs(5));
+    let resp = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match resp {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(serde_json::Value::Null)),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+type Stream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket signaling client (`/v1/ws`).
+pub struct Ws {
+    s: Stream,
+}
+
+impl Ws {
+    /// Connect to `edge` with `token` and join; returns the client and its snapshot
+    /// (`Err(code)` if the join was refused with an `error` event).
+    pub async fn join(edge: &str, token: &str) -> Result<(Ws, ServerMessage), String> {
+        let url = format!("{}/v1/ws?token={token}", edge.replace("http://", "ws://"));
+        let (s, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut ws = Ws { s };
+        ws.send(serde_json::json!({"type": "join"})).await;
+        loop {
+            match ws.next().await {
+                Some(m @ ServerMessage::Snapshot { .. }) => return Ok((ws, m)),
+                Some(ServerMessage::Error { code, .. }) => return Err(code),
+                Some(_) => continue,
+                None => return Err("closed".into()),
+            }
+        }
+    }
+
+    /// Send one client message.
+    pub async fn send(&mut self, v: serde_json::Value) {
+        self.s
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("websocket send");
+    }
+
+    /// The next server message (`None` when closed or after 10 s of silence).
+    pub async fn next(&mut self) -> Option<ServerMessage> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.s.next())
+                .await
+                .ok()??
+                .ok()?;
+            match m {
+                Message::Text(t) => {
+                    return Some(
+                        serde_json::from_str(t.as_str())
+                            .unwrap_or_else(|e| panic!("unreadable server message {t}: {e}")),
+                    )
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Read messages until `f` accepts one (at most 200 messages).
+    pub async fn until<T>(&mut self, mut f: impl FnMut(&ServerMessage) -> Option<T>) -> T {
+        for _ in 0..200 {
+            let m = self.next().await.expect("server message");
+            if let Some(v) = f(&m) {
+                return v;
+            }
+        }
+        panic!("the expected server message never came");
+    }
+}
