@@ -47,6 +47,10 @@ pub struct HlsArgs {
     /// (`http://host:port/hls/{room}/opus/playlist.m3u8`, plain HTTP).
     #[arg(long)]
     url: Option<String>,
+    /// Players only issue blocking reloads (parts come from the CDN/S3 in production); by
+    /// default each player also fetches every part from the packager.
+    #[arg(long)]
+    skip_parts: bool,
     /// Instead of the player load: glass-to-glass latency through an `amphi dev` mesh it starts,
     /// from a tone burst's first packet sent to the edge (WHIP, loopback) to hls.js in headless
     /// Chromium playing it (WebAudio onset).
@@ -130,6 +134,7 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         players,
         seconds,
         args.ramp_batch,
+        !args.skip_parts,
         child.as_ref().map(|c| c.0.id()),
     )
     .await;
@@ -563,6 +568,7 @@ async fn player(
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     c: Arc<Counters>,
+    fetch_parts: bool,
 ) -> Vec<(u64, u32, u32)> {
     let mut out = Vec::new();
     let mut conn = None;
@@ -618,20 +624,53 @@ async fn player(
                     out.push((msn, part, got.saturating_sub(p).min(u32::MAX as u64) as u32));
                 }
             }
-            match cn.get(&format!("{dir}part{msn}.{part}.m4s")).await {
-                Ok(p) if p.status == 200 => {
-                    c.parts.fetch_add(1, Ordering::Relaxed);
-                    c.part_bytes
-                        .fetch_add(p.body.len() as u64, Ordering::Relaxed);
-                }
-                _ => {
-                    c.errors.fetch_add(1, Ordering::Relaxed);
+            if fetch_parts {
+                match cn.get(&format!("{dir}part{msn}.{part}.m4s")).await {
+                    Ok(p) if p.status == 200 => {
+                        c.parts.fetch_add(1, Ordering::Relaxed);
+                        c.part_bytes
+                            .fetch_add(p.body.len() as u64, Ordering::Relaxed);
+                    }
+                    _ => {
+                        c.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             hint = preload_hint(&r.body);
         }
     }
     out
+}
+
+/// Cumulative buckets `(le seconds, count)` of `amphi_packager_blocking_release_seconds`
+/// (`+Inf` as infinity, last).
+fn release_histogram(metrics: &[u8]) -> Vec<(f64, u64)> {
+    let text = String::from_utf8_lossy(metrics);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("amphi_packager_blocking_release_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The smallest bucket bound (ms) holding quantile `q` of cumulative `buckets`.
+fn bucket_quantile(buckets: &[(f64, u64)], q: f64) -> String {
+    let total = buckets.last().map_or(0, |b| b.1);
+    if total == 0 {
+        return "n/a".into();
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    match buckets.iter().find(|(_, n)| *n >= want) {
+        Some((le, _)) if le.is_finite() => format!("{}", le * 1000.0),
+        _ => "inf".into(),
+    }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -663,6 +702,7 @@ async fn drive(
     players: usize,
     seconds: u64,
     ramp_batch: usize,
+    fetch_parts: bool,
     packager_pid: Option<u32>,
 ) -> Result<()> {
     let rest = url
@@ -701,6 +741,7 @@ async fn drive(
             measuring.clone(),
             stop.clone(),
             counters.clone(),
+            fetch_parts,
         )));
         if (i + 1) % ramp_batch.max(1) == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -715,6 +756,14 @@ async fn drive(
         counters.parts.load(Ordering::Relaxed),
         counters.errors.load(Ordering::Relaxed),
     );
+    let release_before = match Conn::open(&host).await {
+        Ok(mut c) => c
+            .get(&metrics_path)
+            .await
+            .ok()
+            .map(|r| release_histogram(&r.body)),
+        Err(_) => None,
+    };
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     let mut held_max = 0f64;
@@ -741,6 +790,14 @@ async fn drive(
     }
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
+    let release_after = match &mut mconn {
+        Some(c) => c
+            .get(&metrics_path)
+            .await
+            .ok()
+            .map(|r| release_histogram(&r.body)),
+        None => None,
+    };
     let after = packager_pid.and_then(proc_stats);
     let totals = (
         counters.playlists.load(Ordering::Relaxed) - base.0,
@@ -799,6 +856,19 @@ async fn drive(
         all_waiting.len(),
         full
     );
+    if let (Some(b), Some(a)) = (release_before, release_after) {
+        let delta: Vec<(f64, u64)> = a
+            .iter()
+            .zip(&b)
+            .map(|((le, n1), (_, n0))| (*le, n1.saturating_sub(*n0)))
+            .collect();
+        println!(
+            "packager side, publication -> held request answered (histogram bucket upper bounds): p50 <= {} ms, p99 <= {} ms ({} answers)",
+            bucket_quantile(&delta, 0.5),
+            bucket_quantile(&delta, 0.99),
+            delta.last().map_or(0, |d| d.1)
+        );
+    }
     if let (Some(b), Some(a)) = (before, after) {
         let cpu = (a.2 - b.2) as f64 / 100.0 / elapsed * 100.0;
         println!(
@@ -836,5 +906,12 @@ mod tests {
         assert_eq!(preload_hint(pl), Some((12, 3)));
         assert_eq!(preload_hint(b"#EXTM3U\n#EXT-X-ENDLIST\n"), None);
         assert_eq!(percentile(&[1000, 2000, 3000], 0.5), 2.0);
+        let m = b"x 1\namphi_packager_blocking_release_seconds_bucket{le=\"0.001\"} 5\n\
+amphi_packager_blocking_release_seconds_bucket{le=\"0.01\"} 99\n\
+amphi_packager_blocking_release_seconds_bucket{le=\"+Inf\"} 100\n";
+        let h = release_histogram(m);
+        assert_eq!(h.len(), 3);
+        assert_eq!(bucket_quantile(&h, 0.5), "10");
+        assert_eq!(bucket_quantile(&h, 0.999), "inf");
     }
 }

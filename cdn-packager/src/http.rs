@@ -188,7 +188,14 @@ async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                         _ = st.shutdown.cancelled() => None,
                     };
                     match waited {
-                        Some(snap) => playlist_response(&snap, q.skip, BLOCKING_PLAYLIST_CACHE),
+                        Some(snap) => {
+                            if let Ok(d) =
+                                std::time::SystemTime::now().duration_since(snap.published_at)
+                            {
+                                st.metrics.observe_release(d);
+                            }
+                            playlist_response(&snap, q.skip, BLOCKING_PLAYLIST_CACHE)
+                        }
                         None => {
                             st.metrics.blocking_timeouts.fetch_add(1, Ordering::Relaxed);
                             error(

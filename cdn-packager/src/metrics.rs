@@ -6,6 +6,10 @@ use std::time::Duration;
 
 /// Upper bounds (seconds) of the publish-delay histogram buckets.
 const DELAY_BUCKETS: [f64; 9] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0];
+/// Upper bounds (seconds) of the blocking-release histogram buckets.
+pub const RELEASE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+];
 
 /// Counters and gauges shared by the ingest and HTTP sides.
 #[derive(Debug, Default)]
@@ -44,6 +48,9 @@ pub struct Metrics {
     pub storage_parts_skipped: AtomicU64,
     /// Recordings deleted by retention.
     pub recordings_expired: AtomicU64,
+    release_buckets: [AtomicU64; RELEASE_BUCKETS.len()],
+    release_count: AtomicU64,
+    release_sum_us: AtomicU64,
     delay_buckets: [AtomicU64; DELAY_BUCKETS.len()],
     delay_count: AtomicU64,
     delay_sum_us: AtomicU64,
@@ -60,6 +67,20 @@ impl Metrics {
         }
         self.delay_count.fetch_add(1, Ordering::Relaxed);
         self.delay_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Record how long after a playlist state was published a held request was answered
+    /// with it.
+    pub fn observe_release(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in RELEASE_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.release_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.release_count.fetch_add(1, Ordering::Relaxed);
+        self.release_sum_us
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
@@ -191,6 +212,22 @@ impl Metrics {
         let count = l(&self.delay_count);
         let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(s, "{name}_sum {}", l(&self.delay_sum_us) as f64 / 1e6);
+        let _ = writeln!(s, "{name}_count {count}");
+        let name = "amphi_packager_blocking_release_seconds";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Delay from a playlist state's publication to a held request being answered with it.\n# TYPE {name} histogram"
+        );
+        for (i, bound) in RELEASE_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                l(&self.release_buckets[i])
+            );
+        }
+        let count = l(&self.release_count);
+        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(s, "{name}_sum {}", l(&self.release_sum_us) as f64 / 1e6);
         let _ = writeln!(s, "{name}_count {count}");
         s
     }
