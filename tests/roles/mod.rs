@@ -107,6 +107,9 @@ impl RoleMesh {
         let pki = DevPki::generate().expect("dev PKI");
         let signer = TokenSigner::generate("k1");
         write(&dir.join("signing.pem"), &signer.to_pkcs8_pem());
+        // Written once: role processes read it while later roles are being configured.
+        let ca = pki.issue_pem("ca.amphi.internal").expect("issue").ca;
+        write(&dir.join("ca.pem"), &ca);
         RoleMesh {
             dir,
             base,
@@ -138,7 +141,6 @@ impl RoleMesh {
             self.dir.join(format!("{name}.cert.pem")),
             self.dir.join(format!("{name}.key.pem")),
         );
-        write(&ca, &issued.ca);
         write(&cert, &issued.cert);
         write(&key, &issued.key);
         format!(
