@@ -59,6 +59,10 @@ pub struct HlsArgs {
     /// Tone bursts timed by `--glass-to-glass` (one every 2 s).
     #[arg(long, default_value_t = 20)]
     bursts: usize,
+    /// hls.js config (JSON) for `--glass-to-glass`; the default lets hls.js play up to 1.5x to
+    /// hold its target latency (PART-HOLD-BACK).
+    #[arg(long, default_value = r#"{"maxLiveSyncPlaybackRate":1.5}"#)]
+    hls_config: String,
     /// Port offset of the dev mesh `--glass-to-glass` starts.
     #[arg(long, default_value_t = 22_000)]
     port_offset: u16,
@@ -88,7 +92,7 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         } else {
             args.bursts.clamp(1, 1000)
         };
-        return glass_to_glass(bursts, args.port_offset).await;
+        return glass_to_glass(bursts, args.port_offset, args.hls_config.clone()).await;
     }
     let (players, seconds) = if args.smoke {
         (args.players.min(50), args.seconds.min(3))
@@ -221,7 +225,7 @@ async fn json(
 }
 
 /// Glass-to-glass: tone bursts through WHIP -> edge -> origin -> packager -> hls.js.
-async fn glass_to_glass(bursts: usize, offset: u16) -> Result<()> {
+async fn glass_to_glass(bursts: usize, offset: u16, hls_config: String) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("amphi-g2g-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -293,14 +297,14 @@ async fn glass_to_glass(bursts: usize, offset: u16) -> Result<()> {
     for i in 0..total {
         tick.tick().await;
         if i == 100 {
-            let (page, hls_url) = (page.clone(), hls_url.clone());
+            let (page, hls_url, cfg) = (page.clone(), hls_url.clone(), hls_config.clone());
             player = Some(std::thread::spawn(move || {
                 let out = Command::new("node")
                     .arg(script)
                     .env("AMPHI_PAGE", page)
                     .env("AMPHI_HLS_URL", hls_url)
                     .env("AMPHI_SECONDS", player_secs.to_string())
-                    .env("AMPHI_HLS_CONFIG", r#"{"maxLiveSyncPlaybackRate":1.5}"#)
+                    .env("AMPHI_HLS_CONFIG", cfg)
                     .stderr(Stdio::null())
                     .output()
                     .context("running node tests/browser/hls_play.mjs")?;
