@@ -344,6 +344,27 @@ enum BenchCommand {
     },
     /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
     Sfu(crate::loadgen_webrtc::SfuArgs),
+    /// Geo-router route lookups/s over HTTP with wrk, side by side with a hyper hello-world.
+    Route {
+        /// Seconds of wrk load per server.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// wrk threads.
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 64)]
+        connections: u32,
+        /// Router port (the hello-world server takes the next one).
+        #[arg(long, default_value_t = 40_500)]
+        port: u16,
+        /// GeoIP City database for the router (repeat for IPv4 and IPv6 files).
+        #[arg(long = "geoip", value_name = "FILE")]
+        geoip: Vec<PathBuf>,
+        /// Short run for CI (1 s per server).
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 /// Run `amphi bench`.
@@ -372,6 +393,23 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             .await?;
         }
         BenchCommand::Sfu(args) => crate::loadgen_webrtc::bench(args).await?,
+        BenchCommand::Route {
+            seconds,
+            threads,
+            connections,
+            port,
+            geoip,
+            smoke,
+        } => {
+            crate::bench_route::run(crate::bench_route::RouteBenchOptions {
+                seconds: if smoke { 1 } else { seconds },
+                threads,
+                connections: if smoke { 8 } else { connections },
+                port,
+                geoip,
+            })
+            .await?
+        }
     }
     Ok(())
 }

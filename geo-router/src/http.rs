@@ -44,6 +44,10 @@ pub const REDIS_PREFIX: &str = "amphi:";
 pub const MAX_BODY: usize = 16 * 1024;
 /// Largest heartbeat body (it lists rooms).
 const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
+/// How long after a room ends the router waits for its recording (`recording_ready` webhook).
+pub const RECORDING_WAIT: std::time::Duration = std::time::Duration::from_secs(180);
+/// How often the packager is asked whether an ended room's recording is there.
+const RECORDING_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Furthest ahead a room may be scheduled (one year).
 const MAX_SCHEDULE_AHEAD_SECS: u64 = 366 * 24 * 3600;
 
@@ -497,6 +501,7 @@ async fn end_room(
     };
     if ended {
         s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(watch_recording(s.clone(), room));
         let origin = s.links.end_room(room);
         tracing::info!(%room, origin = ?origin, "room ended through the API");
         s.webhooks.emit(
@@ -532,6 +537,7 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
                 };
                 if ended {
                     s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(watch_recording(s.clone(), room));
                     tracing::info!(%room, %origin, "room ended (reported by origin)");
                     s.webhooks.emit(
                         EventKind::RoomEnded,
@@ -825,26 +831,70 @@ async fn drain_edge(
         .into_response())
 }
 
-/// `GET /v1/rooms/{id}/recording`: the URL of the room's VOD recording (a multivariant
-/// playlist of its Opus and AAC renditions), once the packager has stored it.
-async fn recording(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
-    let room = parse_room(&id)?;
-    let path = format!("/hls/{room}/recording.m3u8");
-    let Ok(uri) = format!("{}{path}", s.config.packager_url).parse::<Uri>() else {
-        return Err(error(StatusCode::BAD_REQUEST, "bad_path", "malformed path"));
-    };
+/// Whether the packager holds `room`'s VOD recording (`HEAD /hls/{room}/recording.m3u8`).
+async fn recording_available(
+    s: &AppState,
+    room: RoomId,
+) -> Result<bool, hyper_util::client::legacy::Error> {
+    let uri: Uri = format!("{}/hls/{room}/recording.m3u8", s.config.packager_url)
+        .parse()
+        .expect("room ids make valid paths");
     let head = Request::builder()
         .method(Method::HEAD)
         .uri(uri)
         .body(Body::empty())
         .expect("valid request");
-    match s.hls_client.request(head).await {
-        Ok(r) if r.status() == StatusCode::OK => Ok(Json(serde_json::json!({
+    Ok(s.hls_client.request(head).await?.status() == StatusCode::OK)
+}
+
+fn recording_url(s: &AppState, room: RoomId) -> String {
+    format!("{}/hls/{room}/recording.m3u8", s.config.public_url)
+}
+
+/// After `room` ended: ask the packager every [`RECORDING_POLL`], for at most
+/// [`RECORDING_WAIT`], whether its recording is there; when it is, emit `recording_ready` (once
+/// over every replica sharing the store).
+async fn watch_recording(s: Shared, room: RoomId) {
+    if s.webhooks.is_empty() {
+        return;
+    }
+    let deadline = Instant::now() + RECORDING_WAIT;
+    while Instant::now() < deadline {
+        tokio::time::sleep(RECORDING_POLL).await;
+        match recording_available(&s, room).await {
+            Ok(true) => {
+                match s.store.claim_once("recording_ready", room).await {
+                    Ok(true) => {
+                        tracing::info!(%room, "recording ready");
+                        s.webhooks.emit(
+                            EventKind::RecordingReady,
+                            now_unix(),
+                            serde_json::json!({ "room": room, "url": recording_url(&s, room) }),
+                        );
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(%room, error = %e, "recording_ready not emitted"),
+                }
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(%room, error = %e, "packager unreachable (recording)"),
+        }
+    }
+    tracing::info!(%room, "no recording within the wait: no recording_ready");
+}
+
+/// `GET /v1/rooms/{id}/recording`: the URL of the room's VOD recording (a multivariant
+/// playlist of its Opus and AAC renditions), once the packager has stored it.
+async fn recording(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
+    let room = parse_room(&id)?;
+    match recording_available(&s, room).await {
+        Ok(true) => Ok(Json(serde_json::json!({
             "room": room.to_string(),
-            "url": format!("{}{path}", s.config.public_url),
+            "url": recording_url(&s, room),
         }))
         .into_response()),
-        Ok(_) => Err(error(
+        Ok(false) => Err(error(
             StatusCode::NOT_FOUND,
             "recording_not_found",
             "no recording for this room (it is live, or never had a program)",

@@ -146,6 +146,11 @@ impl Webhooks {
         hooks
     }
 
+    /// Whether no receiver is configured (events go nowhere).
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_none()
+    }
+
     /// Queue an event; never waits (drops and counts it when the queue is full).
     pub fn emit(&self, event: EventKind, at: u64, data: serde_json::Value) {
         let Some(tx) = &self.tx else {

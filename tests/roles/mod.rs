@@ -185,6 +185,23 @@ impl RoleMesh {
         self.spawn("origin", "origin", &config)
     }
 
+    /// Start `amphi packager` (HTTP on `base + 90`, files under the scratch directory).
+    pub fn packager(&self) -> RoleProcess {
+        let config = format!(
+            "[packager]\nid = \"packager-1\"\norigin_addr = \"127.0.0.1:{}\"\norigin_server_name = \"{ORIGIN_NAME}\"\nhttp_listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\n\n{}",
+            self.base,
+            self.base + 90,
+            self.dir.join("hls").display().to_string(),
+            self.tls("packager", "packager-1.amphi.internal")
+        );
+        self.spawn("packager", "packager", &config)
+    }
+
+    /// Packager HTTP base URL.
+    pub fn packager_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.base + 90)
+    }
+
     /// Start `amphi geo-router` (dev mode: open API, `region=` overrides), linked to the origin.
     pub fn router_process(&self, redis_url: Option<&str>, extra: &str) -> RoleProcess {
         let redis = redis_url

@@ -1,0 +1,245 @@
+//! `amphi bench route`: route lookups per second over HTTP on loopback, measured with `wrk`,
+//! side by side with a hyper hello-world server in the same run and process.
+//!
+//! Method: one tokio runtime serves both a geo-router (dev mode, in-memory store, GeoIP
+//! databases if given; four edges registered by heartbeats, one live room) and a hyper
+//! HTTP/1.1 server answering `Hello, World!`. `wrk` (keep-alive, `--threads` x `--connections`)
+//! first loads the hello-world server, then `GET /v1/route?room=ID&ip=8.8.8.8&role=listener`,
+//! each for `--seconds`. Goal: routes/s >= 70% of the hello-world figure.
+
+use amphi_protocol::config::{known_region, RouterConfig};
+use amphi_protocol::token::TokenSigner;
+use anyhow::{bail, ensure, Context, Result};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Options of the route benchmark.
+pub struct RouteBenchOptions {
+    /// Seconds of load per server.
+    pub seconds: u32,
+    /// wrk threads.
+    pub threads: u32,
+    /// wrk connections.
+    pub connections: u32,
+    /// Router port (the hello-world server takes the next one).
+    pub port: u16,
+    /// GeoIP databases for the router.
+    pub geoip: Vec<PathBuf>,
+}
+
+/// One wrk run.
+struct WrkResult {
+    requests_per_sec: f64,
+    latency: String,
+    requests: u64,
+}
+
+fn wrk(url: &str, o: &RouteBenchOptions) -> Result<WrkResult> {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &o.threads.to_string(),
+            "-c",
+            &o.connections.to_string(),
+            "-d",
+            &format!("{}s", o.seconds),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk (apt-get install wrk; scripts/test.sh installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(line) = text.lines().find(|l| l.contains("Non-2xx")) {
+        bail!("{url}: {line}\n{text}");
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.trim().to_string())
+    };
+    let requests_per_sec: f64 = field("Requests/sec:")
+        .context("wrk printed no Requests/sec")?
+        .parse()
+        .context("Requests/sec")?;
+    let latency = field("50%").unwrap_or_default();
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok(WrkResult {
+        requests_per_sec,
+        latency,
+        requests,
+    })
+}
+
+/// A hyper HTTP/1.1 hello-world server until `stop`.
+async fn hello_world(addr: SocketAddr, stop: CancellationToken) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {addr}"))?;
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            a = listener.accept() => a?,
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(b"Hello, World!"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn wait_healthy(url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ureq::get(url)
+        .timeout(Duration::from_secs(1))
+        .call()
+        .is_err()
+    {
+        ensure!(Instant::now() < deadline, "{url} never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One heartbeat from each of four edges (one per region).
+fn heartbeats(base: &str) -> Result<()> {
+    for region in ["us-east", "eu-west", "ap-southeast", "ap-southeast-2"] {
+        let r = known_region(region).context("region")?;
+        let id = format!("edge-{region}");
+        ureq::put(&format!("{base}/v1/edges/{id}"))
+            .timeout(Duration::from_secs(5))
+            .send_json(serde_json::json!({
+                "id": id, "region": region, "latitude": r.latitude,
+                "longitude": r.longitude, "public_url": format!("https://{id}.example.com"),
+                "participants": 10, "cpu_load": 0.1, "capacity": 1000,
+            }))
+            .context("heartbeat")?;
+    }
+    Ok(())
+}
+
+/// Run the benchmark and print both figures and their ratio.
+pub async fn run(o: RouteBenchOptions) -> Result<()> {
+    let router_addr: SocketAddr = ([127, 0, 0, 1], o.port).into();
+    let hello_addr: SocketAddr = ([127, 0, 0, 1], o.port + 1).into();
+    let base = format!("http://{router_addr}");
+    let stop = CancellationToken::new();
+    let config = RouterConfig {
+        http_listen: router_addr,
+        public_url: base.clone(),
+        default_region: "us-east".into(),
+        edges: vec![],
+        packager_url: "http://127.0.0.1:9".into(),
+        dev_mode: true,
+        token_ttl_secs: 3600,
+        id: "bench-router".into(),
+        origins: vec![],
+        geoip: o.geoip.clone(),
+        trusted_proxies: vec![],
+        load_threshold: 0.8,
+        interactive_capacity: 500,
+        api_keys: vec![],
+        webhooks: vec![],
+        redis_url: None,
+    };
+    let setup = amphi_geo_router::RouterSetup {
+        config,
+        signer: TokenSigner::generate("bench"),
+        web: vec![],
+        mesh_tls: None,
+    };
+    let router = tokio::spawn(amphi_geo_router::run(setup, stop.clone()));
+    let hello = tokio::spawn(hello_world(hello_addr, stop.clone()));
+    let room = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || -> Result<String> {
+            wait_healthy(&format!("{base}/healthz"))?;
+            heartbeats(&base)?;
+            let v: serde_json::Value = ureq::post(&format!("{base}/v1/rooms"))
+                .send_json(serde_json::json!({"title": "bench"}))
+                .context("create room")?
+                .into_json()?;
+            v["room"].as_str().map(str::to_string).context("room id")
+        })
+        .await??
+    };
+    // The edges keep heartbeating while wrk runs (they would be out after 3 s otherwise).
+    let beating = {
+        let (base, stop) = (base.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.is_cancelled() {
+                if let Err(e) = heartbeats(&base) {
+                    eprintln!("heartbeat failed: {e:#}");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let route_url = format!("{base}/v1/route?room={room}&ip=8.8.8.8&role=listener");
+    let hello_url = format!("http://{hello_addr}/");
+    let sample: serde_json::Value = {
+        let u = route_url.clone();
+        tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
+            Ok(ureq::get(&u).call()?.into_json()?)
+        })
+        .await??
+    };
+    println!(
+        "route lookup over HTTP vs hyper hello-world (wrk -t{} -c{} -d{}s, loopback, same process)",
+        o.threads, o.connections, o.seconds
+    );
+    println!(
+        "  sample route: edge {} ({})",
+        sample["edge"], sample["why"]
+    );
+    let results = {
+        let (hello_url, route_url) = (hello_url.clone(), route_url.clone());
+        let opts = RouteBenchOptions { geoip: vec![], ..o };
+        tokio::task::spawn_blocking(move || -> Result<(WrkResult, WrkResult)> {
+            Ok((wrk(&hello_url, &opts)?, wrk(&route_url, &opts)?))
+        })
+        .await??
+    };
+    let (h, r) = results;
+    println!(
+        "  hello-world  {:>10.0} req/s  (p50 latency {}, {} requests)",
+        h.requests_per_sec, h.latency, h.requests
+    );
+    println!(
+        "  /v1/route    {:>10.0} req/s  (p50 latency {}, {} requests)",
+        r.requests_per_sec, r.latency, r.requests
+    );
+    let ratio = r.requests_per_sec / h.requests_per_sec;
+    println!(
+        "  routes/s = {:.0}% of hello-world (goal >= 70%: {})",
+        ratio * 100.0,
+        if ratio >= 0.7 { "met" } else { "NOT met" }
+    );
+    stop.cancel();
+    let _ = beating.join();
+    let _ = router.await;
+    let _ = hello.await;
+    Ok(())
+}

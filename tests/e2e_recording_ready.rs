@@ -1,0 +1,158 @@
+//! `recording_ready`: a room with a speaker is ended through the geo-router; once the packager
+//! (its own process, fed by the origin's program) has written the VOD recording, the router POSTs
+//! a signed `recording_ready` webhook, with the recording's URL, to a local receiver.
+
+mod roles;
+mod support;
+
+use roles::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// One webhook delivery as received.
+struct Delivery {
+    signature: String,
+    body: serde_json::Value,
+}
+
+/// A tiny HTTP/1.1 receiver on `port`: answers 200 to every POST and passes deliveries on.
+fn webhook_receiver(port: u16) -> mpsc::Receiver<Delivery> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind webhook receiver");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut length, mut signature) = (0usize, String::new());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if lower.starts_with("x-amphi-webhook-signature:") {
+                    signature = line.split_once(':').unwrap().1.trim().to_string();
+                }
+                line.clear();
+            }
+            let mut body = vec![0; length.min(1 << 20)];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            if let Ok(body) = serde_json::from_slice(&body) {
+                if tx.send(Delivery { signature, body }).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_ready_is_posted_once_the_vod_is_written() {
+    let mesh = RoleMesh::new("recording-ready", 40_600);
+    let hook_port = 40_650;
+    let deliveries = webhook_receiver(hook_port);
+    let _origin = mesh.origin(None);
+    let _packager = mesh.packager();
+    let _router = mesh.router_process(
+        None,
+        &format!(
+            "webhooks = [{{ url = \"http://127.0.0.1:{hook_port}/hooks\", secret = \"hook-secret\" }}]\n"
+        ),
+    );
+    let _us = mesh.edge_process(0, "us-east", "");
+    let (router, edge, packager) = (mesh.router(), mesh.edge(0), mesh.packager_url());
+    {
+        let (router, edge, packager) = (router.clone(), edge.clone(), packager.clone());
+        tokio::task::spawn_blocking(move || {
+            eventually("mesh up", Duration::from_secs(30), || {
+                (support::get_status(&format!("{router}/healthz")) == 200
+                    && support::get_status(&format!("{packager}/healthz")) == 200
+                    && support::metric(&edge, "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0
+                    && support::metric(&router, "amphi_router_origin_links") == Some(1.0))
+                .then_some(())
+            })
+        })
+        .await
+        .unwrap();
+    }
+    let (status, created) = call(
+        "POST",
+        &format!("{router}/v1/rooms"),
+        Some(serde_json::json!({"title": "recorded"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let room = created["room"].as_str().unwrap().to_string();
+    let host = created["host_token"].as_str().unwrap().to_string();
+    let (_, t) = call(
+        "POST",
+        &format!("{router}/v1/rooms/{room}/tokens"),
+        Some(serde_json::json!({"role": "speaker", "name": "tone"})),
+    );
+    let speaker = t["token"].as_str().unwrap().to_string();
+    // Three seconds of tone through the edge: the packager records the room's program.
+    support::publish_tone(&format!("{edge}/whip/{room}"), &speaker, 440.0, 3.0).await;
+    let (status, _) = call("GET", &format!("{router}/v1/rooms/{room}/recording"), None);
+    assert_eq!(status, 404, "no recording while the room is live");
+
+    let ended = tokio::task::spawn_blocking({
+        let url = format!("{router}/v1/rooms/{room}/end");
+        move || {
+            ureq::post(&url)
+                .set("Authorization", &format!("Bearer {host}"))
+                .call()
+                .map(|r| r.status())
+                .unwrap_or(0)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended, 200);
+
+    // room_ended first, then recording_ready with the URL; each signed.
+    let (kinds, ready) = tokio::task::spawn_blocking(move || {
+        let mut kinds = Vec::new();
+        for _ in 0..20 {
+            let Ok(d) = deliveries.recv_timeout(Duration::from_secs(60)) else {
+                break;
+            };
+            assert!(d.signature.starts_with("sha256="), "{}", d.signature);
+            let kind = d.body["event"].as_str().unwrap_or("").to_string();
+            kinds.push(kind.clone());
+            if kind == "recording_ready" {
+                return (kinds, Some(d.body));
+            }
+        }
+        (kinds, None)
+    })
+    .await
+    .unwrap();
+    let ready = ready.unwrap_or_else(|| panic!("no recording_ready; got {kinds:?}"));
+    assert!(kinds.contains(&"room_ended".to_string()), "{kinds:?}");
+    assert_eq!(ready["data"]["room"], room.as_str(), "{ready}");
+    let url = ready["data"]["url"].as_str().unwrap().to_string();
+    assert!(
+        url.ends_with(&format!("/hls/{room}/recording.m3u8")),
+        "{url}"
+    );
+    let (status, info) = call("GET", &format!("{router}/v1/rooms/{room}/recording"), None);
+    assert_eq!(
+        (status, info["url"].as_str()),
+        (200, Some(url.as_str())),
+        "{info}"
+    );
+    let playlist = String::from_utf8(
+        tokio::task::spawn_blocking(move || support::get_bytes(&url))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(playlist.starts_with("#EXTM3U"), "{playlist}");
+}
