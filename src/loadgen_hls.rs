@@ -41,7 +41,7 @@ pub struct HlsArgs {
     #[arg(long, default_value_t = 500)]
     ramp_batch: usize,
     /// Port of the packager this command starts (ignored with `--url`).
-    #[arg(long, default_value_t = 18_400)]
+    #[arg(long, default_value_t = 18_490)]
     port: u16,
     /// Load an existing packager instead: its media playlist URL
     /// (`http://host:port/hls/{room}/opus/playlist.m3u8`, plain HTTP).
