@@ -127,7 +127,7 @@ step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
 "$TARGET_DIR/debug/amphi" loadgen hls --smoke --port 18490
 # Geo-router route lookups: criterion (once, test mode) and wrk vs a hyper hello-world (1 s each).
 cargo test -p amphi-geo-router --bench route --locked
-"$TARGET_DIR/debug/amphi" bench route --smoke --port 40500
+"$TARGET_DIR/debug/amphi" bench route --smoke --port 27500
 
 step "tests"
 cargo test --workspace --locked -- --test-threads=2

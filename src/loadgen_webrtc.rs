@@ -54,7 +54,7 @@ pub struct SfuArgs {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Port offset of the `amphi dev` mesh it starts.
-    #[arg(long, default_value_t = 31_000)]
+    #[arg(long, default_value_t = 21_000)]
     port_offset: u16,
     /// Short run for CI: 4 subscribers, 3 s.
     #[arg(long)]

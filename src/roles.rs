@@ -356,7 +356,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         connections: u32,
         /// Router port (the hello-world server takes the next one).
-        #[arg(long, default_value_t = 40_500)]
+        #[arg(long, default_value_t = 27_500)]
         port: u16,
         /// GeoIP City database for the router (repeat for IPv4 and IPv6 files).
         #[arg(long = "geoip", value_name = "FILE")]

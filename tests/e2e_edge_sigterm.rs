@@ -16,7 +16,7 @@ fn registered(router: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_edge_and_it_exits_when_its_last_session_ends() {
-    let mesh = RoleMesh::new("edge-sigterm", 40_400);
+    let mesh = RoleMesh::new("edge-sigterm", 27_400);
     let _origin = mesh.origin(None);
     let _router = mesh.router_process(None, "");
     let mut us = mesh.edge_process(0, "us-east", "drain_grace_secs = 120");

@@ -25,7 +25,7 @@ fn edge_connected(edge: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_origin_keeps_its_rooms_roles_hands_and_bans() {
     let redis = redis_db(4);
-    let mesh = RoleMesh::new("origin-restart", 40_300);
+    let mesh = RoleMesh::new("origin-restart", 27_300);
     let mut origin = mesh.origin(Some(&redis));
     let _router = mesh.router_process(None, "");
     let _us = mesh.edge_process(0, "us-east", "");

@@ -56,8 +56,8 @@ fn webhook_receiver(port: u16) -> mpsc::Receiver<Delivery> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_ready_is_posted_once_the_vod_is_written() {
-    let mesh = RoleMesh::new("recording-ready", 40_600);
-    let hook_port = 40_650;
+    let mesh = RoleMesh::new("recording-ready", 27_600);
+    let hook_port = 27_650;
     let deliveries = webhook_receiver(hook_port);
     let _origin = mesh.origin(None);
     let _packager = mesh.packager();

@@ -414,13 +414,13 @@ fn api_suite(port: u16, backend: Backend) {
 
 #[test]
 fn rest_api_on_the_memory_backend() {
-    api_suite(40_110, Backend::Memory);
+    api_suite(27_110, Backend::Memory);
 }
 
 #[test]
 fn rest_api_on_the_redis_backend() {
     redis_db(2);
-    api_suite(40_111, Backend::Redis(2));
+    api_suite(27_111, Backend::Redis(2));
 }
 
 #[test]
@@ -428,9 +428,9 @@ fn two_routers_on_one_redis_agree() {
     redis_db(3);
     let signer = TokenSigner::generate("k1");
     let pem = signer.to_pkcs8_pem();
-    let a = start_router(40_120, Backend::Redis(3), signer);
+    let a = start_router(27_120, Backend::Redis(3), signer);
     let b = start_router(
-        40_121,
+        27_121,
         Backend::Redis(3),
         TokenSigner::from_pkcs8_pem("k1", &pem).unwrap(),
     );
