@@ -10,9 +10,9 @@
 //! `listed - (T - o)`: part duration plus the pipeline's own latency. The goal is part duration
 //! + 30 ms. Loopback sending is sub-millisecond, so the send time stands in for edge ingest.
 
+use crate::child_mesh::ChildMesh;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,39 +35,6 @@ pub struct LatencyOptions {
     pub port_offset: u16,
 }
 
-/// A dev mesh child process, stopped on drop.
-struct Mesh {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn get_text(url: &str) -> Result<String> {
-    Ok(ureq::get(url)
-        .timeout(Duration::from_secs(10))
-        .call()
-        .with_context(|| format!("GET {url}"))?
-        .into_string()?)
-}
-
 fn get_bytes(url: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     std::io::Read::read_to_end(
@@ -79,37 +46,6 @@ fn get_bytes(url: &str) -> Result<Vec<u8>> {
         &mut out,
     )?;
     Ok(out)
-}
-
-fn start_mesh(offset: u16) -> Result<Mesh> {
-    let dir = std::env::temp_dir().join(format!("amphi-bench-latency-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let child = Command::new(std::env::current_exe()?)
-        .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting amphi dev")?;
-    let mesh = Mesh { child, dir };
-    let router = format!("http://127.0.0.1:{}", 8080 + offset);
-    let edge = format!("http://127.0.0.1:{}", 8101 + offset);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = get_text(&format!("{router}/healthz")).is_ok()
-            && get_text(&format!("{edge}/metrics"))
-                .map(|m| m.contains("amphi_edge_origin_connected 1"))
-                .unwrap_or(false);
-        if up {
-            return Ok(mesh);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "dev mesh did not come up in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The LL-HLS position a playlist has reached: complete segments and the parts after them.
@@ -301,8 +237,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub async fn run(opts: LatencyOptions) -> Result<()> {
     ensure!(opts.bursts >= 1, "--bursts must be at least 1");
     let offset = opts.port_offset;
-    let mesh = tokio::task::spawn_blocking(move || start_mesh(offset)).await??;
-    let router = format!("http://127.0.0.1:{}", 8080 + offset);
+    let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("bench-latency", offset, &[]))
+        .await??;
+    let router = mesh.router_url();
     let created: serde_json::Value = ureq::post(&format!("{router}/v1/rooms"))
         .send_json(serde_json::json!({"title": "latency bench"}))?
         .into_json()?;

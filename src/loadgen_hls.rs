@@ -9,6 +9,7 @@
 //! delivery to players (per response and per part over all waiting players: p50/p99), requests
 //! per second, packager RSS and CPU.
 
+use crate::child_mesh::ChildMesh;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::collections::HashMap;
@@ -188,25 +189,6 @@ fn serve_packager(addr: SocketAddr, data_dir: PathBuf, seconds: u64) -> Result<(
     })
 }
 
-/// A child process killed on drop.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn json(
     conn: &mut Conn,
     method: &str,
@@ -226,34 +208,9 @@ async fn json(
 
 /// Glass-to-glass: tone bursts through WHIP -> edge -> origin -> packager -> hls.js.
 async fn glass_to_glass(bursts: usize, offset: u16, hls_config: String) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("amphi-g2g-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let log = std::fs::File::create(dir.join("dev.log"))?;
-    let _mesh = ChildGuard(
-        Command::new(std::env::current_exe()?)
-            .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting amphi dev")?,
-    );
+    let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("g2g", offset, &[])).await??;
     let router = format!("127.0.0.1:{}", 8080 + offset);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut conn = loop {
-        if let Ok(mut c) = Conn::open(&router).await {
-            if c.get("/healthz").await.is_ok_and(|r| r.status == 200) {
-                break c;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("amphi dev did not start (log in {})", dir.display());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await; // edges connect to the origin
+    let mut conn = Conn::open(&router).await?;
     let room = json(
         &mut conn,
         "POST",
@@ -365,7 +322,7 @@ async fn glass_to_glass(bursts: usize, offset: u16, hls_config: String) -> Resul
         lat.len(),
         sent_onsets.len()
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(mesh);
     if lat.is_empty() {
         bail!("hls.js heard no burst");
     }

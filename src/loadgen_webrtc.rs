@@ -8,11 +8,12 @@
 //! forwarding delay (ingress to send call) p50/p99 from its `amphi_edge_forward_delay_seconds`
 //! histogram; subscribers served per core at < 1 % loss.
 
+use crate::child_mesh::ChildMesh;
 use amphi_edge::whep_client::{WhepOptions, WhepStats, WhepSubscriber};
 use amphi_edge::whip_client::WhipPublisher;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -334,64 +335,6 @@ pub async fn loadgen(args: WebrtcArgs) -> Result<()> {
     Ok(())
 }
 
-/// An `amphi dev` child process (one region), stopped on drop.
-struct Mesh {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_mesh(offset: u16) -> Result<Mesh> {
-    let dir = std::env::temp_dir().join(format!("amphi-bench-sfu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let child = Command::new(std::env::current_exe()?)
-        .args(["dev", "--regions", "us-east", "--port-offset"])
-        .arg(offset.to_string())
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting amphi dev")?;
-    let mesh = Mesh { child, dir };
-    let router = format!("http://127.0.0.1:{}", 8080 + offset);
-    let edge = format!("http://127.0.0.1:{}", 8101 + offset);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = get(&format!("{router}/healthz")).is_ok()
-            && get(&format!("{edge}/metrics"))
-                .map(|m| m.contains("amphi_edge_origin_connected 1"))
-                .unwrap_or(false);
-        if up {
-            return Ok(mesh);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "dev mesh did not come up in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `amphi bench sfu`: start `amphi dev` (one region) as a child process, measure a baseline with
 /// the 3 speakers only, then each subscriber count.
 pub async fn bench(args: SfuArgs) -> Result<()> {
@@ -403,10 +346,13 @@ pub async fn bench(args: SfuArgs) -> Result<()> {
     };
     ensure!(seconds >= 1, "--seconds must be at least 1");
     let offset = args.port_offset;
-    let mesh = tokio::task::spawn_blocking(move || start_mesh(offset)).await??;
-    let pid = mesh.child.id();
-    let router = format!("http://127.0.0.1:{}", 8080 + offset);
-    let edge = format!("http://127.0.0.1:{}", 8101 + offset);
+    let mesh = tokio::task::spawn_blocking(move || {
+        ChildMesh::start("bench-sfu", offset, &["--regions", "us-east"])
+    })
+    .await??;
+    let pid = mesh.pid();
+    let router = mesh.router_url();
+    let edge = mesh.edge_url(0);
     println!(
         "amphi bench sfu: edge in `amphi dev --regions us-east` (pid {pid}), {SPEAKERS} speakers x {PPS} packets/s, {seconds} s per step"
     );

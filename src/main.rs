@@ -2,6 +2,7 @@
 
 mod bench_latency;
 mod bench_route;
+mod child_mesh;
 mod config;
 mod dev;
 mod loadgen_hls;
