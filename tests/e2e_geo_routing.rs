@@ -91,7 +91,7 @@ fn dbip_city_database_routes_v4_and_v6_to_the_nearest_region() {
         dir.display()
     );
     let mesh = DevMesh::start_with(
-        23_300,
+        16_000,
         "geo-dbip",
         &[
             "--regions",
@@ -219,7 +219,7 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mesh = DevMesh::start_with(
-        23_400,
+        20_000,
         "geo-fixture",
         &[
             "--regions",
@@ -343,7 +343,7 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_edge_takes_no_new_sessions_while_its_speaker_is_still_heard() {
-    let mesh = DevMesh::start(23_500, "geo-drain");
+    let mesh = DevMesh::start(23_000, "geo-drain");
     let (room, _, _) = mesh.create_room("drain");
     let speaker = mesh.token(&room, "speaker", "tone");
     let late = mesh.token(&room, "speaker", "late");

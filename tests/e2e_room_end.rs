@@ -42,7 +42,7 @@ fn get_json(url: &str) -> (u16, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_ends_room_via_router_and_origin_finishes_the_playlist() {
-    let mesh = DevMesh::start(23_100, "room-end");
+    let mesh = DevMesh::start(10_000, "room-end");
     let (room, host, hls_url) = mesh.create_room("to be ended");
     let speaker = mesh.token(&room, "speaker", "tone");
     let listener = mesh.token(&room, "listener", "ear");
@@ -162,7 +162,7 @@ async fn edge_ends_room(pki: &DevPki, origin: SocketAddr, room: RoomId) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_end_reported_by_the_origin_marks_the_directory() {
     let pki = DevPki::generate().unwrap();
-    let base = 23_200u16;
+    let base = 11_000u16;
     let origin_addr: SocketAddr = format!("127.0.0.1:{}", 8300 + base).parse().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let origin = amphi_origin::OriginSetup {

@@ -21,7 +21,9 @@ pub struct DevMesh {
 
 impl DevMesh {
     /// Start `amphi dev --port-offset offset` and wait until every component is up and the edges
-    /// are connected to the origin.
+    /// are connected to the origin. A mesh takes ports 8080..=8401 plus `offset`, so meshes of
+    /// tests in one test binary (which run in parallel) need offsets at least 1000 apart, and
+    /// `amphi dev` accepts offsets up to 24000 (below the kernel's ephemeral port range).
     pub fn start(offset: u16, name: &str) -> DevMesh {
         Self::start_with(offset, name, &[])
     }
