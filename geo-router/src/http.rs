@@ -42,6 +42,8 @@ use tokio_util::sync::CancellationToken;
 pub const REDIS_PREFIX: &str = "amphi:";
 /// Largest request body the API accepts.
 pub const MAX_BODY: usize = 16 * 1024;
+/// Bodies up to this size are read whole (then refused if over their route's limit).
+const MAX_DRAINED_BODY: usize = 1024 * 1024;
 /// Largest heartbeat body (it lists rooms).
 const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
 /// How long after a room ends the router waits for its recording (`recording_ready` webhook).
@@ -190,16 +192,28 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
 /// What a handler answers: a response, or a JSON error.
 type Answer = Result<Response, Failure>;
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
-    body.map_err(|e| {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
+/// The request body, refused with 413 JSON above `max` bytes. Bodies up to [`MAX_DRAINED_BODY`]
+/// are read whole before the answer, so a client still sending an oversized body gets the 413
+/// instead of a broken connection.
+fn body_bytes(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Bytes, Failure> {
+    let too_large = |limit: usize| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    };
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(max)
         } else {
-            "bad_body"
-        };
-        error(status, code, e.body_text())
-    })
+            error(e.status(), "bad_body", e.body_text())
+        }
+    })?;
+    if bytes.len() > max {
+        return Err(too_large(max));
+    }
+    Ok(bytes)
 }
 
 /// Parse a JSON body, answering 400 with a JSON error body.
@@ -321,7 +335,7 @@ async fn create_room(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    let bytes = body_bytes(body)?;
+    let bytes = body_bytes(body, MAX_BODY)?;
     s.require_api_key(&method, &uri, &headers, &bytes)?;
     let req: CreateRoomRequest = parse_json(&bytes)?;
     check_text("title", &req.title, MAX_TITLE_CHARS)?;
@@ -423,7 +437,7 @@ async fn mint_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let room = parse_room(&id)?;
-    let bytes = body_bytes(body)?;
+    let bytes = body_bytes(body, MAX_BODY)?;
     s.require_api_key(&method, &uri, &headers, &bytes)?;
     let req: MintTokenRequest = parse_json(&bytes)?;
     check_text("name", &req.name, MAX_NAME_CHARS)?;
@@ -724,7 +738,7 @@ async fn edge_heartbeat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    let bytes = body_bytes(body)?;
+    let bytes = body_bytes(body, MAX_HEARTBEAT_BODY)?;
     s.require_api_key(&method, &uri, &headers, &bytes)?;
     let hb: EdgeHeartbeat = parse_json(&bytes)?;
     if hb.id != id {
@@ -1086,16 +1100,13 @@ fn app(state: Shared) -> Router {
         .route("/v1/rooms/{id}/recording", get(recording))
         .route("/v1/route", get(route))
         .route("/v1/edges", get(list_edges))
-        .route(
-            "/v1/edges/{id}",
-            put(edge_heartbeat).layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BODY)),
-        )
+        .route("/v1/edges/{id}", put(edge_heartbeat))
         .route("/v1/edges/{id}/drain", post(drain_edge))
         .route("/hls/{*rest}", get(hls_proxy).head(hls_proxy))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(MAX_DRAINED_BODY))
         .with_state(state)
 }
 
