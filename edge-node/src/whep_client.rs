@@ -5,7 +5,10 @@
 //! ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0 and exposes every received RTP packet
 //! (slot, SSRC, sequence number, timestamp, RFC 6464 level, payload).
 
-use crate::whip_client::{exchange, resolve_location, rtc_err, ClientError, CONNECT_TIMEOUT};
+use crate::whip_client::{
+    exchange, http_endpoint, loopback_rtc, parse_answer, post_offer, rtc_err, ClientError,
+    CONNECT_TIMEOUT,
+};
 use amphi_protocol::room::LISTENER_AUDIO_SLOTS;
 use bytes::Bytes;
 use http::header;
@@ -17,10 +20,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{DatagramRecv, Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -109,23 +111,8 @@ impl WhepSubscriber {
         token: &str,
         opts: WhepOptions,
     ) -> Result<WhepSubscriber, ClientError> {
-        crate::install_crypto_provider();
-        let endpoint: http::Uri = whep_url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))?;
-        if endpoint.scheme_str() != Some("http") {
-            return Err(ClientError::Url(
-                "only http:// WHEP URLs are supported".into(),
-            ));
-        }
-        let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let local_addr = socket.local_addr()?;
-        let mut rtc = Rtc::builder()
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .enable_opus(true, false)
-            .build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
+        let endpoint = http_endpoint(whep_url, "WHEP")?;
+        let (socket, local_addr, mut rtc) = loopback_rtc().await?;
         let mut change = rtc.sdp_api();
         let mids: Vec<Mid> = (0..LISTENER_AUDIO_SLOTS)
             .map(|_| change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))
@@ -134,38 +121,18 @@ impl WhepSubscriber {
             .apply()
             .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
         let http = Client::builder(TokioExecutor::new()).build_http();
-        let req = http::Request::post(endpoint.clone())
-            .header(header::CONTENT_TYPE, "application/sdp")
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Full::new(Bytes::from(offer.to_sdp_string())))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let (status, headers, body) = exchange(&http, req).await?;
-        if status != http::StatusCode::CREATED {
-            return Err(ClientError::Status {
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        let location = headers
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ClientError::MissingLocation)?;
-        let resource = resolve_location(&endpoint, location)?;
+        let (resource, _headers, body) =
+            post_offer(&http, &endpoint, token, offer.to_sdp_string()).await?;
         let mut sub_parts = Parts {
             resource,
             token: token.to_string(),
             http,
         };
-        let applied = std::str::from_utf8(&body)
-            .map_err(|_| ClientError::Sdp("answer is not UTF-8".into()))
-            .and_then(|s| {
-                SdpAnswer::from_sdp_string(s).map_err(|e| ClientError::Sdp(e.to_string()))
-            })
-            .and_then(|answer| {
-                rtc.sdp_api()
-                    .accept_answer(pending, answer)
-                    .map_err(rtc_err)
-            });
+        let applied = parse_answer(&body).and_then(|answer| {
+            rtc.sdp_api()
+                .accept_answer(pending, answer)
+                .map_err(rtc_err)
+        });
         if let Err(e) = applied {
             sub_parts.delete_quietly().await;
             return Err(e);

@@ -90,6 +90,69 @@ pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
 }
 
+/// Check that `url` is an `http://` endpoint (`what` names it in errors: WHIP, WHEP).
+pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientError> {
+    let endpoint: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))?;
+    if endpoint.scheme_str() != Some("http") {
+        return Err(ClientError::Url(format!(
+            "only http:// {what} URLs are supported"
+        )));
+    }
+    Ok(endpoint)
+}
+
+/// A str0m peer (RTP mode, Opus only) on a fresh loopback UDP socket, which is its host candidate.
+pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
+    crate::install_crypto_provider();
+    let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let local_addr = socket.local_addr()?;
+    let mut rtc = Rtc::builder()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
+    Ok((socket, local_addr, rtc))
+}
+
+/// POST an SDP offer with the bearer token; on `201 Created` return the session resource (from
+/// `Location`), the response headers and the answer body. Any other status is an error carrying
+/// the status and body.
+pub(crate) async fn post_offer(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    endpoint: &http::Uri,
+    token: &str,
+    offer_sdp: String,
+) -> Result<(http::Uri, http::HeaderMap, Bytes), ClientError> {
+    let req = http::Request::post(endpoint.clone())
+        .header(header::CONTENT_TYPE, "application/sdp")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(offer_sdp)))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let (status, headers, body) = exchange(http, req).await?;
+    if status != http::StatusCode::CREATED {
+        return Err(ClientError::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    let location = headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ClientError::MissingLocation)?;
+    let resource = resolve_location(endpoint, location)?;
+    Ok((resource, headers, body))
+}
+
+/// Parse an SDP answer body.
+pub(crate) fn parse_answer(body: &[u8]) -> Result<SdpAnswer, ClientError> {
+    let text =
+        std::str::from_utf8(body).map_err(|_| ClientError::Sdp("answer is not UTF-8".into()))?;
+    SdpAnswer::from_sdp_string(text).map_err(|e| ClientError::Sdp(e.to_string()))
+}
+
 /// Resolve a `Location` value (absolute URL or absolute path) against the endpoint URL.
 pub(crate) fn resolve_location(
     endpoint: &http::Uri,
@@ -124,24 +187,8 @@ impl WhipPublisher {
         token: &str,
         connect_timeout: Duration,
     ) -> Result<WhipPublisher, ClientError> {
-        crate::install_crypto_provider();
-        let endpoint: http::Uri = whip_url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))?;
-        if endpoint.scheme_str() != Some("http") {
-            return Err(ClientError::Url(
-                "only http:// WHIP URLs are supported".into(),
-            ));
-        }
-        let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let local_addr = socket.local_addr()?;
-
-        let mut rtc = Rtc::builder()
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .enable_opus(true, false)
-            .build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
+        let endpoint = http_endpoint(whip_url, "WHIP")?;
+        let (socket, local_addr, mut rtc) = loopback_rtc().await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change
@@ -149,23 +196,8 @@ impl WhipPublisher {
             .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
 
         let http = Client::builder(TokioExecutor::new()).build_http();
-        let req = http::Request::post(endpoint.clone())
-            .header(header::CONTENT_TYPE, "application/sdp")
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Full::new(Bytes::from(offer.to_sdp_string())))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let (status, headers, body) = exchange(&http, req).await?;
-        if status != http::StatusCode::CREATED {
-            return Err(ClientError::Status {
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        let location = headers
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ClientError::MissingLocation)?;
-        let resource = resolve_location(&endpoint, location)?;
+        let (resource, headers, body) =
+            post_offer(&http, &endpoint, token, offer.to_sdp_string()).await?;
         let etag = headers
             .get(header::ETAG)
             .and_then(|v| v.to_str().ok())
@@ -176,11 +208,7 @@ impl WhipPublisher {
             http,
         };
 
-        let answer = std::str::from_utf8(&body)
-            .map_err(|_| ClientError::Sdp("answer is not UTF-8".into()))
-            .and_then(|s| {
-                SdpAnswer::from_sdp_string(s).map_err(|e| ClientError::Sdp(e.to_string()))
-            });
+        let answer = parse_answer(&body);
         let setup = answer.and_then(|answer| {
             rtc.sdp_api()
                 .accept_answer(pending, answer)
