@@ -24,6 +24,11 @@ const SPEAKERS: usize = 3;
 const PPS: u64 = 50;
 /// Subscribers connecting at once.
 const CONNECT_BATCH: usize = 16;
+/// Most datagrams sent when measuring the loopback send floor.
+const FLOOR_MAX_DATAGRAMS: usize = 200_000;
+/// Bytes an SRTP datagram adds to the Opus payload: RTP header with the audio-level and mid
+/// extensions, and the AES-GCM tag.
+const SRTP_OVERHEAD: usize = 40;
 
 /// Options of `amphi loadgen webrtc`.
 #[derive(Args, Debug)]
@@ -73,8 +78,12 @@ pub struct LoadReport {
     pub delivered: u64,
     /// Packets they should have received.
     pub expected: u64,
-    /// Edge process CPU seconds in the window (if its pid is known).
-    pub cpu_s: Option<f64>,
+    /// Edge process CPU times in the window (if its pid is known).
+    pub cpu: Option<CpuTimes>,
+    /// CPU times of the edge's media driver thread in the window (if its pid is known).
+    pub media_cpu: Option<CpuTimes>,
+    /// Mean size of the delivered RTP payloads, bytes.
+    pub mean_payload: f64,
     /// Forwarding delay p50 and p99 upper bounds (µs) from the edge histogram.
     pub delay_us: Option<(f64, f64)>,
 }
@@ -88,22 +97,143 @@ impl LoadReport {
         (1.0 - self.delivered as f64 / self.expected as f64).max(0.0)
     }
 
-    /// Edge CPU microseconds per delivered packet.
-    pub fn cpu_us_per_packet(&self) -> Option<f64> {
-        let cpu = self.cpu_s?;
-        (self.delivered > 0).then(|| cpu * 1e6 / self.delivered as f64)
+    /// Microseconds of `seconds` per delivered packet.
+    fn per_packet_us(&self, seconds: f64) -> Option<f64> {
+        (self.delivered > 0).then(|| seconds * 1e6 / self.delivered as f64)
     }
 }
 
-/// CPU seconds (user + system) of a process so far.
-fn process_cpu_s(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+/// User and system CPU seconds of a process or thread, from its `/proc/.../stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    /// Seconds in user mode (our code, str0m, crypto).
+    pub user: f64,
+    /// Seconds in the kernel (syscalls, and on loopback the receivers' softirq work too).
+    pub system: f64,
+}
+
+impl CpuTimes {
+    /// User plus system seconds.
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+
+    fn minus(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+
+    fn plus(self, other: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+}
+
+/// Command name and CPU times from the text of a `/proc/<pid>[/task/<tid>]/stat` file.
+fn parse_stat(stat: &str) -> Result<(String, CpuTimes)> {
+    let (head, rest) = stat.rsplit_once(')').context("bad /proc stat")?;
+    let comm = head
+        .split_once('(')
+        .context("bad /proc stat")?
+        .1
+        .to_string();
     // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     ensure!(f.len() > 13, "short /proc stat");
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / clock_ticks())
+    let ticks = clock_ticks();
+    let times = CpuTimes {
+        user: f[11].parse::<u64>()? as f64 / ticks,
+        system: f[12].parse::<u64>()? as f64 / ticks,
+    };
+    Ok((comm, times))
+}
+
+/// CPU times of a whole process so far.
+fn process_cpu(pid: u32) -> Result<CpuTimes> {
+    Ok(parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?.1)
+}
+
+/// Summed CPU times of the process's threads named `name` (the edge media driver's thread).
+fn threads_cpu(pid: u32, name: &str) -> Result<CpuTimes> {
+    let mut sum = CpuTimes::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(text) = std::fs::read_to_string(task?.path().join("stat")) else {
+            continue; // the thread exited meanwhile
+        };
+        let (comm, times) = parse_stat(&text)?;
+        if comm == name {
+            sum = sum.plus(times);
+        }
+    }
+    Ok(sum)
+}
+
+/// CPU times of the edge: the whole process and its media thread.
+fn edge_cpu(pid: u32) -> Result<(CpuTimes, CpuTimes)> {
+    Ok((
+        process_cpu(pid)?,
+        threads_cpu(pid, amphi_edge::MEDIA_THREAD_NAME)?,
+    ))
+}
+
+/// CPU seconds (user + system) of the calling thread so far.
+fn this_thread_cpu() -> Result<CpuTimes> {
+    Ok(parse_stat(&std::fs::read_to_string("/proc/thread-self/stat")?)?.1)
+}
+
+/// The kernel's CPU cost of the edge's send path alone: `datagrams` datagrams of `len` bytes
+/// sent round-robin to `receivers` loopback sockets with the edge's own `sendmmsg` batching,
+/// while another thread drains the receivers. Returns CPU microseconds of the sending thread per
+/// datagram: on loopback that includes the receivers' softirq work, as it does for the edge.
+pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) -> Result<f64> {
+    ensure!(receivers > 0 && datagrams > 0, "nothing to send");
+    let sockets = (0..receivers)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let targets = sockets
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let drain = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                for s in &sockets {
+                    while s.recv(&mut buf).is_ok() {}
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+    };
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    sender.set_nonblocking(true)?;
+    let payload = vec![0x5a_u8; len];
+    let round: Vec<(std::net::SocketAddr, &[u8])> =
+        targets.iter().map(|t| (*t, &payload[..])).collect();
+    let before = this_thread_cpu()?;
+    let (mut attempted, mut sent) = (0, 0);
+    while attempted < datagrams {
+        let n = (datagrams - attempted).min(round.len());
+        sent += amphi_edge::batch::send_batches(&sender, &round[..n], |(d, b)| (*d, b)).sent;
+        attempted += n;
+        // Leave the drain thread time to empty the receive buffers, as subscribers would.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let used = this_thread_cpu()?.minus(before);
+    stop.store(true, Ordering::Relaxed);
+    let _ = drain.join();
+    ensure!(sent > 0, "no datagram could be sent");
+    Ok(used.total() * 1e6 / sent as f64)
 }
 
 fn clock_ticks() -> f64 {
@@ -263,6 +393,7 @@ pub async fn run_load(
     }
     let stats: Vec<Arc<WhepStats>> = subs.iter().map(|s| s.stats()).collect();
     let total = |stats: &[Arc<WhepStats>]| stats.iter().map(|s| s.packets()).sum::<u64>();
+    let total_bytes = |stats: &[Arc<WhepStats>]| stats.iter().map(|s| s.bytes()).sum::<u64>();
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let metrics_url = format!("{edge_s}/metrics");
@@ -270,11 +401,11 @@ pub async fn run_load(
         let u = metrics_url.clone();
         tokio::task::spawn_blocking(move || get(&u)).await??
     };
-    let (t0, p0) = (Instant::now(), total(&stats));
-    let c0 = edge_pid.map(process_cpu_s).transpose()?;
+    let (t0, p0, b0) = (Instant::now(), total(&stats), total_bytes(&stats));
+    let c0 = edge_pid.map(edge_cpu).transpose()?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (wall, p1) = (t0.elapsed(), total(&stats));
-    let c1 = edge_pid.map(process_cpu_s).transpose()?;
+    let (wall, p1, b1) = (t0.elapsed(), total(&stats), total_bytes(&stats));
+    let c1 = edge_pid.map(edge_cpu).transpose()?;
     let m1 = {
         let u = metrics_url.clone();
         tokio::task::spawn_blocking(move || get(&u)).await??
@@ -290,32 +421,44 @@ pub async fn run_load(
     }
     while closing.join_next().await.is_some() {}
 
-    let (b0, b1) = (delay_buckets(&m0), delay_buckets(&m1));
-    let delay_us = percentile(&b0, &b1, 0.5).zip(percentile(&b0, &b1, 0.99));
+    let (h0, h1) = (delay_buckets(&m0), delay_buckets(&m1));
+    let delay_us = percentile(&h0, &h1, 0.5).zip(percentile(&h0, &h1, 0.99));
+    let delivered = p1 - p0;
+    let window = c0.zip(c1);
     Ok(LoadReport {
         subscribers: n,
         wall,
-        delivered: p1 - p0,
+        delivered,
         expected: (n as f64 * SPEAKERS as f64 * PPS as f64 * wall.as_secs_f64()) as u64,
-        cpu_s: c0.zip(c1).map(|(a, b)| b - a),
+        cpu: window.map(|((a, _), (b, _))| b.minus(a)),
+        media_cpu: window.map(|((_, a), (_, b))| b.minus(a)),
+        mean_payload: (b1 - b0) as f64 / delivered.max(1) as f64,
         delay_us,
     })
 }
 
 fn describe(r: &LoadReport) -> String {
-    let cpu = r
-        .cpu_us_per_packet()
-        .map_or("n/a".into(), |v| format!("{v:.2} us"));
+    let us = |t: Option<CpuTimes>| {
+        t.and_then(|t| {
+            Some(format!(
+                "{:.2} us (user {:.2} + sys {:.2})",
+                r.per_packet_us(t.total())?,
+                r.per_packet_us(t.user)?,
+                r.per_packet_us(t.system)?
+            ))
+        })
+        .unwrap_or_else(|| "n/a".into())
+    };
     let delay = r.delay_us.map_or("n/a".into(), |(a, b)| {
         format!("<= {a:.0} us / <= {b:.0} us")
     });
     format!(
-        "subscribers {:>4}  delivered {:>8}  loss {:>6.2} %  edge cpu {:>7}  per delivered packet {:>10}  forward delay p50/p99 {}",
+        "subscribers {:>4}  delivered {:>8}  loss {:>6.2} %  per delivered packet: edge process {}, media thread {}  forward delay p50/p99 {}",
         r.subscribers,
         r.delivered,
         r.loss() * 100.0,
-        r.cpu_s.map_or("n/a".into(), |c| format!("{c:.2} s")),
-        cpu,
+        us(r.cpu),
+        us(r.media_cpu),
         delay
     )
 }
@@ -357,32 +500,41 @@ pub async fn bench(args: SfuArgs) -> Result<()> {
         "amphi bench sfu: edge in `amphi dev --regions us-east` (pid {pid}), {SPEAKERS} speakers x {PPS} packets/s, {seconds} s per step"
     );
     let base = run_load(&router, &edge, Some(pid), 0, seconds).await?;
-    let base_rate = base.cpu_s.unwrap_or(0.0) / base.wall.as_secs_f64();
+    let base_rate = base.cpu.unwrap_or_default().total() / base.wall.as_secs_f64();
     println!(
-        "baseline (speakers only, whole dev process incl. origin mixer and packager): {:.3} CPU s/s",
-        base_rate
+        "baseline (speakers only, whole dev process incl. origin mixer and packager): {base_rate:.3} CPU s/s"
     );
     let mut best: Option<(LoadReport, f64)> = None;
     for n in counts {
         let r = run_load(&router, &edge, Some(pid), n, seconds).await?;
-        let cpu = r.cpu_s.unwrap_or(0.0);
+        let cpu = r.cpu.unwrap_or_default().total();
         let marginal = (cpu - base_rate * r.wall.as_secs_f64()).max(0.0);
-        let marginal_us = if r.delivered > 0 {
-            marginal * 1e6 / r.delivered as f64
-        } else {
-            0.0
-        };
-        println!("{}  marginal {:.2} us/packet", describe(&r), marginal_us);
-        if r.loss() < 0.01 && cpu > 0.0 {
-            let per_core = r.subscribers as f64 * r.wall.as_secs_f64() / cpu;
+        println!(
+            "{}  whole-process marginal over baseline {:.2} us/packet",
+            describe(&r),
+            r.per_packet_us(marginal).unwrap_or(0.0)
+        );
+        // The kernel's share, measured right after on the same machine: the same number of
+        // datagrams of the same size through the edge's own sendmmsg path to n loopback sockets.
+        let datagrams = (r.delivered as usize).clamp(1, FLOOR_MAX_DATAGRAMS);
+        let len = r.mean_payload.round() as usize + SRTP_OVERHEAD;
+        let floor =
+            tokio::task::spawn_blocking(move || loopback_send_floor_us(n.max(1), datagrams, len))
+                .await??;
+        let media = r.media_cpu.and_then(|t| r.per_packet_us(t.total()));
+        println!(
+            "  loopback send floor ({datagrams} datagrams of {len} B to {n} sockets, same sendmmsg path): {floor:.2} us/datagram; media thread above the floor: {}",
+            media.map_or("n/a".into(), |m| format!("{:.2} us/packet", m - floor))
+        );
+        if r.loss() < 0.01 && marginal > 0.0 {
+            let per_core = r.subscribers as f64 * r.wall.as_secs_f64() / marginal;
             best = Some((r, per_core));
         }
     }
     match best {
         Some((r, per_core)) => println!(
-            "subscribers per core at < 1 % loss: {per_core:.0} (from {} subscribers using {:.2} CPU s/s of the whole dev process)",
-            r.subscribers,
-            r.cpu_s.unwrap_or(0.0) / r.wall.as_secs_f64()
+            "subscribers per core at < 1 % loss: {per_core:.0} (from {} subscribers, whole-process CPU above the speakers-only baseline)",
+            r.subscribers
         ),
         None => println!("no step stayed under 1 % loss"),
     }
@@ -417,10 +569,55 @@ mod tests {
             wall: Duration::from_secs(1),
             delivered: 297,
             expected: 300,
-            cpu_s: Some(0.003),
+            cpu: Some(CpuTimes {
+                user: 0.002,
+                system: 0.001,
+            }),
+            media_cpu: None,
+            mean_payload: 80.0,
             delay_us: None,
         };
         assert!((r.loss() - 0.01).abs() < 1e-9);
-        assert!((r.cpu_us_per_packet().unwrap() - 10.1).abs() < 0.1);
+        assert!((r.per_packet_us(r.cpu.unwrap().total()).unwrap() - 10.1).abs() < 0.1);
+    }
+
+    #[test]
+    fn stat_lines_give_name_and_times() {
+        let ticks = clock_ticks();
+        let line = "4242 (edge-media) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0 100 0 0";
+        let (comm, t) = parse_stat(line).unwrap();
+        assert_eq!(comm, "edge-media");
+        assert!((t.user - 250.0 / ticks).abs() < 1e-9);
+        assert!((t.system - 50.0 / ticks).abs() < 1e-9);
+        // Names may hold spaces and parentheses.
+        let (comm, _) = parse_stat("7 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 1 1 0 0").unwrap();
+        assert_eq!(comm, "a (b) c");
+        assert!(parse_stat("7 (x) R 1 2").is_err());
+    }
+
+    #[test]
+    fn named_threads_are_measured_apart_from_the_process() {
+        let me = std::process::id();
+        let spinner = std::thread::Builder::new()
+            .name("cpu-probe".into())
+            .spawn(move || {
+                let spin = Instant::now();
+                while spin.elapsed() < Duration::from_millis(100) {}
+                threads_cpu(me, "cpu-probe").unwrap()
+            })
+            .unwrap();
+        let probe = spinner.join().unwrap();
+        assert!(probe.total() > 0.0, "{probe:?}");
+        assert!(process_cpu(me).unwrap().total() >= probe.total());
+        assert_eq!(
+            threads_cpu(me, "no-such-thread").unwrap(),
+            CpuTimes::default()
+        );
+    }
+
+    #[test]
+    fn loopback_floor_is_positive() {
+        let floor = loopback_send_floor_us(4, 2_000, 120).unwrap();
+        assert!(floor > 0.0 && floor.is_finite(), "{floor}");
     }
 }

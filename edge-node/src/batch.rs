@@ -1,5 +1,6 @@
 //! Batched UDP sends: every datagram the media driver produced while handling one input goes out
 //! in as few `sendmmsg(2)` calls as possible (Linux), falling back to one `send_to` each elsewhere.
+//! [`send_batches`] is public so benchmarks can measure the kernel's cost of the same send path.
 
 use crate::metrics::Metrics;
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use str0m::net::DatagramSend;
 use tokio::net::UdpSocket;
 
 /// Datagrams per `sendmmsg` call.
-const BATCH: usize = 64;
+pub const BATCH: usize = 64;
 
 /// A queued datagram: destination, bytes, and the ingress time of the forwarded packet it carries
 /// (for the forwarding-delay histogram), if any.
@@ -16,69 +17,112 @@ pub(crate) type Queued = (SocketAddr, DatagramSend, Option<Instant>);
 
 /// Send and clear `outbox`. A full socket buffer drops the rest (counted), like a router would.
 pub(crate) fn send_all(socket: &UdpSocket, outbox: &mut Vec<Queued>, metrics: &Metrics) {
-    let sent = send_batches(socket, outbox);
+    let sent = send_batches(socket, outbox, |(dest, data, _)| (*dest, &data[..]));
     let now = Instant::now();
-    for (_, _, ingress) in &outbox[..sent] {
+    for (_, _, ingress) in &outbox[..sent.processed] {
         if let Some(at) = ingress {
             metrics.forward_delay(now.saturating_duration_since(*at));
         }
     }
-    if sent < outbox.len() {
-        metrics.udp_send_errors((outbox.len() - sent) as u64);
+    let failed = outbox.len() - sent.sent;
+    if failed > 0 {
+        metrics.udp_send_errors(failed as u64);
     }
     outbox.clear();
 }
 
-#[cfg(target_os = "linux")]
-fn send_batches(socket: &UdpSocket, outbox: &[Queued]) -> usize {
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_raw_fd();
-    let mut done = 0;
-    while done < outbox.len() {
-        let chunk = &outbox[done..(done + BATCH).min(outbox.len())];
-        // SAFETY: all-zero is a valid value for these plain C structs.
-        let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
-        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (i, (dest, data, _)) in chunk.iter().enumerate() {
-            let len = write_sockaddr(*dest, &mut addrs[i]);
-            iovs[i] = libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            };
-            let hdr = &mut msgs[i].msg_hdr;
-            hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
-            hdr.msg_namelen = len;
-            hdr.msg_iov = &mut iovs[i];
-            hdr.msg_iovlen = 1;
-        }
-        // SAFETY: `msgs[..chunk.len()]` point at live buffers (`addrs`, `iovs`, the datagrams in
-        // `outbox`) that outlive the call; the kernel only reads them.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                chunk.len() as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n <= 0 {
-            let err = std::io::Error::last_os_error();
-            tracing::debug!(error = %err, "sendmmsg failed");
-            // Skip the datagram that failed (e.g. an unreachable destination) and go on.
-            if n < 0 && err.kind() == std::io::ErrorKind::WouldBlock {
-                break;
+/// What [`send_batches`] did with a list of datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Datagrams handed to the kernel.
+    pub sent: usize,
+    /// Datagrams dealt with, in order: sent, plus single datagrams the kernel refused (e.g. an
+    /// unreachable destination), which are skipped. The rest hit a full socket buffer.
+    pub processed: usize,
+}
+
+/// Send `items` (destination and bytes picked by `parts`) from `socket` without blocking, in
+/// `sendmmsg(2)` calls of up to [`BATCH`] datagrams on Linux (one `send_to` each elsewhere).
+/// Stops at a full socket buffer; a datagram the kernel refuses is skipped.
+pub fn send_batches<T>(
+    socket: &impl std::os::fd::AsRawFd,
+    items: &[T],
+    parts: impl Fn(&T) -> (SocketAddr, &[u8]),
+) -> BatchOutcome {
+    let mut outcome = BatchOutcome {
+        sent: 0,
+        processed: 0,
+    };
+    while outcome.processed < items.len() {
+        let chunk = &items[outcome.processed..(outcome.processed + BATCH).min(items.len())];
+        match send_chunk(socket.as_raw_fd(), chunk, &parts) {
+            Ok(n) => {
+                outcome.sent += n;
+                outcome.processed += n;
             }
-            let (dest, data, _) = &chunk[0];
-            if socket.try_send_to(data, *dest).is_ok() {
-                done += 1;
-                continue;
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "datagram not sent");
+                outcome.processed += 1;
             }
-            return done;
         }
-        done += n as usize;
     }
-    done
+    outcome
+}
+
+/// One `sendmmsg(2)` call for up to [`BATCH`] datagrams; `Ok(n)` with `n >= 1` sent.
+#[cfg(target_os = "linux")]
+fn send_chunk<T>(
+    fd: std::os::fd::RawFd,
+    chunk: &[T],
+    parts: &impl Fn(&T) -> (SocketAddr, &[u8]),
+) -> std::io::Result<usize> {
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (i, item) in chunk.iter().take(BATCH).enumerate() {
+        let (dest, data) = parts(item);
+        let len = write_sockaddr(dest, &mut addrs[i]);
+        iovs[i] = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let hdr = &mut msgs[i].msg_hdr;
+        hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
+        hdr.msg_namelen = len;
+        hdr.msg_iov = &mut iovs[i];
+        hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `msgs[..n]` point at live buffers (`addrs`, `iovs`, the datagrams in `chunk`) that
+    // outlive the call; the kernel only reads them.
+    let n = unsafe {
+        libc::sendmmsg(
+            fd,
+            msgs.as_mut_ptr(),
+            chunk.len().min(BATCH) as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        Ok(n as usize)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// One `sendto(2)` for the first datagram of `chunk`; `Ok(1)` if sent.
+#[cfg(not(target_os = "linux"))]
+fn send_chunk<T>(
+    fd: std::os::fd::RawFd,
+    chunk: &[T],
+    parts: &impl Fn(&T) -> (SocketAddr, &[u8]),
+) -> std::io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    let (dest, data) = parts(&chunk[0]);
+    // SAFETY: the socket stays owned by the caller; ManuallyDrop keeps it open.
+    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::UdpSocket::from_raw_fd(fd) });
+    socket.send_to(data, dest).map(|_| 1)
 }
 
 #[cfg(target_os = "linux")]
@@ -109,18 +153,6 @@ fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::s
             std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
     }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn send_batches(socket: &UdpSocket, outbox: &[Queued]) -> usize {
-    let mut done = 0;
-    for (dest, data, _) in outbox {
-        if socket.try_send_to(data, *dest).is_err() {
-            break;
-        }
-        done += 1;
-    }
-    done
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, IceCreds, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
@@ -253,15 +254,28 @@ pub(crate) fn new_session_id() -> String {
 }
 
 /// Build the edge's `Rtc` for one peer (WHIP publisher, WHEP or WebSocket listener): ICE-lite,
-/// RTP mode, Opus only.
+/// RTP mode, Opus only, and only the RTP header extensions an audio SFU uses (see
+/// [`audio_extensions`]).
 pub(crate) fn publisher_rtc(creds: IceCreds, now: Instant) -> Rtc {
     Rtc::builder()
         .set_ice_lite(true)
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
+        .set_extension_map(audio_extensions())
         .set_local_ice_credentials(creds)
         .build(now)
+}
+
+/// RFC 6464 audio level (speaker selection, active speakers) and the BUNDLE `mid`. Transport-wide
+/// congestion control is left out on purpose: the edge runs no bandwidth estimation for audio,
+/// and negotiating it would make every subscriber send TWCC feedback the edge must parse and add
+/// a sequence-number extension to every forwarded packet.
+fn audio_extensions() -> ExtensionMap {
+    let mut exts = ExtensionMap::empty();
+    exts.set(1, Extension::AudioLevel);
+    exts.set(4, Extension::RtpMid);
+    exts
 }
 
 /// The room id of a path, or a 404.

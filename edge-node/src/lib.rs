@@ -14,7 +14,7 @@
 
 #![warn(missing_docs)]
 
-mod batch;
+pub mod batch;
 mod http;
 pub mod lifecycle;
 mod media;
@@ -80,6 +80,9 @@ pub enum EdgeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    /// The media driver's socket, runtime or thread could not be set up.
+    #[error("media driver: {0}")]
+    Media(String),
 }
 
 /// Install str0m's crypto provider once per process (idempotent).
@@ -182,7 +185,7 @@ pub async fn run_with(
         control: control_rx,
         relayed: relayed_rx,
     };
-    let media_task = tokio::spawn(driver.run(udp, media_inputs, inner.clone()));
+    let media_done = spawn_media_thread(driver, udp, media_inputs, inner.clone())?;
     let uplink = uplink::Uplink {
         edge_id: config.id.clone(),
         region: config.region.clone(),
@@ -229,12 +232,47 @@ pub async fn run_with(
         .with_graceful_shutdown(inner.clone().cancelled_owned())
         .await;
     inner.cancel();
-    if let Err(e) = media_task.await {
-        tracing::error!(error = %e, "media driver panicked");
+    if media_done.await.is_err() {
+        tracing::error!("media driver panicked");
     }
     if let Err(e) = uplink_task.await {
         tracing::error!(error = %e, "uplink panicked");
     }
     tracing::info!(edge = %config.id, "edge stopped");
     served.map_err(EdgeError::Http)
+}
+
+/// Name of the media driver's OS thread (benchmarks read its CPU time from `/proc`).
+pub const MEDIA_THREAD_NAME: &str = "edge-media";
+
+/// Run the media driver on its own OS thread with a single-threaded runtime, so forwarding never
+/// waits behind HTTP, signaling or QUIC work and its CPU time is accountable on its own. The
+/// returned receiver resolves when the driver has stopped (an error if it panicked).
+fn spawn_media_thread(
+    driver: media::MediaDriver,
+    udp: tokio::net::UdpSocket,
+    inputs: media::MediaInputs,
+    shutdown: CancellationToken,
+) -> Result<tokio::sync::oneshot::Receiver<()>, EdgeError> {
+    let socket = udp
+        .into_std()
+        .map_err(|e| EdgeError::Media(format!("media socket: {e}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| EdgeError::Media(format!("media runtime: {e}")))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(MEDIA_THREAD_NAME.into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::UdpSocket::from_std(socket) {
+                    Ok(socket) => driver.run(socket, inputs, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "media socket not usable"),
+                }
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| EdgeError::Media(format!("media thread: {e}")))?;
+    Ok(done_rx)
 }

@@ -333,7 +333,7 @@ impl MediaDriver {
                 _ = sweep.tick() => self.sweep(Instant::now()),
                 _ = speakers_tick.tick() => self.active_speakers(Instant::now()),
             }
-            self.forward_inbound();
+            self.forward_inbound(&socket);
             self.flush(&socket);
         }
         let ids: Vec<PeerId> = self.table.ids().collect();
@@ -624,8 +624,10 @@ impl MediaDriver {
         });
     }
 
-    /// Forward queued speaker packets into the slots of the room's receivers.
-    fn forward_inbound(&mut self) {
+    /// Forward queued speaker packets into the slots of the room's receivers. The outbox is sent
+    /// whenever a full `sendmmsg` batch is queued, so the first receivers of a large room don't
+    /// wait for the whole fan-out.
+    fn forward_inbound(&mut self, socket: &UdpSocket) {
         while let Some(pkt) = self.inbound.pop_front() {
             let now = Instant::now();
             let Some(room) = self.rooms.get_mut(&pkt.room) else {
@@ -673,6 +675,9 @@ impl MediaDriver {
                     tracing::debug!(participant = %peer.participant, error = %e, "timeout after write failed");
                 }
                 self.drain_tagged(id, now, Some(pkt.at));
+                if self.outbox.len() >= crate::batch::BATCH {
+                    self.flush(socket);
+                }
             }
             self.scratch = targets;
         }
