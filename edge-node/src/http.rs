@@ -5,7 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::lifecycle::{ParticipantIds, RoomCache, RoomStatusAnswer};
-use crate::media::{MediaCommand, NewPeer, RemoveOutcome};
+use crate::media::{MediaCommand, NewPeer, PatchOutcome, RemoveOutcome};
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
 use crate::offer::{parse_client_offer, parse_whip_offer, OfferError, MAX_OFFER_LEN};
@@ -442,10 +442,13 @@ async fn join_http(
 }
 
 /// Accept `offer` on a fresh `Rtc` with our candidate: (rtc, ufrag, answer SDP).
+/// Accept `offer` on a new edge `Rtc`: the Rtc, its local ICE ufrag, the answer and the offer's
+/// text (kept for ICE restarts).
 pub(crate) fn answer_offer(
     st: &AppState,
     offer: str0m::change::SdpOffer,
-) -> Result<(Rtc, String, String), Response> {
+) -> Result<(Rtc, String, String, String), Response> {
+    let offer_sdp = offer.to_sdp_string();
     let creds = IceCreds::new();
     let ufrag = creds.ufrag.clone();
     let mut rtc = publisher_rtc(creds, Instant::now());
@@ -462,7 +465,7 @@ pub(crate) fn answer_offer(
         .sdp_api()
         .accept_offer(offer)
         .map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_sdp", e.to_string()))?;
-    Ok((rtc, ufrag, answer.to_sdp_string()))
+    Ok((rtc, ufrag, answer.to_sdp_string(), offer_sdp))
 }
 
 /// Hand a peer to the media driver.
@@ -553,7 +556,7 @@ async fn whip_post(
             "a listener may not publish audio",
         ));
     }
-    let (rtc, ufrag, answer) = match answer_offer(&st, offer) {
+    let (rtc, ufrag, answer, offer_sdp) = match answer_offer(&st, offer) {
         Ok(x) => x,
         Err(resp) => return fail(resp),
     };
@@ -570,6 +573,7 @@ async fn whip_post(
         publishing: true,
         may_send,
         slots: Vec::new(),
+        offer_sdp,
     };
     if let Err(resp) = add_peer(&st, peer).await {
         return fail(resp);
@@ -630,7 +634,7 @@ async fn whep_post(
         resp
     };
     let slots = offer.slots.clone();
-    let (rtc, ufrag, answer) = match answer_offer(&st, offer.offer) {
+    let (rtc, ufrag, answer, offer_sdp) = match answer_offer(&st, offer.offer) {
         Ok(x) => x,
         Err(resp) => return fail(resp),
     };
@@ -647,6 +651,7 @@ async fn whep_post(
         publishing: false,
         may_send: false,
         slots,
+        offer_sdp,
     };
     if let Err(resp) = add_peer(&st, peer).await {
         return fail(resp);
@@ -714,15 +719,98 @@ async fn delete_session(
     }
 }
 
-async fn whip_patch() -> Response {
-    let mut resp = api_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "trickle ICE and ICE restarts are not supported: the answer carries every candidate",
-    );
-    resp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("DELETE, OPTIONS"));
-    resp
+/// `PATCH` on a WHIP or WHEP session (RFC 9725 §4.4): an `application/trickle-ice-sdpfrag` with
+/// new `ice-ufrag`/`ice-pwd` restarts ICE (200 with the edge's new credentials and candidate, and
+/// a new ETag); one with only candidates is accepted with 204 (the ICE-lite edge learns client
+/// addresses from their checks). `If-Match` must be `*` or the session's current ETag (412).
+async fn whip_patch(
+    State(st): State<Arc<AppState>>,
+    Path((room, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let not_found = || api_error(StatusCode::NOT_FOUND, "not_found", "no such session");
+    let Ok(room) = room.parse::<RoomId>() else {
+        return not_found();
+    };
+    let claims = match authorize(&st, &headers, room) {
+        Ok(c) => c,
+        Err(message) => return unauthorized(message),
+    };
+    let is_fragment = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/trickle-ice-sdpfrag")
+        });
+    if !is_fragment {
+        return api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "PATCH takes an application/trickle-ice-sdpfrag body",
+        );
+    }
+    let body = match axum::body::to_bytes(body, crate::sdpfrag::MAX_FRAGMENT_LEN).await {
+        Ok(b) => b,
+        Err(_) => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the fragment is larger than 16 KiB",
+            )
+        }
+    };
+    let fragment = match crate::sdpfrag::parse_fragment(&body) {
+        Ok(f) => f,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_sdpfrag", e.to_string()),
+    };
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string());
+    let (reply, outcome) = oneshot::channel();
+    let cmd = MediaCommand::Patch {
+        session,
+        room,
+        jti: claims.jti,
+        if_match,
+        fragment,
+        reply,
+    };
+    if st.media_tx.send(cmd).await.is_err() {
+        return not_found();
+    }
+    match outcome.await {
+        Ok(PatchOutcome::Trickled) => StatusCode::NO_CONTENT.into_response(),
+        Ok(PatchOutcome::Restarted { fragment, etag }) => {
+            let mut resp = (StatusCode::OK, fragment).into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/trickle-ice-sdpfrag"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                h.insert(header::ETAG, v);
+            }
+            resp
+        }
+        Ok(PatchOutcome::PreconditionFailed) => api_error(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            "If-Match does not name this session's current ETag",
+        ),
+        Ok(PatchOutcome::Refused(message)) => {
+            api_error(StatusCode::BAD_REQUEST, "bad_sdpfrag", message)
+        }
+        Ok(PatchOutcome::Forbidden) => api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the session belongs to another token",
+        ),
+        Ok(PatchOutcome::NotFound) | Err(_) => not_found(),
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod offer;
 pub mod peers;
 pub mod registration;
 pub mod room;
+pub mod sdpfrag;
 mod sessions;
 pub mod signaling;
 pub mod slots;

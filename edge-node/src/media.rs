@@ -12,6 +12,7 @@ use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
 use crate::peers::{DropReason, InsertError, PeerId, PeerTable, Route};
+use crate::sdpfrag::IceFragment;
 use crate::sessions::{MediaControl, Sessions};
 use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
@@ -70,6 +71,8 @@ pub(crate) struct NewPeer {
     /// Mids of the receive slots (the client's recvonly audio m-lines), at most
     /// [`LISTENER_AUDIO_SLOTS`].
     pub slots: Vec<Mid>,
+    /// The accepted offer, kept to answer an ICE restart sent as a WHIP/WHEP `PATCH` fragment.
+    pub offer_sdp: String,
 }
 
 /// Result of a DELETE.
@@ -80,6 +83,23 @@ pub(crate) enum RemoveOutcome {
     /// No such session in that room.
     NotFound,
     /// The session exists but belongs to another token.
+    Forbidden,
+}
+
+/// Result of a `PATCH`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PatchOutcome {
+    /// Candidates accepted (an ICE-lite edge learns client addresses from its checks): 204.
+    Trickled,
+    /// ICE restarted: 200 with this answer fragment and the new ETag (the new local ufrag).
+    Restarted { fragment: String, etag: String },
+    /// `If-Match` names another ETag: 412.
+    PreconditionFailed,
+    /// The restart offer was refused: 400 with this message.
+    Refused(String),
+    /// No such session in that room.
+    NotFound,
+    /// The session belongs to another token.
     Forbidden,
 }
 
@@ -110,6 +130,16 @@ pub(crate) enum MediaCommand {
         participant: ParticipantId,
         reply: oneshot::Sender<bool>,
     },
+    /// A WHIP/WHEP `PATCH` (RFC 9725 §4.4): trickled candidates or an ICE restart.
+    Patch {
+        session: String,
+        room: RoomId,
+        jti: String,
+        /// The `If-Match` header, if any.
+        if_match: Option<String>,
+        fragment: IceFragment,
+        reply: oneshot::Sender<PatchOutcome>,
+    },
     /// The participant's WebSocket closed: drop its PeerConnection.
     RemoveParticipant { participant: ParticipantId },
     /// The origin says the room ended: drop its peers.
@@ -135,6 +165,7 @@ struct Peer {
     publishing: bool,
     may_send: bool,
     announced: bool,
+    offer_sdp: String,
     slots: [Option<SlotOut>; LISTENER_AUDIO_SLOTS],
     receiving: bool,
     liveness: PeerLiveness,
@@ -387,6 +418,17 @@ impl MediaDriver {
                 let r = self.renegotiate(participant, *offer, publishing, slots);
                 let _ = reply.send(r);
             }
+            MediaCommand::Patch {
+                session,
+                room,
+                jti,
+                if_match,
+                fragment,
+                reply,
+            } => {
+                let outcome = self.patch(&session, room, &jti, if_match.as_deref(), fragment);
+                let _ = reply.send(outcome);
+            }
             MediaCommand::HasPeer { participant, reply } => {
                 let _ = reply.send(self.by_participant.contains_key(&participant));
             }
@@ -473,6 +515,7 @@ impl MediaDriver {
             publishing,
             may_send,
             slots,
+            offer_sdp,
         } = new;
         let now = Instant::now();
         let may_send = self
@@ -490,6 +533,7 @@ impl MediaDriver {
             publishing,
             may_send,
             announced: false,
+            offer_sdp,
             slots: [None; LISTENER_AUDIO_SLOTS],
             receiving: false,
             liveness: PeerLiveness::new(now),
@@ -529,11 +573,19 @@ impl MediaDriver {
         let Some(peer) = self.table.get_mut(id) else {
             return Err("no PeerConnection to renegotiate".into());
         };
+        let offer_sdp = offer.to_sdp_string();
         let answer = peer
             .rtc
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| e.to_string())?;
+        peer.offer_sdp = offer_sdp;
+        // An offer with new ICE credentials restarts ICE: STUN now names the new local ufrag.
+        let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
+        let peer = match self.table.set_ufrag(id, &ufrag) {
+            Ok(()) => self.table.get_mut(id).ok_or("the PeerConnection is gone")?,
+            Err(e) => return Err(e.to_string()),
+        };
         let room = peer.room;
         let was_publishing = peer.publishing;
         peer.publishing = publishing;
@@ -565,6 +617,65 @@ impl MediaDriver {
         tracing::info!(%room, %participant, publishing, receiving, "renegotiated");
         self.drain(id, Instant::now());
         Ok(answer.to_sdp_string())
+    }
+
+    /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.4). An ICE restart re-accepts the
+    /// session's offer with the client's new credentials; trickled candidates need nothing from
+    /// an ICE-lite edge, which learns addresses from connectivity checks.
+    fn patch(
+        &mut self,
+        session: &str,
+        room: RoomId,
+        jti: &str,
+        if_match: Option<&str>,
+        fragment: IceFragment,
+    ) -> PatchOutcome {
+        let Some(id) = self.table.by_session(session) else {
+            return PatchOutcome::NotFound;
+        };
+        let Some(peer) = self.table.get_mut(id) else {
+            return PatchOutcome::NotFound;
+        };
+        if peer.room != room {
+            return PatchOutcome::NotFound;
+        }
+        if peer.jti != jti {
+            return PatchOutcome::Forbidden;
+        }
+        let etag = format!(
+            "\"{}\"",
+            peer.rtc.direct_api().local_ice_credentials().ufrag
+        );
+        let Some((ufrag, pwd)) = fragment.credentials else {
+            return match if_match {
+                Some(tag) if tag != "*" && tag != etag => PatchOutcome::PreconditionFailed,
+                _ => PatchOutcome::Trickled,
+            };
+        };
+        if if_match.is_some_and(|tag| tag != "*" && tag != etag) {
+            return PatchOutcome::PreconditionFailed;
+        }
+        let restart = crate::sdpfrag::restart_offer(&peer.offer_sdp, &ufrag, &pwd);
+        let offer = match SdpOffer::from_sdp_string(&restart) {
+            Ok(o) => o,
+            Err(e) => return PatchOutcome::Refused(e.to_string()),
+        };
+        let answer = match peer.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a.to_sdp_string(),
+            Err(e) => return PatchOutcome::Refused(e.to_string()),
+        };
+        peer.offer_sdp = restart;
+        let (participant, room) = (peer.participant, peer.room);
+        let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
+        if let Err(e) = self.table.set_ufrag(id, &ufrag) {
+            return PatchOutcome::Refused(e.to_string());
+        }
+        tracing::info!(%room, %participant, "ICE restarted");
+        self.drain(id, Instant::now());
+        PatchOutcome::Restarted {
+            fragment: crate::sdpfrag::answer_fragment(&answer),
+            etag: format!("\"{ufrag}\""),
+        }
     }
 
     fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], now: Instant) {

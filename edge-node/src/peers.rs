@@ -197,6 +197,21 @@ impl<P> PeerTable<P> {
         self.by_addr.insert(addr, id);
     }
 
+    /// Route STUN for `ufrag` to peer `id` from now on (an ICE restart gave it new credentials).
+    pub fn set_ufrag(&mut self, id: PeerId, ufrag: &str) -> Result<(), InsertError> {
+        match self.by_ufrag.get(ufrag) {
+            Some(other) if *other != id => return Err(InsertError::DuplicateUfrag),
+            _ => {}
+        }
+        let Some(entry) = self.peers.get_mut(&id) else {
+            return Ok(());
+        };
+        self.by_ufrag.remove(&entry.ufrag);
+        entry.ufrag = ufrag.to_string();
+        self.by_ufrag.insert(ufrag.to_string(), id);
+        Ok(())
+    }
+
     /// The peer, mutably.
     pub fn get_mut(&mut self, id: PeerId) -> Option<&mut P> {
         self.peers.get_mut(&id).map(|e| &mut e.peer)
@@ -334,6 +349,35 @@ pub(crate) mod tests {
         assert_eq!(t.route(addr(2), b"anything"), Route::Peer(a));
         assert_eq!(t.by_session("sa"), Some(a));
         assert_eq!(t.get(b), Some(&"peer-b"));
+    }
+
+    #[test]
+    fn an_ice_restart_moves_routing_to_the_new_ufrag() {
+        let mut t = PeerTable::default();
+        let a = t.insert("ufa", "sa", "peer-a").unwrap();
+        let b = t.insert("ufb", "sb", "peer-b").unwrap();
+        assert_eq!(t.set_ufrag(a, "ufb"), Err(InsertError::DuplicateUfrag));
+        t.set_ufrag(a, "ufa2").unwrap();
+        assert_eq!(
+            t.route(addr(1), &binding_request("ufa:x")),
+            Route::Drop(DropReason::UnknownPeer)
+        );
+        assert_eq!(
+            t.route(addr(1), &binding_request("ufa2:x")),
+            Route::NewAddr(a)
+        );
+        // The old ufrag is free for a new peer; removal forgets the new one.
+        let c = t.insert("ufa", "sc", "peer-c").unwrap();
+        t.remove(a);
+        assert_eq!(
+            t.route(addr(3), &binding_request("ufa2:x")),
+            Route::Drop(DropReason::UnknownPeer)
+        );
+        assert_eq!(
+            t.route(addr(4), &binding_request("ufa:x")),
+            Route::NewAddr(c)
+        );
+        assert_eq!(t.by_session("sb"), Some(b));
     }
 
     #[test]

@@ -374,7 +374,7 @@ impl Session {
                 "this edge serves its maximum of interactive listeners; listen over HLS",
             );
         }
-        let (rtc, ufrag, answer) = match answer_offer(&self.st, parsed.offer) {
+        let (rtc, ufrag, answer, offer_sdp) = match answer_offer(&self.st, parsed.offer) {
             Ok(x) => x,
             Err(_) => return error("bad_sdp", "the offer could not be accepted"),
         };
@@ -390,6 +390,7 @@ impl Session {
             publishing: parsed.sends_audio,
             may_send: self.st.sessions.may_send(pid),
             slots: parsed.slots,
+            offer_sdp,
         };
         match crate::http::add_peer(&self.st, peer).await {
             Ok(()) => ServerMessage::Answer { sdp: answer },

@@ -308,7 +308,7 @@ async fn whip_error_paths() {
         .await
         .unwrap();
     check(413, "payload_too_large", &r);
-    // DELETE of an unknown session, PATCH (no trickle ICE).
+    // DELETE and PATCH of an unknown session.
     let session_url = format!("{url}/0123456789abcdef0123456789abcdef");
     let r = request(&session_url, "DELETE", &[("authorization", &auth)], "")
         .await
@@ -327,7 +327,7 @@ async fn whip_error_paths() {
     )
     .await
     .unwrap();
-    check(405, "method_not_allowed", &r);
+    check(404, "not_found", &r);
 
     // CORS preflight on both routes.
     for u in [&url, &session_url] {
@@ -404,6 +404,157 @@ async fn whip_error_paths() {
         .await
         .unwrap();
     assert_eq!(r.0, 200);
+    edge.stop().await;
+}
+
+/// RFC 9725 §4.4 on a live WHIP session: trickled candidates (204, or 412 with a stale ETag), an
+/// ICE restart (200, a fragment with the edge's new credentials and candidate, a new ETag, STUN
+/// routed by the new ufrag only), and bad fragments refused without touching the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_patch_trickles_and_restarts_ice() {
+    let pki = DevPki::generate().unwrap();
+    let origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    let url = edge.whip_url(LIVE_ROOM);
+    let auth = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "sam"));
+    let r = request(
+        &url,
+        "POST",
+        &[
+            ("content-type", "application/sdp"),
+            ("authorization", &auth),
+        ],
+        &valid_offer().await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.0, 201, "{}", r.2);
+    let session_url = format!("{}{}", edge.base(), r.1["location"].to_str().unwrap());
+    let etag = r.1["etag"].to_str().unwrap().to_string();
+    let old_ufrag = etag.trim_matches('"').to_string();
+    let frag = ("content-type", "application/trickle-ice-sdpfrag");
+    let patch = |headers: Vec<(&'static str, String)>, body: String| {
+        let url = session_url.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            request(&url, "PATCH", &h, &body).await.unwrap()
+        }
+    };
+    let trickle =
+        "a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\na=end-of-candidates\r\n";
+
+    // Trickle with the current ETag: accepted; with a stale one: 412.
+    let r = patch(
+        vec![
+            ("authorization", auth.clone()),
+            (frag.0, frag.1.into()),
+            ("if-match", etag.clone()),
+        ],
+        trickle.into(),
+    )
+    .await;
+    assert_eq!(r.0, 204, "{}", r.2);
+    let r = patch(
+        vec![
+            ("authorization", auth.clone()),
+            (frag.0, frag.1.into()),
+            ("if-match", "\"stale\"".into()),
+        ],
+        trickle.into(),
+    )
+    .await;
+    assert_eq!(r.0, 412, "{}", r.2);
+    assert_eq!(api_error(&r.2).error, "precondition_failed");
+
+    // Bad requests change nothing.
+    let restart = "a=ice-ufrag:Zq9f\r\na=ice-pwd:asd88fgpdd777uzjYhagZg5l\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40001 typ host\r\na=end-of-candidates\r\n";
+    let r = patch(
+        vec![
+            ("authorization", auth.clone()),
+            ("content-type", "application/sdp".into()),
+        ],
+        restart.into(),
+    )
+    .await;
+    assert_eq!(r.0, 415, "{}", r.2);
+    let r = patch(
+        vec![("authorization", auth.clone()), (frag.0, frag.1.into())],
+        "a=ice-ufrag:Zq9f\r\n".into(),
+    )
+    .await;
+    assert_eq!(r.0, 400, "{}", r.2);
+    assert_eq!(api_error(&r.2).error, "bad_sdpfrag");
+    let other = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "eve"));
+    let r = patch(
+        vec![
+            ("authorization", other),
+            (frag.0, frag.1.into()),
+            ("if-match", "*".into()),
+        ],
+        restart.into(),
+    )
+    .await;
+    assert_eq!(r.0, 403, "{}", r.2);
+
+    // The restart.
+    let r = patch(
+        vec![
+            ("authorization", auth.clone()),
+            (frag.0, frag.1.into()),
+            ("if-match", "*".into()),
+        ],
+        restart.into(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{}", r.2);
+    assert_eq!(r.1["content-type"], "application/trickle-ice-sdpfrag");
+    let new_etag = r.1["etag"].to_str().unwrap().to_string();
+    assert_ne!(new_etag, etag);
+    let new_ufrag = new_etag.trim_matches('"').to_string();
+    let answer = amphi_edge::sdpfrag::parse_fragment(r.2.as_bytes()).unwrap();
+    assert_eq!(
+        answer.credentials.as_ref().map(|c| c.0.as_str()),
+        Some(new_ufrag.as_str())
+    );
+    assert_eq!(answer.candidates, 1, "{}", r.2);
+    assert!(
+        r.2.contains(&format!(" {} typ host", edge.media.port())),
+        "{}",
+        r.2
+    );
+    assert!(r.2.contains("a=end-of-candidates"));
+
+    // STUN naming the old ufrag is now an unknown peer; the new ufrag is routed to the session.
+    let unknown = "amphi_edge_udp_dropped_total{reason=\"unknown_peer\"}";
+    let before = metric(&edge, unknown).await;
+    let probe = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    probe
+        .send_to(
+            &stun_binding_request(&format!("{old_ufrag}:Zq9f")),
+            edge.media,
+        )
+        .await
+        .unwrap();
+    probe
+        .send_to(
+            &stun_binding_request(&format!("{new_ufrag}:Zq9f")),
+            edge.media,
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&edge, unknown).await < before + 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(metric(&edge, unknown).await, before + 1);
+
+    // The session survives the restart: DELETE with its token still ends it.
+    let r = request(&session_url, "DELETE", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.0, 200, "{}", r.2);
     edge.stop().await;
 }
 
