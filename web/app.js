@@ -283,6 +283,12 @@ function createPeer() {
   pc.addEventListener("connectionstatechange", () => {
     if (amphi.pc !== pc) return;
     setStatus(pc.connectionState);
+    if (pc.connectionState === "disconnected" && amphi.ws && amphi.ws.readyState === WebSocket.OPEN) {
+      // A network blip: restart ICE on the same PeerConnection (a re-offer with new credentials);
+      // the role and the receive slots stay as they are.
+      pc.restartIce();
+      Promise.resolve(negotiate()).catch(() => {});
+    }
     if (pc.connectionState === "failed") {
       setNotice("Audio connection lost; reconnecting…", "warn");
       reconnectSoon();
