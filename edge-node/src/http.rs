@@ -173,11 +173,9 @@ fn preflight(endpoint: bool) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    st.metrics.set_census(st.sessions.census());
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, amphi_protocol::metrics::CONTENT_TYPE)],
         st.metrics.render(),
     )
         .into_response()

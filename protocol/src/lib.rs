@@ -7,6 +7,7 @@ pub mod audio;
 pub mod config;
 pub mod control;
 pub mod ids;
+pub mod metrics;
 pub mod mtls;
 pub mod placement;
 pub mod relay;

@@ -33,6 +33,24 @@ pub enum RoomRole {
 }
 
 impl RoomRole {
+    /// Every role, most privileged first.
+    pub const ALL: [RoomRole; 4] = [
+        RoomRole::Host,
+        RoomRole::Cohost,
+        RoomRole::Speaker,
+        RoomRole::Listener,
+    ];
+
+    /// The role's wire name (`host`, `cohost`, `speaker`, `listener`), also its metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomRole::Host => "host",
+            RoomRole::Cohost => "cohost",
+            RoomRole::Speaker => "speaker",
+            RoomRole::Listener => "listener",
+        }
+    }
+
     /// The role a token grants on join.
     pub fn from_token(role: Role) -> Self {
         match role {
@@ -377,6 +395,13 @@ pub enum SignalingError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn role_names_match_the_wire_format() {
+        for role in RoomRole::ALL {
+            assert_eq!(json!(role), json!(role.as_str()));
+        }
+    }
 
     #[test]
     fn client_messages_parse_from_documented_json() {
