@@ -18,7 +18,7 @@ pub const LISTENER_AUDIO_SLOTS: usize = 3;
 
 /// A participant's role inside a running room (tokens carry only host, speaker or listener;
 /// co-hosts are named by a host).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoomRole {
     /// Created the room (or holds a host token): everything.
