@@ -674,7 +674,11 @@ impl Registry {
             }
         };
         let rends = renditions();
-        let queue = Arc::new(UploadQueue::new(self.max_buffer, self.metrics.clone()));
+        let queue = Arc::new(UploadQueue::new(
+            room,
+            self.max_buffer,
+            self.metrics.clone(),
+        ));
         queue.push(Job::Put {
             key: rkey(room, rends[0], "init.mp4"),
             body: Bytes::from(init_segment()?),

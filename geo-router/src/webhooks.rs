@@ -5,6 +5,7 @@
 
 use crate::auth::hmac_hex;
 use amphi_protocol::config::WebhookConfig;
+use amphi_protocol::redact::url_origin;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -118,7 +119,7 @@ impl Webhooks {
                                 .header("x-amphi-webhook-attempt", attempt.to_string())
                                 .body(Full::new(body.clone()));
                             let Ok(req) = req else {
-                                tracing::warn!(url = %r.url, "bad webhook URL");
+                                tracing::warn!(url = %url_origin(&r.url), "bad webhook URL");
                                 failed.inc();
                                 return;
                             };
@@ -130,13 +131,13 @@ impl Webhooks {
                                     return;
                                 }
                                 Ok(Ok(resp)) => {
-                                    tracing::info!(url = %r.url, ?kind, status = %resp.status(), attempt, "webhook refused")
+                                    tracing::info!(url = %url_origin(&r.url), ?kind, status = %resp.status(), attempt, "webhook refused")
                                 }
                                 Ok(Err(e)) => {
-                                    tracing::info!(url = %r.url, ?kind, error = %e, attempt, "webhook failed")
+                                    tracing::info!(url = %url_origin(&r.url), ?kind, error = %e, attempt, "webhook failed")
                                 }
                                 Err(_) => {
-                                    tracing::info!(url = %r.url, ?kind, attempt, "webhook timed out")
+                                    tracing::info!(url = %url_origin(&r.url), ?kind, attempt, "webhook timed out")
                                 }
                             }
                             if attempt < MAX_ATTEMPTS {
@@ -147,7 +148,7 @@ impl Webhooks {
                             }
                         }
                         failed.inc();
-                        tracing::warn!(url = %r.url, ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
+                        tracing::warn!(url = %url_origin(&r.url), ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
                     });
                 }
             }

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod metrics;
 pub mod mtls;
 pub mod placement;
+pub mod redact;
 pub mod relay;
 pub mod room;
 pub mod token;
