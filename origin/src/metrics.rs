@@ -150,8 +150,11 @@ pub struct Metrics {
     mix_seen: Mutex<MixStats>,
 }
 
-/// Jitter-buffer counters: (name part, help, value in [`JitterStats`]).
-const JITTER_COUNTERS: [(&str, &str, fn(&JitterStats) -> u64); 6] = [
+/// A jitter-buffer counter: name part, help, and its value in [`JitterStats`].
+type JitterCounter = (&'static str, &'static str, fn(&JitterStats) -> u64);
+
+/// The jitter-buffer counters exported.
+const JITTER_COUNTERS: [JitterCounter; 6] = [
     (
         "late",
         "Speaker frames dropped because their tick had passed",
@@ -488,9 +491,14 @@ mod tests {
     #[test]
     fn mixer_counters_advance_from_cumulative_stats() {
         let m = Metrics::default();
-        let mut stats = MixStats::default();
-        stats.frames = 50;
-        stats.jitter.lost = 2;
+        let mut stats = MixStats {
+            frames: 50,
+            jitter: JitterStats {
+                lost: 2,
+                ..JitterStats::default()
+            },
+            ..MixStats::default()
+        };
         m.set_mix_stats(stats);
         stats.frames = 80;
         m.set_mix_stats(stats);
