@@ -103,7 +103,7 @@ async fn handle(State(st): State<Arc<HttpState>>, req: Request) -> Response {
         "/healthz" => response(StatusCode::OK, "text/plain", "no-store", Body::from("ok\n")),
         "/metrics" => response(
             StatusCode::OK,
-            "text/plain; version=0.0.4",
+            amphi_protocol::metrics::CONTENT_TYPE,
             "no-store",
             Body::from(st.metrics.render()),
         ),

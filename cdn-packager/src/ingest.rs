@@ -25,6 +25,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `RoomEnded`, how long a still-running program stream may take to finish.
 const END_GRACE: Duration = Duration::from_secs(3);
+/// How often the origin link's round-trip time is copied into the metrics.
+const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a session with the origin ended.
 #[derive(Debug, thiserror::Error)]
@@ -165,9 +167,9 @@ impl Ingest {
         .await
         .map_err(|_| SessionError::Timeout)??;
         *welcomed = true;
-        self.metrics.origin_connected.store(1, Ordering::Relaxed);
+        self.metrics.set_origin_connected(true);
         let result = self.serve(&conn, &mut send, &mut recv, &mut dec).await;
-        self.metrics.origin_connected.store(0, Ordering::Relaxed);
+        self.metrics.set_origin_connected(false);
         if result.is_ok() {
             conn.close(0u32.into(), b"shutdown");
         }
@@ -182,6 +184,7 @@ impl Ingest {
         dec: &mut ControlDecoder,
     ) -> Result<(), SessionError> {
         let mut buf = [0u8; 4096];
+        let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_INTERVAL);
         loop {
             // Messages that arrived together with Welcome are handled first.
             while let Some(msg) = dec.next_message()? {
@@ -196,6 +199,7 @@ impl Ingest {
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = rtt_sample.tick() => self.metrics.set_origin_rtt(conn.rtt()),
                 uni = conn.accept_uni() => {
                     let stream = uni?;
                     let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;

@@ -1,6 +1,15 @@
-//! Packager metrics, rendered in the Prometheus text format at `GET /metrics`.
+//! Packager metrics: one prometheus-client registry, served at `GET /metrics` in the OpenMetrics
+//! text format.
+//!
+//! The counters and gauges the ingest, upload and HTTP paths bump are registered handles that
+//! dereference to their atomic ([`AtomicCounter`], [`AtomicGauge`]), so those paths keep their
+//! plain `fetch_add`/`store` calls and never look a metric up.
 
-use std::fmt::Write;
+use amphi_protocol::metrics::MetricsRegistry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -10,226 +19,249 @@ const DELAY_BUCKETS: [f64; 9] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2
 pub const RELEASE_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 ];
+/// Upper bounds (seconds) of the storage upload-latency histogram buckets.
+const UPLOAD_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
-/// Counters and gauges shared by the ingest and HTTP sides.
-#[derive(Debug, Default)]
+/// A registered counter that dereferences to its atomic.
+#[derive(Clone, Debug, Default)]
+pub struct AtomicCounter(Counter);
+
+impl Deref for AtomicCounter {
+    type Target = AtomicU64;
+
+    fn deref(&self) -> &AtomicU64 {
+        self.0.inner()
+    }
+}
+
+/// A registered integer gauge that dereferences to its atomic.
+#[derive(Clone, Debug, Default)]
+pub struct AtomicGauge(Gauge);
+
+impl Deref for AtomicGauge {
+    type Target = AtomicI64;
+
+    fn deref(&self) -> &AtomicI64 {
+        self.0.inner()
+    }
+}
+
+/// Counters, gauges and histograms shared by the ingest, upload and HTTP sides.
+#[derive(Debug)]
 pub struct Metrics {
+    registry: MetricsRegistry,
     /// Parts published (listed in a playlist).
-    pub parts_published: AtomicU64,
+    pub parts_published: AtomicCounter,
     /// Segments published.
-    pub segments_published: AtomicU64,
+    pub segments_published: AtomicCounter,
     /// Program frames received.
-    pub frames_received: AtomicU64,
+    pub frames_received: AtomicCounter,
     /// Program streams accepted.
-    pub streams_accepted: AtomicU64,
+    pub streams_accepted: AtomicCounter,
     /// Program streams dropped because of a bad record.
-    pub bad_records: AtomicU64,
+    pub bad_records: AtomicCounter,
     /// Rooms with a live playlist.
-    pub rooms_live: AtomicI64,
+    pub rooms_live: AtomicGauge,
     /// Rooms known (live or ended).
-    pub rooms_total: AtomicI64,
+    pub rooms_total: AtomicGauge,
     /// Blocking playlist/part requests being held.
-    pub blocking_in_flight: AtomicI64,
+    pub blocking_in_flight: AtomicGauge,
     /// Blocking requests that timed out (503).
-    pub blocking_timeouts: AtomicU64,
+    pub blocking_timeouts: AtomicCounter,
     /// 1 while connected to the origin.
-    pub origin_connected: AtomicI64,
+    pub origin_connected: AtomicGauge,
     /// Origin connection attempts that failed or connections that dropped.
-    pub origin_reconnects: AtomicU64,
+    pub origin_reconnects: AtomicCounter,
     /// Objects stored.
-    pub storage_puts: AtomicU64,
+    pub storage_puts: AtomicCounter,
     /// Failed storage puts (each retried).
-    pub storage_errors: AtomicU64,
+    pub storage_errors: AtomicCounter,
     /// Bytes waiting for storage (all rooms).
-    pub storage_buffered_bytes: AtomicI64,
+    pub storage_buffered_bytes: AtomicGauge,
     /// 1 while some upload is failing.
-    pub storage_outage: AtomicI64,
+    pub storage_outage: AtomicGauge,
     /// Parts not uploaded because the buffer was full (their segments are).
-    pub storage_parts_skipped: AtomicU64,
+    pub storage_parts_skipped: AtomicCounter,
     /// Recordings deleted by retention.
-    pub recordings_expired: AtomicU64,
-    release_buckets: [AtomicU64; RELEASE_BUCKETS.len()],
-    release_count: AtomicU64,
-    release_sum_us: AtomicU64,
-    delay_buckets: [AtomicU64; DELAY_BUCKETS.len()],
-    delay_count: AtomicU64,
-    delay_sum_us: AtomicU64,
+    pub recordings_expired: AtomicCounter,
+    storage_retries: Counter,
+    storage_upload: Histogram,
+    origin_rtt: Gauge<f64, AtomicU64>,
+    publish_delay: Histogram,
+    release: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = MetricsRegistry::default();
+        let mut counter = |name: &str, help: &str| {
+            let c = AtomicCounter::default();
+            r.register(name, help, c.0.clone());
+            c
+        };
+        let parts_published = counter("amphi_packager_parts_published", "LL-HLS parts published");
+        let segments_published = counter("amphi_packager_segments_published", "Segments published");
+        let frames_received = counter(
+            "amphi_packager_frames_received",
+            "Program frames received from the origin",
+        );
+        let streams_accepted = counter(
+            "amphi_packager_streams_accepted",
+            "Program streams accepted",
+        );
+        let bad_records = counter(
+            "amphi_packager_bad_records",
+            "Program streams dropped for a malformed record",
+        );
+        let blocking_timeouts = counter(
+            "amphi_packager_blocking_timeouts",
+            "Blocking requests answered 503 after waiting",
+        );
+        let origin_reconnects = counter(
+            "amphi_packager_origin_reconnects",
+            "Origin connections lost or failed",
+        );
+        let storage_puts = counter("amphi_packager_storage_puts", "Objects stored");
+        let storage_errors = counter(
+            "amphi_packager_storage_errors",
+            "Failed storage puts (retried with backoff)",
+        );
+        let storage_parts_skipped = counter(
+            "amphi_packager_storage_parts_skipped",
+            "Parts not uploaded because the upload buffer was full (their segments were)",
+        );
+        let recordings_expired = counter(
+            "amphi_packager_recordings_expired",
+            "Recordings deleted after their retention",
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let g = AtomicGauge::default();
+            r.register(name, help, g.0.clone());
+            g
+        };
+        let storage_buffered_bytes = gauge(
+            "amphi_packager_storage_buffered_bytes",
+            "Bytes waiting to be stored",
+        );
+        let storage_outage = gauge(
+            "amphi_packager_storage_outage",
+            "1 while uploads are failing",
+        );
+        let rooms_live = gauge("amphi_packager_rooms_live", "Rooms with a live playlist");
+        let rooms_total = gauge(
+            "amphi_packager_rooms",
+            "Rooms known to the packager (live or ended)",
+        );
+        let blocking_in_flight = gauge(
+            "amphi_packager_blocking_requests_in_flight",
+            "Blocking requests being held",
+        );
+        let origin_connected = gauge(
+            "amphi_packager_origin_connected",
+            "1 while connected to the origin",
+        );
+        let storage_retries = r.counter(
+            "amphi_packager_storage_retries",
+            "Storage puts attempted again after a failure",
+        );
+        let storage_upload = Histogram::new(UPLOAD_BUCKETS);
+        r.register(
+            "amphi_packager_storage_upload_seconds",
+            "Duration of each storage put attempt (S3 or filesystem), failed ones included",
+            storage_upload.clone(),
+        );
+        let origin_rtt = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "amphi_packager_origin_rtt_seconds",
+            "Round-trip time of the QUIC link to the origin, sampled every second (0 while down)",
+            origin_rtt.clone(),
+        );
+        let publish_delay = Histogram::new(DELAY_BUCKETS);
+        r.register(
+            "amphi_packager_publish_delay_seconds",
+            "Delay from a part's last frame arriving to the playlist listing it",
+            publish_delay.clone(),
+        );
+        let release = Histogram::new(RELEASE_BUCKETS);
+        r.register(
+            "amphi_packager_blocking_release_seconds",
+            "Delay from a playlist state's publication to a held request being answered with it",
+            release.clone(),
+        );
+        Metrics {
+            registry: r,
+            parts_published,
+            segments_published,
+            frames_received,
+            streams_accepted,
+            bad_records,
+            rooms_live,
+            rooms_total,
+            blocking_in_flight,
+            blocking_timeouts,
+            origin_connected,
+            origin_reconnects,
+            storage_puts,
+            storage_errors,
+            storage_buffered_bytes,
+            storage_outage,
+            storage_parts_skipped,
+            recordings_expired,
+            storage_retries,
+            storage_upload,
+            origin_rtt,
+            publish_delay,
+            release,
+        }
+    }
 }
 
 impl Metrics {
     /// Record one publish delay (last frame of a part arrived -> playlist updated).
     pub fn observe_publish_delay(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.delay_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.delay_count.fetch_add(1, Ordering::Relaxed);
-        self.delay_sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.publish_delay.observe(d.as_secs_f64());
     }
 
     /// Record how long after a playlist state was published a held request was answered
     /// with it.
     pub fn observe_release(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in RELEASE_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.release_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.release_count.fetch_add(1, Ordering::Relaxed);
-        self.release_sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.release.observe(d.as_secs_f64());
     }
 
-    /// Render in the Prometheus text exposition format.
+    /// Record how long one storage put attempt took.
+    pub fn observe_upload(&self, d: Duration) {
+        self.storage_upload.observe(d.as_secs_f64());
+    }
+
+    /// One storage put is about to be attempted again.
+    pub fn storage_retry(&self) {
+        self.storage_retries.inc();
+    }
+
+    /// Set whether the origin link is up (a link going down also clears the RTT).
+    pub fn set_origin_connected(&self, up: bool) {
+        self.origin_connected
+            .store(i64::from(up), Ordering::Relaxed);
+        if !up {
+            self.origin_rtt.set(0.0);
+        }
+    }
+
+    /// The origin link's current round-trip time estimate.
+    pub fn set_origin_rtt(&self, rtt: Duration) {
+        self.origin_rtt.set(rtt.as_secs_f64());
+    }
+
+    /// Every sample name the packager can expose.
+    pub fn sample_names(&self) -> &[String] {
+        self.registry.sample_names()
+    }
+
+    /// Render in the OpenMetrics text exposition format.
     pub fn render(&self) -> String {
-        let mut s = String::with_capacity(2048);
-        let counter = |s: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        let gauge = |s: &mut String, name: &str, help: &str, v: i64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let g = |a: &AtomicI64| a.load(Ordering::Relaxed);
-        counter(
-            &mut s,
-            "amphi_packager_parts_published_total",
-            "LL-HLS parts published.",
-            l(&self.parts_published),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_segments_published_total",
-            "Segments published.",
-            l(&self.segments_published),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_frames_received_total",
-            "Program frames received from the origin.",
-            l(&self.frames_received),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_streams_accepted_total",
-            "Program streams accepted.",
-            l(&self.streams_accepted),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_bad_records_total",
-            "Program streams dropped for a malformed record.",
-            l(&self.bad_records),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_blocking_timeouts_total",
-            "Blocking requests answered 503 after waiting.",
-            l(&self.blocking_timeouts),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_origin_reconnects_total",
-            "Origin connections lost or failed.",
-            l(&self.origin_reconnects),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_storage_puts_total",
-            "Objects stored.",
-            l(&self.storage_puts),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_storage_errors_total",
-            "Failed storage puts (retried with backoff).",
-            l(&self.storage_errors),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_storage_parts_skipped_total",
-            "Parts not uploaded because the upload buffer was full (their segments were).",
-            l(&self.storage_parts_skipped),
-        );
-        counter(
-            &mut s,
-            "amphi_packager_recordings_expired_total",
-            "Recordings deleted after their retention.",
-            l(&self.recordings_expired),
-        );
-        gauge(
-            &mut s,
-            "amphi_packager_storage_buffered_bytes",
-            "Bytes waiting to be stored.",
-            g(&self.storage_buffered_bytes),
-        );
-        gauge(
-            &mut s,
-            "amphi_packager_storage_outage",
-            "1 while uploads are failing.",
-            g(&self.storage_outage),
-        );
-        gauge(
-            &mut s,
-            "amphi_packager_rooms_live",
-            "Rooms with a live playlist.",
-            g(&self.rooms_live),
-        );
-        gauge(
-            &mut s,
-            "amphi_packager_rooms",
-            "Rooms known to the packager (live or ended).",
-            g(&self.rooms_total),
-        );
-        gauge(
-            &mut s,
-            "amphi_packager_blocking_requests_in_flight",
-            "Blocking requests being held.",
-            g(&self.blocking_in_flight),
-        );
-        gauge(
-            &mut s,
-            "amphi_packager_origin_connected",
-            "1 while connected to the origin.",
-            g(&self.origin_connected),
-        );
-        let name = "amphi_packager_publish_delay_seconds";
-        let _ = writeln!(
-            s,
-            "# HELP {name} Delay from a part's last frame arriving to the playlist listing it.\n# TYPE {name} histogram"
-        );
-        for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                l(&self.delay_buckets[i])
-            );
-        }
-        let count = l(&self.delay_count);
-        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(s, "{name}_sum {}", l(&self.delay_sum_us) as f64 / 1e6);
-        let _ = writeln!(s, "{name}_count {count}");
-        let name = "amphi_packager_blocking_release_seconds";
-        let _ = writeln!(
-            s,
-            "# HELP {name} Delay from a playlist state's publication to a held request being answered with it.\n# TYPE {name} histogram"
-        );
-        for (i, bound) in RELEASE_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                l(&self.release_buckets[i])
-            );
-        }
-        let count = l(&self.release_count);
-        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(s, "{name}_sum {}", l(&self.release_sum_us) as f64 / 1e6);
-        let _ = writeln!(s, "{name}_count {count}");
-        s
+        self.registry.render()
     }
 }
 
@@ -255,22 +287,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_is_cumulative() {
+    fn histograms_are_cumulative_and_handles_reach_the_exposition() {
         let m = Metrics::default();
         m.observe_publish_delay(Duration::from_micros(1500));
         m.observe_publish_delay(Duration::from_millis(30));
+        m.parts_published.fetch_add(2, Ordering::Relaxed);
         {
             let _g = GaugeGuard::new(&m.blocking_in_flight);
             assert!(m
                 .render()
-                .contains("amphi_packager_blocking_requests_in_flight 1\n"));
+                .contains("\namphi_packager_blocking_requests_in_flight 1\n"));
         }
+        m.observe_upload(Duration::from_millis(3));
+        m.storage_retry();
+        m.set_origin_connected(true);
+        m.set_origin_rtt(Duration::from_millis(2));
         let text = m.render();
-        assert!(text.contains("amphi_packager_publish_delay_seconds_bucket{le=\"0.001\"} 0\n"));
-        assert!(text.contains("amphi_packager_publish_delay_seconds_bucket{le=\"0.002\"} 1\n"));
-        assert!(text.contains("amphi_packager_publish_delay_seconds_bucket{le=\"0.05\"} 2\n"));
-        assert!(text.contains("amphi_packager_publish_delay_seconds_count 2\n"));
-        assert!(text.contains("amphi_packager_publish_delay_seconds_sum 0.0315\n"));
-        assert!(text.contains("amphi_packager_blocking_requests_in_flight 0\n"));
+        for line in [
+            "amphi_packager_publish_delay_seconds_bucket{le=\"0.001\"} 0",
+            "amphi_packager_publish_delay_seconds_bucket{le=\"0.002\"} 1",
+            "amphi_packager_publish_delay_seconds_bucket{le=\"0.05\"} 2",
+            "amphi_packager_publish_delay_seconds_count 2",
+            "amphi_packager_publish_delay_seconds_sum 0.0315",
+            "amphi_packager_blocking_requests_in_flight 0",
+            "amphi_packager_parts_published_total 2",
+            "amphi_packager_storage_upload_seconds_bucket{le=\"0.005\"} 1",
+            "amphi_packager_storage_retries_total 1",
+            "amphi_packager_origin_connected 1",
+            "amphi_packager_origin_rtt_seconds 0.002",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line} in\n{text}");
+        }
+        m.set_origin_connected(false);
+        assert!(m
+            .render()
+            .contains("\namphi_packager_origin_rtt_seconds 0.0\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(m.sample_names().iter().any(|n| n == name), "{line}");
+        }
     }
 }

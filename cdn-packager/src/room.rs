@@ -410,7 +410,10 @@ async fn put_retrying(
     let mut backoff = Backoff::default();
     let mut first_failure = None;
     loop {
-        match store.put(key, body.clone(), meta).await {
+        let attempt = Instant::now();
+        let put = store.put(key, body.clone(), meta).await;
+        metrics.observe_upload(attempt.elapsed());
+        match put {
             Ok(()) => {
                 if let Some(since) = first_failure {
                     metrics.storage_outage.store(0, Ordering::Relaxed);
@@ -440,7 +443,7 @@ async fn put_retrying(
                 }
                 let wait = backoff.fail();
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(wait) => metrics.storage_retry(),
                     _ = shutdown.cancelled() => return Err(e),
                 }
             }
@@ -671,7 +674,11 @@ impl Registry {
             }
         };
         let rends = renditions();
-        let queue = Arc::new(UploadQueue::new(self.max_buffer, self.metrics.clone()));
+        let queue = Arc::new(UploadQueue::new(
+            room,
+            self.max_buffer,
+            self.metrics.clone(),
+        ));
         queue.push(Job::Put {
             key: rkey(room, rends[0], "init.mp4"),
             body: Bytes::from(init_segment()?),

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::playlist::SpeakerSpan;
 use crate::segmenter::SegmentStart;
 use crate::storage::ObjectMeta;
+use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -133,16 +134,19 @@ pub struct UploadQueue {
     notify: Notify,
     max_bytes: usize,
     metrics: Arc<Metrics>,
+    /// The room whose uploads these are (for logs).
+    room: RoomId,
 }
 
 impl UploadQueue {
-    /// An empty queue holding at most `max_bytes` of parts.
-    pub fn new(max_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    /// An empty queue of `room`'s uploads holding at most `max_bytes` of parts.
+    pub fn new(room: RoomId, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         UploadQueue {
             state: Mutex::new(QueueState::default()),
             notify: Notify::new(),
             max_bytes,
             metrics,
+            room,
         }
     }
 
@@ -168,6 +172,7 @@ impl UploadQueue {
             if is_part && st.bytes + n > self.max_bytes {
                 if !st.skipping {
                     tracing::warn!(
+                        room = %self.room,
                         buffered = st.bytes,
                         bound = self.max_bytes,
                         "upload buffer full: skipping parts until storage catches up (segments are kept)"
@@ -263,7 +268,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_for_parts_never_for_segments_and_fifo() {
         let m = Arc::new(Metrics::default());
-        let q = UploadQueue::new(100, m.clone());
+        let q = UploadQueue::new(RoomId(1), 100, m.clone());
         assert!(q.push(part(60)));
         assert!(!q.push(part(60)), "over the bound: part skipped");
         let seg = Job::Put {

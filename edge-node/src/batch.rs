@@ -167,7 +167,7 @@ mod tests {
         let mut outbox: Vec<Queued> = (0..100u8)
             .map(|i| (dest, DatagramSend::from(vec![i; 10]), Some(Instant::now())))
             .collect();
-        let metrics = Metrics::default();
+        let metrics = Metrics::new("us-east");
         send_all(&tx, &mut outbox, &metrics);
         assert!(outbox.is_empty());
         let mut buf = [0u8; 64];

@@ -157,7 +157,7 @@ pub async fn run_with(
 
     let endpoint = uplink::client_endpoint(config.origin_addr, client_config)
         .map_err(|e| EdgeError::Quic(format!("client endpoint: {e}")))?;
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(metrics::Metrics::new(&config.region));
     let rooms = Arc::new(Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)));
     let inner = shutdown.child_token();
     let (media_tx, media_rx) = mpsc::channel(MEDIA_QUEUE);

@@ -1,8 +1,19 @@
-//! Edge counters and gauges, rendered in the Prometheus text exposition format.
+//! Edge metrics: one prometheus-client registry, served at `GET /metrics` in the OpenMetrics text
+//! format. Every handle the media path touches is resolved once here (per-reason counters sit in
+//! arrays, the forwarding-delay histogram is lock-free), so counting a packet never allocates or
+//! looks up a label set.
 
 use crate::peers::DropReason;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use crate::signaling::Census;
+use amphi_protocol::metrics::MetricsRegistry;
+use amphi_protocol::room::RoomRole;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds (microseconds) of the forwarding-delay histogram buckets.
@@ -10,299 +21,345 @@ pub const FORWARD_DELAY_BUCKETS_US: [u64; 14] = [
     5, 10, 20, 50, 100, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 50_000,
 ];
 
-/// All edge metrics. Cheap relaxed atomics, shared by the media driver, uplink and HTTP layer.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    udp_datagrams: AtomicU64,
-    dropped: [AtomicU64; DropReason::ALL.len()],
-    rtp_packets_in: AtomicU64,
-    relay_frames_sent: AtomicU64,
-    relay_send_errors: AtomicU64,
-    relay_frames_received: AtomicU64,
-    relay_frames_invalid: AtomicU64,
-    whip_sessions_created: AtomicU64,
-    peers: AtomicI64,
-    origin_connected: AtomicI64,
-    rtp_forwarded: AtomicU64,
-    rtp_refused_muted: AtomicU64,
-    rtp_refused_not_publisher: AtomicU64,
-    udp_send_errors: AtomicU64,
-    relay_queue_full: AtomicU64,
-    ws_sessions: AtomicU64,
-    whep_sessions: AtomicU64,
-    delay_buckets: [AtomicU64; FORWARD_DELAY_BUCKETS_US.len() + 1],
-    delay_sum_ns: AtomicU64,
+/// Why a peer's RTP packet was refused at the edge (`amphi_edge_rtp_refused_total{reason}`).
+const REFUSAL_REASONS: [&str; 2] = ["muted", "not_publisher"];
+
+type ReasonLabel = [(&'static str, &'static str); 1];
+type RoleRegionLabels = [(&'static str, String); 2];
+
+/// A fixed-bucket histogram of durations kept in atomics: `observe` is a few relaxed adds, no lock.
+#[derive(Clone, Debug)]
+struct DelayHistogram(Arc<DelayBuckets>);
+
+#[derive(Debug)]
+struct DelayBuckets {
+    /// Non-cumulative counts; the last one is `+Inf`.
+    counts: [AtomicU64; FORWARD_DELAY_BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
 }
 
-fn idx(r: DropReason) -> usize {
-    DropReason::ALL
-        .iter()
-        .position(|x| *x == r)
-        .unwrap_or_default()
+impl DelayHistogram {
+    fn new() -> Self {
+        DelayHistogram(Arc::new(DelayBuckets {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }))
+    }
+
+    fn observe(&self, d: Duration) {
+        let us = d.as_micros();
+        let i = FORWARD_DELAY_BUCKETS_US
+            .iter()
+            .position(|b| us <= u128::from(*b))
+            .unwrap_or(FORWARD_DELAY_BUCKETS_US.len());
+        self.0.counts[i].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for DelayHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = FORWARD_DELAY_BUCKETS_US
+            .iter()
+            .map(|us| *us as f64 / 1e6)
+            .chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// All edge metrics, shared by the media driver, uplink, registration and HTTP layer.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: MetricsRegistry,
+    udp_datagrams: Counter,
+    dropped: [Counter; DropReason::ALL.len()],
+    rtp_packets_in: Counter,
+    relay_frames_sent: Counter,
+    relay_send_errors: Counter,
+    relay_frames_received: Counter,
+    relay_frames_invalid: Counter,
+    whip_sessions_created: Counter,
+    peers: Gauge,
+    origin_connected: Gauge,
+    origin_rtt: Gauge<f64, AtomicU64>,
+    rtp_forwarded: Counter,
+    refused: [Counter; REFUSAL_REASONS.len()],
+    udp_send_errors: Counter,
+    relay_queue_full: Counter,
+    ws_sessions: Counter,
+    whep_sessions: Counter,
+    forward_delay: DelayHistogram,
+    rooms: Gauge,
+    participants: [Gauge; RoomRole::ALL.len()],
 }
 
 impl Metrics {
+    /// Metrics of an edge in `region` (the `region` label of its participant gauges).
+    pub fn new(region: &str) -> Self {
+        let mut r = MetricsRegistry::default();
+        let udp_datagrams = r.counter(
+            "amphi_edge_udp_datagrams",
+            "Datagrams read from the media UDP socket",
+        );
+        let dropped_family = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "amphi_edge_udp_dropped",
+            "Media datagrams dropped, by reason",
+            dropped_family.clone(),
+        );
+        let dropped =
+            DropReason::ALL.map(|d| dropped_family.get_or_create_owned(&[("reason", d.label())]));
+        let rtp_packets_in = r.counter(
+            "amphi_edge_rtp_packets_in",
+            "RTP packets received from publishers",
+        );
+        let relay_frames_sent = r.counter(
+            "amphi_edge_relay_frames_sent",
+            "Speaker relay frames sent to the origin as QUIC datagrams",
+        );
+        let relay_send_errors = r.counter(
+            "amphi_edge_relay_send_errors",
+            "Speaker relay frames that could not be sent to the origin",
+        );
+        let relay_frames_received = r.counter(
+            "amphi_edge_relay_frames_received",
+            "Speaker relay frames received from the origin",
+        );
+        let relay_frames_invalid = r.counter(
+            "amphi_edge_relay_frames_invalid",
+            "Undecodable datagrams received from the origin",
+        );
+        let whip_sessions_created =
+            r.counter("amphi_edge_whip_sessions_created", "WHIP sessions created");
+        let rtp_forwarded = r.counter(
+            "amphi_edge_rtp_forwarded",
+            "RTP packets written into interactive listeners' slots",
+        );
+        let refused_family = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "amphi_edge_rtp_refused",
+            "RTP packets from peers dropped at the edge, by reason (muted, not_publisher)",
+            refused_family.clone(),
+        );
+        let refused =
+            REFUSAL_REASONS.map(|why| refused_family.get_or_create_owned(&[("reason", why)]));
+        let udp_send_errors = r.counter(
+            "amphi_edge_udp_send_errors",
+            "Datagrams that could not be sent on the media socket",
+        );
+        let relay_queue_full = r.counter(
+            "amphi_edge_relay_queue_full",
+            "Relayed speaker datagrams dropped because the media driver was behind",
+        );
+        let ws_sessions = r.counter(
+            "amphi_edge_ws_sessions",
+            "WebSocket signaling sessions opened",
+        );
+        let whep_sessions = r.counter("amphi_edge_whep_sessions_created", "WHEP sessions created");
+        let forward_delay = DelayHistogram::new();
+        r.register(
+            "amphi_edge_forward_delay_seconds",
+            "Edge ingress to egress delay of forwarded packets",
+            forward_delay.clone(),
+        );
+        let peers = r.gauge("amphi_edge_peers", "WebRTC peers on this edge");
+        let origin_connected = r.gauge(
+            "amphi_edge_origin_connected",
+            "1 when the QUIC uplink to the origin is up",
+        );
+        let origin_rtt = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "amphi_edge_origin_rtt_seconds",
+            "Round-trip time of the QUIC uplink to the origin, sampled every second (0 while down)",
+            origin_rtt.clone(),
+        );
+        let rooms = r.gauge(
+            "amphi_edge_rooms",
+            "Rooms with at least one participant on this edge",
+        );
+        let participants_family = Family::<RoleRegionLabels, Gauge>::default();
+        r.register(
+            "amphi_edge_participants",
+            "Participants connected to this edge, by current role (region: this edge's region)",
+            participants_family.clone(),
+        );
+        let participants = RoomRole::ALL.map(|role| {
+            participants_family
+                .get_or_create_owned(&[("role", role.as_str().into()), ("region", region.into())])
+        });
+        Metrics {
+            registry: r,
+            udp_datagrams,
+            dropped,
+            rtp_packets_in,
+            relay_frames_sent,
+            relay_send_errors,
+            relay_frames_received,
+            relay_frames_invalid,
+            whip_sessions_created,
+            peers,
+            origin_connected,
+            origin_rtt,
+            rtp_forwarded,
+            refused,
+            udp_send_errors,
+            relay_queue_full,
+            ws_sessions,
+            whep_sessions,
+            forward_delay,
+            rooms,
+            participants,
+        }
+    }
+
     /// One datagram read from the media socket.
     pub fn udp_datagram(&self) {
-        self.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+        self.udp_datagrams.inc();
     }
 
     /// One datagram dropped.
     pub fn dropped(&self, reason: DropReason) {
-        self.dropped[idx(reason)].fetch_add(1, Ordering::Relaxed);
+        self.dropped[drop_index(reason)].inc();
     }
 
     /// One RTP packet received from a publisher.
     pub fn rtp_in(&self) {
-        self.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+        self.rtp_packets_in.inc();
     }
 
     /// One relay frame handed to QUIC.
     pub fn relay_sent(&self) {
-        self.relay_frames_sent.fetch_add(1, Ordering::Relaxed);
+        self.relay_frames_sent.inc();
     }
 
     /// One relay frame that could not be sent (no origin, link error, bad payload).
     pub fn relay_send_error(&self) {
-        self.relay_send_errors.fetch_add(1, Ordering::Relaxed);
+        self.relay_send_errors.inc();
     }
 
     /// One valid relay frame received from the origin.
     pub fn relay_received(&self) {
-        self.relay_frames_received.fetch_add(1, Ordering::Relaxed);
+        self.relay_frames_received.inc();
     }
 
     /// One undecodable datagram received from the origin.
     pub fn relay_invalid(&self) {
-        self.relay_frames_invalid.fetch_add(1, Ordering::Relaxed);
+        self.relay_frames_invalid.inc();
     }
 
     /// One WHIP session created.
     pub fn whip_session_created(&self) {
-        self.whip_sessions_created.fetch_add(1, Ordering::Relaxed);
+        self.whip_sessions_created.inc();
     }
 
     /// Set the current number of peers.
     pub fn set_peers(&self, n: usize) {
-        self.peers.store(n as i64, Ordering::Relaxed);
+        self.peers.set(saturating_i64(n));
     }
 
     /// WebRTC peers on this edge now.
     pub fn peers(&self) -> usize {
-        self.peers.load(Ordering::Relaxed).max(0) as usize
+        usize::try_from(self.peers.get()).unwrap_or(0)
     }
 
-    /// Set whether the origin link is up.
+    /// Set whether the origin link is up (a link going down also clears the RTT).
     pub fn set_origin_connected(&self, up: bool) {
-        self.origin_connected.store(up as i64, Ordering::Relaxed);
+        self.origin_connected.set(i64::from(up));
+        if !up {
+            self.origin_rtt.set(0.0);
+        }
+    }
+
+    /// The uplink's current round-trip time estimate.
+    pub fn set_origin_rtt(&self, rtt: Duration) {
+        self.origin_rtt.set(rtt.as_secs_f64());
+    }
+
+    /// Set the local room and participant counts.
+    pub fn set_census(&self, census: Census) {
+        self.rooms.set(saturating_i64(census.rooms));
+        for (gauge, n) in self.participants.iter().zip(census.by_role) {
+            gauge.set(saturating_i64(n));
+        }
     }
 
     /// One RTP packet written into a listener's slot.
     pub fn rtp_forwarded(&self) {
-        self.rtp_forwarded.fetch_add(1, Ordering::Relaxed);
+        self.rtp_forwarded.inc();
     }
 
     /// One RTP packet from a peer refused: `muted` (muted or no longer allowed to publish) or
     /// `not_publisher` (a PeerConnection that never negotiated sending).
     pub fn rtp_refused(&self, reason: &'static str) {
-        match reason {
-            "muted" => &self.rtp_refused_muted,
-            _ => &self.rtp_refused_not_publisher,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        let i = usize::from(reason != REFUSAL_REASONS[0]);
+        self.refused[i].inc();
     }
 
     /// `n` datagrams could not be sent on the media socket.
     pub fn udp_send_errors(&self, n: u64) {
-        self.udp_send_errors.fetch_add(n, Ordering::Relaxed);
+        self.udp_send_errors.inc_by(n);
     }
 
     /// One relayed datagram dropped because the media driver's queue was full.
     pub fn relay_queue_full(&self) {
-        self.relay_queue_full.fetch_add(1, Ordering::Relaxed);
+        self.relay_queue_full.inc();
     }
 
     /// One WebSocket signaling session opened.
     pub fn ws_session(&self) {
-        self.ws_sessions.fetch_add(1, Ordering::Relaxed);
+        self.ws_sessions.inc();
     }
 
     /// One WHEP session created.
     pub fn whep_session_created(&self) {
-        self.whep_sessions.fetch_add(1, Ordering::Relaxed);
+        self.whep_sessions.inc();
     }
 
     /// Delay of one forwarded packet from edge ingress to the send call.
     pub fn forward_delay(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        let i = FORWARD_DELAY_BUCKETS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(FORWARD_DELAY_BUCKETS_US.len());
-        self.delay_buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.delay_sum_ns
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.forward_delay.observe(d);
     }
 
     /// Packets refused because the sender was muted or not allowed to publish.
     pub fn refused_muted(&self) -> u64 {
-        self.rtp_refused_muted.load(Ordering::Relaxed)
+        self.refused[0].get()
     }
 
     /// Current value of the dropped counter for `reason` (for tests and logs).
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
-        self.dropped[idx(reason)].load(Ordering::Relaxed)
+        self.dropped[drop_index(reason)].get()
     }
 
-    /// Render everything in the Prometheus text format (version 0.0.4).
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-            );
-        };
-        counter(
-            &mut out,
-            "amphi_edge_udp_datagrams_total",
-            "Datagrams read from the media UDP socket.",
-            load(&self.udp_datagrams),
-        );
-        let _ = write!(
-            out,
-            "# HELP amphi_edge_udp_dropped_total Media datagrams dropped, by reason.\n\
-             # TYPE amphi_edge_udp_dropped_total counter\n"
-        );
-        for r in DropReason::ALL {
-            let _ = writeln!(
-                out,
-                "amphi_edge_udp_dropped_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.dropped_count(r)
-            );
-        }
-        counter(
-            &mut out,
-            "amphi_edge_rtp_packets_in_total",
-            "RTP packets received from publishers.",
-            load(&self.rtp_packets_in),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_relay_frames_sent_total",
-            "Speaker relay frames sent to the origin as QUIC datagrams.",
-            load(&self.relay_frames_sent),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_relay_send_errors_total",
-            "Speaker relay frames that could not be sent to the origin.",
-            load(&self.relay_send_errors),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_relay_frames_received_total",
-            "Speaker relay frames received from the origin.",
-            load(&self.relay_frames_received),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_relay_frames_invalid_total",
-            "Undecodable datagrams received from the origin.",
-            load(&self.relay_frames_invalid),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_whip_sessions_created_total",
-            "WHIP sessions created.",
-            load(&self.whip_sessions_created),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_rtp_forwarded_total",
-            "RTP packets written into interactive listeners' slots.",
-            load(&self.rtp_forwarded),
-        );
-        let _ = write!(
-            out,
-            "# HELP amphi_edge_rtp_refused_total RTP packets from peers dropped at the edge, by reason.\n\
-             # TYPE amphi_edge_rtp_refused_total counter\n\
-             amphi_edge_rtp_refused_total{{reason=\"muted\"}} {}\n\
-             amphi_edge_rtp_refused_total{{reason=\"not_publisher\"}} {}\n",
-            load(&self.rtp_refused_muted),
-            load(&self.rtp_refused_not_publisher),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_udp_send_errors_total",
-            "Datagrams that could not be sent on the media socket.",
-            load(&self.udp_send_errors),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_relay_queue_full_total",
-            "Relayed speaker datagrams dropped because the media driver was behind.",
-            load(&self.relay_queue_full),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_ws_sessions_total",
-            "WebSocket signaling sessions opened.",
-            load(&self.ws_sessions),
-        );
-        counter(
-            &mut out,
-            "amphi_edge_whep_sessions_created_total",
-            "WHEP sessions created.",
-            load(&self.whep_sessions),
-        );
-        let _ = write!(
-            out,
-            "# HELP amphi_edge_forward_delay_seconds Edge ingress to egress delay of forwarded packets.\n\
-             # TYPE amphi_edge_forward_delay_seconds histogram\n"
-        );
-        let mut cumulative = 0u64;
-        for (i, b) in FORWARD_DELAY_BUCKETS_US.iter().enumerate() {
-            cumulative += load(&self.delay_buckets[i]);
-            let _ = writeln!(
-                out,
-                "amphi_edge_forward_delay_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                *b as f64 / 1e6
-            );
-        }
-        cumulative += load(&self.delay_buckets[FORWARD_DELAY_BUCKETS_US.len()]);
-        let _ = writeln!(
-            out,
-            "amphi_edge_forward_delay_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
-        );
-        let _ = writeln!(
-            out,
-            "amphi_edge_forward_delay_seconds_sum {}",
-            load(&self.delay_sum_ns) as f64 / 1e9
-        );
-        let _ = writeln!(out, "amphi_edge_forward_delay_seconds_count {cumulative}");
-        gauge(
-            &mut out,
-            "amphi_edge_peers",
-            "WebRTC peers on this edge.",
-            self.peers.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut out,
-            "amphi_edge_origin_connected",
-            "1 when the QUIC uplink to the origin is up.",
-            self.origin_connected.load(Ordering::Relaxed),
-        );
-        out
+    /// Every sample name this edge can expose.
+    pub fn sample_names(&self) -> &[String] {
+        self.registry.sample_names()
     }
+
+    /// Render everything in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        self.registry.render()
+    }
+}
+
+fn drop_index(reason: DropReason) -> usize {
+    DropReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or_default()
+}
+
+fn saturating_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -311,39 +368,51 @@ mod tests {
 
     #[test]
     fn renders_every_series() {
-        let m = Metrics::default();
+        let m = Metrics::new("eu-west");
         m.udp_datagram();
         m.udp_datagram();
         m.dropped(DropReason::NotStun);
+        m.rtp_refused("muted");
+        m.rtp_refused("not_publisher");
+        m.rtp_refused("not_publisher");
         m.set_peers(3);
         m.set_origin_connected(true);
+        m.set_origin_rtt(Duration::from_micros(1500));
+        m.set_census(Census {
+            rooms: 2,
+            by_role: [1, 0, 2, 5],
+        });
+        m.forward_delay(Duration::from_micros(7));
+        m.forward_delay(Duration::from_millis(60));
         let text = m.render();
-        assert!(
-            text.contains("amphi_edge_udp_datagrams_total 2\n"),
-            "{text}"
-        );
-        assert!(text.contains("amphi_edge_udp_dropped_total{reason=\"not_stun\"} 1\n"));
-        assert!(text.contains("amphi_edge_udp_dropped_total{reason=\"unknown_peer\"} 0\n"));
-        assert!(text.contains("amphi_edge_peers 3\n"));
-        assert!(text.contains("amphi_edge_origin_connected 1\n"));
-        for name in [
+        for line in [
+            "amphi_edge_udp_datagrams_total 2",
+            "amphi_edge_udp_dropped_total{reason=\"not_stun\"} 1",
+            "amphi_edge_udp_dropped_total{reason=\"unknown_peer\"} 0",
+            "amphi_edge_rtp_refused_total{reason=\"muted\"} 1",
+            "amphi_edge_rtp_refused_total{reason=\"not_publisher\"} 2",
+            "amphi_edge_peers 3",
+            "amphi_edge_origin_connected 1",
+            "amphi_edge_origin_rtt_seconds 0.0015",
+            "amphi_edge_rooms 2",
+            "amphi_edge_participants{role=\"host\",region=\"eu-west\"} 1",
+            "amphi_edge_participants{role=\"listener\",region=\"eu-west\"} 5",
+            "amphi_edge_forward_delay_seconds_bucket{le=\"0.00001\"} 1",
+            "amphi_edge_forward_delay_seconds_bucket{le=\"0.05\"} 1",
+            "amphi_edge_forward_delay_seconds_bucket{le=\"+Inf\"} 2",
+            "amphi_edge_forward_delay_seconds_count 2",
             "amphi_edge_rtp_packets_in_total 0",
             "amphi_edge_relay_frames_sent_total 0",
-            "amphi_edge_relay_send_errors_total 0",
-            "amphi_edge_relay_frames_received_total 0",
         ] {
-            assert!(text.contains(name), "{name}");
+            assert!(text.contains(&format!("\n{line}\n")), "{line} in\n{text}");
         }
-        // Every sample line belongs to a declared family.
+        assert_eq!(m.refused_muted(), 1);
+        m.set_origin_connected(false);
+        assert!(m.render().contains("\namphi_edge_origin_rtt_seconds 0.0\n"));
+        // Every sample line belongs to a declared name.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
-            let name = name
-                .strip_suffix("_bucket")
-                .or_else(|| name.strip_suffix("_sum"))
-                .or_else(|| name.strip_suffix("_count"))
-                .filter(|n| n.ends_with("_seconds"))
-                .unwrap_or(name);
-            assert!(text.contains(&format!("# TYPE {name} ")), "{line}");
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(m.sample_names().iter().any(|n| n == name), "{line}");
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::mesh::MeshEvent;
 use crate::room::Refusal;
-use crate::signaling::{CloseWhy, JoinRequest, Output, SignalingCore};
+use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, RoomState, ServerMessage};
 use amphi_protocol::{ParticipantId, RoomId};
@@ -199,6 +199,11 @@ impl Sessions {
     /// Current role of a participant.
     pub(crate) fn role_of(&self, pid: ParticipantId) -> Option<RoomRole> {
         self.lock().core.role_of(pid)
+    }
+
+    /// Local rooms and participants by role (for metrics).
+    pub(crate) fn census(&self) -> Census {
+        self.lock().core.census()
     }
 
     /// Whether a participant may send audio now.

@@ -98,6 +98,15 @@ pub enum Output {
     },
 }
 
+/// Local participants and rooms, as counted by the signaling core.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Rooms with at least one participant on this edge.
+    pub rooms: usize,
+    /// Participants on this edge by current role, in [`RoomRole::ALL`] order.
+    pub by_role: [usize; RoomRole::ALL.len()],
+}
+
 struct Member {
     room: RoomId,
     user: String,
@@ -373,6 +382,27 @@ impl SignalingCore {
             .iter()
             .map(|(r, l)| (*r, l.members.len()))
             .collect()
+    }
+
+    /// Rooms with participants here, and participants here by current role.
+    pub fn census(&self) -> Census {
+        let mut census = Census {
+            rooms: self
+                .rooms
+                .values()
+                .filter(|r| !r.members.is_empty())
+                .count(),
+            ..Census::default()
+        };
+        for pid in self.members.keys() {
+            if let Some(i) = self
+                .role_of(*pid)
+                .and_then(|role| RoomRole::ALL.iter().position(|r| *r == role))
+            {
+                census.by_role[i] += 1;
+            }
+        }
+        census
     }
 
     /// The origin link came up: everything to announce, in order (subscriptions, then a `Join`
@@ -693,6 +723,30 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn census_counts_rooms_and_participants_by_current_role() {
+        let mut c = joined_core();
+        assert_eq!(
+            c.census(),
+            Census {
+                rooms: 1,
+                by_role: [1, 0, 0, 1]
+            }
+        );
+        c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::RoleChanged {
+                id: ParticipantId(2),
+                role: RoomRole::Speaker,
+                by: ParticipantId(1),
+            }],
+        });
+        assert_eq!(c.census().by_role, [1, 0, 1, 0]);
+        c.leave(ParticipantId(1), Instant::now());
+        c.leave(ParticipantId(2), Instant::now());
+        assert_eq!(c.census(), Census::default());
     }
 
     fn joined_core() -> SignalingCore {

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the link's round-trip time is copied into the metrics.
+const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Everything the uplink task needs.
 pub(crate) struct Uplink {
@@ -173,9 +175,11 @@ impl Uplink {
         self.metrics.set_origin_connected(true);
         let mut decoder = ControlDecoder::default();
         let mut buf = vec![0u8; 4096];
+        let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_INTERVAL);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = rtt_sample.tick() => self.metrics.set_origin_rtt(conn.rtt()),
                 ev = self.mesh_rx.recv() => {
                     let Some(ev) = ev else { return SessionEnd::Shutdown };
                     if let MeshEvent::Control { epoch: e, .. } = &ev {

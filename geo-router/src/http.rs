@@ -6,6 +6,7 @@ use crate::auth::{ApiKeys, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::client_ip::{client_ip, Source};
 use crate::directory::{rank, RoomEntry};
 use crate::geoip::{GeoIp, Place};
+use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
 use crate::registry::HEARTBEAT_INTERVAL;
 use crate::select::{select_edge, ClientPlace, GeoPoint, Policy, SelectError};
@@ -32,7 +33,6 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
@@ -104,19 +104,6 @@ pub enum RouterError {
     GeoIp(#[from] crate::geoip::GeoIpError),
 }
 
-#[derive(Default)]
-struct Counters {
-    rooms_created: AtomicU64,
-    tokens_minted: AtomicU64,
-    routes: AtomicU64,
-    routes_hls: AtomicU64,
-    routes_located: AtomicU64,
-    hls_proxied: AtomicU64,
-    rooms_ended: AtomicU64,
-    heartbeats: AtomicU64,
-    auth_failures: AtomicU64,
-}
-
 struct AppState {
     config: RouterConfig,
     signer: TokenSigner,
@@ -133,7 +120,7 @@ struct AppState {
     webhooks: Webhooks,
     web: Vec<WebAsset>,
     hls_client: Client<HttpConnector, Body>,
-    counters: Counters,
+    metrics: Metrics,
 }
 
 type Shared = Arc<AppState>;
@@ -258,7 +245,7 @@ impl AppState {
     fn mint(&self, room: RoomId, role: Role, name: &str) -> String {
         let now = now_unix();
         let jti: u128 = rand::random();
-        self.counters.tokens_minted.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tokens_minted.inc();
         self.signer.sign(&Claims {
             sub: format!("u-{:016x}", rand::random::<u64>()),
             name: name.to_string(),
@@ -307,7 +294,7 @@ impl AppState {
             )
             .map(str::to_string)
             .map_err(|e| {
-                self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.auth_failures.inc();
                 tracing::info!(path, reason = %e, "API key refused");
                 error(StatusCode::UNAUTHORIZED, "bad_api_signature", e.to_string())
             })
@@ -362,7 +349,7 @@ async fn create_room(
     let live = entry.status(now) == RoomStatus::Live;
     let scheduled_at = entry.scheduled_at;
     let room = s.store.create_room(entry).await?;
-    s.counters.rooms_created.fetch_add(1, Ordering::Relaxed);
+    s.metrics.rooms_created.inc();
     tracing::info!(%room, ?scheduled_at, "room created");
     if live {
         s.webhooks.emit(
@@ -514,7 +501,7 @@ async fn end_room(
         EndOutcome::AlreadyEnded => false,
     };
     if ended {
-        s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
+        s.metrics.rooms_ended.inc();
         tokio::spawn(watch_recording(s.clone(), room));
         let origin = s.links.end_room(room);
         tracing::info!(%room, origin = ?origin, "room ended through the API");
@@ -550,7 +537,7 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
                     }
                 };
                 if ended {
-                    s.counters.rooms_ended.fetch_add(1, Ordering::Relaxed);
+                    s.metrics.rooms_ended.inc();
                     tokio::spawn(watch_recording(s.clone(), room));
                     tracing::info!(%room, %origin, "room ended (reported by origin)");
                     s.webhooks.emit(
@@ -678,11 +665,16 @@ async fn route(
             s.policy,
             listener,
         )
-        .map_err(|e| match e {
-            SelectError::UnknownRegion(_) => {
-                error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
+        .map_err(|e| {
+            s.metrics.route_decision(NO_REGION, RouteOutcome::NoEdge);
+            match e {
+                SelectError::UnknownRegion(_) => {
+                    error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
+                }
+                SelectError::NoEdge => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string())
+                }
             }
-            SelectError::NoEdge => error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string()),
         })?;
         let c = choice.edge;
         (
@@ -695,13 +687,19 @@ async fn route(
             choice.why,
         )
     };
-    s.counters.routes.fetch_add(1, Ordering::Relaxed);
+    s.metrics.routes.inc();
     if matches!(place, Place::Located { .. }) {
-        s.counters.routes_located.fetch_add(1, Ordering::Relaxed);
+        s.metrics.routes_located.inc();
     }
     if hls_only {
-        s.counters.routes_hls.fetch_add(1, Ordering::Relaxed);
+        s.metrics.routes_hls.inc();
     }
+    let outcome = if hls_only {
+        RouteOutcome::Hls
+    } else {
+        RouteOutcome::WebRtc
+    };
+    s.metrics.route_decision(&edge.1, outcome);
     let located = match place {
         Place::Located { point, country, .. } => format!(
             "{} at {:.2},{:.2} ({})",
@@ -767,7 +765,7 @@ async fn edge_heartbeat(
         tracing::debug!(edge = %id, "edge reports draining");
     }
     let (new, drain) = (beat.new, beat.drain);
-    s.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+    s.metrics.heartbeats.inc();
     if new {
         tracing::info!(edge = %id, "edge registered");
     }
@@ -947,7 +945,7 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
         }
     }
     let upstream = upstream.body(Body::empty()).expect("valid request");
-    s.counters.hls_proxied.fetch_add(1, Ordering::Relaxed);
+    s.metrics.hls_proxied.inc();
     match s.hls_client.request(upstream).await {
         Ok(resp) => Ok(resp.map(Body::new).into_response()),
         Err(e) => {
@@ -962,97 +960,42 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
-    let c = &s.counters;
     let now = now_unix();
-    let live = match s.store.rooms().await {
-        Ok(rooms) => rooms
-            .iter()
-            .filter(|(_, r)| r.status(now) == RoomStatus::Live)
-            .count(),
-        Err(e) => {
-            tracing::warn!(error = %e, "store unavailable for metrics");
-            0
+    match s.store.rooms().await {
+        Ok(rooms) => {
+            let live = rooms
+                .iter()
+                .filter(|(_, r)| r.status(now) == RoomStatus::Live)
+                .count();
+            s.metrics
+                .live_rooms
+                .set(i64::try_from(live).unwrap_or(i64::MAX));
         }
-    };
+        Err(e) => tracing::warn!(error = %e, "store unavailable for metrics"),
+    }
     let (edges, available) = {
         let reg = s.registry();
-        let l = reg.list(Instant::now());
-        (
-            l.iter().filter(|e| e.1).count(),
-            l.iter().filter(|e| e.2).count(),
-        )
+        let list = reg.list(Instant::now());
+        let edges: Vec<EdgeHealth> = list
+            .iter()
+            .map(|(e, healthy, _)| EdgeHealth {
+                edge: e.beat.id.clone(),
+                region: e.beat.region.clone(),
+                healthy: *healthy,
+                load: e.load(),
+            })
+            .collect();
+        (edges, list.iter().filter(|e| e.2).count())
     };
-    let mut text = String::new();
-    let mut put = |name: &str, kind: &str, v: u64| {
-        use std::fmt::Write;
-        let _ = write!(text, "# TYPE {name} {kind}\n{name} {v}\n");
-    };
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    put(
-        "amphi_router_rooms_created_total",
-        "counter",
-        get(&c.rooms_created),
-    );
-    put(
-        "amphi_router_tokens_minted_total",
-        "counter",
-        get(&c.tokens_minted),
-    );
-    put("amphi_router_routes_total", "counter", get(&c.routes));
-    put(
-        "amphi_router_routes_located_total",
-        "counter",
-        get(&c.routes_located),
-    );
-    put(
-        "amphi_router_routes_hls_total",
-        "counter",
-        get(&c.routes_hls),
-    );
-    put(
-        "amphi_router_hls_proxied_total",
-        "counter",
-        get(&c.hls_proxied),
-    );
-    put(
-        "amphi_router_rooms_ended_total",
-        "counter",
-        get(&c.rooms_ended),
-    );
-    put(
-        "amphi_router_heartbeats_total",
-        "counter",
-        get(&c.heartbeats),
-    );
-    put(
-        "amphi_router_auth_failures_total",
-        "counter",
-        get(&c.auth_failures),
-    );
-    put(
-        "amphi_router_webhooks_delivered_total",
-        "counter",
-        get(&s.webhooks.delivered),
-    );
-    put(
-        "amphi_router_webhooks_failed_total",
-        "counter",
-        get(&s.webhooks.failed),
-    );
-    put(
-        "amphi_router_webhooks_dropped_total",
-        "counter",
-        get(&s.webhooks.dropped),
-    );
-    put(
-        "amphi_router_origin_links",
-        "gauge",
-        s.links.connected() as u64,
-    );
-    put("amphi_router_live_rooms", "gauge", live as u64);
-    put("amphi_router_healthy_edges", "gauge", edges as u64);
-    put("amphi_router_available_edges", "gauge", available as u64);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    s.metrics.set_edges(&edges, available);
+    s.metrics
+        .origin_links
+        .set(i64::try_from(s.links.connected()).unwrap_or(i64::MAX));
+    (
+        [(header::CONTENT_TYPE, amphi_protocol::metrics::CONTENT_TYPE)],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn web_asset(State(s): State<Shared>, uri: Uri) -> Answer {
@@ -1107,7 +1050,34 @@ fn app(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
         .layer(DefaultBodyLimit::max(MAX_DRAINED_BODY))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Log every request at debug level (method, path, status, duration), with secret query
+/// parameters such as `token=` redacted.
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req
+        .uri()
+        .query()
+        .map(amphi_protocol::redact::redact_query)
+        .unwrap_or_default();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        %method,
+        path,
+        query,
+        status = resp.status().as_u16(),
+        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+    resp
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
@@ -1253,6 +1223,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     if store.backend() != "memory" {
         tokio::spawn(sync_store(store.clone(), shutdown.clone()));
     }
+    let metrics = Metrics::default();
     let state = Arc::new(AppState {
         verifier: setup.signer.verifier(),
         links,
@@ -1271,12 +1242,16 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
             interactive_capacity: setup.config.interactive_capacity,
         },
         anchor,
-        webhooks: Webhooks::start(setup.config.webhooks.clone(), shutdown.clone()),
+        webhooks: Webhooks::start(
+            setup.config.webhooks.clone(),
+            metrics.webhook_counters(),
+            shutdown.clone(),
+        ),
         config: setup.config,
         signer: setup.signer,
         web: setup.web,
         hls_client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
-        counters: Counters::default(),
+        metrics,
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));

@@ -10,6 +10,7 @@ pub mod client_ip;
 pub mod directory;
 pub mod geoip;
 pub mod http;
+pub mod metrics;
 pub mod origins;
 pub mod registry;
 pub mod select;

@@ -5,12 +5,13 @@
 
 use crate::auth::hmac_hex;
 use amphi_protocol::config::WebhookConfig;
+use amphi_protocol::redact::url_origin;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -57,27 +58,37 @@ pub fn retry_delay(attempt: u32) -> Duration {
     Duration::from_millis(250u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(8))
 }
 
+/// What the dispatcher counts (registered metrics; clones share their values).
+#[derive(Clone, Debug, Default)]
+pub struct WebhookCounters {
+    /// Events dropped because the queue was full.
+    pub dropped: Counter,
+    /// Deliveries that succeeded (2xx).
+    pub delivered: Counter,
+    /// Deliveries abandoned after every attempt failed.
+    pub failed: Counter,
+}
+
 /// Handle to the webhook dispatcher.
 #[derive(Clone)]
 pub struct Webhooks {
     tx: Option<mpsc::Sender<Event>>,
-    /// Events dropped because the queue was full.
-    pub dropped: Arc<AtomicU64>,
-    /// Deliveries that succeeded (2xx).
-    pub delivered: Arc<AtomicU64>,
-    /// Deliveries abandoned after every attempt failed.
-    pub failed: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
 impl Webhooks {
-    /// Start the dispatcher (no task when there are no receivers).
-    pub fn start(receivers: Vec<WebhookConfig>, shutdown: CancellationToken) -> Self {
-        let mut hooks = Webhooks {
-            tx: None,
-            dropped: Arc::default(),
-            delivered: Arc::default(),
-            failed: Arc::default(),
-        };
+    /// Start the dispatcher (no task when there are no receivers), counting into `counters`.
+    pub fn start(
+        receivers: Vec<WebhookConfig>,
+        counters: WebhookCounters,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let WebhookCounters {
+            dropped,
+            delivered,
+            failed,
+        } = counters;
+        let mut hooks = Webhooks { tx: None, dropped };
         if receivers.is_empty() {
             return hooks;
         }
@@ -85,7 +96,6 @@ impl Webhooks {
         hooks.tx = Some(tx);
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let receivers = Arc::new(receivers);
-        let (delivered, failed) = (hooks.delivered.clone(), hooks.failed.clone());
         tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
@@ -109,25 +119,25 @@ impl Webhooks {
                                 .header("x-amphi-webhook-attempt", attempt.to_string())
                                 .body(Full::new(body.clone()));
                             let Ok(req) = req else {
-                                tracing::warn!(url = %r.url, "bad webhook URL");
-                                failed.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(url = %url_origin(&r.url), "bad webhook URL");
+                                failed.inc();
                                 return;
                             };
                             let outcome =
                                 tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req)).await;
                             match outcome {
                                 Ok(Ok(resp)) if resp.status().is_success() => {
-                                    delivered.fetch_add(1, Ordering::Relaxed);
+                                    delivered.inc();
                                     return;
                                 }
                                 Ok(Ok(resp)) => {
-                                    tracing::info!(url = %r.url, ?kind, status = %resp.status(), attempt, "webhook refused")
+                                    tracing::info!(url = %url_origin(&r.url), ?kind, status = %resp.status(), attempt, "webhook refused")
                                 }
                                 Ok(Err(e)) => {
-                                    tracing::info!(url = %r.url, ?kind, error = %e, attempt, "webhook failed")
+                                    tracing::info!(url = %url_origin(&r.url), ?kind, error = %e, attempt, "webhook failed")
                                 }
                                 Err(_) => {
-                                    tracing::info!(url = %r.url, ?kind, attempt, "webhook timed out")
+                                    tracing::info!(url = %url_origin(&r.url), ?kind, attempt, "webhook timed out")
                                 }
                             }
                             if attempt < MAX_ATTEMPTS {
@@ -137,8 +147,8 @@ impl Webhooks {
                                 }
                             }
                         }
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(url = %r.url, ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
+                        failed.inc();
+                        tracing::warn!(url = %url_origin(&r.url), ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
                     });
                 }
             }
@@ -163,7 +173,7 @@ impl Webhooks {
             data,
         };
         if tx.try_send(ev).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 }

@@ -11,7 +11,7 @@
 use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
 use crate::persist::{Persister, RoomStore};
-use crate::room::{Ending, RejectCode, Rejection, Rooms};
+use crate::room::{AuthorityCensus, Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
 use amphi_protocol::control::{ControlDecoder, ControlError, ControlMessage, PeerKind};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
@@ -228,6 +228,10 @@ impl ControlReader {
     }
 }
 
+fn len_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn lock_read(state: &RwLock<HubState>) -> std::sync::RwLockReadGuard<'_, HubState> {
     state.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -300,10 +304,13 @@ impl Hub {
             tracing::info!(%room, ?phase, participants, hands, banned, "room restored from the store");
             st.restored.insert(room, now);
             st.refresh_audible(room);
-            self.metrics
-                .rooms_known
-                .store(st.rooms.len() as u64, Relaxed);
+            self.metrics.rooms_known.set(len_i64(st.rooms.len()));
         }
+    }
+
+    /// The room authority's live rooms and participants (for metrics).
+    pub(crate) fn census(&self) -> AuthorityCensus {
+        lock_read(&self.state).rooms.census()
     }
 
     /// Participants of restored rooms that no edge re-announced within [`RESUME_GRACE`] leave.
@@ -428,7 +435,7 @@ impl Hub {
                         control: ctl_tx,
                     },
                 );
-                self.metrics.edges.fetch_add(1, Relaxed);
+                self.metrics.edges.inc();
             }
             PeerKind::Packager => {
                 let _ = self.control.send(MixerCmd::PackagerUp {
@@ -436,7 +443,7 @@ impl Hub {
                     conn: conn.clone(),
                     control: ctl_tx,
                 });
-                self.metrics.packagers.fetch_add(1, Relaxed);
+                self.metrics.packagers.inc();
             }
             PeerKind::Router => {
                 lock_write(&self.state).routers.insert(id, ctl_tx);
@@ -464,11 +471,11 @@ impl Hub {
                     source: id,
                     at: Instant::now(),
                 });
-                self.metrics.edges.fetch_sub(1, Relaxed);
+                self.metrics.edges.dec();
             }
             PeerKind::Packager => {
                 let _ = self.control.send(MixerCmd::PackagerDown { id });
-                self.metrics.packagers.fetch_sub(1, Relaxed);
+                self.metrics.packagers.dec();
             }
             PeerKind::Router => {
                 lock_write(&self.state).routers.remove(&id);
@@ -492,7 +499,7 @@ impl Hub {
             conn.close(CLOSE_OK.into(), b"gone");
             return;
         };
-        self.metrics.control_errors.fetch_add(1, Relaxed);
+        self.metrics.control_errors.inc();
         tracing::warn!(remote = %conn.remote_address(), code, %message, "closing mesh connection");
         let err = ControlMessage::Error {
             code: code.to_string(),
@@ -663,7 +670,7 @@ impl Hub {
         let events = match result {
             Ok(events) => events,
             Err(rej) => {
-                self.metrics.room_commands_rejected.fetch_add(1, Relaxed);
+                self.metrics.room_commands_rejected.inc();
                 tracing::debug!(%room, %actor, code = %rej.code, message = %rej.message, "room command refused");
                 let _ = own.send(ControlMessage::CommandRejected {
                     room,
@@ -675,7 +682,7 @@ impl Hub {
                 return;
             }
         };
-        self.metrics.room_commands.fetch_add(1, Relaxed);
+        self.metrics.room_commands.inc();
         if is_join {
             st.owners.insert((room, actor), conn);
             // The joining edge needs the room's events even if it did not subscribe first.
@@ -699,9 +706,7 @@ impl Hub {
             st.room_ended_notice(room, FROM_ORIGIN);
             let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
         }
-        self.metrics
-            .rooms_known
-            .store(st.rooms.len() as u64, Relaxed);
+        self.metrics.rooms_known.set(len_i64(st.rooms.len()));
     }
 
     /// `RoomEnded` from connection `from` (a geo-router or an edge): end the room's authority
@@ -727,9 +732,7 @@ impl Hub {
             st.room_ended_notice(room, from);
             let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
         }
-        self.metrics
-            .rooms_known
-            .store(st.rooms.len() as u64, Relaxed);
+        self.metrics.rooms_known.set(len_i64(st.rooms.len()));
     }
 
     /// Edge connection `conn` closed: forget it, and (if `leave`) every participant it announced
@@ -775,7 +778,7 @@ impl Hub {
         let m = &self.metrics;
         while let Ok(datagram) = conn.read_datagram().await {
             let at = Instant::now();
-            m.relay_in.fetch_add(1, Relaxed);
+            m.relay_in.inc();
             if peer != PeerKind::Edge {
                 m.dropped(DropReason::NotEdge);
                 continue;
@@ -812,7 +815,7 @@ impl Hub {
                     };
                     match link.conn.send_datagram(datagram.clone()) {
                         Ok(()) => {
-                            m.relay_forwarded.fetch_add(1, Relaxed);
+                            m.relay_forwarded.inc();
                         }
                         Err(_) => m.dropped(DropReason::SendFailed),
                     }

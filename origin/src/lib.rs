@@ -206,7 +206,14 @@ pub async fn run_with(
             }
         });
     }
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, stop.clone()));
+    let exposition: Arc<dyn Fn() -> String + Send + Sync> = {
+        let hub = hub.clone();
+        Arc::new(move || {
+            metrics.set_authority_census(&hub.census());
+            metrics.render()
+        })
+    };
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, exposition, stop.clone()));
     hub.accept_loop(endpoint.clone(), stop.clone()).await;
 
     endpoint.close(0u32.into(), b"origin shutting down");

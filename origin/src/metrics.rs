@@ -1,14 +1,28 @@
-//! Origin metrics (atomics) and their Prometheus text exposition on `GET /metrics`.
+//! Origin metrics (one prometheus-client registry) and their OpenMetrics exposition on
+//! `GET /metrics`.
+//!
+//! `amphi_origin_room_mixer_cpu_seconds_total` carries a `room` label: a series exists only while
+//! the room's program runs and is removed when it stops, so cardinality is bounded by the running
+//! rooms (at most `ProgramsConfig::max_rooms`).
 
+use crate::jitter::JitterStats;
 use crate::mixer::MixStats;
+use crate::room::AuthorityCensus;
+use amphi_protocol::metrics::{MetricsRegistry, CONTENT_TYPE};
 use amphi_protocol::relay::RelayError;
+use amphi_protocol::room::RoomRole;
+use amphi_protocol::RoomId;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -89,42 +103,196 @@ impl From<RelayError> for DropReason {
     }
 }
 
-/// Every origin metric. Gauges and mixer counters are stored, relay counters are incremented.
-#[derive(Default)]
+type ReasonLabel = [(&'static str, &'static str); 1];
+type RoomLabel = [(&'static str, String); 1];
+type ParticipantLabels = [(&'static str, String); 2];
+/// A counter of seconds.
+pub type SecondsCounter = Counter<f64, AtomicU64>;
+
+/// Every origin metric. Connection gauges and relay counters are updated in place; mixer
+/// counters are advanced from the mixer's cumulative [`MixStats`].
+#[derive(Debug)]
 pub struct Metrics {
+    registry: MetricsRegistry,
     /// Rooms whose program runs.
-    pub rooms_running: AtomicU64,
+    pub rooms_running: Gauge,
     /// Connected edges.
-    pub edges: AtomicU64,
+    pub edges: Gauge,
     /// Connected packagers.
-    pub packagers: AtomicU64,
+    pub packagers: Gauge,
     /// Relay datagrams received.
-    pub relay_in: AtomicU64,
+    pub relay_in: Counter,
     /// Relay datagrams forwarded (one per subscriber).
-    pub relay_forwarded: AtomicU64,
-    relay_dropped: [AtomicU64; DropReason::ALL.len()],
+    pub relay_forwarded: Counter,
+    relay_dropped: [Counter; DropReason::ALL.len()],
     /// Control streams closed for a malformed or unexpected record.
-    pub control_errors: AtomicU64,
+    pub control_errors: Counter,
     /// Program frames written to packager streams.
-    pub program_frames_sent: AtomicU64,
+    pub program_frames_sent: Counter,
     /// Program frames dropped because a packager stream's queue was full.
-    pub program_frames_dropped: AtomicU64,
-    /// Thread CPU time of the mixer, nanoseconds.
-    pub mixer_cpu_ns: AtomicU64,
+    pub program_frames_dropped: Counter,
     /// Room commands applied by the room authority.
-    pub room_commands: AtomicU64,
+    pub room_commands: Counter,
     /// Room commands the authority refused.
-    pub room_commands_rejected: AtomicU64,
+    pub room_commands_rejected: Counter,
     /// Rooms held by the room authority (live and remembered ended ones).
-    pub rooms_known: AtomicU64,
-    mix: std::sync::Mutex<MixStats>,
+    pub rooms_known: Gauge,
+    rooms_live: Gauge,
+    participants: Family<ParticipantLabels, Gauge>,
+    /// Participant gauges set so far, zeroed when their (role, region) empties.
+    participant_series: Mutex<BTreeMap<(RoomRole, String), Gauge>>,
+    mixer_cpu: SecondsCounter,
+    mixer_cpu_seen_ns: AtomicU64,
+    room_mixer_cpu: Family<RoomLabel, SecondsCounter>,
+    frames_mixed: Counter,
+    decode_errors: Counter,
+    jitter: [Counter; JITTER_COUNTERS.len()],
+    mix_seen: Mutex<MixStats>,
+}
+
+/// A jitter-buffer counter: name part, help, and its value in [`JitterStats`].
+type JitterCounter = (&'static str, &'static str, fn(&JitterStats) -> u64);
+
+/// The jitter-buffer counters exported.
+const JITTER_COUNTERS: [JitterCounter; 6] = [
+    (
+        "late",
+        "Speaker frames dropped because their tick had passed",
+        |j| j.late,
+    ),
+    ("lost", "Speaker frames missing at playout", |j| j.lost),
+    ("concealed", "Speaker frames concealed with Opus PLC", |j| {
+        j.concealed
+    }),
+    ("duplicate", "Duplicate speaker frames dropped", |j| {
+        j.duplicate
+    }),
+    (
+        "skipped",
+        "Speaker frames skipped when the playout delay shrank",
+        |j| j.skipped,
+    ),
+    (
+        "restarts",
+        "Speaker streams re-anchored after a timestamp jump",
+        |j| j.restarts,
+    ),
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = MetricsRegistry::default();
+        let rooms_running = r.gauge(
+            "amphi_origin_rooms_running",
+            "Rooms whose program is being mixed",
+        );
+        let rooms_known = r.gauge(
+            "amphi_origin_rooms_known",
+            "Rooms held by the room authority, live and recently ended",
+        );
+        let rooms_live = r.gauge(
+            "amphi_origin_rooms_live",
+            "Live rooms held by the room authority",
+        );
+        let participants = Family::<ParticipantLabels, Gauge>::default();
+        r.register(
+            "amphi_origin_participants",
+            "Participants of live rooms held by the room authority, by role and region of their edge",
+            participants.clone(),
+        );
+        let edges = r.gauge("amphi_origin_connected_edges", "Edge connections");
+        let packagers = r.gauge("amphi_origin_connected_packagers", "Packager connections");
+        let relay_in = r.counter(
+            "amphi_origin_relay_datagrams_received",
+            "Relay datagrams received from edges",
+        );
+        let relay_forwarded = r.counter(
+            "amphi_origin_relay_datagrams_forwarded",
+            "Relay datagrams forwarded to subscribed edges",
+        );
+        let dropped = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "amphi_origin_relay_dropped",
+            "Relay datagrams dropped, by reason",
+            dropped.clone(),
+        );
+        let relay_dropped =
+            DropReason::ALL.map(|d| dropped.get_or_create_owned(&[("reason", d.label())]));
+        let control_errors = r.counter(
+            "amphi_origin_control_errors",
+            "Connections closed for a malformed or unexpected control record",
+        );
+        let room_commands = r.counter(
+            "amphi_origin_room_commands",
+            "Room commands applied by the room authority",
+        );
+        let room_commands_rejected = r.counter(
+            "amphi_origin_room_commands_rejected",
+            "Room commands the room authority refused",
+        );
+        let frames_mixed = r.counter(
+            "amphi_origin_program_frames_mixed",
+            "Program frames produced by the mixer",
+        );
+        let program_frames_sent = r.counter(
+            "amphi_origin_program_frames_sent",
+            "Program frames written to packager streams",
+        );
+        let program_frames_dropped = r.counter(
+            "amphi_origin_program_frames_dropped",
+            "Program frames dropped because a packager stream queue was full",
+        );
+        let decode_errors = r.counter(
+            "amphi_origin_opus_decode_errors",
+            "Speaker packets libopus could not decode",
+        );
+        let jitter = JITTER_COUNTERS
+            .map(|(name, help, _)| r.counter(&format!("amphi_origin_jitter_{name}_frames"), help));
+        let mixer_cpu = SecondsCounter::default();
+        r.register(
+            "amphi_origin_mixer_cpu_seconds",
+            "CPU time of the mixer thread",
+            mixer_cpu.clone(),
+        );
+        let room_mixer_cpu = Family::<RoomLabel, SecondsCounter>::default();
+        r.register(
+            "amphi_origin_room_mixer_cpu_seconds",
+            "CPU time spent mixing and encoding each running room's program (series removed when the program stops)",
+            room_mixer_cpu.clone(),
+        );
+        Metrics {
+            registry: r,
+            rooms_running,
+            edges,
+            packagers,
+            relay_in,
+            relay_forwarded,
+            relay_dropped,
+            control_errors,
+            program_frames_sent,
+            program_frames_dropped,
+            room_commands,
+            room_commands_rejected,
+            rooms_known,
+            rooms_live,
+            participants,
+            participant_series: Mutex::default(),
+            mixer_cpu,
+            mixer_cpu_seen_ns: AtomicU64::new(0),
+            room_mixer_cpu,
+            frames_mixed,
+            decode_errors,
+            jitter,
+            mix_seen: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
     /// Count one dropped datagram.
     pub fn dropped(&self, reason: DropReason) {
         if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
-            self.relay_dropped[i].fetch_add(1, Relaxed);
+            self.relay_dropped[i].inc();
         }
     }
 
@@ -133,153 +301,81 @@ impl Metrics {
         DropReason::ALL
             .iter()
             .position(|r| *r == reason)
-            .map_or(0, |i| self.relay_dropped[i].load(Relaxed))
+            .map_or(0, |i| self.relay_dropped[i].get())
     }
 
-    /// Publish the mixer's counters.
+    /// Publish the mixer's cumulative counters.
     pub fn set_mix_stats(&self, stats: MixStats) {
-        if let Ok(mut m) = self.mix.lock() {
-            *m = stats;
+        let Ok(mut seen) = self.mix_seen.lock() else {
+            return;
+        };
+        let advance = |c: &Counter, now: u64, before: u64| {
+            c.inc_by(now.saturating_sub(before));
+        };
+        advance(&self.frames_mixed, stats.frames, seen.frames);
+        advance(&self.decode_errors, stats.decode_errors, seen.decode_errors);
+        for (c, (_, _, value)) in self.jitter.iter().zip(JITTER_COUNTERS) {
+            advance(c, value(&stats.jitter), value(&seen.jitter));
+        }
+        *seen = stats;
+    }
+
+    /// Publish the mixer thread's total CPU time.
+    pub fn set_mixer_thread_cpu(&self, total: Duration) {
+        let now = u64::try_from(total.as_nanos()).unwrap_or(u64::MAX);
+        let before = self.mixer_cpu_seen_ns.swap(now, Ordering::Relaxed);
+        self.mixer_cpu
+            .inc_by(now.saturating_sub(before) as f64 / 1e9);
+    }
+
+    /// The CPU-seconds counter of `room`'s mixer (created on first use; resolve it once per
+    /// program and keep it).
+    pub fn room_mixer_cpu(&self, room: RoomId) -> SecondsCounter {
+        self.room_mixer_cpu
+            .get_or_create_owned(&[("room", room.to_string())])
+    }
+
+    /// `room`'s program stopped: drop its CPU series so label cardinality stays bounded.
+    pub fn forget_room_mixer_cpu(&self, room: RoomId) {
+        self.room_mixer_cpu.remove(&[("room", room.to_string())]);
+    }
+
+    /// Publish the room authority's live rooms and participants.
+    pub fn set_authority_census(&self, census: &AuthorityCensus) {
+        self.rooms_live
+            .set(i64::try_from(census.live_rooms).unwrap_or(i64::MAX));
+        let Ok(mut series) = self.participant_series.lock() else {
+            return;
+        };
+        for gauge in series.values() {
+            gauge.set(0);
+        }
+        for ((role, region), n) in &census.participants {
+            let gauge = series.entry((*role, region.clone())).or_insert_with(|| {
+                self.participants.get_or_create_owned(&[
+                    ("role", role.as_str().to_string()),
+                    ("region", region.clone()),
+                ])
+            });
+            gauge.set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
     }
 
-    /// Prometheus text exposition (format 0.0.4).
+    /// Every sample name the origin can expose.
+    pub fn sample_names(&self) -> &[String] {
+        self.registry.sample_names()
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let mix = self.mix.lock().map(|m| *m).unwrap_or_default();
-        let mut gauge = |name: &str, help: &str, v: u64| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-            );
-        };
-        gauge(
-            "amphi_origin_rooms_running",
-            "Rooms whose program is being mixed.",
-            self.rooms_running.load(Relaxed),
-        );
-        gauge(
-            "amphi_origin_rooms_known",
-            "Rooms held by the room authority, live and recently ended.",
-            self.rooms_known.load(Relaxed),
-        );
-        gauge(
-            "amphi_origin_connected_edges",
-            "Edge connections.",
-            self.edges.load(Relaxed),
-        );
-        gauge(
-            "amphi_origin_connected_packagers",
-            "Packager connections.",
-            self.packagers.load(Relaxed),
-        );
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            );
-        };
-        counter(
-            "amphi_origin_relay_datagrams_received_total",
-            "Relay datagrams received from edges.",
-            self.relay_in.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_relay_datagrams_forwarded_total",
-            "Relay datagrams forwarded to subscribed edges.",
-            self.relay_forwarded.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_control_errors_total",
-            "Connections closed for a malformed or unexpected control record.",
-            self.control_errors.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_room_commands_total",
-            "Room commands applied by the room authority.",
-            self.room_commands.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_room_commands_rejected_total",
-            "Room commands the room authority refused.",
-            self.room_commands_rejected.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_program_frames_mixed_total",
-            "Program frames produced by the mixer.",
-            mix.frames,
-        );
-        counter(
-            "amphi_origin_program_frames_sent_total",
-            "Program frames written to packager streams.",
-            self.program_frames_sent.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_program_frames_dropped_total",
-            "Program frames dropped because a packager stream queue was full.",
-            self.program_frames_dropped.load(Relaxed),
-        );
-        counter(
-            "amphi_origin_opus_decode_errors_total",
-            "Speaker packets libopus could not decode.",
-            mix.decode_errors,
-        );
-        let j = mix.jitter;
-        for (name, help, v) in [
-            (
-                "late",
-                "Speaker frames dropped because their tick had passed.",
-                j.late,
-            ),
-            ("lost", "Speaker frames missing at playout.", j.lost),
-            (
-                "concealed",
-                "Speaker frames concealed with Opus PLC.",
-                j.concealed,
-            ),
-            (
-                "duplicate",
-                "Duplicate speaker frames dropped.",
-                j.duplicate,
-            ),
-            (
-                "skipped",
-                "Speaker frames skipped when the playout delay shrank.",
-                j.skipped,
-            ),
-            (
-                "restarts",
-                "Speaker streams re-anchored after a timestamp jump.",
-                j.restarts,
-            ),
-        ] {
-            counter(&format!("amphi_origin_jitter_{name}_frames_total"), help, v);
-        }
-        let _ = write!(
-            out,
-            "# HELP amphi_origin_relay_dropped_total Relay datagrams dropped, by reason.\n\
-             # TYPE amphi_origin_relay_dropped_total counter\n"
-        );
-        for (i, r) in DropReason::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "amphi_origin_relay_dropped_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.relay_dropped[i].load(Relaxed)
-            );
-        }
-        let cpu = self.mixer_cpu_ns.load(Relaxed) as f64 / 1e9;
-        let _ = write!(
-            out,
-            "# HELP amphi_origin_mixer_cpu_seconds_total CPU time of the mixer thread.\n\
-             # TYPE amphi_origin_mixer_cpu_seconds_total counter\n\
-             amphi_origin_mixer_cpu_seconds_total {cpu:.6}\n"
-        );
-        out
+        self.registry.render()
     }
 }
 
-fn respond(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn respond(
+    exposition: &dyn Fn() -> String,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = if req.uri().path() != "/metrics" {
         (
             StatusCode::NOT_FOUND,
@@ -293,11 +389,7 @@ fn respond(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<
             Bytes::from_static(b"method not allowed\n"),
         )
     } else {
-        (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(metrics.render()),
-        )
+        (StatusCode::OK, CONTENT_TYPE, Bytes::from(exposition()))
     };
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
@@ -308,8 +400,13 @@ fn respond(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<
     resp
 }
 
-/// Serve `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// Serve `GET /metrics` on `listener` until `shutdown`, answering with `exposition()` (which
+/// refreshes scrape-time gauges and renders the registry).
+pub async fn serve(
+    listener: TcpListener,
+    exposition: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -322,11 +419,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
                 }
             },
         };
-        let metrics = metrics.clone();
+        let exposition = exposition.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let resp = respond(&metrics, &req);
+                let resp = respond(exposition.as_ref(), &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -345,23 +442,114 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
 mod tests {
     use super::*;
 
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+    }
+
     #[test]
     fn exposition_lists_every_family() {
         let m = Metrics::default();
         m.dropped(DropReason::TooShort);
         m.dropped(DropReason::from(RelayError::Version(3)));
-        m.relay_in.store(5, Relaxed);
+        m.relay_in.inc_by(5);
         let text = m.render();
-        assert!(text.contains("amphi_origin_relay_dropped_total{reason=\"too_short\"} 1\n"));
-        assert!(text.contains("amphi_origin_relay_dropped_total{reason=\"version\"} 1\n"));
-        assert!(text.contains("amphi_origin_relay_datagrams_received_total 5\n"));
-        assert!(text.contains("amphi_origin_mixer_cpu_seconds_total 0.000000\n"));
-        assert!(text.contains("amphi_origin_jitter_concealed_frames_total 0\n"));
+        assert_eq!(
+            sample(
+                &text,
+                "amphi_origin_relay_dropped_total{reason=\"too_short\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "amphi_origin_relay_dropped_total{reason=\"version\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "amphi_origin_relay_datagrams_received_total"),
+            5.0
+        );
+        assert_eq!(sample(&text, "amphi_origin_mixer_cpu_seconds_total"), 0.0);
+        assert_eq!(
+            sample(&text, "amphi_origin_jitter_concealed_frames_total"),
+            0.0
+        );
         assert_eq!(m.dropped_count(DropReason::TooShort), 1);
-        // Every sample line has a value.
+        // Every sample line has a value and a declared name.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let v = line.rsplit(' ').next().unwrap();
-            assert!(v.parse::<f64>().is_ok(), "{line}");
+            let (name, value) = line.rsplit_once(' ').unwrap_or_default();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let name = name.split('{').next().unwrap_or_default();
+            assert!(m.sample_names().iter().any(|n| n == name), "{line}");
         }
+    }
+
+    #[test]
+    fn mixer_counters_advance_from_cumulative_stats() {
+        let m = Metrics::default();
+        let mut stats = MixStats {
+            frames: 50,
+            jitter: JitterStats {
+                lost: 2,
+                ..JitterStats::default()
+            },
+            ..MixStats::default()
+        };
+        m.set_mix_stats(stats);
+        stats.frames = 80;
+        m.set_mix_stats(stats);
+        m.set_mixer_thread_cpu(Duration::from_millis(250));
+        m.set_mixer_thread_cpu(Duration::from_millis(500));
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "amphi_origin_program_frames_mixed_total"),
+            80.0
+        );
+        assert_eq!(sample(&text, "amphi_origin_jitter_lost_frames_total"), 2.0);
+        assert_eq!(sample(&text, "amphi_origin_mixer_cpu_seconds_total"), 0.5);
+    }
+
+    #[test]
+    fn room_cpu_series_lives_as_long_as_the_program() {
+        let m = Metrics::default();
+        let room = RoomId(0xab);
+        m.room_mixer_cpu(room).inc_by(0.25);
+        let series = format!("amphi_origin_room_mixer_cpu_seconds_total{{room=\"{room}\"}}");
+        assert_eq!(sample(&m.render(), &series), 0.25);
+        m.forget_room_mixer_cpu(room);
+        assert!(!m.render().contains(&series));
+    }
+
+    #[test]
+    fn participants_by_role_and_region_are_zeroed_when_they_leave() {
+        let m = Metrics::default();
+        let mut census = AuthorityCensus {
+            live_rooms: 2,
+            participants: BTreeMap::new(),
+        };
+        census
+            .participants
+            .insert((RoomRole::Speaker, "eu-west".into()), 3);
+        census
+            .participants
+            .insert((RoomRole::Listener, "us-east".into()), 7);
+        m.set_authority_census(&census);
+        let text = m.render();
+        assert_eq!(sample(&text, "amphi_origin_rooms_live"), 2.0);
+        let speakers = "amphi_origin_participants{role=\"speaker\",region=\"eu-west\"}";
+        let listeners = "amphi_origin_participants{role=\"listener\",region=\"us-east\"}";
+        assert_eq!(sample(&text, speakers), 3.0);
+        assert_eq!(sample(&text, listeners), 7.0);
+        census
+            .participants
+            .remove(&(RoomRole::Speaker, "eu-west".into()));
+        m.set_authority_census(&census);
+        let text = m.render();
+        assert_eq!(sample(&text, speakers), 0.0);
+        assert_eq!(sample(&text, listeners), 7.0);
     }
 }

@@ -1,16 +1,15 @@
 //! Tokio driver of [`Programs`]: a dedicated thread that feeds inputs, wakes on the 20 ms tick grid
 //! and hands program frames to one bounded queue per (packager, room) stream.
 
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::{DropReason, Metrics, SecondsCounter};
 use crate::programs::{Admission, ProgramEvent, Programs, ProgramsConfig};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::relay::RelayFrame;
 use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -76,10 +75,43 @@ async fn program_writer(
             tracing::debug!(%room, error = %e, "program stream write failed");
             return;
         }
-        metrics.program_frames_sent.fetch_add(1, Relaxed);
+        metrics.program_frames_sent.inc();
     }
     if stream.finish().is_ok() {
         tracing::debug!(%room, "program stream finished");
+    }
+}
+
+/// Per-room mixing cost: each running room's CPU counter, and the thread CPU time when the room
+/// currently being mixed started.
+#[derive(Default)]
+struct RoomCpu {
+    counters: HashMap<RoomId, SecondsCounter>,
+    mixing_since: Option<(RoomId, Duration)>,
+}
+
+impl RoomCpu {
+    fn mixing(&mut self, room: RoomId) {
+        self.mixing_since = Some((room, crate::thread_cpu_time()));
+    }
+
+    fn mixed(&mut self, room: RoomId, metrics: &Metrics) {
+        let Some((r, since)) = self.mixing_since.take() else {
+            return;
+        };
+        if r != room {
+            return;
+        }
+        let spent = crate::thread_cpu_time().saturating_sub(since);
+        self.counters
+            .entry(room)
+            .or_insert_with(|| metrics.room_mixer_cpu(room))
+            .inc_by(spent.as_secs_f64());
+    }
+
+    fn stopped(&mut self, room: RoomId, metrics: &Metrics) {
+        self.counters.remove(&room);
+        metrics.forget_room_mixer_cpu(room);
     }
 }
 
@@ -88,6 +120,7 @@ struct Driver {
     packagers: HashMap<u64, PackagerLink>,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
+    room_cpu: RoomCpu,
 }
 
 impl Driver {
@@ -151,10 +184,13 @@ impl Driver {
             packagers,
             metrics,
             runtime,
+            room_cpu,
         } = self;
         programs.poll(now, &mut |event| match event {
             ProgramEvent::Started(room) => tracing::info!(%room, "program started"),
+            ProgramEvent::Mixing(room) => room_cpu.mixing(room),
             ProgramEvent::Frame(room, frame) => {
+                room_cpu.mixed(room, metrics);
                 if packagers.is_empty() {
                     return;
                 }
@@ -166,12 +202,13 @@ impl Driver {
                         tx
                     });
                     if tx.try_send(record.clone()).is_err() {
-                        metrics.program_frames_dropped.fetch_add(1, Relaxed);
+                        metrics.program_frames_dropped.inc();
                     }
                 }
             }
             ProgramEvent::Stopped(room) => {
                 tracing::info!(%room, "program stopped");
+                room_cpu.stopped(room, metrics);
                 for link in packagers.values_mut() {
                     link.streams.remove(&room);
                 }
@@ -179,11 +216,9 @@ impl Driver {
         })?;
         metrics
             .rooms_running
-            .store(programs.running() as u64, Relaxed);
+            .set(i64::try_from(programs.running()).unwrap_or(i64::MAX));
         metrics.set_mix_stats(programs.stats());
-        metrics
-            .mixer_cpu_ns
-            .store(crate::thread_cpu_time().as_nanos() as u64, Relaxed);
+        metrics.set_mixer_thread_cpu(crate::thread_cpu_time());
         Ok(())
     }
 }
@@ -201,6 +236,7 @@ pub(crate) async fn mixer_loop(
         packagers: HashMap::new(),
         metrics,
         runtime,
+        room_cpu: RoomCpu::default(),
     };
     loop {
         let deadline = tokio::time::Instant::from_std(driver.programs.next_tick_at());

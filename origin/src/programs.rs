@@ -62,6 +62,9 @@ pub enum Admission {
 pub enum ProgramEvent<'a> {
     /// A room's program started; frames follow.
     Started(RoomId),
+    /// A room's mixer is about to mix and encode one tick; its `Frame` follows (drivers bracket
+    /// the work with these two events to measure each room's mixing cost).
+    Mixing(RoomId),
     /// One program frame of a room.
     Frame(RoomId, ProgramFrame<'a>),
     /// A room's program stopped (idle or ended); its stream should be finished.
@@ -246,6 +249,7 @@ impl Programs {
                     p.announced = true;
                     sink(ProgramEvent::Started(room));
                 }
+                sink(ProgramEvent::Mixing(room));
                 let frame = p.mixer.mix(tick)?;
                 sink(ProgramEvent::Frame(room, frame));
             }
@@ -306,6 +310,8 @@ mod tests {
     #[derive(Default)]
     struct Seen {
         started: Vec<RoomId>,
+        /// Rooms announced by `Mixing` and not yet followed by their `Frame`.
+        mixing: Vec<RoomId>,
         frames: Vec<(RoomId, u32)>,
         stopped: Vec<RoomId>,
     }
@@ -313,7 +319,11 @@ mod tests {
     fn poll(p: &mut Programs, now: Instant, seen: &mut Seen) {
         p.poll(now, &mut |e| match e {
             ProgramEvent::Started(r) => seen.started.push(r),
-            ProgramEvent::Frame(r, f) => seen.frames.push((r, f.rtp_ts)),
+            ProgramEvent::Mixing(r) => seen.mixing.push(r),
+            ProgramEvent::Frame(r, f) => {
+                assert_eq!(seen.mixing.pop(), Some(r), "Mixing announces each Frame");
+                seen.frames.push((r, f.rtp_ts));
+            }
             ProgramEvent::Stopped(r) => seen.stopped.push(r),
         })
         .unwrap();

@@ -10,7 +10,7 @@ use amphi_protocol::room::{
     MAX_REACTION_CHARS,
 };
 use amphi_protocol::{ParticipantId, RoomId};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -691,6 +691,15 @@ pub enum Ending {
     AlreadyEnded,
 }
 
+/// Participants the room authority holds in live rooms, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthorityCensus {
+    /// Live rooms.
+    pub live_rooms: usize,
+    /// Participants of live rooms by (role, region of their edge).
+    pub participants: BTreeMap<(RoomRole, String), usize>,
+}
+
 /// Every room of this origin (sans-IO): creates a room on its first `Join`, remembers ended
 /// rooms, forgets idle ones in [`Rooms::housekeeping`].
 #[derive(Debug)]
@@ -727,6 +736,21 @@ impl Rooms {
     /// Whether no room is held.
     pub fn is_empty(&self) -> bool {
         self.rooms.is_empty()
+    }
+
+    /// Live rooms and their participants by (role, region of their edge).
+    pub fn census(&self) -> AuthorityCensus {
+        let mut census = AuthorityCensus::default();
+        for room in self.rooms.values().filter(|r| r.phase == RoomPhase::Live) {
+            census.live_rooms += 1;
+            for p in &room.participants {
+                *census
+                    .participants
+                    .entry((p.role, p.region.clone()))
+                    .or_default() += 1;
+            }
+        }
+        census
     }
 
     /// Apply `command` to `room` (a `Join` creates the room; anything else needs it to exist).

@@ -401,6 +401,8 @@ async fn edges_packager_relay_mix_and_metrics() {
     assert_eq!(metric(&text, "amphi_origin_rooms_running"), 1.0);
     assert!(metric(&text, "amphi_origin_program_frames_sent_total") >= 180.0);
     assert!(metric(&text, "amphi_origin_mixer_cpu_seconds_total") > 0.0);
+    let room_cpu = format!("amphi_origin_room_mixer_cpu_seconds_total{{room=\"{ROOM}\"}}");
+    assert!(metric(&text, &room_cpu) > 0.0, "per-room mixer CPU");
     assert!(http_get(metrics_addr, "/nope")
         .await
         .starts_with("HTTP/1.1 404"));

@@ -18,7 +18,7 @@ pub const LISTENER_AUDIO_SLOTS: usize = 3;
 
 /// A participant's role inside a running room (tokens carry only host, speaker or listener;
 /// co-hosts are named by a host).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoomRole {
     /// Created the room (or holds a host token): everything.
@@ -33,6 +33,24 @@ pub enum RoomRole {
 }
 
 impl RoomRole {
+    /// Every role, most privileged first.
+    pub const ALL: [RoomRole; 4] = [
+        RoomRole::Host,
+        RoomRole::Cohost,
+        RoomRole::Speaker,
+        RoomRole::Listener,
+    ];
+
+    /// The role's wire name (`host`, `cohost`, `speaker`, `listener`), also its metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomRole::Host => "host",
+            RoomRole::Cohost => "cohost",
+            RoomRole::Speaker => "speaker",
+            RoomRole::Listener => "listener",
+        }
+    }
+
     /// The role a token grants on join.
     pub fn from_token(role: Role) -> Self {
         match role {
@@ -377,6 +395,13 @@ pub enum SignalingError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn role_names_match_the_wire_format() {
+        for role in RoomRole::ALL {
+            assert_eq!(json!(role), json!(role.as_str()));
+        }
+    }
 
     #[test]
     fn client_messages_parse_from_documented_json() {

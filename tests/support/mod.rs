@@ -30,6 +30,11 @@ impl DevMesh {
 
     /// Like [`DevMesh::start`] with extra `amphi dev` arguments.
     pub fn start_with(offset: u16, name: &str, extra: &[&str]) -> DevMesh {
+        Self::start_logging(offset, name, extra, "info")
+    }
+
+    /// Like [`DevMesh::start_with`], logging with the `RUST_LOG` filter `log_filter`.
+    pub fn start_logging(offset: u16, name: &str, extra: &[&str], log_filter: &str) -> DevMesh {
         let base = scratch_dir(name);
         let data_dir = base.join("data");
         let log = base.join("dev.log");
@@ -38,7 +43,7 @@ impl DevMesh {
             .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
             .arg(&data_dir)
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .stdout(Stdio::from(log_file.try_clone().unwrap()))
             .stderr(Stdio::from(log_file))
             .spawn()

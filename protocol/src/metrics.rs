@@ -1,0 +1,119 @@
+//! The `/metrics` exposition every role serves: one prometheus-client [`Registry`] per role,
+//! rendered in the OpenMetrics text format, plus the sample names each role declares (so docs,
+//! alert rules and dashboards can be checked against them).
+//!
+//! Metric names are full Prometheus names (`amphi_<role>_...`, `_seconds` for durations);
+//! counters are registered without the `_total` suffix, which the encoder appends.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
+
+/// The `Content-Type` of every `/metrics` answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A role's registry and the sample names its metric families expose.
+#[derive(Debug, Default)]
+pub struct MetricsRegistry {
+    registry: Registry,
+    samples: Vec<String>,
+}
+
+impl MetricsRegistry {
+    /// Register `metric` as family `name` (a counter without its `_total`).
+    pub fn register(&mut self, name: &str, help: &str, metric: impl Metric) {
+        let family = name.to_string();
+        match metric.metric_type() {
+            MetricType::Counter => self.samples.push(format!("{family}_total")),
+            MetricType::Histogram => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    self.samples.push(format!("{family}{suffix}"));
+                }
+            }
+            _ => self.samples.push(family),
+        }
+        self.registry.register(name, help, metric);
+    }
+
+    /// A new counter registered as `name` (exposed as `name_total`).
+    pub fn counter(&mut self, name: &str, help: &str) -> Counter {
+        let c = Counter::default();
+        self.register(name, help, c.clone());
+        c
+    }
+
+    /// A new integer gauge registered as `name`.
+    pub fn gauge(&mut self, name: &str, help: &str) -> Gauge {
+        let g = Gauge::default();
+        self.register(name, help, g.clone());
+        g
+    }
+
+    /// Every sample name the registered families can expose (`x_total`, `x_bucket`, `x`, ...).
+    pub fn sample_names(&self) -> &[String] {
+        &self.samples
+    }
+
+    /// The OpenMetrics text exposition (ends with `# EOF`).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::histogram::Histogram;
+
+    #[test]
+    fn renders_openmetrics_and_lists_sample_names() {
+        let mut r = MetricsRegistry::default();
+        let c = r.counter("amphi_test_things", "Things seen");
+        let g = r.gauge("amphi_test_level", "Current level");
+        let h = Histogram::new([0.1, 1.0]);
+        r.register("amphi_test_delay_seconds", "Delays", h.clone());
+        let f = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        r.register("amphi_test_drops", "Drops by reason", f.clone());
+        c.inc();
+        g.set(-2);
+        h.observe(0.5);
+        f.get_or_create(&[("reason", "late")]).inc_by(3);
+        let text = r.render();
+        assert!(
+            text.contains("# TYPE amphi_test_things counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP amphi_test_things Things seen.\n"),
+            "{text}"
+        );
+        assert!(text.contains("\namphi_test_things_total 1\n"), "{text}");
+        assert!(text.contains("\namphi_test_level -2\n"), "{text}");
+        assert!(
+            text.contains("amphi_test_delay_seconds_bucket{le=\"1.0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("amphi_test_drops_total{reason=\"late\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(
+            r.sample_names(),
+            [
+                "amphi_test_things_total",
+                "amphi_test_level",
+                "amphi_test_delay_seconds_bucket",
+                "amphi_test_delay_seconds_sum",
+                "amphi_test_delay_seconds_count",
+                "amphi_test_drops_total",
+            ]
+        );
+    }
+}
