@@ -36,6 +36,9 @@ pub struct DevArgs {
     /// Added to every dev port, so several meshes can run side by side (tests).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
+    /// Media driver threads per edge (peers are spread over them on the edge's one UDP port).
+    #[arg(long, default_value_t = 2)]
+    media_threads: usize,
     /// Store HLS output in this S3-compatible endpoint instead of `--data-dir` (e.g. s3s-fs
     /// on `http://127.0.0.1:9000`); keys from `AMPHI_DEV_S3_ACCESS_KEY`/`AMPHI_DEV_S3_SECRET_KEY`.
     #[arg(long)]
@@ -220,6 +223,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 origin_server_name: ORIGIN_NAME.into(),
                 router_url: url(DEV_PORTS.router, off),
                 interactive_capacity: 500,
+                media_threads: args.media_threads,
             },
             mesh_tls: pki.issue(&format!("{id}.amphi.internal"))?,
             tokens: verifier.clone(),

@@ -11,6 +11,7 @@ use crate::occupancy::Occupancy;
 use crate::offer::{parse_client_offer, parse_whip_offer, OfferError, MAX_OFFER_LEN};
 use crate::room::Refusal;
 use crate::sessions::{JoinOutcome, Sessions};
+use crate::shards::MediaShards;
 use crate::signaling::{JoinRequest, SessionKind};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
 use amphi_protocol::room::RoomRole;
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, IceCreds, Rtc};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// How long a positive "room is live" answer from the geo-router is trusted.
 pub const ROOM_CACHE_TTL: Duration = Duration::from_secs(5);
@@ -48,7 +49,7 @@ const JOIN_WAIT: Duration = Duration::from_secs(3);
 pub(crate) struct AppState {
     pub tokens: TokenVerifier,
     pub candidate: SocketAddr,
-    pub media_tx: mpsc::Sender<MediaCommand>,
+    pub media: MediaShards,
     pub rooms: Arc<Mutex<RoomCache>>,
     pub router: RouterClient,
     pub metrics: Arc<Metrics>,
@@ -503,11 +504,16 @@ pub(crate) async fn add_peer(st: &AppState, peer: NewPeer) -> Result<(), Respons
             "the media engine is not accepting peers",
         )
     };
-    st.media_tx
-        .send(MediaCommand::Add {
-            peer: Box::new(peer),
-            reply: reply_tx,
-        })
+    let shard = st.media.shard_of(&peer.session).unwrap_or(0);
+    st.media.supersede(peer.participant, shard).await;
+    st.media
+        .send(
+            shard,
+            MediaCommand::Add {
+                peer: Box::new(peer),
+                reply: reply_tx,
+            },
+        )
         .await
         .map_err(|_| unavailable())?;
     match reply_rx.await {
@@ -585,7 +591,7 @@ async fn whip_post(
         Ok(x) => x,
         Err(resp) => return fail(resp),
     };
-    let session = new_session_id();
+    let session = MediaShards::session_id(st.media.pick());
     let peer = NewPeer {
         session: session.clone(),
         ufrag: ufrag.clone(),
@@ -663,7 +669,7 @@ async fn whep_post(
         Ok(x) => x,
         Err(resp) => return fail(resp),
     };
-    let session = new_session_id();
+    let session = MediaShards::session_id(st.media.pick());
     let peer = NewPeer {
         session: session.clone(),
         ufrag: ufrag.clone(),
@@ -723,6 +729,9 @@ async fn delete_session(
             "the token is for another room",
         );
     }
+    let Some(shard) = st.media.shard_of(&session) else {
+        return not_found();
+    };
     let (reply_tx, reply_rx) = oneshot::channel();
     let cmd = MediaCommand::Remove {
         session,
@@ -730,7 +739,7 @@ async fn delete_session(
         jti: claims.jti,
         reply: reply_tx,
     };
-    if st.media_tx.send(cmd).await.is_err() {
+    if st.media.send(shard, cmd).await.is_err() {
         return not_found();
     }
     match reply_rx.await {
@@ -795,6 +804,9 @@ async fn whip_patch(
         .get(header::IF_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_string());
+    let Some(shard) = st.media.shard_of(&session) else {
+        return not_found();
+    };
     let (reply, outcome) = oneshot::channel();
     let cmd = MediaCommand::Patch {
         session,
@@ -804,7 +816,7 @@ async fn whip_patch(
         fragment,
         reply,
     };
-    if st.media_tx.send(cmd).await.is_err() {
+    if st.media.send(shard, cmd).await.is_err() {
         return not_found();
     }
     match outcome.await {

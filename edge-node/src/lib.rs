@@ -27,6 +27,7 @@ pub mod registration;
 pub mod room;
 pub mod sdpfrag;
 mod sessions;
+pub mod shards;
 pub mod signaling;
 pub mod slots;
 mod uplink;
@@ -128,18 +129,15 @@ pub async fn run_with(
             addr: config.http_listen,
             source,
         })?;
-    let udp = tokio::net::UdpSocket::bind(config.media_listen)
-        .await
-        .map_err(|source| EdgeError::Bind {
-            what: "media_listen",
-            addr: config.media_listen,
-            source,
-        })?;
-    let media_local = udp.local_addr().map_err(|source| EdgeError::Bind {
+    let shard_count = shards::shard_count(config.media_threads);
+    let media_bind_error = |source| EdgeError::Bind {
         what: "media_listen",
         addr: config.media_listen,
         source,
-    })?;
+    };
+    let udp_sockets =
+        shards::bind_reuseport(config.media_listen, shard_count).map_err(media_bind_error)?;
+    let media_local = udp_sockets[0].local_addr().map_err(media_bind_error)?;
     let candidate = config.media_public.unwrap_or(media_local);
     if candidate.ip().is_unspecified() || candidate.port() == 0 {
         return Err(EdgeError::Config(format!(
@@ -151,6 +149,7 @@ pub async fn run_with(
         region = %config.region,
         http = %config.http_listen,
         media = %media_local,
+        media_threads = shard_count,
         %candidate,
         "edge listening"
     );
@@ -160,33 +159,65 @@ pub async fn run_with(
     let metrics = Arc::new(metrics::Metrics::new(&config.region));
     let rooms = Arc::new(Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)));
     let inner = shutdown.child_token();
-    let (media_tx, media_rx) = mpsc::channel(MEDIA_QUEUE);
     let (mesh_tx, mesh_rx) = mpsc::unbounded_channel();
     let (conn_tx, conn_rx) = watch::channel(None);
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let (relayed_tx, relayed_rx) = mpsc::channel(media::RELAY_QUEUE);
+    let mut inputs = Vec::with_capacity(shard_count);
+    let (mut command_txs, mut control_txs, mut relayed_txs, mut foreign_txs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..shard_count {
+        let (command_tx, commands) = mpsc::channel(MEDIA_QUEUE);
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (relayed_tx, relayed) = mpsc::channel(media::RELAY_QUEUE);
+        let (foreign_tx, foreign) = mpsc::channel(media::RELAY_QUEUE);
+        command_txs.push(command_tx);
+        control_txs.push(control_tx);
+        relayed_txs.push(relayed_tx);
+        foreign_txs.push(foreign_tx);
+        inputs.push(media::MediaInputs {
+            commands,
+            control,
+            relayed,
+            foreign,
+        });
+    }
+    let load: Arc<[std::sync::atomic::AtomicUsize]> = (0..shard_count)
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
+    let media = shards::MediaShards::new(command_txs, control_txs, load.clone());
     let sessions = Arc::new(sessions::Sessions::new(
         &config.region,
         mesh_tx.clone(),
-        control_tx,
+        media.clone(),
     ));
     // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.
     let occupancy = Arc::new(Occupancy::new(config.interactive_capacity));
 
-    let driver = media::MediaDriver::new(
-        candidate,
-        media::Relay::new(conn_rx),
-        metrics.clone(),
-        mesh_tx,
-        sessions.clone(),
-        occupancy.clone(),
-    );
-    let media_inputs = media::MediaInputs {
-        commands: media_rx,
-        control: control_rx,
-        relayed: relayed_rx,
-    };
-    let media_done = spawn_media_thread(driver, udp, media_inputs, inner.clone())?;
+    let ufrags = Arc::new(shards::UfragDirectory::default());
+    let mut media_done = Vec::with_capacity(shard_count);
+    for (index, (socket, shard_inputs)) in udp_sockets.into_iter().zip(inputs).enumerate() {
+        let driver = media::MediaDriver::new(
+            candidate,
+            media::Relay::new(conn_rx.clone()),
+            metrics.clone(),
+            mesh_tx.clone(),
+            sessions.clone(),
+            occupancy.clone(),
+            shards::ShardLinks {
+                index,
+                relayed: relayed_txs.clone(),
+                foreign: foreign_txs.clone(),
+                ufrags: ufrags.clone(),
+                load: load.clone(),
+            },
+        );
+        media_done.push(spawn_media_thread(
+            driver,
+            socket,
+            shard_inputs,
+            inner.clone(),
+        )?);
+    }
+    drop(mesh_tx);
     let uplink = uplink::Uplink {
         edge_id: config.id.clone(),
         region: config.region.clone(),
@@ -195,10 +226,10 @@ pub async fn run_with(
         metrics: metrics.clone(),
         conn_tx,
         mesh_rx,
-        media_tx: media_tx.clone(),
+        media: media.clone(),
         rooms: rooms.clone(),
         sessions: sessions.clone(),
-        relayed_tx,
+        relayed_txs,
     };
     let uplink_task = tokio::spawn(uplink.run(endpoint, inner.clone()));
     if let Some(options) = registration {
@@ -218,7 +249,7 @@ pub async fn run_with(
     let state = Arc::new(http::AppState {
         tokens,
         candidate,
-        media_tx,
+        media,
         rooms,
         router: http::RouterClient::new(&config.router_url),
         metrics,
@@ -233,8 +264,10 @@ pub async fn run_with(
         .with_graceful_shutdown(inner.clone().cancelled_owned())
         .await;
     inner.cancel();
-    if media_done.await.is_err() {
-        tracing::error!("media driver panicked");
+    for done in media_done {
+        if done.await.is_err() {
+            tracing::error!("media driver panicked");
+        }
     }
     if let Err(e) = uplink_task.await {
         tracing::error!(error = %e, "uplink panicked");
@@ -251,13 +284,10 @@ pub const MEDIA_THREAD_NAME: &str = "edge-media";
 /// returned receiver resolves when the driver has stopped (an error if it panicked).
 fn spawn_media_thread(
     driver: media::MediaDriver,
-    udp: tokio::net::UdpSocket,
+    socket: std::net::UdpSocket,
     inputs: media::MediaInputs,
     shutdown: CancellationToken,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, EdgeError> {
-    let socket = udp
-        .into_std()
-        .map_err(|e| EdgeError::Media(format!("media socket: {e}")))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -11,9 +11,10 @@ use crate::lifecycle::{CloseReason, PeerLiveness};
 use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
-use crate::peers::{DropReason, InsertError, PeerId, PeerTable, Route};
+use crate::peers::{stun_local_ufrag, DropReason, InsertError, PeerId, PeerTable, Route};
 use crate::sdpfrag::IceFragment;
 use crate::sessions::{MediaControl, Sessions};
+use crate::shards::{Foreign, ShardLinks};
 use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
@@ -140,6 +141,9 @@ pub(crate) enum MediaCommand {
         fragment: IceFragment,
         reply: oneshot::Sender<PatchOutcome>,
     },
+    /// The participant has a newer PeerConnection on another shard: drop the one here, keeping
+    /// the participant.
+    Supersede { participant: ParticipantId },
     /// The participant's WebSocket closed: drop its PeerConnection.
     RemoveParticipant { participant: ParticipantId },
     /// The origin says the room ended: drop its peers.
@@ -210,36 +214,37 @@ impl Relay {
         }
     }
 
-    fn send(&mut self, frame: &RelayFrame<'_>, metrics: &Metrics) {
+    /// Encode `frame` and send it to the origin (if connected); returns the encoded frame so
+    /// other media shards can forward it too.
+    fn send(&mut self, frame: &RelayFrame<'_>, metrics: &Metrics) -> Option<Bytes> {
         if self.conn_rx.has_changed().unwrap_or(false) {
             self.conn = self.conn_rx.borrow_and_update().clone();
         }
-        let Some(conn) = &self.conn else {
-            metrics.relay_send_error();
-            return;
-        };
         let len = frame.encoded_len();
         if self.buf.capacity() < len {
             self.buf.reserve(RELAY_BUF_CAPACITY.max(len));
         }
         self.buf.resize(len, 0);
-        match frame.encode_into(&mut self.buf[..]) {
-            Ok(n) => {
-                let bytes = self.buf.split_to(n).freeze();
-                match conn.send_datagram(bytes) {
-                    Ok(()) => metrics.relay_sent(),
-                    Err(e) => {
-                        metrics.relay_send_error();
-                        tracing::debug!(room = %frame.room, speaker = frame.speaker, error = %e, "relay datagram not sent");
-                    }
-                }
-            }
+        let bytes = match frame.encode_into(&mut self.buf[..]) {
+            Ok(n) => self.buf.split_to(n).freeze(),
             Err(e) => {
                 self.buf.clear();
                 metrics.relay_send_error();
                 tracing::debug!(room = %frame.room, speaker = frame.speaker, error = %e, "relay frame not encodable");
+                return None;
             }
+        };
+        match &self.conn {
+            Some(conn) => match conn.send_datagram(bytes.clone()) {
+                Ok(()) => metrics.relay_sent(),
+                Err(e) => {
+                    metrics.relay_send_error();
+                    tracing::debug!(room = %frame.room, speaker = frame.speaker, error = %e, "relay datagram not sent");
+                }
+            },
+            None => metrics.relay_send_error(),
         }
+        Some(bytes)
     }
 }
 
@@ -266,7 +271,13 @@ pub(crate) struct MediaInputs {
     pub commands: mpsc::Receiver<MediaCommand>,
     pub control: mpsc::UnboundedReceiver<MediaControl>,
     pub relayed: mpsc::Receiver<(Instant, Bytes)>,
+    /// Datagrams other shards' sockets received for this shard's peers.
+    pub foreign: mpsc::Receiver<Foreign>,
 }
+
+/// Most remembered addresses of other shards' peers before the memory is cleared (it refills
+/// from the clients' periodic STUN consent checks).
+const FOREIGN_ADDRS_MAX: usize = 65_536;
 
 /// The driver's state; the socket is passed in separately so reads and handling can interleave.
 pub(crate) struct MediaDriver {
@@ -285,6 +296,9 @@ pub(crate) struct MediaDriver {
     outbox: Vec<(SocketAddr, DatagramSend, Option<Instant>)>,
     scratch: Vec<PeerId>,
     active: Vec<ActiveSpeaker>,
+    links: ShardLinks,
+    /// Addresses whose peers live on another shard, and which.
+    foreign_addrs: HashMap<SocketAddr, usize>,
 }
 
 impl MediaDriver {
@@ -296,6 +310,7 @@ impl MediaDriver {
         mesh_tx: mpsc::UnboundedSender<MeshEvent>,
         sessions: Arc<Sessions>,
         occupancy: Arc<Occupancy>,
+        links: ShardLinks,
     ) -> Self {
         MediaDriver {
             local,
@@ -313,6 +328,8 @@ impl MediaDriver {
             outbox: Vec::with_capacity(256),
             scratch: Vec::new(),
             active: Vec::new(),
+            links,
+            foreign_addrs: HashMap::new(),
         }
     }
 
@@ -357,9 +374,10 @@ impl MediaDriver {
                     }
                 }
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.handle_datagram(source, &buf[..n], Instant::now()),
+                    Ok((n, source)) => self.receive(source, &buf[..n], Instant::now()),
                     Err(e) => tracing::debug!(error = %e, "media socket read failed"),
                 },
+                Some(f) = inputs.foreign.recv() => self.handle_datagram(f.source, &f.data, f.at),
                 _ = &mut sleep => self.handle_timeouts(Instant::now()),
                 _ = sweep.tick() => self.sweep(Instant::now()),
                 _ = speakers_tick.tick() => self.active_speakers(Instant::now()),
@@ -428,6 +446,11 @@ impl MediaDriver {
             } => {
                 let outcome = self.patch(&session, room, &jti, if_match.as_deref(), fragment);
                 let _ = reply.send(outcome);
+            }
+            MediaCommand::Supersede { participant } => {
+                if let Some(&id) = self.by_participant.get(&participant) {
+                    self.remove_peer_only(id);
+                }
             }
             MediaCommand::HasPeer { participant, reply } => {
                 let _ = reply.send(self.by_participant.contains_key(&participant));
@@ -544,6 +567,8 @@ impl MediaDriver {
         let receiving = peer.slots.iter().any(Option::is_some);
         peer.receiving = receiving;
         let id = self.table.insert(&ufrag, &session, peer)?;
+        self.links.ufrags.insert(&ufrag, self.links.index);
+        self.links.set_load(self.table.len());
         let r = self.rooms.entry(room).or_default();
         r.peers += 1;
         if receiving {
@@ -554,8 +579,8 @@ impl MediaDriver {
             // A participant has one PeerConnection: the newer one replaces it.
             self.remove_peer_only(old);
         }
-        self.metrics.set_peers(self.table.len());
-        tracing::info!(%room, %participant, publishing, receiving, kind = ?kind, "peer added");
+        self.metrics.set_peers(self.links.total_load());
+        tracing::info!(%room, %participant, publishing, receiving, kind = ?kind, shard = self.links.index, "peer added");
         self.drain(id, now);
         Ok(())
     }
@@ -583,7 +608,10 @@ impl MediaDriver {
         // An offer with new ICE credentials restarts ICE: STUN now names the new local ufrag.
         let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
         let peer = match self.table.set_ufrag(id, &ufrag) {
-            Ok(()) => self.table.get_mut(id).ok_or("the PeerConnection is gone")?,
+            Ok(old) => {
+                self.moved_ufrag(old, &ufrag);
+                self.table.get_mut(id).ok_or("the PeerConnection is gone")?
+            }
             Err(e) => return Err(e.to_string()),
         };
         let room = peer.room;
@@ -617,6 +645,14 @@ impl MediaDriver {
         tracing::info!(%room, %participant, publishing, receiving, "renegotiated");
         self.drain(id, Instant::now());
         Ok(answer.to_sdp_string())
+    }
+
+    /// Keep the shards' ufrag directory in step with an ICE restart.
+    fn moved_ufrag(&self, old: Option<String>, new: &str) {
+        if let Some(old) = old.filter(|o| o != new) {
+            self.links.ufrags.remove(&old);
+        }
+        self.links.ufrags.insert(new, self.links.index);
     }
 
     /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.4). An ICE restart re-accepts the
@@ -667,8 +703,9 @@ impl MediaDriver {
         peer.offer_sdp = restart;
         let (participant, room) = (peer.participant, peer.room);
         let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
-        if let Err(e) = self.table.set_ufrag(id, &ufrag) {
-            return PatchOutcome::Refused(e.to_string());
+        match self.table.set_ufrag(id, &ufrag) {
+            Ok(old) => self.moved_ufrag(old, &ufrag),
+            Err(e) => return PatchOutcome::Refused(e.to_string()),
         }
         tracing::info!(%room, %participant, "ICE restarted");
         self.drain(id, Instant::now());
@@ -676,6 +713,48 @@ impl MediaDriver {
             fragment: crate::sdpfrag::answer_fragment(&answer),
             etag: format!("\"{ufrag}\""),
         }
+    }
+
+    /// A datagram from this shard's socket: handle it, or hand it to the shard owning its peer.
+    fn receive(&mut self, source: SocketAddr, data: &[u8], now: Instant) {
+        match self.owner_shard(source, data) {
+            Some(k) if k != self.links.index => {
+                let foreign = Foreign {
+                    source,
+                    data: Bytes::copy_from_slice(data),
+                    at: now,
+                };
+                if self.links.foreign[k].try_send(foreign).is_err() {
+                    self.metrics.dropped(DropReason::Overloaded);
+                }
+            }
+            _ => self.handle_datagram(source, data, now),
+        }
+    }
+
+    /// Which other shard owns the peer of a datagram this shard's socket received, if one does:
+    /// STUN by its ufrag (and the address is remembered), anything else by the remembered address.
+    fn owner_shard(&mut self, source: SocketAddr, data: &[u8]) -> Option<usize> {
+        if !self.links.sharded() {
+            return None;
+        }
+        if data.first().is_some_and(|b| *b < 2) {
+            let ufrag = stun_local_ufrag(data).ok()?;
+            if self.table.has_ufrag(ufrag) {
+                self.foreign_addrs.remove(&source);
+                return None;
+            }
+            let owner = self.links.ufrags.owner(ufrag)?;
+            if self.foreign_addrs.len() >= FOREIGN_ADDRS_MAX {
+                self.foreign_addrs.clear();
+            }
+            self.foreign_addrs.insert(source, owner);
+            return Some(owner);
+        }
+        if self.table.knows_addr(source) {
+            return None;
+        }
+        self.foreign_addrs.get(&source).copied()
     }
 
     fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], now: Instant) {
@@ -901,7 +980,12 @@ impl MediaDriver {
                             audio_level: level,
                             payload: &pkt.payload,
                         };
-                        self.relay.send(&frame, &self.metrics);
+                        let encoded = self.relay.send(&frame, &self.metrics);
+                        if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
+                            if !self.links.share(pkt.timestamp, &encoded) {
+                                self.metrics.relay_queue_full();
+                            }
+                        }
                         self.inbound.push_back(Inbound {
                             room: peer.room,
                             speaker: peer.participant.0,
@@ -949,9 +1033,13 @@ impl MediaDriver {
     }
 
     fn remove(&mut self, id: PeerId, reason: CloseReason) {
+        if let Some(ufrag) = self.table.ufrag(id) {
+            self.links.ufrags.remove(ufrag);
+        }
         let Some(mut p) = self.table.remove(id) else {
             return;
         };
+        self.links.set_load(self.table.len());
         if let Some(t) = p.next_timeout {
             self.timers.remove(&(t, id));
         }
@@ -983,7 +1071,7 @@ impl MediaDriver {
             self.permissions.remove(&p.participant);
             self.sessions.leave(p.participant);
         }
-        self.metrics.set_peers(self.table.len());
+        self.metrics.set_peers(self.links.total_load());
         tracing::info!(room = %p.room, participant = %p.participant, name = %p.name, reason = reason.as_str(), "peer removed");
     }
 }

@@ -23,15 +23,18 @@ pub enum DropReason {
     RtcError,
     /// From a known peer but not demultiplexable (not STUN, DTLS, RTP or RTCP).
     Malformed,
+    /// For another media shard whose queue was full.
+    Overloaded,
 }
 
 impl DropReason {
     /// Every reason, for exporting all metric series.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::UnknownPeer,
         DropReason::NotStun,
         DropReason::RtcError,
         DropReason::Malformed,
+        DropReason::Overloaded,
     ];
 
     /// The `reason` label value used in metrics.
@@ -41,6 +44,7 @@ impl DropReason {
             DropReason::NotStun => "not_stun",
             DropReason::RtcError => "rtc_error",
             DropReason::Malformed => "malformed",
+            DropReason::Overloaded => "overloaded",
         }
     }
 }
@@ -197,19 +201,35 @@ impl<P> PeerTable<P> {
         self.by_addr.insert(addr, id);
     }
 
-    /// Route STUN for `ufrag` to peer `id` from now on (an ICE restart gave it new credentials).
-    pub fn set_ufrag(&mut self, id: PeerId, ufrag: &str) -> Result<(), InsertError> {
+    /// Route STUN for `ufrag` to peer `id` from now on (an ICE restart gave it new credentials);
+    /// returns the ufrag it replaced.
+    pub fn set_ufrag(&mut self, id: PeerId, ufrag: &str) -> Result<Option<String>, InsertError> {
         match self.by_ufrag.get(ufrag) {
             Some(other) if *other != id => return Err(InsertError::DuplicateUfrag),
             _ => {}
         }
         let Some(entry) = self.peers.get_mut(&id) else {
-            return Ok(());
+            return Ok(None);
         };
-        self.by_ufrag.remove(&entry.ufrag);
-        entry.ufrag = ufrag.to_string();
+        let old = std::mem::replace(&mut entry.ufrag, ufrag.to_string());
+        self.by_ufrag.remove(&old);
         self.by_ufrag.insert(ufrag.to_string(), id);
-        Ok(())
+        Ok(Some(old))
+    }
+
+    /// The local ICE ufrag of peer `id`.
+    pub fn ufrag(&self, id: PeerId) -> Option<&str> {
+        self.peers.get(&id).map(|e| e.ufrag.as_str())
+    }
+
+    /// Whether a peer here owns `ufrag`.
+    pub fn has_ufrag(&self, ufrag: &str) -> bool {
+        self.by_ufrag.contains_key(ufrag)
+    }
+
+    /// Whether `addr` is bound to a peer here.
+    pub fn knows_addr(&self, addr: SocketAddr) -> bool {
+        self.by_addr.contains_key(&addr)
     }
 
     /// The peer, mutably.
@@ -357,7 +377,9 @@ pub(crate) mod tests {
         let a = t.insert("ufa", "sa", "peer-a").unwrap();
         let b = t.insert("ufb", "sb", "peer-b").unwrap();
         assert_eq!(t.set_ufrag(a, "ufb"), Err(InsertError::DuplicateUfrag));
-        t.set_ufrag(a, "ufa2").unwrap();
+        assert_eq!(t.set_ufrag(a, "ufa2").unwrap().as_deref(), Some("ufa"));
+        assert!(t.has_ufrag("ufa2") && !t.has_ufrag("ufa"));
+        assert_eq!(t.ufrag(a), Some("ufa2"));
         assert_eq!(
             t.route(addr(1), &binding_request("ufa:x")),
             Route::Drop(DropReason::UnknownPeer)

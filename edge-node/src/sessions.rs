@@ -4,13 +4,14 @@
 
 use crate::mesh::MeshEvent;
 use crate::room::Refusal;
+use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, RoomState, ServerMessage};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Capacity of one WebSocket client's outbound queue; a client that falls this far behind is
@@ -35,8 +36,14 @@ pub(crate) enum JoinOutcome {
     Refused(Refusal),
 }
 
-/// To the media driver.
-#[derive(Debug)]
+/// Reports of a room's active speakers closer together than this are the other media shards'
+/// copies of the same period (they report every [`crate::media::ACTIVE_SPEAKERS_INTERVAL`]).
+const ACTIVE_SPEAKERS_DEDUP: Duration = Duration::from_millis(200);
+/// Rooms remembered for that before stale ones are forgotten.
+const ACTIVE_SENT_MAX: usize = 4096;
+
+/// To the media drivers (every shard).
+#[derive(Debug, Clone)]
 pub(crate) enum MediaControl {
     /// Whether the participant's audio may be forwarded.
     Permission {
@@ -58,14 +65,17 @@ struct Inner {
 pub(crate) struct Sessions {
     inner: Mutex<Inner>,
     mesh_tx: mpsc::UnboundedSender<MeshEvent>,
-    media_ctl: mpsc::UnboundedSender<MediaControl>,
+    media: MediaShards,
+    /// When each room's active speakers were last sent (every media shard reports them; the
+    /// first report of each period wins).
+    active_sent: Mutex<HashMap<RoomId, Instant>>,
 }
 
 impl Sessions {
     pub(crate) fn new(
         region: &str,
         mesh_tx: mpsc::UnboundedSender<MeshEvent>,
-        media_ctl: mpsc::UnboundedSender<MediaControl>,
+        media: MediaShards,
     ) -> Self {
         Sessions {
             inner: Mutex::new(Inner {
@@ -75,7 +85,8 @@ impl Sessions {
                 pending: HashMap::new(),
             }),
             mesh_tx,
-            media_ctl,
+            media,
+            active_sent: Mutex::new(HashMap::new()),
         }
     }
 
@@ -120,13 +131,13 @@ impl Sessions {
                     if let Some(tx) = inner.clients.remove(&participant) {
                         let _ = tx.try_send(Outbound::Close(why));
                     }
-                    let _ = self.media_ctl.send(MediaControl::Close { participant });
+                    self.media.control(MediaControl::Close { participant });
                 }
                 Output::Permission {
                     participant,
                     may_send,
                 } => {
-                    let _ = self.media_ctl.send(MediaControl::Permission {
+                    self.media.control(MediaControl::Permission {
                         participant,
                         may_send,
                     });
@@ -213,6 +224,20 @@ impl Sessions {
 
     /// Send the active-speaker list to the room's WebSocket clients.
     pub(crate) fn active_speakers(&self, room: RoomId, speakers: &[ActiveSpeaker]) {
+        {
+            let now = Instant::now();
+            let mut sent = self.active_sent.lock().unwrap_or_else(|p| p.into_inner());
+            if sent
+                .get(&room)
+                .is_some_and(|t| now.saturating_duration_since(*t) < ACTIVE_SPEAKERS_DEDUP)
+            {
+                return;
+            }
+            if sent.len() >= ACTIVE_SENT_MAX {
+                sent.retain(|_, t| now.saturating_duration_since(*t) < ACTIVE_SPEAKERS_DEDUP);
+            }
+            sent.insert(room, now);
+        }
         let mut inner = self.lock();
         let clients: Vec<ParticipantId> = inner.core.clients(room).collect();
         let outs = clients

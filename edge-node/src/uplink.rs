@@ -10,6 +10,7 @@ use crate::media::MediaCommand;
 use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
+use crate::shards::MediaShards;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use bytes::Bytes;
@@ -33,13 +34,13 @@ pub(crate) struct Uplink {
     pub metrics: Arc<Metrics>,
     pub conn_tx: watch::Sender<Option<quinn::Connection>>,
     pub mesh_rx: mpsc::UnboundedReceiver<MeshEvent>,
-    pub media_tx: mpsc::Sender<MediaCommand>,
+    pub media: MediaShards,
     /// Forgets rooms the origin reports ended.
     pub rooms: Arc<Mutex<RoomCache>>,
     /// The signaling core (room replicas, participants).
     pub sessions: Arc<Sessions>,
     /// Relayed speaker datagrams to the media driver.
-    pub relayed_tx: mpsc::Sender<(Instant, Bytes)>,
+    pub relayed_txs: Vec<mpsc::Sender<(Instant, Bytes)>>,
 }
 
 /// Transport settings of the mesh link: keep-alives so a dead origin is noticed within seconds.
@@ -197,8 +198,11 @@ impl Uplink {
                     Ok(bytes) => match RelayFrame::decode(&bytes) {
                         Ok(f) if f.kind == FrameKind::SpeakerAudio => {
                             self.metrics.relay_received();
-                            if self.relayed_tx.try_send((Instant::now(), bytes)).is_err() {
-                                self.metrics.relay_queue_full();
+                            let now = Instant::now();
+                            for tx in &self.relayed_txs {
+                                if tx.try_send((now, bytes.clone())).is_err() {
+                                    self.metrics.relay_queue_full();
+                                }
                             }
                         }
                         _ => self.metrics.relay_invalid(),
@@ -250,11 +254,7 @@ impl Uplink {
                 if let Ok(mut cache) = self.rooms.lock() {
                     cache.record(room, RoomStatusAnswer::Gone, Instant::now());
                 }
-                if self
-                    .media_tx
-                    .try_send(MediaCommand::EndRoom { room })
-                    .is_err()
-                {
+                if !self.media.try_broadcast(|| MediaCommand::EndRoom { room }) {
                     tracing::warn!(%room, "media driver busy; room end not applied");
                 }
                 None

@@ -15,6 +15,7 @@ use crate::media::{MediaCommand, NewPeer};
 use crate::offer::parse_client_offer;
 use crate::room::{FloodGuard, FloodVerdict};
 use crate::sessions::{JoinOutcome, Outbound, CLIENT_QUEUE};
+use crate::shards::MediaShards;
 use crate::signaling::{CloseWhy, JoinRequest, SessionKind};
 use amphi_protocol::room::{ClientMessage, RoomCommand, RoomRole, ServerMessage};
 use amphi_protocol::token::Claims;
@@ -233,10 +234,9 @@ impl Session {
             if self.registered {
                 self.st.sessions.leave(pid);
             }
-            let _ = self
-                .st
-                .media_tx
-                .send(MediaCommand::RemoveParticipant { participant: pid })
+            self.st
+                .media
+                .broadcast(|| MediaCommand::RemoveParticipant { participant: pid })
                 .await;
         }
     }
@@ -336,21 +336,11 @@ impl Session {
                 "a listener's offer may not send audio: raise your hand and wait to be promoted",
             );
         }
-        let (has_tx, has_rx) = oneshot::channel();
-        if self
-            .st
-            .media_tx
-            .send(MediaCommand::HasPeer {
-                participant: pid,
-                reply: has_tx,
-            })
-            .await
-            .is_err()
-        {
-            return error("unavailable", "the media engine is not running");
-        }
-        let has_peer = has_rx.await.unwrap_or(false);
-        if has_peer {
+        let owner = match self.st.media.owner_of(pid).await {
+            Ok(owner) => owner,
+            Err(_) => return error("unavailable", "the media engine is not running"),
+        };
+        if let Some(shard) = owner {
             let (reply, answer) = oneshot::channel();
             let cmd = MediaCommand::Renegotiate {
                 participant: pid,
@@ -359,7 +349,7 @@ impl Session {
                 slots: parsed.slots,
                 reply,
             };
-            if self.st.media_tx.send(cmd).await.is_err() {
+            if self.st.media.send(shard, cmd).await.is_err() {
                 return error("unavailable", "the media engine is not running");
             }
             return match answer.await {
@@ -379,7 +369,7 @@ impl Session {
             Err(_) => return error("bad_sdp", "the offer could not be accepted"),
         };
         let peer = NewPeer {
-            session: crate::http::new_session_id(),
+            session: MediaShards::session_id(self.st.media.pick()),
             ufrag,
             rtc,
             room: self.claims.room,

@@ -87,6 +87,11 @@ pub struct EdgeConfig {
     /// listener WebSocket sessions get 503 `capacity` (the route API sends them to HLS).
     #[serde(default = "default_interactive_capacity")]
     pub interactive_capacity: usize,
+    /// Media driver threads ("shards"): peers are spread over them, each owning its peers' WebRTC
+    /// state and sending their packets, all on the one `media_listen` port (`SO_REUSEPORT`).
+    /// 0 (the default) means one per available core, at most 16.
+    #[serde(default)]
+    pub media_threads: usize,
 }
 
 fn default_interactive_capacity() -> usize {

@@ -278,6 +278,7 @@ pub async fn start_edge_with(
         origin_server_name: ORIGIN_NAME.into(),
         router_url: format!("http://{router}"),
         interactive_capacity: opts.capacity,
+        media_threads: 2,
     };
     let setup = EdgeSetup {
         config,
