@@ -62,7 +62,10 @@ pub struct SfuArgs {
     /// Port offset of the `amphi dev` mesh it starts.
     #[arg(long, default_value_t = 21_000)]
     port_offset: u16,
-    /// Short run for CI: 4 subscribers, 3 s.
+    /// Media driver threads of the edge, one run each, side by side (1: no sharding).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    media_threads: Vec<usize>,
+    /// Short run for CI: 4 subscribers, 3 s, edge media threads 2.
     #[arg(long)]
     smoke: bool,
 }
@@ -478,26 +481,47 @@ pub async fn loadgen(args: WebrtcArgs) -> Result<()> {
     Ok(())
 }
 
-/// `amphi bench sfu`: start `amphi dev` (one region) as a child process, measure a baseline with
-/// the 3 speakers only, then each subscriber count.
+/// `amphi bench sfu`: for each `--media-threads` value, start `amphi dev` (one region) as a child
+/// process, measure a baseline with the 3 speakers only, then each subscriber count.
 pub async fn bench(args: SfuArgs) -> Result<()> {
     amphi_edge::install_crypto_provider();
-    let (counts, seconds) = if args.smoke {
-        (vec![4], 3)
+    let (counts, seconds, threads) = if args.smoke {
+        (vec![4], 3, vec![2])
     } else {
-        (args.subscribers.clone(), args.seconds)
+        (
+            args.subscribers.clone(),
+            args.seconds,
+            args.media_threads.clone(),
+        )
     };
     ensure!(seconds >= 1, "--seconds must be at least 1");
-    let offset = args.port_offset;
+    for media_threads in threads {
+        bench_mesh(&counts, seconds, media_threads, args.port_offset).await?;
+    }
+    Ok(())
+}
+
+/// One `amphi bench sfu` pass against an edge with `media_threads` media threads.
+async fn bench_mesh(
+    counts: &[usize],
+    seconds: u64,
+    media_threads: usize,
+    offset: u16,
+) -> Result<()> {
     let mesh = tokio::task::spawn_blocking(move || {
-        ChildMesh::start("bench-sfu", offset, &["--regions", "us-east"])
+        let threads = media_threads.to_string();
+        ChildMesh::start(
+            "bench-sfu",
+            offset,
+            &["--regions", "us-east", "--media-threads", &threads],
+        )
     })
     .await??;
     let pid = mesh.pid();
     let router = mesh.router_url();
     let edge = mesh.edge_url(0);
     println!(
-        "amphi bench sfu: edge in `amphi dev --regions us-east` (pid {pid}), {SPEAKERS} speakers x {PPS} packets/s, {seconds} s per step"
+        "amphi bench sfu: edge in `amphi dev --regions us-east --media-threads {media_threads}` (pid {pid}), {SPEAKERS} speakers x {PPS} packets/s, {seconds} s per step"
     );
     let base = run_load(&router, &edge, Some(pid), 0, seconds).await?;
     let base_rate = base.cpu.unwrap_or_default().total() / base.wall.as_secs_f64();
@@ -505,7 +529,7 @@ pub async fn bench(args: SfuArgs) -> Result<()> {
         "baseline (speakers only, whole dev process incl. origin mixer and packager): {base_rate:.3} CPU s/s"
     );
     let mut best: Option<(LoadReport, f64)> = None;
-    for n in counts {
+    for &n in counts {
         let r = run_load(&router, &edge, Some(pid), n, seconds).await?;
         let cpu = r.cpu.unwrap_or_default().total();
         let marginal = (cpu - base_rate * r.wall.as_secs_f64()).max(0.0);
