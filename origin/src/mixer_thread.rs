@@ -7,7 +7,7 @@ use amphi_protocol::control::ControlMessage;
 use amphi_protocol::relay::RelayFrame;
 use amphi_protocol::RoomId;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +40,8 @@ pub(crate) enum MixerCmd {
     SourceGone { source: u64, at: Instant },
     /// `RoomEnded` from an edge.
     RoomEnded { room: RoomId, at: Instant },
+    /// A participant joined a live room: announce the room to the packagers (once).
+    RoomOpened { room: RoomId },
     /// A packager connected; `control` carries messages for its control stream.
     PackagerUp {
         id: u64,
@@ -86,6 +88,8 @@ async fn program_writer(
 struct Driver {
     programs: Programs,
     packagers: HashMap<u64, PackagerLink>,
+    /// Live rooms announced to the packagers (`RoomOpened`), replayed to each new packager.
+    opened: HashSet<RoomId>,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
 }
@@ -124,12 +128,23 @@ impl Driver {
             MixerCmd::SourceGone { source, at } => self.programs.source_gone(source, at),
             MixerCmd::RoomEnded { room, at } => {
                 let was_running = self.programs.room_ended(room, at);
+                self.opened.remove(&room);
                 tracing::info!(%room, was_running, "room ended");
                 for link in self.packagers.values() {
                     let _ = link.control.send(ControlMessage::RoomEnded { room });
                 }
             }
+            MixerCmd::RoomOpened { room } => {
+                if self.opened.insert(room) {
+                    for link in self.packagers.values() {
+                        let _ = link.control.send(ControlMessage::RoomOpened { room });
+                    }
+                }
+            }
             MixerCmd::PackagerUp { id, conn, control } => {
+                for &room in &self.opened {
+                    let _ = control.send(ControlMessage::RoomOpened { room });
+                }
                 self.packagers.insert(
                     id,
                     PackagerLink {
@@ -151,6 +166,7 @@ impl Driver {
             packagers,
             metrics,
             runtime,
+            ..
         } = self;
         programs.poll(now, &mut |event| match event {
             ProgramEvent::Started(room) => tracing::info!(%room, "program started"),
@@ -199,6 +215,7 @@ pub(crate) async fn mixer_loop(
     let mut driver = Driver {
         programs: Programs::new(ProgramsConfig::default(), Instant::now()),
         packagers: HashMap::new(),
+        opened: HashSet::new(),
         metrics,
         runtime,
     };
