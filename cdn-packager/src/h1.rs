@@ -35,6 +35,8 @@ use tokio_util::task::TaskTracker;
 const MAX_HEAD: usize = 8 * 1024;
 /// Headers parsed per request.
 const MAX_HEADERS: usize = 32;
+/// A request head started must be complete within this time (slow clients are dropped).
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A held request's slot is still waiting.
 const WAITING: u8 = 0;
@@ -245,8 +247,10 @@ async fn connection(
                 }
             }
             Parsed::Partial => {
+                let mid_request = !buf.is_empty();
                 let read = tokio::select! {
                     r = read_more(&conn, &mut buf) => r,
+                    _ = tokio::time::sleep(HEAD_TIMEOUT), if mid_request => return,
                     _ = shutdown.cancelled() => return,
                 };
                 match read {

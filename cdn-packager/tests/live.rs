@@ -47,7 +47,9 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     // Stream A: 150 frames (3 s) at 4x real time.
     let mut uni = h.conn.open_uni().await.unwrap();
     send_frames(&mut uni, &frames[..3], 0, Duration::from_millis(5)).await;
-    h.wait_until(&playlist, |r| r.status == 200).await;
+    // The room is open, without a part yet.
+    h.wait_until(&playlist, |r| r.text().contains("room_not_started"))
+        .await;
     let blocked = tokio::spawn(async move {
         let t = Instant::now();
         let r = http_get(
