@@ -162,7 +162,12 @@ pub async fn run(args: HlsArgs) -> Result<()> {
 
 /// Child mode: a packager on one single-threaded runtime, fed a 440 Hz program in real time;
 /// `fast_path`: the plain listener's HTTP/1.1 fast path (else hyper/axum only).
-fn serve_packager(addr: SocketAddr, data_dir: PathBuf, seconds: u64, fast_path: bool) -> Result<()> {
+fn serve_packager(
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    seconds: u64,
+    fast_path: bool,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -379,7 +384,11 @@ impl Conn {
         use std::io::Write as _;
         // One buffer per connection, reused: this runs once per request of every player.
         self.out.clear();
-        write!(self.out, "{method} {target} HTTP/1.1\r\nHost: {}\r\n", self.host)?;
+        write!(
+            self.out,
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\n",
+            self.host
+        )?;
         if !body.is_empty() {
             write!(
                 self.out,
@@ -459,7 +468,10 @@ fn enable_receive_timestamps(stream: &TcpStream) -> std::io::Result<()> {
 
 /// `recvmsg` into `buf`'s spare capacity; returns the bytes read and the kernel receive
 /// timestamp (Unix µs) of the last of them, if the kernel attached one.
-fn recv_timestamped(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> std::io::Result<(usize, Option<u64>)> {
+fn recv_timestamped(
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<(usize, Option<u64>)> {
     let spare = buf.spare_capacity_mut();
     let mut iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
@@ -487,7 +499,8 @@ fn recv_timestamped(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> std::io::Resul
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
                 let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
                 at = Some(ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000);
             }
@@ -618,7 +631,9 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// One player until `stop`; returns `(msn, part, delay_us)` of measured blocking reloads.
+/// One player until `stop`; returns `(msn, part, delay_us, waited)` of measured blocking
+/// reloads (`waited`: the request was sent before the part's publication, so the packager held
+/// it; otherwise the player was late and got the playlist at once).
 async fn player(
     host: String,
     path: String,
@@ -627,7 +642,7 @@ async fn player(
     stop: Arc<AtomicBool>,
     c: Arc<Counters>,
     fetch_parts: bool,
-) -> Vec<(u64, u32, u32)> {
+) -> Vec<(u64, u32, u32, bool)> {
     let mut out = Vec::new();
     let mut conn = None;
     for _ in 0..1_000_000 {
@@ -660,6 +675,7 @@ async fn player(
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            let sent = unix_us();
             let r = match cn
                 .get(&format!("{path}?_HLS_msn={msn}&_HLS_part={part}"))
                 .await
@@ -679,7 +695,8 @@ async fn player(
             c.playlists.fetch_add(1, Ordering::Relaxed);
             if measuring.load(Ordering::Relaxed) {
                 if let Some(p) = r.published_us {
-                    out.push((msn, part, got.saturating_sub(p).min(u32::MAX as u64) as u32));
+                    let delay = got.saturating_sub(p).min(u32::MAX as u64) as u32;
+                    out.push((msn, part, delay, sent < p));
                 }
             }
             if fetch_parts {
@@ -873,20 +890,27 @@ async fn drive(
     }
     let mut per_response: Vec<u32> = samples.iter().map(|s| s.2).collect();
     per_response.sort_unstable();
-    let mut per_part: HashMap<(u64, u32), (u32, u32)> = HashMap::new();
-    for (m, p, d) in &samples {
-        let e = per_part.entry((*m, *p)).or_insert((0, 0));
+    // Per part: (responses, latest delivery, players that were waiting, latest delivery to them).
+    let mut per_part: HashMap<(u64, u32), (u32, u32, u32, u32)> = HashMap::new();
+    for (m, p, d, waited) in &samples {
+        let e = per_part.entry((*m, *p)).or_insert((0, 0, 0, 0));
         e.0 += 1;
         e.1 = e.1.max(*d);
+        if *waited {
+            e.2 += 1;
+            e.3 = e.3.max(*d);
+        }
     }
-    // Parts every player waited for (all of them, or nearly: joins and rejoins aside).
+    // Parts every player asked for (all of them, or nearly: joins and rejoins aside).
     let full = per_part.values().map(|v| v.0).max().unwrap_or(0);
-    let mut all_waiting: Vec<u32> = per_part
-        .values()
-        .filter(|v| v.0 * 10 >= full * 9)
-        .map(|v| v.1)
-        .collect();
+    let complete: Vec<&(u32, u32, u32, u32)> =
+        per_part.values().filter(|v| v.0 * 10 >= full * 9).collect();
+    let mut all_waiting: Vec<u32> = complete.iter().map(|v| v.3).collect();
     all_waiting.sort_unstable();
+    let mut all_players: Vec<u32> = complete.iter().map(|v| v.1).collect();
+    all_players.sort_unstable();
+    let waiting_mean =
+        complete.iter().map(|v| f64::from(v.2)).sum::<f64>() / (complete.len().max(1) as f64);
     println!(
         "ramp-up {:.1} s, measured {:.1} s",
         ramp.as_secs_f64(),
@@ -911,11 +935,17 @@ async fn drive(
         per_response.len()
     );
     println!(
-        "publication -> delivered to all waiting players, per part: p50 {:.1} ms, p99 {:.1} ms ({} parts, {} players each)",
+        "publication -> delivered to all waiting players (request sent before the publication), per part: p50 {:.1} ms, p99 {:.1} ms ({} parts, {} players each, {:.0} of them waiting on average)",
         percentile(&all_waiting, 0.5),
         percentile(&all_waiting, 0.99),
         all_waiting.len(),
-        full
+        full,
+        waiting_mean
+    );
+    println!(
+        "publication -> delivered to every player that asked for the part (late ones too), per part: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&all_players, 0.5),
+        percentile(&all_players, 0.99),
     );
     if let (Some(b), Some(a)) = (release_before, release_after) {
         let delta: Vec<(f64, u64)> = a

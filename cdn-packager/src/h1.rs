@@ -67,7 +67,12 @@ pub struct Waiter {
 
 /// Answer every held request of `room`'s rendition `ri` that `snap` satisfies, each with one
 /// write of the response rendered for this publication. Called after each publication.
-pub fn release_waiters(room: &RoomHandle, ri: usize, snap: &Snapshot, metrics: &crate::metrics::Metrics) {
+pub fn release_waiters(
+    room: &RoomHandle,
+    ri: usize,
+    snap: &Snapshot,
+    metrics: &crate::metrics::Metrics,
+) {
     let Some(list) = room.waiters.get(ri) else {
         return;
     };
@@ -564,7 +569,10 @@ mod tests {
         ] {
             assert!(matches!(parse(other.as_bytes()), Parsed::Other), "{other}");
         }
-        assert!(matches!(parse(b"GET /hls/x HTTP/1.1\r\nHo"), Parsed::Partial));
+        assert!(matches!(
+            parse(b"GET /hls/x HTTP/1.1\r\nHo"),
+            Parsed::Partial
+        ));
         let huge = format!("GET /hls/x HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
         assert!(matches!(parse(huge.as_bytes()), Parsed::Other));
         assert_eq!(

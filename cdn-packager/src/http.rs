@@ -124,6 +124,9 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
     let store = st.registry.store();
     match p.resource {
         HlsResource::Multivariant => match &handle {
+            // Players (and pages waiting for a room to become playable) see the room once it
+            // has media, as with the media playlists.
+            Some(h) if !h.rx.iter().any(|rx| rx.borrow().status.has_media()) => not_started(room),
             Some(h) => response(
                 StatusCode::OK,
                 PLAYLIST_TYPE,
@@ -280,8 +283,10 @@ fn not_started(room: amphi_protocol::RoomId) -> Response {
         "room_not_started",
         format!("room {room} has no media yet"),
     );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
     r
 }
 

@@ -811,16 +811,26 @@ seg0.m4s
         p.add_part(14, 0, PART, Some(start(42, false))).unwrap();
         let text = p.render(false, &[]);
         let sum = check_media(&text, &live()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
-        assert_eq!(sum.media_sequence, 4, "the window slides over the resumed segments");
+        assert_eq!(
+            sum.media_sequence, 4,
+            "the window slides over the resumed segments"
+        );
         assert_eq!(sum.discontinuities, vec![13]);
-        assert!(text.contains("#EXT-X-GAP\n#EXTINF:0.600,\nseg12.m4s\n"), "{text}");
+        assert!(
+            text.contains("#EXT-X-GAP\n#EXTINF:0.600,\nseg12.m4s\n"),
+            "{text}"
+        );
         p.end();
         let vod = p.render_vod(&[]);
         let sum = check_media(&vod, &Expect::vod()).unwrap_or_else(|e| panic!("{e:?}\n{vod}"));
         assert_eq!(sum.segments.len(), 14, "before and after the restart");
         assert_eq!(sum.discontinuities, vec![13]);
         assert_eq!(
-            sum.segments.iter().filter(|s| s.gap).map(|s| s.msn).collect::<Vec<_>>(),
+            sum.segments
+                .iter()
+                .filter(|s| s.gap)
+                .map(|s| s.msn)
+                .collect::<Vec<_>>(),
             [12]
         );
     }

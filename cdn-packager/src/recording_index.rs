@@ -96,7 +96,11 @@ pub fn parse_chunk(text: &str) -> Result<Vec<SegmentSummary>, IndexError> {
 fn parse_line(line: &str) -> Option<SegmentSummary> {
     let mut f = line.split(' ');
     let msn = f.next()?.parse::<u64>().ok()?;
-    let us = f.next()?.parse::<u64>().ok().filter(|&us| us <= MAX_PDT_US)?;
+    let us = f
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .filter(|&us| us <= MAX_PDT_US)?;
     let duration = f
         .next()?
         .parse::<u64>()
@@ -237,7 +241,10 @@ mod tests {
     #[test]
     fn damaged_chunks_are_refused() {
         assert_eq!(parse_chunk(""), Err(IndexError::Version));
-        assert_eq!(parse_chunk("amphi-recording-index 2\n"), Err(IndexError::Version));
+        assert_eq!(
+            parse_chunk("amphi-recording-index 2\n"),
+            Err(IndexError::Version)
+        );
         for bad in [
             "1 2 3",
             "1 2 0 -",

@@ -13,7 +13,9 @@ use crate::playlist::{
     part_name, render_multivariant, renditions, segment_name, MediaPlaylist, PlaylistError,
     PlaylistStatus, Rendition, RenditionReport,
 };
-use crate::recording_index::{chunk_name, chunk_of, parse_chunk, plan_resume, render_chunk, IndexError, Resume};
+use crate::recording_index::{
+    chunk_name, chunk_of, parse_chunk, plan_resume, render_chunk, IndexError, Resume,
+};
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
 use crate::speakers::SpeakerTimeline;
 use crate::storage::{ObjectMeta, Storage, StorageError, Store};
@@ -544,12 +546,14 @@ async fn uploader(
                                 .map(|(k, b)| (k, b, ObjectMeta::INDEX))
                                 .collect();
                             let text = handle.rx[*rendition].borrow().full.clone();
-                            writes.push((rkey(room, r, "playlist.m3u8"), text, ObjectMeta::PLAYLIST));
+                            writes.push((
+                                rkey(room, r, "playlist.m3u8"),
+                                text,
+                                ObjectMeta::PLAYLIST,
+                            ));
                             for (k, body, meta) in writes {
-                                let _ = put_retrying(
-                                    &store, &k, &body, meta, &metrics, &shutdown,
-                                )
-                                .await;
+                                let _ = put_retrying(&store, &k, &body, meta, &metrics, &shutdown)
+                                    .await;
                             }
                         }
                     }
@@ -706,7 +710,11 @@ impl Registry {
     /// Where rendition `r` of `room` resumes after a packager restart: its durable recording
     /// index plus the media files stored (`None`: nothing stored, a new room). A chunk that
     /// cannot be read is skipped (its segments are then bridged as gaps or dropped).
-    async fn resume_point(&self, room: RoomId, r: Rendition) -> Result<Option<Resume>, StorageError> {
+    async fn resume_point(
+        &self,
+        room: RoomId,
+        r: Rendition,
+    ) -> Result<Option<Resume>, StorageError> {
         let keys = self.store.list(&rkey(room, r, "")).await?;
         let index_prefix = rkey(room, r, "index/");
         let mut indexed = Vec::new();
@@ -719,7 +727,9 @@ impl Registry {
             };
             match parsed {
                 Ok(mut segments) => indexed.append(&mut segments),
-                Err(e) => tracing::warn!(%room, key = %k, error = %e, "recording index chunk skipped"),
+                Err(e) => {
+                    tracing::warn!(%room, key = %k, error = %e, "recording index chunk skipped")
+                }
             }
         }
         let names = keys.iter().filter_map(|k| k.rsplit('/').next());

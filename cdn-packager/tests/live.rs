@@ -312,6 +312,11 @@ async fn announced_room_without_media_holds_blocking_reloads_until_its_first_par
     assert_eq!(r.status, 404);
     assert_eq!(r.header("retry-after"), Some("2"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
+    let index = http_get(http, &format!("/hls/{NEW}/index.m3u8")).await;
+    assert_eq!(
+        (index.status, api_error(&index).error.as_str()),
+        (404, "room_not_started")
+    );
     // A blocking reload for the first part is held (not answered 404)...
     let blocked = {
         let target = format!("{playlist}?_HLS_msn=0&_HLS_part=0");

@@ -192,7 +192,11 @@ async fn retention_deletes_an_expired_recording() {
 }
 
 /// Send `frames[range]` as program records (RTP from the range start) at 4x real time.
-async fn stream(h: &Harness, frames: &[Vec<u8>], range: std::ops::Range<usize>) -> quinn::SendStream {
+async fn stream(
+    h: &Harness,
+    frames: &[Vec<u8>],
+    range: std::ops::Range<usize>,
+) -> quinn::SendStream {
     let mut uni = h.conn.open_uni().await.unwrap();
     for i in range {
         uni.write_all(&program_record_from(ROOM, i as u32, &frames[i], ALICE))
@@ -210,7 +214,8 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
     // Before the restart: 5 s = segments 0 and 1, and 5 parts of segment 2.
     let h = Harness::start("restart").await;
     let _uni = stream(&h, &frames, 0..250).await;
-    h.wait_until(&live, |r| r.text().contains("part2.4.m4s")).await;
+    h.wait_until(&live, |r| r.text().contains("part2.4.m4s"))
+        .await;
     let data_dir = h.stop_keeping_files().await;
 
     // After: the same storage, a new program stream on a new timeline.
@@ -222,7 +227,10 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
         .text();
     let sum = check_media(&text, &Expect::live(OPUS).with_reports(1))
         .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
-    assert_eq!(sum.media_sequence, 0, "the segments from before are still listed\n{text}");
+    assert_eq!(
+        sum.media_sequence, 0,
+        "the segments from before are still listed\n{text}"
+    );
     assert_eq!(sum.discontinuities, [3], "{text}");
     uni.finish().unwrap();
     h.control_send
