@@ -171,24 +171,28 @@ pub async fn serve(
 }
 
 /// A request the fast path answers.
-struct FastRequest {
+#[derive(Debug, PartialEq, Eq)]
+pub struct FastRequest {
     /// Path and query as sent.
-    target: String,
+    pub target: String,
     /// `Connection: close` was asked for.
-    close: bool,
+    pub close: bool,
 }
 
-/// What the bytes read so far hold.
-enum Parsed {
-    /// A complete request head of `len` bytes the fast path answers.
+/// What the bytes read so far of a connection hold, as the plain listener's front sees them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A complete request head of `.1` bytes the fast path answers.
     Fast(FastRequest, usize),
     /// Not complete yet.
     Partial,
-    /// Something for hyper.
+    /// Something for hyper (the whole rest of the connection).
     Other,
 }
 
-fn parse(buf: &[u8]) -> Parsed {
+/// Classify the start of a connection's unread bytes. Network-facing: never panics (fuzzed
+/// under `fuzz/`).
+pub fn parse(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {

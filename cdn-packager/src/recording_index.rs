@@ -14,9 +14,11 @@
 //! {msn} {program date time, Unix microseconds} {duration, 48 kHz ticks} {flags}
 //! ```
 //!
-//! `flags` is `-`, or `d` (discontinuity) and/or `g` (gap: media lost in a restart).
+//! `flags` is `-`, or `d` (discontinuity) and/or `g` (gap: media lost in a restart). Media
+//! sequence numbers above [`MAX_MSN`] (the largest a URL may carry) are refused.
 
 use crate::playlist::SegmentSummary;
+use crate::request::MAX_MSN;
 use crate::segmenter::SegmentStart;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
@@ -45,10 +47,8 @@ pub fn chunk_name(chunk: u64) -> String {
 
 /// Render chunk `chunk` from `history` (in media sequence order): the entries in its range.
 pub fn render_chunk(history: &[SegmentSummary], chunk: u64) -> String {
-    let first = chunk.saturating_mul(CHUNK_SEGMENTS);
-    let end = first.saturating_add(CHUNK_SEGMENTS);
-    let from = history.partition_point(|s| s.msn < first);
-    let to = history.partition_point(|s| s.msn < end);
+    let from = history.partition_point(|s| chunk_of(s.msn) < chunk);
+    let to = history.partition_point(|s| chunk_of(s.msn) <= chunk);
     let mut out = String::with_capacity(32 + (to - from) * 40);
     out.push_str(HEADER);
     out.push('\n');
@@ -95,7 +95,7 @@ pub fn parse_chunk(text: &str) -> Result<Vec<SegmentSummary>, IndexError> {
 
 fn parse_line(line: &str) -> Option<SegmentSummary> {
     let mut f = line.split(' ');
-    let msn = f.next()?.parse::<u64>().ok()?;
+    let msn = f.next()?.parse::<u64>().ok().filter(|&m| m <= MAX_MSN)?;
     let us = f
         .next()?
         .parse::<u64>()
@@ -125,11 +125,12 @@ fn parse_line(line: &str) -> Option<SegmentSummary> {
 /// (`seg{msn}.m4s`, `part{msn}.{i}.m4s`).
 pub fn media_file_msn(name: &str) -> Option<(u64, Option<u32>)> {
     let stem = name.strip_suffix(".m4s")?;
+    let msn = |n: &str| n.parse::<u64>().ok().filter(|&m| m <= MAX_MSN);
     if let Some(n) = stem.strip_prefix("seg") {
-        return Some((n.parse().ok()?, None));
+        return Some((msn(n)?, None));
     }
     let (m, p) = stem.strip_prefix("part")?.split_once('.')?;
-    Some((m.parse().ok()?, Some(p.parse().ok()?)))
+    Some((msn(m)?, Some(p.parse().ok()?)))
 }
 
 /// Where a restarted packager resumes a rendition.
@@ -255,6 +256,7 @@ mod tests {
             "1 2 3 - extra",
             "1 99999999999999999999 3 -",
             "1 40000000000000000 3 -",
+            "2000000000000 2 3 -",
         ] {
             let text = format!("amphi-recording-index 1\n{bad}\n");
             assert_eq!(parse_chunk(&text), Err(IndexError::Line(2)), "{bad}");
