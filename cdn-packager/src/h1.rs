@@ -35,6 +35,8 @@ use tokio_util::task::TaskTracker;
 const MAX_HEAD: usize = 8 * 1024;
 /// Headers parsed per request.
 const MAX_HEADERS: usize = 32;
+/// How long shutdown waits for connections to finish their last answer.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// A request head started must be complete within this time (slow clients are dropped).
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -166,7 +168,8 @@ pub async fn serve(
         }
     }
     conns.close();
-    conns.wait().await;
+    // Connections stop on the cancellation; one whose client stopped reading may not: bounded.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
     Ok(())
 }
 
@@ -181,7 +184,7 @@ pub struct FastRequest {
 
 /// What the bytes read so far of a connection hold, as the plain listener's front sees them.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
+pub enum RequestHead {
     /// A complete request head of `.1` bytes the fast path answers.
     Fast(FastRequest, usize),
     /// Not complete yet.
@@ -192,32 +195,32 @@ pub enum Parsed {
 
 /// Classify the start of a connection's unread bytes. Network-facing: never panics (fuzzed
 /// under `fuzz/`).
-pub fn parse(buf: &[u8]) -> Parsed {
+pub fn parse_request_head(buf: &[u8]) -> RequestHead {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
-        _ => return Parsed::Other,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return RequestHead::Partial,
+        _ => return RequestHead::Other,
     };
     let (Some("GET"), Some(1), Some(target)) = (req.method, req.version, req.path) else {
-        return Parsed::Other;
+        return RequestHead::Other;
     };
     if !target.starts_with("/hls/") {
-        return Parsed::Other;
+        return RequestHead::Other;
     }
     let mut close = false;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
             if h.value != b"0" {
-                return Parsed::Other;
+                return RequestHead::Other;
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
         {
-            return Parsed::Other;
+            return RequestHead::Other;
         } else if name.eq_ignore_ascii_case("connection") {
             close = h
                 .value
@@ -225,7 +228,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    Parsed::Fast(
+    RequestHead::Fast(
         FastRequest {
             target: target.to_string(),
             close,
@@ -247,15 +250,15 @@ async fn connection(
     let conn = Arc::new(stream);
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        match parse(&buf) {
-            Parsed::Fast(req, len) => {
+        match parse_request_head(&buf) {
+            RequestHead::Fast(req, len) => {
                 buf.advance(len);
                 let keep = answer(&conn, &req, &state).await.is_ok() && !req.close;
                 if !keep {
                     return;
                 }
             }
-            Parsed::Partial => {
+            RequestHead::Partial => {
                 let mid_request = !buf.is_empty();
                 let read = tokio::select! {
                     r = read_more(&conn, &mut buf) => r,
@@ -267,7 +270,7 @@ async fn connection(
                     Ok(_) => {}
                 }
             }
-            Parsed::Other => {
+            RequestHead::Other => {
                 hand_to_hyper(conn, buf.freeze(), peer, app, shutdown).await;
                 return;
             }
@@ -549,8 +552,8 @@ mod tests {
 
     #[test]
     fn only_plain_gets_under_hls_take_the_fast_path() {
-        let fast = |raw: &str| match parse(raw.as_bytes()) {
-            Parsed::Fast(r, n) => Some((r.target, r.close, n == raw.len())),
+        let fast = |raw: &str| match parse_request_head(raw.as_bytes()) {
+            RequestHead::Fast(r, n) => Some((r.target, r.close, n == raw.len())),
             _ => None,
         };
         assert_eq!(
@@ -571,14 +574,20 @@ mod tests {
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "garbage\r\n\r\n",
         ] {
-            assert!(matches!(parse(other.as_bytes()), Parsed::Other), "{other}");
+            assert!(
+                matches!(parse_request_head(other.as_bytes()), RequestHead::Other),
+                "{other}"
+            );
         }
         assert!(matches!(
-            parse(b"GET /hls/x HTTP/1.1\r\nHo"),
-            Parsed::Partial
+            parse_request_head(b"GET /hls/x HTTP/1.1\r\nHo"),
+            RequestHead::Partial
         ));
         let huge = format!("GET /hls/x HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
-        assert!(matches!(parse(huge.as_bytes()), Parsed::Other));
+        assert!(matches!(
+            parse_request_head(huge.as_bytes()),
+            RequestHead::Other
+        ));
         assert_eq!(
             http_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(784_111_777)),
             "Sun, 06 Nov 1994 08:49:37 GMT"

@@ -1,5 +1,7 @@
 //! The HTTP origin: `/hls/...` with blocking playlist reload and blocking preload-hinted parts,
-//! `/metrics`, `/healthz`.
+//! `/metrics`, `/healthz`. This is the hyper/axum service of the HTTPS listener and of whatever
+//! the plain listener's HTTP/1.1 front ([`crate::h1`]) does not answer itself; the front answers
+//! other `/hls/` requests with [`hls`] too.
 
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::playlist::{part_name, render_multivariant, segment_name, TARGET_DURATION};

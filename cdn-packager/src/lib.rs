@@ -39,7 +39,7 @@ pub mod synth;
 mod tls;
 pub mod upload;
 
-pub use h1::{parse as parse_request_head, FastRequest, Parsed as RequestHead};
+pub use h1::{parse_request_head, FastRequest, RequestHead};
 pub use http::PUBLISHED_HEADER;
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};
 pub use storage::{Backend, StorageConfig};
