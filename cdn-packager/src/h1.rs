@@ -78,14 +78,20 @@ pub fn release_waiters(
     let Some(list) = room.waiters.get(ri) else {
         return;
     };
-    let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
-    if list.is_empty() {
-        return;
-    }
-    let held = std::mem::take(&mut *list);
+    // Taken out of the lock for the writes: requests keep registering meanwhile (for the next
+    // part, decided against this snapshot), and a held request that gives up finds itself
+    // gone and is skipped here (its state is no longer WAITING).
+    let held = {
+        let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.is_empty() {
+            return;
+        }
+        std::mem::take(&mut *list)
+    };
+    let mut keep = Vec::new();
     for w in held {
         if decide_reload(w.msn, w.part, &snap.status) == ReloadDecision::Wait {
-            list.push(w);
+            keep.push(w);
             continue;
         }
         if w.state
@@ -106,6 +112,11 @@ pub fn release_waiters(
             Ok(n) => Release::Rest(bytes, n),
             Err(_) => Release::Failed,
         });
+    }
+    if !keep.is_empty() {
+        list.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&mut keep);
     }
 }
 

@@ -61,9 +61,7 @@ impl Snapshot {
             _ => self.wire_full.clone(),
         }
     }
-}
 
-impl Snapshot {
     fn empty(room: RoomId) -> Self {
         Snapshot {
             room,
@@ -339,7 +337,8 @@ impl RoomHandle {
     }
 
     /// The recording index chunks of rendition `ri` to store once segment `msn` completed: its
-    /// chunk, and the previous segment's if that differs (it may hold gaps listed on resume).
+    /// chunk, and those of the segments before it back to the last one with media (gaps listed
+    /// on resume are stored with the first segment after them).
     fn index_chunks(&self, ri: usize, msn: u64) -> Vec<(String, Bytes)> {
         let p = self.published();
         let Some(pl) = p.playlists.get(ri) else {
@@ -347,10 +346,13 @@ impl RoomHandle {
         };
         let history = pl.history();
         let last = chunk_of(msn);
-        let first = history
-            .len()
-            .checked_sub(2)
-            .map_or(last, |i| chunk_of(history[i].msn).min(last));
+        let mut first = last;
+        for s in history.iter().rev().skip(1) {
+            first = first.min(chunk_of(s.msn));
+            if !s.gap {
+                break;
+            }
+        }
         (first..=last)
             .map(|c| {
                 (
