@@ -194,6 +194,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             tls_listen: Some(addr(DEV_PORTS.packager_https, off)),
             tls_cert: None,
             tls_key: None,
+            http1_fast_path: None,
         },
         mesh_tls: pki.issue("packager-1.amphi.internal")?,
     };

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// The room the synthetic program is packaged into.
@@ -67,6 +67,10 @@ pub struct HlsArgs {
     /// Port offset of the dev mesh `--glass-to-glass` starts.
     #[arg(long, default_value_t = 22_000)]
     port_offset: u16,
+    /// Serve the child packager's plain HTTP listener through hyper/axum only (the server
+    /// without the HTTP/1.1 fast path), for side-by-side comparisons.
+    #[arg(long)]
+    hyper_only: bool,
     /// Internal: run the packager with a synthetic program on this address (child mode).
     #[arg(long, hide = true)]
     serve_packager: Option<SocketAddr>,
@@ -83,7 +87,8 @@ pub async fn run(args: HlsArgs) -> Result<()> {
     if let Some(addr) = args.serve_packager {
         let dir = args.data_dir.clone().context("--data-dir is required")?;
         let secs = args.serve_seconds;
-        return tokio::task::spawn_blocking(move || serve_packager(addr, dir, secs))
+        let fast_path = !args.hyper_only;
+        return tokio::task::spawn_blocking(move || serve_packager(addr, dir, secs, fast_path))
             .await
             .context("packager thread")?;
     }
@@ -111,8 +116,12 @@ pub async fn run(args: HlsArgs) -> Result<()> {
             let dir =
                 std::env::temp_dir().join(format!("amphi-loadgen-hls-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
-            let mut c = Command::new(std::env::current_exe()?)
-                .args(["loadgen", "hls", "--serve-packager", &addr.to_string()])
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.args(["loadgen", "hls", "--serve-packager", &addr.to_string()]);
+            if args.hyper_only {
+                cmd.arg("--hyper-only");
+            }
+            let mut c = cmd
                 .arg("--data-dir")
                 .arg(&dir)
                 .args(["--serve-seconds", &(seconds + 60).to_string()])
@@ -151,8 +160,14 @@ pub async fn run(args: HlsArgs) -> Result<()> {
     result
 }
 
-/// Child mode: a packager on one single-threaded runtime, fed a 440 Hz program in real time.
-fn serve_packager(addr: SocketAddr, data_dir: PathBuf, seconds: u64) -> Result<()> {
+/// Child mode: a packager on one single-threaded runtime, fed a 440 Hz program in real time;
+/// `fast_path`: the plain listener's HTTP/1.1 fast path (else hyper/axum only).
+fn serve_packager(
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    seconds: u64,
+    fast_path: bool,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -165,12 +180,11 @@ fn serve_packager(addr: SocketAddr, data_dir: PathBuf, seconds: u64) -> Result<(
             http_listen: addr,
             data_dir,
         };
-        let packager = amphi_packager::Packager::start(
-            &config,
-            &amphi_packager::PackagerOptions::default(),
-            shutdown.clone(),
-        )
-        .await?;
+        let options = amphi_packager::PackagerOptions {
+            http1_fast_path: Some(fast_path),
+            ..Default::default()
+        };
+        let packager = amphi_packager::Packager::start(&config, &options, shutdown.clone()).await?;
         let input = packager.input(amphi_protocol::RoomId(BENCH_ROOM)).await?;
         let packets = amphi_packager::synth::tone_packets(440.0, 0.3, 500)?;
         println!("ready {}", packager.http_addr);
@@ -334,12 +348,17 @@ struct Conn {
     stream: TcpStream,
     host: String,
     buf: Vec<u8>,
+    out: Vec<u8>,
+    /// Kernel receive timestamp of the last bytes read.
+    received_us: Option<u64>,
 }
 
 /// A response.
 struct Resp {
     status: u16,
     published_us: Option<u64>,
+    /// When its last bytes reached the player's socket (kernel receive timestamp, Unix µs).
+    received_us: Option<u64>,
     body: Vec<u8>,
 }
 
@@ -347,10 +366,13 @@ impl Conn {
     async fn open(addr: &str) -> std::io::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        enable_receive_timestamps(&stream)?;
         Ok(Conn {
             stream,
             host: addr.to_string(),
             buf: Vec::with_capacity(8192),
+            out: Vec::with_capacity(256),
+            received_us: None,
         })
     }
 
@@ -359,17 +381,24 @@ impl Conn {
     }
 
     async fn request(&mut self, method: &str, target: &str, body: &[u8]) -> std::io::Result<Resp> {
-        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        use std::io::Write as _;
+        // One buffer per connection, reused: this runs once per request of every player.
+        self.out.clear();
+        write!(
+            self.out,
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\n",
+            self.host
+        )?;
         if !body.is_empty() {
-            req.push_str(&format!(
+            write!(
+                self.out,
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
                 body.len()
-            ));
+            )?;
         }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        self.stream.write_all(&bytes).await?;
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(body);
+        self.stream.write_all(&self.out).await?;
         loop {
             if let Some((head_len, resp_head)) = parse_head(&self.buf)? {
                 let total = match resp_head.length {
@@ -380,26 +409,105 @@ impl Conn {
                     },
                 };
                 if self.buf.len() >= total {
-                    let raw: Vec<u8> = self.buf.drain(..total).collect();
                     let body = match resp_head.length {
-                        BodyLength::Known(_) => raw[head_len..].to_vec(),
-                        BodyLength::Chunked => dechunk(&raw[head_len..]),
+                        BodyLength::Known(_) => self.buf[head_len..total].to_vec(),
+                        BodyLength::Chunked => dechunk(&self.buf[head_len..total]),
                     };
+                    self.buf.drain(..total);
                     return Ok(Resp {
                         status: resp_head.status,
                         published_us: resp_head.published_us,
+                        received_us: self.received_us,
                         body,
                     });
                 }
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.stream.read(&mut chunk).await?;
+            // Read straight into the spare capacity (no zeroed scratch buffer, no extra copy),
+            // with the kernel's receive timestamp.
+            self.buf.reserve(16 * 1024);
+            let (n, at) = loop {
+                self.stream.readable().await?;
+                let buf = &mut self.buf;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&self.stream);
+                match self
+                    .stream
+                    .try_io(tokio::io::Interest::READABLE, || recv_timestamped(fd, buf))
+                {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => break r?,
+                }
+            };
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.received_us = at;
         }
     }
+}
+
+/// Ask the kernel to timestamp received data (`SO_TIMESTAMPNS`): a response's delivery is
+/// then the instant it reached the player's socket, not when this process (sharing the CPU with
+/// the packager and 10^4 other players) got around to reading it.
+fn enable_receive_timestamps(stream: &TcpStream) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option value of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `recvmsg` into `buf`'s spare capacity; returns the bytes read and the kernel receive
+/// timestamp (Unix µs) of the last of them, if the kernel attached one.
+fn recv_timestamped(
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<(usize, Option<u64>)> {
+    let spare = buf.spare_capacity_mut();
+    let mut iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // u64s: the control buffer must be aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: fd is an open socket; msg describes writable memory of the stated sizes.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialized the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    let mut at = None;
+    // SAFETY: walking the control messages the kernel wrote into `control`, bounded by
+    // msg_controllen; the timestamp is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                at = Some(ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n, at))
 }
 
 enum BodyLength {
@@ -492,12 +600,14 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The part named by `EXT-X-PRELOAD-HINT` in a playlist.
+/// The part named by `EXT-X-PRELOAD-HINT` in a playlist (searched from the end, where the
+/// writer puts it: this runs once per response for every simulated player).
 fn preload_hint(body: &[u8]) -> Option<(u64, u32)> {
-    let text = std::str::from_utf8(body).ok()?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("#EXT-X-PRELOAD-HINT:"))?;
+    const TAG: &[u8] = b"#EXT-X-PRELOAD-HINT:";
+    let at = body.windows(TAG.len()).rposition(|w| w == TAG)?;
+    let rest = &body[at..];
+    let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    let line = std::str::from_utf8(&rest[..end]).ok()?;
     let uri = line.split("URI=\"").nth(1)?.split('"').next()?;
     let (m, p) = uri
         .strip_prefix("part")?
@@ -521,7 +631,9 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// One player until `stop`; returns `(msn, part, delay_us)` of measured blocking reloads.
+/// One player until `stop`; returns `(msn, part, delay_us, waited)` of measured blocking
+/// reloads (`waited`: the request was sent before the part's publication, so the packager held
+/// it; otherwise the player was late and got the playlist at once).
 async fn player(
     host: String,
     path: String,
@@ -530,7 +642,7 @@ async fn player(
     stop: Arc<AtomicBool>,
     c: Arc<Counters>,
     fetch_parts: bool,
-) -> Vec<(u64, u32, u32)> {
+) -> Vec<(u64, u32, u32, bool)> {
     let mut out = Vec::new();
     let mut conn = None;
     for _ in 0..1_000_000 {
@@ -563,6 +675,7 @@ async fn player(
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            let sent = unix_us();
             let r = match cn
                 .get(&format!("{path}?_HLS_msn={msn}&_HLS_part={part}"))
                 .await
@@ -574,7 +687,7 @@ async fn player(
                     break;
                 }
             };
-            let got = unix_us();
+            let got = r.received_us.unwrap_or_else(unix_us);
             if r.status != 200 {
                 c.errors.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -582,7 +695,8 @@ async fn player(
             c.playlists.fetch_add(1, Ordering::Relaxed);
             if measuring.load(Ordering::Relaxed) {
                 if let Some(p) = r.published_us {
-                    out.push((msn, part, got.saturating_sub(p).min(u32::MAX as u64) as u32));
+                    let delay = got.saturating_sub(p).min(u32::MAX as u64) as u32;
+                    out.push((msn, part, delay, sent < p));
                 }
             }
             if fetch_parts {
@@ -712,6 +826,7 @@ async fn drive(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ramp = ramp_start.elapsed();
     let before = packager_pid.and_then(proc_stats);
+    let own_before = proc_stats(std::process::id());
     let base = (
         counters.playlists.load(Ordering::Relaxed),
         counters.parts.load(Ordering::Relaxed),
@@ -760,6 +875,7 @@ async fn drive(
         None => None,
     };
     let after = packager_pid.and_then(proc_stats);
+    let own_after = proc_stats(std::process::id());
     let totals = (
         counters.playlists.load(Ordering::Relaxed) - base.0,
         counters.parts.load(Ordering::Relaxed) - base.1,
@@ -774,20 +890,27 @@ async fn drive(
     }
     let mut per_response: Vec<u32> = samples.iter().map(|s| s.2).collect();
     per_response.sort_unstable();
-    let mut per_part: HashMap<(u64, u32), (u32, u32)> = HashMap::new();
-    for (m, p, d) in &samples {
-        let e = per_part.entry((*m, *p)).or_insert((0, 0));
+    // Per part: (responses, latest delivery, players that were waiting, latest delivery to them).
+    let mut per_part: HashMap<(u64, u32), (u32, u32, u32, u32)> = HashMap::new();
+    for (m, p, d, waited) in &samples {
+        let e = per_part.entry((*m, *p)).or_insert((0, 0, 0, 0));
         e.0 += 1;
         e.1 = e.1.max(*d);
+        if *waited {
+            e.2 += 1;
+            e.3 = e.3.max(*d);
+        }
     }
-    // Parts every player waited for (all of them, or nearly: joins and rejoins aside).
+    // Parts every player asked for (all of them, or nearly: joins and rejoins aside).
     let full = per_part.values().map(|v| v.0).max().unwrap_or(0);
-    let mut all_waiting: Vec<u32> = per_part
-        .values()
-        .filter(|v| v.0 * 10 >= full * 9)
-        .map(|v| v.1)
-        .collect();
+    let complete: Vec<&(u32, u32, u32, u32)> =
+        per_part.values().filter(|v| v.0 * 10 >= full * 9).collect();
+    let mut all_waiting: Vec<u32> = complete.iter().map(|v| v.3).collect();
     all_waiting.sort_unstable();
+    let mut all_players: Vec<u32> = complete.iter().map(|v| v.1).collect();
+    all_players.sort_unstable();
+    let waiting_mean =
+        complete.iter().map(|v| f64::from(v.2)).sum::<f64>() / (complete.len().max(1) as f64);
     println!(
         "ramp-up {:.1} s, measured {:.1} s",
         ramp.as_secs_f64(),
@@ -803,6 +926,7 @@ async fn drive(
         totals.1 as f64 / elapsed,
         totals.2
     );
+    println!("delivery = kernel receive timestamp of the response in the player's socket (SO_TIMESTAMPNS)");
     println!(
         "publication -> delivery, per response: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} responses)",
         percentile(&per_response, 0.5),
@@ -811,11 +935,17 @@ async fn drive(
         per_response.len()
     );
     println!(
-        "publication -> delivered to all waiting players, per part: p50 {:.1} ms, p99 {:.1} ms ({} parts, {} players each)",
+        "publication -> delivered to all waiting players (request sent before the publication), per part: p50 {:.1} ms, p99 {:.1} ms ({} parts, {} players each, {:.0} of them waiting on average)",
         percentile(&all_waiting, 0.5),
         percentile(&all_waiting, 0.99),
         all_waiting.len(),
-        full
+        full,
+        waiting_mean
+    );
+    println!(
+        "publication -> delivered to every player that asked for the part (late ones too), per part: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&all_players, 0.5),
+        percentile(&all_players, 0.99),
     );
     if let (Some(b), Some(a)) = (release_before, release_after) {
         let delta: Vec<(f64, u64)> = a
@@ -836,6 +966,18 @@ async fn drive(
             "packager process: RSS {:.1} MiB (peak {:.1} MiB), CPU {cpu:.0}% of one core (single-threaded runtime)",
             a.0 as f64 / 1024.0,
             a.1 as f64 / 1024.0
+        );
+    }
+    if let (Some(b), Some(a)) = (own_before, own_after) {
+        let cpu = (a.2 - b.2) as f64 / 100.0 / elapsed * 100.0;
+        println!(
+            "load generator process (the players): CPU {cpu:.0}% of one core; machine load average {}",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     if totals.0 == 0 {

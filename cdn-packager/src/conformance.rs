@@ -80,6 +80,8 @@ pub struct ListedSegment {
     pub uri: String,
     /// `EXTINF` duration in seconds.
     pub duration: f64,
+    /// Listed with `EXT-X-GAP` (no media).
+    pub gap: bool,
 }
 
 /// What a conforming media playlist names.
@@ -103,6 +105,9 @@ pub struct MediaSummary {
     pub reports: Vec<(String, Option<u64>, Option<u32>)>,
     /// `EXT-X-DATERANGE` ids.
     pub dateranges: Vec<String>,
+    /// Media sequence numbers of the segments (or trailing parts) after an
+    /// `EXT-X-DISCONTINUITY`.
+    pub discontinuities: Vec<u64>,
 }
 
 /// Split an attribute list (`A=1,B="x,y",C=Z`) into pairs; `None` if malformed.
@@ -183,6 +188,7 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
     let mut pending_inf: Option<f64> = None;
     let mut pending_pdt: Option<time::OffsetDateTime> = None;
     let mut pending_disc = false;
+    let mut pending_gap = false;
     let mut pending_parts: Vec<(f64, String)> = Vec::new();
     let mut next_msn: Option<u64> = None;
     let mut last_seg: Option<(time::OffsetDateTime, f64)> = None;
@@ -260,6 +266,7 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
                 }
             }
             "#EXT-X-DISCONTINUITY" => pending_disc = true,
+            "#EXT-X-GAP" => pending_gap = true,
             "#EXT-X-PROGRAM-DATE-TIME" => match parse_pdt(value) {
                 Some(t) => pending_pdt = Some(t),
                 None => errs.push(format!("bad EXT-X-PROGRAM-DATE-TIME {value}")),
@@ -348,6 +355,13 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
                 if seg_msn(uri) != Some(msn) {
                     errs.push(format!("segment {uri} is not seg{msn}.m4s"));
                 }
+                let gap = std::mem::take(&mut pending_gap);
+                if gap && !pending_parts.is_empty() {
+                    errs.push(format!("gap segment {uri} lists parts"));
+                }
+                if pending_disc {
+                    sum.discontinuities.push(msn);
+                }
                 check_segment(
                     &mut errs,
                     &mut sum,
@@ -366,6 +380,7 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
                     msn,
                     uri: uri.to_string(),
                     duration: d,
+                    gap,
                 });
                 next_msn = Some(msn + 1);
             }
@@ -374,6 +389,9 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
     // Trailing parts of the segment in progress.
     if !pending_parts.is_empty() {
         let msn = next_msn.unwrap_or(0);
+        if pending_disc {
+            sum.discontinuities.push(msn);
+        }
         check_segment(
             &mut errs,
             &mut sum,
@@ -389,6 +407,9 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
     }
     if pending_inf.is_some() {
         errs.push("EXTINF without a URI".into());
+    }
+    if pending_gap {
+        errs.push("EXT-X-GAP without a segment".into());
     }
     let Some(target) = target else {
         errs.push("EXT-X-TARGETDURATION missing".into());

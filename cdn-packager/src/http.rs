@@ -1,5 +1,7 @@
 //! The HTTP origin: `/hls/...` with blocking playlist reload and blocking preload-hinted parts,
-//! `/metrics`, `/healthz`.
+//! `/metrics`, `/healthz`. This is the hyper/axum service of the HTTPS listener and of whatever
+//! the plain listener's HTTP/1.1 front ([`crate::h1`]) does not answer itself; the front answers
+//! other `/hls/` requests with [`hls`] too.
 
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::playlist::{part_name, render_multivariant, segment_name, TARGET_DURATION};
@@ -19,16 +21,18 @@ use tokio_util::sync::CancellationToken;
 /// How long a blocking request is held: three target durations (rfc8216bis 6.2.5.2).
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(3 * TARGET_DURATION as u64);
 
-const PLAYLIST_TYPE: &str = crate::storage::content_type::PLAYLIST;
+pub(crate) const PLAYLIST_TYPE: &str = crate::storage::content_type::PLAYLIST;
 const MEDIA_TYPE: &str = crate::storage::content_type::MEDIA;
 const IMMUTABLE: &str = crate::storage::IMMUTABLE;
 /// Live playlists without delivery directives: about half a part (CDNs round to a second).
 const PLAYLIST_CACHE: &str = "max-age=1";
 /// A blocking reload's answer is what that `_HLS_msn`/`_HLS_part` URL will always be: cacheable
 /// for the playlist's lifetime window (rfc8216bis 6.2.5.2 and Apple's CDN guidance).
-const BLOCKING_PLAYLIST_CACHE: &str = "max-age=6";
+pub(crate) const BLOCKING_PLAYLIST_CACHE: &str = "max-age=6";
 /// Recordings do not change once written.
 const VOD_CACHE: &str = "max-age=60";
+/// `Retry-After` of a known room without media: one target duration.
+const RETRY_AFTER_SECS: &str = "2";
 /// Response header with the publication time (Unix microseconds) of the playlist state served.
 pub const PUBLISHED_HEADER: &str = "x-amphi-published-us";
 
@@ -112,7 +116,8 @@ async fn handle(State(st): State<Arc<HttpState>>, req: Request) -> Response {
     }
 }
 
-async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
+/// Answer a request under `/hls/` (`path` and `query` raw, as sent).
+pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
     let Ok(p) = parse_hls_path(path) else {
         return error(StatusCode::NOT_FOUND, "not_found", "no such HLS resource");
     };
@@ -121,6 +126,9 @@ async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
     let store = st.registry.store();
     match p.resource {
         HlsResource::Multivariant => match &handle {
+            // Players (and pages waiting for a room to become playable) see the room once it
+            // has media, as with the media playlists.
+            Some(h) if !h.rx.iter().any(|rx| rx.borrow().status.has_media()) => not_started(room),
             Some(h) => response(
                 StatusCode::OK,
                 PLAYLIST_TYPE,
@@ -198,11 +206,7 @@ async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                         }
                         None => {
                             st.metrics.blocking_timeouts.fetch_add(1, Ordering::Relaxed);
-                            error(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "unavailable",
-                                "the requested segment or part did not appear in time",
-                            )
+                            block_timed_out()
                         }
                     }
                 }
@@ -240,6 +244,15 @@ async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
     }
 }
 
+/// The answer to a blocking request whose part did not appear within [`BLOCK_TIMEOUT`].
+pub fn block_timed_out() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the requested segment or part did not appear in time",
+    )
+}
+
 fn part_published(s: &Snapshot, msn: u64, part: u32) -> bool {
     s.status.ended
         || s.status.current_msn > msn
@@ -263,7 +276,26 @@ async fn wait_for_hinted_part(st: &HttpState, handle: &RoomHandle, ri: usize, ms
     }
 }
 
+/// A room the packager knows (announced by the origin, or resumed) whose playlist lists no
+/// media yet: 404 `room_not_started` with `Retry-After` (one target duration), so a player
+/// polls again instead of giving up; CDNs must not cache it (`no-store`).
+fn not_started(room: amphi_protocol::RoomId) -> Response {
+    let mut r = error(
+        StatusCode::NOT_FOUND,
+        "room_not_started",
+        format!("room {room} has no media yet"),
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    r
+}
+
 fn playlist_response(s: &Snapshot, skip: bool, cache: &str) -> Response {
+    if !s.status.has_media() {
+        return not_started(s.room);
+    }
     let text = match (&s.delta, skip) {
         (Some(d), true) => d.clone(),
         _ => s.full.clone(),

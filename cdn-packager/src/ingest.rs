@@ -1,5 +1,5 @@
-//! The QUIC link to the origin: control stream (Hello/Welcome, RoomEnded, Ping) and one
-//! unidirectional program stream per room.
+//! The QUIC link to the origin: control stream (Hello/Welcome, RoomOpened, RoomEnded, Ping)
+//! and one unidirectional program stream per room.
 
 use crate::metrics::Metrics;
 use crate::room::Registry;
@@ -190,6 +190,7 @@ impl Ingest {
             while let Some(msg) = dec.next_message()? {
                 match msg {
                     ControlMessage::RoomEnded { room } => self.room_ended(room).await,
+                    ControlMessage::RoomOpened { room } => self.room_opened(room),
                     ControlMessage::Ping { nonce } => {
                         send.write_all(&ControlMessage::Pong { nonce }.to_record())
                             .await?;
@@ -213,6 +214,21 @@ impl Ingest {
                 },
             }
         }
+    }
+
+    /// The origin announced a live room: open its output now (off the control loop: opening
+    /// reads storage), so blocking playlist requests are held until its media arrives.
+    fn room_opened(self: &Arc<Self>, room: RoomId) {
+        if self.registry.get(room).is_some() {
+            return;
+        }
+        let registry = self.registry.clone();
+        self.tasks.spawn(async move {
+            match registry.get_or_open(room).await {
+                Ok(_) => tracing::info!(%room, "room announced by the origin; output open"),
+                Err(e) => tracing::error!(%room, error = %e, "cannot open room output"),
+            }
+        });
     }
 
     async fn room_ended(self: &Arc<Self>, room: RoomId) {

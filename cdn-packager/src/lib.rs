@@ -15,7 +15,8 @@
 //!
 //! Sans-IO cores: [`segmenter::Segmenter`], [`aac::AacRendition`], [`playlist::MediaPlaylist`],
 //! [`speakers::SpeakerTimeline`], [`upload::Backoff`], [`request::decide_reload`],
-//! [`request::parse_hls_path`], [`request::parse_hls_query`], [`conformance`].
+//! [`request::parse_hls_path`], [`request::parse_hls_query`], [`recording_index`],
+//! [`conformance`].
 
 #![deny(missing_docs)]
 
@@ -23,10 +24,12 @@
 pub mod aac;
 pub mod conformance;
 pub mod fmp4;
+mod h1;
 mod http;
 mod ingest;
 pub mod metrics;
 pub mod playlist;
+pub mod recording_index;
 pub mod request;
 mod room;
 pub mod segmenter;
@@ -36,6 +39,7 @@ pub mod synth;
 mod tls;
 pub mod upload;
 
+pub use h1::{parse_request_head, FastRequest, RequestHead};
 pub use http::PUBLISHED_HEADER;
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};
 pub use storage::{Backend, StorageConfig};
@@ -83,6 +87,11 @@ pub struct PackagerOptions {
     /// PEM private key for `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// The plain HTTP listener answers `/hls/` requests on its own HTTP/1.1 fast path, writing
+    /// held blocking reloads in one pass per publication (default); `false`: everything through
+    /// hyper/axum, like the HTTPS listener.
+    #[serde(default)]
+    pub http1_fast_path: Option<bool>,
 }
 
 /// Everything `run` needs.
@@ -211,7 +220,7 @@ impl Packager {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
-        let app = http::router(state);
+        let app = http::router(state.clone());
         if let Some((l, acceptor)) = tls {
             tasks.spawn(tls::serve(l, acceptor, app.clone(), shutdown.clone()));
         }
@@ -225,12 +234,16 @@ impl Packager {
                 shutdown.clone(),
             ));
         }
-        let sd = shutdown.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(sd.cancelled_owned())
-                .await
-        });
+        let server = if options.http1_fast_path.unwrap_or(true) {
+            tokio::spawn(h1::serve(listener, state, app, shutdown.clone()))
+        } else {
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(sd.cancelled_owned())
+                    .await
+            })
+        };
         tracing::info!(
             http = %http_addr,
             https = ?https_addr,

@@ -141,6 +141,8 @@ struct Segment {
     /// Duration of the whole segment in ticks (once complete).
     duration: u64,
     complete: bool,
+    /// Listed with `EXT-X-GAP`: its media was lost (a packager restart mid-segment).
+    gap: bool,
 }
 
 /// A complete segment as the VOD playlist lists it.
@@ -152,6 +154,8 @@ pub struct SegmentSummary {
     pub start: SegmentStart,
     /// Duration in ticks.
     pub duration: u64,
+    /// No media: listed with `EXT-X-GAP` (lost in a packager restart).
+    pub gap: bool,
 }
 
 /// What blocking reload decisions need to know about a playlist.
@@ -170,6 +174,11 @@ pub struct PlaylistStatus {
 }
 
 impl PlaylistStatus {
+    /// The playlist lists a segment or a part, or has ended.
+    pub fn has_media(&self) -> bool {
+        self.ended || self.last_complete.is_some() || self.current_parts > 0
+    }
+
     /// The last published part `(msn, part)` (for `EXT-X-RENDITION-REPORT`).
     pub fn last_part(&self) -> Option<(u64, u32)> {
         if self.current_parts > 0 {
@@ -271,6 +280,7 @@ impl MediaPlaylist {
                     parts: vec![duration],
                     duration: 0,
                     complete: false,
+                    gap: false,
                 });
             }
             (Some(cur), None) if cur.msn == msn && cur.parts.len() as u32 == part => {
@@ -307,6 +317,7 @@ impl MediaPlaylist {
                 parts: Vec::new(),
                 duration: 0,
                 complete: false,
+                gap: false,
             },
         };
         seg.complete = true;
@@ -315,9 +326,15 @@ impl MediaPlaylist {
             msn,
             start: seg.start,
             duration,
+            gap: false,
         });
         self.segments.push_back(seg);
         self.next = (msn + 1, 0);
+        self.slide_window();
+        Ok(())
+    }
+
+    fn slide_window(&mut self) {
         while self.segments.len() > WINDOW_SEGMENTS {
             if let Some(old) = self.segments.pop_front() {
                 if old.start.discontinuity {
@@ -325,7 +342,31 @@ impl MediaPlaylist {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// A live playlist resumed after a packager restart: `history` (the recording so far, in
+    /// media sequence order, e.g. from the durable recording index) fills the window and the
+    /// recording, listed without parts; the next segment is `next_msn` (or the one after the
+    /// last in `history`, whichever is later). The driver starts the next segment as a
+    /// discontinuity.
+    pub fn resume(rendition: Rendition, history: Vec<SegmentSummary>, next_msn: u64) -> Self {
+        let mut p = MediaPlaylist::new(rendition, next_msn);
+        for h in &history {
+            p.segments.push_back(Segment {
+                msn: h.msn,
+                start: h.start,
+                parts: Vec::new(),
+                duration: h.duration,
+                complete: true,
+                gap: h.gap,
+            });
+            p.slide_window();
+        }
+        if let Some(last) = history.last() {
+            p.next = (next_msn.max(last.msn + 1), 0);
+        }
+        p.history = history;
+        p
     }
 
     /// The room ended: `EXT-X-ENDLIST`, no more preload hint. A segment still in progress
@@ -473,6 +514,9 @@ impl MediaPlaylist {
                     let _ = writeln!(s, ",X-SPEAKER-ID=\"{}\"", span.speaker);
                 }
             }
+            if seg.gap {
+                s.push_str("#EXT-X-GAP\n");
+            }
             s.push_str("#EXTINF:");
             write_secs(&mut s, seg.duration);
             let _ = writeln!(s, ",\n{}", segment_name(seg.msn));
@@ -515,6 +559,9 @@ impl MediaPlaylist {
             }
         }
         if seg.complete {
+            if seg.gap {
+                s.push_str("#EXT-X-GAP\n");
+            }
             s.push_str("#EXTINF:");
             write_secs(s, seg.duration);
             let _ = writeln!(s, ",\n{}", segment_name(seg.msn));
@@ -741,6 +788,51 @@ seg0.m4s
         assert!(!delta.contains("seg6.m4s") && delta.contains("seg7.m4s"));
         check_media(&full, &live()).unwrap();
         check_media(&delta, &live()).unwrap();
+    }
+
+    #[test]
+    fn resumed_playlist_keeps_the_recording_and_marks_the_restart() {
+        let mut before = MediaPlaylist::new(OPUS, 0);
+        for msn in 0..12 {
+            add_segment(&mut before, msn, 10, start(2 * msn, false));
+        }
+        let mut history = before.history().to_vec();
+        // Segment 12 was cut off by the restart: a gap.
+        history.push(SegmentSummary {
+            msn: 12,
+            start: start(24, false),
+            duration: 3 * u64::from(PART),
+            gap: true,
+        });
+        let mut p = MediaPlaylist::resume(OPUS, history, 13);
+        assert_eq!(p.preload_hint(), Some((13, 0)));
+        assert_eq!(p.status().last_complete, Some((12, 0)));
+        add_segment(&mut p, 13, 10, start(40, true));
+        p.add_part(14, 0, PART, Some(start(42, false))).unwrap();
+        let text = p.render(false, &[]);
+        let sum = check_media(&text, &live()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        assert_eq!(
+            sum.media_sequence, 4,
+            "the window slides over the resumed segments"
+        );
+        assert_eq!(sum.discontinuities, vec![13]);
+        assert!(
+            text.contains("#EXT-X-GAP\n#EXTINF:0.600,\nseg12.m4s\n"),
+            "{text}"
+        );
+        p.end();
+        let vod = p.render_vod(&[]);
+        let sum = check_media(&vod, &Expect::vod()).unwrap_or_else(|e| panic!("{e:?}\n{vod}"));
+        assert_eq!(sum.segments.len(), 14, "before and after the restart");
+        assert_eq!(sum.discontinuities, vec![13]);
+        assert_eq!(
+            sum.segments
+                .iter()
+                .filter(|s| s.gap)
+                .map(|s| s.msn)
+                .collect::<Vec<_>>(),
+            [12]
+        );
     }
 
     #[test]

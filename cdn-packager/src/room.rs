@@ -7,10 +7,14 @@
 #[cfg(feature = "aac")]
 use crate::aac::AacRendition;
 use crate::fmp4::{init_segment, MuxError};
+use crate::h1::{release_waiters, render_blocking_answer, Waiter};
 use crate::metrics::Metrics;
 use crate::playlist::{
     part_name, render_multivariant, renditions, segment_name, MediaPlaylist, PlaylistError,
     PlaylistStatus, Rendition, RenditionReport,
+};
+use crate::recording_index::{
+    chunk_name, chunk_of, parse_chunk, plan_resume, render_chunk, IndexError, Resume,
 };
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
 use crate::speakers::SpeakerTimeline;
@@ -31,6 +35,8 @@ const CACHE_SEGMENTS: u64 = 4;
 /// A published playlist state of one rendition.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The room.
+    pub room: RoomId,
     /// What blocking reloads decide on.
     pub status: PlaylistStatus,
     /// The part named by `EXT-X-PRELOAD-HINT`.
@@ -41,16 +47,31 @@ pub struct Snapshot {
     pub delta: Option<Bytes>,
     /// When this state was published (for delivery-delay measurements).
     pub published_at: SystemTime,
+    /// The HTTP/1.1 answer to a blocking reload (head and `full`), rendered once.
+    pub wire_full: Bytes,
+    /// The same with `delta` as the body, when there is a delta update.
+    pub wire_delta: Option<Bytes>,
 }
 
-impl Default for Snapshot {
-    fn default() -> Self {
+impl Snapshot {
+    /// The pre-rendered blocking-reload answer: the delta update if asked for and available.
+    pub fn wire(&self, skip: bool) -> Bytes {
+        match (&self.wire_delta, skip) {
+            (Some(d), true) => d.clone(),
+            _ => self.wire_full.clone(),
+        }
+    }
+
+    fn empty(room: RoomId) -> Self {
         Snapshot {
+            room,
             status: PlaylistStatus::default(),
             hint: None,
             full: Bytes::new(),
             delta: None,
             published_at: SystemTime::UNIX_EPOCH,
+            wire_full: Bytes::new(),
+            wire_delta: None,
         }
     }
 }
@@ -283,6 +304,8 @@ pub struct RoomHandle {
     pub rx: Vec<watch::Receiver<Arc<Snapshot>>>,
     tx: Vec<watch::Sender<Arc<Snapshot>>>,
     published: Mutex<Published>,
+    /// Blocking reloads held by the plain HTTP/1.1 fast path, per rendition.
+    pub waiters: Vec<Mutex<Vec<Waiter>>>,
     queue: Arc<UploadQueue>,
     /// The recording (VOD playlists) is stored.
     pub recording_ready: AtomicBool,
@@ -311,6 +334,33 @@ impl RoomHandle {
             .get(key)
             .or_else(|| p.inits.get(key))
             .cloned()
+    }
+
+    /// The recording index chunks of rendition `ri` to store once segment `msn` completed: its
+    /// chunk, and those of the segments before it back to the last one with media (gaps listed
+    /// on resume are stored with the first segment after them).
+    fn index_chunks(&self, ri: usize, msn: u64) -> Vec<(String, Bytes)> {
+        let p = self.published();
+        let Some(pl) = p.playlists.get(ri) else {
+            return Vec::new();
+        };
+        let history = pl.history();
+        let last = chunk_of(msn);
+        let mut first = last;
+        for s in history.iter().rev().skip(1) {
+            first = first.min(chunk_of(s.msn));
+            if !s.gap {
+                break;
+            }
+        }
+        (first..=last)
+            .map(|c| {
+                (
+                    rkey(self.room, pl.rendition(), &chunk_name(c)),
+                    Bytes::from(render_chunk(history, c)),
+                )
+            })
+            .collect()
     }
 
     /// Apply a stored object's publication and send new snapshots.
@@ -362,6 +412,16 @@ impl RoomHandle {
             tracing::error!(room = %self.room, error = %e, "playlist update refused");
         }
         self.send_snapshots(&p);
+        drop(p);
+        self.release_waiters(metrics);
+    }
+
+    /// Answer the fast path's held requests that the current snapshots satisfy.
+    fn release_waiters(&self, metrics: &Metrics) {
+        for (ri, rx) in self.rx.iter().enumerate() {
+            let snap = rx.borrow().clone();
+            release_waiters(self, ri, &snap, metrics);
+        }
     }
 
     fn send_snapshots(&self, p: &Published) {
@@ -380,14 +440,17 @@ impl RoomHandle {
                     })
                     .collect()
             };
-            // Bytes: every held request answers with a reference-counted copy.
+            // Rendered once per publication; every answer shares these bytes.
             let full = Bytes::from(pl.render(false, &reports));
             let delta =
                 (pl.skippable_segments() > 0).then(|| Bytes::from(pl.render(true, &reports)));
             if let Some(tx) = self.tx.get(i) {
                 tx.send_replace(Arc::new(Snapshot {
+                    room: self.room,
                     status: pl.status(),
                     hint: pl.preload_hint(),
+                    wire_full: render_blocking_answer(&full, now),
+                    wire_delta: delta.as_ref().map(|d| render_blocking_answer(d, now)),
                     full,
                     delta,
                     published_at: now,
@@ -476,21 +539,27 @@ async fn uploader(
                     Ok(()) => {
                         let segment_done = matches!(publish, Publish::Segment { .. });
                         handle.publish(key.clone(), body.clone(), publish.clone(), &metrics);
-                        if let (true, Publish::Segment { rendition, .. }) = (segment_done, publish)
+                        if let (true, Publish::Segment { rendition, msn, .. }) =
+                            (segment_done, publish)
                         {
-                            // Keep a copy of the live playlist in storage (inspection, restarts).
-                            let text = handle.rx[*rendition].borrow().full.clone();
+                            // The durable recording index, then a copy of the live playlist
+                            // (inspection, and serving it once the room is gone).
                             let r = handle.renditions[*rendition];
-                            let k = rkey(room, r, "playlist.m3u8");
-                            let _ = put_retrying(
-                                &store,
-                                &k,
-                                &text,
+                            let mut writes: Vec<(String, Bytes, ObjectMeta)> = handle
+                                .index_chunks(*rendition, *msn)
+                                .into_iter()
+                                .map(|(k, b)| (k, b, ObjectMeta::INDEX))
+                                .collect();
+                            let text = handle.rx[*rendition].borrow().full.clone();
+                            writes.push((
+                                rkey(room, r, "playlist.m3u8"),
+                                text,
                                 ObjectMeta::PLAYLIST,
-                                &metrics,
-                                &shutdown,
-                            )
-                            .await;
+                            ));
+                            for (k, body, meta) in writes {
+                                let _ = put_retrying(&store, &k, &body, meta, &metrics, &shutdown)
+                                    .await;
+                            }
                         }
                     }
                     Err(e) => {
@@ -593,6 +662,8 @@ async fn finish_recording(
         .store(segments > 0, Ordering::Relaxed);
     let p = handle.published();
     handle.send_snapshots(&p);
+    drop(p);
+    handle.release_waiters(metrics);
     metrics.rooms_live.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(%room, segments, "room ended: EXT-X-ENDLIST and VOD recording stored");
     Ok(())
@@ -641,39 +712,62 @@ impl Registry {
             .cloned()
     }
 
-    /// Highest media sequence number already in storage for `room` (a packager restart).
-    async fn highest_msn(&self, room: RoomId) -> Result<Option<u64>, StorageError> {
-        let keys = self.store.list(&format!("{room}/opus/")).await?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| {
-                let name = k.rsplit('/').next()?;
-                let stem = name.strip_suffix(".m4s")?;
-                let digits = if let Some(n) = stem.strip_prefix("seg") {
-                    n
-                } else {
-                    stem.strip_prefix("part")?.split('.').next()?
-                };
-                digits.parse::<u64>().ok()
-            })
-            .max())
+    /// Where rendition `r` of `room` resumes after a packager restart: its durable recording
+    /// index plus the media files stored (`None`: nothing stored, a new room). A chunk that
+    /// cannot be read is skipped (its segments are then bridged as gaps or dropped).
+    async fn resume_point(
+        &self,
+        room: RoomId,
+        r: Rendition,
+    ) -> Result<Option<Resume>, StorageError> {
+        let keys = self.store.list(&rkey(room, r, "")).await?;
+        let index_prefix = rkey(room, r, "index/");
+        let mut indexed = Vec::new();
+        for k in keys.iter().filter(|k| k.starts_with(&index_prefix)) {
+            let parsed = match self.store.get(k).await? {
+                Some(b) => std::str::from_utf8(&b)
+                    .map_err(|_| IndexError::Version)
+                    .and_then(parse_chunk),
+                None => continue,
+            };
+            match parsed {
+                Ok(mut segments) => indexed.append(&mut segments),
+                Err(e) => {
+                    tracing::warn!(%room, key = %k, error = %e, "recording index chunk skipped")
+                }
+            }
+        }
+        let names = keys.iter().filter_map(|k| k.rsplit('/').next());
+        Ok(plan_resume(indexed, names, r.part_target_ticks))
     }
 
     /// A known room, or a new one: its init segments and multivariant playlist are queued
-    /// first, and its uploader started. Numbering continues after any segment already stored
-    /// (a packager restart), as a discontinuity.
+    /// first, and its uploader started. After a packager restart the room resumes from its
+    /// durable recording index: the live playlist and the recording keep the segments from
+    /// before, numbering continues after anything already stored, and the next segment is a
+    /// discontinuity.
     pub async fn get_or_open(&self, room: RoomId) -> Result<Arc<RoomHandle>, RoomError> {
         if let Some(h) = self.get(room) {
             return Ok(h);
         }
-        let start_msn = match self.highest_msn(room).await {
-            Ok(m) => m.map(|m| m + 1),
-            Err(e) => {
-                tracing::warn!(%room, error = %e, "cannot list earlier output; numbering from 0");
-                None
-            }
-        };
         let rends = renditions();
+        let mut resumed = Vec::with_capacity(rends.len());
+        for r in rends {
+            resumed.push(match self.resume_point(room, *r).await {
+                Ok(point) => point,
+                Err(e) => {
+                    tracing::warn!(%room, error = %e, "cannot read earlier output; numbering from 0");
+                    None
+                }
+            });
+        }
+        let start_msn = resumed.iter().flatten().map(|p| p.next_msn).max();
+        let media_end = resumed
+            .iter()
+            .flatten()
+            .filter_map(|p| p.history.last())
+            .map(|s| s.start.program_date_time + crate::playlist::ticks_duration(s.duration))
+            .max();
         let queue = Arc::new(UploadQueue::new(
             room,
             self.max_buffer,
@@ -705,17 +799,23 @@ impl Registry {
             publish: Publish::Nothing,
         });
         let msn = start_msn.unwrap_or(0);
-        let playlists: Vec<MediaPlaylist> =
-            rends.iter().map(|r| MediaPlaylist::new(*r, msn)).collect();
+        let playlists: Vec<MediaPlaylist> = rends
+            .iter()
+            .zip(resumed)
+            .map(|(r, point)| match point {
+                Some(p) => MediaPlaylist::resume(*r, p.history, msn),
+                None => MediaPlaylist::new(*r, msn),
+            })
+            .collect();
         let (tx, rx): (Vec<_>, Vec<_>) = rends
             .iter()
-            .map(|_| watch::channel(Arc::new(Snapshot::default())))
+            .map(|_| watch::channel(Arc::new(Snapshot::empty(room))))
             .unzip();
         let core = RoomCore {
             room,
             renditions: rends,
             segmenter: match start_msn {
-                Some(msn) => Segmenter::default().resume_at(msn),
+                Some(msn) => Segmenter::default().resume_at(msn, media_end),
                 None => Segmenter::default(),
             },
             #[cfg(feature = "aac")]
@@ -737,6 +837,7 @@ impl Registry {
                 cache: ObjectCache::default(),
                 inits: HashMap::new(),
             }),
+            waiters: rends.iter().map(|_| Mutex::new(Vec::new())).collect(),
             queue,
             recording_ready: AtomicBool::new(false),
         });

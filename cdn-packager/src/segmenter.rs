@@ -114,6 +114,9 @@ pub struct Segmenter {
     accepted: Option<u64>,
     /// The anchor of the previous stream (after a stop), for [`Segmenter::reanchor`].
     last_anchor: Option<(SystemTime, u64)>,
+    /// End of the media written before a packager restart: program date times start no
+    /// earlier.
+    not_before: Option<SystemTime>,
 }
 
 impl Default for Segmenter {
@@ -148,14 +151,17 @@ impl Segmenter {
             cur_seg_start: None,
             accepted: None,
             last_anchor: None,
+            not_before: None,
         }
     }
 
     /// Continue numbering at segment `msn` (after a packager restart found earlier files), the
-    /// first segment flagged as a discontinuity.
-    pub fn resume_at(mut self, msn: u64) -> Self {
+    /// first segment flagged as a discontinuity, its program date time no earlier than
+    /// `not_before` (the end of the media already written, if known).
+    pub fn resume_at(mut self, msn: u64, not_before: Option<SystemTime>) -> Self {
         self.msn = msn;
         self.discontinuity_pending = true;
+        self.not_before = not_before;
         self
     }
 
@@ -253,6 +259,7 @@ impl Segmenter {
     /// already written (a stream that was fed faster than real time), so program date times
     /// never go backwards.
     fn reanchor(&self, wall: SystemTime) -> SystemTime {
+        let wall = self.not_before.map_or(wall, |t| wall.max(t));
         match (self.anchor.or(self.last_anchor), self.started) {
             (Some((anchor_wall, anchor_ext)), true) => {
                 let end = anchor_wall

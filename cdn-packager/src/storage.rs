@@ -24,6 +24,8 @@ pub mod content_type {
     pub const MEDIA: &str = "audio/mp4";
     /// JSON metadata.
     pub const JSON: &str = "application/json";
+    /// The recording index.
+    pub const TEXT: &str = "text/plain; charset=utf-8";
 }
 
 /// Storage backend selection, `[packager.storage]` in the packager's TOML.
@@ -131,6 +133,11 @@ impl ObjectMeta {
     /// JSON metadata.
     pub const JSON: ObjectMeta = ObjectMeta {
         content_type: content_type::JSON,
+        cache_control: "no-cache",
+    };
+    /// A chunk of the recording index (rewritten as segments complete).
+    pub const INDEX: ObjectMeta = ObjectMeta {
+        content_type: content_type::TEXT,
         cache_control: "no-cache",
     };
 }

@@ -47,7 +47,9 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     // Stream A: 150 frames (3 s) at 4x real time.
     let mut uni = h.conn.open_uni().await.unwrap();
     send_frames(&mut uni, &frames[..3], 0, Duration::from_millis(5)).await;
-    h.wait_until(&playlist, |r| r.status == 200).await;
+    // The room is open, without a part yet.
+    h.wait_until(&playlist, |r| r.text().contains("room_not_started"))
+        .await;
     let blocked = tokio::spawn(async move {
         let t = Instant::now();
         let r = http_get(
@@ -284,5 +286,58 @@ async fn stalled_program_times_out_blocking_requests_and_bad_records_drop_the_st
     h.conn = conn;
     h.control_send = send;
     h.control_recv = recv;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_room_without_media_holds_blocking_reloads_until_its_first_part() {
+    const NEW: RoomId = RoomId(0x0bad_cafe_0000_0001);
+    let mut h = Harness::start("announced").await;
+    let http = h.http;
+    let playlist = format!("/hls/{NEW}/opus/playlist.m3u8");
+    // Unknown room: 404 room_not_found, nothing to retry.
+    let r = http_get(http, &playlist).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(api_error(&r).error, "room_not_found");
+    assert_eq!(r.header("retry-after"), None);
+
+    // The origin announces the room before any program media.
+    h.control_send
+        .write_all(&ControlMessage::RoomOpened { room: NEW }.to_record())
+        .await
+        .unwrap();
+    let r = h
+        .wait_until(&playlist, |r| r.text().contains("room_not_started"))
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("retry-after"), Some("2"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let index = http_get(http, &format!("/hls/{NEW}/index.m3u8")).await;
+    assert_eq!(
+        (index.status, api_error(&index).error.as_str()),
+        (404, "room_not_started")
+    );
+    // A blocking reload for the first part is held (not answered 404)...
+    let blocked = {
+        let target = format!("{playlist}?_HLS_msn=0&_HLS_part=0");
+        tokio::spawn(async move { http_get(http, &target).await })
+    };
+    h.wait_until("/metrics", |r| {
+        r.text()
+            .contains("amphi_packager_blocking_requests_in_flight 1\n")
+    })
+    .await;
+    assert!(!blocked.is_finished());
+    // ... until the program's first part is published.
+    let mut uni = h.conn.open_uni().await.unwrap();
+    for (i, f) in tone_frames(440.0, 12).iter().enumerate() {
+        uni.write_all(&common::program_record(NEW, i as u32, f))
+            .await
+            .unwrap();
+    }
+    let r = blocked.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("part0.0.m4s"), "{}", r.text());
+    conform(&r.text(), Expect::live(OPUS).with_reports(1));
     h.stop().await;
 }

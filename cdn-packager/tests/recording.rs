@@ -190,3 +190,69 @@ async fn retention_deletes_an_expired_recording() {
     assert_eq!(r.status, 404);
     h.stop().await;
 }
+
+/// Send `frames[range]` as program records (RTP from the range start) at 4x real time.
+async fn stream(
+    h: &Harness,
+    frames: &[Vec<u8>],
+    range: std::ops::Range<usize>,
+) -> quinn::SendStream {
+    let mut uni = h.conn.open_uni().await.unwrap();
+    for i in range {
+        uni.write_all(&program_record_from(ROOM, i as u32, &frames[i], ALICE))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    uni
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
+    let frames = tone_frames(440.0, 250);
+    let live = format!("/hls/{ROOM}/opus/playlist.m3u8");
+    // Before the restart: 5 s = segments 0 and 1, and 5 parts of segment 2.
+    let h = Harness::start("restart").await;
+    let _uni = stream(&h, &frames, 0..250).await;
+    h.wait_until(&live, |r| r.text().contains("part2.4.m4s"))
+        .await;
+    let data_dir = h.stop_keeping_files().await;
+
+    // After: the same storage, a new program stream on a new timeline.
+    let mut h = Harness::start_in(PackagerOptions::default(), data_dir).await;
+    let mut uni = stream(&h, &frames, 0..150).await;
+    let text = h
+        .wait_until(&live, |r| r.text().contains("part4.0.m4s"))
+        .await
+        .text();
+    let sum = check_media(&text, &Expect::live(OPUS).with_reports(1))
+        .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+    assert_eq!(
+        sum.media_sequence, 0,
+        "the segments from before are still listed\n{text}"
+    );
+    assert_eq!(sum.discontinuities, [3], "{text}");
+    uni.finish().unwrap();
+    h.control_send
+        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
+        .await
+        .unwrap();
+    h.wait_until(&format!("/hls/{ROOM}/recording.m3u8"), |r| r.status == 200)
+        .await;
+    for r in [OPUS, AAC] {
+        let vod = http_get(h.http, &format!("/hls/{ROOM}/{}/vod.m3u8", r.dir)).await;
+        let text = vod.text();
+        let sum = check_media(&text, &Expect::vod()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        let msns: Vec<u64> = sum.segments.iter().map(|s| s.msn).collect();
+        assert_eq!(msns, [0, 1, 2, 3, 4], "{}: before and after\n{text}", r.dir);
+        assert_eq!(sum.discontinuities, [3], "{}\n{text}", r.dir);
+        // Segment 2 was cut off by the restart: listed as a gap unless the stopping packager
+        // still stored it; every other segment is media.
+        assert!(
+            sum.segments.iter().all(|s| !s.gap || s.msn == 2),
+            "{}\n{text}",
+            r.dir
+        );
+    }
+    h.stop().await;
+}

@@ -571,6 +571,7 @@ impl Hub {
             | ControlMessage::Welcome { .. }
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::RoomOpened { .. }
             | ControlMessage::CommandRejected { .. } => Err(Failure::Protocol {
                 code: "unexpected",
                 message: format!("unexpected {}", kind_of(&msg)),
@@ -684,6 +685,8 @@ impl Hub {
         };
         self.metrics.room_commands.inc();
         if is_join {
+            // The packagers prepare the room's HLS output before any program media.
+            let _ = self.control.send(MixerCmd::RoomOpened { room });
             st.owners.insert((room, actor), conn);
             // The joining edge needs the room's events even if it did not subscribe first.
             if st.subs.subscribe(room, conn) == Subscribe::LimitReached {
@@ -839,6 +842,7 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::SubscribeRoom { .. } => "subscribe_room",
         ControlMessage::UnsubscribeRoom { .. } => "unsubscribe_room",
         ControlMessage::RoomEnded { .. } => "room_ended",
+        ControlMessage::RoomOpened { .. } => "room_opened",
         ControlMessage::Ping { .. } => "ping",
         ControlMessage::Pong { .. } => "pong",
         ControlMessage::Error { .. } => "error",

@@ -7,7 +7,7 @@ use amphi_protocol::control::ControlMessage;
 use amphi_protocol::relay::RelayFrame;
 use amphi_protocol::RoomId;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -39,6 +39,8 @@ pub(crate) enum MixerCmd {
     SourceGone { source: u64, at: Instant },
     /// `RoomEnded` from an edge.
     RoomEnded { room: RoomId, at: Instant },
+    /// A participant joined a live room: announce the room to the packagers (once).
+    RoomOpened { room: RoomId },
     /// A packager connected; `control` carries messages for its control stream.
     PackagerUp {
         id: u64,
@@ -118,6 +120,8 @@ impl RoomCpu {
 struct Driver {
     programs: Programs,
     packagers: HashMap<u64, PackagerLink>,
+    /// Live rooms announced to the packagers (`RoomOpened`), replayed to each new packager.
+    opened: HashSet<RoomId>,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
     room_cpu: RoomCpu,
@@ -157,12 +161,23 @@ impl Driver {
             MixerCmd::SourceGone { source, at } => self.programs.source_gone(source, at),
             MixerCmd::RoomEnded { room, at } => {
                 let was_running = self.programs.room_ended(room, at);
+                self.opened.remove(&room);
                 tracing::info!(%room, was_running, "room ended");
                 for link in self.packagers.values() {
                     let _ = link.control.send(ControlMessage::RoomEnded { room });
                 }
             }
+            MixerCmd::RoomOpened { room } => {
+                if self.opened.insert(room) {
+                    for link in self.packagers.values() {
+                        let _ = link.control.send(ControlMessage::RoomOpened { room });
+                    }
+                }
+            }
             MixerCmd::PackagerUp { id, conn, control } => {
+                for &room in &self.opened {
+                    let _ = control.send(ControlMessage::RoomOpened { room });
+                }
                 self.packagers.insert(
                     id,
                     PackagerLink {
@@ -185,6 +200,7 @@ impl Driver {
             metrics,
             runtime,
             room_cpu,
+            ..
         } = self;
         programs.poll(now, &mut |event| match event {
             ProgramEvent::Started(room) => tracing::info!(%room, "program started"),
@@ -234,6 +250,7 @@ pub(crate) async fn mixer_loop(
     let mut driver = Driver {
         programs: Programs::new(ProgramsConfig::default(), Instant::now()),
         packagers: HashMap::new(),
+        opened: HashSet::new(),
         metrics,
         runtime,
         room_cpu: RoomCpu::default(),

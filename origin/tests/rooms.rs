@@ -278,6 +278,23 @@ async fn room_authority_over_two_edges() {
         }
         other => panic!("expected RoomSnapshot, got {other:?}"),
     }
+    // The packager hears of the live room before any media (so it can hold players' blocking
+    // reloads), and so does a packager that connects later.
+    assert_eq!(
+        packager.next().await,
+        Some(ControlMessage::RoomOpened { room: ROOM })
+    );
+    let mut late_packager = Peer::hello(
+        &pki.issue("packager-2").unwrap(),
+        quic,
+        PeerKind::Packager,
+        "pkg-2",
+    )
+    .await;
+    assert_eq!(
+        late_packager.next().await,
+        Some(ControlMessage::RoomOpened { room: ROOM })
+    );
 
     // A listener joins in eu-west (without subscribing first: the join subscribes): both edges
     // get the event, the joining edge then gets the snapshot with both participants.
@@ -446,6 +463,9 @@ async fn room_authority_over_two_edges() {
             Some(ControlMessage::RoomEnded { room }) if room == ROOM => {
                 packager_told = true;
                 break;
+            }
+            Some(ControlMessage::RoomOpened { room }) => {
+                panic!("{room} announced again after more joins")
             }
             Some(_) => continue,
             None => break,

@@ -77,6 +77,14 @@ pub enum ControlMessage {
         /// The room.
         room: RoomId,
     },
+    /// Origin -> packagers: a room is live (its first participant joined), possibly before any
+    /// program media. The packager prepares the room's output so players' blocking playlist
+    /// requests are held until media arrives instead of answered 404. Re-sent for every live
+    /// room when a packager connects.
+    RoomOpened {
+        /// The room.
+        room: RoomId,
+    },
     /// Liveness probe; answered with `Pong` carrying the same nonce.
     Ping {
         /// Echoed back.

@@ -273,6 +273,11 @@ impl Harness {
 
     /// Like [`Harness::start`] with packager options (storage, TLS listener).
     pub async fn start_with(tag: &str, options: PackagerOptions) -> Harness {
+        Self::start_in(options, scratch_dir(tag)).await
+    }
+
+    /// Like [`Harness::start_with`] on an existing data directory (a packager restart).
+    pub async fn start_in(options: PackagerOptions, data_dir: PathBuf) -> Harness {
         let pki = DevPki::generate().unwrap();
         let origin_tls = pki.issue("origin.amphi.internal").unwrap();
         let packager_tls = pki.issue("packager-test").unwrap();
@@ -288,7 +293,6 @@ impl Harness {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let data_dir = scratch_dir(tag);
         let shutdown = CancellationToken::new();
         let setup = PackagerSetup {
             config: PackagerConfig {
@@ -330,6 +334,12 @@ impl Harness {
 
     /// Stop the packager and remove its files.
     pub async fn stop(self) {
+        let dir = self.stop_keeping_files().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Stop the packager; its data directory stays (returned).
+    pub async fn stop_keeping_files(self) -> PathBuf {
         self.shutdown.cancel();
         let res = tokio::time::timeout(Duration::from_secs(10), self.packager)
             .await
@@ -337,6 +347,6 @@ impl Harness {
             .unwrap();
         assert!(res.is_ok(), "run returned {res:?}");
         self.conn.close(0u32.into(), b"done");
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        self.data_dir
     }
 }

@@ -1,11 +1,14 @@
 # The listener tier: a private S3 bucket for parts and segments and a CloudFront distribution.
 # Playlists go to the packager origin (short TTL, blocking-reload query parameters in the cache
-# key); parts and segments go to S3 through origin access control (long TTL).
+# key); parts and segments go to an origin group: S3 through origin access control (long TTL),
+# failing over to the packager when S3 does not have the object yet (a preload-hinted part the
+# packager holds until it is published); init segments go to S3.
 
 locals {
   tags            = merge(var.tags, { "amphi:role" = "cdn" })
   s3_origin       = "media-s3"
   packager_origin = "packager"
+  media_group     = "media-s3-then-packager"
 }
 
 # --- media bucket --------------------------------------------------------------------------
@@ -281,7 +284,6 @@ resource "aws_cloudfront_response_headers_policy" "hls" {
 }
 
 resource "aws_cloudfront_distribution" "this" {
-  #checkov:skip=CKV_AWS_310:Playlists come only from the packager (it holds blocking reloads) and media only from S3; a failover origin would serve stale or missing live parts.
   #checkov:skip=CKV_AWS_374:Rooms are worldwide; who may listen is decided by the room API, not by geography.
   #checkov:skip=CKV_AWS_305:The distribution serves only /hls/... playlists and media; there is no root document.
   #checkov:skip=CKV2_AWS_47:The web ACL is the caller's (web_acl_arn); which managed rule groups it holds is an account decision.
@@ -313,6 +315,26 @@ resource "aws_cloudfront_distribution" "this" {
     }
   }
 
+  # Parts and segments: S3 first; S3 answers 403 (no s3:ListBucket) or 404 for an object not
+  # stored yet, e.g. the preload-hinted part a player asks for ahead of time (rfc8216bis 6.2.6),
+  # and CloudFront then asks the packager, which holds the request until the part is published
+  # and serves it from memory.
+  origin_group {
+    origin_id = local.media_group
+
+    failover_criteria {
+      status_codes = [403, 404]
+    }
+
+    member {
+      origin_id = local.s3_origin
+    }
+
+    member {
+      origin_id = local.packager_origin
+    }
+  }
+
   # Playlists (media and multivariant): to the packager, which holds blocking reloads.
   ordered_cache_behavior {
     path_pattern               = "/hls/*.m3u8"
@@ -325,7 +347,19 @@ resource "aws_cloudfront_distribution" "this" {
     response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
   }
 
-  # Parts, segments and init segments: from S3, cached long.
+  # Parts and segments: the origin group (S3, then the packager for what S3 lacks yet).
+  ordered_cache_behavior {
+    path_pattern               = "/hls/*.m4s"
+    target_origin_id           = local.media_group
+    viewer_protocol_policy     = "redirect-to-https"
+    allowed_methods            = ["GET", "HEAD", "OPTIONS"]
+    cached_methods             = ["GET", "HEAD"]
+    compress                   = false
+    cache_policy_id            = aws_cloudfront_cache_policy.media.id
+    response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
+  }
+
+  # Init segments (and any other media): from S3, cached long.
   ordered_cache_behavior {
     path_pattern               = "/hls/*"
     target_origin_id           = local.s3_origin
@@ -346,6 +380,16 @@ resource "aws_cloudfront_distribution" "this" {
     compress                   = true
     cache_policy_id            = aws_cloudfront_cache_policy.playlists.id
     response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
+  }
+
+  # Errors are never cached: a part asked for a few milliseconds early, or a blocking reload
+  # that timed out (503), must not stick at the edge.
+  dynamic "custom_error_response" {
+    for_each = [400, 403, 404, 503]
+    content {
+      error_code            = custom_error_response.value
+      error_caching_min_ttl = 0
+    }
   }
 
   logging_config {
