@@ -1050,34 +1050,10 @@ fn app(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
         .layer(DefaultBodyLimit::max(MAX_DRAINED_BODY))
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn(
+            amphi_protocol::redact::log_request,
+        ))
         .with_state(state)
-}
-
-/// Log every request at debug level (method, path, status, duration), with secret query
-/// parameters such as `token=` redacted.
-async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return next.run(req).await;
-    }
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let query = req
-        .uri()
-        .query()
-        .map(amphi_protocol::redact::redact_query)
-        .unwrap_or_default();
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    tracing::debug!(
-        %method,
-        path,
-        query,
-        status = resp.status().as_u16(),
-        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
-    resp
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing

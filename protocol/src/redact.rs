@@ -51,6 +51,32 @@ fn is_secret(name: &str) -> bool {
     SECRET_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name))
 }
 
+/// Axum middleware: log every request at debug level (method, path, status, duration), with
+/// secret query parameters such as `token=` redacted. Shared by the edge and the geo-router.
+#[cfg(feature = "http-log")]
+pub async fn log_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(redact_query).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        %method,
+        path,
+        query,
+        status = resp.status().as_u16(),
+        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
