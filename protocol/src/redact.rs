@@ -51,6 +51,11 @@ fn is_secret(name: &str) -> bool {
     SECRET_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name))
 }
 
+/// Tracing target of the request log, whichever role writes it: enable it with
+/// `RUST_LOG=info,amphi_request=debug`.
+#[cfg(feature = "http-log")]
+pub const REQUEST_LOG_TARGET: &str = "amphi_request";
+
 /// Axum middleware: log every request at debug level (method, path, status, duration), with
 /// secret query parameters such as `token=` redacted. Shared by the edge and the geo-router.
 #[cfg(feature = "http-log")]
@@ -58,7 +63,7 @@ pub async fn log_request(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
+    if !tracing::enabled!(target: REQUEST_LOG_TARGET, tracing::Level::DEBUG) {
         return next.run(req).await;
     }
     let method = req.method().clone();
@@ -67,6 +72,7 @@ pub async fn log_request(
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     tracing::debug!(
+        target: REQUEST_LOG_TARGET,
         %method,
         path,
         query,
