@@ -196,7 +196,7 @@ async fn every_role_exposes_moving_metrics_during_a_room() {
         19_000,
         "metrics",
         &[],
-        "info,amphi_edge=debug,amphi_geo_router=debug,amphi_request=debug",
+        "info,amphi_edge=debug,amphi_geo_router=debug,amphi::request=debug",
     );
     let (room, host, hls_url) = mesh.create_room("observed");
     let before = scrape_all(&mesh).await;

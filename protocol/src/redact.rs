@@ -52,9 +52,9 @@ fn is_secret(name: &str) -> bool {
 }
 
 /// Tracing target of the request log, whichever role writes it: enable it with
-/// `RUST_LOG=info,amphi_request=debug`.
+/// `RUST_LOG=info,amphi::request=debug`.
 #[cfg(feature = "http-log")]
-pub const REQUEST_LOG_TARGET: &str = "amphi_request";
+pub const REQUEST_LOG_TARGET: &str = "amphi::request";
 
 /// Axum middleware: log every request at debug level (method, path, status, duration), with
 /// secret query parameters such as `token=` redacted. Shared by the edge and the geo-router.
