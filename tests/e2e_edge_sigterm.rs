@@ -38,21 +38,8 @@ async fn sigterm_drains_the_edge_and_it_exits_when_its_last_session_ends() {
         .await
         .unwrap();
     }
-    let (status, created) = call(
-        "POST",
-        &format!("{router}/v1/rooms"),
-        Some(serde_json::json!({"title": "sigterm"})),
-    );
-    assert_eq!(status, 201, "{created}");
-    let room = created["room"].as_str().unwrap().to_string();
-    let token = |role: &str, name: &str| {
-        let (_, v) = call(
-            "POST",
-            &format!("{router}/v1/rooms/{room}/tokens"),
-            Some(serde_json::json!({"role": role, "name": name})),
-        );
-        v["token"].as_str().unwrap().to_string()
-    };
+    let room = create_room(&router, "sigterm").room;
+    let token = |role: &str, name: &str| mint_token(&router, &room, role, name);
     let (speaker, late) = (token("speaker", "tone"), token("speaker", "late"));
     // The default region is us-east: unplaced clients go there.
     let (_, route) = call("GET", &format!("{router}/v1/route?room={room}"), None);

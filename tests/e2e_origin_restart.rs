@@ -45,23 +45,8 @@ async fn a_restarted_origin_keeps_its_rooms_roles_hands_and_bans() {
         .unwrap();
     }
 
-    let (status, created) = call(
-        "POST",
-        &format!("{router}/v1/rooms"),
-        Some(serde_json::json!({"title": "durable"})),
-    );
-    assert_eq!(status, 201, "{created}");
-    let room = created["room"].as_str().unwrap().to_string();
-    let host_token = created["host_token"].as_str().unwrap().to_string();
-    let token = |role: &str, name: &str| {
-        let (status, v) = call(
-            "POST",
-            &format!("{router}/v1/rooms/{room}/tokens"),
-            Some(serde_json::json!({"role": role, "name": name})),
-        );
-        assert_eq!(status, 200, "{v}");
-        v["token"].as_str().unwrap().to_string()
-    };
+    let CreatedRoom { room, host_token } = create_room(&router, "durable");
+    let token = |role: &str, name: &str| mint_token(&router, &room, role, name);
     let (bob_t, alice_t, carol_t, troll_t, spk_t, dave_t) = (
         token("listener", "bob"),
         token("listener", "alice"),

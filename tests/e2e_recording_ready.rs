@@ -83,20 +83,11 @@ async fn recording_ready_is_posted_once_the_vod_is_written() {
         .await
         .unwrap();
     }
-    let (status, created) = call(
-        "POST",
-        &format!("{router}/v1/rooms"),
-        Some(serde_json::json!({"title": "recorded"})),
-    );
-    assert_eq!(status, 201, "{created}");
-    let room = created["room"].as_str().unwrap().to_string();
-    let host = created["host_token"].as_str().unwrap().to_string();
-    let (_, t) = call(
-        "POST",
-        &format!("{router}/v1/rooms/{room}/tokens"),
-        Some(serde_json::json!({"role": "speaker", "name": "tone"})),
-    );
-    let speaker = t["token"].as_str().unwrap().to_string();
+    let CreatedRoom {
+        room,
+        host_token: host,
+    } = create_room(&router, "recorded");
+    let speaker = mint_token(&router, &room, "speaker", "tone");
     // Three seconds of tone through the edge: the packager records the room's program.
     support::publish_tone(&format!("{edge}/whip/{room}"), &speaker, 440.0, 3.0).await;
     let (status, _) = call("GET", &format!("{router}/v1/rooms/{room}/recording"), None);

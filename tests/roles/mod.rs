@@ -285,6 +285,39 @@ pub fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// A room created through the geo-router: its id and the host token.
+pub struct CreatedRoom {
+    /// Room id.
+    pub room: String,
+    /// Token of the room's host.
+    pub host_token: String,
+}
+
+/// `POST /v1/rooms` on `router` (asserting 201).
+pub fn create_room(router: &str, title: &str) -> CreatedRoom {
+    let (status, created) = call(
+        "POST",
+        &format!("{router}/v1/rooms"),
+        Some(serde_json::json!({ "title": title })),
+    );
+    assert_eq!(status, 201, "{created}");
+    CreatedRoom {
+        room: created["room"].as_str().unwrap().to_string(),
+        host_token: created["host_token"].as_str().unwrap().to_string(),
+    }
+}
+
+/// A token for `role` named `name` in `room`, minted by the geo-router (asserting 200).
+pub fn mint_token(router: &str, room: &str, role: &str, name: &str) -> String {
+    let (status, v) = call(
+        "POST",
+        &format!("{router}/v1/rooms/{room}/tokens"),
+        Some(serde_json::json!({"role": role, "name": name})),
+    );
+    assert_eq!(status, 200, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
 /// (status, JSON body) of a request; status 0 if the connection failed.
 pub fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
     let req = ureq::request(method, url).timeout(Duration::from_secs(5));
