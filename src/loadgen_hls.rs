@@ -756,8 +756,8 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-/// (RSS kB, peak RSS kB, CPU ticks) of a process.
-fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
+/// (RSS kB, peak RSS kB, CPU seconds) of a process.
+fn proc_stats(pid: u32) -> Option<(u64, u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb = |key: &str| {
         status
@@ -766,10 +766,8 @@ fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some((kb("VmRSS:")?, kb("VmHWM:")?, ticks))
+    let cpu = crate::loadgen_webrtc::process_cpu(pid).ok()?.total();
+    Some((kb("VmRSS:")?, kb("VmHWM:")?, cpu))
 }
 
 async fn drive(
@@ -961,7 +959,7 @@ async fn drive(
         );
     }
     if let (Some(b), Some(a)) = (before, after) {
-        let cpu = (a.2 - b.2) as f64 / 100.0 / elapsed * 100.0;
+        let cpu = (a.2 - b.2) / elapsed * 100.0;
         println!(
             "packager process: RSS {:.1} MiB (peak {:.1} MiB), CPU {cpu:.0}% of one core (single-threaded runtime)",
             a.0 as f64 / 1024.0,
@@ -969,7 +967,7 @@ async fn drive(
         );
     }
     if let (Some(b), Some(a)) = (own_before, own_after) {
-        let cpu = (a.2 - b.2) as f64 / 100.0 / elapsed * 100.0;
+        let cpu = (a.2 - b.2) / elapsed * 100.0;
         println!(
             "load generator process (the players): CPU {cpu:.0}% of one core; machine load average {}",
             std::fs::read_to_string("/proc/loadavg")

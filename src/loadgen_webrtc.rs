@@ -156,7 +156,7 @@ fn parse_stat(stat: &str) -> Result<(String, CpuTimes)> {
 }
 
 /// CPU times of a whole process so far.
-fn process_cpu(pid: u32) -> Result<CpuTimes> {
+pub(crate) fn process_cpu(pid: u32) -> Result<CpuTimes> {
     Ok(parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?.1)
 }
 
@@ -239,14 +239,18 @@ pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) ->
     Ok(used.total() * 1e6 / sent as f64)
 }
 
+/// Clock ticks per second of `/proc` CPU times (asked of `getconf` once per process).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Cumulative forwarding-delay histogram buckets (upper bound µs, count) from edge metrics.
