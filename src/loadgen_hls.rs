@@ -60,10 +60,13 @@ pub struct HlsArgs {
     /// Tone bursts timed by `--glass-to-glass` (one every 2 s).
     #[arg(long, default_value_t = 20)]
     bursts: usize,
-    /// hls.js config (JSON) for `--glass-to-glass`; the default lets hls.js play up to 1.5x to
-    /// hold its target latency (PART-HOLD-BACK).
-    #[arg(long, default_value = r#"{"maxLiveSyncPlaybackRate":1.5}"#)]
+    /// hls.js config (JSON) for `--glass-to-glass`, merged over `{"lowLatencyMode": true}`.
+    #[arg(long, default_value = "{}")]
     hls_config: String,
+    /// Play hls.js without the room page's live-latency keeper (`web/latency.js`, which plays
+    /// at 1.1x while the player sits more than 0.1 s behind PART-HOLD-BACK).
+    #[arg(long)]
+    no_latency_keeper: bool,
     /// Port offset of the dev mesh `--glass-to-glass` starts.
     #[arg(long, default_value_t = 22_000)]
     port_offset: u16,
@@ -71,6 +74,10 @@ pub struct HlsArgs {
     /// without the HTTP/1.1 fast path), for side-by-side comparisons.
     #[arg(long)]
     hyper_only: bool,
+    /// Skip the kernel floor measured after the player load (the same players held by a minimal
+    /// server that only writes the packager's response to each in turn).
+    #[arg(long)]
+    no_tcp_floor: bool,
     /// Internal: run the packager with a synthetic program on this address (child mode).
     #[arg(long, hide = true)]
     serve_packager: Option<SocketAddr>,
@@ -98,7 +105,8 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         } else {
             args.bursts.clamp(1, 1000)
         };
-        return glass_to_glass(bursts, args.port_offset, args.hls_config.clone()).await;
+        let keeper = !args.no_latency_keeper;
+        return glass_to_glass(bursts, args.port_offset, args.hls_config.clone(), keeper).await;
     }
     let (players, seconds) = if args.smoke {
         (args.players.min(50), args.seconds.min(3))
@@ -157,7 +165,117 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         let _ = c.wait();
         let _ = std::fs::remove_dir_all(dir);
     }
-    result
+    let run = result?;
+    if !args.no_tcp_floor {
+        tcp_floor(&run, players, seconds, args.ramp_batch).await?;
+    }
+    Ok(())
+}
+
+/// What the player load measured, for the side-by-side floor.
+struct PackagerRun {
+    /// Bytes of one blocking-reload response on the wire.
+    response_len: usize,
+    /// Per part, publication -> delivered to all waiting players: (p50, p99) ms.
+    all_waiting_ms: (f64, f64),
+}
+
+/// The kernel floor beside the packager run: the same number of players each hold a request
+/// against [`crate::tcp_floor::FloorServer`], which writes a response of the packager's size
+/// to every waiting socket once per part duration.
+async fn tcp_floor(
+    run: &PackagerRun,
+    players: usize,
+    seconds: u64,
+    ramp_batch: usize,
+) -> Result<()> {
+    let period = Duration::from_millis(200);
+    let server = crate::tcp_floor::FloorServer::start(
+        run.response_len,
+        period,
+        amphi_packager::PUBLISHED_HEADER,
+    )?;
+    let addr = server.addr.to_string();
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::with_capacity(players);
+    for i in 0..players {
+        let (addr, measuring, stop) = (addr.clone(), measuring.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out: Vec<(u64, u32)> = Vec::new();
+            let Ok(mut cn) = Conn::open(&addr).await else {
+                return out;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(r) = cn.get("/floor").await else {
+                    break;
+                };
+                if let (true, Some(p)) = (measuring.load(Ordering::Relaxed), r.published_us) {
+                    let got = r.received_us.unwrap_or_else(unix_us);
+                    out.push((p, got.saturating_sub(p).min(u64::from(u32::MAX)) as u32));
+                }
+            }
+            out
+        }));
+        if (i + 1) % ramp_batch.max(1) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    measuring.store(true, Ordering::Relaxed);
+    server.measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    server.measuring.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    for t in tasks {
+        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(10), t).await {
+            samples.extend(v);
+        }
+    }
+    let cost = server.stop()?;
+    let mut per_response: Vec<u32> = samples.iter().map(|s| s.1).collect();
+    per_response.sort_unstable();
+    let mut per_round: HashMap<u64, (u32, u32)> = HashMap::new();
+    for (published, delay) in &samples {
+        let e = per_round.entry(*published).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(*delay);
+    }
+    let full = per_round.values().map(|v| v.0).max().unwrap_or(0);
+    let mut to_all: Vec<u32> = per_round
+        .values()
+        .filter(|v| v.0 * 10 >= full * 9)
+        .map(|v| v.1)
+        .collect();
+    to_all.sort_unstable();
+    let floor_us_per_write = cost.cpu_us / cost.writes.max(1) as f64;
+    println!(
+        "kernel floor, same run: {players} players each holding a request against a minimal \
+         blocking server that writes the same {}-byte response to every waiting socket every \
+         200 ms and does nothing else",
+        run.response_len
+    );
+    println!(
+        "  floor publication -> delivery, per response: p50 {:.1} ms, p99 {:.1} ms; to all \
+         waiting players, per round: p50 {:.1} ms, p99 {:.1} ms ({} rounds of {full}); \
+         CPU {floor_us_per_write:.2} us per write",
+        percentile(&per_response, 0.5),
+        percentile(&per_response, 0.99),
+        percentile(&to_all, 0.5),
+        percentile(&to_all, 0.99),
+        to_all.len(),
+    );
+    println!(
+        "  packager / floor, to all waiting: p50 {:.2}x, p99 {:.2}x",
+        run.all_waiting_ms.0 / percentile(&to_all, 0.5),
+        run.all_waiting_ms.1 / percentile(&to_all, 0.99)
+    );
+    if to_all.is_empty() {
+        bail!("the floor server answered no round");
+    }
+    Ok(())
 }
 
 /// Child mode: a packager on one single-threaded runtime, fed a 440 Hz program in real time;
@@ -221,7 +339,15 @@ async fn json(
 }
 
 /// Glass-to-glass: tone bursts through WHIP -> edge -> origin -> packager -> hls.js.
-async fn glass_to_glass(bursts: usize, offset: u16, hls_config: String) -> Result<()> {
+/// The room page's live-latency keeper, which the glass-to-glass player loads beside hls.js.
+const LATENCY_KEEPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/web/latency.js");
+
+async fn glass_to_glass(
+    bursts: usize,
+    offset: u16,
+    hls_config: String,
+    latency_keeper: bool,
+) -> Result<()> {
     let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("g2g", offset, &[])).await??;
     let router = format!("127.0.0.1:{}", 8080 + offset);
     let mut conn = Conn::open(&router).await?;
@@ -270,7 +396,11 @@ async fn glass_to_glass(bursts: usize, offset: u16, hls_config: String) -> Resul
         if i == 100 {
             let (page, hls_url, cfg) = (page.clone(), hls_url.clone(), hls_config.clone());
             player = Some(std::thread::spawn(move || {
-                let out = Command::new("node")
+                let mut node = Command::new("node");
+                if latency_keeper {
+                    node.env("AMPHI_LATENCY_KEEPER", LATENCY_KEEPER);
+                }
+                let out = node
                     .arg(script)
                     .env("AMPHI_PAGE", page)
                     .env("AMPHI_HLS_URL", hls_url)
@@ -360,6 +490,8 @@ struct Resp {
     /// When its last bytes reached the player's socket (kernel receive timestamp, Unix µs).
     received_us: Option<u64>,
     body: Vec<u8>,
+    /// Bytes of the whole response on the wire (head and body).
+    wire_len: usize,
 }
 
 impl Conn {
@@ -419,6 +551,7 @@ impl Conn {
                         published_us: resp_head.published_us,
                         received_us: self.received_us,
                         body,
+                        wire_len: total,
                     });
                 }
             }
@@ -616,7 +749,8 @@ fn preload_hint(body: &[u8]) -> Option<(u64, u32)> {
     Some((m.parse().ok()?, p.parse().ok()?))
 }
 
-fn unix_us() -> u64 {
+/// Wall clock, Unix µs.
+pub(crate) fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -777,7 +911,7 @@ async fn drive(
     ramp_batch: usize,
     fetch_parts: bool,
     packager_pid: Option<u32>,
-) -> Result<()> {
+) -> Result<PackagerRun> {
     let rest = url
         .strip_prefix("http://")
         .context("--url must be a plain http:// media playlist URL")?;
@@ -788,13 +922,16 @@ async fn drive(
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
-    // Wait until the playlist has a part.
+    // Wait until the playlist has a part; keep the size of a blocking reload's response.
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let response_len = loop {
         if let Ok(mut c) = Conn::open(&host).await {
             if let Ok(r) = c.get(&path).await {
-                if r.status == 200 && preload_hint(&r.body).is_some_and(|h| h != (0, 0)) {
-                    break;
+                if let Some((msn, part)) = preload_hint(&r.body).filter(|h| *h != (0, 0)) {
+                    let held = format!("{path}?_HLS_msn={msn}&_HLS_part={part}");
+                    if let Ok(r) = c.get(&held).await.map(|r| r.wire_len) {
+                        break r;
+                    }
                 }
             }
         }
@@ -802,7 +939,7 @@ async fn drive(
             bail!("{url} never listed a part");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     println!("loadgen hls: {players} players against {url}, ramping up ({ramp_batch} per 50 ms)");
     let mut tasks = Vec::with_capacity(players);
     let ramp_start = Instant::now();
@@ -960,8 +1097,10 @@ async fn drive(
     }
     if let (Some(b), Some(a)) = (before, after) {
         let cpu = (a.2 - b.2) / elapsed * 100.0;
+        let requests = totals.0 + totals.1;
+        let per_request = (a.2 - b.2) * 1e6 / requests.max(1) as f64;
         println!(
-            "packager process: RSS {:.1} MiB (peak {:.1} MiB), CPU {cpu:.0}% of one core (single-threaded runtime)",
+            "packager process: RSS {:.1} MiB (peak {:.1} MiB), CPU {cpu:.0}% of one core (single-threaded runtime), {per_request:.1} us per request",
             a.0 as f64 / 1024.0,
             a.1 as f64 / 1024.0
         );
@@ -981,7 +1120,13 @@ async fn drive(
     if totals.0 == 0 {
         bail!("no blocking reload completed");
     }
-    Ok(())
+    Ok(PackagerRun {
+        response_len,
+        all_waiting_ms: (
+            percentile(&all_waiting, 0.5),
+            percentile(&all_waiting, 0.99),
+        ),
+    })
 }
 
 #[cfg(test)]

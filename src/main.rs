@@ -9,6 +9,7 @@ mod loadgen_hls;
 mod loadgen_webrtc;
 mod plan;
 mod roles;
+mod tcp_floor;
 mod web;
 
 use anyhow::Result;

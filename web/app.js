@@ -513,6 +513,7 @@ async function startHls() {
       });
       hls.loadSource(url);
       hls.attachMedia(el);
+      amphi.stopLatencyKeeper = window.AmphiLatency.keep(hls, el);
     }
     setListenMode("hls");
     await el.play().catch(() => checkAudioUnlocked());
@@ -526,6 +527,8 @@ async function startHls() {
 function stopHls() {
   amphi.hlsStarted = false;
   amphi.hlsEngine = null;
+  if (amphi.stopLatencyKeeper) amphi.stopLatencyKeeper();
+  amphi.stopLatencyKeeper = null;
   if (amphi.hls) amphi.hls.destroy();
   amphi.hls = null;
   const el = $("#hls-audio");

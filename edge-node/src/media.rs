@@ -29,7 +29,7 @@ use str0m::change::SdpOffer;
 use str0m::format::Codec;
 use str0m::media::{ExtensionValues, Mid, Pt};
 use str0m::net::{DatagramRecv, DatagramSend, Protocol, Receive};
-use str0m::rtp::RtpWrite;
+use str0m::rtp::{RtpWrite, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -157,6 +157,8 @@ struct SlotOut {
     pt: Pt,
     /// Subtracted from the room slot's sequence numbers so this peer's stream starts at 1 (ROC 0).
     offset: Option<u64>,
+    /// The send stream's SSRC once looked up by mid: a map lookup per packet instead of a scan.
+    ssrc: Option<Ssrc>,
 }
 
 struct Peer {
@@ -513,13 +515,12 @@ impl MediaDriver {
                 continue;
             };
             // Keep the stream continuous if the slot's mid is unchanged.
-            let offset = peer.slots[k]
-                .filter(|s| s.mid == *mid)
-                .and_then(|s| s.offset);
+            let kept = peer.slots[k].filter(|s| s.mid == *mid);
             next[k] = Some(SlotOut {
                 mid: *mid,
                 pt,
-                offset,
+                offset: kept.and_then(|s| s.offset),
+                ssrc: kept.and_then(|s| s.ssrc),
             });
         }
         peer.slots = next;
@@ -851,7 +852,13 @@ impl MediaDriver {
                 }
                 let (mid, pt) = (slot.mid, slot.pt);
                 let mut api = peer.rtc.direct_api();
-                let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+                let stream = match slot.ssrc {
+                    Some(ssrc) => api.stream_tx(&ssrc),
+                    None => api.stream_tx_by_mid(mid, None).inspect(|s| {
+                        slot.ssrc = Some(s.ssrc());
+                    }),
+                };
+                let Some(stream) = stream else {
                     continue;
                 };
                 stream.write_rtp(

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds (microseconds) of the forwarding-delay histogram buckets.
-pub const FORWARD_DELAY_BUCKETS_US: [u64; 14] = [
-    5, 10, 20, 50, 100, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 50_000,
+pub const FORWARD_DELAY_BUCKETS_US: [u64; 17] = [
+    5, 10, 20, 50, 100, 200, 300, 500, 750, 1_000, 1_250, 1_500, 2_000, 3_000, 5_000, 10_000,
+    50_000,
 ];
 
 /// Why a peer's RTP packet was refused at the edge (`amphi_edge_rtp_refused_total{reason}`).

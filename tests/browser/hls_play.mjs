@@ -3,11 +3,13 @@
 //
 // Env: AMPHI_PAGE (an http URL on the HLS origin to load first, so requests are same-origin),
 // AMPHI_HLS_URL (multivariant or media playlist), AMPHI_SECONDS (how long to listen),
-// AMPHI_HLS_CONFIG (optional JSON merged into the hls.js config).
+// AMPHI_HLS_CONFIG (optional JSON merged into the hls.js config), AMPHI_LATENCY_KEEPER (optional
+// path of web/latency.js: hold the live latency the way the room page does).
 // Prints JSON lines on stdout:
 //   {"ev":"level","codec":..}            the level hls.js picked
 //   {"ev":"playing","at":unix_ms}
-//   {"ev":"status","currentTime":..,"peakHz":..,"peakDb":..,"rms":..,"at":unix_ms}  every 250 ms
+//   {"ev":"status","currentTime":..,"latency":..,"rate":..,"peakHz":..,"peakDb":..,"rms":..,"at":unix_ms}
+//                                        every 250 ms
 //   {"ev":"onset","at":unix_ms,"currentTime":..}  a tone after >= 300 ms of silence
 //   {"ev":"error","fatal":..,"details":..}
 //   {"ev":"done","currentTime":..,"maxPeakHz":..}
@@ -20,6 +22,7 @@ const pageUrl = process.env.AMPHI_PAGE;
 const hlsUrl = process.env.AMPHI_HLS_URL;
 const seconds = Number(process.env.AMPHI_SECONDS || 10);
 const extraConfig = JSON.parse(process.env.AMPHI_HLS_CONFIG || "{}");
+const latencyKeeper = process.env.AMPHI_LATENCY_KEEPER;
 if (!pageUrl || !hlsUrl) {
   console.error("AMPHI_PAGE and AMPHI_HLS_URL are required");
   process.exit(2);
@@ -33,6 +36,7 @@ try {
   await page.goto(pageUrl);
   await page.setContent("<!doctype html><title>amphi hls</title><audio id=a></audio>");
   await page.addScriptTag({ path: hlsPath });
+  if (latencyKeeper) await page.addScriptTag({ path: latencyKeeper });
   await page.evaluate(([url, extra]) => {
     const audio = document.getElementById("a");
     const ctx = new AudioContext();
@@ -57,6 +61,7 @@ try {
     });
     hls.loadSource(url);
     hls.attachMedia(audio);
+    if (window.AmphiLatency) window.AmphiLatency.keep(hls, audio);
     let silentSince = performance.now();
     let loud = false;
     let lastStatus = 0;
@@ -86,6 +91,8 @@ try {
         window.report({
           ev: "status",
           currentTime: audio.currentTime,
+          latency: hls.latency,
+          rate: audio.playbackRate,
           peakHz: best * binHz,
           peakDb: freq[best],
           rms,
