@@ -184,8 +184,16 @@ fn edge_cpu(pid: u32) -> Result<(CpuTimes, CpuTimes)> {
 }
 
 /// CPU seconds (user + system) of the calling thread so far.
-fn this_thread_cpu() -> Result<CpuTimes> {
-    Ok(parse_stat(&std::fs::read_to_string("/proc/thread-self/stat")?)?.1)
+/// CPU time (user + system) of the calling thread, µs, at nanosecond resolution (`/proc`
+/// counts whole clock ticks, too coarse for a few milliseconds of sending).
+pub(crate) fn thread_cpu_us() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec that outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
 }
 
 /// The kernel's CPU cost of the edge's send path alone: `datagrams` datagrams of `len` bytes
@@ -223,7 +231,7 @@ pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) ->
     let payload = vec![0x5a_u8; len];
     let round: Vec<(std::net::SocketAddr, &[u8])> =
         targets.iter().map(|t| (*t, &payload[..])).collect();
-    let before = this_thread_cpu()?;
+    let before = thread_cpu_us();
     let (mut attempted, mut sent) = (0, 0);
     while attempted < datagrams {
         let n = (datagrams - attempted).min(round.len());
@@ -232,11 +240,11 @@ pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) ->
         // Leave the drain thread time to empty the receive buffers, as subscribers would.
         std::thread::sleep(Duration::from_millis(1));
     }
-    let used = this_thread_cpu()?.minus(before);
+    let used_us = thread_cpu_us() - before;
     stop.store(true, Ordering::Relaxed);
     let _ = drain.join();
     ensure!(sent > 0, "no datagram could be sent");
-    Ok(used.total() * 1e6 / sent as f64)
+    Ok(used_us / sent as f64)
 }
 
 /// Clock ticks per second of `/proc` CPU times (asked of `getconf` once per process).

@@ -6,6 +6,7 @@
 //! turn, the least work any origin can do to answer held requests over TCP. Its delivery delays
 //! and its CPU per write are the floor the packager's figures are compared to, in the same run.
 
+use crate::loadgen_webrtc::thread_cpu_us;
 use anyhow::{Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -198,17 +199,6 @@ fn write_all(stream: &mut TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// CPU time (user + system) of the calling thread, µs.
-fn thread_cpu_us() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a pointer to a timespec that outlives the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::recording_index::{
     chunk_name, chunk_of, parse_chunk, plan_resume, render_chunk, IndexError, Resume,
 };
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
-use crate::speakers::SpeakerTimeline;
+use crate::speakers::{parse_turns, render_turns, SpeakerTimeline, TURNS_FILE};
 use crate::storage::{ObjectMeta, Storage, StorageError, Store};
 use crate::upload::{Backoff, Job, Publish, UploadQueue};
 use amphi_protocol::RoomId;
@@ -173,13 +173,32 @@ impl RoomCore {
                 Some(a) => a.follow(&o)?,
                 None => None,
             };
+            let segment_done = matches!(o, SegmenterOutput::Segment(_));
             self.push_output(0, o);
             #[cfg(feature = "aac")]
             if let Some(a) = aac {
                 self.push_output(1, a);
             }
+            if segment_done {
+                self.store_turns();
+            }
         }
         Ok(())
+    }
+
+    /// Queue the speaker turns so far (with the one in progress) for storage: a restarted
+    /// packager reads them back into the room's recording.
+    fn store_turns(&self) {
+        let spans = self.speakers.spans();
+        if spans.is_empty() {
+            return;
+        }
+        self.queue.push(Job::Put {
+            key: key(self.room, TURNS_FILE),
+            body: Bytes::from(render_turns(&spans)),
+            meta: ObjectMeta::INDEX,
+            publish: Publish::Nothing,
+        });
     }
 
     fn push_output(&self, ri: usize, o: SegmenterOutput) {
@@ -741,11 +760,33 @@ impl Registry {
         Ok(plan_resume(indexed, names, r.part_target_ticks))
     }
 
+    /// The speaker turns stored before a packager restart (none if unreadable).
+    async fn stored_turns(&self, room: RoomId) -> SpeakerTimeline {
+        let text = match self.store.get(&key(room, TURNS_FILE)).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return SpeakerTimeline::new(),
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "cannot read the stored speaker turns");
+                return SpeakerTimeline::new();
+            }
+        };
+        match std::str::from_utf8(&text)
+            .map_err(|_| crate::speakers::TurnsError::Version)
+            .and_then(parse_turns)
+        {
+            Ok(spans) => SpeakerTimeline::resume(spans),
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "stored speaker turns skipped");
+                SpeakerTimeline::new()
+            }
+        }
+    }
+
     /// A known room, or a new one: its init segments and multivariant playlist are queued
     /// first, and its uploader started. After a packager restart the room resumes from its
-    /// durable recording index: the live playlist and the recording keep the segments from
-    /// before, numbering continues after anything already stored, and the next segment is a
-    /// discontinuity.
+    /// durable recording index: the live playlist and the recording keep the segments (and the
+    /// speaker turns) from before, numbering continues after anything already stored, and the
+    /// next segment is a discontinuity.
     pub async fn get_or_open(&self, room: RoomId) -> Result<Arc<RoomHandle>, RoomError> {
         if let Some(h) = self.get(room) {
             return Ok(h);
@@ -820,7 +861,10 @@ impl Registry {
             },
             #[cfg(feature = "aac")]
             aac,
-            speakers: SpeakerTimeline::new(),
+            speakers: match start_msn {
+                Some(_) => self.stored_turns(room).await,
+                None => SpeakerTimeline::new(),
+            },
             active_stream: None,
             end_requested: false,
             finished: false,

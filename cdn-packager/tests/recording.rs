@@ -191,15 +191,17 @@ async fn retention_deletes_an_expired_recording() {
     h.stop().await;
 }
 
-/// Send `frames[range]` as program records (RTP from the range start) at 4x real time.
+/// Send `frames[range]` as program records (RTP from the range start) at 4x real time, with
+/// `speaker` loudest.
 async fn stream(
     h: &Harness,
     frames: &[Vec<u8>],
     range: std::ops::Range<usize>,
+    speaker: u32,
 ) -> quinn::SendStream {
     let mut uni = h.conn.open_uni().await.unwrap();
     for i in range {
-        uni.write_all(&program_record_from(ROOM, i as u32, &frames[i], ALICE))
+        uni.write_all(&program_record_from(ROOM, i as u32, &frames[i], speaker))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -213,14 +215,14 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
     let live = format!("/hls/{ROOM}/opus/playlist.m3u8");
     // Before the restart: 5 s = segments 0 and 1, and 5 parts of segment 2.
     let h = Harness::start("restart").await;
-    let _uni = stream(&h, &frames, 0..250).await;
+    let _uni = stream(&h, &frames, 0..250, ALICE).await;
     h.wait_until(&live, |r| r.text().contains("part2.4.m4s"))
         .await;
     let data_dir = h.stop_keeping_files().await;
 
     // After: the same storage, a new program stream on a new timeline.
     let mut h = Harness::start_in(PackagerOptions::default(), data_dir).await;
-    let mut uni = stream(&h, &frames, 0..150).await;
+    let mut uni = stream(&h, &frames, 0..150, BOB).await;
     let text = h
         .wait_until(&live, |r| r.text().contains("part4.0.m4s"))
         .await
@@ -246,6 +248,20 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
         let msns: Vec<u64> = sum.segments.iter().map(|s| s.msn).collect();
         assert_eq!(msns, [0, 1, 2, 3, 4], "{}: before and after\n{text}", r.dir);
         assert_eq!(sum.discontinuities, [3], "{}\n{text}", r.dir);
+        // Alice's turn, stored before the restart, then Bob's.
+        assert_eq!(
+            sum.dateranges,
+            ["speaker-0", "speaker-1"],
+            "{}\n{text}",
+            r.dir
+        );
+        let alice = text
+            .find(&format!("X-SPEAKER-ID=\"{ALICE}\""))
+            .unwrap_or_else(|| panic!("Alice's turn from before the restart\n{text}"));
+        let bob = text
+            .find(&format!("X-SPEAKER-ID=\"{BOB}\""))
+            .unwrap_or_else(|| panic!("Bob's turn after it\n{text}"));
+        assert!(alice < bob, "{text}");
         // Segment 2 was cut off by the restart: listed as a gap unless the stopping packager
         // still stored it; every other segment is media.
         assert!(
