@@ -110,6 +110,12 @@ try {
   check((await hal.textContent("#listen-mode")) === "HLS", "hal's listen mode reads HLS");
   result.hls_engine = await state(hal, () => window.amphi.hlsEngine);
   log(`eu-west HLS listener (${result.hls_engine}) hears 440 Hz`);
+  if (result.hls_engine === "hls.js") {
+    check(
+      await state(hal, () => typeof window.amphi.stopLatencyKeeper === "function" && !!window.AmphiLatency),
+      "hls.js plays with the live-latency keeper (web/latency.js)"
+    );
+  }
   await guest.waitForFunction(() => window.amphi.latencyMs != null, null, { timeout: 10000 });
   await hal.waitForFunction(() => window.amphi.latencyMs != null, null, { timeout: 10000 });
   result.webrtc_latency_estimate_ms = await state(guest, () => window.amphi.latencyMs);
