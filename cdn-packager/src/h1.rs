@@ -477,26 +477,11 @@ async fn hand_to_hyper(
         tracing::debug!(%peer, "connection still referenced; closing it");
         return;
     };
-    let io = hyper_util::rt::TokioIo::new(Prefixed {
+    let io = Prefixed {
         read,
         inner: stream,
-    });
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    let served = builder.serve_connection(io, service);
-    tokio::pin!(served);
-    tokio::select! {
-        r = served.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        }
-        _ = shutdown.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            let _ = served.await;
-        }
-    }
+    };
+    crate::http::serve_connection(io, app, peer, &shutdown).await;
 }
 
 /// A stream that first yields bytes already read from it.

@@ -2,9 +2,6 @@
 //! builder, the same axum router as the plain listener. Apple requires HTTP/2 for LL-HLS.
 
 use crate::{PackagerError, PackagerOptions};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
@@ -92,21 +89,7 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 };
-            let svc = TowerToHyperService::new(app);
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "https connection ended");
-                    }
-                }
-                _ = sd.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
-            }
+            crate::http::serve_connection(tls, app, peer, &sd).await;
         });
     }
     tracker.close();
