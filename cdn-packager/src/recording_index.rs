@@ -16,8 +16,16 @@
 //!
 //! `flags` is `-`, or `d` (discontinuity) and/or `g` (gap: media lost in a restart). Media
 //! sequence numbers above [`MAX_MSN`] (the largest a URL may carry) are refused.
+//!
+//! The room's speaker turns (the recording's `EXT-X-DATERANGE`s) are stored beside it as
+//! `{room}/speakers.txt`, rewritten as segments complete, in the same kind of text:
+//!
+//! ```text
+//! amphi-speaker-turns 1
+//! {participant id} {start, Unix microseconds} {duration, microseconds}
+//! ```
 
-use crate::playlist::SegmentSummary;
+use crate::playlist::{SegmentSummary, SpeakerSpan};
 use crate::request::MAX_MSN;
 use crate::segmenter::SegmentStart;
 use std::fmt::Write;
@@ -34,6 +42,14 @@ pub const MAX_GAP_SEGMENTS: u64 = 64;
 const MAX_SEGMENT_TICKS: u64 = 480_000;
 /// Latest program date time accepted from an index line (the year 3000, Unix microseconds).
 const MAX_PDT_US: u64 = 32_503_680_000_000_000;
+/// Storage key of the speaker turns, relative to the room's directory.
+pub const TURNS_FILE: &str = "speakers.txt";
+/// First line of the turns file.
+const TURNS_HEADER: &str = "amphi-speaker-turns 1";
+/// Most turns read back (a day of one-second turns); more lines are refused.
+pub const MAX_TURNS: usize = 86_400;
+/// Longest turn accepted (a day, microseconds).
+const MAX_TURN_US: u64 = 86_400_000_000;
 
 /// The chunk holding segment `msn`.
 pub fn chunk_of(msn: u64) -> u64 {
@@ -69,28 +85,91 @@ pub fn render_chunk(history: &[SegmentSummary], chunk: u64) -> String {
     out
 }
 
-/// Why a stored chunk was refused.
+/// Why a stored index chunk or turns file was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IndexError {
     /// The first line is not a known version.
-    #[error("not a recording index (version line missing or unknown)")]
+    #[error("unknown file (version line missing or unknown)")]
     Version,
     /// A line is malformed.
     #[error("line {0} is malformed")]
     Line(usize),
+    /// More than [`MAX_TURNS`] turns.
+    #[error("more than {MAX_TURNS} turns")]
+    TooMany,
+}
+
+/// The non-empty lines of a stored text file after `header`, with their 1-based line numbers.
+fn records<'a>(
+    stored: &'a [u8],
+    header: &str,
+) -> Result<impl Iterator<Item = (usize, &'a str)>, IndexError> {
+    let text = std::str::from_utf8(stored).map_err(|_| IndexError::Version)?;
+    let mut lines = text.lines();
+    if lines.next() != Some(header) {
+        return Err(IndexError::Version);
+    }
+    Ok(lines
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| (i + 2, l)))
 }
 
 /// Parse a stored chunk. Storage is trusted but may be damaged: never panics.
-pub fn parse_chunk(text: &str) -> Result<Vec<SegmentSummary>, IndexError> {
-    let mut lines = text.lines();
-    if lines.next() != Some(HEADER) {
-        return Err(IndexError::Version);
+pub fn parse_chunk(stored: impl AsRef<[u8]>) -> Result<Vec<SegmentSummary>, IndexError> {
+    records(stored.as_ref(), HEADER)?
+        .map(|(n, line)| parse_line(line).ok_or(IndexError::Line(n)))
+        .collect()
+}
+
+/// Render speaker turns as a turns file.
+pub fn render_turns(spans: &[SpeakerSpan]) -> String {
+    let mut out = String::with_capacity(24 + spans.len() * 40);
+    out.push_str(TURNS_HEADER);
+    out.push('\n');
+    for s in spans {
+        let start = s
+            .start
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let _ = writeln!(out, "{} {start} {}", s.speaker, s.duration.as_micros());
     }
-    let mut out = Vec::new();
-    for (n, line) in lines.enumerate().filter(|(_, l)| !l.is_empty()) {
-        out.push(parse_line(line).ok_or(IndexError::Line(n + 2))?);
+    out
+}
+
+/// Parse a turns file written by [`render_turns`]; never panics.
+pub fn parse_turns(stored: impl AsRef<[u8]>) -> Result<Vec<SpeakerSpan>, IndexError> {
+    let mut spans = Vec::new();
+    for (n, line) in records(stored.as_ref(), TURNS_HEADER)? {
+        if spans.len() == MAX_TURNS {
+            return Err(IndexError::TooMany);
+        }
+        spans.push(parse_turn(line).ok_or(IndexError::Line(n))?);
     }
-    Ok(out)
+    Ok(spans)
+}
+
+fn parse_turn(line: &str) -> Option<SpeakerSpan> {
+    let mut f = line.split(' ');
+    let speaker = f.next()?.parse::<u32>().ok().filter(|&s| s != 0)?;
+    let start = f
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .filter(|&us| us <= MAX_PDT_US)?;
+    let duration = f
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .filter(|&d| d > 0 && d <= MAX_TURN_US)?;
+    if f.next().is_some() {
+        return None;
+    }
+    Some(SpeakerSpan {
+        speaker,
+        start: SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(start))?,
+        duration: Duration::from_micros(duration),
+    })
 }
 
 fn parse_line(line: &str) -> Option<SegmentSummary> {
@@ -211,6 +290,36 @@ pub fn plan_resume<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_turn_files_are_errors() {
+        assert_eq!(parse_turns(""), Err(IndexError::Version));
+        assert_eq!(
+            parse_turns("amphi-speaker-turns 2\n"),
+            Err(IndexError::Version)
+        );
+        assert_eq!(parse_turns("amphi-speaker-turns 1\n"), Ok(vec![]));
+        for bad in [
+            "7 1 x",
+            "7 1",
+            "7 1 2 3",
+            "0 1 2",
+            "4294967296 1 2",
+            "7 1 0",
+            "7 99999999999999999999 2",
+            "7 32503680000000001 2",
+            "7 1 86400000001",
+            "-7 1 2",
+        ] {
+            assert_eq!(
+                parse_turns(format!("amphi-speaker-turns 1\n7 1 2\n{bad}\n")),
+                Err(IndexError::Line(3)),
+                "{bad}"
+            );
+        }
+        let many = format!("amphi-speaker-turns 1\n{}", "7 1 2\n".repeat(MAX_TURNS + 1));
+        assert_eq!(parse_turns(&many), Err(IndexError::TooMany));
+    }
 
     fn seg(msn: u64, secs: u64, disc: bool) -> SegmentSummary {
         SegmentSummary {

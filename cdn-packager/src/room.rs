@@ -14,10 +14,11 @@ use crate::playlist::{
     PlaylistStatus, Rendition, RenditionReport,
 };
 use crate::recording_index::{
-    chunk_name, chunk_of, parse_chunk, plan_resume, render_chunk, IndexError, Resume,
+    chunk_name, chunk_of, parse_chunk, parse_turns, plan_resume, render_chunk, render_turns,
+    Resume, TURNS_FILE,
 };
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
-use crate::speakers::{parse_turns, render_turns, SpeakerTimeline, TURNS_FILE};
+use crate::speakers::SpeakerTimeline;
 use crate::storage::{ObjectMeta, Storage, StorageError, Store};
 use crate::upload::{Backoff, Job, Publish, UploadQueue};
 use amphi_protocol::RoomId;
@@ -744,9 +745,7 @@ impl Registry {
         let mut indexed = Vec::new();
         for k in keys.iter().filter(|k| k.starts_with(&index_prefix)) {
             let parsed = match self.store.get(k).await? {
-                Some(b) => std::str::from_utf8(&b)
-                    .map_err(|_| IndexError::Version)
-                    .and_then(parse_chunk),
+                Some(b) => parse_chunk(b),
                 None => continue,
             };
             match parsed {
@@ -762,7 +761,7 @@ impl Registry {
 
     /// The speaker turns stored before a packager restart (none if unreadable).
     async fn stored_turns(&self, room: RoomId) -> SpeakerTimeline {
-        let text = match self.store.get(&key(room, TURNS_FILE)).await {
+        let stored = match self.store.get(&key(room, TURNS_FILE)).await {
             Ok(Some(b)) => b,
             Ok(None) => return SpeakerTimeline::new(),
             Err(e) => {
@@ -770,10 +769,7 @@ impl Registry {
                 return SpeakerTimeline::new();
             }
         };
-        match std::str::from_utf8(&text)
-            .map_err(|_| crate::speakers::TurnsError::Version)
-            .and_then(parse_turns)
-        {
+        match parse_turns(stored) {
             Ok(spans) => SpeakerTimeline::resume(spans),
             Err(e) => {
                 tracing::warn!(%room, error = %e, "stored speaker turns skipped");

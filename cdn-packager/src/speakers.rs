@@ -2,15 +2,8 @@
 //! frames carry (the loudest speaker's participant id, 0 when nobody speaks). A change counts
 //! once the new speaker stays loudest for [`MIN_TURN`], so overlapping talk does not split the
 //! recording into 20 ms turns.
-//!
-//! The turns are stored beside the recording index as `{room}/speakers.txt` (rewritten as
-//! segments complete) so a restarted packager keeps them in the room's recording. Text, one
-//! turn per line after a version line:
-//!
-//! ```text
-//! amphi-speaker-turns 1
-//! {participant id} {start, Unix microseconds} {duration, microseconds}
-//! ```
+//! The turns are stored with the recording index
+//! ([`crate::recording_index::render_turns`]) so a restarted packager keeps them.
 
 use crate::playlist::SpeakerSpan;
 use std::time::{Duration, SystemTime};
@@ -19,83 +12,6 @@ use std::time::{Duration, SystemTime};
 pub const MIN_TURN: Duration = Duration::from_millis(1000);
 /// Length of one program frame.
 const FRAME: Duration = Duration::from_millis(20);
-/// Storage key of the turns, relative to the room's directory.
-pub const TURNS_FILE: &str = "speakers.txt";
-/// First line of the turns file.
-const TURNS_HEADER: &str = "amphi-speaker-turns 1";
-/// Most turns read back (a day of one-second turns); more lines are refused.
-const MAX_TURNS: usize = 86_400;
-/// Latest start accepted (the year 3000, Unix microseconds).
-const MAX_START_US: u64 = 32_503_680_000_000_000;
-/// Longest turn accepted (a day, microseconds).
-const MAX_TURN_US: u64 = 86_400_000_000;
-
-/// Why a stored turns file was not used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TurnsError {
-    /// The first line is not [`TURNS_HEADER`].
-    #[error("not a speaker turns file (version line missing or unknown)")]
-    Version,
-    /// A line does not parse, or is out of range.
-    #[error("line {0} is malformed")]
-    Line(usize),
-    /// More than [`MAX_TURNS`] lines.
-    #[error("more than {MAX_TURNS} turns")]
-    TooMany,
-}
-
-/// Render `spans` as a turns file.
-pub fn render_turns(spans: &[SpeakerSpan]) -> String {
-    let mut out = String::with_capacity(24 + spans.len() * 40);
-    out.push_str(TURNS_HEADER);
-    out.push('\n');
-    for s in spans {
-        let start = s
-            .start
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        out.push_str(&format!(
-            "{} {start} {}\n",
-            s.speaker,
-            s.duration.as_micros()
-        ));
-    }
-    out
-}
-
-/// Parse a turns file written by [`render_turns`].
-pub fn parse_turns(text: &str) -> Result<Vec<SpeakerSpan>, TurnsError> {
-    let mut lines = text.lines();
-    if lines.next() != Some(TURNS_HEADER) {
-        return Err(TurnsError::Version);
-    }
-    let mut spans = Vec::new();
-    for (i, line) in lines.enumerate().filter(|(_, l)| !l.is_empty()) {
-        if spans.len() == MAX_TURNS {
-            return Err(TurnsError::TooMany);
-        }
-        let bad = || TurnsError::Line(i + 2);
-        let mut f = line.split(' ');
-        let mut num = || f.next().and_then(|v| v.parse::<u64>().ok()).ok_or_else(bad);
-        let (speaker, start, duration) = (num()?, num()?, num()?);
-        if f.next().is_some()
-            || speaker == 0
-            || speaker > u64::from(u32::MAX)
-            || start > MAX_START_US
-            || duration == 0
-            || duration > MAX_TURN_US
-        {
-            return Err(bad());
-        }
-        spans.push(SpeakerSpan {
-            speaker: speaker as u32,
-            start: SystemTime::UNIX_EPOCH + Duration::from_micros(start),
-            duration: Duration::from_micros(duration),
-        });
-    }
-    Ok(spans)
-}
-
 /// The timeline of one room.
 #[derive(Debug, Default, Clone)]
 pub struct SpeakerTimeline {
@@ -188,6 +104,7 @@ impl SpeakerTimeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recording_index::{parse_turns, render_turns};
 
     fn t(ms: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
@@ -254,36 +171,6 @@ mod tests {
                 duration: Duration::from_millis(2000)
             }
         );
-    }
-
-    #[test]
-    fn bad_turn_files_are_errors() {
-        assert_eq!(parse_turns(""), Err(TurnsError::Version));
-        assert_eq!(
-            parse_turns("amphi-speaker-turns 2\n"),
-            Err(TurnsError::Version)
-        );
-        assert_eq!(parse_turns("amphi-speaker-turns 1\n"), Ok(vec![]));
-        for bad in [
-            "7 1 x",
-            "7 1",
-            "7 1 2 3",
-            "0 1 2",
-            "4294967296 1 2",
-            "7 1 0",
-            "7 99999999999999999999 2",
-            "7 32503680000000001 2",
-            "7 1 86400000001",
-            "-7 1 2",
-        ] {
-            assert_eq!(
-                parse_turns(&format!("amphi-speaker-turns 1\n7 1 2\n{bad}\n")),
-                Err(TurnsError::Line(3)),
-                "{bad}"
-            );
-        }
-        let many = format!("amphi-speaker-turns 1\n{}", "7 1 2\n".repeat(MAX_TURNS + 1));
-        assert_eq!(parse_turns(&many), Err(TurnsError::TooMany));
     }
 
     #[test]
