@@ -237,19 +237,16 @@ async fn tcp_floor(
     let cost = server.stop()?;
     let mut per_response: Vec<u32> = samples.iter().map(|s| s.1).collect();
     per_response.sort_unstable();
-    let mut per_round: HashMap<u64, (u32, u32)> = HashMap::new();
-    for (published, delay) in &samples {
-        let e = per_round.entry(*published).or_insert((0, 0));
-        e.0 += 1;
-        e.1 = e.1.max(*delay);
-    }
-    let full = per_round.values().map(|v| v.0).max().unwrap_or(0);
-    let mut to_all: Vec<u32> = per_round
-        .values()
-        .filter(|v| v.0 * 10 >= full * 9)
-        .map(|v| v.1)
-        .collect();
-    to_all.sort_unstable();
+    // Every floor player was waiting: it asks for the next answer as soon as it has one.
+    let PerPublication {
+        full,
+        all_waiting: to_all,
+        ..
+    } = per_publication(
+        samples
+            .iter()
+            .map(|&(published, delay)| (published, delay, true)),
+    );
     let floor_us_per_write = cost.cpu_us / cost.writes.max(1) as f64;
     println!(
         "kernel floor, same run: {players} players each holding a request against a minimal \
@@ -276,6 +273,52 @@ async fn tcp_floor(
         bail!("the floor server answered no round");
     }
     Ok(())
+}
+
+/// Delivery delays grouped by publication.
+struct PerPublication {
+    /// Responses to the most-requested publication (every player, joins and rejoins aside).
+    full: u32,
+    /// Per publication every player asked for: the latest delivery to a waiting player, sorted.
+    all_waiting: Vec<u32>,
+    /// The same, over every player that asked (late ones too), sorted.
+    all_players: Vec<u32>,
+    /// Waiting players per such publication, on average.
+    waiting_mean: f64,
+}
+
+/// Group `(publication, delay µs, waited)` samples by publication. Only publications that at
+/// least 90 % of the largest number of players asked for count, so joins and rejoins at the
+/// edges of the measured window don't pass for fast deliveries.
+fn per_publication<K: std::hash::Hash + Eq>(
+    samples: impl Iterator<Item = (K, u32, bool)>,
+) -> PerPublication {
+    // (responses, latest delivery, waiting players, latest delivery to them)
+    let mut groups: HashMap<K, (u32, u32, u32, u32)> = HashMap::new();
+    for (key, delay, waited) in samples {
+        let e = groups.entry(key).or_insert((0, 0, 0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(delay);
+        if waited {
+            e.2 += 1;
+            e.3 = e.3.max(delay);
+        }
+    }
+    let full = groups.values().map(|v| v.0).max().unwrap_or(0);
+    let complete: Vec<&(u32, u32, u32, u32)> =
+        groups.values().filter(|v| v.0 * 10 >= full * 9).collect();
+    let sorted = |pick: fn(&(u32, u32, u32, u32)) -> u32| {
+        let mut v: Vec<u32> = complete.iter().map(|g| pick(g)).collect();
+        v.sort_unstable();
+        v
+    };
+    PerPublication {
+        full,
+        all_waiting: sorted(|g| g.3),
+        all_players: sorted(|g| g.1),
+        waiting_mean: complete.iter().map(|v| f64::from(v.2)).sum::<f64>()
+            / (complete.len().max(1) as f64),
+    }
 }
 
 /// Child mode: a packager on one single-threaded runtime, fed a 440 Hz program in real time;
@@ -1025,27 +1068,12 @@ async fn drive(
     }
     let mut per_response: Vec<u32> = samples.iter().map(|s| s.2).collect();
     per_response.sort_unstable();
-    // Per part: (responses, latest delivery, players that were waiting, latest delivery to them).
-    let mut per_part: HashMap<(u64, u32), (u32, u32, u32, u32)> = HashMap::new();
-    for (m, p, d, waited) in &samples {
-        let e = per_part.entry((*m, *p)).or_insert((0, 0, 0, 0));
-        e.0 += 1;
-        e.1 = e.1.max(*d);
-        if *waited {
-            e.2 += 1;
-            e.3 = e.3.max(*d);
-        }
-    }
-    // Parts every player asked for (all of them, or nearly: joins and rejoins aside).
-    let full = per_part.values().map(|v| v.0).max().unwrap_or(0);
-    let complete: Vec<&(u32, u32, u32, u32)> =
-        per_part.values().filter(|v| v.0 * 10 >= full * 9).collect();
-    let mut all_waiting: Vec<u32> = complete.iter().map(|v| v.3).collect();
-    all_waiting.sort_unstable();
-    let mut all_players: Vec<u32> = complete.iter().map(|v| v.1).collect();
-    all_players.sort_unstable();
-    let waiting_mean =
-        complete.iter().map(|v| f64::from(v.2)).sum::<f64>() / (complete.len().max(1) as f64);
+    let PerPublication {
+        full,
+        all_waiting,
+        all_players,
+        waiting_mean,
+    } = per_publication(samples.iter().map(|&(m, p, d, waited)| ((m, p), d, waited)));
     println!(
         "ramp-up {:.1} s, measured {:.1} s",
         ramp.as_secs_f64(),
