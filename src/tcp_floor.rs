@@ -164,11 +164,11 @@ fn read_requests(p: &mut Player, scratch: &mut [u8]) -> bool {
 /// A playlist-shaped response of exactly `len` bytes (when `len` leaves room for the head),
 /// published now.
 fn render(out: &mut Vec<u8>, len: usize, published_header: &str) {
+    let published = crate::loadgen_hls::unix_us();
     let head = |body: usize| {
         format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.apple.mpegurl\r\n\
-             cache-control: max-age=1\r\n{published_header}: {}\r\ncontent-length: {body}\r\n\r\n",
-            crate::loadgen_hls::unix_us()
+             cache-control: max-age=1\r\n{published_header}: {published}\r\ncontent-length: {body}\r\n\r\n"
         )
     };
     // The head's length depends on the body's digits: settle it (two rounds always do).
