@@ -8,8 +8,7 @@ use amphi_protocol::config::WebhookConfig;
 use amphi_protocol::redact::url_origin;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use amphi_protocol::https::HttpsClient;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use std::sync::Arc;
@@ -77,9 +76,11 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Start the dispatcher (no task when there are no receivers), counting into `counters`.
+    /// Start the dispatcher (no task when there are no receivers), delivering through `client`
+    /// (`https://` and `http://` receivers), counting into `counters`.
     pub fn start(
         receivers: Vec<WebhookConfig>,
+        client: HttpsClient<Full<Bytes>>,
         counters: WebhookCounters,
         shutdown: CancellationToken,
     ) -> Self {
@@ -94,7 +95,6 @@ impl Webhooks {
         }
         let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
         hooks.tx = Some(tx);
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let receivers = Arc::new(receivers);
         tokio::spawn(async move {
             loop {
