@@ -348,13 +348,19 @@ fn terraform_rendered_configs_load_with_every_key_known() {
     // What a production router needs to start and to route correctly behind its load balancer.
     assert_eq!(router.api_keys.len(), 1);
     assert_eq!(router.api_keys[0].id, "edge");
-    assert_eq!(router.api_keys[0].secret, "api-key-secret-from-secrets-manager");
+    assert_eq!(
+        router.api_keys[0].secret,
+        "api-key-secret-from-secrets-manager"
+    );
     assert_eq!(router.trusted_proxies, ["10.10.0.0/16", "10.20.0.0/16"]);
     assert_eq!(
         router.redis_url.as_deref(),
         Some("rediss://:redis-auth-token@redis.example.internal:6379")
     );
-    assert_eq!(router.hls_base_url.as_deref(), Some("https://hls.example.com"));
+    assert_eq!(
+        router.hls_base_url.as_deref(),
+        Some("https://hls.example.com")
+    );
     assert!(router.https.listener().unwrap().is_some());
 }
 
@@ -421,7 +427,10 @@ fn the_drift_check_sees_a_key_in_one_file_only() {
         .unwrap()
         .insert("load_threshold".into(), 0.7.into());
     let msg = key_drift("template", &extra, "infra", &infra).expect("drift");
-    assert!(msg.contains("only in template: [\"router.load_threshold\"]"), "{msg}");
+    assert!(
+        msg.contains("only in template: [\"router.load_threshold\"]"),
+        "{msg}"
+    );
     // A key of one array-of-tables element counts too.
     let mut fewer = infra.clone();
     fewer["router"]["origins"].as_array_mut().unwrap()[0]
@@ -429,7 +438,10 @@ fn the_drift_check_sees_a_key_in_one_file_only() {
         .unwrap()
         .remove("server_name");
     let msg = key_drift("template", &fewer, "infra", &infra).expect("drift");
-    assert!(msg.contains("only in infra: [\"router.origins[].server_name\"]"), "{msg}");
+    assert!(
+        msg.contains("only in infra: [\"router.origins[].server_name\"]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -475,7 +487,11 @@ fn terraform_user_data_renders_to_valid_bash() {
         .filter(|l| l.starts_with("config=${config//") || l.starts_with("shopt"))
         .map(|l| format!("{l}\n"))
         .collect();
-    assert_eq!(substitutions.matches("config=").count(), 5, "{substitutions}");
+    assert_eq!(
+        substitutions.matches("config=").count(),
+        5,
+        "{substitutions}"
+    );
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(

@@ -433,11 +433,13 @@ fn templatefile_calls(text: &str) -> Vec<(String, BTreeSet<String>)> {
 /// The root variables a Terraform template reads: identifiers in `${...}` and `%{...}` that are
 /// not function names, attributes, keywords, or `for` loop variables.
 fn template_variables(text: &str) -> BTreeSet<String> {
-    const KEYWORDS: [&str; 8] = ["for", "in", "if", "else", "endif", "endfor", "true", "false"];
+    const KEYWORDS: [&str; 8] = [
+        "for", "in", "if", "else", "endif", "endfor", "true", "false",
+    ];
     let mut exprs = Vec::new();
     for open in ["${", "%{"] {
         for (i, _) in text.match_indices(open) {
-            if i > 0 && &text[i - 1..i] == &open[..1] {
+            if i > 0 && text[i - 1..i] == open[..1] {
                 continue; // `$${` / `%%{` escapes
             }
             let body = &text[i + 2..];
@@ -475,10 +477,12 @@ fn template_variables(text: &str) -> BTreeSet<String> {
                 let word: String = chars[s..i].iter().collect();
                 let after_dot = s > 0 && chars[s - 1] == '.';
                 let call = chars.get(i) == Some(&'(');
-                if !after_dot && !call && !KEYWORDS.contains(&word.as_str()) {
-                    if !loop_vars.contains(&word) {
-                        vars.insert(word);
-                    }
+                if !after_dot
+                    && !call
+                    && !KEYWORDS.contains(&word.as_str())
+                    && !loop_vars.contains(&word)
+                {
+                    vars.insert(word);
                 }
                 continue;
             }
@@ -506,7 +510,10 @@ fn every_templatefile_call_passes_exactly_the_variables_its_template_reads() {
         }
     }
     // Four role configs and four user data scripts.
-    assert!(checked >= 8, "expected every templatefile call, saw {checked}");
+    assert!(
+        checked >= 8,
+        "expected every templatefile call, saw {checked}"
+    );
 }
 
 #[test]
@@ -525,6 +532,9 @@ fn the_template_scanners_find_calls_and_variables() {
     );
     assert_eq!(
         vars,
-        ["id", "items", "m", "on"].iter().map(|s| s.to_string()).collect()
+        ["id", "items", "m", "on"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     );
 }

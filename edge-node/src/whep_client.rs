@@ -7,14 +7,13 @@
 
 use crate::whip_client::{
     exchange, http_endpoint, loopback_rtc, parse_answer, post_offer, rtc_err, signaling_client,
-    ClientError,
-    CONNECT_TIMEOUT,
+    ClientError, CONNECT_TIMEOUT,
 };
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::room::LISTENER_AUDIO_SLOTS;
 use bytes::Bytes;
 use http::header;
 use http_body_util::Full;
-use amphi_protocol::https::HttpsClient;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -4,10 +4,10 @@
 //! Opus offer (with the RFC 6464 audio-level extension), applies the answer, then a background task
 //! drives ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0.
 
+use amphi_protocol::https::HttpsClient;
 use bytes::Bytes;
 use http::header;
 use http_body_util::{BodyExt, Full, Limited};
-use amphi_protocol::https::HttpsClient;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;

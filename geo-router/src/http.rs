@@ -17,6 +17,7 @@ use amphi_protocol::api::{
     MintTokenRequest, RoomStatus, RouteResponse, TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
@@ -27,7 +28,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Ur
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use amphi_protocol::https::HttpsClient;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -1202,9 +1202,17 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     let store: Arc<dyn Store> = match &setup.config.redis_url {
         None => Arc::new(MemoryStore::new(&setup.config.edges)),
         Some(url) => Arc::new(
-            RedisStore::connect(url, REDIS_PREFIX, &setup.config.edges)
-                .await
-                .map_err(|e| RouterError::Store(e.to_string()))?,
+            RedisStore::connect_trusting(
+                url,
+                REDIS_PREFIX,
+                &setup.config.edges,
+                match &setup.config.https.tls_ca {
+                    Some(ca) => Some(amphi_protocol::https::root_bundle_pem(Some(ca))?),
+                    None => None,
+                },
+            )
+            .await
+            .map_err(|e| RouterError::Store(e.to_string()))?,
         ),
     };
     tracing::info!(

@@ -5,10 +5,10 @@
 
 use crate::auth::hmac_hex;
 use amphi_protocol::config::WebhookConfig;
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::redact::url_origin;
 use bytes::Bytes;
 use http_body_util::Full;
-use amphi_protocol::https::HttpsClient;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use std::sync::Arc;

@@ -60,8 +60,8 @@ pub struct HttpTls {
     /// PEM private key of `tls_cert`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
-    /// Extra CA bundle (PEM) this role's HTTPS clients trust besides the system roots (a private
-    /// CA of the mesh's internal HTTPS listeners).
+    /// Extra CA bundle (PEM) this role's TLS clients (HTTPS; the geo-router's `rediss://` Redis)
+    /// trust besides the system roots: a private CA of the mesh's internal listeners.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
 }

@@ -65,9 +65,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The client TLS config: system roots plus the certificates of `extra_ca` (PEM), ALPN `h2` and
-/// `http/1.1`. Unreadable system roots are logged and skipped; an unreadable `extra_ca` is an
-/// error.
+/// The client TLS config: system roots plus the certificates of `extra_ca` (PEM); no ALPN (the
+/// client sets `h2` and `http/1.1`). Unreadable system roots are logged and skipped; an
+/// unreadable `extra_ca` is an error.
 pub fn client_tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, HttpsError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -80,13 +80,33 @@ pub fn client_tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig
             roots.add(cert).map_err(|e| pem_error(path, e))?;
         }
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| HttpsError::Config(e.to_string()))?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
+}
+
+/// The system roots plus the certificates of `extra_ca`, as one PEM bundle: for TLS clients
+/// that take a root bundle instead of a rustls config (the geo-router's Redis client).
+pub fn root_bundle_pem(extra_ca: Option<&Path>) -> Result<Vec<u8>, HttpsError> {
+    use base64::Engine;
+    let native = rustls_native_certs::load_native_certs();
+    let mut ders: Vec<CertificateDer<'static>> = native.certs;
+    if let Some(path) = extra_ca {
+        ders.extend(read_certs(path)?);
+    }
+    let mut pem = String::new();
+    for der in &ders {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    Ok(pem.into_bytes())
 }
 
 /// An HTTP client for `http://` and `https://` URLs trusting the system roots plus `extra_ca`.
@@ -231,12 +251,23 @@ mod tests {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let cert = write(&dir, "cert.pem", &ck.cert.pem());
         let key = write(&dir, "key.pem", &ck.key_pair.serialize_pem());
-        client_tls_config(Some(&cert)).unwrap();
+        let _client: HttpsClient<String> = client(Some(&cert)).unwrap();
         acceptor(&cert, &key).unwrap();
+        // The bundle ends with the extra CA, re-encoded to the same DER.
+        let bundle = root_bundle_pem(Some(&cert)).unwrap();
+        let last = CertificateDer::pem_slice_iter(&bundle)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(last, *ck.cert.der());
 
         let empty = write(&dir, "empty.pem", "");
         let err = client_tls_config(Some(&empty)).unwrap_err().to_string();
-        assert!(err.contains("empty.pem") && err.contains("no certificate"), "{err}");
+        assert!(
+            err.contains("empty.pem") && err.contains("no certificate"),
+            "{err}"
+        );
         assert!(client_tls_config(Some(&dir.join("missing.pem"))).is_err());
         // A key that is not the certificate's.
         let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();

@@ -28,7 +28,12 @@ pub enum TfRole {
 
 impl TfRole {
     /// Every role.
-    pub const ALL: [TfRole; 4] = [TfRole::Edge, TfRole::Origin, TfRole::Packager, TfRole::Router];
+    pub const ALL: [TfRole; 4] = [
+        TfRole::Edge,
+        TfRole::Origin,
+        TfRole::Packager,
+        TfRole::Router,
+    ];
 
     /// The template, relative to the repository root.
     pub fn template(self) -> &'static str {
@@ -78,6 +83,9 @@ pub struct BootValues {
     pub etc_dir: Option<PathBuf>,
     /// Replaces `/var/lib/amphi` (data) when set.
     pub state_dir: Option<PathBuf>,
+    /// Replaces the wildcard address of listeners (`"0.0.0.0:`) when set, e.g. `127.0.0.1` for a
+    /// host that only has loopback.
+    pub bind_ip: Option<String>,
 }
 
 impl Default for BootValues {
@@ -90,6 +98,7 @@ impl Default for BootValues {
             secrets: BTreeMap::new(),
             etc_dir: None,
             state_dir: None,
+            bind_ip: None,
         }
     }
 }
@@ -109,8 +118,8 @@ fn jsonencode(args: FuncArgs) -> Result<hcl::Value, String> {
 
 /// Render `template` as Terraform's `templatefile(template, vars)` would (`vars`: a JSON object).
 pub fn render_template(template: &Path, vars: &serde_json::Value) -> Result<String, String> {
-    let text = std::fs::read_to_string(template)
-        .map_err(|e| format!("{}: {e}", template.display()))?;
+    let text =
+        std::fs::read_to_string(template).map_err(|e| format!("{}: {e}", template.display()))?;
     let parsed: hcl::Template = text
         .parse()
         .map_err(|e| format!("{}: {e}", template.display()))?;
@@ -154,6 +163,9 @@ pub fn fill_boot_values(rendered: &str, boot: &BootValues) -> Result<String, Str
     }
     if let Some(dir) = &boot.state_dir {
         text = text.replace("/var/lib/amphi", &dir.display().to_string());
+    }
+    if let Some(ip) = &boot.bind_ip {
+        text = text.replace("\"0.0.0.0:", &format!("\"{ip}:"));
     }
     Ok(text)
 }
