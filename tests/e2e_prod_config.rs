@@ -186,6 +186,45 @@ impl Client {
     }
 }
 
+/// Join `room` over `wss://127.0.0.1:{port}/v1/ws` (TLS trusting `ca`, HTTP/1.1 upgrade) and
+/// return its snapshot (or the `error` refusing the join).
+async fn wss_join(ca: &Path, port: u16, token: &str) -> serde_json::Value {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut tls = amphi_protocol::https::client_tls_config(Some(ca)).unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the edge");
+    let url = format!("wss://127.0.0.1:{port}/v1/ws?token={token}");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("WebSocket upgrade over TLS");
+    ws.send(Message::Text(r#"{"type":"join"}"#.into()))
+        .await
+        .unwrap();
+    // The snapshot of the room (or an error), after any other events.
+    for _ in 0..20 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("open")
+            .expect("a message");
+        if let Message::Text(text) = msg {
+            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            if v["type"] == "snapshot" || v["type"] == "error" {
+                return v;
+            }
+        }
+    }
+    panic!("no snapshot after 20 messages");
+}
+
 /// Poll `f` every 200 ms for up to `limit`; panics with `what` (and the logs) after.
 async fn eventually<F, Fut>(what: &str, limit: Duration, logs: &[&RoleProcess], mut f: F)
 where
@@ -375,6 +414,21 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
         },
     )
     .await;
+    // WebSocket signaling upgrades over TLS: a listener joins through wss://.
+    let listener_token = {
+        let (status, v) = client
+            .json(
+                "POST",
+                &format!("{}/v1/rooms/{room}/tokens", https(80)),
+                Some(serde_json::json!({"role": "listener", "name": "lis"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    };
+    let snapshot = wss_join(&ca, port(10), &listener_token).await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+
     let whip = format!("{}/whip/{room}", https(10));
     let publisher = amphi_edge::whip_client::WhipPublisher::connect_trusting(
         &whip,
