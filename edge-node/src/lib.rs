@@ -99,8 +99,8 @@ pub fn install_crypto_provider() {
 /// Capacity of the HTTP -> media driver command queue.
 const MEDIA_QUEUE: usize = 1024;
 
-/// Binds `http_listen` (TCP; HTTPS when `tls_cert`/`tls_key` are set) and `media_listen` (UDP), keeps the QUIC uplink to the origin, serves
-/// until `shutdown` is cancelled.
+/// Binds `http_listen` (TCP; HTTPS when `tls_cert`/`tls_key` are set) and `media_listen` (UDP),
+/// keeps the QUIC uplink to the origin, serves until `shutdown` is cancelled.
 pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), EdgeError> {
     run_with(setup, None, Arc::default(), shutdown).await
 }

@@ -88,7 +88,7 @@ pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
 }
 
-/// Check that `url` is an `http://` or `https://` endpoint (`what` names it in errors: WHIP, WHEP).
+/// Check that `url` is an `http://` or `https://` endpoint (`what` names it in errors).
 pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientError> {
     let endpoint: http::Uri = url
         .parse()
