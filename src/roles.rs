@@ -9,7 +9,7 @@ use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,7 @@ struct EdgeFile {
 }
 
 /// `[registration]` of an edge config.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 struct EdgeRegistrationFile {
     /// Most WebRTC sessions this edge takes.
     capacity: Option<u32>,

@@ -197,6 +197,8 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             api_keys: vec![],
             webhooks: vec![],
             redis_url: None,
+            hls_base_url: None,
+            https: Default::default(),
         },
         signer: TokenSigner::generate("k1"),
         web: vec![],

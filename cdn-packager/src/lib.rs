@@ -222,7 +222,12 @@ impl Packager {
         });
         let app = http::router(state.clone());
         if let Some((l, acceptor)) = tls {
-            tasks.spawn(tls::serve(l, acceptor, app.clone(), shutdown.clone()));
+            tasks.spawn(amphi_protocol::https::serve_tls(
+                l,
+                acceptor,
+                app.clone(),
+                shutdown.clone(),
+            ));
         }
         if let Some(hours) = options.recording.retention_hours {
             let every = Duration::from_secs(options.recording.sweep_interval_secs.unwrap_or(600));

@@ -14,6 +14,7 @@ use crate::sessions::{JoinOutcome, Sessions};
 use crate::shards::MediaShards;
 use crate::signaling::{JoinRequest, SessionKind};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::room::RoomRole;
 use amphi_protocol::token::{Claims, TokenVerifier};
 use amphi_protocol::{ParticipantId, RoomId};
@@ -25,9 +26,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,14 +59,15 @@ pub(crate) struct AppState {
 /// Asks the geo-router whether rooms exist.
 pub(crate) struct RouterClient {
     base: String,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: HttpsClient<Empty<Bytes>>,
 }
 
 impl RouterClient {
-    pub(crate) fn new(base: &str) -> Self {
+    /// Ask the router at `base` (`https://` or `http://`) through `client`.
+    pub(crate) fn new(base: &str, client: HttpsClient<Empty<Bytes>>) -> Self {
         RouterClient {
             base: base.trim_end_matches('/').to_string(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client,
         }
     }
 

@@ -4,12 +4,10 @@
 //! Opus offer (with the RFC 6464 audio-level extension), applies the answer, then a background task
 //! drives ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0.
 
+use amphi_protocol::https::HttpsClient;
 use bytes::Bytes;
 use http::header;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
@@ -79,7 +77,7 @@ enum Command {
 pub struct WhipPublisher {
     resource: http::Uri,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpsClient<Full<Bytes>>,
     etag: Option<String>,
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
@@ -90,17 +88,24 @@ pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
 }
 
-/// Check that `url` is an `http://` endpoint (`what` names it in errors: WHIP, WHEP).
+/// Check that `url` is an `http://` or `https://` endpoint (`what` names it in errors).
 pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientError> {
     let endpoint: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))?;
-    if endpoint.scheme_str() != Some("http") {
+    if !matches!(endpoint.scheme_str(), Some("http" | "https")) {
         return Err(ClientError::Url(format!(
-            "only http:// {what} URLs are supported"
+            "only http:// and https:// {what} URLs are supported"
         )));
     }
     Ok(endpoint)
+}
+
+/// The signaling HTTP client: system roots plus `extra_ca` (PEM) for `https://` endpoints.
+pub(crate) fn signaling_client(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<HttpsClient<Full<Bytes>>, ClientError> {
+    amphi_protocol::https::client(extra_ca).map_err(|e| ClientError::Http(e.to_string()))
 }
 
 /// A str0m peer (RTP mode, Opus only) on a fresh loopback UDP socket, which is its host candidate.
@@ -121,7 +126,7 @@ pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), Clien
 /// `Location`), the response headers and the answer body. Any other status is an error carrying
 /// the status and body.
 pub(crate) async fn post_offer(
-    http: &Client<HttpConnector, Full<Bytes>>,
+    http: &HttpsClient<Full<Bytes>>,
     endpoint: &http::Uri,
     token: &str,
     offer_sdp: String,
@@ -187,6 +192,18 @@ impl WhipPublisher {
         token: &str,
         connect_timeout: Duration,
     ) -> Result<WhipPublisher, ClientError> {
+        Self::connect_trusting(whip_url, token, connect_timeout, None).await
+    }
+
+    /// [`WhipPublisher::connect_with_timeout`], trusting the CA bundle `extra_ca` (PEM) besides
+    /// the system roots for an `https://` WHIP URL.
+    pub async fn connect_trusting(
+        whip_url: &str,
+        token: &str,
+        connect_timeout: Duration,
+        extra_ca: Option<&std::path::Path>,
+    ) -> Result<WhipPublisher, ClientError> {
+        let http = signaling_client(extra_ca)?;
         let endpoint = http_endpoint(whip_url, "WHIP")?;
         let (socket, local_addr, mut rtc) = loopback_rtc().await?;
         let mut change = rtc.sdp_api();
@@ -195,7 +212,6 @@ impl WhipPublisher {
             .apply()
             .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
 
-        let http = Client::builder(TokioExecutor::new()).build_http();
         let (resource, headers, body) =
             post_offer(&http, &endpoint, token, offer.to_sdp_string()).await?;
         let etag = headers
@@ -318,7 +334,7 @@ impl WhipPublisher {
 struct WhipPublisherParts {
     resource: http::Uri,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpsClient<Full<Bytes>>,
 }
 
 impl WhipPublisherParts {
@@ -346,7 +362,7 @@ impl WhipPublisherParts {
 }
 
 pub(crate) async fn exchange(
-    http: &Client<HttpConnector, Full<Bytes>>,
+    http: &HttpsClient<Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
 ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), ClientError> {
     let resp = tokio::time::timeout(HTTP_TIMEOUT, http.request(req))

@@ -287,7 +287,28 @@ impl RedisStore {
         prefix: &str,
         static_edges: &[EdgeEndpoint],
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Backend(e.to_string()))?;
+        Self::connect_trusting(url, prefix, static_edges, None).await
+    }
+
+    /// [`RedisStore::connect`]; a `rediss://` (TLS) server's certificate must chain to one of
+    /// the PEM roots in `roots` when given (the system roots otherwise).
+    pub async fn connect_trusting(
+        url: &str,
+        prefix: &str,
+        static_edges: &[EdgeEndpoint],
+        roots: Option<Vec<u8>>,
+    ) -> Result<Self, StoreError> {
+        let client = match roots {
+            Some(root_cert) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            _ => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))

@@ -279,6 +279,7 @@ pub async fn start_edge_with(
         router_url: format!("http://{router}"),
         interactive_capacity: opts.capacity,
         media_threads: 2,
+        https: Default::default(),
     };
     let setup = EdgeSetup {
         config,

@@ -138,6 +138,7 @@ resource "aws_instance" "origin" {
     secret_region      = data.aws_region.current.name
     index_base         = 0
     index_span         = 1
+    config_secrets     = {}
   })
 
   metadata_options {
