@@ -98,9 +98,37 @@ fn check_origin(path: &Path) -> OriginFile {
 
 fn check_packager(path: &Path) {
     let _: PackagerFile = config::load(Some(path)).unwrap();
-    let table = read_table(path);
+    let mut table = read_table(path);
     only_sections(&table, &["packager", "tls"]);
+    // `[packager]` holds the protocol's PackagerConfig and amphi-packager's optional keys
+    // (PackagerOptions: storage, recording, tls_*): check each against its own type.
+    let mut options = toml::Table::new();
+    if let Some(p) = table.get_mut("packager").and_then(|p| p.as_table_mut()) {
+        let optional: Vec<String> = p
+            .keys()
+            .filter(|k| {
+                matches!(
+                    k.as_str(),
+                    "storage"
+                        | "recording"
+                        | "tls_listen"
+                        | "tls_cert"
+                        | "tls_key"
+                        | "http1_fast_path"
+                )
+            })
+            .cloned()
+            .collect();
+        for k in optional {
+            if let Some(v) = p.remove(&k) {
+                options.insert(k, v);
+            }
+        }
+    }
     section::<PackagerConfig>(&table, "packager");
+    let mut optional = toml::Table::new();
+    optional.insert("packager".into(), toml::Value::Table(options));
+    section::<amphi_packager::PackagerOptions>(&optional, "packager");
     section::<TlsFiles>(&table, "tls");
 }
 

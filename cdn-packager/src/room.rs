@@ -467,7 +467,11 @@ impl RoomHandle {
     /// The room ended: end the playlists (listeners see `EXT-X-ENDLIST` now) and queue the
     /// recording: final playlists, VOD playlists, the recording's multivariant playlist and
     /// `recording.json` (last: once it is stored the recording is ready).
-    fn finish_recording(&self, spans: &[crate::playlist::SpeakerSpan], metrics: &Metrics) -> Vec<Job> {
+    fn finish_recording(
+        &self,
+        spans: &[crate::playlist::SpeakerSpan],
+        metrics: &Metrics,
+    ) -> Vec<Job> {
         let room = self.room;
         let mut p = self.published();
         let mut jobs = Vec::new();
@@ -810,9 +814,10 @@ async fn uploader(handle: Arc<RoomHandle>, up: Arc<Uploads>, shutdown: Cancellat
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sleep = tokio::time::sleep_until(
-            wake.map_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600), Into::into),
-        );
+        let sleep = tokio::time::sleep_until(wake.map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            Into::into,
+        ));
         tokio::select! {
             r = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
@@ -868,7 +873,10 @@ async fn uploader(handle: Arc<RoomHandle>, up: Arc<Uploads>, shutdown: Cancellat
     if shutdown.is_cancelled() {
         // Keep what is not stored yet for the next start.
         for seq in lane.unstored_in_memory() {
-            if let Some(Job::Put { key, body, meta, .. }) = lane.entry(seq).map(|e| &e.job) {
+            if let Some(Job::Put {
+                key, body, meta, ..
+            }) = lane.entry(seq).map(|e| &e.job)
+            {
                 if up.spill.write(room, seq, key, *meta, body).is_ok() {
                     up.budget.release(lane.spilled(seq));
                 }

@@ -237,8 +237,7 @@ async fn upload_file(
     shutdown: &CancellationToken,
 ) -> Result<(), StorageError> {
     let file = Bytes::from(tokio::fs::read(path).await?);
-    let (key, meta, body) =
-        decode_spill(file).map_err(|e| StorageError::Config(e.to_string()))?;
+    let (key, meta, body) = decode_spill(file).map_err(|e| StorageError::Config(e.to_string()))?;
     let mut backoff = Backoff::default();
     loop {
         match store.put(&key, body.clone(), meta).await {
@@ -281,8 +280,14 @@ mod tests {
             .unwrap();
         }
         // The playlist copy was spilled after the part it lists: written last.
-        old.write(RoomId(7), 3, "7/opus/playlist.m3u8", ObjectMeta::PLAYLIST, b"v2")
-            .unwrap();
+        old.write(
+            RoomId(7),
+            3,
+            "7/opus/playlist.m3u8",
+            ObjectMeta::PLAYLIST,
+            b"v2",
+        )
+        .unwrap();
         let current = Arc::new(SpillDir::new(base.join("spill")));
         current
             .write(RoomId(8), 0, "8/x.m4s", ObjectMeta::MEDIA, b"now")
@@ -302,17 +307,18 @@ mod tests {
             &tasks,
             shutdown.clone(),
         );
+        assert!(tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            rec.wait(RoomId(7), &shutdown)
+        )
+        .await
+        .unwrap());
         assert!(
-            tokio::time::timeout(std::time::Duration::from_secs(10), rec.wait(RoomId(7), &shutdown))
-                .await
-                .unwrap()
+            rec.wait(RoomId(9), &shutdown).await,
+            "rooms without leftovers do not wait"
         );
-        assert!(rec.wait(RoomId(9), &shutdown).await, "rooms without leftovers do not wait");
         for seq in 0..3 {
-            let got = store
-                .get(&format!("7/opus/part0.{seq}.m4s"))
-                .await
-                .unwrap();
+            let got = store.get(&format!("7/opus/part0.{seq}.m4s")).await.unwrap();
             assert_eq!(got.unwrap(), format!("body{seq}").as_bytes());
         }
         assert_eq!(

@@ -78,7 +78,10 @@ impl std::fmt::Debug for StorageConfig {
             .field("path_style", &self.path_style)
             .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
             .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
-            .field("upload_memory_budget_bytes", &self.upload_memory_budget_bytes)
+            .field(
+                "upload_memory_budget_bytes",
+                &self.upload_memory_budget_bytes,
+            )
             .field("spill_dir", &self.spill_dir)
             .finish()
     }

@@ -402,7 +402,11 @@ impl Lane {
     /// they held (give them back to the budget) and the spill files to delete.
     pub fn take_done(&mut self) -> Done {
         let mut done = Done::default();
-        while self.entries.front().is_some_and(|e| e.stored && e.published) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| e.stored && e.published)
+        {
             let Some(e) = self.entries.pop_front() else {
                 break;
             };
@@ -580,7 +584,11 @@ mod tests {
         // Degraded: the live edge moves on without storage.
         assert_eq!(lane.publishable(t0 + ms(5)), vec![0, 1, 2]);
         lane.push(put("p3", 100, part(0, 3, t0)), &budget);
-        assert_eq!(lane.publishable(t0 + ms(6)), vec![3], "new jobs at once too");
+        assert_eq!(
+            lane.publishable(t0 + ms(6)),
+            vec![3],
+            "new jobs at once too"
+        );
         // Retry schedule: 100, 200, 400, ... ms after each failure, always the head first.
         let mut now = t0 + ms(5);
         let mut waits = Vec::new();
@@ -598,7 +606,11 @@ mod tests {
         assert_eq!(lane.poll(now), Poll::Upload(0));
         let t = lane.stored(0, now);
         assert!(matches!(t, Transition::OutageEnded { retries: 7, .. }));
-        assert_eq!(lane.take_done().memory, 100, "published before: bytes go back at once");
+        assert_eq!(
+            lane.take_done().memory,
+            100,
+            "published before: bytes go back at once"
+        );
         budget.release(100);
         // Back to normal: the rest go up in order without waiting.
         let order = upload_all(&mut lane, &budget, now);
@@ -616,7 +628,9 @@ mod tests {
         lane.push(put("b", 1, part(0, 1, t0)), &budget);
         assert_eq!(lane.poll(t0), Poll::Upload(0));
         assert_eq!(lane.stall_deadline(), Some(t0 + STALL_AFTER));
-        assert!(lane.publishable(t0 + STALL_AFTER - Duration::from_millis(1)).is_empty());
+        assert!(lane
+            .publishable(t0 + STALL_AFTER - Duration::from_millis(1))
+            .is_empty());
         assert_eq!(lane.publishable(t0 + STALL_AFTER), vec![0, 1]);
     }
 
@@ -626,8 +640,14 @@ mod tests {
         // Shared by two rooms.
         let budget = MemoryBudget::new(250);
         let (mut a, mut b) = (Lane::new(), Lane::new());
-        assert_eq!(a.push(put("a0", 100, part(0, 0, t0)), &budget), Placement::Memory);
-        assert_eq!(b.push(put("b0", 100, part(0, 0, t0)), &budget), Placement::Memory);
+        assert_eq!(
+            a.push(put("a0", 100, part(0, 0, t0)), &budget),
+            Placement::Memory
+        );
+        assert_eq!(
+            b.push(put("b0", 100, part(0, 0, t0)), &budget),
+            Placement::Memory
+        );
         assert_eq!(
             a.push(put("a1", 100, part(0, 1, t0)), &budget),
             Placement::Spill { seq: 1 }
@@ -643,7 +663,10 @@ mod tests {
         assert_eq!((a.memory_bytes(), a.spilled_bytes()), (150, 100));
         assert_eq!(budget.used(), 250);
         // The end marker holds no bytes: never spilled.
-        assert_eq!(a.push(Job::End { spans: vec![] }, &budget), Placement::Memory);
+        assert_eq!(
+            a.push(Job::End { spans: vec![] }, &budget),
+            Placement::Memory
+        );
         // Storage works: every job is stored in order, spilled or not, and memory comes back.
         let mut done_files = Vec::new();
         for _ in 0..10 {
@@ -673,7 +696,11 @@ mod tests {
         lane.spilled(seq);
         lane.push(put("c", 10, part(0, 2, t0)), &budget);
         assert_eq!(lane.unstored_in_memory(), vec![0, 2]);
-        assert_eq!(lane.spilled(0), 100, "spilling a job in memory frees its bytes");
+        assert_eq!(
+            lane.spilled(0),
+            100,
+            "spilling a job in memory frees its bytes"
+        );
         assert_eq!((lane.memory_bytes(), lane.spilled_bytes()), (10, 200));
     }
 
@@ -692,7 +719,10 @@ mod tests {
             b"amphi-spill 1\nk",
             &f[..5],
         ] {
-            assert!(decode_spill(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+            assert!(
+                decode_spill(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

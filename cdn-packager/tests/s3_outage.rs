@@ -206,7 +206,10 @@ async fn bucket(storage: &StorageConfig, scratch: &Path) -> Vec<String> {
 }
 
 /// `(rendition, msn) -> part indices` and the segment numbers per rendition of `room`.
-type Stored = (BTreeMap<(String, u64), BTreeSet<u32>>, BTreeMap<String, BTreeSet<u64>>);
+type Stored = (
+    BTreeMap<(String, u64), BTreeSet<u32>>,
+    BTreeMap<String, BTreeSet<u64>>,
+);
 
 fn stored_media(keys: &[String], room: RoomId) -> Stored {
     let mut parts: BTreeMap<(String, u64), BTreeSet<u32>> = BTreeMap::new();
@@ -216,13 +219,19 @@ fn stored_media(keys: &[String], room: RoomId) -> Stored {
         let Some((r, file)) = k.split_once('/') else {
             continue;
         };
-        if let Some(p) = file.strip_prefix("part").and_then(|f| f.strip_suffix(".m4s")) {
+        if let Some(p) = file
+            .strip_prefix("part")
+            .and_then(|f| f.strip_suffix(".m4s"))
+        {
             let (msn, i) = p.split_once('.').unwrap();
             parts
                 .entry((r.to_string(), msn.parse().unwrap()))
                 .or_default()
                 .insert(i.parse().unwrap());
-        } else if let Some(m) = file.strip_prefix("seg").and_then(|f| f.strip_suffix(".m4s")) {
+        } else if let Some(m) = file
+            .strip_prefix("seg")
+            .and_then(|f| f.strip_suffix(".m4s"))
+        {
             segs.entry(r.to_string())
                 .or_default()
                 .insert(m.parse().unwrap());
@@ -248,9 +257,13 @@ async fn live_hls_rides_out_an_s3_outage_and_every_part_reaches_s3_after() {
         ..Default::default()
     };
     let shutdown = CancellationToken::new();
-    let packager = Packager::start(&packager_config(&dir.join("data")), &options, shutdown.clone())
-        .await
-        .unwrap();
+    let packager = Packager::start(
+        &packager_config(&dir.join("data")),
+        &options,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     let addr = packager.http_addr;
     let ids: Vec<RoomId> = (0..rooms).map(|i| RoomId(0x5150_0000 + i)).collect();
     let mut inputs = Vec::new();
@@ -301,11 +314,18 @@ async fn live_hls_rides_out_an_s3_outage_and_every_part_reaches_s3_after() {
     // The live edge moved on in every room while S3 was gone.
     for (id, before) in ids.iter().zip(&at_start) {
         let r = http_get(addr, &format!("/hls/{id}/opus/playlist.m3u8")).await;
-        assert_ne!(&last_part(&r.text()), before, "{id}: the live edge stood still");
+        assert_ne!(
+            &last_part(&r.text()),
+            before,
+            "{id}: the live edge stood still"
+        );
     }
     let m = http_get(addr, "/metrics").await.text();
     assert_eq!(metric(&m, "amphi_packager_storage_outage"), rooms as f64);
-    assert!(peak_spilled > 0.0, "the budget was exceeded: uploads spilled");
+    assert!(
+        peak_spilled > 0.0,
+        "the budget was exceeded: uploads spilled"
+    );
     assert!(
         peak_buffered <= budget as f64,
         "memory held {peak_buffered} > budget {budget}"
@@ -352,7 +372,10 @@ async fn live_hls_rides_out_an_s3_outage_and_every_part_reaches_s3_after() {
             let last = *seg.iter().max().expect("segments stored");
             assert_eq!(seg.len() as u64, last + 1, "{id} {r}: a segment is missing");
             for msn in 0..=last {
-                let p = parts.get(&(r.to_string(), msn)).cloned().unwrap_or_default();
+                let p = parts
+                    .get(&(r.to_string(), msn))
+                    .cloned()
+                    .unwrap_or_default();
                 let n = p.len() as u32;
                 assert!(n > 0, "{id} {r}: no part of segment {msn}");
                 assert_eq!(p, (0..n).collect(), "{id} {r}: a part of {msn} is missing");
@@ -415,9 +438,13 @@ async fn a_packager_stopped_during_an_outage_leaves_a_spill_dir_the_next_one_upl
     let room = RoomId(0x5151_0001);
     // First run: S3 is killed after 2 s, the room goes on 8 s, then the packager stops.
     let shutdown = CancellationToken::new();
-    let packager = Packager::start(&packager_config(&dir.join("data")), &options, shutdown.clone())
-        .await
-        .unwrap();
+    let packager = Packager::start(
+        &packager_config(&dir.join("data")),
+        &options,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     let stop = CancellationToken::new();
     let feeder = feed(vec![packager.input(room).await.unwrap()], stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -441,9 +468,13 @@ async fn a_packager_stopped_during_an_outage_leaves_a_spill_dir_the_next_one_upl
     // reopens after it (numbering goes on after the stored segments).
     s3.spawn();
     let shutdown = CancellationToken::new();
-    let packager = Packager::start(&packager_config(&dir.join("data")), &options, shutdown.clone())
-        .await
-        .unwrap();
+    let packager = Packager::start(
+        &packager_config(&dir.join("data")),
+        &options,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     let input = tokio::time::timeout(Duration::from_secs(60), packager.input(room))
         .await
         .expect("the room opens once its spill files are stored")
@@ -466,7 +497,10 @@ async fn a_packager_stopped_during_an_outage_leaves_a_spill_dir_the_next_one_upl
         .filter(|((r, _), _)| r == "opus")
         .map(|(_, p)| p.len())
         .sum();
-    assert_eq!(opus_parts as f64, published, "every published part is stored");
+    assert_eq!(
+        opus_parts as f64, published,
+        "every published part is stored"
+    );
     assert!(walk(&spill_dir).is_empty(), "spill files left");
     drop(input);
     shutdown.cancel();
