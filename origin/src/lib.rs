@@ -201,7 +201,10 @@ pub async fn run_with(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => hub.sweep_unclaimed(std::time::Instant::now()),
+                    _ = tick.tick() => {
+                        hub.sweep_unclaimed(std::time::Instant::now());
+                        hub.reverify().await;
+                    }
                 }
             }
         });
