@@ -71,6 +71,8 @@ enum Command {
         payload: Vec<u8>,
         rtp_ts: u32,
         audio_level: u8,
+        /// Packet index (sequence number = first + index); `None`: the next one.
+        index: Option<u64>,
     },
     Close,
 }
@@ -273,11 +275,35 @@ impl WhipPublisher {
         rtp_ts: u32,
         audio_level: u8,
     ) -> Result<(), ClientError> {
+        self.send(payload, rtp_ts, audio_level, None).await
+    }
+
+    /// Send the `index`-th packet of the stream (its RTP sequence number is the first one plus
+    /// `index`), so a test can leave packets out or send them out of order the way a lossy,
+    /// jittery network would deliver them. Do not mix with [`WhipPublisher::send_opus`].
+    pub async fn send_opus_indexed(
+        &mut self,
+        index: u64,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+    ) -> Result<(), ClientError> {
+        self.send(payload, rtp_ts, audio_level, Some(index)).await
+    }
+
+    async fn send(
+        &mut self,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+        index: Option<u64>,
+    ) -> Result<(), ClientError> {
         self.commands
             .send(Command::Send {
                 payload: payload.to_vec(),
                 rtp_ts,
                 audio_level: audio_level.min(127),
+                index,
             })
             .await
             .map_err(|_| ClientError::Closed)
@@ -388,7 +414,8 @@ async fn drive(
     let mut connected = Some(connected);
     let mut buf = vec![0u8; 2048];
     // Start in the first rollover period (no out-of-band ROC signalling needed).
-    let mut seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let first_seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let mut seq = first_seq;
     let mut closing = false;
     loop {
         let timeout = loop {
@@ -415,7 +442,7 @@ async fn drive(
         }
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                Some(Command::Send { payload, rtp_ts, audio_level }) => {
+                Some(Command::Send { payload, rtp_ts, audio_level, index }) => {
                     let mut api = rtc.direct_api();
                     let stream = api
                         .stream_tx_by_mid(mid, None)
@@ -425,10 +452,12 @@ async fn drive(
                         voice_activity: Some(audio_level < 127),
                         ..Default::default()
                     };
+                    let this_seq = index.map_or(seq, |i| first_seq + i);
                     stream.write_rtp(
-                        RtpWrite::new(pt, seq.into(), rtp_ts, Instant::now(), payload).ext_vals(ext),
+                        RtpWrite::new(pt, this_seq.into(), rtp_ts, Instant::now(), payload)
+                            .ext_vals(ext),
                     );
-                    seq += 1;
+                    seq = seq.max(this_seq + 1);
                 }
                 Some(Command::Close) | None => {
                     rtc.close().map_err(rtc_err)?;
