@@ -5,8 +5,9 @@
 //! encoder told the loss rate when the path is lossy (a browser learns it from the edge's RTCP
 //! receiver reports). A WHEP listener on the same edge receives the forwarded packets and decodes
 //! them like a browser (Opus FEC from the next packet when one is missing, else PLC); after the
-//! room ends, `ffmpeg` decodes the recording's Opus and AAC renditions. It writes `whep.wav`,
-//! `hls_opus.wav` and `hls_aac.wav` to `--out`; `bench/quality/run.sh` aligns and scores them.
+//! room ends, `ffmpeg` decodes the recording's Opus and AAC renditions. It writes `speaker.wav`
+//! (the speaker's packets decoded locally: the single-encode ceiling), `whep.wav`, `hls_opus.wav`
+//! and `hls_aac.wav` to `--out`; `bench/quality/run.sh` aligns and scores them.
 //!
 //! Loss and jitter are injected in the test client, seeded: `--uplink-loss` leaves packets out
 //! (their sequence numbers are skipped, as on a real lossy path), `--jitter-ms` delays each packet
@@ -229,6 +230,13 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
     ensure!(reference.len() >= RATE as usize, "reference shorter than 1 s");
     std::fs::create_dir_all(&opts.out)?;
     let frames = encode_speaker(&reference, opts.uplink_loss)?;
+    // The speaker's own encode, decoded without a network: the single-encode ceiling.
+    let own: Vec<(u32, Vec<u8>)> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| ((i * FRAME) as u32, p.clone()))
+        .collect();
+    write_wav(&opts.out.join("speaker.wav"), &decode_received(own)?)?;
     let plan = schedule(frames.len(), opts.uplink_loss, opts.jitter_ms, opts.seed);
 
     let offset = opts.port_offset;
@@ -282,6 +290,19 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     publisher.close().await?;
+    // What the origin's jitter buffer did with the speaker's frames (the mixer's hop).
+    let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", 8301 + offset))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    let jitter: Vec<String> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("amphi_origin_jitter_"))
+        .filter_map(|l| l.split_once("_frames_total "))
+        .map(|(name, v)| format!("{name} {v}"))
+        .collect();
 
     // The WHEP listener: the slot that carried our speaker.
     let mut received = Vec::new();
@@ -324,12 +345,13 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
     }
     println!(
         "quality run: {} frames, {} sent (uplink loss {:.1} %, jitter 0..{} ms, relay loss {:.1} %), \
-         WHEP listener got {whep_packets}; WAVs in {}",
+         WHEP listener got {whep_packets}; origin jitter buffer frames: {}; WAVs in {}",
         frames.len(),
         plan.len(),
         opts.uplink_loss * 100.0,
         opts.jitter_ms,
         opts.relay_loss * 100.0,
+        jitter.join(", "),
         opts.out.display()
     );
     drop(mesh);

@@ -5,8 +5,10 @@
 #
 # Makes a synthetic speech reference with espeak-ng, then measures side by side in one run:
 #   ceiling       reference -> ffmpeg libopus 64 kb/s -> decode
-#   browser       reference -> libopus 32 kb/s voip 20 ms (a browser) -> decode: the WHEP ceiling
-#   fair ceiling  the browser encode -> decode -> libopus 64 kb/s (the mixer): the HLS ceiling
+#   speaker       the bench speaker's own packets (libopus 32 kb/s voip 20 ms FEC, as a browser)
+#                 decoded without a network: the WHEP ceiling
+#   fair ceiling  those packets decoded -> ffmpeg libopus 64 kb/s (as the mixer) -> decode: the
+#                 HLS ceiling
 #   amphi         `amphi bench quality`: a WHEP listener, the HLS Opus and the HLS AAC rendition,
 #                 on a clean path, with 5 % uplink loss + 0..30 ms jitter, and with 5 % loss on the
 #                 edge -> origin relay.
@@ -65,10 +67,6 @@ ff() { ffmpeg -nostdin -loglevel error -y "$@"; }
 ff -i "$WORK/espeak.wav" -af "adelay=300,apad=pad_dur=0.3" -ac 1 -ar 48000 -c:a pcm_s16le "$WORK/ref.wav"
 ff -i "$WORK/ref.wav" -c:a libopus -b:a 64k "$WORK/ceiling.opus"
 ff -i "$WORK/ceiling.opus" -ar 48000 "$WORK/ceiling.wav"
-ff -i "$WORK/ref.wav" -c:a libopus -b:a 32k -application voip -frame_duration 20 "$WORK/browser.opus"
-ff -i "$WORK/browser.opus" -ar 48000 "$WORK/browser.wav"
-ff -i "$WORK/browser.opus" -c:a libopus -b:a 64k "$WORK/fair.opus"
-ff -i "$WORK/fair.opus" -ar 48000 "$WORK/fair.wav"
 
 # condition name, uplink loss, jitter ms, relay loss
 if [ "$SMOKE" = 1 ]; then
@@ -76,9 +74,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   CONDITIONS=("clean 0 0 0" "uplink-5%-loss+30ms-jitter 0.05 30 0" "relay-5%-loss 0 0 0.05")
 fi
-ARGS=("ceiling (ffmpeg libopus 64k)=$WORK/ceiling.wav"
-  "browser encode alone (32k voip; WHEP ceiling)=$WORK/browser.wav"
-  "fair ceiling (32k voip -> 64k; HLS ceiling)=$WORK/fair.wav")
+ARGS=("ceiling: ffmpeg libopus 64k=$WORK/ceiling.wav")
 offset=23000
 for c in "${CONDITIONS[@]}"; do
   read -r name up jit relay <<<"$c"
@@ -86,6 +82,13 @@ for c in "${CONDITIONS[@]}"; do
   RUST_LOG=warn "$AMPHI" bench quality --wav "$WORK/ref.wav" --out "$dir" --uplink-loss "$up" \
     --jitter-ms "$jit" --relay-loss "$relay" --seed "$SEED" --port-offset "$offset"
   offset=$((offset + 50))
+  if [ "$name" = clean ]; then
+    # The fair ceiling: the speaker's very packets, decoded, re-encoded once at 64 kb/s.
+    ff -i "$dir/speaker.wav" -c:a libopus -b:a 64k "$WORK/fair.opus"
+    ff -i "$WORK/fair.opus" -ar 48000 "$WORK/fair.wav"
+    ARGS+=("ceiling: speaker encode alone (32k voip, WHEP ceiling)=$dir/speaker.wav"
+      "ceiling: speaker encode -> libopus 64k (fair, HLS ceiling)=$WORK/fair.wav")
+  fi
   ARGS+=("$name: WHEP listener=$dir/whep.wav" "$name: HLS Opus=$dir/hls_opus.wav" "$name: HLS AAC=$dir/hls_aac.wav")
 done
 "$VENV/bin/python" bench/quality/score.py "$WORK/ref.wav" "${ARGS[@]}" | tee "$WORK/scores.tsv"

@@ -221,20 +221,21 @@ impl RoomMixer {
         }
     }
 
-    /// Buffer one speaker packet that arrived at `arrival_ns`; `next_tick` is the next tick
-    /// [`RoomMixer::mix`] will be called with.
+    /// Buffer one speaker packet (RFC 6464 level `level`) that arrived at `arrival_ns`;
+    /// `next_tick` is the next tick [`RoomMixer::mix`] will be called with.
     pub fn push(
         &mut self,
         speaker: u32,
         rtp_ts: u32,
         payload: &[u8],
+        level: u8,
         arrival_ns: i64,
         next_tick: u64,
     ) -> Result<PushOutcome, MixError> {
         let i = self.find_or_add(speaker)?;
         let sp = &mut self.speakers[i];
         sp.last_packet_ns = sp.last_packet_ns.max(arrival_ns);
-        let outcome = sp.jitter.push(rtp_ts, payload, arrival_ns, next_tick);
+        let outcome = sp.jitter.push(rtp_ts, payload, level, arrival_ns, next_tick);
         if outcome == PushOutcome::Restarted {
             sp.decoder.reset_state()?;
         }
@@ -248,6 +249,20 @@ impl RoomMixer {
         for sp in &mut self.speakers {
             let decoded = match sp.jitter.pop(tick) {
                 Pop::Packet(p) => match sp.decoder.decode_float(p, &mut self.pcm, false) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.stats.decode_errors += 1;
+                        sp.decoder
+                            .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
+                            .unwrap_or(0)
+                    }
+                },
+                // The next packet's in-band FEC data (libopus conceals if it carries none).
+                Pop::Recover(next) => match sp.decoder.decode_float(
+                    next,
+                    &mut self.pcm[..FRAME_SAMPLES],
+                    true,
+                ) {
                     Ok(n) => n,
                     Err(_) => {
                         self.stats.decode_errors += 1;
@@ -359,7 +374,7 @@ pub(crate) mod tests {
                     let ts = 5_000u32
                         .wrapping_add(*id * 77)
                         .wrapping_add(tick as u32 * 960);
-                    mixer.push(*id, ts, p, now - MS, tick).unwrap();
+                    mixer.push(*id, ts, p, 30, now - MS, tick).unwrap();
                 }
             }
             let f = mixer.mix(tick).unwrap();
@@ -452,7 +467,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         m.join(1, 10).unwrap();
-        m.push(2, 0, &[0xf8, 0xff, 0xfe], 0, 0).unwrap();
+        m.push(2, 0, &[0xf8, 0xff, 0xfe], 127, 0, 0).unwrap();
         assert!(matches!(m.join(3, 10), Err(MixError::TooManySpeakers)));
         assert!(m.has_joined_speakers());
         m.source_gone(10);

@@ -205,6 +205,7 @@ impl Programs {
                 frame.speaker,
                 frame.rtp_ts,
                 frame.payload,
+                frame.audio_level,
                 now_ns,
                 next_tick,
             ) {
