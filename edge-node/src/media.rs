@@ -17,7 +17,7 @@ use crate::sessions::{MediaControl, Sessions};
 use crate::shards::{Foreign, ShardLinks};
 use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
-use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::relay::{FrameKind, RelayFrame, RELAY_HEADER_LEN};
 use amphi_protocol::room::{ActiveSpeaker, LISTENER_AUDIO_SLOTS};
 use amphi_protocol::{ParticipantId, RoomId};
 use bytes::{Bytes, BytesMut};
@@ -177,6 +177,8 @@ struct Peer {
     liveness: PeerLiveness,
     next_timeout: Option<Instant>,
     dead: Option<CloseReason>,
+    /// The relay frame of this publisher's previous packet, repeated with the next one.
+    last_relayed: Option<Bytes>,
 }
 
 /// Per-room forwarding state on this edge.
@@ -297,6 +299,30 @@ impl Relay {
             None => metrics.relay_send_error(),
         }
         Some(bytes)
+    }
+
+    /// Send `previous` (an encoded `SpeakerAudio` frame) again as a `SpeakerRepeat` frame.
+    fn repeat(&mut self, previous: &[u8], metrics: &Metrics) {
+        if previous.len() < RELAY_HEADER_LEN {
+            return;
+        }
+        if self.buf.capacity() < previous.len() {
+            self.buf.reserve(RELAY_BUF_CAPACITY.max(previous.len()));
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(previous);
+        self.buf[1] = FrameKind::SpeakerRepeat as u8;
+        let bytes = self.buf.split().freeze();
+        if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
+            return;
+        }
+        match &self.conn {
+            Some(conn) => match conn.send_datagram(bytes) {
+                Ok(()) => metrics.relay_sent(),
+                Err(_) => metrics.relay_send_error(),
+            },
+            None => metrics.relay_send_error(),
+        }
     }
 }
 
@@ -613,6 +639,7 @@ impl MediaDriver {
             liveness: PeerLiveness::new(now),
             next_timeout: None,
             dead: None,
+            last_relayed: None,
         };
         Self::set_slots(&mut peer, &slots);
         let receiving = peer.slots.iter().any(Option::is_some);
@@ -1038,6 +1065,10 @@ impl MediaDriver {
                             payload: &pkt.payload,
                         };
                         let encoded = self.relay.send(&frame, &self.metrics);
+                        // Relay protection: the previous packet rides again with this one.
+                        if let Some(prev) = std::mem::replace(&mut peer.last_relayed, encoded.clone()) {
+                            self.relay.repeat(&prev, &self.metrics);
+                        }
                         if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
                             if !self.links.share(pkt.timestamp, &encoded) {
                                 self.metrics.relay_queue_full();

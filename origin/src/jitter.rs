@@ -115,6 +115,8 @@ pub struct JitterStats {
     pub concealed: u64,
     /// Missing frames rebuilt from the next packet's in-band FEC data.
     pub recovered: u64,
+    /// Missing frames filled in time by the relay's repeated copy (`SpeakerRepeat`).
+    pub repaired: u64,
     /// Buffered frames skipped when the delay shrank.
     pub skipped: u64,
     /// Stream restarts (re-anchors after a timestamp jump).
@@ -132,6 +134,7 @@ impl JitterStats {
         self.lost += other.lost;
         self.concealed += other.concealed;
         self.recovered += other.recovered;
+        self.repaired += other.repaired;
         self.skipped += other.skipped;
         self.restarts += other.restarts;
         self.out_of_range += other.out_of_range;
@@ -302,6 +305,44 @@ impl JitterBuffer {
             return PushOutcome::Late;
         }
         self.store(frame, payload, level);
+        PushOutcome::Accepted
+    }
+
+    /// Buffer the relay's repeated copy of an earlier packet (`SpeakerRepeat`): it fills the
+    /// frame only if the original is missing and its tick is still ahead. Its arrival time says
+    /// nothing about the path (it is sent a frame late on purpose), so it does not move the delay;
+    /// a repeat of a frame already buffered or played is expected and not counted.
+    pub fn push_repeat(
+        &mut self,
+        rtp_ts: u32,
+        payload: &[u8],
+        level: u8,
+        next_tick: u64,
+    ) -> PushOutcome {
+        if payload.is_empty() || payload.len() > MAX_OPUS_PAYLOAD {
+            return PushOutcome::Invalid;
+        }
+        let Some(anchor) = self.anchor else {
+            return PushOutcome::OutOfRange;
+        };
+        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
+        let ext = anchor.highest_ext + diff;
+        let frame = anchor.frame
+            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let tick = frame + self.offset;
+        if tick >= next_tick as i64 + SLOTS as i64 {
+            return PushOutcome::OutOfRange;
+        }
+        let slot = &self.slots[slot_index(frame)];
+        if slot.frame == frame && slot.state != SlotState::Empty {
+            return PushOutcome::Duplicate;
+        }
+        if tick < next_tick as i64 || frame <= self.last_popped {
+            return PushOutcome::Late;
+        }
+        self.store(frame, payload, level);
+        self.stats.accepted -= 1;
+        self.stats.repaired += 1;
         PushOutcome::Accepted
     }
 
@@ -602,6 +643,26 @@ mod tests {
         };
         assert_eq!(steady(false), Duration::from_millis(10));
         assert_eq!(steady(true), Duration::from_millis(25));
+    }
+
+    #[test]
+    fn relay_repeat_fills_a_lost_frame_only() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(0, &pkt(0), LOUD, 0, 0);
+        // Frame 1's original is lost; frame 2 arrives with frame 1's repeat.
+        jb.push(1920, &pkt(2), LOUD, 40 * MS, 1);
+        assert_eq!(jb.push_repeat(960, &pkt(1), LOUD, 1), PushOutcome::Accepted);
+        // Frame 0's repeat comes after its original: ignored, not a duplicate in the counters.
+        assert_eq!(jb.push_repeat(0, &pkt(0), LOUD, 1), PushOutcome::Duplicate);
+        assert_eq!(play(&mut jb, 0, 5), vec![None, None, Some(0), Some(1), Some(2)]);
+        // A repeat after its tick is late.
+        assert_eq!(jb.push_repeat(1920, &pkt(2), LOUD, 5), PushOutcome::Duplicate);
+        assert_eq!(jb.push_repeat(2880, &pkt(3), LOUD, 6), PushOutcome::Late);
+        let s = jb.stats();
+        assert_eq!((s.repaired, s.duplicate, s.lost, s.accepted), (1, 0, 0, 2));
+        // Without an anchor a repeat cannot be placed.
+        let mut fresh = JitterBuffer::new(JitterConfig::default());
+        assert_eq!(fresh.push_repeat(0, &pkt(0), LOUD, 0), PushOutcome::OutOfRange);
     }
 
     #[test]
