@@ -227,7 +227,10 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
         "loss fractions must be in 0..1"
     );
     let reference = read_wav(&opts.wav)?;
-    ensure!(reference.len() >= RATE as usize, "reference shorter than 1 s");
+    ensure!(
+        reference.len() >= RATE as usize,
+        "reference shorter than 1 s"
+    );
     std::fs::create_dir_all(&opts.out)?;
     let frames = encode_speaker(&reference, opts.uplink_loss)?;
     // The speaker's own encode, decoded without a network: the single-encode ceiling.

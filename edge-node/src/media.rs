@@ -1066,7 +1066,9 @@ impl MediaDriver {
                         };
                         let encoded = self.relay.send(&frame, &self.metrics);
                         // Relay protection: the previous packet rides again with this one.
-                        if let Some(prev) = std::mem::replace(&mut peer.last_relayed, encoded.clone()) {
+                        if let Some(prev) =
+                            std::mem::replace(&mut peer.last_relayed, encoded.clone())
+                        {
                             self.relay.repeat(&prev, &self.metrics);
                         }
                         if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {

@@ -47,10 +47,34 @@ fn check_frames(frames: &[Vec<u8>], speaker: ParticipantId) {
         "only {} relay frames arrived",
         frames.len()
     );
-    let decoded: Vec<RelayFrame> = frames
+    let all: Vec<RelayFrame> = frames
         .iter()
         .map(|f| RelayFrame::decode(f).expect("valid relay frame"))
         .collect();
+    // Relay protection: every packet is sent again (kind SpeakerRepeat) with the next one.
+    let (repeats, decoded): (Vec<RelayFrame>, Vec<RelayFrame>) = all
+        .into_iter()
+        .partition(|f| f.kind == FrameKind::SpeakerRepeat);
+    assert!(
+        repeats.len() + 2 >= decoded.len() && !repeats.is_empty(),
+        "{} repeats for {} packets",
+        repeats.len(),
+        decoded.len()
+    );
+    let first = decoded.first().map_or(0, |f| f.seq);
+    for r in &repeats {
+        let original = RelayFrame {
+            kind: FrameKind::SpeakerAudio,
+            ..*r
+        };
+        // The first repeat may be of a packet sent before collecting began (or reconnecting).
+        let before_first = (first.wrapping_sub(r.seq) as i16) > 0;
+        assert!(
+            decoded.contains(&original) || before_first,
+            "a repeat of a packet never sent: seq {}",
+            r.seq
+        );
+    }
     for f in &decoded {
         assert_eq!(f.kind, FrameKind::SpeakerAudio);
         assert_eq!(f.room, LIVE_ROOM);
@@ -158,7 +182,7 @@ async fn publisher_audio_reaches_the_origin_and_garbage_is_dropped() {
 
     let packets = opus_packets(PACKETS);
     publish(&mut publisher, &packets, 0xffff_f000).await;
-    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
     assert!(metric(&edge, "amphi_edge_rtp_packets_in_total").await >= 40);
     assert!(metric(&edge, "amphi_edge_relay_frames_sent_total").await >= 40);
@@ -644,7 +668,7 @@ async fn uplink_reconnects_and_replays_publishers() {
     assert_eq!(name, "hana");
     let packets = opus_packets(PACKETS);
     publish(&mut publisher, &packets, 960 * 10).await;
-    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
 
     // The origin goes away and comes back on the same port: a new connection and a new replay.

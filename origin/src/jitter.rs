@@ -521,9 +521,8 @@ impl JitterBuffer {
             self.since_change = 0;
             self.want_shrink = false;
         } else {
-            self.want_shrink = desired < self.offset
-                && settled
-                && self.since_change >= self.cfg.decrease_every;
+            self.want_shrink =
+                desired < self.offset && settled && self.since_change >= self.cfg.decrease_every;
         }
     }
 }
@@ -557,7 +556,10 @@ mod tests {
     fn first_packet_gets_initial_delay() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         // Arrives at 5 ms: the first tick at least 40 ms later is tick 3 (60 ms).
-        assert_eq!(jb.push(1000, &pkt(1), LOUD, 5 * MS, 1), PushOutcome::Accepted);
+        assert_eq!(
+            jb.push(1000, &pkt(1), LOUD, 5 * MS, 1),
+            PushOutcome::Accepted
+        );
         assert_eq!(play(&mut jb, 1, 4), vec![None, None, Some(1)]);
     }
 
@@ -581,10 +583,19 @@ mod tests {
     fn duplicates_are_dropped_once_buffered_or_played() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         assert_eq!(jb.push(0, &pkt(0), LOUD, 0, 0), PushOutcome::Accepted);
-        assert_eq!(jb.push(960, &pkt(1), LOUD, 20 * MS, 0), PushOutcome::Accepted);
-        assert_eq!(jb.push(960, &pkt(1), LOUD, 21 * MS, 0), PushOutcome::Duplicate);
+        assert_eq!(
+            jb.push(960, &pkt(1), LOUD, 20 * MS, 0),
+            PushOutcome::Accepted
+        );
+        assert_eq!(
+            jb.push(960, &pkt(1), LOUD, 21 * MS, 0),
+            PushOutcome::Duplicate
+        );
         assert_eq!(play(&mut jb, 0, 4), vec![None, None, Some(0), Some(1)]);
-        assert_eq!(jb.push(960, &pkt(1), LOUD, 70 * MS, 4), PushOutcome::Duplicate);
+        assert_eq!(
+            jb.push(960, &pkt(1), LOUD, 70 * MS, 4),
+            PushOutcome::Duplicate
+        );
         assert_eq!(jb.stats().duplicate, 2);
     }
 
@@ -654,15 +665,24 @@ mod tests {
         assert_eq!(jb.push_repeat(960, &pkt(1), LOUD, 1), PushOutcome::Accepted);
         // Frame 0's repeat comes after its original: ignored, not a duplicate in the counters.
         assert_eq!(jb.push_repeat(0, &pkt(0), LOUD, 1), PushOutcome::Duplicate);
-        assert_eq!(play(&mut jb, 0, 5), vec![None, None, Some(0), Some(1), Some(2)]);
+        assert_eq!(
+            play(&mut jb, 0, 5),
+            vec![None, None, Some(0), Some(1), Some(2)]
+        );
         // A repeat after its tick is late.
-        assert_eq!(jb.push_repeat(1920, &pkt(2), LOUD, 5), PushOutcome::Duplicate);
+        assert_eq!(
+            jb.push_repeat(1920, &pkt(2), LOUD, 5),
+            PushOutcome::Duplicate
+        );
         assert_eq!(jb.push_repeat(2880, &pkt(3), LOUD, 6), PushOutcome::Late);
         let s = jb.stats();
         assert_eq!((s.repaired, s.duplicate, s.lost, s.accepted), (1, 0, 0, 2));
         // Without an anchor a repeat cannot be placed.
         let mut fresh = JitterBuffer::new(JitterConfig::default());
-        assert_eq!(fresh.push_repeat(0, &pkt(0), LOUD, 0), PushOutcome::OutOfRange);
+        assert_eq!(
+            fresh.push_repeat(0, &pkt(0), LOUD, 0),
+            PushOutcome::OutOfRange
+        );
     }
 
     #[test]
@@ -739,7 +759,10 @@ mod tests {
                 jb.pop(tick);
                 tick += 1;
             }
-            assert_ne!(jb.push(i * 960, &pkt(0), QUIET, arrival, tick), PushOutcome::Late);
+            assert_ne!(
+                jb.push(i * 960, &pkt(0), QUIET, arrival, tick),
+                PushOutcome::Late
+            );
         }
         assert_eq!(jb.delay(), Duration::from_millis(10));
         // Latest packet (frame 99, arrived 1981 ms) plays at most 30 ms after arrival.
@@ -761,7 +784,10 @@ mod tests {
     fn stream_restart_is_reanchored() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         for i in 0..5u32 {
-            jb.push(10_000 + i * 960, &pkt(i as u8), LOUD,
+            jb.push(
+                10_000 + i * 960,
+                &pkt(i as u8),
+                LOUD,
                 i64::from(i) * 20 * MS,
                 u64::from(i),
             );

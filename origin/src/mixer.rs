@@ -245,7 +245,9 @@ impl RoomMixer {
         let i = self.find_or_add(speaker)?;
         let sp = &mut self.speakers[i];
         sp.last_packet_ns = sp.last_packet_ns.max(arrival_ns);
-        let outcome = sp.jitter.push(rtp_ts, payload, level, arrival_ns, next_tick);
+        let outcome = sp
+            .jitter
+            .push(rtp_ts, payload, level, arrival_ns, next_tick);
         if outcome == PushOutcome::Restarted {
             sp.decoder.reset_state()?;
         }
@@ -284,19 +286,20 @@ impl RoomMixer {
                     }
                 },
                 // The next packet's in-band FEC data (libopus conceals if it carries none).
-                Pop::Recover(next) => match sp.decoder.decode_float(
-                    next,
-                    &mut self.pcm[..FRAME_SAMPLES],
-                    true,
-                ) {
-                    Ok(n) => n,
-                    Err(_) => {
-                        self.stats.decode_errors += 1;
-                        sp.decoder
-                            .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
-                            .unwrap_or(0)
+                Pop::Recover(next) => {
+                    match sp
+                        .decoder
+                        .decode_float(next, &mut self.pcm[..FRAME_SAMPLES], true)
+                    {
+                        Ok(n) => n,
+                        Err(_) => {
+                            self.stats.decode_errors += 1;
+                            sp.decoder
+                                .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
+                                .unwrap_or(0)
+                        }
                     }
-                },
+                }
                 Pop::Conceal => sp
                     .decoder
                     .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
@@ -513,11 +516,21 @@ pub(crate) mod tests {
         for (tick, p) in a.iter().enumerate() {
             let tick = tick as u64;
             mixer
-                .push(1, tick as u32 * 960, p, 30, tick as i64 * 20 * MS - MS, tick)
+                .push(
+                    1,
+                    tick as u32 * 960,
+                    p,
+                    30,
+                    tick as i64 * 20 * MS - MS,
+                    tick,
+                )
                 .unwrap();
             configs.push(mixer.mix(tick).unwrap().payload[0] >> 3);
         }
-        let hybrid = configs[10..].iter().filter(|&&c| (12..=15).contains(&c)).count();
+        let hybrid = configs[10..]
+            .iter()
+            .filter(|&&c| (12..=15).contains(&c))
+            .count();
         assert!(hybrid > 30, "TOC configs {configs:?}");
     }
 
