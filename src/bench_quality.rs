@@ -3,7 +3,7 @@
 //! One run publishes a reference WAV (48 kHz mono 16-bit) through a dev mesh it starts, the way a
 //! browser would: Opus 32 kbit/s, `VOIP` application, 20 ms frames, in-band FEC on and the
 //! encoder told the loss rate when the path is lossy (a browser learns it from the edge's RTCP
-//! receiver reports). A WHEP listener on the same edge receives the forwarded packets and decodes
+//! receiver reports, within their 5 s interval; the run prints the loss the last one carried). A WHEP listener on the same edge receives the forwarded packets and decodes
 //! them like a browser (Opus FEC from the next packet when one is missing, else PLC); after the
 //! room ends, `ffmpeg` decodes the recording's Opus and AAC renditions. It writes `speaker.wav`
 //! (the speaker's packets decoded locally: the single-encode ceiling), `whep.wav`, `hls_opus.wav`
@@ -292,6 +292,7 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
             .await?;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    let reported_loss = publisher.remote_loss();
     publisher.close().await?;
     // What the origin's jitter buffer did with the speaker's frames (the mixer's hop).
     let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", 8301 + offset))
@@ -348,12 +349,14 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
     }
     println!(
         "quality run: {} frames, {} sent (uplink loss {:.1} %, jitter 0..{} ms, relay loss {:.1} %), \
-         WHEP listener got {whep_packets}; origin jitter buffer frames: {}; WAVs in {}",
+         loss in the edge's last receiver report {}; WHEP listener got {whep_packets}; \
+         origin jitter buffer frames: {}; WAVs in {}",
         frames.len(),
         plan.len(),
         opts.uplink_loss * 100.0,
         opts.jitter_ms,
         opts.relay_loss * 100.0,
+        reported_loss.map_or("(none yet)".to_string(), |l| format!("{:.1} %", l * 100.0)),
         jitter.join(", "),
         opts.out.display()
     );

@@ -11,6 +11,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
@@ -85,8 +87,15 @@ pub struct WhipPublisher {
     etag: Option<String>,
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
+    remote_loss: Arc<AtomicU32>,
     task: JoinHandle<Result<(), ClientError>>,
 }
+
+/// How often the publisher's str0m reports egress statistics (the loss the edge's RTCP receiver
+/// reports carry, as a browser's encoder sees it).
+const STATS_INTERVAL: Duration = Duration::from_millis(500);
+/// [`WhipPublisher::remote_loss`] before any receiver report (f32 bits of -1.0).
+const NO_LOSS_REPORT: u32 = 0xbf80_0000;
 
 pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
@@ -107,6 +116,13 @@ pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientEr
 
 /// A str0m peer (RTP mode, Opus only) on a fresh loopback UDP socket, which is its host candidate.
 pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
+    loopback_rtc_with_stats(None).await
+}
+
+/// [`loopback_rtc`] with str0m statistics events every `stats` (none if `None`).
+async fn loopback_rtc_with_stats(
+    stats: Option<Duration>,
+) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     crate::install_crypto_provider();
     let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let local_addr = socket.local_addr()?;
@@ -114,6 +130,7 @@ pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), Clien
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
+        .set_stats_interval(stats)
         .build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
     Ok((socket, local_addr, rtc))
@@ -190,7 +207,7 @@ impl WhipPublisher {
         connect_timeout: Duration,
     ) -> Result<WhipPublisher, ClientError> {
         let endpoint = http_endpoint(whip_url, "WHIP")?;
-        let (socket, local_addr, mut rtc) = loopback_rtc().await?;
+        let (socket, local_addr, mut rtc) = loopback_rtc_with_stats(Some(STATS_INTERVAL)).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change
@@ -227,14 +244,18 @@ impl WhipPublisher {
 
         let (commands, command_rx) = mpsc::channel(256);
         let (connected_tx, connected_rx) = oneshot::channel();
+        let remote_loss = Arc::new(AtomicU32::new(NO_LOSS_REPORT));
         let mut task = tokio::spawn(drive(
             rtc,
-            socket,
-            local_addr,
-            mid,
-            pt,
+            Link {
+                socket,
+                local_addr,
+                mid,
+                pt,
+            },
             command_rx,
             connected_tx,
+            remote_loss.clone(),
         ));
         let failure = match tokio::time::timeout(connect_timeout, connected_rx).await {
             Ok(Ok(())) => None,
@@ -263,8 +284,17 @@ impl WhipPublisher {
             etag,
             local_addr,
             commands,
+            remote_loss,
             task,
         })
+    }
+
+    /// The fraction of packets (0.0..=1.0) the edge's latest RTCP receiver report says were lost,
+    /// as a browser's encoder would see it; `None` before the first report (str0m sends one every
+    /// 5 s for audio).
+    pub fn remote_loss(&self) -> Option<f32> {
+        let v = f32::from_bits(self.remote_loss.load(Ordering::Relaxed));
+        (v >= 0.0).then_some(v)
     }
 
     /// Send one 20 ms Opus packet with RTP timestamp `rtp_ts` (48 kHz) and RFC 6464 audio level
@@ -401,16 +431,28 @@ fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<Pt, ClientError> {
         .ok_or_else(|| ClientError::Sdp("answer has no Opus payload type".into()))
 }
 
-/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
-async fn drive(
-    mut rtc: Rtc,
+/// The publisher's socket and negotiated audio stream.
+struct Link {
     socket: UdpSocket,
     local_addr: SocketAddr,
     mid: Mid,
     pt: Pt,
+}
+
+/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
+async fn drive(
+    mut rtc: Rtc,
+    link: Link,
     mut commands: mpsc::Receiver<Command>,
     connected: oneshot::Sender<()>,
+    remote_loss: Arc<AtomicU32>,
 ) -> Result<(), ClientError> {
+    let Link {
+        socket,
+        local_addr,
+        mid,
+        pt,
+    } = link;
     let mut connected = Some(connected);
     let mut buf = vec![0u8; 2048];
     // Start in the first rollover period (no out-of-band ROC signalling needed).
@@ -433,6 +475,11 @@ async fn drive(
                     IceConnectionState::Disconnected,
                 )) => {
                     return Err(ClientError::Rtc("ICE disconnected".into()));
+                }
+                Output::Event(Event::MediaEgressStats(s)) => {
+                    if let Some(loss) = s.loss {
+                        remote_loss.store(loss.to_bits(), Ordering::Relaxed);
+                    }
                 }
                 Output::Event(_) => {}
             }

@@ -724,3 +724,42 @@ async fn uplink_reconnects_and_replays_publishers() {
     }
     edge.stop().await;
 }
+
+/// A publisher must see the loss the edge measured (RTCP receiver reports), or a browser's Opus
+/// encoder never turns in-band FEC on: every 10th packet is left out, and the edge's reports
+/// must say about 10 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_sees_the_loss_the_edge_measured() {
+    let pki = DevPki::generate().unwrap();
+    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
+    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("whip publish connects");
+    let packets = opus_packets(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut reported = None;
+    // str0m sends an audio receiver report every 5 s: up to 15 s of packets.
+    for i in 0..750u64 {
+        tick.tick().await;
+        if i % 10 != 5 {
+            publisher
+                .send_opus_indexed(i, &packets[(i % 10) as usize], 960 * i as u32, LEVEL)
+                .await
+                .expect("send");
+        }
+        if let Some(loss) = publisher.remote_loss().filter(|l| *l > 0.0) {
+            reported = Some(loss);
+            break;
+        }
+    }
+    let loss = reported.expect("no receiver report with loss reached the publisher in 15 s");
+    assert!((0.05..0.2).contains(&loss), "reported loss {loss}");
+    publisher.close().await.expect("DELETE answers 200");
+}
