@@ -5,8 +5,9 @@
 //! its RTP clock onto that grid with [`JitterConfig::initial_delay`] of slack; afterwards the
 //! playout delay follows the spread of observed arrival times over a sliding window, within
 //! [`JitterConfig::min_delay`]..=[`JitterConfig::max_delay`]. Growing the delay conceals one frame;
-//! shrinking it skips one, but only a quiet frame (RFC 6464 level at or below
-//! [`JitterConfig::quiet_level`]) or a missing one, so speech is never cut. While packets go
+//! shrinking it skips one, but only a quiet frame (RFC 6464 level of
+//! [`JitterConfig::quiet_level`] or more, i.e. that many dB below full scale or quieter) or a
+//! missing one in silence, so speech is never cut. While packets go
 //! missing, the delay keeps one frame more so a lost frame can be rebuilt from the in-band FEC
 //! data of the packet after it ([`Pop::Recover`]). Reordering, duplicates, loss, RTP timestamp
 //! wrap-around and a stream that restarts with an unrelated timestamp are handled; nothing here
@@ -397,10 +398,15 @@ impl JitterBuffer {
         self.conceal(later_buffered)
     }
 
-    /// Whether `frame` may be dropped to shrink the delay: missing, or buffered and quiet.
+    /// Whether `frame` may be dropped to shrink the delay: buffered and quiet, or missing while
+    /// the speaker is silent (a frame lost mid-speech is rebuilt or concealed instead).
     fn skippable(&self, frame: i64) -> bool {
         let slot = &self.slots[slot_index(frame)];
-        slot.frame != frame || slot.state != SlotState::Full || slot.level >= self.cfg.quiet_level
+        if slot.frame == frame && slot.state == SlotState::Full {
+            slot.level >= self.cfg.quiet_level
+        } else {
+            !self.active
+        }
     }
 
     fn conceal(&mut self, lost: bool) -> Pop<'static> {

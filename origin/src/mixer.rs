@@ -507,6 +507,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn lost_packet_is_rebuilt_from_the_next_packets_fec() {
+        // A browser-like speaker: 32 kbit/s VOIP with in-band FEC, told about loss.
+        let mut enc = Encoder::new(SAMPLE_RATE, Channels::Mono, Application::Voip).unwrap();
+        enc.set_bitrate(Bitrate::Bits(32_000)).unwrap();
+        enc.set_inband_fec(true).unwrap();
+        enc.set_packet_loss_perc(10).unwrap();
+        let mut pcm = vec![0f32; FRAME_SAMPLES];
+        let packets: Vec<Vec<u8>> = (0..60)
+            .map(|f| {
+                for (i, x) in pcm.iter_mut().enumerate() {
+                    let t = (f * FRAME_SAMPLES + i) as f32 / SAMPLE_RATE as f32;
+                    *x = 0.3 * (TAU * 300.0 * t).sin() * (TAU * 3.0 * t).sin().abs();
+                }
+                enc.encode_vec_float(&pcm, MAX_OPUS_PAYLOAD).unwrap()
+            })
+            .collect();
+        let mut mixer = RoomMixer::new(RoomId(4), MixerConfig::default()).unwrap();
+        for tick in 0..70u64 {
+            // Packets arrive a tick early, so the next one is buffered when one is missing.
+            let i = tick as usize + 1;
+            if i < packets.len() && i != 30 {
+                let arrival = tick as i64 * 20 * MS + MS;
+                mixer
+                    .push(1, i as u32 * 960, &packets[i], 20, arrival, tick)
+                    .unwrap();
+            }
+            mixer.mix(tick).unwrap();
+        }
+        let s = mixer.stats();
+        assert_eq!((s.jitter.lost, s.jitter.recovered), (1, 1), "{s:?}");
+        assert_eq!(s.decode_errors, 0);
+    }
+
+    #[test]
     fn program_codes_speech_in_hybrid_mode() {
         // A speaker at the browser's 32 kbit/s: the program's Opus packets (TOC configs 12..=15
         // are hybrid, 16.. CELT only) code speech with SILK, which PESQ-WB rates 0.4 higher here.
