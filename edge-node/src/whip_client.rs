@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::header;
 use http_body_util::{BodyExt, Full, Limited};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
@@ -69,6 +71,8 @@ enum Command {
         payload: Vec<u8>,
         rtp_ts: u32,
         audio_level: u8,
+        /// Packet index (sequence number = first + index); `None`: the next one.
+        index: Option<u64>,
     },
     Close,
 }
@@ -81,8 +85,15 @@ pub struct WhipPublisher {
     etag: Option<String>,
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
+    remote_loss: Arc<AtomicU32>,
     task: JoinHandle<Result<(), ClientError>>,
 }
+
+/// How often the publisher's str0m reports egress statistics (the loss the edge's RTCP receiver
+/// reports carry, as a browser's encoder sees it).
+const STATS_INTERVAL: Duration = Duration::from_millis(500);
+/// [`WhipPublisher::remote_loss`] before any receiver report (f32 bits of -1.0).
+const NO_LOSS_REPORT: u32 = 0xbf80_0000;
 
 pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
@@ -110,6 +121,13 @@ pub(crate) fn signaling_client(
 
 /// A str0m peer (RTP mode, Opus only) on a fresh loopback UDP socket, which is its host candidate.
 pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
+    loopback_rtc_with_stats(None).await
+}
+
+/// [`loopback_rtc`] with str0m statistics events every `stats` (none if `None`).
+async fn loopback_rtc_with_stats(
+    stats: Option<Duration>,
+) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     crate::install_crypto_provider();
     let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let local_addr = socket.local_addr()?;
@@ -117,6 +135,7 @@ pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), Clien
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
+        .set_stats_interval(stats)
         .build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
     Ok((socket, local_addr, rtc))
@@ -205,7 +224,7 @@ impl WhipPublisher {
     ) -> Result<WhipPublisher, ClientError> {
         let http = signaling_client(extra_ca)?;
         let endpoint = http_endpoint(whip_url, "WHIP")?;
-        let (socket, local_addr, mut rtc) = loopback_rtc().await?;
+        let (socket, local_addr, mut rtc) = loopback_rtc_with_stats(Some(STATS_INTERVAL)).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change
@@ -241,14 +260,18 @@ impl WhipPublisher {
 
         let (commands, command_rx) = mpsc::channel(256);
         let (connected_tx, connected_rx) = oneshot::channel();
+        let remote_loss = Arc::new(AtomicU32::new(NO_LOSS_REPORT));
         let mut task = tokio::spawn(drive(
             rtc,
-            socket,
-            local_addr,
-            mid,
-            pt,
+            Link {
+                socket,
+                local_addr,
+                mid,
+                pt,
+            },
             command_rx,
             connected_tx,
+            remote_loss.clone(),
         ));
         let failure = match tokio::time::timeout(connect_timeout, connected_rx).await {
             Ok(Ok(())) => None,
@@ -277,8 +300,17 @@ impl WhipPublisher {
             etag,
             local_addr,
             commands,
+            remote_loss,
             task,
         })
+    }
+
+    /// The fraction of packets (0.0..=1.0) the edge's latest RTCP receiver report says were lost,
+    /// as a browser's encoder would see it; `None` before the first report (str0m sends one every
+    /// 5 s for audio).
+    pub fn remote_loss(&self) -> Option<f32> {
+        let v = f32::from_bits(self.remote_loss.load(Ordering::Relaxed));
+        (v >= 0.0).then_some(v)
     }
 
     /// Send one 20 ms Opus packet with RTP timestamp `rtp_ts` (48 kHz) and RFC 6464 audio level
@@ -289,11 +321,35 @@ impl WhipPublisher {
         rtp_ts: u32,
         audio_level: u8,
     ) -> Result<(), ClientError> {
+        self.send(payload, rtp_ts, audio_level, None).await
+    }
+
+    /// Send the `index`-th packet of the stream (its RTP sequence number is the first one plus
+    /// `index`), so a test can leave packets out or send them out of order the way a lossy,
+    /// jittery network would deliver them. Do not mix with [`WhipPublisher::send_opus`].
+    pub async fn send_opus_indexed(
+        &mut self,
+        index: u64,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+    ) -> Result<(), ClientError> {
+        self.send(payload, rtp_ts, audio_level, Some(index)).await
+    }
+
+    async fn send(
+        &mut self,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+        index: Option<u64>,
+    ) -> Result<(), ClientError> {
         self.commands
             .send(Command::Send {
                 payload: payload.to_vec(),
                 rtp_ts,
                 audio_level: audio_level.min(127),
+                index,
             })
             .await
             .map_err(|_| ClientError::Closed)
@@ -391,20 +447,33 @@ fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<Pt, ClientError> {
         .ok_or_else(|| ClientError::Sdp("answer has no Opus payload type".into()))
 }
 
-/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
-async fn drive(
-    mut rtc: Rtc,
+/// The publisher's socket and negotiated audio stream.
+struct Link {
     socket: UdpSocket,
     local_addr: SocketAddr,
     mid: Mid,
     pt: Pt,
+}
+
+/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
+async fn drive(
+    mut rtc: Rtc,
+    link: Link,
     mut commands: mpsc::Receiver<Command>,
     connected: oneshot::Sender<()>,
+    remote_loss: Arc<AtomicU32>,
 ) -> Result<(), ClientError> {
+    let Link {
+        socket,
+        local_addr,
+        mid,
+        pt,
+    } = link;
     let mut connected = Some(connected);
     let mut buf = vec![0u8; 2048];
     // Start in the first rollover period (no out-of-band ROC signalling needed).
-    let mut seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let first_seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let mut seq = first_seq;
     let mut closing = false;
     loop {
         let timeout = loop {
@@ -423,6 +492,11 @@ async fn drive(
                 )) => {
                     return Err(ClientError::Rtc("ICE disconnected".into()));
                 }
+                Output::Event(Event::MediaEgressStats(s)) => {
+                    if let Some(loss) = s.loss {
+                        remote_loss.store(loss.to_bits(), Ordering::Relaxed);
+                    }
+                }
                 Output::Event(_) => {}
             }
         };
@@ -431,7 +505,7 @@ async fn drive(
         }
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                Some(Command::Send { payload, rtp_ts, audio_level }) => {
+                Some(Command::Send { payload, rtp_ts, audio_level, index }) => {
                     let mut api = rtc.direct_api();
                     let stream = api
                         .stream_tx_by_mid(mid, None)
@@ -441,10 +515,12 @@ async fn drive(
                         voice_activity: Some(audio_level < 127),
                         ..Default::default()
                     };
+                    let this_seq = index.map_or(seq, |i| first_seq + i);
                     stream.write_rtp(
-                        RtpWrite::new(pt, seq.into(), rtp_ts, Instant::now(), payload).ext_vals(ext),
+                        RtpWrite::new(pt, this_seq.into(), rtp_ts, Instant::now(), payload)
+                            .ext_vals(ext),
                     );
-                    seq += 1;
+                    seq = seq.max(this_seq + 1);
                 }
                 Some(Command::Close) | None => {
                     rtc.close().map_err(rtc_err)?;

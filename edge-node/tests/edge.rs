@@ -47,10 +47,34 @@ fn check_frames(frames: &[Vec<u8>], speaker: ParticipantId) {
         "only {} relay frames arrived",
         frames.len()
     );
-    let decoded: Vec<RelayFrame> = frames
+    let all: Vec<RelayFrame> = frames
         .iter()
         .map(|f| RelayFrame::decode(f).expect("valid relay frame"))
         .collect();
+    // Relay protection: every packet is sent again (kind SpeakerRepeat) with the next one.
+    let (repeats, decoded): (Vec<RelayFrame>, Vec<RelayFrame>) = all
+        .into_iter()
+        .partition(|f| f.kind == FrameKind::SpeakerRepeat);
+    assert!(
+        repeats.len() + 2 >= decoded.len() && !repeats.is_empty(),
+        "{} repeats for {} packets",
+        repeats.len(),
+        decoded.len()
+    );
+    let first = decoded.first().map_or(0, |f| f.seq);
+    for r in &repeats {
+        let original = RelayFrame {
+            kind: FrameKind::SpeakerAudio,
+            ..*r
+        };
+        // The first repeat may be of a packet sent before collecting began (or reconnecting).
+        let before_first = (first.wrapping_sub(r.seq) as i16) > 0;
+        assert!(
+            decoded.contains(&original) || before_first,
+            "a repeat of a packet never sent: seq {}",
+            r.seq
+        );
+    }
     for f in &decoded {
         assert_eq!(f.kind, FrameKind::SpeakerAudio);
         assert_eq!(f.room, LIVE_ROOM);
@@ -158,7 +182,7 @@ async fn publisher_audio_reaches_the_origin_and_garbage_is_dropped() {
 
     let packets = opus_packets(PACKETS);
     publish(&mut publisher, &packets, 0xffff_f000).await;
-    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
     assert!(metric(&edge, "amphi_edge_rtp_packets_in_total").await >= 40);
     assert!(metric(&edge, "amphi_edge_relay_frames_sent_total").await >= 40);
@@ -644,7 +668,7 @@ async fn uplink_reconnects_and_replays_publishers() {
     assert_eq!(name, "hana");
     let packets = opus_packets(PACKETS);
     publish(&mut publisher, &packets, 960 * 10).await;
-    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
 
     // The origin goes away and comes back on the same port: a new connection and a new replay.
@@ -699,4 +723,43 @@ async fn uplink_reconnects_and_replays_publishers() {
         other => panic!("the session is gone after RoomEnded: {other:?}"),
     }
     edge.stop().await;
+}
+
+/// A publisher must see the loss the edge measured (RTCP receiver reports), or a browser's Opus
+/// encoder never turns in-band FEC on: every 10th packet is left out, and the edge's reports
+/// must say about 10 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_sees_the_loss_the_edge_measured() {
+    let pki = DevPki::generate().unwrap();
+    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
+    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("whip publish connects");
+    let packets = opus_packets(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut reported = None;
+    // str0m sends an audio receiver report every 5 s: up to 15 s of packets.
+    for i in 0..750u64 {
+        tick.tick().await;
+        if i % 10 != 5 {
+            publisher
+                .send_opus_indexed(i, &packets[(i % 10) as usize], 960 * i as u32, LEVEL)
+                .await
+                .expect("send");
+        }
+        if let Some(loss) = publisher.remote_loss().filter(|l| *l > 0.0) {
+            reported = Some(loss);
+            break;
+        }
+    }
+    let loss = reported.expect("no receiver report with loss reached the publisher in 15 s");
+    assert!((0.05..0.2).contains(&loss), "reported loss {loss}");
+    publisher.close().await.expect("DELETE answers 200");
 }

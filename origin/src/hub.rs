@@ -865,8 +865,10 @@ impl Hub {
                 m.dropped(DropReason::NotEdge);
                 continue;
             }
-            let (room, speaker) = match RelayFrame::decode(&datagram) {
-                Ok(f) if f.kind == FrameKind::SpeakerAudio => (f.room, f.speaker),
+            // Repeats (relay loss protection) are mixed, never forwarded.
+            let (room, speaker, forward) = match RelayFrame::decode(&datagram) {
+                Ok(f) if f.kind == FrameKind::SpeakerAudio => (f.room, f.speaker, true),
+                Ok(f) if f.kind == FrameKind::SpeakerRepeat => (f.room, f.speaker, false),
                 Ok(_) => {
                     m.dropped(DropReason::WrongKind);
                     continue;
@@ -889,7 +891,7 @@ impl Hub {
                     continue;
                 }
                 for &sub in st.subs.subscribers(room) {
-                    if sub == id {
+                    if sub == id || !forward {
                         continue;
                     }
                     let Some(link) = st.edges.get(&sub) else {

@@ -7,7 +7,7 @@
 
 use crate::jitter::{PushOutcome, FRAME_NS};
 use crate::mixer::{MixError, MixStats, MixerConfig, ProgramFrame, RoomMixer};
-use amphi_protocol::relay::RelayFrame;
+use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::RoomId;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -196,15 +196,31 @@ impl Programs {
         }
     }
 
-    /// A speaker packet (kind `SpeakerAudio`) that arrived at `arrival`.
+    /// A speaker packet (kind `SpeakerAudio`, or its relay repeat `SpeakerRepeat`) that arrived
+    /// at `arrival`.
     pub fn packet(&mut self, frame: &RelayFrame<'_>, arrival: Instant) -> Admission {
         let now_ns = self.ns(arrival);
         let next_tick = self.next_tick;
+        if frame.kind == FrameKind::SpeakerRepeat {
+            // A repeat neither starts a program nor counts as activity.
+            return match self.rooms.get_mut(&frame.room) {
+                Some(p) => Admission::Mixed(p.mixer.push_repeat(
+                    frame.speaker,
+                    frame.rtp_ts,
+                    frame.payload,
+                    frame.audio_level,
+                    next_tick,
+                )),
+                None if self.ended.contains_key(&frame.room) => Admission::RoomEnded,
+                None => Admission::Mixed(PushOutcome::OutOfRange),
+            };
+        }
         match self.room(frame.room, now_ns) {
             Ok(p) => match p.mixer.push(
                 frame.speaker,
                 frame.rtp_ts,
                 frame.payload,
+                frame.audio_level,
                 now_ns,
                 next_tick,
             ) {
