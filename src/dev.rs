@@ -225,6 +225,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 router_url: url(DEV_PORTS.router, off),
                 interactive_capacity: 500,
                 media_threads: args.media_threads,
+                ice_connect_timeout_secs: 15,
             },
             mesh_tls: pki.issue(&format!("{id}.amphi.internal"))?,
             tokens: verifier.clone(),

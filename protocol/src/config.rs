@@ -92,6 +92,14 @@ pub struct EdgeConfig {
     /// 0 (the default) means one per available core, at most 16.
     #[serde(default)]
     pub media_threads: usize,
+    /// Seconds a WebRTC session (WHIP, WHEP, WebSocket) may take to connect (ICE + DTLS) after
+    /// its answer before the edge drops it. Default 15.
+    #[serde(default = "default_ice_connect_timeout_secs")]
+    pub ice_connect_timeout_secs: u64,
+}
+
+fn default_ice_connect_timeout_secs() -> u64 {
+    15
 }
 
 fn default_interactive_capacity() -> usize {
