@@ -170,6 +170,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             id: "origin-1".into(),
             quic_listen: origin_addr,
             metrics_listen: format!("127.0.0.1:{}", 8301 + base).parse().unwrap(),
+            idle_room_timeout_secs: 3600,
         },
         mesh_tls: pki.issue("origin.amphi.internal").unwrap(),
     };

@@ -115,6 +115,15 @@ pub struct OriginConfig {
     pub quic_listen: SocketAddr,
     /// HTTP listener for `/metrics` (Prometheus text format).
     pub metrics_listen: SocketAddr,
+    /// A live room without speakers for this many seconds is ended (ENDLIST, directory status
+    /// `ended`, `room.ended` webhook), as if its host had ended it; until then its program keeps
+    /// producing silence. 0: never. Default 3600.
+    #[serde(default = "default_idle_room_timeout_secs")]
+    pub idle_room_timeout_secs: u64,
+}
+
+fn default_idle_room_timeout_secs() -> u64 {
+    3600
 }
 
 /// `amphi packager` configuration.
