@@ -146,6 +146,12 @@ pub async fn run_with(
     let udp_sockets =
         shards::bind_reuseport(config.media_listen, shard_count).map_err(media_bind_error)?;
     let media_local = udp_sockets[0].local_addr().map_err(media_bind_error)?;
+    if config.ice_connect_timeout_secs == 0 {
+        return Err(EdgeError::Config(
+            "ice_connect_timeout_secs must be at least 1".into(),
+        ));
+    }
+    let connect_timeout = std::time::Duration::from_secs(config.ice_connect_timeout_secs);
     let candidate = config.media_public.unwrap_or(media_local);
     if candidate.ip().is_unspecified() || candidate.port() == 0 {
         return Err(EdgeError::Config(format!(
@@ -218,6 +224,7 @@ pub async fn run_with(
                 ufrags: ufrags.clone(),
                 load: load.clone(),
             },
+            connect_timeout,
         );
         media_done.push(spawn_media_thread(
             driver,

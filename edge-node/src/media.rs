@@ -12,7 +12,7 @@ use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
 use crate::peers::{stun_local_ufrag, DropReason, InsertError, PeerId, PeerTable, Route};
-use crate::sdpfrag::IceFragment;
+use crate::sdpfrag::{IceFragment, PatchDecision};
 use crate::sessions::{MediaControl, Sessions};
 use crate::shards::{Foreign, ShardLinks};
 use crate::signaling::SessionKind;
@@ -94,6 +94,8 @@ pub(crate) enum PatchOutcome {
     Trickled,
     /// ICE restarted: 200 with this answer fragment and the new ETag (the new local ufrag).
     Restarted { fragment: String, etag: String },
+    /// No `If-Match`: 428.
+    PreconditionRequired,
     /// `If-Match` names another ETag: 412.
     PreconditionFailed,
     /// The restart offer was refused: 400 with this message.
@@ -377,6 +379,8 @@ pub(crate) struct MediaDriver {
     links: ShardLinks,
     /// Addresses whose peers live on another shard, and which.
     foreign_addrs: HashMap<SocketAddr, usize>,
+    /// A peer whose ICE+DTLS has not connected this long after its answer is removed.
+    connect_timeout: Duration,
 }
 
 impl MediaDriver {
@@ -389,8 +393,10 @@ impl MediaDriver {
         sessions: Arc<Sessions>,
         occupancy: Arc<Occupancy>,
         links: ShardLinks,
+        connect_timeout: Duration,
     ) -> Self {
         MediaDriver {
+            connect_timeout,
             local,
             table: PeerTable::default(),
             timers: BTreeSet::new(),
@@ -636,7 +642,7 @@ impl MediaDriver {
             offer_sdp,
             slots: [None; LISTENER_AUDIO_SLOTS],
             receiving: false,
-            liveness: PeerLiveness::new(now),
+            liveness: PeerLiveness::new(now, self.connect_timeout),
             next_timeout: None,
             dead: None,
             last_relayed: None,
@@ -733,9 +739,10 @@ impl MediaDriver {
         self.links.ufrags.insert(new, self.links.index);
     }
 
-    /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.4). An ICE restart re-accepts the
-    /// session's offer with the client's new credentials; trickled candidates need nothing from
-    /// an ICE-lite edge, which learns addresses from connectivity checks.
+    /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.3, decided by
+    /// [`crate::sdpfrag::decide_patch`]). An ICE restart re-accepts the session's offer with the
+    /// client's new credentials; trickled candidates (also those repeating the current
+    /// credentials) need nothing from an ICE-lite edge, which learns addresses from checks.
     fn patch(
         &mut self,
         session: &str,
@@ -760,15 +767,14 @@ impl MediaDriver {
             "\"{}\"",
             peer.rtc.direct_api().local_ice_credentials().ufrag
         );
-        let Some((ufrag, pwd)) = fragment.credentials else {
-            return match if_match {
-                Some(tag) if tag != "*" && tag != etag => PatchOutcome::PreconditionFailed,
-                _ => PatchOutcome::Trickled,
-            };
+        let current = crate::sdpfrag::offer_credentials(&peer.offer_sdp);
+        let current = current.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        let (ufrag, pwd) = match crate::sdpfrag::decide_patch(if_match, &etag, &fragment, current) {
+            PatchDecision::PreconditionRequired => return PatchOutcome::PreconditionRequired,
+            PatchDecision::PreconditionFailed => return PatchOutcome::PreconditionFailed,
+            PatchDecision::Trickle => return PatchOutcome::Trickled,
+            PatchDecision::Restart { ufrag, pwd } => (ufrag, pwd),
         };
-        if if_match.is_some_and(|tag| tag != "*" && tag != etag) {
-            return PatchOutcome::PreconditionFailed;
-        }
         let restart = crate::sdpfrag::restart_offer(&peer.offer_sdp, &ufrag, &pwd);
         let offer = match SdpOffer::from_sdp_string(&restart) {
             Ok(o) => o,

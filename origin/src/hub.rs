@@ -791,6 +791,13 @@ impl Hub {
         self.metrics.rooms_known.set(len_i64(st.rooms.len()));
     }
 
+    /// The mixer found `room` without speakers for the configured idle timeout: end it as the
+    /// API's `POST /v1/rooms/{id}/end` does (edges, geo-routers, packagers hear `RoomEnded`).
+    pub(crate) fn end_idle_room(&self, room: RoomId, now: Instant) {
+        tracing::info!(%room, "room ended after its idle timeout");
+        self.end_room(room, FROM_ORIGIN, now);
+    }
+
     /// `RoomEnded` from connection `from` (a geo-router or an edge): end the room's authority
     /// record, tell the subscribed edges (`RoomEvents` with `Ended`, then `RoomEnded`), the other
     /// routers and the packagers. A room that already ended here is not announced again.

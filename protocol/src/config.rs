@@ -122,6 +122,14 @@ pub struct EdgeConfig {
     /// HTTPS listener and client settings (`tls_cert`, `tls_key`, `tls_ca`).
     #[serde(flatten)]
     pub https: HttpTls,
+    /// Seconds a WebRTC session (WHIP, WHEP, WebSocket) may take to connect (ICE + DTLS) after
+    /// its answer before the edge drops it. Default 15.
+    #[serde(default = "default_ice_connect_timeout_secs")]
+    pub ice_connect_timeout_secs: u64,
+}
+
+fn default_ice_connect_timeout_secs() -> u64 {
+    15
 }
 
 fn default_interactive_capacity() -> usize {
@@ -137,6 +145,15 @@ pub struct OriginConfig {
     pub quic_listen: SocketAddr,
     /// HTTP listener for `/metrics` (Prometheus text format).
     pub metrics_listen: SocketAddr,
+    /// A live room without speakers for this many seconds is ended (ENDLIST, directory status
+    /// `ended`, `room.ended` webhook), as if its host had ended it; until then its program keeps
+    /// producing silence. 0: never. Default 3600.
+    #[serde(default = "default_idle_room_timeout_secs")]
+    pub idle_room_timeout_secs: u64,
+}
+
+fn default_idle_room_timeout_secs() -> u64 {
+    3600
 }
 
 /// `amphi packager` configuration.
