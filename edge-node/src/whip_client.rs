@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
@@ -103,10 +103,14 @@ pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientEr
     Ok(endpoint)
 }
 
-/// A str0m peer (RTP mode, Opus only) on a fresh loopback UDP socket, which is its host candidate.
-pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
+/// A str0m peer (RTP mode, Opus only) on a fresh UDP socket bound to the local address that
+/// reaches `toward` (loopback for a loopback edge), which is its host candidate.
+pub(crate) async fn client_rtc(
+    toward: &http::Uri,
+) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     crate::install_crypto_provider();
-    let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let ip = local_ip_toward(toward).await?;
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let local_addr = socket.local_addr()?;
     let mut rtc = Rtc::builder()
         .set_rtp_mode(true)
@@ -115,6 +119,31 @@ pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), Clien
         .build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
     Ok((socket, local_addr, rtc))
+}
+
+/// The local address the kernel would use to reach the endpoint's host: 127.0.0.1 for a loopback
+/// edge, the host's own address inside a network namespace (one host candidate is all an
+/// ICE-lite edge needs).
+async fn local_ip_toward(endpoint: &http::Uri) -> Result<IpAddr, ClientError> {
+    let host = endpoint
+        .host()
+        .ok_or_else(|| ClientError::Http(format!("{endpoint}: no host")))?;
+    let port = endpoint.port_u16().unwrap_or(80);
+    let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await?
+        .next()
+        .ok_or_else(|| ClientError::Http(format!("{host}: no address")))?;
+    let probe = UdpSocket::bind(SocketAddr::new(
+        if target.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        },
+        0,
+    ))
+    .await?;
+    probe.connect(target).await?;
+    Ok(probe.local_addr()?.ip())
 }
 
 /// POST an SDP offer with the bearer token; on `201 Created` return the session resource (from
@@ -188,7 +217,7 @@ impl WhipPublisher {
         connect_timeout: Duration,
     ) -> Result<WhipPublisher, ClientError> {
         let endpoint = http_endpoint(whip_url, "WHIP")?;
-        let (socket, local_addr, mut rtc) = loopback_rtc().await?;
+        let (socket, local_addr, mut rtc) = client_rtc(&endpoint).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change
