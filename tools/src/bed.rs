@@ -354,7 +354,8 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
         write(&dir.join("config.toml"), &config)?;
         let mut env = String::new();
         for (k, v) in overlays {
-            let _ = writeln!(env, "{k}={v}");
+            // Single-quoted for `set -a; . env` (no value contains a single quote).
+            let _ = writeln!(env, "{k}='{v}'");
         }
         write(&dir.join("env"), &env)?;
         let name = if h.kind == Kind::Origin {
@@ -419,7 +420,7 @@ mod tests {
         let router = std::fs::read_to_string(run.join("router/config.toml")).unwrap();
         assert!(router.contains("[[router.origins]]"), "{router}");
         let env = std::fs::read_to_string(run.join("router/env")).unwrap();
-        assert!(env.contains("AMPHI__ROUTER__API_KEYS=[{ id = \"bed\", secret = \"s3cret\" }]"));
+        assert!(env.contains("AMPHI__ROUTER__API_KEYS='[{ id = \"bed\", secret = \"s3cret\" }]'"));
         for h in ["router", "origin-1", "origin-2", "packager", "edge-use1-a"] {
             let text = std::fs::read_to_string(run.join(h).join("config.toml")).unwrap();
             text.parse::<toml::Table>().unwrap();
