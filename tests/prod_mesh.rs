@@ -10,7 +10,11 @@
 //!     distance, and the HLS output has the tone;
 //! (b) region partition: eu-west-1 <-> both origins dropped for 10 s, then healed; nothing
 //!     crashes, the us-east-1 listener hears every burst meanwhile, eu-west-1 hears nothing
-//!     during it and resumes after.
+//!     during it and resumes after;
+//! (c) an edge dies: `kill -9` the us-east-1 edge carrying a speaker; the router takes it out of
+//!     routing (heartbeats stop), the speaker's client asks the router again and reconnects to
+//!     the other us-east-1 edge, and the eu-west-1 listener hears it again. Figure: time from
+//!     the kill until the speaker is heard again in eu-west-1.
 
 mod prod_mesh_support;
 mod support;
@@ -39,7 +43,7 @@ fn assert_all_running(bed: &Bed, when: &str) {
 }
 
 #[test]
-fn production_mesh_relays_across_regions_and_survives_a_partition() {
+fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death() {
     let Some(bed) = Bed::up("prod-mesh") else {
         return;
     };
@@ -192,6 +196,74 @@ fn production_mesh_relays_across_regions_and_survives_a_partition() {
         during.len(),
         resumed - healed
     );
+
+    // (c) Kill -9 the us-east-1 edge that carries a speaker.
+    let speaker = bed.token(&room, "speaker", "speaker-3");
+    let eu_token = bed.token(&room, "listener", "eu-3");
+    let eu = listen("client-euw1", &eu_token, EU, "24");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut args = vec!["whip-speak", "--bursts", "18", "--reconnects", "60"];
+    args.extend(client_args(&room, &speaker, US));
+    let talk = bed.spawn("client-use1", &args);
+    // Its edge: the us-east-1 edge reporting a session (no other client is in us-east-1 now).
+    let victim = support_eventually("the speaker's edge reports its session", || {
+        let (_, edges) = bed.api("GET", "/v1/edges", None);
+        edges["edges"].as_array()?.iter().find_map(|e| {
+            let id = e["id"].as_str()?;
+            (id.starts_with("edge-us-east-1-") && e["participants"].as_u64()? >= 1)
+                .then(|| id.to_string())
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let host = format!("edge-use1-{}", victim.rsplit('-').next().unwrap());
+    let out = bed.mesh(&["kill", &host]);
+    assert!(out.status.success(), "{out:?}");
+    let killed = unix_ms();
+    // The router stops routing to it once its heartbeats stop.
+    let out_of_routing = support_eventually("the router marks the dead edge unhealthy", || {
+        let (_, edges) = bed.api("GET", "/v1/edges", None);
+        let dead = edges["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["id"] == victim.as_str())?;
+        (dead["healthy"] == false).then(unix_ms)
+    });
+    let spoke = bed.finish(talk, "speaker through the edge death");
+    let eu = bed.finish(eu, "eu-west-1 listener through the edge death");
+    let sessions = spoke["sessions"].as_array().unwrap();
+    assert!(sessions.len() >= 2, "the speaker never reconnected: {spoke}");
+    let again = sessions.last().unwrap();
+    assert_ne!(again["edge"], victim.as_str(), "re-routed to the dead edge: {spoke}");
+    assert!(again["edge"].as_str().unwrap().starts_with("edge-us-east-1-"), "{spoke}");
+    let heard = times(&eu["onsets_unix_ms"]);
+    let back = heard
+        .iter()
+        .find(|h| **h > killed)
+        .unwrap_or_else(|| panic!("eu-west-1 never heard the speaker after the kill: {eu}"));
+    for other in ["edge-euw1", "edge-aps1", "router", "origin-1", "origin-2", "packager"] {
+        assert!(bed.running(other), "{other} died with the edge\n{}", bed.logs_tail());
+    }
+    println!(
+        "FIGURE edge death (kill -9 {victim}): router marked it unhealthy after {:.0} ms; the \
+         speaker reconnected to {} {:.0} ms after the kill; eu-west-1 heard it again {:.0} ms \
+         after the kill (first burst onset; bursts are 1 s apart)",
+        out_of_routing - killed,
+        again["edge"].as_str().unwrap(),
+        again["at_unix_ms"].as_f64().unwrap() - killed,
+        back - killed
+    );
+}
+
+/// Poll `f` (every 200 ms, at most 20 s) until it returns `Some`.
+fn support_eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn unix_ms() -> f64 {

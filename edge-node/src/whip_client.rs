@@ -103,6 +103,13 @@ pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientEr
     Ok(endpoint)
 }
 
+/// First STUN retransmission timeout of the client's ICE checks.
+const ICE_INITIAL_RTO: Duration = Duration::from_millis(100);
+/// Largest STUN retransmission timeout.
+const ICE_MAX_RTO: Duration = Duration::from_millis(500);
+/// Unanswered retransmissions after which the pair (and the session) fails.
+const ICE_MAX_RETRANSMITS: usize = 5;
+
 /// A str0m peer (RTP mode, Opus only) on a fresh UDP socket bound to the local address that
 /// reaches `toward` (loopback for a loopback edge), which is its host candidate.
 pub(crate) async fn client_rtc(
@@ -112,11 +119,16 @@ pub(crate) async fn client_rtc(
     let ip = local_ip_toward(toward).await?;
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let local_addr = socket.local_addr()?;
-    let mut rtc = Rtc::builder()
+    let mut config = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false)
-        .build(Instant::now());
+        .enable_opus(true, false);
+    // Notice a dead edge in about 1.6 s of unanswered STUN checks (str0m's default is ~20 s), so
+    // the session ends and the caller can ask the geo-router for another edge.
+    config.set_initial_stun_rto(ICE_INITIAL_RTO);
+    config.set_max_stun_rto(ICE_MAX_RTO);
+    config.set_max_stun_retransmits(ICE_MAX_RETRANSMITS);
+    let mut rtc = config.build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
     Ok((socket, local_addr, rtc))
 }

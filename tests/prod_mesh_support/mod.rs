@@ -177,6 +177,9 @@ impl Drop for Bed {
         let out = self.mesh(&["down"]);
         if !out.status.success() {
             eprintln!("mesh.sh down: {}", show(&out));
+        } else if !std::thread::panicking() {
+            // Keep configs and logs of a failed run for inspection.
+            let _ = std::fs::remove_dir_all(&self.run);
         }
     }
 }
