@@ -38,7 +38,11 @@ const ROLES: [&str; 11] = [
 
 fn assert_all_running(bed: &Bed, when: &str) {
     for r in ROLES {
-        assert!(bed.running(r), "{r} is not running {when}\n{}", bed.logs_tail());
+        assert!(
+            bed.running(r),
+            "{r} is not running {when}\n{}",
+            bed.logs_tail()
+        );
     }
 }
 
@@ -112,8 +116,16 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     assert_eq!(spoken.len(), 8);
     let d_eu = delays(&spoken, &times(&eu["onsets_unix_ms"]));
     let d_ap = delays(&spoken, &times(&ap["onsets_unix_ms"]));
-    assert!(d_eu.len() >= 6, "eu-west-1 heard {} of 8 bursts: {eu}", d_eu.len());
-    assert!(d_ap.len() >= 6, "ap-southeast-1 heard {} of 8 bursts: {ap}", d_ap.len());
+    assert!(
+        d_eu.len() >= 6,
+        "eu-west-1 heard {} of 8 bursts: {eu}",
+        d_eu.len()
+    );
+    assert!(
+        d_ap.len() >= 6,
+        "ap-southeast-1 heard {} of 8 bursts: {ap}",
+        d_ap.len()
+    );
     let (m_eu, m_ap) = (median(&d_eu), median(&d_ap));
     println!(
         "FIGURE mouth-to-ear (speaker us-east-1 -> WHEP listener), median of {} / {} bursts: \
@@ -123,8 +135,14 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         d_ap.len()
     );
     // The emulated distance is a floor no path can beat (client, edge, origin, edge, client).
-    assert!(m_eu >= 37.5, "eu-west-1 {m_eu} ms is faster than the emulated link");
-    assert!(m_ap >= 110.0, "ap-southeast-1 {m_ap} ms is faster than the emulated link");
+    assert!(
+        m_eu >= 37.5,
+        "eu-west-1 {m_eu} ms is faster than the emulated link"
+    );
+    assert!(
+        m_ap >= 110.0,
+        "ap-southeast-1 {m_ap} ms is faster than the emulated link"
+    );
     assert!(m_ap > m_eu, "farther region heard sooner: {m_ap} vs {m_eu}");
 
     // The HLS output (through the router's /hls proxy, from the us-east-1 client) has the tone.
@@ -184,10 +202,12 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         "eu-west-1 heard audio through the partition: {eu}"
     );
     // ...and resumed after the heal.
-    let resumed = heard_eu
-        .iter()
-        .find(|h| **h > healed)
-        .unwrap_or_else(|| panic!("eu-west-1 never resumed after the heal: {eu}\n{}", bed.logs_tail()));
+    let resumed = heard_eu.iter().find(|h| **h > healed).unwrap_or_else(|| {
+        panic!(
+            "eu-west-1 never resumed after the heal: {eu}\n{}",
+            bed.logs_tail()
+        )
+    });
     println!(
         "FIGURE partition eu-west-1 <-> origins 10 s: us-east-1 listener heard {}/{} bursts \
          during it; eu-west-1 WHEP listener heard the room again {:.0} ms after the heal \
@@ -231,17 +251,41 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     let spoke = bed.finish(talk, "speaker through the edge death");
     let eu = bed.finish(eu, "eu-west-1 listener through the edge death");
     let sessions = spoke["sessions"].as_array().unwrap();
-    assert!(sessions.len() >= 2, "the speaker never reconnected: {spoke}");
+    assert!(
+        sessions.len() >= 2,
+        "the speaker never reconnected: {spoke}"
+    );
     let again = sessions.last().unwrap();
-    assert_ne!(again["edge"], victim.as_str(), "re-routed to the dead edge: {spoke}");
-    assert!(again["edge"].as_str().unwrap().starts_with("edge-us-east-1-"), "{spoke}");
+    assert_ne!(
+        again["edge"],
+        victim.as_str(),
+        "re-routed to the dead edge: {spoke}"
+    );
+    assert!(
+        again["edge"]
+            .as_str()
+            .unwrap()
+            .starts_with("edge-us-east-1-"),
+        "{spoke}"
+    );
     let heard = times(&eu["onsets_unix_ms"]);
     let back = heard
         .iter()
         .find(|h| **h > killed)
         .unwrap_or_else(|| panic!("eu-west-1 never heard the speaker after the kill: {eu}"));
-    for other in ["edge-euw1", "edge-aps1", "router", "origin-1", "origin-2", "packager"] {
-        assert!(bed.running(other), "{other} died with the edge\n{}", bed.logs_tail());
+    for other in [
+        "edge-euw1",
+        "edge-aps1",
+        "router",
+        "origin-1",
+        "origin-2",
+        "packager",
+    ] {
+        assert!(
+            bed.running(other),
+            "{other} died with the edge\n{}",
+            bed.logs_tail()
+        );
     }
     println!(
         "FIGURE edge death (kill -9 {victim}): router marked it unhealthy after {:.0} ms; the \
@@ -291,13 +335,18 @@ fn hls_samples(bed: &Bed, hls_url: &str) -> Vec<f32> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let playlist = loop {
         if let Some(t) = text(&media_url) {
-            if let Ok(m3u8_rs::Playlist::MediaPlaylist(p)) = m3u8_rs::parse_playlist_res(t.as_bytes()) {
+            if let Ok(m3u8_rs::Playlist::MediaPlaylist(p)) =
+                m3u8_rs::parse_playlist_res(t.as_bytes())
+            {
                 if p.segments.len() >= 2 {
                     break p;
                 }
             }
         }
-        assert!(Instant::now() < deadline, "{media_url}: no segments in 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "{media_url}: no segments in 20 s"
+        );
         std::thread::sleep(Duration::from_millis(300));
     };
     let map = playlist
@@ -310,7 +359,10 @@ fn hls_samples(bed: &Bed, hls_url: &str) -> Vec<f32> {
         .expect("init segment");
     for s in &playlist.segments {
         let url = support::join_url(&media_url, &s.uri);
-        all.extend(bed.get("client-use1", &url).unwrap_or_else(|| panic!("GET {url}")));
+        all.extend(
+            bed.get("client-use1", &url)
+                .unwrap_or_else(|| panic!("GET {url}")),
+        );
     }
     let path = bed.run.join("program.mp4");
     std::fs::write(&path, &all).unwrap();

@@ -6,7 +6,7 @@
 //! (slot, SSRC, sequence number, timestamp, RFC 6464 level, payload).
 
 use crate::whip_client::{
-    exchange, http_endpoint, client_rtc, parse_answer, post_offer, rtc_err, ClientError,
+    client_rtc, exchange, http_endpoint, parse_answer, post_offer, rtc_err, ClientError,
     CONNECT_TIMEOUT,
 };
 use amphi_protocol::room::LISTENER_AUDIO_SLOTS;

@@ -106,7 +106,10 @@ impl Bed {
 
     /// Run `amphi-tools args` in `host`'s namespace; its JSON output.
     pub fn tools(&self, host: &str, args: &[&str]) -> serde_json::Value {
-        let out = self.tools_cmd(host, args).output().expect("run amphi-tools");
+        let out = self
+            .tools_cmd(host, args)
+            .output()
+            .expect("run amphi-tools");
         assert!(
             out.status.success(),
             "amphi-tools {args:?} in {host}: {}",
@@ -127,12 +130,23 @@ impl Bed {
     /// Wait for a spawned client; its JSON output.
     pub fn finish(&self, child: Child, what: &str) -> serde_json::Value {
         let out = child.wait_with_output().expect("wait for amphi-tools");
-        assert!(out.status.success(), "{what}: {}\n{}", show(&out), self.logs_tail());
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {}", show(&out)))
+        assert!(
+            out.status.success(),
+            "{what}: {}\n{}",
+            show(&out),
+            self.logs_tail()
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{what}: {e}: {}", show(&out)))
     }
 
     /// A signed router API call from the us-east-1 client: (status, body).
-    pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u64, serde_json::Value) {
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u64, serde_json::Value) {
         let url = format!("{ROUTER}{path}");
         let body = body.map(|b| b.to_string());
         let mut args = vec!["api", method, &url];
@@ -157,7 +171,16 @@ impl Bed {
     /// GET `url` from inside `host`'s namespace (curl); `None` on any failure.
     pub fn get(&self, host: &str, url: &str) -> Option<Vec<u8>> {
         let out = Command::new("ip")
-            .args(["netns", "exec", &format!("amb-{host}"), "curl", "-fsS", "-m", "10", url])
+            .args([
+                "netns",
+                "exec",
+                &format!("amb-{host}"),
+                "curl",
+                "-fsS",
+                "-m",
+                "10",
+                url,
+            ])
             .output()
             .ok()?;
         out.status.success().then_some(out.stdout)
@@ -186,7 +209,16 @@ impl Drop for Bed {
 
 /// Client arguments shared by speakers and listeners.
 pub fn client_args<'a>(room: &'a str, token: &'a str, place: &'a str) -> Vec<&'a str> {
-    vec!["--router", ROUTER, "--room", room, "--token", token, "--forwarded-for", place]
+    vec![
+        "--router",
+        ROUTER,
+        "--room",
+        room,
+        "--token",
+        token,
+        "--forwarded-for",
+        place,
+    ]
 }
 
 /// Unix ms values of a JSON array.
@@ -200,7 +232,12 @@ pub fn times(v: &serde_json::Value) -> Vec<f64> {
 pub fn delays(spoken: &[f64], heard: &[f64]) -> Vec<f64> {
     spoken
         .iter()
-        .filter_map(|s| heard.iter().map(|h| h - s).find(|d| (0.0..600.0).contains(d)))
+        .filter_map(|s| {
+            heard
+                .iter()
+                .map(|h| h - s)
+                .find(|d| (0.0..600.0).contains(d))
+        })
         .collect()
 }
 

@@ -161,7 +161,10 @@ pub fn netem_toml(partition_eu_from_origins: bool) -> String {
         );
     }
     for (a, b, rtt) in RTT_MS {
-        let _ = writeln!(out, "\n[[links]]\na = \"{a}\"\nb = \"{b}\"\nrtt_ms = {rtt:.1}");
+        let _ = writeln!(
+            out,
+            "\n[[links]]\na = \"{a}\"\nb = \"{b}\"\nrtt_ms = {rtt:.1}"
+        );
     }
     if partition_eu_from_origins {
         let _ = writeln!(
@@ -318,8 +321,14 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                     ),
                     ("AMPHI__PACKAGER__STORAGE__PATH_STYLE".into(), "true".into()),
                     ("AMPHI__PACKAGER__STORAGE__REGION".into(), REGIONS[0].into()),
-                    ("AMPHI__PACKAGER__STORAGE__ACCESS_KEY".into(), S3_KEYS.0.into()),
-                    ("AMPHI__PACKAGER__STORAGE__SECRET_KEY".into(), S3_KEYS.1.into()),
+                    (
+                        "AMPHI__PACKAGER__STORAGE__ACCESS_KEY".into(),
+                        S3_KEYS.0.into(),
+                    ),
+                    (
+                        "AMPHI__PACKAGER__STORAGE__SECRET_KEY".into(),
+                        S3_KEYS.1.into(),
+                    ),
                 ],
             ),
             Kind::Edge => {
@@ -335,7 +344,10 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                     }),
                     vec![
                         ("AMPHI__REGISTRATION__API_KEY_ID".into(), API_KEY_ID.into()),
-                        ("AMPHI__REGISTRATION__API_KEY_SECRET".into(), api_secret.into()),
+                        (
+                            "AMPHI__REGISTRATION__API_KEY_SECRET".into(),
+                            api_secret.into(),
+                        ),
                     ],
                 )
             }

@@ -210,8 +210,10 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
             }
             Err(e) => bail!("WHIP {whip}: {e}"),
         };
-        sessions.push(json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
-            "at_unix_ms": unix_ms()}));
+        sessions.push(
+            json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
+            "at_unix_ms": unix_ms()}),
+        );
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut lost = false;
@@ -259,8 +261,11 @@ async fn whep_listen(c: ClientArgs, freq: f64, seconds: f64) -> Result<Value> {
     let (mut packets, mut tone_frames) = (0u64, 0u64);
     let mut onsets = Vec::new();
     let mut quiet_since_tone = u32::MAX;
-    while let Ok(Some(p)) =
-        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), sub.recv()).await
+    while let Ok(Some(p)) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        sub.recv(),
+    )
+    .await
     {
         packets += 1;
         let at = unix_ms() - p.at.elapsed().as_secs_f64() * 1000.0;
@@ -283,8 +288,10 @@ async fn whep_listen(c: ClientArgs, freq: f64, seconds: f64) -> Result<Value> {
         }
     }
     let _ = sub.close().await;
-    Ok(json!({"edge": edge, "packets": packets, "tone_frames": tone_frames,
-        "onsets_unix_ms": onsets}))
+    Ok(
+        json!({"edge": edge, "packets": packets, "tone_frames": tone_frames,
+        "onsets_unix_ms": onsets}),
+    )
 }
 
 /// Mean-square amplitude of `freq` in `samples` (Goertzel, scaled so a full sine of amplitude A
@@ -331,7 +338,13 @@ fn main() -> Result<()> {
             url,
             body,
         } => {
-            let (status, body) = call(&method, &url, body.as_deref(), Some((&key_id, &secret)), None);
+            let (status, body) = call(
+                &method,
+                &url,
+                body.as_deref(),
+                Some((&key_id, &secret)),
+                None,
+            );
             json!({"status": status, "body": body})
         }
         Cmd::WhipSpeak {

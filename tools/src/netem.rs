@@ -17,7 +17,9 @@ pub struct Net {
 impl Net {
     /// Parse `a.b.c.d/len`.
     pub fn parse(s: &str) -> Result<Net, String> {
-        let (a, len) = s.split_once('/').ok_or_else(|| format!("{s}: not a CIDR"))?;
+        let (a, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s}: not a CIDR"))?;
         let a: Ipv4Addr = a.parse().map_err(|_| format!("{s}: bad address"))?;
         let len: u32 = len.parse().map_err(|_| format!("{s}: bad prefix length"))?;
         if len > 32 {
@@ -236,9 +238,9 @@ impl Emulator {
 
     fn partitioned(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
         let inside = |nets: &[Net], ip| nets.iter().any(|n| n.contains(ip));
-        self.partitions.iter().any(|(a, b)| {
-            (inside(a, src) && inside(b, dst)) || (inside(b, src) && inside(a, dst))
-        })
+        self.partitions
+            .iter()
+            .any(|(a, b)| (inside(a, src) && inside(b, dst)) || (inside(b, src) && inside(a, dst)))
     }
 
     /// Decide a packet from `src` to `dst` arriving at `now`. Addresses outside every region
@@ -411,10 +413,7 @@ rtt_ms = 220.0
             Decision::DeliverAt(t0 + Duration::from_micros(500))
         );
         // Outside every region (e.g. the core's own address space): no delay.
-        assert_eq!(
-            e.decide(ip("192.0.2.1"), us, t0),
-            Decision::DeliverAt(t0)
-        );
+        assert_eq!(e.decide(ip("192.0.2.1"), us, t0), Decision::DeliverAt(t0));
         // eu <-> ap has no link entry: zero delay, not a panic.
         assert_eq!(e.decide(eu, ap, t0), Decision::DeliverAt(t0));
     }
@@ -427,8 +426,11 @@ rtt_ms = 220.0
             let t0 = Instant::now();
             (0..20_000)
                 .map(|i| {
-                    e.decide(ip("10.77.2.6"), ip("10.77.3.6"), t0 + Duration::from_millis(i))
-                        == Decision::Drop
+                    e.decide(
+                        ip("10.77.2.6"),
+                        ip("10.77.3.6"),
+                        t0 + Duration::from_millis(i),
+                    ) == Decision::Drop
                 })
                 .collect::<Vec<bool>>()
         };
@@ -456,12 +458,16 @@ rtt_ms = 220.0
             spread = spread.max(at - now - Duration::from_millis(80));
             last = at;
         }
-        assert!(spread > Duration::from_millis(20), "jitter applied: {spread:?}");
+        assert!(
+            spread > Duration::from_millis(20),
+            "jitter applied: {spread:?}"
+        );
     }
 
     #[test]
     fn partitions_drop_both_ways_and_only_between_their_sides() {
-        let extra = "[[partitions]]\na = [\"10.77.2.0/24\"]\nb = [\"10.77.1.8/30\", \"10.77.1.12/30\"]\n";
+        let extra =
+            "[[partitions]]\na = [\"10.77.2.0/24\"]\nb = [\"10.77.1.8/30\", \"10.77.1.12/30\"]\n";
         let mut e = Emulator::new(&bed(extra)).unwrap();
         let t0 = Instant::now();
         let eu = ip("10.77.2.6");

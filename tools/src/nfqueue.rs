@@ -89,9 +89,19 @@ impl Queue {
                 return Err(io::Error::last_os_error());
             }
         }
-        set_int(fd.as_raw_fd(), libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 1)?;
+        set_int(
+            fd.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_NO_ENOBUFS,
+            1,
+        )?;
         // Best effort: a deep receive buffer (held packets are ids only).
-        let _ = set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+        let _ = set_int(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            8 << 20,
+        );
         let mut q = Queue {
             fd,
             queue,
@@ -131,7 +141,11 @@ impl Queue {
         for (k, d) in attrs {
             put_attr(&mut msg, *k, d);
         }
-        self.write_header(&mut msg, kind, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16);
+        self.write_header(
+            &mut msg,
+            kind,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+        );
         self.send(&msg)?;
         // Wait for the ack (an NLMSG_ERROR with error 0).
         for _ in 0..64 {
