@@ -250,7 +250,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
             "public_url": "https://edge-eu-west-1.example.com",
             "origin_addr": "203.0.113.10:4433", "origin_server_name": "origin.amphi.internal",
             "router_url": "https://api.example.com",
-            "interactive_capacity": 300, "media_threads": 0, "backend_tls": true,
+            "interactive_capacity": 300, "ice_connect_timeout_secs": 15, "media_threads": 0, "backend_tls": true,
             "capacity": 800, "api_key_id": "edge", "drain_grace_secs": 120,
             "token_public_keys": [
                 {"kid": "k1", "pem": example_public_key()},
@@ -258,7 +258,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
             ],
         }),
         TfRole::Origin => {
-            serde_json::json!({"id": "origin-2", "quic_port": 4433, "metrics_port": 9300})
+            serde_json::json!({"id": "origin-2", "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600})
         }
         TfRole::Packager => serde_json::json!({"id": "packager-origin-1",
             "origin_addr": "203.0.113.10:4433", "origin_server_name": "origin.amphi.internal",

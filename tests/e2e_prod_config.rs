@@ -273,7 +273,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
     let origin = start(
         &dir,
         TfRole::Origin,
-        serde_json::json!({"id": "origin-1", "quic_port": port(0), "metrics_port": port(1)}),
+        serde_json::json!({"id": "origin-1", "quic_port": port(0), "metrics_port": port(1), "idle_room_timeout_secs": 3600}),
         &origin_host,
     );
     let packager = start(
@@ -307,7 +307,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
             "region": "us-east", "http_port": port(10), "media_port": port(20),
             "public_url": https(10),
             "origin_addr": format!("127.0.0.1:{}", port(0)), "origin_server_name": ORIGIN_NAME,
-            "router_url": https(80), "interactive_capacity": 100, "media_threads": 1,
+            "router_url": https(80), "interactive_capacity": 100, "ice_connect_timeout_secs": 15, "media_threads": 1,
             "backend_tls": true, "capacity": 100, "api_key_id": API_KEY_ID,
             "drain_grace_secs": 5,
             "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],

@@ -6,7 +6,7 @@
 //! (slot, SSRC, sequence number, timestamp, RFC 6464 level, payload).
 
 use crate::whip_client::{
-    exchange, http_endpoint, loopback_rtc, parse_answer, post_offer, rtc_err, signaling_client,
+    client_rtc, exchange, http_endpoint, parse_answer, post_offer, rtc_err, signaling_client,
     ClientError, CONNECT_TIMEOUT,
 };
 use amphi_protocol::https::HttpsClient;
@@ -113,7 +113,7 @@ impl WhepSubscriber {
         opts: WhepOptions,
     ) -> Result<WhepSubscriber, ClientError> {
         let endpoint = http_endpoint(whep_url, "WHEP")?;
-        let (socket, local_addr, mut rtc) = loopback_rtc().await?;
+        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, None).await?;
         let mut change = rtc.sdp_api();
         let mids: Vec<Mid> = (0..LISTENER_AUDIO_SLOTS)
             .map(|_| change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))

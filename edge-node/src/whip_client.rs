@@ -8,7 +8,7 @@ use amphi_protocol::https::HttpsClient;
 use bytes::Bytes;
 use http::header;
 use http_body_util::{BodyExt, Full, Limited};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,26 +119,62 @@ pub(crate) fn signaling_client(
     amphi_protocol::https::client(extra_ca).map_err(|e| ClientError::Http(e.to_string()))
 }
 
-/// A str0m peer (RTP mode, Opus only) on a fresh loopback UDP socket, which is its host candidate.
-pub(crate) async fn loopback_rtc() -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
-    loopback_rtc_with_stats(None).await
-}
+/// First STUN retransmission timeout of the client's ICE checks.
+const ICE_INITIAL_RTO: Duration = Duration::from_millis(100);
+/// Largest STUN retransmission timeout.
+const ICE_MAX_RTO: Duration = Duration::from_millis(500);
+/// Unanswered retransmissions after which the pair (and the session) fails.
+const ICE_MAX_RETRANSMITS: usize = 5;
 
-/// [`loopback_rtc`] with str0m statistics events every `stats` (none if `None`).
-async fn loopback_rtc_with_stats(
+/// A str0m peer (RTP mode, Opus only) on a fresh UDP socket bound to the local address that
+/// reaches `toward` (loopback for a loopback edge), which is its host candidate; str0m statistics
+/// events every `stats` (none if `None`).
+pub(crate) async fn client_rtc(
+    toward: &http::Uri,
     stats: Option<Duration>,
 ) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     crate::install_crypto_provider();
-    let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let ip = local_ip_toward(toward).await?;
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let local_addr = socket.local_addr()?;
-    let mut rtc = Rtc::builder()
+    let mut config = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
-        .set_stats_interval(stats)
-        .build(Instant::now());
+        .set_stats_interval(stats);
+    // Notice a dead edge in about 1.6 s of unanswered STUN checks (str0m's default is ~20 s), so
+    // the session ends and the caller can ask the geo-router for another edge.
+    config.set_initial_stun_rto(ICE_INITIAL_RTO);
+    config.set_max_stun_rto(ICE_MAX_RTO);
+    config.set_max_stun_retransmits(ICE_MAX_RETRANSMITS);
+    let mut rtc = config.build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
     Ok((socket, local_addr, rtc))
+}
+
+/// The local address the kernel would use to reach the endpoint's host: 127.0.0.1 for a loopback
+/// edge, the host's own address inside a network namespace (one host candidate is all an
+/// ICE-lite edge needs).
+async fn local_ip_toward(endpoint: &http::Uri) -> Result<IpAddr, ClientError> {
+    let host = endpoint
+        .host()
+        .ok_or_else(|| ClientError::Http(format!("{endpoint}: no host")))?;
+    let port = endpoint.port_u16().unwrap_or(80);
+    let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await?
+        .next()
+        .ok_or_else(|| ClientError::Http(format!("{host}: no address")))?;
+    let probe = UdpSocket::bind(SocketAddr::new(
+        if target.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        },
+        0,
+    ))
+    .await?;
+    probe.connect(target).await?;
+    Ok(probe.local_addr()?.ip())
 }
 
 /// POST an SDP offer with the bearer token; on `201 Created` return the session resource (from
@@ -224,7 +260,7 @@ impl WhipPublisher {
     ) -> Result<WhipPublisher, ClientError> {
         let http = signaling_client(extra_ca)?;
         let endpoint = http_endpoint(whip_url, "WHIP")?;
-        let (socket, local_addr, mut rtc) = loopback_rtc_with_stats(Some(STATS_INTERVAL)).await?;
+        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, Some(STATS_INTERVAL)).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change

@@ -8,20 +8,21 @@ locals {
   ami_id        = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
 
   edge_config = templatefile("${path.module}/templates/edge.toml.tftpl", {
-    region               = var.region_name
-    http_port            = var.http_port
-    media_port           = var.media_port
-    public_url           = "https://${var.public_hostname}"
-    origin_addr          = var.origin_addr
-    origin_server_name   = var.origin_server_name
-    router_url           = var.router_url
-    token_public_keys    = var.token_public_keys
-    interactive_capacity = var.interactive_capacity
-    media_threads        = var.media_threads
-    backend_tls          = var.backend_tls
-    capacity             = var.capacity
-    api_key_id           = var.api_key_id
-    drain_grace_secs     = var.drain_grace_secs
+    region                   = var.region_name
+    http_port                = var.http_port
+    media_port               = var.media_port
+    public_url               = "https://${var.public_hostname}"
+    origin_addr              = var.origin_addr
+    origin_server_name       = var.origin_server_name
+    router_url               = var.router_url
+    token_public_keys        = var.token_public_keys
+    interactive_capacity     = var.interactive_capacity
+    ice_connect_timeout_secs = var.ice_connect_timeout_secs
+    media_threads            = var.media_threads
+    backend_tls              = var.backend_tls
+    capacity                 = var.capacity
+    api_key_id               = var.api_key_id
+    drain_grace_secs         = var.drain_grace_secs
   })
 
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {

@@ -120,6 +120,12 @@ variable "interactive_capacity" {
   default     = 500
 }
 
+variable "ice_connect_timeout_secs" {
+  description = "Seconds a WebRTC session may take to connect (ICE + DTLS) after the edge's answer before it is dropped."
+  type        = number
+  default     = 15
+}
+
 variable "token_public_keys" {
   description = "Token verification keys (Ed25519 SPKI PEM) with their kid; edges accept tokens signed by any of them."
   type = list(object({

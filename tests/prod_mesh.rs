@@ -1,0 +1,370 @@
+//! The production-shaped mesh on one machine (`scripts/mesh.sh`): every role in its own network
+//! namespace, started from the configs the Terraform templates render, regions joined through
+//! the userspace link emulator (amphi-netem) with real inter-region RTTs. Clients are
+//! `amphi-tools whip-speak|whep-listen` (the str0m WHIP/WHEP clients, decoding what they hear)
+//! run inside the client namespaces. Needs root; skipped with a message otherwise.
+//!
+//! One test, phases in order (one bed: namespace names are global):
+//! (a) the mesh comes up with every edge registered; a us-east-1 speaker is heard by WebRTC
+//!     listeners in eu-west-1 and ap-southeast-1, delayed by at least the emulated one-way
+//!     distance, and the HLS output has the tone;
+//! (b) region partition: eu-west-1 <-> both origins dropped for 10 s, then healed; nothing
+//!     crashes, the us-east-1 listener hears every burst meanwhile, eu-west-1 hears nothing
+//!     during it and resumes after;
+//! (c) an edge dies: `kill -9` the us-east-1 edge carrying a speaker; the router takes it out of
+//!     routing (heartbeats stop), the speaker's client asks the router again and reconnects to
+//!     the other us-east-1 edge, and the eu-west-1 listener hears it again. Figure: time from
+//!     the kill until the speaker is heard again in eu-west-1.
+
+mod prod_mesh_support;
+mod support;
+
+use prod_mesh_support::{client_args, delays, median, times, Bed, AP, EU, ROUTER, US};
+use std::time::{Duration, Instant};
+
+const ROLES: [&str; 11] = [
+    "netem",
+    "redis",
+    "s3",
+    "origin-1",
+    "origin-2",
+    "packager",
+    "router",
+    "edge-use1-a",
+    "edge-use1-b",
+    "edge-euw1",
+    "edge-aps1",
+];
+
+fn assert_all_running(bed: &Bed, when: &str) {
+    for r in ROLES {
+        assert!(
+            bed.running(r),
+            "{r} is not running {when}\n{}",
+            bed.logs_tail()
+        );
+    }
+}
+
+#[test]
+fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death() {
+    let Some(bed) = Bed::up("prod-mesh") else {
+        return;
+    };
+    assert_all_running(&bed, "after up");
+
+    // (a) Every edge registered, each in its region.
+    let (status, edges) = bed.api("GET", "/v1/edges", None);
+    assert_eq!(status, 200, "{edges}");
+    let mut regions: Vec<(String, String, bool)> = edges["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["region"].as_str().unwrap().to_string(),
+                e["healthy"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    regions.sort();
+    let expect = |id: &str, region: &str| (id.to_string(), region.to_string(), true);
+    assert_eq!(
+        regions,
+        vec![
+            expect("edge-ap-southeast-1-aps1", "ap-southeast-1"),
+            expect("edge-eu-west-1-euw1", "eu-west-1"),
+            expect("edge-us-east-1-a", "us-east-1"),
+            expect("edge-us-east-1-b", "us-east-1"),
+        ]
+    );
+
+    let (status, created) = bed.api(
+        "POST",
+        "/v1/rooms",
+        Some(serde_json::json!({"title": "bed"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let room = created["room"].as_str().unwrap().to_string();
+    let hls_url = created["hls_url"].as_str().unwrap().to_string();
+    let speaker = bed.token(&room, "speaker", "speaker");
+    let (eu_token, ap_token) = (
+        bed.token(&room, "listener", "eu"),
+        bed.token(&room, "listener", "ap"),
+    );
+    let listen = |host: &str, token: &str, place: &str, seconds: &str| {
+        let mut args = vec!["whep-listen", "--seconds", seconds];
+        args.extend(client_args(&room, token, place));
+        bed.spawn(host, &args)
+    };
+    let eu = listen("client-euw1", &eu_token, EU, "11");
+    let ap = listen("client-aps1", &ap_token, AP, "11");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut args = vec!["whip-speak", "--bursts", "8"];
+    args.extend(client_args(&room, &speaker, US));
+    let spoke = bed.tools("client-use1", &args);
+    let (eu, ap) = (
+        bed.finish(eu, "eu-west-1 listener"),
+        bed.finish(ap, "ap-southeast-1 listener"),
+    );
+    let speaker_edge = spoke["sessions"][0]["edge"].as_str().unwrap();
+    assert!(speaker_edge.starts_with("edge-us-east-1-"), "{spoke}");
+    assert_eq!(eu["edge"], "edge-eu-west-1-euw1", "{eu}");
+    assert_eq!(ap["edge"], "edge-ap-southeast-1-aps1", "{ap}");
+    let spoken = times(&spoke["onsets_unix_ms"]);
+    assert_eq!(spoken.len(), 8);
+    let d_eu = delays(&spoken, &times(&eu["onsets_unix_ms"]));
+    let d_ap = delays(&spoken, &times(&ap["onsets_unix_ms"]));
+    assert!(
+        d_eu.len() >= 6,
+        "eu-west-1 heard {} of 8 bursts: {eu}",
+        d_eu.len()
+    );
+    assert!(
+        d_ap.len() >= 6,
+        "ap-southeast-1 heard {} of 8 bursts: {ap}",
+        d_ap.len()
+    );
+    let (m_eu, m_ap) = (median(&d_eu), median(&d_ap));
+    println!(
+        "FIGURE mouth-to-ear (speaker us-east-1 -> WHEP listener), median of {} / {} bursts: \
+         eu-west-1 {m_eu:.1} ms (emulated one-way floor 39.0 ms), ap-southeast-1 {m_ap:.1} ms \
+         (floor 111.5 ms)",
+        d_eu.len(),
+        d_ap.len()
+    );
+    // The emulated distance is a floor no path can beat (client, edge, origin, edge, client).
+    assert!(
+        m_eu >= 37.5,
+        "eu-west-1 {m_eu} ms is faster than the emulated link"
+    );
+    assert!(
+        m_ap >= 110.0,
+        "ap-southeast-1 {m_ap} ms is faster than the emulated link"
+    );
+    assert!(m_ap > m_eu, "farther region heard sooner: {m_ap} vs {m_eu}");
+
+    // The HLS output (through the router's /hls proxy, from the us-east-1 client) has the tone.
+    let hls = hls_samples(&bed, &hls_url);
+    let (freq, rms) = support::dominant_frequency(&hls);
+    assert!(
+        (freq - 440.0).abs() < 5.0 && rms > 0.02,
+        "HLS: {freq} Hz at rms {rms}"
+    );
+
+    // (b) Partition eu-west-1 from both origins for 10 s while a us-east-1 speaker talks.
+    let speaker = bed.token(&room, "speaker", "speaker-2");
+    let (eu_token, us_token) = (
+        bed.token(&room, "listener", "eu-2"),
+        bed.token(&room, "listener", "us-2"),
+    );
+    let eu = listen("client-euw1", &eu_token, EU, "28");
+    let us = listen("client-use1", &us_token, US, "28");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut args = vec!["whip-speak", "--bursts", "25"];
+    args.extend(client_args(&room, &speaker, US));
+    let talk = bed.spawn("client-use1", &args);
+    std::thread::sleep(Duration::from_secs(5));
+    let out = bed.mesh(&["partition", "on"]);
+    assert!(out.status.success(), "{out:?}");
+    let cut = unix_ms();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(started.elapsed()));
+    let out = bed.mesh(&["partition", "off"]);
+    assert!(out.status.success(), "{out:?}");
+    let healed = unix_ms();
+    let spoke = bed.finish(talk, "speaker during the partition");
+    let (eu, us) = (
+        bed.finish(eu, "eu-west-1 listener"),
+        bed.finish(us, "us-east-1 listener"),
+    );
+    assert_all_running(&bed, "after the partition");
+    let spoken = times(&spoke["onsets_unix_ms"]);
+    let (heard_eu, heard_us) = (times(&eu["onsets_unix_ms"]), times(&us["onsets_unix_ms"]));
+    // The room kept going in us-east-1: every burst spoken during the partition was heard there.
+    let during: Vec<f64> = spoken
+        .iter()
+        .copied()
+        .filter(|s| *s > cut && *s + 600.0 < healed)
+        .collect();
+    assert!(during.len() >= 7, "{spoke}");
+    let d_us = delays(&during, &heard_us);
+    assert!(
+        d_us.len() + 1 >= during.len(),
+        "us-east-1 heard {} of {} bursts during the partition: {us}",
+        d_us.len(),
+        during.len()
+    );
+    // eu-west-1 was really cut off (a second after the cut, in-flight audio is gone)...
+    assert!(
+        !heard_eu.iter().any(|h| *h > cut + 1000.0 && *h < healed),
+        "eu-west-1 heard audio through the partition: {eu}"
+    );
+    // ...and resumed after the heal.
+    let resumed = heard_eu.iter().find(|h| **h > healed).unwrap_or_else(|| {
+        panic!(
+            "eu-west-1 never resumed after the heal: {eu}\n{}",
+            bed.logs_tail()
+        )
+    });
+    println!(
+        "FIGURE partition eu-west-1 <-> origins 10 s: us-east-1 listener heard {}/{} bursts \
+         during it; eu-west-1 WHEP listener heard the room again {:.0} ms after the heal \
+         (next burst onset; bursts are 1 s apart)",
+        d_us.len(),
+        during.len(),
+        resumed - healed
+    );
+
+    // (c) Kill -9 the us-east-1 edge that carries a speaker.
+    let speaker = bed.token(&room, "speaker", "speaker-3");
+    let eu_token = bed.token(&room, "listener", "eu-3");
+    let eu = listen("client-euw1", &eu_token, EU, "24");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut args = vec!["whip-speak", "--bursts", "18", "--reconnects", "60"];
+    args.extend(client_args(&room, &speaker, US));
+    let talk = bed.spawn("client-use1", &args);
+    // Its edge: the us-east-1 edge reporting a session (no other client is in us-east-1 now).
+    let victim = support_eventually("the speaker's edge reports its session", || {
+        let (_, edges) = bed.api("GET", "/v1/edges", None);
+        edges["edges"].as_array()?.iter().find_map(|e| {
+            let id = e["id"].as_str()?;
+            (id.starts_with("edge-us-east-1-") && e["participants"].as_u64()? >= 1)
+                .then(|| id.to_string())
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let host = format!("edge-use1-{}", victim.rsplit('-').next().unwrap());
+    let out = bed.mesh(&["kill", &host]);
+    assert!(out.status.success(), "{out:?}");
+    let killed = unix_ms();
+    // The router stops routing to it once its heartbeats stop.
+    let out_of_routing = support_eventually("the router marks the dead edge unhealthy", || {
+        let (_, edges) = bed.api("GET", "/v1/edges", None);
+        let dead = edges["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["id"] == victim.as_str())?;
+        (dead["healthy"] == false).then(unix_ms)
+    });
+    let spoke = bed.finish(talk, "speaker through the edge death");
+    let eu = bed.finish(eu, "eu-west-1 listener through the edge death");
+    let sessions = spoke["sessions"].as_array().unwrap();
+    assert!(
+        sessions.len() >= 2,
+        "the speaker never reconnected: {spoke}"
+    );
+    let again = sessions.last().unwrap();
+    assert_ne!(
+        again["edge"],
+        victim.as_str(),
+        "re-routed to the dead edge: {spoke}"
+    );
+    assert!(
+        again["edge"]
+            .as_str()
+            .unwrap()
+            .starts_with("edge-us-east-1-"),
+        "{spoke}"
+    );
+    let heard = times(&eu["onsets_unix_ms"]);
+    let back = heard
+        .iter()
+        .find(|h| **h > killed)
+        .unwrap_or_else(|| panic!("eu-west-1 never heard the speaker after the kill: {eu}"));
+    for other in [
+        "edge-euw1",
+        "edge-aps1",
+        "router",
+        "origin-1",
+        "origin-2",
+        "packager",
+    ] {
+        assert!(
+            bed.running(other),
+            "{other} died with the edge\n{}",
+            bed.logs_tail()
+        );
+    }
+    println!(
+        "FIGURE edge death (kill -9 {victim}): router marked it unhealthy after {:.0} ms; the \
+         speaker reconnected to {} {:.0} ms after the kill; eu-west-1 heard it again {:.0} ms \
+         after the kill (first burst onset; bursts are 1 s apart)",
+        out_of_routing - killed,
+        again["edge"].as_str().unwrap(),
+        again["at_unix_ms"].as_f64().unwrap() - killed,
+        back - killed
+    );
+}
+
+/// Poll `f` (every 200 ms, at most 20 s) until it returns `Some`.
+fn support_eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// Download the room's HLS (init + every listed segment) from inside the us-east-1 client
+/// namespace, as soon as at least two segments are listed, and decode it.
+fn hls_samples(bed: &Bed, hls_url: &str) -> Vec<f32> {
+    assert!(hls_url.starts_with(ROUTER), "{hls_url}");
+    let text = |url: &str| {
+        bed.get("client-use1", url)
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+    };
+    let master = text(hls_url).unwrap_or_else(|| panic!("GET {hls_url}"));
+    let Ok(m3u8_rs::Playlist::MasterPlaylist(m)) = m3u8_rs::parse_playlist_res(master.as_bytes())
+    else {
+        panic!("not a multivariant playlist: {master}");
+    };
+    let media_url = support::join_url(hls_url, &m.variants[0].uri);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let playlist = loop {
+        if let Some(t) = text(&media_url) {
+            if let Ok(m3u8_rs::Playlist::MediaPlaylist(p)) =
+                m3u8_rs::parse_playlist_res(t.as_bytes())
+            {
+                if p.segments.len() >= 2 {
+                    break p;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{media_url}: no segments in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let map = playlist
+        .segments
+        .iter()
+        .find_map(|s| s.map.as_ref())
+        .expect("EXT-X-MAP");
+    let mut all = bed
+        .get("client-use1", &support::join_url(&media_url, &map.uri))
+        .expect("init segment");
+    for s in &playlist.segments {
+        let url = support::join_url(&media_url, &s.uri);
+        all.extend(
+            bed.get("client-use1", &url)
+                .unwrap_or_else(|| panic!("GET {url}")),
+        );
+    }
+    let path = bed.run.join("program.mp4");
+    std::fs::write(&path, &all).unwrap();
+    support::ffmpeg_decode(path.to_str().unwrap())
+}

@@ -1,0 +1,443 @@
+//! The namespace test bed: its hosts (one network namespace each, one address each), the link
+//! emulator's regions, and every role's config rendered from the Terraform templates
+//! (`terraform/modules/*/templates/*.toml.tftpl`, with the `@...@` values the user-data script
+//! fills in at boot) plus the bed's deployment-time overlays (`AMPHI__SECTION__KEY` variables).
+
+use amphi_protocol::mtls::DevPki;
+use amphi_protocol::token::TokenSigner;
+use anyhow::{Context, Result};
+use hcl::eval::{Context as HclContext, Evaluate, FuncArgs, FuncDef, ParamType};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The regions of the bed, in address order (`10.77.{1,2,3}.0/24`).
+pub const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "ap-southeast-1"];
+
+/// Round-trip times between the regions, ms.
+pub const RTT_MS: [(&str, &str, f64); 3] = [
+    ("us-east-1", "eu-west-1", 75.0),
+    ("us-east-1", "ap-southeast-1", 220.0),
+    ("eu-west-1", "ap-southeast-1", 160.0),
+];
+
+/// TLS server name of every origin's mesh certificate.
+pub const ORIGIN_SERVER_NAME: &str = "origin.amphi.internal";
+/// The bed's API key id (the router's `api_keys`, edges sign heartbeats with it).
+pub const API_KEY_ID: &str = "bed";
+/// The bed's S3 credentials and bucket.
+pub const S3_KEYS: (&str, &str, &str) = ("bedaccess", "bedsecret0123456789", "amphi-hls");
+
+/// What runs on a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `amphi geo-router`.
+    Router,
+    /// `amphi origin`.
+    Origin,
+    /// `amphi packager`.
+    Packager,
+    /// `amphi edge`.
+    Edge,
+    /// redis-server.
+    Redis,
+    /// s3s-fs.
+    S3,
+    /// A client namespace (nothing started; test clients run here).
+    Client,
+}
+
+impl Kind {
+    /// Name used in `hosts.tsv` and by `scripts/mesh.sh`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Router => "geo-router",
+            Kind::Origin => "origin",
+            Kind::Packager => "packager",
+            Kind::Edge => "edge",
+            Kind::Redis => "redis",
+            Kind::S3 => "s3",
+            Kind::Client => "client",
+        }
+    }
+}
+
+/// One host of the bed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// Short name (namespace `amb-{name}`).
+    pub name: &'static str,
+    /// Region index into [`REGIONS`].
+    pub region: usize,
+    /// Host number inside the region (its /30 is `10.77.{region+1}.{4n}`).
+    pub n: u8,
+    /// What runs there.
+    pub kind: Kind,
+}
+
+impl Host {
+    /// The host's address.
+    pub fn addr(&self) -> String {
+        format!("10.77.{}.{}", self.region + 1, 4 * self.n + 2)
+    }
+
+    /// The core router's address on the host's link (its default gateway).
+    pub fn gateway(&self) -> String {
+        format!("10.77.{}.{}", self.region + 1, 4 * self.n + 1)
+    }
+
+    /// The host's /30.
+    pub fn net(&self) -> String {
+        format!("10.77.{}.{}/30", self.region + 1, 4 * self.n)
+    }
+
+    /// Network namespace name.
+    pub fn netns(&self) -> String {
+        format!("amb-{}", self.name)
+    }
+}
+
+/// Every host: a geo-router, two origins, a packager, Redis and S3 in us-east-1; two edges in
+/// us-east-1 and one each in eu-west-1 and ap-southeast-1; one client namespace per region.
+pub fn hosts() -> Vec<Host> {
+    let h = |name, region, n, kind| Host {
+        name,
+        region,
+        n,
+        kind,
+    };
+    vec![
+        h("router", 0, 1, Kind::Router),
+        h("origin-1", 0, 2, Kind::Origin),
+        h("origin-2", 0, 3, Kind::Origin),
+        h("packager", 0, 4, Kind::Packager),
+        h("redis", 0, 5, Kind::Redis),
+        h("s3", 0, 6, Kind::S3),
+        h("edge-use1-a", 0, 7, Kind::Edge),
+        h("edge-use1-b", 0, 8, Kind::Edge),
+        h("client-use1", 0, 9, Kind::Client),
+        h("edge-euw1", 1, 1, Kind::Edge),
+        h("client-euw1", 1, 2, Kind::Client),
+        h("edge-aps1", 2, 1, Kind::Edge),
+        h("client-aps1", 2, 2, Kind::Client),
+    ]
+}
+
+fn host(name: &str) -> Host {
+    hosts()
+        .into_iter()
+        .find(|h| h.name == name)
+        .expect("a host of the plan")
+}
+
+/// `hosts.tsv` for `scripts/mesh.sh`: name, netns, kind, region, address, gateway, net.
+pub fn hosts_tsv() -> String {
+    let mut out = String::new();
+    for h in hosts() {
+        let _ = writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            h.name,
+            h.netns(),
+            h.kind.name(),
+            REGIONS[h.region],
+            h.addr(),
+            h.gateway(),
+            h.net()
+        );
+    }
+    out
+}
+
+/// The emulator config: regions, RTTs, and (when `partition_eu_from_origins`) a partition
+/// between eu-west-1 and both origins.
+pub fn netem_toml(partition_eu_from_origins: bool) -> String {
+    let mut out = String::from("# amphi-netem config of the test bed (written by amphi-tools bed-setup / netem-config)\nseed = 1\ninside_rtt_ms = 1.0\n");
+    for (i, r) in REGIONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "\n[[regions]]\nname = \"{r}\"\nnets = [\"10.77.{}.0/24\"]",
+            i + 1
+        );
+    }
+    for (a, b, rtt) in RTT_MS {
+        let _ = writeln!(
+            out,
+            "\n[[links]]\na = \"{a}\"\nb = \"{b}\"\nrtt_ms = {rtt:.1}"
+        );
+    }
+    if partition_eu_from_origins {
+        let _ = writeln!(
+            out,
+            "\n[[partitions]]\na = [\"10.77.2.0/24\"]\nb = [\"{}\", \"{}\"]",
+            host("origin-1").net(),
+            host("origin-2").net()
+        );
+    }
+    out
+}
+
+fn trimspace(args: FuncArgs) -> Result<hcl::Value, String> {
+    match &args[0] {
+        hcl::Value::String(s) => Ok(hcl::Value::from(s.trim())),
+        other => Err(format!("trimspace: not a string: {other:?}")),
+    }
+}
+
+/// Render a Terraform template file with `vars` (as `templatefile()` does), then fill in the
+/// `@...@` values the user-data script sets at boot on `host`, then point the on-host paths
+/// (`/etc/amphi/`, `/var/lib/amphi/`) into the host's directory of the run.
+///
+/// This is the one place the bed renders configs: switch it to a shared renderer here.
+pub fn render_template(
+    template: &Path,
+    vars: &Value,
+    boot: &BootValues,
+    host_dir: &Path,
+) -> Result<String> {
+    let text = std::fs::read_to_string(template)
+        .with_context(|| format!("reading {}", template.display()))?;
+    let parsed: hcl::Template = text
+        .parse()
+        .with_context(|| format!("parsing {}", template.display()))?;
+    let mut ctx = HclContext::new();
+    for (k, v) in vars.as_object().context("template vars are an object")? {
+        ctx.declare_var(k.as_str(), hcl::to_value(v)?);
+    }
+    ctx.declare_func(
+        "trimspace",
+        FuncDef::builder().param(ParamType::String).build(trimspace),
+    );
+    let rendered = parsed
+        .evaluate(&ctx)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", template.display()))?;
+    let dir = host_dir.display().to_string();
+    Ok(rendered
+        .replace("@INSTANCE_ID@", &boot.instance_id)
+        .replace("@PRIVATE_IPV4@", &boot.private_ipv4)
+        .replace("@PUBLIC_IPV4@", &boot.private_ipv4)
+        .replace("@NODE_NUMBER@", &boot.node_number.to_string())
+        .replace("/etc/amphi/", &format!("{dir}/etc/"))
+        .replace("/var/lib/amphi/", &format!("{dir}/var/")))
+}
+
+/// What the user-data script learns at boot (instance metadata).
+pub struct BootValues {
+    /// `@INSTANCE_ID@`.
+    pub instance_id: String,
+    /// `@PRIVATE_IPV4@` (the bed has no public addresses: `@PUBLIC_IPV4@` is the same).
+    pub private_ipv4: String,
+    /// `@NODE_NUMBER@`.
+    pub node_number: u32,
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Make the run directory: `hosts.tsv`, `netem.toml`, the mesh PKI and token key, and for each
+/// role host `config.toml` (rendered from its Terraform template) and `env` (overlays).
+pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
+    std::fs::create_dir_all(run)?;
+    write(&run.join("hosts.tsv"), &hosts_tsv())?;
+    write(&run.join("netem.toml"), &netem_toml(false))?;
+    let pki = DevPki::generate()?;
+    let signer = TokenSigner::generate("k1");
+    let modules = repo.join("terraform/modules");
+    let router = host("router");
+    let redis = host("redis");
+    let s3 = host("s3");
+    let packager = host("packager");
+    let origins: Vec<Host> = hosts()
+        .into_iter()
+        .filter(|h| h.kind == Kind::Origin)
+        .collect();
+    let origin_addr = format!("{}:4433", origins[0].addr());
+    let router_url = format!("http://{}:8080", router.addr());
+    let mut edge_number = 0;
+    for h in hosts() {
+        let dir = run.join(h.name);
+        let boot = BootValues {
+            instance_id: h.name.to_string(),
+            private_ipv4: h.addr(),
+            node_number: 0,
+        };
+        let (template, vars, overlays): (PathBuf, Value, Vec<(String, String)>) = match h.kind {
+            Kind::Router => (
+                modules.join("geo-router/templates/router.toml.tftpl"),
+                json!({
+                    "region": REGIONS[h.region], "http_port": 8080, "public_url": router_url,
+                    "default_region": REGIONS[0],
+                    "packager_url": format!("http://{}:8400", packager.addr()),
+                    "token_ttl_secs": 3600, "signing_kid": "k1",
+                    // Edges register themselves; no static region entries (see the report).
+                    "edges": [], "coordinates": {},
+                    "origins": origins.iter().map(|o| json!({
+                        "id": o.name, "addr": format!("{}:4433", o.addr()),
+                        "server_name": ORIGIN_SERVER_NAME,
+                    })).collect::<Vec<_>>(),
+                }),
+                vec![
+                    ("AMPHI__ROUTER__EDGES".into(), "[]".into()),
+                    (
+                        "AMPHI__ROUTER__API_KEYS".into(),
+                        format!("[{{ id = \"{API_KEY_ID}\", secret = \"{api_secret}\" }}]"),
+                    ),
+                    (
+                        "AMPHI__ROUTER__REDIS_URL".into(),
+                        format!("redis://{}:6379/0", redis.addr()),
+                    ),
+                    (
+                        "AMPHI__ROUTER__GEOIP".into(),
+                        format!("[\"{}\"]", run.join("geoip.mmdb").display()),
+                    ),
+                    (
+                        "AMPHI__ROUTER__TRUSTED_PROXIES".into(),
+                        "[\"10.77.0.0/16\"]".into(),
+                    ),
+                ],
+            ),
+            Kind::Origin => (
+                modules.join("origin/templates/origin.toml.tftpl"),
+                json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600}),
+                vec![(
+                    "AMPHI__ORIGIN__REDIS_URL".into(),
+                    format!("redis://{}:6379/1", redis.addr()),
+                )],
+            ),
+            Kind::Packager => (
+                modules.join("packager/templates/packager.toml.tftpl"),
+                json!({"id": "packager-origin-1", "origin_addr": origin_addr,
+                    "origin_server_name": ORIGIN_SERVER_NAME, "http_port": 8400}),
+                vec![
+                    ("AMPHI__PACKAGER__STORAGE__BACKEND".into(), "s3".into()),
+                    ("AMPHI__PACKAGER__STORAGE__BUCKET".into(), S3_KEYS.2.into()),
+                    (
+                        "AMPHI__PACKAGER__STORAGE__ENDPOINT".into(),
+                        format!("http://{}:9000", s3.addr()),
+                    ),
+                    ("AMPHI__PACKAGER__STORAGE__PATH_STYLE".into(), "true".into()),
+                    ("AMPHI__PACKAGER__STORAGE__REGION".into(), REGIONS[0].into()),
+                    (
+                        "AMPHI__PACKAGER__STORAGE__ACCESS_KEY".into(),
+                        S3_KEYS.0.into(),
+                    ),
+                    (
+                        "AMPHI__PACKAGER__STORAGE__SECRET_KEY".into(),
+                        S3_KEYS.1.into(),
+                    ),
+                ],
+            ),
+            Kind::Edge => {
+                edge_number += 1;
+                (
+                    modules.join("edge-region/templates/edge.toml.tftpl"),
+                    json!({
+                        "region": REGIONS[h.region], "http_port": 8080, "media_port": 3478,
+                        "public_url": format!("http://{}:8080", h.addr()),
+                        "origin_addr": origin_addr, "origin_server_name": ORIGIN_SERVER_NAME,
+                        "router_url": router_url, "interactive_capacity": 500,
+                        "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],
+                    }),
+                    vec![
+                        ("AMPHI__REGISTRATION__API_KEY_ID".into(), API_KEY_ID.into()),
+                        (
+                            "AMPHI__REGISTRATION__API_KEY_SECRET".into(),
+                            api_secret.into(),
+                        ),
+                    ],
+                )
+            }
+            Kind::Redis | Kind::S3 | Kind::Client => continue,
+        };
+        let boot = BootValues {
+            // Edge ids are "edge-{region}-{instance}": the instance is the host's letter.
+            instance_id: match h.kind {
+                Kind::Edge => h.name.rsplit('-').next().unwrap_or(h.name).to_string(),
+                _ => boot.instance_id,
+            },
+            node_number: edge_number,
+            ..boot
+        };
+        let config = render_template(&template, &vars, &boot, &dir)?;
+        write(&dir.join("config.toml"), &config)?;
+        let mut env = String::new();
+        for (k, v) in overlays {
+            // Single-quoted for `set -a; . env` (no value contains a single quote).
+            let _ = writeln!(env, "{k}='{v}'");
+        }
+        write(&dir.join("env"), &env)?;
+        let name = if h.kind == Kind::Origin {
+            ORIGIN_SERVER_NAME.to_string()
+        } else {
+            format!("{}.amphi.internal", h.name)
+        };
+        let issued = pki.issue_pem(&name)?;
+        write(&dir.join("etc/tls/ca.pem"), &issued.ca)?;
+        write(&dir.join("etc/tls/cert.pem"), &issued.cert)?;
+        write(&dir.join("etc/tls/key.pem"), &issued.key)?;
+        if h.kind == Kind::Router {
+            write(&dir.join("etc/signing.pem"), &signer.to_pkcs8_pem())?;
+        }
+        std::fs::create_dir_all(dir.join("var/data"))?;
+    }
+    write(&run.join("signing.pem"), &signer.to_pkcs8_pem())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_have_distinct_addresses_in_their_region() {
+        let hs = hosts();
+        for (i, a) in hs.iter().enumerate() {
+            assert!(a.addr().starts_with(&format!("10.77.{}.", a.region + 1)));
+            assert!(a.netns().len() <= 32);
+            for b in &hs[i + 1..] {
+                assert_ne!(a.addr(), b.addr());
+                assert_ne!(a.name, b.name);
+            }
+        }
+        assert_eq!(hs.iter().filter(|h| h.kind == Kind::Edge).count(), 4);
+    }
+
+    #[test]
+    fn netem_config_parses_and_partitions_only_on_request() {
+        for p in [false, true] {
+            let f: crate::netem::NetemFile = toml::from_str(&netem_toml(p)).unwrap();
+            assert_eq!(f.regions.len(), 3);
+            assert_eq!(f.links.len(), 3);
+            assert_eq!(f.partitions.len(), usize::from(p));
+            crate::netem::Emulator::new(&f).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_role_config_renders_from_the_terraform_templates() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let run = std::env::temp_dir().join(format!("amb-setup-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        setup(repo, &run, "s3cret").unwrap();
+        let edge = std::fs::read_to_string(run.join("edge-euw1/config.toml")).unwrap();
+        assert!(edge.contains("id = \"edge-eu-west-1-euw1\""), "{edge}");
+        assert!(edge.contains("media_public = \"10.77.2.6:3478\""), "{edge}");
+        assert!(edge.contains(&format!("{}/edge-euw1/etc/tls/ca.pem", run.display())));
+        let keys: String = edge.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(!keys.contains('@'), "{edge}");
+        let router = std::fs::read_to_string(run.join("router/config.toml")).unwrap();
+        assert!(router.contains("[[router.origins]]"), "{router}");
+        let env = std::fs::read_to_string(run.join("router/env")).unwrap();
+        assert!(env.contains("AMPHI__ROUTER__API_KEYS='[{ id = \"bed\", secret = \"s3cret\" }]'"));
+        for h in ["router", "origin-1", "origin-2", "packager", "edge-use1-a"] {
+            let text = std::fs::read_to_string(run.join(h).join("config.toml")).unwrap();
+            text.parse::<toml::Table>().unwrap();
+            assert!(run.join(h).join("etc/tls/key.pem").exists());
+        }
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+}

@@ -1,0 +1,387 @@
+//! `amphi-tools`: the namespace test bed's helpers. `bed-setup` writes a run directory (configs
+//! rendered from the Terraform templates, PKI, emulator config); `netem-config` switches the
+//! partition; `api`, `whip-speak` and `whep-listen` are clients meant to run inside a client
+//! namespace (`ip netns exec amb-client-... amphi-tools ...`), printing one JSON line.
+
+use amphi_edge::whep_client::WhepSubscriber;
+use amphi_edge::whip_client::WhipPublisher;
+use amphi_tools::bed;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Parser)]
+#[command(about = "amphi test bed helpers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a run directory: hosts.tsv, netem.toml, PKI, and each role's config + env overlay.
+    BedSetup {
+        /// Repository root (for terraform/).
+        #[arg(long)]
+        repo: PathBuf,
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// API key secret of the bed.
+        #[arg(long)]
+        api_secret: String,
+    },
+    /// Rewrite the emulator config (`amphi-netem` reloads it).
+    NetemConfig {
+        /// The file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Drop everything between eu-west-1 and the origins.
+        #[arg(long)]
+        partition_eu_origins: bool,
+    },
+    /// A signed API call; prints {"status", "body"}.
+    Api {
+        /// API key id.
+        #[arg(long, default_value = bed::API_KEY_ID)]
+        key_id: String,
+        /// API key secret.
+        #[arg(long, env = "AMB_API_SECRET")]
+        secret: String,
+        /// Method.
+        method: String,
+        /// URL.
+        url: String,
+        /// JSON body.
+        #[arg(long)]
+        body: Option<String>,
+    },
+    /// Route through the geo-router as a speaker and publish tone bursts over WHIP.
+    WhipSpeak {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Tone frequency, Hz.
+        #[arg(long, default_value_t = 440.0)]
+        freq: f64,
+        /// Bursts (200 ms tone, 800 ms silence each).
+        #[arg(long, default_value_t = 10)]
+        bursts: u32,
+        /// On a failed or dropped session, ask the router again (at most this many times).
+        #[arg(long, default_value_t = 0)]
+        reconnects: u32,
+    },
+    /// Route as a listener, subscribe over WHEP, decode, and report tone burst onsets.
+    WhepListen {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Tone frequency to detect, Hz.
+        #[arg(long, default_value_t = 440.0)]
+        freq: f64,
+        /// How long to listen, seconds.
+        #[arg(long, default_value_t = 12.0)]
+        seconds: f64,
+    },
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Geo-router base URL.
+    #[arg(long)]
+    router: String,
+    /// Room id.
+    #[arg(long)]
+    room: String,
+    /// Room token.
+    #[arg(long)]
+    token: String,
+    /// Public address the bed's "load balancer" reports for this client (X-Forwarded-For),
+    /// placing it with the bed's GeoIP database.
+    #[arg(long)]
+    forwarded_for: Option<String>,
+}
+
+fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+fn sign(secret: &str, ts: u64, method: &str, path_and_query: &str, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(format!("{ts}\n{method}\n{path_and_query}\n").as_bytes());
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// (status, JSON body); status 0 when the connection failed.
+fn call(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    key: Option<(&str, &str)>,
+    forwarded_for: Option<&str>,
+) -> (u16, Value) {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(5));
+    if let Some((id, secret)) = key {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let path = url
+            .find("://")
+            .and_then(|i| url[i + 3..].find('/').map(|j| &url[i + 3 + j..]))
+            .unwrap_or("/");
+        let sig = sign(secret, ts, method, path, body.unwrap_or("").as_bytes());
+        req = req
+            .set("x-amphi-key", id)
+            .set("x-amphi-timestamp", &ts.to_string())
+            .set("x-amphi-signature", &sig);
+    }
+    if let Some(ip) = forwarded_for {
+        req = req.set("x-forwarded-for", ip);
+    }
+    let resp = match body {
+        Some(b) => req.set("content-type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    match resp {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// Ask the router where to go: (edge id, WHIP URL, WHEP URL).
+fn route(c: &ClientArgs, role: &str) -> Result<(String, String, String)> {
+    let url = format!("{}/v1/route?room={}&role={role}", c.router, c.room);
+    let (status, v) = call("GET", &url, None, None, c.forwarded_for.as_deref());
+    if status != 200 {
+        bail!("route: {status} {v}");
+    }
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    Ok((s("edge"), s("whip_url"), s("whep_url")))
+}
+
+const BURST_FRAMES: u32 = 10;
+const PERIOD_FRAMES: u32 = 50;
+
+async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> Result<Value> {
+    let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)?;
+    enc.set_bitrate(opus::Bitrate::Bits(64_000))?;
+    let mut pcm = [0i16; 960];
+    let (mut tone, mut silence) = (Vec::new(), Vec::new());
+    for f in 0..BURST_FRAMES as usize {
+        for (i, s) in pcm.iter_mut().enumerate() {
+            let t = (f * 960 + i) as f64 / 48_000.0;
+            *s = (0.3 * (2.0 * std::f64::consts::PI * freq * t).sin() * 32767.0) as i16;
+        }
+        tone.push(enc.encode_vec(&pcm, 4000)?);
+    }
+    silence.push(enc.encode_vec(&[0i16; 960], 4000)?);
+    let mut sessions = Vec::new();
+    let mut onsets = Vec::new();
+    let total = bursts * PERIOD_FRAMES;
+    let mut frame = 0u32;
+    let mut attempts = 0;
+    while frame < total {
+        let t0 = Instant::now();
+        let (edge, whip, _) = match route(&c, "speaker") {
+            Ok(r) => r,
+            Err(e) if attempts < reconnects => {
+                attempts += 1;
+                eprintln!("whip-speak: {e:#}; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut client = match WhipPublisher::connect(&whip, &c.token).await {
+            Ok(p) => p,
+            Err(e) if attempts < reconnects => {
+                attempts += 1;
+                eprintln!("whip-speak: {edge}: {e}; asking the router again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => bail!("WHIP {whip}: {e}"),
+        };
+        sessions.push(
+            json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
+            "at_unix_ms": unix_ms()}),
+        );
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut lost = false;
+        while frame < total {
+            tick.tick().await;
+            let k = frame % PERIOD_FRAMES;
+            let (payload, level) = if k < BURST_FRAMES {
+                if k == 0 {
+                    onsets.push(unix_ms());
+                }
+                (&tone[k as usize], 20)
+            } else {
+                (&silence[0], 127)
+            };
+            if client
+                .send_opus(payload, frame.wrapping_mul(960), level)
+                .await
+                .is_err()
+            {
+                lost = true;
+                break;
+            }
+            frame += 1;
+        }
+        if !lost {
+            let _ = client.close().await;
+            break;
+        }
+        if attempts >= reconnects {
+            bail!("WHIP session to {edge} ended");
+        }
+        attempts += 1;
+    }
+    Ok(json!({"sessions": sessions, "onsets_unix_ms": onsets}))
+}
+
+async fn whep_listen(c: ClientArgs, freq: f64, seconds: f64) -> Result<Value> {
+    let (edge, _, whep) = route(&c, "listener")?;
+    let mut sub = WhepSubscriber::connect(&whep, &c.token)
+        .await
+        .with_context(|| format!("WHEP {whep}"))?;
+    let mut dec = opus::Decoder::new(48_000, opus::Channels::Mono)?;
+    let mut out = [0f32; 5760];
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let (mut packets, mut tone_frames) = (0u64, 0u64);
+    let mut onsets = Vec::new();
+    let mut quiet_since_tone = u32::MAX;
+    while let Ok(Some(p)) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        sub.recv(),
+    )
+    .await
+    {
+        packets += 1;
+        let at = unix_ms() - p.at.elapsed().as_secs_f64() * 1000.0;
+        let n = dec.decode_float(&p.payload, &mut out, false).unwrap_or(0);
+        if n == 0 {
+            continue;
+        }
+        let frame = &out[..n];
+        let rms = (frame.iter().map(|x| x * x).sum::<f32>() / n as f32).sqrt();
+        let power = tone_power(frame, freq);
+        // A tone frame: loud, and most of its energy at the tone frequency.
+        if rms > 0.05 && power > 0.25 * f64::from(rms * rms) {
+            tone_frames += 1;
+            if quiet_since_tone >= 10 {
+                onsets.push(at);
+            }
+            quiet_since_tone = 0;
+        } else {
+            quiet_since_tone = quiet_since_tone.saturating_add(1);
+        }
+    }
+    let _ = sub.close().await;
+    Ok(
+        json!({"edge": edge, "packets": packets, "tone_frames": tone_frames,
+        "onsets_unix_ms": onsets}),
+    )
+}
+
+/// Mean-square amplitude of `freq` in `samples` (Goertzel, scaled so a full sine of amplitude A
+/// gives A²/2).
+fn tone_power(samples: &[f32], freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / 48_000.0;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &x in samples {
+        let s0 = f64::from(x) + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    let n = samples.len() as f64;
+    2.0 * (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (n * n)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let v = match cli.command {
+        Cmd::BedSetup {
+            repo,
+            run,
+            api_secret,
+        } => {
+            bed::setup(&repo, &run, &api_secret)?;
+            return Ok(());
+        }
+        Cmd::NetemConfig {
+            out,
+            partition_eu_origins,
+        } => {
+            std::fs::write(&out, bed::netem_toml(partition_eu_origins))?;
+            return Ok(());
+        }
+        Cmd::Api {
+            key_id,
+            secret,
+            method,
+            url,
+            body,
+        } => {
+            let (status, body) = call(
+                &method,
+                &url,
+                body.as_deref(),
+                Some((&key_id, &secret)),
+                None,
+            );
+            json!({"status": status, "body": body})
+        }
+        Cmd::WhipSpeak {
+            client,
+            freq,
+            bursts,
+            reconnects,
+        } => rt.block_on(whip_speak(client, freq, bursts, reconnects))?,
+        Cmd::WhepListen {
+            client,
+            freq,
+            seconds,
+        } => rt.block_on(whep_listen(client, freq, seconds))?,
+    };
+    println!("{v}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tone_power_finds_the_tone() {
+        let s: Vec<f32> = (0..960)
+            .map(|i| 0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 48_000.0).sin())
+            .collect();
+        let p = tone_power(&s, 440.0);
+        assert!((p - 0.125).abs() < 0.01, "{p}");
+        assert!(tone_power(&s, 1000.0) < 0.01);
+    }
+
+    #[test]
+    fn signatures_match_the_router_scheme() {
+        // HMAC-SHA256("k", "1\nGET\n/v1/edges\n") as the router computes it.
+        let sig = sign("k", 1, "GET", "/v1/edges", b"");
+        assert!(sig.starts_with("v1=") && sig.len() == 3 + 64);
+        assert_ne!(sig, sign("k", 2, "GET", "/v1/edges", b""));
+    }
+}
