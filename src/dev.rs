@@ -110,6 +110,51 @@ fn url(port: u16, offset: u16) -> String {
     format!("http://127.0.0.1:{}", port + offset)
 }
 
+/// Ports Chromium refuses to fetch from (`ERR_UNSAFE_PORT`, its `kRestrictedPorts` list);
+/// Firefox blocks the same ones.
+const BROWSER_UNSAFE_PORTS: &[u16] = &[
+    1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87, 95, 101, 102,
+    103, 104, 109, 110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465,
+    512, 513, 514, 515, 526, 530, 531, 532, 540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993,
+    995, 1719, 1720, 1723, 2049, 3659, 4045, 4190, 5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668,
+    6669, 6679, 6697, 10080,
+];
+
+/// The HTTP listeners a browser talks to in a dev mesh of `edges` edges at `off`, by name.
+fn browser_ports(off: u16, edges: usize) -> Vec<(String, u16)> {
+    let mut ports = vec![
+        (
+            "the web client and API (geo-router)".to_string(),
+            DEV_PORTS.router + off,
+        ),
+        (
+            "the HLS packager".to_string(),
+            DEV_PORTS.packager_http + off,
+        ),
+        (
+            "the HLS packager (HTTPS)".to_string(),
+            DEV_PORTS.packager_https + off,
+        ),
+    ];
+    for i in 0..edges as u16 {
+        ports.push((format!("edge {}", i + 1), DEV_PORTS.edge_http + i + off));
+    }
+    ports
+}
+
+/// Refuse an offset that puts a browser-facing listener on a port browsers block.
+fn check_browser_ports(off: u16, edges: usize) -> Result<()> {
+    for (what, port) in browser_ports(off, edges) {
+        if BROWSER_UNSAFE_PORTS.contains(&port) {
+            bail!(
+                "--port-offset {off} would put {what} on port {port}, which browsers refuse to                  load (Chromium: ERR_UNSAFE_PORT); choose another offset, e.g. {}",
+                off + 100
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Run the dev mesh until Ctrl-C.
 pub async fn run(args: DevArgs) -> Result<()> {
     let off = args.port_offset;
@@ -128,6 +173,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     if regions.is_empty() || regions.len() > 32 {
         bail!("--regions takes 1 to 32 regions");
     }
+    check_browser_ports(off, regions.len())?;
     let default_region = args
         .default_region
         .clone()
@@ -343,5 +389,33 @@ pub async fn run(args: DevArgs) -> Result<()> {
             println!("amphi dev stopped");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_onto_browser_blocked_ports_are_refused() {
+        // 8080 + 2000 = 10080: the web client itself.
+        let e = check_browser_ports(2000, 3).unwrap_err().to_string();
+        assert!(e.contains("web client") && e.contains("10080"), "{e}");
+        assert!(e.contains("ERR_UNSAFE_PORT"), "{e}");
+        // An edge (8101 + 2 + 1977) and the packager (8400 + 1680).
+        assert!(check_browser_ports(1977, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("edge 3"));
+        assert!(check_browser_ports(1977, 2).is_ok(), "only two edges");
+        assert!(check_browser_ports(1680, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("HLS packager"));
+        for off in [0, 1000, 2100, 10_000, MAX_PORT_OFFSET] {
+            assert!(check_browser_ports(off, 32).is_ok(), "{off}");
+        }
+        // The suggested offset is itself fine.
+        assert!(check_browser_ports(2100, 3).is_ok());
     }
 }

@@ -106,3 +106,21 @@ fn a_room_in_real_browsers_from_lobby_to_end() {
         assert!(artifacts.join(shot).exists(), "screenshot {shot} missing");
     }
 }
+
+/// `amphi dev --port-offset 2000` would serve the web client on 10080, which Chromium refuses
+/// (`ERR_UNSAFE_PORT`): the dev mesh refuses to start and says why, before binding anything.
+#[test]
+fn dev_refuses_port_offsets_that_browsers_block() {
+    let scratch = scratch_dir("unsafe-port");
+    let out = Command::new(env!("CARGO_BIN_EXE_amphi"))
+        .args(["dev", "--port-offset", "2000", "--data-dir"])
+        .arg(&scratch)
+        .output()
+        .expect("run amphi dev");
+    assert!(!out.status.success(), "amphi dev started on port 10080");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("10080") && err.contains("ERR_UNSAFE_PORT") && err.contains("web client"),
+        "{err}"
+    );
+}

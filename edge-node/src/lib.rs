@@ -224,8 +224,8 @@ pub async fn run_with(
                 ufrags: ufrags.clone(),
                 load: load.clone(),
             },
-            connect_timeout,
-        );
+        )
+        .with_connect_timeout(connect_timeout);
         media_done.push(spawn_media_thread(
             driver,
             socket,

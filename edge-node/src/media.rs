@@ -393,10 +393,9 @@ impl MediaDriver {
         sessions: Arc<Sessions>,
         occupancy: Arc<Occupancy>,
         links: ShardLinks,
-        connect_timeout: Duration,
     ) -> Self {
         MediaDriver {
-            connect_timeout,
+            connect_timeout: crate::lifecycle::DEFAULT_CONNECT_TIMEOUT,
             local,
             table: PeerTable::default(),
             timers: BTreeSet::new(),
@@ -415,6 +414,13 @@ impl MediaDriver {
             links,
             foreign_addrs: HashMap::new(),
         }
+    }
+
+    /// Drop peers whose ICE+DTLS has not connected `timeout` after their answer (the edge's
+    /// `ice_connect_timeout_secs`).
+    pub(crate) fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// Serve until `shutdown`, then remove every peer.

@@ -379,6 +379,7 @@ async fn whep_listener_in_eu_west_hears_us_east_speaker() {
             region: "eu-west",
             capacity: 1,
             signer: Some(signer_copy(&us.signer)),
+            ..EdgeOpts::default()
         },
     )
     .await;
