@@ -17,10 +17,15 @@
 //!     the kill until the speaker is heard again in eu-west-1.
 
 mod prod_mesh_support;
+mod roles;
 mod support;
 
 use prod_mesh_support::{client_args, delays, median, times, Bed, AP, EU, ROUTER, US};
+use roles::eventually;
 use std::time::{Duration, Instant};
+
+/// Bound of every wait on the bed's state.
+const LIMIT: Duration = Duration::from_secs(20);
 
 const ROLES: [&str; 11] = [
     "netem",
@@ -226,7 +231,7 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     args.extend(client_args(&room, &speaker, US));
     let talk = bed.spawn("client-use1", &args);
     // Its edge: the us-east-1 edge reporting a session (no other client is in us-east-1 now).
-    let victim = support_eventually("the speaker's edge reports its session", || {
+    let victim = eventually("the speaker's edge reports its session", LIMIT, || {
         let (_, edges) = bed.api("GET", "/v1/edges", None);
         edges["edges"].as_array()?.iter().find_map(|e| {
             let id = e["id"].as_str()?;
@@ -240,7 +245,7 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     assert!(out.status.success(), "{out:?}");
     let killed = unix_ms();
     // The router stops routing to it once its heartbeats stop.
-    let out_of_routing = support_eventually("the router marks the dead edge unhealthy", || {
+    let out_of_routing = eventually("the router marks the dead edge unhealthy", LIMIT, || {
         let (_, edges) = bed.api("GET", "/v1/edges", None);
         let dead = edges["edges"]
             .as_array()?
@@ -296,18 +301,6 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         again["at_unix_ms"].as_f64().unwrap() - killed,
         back - killed
     );
-}
-
-/// Poll `f` (every 200 ms, at most 20 s) until it returns `Some`.
-fn support_eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn unix_ms() -> f64 {
