@@ -7,7 +7,7 @@
 //! One test, phases in order (one bed: namespace names are global):
 //! (a) the mesh comes up with every edge registered; a us-east-1 speaker is heard by WebRTC
 //!     listeners in eu-west-1 and ap-southeast-1, delayed by at least the emulated one-way
-//!     distance, and the HLS output has the tone;
+//!     distance, the HLS output has the tone, and the packager's parts reached S3;
 //! (b) region partition: eu-west-1 <-> both origins dropped for 10 s, then healed; nothing
 //!     crashes, the us-east-1 listener hears every burst meanwhile, eu-west-1 hears nothing
 //!     during it and resumes after;
@@ -158,6 +158,13 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         "HLS: {freq} Hz at rms {rms}"
     );
 
+    // The packager stores to S3 (s3s-fs in its own namespace): the room's parts are there.
+    let stored = files_under(&bed.run.join("s3/amphi-hls"))
+        .iter()
+        .filter(|p| p.to_string_lossy().contains(&room))
+        .count();
+    assert!(stored > 0, "no object of room {room} in the S3 bucket");
+
     // (b) Partition eu-west-1 from both origins for 10 s while a us-east-1 speaker talks.
     let speaker = bed.token(&room, "speaker", "speaker-2");
     let (eu_token, us_token) = (
@@ -301,6 +308,23 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         again["at_unix_ms"].as_f64().unwrap() - killed,
         back - killed
     );
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 fn unix_ms() -> f64 {
