@@ -26,6 +26,7 @@ command -v chromium >/dev/null || missing+=(chromium)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 # The namespace test bed (scripts/mesh.sh, tests/prod_mesh.rs): iptables for its NFQUEUE rule.
 command -v iptables >/dev/null || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -130,6 +131,9 @@ step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
 # Geo-router route lookups: criterion (once, test mode) and wrk vs a hyper hello-world (1 s each).
 cargo test -p amphi-geo-router --bench route --locked
 "$TARGET_DIR/debug/amphi" bench route --smoke --port 27500
+# Speech quality (PESQ-WB, `pesq` in a venv under $CACHE): a 3 s espeak-ng sample through a dev
+# mesh, clean path only; checks that it runs and every score is in range (figures: full run).
+AMPHI_CACHE="$CACHE" bench/quality/run.sh --smoke --amphi "$TARGET_DIR/debug/amphi"
 
 step "tests"
 cargo test --workspace --locked -- --test-threads=2

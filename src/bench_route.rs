@@ -163,6 +163,8 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         api_keys: vec![],
         webhooks: vec![],
         redis_url: None,
+        hls_base_url: None,
+        https: Default::default(),
     };
     let setup = amphi_geo_router::RouterSetup {
         config,

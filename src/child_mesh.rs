@@ -62,6 +62,16 @@ impl ChildMesh {
     /// Start `amphi dev --port-offset offset` plus `extra` arguments and wait (blocking, at most
     /// 30 s) until the geo-router answers and the first edge is connected to the origin.
     pub fn start(name: &str, offset: u16, extra: &[&str]) -> Result<ChildMesh> {
+        Self::start_with_env(name, offset, extra, &[])
+    }
+
+    /// [`ChildMesh::start`] with extra environment variables for the child.
+    pub fn start_with_env(
+        name: &str,
+        offset: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ChildMesh> {
         let dir = std::env::temp_dir().join(format!("amphi-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -71,6 +81,7 @@ impl ChildMesh {
             .arg(dir.join("data"))
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()

@@ -39,6 +39,9 @@ pub struct DevArgs {
     /// Media driver threads per edge (peers are spread over them on the edge's one UDP port).
     #[arg(long, default_value_t = 2)]
     media_threads: usize,
+    /// A live room without speakers for this many seconds is ended (0: never).
+    #[arg(long, default_value_t = 3600)]
+    idle_room_timeout_secs: u64,
     /// Store HLS output in this S3-compatible endpoint instead of `--data-dir` (e.g. s3s-fs
     /// on `http://127.0.0.1:9000`); keys from `AMPHI_DEV_S3_ACCESS_KEY`/`AMPHI_DEV_S3_SECRET_KEY`.
     #[arg(long)]
@@ -153,6 +156,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             id: "origin-1".into(),
             quic_listen: addr(DEV_PORTS.origin_quic, off),
             metrics_listen: addr(DEV_PORTS.origin_metrics, off),
+            idle_room_timeout_secs: args.idle_room_timeout_secs,
         },
         mesh_tls: pki.issue(ORIGIN_NAME)?,
     };
@@ -225,6 +229,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 router_url: url(DEV_PORTS.router, off),
                 interactive_capacity: 500,
                 media_threads: args.media_threads,
+                https: Default::default(),
+                ice_connect_timeout_secs: 15,
             },
             mesh_tls: pki.issue(&format!("{id}.amphi.internal"))?,
             tokens: verifier.clone(),
@@ -270,6 +276,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             api_keys: vec![],
             webhooks: vec![],
             redis_url: args.redis_url.clone(),
+            hls_base_url: None,
+            https: Default::default(),
         },
         signer,
         web: crate::web::assets(),

@@ -1,6 +1,7 @@
 //! `amphi`: one binary for every role of the live audio mesh, plus the all-in-one `dev` mesh.
 
 mod bench_latency;
+mod bench_quality;
 mod bench_route;
 mod child_mesh;
 mod config;

@@ -170,6 +170,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             id: "origin-1".into(),
             quic_listen: origin_addr,
             metrics_listen: format!("127.0.0.1:{}", 8301 + base).parse().unwrap(),
+            idle_room_timeout_secs: 3600,
         },
         mesh_tls: pki.issue("origin.amphi.internal").unwrap(),
     };
@@ -197,6 +198,8 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             api_keys: vec![],
             webhooks: vec![],
             redis_url: None,
+            hls_base_url: None,
+            https: Default::default(),
         },
         signer: TokenSigner::generate("k1"),
         web: vec![],
@@ -250,4 +253,89 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), origin_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), router_task).await;
+}
+
+/// The highest segment number a live media playlist lists (media sequence + segments), and
+/// whether it has ended.
+fn playlist_head(url: &str) -> (u64, bool) {
+    let text = String::from_utf8(get_bytes(url)).unwrap();
+    let Ok(m3u8_rs::Playlist::MediaPlaylist(p)) = m3u8_rs::parse_playlist_res(text.as_bytes())
+    else {
+        panic!("{url} is not a media playlist:\n{text}");
+    };
+    (
+        p.media_sequence + p.segments.len() as u64,
+        text.contains("#EXT-X-ENDLIST"),
+    )
+}
+
+/// A room whose only speaker left keeps a moving live playlist (new segments keep coming,
+/// RFC 8216 §6.2.1) instead of freezing, and once idle for the configured timeout it ends the
+/// normal way: the playlist gets `EXT-X-ENDLIST` and the directory says `ended`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_room_keeps_a_moving_playlist_then_ends_properly() {
+    let mesh = DevMesh::start_with(21_500, "idle-room", &["--idle-room-timeout-secs", "15"]);
+    let (room, _host, hls_url) = mesh.create_room("quiet room");
+    let speaker = mesh.token(&room, "speaker", "tone");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The speaker talks for 3 s and leaves (WHIP DELETE).
+    publish_tone(&whip, &speaker, 440.0, 3.0).await;
+    let left = Instant::now();
+    let media_url = {
+        let hls = hls_url.clone();
+        tokio::task::spawn_blocking(move || media_playlist_url(&hls))
+            .await
+            .unwrap()
+    };
+    let head = |u: String| async move {
+        tokio::task::spawn_blocking(move || playlist_head(&u))
+            .await
+            .unwrap()
+    };
+    let (first, ended) = head(media_url.clone()).await;
+    assert!(!ended, "the room is still live");
+    // Six seconds later, three more 2 s segments exist (give a loaded machine slack: >= 2).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (later, ended) = head(media_url.clone()).await;
+    assert!(!ended, "the room is still live");
+    assert!(
+        later >= first + 2,
+        "the playlist froze after the speaker left: segment {first} then {later}\n{}",
+        mesh.log_text()
+    );
+    assert!(
+        left.elapsed() < Duration::from_secs(15),
+        "checked before the idle timeout"
+    );
+    // The idle timeout ends the room: ENDLIST and the directory's status.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if head(media_url.clone()).await.1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle room never ended\n{}",
+            mesh.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let url = format!("{}/v1/rooms/{room}", mesh.router());
+        let (_, info) = tokio::task::spawn_blocking(move || get_json(&url))
+            .await
+            .unwrap();
+        if info["status"] == "ended" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "directory still says {info}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(mesh
+        .log_text()
+        .contains("room ended after its idle timeout"));
 }

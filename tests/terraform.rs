@@ -389,3 +389,152 @@ fn the_reference_scanner_finds_indexed_and_plain_references() {
         ]
     );
 }
+
+/// Each `templatefile("${path.module}/FILE", { key = ..., })` call in `text`: the file and the
+/// keys of its variables object (nested calls are listed on their own).
+fn templatefile_calls(text: &str) -> Vec<(String, BTreeSet<String>)> {
+    let mut out = Vec::new();
+    for (start, _) in text.match_indices("templatefile(\"${path.module}/") {
+        let rest = &text[start + "templatefile(\"${path.module}/".len()..];
+        let file = rest.split('"').next().unwrap().to_string();
+        let open = rest.find('{').expect("a variables object");
+        let (mut depth, mut keys, mut line_start) = (0i32, BTreeSet::new(), true);
+        let mut ident = String::new();
+        for c in rest[open..].chars() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            if c == '\n' {
+                line_start = true;
+                ident.clear();
+            } else if line_start && depth == 1 {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    ident.push(c);
+                } else if c == '=' && !ident.is_empty() {
+                    keys.insert(std::mem::take(&mut ident));
+                    line_start = false;
+                } else if !c.is_whitespace() {
+                    line_start = false;
+                }
+            }
+        }
+        out.push((file, keys));
+    }
+    out
+}
+
+/// The root variables a Terraform template reads: identifiers in `${...}` and `%{...}` that are
+/// not function names, attributes, keywords, or `for` loop variables.
+fn template_variables(text: &str) -> BTreeSet<String> {
+    const KEYWORDS: [&str; 8] = [
+        "for", "in", "if", "else", "endif", "endfor", "true", "false",
+    ];
+    let mut exprs = Vec::new();
+    for open in ["${", "%{"] {
+        for (i, _) in text.match_indices(open) {
+            if i > 0 && text[i - 1..i] == open[..1] {
+                continue; // `$${` / `%%{` escapes
+            }
+            let body = &text[i + 2..];
+            exprs.push(&body[..body.find('}').unwrap_or(body.len())]);
+        }
+    }
+    let mut loop_vars = BTreeSet::new();
+    for e in &exprs {
+        if let Some(decl) = e.trim().strip_prefix("for ") {
+            for v in decl.split(" in ").next().unwrap().split(',') {
+                loop_vars.insert(v.trim().to_string());
+            }
+        }
+    }
+    let mut vars = BTreeSet::new();
+    for e in exprs {
+        let chars: Vec<char> = e.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            if c == '"' {
+                // Skip string literals inside expressions.
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    i += 1;
+                }
+                i += 1;
+                continue;
+            }
+            if c.is_ascii_alphabetic() || c == '_' {
+                let s = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                    i += 1;
+                }
+                let word: String = chars[s..i].iter().collect();
+                let after_dot = s > 0 && chars[s - 1] == '.';
+                let call = chars.get(i) == Some(&'(');
+                if !after_dot
+                    && !call
+                    && !KEYWORDS.contains(&word.as_str())
+                    && !loop_vars.contains(&word)
+                {
+                    vars.insert(word);
+                }
+                continue;
+            }
+            i += 1;
+        }
+    }
+    vars
+}
+
+#[test]
+fn every_templatefile_call_passes_exactly_the_variables_its_template_reads() {
+    let mut checked = 0;
+    for f in files(&terraform_dir(), &[".tf"]) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (file, passed) in templatefile_calls(&text) {
+            let template = f.parent().unwrap().join(&file);
+            let read = template_variables(&std::fs::read_to_string(&template).unwrap());
+            assert_eq!(
+                passed,
+                read,
+                "{}: templatefile({file}) passes other variables than the template reads",
+                f.display()
+            );
+            checked += 1;
+        }
+    }
+    // Four role configs and four user data scripts.
+    assert!(
+        checked >= 8,
+        "expected every templatefile call, saw {checked}"
+    );
+}
+
+#[test]
+fn the_template_scanners_find_calls_and_variables() {
+    let calls = templatefile_calls(
+        "x = templatefile(\"${path.module}/t.tftpl\", {\n  a = 1\n  bb = \"${var.q}\"\n  c = { d = 2 }\n})",
+    );
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, "t.tftpl");
+    assert_eq!(
+        calls[0].1,
+        ["a", "bb", "c"].iter().map(|s| s.to_string()).collect()
+    );
+    let vars = template_variables(
+        "id = \"${id}\"\n%{ for k, v in items ~}\n${k}=${trimspace(v.pem)} ${m[v.r].x}\n%{ endfor ~}\n%{ if on ~}x%{ endif ~}\n$${shell} %%{ not }",
+    );
+    assert_eq!(
+        vars,
+        ["id", "items", "m", "on"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+}

@@ -481,7 +481,7 @@ async fn hand_to_hyper(
         read,
         inner: stream,
     };
-    crate::http::serve_connection(io, app, peer, &shutdown).await;
+    amphi_protocol::https::serve_connection(io, app, peer, &shutdown).await;
 }
 
 /// A stream that first yields bytes already read from it.

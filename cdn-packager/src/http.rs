@@ -345,32 +345,3 @@ async fn stored(store: &Store, key: &str, content_type: &str, cache: &str) -> Re
         }
     }
 }
-
-/// Serve one connection with hyper (HTTP/1.1 or HTTP/2, by ALPN or prior knowledge) until it
-/// ends or `shutdown`; then shut it down gracefully, waiting at most a second for answers in
-/// flight (a held blocking reload must not stall the packager's exit).
-pub(crate) async fn serve_connection<S>(
-    io: S,
-    app: axum::Router,
-    peer: std::net::SocketAddr,
-    shutdown: &CancellationToken,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = hyper_util::service::TowerToHyperService::new(app);
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-        }
-    }
-}

@@ -14,7 +14,8 @@
 //! the recording's retention (`[packager.recording] retention_hours`) expires.
 //!
 //! Sans-IO cores: [`segmenter::Segmenter`], [`aac::AacRendition`], [`playlist::MediaPlaylist`],
-//! [`speakers::SpeakerTimeline`], [`upload::Backoff`], [`request::decide_reload`],
+//! [`speakers::SpeakerTimeline`], [`upload::Lane`] (upload order, memory budget, spilling,
+//! retries), [`request::decide_reload`],
 //! [`request::parse_hls_path`], [`request::parse_hls_query`], [`recording_index`],
 //! [`conformance`].
 
@@ -34,6 +35,7 @@ pub mod request;
 mod room;
 pub mod segmenter;
 pub mod speakers;
+pub mod spill;
 pub mod storage;
 pub mod synth;
 mod tls;
@@ -204,14 +206,20 @@ impl Packager {
         };
         let metrics = Arc::new(metrics::Metrics::default());
         let tasks = TaskTracker::new();
-        let max_buffer = options
+        let budget = options
             .storage
-            .max_buffer_bytes
-            .unwrap_or(storage::DEFAULT_MAX_BUFFER_BYTES);
+            .upload_memory_budget_bytes
+            .unwrap_or(upload::DEFAULT_MEMORY_BUDGET);
+        let spill_dir = options
+            .storage
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("spill"));
         let registry = Arc::new(room::Registry::new(
             store.clone(),
             metrics.clone(),
-            max_buffer,
+            budget,
+            spill::SpillDir::new(spill_dir),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -222,7 +230,12 @@ impl Packager {
         });
         let app = http::router(state.clone());
         if let Some((l, acceptor)) = tls {
-            tasks.spawn(tls::serve(l, acceptor, app.clone(), shutdown.clone()));
+            tasks.spawn(amphi_protocol::https::serve_tls(
+                l,
+                acceptor,
+                app.clone(),
+                shutdown.clone(),
+            ));
         }
         if let Some(hours) = options.recording.retention_hours {
             let every = Duration::from_secs(options.recording.sweep_interval_secs.unwrap_or(600));

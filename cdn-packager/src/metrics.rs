@@ -78,12 +78,14 @@ pub struct Metrics {
     pub storage_puts: AtomicCounter,
     /// Failed storage puts (each retried).
     pub storage_errors: AtomicCounter,
-    /// Bytes waiting for storage (all rooms).
+    /// Bytes waiting for storage in memory (all rooms).
     pub storage_buffered_bytes: AtomicGauge,
-    /// 1 while some upload is failing.
+    /// Bytes waiting for storage in spill files (all rooms).
+    pub storage_spilled_bytes: AtomicGauge,
+    /// Rooms whose uploads are failing.
     pub storage_outage: AtomicGauge,
-    /// Parts not uploaded because the buffer was full (their segments are).
-    pub storage_parts_skipped: AtomicCounter,
+    /// Spill files of an earlier run uploaded at start.
+    pub storage_spill_recovered: AtomicCounter,
     /// Recordings deleted by retention.
     pub recordings_expired: AtomicCounter,
     storage_retries: Counter,
@@ -128,9 +130,9 @@ impl Default for Metrics {
             "amphi_packager_storage_errors",
             "Failed storage puts (retried with backoff)",
         );
-        let storage_parts_skipped = counter(
-            "amphi_packager_storage_parts_skipped",
-            "Parts not uploaded because the upload buffer was full (their segments were)",
+        let storage_spill_recovered = counter(
+            "amphi_packager_storage_spill_recovered",
+            "Spill files left by an earlier run and uploaded at start",
         );
         let recordings_expired = counter(
             "amphi_packager_recordings_expired",
@@ -143,11 +145,15 @@ impl Default for Metrics {
         };
         let storage_buffered_bytes = gauge(
             "amphi_packager_storage_buffered_bytes",
-            "Bytes waiting to be stored",
+            "Bytes waiting to be stored, held in memory",
+        );
+        let storage_spilled_bytes = gauge(
+            "amphi_packager_storage_spilled_bytes",
+            "Bytes waiting to be stored, spilled to disk beyond the memory budget",
         );
         let storage_outage = gauge(
             "amphi_packager_storage_outage",
-            "1 while uploads are failing",
+            "Rooms whose uploads are failing (0 when storage works)",
         );
         let rooms_live = gauge("amphi_packager_rooms_live", "Rooms with a live playlist");
         let rooms_total = gauge(
@@ -206,8 +212,9 @@ impl Default for Metrics {
             storage_puts,
             storage_errors,
             storage_buffered_bytes,
+            storage_spilled_bytes,
             storage_outage,
-            storage_parts_skipped,
+            storage_spill_recovered,
             recordings_expired,
             storage_retries,
             storage_upload,

@@ -19,15 +19,16 @@ use crate::recording_index::{
 };
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
 use crate::speakers::SpeakerTimeline;
+use crate::spill::{Recovery, SpillDir};
 use crate::storage::{ObjectMeta, Storage, StorageError, Store};
-use crate::upload::{Backoff, Job, Publish, UploadQueue};
+use crate::upload::{Entry, Job, Lane, MemoryBudget, Placement, Poll, Publish, Transition};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
-use tokio::sync::watch;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Segments whose parts and segment stay in the memory cache.
@@ -93,6 +94,46 @@ pub enum RoomError {
     /// The playlist refused an update (a bug: parts out of order).
     #[error("playlist: {0}")]
     Playlist(#[from] PlaylistError),
+    /// The packager is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Jobs the ingest side hands to the room's uploader (drained at once; the uploader's
+/// [`Lane`] holds them from then on).
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    jobs: Mutex<(Vec<Job>, bool)>,
+    notify: Notify,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Job>, bool)> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hand over a job (ignored once closed).
+    fn push(&self, job: Job) {
+        let mut j = self.lock();
+        if j.1 {
+            return;
+        }
+        j.0.push(job);
+        drop(j);
+        self.notify.notify_one();
+    }
+
+    /// No more jobs (after the `End` job).
+    fn close(&self) {
+        self.lock().1 = true;
+        self.notify.notify_one();
+    }
+
+    /// The jobs handed over so far, and whether the inbox is closed.
+    fn take(&self) -> (Vec<Job>, bool) {
+        let mut j = self.lock();
+        (std::mem::take(&mut j.0), j.1)
+    }
 }
 
 /// Storage key of a room's file.
@@ -116,7 +157,7 @@ pub struct RoomCore {
     active_stream: Option<u64>,
     end_requested: bool,
     finished: bool,
-    queue: Arc<UploadQueue>,
+    inbox: Arc<Inbox>,
 }
 
 impl RoomCore {
@@ -194,7 +235,7 @@ impl RoomCore {
         if spans.is_empty() {
             return;
         }
-        self.queue.push(Job::Put {
+        self.inbox.push(Job::Put {
             key: key(self.room, TURNS_FILE),
             body: Bytes::from(render_turns(&spans)),
             meta: ObjectMeta::INDEX,
@@ -232,7 +273,7 @@ impl RoomCore {
                 },
             },
         };
-        self.queue.push(job);
+        self.inbox.push(job);
     }
 
     /// Stream `gen` finished or broke: the program stopped (or, after `RoomEnded`, the room ended).
@@ -273,10 +314,10 @@ impl RoomCore {
         }
         self.stop()?;
         self.finished = true;
-        self.queue.push(Job::End {
+        self.inbox.push(Job::End {
             spans: self.speakers.spans(),
         });
-        self.queue.close();
+        self.inbox.close();
         tracing::info!(room = %self.room, "room ended: finishing playlists and the recording");
         Ok(())
     }
@@ -326,7 +367,7 @@ pub struct RoomHandle {
     published: Mutex<Published>,
     /// Blocking reloads held by the plain HTTP/1.1 fast path, per rendition.
     pub waiters: Vec<Mutex<Vec<Waiter>>>,
-    queue: Arc<UploadQueue>,
+    inbox: Arc<Inbox>,
     /// The recording (VOD playlists) is stored.
     pub recording_ready: AtomicBool,
 }
@@ -383,11 +424,130 @@ impl RoomHandle {
             .collect()
     }
 
-    /// Apply a stored object's publication and send new snapshots.
+    /// Publish a queued job (stored, or storage is failing): playlists, snapshots and the
+    /// memory cache are updated. Returns the jobs this queues in turn: after a segment, its
+    /// recording index chunks and a copy of the live playlist; after the room's end, its
+    /// recording.
+    fn publish_job(&self, job: Job, body: Bytes, metrics: &Metrics) -> Vec<Job> {
+        match job {
+            Job::Put { key, publish, .. } => {
+                let segment = match &publish {
+                    Publish::Segment { rendition, msn, .. } => Some((*rendition, *msn)),
+                    _ => None,
+                };
+                self.publish(key, body, publish, metrics);
+                let Some((ri, msn)) = segment else {
+                    return Vec::new();
+                };
+                // The durable recording index, then a copy of the live playlist (inspection,
+                // and serving it once the room is gone).
+                let r = self.renditions[ri];
+                let mut jobs: Vec<Job> = self
+                    .index_chunks(ri, msn)
+                    .into_iter()
+                    .map(|(key, body)| Job::Put {
+                        key,
+                        body,
+                        meta: ObjectMeta::INDEX,
+                        publish: Publish::Nothing,
+                    })
+                    .collect();
+                jobs.push(Job::Put {
+                    key: rkey(self.room, r, "playlist.m3u8"),
+                    body: self.rx[ri].borrow().full.clone(),
+                    meta: ObjectMeta::PLAYLIST,
+                    publish: Publish::Nothing,
+                });
+                jobs
+            }
+            Job::End { spans } => self.finish_recording(&spans, metrics),
+        }
+    }
+
+    /// The room ended: end the playlists (listeners see `EXT-X-ENDLIST` now) and queue the
+    /// recording: final playlists, VOD playlists, the recording's multivariant playlist and
+    /// `recording.json` (last: once it is stored the recording is ready).
+    fn finish_recording(
+        &self,
+        spans: &[crate::playlist::SpeakerSpan],
+        metrics: &Metrics,
+    ) -> Vec<Job> {
+        let room = self.room;
+        let mut p = self.published();
+        let mut jobs = Vec::new();
+        for pl in &mut p.playlists {
+            pl.end();
+        }
+        let segments = p.playlists.first().map_or(0, |pl| pl.history().len());
+        let ticks: u64 = p
+            .playlists
+            .first()
+            .map_or(0, |pl| pl.history().iter().map(|h| h.duration).sum());
+        let put = |key: String, text: String, meta: ObjectMeta| Job::Put {
+            key,
+            body: Bytes::from(text),
+            meta,
+            publish: Publish::Nothing,
+        };
+        for pl in &p.playlists {
+            let r = pl.rendition();
+            jobs.push(put(
+                rkey(room, r, "playlist.m3u8"),
+                pl.render(false, &[]),
+                ObjectMeta::PLAYLIST,
+            ));
+            if segments > 0 {
+                jobs.push(put(
+                    rkey(room, r, "vod.m3u8"),
+                    pl.render_vod(spans),
+                    ObjectMeta::PLAYLIST,
+                ));
+            }
+        }
+        if segments > 0 {
+            jobs.push(put(
+                key(room, "recording.m3u8"),
+                render_multivariant(self.renditions, "vod.m3u8"),
+                ObjectMeta::PLAYLIST,
+            ));
+        }
+        let meta = serde_json::json!({
+            "room": room.to_string(),
+            "ended_at": unix_secs(SystemTime::now()),
+            "segments": segments,
+            "duration_secs": ticks as f64 / 48_000.0,
+            "speaker_turns": spans.len(),
+        });
+        jobs.push(Job::Put {
+            key: key(room, "recording.json"),
+            body: Bytes::from(meta.to_string()),
+            meta: ObjectMeta::JSON,
+            publish: Publish::RecordingStored {
+                has_media: segments > 0,
+            },
+        });
+        self.send_snapshots(&p);
+        drop(p);
+        self.release_waiters(metrics);
+        jobs
+    }
+
+    /// The recording's last object is stored.
+    fn recording_stored(&self, has_media: bool, metrics: &Metrics) {
+        self.recording_ready.store(has_media, Ordering::Relaxed);
+        let p = self.published();
+        self.send_snapshots(&p);
+        drop(p);
+        self.release_waiters(metrics);
+        metrics.rooms_live.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(room = %self.room, has_media, "room ended: EXT-X-ENDLIST and VOD recording stored");
+    }
+
+    /// Apply a job's publication and send new snapshots.
     fn publish(&self, key: String, body: Bytes, what: Publish, metrics: &Metrics) {
         let mut p = self.published();
         let result = match what {
-            Publish::Nothing => {
+            Publish::Nothing | Publish::RecordingStored { .. } => {
                 if key.ends_with("init.mp4") {
                     p.inits.insert(key, body);
                 }
@@ -401,7 +561,9 @@ impl RoomHandle {
                 start,
                 arrival,
             } => {
-                p.cache.insert(msn, key, body);
+                if !body.is_empty() {
+                    p.cache.insert(msn, key, body);
+                }
                 let r = p
                     .playlists
                     .get_mut(rendition)
@@ -419,7 +581,9 @@ impl RoomHandle {
                 start,
                 duration,
             } => {
-                p.cache.insert(msn, key, body);
+                if !body.is_empty() {
+                    p.cache.insert(msn, key, body);
+                }
                 if rendition == 0 {
                     metrics.segments_published.fetch_add(1, Ordering::Relaxed);
                 }
@@ -480,124 +644,6 @@ impl RoomHandle {
     }
 }
 
-/// Put with retries and backoff until stored or shut down. `Err` only on shutdown or a
-/// permanent error (bad key).
-async fn put_retrying(
-    store: &Store,
-    key: &str,
-    body: &Bytes,
-    meta: ObjectMeta,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Result<(), StorageError> {
-    let mut backoff = Backoff::default();
-    let mut first_failure = None;
-    loop {
-        let attempt = Instant::now();
-        let put = store.put(key, body.clone(), meta).await;
-        metrics.observe_upload(attempt.elapsed());
-        match put {
-            Ok(()) => {
-                if let Some(since) = first_failure {
-                    metrics.storage_outage.store(0, Ordering::Relaxed);
-                    tracing::info!(
-                        key,
-                        retries = backoff.failures(),
-                        outage_ms =
-                            Instant::now().saturating_duration_since(since).as_millis() as u64,
-                        "storage reachable again; flushing buffered uploads"
-                    );
-                }
-                metrics.storage_puts.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-            Err(e @ StorageError::BadKey(_)) => return Err(e),
-            Err(e) => {
-                metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
-                if first_failure.is_none() {
-                    first_failure = Some(Instant::now());
-                    metrics.storage_outage.store(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        key,
-                        error = %e,
-                        buffered_bytes = metrics.storage_buffered_bytes.load(Ordering::Relaxed),
-                        "storage put failed; buffering uploads and retrying"
-                    );
-                }
-                let wait = backoff.fail();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => metrics.storage_retry(),
-                    _ = shutdown.cancelled() => return Err(e),
-                }
-            }
-        }
-    }
-}
-
-/// The room's uploader: drains its queue in order until the room's `End` job is done.
-async fn uploader(
-    handle: Arc<RoomHandle>,
-    store: Arc<Store>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let room = handle.room;
-    loop {
-        let job = tokio::select! {
-            j = handle.queue.next() => j,
-            _ = shutdown.cancelled() => None,
-        };
-        let Some(job) = job else { break };
-        match &job {
-            Job::Put {
-                key,
-                body,
-                meta,
-                publish,
-            } => {
-                match put_retrying(&store, key, body, *meta, &metrics, &shutdown).await {
-                    Ok(()) => {
-                        let segment_done = matches!(publish, Publish::Segment { .. });
-                        handle.publish(key.clone(), body.clone(), publish.clone(), &metrics);
-                        if let (true, Publish::Segment { rendition, msn, .. }) =
-                            (segment_done, publish)
-                        {
-                            // The durable recording index, then a copy of the live playlist
-                            // (inspection, and serving it once the room is gone).
-                            let r = handle.renditions[*rendition];
-                            let mut writes: Vec<(String, Bytes, ObjectMeta)> = handle
-                                .index_chunks(*rendition, *msn)
-                                .into_iter()
-                                .map(|(k, b)| (k, b, ObjectMeta::INDEX))
-                                .collect();
-                            let text = handle.rx[*rendition].borrow().full.clone();
-                            writes.push((
-                                rkey(room, r, "playlist.m3u8"),
-                                text,
-                                ObjectMeta::PLAYLIST,
-                            ));
-                            for (k, body, meta) in writes {
-                                let _ = put_retrying(&store, &k, &body, meta, &metrics, &shutdown)
-                                    .await;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(%room, key, error = %e, "upload abandoned");
-                    }
-                }
-            }
-            Job::End { spans } => {
-                if let Err(e) = finish_recording(&handle, &store, spans, &metrics, &shutdown).await
-                {
-                    tracing::error!(%room, error = %e, "writing the recording failed");
-                }
-            }
-        }
-        handle.queue.done(&job);
-    }
-}
-
 /// Seconds since the Unix epoch.
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -605,113 +651,294 @@ fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-async fn finish_recording(
-    handle: &RoomHandle,
-    store: &Store,
-    spans: &[crate::playlist::SpeakerSpan],
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Result<(), StorageError> {
-    let room = handle.room;
-    let (texts, segments, ticks) = {
-        let mut p = handle.published();
-        let mut texts = Vec::new();
-        for pl in &mut p.playlists {
-            pl.end();
-            texts.push((pl.rendition(), pl.render(false, &[]), pl.render_vod(spans)));
-        }
-        let segments = p.playlists.first().map_or(0, |pl| pl.history().len());
-        let ticks: u64 = p
-            .playlists
-            .first()
-            .map_or(0, |pl| pl.history().iter().map(|h| h.duration).sum());
-        (texts, segments, ticks)
+/// What the uploaders of every room share.
+pub(crate) struct Uploads {
+    /// The storage backend.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Memory for pending uploads, over all rooms.
+    pub budget: Arc<MemoryBudget>,
+    /// Where uploads beyond the budget wait.
+    pub spill: Arc<SpillDir>,
+}
+
+/// How an upload attempt ended.
+enum Attempt {
+    Stored,
+    /// Failed; retried after the backoff.
+    Failed(StorageError),
+    /// Cannot ever succeed (bad key, unreadable spill file): given up.
+    Abandoned(StorageError),
+}
+
+type PutFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Attempt)> + Send>>;
+
+/// One attempt at storing lane entry `seq` (its bytes from memory or its spill file).
+fn start_put(up: &Uploads, room: RoomId, e: &Entry) -> Option<PutFuture> {
+    let Job::Put {
+        key, body, meta, ..
+    } = &e.job
+    else {
+        return None;
     };
-    for (r, live, vod) in &texts {
-        put_retrying(
-            store,
-            &rkey(room, *r, "playlist.m3u8"),
-            &Bytes::from(live.clone()),
-            ObjectMeta::PLAYLIST,
-            metrics,
-            shutdown,
-        )
-        .await?;
-        if segments > 0 {
-            put_retrying(
-                store,
-                &rkey(room, *r, "vod.m3u8"),
-                &Bytes::from(vod.clone()),
-                ObjectMeta::PLAYLIST,
-                metrics,
-                shutdown,
-            )
-            .await?;
+    let (store, metrics, spill) = (up.store.clone(), up.metrics.clone(), up.spill.clone());
+    let (seq, key, meta, body, spilled) = (e.seq, key.clone(), *meta, body.clone(), e.spilled);
+    Some(Box::pin(async move {
+        let body = if spilled {
+            match spill.read(room, seq) {
+                Ok(b) => b,
+                Err(e) => return (seq, Attempt::Abandoned(e.into())),
+            }
+        } else {
+            body
+        };
+        let attempt = Instant::now();
+        let put = store.put(&key, body, meta).await;
+        metrics.observe_upload(attempt.elapsed());
+        let outcome = match put {
+            Ok(()) => Attempt::Stored,
+            Err(e @ StorageError::BadKey(_)) => Attempt::Abandoned(e),
+            Err(e) => Attempt::Failed(e),
+        };
+        (seq, outcome)
+    }))
+}
+
+/// The bytes of a queued job for publication: in memory, or read back from its spill file.
+fn entry_body(up: &Uploads, room: RoomId, e: &Entry) -> Bytes {
+    match &e.job {
+        Job::Put { body, .. } if e.spilled => up.spill.read(room, e.seq).unwrap_or_else(|err| {
+            tracing::warn!(%room, seq = e.seq, error = %err, "spill file unreadable");
+            body.clone()
+        }),
+        Job::Put { body, .. } => body.clone(),
+        Job::End { .. } => Bytes::new(),
+    }
+}
+
+/// Keeps the global gauges in step with one lane.
+#[derive(Default)]
+struct LaneGauges {
+    memory: i64,
+    spilled: i64,
+}
+
+impl LaneGauges {
+    fn update(&mut self, lane: &Lane, metrics: &Metrics) {
+        let (m, s) = (lane.memory_bytes() as i64, lane.spilled_bytes() as i64);
+        metrics
+            .storage_buffered_bytes
+            .fetch_add(m - self.memory, Ordering::Relaxed);
+        metrics
+            .storage_spilled_bytes
+            .fetch_add(s - self.spilled, Ordering::Relaxed);
+        (self.memory, self.spilled) = (m, s);
+    }
+}
+
+/// The room's uploader: the driver of its [`Lane`]. It takes the jobs the ingest side
+/// queues, publishes them in order (after storing them, or at once while storage fails),
+/// spills what the memory budget cannot hold, and stores one object at a time with backoff,
+/// until the room's recording is stored (or shutdown, when jobs still in memory are spilled
+/// so that the next start uploads them).
+async fn uploader(handle: Arc<RoomHandle>, up: Arc<Uploads>, shutdown: CancellationToken) {
+    let room = handle.room;
+    let metrics = up.metrics.clone();
+    let mut lane = Lane::new();
+    let mut gauges = LaneGauges::default();
+    let mut in_flight: Option<PutFuture> = None;
+    let mut in_outage = false;
+    let mut finished = false;
+    loop {
+        let now = Instant::now();
+        let (jobs, closed) = handle.inbox.take();
+        let mut spills = Vec::new();
+        let queue = |lane: &mut Lane, job: Job, spills: &mut Vec<u64>| {
+            if let Placement::Spill { seq } = lane.push(job, &up.budget) {
+                spills.push(seq);
+            }
+        };
+        for job in jobs {
+            queue(&mut lane, job, &mut spills);
+        }
+        // Publication can queue more jobs (recording index, playlist copies, the recording).
+        for _ in 0..8 {
+            let ready = lane.publishable(now);
+            if ready.is_empty() {
+                break;
+            }
+            for seq in ready {
+                let Some(e) = lane.entry(seq) else { continue };
+                let body = entry_body(&up, room, e);
+                for job in handle.publish_job(e.job.clone(), body, &metrics) {
+                    queue(&mut lane, job, &mut spills);
+                }
+            }
+        }
+        for seq in spills {
+            let written = match lane.entry(seq).map(|e| &e.job) {
+                Some(Job::Put {
+                    key, body, meta, ..
+                }) => up.spill.write(room, seq, key, *meta, body),
+                _ => continue,
+            };
+            match written {
+                Ok(()) => up.budget.release(lane.spilled(seq)),
+                Err(e) => {
+                    tracing::error!(%room, error = %e, "cannot spill an upload; keeping it in memory")
+                }
+            }
+        }
+        let done = lane.take_done();
+        up.budget.release(done.memory);
+        for seq in done.spill_files {
+            up.spill.remove(room, seq);
+        }
+        gauges.update(&lane, &metrics);
+        if closed && lane.is_empty() && in_flight.is_none() {
+            break;
+        }
+        let mut wake = None;
+        if in_flight.is_none() {
+            match lane.poll(now) {
+                Poll::Upload(seq) => match lane.entry(seq) {
+                    Some(e) => in_flight = start_put(&up, room, e),
+                    None => continue,
+                },
+                Poll::Wait(at) => wake = Some(at),
+                Poll::Idle => {}
+            }
+        }
+        wake = match (wake, lane.stall_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sleep = tokio::time::sleep_until(wake.map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            Into::into,
+        ));
+        tokio::select! {
+            r = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                in_flight = None;
+                let (seq, outcome) = r;
+                let now = Instant::now();
+                match outcome {
+                    Attempt::Stored | Attempt::Abandoned(_) => {
+                        if let Attempt::Abandoned(e) = &outcome {
+                            tracing::error!(%room, seq, error = %e, "upload abandoned");
+                        } else {
+                            metrics.storage_puts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some(Job::Put { publish: Publish::RecordingStored { has_media }, .. }) =
+                            lane.entry(seq).map(|e| &e.job)
+                        {
+                            handle.recording_stored(*has_media, &metrics);
+                            finished = true;
+                        }
+                        if let Transition::OutageEnded { lasted, retries } = lane.stored(seq, now) {
+                            in_outage = false;
+                            metrics.storage_outage.fetch_sub(1, Ordering::Relaxed);
+                            tracing::info!(
+                                %room,
+                                retries,
+                                outage_ms = lasted.as_millis() as u64,
+                                memory_bytes = lane.memory_bytes(),
+                                spilled_bytes = lane.spilled_bytes(),
+                                "storage reachable again; flushing buffered uploads"
+                            );
+                        }
+                    }
+                    Attempt::Failed(e) => {
+                        metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
+                        metrics.storage_retry();
+                        if lane.failed(seq, now) == Transition::OutageStarted {
+                            in_outage = true;
+                            metrics.storage_outage.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                %room,
+                                error = %e,
+                                memory_bytes = lane.memory_bytes(),
+                                "storage put failed; buffering uploads and retrying (the live playlist goes on)"
+                            );
+                        }
+                    }
+                }
+            }
+            _ = handle.inbox.notify.notified() => {}
+            _ = sleep => {}
+            _ = shutdown.cancelled() => break,
         }
     }
-    if segments > 0 {
-        let mv = render_multivariant(handle.renditions, "vod.m3u8");
-        put_retrying(
-            store,
-            &key(room, "recording.m3u8"),
-            &Bytes::from(mv),
-            ObjectMeta::PLAYLIST,
-            metrics,
-            shutdown,
-        )
-        .await?;
+    if shutdown.is_cancelled() {
+        // Keep what is not stored yet for the next start.
+        for seq in lane.unstored_in_memory() {
+            if let Some(Job::Put {
+                key, body, meta, ..
+            }) = lane.entry(seq).map(|e| &e.job)
+            {
+                if up.spill.write(room, seq, key, *meta, body).is_ok() {
+                    up.budget.release(lane.spilled(seq));
+                }
+            }
+        }
     }
-    let meta = serde_json::json!({
-        "room": room.to_string(),
-        "ended_at": unix_secs(SystemTime::now()),
-        "segments": segments,
-        "duration_secs": ticks as f64 / 48_000.0,
-        "speaker_turns": spans.len(),
-    });
-    put_retrying(
-        store,
-        &key(room, "recording.json"),
-        &Bytes::from(meta.to_string()),
-        ObjectMeta::JSON,
-        metrics,
-        shutdown,
-    )
-    .await?;
-    handle
-        .recording_ready
-        .store(segments > 0, Ordering::Relaxed);
-    let p = handle.published();
-    handle.send_snapshots(&p);
-    drop(p);
-    handle.release_waiters(metrics);
-    metrics.rooms_live.fetch_sub(1, Ordering::Relaxed);
-    tracing::info!(%room, segments, "room ended: EXT-X-ENDLIST and VOD recording stored");
-    Ok(())
+    up.budget.release(lane.memory_bytes());
+    metrics
+        .storage_buffered_bytes
+        .fetch_sub(gauges.memory, Ordering::Relaxed);
+    metrics
+        .storage_spilled_bytes
+        .fetch_sub(gauges.spilled, Ordering::Relaxed);
+    if in_outage {
+        metrics.storage_outage.fetch_sub(1, Ordering::Relaxed);
+    }
+    if !finished && !shutdown.is_cancelled() {
+        tracing::warn!(%room, "uploader stopped before the recording was stored");
+    }
 }
 
 /// Every room this packager has seen since it started.
 pub struct Registry {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    max_buffer: usize,
+    uploads: Arc<Uploads>,
+    recovery: Arc<Recovery>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
     rooms: Mutex<HashMap<RoomId, Arc<RoomHandle>>>,
 }
 
 impl Registry {
-    /// An empty registry storing into `store`; uploader tasks run on `tasks` until `shutdown`.
+    /// An empty registry storing into `store` (pending uploads: `budget` bytes in memory over
+    /// all rooms, the rest in `spill`); uploader tasks run on `tasks` until `shutdown`. Spill
+    /// files an earlier run left in `spill` are uploaded first (each room opens after its own).
     pub fn new(
         store: Arc<Store>,
         metrics: Arc<Metrics>,
-        max_buffer: usize,
+        budget: usize,
+        spill: SpillDir,
         shutdown: CancellationToken,
         tasks: tokio_util::task::TaskTracker,
     ) -> Self {
+        let spill = Arc::new(spill);
+        let recovery = crate::spill::recover(
+            spill.clone(),
+            store.clone(),
+            metrics.clone(),
+            &tasks,
+            shutdown.clone(),
+        );
         Registry {
+            uploads: Arc::new(Uploads {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                budget: Arc::new(MemoryBudget::new(budget)),
+                spill,
+            }),
             store,
             metrics,
-            max_buffer,
+            recovery,
             shutdown,
             tasks,
             rooms: Mutex::new(HashMap::new()),
@@ -787,6 +1014,11 @@ impl Registry {
         if let Some(h) = self.get(room) {
             return Ok(h);
         }
+        // What an earlier run spilled for this room is stored before the room resumes from
+        // storage (else its numbering would reuse those segments' names).
+        if !self.recovery.wait(room, &self.shutdown).await {
+            return Err(RoomError::ShuttingDown);
+        }
         let rends = renditions();
         let mut resumed = Vec::with_capacity(rends.len());
         for r in rends {
@@ -805,11 +1037,7 @@ impl Registry {
             .filter_map(|p| p.history.last())
             .map(|s| s.start.program_date_time + crate::playlist::ticks_duration(s.duration))
             .max();
-        let queue = Arc::new(UploadQueue::new(
-            room,
-            self.max_buffer,
-            self.metrics.clone(),
-        ));
+        let queue = Arc::new(Inbox::default());
         queue.push(Job::Put {
             key: rkey(room, rends[0], "init.mp4"),
             body: Bytes::from(init_segment()?),
@@ -864,7 +1092,7 @@ impl Registry {
             active_stream: None,
             end_requested: false,
             finished: false,
-            queue: queue.clone(),
+            inbox: queue.clone(),
         };
         let handle = Arc::new(RoomHandle {
             room,
@@ -878,7 +1106,7 @@ impl Registry {
                 inits: HashMap::new(),
             }),
             waiters: rends.iter().map(|_| Mutex::new(Vec::new())).collect(),
-            queue,
+            inbox: queue,
             recording_ready: AtomicBool::new(false),
         });
         {
@@ -896,8 +1124,7 @@ impl Registry {
         tracing::info!(%room, ?start_msn, storage = self.store.kind(), "room opened");
         self.tasks.spawn(uploader(
             handle.clone(),
-            self.store.clone(),
-            self.metrics.clone(),
+            self.uploads.clone(),
             self.shutdown.clone(),
         ));
         Ok(handle)

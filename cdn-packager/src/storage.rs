@@ -56,11 +56,14 @@ pub struct StorageConfig {
     /// Secret access key (or `AMPHI__PACKAGER__STORAGE__SECRET_KEY`).
     #[serde(default)]
     pub secret_key: Option<String>,
-    /// Most bytes buffered per room while storage is unreachable (default 256 MiB). Past it,
-    /// new parts are not uploaded (their segments still are, so nothing is lost from the
-    /// recording and the playlist lists those segments whole).
+    /// Bytes of pending uploads kept in memory over all rooms (default 64 MiB). While
+    /// storage is slow or down, uploads beyond it spill to `spill_dir`; nothing is dropped.
     #[serde(default)]
-    pub max_buffer_bytes: Option<usize>,
+    pub upload_memory_budget_bytes: Option<usize>,
+    /// Directory for uploads spilled beyond the memory budget (default `{data_dir}/spill`).
+    /// Spill files a stopped or crashed packager left behind are uploaded at start.
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for StorageConfig {
@@ -75,12 +78,14 @@ impl std::fmt::Debug for StorageConfig {
             .field("path_style", &self.path_style)
             .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
             .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
+            .field(
+                "upload_memory_budget_bytes",
+                &self.upload_memory_budget_bytes,
+            )
+            .field("spill_dir", &self.spill_dir)
             .finish()
     }
 }
-
-/// Default bound of the per-room upload buffer.
-pub const DEFAULT_MAX_BUFFER_BYTES: usize = 256 << 20;
 
 /// A storage backend kind.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -140,6 +145,28 @@ impl ObjectMeta {
         content_type: content_type::TEXT,
         cache_control: "no-cache",
     };
+}
+
+impl ObjectMeta {
+    const ALL: [(&'static str, ObjectMeta); 4] = [
+        ("media", ObjectMeta::MEDIA),
+        ("playlist", ObjectMeta::PLAYLIST),
+        ("json", ObjectMeta::JSON),
+        ("index", ObjectMeta::INDEX),
+    ];
+
+    /// A short name of this metadata (spill files).
+    pub fn name(&self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| m.content_type == self.content_type)
+            .map_or("media", |(n, _)| n)
+    }
+
+    /// The metadata named `name` by [`ObjectMeta::name`].
+    pub fn from_name(name: &str) -> Option<ObjectMeta> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    }
 }
 
 /// A key is a relative path of plain segments (letters, digits, `.`, `-`, `_`), never `..`.

@@ -1,25 +1,37 @@
-//! Ordered uploads to storage: each room has one FIFO of jobs (parts, segments, playlists, the
-//! end of the room) drained by one task, so objects reach storage in order and a playlist is
-//! only updated once the objects it names are stored. While storage is unreachable the job at
-//! the head is retried with exponential backoff and the rest wait in memory (bounded: past
-//! the bound new parts are skipped, never segments).
+//! Ordered uploads to storage, sans-IO. Each room has one [`Lane`]: a FIFO of jobs (parts,
+//! segments, playlists, the end of the room) whose objects reach storage one at a time, in
+//! order, so a copy of a playlist or a recording index chunk is stored after the media it
+//! lists.
+//!
+//! Publication (the live playlist lists an object, the HTTP origin serves it) follows the same
+//! order and normally waits until the object is stored, so a CDN reading media from storage is
+//! never sent to a missing object. When storage fails, or an upload hangs for longer than
+//! [`STALL_AFTER`], the lane is *degraded*: everything queued is published at once and served
+//! by the packager itself (recent objects from memory), so the live edge keeps moving through
+//! a storage outage; uploads go on being retried with exponential backoff in the background.
+//!
+//! Memory is bounded across all rooms by one [`MemoryBudget`]: a job whose bytes do not fit is
+//! *spilled* (the driver writes it to the spill directory and drops it from memory; see
+//! [`encode_spill`]); nothing is ever dropped. Every decision here takes an explicit `now`.
 
-use crate::metrics::Metrics;
 use crate::playlist::SpeakerSpan;
 use crate::segmenter::SegmentStart;
 use crate::storage::ObjectMeta;
-use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 
 /// First retry delay.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// An upload in flight this long without an answer degrades the lane (publication stops
+/// waiting for storage).
+pub const STALL_AFTER: Duration = Duration::from_secs(1);
+/// Default of `upload_memory_budget_bytes`: bytes of pending uploads kept in memory over all
+/// rooms before new ones spill to disk.
+pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
 
 /// Sans-IO exponential backoff.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +67,46 @@ impl Backoff {
     }
 }
 
+/// Bytes of pending uploads held in memory, shared by every room's lane.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        MemoryBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Take `n` bytes if they fit.
+    pub fn try_reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.limit).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    /// Give back `n` reserved bytes.
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
+    /// Bytes reserved.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
 /// What storing an object makes public.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Publish {
@@ -85,6 +137,11 @@ pub enum Publish {
         start: SegmentStart,
         /// Duration in ticks.
         duration: u64,
+    },
+    /// The last object of the room's recording: once stored, the recording is ready.
+    RecordingStored {
+        /// The recording lists segments (a VOD playlist was written).
+        has_media: bool,
     },
 }
 
@@ -118,121 +175,322 @@ impl Job {
     }
 }
 
-#[derive(Debug, Default)]
-struct QueueState {
-    jobs: VecDeque<Job>,
-    /// Bytes queued or being uploaded.
-    bytes: usize,
-    closed: bool,
-    skipping: bool,
+/// Where a pushed job's bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In memory (within the budget), or nothing to hold.
+    Memory,
+    /// Over the budget: the driver writes the job to the spill file of `seq`, then calls
+    /// [`Lane::spilled`].
+    Spill {
+        /// The job's sequence number in its lane.
+        seq: u64,
+    },
 }
 
-/// A room's FIFO of uploads.
+/// What the driver should do next about storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// Upload the job `seq` (its bytes: [`Lane::entry`] or its spill file).
+    Upload(u64),
+    /// Nothing before `at` (a retry is scheduled).
+    Wait(Instant),
+    /// Nothing to do until a job is pushed or an upload finishes.
+    Idle,
+}
+
+/// An upload that failed started an outage, or a success ended one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing changed.
+    None,
+    /// The first failure: storage is unreachable.
+    OutageStarted,
+    /// Storage answers again after `lasted` and `retries` failed attempts.
+    OutageEnded {
+        /// Since the first failure.
+        lasted: Duration,
+        /// Failed attempts meanwhile.
+        retries: u32,
+    },
+}
+
+/// Jobs finished by [`Lane::take_done`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Done {
+    /// Memory bytes to give back to the budget.
+    pub memory: usize,
+    /// Sequence numbers whose spill files can go.
+    pub spill_files: Vec<u64>,
+}
+
+/// A queued job and its progress.
 #[derive(Debug)]
-pub struct UploadQueue {
-    state: Mutex<QueueState>,
-    notify: Notify,
-    max_bytes: usize,
-    metrics: Arc<Metrics>,
-    /// The room whose uploads these are (for logs).
-    room: RoomId,
+pub struct Entry {
+    /// Sequence number in the lane (also the spill file name).
+    pub seq: u64,
+    /// The job; a spilled job's body is empty (its bytes are in the spill file).
+    pub job: Job,
+    /// Bytes of the job's body (wherever they are).
+    pub len: usize,
+    /// The body is in the spill file, not in memory.
+    pub spilled: bool,
+    /// The body's bytes are counted in the memory budget.
+    reserved: bool,
+    stored: bool,
+    published: bool,
 }
 
-impl UploadQueue {
-    /// An empty queue of `room`'s uploads holding at most `max_bytes` of parts.
-    pub fn new(room: RoomId, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
-        UploadQueue {
-            state: Mutex::new(QueueState::default()),
-            notify: Notify::new(),
-            max_bytes,
-            metrics,
-            room,
+/// A room's upload FIFO (see the module documentation).
+#[derive(Debug, Default)]
+pub struct Lane {
+    entries: VecDeque<Entry>,
+    next_seq: u64,
+    in_flight: Option<(u64, Instant)>,
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    outage_since: Option<Instant>,
+    memory_bytes: usize,
+    spilled_bytes: usize,
+}
+
+impl Lane {
+    /// An empty lane.
+    pub fn new() -> Self {
+        Lane::default()
+    }
+
+    /// Queue `job`: its bytes stay in memory if `budget` has room, else it must be spilled.
+    pub fn push(&mut self, job: Job, budget: &MemoryBudget) -> Placement {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let len = job.bytes();
+        // Nothing to upload for the end marker: it is "stored" as soon as it is queued.
+        let stored = matches!(job, Job::End { .. });
+        let in_memory = len == 0 || budget.try_reserve(len);
+        if in_memory {
+            self.memory_bytes += len;
+        }
+        self.entries.push_back(Entry {
+            seq,
+            job,
+            len,
+            spilled: false,
+            reserved: in_memory && len > 0,
+            stored,
+            published: false,
+        });
+        if in_memory {
+            Placement::Memory
+        } else {
+            Placement::Spill { seq }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The spill file of `seq` is written: drop its bytes from memory. Returns the bytes it
+    /// held in the budget (give them back; 0 for a job spilled as it was pushed).
+    pub fn spilled(&mut self, seq: u64) -> usize {
+        let Some(e) = self.entries.iter_mut().find(|e| e.seq == seq) else {
+            return 0;
+        };
+        if e.spilled {
+            return 0;
+        }
+        if let Job::Put { body, .. } = &mut e.job {
+            *body = Bytes::new();
+        }
+        e.spilled = true;
+        self.spilled_bytes += e.len;
+        if e.reserved {
+            e.reserved = false;
+            self.memory_bytes -= e.len;
+            e.len
+        } else {
+            0
+        }
     }
 
-    /// Queue a job. Parts are skipped (returns false) while the buffer is over its bound.
-    pub fn push(&self, job: Job) -> bool {
-        let n = job.bytes();
+    /// A queued job.
+    pub fn entry(&self, seq: u64) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.seq == seq)
+    }
+
+    /// Publication no longer waits for storage: an upload failed and none succeeded since, or
+    /// the one in flight has hung for [`STALL_AFTER`].
+    pub fn degraded(&self, now: Instant) -> bool {
+        self.outage_since.is_some()
+            || self
+                .in_flight
+                .is_some_and(|(_, t)| now.saturating_duration_since(t) >= STALL_AFTER)
+    }
+
+    /// When [`Lane::degraded`] turns true by itself (a stall), if it can.
+    pub fn stall_deadline(&self) -> Option<Instant> {
+        match (self.outage_since, self.in_flight) {
+            (None, Some((_, t))) => Some(t + STALL_AFTER),
+            _ => None,
+        }
+    }
+
+    /// Jobs to publish now, in FIFO order: stored ones, or every queued one while degraded.
+    /// Each is returned once.
+    pub fn publishable(&mut self, now: Instant) -> Vec<u64> {
+        let degraded = self.degraded(now);
+        let mut out = Vec::new();
+        for e in self.entries.iter_mut().filter(|e| !e.published) {
+            if !(e.stored || degraded) {
+                break;
+            }
+            e.published = true;
+            out.push(e.seq);
+        }
+        out
+    }
+
+    /// The next upload to start, if one may start at `now` (one at a time, in order).
+    pub fn poll(&mut self, now: Instant) -> Poll {
+        if self.in_flight.is_some() {
+            return Poll::Idle;
+        }
+        let Some(seq) = self.entries.iter().find(|e| !e.stored).map(|e| e.seq) else {
+            return Poll::Idle;
+        };
+        if let Some(at) = self.retry_at {
+            if now < at {
+                return Poll::Wait(at);
+            }
+        }
+        self.retry_at = None;
+        self.in_flight = Some((seq, now));
+        Poll::Upload(seq)
+    }
+
+    /// The upload of `seq` succeeded; whether that ended an outage.
+    pub fn stored(&mut self, seq: u64, now: Instant) -> Transition {
+        if self.in_flight.is_some_and(|(s, _)| s == seq) {
+            self.in_flight = None;
+        }
+        if let Some(e) = self.entries.iter_mut().find(|e| e.seq == seq) {
+            e.stored = true;
+        }
+        let t = match self.outage_since.take() {
+            Some(since) => Transition::OutageEnded {
+                lasted: now.saturating_duration_since(since),
+                retries: self.backoff.failures(),
+            },
+            None => Transition::None,
+        };
+        self.backoff.reset();
+        t
+    }
+
+    /// The upload of `seq` failed (it will be retried after the backoff).
+    pub fn failed(&mut self, seq: u64, now: Instant) -> Transition {
+        if self.in_flight.is_some_and(|(s, _)| s == seq) {
+            self.in_flight = None;
+        }
+        self.retry_at = Some(now + self.backoff.fail());
+        if self.outage_since.is_none() {
+            self.outage_since = Some(now);
+            Transition::OutageStarted
+        } else {
+            Transition::None
+        }
+    }
+
+    /// Forget the jobs at the head that are stored and published. Returns the memory bytes
+    /// they held (give them back to the budget) and the spill files to delete.
+    pub fn take_done(&mut self) -> Done {
+        let mut done = Done::default();
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| e.stored && e.published)
         {
-            let mut st = self.lock();
-            if st.closed {
-                return false;
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
+            if e.spilled {
+                self.spilled_bytes -= e.len;
+                done.spill_files.push(e.seq);
             }
-            let is_part = matches!(
-                &job,
-                Job::Put {
-                    publish: Publish::Part { .. },
-                    ..
-                }
-            );
-            if is_part && st.bytes + n > self.max_bytes {
-                if !st.skipping {
-                    tracing::warn!(
-                        room = %self.room,
-                        buffered = st.bytes,
-                        bound = self.max_bytes,
-                        "upload buffer full: skipping parts until storage catches up (segments are kept)"
-                    );
-                }
-                st.skipping = true;
-                self.metrics
-                    .storage_parts_skipped
-                    .fetch_add(1, Ordering::Relaxed);
-                return false;
+            if e.reserved {
+                self.memory_bytes -= e.len;
+                done.memory += e.len;
             }
-            st.skipping = false;
-            st.bytes += n;
-            st.jobs.push_back(job);
         }
-        self.metrics
-            .storage_buffered_bytes
-            .fetch_add(n as i64, Ordering::Relaxed);
-        self.notify.notify_one();
-        true
+        done
     }
 
-    /// The next job (waits); `None` once closed and drained.
-    pub async fn next(&self) -> Option<Job> {
-        loop {
-            let notified = self.notify.notified();
-            {
-                let mut st = self.lock();
-                if let Some(j) = st.jobs.pop_front() {
-                    return Some(j);
-                }
-                if st.closed {
-                    return None;
-                }
-            }
-            notified.await;
-        }
+    /// Jobs not yet stored whose bytes are in memory (spilled at shutdown).
+    pub fn unstored_in_memory(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|e| !e.stored && e.reserved)
+            .map(|e| e.seq)
+            .collect()
     }
 
-    /// A job taken with [`UploadQueue::next`] is done (stored or abandoned).
-    pub fn done(&self, job: &Job) {
-        let n = job.bytes();
-        let mut st = self.lock();
-        st.bytes = st.bytes.saturating_sub(n);
-        drop(st);
-        self.metrics
-            .storage_buffered_bytes
-            .fetch_sub(n as i64, Ordering::Relaxed);
+    /// Nothing queued.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
-    /// No more jobs will be pushed (after the `End` job).
-    pub fn close(&self) {
-        self.lock().closed = true;
-        self.notify.notify_one();
+    /// Bytes of queued jobs held in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
     }
 
-    /// Bytes queued or in flight.
-    pub fn buffered(&self) -> usize {
-        self.lock().bytes
+    /// Bytes of queued jobs in spill files.
+    pub fn spilled_bytes(&self) -> usize {
+        self.spilled_bytes
     }
+}
+
+/// First line of a spill file.
+const SPILL_MAGIC: &str = "amphi-spill 1";
+
+/// A spill file: a header (`amphi-spill 1`, the key, the metadata name, one per line) and
+/// the object's bytes.
+pub fn encode_spill(key: &str, meta: ObjectMeta, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + key.len() + 40);
+    out.extend_from_slice(SPILL_MAGIC.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(key.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(meta.name().as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
+/// Why a spill file cannot be read back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad spill file: {0}")]
+pub struct SpillError(&'static str);
+
+/// Key, metadata and bytes of a spill file written by [`encode_spill`].
+pub fn decode_spill(file: Bytes) -> Result<(String, ObjectMeta, Bytes), SpillError> {
+    let mut pos = 0;
+    let mut line = |what| -> Result<&str, SpillError> {
+        let rest = &file[pos..];
+        let end = rest
+            .iter()
+            .take(600)
+            .position(|&b| b == b'\n')
+            .ok_or(SpillError(what))?;
+        pos += end + 1;
+        std::str::from_utf8(&rest[..end]).map_err(|_| SpillError(what))
+    };
+    if line("header")? != SPILL_MAGIC {
+        return Err(SpillError("header"));
+    }
+    let key = line("key")?.to_string();
+    if !crate::storage::valid_key(&key) {
+        return Err(SpillError("key"));
+    }
+    let meta = ObjectMeta::from_name(line("metadata")?).ok_or(SpillError("metadata"))?;
+    Ok((key, meta, file.slice(pos..)))
 }
 
 #[cfg(test)]
@@ -249,46 +507,222 @@ mod tests {
         assert_eq!(b.fail(), MIN_BACKOFF);
     }
 
-    fn part(n: usize) -> Job {
+    fn put(key: &str, n: usize, publish: Publish) -> Job {
         Job::Put {
-            key: "k".into(),
-            body: Bytes::from(vec![0u8; n]),
+            key: key.into(),
+            body: Bytes::from(vec![7u8; n]),
             meta: ObjectMeta::MEDIA,
-            publish: Publish::Part {
-                rendition: 0,
-                msn: 0,
-                index: 0,
-                duration: 9600,
-                start: None,
-                arrival: Instant::now(),
-            },
+            publish,
         }
     }
 
-    #[tokio::test]
-    async fn bounded_for_parts_never_for_segments_and_fifo() {
-        let m = Arc::new(Metrics::default());
-        let q = UploadQueue::new(RoomId(1), 100, m.clone());
-        assert!(q.push(part(60)));
-        assert!(!q.push(part(60)), "over the bound: part skipped");
-        let seg = Job::Put {
-            key: "s".into(),
-            body: Bytes::from(vec![0u8; 500]),
-            meta: ObjectMeta::MEDIA,
-            publish: Publish::Nothing,
+    fn part(msn: u64, index: u32, t: Instant) -> Publish {
+        Publish::Part {
+            rendition: 0,
+            msn,
+            index,
+            duration: 9600,
+            start: None,
+            arrival: t,
+        }
+    }
+
+    /// Drive a lane like the driver does, with storage answering `up`.
+    fn upload_all(lane: &mut Lane, budget: &MemoryBudget, now: Instant) -> Vec<u64> {
+        let mut stored = Vec::new();
+        for _ in 0..1000 {
+            lane.publishable(now);
+            budget.release(lane.take_done().memory);
+            match lane.poll(now) {
+                Poll::Upload(seq) => {
+                    lane.stored(seq, now);
+                    stored.push(seq);
+                }
+                _ => break,
+            }
+        }
+        stored
+    }
+
+    #[test]
+    fn in_order_publication_waits_for_storage_while_it_works() {
+        let t0 = Instant::now();
+        let budget = MemoryBudget::new(1 << 20);
+        let mut lane = Lane::new();
+        lane.push(put("a", 10, part(0, 0, t0)), &budget);
+        lane.push(put("b", 10, part(0, 1, t0)), &budget);
+        assert!(lane.publishable(t0).is_empty(), "nothing stored yet");
+        assert_eq!(lane.poll(t0), Poll::Upload(0));
+        assert_eq!(lane.poll(t0), Poll::Idle, "one upload at a time");
+        // 0.5 s in flight: not a stall yet.
+        assert!(lane.publishable(t0 + Duration::from_millis(500)).is_empty());
+        let t = lane.stored(0, t0 + Duration::from_millis(20));
+        assert_eq!(t, Transition::None);
+        assert_eq!(lane.take_done(), Done::default(), "not published yet");
+        assert_eq!(lane.publishable(t0 + Duration::from_millis(20)), vec![0]);
+        assert_eq!(lane.take_done().memory, 10);
+        assert_eq!(lane.poll(t0 + Duration::from_millis(20)), Poll::Upload(1));
+        lane.stored(1, t0);
+        assert_eq!(lane.publishable(t0), vec![1]);
+        budget.release(10 + lane.take_done().memory);
+        assert!(lane.is_empty());
+        assert_eq!(budget.used(), 0);
+        assert_eq!(lane.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn an_outage_publishes_everything_and_retries_with_backoff_in_order() {
+        let t0 = Instant::now();
+        let budget = MemoryBudget::new(1 << 20);
+        let mut lane = Lane::new();
+        for i in 0..3 {
+            lane.push(put(&format!("p{i}"), 100, part(0, i, t0)), &budget);
+        }
+        assert_eq!(lane.poll(t0), Poll::Upload(0));
+        let ms = Duration::from_millis;
+        assert_eq!(lane.failed(0, t0 + ms(5)), Transition::OutageStarted);
+        // Degraded: the live edge moves on without storage.
+        assert_eq!(lane.publishable(t0 + ms(5)), vec![0, 1, 2]);
+        lane.push(put("p3", 100, part(0, 3, t0)), &budget);
+        assert_eq!(
+            lane.publishable(t0 + ms(6)),
+            vec![3],
+            "new jobs at once too"
+        );
+        // Retry schedule: 100, 200, 400, ... ms after each failure, always the head first.
+        let mut now = t0 + ms(5);
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let Poll::Wait(at) = lane.poll(now) else {
+                panic!("a retry is scheduled")
+            };
+            waits.push(at.duration_since(now).as_millis());
+            now = at;
+            assert_eq!(lane.poll(now), Poll::Upload(0), "the head again");
+            assert_eq!(lane.failed(0, now), Transition::None);
+        }
+        assert_eq!(waits, vec![100, 200, 400, 800, 1600, 2000]);
+        now += ms(2000);
+        assert_eq!(lane.poll(now), Poll::Upload(0));
+        let t = lane.stored(0, now);
+        assert!(matches!(t, Transition::OutageEnded { retries: 7, .. }));
+        assert_eq!(
+            lane.take_done().memory,
+            100,
+            "published before: bytes go back at once"
+        );
+        budget.release(100);
+        // Back to normal: the rest go up in order without waiting.
+        let order = upload_all(&mut lane, &budget, now);
+        assert_eq!(order, vec![1, 2, 3]);
+        assert!(lane.is_empty());
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_hung_upload_degrades_the_lane_after_the_stall_time() {
+        let t0 = Instant::now();
+        let budget = MemoryBudget::new(1 << 20);
+        let mut lane = Lane::new();
+        lane.push(put("a", 1, part(0, 0, t0)), &budget);
+        lane.push(put("b", 1, part(0, 1, t0)), &budget);
+        assert_eq!(lane.poll(t0), Poll::Upload(0));
+        assert_eq!(lane.stall_deadline(), Some(t0 + STALL_AFTER));
+        assert!(lane
+            .publishable(t0 + STALL_AFTER - Duration::from_millis(1))
+            .is_empty());
+        assert_eq!(lane.publishable(t0 + STALL_AFTER), vec![0, 1]);
+    }
+
+    #[test]
+    fn over_the_budget_jobs_spill_and_nothing_is_dropped() {
+        let t0 = Instant::now();
+        // Shared by two rooms.
+        let budget = MemoryBudget::new(250);
+        let (mut a, mut b) = (Lane::new(), Lane::new());
+        assert_eq!(
+            a.push(put("a0", 100, part(0, 0, t0)), &budget),
+            Placement::Memory
+        );
+        assert_eq!(
+            b.push(put("b0", 100, part(0, 0, t0)), &budget),
+            Placement::Memory
+        );
+        assert_eq!(
+            a.push(put("a1", 100, part(0, 1, t0)), &budget),
+            Placement::Spill { seq: 1 }
+        );
+        assert_eq!(a.spilled(1), 0, "never counted in the budget");
+        assert_eq!(a.entry(1).map(|e| e.spilled), Some(true));
+        assert!(matches!(&a.entry(1).unwrap().job, Job::Put { body, .. } if body.is_empty()));
+        assert_eq!(
+            a.push(put("a2", 50, part(0, 2, t0)), &budget),
+            Placement::Memory,
+            "a smaller job still fits"
+        );
+        assert_eq!((a.memory_bytes(), a.spilled_bytes()), (150, 100));
+        assert_eq!(budget.used(), 250);
+        // The end marker holds no bytes: never spilled.
+        assert_eq!(
+            a.push(Job::End { spans: vec![] }, &budget),
+            Placement::Memory
+        );
+        // Storage works: every job is stored in order, spilled or not, and memory comes back.
+        let mut done_files = Vec::new();
+        for _ in 0..10 {
+            a.publishable(t0);
+            let d = a.take_done();
+            budget.release(d.memory);
+            done_files.extend(d.spill_files);
+            if let Poll::Upload(seq) = a.poll(t0) {
+                a.stored(seq, t0);
+            }
+        }
+        assert_eq!(done_files, vec![1], "the spill file goes once stored");
+        assert!(a.is_empty());
+        assert_eq!((a.memory_bytes(), a.spilled_bytes()), (0, 0));
+        assert_eq!(budget.used(), 100, "room b still holds its part");
+    }
+
+    #[test]
+    fn unstored_jobs_in_memory_are_listed_for_a_shutdown_spill() {
+        let t0 = Instant::now();
+        let budget = MemoryBudget::new(150);
+        let mut lane = Lane::new();
+        lane.push(put("a", 100, part(0, 0, t0)), &budget);
+        let Placement::Spill { seq } = lane.push(put("b", 100, part(0, 1, t0)), &budget) else {
+            panic!("over budget")
         };
-        assert!(q.push(seg), "non-parts are always kept");
-        assert_eq!(q.buffered(), 560);
-        assert_eq!(m.storage_parts_skipped.load(Ordering::Relaxed), 1);
-        let a = q.next().await.unwrap();
-        assert!(matches!(&a, Job::Put { key, .. } if key == "k"));
-        q.done(&a);
-        let b = q.next().await.unwrap();
-        assert!(matches!(&b, Job::Put { key, .. } if key == "s"));
-        q.done(&b);
-        assert_eq!(q.buffered(), 0);
-        assert_eq!(m.storage_buffered_bytes.load(Ordering::Relaxed), 0);
-        q.close();
-        assert!(q.next().await.is_none());
+        lane.spilled(seq);
+        lane.push(put("c", 10, part(0, 2, t0)), &budget);
+        assert_eq!(lane.unstored_in_memory(), vec![0, 2]);
+        assert_eq!(
+            lane.spilled(0),
+            100,
+            "spilling a job in memory frees its bytes"
+        );
+        assert_eq!((lane.memory_bytes(), lane.spilled_bytes()), (10, 200));
+    }
+
+    #[test]
+    fn spill_files_round_trip_and_bad_ones_are_refused() {
+        let f = encode_spill("12/opus/part3.4.m4s", ObjectMeta::INDEX, b"\x00\x01body\n");
+        let (k, m, b) = decode_spill(Bytes::from(f.clone())).unwrap();
+        assert_eq!(k, "12/opus/part3.4.m4s");
+        assert_eq!(m.name(), ObjectMeta::INDEX.name());
+        assert_eq!(&b[..], b"\x00\x01body\n");
+        for bad in [
+            &b""[..],
+            b"amphi-spill 2\nk\nmedia\n",
+            b"amphi-spill 1\n../x\nmedia\n",
+            b"amphi-spill 1\nk\nsomething\n",
+            b"amphi-spill 1\nk",
+            &f[..5],
+        ] {
+            assert!(
+                decode_spill(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

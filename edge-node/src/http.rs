@@ -14,6 +14,7 @@ use crate::sessions::{JoinOutcome, Sessions};
 use crate::shards::MediaShards;
 use crate::signaling::{JoinRequest, SessionKind};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::room::RoomRole;
 use amphi_protocol::token::{Claims, TokenVerifier};
 use amphi_protocol::{ParticipantId, RoomId};
@@ -25,9 +26,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,14 +59,15 @@ pub(crate) struct AppState {
 /// Asks the geo-router whether rooms exist.
 pub(crate) struct RouterClient {
     base: String,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: HttpsClient<Empty<Bytes>>,
 }
 
 impl RouterClient {
-    pub(crate) fn new(base: &str) -> Self {
+    /// Ask the router at `base` (`https://` or `http://`) through `client`.
+    pub(crate) fn new(base: &str, client: HttpsClient<Empty<Bytes>>) -> Self {
         RouterClient {
             base: base.trim_end_matches('/').to_string(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client,
         }
     }
 
@@ -145,34 +144,50 @@ async fn cors(mut resp: Response) -> Response {
     );
     h.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location, ETag, Link"),
+        HeaderValue::from_static("Location, ETag, Link, Accept-Post, Accept-Patch"),
     );
     resp
 }
 
-fn preflight(endpoint: bool) -> Response {
-    let mut resp = StatusCode::NO_CONTENT.into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, DELETE, PATCH, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Authorization, Content-Type, If-Match"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("86400"),
-    );
+/// The headers answering `OPTIONS` on a WHIP/WHEP endpoint (`endpoint`) or session URL
+/// (RFC 9725 §4.2: CORS as in Fetch, `Accept-Post: application/sdp` on the endpoint). No
+/// `Link: rel="ice-server"` headers: the edge is ICE-lite on a public address and configures no
+/// STUN/TURN servers (§4.6).
+pub(crate) fn options_headers(endpoint: bool) -> Vec<(header::HeaderName, &'static str)> {
+    let mut h = vec![
+        (
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            "Authorization, Content-Type, If-Match",
+        ),
+        (header::ACCESS_CONTROL_MAX_AGE, "86400"),
+    ];
     if endpoint {
-        h.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
-        h.insert("accept-post", HeaderValue::from_static("application/sdp"));
+        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS"));
+        h.push((header::ALLOW, "POST, OPTIONS"));
+        h.push((
+            header::HeaderName::from_static("accept-post"),
+            "application/sdp",
+        ));
     } else {
-        h.insert(
-            header::ALLOW,
-            HeaderValue::from_static("DELETE, PATCH, OPTIONS"),
-        );
+        h.push((
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            "PATCH, DELETE, OPTIONS",
+        ));
+        h.push((header::ALLOW, "PATCH, DELETE, OPTIONS"));
+        h.push((
+            header::HeaderName::from_static("accept-patch"),
+            "application/trickle-ice-sdpfrag",
+        ));
+    }
+    h
+}
+
+/// `200 OK` to `OPTIONS`, preflight or not, with [`options_headers`].
+fn preflight(endpoint: bool) -> Response {
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    for (name, value) in options_headers(endpoint) {
+        h.insert(name, HeaderValue::from_static(value));
     }
     resp
 }
@@ -567,6 +582,7 @@ async fn whip_post(
         Ok(x) => x,
         Err(resp) => return fail(resp),
     };
+    let answer = crate::sdpfrag::http_answer(&answer, true);
     let session = MediaShards::session_id(st.media.pick());
     let peer = NewPeer {
         session: session.clone(),
@@ -645,6 +661,7 @@ async fn whep_post(
         Ok(x) => x,
         Err(resp) => return fail(resp),
     };
+    let answer = crate::sdpfrag::http_answer(&answer, false);
     let session = MediaShards::session_id(st.media.pick());
     let peer = NewPeer {
         session: session.clone(),
@@ -729,10 +746,11 @@ async fn delete_session(
     }
 }
 
-/// `PATCH` on a WHIP or WHEP session (RFC 9725 §4.4): an `application/trickle-ice-sdpfrag` with
+/// `PATCH` on a WHIP or WHEP session (RFC 9725 §4.3): an `application/trickle-ice-sdpfrag` with
 /// new `ice-ufrag`/`ice-pwd` restarts ICE (200 with the edge's new credentials and candidate, and
-/// a new ETag); one with only candidates is accepted with 204 (the ICE-lite edge learns client
-/// addresses from their checks). `If-Match` must be `*` or the session's current ETag (412).
+/// a new ETag); one with only candidates, or with the client's current credentials, is a trickle
+/// answered 204 without a body (the ICE-lite edge learns client addresses from their checks).
+/// `If-Match` is required (428) and must be `*` or the session's current ETag (412).
 async fn whip_patch(
     State(st): State<Arc<AppState>>,
     Path((room, session)): Path<(String, String)>,
@@ -809,6 +827,11 @@ async fn whip_patch(
             }
             resp
         }
+        Ok(PatchOutcome::PreconditionRequired) => api_error(
+            StatusCode::PRECONDITION_REQUIRED,
+            "precondition_required",
+            "PATCH needs If-Match with the session's ETag (or * for an ICE restart)",
+        ),
         Ok(PatchOutcome::PreconditionFailed) => api_error(
             StatusCode::PRECONDITION_FAILED,
             "precondition_failed",
@@ -870,16 +893,51 @@ mod tests {
     }
 
     #[test]
-    fn preflight_lists_methods_and_headers() {
+    fn options_follow_rfc_9725() {
         let r = preflight(true);
-        let methods = r.headers()[header::ACCESS_CONTROL_ALLOW_METHODS]
-            .to_str()
-            .unwrap()
-            .to_string();
-        assert_eq!(methods, "POST, DELETE, PATCH, OPTIONS");
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(h[header::ACCESS_CONTROL_ALLOW_METHODS], "POST, OPTIONS");
+        assert_eq!(h["accept-post"], "application/sdp");
         assert_eq!(
-            r.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS],
+            h[header::ACCESS_CONTROL_ALLOW_HEADERS],
             "Authorization, Content-Type, If-Match"
         );
+        assert!(!h.contains_key(header::LINK), "no ICE servers configured");
+        let r = preflight(false);
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(
+            h[header::ACCESS_CONTROL_ALLOW_METHODS],
+            "PATCH, DELETE, OPTIONS"
+        );
+        assert_eq!(h["accept-patch"], "application/trickle-ice-sdpfrag");
+        assert!(!h.contains_key("accept-post"));
+        assert!(!h.contains_key(header::LINK));
+    }
+
+    #[test]
+    fn whip_answer_to_a_sendrecv_offer_is_recvonly_rtcp_mux_only() {
+        crate::install_crypto_provider();
+        let offer = crate::offer::tests::offer_sdp(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+            "a=rtpmap:111 opus/48000/2\r\n",
+            "sendrecv",
+        );
+        let offer = parse_whip_offer(offer.as_bytes()).unwrap();
+        let mut rtc = publisher_rtc(IceCreds::new(), Instant::now());
+        let answer = rtc.sdp_api().accept_offer(offer).unwrap().to_sdp_string();
+        // str0m mirrors the direction and writes no rtcp-mux-only: the fix-up is needed.
+        assert!(answer.contains("a=sendrecv"), "{answer}");
+        assert!(!answer.contains("a=rtcp-mux-only"), "{answer}");
+        let fixed = crate::sdpfrag::http_answer(&answer, true);
+        assert!(fixed.contains("a=recvonly\r\n"), "{fixed}");
+        assert!(!fixed.contains("a=sendrecv"), "{fixed}");
+        assert!(
+            fixed.contains("a=rtcp-mux\r\na=rtcp-mux-only\r\n"),
+            "{fixed}"
+        );
+        // The fixed answer is still SDP str0m reads.
+        assert!(str0m::change::SdpAnswer::from_sdp_string(&fixed).is_ok());
     }
 }

@@ -76,6 +76,9 @@ pub enum EdgeError {
     /// The mesh TLS material is unusable.
     #[error("mesh TLS: {0}")]
     Tls(#[from] amphi_protocol::mtls::MtlsError),
+    /// The HTTPS listener's certificate or key, or the clients' extra CA, is unusable.
+    #[error("HTTPS: {0}")]
+    Https(#[from] amphi_protocol::https::HttpsError),
     /// QUIC setup failed.
     #[error("QUIC: {0}")]
     Quic(String),
@@ -96,8 +99,8 @@ pub fn install_crypto_provider() {
 /// Capacity of the HTTP -> media driver command queue.
 const MEDIA_QUEUE: usize = 1024;
 
-/// Binds `http_listen` (TCP) and `media_listen` (UDP), keeps the QUIC uplink to the origin, serves
-/// until `shutdown` is cancelled.
+/// Binds `http_listen` (TCP; HTTPS when `tls_cert`/`tls_key` are set) and `media_listen` (UDP),
+/// keeps the QUIC uplink to the origin, serves until `shutdown` is cancelled.
 pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), EdgeError> {
     run_with(setup, None, Arc::default(), shutdown).await
 }
@@ -129,6 +132,11 @@ pub async fn run_with(
             addr: config.http_listen,
             source,
         })?;
+    let https_acceptor = match config.https.listener().map_err(EdgeError::Config)? {
+        Some((cert, key)) => Some(amphi_protocol::https::acceptor(cert, key)?),
+        None => None,
+    };
+    let client_tls = amphi_protocol::https::client_tls_config(config.https.tls_ca.as_deref())?;
     let shard_count = shards::shard_count(config.media_threads);
     let media_bind_error = |source| EdgeError::Bind {
         what: "media_listen",
@@ -138,6 +146,12 @@ pub async fn run_with(
     let udp_sockets =
         shards::bind_reuseport(config.media_listen, shard_count).map_err(media_bind_error)?;
     let media_local = udp_sockets[0].local_addr().map_err(media_bind_error)?;
+    if config.ice_connect_timeout_secs == 0 {
+        return Err(EdgeError::Config(
+            "ice_connect_timeout_secs must be at least 1".into(),
+        ));
+    }
+    let connect_timeout = std::time::Duration::from_secs(config.ice_connect_timeout_secs);
     let candidate = config.media_public.unwrap_or(media_local);
     if candidate.ip().is_unspecified() || candidate.port() == 0 {
         return Err(EdgeError::Config(format!(
@@ -148,6 +162,7 @@ pub async fn run_with(
         edge = %config.id,
         region = %config.region,
         http = %config.http_listen,
+        https = https_acceptor.is_some(),
         media = %media_local,
         media_threads = shard_count,
         %candidate,
@@ -209,6 +224,7 @@ pub async fn run_with(
                 ufrags: ufrags.clone(),
                 load: load.clone(),
             },
+            connect_timeout,
         );
         media_done.push(spawn_media_thread(
             driver,
@@ -235,6 +251,7 @@ pub async fn run_with(
     if let Some(options) = registration {
         let registrar = registration::Registrar {
             router_url: config.router_url.clone(),
+            client: amphi_protocol::https::client_with(client_tls.clone()),
             id: config.id.clone(),
             region: config.region.clone(),
             public_url: config.public_url.clone(),
@@ -251,7 +268,10 @@ pub async fn run_with(
         candidate,
         media,
         rooms,
-        router: http::RouterClient::new(&config.router_url),
+        router: http::RouterClient::new(
+            &config.router_url,
+            amphi_protocol::https::client_with(client_tls),
+        ),
         metrics,
         ids: Mutex::new(lifecycle::ParticipantIds::new(config.index)),
         sessions,
@@ -260,9 +280,17 @@ pub async fn run_with(
     let app = http::router(state).layer(axum::middleware::from_fn(move |req, next| {
         registration::refuse_new_sessions(drain.clone(), req, next)
     }));
-    let served = axum::serve(http_listener, app)
-        .with_graceful_shutdown(inner.clone().cancelled_owned())
-        .await;
+    let served = match https_acceptor {
+        Some(acceptor) => {
+            amphi_protocol::https::serve_tls(http_listener, acceptor, app, inner.clone()).await;
+            Ok(())
+        }
+        None => {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(inner.clone().cancelled_owned())
+                .await
+        }
+    };
     inner.cancel();
     for done in media_done {
         if done.await.is_err() {

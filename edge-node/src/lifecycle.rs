@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 /// A peer that sends nothing for this long is removed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A peer whose ICE+DTLS has not connected this long after the answer is removed.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default of the edge's `ice_connect_timeout_secs`: a peer whose ICE+DTLS has not connected
+/// this long after the answer is removed.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why a peer is being removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +18,7 @@ pub enum CloseReason {
     Deleted,
     /// No datagram for [`IDLE_TIMEOUT`].
     Idle,
-    /// ICE+DTLS never connected within [`CONNECT_TIMEOUT`].
+    /// ICE+DTLS never connected within the connect timeout (see [`PeerLiveness::new`]).
     NeverConnected,
     /// ICE reported the connection lost, or DTLS closed.
     Disconnected,
@@ -45,15 +46,18 @@ impl CloseReason {
 #[derive(Clone, Debug)]
 pub struct PeerLiveness {
     created: Instant,
+    connect_timeout: Duration,
     last_rx: Instant,
     connected: bool,
 }
 
 impl PeerLiveness {
-    /// A peer created (answer sent) at `now`.
-    pub fn new(now: Instant) -> Self {
+    /// A peer created (answer sent) at `now`, removed if ICE+DTLS has not connected within
+    /// `connect_timeout`.
+    pub fn new(now: Instant, connect_timeout: Duration) -> Self {
         PeerLiveness {
             created: now,
+            connect_timeout,
             last_rx: now,
             connected: false,
         }
@@ -78,7 +82,7 @@ impl PeerLiveness {
 
     /// Whether the peer must be removed at `now`, and why.
     pub fn check(&self, now: Instant) -> Option<CloseReason> {
-        if !self.connected && now.saturating_duration_since(self.created) >= CONNECT_TIMEOUT {
+        if !self.connected && now.saturating_duration_since(self.created) >= self.connect_timeout {
             return Some(CloseReason::NeverConnected);
         }
         if now.saturating_duration_since(self.last_rx) >= IDLE_TIMEOUT {
@@ -214,11 +218,12 @@ mod tests {
     #[test]
     fn liveness_removes_idle_and_never_connected_peers() {
         let t0 = Instant::now();
-        let mut p = PeerLiveness::new(t0);
+        let mut p = PeerLiveness::new(t0, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(p.check(t0 + Duration::from_secs(5)), None);
         p.on_traffic(t0 + Duration::from_secs(10));
+        assert_eq!(p.check(t0 + Duration::from_millis(14_999)), None);
         assert_eq!(
-            p.check(t0 + CONNECT_TIMEOUT),
+            p.check(t0 + Duration::from_secs(15)),
             Some(CloseReason::NeverConnected)
         );
         assert!(p.on_connected());
@@ -239,6 +244,25 @@ mod tests {
         // Out-of-order timestamps never move last_rx backwards.
         p.on_traffic(t0);
         assert_eq!(p.check(now + Duration::from_secs(29)), None);
+    }
+
+    #[test]
+    fn connect_timeout_is_the_configured_one() {
+        let t0 = Instant::now();
+        let p = PeerLiveness::new(t0, Duration::from_secs(2));
+        assert_eq!(p.check(t0 + Duration::from_millis(1999)), None);
+        assert_eq!(
+            p.check(t0 + Duration::from_secs(2)),
+            Some(CloseReason::NeverConnected)
+        );
+        // Traffic without a connection (STUN only) does not keep it.
+        let mut p = PeerLiveness::new(t0, Duration::from_secs(40));
+        p.on_traffic(t0 + Duration::from_secs(20));
+        assert_eq!(p.check(t0 + Duration::from_secs(39)), None);
+        assert_eq!(
+            p.check(t0 + Duration::from_secs(40)),
+            Some(CloseReason::NeverConnected)
+        );
     }
 
     #[test]

@@ -12,12 +12,12 @@ use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
 use crate::peers::{stun_local_ufrag, DropReason, InsertError, PeerId, PeerTable, Route};
-use crate::sdpfrag::IceFragment;
+use crate::sdpfrag::{IceFragment, PatchDecision};
 use crate::sessions::{MediaControl, Sessions};
 use crate::shards::{Foreign, ShardLinks};
 use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
-use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::relay::{FrameKind, RelayFrame, RELAY_HEADER_LEN};
 use amphi_protocol::room::{ActiveSpeaker, LISTENER_AUDIO_SLOTS};
 use amphi_protocol::{ParticipantId, RoomId};
 use bytes::{Bytes, BytesMut};
@@ -94,6 +94,8 @@ pub(crate) enum PatchOutcome {
     Trickled,
     /// ICE restarted: 200 with this answer fragment and the new ETag (the new local ufrag).
     Restarted { fragment: String, etag: String },
+    /// No `If-Match`: 428.
+    PreconditionRequired,
     /// `If-Match` names another ETag: 412.
     PreconditionFailed,
     /// The restart offer was refused: 400 with this message.
@@ -177,6 +179,8 @@ struct Peer {
     liveness: PeerLiveness,
     next_timeout: Option<Instant>,
     dead: Option<CloseReason>,
+    /// The relay frame of this publisher's previous packet, repeated with the next one.
+    last_relayed: Option<Bytes>,
 }
 
 /// Per-room forwarding state on this edge.
@@ -200,19 +204,66 @@ struct Inbound {
     at: Instant,
 }
 
+/// Environment variable of the benchmark-only relay loss knob: `FRACTION[:SEED]` (e.g.
+/// `0.05:1`) makes the edge drop that fraction of the speaker datagrams it relays to the origin,
+/// chosen by a seeded generator. Unset (the default, and the only setting for production) drops
+/// nothing. `amphi bench quality --relay-loss` sets it on the dev mesh it starts.
+pub const BENCH_RELAY_LOSS_ENV: &str = "AMPHI_BENCH_RELAY_LOSS";
+
+/// Seeded random loss of relay datagrams, for benchmarks only (see [`BENCH_RELAY_LOSS_ENV`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BenchLoss {
+    fraction: f64,
+    state: u64,
+}
+
+impl BenchLoss {
+    /// Parse `FRACTION[:SEED]`; `None` for a zero, negative or unparsable fraction.
+    pub(crate) fn parse(v: &str) -> Option<BenchLoss> {
+        let (f, seed) = v.split_once(':').unwrap_or((v, "1"));
+        let fraction: f64 = f.trim().parse().ok()?;
+        let seed: u64 = seed.trim().parse().ok()?;
+        (fraction > 0.0 && fraction < 1.0).then_some(BenchLoss {
+            fraction,
+            state: seed ^ 0x5eed_1055,
+        })
+    }
+
+    /// Whether to drop the next datagram (SplitMix64 draw).
+    pub(crate) fn drop_next(&mut self) -> bool {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 / (1u64 << 53) as f64) < self.fraction
+    }
+}
+
 /// Sends relay frames to the origin over the current QUIC connection, if any.
 pub(crate) struct Relay {
     conn: Option<quinn::Connection>,
     conn_rx: watch::Receiver<Option<quinn::Connection>>,
     buf: BytesMut,
+    bench_loss: Option<BenchLoss>,
 }
 
 impl Relay {
     pub(crate) fn new(conn_rx: watch::Receiver<Option<quinn::Connection>>) -> Self {
+        let bench_loss = std::env::var(BENCH_RELAY_LOSS_ENV)
+            .ok()
+            .and_then(|v| BenchLoss::parse(&v));
+        if let Some(l) = &bench_loss {
+            tracing::warn!(
+                fraction = l.fraction,
+                "{BENCH_RELAY_LOSS_ENV} is set: dropping relay datagrams (benchmark setting)"
+            );
+        }
         Relay {
             conn: None,
             conn_rx,
             buf: BytesMut::with_capacity(RELAY_BUF_CAPACITY),
+            bench_loss,
         }
     }
 
@@ -236,6 +287,9 @@ impl Relay {
                 return None;
             }
         };
+        if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
+            return Some(bytes);
+        }
         match &self.conn {
             Some(conn) => match conn.send_datagram(bytes.clone()) {
                 Ok(()) => metrics.relay_sent(),
@@ -247,6 +301,30 @@ impl Relay {
             None => metrics.relay_send_error(),
         }
         Some(bytes)
+    }
+
+    /// Send `previous` (an encoded `SpeakerAudio` frame) again as a `SpeakerRepeat` frame.
+    fn repeat(&mut self, previous: &[u8], metrics: &Metrics) {
+        if previous.len() < RELAY_HEADER_LEN {
+            return;
+        }
+        if self.buf.capacity() < previous.len() {
+            self.buf.reserve(RELAY_BUF_CAPACITY.max(previous.len()));
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(previous);
+        self.buf[1] = FrameKind::SpeakerRepeat as u8;
+        let bytes = self.buf.split().freeze();
+        if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
+            return;
+        }
+        match &self.conn {
+            Some(conn) => match conn.send_datagram(bytes) {
+                Ok(()) => metrics.relay_sent(),
+                Err(_) => metrics.relay_send_error(),
+            },
+            None => metrics.relay_send_error(),
+        }
     }
 }
 
@@ -301,6 +379,8 @@ pub(crate) struct MediaDriver {
     links: ShardLinks,
     /// Addresses whose peers live on another shard, and which.
     foreign_addrs: HashMap<SocketAddr, usize>,
+    /// A peer whose ICE+DTLS has not connected this long after its answer is removed.
+    connect_timeout: Duration,
 }
 
 impl MediaDriver {
@@ -313,8 +393,10 @@ impl MediaDriver {
         sessions: Arc<Sessions>,
         occupancy: Arc<Occupancy>,
         links: ShardLinks,
+        connect_timeout: Duration,
     ) -> Self {
         MediaDriver {
+            connect_timeout,
             local,
             table: PeerTable::default(),
             timers: BTreeSet::new(),
@@ -560,9 +642,10 @@ impl MediaDriver {
             offer_sdp,
             slots: [None; LISTENER_AUDIO_SLOTS],
             receiving: false,
-            liveness: PeerLiveness::new(now),
+            liveness: PeerLiveness::new(now, self.connect_timeout),
             next_timeout: None,
             dead: None,
+            last_relayed: None,
         };
         Self::set_slots(&mut peer, &slots);
         let receiving = peer.slots.iter().any(Option::is_some);
@@ -656,9 +739,10 @@ impl MediaDriver {
         self.links.ufrags.insert(new, self.links.index);
     }
 
-    /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.4). An ICE restart re-accepts the
-    /// session's offer with the client's new credentials; trickled candidates need nothing from
-    /// an ICE-lite edge, which learns addresses from connectivity checks.
+    /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.3, decided by
+    /// [`crate::sdpfrag::decide_patch`]). An ICE restart re-accepts the session's offer with the
+    /// client's new credentials; trickled candidates (also those repeating the current
+    /// credentials) need nothing from an ICE-lite edge, which learns addresses from checks.
     fn patch(
         &mut self,
         session: &str,
@@ -683,15 +767,14 @@ impl MediaDriver {
             "\"{}\"",
             peer.rtc.direct_api().local_ice_credentials().ufrag
         );
-        let Some((ufrag, pwd)) = fragment.credentials else {
-            return match if_match {
-                Some(tag) if tag != "*" && tag != etag => PatchOutcome::PreconditionFailed,
-                _ => PatchOutcome::Trickled,
-            };
+        let current = crate::sdpfrag::offer_credentials(&peer.offer_sdp);
+        let current = current.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        let (ufrag, pwd) = match crate::sdpfrag::decide_patch(if_match, &etag, &fragment, current) {
+            PatchDecision::PreconditionRequired => return PatchOutcome::PreconditionRequired,
+            PatchDecision::PreconditionFailed => return PatchOutcome::PreconditionFailed,
+            PatchDecision::Trickle => return PatchOutcome::Trickled,
+            PatchDecision::Restart { ufrag, pwd } => (ufrag, pwd),
         };
-        if if_match.is_some_and(|tag| tag != "*" && tag != etag) {
-            return PatchOutcome::PreconditionFailed;
-        }
         let restart = crate::sdpfrag::restart_offer(&peer.offer_sdp, &ufrag, &pwd);
         let offer = match SdpOffer::from_sdp_string(&restart) {
             Ok(o) => o,
@@ -988,6 +1071,12 @@ impl MediaDriver {
                             payload: &pkt.payload,
                         };
                         let encoded = self.relay.send(&frame, &self.metrics);
+                        // Relay protection: the previous packet rides again with this one.
+                        if let Some(prev) =
+                            std::mem::replace(&mut peer.last_relayed, encoded.clone())
+                        {
+                            self.relay.repeat(&prev, &self.metrics);
+                        }
                         if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
                             if !self.links.share(pkt.timestamp, &encoded) {
                                 self.metrics.relay_queue_full();
@@ -1097,6 +1186,20 @@ fn announce(peer: &mut Peer, mesh_tx: &mpsc::UnboundedSender<MeshEvent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bench_relay_loss_is_seeded_and_off_unless_set() {
+        assert_eq!(BenchLoss::parse("0"), None);
+        assert_eq!(BenchLoss::parse("nonsense"), None);
+        assert_eq!(BenchLoss::parse("1.5:3"), None);
+        let mut a = BenchLoss::parse("0.05:7").unwrap();
+        let mut b = BenchLoss::parse("0.05:7").unwrap();
+        let da: Vec<bool> = (0..4000).map(|_| a.drop_next()).collect();
+        let db: Vec<bool> = (0..4000).map(|_| b.drop_next()).collect();
+        assert_eq!(da, db);
+        let dropped = da.iter().filter(|d| **d).count();
+        assert!((120..280).contains(&dropped), "dropped {dropped}");
+    }
 
     #[test]
     fn audio_level_maps_negative_dbov_to_rfc6464() {

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
 use amphi_protocol::api::{ApiError, EdgeHeartbeat, HeartbeatAnswer, RoomLoad};
 use amphi_protocol::config::known_region;
+use amphi_protocol::https::HttpsClient;
 use axum::extract::Request;
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -21,8 +22,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -185,6 +184,8 @@ impl CpuSampler {
 /// What the registration task reads and writes.
 pub(crate) struct Registrar {
     pub router_url: String,
+    /// The HTTP(S) client heartbeats go through.
+    pub client: HttpsClient<Full<Bytes>>,
     pub id: String,
     pub region: String,
     pub public_url: String,
@@ -228,7 +229,7 @@ impl Registrar {
 
     /// Heartbeat until `stop`; when draining with `exit_when_drained`, cancel `stop` once drained.
     pub(crate) async fn run(self, stop: CancellationToken) {
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let client = &self.client;
         let path = format!("/v1/edges/{}", self.id);
         let url = format!("{}{path}", self.router_url.trim_end_matches('/'));
         let mut cpu = CpuSampler::new();

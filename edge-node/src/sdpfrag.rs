@@ -1,8 +1,10 @@
-//! Trickle ICE and ICE restart over WHIP/WHEP `PATCH` (RFC 9725 §4.4, RFC 8840 fragments).
+//! Trickle ICE and ICE restart over WHIP/WHEP `PATCH` (RFC 9725 §4.3, RFC 8840 fragments), and
+//! the RFC 9725 fix-ups of the SDP answer to a WHIP/WHEP `POST`.
 //!
-//! Sans-IO: parse the client's `application/trickle-ice-sdpfrag` body, turn an ICE restart into a
-//! full offer str0m can accept (the session's previous offer with the new credentials), and cut
-//! the answer down to the fragment the client expects back.
+//! Sans-IO: parse the client's `application/trickle-ice-sdpfrag` body, decide whether a `PATCH`
+//! trickles candidates or restarts ICE ([`decide_patch`]), turn an ICE restart into a full offer
+//! str0m can accept (the session's previous offer with the new credentials), cut the answer down
+//! to the fragment the client expects back, and adjust str0m's answer text ([`http_answer`]).
 
 /// Largest fragment body accepted.
 pub const MAX_FRAGMENT_LEN: usize = 16 * 1024;
@@ -84,6 +86,119 @@ pub fn parse_fragment(body: &[u8]) -> Result<IceFragment, FragmentError> {
         credentials,
         candidates,
     })
+}
+
+/// The client's current ICE credentials: the first `a=ice-ufrag` / `a=ice-pwd` of its (latest)
+/// offer, session or media level.
+pub fn offer_credentials(offer: &str) -> Option<(String, String)> {
+    let (mut ufrag, mut pwd) = (None, None);
+    for line in offer.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(v) = line.strip_prefix("a=ice-ufrag:") {
+            ufrag.get_or_insert_with(|| v.trim().to_string());
+        } else if let Some(v) = line.strip_prefix("a=ice-pwd:") {
+            pwd.get_or_insert_with(|| v.trim().to_string());
+        }
+    }
+    Some((ufrag?, pwd?))
+}
+
+/// Whether an `If-Match` field value (RFC 9110 §13.1.1) names `etag` (`"…"`, strong comparison)
+/// or is `*`.
+pub fn if_match_satisfied(if_match: &str, etag: &str) -> bool {
+    let v = if_match.trim();
+    v == "*" || v.split(',').any(|tag| tag.trim() == etag)
+}
+
+/// What a `PATCH` on a WHIP/WHEP session does (RFC 9725 §4.3.1, §4.3.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatchDecision {
+    /// No `If-Match`: 428 Precondition Required.
+    PreconditionRequired,
+    /// `If-Match` names another ICE session: 412 Precondition Failed.
+    PreconditionFailed,
+    /// Candidates for the current ICE session (no credentials, or the client's current ones):
+    /// 204 No Content, ICE untouched.
+    Trickle,
+    /// New client credentials: restart ICE with them.
+    Restart {
+        /// The client's new `ice-ufrag`.
+        ufrag: String,
+        /// The client's new `ice-pwd`.
+        pwd: String,
+    },
+}
+
+/// Decide a `PATCH`: `if_match` is the request's header, `etag` the session's current entity-tag
+/// (quoted), `current` the client's credentials in the session's offer. RFC 8840 fragments repeat
+/// the current `ice-ufrag`/`ice-pwd`, so only credentials that differ restart ICE.
+pub fn decide_patch(
+    if_match: Option<&str>,
+    etag: &str,
+    fragment: &IceFragment,
+    current: Option<(&str, &str)>,
+) -> PatchDecision {
+    let Some(if_match) = if_match else {
+        return PatchDecision::PreconditionRequired;
+    };
+    if !if_match_satisfied(if_match, etag) {
+        return PatchDecision::PreconditionFailed;
+    }
+    match &fragment.credentials {
+        Some((u, p)) if current != Some((u.as_str(), p.as_str())) => PatchDecision::Restart {
+            ufrag: u.clone(),
+            pwd: p.clone(),
+        },
+        _ => PatchDecision::Trickle,
+    }
+}
+
+/// str0m's answer to a WHIP (`publisher`) or WHEP offer, fixed up for RFC 9725:
+///
+/// - a WHIP answer is `recvonly` in every audio section, also when the client offered
+///   `sendrecv` (the edge never sends media to a WHIP publisher; str0m mirrors the direction);
+/// - every bundled section that multiplexes RTCP carries `a=rtcp-mux-only` (RFC 9725 §4.5.1 asks
+///   the endpoint for it; RFC 8858 §4.3 alone would forbid it in an answer, the WHIP/WHEP rule is
+///   the more specific one). str0m never writes it.
+pub fn http_answer(answer: &str, publisher: bool) -> String {
+    let bundled: Vec<&str> = answer
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find_map(|l| l.strip_prefix("a=group:BUNDLE "))
+        .map(|g| g.split_whitespace().collect())
+        .unwrap_or_default();
+    // Sections as (lines, mid): the session part first.
+    let mut sections: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in answer.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("m=") {
+            sections.push(Vec::new());
+        }
+        if let Some(s) = sections.last_mut() {
+            s.push(line);
+        }
+    }
+    let mut out = String::with_capacity(answer.len() + 64);
+    for (k, section) in sections.iter().enumerate() {
+        let media = k > 0;
+        let audio = section.first().is_some_and(|l| l.starts_with("m=audio"));
+        let in_bundle = section
+            .iter()
+            .find_map(|l| l.strip_prefix("a=mid:"))
+            .is_some_and(|mid| bundled.contains(&mid.trim()));
+        let has_mux_only = section.contains(&"a=rtcp-mux-only");
+        for &line in section {
+            let line = if media && publisher && audio && line == "a=sendrecv" {
+                "a=recvonly"
+            } else {
+                line
+            };
+            out.push_str(line);
+            out.push_str("\r\n");
+            if media && in_bundle && !has_mux_only && line == "a=rtcp-mux" {
+                out.push_str("a=rtcp-mux-only\r\n");
+            }
+        }
+    }
+    out
 }
 
 /// The session's previous offer with every `a=ice-ufrag` / `a=ice-pwd` replaced: accepting it
@@ -188,6 +303,96 @@ mod tests {
             parse_fragment(&vec![b'a'; MAX_FRAGMENT_LEN + 1]),
             Err(FragmentError::TooLarge)
         );
+    }
+
+    fn frag(creds: Option<(&str, &str)>) -> IceFragment {
+        IceFragment {
+            credentials: creds.map(|(u, p)| (u.to_string(), p.to_string())),
+            candidates: 1,
+        }
+    }
+
+    #[test]
+    fn patch_decisions_follow_rfc_9725() {
+        let etag = "\"e1\"";
+        let cur = Some(("EsAw", PWD));
+        // No If-Match: 428, whatever the body.
+        assert_eq!(
+            decide_patch(None, etag, &frag(None), cur),
+            PatchDecision::PreconditionRequired
+        );
+        assert_eq!(
+            decide_patch(None, etag, &frag(Some(("new1", PWD))), cur),
+            PatchDecision::PreconditionRequired
+        );
+        // A stale or weak tag: 412.
+        for stale in ["\"e0\"", "W/\"e1\"", "e1", ""] {
+            assert_eq!(
+                decide_patch(Some(stale), etag, &frag(None), cur),
+                PatchDecision::PreconditionFailed,
+                "{stale}"
+            );
+        }
+        // The current tag (alone or in a list) or *: candidates only, or the current
+        // credentials repeated (RFC 8840), trickle.
+        for tag in [etag, "*", "\"x\", \"e1\""] {
+            assert_eq!(
+                decide_patch(Some(tag), etag, &frag(None), cur),
+                PatchDecision::Trickle
+            );
+            assert_eq!(
+                decide_patch(Some(tag), etag, &frag(Some(("EsAw", PWD))), cur),
+                PatchDecision::Trickle
+            );
+        }
+        // New credentials (either half) restart.
+        assert_eq!(
+            decide_patch(Some("*"), etag, &frag(Some(("new1", PWD))), cur),
+            PatchDecision::Restart {
+                ufrag: "new1".into(),
+                pwd: PWD.into()
+            }
+        );
+        assert!(matches!(
+            decide_patch(
+                Some(etag),
+                etag,
+                &frag(Some(("EsAw", "otherpwdotherpwdotherpwd"))),
+                cur
+            ),
+            PatchDecision::Restart { .. }
+        ));
+        // Unknown current credentials: any credentials restart.
+        assert!(matches!(
+            decide_patch(Some("*"), etag, &frag(Some(("EsAw", PWD))), None),
+            PatchDecision::Restart { .. }
+        ));
+    }
+
+    #[test]
+    fn offer_credentials_are_the_first_ones() {
+        let offer = format!("v=0\r\na=ice-ufrag:EsAw\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-pwd:{PWD}\r\na=ice-ufrag:late\r\n");
+        assert_eq!(
+            offer_credentials(&offer),
+            Some(("EsAw".to_string(), PWD.to_string()))
+        );
+        assert_eq!(offer_credentials("v=0\r\na=ice-ufrag:EsAw\r\n"), None);
+    }
+
+    const ANSWER: &str = "v=0\r\na=group:BUNDLE 0 1\r\na=ice-lite\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=sendonly\r\na=rtcp-mux\r\nm=audio 0 UDP/TLS/RTP/SAVPF 0\r\na=mid:2\r\na=inactive\r\na=rtcp-mux\r\n";
+
+    #[test]
+    fn whip_answers_are_recvonly_and_rtcp_mux_only() {
+        let a = http_answer(ANSWER, true);
+        assert_eq!(
+            a,
+            "v=0\r\na=group:BUNDLE 0 1\r\na=ice-lite\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\na=rtcp-mux-only\r\na=rtpmap:111 opus/48000/2\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=sendonly\r\na=rtcp-mux\r\na=rtcp-mux-only\r\nm=audio 0 UDP/TLS/RTP/SAVPF 0\r\na=mid:2\r\na=inactive\r\na=rtcp-mux\r\n"
+        );
+        // Idempotent; a WHEP answer keeps its directions.
+        assert_eq!(http_answer(&a, true), a);
+        let whep = http_answer(ANSWER, false);
+        assert!(whep.contains("a=mid:0\r\na=sendrecv\r\na=rtcp-mux\r\na=rtcp-mux-only\r\n"));
+        assert_eq!(whep.matches("a=rtcp-mux-only").count(), 2);
     }
 
     #[test]

@@ -6,16 +6,14 @@
 //! (slot, SSRC, sequence number, timestamp, RFC 6464 level, payload).
 
 use crate::whip_client::{
-    client_rtc, exchange, http_endpoint, parse_answer, post_offer, rtc_err, ClientError,
-    CONNECT_TIMEOUT,
+    client_rtc, exchange, http_endpoint, parse_answer, post_offer, rtc_err, signaling_client,
+    ClientError, CONNECT_TIMEOUT,
 };
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::room::LISTENER_AUDIO_SLOTS;
 use bytes::Bytes;
 use http::header;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,6 +73,8 @@ pub struct WhepOptions {
     pub connect_timeout: Duration,
     /// Queue received packets for [`WhepSubscriber::recv`] (off: count only, for load tests).
     pub keep_packets: bool,
+    /// CA bundle (PEM) trusted besides the system roots for an `https://` WHEP URL.
+    pub extra_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for WhepOptions {
@@ -82,6 +82,7 @@ impl Default for WhepOptions {
         WhepOptions {
             connect_timeout: CONNECT_TIMEOUT,
             keep_packets: true,
+            extra_ca: None,
         }
     }
 }
@@ -90,7 +91,7 @@ impl Default for WhepOptions {
 pub struct WhepSubscriber {
     resource: http::Uri,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpsClient<Full<Bytes>>,
     local_addr: SocketAddr,
     packets: mpsc::Receiver<ReceivedPacket>,
     stats: Arc<WhepStats>,
@@ -112,7 +113,7 @@ impl WhepSubscriber {
         opts: WhepOptions,
     ) -> Result<WhepSubscriber, ClientError> {
         let endpoint = http_endpoint(whep_url, "WHEP")?;
-        let (socket, local_addr, mut rtc) = client_rtc(&endpoint).await?;
+        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, None).await?;
         let mut change = rtc.sdp_api();
         let mids: Vec<Mid> = (0..LISTENER_AUDIO_SLOTS)
             .map(|_| change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))
@@ -120,7 +121,7 @@ impl WhepSubscriber {
         let (offer, pending) = change
             .apply()
             .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
-        let http = Client::builder(TokioExecutor::new()).build_http();
+        let http = signaling_client(opts.extra_ca.as_deref())?;
         let (resource, _headers, body) =
             post_offer(&http, &endpoint, token, offer.to_sdp_string()).await?;
         let mut sub_parts = Parts {
@@ -237,7 +238,7 @@ impl WhepSubscriber {
 struct Parts {
     resource: http::Uri,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpsClient<Full<Bytes>>,
 }
 
 impl Parts {

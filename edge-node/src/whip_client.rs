@@ -4,13 +4,13 @@
 //! Opus offer (with the RFC 6464 audio-level extension), applies the answer, then a background task
 //! drives ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0.
 
+use amphi_protocol::https::HttpsClient;
 use bytes::Bytes;
 use http::header;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
@@ -71,6 +71,8 @@ enum Command {
         payload: Vec<u8>,
         rtp_ts: u32,
         audio_level: u8,
+        /// Packet index (sequence number = first + index); `None`: the next one.
+        index: Option<u64>,
     },
     Close,
 }
@@ -79,28 +81,42 @@ enum Command {
 pub struct WhipPublisher {
     resource: http::Uri,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpsClient<Full<Bytes>>,
     etag: Option<String>,
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
+    remote_loss: Arc<AtomicU32>,
     task: JoinHandle<Result<(), ClientError>>,
 }
+
+/// How often the publisher's str0m reports egress statistics (the loss the edge's RTCP receiver
+/// reports carry, as a browser's encoder sees it).
+const STATS_INTERVAL: Duration = Duration::from_millis(500);
+/// [`WhipPublisher::remote_loss`] before any receiver report (f32 bits of -1.0).
+const NO_LOSS_REPORT: u32 = 0xbf80_0000;
 
 pub(crate) fn rtc_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Rtc(e.to_string())
 }
 
-/// Check that `url` is an `http://` endpoint (`what` names it in errors: WHIP, WHEP).
+/// Check that `url` is an `http://` or `https://` endpoint (`what` names it in errors).
 pub(crate) fn http_endpoint(url: &str, what: &str) -> Result<http::Uri, ClientError> {
     let endpoint: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| ClientError::Url(e.to_string()))?;
-    if endpoint.scheme_str() != Some("http") {
+    if !matches!(endpoint.scheme_str(), Some("http" | "https")) {
         return Err(ClientError::Url(format!(
-            "only http:// {what} URLs are supported"
+            "only http:// and https:// {what} URLs are supported"
         )));
     }
     Ok(endpoint)
+}
+
+/// The signaling HTTP client: system roots plus `extra_ca` (PEM) for `https://` endpoints.
+pub(crate) fn signaling_client(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<HttpsClient<Full<Bytes>>, ClientError> {
+    amphi_protocol::https::client(extra_ca).map_err(|e| ClientError::Http(e.to_string()))
 }
 
 /// First STUN retransmission timeout of the client's ICE checks.
@@ -111,9 +127,11 @@ const ICE_MAX_RTO: Duration = Duration::from_millis(500);
 const ICE_MAX_RETRANSMITS: usize = 5;
 
 /// A str0m peer (RTP mode, Opus only) on a fresh UDP socket bound to the local address that
-/// reaches `toward` (loopback for a loopback edge), which is its host candidate.
+/// reaches `toward` (loopback for a loopback edge), which is its host candidate; str0m statistics
+/// events every `stats` (none if `None`).
 pub(crate) async fn client_rtc(
     toward: &http::Uri,
+    stats: Option<Duration>,
 ) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     crate::install_crypto_provider();
     let ip = local_ip_toward(toward).await?;
@@ -122,7 +140,8 @@ pub(crate) async fn client_rtc(
     let mut config = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false);
+        .enable_opus(true, false)
+        .set_stats_interval(stats);
     // Notice a dead edge in about 1.6 s of unanswered STUN checks (str0m's default is ~20 s), so
     // the session ends and the caller can ask the geo-router for another edge.
     config.set_initial_stun_rto(ICE_INITIAL_RTO);
@@ -162,7 +181,7 @@ async fn local_ip_toward(endpoint: &http::Uri) -> Result<IpAddr, ClientError> {
 /// `Location`), the response headers and the answer body. Any other status is an error carrying
 /// the status and body.
 pub(crate) async fn post_offer(
-    http: &Client<HttpConnector, Full<Bytes>>,
+    http: &HttpsClient<Full<Bytes>>,
     endpoint: &http::Uri,
     token: &str,
     offer_sdp: String,
@@ -228,15 +247,26 @@ impl WhipPublisher {
         token: &str,
         connect_timeout: Duration,
     ) -> Result<WhipPublisher, ClientError> {
+        Self::connect_trusting(whip_url, token, connect_timeout, None).await
+    }
+
+    /// [`WhipPublisher::connect_with_timeout`], trusting the CA bundle `extra_ca` (PEM) besides
+    /// the system roots for an `https://` WHIP URL.
+    pub async fn connect_trusting(
+        whip_url: &str,
+        token: &str,
+        connect_timeout: Duration,
+        extra_ca: Option<&std::path::Path>,
+    ) -> Result<WhipPublisher, ClientError> {
+        let http = signaling_client(extra_ca)?;
         let endpoint = http_endpoint(whip_url, "WHIP")?;
-        let (socket, local_addr, mut rtc) = client_rtc(&endpoint).await?;
+        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, Some(STATS_INTERVAL)).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change
             .apply()
             .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
 
-        let http = Client::builder(TokioExecutor::new()).build_http();
         let (resource, headers, body) =
             post_offer(&http, &endpoint, token, offer.to_sdp_string()).await?;
         let etag = headers
@@ -266,14 +296,18 @@ impl WhipPublisher {
 
         let (commands, command_rx) = mpsc::channel(256);
         let (connected_tx, connected_rx) = oneshot::channel();
+        let remote_loss = Arc::new(AtomicU32::new(NO_LOSS_REPORT));
         let mut task = tokio::spawn(drive(
             rtc,
-            socket,
-            local_addr,
-            mid,
-            pt,
+            Link {
+                socket,
+                local_addr,
+                mid,
+                pt,
+            },
             command_rx,
             connected_tx,
+            remote_loss.clone(),
         ));
         let failure = match tokio::time::timeout(connect_timeout, connected_rx).await {
             Ok(Ok(())) => None,
@@ -302,8 +336,17 @@ impl WhipPublisher {
             etag,
             local_addr,
             commands,
+            remote_loss,
             task,
         })
+    }
+
+    /// The fraction of packets (0.0..=1.0) the edge's latest RTCP receiver report says were lost,
+    /// as a browser's encoder would see it; `None` before the first report (str0m sends one every
+    /// 5 s for audio).
+    pub fn remote_loss(&self) -> Option<f32> {
+        let v = f32::from_bits(self.remote_loss.load(Ordering::Relaxed));
+        (v >= 0.0).then_some(v)
     }
 
     /// Send one 20 ms Opus packet with RTP timestamp `rtp_ts` (48 kHz) and RFC 6464 audio level
@@ -314,11 +357,35 @@ impl WhipPublisher {
         rtp_ts: u32,
         audio_level: u8,
     ) -> Result<(), ClientError> {
+        self.send(payload, rtp_ts, audio_level, None).await
+    }
+
+    /// Send the `index`-th packet of the stream (its RTP sequence number is the first one plus
+    /// `index`), so a test can leave packets out or send them out of order the way a lossy,
+    /// jittery network would deliver them. Do not mix with [`WhipPublisher::send_opus`].
+    pub async fn send_opus_indexed(
+        &mut self,
+        index: u64,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+    ) -> Result<(), ClientError> {
+        self.send(payload, rtp_ts, audio_level, Some(index)).await
+    }
+
+    async fn send(
+        &mut self,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+        index: Option<u64>,
+    ) -> Result<(), ClientError> {
         self.commands
             .send(Command::Send {
                 payload: payload.to_vec(),
                 rtp_ts,
                 audio_level: audio_level.min(127),
+                index,
             })
             .await
             .map_err(|_| ClientError::Closed)
@@ -359,7 +426,7 @@ impl WhipPublisher {
 struct WhipPublisherParts {
     resource: http::Uri,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpsClient<Full<Bytes>>,
 }
 
 impl WhipPublisherParts {
@@ -387,7 +454,7 @@ impl WhipPublisherParts {
 }
 
 pub(crate) async fn exchange(
-    http: &Client<HttpConnector, Full<Bytes>>,
+    http: &HttpsClient<Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
 ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), ClientError> {
     let resp = tokio::time::timeout(HTTP_TIMEOUT, http.request(req))
@@ -416,20 +483,33 @@ fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<Pt, ClientError> {
         .ok_or_else(|| ClientError::Sdp("answer has no Opus payload type".into()))
 }
 
-/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
-async fn drive(
-    mut rtc: Rtc,
+/// The publisher's socket and negotiated audio stream.
+struct Link {
     socket: UdpSocket,
     local_addr: SocketAddr,
     mid: Mid,
     pt: Pt,
+}
+
+/// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
+async fn drive(
+    mut rtc: Rtc,
+    link: Link,
     mut commands: mpsc::Receiver<Command>,
     connected: oneshot::Sender<()>,
+    remote_loss: Arc<AtomicU32>,
 ) -> Result<(), ClientError> {
+    let Link {
+        socket,
+        local_addr,
+        mid,
+        pt,
+    } = link;
     let mut connected = Some(connected);
     let mut buf = vec![0u8; 2048];
     // Start in the first rollover period (no out-of-band ROC signalling needed).
-    let mut seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let first_seq: u64 = u64::from(rand::random::<u16>() & 0x7fff);
+    let mut seq = first_seq;
     let mut closing = false;
     loop {
         let timeout = loop {
@@ -448,6 +528,11 @@ async fn drive(
                 )) => {
                     return Err(ClientError::Rtc("ICE disconnected".into()));
                 }
+                Output::Event(Event::MediaEgressStats(s)) => {
+                    if let Some(loss) = s.loss {
+                        remote_loss.store(loss.to_bits(), Ordering::Relaxed);
+                    }
+                }
                 Output::Event(_) => {}
             }
         };
@@ -456,7 +541,7 @@ async fn drive(
         }
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                Some(Command::Send { payload, rtp_ts, audio_level }) => {
+                Some(Command::Send { payload, rtp_ts, audio_level, index }) => {
                     let mut api = rtc.direct_api();
                     let stream = api
                         .stream_tx_by_mid(mid, None)
@@ -466,10 +551,12 @@ async fn drive(
                         voice_activity: Some(audio_level < 127),
                         ..Default::default()
                     };
+                    let this_seq = index.map_or(seq, |i| first_seq + i);
                     stream.write_rtp(
-                        RtpWrite::new(pt, seq.into(), rtp_ts, Instant::now(), payload).ext_vals(ext),
+                        RtpWrite::new(pt, this_seq.into(), rtp_ts, Instant::now(), payload)
+                            .ext_vals(ext),
                     );
-                    seq += 1;
+                    seq = seq.max(this_seq + 1);
                 }
                 Some(Command::Close) | None => {
                     rtc.close().map_err(rtc_err)?;

@@ -47,10 +47,34 @@ fn check_frames(frames: &[Vec<u8>], speaker: ParticipantId) {
         "only {} relay frames arrived",
         frames.len()
     );
-    let decoded: Vec<RelayFrame> = frames
+    let all: Vec<RelayFrame> = frames
         .iter()
         .map(|f| RelayFrame::decode(f).expect("valid relay frame"))
         .collect();
+    // Relay protection: every packet is sent again (kind SpeakerRepeat) with the next one.
+    let (repeats, decoded): (Vec<RelayFrame>, Vec<RelayFrame>) = all
+        .into_iter()
+        .partition(|f| f.kind == FrameKind::SpeakerRepeat);
+    assert!(
+        repeats.len() + 2 >= decoded.len() && !repeats.is_empty(),
+        "{} repeats for {} packets",
+        repeats.len(),
+        decoded.len()
+    );
+    let first = decoded.first().map_or(0, |f| f.seq);
+    for r in &repeats {
+        let original = RelayFrame {
+            kind: FrameKind::SpeakerAudio,
+            ..*r
+        };
+        // The first repeat may be of a packet sent before collecting began (or reconnecting).
+        let before_first = (first.wrapping_sub(r.seq) as i16) > 0;
+        assert!(
+            decoded.contains(&original) || before_first,
+            "a repeat of a packet never sent: seq {}",
+            r.seq
+        );
+    }
     for f in &decoded {
         assert_eq!(f.kind, FrameKind::SpeakerAudio);
         assert_eq!(f.room, LIVE_ROOM);
@@ -158,7 +182,7 @@ async fn publisher_audio_reaches_the_origin_and_garbage_is_dropped() {
 
     let packets = opus_packets(PACKETS);
     publish(&mut publisher, &packets, 0xffff_f000).await;
-    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
     assert!(metric(&edge, "amphi_edge_rtp_packets_in_total").await >= 40);
     assert!(metric(&edge, "amphi_edge_relay_frames_sent_total").await >= 40);
@@ -329,8 +353,11 @@ async fn whip_error_paths() {
     .unwrap();
     check(404, "not_found", &r);
 
-    // CORS preflight on both routes.
-    for u in [&url, &session_url] {
+    // CORS preflight on both routes (RFC 9725 §4.2: 200, the methods of each resource).
+    for (u, methods) in [
+        (&url, "POST, OPTIONS"),
+        (&session_url, "PATCH, DELETE, OPTIONS"),
+    ] {
         let r = request(
             u,
             "OPTIONS",
@@ -346,19 +373,37 @@ async fn whip_error_paths() {
         )
         .await
         .unwrap();
-        assert!(r.0 == 204 || r.0 == 200, "preflight status {}", r.0);
+        assert_eq!(r.0, 200, "preflight status");
         let h = &r.1;
         assert_eq!(h["access-control-allow-origin"], "*");
-        assert_eq!(
-            h["access-control-allow-methods"],
-            "POST, DELETE, PATCH, OPTIONS"
-        );
+        assert_eq!(h["access-control-allow-methods"], methods);
         assert_eq!(
             h["access-control-allow-headers"],
             "Authorization, Content-Type, If-Match"
         );
-        assert_eq!(h["access-control-expose-headers"], "Location, ETag, Link");
+        assert_eq!(
+            h["access-control-expose-headers"],
+            "Location, ETag, Link, Accept-Post, Accept-Patch"
+        );
+        assert!(!h.contains_key("link"), "no ICE servers are configured");
     }
+    // A plain OPTIONS (not a preflight) on the WHIP and WHEP endpoints and a session.
+    let whep_url = format!("{}/whep/{LIVE_ROOM}", edge.base());
+    for u in [&url, &whep_url] {
+        let r = request(u, "OPTIONS", &[], "").await.unwrap();
+        assert_eq!(r.0, 200, "{u}");
+        assert_eq!(r.1["accept-post"], "application/sdp");
+        assert_eq!(r.1["allow"], "POST, OPTIONS");
+        assert!(!r.1.contains_key("link"), "no ICE servers are configured");
+        assert!(r.2.is_empty());
+    }
+    let r = request(&session_url, "OPTIONS", &[], "").await.unwrap();
+    assert_eq!(r.0, 200);
+    assert_eq!(r.1["allow"], "PATCH, DELETE, OPTIONS");
+    assert_eq!(r.1["accept-patch"], "application/trickle-ice-sdpfrag");
+    // Other methods are reserved (RFC 9725 §4.2): 405.
+    let r = request(&url, "GET", &[], "").await.unwrap();
+    assert_eq!(r.0, 405);
 
     // A successful POST carries the WHIP headers; DELETE needs the same token.
     let r = request(&url, "POST", &[sdp, ("authorization", &auth)], &offer)
@@ -366,7 +411,10 @@ async fn whip_error_paths() {
         .unwrap();
     assert_eq!(r.0, 201, "{}", r.2);
     assert_eq!(r.1["content-type"], "application/sdp");
-    assert_eq!(r.1["access-control-expose-headers"], "Location, ETag, Link");
+    assert_eq!(
+        r.1["access-control-expose-headers"],
+        "Location, ETag, Link, Accept-Post, Accept-Patch"
+    );
     assert!(r.1.contains_key("etag"));
     assert!(r.2.starts_with("v=0"));
     assert!(r.2.contains("a=ice-lite"), "{}", r.2);
@@ -418,6 +466,8 @@ async fn whip_patch_trickles_and_restarts_ice() {
     let edge = start_edge(&pki, origin.addr, router).await;
     let url = edge.whip_url(LIVE_ROOM);
     let auth = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "sam"));
+    // A sendrecv offer (as some WHIP clients send): the answer is recvonly, rtcp-mux-only.
+    let offer = valid_offer().await.replace("a=sendonly", "a=sendrecv");
     let r = request(
         &url,
         "POST",
@@ -425,11 +475,15 @@ async fn whip_patch_trickles_and_restarts_ice() {
             ("content-type", "application/sdp"),
             ("authorization", &auth),
         ],
-        &valid_offer().await,
+        &offer,
     )
     .await
     .unwrap();
     assert_eq!(r.0, 201, "{}", r.2);
+    assert!(r.2.contains("a=recvonly\r\n"), "{}", r.2);
+    assert!(!r.2.contains("a=sendrecv"), "{}", r.2);
+    assert!(r.2.contains("a=rtcp-mux-only\r\n"), "{}", r.2);
+    assert!(!r.1.contains_key("link"), "no ICE servers are configured");
     let session_url = format!("{}{}", edge.base(), r.1["location"].to_str().unwrap());
     let etag = r.1["etag"].to_str().unwrap().to_string();
     let old_ufrag = etag.trim_matches('"').to_string();
@@ -466,6 +520,49 @@ async fn whip_patch_trickles_and_restarts_ice() {
     .await;
     assert_eq!(r.0, 412, "{}", r.2);
     assert_eq!(api_error(&r.2).error, "precondition_failed");
+    // No If-Match at all: 428 with a JSON error.
+    let r = patch(
+        vec![("authorization", auth.clone()), (frag.0, frag.1.into())],
+        trickle.into(),
+    )
+    .await;
+    assert_eq!(r.0, 428, "{}", r.2);
+    assert_eq!(r.1["content-type"], "application/json");
+    assert_eq!(api_error(&r.2).error, "precondition_required");
+    // An RFC 8840 trickle fragment repeats the client's current ufrag/pwd: a trickle (204, no
+    // body, no ETag), not an ICE restart: the session's ETag still matches afterwards.
+    let (cu, cp) = amphi_edge::sdpfrag::offer_credentials(&offer).expect("offer credentials");
+    let current = format!(
+        "a=ice-ufrag:{cu}\r\na=ice-pwd:{cp}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40002 typ host\r\na=end-of-candidates\r\n"
+    );
+    for tag in [etag.clone(), "*".to_string()] {
+        let r = patch(
+            vec![
+                ("authorization", auth.clone()),
+                (frag.0, frag.1.into()),
+                ("if-match", tag),
+            ],
+            current.clone(),
+        )
+        .await;
+        assert_eq!(r.0, 204, "{}", r.2);
+        assert!(r.2.is_empty(), "204 has no body: {}", r.2);
+        assert!(!r.1.contains_key("etag"));
+    }
+    let r = patch(
+        vec![
+            ("authorization", auth.clone()),
+            (frag.0, frag.1.into()),
+            ("if-match", etag.clone()),
+        ],
+        trickle.into(),
+    )
+    .await;
+    assert_eq!(
+        r.0, 204,
+        "ICE was not restarted: the ETag is unchanged ({})",
+        r.2
+    );
 
     // Bad requests change nothing.
     let restart = "a=ice-ufrag:Zq9f\r\na=ice-pwd:asd88fgpdd777uzjYhagZg5l\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40001 typ host\r\na=end-of-candidates\r\n";
@@ -558,6 +655,50 @@ async fn whip_patch_trickles_and_restarts_ice() {
     edge.stop().await;
 }
 
+/// `ice_connect_timeout_secs` is honoured: a WHIP session whose client never starts ICE is
+/// dropped after the configured 1 s (the default is 15 s), and its resource is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_never_connect_are_dropped_after_the_configured_timeout() {
+    let pki = DevPki::generate().unwrap();
+    let origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let opts = EdgeOpts {
+        ice_connect_timeout_secs: 1,
+        ..EdgeOpts::default()
+    };
+    let edge = start_edge_with(&pki, origin.addr, router, opts).await;
+    let auth = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "sam"));
+    let r = request(
+        &edge.whip_url(LIVE_ROOM),
+        "POST",
+        &[
+            ("content-type", "application/sdp"),
+            ("authorization", &auth),
+        ],
+        &valid_offer().await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.0, 201, "{}", r.2);
+    let session_url = format!("{}{}", edge.base(), r.1["location"].to_str().unwrap());
+    assert_eq!(metric(&edge, "amphi_edge_peers").await, 1);
+    // Well under the 15 s default; generous for a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&edge, "amphi_edge_peers").await > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(&edge, "amphi_edge_peers").await,
+        0,
+        "session dropped"
+    );
+    let r = request(&session_url, "DELETE", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.0, 404, "{}", r.2);
+    edge.stop().await;
+}
+
 /// A real browser-shaped offer from str0m (sendonly Opus with audio level), as a string.
 async fn valid_offer() -> String {
     amphi_edge::install_crypto_provider();
@@ -644,7 +785,7 @@ async fn uplink_reconnects_and_replays_publishers() {
     assert_eq!(name, "hana");
     let packets = opus_packets(PACKETS);
     publish(&mut publisher, &packets, 960 * 10).await;
-    let frames = collect_frames(&mut origin, PACKETS, Duration::from_secs(5)).await;
+    let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
 
     // The origin goes away and comes back on the same port: a new connection and a new replay.
@@ -699,4 +840,43 @@ async fn uplink_reconnects_and_replays_publishers() {
         other => panic!("the session is gone after RoomEnded: {other:?}"),
     }
     edge.stop().await;
+}
+
+/// A publisher must see the loss the edge measured (RTCP receiver reports), or a browser's Opus
+/// encoder never turns in-band FEC on: every 10th packet is left out, and the edge's reports
+/// must say about 10 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_sees_the_loss_the_edge_measured() {
+    let pki = DevPki::generate().unwrap();
+    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
+    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("whip publish connects");
+    let packets = opus_packets(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut reported = None;
+    // str0m sends an audio receiver report every 5 s: up to 15 s of packets.
+    for i in 0..750u64 {
+        tick.tick().await;
+        if i % 10 != 5 {
+            publisher
+                .send_opus_indexed(i, &packets[(i % 10) as usize], 960 * i as u32, LEVEL)
+                .await
+                .expect("send");
+        }
+        if let Some(loss) = publisher.remote_loss().filter(|l| *l > 0.0) {
+            reported = Some(loss);
+            break;
+        }
+    }
+    let loss = reported.expect("no receiver report with loss reached the publisher in 15 s");
+    assert!((0.05..0.2).contains(&loss), "reported loss {loss}");
+    publisher.close().await.expect("DELETE answers 200");
 }

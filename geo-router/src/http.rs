@@ -17,6 +17,7 @@ use amphi_protocol::api::{
     MintTokenRequest, RoomStatus, RouteResponse, TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
@@ -27,8 +28,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Ur
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -96,6 +95,9 @@ pub enum RouterError {
     /// The configuration cannot work.
     #[error("configuration: {0}")]
     Config(String),
+    /// The HTTPS listener's certificate or key, or the clients' extra CA, is unusable.
+    #[error("HTTPS: {0}")]
+    Https(#[from] amphi_protocol::https::HttpsError),
     /// The shared store (Redis) cannot be reached.
     #[error("store: {0}")]
     Store(String),
@@ -119,7 +121,7 @@ struct AppState {
     anchor: Option<GeoPoint>,
     webhooks: Webhooks,
     web: Vec<WebAsset>,
-    hls_client: Client<HttpConnector, Body>,
+    hls_client: HttpsClient<Body>,
     metrics: Metrics,
 }
 
@@ -238,8 +240,17 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl AppState {
+    /// Where listeners fetch HLS: the CDN (`hls_base_url`), else this router's `/hls` proxy.
+    fn hls_base(&self) -> &str {
+        self.config
+            .hls_base_url
+            .as_deref()
+            .unwrap_or(&self.config.public_url)
+            .trim_end_matches('/')
+    }
+
     fn hls_url(&self, room: RoomId) -> String {
-        format!("{}/hls/{room}/index.m3u8", self.config.public_url)
+        format!("{}/hls/{room}/index.m3u8", self.hls_base())
     }
 
     fn mint(&self, room: RoomId, role: Role, name: &str) -> String {
@@ -860,7 +871,7 @@ async fn recording_available(
 }
 
 fn recording_url(s: &AppState, room: RoomId) -> String {
-    format!("{}/hls/{room}/recording.m3u8", s.config.public_url)
+    format!("{}/hls/{room}/recording.m3u8", s.hls_base())
 }
 
 /// After `room` ended: ask the packager every [`RECORDING_POLL`], for at most
@@ -1148,11 +1159,15 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     for (path, kind) in geoip.describe() {
         tracing::info!(path = %path.display(), %kind, "GeoIP database open");
     }
+    let acceptor = match setup.config.https.listener().map_err(RouterError::Config)? {
+        Some((cert, key)) => Some(amphi_protocol::https::acceptor(cert, key)?),
+        None => None,
+    };
+    let client_tls =
+        amphi_protocol::https::client_tls_config(setup.config.https.tls_ca.as_deref())?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RouterError::Bind { addr, source })?;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let links = match (&setup.mesh_tls, setup.config.origins.is_empty()) {
         (_, true) => OriginLinks::none(),
@@ -1187,9 +1202,17 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     let store: Arc<dyn Store> = match &setup.config.redis_url {
         None => Arc::new(MemoryStore::new(&setup.config.edges)),
         Some(url) => Arc::new(
-            RedisStore::connect(url, REDIS_PREFIX, &setup.config.edges)
-                .await
-                .map_err(|e| RouterError::Store(e.to_string()))?,
+            RedisStore::connect_trusting(
+                url,
+                REDIS_PREFIX,
+                &setup.config.edges,
+                match &setup.config.https.tls_ca {
+                    Some(ca) => Some(amphi_protocol::https::root_bundle_pem(Some(ca))?),
+                    None => None,
+                },
+            )
+            .await
+            .map_err(|e| RouterError::Store(e.to_string()))?,
         ),
     };
     tracing::info!(
@@ -1220,23 +1243,30 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         anchor,
         webhooks: Webhooks::start(
             setup.config.webhooks.clone(),
+            amphi_protocol::https::client_with(client_tls.clone()),
             metrics.webhook_counters(),
             shutdown.clone(),
         ),
         config: setup.config,
         signer: setup.signer,
         web: setup.web,
-        hls_client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
+        hls_client: amphi_protocol::https::client_with(client_tls),
         metrics,
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
-    tracing::info!(%addr, "geo-router listening");
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
-    .map_err(RouterError::Serve)
+    tracing::info!(%addr, https = acceptor.is_some(), "geo-router listening");
+    match acceptor {
+        Some(acceptor) => {
+            amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown).await;
+            Ok(())
+        }
+        None => axum::serve(
+            listener,
+            app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(RouterError::Serve),
+    }
 }

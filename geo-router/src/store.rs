@@ -261,6 +261,91 @@ fn instant_at(now: Now, then_ms: u64) -> Instant {
     now.instant.checked_sub(age).unwrap_or(now.instant)
 }
 
+/// Most room entries a [`Fallback`] remembers (rooms created or read through this replica).
+pub const FALLBACK_ROOMS: usize = 100_000;
+/// Most directory writes a [`Fallback`] keeps for replay.
+pub const FALLBACK_WRITES: usize = 100_000;
+
+/// A directory write made while Redis was unreachable, replayed when it answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirectoryWrite {
+    /// A room created under this id.
+    Create(RoomId, RoomEntry),
+    /// A room ended at this time (Unix seconds).
+    End(RoomId, u64),
+}
+
+/// What a Redis-backed router does while Redis is unreachable (sans-IO): rooms are created and
+/// ended here, their writes kept in order and replayed when Redis answers again
+/// ([`Fallback::next_write`]); rooms this replica created or read are answered from here
+/// (other replicas learn about rooms created meanwhile once the writes are replayed).
+#[derive(Debug, Default)]
+pub struct Fallback {
+    known: std::collections::HashMap<RoomId, RoomEntry>,
+    writes: std::collections::VecDeque<DirectoryWrite>,
+}
+
+impl Fallback {
+    /// Remember `entry` as Redis holds it (after a read or a create).
+    pub fn remember(&mut self, id: RoomId, entry: RoomEntry) {
+        if self.known.len() < FALLBACK_ROOMS || self.known.contains_key(&id) {
+            self.known.insert(id, entry);
+        }
+    }
+
+    /// Create a room while Redis is away; `false` if the write queue is full.
+    pub fn create(&mut self, id: RoomId, entry: RoomEntry) -> bool {
+        if self.writes.len() >= FALLBACK_WRITES {
+            return false;
+        }
+        self.known.insert(id, entry.clone());
+        self.writes.push_back(DirectoryWrite::Create(id, entry));
+        true
+    }
+
+    /// End a room while Redis is away; `None` if this replica does not know it (or the write
+    /// queue is full).
+    pub fn end(&mut self, id: RoomId, now_unix: u64) -> Option<EndOutcome> {
+        if self.writes.len() >= FALLBACK_WRITES {
+            return None;
+        }
+        let e = self.known.get_mut(&id)?;
+        if e.ended_at.is_some() {
+            return Some(EndOutcome::AlreadyEnded);
+        }
+        e.ended_at = Some(now_unix);
+        self.writes.push_back(DirectoryWrite::End(id, now_unix));
+        Some(EndOutcome::Ended)
+    }
+
+    /// A room this replica knows.
+    pub fn room(&self, id: RoomId) -> Option<&RoomEntry> {
+        self.known.get(&id)
+    }
+
+    /// Whether writes about `id` wait for replay (this replica's view is newer than Redis').
+    pub fn pending_for(&self, id: RoomId) -> bool {
+        self.writes.iter().any(|w| match w {
+            DirectoryWrite::Create(r, _) | DirectoryWrite::End(r, _) => *r == id,
+        })
+    }
+
+    /// The oldest write to replay.
+    pub fn next_write(&self) -> Option<&DirectoryWrite> {
+        self.writes.front()
+    }
+
+    /// The oldest write was replayed.
+    pub fn replayed(&mut self) {
+        self.writes.pop_front();
+    }
+}
+
+/// Whether a store error means the backend is unreachable (as opposed to bad data).
+fn unreachable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Backend(_))
+}
+
 /// Room directory and edge registry in Redis (shared by every geo-router replica).
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -268,6 +353,8 @@ pub struct RedisStore {
     registry: Mutex<Registry>,
     statics: Vec<EdgeEndpoint>,
     end_script: redis::Script,
+    /// Directory writes and rooms kept while Redis is unreachable.
+    fallback: Mutex<Fallback>,
 }
 
 /// Ends a room unless it ended: -1 unknown, 0 already ended, 1 ended now.
@@ -287,7 +374,28 @@ impl RedisStore {
         prefix: &str,
         static_edges: &[EdgeEndpoint],
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Backend(e.to_string()))?;
+        Self::connect_trusting(url, prefix, static_edges, None).await
+    }
+
+    /// [`RedisStore::connect`]; a `rediss://` (TLS) server's certificate must chain to one of
+    /// the PEM roots in `roots` when given (the system roots otherwise).
+    pub async fn connect_trusting(
+        url: &str,
+        prefix: &str,
+        static_edges: &[EdgeEndpoint],
+        roots: Option<Vec<u8>>,
+    ) -> Result<Self, StoreError> {
+        let client = match roots {
+            Some(root_cert) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            _ => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
@@ -300,6 +408,7 @@ impl RedisStore {
             registry: Mutex::new(Registry::with_static(static_edges)),
             statics: static_edges.to_vec(),
             end_script: redis::Script::new(END_ROOM_LUA),
+            fallback: Mutex::new(Fallback::default()),
         };
         store.sync(Now::read()).await?;
         Ok(store)
@@ -328,6 +437,100 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    async fn redis_create(&self, entry: &RoomEntry) -> Result<RoomId, StoreError> {
+        // Bounded: a random 64-bit id collides with a stored one practically never.
+        for _ in 0..16 {
+            let id = RoomId::random();
+            if self.redis_insert(id, entry).await? {
+                return Ok(id);
+            }
+        }
+        Err(StoreError::Backend("no free room id".into()))
+    }
+
+    /// Store `entry` under `id` unless that id is taken (`false`).
+    async fn redis_insert(&self, id: RoomId, entry: &RoomEntry) -> Result<bool, StoreError> {
+        let mut c = self.conn();
+        let json = serde_json::to_string(entry).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let fresh: bool = redis::cmd("HSETNX")
+            .arg(self.key(format!("room:{id}")))
+            .arg("entry")
+            .arg(&json)
+            .query_async(&mut c)
+            .await?;
+        if !fresh {
+            return Ok(false);
+        }
+        let mut p = redis::pipe();
+        p.cmd("SADD")
+            .arg(self.key("rooms"))
+            .arg(id.to_string())
+            .ignore();
+        if let Some(at) = entry.scheduled_at {
+            p.cmd("ZADD")
+                .arg(self.key("scheduled"))
+                .arg(at)
+                .arg(id.to_string())
+                .ignore();
+        }
+        p.query_async::<()>(&mut c).await?;
+        Ok(true)
+    }
+
+    async fn redis_room(&self, id: RoomId) -> Result<Option<RoomEntry>, StoreError> {
+        let mut c = self.conn();
+        let (entry, ended): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.key(format!("room:{id}")))
+            .arg("entry")
+            .arg("ended_at")
+            .query_async(&mut c)
+            .await?;
+        entry.map(|e| self.decode_entry(id, &e, ended)).transpose()
+    }
+
+    async fn redis_end(&self, id: RoomId, now_unix: u64) -> Result<EndOutcome, StoreError> {
+        let mut c = self.conn();
+        let r: i64 = self
+            .end_script
+            .key(self.key(format!("room:{id}")))
+            .key(self.key("scheduled"))
+            .arg(now_unix)
+            .arg(ENDED_ROOM_TTL.as_secs())
+            .arg(id.to_string())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match r {
+            1 => EndOutcome::Ended,
+            0 => EndOutcome::AlreadyEnded,
+            _ => EndOutcome::NotFound,
+        })
+    }
+
+    /// Replay the directory writes made while Redis was unreachable, in order; stops at the
+    /// first failure.
+    async fn replay(&self) -> Result<(), StoreError> {
+        for _ in 0..FALLBACK_WRITES {
+            let Some(w) = lock(&self.fallback).next_write().cloned() else {
+                return Ok(());
+            };
+            match &w {
+                DirectoryWrite::Create(id, entry) => {
+                    if !self.redis_insert(*id, entry).await? {
+                        tracing::error!(%id, "room id taken in Redis meanwhile; this replica's room is not shared");
+                    }
+                }
+                DirectoryWrite::End(id, at) => {
+                    self.redis_end(*id, *at).await?;
+                }
+            }
+            lock(&self.fallback).replayed();
+            tracing::info!(write = ?w, "directory write made during the Redis outage stored");
+        }
+        Ok(())
+    }
+}
+
 impl Store for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
@@ -339,68 +542,74 @@ impl Store for RedisStore {
 
     fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId> {
         Box::pin(async move {
-            let mut c = self.conn();
-            let json =
-                serde_json::to_string(&entry).map_err(|e| StoreError::Backend(e.to_string()))?;
-            loop {
-                let id = RoomId::random();
-                let fresh: bool = redis::cmd("HSETNX")
-                    .arg(self.key(format!("room:{id}")))
-                    .arg("entry")
-                    .arg(&json)
-                    .query_async(&mut c)
-                    .await?;
-                if !fresh {
-                    continue;
+            match self.redis_create(&entry).await {
+                Ok(id) => {
+                    lock(&self.fallback).remember(id, entry);
+                    Ok(id)
                 }
-                let mut p = redis::pipe();
-                p.cmd("SADD")
-                    .arg(self.key("rooms"))
-                    .arg(id.to_string())
-                    .ignore();
-                if let Some(at) = entry.scheduled_at {
-                    p.cmd("ZADD")
-                        .arg(self.key("scheduled"))
-                        .arg(at)
-                        .arg(id.to_string())
-                        .ignore();
+                Err(e) if unreachable(&e) => {
+                    let id = RoomId::random();
+                    if !lock(&self.fallback).create(id, entry) {
+                        return Err(e);
+                    }
+                    tracing::warn!(%id, error = %e, "Redis unreachable: room created here, stored when Redis is back");
+                    Ok(id)
                 }
-                p.query_async::<()>(&mut c).await?;
-                return Ok(id);
+                Err(e) => Err(e),
             }
         })
     }
 
     fn room(&self, id: RoomId) -> StoreFuture<'_, Option<RoomEntry>> {
         Box::pin(async move {
-            let mut c = self.conn();
-            let (entry, ended): (Option<String>, Option<u64>) = redis::cmd("HMGET")
-                .arg(self.key(format!("room:{id}")))
-                .arg("entry")
-                .arg("ended_at")
-                .query_async(&mut c)
-                .await?;
-            entry.map(|e| self.decode_entry(id, &e, ended)).transpose()
+            let local = {
+                let f = lock(&self.fallback);
+                f.pending_for(id).then(|| f.room(id).cloned())
+            };
+            if let Some(local) = local {
+                return Ok(local);
+            }
+            match self.redis_room(id).await {
+                Ok(Some(e)) => {
+                    lock(&self.fallback).remember(id, e.clone());
+                    Ok(Some(e))
+                }
+                Ok(None) => Ok(None),
+                Err(e) if unreachable(&e) => match lock(&self.fallback).room(id) {
+                    Some(entry) => Ok(Some(entry.clone())),
+                    None => Err(e),
+                },
+                Err(e) => Err(e),
+            }
         })
     }
 
     fn end_room(&self, id: RoomId, now_unix: u64) -> StoreFuture<'_, EndOutcome> {
         Box::pin(async move {
-            let mut c = self.conn();
-            let r: i64 = self
-                .end_script
-                .key(self.key(format!("room:{id}")))
-                .key(self.key("scheduled"))
-                .arg(now_unix)
-                .arg(ENDED_ROOM_TTL.as_secs())
-                .arg(id.to_string())
-                .invoke_async(&mut c)
-                .await?;
-            Ok(match r {
-                1 => EndOutcome::Ended,
-                0 => EndOutcome::AlreadyEnded,
-                _ => EndOutcome::NotFound,
-            })
+            let local = {
+                let mut f = lock(&self.fallback);
+                if f.pending_for(id) {
+                    f.end(id, now_unix)
+                } else {
+                    None
+                }
+            };
+            if let Some(out) = local {
+                return Ok(out);
+            }
+            match self.redis_end(id, now_unix).await {
+                Ok(out) => {
+                    if let Some(e) = lock(&self.fallback).known.get_mut(&id) {
+                        e.ended_at.get_or_insert(now_unix);
+                    }
+                    Ok(out)
+                }
+                Err(e) if unreachable(&e) => match lock(&self.fallback).end(id, now_unix) {
+                    Some(out) => Ok(out),
+                    None => Err(e),
+                },
+                Err(e) => Err(e),
+            }
         })
     }
 
@@ -465,7 +674,7 @@ impl Store for RedisStore {
                 seen_ms: now.unix_ms,
             })
             .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let (old, drain): (Option<String>, bool) = redis::pipe()
+            let stored: Result<(Option<String>, bool), StoreError> = redis::pipe()
                 .cmd("SET")
                 .arg(self.key(format!("edge:{}", hb.id)))
                 .arg(json)
@@ -480,7 +689,23 @@ impl Store for RedisStore {
                 .arg(self.key("drain"))
                 .arg(&hb.id)
                 .query_async(&mut c)
-                .await?;
+                .await
+                .map_err(StoreError::from);
+            let (old, drain) = match stored {
+                Ok(v) => v,
+                Err(e) if unreachable(&e) => {
+                    // Redis is away: this replica keeps routing to the edges that beat here.
+                    let mut reg = lock(&self.registry);
+                    let previous = previous_rooms(&reg, &hb.id, now.instant);
+                    let _ = reg.heartbeat(hb, now.instant);
+                    return Ok(Beat {
+                        new: previous.is_none(),
+                        previous: previous.unwrap_or_default(),
+                        drain: false,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
             let out_after = (HEARTBEAT_INTERVAL * MISSED_HEARTBEATS).as_millis() as u64;
             let previous = old
                 .and_then(|o| serde_json::from_str::<StoredEdge>(&o).ok())
@@ -542,6 +767,7 @@ impl Store for RedisStore {
 
     fn sync(&self, now: Now) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            self.replay().await?;
             let mut c = self.conn();
             let (ids, drains): (Vec<String>, Vec<String>) = redis::pipe()
                 .cmd("SMEMBERS")
@@ -593,5 +819,65 @@ impl Store for RedisStore {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(title: &str) -> RoomEntry {
+        RoomEntry {
+            title: title.into(),
+            topic: None,
+            created_at: 1_000,
+            scheduled_at: None,
+            ended_at: None,
+        }
+    }
+
+    #[test]
+    fn fallback_creates_and_ends_rooms_and_replays_the_writes_in_order() {
+        let mut f = Fallback::default();
+        let (a, b) = (RoomId(1), RoomId(2));
+        // Read from Redis before the outage: known, nothing to replay.
+        f.remember(a, entry("a"));
+        assert!(!f.pending_for(a));
+        assert_eq!(f.next_write(), None);
+        // During the outage: a room is created and one ended.
+        assert!(f.create(b, entry("b")));
+        assert_eq!(f.room(b), Some(&entry("b")));
+        assert_eq!(f.end(a, 2_000), Some(EndOutcome::Ended));
+        assert_eq!(f.end(a, 2_001), Some(EndOutcome::AlreadyEnded));
+        assert_eq!(
+            f.end(RoomId(3), 2_000),
+            None,
+            "unknown here: cannot be decided"
+        );
+        assert!(f.pending_for(a) && f.pending_for(b));
+        assert_eq!(f.room(a).and_then(|e| e.ended_at), Some(2_000));
+        // Replay, oldest first.
+        assert_eq!(f.next_write(), Some(&DirectoryWrite::Create(b, entry("b"))));
+        f.replayed();
+        assert_eq!(f.next_write(), Some(&DirectoryWrite::End(a, 2_000)));
+        f.replayed();
+        assert_eq!(f.next_write(), None);
+        assert!(!f.pending_for(a) && !f.pending_for(b));
+        assert!(
+            f.room(b).is_some(),
+            "still answered while Redis is away again"
+        );
+    }
+
+    #[test]
+    fn fallback_is_bounded() {
+        let mut f = Fallback::default();
+        for i in 0..FALLBACK_WRITES as u64 {
+            assert!(f.create(RoomId(i), entry("r")));
+        }
+        assert!(!f.create(RoomId(u64::MAX), entry("r")), "write queue full");
+        assert_eq!(f.end(RoomId(0), 5), None);
+        f.remember(RoomId(u64::MAX - 1), entry("x"));
+        assert!(f.room(RoomId(u64::MAX - 1)).is_none(), "room cache full");
     }
 }

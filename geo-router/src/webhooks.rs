@@ -5,11 +5,10 @@
 
 use crate::auth::hmac_hex;
 use amphi_protocol::config::WebhookConfig;
+use amphi_protocol::https::HttpsClient;
 use amphi_protocol::redact::url_origin;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use std::sync::Arc;
@@ -77,9 +76,11 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Start the dispatcher (no task when there are no receivers), counting into `counters`.
+    /// Start the dispatcher (no task when there are no receivers), delivering through `client`
+    /// (`https://` and `http://` receivers), counting into `counters`.
     pub fn start(
         receivers: Vec<WebhookConfig>,
+        client: HttpsClient<Full<Bytes>>,
         counters: WebhookCounters,
         shutdown: CancellationToken,
     ) -> Self {
@@ -94,7 +95,6 @@ impl Webhooks {
         }
         let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
         hooks.tx = Some(tx);
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let receivers = Arc::new(receivers);
         tokio::spawn(async move {
             loop {
@@ -186,6 +186,84 @@ mod tests {
     fn retries_back_off_exponentially_with_a_cap() {
         let d: Vec<u64> = (1..=8).map(|a| retry_delay(a).as_millis() as u64).collect();
         assert_eq!(d, [250, 500, 1000, 2000, 4000, 8000, 8000, 8000]);
+    }
+
+    /// A webhook receiver served over HTTPS with a private CA's certificate: delivered through the
+    /// shared HTTPS client trusting that CA, with the signature over the exact body.
+    #[tokio::test]
+    async fn events_are_delivered_to_https_receivers() {
+        use amphi_protocol::https;
+        let dir = std::env::temp_dir().join(format!("amphi-webhook-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = amphi_protocol::mtls::DevPki::generate().unwrap();
+        let issued = pki.issue_pem("127.0.0.1").unwrap();
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
+        std::fs::write(&ca, &issued.ca).unwrap();
+        std::fs::write(&cert, &issued.cert).unwrap();
+        std::fs::write(&key, &issued.key).unwrap();
+
+        let (got_tx, mut got_rx) = mpsc::unbounded_channel::<(String, Bytes)>();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: Bytes| {
+                let got_tx = got_tx.clone();
+                async move {
+                    let sig = headers
+                        .get("x-amphi-webhook-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = got_tx.send((sig, body));
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(https::serve_tls(
+            listener,
+            https::acceptor(&cert, &key).unwrap(),
+            app,
+            shutdown.clone(),
+        ));
+
+        let counters = WebhookCounters::default();
+        let hooks = Webhooks::start(
+            vec![WebhookConfig {
+                url: format!("https://127.0.0.1:{}/hook", addr.port()),
+                secret: "s3cret".into(),
+            }],
+            https::client(Some(&ca)).unwrap(),
+            counters.clone(),
+            shutdown.clone(),
+        );
+        hooks.emit(
+            EventKind::RoomStarted,
+            7,
+            serde_json::json!({"room": "00000000000000aa"}),
+        );
+        let (sig, body) = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
+            .await
+            .expect("delivered within 10 s")
+            .unwrap();
+        assert_eq!(sig, format!("sha256={}", hmac_hex("s3cret", &body)));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["event"], "room_started");
+        for _ in 0..100 {
+            if counters.delivered.get() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(counters.delivered.get(), 1);
+        shutdown.cancel();
+        server.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -202,6 +202,8 @@ fn start_router(port: u16, backend: Backend, signer: TokenSigner) -> Router {
             Backend::Memory => None,
             Backend::Redis(db) => Some(format!("{}/{db}", redis_base())),
         },
+        hls_base_url: None,
+        https: Default::default(),
     };
     let setup = RouterSetup {
         config,

@@ -10,7 +10,7 @@
 
 use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
-use crate::persist::{Persister, RoomStore};
+use crate::persist::{PersistedRoom, Persister, RoomStore};
 use crate::room::{AuthorityCensus, Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
 use amphi_protocol::control::{ControlDecoder, ControlError, ControlMessage, PeerKind};
@@ -66,6 +66,9 @@ struct HubState {
     looked_up: HashSet<RoomId>,
     /// Rooms restored from the store, and when (see [`RESUME_GRACE`]).
     restored: HashMap<RoomId, Instant>,
+    /// Rooms whose stored state could not be read on first use (store unreachable): they run
+    /// from a fresh state, their snapshots held, until [`Hub::reverify`] reconciles them.
+    unverified: HashSet<RoomId>,
 }
 
 impl HubState {
@@ -267,32 +270,57 @@ impl Hub {
     /// Before a room's first use on this origin, take back its stored state (if a store is
     /// configured and holds it). A store failure is logged and the room starts afresh.
     async fn ensure_loaded(&self, room: RoomId) {
-        let Some(store) = &self.store else {
-            return;
-        };
         {
             let st = lock_read(&self.state);
-            if st.looked_up.contains(&room) || st.rooms.get(room).is_some() {
+            if st.looked_up.contains(&room)
+                || st.rooms.get(room).is_some()
+                || st.unverified.contains(&room)
+            {
                 return;
             }
         }
+        self.load(room).await;
+    }
+
+    /// Read `room`'s stored state and take it: restore it (first use), or reconcile it with the
+    /// fresh state an unverified room ran from. If the store cannot be read the room is
+    /// unverified: it runs from a fresh state (rooms that start during a store outage work)
+    /// and its snapshots are held so that they cannot overwrite bans and roles stored before.
+    /// `false` if the store could not be read.
+    async fn load(&self, room: RoomId) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
         let saved = match tokio::time::timeout(LOAD_TIMEOUT, store.load(room)).await {
             Ok(Ok(saved)) => saved,
-            Ok(Err(e)) => {
-                tracing::warn!(%room, error = %e, "stored room state unavailable");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%room, "stored room state: load timed out");
-                return;
+            failed => {
+                match failed {
+                    Ok(Err(e)) => {
+                        tracing::warn!(%room, error = %e, "stored room state unavailable; the room runs unverified, its snapshots held")
+                    }
+                    _ => {
+                        tracing::warn!(%room, "stored room state: load timed out; the room runs unverified, its snapshots held")
+                    }
+                }
+                let mut st = lock_write(&self.state);
+                if st.unverified.insert(room) {
+                    if let Some(p) = &st.persister {
+                        p.hold(room);
+                    }
+                }
+                return false;
             }
         };
         let now = Instant::now();
         let mut guard = lock_write(&self.state);
         let st = &mut *guard;
         st.looked_up.insert(room);
+        if st.unverified.remove(&room) {
+            self.reconcile(st, room, saved, now);
+            return true;
+        }
         let Some(saved) = saved else {
-            return;
+            return true;
         };
         let (participants, hands, banned) = (
             saved.state.participants.len(),
@@ -305,6 +333,57 @@ impl Hub {
             st.restored.insert(room, now);
             st.refresh_audible(room);
             self.metrics.rooms_known.set(len_i64(st.rooms.len()));
+        }
+        true
+    }
+
+    /// The store answers again for unverified `room`: merge what it holds into the room
+    /// ([`crate::persist::reconcile`]), tell the edges what changed (banned users leave, roles
+    /// stored before are back), and write its snapshots again.
+    fn reconcile(
+        &self,
+        st: &mut HubState,
+        room: RoomId,
+        saved: Option<PersistedRoom>,
+        now: Instant,
+    ) {
+        if let (Some(saved), Some(current)) = (saved, st.rooms.get(room)) {
+            let before = current.snapshot();
+            let merged = crate::persist::reconcile(saved, current.persisted());
+            let mut events = Vec::new();
+            for p in &before.participants {
+                match merged.state.participants.iter().find(|m| m.id == p.id) {
+                    None => events.push(RoomEvent::ParticipantLeft { id: p.id }),
+                    Some(m) if m.role != p.role => events.push(RoomEvent::RoleChanged {
+                        id: p.id,
+                        role: m.role,
+                        by: p.id,
+                    }),
+                    Some(_) => {}
+                }
+            }
+            let banned = merged.state.banned.len();
+            st.rooms.replace(merged, now, unix_ms());
+            st.refresh_audible(room);
+            if !events.is_empty() {
+                st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+            }
+            tracing::info!(%room, banned, "store reachable again: room reconciled with its stored state");
+        }
+        if let Some(p) = &st.persister {
+            p.release(room);
+        }
+        st.persist(room);
+    }
+
+    /// Retry the stored state of unverified rooms (called every second); stops at the first
+    /// failure (the store is still away).
+    pub(crate) async fn reverify(&self) {
+        let rooms: Vec<RoomId> = lock_read(&self.state).unverified.iter().copied().collect();
+        for room in rooms {
+            if !self.load(room).await {
+                return;
+            }
         }
     }
 
@@ -712,6 +791,13 @@ impl Hub {
         self.metrics.rooms_known.set(len_i64(st.rooms.len()));
     }
 
+    /// The mixer found `room` without speakers for the configured idle timeout: end it as the
+    /// API's `POST /v1/rooms/{id}/end` does (edges, geo-routers, packagers hear `RoomEnded`).
+    pub(crate) fn end_idle_room(&self, room: RoomId, now: Instant) {
+        tracing::info!(%room, "room ended after its idle timeout");
+        self.end_room(room, FROM_ORIGIN, now);
+    }
+
     /// `RoomEnded` from connection `from` (a geo-router or an edge): end the room's authority
     /// record, tell the subscribed edges (`RoomEvents` with `Ended`, then `RoomEnded`), the other
     /// routers and the packagers. A room that already ended here is not announced again.
@@ -786,8 +872,10 @@ impl Hub {
                 m.dropped(DropReason::NotEdge);
                 continue;
             }
-            let (room, speaker) = match RelayFrame::decode(&datagram) {
-                Ok(f) if f.kind == FrameKind::SpeakerAudio => (f.room, f.speaker),
+            // Repeats (relay loss protection) are mixed, never forwarded.
+            let (room, speaker, forward) = match RelayFrame::decode(&datagram) {
+                Ok(f) if f.kind == FrameKind::SpeakerAudio => (f.room, f.speaker, true),
+                Ok(f) if f.kind == FrameKind::SpeakerRepeat => (f.room, f.speaker, false),
                 Ok(_) => {
                     m.dropped(DropReason::WrongKind);
                     continue;
@@ -810,7 +898,7 @@ impl Hub {
                     continue;
                 }
                 for &sub in st.subs.subscribers(room) {
-                    if sub == id {
+                    if sub == id || !forward {
                         continue;
                     }
                     let Some(link) = st.edges.get(&sub) else {

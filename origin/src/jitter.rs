@@ -4,9 +4,14 @@
 //! is a grid of 20 ms ticks (tick `k` is due at `k * 20 ms`). The first packet of a speaker anchors
 //! its RTP clock onto that grid with [`JitterConfig::initial_delay`] of slack; afterwards the
 //! playout delay follows the spread of observed arrival times over a sliding window, within
-//! [`JitterConfig::min_delay`]..=[`JitterConfig::max_delay`]. Growing the delay conceals one frame,
-//! shrinking it skips one. Reordering, duplicates, loss, RTP timestamp wrap-around and a stream that
-//! restarts with an unrelated timestamp are handled; nothing here allocates after construction.
+//! [`JitterConfig::min_delay`]..=[`JitterConfig::max_delay`]. Growing the delay conceals one frame;
+//! shrinking it skips one, but only a quiet frame (RFC 6464 level of
+//! [`JitterConfig::quiet_level`] or more, i.e. that many dB below full scale or quieter) or a
+//! missing one in silence, so speech is never cut. While packets go
+//! missing, the delay keeps one frame more so a lost frame can be rebuilt from the in-band FEC
+//! data of the packet after it ([`Pop::Recover`]). Reordering, duplicates, loss, RTP timestamp
+//! wrap-around and a stream that restarts with an unrelated timestamp are handled; nothing here
+//! allocates after construction.
 
 use amphi_protocol::audio::FRAME_SAMPLES;
 use amphi_protocol::relay::MAX_OPUS_PAYLOAD;
@@ -16,8 +21,11 @@ use std::time::Duration;
 pub const FRAME_NS: i64 = 20_000_000;
 /// Slots in the ring (640 ms): packets mapped further ahead than this are out of range.
 pub const SLOTS: usize = 32;
-/// Arrival samples the delay estimate looks at (one second of 20 ms packets).
-const WINDOW: usize = 50;
+/// Arrival samples the delay estimate looks at (five seconds of 20 ms packets): a scheduling
+/// hiccup keeps the delay up for that long instead of the delay pumping every second.
+const WINDOW: usize = 250;
+/// Packets after a gap during which the delay keeps one extra frame for FEC recovery (10 s).
+const FEC_HOLD_PACKETS: u32 = 500;
 /// Samples needed before the delay may shrink below the initial delay.
 const MIN_SAMPLES: u32 = 5;
 /// A packet this late (or mapped beyond the ring) does not fit the current mapping.
@@ -42,6 +50,9 @@ pub struct JitterConfig {
     pub max_concealed: u32,
     /// Accepted packets between two one-frame reductions of the delay.
     pub decrease_every: u32,
+    /// RFC 6464 level (0 loudest ..= 127 silence) from which on a frame counts as quiet, so it
+    /// may be skipped to shrink the delay.
+    pub quiet_level: u8,
 }
 
 impl Default for JitterConfig {
@@ -53,6 +64,7 @@ impl Default for JitterConfig {
             margin: Duration::from_millis(5),
             max_concealed: 5,
             decrease_every: 5,
+            quiet_level: 60,
         }
     }
 }
@@ -80,6 +92,9 @@ pub enum PushOutcome {
 pub enum Pop<'a> {
     /// The packet scheduled for this tick.
     Packet(&'a [u8]),
+    /// The packet is missing but the next one is buffered: decode this frame from the next
+    /// packet's in-band FEC data (libopus `decode(next, fec = true)`; PLC if it carries none).
+    Recover(&'a [u8]),
     /// The packet is missing but the speaker was just talking: run packet-loss concealment.
     Conceal,
     /// Nothing to play.
@@ -99,6 +114,10 @@ pub struct JitterStats {
     pub lost: u64,
     /// Frames concealed with PLC.
     pub concealed: u64,
+    /// Missing frames rebuilt from the next packet's in-band FEC data.
+    pub recovered: u64,
+    /// Missing frames filled in time by the relay's repeated copy (`SpeakerRepeat`).
+    pub repaired: u64,
     /// Buffered frames skipped when the delay shrank.
     pub skipped: u64,
     /// Stream restarts (re-anchors after a timestamp jump).
@@ -115,6 +134,8 @@ impl JitterStats {
         self.duplicate += other.duplicate;
         self.lost += other.lost;
         self.concealed += other.concealed;
+        self.recovered += other.recovered;
+        self.repaired += other.repaired;
         self.skipped += other.skipped;
         self.restarts += other.restarts;
         self.out_of_range += other.out_of_range;
@@ -131,6 +152,7 @@ enum SlotState {
 struct Slot {
     frame: i64,
     state: SlotState,
+    level: u8,
     len: usize,
     data: [u8; MAX_OPUS_PAYLOAD],
 }
@@ -166,6 +188,10 @@ pub struct JitterBuffer {
     window_len: usize,
     window_pos: usize,
     since_change: u32,
+    /// The delay should shrink by one frame at the next quiet or missing frame.
+    want_shrink: bool,
+    /// Packets since the last gap in the stream (saturating).
+    since_gap: u32,
     delay_ns: i64,
     missing_run: u32,
     active: bool,
@@ -192,6 +218,7 @@ impl JitterBuffer {
             .map(|_| Slot {
                 frame: i64::MIN,
                 state: SlotState::Empty,
+                level: 127,
                 len: 0,
                 data: [0; MAX_OPUS_PAYLOAD],
             })
@@ -207,6 +234,8 @@ impl JitterBuffer {
             window_len: 0,
             window_pos: 0,
             since_change: 0,
+            want_shrink: false,
+            since_gap: FEC_HOLD_PACKETS,
             delay_ns: ns(cfg.initial_delay),
             missing_run: 0,
             active: false,
@@ -225,12 +254,13 @@ impl JitterBuffer {
         Duration::from_nanos(self.delay_ns.max(0) as u64)
     }
 
-    /// Buffer one packet that arrived at `arrival_ns` (since the mixer epoch); `next_tick` is the
-    /// next tick the mixer will produce.
+    /// Buffer one packet with RFC 6464 level `level` that arrived at `arrival_ns` (since the mixer
+    /// epoch); `next_tick` is the next tick the mixer will produce.
     pub fn push(
         &mut self,
         rtp_ts: u32,
         payload: &[u8],
+        level: u8,
         arrival_ns: i64,
         next_tick: u64,
     ) -> PushOutcome {
@@ -240,7 +270,7 @@ impl JitterBuffer {
         let next_tick = next_tick as i64;
         let Some(anchor) = self.anchor else {
             self.reanchor(rtp_ts, arrival_ns, next_tick, ns(self.cfg.initial_delay));
-            self.store(0, payload);
+            self.store(0, payload, level);
             return PushOutcome::Accepted;
         };
         let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
@@ -250,7 +280,7 @@ impl JitterBuffer {
         let tick = frame + self.offset;
         let slack = tick * FRAME_NS - arrival_ns;
         if tick >= next_tick + SLOTS as i64 || slack < -RESYNC_LATE_NS {
-            return self.out_of_range(rtp_ts, payload, arrival_ns, next_tick);
+            return self.out_of_range(rtp_ts, payload, level, arrival_ns, next_tick);
         }
         self.candidate = None;
         let slot = &self.slots[slot_index(frame)];
@@ -259,18 +289,61 @@ impl JitterBuffer {
             return PushOutcome::Duplicate;
         }
         if diff > 0 {
+            if diff > FRAME_SAMPLES as i64 * 3 / 2 {
+                // A hole: packets were lost (or are reordered); keep room for FEC recovery.
+                self.since_gap = 0;
+            }
             if let Some(a) = self.anchor.as_mut() {
                 a.highest_ext = ext;
                 a.highest_raw = rtp_ts;
             }
         }
+        self.since_gap = self.since_gap.saturating_add(1);
         self.record_arrival(frame * FRAME_NS - arrival_ns);
         self.adapt();
         if frame + self.offset < next_tick || frame <= self.last_popped {
             self.stats.late += 1;
             return PushOutcome::Late;
         }
-        self.store(frame, payload);
+        self.store(frame, payload, level);
+        PushOutcome::Accepted
+    }
+
+    /// Buffer the relay's repeated copy of an earlier packet (`SpeakerRepeat`): it fills the
+    /// frame only if the original is missing and its tick is still ahead. Its arrival time says
+    /// nothing about the path (it is sent a frame late on purpose), so it does not move the delay;
+    /// a repeat of a frame already buffered or played is expected and not counted.
+    pub fn push_repeat(
+        &mut self,
+        rtp_ts: u32,
+        payload: &[u8],
+        level: u8,
+        next_tick: u64,
+    ) -> PushOutcome {
+        if payload.is_empty() || payload.len() > MAX_OPUS_PAYLOAD {
+            return PushOutcome::Invalid;
+        }
+        let Some(anchor) = self.anchor else {
+            return PushOutcome::OutOfRange;
+        };
+        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
+        let ext = anchor.highest_ext + diff;
+        let frame = anchor.frame
+            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let tick = frame + self.offset;
+        if tick >= next_tick as i64 + SLOTS as i64 {
+            return PushOutcome::OutOfRange;
+        }
+        let slot = &self.slots[slot_index(frame)];
+        if slot.frame == frame && slot.state != SlotState::Empty {
+            return PushOutcome::Duplicate;
+        }
+        if tick < next_tick as i64 || frame <= self.last_popped {
+            return PushOutcome::Late;
+        }
+        self.store(frame, payload, level);
+        self.stats.accepted -= 1;
+        self.stats.repaired += 1;
         PushOutcome::Accepted
     }
 
@@ -279,7 +352,14 @@ impl JitterBuffer {
         if self.anchor.is_none() {
             return Pop::Silent;
         }
-        let frame = tick as i64 - self.offset;
+        let mut frame = tick as i64 - self.offset;
+        if self.want_shrink && frame == self.last_popped + 1 && self.skippable(frame) {
+            // Shrink now, on a frame nobody will miss.
+            self.offset -= 1;
+            self.want_shrink = false;
+            self.since_change = 0;
+            frame += 1;
+        }
         if frame <= self.last_popped {
             // The delay grew: stretch with concealment.
             return self.conceal(false);
@@ -304,7 +384,29 @@ impl JitterBuffer {
             .slots
             .iter()
             .any(|s| s.state == SlotState::Full && s.frame > frame);
+        let next = slot_index(frame + 1);
+        if self.active
+            && self.slots[next].frame == frame + 1
+            && self.slots[next].state == SlotState::Full
+        {
+            self.stats.lost += 1;
+            self.stats.recovered += 1;
+            self.missing_run = 0;
+            let slot = &self.slots[next];
+            return Pop::Recover(&slot.data[..slot.len]);
+        }
         self.conceal(later_buffered)
+    }
+
+    /// Whether `frame` may be dropped to shrink the delay: buffered and quiet, or missing while
+    /// the speaker is silent (a frame lost mid-speech is rebuilt or concealed instead).
+    fn skippable(&self, frame: i64) -> bool {
+        let slot = &self.slots[slot_index(frame)];
+        if slot.frame == frame && slot.state == SlotState::Full {
+            slot.level >= self.cfg.quiet_level
+        } else {
+            !self.active
+        }
     }
 
     fn conceal(&mut self, lost: bool) -> Pop<'static> {
@@ -325,6 +427,7 @@ impl JitterBuffer {
         &mut self,
         rtp_ts: u32,
         payload: &[u8],
+        level: u8,
         arrival_ns: i64,
         next_tick: i64,
     ) -> PushOutcome {
@@ -337,7 +440,7 @@ impl JitterBuffer {
                 let delay = self.delay_ns;
                 self.reanchor(rtp_ts, arrival_ns, next_tick, delay);
                 let frame = self.anchor.map_or(0, |a| a.frame);
-                self.store(frame, payload);
+                self.store(frame, payload, level);
                 return PushOutcome::Restarted;
             }
         }
@@ -372,15 +475,17 @@ impl JitterBuffer {
         self.window_len = 0;
         self.window_pos = 0;
         self.since_change = 0;
+        self.want_shrink = false;
         self.missing_run = 0;
         self.delay_ns = delay;
         self.record_arrival(frame * FRAME_NS - arrival_ns);
     }
 
-    fn store(&mut self, frame: i64, payload: &[u8]) {
+    fn store(&mut self, frame: i64, payload: &[u8], level: u8) {
         let slot = &mut self.slots[slot_index(frame)];
         slot.frame = frame;
         slot.state = SlotState::Full;
+        slot.level = level;
         slot.len = payload.len();
         slot.data[..payload.len()].copy_from_slice(payload);
         self.stats.accepted += 1;
@@ -400,11 +505,18 @@ impl JitterBuffer {
             return;
         };
         let settled = self.window_len as u32 >= MIN_SAMPLES;
+        // After a gap, one frame more: the next packet is then buffered when a frame is missing,
+        // and its FEC data rebuilds the lost frame.
+        let fec = if self.since_gap < FEC_HOLD_PACKETS {
+            FRAME_NS
+        } else {
+            0
+        };
         let target = if settled {
-            (max_g - min_g + ns(self.cfg.margin))
+            (max_g - min_g + ns(self.cfg.margin) + fec)
                 .clamp(ns(self.cfg.min_delay), ns(self.cfg.max_delay))
         } else {
-            (max_g - min_g + ns(self.cfg.margin))
+            (max_g - min_g + ns(self.cfg.margin) + fec)
                 .max(ns(self.cfg.initial_delay))
                 .min(ns(self.cfg.max_delay))
         };
@@ -413,9 +525,10 @@ impl JitterBuffer {
         if desired > self.offset {
             self.offset = desired;
             self.since_change = 0;
-        } else if desired < self.offset && settled && self.since_change >= self.cfg.decrease_every {
-            self.offset -= 1;
-            self.since_change = 0;
+            self.want_shrink = false;
+        } else {
+            self.want_shrink =
+                desired < self.offset && settled && self.since_change >= self.cfg.decrease_every;
         }
     }
 }
@@ -425,6 +538,9 @@ mod tests {
     use super::*;
 
     const MS: i64 = 1_000_000;
+    /// RFC 6464 level of speech (never skipped) and of silence.
+    const LOUD: u8 = 20;
+    const QUIET: u8 = 127;
 
     fn pkt(i: u8) -> [u8; 3] {
         [0xf8, i, 0x55]
@@ -435,6 +551,7 @@ mod tests {
         (from..to)
             .map(|t| match jb.pop(t) {
                 Pop::Packet(p) => Some(p[1]),
+                Pop::Recover(p) => Some(0xf0 | p[1]),
                 Pop::Conceal => Some(0xcc),
                 Pop::Silent => None,
             })
@@ -445,7 +562,10 @@ mod tests {
     fn first_packet_gets_initial_delay() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         // Arrives at 5 ms: the first tick at least 40 ms later is tick 3 (60 ms).
-        assert_eq!(jb.push(1000, &pkt(1), 5 * MS, 1), PushOutcome::Accepted);
+        assert_eq!(
+            jb.push(1000, &pkt(1), LOUD, 5 * MS, 1),
+            PushOutcome::Accepted
+        );
         assert_eq!(play(&mut jb, 1, 4), vec![None, None, Some(1)]);
     }
 
@@ -456,7 +576,7 @@ mod tests {
         for (n, &i) in order.iter().enumerate() {
             let ts = 7_000 + u32::from(i) * 960;
             assert_eq!(
-                jb.push(ts, &pkt(i), n as i64 * 20 * MS, 0),
+                jb.push(ts, &pkt(i), LOUD, n as i64 * 20 * MS, 0),
                 PushOutcome::Accepted
             );
         }
@@ -468,24 +588,34 @@ mod tests {
     #[test]
     fn duplicates_are_dropped_once_buffered_or_played() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        assert_eq!(jb.push(0, &pkt(0), 0, 0), PushOutcome::Accepted);
-        assert_eq!(jb.push(960, &pkt(1), 20 * MS, 0), PushOutcome::Accepted);
-        assert_eq!(jb.push(960, &pkt(1), 21 * MS, 0), PushOutcome::Duplicate);
+        assert_eq!(jb.push(0, &pkt(0), LOUD, 0, 0), PushOutcome::Accepted);
+        assert_eq!(
+            jb.push(960, &pkt(1), LOUD, 20 * MS, 0),
+            PushOutcome::Accepted
+        );
+        assert_eq!(
+            jb.push(960, &pkt(1), LOUD, 21 * MS, 0),
+            PushOutcome::Duplicate
+        );
         assert_eq!(play(&mut jb, 0, 4), vec![None, None, Some(0), Some(1)]);
-        assert_eq!(jb.push(960, &pkt(1), 70 * MS, 4), PushOutcome::Duplicate);
+        assert_eq!(
+            jb.push(960, &pkt(1), LOUD, 70 * MS, 4),
+            PushOutcome::Duplicate
+        );
         assert_eq!(jb.stats().duplicate, 2);
     }
 
     #[test]
-    fn loss_is_concealed_then_silent() {
+    fn lost_frame_is_recovered_from_the_next_packet_then_silent() {
         let cfg = JitterConfig::default();
         let mut jb = JitterBuffer::new(cfg);
         // Frames 0, 1, then 2 is lost, 3 arrives; then nothing for a while.
         for i in [0u8, 1, 3] {
-            jb.push(u32::from(i) * 960, &pkt(i), i64::from(i) * 20 * MS, 0);
+            jb.push(u32::from(i) * 960, &pkt(i), LOUD, i64::from(i) * 20 * MS, 0);
         }
         let out = play(&mut jb, 2, 2 + 4 + 8);
-        assert_eq!(&out[..4], &[Some(0), Some(1), Some(0xcc), Some(3)]);
+        // Frame 2 is decoded from packet 3's FEC data.
+        assert_eq!(&out[..4], &[Some(0), Some(1), Some(0xf3), Some(3)]);
         // After frame 3, `max_concealed` PLC frames, then silence.
         let tail = &out[4..];
         let plc = tail.iter().filter(|x| **x == Some(0xcc)).count();
@@ -493,7 +623,98 @@ mod tests {
         assert_eq!(tail[tail.len() - 1], None);
         let s = jb.stats();
         assert_eq!(s.lost, 1);
-        assert_eq!(s.concealed, 1 + u64::from(cfg.max_concealed));
+        assert_eq!(s.recovered, 1);
+        assert_eq!(s.concealed, u64::from(cfg.max_concealed));
+    }
+
+    #[test]
+    fn missing_frame_without_the_next_packet_is_concealed() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(0, &pkt(0), LOUD, 0, 0);
+        jb.push(960, &pkt(1), LOUD, 20 * MS, 0);
+        // Frame 2 missing and frame 3 not here yet: PLC; frame 3 then plays.
+        assert_eq!(play(&mut jb, 0, 4), vec![None, None, Some(0), Some(1)]);
+        assert_eq!(play(&mut jb, 4, 5), vec![Some(0xcc)]);
+        jb.push(3 * 960, &pkt(3), LOUD, 81 * MS, 5);
+        assert!(play(&mut jb, 5, 8).contains(&Some(3)));
+        assert_eq!(jb.stats().recovered, 0);
+    }
+
+    #[test]
+    fn a_gap_keeps_one_more_frame_of_delay_for_fec() {
+        let steady = |gap: bool| {
+            let mut jb = JitterBuffer::new(JitterConfig::default());
+            let mut tick = 0u64;
+            for i in 0..100u32 {
+                let arrival = i64::from(i) * 20 * MS + MS;
+                while (tick as i64) * 20 * MS <= arrival {
+                    jb.pop(tick);
+                    tick += 1;
+                }
+                if gap && i == 60 {
+                    continue;
+                }
+                jb.push(i * 960, &pkt(0), QUIET, arrival, tick);
+            }
+            jb.delay()
+        };
+        assert_eq!(steady(false), Duration::from_millis(10));
+        assert_eq!(steady(true), Duration::from_millis(25));
+    }
+
+    #[test]
+    fn relay_repeat_fills_a_lost_frame_only() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(0, &pkt(0), LOUD, 0, 0);
+        // Frame 1's original is lost; frame 2 arrives with frame 1's repeat.
+        jb.push(1920, &pkt(2), LOUD, 40 * MS, 1);
+        assert_eq!(jb.push_repeat(960, &pkt(1), LOUD, 1), PushOutcome::Accepted);
+        // Frame 0's repeat comes after its original: ignored, not a duplicate in the counters.
+        assert_eq!(jb.push_repeat(0, &pkt(0), LOUD, 1), PushOutcome::Duplicate);
+        assert_eq!(
+            play(&mut jb, 0, 5),
+            vec![None, None, Some(0), Some(1), Some(2)]
+        );
+        // A repeat after its tick is late.
+        assert_eq!(
+            jb.push_repeat(1920, &pkt(2), LOUD, 5),
+            PushOutcome::Duplicate
+        );
+        assert_eq!(jb.push_repeat(2880, &pkt(3), LOUD, 6), PushOutcome::Late);
+        let s = jb.stats();
+        assert_eq!((s.repaired, s.duplicate, s.lost, s.accepted), (1, 0, 0, 2));
+        // Without an anchor a repeat cannot be placed.
+        let mut fresh = JitterBuffer::new(JitterConfig::default());
+        assert_eq!(
+            fresh.push_repeat(0, &pkt(0), LOUD, 0),
+            PushOutcome::OutOfRange
+        );
+    }
+
+    #[test]
+    fn speech_is_never_skipped_to_shrink_the_delay() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let mut tick = 0u64;
+        let mut played = Vec::new();
+        // 60 loud frames, then quiet ones, steady 1 ms after each tick: the delay wants to fall
+        // from 40 ms to 10 ms at once, but frames go only when quiet.
+        for i in 0..120u32 {
+            let arrival = i64::from(i) * 20 * MS + MS;
+            while (tick as i64) * 20 * MS <= arrival {
+                if let Pop::Packet(p) = jb.pop(tick) {
+                    played.push(p[1]);
+                }
+                tick += 1;
+            }
+            let level = if i < 60 { LOUD } else { QUIET };
+            jb.push(i * 960, &pkt(i as u8), level, arrival, tick);
+        }
+        let loud: Vec<u8> = played.iter().copied().filter(|&b| b < 60).collect();
+        assert_eq!(loud, (0..60).collect::<Vec<u8>>());
+        assert!(jb.stats().skipped >= 1);
+        // Once quiet, the delay did shrink.
+        let slack = (119 + jb.offset) * 20 * MS - (119 * 20 * MS + MS);
+        assert!(slack < 30 * MS, "slack {slack}");
     }
 
     #[test]
@@ -507,7 +728,7 @@ mod tests {
         for i in 0..6u8 {
             let ts = start.wrapping_add(u32::from(i) * 960);
             assert_eq!(
-                jb.push(ts, &pkt(i), i64::from(i) * 20 * MS, u64::from(i)),
+                jb.push(ts, &pkt(i), LOUD, i64::from(i) * 20 * MS, u64::from(i)),
                 PushOutcome::Accepted,
                 "packet {i}"
             );
@@ -521,15 +742,15 @@ mod tests {
     #[test]
     fn late_packet_is_dropped() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        jb.push(0, &pkt(0), 0, 0);
-        jb.push(1920, &pkt(2), 40 * MS, 0);
-        // Ticks 2 (frame 0), 3 (frame 1: missing -> PLC) and 4 (frame 2) are mixed.
+        jb.push(0, &pkt(0), LOUD, 0, 0);
+        jb.push(1920, &pkt(2), LOUD, 40 * MS, 0);
+        // Ticks 2 (frame 0), 3 (frame 1: missing -> FEC of frame 2) and 4 (frame 2) are mixed.
         assert_eq!(
             play(&mut jb, 0, 5),
-            vec![None, None, Some(0), Some(0xcc), Some(2)]
+            vec![None, None, Some(0), Some(0xf2), Some(2)]
         );
         // Frame 1 shows up after its tick.
-        assert_eq!(jb.push(960, &pkt(1), 95 * MS, 5), PushOutcome::Late);
+        assert_eq!(jb.push(960, &pkt(1), LOUD, 95 * MS, 5), PushOutcome::Late);
         assert_eq!(jb.stats().late, 1);
     }
 
@@ -537,14 +758,17 @@ mod tests {
     fn delay_shrinks_on_steady_arrivals_and_grows_on_jitter() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         let mut tick = 0u64;
-        // Steady packets, 1 ms after each tick: delay falls from 40 ms to the 10 ms floor.
+        // Steady quiet packets, 1 ms after each tick: delay falls from 40 ms to the 10 ms floor.
         for i in 0..100u32 {
             let arrival = i64::from(i) * 20 * MS + MS;
             while (tick as i64) * 20 * MS <= arrival {
                 jb.pop(tick);
                 tick += 1;
             }
-            assert_ne!(jb.push(i * 960, &pkt(0), arrival, tick), PushOutcome::Late);
+            assert_ne!(
+                jb.push(i * 960, &pkt(0), QUIET, arrival, tick),
+                PushOutcome::Late
+            );
         }
         assert_eq!(jb.delay(), Duration::from_millis(10));
         // Latest packet (frame 99, arrived 1981 ms) plays at most 30 ms after arrival.
@@ -557,7 +781,7 @@ mod tests {
             jb.pop(tick);
             tick += 1;
         }
-        jb.push(100 * 960, &pkt(0), arrival, tick);
+        jb.push(100 * 960, &pkt(0), QUIET, arrival, tick);
         assert!(jb.delay() >= Duration::from_millis(40), "{:?}", jb.delay());
         assert!(jb.stats().skipped > 0);
     }
@@ -569,6 +793,7 @@ mod tests {
             jb.push(
                 10_000 + i * 960,
                 &pkt(i as u8),
+                LOUD,
                 i64::from(i) * 20 * MS,
                 u64::from(i),
             );
@@ -577,13 +802,13 @@ mod tests {
         // The sender restarts with an unrelated timestamp.
         let base = 3_000_000_000u32;
         let t = 100 * MS;
-        assert_eq!(jb.push(base, &pkt(50), t, 5), PushOutcome::OutOfRange);
+        assert_eq!(jb.push(base, &pkt(50), LOUD, t, 5), PushOutcome::OutOfRange);
         assert_eq!(
-            jb.push(base + 960, &pkt(51), t + 20 * MS, 6),
+            jb.push(base + 960, &pkt(51), LOUD, t + 20 * MS, 6),
             PushOutcome::Restarted
         );
         assert_eq!(
-            jb.push(base + 1920, &pkt(52), t + 40 * MS, 6),
+            jb.push(base + 1920, &pkt(52), LOUD, t + 40 * MS, 6),
             PushOutcome::Accepted
         );
         let got: Vec<u8> = play(&mut jb, 5, 20)
@@ -591,15 +816,16 @@ mod tests {
             .flatten()
             .filter(|&b| b >= 50 && b != 0xcc)
             .collect();
-        assert_eq!(got, vec![51, 52]);
+        // The frame before the new anchor comes from packet 51's FEC data (it carries 50).
+        assert_eq!(got, vec![0xf3, 51, 52]);
         assert_eq!(jb.stats().restarts, 1);
     }
 
     #[test]
     fn invalid_payloads_are_refused() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        assert_eq!(jb.push(0, &[], 0, 0), PushOutcome::Invalid);
+        assert_eq!(jb.push(0, &[], LOUD, 0, 0), PushOutcome::Invalid);
         let big = vec![0u8; MAX_OPUS_PAYLOAD + 1];
-        assert_eq!(jb.push(0, &big, 0, 0), PushOutcome::Invalid);
+        assert_eq!(jb.push(0, &big, LOUD, 0, 0), PushOutcome::Invalid);
     }
 }

@@ -164,6 +164,12 @@ pub async fn run_with(
     let (done_tx, done_rx) = oneshot::channel();
     let runtime = tokio::runtime::Handle::current();
     let mixer_metrics = metrics.clone();
+    let programs_config = programs::ProgramsConfig {
+        idle_end: (config.idle_room_timeout_secs > 0)
+            .then(|| Duration::from_secs(config.idle_room_timeout_secs)),
+        ..programs::ProgramsConfig::default()
+    };
+    let (idle_tx, mut idle_rx) = mpsc::unbounded_channel();
     let mixer_stop = stop.clone();
     std::thread::Builder::new()
         .name("amphi-mixer".into())
@@ -178,6 +184,8 @@ pub async fn run_with(
                         control_rx,
                         mixer_metrics,
                         runtime,
+                        programs_config,
+                        idle_tx,
                         mixer_stop.clone(),
                     ))
                     .map_err(|e| e.to_string())
@@ -195,13 +203,32 @@ pub async fn run_with(
         durable,
     ));
     {
+        // Rooms idle past `idle_room_timeout_secs` end like `POST /v1/rooms/{id}/end`: edges,
+        // geo-routers (directory, webhooks) and packagers (ENDLIST) hear `RoomEnded`.
+        let (hub, stop) = (hub.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    room = idle_rx.recv() => match room {
+                        Some(room) => hub.end_idle_room(room, std::time::Instant::now()),
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+    {
         let (hub, stop) = (hub.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => hub.sweep_unclaimed(std::time::Instant::now()),
+                    _ = tick.tick() => {
+                        hub.sweep_unclaimed(std::time::Instant::now());
+                        hub.reverify().await;
+                    }
                 }
             }
         });

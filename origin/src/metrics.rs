@@ -154,7 +154,7 @@ pub struct Metrics {
 type JitterCounter = (&'static str, &'static str, fn(&JitterStats) -> u64);
 
 /// The jitter-buffer counters exported.
-const JITTER_COUNTERS: [JitterCounter; 6] = [
+const JITTER_COUNTERS: [JitterCounter; 8] = [
     (
         "late",
         "Speaker frames dropped because their tick had passed",
@@ -164,6 +164,16 @@ const JITTER_COUNTERS: [JitterCounter; 6] = [
     ("concealed", "Speaker frames concealed with Opus PLC", |j| {
         j.concealed
     }),
+    (
+        "recovered",
+        "Missing speaker frames rebuilt from the next packet's Opus in-band FEC",
+        |j| j.recovered,
+    ),
+    (
+        "repaired",
+        "Missing speaker frames filled by the edge's repeated relay copy",
+        |j| j.repaired,
+    ),
     ("duplicate", "Duplicate speaker frames dropped", |j| {
         j.duplicate
     }),

@@ -125,6 +125,8 @@ struct Driver {
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
     room_cpu: RoomCpu,
+    /// Rooms idle for `ProgramsConfig::idle_end`, for the hub to end.
+    idle_tx: mpsc::UnboundedSender<RoomId>,
 }
 
 impl Driver {
@@ -200,6 +202,7 @@ impl Driver {
             metrics,
             runtime,
             room_cpu,
+            idle_tx,
             ..
         } = self;
         programs.poll(now, &mut |event| match event {
@@ -222,6 +225,10 @@ impl Driver {
                     }
                 }
             }
+            ProgramEvent::Idle(room) => {
+                tracing::info!(%room, "room idle without speakers: ending it");
+                let _ = idle_tx.send(room);
+            }
             ProgramEvent::Stopped(room) => {
                 tracing::info!(%room, "program stopped");
                 room_cpu.stopped(room, metrics);
@@ -239,16 +246,20 @@ impl Driver {
     }
 }
 
-/// Run the mixer loop until `shutdown` or until both command channels close.
+/// Run the mixer loop until `shutdown` or until both command channels close. Rooms idle for
+/// `config.idle_end` are sent on `idle_tx` (the hub ends them).
 pub(crate) async fn mixer_loop(
     mut packets: mpsc::Receiver<MixerCmd>,
     mut control: mpsc::UnboundedReceiver<MixerCmd>,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
+    config: ProgramsConfig,
+    idle_tx: mpsc::UnboundedSender<RoomId>,
     shutdown: CancellationToken,
 ) -> Result<(), crate::mixer::MixError> {
     let mut driver = Driver {
-        programs: Programs::new(ProgramsConfig::default(), Instant::now()),
+        programs: Programs::new(config, Instant::now()),
+        idle_tx,
         packagers: HashMap::new(),
         opened: HashSet::new(),
         metrics,

@@ -135,9 +135,72 @@ impl RoomStore {
     }
 }
 
+/// The state of a room that this origin started afresh because its stored state could not be
+/// read (the store was unreachable), merged with the stored state once it can be read, so that
+/// nothing decided before the outage is lost or overwritten:
+///
+/// - an ended room stays ended;
+/// - every ban stands (the union of both), and a banned user who joined meanwhile is removed
+///   (with their raised hand);
+/// - a user the stored record knows keeps the stored role (a demotion or promotion made before
+///   the outage sticks; a token cannot undo it), users it does not know keep ours;
+/// - presence (participants, hand order) is ours: it is what the edges announce now.
+pub fn reconcile(stored: PersistedRoom, ours: PersistedRoom) -> PersistedRoom {
+    let mut out = ours;
+    if stored.state.phase == RoomPhase::Ended {
+        out.state.phase = RoomPhase::Ended;
+    }
+    let mut banned = stored.state.banned;
+    for u in out.state.banned.drain(..) {
+        if !banned.contains(&u) {
+            banned.push(u);
+        }
+    }
+    out.state.banned = banned;
+    let stored_roles: HashMap<String, RoomRole> = stored.roles.into_iter().collect();
+    for (user, role) in &mut out.roles {
+        if let Some(r) = stored_roles.get(user) {
+            *role = *r;
+        }
+    }
+    for (user, role) in stored_roles {
+        if !out.roles.iter().any(|(u, _)| *u == user) {
+            out.roles.push((user, role));
+        }
+    }
+    out.roles.sort_by(|a, b| a.0.cmp(&b.0));
+    let bans = out.state.banned.clone();
+    out.state.participants.retain(|p| !bans.contains(&p.user));
+    for p in &mut out.state.participants {
+        if let Some((_, r)) = out.roles.iter().find(|(u, _)| *u == p.user) {
+            p.role = *r;
+        }
+    }
+    let present: Vec<_> = out.state.participants.iter().map(|p| p.id).collect();
+    out.state.hands.retain(|h| present.contains(h));
+    out
+}
+
+/// The pending snapshots the writer may store now: all but those of held rooms, which stay
+/// pending.
+pub fn take_writable(
+    pending: &mut HashMap<RoomId, PersistedRoom>,
+    held: &std::collections::HashSet<RoomId>,
+) -> Vec<PersistedRoom> {
+    let ready: Vec<RoomId> = pending
+        .keys()
+        .filter(|r| !held.contains(r))
+        .copied()
+        .collect();
+    ready.iter().filter_map(|r| pending.remove(r)).collect()
+}
+
 /// Hands snapshots to a writer task without ever waiting (see the module documentation).
 pub struct Persister {
     pending: Mutex<HashMap<RoomId, PersistedRoom>>,
+    /// Rooms whose snapshots must not be written: started afresh while their stored state was
+    /// unreadable, until the stored state is merged in ([`reconcile`]).
+    held: Mutex<std::collections::HashSet<RoomId>>,
     wake: Notify,
     /// Snapshots written.
     pub written: AtomicU64,
@@ -152,6 +215,7 @@ impl Persister {
     pub fn start(store: RoomStore, shutdown: CancellationToken) -> Arc<Self> {
         let p = Arc::new(Persister {
             pending: Mutex::new(HashMap::new()),
+            held: Mutex::new(Default::default()),
             wake: Notify::new(),
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -174,6 +238,32 @@ impl Persister {
         self.wake.notify_one();
     }
 
+    /// Do not write `room`'s snapshots (its stored state could not be read): writing them
+    /// would overwrite bans and roles stored before. They wait until [`Persister::release`].
+    pub fn hold(&self, room: RoomId) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room);
+    }
+
+    /// `room`'s state was reconciled with the stored one: write its snapshots again.
+    pub fn release(&self, room: RoomId) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&room);
+        self.wake.notify_one();
+    }
+
+    /// Whether `room`'s snapshots are held.
+    pub fn is_held(&self, room: RoomId) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&room)
+    }
+
     /// Snapshots waiting for the writer.
     pub fn backlog(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -187,8 +277,9 @@ impl Persister {
                 _ = self.wake.notified() => false,
             };
             let batch: Vec<PersistedRoom> = {
+                let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                pending.drain().map(|(_, v)| v).collect()
+                take_writable(&mut pending, &held)
             };
             let mut failed = Vec::new();
             for saved in batch {
@@ -248,6 +339,125 @@ mod tests {
             region: "us-east".into(),
             resume: None,
         }
+    }
+
+    #[test]
+    fn a_room_started_afresh_in_an_outage_keeps_the_stored_bans_and_roles() {
+        let t0 = Instant::now();
+        let (h, s, l, k) = (
+            ParticipantId(1),
+            ParticipantId(2),
+            ParticipantId(3),
+            ParticipantId(4),
+        );
+        // Before the outage: troll banned, spk demoted, carol promoted.
+        let mut before = Room::new(RoomId(9), RoomLimits::default(), t0, 1_000);
+        before.apply(h, join("host", Role::Host), t0).unwrap();
+        before.apply(s, join("spk", Role::Speaker), t0).unwrap();
+        before.apply(l, join("carol", Role::Listener), t0).unwrap();
+        before.apply(k, join("troll", Role::Listener), t0).unwrap();
+        before
+            .apply(h, RoomCommand::Demote { target: s }, t0)
+            .unwrap();
+        before
+            .apply(
+                h,
+                RoomCommand::Promote {
+                    target: l,
+                    role: RoomRole::Speaker,
+                },
+                t0,
+            )
+            .unwrap();
+        before
+            .apply(h, RoomCommand::Kick { target: k }, t0)
+            .unwrap();
+        let stored = before.persisted();
+
+        // The store is unreachable when a fresh origin first sees the room: it starts afresh;
+        // everyone rejoins with their token's role, the troll too; a new user is banned.
+        let mut ours = Room::new(RoomId(9), RoomLimits::default(), t0, 2_000);
+        let (h2, s2, l2, k2, n2, m2) = (
+            ParticipantId(11),
+            ParticipantId(12),
+            ParticipantId(13),
+            ParticipantId(14),
+            ParticipantId(15),
+            ParticipantId(16),
+        );
+        ours.apply(h2, join("host", Role::Host), t0).unwrap();
+        ours.apply(s2, join("spk", Role::Speaker), t0).unwrap();
+        ours.apply(l2, join("carol", Role::Listener), t0).unwrap();
+        ours.apply(k2, join("troll", Role::Listener), t0).unwrap();
+        ours.apply(n2, join("newbie", Role::Listener), t0).unwrap();
+        ours.apply(m2, join("spammer", Role::Listener), t0).unwrap();
+        ours.apply(k2, RoomCommand::RaiseHand, t0).unwrap();
+        ours.apply(n2, RoomCommand::RaiseHand, t0).unwrap();
+        ours.apply(h2, RoomCommand::Kick { target: m2 }, t0)
+            .unwrap();
+        // Written as is, this would erase the troll's ban and spk's demotion.
+        assert!(!ours.persisted().state.banned.contains(&"troll".to_string()));
+
+        let merged = reconcile(stored, ours.persisted());
+        assert_eq!(
+            merged.state.banned,
+            vec!["troll".to_string(), "spammer".to_string()]
+        );
+        let role = |id| {
+            merged
+                .state
+                .participants
+                .iter()
+                .find(|p| p.id == id)
+                .map(|p| p.role)
+        };
+        assert_eq!(role(s2), Some(RoomRole::Listener), "the demotion sticks");
+        assert_eq!(role(l2), Some(RoomRole::Speaker), "the promotion sticks");
+        assert_eq!(role(h2), Some(RoomRole::Host));
+        assert_eq!(role(n2), Some(RoomRole::Listener), "new users keep theirs");
+        assert_eq!(role(k2), None, "the banned troll is out");
+        assert_eq!(merged.state.hands, vec![n2], "and its hand with it");
+        // The merged room enforces it all.
+        let mut back = Room::restore(merged.clone(), RoomLimits::default(), t0, 3_000);
+        let err = back
+            .apply(ParticipantId(20), join("troll", Role::Listener), t0)
+            .unwrap_err();
+        assert_eq!(err.code, RejectCode::Banned);
+        back.apply(ParticipantId(21), join("spk", Role::Speaker), t0)
+            .unwrap();
+        assert_eq!(
+            back.participant(ParticipantId(21)).unwrap().role,
+            RoomRole::Listener
+        );
+        // An ended room stays ended; merging again changes nothing.
+        let mut ended = merged.clone();
+        ended.state.phase = RoomPhase::Ended;
+        assert_eq!(
+            reconcile(ended.clone(), merged.clone()).state.phase,
+            RoomPhase::Ended
+        );
+        assert_eq!(reconcile(merged.clone(), merged.clone()), merged);
+    }
+
+    #[test]
+    fn held_rooms_are_not_written_until_released() {
+        let t0 = Instant::now();
+        let mut pending = HashMap::new();
+        for id in [1u64, 2, 3] {
+            let r = Room::new(RoomId(id), RoomLimits::default(), t0, 0);
+            pending.insert(RoomId(id), r.persisted());
+        }
+        let held: std::collections::HashSet<RoomId> = [RoomId(2)].into();
+        let mut out: Vec<u64> = take_writable(&mut pending, &held)
+            .iter()
+            .map(|p| p.state.room.0)
+            .collect();
+        out.sort();
+        assert_eq!(out, vec![1, 3]);
+        assert_eq!(pending.len(), 1, "the held snapshot waits");
+        let out = take_writable(&mut pending, &Default::default());
+        assert_eq!(out.len(), 1);
+        assert!(pending.is_empty());
     }
 
     #[test]

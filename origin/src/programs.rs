@@ -1,5 +1,7 @@
-//! Every room's program on one mix timeline (sans-IO): start on demand, tick every 20 ms, stop
-//! after a quiet period, remember ended rooms.
+//! Every room's program on one mix timeline (sans-IO): start on demand, tick every 20 ms until the
+//! room ends (a live room without speakers keeps producing encoded silence, so its LL-HLS playlist
+//! keeps moving, RFC 8216 §6.2.1), report rooms idle for the configured time so the driver ends
+//! them through the normal end path, remember ended rooms.
 //!
 //! The timeline is a grid of ticks `epoch + k * 20 ms`; [`Programs::poll`] mixes every tick that
 //! is due at `now`, so a late wake-up catches up in a burst and the output stays at exactly 50
@@ -7,7 +9,7 @@
 
 use crate::jitter::{PushOutcome, FRAME_NS};
 use crate::mixer::{MixError, MixStats, MixerConfig, ProgramFrame, RoomMixer};
-use amphi_protocol::relay::RelayFrame;
+use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::RoomId;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,13 +19,18 @@ const MAX_BURST: u64 = 250;
 /// How often (in ticks) idle bookkeeping runs.
 const HOUSEKEEPING_TICKS: u64 = 50;
 
+/// Default [`ProgramsConfig::idle_end`]: a room is ended after an hour without speakers.
+pub const DEFAULT_IDLE_END: Duration = Duration::from_secs(3600);
+
 /// Tuning of [`Programs`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgramsConfig {
     /// Mixer settings of every room.
     pub mixer: MixerConfig,
-    /// A program stops after this long without speakers or packets.
-    pub idle_stop: Duration,
+    /// A live room without speakers or packets for this long is reported idle
+    /// ([`ProgramEvent::Idle`]) so that it is ended; `None`: never. The program itself only stops
+    /// when the room ends.
+    pub idle_end: Option<Duration>,
     /// Unannounced speakers (packets without `SpeakerJoined`) are forgotten after this long.
     pub speaker_idle: Duration,
     /// Ended rooms refuse packets and joins for this long.
@@ -36,7 +43,7 @@ impl Default for ProgramsConfig {
     fn default() -> Self {
         ProgramsConfig {
             mixer: MixerConfig::default(),
-            idle_stop: Duration::from_secs(60),
+            idle_end: Some(DEFAULT_IDLE_END),
             speaker_idle: Duration::from_secs(10),
             ended_memory: Duration::from_secs(600),
             max_rooms: 512,
@@ -67,7 +74,10 @@ pub enum ProgramEvent<'a> {
     Mixing(RoomId),
     /// One program frame of a room.
     Frame(RoomId, ProgramFrame<'a>),
-    /// A room's program stopped (idle or ended); its stream should be finished.
+    /// A room had no speakers for [`ProgramsConfig::idle_end`] (reported once): end it through
+    /// the normal end path; its program keeps running until then.
+    Idle(RoomId),
+    /// A room's program stopped (the room ended); its stream should be finished.
     Stopped(RoomId),
 }
 
@@ -75,6 +85,7 @@ struct Program {
     mixer: RoomMixer,
     last_activity_ns: i64,
     announced: bool,
+    idle_reported: bool,
 }
 
 /// All running programs. See the module documentation.
@@ -85,6 +96,7 @@ pub struct Programs {
     rooms: HashMap<RoomId, Program>,
     ended: HashMap<RoomId, i64>,
     stopped: Vec<RoomId>,
+    idle: Vec<RoomId>,
     retired: MixStats,
 }
 
@@ -102,6 +114,7 @@ impl Programs {
             rooms: HashMap::new(),
             ended: HashMap::new(),
             stopped: Vec::new(),
+            idle: Vec::new(),
             retired: MixStats::default(),
         }
     }
@@ -150,11 +163,13 @@ impl Programs {
                     mixer,
                     last_activity_ns: now_ns,
                     announced: false,
+                    idle_reported: false,
                 },
             );
         }
         let p = self.rooms.get_mut(&room).ok_or(Admission::TooManyRooms)?;
         p.last_activity_ns = p.last_activity_ns.max(now_ns);
+        p.idle_reported = false;
         Ok(p)
     }
 
@@ -196,15 +211,31 @@ impl Programs {
         }
     }
 
-    /// A speaker packet (kind `SpeakerAudio`) that arrived at `arrival`.
+    /// A speaker packet (kind `SpeakerAudio`, or its relay repeat `SpeakerRepeat`) that arrived
+    /// at `arrival`.
     pub fn packet(&mut self, frame: &RelayFrame<'_>, arrival: Instant) -> Admission {
         let now_ns = self.ns(arrival);
         let next_tick = self.next_tick;
+        if frame.kind == FrameKind::SpeakerRepeat {
+            // A repeat neither starts a program nor counts as activity.
+            return match self.rooms.get_mut(&frame.room) {
+                Some(p) => Admission::Mixed(p.mixer.push_repeat(
+                    frame.speaker,
+                    frame.rtp_ts,
+                    frame.payload,
+                    frame.audio_level,
+                    next_tick,
+                )),
+                None if self.ended.contains_key(&frame.room) => Admission::RoomEnded,
+                None => Admission::Mixed(PushOutcome::OutOfRange),
+            };
+        }
         match self.room(frame.room, now_ns) {
             Ok(p) => match p.mixer.push(
                 frame.speaker,
                 frame.rtp_ts,
                 frame.payload,
+                frame.audio_level,
                 now_ns,
                 next_tick,
             ) {
@@ -263,14 +294,17 @@ impl Programs {
 
     fn housekeeping(&mut self, now_ns: i64) {
         let speaker_idle = to_ns(self.cfg.speaker_idle);
-        let idle_stop = to_ns(self.cfg.idle_stop);
+        let idle_end = self.cfg.idle_end.map(to_ns);
         for (&room, p) in self.rooms.iter_mut() {
             p.mixer.remove_idle(now_ns, speaker_idle);
-            if p.mixer.speaker_count() == 0
-                && now_ns.saturating_sub(p.last_activity_ns) >= idle_stop
-                && !self.stopped.contains(&room)
-            {
-                self.stopped.push(room);
+            if let Some(idle_end) = idle_end {
+                if p.mixer.speaker_count() == 0
+                    && !p.idle_reported
+                    && now_ns.saturating_sub(p.last_activity_ns) >= idle_end
+                {
+                    p.idle_reported = true;
+                    self.idle.push(room);
+                }
             }
         }
         let memory = to_ns(self.cfg.ended_memory);
@@ -279,6 +313,9 @@ impl Programs {
     }
 
     fn flush_stopped(&mut self, sink: &mut dyn FnMut(ProgramEvent<'_>)) {
+        for room in self.idle.drain(..) {
+            sink(ProgramEvent::Idle(room));
+        }
         for room in self.stopped.drain(..) {
             if let Some(p) = self.rooms.remove(&room) {
                 self.retired.add(&p.mixer.stats());
@@ -314,6 +351,7 @@ mod tests {
         mixing: Vec<RoomId>,
         frames: Vec<(RoomId, u32)>,
         stopped: Vec<RoomId>,
+        idle: Vec<RoomId>,
     }
 
     fn poll(p: &mut Programs, now: Instant, seen: &mut Seen) {
@@ -325,18 +363,15 @@ mod tests {
                 seen.frames.push((r, f.rtp_ts));
             }
             ProgramEvent::Stopped(r) => seen.stopped.push(r),
+            ProgramEvent::Idle(r) => seen.idle.push(r),
         })
         .unwrap();
     }
 
     #[test]
-    fn program_runs_at_fifty_frames_per_second_and_stops_when_idle() {
+    fn program_runs_at_fifty_frames_per_second() {
         let t0 = Instant::now();
-        let cfg = ProgramsConfig {
-            idle_stop: Duration::from_secs(2),
-            ..ProgramsConfig::default()
-        };
-        let mut p = Programs::new(cfg, t0);
+        let mut p = Programs::new(ProgramsConfig::default(), t0);
         let mut seen = Seen::default();
         assert_eq!(
             p.speaker_joined(RoomId(5), 1, 77, t0),
@@ -353,20 +388,88 @@ mod tests {
         assert_eq!(seen.frames.len(), 51); // ticks 0..=50
         let ts: Vec<u32> = seen.frames.iter().map(|f| f.1).collect();
         assert!(ts.windows(2).all(|w| w[1] == w[0] + 960));
-        // The speaker leaves; 2 s later the program stops.
-        p.speaker_left(RoomId(5), 1, t0 + t);
-        poll(&mut p, t0 + t + Duration::from_millis(1900), &mut seen);
+    }
+
+    /// A live room whose speakers all left keeps producing (the playlist must not freeze) until
+    /// it has been idle for `idle_end`, is reported once, and stops only when it ends.
+    #[test]
+    fn rooms_without_speakers_keep_producing_until_ended() {
+        let t0 = Instant::now();
+        let cfg = ProgramsConfig {
+            idle_end: Some(Duration::from_secs(600)),
+            ..ProgramsConfig::default()
+        };
+        let mut p = Programs::new(cfg, t0);
+        let mut seen = Seen::default();
+        p.speaker_joined(RoomId(5), 1, 77, t0);
+        poll(&mut p, t0 + Duration::from_secs(1), &mut seen);
+        p.speaker_left(RoomId(5), 1, t0 + Duration::from_secs(1));
+        // Nine minutes of silence, polled every second: 50 frames a second, no stop, no idle.
+        let before = seen.frames.len();
+        for s in 2..=540u64 {
+            poll(&mut p, t0 + Duration::from_secs(s), &mut seen);
+        }
+        assert_eq!(seen.frames.len() - before, 539 * 50);
+        assert!(seen.stopped.is_empty(), "a live room's program never stops");
+        assert!(seen.idle.is_empty());
+        let ts: Vec<u32> = seen.frames.iter().map(|f| f.1).collect();
+        assert!(
+            ts.windows(2).all(|w| w[1] == w[0] + 960),
+            "one continuous timeline"
+        );
+        // Ten minutes after the last speaker left: reported idle once, still producing.
+        for s in 541..=700u64 {
+            poll(&mut p, t0 + Duration::from_secs(s), &mut seen);
+        }
+        assert_eq!(seen.idle, vec![RoomId(5)]);
         assert!(seen.stopped.is_empty());
-        poll(&mut p, t0 + t + Duration::from_millis(3100), &mut seen);
+        assert!(p.is_running(RoomId(5)));
+        // The driver ends it: the program stops.
+        p.room_ended(RoomId(5), t0 + Duration::from_secs(700));
+        poll(&mut p, t0 + Duration::from_secs(701), &mut seen);
         assert_eq!(seen.stopped, vec![RoomId(5)]);
         assert_eq!(p.running(), 0);
-        // It restarts on demand.
-        let now = t0 + Duration::from_secs(5);
-        assert!(matches!(
-            p.packet(&audio(5, 2, 0, &[0xf8, 1, 2]), now),
-            Admission::Mixed(_)
-        ));
-        assert!(p.is_running(RoomId(5)));
+    }
+
+    #[test]
+    fn activity_resets_the_idle_clock_and_none_never_reports() {
+        let t0 = Instant::now();
+        let cfg = ProgramsConfig {
+            idle_end: Some(Duration::from_secs(10)),
+            ..ProgramsConfig::default()
+        };
+        let mut p = Programs::new(cfg, t0);
+        let mut seen = Seen::default();
+        p.speaker_joined(RoomId(1), 1, 7, t0);
+        p.speaker_left(RoomId(1), 1, t0);
+        for s in 1..=8u64 {
+            poll(&mut p, t0 + Duration::from_secs(s), &mut seen);
+        }
+        // A speaker comes back for a moment at 8 s: the idle clock restarts.
+        p.speaker_joined(RoomId(1), 2, 7, t0 + Duration::from_secs(8));
+        p.speaker_left(RoomId(1), 2, t0 + Duration::from_secs(8));
+        for s in 9..=17u64 {
+            poll(&mut p, t0 + Duration::from_secs(s), &mut seen);
+        }
+        assert!(seen.idle.is_empty());
+        for s in 18..=20u64 {
+            poll(&mut p, t0 + Duration::from_secs(s), &mut seen);
+        }
+        assert_eq!(seen.idle, vec![RoomId(1)]);
+
+        let cfg = ProgramsConfig {
+            idle_end: None,
+            ..ProgramsConfig::default()
+        };
+        let mut p = Programs::new(cfg, t0);
+        let mut seen = Seen::default();
+        p.speaker_joined(RoomId(2), 1, 7, t0);
+        p.speaker_left(RoomId(2), 1, t0);
+        for s in 1..=200u64 {
+            poll(&mut p, t0 + Duration::from_secs(s * 30), &mut seen);
+        }
+        assert!(seen.idle.is_empty() && seen.stopped.is_empty());
+        assert!(p.is_running(RoomId(2)));
     }
 
     #[test]
@@ -397,17 +500,18 @@ mod tests {
     fn connection_loss_removes_its_speakers() {
         let t0 = Instant::now();
         let cfg = ProgramsConfig {
-            idle_stop: Duration::from_secs(1),
+            idle_end: Some(Duration::from_secs(1)),
             ..ProgramsConfig::default()
         };
         let mut p = Programs::new(cfg, t0);
         let mut seen = Seen::default();
         p.speaker_joined(RoomId(3), 1, 42, t0);
         poll(&mut p, t0 + Duration::from_secs(5), &mut seen);
-        assert!(seen.stopped.is_empty(), "joined speakers keep it running");
+        assert!(seen.idle.is_empty(), "joined speakers keep it active");
         p.source_gone(42, t0 + Duration::from_secs(5));
         poll(&mut p, t0 + Duration::from_secs(7), &mut seen);
-        assert_eq!(seen.stopped, vec![RoomId(3)]);
+        assert_eq!(seen.idle, vec![RoomId(3)]);
+        assert!(seen.stopped.is_empty());
     }
 
     #[test]

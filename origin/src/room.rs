@@ -801,6 +801,24 @@ impl Rooms {
         true
     }
 
+    /// Replace a held room's state with `saved` (its state reconciled with the stored one after
+    /// the store came back, see [`crate::persist::reconcile`]). `false` if the room is not held.
+    pub fn replace(
+        &mut self,
+        saved: crate::persist::PersistedRoom,
+        now: Instant,
+        unix_ms: u64,
+    ) -> bool {
+        let id = saved.state.room;
+        match self.rooms.get_mut(&id) {
+            Some(r) => {
+                *r = Room::restore(saved, self.cfg.room, now, unix_ms);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// End `room` from outside the room (REST API through a geo-router, an edge's `RoomEnded`).
     pub fn end(&mut self, room: RoomId, now: Instant, unix_ms: u64) -> Ending {
         match self.rooms.get_mut(&room) {

@@ -221,6 +221,7 @@ async fn edges_packager_relay_mix_and_metrics() {
                 id: "origin-test".into(),
                 quic_listen: quic,
                 metrics_listen: metrics_addr,
+                idle_room_timeout_secs: 3600,
             },
             mesh_tls: pki.issue(ORIGIN_NAME).unwrap(),
         },

@@ -219,6 +219,7 @@ async fn room_authority_over_two_edges() {
                 id: "origin-rooms".into(),
                 quic_listen: quic,
                 metrics_listen: metrics,
+                idle_room_timeout_secs: 3600,
             },
             mesh_tls: pki.issue(ORIGIN_NAME).unwrap(),
         },

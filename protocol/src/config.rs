@@ -50,6 +50,33 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// HTTPS settings of a role's HTTP listener and HTTP clients (keys of its main section).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HttpTls {
+    /// PEM certificate chain: with `tls_key`, `http_listen` speaks HTTPS only (HTTP/2 and
+    /// HTTP/1.1 by ALPN); absent, plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra CA bundle (PEM) this role's TLS clients (HTTPS; the geo-router's `rediss://` Redis)
+    /// trust besides the system roots: a private CA of the mesh's internal listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl HttpTls {
+    /// The listener's certificate and key, when both are set; an error when only one is.
+    pub fn listener(&self) -> Result<Option<(&std::path::Path, &std::path::Path)>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (None, None) => Ok(None),
+            _ => Err("tls_cert and tls_key go together".into()),
+        }
+    }
+}
+
 /// A token verification key.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublicKeyConfig {
@@ -92,6 +119,17 @@ pub struct EdgeConfig {
     /// 0 (the default) means one per available core, at most 16.
     #[serde(default)]
     pub media_threads: usize,
+    /// HTTPS listener and client settings (`tls_cert`, `tls_key`, `tls_ca`).
+    #[serde(flatten)]
+    pub https: HttpTls,
+    /// Seconds a WebRTC session (WHIP, WHEP, WebSocket) may take to connect (ICE + DTLS) after
+    /// its answer before the edge drops it. Default 15.
+    #[serde(default = "default_ice_connect_timeout_secs")]
+    pub ice_connect_timeout_secs: u64,
+}
+
+fn default_ice_connect_timeout_secs() -> u64 {
+    15
 }
 
 fn default_interactive_capacity() -> usize {
@@ -107,6 +145,15 @@ pub struct OriginConfig {
     pub quic_listen: SocketAddr,
     /// HTTP listener for `/metrics` (Prometheus text format).
     pub metrics_listen: SocketAddr,
+    /// A live room without speakers for this many seconds is ended (ENDLIST, directory status
+    /// `ended`, `room.ended` webhook), as if its host had ended it; until then its program keeps
+    /// producing silence. 0: never. Default 3600.
+    #[serde(default = "default_idle_room_timeout_secs")]
+    pub idle_room_timeout_secs: u64,
+}
+
+fn default_idle_room_timeout_secs() -> u64 {
+    3600
 }
 
 /// `amphi packager` configuration.
@@ -193,6 +240,13 @@ pub struct RouterConfig {
     /// in memory when absent.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// Base URL of the HLS tier handed to listeners (`{hls_base_url}/hls/{room}/index.m3u8`):
+    /// the CDN in production; absent, `public_url` (the router's own `/hls` proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls_base_url: Option<String>,
+    /// HTTPS listener and client settings (`tls_cert`, `tls_key`, `tls_ca`).
+    #[serde(flatten)]
+    pub https: HttpTls,
 }
 
 /// An API key: requests are signed with HMAC-SHA256 under `secret` (see the OpenAPI document).
@@ -215,7 +269,7 @@ impl std::fmt::Debug for ApiKeyConfig {
 /// A webhook receiver: events are POSTed as JSON, signed with HMAC-SHA256 under `secret`.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WebhookConfig {
-    /// Receiver URL (http).
+    /// Receiver URL (`https://` or `http://`).
     pub url: String,
     /// Shared secret for `X-Amphi-Webhook-Signature`.
     pub secret: String,

@@ -3,6 +3,9 @@
 //!
 //! Layout, little-endian:
 //! `u8 version | u8 kind | u64 room | u32 speaker | u16 seq | u32 rtp_ts | u8 audio_level | payload`.
+//!
+//! Kind 3 ([`FrameKind::SpeakerRepeat`]) was added within version 1: a receiver that predates it
+//! refuses such frames as an unknown kind, which only costs the protection it gives.
 
 use crate::ids::RoomId;
 
@@ -22,6 +25,10 @@ pub enum FrameKind {
     /// One frame of a room's mixed program stream (origin -> packager); `speaker` is the loudest
     /// speaker in that frame, or 0 for none.
     Program = 2,
+    /// A second copy of a speaker's previous `SpeakerAudio` frame, sent by the edge with the next
+    /// one (edge -> origin only) so a datagram lost on the relay costs no audio: the origin
+    /// mixes it when the original is missing and never forwards it.
+    SpeakerRepeat = 3,
 }
 
 /// A decoded relay frame borrowing its payload from the input buffer.
@@ -116,6 +123,7 @@ impl<'a> RelayFrame<'a> {
         let kind = match buf[1] {
             1 => FrameKind::SpeakerAudio,
             2 => FrameKind::Program,
+            3 => FrameKind::SpeakerRepeat,
             k => return Err(RelayError::Kind(k)),
         };
         let audio_level = buf[20];
@@ -176,6 +184,18 @@ mod tests {
     }
 
     #[test]
+    fn repeat_kind_round_trips() {
+        let f = RelayFrame {
+            kind: FrameKind::SpeakerRepeat,
+            ..sample()
+        };
+        let mut v = Vec::new();
+        f.encode_to_vec(&mut v).unwrap();
+        assert_eq!(v[1], 3);
+        assert_eq!(RelayFrame::decode(&v).unwrap(), f);
+    }
+
+    #[test]
     fn rejects_bad_frames() {
         let mut v = Vec::new();
         sample().encode_to_vec(&mut v).unwrap();
@@ -190,6 +210,8 @@ mod tests {
         let mut bad = v.clone();
         bad[1] = 0;
         assert_eq!(RelayFrame::decode(&bad), Err(RelayError::Kind(0)));
+        bad[1] = 4;
+        assert_eq!(RelayFrame::decode(&bad), Err(RelayError::Kind(4)));
         let mut bad = v.clone();
         bad[20] = 200;
         assert_eq!(RelayFrame::decode(&bad), Err(RelayError::AudioLevel(200)));

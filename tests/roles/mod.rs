@@ -84,6 +84,27 @@ impl Drop for RoleProcess {
     }
 }
 
+/// Start `amphi <role> --config <config>`, its stdout and stderr appended to `log`.
+pub fn spawn_role(role: &str, config: &Path, log: &Path) -> RoleProcess {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let child = Command::new(env!("CARGO_BIN_EXE_amphi"))
+        .args([role, "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn amphi {role}: {e}"));
+    RoleProcess {
+        child,
+        log: log.to_path_buf(),
+    }
+}
+
 /// Files and ports of a role-process mesh.
 pub struct RoleMesh {
     /// Scratch directory (configs, keys, logs).
@@ -154,21 +175,7 @@ impl RoleMesh {
     fn spawn(&self, role: &str, name: &str, config: &str) -> RoleProcess {
         let path = self.dir.join(format!("{name}.toml"));
         write(&path, config);
-        let log = self.dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_amphi"))
-            .args([role, "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn amphi {role}: {e}"));
-        RoleProcess { child, log }
+        spawn_role(role, &path, &self.dir.join(format!("{name}.log")))
     }
 
     /// Start `amphi origin` (durable room state in `redis_url` if given).

@@ -2,6 +2,8 @@
 //! tone generation, HLS fetching and audio analysis with ffmpeg.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod tfrender;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -261,10 +263,19 @@ pub fn opus_tone(freq: f64, seconds: f64) -> Vec<Vec<u8>> {
 
 /// Publish Opus packets through WHIP in real time (20 ms apart) with our str0m client.
 pub async fn publish_tone(whip_url: &str, token: &str, freq: f64, seconds: f64) {
-    let packets = opus_tone(freq, seconds);
-    let mut client = amphi_edge::whip_client::WhipPublisher::connect(whip_url, token)
+    let client = amphi_edge::whip_client::WhipPublisher::connect(whip_url, token)
         .await
         .expect("WHIP connect");
+    send_tone(client, freq, seconds).await;
+}
+
+/// Send `seconds` of a tone through a connected WHIP publisher in real time, then close it.
+pub async fn send_tone(
+    mut client: amphi_edge::whip_client::WhipPublisher,
+    freq: f64,
+    seconds: f64,
+) {
+    let packets = opus_tone(freq, seconds);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for (i, p) in packets.iter().enumerate() {

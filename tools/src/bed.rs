@@ -302,7 +302,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             ),
             Kind::Origin => (
                 modules.join("origin/templates/origin.toml.tftpl"),
-                json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300}),
+                json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600}),
                 vec![(
                     "AMPHI__ORIGIN__REDIS_URL".into(),
                     format!("redis://{}:6379/1", redis.addr()),

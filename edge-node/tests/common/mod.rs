@@ -242,6 +242,8 @@ pub struct EdgeOpts {
     pub capacity: usize,
     /// Token signer (share one between edges so a token works on both).
     pub signer: Option<TokenSigner>,
+    /// `ice_connect_timeout_secs`.
+    pub ice_connect_timeout_secs: u64,
 }
 
 impl Default for EdgeOpts {
@@ -251,6 +253,7 @@ impl Default for EdgeOpts {
             region: "us-east",
             capacity: 500,
             signer: None,
+            ice_connect_timeout_secs: 15,
         }
     }
 }
@@ -279,6 +282,8 @@ pub async fn start_edge_with(
         router_url: format!("http://{router}"),
         interactive_capacity: opts.capacity,
         media_threads: 2,
+        https: Default::default(),
+        ice_connect_timeout_secs: opts.ice_connect_timeout_secs,
     };
     let setup = EdgeSetup {
         config,

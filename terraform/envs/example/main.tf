@@ -59,6 +59,8 @@ locals {
   hls_hostname      = "hls.${var.domain}"
   router_url        = "https://${local.api_hostname}"
   origin_addr       = module.origin.origins[0].addr
+  # The routers' Redis URL; user data puts the AUTH token (from Secrets Manager) in at boot.
+  router_redis_url = replace(module.redis.url, "rediss://", "rediss://:@REDIS_AUTH_TOKEN@@")
 }
 
 # --- edges: one group per region -----------------------------------------------------------
@@ -83,6 +85,8 @@ module "edge_us_east_1" {
   origin_server_name  = var.origin_server_name
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
+  api_key_id          = var.api_key_id
+  api_key_secret_arn  = var.api_key_secret_arn
   mesh_tls_secret_arn = var.edge_tls_secret_arn
   secret_region       = local.origin_region
   artifact_bucket     = var.artifact_bucket
@@ -125,6 +129,8 @@ module "edge_us_west_2" {
   origin_server_name  = var.origin_server_name
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
+  api_key_id          = var.api_key_id
+  api_key_secret_arn  = var.api_key_secret_arn
   mesh_tls_secret_arn = var.edge_tls_secret_arn
   secret_region       = local.origin_region
   artifact_bucket     = var.artifact_bucket
@@ -167,6 +173,8 @@ module "edge_eu_west_1" {
   origin_server_name  = var.origin_server_name
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
+  api_key_id          = var.api_key_id
+  api_key_secret_arn  = var.api_key_secret_arn
   mesh_tls_secret_arn = var.edge_tls_secret_arn
   secret_region       = local.origin_region
   artifact_bucket     = var.artifact_bucket
@@ -209,6 +217,8 @@ module "edge_ap_southeast_1" {
   origin_server_name  = var.origin_server_name
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
+  api_key_id          = var.api_key_id
+  api_key_secret_arn  = var.api_key_secret_arn
   mesh_tls_secret_arn = var.edge_tls_secret_arn
   secret_region       = local.origin_region
   artifact_bucket     = var.artifact_bucket
@@ -251,6 +261,8 @@ module "edge_ap_southeast_2" {
   origin_server_name  = var.origin_server_name
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
+  api_key_id          = var.api_key_id
+  api_key_secret_arn  = var.api_key_secret_arn
   mesh_tls_secret_arn = var.edge_tls_secret_arn
   secret_region       = local.origin_region
   artifact_bucket     = var.artifact_bucket
@@ -349,6 +361,12 @@ resource "aws_route53_record" "hls" {
   }
 }
 
+# The Redis AUTH token lives in Secrets Manager: the cache is created with it, and the routers
+# read it at boot (never in user data).
+data "aws_secretsmanager_secret_version" "redis_auth" {
+  secret_id = var.redis_auth_secret_arn
+}
+
 module "redis" {
   source = "../../modules/redis"
 
@@ -356,7 +374,7 @@ module "redis" {
   vpc_id       = module.edge_us_east_1.vpc_id
   subnet_ids   = module.edge_us_east_1.public_subnet_ids
   client_cidrs = [module.edge_us_east_1.vpc_cidr]
-  auth_token   = var.redis_auth_token
+  auth_token   = data.aws_secretsmanager_secret_version.redis_auth.secret_string
   tags         = var.tags
 }
 
@@ -366,28 +384,34 @@ module "router_us_east_1" {
   source    = "../../modules/geo-router"
   providers = { aws = aws.us_east_1 }
 
-  name_prefix         = var.name_prefix
-  region_name         = "us-east-1"
-  vpc_id              = module.edge_us_east_1.vpc_id
-  subnet_ids          = module.edge_us_east_1.public_subnet_ids
-  certificate_arn     = var.api_certificate_arns["us-east-1"]
-  zone_id             = var.zone_id
-  api_hostname        = local.api_hostname
-  default_region      = "us-east-1"
-  edges               = local.edges
-  region_coordinates  = local.region_coordinates
-  origins             = module.origin.origins
-  packager_url        = module.packager.packager_url
-  signing_kid         = var.signing_kid
-  signing_secret_arn  = var.signing_secret_arn
-  mesh_tls_secret_arn = var.router_tls_secret_arn
-  secret_region       = local.origin_region
-  artifact_bucket     = var.artifact_bucket
-  artifact_key        = var.artifact_key
-  artifact_region     = local.artifact_region
-  artifact_sha256     = var.artifact_sha256
-  monitoring_cidrs    = var.monitoring_cidrs
-  tags                = var.tags
+  name_prefix           = var.name_prefix
+  region_name           = "us-east-1"
+  vpc_id                = module.edge_us_east_1.vpc_id
+  subnet_ids            = module.edge_us_east_1.public_subnet_ids
+  certificate_arn       = var.api_certificate_arns["us-east-1"]
+  zone_id               = var.zone_id
+  api_hostname          = local.api_hostname
+  default_region        = "us-east-1"
+  edges                 = local.edges
+  region_coordinates    = local.region_coordinates
+  origins               = module.origin.origins
+  packager_url          = module.packager.packager_url
+  hls_base_url          = module.cdn.hls_base_url
+  trusted_proxies       = [module.edge_us_east_1.vpc_cidr]
+  redis_url             = local.router_redis_url
+  redis_auth_secret_arn = var.redis_auth_secret_arn
+  api_key_id            = var.api_key_id
+  api_key_secret_arn    = var.api_key_secret_arn
+  signing_kid           = var.signing_kid
+  signing_secret_arn    = var.signing_secret_arn
+  mesh_tls_secret_arn   = var.router_tls_secret_arn
+  secret_region         = local.origin_region
+  artifact_bucket       = var.artifact_bucket
+  artifact_key          = var.artifact_key
+  artifact_region       = local.artifact_region
+  artifact_sha256       = var.artifact_sha256
+  monitoring_cidrs      = var.monitoring_cidrs
+  tags                  = var.tags
 }
 
 module "router_us_west_2" {
@@ -395,28 +419,34 @@ module "router_us_west_2" {
   providers = { aws = aws.us_west_2 }
   count     = var.geo_router_all_regions ? 1 : 0
 
-  name_prefix         = var.name_prefix
-  region_name         = "us-west-2"
-  vpc_id              = module.edge_us_west_2.vpc_id
-  subnet_ids          = module.edge_us_west_2.public_subnet_ids
-  certificate_arn     = var.api_certificate_arns["us-west-2"]
-  zone_id             = var.zone_id
-  api_hostname        = local.api_hostname
-  default_region      = "us-east-1"
-  edges               = local.edges
-  region_coordinates  = local.region_coordinates
-  origins             = module.origin.origins
-  packager_url        = module.packager.packager_url
-  signing_kid         = var.signing_kid
-  signing_secret_arn  = var.signing_secret_arn
-  mesh_tls_secret_arn = var.router_tls_secret_arn
-  secret_region       = local.origin_region
-  artifact_bucket     = var.artifact_bucket
-  artifact_key        = var.artifact_key
-  artifact_region     = local.artifact_region
-  artifact_sha256     = var.artifact_sha256
-  monitoring_cidrs    = var.monitoring_cidrs
-  tags                = var.tags
+  name_prefix           = var.name_prefix
+  region_name           = "us-west-2"
+  vpc_id                = module.edge_us_west_2.vpc_id
+  subnet_ids            = module.edge_us_west_2.public_subnet_ids
+  certificate_arn       = var.api_certificate_arns["us-west-2"]
+  zone_id               = var.zone_id
+  api_hostname          = local.api_hostname
+  default_region        = "us-east-1"
+  edges                 = local.edges
+  region_coordinates    = local.region_coordinates
+  origins               = module.origin.origins
+  packager_url          = module.packager.packager_url
+  hls_base_url          = module.cdn.hls_base_url
+  trusted_proxies       = [module.edge_us_west_2.vpc_cidr]
+  redis_url             = local.router_redis_url
+  redis_auth_secret_arn = var.redis_auth_secret_arn
+  api_key_id            = var.api_key_id
+  api_key_secret_arn    = var.api_key_secret_arn
+  signing_kid           = var.signing_kid
+  signing_secret_arn    = var.signing_secret_arn
+  mesh_tls_secret_arn   = var.router_tls_secret_arn
+  secret_region         = local.origin_region
+  artifact_bucket       = var.artifact_bucket
+  artifact_key          = var.artifact_key
+  artifact_region       = local.artifact_region
+  artifact_sha256       = var.artifact_sha256
+  monitoring_cidrs      = var.monitoring_cidrs
+  tags                  = var.tags
 }
 
 module "router_eu_west_1" {
@@ -424,28 +454,34 @@ module "router_eu_west_1" {
   providers = { aws = aws.eu_west_1 }
   count     = var.geo_router_all_regions ? 1 : 0
 
-  name_prefix         = var.name_prefix
-  region_name         = "eu-west-1"
-  vpc_id              = module.edge_eu_west_1.vpc_id
-  subnet_ids          = module.edge_eu_west_1.public_subnet_ids
-  certificate_arn     = var.api_certificate_arns["eu-west-1"]
-  zone_id             = var.zone_id
-  api_hostname        = local.api_hostname
-  default_region      = "us-east-1"
-  edges               = local.edges
-  region_coordinates  = local.region_coordinates
-  origins             = module.origin.origins
-  packager_url        = module.packager.packager_url
-  signing_kid         = var.signing_kid
-  signing_secret_arn  = var.signing_secret_arn
-  mesh_tls_secret_arn = var.router_tls_secret_arn
-  secret_region       = local.origin_region
-  artifact_bucket     = var.artifact_bucket
-  artifact_key        = var.artifact_key
-  artifact_region     = local.artifact_region
-  artifact_sha256     = var.artifact_sha256
-  monitoring_cidrs    = var.monitoring_cidrs
-  tags                = var.tags
+  name_prefix           = var.name_prefix
+  region_name           = "eu-west-1"
+  vpc_id                = module.edge_eu_west_1.vpc_id
+  subnet_ids            = module.edge_eu_west_1.public_subnet_ids
+  certificate_arn       = var.api_certificate_arns["eu-west-1"]
+  zone_id               = var.zone_id
+  api_hostname          = local.api_hostname
+  default_region        = "us-east-1"
+  edges                 = local.edges
+  region_coordinates    = local.region_coordinates
+  origins               = module.origin.origins
+  packager_url          = module.packager.packager_url
+  hls_base_url          = module.cdn.hls_base_url
+  trusted_proxies       = [module.edge_eu_west_1.vpc_cidr]
+  redis_url             = local.router_redis_url
+  redis_auth_secret_arn = var.redis_auth_secret_arn
+  api_key_id            = var.api_key_id
+  api_key_secret_arn    = var.api_key_secret_arn
+  signing_kid           = var.signing_kid
+  signing_secret_arn    = var.signing_secret_arn
+  mesh_tls_secret_arn   = var.router_tls_secret_arn
+  secret_region         = local.origin_region
+  artifact_bucket       = var.artifact_bucket
+  artifact_key          = var.artifact_key
+  artifact_region       = local.artifact_region
+  artifact_sha256       = var.artifact_sha256
+  monitoring_cidrs      = var.monitoring_cidrs
+  tags                  = var.tags
 }
 
 module "router_ap_southeast_1" {
@@ -453,28 +489,34 @@ module "router_ap_southeast_1" {
   providers = { aws = aws.ap_southeast_1 }
   count     = var.geo_router_all_regions ? 1 : 0
 
-  name_prefix         = var.name_prefix
-  region_name         = "ap-southeast-1"
-  vpc_id              = module.edge_ap_southeast_1.vpc_id
-  subnet_ids          = module.edge_ap_southeast_1.public_subnet_ids
-  certificate_arn     = var.api_certificate_arns["ap-southeast-1"]
-  zone_id             = var.zone_id
-  api_hostname        = local.api_hostname
-  default_region      = "us-east-1"
-  edges               = local.edges
-  region_coordinates  = local.region_coordinates
-  origins             = module.origin.origins
-  packager_url        = module.packager.packager_url
-  signing_kid         = var.signing_kid
-  signing_secret_arn  = var.signing_secret_arn
-  mesh_tls_secret_arn = var.router_tls_secret_arn
-  secret_region       = local.origin_region
-  artifact_bucket     = var.artifact_bucket
-  artifact_key        = var.artifact_key
-  artifact_region     = local.artifact_region
-  artifact_sha256     = var.artifact_sha256
-  monitoring_cidrs    = var.monitoring_cidrs
-  tags                = var.tags
+  name_prefix           = var.name_prefix
+  region_name           = "ap-southeast-1"
+  vpc_id                = module.edge_ap_southeast_1.vpc_id
+  subnet_ids            = module.edge_ap_southeast_1.public_subnet_ids
+  certificate_arn       = var.api_certificate_arns["ap-southeast-1"]
+  zone_id               = var.zone_id
+  api_hostname          = local.api_hostname
+  default_region        = "us-east-1"
+  edges                 = local.edges
+  region_coordinates    = local.region_coordinates
+  origins               = module.origin.origins
+  packager_url          = module.packager.packager_url
+  hls_base_url          = module.cdn.hls_base_url
+  trusted_proxies       = [module.edge_ap_southeast_1.vpc_cidr]
+  redis_url             = local.router_redis_url
+  redis_auth_secret_arn = var.redis_auth_secret_arn
+  api_key_id            = var.api_key_id
+  api_key_secret_arn    = var.api_key_secret_arn
+  signing_kid           = var.signing_kid
+  signing_secret_arn    = var.signing_secret_arn
+  mesh_tls_secret_arn   = var.router_tls_secret_arn
+  secret_region         = local.origin_region
+  artifact_bucket       = var.artifact_bucket
+  artifact_key          = var.artifact_key
+  artifact_region       = local.artifact_region
+  artifact_sha256       = var.artifact_sha256
+  monitoring_cidrs      = var.monitoring_cidrs
+  tags                  = var.tags
 }
 
 module "router_ap_southeast_2" {
@@ -482,26 +524,32 @@ module "router_ap_southeast_2" {
   providers = { aws = aws.ap_southeast_2 }
   count     = var.geo_router_all_regions ? 1 : 0
 
-  name_prefix         = var.name_prefix
-  region_name         = "ap-southeast-2"
-  vpc_id              = module.edge_ap_southeast_2.vpc_id
-  subnet_ids          = module.edge_ap_southeast_2.public_subnet_ids
-  certificate_arn     = var.api_certificate_arns["ap-southeast-2"]
-  zone_id             = var.zone_id
-  api_hostname        = local.api_hostname
-  default_region      = "us-east-1"
-  edges               = local.edges
-  region_coordinates  = local.region_coordinates
-  origins             = module.origin.origins
-  packager_url        = module.packager.packager_url
-  signing_kid         = var.signing_kid
-  signing_secret_arn  = var.signing_secret_arn
-  mesh_tls_secret_arn = var.router_tls_secret_arn
-  secret_region       = local.origin_region
-  artifact_bucket     = var.artifact_bucket
-  artifact_key        = var.artifact_key
-  artifact_region     = local.artifact_region
-  artifact_sha256     = var.artifact_sha256
-  monitoring_cidrs    = var.monitoring_cidrs
-  tags                = var.tags
+  name_prefix           = var.name_prefix
+  region_name           = "ap-southeast-2"
+  vpc_id                = module.edge_ap_southeast_2.vpc_id
+  subnet_ids            = module.edge_ap_southeast_2.public_subnet_ids
+  certificate_arn       = var.api_certificate_arns["ap-southeast-2"]
+  zone_id               = var.zone_id
+  api_hostname          = local.api_hostname
+  default_region        = "us-east-1"
+  edges                 = local.edges
+  region_coordinates    = local.region_coordinates
+  origins               = module.origin.origins
+  packager_url          = module.packager.packager_url
+  hls_base_url          = module.cdn.hls_base_url
+  trusted_proxies       = [module.edge_ap_southeast_2.vpc_cidr]
+  redis_url             = local.router_redis_url
+  redis_auth_secret_arn = var.redis_auth_secret_arn
+  api_key_id            = var.api_key_id
+  api_key_secret_arn    = var.api_key_secret_arn
+  signing_kid           = var.signing_kid
+  signing_secret_arn    = var.signing_secret_arn
+  mesh_tls_secret_arn   = var.router_tls_secret_arn
+  secret_region         = local.origin_region
+  artifact_bucket       = var.artifact_bucket
+  artifact_key          = var.artifact_key
+  artifact_region       = local.artifact_region
+  artifact_sha256       = var.artifact_sha256
+  monitoring_cidrs      = var.monitoring_cidrs
+  tags                  = var.tags
 }

@@ -25,7 +25,7 @@ output "origins" {
 }
 
 output "redis_url" {
-  description = "Redis connection URL (TLS; the password is redis_auth_token)."
+  description = "Redis connection URL (TLS; the password is the secret redis_auth_secret_arn)."
   value       = module.redis.url
 }
 

@@ -103,10 +103,20 @@ variable "token_public_keys" {
   }))
 }
 
-variable "redis_auth_token" {
-  description = "Redis AUTH token (16 to 128 characters)."
+variable "redis_auth_secret_arn" {
+  description = "Secrets Manager secret (us-east-1) holding the Redis AUTH token as a plain string (16 to 128 characters, URL-safe): the cache is created with it and the geo-routers read it at boot."
   type        = string
-  sensitive   = true
+}
+
+variable "api_key_id" {
+  description = "Id of the geo-router API key the edges sign their heartbeats with (operators may use it for the room API too)."
+  type        = string
+  default     = "edge"
+}
+
+variable "api_key_secret_arn" {
+  description = "Secrets Manager secret (us-east-1) holding that API key's secret as a plain string (URL-safe, e.g. `openssl rand -hex 32`); routers and edges read it at boot."
+  type        = string
 }
 
 variable "origin_count" {

@@ -8,15 +8,21 @@ locals {
   ami_id        = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
 
   edge_config = templatefile("${path.module}/templates/edge.toml.tftpl", {
-    region               = var.region_name
-    http_port            = var.http_port
-    media_port           = var.media_port
-    public_url           = "https://${var.public_hostname}"
-    origin_addr          = var.origin_addr
-    origin_server_name   = var.origin_server_name
-    router_url           = var.router_url
-    token_public_keys    = var.token_public_keys
-    interactive_capacity = var.interactive_capacity
+    region                   = var.region_name
+    http_port                = var.http_port
+    media_port               = var.media_port
+    public_url               = "https://${var.public_hostname}"
+    origin_addr              = var.origin_addr
+    origin_server_name       = var.origin_server_name
+    router_url               = var.router_url
+    token_public_keys        = var.token_public_keys
+    interactive_capacity     = var.interactive_capacity
+    ice_connect_timeout_secs = var.ice_connect_timeout_secs
+    media_threads            = var.media_threads
+    backend_tls              = var.backend_tls
+    capacity                 = var.capacity
+    api_key_id               = var.api_key_id
+    drain_grace_secs         = var.drain_grace_secs
   })
 
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {
@@ -32,6 +38,7 @@ locals {
     secret_region      = local.secret_region
     index_base         = var.edge_index_base
     index_span         = var.edge_index_span
+    config_secrets     = { API_KEY_SECRET = var.api_key_secret_arn }
   })
 }
 
@@ -227,9 +234,9 @@ data "aws_iam_policy_document" "edge" {
     resources = ["arn:aws:s3:::${var.artifact_bucket}/${var.artifact_key}"]
   }
   statement {
-    sid       = "ReadMeshTls"
+    sid       = "ReadSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.mesh_tls_secret_arn]
+    resources = [var.mesh_tls_secret_arn, var.api_key_secret_arn]
   }
 }
 
@@ -370,19 +377,20 @@ resource "aws_lb" "edge" {
 resource "aws_lb_target_group" "http" {
   name                 = substr("${local.name}-http", 0, 32)
   port                 = var.http_port
-  protocol             = "TCP"
+  protocol             = var.backend_tls ? "TLS" : "TCP"
   vpc_id               = aws_vpc.this.id
   target_type          = "instance"
   deregistration_delay = 30
 
-  # The same client must keep talking to the edge that holds its WHIP/WebSocket session.
+  # The same client should keep talking to the edge that holds its WHIP session (PATCH, DELETE);
+  # NLB TLS target groups cannot be sticky (see backend_tls).
   stickiness {
-    enabled = true
+    enabled = !var.backend_tls
     type    = "source_ip"
   }
 
   health_check {
-    protocol = "HTTP"
+    protocol = var.backend_tls ? "HTTPS" : "HTTP"
     port     = "traffic-port"
     path     = "/healthz"
     interval = 10
@@ -422,7 +430,7 @@ resource "aws_lb_target_group" "media" {
 
   # UDP cannot be health-checked directly: check the same node's HTTP API.
   health_check {
-    protocol = "HTTP"
+    protocol = var.backend_tls ? "HTTPS" : "HTTP"
     port     = tostring(var.http_port)
     path     = "/healthz"
     interval = 10

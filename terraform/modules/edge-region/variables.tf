@@ -120,6 +120,12 @@ variable "interactive_capacity" {
   default     = 500
 }
 
+variable "ice_connect_timeout_secs" {
+  description = "Seconds a WebRTC session may take to connect (ICE + DTLS) after the edge's answer before it is dropped."
+  type        = number
+  default     = 15
+}
+
 variable "token_public_keys" {
   description = "Token verification keys (Ed25519 SPKI PEM) with their kid; edges accept tokens signed by any of them."
   type = list(object({
@@ -157,6 +163,40 @@ variable "artifact_region" {
 variable "artifact_sha256" {
   description = "SHA-256 of the amphi binary; user data refuses any other file."
   type        = string
+}
+
+variable "media_threads" {
+  description = "Media driver threads per edge (0: one per core, at most 16)."
+  type        = number
+  default     = 0
+}
+
+variable "backend_tls" {
+  description = "Serve the edges' HTTP listener over TLS with their mesh certificate (the load balancer re-encrypts to it). NLB TLS target groups cannot be sticky, so a WHIP PATCH or DELETE may reach another edge of the region (it answers 404; the session ends on its ICE timeout); false keeps source-IP stickiness and plain HTTP inside the VPC."
+  type        = bool
+  default     = true
+}
+
+variable "capacity" {
+  description = "Most WebRTC sessions one edge takes (reported in its heartbeats)."
+  type        = number
+  default     = 1000
+}
+
+variable "api_key_id" {
+  description = "Id of the geo-router API key that signs the edges' heartbeats."
+  type        = string
+}
+
+variable "api_key_secret_arn" {
+  description = "Secrets Manager secret holding that API key's secret (a plain string, filled into the config at boot)."
+  type        = string
+}
+
+variable "drain_grace_secs" {
+  description = "Longest a draining edge (SIGTERM, scale-in) waits for its sessions to end, in seconds."
+  type        = number
+  default     = 300
 }
 
 variable "client_cidrs" {

@@ -8,17 +8,27 @@ locals {
   ami_id        = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
 
   router_config = templatefile("${path.module}/templates/router.toml.tftpl", {
-    region         = var.region_name
-    http_port      = var.http_port
-    public_url     = "https://${var.api_hostname}"
-    default_region = var.default_region
-    packager_url   = var.packager_url
-    token_ttl_secs = var.token_ttl_secs
-    edges          = var.edges
-    coordinates    = var.region_coordinates
-    origins        = var.origins
-    signing_kid    = var.signing_kid
+    region          = var.region_name
+    http_port       = var.http_port
+    public_url      = "https://${var.api_hostname}"
+    default_region  = var.default_region
+    packager_url    = var.packager_url
+    hls_base_url    = var.hls_base_url
+    token_ttl_secs  = var.token_ttl_secs
+    trusted_proxies = var.trusted_proxies
+    redis_url       = var.redis_url
+    api_key_id      = var.api_key_id
+    edges           = var.edges
+    coordinates     = var.region_coordinates
+    origins         = var.origins
+    signing_kid     = var.signing_kid
   })
+
+  # Secrets filled into the config at boot for their @NAME@ placeholders.
+  config_secrets = merge(
+    { API_KEY_SECRET = var.api_key_secret_arn },
+    var.redis_auth_secret_arn != "" ? { REDIS_AUTH_TOKEN = var.redis_auth_secret_arn } : {},
+  )
 }
 
 data "aws_region" "current" {}
@@ -143,7 +153,7 @@ data "aws_iam_policy_document" "router" {
   statement {
     sid       = "ReadSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.signing_secret_arn, var.mesh_tls_secret_arn]
+    resources = concat([var.signing_secret_arn, var.mesh_tls_secret_arn], values(local.config_secrets))
   }
 }
 
@@ -183,6 +193,7 @@ resource "aws_launch_template" "router" {
     secret_region      = local.secret_region
     index_base         = 0
     index_span         = 1
+    config_secrets     = local.config_secrets
   }))
 
   iam_instance_profile {
@@ -289,17 +300,17 @@ resource "aws_lb" "router" {
   tags         = local.tags
 }
 
+# The load balancer re-encrypts to the routers' HTTPS listener (their mesh certificate).
 resource "aws_lb_target_group" "router" {
-  #checkov:skip=CKV_AWS_378:TLS ends at the load balancer; the hop to the router stays inside the VPC.
   name                 = substr(local.name, 0, 32)
   port                 = var.http_port
-  protocol             = "HTTP"
+  protocol             = "HTTPS"
   vpc_id               = var.vpc_id
   target_type          = "instance"
   deregistration_delay = 30
 
   health_check {
-    protocol = "HTTP"
+    protocol = "HTTPS"
     path     = "/healthz"
     interval = 10
   }

@@ -100,6 +100,37 @@ variable "packager_url" {
   type        = string
 }
 
+variable "hls_base_url" {
+  description = "Base URL of the HLS tier handed to listeners (the cdn module's hls_base_url): players fetch <this>/hls/{room}/index.m3u8."
+  type        = string
+}
+
+variable "trusted_proxies" {
+  description = "CIDRs whose Forwarded / X-Forwarded-For headers the router believes: the load balancer's subnets (the VPC CIDR)."
+  type        = list(string)
+}
+
+variable "redis_url" {
+  description = "Redis shared by the routers (room directory, edge registry): rediss://host:port, with @REDIS_AUTH_TOKEN@ where the AUTH password goes (rediss://:@REDIS_AUTH_TOKEN@@host:port) when redis_auth_secret_arn is set."
+  type        = string
+}
+
+variable "redis_auth_secret_arn" {
+  description = "Secrets Manager secret holding the Redis AUTH token (a plain string), filled into redis_url at boot; empty: no password."
+  type        = string
+  default     = ""
+}
+
+variable "api_key_id" {
+  description = "Id of the router's API key (edges sign heartbeats with it; operators sign room API calls)."
+  type        = string
+}
+
+variable "api_key_secret_arn" {
+  description = "Secrets Manager secret holding that API key's secret (a plain string), filled into the config at boot."
+  type        = string
+}
+
 variable "token_ttl_secs" {
   description = "Lifetime of the room tokens the router mints, in seconds."
   type        = number

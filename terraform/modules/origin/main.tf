@@ -124,9 +124,10 @@ resource "aws_instance" "origin" {
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {
     role = "origin"
     config = templatefile("${path.module}/templates/origin.toml.tftpl", {
-      id           = "origin-${count.index + 1}"
-      quic_port    = var.quic_port
-      metrics_port = var.metrics_port
+      id                     = "origin-${count.index + 1}"
+      quic_port              = var.quic_port
+      metrics_port           = var.metrics_port
+      idle_room_timeout_secs = var.idle_room_timeout_secs
     })
     unit               = file("${path.module}/../../../infra/systemd/amphi-origin.service")
     artifact_bucket    = var.artifact_bucket
@@ -138,6 +139,7 @@ resource "aws_instance" "origin" {
     secret_region      = data.aws_region.current.name
     index_base         = 0
     index_span         = 1
+    config_secrets     = {}
   })
 
   metadata_options {

@@ -92,3 +92,9 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "idle_room_timeout_secs" {
+  description = "A live room without speakers for this many seconds is ended (0 = never)."
+  type        = number
+  default     = 3600
+}

@@ -50,11 +50,11 @@ resource "aws_security_group_rule" "lb_routers" {
 
 resource "aws_security_group_rule" "lb_to_packager" {
   type                     = "egress"
-  description              = "to the packagers' HTTP origin"
+  description              = "to the packagers' HTTPS origin"
   security_group_id        = aws_security_group.lb.id
   protocol                 = "tcp"
-  from_port                = var.http_port
-  to_port                  = var.http_port
+  from_port                = var.https_port
+  to_port                  = var.https_port
   source_security_group_id = aws_security_group.packager.id
 }
 
@@ -67,11 +67,11 @@ resource "aws_security_group" "packager" {
 
 resource "aws_security_group_rule" "packager_from_lb" {
   type                     = "ingress"
-  description              = "HTTP origin from the load balancer"
+  description              = "HTTPS origin from the load balancer"
   security_group_id        = aws_security_group.packager.id
   protocol                 = "tcp"
-  from_port                = var.http_port
-  to_port                  = var.http_port
+  from_port                = var.https_port
+  to_port                  = var.https_port
   source_security_group_id = aws_security_group.lb.id
 }
 
@@ -189,6 +189,7 @@ resource "aws_instance" "packager" {
       origin_addr        = var.origins[count.index].addr
       origin_server_name = var.origins[count.index].server_name
       http_port          = var.http_port
+      https_port         = var.https_port
     })
     unit               = file("${path.module}/../../../infra/systemd/amphi-packager.service")
     artifact_bucket    = var.artifact_bucket
@@ -200,6 +201,7 @@ resource "aws_instance" "packager" {
     secret_region      = data.aws_region.current.name
     index_base         = 0
     index_span         = 1
+    config_secrets     = {}
   })
 
   metadata_options {
@@ -234,17 +236,17 @@ resource "aws_lb" "packager" {
   tags         = local.tags
 }
 
+# The load balancer re-encrypts to the packagers' HTTPS listener (their mesh certificate).
 resource "aws_lb_target_group" "packager" {
-  #checkov:skip=CKV_AWS_378:TLS ends at the load balancer; the hop to the packager stays inside the VPC and carries only public media.
   name                 = substr(local.name, 0, 32)
-  port                 = var.http_port
-  protocol             = "HTTP"
+  port                 = var.https_port
+  protocol             = "HTTPS"
   vpc_id               = var.vpc_id
   target_type          = "instance"
   deregistration_delay = 30
 
   health_check {
-    protocol = "HTTP"
+    protocol = "HTTPS"
     path     = "/healthz"
     interval = 10
   }
@@ -256,7 +258,7 @@ resource "aws_lb_target_group_attachment" "packager" {
   count            = length(var.origins)
   target_group_arn = aws_lb_target_group.packager.arn
   target_id        = aws_instance.packager[count.index].id
-  port             = var.http_port
+  port             = var.https_port
 }
 
 resource "aws_lb_listener" "https" {

@@ -41,6 +41,12 @@ variable "http_port" {
   default     = 8400
 }
 
+variable "https_port" {
+  description = "TCP port of the packager's HTTPS listener (the same resources, HTTP/2 and HTTP/1.1) on the instances; the load balancer forwards to it."
+  type        = number
+  default     = 8443
+}
+
 variable "data_volume_gb" {
   description = "Size of the data volume holding parts, segments, playlists and recordings, in GiB."
   type        = number

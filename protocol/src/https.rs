@@ -1,0 +1,281 @@
+//! HTTPS for every role, in one place: the HTTP client the roles use to talk to each other
+//! (edge -> geo-router, geo-router -> packager, webhooks), and the TLS listener the edge,
+//! geo-router and packager serve their axum routers on.
+//!
+//! Both use rustls with the ring provider. Clients speak `https://` and `http://`, trust the
+//! system roots (`rustls-native-certs`, which honours `SSL_CERT_FILE`) plus an optional extra CA
+//! bundle from the role's config ([`crate::config::HttpTls::tls_ca`]), and offer HTTP/2 and
+//! HTTP/1.1 by ALPN. Listeners offer `h2` and `http/1.1`; WebSocket upgrades work over both
+//! HTTP/1.1 and TLS.
+
+use axum::extract::ConnectInfo;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tower_layer::Layer;
+
+/// The roles' HTTP client: `http://` and `https://` (rustls, ring), HTTP/2 and HTTP/1.1.
+pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the configuration (e.g. a key that does not match its certificate).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn pem_error(path: &Path, reason: impl std::fmt::Display) -> HttpsError {
+    HttpsError::Pem {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Every certificate in a PEM file (at least one).
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, HttpsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The client TLS config: system roots plus the certificates of `extra_ca` (PEM); no ALPN (the
+/// client sets `h2` and `http/1.1`). Unreadable system roots are logged and skipped; an
+/// unreadable `extra_ca` is an error.
+pub fn client_tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, HttpsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "some system root certificates could not be loaded");
+    }
+    let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca {
+        for cert in read_certs(path)? {
+            roots.add(cert).map_err(|e| pem_error(path, e))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The system roots plus the certificates of `extra_ca`, as one PEM bundle: for TLS clients
+/// that take a root bundle instead of a rustls config (the geo-router's Redis client).
+pub fn root_bundle_pem(extra_ca: Option<&Path>) -> Result<Vec<u8>, HttpsError> {
+    use base64::Engine;
+    let native = rustls_native_certs::load_native_certs();
+    let mut ders: Vec<CertificateDer<'static>> = native.certs;
+    if let Some(path) = extra_ca {
+        ders.extend(read_certs(path)?);
+    }
+    let mut pem = String::new();
+    for der in &ders {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    Ok(pem.into_bytes())
+}
+
+/// An HTTP client for `http://` and `https://` URLs trusting the system roots plus `extra_ca`.
+pub fn client<B>(extra_ca: Option<&Path>) -> Result<HttpsClient<B>, HttpsError>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    Ok(client_with(client_tls_config(extra_ca)?))
+}
+
+/// An HTTP client with a ready TLS config (see [`client_tls_config`]); TCP_NODELAY on.
+pub fn client_with<B>(tls: rustls::ClientConfig) -> HttpsClient<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// A TLS acceptor for an HTTP listener from a PEM certificate chain and key, offering `h2` and
+/// `http/1.1` by ALPN.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, HttpsError> {
+    let certs = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e))?;
+    acceptor_from(certs, key)
+}
+
+/// [`acceptor`] from certificate and key already in memory.
+pub fn acceptor_from(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<TlsAcceptor, HttpsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| HttpsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection is given to finish its requests after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Accept TLS connections on `listener` until `shutdown`, serving `app` on each (HTTP/2 or
+/// HTTP/1.1 by ALPN, with upgrades); requests carry [`ConnectInfo`]`<SocketAddr>` of the peer.
+/// Returns once every connection has ended (each is given [`SHUTDOWN_GRACE`] after shutdown).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "https accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let sd = shutdown.clone();
+        tracker.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            serve_connection(tls, app, peer, &sd).await;
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Serve one accepted connection (plain or TLS) with `app`: HTTP/1.1 or HTTP/2, upgrades allowed,
+/// [`ConnectInfo`] of `peer` on every request; on `shutdown` it is closed gracefully within
+/// [`SHUTDOWN_GRACE`].
+pub async fn serve_connection<S>(
+    io: S,
+    app: axum::Router,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app = axum::Extension(ConnectInfo(peer)).layer(app);
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn extra_ca_and_listener_material_load_or_fail_clearly() {
+        let dir = std::env::temp_dir().join(format!("amphi-https-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = write(&dir, "cert.pem", &ck.cert.pem());
+        let key = write(&dir, "key.pem", &ck.key_pair.serialize_pem());
+        let _client: HttpsClient<String> = client(Some(&cert)).unwrap();
+        acceptor(&cert, &key).unwrap();
+        // The bundle ends with the extra CA, re-encoded to the same DER.
+        let bundle = root_bundle_pem(Some(&cert)).unwrap();
+        let last = CertificateDer::pem_slice_iter(&bundle)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(last, *ck.cert.der());
+
+        let empty = write(&dir, "empty.pem", "");
+        let err = client_tls_config(Some(&empty)).unwrap_err().to_string();
+        assert!(
+            err.contains("empty.pem") && err.contains("no certificate"),
+            "{err}"
+        );
+        assert!(client_tls_config(Some(&dir.join("missing.pem"))).is_err());
+        // A key that is not the certificate's.
+        let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        let wrong = write(&dir, "wrong.pem", &other.key_pair.serialize_pem());
+        assert!(matches!(
+            acceptor(&cert, &wrong),
+            Err(HttpsError::Config(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
