@@ -7,7 +7,7 @@
 //! One test, phases in order (one bed: namespace names are global):
 //! (a) the mesh comes up with every edge registered; a us-east-1 speaker is heard by WebRTC
 //!     listeners in eu-west-1 and ap-southeast-1, delayed by at least the emulated one-way
-//!     distance, and the HLS output has the tone;
+//!     distance, the HLS output has the tone, and the packager's parts reached S3;
 //! (b) region partition: eu-west-1 <-> both origins dropped for 10 s, then healed; nothing
 //!     crashes, the us-east-1 listener hears every burst meanwhile, eu-west-1 hears nothing
 //!     during it and resumes after;
@@ -17,10 +17,15 @@
 //!     the kill until the speaker is heard again in eu-west-1.
 
 mod prod_mesh_support;
+mod roles;
 mod support;
 
 use prod_mesh_support::{client_args, delays, median, times, Bed, AP, EU, ROUTER, US};
+use roles::eventually;
 use std::time::{Duration, Instant};
+
+/// Bound of every wait on the bed's state.
+const LIMIT: Duration = Duration::from_secs(20);
 
 const ROLES: [&str; 11] = [
     "netem",
@@ -153,6 +158,13 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         "HLS: {freq} Hz at rms {rms}"
     );
 
+    // The packager stores to S3 (s3s-fs in its own namespace): the room's parts are there.
+    let stored = files_under(&bed.run.join("s3/amphi-hls"))
+        .iter()
+        .filter(|p| p.to_string_lossy().contains(&room))
+        .count();
+    assert!(stored > 0, "no object of room {room} in the S3 bucket");
+
     // (b) Partition eu-west-1 from both origins for 10 s while a us-east-1 speaker talks.
     let speaker = bed.token(&room, "speaker", "speaker-2");
     let (eu_token, us_token) = (
@@ -226,7 +238,7 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     args.extend(client_args(&room, &speaker, US));
     let talk = bed.spawn("client-use1", &args);
     // Its edge: the us-east-1 edge reporting a session (no other client is in us-east-1 now).
-    let victim = support_eventually("the speaker's edge reports its session", || {
+    let victim = eventually("the speaker's edge reports its session", LIMIT, || {
         let (_, edges) = bed.api("GET", "/v1/edges", None);
         edges["edges"].as_array()?.iter().find_map(|e| {
             let id = e["id"].as_str()?;
@@ -240,7 +252,7 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     assert!(out.status.success(), "{out:?}");
     let killed = unix_ms();
     // The router stops routing to it once its heartbeats stop.
-    let out_of_routing = support_eventually("the router marks the dead edge unhealthy", || {
+    let out_of_routing = eventually("the router marks the dead edge unhealthy", LIMIT, || {
         let (_, edges) = bed.api("GET", "/v1/edges", None);
         let dead = edges["edges"]
             .as_array()?
@@ -298,16 +310,21 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     );
 }
 
-/// Poll `f` (every 200 ms, at most 20 s) until it returns `Some`.
-fn support_eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
         }
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        std::thread::sleep(Duration::from_millis(200));
     }
+    out
 }
 
 fn unix_ms() -> f64 {
