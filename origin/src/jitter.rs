@@ -171,6 +171,17 @@ struct Anchor {
     highest_raw: u32,
 }
 
+impl Anchor {
+    /// Where `rtp_ts` falls: (steps from the highest timestamp, extended timestamp, frame).
+    fn place(&self, rtp_ts: u32) -> (i64, i64, i64) {
+        let diff = i64::from(rtp_ts.wrapping_sub(self.highest_raw) as i32);
+        let ext = self.highest_ext + diff;
+        let frame = self.frame
+            + (ext - self.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        (diff, ext, frame)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Candidate {
     raw: u32,
@@ -275,10 +286,7 @@ impl JitterBuffer {
             self.store(0, payload, level);
             return PushOutcome::Accepted;
         };
-        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
-        let ext = anchor.highest_ext + diff;
-        let frame = anchor.frame
-            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let (diff, ext, frame) = anchor.place(rtp_ts);
         let tick = frame + self.offset;
         let slack = tick * FRAME_NS - arrival_ns;
         if tick >= next_tick + SLOTS as i64 || slack < -RESYNC_LATE_NS {
@@ -328,10 +336,7 @@ impl JitterBuffer {
         let Some(anchor) = self.anchor else {
             return PushOutcome::OutOfRange;
         };
-        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
-        let ext = anchor.highest_ext + diff;
-        let frame = anchor.frame
-            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let (_, _, frame) = anchor.place(rtp_ts);
         let tick = frame + self.offset;
         if tick >= next_tick as i64 + SLOTS as i64 {
             return PushOutcome::OutOfRange;
