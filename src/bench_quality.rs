@@ -26,21 +26,29 @@ const FRAME: usize = 960;
 /// Sample rate of every WAV this bench reads and writes.
 const RATE: u32 = 48_000;
 
-/// Options of the quality benchmark.
+/// Options of the quality benchmark (`amphi bench quality`).
+#[derive(clap::Args)]
 pub struct QualityOptions {
     /// Reference speech: 48 kHz mono 16-bit PCM WAV.
+    #[arg(long)]
     pub wav: PathBuf,
-    /// Directory for the degraded WAVs.
+    /// Directory the degraded WAVs are written to.
+    #[arg(long)]
     pub out: PathBuf,
-    /// Fraction of the speaker's packets lost on the uplink (0..1).
+    /// Fraction of the speaker's packets lost on the uplink (0..1, seeded).
+    #[arg(long, default_value_t = 0.0)]
     pub uplink_loss: f64,
     /// Uniform random extra delay of each uplink packet, 0..=this many ms.
+    #[arg(long, default_value_t = 0)]
     pub jitter_ms: u32,
-    /// Fraction of relay datagrams the edge drops on the way to the origin (0..1).
+    /// Fraction of relay datagrams the edge drops toward the origin (0..1, seeded, bench only).
+    #[arg(long, default_value_t = 0.0)]
     pub relay_loss: f64,
     /// Seed of the loss and jitter patterns.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Port offset of the dev mesh it starts.
+    #[arg(long, default_value_t = 23_000)]
     pub port_offset: u16,
 }
 

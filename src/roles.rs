@@ -344,29 +344,7 @@ enum BenchCommand {
     },
     /// Speech through amphi for PESQ scoring (WHEP, HLS Opus, HLS AAC), with injected loss and
     /// jitter; `bench/quality/run.sh` runs the conditions and scores them.
-    Quality {
-        /// Reference speech: 48 kHz mono 16-bit PCM WAV.
-        #[arg(long)]
-        wav: PathBuf,
-        /// Directory the degraded WAVs are written to.
-        #[arg(long)]
-        out: PathBuf,
-        /// Fraction of the speaker's packets lost on the uplink (seeded).
-        #[arg(long, default_value_t = 0.0)]
-        uplink_loss: f64,
-        /// Uniform random extra delay of each uplink packet, 0..=MS.
-        #[arg(long, default_value_t = 0)]
-        jitter_ms: u32,
-        /// Fraction of relay datagrams the edge drops toward the origin (seeded, bench only).
-        #[arg(long, default_value_t = 0.0)]
-        relay_loss: f64,
-        /// Seed of the loss and jitter patterns.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Port offset of the dev mesh the benchmark starts.
-        #[arg(long, default_value_t = 23_000)]
-        port_offset: u16,
-    },
+    Quality(crate::bench_quality::QualityOptions),
     /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
     Sfu(crate::loadgen_webrtc::SfuArgs),
     /// Geo-router route lookups/s over HTTP with wrk, side by side with a hyper hello-world.
@@ -417,26 +395,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             })
             .await?;
         }
-        BenchCommand::Quality {
-            wav,
-            out,
-            uplink_loss,
-            jitter_ms,
-            relay_loss,
-            seed,
-            port_offset,
-        } => {
-            crate::bench_quality::run(crate::bench_quality::QualityOptions {
-                wav,
-                out,
-                uplink_loss,
-                jitter_ms,
-                relay_loss,
-                seed,
-                port_offset,
-            })
-            .await?
-        }
+        BenchCommand::Quality(opts) => crate::bench_quality::run(opts).await?,
         BenchCommand::Sfu(args) => crate::loadgen_webrtc::bench(args).await?,
         BenchCommand::Route {
             seconds,

@@ -92,6 +92,9 @@ for c in "${CONDITIONS[@]}"; do
   ARGS+=("$name: WHEP listener=$dir/whep.wav" "$name: HLS Opus=$dir/hls_opus.wav" "$name: HLS AAC=$dir/hls_aac.wav")
 done
 "$VENV/bin/python" bench/quality/score.py "$WORK/ref.wav" "${ARGS[@]}" | tee "$WORK/scores.tsv"
+# A busy host delays packets past the origin's playout point (the run lines above count late and
+# concealed frames): read the amphi rows together with the load.
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| path | PESQ-WB | offset ms |"
 echo "|---|---|---|"

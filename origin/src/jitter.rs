@@ -59,7 +59,9 @@ impl Default for JitterConfig {
     fn default() -> Self {
         JitterConfig {
             initial_delay: Duration::from_millis(40),
-            min_delay: Duration::from_millis(10),
+            // 10 ms let packets of a clean path arrive late whenever the host was busy (7 late,
+            // 20 concealed frames in 23 s at load average 11: PESQ-WB 3.64 instead of 3.84).
+            min_delay: Duration::from_millis(20),
             max_delay: Duration::from_millis(200),
             margin: Duration::from_millis(5),
             max_concealed: 5,
@@ -169,6 +171,17 @@ struct Anchor {
     highest_raw: u32,
 }
 
+impl Anchor {
+    /// Where `rtp_ts` falls: (steps from the highest timestamp, extended timestamp, frame).
+    fn place(&self, rtp_ts: u32) -> (i64, i64, i64) {
+        let diff = i64::from(rtp_ts.wrapping_sub(self.highest_raw) as i32);
+        let ext = self.highest_ext + diff;
+        let frame = self.frame
+            + (ext - self.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        (diff, ext, frame)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Candidate {
     raw: u32,
@@ -273,10 +286,7 @@ impl JitterBuffer {
             self.store(0, payload, level);
             return PushOutcome::Accepted;
         };
-        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
-        let ext = anchor.highest_ext + diff;
-        let frame = anchor.frame
-            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let (diff, ext, frame) = anchor.place(rtp_ts);
         let tick = frame + self.offset;
         let slack = tick * FRAME_NS - arrival_ns;
         if tick >= next_tick + SLOTS as i64 || slack < -RESYNC_LATE_NS {
@@ -326,10 +336,7 @@ impl JitterBuffer {
         let Some(anchor) = self.anchor else {
             return PushOutcome::OutOfRange;
         };
-        let diff = i64::from(rtp_ts.wrapping_sub(anchor.highest_raw) as i32);
-        let ext = anchor.highest_ext + diff;
-        let frame = anchor.frame
-            + (ext - anchor.ext + FRAME_SAMPLES as i64 / 2).div_euclid(FRAME_SAMPLES as i64);
+        let (_, _, frame) = anchor.place(rtp_ts);
         let tick = frame + self.offset;
         if tick >= next_tick as i64 + SLOTS as i64 {
             return PushOutcome::OutOfRange;
@@ -658,7 +665,7 @@ mod tests {
             }
             jb.delay()
         };
-        assert_eq!(steady(false), Duration::from_millis(10));
+        assert_eq!(steady(false), Duration::from_millis(20));
         assert_eq!(steady(true), Duration::from_millis(25));
     }
 
@@ -714,7 +721,7 @@ mod tests {
         assert!(jb.stats().skipped >= 1);
         // Once quiet, the delay did shrink.
         let slack = (119 + jb.offset) * 20 * MS - (119 * 20 * MS + MS);
-        assert!(slack < 30 * MS, "slack {slack}");
+        assert!(slack < 40 * MS, "slack {slack}");
     }
 
     #[test]
@@ -758,7 +765,7 @@ mod tests {
     fn delay_shrinks_on_steady_arrivals_and_grows_on_jitter() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         let mut tick = 0u64;
-        // Steady quiet packets, 1 ms after each tick: delay falls from 40 ms to the 10 ms floor.
+        // Steady quiet packets, 1 ms after each tick: delay falls from 40 ms to the 20 ms floor.
         for i in 0..100u32 {
             let arrival = i64::from(i) * 20 * MS + MS;
             while (tick as i64) * 20 * MS <= arrival {
@@ -770,11 +777,11 @@ mod tests {
                 PushOutcome::Late
             );
         }
-        assert_eq!(jb.delay(), Duration::from_millis(10));
-        // Latest packet (frame 99, arrived 1981 ms) plays at most 30 ms after arrival.
+        assert_eq!(jb.delay(), Duration::from_millis(20));
+        // Latest packet (frame 99, arrived 1981 ms) plays at most 40 ms after arrival.
         let play_tick = 99 + jb.offset;
         let slack = play_tick * 20 * MS - (99 * 20 * MS + MS);
-        assert!((10 * MS..30 * MS).contains(&slack), "slack {slack}");
+        assert!((20 * MS..40 * MS).contains(&slack), "slack {slack}");
         // A packet 35 ms late in the arrival pattern raises the delay.
         let arrival = 100 * 20 * MS + MS + 35 * MS;
         while (tick as i64) * 20 * MS <= arrival {

@@ -276,30 +276,15 @@ impl RoomMixer {
         let mut loudest: Option<(f32, u32)> = None;
         for sp in &mut self.speakers {
             let decoded = match sp.jitter.pop(tick) {
-                Pop::Packet(p) => match sp.decoder.decode_float(p, &mut self.pcm, false) {
-                    Ok(n) => n,
-                    Err(_) => {
-                        self.stats.decode_errors += 1;
-                        sp.decoder
-                            .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
-                            .unwrap_or(0)
-                    }
-                },
+                Pop::Packet(p) => decode(&mut sp.decoder, p, false, &mut self.pcm, &mut self.stats),
                 // The next packet's in-band FEC data (libopus conceals if it carries none).
-                Pop::Recover(next) => {
-                    match sp
-                        .decoder
-                        .decode_float(next, &mut self.pcm[..FRAME_SAMPLES], true)
-                    {
-                        Ok(n) => n,
-                        Err(_) => {
-                            self.stats.decode_errors += 1;
-                            sp.decoder
-                                .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
-                                .unwrap_or(0)
-                        }
-                    }
-                }
+                Pop::Recover(next) => decode(
+                    &mut sp.decoder,
+                    next,
+                    true,
+                    &mut self.pcm[..FRAME_SAMPLES],
+                    &mut self.stats,
+                ),
                 Pop::Conceal => sp
                     .decoder
                     .decode_float(&[], &mut self.pcm[..FRAME_SAMPLES], false)
@@ -342,6 +327,25 @@ impl RoomMixer {
             payload: &self.packet[..n],
             record: &self.record,
         })
+    }
+}
+
+/// Decode `packet` (its FEC data if `fec`) into `pcm`; on a libopus error count it and conceal.
+fn decode(
+    decoder: &mut Decoder,
+    packet: &[u8],
+    fec: bool,
+    pcm: &mut [f32],
+    stats: &mut MixStats,
+) -> usize {
+    match decoder.decode_float(packet, pcm, fec) {
+        Ok(n) => n,
+        Err(_) => {
+            stats.decode_errors += 1;
+            decoder
+                .decode_float(&[], &mut pcm[..FRAME_SAMPLES], false)
+                .unwrap_or(0)
+        }
     }
 }
 
