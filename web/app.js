@@ -1162,7 +1162,7 @@ $("#create-form").addEventListener("submit", async (ev) => {
     const topic = $("#topic").value.trim();
     const created = await api("/v1/rooms", {
       method: "POST",
-      body: JSON.stringify({ title: $("#title").value.trim(), topic: topic || null }),
+      body: JSON.stringify({ title: $("#title").value.trim(), topic: topic || null, host_name: myName() || null }),
     });
     sessionStorage.setItem(`amphi:${created.room}`, JSON.stringify({ token: created.host_token }));
     location.hash = `room=${created.room}`;

@@ -59,6 +59,8 @@ try {
   await host.waitForSelector("#create");
   // Pure tones are "noise" to speech processing: both speakers send the original sound.
   await host.check("#original-sound");
+  await host.fill("#my-name", "Hana");
+  await host.dispatchEvent("#my-name", "change");
   await host.fill("#title", "Rooms end to end");
   await host.fill("#topic", "tones");
   await host.click("#create");
@@ -73,6 +75,8 @@ try {
   check((await host.textContent("#start-speaking")).includes("Start speaking"), "button label");
   check((await host.textContent("#mic-state")).trim() === "mic off", "mic badge says off");
   check(!(await host.isVisible("#mute")), "no Mute before speaking");
+  const hostCard = await host.textContent(`#speakers .person[data-id="${await state(host, () => window.amphi.me)}"]`);
+  check(hostCard.includes("Hana (you)"), `the host's card shows the chosen name: ${hostCard}`);
   await host.screenshot({ path: `${artifacts}/rooms-host-before-speaking.png` });
   await host.click("#start-speaking");
   await host.waitForFunction(
