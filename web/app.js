@@ -570,6 +570,10 @@ async function updateLatency() {
         // Both network legs (the speaker's and mine, estimated by my round trip), the jitter
         // buffer, and one 20 ms Opus frame of packetization.
         ms = ((rtt || 0) + jbSum / jbN + 0.02) * 1000;
+      } else if (rtt != null) {
+        // Nothing to hear yet (e.g. the only speaker is me): both network legs estimated by my
+        // round trip plus one Opus frame, without a jitter buffer.
+        ms = (rtt + 0.02) * 1000;
       }
     } else if (amphi.listenMode === "hls") {
       const el = $("#hls-audio");

@@ -88,6 +88,9 @@ try {
     timeout: 5000,
   });
   check(!(await host.isVisible("#start-speaking")), "Start speaking is gone once live");
+  // The host alone on stage hears nobody, yet its latency badge shows an estimate.
+  await host.waitForFunction(() => window.amphi.latencyMs != null, null, { timeout: 10000 });
+  check(/≈\d/.test(await host.textContent("#latency")), "the host's latency badge shows a value");
   check(await host.isVisible("#mute"), "the live host can mute");
   await host.screenshot({ path: `${artifacts}/rooms-host-speaking.png` });
   const room = await state(host, () => window.amphi.room);
