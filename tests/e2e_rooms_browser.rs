@@ -97,6 +97,8 @@ fn a_room_in_real_browsers_from_lobby_to_end() {
     }
     for shot in [
         "rooms-lobby.png",
+        "rooms-host-before-speaking.png",
+        "rooms-host-speaking.png",
         "rooms-host.png",
         "rooms-speaker.png",
         "rooms-hls-listener.png",

@@ -396,6 +396,8 @@ function stopMic() {
 
 /** Start (or resume) sending my microphone on the existing PeerConnection. */
 async function startSending() {
+  // Reached from "Start speaking", Unmute, or accepting the stage after a raised hand.
+  amphi.micConsent = true;
   const stream = await acquireMic();
   if (!amphi.pc) return renderControls();
   if (stream) {
@@ -446,7 +448,9 @@ async function startWebRtc() {
   createPeer();
   setStatus("connecting");
   try {
-    if (PUBLISHERS.has(amphi.role)) await startSending();
+    // The microphone opens only after the person's own click ("Start speaking"): a publisher who
+    // has not pressed it yet (a host who just created the room) joins receive-only.
+    if (PUBLISHERS.has(amphi.role) && amphi.micConsent) await startSending();
     else await negotiate();
     if (!amphi.wantHls) {
       stopHls();
@@ -566,6 +570,10 @@ async function updateLatency() {
         // Both network legs (the speaker's and mine, estimated by my round trip), the jitter
         // buffer, and one 20 ms Opus frame of packetization.
         ms = ((rtt || 0) + jbSum / jbN + 0.02) * 1000;
+      } else if (rtt != null) {
+        // Nothing to hear yet (e.g. the only speaker is me): both network legs estimated by my
+        // round trip plus one Opus frame, without a jitter buffer.
+        ms = (rtt + 0.02) * 1000;
       }
     } else if (amphi.listenMode === "hls") {
       const el = $("#hls-audio");
@@ -965,14 +973,27 @@ function render() {
   renderActive();
 }
 
+/** Whether my microphone is captured, sent and not muted: what the "mic live" badge shows. */
+function micLive() {
+  const meP = amphi.participants.get(amphi.me);
+  return !!(amphi.mic && amphi.sending && !(meP && meP.muted) && amphi.mic.getAudioTracks().some((t) => t.enabled));
+}
+
 function renderControls() {
   const joined = amphi.phase === "joined";
   const publisher = PUBLISHERS.has(amphi.role);
   const meP = amphi.participants.get(amphi.me);
   const muted = !!(meP && meP.muted);
+  const waiting = joined && publisher && !amphi.micConsent && !amphi.mic;
+  $("#start-speaking").hidden = !waiting;
+  const live = joined && micLive();
+  const badge = $("#mic-state");
+  badge.hidden = !(joined && publisher);
+  badge.textContent = live ? "● mic live" : "mic off";
+  badge.className = `badge ${live ? "mic-live" : "mic-off"}`;
   const handUp = amphi.hands.includes(amphi.me);
-  $("#mute").hidden = !(joined && publisher && !muted);
-  $("#unmute").hidden = !(joined && publisher && (muted || (amphi.micError && !amphi.mic)));
+  $("#mute").hidden = !(joined && publisher && !muted) || waiting;
+  $("#unmute").hidden = !(joined && publisher && (muted || (amphi.micError && !amphi.mic))) || waiting;
   $("#raise-hand").hidden = !(joined && !publisher && !handUp);
   $("#lower-hand").hidden = !(joined && !publisher && handUp);
   $("#switch-hls").hidden = !(joined && !publisher && amphi.listenMode === "webrtc");
@@ -1063,6 +1084,7 @@ function resetRoomState() {
     reconnects: 0,
     active: new Map(),
     micError: null,
+    micConsent: false,
   });
   jbPrev = new Map();
   setListenMode(null);
@@ -1144,7 +1166,7 @@ $("#create-form").addEventListener("submit", async (ev) => {
     const topic = $("#topic").value.trim();
     const created = await api("/v1/rooms", {
       method: "POST",
-      body: JSON.stringify({ title: $("#title").value.trim(), topic: topic || null }),
+      body: JSON.stringify({ title: $("#title").value.trim(), topic: topic || null, host_name: myName() || null }),
     });
     sessionStorage.setItem(`amphi:${created.room}`, JSON.stringify({ token: created.host_token }));
     location.hash = `room=${created.room}`;
@@ -1156,6 +1178,16 @@ $("#create-form").addEventListener("submit", async (ev) => {
 });
 $("#refresh").addEventListener("click", loadRooms);
 
+$("#start-speaking").addEventListener("click", async () => {
+  amphi.micConsent = true;
+  renderControls();
+  try {
+    if (!amphi.pc) await startWebRtc();
+    else await startSending();
+  } catch (e) {
+    reportError(e);
+  }
+});
 $("#mute").addEventListener("click", () => send({ type: "mute" }));
 $("#unmute").addEventListener("click", async () => {
   if (!amphi.mic && PUBLISHERS.has(amphi.role)) await startSending();

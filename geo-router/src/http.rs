@@ -340,6 +340,13 @@ async fn create_room(
     if let Some(topic) = &req.topic {
         check_text("topic", topic, MAX_NAME_CHARS)?;
     }
+    let host_name = match req.host_name.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => {
+            check_text("host_name", name, MAX_NAME_CHARS)?;
+            name.to_string()
+        }
+        _ => "host".to_string(),
+    };
     let now = now_unix();
     if let Some(at) = req.scheduled_at {
         if at > now + MAX_SCHEDULE_AHEAD_SECS {
@@ -371,7 +378,7 @@ async fn create_room(
     }
     let resp = CreateRoomResponse {
         room,
-        host_token: s.mint(room, Role::Host, "host"),
+        host_token: s.mint(room, Role::Host, &host_name),
         hls_url: s.hls_url(room),
     };
     Ok((StatusCode::CREATED, Json(resp)).into_response())

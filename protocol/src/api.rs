@@ -21,6 +21,9 @@ pub struct CreateRoomRequest {
     /// Optional start time (Unix seconds) for a scheduled room; live until then it is not.
     #[serde(default)]
     pub scheduled_at: Option<u64>,
+    /// The host's display name, carried in the host token (default "host").
+    #[serde(default)]
+    pub host_name: Option<String>,
 }
 
 /// `POST /v1/rooms` answer (`201 Created`).

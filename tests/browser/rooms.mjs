@@ -59,14 +59,40 @@ try {
   await host.waitForSelector("#create");
   // Pure tones are "noise" to speech processing: both speakers send the original sound.
   await host.check("#original-sound");
+  await host.fill("#my-name", "Hana");
+  await host.dispatchEvent("#my-name", "change");
   await host.fill("#title", "Rooms end to end");
   await host.fill("#topic", "tones");
   await host.click("#create");
+  // Creating a room opens no microphone: the host joins listening, with a "Start speaking" button
+  // and a "mic off" badge, until the host presses it.
+  await host.waitForFunction(() => window.amphi.phase === "joined" && window.amphi.status === "connected", null, {
+    timeout: 20000,
+  });
+  await host.waitForTimeout(500);
+  check(!(await state(host, () => window.amphi.mic || window.amphi.sending)), "no microphone before the click");
+  check(await host.isVisible("#start-speaking"), "the host sees Start speaking");
+  check((await host.textContent("#start-speaking")).includes("Start speaking"), "button label");
+  check((await host.textContent("#mic-state")).trim() === "mic off", "mic badge says off");
+  check(!(await host.isVisible("#mute")), "no Mute before speaking");
+  const hostCard = await host.textContent(`#speakers .person[data-id="${await state(host, () => window.amphi.me)}"]`);
+  check(hostCard.includes("Hana (you)"), `the host's card shows the chosen name: ${hostCard}`);
+  await host.screenshot({ path: `${artifacts}/rooms-host-before-speaking.png` });
+  await host.click("#start-speaking");
   await host.waitForFunction(
     () => window.amphi.phase === "joined" && window.amphi.sending && window.amphi.status === "connected",
     null,
     { timeout: 20000 }
   );
+  await host.waitForFunction(() => document.querySelector("#mic-state").textContent.includes("mic live"), null, {
+    timeout: 5000,
+  });
+  check(!(await host.isVisible("#start-speaking")), "Start speaking is gone once live");
+  // The host alone on stage hears nobody, yet its latency badge shows an estimate.
+  await host.waitForFunction(() => window.amphi.latencyMs != null, null, { timeout: 10000 });
+  check(/≈\d/.test(await host.textContent("#latency")), "the host's latency badge shows a value");
+  check(await host.isVisible("#mute"), "the live host can mute");
+  await host.screenshot({ path: `${artifacts}/rooms-host-speaking.png` });
   const room = await state(host, () => window.amphi.room);
   const hostId = await state(host, () => window.amphi.me);
   check((await state(host, () => window.amphi.role)) === "host", "creator is the host");
