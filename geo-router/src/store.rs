@@ -486,6 +486,46 @@ impl RedisStore {
         })
     }
 
+    /// Every room in Redis (ended ones that expired are dropped from the index).
+    async fn redis_rooms(&self) -> Result<Vec<(RoomId, RoomEntry)>, StoreError> {
+        {
+            let mut c = self.conn();
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.key("rooms"))
+                .query_async(&mut c)
+                .await?;
+            let ids: Vec<RoomId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            for id in &ids {
+                p.cmd("HMGET")
+                    .arg(self.key(format!("room:{id}")))
+                    .arg("entry")
+                    .arg("ended_at");
+            }
+            let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
+            let mut out = Vec::with_capacity(ids.len());
+            let mut gone = Vec::new();
+            for (id, (entry, ended)) in ids.into_iter().zip(rows) {
+                match entry {
+                    Some(e) => out.push((id, self.decode_entry(id, &e, ended)?)),
+                    None => gone.push(id.to_string()),
+                }
+            }
+            if !gone.is_empty() {
+                // Ended rooms expire; drop them from the index too.
+                redis::cmd("SREM")
+                    .arg(self.key("rooms"))
+                    .arg(&gone)
+                    .query_async::<()>(&mut c)
+                    .await?;
+            }
+            Ok(out)
+        }
+    }
+
     /// Replay the directory writes made while Redis was unreachable, in order; stops at the
     /// first failure.
     async fn replay(&self) -> Result<(), StoreError> {
@@ -594,40 +634,14 @@ impl Store for RedisStore {
 
     fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>> {
         Box::pin(async move {
-            let mut c = self.conn();
-            let ids: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.key("rooms"))
-                .query_async(&mut c)
-                .await?;
-            let ids: Vec<RoomId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut p = redis::pipe();
-            for id in &ids {
-                p.cmd("HMGET")
-                    .arg(self.key(format!("room:{id}")))
-                    .arg("entry")
-                    .arg("ended_at");
-            }
-            let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
-            let mut out = Vec::with_capacity(ids.len());
-            let mut gone = Vec::new();
-            for (id, (entry, ended)) in ids.into_iter().zip(rows) {
-                match entry {
-                    Some(e) => out.push((id, self.decode_entry(id, &e, ended)?)),
-                    None => gone.push(id.to_string()),
+            match self.redis_rooms().await {
+                Err(e) if unreachable(&e) => {
+                    // Redis is away: the rooms this replica knows.
+                    let f = lock(&self.fallback);
+                    Ok(f.known.iter().map(|(id, e)| (*id, e.clone())).collect())
                 }
+                other => other,
             }
-            if !gone.is_empty() {
-                // Ended rooms expire; drop them from the index too.
-                redis::cmd("SREM")
-                    .arg(self.key("rooms"))
-                    .arg(&gone)
-                    .query_async::<()>(&mut c)
-                    .await?;
-            }
-            Ok(out)
         })
     }
 
