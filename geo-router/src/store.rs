@@ -13,6 +13,12 @@
 //! (score = start time), `edge:{id}` JSON `{beat, seen_ms}` with a TTL of [`EDGE_TTL`], `edges`
 //! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
 //! markers so that one replica only emits a webhook.
+//!
+//! While Redis is unreachable a [`RedisStore`] keeps working from this replica's view
+//! ([`Fallback`]): rooms are created, read, listed and ended locally (their directory writes
+//! replayed in order by the next [`Store::sync`] once Redis answers), and edge heartbeats keep
+//! the local registry, so routing goes on. Other replicas see rooms created meanwhile only after
+//! the replay; `claim_once` and drain requests still need Redis.
 
 use crate::directory::{Directory, RoomEntry};
 use crate::registry::{validate, HeartbeatError, Registry, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
