@@ -235,6 +235,9 @@ async fn bans_and_roles_survive_a_redis_outage_and_rooms_start_during_it() {
     record("route", r3);
     let (r4, _) = call("GET", &format!("{router}/v1/rooms"), None);
     record("list_rooms", r4);
+    for (what, status) in [("room", r1), ("token", r2), ("route", r3), ("list", r4)] {
+        assert_eq!(status, 200, "{what} during the outage");
+    }
     // A room starts during the outage and works.
     let (st, created) = call(
         "POST",

@@ -13,6 +13,12 @@
 //! (score = start time), `edge:{id}` JSON `{beat, seen_ms}` with a TTL of [`EDGE_TTL`], `edges`
 //! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
 //! markers so that one replica only emits a webhook.
+//!
+//! While Redis is unreachable a [`RedisStore`] keeps working from this replica's view
+//! ([`Fallback`]): rooms are created, read, listed and ended locally (their directory writes
+//! replayed in order by the next [`Store::sync`] once Redis answers), and edge heartbeats keep
+//! the local registry, so routing goes on. Other replicas see rooms created meanwhile only after
+//! the replay; `claim_once` and drain requests still need Redis.
 
 use crate::directory::{Directory, RoomEntry};
 use crate::registry::{validate, HeartbeatError, Registry, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
@@ -507,6 +513,46 @@ impl RedisStore {
         })
     }
 
+    /// Every room in Redis (ended ones that expired are dropped from the index).
+    async fn redis_rooms(&self) -> Result<Vec<(RoomId, RoomEntry)>, StoreError> {
+        {
+            let mut c = self.conn();
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.key("rooms"))
+                .query_async(&mut c)
+                .await?;
+            let ids: Vec<RoomId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut p = redis::pipe();
+            for id in &ids {
+                p.cmd("HMGET")
+                    .arg(self.key(format!("room:{id}")))
+                    .arg("entry")
+                    .arg("ended_at");
+            }
+            let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
+            let mut out = Vec::with_capacity(ids.len());
+            let mut gone = Vec::new();
+            for (id, (entry, ended)) in ids.into_iter().zip(rows) {
+                match entry {
+                    Some(e) => out.push((id, self.decode_entry(id, &e, ended)?)),
+                    None => gone.push(id.to_string()),
+                }
+            }
+            if !gone.is_empty() {
+                // Ended rooms expire; drop them from the index too.
+                redis::cmd("SREM")
+                    .arg(self.key("rooms"))
+                    .arg(&gone)
+                    .query_async::<()>(&mut c)
+                    .await?;
+            }
+            Ok(out)
+        }
+    }
+
     /// Replay the directory writes made while Redis was unreachable, in order; stops at the
     /// first failure.
     async fn replay(&self) -> Result<(), StoreError> {
@@ -615,40 +661,14 @@ impl Store for RedisStore {
 
     fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>> {
         Box::pin(async move {
-            let mut c = self.conn();
-            let ids: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.key("rooms"))
-                .query_async(&mut c)
-                .await?;
-            let ids: Vec<RoomId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut p = redis::pipe();
-            for id in &ids {
-                p.cmd("HMGET")
-                    .arg(self.key(format!("room:{id}")))
-                    .arg("entry")
-                    .arg("ended_at");
-            }
-            let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
-            let mut out = Vec::with_capacity(ids.len());
-            let mut gone = Vec::new();
-            for (id, (entry, ended)) in ids.into_iter().zip(rows) {
-                match entry {
-                    Some(e) => out.push((id, self.decode_entry(id, &e, ended)?)),
-                    None => gone.push(id.to_string()),
+            match self.redis_rooms().await {
+                Err(e) if unreachable(&e) => {
+                    // Redis is away: the rooms this replica knows.
+                    let f = lock(&self.fallback);
+                    Ok(f.known.iter().map(|(id, e)| (*id, e.clone())).collect())
                 }
+                other => other,
             }
-            if !gone.is_empty() {
-                // Ended rooms expire; drop them from the index too.
-                redis::cmd("SREM")
-                    .arg(self.key("rooms"))
-                    .arg(&gone)
-                    .query_async::<()>(&mut c)
-                    .await?;
-            }
-            Ok(out)
         })
     }
 

@@ -7,6 +7,12 @@
 //! replaces the room's pending snapshot in a map bounded by [`MAX_PENDING`] rooms (the newest
 //! snapshot of a room wins; older ones were never worth writing) and wakes the writer.
 //!
+//! If Redis cannot be read when a room is first used (an outage), the room runs from a fresh
+//! state ("unverified") and its snapshots are held ([`Persister::hold`]) so that they cannot
+//! overwrite what is stored; once Redis answers, the hub merges the stored state in
+//! ([`reconcile`]: bans, stored roles, an ended phase win) and writing resumes. An origin that
+//! already holds a room keeps writing its snapshots through the outage (retried, newest wins).
+//!
 //! Redis layout: `amphi:roomstate:{room}` holds the JSON of a [`PersistedRoom`], with a TTL of
 //! [`LIVE_TTL`] (refreshed by every write) or [`ENDED_TTL`] once the room ended.
 
