@@ -9,6 +9,7 @@ pub mod control;
 pub mod ids;
 pub mod metrics;
 pub mod mtls;
+pub mod ownership;
 pub mod placement;
 pub mod redact;
 pub mod relay;
