@@ -1,7 +1,7 @@
 //! Which origin owns a room (sans-IO, shared by geo-router, edges and packagers).
 //!
-//! A room's owner is the origin with the highest rendezvous score among the origins that are
-//! *healthy*. Every party (router, edge, packager) links to every origin and feeds its link
+//! A room's owner is the origin with the highest rendezvous score ([`crate::placement`]) among
+//! the origins that are *healthy*. Every party (router, edge, packager) links to every origin and feeds its link
 //! state into an [`OriginHealth`]; with the same origin list and the same rule they all reach the
 //! same answer without talking to each other.
 //!
@@ -20,48 +20,10 @@
 //! room after the return to find it). [`Ownership`] remembers each tracked room's last owner so a
 //! driver learns which rooms moved and re-announces them.
 
+use crate::placement::rendezvous_among;
 use crate::RoomId;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-/// 64-bit FNV-1a, stable across processes and versions (unlike `DefaultHasher`).
-fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The splitmix64 finalizer: spreads the bits of a combined hash.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Rendezvous (highest random weight) score of `origin_id` for `room`.
-pub fn rendezvous_score(origin_id: &str, room: RoomId) -> u64 {
-    mix(fnv1a(origin_id.as_bytes(), 0) ^ mix(room.0))
-}
-
-/// The candidate that owns `room`: highest rendezvous score of `id(candidate)`, ties broken by
-/// the smaller id. `None` if there are no candidates. Removing a candidate only moves the rooms
-/// it owned.
-pub fn origin_for<'a, T, I, F>(room: RoomId, candidates: I, id: F) -> Option<T>
-where
-    I: IntoIterator<Item = T>,
-    F: Fn(&T) -> &'a str,
-    T: 'a,
-{
-    candidates.into_iter().max_by(|a, b| {
-        let (ia, ib) = (id(a), id(b));
-        rendezvous_score(ia, room)
-            .cmp(&rendezvous_score(ib, room))
-            .then_with(|| ib.cmp(ia))
-    })
-}
 
 /// Timing of the health rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +35,8 @@ pub struct HealthTiming {
 }
 
 impl Default for HealthTiming {
-    /// 1 s grace (QUIC keep-alives at 250 ms and a 750 ms idle timeout see a dead origin within
-    /// it, so a room moves within ~2 s), 30 s rejoin.
+    /// 1 s grace (a room moves 1 s after its origin's link is seen down: the link's QUIC idle
+    /// timeout bounds how fast that is), 30 s rejoin.
     fn default() -> Self {
         HealthTiming {
             grace: Duration::from_secs(1),
@@ -182,7 +144,12 @@ impl OriginHealth {
     /// The owner of `room` at `now`: rendezvous hashing over the healthy origins. `None` when
     /// no origin is healthy.
     pub fn owner(&self, room: RoomId, now: Instant) -> Option<&str> {
-        origin_for(room, self.healthy(now), |id| id)
+        let healthy = self
+            .links
+            .iter()
+            .filter(|(_, l)| Self::healthy_at(self.timing, *l, now))
+            .map(|(id, _)| id);
+        rendezvous_among(room, healthy).map(String::as_str)
     }
 
     /// The next instant after `now` at which health changes without a link event (a grace or
@@ -284,6 +251,7 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::rendezvous;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -303,37 +271,8 @@ mod tests {
         let all = ids(n);
         (1..1000u64)
             .map(RoomId)
-            .find(|r| origin_for(*r, all.iter(), |s| s.as_str()).map(String::as_str) == Some(owner))
+            .find(|r| rendezvous(*r, &all).map(String::as_str) == Some(owner))
             .expect("some room hashes to each origin")
-    }
-
-    #[test]
-    fn rendezvous_is_stable_balanced_and_minimal_on_removal() {
-        let three = ids(3);
-        let two = &three[..2];
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        let mut moved = 0;
-        for r in 0..3000u64 {
-            let room = RoomId(r.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let o = origin_for(room, three.iter(), |s| s.as_str()).unwrap();
-            *counts.entry(o.as_str()).or_insert(0) += 1;
-            let after = origin_for(room, two.iter(), |s| s.as_str()).unwrap();
-            if o != "origin-2" {
-                assert_eq!(after, o, "rooms of surviving origins stay put");
-            } else {
-                moved += 1;
-            }
-        }
-        for (id, c) in &counts {
-            assert!((800..1200).contains(c), "{id} owns {c} of 3000");
-        }
-        assert_eq!(moved, counts["origin-2"]);
-        assert!(origin_for(RoomId(1), std::iter::empty::<&String>(), |s| s.as_str()).is_none());
-        // Pinned (computed independently): parties of different versions must agree.
-        assert_eq!(
-            rendezvous_score("origin-1", RoomId(42)),
-            0x35f3_e691_1276_d649
-        );
     }
 
     #[test]
@@ -367,9 +306,7 @@ mod tests {
             h.link_up(&id, t0);
         }
         let room = room_owned_by(3, "origin-2");
-        let expected_next = origin_for(room, ids(2).iter(), |s| s.as_str())
-            .unwrap()
-            .clone();
+        let expected_next = rendezvous(room, &ids(2)).unwrap().clone();
         let other = room_owned_by(3, "origin-0");
         h.link_down("origin-2", t0 + 5000 * MS);
         h.link_down("origin-2", t0 + 5500 * MS); // repeated report: ignored
