@@ -24,6 +24,32 @@ async fn send_frames(uni: &mut quinn::SendStream, frames: &[Vec<u8>], first: u32
     }
 }
 
+/// A last program stream on `conn` (RTP from 0), finished, then the room's end on `control`.
+async fn last_stream_then_end(
+    conn: &quinn::Connection,
+    control: &mut quinn::SendStream,
+    frames: &[Vec<u8>],
+) {
+    let mut uni = conn.open_uni().await.unwrap();
+    send_frames(&mut uni, frames, 0, Duration::from_millis(5)).await;
+    uni.finish().unwrap();
+    control
+        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
+        .await
+        .unwrap();
+}
+
+/// The ended media playlist at `path` (waits for `#EXT-X-ENDLIST`), checked and parsed.
+async fn ended_playlist(h: &Harness, path: &str) -> (String, m3u8_rs::MediaPlaylist) {
+    let text = h
+        .wait_until(path, |r| r.text().contains("#EXT-X-ENDLIST"))
+        .await
+        .text();
+    conform(&text, Expect::ended(OPUS));
+    let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+    (text, pl)
+}
+
 /// Every playlist fetched passes the conformance checker.
 fn conform(text: &str, expect: Expect) {
     if let Err(errs) = check_media(text, &expect) {
@@ -176,19 +202,8 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     });
 
     // Stream B after a stop: RTP restarts at 0; then the room ends.
-    let mut uni = h.conn.open_uni().await.unwrap();
-    send_frames(&mut uni, &frames[150..175], 0, Duration::from_millis(5)).await;
-    uni.finish().unwrap();
-    h.control_send
-        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
-        .await
-        .unwrap();
-    let r = h
-        .wait_until(&playlist, |r| r.text().contains("#EXT-X-ENDLIST"))
-        .await;
-    let text = r.text();
-    conform(&text, Expect::ended(OPUS));
-    let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+    last_stream_then_end(&h.conn, &mut h.control_send, &frames[150..175]).await;
+    let (text, pl) = ended_playlist(&h, &playlist).await;
     assert!(pl.end_list);
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
     assert_eq!(uris, ["seg0.m4s", "seg1.m4s", "seg2.m4s"]);
@@ -362,20 +377,13 @@ async fn a_room_moving_to_another_origin_continues_with_one_discontinuity() {
 
     // The new owner mixes the room from its state: 1 s, RTP from 0, then it ends the room.
     let new_owner = &mut h.others[0];
-    let mut uni = new_owner.conn.open_uni().await.unwrap();
-    send_frames(&mut uni, &frames[120..170], 0, Duration::from_millis(5)).await;
-    uni.finish().unwrap();
-    new_owner
-        .control_send
-        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
-        .await
-        .unwrap();
-    let r = h
-        .wait_until(&playlist, |r| r.text().contains("#EXT-X-ENDLIST"))
-        .await;
-    let text = r.text();
-    conform(&text, Expect::ended(OPUS));
-    let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+    last_stream_then_end(
+        &new_owner.conn,
+        &mut new_owner.control_send,
+        &frames[120..170],
+    )
+    .await;
+    let (text, pl) = ended_playlist(&h, &playlist).await;
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
     assert_eq!(uris, ["seg0.m4s", "seg1.m4s", "seg2.m4s"], "{text}");
     let discontinuities: Vec<bool> = pl.segments.iter().map(|s| s.discontinuity).collect();
