@@ -100,7 +100,7 @@ pub struct PackagerSetup {
     pub config: PackagerConfig,
     /// Storage, recording and TLS listener settings.
     pub options: PackagerOptions,
-    /// Mesh certificate, key and CA for the QUIC link to the origin.
+    /// Mesh certificate, key and CA for the QUIC links to the origins.
     pub mesh_tls: MtlsMaterial,
 }
 
@@ -136,7 +136,7 @@ pub enum PackagerError {
 }
 
 /// A running packager core without the QUIC link: storage, rooms and the HTTP listeners.
-/// [`run`] connects it to an origin; benchmarks feed it directly through [`Packager::input`].
+/// [`run`] links it to the origins; benchmarks feed it directly through [`Packager::input`].
 pub struct Packager {
     registry: Arc<room::Registry>,
     metrics: Arc<metrics::Metrics>,
