@@ -215,11 +215,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         ("origin".into(), r.map_err(Into::into))
     });
 
+    let origins = vec![OriginEndpoint {
+        id: "origin-1".into(),
+        addr: addr(DEV_PORTS.origin_quic, off),
+        server_name: ORIGIN_NAME.into(),
+    }];
     let packager = amphi_packager::PackagerSetup {
         config: PackagerConfig {
             id: "packager-1".into(),
-            origin_addr: addr(DEV_PORTS.origin_quic, off),
-            origin_server_name: ORIGIN_NAME.into(),
+            origins: origins.clone(),
+            origin_addr: None,
+            origin_server_name: None,
             http_listen: addr(DEV_PORTS.packager_http, off),
             data_dir: args.data_dir.clone(),
         },
@@ -310,11 +316,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             dev_mode: true,
             token_ttl_secs: 6 * 3600,
             id: "geo-router-1".into(),
-            origins: vec![OriginEndpoint {
-                id: "origin-1".into(),
-                addr: addr(DEV_PORTS.origin_quic, off),
-                server_name: ORIGIN_NAME.into(),
-            }],
+            origins,
             geoip: args.geoip.clone(),
             trusted_proxies: vec![],
             load_threshold: 0.8,

@@ -336,8 +336,13 @@ fn serve_packager(
         let shutdown = tokio_util::sync::CancellationToken::new();
         let config = amphi_protocol::config::PackagerConfig {
             id: "loadgen-packager".into(),
-            origin_addr: ([127, 0, 0, 1], 9).into(),
-            origin_server_name: "unused".into(),
+            origins: vec![amphi_protocol::config::OriginEndpoint {
+                id: "unused".into(),
+                addr: ([127, 0, 0, 1], 9).into(),
+                server_name: "unused".into(),
+            }],
+            origin_addr: None,
+            origin_server_name: None,
             http_listen: addr,
             data_dir,
         };

@@ -1,10 +1,15 @@
-//! The QUIC link to the origin: control stream (Hello/Welcome, RoomOpened, RoomEnded, Ping)
-//! and one unidirectional program stream per room.
+//! The QUIC links to the origins, one per configured origin: control stream (Hello/Welcome,
+//! RoomOpened, RoomEnded, Ping) and one unidirectional program stream per room.
+//!
+//! Only the origin that owns a room mixes it, so the packager takes every room's program stream
+//! from whichever origin sends it. When a room moves to another origin (its owner died), the new
+//! owner's stream supersedes the old one (`RoomCore::start_stream`): the output continues with one
+//! discontinuity, the way it does when an origin restarts.
 
 use crate::metrics::Metrics;
 use crate::room::Registry;
 use crate::segmenter::ProgramFrame;
-use amphi_protocol::config::PackagerConfig;
+use amphi_protocol::config::{OriginEndpoint, PackagerConfig};
 use amphi_protocol::control::{
     record_len, ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN,
 };
@@ -83,22 +88,36 @@ impl Ingest {
         }
     }
 
-    /// Connect to the origin and stay connected (backoff 100 ms .. 5 s) until shutdown.
-    pub async fn run(self: Arc<Self>, client: quinn::ClientConfig) -> std::io::Result<()> {
-        let origin = self.config.origin_addr;
-        let bind = match (origin.is_ipv4(), origin.ip().is_loopback()) {
-            (true, true) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            (true, false) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            (false, true) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
-            (false, false) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-        };
-        let mut endpoint = quinn::Endpoint::client(bind)?;
-        endpoint.set_default_client_config(client);
+    /// Link to every origin and stay connected (each link backs off 100 ms .. 5 s on its own)
+    /// until shutdown.
+    pub async fn run(
+        self: Arc<Self>,
+        origins: Vec<OriginEndpoint>,
+        client: quinn::ClientConfig,
+    ) -> std::io::Result<()> {
+        let mut links = tokio::task::JoinSet::new();
+        for origin in origins {
+            let bind = match (origin.addr.is_ipv4(), origin.addr.ip().is_loopback()) {
+                (true, true) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                (true, false) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                (false, true) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+                (false, false) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+            };
+            let mut endpoint = quinn::Endpoint::client(bind)?;
+            endpoint.set_default_client_config(client.clone());
+            links.spawn(self.clone().link(origin, endpoint));
+        }
+        while links.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Keep one origin link up until shutdown.
+    async fn link(self: Arc<Self>, origin: OriginEndpoint, endpoint: quinn::Endpoint) {
         let mut backoff = MIN_BACKOFF;
         while !self.shutdown.is_cancelled() {
             let mut welcomed = false;
             let session = tokio::select! {
-                r = self.session(&endpoint, &mut welcomed) => r,
+                r = self.session(&endpoint, &origin, &mut welcomed) => r,
                 _ = self.shutdown.cancelled() => Ok(()),
             };
             match session {
@@ -107,7 +126,7 @@ impl Ingest {
                     self.metrics
                         .origin_reconnects
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%origin, error = %e, "origin session ended; reconnecting");
+                    tracing::warn!(origin = %origin.id, addr = %origin.addr, error = %e, "origin session ended; reconnecting");
                 }
             }
             if welcomed {
@@ -121,17 +140,17 @@ impl Ingest {
         }
         endpoint.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-        Ok(())
     }
 
     /// One connection; `Ok(())` only on shutdown.
     async fn session(
         self: &Arc<Self>,
         endpoint: &quinn::Endpoint,
+        origin: &OriginEndpoint,
         welcomed: &mut bool,
     ) -> Result<(), SessionError> {
         let cfg = &self.config;
-        let connecting = endpoint.connect(cfg.origin_addr, &cfg.origin_server_name)?;
+        let connecting = endpoint.connect(origin.addr, &origin.server_name)?;
         let (conn, mut send, mut recv, mut dec) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             let conn = connecting.await?;
             let (mut send, mut recv) = conn.open_bi().await?;
@@ -167,9 +186,9 @@ impl Ingest {
         .await
         .map_err(|_| SessionError::Timeout)??;
         *welcomed = true;
-        self.metrics.set_origin_connected(true);
+        self.metrics.origin_link(true);
         let result = self.serve(&conn, &mut send, &mut recv, &mut dec).await;
-        self.metrics.set_origin_connected(false);
+        self.metrics.origin_link(false);
         if result.is_ok() {
             conn.close(0u32.into(), b"shutdown");
         }

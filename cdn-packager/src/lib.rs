@@ -98,11 +98,11 @@ pub struct PackagerOptions {
 
 /// Everything `run` needs.
 pub struct PackagerSetup {
-    /// id, origin_addr, origin_server_name, http_listen, data_dir.
+    /// id, origins, http_listen, data_dir.
     pub config: PackagerConfig,
     /// Storage, recording and TLS listener settings.
     pub options: PackagerOptions,
-    /// Mesh certificate, key and CA for the QUIC link to the origin.
+    /// Mesh certificate, key and CA for the QUIC links to the origins.
     pub mesh_tls: MtlsMaterial,
 }
 
@@ -124,6 +124,9 @@ pub enum PackagerError {
     /// Filesystem or socket error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The origin list is unusable.
+    #[error("config: {0}")]
+    Config(#[from] amphi_protocol::config::OriginListError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -135,7 +138,7 @@ pub enum PackagerError {
 }
 
 /// A running packager core without the QUIC link: storage, rooms and the HTTP listeners.
-/// [`run`] connects it to an origin; benchmarks feed it directly through [`Packager::input`].
+/// [`run`] links it to the origins; benchmarks feed it directly through [`Packager::input`].
 pub struct Packager {
     registry: Arc<room::Registry>,
     metrics: Arc<metrics::Metrics>,
@@ -384,10 +387,11 @@ pub async fn run(setup: PackagerSetup, shutdown: CancellationToken) -> Result<()
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| PackagerError::Quic(e.to_string()))?;
     let client = quinn::ClientConfig::new(Arc::new(quic));
+    let origins = config.origin_endpoints()?;
     let packager = Packager::start(&config, &options, shutdown.clone()).await?;
     tracing::info!(
         packager = %config.id,
-        origin = %config.origin_addr,
+        origins = ?origins.iter().map(|o| &o.id).collect::<Vec<_>>(),
         data_dir = %config.data_dir.display(),
         "packager starting"
     );
@@ -398,7 +402,7 @@ pub async fn run(setup: PackagerSetup, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
         packager.tasks.clone(),
     ));
-    let ingested = ingest.run(client).await;
+    let ingested = ingest.run(origins, client).await;
     shutdown.cancel();
     let stopped = packager.stopped().await;
     ingested?;

@@ -70,7 +70,7 @@ pub struct Metrics {
     pub blocking_in_flight: AtomicGauge,
     /// Blocking requests that timed out (503).
     pub blocking_timeouts: AtomicCounter,
-    /// 1 while connected to the origin.
+    /// Origin links up (one per configured origin).
     pub origin_connected: AtomicGauge,
     /// Origin connection attempts that failed or connections that dropped.
     pub origin_reconnects: AtomicCounter,
@@ -166,7 +166,7 @@ impl Default for Metrics {
         );
         let origin_connected = gauge(
             "amphi_packager_origin_connected",
-            "1 while connected to the origin",
+            "Origin links up (one per configured origin)",
         );
         let storage_retries = r.counter(
             "amphi_packager_storage_retries",
@@ -247,11 +247,12 @@ impl Metrics {
         self.storage_retries.inc();
     }
 
-    /// Set whether the origin link is up (a link going down also clears the RTT).
-    pub fn set_origin_connected(&self, up: bool) {
-        self.origin_connected
-            .store(i64::from(up), Ordering::Relaxed);
-        if !up {
+    /// One origin link came up (`true`) or went down (`false`); the RTT is cleared when the
+    /// last link goes down.
+    pub fn origin_link(&self, up: bool) {
+        if up {
+            self.origin_connected.fetch_add(1, Ordering::Relaxed);
+        } else if self.origin_connected.fetch_sub(1, Ordering::Relaxed) <= 1 {
             self.origin_rtt.set(0.0);
         }
     }
@@ -307,7 +308,9 @@ mod tests {
         }
         m.observe_upload(Duration::from_millis(3));
         m.storage_retry();
-        m.set_origin_connected(true);
+        m.origin_link(true);
+        m.origin_link(true);
+        m.origin_link(false);
         m.set_origin_rtt(Duration::from_millis(2));
         let text = m.render();
         for line in [
@@ -325,7 +328,7 @@ mod tests {
         ] {
             assert!(text.contains(&format!("\n{line}\n")), "{line} in\n{text}");
         }
-        m.set_origin_connected(false);
+        m.origin_link(false);
         assert!(m
             .render()
             .contains("\namphi_packager_origin_rtt_seconds 0.0\n"));

@@ -24,6 +24,32 @@ async fn send_frames(uni: &mut quinn::SendStream, frames: &[Vec<u8>], first: u32
     }
 }
 
+/// A last program stream on `conn` (RTP from 0), finished, then the room's end on `control`.
+async fn last_stream_then_end(
+    conn: &quinn::Connection,
+    control: &mut quinn::SendStream,
+    frames: &[Vec<u8>],
+) {
+    let mut uni = conn.open_uni().await.unwrap();
+    send_frames(&mut uni, frames, 0, Duration::from_millis(5)).await;
+    uni.finish().unwrap();
+    control
+        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
+        .await
+        .unwrap();
+}
+
+/// The ended media playlist at `path` (waits for `#EXT-X-ENDLIST`), checked and parsed.
+async fn ended_playlist(h: &Harness, path: &str) -> (String, m3u8_rs::MediaPlaylist) {
+    let text = h
+        .wait_until(path, |r| r.text().contains("#EXT-X-ENDLIST"))
+        .await
+        .text();
+    conform(&text, Expect::ended(OPUS));
+    let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+    (text, pl)
+}
+
 /// Every playlist fetched passes the conformance checker.
 fn conform(text: &str, expect: Expect) {
     if let Err(errs) = check_media(text, &expect) {
@@ -176,19 +202,8 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     });
 
     // Stream B after a stop: RTP restarts at 0; then the room ends.
-    let mut uni = h.conn.open_uni().await.unwrap();
-    send_frames(&mut uni, &frames[150..175], 0, Duration::from_millis(5)).await;
-    uni.finish().unwrap();
-    h.control_send
-        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
-        .await
-        .unwrap();
-    let r = h
-        .wait_until(&playlist, |r| r.text().contains("#EXT-X-ENDLIST"))
-        .await;
-    let text = r.text();
-    conform(&text, Expect::ended(OPUS));
-    let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+    last_stream_then_end(&h.conn, &mut h.control_send, &frames[150..175]).await;
+    let (text, pl) = ended_playlist(&h, &playlist).await;
     assert!(pl.end_list);
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
     assert_eq!(uris, ["seg0.m4s", "seg1.m4s", "seg2.m4s"]);
@@ -339,5 +354,51 @@ async fn announced_room_without_media_holds_blocking_reloads_until_its_first_par
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("part0.0.m4s"), "{}", r.text());
     conform(&r.text(), Expect::live(OPUS).with_reports(1));
+    h.stop().await;
+}
+
+/// Fault "origin dies": the room's owner stops mid-stream (no FIN, as after `kill -9`) and the
+/// room's new owner, another origin the packager is linked to, starts its program stream with
+/// fresh RTP timestamps. The output continues with exactly one discontinuity and no segment
+/// listed twice or lost. Without a link to every origin the new owner's stream never arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_moving_to_another_origin_continues_with_one_discontinuity() {
+    let dir = common::scratch_dir("owner-change");
+    let mut h = Harness::start_origins(amphi_packager::PackagerOptions::default(), dir, 2).await;
+    let http = h.http;
+    let playlist = format!("/hls/{ROOM}/opus/playlist.m3u8");
+    let frames = tone_frames(440.0, 170);
+
+    // The first owner: 2.4 s, then it dies (the stream is never finished).
+    let mut dying = h.conn.open_uni().await.unwrap();
+    send_frames(&mut dying, &frames[..120], 0, Duration::from_millis(5)).await;
+    h.wait_until(&playlist, |r| r.text().contains("seg0.m4s"))
+        .await;
+
+    // The new owner mixes the room from its state: 1 s, RTP from 0, then it ends the room.
+    let new_owner = &mut h.others[0];
+    last_stream_then_end(
+        &new_owner.conn,
+        &mut new_owner.control_send,
+        &frames[120..170],
+    )
+    .await;
+    let (text, pl) = ended_playlist(&h, &playlist).await;
+    let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
+    assert_eq!(uris, ["seg0.m4s", "seg1.m4s", "seg2.m4s"], "{text}");
+    let discontinuities: Vec<bool> = pl.segments.iter().map(|s| s.discontinuity).collect();
+    assert_eq!(discontinuities, [false, false, true], "{text}");
+    let total: f32 = pl.segments.iter().map(|s| s.duration).sum();
+    assert!((total - 3.4).abs() < 1e-3, "every frame kept: {total} s");
+    for uri in uris {
+        let seg = http_get(http, &format!("/hls/{ROOM}/opus/{uri}")).await;
+        assert_eq!(seg.status, 200, "{uri} stored");
+    }
+    let metrics = http_get(http, "/metrics").await.text();
+    assert!(
+        metrics.contains("amphi_packager_origin_connected 2\n"),
+        "{metrics}"
+    );
+    dying.reset(0u32.into()).ok();
     h.stop().await;
 }

@@ -1,15 +1,17 @@
-//! The router's links to the origins: rendezvous hashing (room -> origin, sans-IO) and one QUIC
-//! (mTLS) client per origin that says `Hello{peer: router}`, sends `RoomEnded` for rooms ended
+//! The router's links to the origins: one QUIC (mTLS) client per origin, whose link state feeds
+//! the shared ownership rule (`amphi_protocol::ownership`: rendezvous hashing over the healthy
+//! origins, so the router sends a room's end to the origin edges and packagers use); each client that says `Hello{peer: router}`, sends `RoomEnded` for rooms ended
 //! through the REST API and reports `RoomEnded` the origin learned elsewhere.
 
 use amphi_protocol::config::OriginEndpoint;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::mtls::MtlsMaterial;
+use amphi_protocol::ownership::{HealthTiming, OriginHealth};
 use amphi_protocol::RoomId;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,39 +20,6 @@ use tokio_util::sync::CancellationToken;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room ends kept for an origin that is unreachable (oldest dropped beyond this).
 const MAX_PENDING: usize = 4096;
-
-/// 64-bit FNV-1a, stable across processes and versions (unlike `DefaultHasher`).
-fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The splitmix64 finalizer: spreads the bits of a combined hash.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Rendezvous (highest random weight) score of `origin_id` for `room`.
-pub fn rendezvous_score(origin_id: &str, room: RoomId) -> u64 {
-    mix(fnv1a(origin_id.as_bytes(), 0) ^ mix(room.0))
-}
-
-/// The origin that owns `room`: highest rendezvous score, ties broken by id. `None` if there are
-/// no origins. Every router computes the same answer from the same origin list, and removing an
-/// origin only moves the rooms it owned.
-pub fn origin_for(room: RoomId, origins: &[OriginEndpoint]) -> Option<&OriginEndpoint> {
-    origins.iter().max_by(|a, b| {
-        rendezvous_score(&a.id, room)
-            .cmp(&rendezvous_score(&b.id, room))
-            .then_with(|| b.id.cmp(&a.id))
-    })
-}
 
 /// Reconnect delays: `min` doubling up to `max` (sans-IO).
 #[derive(Debug, Clone)]
@@ -98,7 +67,7 @@ pub enum OriginEvent {
 /// Handle to every origin link: routes room ends to the owning origin.
 #[derive(Clone)]
 pub struct OriginLinks {
-    origins: Arc<Vec<OriginEndpoint>>,
+    health: Arc<Mutex<OriginHealth>>,
     senders: Arc<HashMap<String, mpsc::UnboundedSender<RoomId>>>,
     connected: Arc<AtomicUsize>,
 }
@@ -118,7 +87,11 @@ impl OriginLinks {
     /// No origins (rooms end only in the directory).
     pub fn none() -> Self {
         OriginLinks {
-            origins: Arc::new(Vec::new()),
+            health: Arc::new(Mutex::new(OriginHealth::new(
+                Vec::<String>::new(),
+                HealthTiming::default(),
+                Instant::now(),
+            ))),
             senders: Arc::new(HashMap::new()),
             connected: Arc::new(AtomicUsize::new(0)),
         }
@@ -144,6 +117,11 @@ impl OriginLinks {
         ));
         client.transport_config(Arc::new(transport));
         let connected = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(Mutex::new(OriginHealth::new(
+            origins.iter().map(|o| o.id.clone()),
+            HealthTiming::default(),
+            Instant::now(),
+        )));
         let mut senders = HashMap::new();
         for o in &origins {
             let bind: IpAddr = match (o.addr.ip().is_loopback(), o.addr) {
@@ -165,29 +143,31 @@ impl OriginLinks {
                 pending: VecDeque::new(),
                 events: events.clone(),
                 connected: connected.clone(),
+                health: health.clone(),
             };
             tokio::spawn(link.run(endpoint, shutdown.clone()));
         }
         Ok(OriginLinks {
-            origins: Arc::new(origins),
+            health,
             senders: Arc::new(senders),
             connected,
         })
     }
 
     /// Tell the room's origin that the room ended (queued while its link is down). Returns the
-    /// origin's id, or `None` when no origin is configured.
+    /// origin's id, or `None` when no origin is configured or none is healthy.
     pub fn end_room(&self, room: RoomId) -> Option<String> {
-        let origin = origin_for(room, &self.origins)?;
-        if let Some(tx) = self.senders.get(&origin.id) {
+        let origin = self.origin_of(room)?;
+        if let Some(tx) = self.senders.get(&origin) {
             let _ = tx.send(room);
         }
-        Some(origin.id.clone())
+        Some(origin)
     }
 
-    /// The origin that owns `room`.
-    pub fn origin_of(&self, room: RoomId) -> Option<&str> {
-        origin_for(room, &self.origins).map(|o| o.id.as_str())
+    /// The origin that owns `room` now (rendezvous hashing over the healthy origins).
+    pub fn origin_of(&self, room: RoomId) -> Option<String> {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.owner(room, Instant::now()).map(str::to_string)
     }
 
     /// How many origin links are up.
@@ -206,6 +186,7 @@ struct Link {
     pending: VecDeque<RoomId>,
     events: mpsc::UnboundedSender<OriginEvent>,
     connected: Arc<AtomicUsize>,
+    health: Arc<Mutex<OriginHealth>>,
 }
 
 enum SessionEnd {
@@ -241,6 +222,10 @@ impl Link {
                     self.connected.fetch_add(1, Ordering::Relaxed);
                     let end = self.session(&conn, &mut backoff, &shutdown).await;
                     self.connected.fetch_sub(1, Ordering::Relaxed);
+                    self.health
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .link_down(&self.origin.id, Instant::now());
                     match end {
                         SessionEnd::Shutdown => {
                             conn.close(0u32.into(), b"router shutting down");
@@ -321,6 +306,10 @@ impl Link {
                                     ControlMessage::Welcome { origin } => {
                                         welcomed = true;
                                         backoff.on_success();
+                                        self.health
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .link_up(&self.origin.id, Instant::now());
                                         tracing::info!(%origin, "origin welcomed router");
                                     }
                                     ControlMessage::RoomEnded { room } => {
@@ -357,46 +346,6 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn origins(n: usize) -> Vec<OriginEndpoint> {
-        (0..n)
-            .map(|i| OriginEndpoint {
-                id: format!("origin-{i}"),
-                addr: SocketAddr::from(([127, 0, 0, 1], 8300 + i as u16)),
-                server_name: "origin.amphi.internal".into(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn rendezvous_is_stable_balanced_and_minimal_on_removal() {
-        let three = origins(3);
-        let mut counts = HashMap::new();
-        let mut moved = 0;
-        let two: Vec<_> = three[..2].to_vec();
-        for r in 0..3000u64 {
-            let room = RoomId(r.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let o = origin_for(room, &three).unwrap();
-            assert_eq!(o, origin_for(room, &three).unwrap(), "deterministic");
-            *counts.entry(o.id.clone()).or_insert(0) += 1;
-            let after = origin_for(room, &two).unwrap();
-            if o.id != "origin-2" {
-                assert_eq!(after.id, o.id, "rooms of surviving origins stay put");
-            } else {
-                moved += 1;
-            }
-        }
-        for (id, c) in &counts {
-            assert!((800..1200).contains(c), "{id} owns {c} of 3000");
-        }
-        assert_eq!(moved, counts["origin-2"]);
-        assert!(origin_for(RoomId(1), &[]).is_none());
-        // Pinned (computed independently): routers of different versions must agree.
-        assert_eq!(
-            rendezvous_score("origin-1", RoomId(42)),
-            0x35f3_e691_1276_d649
-        );
-    }
 
     #[test]
     fn backoff_doubles_to_the_cap_and_resets() {

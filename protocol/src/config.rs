@@ -161,14 +161,76 @@ fn default_idle_room_timeout_secs() -> u64 {
 pub struct PackagerConfig {
     /// Packager id.
     pub id: String,
-    /// Origin QUIC address to take program streams from.
-    pub origin_addr: SocketAddr,
-    /// TLS server name of the origin certificate.
-    pub origin_server_name: String,
+    /// Origins to take program streams from (`[[packager.origins]]`): the packager links to every
+    /// one and packages each room from whichever origin owns it now, so a room that moves to
+    /// another origin continues its HLS output. See [`PackagerConfig::origin_endpoints`].
+    #[serde(default)]
+    pub origins: Vec<OriginEndpoint>,
+    /// One origin's QUIC address (older configs; use `origins`).
+    #[serde(default)]
+    pub origin_addr: Option<SocketAddr>,
+    /// TLS server name of the `origin_addr` origin's certificate.
+    #[serde(default)]
+    pub origin_server_name: Option<String>,
     /// HTTP listener serving `/hls/...`.
     pub http_listen: SocketAddr,
     /// Directory for parts, segments, playlists and recordings.
     pub data_dir: PathBuf,
+}
+
+impl PackagerConfig {
+    /// The origins to link to: `origins`, or the single `origin_addr` / `origin_server_name`
+    /// origin of an older config as a one-element list (id `origin`).
+    pub fn origin_endpoints(&self) -> Result<Vec<OriginEndpoint>, OriginListError> {
+        origin_list(
+            &self.origins,
+            self.origin_addr,
+            self.origin_server_name.as_deref(),
+        )
+    }
+}
+
+/// Why a role's origin list is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OriginListError {
+    /// Neither `origins` nor `origin_addr` is set.
+    #[error("no origin configured: set [[origins]] (or origin_addr and origin_server_name)")]
+    Missing,
+    /// Both forms are set.
+    #[error("set either [[origins]] or origin_addr/origin_server_name, not both")]
+    Both,
+    /// `origin_addr` without `origin_server_name` or the reverse.
+    #[error("origin_addr and origin_server_name go together")]
+    Incomplete,
+    /// Two origins share an id (the hashing key).
+    #[error("origin id {0:?} appears twice")]
+    DuplicateId(String),
+}
+
+/// One origin list from the list form or the single-origin form of a config.
+fn origin_list(
+    origins: &[OriginEndpoint],
+    addr: Option<SocketAddr>,
+    server_name: Option<&str>,
+) -> Result<Vec<OriginEndpoint>, OriginListError> {
+    match (origins.is_empty(), addr, server_name) {
+        (true, None, None) => Err(OriginListError::Missing),
+        (false, None, None) => {
+            for (i, o) in origins.iter().enumerate() {
+                if origins[..i].iter().any(|p| p.id == o.id) {
+                    return Err(OriginListError::DuplicateId(o.id.clone()));
+                }
+            }
+            Ok(origins.to_vec())
+        }
+        (false, _, _) => Err(OriginListError::Both),
+        (true, Some(addr), Some(name)) => Ok(vec![OriginEndpoint {
+            id: "origin".into(),
+            addr,
+            server_name: name.to_string(),
+        }]),
+        (true, _, _) => Err(OriginListError::Incomplete),
+    }
 }
 
 /// An edge as the geo-router knows it (static list until the registry exists).
@@ -297,4 +359,64 @@ fn default_router_id() -> String {
 
 fn default_token_ttl() -> u64 {
     6 * 3600
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn packager(extra: serde_json::Value) -> PackagerConfig {
+        let mut v = json!({"id": "p", "http_listen": "127.0.0.1:1", "data_dir": "d"});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn packager_takes_an_origin_list_or_the_old_single_origin() {
+        let list = packager(json!({"origins": [
+            {"id": "o1", "addr": "127.0.0.1:4433", "server_name": "a"},
+            {"id": "o2", "addr": "127.0.0.1:4434", "server_name": "a"},
+        ]}));
+        let ids: Vec<_> = list
+            .origin_endpoints()
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(ids, ["o1", "o2"]);
+        let old = packager(json!({"origin_addr": "127.0.0.1:4433", "origin_server_name": "a"}));
+        assert_eq!(
+            old.origin_endpoints().unwrap(),
+            vec![OriginEndpoint {
+                id: "origin".into(),
+                addr: "127.0.0.1:4433".parse().unwrap(),
+                server_name: "a".into(),
+            }]
+        );
+        let both = PackagerConfig {
+            origins: list.origins.clone(),
+            ..old.clone()
+        };
+        assert_eq!(both.origin_endpoints(), Err(OriginListError::Both));
+        let none = PackagerConfig {
+            origin_addr: None,
+            origin_server_name: None,
+            ..old.clone()
+        };
+        assert_eq!(none.origin_endpoints(), Err(OriginListError::Missing));
+        let half = PackagerConfig {
+            origin_server_name: None,
+            ..old
+        };
+        assert_eq!(half.origin_endpoints(), Err(OriginListError::Incomplete));
+        let mut dup = list;
+        dup.origins[1].id = "o1".into();
+        assert_eq!(
+            dup.origin_endpoints(),
+            Err(OriginListError::DuplicateId("o1".into()))
+        );
+    }
 }

@@ -13,6 +13,7 @@ pub mod https;
 pub mod ids;
 pub mod metrics;
 pub mod mtls;
+pub mod ownership;
 pub mod placement;
 pub mod redact;
 pub mod relay;

@@ -55,7 +55,15 @@ pub fn score(origin_id: &str, room: RoomId) -> u64 {
 /// The origin that owns `room`: the highest [`score`], ties broken by the smaller id. `None` only
 /// when `origins` is empty.
 pub fn rendezvous<O: OriginKey>(room: RoomId, origins: &[O]) -> Option<&O> {
-    origins.iter().max_by(|a, b| {
+    rendezvous_among(room, origins)
+}
+
+/// [`rendezvous`] over any sequence of origins (e.g. only the healthy ones).
+pub fn rendezvous_among<'a, O: OriginKey + 'a>(
+    room: RoomId,
+    origins: impl IntoIterator<Item = &'a O>,
+) -> Option<&'a O> {
+    origins.into_iter().max_by(|a, b| {
         let (a, b) = (a.origin_id(), b.origin_id());
         score(a, room).cmp(&score(b, room)).then_with(|| b.cmp(a))
     })
@@ -103,6 +111,8 @@ mod tests {
             score("origin-1", RoomId(0x00ab_cdef_0123_4567)),
             0xd70f_2b1c_2222_0703
         );
+        // The geo-router's pinned value from before it used this module.
+        assert_eq!(score("origin-1", RoomId(42)), 0x35f3_e691_1276_d649);
     }
 
     #[test]

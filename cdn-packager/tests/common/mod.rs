@@ -263,6 +263,16 @@ pub struct Harness {
     pub control_send: quinn::SendStream,
     pub control_recv: quinn::RecvStream,
     pub endpoint: quinn::Endpoint,
+    /// Further origin stand-ins (see [`Harness::start_origins`]).
+    pub others: Vec<OriginSide>,
+}
+
+/// The origin side of one more packager link.
+pub struct OriginSide {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub control_send: quinn::SendStream,
+    pub control_recv: quinn::RecvStream,
 }
 
 impl Harness {
@@ -278,17 +288,28 @@ impl Harness {
 
     /// Like [`Harness::start_with`] on an existing data directory (a packager restart).
     pub async fn start_in(options: PackagerOptions, data_dir: PathBuf) -> Harness {
+        Self::start_origins(options, data_dir, 1).await
+    }
+
+    /// A packager linked to `origins` origin stand-ins: the first is the harness's own
+    /// (`conn`, `control_send`, ...), the others are in `others`.
+    pub async fn start_origins(
+        options: PackagerOptions,
+        data_dir: PathBuf,
+        origins: usize,
+    ) -> Harness {
         let pki = DevPki::generate().unwrap();
         let origin_tls = pki.issue("origin.amphi.internal").unwrap();
         let packager_tls = pki.issue("packager-test").unwrap();
         let server =
             quinn::crypto::rustls::QuicServerConfig::try_from(origin_tls.server_config().unwrap())
                 .unwrap();
-        let endpoint = quinn::Endpoint::server(
-            quinn::ServerConfig::with_crypto(Arc::new(server)),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        let server = quinn::ServerConfig::with_crypto(Arc::new(server));
+        let endpoints: Vec<_> = (0..origins.max(1))
+            .map(|_| {
+                quinn::Endpoint::server(server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap()
+            })
+            .collect();
         let http = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
@@ -297,8 +318,17 @@ impl Harness {
         let setup = PackagerSetup {
             config: PackagerConfig {
                 id: "packager-test".into(),
-                origin_addr: endpoint.local_addr().unwrap(),
-                origin_server_name: "origin.amphi.internal".into(),
+                origins: endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| amphi_protocol::config::OriginEndpoint {
+                        id: format!("origin-test-{i}"),
+                        addr: e.local_addr().unwrap(),
+                        server_name: "origin.amphi.internal".into(),
+                    })
+                    .collect(),
+                origin_addr: None,
+                origin_server_name: None,
                 http_listen: http,
                 data_dir: data_dir.clone(),
             },
@@ -306,7 +336,19 @@ impl Harness {
             mesh_tls: packager_tls,
         };
         let packager = tokio::spawn(run(setup, shutdown.clone()));
+        let mut endpoints = endpoints.into_iter();
+        let endpoint = endpoints.next().unwrap();
         let (conn, control_send, control_recv) = accept_packager(&endpoint).await;
+        let mut others = Vec::new();
+        for endpoint in endpoints {
+            let (conn, control_send, control_recv) = accept_packager(&endpoint).await;
+            others.push(OriginSide {
+                endpoint,
+                conn,
+                control_send,
+                control_recv,
+            });
+        }
         // The HTTP listener is bound before the QUIC link starts.
         Harness {
             http,
@@ -317,6 +359,7 @@ impl Harness {
             control_send,
             control_recv,
             endpoint,
+            others,
         }
     }
 
