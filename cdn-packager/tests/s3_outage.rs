@@ -168,8 +168,13 @@ fn listed(text: &str) -> (Vec<String>, Vec<String>) {
 fn packager_config(data: &Path) -> PackagerConfig {
     PackagerConfig {
         id: "outage-packager".into(),
-        origin_addr: ([127, 0, 0, 1], 9).into(),
-        origin_server_name: "unused".into(),
+        origins: vec![amphi_protocol::config::OriginEndpoint {
+            id: "unused".into(),
+            addr: ([127, 0, 0, 1], 9).into(),
+            server_name: "unused".into(),
+        }],
+        origin_addr: None,
+        origin_server_name: None,
         http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data.to_path_buf(),
     }
