@@ -37,8 +37,10 @@ const MAX_HEAD: usize = 8 * 1024;
 const MAX_HEADERS: usize = 32;
 /// How long shutdown waits for connections to finish their last answer.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-/// A request head started must be complete within this time (slow clients are dropped).
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Each request head must be complete within this time, counted from the accepted connection
+/// or the end of the previous answer, not from the last byte received (slow-loris clients are
+/// dropped): the same bound hyper applies on the other listeners.
+const HEAD_TIMEOUT: std::time::Duration = amphi_protocol::https::HEADER_READ_TIMEOUT;
 
 /// A held request's slot is still waiting.
 const WAITING: u8 = 0;
@@ -260,6 +262,7 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let conn = Arc::new(stream);
     let mut buf = BytesMut::with_capacity(1024);
+    let mut head_deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
         match parse_request_head(&buf) {
             RequestHead::Fast(req, len) => {
@@ -268,12 +271,12 @@ async fn connection(
                 if !keep {
                     return;
                 }
+                head_deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
             }
             RequestHead::Partial => {
-                let mid_request = !buf.is_empty();
                 let read = tokio::select! {
                     r = read_more(&conn, &mut buf) => r,
-                    _ = tokio::time::sleep(HEAD_TIMEOUT), if mid_request => return,
+                    _ = tokio::time::sleep_until(head_deadline) => return,
                     _ = shutdown.cancelled() => return,
                 };
                 match read {

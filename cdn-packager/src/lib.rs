@@ -255,9 +255,8 @@ impl Packager {
         } else {
             let sd = shutdown.clone();
             tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(sd.cancelled_owned())
-                    .await
+                amphi_protocol::https::serve_plain(listener, app, sd).await;
+                Ok(())
             })
         };
         tracing::info!(

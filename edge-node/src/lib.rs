@@ -82,9 +82,6 @@ pub enum EdgeError {
     /// QUIC setup failed.
     #[error("QUIC: {0}")]
     Quic(String),
-    /// The HTTP server failed.
-    #[error("HTTP server: {0}")]
-    Http(std::io::Error),
     /// The media driver's socket, runtime or thread could not be set up.
     #[error("media driver: {0}")]
     Media(String),
@@ -280,17 +277,12 @@ pub async fn run_with(
     let app = http::router(state).layer(axum::middleware::from_fn(move |req, next| {
         registration::refuse_new_sessions(drain.clone(), req, next)
     }));
-    let served = match https_acceptor {
+    match https_acceptor {
         Some(acceptor) => {
-            amphi_protocol::https::serve_tls(http_listener, acceptor, app, inner.clone()).await;
-            Ok(())
+            amphi_protocol::https::serve_tls(http_listener, acceptor, app, inner.clone()).await
         }
-        None => {
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(inner.clone().cancelled_owned())
-                .await
-        }
-    };
+        None => amphi_protocol::https::serve_plain(http_listener, app, inner.clone()).await,
+    }
     inner.cancel();
     for done in media_done {
         if done.await.is_err() {
@@ -301,7 +293,7 @@ pub async fn run_with(
         tracing::error!(error = %e, "uplink panicked");
     }
     tracing::info!(edge = %config.id, "edge stopped");
-    served.map_err(EdgeError::Http)
+    Ok(())
 }
 
 /// Name of the media driver's OS thread (benchmarks read its CPU time from `/proc`).

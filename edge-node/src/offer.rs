@@ -46,6 +46,16 @@ impl OfferError {
     }
 }
 
+/// Parse SDP text. The parser's own error text names internal pointers
+/// (`Parse error at PointerOffset(0x7f…)`): the client gets a fixed message, the detail goes to
+/// the debug log.
+fn parse_sdp(text: &str) -> Result<SdpOffer, OfferError> {
+    SdpOffer::from_sdp_string(text).map_err(|e| {
+        tracing::debug!(error = %e, "unparseable SDP offer");
+        OfferError::BadSdp("the SDP could not be parsed".into())
+    })
+}
+
 /// Parse and check a WHIP request body: UTF-8 SDP, at least one enabled m-line that offers Opus
 /// and sends (sendonly or sendrecv).
 ///
@@ -58,7 +68,7 @@ pub fn parse_whip_offer(body: &[u8]) -> Result<SdpOffer, OfferError> {
     if text.trim().is_empty() {
         return Err(OfferError::BadSdp("empty body".into()));
     }
-    let offer = SdpOffer::from_sdp_string(text).map_err(|e| OfferError::BadSdp(e.to_string()))?;
+    let offer = parse_sdp(text)?;
     if offer.media_lines.is_empty() {
         return Err(OfferError::BadSdp("no m-lines".into()));
     }
@@ -126,7 +136,7 @@ pub fn parse_client_offer(body: &[u8]) -> Result<ClientOffer, OfferError> {
     if text.trim().is_empty() {
         return Err(OfferError::BadSdp("empty body".into()));
     }
-    let offer = SdpOffer::from_sdp_string(text).map_err(|e| OfferError::BadSdp(e.to_string()))?;
+    let offer = parse_sdp(text)?;
     let mut sends_audio = false;
     let mut slots = Vec::new();
     let mut opus_lines = 0usize;
@@ -245,6 +255,19 @@ pub(crate) mod tests {
             let e = parse_whip_offer(body).unwrap_err();
             assert_eq!(e.status(), 400, "{body:?}: {e}");
             assert_eq!(e.code(), "bad_sdp");
+        }
+        // Parser failures answer without the parser's internals (pointer offsets).
+        for body in [&b"hello world"[..], b"v=0\r\n", b"v=0\r\nm=audio x\r\n"] {
+            for e in [
+                parse_whip_offer(body).unwrap_err(),
+                parse_client_offer(body).unwrap_err(),
+            ] {
+                let text = e.to_string();
+                assert!(
+                    !text.contains("PointerOffset") && !text.contains("0x"),
+                    "{text}"
+                );
+            }
         }
         let huge = vec![b'a'; MAX_OFFER_LEN + 1];
         assert_eq!(parse_whip_offer(&huge).unwrap_err().status(), 413);

@@ -86,9 +86,6 @@ pub enum RouterError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The server failed.
-    #[error("serve: {0}")]
-    Serve(std::io::Error),
     /// Origins are configured but the links cannot be set up.
     #[error("origin links: {0}")]
     Links(String),
@@ -1268,12 +1265,9 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
             amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown).await;
             Ok(())
         }
-        None => axum::serve(
-            listener,
-            app(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(RouterError::Serve),
+        None => {
+            amphi_protocol::https::serve_plain(listener, app(state), shutdown).await;
+            Ok(())
+        }
     }
 }

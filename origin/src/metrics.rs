@@ -410,6 +410,10 @@ fn respond(
     resp
 }
 
+/// Longest a scraper may take to send a request head (from the accepted connection or the end of
+/// the previous answer); slower connections are dropped (slow-loris).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serve `GET /metrics` on `listener` until `shutdown`, answering with `exposition()` (which
 /// refreshes scrape-time gauges and renders the registry).
 pub async fn serve(
@@ -437,6 +441,8 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::select! {
                 _ = shutdown.cancelled() => {}

@@ -162,6 +162,42 @@ pub fn acceptor_from(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a connection is given to finish its requests after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Longest a client may take to send a complete request head: counted from the accepted
+/// connection (or the TLS handshake) to its first request, and from the end of each HTTP/1.1
+/// request to the next head. A slow-loris client is cut off after this; real clients send a
+/// head in one packet.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accept connections on `listener` until `shutdown`, running `conn` on each accepted socket
+/// (TCP_NODELAY on); returns once every connection task has ended.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    conn: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        tracker.spawn(conn(tcp, peer));
+    }
+    tracker.close();
+    tracker.wait().await;
+}
 
 /// Accept TLS connections on `listener` until `shutdown`, serving `app` on each (HTTP/2 or
 /// HTTP/1.1 by ALPN, with upgrades); requests carry [`ConnectInfo`]`<SocketAddr>` of the peer.
@@ -172,24 +208,12 @@ pub async fn serve_tls(
     app: axum::Router,
     shutdown: CancellationToken,
 ) {
-    let tracker = tokio_util::task::TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    let sd = shutdown.clone();
+    accept_loop(listener, shutdown, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let app = app.clone();
-        let sd = shutdown.clone();
-        tracker.spawn(async move {
+        let sd = sd.clone();
+        async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -199,15 +223,33 @@ pub async fn serve_tls(
                 Err(_) => return,
             };
             serve_connection(tls, app, peer, &sd).await;
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+        }
+    })
+    .await;
+}
+
+/// Accept plain TCP connections on `listener` until `shutdown`, serving `app` on each like
+/// [`serve_tls`] does (HTTP/1.1 or HTTP/2 prior knowledge, upgrades, [`ConnectInfo`], header
+/// read timeout, shutdown grace).
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) {
+    let sd = shutdown.clone();
+    accept_loop(listener, shutdown, move |tcp, peer| {
+        let app = app.clone();
+        let sd = sd.clone();
+        async move { serve_connection(tcp, app, peer, &sd).await }
+    })
+    .await;
 }
 
 /// Serve one accepted connection (plain or TLS) with `app`: HTTP/1.1 or HTTP/2, upgrades allowed,
 /// [`ConnectInfo`] of `peer` on every request; on `shutdown` it is closed gracefully within
-/// [`SHUTDOWN_GRACE`].
+/// [`SHUTDOWN_GRACE`]. A connection whose first request has not arrived within
+/// [`HEADER_READ_TIMEOUT`] is dropped (this covers the HTTP version sniffing and the HTTP/2
+/// preface), and hyper drops an HTTP/1.1 connection whose next head takes longer.
 pub async fn serve_connection<S>(
     io: S,
     app: axum::Router,
@@ -216,20 +258,44 @@ pub async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use hyper::service::Service as _;
     let app = axum::Extension(ConnectInfo(peer)).layer(app);
-    let svc = hyper_util::service::TowerToHyperService::new(app);
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let inner = hyper_util::service::TowerToHyperService::new(app);
+    let first = Arc::new(tokio::sync::Notify::new());
+    let seen = first.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        seen.notify_one();
+        inner.call(req)
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let first_deadline = tokio::time::sleep(HEADER_READ_TIMEOUT);
+    tokio::pin!(first_deadline);
+    let mut started = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
             }
-        }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+            _ = first.notified(), if !started => started = true,
+            _ = first_deadline.as_mut(), if !started => {
+                tracing::debug!(%peer, "no request head within the header read timeout");
+                return;
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
+                return;
+            }
         }
     }
 }
@@ -237,6 +303,95 @@ pub async fn serve_connection<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Behave as a slow-loris client on `s` (silent, or dripping an endless request head one
+    /// byte a second) until the server closes it; returns how long that took.
+    async fn cut_off<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, drip: bool) -> Duration {
+        let start = tokio::time::Instant::now();
+        let mut head = b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(b"X-Slow: a\r\n".iter().copied()).flatten());
+        let mut buf = [0u8; 1024];
+        let wait = async {
+            loop {
+                tokio::select! {
+                    r = s.read(&mut buf) => match r {
+                        Ok(0) | Err(_) => return start.elapsed(),
+                        Ok(_) => {}
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        let byte = [head.next().expect("endless")];
+                        if drip && s.write_all(&byte).await.is_err() {
+                            return start.elapsed();
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(HEADER_READ_TIMEOUT * 6, wait)
+            .await
+            .expect("a slow-loris connection was never cut off")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_heads_are_cut_off_on_tls_and_plain_listeners_while_requests_work() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let acceptor = acceptor_from(
+            vec![ck.cert.der().clone()],
+            PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
+        )
+        .unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let sd = CancellationToken::new();
+        let tls_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tls_addr, plain_addr) = (tls_l.local_addr().unwrap(), plain_l.local_addr().unwrap());
+        let servers = [
+            tokio::spawn(serve_tls(tls_l, acceptor, app.clone(), sd.clone())),
+            tokio::spawn(serve_plain(plain_l, app, sd.clone())),
+        ];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls.clone()));
+        let mut attacks = tokio::task::JoinSet::new();
+        for drip in [false, true] {
+            let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let stream = connector.connect(name, tcp).await.unwrap();
+            attacks.spawn(async move { ("tls", drip, cut_off(stream, drip).await) });
+            let tcp = tokio::net::TcpStream::connect(plain_addr).await.unwrap();
+            attacks.spawn(async move { ("plain", drip, cut_off(tcp, drip).await) });
+        }
+        // Real requests are answered on both listeners while the attacks run.
+        let client: HttpsClient<String> = client_with(tls);
+        for url in [
+            format!("https://localhost:{}/", tls_addr.port()),
+            format!("http://127.0.0.1:{}/", plain_addr.port()),
+        ] {
+            let uri: axum::http::Uri = url.parse().unwrap();
+            let resp = client.get(uri).await.unwrap();
+            assert_eq!(resp.status(), 200, "{url}");
+        }
+        while let Some(r) = attacks.join_next().await {
+            let (listener, drip, after) = r.unwrap();
+            // Cut off, and not before the timeout: real clients get the whole bound.
+            assert!(
+                after >= HEADER_READ_TIMEOUT - Duration::from_millis(500),
+                "{listener} {drip}: {after:?}"
+            );
+        }
+        sd.cancel();
+        for s in servers {
+            s.await.unwrap();
+        }
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let p = dir.join(name);
