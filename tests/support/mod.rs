@@ -2,7 +2,7 @@
 //! tone generation, HLS fetching and audio analysis with ffmpeg.
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub mod tfrender;
+pub use amphi_tools::tfrender;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
