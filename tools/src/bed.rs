@@ -273,8 +273,8 @@ fn tf_role(kind: Kind) -> Option<TfRole> {
 /// Make the run directory: `hosts.tsv`, `netem.toml`, the bed's PKI (`ca.pem`) and token key,
 /// and for each role host `config.toml` (rendered from its Terraform template with the values a
 /// deployment passes, `api_secret` as the `API_KEY_SECRET` secret) and `env`: the overlays for
-/// what no template sets (the router's GeoIP database, the origins' Redis, the packager's S3
-/// storage).
+/// what no template sets (the router's GeoIP database and empty static edge list, the origins'
+/// Redis, the packager's S3 storage).
 pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
     std::fs::create_dir_all(run)?;
     write(&run.join("hosts.tsv"), &hosts_tsv())?;
@@ -315,10 +315,15 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                         "server_name": ORIGIN_SERVER_NAME,
                     })).collect::<Vec<_>>(),
                 }),
-                vec![(
-                    "AMPHI__ROUTER__GEOIP".into(),
-                    format!("[\"{}\"]", run.join("geoip.mmdb").display()),
-                )],
+                vec![
+                    // The template writes one [[router.edges]] per static edge; the bed has
+                    // none (its edges register), and `edges` is a required key.
+                    ("AMPHI__ROUTER__EDGES".into(), "[]".into()),
+                    (
+                        "AMPHI__ROUTER__GEOIP".into(),
+                        format!("[\"{}\"]", run.join("geoip.mmdb").display()),
+                    ),
+                ],
             ),
             Kind::Origin => (
                 json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300,
