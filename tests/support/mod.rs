@@ -2,6 +2,7 @@
 //! tone generation, HLS fetching and audio analysis with ffmpeg.
 #![allow(dead_code)] // each test binary uses a different subset
 
+#[allow(unused_imports)] // only the tests that render Terraform configs use it
 pub use amphi_tools::tfrender;
 
 use std::io::{BufRead, BufReader, Read};

@@ -463,7 +463,10 @@ mod tests {
         assert!(router.contains("[[router.origins]]"), "{router}");
         assert!(router.contains("secret = \"s3cret\""), "{router}");
         assert!(router.contains("tls_cert = "), "{router}");
-        assert!(edge.contains("router_url = \"https://10.77.1.6:8080\""), "{edge}");
+        assert!(
+            edge.contains("router_url = \"https://10.77.1.6:8080\""),
+            "{edge}"
+        );
         assert!(edge.contains("api_key_secret = \"s3cret\""), "{edge}");
         assert!(run.join("ca.pem").exists());
         for h in ["router", "origin-1", "origin-2", "packager", "edge-use1-a"] {

@@ -5,15 +5,15 @@
 
 use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
 use amphi_edge::whip_client::{WhipPublisher, CONNECT_TIMEOUT};
+use amphi_protocol::https::HttpsClient;
 use amphi_tools::bed;
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hmac::{Hmac, Mac};
-use serde_json::{json, Value};
-use amphi_protocol::https::HttpsClient;
-use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -173,7 +173,10 @@ async fn call(
         let resp = http.request(req).await.ok()?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.ok()?.to_bytes();
-        Some((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Some((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     };
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
@@ -227,16 +230,19 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
             }
             Err(e) => return Err(e),
         };
-        let mut client = match WhipPublisher::connect_trusting(&whip, &c.token, CONNECT_TIMEOUT, Some(&c.ca)).await {
-            Ok(p) => p,
-            Err(e) if attempts < reconnects => {
-                attempts += 1;
-                eprintln!("whip-speak: {edge}: {e}; asking the router again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => bail!("WHIP {whip}: {e}"),
-        };
+        let mut client =
+            match WhipPublisher::connect_trusting(&whip, &c.token, CONNECT_TIMEOUT, Some(&c.ca))
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if attempts < reconnects => {
+                    attempts += 1;
+                    eprintln!("whip-speak: {edge}: {e}; asking the router again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => bail!("WHIP {whip}: {e}"),
+            };
         sessions.push(
             json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
             "at_unix_ms": unix_ms()}),
