@@ -6,6 +6,7 @@
 //! bed's CA that names the host's address.
 
 use crate::tfrender::{render_role_config, BootValues, TfRole};
+use amphi_protocol::mtls::DevPki;
 use amphi_protocol::token::TokenSigner;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -179,69 +180,6 @@ pub fn netem_toml(partition_eu_from_origins: bool) -> String {
     out
 }
 
-/// The bed's certificate authority: one CA for the origins' QUIC mesh and every HTTPS
-/// listener, issuing certificates whose subject alternative names carry the host's address.
-pub struct BedPki {
-    ca_cert: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-/// PEM text of an issued certificate.
-pub struct IssuedPem {
-    /// CA certificate.
-    pub ca: String,
-    /// Host certificate.
-    pub cert: String,
-    /// Host private key (PKCS#8).
-    pub key: String,
-}
-
-impl BedPki {
-    /// A new CA.
-    pub fn generate() -> Result<Self> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "amphi test bed CA");
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca_key = rcgen::KeyPair::generate()?;
-        let ca_cert = params.self_signed(&ca_key)?;
-        Ok(BedPki { ca_cert, ca_key })
-    }
-
-    /// The CA certificate (PEM).
-    pub fn ca_pem(&self) -> String {
-        self.ca_cert.pem()
-    }
-
-    /// A TLS server and client certificate for `names` (DNS names, or IP addresses, which
-    /// become IP address SANs); the first is the common name.
-    pub fn issue(&self, names: &[String]) -> Result<IssuedPem> {
-        let mut params = rcgen::CertificateParams::new(names.to_vec())?;
-        if let Some(cn) = names.first() {
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, cn.as_str());
-        }
-        params.is_ca = rcgen::IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = rcgen::KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
-        Ok(IssuedPem {
-            ca: self.ca_cert.pem(),
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        })
-    }
-}
-
 fn write(path: &Path, text: &str) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
@@ -279,7 +217,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
     std::fs::create_dir_all(run)?;
     write(&run.join("hosts.tsv"), &hosts_tsv())?;
     write(&run.join("netem.toml"), &netem_toml(false))?;
-    let pki = BedPki::generate()?;
+    let pki = DevPki::generate()?;
     let signer = TokenSigner::generate("k1");
     let redis = host("redis");
     let s3 = host("s3");
@@ -404,7 +342,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             names.push(ORIGIN_SERVER_NAME.to_string());
         }
         names.push(format!("{}.amphi.internal", h.name));
-        let issued = pki.issue(&names)?;
+        let issued = pki.issue_pem_for(&names)?;
         write(&dir.join("etc/tls/ca.pem"), &issued.ca)?;
         write(&dir.join("etc/tls/cert.pem"), &issued.cert)?;
         write(&dir.join("etc/tls/key.pem"), &issued.key)?;
