@@ -8,7 +8,9 @@
 # ap-southeast-1 160 ms, 1 ms inside a region) or drops it (partitions).
 #
 # Every role runs `amphi <role> --config` with the config rendered from the Terraform templates
-# (amphi-tools bed-setup), plus the AMPHI__* overlays in its `env` file. Addresses are
+# (amphi-tools bed-setup), plus the AMPHI__* overlays in its `env` file for what no template sets
+# (GeoIP database, the origins' Redis, the packager's S3 storage). Every HTTP listener serves TLS
+# with a certificate of the bed's CA ($RUN/ca.pem) naming the host's address. Addresses are
 # 10.77.0.0/16 inside the namespaces only: nothing is routed to or from the host's interfaces.
 #
 # Usage (root):  scripts/mesh.sh up | down | status | partition on|off | kill HOST
@@ -52,11 +54,12 @@ wait_for() {
   die "$what: not ready in $((tries / 10)) s (logs in $RUN/logs)"
 }
 
-http_ok() { in_ns "${PREFIX}client-use1" curl -fsS -m 2 -o /dev/null "$1"; }
+# Every HTTP listener of the bed serves TLS with a certificate of the bed's CA ($RUN/ca.pem).
+http_ok() { in_ns "${PREFIX}client-use1" curl -fsS -m 2 --cacert "$RUN/ca.pem" -o /dev/null "$1"; }
 
 registered_edges() {
   in_ns "${PREFIX}client-use1" "$TOOLS" api --secret "$(cat "$RUN/api_secret")" \
-    GET "http://$(addr router):8080/v1/edges" | grep -o '"id":"edge-[^"]*"' | sort -u | wc -l
+    --ca "$RUN/ca.pem" GET "https://$(addr router):8080/v1/edges" | grep -o '"id":"edge-[^"]*"' | sort -u | wc -l
 }
 
 all_edges_registered() { [ "$(registered_edges)" -ge 4 ]; }
@@ -118,11 +121,11 @@ up() {
        start "$name" "$ns" "$AMPHI_BIN" "$kind" --config "$RUN/$name/config.toml")
     done < <(hosts)
   done
-  wait_for geo-router 300 http_ok "http://$(addr router):8080/healthz"
-  wait_for packager 300 http_ok "http://$(addr packager):8400/healthz"
+  wait_for geo-router 300 http_ok "https://$(addr router):8080/healthz"
+  wait_for packager 300 http_ok "https://$(addr packager):8443/healthz"
   while IFS=$'\t' read -r name _ns k _region a _gw _net; do
     [ "$k" = edge ] || continue
-    wait_for "$name" 300 http_ok "http://$a:8080/healthz"
+    wait_for "$name" 300 http_ok "https://$a:8080/healthz"
   done < <(hosts)
   wait_for "edge registration" 300 all_edges_registered
   touch "$RUN/up"

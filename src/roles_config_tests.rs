@@ -1,7 +1,7 @@
 //! The deployment configs load through the very loader `amphi <role> --config FILE` uses: the
 //! documented examples in `infra/config/` and the configs the Terraform modules render into user
 //! data (`terraform/modules/*/templates/*.toml.tftpl`, rendered with hcl-rs by
-//! `tests/support/tfrender.rs`, the renderer the process tests use too). Keys a role does not know
+//! `tools/src/tfrender.rs`, the renderer the process tests use too). Keys a role does not know
 //! would be silently ignored by serde, so each file's keys are also checked against the config
 //! types, and each rendered template must have exactly the keys of its documented example (the
 //! drift test).
@@ -15,8 +15,7 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-#[path = "../tests/support/tfrender.rs"]
-mod tfrender;
+use amphi_tools::tfrender;
 use tfrender::{render_role_config, BootValues, TfRole};
 
 fn repo() -> PathBuf {

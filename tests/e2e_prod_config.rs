@@ -1,6 +1,6 @@
 //! The production configuration, run: `amphi geo-router`, `amphi edge`, `amphi origin` and
 //! `amphi packager` as separate processes, each from the config its Terraform module renders
-//! (`tests/support/tfrender.rs`: the module template, then the boot-time values and secrets user
+//! (`tools/src/tfrender.rs`: the module template, then the boot-time values and secrets user
 //! data fills in), with TLS on every HTTP listener (a test CA made at start signs every node's
 //! certificate, which the templates use for both the mesh and HTTPS), API keys, Redis over TLS
 //! with an AUTH password, trusted proxies and a CDN base URL for `hls_url`.

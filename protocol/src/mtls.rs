@@ -130,12 +130,25 @@ impl DevPki {
         Ok(DevPki { ca_cert, ca_key })
     }
 
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> String {
+        self.ca_cert.pem()
+    }
+
     /// Issue a certificate for `name` valid as both TLS server and client.
     pub fn issue_pem(&self, name: &str) -> Result<IssuedPem, MtlsError> {
-        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
+        self.issue_pem_for(&[name.to_string()])
+    }
+
+    /// Issue a certificate for several `names` (DNS names, or IP addresses, which become IP
+    /// address SANs), valid as both TLS server and client; the first is the common name.
+    pub fn issue_pem_for(&self, names: &[String]) -> Result<IssuedPem, MtlsError> {
+        let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+        if let Some(cn) = names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn.as_str());
+        }
         params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
@@ -144,7 +157,7 @@ impl DevPki {
         let key = rcgen::KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
         Ok(IssuedPem {
-            ca: self.ca_cert.pem(),
+            ca: self.ca_pem(),
             cert: cert.pem(),
             key: key.serialize_pem(),
         })
@@ -160,6 +173,32 @@ impl DevPki {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_for_several_names_carry_ip_address_sans() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls_pki_types::{ServerName, UnixTime};
+        let pki = DevPki::generate().unwrap();
+        let pem = pki
+            .issue_pem_for(&["10.77.1.6".into(), "origin.amphi.internal".into()])
+            .unwrap();
+        let m = MtlsMaterial::from_pem(&pem.ca, &pem.cert, &pem.key).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            m.roots().unwrap(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let valid_for = |name: &str| {
+            let name = ServerName::try_from(name.to_string()).unwrap();
+            verifier
+                .verify_server_cert(&m.chain[0], &[], &name, &[], UnixTime::now())
+                .is_ok()
+        };
+        assert!(valid_for("10.77.1.6"));
+        assert!(valid_for("origin.amphi.internal"));
+        assert!(!valid_for("10.77.1.7"));
+    }
 
     #[test]
     fn dev_pki_material_builds_both_configs() {

@@ -16,7 +16,7 @@ pub struct Bed {
 }
 
 /// The geo-router's URL inside the bed.
-pub const ROUTER: &str = "http://10.77.1.6:8080";
+pub const ROUTER: &str = "https://10.77.1.6:8080";
 
 /// Public addresses the bed's GeoIP fixture places in each region (Seattle, Paris, Tokyo).
 pub const US: &str = "216.160.83.1";
@@ -100,7 +100,8 @@ impl Bed {
         c.args(["netns", "exec", &format!("amb-{host}")])
             .arg(&self.tools)
             .args(args)
-            .env("AMB_API_SECRET", &self.secret);
+            .env("AMB_API_SECRET", &self.secret)
+            .env("AMB_CA", self.run.join("ca.pem"));
         c
     }
 
@@ -168,8 +169,10 @@ impl Bed {
         v["token"].as_str().unwrap().to_string()
     }
 
-    /// GET `url` from inside `host`'s namespace (curl); `None` on any failure.
+    /// GET `url` from inside `host`'s namespace (curl, trusting the bed's CA); `None` on any
+    /// failure.
     pub fn get(&self, host: &str, url: &str) -> Option<Vec<u8>> {
+        let ca = self.run.join("ca.pem");
         let out = Command::new("ip")
             .args([
                 "netns",
@@ -179,6 +182,8 @@ impl Bed {
                 "-fsS",
                 "-m",
                 "10",
+                "--cacert",
+                &ca.display().to_string(),
                 url,
             ])
             .output()

@@ -2,7 +2,8 @@
 //! tone generation, HLS fetching and audio analysis with ffmpeg.
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub mod tfrender;
+#[allow(unused_imports)] // only the tests that render Terraform configs use it
+pub use amphi_tools::tfrender;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -1,15 +1,18 @@
 //! The namespace test bed: its hosts (one network namespace each, one address each), the link
 //! emulator's regions, and every role's config rendered from the Terraform templates
 //! (`terraform/modules/*/templates/*.toml.tftpl`, with the `@...@` values the user-data script
-//! fills in at boot) plus the bed's deployment-time overlays (`AMPHI__SECTION__KEY` variables).
+//! fills in at boot, by [`crate::tfrender`]) plus the bed's overlays (`AMPHI__SECTION__KEY`
+//! variables) for what no template sets. Every HTTP listener serves TLS with a certificate of the
+//! bed's CA that names the host's address.
 
+use crate::tfrender::{render_role_config, BootValues, TfRole};
 use amphi_protocol::mtls::DevPki;
 use amphi_protocol::token::TokenSigner;
 use anyhow::{Context, Result};
-use hcl::eval::{Context as HclContext, Evaluate, FuncArgs, FuncDef, ParamType};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The regions of the bed, in address order (`10.77.{1,2,3}.0/24`).
 pub const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "ap-southeast-1"];
@@ -177,60 +180,6 @@ pub fn netem_toml(partition_eu_from_origins: bool) -> String {
     out
 }
 
-fn trimspace(args: FuncArgs) -> Result<hcl::Value, String> {
-    match &args[0] {
-        hcl::Value::String(s) => Ok(hcl::Value::from(s.trim())),
-        other => Err(format!("trimspace: not a string: {other:?}")),
-    }
-}
-
-/// Render a Terraform template file with `vars` (as `templatefile()` does), then fill in the
-/// `@...@` values the user-data script sets at boot on `host`, then point the on-host paths
-/// (`/etc/amphi/`, `/var/lib/amphi/`) into the host's directory of the run.
-///
-/// This is the one place the bed renders configs: switch it to a shared renderer here.
-pub fn render_template(
-    template: &Path,
-    vars: &Value,
-    boot: &BootValues,
-    host_dir: &Path,
-) -> Result<String> {
-    let text = std::fs::read_to_string(template)
-        .with_context(|| format!("reading {}", template.display()))?;
-    let parsed: hcl::Template = text
-        .parse()
-        .with_context(|| format!("parsing {}", template.display()))?;
-    let mut ctx = HclContext::new();
-    for (k, v) in vars.as_object().context("template vars are an object")? {
-        ctx.declare_var(k.as_str(), hcl::to_value(v)?);
-    }
-    ctx.declare_func(
-        "trimspace",
-        FuncDef::builder().param(ParamType::String).build(trimspace),
-    );
-    let rendered = parsed
-        .evaluate(&ctx)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", template.display()))?;
-    let dir = host_dir.display().to_string();
-    Ok(rendered
-        .replace("@INSTANCE_ID@", &boot.instance_id)
-        .replace("@PRIVATE_IPV4@", &boot.private_ipv4)
-        .replace("@PUBLIC_IPV4@", &boot.private_ipv4)
-        .replace("@NODE_NUMBER@", &boot.node_number.to_string())
-        .replace("/etc/amphi/", &format!("{dir}/etc/"))
-        .replace("/var/lib/amphi/", &format!("{dir}/var/")))
-}
-
-/// What the user-data script learns at boot (instance metadata).
-pub struct BootValues {
-    /// `@INSTANCE_ID@`.
-    pub instance_id: String,
-    /// `@PRIVATE_IPV4@` (the bed has no public addresses: `@PUBLIC_IPV4@` is the same).
-    pub private_ipv4: String,
-    /// `@NODE_NUMBER@`.
-    pub node_number: u32,
-}
-
 fn write(path: &Path, text: &str) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
@@ -238,16 +187,38 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Make the run directory: `hosts.tsv`, `netem.toml`, the mesh PKI and token key, and for each
-/// role host `config.toml` (rendered from its Terraform template) and `env` (overlays).
+/// The geo-router's HTTPS port (edges listen on the same port on their hosts).
+pub const HTTP_PORT: u16 = 8080;
+/// The packager's HTTPS port (its plain HTTP listener is on 8400).
+pub const PACKAGER_HTTPS_PORT: u16 = 8443;
+
+/// The geo-router's base URL inside the bed.
+pub fn router_url() -> String {
+    format!("https://{}:{HTTP_PORT}", host("router").addr())
+}
+
+/// The Terraform role of a host kind, if a module deploys it.
+fn tf_role(kind: Kind) -> Option<TfRole> {
+    match kind {
+        Kind::Router => Some(TfRole::Router),
+        Kind::Origin => Some(TfRole::Origin),
+        Kind::Packager => Some(TfRole::Packager),
+        Kind::Edge => Some(TfRole::Edge),
+        Kind::Redis | Kind::S3 | Kind::Client => None,
+    }
+}
+
+/// Make the run directory: `hosts.tsv`, `netem.toml`, the bed's PKI (`ca.pem`) and token key,
+/// and for each role host `config.toml` (rendered from its Terraform template with the values a
+/// deployment passes, `api_secret` as the `API_KEY_SECRET` secret) and `env`: the overlays for
+/// what no template sets (the router's GeoIP database and empty static edge list, the origins'
+/// Redis, the packager's S3 storage).
 pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
     std::fs::create_dir_all(run)?;
     write(&run.join("hosts.tsv"), &hosts_tsv())?;
     write(&run.join("netem.toml"), &netem_toml(false))?;
     let pki = DevPki::generate()?;
     let signer = TokenSigner::generate("k1");
-    let modules = repo.join("terraform/modules");
-    let router = host("router");
     let redis = host("redis");
     let s3 = host("s3");
     let packager = host("packager");
@@ -256,24 +227,26 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
         .filter(|h| h.kind == Kind::Origin)
         .collect();
     let origin_addr = format!("{}:4433", origins[0].addr());
-    let router_url = format!("http://{}:8080", router.addr());
-    let mut edge_number = 0;
+    let router_url = router_url();
+    let mut edge_number = 0u8;
     for h in hosts() {
-        let dir = run.join(h.name);
-        let boot = BootValues {
-            instance_id: h.name.to_string(),
-            private_ipv4: h.addr(),
-            node_number: 0,
+        let Some(role) = tf_role(h.kind) else {
+            continue;
         };
-        let (template, vars, overlays): (PathBuf, Value, Vec<(String, String)>) = match h.kind {
+        let dir = run.join(h.name);
+        let (vars, overlays): (Value, Vec<(String, String)>) = match h.kind {
             Kind::Router => (
-                modules.join("geo-router/templates/router.toml.tftpl"),
                 json!({
-                    "region": REGIONS[h.region], "http_port": 8080, "public_url": router_url,
+                    "region": REGIONS[h.region], "http_port": HTTP_PORT, "public_url": router_url,
                     "default_region": REGIONS[0],
-                    "packager_url": format!("http://{}:8400", packager.addr()),
+                    "packager_url": format!("https://{}:{PACKAGER_HTTPS_PORT}", packager.addr()),
+                    // Listeners fetch HLS through the router's /hls proxy (no CDN in the bed).
+                    "hls_base_url": router_url,
                     "token_ttl_secs": 3600, "signing_kid": "k1",
-                    // Edges register themselves; no static region entries (see the report).
+                    "trusted_proxies": ["10.77.0.0/16"],
+                    "redis_url": format!("redis://{}:6379/0", redis.addr()),
+                    "api_key_id": API_KEY_ID,
+                    // Edges register themselves; no static region entries.
                     "edges": [], "coordinates": {},
                     "origins": origins.iter().map(|o| json!({
                         "id": o.name, "addr": format!("{}:4433", o.addr()),
@@ -281,37 +254,27 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                     })).collect::<Vec<_>>(),
                 }),
                 vec![
+                    // The template writes one [[router.edges]] per static edge; the bed has
+                    // none (its edges register), and `edges` is a required key.
                     ("AMPHI__ROUTER__EDGES".into(), "[]".into()),
-                    (
-                        "AMPHI__ROUTER__API_KEYS".into(),
-                        format!("[{{ id = \"{API_KEY_ID}\", secret = \"{api_secret}\" }}]"),
-                    ),
-                    (
-                        "AMPHI__ROUTER__REDIS_URL".into(),
-                        format!("redis://{}:6379/0", redis.addr()),
-                    ),
                     (
                         "AMPHI__ROUTER__GEOIP".into(),
                         format!("[\"{}\"]", run.join("geoip.mmdb").display()),
                     ),
-                    (
-                        "AMPHI__ROUTER__TRUSTED_PROXIES".into(),
-                        "[\"10.77.0.0/16\"]".into(),
-                    ),
                 ],
             ),
             Kind::Origin => (
-                modules.join("origin/templates/origin.toml.tftpl"),
-                json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600}),
+                json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300,
+                    "idle_room_timeout_secs": 3600}),
                 vec![(
                     "AMPHI__ORIGIN__REDIS_URL".into(),
                     format!("redis://{}:6379/1", redis.addr()),
                 )],
             ),
             Kind::Packager => (
-                modules.join("packager/templates/packager.toml.tftpl"),
                 json!({"id": "packager-origin-1", "origin_addr": origin_addr,
-                    "origin_server_name": ORIGIN_SERVER_NAME, "http_port": 8400}),
+                    "origin_server_name": ORIGIN_SERVER_NAME, "http_port": 8400,
+                    "https_port": PACKAGER_HTTPS_PORT}),
                 vec![
                     ("AMPHI__PACKAGER__STORAGE__BACKEND".into(), "s3".into()),
                     ("AMPHI__PACKAGER__STORAGE__BUCKET".into(), S3_KEYS.2.into()),
@@ -334,21 +297,17 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             Kind::Edge => {
                 edge_number += 1;
                 (
-                    modules.join("edge-region/templates/edge.toml.tftpl"),
                     json!({
-                        "region": REGIONS[h.region], "http_port": 8080, "media_port": 3478,
-                        "public_url": format!("http://{}:8080", h.addr()),
+                        "region": REGIONS[h.region], "http_port": HTTP_PORT, "media_port": 3478,
+                        "public_url": format!("https://{}:{HTTP_PORT}", h.addr()),
                         "origin_addr": origin_addr, "origin_server_name": ORIGIN_SERVER_NAME,
                         "router_url": router_url, "interactive_capacity": 500,
+                        "media_threads": 0, "ice_connect_timeout_secs": 15,
+                        "backend_tls": true, "capacity": 500, "api_key_id": API_KEY_ID,
+                        "drain_grace_secs": 5,
                         "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],
                     }),
-                    vec![
-                        ("AMPHI__REGISTRATION__API_KEY_ID".into(), API_KEY_ID.into()),
-                        (
-                            "AMPHI__REGISTRATION__API_KEY_SECRET".into(),
-                            api_secret.into(),
-                        ),
-                    ],
+                    Vec::new(),
                 )
             }
             Kind::Redis | Kind::S3 | Kind::Client => continue,
@@ -357,12 +316,19 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             // Edge ids are "edge-{region}-{instance}": the instance is the host's letter.
             instance_id: match h.kind {
                 Kind::Edge => h.name.rsplit('-').next().unwrap_or(h.name).to_string(),
-                _ => boot.instance_id,
+                _ => h.name.to_string(),
             },
+            private_ipv4: h.addr(),
+            // The bed has no public addresses.
+            public_ipv4: h.addr(),
             node_number: edge_number,
-            ..boot
+            secrets: BTreeMap::from([("API_KEY_SECRET".to_string(), api_secret.to_string())]),
+            etc_dir: Some(dir.join("etc")),
+            state_dir: Some(dir.join("var")),
+            bind_ip: None,
         };
-        let config = render_template(&template, &vars, &boot, &dir)?;
+        let config = render_role_config(repo, role, &vars, &boot)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", h.name))?;
         write(&dir.join("config.toml"), &config)?;
         let mut env = String::new();
         for (k, v) in overlays {
@@ -370,12 +336,13 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             let _ = writeln!(env, "{k}='{v}'");
         }
         write(&dir.join("env"), &env)?;
-        let name = if h.kind == Kind::Origin {
-            ORIGIN_SERVER_NAME.to_string()
-        } else {
-            format!("{}.amphi.internal", h.name)
-        };
-        let issued = pki.issue_pem(&name)?;
+        // The origins' QUIC server name and the address every HTTPS client dials.
+        let mut names = vec![h.addr()];
+        if h.kind == Kind::Origin {
+            names.push(ORIGIN_SERVER_NAME.to_string());
+        }
+        names.push(format!("{}.amphi.internal", h.name));
+        let issued = pki.issue_pem_for(&names)?;
         write(&dir.join("etc/tls/ca.pem"), &issued.ca)?;
         write(&dir.join("etc/tls/cert.pem"), &issued.cert)?;
         write(&dir.join("etc/tls/key.pem"), &issued.key)?;
@@ -384,6 +351,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
         }
         std::fs::create_dir_all(dir.join("var/data"))?;
     }
+    write(&run.join("ca.pem"), &pki.ca_pem())?;
     write(&run.join("signing.pem"), &signer.to_pkcs8_pem())?;
     Ok(())
 }
@@ -431,8 +399,14 @@ mod tests {
         assert!(!keys.contains('@'), "{edge}");
         let router = std::fs::read_to_string(run.join("router/config.toml")).unwrap();
         assert!(router.contains("[[router.origins]]"), "{router}");
-        let env = std::fs::read_to_string(run.join("router/env")).unwrap();
-        assert!(env.contains("AMPHI__ROUTER__API_KEYS='[{ id = \"bed\", secret = \"s3cret\" }]'"));
+        assert!(router.contains("secret = \"s3cret\""), "{router}");
+        assert!(router.contains("tls_cert = "), "{router}");
+        assert!(
+            edge.contains("router_url = \"https://10.77.1.6:8080\""),
+            "{edge}"
+        );
+        assert!(edge.contains("api_key_secret = \"s3cret\""), "{edge}");
+        assert!(run.join("ca.pem").exists());
         for h in ["router", "origin-1", "origin-2", "packager", "edge-use1-a"] {
             let text = std::fs::read_to_string(run.join(h).join("config.toml")).unwrap();
             text.parse::<toml::Table>().unwrap();

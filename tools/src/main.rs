@@ -3,14 +3,18 @@
 //! partition; `api`, `whip-speak` and `whep-listen` are clients meant to run inside a client
 //! namespace (`ip netns exec amb-client-... amphi-tools ...`), printing one JSON line.
 
-use amphi_edge::whep_client::WhepSubscriber;
-use amphi_edge::whip_client::WhipPublisher;
+use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
+use amphi_edge::whip_client::{WhipPublisher, CONNECT_TIMEOUT};
+use amphi_protocol::https::HttpsClient;
 use amphi_tools::bed;
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hmac::{Hmac, Mac};
+use http::Request;
+use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Parser)]
@@ -51,6 +55,9 @@ enum Cmd {
         /// API key secret.
         #[arg(long, env = "AMB_API_SECRET")]
         secret: String,
+        /// The bed's CA certificate (PEM), trusted besides the system roots.
+        #[arg(long, env = "AMB_CA")]
+        ca: PathBuf,
         /// Method.
         method: String,
         /// URL.
@@ -101,6 +108,9 @@ struct ClientArgs {
     /// placing it with the bed's GeoIP database.
     #[arg(long)]
     forwarded_for: Option<String>,
+    /// The bed's CA certificate (PEM), trusted besides the system roots.
+    #[arg(long, env = "AMB_CA")]
+    ca: PathBuf,
 }
 
 fn unix_ms() -> f64 {
@@ -118,15 +128,23 @@ fn sign(secret: &str, ts: u64, method: &str, path_and_query: &str, body: &[u8]) 
     format!("v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The bed's HTTPS client: system roots plus the bed CA `ca`.
+type Http = HttpsClient<Full<Bytes>>;
+
+fn https_client(ca: &Path) -> Result<Http> {
+    amphi_protocol::https::client(Some(ca)).with_context(|| format!("CA {}", ca.display()))
+}
+
 /// (status, JSON body); status 0 when the connection failed.
-fn call(
+async fn call(
+    http: &Http,
     method: &str,
     url: &str,
     body: Option<&str>,
     key: Option<(&str, &str)>,
     forwarded_for: Option<&str>,
 ) -> (u16, Value) {
-    let mut req = ureq::request(method, url).timeout(Duration::from_secs(5));
+    let mut req = Request::builder().method(method).uri(url);
     if let Some((id, secret)) = key {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -138,28 +156,39 @@ fn call(
             .unwrap_or("/");
         let sig = sign(secret, ts, method, path, body.unwrap_or("").as_bytes());
         req = req
-            .set("x-amphi-key", id)
-            .set("x-amphi-timestamp", &ts.to_string())
-            .set("x-amphi-signature", &sig);
+            .header("x-amphi-key", id)
+            .header("x-amphi-timestamp", ts.to_string())
+            .header("x-amphi-signature", sig);
     }
     if let Some(ip) = forwarded_for {
-        req = req.set("x-forwarded-for", ip);
+        req = req.header("x-forwarded-for", ip);
     }
-    let resp = match body {
-        Some(b) => req.set("content-type", "application/json").send_string(b),
-        None => req.call(),
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let Ok(req) = req.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))) else {
+        return (0, Value::Null);
     };
-    match resp {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
-        Err(_) => (0, Value::Null),
-    }
+    let exchange = async {
+        let resp = http.request(req).await.ok()?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or((0, Value::Null))
 }
 
 /// Ask the router where to go: (edge id, WHIP URL, WHEP URL).
-fn route(c: &ClientArgs, role: &str) -> Result<(String, String, String)> {
+async fn route(http: &Http, c: &ClientArgs, role: &str) -> Result<(String, String, String)> {
     let url = format!("{}/v1/route?room={}&role={role}", c.router, c.room);
-    let (status, v) = call("GET", &url, None, None, c.forwarded_for.as_deref());
+    let (status, v) = call(http, "GET", &url, None, None, c.forwarded_for.as_deref()).await;
     if status != 200 {
         bail!("route: {status} {v}");
     }
@@ -183,6 +212,7 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
         tone.push(enc.encode_vec(&pcm, 4000)?);
     }
     silence.push(enc.encode_vec(&[0i16; 960], 4000)?);
+    let http = https_client(&c.ca)?;
     let mut sessions = Vec::new();
     let mut onsets = Vec::new();
     let total = bursts * PERIOD_FRAMES;
@@ -190,7 +220,7 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
     let mut attempts = 0;
     while frame < total {
         let t0 = Instant::now();
-        let (edge, whip, _) = match route(&c, "speaker") {
+        let (edge, whip, _) = match route(&http, &c, "speaker").await {
             Ok(r) => r,
             Err(e) if attempts < reconnects => {
                 attempts += 1;
@@ -200,16 +230,19 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
             }
             Err(e) => return Err(e),
         };
-        let mut client = match WhipPublisher::connect(&whip, &c.token).await {
-            Ok(p) => p,
-            Err(e) if attempts < reconnects => {
-                attempts += 1;
-                eprintln!("whip-speak: {edge}: {e}; asking the router again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => bail!("WHIP {whip}: {e}"),
-        };
+        let mut client =
+            match WhipPublisher::connect_trusting(&whip, &c.token, CONNECT_TIMEOUT, Some(&c.ca))
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if attempts < reconnects => {
+                    attempts += 1;
+                    eprintln!("whip-speak: {edge}: {e}; asking the router again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => bail!("WHIP {whip}: {e}"),
+            };
         sessions.push(
             json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
             "at_unix_ms": unix_ms()}),
@@ -251,8 +284,13 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
 }
 
 async fn whep_listen(c: ClientArgs, freq: f64, seconds: f64) -> Result<Value> {
-    let (edge, _, whep) = route(&c, "listener")?;
-    let mut sub = WhepSubscriber::connect(&whep, &c.token)
+    let http = https_client(&c.ca)?;
+    let (edge, _, whep) = route(&http, &c, "listener").await?;
+    let opts = WhepOptions {
+        extra_ca: Some(c.ca.clone()),
+        ..WhepOptions::default()
+    };
+    let mut sub = WhepSubscriber::connect_with(&whep, &c.token, opts)
         .await
         .with_context(|| format!("WHEP {whep}"))?;
     let mut dec = opus::Decoder::new(48_000, opus::Channels::Mono)?;
@@ -334,17 +372,20 @@ fn main() -> Result<()> {
         Cmd::Api {
             key_id,
             secret,
+            ca,
             method,
             url,
             body,
         } => {
-            let (status, body) = call(
+            let http = https_client(&ca)?;
+            let (status, body) = rt.block_on(call(
+                &http,
                 &method,
                 &url,
                 body.as_deref(),
                 Some((&key_id, &secret)),
                 None,
-            );
+            ));
             json!({"status": status, "body": body})
         }
         Cmd::WhipSpeak {

@@ -5,9 +5,9 @@
 //! Secrets Manager secrets), and optionally the node's `/etc/amphi` and `/var/lib/amphi` moved to
 //! scratch directories so the result runs on a test machine.
 //!
-//! Used by the config drift test (`src/roles_config_tests.rs`) and by tests that start real role
-//! processes from the rendered files (`tests/e2e_prod_config.rs`).
-#![allow(dead_code)] // each includer uses a different subset
+//! Used by the config drift test (`src/roles_config_tests.rs`), by tests that start real role
+//! processes from the rendered files (`tests/e2e_prod_config.rs`) and by the namespace test bed
+//! ([`crate::bed`]).
 
 use hcl::eval::{Context, Evaluate, FuncArgs, FuncDef, ParamType};
 use std::collections::BTreeMap;
