@@ -136,4 +136,4 @@ cargo test -p amphi-geo-router --bench route --locked
 AMPHI_CACHE="$CACHE" bench/quality/run.sh --smoke --amphi "$TARGET_DIR/debug/amphi"
 
 step "tests"
-cargo test --workspace --locked -- --test-threads=2
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2

@@ -1,6 +1,6 @@
 // A person's path through the web client: open the lobby, create a room; as its host the page joins
-// over the edge's WebSocket and publishes the microphone (the fake one plays AMPHI_WAV) on its
-// PeerConnection. Prints {"room": ID} once publishing is connected, keeps talking for AMPHI_SECONDS,
+// over the edge's WebSocket listening, and publishes the microphone (the fake one plays AMPHI_WAV) on
+// its PeerConnection only once the person presses "Start speaking". Prints {"room": ID} once publishing is connected, keeps talking for AMPHI_SECONDS,
 // leaves, and saves screenshots into AMPHI_ARTIFACTS.
 import { launch } from "./launch.mjs";
 
@@ -27,6 +27,8 @@ try {
   await page.fill("#topic", "e2e");
   await page.click("#create");
   await page.waitForSelector("#room:not([hidden])");
+  await page.waitForSelector("#start-speaking", { state: "visible", timeout: 20000 });
+  await page.click("#start-speaking");
   await page.waitForFunction(() => window.amphi.status === "connected" && window.amphi.sending, null, {
     timeout: 20000,
   });
