@@ -127,21 +127,8 @@ async fn a_restarted_origin_keeps_its_rooms_roles_hands_and_bans() {
         .wait_exit(Duration::from_secs(5))
         .expect("origin died");
     let restarted = mesh.origin(Some(&redis));
-    {
-        let om = mesh.origin_metrics();
-        tokio::task::spawn_blocking(move || {
-            eventually(
-                "edges reconnect to the new origin",
-                Duration::from_secs(40),
-                || {
-                    (support::metric(&om, "amphi_origin_connected_edges").unwrap_or(0.0) >= 2.0)
-                        .then_some(())
-                },
-            )
-        })
-        .await
-        .unwrap();
-    }
+    mesh.wait_edges_on_origin("edges reconnect to the new origin")
+        .await;
 
     // The speaker is heard again at eu-west, through the restarted origin.
     {

@@ -295,21 +295,8 @@ async fn bans_and_roles_survive_a_redis_outage_and_rooms_start_during_it() {
     let _origin2 = mesh.origin(Some(&url));
     let _router2 = mesh.router_process(Some(&url), "");
     wait_mesh(&router, &[us.clone(), eu.clone()]).await;
-    {
-        let om = mesh.origin_metrics();
-        tokio::task::spawn_blocking(move || {
-            eventually(
-                "edges reconnect to the restarted origin",
-                Duration::from_secs(40),
-                || {
-                    (support::metric(&om, "amphi_origin_connected_edges").unwrap_or(0.0) >= 2.0)
-                        .then_some(())
-                },
-            )
-        })
-        .await
-        .unwrap();
-    }
+    mesh.wait_edges_on_origin("edges reconnect to the restarted origin")
+        .await;
 
     // The room created during the outage is in the shared directory.
     let (st, v) = call("GET", &format!("{router}/v1/rooms/{room2}"), None);

@@ -154,6 +154,19 @@ impl RoleMesh {
         format!("http://127.0.0.1:{}", self.base + 1)
     }
 
+    /// Wait (at most 40 s) until the origin counts two connected edges; `what` names the wait.
+    pub async fn wait_edges_on_origin(&self, what: &'static str) {
+        let om = self.origin_metrics();
+        tokio::task::spawn_blocking(move || {
+            eventually(what, Duration::from_secs(40), || {
+                (crate::support::metric(&om, "amphi_origin_connected_edges").unwrap_or(0.0) >= 2.0)
+                    .then_some(())
+            })
+        })
+        .await
+        .unwrap();
+    }
+
     /// Write `name`'s certificate and key; returns the `[tls]` section.
     fn tls(&self, name: &str, dns: &str) -> String {
         let issued = self.pki.issue_pem(dns).expect("issue certificate");
