@@ -247,7 +247,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
         TfRole::Edge => serde_json::json!({
             "region": "eu-west-1", "http_port": 8080, "media_port": 3478,
             "public_url": "https://edge-eu-west-1.example.com",
-            "origin_addr": "203.0.113.10:4433", "origin_server_name": "origin.amphi.internal",
+            "origins": [origin],
             "router_url": "https://api.example.com",
             "interactive_capacity": 300, "ice_connect_timeout_secs": 15, "media_threads": 0, "backend_tls": true,
             "capacity": 800, "api_key_id": "edge", "drain_grace_secs": 120,
@@ -260,7 +260,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
             serde_json::json!({"id": "origin-2", "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600})
         }
         TfRole::Packager => serde_json::json!({"id": "packager-origin-1",
-            "origin_addr": "203.0.113.10:4433", "origin_server_name": "origin.amphi.internal",
+            "origins": [origin],
             "http_port": 8400, "https_port": 8443}),
         TfRole::Router => serde_json::json!({
             "region": "us-east-1", "http_port": 8080, "public_url": "https://api.example.com",

@@ -280,7 +280,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
         &dir,
         TfRole::Packager,
         serde_json::json!({"id": "packager-origin-1",
-            "origin_addr": format!("127.0.0.1:{}", port(0)), "origin_server_name": ORIGIN_NAME,
+            "origins": origins,
             "http_port": port(90), "https_port": port(91)}),
         &packager_host,
     );
@@ -306,7 +306,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
         serde_json::json!({
             "region": "us-east", "http_port": port(10), "media_port": port(20),
             "public_url": https(10),
-            "origin_addr": format!("127.0.0.1:{}", port(0)), "origin_server_name": ORIGIN_NAME,
+            "origins": origins,
             "router_url": https(80), "interactive_capacity": 100, "ice_connect_timeout_secs": 15, "media_threads": 1,
             "backend_tls": true, "capacity": 100, "api_key_id": API_KEY_ID,
             "drain_grace_secs": 5,

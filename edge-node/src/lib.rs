@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod occupancy;
 pub mod offer;
+pub mod owners;
 pub mod peers;
 pub mod registration;
 pub mod room;
@@ -97,7 +98,7 @@ pub fn install_crypto_provider() {
 const MEDIA_QUEUE: usize = 1024;
 
 /// Binds `http_listen` (TCP; HTTPS when `tls_cert`/`tls_key` are set) and `media_listen` (UDP),
-/// keeps the QUIC uplink to the origin, serves until `shutdown` is cancelled.
+/// keeps a QUIC link to every origin, serves until `shutdown` is cancelled.
 pub async fn run(setup: EdgeSetup, shutdown: CancellationToken) -> Result<(), EdgeError> {
     run_with(setup, None, Arc::default(), shutdown).await
 }
@@ -166,13 +167,16 @@ pub async fn run_with(
         "edge listening"
     );
 
-    let endpoint = uplink::client_endpoint(config.origin_addr, client_config)
+    let origins = config
+        .origin_endpoints()
+        .map_err(|e| EdgeError::Config(e.to_string()))?;
+    let endpoint = uplink::client_endpoint(origins[0].addr, client_config)
         .map_err(|e| EdgeError::Quic(format!("client endpoint: {e}")))?;
     let metrics = Arc::new(metrics::Metrics::new(&config.region));
     let rooms = Arc::new(Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)));
     let inner = shutdown.child_token();
     let (mesh_tx, mesh_rx) = mpsc::unbounded_channel();
-    let (conn_tx, conn_rx) = watch::channel(None);
+    let (targets_tx, targets_rx) = watch::channel(Arc::default());
     let mut inputs = Vec::with_capacity(shard_count);
     let (mut command_txs, mut control_txs, mut relayed_txs, mut foreign_txs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -209,7 +213,7 @@ pub async fn run_with(
     for (index, (socket, shard_inputs)) in udp_sockets.into_iter().zip(inputs).enumerate() {
         let driver = media::MediaDriver::new(
             candidate,
-            media::Relay::new(conn_rx.clone()),
+            media::Relay::new(targets_rx.clone()),
             metrics.clone(),
             mesh_tx.clone(),
             sessions.clone(),
@@ -234,10 +238,9 @@ pub async fn run_with(
     let uplink = uplink::Uplink {
         edge_id: config.id.clone(),
         region: config.region.clone(),
-        origin_addr: config.origin_addr,
-        server_name: config.origin_server_name.clone(),
+        origins,
         metrics: metrics.clone(),
-        conn_tx,
+        targets_tx,
         mesh_rx,
         media: media.clone(),
         rooms: rooms.clone(),

@@ -240,16 +240,34 @@ impl BenchLoss {
     }
 }
 
-/// Sends relay frames to the origin over the current QUIC connection, if any.
+/// Where relay frames go: the link to every origin (`None` while down) and each room's owner
+/// (index into `links`), published by the uplink ([`crate::owners::OriginRoutes`]).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct RelayTargets {
+    /// The link to each configured origin.
+    pub links: Vec<Option<quinn::Connection>>,
+    /// Each room's owner.
+    pub rooms: HashMap<RoomId, usize>,
+}
+
+impl RelayTargets {
+    /// The connection `room`'s speaker datagrams go to now.
+    fn conn(&self, room: RoomId) -> Option<&quinn::Connection> {
+        let origin = *self.rooms.get(&room)?;
+        self.links.get(origin)?.as_ref()
+    }
+}
+
+/// Sends relay frames to each room's origin over its QUIC connection, if it is up.
 pub(crate) struct Relay {
-    conn: Option<quinn::Connection>,
-    conn_rx: watch::Receiver<Option<quinn::Connection>>,
+    targets: Arc<RelayTargets>,
+    targets_rx: watch::Receiver<Arc<RelayTargets>>,
     buf: BytesMut,
     bench_loss: Option<BenchLoss>,
 }
 
 impl Relay {
-    pub(crate) fn new(conn_rx: watch::Receiver<Option<quinn::Connection>>) -> Self {
+    pub(crate) fn new(targets_rx: watch::Receiver<Arc<RelayTargets>>) -> Self {
         let bench_loss = std::env::var(BENCH_RELAY_LOSS_ENV)
             .ok()
             .and_then(|v| BenchLoss::parse(&v));
@@ -260,8 +278,8 @@ impl Relay {
             );
         }
         Relay {
-            conn: None,
-            conn_rx,
+            targets: Arc::default(),
+            targets_rx,
             buf: BytesMut::with_capacity(RELAY_BUF_CAPACITY),
             bench_loss,
         }
@@ -270,8 +288,8 @@ impl Relay {
     /// Encode `frame` and send it to the origin (if connected); returns the encoded frame so
     /// other media shards can forward it too.
     fn send(&mut self, frame: &RelayFrame<'_>, metrics: &Metrics) -> Option<Bytes> {
-        if self.conn_rx.has_changed().unwrap_or(false) {
-            self.conn = self.conn_rx.borrow_and_update().clone();
+        if self.targets_rx.has_changed().unwrap_or(false) {
+            self.targets = self.targets_rx.borrow_and_update().clone();
         }
         let len = frame.encoded_len();
         if self.buf.capacity() < len {
@@ -290,7 +308,7 @@ impl Relay {
         if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
             return Some(bytes);
         }
-        match &self.conn {
+        match self.targets.conn(frame.room) {
             Some(conn) => match conn.send_datagram(bytes.clone()) {
                 Ok(()) => metrics.relay_sent(),
                 Err(e) => {
@@ -303,8 +321,9 @@ impl Relay {
         Some(bytes)
     }
 
-    /// Send `previous` (an encoded `SpeakerAudio` frame) again as a `SpeakerRepeat` frame.
-    fn repeat(&mut self, previous: &[u8], metrics: &Metrics) {
+    /// Send `previous` (an encoded `SpeakerAudio` frame of `room`) again as a `SpeakerRepeat`
+    /// frame.
+    fn repeat(&mut self, room: RoomId, previous: &[u8], metrics: &Metrics) {
         if previous.len() < RELAY_HEADER_LEN {
             return;
         }
@@ -318,7 +337,7 @@ impl Relay {
         if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
             return;
         }
-        match &self.conn {
+        match self.targets.conn(room) {
             Some(conn) => match conn.send_datagram(bytes) {
                 Ok(()) => metrics.relay_sent(),
                 Err(_) => metrics.relay_send_error(),
@@ -1081,7 +1100,7 @@ impl MediaDriver {
                         if let Some(prev) =
                             std::mem::replace(&mut peer.last_relayed, encoded.clone())
                         {
-                            self.relay.repeat(&prev, &self.metrics);
+                            self.relay.repeat(peer.room, &prev, &self.metrics);
                         }
                         if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
                             if !self.links.share(pkt.timestamp, &encoded) {

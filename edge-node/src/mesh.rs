@@ -96,6 +96,16 @@ impl MeshState {
             .collect()
     }
 
+    /// [`MeshState::resync`] for the publishers of `rooms` only (announced to a room's new owner).
+    pub fn resync_rooms(&self, rooms: &std::collections::BTreeSet<RoomId>) -> Vec<ControlMessage> {
+        self.resync()
+            .into_iter()
+            .filter(
+                |m| matches!(m, ControlMessage::SpeakerJoined { room, .. } if rooms.contains(room)),
+            )
+            .collect()
+    }
+
     /// Number of current publishers.
     pub fn publisher_count(&self) -> usize {
         self.publishers.len()
@@ -163,5 +173,8 @@ mod tests {
             &msgs[1],
             ControlMessage::SpeakerJoined { speaker, .. } if *speaker == ParticipantId(9)
         ));
+        // A room announced to its new owner carries only its own publishers.
+        let only = m.resync_rooms(&std::collections::BTreeSet::from([RoomId(2)]));
+        assert_eq!(only, vec![msgs[0].clone()]);
     }
 }

@@ -176,7 +176,7 @@ impl Metrics {
         let peers = r.gauge("amphi_edge_peers", "WebRTC peers on this edge");
         let origin_connected = r.gauge(
             "amphi_edge_origin_connected",
-            "1 when the QUIC uplink to the origin is up",
+            "Origins whose QUIC link is up (the edge links to every configured origin)",
         );
         let origin_rtt = Gauge::<f64, AtomicU64>::default();
         r.register(
@@ -273,10 +273,11 @@ impl Metrics {
         usize::try_from(self.peers.get()).unwrap_or(0)
     }
 
-    /// Set whether the origin link is up (a link going down also clears the RTT).
-    pub fn set_origin_connected(&self, up: bool) {
-        self.origin_connected.set(i64::from(up));
-        if !up {
+    /// Set how many of the `configured` origin links are up (no link up clears the RTT).
+    pub fn set_origin_links(&self, up: usize, configured: usize) {
+        self.origin_connected
+            .set(i64::try_from(up.min(configured)).unwrap_or(i64::MAX));
+        if up == 0 {
             self.origin_rtt.set(0.0);
         }
     }
@@ -377,7 +378,7 @@ mod tests {
         m.rtp_refused("not_publisher");
         m.rtp_refused("not_publisher");
         m.set_peers(3);
-        m.set_origin_connected(true);
+        m.set_origin_links(1, 2);
         m.set_origin_rtt(Duration::from_micros(1500));
         m.set_census(Census {
             rooms: 2,
@@ -408,7 +409,7 @@ mod tests {
             assert!(text.contains(&format!("\n{line}\n")), "{line} in\n{text}");
         }
         assert_eq!(m.refused_muted(), 1);
-        m.set_origin_connected(false);
+        m.set_origin_links(0, 2);
         assert!(m.render().contains("\namphi_edge_origin_rtt_seconds 0.0\n"));
         // Every sample line belongs to a declared name.
         for line in text.lines().filter(|l| !l.starts_with('#')) {

@@ -189,15 +189,21 @@ impl Sessions {
         self.dispatch(&mut inner, outs);
     }
 
-    /// The uplink connected: the new epoch and everything to announce.
-    pub(crate) fn link_up(&self) -> (u64, Vec<ControlMessage>) {
+    /// A link to an origin is up and `rooms` are to be announced on it: the new epoch (messages
+    /// of an earlier one for these rooms are covered) and the messages.
+    pub(crate) fn announce(&self, rooms: &[RoomId]) -> (u64, Vec<ControlMessage>) {
         let mut inner = self.lock();
         inner.epoch += 1;
-        let msgs = inner.core.link_up();
+        let msgs = inner.core.announce(rooms);
         (inner.epoch, msgs)
     }
 
-    /// The uplink dropped.
+    /// The rooms with a participant on this edge.
+    pub(crate) fn local_rooms(&self) -> Vec<RoomId> {
+        self.lock().core.local_rooms()
+    }
+
+    /// Every origin link is down.
     pub(crate) fn link_down(&self) {
         self.lock().core.link_down();
     }

@@ -408,18 +408,30 @@ impl SignalingCore {
     /// The origin link came up: everything to announce, in order (subscriptions, then a `Join`
     /// with `resume` for every participant).
     pub fn link_up(&mut self) -> Vec<ControlMessage> {
+        let rooms = self.local_rooms();
+        self.announce(&rooms)
+    }
+
+    /// The rooms with a participant on this edge.
+    pub fn local_rooms(&self) -> Vec<RoomId> {
+        self.rooms.keys().copied().collect()
+    }
+
+    /// A link to an origin is up and `rooms` (those it owns, see [`crate::owners`]) are to be
+    /// announced on it: for each local one, its subscription then a `Join` with `resume` for
+    /// every participant.
+    pub fn announce(&mut self, rooms: &[RoomId]) -> Vec<ControlMessage> {
         self.link_up = true;
         let mut out = Vec::new();
-        let rooms: Vec<(RoomId, Vec<ParticipantId>)> = self
-            .rooms
-            .iter()
-            .map(|(r, l)| (*r, l.members.iter().copied().collect()))
-            .collect();
-        for (room, members) in rooms {
-            out.push(ControlMessage::SubscribeRoom { room });
+        for room in rooms {
+            let Some(local) = self.rooms.get(room) else {
+                continue;
+            };
+            let members: Vec<ParticipantId> = local.members.iter().copied().collect();
+            out.push(ControlMessage::SubscribeRoom { room: *room });
             for pid in members {
                 let current = self
-                    .replica(room)
+                    .replica(*room)
                     .and_then(|r| r.participant(pid))
                     .map(|p| p.role);
                 let resume = current.or_else(|| self.members.get(&pid).and_then(|m| m.resume));
@@ -431,7 +443,7 @@ impl SignalingCore {
         out
     }
 
-    /// The origin link went down.
+    /// Every origin link is down.
     pub fn link_down(&mut self) {
         self.link_up = false;
     }
@@ -1014,6 +1026,36 @@ mod tests {
             resumes,
             vec![(1, Some(RoomRole::Host)), (2, Some(RoomRole::Speaker))]
         );
+    }
+
+    #[test]
+    fn a_room_announced_to_its_new_owner_carries_only_its_participants() {
+        let mut c = joined_core();
+        assert_eq!(c.local_rooms(), vec![R]);
+        assert!(
+            c.announce(&[RoomId(R.0 + 1)]).is_empty(),
+            "not a local room"
+        );
+        let msgs = c.announce(&[R]);
+        assert_eq!(
+            msgs.len(),
+            c.link_up().len(),
+            "as a reconnect, for this room"
+        );
+        assert_eq!(msgs[0], ControlMessage::SubscribeRoom { room: R });
+        let joins: Vec<u32> = msgs[1..]
+            .iter()
+            .map(|m| match m {
+                ControlMessage::RoomCommand {
+                    room,
+                    actor,
+                    command: RoomCommand::Join { .. },
+                    ..
+                } if *room == R => actor.0,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(joins, vec![1, 2]);
     }
 
     #[test]

@@ -1,19 +1,28 @@
-//! The QUIC uplink to the origin: one mTLS connection, one control stream, speaker datagrams.
+//! The QUIC uplinks to the origins: one mTLS connection per configured origin, each with one
+//! control stream, speaker datagrams to the room's owner.
 //!
-//! Reconnects with [`Backoff`] whenever the origin is unreachable or the link drops, and on every
-//! new connection re-announces rooms and participants ([`Sessions::link_up`]: `SubscribeRoom`, then
-//! `Join` with `resume`) and publishers ([`MeshState::resync`]). Room messages from the origin go
-//! to the signaling core; relayed speaker datagrams go to the media driver.
+//! One task per origin keeps its link up (reconnecting with [`Backoff`]), writes `Hello`, answers
+//! pings and hands relayed speaker datagrams to the media driver. One routing task decides, with
+//! [`OriginRoutes`], which link each room's traffic takes (the rendezvous owner among healthy
+//! origins): on a link's (re)connect it announces the rooms that origin owns (`SubscribeRoom`,
+//! `Join` with `resume` from [`Sessions::announce`], publishers from [`MeshState`]); when a room
+//! moves (its origin died) it announces the room to the new owner, whose room authority loads the
+//! state from Redis. Room messages from the owner go to the signaling core.
 
 use crate::lifecycle::{Backoff, RoomCache, RoomStatusAnswer};
-use crate::media::MediaCommand;
+use crate::media::{MediaCommand, RelayTargets};
 use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
+use crate::owners::{OriginRoutes, Plan};
 use crate::sessions::Sessions;
 use crate::shards::MediaShards;
+use amphi_protocol::config::OriginEndpoint;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
+use amphi_protocol::ownership::HealthTiming;
 use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::RoomId;
 use bytes::Bytes;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,15 +33,21 @@ use tokio_util::sync::CancellationToken;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the link's round-trip time is copied into the metrics.
 const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Keep-alive interval of a mesh link.
+const KEEP_ALIVE: Duration = Duration::from_millis(250);
+/// A mesh link silent this long is dead: a killed origin is noticed within about a second, and
+/// its rooms move [`HealthTiming::grace`] later.
+const IDLE_TIMEOUT: Duration = Duration::from_millis(1200);
 
-/// Everything the uplink task needs.
+/// Everything the uplink tasks need.
 pub(crate) struct Uplink {
     pub edge_id: String,
     pub region: String,
-    pub origin_addr: SocketAddr,
-    pub server_name: String,
+    /// Every origin, in configuration order (the hashing keys are their ids).
+    pub origins: Vec<OriginEndpoint>,
     pub metrics: Arc<Metrics>,
-    pub conn_tx: watch::Sender<Option<quinn::Connection>>,
+    /// Where the media driver sends each room's speaker datagrams.
+    pub targets_tx: watch::Sender<Arc<RelayTargets>>,
     pub mesh_rx: mpsc::UnboundedReceiver<MeshEvent>,
     pub media: MediaShards,
     /// Forgets rooms the origin reports ended.
@@ -43,13 +58,13 @@ pub(crate) struct Uplink {
     pub relayed_txs: Vec<mpsc::Sender<(Instant, Bytes)>>,
 }
 
-/// Transport settings of the mesh link: keep-alives so a dead origin is noticed within seconds.
+/// Transport settings of the mesh link: frequent keep-alives and a short idle timeout, so a dead
+/// origin is noticed in about a second (the idle timeout is the smaller of both ends' settings).
 pub(crate) fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(10))
-            .expect("10 s is a valid idle timeout"),
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("1.2 s is a valid idle timeout"),
     ));
     t
 }
@@ -70,63 +85,322 @@ pub(crate) fn client_endpoint(
     Ok(endpoint)
 }
 
+/// From a link task to the routing task.
+enum LinkEvent {
+    /// Link `origin` is up (`Hello` written); `out` writes on its control stream.
+    Up {
+        origin: usize,
+        conn: quinn::Connection,
+        out: mpsc::UnboundedSender<ControlMessage>,
+    },
+    /// Link `origin` was lost.
+    Down { origin: usize },
+    /// A room message from origin `origin`.
+    Control { origin: usize, msg: ControlMessage },
+}
+
+/// The room a control message is about.
+fn room_of(msg: &ControlMessage) -> Option<RoomId> {
+    match msg {
+        ControlMessage::SpeakerJoined { room, .. }
+        | ControlMessage::SpeakerLeft { room, .. }
+        | ControlMessage::SubscribeRoom { room }
+        | ControlMessage::UnsubscribeRoom { room }
+        | ControlMessage::RoomEnded { room }
+        | ControlMessage::RoomOpened { room }
+        | ControlMessage::RoomCommand { room, .. }
+        | ControlMessage::RoomEvents { room, .. }
+        | ControlMessage::CommandRejected { room, .. } => Some(*room),
+        ControlMessage::RoomSnapshot { state } => Some(state.room),
+        _ => None,
+    }
+}
+
+impl Uplink {
+    /// Keep a link to every origin up and route rooms over them until `shutdown`, using
+    /// `endpoint` (see [`client_endpoint`]).
+    pub(crate) async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let mut links = tokio::task::JoinSet::new();
+        for (index, origin) in self.origins.iter().enumerate() {
+            let link = Link {
+                index,
+                origin: origin.clone(),
+                edge_id: self.edge_id.clone(),
+                region: self.region.clone(),
+                metrics: self.metrics.clone(),
+                relayed_txs: self.relayed_txs.clone(),
+                events: events_tx.clone(),
+            };
+            links.spawn(link.run(endpoint.clone(), shutdown.clone()));
+        }
+        drop(events_tx);
+        self.route(events_rx, &shutdown).await;
+        shutdown.cancel();
+        while links.join_next().await.is_some() {}
+        endpoint.close(0u32.into(), b"edge shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+
+    /// The routing task.
+    async fn route(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<LinkEvent>,
+        shutdown: &CancellationToken,
+    ) {
+        let ids = self.origins.iter().map(|o| o.id.clone()).collect();
+        let mut router = Router {
+            routes: OriginRoutes::new(ids, HealthTiming::default(), Instant::now()),
+            outs: vec![None; self.origins.len()],
+            targets: RelayTargets {
+                links: vec![None; self.origins.len()],
+                rooms: HashMap::new(),
+            },
+            state: MeshState::new(self.region.clone()),
+        };
+        loop {
+            let now = Instant::now();
+            let wake = router
+                .routes
+                .next_change(now)
+                .unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_link_event(&mut router, ev),
+                    None => return,
+                },
+                ev = self.mesh_rx.recv() => match ev {
+                    Some(ev) => router.on_mesh_event(ev, Instant::now()),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let plan = router.routes.tick(Instant::now());
+                    router.execute(plan, &self.sessions);
+                }
+            }
+            router.publish_targets(&self.targets_tx);
+        }
+    }
+
+    fn on_link_event(&self, router: &mut Router, ev: LinkEvent) {
+        let now = Instant::now();
+        match ev {
+            LinkEvent::Up { origin, conn, out } => {
+                router.outs[origin] = Some(out);
+                router.targets.links[origin] = Some(conn);
+                // The core may send room messages from now on (before its rooms are listed, so
+                // a room joined meanwhile is either announced or sent, and a duplicate is stale).
+                let _ = self.sessions.announce(&[]);
+                let rooms = self.sessions.local_rooms();
+                let plan = router.routes.link_up(origin, &rooms, now);
+                router.execute(plan, &self.sessions);
+                self.metrics
+                    .set_origin_links(router.routes.linked_count(), self.origins.len());
+            }
+            LinkEvent::Down { origin } => {
+                router.outs[origin] = None;
+                router.targets.links[origin] = None;
+                let plan = router.routes.link_down(origin, now);
+                router.execute(plan, &self.sessions);
+                if router.routes.linked_count() == 0 {
+                    self.sessions.link_down();
+                }
+                self.metrics
+                    .set_origin_links(router.routes.linked_count(), self.origins.len());
+            }
+            LinkEvent::Control { origin, msg } => {
+                // Only the room's owner speaks for it (a stand-in that just lost the room may
+                // still send a last event).
+                if let Some(room) = room_of(&msg) {
+                    if router
+                        .targets
+                        .rooms
+                        .get(&room)
+                        .is_some_and(|o| *o != origin)
+                    {
+                        return;
+                    }
+                }
+                self.on_control(msg);
+            }
+        }
+    }
+
+    /// A room message from the room's owner.
+    fn on_control(&self, msg: ControlMessage) {
+        match msg {
+            ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::RoomEvents { .. }
+            | ControlMessage::CommandRejected { .. } => self.sessions.on_control(msg),
+            ControlMessage::RoomEnded { room } => {
+                tracing::info!(%room, "origin ended room");
+                self.sessions.on_control(ControlMessage::RoomEnded { room });
+                if let Ok(mut cache) = self.rooms.lock() {
+                    cache.record(room, RoomStatusAnswer::Gone, Instant::now());
+                }
+                if !self.media.try_broadcast(|| MediaCommand::EndRoom { room }) {
+                    tracing::warn!(%room, "media driver busy; room end not applied");
+                }
+            }
+            ControlMessage::Error { code, message } => {
+                tracing::warn!(%code, %message, "origin reported an error");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// State of the routing task.
+struct Router {
+    routes: OriginRoutes,
+    /// Each link's control stream writer, while up.
+    outs: Vec<Option<mpsc::UnboundedSender<ControlMessage>>>,
+    /// What the media driver last got (published when changed).
+    targets: RelayTargets,
+    state: MeshState,
+}
+
+impl Router {
+    fn send(&self, origin: usize, msg: ControlMessage) {
+        if let Some(out) = self.outs.get(origin).and_then(Option::as_ref) {
+            let _ = out.send(msg);
+        }
+    }
+
+    /// Carry out a plan: announcements to new owners and reconnected links, unsubscriptions at
+    /// stand-ins that lost a room.
+    fn execute(&mut self, plan: Plan, sessions: &Sessions) {
+        for (origin, room) in plan.unsubscribe {
+            tracing::info!(%room, origin = %self.routes.ids()[origin], "room moved away from origin");
+            self.send(origin, ControlMessage::UnsubscribeRoom { room });
+        }
+        for (origin, rooms) in plan.announce {
+            let list: Vec<RoomId> = rooms.iter().copied().collect();
+            let (epoch, mut msgs) = sessions.announce(&list);
+            // Rooms without a local participant any more are forgotten, not announced.
+            let local: BTreeSet<RoomId> = msgs
+                .iter()
+                .filter_map(|m| match m {
+                    ControlMessage::SubscribeRoom { room } => Some(*room),
+                    _ => None,
+                })
+                .collect();
+            for room in rooms.difference(&local) {
+                self.routes.forget(*room);
+                self.targets.rooms.remove(room);
+            }
+            msgs.extend(self.state.resync_rooms(&local));
+            self.routes.announced(&local, epoch);
+            tracing::info!(rooms = local.len(), origin = %self.routes.ids()[origin], "rooms announced to origin");
+            for room in local {
+                self.targets.rooms.insert(room, origin);
+            }
+            for m in msgs {
+                self.send(origin, m);
+            }
+        }
+    }
+
+    /// A peer event: route its control messages to the room's owner.
+    fn on_mesh_event(&mut self, ev: MeshEvent, now: Instant) {
+        let epoch = match &ev {
+            MeshEvent::Control { epoch, .. } => Some(*epoch),
+            _ => None,
+        };
+        for msg in self.state.apply(ev) {
+            let Some(room) = room_of(&msg) else {
+                continue;
+            };
+            if epoch.is_some_and(|e| !self.routes.is_current(room, e)) {
+                continue;
+            }
+            match self.routes.route(room, now) {
+                Some(origin) => {
+                    self.targets.rooms.insert(room, origin);
+                    let leaving = matches!(msg, ControlMessage::UnsubscribeRoom { .. });
+                    self.send(origin, msg);
+                    if leaving {
+                        self.routes.forget(room);
+                        self.targets.rooms.remove(&room);
+                    }
+                }
+                // The owner's link is down: its next announcement (reconnect or move) covers it.
+                None => {
+                    if matches!(msg, ControlMessage::UnsubscribeRoom { .. }) {
+                        self.routes.forget(room);
+                        self.targets.rooms.remove(&room);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Give the media driver the current links and room owners, if they changed.
+    fn publish_targets(&self, tx: &watch::Sender<Arc<RelayTargets>>) {
+        tx.send_if_modified(|current| {
+            let same = current.rooms == self.targets.rooms
+                && current.links.len() == self.targets.links.len()
+                && current.links.iter().zip(&self.targets.links).all(|(a, b)| {
+                    a.as_ref().map(|c| c.stable_id()) == b.as_ref().map(|c| c.stable_id())
+                });
+            if !same {
+                *current = Arc::new(self.targets.clone());
+            }
+            !same
+        });
+    }
+}
+
 /// Why a connected session ended.
 enum SessionEnd {
     Shutdown,
     Lost(String),
 }
 
-impl Uplink {
-    /// Keep the origin link up until `shutdown`, using `endpoint` (see [`client_endpoint`]).
-    pub(crate) async fn run(mut self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
-        let mut state = MeshState::new(self.region.clone());
+/// One origin link.
+struct Link {
+    index: usize,
+    origin: OriginEndpoint,
+    edge_id: String,
+    region: String,
+    metrics: Arc<Metrics>,
+    relayed_txs: Vec<mpsc::Sender<(Instant, Bytes)>>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+}
+
+impl Link {
+    /// Keep the link up until `shutdown`.
+    async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
         let mut backoff = Backoff::uplink();
         loop {
             match self.connect(&endpoint, &shutdown).await {
                 Ok(Some(conn)) => {
-                    tracing::info!(origin = %self.origin_addr, "origin link up");
-                    let end = self
-                        .session(&conn, &mut state, &mut backoff, &shutdown)
-                        .await;
-                    self.conn_tx.send_replace(None);
-                    self.sessions.link_down();
-                    self.metrics.set_origin_connected(false);
+                    tracing::info!(origin = %self.origin.id, addr = %self.origin.addr, "origin link up");
+                    let end = self.session(&conn, &mut backoff, &shutdown).await;
+                    let _ = self.events.send(LinkEvent::Down { origin: self.index });
                     match end {
                         SessionEnd::Shutdown => {
                             conn.close(0u32.into(), b"edge shutting down");
-                            break;
+                            return;
                         }
                         SessionEnd::Lost(why) => {
-                            tracing::warn!(origin = %self.origin_addr, reason = %why, "origin link lost");
+                            tracing::warn!(origin = %self.origin.id, reason = %why, "origin link lost");
                             conn.close(1u32.into(), b"control stream error");
                         }
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => return,
                 Err(why) => {
-                    tracing::debug!(origin = %self.origin_addr, reason = %why, "origin connect failed")
+                    tracing::debug!(origin = %self.origin.id, reason = %why, "origin connect failed")
                 }
             }
             let retry_at = backoff.on_failure(Instant::now());
-            // Keep absorbing peer events while waiting, so the resync is current.
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        endpoint.close(0u32.into(), b"edge shutting down");
-                        return;
-                    }
-                    ev = self.mesh_rx.recv() => match ev {
-                        // Control messages are covered by the next link_up resync.
-                        Some(MeshEvent::Control { .. }) => {}
-                        Some(ev) => { state.apply(ev); }
-                        None => return,
-                    },
-                    _ = tokio::time::sleep_until(retry_at.into()) => break,
-                }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(retry_at.into()) => {}
             }
         }
-        endpoint.close(0u32.into(), b"edge shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 
     /// One connection attempt; `Ok(None)` on shutdown.
@@ -136,7 +410,7 @@ impl Uplink {
         shutdown: &CancellationToken,
     ) -> Result<Option<quinn::Connection>, String> {
         let connecting = endpoint
-            .connect(self.origin_addr, &self.server_name)
+            .connect(self.origin.addr, &self.origin.server_name)
             .map_err(|e| e.to_string())?;
         tokio::select! {
             _ = shutdown.cancelled() => Ok(None),
@@ -149,9 +423,8 @@ impl Uplink {
     }
 
     async fn session(
-        &mut self,
+        &self,
         conn: &quinn::Connection,
-        state: &mut MeshState,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
@@ -164,16 +437,18 @@ impl Uplink {
             id: self.edge_id.clone(),
             region: self.region.clone(),
         };
-        let mut out = hello.to_record();
-        let (epoch, announce) = self.sessions.link_up();
-        for m in announce.iter().chain(state.resync().iter()) {
-            out.extend(m.to_record());
-        }
-        if let Err(e) = send.write_all(&out).await {
+        if let Err(e) = send.write_all(&hello.to_record()).await {
             return SessionEnd::Lost(e.to_string());
         }
-        self.conn_tx.send_replace(Some(conn.clone()));
-        self.metrics.set_origin_connected(true);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ControlMessage>();
+        let up = LinkEvent::Up {
+            origin: self.index,
+            conn: conn.clone(),
+            out: out_tx,
+        };
+        if self.events.send(up).is_err() {
+            return SessionEnd::Shutdown;
+        }
         let mut decoder = ControlDecoder::default();
         let mut buf = vec![0u8; 4096];
         let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_INTERVAL);
@@ -181,17 +456,15 @@ impl Uplink {
             tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 _ = rtt_sample.tick() => self.metrics.set_origin_rtt(conn.rtt()),
-                ev = self.mesh_rx.recv() => {
-                    let Some(ev) = ev else { return SessionEnd::Shutdown };
-                    if let MeshEvent::Control { epoch: e, .. } = &ev {
-                        if *e != epoch {
-                            continue;
-                        }
+                m = out_rx.recv() => {
+                    let Some(m) = m else { return SessionEnd::Shutdown };
+                    let mut record = m.to_record();
+                    // Drain what is queued into one write.
+                    while let Ok(m) = out_rx.try_recv() {
+                        record.extend(m.to_record());
                     }
-                    for m in state.apply(ev) {
-                        if let Err(e) = send.write_all(&m.to_record()).await {
-                            return SessionEnd::Lost(e.to_string());
-                        }
+                    if let Err(e) = send.write_all(&record).await {
+                        return SessionEnd::Lost(e.to_string());
                     }
                 }
                 d = conn.read_datagram() => match d {
@@ -214,11 +487,20 @@ impl Uplink {
                         decoder.feed(&buf[..n]);
                         loop {
                             match decoder.next_message() {
+                                Ok(Some(ControlMessage::Welcome { origin })) => {
+                                    backoff.on_success();
+                                    tracing::info!(%origin, "origin welcomed edge");
+                                }
+                                Ok(Some(ControlMessage::Ping { nonce })) => {
+                                    let pong = ControlMessage::Pong { nonce }.to_record();
+                                    if let Err(e) = send.write_all(&pong).await {
+                                        return SessionEnd::Lost(e.to_string());
+                                    }
+                                }
                                 Ok(Some(msg)) => {
-                                    if let Some(reply) = self.on_control(msg, backoff) {
-                                        if let Err(e) = send.write_all(&reply.to_record()).await {
-                                            return SessionEnd::Lost(e.to_string());
-                                        }
+                                    let ev = LinkEvent::Control { origin: self.index, msg };
+                                    if self.events.send(ev).is_err() {
+                                        return SessionEnd::Shutdown;
                                     }
                                 }
                                 Ok(None) => break,
@@ -232,38 +514,26 @@ impl Uplink {
             }
         }
     }
+}
 
-    /// React to a control message from the origin; returns a reply to send, if any.
-    fn on_control(&self, msg: ControlMessage, backoff: &mut Backoff) -> Option<ControlMessage> {
-        match msg {
-            ControlMessage::Welcome { origin } => {
-                backoff.on_success();
-                tracing::info!(%origin, "origin welcomed edge");
-                None
-            }
-            ControlMessage::Ping { nonce } => Some(ControlMessage::Pong { nonce }),
-            ControlMessage::RoomSnapshot { .. }
-            | ControlMessage::RoomEvents { .. }
-            | ControlMessage::CommandRejected { .. } => {
-                self.sessions.on_control(msg);
-                None
-            }
-            ControlMessage::RoomEnded { room } => {
-                tracing::info!(%room, "origin ended room");
-                self.sessions.on_control(ControlMessage::RoomEnded { room });
-                if let Ok(mut cache) = self.rooms.lock() {
-                    cache.record(room, RoomStatusAnswer::Gone, Instant::now());
-                }
-                if !self.media.try_broadcast(|| MediaCommand::EndRoom { room }) {
-                    tracing::warn!(%room, "media driver busy; room end not applied");
-                }
-                None
-            }
-            ControlMessage::Error { code, message } => {
-                tracing::warn!(%code, %message, "origin reported an error");
-                None
-            }
-            _ => None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_room_message_names_its_room() {
+        let room = RoomId(9);
+        for m in [
+            ControlMessage::SubscribeRoom { room },
+            ControlMessage::UnsubscribeRoom { room },
+            ControlMessage::RoomEnded { room },
+            ControlMessage::SpeakerLeft {
+                room,
+                speaker: amphi_protocol::ParticipantId(1),
+            },
+        ] {
+            assert_eq!(room_of(&m), Some(room), "{m:?}");
         }
+        assert_eq!(room_of(&ControlMessage::Ping { nonce: 1 }), None);
     }
 }

@@ -104,10 +104,17 @@ pub struct EdgeConfig {
     /// Address advertised in ICE candidates (defaults to `media_listen`).
     #[serde(default)]
     pub media_public: Option<SocketAddr>,
-    /// Origin QUIC address.
-    pub origin_addr: SocketAddr,
-    /// TLS server name of the origin certificate.
-    pub origin_server_name: String,
+    /// Every origin (`[[edge.origins]]`): the edge links to all of them and sends each room's
+    /// traffic to the room's owner among the healthy ones, so a room whose origin dies moves to
+    /// another. See [`EdgeConfig::origin_endpoints`].
+    #[serde(default)]
+    pub origins: Vec<OriginEndpoint>,
+    /// One origin's QUIC address (older configs; use `origins`).
+    #[serde(default)]
+    pub origin_addr: Option<SocketAddr>,
+    /// TLS server name of the `origin_addr` origin's certificate.
+    #[serde(default)]
+    pub origin_server_name: Option<String>,
     /// Geo-router base URL (room existence checks).
     pub router_url: String,
     /// Most interactive (WebRTC receive) listeners this edge serves; beyond it new WHEP and
@@ -126,6 +133,18 @@ pub struct EdgeConfig {
     /// its answer before the edge drops it. Default 15.
     #[serde(default = "default_ice_connect_timeout_secs")]
     pub ice_connect_timeout_secs: u64,
+}
+
+impl EdgeConfig {
+    /// The origins to link to: `origins`, or the single `origin_addr` / `origin_server_name`
+    /// origin of an older config as a one-element list (id `origin`).
+    pub fn origin_endpoints(&self) -> Result<Vec<OriginEndpoint>, OriginListError> {
+        origin_list(
+            &self.origins,
+            self.origin_addr,
+            self.origin_server_name.as_deref(),
+        )
+    }
 }
 
 fn default_ice_connect_timeout_secs() -> u64 {
@@ -417,6 +436,36 @@ mod tests {
         assert_eq!(
             dup.origin_endpoints(),
             Err(OriginListError::DuplicateId("o1".into()))
+        );
+    }
+
+    #[test]
+    fn edge_takes_an_origin_list_or_the_old_single_origin() {
+        let edge = |extra: serde_json::Value| -> EdgeConfig {
+            let mut v = json!({"id": "e", "region": "r", "index": 1,
+                "http_listen": "127.0.0.1:1", "public_url": "http://e",
+                "media_listen": "127.0.0.1:2", "router_url": "http://r"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let list = edge(json!({"origins": [
+            {"id": "o1", "addr": "127.0.0.1:4433", "server_name": "a"},
+            {"id": "o2", "addr": "127.0.0.1:4434", "server_name": "a"},
+        ]}));
+        let ids: Vec<_> = list
+            .origin_endpoints()
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(ids, ["o1", "o2"]);
+        let old = edge(json!({"origin_addr": "127.0.0.1:4433", "origin_server_name": "a"}));
+        assert_eq!(old.origin_endpoints().unwrap().len(), 1);
+        assert_eq!(
+            edge(json!({})).origin_endpoints(),
+            Err(OriginListError::Missing)
         );
     }
 }

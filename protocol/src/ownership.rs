@@ -141,15 +141,24 @@ impl OriginHealth {
             .map(|(i, _)| i.as_str())
     }
 
-    /// The owner of `room` at `now`: rendezvous hashing over the healthy origins. `None` when
-    /// no origin is healthy.
+    /// The owner of `room` at `now`: rendezvous hashing over the healthy origins. When none is
+    /// healthy, over the origins whose link is up (still in their rejoin period: flap damping
+    /// must not leave a room without any origin, e.g. the only origin restarting). `None` when
+    /// no link is up either.
     pub fn owner(&self, room: RoomId, now: Instant) -> Option<&str> {
         let healthy = self
             .links
             .iter()
             .filter(|(_, l)| Self::healthy_at(self.timing, *l, now))
             .map(|(id, _)| id);
-        rendezvous_among(room, healthy).map(String::as_str)
+        let up = self
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l, Link::Up { .. }))
+            .map(|(id, _)| id);
+        rendezvous_among(room, healthy)
+            .or_else(|| rendezvous_among(room, up))
+            .map(String::as_str)
     }
 
     /// The next instant after `now` at which health changes without a link event (a grace or
@@ -361,6 +370,19 @@ mod tests {
     }
 
     #[test]
+    fn with_no_healthy_origin_a_rejoining_one_owns_the_rooms_at_once() {
+        let t0 = Instant::now();
+        let mut h = OriginHealth::new(ids(1), timing(), t0);
+        h.link_up("origin-0", t0);
+        h.link_down("origin-0", t0 + 1000 * MS);
+        assert_eq!(h.owner(RoomId(7), t0 + 2000 * MS), None, "nothing up");
+        // The only origin restarted: it is in its rejoin period, and still the best there is.
+        h.link_up("origin-0", t0 + 3000 * MS);
+        assert!(!h.is_healthy("origin-0", t0 + 3000 * MS));
+        assert_eq!(h.owner(RoomId(7), t0 + 3000 * MS), Some("origin-0"));
+    }
+
+    #[test]
     fn ownership_reports_each_move_once_and_parties_agree() {
         let t0 = Instant::now();
         let make = || {
@@ -410,14 +432,14 @@ mod tests {
             }]
         );
         assert!(edge.refresh(t0 + 6001 * MS).is_empty());
-        // No origin healthy: the room gets one as soon as one returns (a lost link rejoins).
+        // No origin healthy: the room gets one as soon as one returns, rejoin period or not.
+        assert_eq!(edge.owner(staying, t0 + 6500 * MS), None);
         edge.health_mut().link_up("origin-1", t0 + 7000 * MS);
-        assert!(edge.refresh(t0 + 36_999 * MS).is_empty());
-        assert_eq!(edge.owner(staying, t0 + 37_000 * MS), None);
         assert!(
-            edge.refresh(t0 + 37_000 * MS).is_empty(),
+            edge.refresh(t0 + 7000 * MS).is_empty(),
             "no previous owner to report"
         );
-        assert_eq!(edge.owner(staying, t0 + 37_000 * MS), Some("origin-1"));
+        assert_eq!(edge.owner(staying, t0 + 7000 * MS), Some("origin-1"));
+        assert!(edge.refresh(t0 + 37_000 * MS).is_empty());
     }
 }

@@ -226,7 +226,15 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
         .into_iter()
         .filter(|h| h.kind == Kind::Origin)
         .collect();
-    let origin_addr = format!("{}:4433", origins[0].addr());
+    let origin_list: Vec<Value> = origins
+        .iter()
+        .map(|o| {
+            json!({
+                "id": o.name, "addr": format!("{}:4433", o.addr()),
+                "server_name": ORIGIN_SERVER_NAME,
+            })
+        })
+        .collect();
     let router_url = router_url();
     let mut edge_number = 0u8;
     for h in hosts() {
@@ -248,10 +256,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                     "api_key_id": API_KEY_ID,
                     // Edges register themselves; no static region entries.
                     "edges": [], "coordinates": {},
-                    "origins": origins.iter().map(|o| json!({
-                        "id": o.name, "addr": format!("{}:4433", o.addr()),
-                        "server_name": ORIGIN_SERVER_NAME,
-                    })).collect::<Vec<_>>(),
+                    "origins": origin_list,
                 }),
                 vec![
                     // The template writes one [[router.edges]] per static edge; the bed has
@@ -272,8 +277,8 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                 )],
             ),
             Kind::Packager => (
-                json!({"id": "packager-origin-1", "origin_addr": origin_addr,
-                    "origin_server_name": ORIGIN_SERVER_NAME, "http_port": 8400,
+                // The packager links to both origins, so a room whose origin dies keeps its HLS.
+                json!({"id": "packager-origin-1", "origins": origin_list, "http_port": 8400,
                     "https_port": PACKAGER_HTTPS_PORT}),
                 vec![
                     ("AMPHI__PACKAGER__STORAGE__BACKEND".into(), "s3".into()),
@@ -300,7 +305,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                     json!({
                         "region": REGIONS[h.region], "http_port": HTTP_PORT, "media_port": 3478,
                         "public_url": format!("https://{}:{HTTP_PORT}", h.addr()),
-                        "origin_addr": origin_addr, "origin_server_name": ORIGIN_SERVER_NAME,
+                        "origins": origin_list,
                         "router_url": router_url, "interactive_capacity": 500,
                         "media_threads": 0, "ice_connect_timeout_secs": 15,
                         "backend_tls": true, "capacity": 500, "api_key_id": API_KEY_ID,

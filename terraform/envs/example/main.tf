@@ -58,7 +58,6 @@ locals {
   packager_hostname = "packager.${var.domain}"
   hls_hostname      = "hls.${var.domain}"
   router_url        = "https://${local.api_hostname}"
-  origin_addr       = module.origin.origins[0].addr
   # The routers' Redis URL; user data puts the AUTH token (from Secrets Manager) in at boot.
   router_redis_url = replace(module.redis.url, "rediss://", "rediss://:@REDIS_AUTH_TOKEN@@")
 }
@@ -81,8 +80,7 @@ module "edge_us_east_1" {
   public_hostname     = "edge-us-east-1.${var.domain}"
   edge_index_base     = local.regions["us-east-1"].index_base
   edge_index_span     = 48
-  origin_addr         = local.origin_addr
-  origin_server_name  = var.origin_server_name
+  origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
   api_key_id          = var.api_key_id
@@ -125,8 +123,7 @@ module "edge_us_west_2" {
   public_hostname     = "edge-us-west-2.${var.domain}"
   edge_index_base     = local.regions["us-west-2"].index_base
   edge_index_span     = 48
-  origin_addr         = local.origin_addr
-  origin_server_name  = var.origin_server_name
+  origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
   api_key_id          = var.api_key_id
@@ -169,8 +166,7 @@ module "edge_eu_west_1" {
   public_hostname     = "edge-eu-west-1.${var.domain}"
   edge_index_base     = local.regions["eu-west-1"].index_base
   edge_index_span     = 48
-  origin_addr         = local.origin_addr
-  origin_server_name  = var.origin_server_name
+  origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
   api_key_id          = var.api_key_id
@@ -213,8 +209,7 @@ module "edge_ap_southeast_1" {
   public_hostname     = "edge-ap-southeast-1.${var.domain}"
   edge_index_base     = local.regions["ap-southeast-1"].index_base
   edge_index_span     = 48
-  origin_addr         = local.origin_addr
-  origin_server_name  = var.origin_server_name
+  origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
   api_key_id          = var.api_key_id
@@ -257,8 +252,7 @@ module "edge_ap_southeast_2" {
   public_hostname     = "edge-ap-southeast-2.${var.domain}"
   edge_index_base     = local.regions["ap-southeast-2"].index_base
   edge_index_span     = 48
-  origin_addr         = local.origin_addr
-  origin_server_name  = var.origin_server_name
+  origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
   api_key_id          = var.api_key_id

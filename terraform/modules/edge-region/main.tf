@@ -6,14 +6,15 @@ locals {
   tags          = merge(var.tags, { "amphi:role" = "edge", "amphi:region" = var.region_name })
   secret_region = var.secret_region != "" ? var.secret_region : data.aws_region.current.name
   ami_id        = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
+  # Every origin listens on the same QUIC port (the origin module's quic_port).
+  origin_quic_port = tonumber(element(split(":", var.origins[0].addr), length(split(":", var.origins[0].addr)) - 1))
 
   edge_config = templatefile("${path.module}/templates/edge.toml.tftpl", {
     region                   = var.region_name
     http_port                = var.http_port
     media_port               = var.media_port
     public_url               = "https://${var.public_hostname}"
-    origin_addr              = var.origin_addr
-    origin_server_name       = var.origin_server_name
+    origins                  = var.origins
     router_url               = var.router_url
     token_public_keys        = var.token_public_keys
     interactive_capacity     = var.interactive_capacity
@@ -201,12 +202,12 @@ resource "aws_security_group_rule" "edge_egress_http" {
 
 resource "aws_security_group_rule" "edge_egress_quic" {
   type              = "egress"
-  description       = "QUIC relay link to the origin (mTLS)"
+  description       = "QUIC relay links to the origins (mTLS)"
   security_group_id = aws_security_group.edge.id
   protocol          = "udp"
-  from_port         = tonumber(element(split(":", var.origin_addr), length(split(":", var.origin_addr)) - 1))
-  to_port           = tonumber(element(split(":", var.origin_addr), length(split(":", var.origin_addr)) - 1))
-  cidr_blocks       = ["0.0.0.0/0"]
+  from_port         = local.origin_quic_port
+  to_port           = local.origin_quic_port
+  cidr_blocks       = [for o in var.origins : "${element(split(":", o.addr), 0)}/32"]
 }
 
 # --- instances -----------------------------------------------------------------------------

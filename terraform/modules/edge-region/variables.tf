@@ -99,14 +99,18 @@ variable "edge_index_span" {
   default     = 48
 }
 
-variable "origin_addr" {
-  description = "QUIC address of the origin as IP:port (edges relay every speaker packet there)."
-  type        = string
-}
+variable "origins" {
+  description = "Every origin (the origin module's `origins` output: id, QUIC address as IP:port, TLS server name). Edges link to all of them and relay each room to its owner among the healthy ones."
+  type = list(object({
+    id          = string
+    addr        = string
+    server_name = string
+  }))
 
-variable "origin_server_name" {
-  description = "TLS server name in the origin's mesh certificate."
-  type        = string
+  validation {
+    condition     = length(var.origins) > 0
+    error_message = "At least one origin."
+  }
 }
 
 variable "router_url" {

@@ -185,11 +185,10 @@ resource "aws_instance" "packager" {
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {
     role = "packager"
     config = templatefile("${path.module}/templates/packager.toml.tftpl", {
-      id                 = "packager-${var.origins[count.index].id}"
-      origin_addr        = var.origins[count.index].addr
-      origin_server_name = var.origins[count.index].server_name
-      http_port          = var.http_port
-      https_port         = var.https_port
+      id         = "packager-${var.origins[count.index].id}"
+      origins    = [var.origins[count.index]]
+      http_port  = var.http_port
+      https_port = var.https_port
     })
     unit               = file("${path.module}/../../../infra/systemd/amphi-packager.service")
     artifact_bucket    = var.artifact_bucket
