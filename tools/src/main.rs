@@ -1,6 +1,6 @@
 //! `amphi-tools`: the namespace test bed's helpers. `bed-setup` writes a run directory (configs
 //! rendered from the Terraform templates, PKI, emulator config); `netem-config` switches the
-//! partition; `api`, `whip-speak` and `whep-listen` are clients meant to run inside a client
+//! partition; `api`, `whip-speak`, `whep-listen` and `ws` are clients meant to run inside a client
 //! namespace (`ip netns exec amb-client-... amphi-tools ...`), printing one JSON line.
 
 use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
@@ -16,6 +16,8 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod ws_client;
 
 #[derive(Parser)]
 #[command(about = "amphi test bed helpers")]
@@ -73,12 +75,28 @@ enum Cmd {
         /// Tone frequency, Hz.
         #[arg(long, default_value_t = 440.0)]
         freq: f64,
-        /// Bursts (200 ms tone, 800 ms silence each).
+        /// Bursts (200 ms tone, then silence until the next period).
         #[arg(long, default_value_t = 10)]
         bursts: u32,
+        /// Burst period, ms (a multiple of 20, at least 500: listeners need 200 ms of silence
+        /// between bursts to see an onset).
+        #[arg(long, default_value_t = 1000)]
+        period_ms: u32,
         /// On a failed or dropped session, ask the router again (at most this many times).
         #[arg(long, default_value_t = 0)]
         reconnects: u32,
+    },
+    /// Route as a listener, join over WebSocket signaling, send messages, report what came back.
+    Ws {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// A client message (JSON) to send after the join, in order; a string "@name" in it
+        /// becomes the id of the participant called name.
+        #[arg(long)]
+        send: Vec<String>,
+        /// How long to stay connected, seconds.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
     },
     /// Route as a listener, subscribe over WHEP, decode, and report tone burst onsets.
     WhepListen {
@@ -197,9 +215,18 @@ async fn route(http: &Http, c: &ClientArgs, role: &str) -> Result<(String, Strin
 }
 
 const BURST_FRAMES: u32 = 10;
-const PERIOD_FRAMES: u32 = 50;
 
-async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> Result<Value> {
+async fn whip_speak(
+    c: ClientArgs,
+    freq: f64,
+    bursts: u32,
+    period_ms: u32,
+    reconnects: u32,
+) -> Result<Value> {
+    if period_ms < 500 || period_ms % 20 != 0 {
+        bail!("--period-ms must be a multiple of 20, at least 500");
+    }
+    let period_frames = period_ms / 20;
     let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)?;
     enc.set_bitrate(opus::Bitrate::Bits(64_000))?;
     let mut pcm = [0i16; 960];
@@ -215,7 +242,7 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
     let http = https_client(&c.ca)?;
     let mut sessions = Vec::new();
     let mut onsets = Vec::new();
-    let total = bursts * PERIOD_FRAMES;
+    let total = bursts * period_frames;
     let mut frame = 0u32;
     let mut attempts = 0;
     while frame < total {
@@ -252,7 +279,7 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
         let mut lost = false;
         while frame < total {
             tick.tick().await;
-            let k = frame % PERIOD_FRAMES;
+            let k = frame % period_frames;
             let (payload, level) = if k < BURST_FRAMES {
                 if k == 0 {
                     onsets.push(unix_ms());
@@ -392,13 +419,42 @@ fn main() -> Result<()> {
             client,
             freq,
             bursts,
+            period_ms,
             reconnects,
-        } => rt.block_on(whip_speak(client, freq, bursts, reconnects))?,
+        } => rt.block_on(whip_speak(client, freq, bursts, period_ms, reconnects))?,
         Cmd::WhepListen {
             client,
             freq,
             seconds,
         } => rt.block_on(whep_listen(client, freq, seconds))?,
+        Cmd::Ws {
+            client,
+            send,
+            seconds,
+        } => rt.block_on(async {
+            let http = https_client(&client.ca)?;
+            let url = format!(
+                "{}/v1/route?room={}&role=listener",
+                client.router, client.room
+            );
+            let (status, v) = call(
+                &http,
+                "GET",
+                &url,
+                None,
+                None,
+                client.forwarded_for.as_deref(),
+            )
+            .await;
+            if status != 200 {
+                bail!("route: {status} {v}");
+            }
+            let ws_url = v["ws_url"].as_str().unwrap_or_default().to_string();
+            let mut out =
+                ws_client::session(&ws_url, &client.token, &client.ca, &send, seconds).await?;
+            out["edge"] = v["edge"].clone();
+            Ok::<_, anyhow::Error>(out)
+        })?,
     };
     println!("{v}");
     Ok(())
