@@ -3,6 +3,8 @@
 //! HTTP fetches from inside a namespace with curl (the test process itself sits in the host's
 //! namespace, which has no route to the bed).
 
+#![allow(dead_code)] // each test binary uses a different subset
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -117,6 +119,18 @@ impl Bed {
             show(&out)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
+    }
+
+    /// [`Bed::tools`] that reports a failed run instead of panicking (for polling).
+    pub fn tools_output(&self, host: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = self
+            .tools_cmd(host, args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(show(&out));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", show(&out)))
     }
 
     /// Start `amphi-tools args` in `host`'s namespace; collect it with [`Bed::finish`].
