@@ -163,7 +163,7 @@ fn an_origin_killed_mid_room_hands_the_room_over_intact() {
         .as_str()
         .unwrap()
         .to_string();
-    let host_t = bed.token(&room, "host", "hana");
+    let host_t = created["host_token"].as_str().unwrap().to_string();
     let promote = r#"{"type":"promote","target":"@sam"}"#;
     let kick = r#"{"type":"kick","target":"@bob"}"#;
     let host = bed.tools(
