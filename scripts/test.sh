@@ -27,7 +27,8 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
-# The namespace test bed (scripts/mesh.sh, tests/prod_mesh.rs): iptables for its NFQUEUE rule.
+# The namespace test bed (scripts/mesh.sh; tests/prod_mesh.rs and tests/prod_failover.rs, run by
+# `cargo test --workspace` below, one bed at a time): iptables for its NFQUEUE rule.
 command -v iptables >/dev/null || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
