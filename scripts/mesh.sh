@@ -14,7 +14,8 @@
 # 10.77.0.0/16 inside the namespaces only: nothing is routed to or from the host's interfaces.
 #
 # Usage (root):  scripts/mesh.sh up | down | status | partition on|off | kill HOST
-# Env: AMPHI_MESH_RUN (run directory, default /tmp/amphi-mesh), AMPHI_BIN (amphi binary;
+# Env: AMPHI_MESH_RUN (run directory, default /tmp/amphi-mesh), AMPHI_MESH_PREFIX (namespace name
+# prefix, default amb-: two beds with different prefixes can run at once), AMPHI_BIN (amphi binary;
 # amphi-tools and amphi-netem are taken from the same directory), AMPHI_S3S_FS (s3s-fs binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,8 @@ BIN_DIR=$(dirname "$AMPHI_BIN")
 TOOLS=$BIN_DIR/amphi-tools
 NETEM=$BIN_DIR/amphi-netem
 S3S_FS=${AMPHI_S3S_FS:-$HOME/.cache/amphi/s3s/bin/s3s-fs}
-CORE=amb-core
-PREFIX=amb-
+PREFIX=${AMPHI_MESH_PREFIX:-amb-}
+CORE=${PREFIX}core
 export RUST_LOG=${RUST_LOG:-info}
 
 log() { printf 'mesh: %s\n' "$*" >&2; }

@@ -24,6 +24,7 @@ pub mod occupancy;
 pub mod offer;
 pub mod peers;
 pub mod registration;
+pub mod rejoin;
 pub mod room;
 pub mod sdpfrag;
 mod sessions;

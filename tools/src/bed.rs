@@ -68,7 +68,7 @@ impl Kind {
 /// One host of the bed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Host {
-    /// Short name (namespace `amb-{name}`).
+    /// Short name (namespace `{prefix}{name}`, see [`netns_prefix`]).
     pub name: &'static str,
     /// Region index into [`REGIONS`].
     pub region: usize,
@@ -96,8 +96,17 @@ impl Host {
 
     /// Network namespace name.
     pub fn netns(&self) -> String {
-        format!("amb-{}", self.name)
+        format!("{}{}", netns_prefix(), self.name)
     }
+}
+
+/// Prefix of the bed's namespace names: `AMPHI_MESH_PREFIX` (as `scripts/mesh.sh` reads it),
+/// default `amb-`; beds with different prefixes can run side by side.
+pub fn netns_prefix() -> String {
+    std::env::var("AMPHI_MESH_PREFIX")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "amb-".to_string())
 }
 
 /// Every host: a geo-router, two origins, a packager, Redis and S3 in us-east-1; two edges in
