@@ -17,7 +17,9 @@
 //!     listener hears it again; listeners on surviving edges miss none of the other speaker's
 //!     bursts, listeners of the dead edge re-join; the router takes the edge out of routing
 //!     (heartbeats stop). Figure: time from the kill until the speaker is heard again in
-//!     eu-west-1.
+//!     eu-west-1;
+//! (d) lossy paths: 5 % loss and 30 ms jitter on the us-east-1 edges' relay links to the origins
+//!     and on the us-east-1 speaker's uplink; the eu-west-1 listener still decodes the speaker.
 
 mod prod_mesh_support;
 mod roles;
@@ -394,18 +396,68 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     let lost = sessions[0]["lost_unix_ms"].as_f64().unwrap_or(f64::NAN);
     println!(
         "FIGURE edge death (kill -9 {victim}): the speaker's client found its session dead after \
-         {:.0} ms and was back on {} {:.0} ms after the kill; eu-west-1 heard it again {:.0} ms \
+         {:.0} ms and was back on {} {:.0} ms after the kill (route {:.0} ms, WHIP + ICE + DTLS \
+         {:.0} ms); eu-west-1 heard it again {:.0} ms \
          after the kill (a burst starts on reconnect); the router marked the edge unhealthy \
          after {:.0} ms; {} listeners of surviving edges heard all {} eu-west-1 bursts around \
          the kill; listeners of the dead edge heard again after {rejoined:.0?} ms",
         lost - killed,
         again["edge"].as_str().unwrap(),
         again["at_unix_ms"].as_f64().unwrap() - killed,
+        again["route_ms"].as_f64().unwrap_or(f64::NAN),
+        again["connect_ms"].as_f64().unwrap_or(f64::NAN)
+            - again["route_ms"].as_f64().unwrap_or(f64::NAN),
         back - killed,
         out_of_routing - killed,
         unaffected.len(),
         around.len(),
     );
+
+    // (d) Lossy, jittery paths: 5 % loss and 30 ms jitter on the us-east-1 edges' relay links to
+    // the origins and on the us-east-1 speaker's uplink; the eu-west-1 listener still decodes
+    // the speaker.
+    let out = bed.mesh(&["lossy", "on"]);
+    assert!(out.status.success(), "{out:?}");
+    let speaker = bed.token(&room, "speaker", "speaker-4");
+    let eu_token = bed.token(&room, "listener", "eu-4");
+    let eu = listen("client-euw1", &eu_token, EU, "14");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut args = vec!["whip-speak", "--bursts", "10"];
+    args.extend(client_args(&room, &speaker, US));
+    let spoke = bed.tools("client-use1", &args);
+    let eu = bed.finish(eu, "eu-west-1 listener over lossy paths");
+    let out = bed.mesh(&["lossy", "off"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_all_running_but(&bed, &host);
+    let spoken = times(&spoke["onsets_unix_ms"]);
+    assert_eq!(spoken.len(), 10, "{spoke}");
+    let d = delays(&spoken, &times(&eu["onsets_unix_ms"]));
+    // Two lossy hops drop about one packet in ten; a burst is ten frames.
+    assert!(
+        d.len() >= 8,
+        "eu-west-1 heard {} of 10 bursts over lossy paths: {eu}",
+        d.len()
+    );
+    let tone_frames = eu["tone_frames"].as_u64().unwrap();
+    assert!(
+        tone_frames >= 60,
+        "eu-west-1 decoded {tone_frames} of 100 tone frames over lossy paths: {eu}"
+    );
+    println!(
+        "FIGURE lossy paths (5 % loss + 30 ms jitter on the speaker's uplink and on the us-east-1 \
+         edge <-> origin relay): eu-west-1 heard {}/10 bursts, decoded {tone_frames} of 100 tone \
+         frames ({} packets of 500 sent), median mouth-to-ear {:.1} ms",
+        d.len(),
+        eu["packets"],
+        median(&d)
+    );
+}
+
+/// Every role of the bed but `dead` is running.
+fn assert_all_running_but(bed: &Bed, dead: &str) {
+    for r in ROLES.iter().filter(|r| **r != dead) {
+        assert!(bed.running(r), "{r} is not running\n{}", bed.logs_tail());
+    }
 }
 
 /// When a listener first heard a burst spoken after `after` (onsets within 600 ms of each other).

@@ -259,7 +259,23 @@ impl WhipPublisher {
         connect_timeout: Duration,
         extra_ca: Option<&std::path::Path>,
     ) -> Result<WhipPublisher, ClientError> {
-        let http = signaling_client(extra_ca)?;
+        Self::connect_via(
+            signaling_client(extra_ca)?,
+            whip_url,
+            token,
+            connect_timeout,
+        )
+        .await
+    }
+
+    /// [`WhipPublisher::connect_with_timeout`] over a ready signaling client `http` (a client
+    /// that re-joins keeps one: building one loads the system roots, which takes a while).
+    pub async fn connect_via(
+        http: HttpsClient<Full<Bytes>>,
+        whip_url: &str,
+        token: &str,
+        connect_timeout: Duration,
+    ) -> Result<WhipPublisher, ClientError> {
         let endpoint = http_endpoint(whip_url, "WHIP")?;
         let (socket, local_addr, mut rtc) = client_rtc(&endpoint, Some(STATS_INTERVAL)).await?;
         let mut change = rtc.sdp_api();

@@ -47,6 +47,10 @@ enum Cmd {
         /// Drop everything between eu-west-1 and the origins.
         #[arg(long)]
         partition_eu_origins: bool,
+        /// 5 % loss and 30 ms jitter on the us-east-1 edges' relay and the us-east-1 clients'
+        /// uplink ([`bed::lossy_paths_toml`]).
+        #[arg(long)]
+        lossy: bool,
     },
     /// A signed API call; prints {"status", "body"}.
     Api {
@@ -248,30 +252,33 @@ async fn whip_speak(c: ClientArgs, freq: f64, bursts: u32, reconnects: u32) -> R
                 continue;
             }
         };
-        let mut client =
-            match WhipPublisher::connect_trusting(&whip, &c.token, CONNECT_TIMEOUT, Some(&c.ca))
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => match rejoin.failed(Some(&edge), Instant::now()) {
-                    Some(at) => {
-                        eprintln!("whip-speak: {edge}: {e}; asking the router again");
-                        next_try = Some(at);
-                        continue;
-                    }
-                    None => bail!("WHIP {whip}: {e}"),
-                },
-            };
+        let route_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut client = match WhipPublisher::connect_via(
+            http.clone(),
+            &whip,
+            &c.token,
+            CONNECT_TIMEOUT,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => match rejoin.failed(Some(&edge), Instant::now()) {
+                Some(at) => {
+                    eprintln!("whip-speak: {edge}: {e}; asking the router again");
+                    next_try = Some(at);
+                    continue;
+                }
+                None => bail!("WHIP {whip}: {e}"),
+            },
+        };
         rejoin.connected();
         if !sessions.is_empty() {
             // Back on air: start a burst now, so the time until a listener hears the speaker
             // again is not rounded up to the next 1 s burst.
             frame = frame.next_multiple_of(PERIOD_FRAMES).min(total);
         }
-        sessions.push(
-            json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
-            "at_unix_ms": unix_ms()}),
-        );
+        sessions.push(json!({"edge": edge, "route_ms": route_ms,
+            "connect_ms": t0.elapsed().as_secs_f64() * 1000.0, "at_unix_ms": unix_ms()}));
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut lost = false;
@@ -348,7 +355,7 @@ async fn whep_listen(
                 }
             };
         let opts = WhepOptions {
-            extra_ca: Some(c.ca.clone()),
+            http: Some(http.clone()),
             ..WhepOptions::default()
         };
         let mut sub = match WhepSubscriber::connect_with(&whep, &c.token, opts).await {
@@ -466,8 +473,13 @@ fn main() -> Result<()> {
         Cmd::NetemConfig {
             out,
             partition_eu_origins,
+            lossy,
         } => {
-            std::fs::write(&out, bed::netem_toml(partition_eu_origins))?;
+            let mut text = bed::netem_toml(partition_eu_origins);
+            if lossy {
+                text += &bed::lossy_paths_toml();
+            }
+            std::fs::write(&out, text)?;
             return Ok(());
         }
         Cmd::Api {
