@@ -395,11 +395,17 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         );
     }
     let lost = sessions[0]["lost_unix_ms"].as_f64().unwrap_or(f64::NAN);
+    // How long the first burst after the re-join took to reach eu-west-1.
+    let rejoin_burst = times(&spoke["onsets_unix_ms"])
+        .into_iter()
+        .find(|s| *s >= again["at_unix_ms"].as_f64().unwrap())
+        .and_then(|s| heard.iter().find(|h| **h > s).map(|h| h - s))
+        .unwrap_or(f64::NAN);
     println!(
         "FIGURE edge death (kill -9 {victim}): the speaker's client found its session dead after \
          {:.0} ms and was back on {} {:.0} ms after the kill (route {:.0} ms, WHIP + ICE + DTLS \
          {:.0} ms); eu-west-1 heard it again {:.0} ms \
-         after the kill (a burst starts on reconnect); the router marked the edge unhealthy \
+         after the kill (a burst starts on reconnect; it took {rejoin_burst:.0} ms); the router marked the edge unhealthy \
          after {:.0} ms; {} listeners of surviving edges heard all {} eu-west-1 bursts around \
          the kill; listeners of the dead edge heard again after {rejoined:.0?} ms",
         lost - killed,
