@@ -13,8 +13,9 @@
 # with a certificate of the bed's CA ($RUN/ca.pem) naming the host's address. Addresses are
 # 10.77.0.0/16 inside the namespaces only: nothing is routed to or from the host's interfaces.
 #
-# Usage (root):  scripts/mesh.sh up | down | status | partition on|off | kill HOST
-# Env: AMPHI_MESH_RUN (run directory, default /tmp/amphi-mesh), AMPHI_BIN (amphi binary;
+# Usage (root):  scripts/mesh.sh up | down | status | partition on|off | lossy on|off | kill HOST
+# Env: AMPHI_MESH_RUN (run directory, default /tmp/amphi-mesh), AMPHI_MESH_PREFIX (namespace name
+# prefix, default amb-: two beds with different prefixes can run at once), AMPHI_BIN (amphi binary;
 # amphi-tools and amphi-netem are taken from the same directory), AMPHI_S3S_FS (s3s-fs binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,8 @@ BIN_DIR=$(dirname "$AMPHI_BIN")
 TOOLS=$BIN_DIR/amphi-tools
 NETEM=$BIN_DIR/amphi-netem
 S3S_FS=${AMPHI_S3S_FS:-$HOME/.cache/amphi/s3s/bin/s3s-fs}
-CORE=amb-core
-PREFIX=amb-
+PREFIX=${AMPHI_MESH_PREFIX:-amb-}
+CORE=${PREFIX}core
 export RUST_LOG=${RUST_LOG:-info}
 
 log() { printf 'mesh: %s\n' "$*" >&2; }
@@ -181,6 +182,18 @@ partition() {
   log "partition eu-west-1 <-> origins: $1"
 }
 
+# 5 % loss + 30 ms jitter on the us-east-1 edges' relay links and the us-east-1 client uplink
+# (rewrites the emulator config: clears a partition).
+lossy() {
+  case "${1:-}" in
+    on) "$TOOLS" netem-config --out "$RUN/netem.toml" --lossy ;;
+    off) "$TOOLS" netem-config --out "$RUN/netem.toml" ;;
+    *) die "usage: mesh.sh lossy on|off" ;;
+  esac
+  sleep 0.5
+  log "lossy us-east-1 relay and uplink: $1"
+}
+
 kill_host() {
   local f="$RUN/pids/${1:?usage: mesh.sh kill HOST}.pid"
   [ -f "$f" ] || die "no process for $1"
@@ -194,5 +207,6 @@ case "${1:-}" in
   status) status ;;
   partition) partition "${2:-}" ;;
   kill) kill_host "${2:-}" ;;
-  *) echo "usage: $0 up|down|status|partition on|off|kill HOST" >&2; exit 2 ;;
+  lossy) lossy "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|partition on|off|lossy on|off|kill HOST" >&2; exit 2 ;;
 esac

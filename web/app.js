@@ -662,16 +662,24 @@ function connect() {
   pingTimer = setInterval(() => send({ type: "ping" }), 15000);
 }
 
+// Edges this page lost or could not join lately (edge id -> Date.now()), sent to the router as
+// `avoid` so a dead edge is skipped before the router has missed its heartbeats.
+const failedEdges = new Map();
+const AVOID_MS = 30000;
+
 function reconnectSoon() {
   if (amphi.closedReason || reconnectTimer) return;
   if (amphi.reconnects >= RECONNECT_LIMIT) {
     fail("Lost the connection to the room. Check your network and press Rejoin.");
     return;
   }
-  const delay = Math.min(5000, 500 * 2 ** amphi.reconnects);
+  // The first try goes at once (the edge may have died: the router sends us to another one);
+  // later ones back off.
+  const delay = amphi.reconnects === 0 ? 0 : Math.min(5000, 250 * 2 ** amphi.reconnects);
+  if (amphi.route && amphi.route.edge) failedEdges.set(amphi.route.edge, Date.now());
   amphi.reconnects += 1;
   setStatus("reconnecting");
-  reconnectTimer = setTimeout(() => {
+  reconnectTimer = setTimeout(async () => {
     reconnectTimer = null;
     if (amphi.ws) {
       const old = amphi.ws;
@@ -679,8 +687,29 @@ function reconnectSoon() {
       old.close();
     }
     closePeer();
+    await reroute();
     connect();
   }, delay);
+}
+
+// Ask the router again where to connect, avoiding the edges that failed lately; on any error
+// keep the current route.
+async function reroute() {
+  if (!amphi.routeQuery) return;
+  const now = Date.now();
+  for (const [edge, at] of failedEdges) if (now - at > AVOID_MS) failedEdges.delete(edge);
+  const q = new URLSearchParams(amphi.routeQuery);
+  const avoid = [...failedEdges.keys()].slice(-8);
+  if (avoid.length) q.set("avoid", avoid.join(","));
+  try {
+    const route = await api(`/v1/route?${q}`);
+    if (route && route.ws_url) {
+      amphi.route = route;
+      $("#region").textContent = route.region;
+    }
+  } catch {
+    // The router is unreachable: try the edge we know.
+  }
 }
 
 function record(msg) {
@@ -1082,6 +1111,7 @@ function resetRoomState() {
     closedReason: null,
     sending: false,
     reconnects: 0,
+    routeQuery: null,
     active: new Map(),
     micError: null,
     micConsent: false,
@@ -1120,6 +1150,7 @@ async function enterRoom(room) {
     const q = new URLSearchParams({ room });
     if (amphi.role) q.set("role", amphi.role);
     if (region) q.set("region", region);
+    amphi.routeQuery = q.toString();
     amphi.route = await api(`/v1/route?${q}`);
     $("#region").textContent = amphi.route.region;
     audioGraph();

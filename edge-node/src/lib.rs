@@ -25,6 +25,7 @@ pub mod offer;
 pub mod owners;
 pub mod peers;
 pub mod registration;
+pub mod rejoin;
 pub mod room;
 pub mod sdpfrag;
 mod sessions;

@@ -1,9 +1,9 @@
 //! Registration with the geo-router and draining.
 //!
-//! Every second the edge `PUT`s an [`EdgeHeartbeat`] (id, region, coordinates, public URL,
+//! Every half second (or as often as the router's answer asks) the edge `PUT`s an [`EdgeHeartbeat`] (id, region, coordinates, public URL,
 //! sessions, CPU load, capacity, per-room sessions, draining) to `{router_url}/v1/edges/{id}`;
 //! signed with an API key when one is configured (production routers require it). An edge that
-//! stops heartbeating is taken out of routing by the router after three missed beats.
+//! stops heartbeating is taken out of routing by the router after three missed beats (1.5 s).
 //!
 //! Draining (SIGTERM on `amphi edge`, or an operator's `POST /v1/edges/{id}/drain` at the router,
 //! learned from the heartbeat answer): new sessions (WHIP, WHEP, WebSocket) get `503` with a JSON
@@ -29,8 +29,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Heartbeat period (the router may ask for another in its answer).
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Heartbeat period until the router's answer asks for another ([`heartbeat_period`]).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Shortest and longest heartbeat period a router's answer may ask for.
+const HEARTBEAT_PERIOD_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(10));
+
+/// The heartbeat period a router asked for in its answer (`interval_ms`), kept within
+/// 100 ms..=10 s so a broken answer can neither flood the router nor silence the edge.
+pub fn heartbeat_period(interval_ms: u64) -> Duration {
+    Duration::from_millis(interval_ms).clamp(HEARTBEAT_PERIOD_BOUNDS.0, HEARTBEAT_PERIOD_BOUNDS.1)
+}
 /// Timeout of one heartbeat request.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(900);
 /// Default grace period of a drain.
@@ -233,7 +242,8 @@ impl Registrar {
         let path = format!("/v1/edges/{}", self.id);
         let url = format!("{}{path}", self.router_url.trim_end_matches('/'));
         let mut cpu = CpuSampler::new();
-        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let mut period = HEARTBEAT_INTERVAL;
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan: Option<DrainPlan> = None;
         let mut failures = 0u32;
@@ -285,6 +295,17 @@ impl Registrar {
                             if a.drain {
                                 self.drain.start();
                             }
+                            let asked = heartbeat_period(a.interval_ms);
+                            if asked != period {
+                                period = asked;
+                                tick = tokio::time::interval_at(
+                                    tokio::time::Instant::now() + period,
+                                    period,
+                                );
+                                tick.set_missed_tick_behavior(
+                                    tokio::time::MissedTickBehavior::Delay,
+                                );
+                            }
                         }
                     }
                 }
@@ -307,6 +328,14 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_period_follows_the_router_within_bounds() {
+        assert_eq!(heartbeat_period(500), Duration::from_millis(500));
+        assert_eq!(heartbeat_period(2000), Duration::from_secs(2));
+        assert_eq!(heartbeat_period(0), Duration::from_millis(100));
+        assert_eq!(heartbeat_period(u64::MAX), Duration::from_secs(10));
+    }
 
     #[test]
     fn drain_ends_when_empty_or_after_grace() {

@@ -75,6 +75,9 @@ pub struct WhepOptions {
     pub keep_packets: bool,
     /// CA bundle (PEM) trusted besides the system roots for an `https://` WHEP URL.
     pub extra_ca: Option<std::path::PathBuf>,
+    /// A ready signaling client, used instead of building one from `extra_ca` (a client that
+    /// re-joins keeps one: building one loads the system roots, which takes a while).
+    pub http: Option<HttpsClient<Full<Bytes>>>,
 }
 
 impl Default for WhepOptions {
@@ -83,6 +86,7 @@ impl Default for WhepOptions {
             connect_timeout: CONNECT_TIMEOUT,
             keep_packets: true,
             extra_ca: None,
+            http: None,
         }
     }
 }
@@ -121,7 +125,10 @@ impl WhepSubscriber {
         let (offer, pending) = change
             .apply()
             .ok_or_else(|| ClientError::Rtc("no offer produced".into()))?;
-        let http = signaling_client(opts.extra_ca.as_deref())?;
+        let http = match opts.http {
+            Some(http) => http,
+            None => signaling_client(opts.extra_ca.as_deref())?,
+        };
         let (resource, _headers, body) =
             post_offer(&http, &endpoint, token, offer.to_sdp_string()).await?;
         let mut sub_parts = Parts {

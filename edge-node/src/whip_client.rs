@@ -121,10 +121,10 @@ pub(crate) fn signaling_client(
 
 /// First STUN retransmission timeout of the client's ICE checks.
 const ICE_INITIAL_RTO: Duration = Duration::from_millis(100);
-/// Largest STUN retransmission timeout.
-const ICE_MAX_RTO: Duration = Duration::from_millis(500);
+/// Largest STUN retransmission timeout (also the keepalive period of a connected pair).
+const ICE_MAX_RTO: Duration = Duration::from_millis(250);
 /// Unanswered retransmissions after which the pair (and the session) fails.
-const ICE_MAX_RETRANSMITS: usize = 5;
+const ICE_MAX_RETRANSMITS: usize = 4;
 
 /// A str0m peer (RTP mode, Opus only) on a fresh UDP socket bound to the local address that
 /// reaches `toward` (loopback for a loopback edge), which is its host candidate; str0m statistics
@@ -142,8 +142,9 @@ pub(crate) async fn client_rtc(
         .clear_codecs()
         .enable_opus(true, false)
         .set_stats_interval(stats);
-    // Notice a dead edge in about 1.6 s of unanswered STUN checks (str0m's default is ~20 s), so
-    // the session ends and the caller can ask the geo-router for another edge.
+    // Notice a dead edge after about 1.1 s of unanswered STUN checks (str0m's default is ~20 s),
+    // so the session ends and the caller can ask the geo-router for another edge
+    // (`crate::rejoin`).
     config.set_initial_stun_rto(ICE_INITIAL_RTO);
     config.set_max_stun_rto(ICE_MAX_RTO);
     config.set_max_stun_retransmits(ICE_MAX_RETRANSMITS);
@@ -258,7 +259,23 @@ impl WhipPublisher {
         connect_timeout: Duration,
         extra_ca: Option<&std::path::Path>,
     ) -> Result<WhipPublisher, ClientError> {
-        let http = signaling_client(extra_ca)?;
+        Self::connect_via(
+            signaling_client(extra_ca)?,
+            whip_url,
+            token,
+            connect_timeout,
+        )
+        .await
+    }
+
+    /// [`WhipPublisher::connect_with_timeout`] over a ready signaling client `http` (a client
+    /// that re-joins keeps one: building one loads the system roots, which takes a while).
+    pub async fn connect_via(
+        http: HttpsClient<Full<Bytes>>,
+        whip_url: &str,
+        token: &str,
+        connect_timeout: Duration,
+    ) -> Result<WhipPublisher, ClientError> {
         let endpoint = http_endpoint(whip_url, "WHIP")?;
         let (socket, local_addr, mut rtc) = client_rtc(&endpoint, Some(STATS_INTERVAL)).await?;
         let mut change = rtc.sdp_api();

@@ -9,7 +9,9 @@ use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
 use crate::registry::HEARTBEAT_INTERVAL;
-use crate::select::{select_edge, ClientPlace, GeoPoint, Policy, SelectError};
+use crate::select::{
+    parse_avoid, select_edge, without_avoided, ClientPlace, GeoPoint, Policy, SelectError,
+};
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
@@ -573,6 +575,7 @@ struct RouteQuery {
     region: Option<String>,
     ip: Option<String>,
     role: Option<String>,
+    avoid: Option<String>,
 }
 
 fn ws_base(http: &str) -> String {
@@ -606,6 +609,8 @@ async fn route(
         ));
     };
     let room = parse_room(room)?;
+    let avoid = parse_avoid(q.avoid.as_deref().unwrap_or(""))
+        .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_query", m))?;
     let listener = match q.role.as_deref() {
         None | Some("speaker") | Some("host") => false,
         Some("listener") => true,
@@ -671,7 +676,7 @@ async fn route(
     };
     let (edge, hls_only, why) = {
         let reg = s.registry();
-        let candidates = reg.candidates(room, Instant::now());
+        let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
         let choice = select_edge(
             client_place,
             anchor,

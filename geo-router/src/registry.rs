@@ -1,7 +1,9 @@
-//! The edge registry (sans-IO): edges heartbeat every second; one that misses
+//! The edge registry (sans-IO): edges heartbeat every half second; one that misses
 //! [`MISSED_HEARTBEATS`] is out; draining edges take no new sessions. Edges listed in the static
-//! configuration count as healthy until they have heartbeated once, after which the heartbeat rules
-//! apply to them too.
+//! configuration count as healthy until an edge heartbeats for them ([`claims`]: the same id, or
+//! the same public URL, as every instance behind a region's load balancer does); from then on the
+//! heartbeating edges are the entry and the heartbeat rules apply. A static entry comes back once
+//! every edge that claimed it has been forgotten.
 
 use crate::select::{Candidate, GeoPoint};
 use amphi_protocol::api::EdgeHeartbeat;
@@ -10,9 +12,10 @@ use amphi_protocol::RoomId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-/// Heartbeat period asked of edges.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-/// Missed heartbeats after which an edge is out.
+/// Heartbeat period asked of edges (in every heartbeat answer).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Missed heartbeats after which an edge is out (1.5 s: a dead edge leaves routing fast; a
+/// client that lost its edge need not wait for it, it asks `/v1/route` with `avoid`).
 pub const MISSED_HEARTBEATS: u32 = 3;
 /// Most edges the registry holds.
 pub const MAX_EDGES: usize = 1024;
@@ -84,10 +87,38 @@ pub fn validate(hb: &EdgeHeartbeat) -> Result<(), HeartbeatError> {
     Ok(())
 }
 
+/// Whether an edge heartbeating `hb` stands for the statically configured `edge`: the same id,
+/// or the same public URL (the configured entry is a region's load balancer; the instances
+/// behind it register as `{id}-{instance}` with its URL).
+pub fn claims(hb: &EdgeHeartbeat, edge: &EdgeEndpoint) -> bool {
+    hb.id == edge.id || hb.public_url.trim_end_matches('/') == edge.public_url.trim_end_matches('/')
+}
+
+fn static_record(e: &EdgeEndpoint) -> EdgeRecord {
+    EdgeRecord {
+        beat: EdgeHeartbeat {
+            id: e.id.clone(),
+            region: e.region.name.clone(),
+            latitude: e.region.latitude,
+            longitude: e.region.longitude,
+            public_url: e.public_url.clone(),
+            participants: 0,
+            cpu_load: 0.0,
+            capacity: 0,
+            rooms: Vec::new(),
+            draining: false,
+        },
+        last_seen: None,
+        rooms: BTreeMap::new(),
+    }
+}
+
 /// Every edge the router knows.
 #[derive(Debug, Default)]
 pub struct Registry {
     edges: BTreeMap<String, EdgeRecord>,
+    /// The statically configured edges (listed while no heartbeat claims them).
+    statics: Vec<EdgeEndpoint>,
     /// Edges an operator asked to drain (told in the heartbeat answer).
     drain_requested: BTreeSet<String>,
 }
@@ -95,29 +126,27 @@ pub struct Registry {
 impl Registry {
     /// A registry holding the statically configured edges.
     pub fn with_static(edges: &[EdgeEndpoint]) -> Self {
-        let mut r = Registry::default();
-        for e in edges {
-            r.edges.insert(
-                e.id.clone(),
-                EdgeRecord {
-                    beat: EdgeHeartbeat {
-                        id: e.id.clone(),
-                        region: e.region.name.clone(),
-                        latitude: e.region.latitude,
-                        longitude: e.region.longitude,
-                        public_url: e.public_url.clone(),
-                        participants: 0,
-                        cpu_load: 0.0,
-                        capacity: 0,
-                        rooms: Vec::new(),
-                        draining: false,
-                    },
-                    last_seen: None,
-                    rooms: BTreeMap::new(),
-                },
-            );
-        }
+        let mut r = Registry {
+            statics: edges.to_vec(),
+            ..Registry::default()
+        };
+        r.restore_unclaimed_statics();
         r
+    }
+
+    /// List every static edge no heartbeat-fed entry claims.
+    fn restore_unclaimed_statics(&mut self) {
+        for e in &self.statics {
+            let claimed = self
+                .edges
+                .values()
+                .any(|r| r.last_seen.is_some() && claims(&r.beat, e));
+            if !claimed {
+                self.edges
+                    .entry(e.id.clone())
+                    .or_insert_with(|| static_record(e));
+            }
+        }
     }
 
     /// Record a heartbeat at `now`. Returns whether the edge was new (or back after being out).
@@ -129,6 +158,16 @@ impl Registry {
             .is_some_and(|e| self.is_healthy(e, now));
         if !self.edges.contains_key(&hb.id) && self.edges.len() >= MAX_EDGES {
             return Err(HeartbeatError::Full);
+        }
+        // The static entries this edge stands for are now this edge.
+        for e in &self.statics {
+            if e.id != hb.id && claims(&hb, e) {
+                if let Some(r) = self.edges.get(&e.id) {
+                    if r.last_seen.is_none() {
+                        self.edges.remove(&e.id);
+                    }
+                }
+            }
         }
         let rooms = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
         self.edges.insert(
@@ -162,20 +201,14 @@ impl Registry {
     }
 
     /// Replace the heartbeat-fed entries with a shared registry's: `beats` (each with the instant
-    /// it was received) and the edges asked to drain. Static edges that never heartbeated and are
-    /// not in `beats` stay. Returns how many beats did not fit in [`MAX_EDGES`].
+    /// it was received) and the edges asked to drain. Static edges that no beat claims stay.
+    /// Returns how many beats did not fit in [`MAX_EDGES`].
     pub fn mirror(
         &mut self,
-        statics: &[EdgeEndpoint],
         beats: Vec<(EdgeHeartbeat, Instant)>,
         drains: BTreeSet<String>,
     ) -> usize {
-        let fresh = Registry::with_static(statics);
-        self.edges = fresh
-            .edges
-            .into_iter()
-            .filter(|(id, _)| !beats.iter().any(|(b, _)| &b.id == id))
-            .collect();
+        self.edges.clear();
         let mut dropped = 0;
         for (hb, seen) in beats {
             if self.edges.len() >= MAX_EDGES {
@@ -192,6 +225,7 @@ impl Registry {
                 },
             );
         }
+        self.restore_unclaimed_statics();
         self.drain_requested = drains;
         dropped
     }
@@ -223,6 +257,9 @@ impl Registry {
         for id in &gone {
             self.edges.remove(id);
             self.drain_requested.remove(id);
+        }
+        if !gone.is_empty() {
+            self.restore_unclaimed_statics();
         }
         gone
     }
@@ -292,32 +329,32 @@ mod tests {
     #[test]
     fn three_missed_heartbeats_take_an_edge_out() {
         let t0 = Instant::now();
+        let out = HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
+        assert_eq!(out, Duration::from_millis(1500));
         let mut r = Registry::default();
         assert_eq!(r.heartbeat(beat("a", "us-east"), t0), Ok(true));
         assert_eq!(r.heartbeat(beat("b", "eu-west"), t0), Ok(true));
-        assert_eq!(
-            r.heartbeat(beat("a", "us-east"), t0 + Duration::from_secs(1)),
-            Ok(false)
-        );
+        let t1 = t0 + HEARTBEAT_INTERVAL;
+        assert_eq!(r.heartbeat(beat("a", "us-east"), t1), Ok(false));
         let ids = |r: &Registry, t| {
             r.candidates(RoomId(7), t)
                 .iter()
                 .map(|c| c.id.to_string())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(ids(&r, t0 + Duration::from_millis(2900)), ["a", "b"]);
-        // b's last beat was at t0: out at t0 + 3 s; a's at t0 + 1 s: out at t0 + 4 s.
-        assert_eq!(ids(&r, t0 + Duration::from_secs(3)), ["a"]);
-        assert_eq!(ids(&r, t0 + Duration::from_secs(4)), Vec::<String>::new());
+        let ms = Duration::from_millis(1);
+        assert_eq!(ids(&r, t0 + out - ms), ["a", "b"]);
+        // b's last beat was at t0: out at t0 + 1.5 s; a's at t1: out at t1 + 1.5 s.
+        assert_eq!(ids(&r, t0 + out), ["a"]);
+        assert_eq!(ids(&r, t1 + out), Vec::<String>::new());
         // Coming back makes it healthy (and reports it as new).
+        let t2 = t1 + out + HEARTBEAT_INTERVAL;
+        assert_eq!(r.heartbeat(beat("b", "eu-west"), t2), Ok(true));
+        assert_eq!(ids(&r, t2), ["b"]);
+        assert_eq!(r.room_sessions(RoomId(7), t2), 4);
+        // Forgotten after 60 missed beats.
         assert_eq!(
-            r.heartbeat(beat("b", "eu-west"), t0 + Duration::from_secs(5)),
-            Ok(true)
-        );
-        assert_eq!(ids(&r, t0 + Duration::from_secs(5)), ["b"]);
-        assert_eq!(r.room_sessions(RoomId(7), t0 + Duration::from_secs(5)), 4);
-        assert_eq!(
-            r.expire(t0 + Duration::from_secs(62)),
+            r.expire(t1 + HEARTBEAT_INTERVAL * 61),
             vec!["a".to_string()]
         );
     }
@@ -363,8 +400,54 @@ mod tests {
         assert!((c[0].load - 0.9).abs() < 1e-9);
         assert_eq!(c[0].room_interactive, 4);
         assert!(r
-            .candidates(RoomId(7), t0 + Duration::from_secs(3))
+            .candidates(RoomId(7), t0 + HEARTBEAT_INTERVAL * MISSED_HEARTBEATS)
             .is_empty());
+    }
+
+    #[test]
+    fn a_static_entry_point_and_the_edges_heartbeating_for_it_are_one_entry() {
+        let t0 = Instant::now();
+        // A region's load balancer, configured; its instances register as "{id}-{instance}"
+        // with the load balancer's URL.
+        let lb = EdgeEndpoint {
+            id: "edge-us-east".into(),
+            region: known_region("us-east").unwrap(),
+            public_url: "https://edge-us-east.example.com".into(),
+        };
+        let instance = |n: &str| {
+            let mut b = beat(&format!("edge-us-east-{n}"), "us-east");
+            b.public_url = "https://edge-us-east.example.com/".into();
+            b
+        };
+        let mut r = Registry::with_static(std::slice::from_ref(&lb));
+        let listed = |r: &Registry, t| {
+            r.list(t)
+                .iter()
+                .map(|(e, healthy, _)| (e.beat.id.clone(), *healthy))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(listed(&r, t0), [("edge-us-east".to_string(), true)]);
+        r.heartbeat(instance("a"), t0).unwrap();
+        r.heartbeat(instance("b"), t0).unwrap();
+        assert_eq!(
+            listed(&r, t0),
+            [
+                ("edge-us-east-a".to_string(), true),
+                ("edge-us-east-b".to_string(), true)
+            ]
+        );
+        // Both instances die: the region is out of routing, not kept alive by its static entry.
+        let dead = t0 + HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
+        assert!(r.candidates(RoomId(7), dead).is_empty());
+        assert_eq!(listed(&r, dead).len(), 2);
+        // Once both are forgotten the configured entry point is back.
+        let forgotten = t0 + HEARTBEAT_INTERVAL * 61;
+        assert_eq!(r.expire(forgotten).len(), 2);
+        assert_eq!(listed(&r, forgotten), [("edge-us-east".to_string(), true)]);
+        // An edge with another URL claims nothing.
+        r.heartbeat(beat("edge-us-east-c", "us-east"), forgotten)
+            .unwrap();
+        assert_eq!(listed(&r, forgotten).len(), 2);
     }
 
     #[test]
@@ -381,11 +464,15 @@ mod tests {
                 region: known_region("us-east").unwrap(),
                 public_url: "http://a".into(),
             },
+            EdgeEndpoint {
+                id: "lb".into(),
+                region: known_region("eu-west").unwrap(),
+                public_url: "http://b".into(),
+            },
         ];
         let mut r = Registry::with_static(&statics);
         r.heartbeat(beat("old", "us-east"), t0).unwrap();
         let dropped = r.mirror(
-            &statics,
             vec![(beat("a", "us-east"), t0), (beat("b", "eu-west"), t0)],
             ["b".to_string()].into(),
         );
@@ -398,9 +485,9 @@ mod tests {
         assert_eq!(
             ids,
             ["a", "b", "s"],
-            "old is gone, a is heartbeat-fed, s stays static"
+            "old is gone, a is heartbeat-fed, b claims lb (same URL), s stays static"
         );
-        assert!(r.drain_requested("b") && r.knows("s") && !r.knows("old"));
+        assert!(r.drain_requested("b") && r.knows("s") && !r.knows("old") && !r.knows("lb"));
         let avail: Vec<_> = r
             .candidates(RoomId(7), t0)
             .iter()

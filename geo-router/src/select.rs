@@ -96,6 +96,37 @@ pub enum SelectError {
     UnknownRegion(String),
 }
 
+/// Most edge ids one route request may ask to avoid.
+pub const MAX_AVOID: usize = 8;
+
+/// Parse a route request's `avoid` value: comma-separated edge ids a client could not reach (its
+/// last edge died, or a join failed), at most [`MAX_AVOID`], each 1..=128 printable characters.
+pub fn parse_avoid(value: &str) -> Result<Vec<&str>, &'static str> {
+    let ids: Vec<&str> = value.split(',').filter(|id| !id.is_empty()).collect();
+    if ids.len() > MAX_AVOID {
+        return Err("avoid lists at most 8 edge ids");
+    }
+    if ids
+        .iter()
+        .any(|id| id.len() > 128 || id.chars().any(char::is_control))
+    {
+        return Err("avoid ids must be 1..=128 printable characters");
+    }
+    Ok(ids)
+}
+
+/// Drop the edges a client asked to avoid from `candidates`, unless that would leave none (a
+/// client-side failure must not route it nowhere: the avoided edge may still be the only one).
+pub fn without_avoided<'a>(candidates: Vec<Candidate<'a>>, avoid: &[&str]) -> Vec<Candidate<'a>> {
+    if avoid.is_empty() || candidates.iter().all(|c| avoid.contains(&c.id)) {
+        return candidates;
+    }
+    candidates
+        .into_iter()
+        .filter(|c| !avoid.contains(&c.id))
+        .collect()
+}
+
 /// Pick an edge for a client. `anchor` is where [`ClientPlace::Unknown`] and
 /// [`ClientPlace::Region`] clients are placed (the region's coordinates; `None` when unknown).
 /// Order: distance, then load, then id — so equal inputs give equal answers.
@@ -217,6 +248,44 @@ mod tests {
             load,
             room_interactive: 0,
         }
+    }
+
+    #[test]
+    fn avoided_edges_are_skipped_unless_nothing_else_is_left() {
+        let two = vec![
+            cand("edge-us-east-1-a", "us-east-1", 0.1),
+            cand("edge-us-east-1-b", "us-east-1", 0.5),
+        ];
+        let choose = |c: &[Candidate<'static>]| {
+            select_edge(
+                ClientPlace::Located(point("us-east-1")),
+                None,
+                "us-east-1",
+                c,
+                Policy::default(),
+                false,
+            )
+            .unwrap()
+            .edge
+            .id
+        };
+        assert_eq!(choose(&two), "edge-us-east-1-a");
+        let left = without_avoided(two.clone(), &["edge-us-east-1-a"]);
+        assert_eq!(choose(&left), "edge-us-east-1-b");
+        // Avoiding every edge leaves them all: the client gets one rather than none.
+        let all = without_avoided(two.clone(), &["edge-us-east-1-a", "edge-us-east-1-b"]);
+        assert_eq!(all, two);
+        assert_eq!(without_avoided(two.clone(), &[]), two);
+    }
+
+    #[test]
+    fn avoid_lists_are_bounded_and_printable() {
+        assert_eq!(parse_avoid("a,b").unwrap(), vec!["a", "b"]);
+        assert_eq!(parse_avoid("").unwrap(), Vec::<&str>::new());
+        assert_eq!(parse_avoid("a,,b,").unwrap(), vec!["a", "b"]);
+        assert!(parse_avoid(&vec!["e"; 9].join(",")).is_err());
+        assert!(parse_avoid(&"x".repeat(129)).is_err());
+        assert!(parse_avoid("a\nb").is_err());
     }
 
     fn four() -> Vec<Candidate<'static>> {

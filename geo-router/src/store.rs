@@ -357,7 +357,6 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     registry: Mutex<Registry>,
-    statics: Vec<EdgeEndpoint>,
     end_script: redis::Script,
     /// Directory writes and rooms kept while Redis is unreachable.
     fallback: Mutex<Fallback>,
@@ -412,7 +411,6 @@ impl RedisStore {
             conn,
             prefix: prefix.to_string(),
             registry: Mutex::new(Registry::with_static(static_edges)),
-            statics: static_edges.to_vec(),
             end_script: redis::Script::new(END_ROOM_LUA),
             fallback: Mutex::new(Fallback::default()),
         };
@@ -830,7 +828,7 @@ impl Store for RedisStore {
             let drains: BTreeSet<String> =
                 drains.into_iter().filter(|d| !gone.contains(d)).collect();
             let mut reg = lock(&self.registry);
-            let dropped = reg.mirror(&self.statics, beats, drains);
+            let dropped = reg.mirror(beats, drains);
             if dropped > 0 {
                 tracing::warn!(
                     dropped,

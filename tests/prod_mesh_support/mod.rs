@@ -99,7 +99,7 @@ impl Bed {
 
     fn tools_cmd(&self, host: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &format!("amb-{host}")])
+        c.args(["netns", "exec", &netns(host)])
             .arg(&self.tools)
             .args(args)
             .env("AMB_API_SECRET", &self.secret)
@@ -191,7 +191,7 @@ impl Bed {
             .args([
                 "netns",
                 "exec",
-                &format!("amb-{host}"),
+                &netns(host),
                 "curl",
                 "-fsS",
                 "-m",
@@ -224,6 +224,16 @@ impl Drop for Bed {
             let _ = std::fs::remove_dir_all(&self.run);
         }
     }
+}
+
+/// The namespace of bed host `host` (prefix `AMPHI_MESH_PREFIX`, default `amb-`, as
+/// `scripts/mesh.sh` names them).
+fn netns(host: &str) -> String {
+    let prefix = std::env::var("AMPHI_MESH_PREFIX")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "amb-".to_string());
+    format!("{prefix}{host}")
 }
 
 /// Client arguments shared by speakers and listeners.

@@ -68,7 +68,7 @@ impl Kind {
 /// One host of the bed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Host {
-    /// Short name (namespace `amb-{name}`).
+    /// Short name (namespace `{prefix}{name}`, see [`netns_prefix`]).
     pub name: &'static str,
     /// Region index into [`REGIONS`].
     pub region: usize,
@@ -96,8 +96,17 @@ impl Host {
 
     /// Network namespace name.
     pub fn netns(&self) -> String {
-        format!("amb-{}", self.name)
+        format!("{}{}", netns_prefix(), self.name)
     }
+}
+
+/// Prefix of the bed's namespace names: `AMPHI_MESH_PREFIX` (as `scripts/mesh.sh` reads it),
+/// default `amb-`; beds with different prefixes can run side by side.
+pub fn netns_prefix() -> String {
+    std::env::var("AMPHI_MESH_PREFIX")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "amb-".to_string())
 }
 
 /// Every host: a geo-router, two origins, a packager, Redis and S3 in us-east-1; two edges in
@@ -175,6 +184,28 @@ pub fn netem_toml(partition_eu_from_origins: bool) -> String {
             "\n[[partitions]]\na = [\"10.77.2.0/24\"]\nb = [\"{}\", \"{}\"]",
             host("origin-1").net(),
             host("origin-2").net()
+        );
+    }
+    out
+}
+
+/// The emulator's `[[impairments]]` for lossy paths (issue 11, fault 4): 5 % loss and 30 ms
+/// jitter on the us-east-1 edges' relay links to the origins and on the us-east-1 client
+/// namespace's link to those edges (a speaker's uplink); appended to [`netem_toml`].
+pub fn lossy_paths_toml() -> String {
+    let nets = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| format!("\"{}\"", host(n).net()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let edges = nets(&["edge-use1-a", "edge-use1-b"]);
+    let mut out = String::new();
+    for other in [nets(&["origin-1", "origin-2"]), nets(&["client-use1"])] {
+        let _ = writeln!(
+            out,
+            "\n[[impairments]]\na = [{edges}]\nb = [{other}]\nloss_percent = 5.0\njitter_ms = 30.0"
         );
     }
     out
@@ -377,6 +408,17 @@ mod tests {
             }
         }
         assert_eq!(hs.iter().filter(|h| h.kind == Kind::Edge).count(), 4);
+    }
+
+    #[test]
+    fn lossy_paths_parse_and_impair_the_relay_and_the_uplink() {
+        let text = netem_toml(false) + &lossy_paths_toml();
+        let f: crate::netem::NetemFile = toml::from_str(&text).unwrap();
+        assert_eq!(f.impairments.len(), 2);
+        assert_eq!(f.impairments[0].a, ["10.77.1.28/30", "10.77.1.32/30"]);
+        assert_eq!(f.impairments[0].b, ["10.77.1.8/30", "10.77.1.12/30"]);
+        assert_eq!(f.impairments[1].b, ["10.77.1.36/30"]);
+        crate::netem::Emulator::new(&f).unwrap();
     }
 
     #[test]

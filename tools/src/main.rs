@@ -3,6 +3,7 @@
 //! partition; `api`, `whip-speak`, `whep-listen` and `ws` are clients meant to run inside a client
 //! namespace (`ip netns exec amb-client-... amphi-tools ...`), printing one JSON line.
 
+use amphi_edge::rejoin::Rejoin;
 use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
 use amphi_edge::whip_client::{WhipPublisher, CONNECT_TIMEOUT};
 use amphi_protocol::https::HttpsClient;
@@ -48,6 +49,10 @@ enum Cmd {
         /// Drop everything between eu-west-1 and the origins.
         #[arg(long)]
         partition_eu_origins: bool,
+        /// 5 % loss and 30 ms jitter on the us-east-1 edges' relay and the us-east-1 clients'
+        /// uplink ([`bed::lossy_paths_toml`]).
+        #[arg(long)]
+        lossy: bool,
     },
     /// A signed API call; prints {"status", "body"}.
     Api {
@@ -98,16 +103,21 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
-    /// Route as a listener, subscribe over WHEP, decode, and report tone burst onsets.
+    /// Route as a listener, subscribe over WHEP, decode (each sender's SSRC on its own), and
+    /// report tone burst onsets.
     WhepListen {
         #[command(flatten)]
         client: ClientArgs,
-        /// Tone frequency to detect, Hz.
-        #[arg(long, default_value_t = 440.0)]
-        freq: f64,
+        /// Tone frequency to detect, Hz (repeat for several speakers; `onsets_unix_ms` is the
+        /// first one's, `onsets_by_freq` has them all).
+        #[arg(long, default_values_t = [440.0])]
+        freq: Vec<f64>,
         /// How long to listen, seconds.
         #[arg(long, default_value_t = 12.0)]
         seconds: f64,
+        /// On a failed or dropped session, ask the router again (at most this many times).
+        #[arg(long, default_value_t = 0)]
+        reconnects: u32,
     },
 }
 
@@ -203,9 +213,19 @@ async fn call(
         .unwrap_or((0, Value::Null))
 }
 
-/// Ask the router where to go: (edge id, WHIP URL, WHEP URL).
-async fn route(http: &Http, c: &ClientArgs, role: &str) -> Result<(String, String, String)> {
-    let url = format!("{}/v1/route?room={}&role={role}", c.router, c.room);
+/// Ask the router where to go, avoiding the edges in `avoid` (comma-separated; see
+/// [`Rejoin::avoid`]): (edge id, WHIP URL, WHEP URL).
+async fn route(
+    http: &Http,
+    c: &ClientArgs,
+    role: &str,
+    avoid: &str,
+) -> Result<(String, String, String)> {
+    let mut url = format!("{}/v1/route?room={}&role={role}", c.router, c.room);
+    if !avoid.is_empty() {
+        url.push_str("&avoid=");
+        url.push_str(avoid);
+    }
     let (status, v) = call(http, "GET", &url, None, None, c.forwarded_for.as_deref()).await;
     if status != 200 {
         bail!("route: {status} {v}");
@@ -244,36 +264,48 @@ async fn whip_speak(
     let mut onsets = Vec::new();
     let total = bursts * period_frames;
     let mut frame = 0u32;
-    let mut attempts = 0;
+    let mut rejoin = Rejoin::new(reconnects);
+    let mut next_try = None;
     while frame < total {
+        if let Some(at) = next_try.take() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        }
         let t0 = Instant::now();
-        let (edge, whip, _) = match route(&http, &c, "speaker").await {
+        let (edge, whip, _) = match route(&http, &c, "speaker", &rejoin.avoid(t0)).await {
             Ok(r) => r,
-            Err(e) if attempts < reconnects => {
-                attempts += 1;
+            Err(e) => {
                 eprintln!("whip-speak: {e:#}; asking again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                next_try = Some(rejoin.failed(None, Instant::now()).ok_or(e)?);
                 continue;
             }
-            Err(e) => return Err(e),
         };
-        let mut client =
-            match WhipPublisher::connect_trusting(&whip, &c.token, CONNECT_TIMEOUT, Some(&c.ca))
-                .await
-            {
-                Ok(p) => p,
-                Err(e) if attempts < reconnects => {
-                    attempts += 1;
+        let route_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut client = match WhipPublisher::connect_via(
+            http.clone(),
+            &whip,
+            &c.token,
+            CONNECT_TIMEOUT,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => match rejoin.failed(Some(&edge), Instant::now()) {
+                Some(at) => {
                     eprintln!("whip-speak: {edge}: {e}; asking the router again");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    next_try = Some(at);
                     continue;
                 }
-                Err(e) => bail!("WHIP {whip}: {e}"),
-            };
-        sessions.push(
-            json!({"edge": edge, "connect_ms": t0.elapsed().as_secs_f64() * 1000.0,
-            "at_unix_ms": unix_ms()}),
-        );
+                None => bail!("WHIP {whip}: {e}"),
+            },
+        };
+        rejoin.connected();
+        if !sessions.is_empty() {
+            // Back on air: start a burst now, so the time until a listener hears the speaker
+            // again is not rounded up to the next 1 s burst.
+            frame = frame.next_multiple_of(PERIOD_FRAMES).min(total);
+        }
+        sessions.push(json!({"edge": edge, "route_ms": route_ms,
+            "connect_ms": t0.elapsed().as_secs_f64() * 1000.0, "at_unix_ms": unix_ms()}));
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut lost = false;
@@ -302,61 +334,137 @@ async fn whip_speak(
             let _ = client.close().await;
             break;
         }
-        if attempts >= reconnects {
-            bail!("WHIP session to {edge} ended");
+        // When the session was found dead (ICE consent checks unanswered).
+        if let Some(s) = sessions.last_mut() {
+            s["lost_unix_ms"] = json!(unix_ms());
         }
-        attempts += 1;
+        match rejoin.failed(Some(&edge), Instant::now()) {
+            Some(at) => next_try = Some(at),
+            None => bail!("WHIP session to {edge} ended"),
+        }
     }
     Ok(json!({"sessions": sessions, "onsets_unix_ms": onsets}))
 }
 
-async fn whep_listen(c: ClientArgs, freq: f64, seconds: f64) -> Result<Value> {
+/// Tone burst onsets in one sender's decoded audio, per frequency.
+struct Bursts {
+    dec: opus::Decoder,
+    /// Frames since the last tone frame, per frequency.
+    quiet: Vec<u32>,
+}
+
+async fn whep_listen(
+    c: ClientArgs,
+    freqs: Vec<f64>,
+    seconds: f64,
+    reconnects: u32,
+) -> Result<Value> {
     let http = https_client(&c.ca)?;
-    let (edge, _, whep) = route(&http, &c, "listener").await?;
-    let opts = WhepOptions {
-        extra_ca: Some(c.ca.clone()),
-        ..WhepOptions::default()
-    };
-    let mut sub = WhepSubscriber::connect_with(&whep, &c.token, opts)
-        .await
-        .with_context(|| format!("WHEP {whep}"))?;
-    let mut dec = opus::Decoder::new(48_000, opus::Channels::Mono)?;
-    let mut out = [0f32; 5760];
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut out = [0f32; 5760];
     let (mut packets, mut tone_frames) = (0u64, 0u64);
-    let mut onsets = Vec::new();
-    let mut quiet_since_tone = u32::MAX;
-    while let Ok(Some(p)) = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()),
-        sub.recv(),
-    )
-    .await
-    {
-        packets += 1;
-        let at = unix_ms() - p.at.elapsed().as_secs_f64() * 1000.0;
-        let n = dec.decode_float(&p.payload, &mut out, false).unwrap_or(0);
-        if n == 0 {
-            continue;
+    let mut onsets: Vec<Vec<f64>> = vec![Vec::new(); freqs.len()];
+    let mut senders: std::collections::HashMap<u32, Bursts> = std::collections::HashMap::new();
+    let mut sessions: Vec<Value> = Vec::new();
+    let mut rejoin = Rejoin::new(reconnects);
+    let mut next_try = None;
+    while Instant::now() < deadline {
+        if let Some(at) = next_try.take() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
         }
-        let frame = &out[..n];
-        let rms = (frame.iter().map(|x| x * x).sum::<f32>() / n as f32).sqrt();
-        let power = tone_power(frame, freq);
-        // A tone frame: loud, and most of its energy at the tone frequency.
-        if rms > 0.05 && power > 0.25 * f64::from(rms * rms) {
-            tone_frames += 1;
-            if quiet_since_tone >= 10 {
-                onsets.push(at);
+        let (edge, _, whep) =
+            match route(&http, &c, "listener", &rejoin.avoid(Instant::now())).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("whep-listen: {e:#}; asking again");
+                    next_try = Some(rejoin.failed(None, Instant::now()).ok_or(e)?);
+                    continue;
+                }
+            };
+        let opts = WhepOptions {
+            http: Some(http.clone()),
+            ..WhepOptions::default()
+        };
+        let mut sub = match WhepSubscriber::connect_with(&whep, &c.token, opts).await {
+            Ok(s) => s,
+            Err(e) => match rejoin.failed(Some(&edge), Instant::now()) {
+                Some(at) => {
+                    eprintln!("whep-listen: {edge}: {e}; asking the router again");
+                    next_try = Some(at);
+                    continue;
+                }
+                None => bail!("WHEP {whep}: {e}"),
+            },
+        };
+        rejoin.connected();
+        sessions.push(json!({"edge": edge, "at_unix_ms": unix_ms()}));
+        let ended = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(received) = tokio::time::timeout(left, sub.recv()).await else {
+                break false;
+            };
+            let Some(p) = received else {
+                break true;
+            };
+            packets += 1;
+            let at = unix_ms() - p.at.elapsed().as_secs_f64() * 1000.0;
+            let sender = match senders.entry(p.ssrc) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(Bursts {
+                    dec: opus::Decoder::new(48_000, opus::Channels::Mono)?,
+                    quiet: vec![u32::MAX; freqs.len()],
+                }),
+            };
+            let n = sender
+                .dec
+                .decode_float(&p.payload, &mut out, false)
+                .unwrap_or(0);
+            if n == 0 {
+                continue;
             }
-            quiet_since_tone = 0;
-        } else {
-            quiet_since_tone = quiet_since_tone.saturating_add(1);
+            let frame = &out[..n];
+            let rms = (frame.iter().map(|x| x * x).sum::<f32>() / n as f32).sqrt();
+            for (i, &freq) in freqs.iter().enumerate() {
+                let power = tone_power(frame, freq);
+                // A tone frame: loud, and most of its energy at the tone frequency.
+                if rms > 0.05 && power > 0.25 * f64::from(rms * rms) {
+                    if i == 0 {
+                        tone_frames += 1;
+                    }
+                    if sender.quiet[i] >= 10 {
+                        onsets[i].push(at);
+                    }
+                    sender.quiet[i] = 0;
+                } else {
+                    sender.quiet[i] = sender.quiet[i].saturating_add(1);
+                }
+            }
+        };
+        if !ended {
+            let _ = sub.close().await;
+            break;
+        }
+        if let Some(s) = sessions.last_mut() {
+            s["lost_unix_ms"] = json!(unix_ms());
+        }
+        match rejoin.failed(Some(&edge), Instant::now()) {
+            Some(at) => next_try = Some(at),
+            None => bail!("WHEP session to {edge} ended"),
         }
     }
-    let _ = sub.close().await;
-    Ok(
-        json!({"edge": edge, "packets": packets, "tone_frames": tone_frames,
-        "onsets_unix_ms": onsets}),
-    )
+    for o in &mut onsets {
+        o.sort_by(f64::total_cmp);
+    }
+    let by_freq: serde_json::Map<String, Value> = freqs
+        .iter()
+        .zip(&onsets)
+        .map(|(f, o)| (format!("{f}"), json!(o)))
+        .collect();
+    Ok(json!({
+        "edge": sessions.first().map(|s| s["edge"].clone()).unwrap_or(Value::Null),
+        "sessions": sessions, "packets": packets, "tone_frames": tone_frames,
+        "onsets_unix_ms": onsets[0], "onsets_by_freq": by_freq,
+    }))
 }
 
 /// Mean-square amplitude of `freq` in `samples` (Goertzel, scaled so a full sine of amplitude A
@@ -392,8 +500,13 @@ fn main() -> Result<()> {
         Cmd::NetemConfig {
             out,
             partition_eu_origins,
+            lossy,
         } => {
-            std::fs::write(&out, bed::netem_toml(partition_eu_origins))?;
+            let mut text = bed::netem_toml(partition_eu_origins);
+            if lossy {
+                text += &bed::lossy_paths_toml();
+            }
+            std::fs::write(&out, text)?;
             return Ok(());
         }
         Cmd::Api {
@@ -426,8 +539,9 @@ fn main() -> Result<()> {
             client,
             freq,
             seconds,
-        } => rt.block_on(whep_listen(client, freq, seconds))?,
-        Cmd::Ws {
+            reconnects,
+        } => rt.block_on(whep_listen(client, freq, seconds, reconnects))?,
+                Cmd::Ws {
             client,
             send,
             seconds,

@@ -1,5 +1,6 @@
 //! The link emulator's decisions (sans-IO): which region a packet's addresses belong to, the
-//! one-way delay (plus jitter) of the link between them, random loss, partitions, and a delay
+//! one-way delay (plus jitter) of the link between them, random loss, partitions, impairments
+//! (extra loss and jitter between two groups of networks, e.g. one host's uplink), and a delay
 //! queue releasing packets in order when they are due. Driven by `now` and a seeded RNG.
 
 use serde::Deserialize;
@@ -65,9 +66,30 @@ pub struct NetemFile {
     /// Groups of networks between which everything is dropped (both ways).
     #[serde(default)]
     pub partitions: Vec<PartitionFile>,
+    /// Extra loss and jitter between groups of networks, on top of their regions' link.
+    #[serde(default)]
+    pub impairments: Vec<ImpairmentFile>,
     /// RNG seed (loss and jitter decisions).
     #[serde(default)]
     pub seed: u64,
+}
+
+/// `[[impairments]]`: packets between any net of `a` and any net of `b` (both ways) are also
+/// dropped with `loss_percent` and delayed by up to `jitter_ms` more (kept in order among
+/// themselves).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImpairmentFile {
+    /// One side (CIDRs).
+    pub a: Vec<String>,
+    /// The other side (CIDRs).
+    pub b: Vec<String>,
+    /// Extra jitter each way, ms.
+    #[serde(default)]
+    pub jitter_ms: f64,
+    /// Extra loss each way, percent.
+    #[serde(default)]
+    pub loss_percent: f64,
 }
 
 fn default_inside_rtt() -> f64 {
@@ -166,8 +188,12 @@ pub struct Emulator {
     links: Vec<Link>,
     regions: usize,
     partitions: Vec<(Vec<Net>, Vec<Net>)>,
+    /// Impairments: sides and the extra behaviour (delay unused).
+    impairments: Vec<(Vec<Net>, Vec<Net>, Link)>,
     /// Latest release time per directed region pair (keeps order on a link).
     last_due: Vec<Option<Instant>>,
+    /// Latest release time per impairment and direction (`2 * index + (a to b ? 0 : 1)`).
+    last_due_impaired: Vec<Option<Instant>>,
     rng: Rng,
 }
 
@@ -219,11 +245,28 @@ impl Emulator {
             .iter()
             .map(|p| Ok((parse_all(&p.a)?, parse_all(&p.b)?)))
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let impairments = file
+            .impairments
+            .iter()
+            .map(|i| {
+                if !(0.0..=100.0).contains(&i.loss_percent) {
+                    return Err(ConfigError("impairment loss out of 0..=100".into()));
+                }
+                let link = Link {
+                    delay: Duration::ZERO,
+                    jitter: Duration::from_secs_f64(i.jitter_ms.max(0.0) / 1000.0),
+                    loss: i.loss_percent / 100.0,
+                };
+                Ok((parse_all(&i.a)?, parse_all(&i.b)?, link))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(Emulator {
             nets,
             links,
             regions: n,
             partitions,
+            last_due_impaired: vec![None; 2 * impairments.len()],
+            impairments,
             last_due: vec![None; n * n],
             rng: Rng::new(file.seed),
         })
@@ -234,6 +277,23 @@ impl Emulator {
             .iter()
             .find(|(net, _)| net.contains(ip))
             .map(|(_, r)| *r)
+    }
+
+    /// The first impairment between `src` and `dst`: its direction key and behaviour.
+    fn impairment(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Option<(usize, Link)> {
+        let inside = |nets: &[Net], ip| nets.iter().any(|n| n.contains(ip));
+        self.impairments
+            .iter()
+            .enumerate()
+            .find_map(|(i, (a, b, link))| {
+                if inside(a, src) && inside(b, dst) {
+                    Some((2 * i, *link))
+                } else if inside(b, src) && inside(a, dst) {
+                    Some((2 * i + 1, *link))
+                } else {
+                    None
+                }
+            })
     }
 
     fn partitioned(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
@@ -257,16 +317,31 @@ impl Emulator {
         if link.loss > 0.0 && self.rng.unit() < link.loss {
             return Decision::Drop;
         }
-        let jitter = if link.jitter.is_zero() {
+        let mut jitter = if link.jitter.is_zero() {
             Duration::ZERO
         } else {
             link.jitter.mul_f64(self.rng.unit())
         };
-        let mut at = now + link.delay + jitter;
-        if let Some(last) = self.last_due[pair] {
-            at = at.max(last);
+        let impaired = self.impairment(src, dst);
+        if let Some((_, extra)) = impaired {
+            if extra.loss > 0.0 && self.rng.unit() < extra.loss {
+                return Decision::Drop;
+            }
+            if !extra.jitter.is_zero() {
+                jitter += extra.jitter.mul_f64(self.rng.unit());
+            }
         }
-        self.last_due[pair] = Some(at);
+        let mut at = now + link.delay + jitter;
+        // Order is kept on the link, and among an impairment's packets on their own (so the
+        // jitter of one impaired flow does not hold back the rest of the link).
+        let last = match impaired {
+            Some((key, _)) => &mut self.last_due_impaired[key],
+            None => &mut self.last_due[pair],
+        };
+        if let Some(prev) = *last {
+            at = at.max(prev);
+        }
+        *last = Some(at);
         Decision::DeliverAt(at)
     }
 }
@@ -462,6 +537,45 @@ rtt_ms = 220.0
             spread > Duration::from_millis(20),
             "jitter applied: {spread:?}"
         );
+    }
+
+    #[test]
+    fn impairments_add_loss_and_jitter_only_between_their_sides() {
+        let extra = "[[impairments]]\na = [\"10.77.1.28/30\"]\nb = [\"10.77.1.8/30\"]\n\
+                     loss_percent = 5.0\njitter_ms = 30.0\n";
+        let mut e = Emulator::new(&bed(extra)).unwrap();
+        let t0 = Instant::now();
+        let (edge, origin, other) = (ip("10.77.1.30"), ip("10.77.1.10"), ip("10.77.1.14"));
+        let (mut dropped, mut spread, mut last) = (0, Duration::ZERO, t0);
+        for i in 0..4000u64 {
+            let now = t0 + Duration::from_millis(i);
+            let (src, dst) = if i % 2 == 0 {
+                (edge, origin)
+            } else {
+                (origin, edge)
+            };
+            match e.decide(src, dst, now) {
+                Decision::Drop => dropped += 1,
+                Decision::DeliverAt(at) => {
+                    assert!(at <= now + Duration::from_micros(500) + Duration::from_millis(30));
+                    spread = spread.max(at - now);
+                    if src == edge {
+                        assert!(at >= last, "packet {i} overtakes");
+                        last = at;
+                    }
+                }
+            }
+        }
+        assert!((120..280).contains(&dropped), "{dropped} of 4000");
+        assert!(spread > Duration::from_millis(20), "{spread:?}");
+        // Another host in the same region: the plain 0.5 ms, never held back.
+        for i in 0..100 {
+            let now = t0 + Duration::from_millis(i);
+            assert_eq!(
+                e.decide(other, origin, now),
+                Decision::DeliverAt(now + Duration::from_micros(500))
+            );
+        }
     }
 
     #[test]
