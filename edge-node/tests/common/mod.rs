@@ -8,7 +8,7 @@ use amphi_edge::{run, EdgeSetup};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
 use amphi_protocol::config::EdgeConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage};
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::{Claims, Role, TokenSigner};
 use amphi_protocol::RoomId;
 use axum::extract::{Path, State};
@@ -121,7 +121,7 @@ pub struct FakeOrigin {
 
 /// A quinn server with mTLS from `pki` that answers Hello with Welcome and collects the rest.
 pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
-    let material = pki.issue(ORIGIN_NAME).unwrap();
+    let material = pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap();
     let tls = quinn::crypto::rustls::QuicServerConfig::try_from(material.server_config().unwrap())
         .unwrap();
     let server = quinn::ServerConfig::with_crypto(Arc::new(tls));
@@ -287,7 +287,7 @@ pub async fn start_edge_with(
     };
     let setup = EdgeSetup {
         config,
-        mesh_tls: pki.issue(&id).unwrap(),
+        mesh_tls: pki.issue(&id, MeshRole::Edge).unwrap(),
         tokens: signer.verifier(),
     };
     let shutdown = CancellationToken::new();
