@@ -245,7 +245,8 @@ impl MtlsMaterial {
     }
 }
 
-/// A throwaway CA for `amphi dev` and tests, able to issue node certificates.
+/// A mesh CA able to issue node certificates: throwaway for `amphi dev` and tests, kept on disk
+/// by `amphi cert` ([`DevPki::ca_key_pem`], [`DevPki::from_pem`]).
 pub struct DevPki {
     ca_cert: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
@@ -261,21 +262,55 @@ pub struct IssuedPem {
     pub key: String,
 }
 
+/// Common name of the CAs [`DevPki`] makes.
+const CA_COMMON_NAME: &str = "amphi dev mesh CA";
+
 impl DevPki {
     /// Generate a new CA.
     pub fn generate() -> Result<Self, MtlsError> {
+        Self::with_key(rcgen::KeyPair::generate()?)
+    }
+
+    /// The CA certificate over `ca_key` (same subject and key identifier for the same key).
+    fn with_key(ca_key: rcgen::KeyPair) -> Result<Self, MtlsError> {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, "amphi dev mesh CA");
+            .push(rcgen::DnType::CommonName, CA_COMMON_NAME);
         params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::CrlSign,
         ];
-        let ca_key = rcgen::KeyPair::generate()?;
         let ca_cert = params.self_signed(&ca_key)?;
         Ok(DevPki { ca_cert, ca_key })
+    }
+
+    /// Load a CA written by `amphi cert ca` (its certificate and key, PEM). Certificates issued
+    /// from it chain to `ca_pem`: same subject, same key. A CA made elsewhere (openssl) is
+    /// refused; issue with that tool instead.
+    pub fn from_pem(ca_pem: &str, ca_key_pem: &str) -> Result<Self, MtlsError> {
+        let key = rcgen::KeyPair::from_pem(ca_key_pem)?;
+        let pki = Self::with_key(key)?;
+        let given = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| MtlsError::Pem(format!("ca: {e}")))?;
+        let (_, given) = x509_parser::parse_x509_certificate(given.as_ref())
+            .map_err(|e| MtlsError::Certificate(e.to_string()))?;
+        let (_, ours) = x509_parser::parse_x509_certificate(pki.ca_cert.der().as_ref())
+            .map_err(|e| MtlsError::Certificate(e.to_string()))?;
+        if given.subject().as_raw() != ours.subject().as_raw()
+            || given.public_key().raw != ours.public_key().raw
+        {
+            return Err(MtlsError::Certificate(
+                "the CA certificate was not made by `amphi cert ca` with this key".into(),
+            ));
+        }
+        Ok(pki)
+    }
+
+    /// The CA's private key (PKCS#8 PEM): keep it offline.
+    pub fn ca_key_pem(&self) -> String {
+        self.ca_key.serialize_pem()
     }
 
     /// The CA certificate (PEM).
@@ -372,6 +407,38 @@ mod tests {
         );
         assert!(m.client_config().is_ok());
         assert!(MtlsMaterial::from_pem("nope", "nope", "nope").is_err());
+    }
+
+    #[test]
+    fn a_ca_saved_and_loaded_again_issues_certificates_that_chain_to_the_saved_one() {
+        let pki = DevPki::generate().unwrap();
+        let (ca_pem, key_pem) = (pki.ca_pem(), pki.ca_key_pem());
+        let again = DevPki::from_pem(&ca_pem, &key_pem).unwrap();
+        let issued = again
+            .issue_pem("edge-9.amphi.internal", MeshRole::Edge)
+            .unwrap();
+        // Verified against the CA certificate written the first time.
+        let m = MtlsMaterial::from_pem(&ca_pem, &issued.cert, &issued.key).unwrap();
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(m.roots().unwrap(), ring())
+                .build()
+                .unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let name = rustls_pki_types::ServerName::try_from("edge-9.amphi.internal").unwrap();
+        verifier
+            .verify_server_cert(
+                &m.chain[0],
+                &[],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .unwrap();
+        assert_eq!(m.roles().unwrap(), vec![MeshRole::Edge]);
+        // Another CA's key does not match the certificate.
+        let other = DevPki::generate().unwrap();
+        assert!(DevPki::from_pem(&ca_pem, &other.ca_key_pem()).is_err());
+        assert!(DevPki::from_pem("nope", &key_pem).is_err());
     }
 
     #[test]
