@@ -4,7 +4,7 @@
 //! the Redis URL of the test run.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use amphi_protocol::mtls::{DevPki, MeshRole};
+use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::room::ServerMessage;
 use amphi_protocol::token::TokenSigner;
 use futures_util::{SinkExt, StreamExt};
@@ -165,6 +165,16 @@ impl RoleMesh {
         })
         .await
         .unwrap();
+    }
+
+    /// Mesh TLS material from this mesh's CA for `dns` carrying `roles` (for test peers that
+    /// speak the mesh protocol themselves).
+    pub fn material(&self, dns: &str, roles: &[MeshRole]) -> MtlsMaterial {
+        let issued = self
+            .pki
+            .issue_pem_for(&[dns.to_string()], roles)
+            .expect("issue certificate");
+        MtlsMaterial::from_pem(&issued.ca, &issued.cert, &issued.key).expect("material")
     }
 
     /// Write `name`'s certificate and key; returns the `[tls]` section.
