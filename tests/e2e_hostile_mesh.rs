@@ -153,7 +153,10 @@ async fn forged_mesh_peers_with_the_wrong_role_are_refused_by_the_origin() {
         match answer {
             ControlMessage::Error { code, message } => {
                 assert_eq!(code, "forbidden_role", "{message}");
-                assert!(message.contains(&claim.mesh_role().to_string()), "{message}");
+                assert!(
+                    message.contains(&claim.mesh_role().to_string()),
+                    "{message}"
+                );
             }
             other => panic!("hello as {claim:?} with roles {roles:?} was answered {other:?}"),
         }
@@ -250,7 +253,10 @@ async fn relay_frames_for_speakers_a_connection_did_not_announce_are_dropped() {
     c.frames(room, 7, 0xc0, 20);
     let (from_a, from_c) = heard.await.unwrap();
     assert_eq!(from_c, 0, "injected frames reached another edge");
-    assert!(from_a >= 30, "the announced speaker is relayed ({from_a}/40)");
+    assert!(
+        from_a >= 30,
+        "the announced speaker is relayed ({from_a}/40)"
+    );
     let counted = origin_metric(&mesh, dropped) - before;
     assert!(
         counted >= 80.0,
@@ -260,6 +266,18 @@ async fn relay_frames_for_speakers_a_connection_did_not_announce_are_dropped() {
         origin_metric(&mesh, "amphi_origin_speaker_claims_refused_total"),
         1.0
     );
+}
+
+/// Wait until the geo-router answers.
+async fn router_up(router: &str) {
+    let router = router.to_string();
+    tokio::task::spawn_blocking(move || {
+        eventually("router up", Duration::from_secs(30), || {
+            (support::get_status(&format!("{router}/healthz")) == 200).then_some(())
+        })
+    })
+    .await
+    .unwrap();
 }
 
 /// Wait until edge `edge` says whether its origin link is up (`up`).
@@ -299,6 +317,7 @@ async fn whip_fails_closed_when_the_origin_is_slow_or_down() {
     let _edge = mesh.edge_process(0, "us-east", "");
     let (router, edge) = (mesh.router(), mesh.edge(0));
     edge_link(&edge, true, "edge linked to the origin").await;
+    router_up(&router).await;
     let CreatedRoom { room, .. } = create_room(&router, "fail closed");
     let speaker = mint_token(&router, &room, "speaker", "spk");
     let listener = mint_token(&router, &room, "listener", "lis");
@@ -316,7 +335,9 @@ async fn whip_fails_closed_when_the_origin_is_slow_or_down() {
 
     // The origin is gone: publishing is refused at once, listening continues degraded.
     origin.signal("KILL");
-    origin.wait_exit(Duration::from_secs(5)).expect("origin died");
+    origin
+        .wait_exit(Duration::from_secs(5))
+        .expect("origin died");
     edge_link(&edge, false, "edge notices the origin is gone").await;
     whip_refused(&whip, &speaker).await;
     let sub = WhepSubscriber::connect(&format!("{edge}/whep/{room}"), &listener)
@@ -324,8 +345,7 @@ async fn whip_fails_closed_when_the_origin_is_slow_or_down() {
         .expect("a listener is admitted with its token role");
     sub.close().await.expect("WHEP close");
     assert!(
-        support::metric(&edge, "amphi_edge_whip_refused_origin_unavailable_total")
-            .unwrap_or(0.0)
+        support::metric(&edge, "amphi_edge_whip_refused_origin_unavailable_total").unwrap_or(0.0)
             >= 2.0
     );
 }
@@ -340,6 +360,7 @@ async fn a_late_refusal_from_the_origin_closes_the_started_session() {
     let (router, us, eu) = (mesh.router(), mesh.edge(0), mesh.edge(1));
     edge_link(&us, true, "us-east linked").await;
     edge_link(&eu, true, "eu-west linked").await;
+    router_up(&router).await;
     let CreatedRoom { room, host_token } = create_room(&router, "late refusal");
     let troll_t = mint_token(&router, &room, "listener", "troll");
 
