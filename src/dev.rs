@@ -4,7 +4,7 @@ use amphi_protocol::config::{
     known_region, EdgeConfig, EdgeEndpoint, OriginConfig, OriginEndpoint, PackagerConfig, Region,
     RouterConfig,
 };
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -204,7 +204,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             metrics_listen: addr(DEV_PORTS.origin_metrics, off),
             idle_room_timeout_secs: args.idle_room_timeout_secs,
         },
-        mesh_tls: pki.issue(ORIGIN_NAME)?,
+        mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin)?,
     };
     let sd = shutdown.clone();
     let origin_options = amphi_origin::OriginOptions {
@@ -252,7 +252,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             tls_key: None,
             http1_fast_path: None,
         },
-        mesh_tls: pki.issue("packager-1.amphi.internal")?,
+        mesh_tls: pki.issue("packager-1.amphi.internal", MeshRole::Packager)?,
     };
     let sd = shutdown.clone();
     tasks.spawn(async move {
@@ -285,7 +285,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 https: Default::default(),
                 ice_connect_timeout_secs: 15,
             },
-            mesh_tls: pki.issue(&format!("{id}.amphi.internal"))?,
+            mesh_tls: pki.issue(&format!("{id}.amphi.internal"), MeshRole::Edge)?,
             tokens: verifier.clone(),
         };
         let sd = shutdown.clone();
@@ -330,7 +330,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         },
         signer,
         web: crate::web::assets(),
-        mesh_tls: Some(pki.issue("geo-router-1.amphi.internal")?),
+        mesh_tls: Some(pki.issue("geo-router-1.amphi.internal", MeshRole::Router)?),
     };
     let sd = shutdown.clone();
     tasks.spawn(async move {

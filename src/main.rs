@@ -3,6 +3,7 @@
 mod bench_latency;
 mod bench_quality;
 mod bench_route;
+mod cert;
 mod child_mesh;
 mod config;
 mod dev;
@@ -55,6 +56,8 @@ enum Command {
     },
     /// Make signing keys and mint room tokens.
     Token(roles::TokenArgs),
+    /// Make the mesh CA and role certificates (`amphi-role:` URI SANs).
+    Cert(cert::CertArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(roles::BenchArgs),
     /// Load generators against a running mesh.
@@ -96,6 +99,7 @@ fn main() -> Result<()> {
             Command::Packager { config } => roles::packager(config).await,
             Command::GeoRouter { config } => roles::geo_router(config).await,
             Command::Token(args) => roles::token(args),
+            Command::Cert(args) => cert::run(args),
             Command::Bench(args) => roles::bench(args).await,
             Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
             Command::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,

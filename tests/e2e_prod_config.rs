@@ -12,7 +12,7 @@
 mod roles;
 mod support;
 
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -43,12 +43,14 @@ fn write(path: &Path, text: &str) {
 
 /// One "host": its `/etc/amphi` (mesh certificate, also its HTTPS certificate) and
 /// `/var/lib/amphi`, and the boot values user data would fill in.
-fn host(dir: &Path, pki: &DevPki, name: &str, cert_name: &str) -> BootValues {
+fn host(dir: &Path, pki: &DevPki, name: &str, cert_name: &str, roles: &[MeshRole]) -> BootValues {
     let etc = dir.join(name).join("etc");
     let state = dir.join(name).join("state");
     std::fs::create_dir_all(etc.join("tls")).unwrap();
     std::fs::create_dir_all(&state).unwrap();
-    let issued = pki.issue_pem(cert_name).expect("issue");
+    let issued = pki
+        .issue_pem_for(&[cert_name.to_string()], roles)
+        .expect("issue");
     write(&etc.join("tls/ca.pem"), &issued.ca);
     write(&etc.join("tls/cert.pem"), &issued.cert);
     write(&etc.join("tls/key.pem"), &issued.key);
@@ -245,11 +247,11 @@ where
 async fn terraform_rendered_roles_run_over_https_end_to_end() {
     let dir: PathBuf = support::scratch_dir("prod-config");
     let pki = DevPki::generate().expect("test CA");
-    let origin_host = host(&dir, &pki, "origin", ORIGIN_NAME);
-    let packager_host = host(&dir, &pki, "packager", "127.0.0.1");
-    let router_host = host(&dir, &pki, "router", "127.0.0.1");
-    let edge_host = host(&dir, &pki, "edge", "127.0.0.1");
-    let redis_host = host(&dir, &pki, "redis", "127.0.0.1");
+    let origin_host = host(&dir, &pki, "origin", ORIGIN_NAME, &[MeshRole::Origin]);
+    let packager_host = host(&dir, &pki, "packager", "127.0.0.1", &[MeshRole::Packager]);
+    let router_host = host(&dir, &pki, "router", "127.0.0.1", &[MeshRole::Router]);
+    let edge_host = host(&dir, &pki, "edge", "127.0.0.1", &[MeshRole::Edge]);
+    let redis_host = host(&dir, &pki, "redis", "127.0.0.1", &[]);
     let ca = router_host.etc_dir.as_ref().unwrap().join("tls/ca.pem");
     let signer = TokenSigner::generate("k1");
     write(

@@ -7,7 +7,7 @@ mod support;
 
 use amphi_protocol::config::{OriginConfig, OriginEndpoint, RouterConfig};
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use amphi_protocol::RoomId;
 use std::net::SocketAddr;
@@ -119,7 +119,9 @@ async fn host_ends_room_via_router_and_origin_finishes_the_playlist() {
 
 /// A QUIC mesh peer (an edge, as far as the origin knows) that ends a room at the origin.
 async fn edge_ends_room(pki: &DevPki, origin: SocketAddr, room: RoomId) {
-    let tls = pki.issue("edge-test.amphi.internal").unwrap();
+    let tls = pki
+        .issue("edge-test.amphi.internal", MeshRole::Edge)
+        .unwrap();
     let quic_tls =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config().unwrap()).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -172,7 +174,9 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             metrics_listen: format!("127.0.0.1:{}", 8301 + base).parse().unwrap(),
             idle_room_timeout_secs: 3600,
         },
-        mesh_tls: pki.issue("origin.amphi.internal").unwrap(),
+        mesh_tls: pki
+            .issue("origin.amphi.internal", MeshRole::Origin)
+            .unwrap(),
     };
     let origin_task = tokio::spawn(amphi_origin::run(origin, shutdown.clone()));
     let router_url = format!("http://127.0.0.1:{}", 8080 + base);
@@ -203,7 +207,10 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
         },
         signer: TokenSigner::generate("k1"),
         web: vec![],
-        mesh_tls: Some(pki.issue("router-test.amphi.internal").unwrap()),
+        mesh_tls: Some(
+            pki.issue("router-test.amphi.internal", MeshRole::Router)
+                .unwrap(),
+        ),
     };
     let router_task = tokio::spawn(amphi_geo_router::run(router, shutdown.clone()));
 

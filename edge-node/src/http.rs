@@ -414,8 +414,10 @@ pub(crate) fn display_name(claims: &Claims) -> String {
 }
 
 /// Join a WHIP/WHEP session as a participant. Returns its role and whether it may send audio.
-/// When the origin is unreachable or has no room authority, the session continues with its
-/// token's role (degraded: no room state).
+/// Publishing (WHIP) fails closed: without the room authority's answer (origin unreachable or
+/// slow) it is refused with 503 `origin_unavailable`, since only the authority knows whether
+/// the user was kicked, banned or demoted. A WHEP listener continues degraded with its token's
+/// role; a refusal that arrives later closes its session ([`crate::signaling::CloseWhy::Refused`]).
 async fn join_http(
     st: &AppState,
     pid: ParticipantId,
@@ -424,6 +426,16 @@ async fn join_http(
 ) -> Result<(RoomRole, bool), Response> {
     let token_role = RoomRole::from_token(claims.role);
     let degraded = (token_role, token_role.may_publish());
+    let publishing = kind == SessionKind::Whip;
+    let fail_closed = || {
+        st.sessions.leave(pid);
+        st.metrics.whip_refused_origin_unavailable();
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "origin_unavailable",
+            "the room authority cannot be reached; publishing needs it, try again shortly",
+        )
+    };
     let rx = st.sessions.join(
         JoinRequest {
             participant: pid,
@@ -440,6 +452,10 @@ async fn join_http(
         // Refusals known locally (banned, ended) are already decided.
         return match rx.try_recv() {
             Ok(JoinOutcome::Refused(r)) if r.code != "unavailable" => Err(refusal_response(&r)),
+            _ if publishing => {
+                tracing::warn!(room = %claims.room, participant = %pid, "origin link down: publishing refused");
+                Err(fail_closed())
+            }
             _ => Ok(degraded),
         };
     }
@@ -449,10 +465,17 @@ async fn join_http(
             let role = p.map_or(token_role, |p| p.role);
             Ok((role, role.may_publish() && !p.is_some_and(|p| p.muted)))
         }
+        Ok(Ok(JoinOutcome::Refused(r))) if r.code == "unavailable" && publishing => {
+            Err(fail_closed())
+        }
         Ok(Ok(JoinOutcome::Refused(r))) if r.code == "unavailable" => Ok(degraded),
         Ok(Ok(JoinOutcome::Refused(r))) => Err(refusal_response(&r)),
+        Ok(Err(_)) | Err(_) if publishing => {
+            tracing::warn!(room = %claims.room, participant = %pid, "room authority did not answer: publishing refused");
+            Err(fail_closed())
+        }
         Ok(Err(_)) | Err(_) => {
-            tracing::warn!(room = %claims.room, participant = %pid, "room authority did not answer; continuing with the token role");
+            tracing::warn!(room = %claims.room, participant = %pid, "room authority did not answer; listening with the token role until it does");
             Ok(degraded)
         }
     }

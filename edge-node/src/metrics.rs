@@ -90,6 +90,7 @@ pub struct Metrics {
     relay_frames_received: Counter,
     relay_frames_invalid: Counter,
     whip_sessions_created: Counter,
+    whip_refused_origin_unavailable: Counter,
     peers: Gauge,
     origin_connected: Gauge,
     origin_rtt: Gauge<f64, AtomicU64>,
@@ -142,6 +143,10 @@ impl Metrics {
         );
         let whip_sessions_created =
             r.counter("amphi_edge_whip_sessions_created", "WHIP sessions created");
+        let whip_refused_origin_unavailable = r.counter(
+            "amphi_edge_whip_refused_origin_unavailable",
+            "WHIP publishes refused because the room authority (origin) could not be asked",
+        );
         let rtp_forwarded = r.counter(
             "amphi_edge_rtp_forwarded",
             "RTP packets written into interactive listeners' slots",
@@ -208,6 +213,7 @@ impl Metrics {
             relay_frames_received,
             relay_frames_invalid,
             whip_sessions_created,
+            whip_refused_origin_unavailable,
             peers,
             origin_connected,
             origin_rtt,
@@ -261,6 +267,11 @@ impl Metrics {
     /// One WHIP session created.
     pub fn whip_session_created(&self) {
         self.whip_sessions_created.inc();
+    }
+
+    /// One WHIP publish refused: the origin was unreachable or did not answer in time.
+    pub fn whip_refused_origin_unavailable(&self) {
+        self.whip_refused_origin_unavailable.inc();
     }
 
     /// Set the current number of peers.

@@ -58,6 +58,9 @@ pub enum CloseWhy {
     Ended,
     /// The authority removed the participant.
     Removed,
+    /// The authority refused the participant's join after its session had started (an answer
+    /// that came after the edge stopped waiting, or a refused re-join after a reconnect).
+    Refused,
 }
 
 /// Something the driver must carry out.
@@ -114,6 +117,8 @@ struct Member {
     role: Role,
     kind: SessionKind,
     joined: bool,
+    /// Request id of the latest `Join` sent for this participant (its refusal is recognised).
+    join_request: Option<u64>,
     resume: Option<RoomRole>,
     chat: WindowLimiter,
     reactions: WindowLimiter,
@@ -164,9 +169,10 @@ impl SignalingCore {
         id: ParticipantId,
         resume: Option<RoomRole>,
     ) -> Option<ControlMessage> {
-        let m = self.members.get(&id)?;
-        let (room, user, name, role) = (m.room, m.user.clone(), m.name.clone(), m.role);
         let request = self.request_id();
+        let m = self.members.get_mut(&id)?;
+        m.join_request = Some(request);
+        let (room, user, name, role) = (m.room, m.user.clone(), m.name.clone(), m.role);
         Some(ControlMessage::RoomCommand {
             room,
             actor: id,
@@ -227,6 +233,7 @@ impl SignalingCore {
                 role: req.role,
                 kind: req.kind,
                 joined: false,
+                join_request: None,
                 resume,
                 chat: WindowLimiter::chat(),
                 reactions: WindowLimiter::reactions(),
@@ -516,9 +523,9 @@ impl SignalingCore {
             ControlMessage::CommandRejected {
                 room,
                 actor,
+                request,
                 code,
                 message,
-                ..
             } => {
                 let Some(m) = self.members.get(&actor) else {
                     return out;
@@ -530,8 +537,31 @@ impl SignalingCore {
                     code: static_code(&code),
                     message,
                 };
-                if m.joined {
-                    if m.kind == SessionKind::WebSocket {
+                let join_refused = m.join_request == Some(request) && refusal.code != "unavailable";
+                let (joined, kind) = (m.joined, m.kind);
+                if joined && join_refused {
+                    // A re-join (after a reconnect) refused: the participant is no longer in the
+                    // room, so its session ends.
+                    if kind == SessionKind::WebSocket {
+                        out.push(Output::ToClient(
+                            actor,
+                            ServerMessage::Error {
+                                code,
+                                message: refusal.message,
+                            },
+                        ));
+                    }
+                    self.forget(room, actor, &mut out);
+                    out.push(Output::Permission {
+                        participant: actor,
+                        may_send: false,
+                    });
+                    out.push(Output::Close {
+                        participant: actor,
+                        why: CloseWhy::Refused,
+                    });
+                } else if joined {
+                    if kind == SessionKind::WebSocket {
                         out.push(Output::ToClient(
                             actor,
                             ServerMessage::Error {
@@ -541,25 +571,23 @@ impl SignalingCore {
                         ));
                     }
                 } else {
-                    if refusal.code != "unavailable" {
+                    let unavailable = refusal.code == "unavailable";
+                    if !unavailable {
                         // A refused join leaves nothing behind.
-                        self.members.remove(&actor);
-                        if let Some(local) = self.rooms.get_mut(&room) {
-                            local.members.remove(&actor);
-                            if local.members.is_empty() {
-                                self.rooms.remove(&room);
-                                if self.link_up {
-                                    out.push(Output::ToOrigin(ControlMessage::UnsubscribeRoom {
-                                        room,
-                                    }));
-                                }
-                            }
-                        }
+                        self.forget(room, actor, &mut out);
                     }
                     out.push(Output::JoinRefused {
                         participant: actor,
                         refusal,
                     });
+                    if !unavailable && kind != SessionKind::WebSocket {
+                        // A WHIP/WHEP handler that stopped waiting may have started the session
+                        // (a listener admitted with its token role): the refusal ends it.
+                        out.push(Output::Close {
+                            participant: actor,
+                            why: CloseWhy::Refused,
+                        });
+                    }
                 }
             }
             ControlMessage::RoomEnded { room } if self.rooms.contains_key(&room) => {
@@ -572,6 +600,20 @@ impl SignalingCore {
             _ => {}
         }
         out
+    }
+
+    /// Forget participant `pid` of `room` (unsubscribing from a room left without members).
+    fn forget(&mut self, room: RoomId, pid: ParticipantId, out: &mut Vec<Output>) {
+        self.members.remove(&pid);
+        if let Some(local) = self.rooms.get_mut(&room) {
+            local.members.remove(&pid);
+            if local.members.is_empty() {
+                self.rooms.remove(&room);
+                if self.link_up {
+                    out.push(Output::ToOrigin(ControlMessage::UnsubscribeRoom { room }));
+                }
+            }
+        }
     }
 
     fn on_event(&mut self, room: RoomId, ev: RoomEvent, out: &mut Vec<Output>) {
@@ -635,18 +677,7 @@ impl SignalingCore {
                     .get(&id)
                     .is_some_and(|m| m.room == room && m.joined)
                 {
-                    self.members.remove(&id);
-                    if let Some(local) = self.rooms.get_mut(&room) {
-                        local.members.remove(&id);
-                        if local.members.is_empty() {
-                            self.rooms.remove(&room);
-                            if self.link_up {
-                                out.push(Output::ToOrigin(ControlMessage::UnsubscribeRoom {
-                                    room,
-                                }));
-                            }
-                        }
-                    }
+                    self.forget(room, id, out);
                     out.push(Output::Permission {
                         participant: id,
                         may_send: false,
@@ -954,6 +985,71 @@ mod tests {
             c.may_send(ParticipantId(4)),
             "token role decides without a replica entry"
         );
+    }
+
+    /// The request id of the `Join` for `pid` among `msgs`.
+    fn join_request_of(msgs: &[ControlMessage], pid: u32) -> u64 {
+        msgs.iter()
+            .find_map(|m| match m {
+                ControlMessage::RoomCommand {
+                    actor,
+                    request,
+                    command: RoomCommand::Join { .. },
+                    ..
+                } if actor.0 == pid => Some(*request),
+                _ => None,
+            })
+            .expect("a join")
+    }
+
+    #[test]
+    fn a_late_refusal_or_a_refused_rejoin_closes_the_session() {
+        let mut c = joined_core();
+        let now = Instant::now();
+        // A WHEP listener admitted with its token role after the edge stopped waiting: the
+        // authority's refusal arrives late and ends the media session.
+        let out = c.join(req(5, "eve", Role::Listener, SessionKind::Whep), now);
+        let request = join_request_of(&to_origin(&out), 5);
+        let refuse = |actor: u32, request: u64, code: &str| ControlMessage::CommandRejected {
+            room: R,
+            actor: ParticipantId(actor),
+            request,
+            code: code.into(),
+            message: "no".into(),
+        };
+        let out = c.on_control(refuse(5, request, "banned"));
+        assert!(matches!(&out[0], Output::JoinRefused { refusal, .. } if refusal.code == "banned"));
+        assert!(out.contains(&Output::Close {
+            participant: ParticipantId(5),
+            why: CloseWhy::Refused
+        }));
+        assert_eq!(c.room_of(ParticipantId(5)), None);
+
+        // A refused ordinary command of a joined participant closes nothing.
+        let out = c.on_control(refuse(2, 999, "rate_limited"));
+        assert!(!out.iter().any(|o| matches!(o, Output::Close { .. })));
+        assert_eq!(c.room_of(ParticipantId(2)), Some(R));
+
+        // After a reconnect the re-join of a joined participant is refused (the room ended
+        // while the link was down, or the user was banned): its session ends too.
+        c.link_down();
+        let msgs = c.link_up();
+        let rejoin = join_request_of(&msgs, 2);
+        let out = c.on_control(refuse(2, rejoin, "room_ended"));
+        assert!(out.contains(&Output::Permission {
+            participant: ParticipantId(2),
+            may_send: false
+        }));
+        assert!(out.contains(&Output::Close {
+            participant: ParticipantId(2),
+            why: CloseWhy::Refused
+        }));
+        assert!(
+            matches!(&out[0], Output::ToClient(_, ServerMessage::Error { code, .. }) if code == "room_ended")
+        );
+        assert_eq!(c.room_of(ParticipantId(2)), None);
+        // The host stays.
+        assert_eq!(c.room_of(ParticipantId(1)), Some(R));
     }
 
     #[test]

@@ -217,6 +217,7 @@ impl Session {
                             CloseWhy::Kicked => (CLOSE_KICKED, "kicked"),
                             CloseWhy::Ended => (CLOSE_ENDED, "room ended"),
                             CloseWhy::Removed => (1000, "removed"),
+                            CloseWhy::Refused => (1008, "join refused"),
                         };
                         // The participant is gone from the room already.
                         self.registered = false;

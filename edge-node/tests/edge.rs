@@ -750,31 +750,30 @@ async fn uplink_reconnects_and_replays_publishers() {
     let edge = start_edge(&pki, origin_addr, router).await;
     assert_eq!(metric(&edge, "amphi_edge_origin_connected").await, 0);
 
+    // Publishing fails closed without the room authority: 503 with a JSON error.
     let token = edge.token(LIVE_ROOM, Role::Host, "hana");
-    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
-        .await
-        .expect("publishing works without an origin");
-    let packets = opus_packets(10);
-    publish(&mut publisher, &packets, 0).await;
-    let mut errors = 0;
-    for _ in 0..50 {
-        errors = metric(&edge, "amphi_edge_relay_send_errors_total").await;
-        if errors >= 5 {
-            break;
+    match WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token).await {
+        Err(ClientError::Status { status: 503, body }) => {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
+            assert_eq!(v["error"], "origin_unavailable", "{body}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Err(e) => panic!("expected 503 origin_unavailable, got {e:?}"),
+        Ok(_) => panic!("a publisher was admitted without the room authority"),
     }
-    assert!(
-        errors >= 5,
-        "frames without an origin count as send errors ({errors})"
+    assert_eq!(
+        metric(&edge, "amphi_edge_whip_refused_origin_unavailable_total").await,
+        1
     );
 
-    // The origin comes up: the edge connects within the backoff cap and replays the publisher.
+    // The origin comes up: the edge connects within the backoff cap, the publisher is admitted.
     let mut origin = start_origin(&pki, origin_addr);
     expect_control(&mut origin, Duration::from_secs(10), |m| {
         matches!(m, ControlMessage::Hello { .. })
     })
     .await;
+    let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("publishing works with the origin up");
     let joined = expect_control(&mut origin, Duration::from_secs(5), |m| {
         matches!(m, ControlMessage::SpeakerJoined { .. })
     })
@@ -784,11 +783,12 @@ async fn uplink_reconnects_and_replays_publishers() {
     };
     assert_eq!(name, "hana");
     let packets = opus_packets(PACKETS);
-    publish(&mut publisher, &packets, 960 * 10).await;
+    publish(&mut publisher, &packets, 0).await;
     let frames = collect_frames(&mut origin, 2 * PACKETS - 1, Duration::from_secs(5)).await;
     check_frames(&frames, speaker);
 
-    // The origin goes away and comes back on the same port: a new connection and a new replay.
+    // The origin goes away: the started session survives, its frames count as send errors, and
+    // the origin's return brings a new connection and a new replay.
     origin.endpoint.close(0u32.into(), b"bye");
     let _ = tokio::time::timeout(Duration::from_secs(2), origin.endpoint.wait_idle()).await;
     drop(origin);
@@ -801,6 +801,20 @@ async fn uplink_reconnects_and_replays_publishers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(down, "edge noticed the origin closing");
+    let packets = opus_packets(10);
+    publish(&mut publisher, &packets, 960 * PACKETS as u32).await;
+    let mut errors = 0;
+    for _ in 0..50 {
+        errors = metric(&edge, "amphi_edge_relay_send_errors_total").await;
+        if errors >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        errors >= 5,
+        "frames without an origin count as send errors ({errors})"
+    );
     let mut free = false;
     for _ in 0..100 {
         if std::net::UdpSocket::bind(origin_addr).is_ok() {

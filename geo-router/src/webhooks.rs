@@ -196,7 +196,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("amphi-webhook-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let pki = amphi_protocol::mtls::DevPki::generate().unwrap();
-        let issued = pki.issue_pem("127.0.0.1").unwrap();
+        let issued = pki.issue_pem_for(&["127.0.0.1".into()], &[]).unwrap();
         let (ca, cert, key) = (
             dir.join("ca.pem"),
             dir.join("cert.pem"),

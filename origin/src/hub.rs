@@ -14,9 +14,11 @@ use crate::persist::{PersistedRoom, Persister, RoomStore};
 use crate::room::{AuthorityCensus, Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
 use amphi_protocol::control::{ControlDecoder, ControlError, ControlMessage, PeerKind};
+use amphi_protocol::mtls::roles_of;
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase};
 use amphi_protocol::{ParticipantId, RoomId};
+use rustls_pki_types::CertificateDer;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -55,6 +57,10 @@ struct HubState {
     rooms: Rooms,
     /// The edge connection that announced each participant (its `Leave` on disconnect).
     owners: HashMap<(RoomId, ParticipantId), u64>,
+    /// The edge connection that announced each speaker (`SpeakerJoined`). A relay frame is
+    /// taken only from the connection that owns its speaker (in [`HubState::owners`], or here
+    /// for speakers the authority does not know).
+    speakers: HashMap<(RoomId, u32), u64>,
     /// Speakers the authority lets be heard, for every room it holds; datagrams from anyone else
     /// in those rooms are neither relayed nor mixed.
     audible: HashMap<RoomId, HashSet<u32>>,
@@ -140,6 +146,7 @@ impl HubState {
         }
         if ended {
             self.owners.retain(|(r, _), _| *r != room);
+            self.speakers.retain(|(r, _), _| *r != room);
         }
         if ended || audibility {
             self.refresh_audible(room);
@@ -157,6 +164,15 @@ impl HubState {
         }
     }
 
+    /// Whether connection `conn` announced `speaker` in `room`: the authority's owner of that
+    /// participant if it has one, else the connection whose `SpeakerJoined` named it.
+    fn announced_by(&self, room: RoomId, speaker: u32, conn: u64) -> bool {
+        match self.owners.get(&(room, ParticipantId(speaker))) {
+            Some(&owner) => owner == conn,
+            None => self.speakers.get(&(room, speaker)) == Some(&conn),
+        }
+    }
+
     /// Forget idle and long-ended rooms (at most every [`HOUSEKEEPING_EVERY`]).
     fn housekeeping(&mut self, now: Instant) {
         if self.next_housekeeping.is_some_and(|t| now < t) {
@@ -166,6 +182,7 @@ impl HubState {
         for room in self.rooms.housekeeping(now) {
             self.audible.remove(&room);
             self.owners.retain(|(r, _), _| *r != room);
+            self.speakers.retain(|(r, _), _| *r != room);
             self.looked_up.remove(&room);
             self.restored.remove(&room);
         }
@@ -496,6 +513,16 @@ impl Hub {
                 return;
             }
         };
+        if let Err(message) = peer_may_act_as(&conn, peer) {
+            self.metrics.role_refusals.inc();
+            tracing::warn!(%remote, peer = %peer_id, ?peer, %message, "mesh peer refused: its certificate does not allow the role it claims");
+            let f = Failure::Protocol {
+                code: "forbidden_role",
+                message,
+            };
+            self.fail(&conn, &mut send, f).await;
+            return;
+        }
         let welcome = ControlMessage::Welcome {
             origin: self.origin_id.clone(),
         };
@@ -673,6 +700,27 @@ impl Hub {
                 name,
                 region,
             } => {
+                {
+                    let mut st = lock_write(&self.state);
+                    let key = (room, speaker.0);
+                    let owner = st.owners.get(&(room, speaker)).copied();
+                    let claimed = st.speakers.get(&key).copied();
+                    let other = owner
+                        .filter(|&c| c != id)
+                        .or(claimed.filter(|&c| c != id && st.edges.contains_key(&c)));
+                    if let Some(other) = other {
+                        drop(st);
+                        self.metrics.speaker_claims_refused.inc();
+                        tracing::warn!(%room, %speaker, edge = %peer_id, other, "speaker announcement refused: another connection announced that participant");
+                        return Ok(Some(ControlMessage::Error {
+                            code: "forbidden".into(),
+                            message: format!(
+                                "speaker {speaker} in {room} belongs to another connection"
+                            ),
+                        }));
+                    }
+                    st.speakers.insert(key, id);
+                }
                 tracing::info!(%room, %speaker, %name, %region, edge = %peer_id, "speaker joined");
                 let _ = self.control.send(MixerCmd::Joined {
                     room,
@@ -683,6 +731,14 @@ impl Hub {
                 Ok(None)
             }
             ControlMessage::SpeakerLeft { room, speaker } => {
+                {
+                    let mut st = lock_write(&self.state);
+                    if st.speakers.get(&(room, speaker.0)) != Some(&id) {
+                        // Not this connection's speaker: nothing to stop.
+                        return Ok(None);
+                    }
+                    st.speakers.remove(&(room, speaker.0));
+                }
                 tracing::info!(%room, %speaker, edge = %peer_id, "speaker left");
                 let _ = self.control.send(MixerCmd::Left {
                     room,
@@ -832,6 +888,7 @@ impl Hub {
         let st = &mut *guard;
         st.edges.remove(&conn);
         st.subs.remove_connection(conn);
+        st.speakers.retain(|_, c| *c != conn);
         if !leave {
             st.owners.retain(|_, c| *c != conn);
             return;
@@ -887,6 +944,11 @@ impl Hub {
             };
             {
                 let st = lock_read(&self.state);
+                // Only the connection that announced a speaker may send its audio.
+                if !st.announced_by(room, speaker, id) {
+                    m.dropped(DropReason::NotAnnounced);
+                    continue;
+                }
                 // Muted speakers, listeners and strangers are not heard (the edge drops them
                 // first; this is defense in depth). Rooms without an authority record pass.
                 if st
@@ -919,6 +981,31 @@ impl Hub {
             }
         }
     }
+}
+
+/// `Ok` if the peer's certificate carries the mesh role of `peer`; else why not.
+fn peer_may_act_as(conn: &quinn::Connection, peer: PeerKind) -> Result<(), String> {
+    let role = peer.mesh_role();
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "no peer certificate".to_string())?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| "no peer certificate".to_string())?;
+    let roles = roles_of(leaf).map_err(|e| e.to_string())?;
+    if roles.contains(&role) {
+        return Ok(());
+    }
+    let carried: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    Err(format!(
+        "hello as {role} refused: the certificate carries {}",
+        if carried.is_empty() {
+            "no amphi-role".to_string()
+        } else {
+            format!("amphi-role {}", carried.join(", "))
+        }
+    ))
 }
 
 fn kind_of(m: &ControlMessage) -> &'static str {

@@ -68,6 +68,9 @@ pub enum OriginError {
     /// quinn refused the TLS configuration.
     #[error("QUIC configuration: {0}")]
     QuicConfig(String),
+    /// The origin's own certificate does not carry `amphi-role:origin` (mesh peers would refuse it).
+    #[error("mesh TLS: the certificate does not carry the URI SAN amphi-role:origin")]
+    NotOrigin,
     /// A listener could not be bound.
     #[error("cannot bind {addr}: {source}")]
     Bind {
@@ -98,6 +101,12 @@ pub(crate) fn thread_cpu_time() -> Duration {
 }
 
 fn server_config(tls: &MtlsMaterial) -> Result<quinn::ServerConfig, OriginError> {
+    if !tls
+        .roles()?
+        .contains(&amphi_protocol::mtls::MeshRole::Origin)
+    {
+        return Err(OriginError::NotOrigin);
+    }
     let crypto = tls.server_config()?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
         .map_err(|e| OriginError::QuicConfig(e.to_string()))?;

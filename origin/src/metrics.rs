@@ -54,10 +54,12 @@ pub enum DropReason {
     /// The room authority does not let this speaker be heard (muted, a listener, or not in the
     /// room).
     NotAudible,
+    /// A frame for a speaker (in a room) the sending connection did not announce.
+    NotAnnounced,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 12] = [
+    const ALL: [DropReason; 13] = [
         DropReason::TooShort,
         DropReason::Version,
         DropReason::Kind,
@@ -70,6 +72,7 @@ impl DropReason {
         DropReason::RoomEnded,
         DropReason::MixerLimit,
         DropReason::NotAudible,
+        DropReason::NotAnnounced,
     ];
 
     /// The `reason` label value.
@@ -87,6 +90,7 @@ impl DropReason {
             DropReason::RoomEnded => "room_ended",
             DropReason::MixerLimit => "mixer_limit",
             DropReason::NotAudible => "not_audible",
+            DropReason::NotAnnounced => "not_announced",
         }
     }
 }
@@ -127,6 +131,10 @@ pub struct Metrics {
     relay_dropped: [Counter; DropReason::ALL.len()],
     /// Control streams closed for a malformed or unexpected record.
     pub control_errors: Counter,
+    /// Mesh peers refused because their certificate does not carry the role their `Hello` claimed.
+    pub role_refusals: Counter,
+    /// `SpeakerJoined` refused because another connection announced that participant.
+    pub speaker_claims_refused: Counter,
     /// Program frames written to packager streams.
     pub program_frames_sent: Counter,
     /// Program frames dropped because a packager stream's queue was full.
@@ -232,6 +240,14 @@ impl Default for Metrics {
             "amphi_origin_control_errors",
             "Connections closed for a malformed or unexpected control record",
         );
+        let role_refusals = r.counter(
+            "amphi_origin_mesh_role_refusals",
+            "Mesh peers refused: their certificate does not carry the role their hello claimed",
+        );
+        let speaker_claims_refused = r.counter(
+            "amphi_origin_speaker_claims_refused",
+            "Speaker announcements refused: the participant belongs to another connection",
+        );
         let room_commands = r.counter(
             "amphi_origin_room_commands",
             "Room commands applied by the room authority",
@@ -279,6 +295,8 @@ impl Default for Metrics {
             relay_forwarded,
             relay_dropped,
             control_errors,
+            role_refusals,
+            speaker_claims_refused,
             program_frames_sent,
             program_frames_dropped,
             room_commands,

@@ -3,7 +3,7 @@
 use amphi_origin::{run, OriginSetup};
 use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN};
-use amphi_protocol::mtls::{DevPki, MtlsMaterial};
+use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::{ParticipantId, RoomId};
 use bytes::Bytes;
@@ -223,14 +223,14 @@ async fn edges_packager_relay_mix_and_metrics() {
                 metrics_listen: metrics_addr,
                 idle_room_timeout_secs: 3600,
             },
-            mesh_tls: pki.issue(ORIGIN_NAME).unwrap(),
+            mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap(),
         },
         shutdown.clone(),
     ));
 
     // A packager first, then two edges subscribed to the room.
     let mut packager = Peer::hello(
-        &pki.issue("packager").unwrap(),
+        &pki.issue("packager", MeshRole::Packager).unwrap(),
         quic,
         PeerKind::Packager,
         "pkg-1",
@@ -238,14 +238,14 @@ async fn edges_packager_relay_mix_and_metrics() {
     .await;
     packager.sync(1).await;
     let mut edge1 = Peer::hello(
-        &pki.issue("edge-1").unwrap(),
+        &pki.issue("edge-1", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-1",
     )
     .await;
     let mut edge2 = Peer::hello(
-        &pki.issue("edge-2").unwrap(),
+        &pki.issue("edge-2", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-2",
@@ -410,7 +410,7 @@ async fn edges_packager_relay_mix_and_metrics() {
 
     // A malformed control record: Error, then the connection is closed and counted.
     let mut rogue = Peer::hello(
-        &pki.issue("edge-3").unwrap(),
+        &pki.issue("edge-3", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-3",

@@ -5,7 +5,7 @@
 use amphi_origin::{run, OriginSetup};
 use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::{DevPki, MtlsMaterial};
+use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase, RoomRole};
 use amphi_protocol::token::Role;
@@ -221,12 +221,12 @@ async fn room_authority_over_two_edges() {
                 metrics_listen: metrics,
                 idle_room_timeout_secs: 3600,
             },
-            mesh_tls: pki.issue(ORIGIN_NAME).unwrap(),
+            mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap(),
         },
         shutdown.clone(),
     ));
     let mut packager = Peer::hello(
-        &pki.issue("packager").unwrap(),
+        &pki.issue("packager", MeshRole::Packager).unwrap(),
         quic,
         PeerKind::Packager,
         "pkg-1",
@@ -234,14 +234,14 @@ async fn room_authority_over_two_edges() {
     .await;
     packager.expect_nothing_more().await;
     let mut us = Peer::hello(
-        &pki.issue("edge-us").unwrap(),
+        &pki.issue("edge-us", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-us-east",
     )
     .await;
     let mut eu = Peer::hello(
-        &pki.issue("edge-eu").unwrap(),
+        &pki.issue("edge-eu", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-eu-west",
@@ -286,7 +286,7 @@ async fn room_authority_over_two_edges() {
         Some(ControlMessage::RoomOpened { room: ROOM })
     );
     let mut late_packager = Peer::hello(
-        &pki.issue("packager-2").unwrap(),
+        &pki.issue("packager-2", MeshRole::Packager).unwrap(),
         quic,
         PeerKind::Packager,
         "pkg-2",
@@ -424,7 +424,7 @@ async fn room_authority_over_two_edges() {
 
     // A third edge's participant leaves when that edge disconnects.
     let mut visitor_edge = Peer::hello(
-        &pki.issue("edge-ap").unwrap(),
+        &pki.issue("edge-ap", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-ap-south",

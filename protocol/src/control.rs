@@ -26,6 +26,17 @@ pub enum PeerKind {
     Router,
 }
 
+impl PeerKind {
+    /// The role a peer's mesh certificate must carry to say `Hello` as this kind.
+    pub fn mesh_role(self) -> crate::mtls::MeshRole {
+        match self {
+            PeerKind::Edge => crate::mtls::MeshRole::Edge,
+            PeerKind::Packager => crate::mtls::MeshRole::Packager,
+            PeerKind::Router => crate::mtls::MeshRole::Router,
+        }
+    }
+}
+
 /// A message on a control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -4,7 +4,7 @@
 //! the Redis URL of the test run.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::room::ServerMessage;
 use amphi_protocol::token::TokenSigner;
 use futures_util::{SinkExt, StreamExt};
@@ -129,7 +129,7 @@ impl RoleMesh {
         let signer = TokenSigner::generate("k1");
         write(&dir.join("signing.pem"), &signer.to_pkcs8_pem());
         // Written once: role processes read it while later roles are being configured.
-        let ca = pki.issue_pem("ca.amphi.internal").expect("issue").ca;
+        let ca = pki.ca_pem();
         write(&dir.join("ca.pem"), &ca);
         RoleMesh {
             dir,
@@ -167,9 +167,19 @@ impl RoleMesh {
         .unwrap();
     }
 
+    /// Mesh TLS material from this mesh's CA for `dns` carrying `roles` (for test peers that
+    /// speak the mesh protocol themselves).
+    pub fn material(&self, dns: &str, roles: &[MeshRole]) -> MtlsMaterial {
+        let issued = self
+            .pki
+            .issue_pem_for(&[dns.to_string()], roles)
+            .expect("issue certificate");
+        MtlsMaterial::from_pem(&issued.ca, &issued.cert, &issued.key).expect("material")
+    }
+
     /// Write `name`'s certificate and key; returns the `[tls]` section.
-    fn tls(&self, name: &str, dns: &str) -> String {
-        let issued = self.pki.issue_pem(dns).expect("issue certificate");
+    fn tls(&self, name: &str, dns: &str, role: MeshRole) -> String {
+        let issued = self.pki.issue_pem(dns, role).expect("issue certificate");
         let (ca, cert, key) = (
             self.dir.join("ca.pem"),
             self.dir.join(format!("{name}.cert.pem")),
@@ -200,7 +210,7 @@ impl RoleMesh {
             "[origin]\nid = \"origin-1\"\nquic_listen = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{redis}\n{}",
             self.base,
             self.base + 1,
-            self.tls("origin", ORIGIN_NAME)
+            self.tls("origin", ORIGIN_NAME, MeshRole::Origin)
         );
         self.spawn("origin", "origin", &config)
     }
@@ -212,7 +222,7 @@ impl RoleMesh {
             self.base,
             self.base + 90,
             self.dir.join("hls").display().to_string(),
-            self.tls("packager", "packager-1.amphi.internal")
+            self.tls("packager", "packager-1.amphi.internal", MeshRole::Packager)
         );
         self.spawn("packager", "packager", &config)
     }
@@ -251,7 +261,7 @@ key_file = {key:?}
             packager = self.base + 90,
             origin = self.base,
             key = self.dir.join("signing.pem").display().to_string(),
-            tls = self.tls("router", "router-1.amphi.internal"),
+            tls = self.tls("router", "router-1.amphi.internal", MeshRole::Router),
         );
         self.spawn("geo-router", "router", &config)
     }
@@ -286,7 +296,7 @@ pem = """
             media = self.base + 20 + i,
             origin = self.base,
             router = self.base + 80,
-            tls = self.tls(&id, &format!("{id}.amphi.internal")),
+            tls = self.tls(&id, &format!("{id}.amphi.internal"), MeshRole::Edge),
             pem = self.signer.public_pem(),
         );
         self.spawn("edge", &id, &config)

@@ -6,7 +6,7 @@
 //! bed's CA that names the host's address.
 
 use crate::tfrender::{render_role_config, BootValues, TfRole};
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -378,7 +378,15 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             names.push(ORIGIN_SERVER_NAME.to_string());
         }
         names.push(format!("{}.amphi.internal", h.name));
-        let issued = pki.issue_pem_for(&names)?;
+        // The mesh role the host's certificate allows (none for hosts outside the mesh).
+        let roles: &[MeshRole] = match h.kind {
+            Kind::Origin => &[MeshRole::Origin],
+            Kind::Edge => &[MeshRole::Edge],
+            Kind::Packager => &[MeshRole::Packager],
+            Kind::Router => &[MeshRole::Router],
+            Kind::Redis | Kind::S3 | Kind::Client => &[],
+        };
+        let issued = pki.issue_pem_for(&names, roles)?;
         write(&dir.join("etc/tls/ca.pem"), &issued.ca)?;
         write(&dir.join("etc/tls/cert.pem"), &issued.cert)?;
         write(&dir.join("etc/tls/key.pem"), &issued.key)?;

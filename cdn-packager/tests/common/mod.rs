@@ -5,7 +5,7 @@
 use amphi_packager::{run, PackagerError, PackagerOptions, PackagerSetup};
 use amphi_protocol::config::PackagerConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::RoomId;
 use std::net::SocketAddr;
@@ -299,8 +299,10 @@ impl Harness {
         origins: usize,
     ) -> Harness {
         let pki = DevPki::generate().unwrap();
-        let origin_tls = pki.issue("origin.amphi.internal").unwrap();
-        let packager_tls = pki.issue("packager-test").unwrap();
+        let origin_tls = pki
+            .issue("origin.amphi.internal", MeshRole::Origin)
+            .unwrap();
+        let packager_tls = pki.issue("packager-test", MeshRole::Packager).unwrap();
         let server =
             quinn::crypto::rustls::QuicServerConfig::try_from(origin_tls.server_config().unwrap())
                 .unwrap();

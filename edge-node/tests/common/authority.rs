@@ -3,7 +3,7 @@
 //! bans on kick, and relays speaker datagrams between edges subscribed to the same room.
 
 use amphi_protocol::control::{ControlDecoder, ControlMessage};
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::relay::RelayFrame;
 use amphi_protocol::room::{Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState};
 use amphi_protocol::{ParticipantId, RoomId};
@@ -232,7 +232,7 @@ fn on_message(shared: &Arc<Mutex<Shared>>, conn: u64, msg: ControlMessage) {
 
 /// Start the stand-in on `bind` with mTLS from `pki`.
 pub fn start_authority(pki: &DevPki, bind: SocketAddr) -> Authority {
-    let material = pki.issue(super::ORIGIN_NAME).unwrap();
+    let material = pki.issue(super::ORIGIN_NAME, MeshRole::Origin).unwrap();
     let tls = quinn::crypto::rustls::QuicServerConfig::try_from(material.server_config().unwrap())
         .unwrap();
     let server = quinn::ServerConfig::with_crypto(Arc::new(tls));

@@ -8,7 +8,8 @@ use amphi_edge::{run, EdgeSetup};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
 use amphi_protocol::config::EdgeConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage};
-use amphi_protocol::mtls::DevPki;
+use amphi_protocol::mtls::{DevPki, MeshRole};
+use amphi_protocol::room::{Participant, RoomCommand, RoomPhase, RoomRole, RoomState};
 use amphi_protocol::token::{Claims, Role, TokenSigner};
 use amphi_protocol::RoomId;
 use axum::extract::{Path, State};
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -119,9 +121,50 @@ pub struct FakeOrigin {
     pub endpoint: quinn::Endpoint,
 }
 
-/// A quinn server with mTLS from `pki` that answers Hello with Welcome and collects the rest.
+/// The stand-in's answer to a `Join`: every join is admitted with its token role (or the role
+/// it resumes), answered with the room's `RoomSnapshot` (the edge publishes only once admitted).
+fn admit(rooms: &mut BTreeMap<RoomId, RoomState>, msg: &ControlMessage) -> Option<ControlMessage> {
+    let ControlMessage::RoomCommand {
+        room,
+        actor,
+        command:
+            RoomCommand::Join {
+                user,
+                name,
+                role,
+                region,
+                resume,
+            },
+        ..
+    } = msg
+    else {
+        return None;
+    };
+    let state = rooms.entry(*room).or_insert_with(|| RoomState {
+        room: *room,
+        phase: RoomPhase::Live,
+        participants: Vec::new(),
+        hands: Vec::new(),
+        banned: Vec::new(),
+    });
+    state.participants.retain(|p| p.id != *actor);
+    state.participants.push(Participant {
+        id: *actor,
+        user: user.clone(),
+        name: name.clone(),
+        role: resume.unwrap_or_else(|| RoomRole::from_token(*role)),
+        region: region.clone(),
+        muted: false,
+    });
+    Some(ControlMessage::RoomSnapshot {
+        state: state.clone(),
+    })
+}
+
+/// A quinn server with mTLS from `pki` that answers Hello with Welcome and `Join` with a
+/// snapshot admitting the participant ([`admit`]), and collects everything it receives.
 pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
-    let material = pki.issue(ORIGIN_NAME).unwrap();
+    let material = pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap();
     let tls = quinn::crypto::rustls::QuicServerConfig::try_from(material.server_config().unwrap())
         .unwrap();
     let server = quinn::ServerConfig::with_crypto(Arc::new(tls));
@@ -150,6 +193,7 @@ pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
                 };
                 let mut dec = ControlDecoder::default();
                 let mut buf = vec![0u8; 4096];
+                let mut rooms = BTreeMap::new();
                 loop {
                     let outgoing = async {
                         match outbox.as_mut() {
@@ -171,6 +215,9 @@ pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
                                         origin: "origin-test".into(),
                                     };
                                     let _ = send.write_all(&welcome.to_record()).await;
+                                }
+                                if let Some(snapshot) = admit(&mut rooms, &msg) {
+                                    let _ = send.write_all(&snapshot.to_record()).await;
                                 }
                                 let _ = ctl_tx.send(msg);
                             }
@@ -288,7 +335,7 @@ pub async fn start_edge_with(
     };
     let setup = EdgeSetup {
         config,
-        mesh_tls: pki.issue(&id).unwrap(),
+        mesh_tls: pki.issue(&id, MeshRole::Edge).unwrap(),
         tokens: signer.verifier(),
     };
     let shutdown = CancellationToken::new();

@@ -65,22 +65,22 @@ variable "artifact_sha256" {
 }
 
 variable "edge_tls_secret_arn" {
-  description = "Secrets Manager secret (us-east-1) with the edges' mesh mTLS material as JSON {ca, cert, key}."
+  description = "Secrets Manager secret (us-east-1) with the edges' mesh mTLS material as JSON {ca, cert, key}; the certificate carries the URI SAN amphi-role:edge."
   type        = string
 }
 
 variable "origin_tls_secret_arn" {
-  description = "Secrets Manager secret (us-east-1) with the origins' mesh mTLS material as JSON {ca, cert, key}; the certificate names origin_server_name."
+  description = "Secrets Manager secret (us-east-1) with the origins' mesh mTLS material as JSON {ca, cert, key}; the certificate names origin_server_name and carries the URI SAN amphi-role:origin."
   type        = string
 }
 
 variable "packager_tls_secret_arn" {
-  description = "Secrets Manager secret (us-east-1) with the packagers' mesh mTLS material as JSON {ca, cert, key}."
+  description = "Secrets Manager secret (us-east-1) with the packagers' mesh mTLS material as JSON {ca, cert, key}; the certificate carries the URI SAN amphi-role:packager."
   type        = string
 }
 
 variable "router_tls_secret_arn" {
-  description = "Secrets Manager secret (us-east-1) with the geo-routers' mesh mTLS material as JSON {ca, cert, key}."
+  description = "Secrets Manager secret (us-east-1) with the geo-routers' mesh mTLS material as JSON {ca, cert, key}; the certificate carries the URI SAN amphi-role:router."
   type        = string
 }
 
