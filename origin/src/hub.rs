@@ -81,6 +81,17 @@ impl HubState {
         }
     }
 
+    /// Tell every edge and geo-router that `user`'s tokens for `room` are revoked.
+    fn revoke(&self, room: RoomId, user: String) {
+        let msg = ControlMessage::Revoke { room, user };
+        for link in self.edges.values() {
+            let _ = link.control.send(msg.clone());
+        }
+        for control in self.routers.values() {
+            let _ = control.send(msg.clone());
+        }
+    }
+
     /// Tell the edges subscribed to `room` and every geo-router, except connection `from`, that
     /// the room ended.
     fn room_ended_notice(&self, room: RoomId, from: u64) {
@@ -251,6 +262,7 @@ impl Hub {
         packets: mpsc::Sender<MixerCmd>,
         control: mpsc::UnboundedSender<MixerCmd>,
         durable: Option<(RoomStore, Arc<Persister>)>,
+        rooms: crate::room::RoomsConfig,
     ) -> Self {
         let (store, persister) = durable.unzip();
         Hub {
@@ -258,6 +270,7 @@ impl Hub {
             metrics,
             state: RwLock::new(HubState {
                 persister,
+                rooms: Rooms::new(rooms),
                 ..HubState::default()
             }),
             packets,
@@ -505,6 +518,12 @@ impl Hub {
         tracing::info!(%remote, peer = %peer_id, %region, ?peer, "mesh peer connected");
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let own = ctl_tx.clone();
+        if matches!(peer, PeerKind::Edge | PeerKind::Router) {
+            // Every live ban, so the peer refuses those users' tokens from the start.
+            for (room, user) in lock_read(&self.state).rooms.bans() {
+                let _ = ctl_tx.send(ControlMessage::Revoke { room, user });
+            }
+        }
         match peer {
             PeerKind::Edge => {
                 lock_write(&self.state).edges.insert(
@@ -651,6 +670,7 @@ impl Hub {
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::RoomSnapshot { .. }
             | ControlMessage::RoomOpened { .. }
+            | ControlMessage::Revoke { .. }
             | ControlMessage::CommandRejected { .. } => Err(Failure::Protocol {
                 code: "unexpected",
                 message: format!("unexpected {}", kind_of(&msg)),
@@ -734,6 +754,15 @@ impl Hub {
         let mut guard = lock_write(&self.state);
         let st = &mut *guard;
         st.housekeeping(now);
+        // A kick revokes the target user's tokens on every edge and router.
+        let kicked_user = match &command {
+            RoomCommand::Kick { target } => st
+                .rooms
+                .get(room)
+                .and_then(|r| r.participant(*target))
+                .map(|p| p.user.clone()),
+            _ => None,
+        };
         let live = st
             .rooms
             .get(room)
@@ -773,6 +802,13 @@ impl Hub {
             }
         }
         let ended = st.after_events(room, &events);
+        if let Some(user) = kicked_user.filter(|_| {
+            events
+                .iter()
+                .any(|e| matches!(e, amphi_protocol::room::RoomEvent::Kicked { .. }))
+        }) {
+            st.revoke(room, user);
+        }
         if !events.is_empty() {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
         }
@@ -938,5 +974,6 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::RoomEvents { .. } => "room_events",
         ControlMessage::RoomSnapshot { .. } => "room_snapshot",
         ControlMessage::CommandRejected { .. } => "command_rejected",
+        ControlMessage::Revoke { .. } => "revoke",
     }
 }

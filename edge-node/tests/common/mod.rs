@@ -254,6 +254,7 @@ impl Default for EdgeOpts {
             capacity: 500,
             signer: None,
             ice_connect_timeout_secs: 15,
+            max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
         }
     }
 }
