@@ -42,7 +42,9 @@ pub struct DevArgs {
     /// A live room without speakers for this many seconds is ended (0: never).
     #[arg(long, default_value_t = 3600)]
     idle_room_timeout_secs: u64,
-    max_sessions_per_user: 8,
+    /// Sessions one user may hold at once in one room (the origin refuses more joins).
+    #[arg(long, default_value_t = 8)]
+    max_sessions_per_user: usize,
     /// Store HLS output in this S3-compatible endpoint instead of `--data-dir` (e.g. s3s-fs
     /// on `http://127.0.0.1:9000`); keys from `AMPHI_DEV_S3_ACCESS_KEY`/`AMPHI_DEV_S3_SECRET_KEY`.
     #[arg(long)]
@@ -204,6 +206,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             quic_listen: addr(DEV_PORTS.origin_quic, off),
             metrics_listen: addr(DEV_PORTS.origin_metrics, off),
             idle_room_timeout_secs: args.idle_room_timeout_secs,
+            max_sessions_per_user: args.max_sessions_per_user,
         },
         mesh_tls: pki.issue(ORIGIN_NAME)?,
     };

@@ -259,6 +259,11 @@ impl Uplink {
                 }
                 None
             }
+            ControlMessage::Revoke { room, user } => {
+                tracing::info!(%room, "origin revoked a user's tokens");
+                self.sessions.revoke(room, &user, crate::http::now_unix());
+                None
+            }
             ControlMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "origin reported an error");
                 None

@@ -55,6 +55,8 @@ const RECORDING_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Signed requests remembered (per router process) to refuse replays; beyond it, signed requests
 /// are refused until the oldest leave the window.
 const MAX_REMEMBERED_SIGNATURES: usize = 500_000;
+/// Revoked (room, user) entries the router holds at most.
+const MAX_REMEMBERED_REVOCATIONS: usize = 100_000;
 /// Furthest ahead a room may be scheduled (one year).
 const MAX_SCHEDULE_AHEAD_SECS: u64 = 366 * 24 * 3600;
 
@@ -119,6 +121,8 @@ struct AppState {
     geoip: GeoIp,
     trusted: Vec<IpNet>,
     api_keys: ApiKeys,
+    /// Users the origins revoked (kicked), per room: no tokens are minted for them.
+    revoked: std::sync::Mutex<amphi_protocol::token::Revocations>,
     /// Signatures accepted recently (a signed request is accepted once).
     replays: std::sync::Mutex<ReplayCache>,
     policy: Policy,
@@ -496,7 +500,21 @@ async fn mint_token(
     let req: MintTokenRequest = parse_json(&bytes)?;
     check_text("name", &req.name, MAX_NAME_CHARS)?;
     match &req.user_id {
-        Some(user) => check_user_id("user_id", user)?,
+        Some(user) => {
+            check_user_id("user_id", user)?;
+            let revoked = s
+                .revoked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_revoked(room, user, now_unix());
+            if revoked {
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "user_banned",
+                    "this user was removed from the room",
+                ));
+            }
+        }
         None if !s.config.dev_mode => {
             return Err(error(
                 StatusCode::BAD_REQUEST,
@@ -604,6 +622,18 @@ async fn end_room(
 async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEvent>) {
     while let Some(ev) = rx.recv().await {
         match ev {
+            OriginEvent::Revoked { room, user } => {
+                let now = now_unix();
+                let mut revoked = s.revoked.lock().unwrap_or_else(|e| e.into_inner());
+                revoked.prune(now);
+                revoked.revoke_user(
+                    room,
+                    &user,
+                    now.saturating_add(s.config.max_token_lifetime_secs),
+                    now,
+                );
+                tracing::info!(%room, "origin revoked a user's tokens");
+            }
             OriginEvent::RoomEnded { room, origin } => {
                 let now = now_unix();
                 // Every router linked to the origin hears this; the store lets one of them win.
@@ -1300,6 +1330,9 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     let state = Arc::new(AppState {
         verifier,
         replays: std::sync::Mutex::new(ReplayCache::new(MAX_REMEMBERED_SIGNATURES)),
+        revoked: std::sync::Mutex::new(amphi_protocol::token::Revocations::new(
+            MAX_REMEMBERED_REVOCATIONS,
+        )),
         links,
         store,
         geoip,
