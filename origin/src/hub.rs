@@ -802,15 +802,17 @@ impl Hub {
             }
         }
         let ended = st.after_events(room, &events);
-        if let Some(user) = kicked_user.filter(|_| {
+        let kicked = kicked_user.filter(|_| {
             events
                 .iter()
                 .any(|e| matches!(e, amphi_protocol::room::RoomEvent::Kicked { .. }))
-        }) {
-            st.revoke(room, user);
-        }
+        });
         if !events.is_empty() {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+        }
+        if let Some(user) = kicked {
+            // After the events, so the kicked sessions hear `kicked` before they are closed.
+            st.revoke(room, user);
         }
         if is_join {
             if let Some(r) = st.rooms.get(room) {

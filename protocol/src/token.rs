@@ -392,15 +392,9 @@ mod tests {
         let mut c = claims(1000);
         assert!(v.verify(&signer.sign(&c), 1001).is_ok(), "exactly the cap");
         c.exp += 1;
-        assert_eq!(
-            v.verify(&signer.sign(&c), 1001),
-            Err(TokenError::Lifetime)
-        );
+        assert_eq!(v.verify(&signer.sign(&c), 1001), Err(TokenError::Lifetime));
         c.exp = u64::MAX;
-        assert_eq!(
-            v.verify(&signer.sign(&c), 1001),
-            Err(TokenError::Lifetime)
-        );
+        assert_eq!(v.verify(&signer.sign(&c), 1001), Err(TokenError::Lifetime));
         let default = signer.verifier();
         assert_eq!(default.max_lifetime(), DEFAULT_MAX_LIFETIME_SECS);
     }

@@ -729,7 +729,12 @@ fn chat_and_reaction_budgets_are_per_user_not_per_session() {
     for id in &extra {
         ok(&mut r, *id, RoomCommand::Leave, t0 + ms(200));
     }
-    ok(&mut r, ParticipantId(30), join_cmd("a", Role::Listener), t0 + ms(300));
+    ok(
+        &mut r,
+        ParticipantId(30),
+        join_cmd("a", Role::Listener),
+        t0 + ms(300),
+    );
     assert_eq!(
         refused(&mut r, ParticipantId(30), chat("flood"), t0 + ms(400)),
         RejectCode::RateLimited
@@ -773,14 +778,24 @@ fn sessions_per_user_are_capped() {
     }
     assert_eq!(r.participants().len(), 3);
     // Another user joins; a re-announce of a present session is not a new one.
-    ok(&mut r, ParticipantId(700), join_cmd("v", Role::Listener), t0);
+    ok(
+        &mut r,
+        ParticipantId(700),
+        join_cmd("v", Role::Listener),
+        t0,
+    );
     assert!(ok(&mut r, ParticipantId(1), join_cmd("u", Role::Listener), t0).is_empty());
     // A session that leaves frees its slot; a restored room counts its sessions.
     ok(&mut r, ParticipantId(2), RoomCommand::Leave, t0);
     ok(&mut r, ParticipantId(4), join_cmd("u", Role::Listener), t0);
     let mut back = Room::restore(r.persisted(), limits, t0, 0);
     assert_eq!(
-        refused(&mut back, ParticipantId(5), join_cmd("u", Role::Listener), t0),
+        refused(
+            &mut back,
+            ParticipantId(5),
+            join_cmd("u", Role::Listener),
+            t0
+        ),
         RejectCode::Limit
     );
 }
