@@ -8,8 +8,8 @@ mod roles;
 mod support;
 
 use amphi_protocol::room::{RoomEvent, ServerMessage};
+use amphi_protocol::token::{Claims, TokenSigner};
 use amphi_protocol::ParticipantId;
-use base64::Engine;
 use roles::{RoleMesh, Ws};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::*;
@@ -26,15 +26,14 @@ fn mint(router: &str, room: &str, user: &str) -> (u16, serde_json::Value) {
     )
 }
 
-/// The claims of a token (its middle part), unverified.
-fn claims(token: &str) -> serde_json::Value {
-    let part = token.split('.').nth(1).expect("three parts");
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(part)
-            .unwrap(),
-    )
-    .unwrap()
+/// The claims of `token`, verified with the signing key in `key` (kid `kid`).
+fn claims(key: &std::path::Path, kid: &str, token: &str) -> Claims {
+    let pem = std::fs::read_to_string(key).unwrap();
+    TokenSigner::from_pkcs8_pem(kid, &pem)
+        .unwrap()
+        .verifier()
+        .verify(token, now_unix())
+        .expect("a valid token")
 }
 
 /// The participant id a snapshot assigns.
@@ -68,7 +67,7 @@ async fn until_closed(ws: &mut Ws) -> Vec<ServerMessage> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kicked_users_stay_out_and_one_token_cannot_flood_a_room() {
     let key = scratch_dir("hostile-identity-key").join("signing.pem");
-    let _ = std::fs::remove_file(&key);
+    std::fs::write(&key, TokenSigner::generate("dev-1").to_pkcs8_pem()).unwrap();
     let cap = CAP.to_string();
     let mesh = tokio::task::spawn_blocking({
         let key = key.clone();
@@ -96,12 +95,15 @@ async fn kicked_users_stay_out_and_one_token_cannot_flood_a_room() {
     let (status, v) = mint(&router, &room, "mallory");
     assert_eq!(status, 200, "{v}");
     let first = v["token"].as_str().unwrap().to_string();
-    assert_eq!(claims(&first)["sub"], "mallory");
+    assert_eq!(claims(&key, "dev-1", &first).sub, "mallory");
     let second = mint(&router, &room, "mallory").1["token"]
         .as_str()
         .unwrap()
         .to_string();
-    assert_ne!(claims(&first)["jti"], claims(&second)["jti"]);
+    assert_ne!(
+        claims(&key, "dev-1", &first).jti,
+        claims(&key, "dev-1", &second).jti
+    );
     // Mallory holds a session on each edge, each with its own token.
     let (mut m0, snap) = Ws::join(&edge0, &first)
         .await
@@ -157,7 +159,7 @@ async fn kicked_users_stay_out_and_one_token_cannot_flood_a_room() {
         "mallory",
     ]);
     let fresh = fresh.trim();
-    assert_eq!(claims(fresh)["sub"], "mallory");
+    assert_eq!(claims(&key, "dev-1", fresh).sub, "mallory");
     assert_eq!(ws_status(&edge1, fresh), (401, "token_revoked".into()));
     // Other users still join.
     let carol = mint(&router, &room, "carol").1["token"]
@@ -340,7 +342,15 @@ fn production_api_keys_are_scoped_and_signed_requests_are_not_replayable() {
     let ts = now_unix();
     let (status, v) = signed(&router, "POST", &path, mint_body, app_key, ts);
     assert_eq!(status, 200, "{v}");
-    assert_eq!(claims(v["token"].as_str().unwrap())["sub"], "app-user-42");
+    assert_eq!(
+        claims(
+            &mesh.dir.join("signing.pem"),
+            "k1",
+            v["token"].as_str().unwrap()
+        )
+        .sub,
+        "app-user-42"
+    );
     // The same signed request again (captured and replayed) is refused.
     let (status, v) = signed(&router, "POST", &path, mint_body, app_key, ts);
     assert_eq!(

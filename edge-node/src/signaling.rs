@@ -689,7 +689,7 @@ impl SignalingCore {
 /// Known refusal codes as static strings (others become `refused`, the text is kept in the
 /// message sent to clients as-is).
 fn static_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "forbidden",
         "banned",
         "not_found",
@@ -702,6 +702,7 @@ fn static_code(code: &str) -> &'static str {
         "full",
         "capacity",
         "invalid",
+        "limit",
     ];
     KNOWN
         .iter()
@@ -977,6 +978,12 @@ mod tests {
             c.may_send(ParticipantId(4)),
             "token role decides without a replica entry"
         );
+    }
+
+    #[test]
+    fn the_session_cap_refusal_keeps_its_code() {
+        assert_eq!(static_code("limit"), "limit");
+        assert_eq!(static_code("something new"), "refused");
     }
 
     #[test]
