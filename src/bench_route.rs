@@ -154,6 +154,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         packager_url: "http://127.0.0.1:9".into(),
         dev_mode: true,
         token_ttl_secs: 3600,
+        max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
         id: "bench-router".into(),
         origins: vec![],
         geoip: o.geoip.clone(),

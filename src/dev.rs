@@ -42,6 +42,9 @@ pub struct DevArgs {
     /// A live room without speakers for this many seconds is ended (0: never).
     #[arg(long, default_value_t = 3600)]
     idle_room_timeout_secs: u64,
+    /// Sessions one user may hold at once in one room (the origin refuses more joins).
+    #[arg(long, default_value_t = 8)]
+    max_sessions_per_user: usize,
     /// Store HLS output in this S3-compatible endpoint instead of `--data-dir` (e.g. s3s-fs
     /// on `http://127.0.0.1:9000`); keys from `AMPHI_DEV_S3_ACCESS_KEY`/`AMPHI_DEV_S3_SECRET_KEY`.
     #[arg(long)]
@@ -203,6 +206,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             quic_listen: addr(DEV_PORTS.origin_quic, off),
             metrics_listen: addr(DEV_PORTS.origin_metrics, off),
             idle_room_timeout_secs: args.idle_room_timeout_secs,
+            max_sessions_per_user: args.max_sessions_per_user,
         },
         mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin)?,
     };
@@ -284,6 +288,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 media_threads: args.media_threads,
                 https: Default::default(),
                 ice_connect_timeout_secs: 15,
+                max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
             },
             mesh_tls: pki.issue(&format!("{id}.amphi.internal"), MeshRole::Edge)?,
             tokens: verifier.clone(),
@@ -316,6 +321,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             packager_url: url(DEV_PORTS.packager_http, off),
             dev_mode: true,
             token_ttl_secs: 6 * 3600,
+            max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
             id: "geo-router-1".into(),
             origins,
             geoip: args.geoip.clone(),

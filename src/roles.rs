@@ -245,6 +245,10 @@ enum TokenCommand {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// The user's id in your application (the token's `sub`: bans, session caps and chat
+        /// limits follow it); default the display name.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -268,6 +272,7 @@ pub fn token(args: TokenArgs) -> Result<()> {
             role,
             name,
             ttl,
+            user,
         } => {
             let signer = TokenSigner::from_pkcs8_pem(kid, &read(&key)?)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -275,7 +280,7 @@ pub fn token(args: TokenArgs) -> Result<()> {
             println!(
                 "{}",
                 signer.sign(&Claims {
-                    sub: name.clone(),
+                    sub: user.unwrap_or_else(|| name.clone()),
                     name,
                     room,
                     role,

@@ -173,6 +173,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             quic_listen: origin_addr,
             metrics_listen: format!("127.0.0.1:{}", 8301 + base).parse().unwrap(),
             idle_room_timeout_secs: 3600,
+            max_sessions_per_user: 8,
         },
         mesh_tls: pki
             .issue("origin.amphi.internal", MeshRole::Origin)
@@ -189,6 +190,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             packager_url: "http://127.0.0.1:9".into(),
             dev_mode: true,
             token_ttl_secs: 600,
+            max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
             id: "router-test".into(),
             origins: vec![OriginEndpoint {
                 id: "origin-1".into(),

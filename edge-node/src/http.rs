@@ -232,14 +232,29 @@ fn authorize(st: &AppState, headers: &HeaderMap, room: RoomId) -> Result<Claims,
     let Some(token) = bearer(headers) else {
         return Err("missing bearer token".into());
     };
-    st.tokens.verify(token, now_unix()).map_err(|e| {
+    let now = now_unix();
+    let claims = st.tokens.verify(token, now).map_err(|e| {
         tracing::info!(%room, reason = %e, "token refused");
         format!("invalid token: {e}")
-    })
+    })?;
+    if st.sessions.is_revoked(&claims, now) {
+        tracing::info!(%room, "revoked token refused");
+        return Err(REVOKED.into());
+    }
+    Ok(claims)
 }
 
+/// The 401 message for a revoked token.
+pub(crate) const REVOKED: &str = "token revoked: you were removed from this room";
+
+/// A 401: `token_revoked` for [`REVOKED`], else `unauthorized`.
 pub(crate) fn unauthorized(message: String) -> Response {
-    api_error(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    let code = if message == REVOKED {
+        "token_revoked"
+    } else {
+        "unauthorized"
+    };
+    api_error(StatusCode::UNAUTHORIZED, code, message)
 }
 
 pub(crate) async fn room_is_live(st: &AppState, room: RoomId) -> Result<bool, String> {

@@ -116,8 +116,9 @@ pub async fn run_with(
     let EdgeSetup {
         config,
         mesh_tls,
-        tokens,
+        mut tokens,
     } = setup;
+    tokens.set_max_lifetime(config.max_token_lifetime_secs);
 
     let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(mesh_tls.client_config()?)
         .map_err(|e| EdgeError::Quic(e.to_string()))?;
@@ -205,6 +206,7 @@ pub async fn run_with(
         &config.region,
         mesh_tx.clone(),
         media.clone(),
+        config.max_token_lifetime_secs,
     ));
     // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.
     let occupancy = Arc::new(Occupancy::new(config.interactive_capacity));

@@ -8,6 +8,7 @@ use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, RoomState, ServerMessage};
+use amphi_protocol::token::{Claims, Revocations};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -41,6 +42,8 @@ pub(crate) enum JoinOutcome {
 const ACTIVE_SPEAKERS_DEDUP: Duration = Duration::from_millis(200);
 /// Rooms remembered for that before stale ones are forgotten.
 const ACTIVE_SENT_MAX: usize = 4096;
+/// Revoked (room, user) entries an edge holds at most.
+const MAX_REVOCATIONS: usize = 100_000;
 
 /// To the media drivers (every shard).
 #[derive(Debug, Clone)]
@@ -69,6 +72,11 @@ pub(crate) struct Sessions {
     /// When each room's active speakers were last sent (every media shard reports them; the
     /// first report of each period wins).
     active_sent: Mutex<HashMap<RoomId, Instant>>,
+    /// Users whose tokens the origin revoked (kicked), per room.
+    revoked: Mutex<Revocations>,
+    /// How long a revocation is kept: the token lifetime cap (every token it covers has
+    /// expired by then).
+    revocation_secs: u64,
 }
 
 impl Sessions {
@@ -76,8 +84,11 @@ impl Sessions {
         region: &str,
         mesh_tx: mpsc::UnboundedSender<MeshEvent>,
         media: MediaShards,
+        revocation_secs: u64,
     ) -> Self {
         Sessions {
+            revoked: Mutex::new(Revocations::new(MAX_REVOCATIONS)),
+            revocation_secs,
             inner: Mutex::new(Inner {
                 core: SignalingCore::new(region),
                 epoch: 0,
@@ -187,6 +198,32 @@ impl Sessions {
         let mut inner = self.lock();
         let outs = inner.core.on_control(msg);
         self.dispatch(&mut inner, outs);
+    }
+
+    /// The origin revoked `user`'s tokens for `room` at `now_unix`: refuse them from now on and
+    /// end the user's sessions in the room on this edge.
+    pub(crate) fn revoke(&self, room: RoomId, user: &str, now_unix: u64) {
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            revoked.prune(now_unix);
+            revoked.revoke_user(
+                room,
+                user,
+                now_unix.saturating_add(self.revocation_secs),
+                now_unix,
+            );
+        }
+        let mut inner = self.lock();
+        let outs = inner.core.revoke_user(room, user, Instant::now());
+        self.dispatch(&mut inner, outs);
+    }
+
+    /// Whether the token behind `claims` was revoked.
+    pub(crate) fn is_revoked(&self, claims: &Claims, now_unix: u64) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_revoked(claims.room, &claims.sub, now_unix)
     }
 
     /// A link to an origin is up and `rooms` are to be announced on it: the new epoch (messages

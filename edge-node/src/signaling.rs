@@ -287,6 +287,41 @@ impl SignalingCore {
         out
     }
 
+    /// The origin revoked `user`'s tokens for `room` (a kick): every session of that user in the
+    /// room on this edge ends (closed as kicked; a pending join is refused as banned), whether
+    /// or not the origin already removed it.
+    pub fn revoke_user(&mut self, room: RoomId, user: &str, now: Instant) -> Vec<Output> {
+        let pids: Vec<(ParticipantId, bool)> = self
+            .rooms
+            .get(&room)
+            .map(|local| {
+                local
+                    .members
+                    .iter()
+                    .filter_map(|pid| {
+                        let m = self.members.get(pid)?;
+                        (m.user == user).then_some((*pid, m.joined))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for (pid, joined) in pids {
+            if !joined {
+                out.push(Output::JoinRefused {
+                    participant: pid,
+                    refusal: Refusal::new("banned", "you were removed from this room"),
+                });
+            }
+            out.extend(self.leave(pid, now));
+            out.push(Output::Close {
+                participant: pid,
+                why: CloseWhy::Kicked,
+            });
+        }
+        out
+    }
+
     /// A joined participant's command (mapped from a client message).
     pub fn command(
         &mut self,
@@ -697,7 +732,7 @@ impl SignalingCore {
 /// Known refusal codes as static strings (others become `refused`, the text is kept in the
 /// message sent to clients as-is).
 fn static_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "forbidden",
         "banned",
         "not_found",
@@ -710,6 +745,7 @@ fn static_code(code: &str) -> &'static str {
         "full",
         "capacity",
         "invalid",
+        "limit",
     ];
     KNOWN
         .iter()
@@ -1050,6 +1086,36 @@ mod tests {
         assert_eq!(c.room_of(ParticipantId(2)), None);
         // The host stays.
         assert_eq!(c.room_of(ParticipantId(1)), Some(R));
+    }
+
+    #[test]
+    fn the_session_cap_refusal_keeps_its_code() {
+        assert_eq!(static_code("limit"), "limit");
+        assert_eq!(static_code("something new"), "refused");
+    }
+
+    #[test]
+    fn revocation_ends_every_session_of_the_user_in_the_room() {
+        let mut c = joined_core();
+        let now = Instant::now();
+        // "lee" also has a pending WHEP session (e.g. admitted while the origin was away).
+        c.join(req(3, "lee", Role::Listener, SessionKind::Whep), now);
+        let out = c.revoke_user(R, "lee", now);
+        assert!(out.contains(&Output::Close {
+            participant: ParticipantId(2),
+            why: CloseWhy::Kicked
+        }));
+        assert!(out.contains(&Output::Close {
+            participant: ParticipantId(3),
+            why: CloseWhy::Kicked
+        }));
+        assert!(out.iter().any(|o| matches!(o,
+            Output::JoinRefused { participant, refusal }
+                if *participant == ParticipantId(3) && refusal.code == "banned")));
+        assert_eq!(c.room_of(ParticipantId(2)), None);
+        assert_eq!(c.room_of(ParticipantId(3)), None);
+        assert_eq!(c.room_of(ParticipantId(1)), Some(R), "others stay");
+        assert!(c.revoke_user(R, "lee", now).is_empty());
     }
 
     #[test]

@@ -110,7 +110,8 @@ fn room_of(msg: &ControlMessage) -> Option<RoomId> {
         | ControlMessage::RoomOpened { room }
         | ControlMessage::RoomCommand { room, .. }
         | ControlMessage::RoomEvents { room, .. }
-        | ControlMessage::CommandRejected { room, .. } => Some(*room),
+        | ControlMessage::CommandRejected { room, .. }
+        | ControlMessage::Revoke { room, .. } => Some(*room),
         ControlMessage::RoomSnapshot { state } => Some(state.room),
         _ => None,
     }
@@ -242,6 +243,10 @@ impl Uplink {
                 if !self.media.try_broadcast(|| MediaCommand::EndRoom { room }) {
                     tracing::warn!(%room, "media driver busy; room end not applied");
                 }
+            }
+            ControlMessage::Revoke { room, user } => {
+                tracing::info!(%room, "origin revoked a user's tokens");
+                self.sessions.revoke(room, &user, crate::http::now_unix());
             }
             ControlMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "origin reported an error");

@@ -58,13 +58,18 @@ pub(crate) async fn ws_get(
     let Some(token) = q.token.filter(|t| !t.is_empty()) else {
         return unauthorized("missing token query parameter".into());
     };
-    let claims = match st.tokens.verify(&token, now_unix()) {
+    let now = now_unix();
+    let claims = match st.tokens.verify(&token, now) {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(reason = %e, "websocket token refused");
             return unauthorized(format!("invalid token: {e}"));
         }
     };
+    if st.sessions.is_revoked(&claims, now) {
+        tracing::info!(room = %claims.room, "revoked websocket token refused");
+        return unauthorized(crate::http::REVOKED.into());
+    }
     if let Err(resp) = check_live(&st, claims.room).await {
         return resp;
     }

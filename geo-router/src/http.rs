@@ -2,7 +2,9 @@
 //! client, and the `/hls` proxy. Decisions are made by the sans-IO cores ([`crate::select`],
 //! [`crate::registry`], [`crate::directory`], [`crate::client_ip`], [`crate::auth`]).
 
-use crate::auth::{ApiKeys, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::auth::{
+    ApiKeys, ApiScope, AuthError, ReplayCache, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
 use crate::client_ip::{client_ip, Source};
 use crate::directory::{rank, RoomEntry};
 use crate::geoip::{GeoIp, Place};
@@ -17,6 +19,7 @@ use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
     ApiError, CreateRoomRequest, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer,
     MintTokenRequest, RoomStatus, RouteResponse, TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
+    MAX_USER_ID_BYTES,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::HttpsClient;
@@ -51,6 +54,11 @@ const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
 pub const RECORDING_WAIT: std::time::Duration = std::time::Duration::from_secs(180);
 /// How often the packager is asked whether an ended room's recording is there.
 const RECORDING_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Signed requests remembered (per router process) to refuse replays; beyond it, signed requests
+/// are refused until the oldest leave the window.
+const MAX_REMEMBERED_SIGNATURES: usize = 500_000;
+/// Revoked (room, user) entries the router holds at most.
+const MAX_REMEMBERED_REVOCATIONS: usize = 100_000;
 /// Furthest ahead a room may be scheduled (one year).
 const MAX_SCHEDULE_AHEAD_SECS: u64 = 366 * 24 * 3600;
 
@@ -115,6 +123,10 @@ struct AppState {
     geoip: GeoIp,
     trusted: Vec<IpNet>,
     api_keys: ApiKeys,
+    /// Users the origins revoked (kicked), per room: no tokens are minted for them.
+    revoked: std::sync::Mutex<amphi_protocol::token::Revocations>,
+    /// Signatures accepted recently (a signed request is accepted once).
+    replays: std::sync::Mutex<ReplayCache>,
     policy: Policy,
     /// The default region's coordinates (where unplaceable clients are put).
     anchor: Option<GeoPoint>,
@@ -221,6 +233,19 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), Failure> {
     Ok(())
 }
 
+/// 400 unless `value` is a valid application user id.
+fn check_user_id(field: &str, value: &str) -> Result<(), Failure> {
+    if amphi_protocol::api::valid_user_id(value) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_field",
+            format!("{field} must be 1 to {MAX_USER_ID_BYTES} printable ASCII characters without spaces"),
+        ))
+    }
+}
+
 fn parse_room(id: &str) -> Result<RoomId, Failure> {
     id.parse()
         .map_err(|_| error(StatusCode::NOT_FOUND, "room_not_found", "no such room"))
@@ -252,12 +277,13 @@ impl AppState {
         format!("{}/hls/{room}/index.m3u8", self.hls_base())
     }
 
-    fn mint(&self, room: RoomId, role: Role, name: &str) -> String {
+    /// A token for `user` (the application's user id; `None`: a random one).
+    fn mint(&self, room: RoomId, role: Role, name: &str, user: Option<String>) -> String {
         let now = now_unix();
         let jti: u128 = rand::random();
         self.metrics.tokens_minted.inc();
         self.signer.sign(&Claims {
-            sub: format!("u-{:016x}", rand::random::<u64>()),
+            sub: user.unwrap_or_else(|| format!("u-{:016x}", rand::random::<u64>())),
             name: name.to_string(),
             room,
             role,
@@ -283,45 +309,72 @@ impl AppState {
         self.registry().room_sessions(room, Instant::now())
     }
 
-    /// Check the API key signature of a request. Returns the key id.
+    /// Check the API key signature of a request, that the key's scope allows `needs`, and that
+    /// the signed request was not seen before. Returns the key id.
     fn check_api_key(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: &[u8],
+        needs: ApiScope,
     ) -> Result<String, Failure> {
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        self.api_keys
+        let now = now_unix();
+        let signature = header_str(headers, SIGNATURE_HEADER);
+        let checked = self
+            .api_keys
             .verify(
                 header_str(headers, KEY_HEADER),
                 header_str(headers, TIMESTAMP_HEADER),
-                header_str(headers, SIGNATURE_HEADER),
+                signature,
                 method.as_str(),
                 path,
                 body,
-                now_unix(),
+                now,
             )
-            .map(str::to_string)
-            .map_err(|e| {
-                self.metrics.auth_failures.inc();
-                tracing::info!(path, reason = %e, "API key refused");
-                error(StatusCode::UNAUTHORIZED, "bad_api_signature", e.to_string())
-            })
+            .and_then(|(id, scope)| {
+                if !scope.allows(needs) {
+                    return Err(AuthError::Scope {
+                        have: scope.as_str(),
+                        needs: needs.as_str(),
+                    });
+                }
+                self.replays
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .check(signature.unwrap_or_default(), now)?;
+                Ok(id.to_string())
+            });
+        checked.map_err(|e| {
+            self.metrics.auth_failures.inc();
+            tracing::info!(path, reason = %e, "API key refused");
+            match e {
+                AuthError::Scope { .. } => {
+                    error(StatusCode::FORBIDDEN, "api_key_scope", e.to_string())
+                }
+                AuthError::Replayed => {
+                    error(StatusCode::UNAUTHORIZED, "replayed_request", e.to_string())
+                }
+                _ => error(StatusCode::UNAUTHORIZED, "bad_api_signature", e.to_string()),
+            }
+        })
     }
 
-    /// Production mode requires an API key; dev mode is open.
+    /// Production mode requires an API key whose scope allows `needs`; dev mode is open.
     fn require_api_key(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: &[u8],
+        needs: ApiScope,
     ) -> Result<(), Failure> {
         if self.config.dev_mode {
             return Ok(());
         }
-        self.check_api_key(method, uri, headers, body).map(|_| ())
+        self.check_api_key(method, uri, headers, body, needs)
+            .map(|_| ())
     }
 }
 
@@ -333,8 +386,11 @@ async fn create_room(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let bytes = body_bytes(body, MAX_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    s.require_api_key(&method, &uri, &headers, &bytes, ApiScope::App)?;
     let req: CreateRoomRequest = parse_json(&bytes)?;
+    if let Some(user) = &req.host_user_id {
+        check_user_id("host_user_id", user)?;
+    }
     check_text("title", &req.title, MAX_TITLE_CHARS)?;
     if let Some(topic) = &req.topic {
         check_text("topic", topic, MAX_NAME_CHARS)?;
@@ -377,7 +433,7 @@ async fn create_room(
     }
     let resp = CreateRoomResponse {
         room,
-        host_token: s.mint(room, Role::Host, &host_name),
+        host_token: s.mint(room, Role::Host, &host_name, req.host_user_id),
         hls_url: s.hls_url(room),
     };
     Ok((StatusCode::CREATED, Json(resp)).into_response())
@@ -442,9 +498,34 @@ async fn mint_token(
 ) -> Answer {
     let room = parse_room(&id)?;
     let bytes = body_bytes(body, MAX_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    s.require_api_key(&method, &uri, &headers, &bytes, ApiScope::App)?;
     let req: MintTokenRequest = parse_json(&bytes)?;
     check_text("name", &req.name, MAX_NAME_CHARS)?;
+    match &req.user_id {
+        Some(user) => {
+            check_user_id("user_id", user)?;
+            let revoked = s
+                .revoked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_revoked(room, user, now_unix());
+            if revoked {
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "user_banned",
+                    "this user was removed from the room",
+                ));
+            }
+        }
+        None if !s.config.dev_mode => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "missing_user_id",
+                "user_id (the user's id in your application) is required",
+            ))
+        }
+        None => {}
+    }
     if req.role == Role::Host {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -463,7 +544,7 @@ async fn mint_token(
         }
     }
     Ok(Json(TokenResponse {
-        token: s.mint(room, req.role, &req.name),
+        token: s.mint(room, req.role, &req.name, req.user_id),
     })
     .into_response())
 }
@@ -479,7 +560,7 @@ async fn end_room(
     let room = parse_room(&id)?;
     let by_api_key = headers.contains_key(KEY_HEADER);
     if by_api_key {
-        let key = s.check_api_key(&method, &uri, &headers, b"")?;
+        let key = s.check_api_key(&method, &uri, &headers, b"", ApiScope::App)?;
         tracing::info!(%room, %key, "end requested with an API key");
     } else {
         let Some(token) = bearer(&headers) else {
@@ -543,6 +624,18 @@ async fn end_room(
 async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEvent>) {
     while let Some(ev) = rx.recv().await {
         match ev {
+            OriginEvent::Revoked { room, user } => {
+                let now = now_unix();
+                let mut revoked = s.revoked.lock().unwrap_or_else(|e| e.into_inner());
+                revoked.prune(now);
+                revoked.revoke_user(
+                    room,
+                    &user,
+                    now.saturating_add(s.config.max_token_lifetime_secs),
+                    now,
+                );
+                tracing::info!(%room, "origin revoked a user's tokens");
+            }
             OriginEvent::RoomEnded { room, origin } => {
                 let now = now_unix();
                 // Every router linked to the origin hears this; the store lets one of them win.
@@ -757,7 +850,7 @@ async fn edge_heartbeat(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let bytes = body_bytes(body, MAX_HEARTBEAT_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    s.require_api_key(&method, &uri, &headers, &bytes, ApiScope::Edge)?;
     let hb: EdgeHeartbeat = parse_json(&bytes)?;
     if hb.id != id {
         return Err(error(
@@ -815,7 +908,7 @@ async fn list_edges(
     uri: Uri,
     headers: HeaderMap,
 ) -> Answer {
-    s.require_api_key(&method, &uri, &headers, b"")?;
+    s.require_api_key(&method, &uri, &headers, b"", ApiScope::Admin)?;
     let now = Instant::now();
     let reg = s.registry();
     let edges: Vec<_> = reg
@@ -847,7 +940,7 @@ async fn drain_edge(
     uri: Uri,
     headers: HeaderMap,
 ) -> Answer {
-    s.require_api_key(&method, &uri, &headers, b"")?;
+    s.require_api_key(&method, &uri, &headers, b"", ApiScope::Admin)?;
     if !s.store.request_drain(id.clone()).await? {
         return Err(error(
             StatusCode::NOT_FOUND,
@@ -1164,6 +1257,11 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
             "production mode needs at least one api_keys entry".into(),
         ));
     }
+    if setup.config.token_ttl_secs > setup.config.max_token_lifetime_secs {
+        return Err(RouterError::Config(
+            "token_ttl_secs may not exceed max_token_lifetime_secs".into(),
+        ));
+    }
     let geoip = GeoIp::open(&setup.config.geoip)?;
     for (path, kind) in geoip.describe() {
         tracing::info!(path = %path.display(), %kind, "GeoIP database open");
@@ -1232,8 +1330,14 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         tokio::spawn(sync_store(store.clone(), shutdown.clone()));
     }
     let metrics = Metrics::default();
+    let mut verifier = setup.signer.verifier();
+    verifier.set_max_lifetime(setup.config.max_token_lifetime_secs);
     let state = Arc::new(AppState {
-        verifier: setup.signer.verifier(),
+        verifier,
+        replays: std::sync::Mutex::new(ReplayCache::new(MAX_REMEMBERED_SIGNATURES)),
+        revoked: std::sync::Mutex::new(amphi_protocol::token::Revocations::new(
+            MAX_REMEMBERED_REVOCATIONS,
+        )),
         links,
         store,
         geoip,
@@ -1243,7 +1347,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
                 .config
                 .api_keys
                 .iter()
-                .map(|k| (k.id.clone(), k.secret.clone())),
+                .map(|k| (k.id.clone(), k.secret.clone(), k.scope)),
         ),
         policy: Policy {
             load_threshold: setup.config.load_threshold,

@@ -62,6 +62,13 @@ pub enum OriginEvent {
         /// Which origin said so.
         origin: String,
     },
+    /// An origin revoked a user's tokens for a room (the user was kicked).
+    Revoked {
+        /// The room.
+        room: RoomId,
+        /// The user (token `sub`).
+        user: String,
+    },
 }
 
 /// Handle to every origin link: routes room ends to the owning origin.
@@ -318,6 +325,9 @@ impl Link {
                                             room,
                                             origin: self.origin.id.clone(),
                                         });
+                                    }
+                                    ControlMessage::Revoke { room, user } => {
+                                        let _ = self.events.send(OriginEvent::Revoked { room, user });
                                     }
                                     ControlMessage::Ping { nonce } => {
                                         let pong = ControlMessage::Pong { nonce };

@@ -190,6 +190,7 @@ fn start_router(port: u16, backend: Backend, signer: TokenSigner) -> Router {
         packager_url: "http://127.0.0.1:9".into(),
         dev_mode: true,
         token_ttl_secs: 600,
+        max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
         id: format!("router-{port}"),
         origins: vec![],
         geoip: vec![],

@@ -87,6 +87,17 @@ impl HubState {
         }
     }
 
+    /// Tell every edge and geo-router that `user`'s tokens for `room` are revoked.
+    fn revoke(&self, room: RoomId, user: String) {
+        let msg = ControlMessage::Revoke { room, user };
+        for link in self.edges.values() {
+            let _ = link.control.send(msg.clone());
+        }
+        for control in self.routers.values() {
+            let _ = control.send(msg.clone());
+        }
+    }
+
     /// Tell the edges subscribed to `room` and every geo-router, except connection `from`, that
     /// the room ended.
     fn room_ended_notice(&self, room: RoomId, from: u64) {
@@ -268,6 +279,7 @@ impl Hub {
         packets: mpsc::Sender<MixerCmd>,
         control: mpsc::UnboundedSender<MixerCmd>,
         durable: Option<(RoomStore, Arc<Persister>)>,
+        rooms: crate::room::RoomsConfig,
     ) -> Self {
         let (store, persister) = durable.unzip();
         Hub {
@@ -275,6 +287,7 @@ impl Hub {
             metrics,
             state: RwLock::new(HubState {
                 persister,
+                rooms: Rooms::new(rooms),
                 ..HubState::default()
             }),
             packets,
@@ -532,6 +545,12 @@ impl Hub {
         tracing::info!(%remote, peer = %peer_id, %region, ?peer, "mesh peer connected");
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let own = ctl_tx.clone();
+        if matches!(peer, PeerKind::Edge | PeerKind::Router) {
+            // Every live ban, so the peer refuses those users' tokens from the start.
+            for (room, user) in lock_read(&self.state).rooms.bans() {
+                let _ = ctl_tx.send(ControlMessage::Revoke { room, user });
+            }
+        }
         match peer {
             PeerKind::Edge => {
                 lock_write(&self.state).edges.insert(
@@ -678,6 +697,7 @@ impl Hub {
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::RoomSnapshot { .. }
             | ControlMessage::RoomOpened { .. }
+            | ControlMessage::Revoke { .. }
             | ControlMessage::CommandRejected { .. } => Err(Failure::Protocol {
                 code: "unexpected",
                 message: format!("unexpected {}", kind_of(&msg)),
@@ -790,6 +810,15 @@ impl Hub {
         let mut guard = lock_write(&self.state);
         let st = &mut *guard;
         st.housekeeping(now);
+        // A kick revokes the target user's tokens on every edge and router.
+        let kicked_user = match &command {
+            RoomCommand::Kick { target } => st
+                .rooms
+                .get(room)
+                .and_then(|r| r.participant(*target))
+                .map(|p| p.user.clone()),
+            _ => None,
+        };
         let live = st
             .rooms
             .get(room)
@@ -829,8 +858,17 @@ impl Hub {
             }
         }
         let ended = st.after_events(room, &events);
+        let kicked = kicked_user.filter(|_| {
+            events
+                .iter()
+                .any(|e| matches!(e, amphi_protocol::room::RoomEvent::Kicked { .. }))
+        });
         if !events.is_empty() {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+        }
+        if let Some(user) = kicked {
+            // After the events, so the kicked sessions hear `kicked` before they are closed.
+            st.revoke(room, user);
         }
         if is_join {
             if let Some(r) = st.rooms.get(room) {
@@ -1025,5 +1063,6 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::RoomEvents { .. } => "room_events",
         ControlMessage::RoomSnapshot { .. } => "room_snapshot",
         ControlMessage::CommandRejected { .. } => "command_rejected",
+        ControlMessage::Revoke { .. } => "revoke",
     }
 }

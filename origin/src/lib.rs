@@ -210,6 +210,13 @@ pub async fn run_with(
         packets_tx,
         control_tx,
         durable,
+        room::RoomsConfig {
+            room: room::RoomLimits {
+                max_sessions_per_user: config.max_sessions_per_user.max(1),
+                ..room::RoomLimits::default()
+            },
+            ..room::RoomsConfig::default()
+        },
     ));
     {
         // Rooms idle past `idle_room_timeout_secs` end like `POST /v1/rooms/{id}/end`: edges,

@@ -100,6 +100,8 @@ pub struct RoomLimits {
     pub reactions: Rate,
     /// Participants present at most at once.
     pub max_participants: usize,
+    /// Participants one user (token `sub`) may be at once, over every edge.
+    pub max_sessions_per_user: usize,
 }
 
 impl Default for RoomLimits {
@@ -114,6 +116,7 @@ impl Default for RoomLimits {
                 window: Duration::from_secs(10),
             },
             max_participants: 100_000,
+            max_sessions_per_user: 8,
         }
     }
 }
@@ -160,7 +163,10 @@ pub struct Room {
     /// The role each user last held here: a user who reconnects (new participant id) gets it back,
     /// and a demotion sticks until the room ends.
     roles: HashMap<String, RoomRole>,
-    activity: HashMap<ParticipantId, Activity>,
+    /// Chat and reaction windows per user (not per session: more sessions buy no more messages).
+    activity: HashMap<String, Activity>,
+    /// Sessions (participants present) per user.
+    sessions: HashMap<String, usize>,
     created: Instant,
     created_unix_ms: u64,
     last_change: Instant,
@@ -179,6 +185,7 @@ impl Room {
             banned: Vec::new(),
             roles: HashMap::new(),
             activity: HashMap::new(),
+            sessions: HashMap::new(),
             created,
             created_unix_ms,
             last_change: created,
@@ -223,6 +230,9 @@ impl Room {
         let mut room = Room::new(state.room, limits, now, now_unix_ms);
         room.phase = state.phase;
         room.participants = state.participants;
+        for p in &room.participants {
+            *room.sessions.entry(p.user.clone()).or_default() += 1;
+        }
         room.hands = state.hands;
         room.banned = state.banned;
         room.roles = roles.into_iter().collect();
@@ -431,8 +441,10 @@ impl Room {
                 if text.chars().any(|c| c.is_control() && c != '\n') {
                     return reject(RejectCode::BadMessage, "chat text has control characters");
                 }
+                self.trim_activity(now);
                 let rate = self.limits.chat;
-                let window = &mut self.activity.entry(actor).or_default().chat;
+                let user = self.participant(actor).expect("actor checked").user.clone();
+                let window = &mut self.activity.entry(user).or_default().chat;
                 if !window.allows(rate, now) {
                     return reject(
                         RejectCode::RateLimited,
@@ -462,8 +474,10 @@ impl Room {
                         format!("a reaction is 1 to {MAX_REACTION_CHARS} printable characters"),
                     );
                 }
+                self.trim_activity(now);
                 let rate = self.limits.reactions;
-                let window = &mut self.activity.entry(actor).or_default().reactions;
+                let user = self.participant(actor).expect("actor checked").user.clone();
+                let window = &mut self.activity.entry(user).or_default().reactions;
                 if !window.allows(rate, now) {
                     return reject(
                         RejectCode::RateLimited,
@@ -504,6 +518,22 @@ impl Room {
         self.hands.clear();
         self.activity.clear();
         vec![RoomEvent::Ended { by }]
+    }
+
+    /// Forget the windows of users without recent actions once there are many more windows
+    /// than participants (bounded memory under churn).
+    fn trim_activity(&mut self, now: Instant) {
+        if self.activity.len() <= 2 * self.participants.len() + 64 {
+            return;
+        }
+        let keep = self.limits.chat.window.max(self.limits.reactions.window);
+        self.activity.retain(|_, a| {
+            [&a.chat, &a.reactions].iter().any(|w| {
+                w.times
+                    .back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < keep)
+            })
+        });
     }
 
     fn unix_ms(&self, now: Instant) -> u64 {
@@ -566,6 +596,16 @@ impl Room {
         if self.participants.len() >= self.limits.max_participants {
             return reject(RejectCode::Limit, "the room is full");
         }
+        let sessions = self.sessions.get(&user).copied().unwrap_or(0);
+        if sessions >= self.limits.max_sessions_per_user {
+            return reject(
+                RejectCode::Limit,
+                format!(
+                    "at most {} sessions per user in a room",
+                    self.limits.max_sessions_per_user
+                ),
+            );
+        }
         let name: String = name
             .trim()
             .chars()
@@ -577,6 +617,7 @@ impl Room {
             None => resume.unwrap_or(token_role),
         };
         self.roles.insert(user.clone(), role);
+        *self.sessions.entry(user.clone()).or_default() += 1;
         let participant = Participant {
             id,
             user,
@@ -627,9 +668,16 @@ impl Room {
             events.push(RoomEvent::Kicked { id, by });
         }
         if let Some(i) = self.index(id) {
-            self.participants.remove(i);
+            let p = self.participants.remove(i);
+            if let Some(n) = self.sessions.get_mut(&p.user) {
+                *n -= 1;
+                if *n == 0 {
+                    // The user's windows stay (leaving and rejoining does not reset them);
+                    // `trim_activity` forgets idle ones.
+                    self.sessions.remove(&p.user);
+                }
+            }
         }
-        self.activity.remove(&id);
         events.push(RoomEvent::ParticipantLeft { id });
         events
     }
@@ -751,6 +799,15 @@ impl Rooms {
             }
         }
         census
+    }
+
+    /// The banned users of every live room, as (room, user).
+    pub fn bans(&self) -> Vec<(RoomId, String)> {
+        self.rooms
+            .values()
+            .filter(|r| r.phase == RoomPhase::Live)
+            .flat_map(|r| r.banned.iter().map(|u| (r.id, u.clone())))
+            .collect()
     }
 
     /// Apply `command` to `room` (a `Join` creates the room; anything else needs it to exist).

@@ -222,6 +222,7 @@ async fn edges_packager_relay_mix_and_metrics() {
                 quic_listen: quic,
                 metrics_listen: metrics_addr,
                 idle_room_timeout_secs: 3600,
+                max_sessions_per_user: 8,
             },
             mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap(),
         },

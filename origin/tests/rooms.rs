@@ -220,6 +220,7 @@ async fn room_authority_over_two_edges() {
                 quic_listen: quic,
                 metrics_listen: metrics,
                 idle_room_timeout_secs: 3600,
+                max_sessions_per_user: 8,
             },
             mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap(),
         },

@@ -8,6 +8,15 @@ use serde::{Deserialize, Serialize};
 pub const MAX_TITLE_CHARS: usize = 200;
 /// Longest topic or display name, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
+/// Longest application user id (`user_id`, the token's `sub`), in bytes.
+pub const MAX_USER_ID_BYTES: usize = 128;
+
+/// Whether `id` is a usable application user id: 1 to [`MAX_USER_ID_BYTES`] bytes of printable
+/// ASCII without spaces (letters, digits, punctuation), so it is one unambiguous key for bans,
+/// session caps and rate limits.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_USER_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
+}
 
 /// `POST /v1/rooms` body.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -24,6 +33,10 @@ pub struct CreateRoomRequest {
     /// The host's display name, carried in the host token (default "host").
     #[serde(default)]
     pub host_name: Option<String>,
+    /// The host's user id in the calling application (the host token's `sub`); default a random
+    /// id.
+    #[serde(default)]
+    pub host_user_id: Option<String>,
 }
 
 /// `POST /v1/rooms` answer (`201 Created`).
@@ -83,6 +96,11 @@ pub struct MintTokenRequest {
     pub role: Role,
     /// Display name.
     pub name: String,
+    /// The user's id in the calling application, carried as the token's `sub`: kicks, bans,
+    /// session caps and chat rate limits follow it. Required in production; dev mode makes a
+    /// random one when absent.
+    #[serde(default)]
+    pub user_id: Option<String>,
 }
 
 /// A minted token.

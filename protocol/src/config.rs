@@ -133,6 +133,13 @@ pub struct EdgeConfig {
     /// its answer before the edge drops it. Default 15.
     #[serde(default = "default_ice_connect_timeout_secs")]
     pub ice_connect_timeout_secs: u64,
+    /// Tokens whose lifetime (`exp - iat`) exceeds this many seconds are refused. Default 86400.
+    #[serde(default = "default_max_token_lifetime_secs")]
+    pub max_token_lifetime_secs: u64,
+}
+
+fn default_max_token_lifetime_secs() -> u64 {
+    crate::token::DEFAULT_MAX_LIFETIME_SECS
 }
 
 impl EdgeConfig {
@@ -169,6 +176,14 @@ pub struct OriginConfig {
     /// producing silence. 0: never. Default 3600.
     #[serde(default = "default_idle_room_timeout_secs")]
     pub idle_room_timeout_secs: u64,
+    /// Sessions one user (token `sub`) may hold at once in one room, over every edge; further
+    /// joins are refused with `limit`. Default 8.
+    #[serde(default = "default_max_sessions_per_user")]
+    pub max_sessions_per_user: usize,
+}
+
+fn default_max_sessions_per_user() -> usize {
+    8
 }
 
 fn default_idle_room_timeout_secs() -> u64 {
@@ -293,6 +308,10 @@ pub struct RouterConfig {
     /// Token lifetime in seconds.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
+    /// Tokens whose lifetime (`exp - iat`) exceeds this many seconds are refused (host tokens on
+    /// `POST /v1/rooms/{id}/end`); `token_ttl_secs` may not exceed it. Default 86400.
+    #[serde(default = "default_max_token_lifetime_secs")]
+    pub max_token_lifetime_secs: u64,
     /// This router's id (sent to origins in `Hello`).
     #[serde(default = "default_router_id")]
     pub id: String,
@@ -330,6 +349,34 @@ pub struct RouterConfig {
     pub https: HttpTls,
 }
 
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiScope {
+    /// An edge: heartbeats (registration) only.
+    Edge,
+    /// The application: create and end rooms, mint tokens, revoke tokens.
+    App,
+    /// An operator: everything (edges list and drain included).
+    Admin,
+}
+
+impl ApiScope {
+    /// Whether a key of this scope may make a request that needs `needed`.
+    pub fn allows(self, needed: ApiScope) -> bool {
+        self == ApiScope::Admin || self == needed
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiScope::Edge => "edge",
+            ApiScope::App => "app",
+            ApiScope::Admin => "admin",
+        }
+    }
+}
+
 /// An API key: requests are signed with HMAC-SHA256 under `secret` (see the OpenAPI document).
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiKeyConfig {
@@ -337,12 +384,15 @@ pub struct ApiKeyConfig {
     pub id: String,
     /// Shared secret.
     pub secret: String,
+    /// What the key may do: `edge` (heartbeats), `app` (rooms, tokens) or `admin` (everything).
+    pub scope: ApiScope,
 }
 
 impl std::fmt::Debug for ApiKeyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKeyConfig")
             .field("id", &self.id)
+            .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
 }

@@ -96,6 +96,17 @@ pub enum ControlMessage {
         /// The room.
         room: RoomId,
     },
+    /// Origin -> every edge and geo-router: `user`'s tokens for `room` are revoked (the user was
+    /// kicked and is banned until the room ends). Edges refuse those tokens and end the user's
+    /// sessions in the room; routers refuse to mint for the user. Each keeps the entry for its
+    /// own token lifetime cap (every token issued before it has expired by then; the origin's
+    /// ban refuses later ones). Re-sent for every live ban when an edge or router connects.
+    Revoke {
+        /// The room.
+        room: RoomId,
+        /// The user (token `sub`).
+        user: String,
+    },
     /// Liveness probe; answered with `Pong` carrying the same nonce.
     Ping {
         /// Echoed back.

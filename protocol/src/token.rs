@@ -6,13 +6,15 @@ use crate::ids::RoomId;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 4096;
 /// Clock skew tolerated on `iat`, seconds.
 pub const CLOCK_SKEW_SECS: u64 = 60;
+/// Default cap on a token's lifetime (`exp - iat`), seconds (24 h).
+pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 24 * 3600;
 
 /// What a participant may do in a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,6 +82,9 @@ pub enum TokenError {
     /// `iat` is in the future beyond the allowed skew.
     #[error("token not yet valid")]
     NotYetValid,
+    /// `exp - iat` exceeds the verifier's lifetime cap.
+    #[error("token lifetime exceeds the allowed maximum")]
+    Lifetime,
 }
 
 /// Why key material could not be loaded.
@@ -158,13 +163,34 @@ impl TokenSigner {
     }
 }
 
-/// Verifies tokens against a set of public keys, by `kid`.
-#[derive(Default, Clone)]
+/// Verifies tokens against a set of public keys, by `kid`, refusing tokens whose lifetime
+/// (`exp - iat`) exceeds a cap ([`DEFAULT_MAX_LIFETIME_SECS`] unless set).
+#[derive(Clone)]
 pub struct TokenVerifier {
     keys: Vec<(String, VerifyingKey)>,
+    max_lifetime_secs: u64,
+}
+
+impl Default for TokenVerifier {
+    fn default() -> Self {
+        TokenVerifier {
+            keys: Vec::new(),
+            max_lifetime_secs: DEFAULT_MAX_LIFETIME_SECS,
+        }
+    }
 }
 
 impl TokenVerifier {
+    /// Refuse tokens whose `exp - iat` exceeds `secs`.
+    pub fn set_max_lifetime(&mut self, secs: u64) {
+        self.max_lifetime_secs = secs;
+    }
+
+    /// The lifetime cap, seconds.
+    pub fn max_lifetime(&self) -> u64 {
+        self.max_lifetime_secs
+    }
+
     /// Add a public key from SPKI PEM.
     pub fn add_public_pem(&mut self, kid: impl Into<String>, pem: &str) -> Result<(), KeyError> {
         let key = VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError(e.to_string()))?;
@@ -209,7 +235,8 @@ impl TokenVerifier {
             .and_then(|b| b.try_into().ok())
             .ok_or(TokenError::Malformed)?;
         let signed_len = h.len() + 1 + c.len();
-        key.verify(
+        // Strict: refuses small-order keys and non-canonical signatures (malleability).
+        key.verify_strict(
             &token.as_bytes()[..signed_len],
             &Signature::from_bytes(&sig_bytes),
         )
@@ -225,7 +252,71 @@ impl TokenVerifier {
         if claims.iat > now_unix + CLOCK_SKEW_SECS {
             return Err(TokenError::NotYetValid);
         }
+        if claims.exp.saturating_sub(claims.iat) > self.max_lifetime_secs {
+            return Err(TokenError::Lifetime);
+        }
         Ok(claims)
+    }
+}
+
+/// Revoked users' tokens, per room, each until an expiry (sans-IO: the caller passes `now`).
+/// Bounded: when full, the entry expiring soonest is dropped (the origin's ban stays the
+/// authority).
+#[derive(Debug, Clone)]
+pub struct Revocations {
+    users: std::collections::HashMap<(RoomId, String), u64>,
+    max: usize,
+}
+
+impl Revocations {
+    /// An empty list of at most `max` entries.
+    pub fn new(max: usize) -> Self {
+        Revocations {
+            users: std::collections::HashMap::new(),
+            max,
+        }
+    }
+
+    /// Refuse `user`'s tokens for `room` until `until_unix` (keeping a later expiry).
+    pub fn revoke_user(&mut self, room: RoomId, user: &str, until_unix: u64, now_unix: u64) {
+        let key = (room, user.to_string());
+        if !self.users.contains_key(&key) && self.users.len() >= self.max {
+            self.users.retain(|_, until| *until > now_unix);
+            if self.users.len() >= self.max {
+                if let Some(soonest) = self
+                    .users
+                    .iter()
+                    .min_by_key(|(_, until)| **until)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.users.remove(&soonest);
+                }
+            }
+        }
+        let until = self.users.entry(key).or_insert(until_unix);
+        *until = (*until).max(until_unix);
+    }
+
+    /// Whether `user`'s tokens for `room` are revoked at `now_unix`.
+    pub fn is_revoked(&self, room: RoomId, user: &str, now_unix: u64) -> bool {
+        self.users
+            .get(&(room, user.to_string()))
+            .is_some_and(|until| *until > now_unix)
+    }
+
+    /// Forget expired entries.
+    pub fn prune(&mut self, now_unix: u64) {
+        self.users.retain(|_, until| *until > now_unix);
+    }
+
+    /// Entries held (expired ones included until [`Revocations::prune`]).
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
     }
 }
 
@@ -252,6 +343,60 @@ mod tests {
         verifier.add_public_pem("k1", &signer.public_pem()).unwrap();
         let t = signer.sign(&claims(1000));
         assert_eq!(verifier.verify(&t, 1001).unwrap(), claims(1000));
+    }
+
+    #[test]
+    fn strict_verification_refuses_forgeries_under_a_weak_key() {
+        // A small-order public key (here the identity point) lets anyone forge: R = identity,
+        // S = 0 satisfies the lax equation for every message. `verify_strict` refuses it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut v = TokenVerifier::default();
+        v.add_key("weak".into(), VerifyingKey::from_bytes(&identity).unwrap());
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&identity);
+        let forged = format!(
+            "{}.{}.{}",
+            B64.encode(br#"{"alg":"EdDSA","kid":"weak"}"#),
+            B64.encode(serde_json::to_vec(&claims(1000)).unwrap()),
+            B64.encode(sig)
+        );
+        assert_eq!(v.verify(&forged, 1001), Err(TokenError::Signature));
+    }
+
+    #[test]
+    fn revocations_hold_until_their_expiry_and_stay_bounded() {
+        let mut r = Revocations::new(2);
+        r.revoke_user(RoomId(1), "u", 2000, 1000);
+        assert!(r.is_revoked(RoomId(1), "u", 1999));
+        assert!(!r.is_revoked(RoomId(1), "u", 2000), "expired");
+        assert!(!r.is_revoked(RoomId(2), "u", 1500), "another room");
+        assert!(!r.is_revoked(RoomId(1), "v", 1500), "another user");
+        r.revoke_user(RoomId(1), "u", 1500, 1000);
+        assert!(r.is_revoked(RoomId(1), "u", 1999), "a later expiry is kept");
+        r.revoke_user(RoomId(1), "v", 3000, 1000);
+        // Full: the entry expiring soonest goes.
+        r.revoke_user(RoomId(1), "w", 4000, 1000);
+        assert_eq!(r.len(), 2);
+        assert!(!r.is_revoked(RoomId(1), "u", 1500));
+        assert!(r.is_revoked(RoomId(1), "v", 1500) && r.is_revoked(RoomId(1), "w", 1500));
+        r.prune(3500);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn lifetime_is_capped() {
+        let signer = TokenSigner::generate("k1");
+        let mut v = signer.verifier();
+        v.set_max_lifetime(3600);
+        let mut c = claims(1000);
+        assert!(v.verify(&signer.sign(&c), 1001).is_ok(), "exactly the cap");
+        c.exp += 1;
+        assert_eq!(v.verify(&signer.sign(&c), 1001), Err(TokenError::Lifetime));
+        c.exp = u64::MAX;
+        assert_eq!(v.verify(&signer.sign(&c), 1001), Err(TokenError::Lifetime));
+        let default = signer.verifier();
+        assert_eq!(default.max_lifetime(), DEFAULT_MAX_LIFETIME_SECS);
     }
 
     #[test]

@@ -234,6 +234,17 @@ impl RoleMesh {
 
     /// Start `amphi geo-router` (dev mode: open API, `region=` overrides), linked to the origin.
     pub fn router_process(&self, redis_url: Option<&str>, extra: &str) -> RoleProcess {
+        self.router_process_mode(redis_url, extra, true)
+    }
+
+    /// Like [`RoleMesh::router_process`]; `dev_mode = false` makes a production router (signed
+    /// API; `extra` must then hold `[[router.api_keys]]` entries).
+    pub fn router_process_mode(
+        &self,
+        redis_url: Option<&str>,
+        extra: &str,
+        dev_mode: bool,
+    ) -> RoleProcess {
         let redis = redis_url
             .map(|u| format!("redis_url = {u:?}\n"))
             .unwrap_or_default();
@@ -245,7 +256,7 @@ public_url = "http://127.0.0.1:{port}"
 default_region = "us-east"
 edges = []
 packager_url = "http://127.0.0.1:{packager}"
-dev_mode = true
+dev_mode = {dev_mode}
 {redis}{extra}
 [[router.origins]]
 id = "origin-1"

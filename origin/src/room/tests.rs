@@ -643,7 +643,7 @@ fn end_refuses_everything_after() {
 }
 
 #[test]
-fn chat_and_reactions_are_rate_limited_per_participant() {
+fn chat_and_reactions_are_rate_limited() {
     let t0 = Instant::now();
     let mut r = populated(RoomRole::Listener, t0);
     let ms = Duration::from_millis;
@@ -701,6 +701,103 @@ fn chat_and_reactions_are_rate_limited_per_participant() {
     for i in 0..5u64 {
         ok(&mut r, A, chat("later"), t0 + ms(30_000 + i));
     }
+}
+
+#[test]
+fn chat_and_reaction_budgets_are_per_user_not_per_session() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Listener, t0);
+    let ms = Duration::from_millis;
+    let chat = |t: &str| RoomCommand::Chat { text: t.into() };
+    // User "a" opens four more sessions: they share one budget of 5 per 10 s.
+    let extra: Vec<ParticipantId> = (20..24).map(ParticipantId).collect();
+    for id in &extra {
+        ok(&mut r, *id, join_cmd("a", Role::Listener), t0);
+    }
+    ok(&mut r, A, chat("one"), t0);
+    for (i, id) in extra.iter().enumerate() {
+        ok(&mut r, *id, chat("more"), t0 + ms(i as u64 + 1));
+    }
+    for id in std::iter::once(&A).chain(&extra) {
+        assert_eq!(
+            refused(&mut r, *id, chat("flood"), t0 + ms(100)),
+            RejectCode::RateLimited
+        );
+    }
+    // Leaving and rejoining does not reset the budget.
+    ok(&mut r, A, RoomCommand::Leave, t0 + ms(200));
+    for id in &extra {
+        ok(&mut r, *id, RoomCommand::Leave, t0 + ms(200));
+    }
+    ok(
+        &mut r,
+        ParticipantId(30),
+        join_cmd("a", Role::Listener),
+        t0 + ms(300),
+    );
+    assert_eq!(
+        refused(&mut r, ParticipantId(30), chat("flood"), t0 + ms(400)),
+        RejectCode::RateLimited
+    );
+    // Reactions: 10 per 10 s over all of the user's sessions.
+    ok(&mut r, ParticipantId(31), join_cmd("a", Role::Listener), t0);
+    let react = RoomCommand::React {
+        emoji: "👏".into()
+    };
+    for i in 0..10u64 {
+        let who = if i % 2 == 0 { 30 } else { 31 };
+        ok(&mut r, ParticipantId(who), react.clone(), t0 + ms(500 + i));
+    }
+    assert_eq!(
+        refused(&mut r, ParticipantId(31), react.clone(), t0 + ms(600)),
+        RejectCode::RateLimited
+    );
+    // Another user is not affected.
+    ok(&mut r, L, chat("me too"), t0 + ms(600));
+    ok(&mut r, L, react, t0 + ms(600));
+}
+
+#[test]
+fn sessions_per_user_are_capped() {
+    let t0 = Instant::now();
+    let limits = RoomLimits {
+        max_sessions_per_user: 3,
+        ..RoomLimits::default()
+    };
+    let mut r = Room::new(RoomId(3), limits, t0, 0);
+    for id in 1..=3 {
+        ok(&mut r, ParticipantId(id), join_cmd("u", Role::Listener), t0);
+    }
+    for id in 4..=600 {
+        assert_eq!(
+            r.apply(ParticipantId(id), join_cmd("u", Role::Listener), t0)
+                .unwrap_err()
+                .code,
+            RejectCode::Limit
+        );
+    }
+    assert_eq!(r.participants().len(), 3);
+    // Another user joins; a re-announce of a present session is not a new one.
+    ok(
+        &mut r,
+        ParticipantId(700),
+        join_cmd("v", Role::Listener),
+        t0,
+    );
+    assert!(ok(&mut r, ParticipantId(1), join_cmd("u", Role::Listener), t0).is_empty());
+    // A session that leaves frees its slot; a restored room counts its sessions.
+    ok(&mut r, ParticipantId(2), RoomCommand::Leave, t0);
+    ok(&mut r, ParticipantId(4), join_cmd("u", Role::Listener), t0);
+    let mut back = Room::restore(r.persisted(), limits, t0, 0);
+    assert_eq!(
+        refused(
+            &mut back,
+            ParticipantId(5),
+            join_cmd("u", Role::Listener),
+            t0
+        ),
+        RejectCode::Limit
+    );
 }
 
 #[test]
