@@ -52,6 +52,8 @@ impl Deref for AtomicGauge {
 #[derive(Debug)]
 pub struct Metrics {
     registry: MetricsRegistry,
+    /// Refusals of the per-address HTTP budgets.
+    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
     /// Parts published (listed in a playlist).
     pub parts_published: AtomicCounter,
     /// Segments published.
@@ -98,6 +100,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = MetricsRegistry::default();
+        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "packager");
         let mut counter = |name: &str, help: &str| {
             let c = AtomicCounter::default();
             r.register(name, help, c.0.clone());
@@ -198,6 +201,7 @@ impl Default for Metrics {
         );
         Metrics {
             registry: r,
+            http_limits,
             parts_published,
             segments_published,
             frames_received,

@@ -17,12 +17,11 @@ use amphi_protocol::api::{
     MintTokenRequest, RoomStatus, RouteResponse, TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
-use amphi_protocol::https::HttpsClient;
+use amphi_protocol::https::{HttpsClient, Limiter};
 use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -41,8 +40,6 @@ use tokio_util::sync::CancellationToken;
 pub const REDIS_PREFIX: &str = "amphi:";
 /// Largest request body the API accepts.
 pub const MAX_BODY: usize = 16 * 1024;
-/// Bodies up to this size are read whole (then refused if over their route's limit).
-const MAX_DRAINED_BODY: usize = 1024 * 1024;
 /// Largest heartbeat body (it lists rooms).
 const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
 /// How long after a room ends the router waits for its recording (`recording_ready` webhook).
@@ -120,6 +117,8 @@ struct AppState {
     web: Vec<WebAsset>,
     hls_client: HttpsClient<Body>,
     metrics: Metrics,
+    /// Per-client-address connection and request budgets.
+    limiter: Limiter,
 }
 
 type Shared = Arc<AppState>;
@@ -178,31 +177,38 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
 /// What a handler answers: a response, or a JSON error.
 type Answer = Result<Response, Failure>;
 
-/// The request body, refused with 413 JSON above `max` bytes. Bodies up to [`MAX_DRAINED_BODY`]
-/// are read whole before the answer, so a client still sending an oversized body gets the 413
-/// instead of a broken connection.
-fn body_bytes(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Bytes, Failure> {
-    let too_large = |limit: usize| {
+/// The request body, at most `max` bytes: a larger declared `Content-Length` is refused 413
+/// before anything is read, and reading stops (413) at `max + 1` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, Failure> {
+    let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("request body exceeds {limit} bytes"),
+            format!("request body exceeds {max} bytes"),
         )
     };
-    let bytes = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(max)
-        } else {
-            error(e.status(), "bad_body", e.body_text())
-        }
-    })?;
-    if bytes.len() > max {
-        return Err(too_large(max));
+    let declared = header_str(headers, header::CONTENT_LENGTH.as_str())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
     }
-    Ok(bytes)
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        let e = e.into_inner();
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            tracing::debug!(error = %e, "request body unreadable");
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the request body could not be read",
+            )
+        }
+    })
 }
 
-/// Parse a JSON body, answering 400 with a JSON error body.
+/// Parse a JSON body, answering 400 with a JSON error body (serde's message names the field or
+/// position at fault, never server state).
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
@@ -308,6 +314,35 @@ impl AppState {
             })
     }
 
+    /// Auth first, then the body: in production a request without a known API key and a fresh
+    /// timestamp is refused (401) before a byte of its body is read; then at most `max` bytes
+    /// are read ([`read_body`]) and the signature over them checked.
+    async fn signed_body(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Body,
+        max: usize,
+    ) -> Result<Bytes, Failure> {
+        if !self.config.dev_mode {
+            self.api_keys
+                .precheck(
+                    header_str(headers, KEY_HEADER),
+                    header_str(headers, TIMESTAMP_HEADER),
+                    now_unix(),
+                )
+                .map_err(|e| {
+                    self.metrics.auth_failures.inc();
+                    tracing::info!(path = uri.path(), reason = %e, "API key refused before the body");
+                    error(StatusCode::UNAUTHORIZED, "bad_api_signature", e.to_string())
+                })?;
+        }
+        let bytes = read_body(headers, body, max).await?;
+        self.require_api_key(method, uri, headers, &bytes)?;
+        Ok(bytes)
+    }
+
     /// Production mode requires an API key; dev mode is open.
     fn require_api_key(
         &self,
@@ -328,10 +363,11 @@ async fn create_room(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Answer {
-    let bytes = body_bytes(body, MAX_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_BODY)
+        .await?;
     let req: CreateRoomRequest = parse_json(&bytes)?;
     check_text("title", &req.title, MAX_TITLE_CHARS)?;
     if let Some(topic) = &req.topic {
@@ -436,11 +472,12 @@ async fn mint_token(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Answer {
     let room = parse_room(&id)?;
-    let bytes = body_bytes(body, MAX_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_BODY)
+        .await?;
     let req: MintTokenRequest = parse_json(&bytes)?;
     check_text("name", &req.name, MAX_NAME_CHARS)?;
     if req.role == Role::Host {
@@ -749,10 +786,11 @@ async fn edge_heartbeat(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Answer {
-    let bytes = body_bytes(body, MAX_HEARTBEAT_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes)?;
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_HEARTBEAT_BODY)
+        .await?;
     let hb: EdgeHeartbeat = parse_json(&bytes)?;
     if hb.id != id {
         return Err(error(
@@ -1064,11 +1102,49 @@ fn app(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
-        .layer(DefaultBodyLimit::max(MAX_DRAINED_BODY))
+        .layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit,
+        ))
         .layer(axum::middleware::from_fn(
             amphi_protocol::redact::log_request,
         ))
         .with_state(state)
+}
+
+/// The real client address of a request: forwarded by a trusted proxy, else the TCP peer.
+fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    client_ip(
+        peer,
+        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        &s.trusted,
+    )
+    .map_or(peer, |(ip, _)| ip)
+}
+
+/// Spend one request of the real client's budget (behind `trusted_proxies`, the forwarded
+/// address), else answer 429 with `Retry-After`.
+async fn rate_limit(
+    State(s): State<Shared>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(peer) = peer {
+        let client = real_client(&s, peer, req.headers());
+        if let Err(r) = s.limiter.request(client) {
+            return amphi_protocol::https::refusal_response(&r);
+        }
+    }
+    next.run(req).await
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
@@ -1227,6 +1303,13 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         tokio::spawn(sync_store(store.clone(), shutdown.clone()));
     }
     let metrics = Metrics::default();
+    // Trusted proxies carry many clients' connections: their own are never capped.
+    let mut limits = setup.config.limits.clone();
+    limits
+        .rate_limit_exempt
+        .extend(setup.config.trusted_proxies.iter().cloned());
+    let limiter = Limiter::new(&limits, metrics.http_limits.clone())
+        .map_err(|e| RouterError::Config(e.to_string()))?;
     let state = Arc::new(AppState {
         verifier: setup.signer.verifier(),
         links,
@@ -1256,17 +1339,19 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         web: setup.web,
         hls_client: amphi_protocol::https::client_with(client_tls),
         metrics,
+        limiter: limiter.clone(),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
     tracing::info!(%addr, https = acceptor.is_some(), "geo-router listening");
     match acceptor {
         Some(acceptor) => {
-            amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown).await;
+            amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown, limiter)
+                .await;
             Ok(())
         }
         None => {
-            amphi_protocol::https::serve_plain(listener, app(state), shutdown).await;
+            amphi_protocol::https::serve_plain(listener, app(state), shutdown, limiter).await;
             Ok(())
         }
     }
