@@ -229,6 +229,10 @@ impl Packager {
             shutdown.clone(),
             tasks.clone(),
         ));
+        {
+            let registry = registry.clone();
+            tasks.spawn(async move { registry.load_stored_rooms(Duration::from_secs(5)).await });
+        }
         let state = Arc::new(http::HttpState {
             registry: registry.clone(),
             metrics: metrics.clone(),
@@ -371,6 +375,9 @@ async fn sweep_recordings(
                 if store.delete(obj).await.is_ok() {
                     removed += 1;
                 }
+            }
+            if let Ok(id) = room.parse::<RoomId>() {
+                registry.forget_stored(id);
             }
             metrics
                 .recordings_expired

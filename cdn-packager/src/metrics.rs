@@ -90,6 +90,8 @@ pub struct Metrics {
     pub storage_spill_recovered: AtomicCounter,
     /// Recordings deleted by retention.
     pub recordings_expired: AtomicCounter,
+    /// Objects read from storage to answer HTTP requests.
+    pub storage_reads: AtomicCounter,
     storage_retries: Counter,
     storage_upload: Histogram,
     origin_rtt: Gauge<f64, AtomicU64>,
@@ -140,6 +142,10 @@ impl Default for Metrics {
         let recordings_expired = counter(
             "amphi_packager_recordings_expired",
             "Recordings deleted after their retention",
+        );
+        let storage_reads = counter(
+            "amphi_packager_storage_reads",
+            "Objects read from storage to answer HTTP requests",
         );
         let mut gauge = |name: &str, help: &str| {
             let g = AtomicGauge::default();
@@ -220,6 +226,7 @@ impl Default for Metrics {
             storage_outage,
             storage_spill_recovered,
             recordings_expired,
+            storage_reads,
             storage_retries,
             storage_upload,
             origin_rtt,

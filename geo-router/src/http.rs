@@ -187,8 +187,8 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes,
             format!("request body exceeds {max} bytes"),
         )
     };
-    let declared = header_str(headers, header::CONTENT_LENGTH.as_str())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }

@@ -325,13 +325,20 @@ mod tests {
         );
         let extra = 50;
         for i in 0..QUEUE + extra {
-            hooks.emit(EventKind::ParticipantJoined, i as u64, serde_json::json!({}));
+            hooks.emit(
+                EventKind::ParticipantJoined,
+                i as u64,
+                serde_json::json!({}),
+            );
         }
         // Emitting never yields: the queue holds QUEUE events, the rest are dropped.
         assert_eq!(counters.dropped.get(), extra as u64);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while accepted.load(std::sync::atomic::Ordering::SeqCst) < WORKERS_PER_RECEIVER {
-            assert!(tokio::time::Instant::now() < deadline, "workers never connected");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "workers never connected"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -127,6 +127,8 @@ pub struct Metrics {
     relay_dropped: [Counter; DropReason::ALL.len()],
     /// Control streams closed for a malformed or unexpected record.
     pub control_errors: Counter,
+    /// Mesh peers disconnected because their control queue overflowed (not reading).
+    pub control_overflows: Counter,
     /// Program frames written to packager streams.
     pub program_frames_sent: Counter,
     /// Program frames dropped because a packager stream's queue was full.
@@ -232,6 +234,10 @@ impl Default for Metrics {
             "amphi_origin_control_errors",
             "Connections closed for a malformed or unexpected control record",
         );
+        let control_overflows = r.counter(
+            "amphi_origin_control_overflows",
+            "Mesh peers disconnected: their control queue overflowed (they stopped reading)",
+        );
         let room_commands = r.counter(
             "amphi_origin_room_commands",
             "Room commands applied by the room authority",
@@ -279,6 +285,7 @@ impl Default for Metrics {
             relay_forwarded,
             relay_dropped,
             control_errors,
+            control_overflows,
             program_frames_sent,
             program_frames_dropped,
             room_commands,

@@ -515,7 +515,13 @@ mod tests {
         let plain_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tls_addr, plain_addr) = (tls_l.local_addr().unwrap(), plain_l.local_addr().unwrap());
         let servers = [
-            tokio::spawn(serve_tls(tls_l, acceptor, app.clone(), sd.clone(), Limiter::unlimited())),
+            tokio::spawn(serve_tls(
+                tls_l,
+                acceptor,
+                app.clone(),
+                sd.clone(),
+                Limiter::unlimited(),
+            )),
             tokio::spawn(serve_plain(plain_l, app, sd.clone(), Limiter::unlimited())),
         ];
         let mut roots = rustls::RootCertStore::empty();

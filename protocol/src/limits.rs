@@ -153,6 +153,7 @@ impl IpBudgets {
     /// The entry of `ip` with its bucket refilled to `now`; `None` when the table is full.
     fn entry(&mut self, ip: IpAddr, now: Instant) -> Option<&mut Entry> {
         let key = budget_key(ip);
+        self.maybe_prune(now);
         if !self.table.contains_key(&key) && self.table.len() >= MAX_TRACKED {
             self.prune(now);
             if self.table.len() >= MAX_TRACKED {
@@ -169,6 +170,16 @@ impl IpBudgets {
         e.tokens = (e.tokens + dt * rate).min(burst);
         e.last = now;
         Some(e)
+    }
+
+    /// Amortized pruning: a table over half full is swept at most once a second.
+    fn maybe_prune(&mut self, now: Instant) {
+        let due = self
+            .last_prune
+            .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+        if self.table.len() > MAX_TRACKED / 2 && due {
+            self.prune(now);
+        }
     }
 
     /// Drop idle entries: no connection open and a full bucket.
@@ -208,13 +219,7 @@ impl IpBudgets {
         if let Some(e) = self.table.get_mut(&budget_key(ip)) {
             e.conns = e.conns.saturating_sub(1);
         }
-        // Amortized: a large table is swept at most once a second.
-        let due = self
-            .last_prune
-            .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
-        if self.table.len() > MAX_TRACKED / 2 && due {
-            self.prune(now);
-        }
+        self.maybe_prune(now);
     }
 
     /// A request from `ip` (the real client address) at `now`: one token spent, or refused
@@ -299,7 +304,9 @@ mod tests {
         // Sustained: over 10 s at 20 attempts/s, about 10/s get through.
         let mut ok = 0;
         for i in 1..=200u64 {
-            if b.request(a, t0 + Duration::from_millis(200 + i * 50)).is_ok() {
+            if b.request(a, t0 + Duration::from_millis(200 + i * 50))
+                .is_ok()
+            {
                 ok += 1;
             }
         }
@@ -314,8 +321,7 @@ mod tests {
 
     #[test]
     fn exempt_networks_and_ipv6_prefixes() {
-        let mut b =
-            IpBudgets::new(&limits(1, 1, 1, &["10.0.0.0/8", "2001:db8:ffff::1"])).unwrap();
+        let mut b = IpBudgets::new(&limits(1, 1, 1, &["10.0.0.0/8", "2001:db8:ffff::1"])).unwrap();
         let t = Instant::now();
         for _ in 0..100 {
             assert_eq!(b.open(ip("10.1.2.3"), t), Ok(()));
@@ -353,7 +359,10 @@ mod tests {
         assert_eq!(b.tracked(), MAX_TRACKED);
         // Once those connections end and their buckets refill, they are pruned.
         for i in 0..MAX_TRACKED as u32 {
-            b.close(IpAddr::V4((0x0a00_0000 + i).into()), t + Duration::from_secs(5));
+            b.close(
+                IpAddr::V4((0x0a00_0000 + i).into()),
+                t + Duration::from_secs(5),
+            );
         }
         assert_eq!(b.open(newcomer, t + Duration::from_secs(7)), Ok(()));
         assert_eq!(b.tracked(), 1);
