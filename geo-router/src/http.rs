@@ -40,6 +40,10 @@ use tokio_util::sync::CancellationToken;
 pub const REDIS_PREFIX: &str = "amphi:";
 /// Largest request body the API accepts.
 pub const MAX_BODY: usize = 16 * 1024;
+/// A declared body over its route's limit but at most this large is read and dropped before the
+/// 413, so a client that already sent it gets the answer rather than a reset connection; a
+/// larger one is refused unread.
+const MAX_DRAINED_BODY: usize = 64 * 1024;
 /// Largest heartbeat body (it lists rooms).
 const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
 /// How long after a room ends the router waits for its recording (`recording_ready` webhook).
@@ -178,7 +182,8 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
 type Answer = Result<Response, Failure>;
 
 /// The request body, at most `max` bytes: a larger declared `Content-Length` is refused 413
-/// before anything is read, and reading stops (413) at `max + 1` bytes.
+/// (read and dropped first only up to [`MAX_DRAINED_BODY`]), and reading stops (413) at
+/// `max + 1` bytes.
 async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, Failure> {
     let too_large = || {
         error(
@@ -189,7 +194,10 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes,
     };
     let declared =
         header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    if let Some(n) = declared.filter(|n| *n > max as u64) {
+        if n <= MAX_DRAINED_BODY as u64 {
+            let _ = axum::body::to_bytes(body, MAX_DRAINED_BODY).await;
+        }
         return Err(too_large());
     }
     axum::body::to_bytes(body, max).await.map_err(|e| {
