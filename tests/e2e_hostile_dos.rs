@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const BASE: u16 = 27_900;
 /// Connections one address may hold on every listener of the test mesh.
 const CONNS: usize = 8;
 /// Sustained requests per second and burst per address.
@@ -131,8 +130,9 @@ struct Mesh {
 impl Mesh {
     /// Origin, production-mode router (API key, `127.0.0.9` a trusted proxy), one edge and the
     /// packager, each with [`limits`].
-    async fn start() -> Mesh {
-        let roles = RoleMesh::new("hostile-dos", BASE);
+    /// Ports `base..base + 100`; `name` names the scratch directory.
+    async fn start(name: &str, base: u16) -> Mesh {
+        let roles = RoleMesh::new(name, base);
         let origin = roles.origin(None);
         let router_config = format!(
             r#"[router]
@@ -152,8 +152,8 @@ secret = "{KEY_SECRET}"
 kid = "k1"
 key_file = {key:?}
 "#,
-            port = BASE + 80,
-            packager = BASE + 90,
+            port = base + 80,
+            packager = base + 90,
             limits = limits(),
             key = roles.dir.join("signing.pem").display().to_string(),
         );
@@ -176,7 +176,7 @@ key_file = {key:?}
             eventually("every role answers", Duration::from_secs(60), || {
                 urls.iter()
                     .all(|u| {
-                        let path = if u.ends_with(&(BASE + 1).to_string()) {
+                        let path = if u.ends_with(&(base + 1).to_string()) {
                             "/metrics"
                         } else {
                             "/healthz"
@@ -243,7 +243,7 @@ fn assert_refusal(a: &Answer, status: u16, code: &str, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_address_is_capped_and_rate_limited_while_others_work() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start("dos-budgets", 27_900).await;
     for (name, to, path) in mesh.listeners() {
         // 127.0.0.2 fills its connection budget with idle connections.
         let mut held = Vec::new();
@@ -333,7 +333,7 @@ async fn one_address_is_capped_and_rate_limited_while_others_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_bodies_are_refused_before_being_sent_and_bad_sdp_names_no_internals() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start("dos-bodies", 28_000).await;
     let router = addr(&mesh.roles.router());
     let edge = addr(&mesh.roles.edge(0));
     // Only the head is sent, announcing 50 MB: the answer comes without a byte of body.
@@ -410,7 +410,7 @@ async fn oversized_bodies_are_refused_before_being_sent_and_bad_sdp_names_no_int
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_room_ids_never_reach_storage() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start("dos-storage", 28_100).await;
     let packager = mesh.roles.packager_url();
     let reads = |base: String| async move {
         tokio::task::spawn_blocking(move || {
@@ -433,11 +433,16 @@ async fn unknown_room_ids_never_reach_storage() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let before = reads(packager.clone()).await;
+    assert!(
+        before >= 0.0,
+        "amphi_packager_storage_reads_total is exported"
+    );
     // Many addresses (each under its request budget), many random rooms and resources.
     let mut n = 0;
-    for host in 31..=60u8 {
+    for host in 31..=80u8 {
         let from: &'static str = Box::leak(format!("127.0.0.{host}").into_boxed_str());
-        for i in 0..10u64 {
+        // 6 rooms × 3 resources = 18 requests, under the address's burst of 20.
+        for i in 0..6u64 {
             let room = format!("{:016x}", rand_room(host, i));
             for path in ["index.m3u8", "recording.m3u8", "opus/seg1.m4s"] {
                 let a = get_from(from, to, &format!("/hls/{room}/{path}"), "").await;
@@ -462,7 +467,7 @@ fn rand_room(host: u8, i: u64) -> u64 {
 /// address floods it with 32 connections for 3 s (bounded); printed for BENCHMARKS.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn legitimate_client_rate_while_another_address_floods() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start("dos-flood", 28_200).await;
     let router = addr(&mesh.roles.router());
     let window = Duration::from_secs(3);
     // The legitimate client stays under its budget: one request every 250 ms is 4/s < 5/s.
