@@ -166,6 +166,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         redis_url: None,
         hls_base_url: None,
         https: Default::default(),
+        limits: Default::default(),
     };
     let setup = amphi_geo_router::RouterSetup {
         config,

@@ -232,6 +232,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             origin_server_name: None,
             http_listen: addr(DEV_PORTS.packager_http, off),
             data_dir: args.data_dir.clone(),
+            limits: Default::default(),
         },
         options: amphi_packager::PackagerOptions {
             storage: match &args.s3_endpoint {
@@ -287,6 +288,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 interactive_capacity: 500,
                 media_threads: args.media_threads,
                 https: Default::default(),
+                limits: Default::default(),
                 ice_connect_timeout_secs: 15,
                 max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
             },
@@ -333,6 +335,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             redis_url: args.redis_url.clone(),
             hls_base_url: None,
             https: Default::default(),
+            limits: Default::default(),
         },
         signer,
         web: crate::web::assets(),

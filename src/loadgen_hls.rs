@@ -345,6 +345,7 @@ fn serve_packager(
             origin_server_name: None,
             http_listen: addr,
             data_dir,
+            limits: Default::default(),
         };
         let options = amphi_packager::PackagerOptions {
             http1_fast_path: Some(fast_path),

@@ -250,7 +250,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
             "origins": [origin],
             "router_url": "https://api.example.com",
             "interactive_capacity": 300, "ice_connect_timeout_secs": 15, "media_threads": 0, "backend_tls": true,
-            "capacity": 800, "api_key_id": "edge", "drain_grace_secs": 120,
+            "capacity": 800, "api_key_id": "edge", "drain_grace_secs": 120, "vpc_cidr": "10.30.0.0/16",
             "token_public_keys": [
                 {"kid": "k1", "pem": example_public_key()},
                 {"kid": "k0", "pem": example_public_key()},

@@ -311,7 +311,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
             "origins": origins,
             "router_url": https(80), "interactive_capacity": 100, "ice_connect_timeout_secs": 15, "media_threads": 1,
             "backend_tls": true, "capacity": 100, "api_key_id": API_KEY_ID,
-            "drain_grace_secs": 5,
+            "drain_grace_secs": 5, "vpc_cidr": "127.0.0.0/8",
             "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],
         }),
         &edge_host,

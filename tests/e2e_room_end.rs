@@ -206,6 +206,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             redis_url: None,
             hls_base_url: None,
             https: Default::default(),
+            limits: Default::default(),
         },
         signer: TokenSigner::generate("k1"),
         web: vec![],

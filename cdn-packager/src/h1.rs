@@ -15,6 +15,7 @@ use crate::http::{
 use crate::metrics::GaugeGuard;
 use crate::request::{decide_reload, HlsQuery, ReloadDecision};
 use crate::room::{RoomHandle, Snapshot};
+use amphi_protocol::https::{refusal_bytes, Limiter};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
@@ -149,13 +150,15 @@ async fn write_all(conn: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Accept connections on `listener` until `shutdown`; each is served by [`connection`].
-/// Returns once every connection has finished.
+/// Accept connections on `listener` until `shutdown`; each that `limiter` admits is served by
+/// [`connection`] (a refused one is answered 503 without being read). Returns once every
+/// connection has finished.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
     app: axum::Router,
     shutdown: CancellationToken,
+    limiter: Limiter,
 ) -> io::Result<()> {
     let conns = TaskTracker::new();
     loop {
@@ -165,13 +168,26 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                conns.spawn(connection(
+                let permit = match limiter.connection(peer.ip()) {
+                    Ok(p) => p,
+                    Err(r) => {
+                        tracing::debug!(%peer, "connection refused: too many from this address");
+                        let _ = stream.try_write(&refusal_bytes(&r));
+                        continue;
+                    }
+                };
+                let conn = connection(
                     stream,
                     peer,
                     state.clone(),
                     app.clone(),
                     shutdown.clone(),
-                ));
+                    limiter.clone(),
+                );
+                conns.spawn(async move {
+                    conn.await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -258,6 +274,7 @@ async fn connection(
     state: Arc<HttpState>,
     app: axum::Router,
     shutdown: CancellationToken,
+    limiter: Limiter,
 ) {
     let _ = stream.set_nodelay(true);
     let conn = Arc::new(stream);
@@ -267,6 +284,10 @@ async fn connection(
         match parse_request_head(&buf) {
             RequestHead::Fast(req, len) => {
                 buf.advance(len);
+                if let Err(r) = limiter.request(peer.ip()) {
+                    let _ = write_all(&conn, &refusal_bytes(&r)).await;
+                    return;
+                }
                 let keep = answer(&conn, &req, &state).await.is_ok() && !req.close;
                 if !keep {
                     return;

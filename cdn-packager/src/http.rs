@@ -7,7 +7,7 @@ use crate::metrics::{GaugeGuard, Metrics};
 use crate::playlist::{part_name, render_multivariant, segment_name, TARGET_DURATION};
 use crate::request::{decide_reload, parse_hls_path, parse_hls_query, HlsResource, ReloadDecision};
 use crate::room::{key, Registry, RoomHandle, Snapshot};
-use crate::storage::{Storage, Store};
+use crate::storage::Storage;
 use amphi_protocol::api::ApiError;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -123,7 +123,15 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
     };
     let room = p.room;
     let handle = st.registry.get(room);
-    let store = st.registry.store();
+    if handle.is_none() && !st.registry.may_have(room) {
+        // Never open here, nothing stored from before: no storage read (random room ids
+        // must not turn into S3 GETs).
+        return error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            format!("no HLS output for room {room}"),
+        );
+    }
     match p.resource {
         HlsResource::Multivariant => match &handle {
             // Players (and pages waiting for a room to become playable) see the room once it
@@ -135,20 +143,14 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                 PLAYLIST_CACHE,
                 Body::from(render_multivariant(h.renditions, "playlist.m3u8")),
             ),
-            None => room_playlist(store, &key(room, "index.m3u8"), PLAYLIST_CACHE).await,
+            None => room_playlist(st, &key(room, "index.m3u8"), PLAYLIST_CACHE).await,
         },
         HlsResource::Recording => {
-            stored(
-                store,
-                &key(room, "recording.m3u8"),
-                PLAYLIST_TYPE,
-                VOD_CACHE,
-            )
-            .await
+            stored(st, &key(room, "recording.m3u8"), PLAYLIST_TYPE, VOD_CACHE).await
         }
         HlsResource::Vod(r) => {
             stored(
-                store,
+                st,
                 &format!("{room}/{}/vod.m3u8", r.dir()),
                 PLAYLIST_TYPE,
                 VOD_CACHE,
@@ -166,7 +168,7 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
             else {
                 // Not live in this process (ended before a restart): serve what is stored.
                 return room_playlist(
-                    store,
+                    st,
                     &format!("{room}/{}/playlist.m3u8", r.dir()),
                     PLAYLIST_CACHE,
                 )
@@ -314,12 +316,12 @@ async fn object(st: &HttpState, handle: Option<&RoomHandle>, key: String) -> Res
     if let Some(b) = handle.and_then(|h| h.cached(&key)) {
         return response(StatusCode::OK, MEDIA_TYPE, IMMUTABLE, Body::from(b));
     }
-    stored(st.registry.store(), &key, MEDIA_TYPE, IMMUTABLE).await
+    stored(st, &key, MEDIA_TYPE, IMMUTABLE).await
 }
 
 /// A stored playlist of a room this process does not have live; 404 `room_not_found` if absent.
-async fn room_playlist(store: &Store, key: &str, cache: &str) -> Response {
-    let r = stored(store, key, PLAYLIST_TYPE, cache).await;
+async fn room_playlist(st: &HttpState, key: &str, cache: &str) -> Response {
+    let r = stored(st, key, PLAYLIST_TYPE, cache).await;
     if r.status() == StatusCode::NOT_FOUND {
         let room = key.split('/').next().unwrap_or("");
         return error(
@@ -331,8 +333,9 @@ async fn room_playlist(store: &Store, key: &str, cache: &str) -> Response {
     r
 }
 
-async fn stored(store: &Store, key: &str, content_type: &str, cache: &str) -> Response {
-    match store.get(key).await {
+async fn stored(st: &HttpState, key: &str, content_type: &str, cache: &str) -> Response {
+    st.metrics.storage_reads.fetch_add(1, Ordering::Relaxed);
+    match st.registry.store().get(key).await {
         Ok(Some(b)) => response(StatusCode::OK, content_type, cache, Body::from(b)),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such HLS resource"),
         Err(e) => {

@@ -127,6 +127,9 @@ pub enum PackagerError {
     /// The origin list is unusable.
     #[error("config: {0}")]
     Config(#[from] amphi_protocol::config::OriginListError),
+    /// The per-address HTTP budgets are misconfigured.
+    #[error("HTTP limits: {0}")]
+    Limits(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -226,18 +229,29 @@ impl Packager {
             shutdown.clone(),
             tasks.clone(),
         ));
+        {
+            let registry = registry.clone();
+            tasks.spawn(async move { registry.load_stored_rooms(Duration::from_secs(5)).await });
+        }
         let state = Arc::new(http::HttpState {
             registry: registry.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
-        let app = http::router(state.clone());
+        let limiter =
+            amphi_protocol::https::Limiter::new(&config.limits, metrics.http_limits.clone())
+                .map_err(|e| PackagerError::Limits(e.to_string()))?;
+        let app = amphi_protocol::https::limit_requests_by_peer(
+            http::router(state.clone()),
+            limiter.clone(),
+        );
         if let Some((l, acceptor)) = tls {
             tasks.spawn(amphi_protocol::https::serve_tls(
                 l,
                 acceptor,
                 app.clone(),
                 shutdown.clone(),
+                limiter.clone(),
             ));
         }
         if let Some(hours) = options.recording.retention_hours {
@@ -251,11 +265,11 @@ impl Packager {
             ));
         }
         let server = if options.http1_fast_path.unwrap_or(true) {
-            tokio::spawn(h1::serve(listener, state, app, shutdown.clone()))
+            tokio::spawn(h1::serve(listener, state, app, shutdown.clone(), limiter))
         } else {
             let sd = shutdown.clone();
             tokio::spawn(async move {
-                amphi_protocol::https::serve_plain(listener, app, sd).await;
+                amphi_protocol::https::serve_plain(listener, app, sd, limiter).await;
                 Ok(())
             })
         };
@@ -361,6 +375,9 @@ async fn sweep_recordings(
                 if store.delete(obj).await.is_ok() {
                     removed += 1;
                 }
+            }
+            if let Ok(id) = room.parse::<RoomId>() {
+                registry.forget_stored(id);
             }
             metrics
                 .recordings_expired

@@ -52,6 +52,8 @@ impl Deref for AtomicGauge {
 #[derive(Debug)]
 pub struct Metrics {
     registry: MetricsRegistry,
+    /// Refusals of the per-address HTTP budgets.
+    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
     /// Parts published (listed in a playlist).
     pub parts_published: AtomicCounter,
     /// Segments published.
@@ -88,6 +90,8 @@ pub struct Metrics {
     pub storage_spill_recovered: AtomicCounter,
     /// Recordings deleted by retention.
     pub recordings_expired: AtomicCounter,
+    /// Objects read from storage to answer HTTP requests.
+    pub storage_reads: AtomicCounter,
     storage_retries: Counter,
     storage_upload: Histogram,
     origin_rtt: Gauge<f64, AtomicU64>,
@@ -98,6 +102,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = MetricsRegistry::default();
+        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "packager");
         let mut counter = |name: &str, help: &str| {
             let c = AtomicCounter::default();
             r.register(name, help, c.0.clone());
@@ -137,6 +142,10 @@ impl Default for Metrics {
         let recordings_expired = counter(
             "amphi_packager_recordings_expired",
             "Recordings deleted after their retention",
+        );
+        let storage_reads = counter(
+            "amphi_packager_storage_reads",
+            "Objects read from storage to answer HTTP requests",
         );
         let mut gauge = |name: &str, help: &str| {
             let g = AtomicGauge::default();
@@ -198,6 +207,7 @@ impl Default for Metrics {
         );
         Metrics {
             registry: r,
+            http_limits,
             parts_published,
             segments_published,
             frames_received,
@@ -216,6 +226,7 @@ impl Default for Metrics {
             storage_outage,
             storage_spill_recovered,
             recordings_expired,
+            storage_reads,
             storage_retries,
             storage_upload,
             origin_rtt,

@@ -24,7 +24,7 @@ use crate::storage::{ObjectMeta, Storage, StorageError, Store};
 use crate::upload::{Entry, Job, Lane, MemoryBudget, Placement, Poll, Publish, Transition};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -907,6 +907,9 @@ pub struct Registry {
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
     rooms: Mutex<HashMap<RoomId, Arc<RoomHandle>>>,
+    /// Rooms with output in storage from before this run (recordings of ended rooms); `None`
+    /// until storage has been listed once.
+    stored: Mutex<Option<HashSet<RoomId>>>,
 }
 
 impl Registry {
@@ -942,12 +945,54 @@ impl Registry {
             shutdown,
             tasks,
             rooms: Mutex::new(HashMap::new()),
+            stored: Mutex::new(None),
         }
     }
 
     /// The storage backend.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Whether storage may hold output of `room`: it is open in this run, or was in storage
+    /// when this run listed it, or storage has not been listed yet. HTTP requests for any other
+    /// room are answered 404 without a storage read.
+    pub fn may_have(&self, room: RoomId) -> bool {
+        if self.get(room).is_some() {
+            return true;
+        }
+        match &*self.stored.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(set) => set.contains(&room),
+            None => true,
+        }
+    }
+
+    /// List the rooms in storage once (one listing of its top level), retrying every
+    /// `retry` until it works or `shutdown`; until then [`Registry::may_have`] answers yes.
+    pub async fn load_stored_rooms(&self, retry: Duration) {
+        loop {
+            match self.store.top_level().await {
+                Ok(names) => {
+                    let set: HashSet<RoomId> =
+                        names.iter().filter_map(|n| n.parse().ok()).collect();
+                    tracing::info!(rooms = set.len(), "rooms in storage listed");
+                    *self.stored.lock().unwrap_or_else(|e| e.into_inner()) = Some(set);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list the rooms in storage (yet)"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// `room`'s stored output was deleted (retention): requests for it no longer read storage.
+    pub fn forget_stored(&self, room: RoomId) {
+        if let Some(set) = &mut *self.stored.lock().unwrap_or_else(|e| e.into_inner()) {
+            set.remove(&room);
+        }
     }
 
     /// A known room.

@@ -365,6 +365,39 @@ impl S3Store {
         })
     }
 
+    /// The names directly under the configured prefix (`/`-delimited common prefixes).
+    pub async fn top_level(&self) -> Result<Vec<String>, StorageError> {
+        let full = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut out = Vec::new();
+        let mut token = None;
+        for _ in 0..100_000 {
+            let resp = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .delimiter("/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(s3_err)?;
+            for p in resp.common_prefixes() {
+                if let Some(name) = p.prefix().and_then(|p| p.strip_prefix(full.as_str())) {
+                    out.push(name.trim_end_matches('/').to_string());
+                }
+            }
+            token = resp.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Create the bucket if it does not exist (dev and tests).
     pub async fn ensure_bucket(&self) -> Result<(), StorageError> {
         if self
@@ -517,6 +550,32 @@ impl Store {
             Backend::S3 => Err(StorageError::Config(
                 "this build has no S3 support (cargo feature `s3`)".into(),
             )),
+        }
+    }
+
+    /// The top-level names of the store (the rooms with anything stored): the filesystem's
+    /// directories under its root, S3's common prefixes under the configured prefix. One
+    /// listing per 1,000 rooms, whatever the number of objects.
+    pub async fn top_level(&self) -> Result<Vec<String>, StorageError> {
+        match self {
+            Store::Fs(s) => {
+                let mut out = Vec::new();
+                let mut rd = match tokio::fs::read_dir(s.root()).await {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(e.into()),
+                };
+                while let Some(entry) = rd.next_entry().await? {
+                    if entry.file_type().await?.is_dir() {
+                        if let Some(name) = entry.file_name().to_str() {
+                            out.push(name.to_string());
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            #[cfg(feature = "s3")]
+            Store::S3(s) => s.top_level().await,
         }
     }
 

@@ -272,3 +272,78 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
     }
     h.stop().await;
 }
+
+/// The packager's storage reads for HTTP answers so far (`amphi_packager_storage_reads_total`).
+async fn storage_reads(h: &Harness) -> u64 {
+    let text = http_get(h.http, "/metrics").await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("amphi_packager_storage_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("storage reads counter")
+}
+
+/// Requests for room ids the packager never had are answered 404 from its room registry with no
+/// storage read (no S3 GET amplification), while a restarted packager still serves the stored
+/// recording of a room that ended before the restart (the rooms in storage are listed once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_rooms_cost_no_storage_read_and_old_recordings_stay_served() {
+    let mut h = Harness::start("known-rooms").await;
+    speak_and_end(&mut h).await;
+    let rec = format!("/hls/{ROOM}/recording.m3u8");
+    h.wait_until(&rec, |r| r.status == 200).await;
+    let data_dir = h.stop_keeping_files().await;
+
+    let h = Harness::start_in(PackagerOptions::default(), data_dir).await;
+    let unknown = |i: u64| RoomId(0x7000_0000_0000_0000 + i);
+    // Until storage is listed the registry cannot tell; the listing is one directory read.
+    let mut settled = false;
+    for i in 0..100 {
+        let before = storage_reads(&h).await;
+        let r = http_get(h.http, &format!("/hls/{}/index.m3u8", unknown(i))).await;
+        assert_eq!(r.status, 404);
+        if storage_reads(&h).await == before {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "unknown rooms kept reading storage");
+    let before = storage_reads(&h).await;
+    for i in 0..200 {
+        let room = unknown(1000 + i);
+        for path in [
+            "index.m3u8",
+            "recording.m3u8",
+            "opus/playlist.m3u8",
+            "opus/vod.m3u8",
+            "aac/init.mp4",
+            "opus/seg3.m4s",
+            "opus/part3.1.m4s",
+        ] {
+            let r = http_get(h.http, &format!("/hls/{room}/{path}")).await;
+            assert_eq!(r.status, 404, "{path}");
+            assert_eq!(api_error_code(&r), "room_not_found", "{path}");
+        }
+    }
+    assert_eq!(
+        storage_reads(&h).await,
+        before,
+        "1,400 unknown-room requests"
+    );
+    // The recording from before the restart is read from storage and served.
+    let r = http_get(h.http, &rec).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        check_multivariant(&r.text(), 2).unwrap(),
+        ["opus/vod.m3u8", "aac/vod.m3u8"]
+    );
+    let vod = http_get(h.http, &format!("/hls/{ROOM}/opus/vod.m3u8")).await;
+    assert_eq!(vod.status, 200);
+    assert_eq!(storage_reads(&h).await, before + 2);
+    h.stop().await;
+}
+
+fn api_error_code(r: &common::Resp) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    v["error"].as_str().unwrap_or_default().to_string()
+}

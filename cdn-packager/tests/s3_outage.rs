@@ -177,6 +177,7 @@ fn packager_config(data: &Path) -> PackagerConfig {
         origin_server_name: None,
         http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data.to_path_buf(),
+        limits: Default::default(),
     }
 }
 

@@ -516,10 +516,15 @@ pub(crate) fn answer_offer(
         )
     })?;
     rtc.add_local_candidate(candidate);
-    let answer = rtc
-        .sdp_api()
-        .accept_offer(offer)
-        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_sdp", e.to_string()))?;
+    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
+        // str0m's text can name internals: the client gets a fixed message.
+        tracing::debug!(error = %e, "SDP offer not accepted");
+        api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_sdp",
+            "the offer could not be accepted",
+        )
+    })?;
     Ok((rtc, ufrag, answer.to_sdp_string(), offer_sdp))
 }
 
@@ -876,7 +881,12 @@ async fn whip_patch(
             "If-Match does not name this session's current ETag",
         ),
         Ok(PatchOutcome::Refused(message)) => {
-            api_error(StatusCode::BAD_REQUEST, "bad_sdpfrag", message)
+            tracing::debug!(%message, "ICE restart refused");
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_sdpfrag",
+                "the ICE restart could not be applied",
+            )
         }
         Ok(PatchOutcome::Forbidden) => api_error(
             StatusCode::FORBIDDEN,

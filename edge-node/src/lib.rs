@@ -266,6 +266,8 @@ pub async fn run_with(
         tokio::spawn(registrar.run(inner.clone()));
     }
 
+    let limiter = amphi_protocol::https::Limiter::new(&config.limits, metrics.http_limits.clone())
+        .map_err(|e| EdgeError::Config(e.to_string()))?;
     let state = Arc::new(http::AppState {
         tokens,
         candidate,
@@ -283,11 +285,15 @@ pub async fn run_with(
     let app = http::router(state).layer(axum::middleware::from_fn(move |req, next| {
         registration::refuse_new_sessions(drain.clone(), req, next)
     }));
+    let app = amphi_protocol::https::limit_requests_by_peer(app, limiter.clone());
     match https_acceptor {
         Some(acceptor) => {
-            amphi_protocol::https::serve_tls(http_listener, acceptor, app, inner.clone()).await
+            amphi_protocol::https::serve_tls(http_listener, acceptor, app, inner.clone(), limiter)
+                .await
         }
-        None => amphi_protocol::https::serve_plain(http_listener, app, inner.clone()).await,
+        None => {
+            amphi_protocol::https::serve_plain(http_listener, app, inner.clone(), limiter).await
+        }
     }
     inner.cancel();
     for done in media_done {

@@ -82,6 +82,8 @@ impl EncodeMetric for DelayHistogram {
 #[derive(Debug)]
 pub struct Metrics {
     registry: MetricsRegistry,
+    /// Refusals of the per-address HTTP budgets.
+    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
     udp_datagrams: Counter,
     dropped: [Counter; DropReason::ALL.len()],
     rtp_packets_in: Counter,
@@ -109,6 +111,7 @@ impl Metrics {
     /// Metrics of an edge in `region` (the `region` label of its participant gauges).
     pub fn new(region: &str) -> Self {
         let mut r = MetricsRegistry::default();
+        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "edge");
         let udp_datagrams = r.counter(
             "amphi_edge_udp_datagrams",
             "Datagrams read from the media UDP socket",
@@ -205,6 +208,7 @@ impl Metrics {
         });
         Metrics {
             registry: r,
+            http_limits,
             udp_datagrams,
             dropped,
             rtp_packets_in,

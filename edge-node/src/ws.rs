@@ -360,7 +360,10 @@ impl Session {
             }
             return match answer.await {
                 Ok(Ok(sdp)) => ServerMessage::Answer { sdp },
-                Ok(Err(e)) => error("bad_sdp", e),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "renegotiation offer not accepted");
+                    error("bad_sdp", "the offer could not be accepted")
+                }
                 Err(_) => error("unavailable", "the media engine is not running"),
             };
         }

@@ -123,6 +123,26 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
+    /// The checks that need no body, made before a request body is read: a known key id and a
+    /// fresh timestamp. [`ApiKeys::verify`] still checks everything once the body is in.
+    pub fn precheck(
+        &self,
+        key: Option<&str>,
+        timestamp: Option<&str>,
+        now_unix: u64,
+    ) -> Result<(), AuthError> {
+        let key = key.ok_or(AuthError::Missing)?;
+        if !self.keys.iter().any(|(id, _)| id == key) {
+            return Err(AuthError::UnknownKey);
+        }
+        let ts_text = timestamp.ok_or(AuthError::Timestamp)?;
+        let ts: u64 = ts_text.parse().map_err(|_| AuthError::Timestamp)?;
+        if ts.abs_diff(now_unix) > MAX_SKEW_SECS || ts_text.len() > 20 {
+            return Err(AuthError::Timestamp);
+        }
+        Ok(())
+    }
+
     /// Check a request's signature at `now_unix`; returns the key id and its scope. (Replays
     /// and scopes are checked by the caller: [`ReplayCache`], [`ApiScope::allows`].)
     #[allow(clippy::too_many_arguments)]

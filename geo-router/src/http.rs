@@ -22,12 +22,11 @@ use amphi_protocol::api::{
     MAX_USER_ID_BYTES,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
-use amphi_protocol::https::HttpsClient;
+use amphi_protocol::https::{HttpsClient, Limiter};
 use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -46,8 +45,10 @@ use tokio_util::sync::CancellationToken;
 pub const REDIS_PREFIX: &str = "amphi:";
 /// Largest request body the API accepts.
 pub const MAX_BODY: usize = 16 * 1024;
-/// Bodies up to this size are read whole (then refused if over their route's limit).
-const MAX_DRAINED_BODY: usize = 1024 * 1024;
+/// A declared body over its route's limit but at most this large is read and dropped before the
+/// 413, so a client that already sent it gets the answer rather than a reset connection; a
+/// larger one is refused unread.
+const MAX_DRAINED_BODY: usize = 64 * 1024;
 /// Largest heartbeat body (it lists rooms).
 const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
 /// How long after a room ends the router waits for its recording (`recording_ready` webhook).
@@ -134,6 +135,8 @@ struct AppState {
     web: Vec<WebAsset>,
     hls_client: HttpsClient<Body>,
     metrics: Metrics,
+    /// Per-client-address connection and request budgets.
+    limiter: Limiter,
 }
 
 type Shared = Arc<AppState>;
@@ -192,31 +195,42 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
 /// What a handler answers: a response, or a JSON error.
 type Answer = Result<Response, Failure>;
 
-/// The request body, refused with 413 JSON above `max` bytes. Bodies up to [`MAX_DRAINED_BODY`]
-/// are read whole before the answer, so a client still sending an oversized body gets the 413
-/// instead of a broken connection.
-fn body_bytes(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Bytes, Failure> {
-    let too_large = |limit: usize| {
+/// The request body, at most `max` bytes: a larger declared `Content-Length` is refused 413
+/// (read and dropped first only up to [`MAX_DRAINED_BODY`]), and reading stops (413) at
+/// `max + 1` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, Failure> {
+    let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("request body exceeds {limit} bytes"),
+            format!("request body exceeds {max} bytes"),
         )
     };
-    let bytes = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(max)
-        } else {
-            error(e.status(), "bad_body", e.body_text())
+    let declared =
+        header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > max as u64) {
+        if n <= MAX_DRAINED_BODY as u64 {
+            let _ = axum::body::to_bytes(body, MAX_DRAINED_BODY).await;
         }
-    })?;
-    if bytes.len() > max {
-        return Err(too_large(max));
+        return Err(too_large());
     }
-    Ok(bytes)
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        let e = e.into_inner();
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            tracing::debug!(error = %e, "request body unreadable");
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the request body could not be read",
+            )
+        }
+    })
 }
 
-/// Parse a JSON body, answering 400 with a JSON error body.
+/// Parse a JSON body, answering 400 with a JSON error body (serde's message names the field or
+/// position at fault, never server state).
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
@@ -361,6 +375,36 @@ impl AppState {
         })
     }
 
+    /// Auth first, then the body: in production a request without a known API key and a fresh
+    /// timestamp is refused (401) before a byte of its body is read; then at most `max` bytes
+    /// are read ([`read_body`]) and the signature over them checked.
+    async fn signed_body(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Body,
+        max: usize,
+        needs: ApiScope,
+    ) -> Result<Bytes, Failure> {
+        if !self.config.dev_mode {
+            self.api_keys
+                .precheck(
+                    header_str(headers, KEY_HEADER),
+                    header_str(headers, TIMESTAMP_HEADER),
+                    now_unix(),
+                )
+                .map_err(|e| {
+                    self.metrics.auth_failures.inc();
+                    tracing::info!(path = uri.path(), reason = %e, "API key refused before the body");
+                    error(StatusCode::UNAUTHORIZED, "bad_api_signature", e.to_string())
+                })?;
+        }
+        let bytes = read_body(headers, body, max).await?;
+        self.require_api_key(method, uri, headers, &bytes, needs)?;
+        Ok(bytes)
+    }
+
     /// Production mode requires an API key whose scope allows `needs`; dev mode is open.
     fn require_api_key(
         &self,
@@ -383,10 +427,11 @@ async fn create_room(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Answer {
-    let bytes = body_bytes(body, MAX_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes, ApiScope::App)?;
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_BODY, ApiScope::App)
+        .await?;
     let req: CreateRoomRequest = parse_json(&bytes)?;
     if let Some(user) = &req.host_user_id {
         check_user_id("host_user_id", user)?;
@@ -494,11 +539,12 @@ async fn mint_token(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Answer {
     let room = parse_room(&id)?;
-    let bytes = body_bytes(body, MAX_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes, ApiScope::App)?;
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_BODY, ApiScope::App)
+        .await?;
     let req: MintTokenRequest = parse_json(&bytes)?;
     check_text("name", &req.name, MAX_NAME_CHARS)?;
     match &req.user_id {
@@ -847,10 +893,11 @@ async fn edge_heartbeat(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Answer {
-    let bytes = body_bytes(body, MAX_HEARTBEAT_BODY)?;
-    s.require_api_key(&method, &uri, &headers, &bytes, ApiScope::Edge)?;
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_HEARTBEAT_BODY, ApiScope::Edge)
+        .await?;
     let hb: EdgeHeartbeat = parse_json(&bytes)?;
     if hb.id != id {
         return Err(error(
@@ -1162,11 +1209,49 @@ fn app(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
-        .layer(DefaultBodyLimit::max(MAX_DRAINED_BODY))
+        .layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit,
+        ))
         .layer(axum::middleware::from_fn(
             amphi_protocol::redact::log_request,
         ))
         .with_state(state)
+}
+
+/// The real client address of a request: forwarded by a trusted proxy, else the TCP peer.
+fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    client_ip(
+        peer,
+        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        &s.trusted,
+    )
+    .map_or(peer, |(ip, _)| ip)
+}
+
+/// Spend one request of the real client's budget (behind `trusted_proxies`, the forwarded
+/// address), else answer 429 with `Retry-After`.
+async fn rate_limit(
+    State(s): State<Shared>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(peer) = peer {
+        let client = real_client(&s, peer, req.headers());
+        if let Err(r) = s.limiter.request(client) {
+            return amphi_protocol::https::refusal_response(&r);
+        }
+    }
+    next.run(req).await
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
@@ -1332,6 +1417,13 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     let metrics = Metrics::default();
     let mut verifier = setup.signer.verifier();
     verifier.set_max_lifetime(setup.config.max_token_lifetime_secs);
+    // Trusted proxies carry many clients' connections: their own are never capped.
+    let mut limits = setup.config.limits.clone();
+    limits
+        .rate_limit_exempt
+        .extend(setup.config.trusted_proxies.iter().cloned());
+    let limiter = Limiter::new(&limits, metrics.http_limits.clone())
+        .map_err(|e| RouterError::Config(e.to_string()))?;
     let state = Arc::new(AppState {
         verifier,
         replays: std::sync::Mutex::new(ReplayCache::new(MAX_REMEMBERED_SIGNATURES)),
@@ -1365,17 +1457,19 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         web: setup.web,
         hls_client: amphi_protocol::https::client_with(client_tls),
         metrics,
+        limiter: limiter.clone(),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
     tracing::info!(%addr, https = acceptor.is_some(), "geo-router listening");
     match acceptor {
         Some(acceptor) => {
-            amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown).await;
+            amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown, limiter)
+                .await;
             Ok(())
         }
         None => {
-            amphi_protocol::https::serve_plain(listener, app(state), shutdown).await;
+            amphi_protocol::https::serve_plain(listener, app(state), shutdown, limiter).await;
             Ok(())
         }
     }

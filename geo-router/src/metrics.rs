@@ -56,6 +56,8 @@ type EdgeSeries = (Gauge, Gauge<f64, AtomicU64>);
 #[derive(Debug)]
 pub struct Metrics {
     registry: MetricsRegistry,
+    /// Refusals of the per-address HTTP budgets.
+    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
     /// Rooms created through the API.
     pub rooms_created: Counter,
     /// Tokens minted.
@@ -91,6 +93,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = MetricsRegistry::default();
+        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "router");
         let rooms_created = r.counter(
             "amphi_router_rooms_created",
             "Rooms created through the API",
@@ -167,6 +170,7 @@ impl Default for Metrics {
         );
         Metrics {
             registry: r,
+            http_limits,
             rooms_created,
             tokens_minted,
             routes,

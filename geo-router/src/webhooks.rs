@@ -1,6 +1,6 @@
-//! Signed webhooks: events are queued without waiting (a full queue drops and counts the event, so
-//! nothing on the request or media path ever blocks on a receiver), then POSTed as JSON to every
-//! receiver with `X-Amphi-Webhook-Signature: sha256=<hex HMAC-SHA256(secret, body)>`, retried
+//! Signed webhooks: events are queued without waiting, in one bounded queue per receiver (a full
+//! queue drops and counts the event, so nothing on the request or media path ever blocks on a
+//! receiver), and a fixed set of delivery tasks per receiver POSTs them as JSON with `X-Amphi-Webhook-Signature: sha256=<hex HMAC-SHA256(secret, body)>`, retried
 //! with exponential backoff.
 
 use crate::auth::hmac_hex;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Events waiting for delivery before new ones are dropped.
+/// Events waiting for delivery, per receiver, before new ones are dropped.
 const QUEUE: usize = 1024;
 /// Delivery attempts per event and receiver.
 pub const MAX_ATTEMPTS: u32 = 6;
@@ -68,12 +68,24 @@ pub struct WebhookCounters {
     pub failed: Counter,
 }
 
-/// Handle to the webhook dispatcher.
+/// An event ready to send: its JSON body, serialized once for every receiver.
+struct Queued {
+    id: String,
+    kind: EventKind,
+    body: Bytes,
+}
+
+/// Handle to the webhook dispatcher: one bounded queue per receiver, drained by
+/// [`WORKERS_PER_RECEIVER`] delivery tasks (a slow or dead receiver holds at most that many
+/// deliveries in flight and fills only its own queue).
 #[derive(Clone)]
 pub struct Webhooks {
-    tx: Option<mpsc::Sender<Event>>,
+    queues: Vec<mpsc::Sender<Arc<Queued>>>,
     dropped: Counter,
 }
+
+/// Delivery tasks per receiver.
+pub const WORKERS_PER_RECEIVER: usize = 4;
 
 impl Webhooks {
     /// Start the dispatcher (no task when there are no receivers), delivering through `client`
@@ -89,93 +101,110 @@ impl Webhooks {
             delivered,
             failed,
         } = counters;
-        let mut hooks = Webhooks { tx: None, dropped };
-        if receivers.is_empty() {
-            return hooks;
-        }
-        let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
-        hooks.tx = Some(tx);
-        let receivers = Arc::new(receivers);
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    ev = rx.recv() => match ev { Some(ev) => ev, None => return },
-                };
-                let body = Bytes::from(serde_json::to_vec(&ev).expect("events serialize"));
-                for r in receivers.iter() {
-                    let (client, r, body) = (client.clone(), r.clone(), body.clone());
-                    let (delivered, failed, sd) =
-                        (delivered.clone(), failed.clone(), shutdown.clone());
-                    let kind = ev.event;
-                    let id = ev.id.clone();
-                    tokio::spawn(async move {
-                        let sig = format!("sha256={}", hmac_hex(&r.secret, &body));
-                        for attempt in 1..=MAX_ATTEMPTS {
-                            let req = http::Request::post(&r.url)
-                                .header(http::header::CONTENT_TYPE, "application/json")
-                                .header("x-amphi-webhook-signature", &sig)
-                                .header("x-amphi-webhook-id", &id)
-                                .header("x-amphi-webhook-attempt", attempt.to_string())
-                                .body(Full::new(body.clone()));
-                            let Ok(req) = req else {
-                                tracing::warn!(url = %url_origin(&r.url), "bad webhook URL");
-                                failed.inc();
-                                return;
-                            };
-                            let outcome =
-                                tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req)).await;
-                            match outcome {
-                                Ok(Ok(resp)) if resp.status().is_success() => {
-                                    delivered.inc();
-                                    return;
-                                }
-                                Ok(Ok(resp)) => {
-                                    tracing::info!(url = %url_origin(&r.url), ?kind, status = %resp.status(), attempt, "webhook refused")
-                                }
-                                Ok(Err(e)) => {
-                                    tracing::info!(url = %url_origin(&r.url), ?kind, error = %e, attempt, "webhook failed")
-                                }
-                                Err(_) => {
-                                    tracing::info!(url = %url_origin(&r.url), ?kind, attempt, "webhook timed out")
-                                }
-                            }
-                            if attempt < MAX_ATTEMPTS {
-                                tokio::select! {
-                                    _ = sd.cancelled() => return,
-                                    _ = tokio::time::sleep(retry_delay(attempt)) => {}
-                                }
-                            }
+        let mut queues = Vec::with_capacity(receivers.len());
+        for r in receivers {
+            let (tx, rx) = mpsc::channel::<Arc<Queued>>(QUEUE);
+            queues.push(tx);
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let r = Arc::new(r);
+            for _ in 0..WORKERS_PER_RECEIVER {
+                let (rx, r, client) = (rx.clone(), r.clone(), client.clone());
+                let (delivered, failed, sd) = (delivered.clone(), failed.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let next = tokio::select! {
+                            _ = sd.cancelled() => return,
+                            ev = async { rx.lock().await.recv().await } => ev,
+                        };
+                        let Some(ev) = next else { return };
+                        if deliver(&client, &r, &ev, &sd).await {
+                            delivered.inc();
+                        } else if !sd.is_cancelled() {
+                            failed.inc();
                         }
-                        failed.inc();
-                        tracing::warn!(url = %url_origin(&r.url), ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
-                    });
-                }
+                    }
+                });
             }
-        });
-        hooks
+        }
+        Webhooks { queues, dropped }
     }
 
     /// Whether no receiver is configured (events go nowhere).
     pub fn is_empty(&self) -> bool {
-        self.tx.is_none()
+        self.queues.is_empty()
     }
 
-    /// Queue an event; never waits (drops and counts it when the queue is full).
+    /// Queue an event for every receiver; never waits (a receiver whose queue is full misses
+    /// it, counted in `dropped`).
     pub fn emit(&self, event: EventKind, at: u64, data: serde_json::Value) {
-        let Some(tx) = &self.tx else {
+        if self.queues.is_empty() {
             return;
-        };
+        }
         let ev = Event {
             id: format!("{:032x}", rand::random::<u128>()),
             event,
             at,
             data,
         };
-        if tx.try_send(ev).is_err() {
-            self.dropped.inc();
+        let queued = Arc::new(Queued {
+            body: Bytes::from(serde_json::to_vec(&ev).expect("events serialize")),
+            id: ev.id,
+            kind: event,
+        });
+        for q in &self.queues {
+            if q.try_send(queued.clone()).is_err() {
+                self.dropped.inc();
+            }
         }
     }
+}
+
+/// POST `ev` to receiver `r`, at most [`MAX_ATTEMPTS`] times with backoff; whether it was
+/// accepted (2xx). Gives up at once on `shutdown`.
+async fn deliver(
+    client: &HttpsClient<Full<Bytes>>,
+    r: &WebhookConfig,
+    ev: &Queued,
+    shutdown: &CancellationToken,
+) -> bool {
+    let kind = ev.kind;
+    let sig = format!("sha256={}", hmac_hex(&r.secret, &ev.body));
+    for attempt in 1..=MAX_ATTEMPTS {
+        let req = http::Request::post(&r.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-amphi-webhook-signature", &sig)
+            .header("x-amphi-webhook-id", &ev.id)
+            .header("x-amphi-webhook-attempt", attempt.to_string())
+            .body(Full::new(ev.body.clone()));
+        let Ok(req) = req else {
+            tracing::warn!(url = %url_origin(&r.url), "bad webhook URL");
+            return false;
+        };
+        let outcome = tokio::select! {
+            o = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req)) => o,
+            _ = shutdown.cancelled() => return false,
+        };
+        match outcome {
+            Ok(Ok(resp)) if resp.status().is_success() => return true,
+            Ok(Ok(resp)) => {
+                tracing::info!(url = %url_origin(&r.url), ?kind, status = %resp.status(), attempt, "webhook refused")
+            }
+            Ok(Err(e)) => {
+                tracing::info!(url = %url_origin(&r.url), ?kind, error = %e, attempt, "webhook failed")
+            }
+            Err(_) => {
+                tracing::info!(url = %url_origin(&r.url), ?kind, attempt, "webhook timed out")
+            }
+        }
+        if attempt < MAX_ATTEMPTS {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(retry_delay(attempt)) => {}
+            }
+        }
+    }
+    tracing::warn!(url = %url_origin(&r.url), ?kind, "webhook abandoned after {MAX_ATTEMPTS} attempts");
+    false
 }
 
 #[cfg(test)]
@@ -230,6 +259,7 @@ mod tests {
             https::acceptor(&cert, &key).unwrap(),
             app,
             shutdown.clone(),
+            https::Limiter::unlimited(),
         ));
 
         let counters = WebhookCounters::default();
@@ -264,6 +294,60 @@ mod tests {
         shutdown.cancel();
         server.await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A receiver that accepts connections and never answers: at most
+    /// [`WORKERS_PER_RECEIVER`] deliveries are in flight, and events past the queue are dropped
+    /// and counted instead of spawning work.
+    #[tokio::test]
+    async fn a_dead_receiver_holds_fixed_workers_and_a_bounded_queue() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        let counters = WebhookCounters::default();
+        let shutdown = CancellationToken::new();
+        let hooks = Webhooks::start(
+            vec![WebhookConfig {
+                url: format!("http://{addr}/hook"),
+                secret: "s".into(),
+            }],
+            amphi_protocol::https::client(None).unwrap(),
+            counters.clone(),
+            shutdown.clone(),
+        );
+        let extra = 50;
+        for i in 0..QUEUE + extra {
+            hooks.emit(
+                EventKind::ParticipantJoined,
+                i as u64,
+                serde_json::json!({}),
+            );
+        }
+        // Emitting never yields: the queue holds QUEUE events, the rest are dropped.
+        assert_eq!(counters.dropped.get(), extra as u64);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) < WORKERS_PER_RECEIVER {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "workers never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            WORKERS_PER_RECEIVER
+        );
+        shutdown.cancel();
+        server.abort();
     }
 
     #[test]

@@ -205,6 +205,7 @@ fn start_router(port: u16, backend: Backend, signer: TokenSigner) -> Router {
         },
         hls_base_url: None,
         https: Default::default(),
+        limits: Default::default(),
     };
     let setup = RouterSetup {
         config,

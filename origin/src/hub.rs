@@ -10,6 +10,7 @@
 
 use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
+use crate::peerq::{peer_queue, PeerReceiver, PeerSender, TooSlow, PEER_QUEUE};
 use crate::persist::{PersistedRoom, Persister, RoomStore};
 use crate::room::{AuthorityCensus, Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
@@ -44,7 +45,7 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct EdgeLink {
     conn: quinn::Connection,
-    control: mpsc::UnboundedSender<ControlMessage>,
+    control: PeerSender,
 }
 
 #[derive(Default)]
@@ -52,7 +53,7 @@ struct HubState {
     subs: Subscriptions,
     edges: HashMap<u64, EdgeLink>,
     /// Geo-routers, told when a room ends.
-    routers: HashMap<u64, mpsc::UnboundedSender<ControlMessage>>,
+    routers: HashMap<u64, PeerSender>,
     /// The room authority.
     rooms: Rooms,
     /// The edge connection that announced each participant (its `Leave` on disconnect).
@@ -543,7 +544,7 @@ impl Hub {
             return;
         }
         tracing::info!(%remote, peer = %peer_id, %region, ?peer, "mesh peer connected");
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (ctl_tx, ctl_rx) = peer_queue(PEER_QUEUE, self.metrics.control_overflows.clone());
         let own = ctl_tx.clone();
         if matches!(peer, PeerKind::Edge | PeerKind::Router) {
             // Every live ban, so the peer refuses those users' tokens from the start.
@@ -644,16 +645,19 @@ impl Hub {
         peer_id: &str,
         reader: &mut ControlReader,
         send: &mut quinn::SendStream,
-        (own, mut outbound): (
-            &mpsc::UnboundedSender<ControlMessage>,
-            mpsc::UnboundedReceiver<ControlMessage>,
-        ),
+        (own, mut outbound): (&PeerSender, PeerReceiver),
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                Some(out) = outbound.recv() => {
+                out = outbound.recv() => {
+                    let Some(out) = out.map_err(|TooSlow| Failure::Protocol {
+                        code: "too_slow",
+                        message: format!("more than {PEER_QUEUE} control messages unread"),
+                    })? else {
+                        return Ok(());
+                    };
                     send.write_all(&out.to_record()).await.map_err(|_| Failure::Gone)?;
                     continue;
                 }
@@ -681,7 +685,7 @@ impl Hub {
         id: u64,
         peer: PeerKind,
         peer_id: &str,
-        own: &mpsc::UnboundedSender<ControlMessage>,
+        own: &PeerSender,
         msg: ControlMessage,
     ) -> Result<Option<ControlMessage>, Failure> {
         let now = Instant::now();
@@ -799,7 +803,7 @@ impl Hub {
     fn room_command(
         &self,
         conn: u64,
-        own: &mpsc::UnboundedSender<ControlMessage>,
+        own: &PeerSender,
         room: RoomId,
         actor: ParticipantId,
         request: u64,

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mixer;
 mod mixer_thread;
 pub mod ogg;
+mod peerq;
 pub mod persist;
 pub mod programs;
 pub mod room;

@@ -135,6 +135,8 @@ pub struct Metrics {
     pub role_refusals: Counter,
     /// `SpeakerJoined` refused because another connection announced that participant.
     pub speaker_claims_refused: Counter,
+    /// Mesh peers disconnected because their control queue overflowed (not reading).
+    pub control_overflows: Counter,
     /// Program frames written to packager streams.
     pub program_frames_sent: Counter,
     /// Program frames dropped because a packager stream's queue was full.
@@ -247,6 +249,9 @@ impl Default for Metrics {
         let speaker_claims_refused = r.counter(
             "amphi_origin_speaker_claims_refused",
             "Speaker announcements refused: the participant belongs to another connection",
+        let control_overflows = r.counter(
+            "amphi_origin_control_overflows",
+            "Mesh peers disconnected: their control queue overflowed (they stopped reading)",
         );
         let room_commands = r.counter(
             "amphi_origin_room_commands",
@@ -297,6 +302,7 @@ impl Default for Metrics {
             control_errors,
             role_refusals,
             speaker_claims_refused,
+            control_overflows,
             program_frames_sent,
             program_frames_dropped,
             room_commands,

@@ -45,7 +45,7 @@ pub(crate) enum MixerCmd {
     PackagerUp {
         id: u64,
         conn: quinn::Connection,
-        control: mpsc::UnboundedSender<ControlMessage>,
+        control: crate::peerq::PeerSender,
     },
     /// A packager disconnected.
     PackagerDown { id: u64 },
@@ -53,7 +53,7 @@ pub(crate) enum MixerCmd {
 
 struct PackagerLink {
     conn: quinn::Connection,
-    control: mpsc::UnboundedSender<ControlMessage>,
+    control: crate::peerq::PeerSender,
     /// Dropping a sender finishes the stream once its queue is written.
     streams: HashMap<RoomId, mpsc::Sender<Bytes>>,
 }

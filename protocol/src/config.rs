@@ -77,6 +77,56 @@ impl HttpTls {
     }
 }
 
+/// Per-client-address budgets of a role's HTTP listeners (keys of its main section; see
+/// [`crate::limits`]). 0 turns a budget off.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections one address (IPv6: one /64) may hold open; past it, new ones get 503
+    /// `too_many_connections` and are closed. Default 256.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: u32,
+    /// Requests per second one client address may make, sustained (the geo-router keys it on
+    /// the forwarded address behind `trusted_proxies`); past it, 429 `rate_limited` with
+    /// `Retry-After`. Default 50.
+    #[serde(default = "default_requests_per_second_per_ip")]
+    pub requests_per_second_per_ip: u32,
+    /// Requests one client address may make at once before the sustained rate applies.
+    /// Default 200.
+    #[serde(default = "default_request_burst_per_ip")]
+    pub request_burst_per_ip: u32,
+    /// Networks (CIDR or address) never limited: a load balancer or CDN in front, health
+    /// checkers. Default loopback (`127.0.0.0/8`, `::1`).
+    #[serde(default = "default_rate_limit_exempt")]
+    pub rate_limit_exempt: Vec<String>,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections_per_ip: default_max_connections_per_ip(),
+            requests_per_second_per_ip: default_requests_per_second_per_ip(),
+            request_burst_per_ip: default_request_burst_per_ip(),
+            rate_limit_exempt: default_rate_limit_exempt(),
+        }
+    }
+}
+
+fn default_max_connections_per_ip() -> u32 {
+    256
+}
+
+fn default_requests_per_second_per_ip() -> u32 {
+    50
+}
+
+fn default_request_burst_per_ip() -> u32 {
+    200
+}
+
+fn default_rate_limit_exempt() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
+}
+
 /// A token verification key.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublicKeyConfig {
@@ -129,6 +179,9 @@ pub struct EdgeConfig {
     /// HTTPS listener and client settings (`tls_cert`, `tls_key`, `tls_ca`).
     #[serde(flatten)]
     pub https: HttpTls,
+    /// Per-client-address connection and request budgets of `http_listen`.
+    #[serde(flatten)]
+    pub limits: HttpLimits,
     /// Seconds a WebRTC session (WHIP, WHEP, WebSocket) may take to connect (ICE + DTLS) after
     /// its answer before the edge drops it. Default 15.
     #[serde(default = "default_ice_connect_timeout_secs")]
@@ -210,6 +263,9 @@ pub struct PackagerConfig {
     pub http_listen: SocketAddr,
     /// Directory for parts, segments, playlists and recordings.
     pub data_dir: PathBuf,
+    /// Per-client-address connection and request budgets of the HTTP(S) listeners.
+    #[serde(flatten)]
+    pub limits: HttpLimits,
 }
 
 impl PackagerConfig {
@@ -347,6 +403,9 @@ pub struct RouterConfig {
     /// HTTPS listener and client settings (`tls_cert`, `tls_key`, `tls_ca`).
     #[serde(flatten)]
     pub https: HttpTls,
+    /// Per-client-address connection and request budgets of `http_listen`.
+    #[serde(flatten)]
+    pub limits: HttpLimits,
 }
 
 /// What an API key may do.

@@ -8,6 +8,9 @@
 //! HTTP/1.1 by ALPN. Listeners offer `h2` and `http/1.1`; WebSocket upgrades work over both
 //! HTTP/1.1 and TLS.
 
+use crate::config::HttpLimits;
+use crate::limits::{IpBudgets, LimitsError, Refusal};
+use crate::metrics::LimiterMetrics;
 use axum::extract::ConnectInfo;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -15,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,11 +171,155 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// head in one packet.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A role's per-client-address budgets ([`crate::limits::IpBudgets`]) shared by its listeners
+/// and request handlers; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Limiter {
+    budgets: Arc<std::sync::Mutex<IpBudgets>>,
+    metrics: LimiterMetrics,
+}
+
+/// A connection counted against its address's budget until dropped.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    limiter: Limiter,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.limiter
+            .lock()
+            .close(self.ip, std::time::Instant::now());
+    }
+}
+
+impl Limiter {
+    /// Budgets from `cfg`, counting refusals in `metrics`.
+    pub fn new(cfg: &HttpLimits, metrics: LimiterMetrics) -> Result<Limiter, LimitsError> {
+        Ok(Limiter {
+            budgets: Arc::new(std::sync::Mutex::new(IpBudgets::new(cfg)?)),
+            metrics,
+        })
+    }
+
+    /// No budget at all (internal listeners, tests).
+    pub fn unlimited() -> Limiter {
+        let off = HttpLimits {
+            max_connections_per_ip: 0,
+            requests_per_second_per_ip: 0,
+            request_burst_per_ip: 0,
+            rate_limit_exempt: Vec::new(),
+        };
+        Limiter::new(&off, LimiterMetrics::default()).expect("an empty configuration is valid")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IpBudgets> {
+        self.budgets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Count a connection accepted from `peer`, or refuse it over the cap.
+    pub fn connection(&self, peer: IpAddr) -> Result<ConnectionPermit, Refusal> {
+        let r = self.lock().open(peer, std::time::Instant::now());
+        match r {
+            Ok(()) => Ok(ConnectionPermit {
+                limiter: self.clone(),
+                ip: peer,
+            }),
+            Err(e) => {
+                self.metrics.connections_refused.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Spend one request of `client`'s budget (the real client address), or refuse it.
+    pub fn request(&self, client: IpAddr) -> Result<(), Refusal> {
+        let r = self.lock().request(client, std::time::Instant::now());
+        if r.is_err() {
+            self.metrics.rate_limited.inc();
+        }
+        r
+    }
+
+    /// Whether `ip` is exempt from every budget (a trusted proxy, a CDN, loopback).
+    pub fn is_exempt(&self, ip: IpAddr) -> bool {
+        self.lock().is_exempt(ip)
+    }
+}
+
+/// The JSON body of a refusal (`{"error": code, "message": ...}`).
+fn refusal_body(r: &Refusal) -> Vec<u8> {
+    serde_json::to_vec(&crate::api::ApiError::new(r.code(), r.message())).unwrap_or_default()
+}
+
+/// The answer to a refused request: 429 or 503, JSON body, `Retry-After`.
+pub fn refusal_response(r: &Refusal) -> axum::response::Response {
+    let mut resp = axum::response::Response::new(axum::body::Body::from(refusal_body(r)));
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(r.status()).unwrap_or(hyper::StatusCode::TOO_MANY_REQUESTS);
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(hyper::header::RETRY_AFTER, r.retry_after_secs().into());
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+/// The whole HTTP/1.1 answer to a refused connection or request (`Connection: close`), for
+/// listeners that write bytes themselves.
+pub fn refusal_bytes(r: &Refusal) -> Vec<u8> {
+    let body = refusal_body(r);
+    let reason = hyper::StatusCode::from_u16(r.status())
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\nretry-after: {}\r\n\
+         cache-control: no-store\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        r.status(),
+        r.retry_after_secs(),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// `app` with every request spent from the budget of the connection's peer address
+/// ([`ConnectInfo`], set by [`serve_connection`]); refused requests get [`refusal_response`].
+pub fn limit_requests_by_peer(app: axum::Router, limiter: Limiter) -> axum::Router {
+    app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let limiter = limiter.clone();
+            async move {
+                let peer = req
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip());
+                if let Some(Err(r)) = peer.map(|ip| limiter.request(ip)) {
+                    return refusal_response(&r);
+                }
+                next.run(req).await
+            }
+        },
+    ))
+}
+
 /// Accept connections on `listener` until `shutdown`, running `conn` on each accepted socket
-/// (TCP_NODELAY on); returns once every connection task has ended.
+/// (TCP_NODELAY on) that `limiter` admits; a refused plain connection is answered
+/// [`refusal_bytes`] (a TLS one is closed), without reading from it. Returns once every
+/// connection task has ended.
 async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
+    limiter: Limiter,
+    plain: bool,
     conn: F,
 ) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
@@ -192,14 +339,30 @@ async fn accept_loop<F, Fut>(
             },
             _ = shutdown.cancelled() => break,
         };
+        let permit = match limiter.connection(peer.ip()) {
+            Ok(p) => p,
+            Err(r) => {
+                tracing::debug!(%peer, "connection refused: too many from this address");
+                if plain {
+                    // Best effort, never waiting: the client may not be reading.
+                    let _ = tcp.try_write(&refusal_bytes(&r));
+                }
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        tracker.spawn(conn(tcp, peer));
+        let fut = conn(tcp, peer);
+        tracker.spawn(async move {
+            fut.await;
+            drop(permit);
+        });
     }
     tracker.close();
     tracker.wait().await;
 }
 
-/// Accept TLS connections on `listener` until `shutdown`, serving `app` on each (HTTP/2 or
+/// Accept TLS connections on `listener` until `shutdown` (at most `limiter`'s connections per
+/// client address), serving `app` on each (HTTP/2 or
 /// HTTP/1.1 by ALPN, with upgrades); requests carry [`ConnectInfo`]`<SocketAddr>` of the peer.
 /// Returns once every connection has ended (each is given [`SHUTDOWN_GRACE`] after shutdown).
 pub async fn serve_tls(
@@ -207,9 +370,10 @@ pub async fn serve_tls(
     acceptor: TlsAcceptor,
     app: axum::Router,
     shutdown: CancellationToken,
+    limiter: Limiter,
 ) {
     let sd = shutdown.clone();
-    accept_loop(listener, shutdown, move |tcp, peer| {
+    accept_loop(listener, shutdown, limiter, false, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let app = app.clone();
         let sd = sd.clone();
@@ -228,16 +392,18 @@ pub async fn serve_tls(
     .await;
 }
 
-/// Accept plain TCP connections on `listener` until `shutdown`, serving `app` on each like
+/// Accept plain TCP connections on `listener` until `shutdown` (at most `limiter`'s connections
+/// per client address), serving `app` on each like
 /// [`serve_tls`] does (HTTP/1.1 or HTTP/2 prior knowledge, upgrades, [`ConnectInfo`], header
 /// read timeout, shutdown grace).
 pub async fn serve_plain(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     shutdown: CancellationToken,
+    limiter: Limiter,
 ) {
     let sd = shutdown.clone();
-    accept_loop(listener, shutdown, move |tcp, peer| {
+    accept_loop(listener, shutdown, limiter, true, move |tcp, peer| {
         let app = app.clone();
         let sd = sd.clone();
         async move { serve_connection(tcp, app, peer, &sd).await }
@@ -349,8 +515,14 @@ mod tests {
         let plain_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tls_addr, plain_addr) = (tls_l.local_addr().unwrap(), plain_l.local_addr().unwrap());
         let servers = [
-            tokio::spawn(serve_tls(tls_l, acceptor, app.clone(), sd.clone())),
-            tokio::spawn(serve_plain(plain_l, app, sd.clone())),
+            tokio::spawn(serve_tls(
+                tls_l,
+                acceptor,
+                app.clone(),
+                sd.clone(),
+                Limiter::unlimited(),
+            )),
+            tokio::spawn(serve_plain(plain_l, app, sd.clone(), Limiter::unlimited())),
         ];
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ck.cert.der().clone()).unwrap();

@@ -11,6 +11,7 @@ pub mod control;
 #[cfg(feature = "https")]
 pub mod https;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod mtls;
 pub mod ownership;

@@ -65,6 +65,32 @@ impl MetricsRegistry {
     }
 }
 
+/// The counters of a role's per-address HTTP budgets ([`crate::limits`]).
+#[derive(Clone, Debug, Default)]
+pub struct LimiterMetrics {
+    /// Connections refused over `max_connections_per_ip`.
+    pub connections_refused: Counter,
+    /// Requests refused over the per-address request rate.
+    pub rate_limited: Counter,
+}
+
+impl LimiterMetrics {
+    /// Counters registered in `r` as `amphi_{role}_http_connections_refused` and
+    /// `amphi_{role}_http_rate_limited`.
+    pub fn register(r: &mut MetricsRegistry, role: &str) -> Self {
+        LimiterMetrics {
+            connections_refused: r.counter(
+                &format!("amphi_{role}_http_connections_refused"),
+                "HTTP connections refused: too many open from one client address",
+            ),
+            rate_limited: r.counter(
+                &format!("amphi_{role}_http_rate_limited"),
+                "HTTP requests refused 429: one client address over its request rate",
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

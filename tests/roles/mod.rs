@@ -139,6 +139,23 @@ impl RoleMesh {
         }
     }
 
+    /// A join token for `room` with `role`, signed with the mesh's key (`k1`), valid for an hour.
+    pub fn token(&self, room: &str, role: amphi_protocol::token::Role) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        self.signer.sign(&amphi_protocol::token::Claims {
+            sub: format!("u-{:016x}", rand_sub()),
+            name: "test".into(),
+            room: room.parse().expect("room id"),
+            role,
+            iat: now,
+            exp: now + 3600,
+            jti: format!("{:032x}", rand_sub()),
+        })
+    }
+
     /// Geo-router base URL.
     pub fn router(&self) -> String {
         format!("http://127.0.0.1:{}", self.base + 80)
@@ -217,8 +234,13 @@ impl RoleMesh {
 
     /// Start `amphi packager` (HTTP on `base + 90`, files under the scratch directory).
     pub fn packager(&self) -> RoleProcess {
+        self.packager_with("")
+    }
+
+    /// Like [`RoleMesh::packager`] with `extra` TOML in its `[packager]` section.
+    pub fn packager_with(&self, extra: &str) -> RoleProcess {
         let config = format!(
-            "[packager]\nid = \"packager-1\"\norigin_addr = \"127.0.0.1:{}\"\norigin_server_name = \"{ORIGIN_NAME}\"\nhttp_listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\n\n{}",
+            "[packager]\nid = \"packager-1\"\norigin_addr = \"127.0.0.1:{}\"\norigin_server_name = \"{ORIGIN_NAME}\"\nhttp_listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\n{extra}\n\n{}",
             self.base,
             self.base + 90,
             self.dir.join("hls").display().to_string(),
@@ -280,6 +302,17 @@ key_file = {key:?}
     /// Start `amphi edge` number `i` (index `i + 1`) in `region`, registering with the router;
     /// `registration` is extra TOML for its `[registration]` section.
     pub fn edge_process(&self, i: u16, region: &str, registration: &str) -> RoleProcess {
+        self.edge_process_with(i, region, registration, "")
+    }
+
+    /// Like [`RoleMesh::edge_process`] with `extra` TOML in its `[edge]` section.
+    pub fn edge_process_with(
+        &self,
+        i: u16,
+        region: &str,
+        registration: &str,
+        extra: &str,
+    ) -> RoleProcess {
         let id = format!("edge-{region}");
         let config = format!(
             r#"[edge]
@@ -292,6 +325,7 @@ media_listen = "127.0.0.1:{media}"
 origin_addr = "127.0.0.1:{origin}"
 origin_server_name = "{ORIGIN_NAME}"
 router_url = "http://127.0.0.1:{router}"
+{extra}
 
 [registration]
 {registration}
@@ -439,4 +473,12 @@ impl Ws {
         }
         panic!("the expected server message never came");
     }
+}
+
+/// A fresh value for token `sub` and `jti` (time-based: tests need uniqueness, not secrecy).
+fn rand_sub() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }

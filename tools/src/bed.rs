@@ -340,7 +340,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                         "router_url": router_url, "interactive_capacity": 500,
                         "media_threads": 0, "ice_connect_timeout_secs": 15,
                         "backend_tls": true, "capacity": 500, "api_key_id": API_KEY_ID,
-                        "drain_grace_secs": 5,
+                        "drain_grace_secs": 5, "vpc_cidr": "10.77.0.0/16",
                         "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],
                     }),
                     Vec::new(),

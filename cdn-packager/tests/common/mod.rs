@@ -333,6 +333,7 @@ impl Harness {
                 origin_server_name: None,
                 http_listen: http,
                 data_dir: data_dir.clone(),
+                limits: Default::default(),
             },
             options,
             mesh_tls: packager_tls,

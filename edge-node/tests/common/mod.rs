@@ -331,6 +331,7 @@ pub async fn start_edge_with(
         interactive_capacity: opts.capacity,
         media_threads: 2,
         https: Default::default(),
+        limits: Default::default(),
         ice_connect_timeout_secs: opts.ice_connect_timeout_secs,
         max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
     };

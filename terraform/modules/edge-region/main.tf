@@ -24,6 +24,7 @@ locals {
     capacity                 = var.capacity
     api_key_id               = var.api_key_id
     drain_grace_secs         = var.drain_grace_secs
+    vpc_cidr                 = var.vpc_cidr
   })
 
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {
