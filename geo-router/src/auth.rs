@@ -132,7 +132,7 @@ impl ApiKeys {
         now_unix: u64,
     ) -> Result<(), AuthError> {
         let key = key.ok_or(AuthError::Missing)?;
-        if !self.keys.iter().any(|(id, _)| id == key) {
+        if !self.keys.iter().any(|(id, _, _)| id == key) {
             return Err(AuthError::UnknownKey);
         }
         let ts_text = timestamp.ok_or(AuthError::Timestamp)?;

@@ -249,6 +249,7 @@ impl Default for Metrics {
         let speaker_claims_refused = r.counter(
             "amphi_origin_speaker_claims_refused",
             "Speaker announcements refused: the participant belongs to another connection",
+        );
         let control_overflows = r.counter(
             "amphi_origin_control_overflows",
             "Mesh peers disconnected: their control queue overflowed (they stopped reading)",

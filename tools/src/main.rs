@@ -302,7 +302,7 @@ async fn whip_speak(
         if !sessions.is_empty() {
             // Back on air: start a burst now, so the time until a listener hears the speaker
             // again is not rounded up to the next 1 s burst.
-            frame = frame.next_multiple_of(PERIOD_FRAMES).min(total);
+            frame = frame.next_multiple_of(period_frames).min(total);
         }
         sessions.push(json!({"edge": edge, "route_ms": route_ms,
             "connect_ms": t0.elapsed().as_secs_f64() * 1000.0, "at_unix_ms": unix_ms()}));
