@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(parse_avoid("a,b").unwrap(), vec!["a", "b"]);
         assert_eq!(parse_avoid("").unwrap(), Vec::<&str>::new());
         assert_eq!(parse_avoid("a,,b,").unwrap(), vec!["a", "b"]);
-        assert!(parse_avoid(&vec!["e"; 9].join(",")).is_err());
+        assert!(parse_avoid(&["e"; 9].join(",")).is_err());
         assert!(parse_avoid(&"x".repeat(129)).is_err());
         assert!(parse_avoid("a\nb").is_err());
     }
