@@ -896,7 +896,14 @@ async fn edge_heartbeat(
     body: Body,
 ) -> Answer {
     let bytes = s
-        .signed_body(&method, &uri, &headers, body, MAX_HEARTBEAT_BODY, ApiScope::Edge)
+        .signed_body(
+            &method,
+            &uri,
+            &headers,
+            body,
+            MAX_HEARTBEAT_BODY,
+            ApiScope::Edge,
+        )
         .await?;
     let hb: EdgeHeartbeat = parse_json(&bytes)?;
     if hb.id != id {

@@ -541,7 +541,7 @@ fn main() -> Result<()> {
             seconds,
             reconnects,
         } => rt.block_on(whep_listen(client, freq, seconds, reconnects))?,
-                Cmd::Ws {
+        Cmd::Ws {
             client,
             send,
             seconds,
