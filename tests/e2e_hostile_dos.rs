@@ -147,6 +147,7 @@ trusted_proxies = ["127.0.0.9"]
 [[router.api_keys]]
 id = "{KEY_ID}"
 secret = "{KEY_SECRET}"
+scope = "admin"
 
 [signing]
 kid = "k1"
