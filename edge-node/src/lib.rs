@@ -201,6 +201,7 @@ pub async fn run_with(
         mesh_tx.clone(),
         media.clone(),
     ));
+    tokio::spawn(sessions.clone().tick_loop(inner.clone()));
     // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.
     let occupancy = Arc::new(Occupancy::new(config.interactive_capacity));
 

@@ -89,6 +89,7 @@ pub struct Metrics {
     relay_send_errors: Counter,
     relay_frames_received: Counter,
     relay_frames_invalid: Counter,
+    control_records_refused: Counter,
     whip_sessions_created: Counter,
     peers: Gauge,
     origin_connected: Gauge,
@@ -139,6 +140,10 @@ impl Metrics {
         let relay_frames_invalid = r.counter(
             "amphi_edge_relay_frames_invalid",
             "Undecodable datagrams received from the origin",
+        );
+        let control_records_refused = r.counter(
+            "amphi_edge_control_records_refused",
+            "Control records from the origin refused (oversized or malformed); the link stays up",
         );
         let whip_sessions_created =
             r.counter("amphi_edge_whip_sessions_created", "WHIP sessions created");
@@ -207,6 +212,7 @@ impl Metrics {
             relay_send_errors,
             relay_frames_received,
             relay_frames_invalid,
+            control_records_refused,
             whip_sessions_created,
             peers,
             origin_connected,
@@ -256,6 +262,11 @@ impl Metrics {
     /// One undecodable datagram received from the origin.
     pub fn relay_invalid(&self) {
         self.relay_frames_invalid.inc();
+    }
+
+    /// One control record from the origin refused.
+    pub fn control_record_refused(&self) {
+        self.control_records_refused.inc();
     }
 
     /// One WHIP session created.

@@ -222,7 +222,12 @@ impl Uplink {
                                     }
                                 }
                                 Ok(None) => break,
-                                Err(e) => return SessionEnd::Lost(format!("bad control record: {e}")),
+                                // One bad record is refused alone: dropping the link would
+                                // evict this edge's participants in every room.
+                                Err(e) => {
+                                    self.metrics.control_record_refused();
+                                    tracing::warn!(error = %e, "control record from the origin refused");
+                                }
                             }
                         }
                     }
@@ -243,6 +248,7 @@ impl Uplink {
             }
             ControlMessage::Ping { nonce } => Some(ControlMessage::Pong { nonce }),
             ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::RoomSnapshotPart { .. }
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::CommandRejected { .. } => {
                 self.sessions.on_control(msg);
