@@ -90,6 +90,7 @@ pub struct Metrics {
     relay_frames_received: Counter,
     relay_frames_invalid: Counter,
     control_records_refused: Counter,
+    origin_links: Counter,
     whip_sessions_created: Counter,
     peers: Gauge,
     origin_connected: Gauge,
@@ -144,6 +145,10 @@ impl Metrics {
         let control_records_refused = r.counter(
             "amphi_edge_control_records_refused",
             "Control records from the origin refused (oversized or malformed); the link stays up",
+        );
+        let origin_links = r.counter(
+            "amphi_edge_origin_links",
+            "Control links to the origin established (more than one: the link dropped)",
         );
         let whip_sessions_created =
             r.counter("amphi_edge_whip_sessions_created", "WHIP sessions created");
@@ -213,6 +218,7 @@ impl Metrics {
             relay_frames_received,
             relay_frames_invalid,
             control_records_refused,
+            origin_links,
             whip_sessions_created,
             peers,
             origin_connected,
@@ -287,7 +293,9 @@ impl Metrics {
     /// Set whether the origin link is up (a link going down also clears the RTT).
     pub fn set_origin_connected(&self, up: bool) {
         self.origin_connected.set(i64::from(up));
-        if !up {
+        if up {
+            self.origin_links.inc();
+        } else {
             self.origin_rtt.set(0.0);
         }
     }
