@@ -66,15 +66,23 @@ struct Client {
     out: mpsc::UnboundedSender<String>,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connect, join and wait for the snapshot.
 async fn join(url: &str) -> Result<(Ws, Value)> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .context("websocket connect")?;
+    let (mut ws, _) = match tokio_tungstenite::connect_async(url).await {
+        Ok(ok) => ok,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_deref().unwrap_or_default();
+            bail!(
+                "websocket refused: {} {}",
+                resp.status(),
+                String::from_utf8_lossy(body)
+            )
+        }
+        Err(e) => return Err(e).context("websocket connect"),
+    };
     ws.send(Message::Text(json!({"type": "join"}).to_string().into()))
         .await?;
     while let Some(m) = ws.next().await {
@@ -232,7 +240,10 @@ pub async fn run(args: RoomArgs) -> Result<()> {
     for e in &edges {
         let deadline = Instant::now() + Duration::from_secs(30);
         while metric(e, "amphi_edge_origin_connected").unwrap_or(0.0) < 1.0 {
-            ensure!(Instant::now() < deadline, "edge {e} never linked to the origin");
+            ensure!(
+                Instant::now() < deadline,
+                "edge {e} never linked to the origin"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -261,7 +272,10 @@ pub async fn run(args: RoomArgs) -> Result<()> {
                 )?;
                 Ok(t["token"].as_str().context("token")?.to_string())
             };
-            let host = mint("host", "host".into())?;
+            let host = created["host_token"]
+                .as_str()
+                .context("host token")?
+                .to_string();
             let mint_many = |role: &'static str, prefix: &'static str, n: usize| {
                 std::thread::scope(|s| {
                     let parts: Vec<_> = (0..4)
@@ -293,9 +307,8 @@ pub async fn run(args: RoomArgs) -> Result<()> {
         n_ws + n_rtc + 1,
         started.elapsed().as_secs_f64()
     );
-    let ws_url = |edge: &str, token: &str| {
-        format!("{}/v1/ws?token={token}", edge.replacen("http", "ws", 1))
-    };
+    let ws_url =
+        |edge: &str, token: &str| format!("{}/v1/ws?token={token}", edge.replacen("http", "ws", 1));
     let tally = Arc::new(Tally::default());
 
     // The host, on the first edge.
@@ -360,7 +373,11 @@ pub async fn run(args: RoomArgs) -> Result<()> {
     );
 
     // Moderation: hands up, half promoted, half kicked.
-    let raisers: Vec<&Client> = clients.iter().step_by(n_ws / n_hands.max(1)).take(n_hands).collect();
+    let raisers: Vec<&Client> = clients
+        .iter()
+        .step_by(n_ws / n_hands.max(1))
+        .take(n_hands)
+        .collect();
     let ids: Vec<u64> = raisers.iter().map(|c| c.id).collect();
     for c in &raisers {
         let _ = c.out.send(json!({"type": "raise_hand"}).to_string());
@@ -375,14 +392,20 @@ pub async fn run(args: RoomArgs) -> Result<()> {
         let _ = host.send(json!({"type": "kick", "target": id}).to_string());
     }
     await_events(&mut host_rx, "kicked", kick).await?;
-    println!("{n_hands} hands raised, {} promoted, {} kicked", promote.len(), kick.len());
+    println!(
+        "{n_hands} hands raised, {} promoted, {} kicked",
+        promote.len(),
+        kick.len()
+    );
 
     // Chat: the host and the promoted speakers, one message each, to everyone left.
     let chats_before = tally.chats.load(Relaxed);
     let senders = 1 + promote.len();
     let _ = host.send(json!({"type": "chat", "text": "welcome"}).to_string());
     for c in raisers.iter().filter(|c| promote.contains(&c.id)) {
-        let _ = c.out.send(json!({"type": "chat", "text": "thanks"}).to_string());
+        let _ = c
+            .out
+            .send(json!({"type": "chat", "text": "thanks"}).to_string());
     }
     let receivers = 1 + n_ws - kick.len();
     let want = (senders * receivers) as u64;
@@ -405,7 +428,10 @@ pub async fn run(args: RoomArgs) -> Result<()> {
         counted == expected,
         "late joiner counts {counted} participants, expected {expected}"
     );
-    ensure!(snap["partial"] == true, "a big room's snapshot must be partial");
+    ensure!(
+        snap["partial"] == true,
+        "a big room's snapshot must be partial"
+    );
     let snap_bytes = snap.to_string().len();
     let (late_tx, mut late_rx) = mpsc::unbounded_channel();
     let late = spawn_client(late_ws, tally.clone(), Some(late_tx));
@@ -423,13 +449,18 @@ pub async fn run(args: RoomArgs) -> Result<()> {
                 break v;
             }
         };
-        listed += page["participants"].as_array().map_or(0, |a| a.len() as u64);
+        listed += page["participants"]
+            .as_array()
+            .map_or(0, |a| a.len() as u64);
         after = page["next"].clone();
         if after.is_null() {
             break;
         }
     }
-    ensure!(listed == expected, "paged {listed} participants, expected {expected}");
+    ensure!(
+        listed == expected,
+        "paged {listed} participants, expected {expected}"
+    );
     println!("late participant: snapshot {snap_bytes} bytes, {listed} participants in pages");
 
     // No link dropped, nothing refused, nobody lost who was not kicked.

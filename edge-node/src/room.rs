@@ -156,7 +156,11 @@ impl RoomReplica {
         rest.sort_unstable_by_key(|p| p.id);
         let more = rest.len() > limit;
         let page: Vec<Participant> = rest.into_iter().take(limit).cloned().collect();
-        let next = if more { page.last().map(|p| p.id) } else { None };
+        let next = if more {
+            page.last().map(|p| p.id)
+        } else {
+            None
+        };
         (page, next)
     }
 

@@ -661,9 +661,7 @@ impl SignalingCore {
         // A large room's listeners come and go without an event to every client: counts
         // follow (see `tick`), the list is fetched on request.
         let quiet = match &ev {
-            RoomEvent::ParticipantJoined { participant } => {
-                participant.role == RoomRole::Listener
-            }
+            RoomEvent::ParticipantJoined { participant } => participant.role == RoomRole::Listener,
             RoomEvent::ParticipantLeft { id } => {
                 replica.participant(*id).map(|p| p.role) == Some(RoomRole::Listener)
             }
