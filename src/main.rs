@@ -8,6 +8,7 @@ mod child_mesh;
 mod config;
 mod dev;
 mod loadgen_hls;
+mod loadgen_room;
 mod loadgen_webrtc;
 mod plan;
 mod roles;
@@ -74,6 +75,10 @@ enum LoadgenCommand {
     Webrtc(loadgen_webrtc::WebrtcArgs),
     /// N LL-HLS players (blocking reloads + part fetches) against a packager it starts.
     Hls(loadgen_hls::HlsArgs),
+    /// One big room (default 10,000 WebSocket + 200 WebRTC participants over two edges of an
+    /// `amphi dev` child): joins, hands, promotions, kicks, chat, listener paging; fails on any
+    /// origin link drop.
+    Room(loadgen_room::RoomArgs),
 }
 
 fn init_tracing() {
@@ -103,6 +108,7 @@ fn main() -> Result<()> {
             Command::Bench(args) => roles::bench(args).await,
             Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
             Command::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
+            Command::Loadgen(LoadgenCommand::Room(args)) => loadgen_room::run(args).await,
             Command::Plan(args) => plan::run(args),
         }
     })

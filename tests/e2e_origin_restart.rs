@@ -13,7 +13,7 @@ use std::time::Duration;
 
 fn snapshot(m: ServerMessage) -> (ParticipantId, RoomState) {
     match m {
-        ServerMessage::Snapshot { you, state } => (you, state),
+        ServerMessage::Snapshot { you, state, .. } => (you, state),
         other => panic!("not a snapshot: {other:?}"),
     }
 }

@@ -94,7 +94,7 @@ impl Drop for OwnRedis {
 
 fn snapshot(m: ServerMessage) -> (ParticipantId, RoomState) {
     match m {
-        ServerMessage::Snapshot { you, state } => (you, state),
+        ServerMessage::Snapshot { you, state, .. } => (you, state),
         other => panic!("not a snapshot: {other:?}"),
     }
 }

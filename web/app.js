@@ -32,6 +32,10 @@ const amphi = {
   me: null, // my participant id
   role: null, // my room role
   participants: new Map(), // id -> Participant
+  counts: null, // {participants, listeners} of a large room (listeners listed on request)
+  partial: false, // a large room: the listeners are fetched page by page (list_participants)
+  listAfter: null, // `next` of the last participants page; null before the first page
+  listDone: false, // every page was fetched
   hands: [], // raised hands, oldest first
   phase: "idle", // idle | connecting | joined | closed
   status: "idle", // connection status shown in the badge ("connected" once media flows)
@@ -740,6 +744,19 @@ function handle(msg) {
     case "participant_joined":
       amphi.participants.set(msg.participant.id, msg.participant);
       return render();
+    case "participant":
+      // A large room's listener we had not been sent, before an event about it.
+      amphi.participants.set(msg.participant.id, msg.participant);
+      return;
+    case "counts":
+      amphi.counts = msg.counts;
+      return render();
+    case "participants":
+      for (const p of msg.participants) amphi.participants.set(p.id, p);
+      amphi.counts = msg.counts;
+      amphi.listAfter = msg.next;
+      amphi.listDone = msg.next == null;
+      return render();
     case "participant_left":
       amphi.participants.delete(msg.id);
       amphi.hands = amphi.hands.filter((h) => h !== msg.id);
@@ -770,9 +787,13 @@ function handle(msg) {
   }
 }
 
-function onSnapshot({ you, state }) {
+function onSnapshot({ you, state, counts, partial }) {
   amphi.me = you;
   amphi.participants = new Map(state.participants.map((p) => [p.id, p]));
+  amphi.counts = counts || null;
+  amphi.partial = !!partial;
+  amphi.listAfter = null;
+  amphi.listDone = !partial;
   amphi.hands = state.hands.slice();
   amphi.phase = "joined";
   const mine = amphi.participants.get(you);
@@ -980,7 +1001,10 @@ function render() {
   const listeners = people.filter((p) => !PUBLISHERS.has(p.role));
   $("#speakers").replaceChildren(...speakers.map(personItem));
   $("#listeners").replaceChildren(...listeners.map(personItem));
-  $("#listener-count").textContent = String(listeners.length);
+  $("#listener-count").textContent = String(
+    amphi.partial && amphi.counts ? amphi.counts.listeners : listeners.length,
+  );
+  $("#more-listeners").hidden = !amphi.partial || amphi.listDone;
   $("#role").textContent = amphi.role || (amphi.claims && amphi.claims.role) || "…";
 
   const moderator = MODERATORS.has(amphi.role) && amphi.phase === "joined";
@@ -1226,6 +1250,10 @@ $("#unmute").addEventListener("click", async () => {
   if (meP && meP.muted) send({ type: "unmute" });
 });
 $("#raise-hand").addEventListener("click", () => send({ type: "raise_hand" }));
+// A large room's listeners, one page per click (the snapshot leaves them out).
+$("#more-listeners").addEventListener("click", () =>
+  send({ type: "list_participants", after: amphi.listAfter, limit: 200 }),
+);
 $("#step-down").addEventListener("click", () => send({ type: "demote", target: amphi.me }));
 $("#lower-hand").addEventListener("click", () => send({ type: "lower_hand" }));
 $("#end-room").addEventListener("click", () => {

@@ -475,8 +475,8 @@ async fn join_http(
         };
     }
     match tokio::time::timeout(JOIN_WAIT, rx).await {
-        Ok(Ok(JoinOutcome::Joined(state))) => {
-            let p = state.participants.iter().find(|p| p.id == pid);
+        Ok(Ok(JoinOutcome::Joined(view))) => {
+            let p = view.state.participants.iter().find(|p| p.id == pid);
             let role = p.map_or(token_role, |p| p.role);
             Ok((role, role.may_publish() && !p.is_some_and(|p| p.muted)))
         }

@@ -208,6 +208,7 @@ pub async fn run_with(
         media.clone(),
         config.max_token_lifetime_secs,
     ));
+    tokio::spawn(sessions.clone().tick_loop(inner.clone()));
     // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.
     let occupancy = Arc::new(Occupancy::new(config.interactive_capacity));
 

@@ -91,6 +91,8 @@ pub struct Metrics {
     relay_send_errors: Counter,
     relay_frames_received: Counter,
     relay_frames_invalid: Counter,
+    control_records_refused: Counter,
+    origin_links: Counter,
     whip_sessions_created: Counter,
     whip_refused_origin_unavailable: Counter,
     peers: Gauge,
@@ -143,6 +145,14 @@ impl Metrics {
         let relay_frames_invalid = r.counter(
             "amphi_edge_relay_frames_invalid",
             "Undecodable datagrams received from the origin",
+        );
+        let control_records_refused = r.counter(
+            "amphi_edge_control_records_refused",
+            "Control records from the origin refused (oversized or malformed); the link stays up",
+        );
+        let origin_links = r.counter(
+            "amphi_edge_origin_links",
+            "Control links to the origin established (more than one: the link dropped)",
         );
         let whip_sessions_created =
             r.counter("amphi_edge_whip_sessions_created", "WHIP sessions created");
@@ -216,6 +226,8 @@ impl Metrics {
             relay_send_errors,
             relay_frames_received,
             relay_frames_invalid,
+            control_records_refused,
+            origin_links,
             whip_sessions_created,
             whip_refused_origin_unavailable,
             peers,
@@ -268,6 +280,11 @@ impl Metrics {
         self.relay_frames_invalid.inc();
     }
 
+    /// One control record from the origin refused.
+    pub fn control_record_refused(&self) {
+        self.control_records_refused.inc();
+    }
+
     /// One WHIP session created.
     pub fn whip_session_created(&self) {
         self.whip_sessions_created.inc();
@@ -286,6 +303,11 @@ impl Metrics {
     /// WebRTC peers on this edge now.
     pub fn peers(&self) -> usize {
         usize::try_from(self.peers.get()).unwrap_or(0)
+    }
+
+    /// A control link to an origin was established (more than one per origin: a link dropped).
+    pub fn origin_link_established(&self) {
+        self.origin_links.inc();
     }
 
     /// Set how many of the `configured` origin links are up (no link up clears the RTT).

@@ -10,8 +10,8 @@
 //! [`WindowLimiter`] and [`FloodGuard`] rate-limit chat/reactions and raw WebSocket messages.
 
 use amphi_protocol::room::{
-    Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState, MAX_CHAT_CHARS,
-    MAX_REACTION_CHARS,
+    Participant, RoomCommand, RoomCounts, RoomEvent, RoomPhase, RoomRole, RoomState,
+    FULL_LIST_MAX_PARTICIPANTS, MAX_CHAT_CHARS, MAX_REACTION_CHARS, PARTICIPANT_PAGE_MAX,
 };
 use amphi_protocol::ParticipantId;
 use std::collections::VecDeque;
@@ -34,6 +34,18 @@ impl Refusal {
             message: message.into(),
         }
     }
+}
+
+/// What a joining client is sent: the state (without the listeners in a large room) and the
+/// counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientView {
+    /// The state; `participants` trimmed when `partial`.
+    pub state: RoomState,
+    /// How many are in the room.
+    pub counts: RoomCounts,
+    /// Listeners were left out.
+    pub partial: bool,
 }
 
 /// An edge's copy of one room's state.
@@ -71,6 +83,85 @@ impl RoomReplica {
     pub fn may_send(&self, id: ParticipantId) -> bool {
         self.participant(id)
             .is_some_and(|p| p.role.may_publish() && !p.muted)
+    }
+
+    /// How many are in the room.
+    pub fn counts(&self) -> RoomCounts {
+        let listeners = self
+            .state
+            .participants
+            .iter()
+            .filter(|p| p.role == RoomRole::Listener)
+            .count();
+        RoomCounts {
+            participants: u32::try_from(self.state.participants.len()).unwrap_or(u32::MAX),
+            listeners: u32::try_from(listeners).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Whether the room is past [`FULL_LIST_MAX_PARTICIPANTS`]: clients get its listeners on
+    /// request and their number in counts.
+    pub fn is_large(&self) -> bool {
+        self.state.participants.len() > FULL_LIST_MAX_PARTICIPANTS
+    }
+
+    /// What participant `you` is sent on joining: everything in a small room; in a large one
+    /// the hosts, co-hosts, speakers, raised hands and `you` (its size does not grow with the
+    /// listeners).
+    pub fn client_view(&self, you: ParticipantId) -> ClientView {
+        let counts = self.counts();
+        if !self.is_large() {
+            return ClientView {
+                state: self.state.clone(),
+                counts,
+                partial: false,
+            };
+        }
+        let st = &self.state;
+        let participants = st
+            .participants
+            .iter()
+            .filter(|p| p.role != RoomRole::Listener || p.id == you || st.hands.contains(&p.id))
+            .cloned()
+            .collect();
+        ClientView {
+            state: RoomState {
+                room: st.room,
+                phase: st.phase,
+                participants,
+                hands: st.hands.clone(),
+                banned: st.banned.clone(),
+            },
+            counts,
+            partial: true,
+        }
+    }
+
+    /// One page of participants in id order after `after` (at most `limit`, capped at
+    /// [`PARTICIPANT_PAGE_MAX`]), and the `after` of the next page if there is one.
+    pub fn page(
+        &self,
+        after: Option<ParticipantId>,
+        limit: Option<u32>,
+    ) -> (Vec<Participant>, Option<ParticipantId>) {
+        let limit = limit
+            .map_or(PARTICIPANT_PAGE_MAX, |l| l as usize)
+            .clamp(1, PARTICIPANT_PAGE_MAX);
+        let mut rest: Vec<&Participant> = self
+            .state
+            .participants
+            .iter()
+            .filter(|p| after.is_none_or(|a| p.id > a))
+            .collect();
+        rest.sort_unstable_by_key(|p| p.id);
+        let more = rest.len() > limit;
+        let page: Vec<Participant> = rest.into_iter().take(limit).cloned().collect();
+        let next = if more {
+            page.last().map(|p| p.id)
+        } else {
+            None
+        };
+        (page, next)
     }
 
     /// Whether the room has ended.

@@ -3,7 +3,7 @@
 //! Every output is a non-blocking channel send, so the lock is never held across an await.
 
 use crate::mesh::MeshEvent;
-use crate::room::Refusal;
+use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// Capacity of one WebSocket client's outbound queue; a client that falls this far behind is
 /// disconnected.
@@ -31,8 +32,8 @@ pub(crate) enum Outbound {
 /// How a join ended.
 #[derive(Debug)]
 pub(crate) enum JoinOutcome {
-    /// The authority accepted it.
-    Joined(RoomState),
+    /// The authority accepted it: what the client is sent.
+    Joined(ClientView),
     /// Refused.
     Refused(Refusal),
 }
@@ -125,9 +126,9 @@ impl Sessions {
                         inner.clients.remove(&pid);
                     }
                 }
-                Output::Joined { participant, state } => {
+                Output::Joined { participant, view } => {
                     if let Some(tx) = inner.pending.remove(&participant) {
-                        let _ = tx.send(JoinOutcome::Joined(state));
+                        let _ = tx.send(JoinOutcome::Joined(view));
                     }
                 }
                 Output::JoinRefused {
@@ -191,6 +192,33 @@ impl Sessions {
         let outs = inner.core.command(pid, cmd, Instant::now())?;
         self.dispatch(&mut inner, outs);
         Ok(())
+    }
+
+    /// One page of the participant's room (its `list_participants`).
+    pub(crate) fn list_participants(
+        &self,
+        pid: ParticipantId,
+        after: Option<ParticipantId>,
+        limit: Option<u32>,
+    ) -> Result<ServerMessage, Refusal> {
+        self.lock().core.list_participants(pid, after, limit)
+    }
+
+    /// Send large rooms' changed counts to their clients, every
+    /// [`crate::signaling::COUNTS_EVERY`], until `shutdown`.
+    pub(crate) async fn tick_loop(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(crate::signaling::COUNTS_EVERY / 2);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {
+                    let mut inner = self.lock();
+                    let outs = inner.core.tick(Instant::now());
+                    self.dispatch(&mut inner, outs);
+                }
+            }
+        }
     }
 
     /// A control message from the origin.

@@ -9,8 +9,8 @@
 //! close the affected sessions. After a (re)connect, [`SignalingCore::link_up`] re-announces every
 //! room and participant (`Join` with `resume` = its current role).
 
-use crate::room::{precheck, Refusal, RoomReplica, WindowLimiter};
-use amphi_protocol::control::ControlMessage;
+use crate::room::{precheck, ClientView, Refusal, RoomReplica, WindowLimiter};
+use amphi_protocol::control::{ControlMessage, SnapshotAssembler};
 use amphi_protocol::room::{RoomCommand, RoomEvent, RoomRole, RoomState, ServerMessage};
 use amphi_protocol::token::Role;
 use amphi_protocol::{ParticipantId, RoomId};
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 /// How long a departed participant's role is remembered so a fresh session of the same user
 /// (speaker network drop) resumes it.
 pub const RESUME_WINDOW: Duration = Duration::from_secs(120);
+/// A large room's clients get new counts at most this often.
+pub const COUNTS_EVERY: Duration = Duration::from_secs(1);
 
 /// What kind of session a participant is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,8 +76,8 @@ pub enum Output {
     Joined {
         /// Who.
         participant: ParticipantId,
-        /// The room as of the join.
-        state: RoomState,
+        /// The room as of the join, as the client is sent it.
+        view: ClientView,
     },
     /// A pending join was refused. For `unavailable` (the origin has no room authority) the
     /// participant stays registered, so a session may continue degraded with its token role.
@@ -127,7 +129,13 @@ struct Member {
 #[derive(Default)]
 struct LocalRoom {
     replica: Option<RoomReplica>,
+    /// A split snapshot being received.
+    assembler: SnapshotAssembler,
     members: BTreeSet<ParticipantId>,
+    /// A large room's counts changed since they were last sent to its clients.
+    counts_dirty: bool,
+    /// When counts were last sent.
+    counts_sent: Option<Instant>,
 }
 
 /// The signaling state of one edge.
@@ -525,29 +533,27 @@ impl SignalingCore {
     pub fn on_control(&mut self, msg: ControlMessage) -> Vec<Output> {
         let mut out = Vec::new();
         match msg {
-            ControlMessage::RoomSnapshot { state } => {
+            ControlMessage::RoomSnapshot { state, more } => {
                 let room = state.room;
                 let Some(local) = self.rooms.get_mut(&room) else {
                     return out;
                 };
-                let replica = RoomReplica::from_snapshot(state);
-                for &pid in &local.members {
-                    if let Some(m) = self.members.get_mut(&pid) {
-                        if !m.joined && replica.participant(pid).is_some() {
-                            m.joined = true;
-                            out.push(Output::Joined {
-                                participant: pid,
-                                state: replica.state().clone(),
-                            });
-                        }
-                    }
+                if let Some(state) = local.assembler.start(state, more) {
+                    self.install(room, state, &mut out);
                 }
-                let ended = replica.ended();
-                local.replica = Some(replica);
-                if ended {
-                    self.close_room(room, &mut out);
-                } else {
-                    self.permissions(room, &mut out);
+            }
+            ControlMessage::RoomSnapshotPart {
+                room,
+                participants,
+                hands,
+                banned,
+                more,
+            } => {
+                let Some(local) = self.rooms.get_mut(&room) else {
+                    return out;
+                };
+                if let Some(state) = local.assembler.part(participants, hands, banned, more) {
+                    self.install(room, state, &mut out);
                 }
             }
             ControlMessage::RoomEvents { room, events } => {
@@ -651,6 +657,87 @@ impl SignalingCore {
         }
     }
 
+    /// A complete snapshot of `room` arrived: it replaces the replica and resolves the joins it
+    /// includes.
+    fn install(&mut self, room: RoomId, state: RoomState, out: &mut Vec<Output>) {
+        let Some(local) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let replica = RoomReplica::from_snapshot(state);
+        for &pid in &local.members {
+            if let Some(m) = self.members.get_mut(&pid) {
+                if !m.joined && replica.participant(pid).is_some() {
+                    m.joined = true;
+                    out.push(Output::Joined {
+                        participant: pid,
+                        view: replica.client_view(pid),
+                    });
+                }
+            }
+        }
+        let ended = replica.ended();
+        local.replica = Some(replica);
+        if ended {
+            self.close_room(room, out);
+        } else {
+            self.permissions(room, out);
+        }
+    }
+
+    /// Time passed: large rooms whose counts changed send them to their clients (at most every
+    /// [`COUNTS_EVERY`]).
+    pub fn tick(&mut self, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        let due: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, l)| {
+                l.counts_dirty
+                    && l.counts_sent
+                        .is_none_or(|t| now.saturating_duration_since(t) >= COUNTS_EVERY)
+            })
+            .map(|(r, _)| *r)
+            .collect();
+        for room in due {
+            let Some(counts) = self.replica(room).map(|r| r.counts()) else {
+                continue;
+            };
+            let msg = ServerMessage::Counts { counts };
+            for pid in self.clients(room).collect::<Vec<_>>() {
+                out.push(Output::ToClient(pid, msg.clone()));
+            }
+            if let Some(local) = self.rooms.get_mut(&room) {
+                local.counts_dirty = false;
+                local.counts_sent = Some(now);
+            }
+        }
+        out
+    }
+
+    /// One page of the room's participants for joined participant `pid` (its
+    /// `list_participants`).
+    pub fn list_participants(
+        &self,
+        pid: ParticipantId,
+        after: Option<ParticipantId>,
+        limit: Option<u32>,
+    ) -> Result<ServerMessage, Refusal> {
+        let m = self
+            .members
+            .get(&pid)
+            .filter(|m| m.joined)
+            .ok_or_else(|| Refusal::new("not_joined", "join the room first"))?;
+        let replica = self
+            .replica(m.room)
+            .ok_or_else(|| Refusal::new("unavailable", "the room state is not known yet"))?;
+        let (participants, next) = replica.page(after, limit);
+        Ok(ServerMessage::Participants {
+            participants,
+            next,
+            counts: replica.counts(),
+        })
+    }
+
     fn on_event(&mut self, room: RoomId, ev: RoomEvent, out: &mut Vec<Output>) {
         let Some(local) = self.rooms.get_mut(&room) else {
             return;
@@ -659,16 +746,51 @@ impl SignalingCore {
             // The snapshot that follows includes this event.
             return;
         };
+        let was_large = replica.is_large();
+        // A large room's listeners come and go without an event to every client: counts
+        // follow (see `tick`), the list is fetched on request.
+        let quiet = match &ev {
+            RoomEvent::ParticipantJoined { participant } => participant.role == RoomRole::Listener,
+            RoomEvent::ParticipantLeft { id } => {
+                replica.participant(*id).map(|p| p.role) == Some(RoomRole::Listener)
+            }
+            _ => false,
+        };
         replica.apply(&ev);
+        let large = was_large || replica.is_large();
+        if matches!(
+            ev,
+            RoomEvent::ParticipantJoined { .. }
+                | RoomEvent::ParticipantLeft { .. }
+                | RoomEvent::Kicked { .. }
+                | RoomEvent::RoleChanged { .. }
+        ) {
+            local.counts_dirty = true;
+        }
+        // Details of a listener the clients of a large room may not have, before an event
+        // about it.
+        let intro = match &ev {
+            RoomEvent::HandRaised { id } | RoomEvent::RoleChanged { id, .. } if large => replica
+                .participant(*id)
+                .map(|p| ServerMessage::Participant {
+                    participant: p.clone(),
+                }),
+            _ => None,
+        };
         let msg = ServerMessage::Event(ev.clone());
         // A participant learns about itself from its snapshot, not from its own join event.
         let skip = match &ev {
             RoomEvent::ParticipantJoined { participant } => Some(participant.id),
             _ => None,
         };
-        for pid in self.clients(room).collect::<Vec<_>>() {
-            if Some(pid) != skip {
-                out.push(Output::ToClient(pid, msg.clone()));
+        if !(large && quiet) {
+            for pid in self.clients(room).collect::<Vec<_>>() {
+                if Some(pid) != skip {
+                    if let Some(intro) = &intro {
+                        out.push(Output::ToClient(pid, intro.clone()));
+                    }
+                    out.push(Output::ToClient(pid, msg.clone()));
+                }
             }
         }
         match ev {
@@ -676,13 +798,13 @@ impl SignalingCore {
                 if let Some(m) = self.members.get_mut(&participant.id) {
                     if m.room == room && !m.joined {
                         m.joined = true;
-                        let state = self
+                        let view = self
                             .replica(room)
-                            .map(|r| r.state().clone())
+                            .map(|r| r.client_view(participant.id))
                             .expect("replica exists");
                         out.push(Output::Joined {
                             participant: participant.id,
-                            state,
+                            view,
                         });
                         out.push(Output::Permission {
                             participant: participant.id,
@@ -792,6 +914,7 @@ mod tests {
                 hands: vec![],
                 banned: vec![],
             },
+            more: false,
         }
     }
 
@@ -839,6 +962,127 @@ mod tests {
             part(2, "lee", RoomRole::Listener),
         ]));
         c
+    }
+
+    fn client_msgs(out: &[Output], to: u32) -> Vec<ServerMessage> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::ToClient(p, m) if p.0 == to => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_room_arrives_in_parts_and_sends_listeners_on_request_and_counts() {
+        use amphi_protocol::control::{snapshot_records, SNAPSHOT_RECORD_BUDGET};
+        use amphi_protocol::room::{RoomCounts, FULL_LIST_MAX_PARTICIPANTS};
+        let n = 3_000u32;
+        let mut c = SignalingCore::new("us-east");
+        c.link_up();
+        let t0 = Instant::now();
+        c.join(req(1, "host", Role::Host, SessionKind::WebSocket), t0);
+        c.join(req(5000, "me", Role::Listener, SessionKind::WebSocket), t0);
+        let mut parts = vec![part(1, "host", RoomRole::Host)];
+        parts.extend((100..100 + n).map(|i| part(i, &format!("l{i}"), RoomRole::Listener)));
+        parts.push(part(5000, "me", RoomRole::Listener));
+        let records = snapshot_records(
+            RoomState {
+                room: R,
+                phase: RoomPhase::Live,
+                participants: parts,
+                hands: vec![],
+                banned: vec![],
+            },
+            SNAPSHOT_RECORD_BUDGET,
+        );
+        assert!(records.len() > 1);
+        let last = records.len() - 1;
+        let mut joined = Vec::new();
+        for (i, r) in records.into_iter().enumerate() {
+            let out = c.on_control(r);
+            if i < last {
+                assert!(out.is_empty(), "nothing resolves before the last part");
+            }
+            joined.extend(out.into_iter().filter_map(|o| match o {
+                Output::Joined { participant, view } => Some((participant.0, view)),
+                _ => None,
+            }));
+        }
+        assert_eq!(joined.len(), 2);
+        let (_, view) = joined.iter().find(|(p, _)| *p == 5000).unwrap();
+        assert!(view.partial);
+        let ids: Vec<u32> = view.state.participants.iter().map(|p| p.id.0).collect();
+        assert_eq!(ids, vec![1, 5000], "hosts and oneself, no other listener");
+        assert_eq!(
+            view.counts,
+            RoomCounts {
+                participants: n + 2,
+                listeners: n + 1
+            }
+        );
+        assert!(n as usize > FULL_LIST_MAX_PARTICIPANTS);
+
+        // A listener joining is not sent to every client; the counts follow on the tick.
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::ParticipantJoined {
+                participant: part(9000, "new", RoomRole::Listener),
+            }],
+        });
+        assert!(client_msgs(&out, 1).is_empty());
+        let t1 = t0 + COUNTS_EVERY;
+        let out = c.tick(t1);
+        assert_eq!(
+            client_msgs(&out, 1),
+            vec![ServerMessage::Counts {
+                counts: RoomCounts {
+                    participants: n + 3,
+                    listeners: n + 2
+                }
+            }]
+        );
+        assert!(c.tick(t1).is_empty(), "nothing new");
+        // A raised hand comes with the listener's details first.
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::HandRaised {
+                id: ParticipantId(9000),
+            }],
+        });
+        assert_eq!(
+            client_msgs(&out, 1),
+            vec![
+                ServerMessage::Participant {
+                    participant: part(9000, "new", RoomRole::Listener)
+                },
+                ServerMessage::Event(RoomEvent::HandRaised {
+                    id: ParticipantId(9000)
+                }),
+            ]
+        );
+        // Listeners on request, in pages.
+        let mut seen = 0;
+        let mut after = None;
+        loop {
+            match c
+                .list_participants(ParticipantId(1), after, Some(1000))
+                .unwrap()
+            {
+                ServerMessage::Participants {
+                    participants, next, ..
+                } => {
+                    assert!(participants.len() <= 500);
+                    seen += participants.len();
+                    if next.is_none() {
+                        break;
+                    }
+                    after = next;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen, n as usize + 3);
     }
 
     #[test]

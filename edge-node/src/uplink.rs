@@ -111,7 +111,8 @@ fn room_of(msg: &ControlMessage) -> Option<RoomId> {
         | ControlMessage::RoomCommand { room, .. }
         | ControlMessage::RoomEvents { room, .. }
         | ControlMessage::CommandRejected { room, .. }
-        | ControlMessage::Revoke { room, .. } => Some(*room),
+        | ControlMessage::Revoke { room, .. }
+        | ControlMessage::RoomSnapshotPart { room, .. } => Some(*room),
         ControlMessage::RoomSnapshot { state } => Some(state.room),
         _ => None,
     }
@@ -196,6 +197,7 @@ impl Uplink {
                 let rooms = self.sessions.local_rooms();
                 let plan = router.routes.link_up(origin, &rooms, now);
                 router.execute(plan, &self.sessions);
+                self.metrics.origin_link_established();
                 self.metrics
                     .set_origin_links(router.routes.linked_count(), self.origins.len());
             }
@@ -232,6 +234,7 @@ impl Uplink {
     fn on_control(&self, msg: ControlMessage) {
         match msg {
             ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::RoomSnapshotPart { .. }
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::CommandRejected { .. } => self.sessions.on_control(msg),
             ControlMessage::RoomEnded { room } => {
@@ -509,7 +512,12 @@ impl Link {
                                     }
                                 }
                                 Ok(None) => break,
-                                Err(e) => return SessionEnd::Lost(format!("bad control record: {e}")),
+                                // One bad record is refused alone: dropping the link would
+                                // evict this edge's participants in every room.
+                                Err(e) => {
+                                    self.metrics.control_record_refused();
+                                    tracing::warn!(error = %e, "control record from the origin refused");
+                                }
                             }
                         }
                     }

@@ -80,6 +80,14 @@ pub(crate) async fn ws_get(
             "this edge serves its maximum of interactive listeners; listen over HLS",
         );
     }
+    // Every WebSocket session holds a place until it closes, media or not.
+    let Some(seat) = st.occupancy.admit_ws() else {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "this edge serves its maximum of WebSocket sessions; listen over HLS",
+        );
+    };
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(e) => {
@@ -92,7 +100,10 @@ pub(crate) async fn ws_get(
     };
     upgrade
         .max_message_size(WS_MAX_MESSAGE)
-        .on_upgrade(move |socket| Session::new(st, claims).run(socket))
+        .on_upgrade(move |socket| async move {
+            Session::new(st, claims).run(socket).await;
+            drop(seat);
+        })
 }
 
 struct Session {
@@ -139,7 +150,10 @@ fn to_command(msg: ClientMessage) -> Option<RoomCommand> {
         ClientMessage::End => RoomCommand::End,
         ClientMessage::Chat { text } => RoomCommand::Chat { text },
         ClientMessage::React { emoji } => RoomCommand::React { emoji },
-        ClientMessage::Join | ClientMessage::Offer { .. } | ClientMessage::Ping => return None,
+        ClientMessage::Join
+        | ClientMessage::Offer { .. }
+        | ClientMessage::Ping
+        | ClientMessage::ListParticipants { .. } => return None,
     })
 }
 
@@ -258,6 +272,15 @@ impl Session {
             ClientMessage::Join => return self.join(socket, tx).await,
             _ if !self.joined => Some(error("not_joined", "send join first")),
             ClientMessage::Offer { sdp } => Some(self.offer(sdp).await),
+            ClientMessage::ListParticipants { after, limit } => {
+                let pid = self.pid.expect("joined participants have an id");
+                Some(
+                    self.st
+                        .sessions
+                        .list_participants(pid, after, limit)
+                        .unwrap_or_else(|r| error(r.code, r.message)),
+                )
+            }
             other => {
                 let pid = self.pid.expect("joined participants have an id");
                 match to_command(other) {
@@ -304,9 +327,15 @@ impl Session {
             tx.take(),
         );
         match tokio::time::timeout(JOIN_TIMEOUT, rx).await {
-            Ok(Ok(JoinOutcome::Joined(state))) => {
+            Ok(Ok(JoinOutcome::Joined(view))) => {
                 self.joined = true;
-                if !send(socket, &ServerMessage::Snapshot { you: pid, state }).await {
+                let snapshot = ServerMessage::Snapshot {
+                    you: pid,
+                    state: view.state,
+                    counts: view.counts,
+                    partial: view.partial,
+                };
+                if !send(socket, &snapshot).await {
                     return Next::Close(1011, "send failed");
                 }
                 tracing::info!(room = %self.claims.room, participant = %pid, "websocket participant joined");

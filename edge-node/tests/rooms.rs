@@ -95,7 +95,7 @@ impl Ws {
     async fn join(&mut self) -> (ParticipantId, amphi_protocol::room::RoomState) {
         self.send(json!({"type": "join"})).await;
         match self.next().await {
-            ServerMessage::Snapshot { you, state } => (you, state),
+            ServerMessage::Snapshot { you, state, .. } => (you, state),
             other => panic!("expected snapshot, got {other:?}"),
         }
     }

@@ -5,8 +5,11 @@
 //!
 //! Every message to a peer goes through that peer's one outbound queue (replies too), so a peer
 //! receives messages in the order the hub produced them. After a successful `Join` the joining
-//! edge receives `RoomEvents` (with `ParticipantJoined`, like every subscribed edge) and then
-//! `RoomSnapshot`, whose state already includes the join; after a refused one, `CommandRejected`.
+//! edge receives `RoomEvents` (with `ParticipantJoined`, like every subscribed edge) and, if it is
+//! the edge's first join in the room since it subscribed, `RoomSnapshot` (split into
+//! `RoomSnapshotPart`s when large), whose state already includes the join; after a refused one,
+//! `CommandRejected`. An edge that already holds the room's state keeps it current from the
+//! events, so a room of N participants costs O(N) snapshot bytes per edge, not per join.
 
 use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
@@ -14,7 +17,10 @@ use crate::peerq::{peer_queue, PeerReceiver, PeerSender, TooSlow, PEER_QUEUE};
 use crate::persist::{PersistedRoom, Persister, RoomStore};
 use crate::room::{AuthorityCensus, Ending, RejectCode, Rejection, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
-use amphi_protocol::control::{ControlDecoder, ControlError, ControlMessage, PeerKind};
+use amphi_protocol::control::{
+    snapshot_records, ControlDecoder, ControlError, ControlMessage, PeerKind,
+    SNAPSHOT_RECORD_BUDGET,
+};
 use amphi_protocol::mtls::roles_of;
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase};
@@ -62,6 +68,9 @@ struct HubState {
     /// taken only from the connection that owns its speaker (in [`HubState::owners`], or here
     /// for speakers the authority does not know).
     speakers: HashMap<(RoomId, u32), u64>,
+    /// Edge connections that were sent a room's snapshot since they subscribed to it: their
+    /// later joins get events only.
+    synced: HashSet<(RoomId, u64)>,
     /// Speakers the authority lets be heard, for every room it holds; datagrams from anyone else
     /// in those rooms are neither relayed nor mixed.
     audible: HashMap<RoomId, HashSet<u32>>,
@@ -195,6 +204,7 @@ impl HubState {
             self.audible.remove(&room);
             self.owners.retain(|(r, _), _| *r != room);
             self.speakers.retain(|(r, _), _| *r != room);
+            self.synced.retain(|(r, _)| *r != room);
             self.looked_up.remove(&room);
             self.restored.remove(&room);
         }
@@ -248,8 +258,15 @@ impl ControlReader {
     /// The next message; `Ok(None)` when the peer finished the stream. Cancel-safe.
     async fn next(&mut self) -> Result<Option<ControlMessage>, Failure> {
         loop {
-            if let Some(m) = self.decoder.next_message()? {
-                return Ok(Some(m));
+            match self.decoder.next_message() {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                // An oversized record is refused alone; the link goes on.
+                Err(e @ ControlError::TooLong { .. }) => {
+                    tracing::warn!(error = %e, "control record refused");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
             match self.recv.read(&mut self.buf[..]).await {
                 Ok(Some(n)) => self.decoder.feed(&self.buf[..n]),
@@ -700,6 +717,7 @@ impl Hub {
             | ControlMessage::Welcome { .. }
             | ControlMessage::RoomEvents { .. }
             | ControlMessage::RoomSnapshot { .. }
+            | ControlMessage::RoomSnapshotPart { .. }
             | ControlMessage::RoomOpened { .. }
             | ControlMessage::Revoke { .. }
             | ControlMessage::CommandRejected { .. } => Err(Failure::Protocol {
@@ -781,7 +799,10 @@ impl Hub {
                 }
             }
             ControlMessage::UnsubscribeRoom { room } => {
-                lock_write(&self.state).subs.unsubscribe(room, id);
+                let mut st = lock_write(&self.state);
+                st.subs.unsubscribe(room, id);
+                // The edge dropped its copy of the room: its next join gets a snapshot again.
+                st.synced.remove(&(room, id));
                 Ok(None)
             }
             ControlMessage::RoomEnded { .. } => edge_only("room_ended"),
@@ -867,18 +888,21 @@ impl Hub {
                 .iter()
                 .any(|e| matches!(e, amphi_protocol::room::RoomEvent::Kicked { .. }))
         });
-        if !events.is_empty() {
+        // A join that changed nothing (already present) is resolved by a snapshot only.
+        let quiet = events.is_empty();
+        if !quiet {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
         }
         if let Some(user) = kicked {
             // After the events, so the kicked sessions hear `kicked` before they are closed.
             st.revoke(room, user);
         }
-        if is_join {
+        if is_join && (quiet || !st.synced.contains(&(room, conn))) {
             if let Some(r) = st.rooms.get(room) {
-                let _ = own.send(ControlMessage::RoomSnapshot {
-                    state: r.snapshot(),
-                });
+                for record in snapshot_records(r.snapshot(), SNAPSHOT_RECORD_BUDGET) {
+                    let _ = own.send(record);
+                }
+                st.synced.insert((room, conn));
             }
         }
         if ended {
@@ -931,6 +955,7 @@ impl Hub {
         st.edges.remove(&conn);
         st.subs.remove_connection(conn);
         st.speakers.retain(|_, c| *c != conn);
+        st.synced.retain(|(_, c)| *c != conn);
         if !leave {
             st.owners.retain(|_, c| *c != conn);
             return;
@@ -1066,6 +1091,7 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::RoomCommand { .. } => "room_command",
         ControlMessage::RoomEvents { .. } => "room_events",
         ControlMessage::RoomSnapshot { .. } => "room_snapshot",
+        ControlMessage::RoomSnapshotPart { .. } => "room_snapshot_part",
         ControlMessage::CommandRejected { .. } => "command_rejected",
         ControlMessage::Revoke { .. } => "revoke",
     }

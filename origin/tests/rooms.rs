@@ -273,7 +273,7 @@ async fn room_authority_over_two_edges() {
     );
     assert_eq!(host.user, "hana");
     match us.next().await {
-        Some(ControlMessage::RoomSnapshot { state }) => {
+        Some(ControlMessage::RoomSnapshot { state, more: false }) => {
             assert_eq!(state.room, ROOM);
             assert_eq!(state.phase, RoomPhase::Live);
             assert_eq!(state.participants, vec![host.clone()]);
@@ -317,7 +317,7 @@ async fn room_authority_over_two_edges() {
     let lena = joined(LISTENER, "lena", RoomRole::Listener, "eu-west");
     eu.expect_events(vec![lena.clone()]).await;
     match eu.next().await {
-        Some(ControlMessage::RoomSnapshot { state }) => {
+        Some(ControlMessage::RoomSnapshot { state, more: false }) => {
             let ids: Vec<_> = state.participants.iter().map(|p| p.id).collect();
             assert_eq!(ids, vec![HOST, LISTENER]);
         }
@@ -327,11 +327,9 @@ async fn room_authority_over_two_edges() {
     us.command(SPEAKER, join("sam", Role::Speaker, "us-east"))
         .await;
     let sam = joined(SPEAKER, "sam", RoomRole::Speaker, "us-east");
+    // The us edge holds the room's state since its first join: its second join gets the
+    // events only, no second snapshot (the next record it gets is the hand below).
     us.expect_events(vec![sam.clone()]).await;
-    assert!(matches!(
-        us.next().await,
-        Some(ControlMessage::RoomSnapshot { .. })
-    ));
     eu.expect_events(vec![sam]).await;
 
     // The listener raises a hand; everyone sees it.
@@ -508,4 +506,109 @@ async fn room_authority_over_two_edges() {
         .expect("origin did not stop")
         .unwrap()
         .unwrap();
+}
+
+/// A room far past what one 64 KiB control record can hold: 2,000 participants joined through
+/// one edge get one small snapshot and then events only (before: a full snapshot per join, over
+/// the record limit from about 400 participants, which made the edge drop its link); a second
+/// edge joining late gets the whole room split into records under the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_of_2000_never_needs_an_oversized_record() {
+    use amphi_protocol::control::{SnapshotAssembler, MAX_CONTROL_LEN};
+    const N: u32 = 2_000;
+    let pki = DevPki::generate().unwrap();
+    let quic = free_udp();
+    let shutdown = CancellationToken::new();
+    let origin = tokio::spawn(run(
+        OriginSetup {
+            config: OriginConfig {
+                id: "origin-rooms".into(),
+                quic_listen: quic,
+                metrics_listen: free_tcp(),
+                idle_room_timeout_secs: 3600,
+            },
+            mesh_tls: pki.issue(ORIGIN_NAME).unwrap(),
+        },
+        shutdown.clone(),
+    ));
+    let mut us = Peer::hello(
+        &pki.issue("edge-us").unwrap(),
+        quic,
+        PeerKind::Edge,
+        "edge-us-east",
+    )
+    .await;
+    let mut eu = Peer::hello(
+        &pki.issue("edge-eu").unwrap(),
+        quic,
+        PeerKind::Edge,
+        "edge-eu-west",
+    )
+    .await;
+    let mut batch = Vec::new();
+    for i in 0..N {
+        let user = format!("listener-{i}-{}", "x".repeat(40));
+        let command = ControlMessage::RoomCommand {
+            room: ROOM,
+            actor: ParticipantId(0x0100_0000 + i),
+            request: u64::from(i) + 1,
+            command: join(&user, Role::Listener, "us-east"),
+        };
+        batch.extend(command.to_record());
+    }
+    us.send.write_all(&batch).await.unwrap();
+    let (mut events, mut snapshots) = (0, 0);
+    while events < N {
+        // The decoder refuses any record over the limit: `next` would panic.
+        match us.next().await {
+            Some(ControlMessage::RoomEvents { events: e, .. }) => events += e.len() as u32,
+            Some(ControlMessage::RoomSnapshot { state, more: false }) => {
+                snapshots += 1;
+                assert_eq!(state.participants.len(), 1, "only the first join's");
+            }
+            other => panic!("after {events} joins: {other:?}"),
+        }
+    }
+    us.expect_nothing_more().await;
+    assert_eq!(snapshots, 1, "one snapshot for the edge, not one per join");
+
+    // A late edge gets the whole room in records under the limit.
+    let late = ParticipantId(0x0200_0001);
+    eu.command(late, join("late", Role::Listener, "eu-west"))
+        .await;
+    assert!(matches!(
+        eu.next().await,
+        Some(ControlMessage::RoomEvents { .. })
+    ));
+    let mut asm = SnapshotAssembler::default();
+    let mut records = 0;
+    let state = loop {
+        let done = match eu.next().await {
+            Some(ControlMessage::RoomSnapshot { state, more }) => asm.start(state, more),
+            Some(ControlMessage::RoomSnapshotPart {
+                participants,
+                hands,
+                banned,
+                more,
+                ..
+            }) => asm.part(participants, hands, banned, more),
+            other => panic!("expected the snapshot, got {other:?}"),
+        };
+        records += 1;
+        if let Some(state) = done {
+            break state;
+        }
+    };
+    assert!(records > 1, "{N} participants do not fit one record");
+    assert_eq!(state.participants.len(), N as usize + 1);
+    assert!(serde_json::to_vec(&state).unwrap().len() > 2 * MAX_CONTROL_LEN);
+    eu.expect_nothing_more().await;
+    // The first edge kept its link and hears the late join.
+    assert!(matches!(
+        us.next().await,
+        Some(ControlMessage::RoomEvents { .. })
+    ));
+    us.expect_nothing_more().await;
+    shutdown.cancel();
+    let _ = origin.await;
 }

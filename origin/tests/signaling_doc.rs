@@ -95,7 +95,8 @@ fn every_documented_message_parses() {
             "end",
             "chat",
             "react",
-            "ping"
+            "ping",
+            "list_participants"
         ])
     );
     assert_eq!(
@@ -116,7 +117,10 @@ fn every_documented_message_parses() {
             "chat",
             "reaction",
             "kicked",
-            "ended"
+            "ended",
+            "counts",
+            "participant",
+            "participants"
         ])
     );
     assert_eq!(
@@ -126,6 +130,7 @@ fn every_documented_message_parses() {
             "room_command",
             "room_events",
             "room_snapshot",
+            "room_snapshot_part",
             "command_rejected",
             "room_ended"
         ])

@@ -5,7 +5,7 @@
 //! stream per room) use the same record framing with a relay frame as the body.
 
 use crate::ids::{ParticipantId, RoomId};
-use crate::room::{RoomCommand, RoomEvent, RoomState};
+use crate::room::{Participant, RoomCommand, RoomEvent, RoomState};
 use serde::{Deserialize, Serialize};
 
 /// Largest control record body (64 KiB).
@@ -137,11 +137,33 @@ pub enum ControlMessage {
         /// The changes.
         events: Vec<RoomEvent>,
     },
-    /// Origin -> edge: the full state, after a successful `Join` from that edge (it follows the
-    /// join's `RoomEvents` and already includes them; see `docs/signaling.md`).
+    /// Origin -> edge: the full state, after the first successful `Join` from that edge in the
+    /// room (it follows the join's `RoomEvents` and already includes them; see
+    /// `docs/signaling.md`). A state too large for one record is split by [`snapshot_records`]:
+    /// `more` is then set and [`ControlMessage::RoomSnapshotPart`]s follow directly.
     RoomSnapshot {
-        /// The state.
+        /// The state (the first part of it when `more` is set).
         state: RoomState,
+        /// More of the state follows in `RoomSnapshotPart` records.
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+    },
+    /// Origin -> edge: the continuation of a split `RoomSnapshot` (its lists are appended).
+    RoomSnapshotPart {
+        /// The room.
+        room: RoomId,
+        /// More participants, in join order.
+        #[serde(default)]
+        participants: Vec<Participant>,
+        /// More raised hands, oldest first.
+        #[serde(default)]
+        hands: Vec<ParticipantId>,
+        /// More banned users.
+        #[serde(default)]
+        banned: Vec<String>,
+        /// Another part follows.
+        #[serde(default)]
+        more: bool,
     },
     /// Origin -> edge: a command was refused and changed nothing.
     CommandRejected {
@@ -163,6 +185,131 @@ pub enum ControlMessage {
         /// Human-readable explanation.
         message: String,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Room state per snapshot record, in bytes of JSON: well below [`MAX_CONTROL_LEN`] so the
+/// envelope and the largest single item (a participant with the longest user id and name) fit.
+pub const SNAPSHOT_RECORD_BUDGET: usize = 48 * 1024;
+
+/// `state` as one `RoomSnapshot` record, or, when it would exceed `budget` bytes of list items,
+/// a `RoomSnapshot` with `more` followed by `RoomSnapshotPart`s, each within `budget` (plus the
+/// envelope). Every record of a room of any size stays under [`MAX_CONTROL_LEN`] with
+/// [`SNAPSHOT_RECORD_BUDGET`].
+pub fn snapshot_records(state: RoomState, budget: usize) -> Vec<ControlMessage> {
+    /// One list item with its JSON size (plus the separating comma).
+    fn size<T: Serialize>(item: &T) -> usize {
+        serde_json::to_vec(item).map(|v| v.len() + 1).unwrap_or(0)
+    }
+    let RoomState {
+        room,
+        phase,
+        participants,
+        hands,
+        banned,
+    } = state;
+    let mut chunks: Vec<(Vec<Participant>, Vec<ParticipantId>, Vec<String>)> =
+        vec![Default::default()];
+    let mut used = 0;
+    let mut room_for = |n: usize, chunks: &mut Vec<_>| {
+        let last: &(Vec<Participant>, Vec<ParticipantId>, Vec<String>) =
+            chunks.last().expect("one chunk");
+        let empty = last.0.is_empty() && last.1.is_empty() && last.2.is_empty();
+        if used + n > budget && !empty {
+            chunks.push(Default::default());
+            used = 0;
+        }
+        used += n;
+    };
+    for p in participants {
+        room_for(size(&p), &mut chunks);
+        chunks.last_mut().expect("one chunk").0.push(p);
+    }
+    for h in hands {
+        room_for(size(&h), &mut chunks);
+        chunks.last_mut().expect("one chunk").1.push(h);
+    }
+    for b in banned {
+        room_for(size(&b), &mut chunks);
+        chunks.last_mut().expect("one chunk").2.push(b);
+    }
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, (participants, hands, banned))| {
+            let more = i + 1 < n;
+            if i == 0 {
+                ControlMessage::RoomSnapshot {
+                    state: RoomState {
+                        room,
+                        phase,
+                        participants,
+                        hands,
+                        banned,
+                    },
+                    more,
+                }
+            } else {
+                ControlMessage::RoomSnapshotPart {
+                    room,
+                    participants,
+                    hands,
+                    banned,
+                    more,
+                }
+            }
+        })
+        .collect()
+}
+
+/// Reassembles a split snapshot (sans-IO): feed every `RoomSnapshot` / `RoomSnapshotPart` of a
+/// room in arrival order; the complete state comes out with the last part.
+#[derive(Debug, Default)]
+pub struct SnapshotAssembler {
+    pending: Option<RoomState>,
+}
+
+impl SnapshotAssembler {
+    /// A `RoomSnapshot`: the complete state if `more` is unset, else `None` (parts follow). A
+    /// new snapshot replaces an unfinished one.
+    pub fn start(&mut self, state: RoomState, more: bool) -> Option<RoomState> {
+        if more {
+            self.pending = Some(state);
+            None
+        } else {
+            self.pending = None;
+            Some(state)
+        }
+    }
+
+    /// A `RoomSnapshotPart`: the complete state when this was the last part. A part without a
+    /// snapshot before it is ignored.
+    pub fn part(
+        &mut self,
+        participants: Vec<Participant>,
+        hands: Vec<ParticipantId>,
+        banned: Vec<String>,
+        more: bool,
+    ) -> Option<RoomState> {
+        let st = self.pending.as_mut()?;
+        st.participants.extend(participants);
+        st.hands.extend(hands);
+        st.banned.extend(banned);
+        if more {
+            None
+        } else {
+            self.pending.take()
+        }
+    }
+
+    /// Whether parts are awaited.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
 }
 
 /// Why a control record was refused.
@@ -227,21 +374,36 @@ impl ControlMessage {
 #[derive(Default)]
 pub struct ControlDecoder {
     buf: Vec<u8>,
+    /// Bytes of a refused (oversized) record still to be discarded.
+    skip: usize,
 }
 
 impl ControlDecoder {
-    /// Append bytes read from the stream.
+    /// Append bytes read from the stream (the rest of a refused record is dropped unbuffered).
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        let dropped = self.skip.min(bytes.len());
+        self.skip -= dropped;
+        self.buf.extend_from_slice(&bytes[dropped..]);
     }
 
-    /// The next complete message, `Ok(None)` if more bytes are needed. After an error the stream
-    /// is unusable and should be closed.
+    /// The next complete message, `Ok(None)` if more bytes are needed. Each error refuses one
+    /// record only (an oversized one is skipped without being buffered, a malformed or empty
+    /// one is consumed): the stream stays usable and the caller decides what to do.
     pub fn next_message(&mut self) -> Result<Option<ControlMessage>, ControlError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
-        let len = record_len(self.buf[..4].try_into().expect("4 bytes"), MAX_CONTROL_LEN)?;
+        let len = match record_len(self.buf[..4].try_into().expect("4 bytes"), MAX_CONTROL_LEN) {
+            Ok(len) => len,
+            Err(e) => {
+                let announced = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
+                self.buf.drain(..4);
+                let here = (announced as usize).min(self.buf.len());
+                self.buf.drain(..here);
+                self.skip = announced as usize - here;
+                return Err(e);
+            }
+        };
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
@@ -292,6 +454,101 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"type": "room_ended", "room": "0000000000000001"})
+        );
+    }
+
+    fn big_state(n: u32) -> RoomState {
+        RoomState {
+            room: RoomId(9),
+            phase: crate::room::RoomPhase::Live,
+            participants: (0..n)
+                .map(|i| Participant {
+                    id: ParticipantId(0x0100_0000 + i),
+                    user: format!("user-{i}-{}", "u".repeat(200)),
+                    name: format!("name {i} {}", "n".repeat(50)),
+                    role: crate::room::RoomRole::Listener,
+                    region: "us-east".into(),
+                    muted: false,
+                })
+                .collect(),
+            hands: (0..n).map(|i| ParticipantId(0x0100_0000 + i)).collect(),
+            banned: (0..n / 10).map(|i| format!("banned-{i}")).collect(),
+        }
+    }
+
+    #[test]
+    fn a_huge_snapshot_splits_into_records_under_the_limit_and_reassembles() {
+        let state = big_state(10_000);
+        let records = snapshot_records(state.clone(), SNAPSHOT_RECORD_BUDGET);
+        assert!(records.len() > 10, "{} records", records.len());
+        let mut bytes = Vec::new();
+        for r in &records {
+            let rec = r.to_record();
+            assert!(rec.len() - 4 <= MAX_CONTROL_LEN, "{} bytes", rec.len());
+            bytes.extend(rec);
+        }
+        let mut dec = ControlDecoder::default();
+        dec.feed(&bytes);
+        let mut asm = SnapshotAssembler::default();
+        let mut done = None;
+        while let Some(m) = dec.next_message().unwrap() {
+            let out = match m {
+                ControlMessage::RoomSnapshot { state, more } => asm.start(state, more),
+                ControlMessage::RoomSnapshotPart {
+                    participants,
+                    hands,
+                    banned,
+                    more,
+                    ..
+                } => asm.part(participants, hands, banned, more),
+                other => panic!("unexpected {other:?}"),
+            };
+            if out.is_some() {
+                assert!(done.is_none());
+                done = out;
+            }
+        }
+        assert_eq!(done, Some(state));
+        assert!(!asm.is_pending());
+        // A small room stays one record, as before.
+        let small = snapshot_records(big_state(3), SNAPSHOT_RECORD_BUDGET);
+        assert!(matches!(
+            small.as_slice(),
+            [ControlMessage::RoomSnapshot { more: false, .. }]
+        ));
+    }
+
+    #[test]
+    fn an_oversized_record_is_refused_alone_and_the_stream_goes_on() {
+        let mut dec = ControlDecoder::default();
+        let big = vec![b'x'; MAX_CONTROL_LEN + 10];
+        let mut bytes = Vec::new();
+        write_record(&big, &mut bytes);
+        bytes.extend(ControlMessage::Ping { nonce: 5 }.to_record());
+        // Fed in pieces: the oversized body is skipped, not buffered.
+        let (head, tail) = bytes.split_at(1000);
+        dec.feed(head);
+        assert!(matches!(
+            dec.next_message(),
+            Err(ControlError::TooLong { .. })
+        ));
+        assert_eq!(dec.next_message().unwrap(), None);
+        for chunk in tail.chunks(4096) {
+            dec.feed(chunk);
+        }
+        assert!(dec.buf.len() < 100);
+        assert_eq!(
+            dec.next_message().unwrap(),
+            Some(ControlMessage::Ping { nonce: 5 })
+        );
+        // An empty record is consumed too.
+        let mut dec = ControlDecoder::default();
+        dec.feed(&[0, 0, 0, 0]);
+        dec.feed(&ControlMessage::Ping { nonce: 6 }.to_record());
+        assert!(matches!(dec.next_message(), Err(ControlError::Empty)));
+        assert_eq!(
+            dec.next_message().unwrap(),
+            Some(ControlMessage::Ping { nonce: 6 })
         );
     }
 

@@ -15,6 +15,12 @@ pub const MAX_REACTION_CHARS: usize = 16;
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
 /// Audio slots an interactive listener receives: the loudest speakers, forwarded, not mixed.
 pub const LISTENER_AUDIO_SLOTS: usize = 3;
+/// Rooms with at most this many participants send clients everyone in `snapshot` and every
+/// join and leave; larger rooms send the listeners on request (`list_participants`) and their
+/// number in `counts` (see `docs/signaling.md`).
+pub const FULL_LIST_MAX_PARTICIPANTS: usize = 200;
+/// Most participants in one `participants` page.
+pub const PARTICIPANT_PAGE_MAX: usize = 500;
 
 /// A participant's role inside a running room (tokens carry only host, speaker or listener;
 /// co-hosts are named by a host).
@@ -111,6 +117,15 @@ pub struct RoomState {
     pub hands: Vec<ParticipantId>,
     /// Users (token `sub`) banned until the room ends.
     pub banned: Vec<String>,
+}
+
+/// How many are in a room, as clients are told.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCounts {
+    /// Everyone present.
+    pub participants: u32,
+    /// Present listeners.
+    pub listeners: u32,
 }
 
 /// A command to the room authority, on behalf of participant `actor`.
@@ -333,18 +348,58 @@ pub enum ClientMessage {
     },
     /// Keep-alive; answered by `pong`.
     Ping,
+    /// One page of the room's participants in id order, starting after `after`; answered by
+    /// `participants`.
+    ListParticipants {
+        /// Last id of the previous page; absent for the first page.
+        #[serde(default)]
+        after: Option<ParticipantId>,
+        /// Page size (at most [`PARTICIPANT_PAGE_MAX`], the default).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 /// A message from the edge to a client over the WebSocket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// Full state, sent once after `join`.
+    /// The state, sent once after `join`. In rooms of more than
+    /// [`FULL_LIST_MAX_PARTICIPANTS`] (`partial`), `state.participants` holds the hosts,
+    /// co-hosts, speakers, raised hands and the receiver only; the listeners are counted in
+    /// `counts` and listed on request (`list_participants`).
     Snapshot {
         /// The receiving participant's id.
         you: ParticipantId,
         /// The room.
         state: RoomState,
+        /// How many are in the room.
+        #[serde(default)]
+        counts: RoomCounts,
+        /// Listeners were left out of `state.participants`.
+        #[serde(default)]
+        partial: bool,
+    },
+    /// New counts of a large room (its listeners' joins and leaves are not sent one by one);
+    /// at most about once a second.
+    Counts {
+        /// How many are in the room.
+        counts: RoomCounts,
+    },
+    /// A participant of a large room the client may not know yet, sent before an event about
+    /// it (a raised hand, a role change).
+    Participant {
+        /// Who.
+        participant: Participant,
+    },
+    /// Answer to `list_participants`.
+    Participants {
+        /// Participants in id order.
+        participants: Vec<Participant>,
+        /// Pass as `after` for the next page; absent on the last page.
+        next: Option<ParticipantId>,
+        /// How many are in the room.
+        counts: RoomCounts,
     },
     /// SDP answer to the client's offer.
     Answer {

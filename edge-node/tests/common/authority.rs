@@ -193,7 +193,10 @@ fn on_message(shared: &Arc<Mutex<Shared>>, conn: u64, msg: ControlMessage) {
                     let ended = events.iter().any(|e| matches!(e, RoomEvent::Ended { .. }));
                     if is_join {
                         if let Some((tx, _)) = sh.edges.get(&conn) {
-                            let _ = tx.send(ControlMessage::RoomSnapshot { state: snapshot });
+                            let _ = tx.send(ControlMessage::RoomSnapshot {
+                                state: snapshot,
+                                more: false,
+                            });
                         }
                     }
                     let subs: Vec<u64> = sh
