@@ -92,9 +92,8 @@ impl DtlsProvider for OpensslDtls {
                 "the OpenSSL DTLS provider speaks DTLS 1.2 only".into(),
             ));
         }
-        let ssl = new_ssl(cert, mtu.unwrap_or(DEFAULT_MTU)).map_err(|e| {
-            CryptoError::Other(format!("OpenSSL DTLS setup: {e}"))
-        })?;
+        let ssl = new_ssl(cert, mtu.unwrap_or(DEFAULT_MTU))
+            .map_err(|e| CryptoError::Other(format!("OpenSSL DTLS setup: {e}")))?;
         Ok(Box::new(OpensslInstance {
             state: State::Init(ssl, Datagrams::default()),
             active: None,
@@ -520,7 +519,8 @@ mod tests {
             .unwrap();
         b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
             .unwrap();
-        b.sign(&key, openssl::hash::MessageDigest::sha256()).unwrap();
+        b.sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
         DtlsCert {
             certificate: b.build().to_der().unwrap(),
             private_key: key.private_key_to_der().unwrap(),
