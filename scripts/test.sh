@@ -30,6 +30,19 @@ command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 # The namespace test bed (scripts/mesh.sh; tests/prod_mesh.rs and tests/prod_failover.rs, run by
 # `cargo test --workspace` below, one bed at a time): iptables for its NFQUEUE rule.
 command -v iptables >/dev/null || missing+=(iptables)
+# The edge's DTLS runs on the system OpenSSL (edge-node/src/dtls.rs, the openssl crate).
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+# GStreamer's WebRTC stack as a third-party WHIP publisher (tests/e2e_interop.rs runs
+# tests/gst/whip_publish.py with Debian's python3, which has the GObject bindings).
+/usr/bin/python3 -c 'import gi
+for n, v in [("Gst", "1.0"), ("GstWebRTC", "1.0"), ("GstSdp", "1.0"), ("Nice", "0.1")]:
+    gi.require_version(n, v)
+from gi.repository import Gst
+Gst.init(None)
+assert all(Gst.ElementFactory.find(e) for e in ["webrtcbin", "nicesrc", "opusenc", "rtpopuspay", "audiotestsrc"])' \
+  >/dev/null 2>&1 || missing+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+    gstreamer1.0-plugins-bad gstreamer1.0-nice python3-gst-1.0 gir1.2-gst-plugins-bad-1.0 \
+    gir1.2-nice-0.1)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $SUDO apt-get update -qq

@@ -144,14 +144,6 @@ fn follow_live(base: &str, r: Rendition, rounds: usize) -> MediaSummary {
     sum
 }
 
-fn wait_status(url: &str, want: u16, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while get_status(url) != want {
-        assert!(Instant::now() < deadline, "{url} never answered {want}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Run the hls.js player page; returns its JSON events.
 fn hls_js(page: &str, url: &str, seconds: u32) -> Vec<serde_json::Value> {
     let mut cmd = Command::new("node");
@@ -192,29 +184,6 @@ fn assert_hls_js_heard(events: &[serde_json::Value], freq: f64, min_time: f64) {
         (hz - freq).abs() <= 12.0 && db > -50.0
     });
     assert!(heard, "the analyser never heard {freq} Hz: {events:?}");
-}
-
-/// Decode `seconds` of a live or VOD HLS URL with ffmpeg; assert the tone.
-fn ffmpeg_hears(url: &str, freq: f64, seconds: &str) {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-i", url, "-t", seconds])
-        .args(["-f", "f32le", "-ac", "1", "-ar", "48000", "-"])
-        .output()
-        .expect("ffmpeg runs");
-    assert!(
-        out.status.success(),
-        "ffmpeg {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let samples: Vec<f32> = out
-        .stdout
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    assert!(samples.len() >= 48_000, "{url}: {} samples", samples.len());
-    let (f, level) = dominant_frequency(&samples);
-    assert!((f - freq).abs() <= 5.0, "{url}: dominant {f} Hz");
-    assert!(level > 0.02, "{url}: rms {level}");
 }
 
 fn speaker(mesh: &DevMesh, room: &str) -> (String, String) {

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod dtls;
 mod http;
 pub mod lifecycle;
 mod media;
@@ -89,10 +90,11 @@ pub enum EdgeError {
     Media(String),
 }
 
-/// Install str0m's crypto provider once per process (idempotent).
+/// Install str0m's crypto provider once per process (idempotent): aws-lc-rs with DTLS on
+/// OpenSSL ([`dtls::crypto_provider`]), so RSA peers connect too.
 pub fn install_crypto_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
+    ONCE.call_once(|| dtls::crypto_provider().install_process_default());
 }
 
 /// Capacity of the HTTP -> media driver command queue.

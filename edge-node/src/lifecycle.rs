@@ -24,6 +24,8 @@ pub enum CloseReason {
     Disconnected,
     /// The WebRTC stack failed.
     RtcFailed,
+    /// The DTLS handshake failed (the reason is logged when it happens).
+    DtlsFailed,
     /// The edge is shutting down.
     Shutdown,
 }
@@ -37,6 +39,7 @@ impl CloseReason {
             CloseReason::NeverConnected => "never_connected",
             CloseReason::Disconnected => "disconnected",
             CloseReason::RtcFailed => "rtc_failed",
+            CloseReason::DtlsFailed => "dtls_failed",
             CloseReason::Shutdown => "shutdown",
         }
     }

@@ -894,7 +894,13 @@ impl MediaDriver {
         );
         if let Err(e) = peer.rtc.handle_input(input) {
             self.metrics.dropped(DropReason::RtcError);
-            tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "datagram refused");
+            // The DTLS provider keeps why a handshake failed (this thread, this datagram).
+            if let Some(reason) = crate::dtls::take_handshake_failure() {
+                tracing::info!(room = %peer.room, participant = %peer.participant, %reason, "DTLS handshake failed");
+                peer.dead = Some(CloseReason::DtlsFailed);
+            } else {
+                tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "datagram refused");
+            }
         }
         self.drain(id, now);
     }
@@ -1120,8 +1126,14 @@ impl MediaDriver {
                     _ => {}
                 },
                 Err(e) => {
-                    tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "poll_output failed");
-                    peer.dead = Some(CloseReason::RtcFailed);
+                    // A handshake that fails on a timer (OpenSSL gives up retransmitting).
+                    if let Some(reason) = crate::dtls::take_handshake_failure() {
+                        tracing::info!(room = %peer.room, participant = %peer.participant, %reason, "DTLS handshake failed");
+                        peer.dead = Some(CloseReason::DtlsFailed);
+                    } else {
+                        tracing::debug!(room = %peer.room, participant = %peer.participant, error = %e, "poll_output failed");
+                        peer.dead = Some(CloseReason::RtcFailed);
+                    }
                     break None;
                 }
             }
