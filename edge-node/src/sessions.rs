@@ -7,7 +7,7 @@ use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
-use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, RoomState, ServerMessage};
+use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, ServerMessage};
 use amphi_protocol::token::{Claims, Revocations};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;

@@ -113,7 +113,7 @@ fn room_of(msg: &ControlMessage) -> Option<RoomId> {
         | ControlMessage::CommandRejected { room, .. }
         | ControlMessage::Revoke { room, .. }
         | ControlMessage::RoomSnapshotPart { room, .. } => Some(*room),
-        ControlMessage::RoomSnapshot { state } => Some(state.room),
+        ControlMessage::RoomSnapshot { state, .. } => Some(state.room),
         _ => None,
     }
 }

@@ -526,20 +526,21 @@ async fn a_room_of_2000_never_needs_an_oversized_record() {
                 quic_listen: quic,
                 metrics_listen: free_tcp(),
                 idle_room_timeout_secs: 3600,
+                max_sessions_per_user: 8,
             },
-            mesh_tls: pki.issue(ORIGIN_NAME).unwrap(),
+            mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap(),
         },
         shutdown.clone(),
     ));
     let mut us = Peer::hello(
-        &pki.issue("edge-us").unwrap(),
+        &pki.issue("edge-us", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-us-east",
     )
     .await;
     let mut eu = Peer::hello(
-        &pki.issue("edge-eu").unwrap(),
+        &pki.issue("edge-eu", MeshRole::Edge).unwrap(),
         quic,
         PeerKind::Edge,
         "edge-eu-west",

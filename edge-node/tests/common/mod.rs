@@ -158,6 +158,7 @@ fn admit(rooms: &mut BTreeMap<RoomId, RoomState>, msg: &ControlMessage) -> Optio
     });
     Some(ControlMessage::RoomSnapshot {
         state: state.clone(),
+        more: false,
     })
 }
 
