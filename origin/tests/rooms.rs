@@ -415,6 +415,15 @@ async fn room_authority_over_two_edges() {
     ];
     us.expect_events(kicked.clone()).await;
     eu.expect_events(kicked).await;
+    // Then every edge is told to revoke the kicked user's tokens.
+    for edge in [&mut us, &mut eu] {
+        match edge.next().await {
+            Some(ControlMessage::Revoke { room, user }) => {
+                assert_eq!((room, user.as_str()), (ROOM, "lena"));
+            }
+            other => panic!("expected a revoke, got {other:?}"),
+        }
+    }
     let r = eu
         .command(LISTENER_AGAIN, join("lena", Role::Listener, "eu-west"))
         .await;
@@ -429,6 +438,11 @@ async fn room_authority_over_two_edges() {
         "edge-ap-south",
     )
     .await;
+    // A newly connected edge first learns the live bans.
+    assert!(matches!(
+        visitor_edge.next().await,
+        Some(ControlMessage::Revoke { user, .. }) if user == "lena"
+    ));
     visitor_edge
         .command(VISITOR, join("vic", Role::Listener, "ap-south"))
         .await;
