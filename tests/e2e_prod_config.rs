@@ -388,7 +388,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
         .json(
             "POST",
             &format!("{}/v1/rooms/{room}/tokens", https(80)),
-            Some(serde_json::json!({"role": "speaker", "name": "spk"})),
+            Some(serde_json::json!({"role": "speaker", "name": "spk", "user_id": "spk"})),
         )
         .await;
     assert_eq!(status, 200, "{v}");
@@ -422,7 +422,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
             .json(
                 "POST",
                 &format!("{}/v1/rooms/{room}/tokens", https(80)),
-                Some(serde_json::json!({"role": "listener", "name": "lis"})),
+                Some(serde_json::json!({"role": "listener", "name": "lis", "user_id": "lis"})),
             )
             .await;
         assert_eq!(status, 200, "{v}");

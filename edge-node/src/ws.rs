@@ -68,7 +68,14 @@ pub(crate) async fn ws_get(
     };
     if st.sessions.is_revoked(&claims, now) {
         tracing::info!(room = %claims.room, "revoked websocket token refused");
-        return unauthorized(crate::http::REVOKED.into());
+        // A browser cannot read the status of a refused upgrade: tell it over the socket.
+        return match upgrade {
+            Ok(u) => u.on_upgrade(|mut socket| async move {
+                send(&mut socket, &error("banned", crate::http::REVOKED)).await;
+                close(&mut socket, CLOSE_KICKED, "banned").await;
+            }),
+            Err(_) => unauthorized(crate::http::REVOKED.into()),
+        };
     }
     if let Err(resp) = check_live(&st, claims.room).await {
         return resp;

@@ -177,7 +177,7 @@ impl Bed {
         let (status, v) = self.api(
             "POST",
             &format!("/v1/rooms/{room}/tokens"),
-            Some(serde_json::json!({"role": role, "name": name})),
+            Some(serde_json::json!({"role": role, "name": name, "user_id": name})),
         );
         assert_eq!(status, 200, "{v}");
         v["token"].as_str().unwrap().to_string()
