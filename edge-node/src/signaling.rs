@@ -758,13 +758,17 @@ impl SignalingCore {
         };
         replica.apply(&ev);
         let large = was_large || replica.is_large();
-        if matches!(
-            ev,
-            RoomEvent::ParticipantJoined { .. }
-                | RoomEvent::ParticipantLeft { .. }
-                | RoomEvent::Kicked { .. }
-                | RoomEvent::RoleChanged { .. }
-        ) {
+        // Clients of a small room count from the events they all get; only large rooms' clients
+        // need the counts sent.
+        if large
+            && matches!(
+                ev,
+                RoomEvent::ParticipantJoined { .. }
+                    | RoomEvent::ParticipantLeft { .. }
+                    | RoomEvent::Kicked { .. }
+                    | RoomEvent::RoleChanged { .. }
+            )
+        {
             local.counts_dirty = true;
         }
         // Details of a listener the clients of a large room may not have, before an event
@@ -962,6 +966,21 @@ mod tests {
             part(2, "lee", RoomRole::Listener),
         ]));
         c
+    }
+
+    #[test]
+    fn a_small_room_gets_its_events_and_no_counts() {
+        let mut c = joined_core();
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![RoomEvent::RoleChanged {
+                id: ParticipantId(2),
+                role: RoomRole::Speaker,
+                by: ParticipantId(1),
+            }],
+        });
+        assert_eq!(client_msgs(&out, 2).len(), 1, "the event itself");
+        assert!(c.tick(Instant::now() + COUNTS_EVERY * 2).is_empty());
     }
 
     fn client_msgs(out: &[Output], to: u32) -> Vec<ServerMessage> {

@@ -362,12 +362,12 @@ async fn edges_packager_relay_mix_and_metrics() {
         }
         pcm.extend_from_slice(&buf[..n]);
     }
-    // Ingest-to-program latency once the jitter buffer has adapted to loopback: the playout
-    // delay (10..30 ms) plus mixing and QUIC, far below the 40 ms initial delay + 20 ms.
+    // Ingest-to-program latency, printed for the reader only: a shared machine makes any bound
+    // on it flaky. The jitter buffer's adaptation is unit-tested in simulated time
+    // (`origin/src/jitter.rs`) and the latency is a benchmark (`amphi bench latency`).
     let first_talking = frames.iter().find(|f| f.speaker == SPEAKER).unwrap();
     let latency = first_talking.received - first_tone_sent.unwrap();
     println!("ingest -> program latency: {latency:?}");
-    assert!(latency < Duration::from_millis(60), "latency {latency:?}");
     assert!(
         talking.len() >= 90,
         "speaker marked in {} frames",
