@@ -4,7 +4,7 @@
 //! other `/hls/` requests with [`hls`] too.
 
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::playlist::{part_name, render_multivariant, segment_name, TARGET_DURATION};
+use crate::playlist::{render_multivariant, TARGET_DURATION};
 use crate::request::{decide_reload, parse_hls_path, parse_hls_query, HlsResource, ReloadDecision};
 use crate::room::{key, Registry, RoomHandle, Snapshot};
 use crate::storage::Storage;
@@ -214,34 +214,18 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                 }
             }
         }
-        HlsResource::Init(r) => {
-            object(
-                st,
-                handle.as_deref(),
-                format!("{room}/{}/init.mp4", r.dir()),
-            )
-            .await
+        HlsResource::Init(..) | HlsResource::Segment(..) => {
+            let key = p.resource.media_key(room).unwrap_or_default();
+            object(st, handle.as_deref(), key).await
         }
-        HlsResource::Segment(r, msn) => {
-            object(
-                st,
-                handle.as_deref(),
-                format!("{room}/{}/{}", r.dir(), segment_name(msn)),
-            )
-            .await
-        }
-        HlsResource::Part(r, msn, part) => {
+        HlsResource::Part(r, msn, part, _) => {
             if let Some(h) = &handle {
                 if let Some(ri) = h.rendition_index(r.dir()) {
                     wait_for_hinted_part(st, h, ri, msn, part).await;
                 }
             }
-            object(
-                st,
-                handle.as_deref(),
-                format!("{room}/{}/{}", r.dir(), part_name(msn, part)),
-            )
-            .await
+            let key = p.resource.media_key(room).unwrap_or_default();
+            object(st, handle.as_deref(), key).await
         }
     }
 }

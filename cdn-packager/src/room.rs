@@ -11,7 +11,7 @@ use crate::h1::{release_waiters, render_blocking_answer, Waiter};
 use crate::metrics::Metrics;
 use crate::playlist::{
     part_name, render_multivariant, renditions, segment_name, MediaPlaylist, PlaylistError,
-    PlaylistStatus, Rendition, RenditionReport,
+    PlaylistStatus, Rendition, RenditionReport, INIT_NAME,
 };
 use crate::recording_index::{
     chunk_name, chunk_of, parse_chunk, parse_turns, plan_resume, render_chunk, render_turns,
@@ -548,7 +548,7 @@ impl RoomHandle {
         let mut p = self.published();
         let result = match what {
             Publish::Nothing | Publish::RecordingStored { .. } => {
-                if key.ends_with("init.mp4") {
+                if key.ends_with(INIT_NAME) {
                     p.inits.insert(key, body);
                 }
                 return;
@@ -1084,7 +1084,7 @@ impl Registry {
             .max();
         let queue = Arc::new(Inbox::default());
         queue.push(Job::Put {
-            key: rkey(room, rends[0], "init.mp4"),
+            key: rkey(room, rends[0], INIT_NAME),
             body: Bytes::from(init_segment()?),
             meta: ObjectMeta::MEDIA,
             publish: Publish::Nothing,
@@ -1094,7 +1094,7 @@ impl Registry {
             let a = AacRendition::new()?;
             if let Some(r) = rends.get(1) {
                 queue.push(Job::Put {
-                    key: rkey(room, *r, "init.mp4"),
+                    key: rkey(room, *r, INIT_NAME),
                     body: Bytes::from(a.init_segment()?),
                     meta: ObjectMeta::MEDIA,
                     publish: Publish::Nothing,
