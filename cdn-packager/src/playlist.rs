@@ -66,9 +66,7 @@ pub const AAC: Rendition = Rendition {
     part_target_ticks: 10 * 1024,
 };
 
-/// Every rendition the packager can write, in multivariant order. hls.js can play both and
-/// starts with the codec set of the lowest bandwidth, then keeps to it; Opus is the leaner one
-/// (and is declared so), which makes MSE players pick Opus.
+/// Every rendition the packager can write.
 pub const ALL_RENDITIONS: &[Rendition] = &[OPUS, AAC];
 
 /// The renditions this build writes.
@@ -82,10 +80,8 @@ pub fn renditions() -> &'static [Rendition] {
 
 /// Render a multivariant playlist for `renditions`, each pointing at `{dir}/{media}`.
 ///
-/// Audio-only: one `EXT-X-STREAM-INF` variant per rendition, told apart by `CODECS`. Players
-/// drop the variants whose codecs they cannot decode (Safari/iOS native HLS lists no Opus and
-/// keeps the AAC variant; hls.js checks `MediaSource.isTypeSupported`) — no `EXT-X-MEDIA` group
-/// is needed because there is no video to attach an audio group to.
+/// Audio-only: one `EXT-X-STREAM-INF` variant per rendition, told apart by `CODECS` (no
+/// `EXT-X-MEDIA` group: there is no video to attach an audio group to).
 pub fn render_multivariant(renditions: &[Rendition], media: &str) -> String {
     let mut s = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
     for r in renditions {
@@ -146,6 +142,37 @@ impl Naming {
             _ => None,
         }
     }
+}
+
+/// The renditions of the main multivariant playlists (`index.m3u8`, `recording.m3u8`): one
+/// codec only, AAC-LC when this build writes it (every HLS player plays it: Safari/iOS, Chromium's
+/// native player, hls.js, Shaka, ffmpeg), else Opus. A multivariant playlist with both codecs
+/// lets a player switch codecs midway, which Chromium's native player refuses ("Audio codec
+/// changes not allowed"); the per-codec playlists ([`multivariants`]) pick one explicitly.
+pub fn main_renditions(renditions: &[Rendition]) -> &[Rendition] {
+    match renditions.iter().position(|r| r.dir == AAC.dir) {
+        Some(i) => &renditions[i..=i],
+        None => &renditions[..renditions.len().min(1)],
+    }
+}
+
+/// A room's multivariant playlists as `(file name, text)`: `{prefix}.m3u8`, the main one
+/// ([`main_renditions`]), then `{prefix}-{dir}.m3u8` with the rendition `dir` alone (for
+/// players that pick a codec: the web client gives hls.js the Opus one). `prefix`: `index` for
+/// the live room (media playlists `playlist.m3u8`), `recording` for its recording
+/// (`vod.m3u8`).
+pub fn multivariants(renditions: &[Rendition], prefix: &str, media: &str) -> Vec<(String, String)> {
+    let mut out = vec![(
+        format!("{prefix}.m3u8"),
+        render_multivariant(main_renditions(renditions), media),
+    )];
+    for r in renditions {
+        out.push((
+            format!("{prefix}-{}.m3u8", r.dir),
+            render_multivariant(std::slice::from_ref(r), media),
+        ));
+    }
+    out
 }
 
 /// File name of the initialization segment the packager writes.
@@ -921,6 +948,29 @@ seg0.m4a
                 .collect::<Vec<_>>(),
             [12]
         );
+    }
+
+    #[test]
+    fn main_multivariants_have_one_codec_and_each_codec_has_its_own() {
+        let files = multivariants(ALL_RENDITIONS, "index", "playlist.m3u8");
+        let names: Vec<_> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["index.m3u8", "index-opus.m3u8", "index-aac.m3u8"]);
+        for (i, codec, uri) in [
+            (0, "mp4a.40.2", "aac/playlist.m3u8"),
+            (1, "opus", "opus/playlist.m3u8"),
+            (2, "mp4a.40.2", "aac/playlist.m3u8"),
+        ] {
+            let (name, text) = &files[i];
+            let uris = crate::conformance::check_multivariant(text, 1)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}\n{text}"));
+            assert_eq!(uris, [uri], "{name}");
+            assert!(text.contains(&format!("CODECS=\"{codec}\"")), "{name}");
+            assert_eq!(text.matches("#EXT-X-STREAM-INF").count(), 1, "{name}");
+        }
+        let rec = multivariants(ALL_RENDITIONS, "recording", "vod.m3u8");
+        assert_eq!(rec[0].0, "recording.m3u8");
+        assert!(rec[0].1.ends_with("\naac/vod.m3u8\n"));
+        assert_eq!(main_renditions(&ALL_RENDITIONS[..1]), &[OPUS]);
     }
 
     #[test]

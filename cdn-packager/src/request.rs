@@ -36,10 +36,14 @@ impl RenditionId {
 /// A resource under `/hls/{room}/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HlsResource {
-    /// `index.m3u8`.
+    /// `index.m3u8`: the main multivariant playlist (one codec).
     Multivariant,
-    /// `recording.m3u8`: the multivariant playlist of the recording.
+    /// `index-{rendition}.m3u8`: the multivariant playlist of one rendition.
+    CodecMultivariant(RenditionId),
+    /// `recording.m3u8`: the main multivariant playlist of the recording.
     Recording,
+    /// `recording-{rendition}.m3u8`: the recording's multivariant playlist of one rendition.
+    CodecRecording(RenditionId),
     /// `{rendition}/playlist.m3u8`.
     MediaPlaylist(RenditionId),
     /// `{rendition}/vod.m3u8`: the recording's media playlist.
@@ -116,7 +120,11 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
     let parts: Vec<&str> = it.take(3).collect();
     let resource = match parts.as_slice() {
         ["index.m3u8"] => HlsResource::Multivariant,
+        ["index-opus.m3u8"] => HlsResource::CodecMultivariant(RenditionId::Opus),
+        ["index-aac.m3u8"] => HlsResource::CodecMultivariant(RenditionId::Aac),
         ["recording.m3u8"] => HlsResource::Recording,
+        ["recording-opus.m3u8"] => HlsResource::CodecRecording(RenditionId::Opus),
+        ["recording-aac.m3u8"] => HlsResource::CodecRecording(RenditionId::Aac),
         [dir @ ("opus" | "aac"), file] => {
             let r = if *dir == "opus" {
                 RenditionId::Opus
@@ -319,6 +327,14 @@ mod tests {
         );
         assert_eq!(HlsResource::Multivariant.media_key(room), None);
         assert_eq!(ok("recording.m3u8"), Ok(HlsResource::Recording));
+        assert_eq!(
+            ok("index-opus.m3u8"),
+            Ok(HlsResource::CodecMultivariant(RenditionId::Opus))
+        );
+        assert_eq!(
+            ok("recording-aac.m3u8"),
+            Ok(HlsResource::CodecRecording(RenditionId::Aac))
+        );
         assert_eq!(ok("aac/vod.m3u8"), Ok(HlsResource::Vod(RenditionId::Aac)));
         for bad in [
             "opus/part12.10.m4s",
@@ -337,6 +353,9 @@ mod tests {
             "opus/seg99999999999999999999.m4s",
             "opus/playlist.m3u8/",
             "flac/playlist.m3u8",
+            "index-flac.m3u8",
+            "index-.m3u8",
+            "opus/index-opus.m3u8",
             "aac/../opus/init.mp4",
             "",
             "opus",

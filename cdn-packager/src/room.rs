@@ -10,7 +10,7 @@ use crate::fmp4::{init_segment, MuxError};
 use crate::h1::{release_waiters, render_blocking_answer, Waiter};
 use crate::metrics::Metrics;
 use crate::playlist::{
-    part_name, render_multivariant, renditions, segment_name, MediaPlaylist, PlaylistError,
+    multivariants, part_name, renditions, segment_name, MediaPlaylist, PlaylistError,
     PlaylistStatus, Rendition, RenditionReport, INIT_NAME,
 };
 use crate::recording_index::{
@@ -505,11 +505,9 @@ impl RoomHandle {
             }
         }
         if segments > 0 {
-            jobs.push(put(
-                key(room, "recording.m3u8"),
-                render_multivariant(self.renditions, "vod.m3u8"),
-                ObjectMeta::PLAYLIST,
-            ));
+            for (name, text) in multivariants(self.renditions, "recording", "vod.m3u8") {
+                jobs.push(put(key(room, &name), text, ObjectMeta::PLAYLIST));
+            }
         }
         let meta = serde_json::json!({
             "room": room.to_string(),
@@ -1102,12 +1100,14 @@ impl Registry {
             }
             Some(a)
         };
-        queue.push(Job::Put {
-            key: key(room, "index.m3u8"),
-            body: Bytes::from(render_multivariant(rends, "playlist.m3u8")),
-            meta: ObjectMeta::PLAYLIST,
-            publish: Publish::Nothing,
-        });
+        for (name, text) in multivariants(rends, "index", "playlist.m3u8") {
+            queue.push(Job::Put {
+                key: key(room, &name),
+                body: Bytes::from(text),
+                meta: ObjectMeta::PLAYLIST,
+                publish: Publish::Nothing,
+            });
+        }
         let msn = start_msn.unwrap_or(0);
         let playlists: Vec<MediaPlaylist> = rends
             .iter()
