@@ -329,7 +329,8 @@ async fn bad_requests_do_not_disturb_a_live_room_and_the_end_leaves_a_vod_record
         let mv = text(&url);
         assert_eq!(check_multivariant(&mv, 1).unwrap(), ["aac/vod.m3u8"]);
         for r in RENDITIONS {
-            let codec_mv = text(&url.replace("/recording.m3u8", &format!("/recording-{}.m3u8", r.dir)));
+            let codec_mv =
+                text(&url.replace("/recording.m3u8", &format!("/recording-{}.m3u8", r.dir)));
             let want = format!("{}/vod.m3u8", r.dir);
             assert_eq!(check_multivariant(&codec_mv, 1).unwrap(), [want]);
         }
