@@ -402,19 +402,19 @@ mod tests {
 
     #[test]
     fn live_edge_counts_segments_and_trailing_parts() {
-        let text = "#EXTM3U\n#EXT-X-MEDIA-SEQUENCE:4\n#EXT-X-PART:DURATION=0.2,URI=\"part4.0.m4s\",INDEPENDENT=YES\n\
-                    #EXT-X-PART:DURATION=0.2,URI=\"part4.1.m4s\"\n#EXTINF:2.000,\nseg4.m4s\n\
-                    #EXT-X-PART:DURATION=0.2,URI=\"part5.0.m4s\"\n\
-                    #EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4s\"\n";
+        let text = "#EXTM3U\n#EXT-X-MEDIA-SEQUENCE:4\n#EXT-X-PART:DURATION=0.2,URI=\"part4.0.m4a\",INDEPENDENT=YES\n\
+                    #EXT-X-PART:DURATION=0.2,URI=\"part4.1.m4a\"\n#EXTINF:2.000,\nseg4.m4a\n\
+                    #EXT-X-PART:DURATION=0.2,URI=\"part5.0.m4a\"\n\
+                    #EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4a\"\n";
         let edge = parse_live_edge(text);
         assert_eq!(edge.next_msn, 5);
         assert_eq!(edge.next_part, 1);
         assert_eq!(
             edge.parts,
             vec![
-                (4, 0, "part4.0.m4s".to_string()),
-                (4, 1, "part4.1.m4s".to_string()),
-                (5, 0, "part5.0.m4s".to_string())
+                (4, 0, "part4.0.m4a".to_string()),
+                (4, 1, "part4.1.m4a".to_string()),
+                (5, 0, "part5.0.m4a".to_string())
             ]
         );
     }

@@ -433,7 +433,7 @@ async fn glass_to_glass(
     let lead_in = 200usize;
     let total = lead_in + bursts * 100 + 150;
     let mut sent_onsets: Vec<u64> = Vec::with_capacity(bursts);
-    let hls_url = format!("http://{router}/hls/{room}/index.m3u8");
+    let hls_url = format!("http://{router}/hls/{room}/index-opus.m3u8");
     let page = format!("http://{router}/healthz");
     let player_secs = (total as u64 * 20 / 1000).saturating_sub(3).max(5);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/hls_play.mjs");
@@ -793,7 +793,7 @@ fn preload_hint(body: &[u8]) -> Option<(u64, u32)> {
     let uri = line.split("URI=\"").nth(1)?.split('"').next()?;
     let (m, p) = uri
         .strip_prefix("part")?
-        .strip_suffix(".m4s")?
+        .strip_suffix(".m4a")?
         .split_once('.')?;
     Some((m.parse().ok()?, p.parse().ok()?))
 }
@@ -883,7 +883,7 @@ async fn player(
                 }
             }
             if fetch_parts {
-                match cn.get(&format!("{dir}part{msn}.{part}.m4s")).await {
+                match cn.get(&format!("{dir}part{msn}.{part}.m4a")).await {
                     Ok(p) if p.status == 200 => {
                         c.parts.fetch_add(1, Ordering::Relaxed);
                         c.part_bytes
@@ -1182,7 +1182,7 @@ mod tests {
         assert_eq!(chunked_len(chunked), Some(chunked.len() - 4));
         assert_eq!(dechunk(chunked), b"abc");
         assert_eq!(chunked_len(b"3\r\nab"), None);
-        let pl = b"#EXTM3U\n#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part12.3.m4s\"\n";
+        let pl = b"#EXTM3U\n#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part12.3.m4a\"\n";
         assert_eq!(preload_hint(pl), Some((12, 3)));
         assert_eq!(preload_hint(b"#EXTM3U\n#EXT-X-ENDLIST\n"), None);
         assert_eq!(percentile(&[1000, 2000, 3000], 0.5), 2.0);

@@ -445,7 +445,7 @@ async fn unknown_room_ids_never_reach_storage() {
         // 6 rooms × 3 resources = 18 requests, under the address's burst of 20.
         for i in 0..6u64 {
             let room = format!("{:016x}", rand_room(host, i));
-            for path in ["index.m3u8", "recording.m3u8", "opus/seg1.m4s"] {
+            for path in ["index.m3u8", "recording.m3u8", "opus/seg1.m4a"] {
                 let a = get_from(from, to, &format!("/hls/{room}/{path}"), "").await;
                 assert_eq!(a.status, 404, "{path}");
                 assert_eq!(a.json()["error"], "room_not_found", "{path}");

@@ -490,8 +490,9 @@ async function startHls() {
     if (el.canPlayType("application/vnd.apple.mpegurl") && !amphi.nativeHlsFailed) {
       amphi.hlsEngine = "native";
       el.src = url;
-      // Some native players (e.g. early desktop Chromium ones) cannot play every HLS flavour
-      // (Opus in fMP4, LL-HLS): fall back to hls.js once.
+      // `url` is the main multivariant playlist: AAC-LC only, so the player never switches
+      // codecs (Chromium's native player cannot). A native player that still fails falls back
+      // to hls.js once.
       el.addEventListener(
         "error",
         () => {
@@ -519,7 +520,10 @@ async function startHls() {
           reportError(new Error(`HLS playback failed: ${data.details}`));
         }
       });
-      hls.loadSource(url);
+      // One codec per multivariant playlist: hls.js gets the Opus one where MSE plays Opus in
+      // MP4 (no transcoding, 200 ms parts), else the AAC-LC one.
+      const opus = window.MediaSource && MediaSource.isTypeSupported('audio/mp4; codecs="opus"');
+      hls.loadSource(url.replace(/\/index\.m3u8$/, opus ? "/index-opus.m3u8" : "/index-aac.m3u8"));
       hls.attachMedia(el);
       amphi.stopLatencyKeeper = window.AmphiLatency.keep(hls, el);
     }

@@ -118,7 +118,7 @@ impl AacRendition {
         &self.asc
     }
 
-    /// `init.mp4` of the AAC rendition.
+    /// The initialization segment of the AAC rendition.
     pub fn init_segment(&self) -> Result<Vec<u8>, AacError> {
         Ok(init_segment_aac(&self.asc, AAC_BITRATE, self.delay)?)
     }
@@ -265,7 +265,10 @@ impl AacRendition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance::{check_media, Expect};
+    use crate::playlist::MediaPlaylist;
     use crate::segmenter::{ProgramFrame, Segmenter};
+    use std::collections::HashMap;
     use std::time::{Instant, SystemTime};
 
     fn tone(n: usize) -> Vec<Vec<u8>> {
@@ -374,6 +377,125 @@ mod tests {
             track.sample_freq_index().unwrap(),
             mp4::SampleFreqIndex::Freq48000
         );
+    }
+
+    /// Walk a rendered AAC playlist the way a player builds its timeline (each segment and
+    /// part starts where the printed durations before it end, from the first segment's start)
+    /// and check every part and segment against where the media says it starts and ends.
+    /// `truth`: `(msn, part or None) -> (start, end)` in ticks from the rendition's first part.
+    fn check_timeline(text: &str, truth: &HashMap<(u64, Option<u32>), (u64, u64)>) {
+        let ms = |ticks: u64| ticks as f64 * 1000.0 / 48_000.0;
+        let parse_ms = |v: &str| -> u64 {
+            let (a, b) = v.split_once('.').unwrap();
+            a.parse::<u64>().unwrap() * 1000 + b.parse::<u64>().unwrap()
+        };
+        let mut msn: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("#EXT-X-MEDIA-SEQUENCE:"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        // The player's clock: the first segment starts where it really starts (on the ms grid).
+        let first = truth
+            .get(&(msn, None))
+            .or_else(|| truth.get(&(msn, Some(0))));
+        let mut at = ms(first.unwrap().0).round() as u64;
+        let (mut part, mut parts_ms, mut seg_start) = (0u32, 0u64, at);
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("#EXT-X-PART:DURATION=") {
+                let d = parse_ms(v.split(',').next().unwrap());
+                let (start, end) = truth[&(msn, Some(part))];
+                let listed = at + parts_ms;
+                assert!(
+                    (listed as f64 - ms(start)).abs() <= 0.5 + 1e-9,
+                    "part {msn}.{part} listed at {listed} ms, media at {} ms",
+                    ms(start)
+                );
+                assert!(
+                    ((listed + d) as f64 - ms(end)).abs() <= 0.5 + 1e-9,
+                    "part {msn}.{part} listed to end at {} ms, media at {} ms",
+                    listed + d,
+                    ms(end)
+                );
+                parts_ms += d;
+                part += 1;
+            } else if let Some(v) = line.strip_prefix("#EXTINF:") {
+                let d = parse_ms(v.trim_end_matches(','));
+                let (start, end) = truth[&(msn, None)];
+                assert!(
+                    (seg_start as f64 - ms(start)).abs() <= 0.5 + 1e-9,
+                    "segment {msn}"
+                );
+                assert!(
+                    ((seg_start + d) as f64 - ms(end)).abs() <= 0.5 + 1e-9,
+                    "segment {msn} listed to end at {} ms, media at {} ms",
+                    seg_start + d,
+                    ms(end)
+                );
+                if part > 0 {
+                    assert_eq!(parts_ms, d, "the parts of {msn} add up to its EXTINF");
+                }
+                at = seg_start + d;
+                seg_start = at;
+                msn += 1;
+                part = 0;
+                parts_ms = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn aac_durations_add_up_exactly_over_many_parts_and_segments() {
+        // 64 s of program: 32 segments of 10 parts of 9 or 10 AAC frames (21.333 ms each).
+        let packets: Vec<_> = tone(3_200)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (i as u32 * 960, p))
+            .collect();
+        let (_, aac_out) = run(&packets);
+        let mut pl = MediaPlaylist::new(crate::playlist::AAC, 0);
+        let mut truth = HashMap::new();
+        let mut origin = None;
+        let mut next_tfdt = None;
+        let mut seg_from = 0;
+        let mut segments = 0;
+        for o in &aac_out {
+            match o {
+                SegmenterOutput::Part(p) => {
+                    // tfdt and trun: whole AAC frames, each part where the last one ended.
+                    assert_eq!(p.duration, p.frames * AAC_FRAME_SAMPLES);
+                    if let Some(t) = next_tfdt {
+                        assert_eq!(p.base_media_decode_time, t, "{}.{}", p.msn, p.index);
+                    }
+                    next_tfdt = Some(p.base_media_decode_time + u64::from(p.duration));
+                    let o = *origin.get_or_insert(p.base_media_decode_time);
+                    let start = p.base_media_decode_time - o;
+                    if p.index == 0 {
+                        seg_from = start;
+                    }
+                    truth.insert(
+                        (p.msn, Some(p.index)),
+                        (start, start + u64::from(p.duration)),
+                    );
+                    pl.add_part(p.msn, p.index, p.duration, p.segment_start)
+                        .unwrap();
+                }
+                SegmenterOutput::Segment(s) => {
+                    truth.insert((s.msn, None), (seg_from, seg_from + s.duration));
+                    pl.complete_segment(s.msn, s.start, s.duration).unwrap();
+                    segments += 1;
+                }
+            }
+            let text = pl.render(false, &[]);
+            check_timeline(&text, &truth);
+            check_media(&text, &Expect::live(crate::playlist::AAC))
+                .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        }
+        assert!(segments >= 31, "{segments} segments");
+        pl.end();
+        let vod = pl.render_vod(&[]);
+        check_timeline(&vod, &truth);
+        check_media(&vod, &Expect::vod()).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! either a summary of what the playlist names (so a test can fetch every object) or the list
 //! of every rule broken.
 
-use crate::playlist::{Rendition, PARTS_PER_SEGMENT};
+use crate::playlist::{Naming, Rendition, INIT_NAME, PARTS_PER_SEGMENT};
 use std::collections::{HashMap, HashSet};
 
 /// What kind of media playlist is expected.
@@ -153,14 +153,19 @@ fn parse_pdt(s: &str) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
+/// A segment is `seg{msn}.m4a` (or `.m4s`: a segment of an older recording kept its name).
 fn seg_msn(uri: &str) -> Option<u64> {
-    uri.strip_prefix("seg")?.strip_suffix(".m4s")?.parse().ok()
+    let (stem, ext) = uri.rsplit_once('.')?;
+    Naming::from_media_ext(ext)?;
+    stem.strip_prefix("seg")?.parse().ok()
 }
 
+/// Parts are always `part{msn}.{i}.m4a`: an audio extension tells players that see only the
+/// media playlist what it holds.
 fn part_id(uri: &str) -> Option<(u64, u32)> {
     let (m, p) = uri
         .strip_prefix("part")?
-        .strip_suffix(".m4s")?
+        .strip_suffix(".m4a")?
         .split_once('.')?;
     Some((m.parse().ok()?, p.parse().ok()?))
 }
@@ -243,7 +248,12 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
             "#EXT-X-PLAYLIST-TYPE" => playlist_type = Some(value.to_string()),
             "#EXT-X-INDEPENDENT-SEGMENTS" => {}
             "#EXT-X-MAP" => match attributes(value).and_then(|a| a.get("URI").cloned()) {
-                Some(u) if !seen_segment_or_part => sum.map = u,
+                Some(u) if !seen_segment_or_part => {
+                    if u != INIT_NAME {
+                        errs.push(format!("EXT-X-MAP {u} is not {INIT_NAME}"));
+                    }
+                    sum.map = u
+                }
                 _ => errs.push("EXT-X-MAP must have a URI and precede the segments".into()),
             },
             "#EXT-X-SKIP" => {
@@ -353,7 +363,7 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
                 };
                 let msn = next_msn.unwrap_or(0);
                 if seg_msn(uri) != Some(msn) {
-                    errs.push(format!("segment {uri} is not seg{msn}.m4s"));
+                    errs.push(format!("segment {uri} is not seg{msn}.m4a"));
                 }
                 let gap = std::mem::take(&mut pending_gap);
                 if gap && !pending_parts.is_empty() {
@@ -541,7 +551,7 @@ fn check_segment(
         for (i, (d, uri)) in parts.drain(..).enumerate() {
             total += d;
             if part_id(&uri) != Some((msn, i as u32)) {
-                errs.push(format!("part {uri} is not part{msn}.{i}.m4s"));
+                errs.push(format!("part {uri} is not part{msn}.{i}.m4a"));
             }
             if d > pt + 1e-9 {
                 errs.push(format!("part {uri} ({d} s) exceeds PART-TARGET {pt}"));
@@ -628,7 +638,7 @@ fn check_preload_hint(errs: &mut Vec<String>, sum: &MediaSummary, next_msn: u64)
     };
     if part_id(hint) != Some(expected) {
         errs.push(format!(
-            "preload hint {hint} is not the next part part{}.{}.m4s",
+            "preload hint {hint} is not the next part part{}.{}.m4a",
             expected.0, expected.1
         ));
     }
@@ -683,13 +693,13 @@ mod tests {
 
     const GOOD: &str = "#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-TARGETDURATION:2\n\
 #EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12.000,PART-HOLD-BACK=0.600,HOLD-BACK=6.000\n\
-#EXT-X-PART-INF:PART-TARGET=0.200\n#EXT-X-MEDIA-SEQUENCE:4\n#EXT-X-MAP:URI=\"init.mp4\"\n\
+#EXT-X-PART-INF:PART-TARGET=0.200\n#EXT-X-MEDIA-SEQUENCE:4\n#EXT-X-MAP:URI=\"init.m4a\"\n\
 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.250Z\n\
-#EXT-X-PART:DURATION=0.200,URI=\"part4.0.m4s\",INDEPENDENT=YES\n\
-#EXT-X-PART:DURATION=0.200,URI=\"part4.1.m4s\",INDEPENDENT=YES\n#EXTINF:0.400,\nseg4.m4s\n\
+#EXT-X-PART:DURATION=0.200,URI=\"part4.0.m4a\",INDEPENDENT=YES\n\
+#EXT-X-PART:DURATION=0.200,URI=\"part4.1.m4a\",INDEPENDENT=YES\n#EXTINF:0.400,\nseg4.m4a\n\
 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.650Z\n\
-#EXT-X-PART:DURATION=0.200,URI=\"part5.0.m4s\",INDEPENDENT=YES\n\
-#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4s\"\n";
+#EXT-X-PART:DURATION=0.200,URI=\"part5.0.m4a\",INDEPENDENT=YES\n\
+#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4a\"\n";
 
     #[test]
     fn a_good_playlist_passes_and_is_summarized() {
@@ -697,7 +707,7 @@ mod tests {
         assert_eq!(s.media_sequence, 4);
         assert_eq!(s.segments.len(), 1);
         assert_eq!(s.parts.len(), 3);
-        assert_eq!(s.preload_hint.as_deref(), Some("part5.1.m4s"));
+        assert_eq!(s.preload_hint.as_deref(), Some("part5.1.m4a"));
     }
 
     fn broken(from: &str, to: &str) -> Vec<String> {
@@ -713,7 +723,7 @@ mod tests {
             ("PART-HOLD-BACK=0.600", "PART-HOLD-BACK=0.500"),
             ("CAN-SKIP-UNTIL=12.000", "CAN-SKIP-UNTIL=6.000"),
             ("HOLD-BACK=6.000", "HOLD-BACK=4.000"),
-            ("part5.1.m4s", "part5.2.m4s"),
+            ("part5.1.m4a", "part5.2.m4a"),
             (",INDEPENDENT=YES\n#EXTINF", "\n#EXTINF"),
             (
                 "DURATION=0.200,URI=\"part4.0",
@@ -723,13 +733,16 @@ mod tests {
                 "DURATION=0.200,URI=\"part5.0",
                 "DURATION=0.250,URI=\"part5.0",
             ),
-            ("seg4.m4s", "seg5.m4s"),
+            ("seg4.m4a", "seg5.m4a"),
+            ("seg4.m4a", "seg4.mp4"),
+            ("part4.1.m4a", "part4.1.m4s"),
+            ("URI=\"init.m4a\"", "URI=\"init.mp4\""),
             ("#EXTINF:0.400", "#EXTINF:2.600"),
             ("22:13:20.650Z", "22:13:21.650Z"),
-            ("#EXT-X-MAP:URI=\"init.mp4\"\n", ""),
+            ("#EXT-X-MAP:URI=\"init.m4a\"\n", ""),
             ("#EXT-X-PART-INF:PART-TARGET=0.200\n", ""),
             ("#EXTM3U\n", "#EXTM3\n"),
-            ("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4s\"\n", ""),
+            ("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4a\"\n", ""),
             ("#EXT-X-VERSION:9\n", "#EXT-X-VERSION:9\n#EXT-X-BOGUS\n"),
         ];
         for (from, to) in cases {
@@ -740,7 +753,7 @@ mod tests {
         assert!(check_media(GOOD, &Expect::live(OPUS).with_reports(1)).is_err());
         // Ended rules.
         let ended = GOOD.replace(
-            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4s\"\n",
+            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4a\"\n",
             "#EXT-X-ENDLIST\n",
         );
         assert!(check_media(&ended, &Expect::live(OPUS)).is_err());

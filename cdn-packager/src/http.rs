@@ -4,7 +4,7 @@
 //! other `/hls/` requests with [`hls`] too.
 
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::playlist::{part_name, render_multivariant, segment_name, TARGET_DURATION};
+use crate::playlist::{main_renditions, render_multivariant, TARGET_DURATION};
 use crate::request::{decide_reload, parse_hls_path, parse_hls_query, HlsResource, ReloadDecision};
 use crate::room::{key, Registry, RoomHandle, Snapshot};
 use crate::storage::Storage;
@@ -141,12 +141,40 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                 StatusCode::OK,
                 PLAYLIST_TYPE,
                 PLAYLIST_CACHE,
-                Body::from(render_multivariant(h.renditions, "playlist.m3u8")),
+                Body::from(render_multivariant(
+                    main_renditions(h.renditions),
+                    "playlist.m3u8",
+                )),
             ),
             None => room_playlist(st, &key(room, "index.m3u8"), PLAYLIST_CACHE).await,
         },
+        HlsResource::CodecMultivariant(r) => match &handle {
+            Some(h) => match h.renditions.iter().find(|x| x.dir == r.dir()) {
+                Some(_) if !h.rx.iter().any(|rx| rx.borrow().status.has_media()) => {
+                    not_started(room)
+                }
+                Some(rendition) => response(
+                    StatusCode::OK,
+                    PLAYLIST_TYPE,
+                    PLAYLIST_CACHE,
+                    Body::from(render_multivariant(
+                        std::slice::from_ref(rendition),
+                        "playlist.m3u8",
+                    )),
+                ),
+                None => error(StatusCode::NOT_FOUND, "not_found", "no such rendition"),
+            },
+            None => {
+                let k = key(room, &format!("index-{}.m3u8", r.dir()));
+                room_playlist(st, &k, PLAYLIST_CACHE).await
+            }
+        },
         HlsResource::Recording => {
             stored(st, &key(room, "recording.m3u8"), PLAYLIST_TYPE, VOD_CACHE).await
+        }
+        HlsResource::CodecRecording(r) => {
+            let k = key(room, &format!("recording-{}.m3u8", r.dir()));
+            stored(st, &k, PLAYLIST_TYPE, VOD_CACHE).await
         }
         HlsResource::Vod(r) => {
             stored(
@@ -214,34 +242,18 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
                 }
             }
         }
-        HlsResource::Init(r) => {
-            object(
-                st,
-                handle.as_deref(),
-                format!("{room}/{}/init.mp4", r.dir()),
-            )
-            .await
+        HlsResource::Init(..) | HlsResource::Segment(..) => {
+            let key = p.resource.media_key(room).unwrap_or_default();
+            object(st, handle.as_deref(), key).await
         }
-        HlsResource::Segment(r, msn) => {
-            object(
-                st,
-                handle.as_deref(),
-                format!("{room}/{}/{}", r.dir(), segment_name(msn)),
-            )
-            .await
-        }
-        HlsResource::Part(r, msn, part) => {
+        HlsResource::Part(r, msn, part, _) => {
             if let Some(h) = &handle {
                 if let Some(ri) = h.rendition_index(r.dir()) {
                     wait_for_hinted_part(st, h, ri, msn, part).await;
                 }
             }
-            object(
-                st,
-                handle.as_deref(),
-                format!("{room}/{}/{}", r.dir(), part_name(msn, part)),
-            )
-            .await
+            let key = p.resource.media_key(room).unwrap_or_default();
+            object(st, handle.as_deref(), key).await
         }
     }
 }

@@ -4,10 +4,11 @@
 //! HTTP/2 (TLS), and keeps a VOD recording of every room that ends.
 //!
 //! Keys (the same under `{data_dir}/hls/`, under the S3 prefix, and over HTTP under `/hls/`):
-//! `{room}/index.m3u8` (multivariant), `{room}/{opus,aac}/playlist.m3u8`, `.../init.mp4`,
-//! `.../seg{msn}.m4s`, `.../part{msn}.{part}.m4s`; after the room ends
-//! `{room}/recording.m3u8` (multivariant of the recording), `{room}/{opus,aac}/vod.m3u8` and
-//! `{room}/recording.json`.
+//! `{room}/index.m3u8` (main multivariant: one codec), `{room}/index-{opus,aac}.m3u8`,
+//! `{room}/{opus,aac}/playlist.m3u8`, `.../init.m4a`, `.../seg{msn}.m4a`,
+//! `.../part{msn}.{part}.m4a` (older recordings: `init.mp4`, `.m4s`, still served); after the
+//! room ends `{room}/recording.m3u8` and `{room}/recording-{opus,aac}.m3u8` (multivariants of
+//! the recording), `{room}/{opus,aac}/vod.m3u8` and `{room}/recording.json`.
 //!
 //! Retention: the live playlist slides (last 10 segments, parts for the last 2 plus the segment
 //! in progress); objects stay in storage so the VOD playlist can list the whole program, until

@@ -66,9 +66,7 @@ pub const AAC: Rendition = Rendition {
     part_target_ticks: 10 * 1024,
 };
 
-/// Every rendition the packager can write, in multivariant order. hls.js can play both and
-/// starts with the codec set of the lowest bandwidth, then keeps to it; Opus is the leaner one
-/// (and is declared so), which makes MSE players pick Opus.
+/// Every rendition the packager can write.
 pub const ALL_RENDITIONS: &[Rendition] = &[OPUS, AAC];
 
 /// The renditions this build writes.
@@ -82,10 +80,8 @@ pub fn renditions() -> &'static [Rendition] {
 
 /// Render a multivariant playlist for `renditions`, each pointing at `{dir}/{media}`.
 ///
-/// Audio-only: one `EXT-X-STREAM-INF` variant per rendition, told apart by `CODECS`. Players
-/// drop the variants whose codecs they cannot decode (Safari/iOS native HLS lists no Opus and
-/// keeps the AAC variant; hls.js checks `MediaSource.isTypeSupported`) — no `EXT-X-MEDIA` group
-/// is needed because there is no video to attach an audio group to.
+/// Audio-only: one `EXT-X-STREAM-INF` variant per rendition, told apart by `CODECS` (no
+/// `EXT-X-MEDIA` group: there is no video to attach an audio group to).
 pub fn render_multivariant(renditions: &[Rendition], media: &str) -> String {
     let mut s = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
     for r in renditions {
@@ -98,14 +94,98 @@ pub fn render_multivariant(renditions: &[Rendition], media: &str) -> String {
     s
 }
 
-/// File name of a part.
-pub fn part_name(msn: u64, part: u32) -> String {
-    format!("part{msn}.{part}.m4s")
+/// How a rendition's media files are named. Every rendition is audio-only CMAF, so its files
+/// carry an audio extension: players that see only a media playlist (Shaka Player guesses the
+/// MIME type from the extension) then know it is `audio/mp4`. Recordings written before carry
+/// the generic names, which are still served as stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Naming {
+    /// `init.m4a`, `seg{msn}.m4a`, `part{msn}.{i}.m4a` (what the packager writes).
+    #[default]
+    Audio,
+    /// `init.mp4`, `seg{msn}.m4s`, `part{msn}.{i}.m4s` (older recordings, read only).
+    Legacy,
 }
 
-/// File name of a segment.
+impl Naming {
+    /// Extension of parts and segments (without the dot).
+    pub fn media_ext(self) -> &'static str {
+        match self {
+            Naming::Audio => "m4a",
+            Naming::Legacy => "m4s",
+        }
+    }
+
+    /// File name of the initialization segment.
+    pub fn init(self) -> &'static str {
+        match self {
+            Naming::Audio => "init.m4a",
+            Naming::Legacy => "init.mp4",
+        }
+    }
+
+    /// File name of part `part` of segment `msn`.
+    pub fn part(self, msn: u64, part: u32) -> String {
+        format!("part{msn}.{part}.{}", self.media_ext())
+    }
+
+    /// File name of segment `msn`.
+    pub fn segment(self, msn: u64) -> String {
+        format!("seg{msn}.{}", self.media_ext())
+    }
+
+    /// The naming whose media extension is `ext`.
+    pub fn from_media_ext(ext: &str) -> Option<Naming> {
+        match ext {
+            "m4a" => Some(Naming::Audio),
+            "m4s" => Some(Naming::Legacy),
+            _ => None,
+        }
+    }
+}
+
+/// The renditions of the main multivariant playlists (`index.m3u8`, `recording.m3u8`): one
+/// codec only, AAC-LC when this build writes it (every HLS player plays it: Safari/iOS, Chromium's
+/// native player, hls.js, Shaka, ffmpeg), else Opus. A multivariant playlist with both codecs
+/// lets a player switch codecs midway, which Chromium's native player refuses ("Audio codec
+/// changes not allowed"); the per-codec playlists ([`multivariants`]) pick one explicitly.
+pub fn main_renditions(renditions: &[Rendition]) -> &[Rendition] {
+    match renditions.iter().position(|r| r.dir == AAC.dir) {
+        Some(i) => &renditions[i..=i],
+        None => &renditions[..renditions.len().min(1)],
+    }
+}
+
+/// A room's multivariant playlists as `(file name, text)`: `{prefix}.m3u8`, the main one
+/// ([`main_renditions`]), then `{prefix}-{dir}.m3u8` with the rendition `dir` alone (for
+/// players that pick a codec: the web client gives hls.js the Opus one). `prefix`: `index` for
+/// the live room (media playlists `playlist.m3u8`), `recording` for its recording
+/// (`vod.m3u8`).
+pub fn multivariants(renditions: &[Rendition], prefix: &str, media: &str) -> Vec<(String, String)> {
+    let mut out = vec![(
+        format!("{prefix}.m3u8"),
+        render_multivariant(main_renditions(renditions), media),
+    )];
+    for r in renditions {
+        out.push((
+            format!("{prefix}-{}.m3u8", r.dir),
+            render_multivariant(std::slice::from_ref(r), media),
+        ));
+    }
+    out
+}
+
+/// File name of the initialization segment the packager writes.
+pub const INIT_NAME: &str = "init.m4a";
+
+/// File name of a part the packager writes.
+pub fn part_name(msn: u64, part: u32) -> String {
+    Naming::Audio.part(msn, part)
+}
+
+/// File name of a segment the packager writes.
 pub fn segment_name(msn: u64) -> String {
-    format!("seg{msn}.m4s")
+    Naming::Audio.segment(msn)
 }
 
 /// Format a wall-clock time as ISO 8601 UTC with milliseconds.
@@ -117,10 +197,18 @@ pub fn format_pdt(t: SystemTime) -> String {
     .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
 }
 
-/// Print `ticks` as seconds with three decimals (rounded to the nearest millisecond).
-fn write_secs(s: &mut String, ticks: u64) {
-    let ms = (ticks * 1000 + TICKS_PER_SEC / 2) / TICKS_PER_SEC;
-    let _ = write!(s, "{}.{:03}", ms / 1000, ms % 1000);
+/// Position `ticks` on the millisecond grid (rounded to the nearest millisecond).
+fn grid_ms(ticks: u64) -> u64 {
+    (ticks * 1000 + TICKS_PER_SEC / 2) / TICKS_PER_SEC
+}
+
+/// Print the span `[from, to)` of the playlist's timeline (ticks) as seconds with three
+/// decimals: the distance between its ends on the millisecond grid. Durations printed this way
+/// add up exactly, however many follow each other: the parts of a segment to its `EXTINF`, and
+/// any run of segments or parts to where the media says it ends (within half a millisecond),
+/// even when no part is a whole number of milliseconds (AAC frames are 21.333 ms).
+fn write_span(s: &mut String, from: u64, to: u64) {
+    write_ms(s, grid_ms(to).saturating_sub(grid_ms(from)));
 }
 
 fn write_ms(s: &mut String, ms: u64) {
@@ -136,6 +224,10 @@ pub fn ticks_duration(ticks: u64) -> Duration {
 struct Segment {
     msn: u64,
     start: SegmentStart,
+    /// Where it starts on the playlist's timeline (ticks since the playlist's first segment).
+    at: u64,
+    /// How its files are named.
+    naming: Naming,
     /// Duration of each published part, in ticks.
     parts: Vec<u32>,
     /// Duration of the whole segment in ticks (once complete).
@@ -156,6 +248,8 @@ pub struct SegmentSummary {
     pub duration: u64,
     /// No media: listed with `EXT-X-GAP` (lost in a packager restart).
     pub gap: bool,
+    /// How its file is named (older recordings resumed after an upgrade keep their names).
+    pub naming: Naming,
 }
 
 /// What blocking reload decisions need to know about a playlist.
@@ -217,6 +311,8 @@ pub struct MediaPlaylist {
     segments: VecDeque<Segment>,
     current: Option<Segment>,
     next: (u64, u32),
+    /// End of the last complete segment on the playlist's timeline (ticks).
+    timeline_end: u64,
     discontinuity_sequence: u64,
     ended: bool,
     /// Every complete segment since the room opened (the recording).
@@ -250,6 +346,7 @@ impl MediaPlaylist {
             segments: VecDeque::new(),
             current: None,
             next: (msn, 0),
+            timeline_end: 0,
             discontinuity_sequence: 0,
             ended: false,
             history: Vec::new(),
@@ -277,6 +374,8 @@ impl MediaPlaylist {
                 self.current = Some(Segment {
                     msn,
                     start,
+                    at: self.timeline_end,
+                    naming: Naming::Audio,
                     parts: vec![duration],
                     duration: 0,
                     complete: false,
@@ -314,6 +413,8 @@ impl MediaPlaylist {
             _ => Segment {
                 msn,
                 start,
+                at: self.timeline_end,
+                naming: Naming::Audio,
                 parts: Vec::new(),
                 duration: 0,
                 complete: false,
@@ -322,11 +423,13 @@ impl MediaPlaylist {
         };
         seg.complete = true;
         seg.duration = duration;
+        self.timeline_end = seg.at + duration;
         self.history.push(SegmentSummary {
             msn,
             start: seg.start,
             duration,
             gap: false,
+            naming: seg.naming,
         });
         self.segments.push_back(seg);
         self.next = (msn + 1, 0);
@@ -355,11 +458,14 @@ impl MediaPlaylist {
             p.segments.push_back(Segment {
                 msn: h.msn,
                 start: h.start,
+                at: p.timeline_end,
+                naming: h.naming,
                 parts: Vec::new(),
                 duration: h.duration,
                 complete: true,
                 gap: h.gap,
             });
+            p.timeline_end += h.duration;
             p.slide_window();
         }
         if let Some(last) = history.last() {
@@ -453,7 +559,7 @@ impl MediaPlaylist {
                 self.discontinuity_sequence
             );
         }
-        s.push_str("#EXT-X-MAP:URI=\"init.mp4\"\n");
+        let _ = writeln!(s, "#EXT-X-MAP:URI=\"{INIT_NAME}\"");
         let skipped = if skip { self.skippable_segments() } else { 0 };
         if skipped > 0 {
             let _ = writeln!(s, "#EXT-X-SKIP:SKIPPED-SEGMENTS={skipped}");
@@ -492,8 +598,9 @@ impl MediaPlaylist {
         let _ = writeln!(s, "#EXT-X-TARGETDURATION:{TARGET_DURATION}");
         s.push_str("#EXT-X-PLAYLIST-TYPE:VOD\n#EXT-X-INDEPENDENT-SEGMENTS\n");
         let first = self.history.first().map_or(0, |h| h.msn);
+        let mut at = 0u64;
         let _ = writeln!(s, "#EXT-X-MEDIA-SEQUENCE:{first}");
-        s.push_str("#EXT-X-MAP:URI=\"init.mp4\"\n");
+        let _ = writeln!(s, "#EXT-X-MAP:URI=\"{INIT_NAME}\"");
         for (i, seg) in self.history.iter().enumerate() {
             if seg.start.discontinuity && i > 0 {
                 s.push_str("#EXT-X-DISCONTINUITY\n");
@@ -518,8 +625,9 @@ impl MediaPlaylist {
                 s.push_str("#EXT-X-GAP\n");
             }
             s.push_str("#EXTINF:");
-            write_secs(&mut s, seg.duration);
-            let _ = writeln!(s, ",\n{}", segment_name(seg.msn));
+            write_span(&mut s, at, at + seg.duration);
+            at += seg.duration;
+            let _ = writeln!(s, ",\n{}", seg.naming.segment(seg.msn));
         }
         s.push_str("#EXT-X-ENDLIST\n");
         s
@@ -548,13 +656,15 @@ impl MediaPlaylist {
             format_pdt(seg.start.program_date_time)
         );
         if with_parts {
+            let mut at = seg.at;
             for (i, ticks) in seg.parts.iter().enumerate() {
                 s.push_str("#EXT-X-PART:DURATION=");
-                write_secs(s, u64::from(*ticks));
+                write_span(s, at, at + u64::from(*ticks));
+                at += u64::from(*ticks);
                 let _ = writeln!(
                     s,
                     ",URI=\"{}\",INDEPENDENT=YES",
-                    part_name(seg.msn, i as u32)
+                    seg.naming.part(seg.msn, i as u32)
                 );
             }
         }
@@ -563,8 +673,8 @@ impl MediaPlaylist {
                 s.push_str("#EXT-X-GAP\n");
             }
             s.push_str("#EXTINF:");
-            write_secs(s, seg.duration);
-            let _ = writeln!(s, ",\n{}", segment_name(seg.msn));
+            write_span(s, seg.at, seg.at + seg.duration);
+            let _ = writeln!(s, ",\n{}", seg.naming.segment(seg.msn));
         }
     }
 }
@@ -614,16 +724,16 @@ mod tests {
 #EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12.000,PART-HOLD-BACK=0.600,HOLD-BACK=6.000
 #EXT-X-PART-INF:PART-TARGET=0.200
 #EXT-X-MEDIA-SEQUENCE:0
-#EXT-X-MAP:URI=\"init.mp4\"
+#EXT-X-MAP:URI=\"init.m4a\"
 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.250Z
-#EXT-X-PART:DURATION=0.200,URI=\"part0.0.m4s\",INDEPENDENT=YES
-#EXT-X-PART:DURATION=0.200,URI=\"part0.1.m4s\",INDEPENDENT=YES
+#EXT-X-PART:DURATION=0.200,URI=\"part0.0.m4a\",INDEPENDENT=YES
+#EXT-X-PART:DURATION=0.200,URI=\"part0.1.m4a\",INDEPENDENT=YES
 #EXTINF:0.400,
-seg0.m4s
+seg0.m4a
 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.650Z
-#EXT-X-PART:DURATION=0.200,URI=\"part1.0.m4s\",INDEPENDENT=YES
-#EXT-X-PART:DURATION=0.080,URI=\"part1.1.m4s\",INDEPENDENT=YES
-#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part1.2.m4s\"
+#EXT-X-PART:DURATION=0.200,URI=\"part1.0.m4a\",INDEPENDENT=YES
+#EXT-X-PART:DURATION=0.080,URI=\"part1.1.m4a\",INDEPENDENT=YES
+#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part1.2.m4a\"
 #EXT-X-RENDITION-REPORT:URI=\"../aac/playlist.m3u8\",LAST-MSN=1,LAST-PART=0
 ";
         let reports = [RenditionReport {
@@ -649,7 +759,7 @@ seg0.m4s
         let text = p.render(false, &[]);
         assert!(text.contains("PART-TARGET=0.214\n"), "{text}");
         assert!(text.contains("PART-HOLD-BACK=0.642,"), "{text}");
-        assert!(text.contains("#EXT-X-PART:DURATION=0.213,URI=\"part3.1.m4s\""));
+        assert!(text.contains("#EXT-X-PART:DURATION=0.213,URI=\"part3.1.m4a\""));
         check_media(&text, &Expect::live(AAC)).unwrap();
     }
 
@@ -662,7 +772,7 @@ seg0.m4s
         p.end();
         let text = p.render(true, &[]);
         assert!(
-            text.ends_with("#EXTINF:0.600,\nseg1.m4s\n#EXT-X-ENDLIST\n"),
+            text.ends_with("#EXTINF:0.600,\nseg1.m4a\n#EXT-X-ENDLIST\n"),
             "{text}"
         );
         assert!(!text.contains("PRELOAD-HINT"));
@@ -704,12 +814,12 @@ seg0.m4s
             14,
             "all, not the window"
         );
-        assert!(vod.contains("seg0.m4s") && vod.contains("seg13.m4s"));
+        assert!(vod.contains("seg0.m4a") && vod.contains("seg13.m4a"));
         assert!(vod.contains(
             "#EXT-X-DATERANGE:ID=\"speaker-1\",CLASS=\"com.amphi.speaker\",\
              START-DATE=\"2023-11-14T22:13:24.750Z\",DURATION=3.000,X-SPEAKER-ID=\"33554435\"\n"
         ));
-        assert!(vod.ends_with("seg13.m4s\n#EXT-X-ENDLIST\n"));
+        assert!(vod.ends_with("seg13.m4a\n#EXT-X-ENDLIST\n"));
         check_media(&vod, &Expect::vod()).unwrap();
         let parsed = m3u8_rs::parse_media_playlist_res(vod.as_bytes()).unwrap();
         assert_eq!(parsed.segments.len(), 14);
@@ -724,7 +834,7 @@ seg0.m4s
                 .unwrap();
         }
         assert_eq!(p.preload_hint(), Some((1, 0)));
-        assert!(p.render(false, &[]).contains("URI=\"part1.0.m4s\"\n"));
+        assert!(p.render(false, &[]).contains("URI=\"part1.0.m4a\"\n"));
         p.complete_segment(0, start(0, false), 96_000).unwrap();
         assert_eq!(p.preload_hint(), Some((1, 0)));
         assert_eq!(
@@ -758,7 +868,7 @@ seg0.m4s
         // Segment 1 arrives without its parts (they were not stored): listed whole.
         p.complete_segment(1, start_ms(200, false), 96_000).unwrap();
         let text = p.render(false, &[]);
-        assert!(text.contains("#EXTINF:2.000,\nseg1.m4s\n"));
+        assert!(text.contains("#EXTINF:2.000,\nseg1.m4a\n"));
         check_media(&text, &live()).unwrap();
     }
 
@@ -779,13 +889,13 @@ seg0.m4s
             20,
             "parts of the last 2 only"
         );
-        assert!(!full.contains("part10.9.m4s"));
-        assert!(full.contains("part11.0.m4s"));
+        assert!(!full.contains("part10.9.m4a"));
+        assert!(full.contains("part11.0.m4a"));
         // 20 s listed, skip boundary 12 s: the first 4 segments (8 s) are skipped.
         assert_eq!(p.skippable_segments(), 4);
         let delta = p.render(true, &[]);
         assert!(delta.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS=4\n"));
-        assert!(!delta.contains("seg6.m4s") && delta.contains("seg7.m4s"));
+        assert!(!delta.contains("seg6.m4a") && delta.contains("seg7.m4a"));
         check_media(&full, &live()).unwrap();
         check_media(&delta, &live()).unwrap();
     }
@@ -797,12 +907,15 @@ seg0.m4s
             add_segment(&mut before, msn, 10, start(2 * msn, false));
         }
         let mut history = before.history().to_vec();
+        // Segment 11 was stored by an older packager, under its older name.
+        history[11].naming = Naming::Legacy;
         // Segment 12 was cut off by the restart: a gap.
         history.push(SegmentSummary {
             msn: 12,
             start: start(24, false),
             duration: 3 * u64::from(PART),
             gap: true,
+            naming: Naming::Audio,
         });
         let mut p = MediaPlaylist::resume(OPUS, history, 13);
         assert_eq!(p.preload_hint(), Some((13, 0)));
@@ -817,11 +930,13 @@ seg0.m4s
         );
         assert_eq!(sum.discontinuities, vec![13]);
         assert!(
-            text.contains("#EXT-X-GAP\n#EXTINF:0.600,\nseg12.m4s\n"),
+            text.contains("#EXT-X-GAP\n#EXTINF:0.600,\nseg12.m4a\n"),
             "{text}"
         );
+        assert!(text.contains("#EXTINF:2.000,\nseg11.m4s\n"), "{text}");
         p.end();
         let vod = p.render_vod(&[]);
+        assert!(vod.contains("#EXTINF:2.000,\nseg11.m4s\n"), "{vod}");
         let sum = check_media(&vod, &Expect::vod()).unwrap_or_else(|e| panic!("{e:?}\n{vod}"));
         assert_eq!(sum.segments.len(), 14, "before and after the restart");
         assert_eq!(sum.discontinuities, vec![13]);
@@ -833,6 +948,29 @@ seg0.m4s
                 .collect::<Vec<_>>(),
             [12]
         );
+    }
+
+    #[test]
+    fn main_multivariants_have_one_codec_and_each_codec_has_its_own() {
+        let files = multivariants(ALL_RENDITIONS, "index", "playlist.m3u8");
+        let names: Vec<_> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["index.m3u8", "index-opus.m3u8", "index-aac.m3u8"]);
+        for (i, codec, uri) in [
+            (0, "mp4a.40.2", "aac/playlist.m3u8"),
+            (1, "opus", "opus/playlist.m3u8"),
+            (2, "mp4a.40.2", "aac/playlist.m3u8"),
+        ] {
+            let (name, text) = &files[i];
+            let uris = crate::conformance::check_multivariant(text, 1)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}\n{text}"));
+            assert_eq!(uris, [uri], "{name}");
+            assert!(text.contains(&format!("CODECS=\"{codec}\"")), "{name}");
+            assert_eq!(text.matches("#EXT-X-STREAM-INF").count(), 1, "{name}");
+        }
+        let rec = multivariants(ALL_RENDITIONS, "recording", "vod.m3u8");
+        assert_eq!(rec[0].0, "recording.m3u8");
+        assert!(rec[0].1.ends_with("\naac/vod.m3u8\n"));
+        assert_eq!(main_renditions(&ALL_RENDITIONS[..1]), &[OPUS]);
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //! {participant id} {start, Unix microseconds} {duration, microseconds}
 //! ```
 
-use crate::playlist::{SegmentSummary, SpeakerSpan};
+use crate::playlist::{Naming, SegmentSummary, SpeakerSpan};
 use crate::request::MAX_MSN;
 use crate::segmenter::SegmentStart;
 use std::fmt::Write;
@@ -197,19 +197,21 @@ fn parse_line(line: &str) -> Option<SegmentSummary> {
         },
         duration,
         gap: flags.contains('g'),
+        naming: Naming::Audio,
     })
 }
 
-/// Media sequence number and part index (`None` for a segment) of a stored media file name
-/// (`seg{msn}.m4s`, `part{msn}.{i}.m4s`).
-pub fn media_file_msn(name: &str) -> Option<(u64, Option<u32>)> {
-    let stem = name.strip_suffix(".m4s")?;
+/// Media sequence number, part index (`None` for a segment) and naming of a stored media file
+/// name (`seg{msn}.m4a`, `part{msn}.{i}.m4a`, or the `.m4s` of older recordings).
+pub fn media_file_msn(name: &str) -> Option<(u64, Option<u32>, Naming)> {
+    let (stem, ext) = name.rsplit_once('.')?;
+    let naming = Naming::from_media_ext(ext)?;
     let msn = |n: &str| n.parse::<u64>().ok().filter(|&m| m <= MAX_MSN);
     if let Some(n) = stem.strip_prefix("seg") {
-        return Some((msn(n)?, None));
+        return Some((msn(n)?, None, naming));
     }
     let (m, p) = stem.strip_prefix("part")?.split_once('.')?;
-    Some((msn(m)?, Some(p.parse().ok()?)))
+    Some((msn(m)?, Some(p.parse().ok()?), naming))
 }
 
 /// Where a restarted packager resumes a rendition.
@@ -224,8 +226,9 @@ pub struct Resume {
 
 /// Plan the resumption of a rendition from its indexed segments (every chunk, any order) and
 /// the file names stored in its directory. `part_ticks` estimates a gap's duration (a lost
-/// segment is as long as the parts of it that were stored, at least one). `None`: nothing was
-/// stored, a new room.
+/// segment is as long as the parts of it that were stored, at least one). An indexed segment
+/// stored only under its older name (`.m4s`) keeps that name. `None`: nothing was stored, a
+/// new room.
 pub fn plan_resume<'a>(
     mut indexed: Vec<SegmentSummary>,
     stored_names: impl IntoIterator<Item = &'a str>,
@@ -236,8 +239,12 @@ pub fn plan_resume<'a>(
     let mut highest: Option<u64> = None;
     let mut parts_after_index: Vec<(u64, u32)> = Vec::new();
     let indexed_last = indexed.last().map(|s| s.msn);
-    for (msn, part) in stored_names.into_iter().filter_map(media_file_msn) {
+    let mut legacy_segments: Vec<u64> = Vec::new();
+    for (msn, part, naming) in stored_names.into_iter().filter_map(media_file_msn) {
         highest = Some(highest.map_or(msn, |h| h.max(msn)));
+        if part.is_none() && naming == Naming::Legacy {
+            legacy_segments.push(msn);
+        }
         if part.is_some() && indexed_last.is_none_or(|l| msn > l) {
             match parts_after_index.iter_mut().find(|(m, _)| *m == msn) {
                 Some((_, n)) => *n += 1,
@@ -265,7 +272,13 @@ pub fn plan_resume<'a>(
             next_msn,
         });
     }
+    legacy_segments.sort_unstable();
     let mut history = indexed;
+    for s in &mut history {
+        if legacy_segments.binary_search(&s.msn).is_ok() {
+            s.naming = Naming::Legacy;
+        }
+    }
     let mut at = last.start.program_date_time + crate::playlist::ticks_duration(last.duration);
     for msn in last.msn + 1..next_msn {
         let parts = parts_after_index
@@ -281,6 +294,7 @@ pub fn plan_resume<'a>(
             },
             duration,
             gap: true,
+            naming: Naming::Audio,
         });
         at += crate::playlist::ticks_duration(duration);
     }
@@ -330,6 +344,7 @@ mod tests {
             },
             duration: 96_000,
             gap: false,
+            naming: Naming::Audio,
         }
     }
 
@@ -403,8 +418,48 @@ mod tests {
         // A hole too large to bridge.
         let r = plan_resume(vec![seg(0, 0, false)], ["seg500.m4s"], 9_600).unwrap();
         assert_eq!((r.history.len(), r.next_msn), (0, 501));
-        assert_eq!(media_file_msn("part12.3.m4s"), Some((12, Some(3))));
-        assert_eq!(media_file_msn("seg12.m4s"), Some((12, None)));
+        assert_eq!(
+            media_file_msn("part12.3.m4a"),
+            Some((12, Some(3), Naming::Audio))
+        );
+        assert_eq!(media_file_msn("seg12.m4a"), Some((12, None, Naming::Audio)));
+        assert_eq!(
+            media_file_msn("seg12.m4s"),
+            Some((12, None, Naming::Legacy))
+        );
+        assert_eq!(media_file_msn("seg12.mp4"), None);
+        assert_eq!(media_file_msn("init.m4a"), None);
         assert_eq!(media_file_msn("playlist.m3u8"), None);
+    }
+
+    #[test]
+    fn resume_keeps_the_names_older_segments_were_stored_with() {
+        // Segments 3 and 4 were stored by an older packager (`.m4s`), 5 by this one.
+        let indexed = vec![seg(3, 6, false), seg(4, 8, false), seg(5, 10, true)];
+        let names = [
+            "init.mp4",
+            "init.m4a",
+            "seg3.m4s",
+            "part4.0.m4s",
+            "seg4.m4s",
+            "seg5.m4a",
+            "part6.0.m4a",
+        ];
+        let r = plan_resume(indexed, names, 9_600).unwrap();
+        assert_eq!(r.next_msn, 7);
+        let named: Vec<_> = r
+            .history
+            .iter()
+            .map(|s| (s.naming.segment(s.msn), s.gap))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("seg3.m4s".to_string(), false),
+                ("seg4.m4s".to_string(), false),
+                ("seg5.m4a".to_string(), false),
+                ("seg6.m4a".to_string(), true),
+            ]
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! and the sans-IO blocking-reload decision (rfc8216bis section 6.2.5.2). Network-facing: never
 //! panics, whatever the input (fuzzed under `fuzz/`).
 
-use crate::playlist::{PlaylistStatus, PART_TARGET_MS};
+use crate::playlist::{Naming, PlaylistStatus, PART_TARGET_MS};
 use amphi_protocol::audio::PARTS_PER_SEGMENT;
 use amphi_protocol::RoomId;
 use std::str::FromStr;
@@ -36,20 +36,38 @@ impl RenditionId {
 /// A resource under `/hls/{room}/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HlsResource {
-    /// `index.m3u8`.
+    /// `index.m3u8`: the main multivariant playlist (one codec).
     Multivariant,
-    /// `recording.m3u8`: the multivariant playlist of the recording.
+    /// `index-{rendition}.m3u8`: the multivariant playlist of one rendition.
+    CodecMultivariant(RenditionId),
+    /// `recording.m3u8`: the main multivariant playlist of the recording.
     Recording,
+    /// `recording-{rendition}.m3u8`: the recording's multivariant playlist of one rendition.
+    CodecRecording(RenditionId),
     /// `{rendition}/playlist.m3u8`.
     MediaPlaylist(RenditionId),
     /// `{rendition}/vod.m3u8`: the recording's media playlist.
     Vod(RenditionId),
-    /// `{rendition}/init.mp4`.
-    Init(RenditionId),
-    /// `{rendition}/seg{msn}.m4s`.
-    Segment(RenditionId, u64),
-    /// `{rendition}/part{msn}.{part}.m4s`.
-    Part(RenditionId, u64, u32),
+    /// `{rendition}/init.m4a` (or `init.mp4`, [`Naming::Legacy`]).
+    Init(RenditionId, Naming),
+    /// `{rendition}/seg{msn}.m4a` (or `.m4s`).
+    Segment(RenditionId, u64, Naming),
+    /// `{rendition}/part{msn}.{part}.m4a` (or `.m4s`).
+    Part(RenditionId, u64, u32, Naming),
+}
+
+impl HlsResource {
+    /// Storage key of a media file (init, segment, part) of `room`: the name it was asked by.
+    pub fn media_key(&self, room: RoomId) -> Option<String> {
+        Some(match *self {
+            HlsResource::Init(r, n) => format!("{room}/{}/{}", r.dir(), n.init()),
+            HlsResource::Segment(r, msn, n) => format!("{room}/{}/{}", r.dir(), n.segment(msn)),
+            HlsResource::Part(r, msn, part, n) => {
+                format!("{room}/{}/{}", r.dir(), n.part(msn, part))
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// A parsed `/hls/...` path.
@@ -102,7 +120,11 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
     let parts: Vec<&str> = it.take(3).collect();
     let resource = match parts.as_slice() {
         ["index.m3u8"] => HlsResource::Multivariant,
+        ["index-opus.m3u8"] => HlsResource::CodecMultivariant(RenditionId::Opus),
+        ["index-aac.m3u8"] => HlsResource::CodecMultivariant(RenditionId::Aac),
         ["recording.m3u8"] => HlsResource::Recording,
+        ["recording-opus.m3u8"] => HlsResource::CodecRecording(RenditionId::Opus),
+        ["recording-aac.m3u8"] => HlsResource::CodecRecording(RenditionId::Aac),
         [dir @ ("opus" | "aac"), file] => {
             let r = if *dir == "opus" {
                 RenditionId::Opus
@@ -112,18 +134,21 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
             match *file {
                 "playlist.m3u8" => HlsResource::MediaPlaylist(r),
                 "vod.m3u8" => HlsResource::Vod(r),
-                "init.mp4" => HlsResource::Init(r),
+                "init.m4a" => HlsResource::Init(r, Naming::Audio),
+                "init.mp4" => HlsResource::Init(r, Naming::Legacy),
                 f => {
-                    let stem = f.strip_suffix(".m4s").ok_or(PathError::UnknownResource)?;
+                    let (stem, ext) = f.rsplit_once('.').ok_or(PathError::UnknownResource)?;
+                    let naming = Naming::from_media_ext(ext).ok_or(PathError::UnknownResource)?;
                     if let Some(n) = stem.strip_prefix("seg") {
-                        HlsResource::Segment(r, parse_msn(n).ok_or(PathError::UnknownResource)?)
+                        let msn = parse_msn(n).ok_or(PathError::UnknownResource)?;
+                        HlsResource::Segment(r, msn, naming)
                     } else if let Some(n) = stem.strip_prefix("part") {
                         let (m, p) = n.split_once('.').ok_or(PathError::UnknownResource)?;
                         let msn = parse_msn(m).ok_or(PathError::UnknownResource)?;
                         let part = parse_number::<u32>(p, 3)
                             .filter(|&p| p < PARTS_PER_SEGMENT)
                             .ok_or(PathError::UnknownResource)?;
-                        HlsResource::Part(r, msn, part)
+                        HlsResource::Part(r, msn, part, naming)
                     } else {
                         return Err(PathError::UnknownResource);
                     }
@@ -274,26 +299,50 @@ mod tests {
             Ok(HlsResource::MediaPlaylist(RenditionId::Opus))
         );
         assert_eq!(
-            ok("opus/init.mp4"),
-            Ok(HlsResource::Init(RenditionId::Opus))
+            ok("opus/init.m4a"),
+            Ok(HlsResource::Init(RenditionId::Opus, Naming::Audio))
         );
         assert_eq!(
-            ok("opus/seg12.m4s"),
-            Ok(HlsResource::Segment(RenditionId::Opus, 12))
+            ok("opus/seg12.m4a"),
+            Ok(HlsResource::Segment(RenditionId::Opus, 12, Naming::Audio))
         );
         assert_eq!(
-            ok("opus/part12.9.m4s"),
-            Ok(HlsResource::Part(RenditionId::Opus, 12, 9))
+            ok("opus/part12.9.m4a"),
+            Ok(HlsResource::Part(RenditionId::Opus, 12, 9, Naming::Audio))
         );
+        // Older recordings keep being served under the names they were stored with.
+        for (name, key) in [
+            ("opus/init.mp4", "opus/init.mp4"),
+            ("opus/seg12.m4s", "opus/seg12.m4s"),
+            ("aac/part3.0.m4s", "aac/part3.0.m4s"),
+            ("aac/part3.0.m4a", "aac/part3.0.m4a"),
+            ("aac/init.m4a", "aac/init.m4a"),
+        ] {
+            let r = ok(name).unwrap();
+            assert_eq!(r.media_key(room), Some(format!("{ROOM}/{key}")), "{name}");
+        }
         assert_eq!(
             ok("aac/part3.0.m4s"),
-            Ok(HlsResource::Part(RenditionId::Aac, 3, 0))
+            Ok(HlsResource::Part(RenditionId::Aac, 3, 0, Naming::Legacy))
         );
+        assert_eq!(HlsResource::Multivariant.media_key(room), None);
         assert_eq!(ok("recording.m3u8"), Ok(HlsResource::Recording));
+        assert_eq!(
+            ok("index-opus.m3u8"),
+            Ok(HlsResource::CodecMultivariant(RenditionId::Opus))
+        );
+        assert_eq!(
+            ok("recording-aac.m3u8"),
+            Ok(HlsResource::CodecRecording(RenditionId::Aac))
+        );
         assert_eq!(ok("aac/vod.m3u8"), Ok(HlsResource::Vod(RenditionId::Aac)));
         for bad in [
             "opus/part12.10.m4s",
-            "opus/seg012.m4s",
+            "opus/part12.1.m4v",
+            "opus/seg12.mp4",
+            "opus/seg12",
+            "opus/init.m4s",
+            "opus/seg012.m4a",
             "opus/seg-1.m4s",
             "opus/seg+1.m4s",
             "opus/seg.m4s",
@@ -304,6 +353,9 @@ mod tests {
             "opus/seg99999999999999999999.m4s",
             "opus/playlist.m3u8/",
             "flac/playlist.m3u8",
+            "index-flac.m3u8",
+            "index-.m3u8",
+            "opus/index-opus.m3u8",
             "aac/../opus/init.mp4",
             "",
             "opus",

@@ -10,8 +10,8 @@ use crate::fmp4::{init_segment, MuxError};
 use crate::h1::{release_waiters, render_blocking_answer, Waiter};
 use crate::metrics::Metrics;
 use crate::playlist::{
-    part_name, render_multivariant, renditions, segment_name, MediaPlaylist, PlaylistError,
-    PlaylistStatus, Rendition, RenditionReport,
+    multivariants, part_name, renditions, segment_name, MediaPlaylist, PlaylistError,
+    PlaylistStatus, Rendition, RenditionReport, INIT_NAME,
 };
 use crate::recording_index::{
     chunk_name, chunk_of, parse_chunk, parse_turns, plan_resume, render_chunk, render_turns,
@@ -505,11 +505,9 @@ impl RoomHandle {
             }
         }
         if segments > 0 {
-            jobs.push(put(
-                key(room, "recording.m3u8"),
-                render_multivariant(self.renditions, "vod.m3u8"),
-                ObjectMeta::PLAYLIST,
-            ));
+            for (name, text) in multivariants(self.renditions, "recording", "vod.m3u8") {
+                jobs.push(put(key(room, &name), text, ObjectMeta::PLAYLIST));
+            }
         }
         let meta = serde_json::json!({
             "room": room.to_string(),
@@ -548,7 +546,7 @@ impl RoomHandle {
         let mut p = self.published();
         let result = match what {
             Publish::Nothing | Publish::RecordingStored { .. } => {
-                if key.ends_with("init.mp4") {
+                if key.ends_with(INIT_NAME) {
                     p.inits.insert(key, body);
                 }
                 return;
@@ -1084,7 +1082,7 @@ impl Registry {
             .max();
         let queue = Arc::new(Inbox::default());
         queue.push(Job::Put {
-            key: rkey(room, rends[0], "init.mp4"),
+            key: rkey(room, rends[0], INIT_NAME),
             body: Bytes::from(init_segment()?),
             meta: ObjectMeta::MEDIA,
             publish: Publish::Nothing,
@@ -1094,7 +1092,7 @@ impl Registry {
             let a = AacRendition::new()?;
             if let Some(r) = rends.get(1) {
                 queue.push(Job::Put {
-                    key: rkey(room, *r, "init.mp4"),
+                    key: rkey(room, *r, INIT_NAME),
                     body: Bytes::from(a.init_segment()?),
                     meta: ObjectMeta::MEDIA,
                     publish: Publish::Nothing,
@@ -1102,12 +1100,14 @@ impl Registry {
             }
             Some(a)
         };
-        queue.push(Job::Put {
-            key: key(room, "index.m3u8"),
-            body: Bytes::from(render_multivariant(rends, "playlist.m3u8")),
-            meta: ObjectMeta::PLAYLIST,
-            publish: Publish::Nothing,
-        });
+        for (name, text) in multivariants(rends, "index", "playlist.m3u8") {
+            queue.push(Job::Put {
+                key: key(room, &name),
+                body: Bytes::from(text),
+                meta: ObjectMeta::PLAYLIST,
+                publish: Publish::Nothing,
+            });
+        }
         let msn = start_msn.unwrap_or(0);
         let playlists: Vec<MediaPlaylist> = rends
             .iter()

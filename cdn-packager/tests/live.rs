@@ -87,7 +87,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     });
     let hinted =
         tokio::spawn(
-            async move { http_get(http, &format!("/hls/{}/opus/part0.0.m4s", ROOM)).await },
+            async move { http_get(http, &format!("/hls/{}/opus/part0.0.m4a", ROOM)).await },
         );
     send_frames(&mut uni, &frames[3..120], 3, Duration::from_millis(5)).await;
 
@@ -97,7 +97,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
         waited > Duration::from_millis(150),
         "the request was held ({waited:?})"
     );
-    assert!(r.text().contains("part0.5.m4s"));
+    assert!(r.text().contains("part0.5.m4a"));
     conform(&r.text(), Expect::live(OPUS).with_reports(1));
     assert_eq!(
         r.header("content-type"),
@@ -122,7 +122,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     assert_eq!(r.status, 400);
     for bad in [
         "/hls/../../etc/passwd".to_string(),
-        format!("/hls/{room}/opus/%2e%2e/%2e%2e/init.mp4"),
+        format!("/hls/{room}/opus/%2e%2e/%2e%2e/init.m4a"),
         format!("/hls/{room}/opus/../index.m3u8"),
         "/hls/%2e%2e/x".to_string(),
     ] {
@@ -148,16 +148,16 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     assert_eq!(pl.media_sequence, 0);
     assert!(!pl.end_list);
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
-    assert_eq!(uris, ["seg0.m4s", "seg1.m4s"]);
+    assert_eq!(uris, ["seg0.m4a", "seg1.m4a"]);
     assert!((pl.segments[0].duration - 2.0).abs() < 1e-6);
     assert!((pl.segments[1].duration - 1.0).abs() < 1e-6);
     assert!(pl.segments.iter().all(|s| s.program_date_time.is_some()));
-    assert!(text.contains("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part2.0.m4s\""));
+    assert!(text.contains("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part2.0.m4a\""));
     assert_eq!(text.matches("#EXT-X-PART:").count(), 15);
     assert!(text.contains("#EXT-X-PART-INF:PART-TARGET=0.200"));
 
     // Every listed file is served, with immutable caching.
-    let init = http_get(http, &format!("/hls/{room}/opus/init.mp4")).await;
+    let init = http_get(http, &format!("/hls/{room}/opus/init.m4a")).await;
     assert_eq!(init.status, 200);
     assert_eq!(
         init.header("cache-control"),
@@ -182,14 +182,22 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
             assert_eq!(mp4.sample_count(1).unwrap(), 10, "{uri}");
         }
     }
-    let mv = http_get(http, &format!("/hls/{room}/index.m3u8")).await;
-    assert_eq!(mv.status, 200);
-    match m3u8_rs::parse_playlist_res(&mv.body).unwrap() {
-        m3u8_rs::Playlist::MasterPlaylist(m) => {
-            assert_eq!(m.variants[0].uri, "opus/playlist.m3u8");
-            assert_eq!(m.variants[0].codecs.as_deref(), Some("opus"));
+    // One codec per multivariant playlist: the main one AAC-LC, then one per rendition.
+    for (name, uri, codecs) in [
+        ("index.m3u8", "aac/playlist.m3u8", "mp4a.40.2"),
+        ("index-opus.m3u8", "opus/playlist.m3u8", "opus"),
+        ("index-aac.m3u8", "aac/playlist.m3u8", "mp4a.40.2"),
+    ] {
+        let mv = http_get(http, &format!("/hls/{room}/{name}")).await;
+        assert_eq!(mv.status, 200, "{name}");
+        match m3u8_rs::parse_playlist_res(&mv.body).unwrap() {
+            m3u8_rs::Playlist::MasterPlaylist(m) => {
+                assert_eq!(m.variants.len(), 1, "{name}");
+                assert_eq!(m.variants[0].uri, uri);
+                assert_eq!(m.variants[0].codecs.as_deref(), Some(codecs));
+            }
+            other => panic!("{name} not multivariant: {other:?}"),
         }
-        other => panic!("not multivariant: {other:?}"),
     }
 
     // A held request for a segment that only the end of the room resolves.
@@ -206,7 +214,7 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     let (text, pl) = ended_playlist(&h, &playlist).await;
     assert!(pl.end_list);
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
-    assert_eq!(uris, ["seg0.m4s", "seg1.m4s", "seg2.m4s"]);
+    assert_eq!(uris, ["seg0.m4a", "seg1.m4a", "seg2.m4a"]);
     assert!(pl.segments[2].discontinuity && !pl.segments[1].discontinuity);
     assert!((pl.segments[2].duration - 0.5).abs() < 1e-6);
     assert!(!text.contains("PRELOAD-HINT"));
@@ -258,7 +266,7 @@ async fn stalled_program_times_out_blocking_requests_and_bad_records_drop_the_st
     let frames = tone_frames(440.0, 10);
     let mut uni = h.conn.open_uni().await.unwrap();
     send_frames(&mut uni, &frames, 0, Duration::from_millis(1)).await;
-    h.wait_until(&playlist, |r| r.text().contains("part0.0.m4s"))
+    h.wait_until(&playlist, |r| r.text().contains("part0.0.m4a"))
         .await;
     // No more frames: a request for part 0.5 is held 3 target durations, then 503.
     let t = Instant::now();
@@ -352,7 +360,7 @@ async fn announced_room_without_media_holds_blocking_reloads_until_its_first_par
     }
     let r = blocked.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(r.text().contains("part0.0.m4s"), "{}", r.text());
+    assert!(r.text().contains("part0.0.m4a"), "{}", r.text());
     conform(&r.text(), Expect::live(OPUS).with_reports(1));
     h.stop().await;
 }
@@ -372,7 +380,7 @@ async fn a_room_moving_to_another_origin_continues_with_one_discontinuity() {
     // The first owner: 2.4 s, then it dies (the stream is never finished).
     let mut dying = h.conn.open_uni().await.unwrap();
     send_frames(&mut dying, &frames[..120], 0, Duration::from_millis(5)).await;
-    h.wait_until(&playlist, |r| r.text().contains("seg0.m4s"))
+    h.wait_until(&playlist, |r| r.text().contains("seg0.m4a"))
         .await;
 
     // The new owner mixes the room from its state: 1 s, RTP from 0, then it ends the room.
@@ -385,7 +393,7 @@ async fn a_room_moving_to_another_origin_continues_with_one_discontinuity() {
     .await;
     let (text, pl) = ended_playlist(&h, &playlist).await;
     let uris: Vec<_> = pl.segments.iter().map(|s| s.uri.as_str()).collect();
-    assert_eq!(uris, ["seg0.m4s", "seg1.m4s", "seg2.m4s"], "{text}");
+    assert_eq!(uris, ["seg0.m4a", "seg1.m4a", "seg2.m4a"], "{text}");
     let discontinuities: Vec<bool> = pl.segments.iter().map(|s| s.discontinuity).collect();
     assert_eq!(discontinuities, [false, false, true], "{text}");
     let total: f32 = pl.segments.iter().map(|s| s.duration).sum();

@@ -227,7 +227,7 @@ fn stored_media(keys: &[String], room: RoomId) -> Stored {
         };
         if let Some(p) = file
             .strip_prefix("part")
-            .and_then(|f| f.strip_suffix(".m4s"))
+            .and_then(|f| f.strip_suffix(".m4a"))
         {
             let (msn, i) = p.split_once('.').unwrap();
             parts
@@ -236,7 +236,7 @@ fn stored_media(keys: &[String], room: RoomId) -> Stored {
                 .insert(i.parse().unwrap());
         } else if let Some(m) = file
             .strip_prefix("seg")
-            .and_then(|f| f.strip_suffix(".m4s"))
+            .and_then(|f| f.strip_suffix(".m4a"))
         {
             segs.entry(r.to_string())
                 .or_default()

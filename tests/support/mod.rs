@@ -289,8 +289,10 @@ pub async fn send_tone(
     client.close().await.expect("WHIP close");
 }
 
-/// The LL-HLS media playlist URL behind a multivariant `index.m3u8` URL.
+/// The LL-HLS Opus media playlist URL of a room, from its multivariant `index.m3u8` URL (the
+/// main one offers AAC-LC only; `index-opus.m3u8` offers the Opus rendition).
 pub fn media_playlist_url(hls_url: &str) -> String {
+    let hls_url = &hls_url.replace("/index.m3u8", "/index-opus.m3u8");
     let text = String::from_utf8(get_bytes(hls_url)).unwrap();
     let parsed = m3u8_rs::parse_playlist_res(text.as_bytes()).expect("multivariant parses");
     let m3u8_rs::Playlist::MasterPlaylist(master) = parsed else {

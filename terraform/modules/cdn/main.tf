@@ -347,7 +347,20 @@ resource "aws_cloudfront_distribution" "this" {
     response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
   }
 
-  # Parts and segments: the origin group (S3, then the packager for what S3 lacks yet).
+  # Parts, segments and init segments (`.m4a`): the origin group (S3, then the packager for
+  # what S3 lacks yet).
+  ordered_cache_behavior {
+    path_pattern               = "/hls/*.m4a"
+    target_origin_id           = local.media_group
+    viewer_protocol_policy     = "redirect-to-https"
+    allowed_methods            = ["GET", "HEAD", "OPTIONS"]
+    cached_methods             = ["GET", "HEAD"]
+    compress                   = false
+    cache_policy_id            = aws_cloudfront_cache_policy.media.id
+    response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
+  }
+
+  # Parts and segments of recordings made before the packager named its files `.m4a`.
   ordered_cache_behavior {
     path_pattern               = "/hls/*.m4s"
     target_origin_id           = local.media_group
@@ -359,7 +372,7 @@ resource "aws_cloudfront_distribution" "this" {
     response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
   }
 
-  # Init segments (and any other media): from S3, cached long.
+  # Older recordings' init segments (`init.mp4`), anything else: from S3, cached long.
   ordered_cache_behavior {
     path_pattern               = "/hls/*"
     target_origin_id           = local.s3_origin
