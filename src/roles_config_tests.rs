@@ -110,13 +110,22 @@ fn check_edge(path: &Path) -> EdgeFile {
     file
 }
 
-fn check_origin(path: &Path) -> OriginFile {
+/// Loads the origin config as `amphi origin` does; returns it and its `redis_url`.
+fn check_origin(path: &Path) -> (OriginFile, Option<String>) {
     let file: OriginFile = config::load(Some(path)).unwrap();
+    let options: super::OriginOptionsFile = config::load(Some(path)).unwrap();
     let table = read_table(path);
     only_sections(&table, &["origin", "tls"]);
-    section::<OriginConfig>(&table, "origin");
+    section_of(
+        &table,
+        "origin",
+        &[
+            known::<OriginConfig>(&table, "origin"),
+            known::<super::OriginOptionsSection>(&table, "origin"),
+        ],
+    );
     section::<TlsFiles>(&table, "tls");
-    file
+    (file, options.origin.redis_url)
 }
 
 fn check_packager(path: &Path) -> amphi_packager::PackagerOptions {
@@ -340,17 +349,17 @@ fn terraform_rendered_configs_load_with_every_key_known() {
     assert!(p.edge.https.tls_ca.is_some());
 
     let o = render(TfRole::Origin, module_vars(TfRole::Origin));
-    let origin = check_origin(&write_temp("origin.toml", &o)).origin;
-    assert_eq!(origin.id, "origin-2");
+    let (origin, redis_url) = check_origin(&write_temp("origin.toml", &o));
+    assert_eq!(origin.origin.id, "origin-2");
     // Room state survives a move to another origin only with Redis.
     assert_eq!(
-        origin.redis_url.as_deref(),
+        redis_url.as_deref(),
         Some("rediss://:redis-auth-token@redis.example.internal:6379/1")
     );
     let mut no_redis = module_vars(TfRole::Origin);
     no_redis["redis_url"] = "".into();
     let o = render(TfRole::Origin, no_redis);
-    assert_eq!(check_origin(&write_temp("origin-mem.toml", &o)).origin.redis_url, None);
+    assert_eq!(check_origin(&write_temp("origin-mem.toml", &o)).1, None);
 
     // One packager set: every packager links to every origin and stores in S3.
     let p = render(TfRole::Packager, module_vars(TfRole::Packager));
@@ -359,7 +368,10 @@ fn terraform_rendered_configs_load_with_every_key_known() {
     assert_eq!(packager.packager.origin_endpoints().unwrap().len(), 2);
     let storage = check_packager(&path).storage;
     assert_eq!(storage.backend, amphi_packager::Backend::S3);
-    assert_eq!((storage.bucket.as_str(), storage.prefix.as_deref()), ("amphi-media", Some("hls")));
+    assert_eq!(
+        (storage.bucket.as_str(), storage.prefix.as_deref()),
+        ("amphi-media", Some("hls"))
+    );
     assert_eq!(storage.endpoint.as_deref(), Some("http://10.30.1.9:9000"));
     assert!(storage.path_style);
     assert_eq!(storage.access_key.as_deref(), Some("s3-access-key"));
@@ -371,7 +383,10 @@ fn terraform_rendered_configs_load_with_every_key_known() {
     let p = render(TfRole::Packager, aws);
     let storage = check_packager(&write_temp("packager-aws.toml", &p)).storage;
     assert_eq!(storage.backend, amphi_packager::Backend::S3);
-    assert_eq!((storage.endpoint, storage.access_key, storage.secret_key), (None, None, None));
+    assert_eq!(
+        (storage.endpoint, storage.access_key, storage.secret_key),
+        (None, None, None)
+    );
     assert!(!storage.path_style);
 
     // Edges that register need no static entry; no GeoIP database: default_region for all.

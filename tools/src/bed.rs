@@ -426,10 +426,16 @@ mod tests {
         assert!(router.contains(&format!("{}/router/var/geoip/city.mmdb", run.display())));
         let packager = std::fs::read_to_string(run.join("packager/config.toml")).unwrap();
         assert!(packager.contains("backend = \"s3\""), "{packager}");
-        assert!(packager.contains("secret_key = \"bedsecret0123456789\""), "{packager}");
+        assert!(
+            packager.contains("secret_key = \"bedsecret0123456789\""),
+            "{packager}"
+        );
         assert!(packager.contains("id = \"origin-2\""), "{packager}");
         let origin = std::fs::read_to_string(run.join("origin-1/config.toml")).unwrap();
-        assert!(origin.contains("redis_url = \"redis://10.77.1.22:6379/1\""), "{origin}");
+        assert!(
+            origin.contains("redis_url = \"redis://10.77.1.22:6379/1\""),
+            "{origin}"
+        );
         assert!(router.contains("[[router.origins]]"), "{router}");
         assert!(router.contains("secret = \"s3cret\""), "{router}");
         assert!(router.contains("tls_cert = "), "{router}");
