@@ -8,8 +8,7 @@
 # ap-southeast-1 160 ms, 1 ms inside a region) or drops it (partitions).
 #
 # Every role runs `amphi <role> --config` with the config rendered from the Terraform templates
-# (amphi-tools bed-setup), plus the AMPHI__* overlays in its `env` file for what no template sets
-# (GeoIP database, the origins' Redis, the packager's S3 storage). Every HTTP listener serves TLS
+# (amphi-tools bed-setup) and nothing else: no AMPHI__* variable. Every HTTP listener serves TLS
 # with a certificate of the bed's CA ($RUN/ca.pem) naming the host's address. Addresses are
 # 10.77.0.0/16 inside the namespaces only: nothing is routed to or from the host's interfaces.
 #
@@ -80,7 +79,9 @@ up() {
   mkdir -p "$RUN"
   head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RUN/api_secret"
   "$TOOLS" bed-setup --repo "$ROOT" --run "$RUN" --api-secret "$(cat "$RUN/api_secret")"
-  perl "$ROOT/tests/geoip/write_fixture.pl" "$RUN/geoip.mmdb"
+  # The router's GeoIP database where the geo-router module's user data installs it.
+  mkdir -p "$RUN/router/var/geoip"
+  perl "$ROOT/tests/geoip/write_fixture.pl" "$RUN/router/var/geoip/city.mmdb"
 
   # The core router namespace and one veth per host.
   ip netns add "$CORE"
@@ -112,14 +113,15 @@ up() {
     --access-key bedaccess --secret-key bedsecret0123456789 "$RUN/s3"
   wait_for redis 100 in_ns "${PREFIX}redis" redis-cli -h "$(addr redis)" ping
 
-  # The roles, in dependency order.
+  # The roles, in dependency order, with the rendered files only: no AMPHI__* override from the
+  # caller's environment either.
+  local v
+  for v in $(compgen -e | grep '^AMPHI__' || true); do unset "$v"; done
   local kind
   for kind in origin packager geo-router edge; do
     while IFS=$'\t' read -r name ns k _region _a _gw _net; do
       [ "$k" = "$kind" ] || continue
-      # shellcheck disable=SC1090
-      (set -a; . "$RUN/$name/env"; set +a
-       start "$name" "$ns" "$AMPHI_BIN" "$kind" --config "$RUN/$name/config.toml")
+      start "$name" "$ns" "$AMPHI_BIN" "$kind" --config "$RUN/$name/config.toml"
     done < <(hosts)
   done
   wait_for geo-router 300 http_ok "https://$(addr router):8080/healthz"

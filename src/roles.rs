@@ -64,7 +64,7 @@ struct OriginOptionsFile {
     origin: OriginOptionsSection,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 struct OriginOptionsSection {
     #[serde(default)]
     redis_url: Option<String>,

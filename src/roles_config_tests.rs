@@ -110,18 +110,27 @@ fn check_edge(path: &Path) -> EdgeFile {
     file
 }
 
-fn check_origin(path: &Path) -> OriginFile {
+/// Loads the origin config as `amphi origin` does; returns it and its `redis_url`.
+fn check_origin(path: &Path) -> (OriginFile, Option<String>) {
     let file: OriginFile = config::load(Some(path)).unwrap();
+    let options: super::OriginOptionsFile = config::load(Some(path)).unwrap();
     let table = read_table(path);
     only_sections(&table, &["origin", "tls"]);
-    section::<OriginConfig>(&table, "origin");
+    section_of(
+        &table,
+        "origin",
+        &[
+            known::<OriginConfig>(&table, "origin"),
+            known::<super::OriginOptionsSection>(&table, "origin"),
+        ],
+    );
     section::<TlsFiles>(&table, "tls");
-    file
+    (file, options.origin.redis_url)
 }
 
-fn check_packager(path: &Path) {
+fn check_packager(path: &Path) -> amphi_packager::PackagerOptions {
     let _: PackagerFile = config::load(Some(path)).unwrap();
-    let _: super::PackagerOptionsFile = config::load(Some(path)).unwrap();
+    let options: super::PackagerOptionsFile = config::load(Some(path)).unwrap();
     let table = read_table(path);
     only_sections(&table, &["packager", "tls"]);
     section_of(
@@ -133,6 +142,7 @@ fn check_packager(path: &Path) {
         ],
     );
     section::<TlsFiles>(&table, "tls");
+    options.packager
 }
 
 fn check_router(path: &Path) -> RouterFile {
@@ -214,6 +224,8 @@ fn render(role: TfRole, vars: serde_json::Value) -> String {
         secrets: [
             ("API_KEY_SECRET", "api-key-secret-from-secrets-manager"),
             ("REDIS_AUTH_TOKEN", "redis-auth-token"),
+            ("S3_ACCESS_KEY", "s3-access-key"),
+            ("S3_SECRET_KEY", "s3-secret-key"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -257,11 +269,15 @@ fn module_vars(role: TfRole) -> serde_json::Value {
             ],
         }),
         TfRole::Origin => {
-            serde_json::json!({"id": "origin-2", "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600})
+            serde_json::json!({"id": "origin-2", "quic_port": 4433, "metrics_port": 9300, "idle_room_timeout_secs": 3600,
+                "redis_url": "rediss://:@REDIS_AUTH_TOKEN@@redis.example.internal:6379/1"})
         }
-        TfRole::Packager => serde_json::json!({"id": "packager-origin-1",
-            "origins": [origin],
-            "http_port": 8400, "https_port": 8443}),
+        TfRole::Packager => serde_json::json!({"id": "packager-1",
+            "origins": [origin, {"id": "origin-2", "addr": "203.0.113.11:4433",
+                "server_name": "origin.amphi.internal"}],
+            "http_port": 8400, "https_port": 8443,
+            "storage_bucket": "amphi-media", "storage_region": "us-east-1",
+            "storage_endpoint": "http://10.30.1.9:9000", "storage_static_keys": true}),
         TfRole::Router => serde_json::json!({
             "region": "us-east-1", "http_port": 8080, "public_url": "https://api.example.com",
             "default_region": "us-east-1", "packager_url": "https://packager.example.com",
@@ -281,6 +297,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
                 "ap-southeast-2": {"latitude": -33.87, "longitude": 151.21},
             },
             "origins": [origin],
+            "geoip": ["/var/lib/amphi/geoip/city.mmdb"],
         }),
     }
 }
@@ -294,7 +311,9 @@ fn check_role(role: TfRole, path: &Path) {
         TfRole::Origin => {
             check_origin(path);
         }
-        TfRole::Packager => check_packager(path),
+        TfRole::Packager => {
+            check_packager(path);
+        }
         TfRole::Router => {
             check_router(path);
         }
@@ -330,16 +349,57 @@ fn terraform_rendered_configs_load_with_every_key_known() {
     assert!(p.edge.https.tls_ca.is_some());
 
     let o = render(TfRole::Origin, module_vars(TfRole::Origin));
+    let (origin, redis_url) = check_origin(&write_temp("origin.toml", &o));
+    assert_eq!(origin.origin.id, "origin-2");
+    // Room state survives a move to another origin only with Redis.
     assert_eq!(
-        check_origin(&write_temp("origin.toml", &o)).origin.id,
-        "origin-2"
+        redis_url.as_deref(),
+        Some("rediss://:redis-auth-token@redis.example.internal:6379/1")
     );
+    let mut no_redis = module_vars(TfRole::Origin);
+    no_redis["redis_url"] = "".into();
+    let o = render(TfRole::Origin, no_redis);
+    assert_eq!(check_origin(&write_temp("origin-mem.toml", &o)).1, None);
 
+    // One packager set: every packager links to every origin and stores in S3.
     let p = render(TfRole::Packager, module_vars(TfRole::Packager));
-    check_packager(&write_temp("packager.toml", &p));
+    let path = write_temp("packager.toml", &p);
+    let packager: PackagerFile = config::load(Some(&path)).unwrap();
+    assert_eq!(packager.packager.origin_endpoints().unwrap().len(), 2);
+    let storage = check_packager(&path).storage;
+    assert_eq!(storage.backend, amphi_packager::Backend::S3);
+    assert_eq!(
+        (storage.bucket.as_str(), storage.prefix.as_deref()),
+        ("amphi-media", Some("hls"))
+    );
+    assert_eq!(storage.endpoint.as_deref(), Some("http://10.30.1.9:9000"));
+    assert!(storage.path_style);
+    assert_eq!(storage.access_key.as_deref(), Some("s3-access-key"));
+    assert_eq!(storage.secret_key.as_deref(), Some("s3-secret-key"));
+    // On AWS: no endpoint, no static keys (the instance profile signs).
+    let mut aws = module_vars(TfRole::Packager);
+    aws["storage_endpoint"] = "".into();
+    aws["storage_static_keys"] = false.into();
+    let p = render(TfRole::Packager, aws);
+    let storage = check_packager(&write_temp("packager-aws.toml", &p)).storage;
+    assert_eq!(storage.backend, amphi_packager::Backend::S3);
+    assert_eq!(
+        (storage.endpoint, storage.access_key, storage.secret_key),
+        (None, None, None)
+    );
+    assert!(!storage.path_style);
+
+    // Edges that register need no static entry; no GeoIP database: default_region for all.
+    let mut registered = module_vars(TfRole::Router);
+    registered["edges"] = serde_json::json!([]);
+    registered["geoip"] = serde_json::json!([]);
+    let r = render(TfRole::Router, registered);
+    let router = check_router(&write_temp("geo-router-reg.toml", &r)).router;
+    assert!(router.edges.is_empty() && router.geoip.is_empty());
 
     let r = render(TfRole::Router, module_vars(TfRole::Router));
     let router = check_router(&write_temp("geo-router.toml", &r)).router;
+    assert_eq!(router.geoip, [Path::new("/var/lib/amphi/geoip/city.mmdb")]);
     assert_eq!(router.edges.len(), 2);
     assert_eq!(router.edges[1].region.latitude, -33.87);
     assert_eq!(router.token_ttl_secs, 3600);
@@ -471,6 +531,7 @@ fn terraform_user_data_renders_to_valid_bash() {
             "signing_secret_arn": "", "secret_region": "us-east-1",
             "index_base": 96, "index_span": 48,
             "config_secrets": {"API_KEY_SECRET": "arn:aws:secretsmanager:us-east-1:1:secret:k"},
+            "geoip_object_key": "",
         }),
     )
     .unwrap();

@@ -275,15 +275,20 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
     let origin = start(
         &dir,
         TfRole::Origin,
-        serde_json::json!({"id": "origin-1", "quic_port": port(0), "metrics_port": port(1), "idle_room_timeout_secs": 3600}),
+        // Room state in memory (the module's default, no redis_url).
+        serde_json::json!({"id": "origin-1", "quic_port": port(0), "metrics_port": port(1),
+            "idle_room_timeout_secs": 3600, "redis_url": ""}),
         &origin_host,
     );
     let packager = start(
         &dir,
         TfRole::Packager,
-        serde_json::json!({"id": "packager-origin-1",
+        // Storage on the local disk (no storage_bucket; the namespace bed runs S3).
+        serde_json::json!({"id": "packager-1",
             "origins": origins,
-            "http_port": port(90), "https_port": port(91)}),
+            "http_port": port(90), "https_port": port(91),
+            "storage_bucket": "", "storage_region": "", "storage_endpoint": "",
+            "storage_static_keys": false}),
         &packager_host,
     );
     let router = start(
@@ -299,6 +304,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
             "edges": [{"id": "edge-us-east", "region": "us-east", "public_url": https(10)}],
             "coordinates": {"us-east": {"latitude": 38.95, "longitude": -77.45}},
             "origins": origins,
+            "geoip": [],
         }),
         &router_host,
     );

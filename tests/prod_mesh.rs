@@ -238,6 +238,22 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
     // eu-west-1 (660 Hz) keeps talking: listeners on the other edges must not notice.
     let speaker = bed.token(&room, "speaker", "speaker-3");
     let steady = bed.token(&room, "speaker", "steady");
+    // The speaker's edge is found by its session count, so first every session of the earlier
+    // phases must be gone from the us-east-1 edges' heartbeats: otherwise a stale count picks
+    // the wrong edge, the kill misses the speaker and it never needs to reconnect.
+    eventually("the us-east-1 edges report no session", LIMIT, || {
+        let (_, edges) = bed.api("GET", "/v1/edges", None);
+        edges["edges"]
+            .as_array()?
+            .iter()
+            .filter(|e| {
+                e["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("edge-us-east-1-"))
+            })
+            .all(|e| e["participants"].as_u64() == Some(0))
+            .then_some(())
+    });
     let mut args = vec!["whip-speak", "--bursts", "20", "--reconnects", "60"];
     args.extend(client_args(&room, &speaker, US));
     let talk = bed.spawn("client-use1", &args);

@@ -50,10 +50,13 @@ pub struct StorageConfig {
     /// Path-style addressing (`endpoint/bucket/key`), needed by most S3-compatible servers.
     #[serde(default)]
     pub path_style: bool,
-    /// Access key id (or `AMPHI__PACKAGER__STORAGE__ACCESS_KEY`).
+    /// Static access key id (S3-compatible servers; or `AMPHI__PACKAGER__STORAGE__ACCESS_KEY`).
+    /// With neither it nor `secret_key` the AWS default credential chain is used (environment,
+    /// profile, web identity, ECS, EC2 instance profile).
     #[serde(default)]
     pub access_key: Option<String>,
-    /// Secret access key (or `AMPHI__PACKAGER__STORAGE__SECRET_KEY`).
+    /// Static secret access key, set together with `access_key` (or
+    /// `AMPHI__PACKAGER__STORAGE__SECRET_KEY`).
     #[serde(default)]
     pub secret_key: Option<String>,
     /// Bytes of pending uploads kept in memory over all rooms (default 64 MiB). While
@@ -298,11 +301,14 @@ pub struct S3Store {
 
 #[cfg(feature = "s3")]
 impl S3Store {
-    /// A client for `config` (bucket, endpoint, region, path style, static credentials).
-    pub fn new(config: &StorageConfig) -> Result<Self, StorageError> {
+    /// A client for `config` (bucket, endpoint, region, path style). Credentials: the static
+    /// `access_key` / `secret_key` pair when set (S3-compatible servers), otherwise the AWS
+    /// default chain (environment, profile, web identity, ECS, EC2 instance profile), resolved
+    /// and refreshed lazily on the first request.
+    pub async fn new(config: &StorageConfig) -> Result<Self, StorageError> {
         use aws_sdk_s3::config::{
             BehaviorVersion, Credentials, Region, RequestChecksumCalculation,
-            ResponseChecksumValidation,
+            ResponseChecksumValidation, SharedCredentialsProvider,
         };
         use aws_smithy_http_client::tls;
         if config.bucket.is_empty() {
@@ -310,23 +316,38 @@ impl S3Store {
                 "storage.bucket is required for s3".into(),
             ));
         }
-        let (Some(access), Some(secret)) = (&config.access_key, &config.secret_key) else {
-            return Err(StorageError::Config(
-                "storage.access_key and storage.secret_key are required for s3".into(),
-            ));
-        };
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
+        let region = Region::new(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        let credentials = match (&config.access_key, &config.secret_key) {
+            (Some(access), Some(secret)) => SharedCredentialsProvider::new(Credentials::new(
+                access, secret, None, None, "static",
+            )),
+            (None, None) => {
+                let provider = aws_config::provider_config::ProviderConfig::default()
+                    .with_http_client(http.clone())
+                    .with_region(Some(region.clone()));
+                SharedCredentialsProvider::new(
+                    aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                        .configure(provider)
+                        .build()
+                        .await,
+                )
+            }
+            _ => {
+                return Err(StorageError::Config(
+                    "storage.access_key and storage.secret_key go together (neither: the AWS default credential chain)".into(),
+                ))
+            }
+        };
         let mut b = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .http_client(http)
-            .region(Region::new(
-                config.region.clone().unwrap_or_else(|| "us-east-1".into()),
-            ))
-            .credentials_provider(Credentials::new(access, secret, None, None, "static"))
+            .region(region)
+            .credentials_provider(credentials)
             .force_path_style(config.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
@@ -540,7 +561,7 @@ impl Store {
             }
             #[cfg(feature = "s3")]
             Backend::S3 => {
-                let s3 = S3Store::new(config)?;
+                let s3 = S3Store::new(config).await?;
                 if let Err(e) = s3.ensure_bucket().await {
                     tracing::warn!(error = %e, bucket = %config.bucket, "cannot check or create the bucket (yet)");
                 }

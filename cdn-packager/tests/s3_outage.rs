@@ -514,3 +514,41 @@ async fn a_packager_stopped_during_an_outage_leaves_a_spill_dir_the_next_one_upl
     drop(s3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Without static keys in the config the S3 backend takes its credentials from the AWS default
+/// chain (here its first link, the environment; on EC2 the instance profile): a put and a get
+/// against a real s3s-fs that refuses unsigned or wrongly signed requests.
+#[tokio::test]
+async fn the_s3_backend_signs_with_the_default_credential_chain_without_static_keys() {
+    let dir = scratch("s3-chain");
+    let s3 = S3sFs::start(dir.join("s3"), free_port());
+    // Only this test reads these variables (the others sign with static keys, which win).
+    std::env::set_var("AWS_ACCESS_KEY_ID", KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
+    let config = StorageConfig {
+        bucket: "amphi-chain".into(),
+        access_key: None,
+        secret_key: None,
+        ..s3.storage()
+    };
+    let store = Store::open(&config, &dir).await.unwrap();
+    store
+        .put(
+            "room/opus/part1.0.m4s",
+            bytes::Bytes::from_static(b"part"),
+            amphi_packager::storage::ObjectMeta::MEDIA,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("room/opus/part1.0.m4s").await.unwrap().unwrap(),
+        &b"part"[..]
+    );
+    let half = StorageConfig {
+        secret_key: None,
+        ..s3.storage()
+    };
+    assert!(Store::open(&half, &dir).await.is_err());
+    drop(s3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

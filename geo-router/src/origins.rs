@@ -90,6 +90,12 @@ pub enum LinkError {
     Quic(String),
 }
 
+/// Keep-alive interval of an origin link (as the edges' mesh links).
+const LINK_KEEP_ALIVE: Duration = Duration::from_millis(250);
+/// An origin link silent this long is dead: a killed origin is noticed within about a second and
+/// its rooms move [`HealthTiming::grace`] later, when the edges and packagers move them too.
+const LINK_IDLE_TIMEOUT: Duration = Duration::from_millis(1200);
+
 impl OriginLinks {
     /// No origins (rooms end only in the directory).
     pub fn none() -> Self {
@@ -117,9 +123,9 @@ impl OriginLinks {
             .map_err(|e| LinkError::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic_tls));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        transport.keep_alive_interval(Some(LINK_KEEP_ALIVE));
         transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(10))
+            quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT)
                 .map_err(|e| LinkError::Quic(e.to_string()))?,
         ));
         client.transport_config(Arc::new(transport));

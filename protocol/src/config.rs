@@ -354,7 +354,9 @@ pub struct RouterConfig {
     pub public_url: String,
     /// Region for clients the router cannot place.
     pub default_region: String,
-    /// Known edges.
+    /// Known edges (static entry points, e.g. a region's load balancer). Optional: edges that
+    /// register themselves by heartbeat need no entry.
+    #[serde(default)]
     pub edges: Vec<EdgeEndpoint>,
     /// Base URL of the packager's HTTP origin (proxied under `/hls`).
     pub packager_url: String,

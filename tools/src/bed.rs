@@ -1,9 +1,9 @@
 //! The namespace test bed: its hosts (one network namespace each, one address each), the link
 //! emulator's regions, and every role's config rendered from the Terraform templates
 //! (`terraform/modules/*/templates/*.toml.tftpl`, with the `@...@` values the user-data script
-//! fills in at boot, by [`crate::tfrender`]) plus the bed's overlays (`AMPHI__SECTION__KEY`
-//! variables) for what no template sets. Every HTTP listener serves TLS with a certificate of the
-//! bed's CA that names the host's address.
+//! fills in at boot, by [`crate::tfrender`]), with nothing on top: no `AMPHI__*` variable.
+//! Every HTTP listener serves TLS with a certificate of the bed's CA that names the host's
+//! address.
 
 use crate::tfrender::{render_role_config, BootValues, TfRole};
 use amphi_protocol::mtls::{DevPki, MeshRole};
@@ -28,6 +28,9 @@ pub const RTT_MS: [(&str, &str, f64); 3] = [
 pub const ORIGIN_SERVER_NAME: &str = "origin.amphi.internal";
 /// The bed's API key id (the router's `api_keys`, edges sign heartbeats with it).
 pub const API_KEY_ID: &str = "bed";
+/// Where the router's GeoIP database is on a node (terraform/modules/geo-router with a
+/// `geoip_object_key`); in the bed, under the router host's state directory.
+pub const GEOIP_PATH: &str = "/var/lib/amphi/geoip/city.mmdb";
 /// The bed's S3 credentials and bucket.
 pub const S3_KEYS: (&str, &str, &str) = ("bedaccess", "bedsecret0123456789", "amphi-hls");
 
@@ -240,10 +243,9 @@ fn tf_role(kind: Kind) -> Option<TfRole> {
 }
 
 /// Make the run directory: `hosts.tsv`, `netem.toml`, the bed's PKI (`ca.pem`) and token key,
-/// and for each role host `config.toml` (rendered from its Terraform template with the values a
-/// deployment passes, `api_secret` as the `API_KEY_SECRET` secret) and `env`: the overlays for
-/// what no template sets (the router's GeoIP database and empty static edge list, the origins'
-/// Redis, the packager's S3 storage).
+/// and for each role host `config.toml`, rendered from its Terraform template with the values a
+/// deployment passes (`api_secret` as the `API_KEY_SECRET` secret, the s3s-fs keys as
+/// `S3_ACCESS_KEY` / `S3_SECRET_KEY`) and nothing else.
 pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
     std::fs::create_dir_all(run)?;
     write(&run.join("hosts.tsv"), &hosts_tsv())?;
@@ -273,78 +275,46 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             continue;
         };
         let dir = run.join(h.name);
-        let (vars, overlays): (Value, Vec<(String, String)>) = match h.kind {
-            Kind::Router => (
-                json!({
-                    "region": REGIONS[h.region], "http_port": HTTP_PORT, "public_url": router_url,
-                    "default_region": REGIONS[0],
-                    "packager_url": format!("https://{}:{PACKAGER_HTTPS_PORT}", packager.addr()),
-                    // Listeners fetch HLS through the router's /hls proxy (no CDN in the bed).
-                    "hls_base_url": router_url,
-                    "token_ttl_secs": 3600, "signing_kid": "k1",
-                    "trusted_proxies": ["10.77.0.0/16"],
-                    "redis_url": format!("redis://{}:6379/0", redis.addr()),
-                    "api_key_id": API_KEY_ID,
-                    // Edges register themselves; no static region entries.
-                    "edges": [], "coordinates": {},
-                    "origins": origin_list,
-                }),
-                vec![
-                    // The template writes one [[router.edges]] per static edge; the bed has
-                    // none (its edges register), and `edges` is a required key.
-                    ("AMPHI__ROUTER__EDGES".into(), "[]".into()),
-                    (
-                        "AMPHI__ROUTER__GEOIP".into(),
-                        format!("[\"{}\"]", run.join("geoip.mmdb").display()),
-                    ),
-                ],
-            ),
-            Kind::Origin => (
-                json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300,
-                    "idle_room_timeout_secs": 3600}),
-                vec![(
-                    "AMPHI__ORIGIN__REDIS_URL".into(),
-                    format!("redis://{}:6379/1", redis.addr()),
-                )],
-            ),
-            Kind::Packager => (
-                // The packager links to both origins, so a room whose origin dies keeps its HLS.
-                json!({"id": "packager-origin-1", "origins": origin_list, "http_port": 8400,
-                    "https_port": PACKAGER_HTTPS_PORT}),
-                vec![
-                    ("AMPHI__PACKAGER__STORAGE__BACKEND".into(), "s3".into()),
-                    ("AMPHI__PACKAGER__STORAGE__BUCKET".into(), S3_KEYS.2.into()),
-                    (
-                        "AMPHI__PACKAGER__STORAGE__ENDPOINT".into(),
-                        format!("http://{}:9000", s3.addr()),
-                    ),
-                    ("AMPHI__PACKAGER__STORAGE__PATH_STYLE".into(), "true".into()),
-                    ("AMPHI__PACKAGER__STORAGE__REGION".into(), REGIONS[0].into()),
-                    (
-                        "AMPHI__PACKAGER__STORAGE__ACCESS_KEY".into(),
-                        S3_KEYS.0.into(),
-                    ),
-                    (
-                        "AMPHI__PACKAGER__STORAGE__SECRET_KEY".into(),
-                        S3_KEYS.1.into(),
-                    ),
-                ],
-            ),
+        let vars = match h.kind {
+            Kind::Router => json!({
+                "region": REGIONS[h.region], "http_port": HTTP_PORT, "public_url": router_url,
+                "default_region": REGIONS[0],
+                "packager_url": format!("https://{}:{PACKAGER_HTTPS_PORT}", packager.addr()),
+                // Listeners fetch HLS through the router's /hls proxy (no CDN in the bed).
+                "hls_base_url": router_url,
+                "token_ttl_secs": 3600, "signing_kid": "k1",
+                "trusted_proxies": ["10.77.0.0/16"],
+                "redis_url": format!("redis://{}:6379/0", redis.addr()),
+                "api_key_id": API_KEY_ID,
+                // Edges register themselves; no static region entries.
+                "edges": [], "coordinates": {},
+                "origins": origin_list,
+                // What the module passes with a geoip_object_key (user data installs it there;
+                // `mesh.sh up` writes the test database to that path under the host's state dir).
+                "geoip": [GEOIP_PATH],
+            }),
+            Kind::Origin => json!({"id": h.name, "quic_port": 4433, "metrics_port": 9300,
+                "idle_room_timeout_secs": 3600,
+                "redis_url": format!("redis://{}:6379/1", redis.addr())}),
+            // One packager set taking every origin (terraform/modules/packager), so a room
+            // whose origin dies keeps its HLS; storage in s3s-fs with static keys.
+            Kind::Packager => json!({"id": "packager-1", "origins": origin_list,
+                "http_port": 8400, "https_port": PACKAGER_HTTPS_PORT,
+                "storage_bucket": S3_KEYS.2, "storage_region": REGIONS[0],
+                "storage_endpoint": format!("http://{}:9000", s3.addr()),
+                "storage_static_keys": true}),
             Kind::Edge => {
                 edge_number += 1;
-                (
-                    json!({
-                        "region": REGIONS[h.region], "http_port": HTTP_PORT, "media_port": 3478,
-                        "public_url": format!("https://{}:{HTTP_PORT}", h.addr()),
-                        "origins": origin_list,
-                        "router_url": router_url, "interactive_capacity": 500,
-                        "media_threads": 0, "ice_connect_timeout_secs": 15,
-                        "backend_tls": true, "capacity": 500, "api_key_id": API_KEY_ID,
-                        "drain_grace_secs": 5, "vpc_cidr": "10.77.0.0/16",
-                        "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],
-                    }),
-                    Vec::new(),
-                )
+                json!({
+                    "region": REGIONS[h.region], "http_port": HTTP_PORT, "media_port": 3478,
+                    "public_url": format!("https://{}:{HTTP_PORT}", h.addr()),
+                    "origins": origin_list,
+                    "router_url": router_url, "interactive_capacity": 500,
+                    "media_threads": 0, "ice_connect_timeout_secs": 15,
+                    "backend_tls": true, "capacity": 500, "api_key_id": API_KEY_ID,
+                    "drain_grace_secs": 5, "vpc_cidr": "10.77.0.0/16",
+                    "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}],
+                })
             }
             Kind::Redis | Kind::S3 | Kind::Client => continue,
         };
@@ -358,7 +328,11 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
             // The bed has no public addresses.
             public_ipv4: h.addr(),
             node_number: edge_number,
-            secrets: BTreeMap::from([("API_KEY_SECRET".to_string(), api_secret.to_string())]),
+            secrets: BTreeMap::from([
+                ("API_KEY_SECRET".to_string(), api_secret.to_string()),
+                ("S3_ACCESS_KEY".to_string(), S3_KEYS.0.to_string()),
+                ("S3_SECRET_KEY".to_string(), S3_KEYS.1.to_string()),
+            ]),
             etc_dir: Some(dir.join("etc")),
             state_dir: Some(dir.join("var")),
             bind_ip: None,
@@ -366,12 +340,6 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
         let config = render_role_config(repo, role, &vars, &boot)
             .map_err(|e| anyhow::anyhow!("{}: {e}", h.name))?;
         write(&dir.join("config.toml"), &config)?;
-        let mut env = String::new();
-        for (k, v) in overlays {
-            // Single-quoted for `set -a; . env` (no value contains a single quote).
-            let _ = writeln!(env, "{k}='{v}'");
-        }
-        write(&dir.join("env"), &env)?;
         // The origins' QUIC server name and the address every HTTPS client dials.
         let mut names = vec![h.addr()];
         if h.kind == Kind::Origin {
@@ -453,6 +421,21 @@ mod tests {
         let keys: String = edge.lines().filter(|l| !l.starts_with('#')).collect();
         assert!(!keys.contains('@'), "{edge}");
         let router = std::fs::read_to_string(run.join("router/config.toml")).unwrap();
+        // Everything a role needs is in its rendered file: no overlays.
+        assert!(!run.join("router/env").exists());
+        assert!(router.contains(&format!("{}/router/var/geoip/city.mmdb", run.display())));
+        let packager = std::fs::read_to_string(run.join("packager/config.toml")).unwrap();
+        assert!(packager.contains("backend = \"s3\""), "{packager}");
+        assert!(
+            packager.contains("secret_key = \"bedsecret0123456789\""),
+            "{packager}"
+        );
+        assert!(packager.contains("id = \"origin-2\""), "{packager}");
+        let origin = std::fs::read_to_string(run.join("origin-1/config.toml")).unwrap();
+        assert!(
+            origin.contains("redis_url = \"redis://10.77.1.22:6379/1\""),
+            "{origin}"
+        );
         assert!(router.contains("[[router.origins]]"), "{router}");
         assert!(router.contains("secret = \"s3cret\""), "{router}");
         assert!(router.contains("tls_cert = "), "{router}");

@@ -349,8 +349,53 @@ async fn whip_speak(
 /// Tone burst onsets in one sender's decoded audio, per frequency.
 struct Bursts {
     dec: opus::Decoder,
+    onsets: Onsets,
+}
+
+/// Frames (20 ms) without a tone before a tone frame counts as a burst onset.
+const ONSET_QUIET_FRAMES: u32 = 10;
+
+/// Onset detection for one sender (sans-IO): a tone frame is an onset when at least
+/// [`ONSET_QUIET_FRAMES`] frames without that tone came before it, or when nothing at all arrived
+/// from the sender for as long. A listener's stream slot that goes quiet mid-burst (its
+/// speaker's edge died) and resumes with the speaker's next burst (re-joined elsewhere, mapped
+/// to the same slot) has an onset there too.
+struct Onsets {
     /// Frames since the last tone frame, per frequency.
     quiet: Vec<u32>,
+    /// When the last frame arrived.
+    last: Option<Instant>,
+}
+
+impl Onsets {
+    fn new(freqs: usize) -> Self {
+        Onsets {
+            quiet: vec![u32::MAX; freqs],
+            last: None,
+        }
+    }
+
+    /// One decoded frame that arrived at `at`; `tone[i]` says whether it carries frequency `i`.
+    /// Calls `onset(i)` for each frequency whose burst starts with it.
+    fn frame(&mut self, at: Instant, tone: &[bool], mut onset: impl FnMut(usize)) {
+        let silent_for = self
+            .last
+            .map_or(Duration::MAX, |l| at.saturating_duration_since(l));
+        self.last = Some(at);
+        if silent_for >= Duration::from_millis(20 * u64::from(ONSET_QUIET_FRAMES)) {
+            self.quiet.iter_mut().for_each(|q| *q = u32::MAX);
+        }
+        for (i, &t) in tone.iter().enumerate() {
+            if t {
+                if self.quiet[i] >= ONSET_QUIET_FRAMES {
+                    onset(i);
+                }
+                self.quiet[i] = 0;
+            } else {
+                self.quiet[i] = self.quiet[i].saturating_add(1);
+            }
+        }
+    }
 }
 
 async fn whep_listen(
@@ -365,6 +410,7 @@ async fn whep_listen(
     let (mut packets, mut tone_frames) = (0u64, 0u64);
     let mut onsets: Vec<Vec<f64>> = vec![Vec::new(); freqs.len()];
     let mut senders: std::collections::HashMap<u32, Bursts> = std::collections::HashMap::new();
+    let mut tones: Vec<bool> = Vec::with_capacity(freqs.len());
     let mut sessions: Vec<Value> = Vec::new();
     let mut rejoin = Rejoin::new(reconnects);
     let mut next_try = None;
@@ -412,7 +458,7 @@ async fn whep_listen(
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(Bursts {
                     dec: opus::Decoder::new(48_000, opus::Channels::Mono)?,
-                    quiet: vec![u32::MAX; freqs.len()],
+                    onsets: Onsets::new(freqs.len()),
                 }),
             };
             let n = sender
@@ -424,21 +470,17 @@ async fn whep_listen(
             }
             let frame = &out[..n];
             let rms = (frame.iter().map(|x| x * x).sum::<f32>() / n as f32).sqrt();
-            for (i, &freq) in freqs.iter().enumerate() {
-                let power = tone_power(frame, freq);
-                // A tone frame: loud, and most of its energy at the tone frequency.
-                if rms > 0.05 && power > 0.25 * f64::from(rms * rms) {
-                    if i == 0 {
-                        tone_frames += 1;
-                    }
-                    if sender.quiet[i] >= 10 {
-                        onsets[i].push(at);
-                    }
-                    sender.quiet[i] = 0;
-                } else {
-                    sender.quiet[i] = sender.quiet[i].saturating_add(1);
-                }
+            // A tone frame: loud, and most of its energy at the tone frequency.
+            tones.clear();
+            tones.extend(
+                freqs
+                    .iter()
+                    .map(|&f| rms > 0.05 && tone_power(frame, f) > 0.25 * f64::from(rms * rms)),
+            );
+            if tones.first() == Some(&true) {
+                tone_frames += 1;
             }
+            sender.onsets.frame(p.at, &tones, |i| onsets[i].push(at));
         };
         if !ended {
             let _ = sub.close().await;
@@ -586,6 +628,37 @@ mod tests {
         let p = tone_power(&s, 440.0);
         assert!((p - 0.125).abs() < 0.01, "{p}");
         assert!(tone_power(&s, 1000.0) < 0.01);
+    }
+
+    /// Onsets of frequency 0 over `frames` (arrival offset in ms, tone or not).
+    fn onsets_of(frames: &[(u64, bool)]) -> Vec<u64> {
+        let t0 = Instant::now();
+        let mut o = Onsets::new(1);
+        let mut out = Vec::new();
+        for &(ms, tone) in frames {
+            o.frame(t0 + Duration::from_millis(ms), &[tone], |_| out.push(ms));
+        }
+        out
+    }
+
+    #[test]
+    fn a_burst_after_quiet_frames_is_an_onset_and_its_tail_is_not() {
+        let mut frames: Vec<(u64, bool)> = (0..50u64).map(|k| (k * 20, k % 25 < 10)).collect();
+        // The tone flickers off for a frame inside a burst: no new onset.
+        frames[3].1 = false;
+        assert_eq!(onsets_of(&frames), [0, 500]);
+    }
+
+    #[test]
+    fn a_stream_resuming_mid_tone_after_a_gap_has_an_onset() {
+        // A burst cut at its fourth frame (the speaker's edge dies), nothing for 1.2 s, then the
+        // speaker's next burst arrives on the same stream (re-joined on another edge).
+        let mut frames: Vec<(u64, bool)> = (0..4u64).map(|k| (k * 20, true)).collect();
+        frames.extend((0..10u64).map(|k| (1260 + k * 20, true)));
+        assert_eq!(onsets_of(&frames), [0, 1260]);
+        // A short gap (lost packets) is not a new burst.
+        let frames: Vec<(u64, bool)> = (0..10u64).map(|k| (k * 20 + (k / 5) * 60, true)).collect();
+        assert_eq!(onsets_of(&frames), [0]);
     }
 
     #[test]

@@ -290,12 +290,15 @@ module "origin" {
   subnet_ids          = module.edge_us_east_1.public_subnet_ids
   server_name         = var.origin_server_name
   mesh_tls_secret_arn = var.origin_tls_secret_arn
-  artifact_bucket     = var.artifact_bucket
-  artifact_key        = var.artifact_key
-  artifact_region     = local.artifact_region
-  artifact_sha256     = var.artifact_sha256
-  monitoring_cidrs    = var.monitoring_cidrs
-  tags                = var.tags
+  # Room state in Redis (database 1; the routers use 0), so a room that moves keeps its roles.
+  redis_url             = "${local.router_redis_url}/1"
+  redis_auth_secret_arn = var.redis_auth_secret_arn
+  artifact_bucket       = var.artifact_bucket
+  artifact_key          = var.artifact_key
+  artifact_region       = local.artifact_region
+  artifact_sha256       = var.artifact_sha256
+  monitoring_cidrs      = var.monitoring_cidrs
+  tags                  = var.tags
 }
 
 module "cdn" {
@@ -397,6 +400,7 @@ module "router_us_east_1" {
   api_key_id            = var.api_key_id
   api_key_secret_arn    = var.api_key_secret_arn
   signing_kid           = var.signing_kid
+  geoip_object_key      = var.geoip_object_key
   signing_secret_arn    = var.signing_secret_arn
   mesh_tls_secret_arn   = var.router_tls_secret_arn
   secret_region         = local.origin_region
@@ -432,6 +436,7 @@ module "router_us_west_2" {
   api_key_id            = var.api_key_id
   api_key_secret_arn    = var.api_key_secret_arn
   signing_kid           = var.signing_kid
+  geoip_object_key      = var.geoip_object_key
   signing_secret_arn    = var.signing_secret_arn
   mesh_tls_secret_arn   = var.router_tls_secret_arn
   secret_region         = local.origin_region
@@ -467,6 +472,7 @@ module "router_eu_west_1" {
   api_key_id            = var.api_key_id
   api_key_secret_arn    = var.api_key_secret_arn
   signing_kid           = var.signing_kid
+  geoip_object_key      = var.geoip_object_key
   signing_secret_arn    = var.signing_secret_arn
   mesh_tls_secret_arn   = var.router_tls_secret_arn
   secret_region         = local.origin_region
@@ -502,6 +508,7 @@ module "router_ap_southeast_1" {
   api_key_id            = var.api_key_id
   api_key_secret_arn    = var.api_key_secret_arn
   signing_kid           = var.signing_kid
+  geoip_object_key      = var.geoip_object_key
   signing_secret_arn    = var.signing_secret_arn
   mesh_tls_secret_arn   = var.router_tls_secret_arn
   secret_region         = local.origin_region
@@ -537,6 +544,7 @@ module "router_ap_southeast_2" {
   api_key_id            = var.api_key_id
   api_key_secret_arn    = var.api_key_secret_arn
   signing_kid           = var.signing_kid
+  geoip_object_key      = var.geoip_object_key
   signing_secret_arn    = var.signing_secret_arn
   mesh_tls_secret_arn   = var.router_tls_secret_arn
   secret_region         = local.origin_region

@@ -89,6 +89,12 @@ variable "signing_secret_arn" {
   type        = string
 }
 
+variable "geoip_object_key" {
+  description = "S3 key, in artifact_bucket, of a GeoIP City database (.mmdb) the geo-routers install at boot; empty: every client goes to the default region."
+  type        = string
+  default     = ""
+}
+
 variable "signing_kid" {
   description = "Key id of the signing key."
   type        = string

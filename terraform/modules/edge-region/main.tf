@@ -41,6 +41,7 @@ locals {
     index_base         = var.edge_index_base
     index_span         = var.edge_index_span
     config_secrets     = { API_KEY_SECRET = var.api_key_secret_arn }
+    geoip_object_key   = ""
   })
 }
 

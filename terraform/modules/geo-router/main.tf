@@ -22,6 +22,7 @@ locals {
     coordinates     = var.region_coordinates
     origins         = var.origins
     signing_kid     = var.signing_kid
+    geoip           = var.geoip_object_key != "" ? ["/var/lib/amphi/geoip/city.mmdb"] : []
   })
 
   # Secrets filled into the config at boot for their @NAME@ placeholders.
@@ -146,9 +147,12 @@ resource "aws_iam_role" "router" {
 
 data "aws_iam_policy_document" "router" {
   statement {
-    sid       = "ReadRelease"
-    actions   = ["s3:GetObject"]
-    resources = ["arn:aws:s3:::${var.artifact_bucket}/${var.artifact_key}"]
+    sid     = "ReadRelease"
+    actions = ["s3:GetObject"]
+    resources = concat(
+      ["arn:aws:s3:::${var.artifact_bucket}/${var.artifact_key}"],
+      var.geoip_object_key != "" ? ["arn:aws:s3:::${var.artifact_bucket}/${var.geoip_object_key}"] : [],
+    )
   }
   statement {
     sid       = "ReadSecrets"
@@ -194,6 +198,7 @@ resource "aws_launch_template" "router" {
     index_base         = 0
     index_span         = 1
     config_secrets     = local.config_secrets
+    geoip_object_key   = var.geoip_object_key
   }))
 
   iam_instance_profile {

@@ -195,3 +195,9 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "geoip_object_key" {
+  description = "S3 key, in artifact_bucket, of a GeoIP City database (.mmdb: MaxMind GeoLite2/GeoIP2 City or dbip City Lite) the routers install at boot and place clients with; empty: no database, every client goes to default_region."
+  type        = string
+  default     = ""
+}

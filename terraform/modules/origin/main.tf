@@ -5,6 +5,9 @@ locals {
   name   = "${var.name_prefix}-origin"
   tags   = merge(var.tags, { "amphi:role" = "origin" })
   ami_id = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
+
+  # Secrets filled into the config at boot for their @NAME@ placeholders.
+  config_secrets = var.redis_auth_secret_arn != "" ? { REDIS_AUTH_TOKEN = var.redis_auth_secret_arn } : {}
 }
 
 data "aws_region" "current" {}
@@ -87,7 +90,7 @@ data "aws_iam_policy_document" "origin" {
   statement {
     sid       = "ReadMeshTls"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.mesh_tls_secret_arn]
+    resources = concat([var.mesh_tls_secret_arn], values(local.config_secrets))
   }
 }
 
@@ -128,6 +131,7 @@ resource "aws_instance" "origin" {
       quic_port              = var.quic_port
       metrics_port           = var.metrics_port
       idle_room_timeout_secs = var.idle_room_timeout_secs
+      redis_url              = var.redis_url
     })
     unit               = file("${path.module}/../../../infra/systemd/amphi-origin.service")
     artifact_bucket    = var.artifact_bucket
@@ -139,7 +143,8 @@ resource "aws_instance" "origin" {
     secret_region      = data.aws_region.current.name
     index_base         = 0
     index_span         = 1
-    config_secrets     = {}
+    config_secrets     = local.config_secrets
+    geoip_object_key   = ""
   })
 
   metadata_options {

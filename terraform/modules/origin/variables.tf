@@ -98,3 +98,15 @@ variable "idle_room_timeout_secs" {
   type        = number
   default     = 3600
 }
+
+variable "redis_url" {
+  description = "Redis for durable room state (participants, roles, hands, bans), so the origin that takes a room over loads it: rediss://host:port/db, with @REDIS_AUTH_TOKEN@ where the AUTH password goes (rediss://:@REDIS_AUTH_TOKEN@@host:port/1) when redis_auth_secret_arn is set; use another database than the geo-routers'. Empty: room state in memory only (a room that moves loses its roles and bans)."
+  type        = string
+  default     = ""
+}
+
+variable "redis_auth_secret_arn" {
+  description = "Secrets Manager secret holding the Redis AUTH token (a plain string), filled into redis_url at boot; empty: no password."
+  type        = string
+  default     = ""
+}

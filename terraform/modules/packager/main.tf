@@ -1,10 +1,21 @@
-# The cdn-packagers: one per origin (each packages the rooms of its origin), behind an HTTPS
-# application load balancer that CloudFront uses as the playlist origin.
+# The cdn-packagers: one set of packager_count instances, each linked to every origin and
+# packaging every room from whichever origin owns it now (a room whose origin dies continues
+# its HLS from the origin that takes it over), behind an HTTPS application load balancer that
+# CloudFront uses as the playlist origin. They store parts, segments and playlists in the CDN's
+# media bucket (under hls/) with the instance profile's credentials.
 
 locals {
   name   = "${var.name_prefix}-packager"
   tags   = merge(var.tags, { "amphi:role" = "packager" })
   ami_id = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.debian[0].value
+
+  # arn:aws:s3:::NAME
+  media_bucket_name = element(split(":::", var.media_bucket_arn), 1)
+  # Static S3 keys (S3-compatible storage only), filled into the config at boot.
+  config_secrets = var.storage_keys_secret_arns == null ? {} : {
+    S3_ACCESS_KEY = var.storage_keys_secret_arns.access_key
+    S3_SECRET_KEY = var.storage_keys_secret_arns.secret_key
+  }
 }
 
 data "aws_region" "current" {}
@@ -143,7 +154,17 @@ data "aws_iam_policy_document" "packager" {
   statement {
     sid       = "ReadMeshTls"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.mesh_tls_secret_arn]
+    resources = concat([var.mesh_tls_secret_arn], values(local.config_secrets))
+  }
+  statement {
+    sid       = "ListMedia"
+    actions   = ["s3:ListBucket"]
+    resources = [var.media_bucket_arn]
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["hls/*"]
+    }
   }
   statement {
     sid       = "WriteMedia"
@@ -171,7 +192,7 @@ resource "aws_iam_instance_profile" "packager" {
 
 resource "aws_instance" "packager" {
   #checkov:skip=CKV_AWS_88:The packager subnets are the region's public subnets; the security group admits only the load balancer (and monitoring), and the QUIC link to the origin is outbound.
-  count                       = length(var.origins)
+  count                       = var.packager_count
   ami                         = local.ami_id
   instance_type               = var.instance_type
   subnet_id                   = var.subnet_ids[count.index % length(var.subnet_ids)]
@@ -185,10 +206,14 @@ resource "aws_instance" "packager" {
   user_data = templatefile("${path.module}/../../templates/user_data.sh.tftpl", {
     role = "packager"
     config = templatefile("${path.module}/templates/packager.toml.tftpl", {
-      id         = "packager-${var.origins[count.index].id}"
-      origins    = [var.origins[count.index]]
-      http_port  = var.http_port
-      https_port = var.https_port
+      id                  = "packager-${count.index + 1}"
+      origins             = var.origins
+      http_port           = var.http_port
+      https_port          = var.https_port
+      storage_bucket      = local.media_bucket_name
+      storage_region      = data.aws_region.current.name
+      storage_endpoint    = var.storage_endpoint
+      storage_static_keys = var.storage_keys_secret_arns != null
     })
     unit               = file("${path.module}/../../../infra/systemd/amphi-packager.service")
     artifact_bucket    = var.artifact_bucket
@@ -200,7 +225,8 @@ resource "aws_instance" "packager" {
     secret_region      = data.aws_region.current.name
     index_base         = 0
     index_span         = 1
-    config_secrets     = {}
+    config_secrets     = local.config_secrets
+    geoip_object_key   = ""
   })
 
   metadata_options {
@@ -254,7 +280,7 @@ resource "aws_lb_target_group" "packager" {
 }
 
 resource "aws_lb_target_group_attachment" "packager" {
-  count            = length(var.origins)
+  count            = var.packager_count
   target_group_arn = aws_lb_target_group.packager.arn
   target_id        = aws_instance.packager[count.index].id
   port             = var.https_port

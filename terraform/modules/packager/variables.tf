@@ -5,7 +5,7 @@ variable "name_prefix" {
 }
 
 variable "origins" {
-  description = "Origins to take program streams from (the origin module's `origins` output); one packager runs per origin."
+  description = "Origins to take program streams from (the origin module's `origins` output); every packager links to all of them."
   type = list(object({
     id          = string
     addr        = string
@@ -115,4 +115,29 @@ variable "tags" {
   description = "Tags added to every resource."
   type        = map(string)
   default     = {}
+}
+
+variable "packager_count" {
+  description = "Number of packagers. Each links to every origin and packages every room, so any of them answers any playlist request; the load balancer fails over between them."
+  type        = number
+  default     = 1
+  validation {
+    condition     = var.packager_count >= 1
+    error_message = "packager_count must be at least 1."
+  }
+}
+
+variable "storage_endpoint" {
+  description = "Endpoint of an S3-compatible server to store in instead of AWS S3 (path-style addressing); empty: AWS S3 in this region, the media bucket."
+  type        = string
+  default     = ""
+}
+
+variable "storage_keys_secret_arns" {
+  description = "Static S3 keys for an S3-compatible storage_endpoint: Secrets Manager secrets (plain strings) of the access key id and the secret access key. Null: the instance profile's credentials (AWS S3)."
+  type = object({
+    access_key = string
+    secret_key = string
+  })
+  default = null
 }
