@@ -148,6 +148,14 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
         HlsResource::Recording => {
             stored(st, &key(room, "recording.m3u8"), PLAYLIST_TYPE, VOD_CACHE).await
         }
+        HlsResource::ChaptersJson => {
+            let json = crate::storage::content_type::JSON;
+            stored(st, &key(room, crate::chapters::CHAPTERS_JSON), json, VOD_CACHE).await
+        }
+        HlsResource::ChaptersVtt => {
+            let vtt = crate::storage::content_type::VTT;
+            stored(st, &key(room, crate::chapters::CHAPTERS_VTT), vtt, VOD_CACHE).await
+        }
         HlsResource::Vod(r) => {
             stored(
                 st,

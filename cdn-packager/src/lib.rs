@@ -23,6 +23,7 @@
 
 #[cfg(feature = "aac")]
 pub mod aac;
+pub mod chapters;
 pub mod conformance;
 pub mod fmp4;
 mod h1;

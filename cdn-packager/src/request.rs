@@ -40,6 +40,10 @@ pub enum HlsResource {
     Multivariant,
     /// `recording.m3u8`: the multivariant playlist of the recording.
     Recording,
+    /// `chapters.json`: the recording's Podcasting 2.0 chapters.
+    ChaptersJson,
+    /// `chapters.vtt`: the recording's WebVTT chapters.
+    ChaptersVtt,
     /// `{rendition}/playlist.m3u8`.
     MediaPlaylist(RenditionId),
     /// `{rendition}/vod.m3u8`: the recording's media playlist.
@@ -103,6 +107,8 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
     let resource = match parts.as_slice() {
         ["index.m3u8"] => HlsResource::Multivariant,
         ["recording.m3u8"] => HlsResource::Recording,
+        ["chapters.json"] => HlsResource::ChaptersJson,
+        ["chapters.vtt"] => HlsResource::ChaptersVtt,
         [dir @ ("opus" | "aac"), file] => {
             let r = if *dir == "opus" {
                 RenditionId::Opus
@@ -290,6 +296,8 @@ mod tests {
             Ok(HlsResource::Part(RenditionId::Aac, 3, 0))
         );
         assert_eq!(ok("recording.m3u8"), Ok(HlsResource::Recording));
+        assert_eq!(ok("chapters.json"), Ok(HlsResource::ChaptersJson));
+        assert_eq!(ok("chapters.vtt"), Ok(HlsResource::ChaptersVtt));
         assert_eq!(ok("aac/vod.m3u8"), Ok(HlsResource::Vod(RenditionId::Aac)));
         for bad in [
             "opus/part12.10.m4s",
