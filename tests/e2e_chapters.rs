@@ -82,7 +82,10 @@ async fn a_named_speaker_who_rejoins_gets_named_chapters_with_one_user_id() {
         // Chapters for podcast players, from the API's recording info.
         let json_url = info["chapters_url"].as_str().expect("chapters_url");
         let vtt_url = info["chapters_vtt_url"].as_str().expect("chapters_vtt_url");
-        assert!(json_url.ends_with(&format!("/hls/{room}/chapters.json")), "{info}");
+        assert!(
+            json_url.ends_with(&format!("/hls/{room}/chapters.json")),
+            "{info}"
+        );
         let chapters: serde_json::Value = serde_json::from_slice(&get_bytes(json_url)).unwrap();
         assert_eq!(chapters["version"], "1.2.0", "{chapters}");
         let list = chapters["chapters"].as_array().unwrap();
@@ -91,7 +94,10 @@ async fn a_named_speaker_who_rejoins_gets_named_chapters_with_one_user_id() {
         for c in list {
             assert_eq!(c["title"], NAME, "{chapters}");
             let start = c["startTime"].as_f64().unwrap();
-            assert!(start > last && c["endTime"].as_f64().unwrap() > start, "{chapters}");
+            assert!(
+                start > last && c["endTime"].as_f64().unwrap() > start,
+                "{chapters}"
+            );
             last = start;
         }
         let vtt = String::from_utf8(get_bytes(vtt_url)).unwrap();

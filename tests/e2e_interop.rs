@@ -104,8 +104,16 @@ async fn legacy_gstreamer_playbin_hears_a_room_whose_packager_joined_late() {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "done")
-        .unwrap_or_else(|| panic!("no result:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(done["demuxers"][0], "hlsdemux", "the legacy demuxer: {done}");
+        .unwrap_or_else(|| {
+            panic!(
+                "no result:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(
+        done["demuxers"][0], "hlsdemux",
+        "the legacy demuxer: {done}"
+    );
     assert!(
         out.status.success() && done["buffers"].as_u64() >= Some(100),
         "legacy playbin rendered no audio: {stdout}"

@@ -150,11 +150,23 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
         }
         HlsResource::ChaptersJson => {
             let json = crate::storage::content_type::JSON;
-            stored(st, &key(room, crate::chapters::CHAPTERS_JSON), json, VOD_CACHE).await
+            stored(
+                st,
+                &key(room, crate::chapters::CHAPTERS_JSON),
+                json,
+                VOD_CACHE,
+            )
+            .await
         }
         HlsResource::ChaptersVtt => {
             let vtt = crate::storage::content_type::VTT;
-            stored(st, &key(room, crate::chapters::CHAPTERS_VTT), vtt, VOD_CACHE).await
+            stored(
+                st,
+                &key(room, crate::chapters::CHAPTERS_VTT),
+                vtt,
+                VOD_CACHE,
+            )
+            .await
         }
         HlsResource::Vod(r) => {
             stored(

@@ -728,7 +728,10 @@ seg0.m4s
              X-SPEAKER-NAME=\"Ada 'the' Lovelace  x\",X-SPEAKER-USER=\"user-'7'\"\n"
         ));
         // A turn nobody named carries the participant id only.
-        assert!(vod.contains("DURATION=4.500,X-SPEAKER-ID=\"16777217\"\n"), "{vod}");
+        assert!(
+            vod.contains("DURATION=4.500,X-SPEAKER-ID=\"16777217\"\n"),
+            "{vod}"
+        );
         assert!(vod.ends_with("seg13.m4s\n#EXT-X-ENDLIST\n"));
         check_media(&vod, &Expect::vod()).unwrap();
         let parsed = m3u8_rs::parse_media_playlist_res(vod.as_bytes()).unwrap();

@@ -419,7 +419,11 @@ mod tests {
         let out = feed(&mut s, 4800, 9, t0, w0);
         assert!(out.is_empty(), "no part before the 10th frame");
         let out = feed(&mut s, 4800 + 9 * 960, 1, t0, w0);
-        assert_eq!(parts(&out), vec![(0, 0, 10, 0)], "the room's media starts at 0");
+        assert_eq!(
+            parts(&out),
+            vec![(0, 0, 10, 0)],
+            "the room's media starts at 0"
+        );
         let out = feed(&mut s, 4800 + 10 * 960, 190, t0, w0);
         let p = parts(&out);
         assert_eq!(p.len(), 19);

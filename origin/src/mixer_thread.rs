@@ -186,8 +186,8 @@ impl Driver {
                     tracing::warn!(%room, speaker, ?a, "speaker not mixed");
                     return;
                 }
-                let record = identity
-                    .and_then(|(user, name)| identity_record(room, speaker, &user, &name));
+                let record =
+                    identity.and_then(|(user, name)| identity_record(room, speaker, &user, &name));
                 if let Some(record) = record {
                     // Streams already running hear it now; new ones get it first.
                     for link in self.packagers.values() {
@@ -363,4 +363,31 @@ pub(crate) async fn mixer_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_records_are_program_stream_records_the_packager_decodes() {
+        let room = RoomId(0x0102_0304_0506_0708);
+        let record = identity_record(room, 7, "ada-1815", "Ada Lovelace").unwrap();
+        let len = u32::from_le_bytes(record[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, record.len() - 4);
+        let frame = RelayFrame::decode(&record[4..]).unwrap();
+        assert_eq!(
+            (frame.kind, frame.room, frame.speaker),
+            (FrameKind::SpeakerIdentity, room, 7)
+        );
+        assert_eq!(
+            SpeakerIdentity::decode(frame.payload),
+            Ok(SpeakerIdentity {
+                user: "ada-1815",
+                name: "Ada Lovelace"
+            })
+        );
+        // A user id the API would never mint cannot be carried.
+        assert!(identity_record(room, 7, "", "x").is_none());
+    }
 }

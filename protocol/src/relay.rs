@@ -288,18 +288,42 @@ mod tests {
         // An empty name is allowed; an empty or overlong user id, bad UTF-8 are not.
         assert_eq!(
             SpeakerIdentity::decode(b"\x01u"),
-            Ok(SpeakerIdentity { user: "u", name: "" })
+            Ok(SpeakerIdentity {
+                user: "u",
+                name: ""
+            })
         );
         assert_eq!(SpeakerIdentity::decode(b""), Err(IdentityError::UserLen));
-        assert_eq!(SpeakerIdentity::decode(b"\x00ab"), Err(IdentityError::UserLen));
-        assert_eq!(SpeakerIdentity::decode(b"\x05ab"), Err(IdentityError::UserLen));
-        assert_eq!(SpeakerIdentity::decode(b"\x01a\xff"), Err(IdentityError::Utf8));
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x00ab"),
+            Err(IdentityError::UserLen)
+        );
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x05ab"),
+            Err(IdentityError::UserLen)
+        );
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x01a\xff"),
+            Err(IdentityError::Utf8)
+        );
         let long = "x".repeat(MAX_IDENTITY_USER + 1);
-        let bad = SpeakerIdentity { user: &long, name: "" };
-        assert_eq!(bad.encode_to_vec(&mut Vec::new()), Err(IdentityError::UserLen));
+        let bad = SpeakerIdentity {
+            user: &long,
+            name: "",
+        };
+        assert_eq!(
+            bad.encode_to_vec(&mut Vec::new()),
+            Err(IdentityError::UserLen)
+        );
         let name = "n".repeat(MAX_OPUS_PAYLOAD);
-        let bad = SpeakerIdentity { user: "u", name: &name };
-        assert_eq!(bad.encode_to_vec(&mut Vec::new()), Err(IdentityError::TooLong));
+        let bad = SpeakerIdentity {
+            user: "u",
+            name: &name,
+        };
+        assert_eq!(
+            bad.encode_to_vec(&mut Vec::new()),
+            Err(IdentityError::TooLong)
+        );
     }
 
     #[test]
