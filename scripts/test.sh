@@ -33,13 +33,16 @@ command -v iptables >/dev/null || missing+=(iptables)
 # The edge's DTLS runs on the system OpenSSL (edge-node/src/dtls.rs, the openssl crate).
 pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 # GStreamer's WebRTC stack as a third-party WHIP publisher (tests/e2e_interop.rs runs
-# tests/gst/whip_publish.py with Debian's python3, which has the GObject bindings).
+# tests/gst/whip_publish.py with Debian's python3, which has the GObject bindings), and the legacy
+# `playbin` as an HLS player (tests/gst/playbin_count.py: hlsdemux from plugins-bad, qtdemux and
+# souphttpsrc from plugins-good, opusdec from plugins-base).
 /usr/bin/python3 -c 'import gi
 for n, v in [("Gst", "1.0"), ("GstWebRTC", "1.0"), ("GstSdp", "1.0"), ("Nice", "0.1")]:
     gi.require_version(n, v)
 from gi.repository import Gst
 Gst.init(None)
-assert all(Gst.ElementFactory.find(e) for e in ["webrtcbin", "nicesrc", "opusenc", "rtpopuspay", "audiotestsrc"])' \
+assert all(Gst.ElementFactory.find(e) for e in ["webrtcbin", "nicesrc", "opusenc", "rtpopuspay", "audiotestsrc",
+    "playbin", "hlsdemux", "qtdemux", "souphttpsrc", "opusdec", "fakesink"])' \
   >/dev/null 2>&1 || missing+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
     gstreamer1.0-plugins-bad gstreamer1.0-nice python3-gst-1.0 gir1.2-gst-plugins-bad-1.0 \
     gir1.2-nice-0.1)

@@ -176,6 +176,26 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
             let k = key(room, &format!("recording-{}.m3u8", r.dir()));
             stored(st, &k, PLAYLIST_TYPE, VOD_CACHE).await
         }
+        HlsResource::ChaptersJson => {
+            let json = crate::storage::content_type::JSON;
+            stored(
+                st,
+                &key(room, crate::chapters::CHAPTERS_JSON),
+                json,
+                VOD_CACHE,
+            )
+            .await
+        }
+        HlsResource::ChaptersVtt => {
+            let vtt = crate::storage::content_type::VTT;
+            stored(
+                st,
+                &key(room, crate::chapters::CHAPTERS_VTT),
+                vtt,
+                VOD_CACHE,
+            )
+            .await
+        }
         HlsResource::Vod(r) => {
             stored(
                 st,

@@ -1,5 +1,6 @@
 //! The QUIC links to the origins, one per configured origin: control stream (Hello/Welcome,
-//! RoomOpened, RoomEnded, Ping) and one unidirectional program stream per room.
+//! RoomOpened, RoomEnded, Ping) and one unidirectional program stream per room: program frames,
+//! and `SpeakerIdentity` records naming the speakers those frames point at.
 //!
 //! Only the origin that owns a room mixes it, so the packager takes every room's program stream
 //! from whichever origin sends it. When a room moves to another origin (its owner died), the new
@@ -9,11 +10,12 @@
 use crate::metrics::Metrics;
 use crate::room::Registry;
 use crate::segmenter::ProgramFrame;
+use crate::speakers::Speaker;
 use amphi_protocol::config::{OriginEndpoint, PackagerConfig};
 use amphi_protocol::control::{
     record_len, ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN,
 };
-use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::relay::{FrameKind, RelayFrame, SpeakerIdentity};
 use amphi_protocol::RoomId;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -304,7 +306,7 @@ impl Ingest {
                 break;
             }
             let frame = match RelayFrame::decode(&body[..len]) {
-                Ok(f) if f.kind == FrameKind::Program => f,
+                Ok(f) if matches!(f.kind, FrameKind::Program | FrameKind::SpeakerIdentity) => f,
                 Ok(f) => {
                     self.bad_record(&mut recv, Some(f.room), gen, &"not a program frame");
                     break;
@@ -338,6 +340,23 @@ impl Ingest {
                     }
                 },
             };
+            if frame.kind == FrameKind::SpeakerIdentity {
+                match SpeakerIdentity::decode(frame.payload) {
+                    Ok(id) => handle.core().identify(
+                        gen,
+                        frame.speaker,
+                        Speaker {
+                            user: id.user.to_string(),
+                            name: id.name.to_string(),
+                        },
+                    ),
+                    Err(e) => {
+                        self.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(room = %frame.room, gen, error = %e, "speaker identity skipped");
+                    }
+                }
+                continue;
+            }
             let pf = ProgramFrame {
                 rtp_ts: frame.rtp_ts,
                 payload: frame.payload,

@@ -24,6 +24,7 @@
 
 #[cfg(feature = "aac")]
 pub mod aac;
+pub mod chapters;
 pub mod conformance;
 pub mod fmp4;
 mod h1;

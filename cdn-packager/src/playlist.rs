@@ -6,6 +6,7 @@
 //! is exact and deterministic: the same inputs always render the same text.
 
 use crate::segmenter::SegmentStart;
+use crate::speakers::attribute_text;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
@@ -294,7 +295,7 @@ pub struct RenditionReport {
 }
 
 /// A speaker's turn, rendered as `EXT-X-DATERANGE` in the VOD playlist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpeakerSpan {
     /// Participant id of the loudest speaker (as the origin's program frames carry it).
     pub speaker: u32,
@@ -302,6 +303,8 @@ pub struct SpeakerSpan {
     pub start: SystemTime,
     /// Length.
     pub duration: Duration,
+    /// Who the speaker is, when the origin said.
+    pub who: Option<crate::speakers::Speaker>,
 }
 
 /// A live media playlist (and, once ended, the source of the VOD playlist).
@@ -618,7 +621,16 @@ impl MediaPlaylist {
                         format_pdt(span.start)
                     );
                     write_ms(&mut s, span.duration.as_millis() as u64);
-                    let _ = writeln!(s, ",X-SPEAKER-ID=\"{}\"", span.speaker);
+                    let _ = write!(s, ",X-SPEAKER-ID=\"{}\"", span.speaker);
+                    if let Some(who) = &span.who {
+                        let _ = write!(
+                            s,
+                            ",X-SPEAKER-NAME=\"{}\",X-SPEAKER-USER=\"{}\"",
+                            attribute_text(&who.name),
+                            attribute_text(&who.user)
+                        );
+                    }
+                    s.push('\n');
                 }
             }
             if seg.gap {
@@ -800,11 +812,16 @@ seg0.m4a
                 speaker: 0x0100_0001,
                 start: start(0, false).program_date_time,
                 duration: Duration::from_millis(4_500),
+                who: None,
             },
             SpeakerSpan {
                 speaker: 0x0200_0003,
                 start: start(4, false).program_date_time + Duration::from_millis(500),
                 duration: Duration::from_secs(3),
+                who: Some(crate::speakers::Speaker {
+                    user: "user-\"7\"".into(),
+                    name: "Ada \"the\" Lovelace\r\nx".into(),
+                }),
             },
         ];
         let vod = p.render_vod(&spans);
@@ -817,8 +834,14 @@ seg0.m4a
         assert!(vod.contains("seg0.m4a") && vod.contains("seg13.m4a"));
         assert!(vod.contains(
             "#EXT-X-DATERANGE:ID=\"speaker-1\",CLASS=\"com.amphi.speaker\",\
-             START-DATE=\"2023-11-14T22:13:24.750Z\",DURATION=3.000,X-SPEAKER-ID=\"33554435\"\n"
+             START-DATE=\"2023-11-14T22:13:24.750Z\",DURATION=3.000,X-SPEAKER-ID=\"33554435\",\
+             X-SPEAKER-NAME=\"Ada 'the' Lovelace  x\",X-SPEAKER-USER=\"user-'7'\"\n"
         ));
+        // A turn nobody named carries the participant id only.
+        assert!(
+            vod.contains("DURATION=4.500,X-SPEAKER-ID=\"16777217\"\n"),
+            "{vod}"
+        );
         assert!(vod.ends_with("seg13.m4a\n#EXT-X-ENDLIST\n"));
         check_media(&vod, &Expect::vod()).unwrap();
         let parsed = m3u8_rs::parse_media_playlist_res(vod.as_bytes()).unwrap();

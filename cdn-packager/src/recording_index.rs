@@ -21,13 +21,18 @@
 //! `{room}/speakers.txt`, rewritten as segments complete, in the same kind of text:
 //!
 //! ```text
-//! amphi-speaker-turns 1
-//! {participant id} {start, Unix microseconds} {duration, microseconds}
+//! amphi-speaker-turns 2
+//! {participant id} {start, Unix microseconds} {duration, microseconds} {user id} {name}
 //! ```
+//!
+//! `user id` and `name` are percent-encoded (every byte outside `!`..`~`, and `%`, as `%XX`), both
+//! empty when the speaker's identity is unknown. Version 1 files (the first three fields only,
+//! written before identities were carried) still load, their turns unnamed.
 
 use crate::playlist::{Naming, SegmentSummary, SpeakerSpan};
 use crate::request::MAX_MSN;
 use crate::segmenter::SegmentStart;
+use crate::speakers::Speaker;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 
@@ -44,8 +49,10 @@ const MAX_SEGMENT_TICKS: u64 = 480_000;
 const MAX_PDT_US: u64 = 32_503_680_000_000_000;
 /// Storage key of the speaker turns, relative to the room's directory.
 pub const TURNS_FILE: &str = "speakers.txt";
-/// First line of the turns file.
-const TURNS_HEADER: &str = "amphi-speaker-turns 1";
+/// First line of the turns file this build writes.
+const TURNS_HEADER: &str = "amphi-speaker-turns 2";
+/// First line of the turns files written before identities were carried (still read).
+const TURNS_HEADER_V1: &str = "amphi-speaker-turns 1";
 /// Most turns read back (a day of one-second turns); more lines are refused.
 pub const MAX_TURNS: usize = 86_400;
 /// Longest turn accepted (a day, microseconds).
@@ -124,7 +131,7 @@ pub fn parse_chunk(stored: impl AsRef<[u8]>) -> Result<Vec<SegmentSummary>, Inde
 
 /// Render speaker turns as a turns file.
 pub fn render_turns(spans: &[SpeakerSpan]) -> String {
-    let mut out = String::with_capacity(24 + spans.len() * 40);
+    let mut out = String::with_capacity(24 + spans.len() * 64);
     out.push_str(TURNS_HEADER);
     out.push('\n');
     for s in spans {
@@ -132,24 +139,75 @@ pub fn render_turns(spans: &[SpeakerSpan]) -> String {
             .start
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
-        let _ = writeln!(out, "{} {start} {}", s.speaker, s.duration.as_micros());
+        let _ = write!(out, "{} {start} {} ", s.speaker, s.duration.as_micros());
+        if let Some(who) = &s.who {
+            percent_encode(&who.user, &mut out);
+            out.push(' ');
+            percent_encode(&who.name, &mut out);
+        } else {
+            out.push(' ');
+        }
+        out.push('\n');
     }
     out
 }
 
-/// Parse a turns file written by [`render_turns`]; never panics.
+/// Append `text` with every byte outside `!`..`~`, and `%`, written as `%XX`.
+fn percent_encode(text: &str, out: &mut String) {
+    for b in text.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// The text [`percent_encode`] wrote; `None` unless canonical (only the bytes it encodes are
+/// encoded, upper-case hex) and UTF-8.
+fn percent_decode(field: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(field.len());
+    let mut it = field.bytes();
+    while let Some(b) = it.next() {
+        if b != b'%' {
+            if !(b'!'..=b'~').contains(&b) {
+                return None;
+            }
+            bytes.push(b);
+            continue;
+        }
+        let hex = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        };
+        let v = (hex(it.next()?)? << 4) | hex(it.next()?)?;
+        if (b'!'..=b'~').contains(&v) && v != b'%' {
+            return None;
+        }
+        bytes.push(v);
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Parse a turns file written by [`render_turns`] (or a version 1 file); never panics.
 pub fn parse_turns(stored: impl AsRef<[u8]>) -> Result<Vec<SpeakerSpan>, IndexError> {
+    let stored = stored.as_ref();
+    let (lines, named) = match records(stored, TURNS_HEADER) {
+        Ok(lines) => (lines, true),
+        Err(_) => (records(stored, TURNS_HEADER_V1)?, false),
+    };
     let mut spans = Vec::new();
-    for (n, line) in records(stored.as_ref(), TURNS_HEADER)? {
+    for (n, line) in lines {
         if spans.len() == MAX_TURNS {
             return Err(IndexError::TooMany);
         }
-        spans.push(parse_turn(line).ok_or(IndexError::Line(n))?);
+        spans.push(parse_turn(line, named).ok_or(IndexError::Line(n))?);
     }
     Ok(spans)
 }
 
-fn parse_turn(line: &str) -> Option<SpeakerSpan> {
+fn parse_turn(line: &str, named: bool) -> Option<SpeakerSpan> {
     let mut f = line.split(' ');
     let speaker = f.next()?.parse::<u32>().ok().filter(|&s| s != 0)?;
     let start = f
@@ -162,6 +220,19 @@ fn parse_turn(line: &str) -> Option<SpeakerSpan> {
         .parse::<u64>()
         .ok()
         .filter(|&d| d > 0 && d <= MAX_TURN_US)?;
+    let who = if named {
+        let (user, name) = (f.next()?, f.next()?);
+        match (user, name) {
+            ("", "") => None,
+            ("", _) => return None,
+            (user, name) => Some(Speaker {
+                user: percent_decode(user)?,
+                name: percent_decode(name)?,
+            }),
+        }
+    } else {
+        None
+    };
     if f.next().is_some() {
         return None;
     }
@@ -169,6 +240,7 @@ fn parse_turn(line: &str) -> Option<SpeakerSpan> {
         speaker,
         start: SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(start))?,
         duration: Duration::from_micros(duration),
+        who,
     })
 }
 
@@ -309,10 +381,28 @@ mod tests {
     fn bad_turn_files_are_errors() {
         assert_eq!(parse_turns(""), Err(IndexError::Version));
         assert_eq!(
-            parse_turns("amphi-speaker-turns 2\n"),
+            parse_turns("amphi-speaker-turns 3\n"),
             Err(IndexError::Version)
         );
         assert_eq!(parse_turns("amphi-speaker-turns 1\n"), Ok(vec![]));
+        assert_eq!(parse_turns("amphi-speaker-turns 2\n"), Ok(vec![]));
+        for bad in [
+            "7 1 2",
+            "7 1 2 u",
+            "7 1 2  n",
+            "7 1 2 u n x",
+            "7 1 2 u%41 n",
+            "7 1 2 u%2 n",
+            "7 1 2 u%e9 n",
+            "7 1 2 u n%FF",
+            "7 1 2 u\tv n",
+        ] {
+            assert_eq!(
+                parse_turns(format!("amphi-speaker-turns 2\n7 1 2 u n\n{bad}\n")),
+                Err(IndexError::Line(3)),
+                "{bad}"
+            );
+        }
         for bad in [
             "7 1 x",
             "7 1",

@@ -44,6 +44,10 @@ pub enum HlsResource {
     Recording,
     /// `recording-{rendition}.m3u8`: the recording's multivariant playlist of one rendition.
     CodecRecording(RenditionId),
+    /// `chapters.json`: the recording's Podcasting 2.0 chapters.
+    ChaptersJson,
+    /// `chapters.vtt`: the recording's WebVTT chapters.
+    ChaptersVtt,
     /// `{rendition}/playlist.m3u8`.
     MediaPlaylist(RenditionId),
     /// `{rendition}/vod.m3u8`: the recording's media playlist.
@@ -125,6 +129,8 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
         ["recording.m3u8"] => HlsResource::Recording,
         ["recording-opus.m3u8"] => HlsResource::CodecRecording(RenditionId::Opus),
         ["recording-aac.m3u8"] => HlsResource::CodecRecording(RenditionId::Aac),
+        ["chapters.json"] => HlsResource::ChaptersJson,
+        ["chapters.vtt"] => HlsResource::ChaptersVtt,
         [dir @ ("opus" | "aac"), file] => {
             let r = if *dir == "opus" {
                 RenditionId::Opus
@@ -335,6 +341,8 @@ mod tests {
             ok("recording-aac.m3u8"),
             Ok(HlsResource::CodecRecording(RenditionId::Aac))
         );
+        assert_eq!(ok("chapters.json"), Ok(HlsResource::ChaptersJson));
+        assert_eq!(ok("chapters.vtt"), Ok(HlsResource::ChaptersVtt));
         assert_eq!(ok("aac/vod.m3u8"), Ok(HlsResource::Vod(RenditionId::Aac)));
         for bad in [
             "opus/part12.10.m4s",

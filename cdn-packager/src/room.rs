@@ -6,6 +6,7 @@
 
 #[cfg(feature = "aac")]
 use crate::aac::AacRendition;
+use crate::chapters::{CHAPTERS_JSON, CHAPTERS_VTT};
 use crate::fmp4::{init_segment, MuxError};
 use crate::h1::{release_waiters, render_blocking_answer, Waiter};
 use crate::metrics::Metrics;
@@ -18,7 +19,7 @@ use crate::recording_index::{
     Resume, TURNS_FILE,
 };
 use crate::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
-use crate::speakers::SpeakerTimeline;
+use crate::speakers::{Speaker, SpeakerTimeline};
 use crate::spill::{Recovery, SpillDir};
 use crate::storage::{ObjectMeta, Storage, StorageError, Store};
 use crate::upload::{Entry, Job, Lane, MemoryBudget, Placement, Poll, Publish, Transition};
@@ -200,6 +201,15 @@ impl RoomCore {
             aac.push_opus(frame.payload, ext)?;
         }
         self.enqueue(out)
+    }
+
+    /// Stream `gen` said who participant `speaker` is (records of superseded streams are
+    /// dropped).
+    pub fn identify(&mut self, gen: u64, speaker: u32, who: Speaker) {
+        if self.finished || self.active_stream != Some(gen) {
+            return;
+        }
+        self.speakers.identify(speaker, who);
     }
 
     fn stop(&mut self) -> Result<(), RoomError> {
@@ -505,6 +515,19 @@ impl RoomHandle {
             }
         }
         if segments > 0 {
+            // Chapters for podcast players, beside the recording's multivariant playlist.
+            let history = p.playlists.first().map_or(&[][..], |pl| pl.history());
+            let chapters = crate::chapters::chapters(spans, history);
+            jobs.push(put(
+                key(room, CHAPTERS_JSON),
+                crate::chapters::render_json(&chapters),
+                ObjectMeta::JSON,
+            ));
+            jobs.push(put(
+                key(room, CHAPTERS_VTT),
+                crate::chapters::render_vtt(&chapters),
+                ObjectMeta::VTT,
+            ));
             for (name, text) in multivariants(self.renditions, "recording", "vod.m3u8") {
                 jobs.push(put(key(room, &name), text, ObjectMeta::PLAYLIST));
             }
@@ -1080,6 +1103,18 @@ impl Registry {
             .filter_map(|p| p.history.last())
             .map(|s| s.start.program_date_time + crate::playlist::ticks_duration(s.duration))
             .max();
+        // Decode times continue after the media written before (the room's first segment
+        // had decode time 0).
+        let media_start = resumed
+            .iter()
+            .flatten()
+            .filter_map(|p| p.history.first())
+            .map(|s| s.start.program_date_time)
+            .min();
+        let media_base = match (media_start, media_end) {
+            (Some(first), Some(end)) => crate::segmenter::resume_base(first, end),
+            _ => 0,
+        };
         let queue = Arc::new(Inbox::default());
         queue.push(Job::Put {
             key: rkey(room, rends[0], INIT_NAME),
@@ -1125,7 +1160,7 @@ impl Registry {
             room,
             renditions: rends,
             segmenter: match start_msn {
-                Some(msn) => Segmenter::default().resume_at(msn, media_end),
+                Some(msn) => Segmenter::default().resume_at(msn, media_end, media_base),
                 None => Segmenter::default(),
             },
             #[cfg(feature = "aac")]

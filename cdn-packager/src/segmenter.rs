@@ -1,7 +1,11 @@
 //! Sans-IO segmenter: 20 ms Opus frames in, CMAF parts (200 ms) and segments (2 s) out.
 //!
-//! Timeline: the base media decode time of the very first frame is its RTP timestamp (as u64);
-//! RTP wrap-around is unwrapped so the timeline is monotonic. After a program stop (or an RTP jump
+//! Timeline: each room's media starts at 0 (the base media decode time of the room's first frame
+//! is 0, whatever its RTP timestamp: the origin's program clock runs from when the program
+//! started, and players such as GStreamer's legacy `hlsdemux` place the first segment of a live
+//! playlist at its position in the playlist, not at its `tfdt`); a packager that resumes a room
+//! continues after the media it wrote before ([`Segmenter::resume_at`]). RTP wrap-around is
+//! unwrapped so the timeline is monotonic. After a program stop (or an RTP jump
 //! larger than [`MAX_RTP_GAP`]) the next frame continues right where the written media ended and
 //! its segment is flagged as a discontinuity. Small RTP gaps close the current part early; the
 //! next part then starts at the frame's real timestamp.
@@ -78,6 +82,16 @@ pub enum SegmenterOutput {
     Part(PartReady),
     /// A segment is complete (always after its last part).
     Segment(SegmentReady),
+}
+
+/// The base media decode time a resumed room continues at: the wall-clock span of the media
+/// written before, from the program date time of the room's first segment (`first`, decode time
+/// 0) to the end of its last (`end`), in 48 kHz ticks. Decode time never runs ahead of program
+/// date time (a stop or a jump re-anchors the wall clock forward while decode time continues
+/// where the media ended), so this is at or after the end of the media written before.
+pub fn resume_base(first: SystemTime, end: SystemTime) -> u64 {
+    let span = end.duration_since(first).unwrap_or_default();
+    u64::try_from(span.as_micros() * u128::from(TIMESCALE) / 1_000_000).unwrap_or(u64::MAX / 2)
 }
 
 /// Duration of `frames` Opus frames.
@@ -157,11 +171,14 @@ impl Segmenter {
 
     /// Continue numbering at segment `msn` (after a packager restart found earlier files), the
     /// first segment flagged as a discontinuity, its program date time no earlier than
-    /// `not_before` (the end of the media already written, if known).
-    pub fn resume_at(mut self, msn: u64, not_before: Option<SystemTime>) -> Self {
+    /// `not_before` (the end of the media already written, if known), its base media decode
+    /// time `media_base` (48 kHz ticks; no earlier than where the media written before ended, so
+    /// decode times never go backwards: see [`resume_base`]).
+    pub fn resume_at(mut self, msn: u64, not_before: Option<SystemTime>, media_base: u64) -> Self {
         self.msn = msn;
         self.discontinuity_pending = true;
         self.not_before = not_before;
+        self.next_ext = media_base;
         self
     }
 
@@ -196,11 +213,9 @@ impl Segmenter {
         self.accepted = None;
         let ext = match self.last {
             None => {
-                let ext = if self.started {
-                    self.next_ext
-                } else {
-                    u64::from(frame.rtp_ts)
-                };
+                // A room's first frame (0, or the resume base) or a new stream: right where
+                // the written media ended.
+                let ext = self.next_ext;
                 self.anchor = Some((self.reanchor(wall), ext));
                 ext
             }
@@ -404,12 +419,16 @@ mod tests {
         let out = feed(&mut s, 4800, 9, t0, w0);
         assert!(out.is_empty(), "no part before the 10th frame");
         let out = feed(&mut s, 4800 + 9 * 960, 1, t0, w0);
-        assert_eq!(parts(&out), vec![(0, 0, 10, 4800)]);
+        assert_eq!(
+            parts(&out),
+            vec![(0, 0, 10, 0)],
+            "the room's media starts at 0"
+        );
         let out = feed(&mut s, 4800 + 10 * 960, 190, t0, w0);
         let p = parts(&out);
         assert_eq!(p.len(), 19);
-        assert_eq!(p[8], (0, 9, 10, 4800 + 9 * 9600));
-        assert_eq!(p[9], (1, 0, 10, 4800 + 10 * 9600));
+        assert_eq!(p[8], (0, 9, 10, 9 * 9600));
+        assert_eq!(p[9], (1, 0, 10, 10 * 9600));
         assert_eq!(segments(&out), vec![(0, 10, 100), (1, 10, 100)]);
         assert_eq!(s.next_part(), (2, 0));
         // The segment is the concatenation of its parts, and only part 0 carries styp.
@@ -516,9 +535,9 @@ mod tests {
         let start = u32::MAX - 4 * 960 + 1;
         let out = feed(&mut s, start, 10, t0, w0);
         let p = parts(&out);
-        assert_eq!(p, vec![(0, 0, 10, u64::from(start))]);
+        assert_eq!(p, vec![(0, 0, 10, 0)]);
         let out = feed(&mut s, start.wrapping_add(10 * 960), 10, t0, w0);
-        assert_eq!(parts(&out)[0].3, u64::from(start) + 9600);
+        assert_eq!(parts(&out)[0].3, 9600, "across the wrap");
         let dup = s
             .push(
                 ProgramFrame {
@@ -551,5 +570,30 @@ mod tests {
         };
         assert_eq!((p.msn, p.base_media_decode_time), (2, 27 * 960));
         assert!(p.segment_start.unwrap().discontinuity);
+    }
+
+    #[test]
+    fn a_program_joined_late_starts_at_zero_and_a_resumed_room_continues_after_its_media() {
+        let t0 = Instant::now();
+        let w0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // The origin's program has run for an hour when this packager's stream starts.
+        let mut s = Segmenter::default();
+        let hour = 3600 * 48_000;
+        let out = feed(&mut s, hour, 100, t0, w0);
+        assert_eq!(parts(&out)[0], (0, 0, 10, 0));
+        assert_eq!(parts(&out)[9], (0, 9, 10, 9 * 9600));
+        // A packager restart: 100 frames (2 s) were written from w0, then a pause of 8 s, a
+        // second stream of 1 s (re-anchored at w0 + 10 s): media ends at w0 + 11 s, decode time
+        // at 3 s; the resumed room continues at 11 s, never before 3 s.
+        let base = resume_base(w0, w0 + Duration::from_secs(11));
+        assert_eq!(base, 11 * 48_000);
+        let mut r = Segmenter::default().resume_at(7, Some(w0 + Duration::from_secs(11)), base);
+        let out = feed(&mut r, 12_345, 10, t0, w0 + Duration::from_secs(12));
+        let SegmenterOutput::Part(p) = &out[0] else {
+            panic!("a part")
+        };
+        assert_eq!((p.msn, p.base_media_decode_time), (7, base));
+        assert!(p.segment_start.unwrap().discontinuity);
+        assert_eq!(resume_base(w0, w0 - Duration::from_secs(1)), 0);
     }
 }

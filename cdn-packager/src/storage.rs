@@ -26,6 +26,8 @@ pub mod content_type {
     pub const JSON: &str = "application/json";
     /// The recording index.
     pub const TEXT: &str = "text/plain; charset=utf-8";
+    /// WebVTT (the recording's chapters).
+    pub const VTT: &str = "text/vtt; charset=utf-8";
 }
 
 /// Storage backend selection, `[packager.storage]` in the packager's TOML.
@@ -148,14 +150,20 @@ impl ObjectMeta {
         content_type: content_type::TEXT,
         cache_control: "no-cache",
     };
+    /// A WebVTT track (the recording's chapters).
+    pub const VTT: ObjectMeta = ObjectMeta {
+        content_type: content_type::VTT,
+        cache_control: "no-cache",
+    };
 }
 
 impl ObjectMeta {
-    const ALL: [(&'static str, ObjectMeta); 4] = [
+    const ALL: [(&'static str, ObjectMeta); 5] = [
         ("media", ObjectMeta::MEDIA),
         ("playlist", ObjectMeta::PLAYLIST),
         ("json", ObjectMeta::JSON),
         ("index", ObjectMeta::INDEX),
+        ("vtt", ObjectMeta::VTT),
     ];
 
     /// A short name of this metadata (spill files).

@@ -211,6 +211,24 @@ async fn stream(
     uni
 }
 
+/// The base media decode time (`tfdt`, 48 kHz ticks) of a part or segment.
+fn tfdt(media: &[u8]) -> u64 {
+    use mp4_atom::{Any, Decode};
+    let mut cur = std::io::Cursor::new(media);
+    loop {
+        match Any::decode(&mut cur).expect("an fMP4 box") {
+            Any::Moof(moof) => {
+                return moof.traf[0]
+                    .tfdt
+                    .as_ref()
+                    .expect("tfdt")
+                    .base_media_decode_time
+            }
+            _ => continue,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
     let frames = tone_frames(440.0, 250);
@@ -236,6 +254,15 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
         "the segments from before are still listed\n{text}"
     );
     assert_eq!(sum.discontinuities, [3], "{text}");
+    // Decode times start at 0 and continue after the media from before the restart (segments
+    // 0 and 1 and half of 2: 5 s), though the new stream's RTP starts at 0 again.
+    let at = |path: String| {
+        let addr = h.http;
+        async move { tfdt(&http_get(addr, &path).await.body) }
+    };
+    assert_eq!(at(format!("/hls/{ROOM}/opus/seg0.m4s")).await, 0);
+    let resumed = at(format!("/hls/{ROOM}/opus/part3.0.m4s")).await;
+    assert!(resumed >= 5 * 48_000, "tfdt {resumed} after the restart");
     uni.finish().unwrap();
     h.control_send
         .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())

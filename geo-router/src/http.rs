@@ -1068,13 +1068,16 @@ async fn watch_recording(s: Shared, room: RoomId) {
 }
 
 /// `GET /v1/rooms/{id}/recording`: the URL of the room's VOD recording (a multivariant
-/// playlist of its Opus and AAC renditions), once the packager has stored it.
+/// playlist of its Opus and AAC renditions) and of its speaker chapters (Podcasting 2.0 JSON
+/// and WebVTT), once the packager has stored it.
 async fn recording(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
     let room = parse_room(&id)?;
     match recording_available(&s, room).await {
         Ok(true) => Ok(Json(serde_json::json!({
             "room": room.to_string(),
             "url": recording_url(&s, room),
+            "chapters_url": format!("{}/hls/{room}/chapters.json", s.hls_base()),
+            "chapters_vtt_url": format!("{}/hls/{room}/chapters.vtt", s.hls_base()),
         }))
         .into_response()),
         Ok(false) => Err(error(

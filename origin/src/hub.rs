@@ -742,7 +742,7 @@ impl Hub {
                 name,
                 region,
             } => {
-                {
+                let identity = {
                     let mut st = lock_write(&self.state);
                     let key = (room, speaker.0);
                     let owner = st.owners.get(&(room, speaker)).copied();
@@ -762,12 +762,20 @@ impl Hub {
                         }));
                     }
                     st.speakers.insert(key, id);
-                }
+                    // Who this is, from the room authority (the packagers name chapters by it).
+                    let who = st
+                        .rooms
+                        .get(room)
+                        .and_then(|r| r.participant(speaker))
+                        .map(|p| (p.user.clone(), p.name.clone()));
+                    who
+                };
                 tracing::info!(%room, %speaker, %name, %region, edge = %peer_id, "speaker joined");
                 let _ = self.control.send(MixerCmd::Joined {
                     room,
                     speaker: speaker.0,
                     source: id,
+                    identity,
                     at: now,
                 });
                 Ok(None)

@@ -4,7 +4,7 @@
 use crate::metrics::{DropReason, Metrics, SecondsCounter};
 use crate::programs::{Admission, ProgramEvent, Programs, ProgramsConfig};
 use amphi_protocol::control::ControlMessage;
-use amphi_protocol::relay::RelayFrame;
+use amphi_protocol::relay::{FrameKind, RelayFrame, SpeakerIdentity};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -22,11 +22,13 @@ const BATCH: usize = 1024;
 pub(crate) enum MixerCmd {
     /// A valid `SpeakerAudio` relay frame and when it arrived.
     Packet { datagram: Bytes, at: Instant },
-    /// `SpeakerJoined` from connection `source`.
+    /// `SpeakerJoined` from connection `source`; `identity` is the participant's user id and
+    /// display name from the room authority (told to the packagers on the program stream).
     Joined {
         room: RoomId,
         speaker: u32,
         source: u64,
+        identity: Option<(String, String)>,
         at: Instant,
     },
     /// `SpeakerLeft`.
@@ -127,6 +129,30 @@ struct Driver {
     room_cpu: RoomCpu,
     /// Rooms idle for `ProgramsConfig::idle_end`, for the hub to end.
     idle_tx: mpsc::UnboundedSender<RoomId>,
+    /// The identity records (program stream records of kind `SpeakerIdentity`) of every speaker
+    /// announced in a running room, sent first on each new program stream of the room.
+    identities: HashMap<RoomId, HashMap<u32, Bytes>>,
+}
+
+/// The program stream record (`u32 LE length | relay frame`) telling the packagers who
+/// `speaker` is; `None` if the identity cannot be carried (an over-long name or user id).
+fn identity_record(room: RoomId, speaker: u32, user: &str, name: &str) -> Option<Bytes> {
+    let mut payload = Vec::with_capacity(1 + user.len() + name.len());
+    SpeakerIdentity { user, name }
+        .encode_to_vec(&mut payload)
+        .ok()?;
+    let frame = RelayFrame {
+        kind: FrameKind::SpeakerIdentity,
+        room,
+        speaker,
+        seq: 0,
+        rtp_ts: 0,
+        audio_level: 127,
+        payload: &payload,
+    };
+    let mut record = (frame.encoded_len() as u32).to_le_bytes().to_vec();
+    frame.encode_to_vec(&mut record).ok()?;
+    Some(Bytes::from(record))
 }
 
 impl Driver {
@@ -152,18 +178,42 @@ impl Driver {
                 room,
                 speaker,
                 source,
+                identity,
                 at,
             } => {
                 let a = self.programs.speaker_joined(room, speaker, source, at);
                 if a != Admission::Mixed(crate::jitter::PushOutcome::Accepted) {
                     tracing::warn!(%room, speaker, ?a, "speaker not mixed");
+                    return;
+                }
+                let record =
+                    identity.and_then(|(user, name)| identity_record(room, speaker, &user, &name));
+                if let Some(record) = record {
+                    // Streams already running hear it now; new ones get it first.
+                    for link in self.packagers.values() {
+                        if let Some(tx) = link.streams.get(&room) {
+                            if tx.try_send(record.clone()).is_err() {
+                                self.metrics.program_frames_dropped.inc();
+                            }
+                        }
+                    }
+                    self.identities
+                        .entry(room)
+                        .or_default()
+                        .insert(speaker, record);
                 }
             }
-            MixerCmd::Left { room, speaker, at } => self.programs.speaker_left(room, speaker, at),
+            MixerCmd::Left { room, speaker, at } => {
+                self.programs.speaker_left(room, speaker, at);
+                if let Some(ids) = self.identities.get_mut(&room) {
+                    ids.remove(&speaker);
+                }
+            }
             MixerCmd::SourceGone { source, at } => self.programs.source_gone(source, at),
             MixerCmd::RoomEnded { room, at } => {
                 let was_running = self.programs.room_ended(room, at);
                 self.opened.remove(&room);
+                self.identities.remove(&room);
                 tracing::info!(%room, was_running, "room ended");
                 for link in self.packagers.values() {
                     let _ = link.control.send(ControlMessage::RoomEnded { room });
@@ -203,6 +253,7 @@ impl Driver {
             runtime,
             room_cpu,
             idle_tx,
+            identities,
             ..
         } = self;
         programs.poll(now, &mut |event| match event {
@@ -218,6 +269,12 @@ impl Driver {
                     let tx = link.streams.entry(room).or_insert_with(|| {
                         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
                         runtime.spawn(program_writer(link.conn.clone(), room, rx, metrics.clone()));
+                        // Who the room's speakers are, before the frames naming them.
+                        for record in identities.get(&room).into_iter().flat_map(|m| m.values()) {
+                            if tx.try_send(record.clone()).is_err() {
+                                metrics.program_frames_dropped.inc();
+                            }
+                        }
                         tx
                     });
                     if tx.try_send(record.clone()).is_err() {
@@ -232,6 +289,7 @@ impl Driver {
             ProgramEvent::Stopped(room) => {
                 tracing::info!(%room, "program stopped");
                 room_cpu.stopped(room, metrics);
+                identities.remove(&room);
                 for link in packagers.values_mut() {
                     link.streams.remove(&room);
                 }
@@ -265,6 +323,7 @@ pub(crate) async fn mixer_loop(
         metrics,
         runtime,
         room_cpu: RoomCpu::default(),
+        identities: HashMap::new(),
     };
     loop {
         let deadline = tokio::time::Instant::from_std(driver.programs.next_tick_at());
@@ -304,4 +363,31 @@ pub(crate) async fn mixer_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_records_are_program_stream_records_the_packager_decodes() {
+        let room = RoomId(0x0102_0304_0506_0708);
+        let record = identity_record(room, 7, "ada-1815", "Ada Lovelace").unwrap();
+        let len = u32::from_le_bytes(record[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, record.len() - 4);
+        let frame = RelayFrame::decode(&record[4..]).unwrap();
+        assert_eq!(
+            (frame.kind, frame.room, frame.speaker),
+            (FrameKind::SpeakerIdentity, room, 7)
+        );
+        assert_eq!(
+            SpeakerIdentity::decode(frame.payload),
+            Ok(SpeakerIdentity {
+                user: "ada-1815",
+                name: "Ada Lovelace"
+            })
+        );
+        // A user id the API would never mint cannot be carried.
+        assert!(identity_record(room, 7, "", "x").is_none());
+    }
 }

@@ -6,6 +6,11 @@
 //!
 //! Kind 3 ([`FrameKind::SpeakerRepeat`]) was added within version 1: a receiver that predates it
 //! refuses such frames as an unknown kind, which only costs the protection it gives.
+//!
+//! Kind 4 ([`FrameKind::SpeakerIdentity`]) was added within version 1 too: a record on a program
+//! stream (never a datagram) naming participant `speaker`, its payload a [`SpeakerIdentity`]. A
+//! packager that predates it drops the program stream on it, so packagers are upgraded before
+//! origins.
 
 use crate::ids::RoomId;
 
@@ -29,6 +34,67 @@ pub enum FrameKind {
     /// one (edge -> origin only) so a datagram lost on the relay costs no audio: the origin
     /// mixes it when the original is missing and never forwards it.
     SpeakerRepeat = 3,
+    /// Who participant `speaker` is (origin -> packager, on the program stream, before the
+    /// program frames it is loudest in): the payload is a [`SpeakerIdentity`]; `seq`, `rtp_ts`
+    /// are 0 and `audio_level` 127.
+    SpeakerIdentity = 4,
+}
+
+/// Longest user id carried (the API's `user_id` limit).
+pub const MAX_IDENTITY_USER: usize = 128;
+
+/// The payload of a [`FrameKind::SpeakerIdentity`] record: `u8 user_len | user | name`, both
+/// UTF-8, the name taking the rest (at most [`MAX_OPUS_PAYLOAD`] bytes in all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpeakerIdentity<'a> {
+    /// Stable user id (the token's `sub`, the application's `user_id`).
+    pub user: &'a str,
+    /// Display name.
+    pub name: &'a str,
+}
+
+/// Why a [`SpeakerIdentity`] payload was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+pub enum IdentityError {
+    /// The user id is empty, longer than [`MAX_IDENTITY_USER`] or longer than the payload.
+    #[error("bad user id length")]
+    UserLen,
+    /// Not UTF-8.
+    #[error("identity is not UTF-8")]
+    Utf8,
+    /// The encoded identity does not fit one record.
+    #[error("identity too long")]
+    TooLong,
+}
+
+impl<'a> SpeakerIdentity<'a> {
+    /// Append the payload to `out`.
+    pub fn encode_to_vec(&self, out: &mut Vec<u8>) -> Result<(), IdentityError> {
+        if self.user.is_empty() || self.user.len() > MAX_IDENTITY_USER {
+            return Err(IdentityError::UserLen);
+        }
+        if 1 + self.user.len() + self.name.len() > MAX_OPUS_PAYLOAD {
+            return Err(IdentityError::TooLong);
+        }
+        out.push(self.user.len() as u8);
+        out.extend_from_slice(self.user.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        Ok(())
+    }
+
+    /// Parse a payload; never panics, whatever the input.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, IdentityError> {
+        let (&len, rest) = payload.split_first().ok_or(IdentityError::UserLen)?;
+        let len = usize::from(len);
+        if len == 0 || len > MAX_IDENTITY_USER || len > rest.len() {
+            return Err(IdentityError::UserLen);
+        }
+        let (user, name) = rest.split_at(len);
+        Ok(SpeakerIdentity {
+            user: std::str::from_utf8(user).map_err(|_| IdentityError::Utf8)?,
+            name: std::str::from_utf8(name).map_err(|_| IdentityError::Utf8)?,
+        })
+    }
 }
 
 /// A decoded relay frame borrowing its payload from the input buffer.
@@ -124,6 +190,7 @@ impl<'a> RelayFrame<'a> {
             1 => FrameKind::SpeakerAudio,
             2 => FrameKind::Program,
             3 => FrameKind::SpeakerRepeat,
+            4 => FrameKind::SpeakerIdentity,
             k => return Err(RelayError::Kind(k)),
         };
         let audio_level = buf[20];
@@ -196,6 +263,70 @@ mod tests {
     }
 
     #[test]
+    fn identity_records_round_trip_and_bad_payloads_are_refused() {
+        let id = SpeakerIdentity {
+            user: "user-42",
+            name: "Zoë \"Z\" Ångström",
+        };
+        let mut payload = Vec::new();
+        id.encode_to_vec(&mut payload).unwrap();
+        assert_eq!(payload[0], 7);
+        let f = RelayFrame {
+            kind: FrameKind::SpeakerIdentity,
+            seq: 0,
+            rtp_ts: 0,
+            audio_level: 127,
+            payload: &payload,
+            ..sample()
+        };
+        let mut v = Vec::new();
+        f.encode_to_vec(&mut v).unwrap();
+        assert_eq!(v[1], 4);
+        let back = RelayFrame::decode(&v).unwrap();
+        assert_eq!(back.kind, FrameKind::SpeakerIdentity);
+        assert_eq!(SpeakerIdentity::decode(back.payload), Ok(id));
+        // An empty name is allowed; an empty or overlong user id, bad UTF-8 are not.
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x01u"),
+            Ok(SpeakerIdentity {
+                user: "u",
+                name: ""
+            })
+        );
+        assert_eq!(SpeakerIdentity::decode(b""), Err(IdentityError::UserLen));
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x00ab"),
+            Err(IdentityError::UserLen)
+        );
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x05ab"),
+            Err(IdentityError::UserLen)
+        );
+        assert_eq!(
+            SpeakerIdentity::decode(b"\x01a\xff"),
+            Err(IdentityError::Utf8)
+        );
+        let long = "x".repeat(MAX_IDENTITY_USER + 1);
+        let bad = SpeakerIdentity {
+            user: &long,
+            name: "",
+        };
+        assert_eq!(
+            bad.encode_to_vec(&mut Vec::new()),
+            Err(IdentityError::UserLen)
+        );
+        let name = "n".repeat(MAX_OPUS_PAYLOAD);
+        let bad = SpeakerIdentity {
+            user: "u",
+            name: &name,
+        };
+        assert_eq!(
+            bad.encode_to_vec(&mut Vec::new()),
+            Err(IdentityError::TooLong)
+        );
+    }
+
+    #[test]
     fn rejects_bad_frames() {
         let mut v = Vec::new();
         sample().encode_to_vec(&mut v).unwrap();
@@ -210,8 +341,8 @@ mod tests {
         let mut bad = v.clone();
         bad[1] = 0;
         assert_eq!(RelayFrame::decode(&bad), Err(RelayError::Kind(0)));
-        bad[1] = 4;
-        assert_eq!(RelayFrame::decode(&bad), Err(RelayError::Kind(4)));
+        bad[1] = 5;
+        assert_eq!(RelayFrame::decode(&bad), Err(RelayError::Kind(5)));
         let mut bad = v.clone();
         bad[20] = 200;
         assert_eq!(RelayFrame::decode(&bad), Err(RelayError::AudioLevel(200)));
