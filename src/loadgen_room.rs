@@ -39,8 +39,8 @@ pub struct RoomArgs {
     /// Port offset of the `amphi dev` mesh it starts.
     #[arg(long, default_value_t = 23_000)]
     port_offset: u16,
-    /// Short run for CI: 800 WebSocket participants (past the old single-record snapshot
-    /// limit), 4 WebRTC listeners, 6 hands.
+    /// Short run for CI: 1,000 WebSocket participants (past the old single-record snapshot
+    /// limit), 20 WebRTC listeners, 6 hands.
     #[arg(long)]
     smoke: bool,
 }
@@ -215,7 +215,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// `amphi loadgen room`.
 pub async fn run(args: RoomArgs) -> Result<()> {
     let (n_ws, n_rtc, n_hands) = if args.smoke {
-        (800, 4, 6)
+        (1_000, 20, 6)
     } else {
         (args.websockets, args.webrtc, args.hands)
     };
