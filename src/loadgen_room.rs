@@ -221,7 +221,9 @@ pub async fn run(args: RoomArgs) -> Result<()> {
     };
     ensure!(n_hands <= n_ws, "--hands exceeds --websockets");
     let fds = raise_fd_limit();
-    let need = (2 * (n_ws + n_rtc) + 1000) as u64;
+    // Per process: this one holds a socket per WebSocket client and two per WebRTC listener
+    // (HTTP, UDP); the mesh child about as many (it inherits the limit).
+    let need = (n_ws + 2 * n_rtc + 1000) as u64;
     ensure!(
         fds >= need,
         "open-file limit {fds} is below the {need} this run needs: raise `ulimit -Hn`"
@@ -382,7 +384,15 @@ pub async fn run(args: RoomArgs) -> Result<()> {
     for c in &raisers {
         let _ = c.out.send(json!({"type": "raise_hand"}).to_string());
     }
-    await_events(&mut host_rx, "hand_raised", &ids).await?;
+    await_events(&mut host_rx, "hand_raised", &ids)
+        .await
+        .with_context(|| {
+            format!(
+                "{} participants disconnected, {} error messages",
+                tally.dropped.load(Relaxed),
+                tally.errors.load(Relaxed)
+            )
+        })?;
     let (promote, kick) = ids.split_at(ids.len() / 2);
     for id in promote {
         let _ = host.send(json!({"type": "promote", "target": id}).to_string());
