@@ -145,6 +145,11 @@ step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
 # Edge SFU: 4 real WebRTC subscribers, 3 speakers, 3 s, against a dev mesh it starts.
 "$TARGET_DIR/debug/amphi" bench sfu --smoke
 "$TARGET_DIR/debug/amphi" loadgen hls --smoke --port 18490
+# One big room: 1,000 WebSocket + 20 WebRTC participants over two edges; joins, hands, promotions,
+# kicks, chat and listener paging without an origin link drop (full run: 10,000 + 200).
+"$TARGET_DIR/debug/amphi" loadgen room --smoke --port-offset 23400
+# Origin relay delay with a 1,000-member room idle, then chatting at its limit (2 s each).
+"$TARGET_DIR/debug/amphi" bench relay --smoke
 # Geo-router route lookups: criterion (once, test mode) and wrk vs a hyper hello-world (1 s each).
 cargo test -p amphi-geo-router --bench route --locked
 "$TARGET_DIR/debug/amphi" bench route --smoke --port 27500

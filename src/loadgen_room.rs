@@ -39,8 +39,8 @@ pub struct RoomArgs {
     /// Port offset of the `amphi dev` mesh it starts.
     #[arg(long, default_value_t = 23_000)]
     port_offset: u16,
-    /// Short run for CI: 800 WebSocket participants (past the old single-record snapshot
-    /// limit), 4 WebRTC listeners, 6 hands.
+    /// Short run for CI: 1,000 WebSocket participants (past the old single-record snapshot
+    /// limit), 20 WebRTC listeners, 6 hands.
     #[arg(long)]
     smoke: bool,
 }
@@ -215,13 +215,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// `amphi loadgen room`.
 pub async fn run(args: RoomArgs) -> Result<()> {
     let (n_ws, n_rtc, n_hands) = if args.smoke {
-        (800, 4, 6)
+        (1_000, 20, 6)
     } else {
         (args.websockets, args.webrtc, args.hands)
     };
     ensure!(n_hands <= n_ws, "--hands exceeds --websockets");
     let fds = raise_fd_limit();
-    let need = (2 * (n_ws + n_rtc) + 1000) as u64;
+    // Per process: this one holds a socket per WebSocket client and two per WebRTC listener
+    // (HTTP, UDP); the mesh child about as many (it inherits the limit).
+    let need = (n_ws + 2 * n_rtc + 1000) as u64;
     ensure!(
         fds >= need,
         "open-file limit {fds} is below the {need} this run needs: raise `ulimit -Hn`"
@@ -382,7 +384,15 @@ pub async fn run(args: RoomArgs) -> Result<()> {
     for c in &raisers {
         let _ = c.out.send(json!({"type": "raise_hand"}).to_string());
     }
-    await_events(&mut host_rx, "hand_raised", &ids).await?;
+    await_events(&mut host_rx, "hand_raised", &ids)
+        .await
+        .with_context(|| {
+            format!(
+                "{} participants disconnected, {} error messages",
+                tally.dropped.load(Relaxed),
+                tally.errors.load(Relaxed)
+            )
+        })?;
     let (promote, kick) = ids.split_at(ids.len() / 2);
     for id in promote {
         let _ = host.send(json!({"type": "promote", "target": id}).to_string());

@@ -2,6 +2,7 @@
 
 mod bench_latency;
 mod bench_quality;
+mod bench_relay;
 mod bench_route;
 mod cert;
 mod child_mesh;

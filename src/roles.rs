@@ -352,6 +352,8 @@ enum BenchCommand {
     Quality(crate::bench_quality::QualityOptions),
     /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
     Sfu(crate::loadgen_webrtc::SfuArgs),
+    /// Origin relay forwarding delay with one big room idle, then chatting at its limit.
+    Relay(crate::bench_relay::RelayArgs),
     /// Geo-router route lookups/s over HTTP with wrk, side by side with a hyper hello-world.
     Route {
         /// Seconds of wrk load per server.
@@ -402,6 +404,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         }
         BenchCommand::Quality(opts) => crate::bench_quality::run(opts).await?,
         BenchCommand::Sfu(args) => crate::loadgen_webrtc::bench(args).await?,
+        BenchCommand::Relay(args) => crate::bench_relay::run(args).await?,
         BenchCommand::Route {
             seconds,
             threads,

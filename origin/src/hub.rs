@@ -50,8 +50,73 @@ pub(crate) const RESUME_GRACE: Duration = Duration::from_secs(15);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct EdgeLink {
-    conn: quinn::Connection,
     control: PeerSender,
+}
+
+/// What the datagram relay needs, under its own lock: the connection that announced each
+/// speaker, who may be heard, who subscribes to each room, and the QUIC connections to send to.
+/// The authority updates it (briefly, a map entry at a time) when those change; relaying a
+/// datagram takes only its read lock, never the authority's, so no room's commands, joins or
+/// persistence delay any room's audio.
+#[derive(Default)]
+struct RelayTable {
+    /// Edge connections (datagram targets).
+    conns: HashMap<u64, quinn::Connection>,
+    /// Subscribed edge connections per room (mirror of [`HubState::subs`]).
+    subs: HashMap<RoomId, Vec<u64>>,
+    /// The edge connection that announced each participant (mirror of [`HubState::owners`]).
+    owners: HashMap<(RoomId, u32), u64>,
+    /// The edge connection that announced each speaker (`SpeakerJoined`). A relay frame is
+    /// taken only from the connection that owns its speaker (in `owners`, or here for speakers
+    /// the authority does not know).
+    speakers: HashMap<(RoomId, u32), u64>,
+    /// Speakers the authority lets be heard, for every room it holds; datagrams from anyone else
+    /// in those rooms are neither relayed nor mixed.
+    audible: HashMap<RoomId, HashSet<u32>>,
+}
+
+impl RelayTable {
+    /// Whether connection `conn` announced `speaker` in `room`: the authority's owner of that
+    /// participant if it has one, else the connection whose `SpeakerJoined` named it.
+    fn announced_by(&self, room: RoomId, speaker: u32, conn: u64) -> bool {
+        match self.owners.get(&(room, speaker)) {
+            Some(&owner) => owner == conn,
+            None => self.speakers.get(&(room, speaker)) == Some(&conn),
+        }
+    }
+
+    /// The connections subscribed to `room` if connection `from` may relay `speaker`'s audio
+    /// there (it announced the speaker, and the speaker may be heard), else why not.
+    fn route(&self, room: RoomId, speaker: u32, from: u64) -> Result<&[u64], DropReason> {
+        if !self.announced_by(room, speaker, from) {
+            return Err(DropReason::NotAnnounced);
+        }
+        // Muted speakers, listeners and strangers are not heard (the edge drops them first;
+        // this is defense in depth). Rooms without an authority record pass.
+        if self
+            .audible
+            .get(&room)
+            .is_some_and(|heard| !heard.contains(&speaker))
+        {
+            return Err(DropReason::NotAudible);
+        }
+        Ok(self.subs.get(&room).map_or(&[], Vec::as_slice))
+    }
+
+    /// Forget everything about `room`.
+    fn forget_room(&mut self, room: RoomId) {
+        self.audible.remove(&room);
+        self.owners.retain(|(r, _), _| *r != room);
+        self.speakers.retain(|(r, _), _| *r != room);
+    }
+}
+
+fn relay_read(t: &RwLock<RelayTable>) -> std::sync::RwLockReadGuard<'_, RelayTable> {
+    t.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn relay_write(t: &RwLock<RelayTable>) -> std::sync::RwLockWriteGuard<'_, RelayTable> {
+    t.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]
@@ -64,19 +129,15 @@ struct HubState {
     rooms: Rooms,
     /// The edge connection that announced each participant (its `Leave` on disconnect).
     owners: HashMap<(RoomId, ParticipantId), u64>,
-    /// The edge connection that announced each speaker (`SpeakerJoined`). A relay frame is
-    /// taken only from the connection that owns its speaker (in [`HubState::owners`], or here
-    /// for speakers the authority does not know).
-    speakers: HashMap<(RoomId, u32), u64>,
     /// Edge connections that were sent a room's snapshot since they subscribed to it: their
     /// later joins get events only.
     synced: HashSet<(RoomId, u64)>,
-    /// Speakers the authority lets be heard, for every room it holds; datagrams from anyone else
-    /// in those rooms are neither relayed nor mixed.
-    audible: HashMap<RoomId, HashSet<u32>>,
+    /// The relay's view (its own lock; taken after this state's, never before).
+    relay: Arc<RwLock<RelayTable>>,
     /// When idle rooms are next forgotten.
     next_housekeeping: Option<Instant>,
-    /// Writes every room's durable state after each change (when a store is configured).
+    /// Writes what each command changed of its room's durable state (when a store is
+    /// configured).
     persister: Option<Arc<Persister>>,
     /// Rooms looked up in the store since this origin started.
     looked_up: HashSet<RoomId>,
@@ -126,20 +187,54 @@ impl HubState {
         }
     }
 
-    /// Recompute who may be heard in `room`.
+    /// Recompute who may be heard in `room` (outside the relay's lock, then swapped in).
     fn refresh_audible(&mut self, room: RoomId) {
-        match self.rooms.get(room) {
-            Some(r) if r.phase() == RoomPhase::Live => {
-                let set = r.audible().map(|p| p.0).collect();
-                self.audible.insert(room, set);
-            }
-            Some(_) => {
-                self.audible.insert(room, HashSet::new());
+        let set: Option<HashSet<u32>> = match self.rooms.get(room) {
+            Some(r) if r.phase() == RoomPhase::Live => Some(r.audible().map(|p| p.0).collect()),
+            Some(_) => Some(HashSet::new()),
+            None => None,
+        };
+        let mut relay = relay_write(&self.relay);
+        match set {
+            Some(set) => {
+                relay.audible.insert(room, set);
             }
             None => {
-                self.audible.remove(&room);
+                relay.audible.remove(&room);
             }
         }
+    }
+
+    /// Connection `conn` announced participant `id` of `room`.
+    fn set_owner(&mut self, room: RoomId, id: ParticipantId, conn: u64) {
+        self.owners.insert((room, id), conn);
+        relay_write(&self.relay).owners.insert((room, id.0), conn);
+    }
+
+    /// Participant `id` of `room` has no announcing connection any more.
+    fn remove_owner(&mut self, room: RoomId, id: ParticipantId) {
+        self.owners.remove(&(room, id));
+        relay_write(&self.relay).owners.remove(&(room, id.0));
+    }
+
+    /// Mirror `room`'s subscribers into the relay's view.
+    fn sync_subs(&self, room: RoomId) {
+        let subs = self.subs.subscribers(room);
+        let mut relay = relay_write(&self.relay);
+        if subs.is_empty() {
+            relay.subs.remove(&room);
+        } else {
+            relay.subs.insert(room, subs.to_vec());
+        }
+    }
+
+    /// Subscribe connection `conn` to `room`.
+    fn subscribe(&mut self, room: RoomId, conn: u64) -> Subscribe {
+        let out = self.subs.subscribe(room, conn);
+        if out == Subscribe::Added {
+            self.sync_subs(room);
+        }
+        out
     }
 
     /// Bookkeeping after the authority produced `events` for `room`; returns whether the room
@@ -150,7 +245,7 @@ impl HubState {
         for e in events {
             match e {
                 RoomEvent::ParticipantLeft { id } => {
-                    self.owners.remove(&(room, *id));
+                    self.remove_owner(room, *id);
                     audibility = true;
                 }
                 RoomEvent::Ended { .. } => ended = true,
@@ -167,30 +262,24 @@ impl HubState {
         }
         if ended {
             self.owners.retain(|(r, _), _| *r != room);
-            self.speakers.retain(|(r, _), _| *r != room);
+            let mut relay = relay_write(&self.relay);
+            relay.owners.retain(|(r, _), _| *r != room);
+            relay.speakers.retain(|(r, _), _| *r != room);
         }
         if ended || audibility {
             self.refresh_audible(room);
         }
-        if !events.is_empty() {
-            self.persist(room);
+        if let (Some(p), Some(r)) = (&self.persister, self.rooms.get(room)) {
+            // What these events changed, not the whole room; chat writes nothing.
+            p.save_changes(room, r.changes(events));
         }
         ended
     }
 
-    /// Queue `room`'s durable state for the store (never waits).
+    /// Queue `room`'s whole durable state for the store (never waits).
     fn persist(&self, room: RoomId) {
         if let (Some(p), Some(r)) = (&self.persister, self.rooms.get(room)) {
-            p.save(r.persisted());
-        }
-    }
-
-    /// Whether connection `conn` announced `speaker` in `room`: the authority's owner of that
-    /// participant if it has one, else the connection whose `SpeakerJoined` named it.
-    fn announced_by(&self, room: RoomId, speaker: u32, conn: u64) -> bool {
-        match self.owners.get(&(room, ParticipantId(speaker))) {
-            Some(&owner) => owner == conn,
-            None => self.speakers.get(&(room, speaker)) == Some(&conn),
+            p.save(&r.persisted());
         }
     }
 
@@ -201,9 +290,8 @@ impl HubState {
         }
         self.next_housekeeping = Some(now + HOUSEKEEPING_EVERY);
         for room in self.rooms.housekeeping(now) {
-            self.audible.remove(&room);
+            relay_write(&self.relay).forget_room(room);
             self.owners.retain(|(r, _), _| *r != room);
-            self.speakers.retain(|(r, _), _| *r != room);
             self.synced.retain(|(r, _)| *r != room);
             self.looked_up.remove(&room);
             self.restored.remove(&room);
@@ -223,6 +311,8 @@ pub(crate) struct Hub {
     origin_id: String,
     metrics: Arc<Metrics>,
     state: RwLock<HubState>,
+    /// The relay's view of the state (see [`RelayTable`]).
+    relay: Arc<RwLock<RelayTable>>,
     packets: mpsc::Sender<MixerCmd>,
     control: mpsc::UnboundedSender<MixerCmd>,
     next_id: AtomicU64,
@@ -300,14 +390,17 @@ impl Hub {
         rooms: crate::room::RoomsConfig,
     ) -> Self {
         let (store, persister) = durable.unzip();
+        let relay = Arc::new(RwLock::new(RelayTable::default()));
         Hub {
             origin_id,
             metrics,
             state: RwLock::new(HubState {
                 persister,
                 rooms: Rooms::new(rooms),
+                relay: relay.clone(),
                 ..HubState::default()
             }),
+            relay,
             packets,
             control,
             next_id: AtomicU64::new(1),
@@ -571,13 +664,10 @@ impl Hub {
         }
         match peer {
             PeerKind::Edge => {
-                lock_write(&self.state).edges.insert(
-                    id,
-                    EdgeLink {
-                        conn: conn.clone(),
-                        control: ctl_tx,
-                    },
-                );
+                lock_write(&self.state)
+                    .edges
+                    .insert(id, EdgeLink { control: ctl_tx });
+                relay_write(&self.relay).conns.insert(id, conn.clone());
                 self.metrics.edges.inc();
             }
             PeerKind::Packager => {
@@ -743,14 +833,16 @@ impl Hub {
                 region,
             } => {
                 let identity = {
-                    let mut st = lock_write(&self.state);
+                    let st = lock_write(&self.state);
+                    let mut relay = relay_write(&self.relay);
                     let key = (room, speaker.0);
                     let owner = st.owners.get(&(room, speaker)).copied();
-                    let claimed = st.speakers.get(&key).copied();
+                    let claimed = relay.speakers.get(&key).copied();
                     let other = owner
                         .filter(|&c| c != id)
                         .or(claimed.filter(|&c| c != id && st.edges.contains_key(&c)));
                     if let Some(other) = other {
+                        drop(relay);
                         drop(st);
                         self.metrics.speaker_claims_refused.inc();
                         tracing::warn!(%room, %speaker, edge = %peer_id, other, "speaker announcement refused: another connection announced that participant");
@@ -761,7 +853,7 @@ impl Hub {
                             ),
                         }));
                     }
-                    st.speakers.insert(key, id);
+                    relay.speakers.insert(key, id);
                     // Who this is, from the room authority (the packagers name chapters by it).
                     let who = st
                         .rooms
@@ -782,12 +874,12 @@ impl Hub {
             }
             ControlMessage::SpeakerLeft { room, speaker } => {
                 {
-                    let mut st = lock_write(&self.state);
-                    if st.speakers.get(&(room, speaker.0)) != Some(&id) {
+                    let mut relay = relay_write(&self.relay);
+                    if relay.speakers.get(&(room, speaker.0)) != Some(&id) {
                         // Not this connection's speaker: nothing to stop.
                         return Ok(None);
                     }
-                    st.speakers.remove(&(room, speaker.0));
+                    relay.speakers.remove(&(room, speaker.0));
                 }
                 tracing::info!(%room, %speaker, edge = %peer_id, "speaker left");
                 let _ = self.control.send(MixerCmd::Left {
@@ -798,7 +890,7 @@ impl Hub {
                 Ok(None)
             }
             ControlMessage::SubscribeRoom { room } => {
-                match lock_write(&self.state).subs.subscribe(room, id) {
+                match lock_write(&self.state).subscribe(room, id) {
                     Subscribe::Added | Subscribe::Already => Ok(None),
                     Subscribe::LimitReached => Ok(Some(ControlMessage::Error {
                         code: "limit".into(),
@@ -809,6 +901,7 @@ impl Hub {
             ControlMessage::UnsubscribeRoom { room } => {
                 let mut st = lock_write(&self.state);
                 st.subs.unsubscribe(room, id);
+                st.sync_subs(room);
                 // The edge dropped its copy of the room: its next join gets a snapshot again.
                 st.synced.remove(&(room, id));
                 Ok(None)
@@ -884,9 +977,9 @@ impl Hub {
         if is_join {
             // The packagers prepare the room's HLS output before any program media.
             let _ = self.control.send(MixerCmd::RoomOpened { room });
-            st.owners.insert((room, actor), conn);
+            st.set_owner(room, actor, conn);
             // The joining edge needs the room's events even if it did not subscribe first.
-            if st.subs.subscribe(room, conn) == Subscribe::LimitReached {
+            if st.subscribe(room, conn) == Subscribe::LimitReached {
                 tracing::warn!(%room, "joining edge has too many subscriptions");
             }
         }
@@ -961,11 +1054,20 @@ impl Hub {
         let mut guard = lock_write(&self.state);
         let st = &mut *guard;
         st.edges.remove(&conn);
+        let rooms = st.subs.rooms_of(conn).to_vec();
         st.subs.remove_connection(conn);
-        st.speakers.retain(|_, c| *c != conn);
+        for room in rooms {
+            st.sync_subs(room);
+        }
+        {
+            let mut relay = relay_write(&self.relay);
+            relay.conns.remove(&conn);
+            relay.speakers.retain(|_, c| *c != conn);
+        }
         st.synced.retain(|(_, c)| *c != conn);
         if !leave {
             st.owners.retain(|_, c| *c != conn);
+            relay_write(&self.relay).owners.retain(|_, c| *c != conn);
             return;
         }
         let mut mine: Vec<(RoomId, ParticipantId)> = st
@@ -987,7 +1089,7 @@ impl Hub {
                     }
                 }
                 Err(_) => {
-                    st.owners.remove(&(room, id));
+                    st.remove_owner(room, id);
                 }
             }
         }
@@ -1018,30 +1120,23 @@ impl Hub {
                 }
             };
             {
-                let st = lock_read(&self.state);
-                // Only the connection that announced a speaker may send its audio.
-                if !st.announced_by(room, speaker, id) {
-                    m.dropped(DropReason::NotAnnounced);
-                    continue;
-                }
-                // Muted speakers, listeners and strangers are not heard (the edge drops them
-                // first; this is defense in depth). Rooms without an authority record pass.
-                if st
-                    .audible
-                    .get(&room)
-                    .is_some_and(|heard| !heard.contains(&speaker))
-                {
-                    m.dropped(DropReason::NotAudible);
-                    continue;
-                }
-                for &sub in st.subs.subscribers(room) {
+                // The relay's own lock: the room authority never holds it while it works.
+                let relay = relay_read(&self.relay);
+                let subs = match relay.route(room, speaker, id) {
+                    Ok(subs) => subs,
+                    Err(reason) => {
+                        m.dropped(reason);
+                        continue;
+                    }
+                };
+                for &sub in subs {
                     if sub == id || !forward {
                         continue;
                     }
-                    let Some(link) = st.edges.get(&sub) else {
+                    let Some(conn) = relay.conns.get(&sub) else {
                         continue;
                     };
-                    match link.conn.send_datagram(datagram.clone()) {
+                    match conn.send_datagram(datagram.clone()) {
                         Ok(()) => {
                             m.relay_forwarded.inc();
                         }
@@ -1102,5 +1197,97 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::RoomSnapshotPart { .. } => "room_snapshot_part",
         ControlMessage::CommandRejected { .. } => "command_rejected",
         ControlMessage::Revoke { .. } => "revoke",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amphi_protocol::token::Role;
+
+    fn hub() -> Hub {
+        let (packets, _) = mpsc::channel(8);
+        let (control, _) = mpsc::unbounded_channel();
+        Hub::new(
+            "origin-test".into(),
+            Arc::new(Metrics::default()),
+            packets,
+            control,
+            None,
+            crate::room::RoomsConfig::default(),
+        )
+    }
+
+    fn join(hub: &Hub, conn: u64, room: RoomId, id: u32, user: &str, role: Role) {
+        let (own, _rx) = peer_queue(PEER_QUEUE, Default::default());
+        let join = RoomCommand::Join {
+            user: user.into(),
+            name: user.into(),
+            role,
+            region: "us-east".into(),
+            resume: None,
+        };
+        hub.room_command(conn, &own, room, ParticipantId(id), 1, join, Instant::now());
+    }
+
+    fn route(hub: &Hub, room: RoomId, speaker: u32, from: u64) -> Result<Vec<u64>, DropReason> {
+        relay_read(&hub.relay)
+            .route(room, speaker, from)
+            .map(<[u64]>::to_vec)
+    }
+
+    #[test]
+    fn the_relay_view_follows_the_authority() {
+        let hub = hub();
+        let room = RoomId(7);
+        join(&hub, 1, room, 1, "spk", Role::Speaker);
+        join(&hub, 2, room, 2, "lis", Role::Listener);
+        assert_eq!(route(&hub, room, 1, 1), Ok(vec![1, 2]));
+        assert_eq!(route(&hub, room, 1, 2), Err(DropReason::NotAnnounced));
+        assert_eq!(route(&hub, room, 2, 2), Err(DropReason::NotAudible));
+        let (own, _rx) = peer_queue(PEER_QUEUE, Default::default());
+        let mute = RoomCommand::Mute { target: None };
+        hub.room_command(1, &own, room, ParticipantId(1), 2, mute, Instant::now());
+        assert_eq!(route(&hub, room, 1, 1), Err(DropReason::NotAudible));
+        // The speaker's edge goes: its participants leave, nobody relays for them.
+        hub.edge_gone(1, "edge-1", true);
+        assert_eq!(route(&hub, room, 1, 1), Err(DropReason::NotAnnounced));
+        assert!(relay_read(&hub.relay).subs[&room] == vec![2]);
+    }
+
+    /// The relay decides where a datagram goes while the authority holds its state (a command
+    /// in a 10,000-member room, a persist in progress): it never waits for it.
+    #[test]
+    fn relaying_does_not_wait_for_the_room_authority() {
+        let hub = hub();
+        let (quiet, busy) = (RoomId(1), RoomId(2));
+        join(&hub, 1, quiet, 1, "spk", Role::Speaker);
+        join(&hub, 2, quiet, 2, "lis", Role::Listener);
+        for i in 0..10_000 {
+            join(
+                &hub,
+                1 + i % 2,
+                busy,
+                10 + i as u32,
+                &format!("u{i}"),
+                Role::Listener,
+            );
+        }
+        let held = lock_write(&hub.state);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(route(&hub, quiet, 1, 1));
+            });
+            // A failure detector, not a measurement: a relay that needs the authority's lock
+            // would wait here for as long as the lock is held.
+            let routed = rx.recv_timeout(Duration::from_secs(30));
+            drop(held);
+            assert_eq!(
+                routed,
+                Ok(Ok(vec![1, 2])),
+                "the relay waited for the authority"
+            );
+        });
     }
 }

@@ -1,33 +1,38 @@
-//! Durable room state: after every command the room authority applies, the room's
-//! [`PersistedRoom`] (participants, roles, hand queue, bans, phase) is handed to a [`Persister`],
-//! whose writer task stores it in Redis; a restarted origin loads a room on first use
-//! ([`RoomStore::load`]), so rooms, roles, hands and bans survive it.
+//! Durable room state: after every command the room authority applies, what it changed of the
+//! room's durable state ([`RoomChanges`]: the participants it touched, the hand queue, bans,
+//! phase, the roles of the users involved) is handed to a [`Persister`], whose writer task stores
+//! it in Redis; a restarted origin loads a room on first use ([`RoomStore::load`]), so rooms,
+//! roles, hands and bans survive it. Commands that change nothing durable (chat, reactions)
+//! write nothing, and a join in a room of 10,000 writes one participant, not 10,000.
 //!
-//! Nothing here is on the media path, and nothing blocks the authority: [`Persister::save`] only
-//! replaces the room's pending snapshot in a map bounded by [`MAX_PENDING`] rooms (the newest
-//! snapshot of a room wins; older ones were never worth writing) and wakes the writer.
+//! Nothing here is on the media path, and nothing blocks the authority: [`Persister::save_changes`]
+//! only merges the changes into the room's pending entry in a map bounded by [`MAX_PENDING`]
+//! rooms (newer values of a field win) and wakes the writer.
 //!
 //! If Redis cannot be read when a room is first used (an outage), the room runs from a fresh
-//! state ("unverified") and its snapshots are held ([`Persister::hold`]) so that they cannot
+//! state ("unverified") and its changes are held ([`Persister::hold`]) so that they cannot
 //! overwrite what is stored; once Redis answers, the hub merges the stored state in
-//! ([`reconcile`]: bans, stored roles, an ended phase win) and writing resumes. An origin that
-//! already holds a room keeps writing its snapshots through the outage (retried, newest wins).
+//! ([`reconcile`]: bans, stored roles, an ended phase win) and writes the whole merged state
+//! ([`Persister::save`]). An origin that already holds a room keeps writing its changes through
+//! the outage (retried, merged with newer ones).
 //!
-//! Redis layout: `amphi:roomstate:{room}` holds the JSON of a [`PersistedRoom`], with a TTL of
-//! [`LIVE_TTL`] (refreshed by every write) or [`ENDED_TTL`] once the room ended.
+//! Redis layout: `amphi:roomh:{room}` is a hash: `phase`, `hands`, `banned` (JSON), `p:{id}` (a
+//! participant, JSON), `o:{id}` (its join stamp, which orders participants on load) and
+//! `r:{user}` (the role the user last held, JSON). Its TTL is [`LIVE_TTL`] (refreshed by every
+//! write) or [`ENDED_TTL`] once the room ended.
 
-use amphi_protocol::room::{RoomPhase, RoomRole, RoomState};
-use amphi_protocol::RoomId;
+use amphi_protocol::room::{Participant, RoomPhase, RoomRole, RoomState};
+use amphi_protocol::{ParticipantId, RoomId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Rooms whose snapshot may wait for the writer at once; beyond it new rooms' snapshots are
+/// Rooms whose changes may wait for the writer at once; beyond it new rooms' changes are
 /// dropped (counted) until the writer catches up.
 pub const MAX_PENDING: usize = 100_000;
 /// How long a live room's state is kept after its last change.
@@ -92,53 +97,202 @@ impl RoomStore {
     }
 
     fn key(&self, room: RoomId) -> String {
-        format!("{}roomstate:{room}", self.prefix)
+        format!("{}roomh:{room}", self.prefix)
     }
 
     /// The persisted state of `room`, if any.
     pub async fn load(&self, room: RoomId) -> Result<Option<PersistedRoom>, PersistError> {
         let mut c = self.conn.clone();
-        let v: Option<Vec<u8>> = redis::cmd("GET")
+        let fields: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
             .arg(self.key(room))
             .query_async(&mut c)
             .await?;
-        let Some(bytes) = v else {
-            return Ok(None);
-        };
-        let saved: PersistedRoom =
-            serde_json::from_slice(&bytes).map_err(|e| PersistError::Corrupt {
-                room,
-                message: e.to_string(),
-            })?;
-        if saved.state.room != room {
-            return Err(PersistError::Corrupt {
-                room,
-                message: format!("holds room {}", saved.state.room),
-            });
-        }
-        Ok(Some(saved))
+        assemble(room, &fields).map_err(|message| PersistError::Corrupt { room, message })
     }
 
-    /// Store `saved` (replacing what was there).
-    pub async fn store(&self, saved: &PersistedRoom) -> Result<(), PersistError> {
-        let json = serde_json::to_vec(saved).map_err(|e| PersistError::Corrupt {
-            room: saved.state.room,
-            message: e.to_string(),
-        })?;
-        let ttl = match saved.state.phase {
-            RoomPhase::Live => LIVE_TTL,
-            RoomPhase::Ended => ENDED_TTL,
+    /// Apply `changes` to what is stored of `room` (one atomic pipeline).
+    pub async fn store(&self, room: RoomId, changes: &RoomChanges) -> Result<(), PersistError> {
+        let (puts, dels) = changes.fields();
+        let ttl = match changes.phase {
+            Some(RoomPhase::Ended) => ENDED_TTL,
+            _ => LIVE_TTL,
         };
+        let key = self.key(room);
+        let mut p = redis::pipe();
+        p.atomic();
+        if changes.reset {
+            p.cmd("DEL").arg(&key).ignore();
+        }
+        if !puts.is_empty() {
+            p.cmd("HSET").arg(&key);
+            for (f, v) in &puts {
+                p.arg(f).arg(v);
+            }
+            p.ignore();
+        }
+        if !dels.is_empty() {
+            p.cmd("HDEL").arg(&key).arg(&dels).ignore();
+        }
+        p.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();
         let mut c = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.key(saved.state.room))
-            .arg(json)
-            .arg("EX")
-            .arg(ttl.as_secs())
-            .query_async::<()>(&mut c)
-            .await?;
+        p.query_async::<()>(&mut c).await?;
         Ok(())
     }
+}
+
+/// What changed of one room's durable state, waiting for the writer: fields set (`Some`) or
+/// removed (participants `None`); `reset` replaces everything stored. Built by the authority
+/// from a command's events ([`crate::room::Room::changes`]) or from a whole state
+/// ([`RoomChanges::full`]); merged newest-wins ([`RoomChanges::merge`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomChanges {
+    /// Everything stored is replaced by these fields.
+    pub reset: bool,
+    /// The room's phase.
+    pub phase: Option<RoomPhase>,
+    /// The hand queue.
+    pub hands: Option<Vec<ParticipantId>>,
+    /// The banned users.
+    pub banned: Option<Vec<String>>,
+    /// Participants present now (`Some`) or gone (`None`).
+    pub participants: BTreeMap<ParticipantId, Option<Participant>>,
+    /// Participants who joined, in join order, with their join stamp (filled in by
+    /// [`Persister::save_changes`]; stamps order participants on load).
+    pub joined: Vec<(ParticipantId, u64)>,
+    /// The role each user involved last held.
+    pub roles: BTreeMap<String, RoomRole>,
+}
+
+impl RoomChanges {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        *self == RoomChanges::default()
+    }
+
+    /// The whole durable state of a room, replacing what is stored.
+    pub fn full(saved: &PersistedRoom) -> Self {
+        RoomChanges {
+            reset: true,
+            phase: Some(saved.state.phase),
+            hands: Some(saved.state.hands.clone()),
+            banned: Some(saved.state.banned.clone()),
+            participants: saved
+                .state
+                .participants
+                .iter()
+                .map(|p| (p.id, Some(p.clone())))
+                .collect(),
+            joined: saved.state.participants.iter().map(|p| (p.id, 0)).collect(),
+            roles: saved.roles.iter().cloned().collect(),
+        }
+    }
+
+    /// Lay `newer` over these changes (a reset drops everything older).
+    pub fn merge(&mut self, newer: RoomChanges) {
+        if newer.reset {
+            *self = newer;
+            return;
+        }
+        if newer.phase.is_some() {
+            self.phase = newer.phase;
+        }
+        if newer.hands.is_some() {
+            self.hands = newer.hands;
+        }
+        if newer.banned.is_some() {
+            self.banned = newer.banned;
+        }
+        for (id, p) in newer.participants {
+            if p.is_none() {
+                self.joined.retain(|(j, _)| *j != id);
+            }
+            self.participants.insert(id, p);
+        }
+        self.joined.extend(newer.joined);
+        self.roles.extend(newer.roles);
+    }
+
+    /// The hash fields to set and to delete.
+    pub fn fields(&self) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+        let mut puts = Vec::new();
+        let mut dels = Vec::new();
+        if let Some(phase) = &self.phase {
+            puts.push(("phase".to_string(), json(phase)));
+        }
+        if let Some(hands) = &self.hands {
+            puts.push(("hands".to_string(), json(hands)));
+        }
+        if let Some(banned) = &self.banned {
+            puts.push(("banned".to_string(), json(banned)));
+        }
+        for (id, p) in &self.participants {
+            match p {
+                Some(p) => puts.push((format!("p:{}", id.0), json(p))),
+                None => {
+                    dels.push(format!("p:{}", id.0));
+                    dels.push(format!("o:{}", id.0));
+                }
+            }
+        }
+        for (id, stamp) in &self.joined {
+            puts.push((format!("o:{}", id.0), stamp.to_string().into_bytes()));
+        }
+        for (user, role) in &self.roles {
+            puts.push((format!("r:{user}"), json(role)));
+        }
+        (puts, dels)
+    }
+}
+
+/// JSON of a field value (plain data: serializing it cannot fail).
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// A room's durable state from its stored hash fields (see the module documentation); `None`
+/// if nothing is stored, `Err` with what is wrong if a field cannot be read.
+pub fn assemble(
+    room: RoomId,
+    fields: &HashMap<String, Vec<u8>>,
+) -> Result<Option<PersistedRoom>, String> {
+    fn parse<T: serde::de::DeserializeOwned>(name: &str, v: &[u8]) -> Result<T, String> {
+        serde_json::from_slice(v).map_err(|e| format!("field {name}: {e}"))
+    }
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let mut state = RoomState {
+        room,
+        phase: RoomPhase::Live,
+        participants: Vec::new(),
+        hands: Vec::new(),
+        banned: Vec::new(),
+    };
+    let mut stamps: HashMap<u32, u64> = HashMap::new();
+    let mut roles = Vec::new();
+    for (name, v) in fields {
+        match name.split_once(':') {
+            None if name == "phase" => state.phase = parse(name, v)?,
+            None if name == "hands" => state.hands = parse(name, v)?,
+            None if name == "banned" => state.banned = parse(name, v)?,
+            Some(("p", _)) => state.participants.push(parse(name, v)?),
+            Some(("o", id)) => {
+                let id = id.parse().map_err(|_| format!("field {name}: bad id"))?;
+                let stamp = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("field {name}: bad stamp"))?;
+                stamps.insert(id, stamp);
+            }
+            Some(("r", user)) => roles.push((user.to_string(), parse(name, v)?)),
+            _ => return Err(format!("unknown field {name}")),
+        }
+    }
+    state
+        .participants
+        .sort_by_key(|p| (stamps.get(&p.id.0).copied().unwrap_or(u64::MAX), p.id));
+    roles.sort_by(|a: &(String, RoomRole), b| a.0.cmp(&b.0));
+    Ok(Some(PersistedRoom { state, roles }))
 }
 
 /// The state of a room that this origin started afresh because its stored state could not be
@@ -187,64 +341,91 @@ pub fn reconcile(stored: PersistedRoom, ours: PersistedRoom) -> PersistedRoom {
     out
 }
 
-/// The pending snapshots the writer may store now: all but those of held rooms, which stay
+/// The pending changes the writer may store now: all but those of held rooms, which stay
 /// pending.
 pub fn take_writable(
-    pending: &mut HashMap<RoomId, PersistedRoom>,
+    pending: &mut HashMap<RoomId, RoomChanges>,
     held: &std::collections::HashSet<RoomId>,
-) -> Vec<PersistedRoom> {
+) -> Vec<(RoomId, RoomChanges)> {
     let ready: Vec<RoomId> = pending
         .keys()
         .filter(|r| !held.contains(r))
         .copied()
         .collect();
-    ready.iter().filter_map(|r| pending.remove(r)).collect()
+    ready
+        .iter()
+        .filter_map(|r| pending.remove(r).map(|c| (*r, c)))
+        .collect()
 }
 
-/// Hands snapshots to a writer task without ever waiting (see the module documentation).
+/// Hands room changes to a writer task without ever waiting (see the module documentation).
 pub struct Persister {
-    pending: Mutex<HashMap<RoomId, PersistedRoom>>,
+    pending: Mutex<HashMap<RoomId, RoomChanges>>,
+    /// The next join stamp (starts at the wall clock in microseconds, so a restarted origin's
+    /// stamps follow the stored ones).
+    next_stamp: AtomicU64,
     /// Rooms whose snapshots must not be written: started afresh while their stored state was
     /// unreadable, until the stored state is merged in ([`reconcile`]).
     held: Mutex<std::collections::HashSet<RoomId>>,
     wake: Notify,
-    /// Snapshots written.
+    /// Change sets written.
     pub written: AtomicU64,
     /// Write attempts that failed (retried).
     pub failed: AtomicU64,
-    /// Snapshots dropped because too many rooms were waiting.
+    /// Change sets dropped because too many rooms were waiting.
     pub dropped: AtomicU64,
 }
 
 impl Persister {
     /// Start the writer task for `store`; it stops (after a last flush) when `shutdown` fires.
     pub fn start(store: RoomStore, shutdown: CancellationToken) -> Arc<Self> {
-        let p = Arc::new(Persister {
+        let p = Arc::new(Persister::new());
+        tokio::spawn(p.clone().writer(store, shutdown));
+        p
+    }
+
+    /// A persister without a writer (the writer task is started by [`Persister::start`]).
+    fn new() -> Self {
+        let unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        Persister {
             pending: Mutex::new(HashMap::new()),
+            next_stamp: AtomicU64::new(unix_us),
             held: Mutex::new(Default::default()),
             wake: Notify::new(),
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-        });
-        tokio::spawn(p.clone().writer(store, shutdown));
-        p
+        }
     }
 
-    /// Queue the newest state of a room for writing. Never blocks on IO.
-    pub fn save(&self, saved: PersistedRoom) {
+    /// Queue a room's whole state for writing, replacing what is stored (after a reconcile or
+    /// an end). Never blocks on IO.
+    pub fn save(&self, saved: &PersistedRoom) {
+        self.save_changes(saved.state.room, RoomChanges::full(saved));
+    }
+
+    /// Queue what a command changed of `room` for writing (merged with what is pending). Never
+    /// blocks on IO; costs what changed, not the room's size.
+    pub fn save_changes(&self, room: RoomId, mut changes: RoomChanges) {
+        if changes.is_empty() {
+            return;
+        }
+        for (_, stamp) in &mut changes.joined {
+            *stamp = self.next_stamp.fetch_add(1, Relaxed);
+        }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let room = saved.state.room;
         if pending.len() >= MAX_PENDING && !pending.contains_key(&room) {
             self.dropped.fetch_add(1, Relaxed);
             return;
         }
-        pending.insert(room, saved);
+        pending.entry(room).or_default().merge(changes);
         drop(pending);
         self.wake.notify_one();
     }
 
-    /// Do not write `room`'s snapshots (its stored state could not be read): writing them
+    /// Do not write `room`'s changes (its stored state could not be read): writing them
     /// would overwrite bans and roles stored before. They wait until [`Persister::release`].
     pub fn hold(&self, room: RoomId) {
         self.held
@@ -253,7 +434,7 @@ impl Persister {
             .insert(room);
     }
 
-    /// `room`'s state was reconciled with the stored one: write its snapshots again.
+    /// `room`'s state was reconciled with the stored one: write its changes again.
     pub fn release(&self, room: RoomId) {
         self.held
             .lock()
@@ -262,7 +443,7 @@ impl Persister {
         self.wake.notify_one();
     }
 
-    /// Whether `room`'s snapshots are held.
+    /// Whether `room`'s changes are held.
     pub fn is_held(&self, room: RoomId) -> bool {
         self.held
             .lock()
@@ -270,7 +451,7 @@ impl Persister {
             .contains(&room)
     }
 
-    /// Snapshots waiting for the writer.
+    /// Rooms whose changes wait for the writer.
     pub fn backlog(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -282,24 +463,24 @@ impl Persister {
                 _ = shutdown.cancelled() => true,
                 _ = self.wake.notified() => false,
             };
-            let batch: Vec<PersistedRoom> = {
+            let batch: Vec<(RoomId, RoomChanges)> = {
                 let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 take_writable(&mut pending, &held)
             };
             let mut failed = Vec::new();
-            for saved in batch {
-                match tokio::time::timeout(OP_TIMEOUT, store.store(&saved)).await {
+            for (room, changes) in batch {
+                match tokio::time::timeout(OP_TIMEOUT, store.store(room, &changes)).await {
                     Ok(Ok(())) => {
                         self.written.fetch_add(1, Relaxed);
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(room = %saved.state.room, error = %e, "room state not stored");
-                        failed.push(saved);
+                        tracing::warn!(%room, error = %e, "room state not stored");
+                        failed.push((room, changes));
                     }
                     Err(_) => {
-                        tracing::warn!(room = %saved.state.room, "room state store timed out");
-                        failed.push(saved);
+                        tracing::warn!(%room, "room state store timed out");
+                        failed.push((room, changes));
                     }
                 }
             }
@@ -312,10 +493,13 @@ impl Persister {
             }
             self.failed.fetch_add(failed.len() as u64, Relaxed);
             {
-                // Put them back unless a newer snapshot arrived meanwhile.
+                // Put them back, under what arrived meanwhile (newer values win).
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                for saved in failed {
-                    pending.entry(saved.state.room).or_insert(saved);
+                for (room, mut changes) in failed {
+                    if let Some(newer) = pending.remove(&room) {
+                        changes.merge(newer);
+                    }
+                    pending.insert(room, changes);
                 }
             }
             tokio::select! {
@@ -451,12 +635,12 @@ mod tests {
         let mut pending = HashMap::new();
         for id in [1u64, 2, 3] {
             let r = Room::new(RoomId(id), RoomLimits::default(), t0, 0);
-            pending.insert(RoomId(id), r.persisted());
+            pending.insert(RoomId(id), RoomChanges::full(&r.persisted()));
         }
         let held: std::collections::HashSet<RoomId> = [RoomId(2)].into();
         let mut out: Vec<u64> = take_writable(&mut pending, &held)
             .iter()
-            .map(|p| p.state.room.0)
+            .map(|(r, _)| r.0)
             .collect();
         out.sort();
         assert_eq!(out, vec![1, 3]);
@@ -464,6 +648,91 @@ mod tests {
         let out = take_writable(&mut pending, &Default::default());
         assert_eq!(out.len(), 1);
         assert!(pending.is_empty());
+    }
+
+    /// What Redis does with a room's change sets: one hash, fields set and deleted.
+    fn write(hash: &mut HashMap<String, Vec<u8>>, changes: &RoomChanges) {
+        if changes.reset {
+            hash.clear();
+        }
+        let (puts, dels) = changes.fields();
+        hash.extend(puts);
+        for d in dels {
+            hash.remove(&d);
+        }
+    }
+
+    #[test]
+    fn change_sets_rebuild_the_room_and_chat_writes_nothing() {
+        let t0 = Instant::now();
+        let p = Persister::new();
+        let room = RoomId(9);
+        let mut r = Room::new(room, RoomLimits::default(), t0, 1_000);
+        let mut hash = HashMap::new();
+        let apply = |r: &mut Room, actor: u32, cmd: RoomCommand, hash: &mut HashMap<_, _>| {
+            let events = r.apply(ParticipantId(actor), cmd, t0).unwrap();
+            let changes = r.changes(&events);
+            p.save_changes(room, changes);
+            let mut pending = p.pending.lock().unwrap();
+            for (_, c) in take_writable(&mut pending, &Default::default()) {
+                write(hash, &c);
+            }
+        };
+        // Ids out of join order: the stamps, not the ids, order participants on load.
+        apply(&mut r, 50, join("host", Role::Host), &mut hash);
+        for (id, user) in [(7, "a"), (3, "b"), (9, "c"), (1, "troll"), (60, "d")] {
+            apply(&mut r, id, join(user, Role::Listener), &mut hash);
+        }
+        apply(&mut r, 3, RoomCommand::RaiseHand, &mut hash);
+        apply(&mut r, 9, RoomCommand::RaiseHand, &mut hash);
+        let promote = RoomCommand::Promote {
+            target: ParticipantId(3),
+            role: RoomRole::Speaker,
+        };
+        apply(&mut r, 50, promote, &mut hash);
+        apply(
+            &mut r,
+            50,
+            RoomCommand::Kick {
+                target: ParticipantId(1),
+            },
+            &mut hash,
+        );
+        apply(&mut r, 7, RoomCommand::Leave, &mut hash);
+        apply(&mut r, 50, RoomCommand::Mute { target: None }, &mut hash);
+        assert_eq!(assemble(room, &hash).unwrap(), Some(r.persisted()));
+
+        // A join writes that participant and its user's role, not the room.
+        let events = r
+            .apply(ParticipantId(70), join("e", Role::Listener), t0)
+            .unwrap();
+        let (puts, dels) = r.changes(&events).fields();
+        let mut names: Vec<&str> = puts.iter().map(|(f, _)| f.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["o:70", "p:70", "r:e"]);
+        assert!(dels.is_empty());
+        // Chat changes nothing durable.
+        let chat = RoomCommand::Chat {
+            text: "hello".into(),
+        };
+        let events = r.apply(ParticipantId(50), chat, t0).unwrap();
+        assert!(!events.is_empty());
+        assert!(r.changes(&events).is_empty());
+
+        // Ending writes the whole room; a failed write put back under newer changes loses
+        // none of them.
+        let events = r.end_by(None, t0).unwrap();
+        let ended = r.changes(&events);
+        assert!(ended.reset);
+        p.save_changes(room, ended);
+        let mut failed = take_writable(&mut p.pending.lock().unwrap(), &Default::default());
+        let (_, mut retried) = failed.pop().unwrap();
+        retried.merge(RoomChanges::default());
+        write(&mut hash, &retried);
+        assert_eq!(assemble(room, &hash).unwrap(), Some(r.persisted()));
+        assert_eq!(assemble(RoomId(1), &HashMap::new()).unwrap(), None);
+        hash.insert("p:5".into(), b"{".to_vec());
+        assert!(assemble(room, &hash).is_err(), "a bad field is an error");
     }
 
     #[test]

@@ -207,8 +207,9 @@ impl Room {
         self.last_change
     }
 
-    /// The durable part of the room (state, and the role each user last held), as persisted
-    /// after every applied command. Rate-limit windows are not durable.
+    /// The durable part of the room (state, and the role each user last held), as written whole
+    /// after a reconcile or an end ([`Room::changes`] after other commands). Rate-limit windows
+    /// are not durable.
     pub fn persisted(&self) -> crate::persist::PersistedRoom {
         let mut roles: Vec<(String, RoomRole)> =
             self.roles.iter().map(|(u, r)| (u.clone(), *r)).collect();
@@ -217,6 +218,57 @@ impl Room {
             state: self.snapshot(),
             roles,
         }
+    }
+
+    /// What `events`, just produced by this room, changed of its durable state: the
+    /// participants they touched (as they are now, or gone), the hand queue and bans if they
+    /// moved, the roles of the users involved; an end is written whole. Chat and reactions
+    /// change nothing durable. Costs what changed, not the size of the room.
+    pub fn changes(&self, events: &[RoomEvent]) -> crate::persist::RoomChanges {
+        let mut c = crate::persist::RoomChanges::default();
+        let (mut hands, mut banned) = (false, false);
+        let mut touched = Vec::new();
+        for e in events {
+            match e {
+                RoomEvent::ParticipantJoined { participant } => {
+                    c.joined.push((participant.id, 0));
+                    touched.push(participant.id);
+                    c.roles.insert(participant.user.clone(), participant.role);
+                }
+                RoomEvent::RoleChanged { id, role, .. } => {
+                    touched.push(*id);
+                    if let Some(p) = self.participant(*id) {
+                        c.roles.insert(p.user.clone(), *role);
+                    }
+                }
+                RoomEvent::ParticipantLeft { id } => {
+                    touched.push(*id);
+                    hands = true;
+                }
+                RoomEvent::Muted { id, .. } | RoomEvent::Unmuted { id } => touched.push(*id),
+                RoomEvent::Kicked { id, .. } => {
+                    touched.push(*id);
+                    banned = true;
+                }
+                RoomEvent::HandRaised { .. } | RoomEvent::HandLowered { .. } => hands = true,
+                RoomEvent::Ended { .. } => {
+                    return crate::persist::RoomChanges::full(&self.persisted())
+                }
+                RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } => {}
+            }
+        }
+        for id in touched {
+            c.participants.insert(id, self.participant(id).cloned());
+        }
+        c.joined
+            .retain(|(id, _)| c.participants.get(id).is_some_and(Option::is_some));
+        if hands {
+            c.hands = Some(self.hands.clone());
+        }
+        if banned {
+            c.banned = Some(self.banned.clone());
+        }
+        c
     }
 
     /// A room as it was persisted, restored at `now` (`now_unix_ms` is the wall clock then).

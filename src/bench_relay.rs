@@ -1,0 +1,375 @@
+//! `amphi bench relay`: the origin's relay forwarding delay while one big room is busy.
+//!
+//! An origin runs in this process (durable room state in Redis with `--redis-url`), with four
+//! QUIC "edges" (dev mTLS): edge A announces a speaker in a small room and sends it a relay
+//! datagram every 2 ms carrying its send time; edge B subscribes to that room and times each
+//! forwarded datagram (send → received, same clock). Edges C and D join `--members`
+//! participants (half each) to one big room. Two phases of `--seconds` each: the big room idle,
+//! then every member chatting at the per-user limit (5 messages per 10 s, so 10,000 members
+//! send 5,000 messages/s, each broadcast to C and D). It prints p50/p99/max of the delay in
+//! both phases and their ratio.
+//!
+//! Bounded: the counts and durations come from the options; every wait has a deadline.
+
+use amphi_protocol::config::OriginConfig;
+use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
+use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
+use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::room::RoomCommand;
+use amphi_protocol::token::Role;
+use amphi_protocol::{ParticipantId, RoomId};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const ORIGIN_NAME: &str = "origin.amphi.internal";
+const QUIET: RoomId = RoomId(0x0000_0000_0000_0a01);
+const BIG: RoomId = RoomId(0x0000_0000_0000_0b16);
+const SPEAKER: u32 = 1;
+/// One relay datagram every this long during a phase.
+const SEND_EVERY: Duration = Duration::from_millis(2);
+/// Chat pacing tick.
+const CHAT_TICK: Duration = Duration::from_millis(10);
+/// Per-user chat limit of the origin's rooms (messages per window).
+const CHAT_PER_WINDOW: u64 = 5;
+const CHAT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Options of `amphi bench relay`.
+#[derive(Args, Debug)]
+pub struct RelayArgs {
+    /// Members of the big room.
+    #[arg(long, default_value_t = 10_000)]
+    members: u32,
+    /// Seconds per phase (idle, chatting).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Keep room state in this Redis (`redis://127.0.0.1:6379/0`), as production origins do.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Short run for CI: 1,000 members, 2 s per phase.
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn free_udp() -> Result<SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn free_tcp() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One mesh connection to the origin: its control stream's sending half and the connection.
+struct Edge {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Edge {
+    /// Connect, say hello, and drain the control stream in a task (counting `RoomEvents`).
+    async fn connect(
+        tls: &MtlsMaterial,
+        origin: SocketAddr,
+        id: &str,
+        events: Arc<AtomicU64>,
+    ) -> Result<Edge> {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let mut conn = None;
+        for _ in 0..50 {
+            if let Ok(connecting) = endpoint.connect(origin, ORIGIN_NAME) {
+                if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), connecting).await {
+                    conn = Some(c);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conn = conn.context("cannot connect to the origin")?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = ControlMessage::Hello {
+            peer: PeerKind::Edge,
+            id: id.into(),
+            region: "us-east".into(),
+        };
+        send.write_all(&hello.to_record()).await?;
+        tokio::spawn(async move {
+            let mut decoder = ControlDecoder::default();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                decoder.feed(&buf[..n]);
+                while let Ok(Some(m)) = decoder.next_message() {
+                    if let ControlMessage::RoomEvents { events: e, .. } = m {
+                        events.fetch_add(e.len() as u64, Relaxed);
+                    }
+                }
+            }
+        });
+        Ok(Edge {
+            conn,
+            send,
+            _endpoint: endpoint,
+        })
+    }
+
+    async fn command(&mut self, room: RoomId, actor: u32, command: RoomCommand) -> Result<()> {
+        let m = ControlMessage::RoomCommand {
+            room,
+            actor: ParticipantId(actor),
+            request: 0,
+            command,
+        };
+        self.send.write_all(&m.to_record()).await?;
+        Ok(())
+    }
+}
+
+fn join(user: String, role: Role) -> RoomCommand {
+    RoomCommand::Join {
+        name: user.clone(),
+        user,
+        role,
+        region: "us-east".into(),
+        resume: None,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Relay delays measured at edge B over one phase, and chat messages sent meanwhile.
+struct Phase {
+    delays: Vec<Duration>,
+    sent: u64,
+    chats: u64,
+}
+
+/// Send a timed datagram every [`SEND_EVERY`] from `a` for `length`, collecting what `b`
+/// receives; if `chatters` is given, the big room's members chat at their limit meanwhile.
+async fn phase(
+    a: &quinn::Connection,
+    b: &quinn::Connection,
+    t0: Instant,
+    length: Duration,
+    chatters: Option<(&mut Edge, &mut Edge, u32)>,
+) -> Result<Phase> {
+    let stop = CancellationToken::new();
+    let rx = {
+        let b = b.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut delays = Vec::new();
+            loop {
+                let d = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    d = b.read_datagram() => match d {
+                        Ok(d) => d,
+                        Err(_) => break,
+                    },
+                };
+                let now = t0.elapsed();
+                if let Ok(f) = RelayFrame::decode(&d) {
+                    if let Some(sent) = f.payload.get(..8) {
+                        let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());
+                        delays.push(now.saturating_sub(Duration::from_nanos(sent)));
+                    }
+                }
+            }
+            delays
+        })
+    };
+    let chat = async {
+        let Some((c, d, members)) = chatters else {
+            return Ok::<u64, anyhow::Error>(0);
+        };
+        // Every member at the per-user limit, round robin, paced per tick.
+        let per_sec = u64::from(members) * CHAT_PER_WINDOW / CHAT_WINDOW.as_secs();
+        let per_tick = (per_sec * CHAT_TICK.as_millis() as u64 / 1000).max(1);
+        let mut tick = tokio::time::interval(CHAT_TICK);
+        let end = Instant::now() + length;
+        let (mut next, mut sent) = (0u32, 0u64);
+        while Instant::now() < end {
+            tick.tick().await;
+            for _ in 0..per_tick {
+                let member = next % members;
+                next = next.wrapping_add(1);
+                let edge = if member % 2 == 0 { &mut *c } else { &mut *d };
+                let text = format!("message {sent}");
+                edge.command(BIG, 1000 + member, RoomCommand::Chat { text })
+                    .await?;
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    };
+    let send = async {
+        let mut tick = tokio::time::interval(SEND_EVERY);
+        let end = Instant::now() + length;
+        let (mut seq, mut buf) = (0u16, Vec::with_capacity(64));
+        while Instant::now() < end {
+            tick.tick().await;
+            let now = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let mut payload = [0u8; 40];
+            payload[..8].copy_from_slice(&now.to_le_bytes());
+            buf.clear();
+            RelayFrame {
+                kind: FrameKind::SpeakerAudio,
+                room: QUIET,
+                speaker: SPEAKER,
+                seq,
+                rtp_ts: u32::from(seq).wrapping_mul(960),
+                audio_level: 30,
+                payload: &payload,
+            }
+            .encode_to_vec(&mut buf)?;
+            a.send_datagram(bytes::Bytes::copy_from_slice(&buf))?;
+            seq = seq.wrapping_add(1);
+        }
+        Ok::<u64, anyhow::Error>(u64::from(seq))
+    };
+    let (sent, chats) = tokio::try_join!(send, chat)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let mut delays = rx.await?;
+    delays.sort();
+    Ok(Phase {
+        delays,
+        sent,
+        chats,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `amphi bench relay`.
+pub async fn run(args: RelayArgs) -> Result<()> {
+    let (members, seconds) = if args.smoke {
+        (1_000, 2)
+    } else {
+        (args.members, args.seconds)
+    };
+    let pki = DevPki::generate()?;
+    let quic = free_udp()?;
+    let shutdown = CancellationToken::new();
+    let origin = tokio::spawn(amphi_origin::run_with(
+        amphi_origin::OriginSetup {
+            config: OriginConfig {
+                id: "origin-bench".into(),
+                quic_listen: quic,
+                metrics_listen: free_tcp()?,
+                idle_room_timeout_secs: 3600,
+                max_sessions_per_user: 8,
+            },
+            mesh_tls: pki.issue(ORIGIN_NAME, MeshRole::Origin)?,
+        },
+        amphi_origin::OriginOptions {
+            redis_url: args.redis_url.clone(),
+        },
+        shutdown.clone(),
+    ));
+    let events = Arc::new(AtomicU64::new(0));
+    let mut edges = Vec::new();
+    for name in ["edge-a", "edge-b", "edge-c", "edge-d"] {
+        let tls = pki.issue(name, MeshRole::Edge)?;
+        edges.push(Edge::connect(&tls, quic, name, events.clone()).await?);
+    }
+    let [mut a, mut b, mut c, mut d]: [Edge; 4] = edges
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("four edges"))?;
+    // The small room: a speaker through A, B subscribed.
+    a.command(QUIET, SPEAKER, join("speaker".into(), Role::Speaker))
+        .await?;
+    b.send
+        .write_all(&ControlMessage::SubscribeRoom { room: QUIET }.to_record())
+        .await?;
+    // The big room: members over C and D.
+    let started = Instant::now();
+    for m in 0..members {
+        let edge = if m % 2 == 0 { &mut c } else { &mut d };
+        edge.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
+            .await?;
+    }
+    // Every member's join is broadcast to the big room's edges: wait until they stop coming.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = (0, Instant::now());
+    loop {
+        let n = events.load(Relaxed);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if n >= u64::from(members) && last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {n} join events arrived for {members} members");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "{members} members joined the big room in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let t0 = Instant::now();
+    let length = Duration::from_secs(seconds);
+    let idle = phase(&a.conn, &b.conn, t0, length, None).await?;
+    let before = events.load(Relaxed);
+    let busy = phase(
+        &a.conn,
+        &b.conn,
+        t0,
+        length,
+        Some((&mut c, &mut d, members)),
+    )
+    .await?;
+    let chat_events = events.load(Relaxed) - before;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), origin).await;
+    for (name, p) in [("idle", &idle), ("chatting", &busy)] {
+        if p.delays.len() as u64 * 10 < p.sent * 9 {
+            bail!(
+                "{name}: only {} of {} datagrams were relayed",
+                p.delays.len(),
+                p.sent
+            );
+        }
+    }
+    let p99 = |p: &Phase| percentile(&p.delays, 0.99);
+    for (name, p) in [("big room idle", &idle), ("big room chatting", &busy)] {
+        println!(
+            "{name}: {} of {} datagrams relayed, delay p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            p.delays.len(),
+            p.sent,
+            ms(percentile(&p.delays, 0.5)),
+            ms(p99(p)),
+            ms(p.delays.last().copied().unwrap_or_default()),
+        );
+    }
+    println!(
+        "chat: {} messages sent ({:.0}/s), {} chat events delivered to the big room's two edges",
+        busy.chats,
+        busy.chats as f64 / seconds as f64,
+        chat_events
+    );
+    println!(
+        "relay delay p99 chatting / idle: {:.2}x (state {})",
+        ms(p99(&busy)) / ms(p99(&idle)).max(1e-6),
+        if args.redis_url.is_some() {
+            "in Redis"
+        } else {
+            "in memory"
+        }
+    );
+    Ok(())
+}
