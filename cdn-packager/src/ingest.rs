@@ -13,7 +13,7 @@ use amphi_protocol::config::{OriginEndpoint, PackagerConfig};
 use amphi_protocol::control::{
     record_len, ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN,
 };
-use amphi_protocol::relay::{FrameKind, RelayFrame};
+use amphi_protocol::relay::{FrameKind, RelayError, RelayFrame};
 use amphi_protocol::RoomId;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +52,37 @@ enum SessionError {
     Closed,
     #[error("origin refused: {0}")]
     Refused(String),
+}
+
+/// Why a program stream record was refused (the stream is then dropped).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProgramRecordError {
+    /// Not a relay frame.
+    #[error("{0}")]
+    Relay(#[from] RelayError),
+    /// A relay frame of another kind.
+    #[error("not a program frame")]
+    NotProgram,
+    /// A frame of another room than the stream's first one.
+    #[error("room changed mid-stream to {0}")]
+    RoomChanged(RoomId),
+}
+
+/// One record of a program stream (the body after its `u32 LE` length prefix, itself checked
+/// with [`record_len`] against [`MAX_PROGRAM_RECORD_LEN`]): a program frame, of room `current`
+/// once the stream's first frame named it.
+pub fn program_record(
+    body: &[u8],
+    current: Option<RoomId>,
+) -> Result<RelayFrame<'_>, ProgramRecordError> {
+    let frame = RelayFrame::decode(body)?;
+    if frame.kind != FrameKind::Program {
+        return Err(ProgramRecordError::NotProgram);
+    }
+    match current {
+        Some(room) if room != frame.room => Err(ProgramRecordError::RoomChanged(frame.room)),
+        _ => Ok(frame),
+    }
 }
 
 /// Everything the ingest side shares.
@@ -303,25 +334,17 @@ impl Ingest {
                 self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
                 break;
             }
-            let frame = match RelayFrame::decode(&body[..len]) {
-                Ok(f) if f.kind == FrameKind::Program => f,
-                Ok(f) => {
-                    self.bad_record(&mut recv, Some(f.room), gen, &"not a program frame");
-                    break;
-                }
+            let current = room.as_ref().map(|r| r.0);
+            let frame = match program_record(&body[..len], current) {
+                Ok(f) => f,
                 Err(e) => {
-                    self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
+                    self.bad_record(&mut recv, current, gen, &e);
                     break;
                 }
             };
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
             let handle = match &room {
-                Some((id, h)) if *id == frame.room => h.clone(),
-                Some((id, _)) => {
-                    let msg = format!("room changed mid-stream to {}", frame.room);
-                    self.bad_record(&mut recv, Some(*id), gen, &msg);
-                    break;
-                }
+                Some((_, h)) => h.clone(),
                 None => match self.registry.get_or_open(frame.room).await {
                     Ok(h) => {
                         tracing::info!(room = %frame.room, gen, "program stream started");
@@ -364,5 +387,46 @@ impl Ingest {
         self.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(?room, gen, %error, "bad program record; dropping the stream");
         recv.stop(1u32.into()).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: FrameKind, room: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        RelayFrame {
+            kind,
+            room: RoomId(room),
+            speaker: 3,
+            seq: 1,
+            rtp_ts: 960,
+            audio_level: 40,
+            payload: &[0xf8, 1, 2],
+        }
+        .encode_to_vec(&mut out)
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn program_records_of_one_room_pass_and_anything_else_is_refused() {
+        let ok = record(FrameKind::Program, 7);
+        let f = program_record(&ok, None).unwrap();
+        assert_eq!((f.room, f.payload), (RoomId(7), &[0xf8, 1, 2][..]));
+        assert!(program_record(&ok, Some(RoomId(7))).is_ok());
+        assert_eq!(
+            program_record(&ok, Some(RoomId(8))),
+            Err(ProgramRecordError::RoomChanged(RoomId(7)))
+        );
+        assert_eq!(
+            program_record(&record(FrameKind::SpeakerAudio, 7), None),
+            Err(ProgramRecordError::NotProgram)
+        );
+        assert!(matches!(
+            program_record(&ok[..10], None),
+            Err(ProgramRecordError::Relay(RelayError::TooShort(10)))
+        ));
     }
 }

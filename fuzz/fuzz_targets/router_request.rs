@@ -7,7 +7,10 @@ use amphi_geo_router::registry::validate;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let trusted = ["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+    let trusted = [
+        "127.0.0.0/8".parse().unwrap(),
+        "10.0.0.0/8".parse().unwrap(),
+    ];
     let (a, b) = data.split_at(data.len() / 2);
     let _ = client_ip(
         "127.0.0.1".parse().unwrap(),
@@ -15,7 +18,12 @@ fuzz_target!(|data: &[u8]| {
         std::iter::once(b),
         &trusted,
     );
-    let _ = client_ip("127.0.0.1".parse().unwrap(), std::iter::empty(), std::iter::once(data), &trusted);
+    let _ = client_ip(
+        "127.0.0.1".parse().unwrap(),
+        std::iter::empty(),
+        std::iter::once(data),
+        &trusted,
+    );
     if let Ok(hb) = serde_json::from_slice::<amphi_protocol::api::EdgeHeartbeat>(data) {
         let _ = validate(&hb);
     }
@@ -27,7 +35,15 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let sig = format!("v1={}", text);
     assert!(keys
-        .verify(Some("k1"), Some("1000"), Some(&sig), "POST", "/v1/rooms", data, 1000)
+        .verify(
+            Some("k1"),
+            Some("1000"),
+            Some(&sig),
+            "POST",
+            "/v1/rooms",
+            data,
+            1000
+        )
         .is_err());
     // The replay cache takes any signature text without panicking.
     let mut replays = amphi_geo_router::auth::ReplayCache::new(4);

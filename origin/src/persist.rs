@@ -46,6 +46,25 @@ pub struct PersistedRoom {
     pub roles: Vec<(String, RoomRole)>,
 }
 
+impl PersistedRoom {
+    /// Read the stored record of `room` (what [`RoomStore::load`] got from Redis): its JSON, and
+    /// it must be that room's.
+    pub fn decode(room: RoomId, bytes: &[u8]) -> Result<Self, PersistError> {
+        let saved: PersistedRoom =
+            serde_json::from_slice(bytes).map_err(|e| PersistError::Corrupt {
+                room,
+                message: e.to_string(),
+            })?;
+        if saved.state.room != room {
+            return Err(PersistError::Corrupt {
+                room,
+                message: format!("holds room {}", saved.state.room),
+            });
+        }
+        Ok(saved)
+    }
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -105,18 +124,7 @@ impl RoomStore {
         let Some(bytes) = v else {
             return Ok(None);
         };
-        let saved: PersistedRoom =
-            serde_json::from_slice(&bytes).map_err(|e| PersistError::Corrupt {
-                room,
-                message: e.to_string(),
-            })?;
-        if saved.state.room != room {
-            return Err(PersistError::Corrupt {
-                room,
-                message: format!("holds room {}", saved.state.room),
-            });
-        }
-        Ok(Some(saved))
+        PersistedRoom::decode(room, &bytes).map(Some)
     }
 
     /// Store `saved` (replacing what was there).
