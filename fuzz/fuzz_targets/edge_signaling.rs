@@ -1,8 +1,9 @@
 //! The edge's signaling core driven by generated sequences: sessions join and leave, clients send
 //! every room command, the origin link goes up and down, and the origin (a network peer) sends
-//! snapshots, event batches, refusals and room ends that may contradict each other and what the
-//! edge knows. The core never panics, says nothing to the origin while the link is down, closes
-//! only sessions it then forgets, and its counts agree with each other.
+//! snapshots (whole or split into parts, stray parts included), event batches, refusals and room
+//! ends that may contradict each other and what the edge knows. The core never panics, says
+//! nothing to the origin while the link is down, closes only sessions it then forgets, and its
+//! counts agree with each other.
 #![no_main]
 #[path = "common/vocab.rs"]
 mod vocab;
@@ -13,7 +14,7 @@ use amphi_protocol::room::RoomRole;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::time::{Duration, Instant};
-use vocab::{AState, AToken, Cmd, Ev, Pid, Rid, Text, User};
+use vocab::{APart, AState, AToken, Cmd, Ev, Pid, Rid, Text, User};
 
 #[derive(Arbitrary, Debug)]
 enum Kind {
@@ -36,7 +37,16 @@ enum Op {
     Command(Pid, Cmd),
     LinkUp,
     LinkDown,
-    Snapshot(AState),
+    /// A snapshot; `more` announces parts.
+    Snapshot(AState, bool),
+    /// The continuation of a split snapshot (or a stray one).
+    Part {
+        room: Rid,
+        participants: Vec<APart>,
+        hands: Vec<Pid>,
+        banned: Vec<User>,
+        more: bool,
+    },
     Events(Rid, Vec<Ev>),
     Rejected {
         room: Rid,
@@ -120,8 +130,22 @@ fuzz_target!(|ops: Vec<Op>| {
                 core.link_down();
                 Vec::new()
             }
-            Op::Snapshot(state) => core.on_control(ControlMessage::RoomSnapshot {
+            Op::Snapshot(state, more) => core.on_control(ControlMessage::RoomSnapshot {
                 state: state.state(),
+                more,
+            }),
+            Op::Part {
+                room,
+                participants,
+                hands,
+                banned,
+                more,
+            } => core.on_control(ControlMessage::RoomSnapshotPart {
+                room: room.id(),
+                participants: participants.iter().map(APart::participant).collect(),
+                hands: hands.iter().map(|h| h.id()).collect(),
+                banned: banned.iter().map(|u| u.name()).collect(),
+                more,
             }),
             Op::Events(room, events) => core.on_control(ControlMessage::RoomEvents {
                 room: room.id(),

@@ -1,11 +1,11 @@
 //! The geo-router's room-creation and token-mint JSON bodies (`POST /v1/rooms`,
 //! `POST /v1/rooms/{id}/tokens`), generated field by field (missing, wrongly typed, unknown,
-//! huge, blank, control characters, far-future schedules) and as raw bytes. A body is either
-//! accepted with every field within its limits, or refused with a `bad_*` code and a message
-//! that serialize as the JSON error body; nothing panics.
+//! huge, blank, control characters, far-future schedules, user ids with spaces or banned) and as
+//! raw bytes. A body is either accepted with every field within its limits, or refused with a
+//! code and a message that serialize as the JSON error body; nothing panics.
 #![no_main]
-use amphi_geo_router::bodies::{create_room, mint_token, MAX_SCHEDULE_AHEAD_SECS};
-use amphi_protocol::api::{ApiError, RoomStatus, MAX_NAME_CHARS, MAX_TITLE_CHARS};
+use amphi_geo_router::bodies::{create_room, mint_token, Refusal, MAX_SCHEDULE_AHEAD_SECS};
+use amphi_protocol::api::{valid_user_id, ApiError, RoomStatus, MAX_NAME_CHARS, MAX_TITLE_CHARS};
 use amphi_protocol::token::Role;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -54,9 +54,15 @@ struct Input {
     topic: Field,
     scheduled_at: Field,
     host_name: Field,
+    host_user_id: Field,
     /// Mint fields.
     role: Field,
     name: Field,
+    user_id: Field,
+    /// Whether the router runs in dev mode (user ids optional).
+    dev_mode: bool,
+    /// The user id the router holds as removed from the room.
+    banned: Field,
     /// An extra field name (unknown fields).
     extra: Option<(u8, Field)>,
     /// Seconds added to the clock (the request time).
@@ -88,7 +94,10 @@ fn check_text(value: &str, max: usize) {
 }
 
 fn check_refusal(code: &str, message: &str) {
-    assert!(code.starts_with("bad_"), "code {code}");
+    assert!(
+        code.starts_with("bad_") || code == "missing_user_id" || code == "user_banned",
+        "code {code}"
+    );
     assert!(!message.is_empty());
     let e = serde_json::to_value(ApiError::new(code, message)).expect("error body");
     assert_eq!(e["error"], code);
@@ -102,6 +111,9 @@ fn check_create(bytes: &[u8], now: u64) {
                 check_text(t, MAX_NAME_CHARS);
             }
             check_text(&r.host_name, MAX_NAME_CHARS);
+            if let Some(user) = &r.host_user_id {
+                assert!(valid_user_id(user));
+            }
             assert_eq!(r.host_name, r.host_name.trim());
             assert_eq!(r.entry.created_at, now);
             assert_eq!(r.entry.ended_at, None);
@@ -116,13 +128,21 @@ fn check_create(bytes: &[u8], now: u64) {
     }
 }
 
-fn check_mint(bytes: &[u8]) {
-    match mint_token(bytes) {
+fn check_mint(bytes: &[u8], dev_mode: bool, banned: Option<&str>) {
+    let is_banned = |user: &str| Some(user) == banned;
+    match mint_token(bytes, dev_mode, is_banned) {
         Ok(req) => {
             assert_ne!(req.role, Role::Host);
             check_text(&req.name, MAX_NAME_CHARS);
+            match &req.user_id {
+                Some(user) => assert!(valid_user_id(user) && !is_banned(user)),
+                None => assert!(dev_mode),
+            }
         }
-        Err(e) => check_refusal(e.code, &e.message),
+        Err(e) => {
+            assert_eq!(e.refusal == Refusal::Forbidden, e.code == "user_banned");
+            check_refusal(e.code, &e.message)
+        }
     }
 }
 
@@ -134,15 +154,24 @@ fuzz_target!(|input: Input| {
             ("topic", &input.topic),
             ("scheduled_at", &input.scheduled_at),
             ("host_name", &input.host_name),
+            ("host_user_id", &input.host_user_id),
         ],
         &input.extra,
     );
     check_create(&create, now);
     check_create(&input.raw, now);
     let mint = body(
-        &[("role", &input.role), ("name", &input.name)],
+        &[
+            ("role", &input.role),
+            ("name", &input.name),
+            ("user_id", &input.user_id),
+        ],
         &input.extra,
     );
-    check_mint(&mint);
-    check_mint(&input.raw);
+    let banned = match input.banned.value() {
+        Some(Value::String(user)) => Some(user),
+        _ => None,
+    };
+    check_mint(&mint, input.dev_mode, banned.as_deref());
+    check_mint(&input.raw, input.dev_mode, banned.as_deref());
 });

@@ -1,5 +1,6 @@
 //! Geo-router request parsing from the network: forwarding headers from a trusted proxy, edge
-//! heartbeats and API key signatures never panic; a made-up signature never verifies.
+//! heartbeats, API key headers and signatures and `/v1/route?avoid=` lists never panic; a
+//! made-up signature never verifies; an accepted avoid list is within its limits.
 #![no_main]
 use amphi_geo_router::auth::ApiKeys;
 use amphi_geo_router::client_ip::client_ip;
@@ -45,6 +46,23 @@ fuzz_target!(|data: &[u8]| {
             1000
         )
         .is_err());
+    // Key id and timestamp headers checked before the body is read.
+    let (key, stamp) = text.split_at(text.len() / 2);
+    for k in [key, "k1"] {
+        if keys.precheck(Some(k), Some(stamp), 1000).is_ok() {
+            assert_eq!(k, "k1");
+            assert!(
+                stamp.len() <= 20 && stamp.parse::<u64>().is_ok(),
+                "{stamp:?}"
+            );
+        }
+    }
+    if let Ok(ids) = amphi_geo_router::select::parse_avoid(&text) {
+        assert!(ids.len() <= amphi_geo_router::select::MAX_AVOID);
+        assert!(ids
+            .iter()
+            .all(|id| (1..=128).contains(&id.len()) && !id.chars().any(char::is_control)));
+    }
     // The replay cache takes any signature text without panicking.
     let mut replays = amphi_geo_router::auth::ReplayCache::new(4);
     let _ = replays.check(&sig, 1000);

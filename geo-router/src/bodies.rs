@@ -208,15 +208,24 @@ mod tests {
     fn host_user_ids_are_checked_and_kept() {
         let r = create_room(br#"{"title":"T","host_user_id":"u-1"}"#, NOW).unwrap();
         assert_eq!(r.host_user_id.as_deref(), Some("u-1"));
-        assert_eq!(create_room(br#"{"title":"T"}"#, NOW).unwrap().host_user_id, None);
+        assert_eq!(
+            create_room(br#"{"title":"T"}"#, NOW).unwrap().host_user_id,
+            None
+        );
         for body in [
             &br#"{"title":"T","host_user_id":""}"#[..],
             br#"{"title":"T","host_user_id":"a b"}"#,
         ] {
             assert_eq!(create_room(body, NOW).unwrap_err().code, "bad_field");
         }
-        let long = format!(r#"{{"title":"T","host_user_id":"{}"}}"#, "u".repeat(MAX_USER_ID_BYTES + 1));
-        assert_eq!(create_room(long.as_bytes(), NOW).unwrap_err().code, "bad_field");
+        let long = format!(
+            r#"{{"title":"T","host_user_id":"{}"}}"#,
+            "u".repeat(MAX_USER_ID_BYTES + 1)
+        );
+        assert_eq!(
+            create_room(long.as_bytes(), NOW).unwrap_err().code,
+            "bad_field"
+        );
         // The user id is checked before the title, as the handler always did.
         let both = create_room(br#"{"title":" ","host_user_id":"a b"}"#, NOW).unwrap_err();
         assert!(both.message.starts_with("host_user_id"), "{both}");
@@ -225,8 +234,12 @@ mod tests {
     #[test]
     fn tokens_are_minted_for_listeners_and_speakers_only() {
         let never = |_: &str| false;
-        let req = mint_token(br#"{"role":"speaker","name":"Bo","user_id":"u-2"}"#, false, never)
-            .unwrap();
+        let req = mint_token(
+            br#"{"role":"speaker","name":"Bo","user_id":"u-2"}"#,
+            false,
+            never,
+        )
+        .unwrap();
         assert_eq!((req.role, req.name.as_str()), (Role::Speaker, "Bo"));
         assert_eq!(req.user_id.as_deref(), Some("u-2"));
         let host = mint_token(br#"{"role":"host","name":"Bo"}"#, true, never).unwrap_err();
@@ -244,9 +257,12 @@ mod tests {
     fn production_mints_need_a_valid_user_id_that_is_not_banned() {
         let never = |_: &str| false;
         let anon = br#"{"role":"listener","name":"Bo"}"#;
-        assert_eq!(mint_token(anon, false, never).unwrap_err().code, "missing_user_id");
+        assert_eq!(
+            mint_token(anon, false, never).unwrap_err().code,
+            "missing_user_id"
+        );
         assert_eq!(mint_token(anon, true, never).unwrap().user_id, None);
-        let bad = br#"{"role":"listener","name":"Bo","user_id":"a	b"}"#;
+        let bad = br#"{"role":"listener","name":"Bo","user_id":"a b"}"#;
         assert_eq!(mint_token(bad, true, never).unwrap_err().code, "bad_field");
         let banned = br#"{"role":"host","name":"Bo","user_id":"kicked"}"#;
         let e = mint_token(banned, false, |user| user == "kicked").unwrap_err();
