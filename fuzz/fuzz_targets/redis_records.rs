@@ -221,7 +221,7 @@ fuzz_target!(|input: Input| {
         .map(|d| format!("edge-{}", d % 5))
         .collect();
     let mut registry = Registry::default();
-    registry.mirror(&[], beats, drains);
+    registry.mirror(beats, drains);
     for room in 1..=4 {
         let room = RoomId(room);
         let _ = registry.room_sessions(room, now.instant);
