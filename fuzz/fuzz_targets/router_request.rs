@@ -47,7 +47,11 @@ fuzz_target!(|data: &[u8]| {
         )
         .is_err());
     // Key id and timestamp headers checked before the body is read.
-    let (key, stamp) = text.split_at(text.len() / 2);
+    let mid = (0..=text.len() / 2)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    let (key, stamp) = text.split_at(mid);
     for k in [key, "k1"] {
         if keys.precheck(Some(k), Some(stamp), 1000).is_ok() {
             assert_eq!(k, "k1");
