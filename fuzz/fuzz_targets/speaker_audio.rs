@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Simulated time per input is capped so one input stays cheap (each tick encodes a frame).
-const MAX_TICKS: u64 = 25;
+const MAX_TICKS: u64 = 10;
 
 #[derive(Arbitrary, Debug)]
 enum Ts {
