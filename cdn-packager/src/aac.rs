@@ -132,7 +132,9 @@ impl AacRendition {
             if self.expected.is_some() {
                 self.encoder = new_encoder()?;
             }
-            self.next_frame_ts = ext;
+            // Never before AAC frames already queued: a packet longer than its RTP step (a
+            // 40 ms packet every 20 ms) would otherwise send the timeline back.
+            self.next_frame_ts = ext.max(self.next_frame_ts);
         }
         let n = match self.decoder.decode(packet, &mut self.pcm, false) {
             Ok(n) => n,
@@ -496,6 +498,34 @@ mod tests {
         let vod = pl.render_vod(&[]);
         check_timeline(&vod, &truth);
         check_media(&vod, &Expect::vod()).unwrap();
+    }
+
+    #[test]
+    fn packets_longer_than_their_step_never_send_the_timeline_back() {
+        // Found by the program_stream fuzz target: 40 ms packets 20 ms apart restarted the
+        // encoder 20 ms before the frames already queued, and a part started 1088 samples
+        // before the previous one ended.
+        let mut enc =
+            opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio).unwrap();
+        let pcm = [3000i16; 1920];
+        let packets: Vec<_> = (0..40u32)
+            .map(|i| (i * 960, enc.encode_vec(&pcm, 1500).unwrap()))
+            .collect();
+        let (_, aac_out) = run(&packets);
+        let mut end = 0;
+        let mut parts = 0;
+        for o in &aac_out {
+            if let SegmenterOutput::Part(p) = o {
+                assert!(
+                    p.base_media_decode_time >= end,
+                    "part at {} before {end}",
+                    p.base_media_decode_time
+                );
+                end = p.base_media_decode_time + u64::from(p.duration);
+                parts += 1;
+            }
+        }
+        assert!(parts >= 3, "{parts} parts");
     }
 
     #[test]

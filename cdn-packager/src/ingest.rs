@@ -15,7 +15,7 @@ use amphi_protocol::config::{OriginEndpoint, PackagerConfig};
 use amphi_protocol::control::{
     record_len, ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN,
 };
-use amphi_protocol::relay::{FrameKind, RelayFrame, SpeakerIdentity};
+use amphi_protocol::relay::{FrameKind, RelayError, RelayFrame, SpeakerIdentity};
 use amphi_protocol::RoomId;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +54,37 @@ enum SessionError {
     Closed,
     #[error("origin refused: {0}")]
     Refused(String),
+}
+
+/// Why a program stream record was refused (the stream is then dropped).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProgramRecordError {
+    /// Not a relay frame.
+    #[error("{0}")]
+    Relay(#[from] RelayError),
+    /// A relay frame of another kind.
+    #[error("not a program frame")]
+    NotProgram,
+    /// A frame of another room than the stream's first one.
+    #[error("room changed mid-stream to {0}")]
+    RoomChanged(RoomId),
+}
+
+/// One record of a program stream (the body after its `u32 LE` length prefix, itself checked
+/// with [`record_len`] against [`MAX_PROGRAM_RECORD_LEN`]): a program frame or a speaker identity, of room `current`
+/// once the stream's first frame named it.
+pub fn program_record(
+    body: &[u8],
+    current: Option<RoomId>,
+) -> Result<RelayFrame<'_>, ProgramRecordError> {
+    let frame = RelayFrame::decode(body)?;
+    if !matches!(frame.kind, FrameKind::Program | FrameKind::SpeakerIdentity) {
+        return Err(ProgramRecordError::NotProgram);
+    }
+    match current {
+        Some(room) if room != frame.room => Err(ProgramRecordError::RoomChanged(frame.room)),
+        _ => Ok(frame),
+    }
 }
 
 /// Everything the ingest side shares.
@@ -305,25 +336,17 @@ impl Ingest {
                 self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
                 break;
             }
-            let frame = match RelayFrame::decode(&body[..len]) {
-                Ok(f) if matches!(f.kind, FrameKind::Program | FrameKind::SpeakerIdentity) => f,
-                Ok(f) => {
-                    self.bad_record(&mut recv, Some(f.room), gen, &"not a program frame");
-                    break;
-                }
+            let current = room.as_ref().map(|r| r.0);
+            let frame = match program_record(&body[..len], current) {
+                Ok(f) => f,
                 Err(e) => {
-                    self.bad_record(&mut recv, room.as_ref().map(|r| r.0), gen, &e);
+                    self.bad_record(&mut recv, current, gen, &e);
                     break;
                 }
             };
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
             let handle = match &room {
-                Some((id, h)) if *id == frame.room => h.clone(),
-                Some((id, _)) => {
-                    let msg = format!("room changed mid-stream to {}", frame.room);
-                    self.bad_record(&mut recv, Some(*id), gen, &msg);
-                    break;
-                }
+                Some((_, h)) => h.clone(),
                 None => match self.registry.get_or_open(frame.room).await {
                     Ok(h) => {
                         tracing::info!(room = %frame.room, gen, "program stream started");
@@ -383,5 +406,47 @@ impl Ingest {
         self.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(?room, gen, %error, "bad program record; dropping the stream");
         recv.stop(1u32.into()).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: FrameKind, room: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        RelayFrame {
+            kind,
+            room: RoomId(room),
+            speaker: 3,
+            seq: 1,
+            rtp_ts: 960,
+            audio_level: 40,
+            payload: &[0xf8, 1, 2],
+        }
+        .encode_to_vec(&mut out)
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn program_records_of_one_room_pass_and_anything_else_is_refused() {
+        let ok = record(FrameKind::Program, 7);
+        let f = program_record(&ok, None).unwrap();
+        assert_eq!((f.room, f.payload), (RoomId(7), &[0xf8, 1, 2][..]));
+        assert!(program_record(&ok, Some(RoomId(7))).is_ok());
+        assert!(program_record(&record(FrameKind::SpeakerIdentity, 7), Some(RoomId(7))).is_ok());
+        assert_eq!(
+            program_record(&ok, Some(RoomId(8))),
+            Err(ProgramRecordError::RoomChanged(RoomId(7)))
+        );
+        assert_eq!(
+            program_record(&record(FrameKind::SpeakerAudio, 7), None),
+            Err(ProgramRecordError::NotProgram)
+        );
+        assert!(matches!(
+            program_record(&ok[..10], None),
+            Err(ProgramRecordError::Relay(RelayError::TooShort(10)))
+        ));
     }
 }

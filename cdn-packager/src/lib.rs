@@ -17,7 +17,8 @@
 //! Sans-IO cores: [`segmenter::Segmenter`], [`aac::AacRendition`], [`playlist::MediaPlaylist`],
 //! [`speakers::SpeakerTimeline`], [`upload::Lane`] (upload order, memory budget, spilling,
 //! retries), [`request::decide_reload`],
-//! [`request::parse_hls_path`], [`request::parse_hls_query`], [`recording_index`],
+//! [`request::parse_hls_path`], [`request::parse_hls_query`], [`program_record`] (program stream
+//! records), [`recording_index`],
 //! [`conformance`].
 
 #![deny(missing_docs)]
@@ -45,6 +46,7 @@ pub mod upload;
 
 pub use h1::{parse_request_head, FastRequest, RequestHead};
 pub use http::PUBLISHED_HEADER;
+pub use ingest::{program_record, ProgramRecordError};
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};
 pub use storage::{Backend, StorageConfig};
 

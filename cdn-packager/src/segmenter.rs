@@ -202,7 +202,8 @@ impl Segmenter {
     }
 
     /// Feed one frame that arrived at `now` (monotonic) / `wall` (wall clock).
-    /// Duplicate or reordered frames (RTP not after the previous one) are dropped.
+    /// Duplicate or reordered frames (RTP not after the previous one) and frames starting before
+    /// the previous one ends (under one frame duration after it) are dropped.
     pub fn push(
         &mut self,
         frame: ProgramFrame<'_>,
@@ -221,8 +222,9 @@ impl Segmenter {
             }
             Some((last_rtp, last_ext)) => {
                 let step = frame.rtp_ts.wrapping_sub(last_rtp);
-                if step == 0 || step.wrapping_neg() <= MAX_RTP_GAP {
-                    // Duplicate or slightly reordered: drop.
+                if step < SAMPLE_DURATION || step.wrapping_neg() <= MAX_RTP_GAP {
+                    // Duplicate, slightly reordered, or overlapping the previous frame (its
+                    // samples would decode before that frame ends): drop.
                     return Ok(out);
                 }
                 if step > MAX_RTP_GAP {
@@ -445,6 +447,27 @@ mod tests {
             }
         }
         assert_eq!(seg.unwrap(), concat);
+    }
+
+    #[test]
+    fn frames_overlapping_the_previous_one_are_dropped() {
+        // Found by the program_stream fuzz target: a frame 56 samples after the previous one
+        // started a part 904 samples before the previous part ended (the timeline went back).
+        let mut s = Segmenter::default();
+        let t0 = Instant::now();
+        let w0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut out = feed(&mut s, 0, 10, t0, w0);
+        for step in [56, 959] {
+            let frame = ProgramFrame {
+                rtp_ts: 9 * 960 + step,
+                payload: &[0xf8, 0xff, 0xfe],
+            };
+            assert!(s.push(frame, t0, w0).unwrap().is_empty());
+            assert_eq!(s.last_ext(), None, "step {step} accepted");
+        }
+        out.extend(feed(&mut s, 10 * 960, 1, t0, w0));
+        out.extend(s.stream_stopped().unwrap());
+        assert_eq!(parts(&out), vec![(0, 0, 10, 0), (0, 1, 1, 10 * 960)]);
     }
 
     #[test]

@@ -10,12 +10,19 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    for e in [Expect::live(OPUS).with_reports(1), Expect::any(AAC), Expect::vod()] {
+    for e in [
+        Expect::live(OPUS).with_reports(1),
+        Expect::any(AAC),
+        Expect::vod(),
+    ] {
         let _ = check_media(text, &e);
     }
     let _ = check_multivariant(text, 2);
     let _ = attributes(text);
     if amphi_packager::storage::valid_key(text) {
-        assert!(!text.split('/').any(|s| s == ".." || s.is_empty()), "{text}");
+        assert!(
+            !text.split('/').any(|s| s == ".." || s.is_empty()),
+            "{text}"
+        );
     }
 });

@@ -71,7 +71,11 @@ fuzz_target!(|data: &[u8]| {
         ids.dedup();
         assert_eq!(ids.len(), s.participants.len(), "duplicate participant");
         for h in &s.hands {
-            let p = s.participants.iter().find(|p| p.id == *h).expect("hand of a stranger");
+            let p = s
+                .participants
+                .iter()
+                .find(|p| p.id == *h)
+                .expect("hand of a stranger");
             assert_eq!(p.role, RoomRole::Listener, "a non-listener's hand is up");
         }
         assert!(s.participants.iter().all(|p| !s.banned.contains(&p.user)));

@@ -1,5 +1,6 @@
 //! Geo-router request parsing from the network: forwarding headers from a trusted proxy, edge
-//! heartbeats and API key signatures never panic; a made-up signature never verifies.
+//! heartbeats, API key headers and signatures and `/v1/route?avoid=` lists never panic; a
+//! made-up signature never verifies; an accepted avoid list is within its limits.
 #![no_main]
 use amphi_geo_router::auth::ApiKeys;
 use amphi_geo_router::client_ip::client_ip;
@@ -7,7 +8,10 @@ use amphi_geo_router::registry::validate;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let trusted = ["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+    let trusted = [
+        "127.0.0.0/8".parse().unwrap(),
+        "10.0.0.0/8".parse().unwrap(),
+    ];
     let (a, b) = data.split_at(data.len() / 2);
     let _ = client_ip(
         "127.0.0.1".parse().unwrap(),
@@ -15,7 +19,12 @@ fuzz_target!(|data: &[u8]| {
         std::iter::once(b),
         &trusted,
     );
-    let _ = client_ip("127.0.0.1".parse().unwrap(), std::iter::empty(), std::iter::once(data), &trusted);
+    let _ = client_ip(
+        "127.0.0.1".parse().unwrap(),
+        std::iter::empty(),
+        std::iter::once(data),
+        &trusted,
+    );
     if let Ok(hb) = serde_json::from_slice::<amphi_protocol::api::EdgeHeartbeat>(data) {
         let _ = validate(&hb);
     }
@@ -27,8 +36,37 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let sig = format!("v1={}", text);
     assert!(keys
-        .verify(Some("k1"), Some("1000"), Some(&sig), "POST", "/v1/rooms", data, 1000)
+        .verify(
+            Some("k1"),
+            Some("1000"),
+            Some(&sig),
+            "POST",
+            "/v1/rooms",
+            data,
+            1000
+        )
         .is_err());
+    // Key id and timestamp headers checked before the body is read.
+    let mid = (0..=text.len() / 2)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    let (key, stamp) = text.split_at(mid);
+    for k in [key, "k1"] {
+        if keys.precheck(Some(k), Some(stamp), 1000).is_ok() {
+            assert_eq!(k, "k1");
+            assert!(
+                stamp.len() <= 20 && stamp.parse::<u64>().is_ok(),
+                "{stamp:?}"
+            );
+        }
+    }
+    if let Ok(ids) = amphi_geo_router::select::parse_avoid(&text) {
+        assert!(ids.len() <= amphi_geo_router::select::MAX_AVOID);
+        assert!(ids
+            .iter()
+            .all(|id| (1..=128).contains(&id.len()) && !id.chars().any(char::is_control)));
+    }
     // The replay cache takes any signature text without panicking.
     let mut replays = amphi_geo_router::auth::ReplayCache::new(4);
     let _ = replays.check(&sig, 1000);

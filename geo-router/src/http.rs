@@ -5,8 +5,9 @@
 use crate::auth::{
     ApiKeys, ApiScope, AuthError, ReplayCache, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
+use crate::bodies;
 use crate::client_ip::{client_ip, Source};
-use crate::directory::{rank, RoomEntry};
+use crate::directory::rank;
 use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
@@ -17,9 +18,8 @@ use crate::select::{
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
-    ApiError, CreateRoomRequest, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer,
-    MintTokenRequest, RoomStatus, RouteResponse, TokenResponse, MAX_NAME_CHARS, MAX_TITLE_CHARS,
-    MAX_USER_ID_BYTES,
+    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus, RouteResponse,
+    TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};
@@ -60,8 +60,6 @@ const RECORDING_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_REMEMBERED_SIGNATURES: usize = 500_000;
 /// Revoked (room, user) entries the router holds at most.
 const MAX_REMEMBERED_REVOCATIONS: usize = 100_000;
-/// Furthest ahead a room may be scheduled (one year).
-const MAX_SCHEDULE_AHEAD_SECS: u64 = 366 * 24 * 3600;
 
 /// A static file of the web client, embedded by the binary.
 #[derive(Clone, Debug)]
@@ -184,6 +182,16 @@ impl From<StoreError> for Failure {
     }
 }
 
+impl From<bodies::BodyError> for Failure {
+    fn from(e: bodies::BodyError) -> Self {
+        let status = match e.refusal {
+            bodies::Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            bodies::Refusal::Forbidden => StatusCode::FORBIDDEN,
+        };
+        error(status, e.code, e.message)
+    }
+}
+
 fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
     Failure {
         status,
@@ -234,30 +242,6 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes,
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
-}
-
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), Failure> {
-    if value.trim().is_empty() || value.chars().count() > max {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_field",
-            format!("{field} must be 1..={max} characters"),
-        ));
-    }
-    Ok(())
-}
-
-/// 400 unless `value` is a valid application user id.
-fn check_user_id(field: &str, value: &str) -> Result<(), Failure> {
-    if amphi_protocol::api::valid_user_id(value) {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_field",
-            format!("{field} must be 1 to {MAX_USER_ID_BYTES} printable ASCII characters without spaces"),
-        ))
-    }
 }
 
 fn parse_room(id: &str) -> Result<RoomId, Failure> {
@@ -436,38 +420,12 @@ async fn create_room(
     let bytes = s
         .signed_body(&method, &uri, &headers, body, MAX_BODY, ApiScope::App)
         .await?;
-    let req: CreateRoomRequest = parse_json(&bytes)?;
-    if let Some(user) = &req.host_user_id {
-        check_user_id("host_user_id", user)?;
-    }
-    check_text("title", &req.title, MAX_TITLE_CHARS)?;
-    if let Some(topic) = &req.topic {
-        check_text("topic", topic, MAX_NAME_CHARS)?;
-    }
-    let host_name = match req.host_name.as_deref().map(str::trim) {
-        Some(name) if !name.is_empty() => {
-            check_text("host_name", name, MAX_NAME_CHARS)?;
-            name.to_string()
-        }
-        _ => "host".to_string(),
-    };
     let now = now_unix();
-    if let Some(at) = req.scheduled_at {
-        if at > now + MAX_SCHEDULE_AHEAD_SECS {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "bad_field",
-                "scheduled_at must be within a year",
-            ));
-        }
-    }
-    let entry = RoomEntry {
-        title: req.title,
-        topic: req.topic,
-        created_at: now,
-        scheduled_at: req.scheduled_at.filter(|at| *at > now),
-        ended_at: None,
-    };
+    let bodies::NewRoom {
+        entry,
+        host_name,
+        host_user_id,
+    } = bodies::create_room(&bytes, now)?;
     let live = entry.status(now) == RoomStatus::Live;
     let scheduled_at = entry.scheduled_at;
     let room = s.store.create_room(entry).await?;
@@ -482,7 +440,7 @@ async fn create_room(
     }
     let resp = CreateRoomResponse {
         room,
-        host_token: s.mint(room, Role::Host, &host_name, req.host_user_id),
+        host_token: s.mint(room, Role::Host, &host_name, host_user_id),
         hls_url: s.hls_url(room),
     };
     Ok((StatusCode::CREATED, Json(resp)).into_response())
@@ -549,40 +507,12 @@ async fn mint_token(
     let bytes = s
         .signed_body(&method, &uri, &headers, body, MAX_BODY, ApiScope::App)
         .await?;
-    let req: MintTokenRequest = parse_json(&bytes)?;
-    check_text("name", &req.name, MAX_NAME_CHARS)?;
-    match &req.user_id {
-        Some(user) => {
-            check_user_id("user_id", user)?;
-            let revoked = s
-                .revoked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_revoked(room, user, now_unix());
-            if revoked {
-                return Err(error(
-                    StatusCode::FORBIDDEN,
-                    "user_banned",
-                    "this user was removed from the room",
-                ));
-            }
-        }
-        None if !s.config.dev_mode => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "missing_user_id",
-                "user_id (the user's id in your application) is required",
-            ))
-        }
-        None => {}
-    }
-    if req.role == Role::Host {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_role",
-            "role must be listener or speaker; the host token comes with the room",
-        ));
-    }
+    let req = bodies::mint_token(&bytes, s.config.dev_mode, |user| {
+        s.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_revoked(room, user, now_unix())
+    })?;
     match s.room_status(room).await? {
         Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => {}
         _ => {

@@ -291,13 +291,14 @@ impl Registry {
             .collect()
     }
 
-    /// Sessions of `room` over every healthy edge (listener count for discovery).
+    /// Sessions of `room` over every healthy edge (listener count for discovery), saturating:
+    /// the counts come from heartbeats (and Redis), which may claim anything.
     pub fn room_sessions(&self, room: RoomId, now: Instant) -> u32 {
         self.edges
             .values()
             .filter(|e| self.is_healthy(e, now))
             .filter_map(|e| e.rooms.get(&room))
-            .sum()
+            .fold(0u32, |sum, n| sum.saturating_add(*n))
     }
 }
 
@@ -357,6 +358,18 @@ mod tests {
             r.expire(t1 + HEARTBEAT_INTERVAL * 61),
             vec!["a".to_string()]
         );
+    }
+
+    #[test]
+    fn room_sessions_saturate_instead_of_overflowing() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        for id in ["a", "b"] {
+            let mut b = beat(id, "us-east");
+            b.rooms[0].sessions = u32::MAX - 1;
+            r.heartbeat(b, t0).unwrap();
+        }
+        assert_eq!(r.room_sessions(RoomId(7), t0), u32::MAX);
     }
 
     #[test]

@@ -261,6 +261,22 @@ struct StoredEdge {
     seen_ms: u64,
 }
 
+/// A room read back from Redis: the JSON of its `entry` field and its separate `ended_at`.
+pub fn decode_room(entry: &str, ended_at: Option<u64>) -> Result<RoomEntry, serde_json::Error> {
+    let mut e: RoomEntry = serde_json::from_str(entry)?;
+    e.ended_at = ended_at;
+    Ok(e)
+}
+
+/// An edge read back from Redis (`edge:{id}`, written by whichever router took its heartbeat):
+/// the heartbeat and the instant it was received, or `None` if the record is unreadable or the
+/// heartbeat invalid (such edges are dropped from the shared registry).
+pub fn decode_edge(json: &str, now: Now) -> Option<(EdgeHeartbeat, Instant)> {
+    let e = serde_json::from_str::<StoredEdge>(json).ok()?;
+    validate(&e.beat).ok()?;
+    Some((e.beat, instant_at(now, e.seen_ms)))
+}
+
 /// The instant that was `age_ms` before `now` (saturating at the process start).
 fn instant_at(now: Now, then_ms: u64) -> Instant {
     let age = Duration::from_millis(now.unix_ms.saturating_sub(then_ms));
@@ -432,12 +448,10 @@ impl RedisStore {
         entry: &str,
         ended_at: Option<u64>,
     ) -> Result<RoomEntry, StoreError> {
-        let mut e: RoomEntry = serde_json::from_str(entry).map_err(|e| StoreError::Corrupt {
+        decode_room(entry, ended_at).map_err(|e| StoreError::Corrupt {
             key: self.key(format!("room:{id}")),
             message: e.to_string(),
-        })?;
-        e.ended_at = ended_at;
-        Ok(e)
+        })
     }
 }
 
@@ -804,11 +818,9 @@ impl Store for RedisStore {
                 let values: Vec<Option<String>> =
                     redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
                 for (id, v) in ids.iter().zip(values) {
-                    match v.and_then(|v| serde_json::from_str::<StoredEdge>(&v).ok()) {
-                        Some(e) if validate(&e.beat).is_ok() => {
-                            beats.push((e.beat, instant_at(now, e.seen_ms)))
-                        }
-                        _ => gone.push(id.clone()),
+                    match v.and_then(|v| decode_edge(&v, now)) {
+                        Some(beat) => beats.push(beat),
+                        None => gone.push(id.clone()),
                     }
                 }
             }

@@ -1,0 +1,187 @@
+//! The origin's room authority (`Rooms`, what `Hub::on_message` drives for every edge's
+//! `RoomCommand`) fed generated sequences over three rooms: commands from any participant,
+//! rooms restored or replaced from stored state (consistent or not, as Redis may hand it back),
+//! stored state reconciled after an outage, ends from outside and housekeeping as time passes.
+//! It never panics; a refusal changes nothing; rooms it built itself stay consistent; what it
+//! persists reads back identically; reconciling keeps every ban and an ended phase.
+#![no_main]
+#[path = "common/vocab.rs"]
+mod vocab;
+
+use amphi_origin::persist::{reconcile, PersistedRoom};
+use amphi_origin::room::{Ending, Rooms, RoomsConfig};
+use amphi_protocol::room::{RoomPhase, RoomRole};
+use amphi_protocol::RoomId;
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use vocab::{ARole, AState, Cmd, Pid, Rid, User};
+
+/// A stored room as Redis may hold it.
+#[derive(Arbitrary, Clone, Debug)]
+struct Stored {
+    state: AState,
+    roles: Vec<(User, ARole)>,
+}
+
+impl Stored {
+    fn persisted(&self) -> PersistedRoom {
+        PersistedRoom {
+            state: self.state.state(),
+            roles: self
+                .roles
+                .iter()
+                .map(|(u, r)| (u.name(), r.role()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Apply(Rid, Pid, Cmd),
+    Restore(Stored),
+    Replace(Stored),
+    /// The store answers again for a room that ran unverified: merge and replace.
+    Reconcile(Stored),
+    End(Rid),
+    Housekeeping,
+    Wait(u16),
+}
+
+fn check_consistent(p: &PersistedRoom) {
+    let s = &p.state;
+    let ids: HashSet<_> = s.participants.iter().map(|p| p.id).collect();
+    assert_eq!(ids.len(), s.participants.len(), "duplicate participant");
+    let hands: HashSet<_> = s.hands.iter().collect();
+    assert_eq!(hands.len(), s.hands.len(), "a hand is up twice");
+    for h in &s.hands {
+        let p = s
+            .participants
+            .iter()
+            .find(|p| p.id == *h)
+            .expect("hand of a stranger");
+        assert_eq!(p.role, RoomRole::Listener, "a non-listener's hand is up");
+    }
+    assert!(s.participants.iter().all(|p| !s.banned.contains(&p.user)));
+    if s.phase == RoomPhase::Ended {
+        assert!(s.hands.is_empty());
+    }
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let cfg = RoomsConfig {
+        max_rooms: 2,
+        ended_memory: Duration::from_secs(60),
+        empty_idle: Duration::from_secs(30),
+        ..RoomsConfig::default()
+    };
+    let mut rooms = Rooms::new(cfg);
+    let mut now = Instant::now();
+    let unix_ms = 1_700_000_000_000;
+    // Rooms whose state came from outside (possibly inconsistent).
+    let mut tainted: HashSet<RoomId> = HashSet::new();
+    for op in ops {
+        match op {
+            Op::Apply(room, actor, cmd) => {
+                let room = room.id();
+                let before = rooms.get(room).map(|r| r.persisted());
+                match rooms.apply(room, actor.id(), cmd.command(), now, unix_ms) {
+                    Ok(_) => assert!(rooms.get(room).is_some()),
+                    Err(rejection) => {
+                        assert!(!rejection.message.is_empty());
+                        assert_eq!(
+                            rooms.get(room).map(|r| r.persisted()),
+                            before,
+                            "a refusal changed the room"
+                        );
+                    }
+                }
+            }
+            Op::Restore(stored) => {
+                let saved = stored.persisted();
+                let id = saved.state.room;
+                let held = rooms.get(id).is_some();
+                if rooms.restore(saved.clone(), now, unix_ms) {
+                    assert!(!held);
+                    assert_eq!(
+                        rooms.get(id).map(|r| r.persisted().state),
+                        Some(saved.state)
+                    );
+                    tainted.insert(id);
+                }
+            }
+            Op::Replace(stored) => {
+                let saved = stored.persisted();
+                let id = saved.state.room;
+                if rooms.replace(saved, now, unix_ms) {
+                    tainted.insert(id);
+                }
+            }
+            Op::Reconcile(stored) => {
+                let stored = stored.persisted();
+                let Some(ours) = rooms.get(stored.state.room).map(|r| r.persisted()) else {
+                    continue;
+                };
+                let merged = reconcile(stored.clone(), ours.clone());
+                for b in stored.state.banned.iter().chain(&ours.state.banned) {
+                    assert!(merged.state.banned.contains(b), "a ban was lost");
+                }
+                if stored.state.phase == RoomPhase::Ended {
+                    assert_eq!(merged.state.phase, RoomPhase::Ended);
+                }
+                assert!(merged
+                    .state
+                    .participants
+                    .iter()
+                    .all(|p| !merged.state.banned.contains(&p.user)));
+                for h in &merged.state.hands {
+                    assert!(merged.state.participants.iter().any(|p| p.id == *h));
+                }
+                let id = merged.state.room;
+                assert!(rooms.replace(merged, now, unix_ms));
+                tainted.insert(id);
+            }
+            Op::End(room) => {
+                let room = room.id();
+                let was = rooms.get(room).map(|r| r.phase());
+                match rooms.end(room, now, unix_ms) {
+                    Ending::Ended(events) => {
+                        assert_eq!(was, Some(RoomPhase::Live));
+                        assert!(!events.is_empty());
+                    }
+                    Ending::AlreadyEnded => assert_eq!(was, Some(RoomPhase::Ended)),
+                    Ending::Unknown => assert_eq!(was, None),
+                }
+                if let Some(r) = rooms.get(room) {
+                    assert_eq!(r.phase(), RoomPhase::Ended);
+                }
+            }
+            Op::Housekeeping => {
+                for gone in rooms.housekeeping(now) {
+                    assert!(rooms.get(gone).is_none());
+                    tainted.remove(&gone);
+                }
+            }
+            Op::Wait(s) => now += Duration::from_secs(u64::from(s)),
+        }
+        assert!(rooms.len() <= 2);
+        assert!(rooms.census().live_rooms <= rooms.len());
+        for r in 1..=3 {
+            let id = RoomId(r);
+            let Some(room) = rooms.get(id) else {
+                tainted.remove(&id);
+                continue;
+            };
+            let p = room.persisted();
+            assert_eq!(p.state.room, id);
+            let json = serde_json::to_vec(&p).expect("persisted rooms serialize");
+            let back: PersistedRoom = serde_json::from_slice(&json).expect("and read back");
+            assert_eq!(back, p, "a stored room reads back differently");
+            if !tainted.contains(&id) {
+                check_consistent(&p);
+            }
+        }
+    }
+});
