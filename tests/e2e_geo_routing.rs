@@ -249,15 +249,25 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
     );
 
     // Load spill: an edge in Paris above the load threshold is skipped for the next nearest.
-    heartbeat(
-        &mesh,
-        "edge-paris",
-        48.86,
-        2.35,
-        0.95,
-        serde_json::json!([]),
-    );
-    let v = route_ip(&mesh, &room, "81.2.69.1");
+    // The Paris entry is beaten again before each try, and a loaded machine can delay the dev
+    // edges' own 0.5 s heartbeats past the 1.5 s window: a few tries (bounded) let them in.
+    let mut tries = 0;
+    let v = loop {
+        heartbeat(
+            &mesh,
+            "edge-paris",
+            48.86,
+            2.35,
+            0.95,
+            serde_json::json!([]),
+        );
+        let v = route_ip(&mesh, &room, "81.2.69.1");
+        tries += 1;
+        if v["edge"] == "edge-eu-west" || tries == 20 {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!(v["edge"], "edge-eu-west", "{v}");
     assert!(
         v["why"].as_str().unwrap().contains("skipped edge-paris"),

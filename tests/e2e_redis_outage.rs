@@ -137,6 +137,15 @@ fn role_of(s: &RoomState, id: ParticipantId) -> RoomRole {
         .unwrap_or_else(|| panic!("{id} missing from {s:?}"))
 }
 
+/// Accepts the event of `id` joining (another edge's participant reaches this one's replica
+/// through it).
+fn joined(id: ParticipantId) -> impl FnMut(&ServerMessage) -> Option<()> {
+    move |m| {
+        matches!(m, ServerMessage::Event(RoomEvent::ParticipantJoined { participant }) if participant.id == id)
+            .then_some(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bans_and_roles_survive_a_redis_outage_and_rooms_start_during_it() {
     let outage = Duration::from_secs(
@@ -174,6 +183,8 @@ async fn bans_and_roles_survive_a_redis_outage_and_rooms_start_during_it() {
     let (troll_id, _) = snapshot(snap);
     let (_dave, snap) = Ws::join(&eu, &dave_t).await.expect("dave joins");
     let (dave_id, _) = snapshot(snap);
+    // The host's edge checks targets against its replica: it must have heard the joins.
+    host.until(joined(dave_id)).await;
     host.send(serde_json::json!({"type": "kick", "target": troll_id.0}))
         .await;
     host.until(|m| {
@@ -203,6 +214,7 @@ async fn bans_and_roles_survive_a_redis_outage_and_rooms_start_during_it() {
         .await
         .expect("a token minted before the outage still joins");
     let (spam_id, _) = snapshot(snap);
+    host.until(joined(spam_id)).await;
     host.send(serde_json::json!({"type": "kick", "target": spam_id.0}))
         .await;
     host.until(|m| {
@@ -260,6 +272,7 @@ async fn bans_and_roles_survive_a_redis_outage_and_rooms_start_during_it() {
     let zed_t = v["token"].as_str().unwrap().to_string();
     let (_zed, snap) = Ws::join(&eu, &zed_t).await.expect("zed joins the new room");
     let (zed_id, _) = snapshot(snap);
+    host2.until(joined(zed_id)).await;
     host2
         .send(serde_json::json!({"type": "kick", "target": zed_id.0}))
         .await;

@@ -6,9 +6,7 @@ mod common;
 
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::RoomId;
-use common::{
-    dominant_frequency, ffmpeg_stdout, http_get, program_record, s16le, tone_frames, Harness,
-};
+use common::{dominant_frequency, ffmpeg_decode, http_get, program_record, tone_frames, Harness};
 use std::path::Path;
 use std::time::Duration;
 
@@ -81,27 +79,7 @@ async fn recordings_stored_under_older_names_are_still_served() {
         // ...and not under the names the packager writes now.
         let now = http_get(http, &format!("/hls/{ROOM}/{dir}/seg0.m4a")).await;
         assert_eq!(now.status, 404);
-        let pcm = ffmpeg_stdout(
-            "ffmpeg",
-            [
-                "-v",
-                "error",
-                "-i",
-                &format!("http://{http}/hls/{ROOM}/{dir}/vod.m3u8"),
-                "-f",
-                "s16le",
-                "-ac",
-                "1",
-                "-ar",
-                "48000",
-                "-",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        )
-        .await;
-        let samples = s16le(&pcm);
+        let samples = ffmpeg_decode(&format!("http://{http}/hls/{ROOM}/{dir}/vod.m3u8")).await;
         assert!(samples.len() >= 3 * 48_000, "{dir}: {}", samples.len());
         let (freq, _) = dominant_frequency(&samples[24_000..120_000]);
         assert!((freq - 440.0).abs() <= 5.0, "{dir}: {freq} Hz");

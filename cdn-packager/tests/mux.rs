@@ -4,7 +4,7 @@ mod common;
 
 use amphi_packager::fmp4::init_segment;
 use amphi_packager::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};
-use common::{dominant_frequency, ffmpeg_stdout, s16le, scratch_dir, tone_frames};
+use common::{dominant_frequency, ffmpeg_decode, ffmpeg_stdout, scratch_dir, tone_frames};
 use std::io::Cursor;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -108,17 +108,7 @@ async fn ffprobe_and_ffmpeg_read_init_plus_segment() {
     assert_eq!(stream["sample_rate"], "48000", "{v}");
     assert_eq!(stream["channels"], 1, "{v}");
 
-    let pcm = ffmpeg_stdout(
-        "ffmpeg",
-        [
-            "-v", "error", "-i", &p, "-f", "s16le", "-ac", "1", "-ar", "48000", "-",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    )
-    .await;
-    let samples = s16le(&pcm);
+    let samples = ffmpeg_decode(&p).await;
     assert!(
         samples.len() > 90_000,
         "about 2 s decoded, got {}",

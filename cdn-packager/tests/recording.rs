@@ -10,7 +10,7 @@ use amphi_packager::{PackagerOptions, RecordingConfig};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::RoomId;
 use common::{
-    dominant_frequency, ffmpeg_stdout, http_get, program_record_from, s16le, tone_frames, Harness,
+    dominant_frequency, ffmpeg_decode, http_get, program_record_from, tone_frames, Harness,
 };
 use http_body_util::BodyExt;
 use std::net::SocketAddr;
@@ -124,27 +124,7 @@ async fn room_end_leaves_a_vod_recording_served_over_http2() {
         );
         assert!(text.contains(&format!("X-SPEAKER-ID=\"{BOB}\"")), "{text}");
         // ffmpeg replays the recording.
-        let pcm = ffmpeg_stdout(
-            "ffmpeg",
-            [
-                "-v",
-                "error",
-                "-i",
-                &format!("http://{http}/hls/{ROOM}/{}/vod.m3u8", r.dir),
-                "-f",
-                "s16le",
-                "-ac",
-                "1",
-                "-ar",
-                "48000",
-                "-",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        )
-        .await;
-        let samples = s16le(&pcm);
+        let samples = ffmpeg_decode(&format!("http://{http}/hls/{ROOM}/{}/vod.m3u8", r.dir)).await;
         assert!(samples.len() >= 5 * 48_000, "{}: {}", r.dir, samples.len());
         let (freq, rms) = dominant_frequency(&samples[48_000..144_000]);
         assert!((freq - 440.0).abs() <= 5.0, "{}: {freq} Hz", r.dir);
@@ -260,8 +240,8 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
         let addr = h.http;
         async move { tfdt(&http_get(addr, &path).await.body) }
     };
-    assert_eq!(at(format!("/hls/{ROOM}/opus/seg0.m4s")).await, 0);
-    let resumed = at(format!("/hls/{ROOM}/opus/part3.0.m4s")).await;
+    assert_eq!(at(format!("/hls/{ROOM}/opus/seg0.m4a")).await, 0);
+    let resumed = at(format!("/hls/{ROOM}/opus/part3.0.m4a")).await;
     assert!(resumed >= 5 * 48_000, "tfdt {resumed} after the restart");
     uni.finish().unwrap();
     h.control_send

@@ -200,6 +200,15 @@ pub async fn ffmpeg_stdout(program: &'static str, args: Vec<String>) -> Vec<u8> 
     .unwrap()
 }
 
+/// Decode the media at `url` (a file or an HLS playlist) with ffmpeg into 48 kHz mono samples.
+pub async fn ffmpeg_decode(url: &str) -> Vec<i16> {
+    let args = [
+        "-v", "error", "-i", url, "-f", "s16le", "-ac", "1", "-ar", "48000", "-",
+    ];
+    let pcm = ffmpeg_stdout("ffmpeg", args.iter().map(|s| s.to_string()).collect()).await;
+    s16le(&pcm)
+}
+
 /// A fresh scratch directory.
 pub fn scratch_dir(tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
