@@ -402,29 +402,44 @@ impl S3Store {
             format!("{}/", self.prefix)
         };
         let mut out = Vec::new();
-        let mut token = None;
-        for _ in 0..100_000 {
-            let resp = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&full)
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(s3_err)?;
-            for p in resp.common_prefixes() {
+        self.each_page(&full, Some("/"), |page| {
+            for p in page.common_prefixes() {
                 if let Some(name) = p.prefix().and_then(|p| p.strip_prefix(full.as_str())) {
                     out.push(name.trim_end_matches('/').to_string());
                 }
             }
-            token = resp.next_continuation_token().map(str::to_string);
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Call `each` with every page of `ListObjectsV2` under `prefix` (the full key prefix),
+    /// grouped by `delimiter` if given.
+    async fn each_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        mut each: impl FnMut(&aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output),
+    ) -> Result<(), StorageError> {
+        let mut token = None;
+        for _ in 0..100_000 {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_delimiter(delimiter.map(str::to_string))
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(s3_err)?;
+            each(&page);
+            token = page.next_continuation_token().map(str::to_string);
             if token.is_none() {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Create the bucket if it does not exist (dev and tests).
@@ -520,29 +535,16 @@ impl Storage for S3Store {
             self.prefix.len() + 1
         };
         let mut out = Vec::new();
-        let mut token = None;
-        for _ in 0..100_000 {
-            let resp = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&full)
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(s3_err)?;
-            for o in resp.contents() {
+        self.each_page(&full, None, |page| {
+            for o in page.contents() {
                 if let Some(k) = o.key() {
                     if k.len() > strip {
                         out.push(k[strip..].to_string());
                     }
                 }
             }
-            token = resp.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
-        }
+        })
+        .await?;
         out.sort();
         Ok(out)
     }

@@ -833,7 +833,7 @@ impl Hub {
                 region,
             } => {
                 let identity = {
-                    let st = lock_write(&self.state);
+                    let st = lock_read(&self.state);
                     let mut relay = relay_write(&self.relay);
                     let key = (room, speaker.0);
                     let owner = st.owners.get(&(room, speaker)).copied();
