@@ -9,22 +9,22 @@
 //! paths, methods, versions, bodies, upgrades, HTTP/2 prior knowledge) is handed to hyper with
 //! the bytes already read, for the rest of the connection.
 
-use crate::http::{
-    hls, HttpState, BLOCKING_PLAYLIST_CACHE, BLOCK_TIMEOUT, PLAYLIST_TYPE, PUBLISHED_HEADER,
-};
-use crate::metrics::GaugeGuard;
+use crate::http::{hls, HttpState};
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::request::{decide_reload, HlsQuery, ReloadDecision};
-use crate::room::{RoomHandle, Snapshot};
+use crate::snapshot::{http_date, PublicationHook, Snapshot, BLOCK_TIMEOUT};
 use amphi_protocol::https::{refusal_bytes, Limiter};
+use amphi_protocol::RoomId;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,17 +70,75 @@ pub struct Waiter {
     done: oneshot::Sender<Release>,
 }
 
-/// Answer every held request of `room`'s rendition `ri` that `snap` satisfies, each with one
-/// write of the response rendered for this publication. Called after each publication.
-pub fn release_waiters(
-    room: &RoomHandle,
-    ri: usize,
-    snap: &Snapshot,
-    metrics: &crate::metrics::Metrics,
-) {
-    let Some(list) = room.waiters.get(ri) else {
-        return;
-    };
+/// What the fast path answers from: the hyper path's state (for everything it does not hold)
+/// and the requests it holds.
+pub struct FastPath {
+    /// The HTTP origin's state.
+    pub http: Arc<HttpState>,
+    /// Blocking reloads held until a publication satisfies them.
+    pub held: Arc<HeldReloads>,
+}
+
+/// Held requests of one room, per rendition.
+type RoomHeld = Vec<Mutex<Vec<Waiter>>>;
+
+/// The blocking playlist reloads the fast path holds, per room and rendition. The rooms'
+/// uploaders release them through [`PublicationHook`] after each publication.
+pub struct HeldReloads {
+    rooms: RwLock<HashMap<RoomId, Arc<RoomHeld>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl HeldReloads {
+    /// Nothing held yet; release delays are recorded in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        HeldReloads {
+            rooms: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// `room`'s held requests (`renditions` lists, made on first use).
+    fn room(&self, room: RoomId, renditions: usize) -> Arc<RoomHeld> {
+        if let Some(held) = self.existing(room) {
+            return held;
+        }
+        self.rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(room)
+            .or_insert_with(|| Arc::new((0..renditions).map(|_| Mutex::new(Vec::new())).collect()))
+            .clone()
+    }
+
+    fn existing(&self, room: RoomId) -> Option<Arc<RoomHeld>> {
+        self.rooms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&room)
+            .cloned()
+    }
+}
+
+impl PublicationHook for HeldReloads {
+    /// Answer every held request of the rendition that `snap` satisfies, each with one write of
+    /// the response rendered for this publication.
+    fn published(&self, room: RoomId, rendition: usize, snap: &Arc<Snapshot>) {
+        if let Some(list) = self.existing(room).as_ref().and_then(|h| h.get(rendition)) {
+            release_waiters(list, snap, &self.metrics);
+        }
+    }
+
+    fn finished(&self, room: RoomId) {
+        self.rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&room);
+    }
+}
+
+/// Answer every request held in `list` that `snap` satisfies.
+fn release_waiters(list: &Mutex<Vec<Waiter>>, snap: &Snapshot, metrics: &Metrics) {
     // Taken out of the lock for the writes: requests keep registering meanwhile (for the next
     // part, decided against this snapshot), and a held request that gives up finds itself
     // gone and is skipped here (its state is no longer WAITING).
@@ -155,7 +213,7 @@ async fn write_all(conn: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 /// connection has finished.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<HttpState>,
+    state: Arc<FastPath>,
     app: axum::Router,
     shutdown: CancellationToken,
     limiter: Limiter,
@@ -271,7 +329,7 @@ pub fn parse_request_head(buf: &[u8]) -> RequestHead {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    state: Arc<HttpState>,
+    state: Arc<FastPath>,
     app: axum::Router,
     shutdown: CancellationToken,
     limiter: Limiter,
@@ -325,7 +383,7 @@ async fn read_more(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Answer one fast-path request; `Err` when the connection is unusable.
-async fn answer(conn: &Arc<TcpStream>, req: &FastRequest, st: &HttpState) -> io::Result<()> {
+async fn answer(conn: &Arc<TcpStream>, req: &FastRequest, st: &FastPath) -> io::Result<()> {
     let (path, query) = req
         .target
         .split_once('?')
@@ -333,7 +391,7 @@ async fn answer(conn: &Arc<TcpStream>, req: &FastRequest, st: &HttpState) -> io:
     if let Some(held) = blocking_reload(conn, path, query, st) {
         return held.await;
     }
-    let resp = hls(st, path, query).await;
+    let resp = hls(&st.http, path, query).await;
     let bytes = serialize(resp, req.close).await;
     write_all(conn, &bytes).await
 }
@@ -344,7 +402,7 @@ fn blocking_reload<'a>(
     conn: &'a Arc<TcpStream>,
     path: &str,
     query: &str,
-    st: &'a HttpState,
+    st: &'a FastPath,
 ) -> Option<impl std::future::Future<Output = io::Result<()>> + 'a> {
     let p = crate::request::parse_hls_path(path).ok()?;
     let crate::request::HlsResource::MediaPlaylist(r) = p.resource else {
@@ -352,7 +410,8 @@ fn blocking_reload<'a>(
     };
     let q: HlsQuery = crate::request::parse_hls_query(query).ok()?;
     let msn = q.msn?;
-    let handle = st.registry.get(p.room)?;
+    let handle = st.http.registry.get(p.room)?;
+    let held = st.held.room(p.room, handle.renditions.len());
     let ri = handle.rendition_index(r.dir())?;
     let snap = handle.rx[ri].borrow().clone();
     let decision = decide_reload(msn, q.part, &snap.status);
@@ -363,7 +422,7 @@ fn blocking_reload<'a>(
         ReloadDecision::Wait => {
             let state = Arc::new(AtomicU8::new(WAITING));
             let (tx, rx) = oneshot::channel();
-            let list = handle.waiters.get(ri)?;
+            let list = held.get(ri)?;
             let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
             // Decide again under the lock: a publication may have slipped in.
             let now = handle.rx[ri].borrow().clone();
@@ -387,11 +446,11 @@ fn blocking_reload<'a>(
             let snap = handle.rx[ri].borrow().clone();
             return write_all(conn, &snap.wire(q.skip)).await;
         };
-        let _g = GaugeGuard::new(&st.metrics.blocking_in_flight);
+        let _g = GaugeGuard::new(&st.http.metrics.blocking_in_flight);
         let released = tokio::select! {
             r = &mut rx => r.ok(),
             _ = tokio::time::sleep(BLOCK_TIMEOUT) => None,
-            _ = st.shutdown.cancelled() => None,
+            _ = st.http.shutdown.cancelled() => None,
         };
         let released = match released {
             Some(r) => r,
@@ -400,12 +459,13 @@ fn blocking_reload<'a>(
                     .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    if let Some(list) = handle.waiters.get(ri) {
+                    if let Some(list) = held.get(ri) {
                         list.lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .retain(|w| !Arc::ptr_eq(&w.state, &state));
                     }
-                    st.metrics
+                    st.http
+                        .metrics
                         .blocking_timeouts
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let bytes = serialize(crate::http::block_timed_out(), false).await;
@@ -421,35 +481,6 @@ fn blocking_reload<'a>(
             Release::Failed => Err(io::ErrorKind::BrokenPipe.into()),
         }
     })
-}
-
-/// The pre-rendered HTTP/1.1 answer to a blocking playlist reload: `body`, published at `at`,
-/// with the headers of the hyper path's answer (content type, `max-age=6`, CORS, publication
-/// time) and `Date`.
-pub fn render_blocking_answer(body: &[u8], at: SystemTime) -> Bytes {
-    let us = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {PLAYLIST_TYPE}\r\ncache-control: {BLOCKING_PLAYLIST_CACHE}\r\n\
-         access-control-allow-origin: *\r\n{PUBLISHED_HEADER}: {us}\r\ndate: {}\r\n\
-         content-length: {}\r\n\r\n",
-        http_date(at),
-        body.len()
-    );
-    let mut out = BytesMut::with_capacity(head.len() + body.len());
-    out.extend_from_slice(head.as_bytes());
-    out.extend_from_slice(body);
-    out.freeze()
-}
-
-/// `Date` header value (IMF-fixdate) of `t`.
-pub fn http_date(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    dt.format(time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    ))
-    .unwrap_or_default()
 }
 
 /// HTTP/1.1 bytes of a handler's response (its body is always in memory).
@@ -569,6 +600,22 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_reloads_are_kept_per_room_until_the_room_finishes() {
+        let held = HeldReloads::new(Arc::new(Metrics::default()));
+        let (a, b) = (RoomId::random(), RoomId::random());
+        let lists = held.room(a, 2);
+        assert_eq!(lists.len(), 2);
+        assert!(Arc::ptr_eq(&lists, &held.room(a, 2)), "one entry per room");
+        assert!(held.existing(b).is_none());
+        // A publication of a room nobody waits on, or of a rendition it lacks, is a no-op.
+        let snap = Arc::new(Snapshot::empty(b));
+        held.published(b, 0, &snap);
+        held.published(a, 7, &snap);
+        held.finished(a);
+        assert!(held.existing(a).is_none());
+    }
 
     #[test]
     fn only_plain_gets_under_hls_take_the_fast_path() {

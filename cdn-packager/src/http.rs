@@ -4,9 +4,12 @@
 //! other `/hls/` requests with [`hls`] too.
 
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::playlist::{main_renditions, render_multivariant, TARGET_DURATION};
+use crate::playlist::{main_renditions, render_multivariant};
 use crate::request::{decide_reload, parse_hls_path, parse_hls_query, HlsResource, ReloadDecision};
-use crate::room::{key, Registry, RoomHandle, Snapshot};
+use crate::room::{key, Registry, RoomHandle};
+use crate::snapshot::{
+    Snapshot, BLOCKING_PLAYLIST_CACHE, BLOCK_TIMEOUT, PLAYLIST_TYPE, PUBLISHED_HEADER,
+};
 use crate::storage::Storage;
 use amphi_protocol::api::ApiError;
 use axum::body::Body;
@@ -15,26 +18,16 @@ use axum::response::Response;
 use http::{header, HeaderValue, Method, StatusCode};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// How long a blocking request is held: three target durations (rfc8216bis 6.2.5.2).
-pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(3 * TARGET_DURATION as u64);
-
-pub(crate) const PLAYLIST_TYPE: &str = crate::storage::content_type::PLAYLIST;
 const MEDIA_TYPE: &str = crate::storage::content_type::MEDIA;
 const IMMUTABLE: &str = crate::storage::IMMUTABLE;
 /// Live playlists without delivery directives: about half a part (CDNs round to a second).
 const PLAYLIST_CACHE: &str = "max-age=1";
-/// A blocking reload's answer is what that `_HLS_msn`/`_HLS_part` URL will always be: cacheable
-/// for the playlist's lifetime window (rfc8216bis 6.2.5.2 and Apple's CDN guidance).
-pub(crate) const BLOCKING_PLAYLIST_CACHE: &str = "max-age=6";
 /// Recordings do not change once written.
 const VOD_CACHE: &str = "max-age=60";
 /// `Retry-After` of a known room without media: one target duration.
 const RETRY_AFTER_SECS: &str = "2";
-/// Response header with the publication time (Unix microseconds) of the playlist state served.
-pub const PUBLISHED_HEADER: &str = "x-amphi-published-us";
 
 /// Shared state of the HTTP handlers.
 pub struct HttpState {

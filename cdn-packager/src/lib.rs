@@ -37,6 +37,7 @@ pub mod recording_index;
 pub mod request;
 mod room;
 pub mod segmenter;
+mod snapshot;
 pub mod speakers;
 pub mod spill;
 pub mod storage;
@@ -45,9 +46,9 @@ mod tls;
 pub mod upload;
 
 pub use h1::{parse_request_head, FastRequest, RequestHead};
-pub use http::PUBLISHED_HEADER;
 pub use ingest::{program_record, ProgramRecordError};
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};
+pub use snapshot::PUBLISHED_HEADER;
 pub use storage::{Backend, StorageConfig};
 
 use amphi_protocol::config::PackagerConfig;
@@ -225,11 +226,13 @@ impl Packager {
             .spill_dir
             .clone()
             .unwrap_or_else(|| config.data_dir.join("spill"));
+        let held = Arc::new(h1::HeldReloads::new(metrics.clone()));
         let registry = Arc::new(room::Registry::new(
             store.clone(),
             metrics.clone(),
             budget,
             spill::SpillDir::new(spill_dir),
+            held.clone(),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -269,7 +272,13 @@ impl Packager {
             ));
         }
         let server = if options.http1_fast_path.unwrap_or(true) {
-            tokio::spawn(h1::serve(listener, state, app, shutdown.clone(), limiter))
+            tokio::spawn(h1::serve(
+                listener,
+                Arc::new(h1::FastPath { http: state, held }),
+                app,
+                shutdown.clone(),
+                limiter,
+            ))
         } else {
             let sd = shutdown.clone();
             tokio::spawn(async move {
