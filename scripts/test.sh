@@ -150,6 +150,8 @@ step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
 "$TARGET_DIR/debug/amphi" loadgen room --smoke --port-offset 23400
 # Origin relay delay with a 1,000-member room idle, then chatting at its limit (2 s each).
 "$TARGET_DIR/debug/amphi" bench relay --smoke
+# The edge's sendmmsg fan-out vs quinn-udp (with and without GSO) and send_to, one short round.
+"$TARGET_DIR/debug/amphi" bench udp-send --smoke
 # Geo-router route lookups: criterion (once, test mode) and wrk vs a hyper hello-world (1 s each).
 cargo test -p amphi-geo-router --bench route --locked
 "$TARGET_DIR/debug/amphi" bench route --smoke --port 27500

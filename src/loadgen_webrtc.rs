@@ -201,6 +201,20 @@ pub(crate) fn thread_cpu_us() -> f64 {
 /// while another thread drains the receivers. Returns CPU microseconds of the sending thread per
 /// datagram: on loopback that includes the receivers' softirq work, as it does for the edge.
 pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) -> Result<f64> {
+    loopback_send_cost_us(receivers, datagrams, len, |sender, round| {
+        amphi_edge::batch::send_batches(sender, round, |(d, b)| (*d, b)).sent
+    })
+}
+
+/// CPU microseconds per sent datagram of `send`, which is handed rounds of up to `receivers`
+/// datagrams (one per receiver, `len` bytes each) and returns how many it sent, until
+/// `datagrams` were attempted; the receivers are drained by another thread meanwhile.
+pub fn loopback_send_cost_us(
+    receivers: usize,
+    datagrams: usize,
+    len: usize,
+    mut send: impl FnMut(&std::net::UdpSocket, &[(std::net::SocketAddr, &[u8])]) -> usize,
+) -> Result<f64> {
     ensure!(receivers > 0 && datagrams > 0, "nothing to send");
     let sockets = (0..receivers)
         .map(|_| {
@@ -235,7 +249,7 @@ pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) ->
     let (mut attempted, mut sent) = (0, 0);
     while attempted < datagrams {
         let n = (datagrams - attempted).min(round.len());
-        sent += amphi_edge::batch::send_batches(&sender, &round[..n], |(d, b)| (*d, b)).sent;
+        sent += send(&sender, &round[..n]);
         attempted += n;
         // Leave the drain thread time to empty the receive buffers, as subscribers would.
         std::thread::sleep(Duration::from_millis(1));

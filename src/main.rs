@@ -4,6 +4,7 @@ mod bench_latency;
 mod bench_quality;
 mod bench_relay;
 mod bench_route;
+mod bench_udp;
 mod cert;
 mod child_mesh;
 mod config;

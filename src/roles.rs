@@ -352,6 +352,9 @@ enum BenchCommand {
     Quality(crate::bench_quality::QualityOptions),
     /// Edge SFU: CPU per delivered packet, loss, forwarding delay with N WebRTC subscribers.
     Sfu(crate::loadgen_webrtc::SfuArgs),
+    /// The edge's fan-out send path (`sendmmsg` batches) vs `quinn-udp` (with and without GSO)
+    /// and plain `send_to`, CPU per datagram on loopback, interleaved.
+    UdpSend(crate::bench_udp::UdpSendArgs),
     /// Origin relay forwarding delay with one big room idle, then chatting at its limit.
     Relay(crate::bench_relay::RelayArgs),
     /// Geo-router route lookups/s over HTTP with wrk, side by side with a hyper hello-world.
@@ -405,6 +408,9 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         BenchCommand::Quality(opts) => crate::bench_quality::run(opts).await?,
         BenchCommand::Sfu(args) => crate::loadgen_webrtc::bench(args).await?,
         BenchCommand::Relay(args) => crate::bench_relay::run(args).await?,
+        BenchCommand::UdpSend(args) => {
+            tokio::task::spawn_blocking(move || crate::bench_udp::run(args)).await??
+        }
         BenchCommand::Route {
             seconds,
             threads,
