@@ -552,8 +552,10 @@ impl SignalingCore {
                 let Some(local) = self.rooms.get_mut(&room) else {
                     return out;
                 };
-                if let Some(state) = local.assembler.part(participants, hands, banned, more) {
-                    self.install(room, state, &mut out);
+                match local.assembler.part(participants, hands, banned, more) {
+                    Ok(Some(state)) => self.install(room, state, &mut out),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%room, error = %e, "room snapshot dropped"),
                 }
             }
             ControlMessage::RoomEvents { room, events } => {

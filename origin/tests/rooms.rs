@@ -606,7 +606,9 @@ async fn a_room_of_2000_never_needs_an_oversized_record() {
                 banned,
                 more,
                 ..
-            }) => asm.part(participants, hands, banned, more),
+            }) => asm
+                .part(participants, hands, banned, more)
+                .expect("within the limits"),
             other => panic!("expected the snapshot, got {other:?}"),
         };
         records += 1;

@@ -266,17 +266,41 @@ pub fn snapshot_records(state: RoomState, budget: usize) -> Vec<ControlMessage> 
         .collect()
 }
 
+/// Most records one split snapshot may span (each under [`MAX_CONTROL_LEN`]).
+pub const MAX_SNAPSHOT_PARTS: usize = 1024;
+/// Most list items (participants, hands and bans together) one split snapshot may carry: the
+/// origin's largest room limit with room to spare.
+pub const MAX_SNAPSHOT_ITEMS: usize = 250_000;
+
+/// A split snapshot grew past [`MAX_SNAPSHOT_PARTS`] or [`MAX_SNAPSHOT_ITEMS`]; it was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("split room snapshot too large: {parts} records, {items} items (limits {MAX_SNAPSHOT_PARTS}, {MAX_SNAPSHOT_ITEMS})")]
+pub struct SnapshotTooLarge {
+    /// Records received, this one included.
+    pub parts: usize,
+    /// List items received, this record's included.
+    pub items: usize,
+}
+
 /// Reassembles a split snapshot (sans-IO): feed every `RoomSnapshot` / `RoomSnapshotPart` of a
-/// room in arrival order; the complete state comes out with the last part.
+/// room in arrival order; the complete state comes out with the last part. What it collects is
+/// bounded by [`MAX_SNAPSHOT_PARTS`] and [`MAX_SNAPSHOT_ITEMS`].
 #[derive(Debug, Default)]
 pub struct SnapshotAssembler {
     pending: Option<RoomState>,
+    /// Records of the pending snapshot so far.
+    parts: usize,
+}
+
+fn items(state: &RoomState) -> usize {
+    state.participants.len() + state.hands.len() + state.banned.len()
 }
 
 impl SnapshotAssembler {
     /// A `RoomSnapshot`: the complete state if `more` is unset, else `None` (parts follow). A
     /// new snapshot replaces an unfinished one.
     pub fn start(&mut self, state: RoomState, more: bool) -> Option<RoomState> {
+        self.parts = 1;
         if more {
             self.pending = Some(state);
             None
@@ -287,22 +311,34 @@ impl SnapshotAssembler {
     }
 
     /// A `RoomSnapshotPart`: the complete state when this was the last part. A part without a
-    /// snapshot before it is ignored.
+    /// snapshot before it is ignored. A part that takes the snapshot past the limits drops it
+    /// (later parts are then ignored until the next `RoomSnapshot`).
     pub fn part(
         &mut self,
         participants: Vec<Participant>,
         hands: Vec<ParticipantId>,
         banned: Vec<String>,
         more: bool,
-    ) -> Option<RoomState> {
-        let st = self.pending.as_mut()?;
+    ) -> Result<Option<RoomState>, SnapshotTooLarge> {
+        let Some(st) = self.pending.as_mut() else {
+            return Ok(None);
+        };
+        self.parts += 1;
+        let total = items(st) + participants.len() + hands.len() + banned.len();
+        if self.parts > MAX_SNAPSHOT_PARTS || total > MAX_SNAPSHOT_ITEMS {
+            self.pending = None;
+            return Err(SnapshotTooLarge {
+                parts: self.parts,
+                items: total,
+            });
+        }
         st.participants.extend(participants);
         st.hands.extend(hands);
         st.banned.extend(banned);
         if more {
-            None
+            Ok(None)
         } else {
-            self.pending.take()
+            Ok(self.pending.take())
         }
     }
 
@@ -500,7 +536,7 @@ mod tests {
                     banned,
                     more,
                     ..
-                } => asm.part(participants, hands, banned, more),
+                } => asm.part(participants, hands, banned, more).unwrap(),
                 other => panic!("unexpected {other:?}"),
             };
             if out.is_some() {
@@ -516,6 +552,59 @@ mod tests {
             small.as_slice(),
             [ControlMessage::RoomSnapshot { more: false, .. }]
         ));
+    }
+
+    #[test]
+    fn a_snapshot_that_never_ends_is_dropped_at_the_limits() {
+        let start = |asm: &mut SnapshotAssembler| {
+            assert_eq!(asm.start(big_state(2), true), None);
+        };
+        // Records: empty parts with `more` forever.
+        let mut asm = SnapshotAssembler::default();
+        start(&mut asm);
+        let mut refused = None;
+        for i in 0..MAX_SNAPSHOT_PARTS + 10 {
+            match asm.part(Vec::new(), Vec::new(), Vec::new(), true) {
+                Ok(None) => {}
+                Ok(Some(_)) => panic!("complete without a last part"),
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let (i, e) = refused.expect("an endless snapshot is refused");
+        assert_eq!(
+            i + 2,
+            MAX_SNAPSHOT_PARTS + 1,
+            "refused at the first record past the limit"
+        );
+        assert_eq!(e.parts, MAX_SNAPSHOT_PARTS + 1);
+        assert!(!asm.is_pending(), "what was collected is dropped");
+        assert_eq!(
+            asm.part(Vec::new(), Vec::new(), Vec::new(), false),
+            Ok(None),
+            "later parts are ignored"
+        );
+        // Items: a few huge parts.
+        start(&mut asm);
+        let bans = |n: usize| (0..n).map(|i| format!("u{i}")).collect::<Vec<_>>();
+        assert_eq!(
+            asm.part(Vec::new(), Vec::new(), bans(MAX_SNAPSHOT_ITEMS / 2), true),
+            Ok(None)
+        );
+        let err = asm
+            .part(Vec::new(), Vec::new(), bans(MAX_SNAPSHOT_ITEMS / 2), true)
+            .expect_err("items past the limit");
+        assert!(err.items > MAX_SNAPSHOT_ITEMS, "{err}");
+        assert!(!asm.is_pending());
+        // A new snapshot starts over.
+        start(&mut asm);
+        assert_eq!(
+            asm.part(Vec::new(), Vec::new(), bans(1), false)
+                .map(|s| s.map(|s| s.banned.len())),
+            Ok(Some(1))
+        );
     }
 
     #[test]
