@@ -163,6 +163,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         interactive_capacity: 500,
         api_keys: vec![],
         webhooks: vec![],
+        room_idle_timeout_secs: 900,
         redis_url: None,
         hls_base_url: None,
         https: Default::default(),

@@ -7,7 +7,9 @@ use crate::auth::{
 };
 use crate::bodies;
 use crate::client_ip::{client_ip, Source};
-use crate::directory::rank;
+use crate::directory::{
+    topic_matches, Cursor, Expiry, DEFAULT_PAGE, MAX_EXPIRED_PER_PASS, MAX_PAGE,
+};
 use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
@@ -451,33 +453,48 @@ async fn create_room(
 struct ListQuery {
     topic: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
+/// `GET /v1/rooms`: one page of the live and scheduled rooms (live newest first, then
+/// scheduled soonest first), at most `limit` (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]);
+/// `next_cursor` resumes the walk. A topic filter applies to the page, so a page may hold fewer
+/// rooms than `limit` while `next_cursor` says more follow.
 async fn list_rooms(
     State(s): State<Shared>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
-    let Ok(Query(q)) = query else {
-        return Err(error(
+    let bad = || {
+        error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "malformed query string (topic, limit)",
-        ));
+            "malformed query string (topic, limit, cursor)",
+        )
     };
-    let limit = q.limit.unwrap_or(100).min(1000);
+    let Ok(Query(q)) = query else {
+        return Err(bad());
+    };
+    let cursor = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(Cursor::parse(text).ok_or_else(bad)?),
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let now = now_unix();
-    let all = s.store.rooms().await?;
-    let ranked = {
+    let page = s.store.page(cursor, limit, now).await?;
+    let rooms: Vec<_> = {
         let reg = s.registry();
         let at = Instant::now();
-        rank(all, q.topic.as_deref(), now, |id| reg.room_sessions(id, at))
+        page.rooms
+            .into_iter()
+            .filter(|(_, r)| topic_matches(r, q.topic.as_deref()))
+            .map(|(id, r)| r.info(id, s.hls_url(id), now, reg.room_sessions(id, at)))
+            .collect()
     };
-    let rooms: Vec<_> = ranked
-        .into_iter()
-        .take(limit)
-        .map(|(id, r, n)| r.info(id, s.hls_url(id), now, n))
-        .collect();
-    Ok(Json(serde_json::json!({ "rooms": rooms })).into_response())
+    Ok(Json(serde_json::json!({
+        "rooms": rooms,
+        "next_cursor": page.next.map(|c| c.encode()),
+    }))
+    .into_response())
 }
 
 async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
@@ -1065,15 +1082,14 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     let now = now_unix();
-    match s.store.rooms().await {
-        Ok(rooms) => {
-            let live = rooms
-                .iter()
-                .filter(|(_, r)| r.status(now) == RoomStatus::Live)
-                .count();
+    match s.store.counts(now).await {
+        Ok(counts) => {
             s.metrics
                 .live_rooms
-                .set(i64::try_from(live).unwrap_or(i64::MAX));
+                .set(i64::try_from(counts.live).unwrap_or(i64::MAX));
+            s.metrics
+                .scheduled_rooms
+                .set(i64::try_from(counts.scheduled).unwrap_or(i64::MAX));
         }
         Err(e) => tracing::warn!(error = %e, "store unavailable for metrics"),
     }
@@ -1234,6 +1250,39 @@ async fn housekeeping(s: Shared, shutdown: CancellationToken) {
         }
         for id in s.registry().expire(Instant::now()) {
             tracing::info!(edge = %id, "edge forgotten after a long silence");
+        }
+        expire_idle_rooms(&s, now).await;
+    }
+}
+
+/// End the live rooms no edge kept alive for `room_idle_timeout_secs` (one bounded pass).
+async fn expire_idle_rooms(s: &Shared, now: u64) {
+    let expiry = Expiry {
+        idle_secs: s.config.room_idle_timeout_secs,
+    };
+    let idle = match s.store.idle_rooms(expiry, now, MAX_EXPIRED_PER_PASS).await {
+        Ok(idle) => idle,
+        Err(e) => {
+            tracing::warn!(error = %e, "store unavailable for idle rooms");
+            return;
+        }
+    };
+    for room in idle {
+        match s.store.end_room(room, now).await {
+            Ok(EndOutcome::Ended) => {
+                s.metrics.rooms_ended.inc();
+                s.metrics.rooms_expired.inc();
+                let origin = s.links.end_room(room);
+                tracing::info!(%room, origin = ?origin, "idle room ended");
+                s.webhooks.emit(
+                    EventKind::RoomEnded,
+                    now,
+                    serde_json::json!({ "room": room, "by": "idle" }),
+                );
+                tokio::spawn(watch_recording(s.clone(), room));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%room, error = %e, "cannot end an idle room"),
         }
     }
 }

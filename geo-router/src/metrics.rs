@@ -80,6 +80,10 @@ pub struct Metrics {
     pub origin_links: Gauge,
     /// Live rooms in the directory.
     pub live_rooms: Gauge,
+    /// Scheduled rooms that have not started.
+    pub scheduled_rooms: Gauge,
+    /// Live rooms ended because no edge kept them alive.
+    pub rooms_expired: Counter,
     route_decisions: Family<RegionOutcomeLabels, Counter>,
     webhooks: WebhookCounters,
     healthy_edges: Gauge,
@@ -148,6 +152,14 @@ impl Default for Metrics {
             "QUIC links to origins that are up",
         );
         let live_rooms = r.gauge("amphi_router_live_rooms", "Live rooms in the directory");
+        let scheduled_rooms = r.gauge(
+            "amphi_router_scheduled_rooms",
+            "Scheduled rooms that have not started",
+        );
+        let rooms_expired = r.counter(
+            "amphi_router_rooms_expired",
+            "Live rooms ended because no edge kept them alive",
+        );
         let healthy_edges = r.gauge(
             "amphi_router_healthy_edges",
             "Registered edges heartbeating recently",
@@ -182,6 +194,8 @@ impl Default for Metrics {
             auth_failures,
             origin_links,
             live_rooms,
+            scheduled_rooms,
+            rooms_expired,
             route_decisions,
             webhooks,
             healthy_edges,
