@@ -269,7 +269,10 @@ impl Directory {
     pub fn counts(&self, now_unix: u64) -> RoomCounts {
         let scheduled = self
             .open
-            .range((Bound::Excluded((now_unix, RoomId(u64::MAX))), Bound::Unbounded))
+            .range((
+                Bound::Excluded((now_unix, RoomId(u64::MAX))),
+                Bound::Unbounded,
+            ))
             .count() as u64;
         RoomCounts {
             live: self.open.len() as u64 - scheduled,
@@ -410,7 +413,10 @@ mod tests {
         for (i, id) in ids.iter().enumerate() {
             let n = seen.iter().filter(|s| *s == id).count();
             let ended_meanwhile = (500..550).contains(&i);
-            assert!(n == 1 || (ended_meanwhile && n == 0), "room {i} seen {n} times");
+            assert!(
+                n == 1 || (ended_meanwhile && n == 0),
+                "room {i} seen {n} times"
+            );
         }
     }
 

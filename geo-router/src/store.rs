@@ -626,7 +626,10 @@ impl RedisStore {
             None
         };
         if keys.is_empty() {
-            return Ok(Page { rooms: Vec::new(), next });
+            return Ok(Page {
+                rooms: Vec::new(),
+                next,
+            });
         }
         let mut p = redis::pipe();
         for k in &keys {

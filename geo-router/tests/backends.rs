@@ -94,7 +94,11 @@ async fn store_contract(store: &dyn Store) {
         }
     );
     let expiry = Expiry { idle_secs: 600 };
-    assert!(store.idle_rooms(expiry, 1_599, 10).await.unwrap().is_empty());
+    assert!(store
+        .idle_rooms(expiry, 1_599, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(store.idle_rooms(expiry, 1_600, 10).await.unwrap(), vec![a]);
     assert_eq!(
         store.scheduled_between(4_000, 5_000).await.unwrap(),
@@ -155,13 +159,14 @@ async fn store_contract(store: &dyn Store) {
         .unwrap();
     assert!(third.drain, "the drain request reaches the edge");
     store.sync(now).await.unwrap();
-    let reg = store.registry().lock().unwrap();
-    assert!(reg.knows("e1") && reg.drain_requested("e1"));
-    assert!(
-        reg.candidates(a, now.instant).is_empty(),
-        "draining: no candidate"
-    );
-    drop(reg);
+    {
+        let reg = store.registry().lock().unwrap();
+        assert!(reg.knows("e1") && reg.drain_requested("e1"));
+        assert!(
+            reg.candidates(a, now.instant).is_empty(),
+            "draining: no candidate"
+        );
+    }
     // A heartbeat listing a room keeps it alive.
     let t = 100_000;
     let at = Now {
@@ -172,8 +177,15 @@ async fn store_contract(store: &dyn Store) {
         .heartbeat(beat("e3", "us-east", vec![(b, 1)]), at)
         .await
         .unwrap();
-    assert!(store.idle_rooms(expiry, t + 599, 10).await.unwrap().is_empty());
-    assert_eq!(store.idle_rooms(expiry, t + 600, 10).await.unwrap(), vec![b]);
+    assert!(store
+        .idle_rooms(expiry, t + 599, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.idle_rooms(expiry, t + 600, 10).await.unwrap(),
+        vec![b]
+    );
 }
 
 #[tokio::test]
@@ -552,7 +564,11 @@ fn walk_rooms(base: &str, limit: usize) -> Vec<String> {
         assert_eq!(status, 200, "{v}");
         let rooms = v["rooms"].as_array().unwrap();
         assert!(rooms.len() <= limit);
-        out.extend(rooms.iter().map(|r| r["room"].as_str().unwrap().to_string()));
+        out.extend(
+            rooms
+                .iter()
+                .map(|r| r["room"].as_str().unwrap().to_string()),
+        );
         match v["next_cursor"].as_str() {
             Some(c) => cursor = c.to_string(),
             None => return out,
@@ -565,7 +581,10 @@ fn walk_rooms(base: &str, limit: usize) -> Vec<String> {
 fn redis_calls(url: &str, command: &str) -> u64 {
     let client = redis::Client::open(url).unwrap();
     let mut c = client.get_connection().unwrap();
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
         .and_then(|rest| rest.split(',').next())
@@ -617,10 +636,7 @@ fn a_thousand_rooms_in_redis_page_once_each_and_metrics_reads_no_room() {
         .unwrap();
     let reads = redis_calls(&url, "hmget") + redis_calls(&url, "hget") - before;
     assert!(reads < 100, "/metrics read {reads} rooms");
-    assert!(
-        metrics.contains("amphi_router_live_rooms 750"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("amphi_router_live_rooms 750"), "{metrics}");
     assert!(metrics.contains("amphi_router_scheduled_rooms 250"));
 }
 
@@ -644,7 +660,10 @@ fn idle_room_expires(port: u16, backend: Backend) {
         .unwrap()
         .into_string()
         .unwrap();
-    assert!(metrics.contains("amphi_router_rooms_expired_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("amphi_router_rooms_expired_total 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
