@@ -178,6 +178,47 @@ impl Expiry {
 /// Most rooms one expiry pass ends (the rest wait for the next pass).
 pub const MAX_EXPIRED_PER_PASS: usize = 256;
 
+/// How long `/v1/route` trusts that a room it saw live still is, without asking the store.
+/// Ends made through this router forget the room at once; an end made through another replica
+/// sharing Redis is seen by this one's routes within this time (joins to an ended room are
+/// refused by the origin anyway).
+pub const LIVE_TRUST: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most rooms [`LiveRooms`] remembers.
+pub const MAX_LIVE_REMEMBERED: usize = 65_536;
+
+/// Rooms recently seen live (sans-IO): `/v1/route` asks the store only about the others.
+#[derive(Debug, Default)]
+pub struct LiveRooms {
+    seen: HashMap<RoomId, std::time::Instant>,
+}
+
+impl LiveRooms {
+    /// Whether `room` was seen live within [`LIVE_TRUST`] of `now`.
+    pub fn is_live(&self, room: RoomId, now: std::time::Instant) -> bool {
+        self.seen
+            .get(&room)
+            .is_some_and(|t| now.saturating_duration_since(*t) < LIVE_TRUST)
+    }
+
+    /// The store said `room` is live at `now`. Bounded: when full, the stale entries go, and
+    /// if none is stale, all.
+    pub fn saw_live(&mut self, room: RoomId, now: std::time::Instant) {
+        if self.seen.len() >= MAX_LIVE_REMEMBERED && !self.seen.contains_key(&room) {
+            self.seen
+                .retain(|_, t| now.saturating_duration_since(*t) < LIVE_TRUST);
+            if self.seen.len() >= MAX_LIVE_REMEMBERED {
+                self.seen.clear();
+            }
+        }
+        self.seen.insert(room, now);
+    }
+
+    /// `room` ended (through this router): never trusted live again.
+    pub fn forget(&mut self, room: RoomId) {
+        self.seen.remove(&room);
+    }
+}
+
 /// All rooms this router knows, with the open-room index and the activity clock.
 #[derive(Default)]
 pub struct Directory {
@@ -441,6 +482,26 @@ mod tests {
         ] {
             assert_eq!(Cursor::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn live_rooms_are_trusted_briefly_forgotten_on_end_and_bounded() {
+        let t0 = std::time::Instant::now();
+        let mut l = LiveRooms::default();
+        let (a, b) = (RoomId(1), RoomId(2));
+        assert!(!l.is_live(a, t0));
+        l.saw_live(a, t0);
+        assert!(l.is_live(a, t0 + LIVE_TRUST / 2));
+        assert!(!l.is_live(a, t0 + LIVE_TRUST), "stale: ask the store again");
+        assert!(!l.is_live(b, t0));
+        l.saw_live(b, t0);
+        l.forget(b);
+        assert!(!l.is_live(b, t0), "ended here: at once");
+        for i in 0..MAX_LIVE_REMEMBERED as u64 + 10 {
+            l.saw_live(RoomId(100 + i), t0);
+        }
+        assert!(l.seen.len() <= MAX_LIVE_REMEMBERED);
+        assert!(l.is_live(RoomId(100 + MAX_LIVE_REMEMBERED as u64 + 9), t0));
     }
 
     #[test]

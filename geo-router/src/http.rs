@@ -2,13 +2,14 @@
 //! client, and the `/hls` proxy. Decisions are made by the sans-IO cores ([`crate::select`],
 //! [`crate::registry`], [`crate::directory`], [`crate::client_ip`], [`crate::auth`]).
 
+use crate::answer::RouteAnswer;
 use crate::auth::{
     ApiKeys, ApiScope, AuthError, ReplayCache, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::bodies;
 use crate::client_ip::{client_ip, Source};
 use crate::directory::{
-    topic_matches, Cursor, Expiry, DEFAULT_PAGE, MAX_EXPIRED_PER_PASS, MAX_PAGE,
+    topic_matches, Cursor, Expiry, LiveRooms, DEFAULT_PAGE, MAX_EXPIRED_PER_PASS, MAX_PAGE,
 };
 use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
@@ -20,7 +21,7 @@ use crate::select::{
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
-    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus, RouteResponse,
+    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus,
     TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
@@ -137,6 +138,12 @@ struct AppState {
     metrics: Metrics,
     /// Per-client-address connection and request budgets.
     limiter: Limiter,
+    /// Rooms `/v1/route` saw live recently.
+    live: std::sync::Mutex<LiveRooms>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 type Shared = Arc<AppState>;
@@ -296,6 +303,25 @@ impl AppState {
     async fn room_status(&self, room: RoomId) -> Result<Option<RoomStatus>, Failure> {
         let now = now_unix();
         Ok(self.store.room(room).await?.map(|r| r.status(now)))
+    }
+
+    /// Whether `room` is live, for `/v1/route`: trusted from [`LiveRooms`] for
+    /// [`crate::directory::LIVE_TRUST`] after the store last said so.
+    async fn route_live(&self, room: RoomId) -> Result<bool, Failure> {
+        let now = Instant::now();
+        if lock(&self.live).is_live(room, now) {
+            return Ok(true);
+        }
+        let live = self.room_status(room).await? == Some(RoomStatus::Live);
+        if live {
+            lock(&self.live).saw_live(room, now);
+        }
+        Ok(live)
+    }
+
+    /// `room` ended (through this router): routes stop at once.
+    fn ended(&self, room: RoomId) {
+        lock(&self.live).forget(room);
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, crate::registry::Registry> {
@@ -584,7 +610,9 @@ async fn end_room(
         }
     }
     let now = now_unix();
-    let ended = match s.store.end_room(room, now).await? {
+    let outcome = s.store.end_room(room, now).await?;
+    s.ended(room);
+    let ended = match outcome {
         EndOutcome::NotFound => {
             return Err(error(
                 StatusCode::NOT_FOUND,
@@ -643,6 +671,7 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
                         false
                     }
                 };
+                s.ended(room);
                 if ended {
                     s.metrics.rooms_ended.inc();
                     tokio::spawn(watch_recording(s.clone(), room));
@@ -668,22 +697,14 @@ struct RouteQuery {
     avoid: Option<String>,
 }
 
-fn ws_base(http: &str) -> String {
-    if let Some(rest) = http.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = http.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        http.to_string()
-    }
-}
-
 async fn route(
     State(s): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
+    // The request itself (not a `HeaderMap` extractor, which copies every header).
+    req: Request<Body>,
 ) -> Answer {
+    let headers = req.headers();
     let Ok(Query(q)) = query else {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -712,7 +733,7 @@ async fn route(
             ))
         }
     };
-    if s.room_status(room).await? != Some(RoomStatus::Live) {
+    if !s.route_live(room).await? {
         return Err(error(
             StatusCode::NOT_FOUND,
             "room_not_found",
@@ -764,39 +785,53 @@ async fn route(
         }),
         None => s.anchor,
     };
-    let (edge, hls_only, why) = {
-        let reg = s.registry();
-        let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
-        let choice = select_edge(
-            client_place,
-            anchor,
-            &s.config.default_region,
-            &candidates,
-            s.policy,
-            listener,
-        )
-        .map_err(|e| {
+    let reg = s.registry();
+    let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
+    let choice = select_edge(
+        client_place,
+        anchor,
+        &s.config.default_region,
+        &candidates,
+        s.policy,
+        listener,
+    );
+    let choice = match choice {
+        Ok(c) => c,
+        Err(e) => {
+            drop(reg);
             s.metrics.route_decision(NO_REGION, RouteOutcome::NoEdge);
-            match e {
+            return Err(match e {
                 SelectError::UnknownRegion(_) => {
                     error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
                 }
                 SelectError::NoEdge => {
                     error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string())
                 }
-            }
-        })?;
-        let c = choice.edge;
-        (
-            (
-                c.id.to_string(),
-                c.region.to_string(),
-                c.public_url.to_string(),
-            ),
-            choice.hls_only,
-            choice.why,
-        )
+            });
+        }
     };
+    let hls_only = choice.hls_only;
+    let answer = RouteAnswer {
+        room,
+        edge: choice.edge.id,
+        region: choice.edge.region,
+        public_url: choice.edge.public_url,
+        hls_base: s.hls_base(),
+        hls_only,
+        source,
+        place,
+        choice: &choice.why,
+    };
+    // Written under the registry lock: the edge's strings are borrowed, not copied.
+    let body = answer.to_json();
+    tracing::debug!(%room, edge = %answer.edge, why = %answer.why(), "routed");
+    let outcome = if hls_only {
+        RouteOutcome::Hls
+    } else {
+        RouteOutcome::WebRtc
+    };
+    s.metrics.route_decision(answer.region, outcome);
+    drop(reg);
     s.metrics.routes.inc();
     if matches!(place, Place::Located { .. }) {
         s.metrics.routes_located.inc();
@@ -804,37 +839,14 @@ async fn route(
     if hls_only {
         s.metrics.routes_hls.inc();
     }
-    let outcome = if hls_only {
-        RouteOutcome::Hls
-    } else {
-        RouteOutcome::WebRtc
-    };
-    s.metrics.route_decision(&edge.1, outcome);
-    let located = match place {
-        Place::Located { point, country, .. } => format!(
-            "{} at {:.2},{:.2} ({})",
-            source,
-            point.latitude,
-            point.longitude,
-            String::from_utf8_lossy(&country).trim()
-        ),
-        Place::NotPublic => format!("{source}: not a public address"),
-        Place::Unknown => format!("{source}: not in the GeoIP databases"),
-    };
-    let why = format!("{located}; {why}");
-    tracing::debug!(%room, edge = %edge.0, %why, "routed");
-    let (id, region, url) = edge;
-    Ok(Json(RouteResponse {
-        region,
-        whip_url: format!("{url}/whip/{room}"),
-        whep_url: format!("{url}/whep/{room}"),
-        ws_url: format!("{}/v1/ws", ws_base(&url)),
-        edge: id,
-        hls_url: s.hls_url(room),
-        mode: if hls_only { "hls" } else { "interactive" }.into(),
-        why,
-    })
-    .into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// Whether an edge's heartbeat is authorized: open in dev mode, API key in production.
@@ -1268,7 +1280,9 @@ async fn expire_idle_rooms(s: &Shared, now: u64) {
         }
     };
     for room in idle {
-        match s.store.end_room(room, now).await {
+        let outcome = s.store.end_room(room, now).await;
+        s.ended(room);
+        match outcome {
             Ok(EndOutcome::Ended) => {
                 s.metrics.rooms_ended.inc();
                 s.metrics.rooms_expired.inc();
@@ -1451,6 +1465,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         hls_client: amphi_protocol::https::client_with(client_tls),
         metrics,
         limiter: limiter.clone(),
+        live: std::sync::Mutex::new(LiveRooms::default()),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));

@@ -32,6 +32,9 @@ impl RouteOutcome {
     }
 }
 
+/// Most (region, outcome) series whose handles [`Metrics::route_decision`] keeps.
+const MAX_CACHED_ROUTE_SERIES: usize = 256;
+
 /// The `region` label of route decisions that chose no edge.
 pub const NO_REGION: &str = "none";
 
@@ -85,6 +88,8 @@ pub struct Metrics {
     /// Live rooms ended because no edge kept them alive.
     pub rooms_expired: Counter,
     route_decisions: Family<RegionOutcomeLabels, Counter>,
+    /// Handles of `route_decisions` series by (region, outcome).
+    route_series: Mutex<Vec<(String, RouteOutcome, Counter)>>,
     webhooks: WebhookCounters,
     healthy_edges: Gauge,
     available_edges: Gauge,
@@ -197,6 +202,7 @@ impl Default for Metrics {
             scheduled_rooms,
             rooms_expired,
             route_decisions,
+            route_series: Mutex::new(Vec::new()),
             webhooks,
             healthy_edges,
             available_edges,
@@ -215,12 +221,36 @@ impl Metrics {
 
     /// Count one route decision for `region` (the chosen edge's, or [`NO_REGION`]).
     pub fn route_decision(&self, region: &str, outcome: RouteOutcome) {
-        self.route_decisions
+        // The series handles of the first regions seen are kept: counting a decision then
+        // allocates nothing (regions are few; the family takes any beyond the cache).
+        {
+            let cache = self
+                .route_series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, c)) = cache
+                .iter()
+                .find(|(r, o, _)| *o == outcome && r == region)
+            {
+                c.inc();
+                return;
+            }
+        }
+        let counter = self
+            .route_decisions
             .get_or_create(&[
                 ("region", region.to_string()),
                 ("outcome", outcome.label().to_string()),
             ])
-            .inc();
+            .clone();
+        counter.inc();
+        let mut cache = self
+            .route_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.len() < MAX_CACHED_ROUTE_SERIES {
+            cache.push((region.to_string(), outcome, counter));
+        }
     }
 
     /// Publish every registered edge's health and load, and the healthy and available counts;
