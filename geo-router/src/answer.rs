@@ -129,10 +129,7 @@ impl Serialize for RouteAnswer<'_> {
                 tail: "/index.m3u8",
             }),
         )?;
-        st.serialize_field(
-            "mode",
-            if self.hls_only { "hls" } else { "interactive" },
-        )?;
+        st.serialize_field("mode", if self.hls_only { "hls" } else { "interactive" })?;
         st.serialize_field("why", &Collected(self.why()))?;
         st.end()
     }

@@ -21,8 +21,7 @@ use crate::select::{
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
-    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus,
-    TokenResponse,
+    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus, TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};
@@ -324,11 +323,8 @@ impl AppState {
         lock(&self.live).forget(room);
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, crate::registry::Registry> {
-        self.store
-            .registry()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, crate::registry::Registry> {
+        crate::store::read(self.store.registry())
     }
 
     fn listeners(&self, room: RoomId) -> u32 {
@@ -1182,12 +1178,11 @@ fn app(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
         .layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BODY))
+        // One middleware layer (each costs a boxed future and a service clone per request):
+        // the budget, then the request log.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             rate_limit,
-        ))
-        .layer(axum::middleware::from_fn(
-            amphi_protocol::redact::log_request,
         ))
         .with_state(state)
 }
@@ -1207,7 +1202,8 @@ fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 }
 
 /// Spend one request of the real client's budget (behind `trusted_proxies`, the forwarded
-/// address), else answer 429 with `Retry-After`.
+/// address), else answer 429 with `Retry-After`; requests within it are logged by
+/// [`amphi_protocol::redact::log_request`], refusals here.
 async fn rate_limit(
     State(s): State<Shared>,
     req: Request<Body>,
@@ -1220,10 +1216,18 @@ async fn rate_limit(
     if let Some(peer) = peer {
         let client = real_client(&s, peer, req.headers());
         if let Err(r) = s.limiter.request(client) {
-            return amphi_protocol::https::refusal_response(&r);
+            let resp = amphi_protocol::https::refusal_response(&r);
+            tracing::debug!(
+                target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+                method = %req.method(),
+                path = req.uri().path(),
+                status = resp.status().as_u16(),
+                "request"
+            );
+            return resp;
         }
     }
-    next.run(req).await
+    amphi_protocol::redact::log_request(req, next).await
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
@@ -1260,7 +1264,7 @@ async fn housekeeping(s: Shared, shutdown: CancellationToken) {
             // `last` stays: the rooms are looked at again on the next tick.
             Err(e) => tracing::warn!(error = %e, "store unavailable for scheduled rooms"),
         }
-        for id in s.registry().expire(Instant::now()) {
+        for id in crate::store::write(s.store.registry()).expire(Instant::now()) {
             tracing::info!(edge = %id, "edge forgotten after a long silence");
         }
         expire_idle_rooms(&s, now).await;

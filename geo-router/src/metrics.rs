@@ -224,14 +224,8 @@ impl Metrics {
         // The series handles of the first regions seen are kept: counting a decision then
         // allocates nothing (regions are few; the family takes any beyond the cache).
         {
-            let cache = self
-                .route_series
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some((_, _, c)) = cache
-                .iter()
-                .find(|(r, o, _)| *o == outcome && r == region)
-            {
+            let cache = self.route_series.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, c)) = cache.iter().find(|(r, o, _)| *o == outcome && r == region) {
                 c.inc();
                 return;
             }
@@ -244,10 +238,7 @@ impl Metrics {
             ])
             .clone();
         counter.inc();
-        let mut cache = self
-            .route_series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.route_series.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() < MAX_CACHED_ROUTE_SERIES {
             cache.push((region.to_string(), outcome, counter));
         }

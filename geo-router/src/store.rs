@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often a shared backend's edge registry is mirrored into the local one.
@@ -130,8 +130,9 @@ pub enum EndOutcome {
 pub trait Store: Send + Sync {
     /// Backend name for logs (`memory`, `redis`).
     fn backend(&self) -> &'static str;
-    /// The local registry view used for selection (see the module documentation).
-    fn registry(&self) -> &Mutex<Registry>;
+    /// The local registry view used for selection (see the module documentation): read-locked
+    /// by every route request, write-locked by heartbeats and syncs.
+    fn registry(&self) -> &RwLock<Registry>;
     /// Add a room under a fresh id.
     fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId>;
     /// A room by id.
@@ -164,6 +165,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Read access to a registry (a poisoned lock still holds a usable registry).
+pub fn read(r: &RwLock<Registry>) -> RwLockReadGuard<'_, Registry> {
+    r.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write access to a registry.
+pub fn write(r: &RwLock<Registry>) -> RwLockWriteGuard<'_, Registry> {
+    r.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Rooms of `id`'s last heartbeat if it is still healthy at `now`.
 fn previous_rooms(reg: &Registry, id: &str, now: Instant) -> Option<BTreeMap<RoomId, u32>> {
     reg.list(now)
@@ -175,7 +186,7 @@ fn previous_rooms(reg: &Registry, id: &str, now: Instant) -> Option<BTreeMap<Roo
 /// The embedded default: everything in this process.
 pub struct MemoryStore {
     directory: Mutex<Directory>,
-    registry: Mutex<Registry>,
+    registry: RwLock<Registry>,
     claimed: Mutex<BTreeSet<(&'static str, RoomId)>>,
 }
 
@@ -184,7 +195,7 @@ impl MemoryStore {
     pub fn new(static_edges: &[EdgeEndpoint]) -> Self {
         MemoryStore {
             directory: Mutex::new(Directory::default()),
-            registry: Mutex::new(Registry::with_static(static_edges)),
+            registry: RwLock::new(Registry::with_static(static_edges)),
             claimed: Mutex::new(BTreeSet::new()),
         }
     }
@@ -195,7 +206,7 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    fn registry(&self) -> &Mutex<Registry> {
+    fn registry(&self) -> &RwLock<Registry> {
         &self.registry
     }
 
@@ -248,7 +259,7 @@ impl Store for MemoryStore {
 
     fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat> {
         let result = (|| {
-            let mut reg = lock(&self.registry);
+            let mut reg = write(&self.registry);
             let previous = previous_rooms(&reg, &hb.id, now.instant).unwrap_or_default();
             let id = hb.id.clone();
             let rooms: Vec<RoomId> = hb.rooms.iter().map(|r| r.room).collect();
@@ -264,7 +275,7 @@ impl Store for MemoryStore {
     }
 
     fn request_drain(&self, id: String) -> StoreFuture<'_, bool> {
-        let ok = lock(&self.registry).request_drain(&id);
+        let ok = write(&self.registry).request_drain(&id);
         Box::pin(async move { Ok(ok) })
     }
 
@@ -397,7 +408,7 @@ fn unreachable(e: &StoreError) -> bool {
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
-    registry: Mutex<Registry>,
+    registry: RwLock<Registry>,
     end_script: redis::Script,
     /// Directory writes and rooms kept while Redis is unreachable.
     fallback: Mutex<Fallback>,
@@ -455,7 +466,7 @@ impl RedisStore {
         let store = RedisStore {
             conn,
             prefix: prefix.to_string(),
-            registry: Mutex::new(Registry::with_static(static_edges)),
+            registry: RwLock::new(Registry::with_static(static_edges)),
             end_script: redis::Script::new(END_ROOM_LUA),
             fallback: Mutex::new(Fallback::default()),
         };
@@ -680,7 +691,7 @@ impl Store for RedisStore {
         "redis"
     }
 
-    fn registry(&self) -> &Mutex<Registry> {
+    fn registry(&self) -> &RwLock<Registry> {
         &self.registry
     }
 
@@ -869,7 +880,7 @@ impl Store for RedisStore {
                 Ok(v) => v,
                 Err(e) if unreachable(&e) => {
                     // Redis is away: this replica keeps routing to the edges that beat here.
-                    let mut reg = lock(&self.registry);
+                    let mut reg = write(&self.registry);
                     let previous = previous_rooms(&reg, &hb.id, now.instant);
                     let _ = reg.heartbeat(hb, now.instant);
                     return Ok(Beat {
@@ -887,7 +898,7 @@ impl Store for RedisStore {
                 .map(|o| o.beat.rooms.iter().map(|r| (r.room, r.sessions)).collect());
             let new = previous.is_none();
             let id = hb.id.clone();
-            let mut reg = lock(&self.registry);
+            let mut reg = write(&self.registry);
             // The mirror may be full while Redis is not; selection then misses this edge until
             // the registry shrinks, which the sync logs.
             let _ = reg.heartbeat(hb, now.instant);
@@ -905,7 +916,7 @@ impl Store for RedisStore {
     fn request_drain(&self, id: String) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let mut c = self.conn();
-            let known_here = lock(&self.registry).knows(&id);
+            let known_here = read(&self.registry).knows(&id);
             let known = known_here
                 || redis::cmd("EXISTS")
                     .arg(self.key(format!("edge:{id}")))
@@ -919,7 +930,7 @@ impl Store for RedisStore {
                 .arg(&id)
                 .query_async::<()>(&mut c)
                 .await?;
-            lock(&self.registry).request_drain(&id);
+            write(&self.registry).request_drain(&id);
             Ok(true)
         })
     }
@@ -981,7 +992,7 @@ impl Store for RedisStore {
             }
             let drains: BTreeSet<String> =
                 drains.into_iter().filter(|d| !gone.contains(d)).collect();
-            let mut reg = lock(&self.registry);
+            let mut reg = write(&self.registry);
             let dropped = reg.mirror(beats, drains);
             if dropped > 0 {
                 tracing::warn!(

@@ -160,7 +160,7 @@ async fn store_contract(store: &dyn Store) {
     assert!(third.drain, "the drain request reaches the edge");
     store.sync(now).await.unwrap();
     {
-        let reg = store.registry().lock().unwrap();
+        let reg = store.registry().read().unwrap();
         assert!(reg.knows("e1") && reg.drain_requested("e1"));
         assert!(
             reg.candidates(a, now.instant).is_empty(),
@@ -200,11 +200,11 @@ async fn store_contract_in_redis() {
     store_contract(&store).await;
     // A second store on the same Redis sees the edges after one sync (nothing local).
     let other = RedisStore::connect(&url, "contract:", &[]).await.unwrap();
-    assert!(other.registry().lock().unwrap().knows("e1"));
+    assert!(other.registry().read().unwrap().knows("e1"));
     // Another prefix sees nothing.
     let apart = RedisStore::connect(&url, "elsewhere:", &[]).await.unwrap();
     assert!(apart.page(None, 10, 1_500).await.unwrap().rooms.is_empty());
-    assert!(!apart.registry().lock().unwrap().knows("e1"));
+    assert!(!apart.registry().read().unwrap().knows("e1"));
 }
 
 // ---------------------------------------------------------------------------------------------
