@@ -166,7 +166,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         interactive_capacity: 500,
         api_keys: vec![],
         webhooks: vec![],
-        room_idle_timeout_secs: 900,
+        room_idle_timeout_secs: 21_600,
         redis_url: o.redis_url.clone(),
         hls_base_url: None,
         https: Default::default(),

@@ -156,7 +156,8 @@ pub struct RoomCounts {
 }
 
 /// Idle expiry of live rooms (sans-IO): a live room nobody keeps alive (no edge heartbeat
-/// lists it) for `idle_secs` after its start or its last activity is ended by the router.
+/// lists it, no route request or token names it) for `idle_secs` after its start or its last
+/// activity is ended by the router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expiry {
     /// Seconds without activity after which a live room ends.
@@ -271,7 +272,8 @@ impl Directory {
         }
     }
 
-    /// Edges reported sessions in `rooms` at `now_unix`: they stay alive.
+    /// Activity in `rooms` at `now_unix` (edges report sessions there, clients route or get
+    /// tokens): they stay alive.
     pub fn touch(&mut self, rooms: impl IntoIterator<Item = RoomId>, now_unix: u64) {
         for id in rooms {
             if let Some(t) = self.active.get_mut(&id) {

@@ -314,8 +314,17 @@ impl AppState {
         let live = self.room_status(room).await? == Some(RoomStatus::Live);
         if live {
             lock(&self.live).saw_live(room, now);
+            // Someone is joining: the room is active (at most once per trust period here).
+            self.touch(room).await;
         }
         Ok(live)
+    }
+
+    /// Activity in `room` (a route request, a token minted) keeps it from idle expiry.
+    async fn touch(&self, room: RoomId) {
+        if let Err(e) = self.store.touch(room, now_unix()).await {
+            tracing::debug!(%room, error = %e, "room activity not recorded");
+        }
     }
 
     /// `room` ended (through this router): routes stop at once.
@@ -553,7 +562,7 @@ async fn mint_token(
             .is_revoked(room, user, now_unix())
     })?;
     match s.room_status(room).await? {
-        Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => {}
+        Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => s.touch(room).await,
         _ => {
             return Err(error(
                 StatusCode::NOT_FOUND,

@@ -144,6 +144,9 @@ pub trait Store: Send + Sync {
     fn page(&self, cursor: Option<Cursor>, limit: usize, now_unix: u64) -> StoreFuture<'_, Page>;
     /// Live and scheduled room counts at `now_unix`, from the index sizes.
     fn counts(&self, now_unix: u64) -> StoreFuture<'_, RoomCounts>;
+    /// Activity in `room` at `now_unix` other than an edge heartbeat (a route request, a token
+    /// minted): it stays alive.
+    fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()>;
     /// Live rooms idle at `now_unix` under `expiry` (no edge heartbeat listed them), at most
     /// `max`: the caller ends them.
     fn idle_rooms(&self, expiry: Expiry, now_unix: u64, max: usize)
@@ -240,6 +243,11 @@ impl Store for MemoryStore {
     fn counts(&self, now_unix: u64) -> StoreFuture<'_, RoomCounts> {
         let counts = lock(&self.directory).counts(now_unix);
         Box::pin(async move { Ok(counts) })
+    }
+
+    fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()> {
+        lock(&self.directory).touch([room], now_unix);
+        Box::pin(async { Ok(()) })
     }
 
     fn idle_rooms(
@@ -800,6 +808,21 @@ impl Store for RedisStore {
                 live: open.saturating_sub(scheduled),
                 scheduled,
             })
+        })
+    }
+
+    fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            redis::cmd("ZADD")
+                .arg(self.key("activity"))
+                .arg("XX")
+                .arg("GT")
+                .arg(now_unix)
+                .arg(room.to_string())
+                .query_async::<()>(&mut c)
+                .await?;
+            Ok(())
         })
     }
 
