@@ -1,7 +1,8 @@
 //! `amphi bench route`: route lookups per second over HTTP on loopback, measured with `wrk`,
 //! side by side with a hyper hello-world server in the same run and process.
 //!
-//! Method: one tokio runtime serves both a geo-router (dev mode, in-memory store, GeoIP
+//! Method: one tokio runtime serves both a geo-router (dev mode, in-memory store or the Redis
+//! of `--redis-url` (the bench's room and edges stay there), GeoIP
 //! databases if given; four edges registered by heartbeats, one live room) and a hyper
 //! HTTP/1.1 server answering `Hello, World!`. `wrk` (keep-alive, `--threads` x `--connections`)
 //! first loads the hello-world server, then `GET /v1/route?room=ID&ip=8.8.8.8&role=listener`,
@@ -30,6 +31,8 @@ pub struct RouteBenchOptions {
     pub port: u16,
     /// GeoIP databases for the router.
     pub geoip: Vec<PathBuf>,
+    /// Redis for the router's directory and registry (in memory when `None`).
+    pub redis_url: Option<String>,
 }
 
 /// One wrk run.
@@ -163,7 +166,8 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         interactive_capacity: 500,
         api_keys: vec![],
         webhooks: vec![],
-        redis_url: None,
+        room_idle_timeout_secs: 21_600,
+        redis_url: o.redis_url.clone(),
         hls_base_url: None,
         https: Default::default(),
         limits: Default::default(),
@@ -211,8 +215,11 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         .await??
     };
     println!(
-        "route lookup over HTTP vs hyper hello-world (wrk -t{} -c{} -d{}s, loopback, same process)",
-        o.threads, o.connections, o.seconds
+        "route lookup over HTTP vs hyper hello-world (wrk -t{} -c{} -d{}s, loopback, same process, {} store)",
+        o.threads,
+        o.connections,
+        o.seconds,
+        if o.redis_url.is_some() { "Redis" } else { "memory" }
     );
     println!(
         "  sample route: edge {} ({})",
@@ -220,7 +227,11 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
     );
     let results = {
         let (hello_url, route_url) = (hello_url.clone(), route_url.clone());
-        let opts = RouteBenchOptions { geoip: vec![], ..o };
+        let opts = RouteBenchOptions {
+            geoip: vec![],
+            redis_url: None,
+            ..o
+        };
         tokio::task::spawn_blocking(move || -> Result<(WrkResult, WrkResult)> {
             Ok((wrk(&hello_url, &opts)?, wrk(&route_url, &opts)?))
         })

@@ -332,6 +332,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             interactive_capacity: 500,
             api_keys: vec![],
             webhooks: vec![],
+            room_idle_timeout_secs: 21_600,
             redis_url: args.redis_url.clone(),
             hls_base_url: None,
             https: Default::default(),

@@ -374,6 +374,11 @@ enum BenchCommand {
         /// GeoIP City database for the router (repeat for IPv4 and IPv6 files).
         #[arg(long = "geoip", value_name = "FILE")]
         geoip: Vec<PathBuf>,
+        /// Keep the router's directory and registry in this Redis (the production setup), e.g.
+        /// `redis://127.0.0.1:6379/15`; the bench's room and edges stay there. In memory
+        /// without it.
+        #[arg(long, value_name = "URL")]
+        redis_url: Option<String>,
         /// Short run for CI (1 s per server).
         #[arg(long)]
         smoke: bool,
@@ -417,6 +422,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             connections,
             port,
             geoip,
+            redis_url,
             smoke,
         } => {
             crate::bench_route::run(crate::bench_route::RouteBenchOptions {
@@ -425,6 +431,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
                 connections: if smoke { 8 } else { connections },
                 port,
                 geoip,
+                redis_url,
             })
             .await?
         }

@@ -1,23 +1,23 @@
 //! State read back from Redis, which anyone with access to it (or a bug in an older release)
 //! could have altered: the origin's stored rooms (the fields of a room's hash, assembled into a
 //! `PersistedRoom` and restored into the room authority), and the geo-router's stored room
-//! entries (ranked for discovery) and stored edges (mirrored into the edge registry, then used
+//! entries (paged through the directory index) and stored edges (mirrored into the edge registry, then used
 //! for edge selection and listener counts).
 //!
 //! Records are generated well-formed and then corrupted with byte edits, so both the parsers and
 //! what consumes their results get exercised. Nothing panics; a stored room restores to exactly
-//! what was read; discovery and selection answer from the records they were given.
+//! what was read; listing and selection answer from the records they were given.
 #![no_main]
 #[path = "common/vocab.rs"]
 mod vocab;
 
-use amphi_geo_router::directory::rank;
+use amphi_geo_router::directory::Directory;
 use amphi_geo_router::registry::Registry;
 use amphi_geo_router::select::{select_edge, ClientPlace, GeoPoint, Policy};
 use amphi_geo_router::store::{decode_edge, decode_room, Now};
 use amphi_origin::persist::{assemble, reconcile, PersistedRoom, RoomChanges};
 use amphi_origin::room::Rooms;
-use amphi_protocol::api::{EdgeHeartbeat, RoomLoad, RoomStatus};
+use amphi_protocol::api::{EdgeHeartbeat, RoomLoad};
 use amphi_protocol::RoomId;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -167,20 +167,34 @@ fuzz_target!(|input: Input| {
             rooms.push((RoomId(i as u64 + 1), entry));
         }
     }
-    let all = rooms.clone();
-    let ranked = rank(rooms, None, now_unix, |r| {
-        (r.0 as u32).wrapping_mul(0x9e37_79b9)
-    });
-    for (id, entry, _) in &ranked {
-        assert_ne!(entry.status(now_unix), RoomStatus::Ended);
-        let info = entry.info(*id, String::new(), now_unix, 0);
-        assert_eq!(info.room, *id);
+    let mut dir = Directory::default();
+    for (id, entry) in &rooms {
+        dir.put(*id, entry.clone());
     }
-    let live = all
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    for _ in 0..=rooms.len() {
+        let page = dir.page(cursor, 3, now_unix);
+        assert!(page.rooms.len() <= 3);
+        for (id, entry) in &page.rooms {
+            assert!(entry.ended_at.is_none());
+            let info = entry.info(*id, String::new(), now_unix, 0);
+            assert_eq!(info.room, *id);
+            listed.push(*id);
+        }
+        cursor = page.next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    listed.sort();
+    let mut open: Vec<RoomId> = rooms
         .iter()
-        .filter(|(_, e)| e.status(now_unix) != RoomStatus::Ended)
-        .count();
-    assert_eq!(ranked.len(), live, "discovery lost or invented rooms");
+        .filter(|(_, e)| e.ended_at.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    open.sort();
+    assert_eq!(listed, open, "the listing lost, repeated or invented rooms");
 
     // The geo-router's shared edge registry: `sync` mirrors the stored edges.
     let now = Now {

@@ -1,10 +1,17 @@
-//! The room directory (sans-IO, in memory): rooms, their schedule and status, and the discovery
-//! ranking (live rooms by listener count, then recency; scheduled rooms by start time).
+//! The room directory (sans-IO, in memory): rooms, their schedule and status, the open-room
+//! index that `GET /v1/rooms` pages through ([`Cursor`]), and the idle expiry of live rooms
+//! nobody keeps alive ([`Expiry`]).
+//!
+//! Listing order (both backends): live rooms newest first (by start time: the later of creation
+//! and schedule), then scheduled rooms soonest first; ties by id. The order only depends on
+//! stored fields, so a cursor stays valid while rooms come and go: every room open for the
+//! whole walk is returned exactly once.
 
 use amphi_protocol::api::{RoomInfo, RoomStatus};
 use amphi_protocol::RoomId;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 
 /// A room as the directory stores it (and as a shared store serializes it; `ended_at` is kept
 /// apart there so that ending is one atomic write).
@@ -33,6 +40,14 @@ impl RoomEntry {
         }
     }
 
+    /// When the room is (or was) live from, Unix seconds: the later of creation and schedule.
+    /// The open-room index orders by it and idle expiry counts from it.
+    pub fn start(&self) -> u64 {
+        self.scheduled_at
+            .unwrap_or(self.created_at)
+            .max(self.created_at)
+    }
+
     /// The public view of this room.
     pub fn info(&self, room: RoomId, hls_url: String, now_unix: u64, listeners: u32) -> RoomInfo {
         RoomInfo {
@@ -49,35 +64,6 @@ impl RoomEntry {
     }
 }
 
-/// Discovery order of two rooms: live before scheduled; live by listeners (more first), then
-/// recency (newer first); scheduled by start time (sooner first); then id.
-pub fn discovery_order(
-    a: (RoomId, &RoomEntry, u32),
-    b: (RoomId, &RoomEntry, u32),
-    now_unix: u64,
-) -> std::cmp::Ordering {
-    let live = |e: &RoomEntry| e.status(now_unix) == RoomStatus::Live;
-    live(b.1)
-        .cmp(&live(a.1))
-        .then_with(|| {
-            if live(a.1) {
-                b.2.cmp(&a.2).then(
-                    b.1.scheduled_at
-                        .unwrap_or(b.1.created_at)
-                        .max(b.1.created_at)
-                        .cmp(
-                            &a.1.scheduled_at
-                                .unwrap_or(a.1.created_at)
-                                .max(a.1.created_at),
-                        ),
-                )
-            } else {
-                a.1.scheduled_at.cmp(&b.1.scheduled_at)
-            }
-        })
-        .then(a.0.cmp(&b.0))
-}
-
 /// Whether `entry` matches a topic filter (case-insensitive, exact).
 pub fn topic_matches(entry: &RoomEntry, topic: Option<&str>) -> bool {
     match topic {
@@ -89,30 +75,159 @@ pub fn topic_matches(entry: &RoomEntry, topic: Option<&str>) -> bool {
     }
 }
 
-/// Live and scheduled rooms of `rooms` matching `topic`, in discovery order; `listeners` gives
-/// each room's listener count.
-pub fn rank(
-    rooms: Vec<(RoomId, RoomEntry)>,
-    topic: Option<&str>,
-    now_unix: u64,
-    listeners: impl Fn(RoomId) -> u32,
-) -> Vec<(RoomId, RoomEntry, u32)> {
-    let mut v: Vec<_> = rooms
-        .into_iter()
-        .filter(|(_, r)| r.status(now_unix) != RoomStatus::Ended && topic_matches(r, topic))
-        .map(|(id, r)| {
-            let n = listeners(id);
-            (id, r, n)
-        })
-        .collect();
-    v.sort_by(|a, b| discovery_order((a.0, &a.1, a.2), (b.0, &b.1, b.2), now_unix));
-    v
+/// Most rooms one page of `GET /v1/rooms` holds.
+pub const MAX_PAGE: usize = 1000;
+/// Rooms per page when the request names no limit.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// The key of an open room in the index: start time, then id. Its text form
+/// ([`index_member`]) sorts like the key, which is what the Redis index (a sorted set walked
+/// by lexicographic range) relies on.
+pub type IndexKey = (u64, RoomId);
+
+/// The text form of an index key: 20 decimal digits of the start time, `:`, the 16 hex digits
+/// of the id.
+pub fn index_member(key: IndexKey) -> String {
+    format!("{:020}:{}", key.0, key.1)
 }
 
-/// All rooms this router knows.
+/// An index key read back from its text form.
+pub fn parse_index_member(text: &str) -> Option<IndexKey> {
+    let (start, id) = text.split_once(':')?;
+    if start.len() != 20 || id.len() != 16 || !start.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((start.parse().ok()?, id.parse().ok()?))
+}
+
+/// Where a listing resumes: after this room, in the live part (walked newest first) or the
+/// scheduled part (walked soonest first). Opaque to clients (`l` or `s`, then the index member).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cursor {
+    /// Resume with the live rooms that start before this key.
+    Live(IndexKey),
+    /// Resume with the scheduled rooms that start after this key.
+    Scheduled(IndexKey),
+}
+
+impl Cursor {
+    /// The text handed to clients as `next_cursor`.
+    pub fn encode(&self) -> String {
+        match self {
+            Cursor::Live(k) => format!("l{}", index_member(*k)),
+            Cursor::Scheduled(k) => format!("s{}", index_member(*k)),
+        }
+    }
+
+    /// The room this cursor points after.
+    pub fn room(&self) -> RoomId {
+        match self {
+            Cursor::Live(k) | Cursor::Scheduled(k) => k.1,
+        }
+    }
+
+    /// A cursor read back from a request; `None` if it is not one this router made.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.as_bytes().first()? {
+            b'l' => parse_index_member(&text[1..]).map(Cursor::Live),
+            b's' => parse_index_member(&text[1..]).map(Cursor::Scheduled),
+            _ => None,
+        }
+    }
+}
+
+/// One page of the open-room index: `(key, entry)` in listing order, and where the next page
+/// resumes (`None` when the walk is over).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// The rooms of this page.
+    pub rooms: Vec<(RoomId, RoomEntry)>,
+    /// Where the next page resumes.
+    pub next: Option<Cursor>,
+}
+
+/// Counts read from the index (no room is read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoomCounts {
+    /// Live rooms.
+    pub live: u64,
+    /// Scheduled rooms that have not started.
+    pub scheduled: u64,
+}
+
+/// Idle expiry of live rooms (sans-IO): a live room nobody keeps alive (no edge heartbeat
+/// lists it, no route request or token names it) for `idle_secs` after its start or its last
+/// activity is ended by the router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    /// Seconds without activity after which a live room ends.
+    pub idle_secs: u64,
+}
+
+impl Expiry {
+    /// Rooms whose last activity (or start) is at or before this time are idle at `now_unix`.
+    pub fn cutoff(&self, now_unix: u64) -> Option<u64> {
+        now_unix.checked_sub(self.idle_secs)
+    }
+
+    /// Whether a room last active at `last_active` (Unix seconds) is idle at `now_unix`.
+    pub fn idle(&self, last_active: u64, now_unix: u64) -> bool {
+        self.cutoff(now_unix).is_some_and(|c| last_active <= c)
+    }
+}
+
+/// Most rooms one expiry pass ends (the rest wait for the next pass).
+pub const MAX_EXPIRED_PER_PASS: usize = 256;
+
+/// How long `/v1/route` trusts that a room it saw live still is, without asking the store.
+/// Ends made through this router forget the room at once; an end made through another replica
+/// sharing Redis is seen by this one's routes within this time (joins to an ended room are
+/// refused by the origin anyway).
+pub const LIVE_TRUST: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most rooms [`LiveRooms`] remembers.
+pub const MAX_LIVE_REMEMBERED: usize = 65_536;
+
+/// Rooms recently seen live (sans-IO): `/v1/route` asks the store only about the others.
+#[derive(Debug, Default)]
+pub struct LiveRooms {
+    seen: HashMap<RoomId, std::time::Instant>,
+}
+
+impl LiveRooms {
+    /// Whether `room` was seen live within [`LIVE_TRUST`] of `now`.
+    pub fn is_live(&self, room: RoomId, now: std::time::Instant) -> bool {
+        self.seen
+            .get(&room)
+            .is_some_and(|t| now.saturating_duration_since(*t) < LIVE_TRUST)
+    }
+
+    /// The store said `room` is live at `now`. Bounded: when full, the stale entries go, and
+    /// if none is stale, all.
+    pub fn saw_live(&mut self, room: RoomId, now: std::time::Instant) {
+        if self.seen.len() >= MAX_LIVE_REMEMBERED && !self.seen.contains_key(&room) {
+            self.seen
+                .retain(|_, t| now.saturating_duration_since(*t) < LIVE_TRUST);
+            if self.seen.len() >= MAX_LIVE_REMEMBERED {
+                self.seen.clear();
+            }
+        }
+        self.seen.insert(room, now);
+    }
+
+    /// `room` ended (through this router): never trusted live again.
+    pub fn forget(&mut self, room: RoomId) {
+        self.seen.remove(&room);
+    }
+}
+
+/// All rooms this router knows, with the open-room index and the activity clock.
 #[derive(Default)]
 pub struct Directory {
     rooms: HashMap<RoomId, RoomEntry>,
+    /// Rooms not ended, by start time.
+    open: BTreeSet<IndexKey>,
+    /// Last activity of every open room (Unix seconds; the start until an edge reports it).
+    active: HashMap<RoomId, u64>,
 }
 
 impl Directory {
@@ -122,12 +237,20 @@ impl Directory {
         while self.rooms.contains_key(&id) {
             id = RoomId::random();
         }
-        self.rooms.insert(id, entry);
+        self.put(id, entry);
         id
     }
 
     /// Insert or replace a room under a known id.
     pub fn put(&mut self, id: RoomId, entry: RoomEntry) {
+        if let Some(old) = self.rooms.get(&id) {
+            self.open.remove(&(old.start(), id));
+            self.active.remove(&id);
+        }
+        if entry.ended_at.is_none() {
+            self.open.insert((entry.start(), id));
+            self.active.insert(id, entry.start());
+        }
         self.rooms.insert(id, entry);
     }
 
@@ -141,41 +264,94 @@ impl Directory {
         match self.rooms.get_mut(&id) {
             Some(r) if r.ended_at.is_none() => {
                 r.ended_at = Some(now_unix);
+                self.open.remove(&(r.start(), id));
+                self.active.remove(&id);
                 true
             }
             _ => false,
         }
     }
 
-    /// Live and scheduled rooms matching `topic`, in discovery order; `listeners` gives each
-    /// room's listener count.
-    pub fn discover(
-        &self,
-        topic: Option<&str>,
-        now_unix: u64,
-        listeners: impl Fn(RoomId) -> u32,
-    ) -> Vec<(RoomId, &RoomEntry, u32)> {
-        let mut v: Vec<_> = self
-            .rooms
+    /// Activity in `rooms` at `now_unix` (edges report sessions there, clients route or get
+    /// tokens): they stay alive.
+    pub fn touch(&mut self, rooms: impl IntoIterator<Item = RoomId>, now_unix: u64) {
+        for id in rooms {
+            if let Some(t) = self.active.get_mut(&id) {
+                *t = (*t).max(now_unix);
+            }
+        }
+    }
+
+    /// Live rooms idle at `now_unix` under `expiry`, at most `max` (scheduled rooms count from
+    /// their start, so they are never idle before it).
+    pub fn idle(&self, expiry: Expiry, now_unix: u64, max: usize) -> Vec<RoomId> {
+        self.active
             .iter()
-            .filter(|(_, r)| r.status(now_unix) != RoomStatus::Ended && topic_matches(r, topic))
-            .map(|(id, r)| (*id, r, listeners(*id)))
-            .collect();
-        v.sort_by(|a, b| discovery_order(*a, *b, now_unix));
-        v
+            .filter(|(_, t)| expiry.idle(**t, now_unix))
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect()
     }
 
-    /// Every room, cloned.
-    pub fn all(&self) -> Vec<(RoomId, RoomEntry)> {
-        self.rooms.iter().map(|(id, r)| (*id, r.clone())).collect()
+    /// Scheduled rooms not ended whose start time is in `(after, until]` (Unix seconds).
+    pub fn scheduled_between(&self, after: u64, until: u64) -> Vec<RoomId> {
+        if until <= after {
+            return Vec::new();
+        }
+        self.open
+            .range((
+                Bound::Excluded((after, RoomId(u64::MAX))),
+                Bound::Included((until, RoomId(u64::MAX))),
+            ))
+            .filter(|k| self.rooms[&k.1].scheduled_at.is_some())
+            .map(|k| k.1)
+            .collect()
     }
 
-    /// Rooms that are live at `now_unix`.
-    pub fn live_count(&self, now_unix: u64) -> usize {
-        self.rooms
-            .values()
-            .filter(|r| r.status(now_unix) == RoomStatus::Live)
-            .count()
+    /// Live and scheduled room counts at `now_unix`, from the index.
+    pub fn counts(&self, now_unix: u64) -> RoomCounts {
+        let scheduled = self
+            .open
+            .range((
+                Bound::Excluded((now_unix, RoomId(u64::MAX))),
+                Bound::Unbounded,
+            ))
+            .count() as u64;
+        RoomCounts {
+            live: self.open.len() as u64 - scheduled,
+            scheduled,
+        }
+    }
+
+    /// Up to `limit` open rooms from `cursor` (the start when `None`) in listing order.
+    pub fn page(&self, cursor: Option<Cursor>, limit: usize, now_unix: u64) -> Page {
+        let now_key = (now_unix, RoomId(u64::MAX));
+        let live_upper = match cursor {
+            None => Bound::Included(now_key),
+            Some(Cursor::Live(k)) => Bound::Excluded(k.min(now_key)),
+            Some(Cursor::Scheduled(_)) => Bound::Excluded((0, RoomId(0))),
+        };
+        let sched_lower = match cursor {
+            Some(Cursor::Scheduled(k)) => Bound::Excluded(k.max(now_key)),
+            _ => Bound::Excluded(now_key),
+        };
+        let live = self
+            .open
+            .range((Bound::Unbounded, live_upper))
+            .rev()
+            .map(|k| (Cursor::Live(*k), k.1));
+        let scheduled = self
+            .open
+            .range((sched_lower, Bound::Unbounded))
+            .map(|k| (Cursor::Scheduled(*k), k.1));
+        let mut rooms = Vec::new();
+        let mut last = None;
+        for (c, id) in live.chain(scheduled).take(limit) {
+            rooms.push((id, self.rooms[&id].clone()));
+            last = Some(c);
+        }
+        let next = if rooms.len() == limit { last } else { None };
+        Page { rooms, next }
     }
 }
 
@@ -193,6 +369,21 @@ mod tests {
         }
     }
 
+    fn walk(d: &Directory, limit: usize, now: u64) -> Vec<RoomId> {
+        let mut out = Vec::new();
+        let mut cursor = None;
+        for _ in 0..10_000 {
+            let p = d.page(cursor, limit, now);
+            assert!(p.rooms.len() <= limit);
+            out.extend(p.rooms.iter().map(|r| r.0));
+            match p.next {
+                Some(c) => cursor = Some(Cursor::parse(&c.encode()).unwrap()),
+                None => return out,
+            }
+        }
+        panic!("the walk never ended");
+    }
+
     #[test]
     fn status_follows_schedule_and_end() {
         let mut d = Directory::default();
@@ -207,35 +398,136 @@ mod tests {
     }
 
     #[test]
-    fn discovery_ranks_by_listeners_then_recency_then_schedule() {
+    fn listing_is_live_newest_first_then_scheduled_soonest_first() {
         let mut d = Directory::default();
-        let old_busy = d.create(entry("old busy", Some("Music"), 100, None));
-        let new_quiet = d.create(entry("new quiet", Some("music"), 300, None));
-        let old_quiet = d.create(entry("old quiet", Some("tech"), 200, None));
-        let later = d.create(entry("later", Some("music"), 50, Some(5000)));
+        let old = d.create(entry("old", None, 100, None));
+        let new = d.create(entry("new", None, 300, None));
+        let later = d.create(entry("later", None, 50, Some(5000)));
         let sooner = d.create(entry("sooner", None, 60, Some(2000)));
-        let ended = d.create(entry("ended", Some("music"), 400, None));
+        let ended = d.create(entry("ended", None, 400, None));
         d.end(ended, 900);
-        let listeners = |id: RoomId| if id == old_busy { 50 } else { 0 };
-        let order: Vec<RoomId> = d
-            .discover(None, 1000, listeners)
-            .iter()
-            .map(|r| r.0)
-            .collect();
-        assert_eq!(order, vec![old_busy, new_quiet, old_quiet, sooner, later]);
-        let music: Vec<RoomId> = d
-            .discover(Some("MUSIC"), 1000, listeners)
-            .iter()
-            .map(|r| r.0)
-            .collect();
-        assert_eq!(music, vec![old_busy, new_quiet, later]);
-        assert_eq!(d.live_count(1000), 3);
-        // Once its time comes, a scheduled room ranks as live from its start time.
-        let order: Vec<RoomId> = d
-            .discover(None, 2500, listeners)
-            .iter()
-            .map(|r| r.0)
-            .collect();
-        assert_eq!(order, vec![old_busy, sooner, new_quiet, old_quiet, later]);
+        assert_eq!(walk(&d, 100, 1000), vec![new, old, sooner, later]);
+        assert_eq!(walk(&d, 1, 1000), vec![new, old, sooner, later]);
+        // Once its time comes, a scheduled room is live from its start time.
+        assert_eq!(walk(&d, 3, 2500), vec![sooner, new, old, later]);
+        assert_eq!(
+            d.counts(1000),
+            RoomCounts {
+                live: 2,
+                scheduled: 2
+            }
+        );
+        assert_eq!(
+            d.counts(2000),
+            RoomCounts {
+                live: 3,
+                scheduled: 1
+            }
+        );
+    }
+
+    #[test]
+    fn paging_returns_every_room_once_while_rooms_come_and_go() {
+        let mut d = Directory::default();
+        let mut ids = Vec::new();
+        for i in 0..1000u64 {
+            // Many rooms share a start second; a third are scheduled.
+            let scheduled = (i % 3 == 0).then_some(10_000 + i / 7);
+            ids.push(d.create(entry("r", None, 1 + i / 10, scheduled)));
+        }
+        let mut all = walk(&d, 37, 5_000);
+        assert_eq!(all.len(), 1000);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 1000, "no room twice");
+        // Rooms created and ended between pages: the others still come exactly once.
+        let first = d.page(None, 100, 5_000);
+        for i in 0..50 {
+            d.create(entry("new", None, 4_000 + i, None));
+            d.end(ids[500 + i as usize], 5_000);
+        }
+        let mut seen: Vec<RoomId> = first.rooms.iter().map(|r| r.0).collect();
+        let mut cursor = first.next;
+        while let Some(c) = cursor {
+            let p = d.page(Some(c), 100, 5_000);
+            seen.extend(p.rooms.iter().map(|r| r.0));
+            cursor = p.next;
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let n = seen.iter().filter(|s| *s == id).count();
+            let ended_meanwhile = (500..550).contains(&i);
+            assert!(
+                n == 1 || (ended_meanwhile && n == 0),
+                "room {i} seen {n} times"
+            );
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        for c in [
+            Cursor::Live((0, RoomId(0))),
+            Cursor::Scheduled((u64::MAX, RoomId(u64::MAX))),
+            Cursor::Live((1_700_000_000, RoomId(0xabc))),
+        ] {
+            assert_eq!(Cursor::parse(&c.encode()), Some(c));
+        }
+        for bad in [
+            "",
+            "x",
+            "l",
+            "l123:00000000000000ff",
+            "s00000000000000000001:ff",
+            "l0000000000000000000a:00000000000000ff",
+            "l00000000000000000001-00000000000000ff",
+            "é",
+        ] {
+            assert_eq!(Cursor::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn live_rooms_are_trusted_briefly_forgotten_on_end_and_bounded() {
+        let t0 = std::time::Instant::now();
+        let mut l = LiveRooms::default();
+        let (a, b) = (RoomId(1), RoomId(2));
+        assert!(!l.is_live(a, t0));
+        l.saw_live(a, t0);
+        assert!(l.is_live(a, t0 + LIVE_TRUST / 2));
+        assert!(!l.is_live(a, t0 + LIVE_TRUST), "stale: ask the store again");
+        assert!(!l.is_live(b, t0));
+        l.saw_live(b, t0);
+        l.forget(b);
+        assert!(!l.is_live(b, t0), "ended here: at once");
+        for i in 0..MAX_LIVE_REMEMBERED as u64 + 10 {
+            l.saw_live(RoomId(100 + i), t0);
+        }
+        assert!(l.seen.len() <= MAX_LIVE_REMEMBERED);
+        assert!(l.is_live(RoomId(100 + MAX_LIVE_REMEMBERED as u64 + 9), t0));
+    }
+
+    #[test]
+    fn a_live_room_nobody_keeps_alive_expires() {
+        let expiry = Expiry { idle_secs: 600 };
+        assert!(!expiry.idle(1_000, 1_599));
+        assert!(expiry.idle(1_000, 1_600));
+        assert!(!expiry.idle(1_000, 10), "clock before the room: not idle");
+        let mut d = Directory::default();
+        let quiet = d.create(entry("quiet", None, 1_000, None));
+        let busy = d.create(entry("busy", None, 1_000, None));
+        let later = d.create(entry("later", None, 1_000, Some(1_500)));
+        assert!(d.idle(expiry, 1_599, 10).is_empty());
+        d.touch([busy, RoomId(0xdead)], 1_300);
+        assert_eq!(d.idle(expiry, 1_600, 10), vec![quiet]);
+        let mut idle = d.idle(expiry, 2_100, 10);
+        idle.sort();
+        let mut want = vec![quiet, busy, later];
+        want.sort();
+        assert_eq!(idle, want, "the scheduled room counts from its start");
+        assert_eq!(d.idle(expiry, 2_100, 1).len(), 1, "bounded per pass");
+        assert!(d.end(quiet, 1_600));
+        assert!(!d.idle(expiry, 2_100, 10).contains(&quiet), "ended: gone");
+        d.touch([quiet], 2_000);
+        assert!(!d.idle(expiry, 9_000, 10).contains(&quiet));
     }
 }

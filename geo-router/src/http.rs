@@ -2,12 +2,15 @@
 //! client, and the `/hls` proxy. Decisions are made by the sans-IO cores ([`crate::select`],
 //! [`crate::registry`], [`crate::directory`], [`crate::client_ip`], [`crate::auth`]).
 
+use crate::answer::RouteAnswer;
 use crate::auth::{
     ApiKeys, ApiScope, AuthError, ReplayCache, KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::bodies;
 use crate::client_ip::{client_ip, Source};
-use crate::directory::rank;
+use crate::directory::{
+    topic_matches, Cursor, Expiry, LiveRooms, DEFAULT_PAGE, MAX_EXPIRED_PER_PASS, MAX_PAGE,
+};
 use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
@@ -18,8 +21,7 @@ use crate::select::{
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
-    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus, RouteResponse,
-    TokenResponse,
+    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus, TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};
@@ -135,6 +137,12 @@ struct AppState {
     metrics: Metrics,
     /// Per-client-address connection and request budgets.
     limiter: Limiter,
+    /// Rooms `/v1/route` saw live recently.
+    live: std::sync::Mutex<LiveRooms>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 type Shared = Arc<AppState>;
@@ -296,11 +304,36 @@ impl AppState {
         Ok(self.store.room(room).await?.map(|r| r.status(now)))
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, crate::registry::Registry> {
-        self.store
-            .registry()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// Whether `room` is live, for `/v1/route`: trusted from [`LiveRooms`] for
+    /// [`crate::directory::LIVE_TRUST`] after the store last said so.
+    async fn route_live(&self, room: RoomId) -> Result<bool, Failure> {
+        let now = Instant::now();
+        if lock(&self.live).is_live(room, now) {
+            return Ok(true);
+        }
+        let live = self.room_status(room).await? == Some(RoomStatus::Live);
+        if live {
+            lock(&self.live).saw_live(room, now);
+            // Someone is joining: the room is active (at most once per trust period here).
+            self.touch(room).await;
+        }
+        Ok(live)
+    }
+
+    /// Activity in `room` (a route request, a token minted) keeps it from idle expiry.
+    async fn touch(&self, room: RoomId) {
+        if let Err(e) = self.store.touch(room, now_unix()).await {
+            tracing::debug!(%room, error = %e, "room activity not recorded");
+        }
+    }
+
+    /// `room` ended (through this router): routes stop at once.
+    fn ended(&self, room: RoomId) {
+        lock(&self.live).forget(room);
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, crate::registry::Registry> {
+        crate::store::read(self.store.registry())
     }
 
     fn listeners(&self, room: RoomId) -> u32 {
@@ -451,33 +484,48 @@ async fn create_room(
 struct ListQuery {
     topic: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
+/// `GET /v1/rooms`: one page of the live and scheduled rooms (live newest first, then
+/// scheduled soonest first), at most `limit` (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]);
+/// `next_cursor` resumes the walk. A topic filter applies to the page, so a page may hold fewer
+/// rooms than `limit` while `next_cursor` says more follow.
 async fn list_rooms(
     State(s): State<Shared>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
-    let Ok(Query(q)) = query else {
-        return Err(error(
+    let bad = || {
+        error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "malformed query string (topic, limit)",
-        ));
+            "malformed query string (topic, limit, cursor)",
+        )
     };
-    let limit = q.limit.unwrap_or(100).min(1000);
+    let Ok(Query(q)) = query else {
+        return Err(bad());
+    };
+    let cursor = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(Cursor::parse(text).ok_or_else(bad)?),
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let now = now_unix();
-    let all = s.store.rooms().await?;
-    let ranked = {
+    let page = s.store.page(cursor, limit, now).await?;
+    let rooms: Vec<_> = {
         let reg = s.registry();
         let at = Instant::now();
-        rank(all, q.topic.as_deref(), now, |id| reg.room_sessions(id, at))
+        page.rooms
+            .into_iter()
+            .filter(|(_, r)| topic_matches(r, q.topic.as_deref()))
+            .map(|(id, r)| r.info(id, s.hls_url(id), now, reg.room_sessions(id, at)))
+            .collect()
     };
-    let rooms: Vec<_> = ranked
-        .into_iter()
-        .take(limit)
-        .map(|(id, r, n)| r.info(id, s.hls_url(id), now, n))
-        .collect();
-    Ok(Json(serde_json::json!({ "rooms": rooms })).into_response())
+    Ok(Json(serde_json::json!({
+        "rooms": rooms,
+        "next_cursor": page.next.map(|c| c.encode()),
+    }))
+    .into_response())
 }
 
 async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
@@ -514,7 +562,7 @@ async fn mint_token(
             .is_revoked(room, user, now_unix())
     })?;
     match s.room_status(room).await? {
-        Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => {}
+        Some(RoomStatus::Live) | Some(RoomStatus::Scheduled) => s.touch(room).await,
         _ => {
             return Err(error(
                 StatusCode::NOT_FOUND,
@@ -567,7 +615,9 @@ async fn end_room(
         }
     }
     let now = now_unix();
-    let ended = match s.store.end_room(room, now).await? {
+    let outcome = s.store.end_room(room, now).await?;
+    s.ended(room);
+    let ended = match outcome {
         EndOutcome::NotFound => {
             return Err(error(
                 StatusCode::NOT_FOUND,
@@ -626,6 +676,7 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
                         false
                     }
                 };
+                s.ended(room);
                 if ended {
                     s.metrics.rooms_ended.inc();
                     tokio::spawn(watch_recording(s.clone(), room));
@@ -651,22 +702,14 @@ struct RouteQuery {
     avoid: Option<String>,
 }
 
-fn ws_base(http: &str) -> String {
-    if let Some(rest) = http.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = http.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        http.to_string()
-    }
-}
-
 async fn route(
     State(s): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
+    // The request itself (not a `HeaderMap` extractor, which copies every header).
+    req: Request<Body>,
 ) -> Answer {
+    let headers = req.headers();
     let Ok(Query(q)) = query else {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -695,7 +738,7 @@ async fn route(
             ))
         }
     };
-    if s.room_status(room).await? != Some(RoomStatus::Live) {
+    if !s.route_live(room).await? {
         return Err(error(
             StatusCode::NOT_FOUND,
             "room_not_found",
@@ -747,39 +790,53 @@ async fn route(
         }),
         None => s.anchor,
     };
-    let (edge, hls_only, why) = {
-        let reg = s.registry();
-        let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
-        let choice = select_edge(
-            client_place,
-            anchor,
-            &s.config.default_region,
-            &candidates,
-            s.policy,
-            listener,
-        )
-        .map_err(|e| {
+    let reg = s.registry();
+    let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
+    let choice = select_edge(
+        client_place,
+        anchor,
+        &s.config.default_region,
+        &candidates,
+        s.policy,
+        listener,
+    );
+    let choice = match choice {
+        Ok(c) => c,
+        Err(e) => {
+            drop(reg);
             s.metrics.route_decision(NO_REGION, RouteOutcome::NoEdge);
-            match e {
+            return Err(match e {
                 SelectError::UnknownRegion(_) => {
                     error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
                 }
                 SelectError::NoEdge => {
                     error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string())
                 }
-            }
-        })?;
-        let c = choice.edge;
-        (
-            (
-                c.id.to_string(),
-                c.region.to_string(),
-                c.public_url.to_string(),
-            ),
-            choice.hls_only,
-            choice.why,
-        )
+            });
+        }
     };
+    let hls_only = choice.hls_only;
+    let answer = RouteAnswer {
+        room,
+        edge: choice.edge.id,
+        region: choice.edge.region,
+        public_url: choice.edge.public_url,
+        hls_base: s.hls_base(),
+        hls_only,
+        source,
+        place,
+        choice: &choice.why,
+    };
+    // Written under the registry lock: the edge's strings are borrowed, not copied.
+    let body = answer.to_json();
+    tracing::debug!(%room, edge = %answer.edge, why = %answer.why(), "routed");
+    let outcome = if hls_only {
+        RouteOutcome::Hls
+    } else {
+        RouteOutcome::WebRtc
+    };
+    s.metrics.route_decision(answer.region, outcome);
+    drop(reg);
     s.metrics.routes.inc();
     if matches!(place, Place::Located { .. }) {
         s.metrics.routes_located.inc();
@@ -787,37 +844,14 @@ async fn route(
     if hls_only {
         s.metrics.routes_hls.inc();
     }
-    let outcome = if hls_only {
-        RouteOutcome::Hls
-    } else {
-        RouteOutcome::WebRtc
-    };
-    s.metrics.route_decision(&edge.1, outcome);
-    let located = match place {
-        Place::Located { point, country, .. } => format!(
-            "{} at {:.2},{:.2} ({})",
-            source,
-            point.latitude,
-            point.longitude,
-            String::from_utf8_lossy(&country).trim()
-        ),
-        Place::NotPublic => format!("{source}: not a public address"),
-        Place::Unknown => format!("{source}: not in the GeoIP databases"),
-    };
-    let why = format!("{located}; {why}");
-    tracing::debug!(%room, edge = %edge.0, %why, "routed");
-    let (id, region, url) = edge;
-    Ok(Json(RouteResponse {
-        region,
-        whip_url: format!("{url}/whip/{room}"),
-        whep_url: format!("{url}/whep/{room}"),
-        ws_url: format!("{}/v1/ws", ws_base(&url)),
-        edge: id,
-        hls_url: s.hls_url(room),
-        mode: if hls_only { "hls" } else { "interactive" }.into(),
-        why,
-    })
-    .into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// Whether an edge's heartbeat is authorized: open in dev mode, API key in production.
@@ -1065,15 +1099,14 @@ async fn hls_proxy(State(s): State<Shared>, req: Request<Body>) -> Answer {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     let now = now_unix();
-    match s.store.rooms().await {
-        Ok(rooms) => {
-            let live = rooms
-                .iter()
-                .filter(|(_, r)| r.status(now) == RoomStatus::Live)
-                .count();
+    match s.store.counts(now).await {
+        Ok(counts) => {
             s.metrics
                 .live_rooms
-                .set(i64::try_from(live).unwrap_or(i64::MAX));
+                .set(i64::try_from(counts.live).unwrap_or(i64::MAX));
+            s.metrics
+                .scheduled_rooms
+                .set(i64::try_from(counts.scheduled).unwrap_or(i64::MAX));
         }
         Err(e) => tracing::warn!(error = %e, "store unavailable for metrics"),
     }
@@ -1154,12 +1187,11 @@ fn app(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(web_asset)
         .layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BODY))
+        // One middleware layer (each costs a boxed future and a service clone per request):
+        // the budget, then the request log.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             rate_limit,
-        ))
-        .layer(axum::middleware::from_fn(
-            amphi_protocol::redact::log_request,
         ))
         .with_state(state)
 }
@@ -1179,7 +1211,8 @@ fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 }
 
 /// Spend one request of the real client's budget (behind `trusted_proxies`, the forwarded
-/// address), else answer 429 with `Retry-After`.
+/// address), else answer 429 with `Retry-After`; requests within it are logged by
+/// [`amphi_protocol::redact::log_request`], refusals here.
 async fn rate_limit(
     State(s): State<Shared>,
     req: Request<Body>,
@@ -1192,10 +1225,18 @@ async fn rate_limit(
     if let Some(peer) = peer {
         let client = real_client(&s, peer, req.headers());
         if let Err(r) = s.limiter.request(client) {
-            return amphi_protocol::https::refusal_response(&r);
+            let resp = amphi_protocol::https::refusal_response(&r);
+            tracing::debug!(
+                target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+                method = %req.method(),
+                path = req.uri().path(),
+                status = resp.status().as_u16(),
+                "request"
+            );
+            return resp;
         }
     }
-    next.run(req).await
+    amphi_protocol::redact::log_request(req, next).await
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
@@ -1232,8 +1273,43 @@ async fn housekeeping(s: Shared, shutdown: CancellationToken) {
             // `last` stays: the rooms are looked at again on the next tick.
             Err(e) => tracing::warn!(error = %e, "store unavailable for scheduled rooms"),
         }
-        for id in s.registry().expire(Instant::now()) {
+        for id in crate::store::write(s.store.registry()).expire(Instant::now()) {
             tracing::info!(edge = %id, "edge forgotten after a long silence");
+        }
+        expire_idle_rooms(&s, now).await;
+    }
+}
+
+/// End the live rooms no edge kept alive for `room_idle_timeout_secs` (one bounded pass).
+async fn expire_idle_rooms(s: &Shared, now: u64) {
+    let expiry = Expiry {
+        idle_secs: s.config.room_idle_timeout_secs,
+    };
+    let idle = match s.store.idle_rooms(expiry, now, MAX_EXPIRED_PER_PASS).await {
+        Ok(idle) => idle,
+        Err(e) => {
+            tracing::warn!(error = %e, "store unavailable for idle rooms");
+            return;
+        }
+    };
+    for room in idle {
+        let outcome = s.store.end_room(room, now).await;
+        s.ended(room);
+        match outcome {
+            Ok(EndOutcome::Ended) => {
+                s.metrics.rooms_ended.inc();
+                s.metrics.rooms_expired.inc();
+                let origin = s.links.end_room(room);
+                tracing::info!(%room, origin = ?origin, "idle room ended");
+                s.webhooks.emit(
+                    EventKind::RoomEnded,
+                    now,
+                    serde_json::json!({ "room": room, "by": "idle" }),
+                );
+                tokio::spawn(watch_recording(s.clone(), room));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%room, error = %e, "cannot end an idle room"),
         }
     }
 }
@@ -1402,6 +1478,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         hls_client: amphi_protocol::https::client_with(client_tls),
         metrics,
         limiter: limiter.clone(),
+        live: std::sync::Mutex::new(LiveRooms::default()),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));

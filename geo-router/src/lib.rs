@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod answer;
 pub mod auth;
 pub mod bodies;
 pub mod client_ip;

@@ -32,6 +32,9 @@ impl RouteOutcome {
     }
 }
 
+/// Most (region, outcome) series whose handles [`Metrics::route_decision`] keeps.
+const MAX_CACHED_ROUTE_SERIES: usize = 256;
+
 /// The `region` label of route decisions that chose no edge.
 pub const NO_REGION: &str = "none";
 
@@ -80,7 +83,13 @@ pub struct Metrics {
     pub origin_links: Gauge,
     /// Live rooms in the directory.
     pub live_rooms: Gauge,
+    /// Scheduled rooms that have not started.
+    pub scheduled_rooms: Gauge,
+    /// Live rooms ended because no edge kept them alive.
+    pub rooms_expired: Counter,
     route_decisions: Family<RegionOutcomeLabels, Counter>,
+    /// Handles of `route_decisions` series by (region, outcome).
+    route_series: Mutex<Vec<(String, RouteOutcome, Counter)>>,
     webhooks: WebhookCounters,
     healthy_edges: Gauge,
     available_edges: Gauge,
@@ -148,6 +157,14 @@ impl Default for Metrics {
             "QUIC links to origins that are up",
         );
         let live_rooms = r.gauge("amphi_router_live_rooms", "Live rooms in the directory");
+        let scheduled_rooms = r.gauge(
+            "amphi_router_scheduled_rooms",
+            "Scheduled rooms that have not started",
+        );
+        let rooms_expired = r.counter(
+            "amphi_router_rooms_expired",
+            "Live rooms ended because no edge kept them alive",
+        );
         let healthy_edges = r.gauge(
             "amphi_router_healthy_edges",
             "Registered edges heartbeating recently",
@@ -182,7 +199,10 @@ impl Default for Metrics {
             auth_failures,
             origin_links,
             live_rooms,
+            scheduled_rooms,
+            rooms_expired,
             route_decisions,
+            route_series: Mutex::new(Vec::new()),
             webhooks,
             healthy_edges,
             available_edges,
@@ -201,12 +221,27 @@ impl Metrics {
 
     /// Count one route decision for `region` (the chosen edge's, or [`NO_REGION`]).
     pub fn route_decision(&self, region: &str, outcome: RouteOutcome) {
-        self.route_decisions
+        // The series handles of the first regions seen are kept: counting a decision then
+        // allocates nothing (regions are few; the family takes any beyond the cache).
+        {
+            let cache = self.route_series.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, c)) = cache.iter().find(|(r, o, _)| *o == outcome && r == region) {
+                c.inc();
+                return;
+            }
+        }
+        let counter = self
+            .route_decisions
             .get_or_create(&[
                 ("region", region.to_string()),
                 ("outcome", outcome.label().to_string()),
             ])
-            .inc();
+            .clone();
+        counter.inc();
+        let mut cache = self.route_series.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() < MAX_CACHED_ROUTE_SERIES {
+            cache.push((region.to_string(), outcome, counter));
+        }
     }
 
     /// Publish every registered edge's health and load, and the healthy and available counts;

@@ -9,7 +9,11 @@
 //! backend, so a room created or ended through one replica is seen by the others immediately.
 //!
 //! Redis layout (every key starts with the store's prefix, `amphi:` by default):
-//! `room:{id}` hash (`entry` JSON, `ended_at`), `rooms` set of room ids, `scheduled` sorted set
+//! `room:{id}` hash (`entry` JSON, `ended_at`, `idx` its member in `open`), `open` sorted set of
+//! the rooms not ended (all scores 0, members [`index_member`]: start time and id, walked by
+//! lexicographic range for paging and counted for metrics), `activity` sorted set of the open
+//! rooms (score = last activity, Unix seconds: the start, then each edge heartbeat listing the
+//! room; idle expiry reads its low end), `scheduled` sorted set
 //! (score = start time), `edge:{id}` JSON `{beat, seen_ms}` with a TTL of [`EDGE_TTL`], `edges`
 //! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
 //! markers so that one replica only emits a webhook.
@@ -20,7 +24,9 @@
 //! the local registry, so routing goes on. Other replicas see rooms created meanwhile only after
 //! the replay; `claim_once` and drain requests still need Redis.
 
-use crate::directory::{Directory, RoomEntry};
+use crate::directory::{
+    index_member, parse_index_member, Cursor, Directory, Expiry, Page, RoomCounts, RoomEntry,
+};
 use crate::registry::{validate, HeartbeatError, Registry, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
 use amphi_protocol::api::EdgeHeartbeat;
 use amphi_protocol::config::EdgeEndpoint;
@@ -30,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often a shared backend's edge registry is mirrored into the local one.
@@ -124,19 +130,30 @@ pub enum EndOutcome {
 pub trait Store: Send + Sync {
     /// Backend name for logs (`memory`, `redis`).
     fn backend(&self) -> &'static str;
-    /// The local registry view used for selection (see the module documentation).
-    fn registry(&self) -> &Mutex<Registry>;
+    /// The local registry view used for selection (see the module documentation): read-locked
+    /// by every route request, write-locked by heartbeats and syncs.
+    fn registry(&self) -> &RwLock<Registry>;
     /// Add a room under a fresh id.
     fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId>;
     /// A room by id.
     fn room(&self, id: RoomId) -> StoreFuture<'_, Option<RoomEntry>>;
     /// Mark a room ended at `now_unix` (seconds) unless it already ended.
     fn end_room(&self, id: RoomId, now_unix: u64) -> StoreFuture<'_, EndOutcome>;
-    /// Every room held (live, scheduled and recently ended), in no particular order.
-    fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>>;
+    /// Up to `limit` rooms not ended, from `cursor` on, in listing order (see
+    /// [`crate::directory`]); read through the open-room index, never by scanning.
+    fn page(&self, cursor: Option<Cursor>, limit: usize, now_unix: u64) -> StoreFuture<'_, Page>;
+    /// Live and scheduled room counts at `now_unix`, from the index sizes.
+    fn counts(&self, now_unix: u64) -> StoreFuture<'_, RoomCounts>;
+    /// Activity in `room` at `now_unix` other than an edge heartbeat (a route request, a token
+    /// minted): it stays alive.
+    fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()>;
+    /// Live rooms idle at `now_unix` under `expiry` (no edge heartbeat listed them), at most
+    /// `max`: the caller ends them.
+    fn idle_rooms(&self, expiry: Expiry, now_unix: u64, max: usize)
+        -> StoreFuture<'_, Vec<RoomId>>;
     /// Scheduled rooms whose start time is in `(after, until]` (Unix seconds).
     fn scheduled_between(&self, after: u64, until: u64) -> StoreFuture<'_, Vec<RoomId>>;
-    /// Record an edge heartbeat.
+    /// Record an edge heartbeat (the rooms it lists are active at `now`).
     fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat>;
     /// Ask edge `id` to drain; `false` if no such edge is known.
     fn request_drain(&self, id: String) -> StoreFuture<'_, bool>;
@@ -151,6 +168,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Read access to a registry (a poisoned lock still holds a usable registry).
+pub fn read(r: &RwLock<Registry>) -> RwLockReadGuard<'_, Registry> {
+    r.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write access to a registry.
+pub fn write(r: &RwLock<Registry>) -> RwLockWriteGuard<'_, Registry> {
+    r.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Rooms of `id`'s last heartbeat if it is still healthy at `now`.
 fn previous_rooms(reg: &Registry, id: &str, now: Instant) -> Option<BTreeMap<RoomId, u32>> {
     reg.list(now)
@@ -162,7 +189,7 @@ fn previous_rooms(reg: &Registry, id: &str, now: Instant) -> Option<BTreeMap<Roo
 /// The embedded default: everything in this process.
 pub struct MemoryStore {
     directory: Mutex<Directory>,
-    registry: Mutex<Registry>,
+    registry: RwLock<Registry>,
     claimed: Mutex<BTreeSet<(&'static str, RoomId)>>,
 }
 
@@ -171,7 +198,7 @@ impl MemoryStore {
     pub fn new(static_edges: &[EdgeEndpoint]) -> Self {
         MemoryStore {
             directory: Mutex::new(Directory::default()),
-            registry: Mutex::new(Registry::with_static(static_edges)),
+            registry: RwLock::new(Registry::with_static(static_edges)),
             claimed: Mutex::new(BTreeSet::new()),
         }
     }
@@ -182,7 +209,7 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    fn registry(&self) -> &Mutex<Registry> {
+    fn registry(&self) -> &RwLock<Registry> {
         &self.registry
     }
 
@@ -208,27 +235,44 @@ impl Store for MemoryStore {
         Box::pin(async move { Ok(out) })
     }
 
-    fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>> {
-        let all = lock(&self.directory).all();
-        Box::pin(async move { Ok(all) })
+    fn page(&self, cursor: Option<Cursor>, limit: usize, now_unix: u64) -> StoreFuture<'_, Page> {
+        let page = lock(&self.directory).page(cursor, limit, now_unix);
+        Box::pin(async move { Ok(page) })
+    }
+
+    fn counts(&self, now_unix: u64) -> StoreFuture<'_, RoomCounts> {
+        let counts = lock(&self.directory).counts(now_unix);
+        Box::pin(async move { Ok(counts) })
+    }
+
+    fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()> {
+        lock(&self.directory).touch([room], now_unix);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn idle_rooms(
+        &self,
+        expiry: Expiry,
+        now_unix: u64,
+        max: usize,
+    ) -> StoreFuture<'_, Vec<RoomId>> {
+        let ids = lock(&self.directory).idle(expiry, now_unix, max);
+        Box::pin(async move { Ok(ids) })
     }
 
     fn scheduled_between(&self, after: u64, until: u64) -> StoreFuture<'_, Vec<RoomId>> {
-        let ids = lock(&self.directory)
-            .all()
-            .into_iter()
-            .filter(|(_, r)| r.scheduled_at.is_some_and(|at| at > after && at <= until))
-            .map(|(id, _)| id)
-            .collect();
+        let ids = lock(&self.directory).scheduled_between(after, until);
         Box::pin(async move { Ok(ids) })
     }
 
     fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat> {
         let result = (|| {
-            let mut reg = lock(&self.registry);
+            let mut reg = write(&self.registry);
             let previous = previous_rooms(&reg, &hb.id, now.instant).unwrap_or_default();
             let id = hb.id.clone();
+            let rooms: Vec<RoomId> = hb.rooms.iter().map(|r| r.room).collect();
             let new = reg.heartbeat(hb, now.instant)?;
+            lock(&self.directory).touch(rooms, now.unix_secs());
             Ok(Beat {
                 new,
                 previous,
@@ -239,7 +283,7 @@ impl Store for MemoryStore {
     }
 
     fn request_drain(&self, id: String) -> StoreFuture<'_, bool> {
-        let ok = lock(&self.registry).request_drain(&id);
+        let ok = write(&self.registry).request_drain(&id);
         Box::pin(async move { Ok(ok) })
     }
 
@@ -372,18 +416,22 @@ fn unreachable(e: &StoreError) -> bool {
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
-    registry: Mutex<Registry>,
+    registry: RwLock<Registry>,
     end_script: redis::Script,
     /// Directory writes and rooms kept while Redis is unreachable.
     fallback: Mutex<Fallback>,
 }
 
-/// Ends a room unless it ended: -1 unknown, 0 already ended, 1 ended now.
+/// Ends a room unless it ended: -1 unknown, 0 already ended, 1 ended now. Drops it from the
+/// `scheduled`, `open` and `activity` indexes.
 const END_ROOM_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[1], 'entry') == 0 then return -1 end
 if redis.call('HSETNX', KEYS[1], 'ended_at', ARGV[1]) == 0 then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[3])
+local member = redis.call('HGET', KEYS[1], 'idx')
+if member then redis.call('ZREM', KEYS[3], member) end
+redis.call('ZREM', KEYS[4], ARGV[3])
 return 1
 ";
 
@@ -426,7 +474,7 @@ impl RedisStore {
         let store = RedisStore {
             conn,
             prefix: prefix.to_string(),
-            registry: Mutex::new(Registry::with_static(static_edges)),
+            registry: RwLock::new(Registry::with_static(static_edges)),
             end_script: redis::Script::new(END_ROOM_LUA),
             fallback: Mutex::new(Fallback::default()),
         };
@@ -480,9 +528,21 @@ impl RedisStore {
         if !fresh {
             return Ok(false);
         }
+        let member = index_member((entry.start(), id));
         let mut p = redis::pipe();
-        p.cmd("SADD")
-            .arg(self.key("rooms"))
+        p.cmd("HSET")
+            .arg(self.key(format!("room:{id}")))
+            .arg("idx")
+            .arg(&member)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.key("open"))
+            .arg(0)
+            .arg(&member)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.key("activity"))
+            .arg(entry.start())
             .arg(id.to_string())
             .ignore();
         if let Some(at) = entry.scheduled_at {
@@ -513,6 +573,8 @@ impl RedisStore {
             .end_script
             .key(self.key(format!("room:{id}")))
             .key(self.key("scheduled"))
+            .key(self.key("open"))
+            .key(self.key("activity"))
             .arg(now_unix)
             .arg(ENDED_ROOM_TTL.as_secs())
             .arg(id.to_string())
@@ -525,44 +587,87 @@ impl RedisStore {
         })
     }
 
-    /// Every room in Redis (ended ones that expired are dropped from the index).
-    async fn redis_rooms(&self) -> Result<Vec<(RoomId, RoomEntry)>, StoreError> {
-        {
-            let mut c = self.conn();
-            let ids: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.key("rooms"))
+    /// One page of the open-room index: ids by lexicographic range (live part newest first,
+    /// then scheduled part soonest first), then their entries in one pipeline.
+    async fn redis_page(
+        &self,
+        cursor: Option<Cursor>,
+        limit: usize,
+        now_unix: u64,
+    ) -> Result<Page, StoreError> {
+        let mut c = self.conn();
+        let now_member = index_member((now_unix, RoomId(u64::MAX)));
+        let mut keys: Vec<Cursor> = Vec::with_capacity(limit);
+        let live_max = match cursor {
+            None => Some(format!("[{now_member}")),
+            Some(Cursor::Live(k)) => Some(format!("({}", index_member(k).min(now_member.clone()))),
+            Some(Cursor::Scheduled(_)) => None,
+        };
+        if let Some(max) = live_max {
+            let members: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(self.key("open"))
+                .arg(max)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
                 .query_async(&mut c)
                 .await?;
-            let ids: Vec<RoomId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut p = redis::pipe();
-            for id in &ids {
-                p.cmd("HMGET")
-                    .arg(self.key(format!("room:{id}")))
-                    .arg("entry")
-                    .arg("ended_at");
-            }
-            let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
-            let mut out = Vec::with_capacity(ids.len());
-            let mut gone = Vec::new();
-            for (id, (entry, ended)) in ids.into_iter().zip(rows) {
-                match entry {
-                    Some(e) => out.push((id, self.decode_entry(id, &e, ended)?)),
-                    None => gone.push(id.to_string()),
-                }
-            }
-            if !gone.is_empty() {
-                // Ended rooms expire; drop them from the index too.
-                redis::cmd("SREM")
-                    .arg(self.key("rooms"))
-                    .arg(&gone)
-                    .query_async::<()>(&mut c)
-                    .await?;
-            }
-            Ok(out)
+            keys.extend(
+                members
+                    .iter()
+                    .filter_map(|m| parse_index_member(m).map(Cursor::Live)),
+            );
         }
+        if keys.len() < limit {
+            let min = match cursor {
+                Some(Cursor::Scheduled(k)) => index_member(k).max(now_member),
+                _ => now_member,
+            };
+            let members: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                .arg(self.key("open"))
+                .arg(format!("({min}"))
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit - keys.len())
+                .query_async(&mut c)
+                .await?;
+            keys.extend(
+                members
+                    .iter()
+                    .filter_map(|m| parse_index_member(m).map(Cursor::Scheduled)),
+            );
+        }
+        let next = if keys.len() == limit {
+            keys.last().copied()
+        } else {
+            None
+        };
+        if keys.is_empty() {
+            return Ok(Page {
+                rooms: Vec::new(),
+                next,
+            });
+        }
+        let mut p = redis::pipe();
+        for k in &keys {
+            let id = k.room();
+            p.cmd("HMGET")
+                .arg(self.key(format!("room:{id}")))
+                .arg("entry")
+                .arg("ended_at");
+        }
+        let rows: Vec<(Option<String>, Option<u64>)> = p.query_async(&mut c).await?;
+        let mut rooms = Vec::with_capacity(keys.len());
+        for (k, (entry, ended)) in keys.iter().zip(rows) {
+            let id = k.room();
+            // A room ended between the two reads is no longer open: skipped.
+            if let (Some(e), None) = (entry, ended) {
+                rooms.push((id, self.decode_entry(id, &e, None)?));
+            }
+        }
+        Ok(Page { rooms, next })
     }
 
     /// Replay the directory writes made while Redis was unreachable, in order; stops at the
@@ -594,7 +699,7 @@ impl Store for RedisStore {
         "redis"
     }
 
-    fn registry(&self) -> &Mutex<Registry> {
+    fn registry(&self) -> &RwLock<Registry> {
         &self.registry
     }
 
@@ -671,16 +776,77 @@ impl Store for RedisStore {
         })
     }
 
-    fn rooms(&self) -> StoreFuture<'_, Vec<(RoomId, RoomEntry)>> {
+    fn page(&self, cursor: Option<Cursor>, limit: usize, now_unix: u64) -> StoreFuture<'_, Page> {
         Box::pin(async move {
-            match self.redis_rooms().await {
+            match self.redis_page(cursor, limit, now_unix).await {
                 Err(e) if unreachable(&e) => {
                     // Redis is away: the rooms this replica knows.
-                    let f = lock(&self.fallback);
-                    Ok(f.known.iter().map(|(id, e)| (*id, e.clone())).collect())
+                    let mut d = Directory::default();
+                    for (id, e) in &lock(&self.fallback).known {
+                        d.put(*id, e.clone());
+                    }
+                    Ok(d.page(cursor, limit, now_unix))
                 }
                 other => other,
             }
+        })
+    }
+
+    fn counts(&self, now_unix: u64) -> StoreFuture<'_, RoomCounts> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let (open, scheduled): (u64, u64) = redis::pipe()
+                .cmd("ZCARD")
+                .arg(self.key("open"))
+                .cmd("ZLEXCOUNT")
+                .arg(self.key("open"))
+                .arg(format!("({}", index_member((now_unix, RoomId(u64::MAX)))))
+                .arg("+")
+                .query_async(&mut c)
+                .await?;
+            Ok(RoomCounts {
+                live: open.saturating_sub(scheduled),
+                scheduled,
+            })
+        })
+    }
+
+    fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            redis::cmd("ZADD")
+                .arg(self.key("activity"))
+                .arg("XX")
+                .arg("GT")
+                .arg(now_unix)
+                .arg(room.to_string())
+                .query_async::<()>(&mut c)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn idle_rooms(
+        &self,
+        expiry: Expiry,
+        now_unix: u64,
+        max: usize,
+    ) -> StoreFuture<'_, Vec<RoomId>> {
+        Box::pin(async move {
+            let Some(cutoff) = expiry.cutoff(now_unix) else {
+                return Ok(Vec::new());
+            };
+            let mut c = self.conn();
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.key("activity"))
+                .arg("-inf")
+                .arg(cutoff)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(max)
+                .query_async(&mut c)
+                .await?;
+            Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
         })
     }
 
@@ -706,7 +872,17 @@ impl Store for RedisStore {
                 seen_ms: now.unix_ms,
             })
             .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let stored: Result<(Option<String>, bool), StoreError> = redis::pipe()
+            let mut p = redis::pipe();
+            if !hb.rooms.is_empty() {
+                // The rooms this edge holds are active (only rooms still open: XX).
+                let at = now.unix_secs();
+                p.cmd("ZADD").arg(self.key("activity")).arg("XX").arg("GT");
+                for r in &hb.rooms {
+                    p.arg(at).arg(r.room.to_string());
+                }
+                p.ignore();
+            }
+            let stored: Result<(Option<String>, bool), StoreError> = p
                 .cmd("SET")
                 .arg(self.key(format!("edge:{}", hb.id)))
                 .arg(json)
@@ -727,7 +903,7 @@ impl Store for RedisStore {
                 Ok(v) => v,
                 Err(e) if unreachable(&e) => {
                     // Redis is away: this replica keeps routing to the edges that beat here.
-                    let mut reg = lock(&self.registry);
+                    let mut reg = write(&self.registry);
                     let previous = previous_rooms(&reg, &hb.id, now.instant);
                     let _ = reg.heartbeat(hb, now.instant);
                     return Ok(Beat {
@@ -745,7 +921,7 @@ impl Store for RedisStore {
                 .map(|o| o.beat.rooms.iter().map(|r| (r.room, r.sessions)).collect());
             let new = previous.is_none();
             let id = hb.id.clone();
-            let mut reg = lock(&self.registry);
+            let mut reg = write(&self.registry);
             // The mirror may be full while Redis is not; selection then misses this edge until
             // the registry shrinks, which the sync logs.
             let _ = reg.heartbeat(hb, now.instant);
@@ -763,7 +939,7 @@ impl Store for RedisStore {
     fn request_drain(&self, id: String) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let mut c = self.conn();
-            let known_here = lock(&self.registry).knows(&id);
+            let known_here = read(&self.registry).knows(&id);
             let known = known_here
                 || redis::cmd("EXISTS")
                     .arg(self.key(format!("edge:{id}")))
@@ -777,7 +953,7 @@ impl Store for RedisStore {
                 .arg(&id)
                 .query_async::<()>(&mut c)
                 .await?;
-            lock(&self.registry).request_drain(&id);
+            write(&self.registry).request_drain(&id);
             Ok(true)
         })
     }
@@ -839,7 +1015,7 @@ impl Store for RedisStore {
             }
             let drains: BTreeSet<String> =
                 drains.into_iter().filter(|d| !gone.contains(d)).collect();
-            let mut reg = lock(&self.registry);
+            let mut reg = write(&self.registry);
             let dropped = reg.mirror(beats, drains);
             if dropped > 0 {
                 tracing::warn!(

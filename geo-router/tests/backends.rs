@@ -4,6 +4,7 @@
 //! REST API (rooms, tokens, route, heartbeats, failover, draining, ending) through a real router
 //! on loopback. Two routers on one Redis must agree.
 
+use amphi_geo_router::directory::{Expiry, RoomCounts};
 use amphi_geo_router::store::{EndOutcome, MemoryStore, Now, RedisStore, Store};
 use amphi_geo_router::RouterSetup;
 use amphi_protocol::api::{EdgeHeartbeat, RoomLoad};
@@ -77,17 +78,28 @@ async fn store_contract(store: &dyn Store) {
     assert_ne!(a, b);
     assert_eq!(store.room(a).await.unwrap().unwrap().title, "a");
     assert_eq!(store.room(RoomId(0xdead)).await.unwrap(), None);
-    let mut all: Vec<_> = store
-        .rooms()
+    let page = store.page(None, 100, 1_500).await.unwrap();
+    let listed: Vec<_> = page.rooms.iter().map(|r| r.0).collect();
+    assert_eq!(listed, vec![a, b], "live first, then scheduled");
+    assert_eq!(page.next, None);
+    let first = store.page(None, 1, 1_500).await.unwrap();
+    assert_eq!(first.rooms[0].0, a);
+    let second = store.page(first.next, 1, 1_500).await.unwrap();
+    assert_eq!(second.rooms[0].0, b);
+    assert_eq!(
+        store.counts(1_500).await.unwrap(),
+        RoomCounts {
+            live: 1,
+            scheduled: 1
+        }
+    );
+    let expiry = Expiry { idle_secs: 600 };
+    assert!(store
+        .idle_rooms(expiry, 1_599, 10)
         .await
         .unwrap()
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    all.sort();
-    let mut want = vec![a, b];
-    want.sort();
-    assert_eq!(all, want);
+        .is_empty());
+    assert_eq!(store.idle_rooms(expiry, 1_600, 10).await.unwrap(), vec![a]);
     assert_eq!(
         store.scheduled_between(4_000, 5_000).await.unwrap(),
         vec![b]
@@ -108,6 +120,17 @@ async fn store_contract(store: &dyn Store) {
         EndOutcome::NotFound
     );
     assert_eq!(store.room(a).await.unwrap().unwrap().ended_at, Some(2_000));
+    let listed: Vec<_> = store
+        .page(None, 100, 1_500)
+        .await
+        .unwrap()
+        .rooms
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(listed, vec![b], "ended rooms leave the index");
+    assert_eq!(store.counts(1_500).await.unwrap().live, 0);
+    assert_eq!(store.idle_rooms(expiry, 5_600, 10).await.unwrap(), vec![b]);
 
     assert!(store.claim_once("room_started", b).await.unwrap());
     assert!(!store.claim_once("room_started", b).await.unwrap());
@@ -136,11 +159,32 @@ async fn store_contract(store: &dyn Store) {
         .unwrap();
     assert!(third.drain, "the drain request reaches the edge");
     store.sync(now).await.unwrap();
-    let reg = store.registry().lock().unwrap();
-    assert!(reg.knows("e1") && reg.drain_requested("e1"));
-    assert!(
-        reg.candidates(a, now.instant).is_empty(),
-        "draining: no candidate"
+    {
+        let reg = store.registry().read().unwrap();
+        assert!(reg.knows("e1") && reg.drain_requested("e1"));
+        assert!(
+            reg.candidates(a, now.instant).is_empty(),
+            "draining: no candidate"
+        );
+    }
+    // A heartbeat listing a room keeps it alive.
+    let t = 100_000;
+    let at = Now {
+        instant: now.instant,
+        unix_ms: t * 1000,
+    };
+    store
+        .heartbeat(beat("e3", "us-east", vec![(b, 1)]), at)
+        .await
+        .unwrap();
+    assert!(store
+        .idle_rooms(expiry, t + 599, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.idle_rooms(expiry, t + 600, 10).await.unwrap(),
+        vec![b]
     );
 }
 
@@ -156,11 +200,11 @@ async fn store_contract_in_redis() {
     store_contract(&store).await;
     // A second store on the same Redis sees the edges after one sync (nothing local).
     let other = RedisStore::connect(&url, "contract:", &[]).await.unwrap();
-    assert!(other.registry().lock().unwrap().knows("e1"));
+    assert!(other.registry().read().unwrap().knows("e1"));
     // Another prefix sees nothing.
     let apart = RedisStore::connect(&url, "elsewhere:", &[]).await.unwrap();
-    assert!(apart.rooms().await.unwrap().is_empty());
-    assert!(!apart.registry().lock().unwrap().knows("e1"));
+    assert!(apart.page(None, 10, 1_500).await.unwrap().rooms.is_empty());
+    assert!(!apart.registry().read().unwrap().knows("e1"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -182,6 +226,10 @@ impl Drop for Router {
 }
 
 fn start_router(port: u16, backend: Backend, signer: TokenSigner) -> Router {
+    start_router_idle(port, backend, signer, 900)
+}
+
+fn start_router_idle(port: u16, backend: Backend, signer: TokenSigner, idle_secs: u64) -> Router {
     let config = RouterConfig {
         http_listen: format!("127.0.0.1:{port}").parse().unwrap(),
         public_url: format!("http://127.0.0.1:{port}"),
@@ -199,6 +247,7 @@ fn start_router(port: u16, backend: Backend, signer: TokenSigner) -> Router {
         interactive_capacity: 500,
         api_keys: vec![],
         webhooks: vec![],
+        room_idle_timeout_secs: idle_secs,
         redis_url: match backend {
             Backend::Memory => None,
             Backend::Redis(db) => Some(format!("{}/{db}", redis_base())),
@@ -304,7 +353,7 @@ fn api_suite(port: u16, backend: Backend) {
         (Some("suite"), Some("live"))
     );
 
-    // No edges yet: 503 no_edge. Then two edges heartbeat; the busy room ranks first.
+    // No edges yet: 503 no_edge. Then two edges heartbeat; listing carries the listeners.
     let (status, v) = call("GET", &format!("{b}/v1/route?room={room}"), None);
     assert_eq!((status, v["error"].as_str()), (503, Some("no_edge")), "{v}");
     let id: RoomId = room.parse().unwrap();
@@ -319,8 +368,18 @@ fn api_suite(port: u16, backend: Backend) {
         .iter()
         .map(|r| r["room"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(order, vec![room.clone(), quiet.clone()], "{list}");
-    assert_eq!(list["rooms"][0]["listeners"], 7);
+    let mut want = vec![room.clone(), quiet.clone()];
+    want.sort();
+    let mut got = order.clone();
+    got.sort();
+    assert_eq!(got, want, "{list}");
+    let busy = list["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["room"] == room.as_str())
+        .unwrap();
+    assert_eq!(busy["listeners"], 7);
     let (_, all) = call("GET", &format!("{b}/v1/rooms"), None);
     assert_eq!(all["rooms"].as_array().unwrap().len(), 3);
     assert_eq!(all["rooms"][2]["status"], "scheduled", "{all}");
@@ -490,4 +549,130 @@ fn two_routers_on_one_redis_agree() {
     assert_eq!(info["status"], "ended", "{info}");
     let (_, list) = call("GET", &format!("{}/v1/rooms", a.base), None);
     assert!(list["rooms"].as_array().unwrap().is_empty(), "{list}");
+}
+
+/// Every room of a walk through `GET /v1/rooms` with `limit`.
+fn walk_rooms(base: &str, limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..10_000 {
+        let (status, v) = call(
+            "GET",
+            &format!("{base}/v1/rooms?limit={limit}&cursor={cursor}"),
+            None,
+        );
+        assert_eq!(status, 200, "{v}");
+        let rooms = v["rooms"].as_array().unwrap();
+        assert!(rooms.len() <= limit);
+        out.extend(
+            rooms
+                .iter()
+                .map(|r| r["room"].as_str().unwrap().to_string()),
+        );
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => return out,
+        }
+    }
+    panic!("the walk never ended");
+}
+
+/// Calls of Redis commands so far (`INFO commandstats`), by command name.
+fn redis_calls(url: &str, command: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn a_thousand_rooms_in_redis_page_once_each_and_metrics_reads_no_room() {
+    let url = redis_db(10);
+    let now = Now::read().unix_secs();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut want: Vec<String> = rt.block_on(async {
+        let store = RedisStore::connect(&url, "amphi:", &[]).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..1000u64 {
+            let mut e = entry("r", None);
+            // Many rooms share a start second; every fourth one is scheduled.
+            e.created_at = now - 100 + i / 20;
+            if i % 4 == 0 {
+                e.scheduled_at = Some(now + 3600 + i / 9);
+            }
+            ids.push(store.create_room(e).await.unwrap().to_string());
+        }
+        ids
+    });
+    want.sort();
+    let r = start_router(27_130, Backend::Redis(10), TokenSigner::generate("k1"));
+    for limit in [1000, 37] {
+        let mut got = walk_rooms(&r.base, limit);
+        assert_eq!(got.len(), 1000, "limit {limit}");
+        got.sort();
+        assert_eq!(got, want, "limit {limit}: every room exactly once");
+    }
+    let (status, v) = call("GET", &format!("{}/v1/rooms?limit=5000", r.base), None);
+    assert_eq!(status, 200);
+    assert_eq!(v["rooms"].as_array().unwrap().len(), 1000, "capped at 1000");
+    assert!(v["next_cursor"].is_string());
+    let (status, v) = call("GET", &format!("{}/v1/rooms?cursor=nonsense", r.base), None);
+    assert_eq!((status, v["error"].as_str()), (400, Some("bad_query")));
+    // /metrics counts from the index: no room is read (other tests may read a few meanwhile).
+    let before = redis_calls(&url, "hmget") + redis_calls(&url, "hget");
+    let metrics = ureq::get(&format!("{}/metrics", r.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let reads = redis_calls(&url, "hmget") + redis_calls(&url, "hget") - before;
+    assert!(reads < 100, "/metrics read {reads} rooms");
+    assert!(metrics.contains("amphi_router_live_rooms 750"), "{metrics}");
+    assert!(metrics.contains("amphi_router_scheduled_rooms 250"));
+}
+
+fn idle_room_expires(port: u16, backend: Backend) {
+    let r = start_router_idle(port, backend, TokenSigner::generate("k1"), 1);
+    let (status, created) = call(
+        "POST",
+        &format!("{}/v1/rooms", r.base),
+        Some(serde_json::json!({"title": "nobody comes"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let room = created["room"].as_str().unwrap().to_string();
+    eventually("the idle room ends", || {
+        let (_, info) = call("GET", &format!("{}/v1/rooms/{room}", r.base), None);
+        (info["status"] == "ended").then_some(())
+    });
+    let (_, list) = call("GET", &format!("{}/v1/rooms", r.base), None);
+    assert!(list["rooms"].as_array().unwrap().is_empty(), "{list}");
+    let metrics = ureq::get(&format!("{}/metrics", r.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("amphi_router_rooms_expired_total 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_room_nobody_keeps_alive_expires_in_memory() {
+    idle_room_expires(27_140, Backend::Memory);
+}
+
+#[test]
+fn a_room_nobody_keeps_alive_expires_in_redis() {
+    redis_db(11);
+    idle_room_expires(27_141, Backend::Redis(11));
 }

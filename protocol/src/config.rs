@@ -398,6 +398,11 @@ pub struct RouterConfig {
     /// in memory when absent.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// A live room with no activity for this many seconds (after its start) is ended by the
+    /// router. Activity: an edge heartbeat listing it (edges list rooms with interactive
+    /// listeners), a route request or a token minted for it. Default 21600 (6 h).
+    #[serde(default = "default_room_idle_timeout_secs")]
+    pub room_idle_timeout_secs: u64,
     /// Base URL of the HLS tier handed to listeners (`{hls_base_url}/hls/{room}/index.m3u8`):
     /// the CDN in production; absent, `public_url` (the router's own `/hls` proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -485,6 +490,10 @@ fn default_room_interactive_capacity() -> u32 {
 
 fn default_router_id() -> String {
     "geo-router".into()
+}
+
+fn default_room_idle_timeout_secs() -> u64 {
+    21_600
 }
 
 fn default_token_ttl() -> u64 {
