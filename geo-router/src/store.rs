@@ -9,7 +9,9 @@
 //! backend, so a room created or ended through one replica is seen by the others immediately.
 //!
 //! Redis layout (every key starts with the store's prefix, `amphi:` by default):
-//! `room:{id}` hash (`entry` JSON, `ended_at`, `idx` its member in `open`), `open` sorted set of
+//! `room:{id}` hash (`entry` JSON, `ended_at`, `idx` its member in `open`; rooms of releases
+//! before this index, listed in the old `rooms` set, are indexed when a router connects), `open`
+//! sorted set of
 //! the rooms not ended (all scores 0, members [`index_member`]: start time and id, walked by
 //! lexicographic range for paging and counted for metrics), `activity` sorted set of the open
 //! rooms (score = last activity, Unix seconds: the start, then each edge heartbeat listing the
@@ -479,7 +481,77 @@ impl RedisStore {
             fallback: Mutex::new(Fallback::default()),
         };
         store.sync(Now::read()).await?;
+        store.index_legacy_rooms(Now::read().unix_secs()).await?;
         Ok(store)
+    }
+
+    /// Rooms stored by a release before the `open` index are listed in the old `rooms` set:
+    /// index every one still open (active as of `now_unix`, so idle expiry counts from the
+    /// upgrade) and empty the old set. Idempotent, so replicas starting together may all run
+    /// it; bounded by the old set's size.
+    async fn index_legacy_rooms(&self, now_unix: u64) -> Result<usize, StoreError> {
+        let mut c = self.conn();
+        let legacy = self.key("rooms");
+        let mut indexed = 0;
+        // Each round takes up to 500 ids out of the old set; a set of n ids takes n/500 rounds.
+        loop {
+            let ids: Vec<String> = redis::cmd("SPOP")
+                .arg(&legacy)
+                .arg(500)
+                .query_async(&mut c)
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids.iter().filter_map(|s| s.parse::<RoomId>().ok()) {
+                let room = self.key(format!("room:{id}"));
+                let (entry, ended, idx): (Option<String>, Option<u64>, Option<String>) =
+                    redis::cmd("HMGET")
+                        .arg(&room)
+                        .arg("entry")
+                        .arg("ended_at")
+                        .arg("idx")
+                        .query_async(&mut c)
+                        .await?;
+                let (Some(entry), None, None) = (entry, ended, idx) else {
+                    continue;
+                };
+                let entry = match self.decode_entry(id, &entry, None) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(%id, error = %e, "legacy room not indexed");
+                        continue;
+                    }
+                };
+                let member = index_member((entry.start(), id));
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(&room)
+                    .arg("idx")
+                    .arg(&member)
+                    .ignore()
+                    .cmd("ZADD")
+                    .arg(self.key("open"))
+                    .arg(0)
+                    .arg(&member)
+                    .ignore()
+                    .cmd("ZADD")
+                    .arg(self.key("activity"))
+                    .arg(now_unix.max(entry.start()))
+                    .arg(id.to_string())
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await?;
+                indexed += 1;
+            }
+        }
+        if indexed > 0 {
+            tracing::info!(
+                rooms = indexed,
+                "rooms stored by an earlier release indexed"
+            );
+        }
+        Ok(indexed)
     }
 
     fn key(&self, rest: impl std::fmt::Display) -> String {

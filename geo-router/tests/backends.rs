@@ -676,3 +676,58 @@ fn a_room_nobody_keeps_alive_expires_in_redis() {
     redis_db(11);
     idle_room_expires(27_141, Backend::Redis(11));
 }
+
+/// Rooms stored by a release before the `open` index (listed in the old `rooms` set) are listed
+/// again once a router of this release connects, and the old set is emptied.
+#[tokio::test]
+async fn rooms_stored_before_the_index_are_listed_after_an_upgrade() {
+    let url = redis_db(12);
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let (open, ended) = (RoomId(0x0123_4567), RoomId(0x0765_4321));
+    for (id, ended_at) in [(open, None), (ended, Some(2_000u64))] {
+        let mut e = entry("old", None);
+        e.created_at = 1_500;
+        let key = format!("amphi:room:{id}");
+        redis::cmd("HSET")
+            .arg(&key)
+            .arg("entry")
+            .arg(serde_json::to_string(&e).unwrap())
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        if let Some(at) = ended_at {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg("ended_at")
+                .arg(at)
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap();
+        }
+        redis::cmd("SADD")
+            .arg("amphi:rooms")
+            .arg(id.to_string())
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+    let store = RedisStore::connect(&url, "amphi:", &[]).await.unwrap();
+    let page = store.page(None, 100, 10_000).await.unwrap();
+    let listed: Vec<RoomId> = page.rooms.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        listed,
+        vec![open],
+        "the open legacy room is listed, the ended one is not"
+    );
+    assert_eq!(store.counts(10_000).await.unwrap().live, 1);
+    let left: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("amphi:rooms")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "the old set is emptied: {left:?}");
+    // A second router connecting finds nothing more to do and lists the room once.
+    let again = RedisStore::connect(&url, "amphi:", &[]).await.unwrap();
+    assert_eq!(again.page(None, 100, 10_000).await.unwrap().rooms.len(), 1);
+}
