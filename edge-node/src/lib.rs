@@ -22,6 +22,7 @@ mod media;
 pub mod mesh;
 pub mod metrics;
 pub mod occupancy;
+pub mod red;
 pub mod offer;
 pub mod owners;
 pub mod peers;
