@@ -354,7 +354,12 @@ mod tests {
         let mut seqs = Vec::new();
         for (seq, ts, data) in stream(&[4, 5]) {
             let p = parse(&data).unwrap();
-            seqs.extend(rx.receive(seq, ts, &p, OPUS).packets().iter().map(|r| r.seq));
+            seqs.extend(
+                rx.receive(seq, ts, &p, OPUS)
+                    .packets()
+                    .iter()
+                    .map(|r| r.seq),
+            );
         }
         assert_eq!(seqs, vec![65530u16.wrapping_add(5)]);
     }

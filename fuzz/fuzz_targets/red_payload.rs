@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
         for r in rec.packets() {
             let after_prev = r.seq.wrapping_sub(prev) as i16;
             let before_seq = seq.wrapping_sub(r.seq) as i16;
-            assert!(after_prev > 0 && before_seq > 0, "recovered seq outside the gap");
+            assert!(
+                after_prev > 0 && before_seq > 0,
+                "recovered seq outside the gap"
+            );
             prev = r.seq;
         }
     }
