@@ -1196,6 +1196,9 @@ impl MediaDriver {
                             continue;
                         };
                         let recovery = red.rx.receive(seq, ts, &parsed, *red.opus_pt);
+                        if recovery.already_recovered() {
+                            continue;
+                        }
                         for r in recovery.packets() {
                             self.metrics.red_recovered();
                             sink.packet(r.seq, r.ts, r.payload, || Arc::from(r.payload));

@@ -122,6 +122,7 @@ pub struct Recovered<'a> {
 pub struct Recovery<'a> {
     items: [Recovered<'a>; MAX_REDUNDANT],
     count: usize,
+    already_recovered: bool,
 }
 
 impl<'a> Recovery<'a> {
@@ -129,13 +130,21 @@ impl<'a> Recovery<'a> {
     pub fn packets(&self) -> &[Recovered<'a>] {
         &self.items[..self.count]
     }
+
+    /// Whether the packet itself arrived late after it had been recovered from a later packet's
+    /// redundancy (reordering): it was forwarded already, so drop it.
+    pub fn already_recovered(&self) -> bool {
+        self.already_recovered
+    }
 }
 
 /// Per-stream receive state: which packet came last, so a gap before the next one can be filled
-/// from its redundant blocks.
+/// from its redundant blocks, and which of the 63 packets before it were recovered.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RedReceiver {
     last: Option<(u16, u32)>,
+    /// Bit `k` set: the packet `k` before `last` was recovered.
+    recovered: u64,
 }
 
 impl RedReceiver {
@@ -159,10 +168,14 @@ impl RedReceiver {
         };
         let gap = seq.wrapping_sub(last_seq) as i16;
         if gap <= 0 {
+            let bit = 1u64.checked_shl(u32::from(gap.unsigned_abs())).unwrap_or(0);
+            out.already_recovered = self.recovered & bit != 0;
+            self.recovered &= !bit;
             return out;
         }
         self.last = Some((seq, ts));
         let gap = gap as u32;
+        self.recovered = self.recovered.checked_shl(gap).unwrap_or(0);
         if gap == 1 {
             return out;
         }
@@ -182,6 +195,7 @@ impl RedReceiver {
                 continue;
             }
             previous_k = k;
+            self.recovered |= 1u64.checked_shl(k).unwrap_or(0);
             out.items[out.count] = Recovered {
                 seq: seq.wrapping_sub(k as u16),
                 ts: ts.wrapping_sub(b.ts_offset),
@@ -392,6 +406,30 @@ mod tests {
             .receive(*seq, 1_000_003, &parse(d).unwrap(), OPUS)
             .packets()
             .is_empty());
+    }
+
+    #[test]
+    fn a_recovered_packet_arriving_late_is_flagged_once() {
+        let mut rx = RedReceiver::default();
+        let s = stream(&[]);
+        let recv = |rx: &mut RedReceiver, i: usize| {
+            let (seq, ts, d) = &s[i];
+            let r = rx.receive(*seq, *ts, &parse(d).unwrap(), OPUS);
+            (r.packets().len(), r.already_recovered())
+        };
+        assert_eq!(recv(&mut rx, 3), (0, false));
+        // 4 is late: 5 recovers it, then 4 arrives and is flagged, a second copy is not.
+        assert_eq!(recv(&mut rx, 5), (1, false));
+        assert_eq!(recv(&mut rx, 4), (0, true));
+        assert_eq!(recv(&mut rx, 4), (0, false));
+        // 5 itself was received, not recovered: a duplicate of it is not flagged.
+        assert_eq!(recv(&mut rx, 5), (0, false));
+        // Still flagged after the stream moved on (within 63 packets).
+        assert_eq!(recv(&mut rx, 8), (1, false));
+        assert_eq!(recv(&mut rx, 9), (0, false));
+        assert_eq!(recv(&mut rx, 10), (0, false));
+        assert_eq!(recv(&mut rx, 7), (0, true));
+        assert_eq!(recv(&mut rx, 6), (0, false));
     }
 
     #[test]
