@@ -296,8 +296,7 @@ mod tests {
             parse(&[0xef, 0x0f, 0x00, 0x09, 0x6f, 1]).unwrap_err(),
             RedError::LengthPastEnd
         );
-        let many: Vec<u8> = std::iter::repeat([0xef, 0, 0, 0])
-            .take(MAX_REDUNDANT + 1)
+        let many: Vec<u8> = std::iter::repeat_n([0xef, 0, 0, 0], MAX_REDUNDANT + 1)
             .flatten()
             .chain([0x6f])
             .collect();
