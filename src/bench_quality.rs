@@ -47,6 +47,10 @@ pub struct QualityOptions {
     /// Seed of the loss and jitter patterns.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Publish with RFC 2198 RED (each packet carries the previous one, as browsers send), so
+    /// the edge recovers a packet lost on the uplink from the next one.
+    #[arg(long)]
+    pub red: bool,
     /// Port offset of the dev mesh it starts.
     #[arg(long, default_value_t = 23_000)]
     pub port_offset: u16,
@@ -287,16 +291,32 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
 
     let mut listener =
         amphi_edge::whep_client::WhepSubscriber::connect(&whep, &listener_token).await?;
-    let mut publisher =
-        amphi_edge::whip_client::WhipPublisher::connect(&whip, &speaker_token).await?;
+    let mut publisher = if opts.red {
+        let p = amphi_edge::whip_client::WhipPublisher::connect_red(&whip, &speaker_token).await?;
+        ensure!(p.red(), "the edge did not accept RED");
+        p
+    } else {
+        amphi_edge::whip_client::WhipPublisher::connect(&whip, &speaker_token).await?
+    };
     // Let the room's program and the listener's slots settle before speech starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = tokio::time::Instant::now();
     for s in &plan {
         tokio::time::sleep_until(start + s.at).await;
         let (payload, level) = &frames[s.index as usize];
+        // With RED the previous frame (sent or lost) rides along as redundancy.
+        let previous = s
+            .index
+            .checked_sub(1)
+            .map(|j| ((j * FRAME as u64) as u32, frames[j as usize].0.as_slice()));
         publisher
-            .send_opus_indexed(s.index, payload, (s.index * FRAME as u64) as u32, *level)
+            .send_opus_indexed_red(
+                s.index,
+                payload,
+                (s.index * FRAME as u64) as u32,
+                *level,
+                previous,
+            )
             .await?;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;

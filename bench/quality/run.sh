@@ -10,7 +10,8 @@
 #   fair ceiling  those packets decoded -> ffmpeg libopus 64 kb/s (as the mixer) -> decode: the
 #                 HLS ceiling
 #   amphi         `amphi bench quality`: a WHEP listener, the HLS Opus and the HLS AAC rendition,
-#                 on a clean path, with 5 % uplink loss + 0..30 ms jitter, and with 5 % loss on the
+#                 on a clean path, with 5 % uplink loss + 0..30 ms jitter (without and with RFC 2198
+#                 RED from the speaker, the same loss pattern), and with 5 % loss on the
 #                 edge -> origin relay.
 # --smoke: a 3 s sample, the clean row only, and it fails unless every score is in 1.0..4.7.
 # Installs espeak-ng (apt) and the `pesq` package (a venv under ~/.cache/amphi) if missing.
@@ -68,19 +69,22 @@ ff -i "$WORK/espeak.wav" -af "adelay=300,apad=pad_dur=0.3" -ac 1 -ar 48000 -c:a 
 ff -i "$WORK/ref.wav" -c:a libopus -b:a 64k "$WORK/ceiling.opus"
 ff -i "$WORK/ceiling.opus" -ar 48000 "$WORK/ceiling.wav"
 
-# condition name, uplink loss, jitter ms, relay loss
+# condition name, uplink loss, jitter ms, relay loss, RED (1: the speaker publishes with RED)
 if [ "$SMOKE" = 1 ]; then
-  CONDITIONS=("clean 0 0 0")
+  CONDITIONS=("clean 0 0 0 0")
 else
-  CONDITIONS=("clean 0 0 0" "uplink-5%-loss+30ms-jitter 0.05 30 0" "relay-5%-loss 0 0 0.05")
+  CONDITIONS=("clean 0 0 0 0" "uplink-5%-loss+30ms-jitter 0.05 30 0 0"
+    "uplink-5%-loss+30ms-jitter+RED 0.05 30 0 1" "relay-5%-loss 0 0 0.05 0")
 fi
 ARGS=("ceiling: ffmpeg libopus 64k=$WORK/ceiling.wav")
 offset=23000
 for c in "${CONDITIONS[@]}"; do
-  read -r name up jit relay <<<"$c"
+  read -r name up jit relay red <<<"$c"
   dir="$WORK/$name"
+  RED_ARG=()
+  [ "$red" = 1 ] && RED_ARG=(--red)
   RUST_LOG=warn "$AMPHI" bench quality --wav "$WORK/ref.wav" --out "$dir" --uplink-loss "$up" \
-    --jitter-ms "$jit" --relay-loss "$relay" --seed "$SEED" --port-offset "$offset"
+    --jitter-ms "$jit" --relay-loss "$relay" --seed "$SEED" --port-offset "$offset" "${RED_ARG[@]}"
   offset=$((offset + 50))
   if [ "$name" = clean ]; then
     # The fair ceiling: the speaker's very packets, decoded, re-encoded once at 64 kb/s.

@@ -286,14 +286,15 @@ pub(crate) fn new_session_id() -> String {
 }
 
 /// Build the edge's `Rtc` for one peer (WHIP publisher, WHEP or WebSocket listener): ICE-lite,
-/// RTP mode, Opus only, and only the RTP header extensions an audio SFU uses (see
-/// [`audio_extensions`]).
+/// RTP mode, Opus with RFC 2198 RED when the peer offers it (a publisher's lost packet is
+/// recovered from the next one, see [`crate::red`]), and only the RTP header extensions an audio
+/// SFU uses (see [`audio_extensions`]).
 pub(crate) fn publisher_rtc(creds: IceCreds, now: Instant) -> Rtc {
     Rtc::builder()
         .set_ice_lite(true)
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false)
+        .enable_opus(true, true)
         .set_extension_map(audio_extensions())
         .set_local_ice_credentials(creds)
         .build(now)

@@ -25,6 +25,7 @@ pub mod occupancy;
 pub mod offer;
 pub mod owners;
 pub mod peers;
+pub mod red;
 pub mod registration;
 pub mod rejoin;
 pub mod room;

@@ -12,6 +12,7 @@ use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
 use crate::peers::{stun_local_ufrag, DropReason, InsertError, PeerId, PeerTable, Route};
+use crate::red::RedReceiver;
 use crate::sdpfrag::{IceFragment, PatchDecision};
 use crate::sessions::{MediaControl, Sessions};
 use crate::shards::{Foreign, ShardLinks};
@@ -181,6 +182,31 @@ struct Peer {
     dead: Option<CloseReason>,
     /// The relay frame of this publisher's previous packet, repeated with the next one.
     last_relayed: Option<Bytes>,
+    /// RFC 2198 RED, if the publisher negotiated it.
+    red: Option<RedIn>,
+}
+
+/// RFC 2198 RED negotiated with a publisher: the payload types and the loss recovery state.
+#[derive(Clone, Copy, Debug)]
+struct RedIn {
+    red_pt: Pt,
+    opus_pt: Pt,
+    rx: RedReceiver,
+}
+
+/// The RED state for a peer that negotiated RED for Opus (str0m drops RED from the session's
+/// codec config when the remote did not offer it).
+fn red_in(rtc: &Rtc) -> Option<RedIn> {
+    let opus = rtc
+        .codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus)?;
+    Some(RedIn {
+        red_pt: opus.red()?,
+        opus_pt: opus.pt(),
+        rx: RedReceiver::default(),
+    })
 }
 
 /// Per-room forwarding state on this edge.
@@ -363,6 +389,56 @@ fn opus_pt(rtc: &Rtc, mid: Mid) -> Option<Pt> {
         .iter()
         .find(|p| p.spec().codec == Codec::Opus && media.remote_pts().contains(&p.pt()))
         .map(|p| p.pt())
+}
+
+/// Where one publisher's Opus packets go: the relay to the origin (and the other shards), and
+/// the queue of packets for this edge's listeners.
+struct Ingest<'a> {
+    relay: &'a mut Relay,
+    links: &'a ShardLinks,
+    metrics: &'a Metrics,
+    inbound: &'a mut VecDeque<Inbound>,
+    last_relayed: &'a mut Option<Bytes>,
+    room: RoomId,
+    speaker: u32,
+    level: u8,
+    at: Instant,
+}
+
+impl Ingest<'_> {
+    /// Relay and queue one Opus packet; `shared` gives the payload as the `Arc` the listeners'
+    /// writes share (the packet's own for plain Opus; one copy of the Opus block out of a RED
+    /// payload, as str0m's `RtpWrite` takes a whole `Arc<[u8]>`).
+    fn packet(&mut self, seq: u16, ts: u32, payload: &[u8], shared: impl FnOnce() -> Arc<[u8]>) {
+        let frame = RelayFrame {
+            kind: FrameKind::SpeakerAudio,
+            room: self.room,
+            speaker: self.speaker,
+            seq,
+            rtp_ts: ts,
+            audio_level: self.level,
+            payload,
+        };
+        let encoded = self.relay.send(&frame, self.metrics);
+        // Relay protection: the previous packet rides again with this one.
+        if let Some(prev) = std::mem::replace(self.last_relayed, encoded.clone()) {
+            self.relay.repeat(self.room, &prev, self.metrics);
+        }
+        if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
+            if !self.links.share(self.at, &encoded) {
+                self.metrics.relay_queue_full();
+            }
+        }
+        self.inbound.push_back(Inbound {
+            room: self.room,
+            speaker: self.speaker,
+            seq,
+            ts,
+            level: self.level,
+            payload: shared(),
+            at: self.at,
+        });
+    }
 }
 
 /// Channels feeding the driver.
@@ -654,7 +730,9 @@ impl MediaDriver {
             .get(&participant)
             .copied()
             .unwrap_or(may_send);
+        let red = red_in(&rtc);
         let mut peer = Peer {
+            red,
             rtc,
             room,
             participant,
@@ -1092,36 +1170,41 @@ impl MediaDriver {
                         }
                         announce(peer, &self.mesh_tx);
                         let level = rfc6464_level(pkt.header.ext_vals.audio_level);
-                        let frame = RelayFrame {
-                            kind: FrameKind::SpeakerAudio,
+                        let mut sink = Ingest {
+                            relay: &mut self.relay,
+                            links: &self.links,
+                            metrics: &self.metrics,
+                            inbound: &mut self.inbound,
+                            last_relayed: &mut peer.last_relayed,
                             room: peer.room,
                             speaker: peer.participant.0,
-                            seq: pkt.header.sequence_number,
-                            rtp_ts: pkt.header.timestamp,
-                            audio_level: level,
-                            payload: &pkt.payload,
-                        };
-                        let encoded = self.relay.send(&frame, &self.metrics);
-                        // Relay protection: the previous packet rides again with this one.
-                        if let Some(prev) =
-                            std::mem::replace(&mut peer.last_relayed, encoded.clone())
-                        {
-                            self.relay.repeat(peer.room, &prev, &self.metrics);
-                        }
-                        if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
-                            if !self.links.share(pkt.timestamp, &encoded) {
-                                self.metrics.relay_queue_full();
-                            }
-                        }
-                        self.inbound.push_back(Inbound {
-                            room: peer.room,
-                            speaker: peer.participant.0,
-                            seq: pkt.header.sequence_number,
-                            ts: pkt.header.timestamp,
                             level,
-                            payload: pkt.payload.clone(),
                             at: pkt.timestamp,
-                        });
+                        };
+                        let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
+                        let Some(red) = peer
+                            .red
+                            .as_mut()
+                            .filter(|r| r.red_pt == pkt.header.payload_type)
+                        else {
+                            sink.packet(seq, ts, &pkt.payload, || pkt.payload.clone());
+                            continue;
+                        };
+                        // RED: forward the packets its redundancy recovers, then the primary.
+                        let Ok(parsed) = crate::red::parse(&pkt.payload) else {
+                            self.metrics.rtp_refused("bad_red");
+                            continue;
+                        };
+                        let recovery = red.rx.receive(seq, ts, &parsed, *red.opus_pt);
+                        if recovery.already_recovered() {
+                            continue;
+                        }
+                        for r in recovery.packets() {
+                            self.metrics.red_recovered();
+                            sink.packet(r.seq, r.ts, r.payload, || Arc::from(r.payload));
+                        }
+                        let primary = parsed.primary().payload;
+                        sink.packet(seq, ts, primary, || Arc::from(primary));
                     }
                     _ => {}
                 },

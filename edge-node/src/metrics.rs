@@ -23,7 +23,7 @@ pub const FORWARD_DELAY_BUCKETS_US: [u64; 17] = [
 ];
 
 /// Why a peer's RTP packet was refused at the edge (`amphi_edge_rtp_refused_total{reason}`).
-const REFUSAL_REASONS: [&str; 2] = ["muted", "not_publisher"];
+const REFUSAL_REASONS: [&str; 3] = ["muted", "not_publisher", "bad_red"];
 
 type ReasonLabel = [(&'static str, &'static str); 1];
 type RoleRegionLabels = [(&'static str, String); 2];
@@ -99,6 +99,7 @@ pub struct Metrics {
     origin_connected: Gauge,
     origin_rtt: Gauge<f64, AtomicU64>,
     rtp_forwarded: Counter,
+    red_recovered: Counter,
     refused: [Counter; REFUSAL_REASONS.len()],
     udp_send_errors: Counter,
     relay_queue_full: Counter,
@@ -164,10 +165,14 @@ impl Metrics {
             "amphi_edge_rtp_forwarded",
             "RTP packets written into interactive listeners' slots",
         );
+        let red_recovered = r.counter(
+            "amphi_edge_red_recovered",
+            "Lost publisher packets recovered from the RFC 2198 RED redundancy of the next packet",
+        );
         let refused_family = Family::<ReasonLabel, Counter>::default();
         r.register(
             "amphi_edge_rtp_refused",
-            "RTP packets from peers dropped at the edge, by reason (muted, not_publisher)",
+            "RTP packets from peers dropped at the edge, by reason (muted, not_publisher, bad_red)",
             refused_family.clone(),
         );
         let refused =
@@ -234,6 +239,7 @@ impl Metrics {
             origin_connected,
             origin_rtt,
             rtp_forwarded,
+            red_recovered,
             refused,
             udp_send_errors,
             relay_queue_full,
@@ -337,10 +343,19 @@ impl Metrics {
         self.rtp_forwarded.inc();
     }
 
-    /// One RTP packet from a peer refused: `muted` (muted or no longer allowed to publish) or
-    /// `not_publisher` (a PeerConnection that never negotiated sending).
+    /// One lost publisher packet recovered from RED redundancy.
+    pub fn red_recovered(&self) {
+        self.red_recovered.inc();
+    }
+
+    /// One RTP packet from a peer refused: `muted` (muted or no longer allowed to publish),
+    /// `not_publisher` (a PeerConnection that never negotiated sending) or `bad_red` (a malformed
+    /// RFC 2198 RED payload).
     pub fn rtp_refused(&self, reason: &'static str) {
-        let i = usize::from(reason != REFUSAL_REASONS[0]);
+        let i = REFUSAL_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(REFUSAL_REASONS.len() - 1);
         self.refused[i].inc();
     }
 

@@ -117,7 +117,7 @@ impl WhepSubscriber {
         opts: WhepOptions,
     ) -> Result<WhepSubscriber, ClientError> {
         let endpoint = http_endpoint(whep_url, "WHEP")?;
-        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, None).await?;
+        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, None, false).await?;
         let mut change = rtc.sdp_api();
         let mids: Vec<Mid> = (0..LISTENER_AUDIO_SLOTS)
             .map(|_| change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))

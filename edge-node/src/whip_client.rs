@@ -73,6 +73,9 @@ enum Command {
         audio_level: u8,
         /// Packet index (sequence number = first + index); `None`: the next one.
         index: Option<u64>,
+        /// With RED: the RTP timestamp and payload of the packet to carry as redundancy (for an
+        /// indexed send; a plain send carries the previous plain send).
+        previous: Option<(u32, Vec<u8>)>,
     },
     Close,
 }
@@ -86,6 +89,7 @@ pub struct WhipPublisher {
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
     remote_loss: Arc<AtomicU32>,
+    red: bool,
     task: JoinHandle<Result<(), ClientError>>,
 }
 
@@ -126,12 +130,13 @@ const ICE_MAX_RTO: Duration = Duration::from_millis(250);
 /// Unanswered retransmissions after which the pair (and the session) fails.
 const ICE_MAX_RETRANSMITS: usize = 4;
 
-/// A str0m peer (RTP mode, Opus only) on a fresh UDP socket bound to the local address that
-/// reaches `toward` (loopback for a loopback edge), which is its host candidate; str0m statistics
-/// events every `stats` (none if `None`).
+/// A str0m peer (RTP mode, Opus only, offering RFC 2198 RED if `red`) on a fresh UDP socket
+/// bound to the local address that reaches `toward` (loopback for a loopback edge), which is its
+/// host candidate; str0m statistics events every `stats` (none if `None`).
 pub(crate) async fn client_rtc(
     toward: &http::Uri,
     stats: Option<Duration>,
+    red: bool,
 ) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     crate::install_crypto_provider();
     let ip = local_ip_toward(toward).await?;
@@ -140,7 +145,7 @@ pub(crate) async fn client_rtc(
     let mut config = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false)
+        .enable_opus(true, red)
         .set_stats_interval(stats);
     // Notice a dead edge after about 1.1 s of unanswered STUN checks (str0m's default is ~20 s),
     // so the session ends and the caller can ask the geo-router for another edge
@@ -276,8 +281,33 @@ impl WhipPublisher {
         token: &str,
         connect_timeout: Duration,
     ) -> Result<WhipPublisher, ClientError> {
+        Self::connect_options(http, whip_url, token, connect_timeout, false).await
+    }
+
+    /// [`WhipPublisher::connect`], offering RFC 2198 RED (`red/48000/2` with Opus, as browsers
+    /// do): if the edge accepts it, every packet carries the previous one as redundancy (see
+    /// [`WhipPublisher::red`]).
+    pub async fn connect_red(whip_url: &str, token: &str) -> Result<WhipPublisher, ClientError> {
+        Self::connect_options(
+            signaling_client(None)?,
+            whip_url,
+            token,
+            CONNECT_TIMEOUT,
+            true,
+        )
+        .await
+    }
+
+    async fn connect_options(
+        http: HttpsClient<Full<Bytes>>,
+        whip_url: &str,
+        token: &str,
+        connect_timeout: Duration,
+        offer_red: bool,
+    ) -> Result<WhipPublisher, ClientError> {
         let endpoint = http_endpoint(whip_url, "WHIP")?;
-        let (socket, local_addr, mut rtc) = client_rtc(&endpoint, Some(STATS_INTERVAL)).await?;
+        let (socket, local_addr, mut rtc) =
+            client_rtc(&endpoint, Some(STATS_INTERVAL), offer_red).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change
@@ -303,8 +333,8 @@ impl WhipPublisher {
                 .map_err(rtc_err)?;
             opus_pt(&rtc, mid)
         });
-        let pt = match setup {
-            Ok(pt) => pt,
+        let (pt, red_pt) = match setup {
+            Ok(pts) => pts,
             Err(e) => {
                 publisher_http.delete_quietly().await;
                 return Err(e);
@@ -321,6 +351,7 @@ impl WhipPublisher {
                 local_addr,
                 mid,
                 pt,
+                red_pt,
             },
             command_rx,
             connected_tx,
@@ -354,8 +385,14 @@ impl WhipPublisher {
             local_addr,
             commands,
             remote_loss,
+            red: red_pt.is_some(),
             task,
         })
+    }
+
+    /// Whether RED was negotiated: every packet then carries the previous one as redundancy.
+    pub fn red(&self) -> bool {
+        self.red
     }
 
     /// The fraction of packets (0.0..=1.0) the edge's latest RTCP receiver report says were lost,
@@ -374,7 +411,7 @@ impl WhipPublisher {
         rtp_ts: u32,
         audio_level: u8,
     ) -> Result<(), ClientError> {
-        self.send(payload, rtp_ts, audio_level, None).await
+        self.send(payload, rtp_ts, audio_level, None, None).await
     }
 
     /// Send the `index`-th packet of the stream (its RTP sequence number is the first one plus
@@ -387,7 +424,25 @@ impl WhipPublisher {
         rtp_ts: u32,
         audio_level: u8,
     ) -> Result<(), ClientError> {
-        self.send(payload, rtp_ts, audio_level, Some(index)).await
+        self.send(payload, rtp_ts, audio_level, Some(index), None)
+            .await
+    }
+
+    /// [`WhipPublisher::send_opus_indexed`] carrying `previous` (the RTP timestamp and payload of
+    /// the packet before, lost or not) as RED redundancy if RED was negotiated (see
+    /// [`WhipPublisher::red`]), so a test or bench that leaves packets out can measure what RED
+    /// recovers.
+    pub async fn send_opus_indexed_red(
+        &mut self,
+        index: u64,
+        payload: &[u8],
+        rtp_ts: u32,
+        audio_level: u8,
+        previous: Option<(u32, &[u8])>,
+    ) -> Result<(), ClientError> {
+        let previous = previous.map(|(ts, p)| (ts, p.to_vec()));
+        self.send(payload, rtp_ts, audio_level, Some(index), previous)
+            .await
     }
 
     async fn send(
@@ -396,6 +451,7 @@ impl WhipPublisher {
         rtp_ts: u32,
         audio_level: u8,
         index: Option<u64>,
+        previous: Option<(u32, Vec<u8>)>,
     ) -> Result<(), ClientError> {
         self.commands
             .send(Command::Send {
@@ -403,6 +459,7 @@ impl WhipPublisher {
                 rtp_ts,
                 audio_level: audio_level.min(127),
                 index,
+                previous,
             })
             .await
             .map_err(|_| ClientError::Closed)
@@ -487,8 +544,8 @@ pub(crate) async fn exchange(
     Ok((parts.status, parts.headers, body))
 }
 
-/// The negotiated Opus payload type of `mid`.
-fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<Pt, ClientError> {
+/// The negotiated Opus payload type of `mid`, and its RED payload type if RED was negotiated.
+fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<(Pt, Option<Pt>), ClientError> {
     let media = rtc
         .media(mid)
         .ok_or_else(|| ClientError::Sdp("answer dropped the audio m-line".into()))?;
@@ -496,7 +553,7 @@ fn opus_pt(rtc: &Rtc, mid: Mid) -> Result<Pt, ClientError> {
         .params()
         .iter()
         .find(|p| p.spec().codec == Codec::Opus && media.remote_pts().contains(&p.pt()))
-        .map(|p| p.pt())
+        .map(|p| (p.pt(), p.red()))
         .ok_or_else(|| ClientError::Sdp("answer has no Opus payload type".into()))
 }
 
@@ -506,6 +563,8 @@ struct Link {
     local_addr: SocketAddr,
     mid: Mid,
     pt: Pt,
+    /// The RED payload type, if RED was negotiated.
+    red_pt: Option<Pt>,
 }
 
 /// Drive the client `Rtc`: drain output, then wait for a command, a datagram or the timeout.
@@ -521,7 +580,10 @@ async fn drive(
         local_addr,
         mid,
         pt,
+        red_pt,
     } = link;
+    // With RED: the previous plain send (carried as redundancy by the next one).
+    let mut last_sent: Option<(u32, Vec<u8>)> = None;
     let mut connected = Some(connected);
     let mut buf = vec![0u8; 2048];
     // Start in the first rollover period (no out-of-band ROC signalling needed).
@@ -558,7 +620,7 @@ async fn drive(
         }
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                Some(Command::Send { payload, rtp_ts, audio_level, index }) => {
+                Some(Command::Send { payload, rtp_ts, audio_level, index, previous }) => {
                     let mut api = rtc.direct_api();
                     let stream = api
                         .stream_tx_by_mid(mid, None)
@@ -569,8 +631,28 @@ async fn drive(
                         ..Default::default()
                     };
                     let this_seq = index.map_or(seq, |i| first_seq + i);
+                    let (wire_pt, wire) = match red_pt {
+                        Some(red_pt) => {
+                            let previous = if index.is_some() {
+                                previous
+                            } else {
+                                last_sent.replace((rtp_ts, payload.clone()))
+                            };
+                            let mut wrapped = Vec::with_capacity(payload.len() * 2 + 5);
+                            crate::red::encode_into(
+                                &mut wrapped,
+                                *pt,
+                                previous
+                                    .as_ref()
+                                    .map(|(ts, p)| (rtp_ts.wrapping_sub(*ts), p.as_slice())),
+                                &payload,
+                            );
+                            (red_pt, wrapped)
+                        }
+                        None => (pt, payload),
+                    };
                     stream.write_rtp(
-                        RtpWrite::new(pt, this_seq.into(), rtp_ts, Instant::now(), payload)
+                        RtpWrite::new(wire_pt, this_seq.into(), rtp_ts, Instant::now(), wire)
                             .ext_vals(ext),
                     );
                     seq = seq.max(this_seq + 1);

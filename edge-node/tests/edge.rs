@@ -894,3 +894,69 @@ async fn publisher_sees_the_loss_the_edge_measured() {
     assert!((0.05..0.2).contains(&loss), "reported loss {loss}");
     publisher.close().await.expect("DELETE answers 200");
 }
+
+/// RFC 2198 RED: a publisher that negotiated RED loses every 5th packet on the way to the edge
+/// (left out deterministically in the client); the next packet carries it as redundancy, and
+/// the edge relays every packet to the origin: the lost ones recovered with their own sequence
+/// number, timestamp and Opus payload, all unwrapped to plain Opus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn red_recovers_a_publishers_lost_packets_before_the_relay() {
+    let pki = DevPki::generate().unwrap();
+    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
+    let mut publisher = WhipPublisher::connect_red(&edge.whip_url(LIVE_ROOM), &token)
+        .await
+        .expect("whip publish connects");
+    assert!(publisher.red(), "the edge must accept RED for Opus");
+    let packets = opus_packets(PACKETS);
+    let ts0 = 1000u32;
+    let ts = |i: usize| ts0.wrapping_add(960 * i as u32);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for (i, p) in packets.iter().enumerate() {
+        tick.tick().await;
+        if i % 5 == 2 {
+            continue; // lost on the uplink
+        }
+        let previous = i.checked_sub(1).map(|j| (ts(j), packets[j].as_slice()));
+        publisher
+            .send_opus_indexed_red(i as u64, p, ts(i), LEVEL, previous)
+            .await
+            .expect("send");
+    }
+    // Relay datagrams: each packet once as SpeakerAudio (plus a SpeakerRepeat of each).
+    let mut audio = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while audio.len() < PACKETS {
+        match tokio::time::timeout_at(deadline, origin.datagrams.recv()).await {
+            Ok(Some(d)) => {
+                let f = RelayFrame::decode(&d).expect("valid relay frame");
+                if f.kind == FrameKind::SpeakerAudio {
+                    audio.insert(f.rtp_ts, (f.seq, f.payload.to_vec()));
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    assert_eq!(
+        audio.len(),
+        PACKETS,
+        "packets relayed (timestamps {:?})",
+        audio.keys().collect::<Vec<_>>()
+    );
+    let first_seq = audio[&ts(0)].0;
+    for (i, p) in packets.iter().enumerate() {
+        let (seq, payload) = &audio[&ts(i)];
+        assert_eq!(*seq, first_seq.wrapping_add(i as u16), "seq of packet {i}");
+        assert_eq!(payload, p, "Opus payload of packet {i}");
+    }
+    let recovered = metric(&edge, "amphi_edge_red_recovered_total").await;
+    assert_eq!(recovered, (PACKETS / 5) as u64, "packets recovered");
+    publisher.close().await.expect("DELETE answers 200");
+    edge.stop().await;
+}
