@@ -367,6 +367,22 @@ impl ControlReader {
     }
 }
 
+/// The wire bytes of one queued control message. A whole `RoomSnapshot` (queued by a join
+/// under the authority lock as one message) is split here into records under the control
+/// record limit, so its serialisation never runs under that lock.
+fn wire_bytes(msg: ControlMessage) -> Vec<u8> {
+    match msg {
+        ControlMessage::RoomSnapshot { state, more: false } => {
+            let mut out = Vec::new();
+            for record in snapshot_records(state, SNAPSHOT_RECORD_BUDGET) {
+                out.extend(record.to_record());
+            }
+            out
+        }
+        other => other.to_record(),
+    }
+}
+
 fn len_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -765,7 +781,7 @@ impl Hub {
                     })? else {
                         return Ok(());
                     };
-                    send.write_all(&out.to_record()).await.map_err(|_| Failure::Gone)?;
+                    send.write_all(&wire_bytes(out)).await.map_err(|_| Failure::Gone)?;
                     continue;
                 }
                 m = reader.next() => match m? {
@@ -1000,9 +1016,12 @@ impl Hub {
         }
         if is_join && (quiet || !st.synced.contains(&(room, conn))) {
             if let Some(r) = st.rooms.get(room) {
-                for record in snapshot_records(r.snapshot(), SNAPSHOT_RECORD_BUDGET) {
-                    let _ = own.send(record);
-                }
+                // One queued message; the connection's writer splits and encodes it (the
+                // linear serialisation runs outside the authority lock).
+                let _ = own.send(ControlMessage::RoomSnapshot {
+                    state: r.snapshot(),
+                    more: false,
+                });
                 st.synced.insert((room, conn));
             }
         }
@@ -1289,5 +1308,65 @@ mod tests {
                 "the relay waited for the authority"
             );
         });
+    }
+
+    /// A join into a big room queues its snapshot as one message (only a clone is made under
+    /// the authority lock); the connection's writer splits it into records under the control
+    /// record limit that the edge reassembles into the whole room.
+    #[tokio::test]
+    async fn a_big_rooms_join_snapshot_is_split_by_the_writer_not_under_the_lock() {
+        use amphi_protocol::control::{SnapshotAssembler, MAX_CONTROL_LEN};
+        let hub = hub();
+        let room = RoomId(3);
+        for i in 0..5_000u32 {
+            join(&hub, 1, room, 10 + i, &format!("u{i}"), Role::Listener);
+        }
+        let (own, mut rx) = peer_queue(PEER_QUEUE, Default::default());
+        let cmd = RoomCommand::Join {
+            user: "late".into(),
+            name: "late".into(),
+            role: Role::Listener,
+            region: "us-east".into(),
+            resume: None,
+        };
+        hub.room_command(9, &own, room, ParticipantId(9), 1, cmd, Instant::now());
+        drop(own);
+        let mut queued = Vec::new();
+        while let Some(m) = rx.recv().await.expect("not overflowed") {
+            queued.push(m);
+        }
+        assert!(
+            matches!(
+                queued.as_slice(),
+                [ControlMessage::RoomSnapshot { more: false, .. }]
+            ),
+            "one queued snapshot message, got {} messages",
+            queued.len()
+        );
+        let bytes = wire_bytes(queued.pop().expect("one"));
+        let mut dec = ControlDecoder::default();
+        dec.feed(&bytes);
+        let (mut asm, mut records, mut done) = (SnapshotAssembler::default(), 0, None);
+        while let Some(m) = dec.next_message().expect("valid records") {
+            records += 1;
+            assert!(m.to_record().len() - 4 <= MAX_CONTROL_LEN);
+            done = match m {
+                ControlMessage::RoomSnapshot { state, more } => asm.start(state, more),
+                ControlMessage::RoomSnapshotPart {
+                    participants,
+                    hands,
+                    banned,
+                    more,
+                    ..
+                } => asm
+                    .part(participants, hands, banned, more)
+                    .expect("in limits"),
+                other => panic!("unexpected {other:?}"),
+            }
+            .or(done);
+        }
+        assert!(records > 1, "{records} records");
+        let state = done.expect("reassembled");
+        assert_eq!(state.participants.len(), 5_001);
     }
 }
