@@ -700,6 +700,19 @@ async fn sessions_that_never_connect_are_dropped_after_the_configured_timeout() 
 }
 
 /// A real browser-shaped offer from str0m (sendonly Opus with audio level), as a string.
+/// A stand-in origin, a router and an edge whose `Hello` the origin has received.
+async fn linked_edge() -> (FakeOrigin, Edge) {
+    let pki = DevPki::generate().unwrap();
+    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let edge = start_edge(&pki, origin.addr, router).await;
+    expect_control(&mut origin, Duration::from_secs(10), |m| {
+        matches!(m, ControlMessage::Hello { .. })
+    })
+    .await;
+    (origin, edge)
+}
+
 async fn valid_offer() -> String {
     amphi_edge::install_crypto_provider();
     let mut rtc = str0m::Rtc::builder().build(std::time::Instant::now());
@@ -861,14 +874,7 @@ async fn uplink_reconnects_and_replays_publishers() {
 /// must say about 10 %.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_sees_the_loss_the_edge_measured() {
-    let pki = DevPki::generate().unwrap();
-    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
-    let router = start_router().await;
-    let edge = start_edge(&pki, origin.addr, router).await;
-    expect_control(&mut origin, Duration::from_secs(10), |m| {
-        matches!(m, ControlMessage::Hello { .. })
-    })
-    .await;
+    let (_origin, edge) = linked_edge().await;
     let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
     let mut publisher = WhipPublisher::connect(&edge.whip_url(LIVE_ROOM), &token)
         .await
@@ -901,14 +907,7 @@ async fn publisher_sees_the_loss_the_edge_measured() {
 /// number, timestamp and Opus payload, all unwrapped to plain Opus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn red_recovers_a_publishers_lost_packets_before_the_relay() {
-    let pki = DevPki::generate().unwrap();
-    let mut origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
-    let router = start_router().await;
-    let edge = start_edge(&pki, origin.addr, router).await;
-    expect_control(&mut origin, Duration::from_secs(10), |m| {
-        matches!(m, ControlMessage::Hello { .. })
-    })
-    .await;
+    let (mut origin, edge) = linked_edge().await;
     let token = edge.token(LIVE_ROOM, Role::Speaker, "ada");
     let mut publisher = WhipPublisher::connect_red(&edge.whip_url(LIVE_ROOM), &token)
         .await

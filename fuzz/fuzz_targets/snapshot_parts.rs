@@ -164,25 +164,12 @@ fn round_trip(room: &Room) {
     let mut done = None;
     while let Some(msg) = decoder.next_message().expect("own records decode") {
         assert!(done.is_none(), "state complete before the last part");
-        done = feed(&mut asm, msg);
+        done = asm.feed(msg).ok().flatten();
     }
     assert_eq!(done, Some(state));
     assert!(!asm.is_pending());
 }
 
-fn feed(asm: &mut SnapshotAssembler, msg: ControlMessage) -> Option<RoomState> {
-    match msg {
-        ControlMessage::RoomSnapshot { state, more } => asm.start(state, more),
-        ControlMessage::RoomSnapshotPart {
-            participants,
-            hands,
-            banned,
-            more,
-            ..
-        } => asm.part(participants, hands, banned, more).ok().flatten(),
-        _ => None,
-    }
-}
 
 fuzz_target!(|input: Input| {
     round_trip(&input.room);
@@ -241,7 +228,7 @@ fuzz_target!(|input: Input| {
     for _ in 0..input.stream.len() + 1 {
         match decoder.next_message() {
             Ok(Some(msg)) => {
-                feed(&mut asm, msg);
+                asm.feed(msg).ok().flatten();
             }
             Ok(None) => break,
             Err(_) => {}

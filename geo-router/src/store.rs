@@ -523,25 +523,9 @@ impl RedisStore {
                         continue;
                     }
                 };
-                let member = index_member((entry.start(), id));
-                redis::pipe()
-                    .cmd("HSET")
-                    .arg(&room)
-                    .arg("idx")
-                    .arg(&member)
-                    .ignore()
-                    .cmd("ZADD")
-                    .arg(self.key("open"))
-                    .arg(0)
-                    .arg(&member)
-                    .ignore()
-                    .cmd("ZADD")
-                    .arg(self.key("activity"))
-                    .arg(now_unix.max(entry.start()))
-                    .arg(id.to_string())
-                    .ignore()
-                    .query_async::<()>(&mut c)
-                    .await?;
+                let mut p = redis::pipe();
+                self.index_open_room(&mut p, id, &entry, now_unix.max(entry.start()));
+                p.query_async::<()>(&mut c).await?;
                 indexed += 1;
             }
         }
@@ -552,6 +536,33 @@ impl RedisStore {
             );
         }
         Ok(indexed)
+    }
+
+    /// Queue on `p` what lists room `id` as open: its `idx` member in `open`, and its last
+    /// activity (`active_at`, Unix seconds) in `activity`.
+    fn index_open_room(
+        &self,
+        p: &mut redis::Pipeline,
+        id: RoomId,
+        entry: &RoomEntry,
+        active_at: u64,
+    ) {
+        let member = index_member((entry.start(), id));
+        p.cmd("HSET")
+            .arg(self.key(format!("room:{id}")))
+            .arg("idx")
+            .arg(&member)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.key("open"))
+            .arg(0)
+            .arg(&member)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.key("activity"))
+            .arg(active_at)
+            .arg(id.to_string())
+            .ignore();
     }
 
     fn key(&self, rest: impl std::fmt::Display) -> String {
@@ -600,23 +611,8 @@ impl RedisStore {
         if !fresh {
             return Ok(false);
         }
-        let member = index_member((entry.start(), id));
         let mut p = redis::pipe();
-        p.cmd("HSET")
-            .arg(self.key(format!("room:{id}")))
-            .arg("idx")
-            .arg(&member)
-            .ignore()
-            .cmd("ZADD")
-            .arg(self.key("open"))
-            .arg(0)
-            .arg(&member)
-            .ignore()
-            .cmd("ZADD")
-            .arg(self.key("activity"))
-            .arg(entry.start())
-            .arg(id.to_string())
-            .ignore();
+        self.index_open_room(&mut p, id, entry, entry.start());
         if let Some(at) = entry.scheduled_at {
             p.cmd("ZADD")
                 .arg(self.key("scheduled"))

@@ -1350,20 +1350,11 @@ mod tests {
         while let Some(m) = dec.next_message().expect("valid records") {
             records += 1;
             assert!(m.to_record().len() - 4 <= MAX_CONTROL_LEN);
-            done = match m {
-                ControlMessage::RoomSnapshot { state, more } => asm.start(state, more),
-                ControlMessage::RoomSnapshotPart {
-                    participants,
-                    hands,
-                    banned,
-                    more,
-                    ..
-                } => asm
-                    .part(participants, hands, banned, more)
-                    .expect("in limits"),
-                other => panic!("unexpected {other:?}"),
-            }
-            .or(done);
+            assert!(matches!(
+                m,
+                ControlMessage::RoomSnapshot { .. } | ControlMessage::RoomSnapshotPart { .. }
+            ));
+            done = asm.feed(m).expect("in limits").or(done);
         }
         assert!(records > 1, "{records} records");
         let state = done.expect("reassembled");

@@ -599,16 +599,9 @@ async fn a_room_of_2000_never_needs_an_oversized_record() {
     let mut records = 0;
     let state = loop {
         let done = match eu.next().await {
-            Some(ControlMessage::RoomSnapshot { state, more }) => asm.start(state, more),
-            Some(ControlMessage::RoomSnapshotPart {
-                participants,
-                hands,
-                banned,
-                more,
-                ..
-            }) => asm
-                .part(participants, hands, banned, more)
-                .expect("within the limits"),
+            Some(
+                m @ (ControlMessage::RoomSnapshot { .. } | ControlMessage::RoomSnapshotPart { .. }),
+            ) => asm.feed(m).expect("within the limits"),
             other => panic!("expected the snapshot, got {other:?}"),
         };
         records += 1;

@@ -342,6 +342,22 @@ impl SnapshotAssembler {
         }
     }
 
+    /// Feed any control message: a `RoomSnapshot` or `RoomSnapshotPart` goes to
+    /// [`SnapshotAssembler::start`] / [`SnapshotAssembler::part`]; anything else is `Ok(None)`.
+    pub fn feed(&mut self, msg: ControlMessage) -> Result<Option<RoomState>, SnapshotTooLarge> {
+        match msg {
+            ControlMessage::RoomSnapshot { state, more } => Ok(self.start(state, more)),
+            ControlMessage::RoomSnapshotPart {
+                participants,
+                hands,
+                banned,
+                more,
+                ..
+            } => self.part(participants, hands, banned, more),
+            _ => Ok(None),
+        }
+    }
+
     /// Whether parts are awaited.
     pub fn is_pending(&self) -> bool {
         self.pending.is_some()
@@ -528,17 +544,11 @@ mod tests {
         let mut asm = SnapshotAssembler::default();
         let mut done = None;
         while let Some(m) = dec.next_message().unwrap() {
-            let out = match m {
-                ControlMessage::RoomSnapshot { state, more } => asm.start(state, more),
-                ControlMessage::RoomSnapshotPart {
-                    participants,
-                    hands,
-                    banned,
-                    more,
-                    ..
-                } => asm.part(participants, hands, banned, more).unwrap(),
-                other => panic!("unexpected {other:?}"),
-            };
+            assert!(matches!(
+                m,
+                ControlMessage::RoomSnapshot { .. } | ControlMessage::RoomSnapshotPart { .. }
+            ));
+            let out = asm.feed(m).unwrap();
             if out.is_some() {
                 assert!(done.is_none());
                 done = out;
