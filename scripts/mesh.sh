@@ -13,6 +13,7 @@
 # 10.77.0.0/16 inside the namespaces only: nothing is routed to or from the host's interfaces.
 #
 # Usage (root):  scripts/mesh.sh up | down | status | partition on|off | lossy on|off | kill HOST
+#                | start redis|s3 (after a kill) | pause HOST | resume HOST (SIGSTOP / SIGCONT)
 # Env: AMPHI_MESH_RUN (run directory, default /tmp/amphi-mesh), AMPHI_MESH_PREFIX (namespace name
 # prefix, default amb-: two beds with different prefixes can run at once), AMPHI_BIN (amphi binary;
 # amphi-tools and amphi-netem are taken from the same directory), AMPHI_S3S_FS (s3s-fs binary).
@@ -66,6 +67,33 @@ all_edges_registered() { [ "$(registered_edges)" -ge 4 ]; }
 
 addr() { awk -v n="$1" '$1 == n { print $5 }' "$RUN/hosts.tsv"; }
 
+# Start Redis or s3s-fs in its namespace (s3s-fs keeps its objects in $RUN/s3 across restarts).
+start_store() {
+  case "$1" in
+    redis)
+      start redis "${PREFIX}redis" redis-server --bind "$(addr redis)" --port 6379 --save '' \
+        --appendonly no --protected-mode no --dir "$RUN/redis"
+      wait_for redis 100 in_ns "${PREFIX}redis" redis-cli -h "$(addr redis)" ping
+      ;;
+    s3)
+      start s3 "${PREFIX}s3" "$S3S_FS" --host "$(addr s3)" --port 9000 \
+        --access-key bedaccess --secret-key bedsecret0123456789 "$RUN/s3"
+      wait_for s3 100 in_ns "${PREFIX}s3" bash -c "exec 3<>/dev/tcp/$(addr s3)/9000"
+      ;;
+    *) die "usage: mesh.sh start redis|s3" ;;
+  esac
+  log "started $1"
+}
+
+# Freeze or thaw a host's process (SIGSTOP / SIGCONT): a server that stops answering without
+# closing its connections, the hardest outage for clients.
+signal_host() {
+  local f="$RUN/pids/${2:?usage: mesh.sh pause|resume HOST}.pid"
+  [ -f "$f" ] || die "no process for $2"
+  kill "-$1" "$(cat "$f")"
+  log "$1 $2 (pid $(cat "$f"))"
+}
+
 is_up() { [ -f "$RUN/up" ] && ip netns list | grep -qw "$CORE"; }
 
 up() {
@@ -107,11 +135,8 @@ up() {
 
   # Redis and S3.
   mkdir -p "$RUN/redis" "$RUN/s3/amphi-hls"
-  start redis "${PREFIX}redis" redis-server --bind "$(addr redis)" --port 6379 --save '' \
-    --appendonly no --protected-mode no --dir "$RUN/redis"
-  start s3 "${PREFIX}s3" "$S3S_FS" --host "$(addr s3)" --port 9000 \
-    --access-key bedaccess --secret-key bedsecret0123456789 "$RUN/s3"
-  wait_for redis 100 in_ns "${PREFIX}redis" redis-cli -h "$(addr redis)" ping
+  start_store redis
+  start_store s3
 
   # The roles, in dependency order, with the rendered files only: no AMPHI__* override from the
   # caller's environment either.
@@ -210,5 +235,8 @@ case "${1:-}" in
   partition) partition "${2:-}" ;;
   kill) kill_host "${2:-}" ;;
   lossy) lossy "${2:-}" ;;
-  *) echo "usage: $0 up|down|status|partition on|off|lossy on|off|kill HOST" >&2; exit 2 ;;
+  start) start_store "${2:-}" ;;
+  pause) signal_host STOP "${2:-}" ;;
+  resume) signal_host CONT "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|partition on|off|lossy on|off|kill HOST|start redis|s3|pause HOST|resume HOST" >&2; exit 2 ;;
 esac

@@ -934,6 +934,15 @@ impl Store for RedisStore {
     fn heartbeat(&self, hb: EdgeHeartbeat, now: Now) -> StoreFuture<'_, Beat> {
         Box::pin(async move {
             validate(&hb)?;
+            // Routing never waits on Redis: this replica's mirror hears the beat first, so a
+            // Redis that stops answering (each call then waits for its timeouts) cannot make
+            // the edges look dead here.
+            let local_previous = {
+                let mut reg = write(&self.registry);
+                let previous = previous_rooms(&reg, &hb.id, now.instant);
+                let _ = reg.heartbeat(hb.clone(), now.instant);
+                previous
+            };
             let mut c = self.conn();
             let json = serde_json::to_string(&StoredEdge {
                 beat: hb.clone(),
@@ -971,12 +980,9 @@ impl Store for RedisStore {
                 Ok(v) => v,
                 Err(e) if unreachable(&e) => {
                     // Redis is away: this replica keeps routing to the edges that beat here.
-                    let mut reg = write(&self.registry);
-                    let previous = previous_rooms(&reg, &hb.id, now.instant);
-                    let _ = reg.heartbeat(hb, now.instant);
                     return Ok(Beat {
-                        new: previous.is_none(),
-                        previous: previous.unwrap_or_default(),
+                        new: local_previous.is_none(),
+                        previous: local_previous.unwrap_or_default(),
                         drain: false,
                     });
                 }
