@@ -414,6 +414,35 @@ fn unreachable(e: &StoreError) -> bool {
     matches!(e, StoreError::Backend(_))
 }
 
+/// How long requests skip Redis after it failed, unless a [`Store::sync`] reaches it sooner.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(15);
+
+/// Whether requests may try Redis (sans-IO, explicit `now`). A Redis that stops answering
+/// costs each call its timeouts (seconds); after one such failure, requests go straight to
+/// this replica's [`Fallback`] until the periodic sync reaches Redis again, or for at most
+/// [`BREAKER_OPEN`], after which requests probe it again.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    /// Whether a request may call Redis at `now`.
+    pub fn allows(&self, now: Instant) -> bool {
+        self.open_until.is_none_or(|until| now >= until)
+    }
+
+    /// A call failed as unreachable at `now`: skip Redis for a while.
+    pub fn failed(&mut self, now: Instant) {
+        self.open_until = Some(now + BREAKER_OPEN);
+    }
+
+    /// Redis answered: requests call it again.
+    pub fn answered(&mut self) {
+        self.open_until = None;
+    }
+}
+
 /// Room directory and edge registry in Redis (shared by every geo-router replica).
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -422,6 +451,8 @@ pub struct RedisStore {
     end_script: redis::Script,
     /// Directory writes and rooms kept while Redis is unreachable.
     fallback: Mutex<Fallback>,
+    /// Whether requests try Redis now (the sync always does).
+    breaker: Mutex<Breaker>,
 }
 
 /// Ends a room unless it ended: -1 unknown, 0 already ended, 1 ended now. Drops it from the
@@ -479,6 +510,7 @@ impl RedisStore {
             registry: RwLock::new(Registry::with_static(static_edges)),
             end_script: redis::Script::new(END_ROOM_LUA),
             fallback: Mutex::new(Fallback::default()),
+            breaker: Mutex::new(Breaker::default()),
         };
         store.sync(Now::read()).await?;
         store.index_legacy_rooms(Now::read().unix_secs()).await?;
@@ -563,6 +595,26 @@ impl RedisStore {
             .arg(active_at)
             .arg(id.to_string())
             .ignore();
+    }
+
+    /// Run a request's Redis call `call`, unless the [`Breaker`] is open (then the same
+    /// unreachable error at once, so the caller falls back without waiting).
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if !lock(&self.breaker).allows(Instant::now()) {
+            return Err(StoreError::Backend(
+                "Redis unreachable (skipped until the next sync reaches it)".into(),
+            ));
+        }
+        let out = call.await;
+        let mut b = lock(&self.breaker);
+        match &out {
+            Err(e) if unreachable(e) => b.failed(Instant::now()),
+            _ => b.answered(),
+        }
+        out
     }
 
     fn key(&self, rest: impl std::fmt::Display) -> String {
@@ -773,7 +825,7 @@ impl Store for RedisStore {
 
     fn create_room(&self, entry: RoomEntry) -> StoreFuture<'_, RoomId> {
         Box::pin(async move {
-            match self.redis_create(&entry).await {
+            match self.guarded(self.redis_create(&entry)).await {
                 Ok(id) => {
                     lock(&self.fallback).remember(id, entry);
                     Ok(id)
@@ -800,7 +852,7 @@ impl Store for RedisStore {
             if let Some(local) = local {
                 return Ok(local);
             }
-            match self.redis_room(id).await {
+            match self.guarded(self.redis_room(id)).await {
                 Ok(Some(e)) => {
                     lock(&self.fallback).remember(id, e.clone());
                     Ok(Some(e))
@@ -828,7 +880,7 @@ impl Store for RedisStore {
             if let Some(out) = local {
                 return Ok(out);
             }
-            match self.redis_end(id, now_unix).await {
+            match self.guarded(self.redis_end(id, now_unix)).await {
                 Ok(out) => {
                     if let Some(e) = lock(&self.fallback).known.get_mut(&id) {
                         e.ended_at.get_or_insert(now_unix);
@@ -846,7 +898,7 @@ impl Store for RedisStore {
 
     fn page(&self, cursor: Option<Cursor>, limit: usize, now_unix: u64) -> StoreFuture<'_, Page> {
         Box::pin(async move {
-            match self.redis_page(cursor, limit, now_unix).await {
+            match self.guarded(self.redis_page(cursor, limit, now_unix)).await {
                 Err(e) if unreachable(&e) => {
                     // Redis is away: the rooms this replica knows.
                     let mut d = Directory::default();
@@ -882,15 +934,18 @@ impl Store for RedisStore {
     fn touch(&self, room: RoomId, now_unix: u64) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let mut c = self.conn();
-            redis::cmd("ZADD")
-                .arg(self.key("activity"))
-                .arg("XX")
-                .arg("GT")
-                .arg(now_unix)
-                .arg(room.to_string())
-                .query_async::<()>(&mut c)
-                .await?;
-            Ok(())
+            self.guarded(async {
+                redis::cmd("ZADD")
+                    .arg(self.key("activity"))
+                    .arg("XX")
+                    .arg("GT")
+                    .arg(now_unix)
+                    .arg(room.to_string())
+                    .query_async::<()>(&mut c)
+                    .await
+                    .map_err(StoreError::from)
+            })
+            .await
         })
     }
 
@@ -959,8 +1014,7 @@ impl Store for RedisStore {
                 }
                 p.ignore();
             }
-            let stored: Result<(Option<String>, bool), StoreError> = p
-                .cmd("SET")
+            p.cmd("SET")
                 .arg(self.key(format!("edge:{}", hb.id)))
                 .arg(json)
                 .arg("PX")
@@ -972,10 +1026,10 @@ impl Store for RedisStore {
                 .ignore()
                 .cmd("SISMEMBER")
                 .arg(self.key("drain"))
-                .arg(&hb.id)
-                .query_async(&mut c)
-                .await
-                .map_err(StoreError::from);
+                .arg(&hb.id);
+            let stored: Result<(Option<String>, bool), StoreError> = self
+                .guarded(async { p.query_async(&mut c).await.map_err(StoreError::from) })
+                .await;
             let (old, drain) = match stored {
                 Ok(v) => v,
                 Err(e) if unreachable(&e) => {
@@ -1058,6 +1112,8 @@ impl Store for RedisStore {
                 .arg(self.key("drain"))
                 .query_async(&mut c)
                 .await?;
+            // Redis answers again: requests stop skipping it.
+            lock(&self.breaker).answered();
             let mut beats = Vec::with_capacity(ids.len());
             let mut gone = Vec::new();
             if !ids.is_empty() {
@@ -1105,6 +1161,22 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_skips_redis_after_a_failure_until_it_answers_or_the_bound_passes() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        assert!(b.allows(t0));
+        b.failed(t0);
+        assert!(!b.allows(t0 + Duration::from_secs(1)));
+        // The sync reached Redis.
+        b.answered();
+        assert!(b.allows(t0 + Duration::from_secs(1)));
+        // No sync success: requests probe again after the bound.
+        b.failed(t0);
+        assert!(!b.allows(t0 + BREAKER_OPEN - Duration::from_millis(1)));
+        assert!(b.allows(t0 + BREAKER_OPEN));
+    }
 
     fn entry(title: &str) -> RoomEntry {
         RoomEntry {
