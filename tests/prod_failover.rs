@@ -18,7 +18,9 @@ mod support;
 
 use amphi_protocol::placement::rendezvous;
 use amphi_protocol::RoomId;
-use prod_mesh_support::{client_args, times, Bed, AP, EU, ROUTER, US};
+use prod_mesh_support::{
+    client_args, fresh_state, participant, times, ws_args, Bed, AP, EU, ROUTER, US,
+};
 use roles::eventually;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -35,38 +37,6 @@ fn unix_ms() -> f64 {
         .unwrap()
         .as_secs_f64()
         * 1000.0
-}
-
-/// A WebSocket signaling session in `host`'s namespace (see `amphi-tools ws`).
-fn ws_args<'a>(
-    room: &'a str,
-    token: &'a str,
-    place: &'a str,
-    send: &[&'a str],
-    seconds: &'a str,
-) -> Vec<&'a str> {
-    let mut args = vec!["ws", "--seconds", seconds];
-    for s in send {
-        args.extend(["--send", s]);
-    }
-    args.extend(client_args(room, token, place));
-    args
-}
-
-/// The room state a fresh listener joining now gets (`None` while the join is not answered).
-fn fresh_state(bed: &Bed, room: &str, name: &str) -> Option<Value> {
-    let token = bed.token(room, "listener", name);
-    let out = bed
-        .tools_output("client-use1", &ws_args(room, &token, US, &[], "1"))
-        .ok()?;
-    (out["answer"]["type"] == "snapshot").then(|| out["answer"]["state"].clone())
-}
-
-fn participant<'a>(state: &'a Value, name: &str) -> Option<&'a Value> {
-    state["participants"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
 }
 
 /// Promoted `sam` is a speaker, `lee`'s hand is up, `bob`'s user is banned.

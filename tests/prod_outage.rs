@@ -23,9 +23,9 @@ mod support;
 
 use amphi_protocol::placement::rendezvous;
 use amphi_protocol::RoomId;
-use prod_mesh_support::{client_args, Bed, US};
+use prod_mesh_support::{client_args, fresh_state, participant, ws_args, Bed, US};
 use roles::eventually;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -38,32 +38,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A WebSocket signaling session in `host`'s namespace (see `amphi-tools ws`).
-fn ws_args<'a>(room: &'a str, token: &'a str, send: &[&'a str], seconds: &'a str) -> Vec<&'a str> {
-    let mut args = vec!["ws", "--seconds", seconds];
-    for s in send {
-        args.extend(["--send", s]);
-    }
-    args.extend(client_args(room, token, US));
-    args
-}
-
-/// The room state a fresh listener joining now gets (`None` while the join is not answered).
-fn fresh_state(bed: &Bed, room: &str, name: &str) -> Option<Value> {
-    let token = bed.token(room, "listener", name);
-    let out = bed
-        .tools_output("client-use1", &ws_args(room, &token, &[], "1"))
-        .ok()?;
-    (out["answer"]["type"] == "snapshot").then(|| out["answer"]["state"].clone())
-}
-
-fn participant<'a>(state: &'a Value, name: &str) -> Option<&'a Value> {
-    state["participants"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
 }
 
 /// Resident set of process `pid`, KiB.
@@ -257,8 +231,8 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
         bed.token(&room, "listener", "joe"),
     );
     let hold = (redis_outage.as_secs() + 90).to_string();
-    let kim = bed.spawn("client-use1", &ws_args(&room, &kim_t, &[], &hold));
-    let joe = bed.spawn("client-use1", &ws_args(&room, &joe_t, &[], &hold));
+    let kim = bed.spawn("client-use1", &ws_args(&room, &kim_t, US, &[], &hold));
+    let joe = bed.spawn("client-use1", &ws_args(&room, &joe_t, US, &[], &hold));
     let joined = eventually("kim and joe joined", LIMIT, || {
         let s = fresh_state(&bed, &room, "probe")?;
         (participant(&s, "kim").is_some() && participant(&s, "joe").is_some()).then_some(s)
@@ -286,6 +260,7 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
         &ws_args(
             &room,
             &host_t,
+            US,
             &[
                 r#"{"type":"kick","target":"@kim"}"#,
                 r#"{"type":"promote","target":"@joe"}"#,
@@ -359,7 +334,7 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
         "the ban made during the Redis outage was lost: {restored}"
     );
     // Kim's own token (the router no longer mints one for a banned user).
-    let refused = bed.tools_output("client-use1", &ws_args(&room, &kim_t, &[], "1"));
+    let refused = bed.tools_output("client-use1", &ws_args(&room, &kim_t, US, &[], "1"));
     assert!(
         refused
             .as_ref()

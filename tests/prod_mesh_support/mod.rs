@@ -276,3 +276,36 @@ pub fn median(v: &[f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// A WebSocket signaling session in `host`'s namespace (see `amphi-tools ws`).
+pub fn ws_args<'a>(
+    room: &'a str,
+    token: &'a str,
+    place: &'a str,
+    send: &[&'a str],
+    seconds: &'a str,
+) -> Vec<&'a str> {
+    let mut args = vec!["ws", "--seconds", seconds];
+    for s in send {
+        args.extend(["--send", s]);
+    }
+    args.extend(client_args(room, token, place));
+    args
+}
+
+/// The room state a fresh listener joining now gets (`None` while the join is not answered).
+pub fn fresh_state(bed: &Bed, room: &str, name: &str) -> Option<serde_json::Value> {
+    let token = bed.token(room, "listener", name);
+    let out = bed
+        .tools_output("client-use1", &ws_args(room, &token, US, &[], "1"))
+        .ok()?;
+    (out["answer"]["type"] == "snapshot").then(|| out["answer"]["state"].clone())
+}
+
+/// The participant named `name` in a room state.
+pub fn participant<'a>(state: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    state["participants"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+}
