@@ -198,13 +198,11 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
     let bucket = bed.run.join("s3").join("amphi-hls").join("hls");
     // Each room's uploader stores its backlog one object at a time: allow twice the outage.
     let flush_limit = LIMIT.max(outage * 2);
-    let mut missing: Vec<(String, String)> = Vec::new();
     let stored_in = loop {
         let stored = files_under(&bucket);
-        missing = seen
+        let missing: Vec<&(String, String)> = seen
             .iter()
             .filter(|(room, rel)| !stored.contains(&format!("{room}/{rel}")))
-            .cloned()
             .collect();
         if missing.is_empty() {
             break back.elapsed();
@@ -235,7 +233,6 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
         rss_peak,
         rss_after
     );
-    assert!(missing.is_empty(), "lost: {missing:?}");
 
     // ---- Redis outage: frozen while a host moderates and a new room starts.
     let created = &rooms[0];
