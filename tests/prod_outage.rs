@@ -199,7 +199,20 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
     let bucket = bed.run.join("s3").join("amphi-hls").join("hls");
     // Each room's uploader stores its backlog one object at a time: allow twice the outage.
     let flush_limit = LIMIT.max(outage * 2);
+    // The live edge keeps moving while the backlog drains: the first room's playlist.
+    let (live_url, mut live_msn, mut live_moved, mut longest_stall) =
+        (&media[0].1, last_msn[0], Instant::now(), Duration::ZERO);
     let stored_in = loop {
+        if let Some((msn, _)) = bed
+            .get("client-use1", live_url)
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|t| listed(&t))
+        {
+            if msn > live_msn {
+                (live_msn, live_moved) = (msn, Instant::now());
+            }
+        }
+        longest_stall = longest_stall.max(live_moved.elapsed());
         let stored = files_under(&bucket);
         let missing: Vec<&(String, String)> = seen
             .iter()
@@ -224,12 +237,14 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
     println!(
         "S3 outage: {rooms_n} rooms, {} s; playlists kept moving ({} failed fetches of {}); \
          {} parts and segments listed during the outage, 0 lost, all in S3 {:.1} s after it \
-         returned; packager RSS {} KiB before, peak {} KiB, {} KiB after",
+         returned (meanwhile the live playlist's longest pause: {:.1} s); packager RSS {} KiB \
+         before, peak {} KiB, {} KiB after",
         outage.as_secs(),
         failed_fetches,
         fetches,
         seen.len(),
         stored_in.as_secs_f64(),
+        longest_stall.as_secs_f64(),
         rss_before,
         rss_peak,
         rss_after

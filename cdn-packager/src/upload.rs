@@ -250,6 +250,10 @@ pub struct Lane {
     retry_at: Option<Instant>,
     backoff: Backoff,
     outage_since: Option<Instant>,
+    /// Entries published before they were stored (during an outage or a stall) and not
+    /// stored yet: while any is left, publication goes on without waiting for storage, so the
+    /// live playlist does not freeze while the backlog drains after an outage.
+    published_unstored: usize,
     memory_bytes: usize,
     spilled_bytes: usize,
 }
@@ -315,10 +319,12 @@ impl Lane {
         self.entries.iter().find(|e| e.seq == seq)
     }
 
-    /// Publication no longer waits for storage: an upload failed and none succeeded since, or
-    /// the one in flight has hung for [`STALL_AFTER`].
+    /// Publication no longer waits for storage: an upload failed and none succeeded since, the
+    /// one in flight has hung for [`STALL_AFTER`], or what was published meanwhile is still
+    /// being stored (the backlog of an outage).
     pub fn degraded(&self, now: Instant) -> bool {
         self.outage_since.is_some()
+            || self.published_unstored > 0
             || self
                 .in_flight
                 .is_some_and(|(_, t)| now.saturating_duration_since(t) >= STALL_AFTER)
@@ -340,6 +346,9 @@ impl Lane {
         for e in self.entries.iter_mut().filter(|e| !e.published) {
             if !(e.stored || degraded) {
                 break;
+            }
+            if !e.stored {
+                self.published_unstored += 1;
             }
             e.published = true;
             out.push(e.seq);
@@ -370,8 +379,11 @@ impl Lane {
         if self.in_flight.is_some_and(|(s, _)| s == seq) {
             self.in_flight = None;
         }
-        if let Some(e) = self.entries.iter_mut().find(|e| e.seq == seq) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.seq == seq && !e.stored) {
             e.stored = true;
+            if e.published {
+                self.published_unstored -= 1;
+            }
         }
         let t = match self.outage_since.take() {
             Some(since) => Transition::OutageEnded {
@@ -617,6 +629,36 @@ mod tests {
         assert_eq!(order, vec![1, 2, 3]);
         assert!(lane.is_empty());
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn the_live_edge_does_not_wait_for_an_outages_backlog_to_drain() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let budget = MemoryBudget::new(1 << 20);
+        let mut lane = Lane::new();
+        for i in 0..3 {
+            lane.push(put(&format!("p{i}"), 100, part(0, i, t0)), &budget);
+        }
+        assert_eq!(lane.poll(t0), Poll::Upload(0));
+        assert_eq!(lane.failed(0, t0), Transition::OutageStarted);
+        assert_eq!(lane.publishable(t0), vec![0, 1, 2]);
+        // Storage is back: the head is stored, 1 and 2 are still to go up.
+        let Poll::Wait(at) = lane.poll(t0) else {
+            panic!("a retry is scheduled")
+        };
+        assert_eq!(lane.poll(at), Poll::Upload(0));
+        assert!(matches!(lane.stored(0, at), Transition::OutageEnded { .. }));
+        // A new part is published at once, not after the backlog.
+        lane.push(put("p3", 100, part(0, 3, t0)), &budget);
+        assert_eq!(lane.publishable(at + ms(1)), vec![3]);
+        // Once the backlog and the new part are stored, publication waits for storage again.
+        assert_eq!(upload_all(&mut lane, &budget, at + ms(2)), vec![1, 2, 3]);
+        lane.push(put("p4", 100, part(0, 4, t0)), &budget);
+        assert!(lane.publishable(at + ms(3)).is_empty(), "in order again");
+        assert_eq!(lane.poll(at + ms(3)), Poll::Upload(4));
+        lane.stored(4, at + ms(3));
+        assert_eq!(lane.publishable(at + ms(3)), vec![4]);
     }
 
     #[test]
