@@ -411,7 +411,6 @@ fn blocking_reload<'a>(
     let q: HlsQuery = crate::request::parse_hls_query(query).ok()?;
     let msn = q.msn?;
     let handle = st.http.registry.get(p.room)?;
-    let held = st.held.room(p.room, handle.renditions.len());
     let ri = handle.rendition_index(r.dir())?;
     let snap = handle.rx[ri].borrow().clone();
     let decision = decide_reload(msn, q.part, &snap.status);
@@ -422,6 +421,8 @@ fn blocking_reload<'a>(
         ReloadDecision::Wait => {
             let state = Arc::new(AtomicU8::new(WAITING));
             let (tx, rx) = oneshot::channel();
+            // Only a request that waits looks up (or makes) the room's held list.
+            let held = st.held.room(p.room, handle.renditions.len());
             let list = held.get(ri)?;
             let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
             // Decide again under the lock: a publication may have slipped in.
@@ -435,14 +436,14 @@ fn blocking_reload<'a>(
                     state: state.clone(),
                     done: tx,
                 });
-                Some((state, rx))
+                Some((state, rx, held.clone()))
             } else {
                 None
             }
         }
     };
     Some(async move {
-        let Some((state, mut rx)) = registration else {
+        let Some((state, mut rx, held)) = registration else {
             let snap = handle.rx[ri].borrow().clone();
             return write_all(conn, &snap.wire(q.skip)).await;
         };

@@ -4,11 +4,9 @@
 
 mod common;
 
-use amphi_protocol::control::ControlMessage;
 use amphi_protocol::RoomId;
-use common::{dominant_frequency, ffmpeg_decode, http_get, program_record, tone_frames, Harness};
+use common::{dominant_frequency, ffmpeg_decode, http_get, tone_frames, Harness};
 use std::path::Path;
-use std::time::Duration;
 
 const ROOM: RoomId = RoomId(0x0a0b_0c0d_0e0f_4d34);
 
@@ -37,18 +35,7 @@ fn make_legacy(dir: &Path) -> usize {
 async fn recordings_stored_under_older_names_are_still_served() {
     let mut h = Harness::start("legacy-names").await;
     let frames = tone_frames(440.0, 250);
-    let mut uni = h.conn.open_uni().await.unwrap();
-    for (i, f) in frames.iter().enumerate() {
-        uni.write_all(&program_record(ROOM, i as u32, f))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    uni.finish().unwrap();
-    h.control_send
-        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
-        .await
-        .unwrap();
+    h.speak_and_end(ROOM, &frames, |_| 0).await;
     h.wait_until(&format!("/hls/{ROOM}/recording.m3u8"), |r| r.status == 200)
         .await;
     let data_dir = h.stop_keeping_files().await;

@@ -29,19 +29,8 @@ fn free_port() -> SocketAddr {
 /// Speak 6 s (Alice 3 s, then Bob 3 s) at 4x real time, then end the room.
 async fn speak_and_end(h: &mut Harness) {
     let frames = tone_frames(440.0, 300);
-    let mut uni = h.conn.open_uni().await.unwrap();
-    for (i, f) in frames.iter().enumerate() {
-        let who = if i < 150 { ALICE } else { BOB };
-        uni.write_all(&program_record_from(ROOM, i as u32, f, who))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    uni.finish().unwrap();
-    h.control_send
-        .write_all(&ControlMessage::RoomEnded { room: ROOM }.to_record())
-        .await
-        .unwrap();
+    h.speak_and_end(ROOM, &frames, |i| if i < 150 { ALICE } else { BOB })
+        .await;
 }
 
 /// GET over HTTPS with HTTP/2 (ALPN h2), trusting the packager's self-signed certificate.

@@ -285,6 +285,28 @@ pub struct OriginSide {
 }
 
 impl Harness {
+    /// Send `frames` as one program stream of `room` (5 ms apart; frame `i`'s loudest speaker
+    /// is `speaker(i)`), finish it, then tell the packager the room ended.
+    pub async fn speak_and_end(
+        &mut self,
+        room: RoomId,
+        frames: &[Vec<u8>],
+        speaker: impl Fn(usize) -> u32,
+    ) {
+        let mut uni = self.conn.open_uni().await.unwrap();
+        for (i, f) in frames.iter().enumerate() {
+            uni.write_all(&program_record_from(room, i as u32, f, speaker(i)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        uni.finish().unwrap();
+        self.control_send
+            .write_all(&ControlMessage::RoomEnded { room }.to_record())
+            .await
+            .unwrap();
+    }
+
     /// Start an origin stand-in and `run(...)`, and accept the packager.
     pub async fn start(tag: &str) -> Harness {
         Self::start_with(tag, PackagerOptions::default()).await
