@@ -197,7 +197,7 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
     }
     // Every part and segment listed during the outage reaches S3.
     let bucket = bed.run.join("s3").join("amphi-hls").join("hls");
-    // Each room's uploader stores its backlog one object at a time: allow twice the outage.
+    // Bound of the flush: twice the outage (at least LIMIT).
     let flush_limit = LIMIT.max(outage * 2);
     // The live edge keeps moving while the backlog drains: the first room's playlist.
     let (live_url, mut live_msn, mut live_moved, mut longest_stall) =

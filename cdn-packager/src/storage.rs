@@ -121,7 +121,7 @@ pub enum StorageError {
 }
 
 /// Object metadata sent with a put.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
     /// `Content-Type`.
     pub content_type: &'static str,

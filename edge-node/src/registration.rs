@@ -204,6 +204,29 @@ pub(crate) struct Registrar {
     pub drain: Arc<DrainHandle>,
 }
 
+/// The last signed heartbeat (its second and body). The router accepts each signed request
+/// once, and a signature covers only the second and the body: at the 500 ms period a beat
+/// that repeats the previous one within the same second would be refused as a replay, so it
+/// is not sent (the router already has exactly that state).
+#[derive(Debug, Default)]
+struct LastSigned {
+    ts: u64,
+    body: Vec<u8>,
+}
+
+impl LastSigned {
+    /// Whether a beat of `body` signed at `ts` repeats the last one; otherwise remember it.
+    fn repeats(&mut self, ts: u64, body: &[u8]) -> bool {
+        if ts == self.ts && body == self.body.as_slice() {
+            return true;
+        }
+        self.ts = ts;
+        self.body.clear();
+        self.body.extend_from_slice(body);
+        false
+    }
+}
+
 fn sign(secret: &str, ts: u64, method: &str, path: &str, body: &[u8]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
@@ -247,6 +270,7 @@ impl Registrar {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut plan: Option<DrainPlan> = None;
         let mut failures = 0u32;
+        let mut last_signed = LastSigned::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -273,6 +297,9 @@ impl Registrar {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
+                if last_signed.repeats(ts, &body) {
+                    continue;
+                }
                 req = req
                     .header("x-amphi-key", key)
                     .header("x-amphi-timestamp", ts.to_string())
@@ -383,5 +410,17 @@ mod tests {
             format!("v1={}", hex::encode(mac.finalize().into_bytes()))
         );
         assert_ne!(s, sign("s3cret", 1001, "PUT", "/v1/edges/e1", b"{}"));
+    }
+
+    #[test]
+    fn a_beat_repeating_the_last_within_its_second_is_not_signed_again() {
+        let mut last = LastSigned::default();
+        assert!(!last.repeats(1000, b"{\"a\":1}"));
+        assert!(
+            last.repeats(1000, b"{\"a\":1}"),
+            "same second, same body: the router would refuse it as a replay"
+        );
+        assert!(!last.repeats(1000, b"{\"a\":2}"), "new state is sent");
+        assert!(!last.repeats(1001, b"{\"a\":2}"), "next second is sent");
     }
 }

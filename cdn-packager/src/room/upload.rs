@@ -4,7 +4,9 @@ use super::RoomHandle;
 use crate::metrics::Metrics;
 use crate::spill::SpillDir;
 use crate::storage::{Storage, StorageError, Store};
-use crate::upload::{Entry, Job, Lane, MemoryBudget, Placement, Poll, Publish, Transition};
+use crate::upload::{
+    Entry, Job, Lane, MemoryBudget, Placement, Poll, Publish, Transition, MAX_IN_FLIGHT,
+};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
@@ -33,10 +35,12 @@ enum Attempt {
     Abandoned(StorageError),
 }
 
-type PutFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Attempt)> + Send>>;
-
 /// One attempt at storing lane entry `seq` (its bytes from memory or its spill file).
-fn start_put(up: &Uploads, room: RoomId, e: &Entry) -> Option<PutFuture> {
+fn start_put(
+    up: &Uploads,
+    room: RoomId,
+    e: &Entry,
+) -> Option<impl std::future::Future<Output = (u64, Attempt)> + Send + 'static> {
     let Job::Put {
         key, body, meta, ..
     } = &e.job
@@ -45,7 +49,7 @@ fn start_put(up: &Uploads, room: RoomId, e: &Entry) -> Option<PutFuture> {
     };
     let (store, metrics, spill) = (up.store.clone(), up.metrics.clone(), up.spill.clone());
     let (seq, key, meta, body, spilled) = (e.seq, key.clone(), *meta, body.clone(), e.spilled);
-    Some(Box::pin(async move {
+    Some(async move {
         let body = if spilled {
             match spill.read(room, seq) {
                 Ok(b) => b,
@@ -63,7 +67,7 @@ fn start_put(up: &Uploads, room: RoomId, e: &Entry) -> Option<PutFuture> {
             Err(e) => Attempt::Failed(e),
         };
         (seq, outcome)
-    }))
+    })
 }
 
 /// The bytes of a queued job for publication: in memory, or read back from its spill file.
@@ -100,7 +104,8 @@ impl LaneGauges {
 
 /// The room's uploader: the driver of its [`Lane`]. It takes the jobs the ingest side
 /// queues, publishes them in order (after storing them, or at once while storage fails),
-/// spills what the memory budget cannot hold, and stores one object at a time with backoff,
+/// spills what the memory budget cannot hold, and stores objects (several at once, as the lane
+/// allows) with backoff,
 /// until the room's recording is stored (or shutdown, when jobs still in memory are spilled
 /// so that the next start uploads them).
 pub(super) async fn uploader(
@@ -112,7 +117,9 @@ pub(super) async fn uploader(
     let metrics = up.metrics.clone();
     let mut lane = Lane::new();
     let mut gauges = LaneGauges::default();
-    let mut in_flight: Option<PutFuture> = None;
+    let mut in_flight = tokio::task::JoinSet::new();
+    // Which lane entry each upload task stores (to retry it if the task panicked).
+    let mut task_seqs: Vec<(tokio::task::Id, u64)> = Vec::with_capacity(MAX_IN_FLIGHT);
     let mut in_outage = false;
     let mut finished = false;
     loop {
@@ -161,18 +168,22 @@ pub(super) async fn uploader(
             up.spill.remove(room, seq);
         }
         gauges.update(&lane, &metrics);
-        if closed && lane.is_empty() && in_flight.is_none() {
+        if closed && lane.is_empty() && in_flight.is_empty() {
             break;
         }
         let mut wake = None;
-        if in_flight.is_none() {
+        for _ in 0..MAX_IN_FLIGHT {
             match lane.poll(now) {
-                Poll::Upload(seq) => match lane.entry(seq) {
-                    Some(e) => in_flight = start_put(&up, room, e),
-                    None => continue,
-                },
-                Poll::Wait(at) => wake = Some(at),
-                Poll::Idle => {}
+                Poll::Upload(seq) => {
+                    if let Some(put) = lane.entry(seq).and_then(|e| start_put(&up, room, e)) {
+                        task_seqs.push((in_flight.spawn(put).id(), seq));
+                    }
+                }
+                Poll::Wait(at) => {
+                    wake = Some(at);
+                    break;
+                }
+                Poll::Idle => break,
             }
         }
         wake = match (wake, lane.stall_deadline()) {
@@ -184,9 +195,18 @@ pub(super) async fn uploader(
             Into::into,
         ));
         tokio::select! {
-            r = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                in_flight = None;
-                let (seq, outcome) = r;
+            Some(r) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                let (id, (seq, outcome)) = match r {
+                    Ok(done) => done,
+                    Err(e) => {
+                        let Some(&(id, seq)) = task_seqs.iter().find(|(id, _)| *id == e.id()) else {
+                            continue;
+                        };
+                        let failure = StorageError::Io(std::io::Error::other(e.to_string()));
+                        (id, (seq, Attempt::Failed(failure)))
+                    }
+                };
+                task_seqs.retain(|(i, _)| *i != id);
                 let now = Instant::now();
                 match outcome {
                     Attempt::Stored | Attempt::Abandoned(_) => {
