@@ -414,34 +414,9 @@ fn unreachable(e: &StoreError) -> bool {
     matches!(e, StoreError::Backend(_))
 }
 
-/// How long requests skip Redis after it failed, unless a [`Store::sync`] reaches it sooner.
-pub const BREAKER_OPEN: Duration = Duration::from_secs(15);
-
-/// Whether requests may try Redis (sans-IO, explicit `now`). A Redis that stops answering
-/// costs each call its timeouts (seconds); after one such failure, requests go straight to
-/// this replica's [`Fallback`] until the periodic sync reaches Redis again, or for at most
-/// [`BREAKER_OPEN`], after which requests probe it again.
-#[derive(Debug, Default)]
-pub struct Breaker {
-    open_until: Option<Instant>,
-}
-
-impl Breaker {
-    /// Whether a request may call Redis at `now`.
-    pub fn allows(&self, now: Instant) -> bool {
-        self.open_until.is_none_or(|until| now >= until)
-    }
-
-    /// A call failed as unreachable at `now`: skip Redis for a while.
-    pub fn failed(&mut self, now: Instant) {
-        self.open_until = Some(now + BREAKER_OPEN);
-    }
-
-    /// Redis answered: requests call it again.
-    pub fn answered(&mut self) {
-        self.open_until = None;
-    }
-}
+/// Requests skip Redis for a while after it failed (the replica's [`Fallback`] answers), until
+/// the periodic [`Store::sync`] reaches it again.
+pub use amphi_protocol::breaker::{Breaker, BREAKER_OPEN};
 
 /// Room directory and edge registry in Redis (shared by every geo-router replica).
 pub struct RedisStore {
@@ -1161,22 +1136,6 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_breaker_skips_redis_after_a_failure_until_it_answers_or_the_bound_passes() {
-        let t0 = Instant::now();
-        let mut b = Breaker::default();
-        assert!(b.allows(t0));
-        b.failed(t0);
-        assert!(!b.allows(t0 + Duration::from_secs(1)));
-        // The sync reached Redis.
-        b.answered();
-        assert!(b.allows(t0 + Duration::from_secs(1)));
-        // No sync success: requests probe again after the bound.
-        b.failed(t0);
-        assert!(!b.allows(t0 + BREAKER_OPEN - Duration::from_millis(1)));
-        assert!(b.allows(t0 + BREAKER_OPEN));
-    }
 
     fn entry(title: &str) -> RoomEntry {
         RoomEntry {

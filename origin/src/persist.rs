@@ -21,6 +21,7 @@
 //! `r:{user}` (the role the user last held, JSON). Its TTL is [`LIVE_TTL`] (refreshed by every
 //! write) or [`ENDED_TTL`] once the room ended.
 
+use amphi_protocol::breaker::Breaker;
 use amphi_protocol::room::{Participant, RoomPhase, RoomRole, RoomState};
 use amphi_protocol::{ParticipantId, RoomId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,9 @@ pub enum PersistError {
     /// Redis failed or timed out.
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis failed moments ago: reads skip it until it answers again (or the breaker's bound).
+    #[error("redis unreachable moments ago; not asked again yet")]
+    Skipped,
     /// A stored record cannot be read.
     #[error("stored room {room}: {message}")]
     Corrupt {
@@ -78,6 +82,9 @@ impl From<redis::RedisError> for PersistError {
 pub struct RoomStore {
     conn: ConnectionManager,
     prefix: String,
+    /// After a failed call, loads skip Redis (the room runs unverified at once instead of
+    /// waiting for a timeout) until a write of the persister reaches it again.
+    breaker: Arc<Mutex<Breaker>>,
 }
 
 impl RoomStore {
@@ -93,6 +100,7 @@ impl RoomStore {
         Ok(RoomStore {
             conn,
             prefix: prefix.to_string(),
+            breaker: Arc::default(),
         })
     }
 
@@ -100,13 +108,34 @@ impl RoomStore {
         format!("{}roomh:{room}", self.prefix)
     }
 
-    /// The persisted state of `room`, if any.
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record how a call to Redis ended (an unanswered call opens the breaker).
+    fn observe<T>(&self, r: Result<T, PersistError>) -> Result<T, PersistError> {
+        match &r {
+            Err(PersistError::Redis(_)) => self.breaker().failed(Instant::now()),
+            _ => self.breaker().answered(),
+        }
+        r
+    }
+
+    /// The persisted state of `room`, if any. [`PersistError::Skipped`] at once while the
+    /// breaker is open (Redis failed moments ago).
     pub async fn load(&self, room: RoomId) -> Result<Option<PersistedRoom>, PersistError> {
+        if !self.breaker().allows(Instant::now()) {
+            return Err(PersistError::Skipped);
+        }
         let mut c = self.conn.clone();
-        let fields: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
-            .arg(self.key(room))
-            .query_async(&mut c)
-            .await?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.key(room));
+        let read = cmd.query_async::<HashMap<String, Vec<u8>>>(&mut c);
+        let fields = match tokio::time::timeout(OP_TIMEOUT, read).await {
+            Ok(r) => r.map_err(PersistError::from),
+            Err(_) => Err(PersistError::Redis("timed out".into())),
+        };
+        let fields = self.observe(fields)?;
         assemble(room, &fields).map_err(|message| PersistError::Corrupt { room, message })
     }
 
@@ -135,8 +164,11 @@ impl RoomStore {
         }
         p.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();
         let mut c = self.conn.clone();
-        p.query_async::<()>(&mut c).await?;
-        Ok(())
+        let written = match tokio::time::timeout(OP_TIMEOUT, p.query_async::<()>(&mut c)).await {
+            Ok(r) => r.map_err(PersistError::from),
+            Err(_) => Err(PersistError::Redis("timed out".into())),
+        };
+        self.observe(written)
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod audio;
+pub mod breaker;
 pub mod config;
 pub mod control;
 #[cfg(feature = "https")]
