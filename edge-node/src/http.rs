@@ -461,6 +461,7 @@ async fn join_http(
             role: claims.role,
             kind,
         },
+        claims,
         None,
     );
     let mut rx = rx;
@@ -849,7 +850,7 @@ async fn whip_patch(
     let cmd = MediaCommand::Patch {
         session,
         room,
-        jti: claims.jti,
+        claims: Box::new(claims),
         if_match,
         fragment,
         reply,

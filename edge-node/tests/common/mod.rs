@@ -335,6 +335,7 @@ pub async fn start_edge_with(
         limits: Default::default(),
         ice_connect_timeout_secs: opts.ice_connect_timeout_secs,
         max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
+        token_expiry_grace_secs: 30,
     };
     let setup = EdgeSetup {
         config,
