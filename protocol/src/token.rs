@@ -334,12 +334,21 @@ impl Revocations {
     }
 }
 
+/// Tokens revoked by `jti` a [`RevokedTokens::default`] list holds at most.
+pub const DEFAULT_MAX_REVOKED_TOKENS: usize = 100_000;
+
 /// Single tokens revoked by `jti`, each until its `exp` (sans-IO: the caller passes `now`).
 /// Bounded: when full, the entry expiring soonest is dropped.
 #[derive(Debug, Clone)]
 pub struct RevokedTokens {
     jtis: std::collections::HashMap<String, u64>,
     max: usize,
+}
+
+impl Default for RevokedTokens {
+    fn default() -> Self {
+        RevokedTokens::new(DEFAULT_MAX_REVOKED_TOKENS)
+    }
 }
 
 impl RevokedTokens {
