@@ -207,7 +207,10 @@ mod tests {
             l.refresh(a, &claims("ann", Role::Speaker, "j2", 2000)),
             Ok("j1".to_string())
         );
-        assert!(l.expired(1500).is_empty(), "the old expiry no longer counts");
+        assert!(
+            l.expired(1500).is_empty(),
+            "the old expiry no longer counts"
+        );
         assert_eq!(l.with_jti("j2"), vec![a]);
         assert!(l.with_jti("j1").is_empty());
         assert_eq!(l.expired(2030), vec![a]);

@@ -9,7 +9,7 @@ use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, ServerMessage};
-use amphi_protocol::token::{Claims, RevokedTokens, Revocations};
+use amphi_protocol::token::{Claims, Revocations, RevokedTokens};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};

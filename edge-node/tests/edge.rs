@@ -1050,7 +1050,10 @@ async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
             until: now_unix() + 600,
         })
         .unwrap();
-    assert!(gone(sessions[2].clone()).await, "the revoked session stayed");
+    assert!(
+        gone(sessions[2].clone()).await,
+        "the revoked session stayed"
+    );
     let r = request(
         &edge.whip_url(LIVE_ROOM),
         "POST",
@@ -1062,7 +1065,10 @@ async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
     )
     .await
     .unwrap();
-    assert_eq!((r.0, api_error(&r.2).error.as_str()), (401, "token_revoked"));
+    assert_eq!(
+        (r.0, api_error(&r.2).error.as_str()),
+        (401, "token_revoked")
+    );
 
     // ann refreshes with a new token of hers; bob's higher-role token is refused.
     let (ann_new, _) = token("ann", Role::Speaker, 600);
@@ -1073,7 +1079,10 @@ async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
     assert_eq!(r.0, 403, "{}", r.2);
 
     // bob's session ends once his token is past the grace; ann's stays on her new token.
-    assert!(gone(sessions[1].clone()).await, "the expired session stayed");
+    assert!(
+        gone(sessions[1].clone()).await,
+        "the expired session stayed"
+    );
     let r = patch(sessions[0].clone(), probe.clone()).await;
     assert_eq!(r.0, 403, "ann's session is still there: {}", r.2);
     let r = request(&sessions[0], "DELETE", &[("authorization", &ann_new)], "")

@@ -238,13 +238,18 @@ mod tests {
             })
         );
         assert_eq!(
-            revoke_token(body.as_bytes(), &v, NOW + 600).unwrap_err().code,
+            revoke_token(body.as_bytes(), &v, NOW + 600)
+                .unwrap_err()
+                .code,
             "bad_token",
             "expired"
         );
         let forged = signer.sign(&claims).replace('.', ".x");
         let body = serde_json::json!({ "token": forged }).to_string();
-        assert_eq!(revoke_token(body.as_bytes(), &v, NOW).unwrap_err().code, "bad_token");
+        assert_eq!(
+            revoke_token(body.as_bytes(), &v, NOW).unwrap_err().code,
+            "bad_token"
+        );
         let r = revoke_token(br#"{"jti":"j-2","exp":1}"#, &v, NOW).unwrap();
         assert_eq!((r.jti.as_str(), r.until), ("j-2", 1));
         let r = revoke_token(br#"{"jti":"j-2"}"#, &v, NOW).unwrap();

@@ -481,13 +481,19 @@ mod tests {
     #[test]
     fn revoked_tokens_hold_until_their_expiry_and_stay_bounded() {
         let mut r = RevokedTokens::new(2);
-        assert!(!r.revoke("old", 1000, 1000), "already expired: nothing to hold");
+        assert!(
+            !r.revoke("old", 1000, 1000),
+            "already expired: nothing to hold"
+        );
         assert!(r.is_empty());
         assert!(r.revoke("a", 2000, 1000));
         assert!(r.is_revoked("a", 1999));
         assert!(!r.is_revoked("a", 2000), "expired");
         assert!(!r.is_revoked("b", 1500), "another token");
-        assert!(!r.revoke("a", 1500, 1000), "an earlier expiry changes nothing");
+        assert!(
+            !r.revoke("a", 1500, 1000),
+            "an earlier expiry changes nothing"
+        );
         assert!(r.is_revoked("a", 1999));
         assert!(r.revoke("b", 3000, 1000));
         // Full: the entry expiring soonest goes.
