@@ -342,6 +342,7 @@ fn production_api_keys_are_scoped_and_signed_requests_are_not_replayable() {
     let ts = now_unix();
     let (status, v) = signed(&router, "POST", &path, mint_body, app_key, ts);
     assert_eq!(status, 200, "{v}");
+    let minted = v["token"].as_str().unwrap().to_string();
     assert_eq!(
         claims(
             &mesh.dir.join("signing.pem"),
@@ -358,6 +359,37 @@ fn production_api_keys_are_scoped_and_signed_requests_are_not_replayable() {
         (401, Some("replayed_request")),
         "{v}"
     );
+
+    // Revoking a token takes the app key (an edge key cannot), without a key nothing.
+    let revoke = serde_json::json!({ "token": minted }).to_string();
+    let (status, v) = roles::call(
+        "POST",
+        &format!("{router}/v1/tokens/revoke"),
+        Some(serde_json::json!({ "token": minted })),
+    );
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = signed(
+        &router,
+        "POST",
+        "/v1/tokens/revoke",
+        &revoke,
+        edge_key,
+        now_unix(),
+    );
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("api_key_scope")),
+        "{v}"
+    );
+    let (status, v) = signed(
+        &router,
+        "POST",
+        "/v1/tokens/revoke",
+        &revoke,
+        app_key,
+        now_unix(),
+    );
+    assert_eq!((status, v["revoked"].as_bool()), (200, Some(true)), "{v}");
 
     // Operator requests need the admin key.
     for key in [edge_key, app_key] {
