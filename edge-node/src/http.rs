@@ -396,6 +396,7 @@ pub(crate) fn refusal_status(code: &str) -> StatusCode {
         "room_ended" | "ended" => StatusCode::GONE,
         "not_found" => StatusCode::NOT_FOUND,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "token_revoked" => StatusCode::UNAUTHORIZED,
         "unavailable" | "capacity" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }

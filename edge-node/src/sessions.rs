@@ -177,7 +177,8 @@ impl Sessions {
 
     /// Register a participant, living on the token `claims`, and ask the authority; the
     /// receiver resolves with the outcome. `client` receives room events once joined (WebSocket
-    /// sessions).
+    /// sessions). A token revoked since its admission check is refused here: the check and the
+    /// lease happen under the lock [`Sessions::revoke_token`] takes to end a token's sessions.
     pub(crate) fn join(
         &self,
         req: JoinRequest,
@@ -186,6 +187,11 @@ impl Sessions {
     ) -> oneshot::Receiver<JoinOutcome> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
+        if self.is_revoked(claims, crate::http::now_unix()) {
+            let refusal = Refusal::new("token_revoked", TOKEN_REVOKED);
+            let _ = tx.send(JoinOutcome::Refused(refusal));
+            return rx;
+        }
         let pid = req.participant;
         inner.leases.open(pid, claims);
         inner.pending.insert(pid, tx);
@@ -285,7 +291,8 @@ impl Sessions {
 
     /// The token `jti` is revoked until `until_unix`: refuse it from now on and end the sessions
     /// living on it (WebSocket: an `error{code:"token_revoked"}` event, then the close; WHIP/WHEP:
-    /// the PeerConnection).
+    /// the PeerConnection). A revocation already known (re-sent when a link comes up) changes
+    /// nothing: no session can have opened on that token since.
     pub(crate) fn revoke_token(&self, jti: &str, until_unix: u64, now_unix: u64) {
         {
             let mut revoked = self
@@ -293,7 +300,9 @@ impl Sessions {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             revoked.prune(now_unix);
-            revoked.revoke(jti, until_unix, now_unix);
+            if !revoked.revoke(jti, until_unix, now_unix) {
+                return;
+            }
         }
         let mut inner = self.lock();
         let pids = inner.leases.with_jti(jti);
