@@ -516,13 +516,13 @@ async fn revoked_and_expired_tokens_end_their_sessions() {
 
     // Expiry: three sessions on tokens that expire in a few seconds. One refreshes to a longer
     // token of the same user, one tries another user's token (refused), one does nothing.
-    let (mut stays, _) = Ws::join(&edge0, &sign(&key, &room, "uma", 4))
+    let (mut stays, _) = Ws::join(&edge0, &sign(&key, &room, "uma", 5))
         .await
         .expect("uma joins");
-    let (mut lapses, _) = Ws::join(&edge0, &sign(&key, &room, "vic", 4))
+    let (mut lapses, _) = Ws::join(&edge0, &sign(&key, &room, "vic", 5))
         .await
         .expect("vic joins");
-    let (mut cheats, _) = Ws::join(&edge1, &sign(&key, &room, "wes", 4))
+    let (mut cheats, _) = Ws::join(&edge1, &sign(&key, &room, "wes", 5))
         .await
         .expect("wes joins");
     stays

@@ -974,6 +974,13 @@ async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
         ..EdgeOpts::default()
     };
     let edge = start_edge_with(&pki, origin.addr, router, opts).await;
+    // Publishing needs the room authority: wait for the origin link.
+    for _ in 0..100 {
+        if metric(&edge, "amphi_edge_origin_connected").await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let token = |user: &str, role: Role, ttl: u64| {
         let now = now_unix();
         let jti = format!("jti-{user}-{}", rand::random::<u32>());
@@ -992,7 +999,7 @@ async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
     let mut sessions = Vec::new();
     let mut tokens = Vec::new();
     for user in ["ann", "bob", "cal"] {
-        let (auth, jti) = token(user, Role::Speaker, 3);
+        let (auth, jti) = token(user, Role::Speaker, 5);
         let r = request(
             &edge.whip_url(LIVE_ROOM),
             "POST",
