@@ -45,6 +45,9 @@ pub struct DevArgs {
     /// Sessions one user may hold at once in one room (the origin refuses more joins).
     #[arg(long, default_value_t = 8)]
     max_sessions_per_user: usize,
+    /// Seconds an edge session outlives its token's `exp` unless the client refreshed it.
+    #[arg(long, default_value_t = 30)]
+    token_expiry_grace_secs: u64,
     /// Store HLS output in this S3-compatible endpoint instead of `--data-dir` (e.g. s3s-fs
     /// on `http://127.0.0.1:9000`); keys from `AMPHI_DEV_S3_ACCESS_KEY`/`AMPHI_DEV_S3_SECRET_KEY`.
     #[arg(long)]
@@ -291,6 +294,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 limits: Default::default(),
                 ice_connect_timeout_secs: 15,
                 max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
+                token_expiry_grace_secs: args.token_expiry_grace_secs,
             },
             mesh_tls: pki.issue(&format!("{id}.amphi.internal"), MeshRole::Edge)?,
             tokens: verifier.clone(),

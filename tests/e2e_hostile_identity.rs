@@ -342,6 +342,7 @@ fn production_api_keys_are_scoped_and_signed_requests_are_not_replayable() {
     let ts = now_unix();
     let (status, v) = signed(&router, "POST", &path, mint_body, app_key, ts);
     assert_eq!(status, 200, "{v}");
+    let minted = v["token"].as_str().unwrap().to_string();
     assert_eq!(
         claims(
             &mesh.dir.join("signing.pem"),
@@ -359,6 +360,37 @@ fn production_api_keys_are_scoped_and_signed_requests_are_not_replayable() {
         "{v}"
     );
 
+    // Revoking a token takes the app key (an edge key cannot), without a key nothing.
+    let revoke = serde_json::json!({ "token": minted }).to_string();
+    let (status, v) = roles::call(
+        "POST",
+        &format!("{router}/v1/tokens/revoke"),
+        Some(serde_json::json!({ "token": minted })),
+    );
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = signed(
+        &router,
+        "POST",
+        "/v1/tokens/revoke",
+        &revoke,
+        edge_key,
+        now_unix(),
+    );
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("api_key_scope")),
+        "{v}"
+    );
+    let (status, v) = signed(
+        &router,
+        "POST",
+        "/v1/tokens/revoke",
+        &revoke,
+        app_key,
+        now_unix(),
+    );
+    assert_eq!((status, v["revoked"].as_bool()), (200, Some(true)), "{v}");
+
     // Operator requests need the admin key.
     for key in [edge_key, app_key] {
         let (status, v) = signed(&router, "GET", "/v1/edges", "", key, now_unix());
@@ -370,4 +402,162 @@ fn production_api_keys_are_scoped_and_signed_requests_are_not_replayable() {
     }
     let (status, v) = signed(&router, "GET", "/v1/edges", "", admin_key, now_unix());
     assert_eq!(status, 200, "{v}");
+}
+
+/// A token signed with the dev mesh's key for `user` in `room`, expiring `ttl` seconds from now.
+fn sign(key: &std::path::Path, room: &str, user: &str, ttl: u64) -> String {
+    let pem = std::fs::read_to_string(key).unwrap();
+    let now = now_unix();
+    TokenSigner::from_pkcs8_pem("dev-1", &pem)
+        .unwrap()
+        .sign(&Claims {
+            sub: user.into(),
+            name: user.into(),
+            room: room.parse().unwrap(),
+            role: amphi_protocol::token::Role::Listener,
+            iat: now,
+            exp: now + ttl,
+            jti: format!("{user}-{}", rand_jti()),
+        })
+}
+
+fn rand_jti() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Read until the server closes the session; the code of the last `error` event before it.
+async fn closing_error(ws: &mut Ws) -> Option<String> {
+    let seen = until_closed(ws).await;
+    seen.iter().rev().find_map(|m| match m {
+        ServerMessage::Error { code, .. } => Some(code.clone()),
+        _ => None,
+    })
+}
+
+/// A single token revoked through the router is refused by every edge and its open session is
+/// closed, while the same user's other token keeps working; a session whose token expires is
+/// closed after the edge's grace unless it refreshed its token first (and a refresh must keep
+/// the user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_tokens_end_their_sessions() {
+    let key = scratch_dir("token-lifetime-key").join("signing.pem");
+    std::fs::write(&key, TokenSigner::generate("dev-1").to_pkcs8_pem()).unwrap();
+    let mesh = tokio::task::spawn_blocking({
+        let key = key.clone();
+        move || {
+            DevMesh::start_with(
+                9_000,
+                "token-lifetime",
+                &[
+                    "--signing-key",
+                    key.to_str().unwrap(),
+                    "--token-expiry-grace-secs",
+                    "2",
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let router = mesh.router();
+    let (edge0, edge1) = (mesh.edge(0), mesh.edge(1));
+    let (room, _host_token, _) = mesh.create_room("token lifetime");
+
+    // Revocation of one token: its session on edge 1 is closed; the user's other token works.
+    let doomed = mint(&router, &room, "trent").1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let spare = mint(&router, &room, "trent").1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut doomed_ws, _) = Ws::join(&edge1, &doomed).await.expect("trent joins");
+    let (mut spare_ws, _) = Ws::join(&edge0, &spare).await.expect("trent joins again");
+    let (status, v) = roles::call(
+        "POST",
+        &format!("{router}/v1/tokens/revoke"),
+        Some(serde_json::json!({ "token": doomed })),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["revoked"], true, "{v}");
+    assert_eq!(v["jti"], claims(&key, "dev-1", &doomed).jti.as_str());
+    let code = tokio::time::timeout(Duration::from_secs(15), closing_error(&mut doomed_ws))
+        .await
+        .expect("the revoked token's session was not closed");
+    assert_eq!(code.as_deref(), Some("token_revoked"));
+    for edge in [&edge0, &edge1] {
+        // Every edge hears it from the origin (edge 1 already did).
+        let refused = roles::eventually("revoked token refused", Duration::from_secs(10), || {
+            let s = ws_status(edge, &doomed);
+            (s.0 != 101 && s.1 == "token_revoked").then_some(s)
+        });
+        assert_eq!(refused, (401, "token_revoked".into()));
+    }
+    spare_ws.send(serde_json::json!({"type": "ping"})).await;
+    spare_ws
+        .until(|m| matches!(m, ServerMessage::Pong).then_some(()))
+        .await;
+    // By jti too (the application kept only the id), answered with what was stored.
+    let jti = claims(&key, "dev-1", &spare).jti;
+    let (status, v) = roles::call(
+        "POST",
+        &format!("{router}/v1/tokens/revoke"),
+        Some(serde_json::json!({ "jti": jti })),
+    );
+    assert_eq!((status, v["revoked"].as_bool()), (200, Some(true)), "{v}");
+    let code = tokio::time::timeout(Duration::from_secs(15), closing_error(&mut spare_ws))
+        .await
+        .expect("the session of the token revoked by jti was not closed");
+    assert_eq!(code.as_deref(), Some("token_revoked"));
+
+    // Expiry: three sessions on tokens that expire in a few seconds. One refreshes to a longer
+    // token of the same user, one tries another user's token (refused), one does nothing.
+    let (mut stays, _) = Ws::join(&edge0, &sign(&key, &room, "uma", 5))
+        .await
+        .expect("uma joins");
+    let (mut lapses, _) = Ws::join(&edge0, &sign(&key, &room, "vic", 5))
+        .await
+        .expect("vic joins");
+    let (mut cheats, _) = Ws::join(&edge1, &sign(&key, &room, "wes", 5))
+        .await
+        .expect("wes joins");
+    stays
+        .send(serde_json::json!({"type": "refresh_token", "token": sign(&key, &room, "uma", 600)}))
+        .await;
+    let exp = stays
+        .until(|m| match m {
+            ServerMessage::TokenRefreshed { exp } => Some(*exp),
+            ServerMessage::Error { code, message } => panic!("refresh refused: {code} {message}"),
+            _ => None,
+        })
+        .await;
+    assert!(exp > now_unix() + 500);
+    cheats
+        .send(serde_json::json!({"type": "refresh_token", "token": sign(&key, &room, "uma", 600)}))
+        .await;
+    let refused = cheats
+        .until(|m| match m {
+            ServerMessage::Error { code, .. } => Some(code.clone()),
+            ServerMessage::TokenRefreshed { .. } => panic!("another user's token was taken"),
+            _ => None,
+        })
+        .await;
+    assert_eq!(refused, "forbidden");
+    // The unrefreshed sessions are closed once their token is past the grace...
+    for (who, ws) in [("vic", &mut lapses), ("wes", &mut cheats)] {
+        let code = tokio::time::timeout(Duration::from_secs(20), closing_error(ws))
+            .await
+            .unwrap_or_else(|_| panic!("{who}'s expired session was not closed"));
+        assert_eq!(code.as_deref(), Some("token_expired"), "{who}");
+    }
+    // ...and the refreshed one, whose first token expired with theirs, still answers.
+    stays.send(serde_json::json!({"type": "ping"})).await;
+    stays
+        .until(|m| matches!(m, ServerMessage::Pong).then_some(()))
+        .await;
+    drop(mesh);
 }

@@ -1,7 +1,8 @@
 //! Durable room state: an origin (its own process, room state in a real Redis) is killed with
 //! SIGKILL mid-room and started again. The room, its roles, hand queue and bans are intact; the
 //! edges reconnect and re-announce their participants; a speaker publishing through one edge is
-//! heard again through the origin's relay at the other edge.
+//! heard again through the origin's relay at the other edge. Token revocations reach edges that
+//! connect later, also through an origin restarted since.
 
 mod roles;
 mod support;
@@ -191,4 +192,53 @@ async fn a_restarted_origin_keeps_its_rooms_roles_hands_and_bans() {
         restarted.log_text()
     );
     publisher.abort();
+}
+
+/// A token revoked through the router is refused by an edge that connects afterwards (the origin
+/// re-sends its revocations to a new edge), and by an edge that connects to an origin restarted
+/// since (the restarted origin knows nothing: the router re-sends them when its link comes back).
+#[test]
+fn token_revocations_reach_edges_that_connect_later_and_survive_an_origin_restart() {
+    let mesh = RoleMesh::new("revocation-resend", 27_200);
+    let mut origin = mesh.origin(None);
+    let _router = mesh.router_process(None, "");
+    let _us = mesh.edge_process(0, "us-east", "");
+    let (router, us, eu, west) = (mesh.router(), mesh.edge(0), mesh.edge(1), mesh.edge(2));
+    eventually("mesh up", Duration::from_secs(30), || {
+        (support::get_status(&format!("{router}/healthz")) == 200 && edge_connected(&us))
+            .then_some(())
+    });
+    let token = mesh.token("00000000000000aa", amphi_protocol::token::Role::Listener);
+    let refused = |edge: &str| {
+        let (status, v) = call("GET", &format!("{edge}/v1/ws?token={token}"), None);
+        status == 401 && v["error"] == "token_revoked"
+    };
+    assert!(!refused(&us));
+    let (status, v) = call(
+        "POST",
+        &format!("{router}/v1/tokens/revoke"),
+        Some(serde_json::json!({ "token": token })),
+    );
+    assert_eq!((status, v["revoked"].as_bool()), (200, Some(true)), "{v}");
+    eventually("us-east refuses the token", Duration::from_secs(10), || {
+        refused(&us).then_some(())
+    });
+
+    // An edge that connects afterwards hears it from the origin.
+    let _eu = mesh.edge_process(1, "eu-west", "");
+    eventually("eu-west refuses the token", Duration::from_secs(30), || {
+        (edge_connected(&eu) && refused(&eu)).then_some(())
+    });
+
+    // The origin restarts empty; an edge that only ever knew the restarted origin refuses the
+    // token too.
+    origin.signal("KILL");
+    origin
+        .wait_exit(Duration::from_secs(5))
+        .expect("origin died");
+    let _restarted = mesh.origin(None);
+    let _west = mesh.edge_process(2, "us-west", "");
+    eventually("us-west refuses the token", Duration::from_secs(40), || {
+        (edge_connected(&west) && refused(&west)).then_some(())
+    });
 }

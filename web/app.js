@@ -46,7 +46,9 @@ const amphi = {
   sendTx: null, // the send-only transceiver, once created
   mic: null, // MediaStream from getUserMedia
   micError: null,
-  closedReason: null, // kicked | banned | ended | left | failed
+  closedReason: null, // kicked | banned | ended | left | failed | revoked | expired
+  tokenRefreshes: 0, // tokens handed to the edge (refresh_token) and accepted
+  refreshError: null, // why the last token refresh failed, if it did
   notice: "", // text of the banner
   latencyMs: null,
   active: new Map(), // participant id -> RFC 6464 level (0 loud .. 127 silent)
@@ -650,6 +652,8 @@ function connect() {
     if (ev.code === 4001) return onKicked({ id: amphi.me, by: null });
     if (ev.code === 4002) return onEnded({ by: null });
     if (ev.code === 4008) return fail("Disconnected for sending too many messages.");
+    if (ev.code === 4003) return onTokenEnd("token_revoked");
+    if (ev.code === 4004) return onTokenEnd("token_expired");
     closePeer();
     amphi.phase = "connecting";
     if (!joined && amphi.listenMode === "hls") {
@@ -745,6 +749,9 @@ function handle(msg) {
       return onError(msg);
     case "pong":
       return;
+    case "token_refreshed":
+      amphi.tokenRefreshes += 1;
+      return scheduleRefresh();
     case "participant_joined":
       amphi.participants.set(msg.participant.id, msg.participant);
       return render();
@@ -793,6 +800,7 @@ function handle(msg) {
 
 function onSnapshot({ you, state, counts, partial }) {
   amphi.me = you;
+  scheduleRefresh();
   amphi.participants = new Map(state.participants.map((p) => [p.id, p]));
   amphi.counts = counts || null;
   amphi.partial = !!partial;
@@ -889,6 +897,7 @@ function onEnded({ by }) {
 
 function onError({ code, message }) {
   amphi.errors.push({ code, message });
+  if (code === "token_revoked" || code === "token_expired") return onTokenEnd(code);
   if (code === "banned") {
     return close("banned", "You were removed from this room and can't rejoin until it ends.", "error");
   }
@@ -910,8 +919,61 @@ function onError({ code, message }) {
   setTimeout(() => $("#error").textContent.startsWith(friendly[code] || message || code) && showError(""), 6000);
 }
 
+// ---------------------------------------------------------------------------------------------
+// token lifetime: the edge ends a session once its token's `exp` has passed (plus a short grace).
+// Before then the page mints a new token for the same user through the router (the path it
+// joined with) and hands it to the edge (`refresh_token`). Host tokens come with the room and
+// cannot be minted again: a host session lasts its token's lifetime (the router's token_ttl_secs).
+
+let refreshTimer = null;
+/** Seconds before `exp` the token is replaced (at most; a quarter of short lifetimes). */
+const REFRESH_MARGIN_S = 60;
+
+function scheduleRefresh() {
+  clearTimeout(refreshTimer);
+  refreshTimer = null;
+  const c = amphi.claims;
+  if (!c || !c.exp || c.role === "host" || amphi.closedReason) return;
+  const lifetime = Math.max(0, c.exp - (c.iat || c.exp));
+  const margin = Math.min(REFRESH_MARGIN_S, Math.max(1, lifetime / 4));
+  const inMs = Math.max(0, (c.exp - margin) * 1000 - Date.now());
+  refreshTimer = setTimeout(refreshToken, Math.min(inMs, 2 ** 31 - 1));
+}
+
+async function refreshToken() {
+  refreshTimer = null;
+  const c = amphi.claims;
+  if (!c || amphi.closedReason) return;
+  try {
+    const { token } = await api(`/v1/rooms/${amphi.room}/tokens`, {
+      method: "POST",
+      body: JSON.stringify({ role: c.role, name: c.name, user_id: c.sub }),
+    });
+    // Reconnects use the new token too; the edge answers `token_refreshed` (which schedules the
+    // next refresh) or an error.
+    amphi.token = token;
+    amphi.claims = decodeClaims(token);
+    sessionStorage.setItem(`amphi:${amphi.room}`, JSON.stringify({ token }));
+    amphi.refreshError = null;
+    send({ type: "refresh_token", token });
+  } catch (e) {
+    amphi.refreshError = e.message;
+  }
+}
+
+function onTokenEnd(code) {
+  // The saved token is no good any more: a Rejoin mints a new one.
+  sessionStorage.removeItem(`amphi:${amphi.room}`);
+  if (code === "token_revoked") {
+    return close("revoked", "Your access to this room was revoked.", "error");
+  }
+  return close("expired", "Your session expired. Reload the room to rejoin.", "error");
+}
+
 /** Leave the room for good (kicked, banned, ended, left): stop media, show why. */
 function close(reason, text, kind) {
+  clearTimeout(refreshTimer);
+  refreshTimer = null;
   amphi.closedReason = reason;
   amphi.phase = "closed";
   setNotice(text, kind);
@@ -1121,6 +1183,8 @@ async function tokenFor(room) {
 function resetRoomState() {
   clearTimeout(reconnectTimer);
   reconnectTimer = null;
+  clearTimeout(refreshTimer);
+  refreshTimer = null;
   clearInterval(pingTimer);
   if (amphi.ws) {
     const ws = amphi.ws;

@@ -396,6 +396,7 @@ pub(crate) fn refusal_status(code: &str) -> StatusCode {
         "room_ended" | "ended" => StatusCode::GONE,
         "not_found" => StatusCode::NOT_FOUND,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "token_revoked" => StatusCode::UNAUTHORIZED,
         "unavailable" | "capacity" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }
@@ -461,6 +462,7 @@ async fn join_http(
             role: claims.role,
             kind,
         },
+        claims,
         None,
     );
     let mut rx = rx;
@@ -849,7 +851,7 @@ async fn whip_patch(
     let cmd = MediaCommand::Patch {
         session,
         room,
-        jti: claims.jti,
+        claims: Box::new(claims),
         if_match,
         fragment,
         reply,

@@ -17,6 +17,7 @@
 pub mod batch;
 pub mod dtls;
 mod http;
+pub mod leases;
 pub mod lifecycle;
 mod media;
 pub mod mesh;
@@ -210,6 +211,7 @@ pub async fn run_with(
         mesh_tx.clone(),
         media.clone(),
         config.max_token_lifetime_secs,
+        config.token_expiry_grace_secs,
     ));
     tokio::spawn(sessions.clone().tick_loop(inner.clone()));
     // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.

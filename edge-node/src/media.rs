@@ -20,6 +20,7 @@ use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
 use amphi_protocol::relay::{FrameKind, RelayFrame, RELAY_HEADER_LEN};
 use amphi_protocol::room::{ActiveSpeaker, LISTENER_AUDIO_SLOTS};
+use amphi_protocol::token::Claims;
 use amphi_protocol::{ParticipantId, RoomId};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -134,11 +135,13 @@ pub(crate) enum MediaCommand {
         participant: ParticipantId,
         reply: oneshot::Sender<bool>,
     },
-    /// A WHIP/WHEP `PATCH` (RFC 9725 §4.4): trickled candidates or an ICE restart.
+    /// A WHIP/WHEP `PATCH` (RFC 9725 §4.4): trickled candidates or an ICE restart; with a new
+    /// token of the session's user, also a token refresh.
     Patch {
         session: String,
         room: RoomId,
-        jti: String,
+        /// The verified bearer token of the request.
+        claims: Box<Claims>,
         /// The `If-Match` header, if any.
         if_match: Option<String>,
         fragment: IceFragment,
@@ -624,12 +627,12 @@ impl MediaDriver {
             MediaCommand::Patch {
                 session,
                 room,
-                jti,
+                claims,
                 if_match,
                 fragment,
                 reply,
             } => {
-                let outcome = self.patch(&session, room, &jti, if_match.as_deref(), fragment);
+                let outcome = self.patch(&session, room, &claims, if_match.as_deref(), fragment);
                 let _ = reply.send(outcome);
             }
             MediaCommand::Supersede { participant } => {
@@ -846,11 +849,13 @@ impl MediaDriver {
     /// [`crate::sdpfrag::decide_patch`]). An ICE restart re-accepts the session's offer with the
     /// client's new credentials; trickled candidates (also those repeating the current
     /// credentials) need nothing from an ICE-lite edge, which learns addresses from checks.
+    /// A request whose token is not the session's refreshes it (same user and room, same role or
+    /// lower: [`Sessions::refresh`]) before the fragment is applied; another user's is refused.
     fn patch(
         &mut self,
         session: &str,
         room: RoomId,
-        jti: &str,
+        claims: &Claims,
         if_match: Option<&str>,
         fragment: IceFragment,
     ) -> PatchOutcome {
@@ -863,8 +868,14 @@ impl MediaDriver {
         if peer.room != room {
             return PatchOutcome::NotFound;
         }
-        if peer.jti != jti {
-            return PatchOutcome::Forbidden;
+        if peer.jti != claims.jti {
+            let now = crate::http::now_unix();
+            if let Err(r) = self.sessions.refresh(peer.participant, claims, now) {
+                tracing::info!(room = %peer.room, participant = %peer.participant, code = r.code, "token refresh refused");
+                return PatchOutcome::Forbidden;
+            }
+            tracing::info!(room = %peer.room, participant = %peer.participant, "token refreshed");
+            peer.jti = claims.jti.clone();
         }
         let etag = format!(
             "\"{}\"",

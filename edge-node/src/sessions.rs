@@ -2,13 +2,14 @@
 //! messages to the uplink, events to WebSocket clients, join outcomes, media permission changes).
 //! Every output is a non-blocking channel send, so the lock is never held across an await.
 
+use crate::leases::{RefreshError, TokenLeases};
 use crate::mesh::MeshEvent;
 use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, ServerMessage};
-use amphi_protocol::token::{Claims, Revocations};
+use amphi_protocol::token::{Claims, Revocations, RevokedTokens};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -45,6 +46,13 @@ const ACTIVE_SPEAKERS_DEDUP: Duration = Duration::from_millis(200);
 const ACTIVE_SENT_MAX: usize = 4096;
 /// Revoked (room, user) entries an edge holds at most.
 const MAX_REVOCATIONS: usize = 100_000;
+/// Tokens revoked by `jti` an edge holds at most.
+const MAX_REVOKED_TOKENS: usize = 100_000;
+/// The message a session ended by its token's revocation is sent.
+pub(crate) const TOKEN_REVOKED: &str = "token revoked";
+/// The message a session ended by its token's expiry is sent.
+pub(crate) const TOKEN_EXPIRED: &str =
+    "token expired: refresh it before it expires (refresh_token, or PATCH with the new token)";
 
 /// To the media drivers (every shard).
 #[derive(Debug, Clone)]
@@ -63,6 +71,8 @@ struct Inner {
     epoch: u64,
     clients: HashMap<ParticipantId, mpsc::Sender<Outbound>>,
     pending: HashMap<ParticipantId, oneshot::Sender<JoinOutcome>>,
+    /// The token every session lives on (ends it when the token expires or is revoked).
+    leases: TokenLeases,
 }
 
 /// The edge's signaling state, shared by HTTP handlers, the media driver and the uplink.
@@ -78,6 +88,9 @@ pub(crate) struct Sessions {
     /// How long a revocation is kept: the token lifetime cap (every token it covers has
     /// expired by then).
     revocation_secs: u64,
+    /// Single tokens revoked by `jti` (the router's `POST /v1/tokens/revoke`), each until its
+    /// `exp`.
+    revoked_tokens: Mutex<RevokedTokens>,
 }
 
 impl Sessions {
@@ -86,15 +99,18 @@ impl Sessions {
         mesh_tx: mpsc::UnboundedSender<MeshEvent>,
         media: MediaShards,
         revocation_secs: u64,
+        expiry_grace_secs: u64,
     ) -> Self {
         Sessions {
             revoked: Mutex::new(Revocations::new(MAX_REVOCATIONS)),
             revocation_secs,
+            revoked_tokens: Mutex::new(RevokedTokens::new(MAX_REVOKED_TOKENS)),
             inner: Mutex::new(Inner {
                 core: SignalingCore::new(region),
                 epoch: 0,
                 clients: HashMap::new(),
                 pending: HashMap::new(),
+                leases: TokenLeases::new(expiry_grace_secs),
             }),
             mesh_tx,
             media,
@@ -140,6 +156,7 @@ impl Sessions {
                     }
                 }
                 Output::Close { participant, why } => {
+                    inner.leases.close(participant);
                     if let Some(tx) = inner.clients.remove(&participant) {
                         let _ = tx.try_send(Outbound::Close(why));
                     }
@@ -158,16 +175,25 @@ impl Sessions {
         }
     }
 
-    /// Register a participant and ask the authority; the receiver resolves with the outcome.
-    /// `client` receives room events once joined (WebSocket sessions).
+    /// Register a participant, living on the token `claims`, and ask the authority; the
+    /// receiver resolves with the outcome. `client` receives room events once joined (WebSocket
+    /// sessions). A token revoked since its admission check is refused here: the check and the
+    /// lease happen under the lock [`Sessions::revoke_token`] takes to end a token's sessions.
     pub(crate) fn join(
         &self,
         req: JoinRequest,
+        claims: &Claims,
         client: Option<mpsc::Sender<Outbound>>,
     ) -> oneshot::Receiver<JoinOutcome> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
+        if self.is_revoked(claims, crate::http::now_unix()) {
+            let refusal = Refusal::new("token_revoked", TOKEN_REVOKED);
+            let _ = tx.send(JoinOutcome::Refused(refusal));
+            return rx;
+        }
         let pid = req.participant;
+        inner.leases.open(pid, claims);
         inner.pending.insert(pid, tx);
         if let Some(c) = client {
             inner.clients.insert(pid, c);
@@ -182,6 +208,7 @@ impl Sessions {
         let mut inner = self.lock();
         inner.clients.remove(&pid);
         inner.pending.remove(&pid);
+        inner.leases.close(pid);
         let outs = inner.core.leave(pid, Instant::now());
         self.dispatch(&mut inner, outs);
     }
@@ -204,8 +231,8 @@ impl Sessions {
         self.lock().core.list_participants(pid, after, limit)
     }
 
-    /// Send large rooms' changed counts to their clients, every
-    /// [`crate::signaling::COUNTS_EVERY`], until `shutdown`.
+    /// Send large rooms' changed counts to their clients, and end the sessions whose token
+    /// expired (past the grace), every [`crate::signaling::COUNTS_EVERY`] / 2, until `shutdown`.
     pub(crate) async fn tick_loop(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(crate::signaling::COUNTS_EVERY / 2);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -216,6 +243,8 @@ impl Sessions {
                     let mut inner = self.lock();
                     let outs = inner.core.tick(Instant::now());
                     self.dispatch(&mut inner, outs);
+                    drop(inner);
+                    self.expire(crate::http::now_unix());
                 }
             }
         }
@@ -246,12 +275,94 @@ impl Sessions {
         self.dispatch(&mut inner, outs);
     }
 
-    /// Whether the token behind `claims` was revoked.
+    /// Whether the token behind `claims` was revoked: its user (a kick), or the token itself
+    /// (by `jti`).
     pub(crate) fn is_revoked(&self, claims: &Claims, now_unix: u64) -> bool {
         self.revoked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_revoked(claims.room, &claims.sub, now_unix)
+            || self
+                .revoked_tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_revoked(&claims.jti, now_unix)
+    }
+
+    /// The token `jti` is revoked until `until_unix`: refuse it from now on and end the sessions
+    /// living on it (WebSocket: an `error{code:"token_revoked"}` event, then the close; WHIP/WHEP:
+    /// the PeerConnection). A revocation already known (re-sent when a link comes up) changes
+    /// nothing: no session can have opened on that token since.
+    pub(crate) fn revoke_token(&self, jti: &str, until_unix: u64, now_unix: u64) {
+        {
+            let mut revoked = self
+                .revoked_tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            revoked.prune(now_unix);
+            if !revoked.revoke(jti, until_unix, now_unix) {
+                return;
+            }
+        }
+        let mut inner = self.lock();
+        let pids = inner.leases.with_jti(jti);
+        for pid in pids {
+            tracing::info!(participant = %pid, "session ended: its token was revoked");
+            self.end(&mut inner, pid, CloseWhy::TokenRevoked, TOKEN_REVOKED);
+        }
+    }
+
+    /// End the sessions whose token expired more than the grace before `now_unix`.
+    pub(crate) fn expire(&self, now_unix: u64) {
+        let mut inner = self.lock();
+        let pids = inner.leases.expired(now_unix);
+        for pid in pids {
+            tracing::info!(participant = %pid, "session ended: its token expired");
+            self.end(&mut inner, pid, CloseWhy::TokenExpired, TOKEN_EXPIRED);
+        }
+    }
+
+    /// End `pid`'s session for `why`: a pending join is refused, a WebSocket client is sent
+    /// an `error` event (code [`CloseWhy::code`]) before its close, the participant leaves.
+    fn end(&self, inner: &mut Inner, pid: ParticipantId, why: CloseWhy, message: &str) {
+        let code = why.code();
+        let mut outs = vec![
+            Output::JoinRefused {
+                participant: pid,
+                refusal: Refusal::new(code, message),
+            },
+            Output::ToClient(
+                pid,
+                ServerMessage::Error {
+                    code: code.into(),
+                    message: message.into(),
+                },
+            ),
+        ];
+        outs.extend(inner.core.leave(pid, Instant::now()));
+        outs.push(Output::Close {
+            participant: pid,
+            why,
+        });
+        self.dispatch(inner, outs);
+    }
+
+    /// Move `pid`'s session to the verified token `claims` (a refresh before expiry): refused
+    /// when the token is revoked, or names another user or room, or a higher role.
+    pub(crate) fn refresh(
+        &self,
+        pid: ParticipantId,
+        claims: &Claims,
+        now_unix: u64,
+    ) -> Result<(), Refusal> {
+        if self.is_revoked(claims, now_unix) {
+            return Err(Refusal::new("token_revoked", TOKEN_REVOKED));
+        }
+        self.lock()
+            .leases
+            .refresh(pid, claims)
+            .map(|_| ())
+            .map_err(|e: RefreshError| Refusal::new(e.code(), e.to_string()))
     }
 
     /// A link to an origin is up and `rooms` are to be announced on it: the new epoch (messages

@@ -63,6 +63,25 @@ pub enum CloseWhy {
     /// The authority refused the participant's join after its session had started (an answer
     /// that came after the edge stopped waiting, or a refused re-join after a reconnect).
     Refused,
+    /// The token the session lives on was revoked by `jti`.
+    TokenRevoked,
+    /// The token the session lives on expired (past the grace) and was not refreshed.
+    TokenExpired,
+}
+
+impl CloseWhy {
+    /// The code of the `error` event a WebSocket client is sent before the close (token
+    /// ends only; other closes follow a room event).
+    pub fn code(self) -> &'static str {
+        match self {
+            CloseWhy::Kicked => "kicked",
+            CloseWhy::Ended => "room_ended",
+            CloseWhy::Removed => "removed",
+            CloseWhy::Refused => "refused",
+            CloseWhy::TokenRevoked => "token_revoked",
+            CloseWhy::TokenExpired => "token_expired",
+        }
+    }
 }
 
 /// Something the driver must carry out.

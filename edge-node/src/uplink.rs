@@ -251,6 +251,11 @@ impl Uplink {
                 tracing::info!(%room, "origin revoked a user's tokens");
                 self.sessions.revoke(room, &user, crate::http::now_unix());
             }
+            ControlMessage::RevokeToken { jti, until } => {
+                tracing::info!("origin revoked a token");
+                self.sessions
+                    .revoke_token(&jti, until, crate::http::now_unix());
+            }
             ControlMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "origin reported an error");
             }

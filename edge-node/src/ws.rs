@@ -42,6 +42,10 @@ pub const CLOSE_KICKED: u16 = 4001;
 pub const CLOSE_ENDED: u16 = 4002;
 /// Close code for a flooding client.
 pub const CLOSE_FLOOD: u16 = 4008;
+/// Close code when the session's token was revoked (by `jti`).
+pub const CLOSE_TOKEN_REVOKED: u16 = 4003;
+/// Close code when the session's token expired and was not refreshed.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4004;
 
 /// `?token=` of the upgrade request.
 #[derive(Deserialize)]
@@ -160,6 +164,7 @@ fn to_command(msg: ClientMessage) -> Option<RoomCommand> {
         ClientMessage::Join
         | ClientMessage::Offer { .. }
         | ClientMessage::Ping
+        | ClientMessage::RefreshToken { .. }
         | ClientMessage::ListParticipants { .. } => return None,
     })
 }
@@ -244,6 +249,8 @@ impl Session {
                             CloseWhy::Ended => (CLOSE_ENDED, "room ended"),
                             CloseWhy::Removed => (1000, "removed"),
                             CloseWhy::Refused => (1008, "join refused"),
+                            CloseWhy::TokenRevoked => (CLOSE_TOKEN_REVOKED, "token revoked"),
+                            CloseWhy::TokenExpired => (CLOSE_TOKEN_EXPIRED, "token expired"),
                         };
                         // The participant is gone from the room already.
                         self.registered = false;
@@ -279,6 +286,7 @@ impl Session {
             ClientMessage::Join => return self.join(socket, tx).await,
             _ if !self.joined => Some(error("not_joined", "send join first")),
             ClientMessage::Offer { sdp } => Some(self.offer(sdp).await),
+            ClientMessage::RefreshToken { token } => Some(self.refresh(&token)),
             ClientMessage::ListParticipants { after, limit } => {
                 let pid = self.pid.expect("joined participants have an id");
                 Some(
@@ -331,6 +339,7 @@ impl Session {
                 role: self.claims.role,
                 kind: SessionKind::WebSocket,
             },
+            &self.claims,
             tx.take(),
         );
         match tokio::time::timeout(JOIN_TIMEOUT, rx).await {
@@ -360,6 +369,28 @@ impl Session {
                 .await;
                 Next::Close(1011, "join timed out")
             }
+        }
+    }
+
+    /// `refresh_token`: the session moves to the new token (same user and room, same role or
+    /// lower) and ends at the new token's expiry instead.
+    fn refresh(&mut self, token: &str) -> ServerMessage {
+        let pid = self.pid.expect("joined participants have an id");
+        let now = now_unix();
+        let claims = match self.st.tokens.verify(token, now) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(reason = %e, "refreshed websocket token refused");
+                return error("unauthorized", format!("invalid token: {e}"));
+            }
+        };
+        match self.st.sessions.refresh(pid, &claims, now) {
+            Ok(()) => {
+                let exp = claims.exp;
+                self.claims = claims;
+                ServerMessage::TokenRefreshed { exp }
+            }
+            Err(r) => error(r.code, r.message),
         }
     }
 

@@ -959,3 +959,142 @@ async fn red_recovers_a_publishers_lost_packets_before_the_relay() {
     publisher.close().await.expect("DELETE answers 200");
     edge.stop().await;
 }
+
+/// WHIP sessions live on their token: one whose token is revoked by `jti` (the origin's
+/// `revoke_token`) ends at once and the token is refused; one whose token expires ends after the
+/// grace; one that `PATCH`ed a new token of the same user first stays (and answers to the new
+/// token), while a new token of another user or a higher role is refused 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
+    let pki = DevPki::generate().unwrap();
+    let origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
+    let router = start_router().await;
+    let opts = EdgeOpts {
+        token_expiry_grace_secs: 1,
+        ..EdgeOpts::default()
+    };
+    let edge = start_edge_with(&pki, origin.addr, router, opts).await;
+    // Publishing needs the room authority: wait for the origin link.
+    for _ in 0..100 {
+        if metric(&edge, "amphi_edge_origin_connected").await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = |user: &str, role: Role, ttl: u64| {
+        let now = now_unix();
+        let jti = format!("jti-{user}-{}", rand::random::<u32>());
+        let t = edge.signer.sign(&Claims {
+            sub: user.into(),
+            name: user.into(),
+            room: LIVE_ROOM,
+            role,
+            iat: now,
+            exp: now + ttl,
+            jti: jti.clone(),
+        });
+        (format!("Bearer {t}"), jti)
+    };
+    let offer = valid_offer().await;
+    let mut sessions = Vec::new();
+    let mut tokens = Vec::new();
+    for user in ["ann", "bob", "cal"] {
+        let (auth, jti) = token(user, Role::Speaker, 5);
+        let r = request(
+            &edge.whip_url(LIVE_ROOM),
+            "POST",
+            &[
+                ("content-type", "application/sdp"),
+                ("authorization", &auth),
+            ],
+            &offer,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.0, 201, "{}", r.2);
+        sessions.push(format!(
+            "{}{}",
+            edge.base(),
+            r.1["location"].to_str().unwrap()
+        ));
+        tokens.push((auth, jti));
+    }
+    let patch = |url: String, auth: String| async move {
+        request(
+            &url,
+            "PATCH",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/trickle-ice-sdpfrag"),
+                ("if-match", "*"),
+            ],
+            "",
+        )
+        .await
+        .unwrap()
+    };
+    // Another user's token tells a live session (403) from a gone one (404).
+    let (probe, _) = token("probe", Role::Listener, 600);
+    let gone = |url: String| {
+        let probe = probe.clone();
+        async move {
+            for _ in 0..100 {
+                match patch(url.clone(), probe.clone()).await.0 {
+                    404 => return true,
+                    403 => tokio::time::sleep(Duration::from_millis(100)).await,
+                    other => panic!("probe answered {other}"),
+                }
+            }
+            false
+        }
+    };
+
+    // cal's token is revoked by jti: the session ends, the token is refused.
+    origin
+        .to_edge
+        .send(ControlMessage::RevokeToken {
+            jti: tokens[2].1.clone(),
+            until: now_unix() + 600,
+        })
+        .unwrap();
+    assert!(
+        gone(sessions[2].clone()).await,
+        "the revoked session stayed"
+    );
+    let r = request(
+        &edge.whip_url(LIVE_ROOM),
+        "POST",
+        &[
+            ("content-type", "application/sdp"),
+            ("authorization", &tokens[2].0),
+        ],
+        &offer,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.0, api_error(&r.2).error.as_str()),
+        (401, "token_revoked")
+    );
+
+    // ann refreshes with a new token of hers; bob's higher-role token is refused.
+    let (ann_new, _) = token("ann", Role::Speaker, 600);
+    let r = patch(sessions[0].clone(), ann_new.clone()).await;
+    assert_eq!(r.0, 204, "{}", r.2);
+    let (bob_host, _) = token("bob", Role::Host, 600);
+    let r = patch(sessions[1].clone(), bob_host).await;
+    assert_eq!(r.0, 403, "{}", r.2);
+
+    // bob's session ends once his token is past the grace; ann's stays on her new token.
+    assert!(
+        gone(sessions[1].clone()).await,
+        "the expired session stayed"
+    );
+    let r = patch(sessions[0].clone(), probe.clone()).await;
+    assert_eq!(r.0, 403, "ann's session is still there: {}", r.2);
+    let r = request(&sessions[0], "DELETE", &[("authorization", &ann_new)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.0, 200, "{}", r.2);
+    edge.stop().await;
+}

@@ -1,12 +1,16 @@
-//! The geo-router's room-creation and token-mint JSON bodies (`POST /v1/rooms`,
-//! `POST /v1/rooms/{id}/tokens`), generated field by field (missing, wrongly typed, unknown,
+//! The geo-router's room-creation, token-mint and token-revocation JSON bodies (`POST /v1/rooms`,
+//! `POST /v1/rooms/{id}/tokens`, `POST /v1/tokens/revoke`), generated field by field (missing, wrongly typed, unknown,
 //! huge, blank, control characters, far-future schedules, user ids with spaces or banned) and as
 //! raw bytes. A body is either accepted with every field within its limits, or refused with a
 //! code and a message that serialize as the JSON error body; nothing panics.
 #![no_main]
-use amphi_geo_router::bodies::{create_room, mint_token, Refusal, MAX_SCHEDULE_AHEAD_SECS};
-use amphi_protocol::api::{valid_user_id, ApiError, RoomStatus, MAX_NAME_CHARS, MAX_TITLE_CHARS};
-use amphi_protocol::token::Role;
+use amphi_geo_router::bodies::{
+    create_room, mint_token, revoke_token, Refusal, MAX_SCHEDULE_AHEAD_SECS,
+};
+use amphi_protocol::api::{
+    valid_user_id, ApiError, RoomStatus, MAX_JTI_BYTES, MAX_NAME_CHARS, MAX_TITLE_CHARS,
+};
+use amphi_protocol::token::{Role, TokenVerifier};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
@@ -146,6 +150,20 @@ fn check_mint(bytes: &[u8], dev_mode: bool, banned: Option<&str>) {
     }
 }
 
+fn check_revoke(bytes: &[u8], now: u64) {
+    let verifier = TokenVerifier::default();
+    match revoke_token(bytes, &verifier, now) {
+        Ok(r) => {
+            assert!(!r.jti.is_empty() && r.jti.len() <= MAX_JTI_BYTES);
+            assert!(r.until <= now + verifier.max_lifetime());
+        }
+        Err(e) => {
+            assert_eq!(e.refusal, Refusal::BadRequest);
+            check_refusal(e.code, &e.message)
+        }
+    }
+}
+
 fuzz_target!(|input: Input| {
     let now = 1_700_000_000 + u64::from(input.now_offset);
     let create = body(
@@ -174,4 +192,15 @@ fuzz_target!(|input: Input| {
     };
     check_mint(&mint, input.dev_mode, banned.as_deref());
     check_mint(&input.raw, input.dev_mode, banned.as_deref());
+    // Revocation: `jti` and `exp`, or a `token` (never valid here: no key is known).
+    let revoke = body(
+        &[
+            ("jti", &input.user_id),
+            ("exp", &input.scheduled_at),
+            ("token", &input.name),
+        ],
+        &input.extra,
+    );
+    check_revoke(&revoke, now);
+    check_revoke(&input.raw, now);
 });

@@ -1,14 +1,15 @@
 //! The JSON bodies of the room API, checked before anything is stored or signed (sans-IO):
-//! `POST /v1/rooms` ([`create_room`]) and `POST /v1/rooms/{id}/tokens` ([`mint_token`]). Every
+//! `POST /v1/rooms` ([`create_room`]), `POST /v1/rooms/{id}/tokens` ([`mint_token`]) and
+//! `POST /v1/tokens/revoke` ([`revoke_token`]). Every
 //! refusal is answered with its [`Refusal`] status and a JSON [`amphi_protocol::api::ApiError`]
 //! body of its code and message.
 
 use crate::directory::RoomEntry;
 use amphi_protocol::api::{
-    valid_user_id, CreateRoomRequest, MintTokenRequest, MAX_NAME_CHARS, MAX_TITLE_CHARS,
-    MAX_USER_ID_BYTES,
+    valid_user_id, CreateRoomRequest, MintTokenRequest, RevokeTokenRequest, MAX_JTI_BYTES,
+    MAX_NAME_CHARS, MAX_TITLE_CHARS, MAX_USER_ID_BYTES,
 };
-use amphi_protocol::token::Role;
+use amphi_protocol::token::{Role, TokenError, TokenVerifier};
 use serde::de::DeserializeOwned;
 
 /// Furthest ahead a room may be scheduled (one year).
@@ -156,9 +157,117 @@ pub fn mint_token(
     Ok(req)
 }
 
+/// A token to revoke: its `jti`, refused until `until` (Unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRevocation {
+    /// The token's `jti`.
+    pub jti: String,
+    /// Its `exp`, at most the lifetime cap from now (no valid token lives longer).
+    pub until: u64,
+}
+
+/// Check a `POST /v1/tokens/revoke` body at `now_unix`: either `token` (verified by `verifier`:
+/// a forged or expired one is refused `400 bad_token`), or a `jti` with an optional `exp`
+/// (default and cap: `verifier`'s lifetime cap from now). `until` may be in the past (nothing
+/// left to refuse).
+pub fn revoke_token(
+    bytes: &[u8],
+    verifier: &TokenVerifier,
+    now_unix: u64,
+) -> Result<TokenRevocation, BodyError> {
+    let req: RevokeTokenRequest = parse(bytes)?;
+    let cap = now_unix.saturating_add(verifier.max_lifetime());
+    match (req.token, req.jti) {
+        (Some(token), None) => {
+            if req.exp.is_some() {
+                return Err(refuse("bad_field", "exp goes with jti, not with token"));
+            }
+            let claims = verifier.verify(&token, now_unix).map_err(|e| {
+                let message = match e {
+                    TokenError::Expired => "the token already expired".to_string(),
+                    e => format!("invalid token: {e}"),
+                };
+                refuse("bad_token", message)
+            })?;
+            Ok(TokenRevocation {
+                jti: claims.jti,
+                until: claims.exp.min(cap),
+            })
+        }
+        (None, Some(jti)) => {
+            if jti.is_empty() || jti.len() > MAX_JTI_BYTES || jti.chars().any(char::is_control) {
+                return Err(refuse(
+                    "bad_field",
+                    format!("jti must be 1..={MAX_JTI_BYTES} bytes without control characters"),
+                ));
+            }
+            Ok(TokenRevocation {
+                jti,
+                until: req.exp.unwrap_or(cap).min(cap),
+            })
+        }
+        _ => Err(refuse("bad_field", "give either token or jti (with exp)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revocation_names_one_token_until_its_expiry() {
+        let signer = amphi_protocol::token::TokenSigner::generate("k1");
+        let mut v = signer.verifier();
+        v.set_max_lifetime(3600);
+        let claims = amphi_protocol::token::Claims {
+            sub: "u".into(),
+            name: "U".into(),
+            room: amphi_protocol::RoomId(1),
+            role: Role::Listener,
+            iat: NOW,
+            exp: NOW + 600,
+            jti: "j-1".into(),
+        };
+        let token = signer.sign(&claims);
+        let body = serde_json::json!({ "token": token }).to_string();
+        assert_eq!(
+            revoke_token(body.as_bytes(), &v, NOW + 1),
+            Ok(TokenRevocation {
+                jti: "j-1".into(),
+                until: NOW + 600
+            })
+        );
+        assert_eq!(
+            revoke_token(body.as_bytes(), &v, NOW + 600)
+                .unwrap_err()
+                .code,
+            "bad_token",
+            "expired"
+        );
+        let forged = signer.sign(&claims).replace('.', ".x");
+        let body = serde_json::json!({ "token": forged }).to_string();
+        assert_eq!(
+            revoke_token(body.as_bytes(), &v, NOW).unwrap_err().code,
+            "bad_token"
+        );
+        let r = revoke_token(br#"{"jti":"j-2","exp":1}"#, &v, NOW).unwrap();
+        assert_eq!((r.jti.as_str(), r.until), ("j-2", 1));
+        let r = revoke_token(br#"{"jti":"j-2"}"#, &v, NOW).unwrap();
+        assert_eq!(r.until, NOW + 3600, "the cap by default");
+        let r = revoke_token(br#"{"jti":"j-2","exp":18446744073709551615}"#, &v, NOW).unwrap();
+        assert_eq!(r.until, NOW + 3600, "and at most the cap");
+        for bad in [
+            r#"{}"#.to_string(),
+            r#"{"jti":""}"#.to_string(),
+            format!(r#"{{"jti":"{}"}}"#, "x".repeat(MAX_JTI_BYTES + 1)),
+            r#"{"jti":"a\u0000"}"#.to_string(),
+            format!(r#"{{"jti":"j","token":"{token}"}}"#),
+            format!(r#"{{"token":"{token}","exp":5}}"#),
+            r#"{"jti":"j","other":1}"#.to_string(),
+        ] {
+            assert!(revoke_token(bad.as_bytes(), &v, NOW).is_err(), "{bad}");
+        }
+    }
 
     const NOW: u64 = 1_700_000_000;
 

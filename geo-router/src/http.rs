@@ -21,7 +21,8 @@ use crate::select::{
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_protocol::api::{
-    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RoomStatus, TokenResponse,
+    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RevokeTokenResponse, RoomStatus,
+    TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};
@@ -577,6 +578,37 @@ async fn mint_token(
     .into_response())
 }
 
+/// `POST /v1/tokens/revoke` (API key, `app` scope): the token (or its `jti`) is refused from now
+/// until its `exp`. Stored (Redis: a key expiring with the token) and sent to every origin,
+/// which passes it to every edge: edges refuse it on WebSocket, WHIP and WHEP and end the
+/// sessions it opened.
+async fn revoke_token(
+    State(s): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer {
+    let bytes = s
+        .signed_body(&method, &uri, &headers, body, MAX_BODY, ApiScope::App)
+        .await?;
+    let now = now_unix();
+    let r = bodies::revoke_token(&bytes, &s.verifier, now)?;
+    let revoked = r.until > now;
+    if revoked {
+        s.store.revoke_token(r.jti.clone(), r.until, now).await?;
+        let origins = s.links.revoke_token(&r.jti, r.until);
+        s.metrics.tokens_revoked.inc();
+        tracing::info!(until = r.until, origins, "token revoked through the API");
+    }
+    Ok(Json(RevokeTokenResponse {
+        jti: r.jti,
+        until: r.until,
+        revoked,
+    })
+    .into_response())
+}
+
 /// `POST /v1/rooms/{id}/end`: the room's host (Bearer host token) or an API key ends it.
 async fn end_room(
     State(s): State<Shared>,
@@ -611,6 +643,13 @@ async fn end_room(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "only this room's host may end it",
+            ));
+        }
+        if s.store.is_token_revoked(claims.jti, now_unix()).await? {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "token_revoked",
+                "this token was revoked",
             ));
         }
     }
@@ -654,6 +693,23 @@ async fn end_room(
 async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEvent>) {
     while let Some(ev) = rx.recv().await {
         match ev {
+            OriginEvent::LinkUp { origin } => {
+                // The origin may have restarted (it forgets), or missed revocations made while
+                // the link was down and queued on another replica: send every live one.
+                match s.store.revoked_tokens(now_unix()).await {
+                    Ok(list) => {
+                        for (jti, until) in &list {
+                            s.links.revoke_token_at(&origin, jti, *until);
+                        }
+                        if !list.is_empty() {
+                            tracing::info!(%origin, count = list.len(), "token revocations re-sent");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%origin, error = %e, "cannot list token revocations")
+                    }
+                }
+            }
             OriginEvent::Revoked { room, user } => {
                 let now = now_unix();
                 let mut revoked = s.revoked.lock().unwrap_or_else(|e| e.into_inner());
@@ -1159,6 +1215,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/rooms/{id}"),
     ("post", "/v1/rooms/{id}/tokens"),
     ("post", "/v1/rooms/{id}/end"),
+    ("post", "/v1/tokens/revoke"),
     ("get", "/v1/rooms/{id}/recording"),
     ("get", "/v1/route"),
     ("get", "/v1/edges"),
@@ -1177,6 +1234,7 @@ fn app(state: Shared) -> Router {
         .route("/v1/rooms/{id}", get(get_room))
         .route("/v1/rooms/{id}/tokens", post(mint_token))
         .route("/v1/rooms/{id}/end", post(end_room))
+        .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/rooms/{id}/recording", get(recording))
         .route("/v1/route", get(route))
         .route("/v1/edges", get(list_edges))

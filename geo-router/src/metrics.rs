@@ -65,6 +65,8 @@ pub struct Metrics {
     pub rooms_created: Counter,
     /// Tokens minted.
     pub tokens_minted: Counter,
+    /// Tokens revoked through `POST /v1/tokens/revoke`.
+    pub tokens_revoked: Counter,
     /// Route requests answered with an edge.
     pub routes: Counter,
     /// Of those, clients placed by GeoIP.
@@ -108,6 +110,10 @@ impl Default for Metrics {
             "Rooms created through the API",
         );
         let tokens_minted = r.counter("amphi_router_tokens_minted", "Join tokens minted");
+        let tokens_revoked = r.counter(
+            "amphi_router_tokens_revoked",
+            "Tokens revoked through POST /v1/tokens/revoke",
+        );
         let routes = r.counter(
             "amphi_router_routes",
             "Route requests answered with an edge",
@@ -190,6 +196,7 @@ impl Default for Metrics {
             http_limits,
             rooms_created,
             tokens_minted,
+            tokens_revoked,
             routes,
             routes_located,
             routes_hls,

@@ -62,6 +62,11 @@ pub enum OriginEvent {
         /// Which origin said so.
         origin: String,
     },
+    /// The link to `origin` came up (the router re-sends its token revocations).
+    LinkUp {
+        /// The origin's id.
+        origin: String,
+    },
     /// An origin revoked a user's tokens for a room (the user was kicked).
     Revoked {
         /// The room.
@@ -71,11 +76,33 @@ pub enum OriginEvent {
     },
 }
 
-/// Handle to every origin link: routes room ends to the owning origin.
+/// What the router tells an origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ToOrigin {
+    /// The room ended through the REST API.
+    End(RoomId),
+    /// A token was revoked through the REST API.
+    RevokeToken { jti: String, until: u64 },
+}
+
+impl ToOrigin {
+    fn message(&self) -> ControlMessage {
+        match self {
+            ToOrigin::End(room) => ControlMessage::RoomEnded { room: *room },
+            ToOrigin::RevokeToken { jti, until } => ControlMessage::RevokeToken {
+                jti: jti.clone(),
+                until: *until,
+            },
+        }
+    }
+}
+
+/// Handle to every origin link: routes room ends to the owning origin, token revocations to
+/// every origin.
 #[derive(Clone)]
 pub struct OriginLinks {
     health: Arc<Mutex<OriginHealth>>,
-    senders: Arc<HashMap<String, mpsc::UnboundedSender<RoomId>>>,
+    senders: Arc<HashMap<String, mpsc::UnboundedSender<ToOrigin>>>,
     connected: Arc<AtomicUsize>,
 }
 
@@ -172,9 +199,32 @@ impl OriginLinks {
     pub fn end_room(&self, room: RoomId) -> Option<String> {
         let origin = self.origin_of(room)?;
         if let Some(tx) = self.senders.get(&origin) {
-            let _ = tx.send(room);
+            let _ = tx.send(ToOrigin::End(room));
         }
         Some(origin)
+    }
+
+    /// Tell every origin (queued while a link is down) that the token `jti` is revoked until
+    /// `until`; each passes it to all its edges. Returns how many origins it was sent to.
+    pub fn revoke_token(&self, jti: &str, until: u64) -> usize {
+        for tx in self.senders.values() {
+            let _ = tx.send(ToOrigin::RevokeToken {
+                jti: jti.to_string(),
+                until,
+            });
+        }
+        self.senders.len()
+    }
+
+    /// Tell origin `origin` (its link just came up) that the token `jti` is revoked until
+    /// `until`.
+    pub fn revoke_token_at(&self, origin: &str, jti: &str, until: u64) {
+        if let Some(tx) = self.senders.get(origin) {
+            let _ = tx.send(ToOrigin::RevokeToken {
+                jti: jti.to_string(),
+                until,
+            });
+        }
     }
 
     /// The origin that owns `room` now (rendezvous hashing over the healthy origins).
@@ -194,9 +244,9 @@ struct Link {
     router_id: String,
     region: String,
     origin: OriginEndpoint,
-    ends: mpsc::UnboundedReceiver<RoomId>,
-    /// Room ends not yet written to a live connection.
-    pending: VecDeque<RoomId>,
+    ends: mpsc::UnboundedReceiver<ToOrigin>,
+    /// Room ends and revocations not yet written to a live connection.
+    pending: VecDeque<ToOrigin>,
     events: mpsc::UnboundedSender<OriginEvent>,
     connected: Arc<AtomicUsize>,
     health: Arc<Mutex<OriginHealth>>,
@@ -208,11 +258,11 @@ enum SessionEnd {
 }
 
 impl Link {
-    fn queue(&mut self, room: RoomId) {
+    fn queue(&mut self, msg: ToOrigin) {
         if self.pending.len() >= MAX_PENDING {
             self.pending.pop_front();
         }
-        self.pending.push_back(room);
+        self.pending.push_back(msg);
     }
 
     async fn run(mut self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
@@ -262,7 +312,7 @@ impl Link {
                         return;
                     }
                     r = self.ends.recv() => match r {
-                        Some(room) => self.queue(room),
+                        Some(msg) => self.queue(msg),
                         None => return,
                     },
                     _ = tokio::time::sleep_until(retry_at.into()) => break,
@@ -295,19 +345,25 @@ impl Link {
         let mut buf = vec![0u8; 4096];
         let mut welcomed = false;
         loop {
-            // Flush pending ends once the origin has welcomed us.
-            while let Some(&room) = self.pending.front().filter(|_| welcomed) {
-                let msg = ControlMessage::RoomEnded { room };
-                if let Err(e) = send.write_all(&msg.to_record()).await {
+            // Flush pending messages once the origin has welcomed us.
+            while let Some(next) = self.pending.front().filter(|_| welcomed) {
+                if let Err(e) = send.write_all(&next.message().to_record()).await {
                     return SessionEnd::Lost(e.to_string());
                 }
-                tracing::info!(%room, origin = %self.origin.id, "room end sent to origin");
+                match next {
+                    ToOrigin::End(room) => {
+                        tracing::info!(%room, origin = %self.origin.id, "room end sent to origin")
+                    }
+                    ToOrigin::RevokeToken { .. } => {
+                        tracing::info!(origin = %self.origin.id, "token revocation sent to origin")
+                    }
+                }
                 self.pending.pop_front();
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 r = self.ends.recv() => match r {
-                    Some(room) => self.queue(room),
+                    Some(msg) => self.queue(msg),
                     None => return SessionEnd::Shutdown,
                 },
                 r = recv.read(&mut buf) => match r {
@@ -324,6 +380,9 @@ impl Link {
                                             .unwrap_or_else(|e| e.into_inner())
                                             .link_up(&self.origin.id, Instant::now());
                                         tracing::info!(%origin, "origin welcomed router");
+                                        let _ = self.events.send(OriginEvent::LinkUp {
+                                            origin: self.origin.id.clone(),
+                                        });
                                     }
                                     ControlMessage::RoomEnded { room } => {
                                         tracing::info!(%room, origin = %self.origin.id, "origin reports room ended");

@@ -164,6 +164,14 @@ pub trait Store: Send + Sync {
     fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool>;
     /// Refresh the local registry view from the shared backend (nothing to do in memory).
     fn sync(&self, now: Now) -> StoreFuture<'_, ()>;
+    /// Revoke the single token `jti` until `until_unix` (its `exp`; in Redis a key whose TTL
+    /// ends then, shared by every replica).
+    fn revoke_token(&self, jti: String, until_unix: u64, now_unix: u64) -> StoreFuture<'_, ()>;
+    /// Whether the token `jti` is revoked at `now_unix`.
+    fn is_token_revoked(&self, jti: String, now_unix: u64) -> StoreFuture<'_, bool>;
+    /// Every token revocation in force at `now_unix`: (jti, until). Re-sent to an origin whose
+    /// link comes up.
+    fn revoked_tokens(&self, now_unix: u64) -> StoreFuture<'_, Vec<(String, u64)>>;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -193,6 +201,7 @@ pub struct MemoryStore {
     directory: Mutex<Directory>,
     registry: RwLock<Registry>,
     claimed: Mutex<BTreeSet<(&'static str, RoomId)>>,
+    revoked: Mutex<amphi_protocol::token::RevokedTokens>,
 }
 
 impl MemoryStore {
@@ -202,6 +211,7 @@ impl MemoryStore {
             directory: Mutex::new(Directory::default()),
             registry: RwLock::new(Registry::with_static(static_edges)),
             claimed: Mutex::new(BTreeSet::new()),
+            revoked: Mutex::new(Default::default()),
         }
     }
 }
@@ -296,6 +306,26 @@ impl Store for MemoryStore {
 
     fn sync(&self, _now: Now) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn revoke_token(&self, jti: String, until_unix: u64, now_unix: u64) -> StoreFuture<'_, ()> {
+        let mut r = lock(&self.revoked);
+        r.prune(now_unix);
+        r.revoke(&jti, until_unix, now_unix);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn is_token_revoked(&self, jti: String, now_unix: u64) -> StoreFuture<'_, bool> {
+        let revoked = lock(&self.revoked).is_revoked(&jti, now_unix);
+        Box::pin(async move { Ok(revoked) })
+    }
+
+    fn revoked_tokens(&self, now_unix: u64) -> StoreFuture<'_, Vec<(String, u64)>> {
+        let list = lock(&self.revoked)
+            .live(now_unix)
+            .map(|(jti, until)| (jti.to_string(), until))
+            .collect();
+        Box::pin(async move { Ok(list) })
     }
 }
 
@@ -1073,6 +1103,71 @@ impl Store for RedisStore {
                 .query_async(&mut c)
                 .await?;
             Ok(set.is_some())
+        })
+    }
+
+    fn revoke_token(&self, jti: String, until_unix: u64, now_unix: u64) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            if until_unix <= now_unix {
+                return Ok(());
+            }
+            let call = async {
+                let mut c = self.conn();
+                // The key expires with the token; the index lists them for link re-sends.
+                redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(self.key(format!("revoked:{jti}")))
+                    .arg(until_unix)
+                    .arg("EX")
+                    .arg(until_unix - now_unix)
+                    .ignore()
+                    .cmd("ZADD")
+                    .arg(self.key("revoked"))
+                    .arg(until_unix)
+                    .arg(&jti)
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(self.key("revoked"))
+                    .arg("-inf")
+                    .arg(now_unix)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await?;
+                Ok(())
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn is_token_revoked(&self, jti: String, _now_unix: u64) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let revoked: bool = redis::cmd("EXISTS")
+                    .arg(self.key(format!("revoked:{jti}")))
+                    .query_async(&mut c)
+                    .await?;
+                Ok(revoked)
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn revoked_tokens(&self, now_unix: u64) -> StoreFuture<'_, Vec<(String, u64)>> {
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let flat: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.key("revoked"))
+                    .arg(format!("({now_unix}"))
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await?;
+                Ok(flat)
+            };
+            self.guarded(call).await
         })
     }
 

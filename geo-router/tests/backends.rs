@@ -186,6 +186,27 @@ async fn store_contract(store: &dyn Store) {
         store.idle_rooms(expiry, t + 600, 10).await.unwrap(),
         vec![b]
     );
+
+    // Token revocations: each until its token's expiry (Redis expires the key then), listed for
+    // the re-sends to origins.
+    let s = unix_now();
+    store.revoke_token("j1".into(), s + 600, s).await.unwrap();
+    store.revoke_token("old".into(), s - 1, s).await.unwrap();
+    assert!(store.is_token_revoked("j1".into(), s).await.unwrap());
+    assert!(!store.is_token_revoked("j2".into(), s).await.unwrap());
+    assert!(!store.is_token_revoked("old".into(), s).await.unwrap());
+    assert_eq!(
+        store.revoked_tokens(s).await.unwrap(),
+        vec![("j1".to_string(), s + 600)]
+    );
+    assert!(store.revoked_tokens(s + 600).await.unwrap().is_empty());
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 #[tokio::test]
@@ -198,6 +219,14 @@ async fn store_contract_in_redis() {
     let url = redis_db(1);
     let store = RedisStore::connect(&url, "contract:", &[]).await.unwrap();
     store_contract(&store).await;
+    // A revoked token's key lives as long as the token.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("contract:revoked:j1")
+        .query(&mut c)
+        .unwrap();
+    assert!((590..=600).contains(&ttl), "TTL {ttl}");
     // A second store on the same Redis sees the edges after one sync (nothing local).
     let other = RedisStore::connect(&url, "contract:", &[]).await.unwrap();
     assert!(other.registry().read().unwrap().knows("e1"));

@@ -125,6 +125,9 @@ struct HubState {
     edges: HashMap<u64, EdgeLink>,
     /// Geo-routers, told when a room ends.
     routers: HashMap<u64, PeerSender>,
+    /// Single tokens the routers revoked by `jti` (until their `exp`): passed to every edge,
+    /// and to each edge that connects later.
+    revoked_tokens: amphi_protocol::token::RevokedTokens,
     /// The room authority.
     rooms: Rooms,
     /// The edge connection that announced each participant (its `Leave` on disconnect).
@@ -166,6 +169,20 @@ impl HubState {
         }
         for control in self.routers.values() {
             let _ = control.send(msg.clone());
+        }
+    }
+
+    /// A geo-router revoked the token `jti` until `until`: remember it and tell every edge
+    /// (once per revocation: a router re-sends its list when its link comes up).
+    fn revoke_token(&mut self, jti: String, until: u64) {
+        let now = unix_ms() / 1000;
+        self.revoked_tokens.prune(now);
+        if !self.revoked_tokens.revoke(&jti, until, now) {
+            return;
+        }
+        let msg = ControlMessage::RevokeToken { jti, until };
+        for link in self.edges.values() {
+            let _ = link.control.send(msg.clone());
         }
     }
 
@@ -674,8 +691,17 @@ impl Hub {
         let own = ctl_tx.clone();
         if matches!(peer, PeerKind::Edge | PeerKind::Router) {
             // Every live ban, so the peer refuses those users' tokens from the start.
-            for (room, user) in lock_read(&self.state).rooms.bans() {
+            let st = lock_read(&self.state);
+            for (room, user) in st.rooms.bans() {
                 let _ = ctl_tx.send(ControlMessage::Revoke { room, user });
+            }
+            if peer == PeerKind::Edge {
+                for (jti, until) in st.revoked_tokens.live(unix_ms() / 1000) {
+                    let _ = ctl_tx.send(ControlMessage::RevokeToken {
+                        jti: jti.to_string(),
+                        until,
+                    });
+                }
             }
         }
         match peer {
@@ -836,6 +862,15 @@ impl Hub {
                 tracing::warn!(peer = %peer_id, %code, %message, "peer reported an error");
                 Ok(None)
             }
+            ControlMessage::RevokeToken { jti, until } if peer == PeerKind::Router => {
+                tracing::info!(from = %peer_id, "router revoked a token");
+                lock_write(&self.state).revoke_token(jti, until);
+                Ok(None)
+            }
+            ControlMessage::RevokeToken { .. } => Err(Failure::Protocol {
+                code: "unexpected",
+                message: "revoke_token is only accepted from geo-routers".into(),
+            }),
             ControlMessage::RoomEnded { room } if peer != PeerKind::Packager => {
                 tracing::info!(%room, from = %peer_id, ?peer, "room ended");
                 self.end_room(room, id, now);
@@ -1216,6 +1251,7 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::RoomSnapshotPart { .. } => "room_snapshot_part",
         ControlMessage::CommandRejected { .. } => "command_rejected",
         ControlMessage::Revoke { .. } => "revoke",
+        ControlMessage::RevokeToken { .. } => "revoke_token",
     }
 }
 

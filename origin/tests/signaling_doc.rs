@@ -96,6 +96,7 @@ fn every_documented_message_parses() {
             "chat",
             "react",
             "ping",
+            "refresh_token",
             "list_participants"
         ])
     );
@@ -120,7 +121,8 @@ fn every_documented_message_parses() {
             "ended",
             "counts",
             "participant",
-            "participants"
+            "participants",
+            "token_refreshed"
         ])
     );
     assert_eq!(
@@ -132,7 +134,8 @@ fn every_documented_message_parses() {
             "room_snapshot",
             "room_snapshot_part",
             "command_rejected",
-            "room_ended"
+            "room_ended",
+            "revoke_token"
         ])
     );
 }

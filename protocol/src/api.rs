@@ -110,6 +110,36 @@ pub struct TokenResponse {
     pub token: String,
 }
 
+/// `POST /v1/tokens/revoke` body: the token itself, or its `jti` and `exp`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeTokenRequest {
+    /// The token to revoke (its `jti` and `exp` are read from it after its signature is
+    /// checked).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The `jti` of the token to revoke (instead of `token`).
+    #[serde(default)]
+    pub jti: Option<String>,
+    /// With `jti`: the token's `exp` (Unix seconds); absent, the lifetime cap from now.
+    #[serde(default)]
+    pub exp: Option<u64>,
+}
+
+/// `POST /v1/tokens/revoke` answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokeTokenResponse {
+    /// The revoked token's `jti`.
+    pub jti: String,
+    /// Refused until then (Unix seconds); the token expires then anyway.
+    pub until: u64,
+    /// `false` when the token had already expired (nothing to refuse).
+    pub revoked: bool,
+}
+
+/// Longest `jti` accepted by `POST /v1/tokens/revoke`, bytes.
+pub const MAX_JTI_BYTES: usize = 128;
+
 /// `GET /v1/route` answer: where a client should connect.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RouteResponse {

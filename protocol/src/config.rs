@@ -189,6 +189,15 @@ pub struct EdgeConfig {
     /// Tokens whose lifetime (`exp - iat`) exceeds this many seconds are refused. Default 86400.
     #[serde(default = "default_max_token_lifetime_secs")]
     pub max_token_lifetime_secs: u64,
+    /// A session (WebSocket, WHIP, WHEP) ends this many seconds after its token's `exp` unless
+    /// the client refreshed the token first (`refresh_token` message, or `PATCH` with the new
+    /// bearer token). Default 30.
+    #[serde(default = "default_token_expiry_grace_secs")]
+    pub token_expiry_grace_secs: u64,
+}
+
+fn default_token_expiry_grace_secs() -> u64 {
+    30
 }
 
 fn default_max_token_lifetime_secs() -> u64 {

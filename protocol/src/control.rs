@@ -107,6 +107,16 @@ pub enum ControlMessage {
         /// The user (token `sub`).
         user: String,
     },
+    /// Geo-router -> every origin -> every edge: the single token `jti` is revoked until
+    /// `until` (Unix seconds, the token's `exp`), through the router's `POST /v1/tokens/revoke`.
+    /// Edges refuse it and end the sessions it opened. Origins re-send every live one when an
+    /// edge connects; routers re-send theirs when an origin link comes up.
+    RevokeToken {
+        /// The token's `jti`.
+        jti: String,
+        /// Until when (Unix seconds).
+        until: u64,
+    },
     /// Liveness probe; answered with `Pong` carrying the same nonce.
     Ping {
         /// Echoed back.

@@ -348,6 +348,12 @@ pub enum ClientMessage {
     },
     /// Keep-alive; answered by `pong`.
     Ping,
+    /// Replace the session's token before it expires (a new token for the same user and room,
+    /// with the same role or a lower one); answered by `token_refreshed`, or `error`.
+    RefreshToken {
+        /// The new token.
+        token: String,
+    },
     /// One page of the room's participants in id order, starting after `after`; answered by
     /// `participants`.
     ListParticipants {
@@ -420,6 +426,11 @@ pub enum ServerMessage {
     },
     /// Answer to `ping`.
     Pong,
+    /// Answer to `refresh_token`: the session now lives on the new token.
+    TokenRefreshed {
+        /// The new token's expiry (Unix seconds).
+        exp: u64,
+    },
     /// A room state change.
     #[serde(untagged)]
     Event(RoomEvent),

@@ -33,6 +33,20 @@ impl Role {
     pub fn may_publish(self) -> bool {
         matches!(self, Role::Host | Role::Speaker)
     }
+
+    /// Whether this role is `other` or a lower one (listener < speaker < host): what a refreshed
+    /// token may carry.
+    pub fn at_most(self, other: Role) -> bool {
+        self.rank() <= other.rank()
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Role::Listener => 0,
+            Role::Speaker => 1,
+            Role::Host => 2,
+        }
+    }
 }
 
 /// The claims of a room token.
@@ -320,6 +334,86 @@ impl Revocations {
     }
 }
 
+/// Tokens revoked by `jti` a [`RevokedTokens::default`] list holds at most.
+pub const DEFAULT_MAX_REVOKED_TOKENS: usize = 100_000;
+
+/// Single tokens revoked by `jti`, each until its `exp` (sans-IO: the caller passes `now`).
+/// Bounded: when full, the entry expiring soonest is dropped.
+#[derive(Debug, Clone)]
+pub struct RevokedTokens {
+    jtis: std::collections::HashMap<String, u64>,
+    max: usize,
+}
+
+impl Default for RevokedTokens {
+    fn default() -> Self {
+        RevokedTokens::new(DEFAULT_MAX_REVOKED_TOKENS)
+    }
+}
+
+impl RevokedTokens {
+    /// An empty list of at most `max` entries.
+    pub fn new(max: usize) -> Self {
+        RevokedTokens {
+            jtis: std::collections::HashMap::new(),
+            max,
+        }
+    }
+
+    /// Refuse the token `jti` until `until_unix` (keeping a later expiry). Returns whether the
+    /// entry is new (or extended).
+    pub fn revoke(&mut self, jti: &str, until_unix: u64, now_unix: u64) -> bool {
+        if until_unix <= now_unix {
+            return false;
+        }
+        if !self.jtis.contains_key(jti) && self.jtis.len() >= self.max {
+            self.jtis.retain(|_, until| *until > now_unix);
+            if self.jtis.len() >= self.max {
+                if let Some(soonest) = self
+                    .jtis
+                    .iter()
+                    .min_by_key(|(_, until)| **until)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.jtis.remove(&soonest);
+                }
+            }
+        }
+        let until = self.jtis.entry(jti.to_string()).or_insert(0);
+        let fresh = *until < until_unix;
+        *until = (*until).max(until_unix);
+        fresh
+    }
+
+    /// Whether the token `jti` is revoked at `now_unix`.
+    pub fn is_revoked(&self, jti: &str, now_unix: u64) -> bool {
+        self.jtis.get(jti).is_some_and(|until| *until > now_unix)
+    }
+
+    /// Every entry still in force at `now_unix`: (jti, until).
+    pub fn live(&self, now_unix: u64) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.jtis
+            .iter()
+            .filter(move |(_, until)| **until > now_unix)
+            .map(|(jti, until)| (jti.as_str(), *until))
+    }
+
+    /// Forget expired entries.
+    pub fn prune(&mut self, now_unix: u64) {
+        self.jtis.retain(|_, until| *until > now_unix);
+    }
+
+    /// Entries held (expired ones included until [`RevokedTokens::prune`]).
+    pub fn len(&self) -> usize {
+        self.jtis.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.jtis.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +476,44 @@ mod tests {
         assert!(r.is_revoked(RoomId(1), "v", 1500) && r.is_revoked(RoomId(1), "w", 1500));
         r.prune(3500);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn revoked_tokens_hold_until_their_expiry_and_stay_bounded() {
+        let mut r = RevokedTokens::new(2);
+        assert!(
+            !r.revoke("old", 1000, 1000),
+            "already expired: nothing to hold"
+        );
+        assert!(r.is_empty());
+        assert!(r.revoke("a", 2000, 1000));
+        assert!(r.is_revoked("a", 1999));
+        assert!(!r.is_revoked("a", 2000), "expired");
+        assert!(!r.is_revoked("b", 1500), "another token");
+        assert!(
+            !r.revoke("a", 1500, 1000),
+            "an earlier expiry changes nothing"
+        );
+        assert!(r.is_revoked("a", 1999));
+        assert!(r.revoke("b", 3000, 1000));
+        // Full: the entry expiring soonest goes.
+        assert!(r.revoke("c", 4000, 1000));
+        assert_eq!(r.len(), 2);
+        assert!(!r.is_revoked("a", 1500));
+        let mut live: Vec<_> = r.live(3500).collect();
+        live.sort();
+        assert_eq!(live, vec![("c", 4000)]);
+        r.prune(3500);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn roles_order_listener_speaker_host() {
+        assert!(Role::Listener.at_most(Role::Speaker));
+        assert!(Role::Speaker.at_most(Role::Speaker));
+        assert!(Role::Speaker.at_most(Role::Host));
+        assert!(!Role::Host.at_most(Role::Speaker));
+        assert!(!Role::Speaker.at_most(Role::Listener));
     }
 
     #[test]

@@ -292,6 +292,8 @@ pub struct EdgeOpts {
     pub signer: Option<TokenSigner>,
     /// `ice_connect_timeout_secs`.
     pub ice_connect_timeout_secs: u64,
+    /// `token_expiry_grace_secs`.
+    pub token_expiry_grace_secs: u64,
 }
 
 impl Default for EdgeOpts {
@@ -302,6 +304,7 @@ impl Default for EdgeOpts {
             capacity: 500,
             signer: None,
             ice_connect_timeout_secs: 15,
+            token_expiry_grace_secs: 30,
         }
     }
 }
@@ -335,6 +338,7 @@ pub async fn start_edge_with(
         limits: Default::default(),
         ice_connect_timeout_secs: opts.ice_connect_timeout_secs,
         max_token_lifetime_secs: amphi_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
+        token_expiry_grace_secs: opts.token_expiry_grace_secs,
     };
     let setup = EdgeSetup {
         config,
