@@ -7,7 +7,7 @@
 //! every part and segment any playlist listed during the outage is in S3 afterwards (0 lost).
 //! Printed: the packager's peak RSS before, during and after. `AMPHI_OUTAGE_ROOMS` (default 5)
 //! and `AMPHI_OUTAGE_SECS` (default 20) set the size; the full size is 50 rooms and
-//! 120 s.
+//! 120 s. The flush after S3 returns is bounded by twice the outage (`AMPHI_OUTAGE_FLUSH_SECS`).
 //!
 //! **Redis outage** (fault 6): Redis is frozen (SIGSTOP: it stops answering but keeps its
 //! connections, the hardest case for clients) for `AMPHI_REDIS_OUTAGE_SECS` (default 10; the
@@ -197,8 +197,11 @@ fn storage_outages_lose_nothing_and_live_rooms_go_on() {
     }
     // Every part and segment listed during the outage reaches S3.
     let bucket = bed.run.join("s3").join("amphi-hls").join("hls");
-    // Bound of the flush: twice the outage (at least LIMIT).
-    let flush_limit = LIMIT.max(outage * 2);
+    // Bound of the flush: twice the outage (at least LIMIT), or `AMPHI_OUTAGE_FLUSH_SECS`.
+    let flush_limit = Duration::from_secs(env_or(
+        "AMPHI_OUTAGE_FLUSH_SECS",
+        LIMIT.max(outage * 2).as_secs(),
+    ));
     // The live edge keeps moving while the backlog drains: the first room's playlist.
     let (live_url, mut live_msn, mut live_moved, mut longest_stall) =
         (&media[0].1, last_msn[0], Instant::now(), Duration::ZERO);
