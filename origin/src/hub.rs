@@ -1400,22 +1400,179 @@ mod tests {
                 Role::Listener,
             );
         }
-        let held = lock_write(&hub.state);
+        // Both rooms' locks and the shared state held, as by commands in progress.
+        hub.rooms.with(busy, |_| {
+            hub.rooms.with(quiet, |_| {
+                let held = lock_write(&hub.state);
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let _ = tx.send(route(&hub, quiet, 1, 1));
+                    });
+                    // A failure detector, not a measurement: a relay that needs the
+                    // authority's locks would wait here for as long as they are held.
+                    let routed = rx.recv_timeout(Duration::from_secs(30));
+                    drop(held);
+                    assert_eq!(
+                        routed,
+                        Ok(Ok(vec![1, 2])),
+                        "the relay waited for the authority"
+                    );
+                });
+            })
+        });
+    }
+
+    /// An edge connection whose control queue the test reads.
+    fn edge(hub: &Hub, conn: u64) -> PeerReceiver {
+        let (tx, rx) = peer_queue(PEER_QUEUE, Default::default());
+        lock_write(&hub.state)
+            .edges
+            .insert(conn, EdgeLink { control: tx });
+        rx
+    }
+
+    /// Every message queued so far for an edge (the queue stays open).
+    fn queued(rx: &mut PeerReceiver) -> Vec<ControlMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// While a command holds a 10,000-member room (a join or chat burst in progress there),
+    /// another room's joins, chat, mute, subscription, end and speaker announcement are all
+    /// handled, their events queued to that room's edge, and its datagrams routed.
+    #[test]
+    fn a_busy_room_stalls_no_other_rooms_commands_nor_the_relay() {
+        let hub = hub();
+        let (quiet, busy, other) = (RoomId(1), RoomId(2), RoomId(3));
+        let mut listener_edge = edge(&hub, 2);
+        for i in 0..10_000u32 {
+            join(
+                &hub,
+                3 + u64::from(i % 2),
+                busy,
+                100 + i,
+                &format!("u{i}"),
+                Role::Listener,
+            );
+        }
+        join(&hub, 1, quiet, 1, "spk", Role::Speaker);
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let _ = tx.send(route(&hub, quiet, 1, 1));
+            let hub = &hub;
+            s.spawn(move || {
+                hub.rooms.with(busy, |_| {
+                    held_tx.send(()).expect("test alive");
+                    let _ = done_rx.recv_timeout(Duration::from_secs(120));
+                })
             });
-            // A failure detector, not a measurement: a relay that needs the authority's lock
-            // would wait here for as long as the lock is held.
-            let routed = rx.recv_timeout(Duration::from_secs(30));
-            drop(held);
-            assert_eq!(
-                routed,
-                Ok(Ok(vec![1, 2])),
-                "the relay waited for the authority"
-            );
+            held_rx.recv().expect("the busy room is held");
+            s.spawn(move || {
+                let (own, mut replies) = peer_queue(PEER_QUEUE, Default::default());
+                join(hub, 2, quiet, 2, "lis", Role::Listener);
+                let now = Instant::now();
+                let chat = RoomCommand::Chat {
+                    text: "hello".into(),
+                };
+                hub.room_command(1, &own, quiet, ParticipantId(1), 2, chat, now);
+                let mute = RoomCommand::Mute { target: None };
+                hub.room_command(1, &own, quiet, ParticipantId(1), 3, mute, now);
+                let subscribe = ControlMessage::SubscribeRoom { room: other };
+                let subscribed = hub.on_message(2, PeerKind::Edge, "edge-2", &own, subscribe);
+                let announce = ControlMessage::SpeakerJoined {
+                    room: quiet,
+                    speaker: ParticipantId(1),
+                    name: "spk".into(),
+                    region: "us-east".into(),
+                };
+                let announced = hub.on_message(1, PeerKind::Edge, "edge-1", &own, announce);
+                hub.end_room(other, FROM_ORIGIN, now);
+                let routed = route(hub, quiet, 1, 1);
+                let _ = tx.send((
+                    subscribed.is_ok_and(|r| r.is_none()),
+                    announced.is_ok_and(|r| r.is_none()),
+                    routed,
+                    queued(&mut replies),
+                ));
+            });
+            // A failure detector, not a measurement: work that needed the busy room's lock
+            // would wait here for as long as it is held.
+            let got = rx.recv_timeout(Duration::from_secs(30));
+            let _ = done_tx.send(());
+            let (subscribed, announced, routed, replies) =
+                got.expect("another room's work waited for the busy room");
+            assert!(subscribed && announced, "{replies:?}");
+            assert!(replies.is_empty(), "nothing refused: {replies:?}");
+            // Muted: the speaker is not heard any more.
+            assert_eq!(routed, Err(DropReason::NotAudible));
         });
+        let kinds: Vec<_> = queued(&mut listener_edge)
+            .into_iter()
+            .flat_map(|m| match m {
+                ControlMessage::RoomEvents { room, events } if room == quiet => events,
+                _ => Vec::new(),
+            })
+            .map(|e| match e {
+                RoomEvent::ParticipantJoined { participant } => {
+                    format!("joined {}", participant.id)
+                }
+                RoomEvent::Chat { text, .. } => format!("chat {text}"),
+                RoomEvent::Muted { id, .. } => format!("muted {id}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["joined p2", "chat hello", "muted p1"]);
+    }
+
+    /// Commands for one room from two edges at once: both subscribed edges receive the room's
+    /// events in one and the same order, the order the room applied them (its snapshot's join
+    /// order).
+    #[test]
+    fn a_rooms_events_reach_every_edge_in_command_order() {
+        let hub = hub();
+        let room = RoomId(5);
+        let (mut first, mut second) = (edge(&hub, 1), edge(&hub, 2));
+        hub.subscribe(room, 1);
+        hub.subscribe(room, 2);
+        std::thread::scope(|s| {
+            for conn in [1u64, 2] {
+                let hub = &hub;
+                s.spawn(move || {
+                    for i in 0..500u32 {
+                        let id = u32::try_from(conn).expect("small") * 1_000 + i;
+                        join(hub, conn, room, id, &format!("u{id}"), Role::Listener);
+                    }
+                });
+            }
+        });
+        let joins = |rx: &mut PeerReceiver| -> Vec<ParticipantId> {
+            queued(rx)
+                .into_iter()
+                .flat_map(|m| match m {
+                    ControlMessage::RoomEvents { events, .. } => events,
+                    _ => Vec::new(),
+                })
+                .filter_map(|e| match e {
+                    RoomEvent::ParticipantJoined { participant } => Some(participant.id),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (a, b) = (joins(&mut first), joins(&mut second));
+        assert_eq!(a.len(), 1_000);
+        assert_eq!(a, b);
+        let order: Vec<ParticipantId> = hub
+            .rooms
+            .with(room, |held| {
+                held.room.participants().map(|p| p.id).collect()
+            })
+            .expect("held");
+        assert_eq!(order, a);
     }
 
     /// A join into a big room queues its snapshot as one message (only a clone is made under
