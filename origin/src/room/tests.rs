@@ -890,7 +890,7 @@ fn one_rooms_lock_does_not_stall_the_others() {
     let (busy, quiet, empty) = (RoomId(1), RoomId(2), RoomId(3));
     for i in 0..10_000u32 {
         apply(
-            &rooms,
+            rooms,
             busy,
             ParticipantId(100 + i),
             join_cmd(&format!("u{i}"), Role::Listener),
@@ -898,10 +898,10 @@ fn one_rooms_lock_does_not_stall_the_others() {
         )
         .unwrap();
     }
-    apply(&rooms, busy, H, join_cmd("h", Role::Host), t0).unwrap();
-    apply(&rooms, busy, H, RoomCommand::Leave, t0).unwrap();
-    apply(&rooms, empty, H, join_cmd("h", Role::Host), t0).unwrap();
-    apply(&rooms, empty, H, RoomCommand::Leave, t0).unwrap();
+    apply(rooms, busy, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(rooms, busy, H, RoomCommand::Leave, t0).unwrap();
+    apply(rooms, empty, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(rooms, empty, H, RoomCommand::Leave, t0).unwrap();
     let (held_tx, held_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
@@ -916,16 +916,16 @@ fn one_rooms_lock_does_not_stall_the_others() {
         let (tx, rx) = std::sync::mpsc::channel();
         s.spawn(move || {
             let later = t0 + Duration::from_secs(5);
-            let joined = apply(&rooms, quiet, H, join_cmd("h", Role::Host), later);
+            let joined = apply(rooms, quiet, H, join_cmd("h", Role::Host), later);
             let chat = apply(
-                &rooms,
+                rooms,
                 quiet,
                 H,
                 RoomCommand::Chat { text: "hi".into() },
                 later,
             );
-            let gone = housekeeping(&rooms, later);
-            let ended = end(&rooms, quiet, later);
+            let gone = housekeeping(rooms, later);
+            let ended = end(rooms, quiet, later);
             let _ = tx.send((joined.is_ok(), chat.is_ok(), gone, ended));
         });
         // A failure detector, not a measurement: work that needed the busy room's lock would
