@@ -9,13 +9,18 @@
 //! send 5,000 messages/s, each broadcast to C and D). It prints p50/p99/max of the delay in
 //! both phases and their ratio.
 //!
+//! Meanwhile a listener of the small room (through edge B) raises and lowers its hand, one
+//! command at a time every 20 ms, and B times each command until its event comes back: the
+//! small room's control round trip, idle against chatting, shows whether the big room's
+//! commands hold up another room's (they do when all rooms share one lock).
+//!
 //! Bounded: the counts and durations come from the options; every wait has a deadline.
 
 use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
-use amphi_protocol::room::RoomCommand;
+use amphi_protocol::room::{RoomCommand, RoomEvent};
 use amphi_protocol::token::Role;
 use amphi_protocol::{ParticipantId, RoomId};
 use anyhow::{bail, Context, Result};
@@ -24,12 +29,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const ORIGIN_NAME: &str = "origin.amphi.internal";
 const QUIET: RoomId = RoomId(0x0000_0000_0000_0a01);
 const BIG: RoomId = RoomId(0x0000_0000_0000_0b16);
 const SPEAKER: u32 = 1;
+/// The small room's listener whose hand goes up and down.
+const LISTENER: u32 = 2;
+/// One hand command in the small room every this long during a phase.
+const HAND_EVERY: Duration = Duration::from_millis(20);
 /// One relay datagram every this long during a phase.
 const SEND_EVERY: Duration = Duration::from_millis(2);
 /// Chat pacing tick.
@@ -77,6 +87,7 @@ impl Edge {
         origin: SocketAddr,
         id: &str,
         events: Arc<AtomicU64>,
+        hands: Option<mpsc::UnboundedSender<Instant>>,
     ) -> Result<Edge> {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)?;
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -105,8 +116,19 @@ impl Edge {
             while let Ok(Some(n)) = recv.read(&mut buf).await {
                 decoder.feed(&buf[..n]);
                 while let Ok(Some(m)) = decoder.next_message() {
-                    if let ControlMessage::RoomEvents { events: e, .. } = m {
+                    if let ControlMessage::RoomEvents { room, events: e } = m {
                         events.fetch_add(e.len() as u64, Relaxed);
+                        let hand = |e: &RoomEvent| {
+                            matches!(
+                                e,
+                                RoomEvent::HandRaised { .. } | RoomEvent::HandLowered { .. }
+                            )
+                        };
+                        if let Some(hands) = hands.as_ref().filter(|_| room == QUIET) {
+                            if e.iter().any(hand) {
+                                let _ = hands.send(Instant::now());
+                            }
+                        }
                     }
                 }
             }
@@ -148,11 +170,48 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Relay delays measured at edge B over one phase, and chat messages sent meanwhile.
+/// Relay delays measured at edge B over one phase, chat messages sent meanwhile, and the
+/// small room's hand command round trips.
 struct Phase {
     delays: Vec<Duration>,
     sent: u64,
     chats: u64,
+    commands: Vec<Duration>,
+}
+
+/// The small room's listener on edge B, and the times B received its hand events.
+struct Hands<'a> {
+    edge: &'a mut Edge,
+    events: &'a mut mpsc::UnboundedReceiver<Instant>,
+    raised: bool,
+}
+
+impl Hands<'_> {
+    /// Raise or lower the hand (alternately), one command at a time, every [`HAND_EVERY`] for
+    /// `length`; each command's round trip until its event reaches B.
+    async fn run(&mut self, length: Duration) -> Result<Vec<Duration>> {
+        let mut tick = tokio::time::interval(HAND_EVERY);
+        let end = Instant::now() + length;
+        let mut trips = Vec::new();
+        while Instant::now() < end {
+            tick.tick().await;
+            let command = if self.raised {
+                RoomCommand::LowerHand { target: None }
+            } else {
+                RoomCommand::RaiseHand
+            };
+            let sent = Instant::now();
+            self.edge.command(QUIET, LISTENER, command).await?;
+            self.raised = !self.raised;
+            let back = tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                .await
+                .context("a hand command got no event in 10 s")?
+                .context("edge B is gone")?;
+            trips.push(back.saturating_duration_since(sent));
+        }
+        trips.sort();
+        Ok(trips)
+    }
 }
 
 /// Send a timed datagram every [`SEND_EVERY`] from `a` for `length`, collecting what `b`
@@ -163,6 +222,7 @@ async fn phase(
     t0: Instant,
     length: Duration,
     chatters: Option<(&mut Edge, &mut Edge, u32)>,
+    hands: &mut Hands<'_>,
 ) -> Result<Phase> {
     let stop = CancellationToken::new();
     let rx = {
@@ -238,7 +298,7 @@ async fn phase(
         }
         Ok::<u64, anyhow::Error>(u64::from(seq))
     };
-    let (sent, chats) = tokio::try_join!(send, chat)?;
+    let (sent, chats, commands) = tokio::try_join!(send, chat, hands.run(length))?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let mut delays = rx.await?;
@@ -247,6 +307,7 @@ async fn phase(
         delays,
         sent,
         chats,
+        commands,
     })
 }
 
@@ -281,10 +342,12 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         shutdown.clone(),
     ));
     let events = Arc::new(AtomicU64::new(0));
+    let (hands_tx, mut hands_rx) = mpsc::unbounded_channel();
     let mut edges = Vec::new();
     for name in ["edge-a", "edge-b", "edge-c", "edge-d"] {
         let tls = pki.issue(name, MeshRole::Edge)?;
-        edges.push(Edge::connect(&tls, quic, name, events.clone()).await?);
+        let hands = (name == "edge-b").then(|| hands_tx.clone());
+        edges.push(Edge::connect(&tls, quic, name, events.clone(), hands).await?);
     }
     let [mut a, mut b, mut c, mut d]: [Edge; 4] = edges
         .try_into()
@@ -294,6 +357,8 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         .await?;
     b.send
         .write_all(&ControlMessage::SubscribeRoom { room: QUIET }.to_record())
+        .await?;
+    b.command(QUIET, LISTENER, join("listener".into(), Role::Listener))
         .await?;
     // The big room: members over C and D.
     let started = Instant::now();
@@ -323,14 +388,21 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     );
     let t0 = Instant::now();
     let length = Duration::from_secs(seconds);
-    let idle = phase(&a.conn, &b.conn, t0, length, None).await?;
+    let b_conn = b.conn.clone();
+    let mut hands = Hands {
+        edge: &mut b,
+        events: &mut hands_rx,
+        raised: false,
+    };
+    let idle = phase(&a.conn, &b_conn, t0, length, None, &mut hands).await?;
     let before = events.load(Relaxed);
     let busy = phase(
         &a.conn,
-        &b.conn,
+        &b_conn,
         t0,
         length,
         Some((&mut c, &mut d, members)),
+        &mut hands,
     )
     .await?;
     let chat_events = events.load(Relaxed) - before;
@@ -356,6 +428,15 @@ pub async fn run(args: RelayArgs) -> Result<()> {
             ms(p.delays.last().copied().unwrap_or_default()),
         );
     }
+    for (name, p) in [("big room idle", &idle), ("big room chatting", &busy)] {
+        println!(
+            "{name}: small room's hand command round trip ({} commands) p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            p.commands.len(),
+            ms(percentile(&p.commands, 0.5)),
+            ms(percentile(&p.commands, 0.99)),
+            ms(p.commands.last().copied().unwrap_or_default()),
+        );
+    }
     println!(
         "chat: {} messages sent ({:.0}/s), {} chat events delivered to the big room's two edges",
         busy.chats,
@@ -370,6 +451,10 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         } else {
             "in memory"
         }
+    );
+    println!(
+        "small room's command round trip p99 chatting / idle: {:.2}x",
+        ms(percentile(&busy.commands, 0.99)) / ms(percentile(&idle.commands, 0.99)).max(1e-6),
     );
     Ok(())
 }
