@@ -1,7 +1,9 @@
 //! QUIC hub driver: accepts edge and packager connections, runs their control streams, relays
 //! speaker datagrams to subscribed edges and feeds the mixer thread. It also drives the room
-//! authority ([`Rooms`]): `RoomCommand`s are applied in arrival order and their `RoomEvents` are
-//! queued, under one lock, to every subscribed edge, so every replica sees the same sequence.
+//! authority ([`Rooms`]): a room's `RoomCommand`s are applied in arrival order and their
+//! `RoomEvents` are queued to every subscribed edge under that room's own lock, so every replica
+//! sees the same sequence, and no room waits for another room's commands (see [`Hub`] for the
+//! lock order).
 //!
 //! Every message to a peer goes through that peer's one outbound queue (replies too), so a peer
 //! receives messages in the order the hub produced them. After a successful `Join` the joining
@@ -62,9 +64,10 @@ struct EdgeLink {
 struct RelayTable {
     /// Edge connections (datagram targets).
     conns: HashMap<u64, quinn::Connection>,
-    /// Subscribed edge connections per room (mirror of [`HubState::subs`]).
+    /// Subscribed edge connections per room (mirror of `HubState::subs`).
     subs: HashMap<RoomId, Vec<u64>>,
-    /// The edge connection that announced each participant (mirror of [`HubState::owners`]).
+    /// The edge connection that announced each participant (mirror of every room's
+    /// `RoomBook::owners`).
     owners: HashMap<(RoomId, u32), u64>,
     /// The edge connection that announced each speaker (`SpeakerJoined`). A relay frame is
     /// taken only from the connection that owns its speaker (in `owners`, or here for speakers
@@ -273,8 +276,8 @@ impl ControlReader {
 }
 
 /// The wire bytes of one queued control message. A whole `RoomSnapshot` (queued by a join
-/// under the authority lock as one message) is split here into records under the control
-/// record limit, so its serialisation never runs under that lock.
+/// under the room's lock as one message) is split here into records under the control record
+/// limit, so its serialisation never runs under that lock.
 fn wire_bytes(msg: ControlMessage) -> Vec<u8> {
     match msg {
         ControlMessage::RoomSnapshot { state, more: false } => {
@@ -1576,7 +1579,7 @@ mod tests {
     }
 
     /// A join into a big room queues its snapshot as one message (only a clone is made under
-    /// the authority lock); the connection's writer splits it into records under the control
+    /// the room's lock); the connection's writer splits it into records under the control
     /// record limit that the edge reassembles into the whole room.
     #[tokio::test]
     async fn a_big_rooms_join_snapshot_is_split_by_the_writer_not_under_the_lock() {
