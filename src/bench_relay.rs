@@ -4,15 +4,16 @@
 //! QUIC "edges" (dev mTLS): edge A announces a speaker in a small room and sends it a relay
 //! datagram every 2 ms carrying its send time; edge B subscribes to that room and times each
 //! forwarded datagram (send → received, same clock). Edges C and D join `--members`
-//! participants (half each) to one big room. Two phases of `--seconds` each: the big room idle,
-//! then every member chatting at the per-user limit (5 messages per 10 s, so 10,000 members
-//! send 5,000 messages/s, each broadcast to C and D). It prints p50/p99/max of the delay in
-//! both phases and their ratio.
+//! participants (half each) to one big room. Three phases of `--seconds` each: the big room
+//! idle; every member chatting at the per-user limit (5 messages per 10 s, so 10,000 members
+//! send 5,000 messages/s, each broadcast to C and D); churn: edge D drops its link (the origin
+//! makes its half of the members leave) and reconnects, re-joining them, over and over. It
+//! prints p50/p99/max of the delay in each phase and the ratios to the idle phase.
 //!
 //! Meanwhile a listener of the small room (through edge B) raises and lowers its hand, one
 //! command at a time every 20 ms, and B times each command until its event comes back: the
-//! small room's control round trip, idle against chatting, shows whether the big room's
-//! commands hold up another room's (they do when all rooms share one lock).
+//! small room's control round trip, idle against chatting and churning, shows whether the big
+//! room's commands hold up another room's (they do when all rooms share one lock).
 //!
 //! Bounded: the counts and durations come from the options; every wait has a deadline.
 
@@ -54,7 +55,7 @@ pub struct RelayArgs {
     /// Members of the big room.
     #[arg(long, default_value_t = 10_000)]
     members: u32,
-    /// Seconds per phase (idle, chatting).
+    /// Seconds per phase (idle, chatting, churning).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Keep room state in this Redis (`redis://127.0.0.1:6379/0`), as production origins do.
@@ -170,13 +171,66 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Relay delays measured at edge B over one phase, chat messages sent meanwhile, and the
-/// small room's hand command round trips.
+/// Relay delays measured at edge B over one phase, the big room's load meanwhile (chat
+/// messages sent, or churn cycles), and the small room's hand command round trips.
 struct Phase {
     delays: Vec<Duration>,
     sent: u64,
-    chats: u64,
+    load: u64,
     commands: Vec<Duration>,
+}
+
+/// Every member of the big room chats at the per-user limit for `length`, round robin over
+/// edges C and D, paced per tick; the messages sent.
+async fn chat(c: &mut Edge, d: &mut Edge, members: u32, length: Duration) -> Result<u64> {
+    let per_sec = u64::from(members) * CHAT_PER_WINDOW / CHAT_WINDOW.as_secs();
+    let per_tick = (per_sec * CHAT_TICK.as_millis() as u64 / 1000).max(1);
+    let mut tick = tokio::time::interval(CHAT_TICK);
+    let end = Instant::now() + length;
+    let (mut next, mut sent) = (0u32, 0u64);
+    while Instant::now() < end {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            let member = next % members;
+            next = next.wrapping_add(1);
+            let edge = if member % 2 == 0 { &mut *c } else { &mut *d };
+            let text = format!("message {sent}");
+            edge.command(BIG, 1000 + member, RoomCommand::Chat { text })
+                .await?;
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// Join the big room's members of edge `d` (the odd ones).
+async fn join_odd_members(d: &mut Edge, members: u32) -> Result<()> {
+    for m in (1..members).step_by(2) {
+        d.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Edge D drops its link (the origin makes its half of the big room leave) and comes back,
+/// re-joining them, again and again for `length`; the cycles done.
+async fn churn(
+    d: &mut Edge,
+    tls: &MtlsMaterial,
+    origin: SocketAddr,
+    events: &Arc<AtomicU64>,
+    members: u32,
+    length: Duration,
+) -> Result<u64> {
+    let end = Instant::now() + length;
+    let mut cycles = 0;
+    while Instant::now() < end {
+        d.conn.close(0u32.into(), b"churn");
+        *d = Edge::connect(tls, origin, "edge-d", events.clone(), None).await?;
+        join_odd_members(d, members).await?;
+        cycles += 1;
+    }
+    Ok(cycles)
 }
 
 /// The small room's listener on edge B, and the times B received its hand events.
@@ -221,7 +275,7 @@ async fn phase(
     b: &quinn::Connection,
     t0: Instant,
     length: Duration,
-    chatters: Option<(&mut Edge, &mut Edge, u32)>,
+    load: impl std::future::Future<Output = Result<u64>>,
     hands: &mut Hands<'_>,
 ) -> Result<Phase> {
     let stop = CancellationToken::new();
@@ -249,30 +303,6 @@ async fn phase(
             delays
         })
     };
-    let chat = async {
-        let Some((c, d, members)) = chatters else {
-            return Ok::<u64, anyhow::Error>(0);
-        };
-        // Every member at the per-user limit, round robin, paced per tick.
-        let per_sec = u64::from(members) * CHAT_PER_WINDOW / CHAT_WINDOW.as_secs();
-        let per_tick = (per_sec * CHAT_TICK.as_millis() as u64 / 1000).max(1);
-        let mut tick = tokio::time::interval(CHAT_TICK);
-        let end = Instant::now() + length;
-        let (mut next, mut sent) = (0u32, 0u64);
-        while Instant::now() < end {
-            tick.tick().await;
-            for _ in 0..per_tick {
-                let member = next % members;
-                next = next.wrapping_add(1);
-                let edge = if member % 2 == 0 { &mut *c } else { &mut *d };
-                let text = format!("message {sent}");
-                edge.command(BIG, 1000 + member, RoomCommand::Chat { text })
-                    .await?;
-                sent += 1;
-            }
-        }
-        Ok(sent)
-    };
     let send = async {
         let mut tick = tokio::time::interval(SEND_EVERY);
         let end = Instant::now() + length;
@@ -298,7 +328,7 @@ async fn phase(
         }
         Ok::<u64, anyhow::Error>(u64::from(seq))
     };
-    let (sent, chats, commands) = tokio::try_join!(send, chat, hands.run(length))?;
+    let (sent, load, commands) = tokio::try_join!(send, load, hands.run(length))?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let mut delays = rx.await?;
@@ -306,7 +336,7 @@ async fn phase(
     Ok(Phase {
         delays,
         sent,
-        chats,
+        load,
         commands,
     })
 }
@@ -344,11 +374,14 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     let events = Arc::new(AtomicU64::new(0));
     let (hands_tx, mut hands_rx) = mpsc::unbounded_channel();
     let mut edges = Vec::new();
+    let mut tls_d = None;
     for name in ["edge-a", "edge-b", "edge-c", "edge-d"] {
         let tls = pki.issue(name, MeshRole::Edge)?;
         let hands = (name == "edge-b").then(|| hands_tx.clone());
         edges.push(Edge::connect(&tls, quic, name, events.clone(), hands).await?);
+        tls_d = Some(tls);
     }
+    let tls_d = tls_d.context("edge D's certificate")?;
     let [mut a, mut b, mut c, mut d]: [Edge; 4] = edges
         .try_into()
         .map_err(|_| anyhow::anyhow!("four edges"))?;
@@ -362,11 +395,11 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         .await?;
     // The big room: members over C and D.
     let started = Instant::now();
-    for m in 0..members {
-        let edge = if m % 2 == 0 { &mut c } else { &mut d };
-        edge.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
+    for m in (0..members).step_by(2) {
+        c.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
             .await?;
     }
+    join_odd_members(&mut d, members).await?;
     // Every member's join is broadcast to the big room's edges: wait until they stop coming.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = (0, Instant::now());
@@ -394,21 +427,21 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         events: &mut hands_rx,
         raised: false,
     };
-    let idle = phase(&a.conn, &b_conn, t0, length, None, &mut hands).await?;
+    let idle = phase(&a.conn, &b_conn, t0, length, async { Ok(0) }, &mut hands).await?;
     let before = events.load(Relaxed);
-    let busy = phase(
-        &a.conn,
-        &b_conn,
-        t0,
-        length,
-        Some((&mut c, &mut d, members)),
-        &mut hands,
-    )
-    .await?;
+    let load = chat(&mut c, &mut d, members, length);
+    let busy = phase(&a.conn, &b_conn, t0, length, load, &mut hands).await?;
     let chat_events = events.load(Relaxed) - before;
+    let load = churn(&mut d, &tls_d, quic, &events, members, length);
+    let churning = phase(&a.conn, &b_conn, t0, length, load, &mut hands).await?;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), origin).await;
-    for (name, p) in [("idle", &idle), ("chatting", &busy)] {
+    let phases = [
+        ("big room idle", &idle),
+        ("big room chatting", &busy),
+        ("big room churning", &churning),
+    ];
+    for (name, p) in phases {
         if p.delays.len() as u64 * 10 < p.sent * 9 {
             bail!(
                 "{name}: only {} of {} datagrams were relayed",
@@ -418,7 +451,7 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         }
     }
     let p99 = |p: &Phase| percentile(&p.delays, 0.99);
-    for (name, p) in [("big room idle", &idle), ("big room chatting", &busy)] {
+    for (name, p) in phases {
         println!(
             "{name}: {} of {} datagrams relayed, delay p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             p.delays.len(),
@@ -428,7 +461,7 @@ pub async fn run(args: RelayArgs) -> Result<()> {
             ms(p.delays.last().copied().unwrap_or_default()),
         );
     }
-    for (name, p) in [("big room idle", &idle), ("big room chatting", &busy)] {
+    for (name, p) in phases {
         println!(
             "{name}: small room's hand command round trip ({} commands) p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             p.commands.len(),
@@ -439,9 +472,14 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     }
     println!(
         "chat: {} messages sent ({:.0}/s), {} chat events delivered to the big room's two edges",
-        busy.chats,
-        busy.chats as f64 / seconds as f64,
+        busy.load,
+        busy.load as f64 / seconds as f64,
         chat_events
+    );
+    println!(
+        "churn: edge D dropped its link and re-joined its {} members {} times",
+        members / 2,
+        churning.load
     );
     println!(
         "relay delay p99 chatting / idle: {:.2}x (state {})",
@@ -452,9 +490,15 @@ pub async fn run(args: RelayArgs) -> Result<()> {
             "in memory"
         }
     );
+    let idle_trip = ms(percentile(&idle.commands, 0.99)).max(1e-6);
     println!(
-        "small room's command round trip p99 chatting / idle: {:.2}x",
-        ms(percentile(&busy.commands, 0.99)) / ms(percentile(&idle.commands, 0.99)).max(1e-6),
+        "small room's command round trip p99 chatting / idle: {:.2}x; churning / idle: {:.2}x",
+        ms(percentile(&busy.commands, 0.99)) / idle_trip,
+        ms(percentile(&churning.commands, 0.99)) / idle_trip,
+    );
+    println!(
+        "relay delay p99 churning / idle: {:.2}x",
+        ms(p99(&churning)) / ms(p99(&idle)).max(1e-6),
     );
     Ok(())
 }
