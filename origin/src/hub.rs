@@ -193,6 +193,18 @@ pub(crate) struct RoomBook {
 /// A room as the hub holds it (see [`Rooms`]).
 type HeldRoom = Held<RoomBook>;
 
+/// Wait for a busy room's lock without stalling the runtime: on a multi-threaded tokio runtime
+/// the waiting worker hands its other tasks (the relay's datagram loops, other rooms' control
+/// streams, the QUIC endpoint) to another thread meanwhile. Elsewhere the thread just waits.
+fn wait_in_place(wait: &mut dyn FnMut()) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
 /// Wall clock in Unix milliseconds (chat timestamps of new rooms).
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -317,7 +329,7 @@ impl Hub {
         Hub {
             origin_id,
             metrics,
-            rooms: Rooms::new(rooms),
+            rooms: Rooms::new(rooms).waiting_with(wait_in_place),
             state: RwLock::new(HubState::default()),
             relay: RwLock::new(RelayTable::default()),
             next_housekeeping: Mutex::new(None),
@@ -1530,6 +1542,74 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["joined p2", "chat hello", "muted p1"]);
+    }
+
+    /// Commands waiting for a busy room's lock do not take the runtime's worker threads with
+    /// them: with both workers of a two-worker runtime stuck behind a 10,000-member room's
+    /// lock, a relay task and another room's command still run.
+    #[test]
+    fn waiting_for_a_busy_room_does_not_stall_the_runtime() {
+        let hub = Arc::new(hub());
+        let (quiet, busy) = (RoomId(1), RoomId(2));
+        join(&hub, 1, quiet, 1, "spk", Role::Speaker);
+        join(&hub, 2, quiet, 2, "lis", Role::Listener);
+        for i in 0..10_000u32 {
+            join(&hub, 3, busy, 100 + i, &format!("u{i}"), Role::Listener);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                hub.rooms.with(busy, |_| {
+                    held_tx.send(()).expect("test alive");
+                    let _ = done_rx.recv_timeout(Duration::from_secs(120));
+                })
+            })
+        };
+        held_rx.recv().expect("the busy room is held");
+        // More commands for the busy room than the runtime has workers: each waits for its lock.
+        for i in 0..4u32 {
+            let hub = hub.clone();
+            rt.spawn(async move {
+                let (own, _rx) = peer_queue(PEER_QUEUE, Default::default());
+                let chat = RoomCommand::Chat { text: "hi".into() };
+                hub.room_command(
+                    3,
+                    &own,
+                    busy,
+                    ParticipantId(100 + i),
+                    1,
+                    chat,
+                    Instant::now(),
+                );
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let hub = hub.clone();
+            rt.spawn(async move {
+                // Let the waiting commands take the workers first.
+                tokio::task::yield_now().await;
+                let routed = route(&hub, quiet, 1, 1);
+                let (own, mut replies) = peer_queue(PEER_QUEUE, Default::default());
+                let raise = RoomCommand::RaiseHand;
+                hub.room_command(2, &own, quiet, ParticipantId(2), 1, raise, Instant::now());
+                let _ = tx.send((routed, replies.try_recv()));
+            });
+        }
+        // A failure detector, not a measurement.
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        let _ = done_tx.send(());
+        holder.join().expect("holder");
+        rt.shutdown_timeout(Duration::from_secs(10));
+        let (routed, reply) = got.expect("the runtime stalled behind the busy room");
+        assert_eq!(routed, Ok(vec![1, 2]));
+        assert!(reply.is_none(), "the hand command was refused: {reply:?}");
     }
 
     /// Commands for one room from two edges at once: both subscribed edges receive the room's

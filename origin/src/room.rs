@@ -878,6 +878,15 @@ fn lock_held<T>(slot: &Mutex<Held<T>>) -> MutexGuard<'_, Held<T>> {
     slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How a caller waits for a room's lock that another caller holds: it runs the given wait
+/// exactly once. [`Rooms::waiting_with`] sets it (an async driver hands its executor thread's
+/// other work elsewhere meanwhile); by default the caller's thread just waits.
+pub type Wait = fn(&mut dyn FnMut());
+
+fn wait_here(wait: &mut dyn FnMut()) {
+    wait()
+}
+
 /// Every room of this origin, each behind its own lock: commands in one room never wait for
 /// another room's. Creates a room on its first `Join`, remembers ended rooms, forgets idle ones
 /// in [`Rooms::housekeeping`]. Time comes in as `now` (no clock, no IO).
@@ -890,6 +899,7 @@ fn lock_held<T>(slot: &Mutex<Held<T>>) -> MutexGuard<'_, Held<T>> {
 pub struct Rooms<T = ()> {
     cfg: RoomsConfig,
     map: RwLock<HashMap<RoomId, Slot<T>>>,
+    wait: Wait,
 }
 
 impl<T: Default> Default for Rooms<T> {
@@ -904,6 +914,25 @@ impl<T: Default> Rooms<T> {
         Rooms {
             cfg,
             map: RwLock::new(HashMap::new()),
+            wait: wait_here,
+        }
+    }
+
+    /// These rooms, waiting for a busy room's lock through `wait` (see [`Wait`]).
+    pub fn waiting_with(self, wait: Wait) -> Self {
+        Rooms { wait, ..self }
+    }
+
+    /// Lock `slot`: at once if it is free, else through [`Wait`].
+    fn lock<'a>(&self, slot: &'a Mutex<Held<T>>) -> MutexGuard<'a, Held<T>> {
+        match slot.try_lock() {
+            Ok(held) => held,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let mut held = None;
+                (self.wait)(&mut || held = Some(lock_held(slot)));
+                held.unwrap_or_else(|| lock_held(slot))
+            }
         }
     }
 
@@ -947,7 +976,7 @@ impl<T: Default> Rooms<T> {
     pub fn with<R>(&self, room: RoomId, f: impl FnOnce(&mut Held<T>) -> R) -> Option<R> {
         for _ in 0..LOOKUPS {
             let slot = self.slot(room)?;
-            let mut held = lock_held(&slot);
+            let mut held = self.lock(&slot);
             if !held.gone {
                 return Some(f(&mut held));
             }
@@ -991,7 +1020,7 @@ impl<T: Default> Rooms<T> {
                     }
                 }
             };
-            let mut held = lock_held(&slot);
+            let mut held = self.lock(&slot);
             if held.gone {
                 continue;
             }
@@ -1021,7 +1050,7 @@ impl<T: Default> Rooms<T> {
     /// rooms added meanwhile are not visited).
     pub fn each(&self, mut f: impl FnMut(&mut Held<T>)) {
         for (_, slot) in self.slots() {
-            let mut held = lock_held(&slot);
+            let mut held = self.lock(&slot);
             if !held.gone {
                 f(&mut held);
             }
@@ -1113,7 +1142,7 @@ impl<T: Default> Rooms<T> {
                     }
                 }
             };
-            let mut held = lock_held(&slot);
+            let mut held = self.lock(&slot);
             if held.gone {
                 continue;
             }
