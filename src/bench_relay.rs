@@ -225,9 +225,17 @@ async fn churn(
     let end = Instant::now() + length;
     let mut cycles = 0;
     while Instant::now() < end {
+        let start = events.load(Relaxed);
         d.conn.close(0u32.into(), b"churn");
         *d = Edge::connect(tls, origin, "edge-d", events.clone(), None).await?;
         join_odd_members(d, members).await?;
+        // Until the origin has handled the cycle: C hears every member of D leave and join
+        // again, D its members join (or 10 s).
+        let handled = Instant::now() + Duration::from_secs(10);
+        while events.load(Relaxed) - start < u64::from(members / 2) * 3 && Instant::now() < handled
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         cycles += 1;
     }
     Ok(cycles)
