@@ -884,7 +884,12 @@ impl Hub {
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
         loop {
+            // Queued messages go out before the peer's next command is read: rooms run in
+            // parallel, so other connections can fill this peer's queue as fast as its own
+            // commands do; writing first keeps the queue short (the peer's own commands wait,
+            // not its events).
             let msg = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 out = outbound.recv() => {
                     let Some(out) = out.map_err(|TooSlow| Failure::Protocol {
