@@ -4,10 +4,16 @@
 //! QUIC "edges" (dev mTLS): edge A announces a speaker in a small room and sends it a relay
 //! datagram every 2 ms carrying its send time; edge B subscribes to that room and times each
 //! forwarded datagram (send → received, same clock). Edges C and D join `--members`
-//! participants (half each) to one big room. Two phases of `--seconds` each: the big room idle,
-//! then every member chatting at the per-user limit (5 messages per 10 s, so 10,000 members
-//! send 5,000 messages/s, each broadcast to C and D). It prints p50/p99/max of the delay in
-//! both phases and their ratio.
+//! participants (half each) to one big room. Three phases of `--seconds` each: the big room
+//! idle; every member chatting at the per-user limit (5 messages per 10 s, so 10,000 members
+//! send 5,000 messages/s, each broadcast to C and D); churn: edge D drops its link (the origin
+//! makes its half of the members leave) and reconnects, re-joining them, over and over. It
+//! prints p50/p99/max of the delay in each phase and the ratios to the idle phase.
+//!
+//! Meanwhile a listener of the small room (through edge B) raises and lowers its hand, one
+//! command at a time every 20 ms, and B times each command until its event comes back: the
+//! small room's control round trip, idle against chatting and churning, shows whether the big
+//! room's commands hold up another room's (they do when all rooms share one lock).
 //!
 //! Bounded: the counts and durations come from the options; every wait has a deadline.
 
@@ -15,7 +21,7 @@ use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
 use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
-use amphi_protocol::room::RoomCommand;
+use amphi_protocol::room::{RoomCommand, RoomEvent};
 use amphi_protocol::token::Role;
 use amphi_protocol::{ParticipantId, RoomId};
 use anyhow::{bail, Context, Result};
@@ -24,12 +30,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const ORIGIN_NAME: &str = "origin.amphi.internal";
 const QUIET: RoomId = RoomId(0x0000_0000_0000_0a01);
 const BIG: RoomId = RoomId(0x0000_0000_0000_0b16);
 const SPEAKER: u32 = 1;
+/// The small room's listener whose hand goes up and down.
+const LISTENER: u32 = 2;
+/// One hand command in the small room every this long during a phase.
+const HAND_EVERY: Duration = Duration::from_millis(20);
 /// One relay datagram every this long during a phase.
 const SEND_EVERY: Duration = Duration::from_millis(2);
 /// Chat pacing tick.
@@ -44,7 +55,7 @@ pub struct RelayArgs {
     /// Members of the big room.
     #[arg(long, default_value_t = 10_000)]
     members: u32,
-    /// Seconds per phase (idle, chatting).
+    /// Seconds per phase (idle, chatting, churning).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Keep room state in this Redis (`redis://127.0.0.1:6379/0`), as production origins do.
@@ -77,6 +88,7 @@ impl Edge {
         origin: SocketAddr,
         id: &str,
         events: Arc<AtomicU64>,
+        hands: Option<mpsc::UnboundedSender<Instant>>,
     ) -> Result<Edge> {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)?;
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -105,8 +117,19 @@ impl Edge {
             while let Ok(Some(n)) = recv.read(&mut buf).await {
                 decoder.feed(&buf[..n]);
                 while let Ok(Some(m)) = decoder.next_message() {
-                    if let ControlMessage::RoomEvents { events: e, .. } = m {
+                    if let ControlMessage::RoomEvents { room, events: e } = m {
                         events.fetch_add(e.len() as u64, Relaxed);
+                        let hand = |e: &RoomEvent| {
+                            matches!(
+                                e,
+                                RoomEvent::HandRaised { .. } | RoomEvent::HandLowered { .. }
+                            )
+                        };
+                        if let Some(hands) = hands.as_ref().filter(|_| room == QUIET) {
+                            if e.iter().any(hand) {
+                                let _ = hands.send(Instant::now());
+                            }
+                        }
                     }
                 }
             }
@@ -148,11 +171,109 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Relay delays measured at edge B over one phase, and chat messages sent meanwhile.
+/// Relay delays measured at edge B over one phase, the big room's load meanwhile (chat
+/// messages sent, or churn cycles), and the small room's hand command round trips.
 struct Phase {
     delays: Vec<Duration>,
     sent: u64,
-    chats: u64,
+    load: u64,
+    commands: Vec<Duration>,
+}
+
+/// Every member of the big room chats at the per-user limit for `length`, round robin over
+/// edges C and D, paced per tick; the messages sent.
+async fn chat(c: &mut Edge, d: &mut Edge, members: u32, length: Duration) -> Result<u64> {
+    let per_sec = u64::from(members) * CHAT_PER_WINDOW / CHAT_WINDOW.as_secs();
+    let per_tick = (per_sec * CHAT_TICK.as_millis() as u64 / 1000).max(1);
+    let mut tick = tokio::time::interval(CHAT_TICK);
+    let end = Instant::now() + length;
+    let (mut next, mut sent) = (0u32, 0u64);
+    while Instant::now() < end {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            let member = next % members;
+            next = next.wrapping_add(1);
+            let edge = if member % 2 == 0 { &mut *c } else { &mut *d };
+            let text = format!("message {sent}");
+            edge.command(BIG, 1000 + member, RoomCommand::Chat { text })
+                .await?;
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// Join the big room's members of edge `d` (the odd ones).
+async fn join_odd_members(d: &mut Edge, members: u32) -> Result<()> {
+    for m in (1..members).step_by(2) {
+        d.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Edge D drops its link (the origin makes its half of the big room leave) and comes back,
+/// re-joining them, again and again for `length`; the cycles done.
+async fn churn(
+    d: &mut Edge,
+    tls: &MtlsMaterial,
+    origin: SocketAddr,
+    events: &Arc<AtomicU64>,
+    members: u32,
+    length: Duration,
+) -> Result<u64> {
+    let end = Instant::now() + length;
+    let mut cycles = 0;
+    while Instant::now() < end {
+        let start = events.load(Relaxed);
+        d.conn.close(0u32.into(), b"churn");
+        *d = Edge::connect(tls, origin, "edge-d", events.clone(), None).await?;
+        join_odd_members(d, members).await?;
+        // Until the origin has handled the cycle: C hears every member of D leave and join
+        // again, D its members join (or 10 s).
+        let handled = Instant::now() + Duration::from_secs(10);
+        while events.load(Relaxed) - start < u64::from(members / 2) * 3 && Instant::now() < handled
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cycles += 1;
+    }
+    Ok(cycles)
+}
+
+/// The small room's listener on edge B, and the times B received its hand events.
+struct Hands<'a> {
+    edge: &'a mut Edge,
+    events: &'a mut mpsc::UnboundedReceiver<Instant>,
+    raised: bool,
+}
+
+impl Hands<'_> {
+    /// Raise or lower the hand (alternately), one command at a time, every [`HAND_EVERY`] for
+    /// `length`; each command's round trip until its event reaches B.
+    async fn run(&mut self, length: Duration) -> Result<Vec<Duration>> {
+        let mut tick = tokio::time::interval(HAND_EVERY);
+        let end = Instant::now() + length;
+        let mut trips = Vec::new();
+        while Instant::now() < end {
+            tick.tick().await;
+            let command = if self.raised {
+                RoomCommand::LowerHand { target: None }
+            } else {
+                RoomCommand::RaiseHand
+            };
+            let sent = Instant::now();
+            self.edge.command(QUIET, LISTENER, command).await?;
+            self.raised = !self.raised;
+            let back = tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                .await
+                .context("a hand command got no event in 10 s")?
+                .context("edge B is gone")?;
+            trips.push(back.saturating_duration_since(sent));
+        }
+        trips.sort();
+        Ok(trips)
+    }
 }
 
 /// Send a timed datagram every [`SEND_EVERY`] from `a` for `length`, collecting what `b`
@@ -162,7 +283,8 @@ async fn phase(
     b: &quinn::Connection,
     t0: Instant,
     length: Duration,
-    chatters: Option<(&mut Edge, &mut Edge, u32)>,
+    load: impl std::future::Future<Output = Result<u64>>,
+    hands: &mut Hands<'_>,
 ) -> Result<Phase> {
     let stop = CancellationToken::new();
     let rx = {
@@ -189,30 +311,6 @@ async fn phase(
             delays
         })
     };
-    let chat = async {
-        let Some((c, d, members)) = chatters else {
-            return Ok::<u64, anyhow::Error>(0);
-        };
-        // Every member at the per-user limit, round robin, paced per tick.
-        let per_sec = u64::from(members) * CHAT_PER_WINDOW / CHAT_WINDOW.as_secs();
-        let per_tick = (per_sec * CHAT_TICK.as_millis() as u64 / 1000).max(1);
-        let mut tick = tokio::time::interval(CHAT_TICK);
-        let end = Instant::now() + length;
-        let (mut next, mut sent) = (0u32, 0u64);
-        while Instant::now() < end {
-            tick.tick().await;
-            for _ in 0..per_tick {
-                let member = next % members;
-                next = next.wrapping_add(1);
-                let edge = if member % 2 == 0 { &mut *c } else { &mut *d };
-                let text = format!("message {sent}");
-                edge.command(BIG, 1000 + member, RoomCommand::Chat { text })
-                    .await?;
-                sent += 1;
-            }
-        }
-        Ok(sent)
-    };
     let send = async {
         let mut tick = tokio::time::interval(SEND_EVERY);
         let end = Instant::now() + length;
@@ -238,7 +336,7 @@ async fn phase(
         }
         Ok::<u64, anyhow::Error>(u64::from(seq))
     };
-    let (sent, chats) = tokio::try_join!(send, chat)?;
+    let (sent, load, commands) = tokio::try_join!(send, load, hands.run(length))?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let mut delays = rx.await?;
@@ -246,7 +344,8 @@ async fn phase(
     Ok(Phase {
         delays,
         sent,
-        chats,
+        load,
+        commands,
     })
 }
 
@@ -281,11 +380,16 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         shutdown.clone(),
     ));
     let events = Arc::new(AtomicU64::new(0));
+    let (hands_tx, mut hands_rx) = mpsc::unbounded_channel();
     let mut edges = Vec::new();
+    let mut tls_d = None;
     for name in ["edge-a", "edge-b", "edge-c", "edge-d"] {
         let tls = pki.issue(name, MeshRole::Edge)?;
-        edges.push(Edge::connect(&tls, quic, name, events.clone()).await?);
+        let hands = (name == "edge-b").then(|| hands_tx.clone());
+        edges.push(Edge::connect(&tls, quic, name, events.clone(), hands).await?);
+        tls_d = Some(tls);
     }
+    let tls_d = tls_d.context("edge D's certificate")?;
     let [mut a, mut b, mut c, mut d]: [Edge; 4] = edges
         .try_into()
         .map_err(|_| anyhow::anyhow!("four edges"))?;
@@ -295,13 +399,15 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     b.send
         .write_all(&ControlMessage::SubscribeRoom { room: QUIET }.to_record())
         .await?;
+    b.command(QUIET, LISTENER, join("listener".into(), Role::Listener))
+        .await?;
     // The big room: members over C and D.
     let started = Instant::now();
-    for m in 0..members {
-        let edge = if m % 2 == 0 { &mut c } else { &mut d };
-        edge.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
+    for m in (0..members).step_by(2) {
+        c.command(BIG, 1000 + m, join(format!("user-{m}"), Role::Listener))
             .await?;
     }
+    join_odd_members(&mut d, members).await?;
     // Every member's join is broadcast to the big room's edges: wait until they stop coming.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = (0, Instant::now());
@@ -323,20 +429,27 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     );
     let t0 = Instant::now();
     let length = Duration::from_secs(seconds);
-    let idle = phase(&a.conn, &b.conn, t0, length, None).await?;
+    let b_conn = b.conn.clone();
+    let mut hands = Hands {
+        edge: &mut b,
+        events: &mut hands_rx,
+        raised: false,
+    };
+    let idle = phase(&a.conn, &b_conn, t0, length, async { Ok(0) }, &mut hands).await?;
     let before = events.load(Relaxed);
-    let busy = phase(
-        &a.conn,
-        &b.conn,
-        t0,
-        length,
-        Some((&mut c, &mut d, members)),
-    )
-    .await?;
+    let load = chat(&mut c, &mut d, members, length);
+    let busy = phase(&a.conn, &b_conn, t0, length, load, &mut hands).await?;
     let chat_events = events.load(Relaxed) - before;
+    let load = churn(&mut d, &tls_d, quic, &events, members, length);
+    let churning = phase(&a.conn, &b_conn, t0, length, load, &mut hands).await?;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), origin).await;
-    for (name, p) in [("idle", &idle), ("chatting", &busy)] {
+    let phases = [
+        ("big room idle", &idle),
+        ("big room chatting", &busy),
+        ("big room churning", &churning),
+    ];
+    for (name, p) in phases {
         if p.delays.len() as u64 * 10 < p.sent * 9 {
             bail!(
                 "{name}: only {} of {} datagrams were relayed",
@@ -346,7 +459,7 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         }
     }
     let p99 = |p: &Phase| percentile(&p.delays, 0.99);
-    for (name, p) in [("big room idle", &idle), ("big room chatting", &busy)] {
+    for (name, p) in phases {
         println!(
             "{name}: {} of {} datagrams relayed, delay p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             p.delays.len(),
@@ -356,11 +469,25 @@ pub async fn run(args: RelayArgs) -> Result<()> {
             ms(p.delays.last().copied().unwrap_or_default()),
         );
     }
+    for (name, p) in phases {
+        println!(
+            "{name}: small room's hand command round trip ({} commands) p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            p.commands.len(),
+            ms(percentile(&p.commands, 0.5)),
+            ms(percentile(&p.commands, 0.99)),
+            ms(p.commands.last().copied().unwrap_or_default()),
+        );
+    }
     println!(
         "chat: {} messages sent ({:.0}/s), {} chat events delivered to the big room's two edges",
-        busy.chats,
-        busy.chats as f64 / seconds as f64,
+        busy.load,
+        busy.load as f64 / seconds as f64,
         chat_events
+    );
+    println!(
+        "churn: edge D dropped its link and re-joined its {} members {} times",
+        members / 2,
+        churning.load
     );
     println!(
         "relay delay p99 chatting / idle: {:.2}x (state {})",
@@ -370,6 +497,16 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         } else {
             "in memory"
         }
+    );
+    let idle_trip = ms(percentile(&idle.commands, 0.99)).max(1e-6);
+    println!(
+        "small room's command round trip p99 chatting / idle: {:.2}x; churning / idle: {:.2}x",
+        ms(percentile(&busy.commands, 0.99)) / idle_trip,
+        ms(percentile(&churning.commands, 0.99)) / idle_trip,
+    );
+    println!(
+        "relay delay p99 churning / idle: {:.2}x",
+        ms(p99(&churning)) / ms(p99(&idle)).max(1e-6),
     );
     Ok(())
 }

@@ -10,7 +10,7 @@ mod vocab;
 
 use amphi_origin::persist::{reconcile, PersistedRoom};
 use amphi_origin::room::{Ending, Rooms, RoomsConfig};
-use amphi_protocol::room::{RoomPhase, RoomRole};
+use amphi_protocol::room::{RoomCommand, RoomPhase, RoomRole};
 use amphi_protocol::RoomId;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -77,7 +77,7 @@ fuzz_target!(|ops: Vec<Op>| {
         empty_idle: Duration::from_secs(30),
         ..RoomsConfig::default()
     };
-    let mut rooms = Rooms::new(cfg);
+    let rooms: Rooms = Rooms::new(cfg);
     let mut now = Instant::now();
     let unix_ms = 1_700_000_000_000;
     // Rooms whose state came from outside (possibly inconsistent).
@@ -86,13 +86,18 @@ fuzz_target!(|ops: Vec<Op>| {
         match op {
             Op::Apply(room, actor, cmd) => {
                 let room = room.id();
-                let before = rooms.get(room).map(|r| r.persisted());
-                match rooms.apply(room, actor.id(), cmd.command(), now, unix_ms) {
-                    Ok(_) => assert!(rooms.get(room).is_some()),
+                let before = rooms.with(room, |h| h.room.persisted());
+                let cmd = cmd.command();
+                let create = matches!(cmd, RoomCommand::Join { .. }).then_some((now, unix_ms));
+                let applied = rooms
+                    .with_or_create(room, create, |h| h.room.apply(actor.id(), cmd, now))
+                    .and_then(|applied| applied);
+                match applied {
+                    Ok(_) => assert!(rooms.contains(room)),
                     Err(rejection) => {
                         assert!(!rejection.message.is_empty());
                         assert_eq!(
-                            rooms.get(room).map(|r| r.persisted()),
+                            rooms.with(room, |h| h.room.persisted()),
                             before,
                             "a refusal changed the room"
                         );
@@ -102,12 +107,16 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Restore(stored) => {
                 let saved = stored.persisted();
                 let id = saved.state.room;
-                let held = rooms.get(id).is_some();
-                if rooms.restore(saved.clone(), now, unix_ms) {
+                let held = rooms.contains(id);
+                if rooms.restore(saved.clone(), now, unix_ms, |_| {}) {
                     assert!(!held);
+                    // A second record of a participant id is ignored.
+                    let mut expected = saved.state;
+                    let mut seen = HashSet::new();
+                    expected.participants.retain(|p| seen.insert(p.id));
                     assert_eq!(
-                        rooms.get(id).map(|r| r.persisted().state),
-                        Some(saved.state)
+                        rooms.with(id, |h| h.room.persisted().state),
+                        Some(expected)
                     );
                     tainted.insert(id);
                 }
@@ -115,13 +124,16 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Replace(stored) => {
                 let saved = stored.persisted();
                 let id = saved.state.room;
-                if rooms.replace(saved, now, unix_ms) {
+                if rooms
+                    .with(id, |h| h.room.reset(saved, now, unix_ms))
+                    .is_some()
+                {
                     tainted.insert(id);
                 }
             }
             Op::Reconcile(stored) => {
                 let stored = stored.persisted();
-                let Some(ours) = rooms.get(stored.state.room).map(|r| r.persisted()) else {
+                let Some(ours) = rooms.with(stored.state.room, |h| h.room.persisted()) else {
                     continue;
                 };
                 let merged = reconcile(stored.clone(), ours.clone());
@@ -140,13 +152,15 @@ fuzz_target!(|ops: Vec<Op>| {
                     assert!(merged.state.participants.iter().any(|p| p.id == *h));
                 }
                 let id = merged.state.room;
-                assert!(rooms.replace(merged, now, unix_ms));
+                assert!(rooms
+                    .with(id, |h| h.room.reset(merged, now, unix_ms))
+                    .is_some());
                 tainted.insert(id);
             }
             Op::End(room) => {
                 let room = room.id();
-                let was = rooms.get(room).map(|r| r.phase());
-                match rooms.end(room, now, unix_ms) {
+                let was = rooms.with(room, |h| h.room.phase());
+                match rooms.end(room, now, unix_ms, |_, ending| ending) {
                     Ending::Ended(events) => {
                         assert_eq!(was, Some(RoomPhase::Live));
                         assert!(!events.is_empty());
@@ -154,13 +168,13 @@ fuzz_target!(|ops: Vec<Op>| {
                     Ending::AlreadyEnded => assert_eq!(was, Some(RoomPhase::Ended)),
                     Ending::Unknown => assert_eq!(was, None),
                 }
-                if let Some(r) = rooms.get(room) {
-                    assert_eq!(r.phase(), RoomPhase::Ended);
+                if let Some(phase) = rooms.with(room, |h| h.room.phase()) {
+                    assert_eq!(phase, RoomPhase::Ended);
                 }
             }
             Op::Housekeeping => {
-                for gone in rooms.housekeeping(now) {
-                    assert!(rooms.get(gone).is_none());
+                for gone in rooms.housekeeping(now, |_, _| {}) {
+                    assert!(!rooms.contains(gone));
                     tainted.remove(&gone);
                 }
             }
@@ -170,11 +184,10 @@ fuzz_target!(|ops: Vec<Op>| {
         assert!(rooms.census().live_rooms <= rooms.len());
         for r in 1..=3 {
             let id = RoomId(r);
-            let Some(room) = rooms.get(id) else {
+            let Some(p) = rooms.with(id, |h| h.room.persisted()) else {
                 tainted.remove(&id);
                 continue;
             };
-            let p = room.persisted();
             assert_eq!(p.state.room, id);
             let json = serde_json::to_vec(&p).expect("persisted rooms serialize");
             let back: PersistedRoom = serde_json::from_slice(&json).expect("and read back");

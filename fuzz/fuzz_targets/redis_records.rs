@@ -101,7 +101,7 @@ fuzz_target!(|input: Input| {
     let t0 = Instant::now();
     let unix_ms = 1_700_000_000_000 + u64::from(input.now_secs) * 1000;
 
-    // The origin: `RoomStore::load` then `Rooms::restore` / `reconcile`.
+    // The origin: `RoomStore::load` then `Rooms::restore` / `reconcile` (`Room::reset`).
     let id = RoomId(1);
     let saved = PersistedRoom {
         state: input.room.state.state(),
@@ -130,20 +130,22 @@ fuzz_target!(|input: Input| {
         .collect();
     if let Ok(Some(read)) = assemble(id, &edited) {
         assert_eq!(read.state.room, id);
-        let mut rooms = Rooms::default();
-        assert!(rooms.restore(read.clone(), t0, unix_ms));
+        let rooms: Rooms = Rooms::default();
+        assert!(rooms.restore(read.clone(), t0, unix_ms, |_| {}));
         assert_eq!(
-            rooms.get(id).map(|r| r.persisted().state),
+            rooms.with(id, |h| h.room.persisted().state),
             Some(read.state.clone())
         );
         let mut now = t0;
         for (actor, cmd) in &input.room.commands {
             now += Duration::from_secs(1);
-            let _ = rooms.apply(id, actor.id(), cmd.command(), now, unix_ms);
+            let _ = rooms.with(id, |h| h.room.apply(actor.id(), cmd.command(), now));
         }
-        let ours = rooms.get(id).expect("held").persisted();
+        let ours = rooms.with(id, |h| h.room.persisted()).expect("held");
         let merged = reconcile(read, ours);
-        assert!(rooms.replace(merged, now, unix_ms));
+        assert!(rooms
+            .with(id, |h| h.room.reset(merged, now, unix_ms))
+            .is_some());
         let _ = rooms.census();
     }
 

@@ -1,7 +1,9 @@
 //! QUIC hub driver: accepts edge and packager connections, runs their control streams, relays
 //! speaker datagrams to subscribed edges and feeds the mixer thread. It also drives the room
-//! authority ([`Rooms`]): `RoomCommand`s are applied in arrival order and their `RoomEvents` are
-//! queued, under one lock, to every subscribed edge, so every replica sees the same sequence.
+//! authority ([`Rooms`]): a room's `RoomCommand`s are applied in arrival order and their
+//! `RoomEvents` are queued to every subscribed edge under that room's own lock, so every replica
+//! sees the same sequence, and no room waits for another room's commands (see [`Hub`] for the
+//! lock order).
 //!
 //! Every message to a peer goes through that peer's one outbound queue (replies too), so a peer
 //! receives messages in the order the hub produced them. After a successful `Join` the joining
@@ -15,7 +17,7 @@ use crate::metrics::{DropReason, Metrics};
 use crate::mixer_thread::MixerCmd;
 use crate::peerq::{peer_queue, PeerReceiver, PeerSender, TooSlow, PEER_QUEUE};
 use crate::persist::{PersistedRoom, Persister, RoomStore};
-use crate::room::{AuthorityCensus, Ending, RejectCode, Rejection, Rooms};
+use crate::room::{AuthorityCensus, Ending, Held, RejectCode, Rejection, Room, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
 use amphi_protocol::control::{
     snapshot_records, ControlDecoder, ControlError, ControlMessage, PeerKind,
@@ -28,7 +30,7 @@ use amphi_protocol::{ParticipantId, RoomId};
 use rustls_pki_types::CertificateDer;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -62,9 +64,10 @@ struct EdgeLink {
 struct RelayTable {
     /// Edge connections (datagram targets).
     conns: HashMap<u64, quinn::Connection>,
-    /// Subscribed edge connections per room (mirror of [`HubState::subs`]).
+    /// Subscribed edge connections per room (mirror of `HubState::subs`).
     subs: HashMap<RoomId, Vec<u64>>,
-    /// The edge connection that announced each participant (mirror of [`HubState::owners`]).
+    /// The edge connection that announced each participant (mirror of every room's
+    /// `RoomBook::owners`).
     owners: HashMap<(RoomId, u32), u64>,
     /// The edge connection that announced each speaker (`SpeakerJoined`). A relay frame is
     /// taken only from the connection that owns its speaker (in `owners`, or here for speakers
@@ -119,6 +122,9 @@ fn relay_write(t: &RwLock<RelayTable>) -> std::sync::RwLockWriteGuard<'_, RelayT
     t.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What every room shares, behind one lock that is held briefly and never while a room's lock
+/// is waited for: the connections, who subscribes to which room, and which rooms were looked up
+/// in the store.
 #[derive(Default)]
 struct HubState {
     subs: Subscriptions,
@@ -128,20 +134,6 @@ struct HubState {
     /// Single tokens the routers revoked by `jti` (until their `exp`): passed to every edge,
     /// and to each edge that connects later.
     revoked_tokens: amphi_protocol::token::RevokedTokens,
-    /// The room authority.
-    rooms: Rooms,
-    /// The edge connection that announced each participant (its `Leave` on disconnect).
-    owners: HashMap<(RoomId, ParticipantId), u64>,
-    /// Edge connections that were sent a room's snapshot since they subscribed to it: their
-    /// later joins get events only.
-    synced: HashSet<(RoomId, u64)>,
-    /// The relay's view (its own lock; taken after this state's, never before).
-    relay: Arc<RwLock<RelayTable>>,
-    /// When idle rooms are next forgotten.
-    next_housekeeping: Option<Instant>,
-    /// Writes what each command changed of its room's durable state (when a store is
-    /// configured).
-    persister: Option<Arc<Persister>>,
     /// Rooms looked up in the store since this origin started.
     looked_up: HashSet<RoomId>,
     /// Rooms restored from the store, and when (see [`RESUME_GRACE`]).
@@ -203,116 +195,30 @@ impl HubState {
             }
         }
     }
+}
 
-    /// Recompute who may be heard in `room` (outside the relay's lock, then swapped in).
-    fn refresh_audible(&mut self, room: RoomId) {
-        let set: Option<HashSet<u32>> = match self.rooms.get(room) {
-            Some(r) if r.phase() == RoomPhase::Live => Some(r.audible().map(|p| p.0).collect()),
-            Some(_) => Some(HashSet::new()),
-            None => None,
-        };
-        let mut relay = relay_write(&self.relay);
-        match set {
-            Some(set) => {
-                relay.audible.insert(room, set);
-            }
-            None => {
-                relay.audible.remove(&room);
-            }
-        }
-    }
+/// The hub's bookkeeping of one room, kept with the room under the room's own lock.
+#[derive(Debug, Default)]
+pub(crate) struct RoomBook {
+    /// The edge connection that announced each participant (its `Leave` on disconnect).
+    owners: HashMap<ParticipantId, u64>,
+    /// Edge connections that were sent the room's snapshot since they subscribed to it: their
+    /// later joins get events only.
+    synced: HashSet<u64>,
+}
 
-    /// Connection `conn` announced participant `id` of `room`.
-    fn set_owner(&mut self, room: RoomId, id: ParticipantId, conn: u64) {
-        self.owners.insert((room, id), conn);
-        relay_write(&self.relay).owners.insert((room, id.0), conn);
-    }
+/// A room as the hub holds it (see [`Rooms`]).
+type HeldRoom = Held<RoomBook>;
 
-    /// Participant `id` of `room` has no announcing connection any more.
-    fn remove_owner(&mut self, room: RoomId, id: ParticipantId) {
-        self.owners.remove(&(room, id));
-        relay_write(&self.relay).owners.remove(&(room, id.0));
-    }
-
-    /// Mirror `room`'s subscribers into the relay's view.
-    fn sync_subs(&self, room: RoomId) {
-        let subs = self.subs.subscribers(room);
-        let mut relay = relay_write(&self.relay);
-        if subs.is_empty() {
-            relay.subs.remove(&room);
-        } else {
-            relay.subs.insert(room, subs.to_vec());
+/// Wait for a busy room's lock without stalling the runtime: on a multi-threaded tokio runtime
+/// the waiting worker hands its other tasks (the relay's datagram loops, other rooms' control
+/// streams, the QUIC endpoint) to another thread meanwhile. Elsewhere the thread just waits.
+fn wait_in_place(wait: &mut dyn FnMut()) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
         }
-    }
-
-    /// Subscribe connection `conn` to `room`.
-    fn subscribe(&mut self, room: RoomId, conn: u64) -> Subscribe {
-        let out = self.subs.subscribe(room, conn);
-        if out == Subscribe::Added {
-            self.sync_subs(room);
-        }
-        out
-    }
-
-    /// Bookkeeping after the authority produced `events` for `room`; returns whether the room
-    /// ended.
-    fn after_events(&mut self, room: RoomId, events: &[RoomEvent]) -> bool {
-        let mut ended = false;
-        let mut audibility = false;
-        for e in events {
-            match e {
-                RoomEvent::ParticipantLeft { id } => {
-                    self.remove_owner(room, *id);
-                    audibility = true;
-                }
-                RoomEvent::Ended { .. } => ended = true,
-                RoomEvent::ParticipantJoined { .. }
-                | RoomEvent::RoleChanged { .. }
-                | RoomEvent::Muted { .. }
-                | RoomEvent::Unmuted { .. }
-                | RoomEvent::Kicked { .. } => audibility = true,
-                RoomEvent::HandRaised { .. }
-                | RoomEvent::HandLowered { .. }
-                | RoomEvent::Chat { .. }
-                | RoomEvent::Reaction { .. } => {}
-            }
-        }
-        if ended {
-            self.owners.retain(|(r, _), _| *r != room);
-            let mut relay = relay_write(&self.relay);
-            relay.owners.retain(|(r, _), _| *r != room);
-            relay.speakers.retain(|(r, _), _| *r != room);
-        }
-        if ended || audibility {
-            self.refresh_audible(room);
-        }
-        if let (Some(p), Some(r)) = (&self.persister, self.rooms.get(room)) {
-            // What these events changed, not the whole room; chat writes nothing.
-            p.save_changes(room, r.changes(events));
-        }
-        ended
-    }
-
-    /// Queue `room`'s whole durable state for the store (never waits).
-    fn persist(&self, room: RoomId) {
-        if let (Some(p), Some(r)) = (&self.persister, self.rooms.get(room)) {
-            p.save(&r.persisted());
-        }
-    }
-
-    /// Forget idle and long-ended rooms (at most every [`HOUSEKEEPING_EVERY`]).
-    fn housekeeping(&mut self, now: Instant) {
-        if self.next_housekeeping.is_some_and(|t| now < t) {
-            return;
-        }
-        self.next_housekeeping = Some(now + HOUSEKEEPING_EVERY);
-        for room in self.rooms.housekeeping(now) {
-            relay_write(&self.relay).forget_room(room);
-            self.owners.retain(|(r, _), _| *r != room);
-            self.synced.retain(|(r, _)| *r != room);
-            self.looked_up.remove(&room);
-            self.restored.remove(&room);
-        }
+        _ => wait(),
     }
 }
 
@@ -324,12 +230,26 @@ fn unix_ms() -> u64 {
 }
 
 /// Shared state of all connection tasks.
+///
+/// Locks, always taken in this order: a room's own lock (in [`Rooms`]; a room's commands and
+/// the events they produce are handled and queued under it, so every edge sees a room's events
+/// in command order), then the shared [`HubState`], then the [`RelayTable`]. No lock is held
+/// while another room's lock is waited for; walks over all rooms copy the room list and lock
+/// one room at a time. The datagram relay takes only the relay table's read lock.
 pub(crate) struct Hub {
     origin_id: String,
     metrics: Arc<Metrics>,
+    /// The room authority: every room behind its own lock.
+    rooms: Rooms<RoomBook>,
+    /// Connections and subscriptions shared by all rooms.
     state: RwLock<HubState>,
     /// The relay's view of the state (see [`RelayTable`]).
-    relay: Arc<RwLock<RelayTable>>,
+    relay: RwLock<RelayTable>,
+    /// When idle rooms are next forgotten.
+    next_housekeeping: Mutex<Option<Instant>>,
+    /// Writes what each command changed of its room's durable state (when a store is
+    /// configured); queues only, never waits for the store.
+    persister: Option<Arc<Persister>>,
     packets: mpsc::Sender<MixerCmd>,
     control: mpsc::UnboundedSender<MixerCmd>,
     next_id: AtomicU64,
@@ -385,8 +305,8 @@ impl ControlReader {
 }
 
 /// The wire bytes of one queued control message. A whole `RoomSnapshot` (queued by a join
-/// under the authority lock as one message) is split here into records under the control
-/// record limit, so its serialisation never runs under that lock.
+/// under the room's lock as one message) is split here into records under the control record
+/// limit, so its serialisation never runs under that lock.
 fn wire_bytes(msg: ControlMessage) -> Vec<u8> {
     match msg {
         ControlMessage::RoomSnapshot { state, more: false } => {
@@ -423,17 +343,14 @@ impl Hub {
         rooms: crate::room::RoomsConfig,
     ) -> Self {
         let (store, persister) = durable.unzip();
-        let relay = Arc::new(RwLock::new(RelayTable::default()));
         Hub {
             origin_id,
             metrics,
-            state: RwLock::new(HubState {
-                persister,
-                rooms: Rooms::new(rooms),
-                relay: relay.clone(),
-                ..HubState::default()
-            }),
-            relay,
+            rooms: Rooms::new(rooms).waiting_with(wait_in_place),
+            state: RwLock::new(HubState::default()),
+            relay: RwLock::new(RelayTable::default()),
+            next_housekeeping: Mutex::new(None),
+            persister,
             packets,
             control,
             next_id: AtomicU64::new(1),
@@ -441,17 +358,192 @@ impl Hub {
         }
     }
 
+    /// Queue `msg` to every edge subscribed to `room`.
+    fn to_subscribers(&self, room: RoomId, msg: &ControlMessage) {
+        lock_read(&self.state).to_subscribers(room, msg);
+    }
+
+    /// Recompute who may be heard in `held`'s room from every participant (a room restored,
+    /// reconciled or remembered as ended: rare, whole-room changes).
+    fn refresh_audible(&self, held: &HeldRoom) {
+        let r = &held.room;
+        let set: HashSet<u32> = if r.phase() == RoomPhase::Live {
+            r.audible().map(|p| p.0).collect()
+        } else {
+            HashSet::new()
+        };
+        relay_write(&self.relay).audible.insert(r.id(), set);
+    }
+
+    /// Update who may be heard in `room` for the participants `events` touched: a join or a
+    /// mute costs a lookup, not a rescan of the room.
+    fn update_audible(&self, room: &Room, events: &[RoomEvent]) {
+        let touches = |e: &RoomEvent| match e {
+            RoomEvent::ParticipantJoined { participant } => Some(Some(participant.id)),
+            RoomEvent::RoleChanged { id, .. }
+            | RoomEvent::Muted { id, .. }
+            | RoomEvent::Unmuted { id }
+            | RoomEvent::ParticipantLeft { id } => Some(Some(*id)),
+            RoomEvent::Ended { .. } => Some(None),
+            RoomEvent::Kicked { .. }
+            | RoomEvent::HandRaised { .. }
+            | RoomEvent::HandLowered { .. }
+            | RoomEvent::Chat { .. }
+            | RoomEvent::Reaction { .. } => None,
+        };
+        if !events.iter().any(|e| touches(e).is_some()) {
+            return;
+        }
+        let live = room.phase() == RoomPhase::Live;
+        let mut relay = relay_write(&self.relay);
+        let heard = relay.audible.entry(room.id()).or_default();
+        for touched in events.iter().filter_map(touches) {
+            match touched {
+                Some(id) if live && room.may_be_heard(id) => {
+                    heard.insert(id.0);
+                }
+                Some(id) => {
+                    heard.remove(&id.0);
+                }
+                None => heard.clear(),
+            }
+        }
+    }
+
+    /// Connection `conn` announced participant `id` of `held`'s room.
+    fn set_owner(&self, held: &mut HeldRoom, id: ParticipantId, conn: u64) {
+        held.book.owners.insert(id, conn);
+        relay_write(&self.relay)
+            .owners
+            .insert((held.room.id(), id.0), conn);
+    }
+
+    /// Participant `id` of `held`'s room has no announcing connection any more.
+    fn remove_owner(&self, held: &mut HeldRoom, id: ParticipantId) {
+        held.book.owners.remove(&id);
+        relay_write(&self.relay)
+            .owners
+            .remove(&(held.room.id(), id.0));
+    }
+
+    /// Mirror `room`'s subscribers into the relay's view.
+    fn sync_subs(&self, st: &HubState, room: RoomId) {
+        let subs = st.subs.subscribers(room);
+        let mut relay = relay_write(&self.relay);
+        if subs.is_empty() {
+            relay.subs.remove(&room);
+        } else {
+            relay.subs.insert(room, subs.to_vec());
+        }
+    }
+
+    /// Subscribe connection `conn` to `room` (the shared write lock only if it is not yet).
+    fn subscribe(&self, room: RoomId, conn: u64) -> Subscribe {
+        if lock_read(&self.state)
+            .subs
+            .subscribers(room)
+            .contains(&conn)
+        {
+            return Subscribe::Already;
+        }
+        let mut st = lock_write(&self.state);
+        let out = st.subs.subscribe(room, conn);
+        if out == Subscribe::Added {
+            self.sync_subs(&st, room);
+        }
+        out
+    }
+
+    /// Bookkeeping after the authority produced `events` for `held`'s room (under its lock);
+    /// returns whether the room ended.
+    fn after_events(&self, held: &mut HeldRoom, events: &[RoomEvent]) -> bool {
+        let room = held.room.id();
+        let mut ended = false;
+        for e in events {
+            match e {
+                RoomEvent::ParticipantLeft { id } => self.remove_owner(held, *id),
+                RoomEvent::Ended { .. } => ended = true,
+                _ => {}
+            }
+        }
+        if ended {
+            held.book.owners.clear();
+            let mut relay = relay_write(&self.relay);
+            relay.owners.retain(|(r, _), _| *r != room);
+            relay.speakers.retain(|(r, _), _| *r != room);
+        }
+        self.update_audible(&held.room, events);
+        if let Some(p) = &self.persister {
+            // What these events changed, not the whole room; chat writes nothing. Queued for
+            // the writer task: no store IO here, and none on the relay's path.
+            p.save_changes(room, held.room.changes(events));
+        }
+        ended
+    }
+
+    /// Queue `room`'s whole durable state for the store (never waits).
+    fn persist(&self, room: &Room) {
+        if let Some(p) = &self.persister {
+            p.save(&room.persisted());
+        }
+    }
+
+    /// Forget idle and long-ended rooms (at most every [`HOUSEKEEPING_EVERY`]); a room busy
+    /// with a command is left for the next round. Never called under a room's lock.
+    fn housekeeping(&self, now: Instant) {
+        {
+            let mut next = self
+                .next_housekeeping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if next.is_some_and(|t| now < t) {
+                return;
+            }
+            *next = Some(now + HOUSEKEEPING_EVERY);
+        }
+        let gone = self.rooms.housekeeping(now, |room, _| {
+            relay_write(&self.relay).forget_room(room);
+        });
+        if !gone.is_empty() {
+            let mut st = lock_write(&self.state);
+            for room in gone {
+                st.looked_up.remove(&room);
+                st.restored.remove(&room);
+            }
+        }
+    }
+
+    /// Refuse a command of `actor` in `room`: `CommandRejected` to the edge that sent it.
+    fn refuse(
+        &self,
+        own: &PeerSender,
+        room: RoomId,
+        actor: ParticipantId,
+        request: u64,
+        rej: Rejection,
+    ) {
+        self.metrics.room_commands_rejected.inc();
+        tracing::debug!(%room, %actor, code = %rej.code, message = %rej.message, "room command refused");
+        let _ = own.send(ControlMessage::CommandRejected {
+            room,
+            actor,
+            request,
+            code: rej.code.as_str().into(),
+            message: rej.message,
+        });
+    }
+
     /// Before a room's first use on this origin, take back its stored state (if a store is
     /// configured and holds it). A store failure is logged and the room starts afresh.
     async fn ensure_loaded(&self, room: RoomId) {
         {
             let st = lock_read(&self.state);
-            if st.looked_up.contains(&room)
-                || st.rooms.get(room).is_some()
-                || st.unverified.contains(&room)
-            {
+            if st.looked_up.contains(&room) || st.unverified.contains(&room) {
                 return;
             }
+        }
+        if self.rooms.contains(room) {
+            return;
         }
         self.load(room).await;
     }
@@ -478,7 +570,7 @@ impl Hub {
                 }
                 let mut st = lock_write(&self.state);
                 if st.unverified.insert(room) {
-                    if let Some(p) = &st.persister {
+                    if let Some(p) = &self.persister {
                         p.hold(room);
                     }
                 }
@@ -486,27 +578,33 @@ impl Hub {
             }
         };
         let now = Instant::now();
-        let mut guard = lock_write(&self.state);
-        let st = &mut *guard;
-        st.looked_up.insert(room);
-        if st.unverified.remove(&room) {
-            self.reconcile(st, room, saved, now);
+        if lock_read(&self.state).unverified.contains(&room) {
+            self.reconcile(room, saved, now);
             return true;
         }
-        let Some(saved) = saved else {
-            return true;
-        };
-        let (participants, hands, banned) = (
-            saved.state.participants.len(),
-            saved.state.hands.len(),
-            saved.state.banned.len(),
-        );
-        let phase = saved.state.phase;
-        if st.rooms.restore(saved, now, unix_ms()) {
-            tracing::info!(%room, ?phase, participants, hands, banned, "room restored from the store");
+        let mut restored = false;
+        if let Some(saved) = saved {
+            let (participants, hands, banned) = (
+                saved.state.participants.len(),
+                saved.state.hands.len(),
+                saved.state.banned.len(),
+            );
+            let phase = saved.state.phase;
+            if self
+                .rooms
+                .restore(saved, now, unix_ms(), |held| self.refresh_audible(held))
+            {
+                tracing::info!(%room, ?phase, participants, hands, banned, "room restored from the store");
+                restored = true;
+                self.metrics.rooms_known.set(len_i64(self.rooms.len()));
+            }
+        }
+        // Marked looked up only now: a command that arrived meanwhile loads (and waits) too,
+        // rather than creating the room before its stored state is in.
+        let mut st = lock_write(&self.state);
+        st.looked_up.insert(room);
+        if restored {
             st.restored.insert(room, now);
-            st.refresh_audible(room);
-            self.metrics.rooms_known.set(len_i64(st.rooms.len()));
         }
         true
     }
@@ -514,40 +612,50 @@ impl Hub {
     /// The store answers again for unverified `room`: merge what it holds into the room
     /// ([`crate::persist::reconcile`]), tell the edges what changed (banned users leave, roles
     /// stored before are back), and write its snapshots again.
-    fn reconcile(
-        &self,
-        st: &mut HubState,
-        room: RoomId,
-        saved: Option<PersistedRoom>,
-        now: Instant,
-    ) {
-        if let (Some(saved), Some(current)) = (saved, st.rooms.get(room)) {
-            let before = current.snapshot();
-            let merged = crate::persist::reconcile(saved, current.persisted());
-            let mut events = Vec::new();
-            for p in &before.participants {
-                match merged.state.participants.iter().find(|m| m.id == p.id) {
-                    None => events.push(RoomEvent::ParticipantLeft { id: p.id }),
-                    Some(m) if m.role != p.role => events.push(RoomEvent::RoleChanged {
-                        id: p.id,
-                        role: m.role,
-                        by: p.id,
-                    }),
-                    Some(_) => {}
+    fn reconcile(&self, room: RoomId, saved: Option<PersistedRoom>, now: Instant) {
+        let held = self.rooms.with(room, |held| {
+            if let Some(saved) = saved {
+                let before = held.room.snapshot();
+                let merged = crate::persist::reconcile(saved, held.room.persisted());
+                let roles: HashMap<ParticipantId, _> = merged
+                    .state
+                    .participants
+                    .iter()
+                    .map(|m| (m.id, m.role))
+                    .collect();
+                let mut events = Vec::new();
+                for p in &before.participants {
+                    match roles.get(&p.id) {
+                        None => events.push(RoomEvent::ParticipantLeft { id: p.id }),
+                        Some(&role) if role != p.role => events.push(RoomEvent::RoleChanged {
+                            id: p.id,
+                            role,
+                            by: p.id,
+                        }),
+                        Some(_) => {}
+                    }
                 }
+                let banned = merged.state.banned.len();
+                held.room.reset(merged, now, unix_ms());
+                self.refresh_audible(held);
+                if !events.is_empty() {
+                    self.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                }
+                tracing::info!(%room, banned, "store reachable again: room reconciled with its stored state");
             }
-            let banned = merged.state.banned.len();
-            st.rooms.replace(merged, now, unix_ms());
-            st.refresh_audible(room);
-            if !events.is_empty() {
-                st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+            if let Some(p) = &self.persister {
+                p.release(room);
             }
-            tracing::info!(%room, banned, "store reachable again: room reconciled with its stored state");
+            self.persist(&held.room);
+        });
+        if held.is_none() {
+            if let Some(p) = &self.persister {
+                p.release(room);
+            }
         }
-        if let Some(p) = &st.persister {
-            p.release(room);
-        }
-        st.persist(room);
+        let mut st = lock_write(&self.state);
+        st.unverified.remove(&room);
+        st.looked_up.insert(room);
     }
 
     /// Retry the stored state of unverified rooms (called every second); stops at the first
@@ -561,46 +669,50 @@ impl Hub {
         }
     }
 
-    /// The room authority's live rooms and participants (for metrics).
+    /// The room authority's live rooms and participants (for metrics; one room locked at a
+    /// time).
     pub(crate) fn census(&self) -> AuthorityCensus {
-        lock_read(&self.state).rooms.census()
+        self.rooms.census()
     }
 
     /// Participants of restored rooms that no edge re-announced within [`RESUME_GRACE`] leave.
     pub(crate) fn sweep_unclaimed(&self, now: Instant) {
-        let mut guard = lock_write(&self.state);
-        let st = &mut *guard;
-        let due: Vec<RoomId> = st
-            .restored
-            .iter()
-            .filter(|(_, &t)| now.saturating_duration_since(t) >= RESUME_GRACE)
-            .map(|(r, _)| *r)
-            .collect();
-        for room in due {
-            st.restored.remove(&room);
-            let gone: Vec<ParticipantId> = st
-                .rooms
-                .get(room)
-                .filter(|r| r.phase() == RoomPhase::Live)
-                .map(|r| {
-                    r.participants()
-                        .iter()
-                        .map(|p| p.id)
-                        .filter(|id| !st.owners.contains_key(&(room, *id)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !gone.is_empty() {
-                tracing::info!(%room, participants = gone.len(), "not re-announced after the restart: they leave");
+        let due: Vec<RoomId> = {
+            let mut st = lock_write(&self.state);
+            let due: Vec<RoomId> = st
+                .restored
+                .iter()
+                .filter(|(_, &t)| now.saturating_duration_since(t) >= RESUME_GRACE)
+                .map(|(r, _)| *r)
+                .collect();
+            for room in &due {
+                st.restored.remove(room);
             }
-            for id in gone {
-                if let Ok(events) = st.rooms.apply(room, id, RoomCommand::Leave, now, unix_ms()) {
-                    st.after_events(room, &events);
-                    if !events.is_empty() {
-                        st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+            due
+        };
+        for room in due {
+            self.rooms.with(room, |held| {
+                if held.room.phase() != RoomPhase::Live {
+                    return;
+                }
+                let gone: Vec<ParticipantId> = held
+                    .room
+                    .participants()
+                    .map(|p| p.id)
+                    .filter(|id| !held.book.owners.contains_key(id))
+                    .collect();
+                if !gone.is_empty() {
+                    tracing::info!(%room, participants = gone.len(), "not re-announced after the restart: they leave");
+                }
+                for id in gone {
+                    if let Ok(events) = held.room.apply(id, RoomCommand::Leave, now) {
+                        self.after_events(held, &events);
+                        if !events.is_empty() {
+                            self.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                        }
                     }
                 }
-            }
+            });
         }
     }
 
@@ -691,11 +803,12 @@ impl Hub {
         let own = ctl_tx.clone();
         if matches!(peer, PeerKind::Edge | PeerKind::Router) {
             // Every live ban, so the peer refuses those users' tokens from the start.
-            let st = lock_read(&self.state);
-            for (room, user) in st.rooms.bans() {
+            // Room locks come before the shared state's: the bans first, then the revocations.
+            for (room, user) in self.rooms.bans() {
                 let _ = ctl_tx.send(ControlMessage::Revoke { room, user });
             }
             if peer == PeerKind::Edge {
+                let st = lock_read(&self.state);
                 for (jti, until) in st.revoked_tokens.live(unix_ms() / 1000) {
                     let _ = ctl_tx.send(ControlMessage::RevokeToken {
                         jti: jti.to_string(),
@@ -798,7 +911,12 @@ impl Hub {
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
         loop {
+            // Queued messages go out before the peer's next command is read: rooms run in
+            // parallel, so other connections can fill this peer's queue as fast as its own
+            // commands do; writing first keeps the queue short (the peer's own commands wait,
+            // not its events).
             let msg = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 out = outbound.recv() => {
                     let Some(out) = out.map_err(|TooSlow| Failure::Protocol {
@@ -883,36 +1001,40 @@ impl Hub {
                 name,
                 region,
             } => {
-                let identity = {
+                // Who this is, from the room authority (the packagers name chapters by it).
+                let identity = self
+                    .rooms
+                    .with(room, |held| {
+                        held.room
+                            .participant(speaker)
+                            .map(|p| (p.user.clone(), p.name.clone()))
+                    })
+                    .flatten();
+                let other = {
                     let st = lock_read(&self.state);
                     let mut relay = relay_write(&self.relay);
                     let key = (room, speaker.0);
-                    let owner = st.owners.get(&(room, speaker)).copied();
+                    // The relay's mirror of the room's owners.
+                    let owner = relay.owners.get(&key).copied();
                     let claimed = relay.speakers.get(&key).copied();
                     let other = owner
                         .filter(|&c| c != id)
                         .or(claimed.filter(|&c| c != id && st.edges.contains_key(&c)));
-                    if let Some(other) = other {
-                        drop(relay);
-                        drop(st);
-                        self.metrics.speaker_claims_refused.inc();
-                        tracing::warn!(%room, %speaker, edge = %peer_id, other, "speaker announcement refused: another connection announced that participant");
-                        return Ok(Some(ControlMessage::Error {
-                            code: "forbidden".into(),
-                            message: format!(
-                                "speaker {speaker} in {room} belongs to another connection"
-                            ),
-                        }));
+                    if other.is_none() {
+                        relay.speakers.insert(key, id);
                     }
-                    relay.speakers.insert(key, id);
-                    // Who this is, from the room authority (the packagers name chapters by it).
-                    let who = st
-                        .rooms
-                        .get(room)
-                        .and_then(|r| r.participant(speaker))
-                        .map(|p| (p.user.clone(), p.name.clone()));
-                    who
+                    other
                 };
+                if let Some(other) = other {
+                    self.metrics.speaker_claims_refused.inc();
+                    tracing::warn!(%room, %speaker, edge = %peer_id, other, "speaker announcement refused: another connection announced that participant");
+                    return Ok(Some(ControlMessage::Error {
+                        code: "forbidden".into(),
+                        message: format!(
+                            "speaker {speaker} in {room} belongs to another connection"
+                        ),
+                    }));
+                }
                 tracing::info!(%room, %speaker, %name, %region, edge = %peer_id, "speaker joined");
                 let _ = self.control.send(MixerCmd::Joined {
                     room,
@@ -940,21 +1062,19 @@ impl Hub {
                 });
                 Ok(None)
             }
-            ControlMessage::SubscribeRoom { room } => {
-                match lock_write(&self.state).subscribe(room, id) {
-                    Subscribe::Added | Subscribe::Already => Ok(None),
-                    Subscribe::LimitReached => Ok(Some(ControlMessage::Error {
-                        code: "limit".into(),
-                        message: format!("too many subscriptions, {room} refused"),
-                    })),
-                }
-            }
+            ControlMessage::SubscribeRoom { room } => match self.subscribe(room, id) {
+                Subscribe::Added | Subscribe::Already => Ok(None),
+                Subscribe::LimitReached => Ok(Some(ControlMessage::Error {
+                    code: "limit".into(),
+                    message: format!("too many subscriptions, {room} refused"),
+                })),
+            },
             ControlMessage::UnsubscribeRoom { room } => {
+                // The edge dropped its copy of the room: its next join gets a snapshot again.
+                self.rooms.with(room, |held| held.book.synced.remove(&id));
                 let mut st = lock_write(&self.state);
                 st.subs.unsubscribe(room, id);
-                st.sync_subs(room);
-                // The edge dropped its copy of the room: its next join gets a snapshot again.
-                st.synced.remove(&(room, id));
+                self.sync_subs(&st, room);
                 Ok(None)
             }
             ControlMessage::RoomEnded { .. } => edge_only("room_ended"),
@@ -971,7 +1091,7 @@ impl Hub {
     }
 
     /// Apply a participant's command from edge connection `conn`; see the module documentation
-    /// for what is sent to whom.
+    /// for what is sent to whom. Only `room`'s lock is held while the command runs.
     #[allow(clippy::too_many_arguments)]
     fn room_command(
         &self,
@@ -983,65 +1103,68 @@ impl Hub {
         command: RoomCommand,
         now: Instant,
     ) {
+        self.housekeeping(now);
         let is_join = matches!(command, RoomCommand::Join { .. });
-        let mut guard = lock_write(&self.state);
-        let st = &mut *guard;
-        st.housekeeping(now);
+        let create = is_join.then(|| (now, unix_ms()));
+        let done = self.rooms.with_or_create(room, create, |held| {
+            self.command_in(held, conn, own, actor, request, command, now);
+        });
+        if let Err(rej) = done {
+            self.refuse(own, room, actor, request, rej);
+        }
+        self.metrics.rooms_known.set(len_i64(self.rooms.len()));
+    }
+
+    /// [`Hub::room_command`] under the room's lock: the command's events are queued to the
+    /// subscribed edges before the lock is released, so they go out in command order.
+    #[allow(clippy::too_many_arguments)]
+    fn command_in(
+        &self,
+        held: &mut HeldRoom,
+        conn: u64,
+        own: &PeerSender,
+        actor: ParticipantId,
+        request: u64,
+        command: RoomCommand,
+        now: Instant,
+    ) {
+        let room = held.room.id();
+        let is_join = matches!(command, RoomCommand::Join { .. });
         // A kick revokes the target user's tokens on every edge and router.
         let kicked_user = match &command {
-            RoomCommand::Kick { target } => st
-                .rooms
-                .get(room)
-                .and_then(|r| r.participant(*target))
-                .map(|p| p.user.clone()),
+            RoomCommand::Kick { target } => held.room.participant(*target).map(|p| p.user.clone()),
             _ => None,
         };
-        let live = st
-            .rooms
-            .get(room)
-            .is_some_and(|r| r.phase() == RoomPhase::Live);
+        let live = held.room.phase() == RoomPhase::Live;
         // An edge acts only for the participants it announced.
-        let result = if !is_join && live && st.owners.get(&(room, actor)) != Some(&conn) {
+        let result = if !is_join && live && held.book.owners.get(&actor) != Some(&conn) {
             Err(Rejection {
                 code: RejectCode::NotFound,
                 message: format!("participant {actor} is not connected through this edge"),
             })
         } else {
-            st.rooms.apply(room, actor, command, now, unix_ms())
+            held.room.apply(actor, command, now)
         };
         let events = match result {
             Ok(events) => events,
-            Err(rej) => {
-                self.metrics.room_commands_rejected.inc();
-                tracing::debug!(%room, %actor, code = %rej.code, message = %rej.message, "room command refused");
-                let _ = own.send(ControlMessage::CommandRejected {
-                    room,
-                    actor,
-                    request,
-                    code: rej.code.as_str().into(),
-                    message: rej.message,
-                });
-                return;
-            }
+            Err(rej) => return self.refuse(own, room, actor, request, rej),
         };
         self.metrics.room_commands.inc();
         if is_join {
             // The packagers prepare the room's HLS output before any program media.
             let _ = self.control.send(MixerCmd::RoomOpened { room });
-            st.set_owner(room, actor, conn);
+            self.set_owner(held, actor, conn);
             // The joining edge needs the room's events even if it did not subscribe first.
-            if st.subscribe(room, conn) == Subscribe::LimitReached {
+            if self.subscribe(room, conn) == Subscribe::LimitReached {
                 tracing::warn!(%room, "joining edge has too many subscriptions");
             }
         }
-        let ended = st.after_events(room, &events);
-        let kicked = kicked_user.filter(|_| {
-            events
-                .iter()
-                .any(|e| matches!(e, amphi_protocol::room::RoomEvent::Kicked { .. }))
-        });
+        let ended = self.after_events(held, &events);
+        let kicked =
+            kicked_user.filter(|_| events.iter().any(|e| matches!(e, RoomEvent::Kicked { .. })));
         // A join that changed nothing (already present) is resolved by a snapshot only.
         let quiet = events.is_empty();
+        let st = lock_read(&self.state);
         if !quiet {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
         }
@@ -1049,23 +1172,20 @@ impl Hub {
             // After the events, so the kicked sessions hear `kicked` before they are closed.
             st.revoke(room, user);
         }
-        if is_join && (quiet || !st.synced.contains(&(room, conn))) {
-            if let Some(r) = st.rooms.get(room) {
-                // One queued message; the connection's writer splits and encodes it (the
-                // linear serialisation runs outside the authority lock).
-                let _ = own.send(ControlMessage::RoomSnapshot {
-                    state: r.snapshot(),
-                    more: false,
-                });
-                st.synced.insert((room, conn));
-            }
+        if is_join && (quiet || !held.book.synced.contains(&conn)) {
+            // One queued message; the connection's writer splits and encodes it (the linear
+            // serialisation runs outside the room's lock).
+            let _ = own.send(ControlMessage::RoomSnapshot {
+                state: held.room.snapshot(),
+                more: false,
+            });
+            held.book.synced.insert(conn);
         }
         if ended {
             tracing::info!(%room, by = %actor, "room ended by its host");
             st.room_ended_notice(room, FROM_ORIGIN);
             let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
         }
-        self.metrics.rooms_known.set(len_i64(st.rooms.len()));
     }
 
     /// The mixer found `room` without speakers for the configured idle timeout: end it as the
@@ -1079,73 +1199,82 @@ impl Hub {
     /// record, tell the subscribed edges (`RoomEvents` with `Ended`, then `RoomEnded`), the other
     /// routers and the packagers. A room that already ended here is not announced again.
     fn end_room(&self, room: RoomId, from: u64, now: Instant) {
-        let mut guard = lock_write(&self.state);
-        let st = &mut *guard;
-        let announce = match st.rooms.end(room, now, unix_ms()) {
-            Ending::Ended(events) => {
-                st.after_events(room, &events);
-                st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
-                true
-            }
-            Ending::Unknown => {
-                st.refresh_audible(room);
-                st.persist(room);
-                true
-            }
-            Ending::AlreadyEnded => false,
-        };
-        if announce {
-            st.room_ended_notice(room, from);
-            let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
-        }
-        self.metrics.rooms_known.set(len_i64(st.rooms.len()));
+        self.rooms
+            .end(room, now, unix_ms(), |held, ending| match ending {
+                Ending::AlreadyEnded => {}
+                ending => {
+                    match (ending, held) {
+                        (Ending::Ended(events), Some(held)) => {
+                            self.after_events(held, &events);
+                            self.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                        }
+                        (_, Some(held)) => {
+                            self.refresh_audible(held);
+                            self.persist(&held.room);
+                        }
+                        (_, None) => {
+                            // Not remembered (the origin is full): nobody is heard there.
+                            relay_write(&self.relay).audible.remove(&room);
+                        }
+                    }
+                    lock_read(&self.state).room_ended_notice(room, from);
+                    let _ = self.control.send(MixerCmd::RoomEnded { room, at: now });
+                }
+            });
+        self.metrics.rooms_known.set(len_i64(self.rooms.len()));
     }
 
     /// Edge connection `conn` closed: forget it, and (if `leave`) every participant it announced
-    /// leaves.
+    /// leaves. The shared state is released before the rooms are visited, one at a time.
     fn edge_gone(&self, conn: u64, peer_id: &str, leave: bool) {
         let now = Instant::now();
-        let mut guard = lock_write(&self.state);
-        let st = &mut *guard;
-        st.edges.remove(&conn);
-        let rooms = st.subs.rooms_of(conn).to_vec();
-        st.subs.remove_connection(conn);
-        for room in rooms {
-            st.sync_subs(room);
+        {
+            let mut st = lock_write(&self.state);
+            st.edges.remove(&conn);
+            let rooms = st.subs.rooms_of(conn).to_vec();
+            st.subs.remove_connection(conn);
+            for room in rooms {
+                self.sync_subs(&st, room);
+            }
         }
         {
             let mut relay = relay_write(&self.relay);
             relay.conns.remove(&conn);
             relay.speakers.retain(|_, c| *c != conn);
         }
-        st.synced.retain(|(_, c)| *c != conn);
-        if !leave {
-            st.owners.retain(|_, c| *c != conn);
-            relay_write(&self.relay).owners.retain(|_, c| *c != conn);
-            return;
-        }
-        let mut mine: Vec<(RoomId, ParticipantId)> = st
-            .owners
-            .iter()
-            .filter(|(_, &c)| c == conn)
-            .map(|(k, _)| *k)
-            .collect();
-        mine.sort();
-        if !mine.is_empty() {
-            tracing::info!(edge = %peer_id, participants = mine.len(), "edge gone: its participants leave");
-        }
-        for (room, id) in mine {
-            match st.rooms.apply(room, id, RoomCommand::Leave, now, unix_ms()) {
-                Ok(events) => {
-                    st.after_events(room, &events);
-                    if !events.is_empty() {
-                        st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
-                    }
+        let mut left = 0;
+        self.rooms.each(|held| {
+            held.book.synced.remove(&conn);
+            let mut mine: Vec<ParticipantId> = held
+                .book
+                .owners
+                .iter()
+                .filter(|(_, &c)| c == conn)
+                .map(|(id, _)| *id)
+                .collect();
+            mine.sort();
+            if !leave {
+                for id in mine {
+                    self.remove_owner(held, id);
                 }
-                Err(_) => {
-                    st.remove_owner(room, id);
+                return;
+            }
+            left += mine.len();
+            let room = held.room.id();
+            for id in mine {
+                match held.room.apply(id, RoomCommand::Leave, now) {
+                    Ok(events) => {
+                        self.after_events(held, &events);
+                        if !events.is_empty() {
+                            self.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
+                        }
+                    }
+                    Err(_) => self.remove_owner(held, id),
                 }
             }
+        });
+        if left > 0 {
+            tracing::info!(edge = %peer_id, participants = left, "edge gone: its participants left");
         }
     }
 
@@ -1328,26 +1457,251 @@ mod tests {
                 Role::Listener,
             );
         }
-        let held = lock_write(&hub.state);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let _ = tx.send(route(&hub, quiet, 1, 1));
-            });
-            // A failure detector, not a measurement: a relay that needs the authority's lock
-            // would wait here for as long as the lock is held.
-            let routed = rx.recv_timeout(Duration::from_secs(30));
-            drop(held);
-            assert_eq!(
-                routed,
-                Ok(Ok(vec![1, 2])),
-                "the relay waited for the authority"
-            );
+        // Both rooms' locks and the shared state held, as by commands in progress.
+        hub.rooms.with(busy, |_| {
+            hub.rooms.with(quiet, |_| {
+                let held = lock_write(&hub.state);
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let _ = tx.send(route(&hub, quiet, 1, 1));
+                    });
+                    // A failure detector, not a measurement: a relay that needs the
+                    // authority's locks would wait here for as long as they are held.
+                    let routed = rx.recv_timeout(Duration::from_secs(30));
+                    drop(held);
+                    assert_eq!(
+                        routed,
+                        Ok(Ok(vec![1, 2])),
+                        "the relay waited for the authority"
+                    );
+                });
+            })
         });
     }
 
+    /// An edge connection whose control queue the test reads.
+    fn edge(hub: &Hub, conn: u64) -> PeerReceiver {
+        let (tx, rx) = peer_queue(PEER_QUEUE, Default::default());
+        lock_write(&hub.state)
+            .edges
+            .insert(conn, EdgeLink { control: tx });
+        rx
+    }
+
+    /// Every message queued so far for an edge (the queue stays open).
+    fn queued(rx: &mut PeerReceiver) -> Vec<ControlMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// While a command holds a 10,000-member room (a join or chat burst in progress there),
+    /// another room's joins, chat, mute, subscription, end and speaker announcement are all
+    /// handled, their events queued to that room's edge, and its datagrams routed.
+    #[test]
+    fn a_busy_room_stalls_no_other_rooms_commands_nor_the_relay() {
+        let hub = hub();
+        let (quiet, busy, other) = (RoomId(1), RoomId(2), RoomId(3));
+        let mut listener_edge = edge(&hub, 2);
+        for i in 0..10_000u32 {
+            join(
+                &hub,
+                3 + u64::from(i % 2),
+                busy,
+                100 + i,
+                &format!("u{i}"),
+                Role::Listener,
+            );
+        }
+        join(&hub, 1, quiet, 1, "spk", Role::Speaker);
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let hub = &hub;
+            s.spawn(move || {
+                hub.rooms.with(busy, |_| {
+                    held_tx.send(()).expect("test alive");
+                    let _ = done_rx.recv_timeout(Duration::from_secs(120));
+                })
+            });
+            held_rx.recv().expect("the busy room is held");
+            s.spawn(move || {
+                let (own, mut replies) = peer_queue(PEER_QUEUE, Default::default());
+                join(hub, 2, quiet, 2, "lis", Role::Listener);
+                let now = Instant::now();
+                let chat = RoomCommand::Chat {
+                    text: "hello".into(),
+                };
+                hub.room_command(1, &own, quiet, ParticipantId(1), 2, chat, now);
+                let mute = RoomCommand::Mute { target: None };
+                hub.room_command(1, &own, quiet, ParticipantId(1), 3, mute, now);
+                let subscribe = ControlMessage::SubscribeRoom { room: other };
+                let subscribed = hub.on_message(2, PeerKind::Edge, "edge-2", &own, subscribe);
+                let announce = ControlMessage::SpeakerJoined {
+                    room: quiet,
+                    speaker: ParticipantId(1),
+                    name: "spk".into(),
+                    region: "us-east".into(),
+                };
+                let announced = hub.on_message(1, PeerKind::Edge, "edge-1", &own, announce);
+                hub.end_room(other, FROM_ORIGIN, now);
+                let routed = route(hub, quiet, 1, 1);
+                let _ = tx.send((
+                    subscribed.is_ok_and(|r| r.is_none()),
+                    announced.is_ok_and(|r| r.is_none()),
+                    routed,
+                    queued(&mut replies),
+                ));
+            });
+            // A failure detector, not a measurement: work that needed the busy room's lock
+            // would wait here for as long as it is held.
+            let got = rx.recv_timeout(Duration::from_secs(30));
+            let _ = done_tx.send(());
+            let (subscribed, announced, routed, replies) =
+                got.expect("another room's work waited for the busy room");
+            assert!(subscribed && announced, "{replies:?}");
+            assert!(replies.is_empty(), "nothing refused: {replies:?}");
+            // Muted: the speaker is not heard any more.
+            assert_eq!(routed, Err(DropReason::NotAudible));
+        });
+        let kinds: Vec<_> = queued(&mut listener_edge)
+            .into_iter()
+            .flat_map(|m| match m {
+                ControlMessage::RoomEvents { room, events } if room == quiet => events,
+                _ => Vec::new(),
+            })
+            .map(|e| match e {
+                RoomEvent::ParticipantJoined { participant } => {
+                    format!("joined {}", participant.id)
+                }
+                RoomEvent::Chat { text, .. } => format!("chat {text}"),
+                RoomEvent::Muted { id, .. } => format!("muted {id}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["joined p2", "chat hello", "muted p1"]);
+    }
+
+    /// Commands waiting for a busy room's lock do not take the runtime's worker threads with
+    /// them: with both workers of a two-worker runtime stuck behind a 10,000-member room's
+    /// lock, a relay task and another room's command still run.
+    #[test]
+    fn waiting_for_a_busy_room_does_not_stall_the_runtime() {
+        let hub = Arc::new(hub());
+        let (quiet, busy) = (RoomId(1), RoomId(2));
+        join(&hub, 1, quiet, 1, "spk", Role::Speaker);
+        join(&hub, 2, quiet, 2, "lis", Role::Listener);
+        for i in 0..10_000u32 {
+            join(&hub, 3, busy, 100 + i, &format!("u{i}"), Role::Listener);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                hub.rooms.with(busy, |_| {
+                    held_tx.send(()).expect("test alive");
+                    let _ = done_rx.recv_timeout(Duration::from_secs(120));
+                })
+            })
+        };
+        held_rx.recv().expect("the busy room is held");
+        // More commands for the busy room than the runtime has workers: each waits for its lock.
+        for i in 0..4u32 {
+            let hub = hub.clone();
+            rt.spawn(async move {
+                let (own, _rx) = peer_queue(PEER_QUEUE, Default::default());
+                let chat = RoomCommand::Chat { text: "hi".into() };
+                hub.room_command(
+                    3,
+                    &own,
+                    busy,
+                    ParticipantId(100 + i),
+                    1,
+                    chat,
+                    Instant::now(),
+                );
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let hub = hub.clone();
+            rt.spawn(async move {
+                // Let the waiting commands take the workers first.
+                tokio::task::yield_now().await;
+                let routed = route(&hub, quiet, 1, 1);
+                let (own, mut replies) = peer_queue(PEER_QUEUE, Default::default());
+                let raise = RoomCommand::RaiseHand;
+                hub.room_command(2, &own, quiet, ParticipantId(2), 1, raise, Instant::now());
+                let _ = tx.send((routed, replies.try_recv()));
+            });
+        }
+        // A failure detector, not a measurement.
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        let _ = done_tx.send(());
+        holder.join().expect("holder");
+        rt.shutdown_timeout(Duration::from_secs(10));
+        let (routed, reply) = got.expect("the runtime stalled behind the busy room");
+        assert_eq!(routed, Ok(vec![1, 2]));
+        assert!(reply.is_none(), "the hand command was refused: {reply:?}");
+    }
+
+    /// Commands for one room from two edges at once: both subscribed edges receive the room's
+    /// events in one and the same order, the order the room applied them (its snapshot's join
+    /// order).
+    #[test]
+    fn a_rooms_events_reach_every_edge_in_command_order() {
+        let hub = hub();
+        let room = RoomId(5);
+        let (mut first, mut second) = (edge(&hub, 1), edge(&hub, 2));
+        hub.subscribe(room, 1);
+        hub.subscribe(room, 2);
+        std::thread::scope(|s| {
+            for conn in [1u64, 2] {
+                let hub = &hub;
+                s.spawn(move || {
+                    for i in 0..500u32 {
+                        let id = u32::try_from(conn).expect("small") * 1_000 + i;
+                        join(hub, conn, room, id, &format!("u{id}"), Role::Listener);
+                    }
+                });
+            }
+        });
+        let joins = |rx: &mut PeerReceiver| -> Vec<ParticipantId> {
+            queued(rx)
+                .into_iter()
+                .flat_map(|m| match m {
+                    ControlMessage::RoomEvents { events, .. } => events,
+                    _ => Vec::new(),
+                })
+                .filter_map(|e| match e {
+                    RoomEvent::ParticipantJoined { participant } => Some(participant.id),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (a, b) = (joins(&mut first), joins(&mut second));
+        assert_eq!(a.len(), 1_000);
+        assert_eq!(a, b);
+        let order: Vec<ParticipantId> = hub
+            .rooms
+            .with(room, |held| {
+                held.room.participants().map(|p| p.id).collect()
+            })
+            .expect("held");
+        assert_eq!(order, a);
+    }
+
     /// A join into a big room queues its snapshot as one message (only a clone is made under
-    /// the authority lock); the connection's writer splits it into records under the control
+    /// the room's lock); the connection's writer splits it into records under the control
     /// record limit that the edge reassembles into the whole room.
     #[tokio::test]
     async fn a_big_rooms_join_snapshot_is_split_by_the_writer_not_under_the_lock() {

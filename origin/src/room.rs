@@ -12,6 +12,7 @@ use amphi_protocol::room::{
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 /// Longest user identity (token `sub`) accepted on join, in bytes.
@@ -157,7 +158,13 @@ pub struct Room {
     id: RoomId,
     limits: RoomLimits,
     phase: RoomPhase,
-    participants: Vec<Participant>,
+    /// Participants present, keyed by join order (so a lookup, a join and a leave cost
+    /// O(log n), not a scan of a big room).
+    participants: BTreeMap<u64, Participant>,
+    /// Each present participant's key in `participants`.
+    joined: HashMap<ParticipantId, u64>,
+    /// The key of the next participant to join.
+    next_join: u64,
     hands: Vec<ParticipantId>,
     banned: Vec<String>,
     /// The role each user last held here: a user who reconnects (new participant id) gets it back,
@@ -180,7 +187,9 @@ impl Room {
             id,
             limits,
             phase: RoomPhase::Live,
-            participants: Vec::new(),
+            participants: BTreeMap::new(),
+            joined: HashMap::new(),
+            next_join: 0,
             hands: Vec::new(),
             banned: Vec::new(),
             roles: HashMap::new(),
@@ -281,9 +290,13 @@ impl Room {
         let crate::persist::PersistedRoom { state, roles } = saved;
         let mut room = Room::new(state.room, limits, now, now_unix_ms);
         room.phase = state.phase;
-        room.participants = state.participants;
-        for p in &room.participants {
+        for p in state.participants {
+            // Stored state has one record per id; a second record of an id is ignored.
+            if room.joined.contains_key(&p.id) {
+                continue;
+            }
             *room.sessions.entry(p.user.clone()).or_default() += 1;
+            room.insert(p);
         }
         room.hands = state.hands;
         room.banned = state.banned;
@@ -296,7 +309,7 @@ impl Room {
         RoomState {
             room: self.id,
             phase: self.phase,
-            participants: self.participants.clone(),
+            participants: self.participants.values().cloned().collect(),
             hands: self.hands.clone(),
             banned: self.banned.clone(),
         }
@@ -304,12 +317,23 @@ impl Room {
 
     /// A participant by id.
     pub fn participant(&self, id: ParticipantId) -> Option<&Participant> {
-        self.participants.iter().find(|p| p.id == id)
+        self.participants.get(self.joined.get(&id)?)
+    }
+
+    fn participant_mut(&mut self, id: ParticipantId) -> Option<&mut Participant> {
+        self.participants.get_mut(self.joined.get(&id)?)
     }
 
     /// Participants present, in join order.
-    pub fn participants(&self) -> &[Participant] {
-        &self.participants
+    pub fn participants(&self) -> impl ExactSizeIterator<Item = &Participant> + '_ {
+        self.participants.values()
+    }
+
+    /// Add `p` (not present) last in join order.
+    fn insert(&mut self, p: Participant) {
+        self.joined.insert(p.id, self.next_join);
+        self.participants.insert(self.next_join, p);
+        self.next_join += 1;
     }
 
     /// Whether `id`'s audio may be relayed and mixed: present, a publishing role, not muted.
@@ -321,13 +345,9 @@ impl Room {
     /// Participants whose audio may be relayed and mixed (see [`Room::may_be_heard`]).
     pub fn audible(&self) -> impl Iterator<Item = ParticipantId> + '_ {
         self.participants
-            .iter()
+            .values()
             .filter(|p| p.role.may_publish() && !p.muted)
             .map(|p| p.id)
-    }
-
-    fn index(&self, id: ParticipantId) -> Option<usize> {
-        self.participants.iter().position(|p| p.id == id)
     }
 
     fn role_of(&self, id: ParticipantId) -> Result<RoomRole, Rejection> {
@@ -440,11 +460,11 @@ impl Room {
                         return reject(RejectCode::Invalid, format!("{target} does not publish"));
                     }
                 }
-                let i = self.index(target).expect("target checked");
-                if self.participants[i].muted {
+                let p = self.participant_mut(target).expect("target checked");
+                if p.muted {
                     Vec::new()
                 } else {
-                    self.participants[i].muted = true;
+                    p.muted = true;
                     vec![RoomEvent::Muted {
                         id: target,
                         by: actor,
@@ -456,9 +476,9 @@ impl Room {
                 if !role.may_publish() {
                     return reject(RejectCode::Forbidden, "listeners have no microphone");
                 }
-                let i = self.index(actor).expect("actor checked");
-                if self.participants[i].muted {
-                    self.participants[i].muted = false;
+                let p = self.participant_mut(actor).expect("actor checked");
+                if p.muted {
+                    p.muted = false;
                     vec![RoomEvent::Unmuted { id: actor }]
                 } else {
                     Vec::new()
@@ -549,6 +569,22 @@ impl Room {
         };
         self.last_change = self.last_change.max(now);
         Ok(events)
+    }
+
+    /// Whether housekeeping may forget this room at `now`: ended longer than `ended_memory`
+    /// ago, or live, empty and without a command for `empty_idle`.
+    pub fn forgettable(&self, now: Instant, cfg: &RoomsConfig) -> bool {
+        let idle = now.saturating_duration_since(self.last_change);
+        match self.phase {
+            RoomPhase::Ended => idle >= cfg.ended_memory,
+            RoomPhase::Live => self.participants.is_empty() && idle >= cfg.empty_idle,
+        }
+    }
+
+    /// Replace this room's state with `saved` (its state reconciled with the stored one after
+    /// the store came back, see [`crate::persist::reconcile`]), keeping its limits.
+    pub fn reset(&mut self, saved: crate::persist::PersistedRoom, now: Instant, unix_ms: u64) {
+        *self = Room::restore(saved, self.limits, now, unix_ms);
     }
 
     /// End the room (a host's `End`, or `by: None` for the REST API / an operator). Refused if it
@@ -678,7 +714,7 @@ impl Room {
             region,
             muted: false,
         };
-        self.participants.push(participant.clone());
+        self.insert(participant.clone());
         Ok(vec![RoomEvent::ParticipantJoined { participant }])
     }
 
@@ -694,12 +730,12 @@ impl Room {
         role: RoomRole,
         by: ParticipantId,
     ) -> Vec<RoomEvent> {
-        let i = self.index(target).expect("target checked");
-        if self.participants[i].role == role {
+        let p = self.participant_mut(target).expect("target checked");
+        if p.role == role {
             return Vec::new();
         }
-        self.participants[i].role = role;
-        let user = self.participants[i].user.clone();
+        p.role = role;
+        let user = p.user.clone();
         self.roles.insert(user, role);
         let mut events = vec![RoomEvent::RoleChanged {
             id: target,
@@ -719,8 +755,11 @@ impl Room {
         if let Some(by) = kicked_by {
             events.push(RoomEvent::Kicked { id, by });
         }
-        if let Some(i) = self.index(id) {
-            let p = self.participants.remove(i);
+        if let Some(p) = self
+            .joined
+            .remove(&id)
+            .and_then(|k| self.participants.remove(&k))
+        {
             if let Some(n) = self.sessions.get_mut(&p.user) {
                 *n -= 1;
                 if *n == 0 {
@@ -743,7 +782,7 @@ impl Room {
             .clone();
         let sessions: Vec<ParticipantId> = self
             .participants
-            .iter()
+            .values()
             .filter(|p| p.user == user)
             .map(|p| p.id)
             .collect();
@@ -800,168 +839,351 @@ pub struct AuthorityCensus {
     pub participants: BTreeMap<(RoomRole, String), usize>,
 }
 
-/// Every room of this origin (sans-IO): creates a room on its first `Join`, remembers ended
-/// rooms, forgets idle ones in [`Rooms::housekeeping`].
+/// One room held by [`Rooms`], behind the room's own lock, with what the driver keeps per room
+/// (`book`: the hub's owners of participants and edges holding the room's state).
 #[derive(Debug)]
-pub struct Rooms {
-    cfg: RoomsConfig,
-    rooms: HashMap<RoomId, Room>,
+pub struct Held<T> {
+    /// The room's authoritative state.
+    pub room: Room,
+    /// The driver's bookkeeping of this room.
+    pub book: T,
+    /// Created for a `Join` and never had a participant: forgotten again if it is still empty
+    /// after the command (a refused join creates no room).
+    fresh: bool,
+    /// Forgotten (housekeeping, or a fresh room whose join was refused): a caller that waited
+    /// for this lock looks the room up again.
+    gone: bool,
 }
 
-impl Default for Rooms {
+impl<T: Default> Held<T> {
+    fn new(room: Room, fresh: bool) -> Self {
+        Held {
+            room,
+            book: T::default(),
+            fresh,
+            gone: false,
+        }
+    }
+}
+
+/// A room's slot in [`Rooms`].
+type Slot<T> = Arc<Mutex<Held<T>>>;
+
+/// How often a caller looks a room up again after finding its slot forgotten. A slot is
+/// removed from the map before its lock is released, so the second look finds the room's
+/// new slot or none; this only bounds pathological churn.
+const LOOKUPS: usize = 8;
+
+fn lock_held<T>(slot: &Mutex<Held<T>>) -> MutexGuard<'_, Held<T>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a caller waits for a room's lock that another caller holds: it runs the given wait
+/// exactly once. [`Rooms::waiting_with`] sets it (an async driver hands its executor thread's
+/// other work elsewhere meanwhile); by default the caller's thread just waits.
+pub type Wait = fn(&mut dyn FnMut());
+
+fn wait_here(wait: &mut dyn FnMut()) {
+    wait()
+}
+
+/// Every room of this origin, each behind its own lock: commands in one room never wait for
+/// another room's. Creates a room on its first `Join`, remembers ended rooms, forgets idle ones
+/// in [`Rooms::housekeeping`]. Time comes in as `now` (no clock, no IO).
+///
+/// Locks: the map of rooms is behind a short-held lock that is never held while a room's lock
+/// is waited for; a room's lock may be held while the map is locked (to add or forget that
+/// room). Walks over every room ([`Rooms::census`], [`Rooms::bans`], [`Rooms::each`]) copy the
+/// list of rooms first and lock each room alone; housekeeping skips a room that is busy.
+#[derive(Debug)]
+pub struct Rooms<T = ()> {
+    cfg: RoomsConfig,
+    map: RwLock<HashMap<RoomId, Slot<T>>>,
+    wait: Wait,
+}
+
+impl<T: Default> Default for Rooms<T> {
     fn default() -> Self {
         Rooms::new(RoomsConfig::default())
     }
 }
 
-impl Rooms {
+impl<T: Default> Rooms<T> {
     /// No rooms yet.
     pub fn new(cfg: RoomsConfig) -> Self {
         Rooms {
             cfg,
-            rooms: HashMap::new(),
+            map: RwLock::new(HashMap::new()),
+            wait: wait_here,
         }
     }
 
-    /// A room by id.
-    pub fn get(&self, room: RoomId) -> Option<&Room> {
-        self.rooms.get(&room)
+    /// These rooms, waiting for a busy room's lock through `wait` (see [`Wait`]).
+    pub fn waiting_with(self, wait: Wait) -> Self {
+        Rooms { wait, ..self }
+    }
+
+    /// Lock `slot`: at once if it is free, else through [`Wait`].
+    fn lock<'a>(&self, slot: &'a Mutex<Held<T>>) -> MutexGuard<'a, Held<T>> {
+        match slot.try_lock() {
+            Ok(held) => held,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let mut held = None;
+                (self.wait)(&mut || held = Some(lock_held(slot)));
+                held.unwrap_or_else(|| lock_held(slot))
+            }
+        }
+    }
+
+    fn map_read(&self) -> RwLockReadGuard<'_, HashMap<RoomId, Slot<T>>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn map_write(&self) -> RwLockWriteGuard<'_, HashMap<RoomId, Slot<T>>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Rooms held (live and ended).
     pub fn len(&self) -> usize {
-        self.rooms.len()
+        self.map_read().len()
     }
 
     /// Whether no room is held.
     pub fn is_empty(&self) -> bool {
-        self.rooms.is_empty()
+        self.map_read().is_empty()
+    }
+
+    /// Whether `room` is held.
+    pub fn contains(&self, room: RoomId) -> bool {
+        self.map_read().contains_key(&room)
+    }
+
+    fn slot(&self, room: RoomId) -> Option<Slot<T>> {
+        self.map_read().get(&room).cloned()
+    }
+
+    /// Forget `room` if `slot` is still its slot (the caller holds the slot's lock).
+    fn forget(&self, room: RoomId, slot: &Slot<T>, held: &mut Held<T>) {
+        held.gone = true;
+        let mut map = self.map_write();
+        if map.get(&room).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            map.remove(&room);
+        }
+    }
+
+    /// Run `f` on `room` under its lock; `None` if the room is not held.
+    pub fn with<R>(&self, room: RoomId, f: impl FnOnce(&mut Held<T>) -> R) -> Option<R> {
+        for _ in 0..LOOKUPS {
+            let slot = self.slot(room)?;
+            let mut held = self.lock(&slot);
+            if !held.gone {
+                return Some(f(&mut held));
+            }
+        }
+        None
+    }
+
+    /// Run `f` (a command for `room`) under the room's lock. If the room is not held and
+    /// `create` is given (a `Join` at `(now, unix_ms)`), a live empty room is created for it
+    /// first, unless the origin holds [`RoomsConfig::max_rooms`] rooms; a created room still
+    /// empty after `f` (its join was refused) is forgotten again.
+    pub fn with_or_create<R>(
+        &self,
+        room: RoomId,
+        create: Option<(Instant, u64)>,
+        f: impl FnOnce(&mut Held<T>) -> R,
+    ) -> Result<R, Rejection> {
+        let mut f = Some(f);
+        for _ in 0..LOOKUPS {
+            let slot = match self.slot(room) {
+                Some(slot) => slot,
+                None => {
+                    let Some((now, unix_ms)) = create else {
+                        return reject(
+                            RejectCode::NotFound,
+                            format!("room {room} has nobody in it"),
+                        );
+                    };
+                    let mut map = self.map_write();
+                    match map.get(&room) {
+                        Some(slot) => slot.clone(),
+                        None if map.len() >= self.cfg.max_rooms => {
+                            return reject(RejectCode::Limit, "this origin holds too many rooms")
+                        }
+                        None => {
+                            let fresh = Room::new(room, self.cfg.room, now, unix_ms);
+                            let slot = Arc::new(Mutex::new(Held::new(fresh, true)));
+                            map.insert(room, slot.clone());
+                            slot
+                        }
+                    }
+                }
+            };
+            let mut held = self.lock(&slot);
+            if held.gone {
+                continue;
+            }
+            let f = f.take().expect("called once: every path after it returns");
+            let out = f(&mut held);
+            if held.fresh {
+                if held.room.participants.is_empty() && held.room.phase == RoomPhase::Live {
+                    self.forget(room, &slot, &mut held);
+                } else {
+                    held.fresh = false;
+                }
+            }
+            return Ok(out);
+        }
+        reject(RejectCode::Limit, format!("room {room} is being replaced"))
+    }
+
+    /// Every room's slot, copied out of the map.
+    fn slots(&self) -> Vec<(RoomId, Slot<T>)> {
+        self.map_read()
+            .iter()
+            .map(|(id, slot)| (*id, slot.clone()))
+            .collect()
+    }
+
+    /// Run `f` on every room, one room's lock at a time (the list of rooms is copied first;
+    /// rooms added meanwhile are not visited).
+    pub fn each(&self, mut f: impl FnMut(&mut Held<T>)) {
+        for (_, slot) in self.slots() {
+            let mut held = self.lock(&slot);
+            if !held.gone {
+                f(&mut held);
+            }
+        }
     }
 
     /// Live rooms and their participants by (role, region of their edge).
     pub fn census(&self) -> AuthorityCensus {
         let mut census = AuthorityCensus::default();
-        for room in self.rooms.values().filter(|r| r.phase == RoomPhase::Live) {
+        self.each(|held| {
+            let room = &held.room;
+            if room.phase != RoomPhase::Live {
+                return;
+            }
             census.live_rooms += 1;
-            for p in &room.participants {
+            for p in room.participants.values() {
                 *census
                     .participants
                     .entry((p.role, p.region.clone()))
                     .or_default() += 1;
             }
-        }
+        });
         census
     }
 
     /// The banned users of every live room, as (room, user).
     pub fn bans(&self) -> Vec<(RoomId, String)> {
-        self.rooms
-            .values()
-            .filter(|r| r.phase == RoomPhase::Live)
-            .flat_map(|r| r.banned.iter().map(|u| (r.id, u.clone())))
-            .collect()
+        let mut bans = Vec::new();
+        self.each(|held| {
+            let r = &held.room;
+            if r.phase == RoomPhase::Live {
+                bans.extend(r.banned.iter().map(|u| (r.id, u.clone())));
+            }
+        });
+        bans
     }
 
-    /// Apply `command` to `room` (a `Join` creates the room; anything else needs it to exist).
-    /// `unix_ms` is the wall clock at `now`, used only when the room is created.
-    pub fn apply(
-        &mut self,
-        room: RoomId,
-        actor: ParticipantId,
-        command: RoomCommand,
-        now: Instant,
-        unix_ms: u64,
-    ) -> Result<Vec<RoomEvent>, Rejection> {
-        if !self.rooms.contains_key(&room) {
-            if !matches!(command, RoomCommand::Join { .. }) {
-                return reject(
-                    RejectCode::NotFound,
-                    format!("room {room} has nobody in it"),
-                );
-            }
-            if self.rooms.len() >= self.cfg.max_rooms {
-                return reject(RejectCode::Limit, "this origin holds too many rooms");
-            }
-            let mut fresh = Room::new(room, self.cfg.room, now, unix_ms);
-            let events = fresh.apply(actor, command, now)?;
-            self.rooms.insert(room, fresh);
-            return Ok(events);
-        }
-        self.rooms
-            .get_mut(&room)
-            .expect("checked")
-            .apply(actor, command, now)
-    }
-
-    /// Take back a persisted room (after an origin restart). Refused (`false`) if the room is
-    /// already held or the origin is full.
+    /// Take back a persisted room (after an origin restart) and run `f` on it under its lock
+    /// (before any command can reach it). Refused (`false`, `f` not run) if the room is already
+    /// held or the origin is full.
     pub fn restore(
-        &mut self,
+        &self,
         saved: crate::persist::PersistedRoom,
         now: Instant,
         unix_ms: u64,
+        f: impl FnOnce(&mut Held<T>),
     ) -> bool {
         let id = saved.state.room;
-        if self.rooms.contains_key(&id) || self.rooms.len() >= self.cfg.max_rooms {
-            return false;
+        let room = Room::restore(saved, self.cfg.room, now, unix_ms);
+        let slot = Arc::new(Mutex::new(Held::new(room, false)));
+        let mut held = lock_held(&slot);
+        {
+            let mut map = self.map_write();
+            if map.contains_key(&id) || map.len() >= self.cfg.max_rooms {
+                return false;
+            }
+            map.insert(id, slot.clone());
         }
-        self.rooms
-            .insert(id, Room::restore(saved, self.cfg.room, now, unix_ms));
+        f(&mut held);
         true
     }
 
-    /// Replace a held room's state with `saved` (its state reconciled with the stored one after
-    /// the store came back, see [`crate::persist::reconcile`]). `false` if the room is not held.
-    pub fn replace(
-        &mut self,
-        saved: crate::persist::PersistedRoom,
+    /// End `room` from outside the room (REST API through a geo-router, an edge's `RoomEnded`)
+    /// and run `f` under its lock with what happened. An unknown room is remembered as ended
+    /// (unless the origin is full: then `f` gets no room).
+    pub fn end<R>(
+        &self,
+        room: RoomId,
         now: Instant,
         unix_ms: u64,
-    ) -> bool {
-        let id = saved.state.room;
-        match self.rooms.get_mut(&id) {
-            Some(r) => {
-                *r = Room::restore(saved, self.cfg.room, now, unix_ms);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// End `room` from outside the room (REST API through a geo-router, an edge's `RoomEnded`).
-    pub fn end(&mut self, room: RoomId, now: Instant, unix_ms: u64) -> Ending {
-        match self.rooms.get_mut(&room) {
-            Some(r) => match r.end_by(None, now) {
-                Ok(events) => Ending::Ended(events),
-                Err(_) => Ending::AlreadyEnded,
-            },
-            None => {
-                if self.rooms.len() < self.cfg.max_rooms {
-                    let mut r = Room::new(room, self.cfg.room, now, unix_ms);
-                    r.end(None);
-                    self.rooms.insert(room, r);
+        f: impl FnOnce(Option<&mut Held<T>>, Ending) -> R,
+    ) -> R {
+        let mut f = Some(f);
+        for _ in 0..LOOKUPS {
+            let (slot, created) = match self.slot(room) {
+                Some(slot) => (slot, false),
+                None => {
+                    let mut map = self.map_write();
+                    match map.get(&room) {
+                        Some(slot) => (slot.clone(), false),
+                        None if map.len() >= self.cfg.max_rooms => break,
+                        None => {
+                            let mut r = Room::new(room, self.cfg.room, now, unix_ms);
+                            r.end(None);
+                            let slot = Arc::new(Mutex::new(Held::new(r, false)));
+                            map.insert(room, slot.clone());
+                            (slot, true)
+                        }
+                    }
                 }
-                Ending::Unknown
+            };
+            let mut held = self.lock(&slot);
+            if held.gone {
+                continue;
             }
+            let ending = if created {
+                Ending::Unknown
+            } else {
+                match held.room.end_by(None, now) {
+                    Ok(events) => Ending::Ended(events),
+                    Err(_) => Ending::AlreadyEnded,
+                }
+            };
+            let f = f.take().expect("called once: every path after it returns");
+            return f(Some(&mut held), ending);
         }
+        let f = f.take().expect("not called yet");
+        f(None, Ending::Unknown)
     }
 
-    /// Forget ended rooms older than `ended_memory` and empty live rooms idle for `empty_idle`;
-    /// returns the forgotten ids.
-    pub fn housekeeping(&mut self, now: Instant) -> Vec<RoomId> {
+    /// Forget ended rooms older than `ended_memory` and empty live rooms idle for `empty_idle`,
+    /// calling `f` on each under its lock before it goes; returns the forgotten ids. A room
+    /// whose lock is held is left for the next round.
+    pub fn housekeeping(
+        &self,
+        now: Instant,
+        mut f: impl FnMut(RoomId, &mut Held<T>),
+    ) -> Vec<RoomId> {
         let cfg = self.cfg;
         let mut gone = Vec::new();
-        self.rooms.retain(|id, r| {
-            let idle = now.saturating_duration_since(r.last_change);
-            let keep = match r.phase {
-                RoomPhase::Ended => idle < cfg.ended_memory,
-                RoomPhase::Live => !r.participants.is_empty() || idle < cfg.empty_idle,
+        for (id, slot) in self.slots() {
+            let mut held = match slot.try_lock() {
+                Ok(held) => held,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => continue,
             };
-            if !keep {
-                gone.push(*id);
+            if held.gone || !held.room.forgettable(now, &cfg) {
+                continue;
             }
-            keep
-        });
+            f(id, &mut held);
+            self.forget(id, &slot, &mut held);
+            gone.push(id);
+        }
         gone
     }
 }

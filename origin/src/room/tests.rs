@@ -800,6 +800,29 @@ fn sessions_per_user_are_capped() {
     );
 }
 
+fn apply(
+    rooms: &Rooms,
+    room: RoomId,
+    actor: ParticipantId,
+    cmd: RoomCommand,
+    t0: Instant,
+) -> Result<Vec<RoomEvent>, Rejection> {
+    let create = matches!(cmd, RoomCommand::Join { .. }).then_some((t0, 0));
+    rooms.with_or_create(room, create, |h| h.room.apply(actor, cmd, t0))?
+}
+
+fn end(rooms: &Rooms, room: RoomId, t0: Instant) -> Ending {
+    rooms.end(room, t0, 0, |_, ending| ending)
+}
+
+fn housekeeping(rooms: &Rooms, now: Instant) -> Vec<RoomId> {
+    let mut seen = Vec::new();
+    let mut gone = rooms.housekeeping(now, |id, _| seen.push(id));
+    assert_eq!(seen, gone, "every forgotten room is shown to the caller");
+    gone.sort();
+    gone
+}
+
 #[test]
 fn rooms_create_on_join_remember_ends_and_forget_idle() {
     let t0 = Instant::now();
@@ -809,48 +832,131 @@ fn rooms_create_on_join_remember_ends_and_forget_idle() {
         empty_idle: Duration::from_secs(30),
         ..RoomsConfig::default()
     };
-    let mut rooms = Rooms::new(cfg);
+    let rooms = Rooms::new(cfg);
     let (a, b, c, d) = (RoomId(1), RoomId(2), RoomId(3), RoomId(4));
     // Only a join creates a room; a refused join creates nothing.
     assert_eq!(
-        rooms
-            .apply(a, H, RoomCommand::Leave, t0, 0)
+        apply(&rooms, a, H, RoomCommand::Leave, t0)
             .unwrap_err()
             .code,
         RejectCode::NotFound
     );
-    assert!(rooms.apply(a, H, join_cmd("", Role::Host), t0, 0).is_err());
+    assert!(apply(&rooms, a, H, join_cmd("", Role::Host), t0).is_err());
     assert!(rooms.is_empty());
-    rooms.apply(a, H, join_cmd("h", Role::Host), t0, 0).unwrap();
-    rooms.apply(b, H, join_cmd("h", Role::Host), t0, 0).unwrap();
-    rooms.apply(b, H, RoomCommand::Leave, t0, 0).unwrap();
+    apply(&rooms, a, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(&rooms, b, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(&rooms, b, H, RoomCommand::Leave, t0).unwrap();
     // Ending an unknown room remembers it as ended.
-    assert_eq!(rooms.end(c, t0, 0), Ending::Unknown);
+    assert_eq!(end(&rooms, c, t0), Ending::Unknown);
     assert_eq!(
-        rooms
-            .apply(c, H, join_cmd("h", Role::Host), t0, 0)
+        apply(&rooms, c, H, join_cmd("h", Role::Host), t0)
             .unwrap_err()
             .code,
         RejectCode::RoomEnded
     );
     assert_eq!(rooms.len(), 3);
     assert_eq!(
-        rooms
-            .apply(d, H, join_cmd("h", Role::Host), t0, 0)
+        apply(&rooms, d, H, join_cmd("h", Role::Host), t0)
             .unwrap_err()
             .code,
         RejectCode::Limit
     );
     assert_eq!(
-        rooms.end(a, t0, 0),
+        end(&rooms, a, t0),
         Ending::Ended(vec![RoomEvent::Ended { by: None }])
     );
-    assert_eq!(rooms.end(a, t0, 0), Ending::AlreadyEnded);
+    assert_eq!(end(&rooms, a, t0), Ending::AlreadyEnded);
     // The empty live room goes after 30 s, the ended ones after 60 s.
-    assert!(rooms.housekeeping(t0 + Duration::from_secs(29)).is_empty());
-    assert_eq!(rooms.housekeeping(t0 + Duration::from_secs(31)), vec![b]);
-    let mut gone = rooms.housekeeping(t0 + Duration::from_secs(61));
-    gone.sort();
-    assert_eq!(gone, vec![a, c]);
+    assert!(housekeeping(&rooms, t0 + Duration::from_secs(29)).is_empty());
+    assert_eq!(housekeeping(&rooms, t0 + Duration::from_secs(31)), vec![b]);
+    assert_eq!(
+        housekeeping(&rooms, t0 + Duration::from_secs(61)),
+        vec![a, c]
+    );
     assert!(rooms.is_empty());
+}
+
+/// While one room's lock is held (a command in progress there), every other room takes
+/// commands, ends and housekeeping; housekeeping skips the busy room rather than wait for it.
+#[test]
+fn one_rooms_lock_does_not_stall_the_others() {
+    let t0 = Instant::now();
+    let cfg = RoomsConfig {
+        empty_idle: Duration::from_secs(1),
+        ..RoomsConfig::default()
+    };
+    let rooms: Rooms = Rooms::new(cfg);
+    let rooms = &rooms;
+    let (busy, quiet, empty) = (RoomId(1), RoomId(2), RoomId(3));
+    for i in 0..10_000u32 {
+        apply(
+            rooms,
+            busy,
+            ParticipantId(100 + i),
+            join_cmd(&format!("u{i}"), Role::Listener),
+            t0,
+        )
+        .unwrap();
+    }
+    apply(rooms, busy, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(rooms, busy, H, RoomCommand::Leave, t0).unwrap();
+    apply(rooms, empty, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(rooms, empty, H, RoomCommand::Leave, t0).unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            rooms.with(busy, |_| {
+                held_tx.send(()).unwrap();
+                // Held until the other rooms' work is done (or the detector below gives up).
+                let _ = done_rx.recv_timeout(Duration::from_secs(120));
+            })
+        });
+        held_rx.recv().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            let later = t0 + Duration::from_secs(5);
+            let joined = apply(rooms, quiet, H, join_cmd("h", Role::Host), later);
+            let chat = apply(
+                rooms,
+                quiet,
+                H,
+                RoomCommand::Chat { text: "hi".into() },
+                later,
+            );
+            let gone = housekeeping(rooms, later);
+            let ended = end(rooms, quiet, later);
+            let _ = tx.send((joined.is_ok(), chat.is_ok(), gone, ended));
+        });
+        // A failure detector, not a measurement: work that needed the busy room's lock would
+        // wait here for as long as it is held.
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        done_tx.send(()).unwrap();
+        let (joined, chat, gone, ended) = got.expect("another room's lock stalled them");
+        assert!(joined && chat);
+        assert_eq!(gone, vec![empty], "housekeeping skipped the busy room");
+        assert_eq!(ended, Ending::Ended(vec![RoomEvent::Ended { by: None }]));
+    });
+}
+
+#[test]
+fn census_and_bans_walk_every_room() {
+    let t0 = Instant::now();
+    let rooms: Rooms = Rooms::default();
+    let (a, b) = (RoomId(1), RoomId(2));
+    apply(&rooms, a, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(&rooms, a, L, join_cmd("l", Role::Listener), t0).unwrap();
+    apply(&rooms, a, H, RoomCommand::Kick { target: L }, t0).unwrap();
+    apply(&rooms, b, H, join_cmd("h", Role::Host), t0).unwrap();
+    apply(&rooms, b, S, join_cmd("s", Role::Speaker), t0).unwrap();
+    let census = rooms.census();
+    assert_eq!(census.live_rooms, 2);
+    assert_eq!(census.participants.values().sum::<usize>(), 3);
+    assert_eq!(rooms.bans(), vec![(a, "l".to_string())]);
+    end(&rooms, a, t0);
+    assert!(
+        rooms.bans().is_empty(),
+        "an ended room's bans are not announced"
+    );
+    assert_eq!(rooms.census().live_rooms, 1);
 }
