@@ -545,7 +545,7 @@ impl Hub {
         if self.rooms.contains(room) {
             return;
         }
-        self.load(room).await;
+        self.load(room, false).await;
     }
 
     /// Read `room`'s stored state and take it: restore it (first use), or reconcile it with the
@@ -553,11 +553,19 @@ impl Hub {
     /// unverified: it runs from a fresh state (rooms that start during a store outage work)
     /// and its snapshots are held so that they cannot overwrite bans and roles stored before.
     /// `false` if the store could not be read.
-    async fn load(&self, room: RoomId) -> bool {
+    async fn load(&self, room: RoomId, probe: bool) -> bool {
         let Some(store) = &self.store else {
             return true;
         };
-        let saved = match tokio::time::timeout(LOAD_TIMEOUT, store.load(room)).await {
+        // A join does not wait on a Redis that failed moments ago; the reverification probes it.
+        let read = async {
+            if probe {
+                store.load(room).await
+            } else {
+                store.load_unless_failing(room).await
+            }
+        };
+        let saved = match tokio::time::timeout(LOAD_TIMEOUT, read).await {
             Ok(Ok(saved)) => saved,
             failed => {
                 match failed {
@@ -663,7 +671,7 @@ impl Hub {
     pub(crate) async fn reverify(&self) {
         let rooms: Vec<RoomId> = lock_read(&self.state).unverified.iter().copied().collect();
         for room in rooms {
-            if !self.load(room).await {
+            if !self.load(room, true).await {
                 return;
             }
         }

@@ -82,8 +82,9 @@ impl From<redis::RedisError> for PersistError {
 pub struct RoomStore {
     conn: ConnectionManager,
     prefix: String,
-    /// After a failed call, loads skip Redis (the room runs unverified at once instead of
-    /// waiting for a timeout) until a write of the persister reaches it again.
+    /// After a failed call, loads on the join path skip Redis (the room runs unverified at once
+    /// instead of waiting for a timeout) until a write of the persister or a background load
+    /// reaches it again.
     breaker: Arc<Mutex<Breaker>>,
 }
 
@@ -121,12 +122,21 @@ impl RoomStore {
         r
     }
 
-    /// The persisted state of `room`, if any. [`PersistError::Skipped`] at once while the
-    /// breaker is open (Redis failed moments ago).
-    pub async fn load(&self, room: RoomId) -> Result<Option<PersistedRoom>, PersistError> {
+    /// The persisted state of `room`, if any, unless Redis failed moments ago (the breaker is
+    /// open): then [`PersistError::Skipped`] at once. For requests that someone waits for.
+    pub async fn load_unless_failing(
+        &self,
+        room: RoomId,
+    ) -> Result<Option<PersistedRoom>, PersistError> {
         if !self.breaker().allows(Instant::now()) {
             return Err(PersistError::Skipped);
         }
+        self.load(room).await
+    }
+
+    /// The persisted state of `room`, if any, asking Redis even while the breaker is open (a
+    /// background probe: an answer closes the breaker).
+    pub async fn load(&self, room: RoomId) -> Result<Option<PersistedRoom>, PersistError> {
         let mut c = self.conn.clone();
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.key(room));

@@ -2,9 +2,9 @@
 //! a loopback proxy that can freeze, as a SIGSTOPped Redis does: connections stay open, nothing
 //! comes back). `scripts/test.sh` starts the Redis and sets `AMPHI_TEST_REDIS_URL`.
 //!
-//! After one load times out, the next loads do not go to Redis at all (the room runs
-//! unverified at once instead of waiting for a timeout per room); a write that reaches Redis
-//! again closes the breaker.
+//! After one load times out, the next loads of the join path do not go to Redis at all (the room
+//! runs unverified at once instead of waiting for a timeout per room); a write or a background
+//! load (the reverification, which always asks) that reaches Redis again closes the breaker.
 
 use amphi_origin::persist::{PersistError, RoomChanges, RoomStore};
 use amphi_protocol::RoomId;
@@ -87,7 +87,7 @@ async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_
     assert!(store.load(RoomId(1)).await.unwrap().is_none());
 
     proxy.frozen.store(true, Ordering::SeqCst);
-    let first = store.load(RoomId(2)).await;
+    let first = store.load_unless_failing(RoomId(2)).await;
     assert!(
         matches!(first, Err(PersistError::Redis(_))),
         "the first load waits for its timeout: {first:?}"
@@ -95,7 +95,7 @@ async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_
     let asked = proxy.sent_while_frozen.load(Ordering::SeqCst);
     assert!(asked > 0, "the first load went to Redis");
     for room in 3..13 {
-        let skipped = store.load(RoomId(room)).await;
+        let skipped = store.load_unless_failing(RoomId(room)).await;
         assert!(
             matches!(skipped, Err(PersistError::Skipped)),
             "room {room}: {skipped:?}"
@@ -121,5 +121,32 @@ async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_
         }
     }
     written.unwrap();
-    assert!(store.load(RoomId(21)).await.unwrap().is_none());
+    assert!(store
+        .load_unless_failing(RoomId(21))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Again, and this time nothing is written: the background reverification's load probes
+    // Redis while the breaker is open, and its answer closes it.
+    proxy.frozen.store(true, Ordering::SeqCst);
+    assert!(store.load_unless_failing(RoomId(22)).await.is_err());
+    proxy.frozen.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        store.load_unless_failing(RoomId(23)).await,
+        Err(PersistError::Skipped)
+    ));
+    let mut probed = Err(PersistError::Skipped);
+    for _ in 0..10 {
+        probed = store.load(RoomId(24)).await;
+        if probed.is_ok() {
+            break;
+        }
+    }
+    assert!(probed.unwrap().is_none());
+    assert!(store
+        .load_unless_failing(RoomId(25))
+        .await
+        .unwrap()
+        .is_none());
 }
