@@ -5,6 +5,9 @@
 
 use std::fmt::Write;
 
+/// Bytes reserved for a choice's `why`.
+const WHY_CAPACITY: usize = 256;
+
 /// Mean Earth radius in kilometres.
 const EARTH_RADIUS_KM: f64 = 6371.0;
 
@@ -138,14 +141,24 @@ pub fn select_edge<'a>(
     policy: Policy,
     listener: bool,
 ) -> Result<Choice<'a>, SelectError> {
-    let (from, only_region, mut why) = match place {
-        ClientPlace::Located(p) => (Some(p), None, String::from("located client")),
-        ClientPlace::Region(r) => (anchor, Some(r), format!("region {r} requested")),
-        ClientPlace::Unknown => (
-            anchor,
-            None,
-            format!("client location unknown: default region {default_region}"),
-        ),
+    // One allocation for the usual `why` (~60 to ~200 bytes), not one per growth step.
+    let mut why = String::with_capacity(WHY_CAPACITY);
+    let (from, only_region) = match place {
+        ClientPlace::Located(p) => {
+            why.push_str("located client");
+            (Some(p), None)
+        }
+        ClientPlace::Region(r) => {
+            let _ = write!(why, "region {r} requested");
+            (anchor, Some(r))
+        }
+        ClientPlace::Unknown => {
+            let _ = write!(
+                why,
+                "client location unknown: default region {default_region}"
+            );
+            (anchor, None)
+        }
     };
     let home = match place {
         ClientPlace::Unknown => Some(default_region),
