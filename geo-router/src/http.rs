@@ -761,7 +761,12 @@ fn not_live() -> Failure {
 
 /// Route a request whose room is live: where the client is, then the edge, written as the
 /// answer.
-fn route_decide(s: &AppState, peer: SocketAddr, headers: &HeaderMap, p: &RouteParams<'_>) -> Answer {
+fn route_decide(
+    s: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    p: &RouteParams<'_>,
+) -> Answer {
     let (q, room) = (&p.query, p.room);
     // Checked by `route_params`.
     let avoid = parse_avoid(q.avoid.as_deref().unwrap_or("")).unwrap_or_default();
@@ -898,9 +903,9 @@ impl std::future::Future for FrontFuture {
     ) -> std::task::Poll<Self::Output> {
         match self.get_mut() {
             // Polled again after it answered (hyper never does): an empty 500.
-            FrontFuture::Ready(r) => std::task::Poll::Ready(Ok(r.take().unwrap_or_else(|| {
-                StatusCode::INTERNAL_SERVER_ERROR.into_response()
-            }))),
+            FrontFuture::Ready(r) => std::task::Poll::Ready(Ok(r
+                .take()
+                .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()))),
             FrontFuture::Later(f) => f.as_mut().poll(cx).map(Ok),
         }
     }
@@ -1632,8 +1637,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
             Ok(())
         }
         None => {
-            amphi_protocol::https::serve_plain_with(listener, make, shutdown, limiter)
-                .await;
+            amphi_protocol::https::serve_plain_with(listener, make, shutdown, limiter).await;
             Ok(())
         }
     }

@@ -56,7 +56,10 @@ mod tests {
 
     #[test]
     fn known_parameters_are_borrowed_unless_encoded() {
-        let q = parse(Some("room=00ab&ip=8.8.8.8&role=listener&avoid=e%2C1&region=eu+west")).unwrap();
+        let q = parse(Some(
+            "room=00ab&ip=8.8.8.8&role=listener&avoid=e%2C1&region=eu+west",
+        ))
+        .unwrap();
         assert!(matches!(q.room, Some(Cow::Borrowed("00ab"))));
         assert!(matches!(q.ip, Some(Cow::Borrowed("8.8.8.8"))));
         assert!(matches!(q.role, Some(Cow::Borrowed("listener"))));
