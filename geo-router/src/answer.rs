@@ -4,6 +4,7 @@
 //! that serde_json escapes as it writes them.
 
 use crate::geoip::Place;
+use crate::select::Fixed;
 use amphi_protocol::RoomId;
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use std::fmt::{self, Display, Formatter};
@@ -52,10 +53,10 @@ impl Display for Why<'_> {
         match self.place {
             Place::Located { point, country, .. } => write!(
                 f,
-                "{} at {:.2},{:.2} ({})",
+                "{} at {},{} ({})",
                 self.source,
-                point.latitude,
-                point.longitude,
+                Fixed(point.latitude, 2),
+                Fixed(point.longitude, 2),
                 String::from_utf8_lossy(&country).trim()
             )?,
             Place::NotPublic => write!(f, "{}: not a public address", self.source)?,

@@ -29,6 +29,67 @@ pub fn distance_km(a: GeoPoint, b: GeoPoint) -> f64 {
     2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
 }
 
+/// `value` with `decimals` (0, 1 or 2) digits after the point, exactly as `{:.N}` writes it
+/// (the binary value rounded half to even, the sign of a negative zero kept), without the
+/// standard library's general float formatting, which costs more than the rest of a route.
+#[derive(Clone, Copy, Debug)]
+pub struct Fixed(pub f64, pub u8);
+
+impl Fixed {
+    /// `(negative, |value| x 10^decimals rounded half to even)`, or `None` when the value is not
+    /// finite, too large for the integer path, or `decimals` is over 2.
+    fn scaled(self) -> Option<(bool, u128)> {
+        let Fixed(x, decimals) = self;
+        let scale: u128 = match decimals {
+            0 => 1,
+            1 => 10,
+            2 => 100,
+            _ => return None,
+        };
+        if !x.is_finite() {
+            return None;
+        }
+        let bits = x.to_bits();
+        let negative = bits >> 63 == 1;
+        let exponent = ((bits >> 52) & 0x7ff) as i32;
+        let fraction = bits & ((1u64 << 52) - 1);
+        // x = mantissa * 2^power exactly.
+        let (mantissa, power) = match exponent {
+            0 => (fraction, -1074),
+            e => (fraction | (1u64 << 52), e - 1075),
+        };
+        let v = u128::from(mantissa) * scale;
+        if power >= 0 {
+            // v < 2^60: up to 60 more bits fit.
+            return (power <= 60).then(|| (negative, v << power));
+        }
+        let shift = power.unsigned_abs();
+        if shift >= 127 {
+            // Under half of the last place (v < 2^60).
+            return Some((negative, 0));
+        }
+        let q = v >> shift;
+        let rest = v - (q << shift);
+        let half = 1u128 << (shift - 1);
+        let up = rest > half || (rest == half && q & 1 == 1);
+        Some((negative, q + u128::from(up)))
+    }
+}
+
+impl std::fmt::Display for Fixed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some((negative, n)) = self.scaled() else {
+            return write!(f, "{:.*}", usize::from(self.1), self.0);
+        };
+        let sign = if negative { "-" } else { "" };
+        match self.1 {
+            0 => write!(f, "{sign}{n}"),
+            1 => write!(f, "{sign}{}.{}", n / 10, n % 10),
+            _ => write!(f, "{sign}{}.{:02}", n / 100, n % 100),
+        }
+    }
+}
+
 /// What the caller knows about the client.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ClientPlace<'a> {
@@ -207,17 +268,19 @@ pub fn select_edge<'a>(
     let edge = candidates[index].clone();
     let _ = write!(
         why,
-        "; {} of {} candidates, {:.0} km, load {:.2}",
+        "; {} of {} candidates, {} km, load {}",
         edge.id,
         order.len(),
-        dist,
-        edge.load
+        Fixed(dist, 0),
+        Fixed(edge.load, 2)
     );
     for &(i, _, _) in &order[..pick] {
         let _ = write!(
             why,
-            "; skipped {} (load {:.2} >= {:.2})",
-            candidates[i].id, candidates[i].load, policy.load_threshold
+            "; skipped {} (load {} >= {})",
+            candidates[i].id,
+            Fixed(candidates[i].load, 2),
+            Fixed(policy.load_threshold, 2)
         );
     }
     if under.is_none() {
@@ -242,6 +305,56 @@ pub fn select_edge<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_writes_what_std_formatting_writes() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            0.125,
+            0.375,
+            0.5,
+            1.5,
+            2.5,
+            0.005,
+            0.045,
+            2.675,
+            151.005,
+            37.4219,
+            -122.0841,
+            -0.001,
+            3865.5,
+            1e-300,
+            5e-324,
+            1e15,
+            1e17,
+            1e300,
+            f64::MAX,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        // Pseudo-random bit patterns (every exponent) and coordinates, loads and distances.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            values.push(f64::from_bits(state));
+            values.push((state % 36_000_000) as f64 / 100_000.0 - 180.0);
+            values.push(i as f64 / 1000.0);
+            values.push((state % 20_000_000) as f64 / 1000.0 + 0.5);
+        }
+        for x in values {
+            for d in 0..=2u8 {
+                assert_eq!(
+                    Fixed(x, d).to_string(),
+                    format!("{:.*}", usize::from(d), x),
+                    "{x:e} with {d} decimals"
+                );
+            }
+        }
+    }
     use amphi_protocol::config::known_region;
 
     fn point(region: &str) -> GeoPoint {
