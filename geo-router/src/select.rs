@@ -76,16 +76,47 @@ impl Fixed {
     }
 }
 
+/// Bytes [`Fixed::digits`] needs at most (sign, 39 digits, point).
+pub const FIXED_MAX: usize = 48;
+
+impl Fixed {
+    /// The text, written into the end of `buf`, when the integer path applies (else `None`:
+    /// use `Display`).
+    pub fn digits(self, buf: &mut [u8; FIXED_MAX]) -> Option<&str> {
+        let (negative, mut n) = self.scaled()?;
+        let mut at = buf.len();
+        let mut put = |b: u8| {
+            at -= 1;
+            buf[at] = b;
+        };
+        for _ in 0..self.1 {
+            put(b'0' + (n % 10) as u8);
+            n /= 10;
+        }
+        if self.1 > 0 {
+            put(b'.');
+        }
+        loop {
+            put(b'0' + (n % 10) as u8);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if negative {
+            put(b'-');
+        }
+        // Digits, point and sign are ASCII.
+        std::str::from_utf8(&buf[at..]).ok()
+    }
+}
+
 impl std::fmt::Display for Fixed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Some((negative, n)) = self.scaled() else {
-            return write!(f, "{:.*}", usize::from(self.1), self.0);
-        };
-        let sign = if negative { "-" } else { "" };
-        match self.1 {
-            0 => write!(f, "{sign}{n}"),
-            1 => write!(f, "{sign}{}.{}", n / 10, n % 10),
-            _ => write!(f, "{sign}{}.{:02}", n / 100, n % 100),
+        let mut buf = [0u8; FIXED_MAX];
+        match self.digits(&mut buf) {
+            Some(text) => f.write_str(text),
+            None => write!(f, "{:.*}", usize::from(self.1), self.0),
         }
     }
 }
