@@ -24,6 +24,11 @@ impl Sink for JsonText<'_> {
     fn put(&mut self, s: &str) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let bytes = s.as_bytes();
+        // The usual case: nothing to escape, one copy.
+        if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.0.extend_from_slice(bytes);
+            return;
+        }
         let mut start = 0;
         for (i, &b) in bytes.iter().enumerate() {
             let short: &[u8] = match b {

@@ -80,10 +80,12 @@ impl Fixed {
 pub const FIXED_MAX: usize = 48;
 
 impl Fixed {
-    /// The text, written into the end of `buf`, when the integer path applies (else `None`:
-    /// use `Display`).
+    /// The text, written into the end of `buf`, when the integer path applies and the scaled
+    /// value fits 64 bits (else `None`: use `Display`).
     pub fn digits(self, buf: &mut [u8; FIXED_MAX]) -> Option<&str> {
-        let (negative, mut n) = self.scaled()?;
+        let (negative, n) = self.scaled()?;
+        // 64-bit division when it fits (it always does for coordinates, loads and distances).
+        let mut n = u64::try_from(n).ok()?;
         let mut at = buf.len();
         let mut put = |b: u8| {
             at -= 1;
