@@ -330,7 +330,10 @@ async fn one_address_is_capped_and_rate_limited_while_others_work() {
             assert_eq!(a.status, 404, "route from {from}: {}", a.body);
         }
         let (after, a) = limited.unwrap_or_else(|| panic!("route from {from}: never limited"));
-        assert!(after >= BURST as usize - 1, "route from {from}: limited after {after}");
+        assert!(
+            after >= BURST as usize - 1,
+            "route from {from}: limited after {after}"
+        );
         assert_refusal(&a, 429, "rate_limited", "router /v1/route");
     }
     let other = get_from(
