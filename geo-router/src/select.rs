@@ -5,6 +5,9 @@
 
 use std::fmt::Write;
 
+/// Bytes reserved for a choice's `why`.
+const WHY_CAPACITY: usize = 256;
+
 /// Mean Earth radius in kilometres.
 const EARTH_RADIUS_KM: f64 = 6371.0;
 
@@ -24,6 +27,100 @@ pub fn distance_km(a: GeoPoint, b: GeoPoint) -> f64 {
     let dlon = (b.longitude - a.longitude).to_radians();
     let h = (dlat / 2.0).sin().powi(2) + la1.cos() * la2.cos() * (dlon / 2.0).sin().powi(2);
     2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
+}
+
+/// `value` with `decimals` (0, 1 or 2) digits after the point, exactly as `{:.N}` writes it
+/// (the binary value rounded half to even, the sign of a negative zero kept), without the
+/// standard library's general float formatting, which costs more than the rest of a route.
+#[derive(Clone, Copy, Debug)]
+pub struct Fixed(pub f64, pub u8);
+
+impl Fixed {
+    /// `(negative, |value| x 10^decimals rounded half to even)`, or `None` when the value is not
+    /// finite, too large for the integer path, or `decimals` is over 2.
+    fn scaled(self) -> Option<(bool, u128)> {
+        let Fixed(x, decimals) = self;
+        let scale: u128 = match decimals {
+            0 => 1,
+            1 => 10,
+            2 => 100,
+            _ => return None,
+        };
+        if !x.is_finite() {
+            return None;
+        }
+        let bits = x.to_bits();
+        let negative = bits >> 63 == 1;
+        let exponent = ((bits >> 52) & 0x7ff) as i32;
+        let fraction = bits & ((1u64 << 52) - 1);
+        // x = mantissa * 2^power exactly.
+        let (mantissa, power) = match exponent {
+            0 => (fraction, -1074),
+            e => (fraction | (1u64 << 52), e - 1075),
+        };
+        let v = u128::from(mantissa) * scale;
+        if power >= 0 {
+            // v < 2^60: up to 60 more bits fit.
+            return (power <= 60).then(|| (negative, v << power));
+        }
+        let shift = power.unsigned_abs();
+        if shift >= 127 {
+            // Under half of the last place (v < 2^60).
+            return Some((negative, 0));
+        }
+        let q = v >> shift;
+        let rest = v - (q << shift);
+        let half = 1u128 << (shift - 1);
+        let up = rest > half || (rest == half && q & 1 == 1);
+        Some((negative, q + u128::from(up)))
+    }
+}
+
+/// Bytes [`Fixed::digits`] needs at most (sign, 39 digits, point).
+pub const FIXED_MAX: usize = 48;
+
+impl Fixed {
+    /// The text, written into the end of `buf`, when the integer path applies and the scaled
+    /// value fits 64 bits (else `None`: use `Display`).
+    pub fn digits(self, buf: &mut [u8; FIXED_MAX]) -> Option<&str> {
+        let (negative, n) = self.scaled()?;
+        // 64-bit division when it fits (it always does for coordinates, loads and distances).
+        let mut n = u64::try_from(n).ok()?;
+        let mut at = buf.len();
+        let mut put = |b: u8| {
+            at -= 1;
+            buf[at] = b;
+        };
+        for _ in 0..self.1 {
+            put(b'0' + (n % 10) as u8);
+            n /= 10;
+        }
+        if self.1 > 0 {
+            put(b'.');
+        }
+        loop {
+            put(b'0' + (n % 10) as u8);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if negative {
+            put(b'-');
+        }
+        // Digits, point and sign are ASCII.
+        std::str::from_utf8(&buf[at..]).ok()
+    }
+}
+
+impl std::fmt::Display for Fixed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; FIXED_MAX];
+        match self.digits(&mut buf) {
+            Some(text) => f.write_str(text),
+            None => write!(f, "{:.*}", usize::from(self.1), self.0),
+        }
+    }
 }
 
 /// What the caller knows about the client.
@@ -138,14 +235,24 @@ pub fn select_edge<'a>(
     policy: Policy,
     listener: bool,
 ) -> Result<Choice<'a>, SelectError> {
-    let (from, only_region, mut why) = match place {
-        ClientPlace::Located(p) => (Some(p), None, String::from("located client")),
-        ClientPlace::Region(r) => (anchor, Some(r), format!("region {r} requested")),
-        ClientPlace::Unknown => (
-            anchor,
-            None,
-            format!("client location unknown: default region {default_region}"),
-        ),
+    // One allocation for the usual `why` (~60 to ~200 bytes), not one per growth step.
+    let mut why = String::with_capacity(WHY_CAPACITY);
+    let (from, only_region) = match place {
+        ClientPlace::Located(p) => {
+            why.push_str("located client");
+            (Some(p), None)
+        }
+        ClientPlace::Region(r) => {
+            let _ = write!(why, "region {r} requested");
+            (anchor, Some(r))
+        }
+        ClientPlace::Unknown => {
+            let _ = write!(
+                why,
+                "client location unknown: default region {default_region}"
+            );
+            (anchor, None)
+        }
     };
     let home = match place {
         ClientPlace::Unknown => Some(default_region),
@@ -194,17 +301,19 @@ pub fn select_edge<'a>(
     let edge = candidates[index].clone();
     let _ = write!(
         why,
-        "; {} of {} candidates, {:.0} km, load {:.2}",
+        "; {} of {} candidates, {} km, load {}",
         edge.id,
         order.len(),
-        dist,
-        edge.load
+        Fixed(dist, 0),
+        Fixed(edge.load, 2)
     );
     for &(i, _, _) in &order[..pick] {
         let _ = write!(
             why,
-            "; skipped {} (load {:.2} >= {:.2})",
-            candidates[i].id, candidates[i].load, policy.load_threshold
+            "; skipped {} (load {} >= {})",
+            candidates[i].id,
+            Fixed(candidates[i].load, 2),
+            Fixed(policy.load_threshold, 2)
         );
     }
     if under.is_none() {
@@ -229,6 +338,56 @@ pub fn select_edge<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_writes_what_std_formatting_writes() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            0.125,
+            0.375,
+            0.5,
+            1.5,
+            2.5,
+            0.005,
+            0.045,
+            2.675,
+            151.005,
+            37.4219,
+            -122.0841,
+            -0.001,
+            3865.5,
+            1e-300,
+            5e-324,
+            1e15,
+            1e17,
+            1e300,
+            f64::MAX,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        // Pseudo-random bit patterns (every exponent) and coordinates, loads and distances.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            values.push(f64::from_bits(state));
+            values.push((state % 36_000_000) as f64 / 100_000.0 - 180.0);
+            values.push(i as f64 / 1000.0);
+            values.push((state % 20_000_000) as f64 / 1000.0 + 0.5);
+        }
+        for x in values {
+            for d in 0..=2u8 {
+                assert_eq!(
+                    Fixed(x, d).to_string(),
+                    format!("{:.*}", usize::from(d), x),
+                    "{x:e} with {d} decimals"
+                );
+            }
+        }
+    }
     use amphi_protocol::config::known_region;
 
     fn point(region: &str) -> GeoPoint {

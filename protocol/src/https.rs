@@ -361,6 +361,37 @@ async fn accept_loop<F, Fut>(
     tracker.wait().await;
 }
 
+/// What [`serve_connection_with`] serves on one connection: a hyper service answering axum
+/// responses (an [`axum::Router`] through [`app_service`], or a role's own front service with
+/// a fast path below its router).
+pub trait ConnectionService:
+    hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<T> ConnectionService for T where
+    T: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// `app` as the service of one connection from `peer`: every request carries
+/// [`ConnectInfo`]`<SocketAddr>`.
+pub fn app_service(app: axum::Router, peer: SocketAddr) -> impl ConnectionService + Clone {
+    hyper_util::service::TowerToHyperService::new(axum::Extension(ConnectInfo(peer)).layer(app))
+}
+
 /// Accept TLS connections on `listener` until `shutdown` (at most `limiter`'s connections per
 /// client address), serving `app` on each (HTTP/2 or
 /// HTTP/1.1 by ALPN, with upgrades); requests carry [`ConnectInfo`]`<SocketAddr>` of the peer.
@@ -372,10 +403,31 @@ pub async fn serve_tls(
     shutdown: CancellationToken,
     limiter: Limiter,
 ) {
+    serve_tls_with(
+        listener,
+        acceptor,
+        move |peer| app_service(app.clone(), peer),
+        shutdown,
+        limiter,
+    )
+    .await;
+}
+
+/// [`serve_tls`] with the service of each connection made by `make` from its peer address.
+pub async fn serve_tls_with<M, S>(
+    listener: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    make: M,
+    shutdown: CancellationToken,
+    limiter: Limiter,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: ConnectionService,
+{
     let sd = shutdown.clone();
     accept_loop(listener, shutdown, limiter, false, move |tcp, peer| {
         let acceptor = acceptor.clone();
-        let app = app.clone();
+        let svc = make(peer);
         let sd = sd.clone();
         async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -386,7 +438,7 @@ pub async fn serve_tls(
                 }
                 Err(_) => return,
             };
-            serve_connection(tls, app, peer, &sd).await;
+            serve_connection_with(tls, svc, peer, &sd).await;
         }
     })
     .await;
@@ -402,11 +454,30 @@ pub async fn serve_plain(
     shutdown: CancellationToken,
     limiter: Limiter,
 ) {
+    serve_plain_with(
+        listener,
+        move |peer| app_service(app.clone(), peer),
+        shutdown,
+        limiter,
+    )
+    .await;
+}
+
+/// [`serve_plain`] with the service of each connection made by `make` from its peer address.
+pub async fn serve_plain_with<M, S>(
+    listener: tokio::net::TcpListener,
+    make: M,
+    shutdown: CancellationToken,
+    limiter: Limiter,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: ConnectionService,
+{
     let sd = shutdown.clone();
     accept_loop(listener, shutdown, limiter, true, move |tcp, peer| {
-        let app = app.clone();
+        let svc = make(peer);
         let sd = sd.clone();
-        async move { serve_connection(tcp, app, peer, &sd).await }
+        async move { serve_connection_with(tcp, svc, peer, &sd).await }
     })
     .await;
 }
@@ -424,14 +495,25 @@ pub async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use hyper::service::Service as _;
-    let app = axum::Extension(ConnectInfo(peer)).layer(app);
-    let inner = hyper_util::service::TowerToHyperService::new(app);
+    serve_connection_with(io, app_service(app, peer), peer, shutdown).await;
+}
+
+/// [`serve_connection`] with any [`ConnectionService`] (the same HTTP versions, timeouts and
+/// shutdown grace).
+pub async fn serve_connection_with<S, Svc>(
+    io: S,
+    svc: Svc,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: ConnectionService,
+{
     let first = Arc::new(tokio::sync::Notify::new());
     let seen = first.clone();
     let svc = hyper::service::service_fn(move |req| {
         seen.notify_one();
-        inner.call(req)
+        svc.call(req)
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
