@@ -48,8 +48,6 @@ const FROM_ORIGIN: u64 = 0;
 /// After a room is restored from the store, participants whose edge has not re-announced them
 /// within this long are taken to have left while the origin was away.
 pub(crate) const RESUME_GRACE: Duration = Duration::from_secs(15);
-/// Longest wait for a room's stored state on its first use.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct EdgeLink {
     control: PeerSender,
@@ -565,17 +563,11 @@ impl Hub {
                 store.load_unless_failing(room).await
             }
         };
-        let saved = match tokio::time::timeout(LOAD_TIMEOUT, read).await {
-            Ok(Ok(saved)) => saved,
-            failed => {
-                match failed {
-                    Ok(Err(e)) => {
-                        tracing::warn!(%room, error = %e, "stored room state unavailable; the room runs unverified, its snapshots held")
-                    }
-                    _ => {
-                        tracing::warn!(%room, "stored room state: load timed out; the room runs unverified, its snapshots held")
-                    }
-                }
+        // The store bounds each read (a timeout is an error like any other).
+        let saved = match read.await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "stored room state unavailable; the room runs unverified, its snapshots held");
                 let mut st = lock_write(&self.state);
                 if st.unverified.insert(room) {
                     if let Some(p) = &self.persister {

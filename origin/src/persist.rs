@@ -40,7 +40,7 @@ pub const MAX_PENDING: usize = 100_000;
 pub const LIVE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long an ended room's state is kept (joins are refused with `room_ended` meanwhile).
 pub const ENDED_TTL: Duration = Duration::from_secs(6 * 3600);
-/// Longest one Redis operation may take.
+/// Longest one Redis operation may take (each [`RoomStore`] call is bounded by it).
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What is persisted of a room.
@@ -512,16 +512,13 @@ impl Persister {
             };
             let mut failed = Vec::new();
             for (room, changes) in batch {
-                match tokio::time::timeout(OP_TIMEOUT, store.store(room, &changes)).await {
-                    Ok(Ok(())) => {
+                // `store` bounds the call itself (a timeout is an error like any other).
+                match store.store(room, &changes).await {
+                    Ok(()) => {
                         self.written.fetch_add(1, Relaxed);
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::warn!(%room, error = %e, "room state not stored");
-                        failed.push((room, changes));
-                    }
-                    Err(_) => {
-                        tracing::warn!(%room, "room state store timed out");
                         failed.push((room, changes));
                     }
                 }
