@@ -147,6 +147,7 @@ pub async fn run_with(
         }
         None => None,
     };
+    let persister = durable.as_ref().map(|(_, p)| p.clone());
     let metrics = Arc::new(metrics::Metrics::default());
     let endpoint = quinn::Endpoint::server(server_config(&mesh_tls)?, config.quic_listen).map_err(
         |source| OriginError::Bind {
@@ -254,6 +255,13 @@ pub async fn run_with(
         let hub = hub.clone();
         Arc::new(move || {
             metrics.set_authority_census(&hub.census());
+            if let Some(p) = &persister {
+                metrics.set_state_writer(
+                    p.backlog(),
+                    p.written.load(std::sync::atomic::Ordering::Relaxed),
+                    p.failed.load(std::sync::atomic::Ordering::Relaxed),
+                );
+            }
             metrics.render()
         })
     };

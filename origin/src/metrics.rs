@@ -153,6 +153,11 @@ pub struct Metrics {
     participant_series: Mutex<BTreeMap<(RoomRole, String), Gauge>>,
     mixer_cpu: SecondsCounter,
     mixer_cpu_seen_ns: AtomicU64,
+    state_backlog: Gauge,
+    state_writes: Counter,
+    state_writes_seen: AtomicU64,
+    state_write_failures: Counter,
+    state_write_failures_seen: AtomicU64,
     room_mixer_cpu: Family<RoomLabel, SecondsCounter>,
     frames_mixed: Counter,
     decode_errors: Counter,
@@ -219,6 +224,18 @@ impl Default for Metrics {
             "amphi_origin_participants",
             "Participants of live rooms held by the room authority, by role and region of their edge",
             participants.clone(),
+        );
+        let state_backlog = r.gauge(
+            "amphi_origin_state_backlog",
+            "Rooms whose durable state (Redis) has changes not written yet",
+        );
+        let state_writes = r.counter(
+            "amphi_origin_state_writes",
+            "Room state change sets written to Redis",
+        );
+        let state_write_failures = r.counter(
+            "amphi_origin_state_write_failures",
+            "Room state writes that failed (kept and retried)",
         );
         let edges = r.gauge("amphi_origin_connected_edges", "Edge connections");
         let packagers = r.gauge("amphi_origin_connected_packagers", "Packager connections");
@@ -314,6 +331,11 @@ impl Default for Metrics {
             participant_series: Mutex::default(),
             mixer_cpu,
             mixer_cpu_seen_ns: AtomicU64::new(0),
+            state_backlog,
+            state_writes,
+            state_writes_seen: AtomicU64::new(0),
+            state_write_failures,
+            state_write_failures_seen: AtomicU64::new(0),
             room_mixer_cpu,
             frames_mixed,
             decode_errors,
@@ -361,6 +383,20 @@ impl Metrics {
         let before = self.mixer_cpu_seen_ns.swap(now, Ordering::Relaxed);
         self.mixer_cpu
             .inc_by(now.saturating_sub(before) as f64 / 1e9);
+    }
+
+    /// Publish the durable-state writer's progress: rooms waiting, and the totals of writes
+    /// and failed writes so far.
+    pub fn set_state_writer(&self, backlog: usize, writes: u64, failures: u64) {
+        self.state_backlog
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        let before = self.state_writes_seen.swap(writes, Ordering::Relaxed);
+        self.state_writes.inc_by(writes.saturating_sub(before));
+        let before = self
+            .state_write_failures_seen
+            .swap(failures, Ordering::Relaxed);
+        self.state_write_failures
+            .inc_by(failures.saturating_sub(before));
     }
 
     /// The CPU-seconds counter of `room`'s mixer (created on first use; resolve it once per

@@ -42,6 +42,11 @@ pub const LIVE_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const ENDED_TTL: Duration = Duration::from_secs(6 * 3600);
 /// Longest one Redis operation may take (each [`RoomStore`] call is bounded by it).
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The writer's first retry delay after a failed write (doubling).
+const WRITE_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The writer's longest retry delay: how late, at most, changes made during a Redis outage are
+/// written after it ends (plus one write).
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// What is persisted of a room.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -499,7 +504,7 @@ impl Persister {
     }
 
     async fn writer(self: Arc<Self>, store: RoomStore, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = WRITE_RETRY_FIRST;
         loop {
             let stopping = tokio::select! {
                 _ = shutdown.cancelled() => true,
@@ -510,27 +515,15 @@ impl Persister {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 take_writable(&mut pending, &held)
             };
-            let mut failed = Vec::new();
-            for (room, changes) in batch {
-                // `store` bounds the call itself (a timeout is an error like any other).
-                match store.store(room, &changes).await {
-                    Ok(()) => {
-                        self.written.fetch_add(1, Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!(%room, error = %e, "room state not stored");
-                        failed.push((room, changes));
-                    }
-                }
-            }
+            let (failed, attempts) = self.write_batch(&store, batch).await;
             if stopping {
                 return;
             }
             if failed.is_empty() {
-                backoff = Duration::from_millis(100);
+                backoff = WRITE_RETRY_FIRST;
                 continue;
             }
-            self.failed.fetch_add(failed.len() as u64, Relaxed);
+            self.failed.fetch_add(attempts, Relaxed);
             {
                 // Put them back, under what arrived meanwhile (newer values win).
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -545,9 +538,39 @@ impl Persister {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(WRITE_RETRY_MAX);
             self.wake.notify_one();
         }
+    }
+
+    /// Write `batch` room by room. Once Redis fails (an error or a timeout: unreachable, not
+    /// one bad room), the rest of the batch is not tried: each try would cost the whole
+    /// timeout, and a long pass would delay the retry after Redis returns. Answers what to put
+    /// back and how many writes failed.
+    async fn write_batch(
+        &self,
+        store: &RoomStore,
+        batch: Vec<(RoomId, RoomChanges)>,
+    ) -> (Vec<(RoomId, RoomChanges)>, u64) {
+        let mut failed = Vec::new();
+        let mut attempts_failed = 0;
+        let mut rest = batch.into_iter();
+        for (room, changes) in rest.by_ref() {
+            // `store` bounds the call itself (a timeout is an error like any other).
+            match store.store(room, &changes).await {
+                Ok(()) => {
+                    self.written.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(%room, error = %e, "room state not stored");
+                    attempts_failed += 1;
+                    failed.push((room, changes));
+                    break;
+                }
+            }
+        }
+        failed.extend(rest);
+        (failed, attempts_failed)
     }
 }
 

@@ -150,3 +150,65 @@ async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn the_writer_stops_a_pass_at_the_first_failure_and_writes_everything_once_redis_answers() {
+    use amphi_origin::persist::Persister;
+    let base = std::env::var("AMPHI_TEST_REDIS_URL")
+        .expect("AMPHI_TEST_REDIS_URL is not set: run scripts/test.sh (it starts redis-server)");
+    let upstream = base
+        .trim_end_matches('/')
+        .trim_start_matches("redis://")
+        .to_string();
+    let proxy = FreezingProxy::start(upstream).await;
+    let store = RoomStore::connect(
+        &format!("redis://127.0.0.1:{}/{DB}", proxy.port),
+        "writer-test:",
+    )
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let persister = Persister::start(store.clone(), shutdown.clone());
+    let rooms: Vec<RoomId> = (100..105).map(RoomId).collect();
+    let ban = |user: &str| RoomChanges {
+        reset: true,
+        banned: Some(vec![user.to_string()]),
+        ..RoomChanges::default()
+    };
+
+    proxy.frozen.store(true, Ordering::SeqCst);
+    for (i, room) in rooms.iter().enumerate() {
+        persister.save_changes(*room, ban(&format!("banned-{i}")));
+    }
+    // Bounded: one write times out after the store's own timeout.
+    for _ in 0..300 {
+        if persister.failed.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        persister.failed.load(Ordering::SeqCst),
+        1,
+        "a frozen Redis costs one timed-out write per pass, not one per room"
+    );
+    assert_eq!(persister.backlog(), rooms.len(), "nothing is dropped");
+
+    proxy.frozen.store(false, Ordering::SeqCst);
+    for _ in 0..300 {
+        if persister.backlog() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        persister.backlog(),
+        0,
+        "everything is written once Redis answers"
+    );
+    for (i, room) in rooms.iter().enumerate() {
+        let stored = store.load(*room).await.unwrap().expect("stored");
+        assert_eq!(stored.state.banned, vec![format!("banned-{i}")]);
+    }
+    shutdown.cancel();
+}
