@@ -277,6 +277,7 @@ fn start_router_idle(port: u16, backend: Backend, signer: TokenSigner, idle_secs
         api_keys: vec![],
         webhooks: vec![],
         room_idle_timeout_secs: idle_secs,
+        reminder_lead_secs: 600,
         redis_url: match backend {
             Backend::Memory => None,
             Backend::Redis(db) => Some(format!("{}/{db}", redis_base())),
