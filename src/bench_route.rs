@@ -208,6 +208,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         api_keys: vec![],
         webhooks: vec![],
         room_idle_timeout_secs: 21_600,
+        reminder_lead_secs: 600,
         redis_url: o.redis_url.clone(),
         hls_base_url: None,
         https: Default::default(),

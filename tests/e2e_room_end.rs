@@ -204,6 +204,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             api_keys: vec![],
             webhooks: vec![],
             room_idle_timeout_secs: 21_600,
+            reminder_lead_secs: 600,
             redis_url: None,
             hls_base_url: None,
             https: Default::default(),

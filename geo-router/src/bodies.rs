@@ -1,13 +1,14 @@
 //! The JSON bodies of the room API, checked before anything is stored or signed (sans-IO):
 //! `POST /v1/rooms` ([`create_room`]), `POST /v1/rooms/{id}/tokens` ([`mint_token`]) and
-//! `POST /v1/tokens/revoke` ([`revoke_token`]). Every
+//! `POST /v1/tokens/revoke` ([`revoke_token`]), `POST /v1/rooms/{id}/reminders`
+//! ([`reminder_subscription`]) and `PATCH /v1/rooms/{id}` ([`reschedule`]). Every
 //! refusal is answered with its [`Refusal`] status and a JSON [`amphi_protocol::api::ApiError`]
 //! body of its code and message.
 
 use crate::directory::RoomEntry;
 use amphi_protocol::api::{
-    valid_user_id, CreateRoomRequest, MintTokenRequest, RevokeTokenRequest, MAX_JTI_BYTES,
-    MAX_NAME_CHARS, MAX_TITLE_CHARS, MAX_USER_ID_BYTES,
+    valid_user_id, CreateRoomRequest, MintTokenRequest, ReminderRequest, RescheduleRequest,
+    RevokeTokenRequest, MAX_JTI_BYTES, MAX_NAME_CHARS, MAX_TITLE_CHARS, MAX_USER_ID_BYTES,
 };
 use amphi_protocol::token::{Role, TokenError, TokenVerifier};
 use serde::de::DeserializeOwned;
@@ -60,7 +61,7 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), BodyError> {
 }
 
 /// Refuse `value` unless it is a valid application user id.
-fn check_user_id(field: &str, value: &str) -> Result<(), BodyError> {
+pub fn check_user_id(field: &str, value: &str) -> Result<(), BodyError> {
     if valid_user_id(value) {
         Ok(())
     } else {
@@ -117,6 +118,27 @@ pub fn create_room(bytes: &[u8], now_unix: u64) -> Result<NewRoom, BodyError> {
         host_name,
         host_user_id: req.host_user_id,
     })
+}
+
+/// Check a `POST /v1/rooms/{id}/reminders` body: the subscribing user's id.
+pub fn reminder_subscription(bytes: &[u8]) -> Result<String, BodyError> {
+    let req: ReminderRequest = parse(bytes)?;
+    check_user_id("user_id", &req.user_id)?;
+    Ok(req.user_id)
+}
+
+/// Check a `PATCH /v1/rooms/{id}` body received at `now_unix`: the new start, in the future
+/// and within [`MAX_SCHEDULE_AHEAD_SECS`].
+pub fn reschedule(bytes: &[u8], now_unix: u64) -> Result<u64, BodyError> {
+    let req: RescheduleRequest = parse(bytes)?;
+    let at = req.scheduled_at;
+    if at <= now_unix || at > now_unix.saturating_add(MAX_SCHEDULE_AHEAD_SECS) {
+        return Err(refuse(
+            "bad_field",
+            "scheduled_at must be in the future and within a year",
+        ));
+    }
+    Ok(at)
 }
 
 /// Check a `POST /v1/rooms/{id}/tokens` body: a listener or speaker token with a display name
@@ -213,6 +235,42 @@ pub fn revoke_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reminder_bodies_name_a_valid_user_and_a_future_start() {
+        assert_eq!(
+            reminder_subscription(br#"{"user_id":"u-42"}"#),
+            Ok("u-42".to_string())
+        );
+        for bad in [
+            &br#"{"user_id":""}"#[..],
+            br#"{"user_id":"two words"}"#,
+            br#"{"user":"u"}"#,
+            br#"{"user_id":"u","extra":1}"#,
+            b"{",
+        ] {
+            assert_eq!(
+                reminder_subscription(bad).unwrap_err().refusal,
+                Refusal::BadRequest
+            );
+        }
+        let at = NOW + 3_600;
+        assert_eq!(
+            reschedule(format!(r#"{{"scheduled_at":{at}}}"#).as_bytes(), NOW),
+            Ok(at)
+        );
+        for bad in [NOW, NOW - 1, NOW + MAX_SCHEDULE_AHEAD_SECS + 1] {
+            let body = format!(r#"{{"scheduled_at":{bad}}}"#);
+            assert_eq!(
+                reschedule(body.as_bytes(), NOW).unwrap_err().code,
+                "bad_field"
+            );
+        }
+        assert_eq!(
+            reschedule(br#"{"scheduled_at":-1}"#, NOW).unwrap_err().code,
+            "bad_json"
+        );
+    }
 
     #[test]
     fn a_revocation_names_one_token_until_its_expiry() {

@@ -60,6 +60,7 @@ impl RoomEntry {
             scheduled_at: self.scheduled_at,
             ended_at: self.ended_at,
             listeners,
+            reminder_subscribers: 0,
         }
     }
 }
@@ -220,6 +221,20 @@ impl LiveRooms {
     }
 }
 
+/// What a reschedule did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rescheduled {
+    /// No such room.
+    NotFound,
+    /// The room already started or ended (or was never scheduled): nothing moved.
+    NotScheduled,
+    /// The start moved; it was `previous` (Unix seconds).
+    Moved {
+        /// The start before the move.
+        previous: u64,
+    },
+}
+
 /// All rooms this router knows, with the open-room index and the activity clock.
 #[derive(Default)]
 pub struct Directory {
@@ -269,6 +284,25 @@ impl Directory {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Move scheduled room `id`'s start to `at`: only while it has neither started (at
+    /// `now_unix`) nor ended.
+    pub fn reschedule(&mut self, id: RoomId, at: u64, now_unix: u64) -> Rescheduled {
+        let Some(entry) = self.rooms.get(&id) else {
+            return Rescheduled::NotFound;
+        };
+        match (entry.status(now_unix), entry.scheduled_at) {
+            (RoomStatus::Scheduled, Some(previous)) => {
+                let moved = RoomEntry {
+                    scheduled_at: Some(at),
+                    ..entry.clone()
+                };
+                self.put(id, moved);
+                Rescheduled::Moved { previous }
+            }
+            _ => Rescheduled::NotScheduled,
         }
     }
 
@@ -529,5 +563,45 @@ mod tests {
         assert!(!d.idle(expiry, 2_100, 10).contains(&quiet), "ended: gone");
         d.touch([quiet], 2_000);
         assert!(!d.idle(expiry, 9_000, 10).contains(&quiet));
+    }
+
+    #[test]
+    fn a_scheduled_room_moves_until_it_starts() {
+        let mut d = Directory::default();
+        let a = d.create(entry("a", None, 100, Some(500)));
+        let live = d.create(entry("live", None, 100, None));
+        assert_eq!(d.scheduled_between(400, 600), vec![a]);
+        assert_eq!(
+            d.reschedule(a, 900, 200),
+            Rescheduled::Moved { previous: 500 }
+        );
+        assert_eq!(d.get(a).unwrap().scheduled_at, Some(900));
+        assert!(
+            d.scheduled_between(400, 600).is_empty(),
+            "the old start is gone"
+        );
+        assert_eq!(d.scheduled_between(800, 900), vec![a]);
+        assert_eq!(walk(&d, 10, 200), vec![live, a]);
+        assert!(
+            d.idle(Expiry { idle_secs: 60 }, 800, 10) == vec![live],
+            "idle counts from the new start"
+        );
+        assert_eq!(d.reschedule(live, 900, 200), Rescheduled::NotScheduled);
+        assert_eq!(
+            d.reschedule(a, 1_000, 900),
+            Rescheduled::NotScheduled,
+            "started"
+        );
+        assert_eq!(
+            d.reschedule(RoomId(0xdead), 900, 200),
+            Rescheduled::NotFound
+        );
+        let b = d.create(entry("b", None, 100, Some(500)));
+        assert!(d.end(b, 300));
+        assert_eq!(
+            d.reschedule(b, 900, 400),
+            Rescheduled::NotScheduled,
+            "cancelled"
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::geoip::{GeoIp, Place};
 use crate::metrics::{EdgeHealth, Metrics, RouteOutcome, NO_REGION};
 use crate::origins::{OriginEvent, OriginLinks};
 use crate::registry::HEARTBEAT_INTERVAL;
+use crate::reminders::{Reason, SoonWindow};
 use crate::route_query::{self, RouteQuery};
 use crate::select::{
     parse_avoid, select_edge, without_avoided, ClientPlace, GeoPoint, Policy, SelectError,
@@ -45,6 +46,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+mod reminders;
 
 /// Prefix of every key the router keeps in Redis.
 pub const REDIS_PREFIX: &str = "amphi:";
@@ -343,6 +346,53 @@ impl AppState {
         self.registry().room_sessions(room, Instant::now())
     }
 
+    /// A request acting for `room`'s host: signed with an API key (over `body`), or carrying a
+    /// valid, unrevoked host token of this room. Answers who: `api_key` or `host`.
+    async fn host_or_api_key(
+        &self,
+        room: RoomId,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<&'static str, Failure> {
+        if headers.contains_key(KEY_HEADER) {
+            let key = self.check_api_key(method, uri, headers, body, ApiScope::App)?;
+            tracing::info!(%room, %key, path = uri.path(), "host request with an API key");
+            return Ok("api_key");
+        }
+        let Some(token) = bearer(headers) else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a host token (Authorization: Bearer) or an API key signature is required",
+            ));
+        };
+        let claims = self.verifier.verify(token, now_unix()).map_err(|e| {
+            tracing::info!(%room, reason = %e, path = uri.path(), "host request refused");
+            error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("invalid token: {e}"),
+            )
+        })?;
+        if claims.room != room || claims.role != Role::Host {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only this room's host may do this",
+            ));
+        }
+        if self.store.is_token_revoked(claims.jti, now_unix()).await? {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "token_revoked",
+                "this token was revoked",
+            ));
+        }
+        Ok("host")
+    }
+
     /// Check the API key signature of a request, that the key's scope allows `needs`, and that
     /// the signed request was not seen before. Returns the key id.
     fn check_api_key(
@@ -515,7 +565,7 @@ async fn list_rooms(
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let now = now_unix();
     let page = s.store.page(cursor, limit, now).await?;
-    let rooms: Vec<_> = {
+    let mut rooms: Vec<_> = {
         let reg = s.registry();
         let at = Instant::now();
         page.rooms
@@ -524,6 +574,16 @@ async fn list_rooms(
             .map(|(id, r)| r.info(id, s.hls_url(id), now, reg.room_sessions(id, at)))
             .collect()
     };
+    let scheduled: Vec<_> = rooms
+        .iter()
+        .map(|r| (r.room, r.status == RoomStatus::Scheduled))
+        .collect();
+    for (info, n) in rooms
+        .iter_mut()
+        .zip(reminders::counts(&s, &scheduled).await)
+    {
+        info.reminder_subscribers = n;
+    }
     Ok(Json(serde_json::json!({
         "rooms": rooms,
         "next_cursor": page.next.map(|c| c.encode()),
@@ -536,7 +596,11 @@ async fn get_room(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
     let listeners = s.listeners(room);
     match s.store.room(room).await? {
         Some(entry) => {
-            Ok(Json(entry.info(room, s.hls_url(room), now_unix(), listeners)).into_response())
+            let now = now_unix();
+            let mut info = entry.info(room, s.hls_url(room), now, listeners);
+            let scheduled = [(room, info.status == RoomStatus::Scheduled)];
+            info.reminder_subscribers = reminders::counts(&s, &scheduled).await[0];
+            Ok(Json(info).into_response())
         }
         None => Err(error(
             StatusCode::NOT_FOUND,
@@ -620,42 +684,11 @@ async fn end_room(
     headers: HeaderMap,
 ) -> Answer {
     let room = parse_room(&id)?;
-    let by_api_key = headers.contains_key(KEY_HEADER);
-    if by_api_key {
-        let key = s.check_api_key(&method, &uri, &headers, b"", ApiScope::App)?;
-        tracing::info!(%room, %key, "end requested with an API key");
-    } else {
-        let Some(token) = bearer(&headers) else {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a host token (Authorization: Bearer) or an API key signature is required",
-            ));
-        };
-        let claims = s.verifier.verify(token, now_unix()).map_err(|e| {
-            tracing::info!(%room, reason = %e, "end refused");
-            error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                format!("invalid token: {e}"),
-            )
-        })?;
-        if claims.room != room || claims.role != Role::Host {
-            return Err(error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "only this room's host may end it",
-            ));
-        }
-        if s.store.is_token_revoked(claims.jti, now_unix()).await? {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "token_revoked",
-                "this token was revoked",
-            ));
-        }
-    }
+    let by = s
+        .host_or_api_key(room, &method, &uri, &headers, b"")
+        .await?;
     let now = now_unix();
+    let before = s.store.room(room).await?;
     let outcome = s.store.end_room(room, now).await?;
     s.ended(room);
     let ended = match outcome {
@@ -677,8 +710,12 @@ async fn end_room(
         s.webhooks.emit(
             EventKind::RoomEnded,
             now,
-            serde_json::json!({ "room": room, "by": if by_api_key { "api_key" } else { "host" } }),
+            serde_json::json!({ "room": room, "by": by }),
         );
+        // A scheduled room ended before its start was cancelled: its subscribers are told.
+        if let Some(entry) = before.filter(|e| e.status(now) == RoomStatus::Scheduled) {
+            reminders::notify(&s, room, &entry, Reason::Cancelled, None, now).await;
+        }
     }
     let listeners = s.listeners(room);
     let Some(entry) = s.store.room(room).await? else {
@@ -1102,6 +1139,9 @@ async fn edge_heartbeat(
     }
     let at = now_unix();
     for (room, was, now_n) in changes {
+        if was == 0 && now_n > 0 {
+            tokio::spawn(reminders::on_first_participant(s.clone(), room));
+        }
         let kind = if now_n > was {
             EventKind::ParticipantJoined
         } else {
@@ -1353,6 +1393,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/rooms"),
     ("get", "/v1/rooms"),
     ("get", "/v1/rooms/{id}"),
+    ("patch", "/v1/rooms/{id}"),
+    ("post", "/v1/rooms/{id}/reminders"),
+    ("get", "/v1/rooms/{id}/reminders"),
+    ("delete", "/v1/rooms/{id}/reminders/{user_id}"),
     ("post", "/v1/rooms/{id}/tokens"),
     ("post", "/v1/rooms/{id}/end"),
     ("post", "/v1/tokens/revoke"),
@@ -1371,7 +1415,15 @@ pub const ROUTES: &[(&str, &str)] = &[
 fn app(state: Shared) -> Router {
     Router::new()
         .route("/v1/rooms", post(create_room).get(list_rooms))
-        .route("/v1/rooms/{id}", get(get_room))
+        .route("/v1/rooms/{id}", get(get_room).patch(reminders::reschedule))
+        .route(
+            "/v1/rooms/{id}/reminders",
+            post(reminders::subscribe).get(reminders::list),
+        )
+        .route(
+            "/v1/rooms/{id}/reminders/{user_id}",
+            axum::routing::delete(reminders::unsubscribe),
+        )
         .route("/v1/rooms/{id}/tokens", post(mint_token))
         .route("/v1/rooms/{id}/end", post(end_room))
         .route("/v1/tokens/revoke", post(revoke_token))
@@ -1438,10 +1490,11 @@ async fn rate_limit(
 }
 
 /// Fire `room_started` for scheduled rooms whose time has come (once over every replica sharing
-/// the store), and forget long-gone edges.
+/// the store) and `starting_soon` reminders, and forget long-gone edges.
 async fn housekeeping(s: Shared, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut last = now_unix();
+    let mut soon = SoonWindow::new(s.config.reminder_lead_secs);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1471,6 +1524,7 @@ async fn housekeeping(s: Shared, shutdown: CancellationToken) {
             // `last` stays: the rooms are looked at again on the next tick.
             Err(e) => tracing::warn!(error = %e, "store unavailable for scheduled rooms"),
         }
+        reminders::remind_starting_soon(&s, &mut soon, now).await;
         for id in crate::store::write(s.store.registry()).expire(Instant::now()) {
             tracing::info!(edge = %id, "edge forgotten after a long silence");
         }

@@ -15,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod origins;
 pub mod registry;
+pub mod reminders;
 pub mod route_query;
 pub mod select;
 pub mod store;

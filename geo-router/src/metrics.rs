@@ -67,6 +67,8 @@ pub struct Metrics {
     pub tokens_minted: Counter,
     /// Tokens revoked through `POST /v1/tokens/revoke`.
     pub tokens_revoked: Counter,
+    /// Subscribers named in `room_reminder` webhooks.
+    pub reminders_sent: Counter,
     /// Route requests answered with an edge.
     pub routes: Counter,
     /// Of those, clients placed by GeoIP.
@@ -113,6 +115,10 @@ impl Default for Metrics {
         let tokens_revoked = r.counter(
             "amphi_router_tokens_revoked",
             "Tokens revoked through POST /v1/tokens/revoke",
+        );
+        let reminders_sent = r.counter(
+            "amphi_router_reminders_sent",
+            "Subscribers named in room_reminder webhooks",
         );
         let routes = r.counter(
             "amphi_router_routes",
@@ -197,6 +203,7 @@ impl Default for Metrics {
             rooms_created,
             tokens_minted,
             tokens_revoked,
+            reminders_sent,
             routes,
             routes_located,
             routes_hls,

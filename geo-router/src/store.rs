@@ -27,15 +27,17 @@
 //! the replay; `claim_once` and drain requests still need Redis.
 
 use crate::directory::{
-    index_member, parse_index_member, Cursor, Directory, Expiry, Page, RoomCounts, RoomEntry,
+    index_member, parse_index_member, Cursor, Directory, Expiry, Page, Rescheduled, RoomCounts,
+    RoomEntry,
 };
 use crate::registry::{validate, HeartbeatError, Registry, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
+use crate::reminders::MAX_SUBSCRIBERS_PER_ROOM;
 use amphi_protocol::api::EdgeHeartbeat;
 use amphi_protocol::config::EdgeEndpoint;
 use amphi_protocol::RoomId;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -116,6 +118,17 @@ pub struct Beat {
     pub drain: bool,
 }
 
+/// What a reminder subscription did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subscription {
+    /// Subscribed now; the room has this many subscribers.
+    Added(u64),
+    /// Was subscribed already; the room has this many subscribers.
+    Already(u64),
+    /// The room's list is full: not subscribed.
+    Full,
+}
+
 /// What ending a room did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndOutcome {
@@ -161,7 +174,25 @@ pub trait Store: Send + Sync {
     fn request_drain(&self, id: String) -> StoreFuture<'_, bool>;
     /// `true` exactly once per (`what`, `room`) over every replica sharing the backend: the one
     /// replica that emits a webhook for something every replica notices.
-    fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool>;
+    fn claim_once(&self, what: &str, room: RoomId) -> StoreFuture<'_, bool>;
+    /// Move scheduled room `id`'s start to `at`, unless it started (at `now_unix`) or ended.
+    fn reschedule_room(&self, id: RoomId, at: u64, now_unix: u64) -> StoreFuture<'_, Rescheduled>;
+    /// Subscribe `user` to `room`'s reminders (at most
+    /// [`crate::reminders::MAX_SUBSCRIBERS_PER_ROOM`] per room; kept `keep_secs`).
+    fn subscribe_reminder(
+        &self,
+        room: RoomId,
+        user: String,
+        keep_secs: u64,
+    ) -> StoreFuture<'_, Subscription>;
+    /// Unsubscribe `user` from `room`'s reminders; whether they were subscribed.
+    fn unsubscribe_reminder(&self, room: RoomId, user: String) -> StoreFuture<'_, bool>;
+    /// Every subscriber of `room`'s reminders (sorted).
+    fn reminder_subscribers(&self, room: RoomId) -> StoreFuture<'_, Vec<String>>;
+    /// How many subscribe to each of `rooms`' reminders, in order.
+    fn reminder_counts(&self, rooms: Vec<RoomId>) -> StoreFuture<'_, Vec<u64>>;
+    /// Forget `room`'s reminder subscribers (it ended or went live).
+    fn clear_reminders(&self, room: RoomId) -> StoreFuture<'_, ()>;
     /// Refresh the local registry view from the shared backend (nothing to do in memory).
     fn sync(&self, now: Now) -> StoreFuture<'_, ()>;
     /// Revoke the single token `jti` until `until_unix` (its `exp`; in Redis a key whose TTL
@@ -200,8 +231,9 @@ fn previous_rooms(reg: &Registry, id: &str, now: Instant) -> Option<BTreeMap<Roo
 pub struct MemoryStore {
     directory: Mutex<Directory>,
     registry: RwLock<Registry>,
-    claimed: Mutex<BTreeSet<(&'static str, RoomId)>>,
+    claimed: Mutex<BTreeSet<(String, RoomId)>>,
     revoked: Mutex<amphi_protocol::token::RevokedTokens>,
+    reminders: Mutex<HashMap<RoomId, BTreeSet<String>>>,
 }
 
 impl MemoryStore {
@@ -212,6 +244,7 @@ impl MemoryStore {
             registry: RwLock::new(Registry::with_static(static_edges)),
             claimed: Mutex::new(BTreeSet::new()),
             revoked: Mutex::new(Default::default()),
+            reminders: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -299,9 +332,62 @@ impl Store for MemoryStore {
         Box::pin(async move { Ok(ok) })
     }
 
-    fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool> {
-        let fresh = lock(&self.claimed).insert((what, room));
+    fn claim_once(&self, what: &str, room: RoomId) -> StoreFuture<'_, bool> {
+        let fresh = lock(&self.claimed).insert((what.to_string(), room));
         Box::pin(async move { Ok(fresh) })
+    }
+
+    fn reschedule_room(&self, id: RoomId, at: u64, now_unix: u64) -> StoreFuture<'_, Rescheduled> {
+        let out = lock(&self.directory).reschedule(id, at, now_unix);
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn subscribe_reminder(
+        &self,
+        room: RoomId,
+        user: String,
+        _keep_secs: u64,
+    ) -> StoreFuture<'_, Subscription> {
+        let mut all = lock(&self.reminders);
+        let subs = all.entry(room).or_default();
+        let out = if subs.contains(&user) {
+            Subscription::Already(subs.len() as u64)
+        } else if subs.len() >= MAX_SUBSCRIBERS_PER_ROOM {
+            Subscription::Full
+        } else {
+            subs.insert(user);
+            Subscription::Added(subs.len() as u64)
+        };
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn unsubscribe_reminder(&self, room: RoomId, user: String) -> StoreFuture<'_, bool> {
+        let was = lock(&self.reminders)
+            .get_mut(&room)
+            .is_some_and(|subs| subs.remove(&user));
+        Box::pin(async move { Ok(was) })
+    }
+
+    fn reminder_subscribers(&self, room: RoomId) -> StoreFuture<'_, Vec<String>> {
+        let users = lock(&self.reminders)
+            .get(&room)
+            .map(|subs| subs.iter().cloned().collect())
+            .unwrap_or_default();
+        Box::pin(async move { Ok(users) })
+    }
+
+    fn reminder_counts(&self, rooms: Vec<RoomId>) -> StoreFuture<'_, Vec<u64>> {
+        let all = lock(&self.reminders);
+        let counts = rooms
+            .iter()
+            .map(|r| all.get(r).map_or(0, |subs| subs.len() as u64))
+            .collect();
+        Box::pin(async move { Ok(counts) })
+    }
+
+    fn clear_reminders(&self, room: RoomId) -> StoreFuture<'_, ()> {
+        lock(&self.reminders).remove(&room);
+        Box::pin(async { Ok(()) })
     }
 
     fn sync(&self, _now: Now) -> StoreFuture<'_, ()> {
@@ -439,6 +525,13 @@ impl Fallback {
     }
 }
 
+/// How long a room's reminder subscribers are kept: until a week after its start at `at`
+/// (they are cleared sooner when the room ends or goes live).
+pub fn reminder_ttl(at: u64, now_unix: u64) -> u64 {
+    at.saturating_sub(now_unix)
+        .saturating_add(ENDED_ROOM_TTL.as_secs())
+}
+
 /// Whether a store error means the backend is unreachable (as opposed to bad data).
 fn unreachable(e: &StoreError) -> bool {
     matches!(e, StoreError::Backend(_))
@@ -454,6 +547,8 @@ pub struct RedisStore {
     prefix: String,
     registry: RwLock<Registry>,
     end_script: redis::Script,
+    reschedule_script: redis::Script,
+    subscribe_script: redis::Script,
     /// Directory writes and rooms kept while Redis is unreachable.
     fallback: Mutex<Fallback>,
     /// Whether requests try Redis now (the sync always does).
@@ -471,6 +566,35 @@ local member = redis.call('HGET', KEYS[1], 'idx')
 if member then redis.call('ZREM', KEYS[3], member) end
 redis.call('ZREM', KEYS[4], ARGV[3])
 return 1
+";
+
+/// Moves a scheduled room's start unless it is unknown (-1), ended or started (-2); answers the
+/// previous start. KEYS: room hash, `open`, `scheduled`, `activity`, the reminder set.
+/// ARGV: new entry JSON, new `idx` member, new start, room id, now, the reminder set's TTL.
+const RESCHEDULE_ROOM_LUA: &str = r"
+local e = redis.call('HMGET', KEYS[1], 'entry', 'ended_at', 'idx')
+if not e[1] then return -1 end
+if e[2] then return -2 end
+local old = redis.call('ZSCORE', KEYS[3], ARGV[4])
+if not old or tonumber(old) <= tonumber(ARGV[5]) then return -2 end
+if e[3] then redis.call('ZREM', KEYS[2], e[3]) end
+redis.call('HSET', KEYS[1], 'entry', ARGV[1], 'idx', ARGV[2])
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[6]) end
+return tonumber(old)
+";
+
+/// Adds a reminder subscriber unless the set is full: {1, count} added, {0, count} already
+/// there, {-1, count} full. KEYS: the set. ARGV: user, the limit, the set's TTL.
+const SUBSCRIBE_REMINDER_LUA: &str = r"
+local n = redis.call('SCARD', KEYS[1])
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {0, n} end
+if n >= tonumber(ARGV[2]) then return {-1, n} end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, n + 1}
 ";
 
 impl RedisStore {
@@ -514,6 +638,8 @@ impl RedisStore {
             prefix: prefix.to_string(),
             registry: RwLock::new(Registry::with_static(static_edges)),
             end_script: redis::Script::new(END_ROOM_LUA),
+            reschedule_script: redis::Script::new(RESCHEDULE_ROOM_LUA),
+            subscribe_script: redis::Script::new(SUBSCRIBE_REMINDER_LUA),
             fallback: Mutex::new(Fallback::default()),
             breaker: Mutex::new(Breaker::default()),
         };
@@ -1091,11 +1217,12 @@ impl Store for RedisStore {
         })
     }
 
-    fn claim_once(&self, what: &'static str, room: RoomId) -> StoreFuture<'_, bool> {
+    fn claim_once(&self, what: &str, room: RoomId) -> StoreFuture<'_, bool> {
+        let key = self.key(format!("once:{what}:{room}"));
         Box::pin(async move {
             let mut c = self.conn();
             let set: Option<String> = redis::cmd("SET")
-                .arg(self.key(format!("once:{what}:{room}")))
+                .arg(key)
                 .arg(1)
                 .arg("NX")
                 .arg("EX")
@@ -1103,6 +1230,137 @@ impl Store for RedisStore {
                 .query_async(&mut c)
                 .await?;
             Ok(set.is_some())
+        })
+    }
+
+    fn reschedule_room(&self, id: RoomId, at: u64, now_unix: u64) -> StoreFuture<'_, Rescheduled> {
+        Box::pin(async move {
+            let Some(entry) = self.room(id).await? else {
+                return Ok(Rescheduled::NotFound);
+            };
+            let moved = RoomEntry {
+                scheduled_at: Some(at),
+                ..entry
+            };
+            let json =
+                serde_json::to_string(&moved).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let call = async {
+                let mut c = self.conn();
+                let r: i64 = self
+                    .reschedule_script
+                    .key(self.key(format!("room:{id}")))
+                    .key(self.key("open"))
+                    .key(self.key("scheduled"))
+                    .key(self.key("activity"))
+                    .key(self.key(format!("reminders:{id}")))
+                    .arg(&json)
+                    .arg(index_member((moved.start(), id)))
+                    .arg(at)
+                    .arg(id.to_string())
+                    .arg(now_unix)
+                    .arg(reminder_ttl(at, now_unix))
+                    .invoke_async(&mut c)
+                    .await?;
+                Ok::<_, StoreError>(r)
+            };
+            Ok(match self.guarded(call).await? {
+                -1 => Rescheduled::NotFound,
+                previous if previous >= 0 => {
+                    lock(&self.fallback).remember(id, moved);
+                    Rescheduled::Moved {
+                        previous: previous as u64,
+                    }
+                }
+                _ => Rescheduled::NotScheduled,
+            })
+        })
+    }
+
+    fn subscribe_reminder(
+        &self,
+        room: RoomId,
+        user: String,
+        keep_secs: u64,
+    ) -> StoreFuture<'_, Subscription> {
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let (added, count): (i64, u64) = self
+                    .subscribe_script
+                    .key(self.key(format!("reminders:{room}")))
+                    .arg(&user)
+                    .arg(MAX_SUBSCRIBERS_PER_ROOM)
+                    .arg(keep_secs.max(1))
+                    .invoke_async(&mut c)
+                    .await?;
+                Ok::<_, StoreError>(match added {
+                    1 => Subscription::Added(count),
+                    0 => Subscription::Already(count),
+                    _ => Subscription::Full,
+                })
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn unsubscribe_reminder(&self, room: RoomId, user: String) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let removed: u64 = redis::cmd("SREM")
+                    .arg(self.key(format!("reminders:{room}")))
+                    .arg(&user)
+                    .query_async(&mut c)
+                    .await?;
+                Ok::<_, StoreError>(removed > 0)
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn reminder_subscribers(&self, room: RoomId) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let mut users: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(self.key(format!("reminders:{room}")))
+                    .query_async(&mut c)
+                    .await?;
+                users.sort_unstable();
+                Ok::<_, StoreError>(users)
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn reminder_counts(&self, rooms: Vec<RoomId>) -> StoreFuture<'_, Vec<u64>> {
+        Box::pin(async move {
+            if rooms.is_empty() {
+                return Ok(Vec::new());
+            }
+            let call = async {
+                let mut c = self.conn();
+                let mut p = redis::pipe();
+                for room in &rooms {
+                    p.cmd("SCARD").arg(self.key(format!("reminders:{room}")));
+                }
+                Ok::<_, StoreError>(p.query_async::<Vec<u64>>(&mut c).await?)
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn clear_reminders(&self, room: RoomId) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                redis::cmd("DEL")
+                    .arg(self.key(format!("reminders:{room}")))
+                    .query_async::<()>(&mut c)
+                    .await?;
+                Ok::<_, StoreError>(())
+            };
+            self.guarded(call).await
         })
     }
 

@@ -37,6 +37,9 @@ pub enum EventKind {
     ParticipantLeft,
     /// A recording is ready.
     RecordingReady,
+    /// Subscribers of a scheduled room's reminder are to be told (batched; see
+    /// [`crate::reminders`]).
+    RoomReminder,
 }
 
 /// One webhook delivery body.

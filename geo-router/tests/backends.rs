@@ -200,6 +200,107 @@ async fn store_contract(store: &dyn Store) {
         vec![("j1".to_string(), s + 600)]
     );
     assert!(store.revoked_tokens(s + 600).await.unwrap().is_empty());
+
+    reminder_contract(store).await;
+}
+
+/// Reminder subscriptions and rescheduling, the same on both backends.
+async fn reminder_contract(store: &dyn Store) {
+    use amphi_geo_router::directory::Rescheduled;
+    use amphi_geo_router::store::Subscription;
+    let now = unix_now();
+    let at = now + 3_600;
+    let room = store.create_room(entry("later", Some(at))).await.unwrap();
+    let live = store.create_room(entry("now", None)).await.unwrap();
+    let keep = amphi_geo_router::store::reminder_ttl(at, now);
+    assert_eq!(
+        store
+            .subscribe_reminder(room, "ann".into(), keep)
+            .await
+            .unwrap(),
+        Subscription::Added(1)
+    );
+    assert_eq!(
+        store
+            .subscribe_reminder(room, "bob".into(), keep)
+            .await
+            .unwrap(),
+        Subscription::Added(2)
+    );
+    assert_eq!(
+        store
+            .subscribe_reminder(room, "ann".into(), keep)
+            .await
+            .unwrap(),
+        Subscription::Already(2)
+    );
+    assert_eq!(
+        store.reminder_subscribers(room).await.unwrap(),
+        vec!["ann".to_string(), "bob".to_string()]
+    );
+    assert_eq!(
+        store.reminder_counts(vec![live, room]).await.unwrap(),
+        vec![0, 2]
+    );
+    assert!(store
+        .unsubscribe_reminder(room, "bob".into())
+        .await
+        .unwrap());
+    assert!(!store
+        .unsubscribe_reminder(room, "bob".into())
+        .await
+        .unwrap());
+
+    // Moving the start moves the room in the schedule (and the listing) and keeps subscribers.
+    assert_eq!(
+        store.reschedule_room(room, at + 600, now).await.unwrap(),
+        Rescheduled::Moved { previous: at }
+    );
+    let moved = store.room(room).await.unwrap().unwrap();
+    assert_eq!(moved.scheduled_at, Some(at + 600));
+    assert_eq!(moved.title, "later");
+    assert!(!store
+        .scheduled_between(at - 1, at)
+        .await
+        .unwrap()
+        .contains(&room));
+    assert!(store
+        .scheduled_between(at + 599, at + 600)
+        .await
+        .unwrap()
+        .contains(&room));
+    let listed = store.page(None, 100, now).await.unwrap();
+    assert_eq!(listed.rooms.iter().filter(|(id, _)| *id == room).count(), 1);
+    assert_eq!(store.reminder_counts(vec![room]).await.unwrap(), vec![1]);
+    assert_eq!(
+        store.reschedule_room(live, at, now).await.unwrap(),
+        Rescheduled::NotScheduled
+    );
+    assert_eq!(
+        store.reschedule_room(room, at, at + 601).await.unwrap(),
+        Rescheduled::NotScheduled,
+        "started rooms stay put"
+    );
+    assert_eq!(
+        store
+            .reschedule_room(RoomId(0xdead_beef), at, now)
+            .await
+            .unwrap(),
+        Rescheduled::NotFound
+    );
+    // Keyed claims: once per key and room.
+    assert!(store.claim_once("reminder_live:1", room).await.unwrap());
+    assert!(!store.claim_once("reminder_live:1", room).await.unwrap());
+    assert!(store.claim_once("reminder_live:2", room).await.unwrap());
+
+    store.clear_reminders(room).await.unwrap();
+    assert!(store.reminder_subscribers(room).await.unwrap().is_empty());
+    assert_eq!(store.end_room(room, now).await.unwrap(), EndOutcome::Ended);
+    assert_eq!(
+        store.reschedule_room(room, at, now).await.unwrap(),
+        Rescheduled::NotScheduled,
+        "cancelled rooms stay cancelled"
+    );
 }
 
 fn unix_now() -> u64 {
@@ -259,7 +360,19 @@ fn start_router(port: u16, backend: Backend, signer: TokenSigner) -> Router {
 }
 
 fn start_router_idle(port: u16, backend: Backend, signer: TokenSigner, idle_secs: u64) -> Router {
-    let config = RouterConfig {
+    start_router_with(port, backend, signer, |c| {
+        c.room_idle_timeout_secs = idle_secs
+    })
+}
+
+/// A router on `port` whose configuration `tweak` adjusts.
+fn start_router_with(
+    port: u16,
+    backend: Backend,
+    signer: TokenSigner,
+    tweak: impl FnOnce(&mut RouterConfig),
+) -> Router {
+    let mut config = RouterConfig {
         http_listen: format!("127.0.0.1:{port}").parse().unwrap(),
         public_url: format!("http://127.0.0.1:{port}"),
         default_region: "us-east".into(),
@@ -276,7 +389,8 @@ fn start_router_idle(port: u16, backend: Backend, signer: TokenSigner, idle_secs
         interactive_capacity: 500,
         api_keys: vec![],
         webhooks: vec![],
-        room_idle_timeout_secs: idle_secs,
+        room_idle_timeout_secs: 900,
+        reminder_lead_secs: 600,
         redis_url: match backend {
             Backend::Memory => None,
             Backend::Redis(db) => Some(format!("{}/{db}", redis_base())),
@@ -285,6 +399,7 @@ fn start_router_idle(port: u16, backend: Backend, signer: TokenSigner, idle_secs
         https: Default::default(),
         limits: Default::default(),
     };
+    tweak(&mut config);
     let setup = RouterSetup {
         config,
         signer,
@@ -759,4 +874,342 @@ async fn rooms_stored_before_the_index_are_listed_after_an_upgrade() {
     // A second router connecting finds nothing more to do and lists the room once.
     let again = RedisStore::connect(&url, "amphi:", &[]).await.unwrap();
     assert_eq!(again.page(None, 100, 10_000).await.unwrap().rooms.len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduled rooms' reminders, end to end: a real router, a real webhook receiver.
+
+/// A webhook receiver on loopback that keeps every event body it gets.
+struct Receiver {
+    url: String,
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    stop: CancellationToken,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (kept, token) = (events.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hook",
+                    axum::routing::post(move |body: axum::body::Bytes| {
+                        let kept = kept.clone();
+                        async move {
+                            if let Ok(v) = serde_json::from_slice(&body) {
+                                kept.lock().unwrap().push(v);
+                            }
+                            "ok"
+                        }
+                    }),
+                );
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap().port()).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await
+                    .unwrap();
+            });
+        });
+        let port = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        Receiver {
+            url: format!("http://127.0.0.1:{port}/hook"),
+            events,
+            stop,
+        }
+    }
+
+    /// The `room_reminder` batches received for `room` with `reason`.
+    fn reminders(&self, room: &str, reason: &str) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["event"] == "room_reminder"
+                    && e["data"]["room"] == room
+                    && e["data"]["reason"] == reason
+            })
+            .map(|e| e["data"].clone())
+            .collect()
+    }
+
+    /// Every user named in those batches, sorted, once all `batches` of them arrived.
+    fn users_told(&self, room: &str, reason: &str) -> Option<Vec<String>> {
+        let got = self.reminders(room, reason);
+        let batches = got.first()?["batches"].as_u64()? as usize;
+        if got.len() < batches {
+            return None;
+        }
+        assert_eq!(got.len(), batches, "{reason}: each batch once: {got:?}");
+        let mut users: Vec<String> = got
+            .iter()
+            .flat_map(|b| b["users"].as_array().unwrap().iter())
+            .map(|u| u.as_str().unwrap().to_string())
+            .collect();
+        users.sort();
+        Some(users)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// PATCH `url` with `body` as the holder of `token`: (status, JSON body).
+fn patch_as(token: &str, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = ureq::request("PATCH", url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .timeout(Duration::from_secs(5))
+        .send_json(body);
+    match resp {
+        Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("PATCH {url}: {e}"),
+    }
+}
+
+fn reminder_router(port: u16, backend: Backend, hook: &str, pem: &str) -> Router {
+    let hook = hook.to_string();
+    start_router_with(
+        port,
+        backend,
+        TokenSigner::from_pkcs8_pem("k1", pem).unwrap(),
+        move |c| {
+            c.reminder_lead_secs = 3;
+            c.webhooks = vec![amphi_protocol::config::WebhookConfig {
+                url: hook,
+                secret: "hook-secret".into(),
+            }];
+        },
+    )
+}
+
+/// Subscribers hear `rescheduled`, then `starting_soon` once at the new start minus the lead
+/// (in batches of 500, from a router that restarted in between when the store is shared),
+/// then `live` when the first participant arrives; a cancelled room's subscribers hear
+/// `cancelled`. The directory shows subscriber counts; refusals are JSON errors.
+fn reminders_suite(ports: (u16, u16), backend: Backend) {
+    let hooks = Receiver::start();
+    let pem = TokenSigner::generate("k1").to_pkcs8_pem();
+    let first = reminder_router(ports.0, backend, &hooks.url, &pem);
+    let b = first.base.clone();
+    let now = unix_now();
+    let (status, created) = call(
+        "POST",
+        &format!("{b}/v1/rooms"),
+        Some(serde_json::json!({"title": "Town hall", "scheduled_at": now + 600})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let room = created["room"].as_str().unwrap().to_string();
+    let users: Vec<String> = (0..501).map(|i| format!("user-{i:03}")).collect();
+    for (i, user) in users.iter().enumerate() {
+        let (status, v) = call(
+            "POST",
+            &format!("{b}/v1/rooms/{room}/reminders"),
+            Some(serde_json::json!({ "user_id": user })),
+        );
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["subscribers"], i as u64 + 1);
+    }
+    let (status, v) = call(
+        "POST",
+        &format!("{b}/v1/rooms/{room}/reminders"),
+        Some(serde_json::json!({ "user_id": "user-000" })),
+    );
+    assert_eq!((status, v["subscribers"].as_u64()), (200, Some(501)), "{v}");
+    for (body, code) in [
+        (serde_json::json!({ "user_id": "two words" }), "bad_field"),
+        (serde_json::json!({ "user": "x" }), "bad_json"),
+    ] {
+        let (status, v) = call(
+            "POST",
+            &format!("{b}/v1/rooms/{room}/reminders"),
+            Some(body),
+        );
+        assert_eq!((status, v["error"].as_str()), (400, Some(code)), "{v}");
+    }
+    let (status, v) = call(
+        "DELETE",
+        &format!("{b}/v1/rooms/{room}/reminders/user-500"),
+        None,
+    );
+    assert_eq!(
+        (status, v["was_subscribed"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+    let (status, v) = call(
+        "POST",
+        &format!("{b}/v1/rooms/{room}/reminders"),
+        Some(serde_json::json!({ "user_id": "user-500" })),
+    );
+    assert_eq!(status, 201, "{v}");
+    let (_, listed) = call("GET", &format!("{b}/v1/rooms"), None);
+    let shown = listed["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["room"] == room.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(shown["reminder_subscribers"], 501, "{shown}");
+    assert_eq!(shown["status"], "scheduled");
+
+    // The host moves it close: everyone hears of the move at once.
+    let start = unix_now() + 6;
+    let host = created["host_token"].as_str().unwrap();
+    let (status, v) = call(
+        "PATCH",
+        &format!("{b}/v1/rooms/{room}"),
+        Some(serde_json::json!({ "scheduled_at": start })),
+    );
+    assert_eq!(status, 401, "only its host or an API key: {v}");
+    for body in [
+        serde_json::json!({ "scheduled_at": 1 }),
+        serde_json::json!({ "start": start }),
+    ] {
+        let (status, v) = patch_as(host, &format!("{b}/v1/rooms/{room}"), body);
+        assert_eq!(status, 400, "{v}");
+    }
+    let (status, moved) = patch_as(
+        host,
+        &format!("{b}/v1/rooms/{room}"),
+        serde_json::json!({ "scheduled_at": start }),
+    );
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["scheduled_at"], start, "{moved}");
+    assert_eq!(moved["reminder_subscribers"], 501);
+    let told = eventually("rescheduled told", || {
+        hooks.users_told(&room, "rescheduled")
+    });
+    assert_eq!(told, users);
+    let batch = &hooks.reminders(&room, "rescheduled")[0];
+    assert_eq!(batch["previous_scheduled_at"], now + 600);
+    assert_eq!(batch["scheduled_at"], start);
+    assert_eq!(batch["title"], "Town hall");
+
+    // A shared store survives the router: another one sends what is due next.
+    let second;
+    let b = match backend {
+        Backend::Memory => b,
+        Backend::Redis(_) => {
+            drop(first);
+            second = reminder_router(ports.1, backend, &hooks.url, &pem);
+            second.base.clone()
+        }
+    };
+    let told = eventually("starting soon told", || {
+        hooks.users_told(&room, "starting_soon")
+    });
+    assert_eq!(told, users);
+    assert!(
+        unix_now() + 3 >= start,
+        "not before the start minus the lead"
+    );
+    assert_eq!(
+        hooks.reminders(&room, "starting_soon")[1]["scheduled_at"],
+        start
+    );
+    let (status, v) = call(
+        "POST",
+        &format!("{b}/v1/rooms/{room}/reminders"),
+        Some(serde_json::json!({ "user_id": "late" })),
+    );
+    assert!(status == 201 || status == 409, "{v}");
+
+    // It starts; the first participant arrives on an edge: live.
+    eventually("the room is live", || {
+        let (_, v) = call("GET", &format!("{b}/v1/rooms/{room}"), None);
+        (v["status"] == "live").then_some(())
+    });
+    let (status, v) = call(
+        "POST",
+        &format!("{b}/v1/rooms/{room}/reminders"),
+        Some(serde_json::json!({ "user_id": "too-late" })),
+    );
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (409, Some("room_not_scheduled")),
+        "{v}"
+    );
+    let (status, v) = patch_as(
+        host,
+        &format!("{b}/v1/rooms/{room}"),
+        serde_json::json!({ "scheduled_at": unix_now() + 60 }),
+    );
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (409, Some("room_not_scheduled")),
+        "{v}"
+    );
+    let room_id: RoomId = room.parse().unwrap();
+    heartbeat(&b, &beat("e1", "us-east", vec![(room_id, 1)]));
+    let told = eventually("live told", || hooks.users_told(&room, "live"));
+    assert!(told.len() >= 501 && users.iter().all(|u| told.contains(u)));
+    heartbeat(&b, &beat("e2", "us-east", vec![(room_id, 1)]));
+    let (_, v) = call("GET", &format!("{b}/v1/rooms/{room}/reminders"), None);
+    assert_eq!(
+        v["subscribers"], 0,
+        "told they are live, the list is cleared: {v}"
+    );
+
+    // Cancelled before its start.
+    let (_, other) = call(
+        "POST",
+        &format!("{b}/v1/rooms"),
+        Some(serde_json::json!({"title": "Later", "scheduled_at": unix_now() + 3_600})),
+    );
+    let other_room = other["room"].as_str().unwrap().to_string();
+    for user in ["ann", "bob"] {
+        call(
+            "POST",
+            &format!("{b}/v1/rooms/{other_room}/reminders"),
+            Some(serde_json::json!({ "user_id": user })),
+        );
+    }
+    let resp = ureq::post(&format!("{b}/v1/rooms/{other_room}/end"))
+        .set(
+            "Authorization",
+            &format!("Bearer {}", other["host_token"].as_str().unwrap()),
+        )
+        .call()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let told = eventually("cancelled told", || {
+        hooks.users_told(&other_room, "cancelled")
+    });
+    assert_eq!(told, vec!["ann".to_string(), "bob".to_string()]);
+
+    // Nothing was told twice.
+    std::thread::sleep(Duration::from_secs(2));
+    for reason in ["rescheduled", "starting_soon", "live"] {
+        let batches = hooks.reminders(&room, reason);
+        assert_eq!(
+            batches.len() as u64,
+            batches[0]["batches"].as_u64().unwrap(),
+            "{reason}: {batches:?}"
+        );
+    }
+    assert!(hooks.reminders(&room, "cancelled").is_empty());
+}
+
+#[test]
+fn scheduled_rooms_remind_their_subscribers_in_memory() {
+    reminders_suite((27_130, 27_131), Backend::Memory);
+}
+
+#[test]
+fn scheduled_rooms_remind_their_subscribers_in_redis_across_a_router_restart() {
+    redis_db(6);
+    reminders_suite((27_132, 27_133), Backend::Redis(6));
 }

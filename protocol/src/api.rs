@@ -86,6 +86,25 @@ pub struct RoomInfo {
     /// Interactive sessions in the room over all edges (discovery ranking).
     #[serde(default)]
     pub listeners: u32,
+    /// Users subscribed to a scheduled room's reminder (0 once it started).
+    #[serde(default)]
+    pub reminder_subscribers: u64,
+}
+
+/// `POST /v1/rooms/{id}/reminders` body: subscribe a user to a scheduled room's reminder.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReminderRequest {
+    /// The user's id in the application (named in the `room_reminder` webhooks).
+    pub user_id: String,
+}
+
+/// `PATCH /v1/rooms/{id}` body: move a scheduled room's start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RescheduleRequest {
+    /// The new start, Unix seconds (in the future, within a year).
+    pub scheduled_at: u64,
 }
 
 /// `POST /v1/rooms/{id}/tokens` body.

@@ -412,6 +412,10 @@ pub struct RouterConfig {
     /// listeners), a route request or a token minted for it. Default 21600 (6 h).
     #[serde(default = "default_room_idle_timeout_secs")]
     pub room_idle_timeout_secs: u64,
+    /// How long before a scheduled room's start its reminder subscribers are told
+    /// (`room_reminder` webhook, reason `starting_soon`). Default 600 (10 min).
+    #[serde(default = "default_reminder_lead_secs")]
+    pub reminder_lead_secs: u64,
     /// Base URL of the HLS tier handed to listeners (`{hls_base_url}/hls/{room}/index.m3u8`):
     /// the CDN in production; absent, `public_url` (the router's own `/hls` proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -503,6 +507,10 @@ fn default_router_id() -> String {
 
 fn default_room_idle_timeout_secs() -> u64 {
     21_600
+}
+
+fn default_reminder_lead_secs() -> u64 {
+    600
 }
 
 fn default_token_ttl() -> u64 {

@@ -90,6 +90,7 @@ async fn room_handler(State(rooms): State<Arc<Rooms>>, Path(id): Path<String>) -
         scheduled_at: None,
         ended_at: None,
         listeners: 0,
+        reminder_subscribers: 0,
     })
     .into_response()
 }
