@@ -285,7 +285,7 @@ fn mix_ours(inputs: &[Vec<Vec<u8>>], cfg: MixerConfig) -> Result<(u64, Duration,
                 let arrival = tick as i64 * FRAME_NS + (s as i64 + 1) * 1_000_000;
                 let ts = (s as u32 * 123_457)
                     .wrapping_add((tick as u32).wrapping_mul(FRAME_SAMPLES as u32));
-                mixer.push(s as u32 + 1, ts, p, 30, arrival, tick)?;
+                mixer.push(s as u32 + 1, tick as u16, ts, p, 30, arrival, tick)?;
             }
         }
         bytes += mixer.mix(tick)?.payload.len() as u64;

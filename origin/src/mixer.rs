@@ -236,6 +236,7 @@ impl RoomMixer {
     pub fn push(
         &mut self,
         speaker: u32,
+        seq: u16,
         rtp_ts: u32,
         payload: &[u8],
         level: u8,
@@ -247,7 +248,7 @@ impl RoomMixer {
         sp.last_packet_ns = sp.last_packet_ns.max(arrival_ns);
         let outcome = sp
             .jitter
-            .push(rtp_ts, payload, level, arrival_ns, next_tick);
+            .push(seq, rtp_ts, payload, level, arrival_ns, next_tick);
         if outcome == PushOutcome::Restarted {
             sp.decoder.reset_state()?;
         }
@@ -355,6 +356,12 @@ pub(crate) mod tests {
     use amphi_protocol::audio::OPUS_PRE_SKIP;
     use std::f32::consts::TAU;
 
+    /// The sequence number of a sender that sends every 20 ms frame: consecutive timestamps,
+    /// consecutive numbers.
+    fn seq_for(rtp_ts: u32) -> u16 {
+        (rtp_ts / 960) as u16
+    }
+
     const MS: i64 = 1_000_000;
 
     /// Encode `frames` 20 ms frames of a sine (amplitude `amp`) as Opus packets.
@@ -407,7 +414,9 @@ pub(crate) mod tests {
                     let ts = 5_000u32
                         .wrapping_add(*id * 77)
                         .wrapping_add(tick as u32 * 960);
-                    mixer.push(*id, ts, p, 30, now - MS, tick).unwrap();
+                    mixer
+                        .push(*id, seq_for(ts), ts, p, 30, now - MS, tick)
+                        .unwrap();
                 }
             }
             let f = mixer.mix(tick).unwrap();
@@ -500,7 +509,8 @@ pub(crate) mod tests {
         )
         .unwrap();
         m.join(1, 10).unwrap();
-        m.push(2, 0, &[0xf8, 0xff, 0xfe], 127, 0, 0).unwrap();
+        m.push(2, seq_for(0), 0, &[0xf8, 0xff, 0xfe], 127, 0, 0)
+            .unwrap();
         assert!(matches!(m.join(3, 10), Err(MixError::TooManySpeakers)));
         assert!(m.has_joined_speakers());
         m.source_gone(10);
@@ -534,7 +544,15 @@ pub(crate) mod tests {
             if i < packets.len() && i != 30 {
                 let arrival = tick as i64 * 20 * MS + MS;
                 mixer
-                    .push(1, i as u32 * 960, &packets[i], 20, arrival, tick)
+                    .push(
+                        1,
+                        seq_for(i as u32 * 960),
+                        i as u32 * 960,
+                        &packets[i],
+                        20,
+                        arrival,
+                        tick,
+                    )
                     .unwrap();
             }
             mixer.mix(tick).unwrap();
@@ -556,6 +574,7 @@ pub(crate) mod tests {
             mixer
                 .push(
                     1,
+                    seq_for(tick as u32 * 960),
                     tick as u32 * 960,
                     p,
                     30,

@@ -233,6 +233,7 @@ impl Programs {
         match self.room(frame.room, now_ns) {
             Ok(p) => match p.mixer.push(
                 frame.speaker,
+                frame.seq,
                 frame.rtp_ts,
                 frame.payload,
                 frame.audio_level,
