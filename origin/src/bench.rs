@@ -6,7 +6,7 @@
 //! [`RoomMixer`](crate::mixer::RoomMixer) in real-time order on simulated time (no sleeping).
 
 use crate::jitter::FRAME_NS;
-use crate::mixer::{MixError, MixerConfig, RoomMixer};
+use crate::mixer::{MixError, MixerConfig, RoomMixer, SpeakerPacket};
 use crate::ogg::{opus_packets, OggError};
 use amphi_protocol::audio::FRAME_SAMPLES;
 use amphi_protocol::RoomId;
@@ -285,7 +285,17 @@ fn mix_ours(inputs: &[Vec<Vec<u8>>], cfg: MixerConfig) -> Result<(u64, Duration,
                 let arrival = tick as i64 * FRAME_NS + (s as i64 + 1) * 1_000_000;
                 let ts = (s as u32 * 123_457)
                     .wrapping_add((tick as u32).wrapping_mul(FRAME_SAMPLES as u32));
-                mixer.push(s as u32 + 1, tick as u16, ts, p, 30, arrival, tick)?;
+                mixer.push(
+                    s as u32 + 1,
+                    SpeakerPacket {
+                        seq: tick as u16,
+                        rtp_ts: ts,
+                        payload: p,
+                        level: 30,
+                    },
+                    arrival,
+                    tick,
+                )?;
             }
         }
         bytes += mixer.mix(tick)?.payload.len() as u64;
