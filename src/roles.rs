@@ -335,6 +335,16 @@ enum BenchCommand {
         #[arg(long)]
         smoke: bool,
     },
+    /// Ten speakers taking turns, libopus with and without DTX, through our mixer side by side:
+    /// relay packets per second and mixer CPU.
+    Dtx {
+        /// Seconds of audio per speaker.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Short run for CI (5 s of audio).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Ingest at the edge -> LL-HLS part listed in the playlist, through a dev mesh it starts.
     Latency {
         /// Tone bursts to time.
@@ -397,6 +407,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
                 })
             })
             .await??;
+            println!("{report}");
+        }
+        BenchCommand::Dtx { seconds, smoke } => {
+            let seconds = if smoke { 5 } else { seconds };
+            let report =
+                tokio::task::spawn_blocking(move || amphi_origin::bench::run_dtx_bench(seconds))
+                    .await??;
             println!("{report}");
         }
         BenchCommand::Latency {

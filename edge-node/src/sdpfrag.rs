@@ -155,7 +155,11 @@ pub fn decide_patch(
 /// str0m's answer to a WHIP (`publisher`) or WHEP offer, fixed up for RFC 9725:
 ///
 /// - a WHIP answer is `recvonly` in every audio section, also when the client offered
-///   `sendrecv` (the edge never sends media to a WHIP publisher; str0m mirrors the direction);
+///   `sendrecv` (the edge never sends media to a WHIP publisher; str0m mirrors the direction),
+///   and asks the publisher for discontinuous transmission (`usedtx=1` in every Opus `a=fmtp`
+///   line, RFC 7587 §6.1): in silence a browser then sends a packet every ~400 ms instead of 50
+///   per second, and the edge, the relay and the mixer carry and decode next to nothing for a
+///   speaker who is not talking;
 /// - every bundled section that multiplexes RTCP carries `a=rtcp-mux-only` (RFC 9725 §4.5.1 asks
 ///   the endpoint for it; RFC 8858 §4.3 alone would forbid it in an answer, the WHIP/WHEP rule is
 ///   the more specific one). str0m never writes it.
@@ -176,6 +180,7 @@ pub fn http_answer(answer: &str, publisher: bool) -> String {
             s.push(line);
         }
     }
+    let opus = opus_payload_types(answer);
     let mut out = String::with_capacity(answer.len() + 64);
     for (k, section) in sections.iter().enumerate() {
         let media = k > 0;
@@ -192,6 +197,9 @@ pub fn http_answer(answer: &str, publisher: bool) -> String {
                 line
             };
             out.push_str(line);
+            if media && publisher && audio && wants_dtx(line, &opus) {
+                out.push_str(";usedtx=1");
+            }
             out.push_str("\r\n");
             if media && in_bundle && !has_mux_only && line == "a=rtcp-mux" {
                 out.push_str("a=rtcp-mux-only\r\n");
@@ -199,6 +207,24 @@ pub fn http_answer(answer: &str, publisher: bool) -> String {
         }
     }
     out
+}
+
+/// The payload types an SDP maps to Opus (`a=rtpmap:<pt> opus/48000/2`).
+fn opus_payload_types(sdp: &str) -> Vec<&str> {
+    sdp.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("a=rtpmap:"))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("opus/"))
+        .map(|(pt, _)| pt)
+        .collect()
+}
+
+/// Whether `line` is the `a=fmtp` line of an Opus payload type in `opus` that does not yet say
+/// `usedtx`.
+fn wants_dtx(line: &str, opus: &[&str]) -> bool {
+    line.strip_prefix("a=fmtp:")
+        .and_then(|l| l.split_once(' '))
+        .is_some_and(|(pt, params)| opus.contains(&pt) && !params.contains("usedtx"))
 }
 
 /// The session's previous offer with every `a=ice-ufrag` / `a=ice-pwd` replaced: accepting it
@@ -393,6 +419,22 @@ mod tests {
         let whep = http_answer(ANSWER, false);
         assert!(whep.contains("a=mid:0\r\na=sendrecv\r\na=rtcp-mux\r\na=rtcp-mux-only\r\n"));
         assert_eq!(whep.matches("a=rtcp-mux-only").count(), 2);
+    }
+
+    #[test]
+    fn whip_answers_ask_for_opus_dtx_and_whep_answers_do_not() {
+        let answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\na=sendrecv\r\na=rtpmap:111 OPUS/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\na=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n";
+        let whip = http_answer(answer, true);
+        assert!(
+            whip.contains("a=fmtp:111 minptime=10;useinbandfec=1;usedtx=1\r\n"),
+            "{whip}"
+        );
+        assert!(
+            whip.contains("a=fmtp:63 111/111\r\n"),
+            "RED's fmtp is left alone: {whip}"
+        );
+        assert_eq!(http_answer(&whip, true), whip, "idempotent");
+        assert!(!http_answer(answer, false).contains("usedtx"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! [`RoomMixer`](crate::mixer::RoomMixer) in real-time order on simulated time (no sleeping).
 
 use crate::jitter::FRAME_NS;
-use crate::mixer::{MixError, MixerConfig, RoomMixer};
+use crate::mixer::{MixError, MixerConfig, RoomMixer, SpeakerPacket};
 use crate::ogg::{opus_packets, OggError};
 use amphi_protocol::audio::FRAME_SAMPLES;
 use amphi_protocol::RoomId;
@@ -154,6 +154,9 @@ pub enum BenchError {
     /// Our mixer failed.
     #[error("mixer: {0}")]
     Mix(#[from] MixError),
+    /// The Opus encoder of the DTX benchmark failed.
+    #[error("opus encoder: {0}")]
+    Encoder(String),
 }
 
 /// User + system CPU time of waited-for children so far.
@@ -285,7 +288,17 @@ fn mix_ours(inputs: &[Vec<Vec<u8>>], cfg: MixerConfig) -> Result<(u64, Duration,
                 let arrival = tick as i64 * FRAME_NS + (s as i64 + 1) * 1_000_000;
                 let ts = (s as u32 * 123_457)
                     .wrapping_add((tick as u32).wrapping_mul(FRAME_SAMPLES as u32));
-                mixer.push(s as u32 + 1, ts, p, 30, arrival, tick)?;
+                mixer.push(
+                    s as u32 + 1,
+                    SpeakerPacket {
+                        seq: tick as u16,
+                        rtp_ts: ts,
+                        payload: p,
+                        level: 30,
+                    },
+                    arrival,
+                    tick,
+                )?;
             }
         }
         bytes += mixer.mix(tick)?.payload.len() as u64;
@@ -310,4 +323,225 @@ mod tests {
         assert!(report.ours_bytes > 250 * 100, "{report}");
         assert!(report.to_string().contains("ratio ffmpeg / ours"));
     }
+}
+
+/// Results of [`run_dtx_bench`]: one room of ten speakers who take turns, its senders with and
+/// without Opus DTX, mixed side by side.
+#[derive(Clone, Debug)]
+pub struct DtxBenchReport {
+    /// Speakers in the room (one talks at a time).
+    pub speakers: usize,
+    /// Seconds of audio per speaker.
+    pub audio_seconds: f64,
+    /// Without DTX, then with: (packets sent per second over all speakers, the mixer's thread
+    /// CPU per second of audio, frames concealed, frames of DTX pauses played as silence).
+    pub runs: [(f64, Duration, u64, u64); 2],
+}
+
+impl fmt::Display for DtxBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "dtx bench: {} speakers taking turns, {:.0} s, libopus 32 kbit/s VoIP with in-band FEC",
+            self.speakers, self.audio_seconds
+        )?;
+        for (name, (pps, cpu, concealed, silent)) in
+            ["without DTX", "with DTX"].iter().zip(self.runs)
+        {
+            writeln!(
+                f,
+                "  {name:<12} relay {pps:>6.1} packets/s   mixer cpu {:>6.3} ms per audio second   concealed {concealed}   DTX silence {silent}",
+                cpu.as_secs_f64() * 1e3 / self.audio_seconds
+            )?;
+        }
+        let [(pps0, cpu0, ..), (pps1, cpu1, ..)] = self.runs;
+        write!(
+            f,
+            "  with DTX / without: relay packets {:.2}x, mixer cpu {:.2}x",
+            pps1 / pps0.max(1e-9),
+            cpu1.as_secs_f64() / cpu0.as_secs_f64().max(1e-9)
+        )
+    }
+}
+
+/// A libopus encoder (VoIP, mono, 32 kbit/s, in-band FEC) with DTX on or off.
+struct DtxEncoder(std::ptr::NonNull<opusic_sys::OpusEncoder>);
+
+impl DtxEncoder {
+    fn new(dtx: bool) -> Result<Self, BenchError> {
+        let mut err = 0;
+        // SAFETY: valid sample rate, channel count and application; `err` outlives the call.
+        let enc = unsafe {
+            opusic_sys::opus_encoder_create(48_000, 1, opusic_sys::OPUS_APPLICATION_VOIP, &mut err)
+        };
+        let enc = std::ptr::NonNull::new(enc)
+            .filter(|_| err == opusic_sys::OPUS_OK)
+            .ok_or_else(|| BenchError::Encoder(format!("opus_encoder_create: {err}")))?;
+        let encoder = DtxEncoder(enc);
+        for (request, value) in [
+            (opusic_sys::OPUS_SET_BITRATE_REQUEST, 32_000),
+            (opusic_sys::OPUS_SET_INBAND_FEC_REQUEST, 1),
+            (opusic_sys::OPUS_SET_DTX_REQUEST, i32::from(dtx)),
+        ] {
+            // SAFETY: a live encoder; these requests take one int argument.
+            let r = unsafe { opusic_sys::opus_encoder_ctl(encoder.0.as_ptr(), request, value) };
+            if r != opusic_sys::OPUS_OK {
+                return Err(BenchError::Encoder(format!(
+                    "opus_encoder_ctl({request}): {r}"
+                )));
+            }
+        }
+        Ok(encoder)
+    }
+
+    /// Encode one 20 ms frame into `out`; the packet's length.
+    fn encode(&mut self, pcm: &[i16; FRAME_SAMPLES], out: &mut [u8]) -> Result<usize, BenchError> {
+        // SAFETY: a live encoder, a full frame of samples, and `out` with its true length.
+        let n = unsafe {
+            opusic_sys::opus_encode(
+                self.0.as_ptr(),
+                pcm.as_ptr(),
+                FRAME_SAMPLES as i32,
+                out.as_mut_ptr(),
+                out.len() as i32,
+            )
+        };
+        usize::try_from(n).map_err(|_| BenchError::Encoder(format!("opus_encode: {n}")))
+    }
+}
+
+impl Drop for DtxEncoder {
+    fn drop(&mut self) {
+        // SAFETY: created by opus_encoder_create and destroyed once.
+        unsafe { opusic_sys::opus_encoder_destroy(self.0.as_ptr()) }
+    }
+}
+
+/// Speaker `speaker`'s 20 ms frame `frame` of a room where each of `speakers` talks for
+/// `turn_frames` in turn: a voice-like harmonic tone with a 4 Hz syllable envelope while talking,
+/// room noise at about -66 dBFS otherwise.
+fn turn_frame(
+    speaker: usize,
+    speakers: usize,
+    frame: u64,
+    turn_frames: u64,
+    out: &mut [i16; FRAME_SAMPLES],
+) {
+    let talking = (frame / turn_frames) as usize % speakers == speaker;
+    let pitch = 110.0 + 15.0 * speaker as f32;
+    let mut noise = (frame as u32).wrapping_mul(2_654_435_761) ^ speaker as u32;
+    for (i, s) in out.iter_mut().enumerate() {
+        let t = (frame as f32 * FRAME_SAMPLES as f32 + i as f32) / 48_000.0;
+        noise ^= noise << 13;
+        noise ^= noise >> 17;
+        noise ^= noise << 5;
+        let hiss = (noise as i32 >> 22) as f32 / 512.0 * 16.0;
+        let voice = if talking {
+            let envelope = 0.55 + 0.45 * (std::f32::consts::TAU * 4.0 * t).sin();
+            (1..=6)
+                .map(|h| (std::f32::consts::TAU * pitch * h as f32 * t).sin() / h as f32)
+                .sum::<f32>()
+                * 6_000.0
+                * envelope
+        } else {
+            0.0
+        };
+        *s = (voice + hiss).clamp(-32_768.0, 32_767.0) as i16;
+    }
+}
+
+/// RFC 6464 level (0 loudest ..= 127 silence, -dBov) of a frame, as a browser reports it.
+fn frame_level(pcm: &[i16; FRAME_SAMPLES]) -> u8 {
+    let energy: f64 = pcm.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
+    let rms = (energy / FRAME_SAMPLES as f64).sqrt() / 32_768.0;
+    if rms <= 0.0 {
+        return 127;
+    }
+    (-20.0 * rms.log10()).clamp(0.0, 127.0) as u8
+}
+
+/// What one sender puts on the wire, frame by frame: `None` where DTX sends nothing (libopus
+/// packets of two bytes or less, which WebRTC does not transmit), else (sequence number, level,
+/// packet).
+type Sent = Vec<Option<(u16, u8, Vec<u8>)>>;
+
+fn encode_turns(
+    speakers: usize,
+    frames: u64,
+    turn_frames: u64,
+    dtx: bool,
+) -> Result<Vec<Sent>, BenchError> {
+    let mut out = Vec::with_capacity(speakers);
+    let mut pcm = [0i16; FRAME_SAMPLES];
+    let mut buf = [0u8; 1500];
+    for s in 0..speakers {
+        let mut enc = DtxEncoder::new(dtx)?;
+        let mut seq = 0u16;
+        let mut sent = Vec::with_capacity(frames as usize);
+        for frame in 0..frames {
+            turn_frame(s, speakers, frame, turn_frames, &mut pcm);
+            let n = enc.encode(&pcm, &mut buf)?;
+            if n <= 2 {
+                sent.push(None);
+            } else {
+                sent.push(Some((seq, frame_level(&pcm), buf[..n].to_vec())));
+                seq = seq.wrapping_add(1);
+            }
+        }
+        out.push(sent);
+    }
+    Ok(out)
+}
+
+/// Mix what the senders sent on simulated time (no sleeping): (packets, mixer CPU, concealed,
+/// DTX silence).
+fn mix_sent(senders: &[Sent], cfg: MixerConfig) -> Result<(u64, Duration, u64, u64), BenchError> {
+    let mut mixer = RoomMixer::new(RoomId(1), cfg)?;
+    let frames = senders.iter().map(Vec::len).max().unwrap_or(0) as u64;
+    let mut packets = 0u64;
+    let start = crate::thread_cpu_time();
+    for tick in 0..frames + 4 {
+        for (s, sent) in senders.iter().enumerate() {
+            if let Some(Some((seq, level, payload))) = sent.get(tick as usize) {
+                let arrival = tick as i64 * FRAME_NS + (s as i64 + 1) * 1_000_000;
+                let rtp_ts = (s as u32 * 123_457)
+                    .wrapping_add((tick as u32).wrapping_mul(FRAME_SAMPLES as u32));
+                let packet = SpeakerPacket {
+                    seq: *seq,
+                    rtp_ts,
+                    payload,
+                    level: *level,
+                };
+                mixer.push(s as u32 + 1, packet, arrival, tick)?;
+                packets += 1;
+            }
+        }
+        mixer.mix(tick)?;
+    }
+    let cpu = crate::thread_cpu_time().saturating_sub(start);
+    let stats = mixer.stats().jitter;
+    Ok((packets, cpu, stats.concealed, stats.dtx_silent))
+}
+
+/// Ten speakers who take 2 s turns, encoded with libopus without and with DTX, mixed by our
+/// mixer side by side: relay packets per second and mixer CPU.
+pub fn run_dtx_bench(seconds: u32) -> Result<DtxBenchReport, BenchError> {
+    const SPEAKERS: usize = 10;
+    let frames = u64::from(seconds.max(1)) * 50;
+    let mut runs = [(0.0, Duration::ZERO, 0, 0); 2];
+    for (run, dtx) in runs.iter_mut().zip([false, true]) {
+        let senders = encode_turns(SPEAKERS, frames, 100, dtx)?;
+        let (packets, cpu, concealed, silent) = mix_sent(&senders, MixerConfig::default())?;
+        *run = (
+            packets as f64 / f64::from(seconds.max(1)),
+            cpu,
+            concealed,
+            silent,
+        );
+    }
+    Ok(DtxBenchReport {
+        speakers: SPEAKERS,
+        audio_seconds: f64::from(seconds.max(1)),
+        runs,
+    })
 }

@@ -12,6 +12,12 @@
 //! data of the packet after it ([`Pop::Recover`]). Reordering, duplicates, loss, RTP timestamp
 //! wrap-around and a stream that restarts with an unrelated timestamp are handled; nothing here
 //! allocates after construction.
+//!
+//! Discontinuous transmission (Opus DTX, `usedtx=1`): a sender in silence sends a packet every
+//! ~400 ms instead of every 20 ms. Such a pause shows as a timestamp jump with the next sequence
+//! number (a loss skips sequence numbers too), so it neither counts as loss nor holds the extra
+//! FEC frame; and once a stream has paused so, a frame missing after a quiet one plays as silence
+//! at once: no concealment (PLC noise, decode work) for a speaker who is not talking.
 
 use amphi_protocol::audio::FRAME_SAMPLES;
 use amphi_protocol::relay::MAX_OPUS_PAYLOAD;
@@ -116,6 +122,10 @@ pub struct JitterStats {
     pub lost: u64,
     /// Frames concealed with PLC.
     pub concealed: u64,
+    /// Pauses of a DTX sender (a timestamp jump with no sequence number skipped).
+    pub dtx_pauses: u64,
+    /// Frames of those pauses played as silence (no concealment, nothing decoded).
+    pub dtx_silent: u64,
     /// Missing frames rebuilt from the next packet's in-band FEC data.
     pub recovered: u64,
     /// Missing frames filled in time by the relay's repeated copy (`SpeakerRepeat`).
@@ -136,6 +146,8 @@ impl JitterStats {
         self.duplicate += other.duplicate;
         self.lost += other.lost;
         self.concealed += other.concealed;
+        self.dtx_pauses += other.dtx_pauses;
+        self.dtx_silent += other.dtx_silent;
         self.recovered += other.recovered;
         self.repaired += other.repaired;
         self.skipped += other.skipped;
@@ -169,6 +181,8 @@ struct Anchor {
     /// Highest extended timestamp seen, and its raw value (for unwrapping).
     highest_ext: i64,
     highest_raw: u32,
+    /// Sequence number of the packet with the highest timestamp.
+    highest_seq: u16,
 }
 
 impl Anchor {
@@ -208,6 +222,10 @@ pub struct JitterBuffer {
     delay_ns: i64,
     missing_run: u32,
     active: bool,
+    /// The sender pauses in silence (DTX) rather than sending silence.
+    dtx: bool,
+    /// RFC 6464 level of the last packet played.
+    last_level: u8,
     candidate: Option<Candidate>,
     stats: JitterStats,
 }
@@ -252,6 +270,8 @@ impl JitterBuffer {
             delay_ns: ns(cfg.initial_delay),
             missing_run: 0,
             active: false,
+            dtx: false,
+            last_level: 127,
             candidate: None,
             stats: JitterStats::default(),
         }
@@ -267,10 +287,11 @@ impl JitterBuffer {
         Duration::from_nanos(self.delay_ns.max(0) as u64)
     }
 
-    /// Buffer one packet with RFC 6464 level `level` that arrived at `arrival_ns` (since the mixer
-    /// epoch); `next_tick` is the next tick the mixer will produce.
+    /// Buffer one packet (RTP sequence number `seq`, RFC 6464 level `level`) that arrived at
+    /// `arrival_ns` (since the mixer epoch); `next_tick` is the next tick the mixer will produce.
     pub fn push(
         &mut self,
+        seq: u16,
         rtp_ts: u32,
         payload: &[u8],
         level: u8,
@@ -282,7 +303,13 @@ impl JitterBuffer {
         }
         let next_tick = next_tick as i64;
         let Some(anchor) = self.anchor else {
-            self.reanchor(rtp_ts, arrival_ns, next_tick, ns(self.cfg.initial_delay));
+            self.reanchor(
+                seq,
+                rtp_ts,
+                arrival_ns,
+                next_tick,
+                ns(self.cfg.initial_delay),
+            );
             self.store(0, payload, level);
             return PushOutcome::Accepted;
         };
@@ -290,7 +317,7 @@ impl JitterBuffer {
         let tick = frame + self.offset;
         let slack = tick * FRAME_NS - arrival_ns;
         if tick >= next_tick + SLOTS as i64 || slack < -RESYNC_LATE_NS {
-            return self.out_of_range(rtp_ts, payload, level, arrival_ns, next_tick);
+            return self.out_of_range(seq, rtp_ts, payload, level, arrival_ns, next_tick);
         }
         self.candidate = None;
         let slot = &self.slots[slot_index(frame)];
@@ -300,12 +327,19 @@ impl JitterBuffer {
         }
         if diff > 0 {
             if diff > FRAME_SAMPLES as i64 * 3 / 2 {
-                // A hole: packets were lost (or are reordered); keep room for FEC recovery.
-                self.since_gap = 0;
+                if seq == anchor.highest_seq.wrapping_add(1) {
+                    // Nothing was sent in between: the sender paused in silence (DTX).
+                    self.dtx = true;
+                    self.stats.dtx_pauses += 1;
+                } else {
+                    // A hole: packets were lost (or are reordered); keep room for FEC recovery.
+                    self.since_gap = 0;
+                }
             }
             if let Some(a) = self.anchor.as_mut() {
                 a.highest_ext = ext;
                 a.highest_raw = rtp_ts;
+                a.highest_seq = seq;
             }
         }
         self.since_gap = self.since_gap.saturating_add(1);
@@ -385,6 +419,7 @@ impl JitterBuffer {
             self.missing_run = 0;
             self.active = true;
             let slot = &self.slots[idx];
+            self.last_level = slot.level;
             return Pop::Packet(&slot.data[..slot.len]);
         }
         let later_buffered = self
@@ -417,6 +452,12 @@ impl JitterBuffer {
     }
 
     fn conceal(&mut self, lost: bool) -> Pop<'static> {
+        if self.dtx && (!self.active || self.last_level >= self.cfg.quiet_level) {
+            // A DTX sender that went quiet: the missing frames are its pause, not a loss.
+            self.active = false;
+            self.stats.dtx_silent += 1;
+            return Pop::Silent;
+        }
         if lost {
             self.stats.lost += 1;
         }
@@ -432,6 +473,7 @@ impl JitterBuffer {
 
     fn out_of_range(
         &mut self,
+        seq: u16,
         rtp_ts: u32,
         payload: &[u8],
         level: u8,
@@ -445,7 +487,7 @@ impl JitterBuffer {
                 self.candidate = None;
                 self.stats.restarts += 1;
                 let delay = self.delay_ns;
-                self.reanchor(rtp_ts, arrival_ns, next_tick, delay);
+                self.reanchor(seq, rtp_ts, arrival_ns, next_tick, delay);
                 let frame = self.anchor.map_or(0, |a| a.frame);
                 self.store(frame, payload, level);
                 return PushOutcome::Restarted;
@@ -460,7 +502,7 @@ impl JitterBuffer {
     }
 
     /// Map `rtp_ts` (arriving at `arrival_ns`) onto the first tick at least `delay` later.
-    fn reanchor(&mut self, rtp_ts: u32, arrival_ns: i64, next_tick: i64, delay: i64) {
+    fn reanchor(&mut self, seq: u16, rtp_ts: u32, arrival_ns: i64, next_tick: i64, delay: i64) {
         for s in self.slots.iter_mut() {
             s.state = SlotState::Empty;
             s.frame = i64::MIN;
@@ -478,6 +520,7 @@ impl JitterBuffer {
             frame,
             highest_ext: i64::from(rtp_ts),
             highest_raw: rtp_ts,
+            highest_seq: seq,
         });
         self.window_len = 0;
         self.window_pos = 0;
@@ -544,6 +587,12 @@ impl JitterBuffer {
 mod tests {
     use super::*;
 
+    /// The sequence number of a sender that sends every 20 ms frame: consecutive timestamps,
+    /// consecutive numbers (a timestamp jump is then a loss, not a DTX pause).
+    fn seq_for(rtp_ts: u32) -> u16 {
+        (rtp_ts / 960) as u16
+    }
+
     const MS: i64 = 1_000_000;
     /// RFC 6464 level of speech (never skipped) and of silence.
     const LOUD: u8 = 20;
@@ -565,12 +614,96 @@ mod tests {
             .collect()
     }
 
+    /// A DTX sender: speech, quiet frames, then packets only every 20 frames (the next sequence
+    /// number after a timestamp jump), speech again with one packet lost. Returns what each tick
+    /// played and the buffer.
+    fn dtx_talk() -> (Vec<Option<u8>>, JitterBuffer) {
+        // (frame, level); the sequence number counts packets sent.
+        let mut sent: Vec<(i64, u8)> = (0..10).map(|f| (f, LOUD)).collect();
+        sent.extend((10..15).map(|f| (f, 90)));
+        sent.extend([34, 54, 74].map(|f| (f, 100)));
+        sent.extend((80..90).filter(|f| *f != 85).map(|f| (f, LOUD)));
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let mut played = Vec::new();
+        let mut next = 0;
+        let mut seq = 0u16;
+        for tick in 0..100u64 {
+            // Packets arrive a frame early (so the one after a loss is buffered in time).
+            while next < sent.len() && sent[next].0 * 20 * MS <= (tick as i64 + 1) * 20 * MS {
+                let (frame, level) = sent[next];
+                if frame == 86 {
+                    seq = seq.wrapping_add(1); // 85 was sent and lost
+                }
+                jb.push(
+                    seq,
+                    frame as u32 * 960,
+                    &pkt(frame as u8),
+                    level,
+                    frame * 20 * MS - 19 * MS,
+                    tick,
+                );
+                seq = seq.wrapping_add(1);
+                next += 1;
+            }
+            played.push(match jb.pop(tick) {
+                Pop::Packet(p) => Some(p[1]),
+                Pop::Recover(p) => Some(0xf0 | p[1]),
+                Pop::Conceal => Some(0xcc),
+                Pop::Silent => None,
+            });
+        }
+        (played, jb)
+    }
+
+    #[test]
+    fn dtx_pauses_are_silence_not_loss_and_a_loss_in_speech_is_still_rebuilt() {
+        let (played, jb) = dtx_talk();
+        let s = jb.stats();
+        assert_eq!(s.dtx_pauses, 4, "14..34, 34..54, 54..74, 74..80: {s:?}");
+        let concealed = |ticks: &[Option<u8>]| ticks.iter().filter(|p| **p == Some(0xcc)).count();
+        let max = JitterConfig::default().max_concealed as usize;
+        // Only the first pause, before the sender showed it pauses, is concealed (ticks up to
+        // 36); the later pauses are silence; speech cut off at the end is concealed again.
+        assert_eq!(concealed(&played[..36]), max, "{played:?}");
+        assert_eq!(concealed(&played[36..90]), 0, "{played:?}");
+        assert_eq!(concealed(&played[90..]), max, "{played:?}");
+        assert!(s.dtx_silent >= 19 * 2, "{s:?}");
+        // The loss in speech is a loss: rebuilt from the next packet's FEC data.
+        assert_eq!((s.lost, s.recovered), (1, 1), "{s:?}");
+        assert!(played.contains(&Some(0xf0 | 86)), "{played:?}");
+        for f in [34u8, 54, 74, 80, 89] {
+            assert!(played.contains(&Some(f)), "frame {f} played: {played:?}");
+        }
+    }
+
+    #[test]
+    fn a_timestamp_jump_with_skipped_sequence_numbers_is_a_loss() {
+        // Ten frames, a jump of six frames, six more: the loss skips six numbers, the pause none.
+        let frames: Vec<u32> = (0..10).chain(16..22).collect();
+        let mut lossy = JitterBuffer::new(JitterConfig::default());
+        let mut dtx = JitterBuffer::new(JitterConfig::default());
+        for (n, &f) in frames.iter().enumerate() {
+            let arrival = i64::from(f) * 20 * MS;
+            lossy.push(f as u16, f * 960, &pkt(f as u8), QUIET, arrival, 0);
+            dtx.push(n as u16, f * 960, &pkt(f as u8), QUIET, arrival, 0);
+        }
+        assert_eq!(lossy.stats().dtx_pauses, 0);
+        assert_eq!(dtx.stats().dtx_pauses, 1);
+        // The loss holds one more frame of delay for FEC recovery; the pause does not.
+        assert!(
+            lossy.delay() > dtx.delay(),
+            "{:?} vs {:?}",
+            lossy.delay(),
+            dtx.delay()
+        );
+    }
+
     #[test]
     fn first_packet_gets_initial_delay() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         // Arrives at 5 ms: the first tick at least 40 ms later is tick 3 (60 ms).
         assert_eq!(
-            jb.push(1000, &pkt(1), LOUD, 5 * MS, 1),
+            jb.push(seq_for(1000), 1000, &pkt(1), LOUD, 5 * MS, 1),
             PushOutcome::Accepted
         );
         assert_eq!(play(&mut jb, 1, 4), vec![None, None, Some(1)]);
@@ -583,7 +716,7 @@ mod tests {
         for (n, &i) in order.iter().enumerate() {
             let ts = 7_000 + u32::from(i) * 960;
             assert_eq!(
-                jb.push(ts, &pkt(i), LOUD, n as i64 * 20 * MS, 0),
+                jb.push(seq_for(ts), ts, &pkt(i), LOUD, n as i64 * 20 * MS, 0),
                 PushOutcome::Accepted
             );
         }
@@ -595,18 +728,21 @@ mod tests {
     #[test]
     fn duplicates_are_dropped_once_buffered_or_played() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        assert_eq!(jb.push(0, &pkt(0), LOUD, 0, 0), PushOutcome::Accepted);
         assert_eq!(
-            jb.push(960, &pkt(1), LOUD, 20 * MS, 0),
+            jb.push(seq_for(0), 0, &pkt(0), LOUD, 0, 0),
             PushOutcome::Accepted
         );
         assert_eq!(
-            jb.push(960, &pkt(1), LOUD, 21 * MS, 0),
+            jb.push(seq_for(960), 960, &pkt(1), LOUD, 20 * MS, 0),
+            PushOutcome::Accepted
+        );
+        assert_eq!(
+            jb.push(seq_for(960), 960, &pkt(1), LOUD, 21 * MS, 0),
             PushOutcome::Duplicate
         );
         assert_eq!(play(&mut jb, 0, 4), vec![None, None, Some(0), Some(1)]);
         assert_eq!(
-            jb.push(960, &pkt(1), LOUD, 70 * MS, 4),
+            jb.push(seq_for(960), 960, &pkt(1), LOUD, 70 * MS, 4),
             PushOutcome::Duplicate
         );
         assert_eq!(jb.stats().duplicate, 2);
@@ -618,7 +754,14 @@ mod tests {
         let mut jb = JitterBuffer::new(cfg);
         // Frames 0, 1, then 2 is lost, 3 arrives; then nothing for a while.
         for i in [0u8, 1, 3] {
-            jb.push(u32::from(i) * 960, &pkt(i), LOUD, i64::from(i) * 20 * MS, 0);
+            jb.push(
+                seq_for(u32::from(i) * 960),
+                u32::from(i) * 960,
+                &pkt(i),
+                LOUD,
+                i64::from(i) * 20 * MS,
+                0,
+            );
         }
         let out = play(&mut jb, 2, 2 + 4 + 8);
         // Frame 2 is decoded from packet 3's FEC data.
@@ -637,12 +780,12 @@ mod tests {
     #[test]
     fn missing_frame_without_the_next_packet_is_concealed() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        jb.push(0, &pkt(0), LOUD, 0, 0);
-        jb.push(960, &pkt(1), LOUD, 20 * MS, 0);
+        jb.push(seq_for(0), 0, &pkt(0), LOUD, 0, 0);
+        jb.push(seq_for(960), 960, &pkt(1), LOUD, 20 * MS, 0);
         // Frame 2 missing and frame 3 not here yet: PLC; frame 3 then plays.
         assert_eq!(play(&mut jb, 0, 4), vec![None, None, Some(0), Some(1)]);
         assert_eq!(play(&mut jb, 4, 5), vec![Some(0xcc)]);
-        jb.push(3 * 960, &pkt(3), LOUD, 81 * MS, 5);
+        jb.push(seq_for(3 * 960), 3 * 960, &pkt(3), LOUD, 81 * MS, 5);
         assert!(play(&mut jb, 5, 8).contains(&Some(3)));
         assert_eq!(jb.stats().recovered, 0);
     }
@@ -661,7 +804,7 @@ mod tests {
                 if gap && i == 60 {
                     continue;
                 }
-                jb.push(i * 960, &pkt(0), QUIET, arrival, tick);
+                jb.push(seq_for(i * 960), i * 960, &pkt(0), QUIET, arrival, tick);
             }
             jb.delay()
         };
@@ -672,9 +815,9 @@ mod tests {
     #[test]
     fn relay_repeat_fills_a_lost_frame_only() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        jb.push(0, &pkt(0), LOUD, 0, 0);
+        jb.push(seq_for(0), 0, &pkt(0), LOUD, 0, 0);
         // Frame 1's original is lost; frame 2 arrives with frame 1's repeat.
-        jb.push(1920, &pkt(2), LOUD, 40 * MS, 1);
+        jb.push(seq_for(1920), 1920, &pkt(2), LOUD, 40 * MS, 1);
         assert_eq!(jb.push_repeat(960, &pkt(1), LOUD, 1), PushOutcome::Accepted);
         // Frame 0's repeat comes after its original: ignored, not a duplicate in the counters.
         assert_eq!(jb.push_repeat(0, &pkt(0), LOUD, 1), PushOutcome::Duplicate);
@@ -714,7 +857,14 @@ mod tests {
                 tick += 1;
             }
             let level = if i < 60 { LOUD } else { QUIET };
-            jb.push(i * 960, &pkt(i as u8), level, arrival, tick);
+            jb.push(
+                seq_for(i * 960),
+                i * 960,
+                &pkt(i as u8),
+                level,
+                arrival,
+                tick,
+            );
         }
         let loud: Vec<u8> = played.iter().copied().filter(|&b| b < 60).collect();
         assert_eq!(loud, (0..60).collect::<Vec<u8>>());
@@ -735,7 +885,14 @@ mod tests {
         for i in 0..6u8 {
             let ts = start.wrapping_add(u32::from(i) * 960);
             assert_eq!(
-                jb.push(ts, &pkt(i), LOUD, i64::from(i) * 20 * MS, u64::from(i)),
+                jb.push(
+                    seq_for(ts),
+                    ts,
+                    &pkt(i),
+                    LOUD,
+                    i64::from(i) * 20 * MS,
+                    u64::from(i)
+                ),
                 PushOutcome::Accepted,
                 "packet {i}"
             );
@@ -749,15 +906,18 @@ mod tests {
     #[test]
     fn late_packet_is_dropped() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        jb.push(0, &pkt(0), LOUD, 0, 0);
-        jb.push(1920, &pkt(2), LOUD, 40 * MS, 0);
+        jb.push(seq_for(0), 0, &pkt(0), LOUD, 0, 0);
+        jb.push(seq_for(1920), 1920, &pkt(2), LOUD, 40 * MS, 0);
         // Ticks 2 (frame 0), 3 (frame 1: missing -> FEC of frame 2) and 4 (frame 2) are mixed.
         assert_eq!(
             play(&mut jb, 0, 5),
             vec![None, None, Some(0), Some(0xf2), Some(2)]
         );
         // Frame 1 shows up after its tick.
-        assert_eq!(jb.push(960, &pkt(1), LOUD, 95 * MS, 5), PushOutcome::Late);
+        assert_eq!(
+            jb.push(seq_for(960), 960, &pkt(1), LOUD, 95 * MS, 5),
+            PushOutcome::Late
+        );
         assert_eq!(jb.stats().late, 1);
     }
 
@@ -773,7 +933,7 @@ mod tests {
                 tick += 1;
             }
             assert_ne!(
-                jb.push(i * 960, &pkt(0), QUIET, arrival, tick),
+                jb.push(seq_for(i * 960), i * 960, &pkt(0), QUIET, arrival, tick),
                 PushOutcome::Late
             );
         }
@@ -788,7 +948,7 @@ mod tests {
             jb.pop(tick);
             tick += 1;
         }
-        jb.push(100 * 960, &pkt(0), QUIET, arrival, tick);
+        jb.push(seq_for(100 * 960), 100 * 960, &pkt(0), QUIET, arrival, tick);
         assert!(jb.delay() >= Duration::from_millis(40), "{:?}", jb.delay());
         assert!(jb.stats().skipped > 0);
     }
@@ -798,6 +958,7 @@ mod tests {
         let mut jb = JitterBuffer::new(JitterConfig::default());
         for i in 0..5u32 {
             jb.push(
+                seq_for(10_000 + i * 960),
                 10_000 + i * 960,
                 &pkt(i as u8),
                 LOUD,
@@ -809,13 +970,30 @@ mod tests {
         // The sender restarts with an unrelated timestamp.
         let base = 3_000_000_000u32;
         let t = 100 * MS;
-        assert_eq!(jb.push(base, &pkt(50), LOUD, t, 5), PushOutcome::OutOfRange);
         assert_eq!(
-            jb.push(base + 960, &pkt(51), LOUD, t + 20 * MS, 6),
+            jb.push(seq_for(base), base, &pkt(50), LOUD, t, 5),
+            PushOutcome::OutOfRange
+        );
+        assert_eq!(
+            jb.push(
+                seq_for(base + 960),
+                base + 960,
+                &pkt(51),
+                LOUD,
+                t + 20 * MS,
+                6
+            ),
             PushOutcome::Restarted
         );
         assert_eq!(
-            jb.push(base + 1920, &pkt(52), LOUD, t + 40 * MS, 6),
+            jb.push(
+                seq_for(base + 1920),
+                base + 1920,
+                &pkt(52),
+                LOUD,
+                t + 40 * MS,
+                6
+            ),
             PushOutcome::Accepted
         );
         let got: Vec<u8> = play(&mut jb, 5, 20)
@@ -831,8 +1009,14 @@ mod tests {
     #[test]
     fn invalid_payloads_are_refused() {
         let mut jb = JitterBuffer::new(JitterConfig::default());
-        assert_eq!(jb.push(0, &[], LOUD, 0, 0), PushOutcome::Invalid);
+        assert_eq!(
+            jb.push(seq_for(0), 0, &[], LOUD, 0, 0),
+            PushOutcome::Invalid
+        );
         let big = vec![0u8; MAX_OPUS_PAYLOAD + 1];
-        assert_eq!(jb.push(0, &big, LOUD, 0, 0), PushOutcome::Invalid);
+        assert_eq!(
+            jb.push(seq_for(0), 0, &big, LOUD, 0, 0),
+            PushOutcome::Invalid
+        );
     }
 }

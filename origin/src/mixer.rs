@@ -108,6 +108,19 @@ struct Speaker {
     decoder: Decoder,
 }
 
+/// One speaker packet as the relay delivers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpeakerPacket<'a> {
+    /// RTP sequence number (tells a DTX pause from a loss).
+    pub seq: u16,
+    /// RTP timestamp, 48 kHz clock.
+    pub rtp_ts: u32,
+    /// One Opus packet.
+    pub payload: &'a [u8],
+    /// RFC 6464 audio level: 0 (loudest) to 127 (silence).
+    pub level: u8,
+}
+
 /// The mixer of one room. See the module documentation.
 pub struct RoomMixer {
     room: RoomId,
@@ -236,18 +249,22 @@ impl RoomMixer {
     pub fn push(
         &mut self,
         speaker: u32,
-        rtp_ts: u32,
-        payload: &[u8],
-        level: u8,
+        packet: SpeakerPacket<'_>,
         arrival_ns: i64,
         next_tick: u64,
     ) -> Result<PushOutcome, MixError> {
+        let SpeakerPacket {
+            seq,
+            rtp_ts,
+            payload,
+            level,
+        } = packet;
         let i = self.find_or_add(speaker)?;
         let sp = &mut self.speakers[i];
         sp.last_packet_ns = sp.last_packet_ns.max(arrival_ns);
         let outcome = sp
             .jitter
-            .push(rtp_ts, payload, level, arrival_ns, next_tick);
+            .push(seq, rtp_ts, payload, level, arrival_ns, next_tick);
         if outcome == PushOutcome::Restarted {
             sp.decoder.reset_state()?;
         }
@@ -355,6 +372,12 @@ pub(crate) mod tests {
     use amphi_protocol::audio::OPUS_PRE_SKIP;
     use std::f32::consts::TAU;
 
+    /// The sequence number of a sender that sends every 20 ms frame: consecutive timestamps,
+    /// consecutive numbers.
+    fn seq_for(rtp_ts: u32) -> u16 {
+        (rtp_ts / 960) as u16
+    }
+
     const MS: i64 = 1_000_000;
 
     /// Encode `frames` 20 ms frames of a sine (amplitude `amp`) as Opus packets.
@@ -407,7 +430,19 @@ pub(crate) mod tests {
                     let ts = 5_000u32
                         .wrapping_add(*id * 77)
                         .wrapping_add(tick as u32 * 960);
-                    mixer.push(*id, ts, p, 30, now - MS, tick).unwrap();
+                    mixer
+                        .push(
+                            *id,
+                            SpeakerPacket {
+                                seq: seq_for(ts),
+                                rtp_ts: ts,
+                                payload: p,
+                                level: 30,
+                            },
+                            now - MS,
+                            tick,
+                        )
+                        .unwrap();
                 }
             }
             let f = mixer.mix(tick).unwrap();
@@ -500,7 +535,18 @@ pub(crate) mod tests {
         )
         .unwrap();
         m.join(1, 10).unwrap();
-        m.push(2, 0, &[0xf8, 0xff, 0xfe], 127, 0, 0).unwrap();
+        m.push(
+            2,
+            SpeakerPacket {
+                seq: seq_for(0),
+                rtp_ts: 0,
+                payload: &[0xf8, 0xff, 0xfe],
+                level: 127,
+            },
+            0,
+            0,
+        )
+        .unwrap();
         assert!(matches!(m.join(3, 10), Err(MixError::TooManySpeakers)));
         assert!(m.has_joined_speakers());
         m.source_gone(10);
@@ -534,7 +580,17 @@ pub(crate) mod tests {
             if i < packets.len() && i != 30 {
                 let arrival = tick as i64 * 20 * MS + MS;
                 mixer
-                    .push(1, i as u32 * 960, &packets[i], 20, arrival, tick)
+                    .push(
+                        1,
+                        SpeakerPacket {
+                            seq: seq_for(i as u32 * 960),
+                            rtp_ts: i as u32 * 960,
+                            payload: &packets[i],
+                            level: 20,
+                        },
+                        arrival,
+                        tick,
+                    )
                     .unwrap();
             }
             mixer.mix(tick).unwrap();
@@ -556,9 +612,12 @@ pub(crate) mod tests {
             mixer
                 .push(
                     1,
-                    tick as u32 * 960,
-                    p,
-                    30,
+                    SpeakerPacket {
+                        seq: seq_for(tick as u32 * 960),
+                        rtp_ts: tick as u32 * 960,
+                        payload: p,
+                        level: 30,
+                    },
                     tick as i64 * 20 * MS - MS,
                     tick,
                 )

@@ -8,7 +8,7 @@
 //! frames per second on average.
 
 use crate::jitter::{PushOutcome, FRAME_NS};
-use crate::mixer::{MixError, MixStats, MixerConfig, ProgramFrame, RoomMixer};
+use crate::mixer::{MixError, MixStats, MixerConfig, ProgramFrame, RoomMixer, SpeakerPacket};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::RoomId;
 use std::collections::HashMap;
@@ -233,9 +233,12 @@ impl Programs {
         match self.room(frame.room, now_ns) {
             Ok(p) => match p.mixer.push(
                 frame.speaker,
-                frame.rtp_ts,
-                frame.payload,
-                frame.audio_level,
+                SpeakerPacket {
+                    seq: frame.seq,
+                    rtp_ts: frame.rtp_ts,
+                    payload: frame.payload,
+                    level: frame.audio_level,
+                },
                 now_ns,
                 next_tick,
             ) {
