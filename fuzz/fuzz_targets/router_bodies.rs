@@ -1,11 +1,13 @@
-//! The geo-router's room-creation, token-mint and token-revocation JSON bodies (`POST /v1/rooms`,
-//! `POST /v1/rooms/{id}/tokens`, `POST /v1/tokens/revoke`), generated field by field (missing, wrongly typed, unknown,
+//! The geo-router's room-creation, token-mint, token-revocation, reminder and reschedule JSON
+//! bodies (`POST /v1/rooms`, `POST /v1/rooms/{id}/tokens`, `POST /v1/tokens/revoke`,
+//! `POST /v1/rooms/{id}/reminders`, `PATCH /v1/rooms/{id}`), generated field by field (missing, wrongly typed, unknown,
 //! huge, blank, control characters, far-future schedules, user ids with spaces or banned) and as
 //! raw bytes. A body is either accepted with every field within its limits, or refused with a
 //! code and a message that serialize as the JSON error body; nothing panics.
 #![no_main]
 use amphi_geo_router::bodies::{
-    create_room, mint_token, revoke_token, Refusal, MAX_SCHEDULE_AHEAD_SECS,
+    create_room, mint_token, reminder_subscription, reschedule, revoke_token, Refusal,
+    MAX_SCHEDULE_AHEAD_SECS,
 };
 use amphi_protocol::api::{
     valid_user_id, ApiError, RoomStatus, MAX_JTI_BYTES, MAX_NAME_CHARS, MAX_TITLE_CHARS,
@@ -164,6 +166,26 @@ fn check_revoke(bytes: &[u8], now: u64) {
     }
 }
 
+fn check_reminder(bytes: &[u8]) {
+    match reminder_subscription(bytes) {
+        Ok(user) => assert!(valid_user_id(&user)),
+        Err(e) => {
+            assert_eq!(e.refusal, Refusal::BadRequest);
+            check_refusal(e.code, &e.message)
+        }
+    }
+}
+
+fn check_reschedule(bytes: &[u8], now: u64) {
+    match reschedule(bytes, now) {
+        Ok(at) => assert!(at > now && at - now <= MAX_SCHEDULE_AHEAD_SECS),
+        Err(e) => {
+            assert_eq!(e.refusal, Refusal::BadRequest);
+            check_refusal(e.code, &e.message)
+        }
+    }
+}
+
 fuzz_target!(|input: Input| {
     let now = 1_700_000_000 + u64::from(input.now_offset);
     let create = body(
@@ -203,4 +225,8 @@ fuzz_target!(|input: Input| {
     );
     check_revoke(&revoke, now);
     check_revoke(&input.raw, now);
+    check_reminder(&body(&[("user_id", &input.user_id)], &input.extra));
+    check_reminder(&input.raw);
+    check_reschedule(&body(&[("scheduled_at", &input.scheduled_at)], &input.extra), now);
+    check_reschedule(&input.raw, now);
 });
