@@ -114,10 +114,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     let mut expected = saved.state;
                     let mut seen = HashSet::new();
                     expected.participants.retain(|p| seen.insert(p.id));
-                    assert_eq!(
-                        rooms.with(id, |h| h.room.persisted().state),
-                        Some(expected)
-                    );
+                    assert_eq!(rooms.with(id, |h| h.room.persisted().state), Some(expected));
                     tainted.insert(id);
                 }
             }

@@ -227,6 +227,9 @@ fuzz_target!(|input: Input| {
     check_revoke(&input.raw, now);
     check_reminder(&body(&[("user_id", &input.user_id)], &input.extra));
     check_reminder(&input.raw);
-    check_reschedule(&body(&[("scheduled_at", &input.scheduled_at)], &input.extra), now);
+    check_reschedule(
+        &body(&[("scheduled_at", &input.scheduled_at)], &input.extra),
+        now,
+    );
     check_reschedule(&input.raw, now);
 });

@@ -170,7 +170,6 @@ fn round_trip(room: &Room) {
     assert!(!asm.is_pending());
 }
 
-
 fuzz_target!(|input: Input| {
     round_trip(&input.room);
 
