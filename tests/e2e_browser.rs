@@ -64,3 +64,67 @@ fn chromium_publishes_a_tone_through_whip_into_hls() {
     assert!(level > 0.01, "real energy expected, rms {level}");
     assert!(artifacts.join("lobby.png").exists() && artifacts.join("room.png").exists());
 }
+
+/// The edge asks publishers for Opus DTX and the web client applies it: a real Chromium that
+/// speaks one second and then is silent sends a packet every ~400 ms in the silence, instead of
+/// 50 per second (counted from the page's own RTP statistics).
+#[test]
+fn chromium_pauses_in_silence_with_opus_dtx() {
+    let mesh = DevMesh::start(24_000, "browser-dtx");
+    let wav = mesh.scratch.join("beep-then-silence.wav");
+    let status = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:sample_rate=48000:duration=1",
+            "-f",
+            "lavfi",
+            "-i",
+            "anullsrc=sample_rate=48000:channel_layout=mono:duration=14",
+            "-filter_complex",
+            "[0][1]concat=n=2:v=0:a=1",
+            "-ac",
+            "1",
+        ])
+        .arg(&wav)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let artifacts = mesh.scratch.join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/browser/publish.mjs"
+    ))
+    .env("AMPHI_URL", mesh.router())
+    .env("AMPHI_WAV", &wav)
+    .env("AMPHI_SECONDS", "10")
+    .env("AMPHI_SENT_STATS", "1")
+    .env("AMPHI_ARTIFACTS", &artifacts);
+    let mut sent: Vec<u64> = Vec::new();
+    let status = run_streaming(cmd, |line| {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            if let Some(a) = v["sent"].as_array() {
+                sent = a.iter().filter_map(|n| n.as_u64()).collect();
+            }
+        }
+    });
+    assert!(
+        status.success(),
+        "browser script failed; mesh log:\n{}",
+        mesh.log_text()
+    );
+    assert!(sent.len() >= 12, "packet counts: {sent:?}");
+    // The fewest packets sent in any 3 s (six samples apart): 150 without DTX.
+    let quietest = sent.windows(7).map(|w| w[6] - w[0]).min().unwrap();
+    println!("audio packets sent every 500 ms: {sent:?}; fewest in 3 s: {quietest}");
+    assert!(
+        quietest < 40,
+        "Chromium kept sending in silence ({quietest} packets in 3 s): {sent:?}"
+    );
+}

@@ -1,6 +1,7 @@
 // A person's path through the web client: open the lobby, create a room; as its host the page joins
 // over the edge's WebSocket listening, and publishes the microphone (the fake one plays AMPHI_WAV) on
-// its PeerConnection only once the person presses "Start speaking". Prints {"room": ID} once publishing is connected, keeps talking for AMPHI_SECONDS,
+// its PeerConnection only once the person presses "Start speaking". Prints {"room": ID} once publishing is connected, keeps talking for AMPHI_SECONDS
+// (with AMPHI_SENT_STATS set, printing {"sent": [...]}: the audio packets it sent, every 500 ms),
 // leaves, and saves screenshots into AMPHI_ARTIFACTS.
 import { launch } from "./launch.mjs";
 
@@ -35,7 +36,25 @@ try {
   const room = await page.evaluate(() => window.amphi.room);
   console.log(JSON.stringify({ room }));
   await page.screenshot({ path: `${artifacts}/room.png` });
-  await page.waitForTimeout(seconds * 1000);
+  if (process.env.AMPHI_SENT_STATS) {
+    // Audio packets this page sent so far, every 500 ms while it talks (from its own RTP stats).
+    const sent = [];
+    for (let i = 0; i < seconds * 2; i++) {
+      sent.push(
+        await page.evaluate(async () => {
+          let n = 0;
+          for (const r of (await window.amphi.pc.getStats()).values()) {
+            if (r.type === "outbound-rtp" && r.kind === "audio") n += r.packetsSent;
+          }
+          return n;
+        }),
+      );
+      await page.waitForTimeout(500);
+    }
+    console.log(JSON.stringify({ sent }));
+  } else {
+    await page.waitForTimeout(seconds * 1000);
+  }
   await page.click("#leave");
   await page.waitForFunction(() => !window.amphi.ws && !window.amphi.pc && !document.querySelector("#lobby").hidden, null, {
     timeout: 5000,
