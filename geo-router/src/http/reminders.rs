@@ -18,14 +18,15 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
 
+/// 404 `room_not_found`.
+fn room_not_found() -> Failure {
+    error(StatusCode::NOT_FOUND, "room_not_found", "no such room")
+}
+
 /// The room if it exists and is still scheduled at `now`: 404 / 409 otherwise.
 async fn scheduled_room(s: &AppState, room: RoomId, now: u64) -> Result<RoomEntry, Failure> {
     let Some(entry) = s.store.room(room).await? else {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            "no such room",
-        ));
+        return Err(room_not_found());
     };
     if entry.status(now) != RoomStatus::Scheduled {
         return Err(error(
@@ -118,11 +119,7 @@ pub(super) async fn list(
     let room = parse_room(&id)?;
     s.require_api_key(&method, &uri, &headers, b"", ApiScope::App)?;
     if s.store.room(room).await?.is_none() {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            "no such room",
-        ));
+        return Err(room_not_found());
     }
     let users = s.store.reminder_subscribers(room).await?;
     Ok(Json(serde_json::json!({
@@ -152,13 +149,7 @@ pub(super) async fn reschedule(
     let now = now_unix();
     let at = bodies::reschedule(&bytes, now)?;
     let previous = match s.store.reschedule_room(room, at, now).await? {
-        Rescheduled::NotFound => {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                "room_not_found",
-                "no such room",
-            ))
-        }
+        Rescheduled::NotFound => return Err(room_not_found()),
         Rescheduled::NotScheduled => {
             return Err(error(
                 StatusCode::CONFLICT,
@@ -170,11 +161,7 @@ pub(super) async fn reschedule(
     };
     tracing::info!(%room, by, previous, at, "room rescheduled");
     let Some(entry) = s.store.room(room).await? else {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            "no such room",
-        ));
+        return Err(room_not_found());
     };
     notify(&s, room, &entry, Reason::Rescheduled, Some(previous), now).await;
     if at <= now.saturating_add(s.config.reminder_lead_secs) {
