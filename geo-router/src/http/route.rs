@@ -1,0 +1,441 @@
+//! `GET /v1/route`, which every listener and speaker of every room calls: the query checked,
+//! where the client is (the precedence of [`client_address`]), then the edge, written as the
+//! answer. `GET` is answered by [`Front`] below axum; `HEAD` and the in-process app go through
+//! [`route`] with the same code.
+
+use super::{error, lock, parse_room, real_client, Answer, AppState, Failure, Shared};
+use crate::answer::RouteAnswer;
+use crate::client_ip::{client_ip, Source};
+use crate::geoip::Place;
+use crate::metrics::{RouteOutcome, NO_REGION};
+use crate::route_query::{self, RouteQuery};
+use crate::select::{
+    parse_avoid, select_edge, without_avoided, ClientPlace, GeoPoint, SelectError,
+};
+use amphi_protocol::config::known_region;
+use amphi_protocol::RoomId;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+/// A `/v1/route` request's checked parameters (everything refused before the room's liveness
+/// is looked at).
+struct RouteParams<'q> {
+    query: RouteQuery<'q>,
+    room: RoomId,
+    listener: bool,
+}
+
+/// Check a `/v1/route` query: 400 for a malformed one, 404 for a malformed room id, in the order
+/// the API documents.
+fn route_params(query: Option<&str>) -> Result<RouteParams<'_>, Failure> {
+    let Ok(q) = route_query::parse(query) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "malformed query string (room, role, and in dev mode region, ip)",
+        ));
+    };
+    let Some(room) = q.room.as_deref() else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "room is required",
+        ));
+    };
+    let room = parse_room(room)?;
+    parse_avoid(q.avoid.as_deref().unwrap_or(""))
+        .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_query", m))?;
+    let listener = match q.role.as_deref() {
+        None | Some("speaker") | Some("host") => false,
+        Some("listener") => true,
+        Some(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "role must be listener, speaker or host",
+            ))
+        }
+    };
+    Ok(RouteParams {
+        query: q,
+        room,
+        listener,
+    })
+}
+
+/// `GET /v1/route` through axum (HEAD, and the in-process app); `GET` requests on a
+/// connection are answered by [`Front`] before axum, with the same code.
+pub(super) async fn route(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    // The request itself (not a `HeaderMap` extractor, which copies every header).
+    req: Request<Body>,
+) -> Answer {
+    let p = route_params(req.uri().query())?;
+    if !s.route_live(p.room).await? {
+        return Err(not_live());
+    }
+    route_decide(&s, peer, req.headers(), &p)
+}
+
+fn not_live() -> Failure {
+    error(StatusCode::NOT_FOUND, "room_not_found", "no such live room")
+}
+
+/// Where a `/v1/route` client is, and why: the `ip=` parameter (dev mode only; ignored in
+/// production) > the address forwarded by a trusted proxy (`Forwarded`, `X-Forwarded-For`) >
+/// the TCP peer. A malformed `ip=` or forwarding header from a trusted proxy is a 400.
+fn client_address(
+    ip_param: Option<&str>,
+    dev_mode: bool,
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+) -> Result<(IpAddr, &'static str), Failure> {
+    if let (Some(text), true) = (ip_param, dev_mode) {
+        let ip: IpAddr = text.parse().map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_ip",
+                "ip must be an IPv4 or IPv6 address",
+            )
+        })?;
+        return Ok((ip, "ip parameter"));
+    }
+    let (ip, src) = client_ip(
+        peer,
+        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        trusted,
+    )
+    .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_forwarded", e.to_string()))?;
+    let src = match src {
+        Source::Peer => "peer",
+        Source::PeerHeadersIgnored => "peer (untrusted forwarding headers ignored)",
+        Source::Forwarded => "forwarded by a trusted proxy",
+    };
+    Ok((ip, src))
+}
+
+/// Route a request whose room is live: where the client is, then the edge, written as the
+/// answer.
+fn route_decide(
+    s: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    p: &RouteParams<'_>,
+) -> Answer {
+    let (q, room) = (&p.query, p.room);
+    // Checked by `route_params`.
+    let avoid = parse_avoid(q.avoid.as_deref().unwrap_or("")).unwrap_or_default();
+    let (addr, source) = client_address(
+        q.ip.as_deref(),
+        s.config.dev_mode,
+        peer.ip(),
+        headers,
+        &s.trusted,
+    )?;
+    let region_override = q.region.as_deref().filter(|_| s.config.dev_mode);
+    let place = s.geoip.locate(addr);
+    let client_place = match (region_override, place) {
+        (Some(r), _) => ClientPlace::Region(r),
+        (None, Place::Located { point, .. }) => ClientPlace::Located(point),
+        (None, _) => ClientPlace::Unknown,
+    };
+    let anchor = match region_override {
+        Some(r) => known_region(r).map(|r| GeoPoint {
+            latitude: r.latitude,
+            longitude: r.longitude,
+        }),
+        None => s.anchor,
+    };
+    let reg = s.registry();
+    let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
+    let choice = select_edge(
+        client_place,
+        anchor,
+        &s.config.default_region,
+        &candidates,
+        s.policy,
+        p.listener,
+    );
+    let choice = match choice {
+        Ok(c) => c,
+        Err(e) => {
+            drop(reg);
+            s.metrics.route_decision(NO_REGION, RouteOutcome::NoEdge);
+            return Err(match e {
+                SelectError::UnknownRegion(_) => {
+                    error(StatusCode::BAD_REQUEST, "unknown_region", e.to_string())
+                }
+                SelectError::NoEdge => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, "no_edge", e.to_string())
+                }
+            });
+        }
+    };
+    let hls_only = choice.hls_only;
+    let answer = RouteAnswer {
+        room,
+        edge: choice.edge.id,
+        region: choice.edge.region,
+        public_url: choice.edge.public_url,
+        hls_base: s.hls_base(),
+        hls_only,
+        source,
+        place,
+        choice: &choice.why,
+    };
+    // Written under the registry lock: the edge's strings are borrowed, not copied.
+    let body = answer.to_json();
+    tracing::debug!(%room, edge = %answer.edge, why = %answer.why(), "routed");
+    let outcome = if hls_only {
+        RouteOutcome::Hls
+    } else {
+        RouteOutcome::WebRtc
+    };
+    s.metrics.route_decision(answer.region, outcome);
+    drop(reg);
+    s.metrics.routes.inc();
+    if matches!(place, Place::Located { .. }) {
+        s.metrics.routes_located.inc();
+    }
+    if hls_only {
+        s.metrics.routes_hls.inc();
+    }
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// The router's service on one connection: `GET /v1/route`, which every listener and speaker
+/// of every room calls, is answered here below axum (the per-address request budget and the
+/// request log done inline, as the middleware does them); everything else goes to the app.
+#[derive(Clone)]
+pub(super) struct Front<A> {
+    /// The router's state.
+    pub(super) state: Shared,
+    /// The axum app for this connection ([`amphi_protocol::https::app_service`]).
+    pub(super) app: A,
+    /// The connection's TCP peer.
+    pub(super) peer: SocketAddr,
+}
+
+/// The answer of [`Front`]: at once, or later.
+pub(super) enum FrontFuture {
+    Ready(Option<Response>),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>),
+}
+
+impl std::future::Future for FrontFuture {
+    type Output = Result<Response, std::convert::Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            // Polled again after it answered (hyper never does): an empty 500.
+            FrontFuture::Ready(r) => std::task::Poll::Ready(Ok(r
+                .take()
+                .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()))),
+            FrontFuture::Later(f) => f.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+impl<A: amphi_protocol::https::ConnectionService> hyper::service::Service<Request<Incoming>>
+    for Front<A>
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = FrontFuture;
+
+    fn call(&self, req: Request<Incoming>) -> FrontFuture {
+        if req.method() == Method::GET && req.uri().path() == "/v1/route" {
+            return route_front(&self.state, self.peer, req);
+        }
+        let fut = self.app.call(req);
+        FrontFuture::Later(Box::pin(async move {
+            match fut.await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }))
+    }
+}
+
+/// `GET /v1/route` on [`Front`]: the budget of the real client, then the answer, at once when
+/// the room is known live (else after asking the store).
+fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFuture {
+    let log = tracing::enabled!(
+        target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+        tracing::Level::DEBUG
+    )
+    .then(Instant::now);
+    let client = real_client(s, peer.ip(), req.headers());
+    if let Err(r) = s.limiter.request(client) {
+        let resp = amphi_protocol::https::refusal_response(&r);
+        log_route(log, req.uri(), &resp);
+        return FrontFuture::Ready(Some(resp));
+    }
+    let p = match route_params(req.uri().query()) {
+        Ok(p) => p,
+        Err(f) => {
+            let resp = f.into_response();
+            log_route(log, req.uri(), &resp);
+            return FrontFuture::Ready(Some(resp));
+        }
+    };
+    if lock(&s.live).is_live(p.room, Instant::now()) {
+        let resp = route_decide(s, peer, req.headers(), &p).into_response();
+        log_route(log, req.uri(), &resp);
+        return FrontFuture::Ready(Some(resp));
+    }
+    let room = p.room;
+    let s = s.clone();
+    FrontFuture::Later(Box::pin(async move {
+        let resp = match s.route_live(room).await {
+            Ok(true) => match route_params(req.uri().query()) {
+                Ok(p) => route_decide(&s, peer, req.headers(), &p),
+                Err(f) => Err(f),
+            },
+            Ok(false) => Err(not_live()),
+            Err(f) => Err(f),
+        }
+        .into_response();
+        log_route(log, req.uri(), &resp);
+        resp
+    }))
+}
+
+/// The request log line of a `/v1/route` answered by [`Front`] (what
+/// [`amphi_protocol::redact::log_request`] writes for the others); `started` is `None` when
+/// the log is off.
+fn log_route(started: Option<Instant>, uri: &Uri, resp: &Response) {
+    let Some(started) = started else {
+        return;
+    };
+    tracing::debug!(
+        target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+        method = "GET",
+        path = uri.path(),
+        query = uri.query().map(amphi_protocol::redact::redact_query).unwrap_or_default(),
+        status = resp.status().as_u16(),
+        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = "10.0.0.2";
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn trusted() -> Vec<IpNet> {
+        vec!["10.0.0.0/8".parse().expect("a network")]
+    }
+
+    fn locate(ip: Option<&str>, dev: bool, h: &HeaderMap) -> Option<(IpAddr, &'static str)> {
+        client_address(ip, dev, PEER.parse().expect("an address"), h, &trusted()).ok()
+    }
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn in_dev_mode_the_ip_parameter_wins_over_forwarding_headers() {
+        let h = headers(&[("x-forwarded-for", "203.0.113.9")]);
+        assert_eq!(
+            locate(Some("198.51.100.1"), true, &h),
+            Some((addr("198.51.100.1"), "ip parameter"))
+        );
+    }
+
+    #[test]
+    fn in_production_the_ip_parameter_is_ignored() {
+        let h = headers(&[("x-forwarded-for", "203.0.113.9")]);
+        assert_eq!(
+            locate(Some("198.51.100.1"), false, &h),
+            Some((addr("203.0.113.9"), "forwarded by a trusted proxy"))
+        );
+        assert_eq!(
+            locate(Some("198.51.100.1"), false, &HeaderMap::new()),
+            Some((addr(PEER), "peer"))
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_forwards_and_an_untrusted_one_is_ignored() {
+        let h = headers(&[("forwarded", "for=203.0.113.9")]);
+        assert_eq!(
+            locate(None, false, &h),
+            Some((addr("203.0.113.9"), "forwarded by a trusted proxy"))
+        );
+        let outside = client_address(None, false, addr("192.0.2.7"), &h, &trusted()).ok();
+        assert_eq!(
+            outside,
+            Some((
+                addr("192.0.2.7"),
+                "peer (untrusted forwarding headers ignored)"
+            ))
+        );
+    }
+
+    #[test]
+    fn a_malformed_ip_parameter_or_forwarded_header_is_a_400() {
+        let bad_ip = client_address(
+            Some("not-an-ip"),
+            true,
+            addr(PEER),
+            &HeaderMap::new(),
+            &trusted(),
+        )
+        .err()
+        .map(|f| (f.status, f.code));
+        assert_eq!(bad_ip, Some((StatusCode::BAD_REQUEST, "bad_ip")));
+        let h = headers(&[("x-forwarded-for", "garbage")]);
+        let bad_fwd = client_address(None, false, addr(PEER), &h, &trusted())
+            .err()
+            .map(|f| (f.status, f.code));
+        assert_eq!(bad_fwd, Some((StatusCode::BAD_REQUEST, "bad_forwarded")));
+    }
+
+    #[test]
+    fn route_params_refuse_in_the_documented_order() {
+        let code = |q: Option<&str>| route_params(q).err().map(|f| (f.status, f.code));
+        assert_eq!(code(None), Some((StatusCode::BAD_REQUEST, "bad_query")));
+        assert_eq!(
+            code(Some("room=zz&role=ghost")).map(|(s, _)| s),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            code(Some("room=00000000000000ab&role=ghost")),
+            Some((StatusCode::BAD_REQUEST, "bad_query"))
+        );
+        let p = route_params(Some("room=00000000000000ab&role=listener")).ok();
+        assert_eq!(p.map(|p| (p.room, p.listener)), Some((RoomId(0xab), true)));
+    }
+}
