@@ -3,6 +3,9 @@
 //! offer on a new edge `Rtc`, and handing the peer to its media shard. The front ends
 //! ([`crate::http`], [`crate::ws`]) depend on this module; nothing here depends on them.
 
+// Helpers short-circuit handlers with a ready HTTP error response; boxing it buys nothing here.
+#![allow(clippy::result_large_err)]
+
 use crate::lifecycle::{ParticipantIds, RoomCache, RoomStatusAnswer};
 use crate::media::api::{MediaCommand, NewPeer};
 use crate::metrics::Metrics;

@@ -1111,6 +1111,8 @@ mod tests {
     /// A harness: one core and its clients.
     struct Bed {
         core: MediaCore,
+        /// Participant id of the first client (ids must differ between beds used together).
+        first_id: u32,
         clients: Vec<Client>,
         now: Instant,
         events: Vec<Event>,
@@ -1124,6 +1126,7 @@ mod tests {
             let metrics = Arc::new(Metrics::new("test"));
             Bed {
                 core: MediaCore::new(now, EDGE, 0, metrics),
+                first_id: 100,
                 clients: Vec::new(),
                 now,
                 events: Vec::new(),
@@ -1155,7 +1158,7 @@ mod tests {
             edge.add_local_candidate(Candidate::host(EDGE, "udp").unwrap());
             let answer = edge.sdp_api().accept_offer(offer).unwrap();
             rtc.sdp_api().accept_answer(pending, answer).unwrap();
-            let participant = ParticipantId(100 + k as u32);
+            let participant = ParticipantId(self.first_id + k as u32);
             let peer = NewPeer {
                 session: format!("{k:032x}"),
                 ufrag,
@@ -1191,6 +1194,11 @@ mod tests {
         /// Carry datagrams both ways until nothing moves, then advance `now` by `STEP` and run
         /// what is due; `steps` times.
         fn run(&mut self, steps: usize) {
+            self.run_by(steps, STEP);
+        }
+
+        /// [`Bed::run`] with steps of `step`.
+        fn run_by(&mut self, steps: usize, step: Duration) {
             for _ in 0..steps {
                 for _ in 0..100 {
                     let mut moved = false;
@@ -1245,7 +1253,7 @@ mod tests {
                         break;
                     }
                 }
-                self.now += STEP;
+                self.now += step;
                 for c in &mut self.clients {
                     c.rtc.handle_input(Input::Timeout(self.now)).unwrap();
                 }
@@ -1285,6 +1293,156 @@ mod tests {
         fn connected(&self) -> bool {
             self.clients.iter().all(|c| c.connected)
         }
+
+        /// Speakers (by client index, from the payload) client `k` heard, in order.
+        fn heard(&self, k: usize) -> Vec<u8> {
+            self.clients[k]
+                .received
+                .iter()
+                .map(|(_, _, p)| p[0])
+                .collect()
+        }
+    }
+
+    /// An encoded relay frame of `speaker` in `room`.
+    fn relay_frame(room: RoomId, speaker: u32, seq: u16, payload: &[u8]) -> Vec<u8> {
+        let frame = RelayFrame {
+            kind: FrameKind::SpeakerAudio,
+            room,
+            speaker,
+            seq,
+            rtp_ts: u32::from(seq) * 960,
+            audio_level: 20,
+            payload,
+        };
+        let mut buf = vec![0; frame.encoded_len()];
+        let n = frame.encode_into(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn a_louder_speaker_takes_a_slot_only_after_the_dwell_and_margin() {
+        let mut bed = Bed::new();
+        let quiet: Vec<usize> = (0..LISTENER_AUDIO_SLOTS)
+            .map(|_| bed.join(true, 0))
+            .collect();
+        let loud = bed.join(true, 0);
+        let _listener = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        let id = |bed: &Bed, k: usize| bed.clients[k].participant.0;
+        // The quiet speakers fill the slots; the loud one arrives at once and must wait.
+        let mut took = None;
+        for round in 0..60 {
+            for &k in &quiet {
+                bed.speak(k, 60);
+            }
+            bed.speak(loud, 10);
+            bed.run(4);
+            let slots = bed.core.rooms[&ROOM].selector.slots();
+            if took.is_none() && slots.contains(&Some(id(&bed, loud))) {
+                took = Some(round);
+            }
+        }
+        let took = took.expect("the loud speaker got a slot");
+        // 20 ms a round: the first slot holders have held their slots MIN_DWELL by round 25.
+        let dwell_rounds = (crate::slots::MIN_DWELL.as_millis() / 20) as usize;
+        assert!(
+            took + 1 >= dwell_rounds,
+            "switched after {took} rounds, before the dwell"
+        );
+        assert!(
+            took <= dwell_rounds + 5,
+            "switched only after {took} rounds"
+        );
+        // Exactly one quiet speaker lost its slot; the other two kept theirs to the end.
+        let slots = bed.core.rooms[&ROOM].selector.slots();
+        let kept = quiet
+            .iter()
+            .filter(|&&k| slots.contains(&Some(id(&bed, k))))
+            .count();
+        assert_eq!(kept, LISTENER_AUDIO_SLOTS - 1, "{slots:?}");
+    }
+
+    #[test]
+    fn relayed_speakers_reach_listeners_and_local_echoes_are_dropped() {
+        let mut bed = Bed::new();
+        let speaker = bed.join(true, 0);
+        let listener = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        let (now, local) = (bed.now, bed.clients[speaker].participant.0);
+        for seq in 1..=5u16 {
+            bed.core
+                .handle_relay(now, now, &relay_frame(ROOM, 9_000, seq, &[77, seq as u8]));
+            // The origin echoing a local publisher, another room, garbage: all dropped.
+            bed.core
+                .handle_relay(now, now, &relay_frame(ROOM, local, seq, &[66, seq as u8]));
+            bed.core.handle_relay(
+                now,
+                now,
+                &relay_frame(RoomId(1), 9_001, seq, &[55, seq as u8]),
+            );
+            bed.core.handle_relay(now, now, &[0xff, 1, 2]);
+            bed.run(4);
+        }
+        assert_eq!(bed.heard(listener), vec![77; 5]);
+        assert!(
+            bed.relays.is_empty(),
+            "relayed speakers are not relayed again"
+        );
+    }
+
+    #[test]
+    fn a_speaker_on_one_shard_reaches_listeners_on_another() {
+        let mut a = Bed::new();
+        let mut b = Bed::new();
+        b.first_id = 200;
+        let speaker = a.join(true, 0);
+        let listener = b.join(false, LISTENER_AUDIO_SLOTS);
+        a.run(200);
+        b.run(200);
+        assert!(a.connected() && b.connected());
+        for _ in 0..6 {
+            a.speak(speaker, 20);
+            a.run(4);
+            for out in a.relays.drain(..) {
+                if let RelayOut::Speaker { frame, at, .. } = out {
+                    b.core.handle_relay(b.now, at, &frame);
+                }
+            }
+            b.run(4);
+        }
+        assert_eq!(b.heard(listener), vec![speaker as u8; 6]);
+    }
+
+    #[test]
+    fn a_peer_that_stops_answering_is_removed_and_signaling_told() {
+        let mut bed = Bed::new();
+        let speaker = bed.join(true, 0);
+        let listener = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        bed.clients[listener].alive = false;
+        let gone = Event::Signal(MediaEvent::PeerGone {
+            participant: bed.clients[listener].participant,
+        });
+        let step = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        while !bed.events.contains(&gone) && waited < crate::lifecycle::IDLE_TIMEOUT * 2 {
+            bed.speak(speaker, 20);
+            bed.run_by(1, step);
+            waited += step;
+        }
+        assert!(bed.events.contains(&gone), "listener removed");
+        assert!(waited <= crate::lifecycle::IDLE_TIMEOUT + Duration::from_secs(2));
+        assert!(bed.events.contains(&Event::Receiving {
+            room: ROOM,
+            on: false
+        }));
+        assert!(bed.core.has_peer(bed.clients[speaker].participant));
+        assert!(!bed.core.has_peer(bed.clients[listener].participant));
     }
 
     #[test]
