@@ -4,19 +4,18 @@
 // Helpers short-circuit handlers with a ready HTTP error response; boxing it buys nothing here.
 #![allow(clippy::result_large_err)]
 
-use crate::lifecycle::{ParticipantIds, RoomCache, RoomStatusAnswer};
-use crate::media::{MediaCommand, NewPeer, PatchOutcome, RemoveOutcome};
-use crate::metrics::Metrics;
-use crate::occupancy::Occupancy;
+use crate::admission::{
+    add_peer, answer_offer, api_error, check_live, display_name, unauthorized, AppState, REVOKED,
+};
+use crate::media::api::{MediaCommand, NewPeer, PatchOutcome, RemoveOutcome};
 use crate::offer::{parse_client_offer, parse_whip_offer, OfferError, MAX_OFFER_LEN};
 use crate::room::Refusal;
-use crate::sessions::{JoinOutcome, Sessions};
-use crate::shards::MediaShards;
+use crate::sdpfrag::IceFragment;
+use crate::sessions::{now_unix, JoinOutcome};
+use crate::shards::{MediaShards, ShardsGone};
 use crate::signaling::{JoinRequest, SessionKind};
-use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
-use amphi_protocol::https::HttpsClient;
 use amphi_protocol::room::RoomRole;
-use amphi_protocol::token::{Claims, TokenVerifier};
+use amphi_protocol::token::Claims;
 use amphi_protocol::{ParticipantId, RoomId};
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -25,81 +24,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use str0m::rtp::{Extension, ExtensionMap};
-use str0m::{Candidate, IceCreds, Rtc};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::oneshot;
 
-/// How long a positive "room is live" answer from the geo-router is trusted.
-pub const ROOM_CACHE_TTL: Duration = Duration::from_secs(5);
-/// Timeout of one geo-router lookup.
-const ROUTER_TIMEOUT: Duration = Duration::from_secs(3);
-/// Largest geo-router answer read.
-const MAX_ROUTER_BODY: usize = 64 * 1024;
 /// How long a WHIP/WHEP POST waits for the room authority to accept the participant before
 /// continuing with the token's role (origin unreachable or without authority).
 const JOIN_WAIT: Duration = Duration::from_secs(3);
-
-/// Shared state of the HTTP handlers.
-pub(crate) struct AppState {
-    pub tokens: TokenVerifier,
-    pub candidate: SocketAddr,
-    pub media: MediaShards,
-    pub rooms: Arc<Mutex<RoomCache>>,
-    pub router: RouterClient,
-    pub metrics: Arc<Metrics>,
-    pub ids: Mutex<ParticipantIds>,
-    pub sessions: Arc<Sessions>,
-    pub occupancy: Arc<Occupancy>,
-}
-
-/// Asks the geo-router whether rooms exist.
-pub(crate) struct RouterClient {
-    base: String,
-    client: HttpsClient<Empty<Bytes>>,
-}
-
-impl RouterClient {
-    /// Ask the router at `base` (`https://` or `http://`) through `client`.
-    pub(crate) fn new(base: &str, client: HttpsClient<Empty<Bytes>>) -> Self {
-        RouterClient {
-            base: base.trim_end_matches('/').to_string(),
-            client,
-        }
-    }
-
-    pub(crate) async fn room_status(&self, room: RoomId) -> Result<RoomStatusAnswer, String> {
-        let uri = format!("{}/v1/rooms/{room}", self.base);
-        let req = http::Request::get(uri)
-            .header(header::ACCEPT, "application/json")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(ROUTER_TIMEOUT, self.client.request(req))
-            .await
-            .map_err(|_| "geo-router timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        match resp.status() {
-            StatusCode::OK => {
-                let body = Limited::new(resp.into_body(), MAX_ROUTER_BODY)
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                let info: RoomInfo = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                if info.room == room && info.status == RoomStatus::Live {
-                    Ok(RoomStatusAnswer::Live)
-                } else {
-                    Ok(RoomStatusAnswer::Gone)
-                }
-            }
-            StatusCode::NOT_FOUND => Ok(RoomStatusAnswer::Gone),
-            s => Err(format!("geo-router answered {s}")),
-        }
-    }
-}
 
 /// The HTTP router of an edge.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
@@ -201,24 +132,6 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// A JSON `ApiError` response.
-pub(crate) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = serde_json::to_vec(&ApiError::new(code, message)).unwrap_or_default();
-    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    resp
-}
-
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The bearer token of a request, if well-formed.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -244,71 +157,12 @@ fn authorize(st: &AppState, headers: &HeaderMap, room: RoomId) -> Result<Claims,
     Ok(claims)
 }
 
-/// The 401 message for a revoked token.
-pub(crate) const REVOKED: &str = "token revoked: you were removed from this room";
-
-/// A 401: `token_revoked` for [`REVOKED`], else `unauthorized`.
-pub(crate) fn unauthorized(message: String) -> Response {
-    let code = if message == REVOKED {
-        "token_revoked"
-    } else {
-        "unauthorized"
-    };
-    api_error(StatusCode::UNAUTHORIZED, code, message)
-}
-
-pub(crate) async fn room_is_live(st: &AppState, room: RoomId) -> Result<bool, String> {
-    let cached = st
-        .rooms
-        .lock()
-        .map_err(|_| "room cache poisoned".to_string())?
-        .lookup(room, Instant::now());
-    if cached == Some(RoomStatusAnswer::Live) {
-        return Ok(true);
-    }
-    let answer = st.router.room_status(room).await?;
-    if let Ok(mut c) = st.rooms.lock() {
-        c.record(room, answer, Instant::now());
-    }
-    Ok(answer == RoomStatusAnswer::Live)
-}
-
 fn is_sdp(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/sdp"))
-}
-
-pub(crate) fn new_session_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// Build the edge's `Rtc` for one peer (WHIP publisher, WHEP or WebSocket listener): ICE-lite,
-/// RTP mode, Opus with RFC 2198 RED when the peer offers it (a publisher's lost packet is
-/// recovered from the next one, see [`crate::red`]), and only the RTP header extensions an audio
-/// SFU uses (see [`audio_extensions`]).
-pub(crate) fn publisher_rtc(creds: IceCreds, now: Instant) -> Rtc {
-    Rtc::builder()
-        .set_ice_lite(true)
-        .set_rtp_mode(true)
-        .clear_codecs()
-        .enable_opus(true, true)
-        .set_extension_map(audio_extensions())
-        .set_local_ice_credentials(creds)
-        .build(now)
-}
-
-/// RFC 6464 audio level (speaker selection, active speakers) and the BUNDLE `mid`. Transport-wide
-/// congestion control is left out on purpose: the edge runs no bandwidth estimation for audio,
-/// and negotiating it would make every subscriber send TWCC feedback the edge must parse and add
-/// a sequence-number extension to every forwarded packet.
-fn audio_extensions() -> ExtensionMap {
-    let mut exts = ExtensionMap::empty();
-    exts.set(1, Extension::AudioLevel);
-    exts.set(4, Extension::RtpMid);
-    exts
 }
 
 /// The room id of a path, or a 404.
@@ -365,26 +219,6 @@ async fn check_post(
     Ok((claims, bytes))
 }
 
-/// 404 if the geo-router says the room does not exist or ended, 503 if it cannot be asked.
-pub(crate) async fn check_live(st: &AppState, room: RoomId) -> Result<(), Response> {
-    match room_is_live(st, room).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(api_error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            "the room does not exist or has ended",
-        )),
-        Err(e) => {
-            tracing::warn!(%room, error = %e, "geo-router lookup failed");
-            Err(api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "router_unavailable",
-                "cannot check the room right now",
-            ))
-        }
-    }
-}
-
 fn offer_error(e: OfferError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
     api_error(status, e.code(), e.to_string())
@@ -419,15 +253,6 @@ fn allocate(st: &AppState) -> Result<ParticipantId, Response> {
             "id allocator poisoned",
         )
     })
-}
-
-/// Display name from a token, bounded.
-pub(crate) fn display_name(claims: &Claims) -> String {
-    claims
-        .name
-        .chars()
-        .take(amphi_protocol::api::MAX_NAME_CHARS)
-        .collect()
 }
 
 /// Join a WHIP/WHEP session as a participant. Returns its role and whether it may send audio.
@@ -496,66 +321,6 @@ async fn join_http(
             tracing::warn!(room = %claims.room, participant = %pid, "room authority did not answer; listening with the token role until it does");
             Ok(degraded)
         }
-    }
-}
-
-/// Accept `offer` on a fresh `Rtc` with our candidate: (rtc, ufrag, answer SDP).
-/// Accept `offer` on a new edge `Rtc`: the Rtc, its local ICE ufrag, the answer and the offer's
-/// text (kept for ICE restarts).
-pub(crate) fn answer_offer(
-    st: &AppState,
-    offer: str0m::change::SdpOffer,
-) -> Result<(Rtc, String, String, String), Response> {
-    let offer_sdp = offer.to_sdp_string();
-    let creds = IceCreds::new();
-    let ufrag = creds.ufrag.clone();
-    let mut rtc = publisher_rtc(creds, Instant::now());
-    let candidate = Candidate::host(st.candidate, "udp").map_err(|e| {
-        tracing::error!(candidate = %st.candidate, error = %e, "bad media candidate address");
-        api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "media address misconfigured",
-        )
-    })?;
-    rtc.add_local_candidate(candidate);
-    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
-        // str0m's text can name internals: the client gets a fixed message.
-        tracing::debug!(error = %e, "SDP offer not accepted");
-        api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_sdp",
-            "the offer could not be accepted",
-        )
-    })?;
-    Ok((rtc, ufrag, answer.to_sdp_string(), offer_sdp))
-}
-
-/// Hand a peer to the media driver.
-pub(crate) async fn add_peer(st: &AppState, peer: NewPeer) -> Result<(), Response> {
-    let (reply_tx, reply_rx) = oneshot::channel();
-    let unavailable = || {
-        api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the media engine is not accepting peers",
-        )
-    };
-    let shard = st.media.shard_of(&peer.session).unwrap_or(0);
-    st.media.supersede(peer.participant, shard).await;
-    st.media
-        .send(
-            shard,
-            MediaCommand::Add {
-                peer: Box::new(peer),
-                reply: reply_tx,
-            },
-        )
-        .await
-        .map_err(|_| unavailable())?;
-    match reply_rx.await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(unavailable()),
     }
 }
 
@@ -847,19 +612,8 @@ async fn whip_patch(
     let Some(shard) = st.media.shard_of(&session) else {
         return not_found();
     };
-    let (reply, outcome) = oneshot::channel();
-    let cmd = MediaCommand::Patch {
-        session,
-        room,
-        claims: Box::new(claims),
-        if_match,
-        fragment,
-        reply,
-    };
-    if st.media.send(shard, cmd).await.is_err() {
-        return not_found();
-    }
-    match outcome.await {
+    let outcome = patch_session(&st, shard, session, room, claims, if_match, fragment).await;
+    match outcome {
         Ok(PatchOutcome::Trickled) => StatusCode::NO_CONTENT.into_response(),
         Ok(PatchOutcome::Restarted { fragment, etag }) => {
             let mut resp = (StatusCode::OK, fragment).into_response();
@@ -896,8 +650,53 @@ async fn whip_patch(
             "forbidden",
             "the session belongs to another token",
         ),
-        Ok(PatchOutcome::NotFound) | Err(_) => not_found(),
+        Ok(PatchOutcome::NotFound) | Err(ShardsGone) => not_found(),
+        Ok(PatchOutcome::RefreshNeeded { .. }) => api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the session belongs to another token",
+        ),
     }
+}
+
+/// Send a `PATCH` to the session's shard. When the request's token is not the session's, the
+/// shard answers [`PatchOutcome::RefreshNeeded`]: signaling moves the participant's session to
+/// the new token (refused: 403), then the `PATCH` is sent again, marked refreshed.
+async fn patch_session(
+    st: &AppState,
+    shard: usize,
+    session: String,
+    room: RoomId,
+    claims: Claims,
+    if_match: Option<String>,
+    fragment: IceFragment,
+) -> Result<PatchOutcome, ShardsGone> {
+    let mut refreshed = false;
+    for _ in 0..2 {
+        let (reply, outcome) = oneshot::channel();
+        let cmd = MediaCommand::Patch {
+            session: session.clone(),
+            room,
+            claims: Box::new(claims.clone()),
+            refreshed,
+            if_match: if_match.clone(),
+            fragment: fragment.clone(),
+            reply,
+        };
+        st.media.send(shard, cmd).await?;
+        match outcome.await.map_err(|_| ShardsGone)? {
+            PatchOutcome::RefreshNeeded { participant } if !refreshed => {
+                if let Err(r) = st.sessions.refresh(participant, &claims, now_unix()) {
+                    tracing::info!(%room, %participant, code = r.code, "token refresh refused");
+                    return Ok(PatchOutcome::Forbidden);
+                }
+                tracing::info!(%room, %participant, "token refreshed");
+                refreshed = true;
+            }
+            other => return Ok(other),
+        }
+    }
+    Ok(PatchOutcome::Forbidden)
 }
 
 #[cfg(test)]
@@ -935,15 +734,6 @@ mod tests {
     }
 
     #[test]
-    fn session_ids_are_128_bit_hex_and_distinct() {
-        let a = new_session_id();
-        let b = new_session_id();
-        assert_eq!(a.len(), 32);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
-
-    #[test]
     fn options_follow_rfc_9725() {
         let r = preflight(true);
         assert_eq!(r.status(), StatusCode::OK);
@@ -976,7 +766,8 @@ mod tests {
             "sendrecv",
         );
         let offer = parse_whip_offer(offer.as_bytes()).unwrap();
-        let mut rtc = publisher_rtc(IceCreds::new(), Instant::now());
+        let mut rtc =
+            crate::admission::publisher_rtc(str0m::IceCreds::new(), std::time::Instant::now());
         let answer = rtc.sdp_api().accept_offer(offer).unwrap().to_sdp_string();
         // str0m mirrors the direction and writes no rtcp-mux-only: the fix-up is needed.
         assert!(answer.contains("a=sendrecv"), "{answer}");

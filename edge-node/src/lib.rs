@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+mod admission;
 pub mod batch;
 pub mod dtls;
 mod http;
@@ -179,7 +180,9 @@ pub async fn run_with(
     let endpoint = uplink::client_endpoint(origins[0].addr, client_config)
         .map_err(|e| EdgeError::Quic(format!("client endpoint: {e}")))?;
     let metrics = Arc::new(metrics::Metrics::new(&config.region));
-    let rooms = Arc::new(Mutex::new(lifecycle::RoomCache::new(http::ROOM_CACHE_TTL)));
+    let rooms = Arc::new(Mutex::new(lifecycle::RoomCache::new(
+        admission::ROOM_CACHE_TTL,
+    )));
     let inner = shutdown.child_token();
     let (mesh_tx, mesh_rx) = mpsc::unbounded_channel();
     let (targets_tx, targets_rx) = watch::channel(Arc::default());
@@ -189,13 +192,13 @@ pub async fn run_with(
     for _ in 0..shard_count {
         let (command_tx, commands) = mpsc::channel(MEDIA_QUEUE);
         let (control_tx, control) = mpsc::unbounded_channel();
-        let (relayed_tx, relayed) = mpsc::channel(media::RELAY_QUEUE);
-        let (foreign_tx, foreign) = mpsc::channel(media::RELAY_QUEUE);
+        let (relayed_tx, relayed) = mpsc::channel(media::driver::RELAY_QUEUE);
+        let (foreign_tx, foreign) = mpsc::channel(media::driver::RELAY_QUEUE);
         command_txs.push(command_tx);
         control_txs.push(control_tx);
         relayed_txs.push(relayed_tx);
         foreign_txs.push(foreign_tx);
-        inputs.push(media::MediaInputs {
+        inputs.push(media::driver::MediaInputs {
             commands,
             control,
             relayed,
@@ -214,19 +217,30 @@ pub async fn run_with(
         config.token_expiry_grace_secs,
     ));
     tokio::spawn(sessions.clone().tick_loop(inner.clone()));
+    let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+    tokio::spawn(sessions.clone().media_events(signal_rx, inner.clone()));
     // Interactive listeners per room (`Occupancy::listeners_per_room`), for load reports.
     let occupancy = Arc::new(Occupancy::new(config.interactive_capacity));
 
     let ufrags = Arc::new(shards::UfragDirectory::default());
     let mut media_done = Vec::with_capacity(shard_count);
     for (index, (socket, shard_inputs)) in udp_sockets.into_iter().zip(inputs).enumerate() {
-        let driver = media::MediaDriver::new(
+        let core = media::core::MediaCore::new(
+            std::time::Instant::now(),
             candidate,
-            media::Relay::new(targets_rx.clone()),
+            index,
             metrics.clone(),
-            mesh_tx.clone(),
-            sessions.clone(),
-            occupancy.clone(),
+        )
+        .with_connect_timeout(connect_timeout);
+        let driver = media::driver::MediaDriver::new(
+            core,
+            media::driver::Relay::new(targets_rx.clone()),
+            metrics.clone(),
+            media::driver::MediaOutputs {
+                mesh_tx: mesh_tx.clone(),
+                signal_tx: signal_tx.clone(),
+                occupancy: occupancy.clone(),
+            },
             shards::ShardLinks {
                 index,
                 relayed: relayed_txs.clone(),
@@ -234,8 +248,7 @@ pub async fn run_with(
                 ufrags: ufrags.clone(),
                 load: load.clone(),
             },
-        )
-        .with_connect_timeout(connect_timeout);
+        );
         media_done.push(spawn_media_thread(
             driver,
             socket,
@@ -244,6 +257,7 @@ pub async fn run_with(
         )?);
     }
     drop(mesh_tx);
+    drop(signal_tx);
     let uplink = uplink::Uplink {
         edge_id: config.id.clone(),
         region: config.region.clone(),
@@ -274,12 +288,12 @@ pub async fn run_with(
 
     let limiter = amphi_protocol::https::Limiter::new(&config.limits, metrics.http_limits.clone())
         .map_err(|e| EdgeError::Config(e.to_string()))?;
-    let state = Arc::new(http::AppState {
+    let state = Arc::new(admission::AppState {
         tokens,
         candidate,
         media,
         rooms,
-        router: http::RouterClient::new(
+        router: admission::RouterClient::new(
             &config.router_url,
             amphi_protocol::https::client_with(client_tls),
         ),
@@ -321,9 +335,9 @@ pub const MEDIA_THREAD_NAME: &str = "edge-media";
 /// waits behind HTTP, signaling or QUIC work and its CPU time is accountable on its own. The
 /// returned receiver resolves when the driver has stopped (an error if it panicked).
 fn spawn_media_thread(
-    driver: media::MediaDriver,
+    driver: media::driver::MediaDriver,
     socket: std::net::UdpSocket,
-    inputs: media::MediaInputs,
+    inputs: media::driver::MediaInputs,
     shutdown: CancellationToken,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, EdgeError> {
     let runtime = tokio::runtime::Builder::new_current_thread()

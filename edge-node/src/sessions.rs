@@ -3,6 +3,7 @@
 //! Every output is a non-blocking channel send, so the lock is never held across an await.
 
 use crate::leases::{RefreshError, TokenLeases};
+use crate::media::api::{MediaControl, MediaEvent};
 use crate::mesh::MeshEvent;
 use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
@@ -13,7 +14,7 @@ use amphi_protocol::token::{Claims, Revocations, RevokedTokens};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +41,7 @@ pub(crate) enum JoinOutcome {
 }
 
 /// Reports of a room's active speakers closer together than this are the other media shards'
-/// copies of the same period (they report every [`crate::media::ACTIVE_SPEAKERS_INTERVAL`]).
+/// copies of the same period (they report every [`crate::media::core::ACTIVE_SPEAKERS_INTERVAL`]).
 const ACTIVE_SPEAKERS_DEDUP: Duration = Duration::from_millis(200);
 /// Rooms remembered for that before stale ones are forgotten.
 const ACTIVE_SENT_MAX: usize = 4096;
@@ -54,16 +55,12 @@ pub(crate) const TOKEN_REVOKED: &str = "token revoked";
 pub(crate) const TOKEN_EXPIRED: &str =
     "token expired: refresh it before it expires (refresh_token, or PATCH with the new token)";
 
-/// To the media drivers (every shard).
-#[derive(Debug, Clone)]
-pub(crate) enum MediaControl {
-    /// Whether the participant's audio may be forwarded.
-    Permission {
-        participant: ParticipantId,
-        may_send: bool,
-    },
-    /// Tear down the participant's PeerConnection.
-    Close { participant: ParticipantId },
+/// The wall clock in Unix seconds (token times).
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 struct Inner {
@@ -187,7 +184,7 @@ impl Sessions {
     ) -> oneshot::Receiver<JoinOutcome> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
-        if self.is_revoked(claims, crate::http::now_unix()) {
+        if self.is_revoked(claims, now_unix()) {
             let refusal = Refusal::new("token_revoked", TOKEN_REVOKED);
             let _ = tx.send(JoinOutcome::Refused(refusal));
             return rx;
@@ -244,9 +241,34 @@ impl Sessions {
                     let outs = inner.core.tick(Instant::now());
                     self.dispatch(&mut inner, outs);
                     drop(inner);
-                    self.expire(crate::http::now_unix());
+                    self.expire(now_unix());
                 }
             }
+        }
+    }
+
+    /// Carry out the media shards' events until `shutdown` (or every shard is gone).
+    pub(crate) async fn media_events(
+        self: std::sync::Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<MediaEvent>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_media(ev),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// One event from a media shard.
+    pub(crate) fn on_media(&self, ev: MediaEvent) {
+        match ev {
+            MediaEvent::ActiveSpeakers { room, speakers } => self.active_speakers(room, &speakers),
+            MediaEvent::PeerGone { participant } => self.leave(participant),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Media shards: the edge's peers spread over several media driver threads.
 //!
-//! Every shard is a complete [`crate::media::MediaDriver`] on its own OS thread with its own UDP
+//! Every shard is a complete [`crate::media::driver::MediaDriver`] on its own OS thread with its own UDP
 //! socket, all bound to the one `media_listen` port with `SO_REUSEPORT`, so clients see a single
 //! ICE candidate and firewalls a single port. A new peer goes to the least loaded shard, which owns
 //! its `Rtc` for life; the first hex digit of its session id names the shard.
@@ -11,8 +11,7 @@
 //! [`Foreign`] datagram. Speaker packets reach every shard: relayed ones from the uplink, local
 //! publishers' from the shard that received them, so each shard forwards to its own listeners.
 
-use crate::media::MediaCommand;
-use crate::sessions::MediaControl;
+use crate::media::api::{MediaCommand, MediaControl};
 use amphi_protocol::ParticipantId;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -114,6 +113,11 @@ impl ShardLinks {
     }
 }
 
+/// A fresh random session id (32 hex digits).
+fn new_session_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// The shards' command queues, used by the HTTP, WebSocket and uplink tasks.
 #[derive(Clone)]
 pub(crate) struct MediaShards {
@@ -149,7 +153,7 @@ impl MediaShards {
 
     /// A fresh session id (32 hex digits) whose first digit names `shard`.
     pub(crate) fn session_id(shard: usize) -> String {
-        let id = crate::http::new_session_id();
+        let id = new_session_id();
         format!("{:x}{}", shard % MAX_SHARDS, &id[1..])
     }
 
@@ -239,6 +243,15 @@ pub(crate) fn bind_reuseport(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_ids_are_128_bit_hex_and_distinct() {
+        let a = new_session_id();
+        let b = new_session_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 
     fn shards(n: usize) -> (MediaShards, Vec<mpsc::Receiver<MediaCommand>>) {
         let (mut txs, mut rxs) = (Vec::new(), Vec::new());

@@ -10,7 +10,8 @@
 //! state from Redis. Room messages from the owner go to the signaling core.
 
 use crate::lifecycle::{Backoff, RoomCache, RoomStatusAnswer};
-use crate::media::{MediaCommand, RelayTargets};
+use crate::media::api::MediaCommand;
+use crate::media::driver::RelayTargets;
 use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
 use crate::owners::{OriginRoutes, Plan};
@@ -249,12 +250,13 @@ impl Uplink {
             }
             ControlMessage::Revoke { room, user } => {
                 tracing::info!(%room, "origin revoked a user's tokens");
-                self.sessions.revoke(room, &user, crate::http::now_unix());
+                self.sessions
+                    .revoke(room, &user, crate::sessions::now_unix());
             }
             ControlMessage::RevokeToken { jti, until } => {
                 tracing::info!("origin revoked a token");
                 self.sessions
-                    .revoke_token(&jti, until, crate::http::now_unix());
+                    .revoke_token(&jti, until, crate::sessions::now_unix());
             }
             ControlMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "origin reported an error");

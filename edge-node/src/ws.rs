@@ -8,13 +8,13 @@
 //! flooding is disconnected. Kicks and room ends send their event, then close the socket and the
 //! participant's PeerConnection.
 
-use crate::http::{
-    answer_offer, api_error, check_live, display_name, now_unix, unauthorized, AppState,
+use crate::admission::{
+    add_peer, answer_offer, api_error, check_live, display_name, unauthorized, AppState, REVOKED,
 };
-use crate::media::{MediaCommand, NewPeer};
+use crate::media::api::{MediaCommand, NewPeer};
 use crate::offer::parse_client_offer;
 use crate::room::{FloodGuard, FloodVerdict};
-use crate::sessions::{JoinOutcome, Outbound, CLIENT_QUEUE};
+use crate::sessions::{now_unix, JoinOutcome, Outbound, CLIENT_QUEUE};
 use crate::shards::MediaShards;
 use crate::signaling::{CloseWhy, JoinRequest, SessionKind};
 use amphi_protocol::room::{ClientMessage, RoomCommand, RoomRole, ServerMessage};
@@ -75,10 +75,10 @@ pub(crate) async fn ws_get(
         // A browser cannot read the status of a refused upgrade: tell it over the socket.
         return match upgrade {
             Ok(u) => u.on_upgrade(|mut socket| async move {
-                send(&mut socket, &error("banned", crate::http::REVOKED)).await;
+                send(&mut socket, &error("banned", REVOKED)).await;
                 close(&mut socket, CLOSE_KICKED, "banned").await;
             }),
-            Err(_) => unauthorized(crate::http::REVOKED.into()),
+            Err(_) => unauthorized(REVOKED.into()),
         };
     }
     if let Err(resp) = check_live(&st, claims.room).await {
@@ -458,7 +458,7 @@ impl Session {
             slots: parsed.slots,
             offer_sdp,
         };
-        match crate::http::add_peer(&self.st, peer).await {
+        match add_peer(&self.st, peer).await {
             Ok(()) => ServerMessage::Answer { sdp: answer },
             Err(_) => error("unavailable", "the media engine is not accepting peers"),
         }

@@ -1,21 +1,26 @@
-//! The media driver: one task owning the shared UDP socket and every peer's `Rtc`.
+//! The media core: every peer's str0m `Rtc` of one shard, slot selection and fan-out, as a
+//! deterministic state machine in the quinn-proto mould. It is fed inputs with an explicit `now`
+//! ([`MediaCore::handle_datagram`], [`MediaCore::handle_relay`], [`MediaCore::handle_command`] and
+//! the request/reply commands such as [`MediaCore::add`], [`MediaCore::handle_timeout`]) and
+//! drained by the driver ([`MediaCore::poll_transmit`] for batches of datagrams,
+//! [`MediaCore::poll_relay`] for relay frames, [`MediaCore::poll_event`] for what the rest of the
+//! edge must learn, [`MediaCore::poll_timeout`] for when to call again). No sockets, channels,
+//! locks or clock reads: [`crate::media::driver`] does the I/O.
 //!
 //! It demultiplexes datagrams with [`PeerTable`], feeds them to str0m, drains `poll_output`
-//! (transmits, events, next timeout), relays allowed publishers' RTP packets to the origin as relay
-//! frames, forwards the room's loudest speakers (local publishers and speakers relayed from other
-//! regions by the origin) into every interactive listener's slots, and removes peers on DELETE,
-//! kick, room end, ICE disconnect or inactivity. Decisions live in the sans-IO cores
-//! ([`crate::slots`], [`crate::lifecycle`], [`crate::peers`]).
+//! (transmits, events, next timeout), encodes allowed publishers' RTP packets as relay frames for
+//! the origin and the other shards, forwards the room's loudest speakers (local publishers and
+//! speakers relayed from other regions by the origin) into every interactive listener's slots, and
+//! removes peers on DELETE, kick, room end, ICE disconnect or inactivity. Decisions live in the
+//! sans-IO parts ([`crate::slots`], [`crate::lifecycle`], [`crate::peers`]).
 
+use super::api::{MediaControl, MediaEvent, NewPeer, PatchOutcome, RemoveOutcome};
 use crate::lifecycle::{CloseReason, PeerLiveness};
 use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
-use crate::occupancy::Occupancy;
-use crate::peers::{stun_local_ufrag, DropReason, InsertError, PeerId, PeerTable, Route};
+use crate::peers::{DropReason, InsertError, PeerId, PeerTable, Route};
 use crate::red::RedReceiver;
 use crate::sdpfrag::{IceFragment, PatchDecision};
-use crate::sessions::{MediaControl, Sessions};
-use crate::shards::{Foreign, ShardLinks};
 use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
 use amphi_protocol::relay::{FrameKind, RelayFrame, RELAY_HEADER_LEN};
@@ -32,121 +37,56 @@ use str0m::format::Codec;
 use str0m::media::{ExtensionValues, Mid, Pt};
 use str0m::net::{DatagramRecv, DatagramSend, Protocol, Receive};
 use str0m::rtp::{RtpWrite, Ssrc};
-use str0m::{Event, IceConnectionState, Input, Output, Rtc};
-use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use str0m::{Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
 
 /// Bytes reserved at a time for outgoing relay frames; frames are split off it, so the buffer is
 /// reused once quinn has sent (dropped) the earlier ones.
 const RELAY_BUF_CAPACITY: usize = 64 * 1024;
-/// Largest datagram read from the media socket.
-const RECV_BUF_LEN: usize = 2048;
 /// How often liveness is checked.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Cadence of `active_speakers` messages.
 pub(crate) const ACTIVE_SPEAKERS_INTERVAL: Duration = Duration::from_millis(300);
-/// Capacity of the uplink -> media queue of relayed speaker datagrams.
-pub(crate) const RELAY_QUEUE: usize = 4096;
 
-/// A negotiated peer handed from the HTTP layer to the driver.
-pub(crate) struct NewPeer {
-    /// Session id (WHIP/WHEP: the last segment of `Location`).
-    pub session: String,
-    /// Local ICE ufrag given in the answer.
-    pub ufrag: String,
-    /// The str0m instance, offer accepted, local candidate added.
-    pub rtc: Rtc,
-    /// Room joined.
-    pub room: RoomId,
-    /// Media id.
-    pub participant: ParticipantId,
-    /// Display name from the token.
-    pub name: String,
-    /// `jti` of the token that created the session (DELETE must present the same token).
-    pub jti: String,
-    /// What kind of session owns the PeerConnection.
-    pub kind: SessionKind,
-    /// Whether the offer sends audio (a publisher).
-    pub publishing: bool,
-    /// Whether its audio may be forwarded now (publishing role, not muted).
-    pub may_send: bool,
-    /// Mids of the receive slots (the client's recvonly audio m-lines), at most
-    /// [`LISTENER_AUDIO_SLOTS`].
-    pub slots: Vec<Mid>,
-    /// The accepted offer, kept to answer an ICE restart sent as a WHIP/WHEP `PATCH` fragment.
-    pub offer_sdp: String,
-}
+/// A queued datagram: destination, bytes, and the ingress time of the forwarded packet it carries
+/// (for the forwarding-delay histogram), if any.
+pub(crate) type Transmit = (SocketAddr, DatagramSend, Option<Instant>);
 
-/// Result of a DELETE.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RemoveOutcome {
-    /// Torn down.
-    Removed,
-    /// No such session in that room.
-    NotFound,
-    /// The session exists but belongs to another token.
-    Forbidden,
-}
-
-/// Result of a `PATCH`.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum PatchOutcome {
-    /// Candidates accepted (an ICE-lite edge learns client addresses from its checks): 204.
-    Trickled,
-    /// ICE restarted: 200 with this answer fragment and the new ETag (the new local ufrag).
-    Restarted { fragment: String, etag: String },
-    /// No `If-Match`: 428.
-    PreconditionRequired,
-    /// `If-Match` names another ETag: 412.
-    PreconditionFailed,
-    /// The restart offer was refused: 400 with this message.
-    Refused(String),
-    /// No such session in that room.
-    NotFound,
-    /// The session belongs to another token.
-    Forbidden,
-}
-
-/// Requests to the driver.
-pub(crate) enum MediaCommand {
-    /// Start serving a peer.
-    Add {
-        peer: Box<NewPeer>,
-        reply: oneshot::Sender<Result<(), InsertError>>,
-    },
-    /// Tear a session down (WHIP/WHEP DELETE).
-    Remove {
-        session: String,
+/// A relay frame for the origin owning its room.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum RelayOut {
+    /// A local publisher's packet (an encoded `SpeakerAudio` frame), read at `at`; also for the
+    /// other shards' listeners.
+    Speaker {
         room: RoomId,
-        jti: String,
-        reply: oneshot::Sender<RemoveOutcome>,
+        frame: Bytes,
+        at: Instant,
     },
-    /// A new offer on an existing PeerConnection (promotion, demotion, ICE restart).
-    Renegotiate {
-        participant: ParticipantId,
-        offer: Box<SdpOffer>,
-        publishing: bool,
-        slots: Vec<Mid>,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    /// Whether the participant already has a PeerConnection here.
-    HasPeer {
-        participant: ParticipantId,
-        reply: oneshot::Sender<bool>,
-    },
-    /// A WHIP/WHEP `PATCH` (RFC 9725 §4.4): trickled candidates or an ICE restart; with a new
-    /// token of the session's user, also a token refresh.
-    Patch {
-        session: String,
-        room: RoomId,
-        /// The verified bearer token of the request.
-        claims: Box<Claims>,
-        /// The `If-Match` header, if any.
-        if_match: Option<String>,
-        fragment: IceFragment,
-        reply: oneshot::Sender<PatchOutcome>,
-    },
+    /// The publisher's previous frame again (`SpeakerRepeat`), for the origin only.
+    Repeat { room: RoomId, frame: Bytes },
+}
+
+/// What the core tells its driver besides datagrams and relay frames.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event {
+    /// For signaling (active speakers, a WHIP/WHEP peer gone).
+    Signal(MediaEvent),
+    /// For the uplink's publisher announcements.
+    Mesh(MeshEvent),
+    /// A local ICE ufrag now belongs to this shard (for the shards' ufrag directory).
+    UfragUp(String),
+    /// A local ICE ufrag is gone.
+    UfragDown(String),
+    /// An interactive listener joined (`on`) or left a room's slots (for the occupancy counts).
+    Receiving { room: RoomId, on: bool },
+    /// This shard now serves this many peers.
+    Peers(usize),
+}
+
+/// Fire-and-forget commands (those with a reply are methods: [`MediaCore::add`],
+/// [`MediaCore::remove_session`], [`MediaCore::renegotiate`], [`MediaCore::patch`],
+/// [`MediaCore::has_peer`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Command {
     /// The participant has a newer PeerConnection on another shard: drop the one here, keeping
     /// the participant.
     Supersede { participant: ParticipantId },
@@ -154,6 +94,10 @@ pub(crate) enum MediaCommand {
     RemoveParticipant { participant: ParticipantId },
     /// The origin says the room ended: drop its peers.
     EndRoom { room: RoomId },
+    /// A permission change or close from signaling.
+    Control(MediaControl),
+    /// The edge is stopping: remove every peer.
+    Shutdown,
 }
 
 /// One forwarding slot of a receiving peer.
@@ -212,7 +156,25 @@ fn red_in(rtc: &Rtc) -> Option<RedIn> {
     })
 }
 
-/// Per-room forwarding state on this edge.
+/// RFC 6464 level (0 loudest .. 127 silence) from str0m's negative dBov value.
+pub(crate) fn rfc6464_level(dbov: Option<i8>) -> u8 {
+    match dbov {
+        Some(v) => (-(v as i16)).clamp(0, 127) as u8,
+        None => 127,
+    }
+}
+
+/// The negotiated Opus payload type of `mid`, if any.
+fn opus_pt(rtc: &Rtc, mid: Mid) -> Option<Pt> {
+    let media = rtc.media(mid)?;
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus && media.remote_pts().contains(&p.pt()))
+        .map(|p| p.pt())
+}
+
+/// Per-room forwarding state on this shard.
 #[derive(Default)]
 struct MediaRoom {
     peers: usize,
@@ -233,93 +195,15 @@ struct Inbound {
     at: Instant,
 }
 
-/// Environment variable of the benchmark-only relay loss knob: `FRACTION[:SEED]` (e.g.
-/// `0.05:1`) makes the edge drop that fraction of the speaker datagrams it relays to the origin,
-/// chosen by a seeded generator. Unset (the default, and the only setting for production) drops
-/// nothing. `amphi bench quality --relay-loss` sets it on the dev mesh it starts.
-pub const BENCH_RELAY_LOSS_ENV: &str = "AMPHI_BENCH_RELAY_LOSS";
-
-/// Seeded random loss of relay datagrams, for benchmarks only (see [`BENCH_RELAY_LOSS_ENV`]).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct BenchLoss {
-    fraction: f64,
-    state: u64,
-}
-
-impl BenchLoss {
-    /// Parse `FRACTION[:SEED]`; `None` for a zero, negative or unparsable fraction.
-    pub(crate) fn parse(v: &str) -> Option<BenchLoss> {
-        let (f, seed) = v.split_once(':').unwrap_or((v, "1"));
-        let fraction: f64 = f.trim().parse().ok()?;
-        let seed: u64 = seed.trim().parse().ok()?;
-        (fraction > 0.0 && fraction < 1.0).then_some(BenchLoss {
-            fraction,
-            state: seed ^ 0x5eed_1055,
-        })
-    }
-
-    /// Whether to drop the next datagram (SplitMix64 draw).
-    pub(crate) fn drop_next(&mut self) -> bool {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 11) as f64 / (1u64 << 53) as f64) < self.fraction
-    }
-}
-
-/// Where relay frames go: the link to every origin (`None` while down) and each room's owner
-/// (index into `links`), published by the uplink ([`crate::owners::OriginRoutes`]).
-#[derive(Debug, Default, Clone)]
-pub(crate) struct RelayTargets {
-    /// The link to each configured origin.
-    pub links: Vec<Option<quinn::Connection>>,
-    /// Each room's owner.
-    pub rooms: HashMap<RoomId, usize>,
-}
-
-impl RelayTargets {
-    /// The connection `room`'s speaker datagrams go to now.
-    fn conn(&self, room: RoomId) -> Option<&quinn::Connection> {
-        let origin = *self.rooms.get(&room)?;
-        self.links.get(origin)?.as_ref()
-    }
-}
-
-/// Sends relay frames to each room's origin over its QUIC connection, if it is up.
-pub(crate) struct Relay {
-    targets: Arc<RelayTargets>,
-    targets_rx: watch::Receiver<Arc<RelayTargets>>,
+/// Encodes relay frames into a reused buffer and queues them for the driver.
+struct RelayEncoder {
     buf: BytesMut,
-    bench_loss: Option<BenchLoss>,
+    out: VecDeque<RelayOut>,
 }
 
-impl Relay {
-    pub(crate) fn new(targets_rx: watch::Receiver<Arc<RelayTargets>>) -> Self {
-        let bench_loss = std::env::var(BENCH_RELAY_LOSS_ENV)
-            .ok()
-            .and_then(|v| BenchLoss::parse(&v));
-        if let Some(l) = &bench_loss {
-            tracing::warn!(
-                fraction = l.fraction,
-                "{BENCH_RELAY_LOSS_ENV} is set: dropping relay datagrams (benchmark setting)"
-            );
-        }
-        Relay {
-            targets: Arc::default(),
-            targets_rx,
-            buf: BytesMut::with_capacity(RELAY_BUF_CAPACITY),
-            bench_loss,
-        }
-    }
-
-    /// Encode `frame` and send it to the origin (if connected); returns the encoded frame so
-    /// other media shards can forward it too.
-    fn send(&mut self, frame: &RelayFrame<'_>, metrics: &Metrics) -> Option<Bytes> {
-        if self.targets_rx.has_changed().unwrap_or(false) {
-            self.targets = self.targets_rx.borrow_and_update().clone();
-        }
+impl RelayEncoder {
+    /// Encode and queue `frame`; returns the encoded frame (to repeat with the next one).
+    fn send(&mut self, frame: &RelayFrame<'_>, at: Instant, metrics: &Metrics) -> Option<Bytes> {
         let len = frame.encoded_len();
         if self.buf.capacity() < len {
             self.buf.reserve(RELAY_BUF_CAPACITY.max(len));
@@ -334,25 +218,16 @@ impl Relay {
                 return None;
             }
         };
-        if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
-            return Some(bytes);
-        }
-        match self.targets.conn(frame.room) {
-            Some(conn) => match conn.send_datagram(bytes.clone()) {
-                Ok(()) => metrics.relay_sent(),
-                Err(e) => {
-                    metrics.relay_send_error();
-                    tracing::debug!(room = %frame.room, speaker = frame.speaker, error = %e, "relay datagram not sent");
-                }
-            },
-            None => metrics.relay_send_error(),
-        }
+        self.out.push_back(RelayOut::Speaker {
+            room: frame.room,
+            frame: bytes.clone(),
+            at,
+        });
         Some(bytes)
     }
 
-    /// Send `previous` (an encoded `SpeakerAudio` frame of `room`) again as a `SpeakerRepeat`
-    /// frame.
-    fn repeat(&mut self, room: RoomId, previous: &[u8], metrics: &Metrics) {
+    /// Queue `previous` (an encoded `SpeakerAudio` frame of `room`) again as a `SpeakerRepeat`.
+    fn repeat(&mut self, room: RoomId, previous: &[u8]) {
         if previous.len() < RELAY_HEADER_LEN {
             return;
         }
@@ -362,43 +237,15 @@ impl Relay {
         self.buf.clear();
         self.buf.extend_from_slice(previous);
         self.buf[1] = FrameKind::SpeakerRepeat as u8;
-        let bytes = self.buf.split().freeze();
-        if self.bench_loss.as_mut().is_some_and(BenchLoss::drop_next) {
-            return;
-        }
-        match self.targets.conn(room) {
-            Some(conn) => match conn.send_datagram(bytes) {
-                Ok(()) => metrics.relay_sent(),
-                Err(_) => metrics.relay_send_error(),
-            },
-            None => metrics.relay_send_error(),
-        }
+        let frame = self.buf.split().freeze();
+        self.out.push_back(RelayOut::Repeat { room, frame });
     }
 }
 
-/// RFC 6464 level (0 loudest .. 127 silence) from str0m's negative dBov value.
-pub(crate) fn rfc6464_level(dbov: Option<i8>) -> u8 {
-    match dbov {
-        Some(v) => (-(v as i16)).clamp(0, 127) as u8,
-        None => 127,
-    }
-}
-
-/// The negotiated Opus payload type of `mid`, if any.
-fn opus_pt(rtc: &Rtc, mid: Mid) -> Option<Pt> {
-    let media = rtc.media(mid)?;
-    rtc.codec_config()
-        .params()
-        .iter()
-        .find(|p| p.spec().codec == Codec::Opus && media.remote_pts().contains(&p.pt()))
-        .map(|p| p.pt())
-}
-
-/// Where one publisher's Opus packets go: the relay to the origin (and the other shards), and
-/// the queue of packets for this edge's listeners.
+/// Where one publisher's Opus packets go: the relay encoder (origin and other shards), and the
+/// queue of packets for this shard's listeners.
 struct Ingest<'a> {
-    relay: &'a mut Relay,
-    links: &'a ShardLinks,
+    relay: &'a mut RelayEncoder,
     metrics: &'a Metrics,
     inbound: &'a mut VecDeque<Inbound>,
     last_relayed: &'a mut Option<Bytes>,
@@ -422,15 +269,10 @@ impl Ingest<'_> {
             audio_level: self.level,
             payload,
         };
-        let encoded = self.relay.send(&frame, self.metrics);
+        let encoded = self.relay.send(&frame, self.at, self.metrics);
         // Relay protection: the previous packet rides again with this one.
-        if let Some(prev) = std::mem::replace(self.last_relayed, encoded.clone()) {
-            self.relay.repeat(self.room, &prev, self.metrics);
-        }
-        if let Some(encoded) = encoded.filter(|_| self.links.sharded()) {
-            if !self.links.share(self.at, &encoded) {
-                self.metrics.relay_queue_full();
-            }
+        if let Some(prev) = std::mem::replace(self.last_relayed, encoded) {
+            self.relay.repeat(self.room, &prev);
         }
         self.inbound.push_back(Inbound {
             room: self.room,
@@ -444,73 +286,58 @@ impl Ingest<'_> {
     }
 }
 
-/// Channels feeding the driver.
-pub(crate) struct MediaInputs {
-    pub commands: mpsc::Receiver<MediaCommand>,
-    pub control: mpsc::UnboundedReceiver<MediaControl>,
-    pub relayed: mpsc::Receiver<(Instant, Bytes)>,
-    /// Datagrams other shards' sockets received for this shard's peers.
-    pub foreign: mpsc::Receiver<Foreign>,
-}
-
-/// Most remembered addresses of other shards' peers before the memory is cleared (it refills
-/// from the clients' periodic STUN consent checks).
-const FOREIGN_ADDRS_MAX: usize = 65_536;
-
-/// The driver's state; the socket is passed in separately so reads and handling can interleave.
-pub(crate) struct MediaDriver {
+/// One media shard's state.
+pub(crate) struct MediaCore {
     local: SocketAddr,
+    shard: usize,
     table: PeerTable<Peer>,
     timers: BTreeSet<(Instant, PeerId)>,
-    relay: Relay,
+    relay: RelayEncoder,
     metrics: Arc<Metrics>,
-    mesh_tx: mpsc::UnboundedSender<MeshEvent>,
-    sessions: Arc<Sessions>,
-    occupancy: Arc<Occupancy>,
     rooms: HashMap<RoomId, MediaRoom>,
     by_participant: HashMap<ParticipantId, PeerId>,
     permissions: HashMap<ParticipantId, bool>,
     inbound: VecDeque<Inbound>,
-    outbox: Vec<(SocketAddr, DatagramSend, Option<Instant>)>,
+    outbox: Vec<Transmit>,
+    events: VecDeque<Event>,
     scratch: Vec<PeerId>,
     active: Vec<ActiveSpeaker>,
-    links: ShardLinks,
-    /// Addresses whose peers live on another shard, and which.
-    foreign_addrs: HashMap<SocketAddr, usize>,
+    next_sweep: Instant,
+    next_speakers: Instant,
     /// A peer whose ICE+DTLS has not connected this long after its answer is removed.
     connect_timeout: Duration,
 }
 
-impl MediaDriver {
-    /// `local` is the address in our ICE candidate (the datagrams' destination as str0m sees it).
+impl MediaCore {
+    /// Shard `shard`'s core at `now`; `local` is the address in our ICE candidate (the
+    /// datagrams' destination as str0m sees it).
     pub(crate) fn new(
+        now: Instant,
         local: SocketAddr,
-        relay: Relay,
+        shard: usize,
         metrics: Arc<Metrics>,
-        mesh_tx: mpsc::UnboundedSender<MeshEvent>,
-        sessions: Arc<Sessions>,
-        occupancy: Arc<Occupancy>,
-        links: ShardLinks,
     ) -> Self {
-        MediaDriver {
-            connect_timeout: crate::lifecycle::DEFAULT_CONNECT_TIMEOUT,
+        MediaCore {
             local,
+            shard,
             table: PeerTable::default(),
             timers: BTreeSet::new(),
-            relay,
+            relay: RelayEncoder {
+                buf: BytesMut::with_capacity(RELAY_BUF_CAPACITY),
+                out: VecDeque::with_capacity(64),
+            },
             metrics,
-            mesh_tx,
-            sessions,
-            occupancy,
             rooms: HashMap::new(),
             by_participant: HashMap::new(),
             permissions: HashMap::new(),
             inbound: VecDeque::with_capacity(64),
             outbox: Vec::with_capacity(256),
+            events: VecDeque::new(),
             scratch: Vec::new(),
             active: Vec::new(),
-            links,
-            foreign_addrs: HashMap::new(),
+            next_sweep: now + SWEEP_INTERVAL,
+            next_speakers: now + ACTIVE_SPEAKERS_INTERVAL,
+            connect_timeout: crate::lifecycle::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
@@ -521,135 +348,97 @@ impl MediaDriver {
         self
     }
 
-    /// Serve until `shutdown`, then remove every peer.
-    pub(crate) async fn run(
-        mut self,
-        socket: UdpSocket,
-        mut inputs: MediaInputs,
-        shutdown: CancellationToken,
-    ) {
-        let mut buf = vec![0u8; RECV_BUF_LEN];
-        let sleep = tokio::time::sleep(SWEEP_INTERVAL);
-        tokio::pin!(sleep);
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut speakers_tick = tokio::time::interval(ACTIVE_SPEAKERS_INTERVAL);
-        speakers_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let next = self
-                .timers
-                .first()
-                .map(|(t, _)| *t)
-                .unwrap_or_else(|| Instant::now() + SWEEP_INTERVAL);
-            sleep.as_mut().reset(next.into());
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                cmd = inputs.commands.recv() => match cmd {
-                    Some(cmd) => self.handle_command(cmd),
-                    None => break,
-                },
-                Some(ctl) = inputs.control.recv() => self.handle_control(ctl),
-                Some((at, d)) = inputs.relayed.recv() => {
-                    self.handle_relayed(&d, at);
-                    // Drain whatever else is queued before going back to the socket.
-                    let mut n = 0;
-                    while n < 64 {
-                        match inputs.relayed.try_recv() {
-                            Ok((at, d)) => self.handle_relayed(&d, at),
-                            Err(_) => break,
-                        }
-                        n += 1;
-                    }
+    /// The datagrams queued since the last call, if any: the driver sends them and clears the
+    /// vector (its capacity is kept, so the hot path allocates nothing).
+    pub(crate) fn poll_transmit(&mut self) -> Option<&mut Vec<Transmit>> {
+        (!self.outbox.is_empty()).then_some(&mut self.outbox)
+    }
+
+    /// The next relay frame for the origin (and, for a speaker frame, the other shards).
+    pub(crate) fn poll_relay(&mut self) -> Option<RelayOut> {
+        self.relay.out.pop_front()
+    }
+
+    /// The next event for the rest of the edge.
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`MediaCore::handle_timeout`] is due: the earliest peer timer, liveness sweep or
+    /// active-speaker report.
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        let periodic = self.next_sweep.min(self.next_speakers);
+        self.timers
+            .first()
+            .map_or(periodic, |(t, _)| (*t).min(periodic))
+    }
+
+    /// Run what is due at `now`: str0m timers, the liveness sweep, the active-speaker report.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.handle_timeouts(now);
+        if now >= self.next_sweep {
+            self.next_sweep = now + SWEEP_INTERVAL;
+            self.sweep(now);
+        }
+        if now >= self.next_speakers {
+            self.next_speakers = now + ACTIVE_SPEAKERS_INTERVAL;
+            self.active_speakers(now);
+        }
+        self.forward_inbound(now);
+    }
+
+    /// Whether the peer of a STUN request naming `ufrag` is this shard's.
+    pub(crate) fn has_ufrag(&self, ufrag: &str) -> bool {
+        self.table.has_ufrag(ufrag)
+    }
+
+    /// Whether `addr` is a known address of one of this shard's peers.
+    pub(crate) fn knows_addr(&self, addr: SocketAddr) -> bool {
+        self.table.knows_addr(addr)
+    }
+
+    /// Whether the participant has a PeerConnection on this shard.
+    pub(crate) fn has_peer(&self, participant: ParticipantId) -> bool {
+        self.by_participant.contains_key(&participant)
+    }
+
+    /// Tear a session down (WHIP/WHEP DELETE) if `room` and `jti` are the session's.
+    pub(crate) fn remove_session(
+        &mut self,
+        session: &str,
+        room: RoomId,
+        jti: &str,
+    ) -> RemoveOutcome {
+        match self.table.by_session(session) {
+            Some(id) => match self.table.get(id) {
+                Some(p) if p.room != room => RemoveOutcome::NotFound,
+                Some(p) if p.jti != jti => RemoveOutcome::Forbidden,
+                Some(_) => {
+                    self.remove(id, CloseReason::Deleted);
+                    RemoveOutcome::Removed
                 }
-                r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.receive(source, &buf[..n], Instant::now()),
-                    Err(e) => tracing::debug!(error = %e, "media socket read failed"),
-                },
-                Some(f) = inputs.foreign.recv() => self.handle_datagram(f.source, &f.data, f.at),
-                _ = &mut sleep => self.handle_timeouts(Instant::now()),
-                _ = sweep.tick() => self.sweep(Instant::now()),
-                _ = speakers_tick.tick() => self.active_speakers(Instant::now()),
-            }
-            self.forward_inbound(&socket);
-            self.flush(&socket);
+                None => RemoveOutcome::NotFound,
+            },
+            None => RemoveOutcome::NotFound,
         }
-        let ids: Vec<PeerId> = self.table.ids().collect();
-        for id in ids {
-            self.remove(id, CloseReason::Shutdown);
-        }
-        self.flush(&socket);
     }
 
-    /// Send every queued datagram.
-    fn flush(&mut self, socket: &UdpSocket) {
-        if self.outbox.is_empty() {
-            return;
-        }
-        crate::batch::send_all(socket, &mut self.outbox, &self.metrics);
-    }
-
-    fn handle_command(&mut self, cmd: MediaCommand) {
+    /// Apply a fire-and-forget command.
+    pub(crate) fn handle_command(&mut self, now: Instant, cmd: Command) {
         match cmd {
-            MediaCommand::Add { peer, reply } => {
-                let result = self.add(*peer);
-                let _ = reply.send(result);
-            }
-            MediaCommand::Remove {
-                session,
-                room,
-                jti,
-                reply,
-            } => {
-                let outcome = match self.table.by_session(&session) {
-                    Some(id) => match self.table.get(id) {
-                        Some(p) if p.room != room => RemoveOutcome::NotFound,
-                        Some(p) if p.jti != jti => RemoveOutcome::Forbidden,
-                        Some(_) => {
-                            self.remove(id, CloseReason::Deleted);
-                            RemoveOutcome::Removed
-                        }
-                        None => RemoveOutcome::NotFound,
-                    },
-                    None => RemoveOutcome::NotFound,
-                };
-                let _ = reply.send(outcome);
-            }
-            MediaCommand::Renegotiate {
-                participant,
-                offer,
-                publishing,
-                slots,
-                reply,
-            } => {
-                let r = self.renegotiate(participant, *offer, publishing, slots);
-                let _ = reply.send(r);
-            }
-            MediaCommand::Patch {
-                session,
-                room,
-                claims,
-                if_match,
-                fragment,
-                reply,
-            } => {
-                let outcome = self.patch(&session, room, &claims, if_match.as_deref(), fragment);
-                let _ = reply.send(outcome);
-            }
-            MediaCommand::Supersede { participant } => {
+            Command::Supersede { participant } => {
                 if let Some(&id) = self.by_participant.get(&participant) {
                     self.remove_peer_only(id);
                 }
             }
-            MediaCommand::HasPeer { participant, reply } => {
-                let _ = reply.send(self.by_participant.contains_key(&participant));
-            }
-            MediaCommand::RemoveParticipant { participant } => {
+            Command::RemoveParticipant { participant }
+            | Command::Control(MediaControl::Close { participant }) => {
                 self.permissions.remove(&participant);
                 if let Some(&id) = self.by_participant.get(&participant) {
                     self.remove(id, CloseReason::Deleted);
                 }
             }
-            MediaCommand::EndRoom { room } => {
+            Command::EndRoom { room } => {
                 self.scratch.clear();
                 self.scratch.extend(
                     self.table
@@ -663,15 +452,10 @@ impl MediaDriver {
                 }
                 self.scratch = ids;
             }
-        }
-    }
-
-    fn handle_control(&mut self, ctl: MediaControl) {
-        match ctl {
-            MediaControl::Permission {
+            Command::Control(MediaControl::Permission {
                 participant,
                 may_send,
-            } => {
+            }) => {
                 self.permissions.insert(participant, may_send);
                 if let Some(&id) = self.by_participant.get(&participant) {
                     if let Some(p) = self.table.get_mut(id) {
@@ -685,13 +469,18 @@ impl MediaDriver {
                     }
                 }
             }
-            MediaControl::Close { participant } => {
-                self.permissions.remove(&participant);
-                if let Some(&id) = self.by_participant.get(&participant) {
-                    self.remove(id, CloseReason::Deleted);
+            Command::Shutdown => {
+                let ids: Vec<PeerId> = self.table.ids().collect();
+                for id in ids {
+                    self.remove(id, CloseReason::Shutdown);
                 }
             }
         }
+        self.forward_inbound(now);
+    }
+
+    fn loaded(&mut self) {
+        self.events.push_back(Event::Peers(self.table.len()));
     }
 
     fn set_slots(peer: &mut Peer, mids: &[Mid]) {
@@ -712,7 +501,8 @@ impl MediaDriver {
         peer.slots = next;
     }
 
-    fn add(&mut self, new: NewPeer) -> Result<(), InsertError> {
+    /// Start serving a negotiated peer.
+    pub(crate) fn add(&mut self, now: Instant, new: NewPeer) -> Result<(), InsertError> {
         let NewPeer {
             session,
             ufrag,
@@ -727,7 +517,6 @@ impl MediaDriver {
             slots,
             offer_sdp,
         } = new;
-        let now = Instant::now();
         let may_send = self
             .permissions
             .get(&participant)
@@ -757,26 +546,28 @@ impl MediaDriver {
         let receiving = peer.slots.iter().any(Option::is_some);
         peer.receiving = receiving;
         let id = self.table.insert(&ufrag, &session, peer)?;
-        self.links.ufrags.insert(&ufrag, self.links.index);
-        self.links.set_load(self.table.len());
+        self.events.push_back(Event::UfragUp(ufrag));
+        self.loaded();
         let r = self.rooms.entry(room).or_default();
         r.peers += 1;
         if receiving {
             r.receivers.push(id);
-            self.occupancy.add(room);
+            self.events.push_back(Event::Receiving { room, on: true });
         }
         if let Some(old) = self.by_participant.insert(participant, id) {
             // A participant has one PeerConnection: the newer one replaces it.
             self.remove_peer_only(old);
         }
-        self.metrics.set_peers(self.links.total_load());
-        tracing::info!(%room, %participant, publishing, receiving, kind = ?kind, shard = self.links.index, "peer added");
+        tracing::info!(%room, %participant, publishing, receiving, kind = ?kind, shard = self.shard, "peer added");
         self.drain(id, now);
         Ok(())
     }
 
-    fn renegotiate(
+    /// A new offer on the participant's PeerConnection (promotion, demotion, ICE restart): the
+    /// answer SDP.
+    pub(crate) fn renegotiate(
         &mut self,
+        now: Instant,
         participant: ParticipantId,
         offer: SdpOffer,
         publishing: bool,
@@ -815,10 +606,10 @@ impl MediaDriver {
         let receiving = peer.slots.iter().any(Option::is_some);
         let was_receiving = std::mem::replace(&mut peer.receiving, receiving);
         if unannounce {
-            let _ = self.mesh_tx.send(MeshEvent::PublisherDown {
+            self.events.push_back(Event::Mesh(MeshEvent::PublisherDown {
                 room,
                 speaker: participant,
-            });
+            }));
             if let Some(r) = self.rooms.get_mut(&room) {
                 r.selector.remove(participant.0);
             }
@@ -826,36 +617,40 @@ impl MediaDriver {
         if let Some(r) = self.rooms.get_mut(&room) {
             if receiving && !was_receiving {
                 r.receivers.push(id);
-                self.occupancy.add(room);
+                self.events.push_back(Event::Receiving { room, on: true });
             } else if !receiving && was_receiving {
                 r.receivers.retain(|x| *x != id);
-                self.occupancy.remove(room);
+                self.events.push_back(Event::Receiving { room, on: false });
             }
         }
         tracing::info!(%room, %participant, publishing, receiving, "renegotiated");
-        self.drain(id, Instant::now());
+        self.drain(id, now);
         Ok(answer.to_sdp_string())
     }
 
     /// Keep the shards' ufrag directory in step with an ICE restart.
-    fn moved_ufrag(&self, old: Option<String>, new: &str) {
+    fn moved_ufrag(&mut self, old: Option<String>, new: &str) {
         if let Some(old) = old.filter(|o| o != new) {
-            self.links.ufrags.remove(&old);
+            self.events.push_back(Event::UfragDown(old));
         }
-        self.links.ufrags.insert(new, self.links.index);
+        self.events.push_back(Event::UfragUp(new.to_string()));
     }
 
     /// Apply a WHIP/WHEP `PATCH` to a session (RFC 9725 §4.3, decided by
     /// [`crate::sdpfrag::decide_patch`]). An ICE restart re-accepts the session's offer with the
     /// client's new credentials; trickled candidates (also those repeating the current
     /// credentials) need nothing from an ICE-lite edge, which learns addresses from checks.
-    /// A request whose token is not the session's refreshes it (same user and room, same role or
-    /// lower: [`Sessions::refresh`]) before the fragment is applied; another user's is refused.
-    fn patch(
+    /// A request whose token is not the session's is answered [`PatchOutcome::RefreshNeeded`]
+    /// until signaling has moved the session to it (same user and room, same role or lower:
+    /// [`crate::sessions::Sessions::refresh`]) and says so with `refreshed`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn patch(
         &mut self,
+        now: Instant,
         session: &str,
         room: RoomId,
         claims: &Claims,
+        refreshed: bool,
         if_match: Option<&str>,
         fragment: IceFragment,
     ) -> PatchOutcome {
@@ -869,12 +664,11 @@ impl MediaDriver {
             return PatchOutcome::NotFound;
         }
         if peer.jti != claims.jti {
-            let now = crate::http::now_unix();
-            if let Err(r) = self.sessions.refresh(peer.participant, claims, now) {
-                tracing::info!(room = %peer.room, participant = %peer.participant, code = r.code, "token refresh refused");
-                return PatchOutcome::Forbidden;
+            if !refreshed {
+                return PatchOutcome::RefreshNeeded {
+                    participant: peer.participant,
+                };
             }
-            tracing::info!(room = %peer.room, participant = %peer.participant, "token refreshed");
             peer.jti = claims.jti.clone();
         }
         let etag = format!(
@@ -906,56 +700,20 @@ impl MediaDriver {
             Err(e) => return PatchOutcome::Refused(e.to_string()),
         }
         tracing::info!(%room, %participant, "ICE restarted");
-        self.drain(id, Instant::now());
+        self.drain(id, now);
         PatchOutcome::Restarted {
             fragment: crate::sdpfrag::answer_fragment(&answer),
             etag: format!("\"{ufrag}\""),
         }
     }
 
-    /// A datagram from this shard's socket: handle it, or hand it to the shard owning its peer.
-    fn receive(&mut self, source: SocketAddr, data: &[u8], now: Instant) {
-        match self.owner_shard(source, data) {
-            Some(k) if k != self.links.index => {
-                let foreign = Foreign {
-                    source,
-                    data: Bytes::copy_from_slice(data),
-                    at: now,
-                };
-                if self.links.foreign[k].try_send(foreign).is_err() {
-                    self.metrics.dropped(DropReason::Overloaded);
-                }
-            }
-            _ => self.handle_datagram(source, data, now),
-        }
+    /// A datagram from a client (read by this shard's socket, or handed over by another shard).
+    pub(crate) fn handle_datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+        self.datagram(now, source, data);
+        self.forward_inbound(now);
     }
 
-    /// Which other shard owns the peer of a datagram this shard's socket received, if one does:
-    /// STUN by its ufrag (and the address is remembered), anything else by the remembered address.
-    fn owner_shard(&mut self, source: SocketAddr, data: &[u8]) -> Option<usize> {
-        if !self.links.sharded() {
-            return None;
-        }
-        if data.first().is_some_and(|b| *b < 2) {
-            let ufrag = stun_local_ufrag(data).ok()?;
-            if self.table.has_ufrag(ufrag) {
-                self.foreign_addrs.remove(&source);
-                return None;
-            }
-            let owner = self.links.ufrags.owner(ufrag)?;
-            if self.foreign_addrs.len() >= FOREIGN_ADDRS_MAX {
-                self.foreign_addrs.clear();
-            }
-            self.foreign_addrs.insert(source, owner);
-            return Some(owner);
-        }
-        if self.table.knows_addr(source) {
-            return None;
-        }
-        self.foreign_addrs.get(&source).copied()
-    }
-
-    fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], now: Instant) {
+    fn datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
         self.metrics.udp_datagram();
         let id = match self.table.route(source, data) {
             Route::Peer(id) | Route::NewAddr(id) => id,
@@ -994,8 +752,14 @@ impl MediaDriver {
         self.drain(id, now);
     }
 
-    /// A relay frame from the origin (another region's speaker).
-    fn handle_relayed(&mut self, datagram: &[u8], at: Instant) {
+    /// A relay frame (another region's speaker from the origin, or a local publisher's from
+    /// another shard) read at `at`.
+    pub(crate) fn handle_relay(&mut self, now: Instant, at: Instant, datagram: &[u8]) {
+        self.relayed(datagram, at);
+        self.forward_inbound(now);
+    }
+
+    fn relayed(&mut self, datagram: &[u8], at: Instant) {
         let frame = match RelayFrame::decode(datagram) {
             Ok(f) if f.kind == FrameKind::SpeakerAudio => f,
             _ => return,
@@ -1018,12 +782,10 @@ impl MediaDriver {
         });
     }
 
-    /// Forward queued speaker packets into the slots of the room's receivers. The outbox is sent
-    /// whenever a full `sendmmsg` batch is queued, so the first receivers of a large room don't
-    /// wait for the whole fan-out.
-    fn forward_inbound(&mut self, socket: &UdpSocket) {
+    /// Forward queued speaker packets into the slots of the room's receivers; the datagrams wait
+    /// in the outbox for [`MediaCore::poll_transmit`].
+    fn forward_inbound(&mut self, now: Instant) {
         while let Some(pkt) = self.inbound.pop_front() {
-            let now = Instant::now();
             let Some(room) = self.rooms.get_mut(&pkt.room) else {
                 continue;
             };
@@ -1075,9 +837,6 @@ impl MediaDriver {
                     tracing::debug!(participant = %peer.participant, error = %e, "timeout after write failed");
                 }
                 self.drain_tagged(id, now, Some(pkt.at));
-                if self.outbox.len() >= crate::batch::BATCH {
-                    self.flush(socket);
-                }
             }
             self.scratch = targets;
         }
@@ -1134,7 +893,11 @@ impl MediaDriver {
             room.selector.active(now, &mut list);
             if !list.is_empty() || room.active_nonempty {
                 room.active_nonempty = !list.is_empty();
-                self.sessions.active_speakers(*room_id, &list);
+                self.events
+                    .push_back(Event::Signal(MediaEvent::ActiveSpeakers {
+                        room: *room_id,
+                        speakers: list.clone(),
+                    }));
             }
         }
         self.active = list;
@@ -1157,19 +920,19 @@ impl MediaDriver {
                     self.outbox.push((t.destination, t.contents, ingress));
                 }
                 Ok(Output::Event(ev)) => match ev {
-                    Event::Connected => {
+                    RtcEvent::Connected => {
                         if peer.liveness.on_connected() {
                             tracing::info!(room = %peer.room, participant = %peer.participant, "peer connected");
                         }
-                        announce(peer, &self.mesh_tx);
+                        announce(peer, &mut self.events);
                     }
-                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                    RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                         peer.dead = Some(CloseReason::Disconnected);
                     }
-                    Event::Closed => {
+                    RtcEvent::Closed => {
                         peer.dead = Some(CloseReason::Disconnected);
                     }
-                    Event::RtpPacket(pkt) => {
+                    RtcEvent::RtpPacket(pkt) => {
                         self.metrics.rtp_in();
                         if !peer.publishing {
                             self.metrics.rtp_refused("not_publisher");
@@ -1179,11 +942,10 @@ impl MediaDriver {
                             self.metrics.rtp_refused("muted");
                             continue;
                         }
-                        announce(peer, &self.mesh_tx);
+                        announce(peer, &mut self.events);
                         let level = rfc6464_level(pkt.header.ext_vals.audio_level);
                         let mut sink = Ingest {
                             relay: &mut self.relay,
-                            links: &self.links,
                             metrics: &self.metrics,
                             inbound: &mut self.inbound,
                             last_relayed: &mut peer.last_relayed,
@@ -1261,12 +1023,12 @@ impl MediaDriver {
 
     fn remove(&mut self, id: PeerId, reason: CloseReason) {
         if let Some(ufrag) = self.table.ufrag(id) {
-            self.links.ufrags.remove(ufrag);
+            self.events.push_back(Event::UfragDown(ufrag.to_string()));
         }
         let Some(mut p) = self.table.remove(id) else {
             return;
         };
-        self.links.set_load(self.table.len());
+        self.loaded();
         if let Some(t) = p.next_timeout {
             self.timers.remove(&(t, id));
         }
@@ -1275,16 +1037,19 @@ impl MediaDriver {
             self.by_participant.remove(&p.participant);
         }
         if p.announced {
-            let _ = self.mesh_tx.send(MeshEvent::PublisherDown {
+            self.events.push_back(Event::Mesh(MeshEvent::PublisherDown {
                 room: p.room,
                 speaker: p.participant,
-            });
+            }));
         }
         if let Some(r) = self.rooms.get_mut(&p.room) {
             r.peers = r.peers.saturating_sub(1);
             if p.receiving {
                 r.receivers.retain(|x| *x != id);
-                self.occupancy.remove(p.room);
+                self.events.push_back(Event::Receiving {
+                    room: p.room,
+                    on: false,
+                });
             }
             if p.publishing {
                 r.selector.remove(p.participant.0);
@@ -1296,40 +1061,388 @@ impl MediaDriver {
         if p.kind != SessionKind::WebSocket {
             // WHIP/WHEP sessions are participants: their end is a Leave.
             self.permissions.remove(&p.participant);
-            self.sessions.leave(p.participant);
+            self.events.push_back(Event::Signal(MediaEvent::PeerGone {
+                participant: p.participant,
+            }));
         }
-        self.metrics.set_peers(self.links.total_load());
         tracing::info!(room = %p.room, participant = %p.participant, name = %p.name, reason = reason.as_str(), "peer removed");
     }
 }
 
-fn announce(peer: &mut Peer, mesh_tx: &mpsc::UnboundedSender<MeshEvent>) {
+fn announce(peer: &mut Peer, events: &mut VecDeque<Event>) {
     if peer.publishing && peer.may_send && !peer.announced {
         peer.announced = true;
-        let _ = mesh_tx.send(MeshEvent::PublisherUp {
+        events.push_back(Event::Mesh(MeshEvent::PublisherUp {
             room: peer.room,
             speaker: peer.participant,
             name: peer.name.clone(),
-        });
+        }));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! The core driven with real str0m client peers over simulated time: datagrams are carried
+    //! between the clients' `Rtc`s and the core by hand, `now` advances by explicit steps.
+
     use super::*;
+    use str0m::media::{Direction, MediaKind};
+    use str0m::{Candidate, IceCreds};
+
+    const EDGE: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40_000);
+    const ROOM: RoomId = RoomId(0x00ab_cdef_0123_4567);
+    const STEP: Duration = Duration::from_millis(5);
+
+    /// A client: its str0m peer, its address, its send mid (a publisher) and what it received.
+    struct Client {
+        rtc: Rtc,
+        addr: SocketAddr,
+        participant: ParticipantId,
+        send: Option<Mid>,
+        connected: bool,
+        /// (mid, sequence number, payload) of every RTP packet received.
+        received: Vec<(Mid, u64, Vec<u8>)>,
+        next_seq: u64,
+        /// Whether it still answers (a client that stops answering drops everything).
+        alive: bool,
+    }
+
+    /// A harness: one core and its clients.
+    struct Bed {
+        core: MediaCore,
+        /// Participant id of the first client (ids must differ between beds used together).
+        first_id: u32,
+        clients: Vec<Client>,
+        now: Instant,
+        events: Vec<Event>,
+        relays: Vec<RelayOut>,
+    }
+
+    impl Bed {
+        fn new() -> Bed {
+            crate::install_crypto_provider();
+            let now = Instant::now();
+            let metrics = Arc::new(Metrics::new("test"));
+            Bed {
+                core: MediaCore::new(now, EDGE, 0, metrics),
+                first_id: 100,
+                clients: Vec::new(),
+                now,
+                events: Vec::new(),
+                relays: Vec::new(),
+            }
+        }
+
+        /// Add a client with `slots` receive m-lines, publishing if `publish`; returns its index.
+        fn join(&mut self, publish: bool, slots: usize) -> usize {
+            let k = self.clients.len();
+            let addr = SocketAddr::new(EDGE.ip(), 50_000 + k as u16);
+            let mut rtc = Rtc::builder()
+                .set_rtp_mode(true)
+                .clear_codecs()
+                .enable_opus(true, false)
+                .build(self.now);
+            rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+            let mut change = rtc.sdp_api();
+            let send = publish
+                .then(|| change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+            let recv: Vec<Mid> = (0..slots)
+                .map(|_| change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))
+                .collect();
+            let (offer, pending) = change.apply().unwrap();
+            let offer_sdp = offer.to_sdp_string();
+            let creds = IceCreds::new();
+            let ufrag = creds.ufrag.clone();
+            let mut edge = crate::admission::publisher_rtc(creds, self.now);
+            edge.add_local_candidate(Candidate::host(EDGE, "udp").unwrap());
+            let answer = edge.sdp_api().accept_offer(offer).unwrap();
+            rtc.sdp_api().accept_answer(pending, answer).unwrap();
+            let participant = ParticipantId(self.first_id + k as u32);
+            let peer = NewPeer {
+                session: format!("{k:032x}"),
+                ufrag,
+                rtc: edge,
+                room: ROOM,
+                participant,
+                name: format!("client {k}"),
+                jti: format!("jti-{k}"),
+                kind: if publish {
+                    SessionKind::Whip
+                } else {
+                    SessionKind::Whep
+                },
+                publishing: publish,
+                may_send: publish,
+                slots: recv,
+                offer_sdp,
+            };
+            self.core.add(self.now, peer).unwrap();
+            self.clients.push(Client {
+                rtc,
+                addr,
+                participant,
+                send,
+                connected: false,
+                received: Vec::new(),
+                next_seq: 1,
+                alive: true,
+            });
+            k
+        }
+
+        /// Carry datagrams both ways until nothing moves, then advance `now` by `STEP` and run
+        /// what is due; `steps` times.
+        fn run(&mut self, steps: usize) {
+            self.run_by(steps, STEP);
+        }
+
+        /// [`Bed::run`] with steps of `step`.
+        fn run_by(&mut self, steps: usize, step: Duration) {
+            for _ in 0..steps {
+                for _ in 0..100 {
+                    let mut moved = false;
+                    for c in &mut self.clients {
+                        loop {
+                            match c.rtc.poll_output().unwrap() {
+                                Output::Timeout(_) => break,
+                                Output::Transmit(t) => {
+                                    if c.alive {
+                                        moved = true;
+                                        self.core.handle_datagram(self.now, c.addr, &t.contents);
+                                    }
+                                }
+                                Output::Event(RtcEvent::Connected) => c.connected = true,
+                                Output::Event(RtcEvent::RtpPacket(p)) => {
+                                    let mid = p.header.ext_vals.mid.unwrap_or(Mid::from("?"));
+                                    c.received.push((mid, *p.seq_no, p.payload.to_vec()));
+                                }
+                                Output::Event(_) => {}
+                            }
+                        }
+                    }
+                    if let Some(out) = self.core.poll_transmit() {
+                        moved = true;
+                        let batch = std::mem::take(out);
+                        for (dest, data, _) in batch {
+                            let Some(c) = self.clients.iter_mut().find(|c| c.addr == dest) else {
+                                continue;
+                            };
+                            if !c.alive {
+                                continue;
+                            }
+                            let input = Input::Receive(
+                                self.now,
+                                Receive {
+                                    proto: Protocol::Udp,
+                                    source: EDGE,
+                                    destination: dest,
+                                    contents: DatagramRecv::try_from(&data[..]).unwrap(),
+                                },
+                            );
+                            c.rtc.handle_input(input).unwrap();
+                        }
+                    }
+                    while let Some(ev) = self.core.poll_event() {
+                        self.events.push(ev);
+                    }
+                    while let Some(r) = self.core.poll_relay() {
+                        self.relays.push(r);
+                    }
+                    if !moved {
+                        break;
+                    }
+                }
+                self.now += step;
+                for c in &mut self.clients {
+                    c.rtc.handle_input(Input::Timeout(self.now)).unwrap();
+                }
+                if self.core.poll_timeout() <= self.now {
+                    self.core.handle_timeout(self.now);
+                }
+            }
+        }
+
+        /// Client `k` sends one Opus packet at RFC 6464 level `level`.
+        fn speak(&mut self, k: usize, level: u8) {
+            let now = self.now;
+            let c = &mut self.clients[k];
+            let mid = c.send.unwrap();
+            let seq = c.next_seq;
+            c.next_seq += 1;
+            let pt = c.rtc.codec_config().params()[0].pt();
+            let mut api = c.rtc.direct_api();
+            let stream = api.stream_tx_by_mid(mid, None).unwrap();
+            let ext = ExtensionValues {
+                audio_level: Some(-(level as i8)),
+                voice_activity: Some(level < 127),
+                ..Default::default()
+            };
+            stream.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    seq.into(),
+                    (seq * 960) as u32,
+                    now,
+                    vec![k as u8, seq as u8],
+                )
+                .ext_vals(ext),
+            );
+        }
+
+        fn connected(&self) -> bool {
+            self.clients.iter().all(|c| c.connected)
+        }
+
+        /// Speakers (by client index, from the payload) client `k` heard, in order.
+        fn heard(&self, k: usize) -> Vec<u8> {
+            self.clients[k]
+                .received
+                .iter()
+                .map(|(_, _, p)| p[0])
+                .collect()
+        }
+    }
+
+    /// An encoded relay frame of `speaker` in `room`.
+    fn relay_frame(room: RoomId, speaker: u32, seq: u16, payload: &[u8]) -> Vec<u8> {
+        let frame = RelayFrame {
+            kind: FrameKind::SpeakerAudio,
+            room,
+            speaker,
+            seq,
+            rtp_ts: u32::from(seq) * 960,
+            audio_level: 20,
+            payload,
+        };
+        let mut buf = vec![0; frame.encoded_len()];
+        let n = frame.encode_into(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
 
     #[test]
-    fn bench_relay_loss_is_seeded_and_off_unless_set() {
-        assert_eq!(BenchLoss::parse("0"), None);
-        assert_eq!(BenchLoss::parse("nonsense"), None);
-        assert_eq!(BenchLoss::parse("1.5:3"), None);
-        let mut a = BenchLoss::parse("0.05:7").unwrap();
-        let mut b = BenchLoss::parse("0.05:7").unwrap();
-        let da: Vec<bool> = (0..4000).map(|_| a.drop_next()).collect();
-        let db: Vec<bool> = (0..4000).map(|_| b.drop_next()).collect();
-        assert_eq!(da, db);
-        let dropped = da.iter().filter(|d| **d).count();
-        assert!((120..280).contains(&dropped), "dropped {dropped}");
+    fn a_louder_speaker_takes_a_slot_only_after_the_dwell_and_margin() {
+        let mut bed = Bed::new();
+        let quiet: Vec<usize> = (0..LISTENER_AUDIO_SLOTS)
+            .map(|_| bed.join(true, 0))
+            .collect();
+        let loud = bed.join(true, 0);
+        let _listener = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        let id = |bed: &Bed, k: usize| bed.clients[k].participant.0;
+        // The quiet speakers fill the slots; the loud one arrives at once and must wait.
+        let mut took = None;
+        for round in 0..60 {
+            for &k in &quiet {
+                bed.speak(k, 60);
+            }
+            bed.speak(loud, 10);
+            bed.run(4);
+            let slots = bed.core.rooms[&ROOM].selector.slots();
+            if took.is_none() && slots.contains(&Some(id(&bed, loud))) {
+                took = Some(round);
+            }
+        }
+        let took = took.expect("the loud speaker got a slot");
+        // 20 ms a round: the first slot holders have held their slots MIN_DWELL by round 25.
+        let dwell_rounds = (crate::slots::MIN_DWELL.as_millis() / 20) as usize;
+        assert!(
+            took + 1 >= dwell_rounds,
+            "switched after {took} rounds, before the dwell"
+        );
+        assert!(
+            took <= dwell_rounds + 5,
+            "switched only after {took} rounds"
+        );
+        // Exactly one quiet speaker lost its slot; the other two kept theirs to the end.
+        let slots = bed.core.rooms[&ROOM].selector.slots();
+        let kept = quiet
+            .iter()
+            .filter(|&&k| slots.contains(&Some(id(&bed, k))))
+            .count();
+        assert_eq!(kept, LISTENER_AUDIO_SLOTS - 1, "{slots:?}");
+    }
+
+    #[test]
+    fn relayed_speakers_reach_listeners_and_local_echoes_are_dropped() {
+        let mut bed = Bed::new();
+        let speaker = bed.join(true, 0);
+        let listener = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        let (now, local) = (bed.now, bed.clients[speaker].participant.0);
+        for seq in 1..=5u16 {
+            bed.core
+                .handle_relay(now, now, &relay_frame(ROOM, 9_000, seq, &[77, seq as u8]));
+            // The origin echoing a local publisher, another room, garbage: all dropped.
+            bed.core
+                .handle_relay(now, now, &relay_frame(ROOM, local, seq, &[66, seq as u8]));
+            bed.core.handle_relay(
+                now,
+                now,
+                &relay_frame(RoomId(1), 9_001, seq, &[55, seq as u8]),
+            );
+            bed.core.handle_relay(now, now, &[0xff, 1, 2]);
+            bed.run(4);
+        }
+        assert_eq!(bed.heard(listener), vec![77; 5]);
+        assert!(
+            bed.relays.is_empty(),
+            "relayed speakers are not relayed again"
+        );
+    }
+
+    #[test]
+    fn a_speaker_on_one_shard_reaches_listeners_on_another() {
+        let mut a = Bed::new();
+        let mut b = Bed::new();
+        b.first_id = 200;
+        let speaker = a.join(true, 0);
+        let listener = b.join(false, LISTENER_AUDIO_SLOTS);
+        a.run(200);
+        b.run(200);
+        assert!(a.connected() && b.connected());
+        for _ in 0..6 {
+            a.speak(speaker, 20);
+            a.run(4);
+            for out in a.relays.drain(..) {
+                if let RelayOut::Speaker { frame, at, .. } = out {
+                    b.core.handle_relay(b.now, at, &frame);
+                }
+            }
+            b.run(4);
+        }
+        assert_eq!(b.heard(listener), vec![speaker as u8; 6]);
+    }
+
+    #[test]
+    fn a_peer_that_stops_answering_is_removed_and_signaling_told() {
+        let mut bed = Bed::new();
+        let speaker = bed.join(true, 0);
+        let listener = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        bed.clients[listener].alive = false;
+        let gone = Event::Signal(MediaEvent::PeerGone {
+            participant: bed.clients[listener].participant,
+        });
+        let step = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        while !bed.events.contains(&gone) && waited < crate::lifecycle::IDLE_TIMEOUT * 2 {
+            bed.speak(speaker, 20);
+            bed.run_by(1, step);
+            waited += step;
+        }
+        assert!(bed.events.contains(&gone), "listener removed");
+        assert!(waited <= crate::lifecycle::IDLE_TIMEOUT + Duration::from_secs(2));
+        assert!(bed.events.contains(&Event::Receiving {
+            room: ROOM,
+            on: false
+        }));
+        assert!(bed.core.has_peer(bed.clients[speaker].participant));
+        assert!(!bed.core.has_peer(bed.clients[listener].participant));
     }
 
     #[test]
@@ -1340,5 +1453,43 @@ mod tests {
         assert_eq!(rfc6464_level(Some(-128)), 127);
         assert_eq!(rfc6464_level(Some(5)), 0);
         assert_eq!(rfc6464_level(None), 127);
+    }
+
+    #[test]
+    fn a_publisher_fans_out_to_every_listener_and_to_the_relay() {
+        let mut bed = Bed::new();
+        let speaker = bed.join(true, 0);
+        let listeners: Vec<usize> = (0..8).map(|_| bed.join(false, 3)).collect();
+        bed.run(200);
+        assert!(bed.connected(), "every client connected");
+        for _ in 0..10 {
+            bed.speak(speaker, 20);
+            bed.run(4);
+        }
+        for &k in &listeners {
+            let got = &bed.clients[k].received;
+            assert_eq!(got.len(), 10, "listener {k} got every packet");
+            assert!(got.iter().all(|(_, _, p)| p[0] == speaker as u8));
+        }
+        let speakers = bed
+            .relays
+            .iter()
+            .filter(|r| matches!(r, RelayOut::Speaker { room, .. } if *room == ROOM))
+            .count();
+        assert_eq!(speakers, 10, "each packet relayed to the origin once");
+        let repeats = bed
+            .relays
+            .iter()
+            .filter(|r| matches!(r, RelayOut::Repeat { .. }))
+            .count();
+        assert_eq!(
+            repeats, 9,
+            "each packet but the first repeats the previous one"
+        );
+        assert!(bed.events.contains(&Event::Mesh(MeshEvent::PublisherUp {
+            room: ROOM,
+            speaker: bed.clients[speaker].participant,
+            name: format!("client {speaker}"),
+        })));
     }
 }
