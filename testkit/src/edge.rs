@@ -1,14 +1,11 @@
-//! Test harness: a fake geo-router, quinn origin stand-ins (a passive one here, a room authority
-//! in [`authority`]) and edges started with `run`.
-#![allow(dead_code)] // each test binary uses a different subset
+//! The edge's test harness: a fake geo-router, a passive quinn origin stand-in and edges started
+//! with `amphi_edge::run`.
 
-pub mod authority;
-
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_edge::{run, EdgeSetup};
 use amphi_protocol::api::{ApiError, RoomInfo, RoomStatus};
 use amphi_protocol::config::EdgeConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage};
-use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::room::{Participant, RoomCommand, RoomPhase, RoomRole, RoomState};
 use amphi_protocol::token::{Claims, Role, TokenSigner};
 use amphi_protocol::RoomId;
@@ -27,32 +24,23 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::net::free_port;
+
+/// The origin stand-ins' certificate name.
 pub const ORIGIN_NAME: &str = "origin.amphi.test";
+/// A room the fake geo-router says is live.
 pub const LIVE_ROOM: RoomId = RoomId(0x00aa_bbcc_dd00_0001);
+/// A room the fake geo-router says has ended.
 pub const ENDED_ROOM: RoomId = RoomId(0x00aa_bbcc_dd00_0002);
+/// A room the fake geo-router does not know.
 pub const UNKNOWN_ROOM: RoomId = RoomId(0x00aa_bbcc_dd00_0003);
 
+/// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// A free loopback TCP port (bound then released).
-pub fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A free loopback UDP port (bound then released).
-pub fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 #[derive(Clone)]
@@ -113,11 +101,15 @@ pub async fn start_router() -> SocketAddr {
 
 /// What the origin stand-in observed.
 pub struct FakeOrigin {
+    /// Its QUIC address.
     pub addr: SocketAddr,
+    /// Control messages the edges sent.
     pub control: mpsc::UnboundedReceiver<ControlMessage>,
+    /// Relay datagrams the edges sent.
     pub datagrams: mpsc::UnboundedReceiver<Bytes>,
     /// Control messages to send to the (first) connected edge.
     pub to_edge: mpsc::UnboundedSender<ControlMessage>,
+    /// Its QUIC endpoint.
     pub endpoint: quinn::Endpoint,
 }
 
@@ -239,22 +231,30 @@ pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
 
 /// A running edge.
 pub struct Edge {
+    /// Its HTTP listener.
     pub http: SocketAddr,
+    /// Its WebRTC media socket.
     pub media: SocketAddr,
+    /// The key its tokens are signed with.
     pub signer: TokenSigner,
+    /// Stops it.
     pub shutdown: CancellationToken,
+    /// Its `run` task.
     pub task: tokio::task::JoinHandle<Result<(), amphi_edge::EdgeError>>,
 }
 
 impl Edge {
+    /// Its HTTP base URL.
     pub fn base(&self) -> String {
         format!("http://{}", self.http)
     }
 
+    /// Its WHIP URL for `room`.
     pub fn whip_url(&self, room: RoomId) -> String {
         format!("{}/whip/{room}", self.base())
     }
 
+    /// A one-hour token for `name` in `room` as `role`.
     pub fn token(&self, room: RoomId, role: Role, name: &str) -> String {
         let now = now_unix();
         self.signer.sign(&Claims {
@@ -268,6 +268,7 @@ impl Edge {
         })
     }
 
+    /// Stop it and check that `run` returned `Ok` within 10 s.
     pub async fn stop(self) {
         self.shutdown.cancel();
         let r = tokio::time::timeout(Duration::from_secs(10), self.task)
@@ -285,8 +286,11 @@ pub async fn start_edge(pki: &DevPki, origin_addr: SocketAddr, router: SocketAdd
 
 /// Per-edge options of [`start_edge_with`].
 pub struct EdgeOpts {
+    /// Its index (edge id `edge-test-{index}`).
     pub index: u8,
+    /// Its region.
     pub region: &'static str,
+    /// Most WebRTC sessions it takes.
     pub capacity: usize,
     /// Token signer (share one between edges so a token works on both).
     pub signer: Option<TokenSigner>,
@@ -316,8 +320,8 @@ pub async fn start_edge_with(
     router: SocketAddr,
     opts: EdgeOpts,
 ) -> Edge {
-    let http = free_tcp();
-    let media = free_udp();
+    let http = free_port().unwrap();
+    let media = free_port().unwrap();
     let signer = opts.signer.unwrap_or_else(|| TokenSigner::generate("k1"));
     let id = format!("edge-test-{}", opts.index);
     let config = EdgeConfig {
@@ -409,24 +413,9 @@ pub async fn metric(edge: &Edge, sample: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {sample} missing in:\n{text}"))
 }
 
-/// 50 Opus packets of a 440 Hz tone, 20 ms each at 48 kHz mono.
+/// `n` Opus packets of a 440 Hz tone, 20 ms each at 48 kHz mono ([`crate::synth::tone_packets`]).
 pub fn opus_packets(n: usize) -> Vec<Vec<u8>> {
-    let mut enc =
-        opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio).unwrap();
-    enc.set_bitrate(opus::Bitrate::Bits(32_000)).unwrap();
-    let mut out = Vec::new();
-    let mut t = 0usize;
-    for _ in 0..n {
-        let pcm: Vec<i16> = (0..960)
-            .map(|i| {
-                let x = (t + i) as f32 / 48_000.0;
-                ((x * 440.0 * std::f32::consts::TAU).sin() * 8000.0) as i16
-            })
-            .collect();
-        t += 960;
-        out.push(enc.encode_vec(&pcm, 1500).unwrap());
-    }
-    out
+    crate::synth::tone_packets(440.0, 0.25, n).expect("opus encoder")
 }
 
 /// Receive the next control message matching `pred` within `timeout`.
