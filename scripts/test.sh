@@ -138,26 +138,26 @@ fi
 step "build"
 cargo build --workspace --all-targets --locked
 
-step "benchmark smoke runs (figures in BENCHMARKS.md come from full runs)"
-"$TARGET_DIR/debug/amphi" bench mixer --smoke
+step "benchmark smoke runs (amphi-tools; figures in BENCHMARKS.md come from full runs)"
+"$TARGET_DIR/debug/amphi-tools" bench mixer --smoke
 # Ingest at the edge -> LL-HLS part listed: 3 tone bursts through a dev mesh it starts.
-"$TARGET_DIR/debug/amphi" bench latency --smoke
+"$TARGET_DIR/debug/amphi-tools" bench latency --smoke
 # Edge SFU: 4 real WebRTC subscribers, 3 speakers, 3 s, against a dev mesh it starts.
-"$TARGET_DIR/debug/amphi" bench sfu --smoke
-"$TARGET_DIR/debug/amphi" loadgen hls --smoke --port 18490
+"$TARGET_DIR/debug/amphi-tools" bench sfu --smoke
+"$TARGET_DIR/debug/amphi-tools" loadgen hls --smoke --port 18490
 # One big room: 1,000 WebSocket + 20 WebRTC participants over two edges; joins, hands, promotions,
 # kicks, chat and listener paging without an origin link drop (full run: 10,000 + 200).
-"$TARGET_DIR/debug/amphi" loadgen room --smoke --port-offset 23400
+"$TARGET_DIR/debug/amphi-tools" loadgen room --smoke --port-offset 23400
 # Origin relay delay with a 1,000-member room idle, then chatting at its limit (2 s each).
-"$TARGET_DIR/debug/amphi" bench relay --smoke
+"$TARGET_DIR/debug/amphi-tools" bench relay --smoke
 # The edge's sendmmsg fan-out vs quinn-udp (with and without GSO) and send_to, one short round.
-"$TARGET_DIR/debug/amphi" bench udp-send --smoke
+"$TARGET_DIR/debug/amphi-tools" bench udp-send --smoke
 # Geo-router route lookups: criterion (once, test mode) and wrk vs a hyper hello-world (1 s each).
 cargo test -p amphi-geo-router --bench route --locked
-"$TARGET_DIR/debug/amphi" bench route --smoke --port 27500
+"$TARGET_DIR/debug/amphi-tools" bench route --smoke --port 27500
 # Speech quality (PESQ-WB, `pesq` in a venv under $CACHE): a 3 s espeak-ng sample through a dev
 # mesh, clean path only; checks that it runs and every score is in range (figures: full run).
-AMPHI_CACHE="$CACHE" bench/quality/run.sh --smoke --amphi "$TARGET_DIR/debug/amphi"
+AMPHI_CACHE="$CACHE" bench/quality/run.sh --smoke --tools "$TARGET_DIR/debug/amphi-tools"
 
 step "tests"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2

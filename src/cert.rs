@@ -2,7 +2,7 @@
 //! secrets"). Every node certificate carries the `amphi-role:` URI SAN of what it runs as; the
 //! origin refuses a peer whose `Hello` claims a role its certificate does not carry.
 
-use amphi_protocol::mtls::{DevPki, MeshRole};
+use amphi_common::mtls::{DevPki, MeshRole};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};

@@ -1,10 +1,10 @@
 //! `amphi dev`: the whole mesh in one process on loopback, with embedded defaults.
 
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_protocol::config::{
     known_region, EdgeConfig, EdgeEndpoint, OriginConfig, OriginEndpoint, PackagerConfig, Region,
     RouterConfig,
 };
-use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use anyhow::{bail, Context, Result};
 use clap::Args;

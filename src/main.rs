@@ -1,20 +1,10 @@
 //! `amphi`: one binary for every role of the live audio mesh, plus the all-in-one `dev` mesh.
+//! Benchmarks, load generators and the capacity planner are `amphi-tools` (the `tools` crate).
 
-mod bench_latency;
-mod bench_quality;
-mod bench_relay;
-mod bench_route;
-mod bench_udp;
 mod cert;
-mod child_mesh;
 mod config;
 mod dev;
-mod loadgen_hls;
-mod loadgen_room;
-mod loadgen_webrtc;
-mod plan;
 mod roles;
-mod tcp_floor;
 mod web;
 
 use anyhow::Result;
@@ -61,26 +51,6 @@ enum Command {
     Token(roles::TokenArgs),
     /// Make the mesh CA and role certificates (`amphi-role:` URI SANs).
     Cert(cert::CertArgs),
-    /// Benchmarks (see BENCHMARKS.md).
-    Bench(roles::BenchArgs),
-    /// Load generators against a running mesh.
-    #[command(subcommand)]
-    Loadgen(LoadgenCommand),
-    /// Capacity plan: fleet sizes and CDN egress for an audience (see docs/capacity.md).
-    Plan(plan::PlanArgs),
-}
-
-/// `amphi loadgen ...`
-#[derive(Subcommand)]
-enum LoadgenCommand {
-    /// N receive-only WebRTC (WHEP) subscribers against one edge while 3 speakers talk.
-    Webrtc(loadgen_webrtc::WebrtcArgs),
-    /// N LL-HLS players (blocking reloads + part fetches) against a packager it starts.
-    Hls(loadgen_hls::HlsArgs),
-    /// One big room (default 10,000 WebSocket + 200 WebRTC participants over two edges of an
-    /// `amphi dev` child): joins, hands, promotions, kicks, chat, listener paging; fails on any
-    /// origin link drop.
-    Room(loadgen_room::RoomArgs),
 }
 
 fn init_tracing() {
@@ -107,11 +77,6 @@ fn main() -> Result<()> {
             Command::GeoRouter { config } => roles::geo_router(config).await,
             Command::Token(args) => roles::token(args),
             Command::Cert(args) => cert::run(args),
-            Command::Bench(args) => roles::bench(args).await,
-            Command::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
-            Command::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
-            Command::Loadgen(LoadgenCommand::Room(args)) => loadgen_room::run(args).await,
-            Command::Plan(args) => plan::run(args),
         }
     })
 }

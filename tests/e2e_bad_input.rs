@@ -1,7 +1,7 @@
 //! Bad input against a real dev mesh: WHIP auth and validation errors answer with clear JSON errors,
 //! and garbage at the WebRTC UDP port is dropped and counted without disturbing the edge.
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::net::UdpSocket;
 use support::*;

@@ -3,7 +3,7 @@
 //! the LL-HLS output carries that tone. (The test's name predates the WebSocket flow: the web client
 //! published over WHIP until the rooms signaling landed.)
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::process::Command;
 use std::time::Duration;

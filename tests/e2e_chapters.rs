@@ -4,7 +4,7 @@
 //! the chapters a podcast player reads (Podcasting 2.0 JSON, WebVTT), referenced from the API's
 //! recording info, carry her name.
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::time::Duration;
 use support::*;

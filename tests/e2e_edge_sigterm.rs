@@ -4,7 +4,7 @@
 //! exits by itself once that session ends.
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use roles::*;
 use std::time::Duration;

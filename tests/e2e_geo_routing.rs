@@ -6,7 +6,7 @@
 //! The dbip database is fetched by `scripts/test.sh` into `$AMPHI_GEOIP_DIR` (default
 //! `~/.cache/amphi/geoip`).
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::path::PathBuf;
 use std::process::Command;

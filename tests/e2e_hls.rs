@@ -4,10 +4,10 @@
 //! conformance checker and m3u8-rs, every part and init segment the `mp4` crate; S3 mode runs
 //! against a real s3s-fs that is stopped for 20 s mid-room; bad requests do not disturb a room.
 
-mod support;
+use amphi_testkit::mesh as support;
 
-use amphi_packager::conformance::{check_media, check_multivariant, Expect, MediaSummary};
 use amphi_packager::playlist::{Rendition, AAC, OPUS};
+use amphi_testkit::conformance::{check_media, check_multivariant, Expect, MediaSummary};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,7 +100,7 @@ fn mp4_samples(init: &[u8], fragment: &[u8]) -> u32 {
 /// checking every playlist and every part/segment it names. Returns the last summary.
 fn follow_live(base: &str, r: Rendition, rounds: usize) -> MediaSummary {
     let url = format!("{base}/{}/playlist.m3u8", r.dir);
-    let expect = Expect::live(r).with_reports(1);
+    let expect = Expect::live(r.part_target_ms()).with_reports(1);
     let mut sum = conform(&text(&url), &expect);
     let init = get_bytes(&format!("{base}/{}/init.m4a", r.dir));
     let mut checked = std::collections::HashSet::new();
@@ -257,7 +257,10 @@ async fn bad_requests_do_not_disturb_a_live_room_and_the_end_leaves_a_vod_record
         let room = room2;
         wait_status(&hls_url, 200, Duration::from_secs(20));
         let playlist = format!("{base}/opus/playlist.m3u8");
-        conform(&text(&playlist), &Expect::live(OPUS).with_reports(1));
+        conform(
+            &text(&playlist),
+            &Expect::live(OPUS.part_target_ms()).with_reports(1),
+        );
         let absurd = format!("{playlist}?{}", "_HLS_msn=1&".repeat(500));
         let cases: Vec<(String, u16)> = vec![
             (format!("{playlist}?_HLS_msn=900"), 400),
@@ -336,7 +339,7 @@ async fn bad_requests_do_not_disturb_a_live_room_and_the_end_leaves_a_vod_record
         }
         for r in RENDITIONS {
             let live = text(&format!("{base}/{}/playlist.m3u8", r.dir));
-            conform(&live, &Expect::ended(r));
+            conform(&live, &Expect::ended(r.part_target_ms()));
             let vod_url = format!("{base}/{}/vod.m3u8", r.dir);
             let vod = text(&vod_url);
             let sum = conform(&vod, &Expect::vod());
@@ -457,7 +460,7 @@ async fn s3_storage_rides_out_a_20_second_outage_without_losing_anything() {
         let outage = Instant::now();
         let mut polls = 0;
         let first = text(&format!("{base}/{}/playlist.m3u8", OPUS.dir));
-        let first_edge = conform(&first, &Expect::live(OPUS).with_reports(1))
+        let first_edge = conform(&first, &Expect::live(OPUS.part_target_ms()).with_reports(1))
             .parts
             .last()
             .cloned();
@@ -465,7 +468,7 @@ async fn s3_storage_rides_out_a_20_second_outage_without_losing_anything() {
             polls += 1;
             for r in RENDITIONS {
                 let text = text(&format!("{base}/{}/playlist.m3u8", r.dir));
-                let sum = conform(&text, &Expect::live(r).with_reports(1));
+                let sum = conform(&text, &Expect::live(r.part_target_ms()).with_reports(1));
                 let uris = sum
                     .parts
                     .iter()
@@ -480,7 +483,7 @@ async fn s3_storage_rides_out_a_20_second_outage_without_losing_anything() {
             std::thread::sleep(Duration::from_millis(500));
         }
         let last = text(&format!("{base}/{}/playlist.m3u8", OPUS.dir));
-        let last_edge = conform(&last, &Expect::live(OPUS).with_reports(1))
+        let last_edge = conform(&last, &Expect::live(OPUS.part_target_ms()).with_reports(1))
             .parts
             .last()
             .cloned();
@@ -519,7 +522,7 @@ async fn s3_storage_rides_out_a_20_second_outage_without_losing_anything() {
         assert!(log.contains("storage put failed; buffering uploads"));
         for r in RENDITIONS {
             let text = text(&format!("{base}/{}/playlist.m3u8", r.dir));
-            let sum = conform(&text, &Expect::any(r).with_reports(1));
+            let sum = conform(&text, &Expect::any(r.part_target_ms()).with_reports(1));
             let init = s3
                 .object("amphi-test", &format!("hls/{room}/{}/init.m4a", r.dir))
                 .expect("init in the bucket");

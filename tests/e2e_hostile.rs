@@ -2,7 +2,7 @@
 //! geo-router, an edge, the packager's HTTP/1.1 fast path and its hyper path, the origin's
 //! metrics) are cut off within the header read timeout while real requests keep being answered.
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

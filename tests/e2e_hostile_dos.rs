@@ -8,7 +8,7 @@
 //! gets while another address floods the router (BENCHMARKS.md).
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use roles::*;
 use std::net::{IpAddr, SocketAddr};

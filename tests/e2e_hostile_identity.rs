@@ -5,7 +5,7 @@
 //! their signed requests cannot be replayed.
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use amphi_protocol::room::{RoomEvent, ServerMessage};
 use amphi_protocol::token::{Claims, TokenSigner};

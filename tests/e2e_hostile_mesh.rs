@@ -6,14 +6,14 @@
 //! refusal that reaches the edge after it admitted a WHEP listener closes that session.
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
-use amphi_edge::whep_client::WhepSubscriber;
-use amphi_edge::whip_client::{ClientError, WhipPublisher};
+use amphi_common::mtls::{MeshRole, MtlsMaterial};
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::{MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::{ParticipantId, RoomId};
+use amphi_testkit::whep_client::WhepSubscriber;
+use amphi_testkit::whip_client::{ClientError, WhipPublisher};
 use roles::*;
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! (tests/gst/playbin_count.py, role processes).
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use roles::*;
 use std::process::Command;

@@ -4,9 +4,9 @@
 //! during the room; the OpenMetrics text is parsed, the counters must have moved and the labelled
 //! series the operators' dashboards rely on must exist. The mesh's log must hold no token.
 
-mod support;
+use amphi_testkit::mesh as support;
 
-use amphi_edge::whep_client::WhepSubscriber;
+use amphi_testkit::whep_client::WhepSubscriber;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! connect later, also through an origin restarted since.
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use amphi_protocol::room::{RoomEvent, RoomRole, RoomState, ServerMessage};
 use amphi_protocol::ParticipantId;

@@ -10,10 +10,11 @@
 //! packager over HTTPS, and the `hls_url` handed out is the CDN base.
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
-use amphi_protocol::mtls::{DevPki, MeshRole};
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
+use amphi_tools::tfrender::{render_role_config, BootValues, TfRole};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use roles::{spawn_role, RoleProcess};
@@ -21,7 +22,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::tfrender::{render_role_config, BootValues, TfRole};
 
 const BASE: u16 = 28_200;
 const ORIGIN_NAME: &str = "origin.amphi.internal";
@@ -438,7 +438,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
 
     let whip = format!("{}/whip/{room}", https(10));
-    let publisher = amphi_edge::whip_client::WhipPublisher::connect_trusting(
+    let publisher = amphi_testkit::whip_client::WhipPublisher::connect_trusting(
         &whip,
         &token,
         Duration::from_secs(20),

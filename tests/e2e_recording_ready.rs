@@ -3,7 +3,7 @@
 //! a signed `recording_ready` webhook, with the recording's URL, to a local receiver.
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use roles::*;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -10,7 +10,7 @@
 //! `AMPHI_REDIS_OUTAGE_SECS` (default 10) sets the outage length (30 for the figure).
 
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use amphi_protocol::room::{RoomEvent, RoomRole, RoomState, ServerMessage};
 use amphi_protocol::ParticipantId;

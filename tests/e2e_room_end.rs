@@ -3,11 +3,11 @@
 //! ends the HLS playlist; and a `RoomEnded` the origin hears from elsewhere marks the router's
 //! directory too.
 
-mod support;
+use amphi_testkit::mesh as support;
 
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_protocol::config::{OriginConfig, OriginEndpoint, RouterConfig};
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use amphi_protocol::RoomId;
 use std::net::SocketAddr;

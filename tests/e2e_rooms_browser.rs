@@ -5,7 +5,7 @@
 //! room: everyone gets the ended event and the HLS playlist gets `EXT-X-ENDLIST`.
 //! The browser side is `tests/browser/rooms.mjs`; screenshots land in `tests/artifacts/`.
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::path::Path;
 use std::process::Command;

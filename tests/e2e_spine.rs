@@ -2,7 +2,7 @@
 //! client publishes Opus tones into edges, and the LL-HLS output is fetched over HTTP, parsed with
 //! m3u8-rs and the mp4 crate, probed with ffprobe and decoded with ffmpeg.
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::io::Cursor;
 use std::time::Duration;

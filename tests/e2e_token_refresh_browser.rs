@@ -3,7 +3,7 @@
 //! user through the router and hands it to the edge, so the edge does not end its session once the
 //! first token is past its expiry and the grace. The browser side is `tests/browser/refresh.mjs`.
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use amphi_protocol::token::{Claims, Role, TokenSigner};
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! (method, path) pairs equal `amphi_geo_router::ROUTES`, and a live router answers every one of
 //! them with its own handler (not the 404/405 of an unknown route).
 
-mod support;
+use amphi_testkit::mesh as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

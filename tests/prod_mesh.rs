@@ -23,7 +23,7 @@
 
 mod prod_mesh_support;
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use prod_mesh_support::{client_args, delays, median, times, Bed, AP, EU, ROUTER, US};
 use roles::eventually;

@@ -19,7 +19,7 @@
 
 mod prod_mesh_support;
 mod roles;
-mod support;
+use amphi_testkit::mesh as support;
 
 use amphi_protocol::placement::rendezvous;
 use amphi_protocol::RoomId;

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Speech quality through amphi, scored with ITU-T P.862 PESQ wide-band (issue 18, issue 11 fault 4).
 #
-#   bench/quality/run.sh [--smoke] [--amphi PATH] [--out DIR] [--seed N]
+#   bench/quality/run.sh [--smoke] [--tools PATH] [--out DIR] [--seed N]
+#
+# --tools: the amphi-tools binary (default target/release, else target/debug); it starts the dev
+# mesh from the `amphi` binary beside it.
 #
 # Makes a synthetic speech reference with espeak-ng, then measures side by side in one run:
 #   ceiling       reference -> ffmpeg libopus 64 kb/s -> decode
@@ -9,7 +12,7 @@
 #                 decoded without a network: the WHEP ceiling
 #   fair ceiling  those packets decoded -> ffmpeg libopus 64 kb/s (as the mixer) -> decode: the
 #                 HLS ceiling
-#   amphi         `amphi bench quality`: a WHEP listener, the HLS Opus and the HLS AAC rendition,
+#   amphi         `amphi-tools bench quality`: a WHEP listener, the HLS Opus and the HLS AAC rendition,
 #                 on a clean path, with 5 % uplink loss + 0..30 ms jitter (without and with RFC 2198
 #                 RED from the speaker, the same loss pattern), and with 5 % loss on the
 #                 edge -> origin relay.
@@ -20,25 +23,25 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 CACHE=${AMPHI_CACHE:-$HOME/.cache/amphi}
 SMOKE=0
-AMPHI=""
+TOOLS=""
 OUT=""
 SEED=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
-    --amphi) AMPHI=$2; shift ;;
+    --tools) TOOLS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --seed) SEED=$2; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
 done
-if [ -z "$AMPHI" ]; then
+if [ -z "$TOOLS" ]; then
   TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-  AMPHI=$TARGET_DIR/release/amphi
-  [ -x "$AMPHI" ] || AMPHI=$TARGET_DIR/debug/amphi
+  TOOLS=$TARGET_DIR/release/amphi-tools
+  [ -x "$TOOLS" ] || TOOLS=$TARGET_DIR/debug/amphi-tools
 fi
-[ -x "$AMPHI" ] || { echo "no amphi binary (build it or pass --amphi)" >&2; exit 1; }
+[ -x "$TOOLS" ] || { echo "no amphi-tools binary (build it or pass --tools)" >&2; exit 1; }
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 if ! command -v espeak-ng >/dev/null; then
@@ -83,7 +86,7 @@ for c in "${CONDITIONS[@]}"; do
   dir="$WORK/$name"
   RED_ARG=()
   [ "$red" = 1 ] && RED_ARG=(--red)
-  RUST_LOG=warn "$AMPHI" bench quality --wav "$WORK/ref.wav" --out "$dir" --uplink-loss "$up" \
+  RUST_LOG=warn "$TOOLS" bench quality --wav "$WORK/ref.wav" --out "$dir" --uplink-loss "$up" \
     --jitter-ms "$jit" --relay-loss "$relay" --seed "$SEED" --port-offset "$offset" "${RED_ARG[@]}"
   offset=$((offset + 50))
   if [ "$name" = clean ]; then

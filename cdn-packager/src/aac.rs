@@ -267,9 +267,9 @@ impl AacRendition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::{check_media, Expect};
     use crate::playlist::MediaPlaylist;
     use crate::segmenter::{ProgramFrame, Segmenter};
+    use amphi_testkit::conformance::{check_media, Expect};
     use std::collections::HashMap;
     use std::time::{Instant, SystemTime};
 
@@ -490,7 +490,7 @@ mod tests {
             }
             let text = pl.render(false, &[]);
             check_timeline(&text, &truth);
-            check_media(&text, &Expect::live(crate::playlist::AAC))
+            check_media(&text, &Expect::live(crate::playlist::AAC.part_target_ms()))
                 .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
         }
         assert!(segments >= 31, "{segments} segments");

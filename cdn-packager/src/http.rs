@@ -100,7 +100,7 @@ async fn handle(State(st): State<Arc<HttpState>>, req: Request) -> Response {
         "/healthz" => response(StatusCode::OK, "text/plain", "no-store", Body::from("ok\n")),
         "/metrics" => response(
             StatusCode::OK,
-            amphi_protocol::metrics::CONTENT_TYPE,
+            amphi_common::metrics::CONTENT_TYPE,
             "no-store",
             Body::from(st.metrics.render()),
         ),

@@ -18,15 +18,14 @@
 //! [`speakers::SpeakerTimeline`], [`upload::Lane`] (upload order, memory budget, spilling,
 //! retries), [`request::decide_reload`],
 //! [`request::parse_hls_path`], [`request::parse_hls_query`], [`program_record`] (program stream
-//! records), [`recording_index`],
-//! [`conformance`].
+//! records), [`recording_index`]. Its LL-HLS conformance checker and synthetic sources live in
+//! `amphi-testkit`.
 
 #![deny(missing_docs)]
 
 #[cfg(feature = "aac")]
 pub mod aac;
 pub mod chapters;
-pub mod conformance;
 pub mod fmp4;
 mod h1;
 mod http;
@@ -41,7 +40,6 @@ mod snapshot;
 pub mod speakers;
 pub mod spill;
 pub mod storage;
-pub mod synth;
 mod tls;
 pub mod upload;
 
@@ -51,8 +49,8 @@ pub use request::{decide_reload, parse_hls_path, parse_hls_query};
 pub use snapshot::PUBLISHED_HEADER;
 pub use storage::{Backend, StorageConfig};
 
+use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::config::PackagerConfig;
-use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::RoomId;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -116,7 +114,7 @@ pub struct PackagerSetup {
 pub enum PackagerError {
     /// TLS material unusable.
     #[error("mesh TLS: {0}")]
-    Tls(#[from] amphi_protocol::mtls::MtlsError),
+    Tls(#[from] amphi_common::mtls::MtlsError),
     /// rustls config not usable for QUIC.
     #[error("QUIC client config: {0}")]
     Quic(String),

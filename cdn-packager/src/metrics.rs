@@ -5,7 +5,7 @@
 //! dereference to their atomic ([`AtomicCounter`], [`AtomicGauge`]), so those paths keep their
 //! plain `fetch_add`/`store` calls and never look a metric up.
 
-use amphi_protocol::metrics::MetricsRegistry;
+use amphi_common::metrics::MetricsRegistry;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -53,7 +53,7 @@ impl Deref for AtomicGauge {
 pub struct Metrics {
     registry: MetricsRegistry,
     /// Refusals of the per-address HTTP budgets.
-    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
+    pub http_limits: amphi_common::metrics::LimiterMetrics,
     /// Parts published (listed in a playlist).
     pub parts_published: AtomicCounter,
     /// Segments published.
@@ -102,7 +102,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = MetricsRegistry::default();
-        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "packager");
+        let http_limits = amphi_common::metrics::LimiterMetrics::register(&mut r, "packager");
         let mut counter = |name: &str, help: &str| {
             let c = AtomicCounter::default();
             r.register(name, help, c.0.clone());

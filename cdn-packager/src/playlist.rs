@@ -694,7 +694,7 @@ impl MediaPlaylist {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::{check_media, Expect};
+    use amphi_testkit::conformance::{check_media, Expect};
 
     const PART: u32 = 9_600;
 
@@ -720,7 +720,7 @@ mod tests {
     }
 
     fn live() -> Expect {
-        Expect::live(OPUS)
+        Expect::live(OPUS.part_target_ms())
     }
 
     #[test]
@@ -772,7 +772,7 @@ seg0.m4a
         assert!(text.contains("PART-TARGET=0.214\n"), "{text}");
         assert!(text.contains("PART-HOLD-BACK=0.642,"), "{text}");
         assert!(text.contains("#EXT-X-PART:DURATION=0.213,URI=\"part3.1.m4a\""));
-        check_media(&text, &Expect::live(AAC)).unwrap();
+        check_media(&text, &Expect::live(AAC.part_target_ms())).unwrap();
     }
 
     #[test]
@@ -791,7 +791,7 @@ seg0.m4a
         assert!(!text.contains("EXT-X-SKIP"));
         assert!(!text.contains("part2.0"), "unfinished segment dropped");
         assert_eq!(text.matches("#EXT-X-DISCONTINUITY\n").count(), 1);
-        check_media(&text, &Expect::ended(OPUS)).unwrap();
+        check_media(&text, &Expect::ended(OPUS.part_target_ms())).unwrap();
         assert_eq!(
             p.add_part(2, 0, PART, Some(start(4, false))),
             Err(PlaylistError::Ended)
@@ -984,7 +984,7 @@ seg0.m4a
             (2, "mp4a.40.2", "aac/playlist.m3u8"),
         ] {
             let (name, text) = &files[i];
-            let uris = crate::conformance::check_multivariant(text, 1)
+            let uris = amphi_testkit::conformance::check_multivariant(text, 1)
                 .unwrap_or_else(|e| panic!("{name}: {e:?}\n{text}"));
             assert_eq!(uris, [uri], "{name}");
             assert!(text.contains(&format!("CODECS=\"{codec}\"")), "{name}");
@@ -1007,6 +1007,6 @@ seg0.m4a
              #EXT-X-STREAM-INF:BANDWIDTH=96000,AVERAGE-BANDWIDTH=76000,CODECS=\"mp4a.40.2\"\n\
              aac/playlist.m3u8\n"
         );
-        crate::conformance::check_multivariant(&text, ALL_RENDITIONS.len()).unwrap();
+        amphi_testkit::conformance::check_multivariant(&text, ALL_RENDITIONS.len()).unwrap();
     }
 }

@@ -2,7 +2,7 @@
 //! `part{n}.{i}.m4s`, and VOD playlists naming them) are still served as stored, and ffmpeg
 //! replays them through the packager.
 
-mod common;
+use amphi_testkit::packager as common;
 
 use amphi_protocol::RoomId;
 use common::{dominant_frequency, ffmpeg_decode, http_get, tone_frames, Harness};

@@ -1,13 +1,13 @@
 //! End to end: a quinn origin stand-in feeds `run(...)` program streams; the LL-HLS output is
 //! fetched over HTTP (blocking reloads included), parsed with m3u8-rs and decoded by ffmpeg.
 
-mod common;
+use amphi_testkit::packager as common;
 
-use amphi_packager::conformance::{check_media, Expect};
 use amphi_packager::playlist::{AAC, OPUS};
 use amphi_protocol::api::ApiError;
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::RoomId;
+use amphi_testkit::conformance::{check_media, Expect};
 use common::{
     dominant_frequency, ffmpeg_stdout, http_get, program_record, s16le, tone_frames, Harness,
 };
@@ -45,7 +45,7 @@ async fn ended_playlist(h: &Harness, path: &str) -> (String, m3u8_rs::MediaPlayl
         .wait_until(path, |r| r.text().contains("#EXT-X-ENDLIST"))
         .await
         .text();
-    conform(&text, Expect::ended(OPUS));
+    conform(&text, Expect::ended(OPUS.part_target_ms()));
     let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
     (text, pl)
 }
@@ -98,7 +98,10 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
         "the request was held ({waited:?})"
     );
     assert!(r.text().contains("part0.5.m4a"));
-    conform(&r.text(), Expect::live(OPUS).with_reports(1));
+    conform(
+        &r.text(),
+        Expect::live(OPUS.part_target_ms()).with_reports(1),
+    );
     assert_eq!(
         r.header("content-type"),
         Some("application/vnd.apple.mpegurl")
@@ -140,9 +143,12 @@ async fn live_room_blocking_reload_discontinuity_and_end() {
     let r = http_get(http, &format!("{playlist}?_HLS_msn=1")).await;
     assert_eq!(r.status, 200);
     let text = r.text();
-    conform(&text, Expect::live(OPUS).with_reports(1));
+    conform(&text, Expect::live(OPUS.part_target_ms()).with_reports(1));
     let aac = http_get(http, &format!("/hls/{room}/aac/playlist.m3u8?_HLS_msn=1")).await;
-    conform(&aac.text(), Expect::live(AAC).with_reports(1));
+    conform(
+        &aac.text(),
+        Expect::live(AAC.part_target_ms()).with_reports(1),
+    );
     let pl = m3u8_rs::parse_media_playlist_res(text.as_bytes()).expect("m3u8-rs parses");
     assert_eq!(pl.target_duration, 2);
     assert_eq!(pl.media_sequence, 0);
@@ -361,7 +367,10 @@ async fn announced_room_without_media_holds_blocking_reloads_until_its_first_par
     let r = blocked.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("part0.0.m4a"), "{}", r.text());
-    conform(&r.text(), Expect::live(OPUS).with_reports(1));
+    conform(
+        &r.text(),
+        Expect::live(OPUS.part_target_ms()).with_reports(1),
+    );
     h.stop().await;
 }
 

@@ -1,6 +1,6 @@
 //! The fMP4 output read by independent readers: the `mp4` crate and ffprobe/ffmpeg.
 
-mod common;
+use amphi_testkit::packager as common;
 
 use amphi_packager::fmp4::init_segment;
 use amphi_packager::segmenter::{ProgramFrame, Segmenter, SegmenterOutput};

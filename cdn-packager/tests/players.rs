@@ -3,7 +3,7 @@
 //! playlists, Chromium's own HLS player and hls.js on the per-codec multivariant playlists. A
 //! packager in this process packages a live room fed a 440 Hz program in real time.
 
-mod common;
+use amphi_testkit::packager as common;
 
 use amphi_packager::{Packager, PackagerOptions};
 use amphi_protocol::config::{OriginEndpoint, PackagerConfig};

@@ -2,13 +2,13 @@
 //! with `EXT-X-ENDLIST` and leaves a VOD recording (speaker turns as `EXT-X-DATERANGE`) that
 //! ffmpeg decodes; the HTTPS listener serves it over HTTP/2; retention deletes it.
 
-mod common;
+use amphi_testkit::packager as common;
 
-use amphi_packager::conformance::{check_media, check_multivariant, Expect};
 use amphi_packager::playlist::{AAC, OPUS};
 use amphi_packager::{PackagerOptions, RecordingConfig};
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::RoomId;
+use amphi_testkit::conformance::{check_media, check_multivariant, Expect};
 use common::{
     dominant_frequency, ffmpeg_decode, http_get, program_record_from, tone_frames, Harness,
 };
@@ -20,11 +20,6 @@ use std::time::Duration;
 const ROOM: RoomId = RoomId(0x0a0b_0c0d_0e0f_1011);
 const ALICE: u32 = 0x0100_0007;
 const BOB: u32 = 0x0200_0009;
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
 
 /// Speak 6 s (Alice 3 s, then Bob 3 s) at 4x real time, then end the room.
 async fn speak_and_end(h: &mut Harness) {
@@ -79,7 +74,7 @@ async fn get_h2(addr: SocketAddr, cert_pem: &[u8], path: &str) -> (http::Version
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_end_leaves_a_vod_recording_served_over_http2() {
-    let https = free_port();
+    let https = amphi_testkit::net::free_port().unwrap();
     let options = PackagerOptions {
         tls_listen: Some(https),
         ..Default::default()
@@ -98,7 +93,8 @@ async fn room_end_leaves_a_vod_recording_served_over_http2() {
     }
     for r in [OPUS, AAC] {
         let live = http_get(http, &format!("/hls/{ROOM}/{}/playlist.m3u8", r.dir)).await;
-        check_media(&live.text(), &Expect::ended(r)).unwrap_or_else(|e| panic!("{e:?}"));
+        check_media(&live.text(), &Expect::ended(r.part_target_ms()))
+            .unwrap_or_else(|e| panic!("{e:?}"));
         let vod = http_get(http, &format!("/hls/{ROOM}/{}/vod.m3u8", r.dir)).await;
         let text = vod.text();
         let sum = check_media(&text, &Expect::vod()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
@@ -216,7 +212,7 @@ async fn a_packager_restart_mid_room_keeps_the_whole_recording() {
         .wait_until(&live, |r| r.text().contains("part4.0.m4a"))
         .await
         .text();
-    let sum = check_media(&text, &Expect::live(OPUS).with_reports(1))
+    let sum = check_media(&text, &Expect::live(OPUS.part_target_ms()).with_reports(1))
         .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     assert_eq!(
         sum.media_sequence, 0,

@@ -11,7 +11,7 @@
 //! `AMPHI_OUTAGE_BUDGET` (bytes, default 256 KiB) size the run; `bench/s3-outage.sh` runs it
 //! with 50 rooms and 120 s for the figure (peak RSS and parts lost, printed as `FIGURE` lines).
 
-mod common;
+use amphi_testkit::packager as common;
 
 use amphi_packager::storage::{Storage, Store};
 use amphi_packager::{Backend, Packager, PackagerOptions, StorageConfig};
@@ -34,18 +34,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("amphi-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A real s3s-fs on loopback (stopped, killed and restarted by the test), killed on drop.
@@ -187,7 +175,7 @@ fn feed(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Vec<amphi_packager::RoomInput>> {
     tokio::spawn(async move {
-        let packets = amphi_packager::synth::tone_packets(440.0, 0.3, 250).unwrap();
+        let packets = amphi_testkit::synth::tone_packets(440.0, 0.3, 250).unwrap();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         // Bounded: at most an hour of program.
@@ -251,8 +239,11 @@ async fn live_hls_rides_out_an_s3_outage_and_every_part_reaches_s3_after() {
     let rooms = env_or("AMPHI_OUTAGE_ROOMS", 10);
     let outage = Duration::from_secs(env_or("AMPHI_OUTAGE_SECS", 20));
     let budget = env_or("AMPHI_OUTAGE_BUDGET", 256 << 10) as usize;
-    let dir = scratch("s3-outage");
-    let mut s3 = S3sFs::start(dir.join("s3"), free_port());
+    let dir = amphi_testkit::net::scratch_dir("s3-outage");
+    let mut s3 = S3sFs::start(
+        dir.join("s3"),
+        amphi_testkit::net::free_port().unwrap().port(),
+    );
     let spill_dir = dir.join("spill");
     let options = PackagerOptions {
         storage: StorageConfig {
@@ -430,8 +421,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packager_stopped_during_an_outage_leaves_a_spill_dir_the_next_one_uploads() {
-    let dir = scratch("s3-spill-resume");
-    let mut s3 = S3sFs::start(dir.join("s3"), free_port());
+    let dir = amphi_testkit::net::scratch_dir("s3-spill-resume");
+    let mut s3 = S3sFs::start(
+        dir.join("s3"),
+        amphi_testkit::net::free_port().unwrap().port(),
+    );
     let spill_dir = dir.join("spill");
     let options = PackagerOptions {
         storage: StorageConfig {
@@ -520,8 +514,11 @@ async fn a_packager_stopped_during_an_outage_leaves_a_spill_dir_the_next_one_upl
 /// against a real s3s-fs that refuses unsigned or wrongly signed requests.
 #[tokio::test]
 async fn the_s3_backend_signs_with_the_default_credential_chain_without_static_keys() {
-    let dir = scratch("s3-chain");
-    let s3 = S3sFs::start(dir.join("s3"), free_port());
+    let dir = amphi_testkit::net::scratch_dir("s3-chain");
+    let s3 = S3sFs::start(
+        dir.join("s3"),
+        amphi_testkit::net::free_port().unwrap().port(),
+    );
     // Only this test reads these variables (the others sign with static keys, which win).
     std::env::set_var("AWS_ACCESS_KEY_ID", KEY);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);

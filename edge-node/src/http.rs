@@ -61,9 +61,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ws", get(crate::ws::ws_get))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .layer(axum::middleware::from_fn(
-            amphi_protocol::redact::log_request,
-        ))
+        .layer(axum::middleware::from_fn(amphi_common::redact::log_request))
         .with_state(state)
 }
 
@@ -126,7 +124,7 @@ fn preflight(endpoint: bool) -> Response {
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     st.metrics.set_census(st.sessions.census());
     (
-        [(header::CONTENT_TYPE, amphi_protocol::metrics::CONTENT_TYPE)],
+        [(header::CONTENT_TYPE, amphi_common::metrics::CONTENT_TYPE)],
         st.metrics.render(),
     )
         .into_response()

@@ -9,8 +9,8 @@
 //!
 //! Layout: sans-IO cores ([`peers`], [`lifecycle`], [`mesh`], [`offer`], [`room`], [`signaling`],
 //! [`slots`]) make every decision; thin tokio drivers (media socket, QUIC uplink, HTTP and
-//! WebSocket) carry them out. [`whip_client`] and [`whep_client`] are str0m-based clients used by
-//! tests and load generation.
+//! WebSocket) carry them out. The str0m-based WHIP/WHEP clients the tests and load generators
+//! use live in `amphi-testkit`.
 
 #![warn(missing_docs)]
 
@@ -37,16 +37,14 @@ pub mod shards;
 pub mod signaling;
 pub mod slots;
 mod uplink;
-pub mod whep_client;
-pub mod whip_client;
 mod ws;
 
 pub use occupancy::Occupancy;
 pub use offer::{parse_client_offer, parse_whip_offer, OfferError};
 pub use peers::{stun_local_ufrag, DropReason};
 
+use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::config::EdgeConfig;
-use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::TokenVerifier;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -81,7 +79,7 @@ pub enum EdgeError {
     Config(String),
     /// The mesh TLS material is unusable.
     #[error("mesh TLS: {0}")]
-    Tls(#[from] amphi_protocol::mtls::MtlsError),
+    Tls(#[from] amphi_common::mtls::MtlsError),
     /// The HTTPS listener's certificate or key, or the clients' extra CA, is unusable.
     #[error("HTTPS: {0}")]
     Https(#[from] amphi_protocol::https::HttpsError),

@@ -5,7 +5,7 @@
 
 use crate::peers::DropReason;
 use crate::signaling::Census;
-use amphi_protocol::metrics::MetricsRegistry;
+use amphi_common::metrics::MetricsRegistry;
 use amphi_protocol::room::RoomRole;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -83,7 +83,7 @@ impl EncodeMetric for DelayHistogram {
 pub struct Metrics {
     registry: MetricsRegistry,
     /// Refusals of the per-address HTTP budgets.
-    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
+    pub http_limits: amphi_common::metrics::LimiterMetrics,
     udp_datagrams: Counter,
     dropped: [Counter; DropReason::ALL.len()],
     rtp_packets_in: Counter,
@@ -114,7 +114,7 @@ impl Metrics {
     /// Metrics of an edge in `region` (the `region` label of its participant gauges).
     pub fn new(region: &str) -> Self {
         let mut r = MetricsRegistry::default();
-        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "edge");
+        let http_limits = amphi_common::metrics::LimiterMetrics::register(&mut r, "edge");
         let udp_datagrams = r.counter(
             "amphi_edge_udp_datagrams",
             "Datagrams read from the media UDP socket",

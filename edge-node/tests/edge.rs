@@ -3,13 +3,13 @@
 
 mod common;
 
-use amphi_edge::whip_client::{ClientError, WhipPublisher};
+use amphi_common::mtls::DevPki;
 use amphi_protocol::api::ApiError;
 use amphi_protocol::control::ControlMessage;
-use amphi_protocol::mtls::DevPki;
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::token::{Claims, Role, TokenSigner};
 use amphi_protocol::ParticipantId;
+use amphi_testkit::whip_client::{ClientError, WhipPublisher};
 use common::*;
 use std::time::Duration;
 
@@ -759,7 +759,7 @@ async fn uplink_reconnects_and_replays_publishers() {
     let pki = DevPki::generate().unwrap();
     let router = start_router().await;
     // The origin is down when the edge starts.
-    let origin_addr = free_udp();
+    let origin_addr = free_port().unwrap();
     let edge = start_edge(&pki, origin_addr, router).await;
     assert_eq!(metric(&edge, "amphi_edge_origin_connected").await, 0);
 

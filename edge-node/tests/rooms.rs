@@ -4,12 +4,12 @@
 
 mod common;
 
-use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
-use amphi_edge::whip_client::{ClientError, WhipPublisher};
-use amphi_protocol::mtls::DevPki;
+use amphi_common::mtls::DevPki;
 use amphi_protocol::room::{RoomEvent, RoomPhase, RoomRole, ServerMessage};
 use amphi_protocol::token::{Claims, Role, TokenSigner};
 use amphi_protocol::{ParticipantId, RoomId};
+use amphi_testkit::whep_client::{WhepOptions, WhepSubscriber};
+use amphi_testkit::whip_client::{ClientError, WhipPublisher};
 use common::authority::{start_authority, Authority};
 use common::*;
 use futures_util::{SinkExt, StreamExt};

@@ -4,7 +4,7 @@
 //! addresses, e-mail names) gives exactly its known roles, once each, in order; the same DER with
 //! bytes flipped or cut off is refused or read without panicking.
 #![no_main]
-use amphi_protocol::mtls::{roles_of, MeshRole, ROLE_URI_PREFIX};
+use amphi_common::mtls::{roles_of, MeshRole, ROLE_URI_PREFIX};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use rcgen::{CertificateParams, Ia5String, KeyPair, SanType};

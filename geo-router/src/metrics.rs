@@ -3,7 +3,7 @@
 //! `edge` and `region` labels; an edge's series are removed once the registry forgets it.
 
 use crate::webhooks::WebhookCounters;
-use amphi_protocol::metrics::MetricsRegistry;
+use amphi_common::metrics::MetricsRegistry;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -60,7 +60,7 @@ type EdgeSeries = (Gauge, Gauge<f64, AtomicU64>);
 pub struct Metrics {
     registry: MetricsRegistry,
     /// Refusals of the per-address HTTP budgets.
-    pub http_limits: amphi_protocol::metrics::LimiterMetrics,
+    pub http_limits: amphi_common::metrics::LimiterMetrics,
     /// Rooms created through the API.
     pub rooms_created: Counter,
     /// Tokens minted.
@@ -106,7 +106,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = MetricsRegistry::default();
-        let http_limits = amphi_protocol::metrics::LimiterMetrics::register(&mut r, "router");
+        let http_limits = amphi_common::metrics::LimiterMetrics::register(&mut r, "router");
         let rooms_created = r.counter(
             "amphi_router_rooms_created",
             "Rooms created through the API",

@@ -3,9 +3,9 @@
 //! origins, so the router sends a room's end to the origin edges and packagers use); each client that says `Hello{peer: router}`, sends `RoomEnded` for rooms ended
 //! through the REST API and reports `RoomEnded` the origin learned elsewhere.
 
+use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::config::OriginEndpoint;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::ownership::{HealthTiming, OriginHealth};
 use amphi_protocol::RoomId;
 use std::collections::{HashMap, VecDeque};
@@ -111,7 +111,7 @@ pub struct OriginLinks {
 pub enum LinkError {
     /// TLS material unusable.
     #[error("mesh TLS: {0}")]
-    Tls(#[from] amphi_protocol::mtls::MtlsError),
+    Tls(#[from] amphi_common::mtls::MtlsError),
     /// quinn refused the configuration or socket.
     #[error("QUIC: {0}")]
     Quic(String),

@@ -539,7 +539,7 @@ fn unreachable(e: &StoreError) -> bool {
 
 /// Requests skip Redis for a while after it failed (the replica's [`Fallback`] answers), until
 /// the periodic [`Store::sync`] reaches it again.
-pub use amphi_protocol::breaker::{Breaker, BREAKER_OPEN};
+pub use amphi_common::breaker::{Breaker, BREAKER_OPEN};
 
 /// Room directory and edge registry in Redis (shared by every geo-router replica).
 pub struct RedisStore {

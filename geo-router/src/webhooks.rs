@@ -4,9 +4,9 @@
 //! with exponential backoff.
 
 use crate::auth::hmac_hex;
+use amphi_common::redact::url_origin;
 use amphi_protocol::config::WebhookConfig;
 use amphi_protocol::https::HttpsClient;
-use amphi_protocol::redact::url_origin;
 use bytes::Bytes;
 use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
@@ -227,7 +227,7 @@ mod tests {
         use amphi_protocol::https;
         let dir = std::env::temp_dir().join(format!("amphi-webhook-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let pki = amphi_protocol::mtls::DevPki::generate().unwrap();
+        let pki = amphi_common::mtls::DevPki::generate().unwrap();
         let issued = pki.issue_pem_for(&["127.0.0.1".into()], &[]).unwrap();
         let (ca, cert, key) = (
             dir.join("ca.pem"),

@@ -15,22 +15,20 @@
 
 #![warn(missing_docs)]
 
-pub mod bench;
 mod hub;
 pub mod jitter;
 pub mod limiter;
 pub mod metrics;
 pub mod mixer;
 mod mixer_thread;
-pub mod ogg;
 mod peerq;
 pub mod persist;
 pub mod programs;
 pub mod room;
 pub mod subs;
 
+use amphi_common::mtls::{MtlsError, MtlsMaterial};
 use amphi_protocol::config::OriginConfig;
-use amphi_protocol::mtls::{MtlsError, MtlsMaterial};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,10 +100,7 @@ pub(crate) fn thread_cpu_time() -> Duration {
 }
 
 fn server_config(tls: &MtlsMaterial) -> Result<quinn::ServerConfig, OriginError> {
-    if !tls
-        .roles()?
-        .contains(&amphi_protocol::mtls::MeshRole::Origin)
-    {
+    if !tls.roles()?.contains(&amphi_common::mtls::MeshRole::Origin) {
         return Err(OriginError::NotOrigin);
     }
     let crypto = tls.server_config()?;

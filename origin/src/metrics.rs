@@ -8,7 +8,7 @@
 use crate::jitter::JitterStats;
 use crate::mixer::MixStats;
 use crate::room::AuthorityCensus;
-use amphi_protocol::metrics::{MetricsRegistry, CONTENT_TYPE};
+use amphi_common::metrics::{MetricsRegistry, CONTENT_TYPE};
 use amphi_protocol::relay::RelayError;
 use amphi_protocol::room::RoomRole;
 use amphi_protocol::RoomId;

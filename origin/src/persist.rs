@@ -21,7 +21,7 @@
 //! `r:{user}` (the role the user last held, JSON). Its TTL is [`LIVE_TTL`] (refreshed by every
 //! write) or [`ENDED_TTL`] once the room ended.
 
-use amphi_protocol::breaker::Breaker;
+use amphi_common::breaker::Breaker;
 use amphi_protocol::room::{Participant, RoomPhase, RoomRole, RoomState};
 use amphi_protocol::{ParticipantId, RoomId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

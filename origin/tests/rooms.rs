@@ -2,10 +2,10 @@
 //! eu-west), a packager and dev mTLS. Joins, snapshots, permissions, mute gating of relayed audio,
 //! kick + ban, an edge disconnect, and the host ending the room.
 
+use amphi_common::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_origin::{run, OriginSetup};
 use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase, RoomRole};
 use amphi_protocol::token::Role;

@@ -28,11 +28,11 @@ pub enum PeerKind {
 
 impl PeerKind {
     /// The role a peer's mesh certificate must carry to say `Hello` as this kind.
-    pub fn mesh_role(self) -> crate::mtls::MeshRole {
+    pub fn mesh_role(self) -> amphi_common::mtls::MeshRole {
         match self {
-            PeerKind::Edge => crate::mtls::MeshRole::Edge,
-            PeerKind::Packager => crate::mtls::MeshRole::Packager,
-            PeerKind::Router => crate::mtls::MeshRole::Router,
+            PeerKind::Edge => amphi_common::mtls::MeshRole::Edge,
+            PeerKind::Packager => amphi_common::mtls::MeshRole::Packager,
+            PeerKind::Router => amphi_common::mtls::MeshRole::Router,
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use crate::config::HttpLimits;
 use crate::limits::{IpBudgets, LimitsError, Refusal};
-use crate::metrics::LimiterMetrics;
+use amphi_common::metrics::LimiterMetrics;
 use axum::extract::ConnectInfo;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;

@@ -4,7 +4,7 @@
 //! the Redis URL of the test run.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
+use amphi_common::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::room::ServerMessage;
 use amphi_protocol::token::TokenSigner;
 use futures_util::{SinkExt, StreamExt};

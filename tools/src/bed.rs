@@ -6,7 +6,7 @@
 //! address.
 
 use crate::tfrender::{render_role_config, BootValues, TfRole};
-use amphi_protocol::mtls::{DevPki, MeshRole};
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_protocol::token::TokenSigner;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};

@@ -1,12 +1,17 @@
-//! `amphi-tools`: the namespace test bed's helpers. `bed-setup` writes a run directory (configs
-//! rendered from the Terraform templates, PKI, emulator config); `netem-config` switches the
-//! partition; `api`, `whip-speak`, `whep-listen` and `ws` are clients meant to run inside a client
-//! namespace (`ip netns exec amb-client-... amphi-tools ...`), printing one JSON line.
+//! `amphi-tools`: what measures amphi, kept out of the shipped `amphi` binary.
+//!
+//! - `bench`, `loadgen` and `plan`: the benchmarks, load generators and capacity planner (see
+//!   BENCHMARKS.md and docs/capacity.md). The ones that need a mesh start `amphi dev` from the
+//!   `amphi` binary beside this one (or `$AMPHI_BIN`).
+//! - The namespace test bed's helpers: `bed-setup` writes a run directory (configs rendered from
+//!   the Terraform templates, PKI, emulator config); `netem-config` switches the partition; `api`,
+//!   `whip-speak`, `whep-listen` and `ws` are clients meant to run inside a client namespace
+//!   (`ip netns exec amb-client-... amphi-tools ...`), printing one JSON line.
 
 use amphi_edge::rejoin::Rejoin;
-use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
-use amphi_edge::whip_client::{WhipPublisher, CONNECT_TIMEOUT};
 use amphi_protocol::https::HttpsClient;
+use amphi_testkit::whep_client::{WhepOptions, WhepSubscriber};
+use amphi_testkit::whip_client::{WhipPublisher, CONNECT_TIMEOUT};
 use amphi_tools::bed;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -18,15 +23,50 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod bench;
+mod bench_latency;
+mod bench_mixer;
+mod bench_quality;
+mod bench_relay;
+mod bench_route;
+mod bench_udp;
+mod child_mesh;
+mod loadgen_hls;
+mod loadgen_room;
+mod loadgen_webrtc;
+mod ogg;
+mod plan;
+mod tcp_floor;
 mod ws_client;
 
 #[derive(Parser)]
-#[command(about = "amphi test bed helpers")]
+#[command(about = "amphi tools: benchmarks, load generators, capacity planner, test bed helpers")]
 struct Cli {
     #[command(subcommand)]
-    command: Cmd,
+    command: Top,
 }
 
+#[derive(Subcommand)]
+enum Top {
+    #[command(flatten)]
+    Measure(Measure),
+    #[command(flatten)]
+    Bed(Cmd),
+}
+
+/// Benchmarks, load generators and the capacity planner.
+#[derive(Subcommand)]
+enum Measure {
+    /// Benchmarks (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    /// Load generators against a mesh or packager they start.
+    #[command(subcommand)]
+    Loadgen(LoadgenCommand),
+    /// Capacity plan: fleet sizes and CDN egress for an audience (see docs/capacity.md).
+    Plan(plan::PlanArgs),
+}
+
+/// The namespace test bed's helpers.
 #[derive(Subcommand)]
 enum Cmd {
     /// Write a run directory: hosts.tsv, netem.toml, PKI, and each role's config + env overlay.
@@ -119,6 +159,19 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         reconnects: u32,
     },
+}
+
+/// `amphi-tools loadgen ...`
+#[derive(Subcommand)]
+enum LoadgenCommand {
+    /// N receive-only WebRTC (WHEP) subscribers against one edge while 3 speakers talk.
+    Webrtc(loadgen_webrtc::WebrtcArgs),
+    /// N LL-HLS players (blocking reloads + part fetches) against a packager it starts.
+    Hls(loadgen_hls::HlsArgs),
+    /// One big room (default 10,000 WebSocket + 200 WebRTC participants over two edges of an
+    /// `amphi dev` child): joins, hands, promotions, kicks, chat, listener paging; fails on any
+    /// origin link drop.
+    Room(loadgen_room::RoomArgs),
 }
 
 #[derive(clap::Args)]
@@ -524,13 +577,43 @@ fn tone_power(samples: &[f32], freq: f64) -> f64 {
     2.0 * (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (n * n)
 }
 
+/// Run a benchmark, load generator or the planner: logs to stderr, a runtime on every core.
+fn measure(command: Measure) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match command {
+            Measure::Bench(args) => bench::run(args).await,
+            Measure::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
+            Measure::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
+            Measure::Loadgen(LoadgenCommand::Room(args)) => loadgen_room::run(args).await,
+            Measure::Plan(args) => plan::run(args),
+        }
+    })
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    match Cli::parse().command {
+        Top::Measure(command) => measure(command),
+        Top::Bed(command) => bed_helper(command),
+    }
+}
+
+/// Run a test bed helper (two worker threads: the bed's client namespaces run many at once),
+/// printing its one JSON line.
+fn bed_helper(command: Cmd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let v = match cli.command {
+    let v = match command {
         Cmd::BedSetup {
             repo,
             run,

@@ -1,9 +1,7 @@
-//! Shared helpers for the end-to-end tests: a real `amphi dev` mesh in a child process, HTTP helpers,
-//! tone generation, HLS fetching and audio analysis with ffmpeg.
-#![allow(dead_code)] // each test binary uses a different subset
+//! The end-to-end tests' harness: a real `amphi dev` mesh in a child process, HTTP helpers, tone
+//! generation, HLS fetching and audio analysis with ffmpeg.
 
-#[allow(unused_imports)] // only the tests that render Terraform configs use it
-pub use amphi_tools::tfrender;
+pub use crate::net::scratch_dir;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -42,7 +40,7 @@ impl DevMesh {
         let data_dir = base.join("data");
         let log = base.join("dev.log");
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_amphi"))
+        let child = Command::new(amphi_bin().expect("amphi binary"))
             .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
             .arg(&data_dir)
             .args(extra)
@@ -172,17 +170,30 @@ fn unsafe_kill_term(pid: u32) {
         .status();
 }
 
-/// A fresh scratch directory for test `name`.
-pub fn scratch_dir(name: &str) -> PathBuf {
-    let base = std::env::temp_dir().join(format!("amphi-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    base
+/// The `amphi` server binary: `$AMPHI_BIN`, else `amphi` beside the running executable (a tool
+/// in `target/<profile>/`) or one directory up (a test binary in `target/<profile>/deps/`).
+/// `cargo test` of the root package builds it; other callers build it first
+/// (`cargo build --bin amphi`).
+pub fn amphi_bin() -> std::io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("AMPHI_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    [dir.join("amphi"), dir.join("../amphi")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no amphi binary beside {} (set AMPHI_BIN)", exe.display()),
+            )
+        })
 }
 
 /// Run `amphi` with `args`; return stdout (panics on failure).
 pub fn amphi(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_amphi"))
+    let out = Command::new(amphi_bin().expect("amphi binary"))
         .args(args)
         .output()
         .expect("run amphi");
@@ -246,36 +257,19 @@ pub fn metric_in(text: &str, name: &str) -> Option<f64> {
 
 /// `seconds` of a sine tone as 20 ms Opus packets (48 kHz mono, 64 kbps).
 pub fn opus_tone(freq: f64, seconds: f64) -> Vec<Vec<u8>> {
-    let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)
-        .expect("opus encoder");
-    enc.set_bitrate(opus::Bitrate::Bits(64_000)).unwrap();
-    let frames = (seconds * 50.0) as usize;
-    let mut out = Vec::with_capacity(frames);
-    let mut pcm = [0i16; 960];
-    for f in 0..frames {
-        for (i, s) in pcm.iter_mut().enumerate() {
-            let t = (f * 960 + i) as f64 / 48_000.0;
-            *s = (0.3 * (2.0 * std::f64::consts::PI * freq * t).sin() * 32767.0) as i16;
-        }
-        out.push(enc.encode_vec(&pcm, 4000).expect("encode"));
-    }
-    out
+    crate::synth::tone_packets(freq, 0.3, (seconds * 50.0) as usize).expect("opus encoder")
 }
 
 /// Publish Opus packets through WHIP in real time (20 ms apart) with our str0m client.
 pub async fn publish_tone(whip_url: &str, token: &str, freq: f64, seconds: f64) {
-    let client = amphi_edge::whip_client::WhipPublisher::connect(whip_url, token)
+    let client = crate::whip_client::WhipPublisher::connect(whip_url, token)
         .await
         .expect("WHIP connect");
     send_tone(client, freq, seconds).await;
 }
 
 /// Send `seconds` of a tone through a connected WHIP publisher in real time, then close it.
-pub async fn send_tone(
-    mut client: amphi_edge::whip_client::WhipPublisher,
-    freq: f64,
-    seconds: f64,
-) {
+pub async fn send_tone(mut client: crate::whip_client::WhipPublisher, freq: f64, seconds: f64) {
     let packets = opus_tone(freq, seconds);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

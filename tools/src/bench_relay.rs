@@ -1,4 +1,4 @@
-//! `amphi bench relay`: the origin's relay forwarding delay while one big room is busy.
+//! `amphi-tools bench relay`: the origin's relay forwarding delay while one big room is busy.
 //!
 //! An origin runs in this process (durable room state in Redis with `--redis-url`), with four
 //! QUIC "edges" (dev mTLS): edge A announces a speaker in a small room and sends it a relay
@@ -17,13 +17,14 @@
 //!
 //! Bounded: the counts and durations come from the options; every wait has a deadline.
 
+use amphi_common::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::room::{RoomCommand, RoomEvent};
 use amphi_protocol::token::Role;
 use amphi_protocol::{ParticipantId, RoomId};
+use amphi_testkit::net::free_port;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
@@ -49,7 +50,7 @@ const CHAT_TICK: Duration = Duration::from_millis(10);
 const CHAT_PER_WINDOW: u64 = 5;
 const CHAT_WINDOW: Duration = Duration::from_secs(10);
 
-/// Options of `amphi bench relay`.
+/// Options of `amphi-tools bench relay`.
 #[derive(Args, Debug)]
 pub struct RelayArgs {
     /// Members of the big room.
@@ -64,14 +65,6 @@ pub struct RelayArgs {
     /// Short run for CI: 1,000 members, 2 s per phase.
     #[arg(long)]
     smoke: bool,
-}
-
-fn free_udp() -> Result<SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn free_tcp() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// One mesh connection to the origin: its control stream's sending half and the connection.
@@ -353,7 +346,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// `amphi bench relay`.
+/// `amphi-tools bench relay`.
 pub async fn run(args: RelayArgs) -> Result<()> {
     let (members, seconds) = if args.smoke {
         (1_000, 2)
@@ -361,14 +354,14 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         (args.members, args.seconds)
     };
     let pki = DevPki::generate()?;
-    let quic = free_udp()?;
+    let quic = free_port()?;
     let shutdown = CancellationToken::new();
     let origin = tokio::spawn(amphi_origin::run_with(
         amphi_origin::OriginSetup {
             config: OriginConfig {
                 id: "origin-bench".into(),
                 quic_listen: quic,
-                metrics_listen: free_tcp()?,
+                metrics_listen: free_port()?,
                 idle_room_timeout_secs: 3600,
                 max_sessions_per_user: 8,
             },

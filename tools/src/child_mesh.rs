@@ -1,5 +1,6 @@
-//! Child processes for benchmarks and load generators: an `amphi dev` mesh started from this very
-//! binary on loopback, and a guard that stops a child with SIGTERM (then SIGKILL) when dropped.
+//! Child processes for benchmarks and load generators: an `amphi dev` mesh on loopback (the
+//! `amphi` binary beside this one, or `$AMPHI_BIN`), and a guard that stops a child with SIGTERM
+//! (then SIGKILL) when dropped.
 
 use anyhow::{ensure, Context, Result};
 use std::path::PathBuf;
@@ -76,7 +77,7 @@ impl ChildMesh {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("dev.log"))?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(amphi_testkit::mesh::amphi_bin()?)
             .args(["dev", "--port-offset", &offset.to_string(), "--data-dir"])
             .arg(dir.join("data"))
             .args(extra)

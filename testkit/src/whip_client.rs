@@ -1,6 +1,6 @@
 //! A real WHIP (RFC 9725) publishing client built on str0m: sends one Opus audio track.
 //!
-//! Used by end-to-end tests and by `amphi loadgen`. [`WhipPublisher::connect`] POSTs a sendonly
+//! Used by end-to-end tests and by `amphi-tools loadgen`. [`WhipPublisher::connect`] POSTs a sendonly
 //! Opus offer (with the RFC 6464 audio-level extension), applies the answer, then a background task
 //! drives ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0.
 
@@ -138,7 +138,7 @@ pub(crate) async fn client_rtc(
     stats: Option<Duration>,
     red: bool,
 ) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
-    crate::install_crypto_provider();
+    amphi_edge::install_crypto_provider();
     let ip = local_ip_toward(toward).await?;
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let local_addr = socket.local_addr()?;
@@ -149,7 +149,7 @@ pub(crate) async fn client_rtc(
         .set_stats_interval(stats);
     // Notice a dead edge after about 1.1 s of unanswered STUN checks (str0m's default is ~20 s),
     // so the session ends and the caller can ask the geo-router for another edge
-    // (`crate::rejoin`).
+    // (`amphi_edge::rejoin`).
     config.set_initial_stun_rto(ICE_INITIAL_RTO);
     config.set_max_stun_rto(ICE_MAX_RTO);
     config.set_max_stun_retransmits(ICE_MAX_RETRANSMITS);
@@ -639,7 +639,7 @@ async fn drive(
                                 last_sent.replace((rtp_ts, payload.clone()))
                             };
                             let mut wrapped = Vec::with_capacity(payload.len() * 2 + 5);
-                            crate::red::encode_into(
+                            amphi_edge::red::encode_into(
                                 &mut wrapped,
                                 *pt,
                                 previous

@@ -1,6 +1,6 @@
 //! A real WHEP receive-only client built on str0m: [`LISTENER_AUDIO_SLOTS`] recvonly Opus tracks.
 //!
-//! Used by end-to-end tests and by `amphi loadgen webrtc`. [`WhepSubscriber::connect`] POSTs the
+//! Used by end-to-end tests and by `amphi-tools loadgen webrtc`. [`WhepSubscriber::connect`] POSTs the
 //! offer with `Authorization: Bearer <token>`, applies the answer, then a background task drives
 //! ICE, DTLS and SRTP on a UDP socket bound to 127.0.0.1:0 and exposes every received RTP packet
 //! (slot, SSRC, sequence number, timestamp, RFC 6464 level, payload).

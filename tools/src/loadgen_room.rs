@@ -1,4 +1,4 @@
-//! `amphi loadgen room`: one big room over two edges of an `amphi dev` mesh in a child process.
+//! `amphi-tools loadgen room`: one big room over two edges of an `amphi dev` mesh in a child process.
 //! WebSocket participants (split over the two edges) and WebRTC listeners (WHEP, str0m) join;
 //! listeners raise hands, the host promotes half of them and kicks the other half; the host and
 //! the hand raisers chat; a late participant pages through the whole listener list. It fails if
@@ -8,7 +8,7 @@
 //! Bounded: every wait has a deadline, counts are fixed by the options.
 
 use crate::child_mesh::ChildMesh;
-use amphi_edge::whep_client::{WhepOptions, WhepSubscriber};
+use amphi_testkit::whep_client::{WhepOptions, WhepSubscriber};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
@@ -24,7 +24,7 @@ const JOIN_BATCH: usize = 200;
 /// Longest wait for any one step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Options of `amphi loadgen room`.
+/// Options of `amphi-tools loadgen room`.
 #[derive(Args, Debug)]
 pub struct RoomArgs {
     /// WebSocket participants (listeners), half on each edge.
@@ -212,7 +212,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// `amphi loadgen room`.
+/// `amphi-tools loadgen room`.
 pub async fn run(args: RoomArgs) -> Result<()> {
     let (n_ws, n_rtc, n_hands) = if args.smoke {
         (1_000, 20, 6)

@@ -6,7 +6,7 @@
 //! either a summary of what the playlist names (so a test can fetch every object) or the list
 //! of every rule broken.
 
-use crate::playlist::{Naming, Rendition, INIT_NAME, PARTS_PER_SEGMENT};
+use amphi_packager::playlist::{Naming, INIT_NAME, PARTS_PER_SEGMENT};
 use std::collections::{HashMap, HashSet};
 
 /// What kind of media playlist is expected.
@@ -27,40 +27,41 @@ pub enum Kind {
 pub struct Expect {
     /// Kind of playlist.
     pub kind: Kind,
-    /// The rendition (its part target) for live playlists.
-    pub rendition: Option<Rendition>,
+    /// The rendition's `PART-TARGET` in milliseconds (`Rendition::part_target_ms`), for live
+    /// playlists.
+    pub part_target_ms: Option<u32>,
     /// Number of sibling renditions that must have an `EXT-X-RENDITION-REPORT` (live only).
     pub reports: usize,
 }
 
 impl Expect {
-    /// A live playlist of `r` without siblings.
-    pub fn live(r: Rendition) -> Self {
+    /// A live playlist of a rendition with parts of `part_target_ms`, without siblings.
+    pub fn live(part_target_ms: u32) -> Self {
         Expect {
             kind: Kind::Live,
-            rendition: Some(r),
+            part_target_ms: Some(part_target_ms),
             reports: 0,
         }
     }
-    /// A live playlist of `r` that ended.
-    pub fn ended(r: Rendition) -> Self {
+    /// A live playlist that ended.
+    pub fn ended(part_target_ms: u32) -> Self {
         Expect {
             kind: Kind::Ended,
-            ..Self::live(r)
+            ..Self::live(part_target_ms)
         }
     }
-    /// A live playlist of `r`, ended or not.
-    pub fn any(r: Rendition) -> Self {
+    /// A live playlist, ended or not.
+    pub fn any(part_target_ms: u32) -> Self {
         Expect {
             kind: Kind::Any,
-            ..Self::live(r)
+            ..Self::live(part_target_ms)
         }
     }
     /// A VOD recording.
     pub fn vod() -> Self {
         Expect {
             kind: Kind::Vod,
-            rendition: None,
+            part_target_ms: None,
             reports: 0,
         }
     }
@@ -470,8 +471,8 @@ pub fn check_media(text: &str, expect: &Expect) -> Result<MediaSummary, Vec<Stri
                 errs.push("live playlist with EXT-X-PLAYLIST-TYPE".into());
             }
             check_server_control(&mut errs, server_control.as_ref(), target, part_target);
-            if let (Some(r), Some(pt)) = (expect.rendition, part_target) {
-                if (pt - f64::from(r.part_target_ms()) / 1000.0).abs() > 1e-9 {
+            if let (Some(ms), Some(pt)) = (expect.part_target_ms, part_target) {
+                if (pt - f64::from(ms) / 1000.0).abs() > 1e-9 {
                     errs.push(format!("PART-TARGET {pt} is not the rendition's"));
                 }
             }
@@ -689,7 +690,7 @@ pub fn check_multivariant(text: &str, variants: usize) -> Result<Vec<String>, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::playlist::OPUS;
+    use amphi_packager::playlist::OPUS;
 
     const GOOD: &str = "#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-TARGETDURATION:2\n\
 #EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12.000,PART-HOLD-BACK=0.600,HOLD-BACK=6.000\n\
@@ -703,7 +704,7 @@ mod tests {
 
     #[test]
     fn a_good_playlist_passes_and_is_summarized() {
-        let s = check_media(GOOD, &Expect::live(OPUS)).unwrap();
+        let s = check_media(GOOD, &Expect::live(OPUS.part_target_ms())).unwrap();
         assert_eq!(s.media_sequence, 4);
         assert_eq!(s.segments.len(), 1);
         assert_eq!(s.parts.len(), 3);
@@ -713,7 +714,7 @@ mod tests {
     fn broken(from: &str, to: &str) -> Vec<String> {
         let text = GOOD.replacen(from, to, 1);
         assert_ne!(text, GOOD, "{from} not found");
-        check_media(&text, &Expect::live(OPUS)).unwrap_err()
+        check_media(&text, &Expect::live(OPUS.part_target_ms())).unwrap_err()
     }
 
     #[test]
@@ -750,15 +751,15 @@ mod tests {
             assert!(!errs.is_empty(), "{from} -> {to} passed");
         }
         // Rendition reports are counted.
-        assert!(check_media(GOOD, &Expect::live(OPUS).with_reports(1)).is_err());
+        assert!(check_media(GOOD, &Expect::live(OPUS.part_target_ms()).with_reports(1)).is_err());
         // Ended rules.
         let ended = GOOD.replace(
             "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part5.1.m4a\"\n",
             "#EXT-X-ENDLIST\n",
         );
-        assert!(check_media(&ended, &Expect::live(OPUS)).is_err());
-        assert!(check_media(&ended, &Expect::any(OPUS)).is_ok());
-        assert!(check_media(GOOD, &Expect::ended(OPUS)).is_err());
+        assert!(check_media(&ended, &Expect::live(OPUS.part_target_ms())).is_err());
+        assert!(check_media(&ended, &Expect::any(OPUS.part_target_ms())).is_ok());
+        assert!(check_media(GOOD, &Expect::ended(OPUS.part_target_ms())).is_err());
         assert!(check_media(&ended, &Expect::vod()).is_err());
     }
 

@@ -1,4 +1,4 @@
-//! `amphi loadgen webrtc` and `amphi bench sfu`: real receive-only WebRTC subscribers (str0m WHEP
+//! `amphi-tools loadgen webrtc` and `amphi-tools bench sfu`: real receive-only WebRTC subscribers (str0m WHEP
 //! clients: ICE, DTLS-SRTP on loopback) against one edge while 3 WHIP speakers talk continuously
 //! (50 packets/s each).
 //!
@@ -9,8 +9,8 @@
 //! histogram; subscribers served per core at < 1 % loss.
 
 use crate::child_mesh::ChildMesh;
-use amphi_edge::whep_client::{WhepOptions, WhepStats, WhepSubscriber};
-use amphi_edge::whip_client::WhipPublisher;
+use amphi_testkit::whep_client::{WhepOptions, WhepStats, WhepSubscriber};
+use amphi_testkit::whip_client::WhipPublisher;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 use std::process::Command;
@@ -30,7 +30,7 @@ const FLOOR_MAX_DATAGRAMS: usize = 200_000;
 /// extensions, and the AES-GCM tag.
 const SRTP_OVERHEAD: usize = 40;
 
-/// Options of `amphi loadgen webrtc`.
+/// Options of `amphi-tools loadgen webrtc`.
 #[derive(Args, Debug)]
 pub struct WebrtcArgs {
     /// Geo-router base URL (creates the room, mints tokens).
@@ -50,7 +50,7 @@ pub struct WebrtcArgs {
     seconds: u64,
 }
 
-/// Options of `amphi bench sfu`.
+/// Options of `amphi-tools bench sfu`.
 #[derive(Args, Debug)]
 pub struct SfuArgs {
     /// Subscriber counts to measure, in order.
@@ -492,7 +492,7 @@ fn describe(r: &LoadReport) -> String {
     )
 }
 
-/// `amphi loadgen webrtc`.
+/// `amphi-tools loadgen webrtc`.
 pub async fn loadgen(args: WebrtcArgs) -> Result<()> {
     amphi_edge::install_crypto_provider();
     let r = run_load(
@@ -507,7 +507,7 @@ pub async fn loadgen(args: WebrtcArgs) -> Result<()> {
     Ok(())
 }
 
-/// `amphi bench sfu`: for each `--media-threads` value, start `amphi dev` (one region) as a child
+/// `amphi-tools bench sfu`: for each `--media-threads` value, start `amphi dev` (one region) as a child
 /// process, measure a baseline with the 3 speakers only, then each subscriber count.
 pub async fn bench(args: SfuArgs) -> Result<()> {
     amphi_edge::install_crypto_provider();
@@ -527,7 +527,7 @@ pub async fn bench(args: SfuArgs) -> Result<()> {
     Ok(())
 }
 
-/// One `amphi bench sfu` pass against an edge with `media_threads` media threads.
+/// One `amphi-tools bench sfu` pass against an edge with `media_threads` media threads.
 async fn bench_mesh(
     counts: &[usize],
     seconds: u64,
@@ -547,7 +547,7 @@ async fn bench_mesh(
     let router = mesh.router_url();
     let edge = mesh.edge_url(0);
     println!(
-        "amphi bench sfu: edge in `amphi dev --regions us-east --media-threads {media_threads}` (pid {pid}), {SPEAKERS} speakers x {PPS} packets/s, {seconds} s per step"
+        "amphi-tools bench sfu: edge in `amphi dev --regions us-east --media-threads {media_threads}` (pid {pid}), {SPEAKERS} speakers x {PPS} packets/s, {seconds} s per step"
     );
     let base = run_load(&router, &edge, Some(pid), 0, seconds).await?;
     let base_rate = base.cpu.unwrap_or_default().total() / base.wall.as_secs_f64();

@@ -1,13 +1,14 @@
-//! Mixer benchmark: our mixer against `ffmpeg -filter_complex amix` + libopus on the same Opus
+//! `amphi-tools bench mixer`: our mixer against `ffmpeg -filter_complex amix` + libopus on the same Opus
 //! inputs (three speakers by default), each on one thread, CPU time compared.
 //!
 //! The inputs are generated once per run with ffmpeg (tones and pink noise, libopus 32 kbit/s,
-//! 20 ms frames, Ogg), their packets read back with [`crate::ogg`], and fed to a
-//! [`RoomMixer`](crate::mixer::RoomMixer) in real-time order on simulated time (no sleeping).
+//! 20 ms frames, Ogg), their packets read back with [`crate::ogg`], and fed to the origin's
+//! [`RoomMixer`] in real-time order on simulated time (no sleeping).
 
-use crate::jitter::FRAME_NS;
-use crate::mixer::{MixError, MixerConfig, RoomMixer, SpeakerPacket};
+use crate::loadgen_webrtc::thread_cpu_us;
 use crate::ogg::{opus_packets, OggError};
+use amphi_origin::jitter::FRAME_NS;
+use amphi_origin::mixer::{MixError, MixerConfig, RoomMixer, SpeakerPacket};
 use amphi_protocol::audio::FRAME_SAMPLES;
 use amphi_protocol::RoomId;
 use std::fmt;
@@ -79,16 +80,6 @@ pub struct MixerBenchReport {
 }
 
 impl MixerBenchReport {
-    /// Seconds of audio mixed per CPU second, ours.
-    pub fn ours_realtime_factor(&self) -> f64 {
-        self.audio_seconds / self.ours_cpu.as_secs_f64().max(1e-9)
-    }
-
-    /// Seconds of audio mixed per CPU second, ffmpeg.
-    pub fn ffmpeg_realtime_factor(&self) -> f64 {
-        self.audio_seconds / self.ffmpeg_cpu.as_secs_f64().max(1e-9)
-    }
-
     /// ffmpeg CPU time / our CPU time (> 1: we are faster).
     pub fn speedup(&self) -> f64 {
         self.ffmpeg_cpu.as_secs_f64() / self.ours_cpu.as_secs_f64().max(1e-9)
@@ -281,7 +272,7 @@ fn mix_ours(inputs: &[Vec<Vec<u8>>], cfg: MixerConfig) -> Result<(u64, Duration,
     // The jitter buffer holds at most 3 ticks at the start; mix until everything played out.
     let ticks = len + 4;
     let mut bytes = 0u64;
-    let start = crate::thread_cpu_time();
+    let start = thread_cpu_us();
     for tick in 0..ticks {
         for (s, packets) in inputs.iter().enumerate() {
             if let Some(p) = packets.get(tick as usize) {
@@ -303,7 +294,7 @@ fn mix_ours(inputs: &[Vec<Vec<u8>>], cfg: MixerConfig) -> Result<(u64, Duration,
         }
         bytes += mixer.mix(tick)?.payload.len() as u64;
     }
-    let cpu = crate::thread_cpu_time().saturating_sub(start);
+    let cpu = Duration::from_secs_f64((thread_cpu_us() - start).max(0.0) / 1e6);
     Ok((mixer.frame_index(), cpu, bytes))
 }
 
@@ -499,7 +490,7 @@ fn mix_sent(senders: &[Sent], cfg: MixerConfig) -> Result<(u64, Duration, u64, u
     let mut mixer = RoomMixer::new(RoomId(1), cfg)?;
     let frames = senders.iter().map(Vec::len).max().unwrap_or(0) as u64;
     let mut packets = 0u64;
-    let start = crate::thread_cpu_time();
+    let start = thread_cpu_us();
     for tick in 0..frames + 4 {
         for (s, sent) in senders.iter().enumerate() {
             if let Some(Some((seq, level, payload))) = sent.get(tick as usize) {
@@ -518,7 +509,7 @@ fn mix_sent(senders: &[Sent], cfg: MixerConfig) -> Result<(u64, Duration, u64, u
         }
         mixer.mix(tick)?;
     }
-    let cpu = crate::thread_cpu_time().saturating_sub(start);
+    let cpu = Duration::from_secs_f64((thread_cpu_us() - start).max(0.0) / 1e6);
     let stats = mixer.stats().jitter;
     Ok((packets, cpu, stats.concealed, stats.dtx_silent))
 }

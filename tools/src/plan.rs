@@ -1,5 +1,5 @@
-//! `amphi plan`: fleet sizes and CDN egress for a target audience, from the per-node figures in
-//! `docs/capacity-figures.toml` (measured rows of BENCHMARKS.md, figures from STACK.md, and marked
+//! `amphi-tools plan`: fleet sizes and CDN egress for a target audience, from the per-node figures in
+//! `docs/capacity-figures.toml` (measured rows of BENCHMARKS.md, measured figures of dependencies, and marked
 //! assumptions). The computation is a pure function of its inputs; the command prints it with the
 //! arithmetic and the figure each line rests on (docs/capacity.md is that output).
 
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// The figures table, embedded at build time.
-pub const FIGURES_TOML: &str = include_str!("../docs/capacity-figures.toml");
+pub const FIGURES_TOML: &str = include_str!("../../docs/capacity-figures.toml");
 
 /// Opus frames (and relay packets) per second of one speaker: 20 ms frames.
 const PACKETS_PER_SPEAKER_S: f64 = 50.0;
@@ -28,7 +28,7 @@ pub struct Figure {
     pub value: f64,
     /// What it measures.
     pub unit: String,
-    /// `BENCHMARKS.md: <row>`, `STACK.md: <crate>` or `assumed: <why>` (or `--figure` override).
+    /// `BENCHMARKS.md: <row>`, `dependency: <crate>` or `assumed: <why>` (or `--figure` override).
     pub source: String,
 }
 
@@ -627,7 +627,7 @@ pub fn render(p: &Plan) -> String {
     o
 }
 
-/// Options of `amphi plan`.
+/// Options of `amphi-tools plan`.
 #[derive(Args, Debug)]
 pub struct PlanArgs {
     /// Concurrent listeners, all rooms together.
@@ -727,7 +727,7 @@ impl PlanArgs {
     }
 }
 
-/// Run `amphi plan`.
+/// Run `amphi-tools plan`.
 pub fn run(args: PlanArgs) -> Result<()> {
     let (inputs, figures) = args.resolve()?;
     print!("{}", render(&compute(&inputs, &figures)?));
@@ -768,7 +768,7 @@ mod tests {
             let s = &f.by_name[name].source;
             assert!(
                 s.starts_with("BENCHMARKS.md: ")
-                    || s.starts_with("STACK.md: ")
+                    || s.starts_with("dependency: ")
                     || s.starts_with("assumed: "),
                 "{name}: {s}"
             );
@@ -777,8 +777,9 @@ mod tests {
 
     #[test]
     fn benchmark_sourced_figures_match_their_benchmarks_md_row() {
-        let bench = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md"))
-            .expect("BENCHMARKS.md");
+        let bench =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"))
+                .expect("BENCHMARKS.md");
         let f = Figures::embedded();
         let mut checked = 0;
         for (name, fig) in &f.by_name {
@@ -890,12 +891,13 @@ mod tests {
 
     #[test]
     fn docs_capacity_md_shows_the_current_plan() {
-        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/capacity.md"))
-            .expect("docs/capacity.md");
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/capacity.md"))
+                .expect("docs/capacity.md");
         let out = render(&plan(DOC_COMMAND));
         assert!(
             doc.contains(&out),
-            "docs/capacity.md is out of date: paste the output of\n  amphi plan {DOC_COMMAND}\n\n{out}"
+            "docs/capacity.md is out of date: paste the output of\n  amphi-tools plan {DOC_COMMAND}\n\n{out}"
         );
         let p = plan(DOC_COMMAND);
         assert_eq!(p.regions.len(), 5);
@@ -903,7 +905,7 @@ mod tests {
         let affine = render(&plan(&format!("{DOC_COMMAND} --room-affine")));
         assert!(
             doc.contains(&affine),
-            "docs/capacity.md is out of date: paste the output of\n  amphi plan {DOC_COMMAND} --room-affine\n\n{affine}"
+            "docs/capacity.md is out of date: paste the output of\n  amphi-tools plan {DOC_COMMAND} --room-affine\n\n{affine}"
         );
     }
 

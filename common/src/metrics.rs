@@ -65,7 +65,7 @@ impl MetricsRegistry {
     }
 }
 
-/// The counters of a role's per-address HTTP budgets ([`crate::limits`]).
+/// The counters of a role's per-address HTTP budgets (`amphi_protocol::limits`).
 #[derive(Clone, Debug, Default)]
 pub struct LimiterMetrics {
     /// Connections refused over `max_connections_per_ip`.

@@ -1,4 +1,4 @@
-//! `amphi bench quality`: what a speaker's voice sounds like after amphi, for PESQ scoring.
+//! `amphi-tools bench quality`: what a speaker's voice sounds like after amphi, for PESQ scoring.
 //!
 //! One run publishes a reference WAV (48 kHz mono 16-bit) through a dev mesh it starts, the way a
 //! browser would: Opus 32 kbit/s, `VOIP` application, 20 ms frames, in-band FEC on and the
@@ -26,7 +26,7 @@ const FRAME: usize = 960;
 /// Sample rate of every WAV this bench reads and writes.
 const RATE: u32 = 48_000;
 
-/// Options of the quality benchmark (`amphi bench quality`).
+/// Options of the quality benchmark (`amphi-tools bench quality`).
 #[derive(clap::Args)]
 pub struct QualityOptions {
     /// Reference speech: 48 kHz mono 16-bit PCM WAV.
@@ -290,13 +290,14 @@ pub async fn run(opts: QualityOptions) -> Result<()> {
     let whep = route["whep_url"].as_str().context("whep_url")?.to_string();
 
     let mut listener =
-        amphi_edge::whep_client::WhepSubscriber::connect(&whep, &listener_token).await?;
+        amphi_testkit::whep_client::WhepSubscriber::connect(&whep, &listener_token).await?;
     let mut publisher = if opts.red {
-        let p = amphi_edge::whip_client::WhipPublisher::connect_red(&whip, &speaker_token).await?;
+        let p =
+            amphi_testkit::whip_client::WhipPublisher::connect_red(&whip, &speaker_token).await?;
         ensure!(p.red(), "the edge did not accept RED");
         p
     } else {
-        amphi_edge::whip_client::WhipPublisher::connect(&whip, &speaker_token).await?
+        amphi_testkit::whip_client::WhipPublisher::connect(&whip, &speaker_token).await?
     };
     // Let the room's program and the listener's slots settle before speech starts.
     tokio::time::sleep(Duration::from_millis(500)).await;

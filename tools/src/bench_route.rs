@@ -1,4 +1,4 @@
-//! `amphi bench route`: route lookups per second over HTTP on loopback, measured with `wrk`,
+//! `amphi-tools bench route`: route lookups per second over HTTP on loopback, measured with `wrk`,
 //! side by side with a hyper hello-world server in the same run and process.
 //!
 //! Method: one tokio runtime serves a geo-router (dev mode, in-memory store or the Redis

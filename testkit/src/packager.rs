@@ -1,11 +1,11 @@
-//! Helpers shared by the packager's integration tests: a tone encoder, a minimal HTTP/1.1
-//! client, a pitch detector, a quinn origin stand-in, and ffmpeg wrappers.
-#![allow(dead_code)]
+//! The packager's test harness: a packager started with `amphi_packager::run` behind a quinn
+//! origin stand-in, program-stream records, a minimal HTTP/1.1 client, a pitch detector, and
+//! ffmpeg wrappers.
 
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_packager::{run, PackagerError, PackagerOptions, PackagerSetup};
 use amphi_protocol::config::PackagerConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind};
-use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::RoomId;
 use std::net::SocketAddr;
@@ -16,21 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::net::scratch_dir;
+
 /// `n` consecutive 20 ms Opus packets of a `freq` Hz sine at half scale, 64 kbps mono.
 pub fn tone_frames(freq: f64, n: usize) -> Vec<Vec<u8>> {
-    let mut enc =
-        opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio).unwrap();
-    enc.set_bitrate(opus::Bitrate::Bits(64_000)).unwrap();
-    let mut pcm = [0i16; 960];
-    (0..n)
-        .map(|f| {
-            for (i, s) in pcm.iter_mut().enumerate() {
-                let t = (f * 960 + i) as f64 / 48_000.0;
-                *s = (0.5 * 32767.0 * (2.0 * std::f64::consts::PI * freq * t).sin()) as i16;
-            }
-            enc.encode_vec(&pcm, 1500).unwrap()
-        })
-        .collect()
+    crate::synth::tone_packets(freq, 0.5, n).expect("opus encoder")
 }
 
 /// One program-stream record: `u32 LE length | relay frame (Program)`.
@@ -59,18 +49,23 @@ pub fn program_record_from(room: RoomId, index: u32, payload: &[u8], speaker: u3
 /// A parsed HTTP response.
 #[derive(Debug)]
 pub struct Resp {
+    /// Status code.
     pub status: u16,
+    /// Headers in order.
     pub headers: Vec<(String, String)>,
+    /// Body.
     pub body: Vec<u8>,
 }
 
 impl Resp {
+    /// The first header called `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+    /// The body as text (lossy UTF-8).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -209,20 +204,6 @@ pub async fn ffmpeg_decode(url: &str) -> Vec<i16> {
     s16le(&pcm)
 }
 
-/// A fresh scratch directory.
-pub fn scratch_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "amphi-packager-{tag}-{}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Accept the packager's connection on `endpoint`, check its Hello and answer Welcome
 /// (bounded: 10 s).
 pub async fn accept_packager(
@@ -264,13 +245,21 @@ pub async fn accept_packager(
 
 /// A running packager plus the origin side of its QUIC link.
 pub struct Harness {
+    /// The packager's HTTP listener.
     pub http: SocketAddr,
+    /// Its data directory.
     pub data_dir: PathBuf,
+    /// Stops it.
     pub shutdown: CancellationToken,
+    /// Its `run` task.
     pub packager: JoinHandle<Result<(), PackagerError>>,
+    /// The packager's connection to the first origin stand-in.
     pub conn: quinn::Connection,
+    /// The origin side of its control stream, sending half.
     pub control_send: quinn::SendStream,
+    /// The origin side of its control stream, receiving half.
     pub control_recv: quinn::RecvStream,
+    /// The first origin stand-in's endpoint.
     pub endpoint: quinn::Endpoint,
     /// Further origin stand-ins (see [`Harness::start_origins`]).
     pub others: Vec<OriginSide>,
@@ -278,9 +267,13 @@ pub struct Harness {
 
 /// The origin side of one more packager link.
 pub struct OriginSide {
+    /// Its endpoint.
     pub endpoint: quinn::Endpoint,
+    /// The packager's connection.
     pub conn: quinn::Connection,
+    /// The control stream, sending half.
     pub control_send: quinn::SendStream,
+    /// The control stream, receiving half.
     pub control_recv: quinn::RecvStream,
 }
 

@@ -1,4 +1,4 @@
-//! `amphi loadgen hls`: N LL-HLS players against a packager origin, following the protocol like
+//! `amphi-tools loadgen hls`: N LL-HLS players against a packager origin, following the protocol like
 //! a real player: a blocking playlist reload for the preload-hinted part
 //! (`_HLS_msn`/`_HLS_part`), then that part, over one keep-alive HTTP/1.1 connection each.
 //!
@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 /// The room the synthetic program is packaged into.
 const BENCH_ROOM: u64 = 0x00be_ac00_0000_0001;
 
-/// Options of `amphi loadgen hls`.
+/// Options of `amphi-tools loadgen hls`.
 #[derive(Args, Debug)]
 pub struct HlsArgs {
     /// Concurrent players.
@@ -89,7 +89,7 @@ pub struct HlsArgs {
     serve_seconds: u64,
 }
 
-/// `amphi loadgen hls`.
+/// `amphi-tools loadgen hls`.
 pub async fn run(args: HlsArgs) -> Result<()> {
     if let Some(addr) = args.serve_packager {
         let dir = args.data_dir.clone().context("--data-dir is required")?;
@@ -353,7 +353,7 @@ fn serve_packager(
         };
         let packager = amphi_packager::Packager::start(&config, &options, shutdown.clone()).await?;
         let input = packager.input(amphi_protocol::RoomId(BENCH_ROOM)).await?;
-        let packets = amphi_packager::synth::tone_packets(440.0, 0.3, 500)?;
+        let packets = amphi_testkit::synth::tone_packets(440.0, 0.3, 500)?;
         println!("ready {}", packager.http_addr);
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -389,7 +389,7 @@ async fn json(
 
 /// Glass-to-glass: tone bursts through WHIP -> edge -> origin -> packager -> hls.js.
 /// The room page's live-latency keeper, which the glass-to-glass player loads beside hls.js.
-const LATENCY_KEEPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/web/latency.js");
+const LATENCY_KEEPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../web/latency.js");
 
 async fn glass_to_glass(
     bursts: usize,
@@ -424,11 +424,11 @@ async fn glass_to_glass(
     )
     .await?;
     let whip = route["whip_url"].as_str().context("whip_url")?.to_string();
-    let mut publisher = amphi_edge::whip_client::WhipPublisher::connect(&whip, &token)
+    let mut publisher = amphi_testkit::whip_client::WhipPublisher::connect(&whip, &token)
         .await
         .map_err(|e| anyhow::anyhow!("WHIP: {e}"))?;
-    let tone = amphi_packager::synth::tone_packets(660.0, 0.4, 20)?;
-    let silence = amphi_packager::synth::tone_packets(660.0, 0.0, 1)?;
+    let tone = amphi_testkit::synth::tone_packets(660.0, 0.4, 20)?;
+    let silence = amphi_testkit::synth::tone_packets(660.0, 0.0, 1)?;
     // 4 s of silence first so the program and the playlist exist before the player starts.
     let lead_in = 200usize;
     let total = lead_in + bursts * 100 + 150;
@@ -436,7 +436,7 @@ async fn glass_to_glass(
     let hls_url = format!("http://{router}/hls/{room}/index-opus.m3u8");
     let page = format!("http://{router}/healthz");
     let player_secs = (total as u64 * 20 / 1000).saturating_sub(3).max(5);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/hls_play.mjs");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/browser/hls_play.mjs");
     let mut player: Option<std::thread::JoinHandle<Result<Vec<u64>>>> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

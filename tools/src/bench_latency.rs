@@ -1,4 +1,4 @@
-//! `amphi bench latency`: how long after a speaker's packet reaches the edge is the LL-HLS part
+//! `amphi-tools bench latency`: how long after a speaker's packet reaches the edge is the LL-HLS part
 //! holding it listed in the playlist?
 //!
 //! Method: start `amphi dev` as a child process and publish 20 ms Opus frames through WHIP, mostly
@@ -268,7 +268,7 @@ pub async fn run(opts: LatencyOptions) -> Result<()> {
         tone_frames.push(enc.encode_vec(&pcm, 4000)?);
     }
 
-    let mut publisher = amphi_edge::whip_client::WhipPublisher::connect(&whip, &token).await?;
+    let mut publisher = amphi_testkit::whip_client::WhipPublisher::connect(&whip, &token).await?;
     // Follow the playlist from a separate thread, like a player.
     let listed: Arc<Mutex<ListedParts>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,4 +1,4 @@
-//! The kernel's floor for answering held HTTP requests, measured beside `amphi loadgen hls`.
+//! The kernel's floor for answering held HTTP requests, measured beside `amphi-tools loadgen hls`.
 //!
 //! The same players (the load generator's HTTP client, kernel receive timestamps) hold one
 //! request each against a minimal blocking server. Every part duration the server renders one

@@ -1,4 +1,4 @@
-//! `amphi bench udp-send`: the edge's fan-out send path (`sendmmsg` batches, `amphi_edge::batch`)
+//! `amphi-tools bench udp-send`: the edge's fan-out send path (`sendmmsg` batches, `amphi_edge::batch`)
 //! side by side with `quinn-udp` (one `sendmsg` per datagram, and with GSO where a listener gets
 //! several equal-size datagrams at once) and with one plain `send_to` per datagram, in
 //! interleaved rounds on loopback. It answers whether the edge should drop its hand-made batching
@@ -10,7 +10,7 @@ use clap::Args;
 use quinn_udp::{Transmit, UdpSocketState};
 use std::net::{SocketAddr, UdpSocket};
 
-/// `amphi bench udp-send` options.
+/// `amphi-tools bench udp-send` options.
 #[derive(Args, Debug, Clone)]
 pub struct UdpSendArgs {
     /// Listeners (loopback receive sockets) a round fans out to.
