@@ -364,7 +364,7 @@ async fn edges_packager_relay_mix_and_metrics() {
     }
     // Ingest-to-program latency, printed for the reader only: a shared machine makes any bound
     // on it flaky. The jitter buffer's adaptation is unit-tested in simulated time
-    // (`origin/src/jitter.rs`) and the latency is a benchmark (`amphi bench latency`).
+    // (`origin/src/jitter.rs`) and the latency is a benchmark (`amphi-tools bench latency`).
     let first_talking = frames.iter().find(|f| f.speaker == SPEAKER).unwrap();
     let latency = first_talking.received - first_tone_sent.unwrap();
     println!("ingest -> program latency: {latency:?}");

@@ -12,7 +12,7 @@
 //! Loss and jitter are injected in the test client, seeded: `--uplink-loss` leaves packets out
 //! (their sequence numbers are skipped, as on a real lossy path), `--jitter-ms` delays each packet
 //! by a uniform random 0..=J ms (so packets reorder when J > 20). Relay loss (edge -> origin) is
-//! the edge's bench-only knob `AMPHI_BENCH_RELAY_LOSS` (see `edge-node/src/media.rs`), set here on
+//! the edge's bench-only knob `AMPHI_BENCH_RELAY_LOSS` (see `edge-node/src/media/driver.rs`), set here on
 //! the dev mesh's environment from `--relay-loss`.
 
 use crate::child_mesh::ChildMesh;

@@ -33,7 +33,7 @@ const FOREIGN_ADDRS_MAX: usize = 65_536;
 /// Environment variable of the benchmark-only relay loss knob: `FRACTION[:SEED]` (e.g.
 /// `0.05:1`) makes the edge drop that fraction of the speaker datagrams it relays to the origin,
 /// chosen by a seeded generator. Unset (the default, and the only setting for production) drops
-/// nothing. `amphi bench quality --relay-loss` sets it on the dev mesh it starts.
+/// nothing. `amphi-tools bench quality --relay-loss` sets it on the dev mesh it starts.
 pub const BENCH_RELAY_LOSS_ENV: &str = "AMPHI_BENCH_RELAY_LOSS";
 
 /// Seeded random loss of relay datagrams, for benchmarks only (see [`BENCH_RELAY_LOSS_ENV`]).
