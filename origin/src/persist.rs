@@ -27,7 +27,7 @@ use amphi_protocol::{ParticipantId, RoomId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -421,6 +421,9 @@ pub struct Persister {
     pub failed: AtomicU64,
     /// Change sets dropped because too many rooms were waiting.
     pub dropped: AtomicU64,
+    /// Rooms of the writer's current pass (taken from `pending`, not yet known written); read
+    /// and written under the `pending` lock.
+    writing: AtomicUsize,
 }
 
 impl Persister {
@@ -444,6 +447,7 @@ impl Persister {
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            writing: AtomicUsize::new(0),
         }
     }
 
@@ -500,7 +504,8 @@ impl Persister {
 
     /// Rooms whose changes wait for the writer.
     pub fn backlog(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.len() + self.writing.load(Relaxed)
     }
 
     async fn writer(self: Arc<Self>, store: RoomStore, shutdown: CancellationToken) {
@@ -513,19 +518,15 @@ impl Persister {
             let batch: Vec<(RoomId, RoomChanges)> = {
                 let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                take_writable(&mut pending, &held)
+                let batch = take_writable(&mut pending, &held);
+                self.writing.store(batch.len(), Relaxed);
+                batch
             };
             let (failed, attempts) = self.write_batch(&store, batch).await;
-            if stopping {
-                return;
-            }
-            if failed.is_empty() {
-                backoff = WRITE_RETRY_FIRST;
-                continue;
-            }
-            self.failed.fetch_add(attempts, Relaxed);
+            let retry = !failed.is_empty();
             {
-                // Put them back, under what arrived meanwhile (newer values win).
+                // Put them back, under what arrived meanwhile (newer values win); the backlog
+                // never looks empty while a pass is under way.
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 for (room, mut changes) in failed {
                     if let Some(newer) = pending.remove(&room) {
@@ -533,7 +534,16 @@ impl Persister {
                     }
                     pending.insert(room, changes);
                 }
+                self.writing.store(0, Relaxed);
             }
+            if stopping {
+                return;
+            }
+            if !retry {
+                backoff = WRITE_RETRY_FIRST;
+                continue;
+            }
+            self.failed.fetch_add(attempts, Relaxed);
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(backoff) => {}
