@@ -18,13 +18,13 @@ use crate::reminders::SoonWindow;
 use crate::select::{GeoPoint, Policy};
 use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, SYNC_INTERVAL};
 use crate::webhooks::{EventKind, Webhooks};
+use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::api::{
     ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RevokeTokenResponse, RoomStatus,
     TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};
-use amphi_protocol::mtls::MtlsMaterial;
 use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
 use axum::body::{Body, Bytes};
@@ -703,7 +703,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
         .origin_links
         .set(i64::try_from(s.links.connected()).unwrap_or(i64::MAX));
     (
-        [(header::CONTENT_TYPE, amphi_protocol::metrics::CONTENT_TYPE)],
+        [(header::CONTENT_TYPE, amphi_common::metrics::CONTENT_TYPE)],
         s.metrics.render(),
     )
         .into_response()
@@ -800,7 +800,7 @@ fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 
 /// Spend one request of the real client's budget (behind `trusted_proxies`, the forwarded
 /// address), else answer 429 with `Retry-After`; requests within it are logged by
-/// [`amphi_protocol::redact::log_request`], refusals here.
+/// [`amphi_common::redact::log_request`], refusals here.
 async fn rate_limit(
     State(s): State<Shared>,
     req: Request<Body>,
@@ -815,7 +815,7 @@ async fn rate_limit(
         if let Err(r) = s.limiter.request(client) {
             let resp = amphi_protocol::https::refusal_response(&r);
             tracing::debug!(
-                target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+                target: amphi_common::redact::REQUEST_LOG_TARGET,
                 method = %req.method(),
                 path = req.uri().path(),
                 status = resp.status().as_u16(),
@@ -824,7 +824,7 @@ async fn rate_limit(
             return resp;
         }
     }
-    amphi_protocol::redact::log_request(req, next).await
+    amphi_common::redact::log_request(req, next).await
 }
 
 /// Serve the geo-router until `shutdown` fires.

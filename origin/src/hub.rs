@@ -19,11 +19,11 @@ use crate::peerq::{peer_queue, PeerReceiver, PeerSender, TooSlow, PEER_QUEUE};
 use crate::persist::{PersistedRoom, Persister, RoomStore};
 use crate::room::{AuthorityCensus, Ending, Held, RejectCode, Rejection, Room, Rooms};
 use crate::subs::{Subscribe, Subscriptions};
+use amphi_common::mtls::roles_of;
 use amphi_protocol::control::{
     snapshot_records, ControlDecoder, ControlError, ControlMessage, PeerKind,
     SNAPSHOT_RECORD_BUDGET,
 };
-use amphi_protocol::mtls::roles_of;
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase};
 use amphi_protocol::{ParticipantId, RoomId};

@@ -1,9 +1,9 @@
 //! End to end: a real origin on loopback, quinn "edge" and "packager" clients with dev mTLS.
 
+use amphi_common::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_origin::{run, OriginSetup};
 use amphi_protocol::config::OriginConfig;
 use amphi_protocol::control::{ControlDecoder, ControlMessage, PeerKind, MAX_PROGRAM_RECORD_LEN};
-use amphi_protocol::mtls::{DevPki, MeshRole, MtlsMaterial};
 use amphi_protocol::relay::{FrameKind, RelayFrame};
 use amphi_protocol::{ParticipantId, RoomId};
 use bytes::Bytes;

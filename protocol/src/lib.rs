@@ -22,8 +22,3 @@ pub mod room;
 pub mod token;
 
 pub use ids::{ParticipantId, RoomId};
-
-/// Re-exported from `amphi-common` for the files other branches are rewriting at the moment (the
-/// origin's hub, the geo-router's HTTP handlers, the edge tests' stand-in origin); new code
-/// imports `amphi_common` directly.
-pub use amphi_common::{breaker, metrics, mtls, redact};

@@ -2,8 +2,8 @@
 //! applies commands (host-only moderation), broadcasts `RoomEvents` to every subscribed edge,
 //! bans on kick, and relays speaker datagrams between edges subscribed to the same room.
 
+use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_protocol::control::{ControlDecoder, ControlMessage};
-use amphi_protocol::mtls::{DevPki, MeshRole};
 use amphi_protocol::relay::RelayFrame;
 use amphi_protocol::room::{Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState};
 use amphi_protocol::{ParticipantId, RoomId};

@@ -281,7 +281,7 @@ impl<A: amphi_protocol::https::ConnectionService> hyper::service::Service<Reques
 /// the room is known live (else after asking the store).
 fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFuture {
     let log = tracing::enabled!(
-        target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+        target: amphi_common::redact::REQUEST_LOG_TARGET,
         tracing::Level::DEBUG
     )
     .then(Instant::now);
@@ -322,17 +322,17 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
 }
 
 /// The request log line of a `/v1/route` answered by [`Front`] (what
-/// [`amphi_protocol::redact::log_request`] writes for the others); `started` is `None` when
+/// [`amphi_common::redact::log_request`] writes for the others); `started` is `None` when
 /// the log is off.
 fn log_route(started: Option<Instant>, uri: &Uri, resp: &Response) {
     let Some(started) = started else {
         return;
     };
     tracing::debug!(
-        target: amphi_protocol::redact::REQUEST_LOG_TARGET,
+        target: amphi_common::redact::REQUEST_LOG_TARGET,
         method = "GET",
         path = uri.path(),
-        query = uri.query().map(amphi_protocol::redact::redact_query).unwrap_or_default(),
+        query = uri.query().map(amphi_common::redact::redact_query).unwrap_or_default(),
         status = resp.status().as_u16(),
         elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "request"
