@@ -69,8 +69,8 @@ impl FreezingProxy {
     }
 }
 
-#[tokio::test]
-async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_it() {
+/// A room store (keys under `prefix`) reaching the run's Redis through a [`FreezingProxy`].
+async fn behind_a_proxy(prefix: &str) -> (FreezingProxy, RoomStore) {
     let base = std::env::var("AMPHI_TEST_REDIS_URL")
         .expect("AMPHI_TEST_REDIS_URL is not set: run scripts/test.sh (it starts redis-server)");
     let upstream = base
@@ -78,12 +78,15 @@ async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_
         .trim_start_matches("redis://")
         .to_string();
     let proxy = FreezingProxy::start(upstream).await;
-    let store = RoomStore::connect(
-        &format!("redis://127.0.0.1:{}/{DB}", proxy.port),
-        "breaker-test:",
-    )
-    .await
-    .unwrap();
+    let store = RoomStore::connect(&format!("redis://127.0.0.1:{}/{DB}", proxy.port), prefix)
+        .await
+        .unwrap();
+    (proxy, store)
+}
+
+#[tokio::test]
+async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_it() {
+    let (proxy, store) = behind_a_proxy("breaker-test:").await;
     assert!(store.load(RoomId(1)).await.unwrap().is_none());
 
     proxy.frozen.store(true, Ordering::SeqCst);
@@ -154,19 +157,7 @@ async fn after_a_timed_out_load_rooms_skip_a_frozen_redis_until_a_write_reaches_
 #[tokio::test]
 async fn the_writer_stops_a_pass_at_the_first_failure_and_writes_everything_once_redis_answers() {
     use amphi_origin::persist::Persister;
-    let base = std::env::var("AMPHI_TEST_REDIS_URL")
-        .expect("AMPHI_TEST_REDIS_URL is not set: run scripts/test.sh (it starts redis-server)");
-    let upstream = base
-        .trim_end_matches('/')
-        .trim_start_matches("redis://")
-        .to_string();
-    let proxy = FreezingProxy::start(upstream).await;
-    let store = RoomStore::connect(
-        &format!("redis://127.0.0.1:{}/{DB}", proxy.port),
-        "writer-test:",
-    )
-    .await
-    .unwrap();
+    let (proxy, store) = behind_a_proxy("writer-test:").await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let persister = Persister::start(store.clone(), shutdown.clone());
     let rooms: Vec<RoomId> = (100..105).map(RoomId).collect();
