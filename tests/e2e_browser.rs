@@ -9,38 +9,54 @@ use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-#[test]
-fn chromium_publishes_a_tone_through_whip_into_hls() {
-    let mesh = DevMesh::start(14_000, "browser");
-    let wav = mesh.scratch.join("tone523.wav");
+/// Write a mono 48 kHz WAV at `out` from ffmpeg inputs (and filters) `args`.
+fn make_wav(args: &[&str], out: &std::path::Path) {
     let status = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=523:sample_rate=48000:duration=10",
-            "-ac",
-            "1",
-        ])
-        .arg(&wav)
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .args(["-ac", "1"])
+        .arg(out)
         .status()
         .unwrap();
     assert!(status.success());
-    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
+}
 
+/// The browser script that creates a room on `mesh` and speaks `wav` for `seconds` as its host.
+fn publisher(
+    mesh: &DevMesh,
+    wav: &std::path::Path,
+    seconds: &str,
+    artifacts: &std::path::Path,
+) -> Command {
     let mut cmd = Command::new("node");
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/browser/publish.mjs"
     ))
     .env("AMPHI_URL", mesh.router())
-    .env("AMPHI_WAV", &wav)
-    .env("AMPHI_SECONDS", "7")
-    .env("AMPHI_ARTIFACTS", &artifacts);
+    .env("AMPHI_WAV", wav)
+    .env("AMPHI_SECONDS", seconds)
+    .env("AMPHI_ARTIFACTS", artifacts);
+    cmd
+}
+
+#[test]
+fn chromium_publishes_a_tone_through_whip_into_hls() {
+    let mesh = DevMesh::start(14_000, "browser");
+    let wav = mesh.scratch.join("tone523.wav");
+    make_wav(
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=523:sample_rate=48000:duration=10",
+        ],
+        &wav,
+    );
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+
+    let cmd = publisher(&mesh, &wav, "7", &artifacts);
     let mut room = None;
     let status = run_streaming(cmd, |line| {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
@@ -72,11 +88,8 @@ fn chromium_publishes_a_tone_through_whip_into_hls() {
 fn chromium_pauses_in_silence_with_opus_dtx() {
     let mesh = DevMesh::start(24_000, "browser-dtx");
     let wav = mesh.scratch.join("beep-then-silence.wav");
-    let status = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
+    make_wav(
+        &[
             "-f",
             "lavfi",
             "-i",
@@ -87,25 +100,13 @@ fn chromium_pauses_in_silence_with_opus_dtx() {
             "anullsrc=sample_rate=48000:channel_layout=mono:duration=14",
             "-filter_complex",
             "[0][1]concat=n=2:v=0:a=1",
-            "-ac",
-            "1",
-        ])
-        .arg(&wav)
-        .status()
-        .unwrap();
-    assert!(status.success());
+        ],
+        &wav,
+    );
     let artifacts = mesh.scratch.join("artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let mut cmd = Command::new("node");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/browser/publish.mjs"
-    ))
-    .env("AMPHI_URL", mesh.router())
-    .env("AMPHI_WAV", &wav)
-    .env("AMPHI_SECONDS", "10")
-    .env("AMPHI_SENT_STATS", "1")
-    .env("AMPHI_ARTIFACTS", &artifacts);
+    let mut cmd = publisher(&mesh, &wav, "10", &artifacts);
+    cmd.env("AMPHI_SENT_STATS", "1");
     let mut sent: Vec<u64> = Vec::new();
     let status = run_streaming(cmd, |line| {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
