@@ -213,6 +213,7 @@ async fn whip_error_paths() {
     let origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
     let router = start_router().await;
     let edge = start_edge(&pki, origin.addr, router).await;
+    wait_for_origin_link(&edge).await;
     let url = edge.whip_url(LIVE_ROOM);
     let offer = valid_offer().await;
     let speaker = edge.token(LIVE_ROOM, Role::Speaker, "sam");
@@ -464,6 +465,7 @@ async fn whip_patch_trickles_and_restarts_ice() {
     let origin = start_origin(&pki, "127.0.0.1:0".parse().unwrap());
     let router = start_router().await;
     let edge = start_edge(&pki, origin.addr, router).await;
+    wait_for_origin_link(&edge).await;
     let url = edge.whip_url(LIVE_ROOM);
     let auth = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "sam"));
     // A sendrecv offer (as some WHIP clients send): the answer is recvonly, rtcp-mux-only.
@@ -667,6 +669,7 @@ async fn sessions_that_never_connect_are_dropped_after_the_configured_timeout() 
         ..EdgeOpts::default()
     };
     let edge = start_edge_with(&pki, origin.addr, router, opts).await;
+    wait_for_origin_link(&edge).await;
     let auth = format!("Bearer {}", edge.token(LIVE_ROOM, Role::Speaker, "sam"));
     let r = request(
         &edge.whip_url(LIVE_ROOM),
@@ -975,12 +978,7 @@ async fn whip_sessions_end_with_their_token_unless_patched_with_a_new_one() {
     };
     let edge = start_edge_with(&pki, origin.addr, router, opts).await;
     // Publishing needs the room authority: wait for the origin link.
-    for _ in 0..100 {
-        if metric(&edge, "amphi_edge_origin_connected").await == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_origin_link(&edge).await;
     let token = |user: &str, role: Role, ttl: u64| {
         let now = now_unix();
         let jti = format!("jti-{user}-{}", rand::random::<u32>());

@@ -1,4 +1,4 @@
-//! Rooms at the edge: WebSocket signaling against a room-authority stand-in, WHEP listeners
+//! Rooms at the edge: WebSocket signaling against the real room authority (the origin hub without its mixer), WHEP listeners
 //! across two edges, and bad input (forged/expired/other-room tokens, non-host moderation,
 //! listener publishing, malformed/oversized messages, chat flood).
 
@@ -10,7 +10,6 @@ use amphi_protocol::token::{Claims, Role, TokenSigner};
 use amphi_protocol::{ParticipantId, RoomId};
 use amphi_testkit::whep_client::{WhepOptions, WhepSubscriber};
 use amphi_testkit::whip_client::{ClientError, WhipPublisher};
-use common::authority::{start_authority, Authority};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -129,13 +128,8 @@ async fn setup() -> (DevPki, Authority, std::net::SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_signaling_moderation_and_bad_input() {
     let (pki, authority, router) = setup().await;
-    let edge = start_edge(&pki, authority.addr, router).await;
-    for _ in 0..100 {
-        if metric(&edge, "amphi_edge_origin_connected").await == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let edge = start_edge(&pki, authority.addr(), router).await;
+    wait_for_origin_link(&edge).await;
 
     // Tokens refused before the upgrade.
     assert_eq!(ws(&edge, "").await.err(), Some(401));
@@ -194,7 +188,7 @@ async fn websocket_signaling_moderation_and_bad_input() {
     }
 
     // Bad input: every refusal is an error event, nothing changes at the authority.
-    let before = authority.state(LIVE_ROOM).unwrap();
+    let before = authority.room_state(LIVE_ROOM).unwrap();
     lee.send(json!({"type": "kick", "target": host_id.0})).await;
     lee.expect_error("forbidden").await;
     lee.send(json!({"type": "end"})).await;
@@ -247,7 +241,7 @@ async fn websocket_signaling_moderation_and_bad_input() {
     lee.send(json!({"type": "ping"})).await;
     assert_eq!(lee.next().await, ServerMessage::Pong);
     assert_eq!(
-        authority.state(LIVE_ROOM).unwrap(),
+        authority.room_state(LIVE_ROOM).unwrap(),
         before,
         "nothing changed"
     );
@@ -330,13 +324,17 @@ async fn websocket_signaling_moderation_and_bad_input() {
     assert!(
         matches!(host.next().await, ServerMessage::Event(RoomEvent::Kicked { id, .. }) if id == lee_id)
     );
+    // The authority removes a kicked participant in the same command.
+    assert!(
+        matches!(host.next().await, ServerMessage::Event(RoomEvent::ParticipantLeft { id }) if id == lee_id)
+    );
     let mut again = ws(&edge, &edge.token(LIVE_ROOM, Role::Listener, "lee"))
         .await
         .unwrap();
     again.send(json!({"type": "join"})).await;
     again.expect_error("banned").await;
     assert!(authority
-        .state(LIVE_ROOM)
+        .room_state(LIVE_ROOM)
         .unwrap()
         .banned
         .contains(&"user-lee".to_string()));
@@ -362,17 +360,20 @@ async fn websocket_signaling_moderation_and_bad_input() {
         .iter()
         .any(|m| matches!(m, ServerMessage::Event(RoomEvent::Kicked { .. }))));
     assert_eq!(sam.closed().await, 4002);
-    assert_eq!(authority.state(LIVE_ROOM).unwrap().phase, RoomPhase::Ended);
+    assert_eq!(
+        authority.room_state(LIVE_ROOM).unwrap().phase,
+        RoomPhase::Ended
+    );
     edge.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whep_listener_in_eu_west_hears_us_east_speaker() {
     let (pki, authority, router) = setup().await;
-    let us = start_edge(&pki, authority.addr, router).await;
+    let us = start_edge(&pki, authority.addr(), router).await;
     let eu = start_edge_with(
         &pki,
-        authority.addr,
+        authority.addr(),
         router,
         EdgeOpts {
             index: 2,
@@ -384,12 +385,7 @@ async fn whep_listener_in_eu_west_hears_us_east_speaker() {
     )
     .await;
     for e in [&us, &eu] {
-        for _ in 0..100 {
-            if metric(e, "amphi_edge_origin_connected").await == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_origin_link(e).await;
     }
     let whep_url = format!("{}/whep/{LIVE_ROOM}", eu.base());
 
@@ -505,7 +501,7 @@ async fn whep_listener_in_eu_west_hears_us_east_speaker() {
         "forwarding delay is measured"
     );
     // Both WHIP and WHEP sessions are participants at the authority.
-    let st = authority.state(LIVE_ROOM).unwrap();
+    let st = authority.room_state(LIVE_ROOM).unwrap();
     let regions: Vec<&str> = st.participants.iter().map(|p| p.region.as_str()).collect();
     assert!(
         regions.contains(&"us-east") && regions.contains(&"eu-west"),

@@ -10,12 +10,12 @@
 //!   order from every edge's `RoomCommand`s and broadcast as `RoomEvents`;
 //! * Prometheus metrics on `GET /metrics`.
 //!
-//! Decision logic lives in sans-IO cores ([`jitter`], [`mixer`], [`programs`], [`subs`],
-//! [`limiter`], [`room`]); the tokio drivers only move bytes and read clocks.
+//! Decision logic lives in sans-IO cores ([`hub::core`], [`jitter`], [`mixer`], [`programs`],
+//! [`subs`], [`limiter`], [`room`]); the tokio drivers only move bytes and read clocks.
 
 #![warn(missing_docs)]
 
-mod hub;
+pub mod hub;
 pub mod jitter;
 pub mod limiter;
 pub mod metrics;
@@ -121,6 +121,63 @@ fn server_config(tls: &MtlsMaterial) -> Result<quinn::ServerConfig, OriginError>
     Ok(server)
 }
 
+/// The hub alone: the room authority and the speaker relay over QUIC with mTLS, the same
+/// driver and core as [`run`], without the mixer, the packagers, metrics or a store. The edge
+/// crate's tests run their edges against it; what the mixer would be told is dropped.
+pub struct Authority {
+    hub: Arc<hub::Hub>,
+    addr: SocketAddr,
+}
+
+impl Authority {
+    /// Listen on `bind` with the mesh material `mesh_tls` (which must carry
+    /// `amphi-role:origin`) until `shutdown`. Must be called inside a tokio runtime.
+    pub fn start(
+        mesh_tls: &MtlsMaterial,
+        bind: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<Self, OriginError> {
+        let endpoint = quinn::Endpoint::server(server_config(mesh_tls)?, bind)
+            .map_err(|source| OriginError::Bind { addr: bind, source })?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|source| OriginError::Bind { addr: bind, source })?;
+        let (packets_tx, mut packets_rx) = mpsc::channel(MIXER_QUEUE);
+        let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    p = packets_rx.recv() => if p.is_none() { return },
+                    c = control_rx.recv() => if c.is_none() { return },
+                }
+            }
+        });
+        let hub = Arc::new(hub::Hub::new(
+            "authority".into(),
+            Arc::new(metrics::Metrics::default()),
+            packets_tx,
+            control_tx,
+            None,
+            room::RoomsConfig::default(),
+        ));
+        tokio::spawn(hub.clone().accept_loop(endpoint, shutdown));
+        Ok(Authority { hub, addr })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The authoritative state of `room`, if it is held.
+    pub fn room_state(
+        &self,
+        room: amphi_protocol::RoomId,
+    ) -> Option<amphi_protocol::room::RoomState> {
+        self.hub.room_state(room)
+    }
+}
+
 /// Run the origin until `shutdown` is cancelled.
 pub async fn run(setup: OriginSetup, shutdown: CancellationToken) -> Result<(), OriginError> {
     run_with(setup, OriginOptions::default(), shutdown).await
@@ -224,7 +281,7 @@ pub async fn run_with(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     room = idle_rx.recv() => match room {
-                        Some(room) => hub.end_idle_room(room, std::time::Instant::now()),
+                        Some(room) => hub.end_idle_room(room),
                         None => return,
                     },
                 }

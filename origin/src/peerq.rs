@@ -62,12 +62,6 @@ impl PeerReceiver {
             m = self.rx.recv() => Ok(m),
         }
     }
-
-    /// The next message already queued, if any (tests read queues without a runtime).
-    #[cfg(test)]
-    pub fn try_recv(&mut self) -> Option<ControlMessage> {
-        self.rx.try_recv().ok()
-    }
 }
 
 /// A queue of `capacity` messages whose overflows are counted in `overflows`.

@@ -155,6 +155,15 @@ fn admit(rooms: &mut BTreeMap<RoomId, RoomState>, msg: &ControlMessage) -> Optio
     })
 }
 
+pub use amphi_origin::Authority;
+
+/// The real room authority (the origin's hub and its sans-IO core, without the mixer) on
+/// `bind`, with mTLS from `pki`; it runs as long as the test's runtime.
+pub fn start_authority(pki: &DevPki, bind: SocketAddr) -> amphi_origin::Authority {
+    let material = pki.issue(ORIGIN_NAME, MeshRole::Origin).unwrap();
+    amphi_origin::Authority::start(&material, bind, CancellationToken::new()).unwrap()
+}
+
 /// A quinn server with mTLS from `pki` that answers Hello with Welcome and `Join` with a
 /// snapshot admitting the participant ([`admit`]), and collects everything it receives.
 pub fn start_origin(pki: &DevPki, bind: SocketAddr) -> FakeOrigin {
@@ -395,6 +404,17 @@ pub async fn request(
         parts.headers,
         String::from_utf8_lossy(&body).into_owned(),
     ))
+}
+
+/// Wait (at most 10 s) until `edge` has its origin link: publishing and room commands need
+/// the room authority.
+pub async fn wait_for_origin_link(edge: &Edge) {
+    for _ in 0..200 {
+        if metric(edge, "amphi_edge_origin_connected").await == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Value of a metric sample line (exact name including labels) in `/metrics`.
