@@ -10,7 +10,7 @@
 //! as a [`Moment`]; nothing here reads a clock or waits on IO.
 //!
 //! Locks, always taken in this order: a room's own lock (in [`Rooms`]), then the shared
-//! [`HubState`], then the [`RelayTable`]. No lock is held while another room's lock is waited
+//! `HubState`, then the `RelayTable`. No lock is held while another room's lock is waited
 //! for; walks over all rooms copy the room list and lock one room at a time. Relaying a datagram
 //! takes only the relay table's read lock.
 

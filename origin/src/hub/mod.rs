@@ -2,7 +2,7 @@
 //! streams, relays speaker datagrams to subscribed edges and feeds the mixer thread. What to do
 //! with each message, datagram and departure is decided by the sans-IO [`core::HubCore`]; this
 //! module moves bytes, reads the clock and the store, and carries the core's outputs to the
-//! peers' queues ([`PeerLink`]) and to the mixer and the state writer ([`DriverSink`]).
+//! peers' queues (`PeerLink`) and to the mixer and the state writer (`DriverSink`).
 //!
 //! Every message to a peer goes through that peer's one outbound queue (replies too), so a peer
 //! receives messages in the order the hub produced them. An edge that already holds a room's
