@@ -99,6 +99,7 @@ pub struct Metrics {
     origin_connected: Gauge,
     origin_rtt: Gauge<f64, AtomicU64>,
     rtp_forwarded: Counter,
+    forward_flushes: Counter,
     red_recovered: Counter,
     refused: [Counter; REFUSAL_REASONS.len()],
     udp_send_errors: Counter,
@@ -164,6 +165,11 @@ impl Metrics {
         let rtp_forwarded = r.counter(
             "amphi_edge_rtp_forwarded",
             "RTP packets written into interactive listeners' slots",
+        );
+        let forward_flushes = r.counter(
+            "amphi_edge_forward_flushes",
+            "str0m timeout runs that release forwarded packets: one per listener per burst of \
+             packets read together (rtp_forwarded / forward_flushes = packets per run)",
         );
         let red_recovered = r.counter(
             "amphi_edge_red_recovered",
@@ -239,6 +245,7 @@ impl Metrics {
             origin_connected,
             origin_rtt,
             rtp_forwarded,
+            forward_flushes,
             red_recovered,
             refused,
             udp_send_errors,
@@ -341,6 +348,16 @@ impl Metrics {
     /// One RTP packet written into a listener's slot.
     pub fn rtp_forwarded(&self) {
         self.rtp_forwarded.inc();
+    }
+
+    /// One str0m timeout run that releases a listener's forwarded packets.
+    pub fn forward_flush(&self) {
+        self.forward_flushes.inc();
+    }
+
+    /// RTP packets written into listeners' slots and the timeout runs that released them.
+    pub fn forwarding(&self) -> (u64, u64) {
+        (self.rtp_forwarded.get(), self.forward_flushes.get())
     }
 
     /// One lost publisher packet recovered from RED redundancy.

@@ -1,4 +1,4 @@
-//! The origin's room authority (`Rooms`, what `Hub::on_message` drives for every edge's
+//! The origin's room authority (`Rooms`, what `HubCore::handle_control` drives for every edge's
 //! `RoomCommand`) fed generated sequences over three rooms: commands from any participant,
 //! rooms restored or replaced from stored state (consistent or not, as Redis may hand it back),
 //! stored state reconciled after an outage, ends from outside and housekeeping as time passes.

@@ -131,6 +131,9 @@ struct Peer {
     last_relayed: Option<Bytes>,
     /// RFC 2198 RED, if the publisher negotiated it.
     red: Option<RedIn>,
+    /// Packets were written to this peer's streams since its last timeout run: the ingress time
+    /// of the earliest (see [`MediaCore::forward_inbound`]).
+    written: Option<Instant>,
 }
 
 /// RFC 2198 RED negotiated with a publisher: the payload types and the loss recovery state.
@@ -301,6 +304,10 @@ pub(crate) struct MediaCore {
     outbox: Vec<Transmit>,
     events: VecDeque<Event>,
     scratch: Vec<PeerId>,
+    /// Peers with packets written since their last timeout run, in write order.
+    written: Vec<PeerId>,
+    /// The time of the latest input: queued packets are forwarded at it when outputs are polled.
+    now: Instant,
     active: Vec<ActiveSpeaker>,
     next_sweep: Instant,
     next_speakers: Instant,
@@ -334,6 +341,8 @@ impl MediaCore {
             outbox: Vec::with_capacity(256),
             events: VecDeque::new(),
             scratch: Vec::new(),
+            written: Vec::with_capacity(256),
+            now,
             active: Vec::new(),
             next_sweep: now + SWEEP_INTERVAL,
             next_speakers: now + ACTIVE_SPEAKERS_INTERVAL,
@@ -349,8 +358,11 @@ impl MediaCore {
     }
 
     /// The datagrams queued since the last call, if any: the driver sends them and clears the
-    /// vector (its capacity is kept, so the hot path allocates nothing).
+    /// vector (its capacity is kept, so the hot path allocates nothing). Speaker packets that
+    /// arrived since the last call are forwarded first, all of them together (see
+    /// [`MediaCore::forward_inbound`]).
     pub(crate) fn poll_transmit(&mut self) -> Option<&mut Vec<Transmit>> {
+        self.forward_inbound(self.now);
         (!self.outbox.is_empty()).then_some(&mut self.outbox)
     }
 
@@ -359,8 +371,10 @@ impl MediaCore {
         self.relay.out.pop_front()
     }
 
-    /// The next event for the rest of the edge.
+    /// The next event for the rest of the edge (forwarding what arrived first, as
+    /// [`MediaCore::poll_transmit`] does: a listener can die on it).
     pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.forward_inbound(self.now);
         self.events.pop_front()
     }
 
@@ -375,6 +389,7 @@ impl MediaCore {
 
     /// Run what is due at `now`: str0m timers, the liveness sweep, the active-speaker report.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         self.handle_timeouts(now);
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_INTERVAL;
@@ -384,7 +399,6 @@ impl MediaCore {
             self.next_speakers = now + ACTIVE_SPEAKERS_INTERVAL;
             self.active_speakers(now);
         }
-        self.forward_inbound(now);
     }
 
     /// Whether the peer of a STUN request naming `ufrag` is this shard's.
@@ -425,6 +439,7 @@ impl MediaCore {
 
     /// Apply a fire-and-forget command.
     pub(crate) fn handle_command(&mut self, now: Instant, cmd: Command) {
+        self.now = self.now.max(now);
         match cmd {
             Command::Supersede { participant } => {
                 if let Some(&id) = self.by_participant.get(&participant) {
@@ -476,7 +491,6 @@ impl MediaCore {
                 }
             }
         }
-        self.forward_inbound(now);
     }
 
     fn loaded(&mut self) {
@@ -541,6 +555,7 @@ impl MediaCore {
             next_timeout: None,
             dead: None,
             last_relayed: None,
+            written: None,
         };
         Self::set_slots(&mut peer, &slots);
         let receiving = peer.slots.iter().any(Option::is_some);
@@ -708,9 +723,10 @@ impl MediaCore {
     }
 
     /// A datagram from a client (read by this shard's socket, or handed over by another shard).
+    /// A publisher's packet in it is forwarded when outputs are next polled.
     pub(crate) fn handle_datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+        self.now = self.now.max(now);
         self.datagram(now, source, data);
-        self.forward_inbound(now);
     }
 
     fn datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
@@ -754,9 +770,10 @@ impl MediaCore {
 
     /// A relay frame (another region's speaker from the origin, or a local publisher's from
     /// another shard) read at `at`.
+    /// It is forwarded when outputs are next polled.
     pub(crate) fn handle_relay(&mut self, now: Instant, at: Instant, datagram: &[u8]) {
+        self.now = self.now.max(now);
         self.relayed(datagram, at);
-        self.forward_inbound(now);
     }
 
     fn relayed(&mut self, datagram: &[u8], at: Instant) {
@@ -783,8 +800,20 @@ impl MediaCore {
     }
 
     /// Forward queued speaker packets into the slots of the room's receivers; the datagrams wait
-    /// in the outbox for [`MediaCore::poll_transmit`].
+    /// in the outbox for [`MediaCore::poll_transmit`]. Every packet queued since the last call
+    /// is written first, then each receiver that got any runs str0m's timeout and is drained
+    /// once: str0m releases written media on a timeout, and that timeout walks the whole peer
+    /// (ICE, DTLS, SCTP, every stream), so a burst of packets (three speakers' packets read in
+    /// one turn of the loop, a relay batch) costs one walk per receiver, not one per packet.
     fn forward_inbound(&mut self, now: Instant) {
+        // Draining a receiver that also publishes can queue its packets: forward them too.
+        while !self.inbound.is_empty() {
+            self.forward_queued(now);
+        }
+    }
+
+    /// One round of [`MediaCore::forward_inbound`]: the packets queued now.
+    fn forward_queued(&mut self, now: Instant) {
         while let Some(pkt) = self.inbound.pop_front() {
             let Some(room) = self.rooms.get_mut(&pkt.room) else {
                 continue;
@@ -831,15 +860,29 @@ impl MediaCore {
                         .ext_vals(ext.clone()),
                 );
                 self.metrics.rtp_forwarded();
-                // str0m releases queued media on its next timeout: run it now so the packet
-                // leaves in this batch instead of on the next loop turn.
-                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
-                    tracing::debug!(participant = %peer.participant, error = %e, "timeout after write failed");
+                if peer.written.is_none() {
+                    peer.written = Some(pkt.at);
+                    self.written.push(id);
                 }
-                self.drain_tagged(id, now, Some(pkt.at));
             }
             self.scratch = targets;
         }
+        // str0m releases written media on its next timeout: run it now, once per receiver, so
+        // the packets leave in this batch instead of on the next loop turn.
+        let written = std::mem::take(&mut self.written);
+        for &id in &written {
+            let Some(peer) = self.table.get_mut(id) else {
+                continue;
+            };
+            let ingress = peer.written.take();
+            self.metrics.forward_flush();
+            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(participant = %peer.participant, error = %e, "timeout after write failed");
+            }
+            self.drain_tagged(id, now, ingress);
+        }
+        self.written = written;
+        self.written.clear();
     }
 
     fn handle_timeouts(&mut self, now: Instant) {
@@ -1108,6 +1151,29 @@ mod tests {
         alive: bool,
     }
 
+    impl Client {
+        /// Drain the client's outputs: its datagrams for the edge go to `to_edge` (unless it
+        /// stopped answering), its events are recorded.
+        fn poll(&mut self, to_edge: &mut Vec<(SocketAddr, Vec<u8>)>) {
+            loop {
+                match self.rtc.poll_output().unwrap() {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        if self.alive {
+                            to_edge.push((self.addr, t.contents.to_vec()));
+                        }
+                    }
+                    Output::Event(RtcEvent::Connected) => self.connected = true,
+                    Output::Event(RtcEvent::RtpPacket(p)) => {
+                        let mid = p.header.ext_vals.mid.unwrap_or(Mid::from("?"));
+                        self.received.push((mid, *p.seq_no, p.payload.to_vec()));
+                    }
+                    Output::Event(_) => {}
+                }
+            }
+        }
+    }
+
     /// A harness: one core and its clients.
     struct Bed {
         core: MediaCore,
@@ -1202,24 +1268,13 @@ mod tests {
             for _ in 0..steps {
                 for _ in 0..100 {
                     let mut moved = false;
+                    let mut to_edge = Vec::new();
                     for c in &mut self.clients {
-                        loop {
-                            match c.rtc.poll_output().unwrap() {
-                                Output::Timeout(_) => break,
-                                Output::Transmit(t) => {
-                                    if c.alive {
-                                        moved = true;
-                                        self.core.handle_datagram(self.now, c.addr, &t.contents);
-                                    }
-                                }
-                                Output::Event(RtcEvent::Connected) => c.connected = true,
-                                Output::Event(RtcEvent::RtpPacket(p)) => {
-                                    let mid = p.header.ext_vals.mid.unwrap_or(Mid::from("?"));
-                                    c.received.push((mid, *p.seq_no, p.payload.to_vec()));
-                                }
-                                Output::Event(_) => {}
-                            }
-                        }
+                        c.poll(&mut to_edge);
+                    }
+                    for (addr, data) in to_edge.drain(..) {
+                        moved = true;
+                        self.core.handle_datagram(self.now, addr, &data);
                     }
                     if let Some(out) = self.core.poll_transmit() {
                         moved = true;
@@ -1241,6 +1296,11 @@ mod tests {
                                 },
                             );
                             c.rtc.handle_input(input).unwrap();
+                            // str0m wants its outputs drained after every input.
+                            c.poll(&mut to_edge);
+                        }
+                        for (addr, data) in to_edge.drain(..) {
+                            self.core.handle_datagram(self.now, addr, &data);
                         }
                     }
                     while let Some(ev) = self.core.poll_event() {
@@ -1392,6 +1452,35 @@ mod tests {
             bed.relays.is_empty(),
             "relayed speakers are not relayed again"
         );
+    }
+
+    /// Three speakers' packets that arrive in one turn of the driver's loop are written into
+    /// every listener's slots first; each listener then runs str0m's timeout once (not once per
+    /// packet) and still receives all three.
+    #[test]
+    fn a_burst_of_speaker_packets_costs_each_listener_one_timeout_run() {
+        let mut bed = Bed::new();
+        let listeners = [
+            bed.join(false, LISTENER_AUDIO_SLOTS),
+            bed.join(false, LISTENER_AUDIO_SLOTS),
+        ];
+        bed.run(200);
+        assert!(bed.connected());
+        let now = bed.now;
+        let (forwarded, flushes) = bed.core.metrics.forwarding();
+        for (i, speaker) in [9_000u32, 9_001, 9_002].into_iter().enumerate() {
+            let frame = relay_frame(ROOM, speaker, 1, &[70 + i as u8]);
+            bed.core.handle_relay(now, now, &frame);
+        }
+        bed.run(1);
+        let (forwarded_after, flushes_after) = bed.core.metrics.forwarding();
+        assert_eq!(forwarded_after - forwarded, 6, "3 packets x 2 listeners");
+        assert_eq!(flushes_after - flushes, 2, "one timeout run per listener");
+        for k in listeners {
+            let mut heard = bed.heard(k);
+            heard.sort_unstable();
+            assert_eq!(heard, [70, 71, 72]);
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest datagram read from the media socket.
 const RECV_BUF_LEN: usize = 2048;
+/// Datagrams (or relay frames) read in one turn of the loop before the core forwards them.
+const SOCKET_BURST: usize = 64;
 /// Capacity of the uplink -> media queue of relayed speaker datagrams.
 pub(crate) const RELAY_QUEUE: usize = 4096;
 /// Most remembered addresses of other shards' peers before the memory is cleared (it refills
@@ -208,8 +210,8 @@ impl MediaDriver {
                     let now = Instant::now();
                     self.core.handle_relay(now, at, &d);
                     // Drain whatever else is queued before going back to the socket.
-                    let mut n = 0;
-                    while n < 64 {
+                    let mut n = 1;
+                    while n < SOCKET_BURST {
                         match inputs.relayed.try_recv() {
                             Ok((at, d)) => self.core.handle_relay(now, at, &d),
                             Err(_) => break,
@@ -218,7 +220,18 @@ impl MediaDriver {
                     }
                 }
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.receive(source, &buf[..n], Instant::now()),
+                    Ok((n, source)) => {
+                        let now = Instant::now();
+                        self.receive(source, &buf[..n], now);
+                        // Whatever else the socket holds (bounded) is read before the core
+                        // forwards: one burst costs each listener one str0m timeout run.
+                        for _ in 1..SOCKET_BURST {
+                            match socket.try_recv_from(&mut buf) {
+                                Ok((n, source)) => self.receive(source, &buf[..n], now),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     Err(e) => tracing::debug!(error = %e, "media socket read failed"),
                 },
                 Some(f) = inputs.foreign.recv() => self.core.handle_datagram(f.at, f.source, &f.data),
