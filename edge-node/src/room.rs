@@ -218,7 +218,7 @@ impl RoomReplica {
                 st.hands.retain(|h| h != id);
             }
             RoomEvent::Ended { .. } => st.phase = RoomPhase::Ended,
-            RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } => {}
+            RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } | RoomEvent::Reported { .. } => {}
         }
     }
 }

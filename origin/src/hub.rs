@@ -14,7 +14,7 @@
 //! events, so a room of N participants costs O(N) snapshot bytes per edge, not per join.
 
 use crate::metrics::{DropReason, Metrics};
-use crate::mixer_thread::MixerCmd;
+use crate::mixer_thread::{MixerCmd, ProgramClock};
 use crate::peerq::{peer_queue, PeerReceiver, PeerSender, TooSlow, PEER_QUEUE};
 use crate::persist::{PersistedRoom, Persister, RoomStore};
 use crate::room::{AuthorityCensus, Ending, Held, RejectCode, Rejection, Room, Rooms};
@@ -253,6 +253,12 @@ pub(crate) struct Hub {
     next_id: AtomicU64,
     /// Where durable room state is loaded from.
     store: Option<RoomStore>,
+    /// Where each room's program is (reports point into the recording with it).
+    clock: Arc<ProgramClock>,
+    /// Random per process: report ids are this and a counter (unique over origins and
+    /// restarts without coordination).
+    report_nonce: u64,
+    next_report: AtomicU64,
 }
 
 /// Why a control stream is being closed.
@@ -338,8 +344,10 @@ impl Hub {
         packets: mpsc::Sender<MixerCmd>,
         control: mpsc::UnboundedSender<MixerCmd>,
         durable: Option<(RoomStore, Arc<Persister>)>,
+        clock: Arc<ProgramClock>,
         rooms: crate::room::RoomsConfig,
     ) -> Self {
+        use std::hash::{BuildHasher, Hasher};
         let (store, persister) = durable.unzip();
         Hub {
             origin_id,
@@ -353,6 +361,23 @@ impl Hub {
             control,
             next_id: AtomicU64::new(1),
             store,
+            clock,
+            report_nonce: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+            next_report: AtomicU64::new(1),
+        }
+    }
+
+    /// Give the reports among `events` (the authority left them without) their id and where
+    /// the room's program is now.
+    fn stamp_reports(&self, room: RoomId, events: &mut [RoomEvent]) {
+        for e in events {
+            if let RoomEvent::Reported { report } = e {
+                let n = self.next_report.fetch_add(1, Relaxed);
+                report.id = format!("{:016x}-{n:x}", self.report_nonce);
+                report.program_ms = self.clock.position_ms(room);
+            }
         }
     }
 
@@ -387,7 +412,8 @@ impl Hub {
             | RoomEvent::HandRaised { .. }
             | RoomEvent::HandLowered { .. }
             | RoomEvent::Chat { .. }
-            | RoomEvent::Reaction { .. } => None,
+            | RoomEvent::Reaction { .. }
+            | RoomEvent::Reported { .. } => None,
         };
         if !events.iter().any(|e| touches(e).is_some()) {
             return;
@@ -970,6 +996,7 @@ impl Hub {
             | ControlMessage::RoomSnapshotPart { .. }
             | ControlMessage::RoomOpened { .. }
             | ControlMessage::Revoke { .. }
+            | ControlMessage::Reported { .. }
             | ControlMessage::CommandRejected { .. } => Err(Failure::Protocol {
                 code: "unexpected",
                 message: format!("unexpected {}", kind_of(&msg)),
@@ -1145,10 +1172,11 @@ impl Hub {
         } else {
             held.room.apply(actor, command, now)
         };
-        let events = match result {
+        let mut events = match result {
             Ok(events) => events,
             Err(rej) => return self.refuse(own, room, actor, request, rej),
         };
+        self.stamp_reports(room, &mut events);
         self.metrics.room_commands.inc();
         if is_join {
             // The packagers prepare the room's HLS output before any program media.
@@ -1165,6 +1193,17 @@ impl Hub {
         // A join that changed nothing (already present) is resolved by a snapshot only.
         let quiet = events.is_empty();
         let st = lock_read(&self.state);
+        // Reports are stored and announced by the geo-routers (each deduplicates by id).
+        for e in &events {
+            if let RoomEvent::Reported { report } = e {
+                tracing::info!(%room, id = %report.id, reason = report.reason.as_str(), "report");
+                for control in st.routers.values() {
+                    let _ = control.send(ControlMessage::Reported {
+                        report: report.clone(),
+                    });
+                }
+            }
+        }
         if !quiet {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
         }
@@ -1381,6 +1420,7 @@ fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::CommandRejected { .. } => "command_rejected",
         ControlMessage::Revoke { .. } => "revoke",
         ControlMessage::RevokeToken { .. } => "revoke_token",
+        ControlMessage::Reported { .. } => "reported",
     }
 }
 
@@ -1398,6 +1438,7 @@ mod tests {
             packets,
             control,
             None,
+            Arc::new(ProgramClock::default()),
             crate::room::RoomsConfig::default(),
         )
     }
@@ -1496,6 +1537,78 @@ mod tests {
             out.push(m);
         }
         out
+    }
+
+    /// A report reaches the room's edges as an event and every geo-router as `reported`, both
+    /// with the id and the program position the hub stamped; a refused one reaches nobody.
+    #[test]
+    fn reports_go_to_the_edges_and_every_router_stamped() {
+        use amphi_protocol::room::{ReportReason, ReportTarget};
+        let hub = hub();
+        let room = RoomId(4);
+        let mut edge_rx = edge(&hub, 1);
+        let routers: Vec<PeerReceiver> = (100..102)
+            .map(|conn| {
+                let (tx, rx) = peer_queue(PEER_QUEUE, Default::default());
+                lock_write(&hub.state).routers.insert(conn, tx);
+                rx
+            })
+            .collect();
+        join(&hub, 1, room, 1, "spk", Role::Speaker);
+        join(&hub, 1, room, 2, "lis", Role::Listener);
+        queued(&mut edge_rx);
+        let (own, mut own_rx) = peer_queue(PEER_QUEUE, Default::default());
+        let cmd = RoomCommand::Report {
+            target: ReportTarget::User("spk".into()),
+            reason: ReportReason::Spam,
+            text: "ads".into(),
+        };
+        let now = Instant::now();
+        hub.room_command(1, &own, room, ParticipantId(2), 9, cmd.clone(), now);
+        hub.room_command(1, &own, room, ParticipantId(2), 10, cmd, now);
+        let events = queued(&mut edge_rx);
+        let [ControlMessage::RoomEvents { events, .. }, ControlMessage::RoomEvents { events: second, .. }] =
+            &events[..]
+        else {
+            panic!("two report events expected, got {events:?}");
+        };
+        let [RoomEvent::Reported { report }] = &events[..] else {
+            panic!("one report expected, got {events:?}");
+        };
+        let [RoomEvent::Reported { report: report2 }] = &second[..] else {
+            panic!("one report expected, got {second:?}");
+        };
+        assert!(!report.id.is_empty() && report.id != report2.id);
+        assert_eq!((report.reporter.as_str(), report.room), ("lis", room));
+        // No program runs in this test (no mixer): no pointer into a recording.
+        assert_eq!(report.program_ms, None);
+        for mut rx in routers {
+            let got = queued(&mut rx);
+            assert_eq!(
+                got,
+                vec![
+                    ControlMessage::Reported {
+                        report: report.clone()
+                    },
+                    ControlMessage::Reported {
+                        report: report2.clone()
+                    }
+                ]
+            );
+        }
+        assert!(queued(&mut own_rx).is_empty());
+        // Reporting oneself is refused to the sender only.
+        let me = RoomCommand::Report {
+            target: ReportTarget::User("lis".into()),
+            reason: ReportReason::Spam,
+            text: String::new(),
+        };
+        hub.room_command(1, &own, room, ParticipantId(2), 11, me, now);
+        assert!(matches!(
+            &queued(&mut own_rx)[..],
+            [ControlMessage::CommandRejected { code, request: 11, .. }] if code == "invalid"
+        ));
+        assert!(queued(&mut edge_rx).is_empty());
     }
 
     /// While a command holds a 10,000-member room (a join or chat burst in progress there),
