@@ -57,7 +57,10 @@ fn webhook_receiver(port: u16) -> mpsc::Receiver<(String, serde_json::Value)> {
 /// The next `report_created` delivery (other events skipped), at most 30 s away.
 async fn next_report_hook(
     rx: mpsc::Receiver<(String, serde_json::Value)>,
-) -> (mpsc::Receiver<(String, serde_json::Value)>, serde_json::Value) {
+) -> (
+    mpsc::Receiver<(String, serde_json::Value)>,
+    serde_json::Value,
+) {
     tokio::task::spawn_blocking(move || {
         for _ in 0..50 {
             let (signature, body) = rx
@@ -166,24 +169,40 @@ async fn listeners_report_speakers_and_hosts_webhooks_and_the_api_hear_of_it() {
     let first = reported(&mut host).await;
     assert_eq!(first.target, ReportTarget::User(speaker_user.clone()));
     assert_eq!(
-        (first.reason, first.text.as_str(), first.reporter_name.as_str()),
+        (
+            first.reason,
+            first.text.as_str(),
+            first.reporter_name.as_str()
+        ),
         (ReportReason::Harassment, "insults during the Q&A", "Lis")
     );
     assert_eq!(first.room.to_string(), room);
-    let program_ms = first.program_ms.expect("a program runs: a recording pointer");
-    assert!(program_ms >= 1_000, "the tone played before: {program_ms} ms");
+    let program_ms = first
+        .program_ms
+        .expect("a program runs: a recording pointer");
+    assert!(
+        program_ms >= 1_000,
+        "the tone played before: {program_ms} ms"
+    );
 
     // A real receiver gets report_created with the report; the API lists it.
     let (hooks, hook) = next_report_hook(hooks).await;
     assert_eq!(hook["data"]["id"], first.id.as_str(), "{hook}");
-    assert_eq!(hook["data"]["target"]["user"], speaker_user.as_str(), "{hook}");
+    assert_eq!(
+        hook["data"]["target"]["user"],
+        speaker_user.as_str(),
+        "{hook}"
+    );
     assert_eq!(hook["data"]["program_ms"], program_ms, "{hook}");
     assert_eq!(listing(&router, &room), vec![first.clone()]);
 
     // The host kicks the troll; reporting the kicked user still lands.
     host.send(json!({"type": "kick", "target": troll_id})).await;
-    host.until(|m| matches!(m, ServerMessage::Event(RoomEvent::Kicked { id, .. }) if *id == troll_id).then_some(()))
-        .await;
+    host.until(|m| {
+        matches!(m, ServerMessage::Event(RoomEvent::Kicked { id, .. }) if *id == troll_id)
+            .then_some(())
+    })
+    .await;
     troll
         .until(|m| matches!(m, ServerMessage::Event(RoomEvent::Kicked { .. })).then_some(()))
         .await;

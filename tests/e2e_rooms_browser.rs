@@ -83,12 +83,17 @@ fn a_room_in_real_browsers_from_lobby_to_end() {
         serde_json::json!([["spam", "room", true], ["harassment", "user", true]]),
         "reports the host saw"
     );
-    let listed: serde_json::Value = ureq::get(&format!("{}/v1/rooms/{room}/reports", mesh.router()))
-        .call()
-        .expect("reports listing")
-        .into_json()
-        .unwrap();
-    assert_eq!(listed["reports"].as_array().map(Vec::len), Some(2), "{listed}");
+    let listed: serde_json::Value =
+        ureq::get(&format!("{}/v1/rooms/{room}/reports", mesh.router()))
+            .call()
+            .expect("reports listing")
+            .into_json()
+            .unwrap();
+    assert_eq!(
+        listed["reports"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
 
     // The room ended everywhere: the directory says so and the HLS playlist is closed.
     let info: serde_json::Value = ureq::get(&format!("{}/v1/rooms/{room}", mesh.router()))

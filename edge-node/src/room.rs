@@ -11,7 +11,8 @@
 
 use amphi_protocol::room::{
     Participant, RoomCommand, RoomCounts, RoomEvent, RoomPhase, RoomRole, RoomState,
-    FULL_LIST_MAX_PARTICIPANTS, MAX_CHAT_CHARS, MAX_REACTION_CHARS, MAX_REPORT_TEXT_CHARS, PARTICIPANT_PAGE_MAX,
+    FULL_LIST_MAX_PARTICIPANTS, MAX_CHAT_CHARS, MAX_REACTION_CHARS, MAX_REPORT_TEXT_CHARS,
+    PARTICIPANT_PAGE_MAX,
 };
 use amphi_protocol::ParticipantId;
 use std::collections::VecDeque;

@@ -1037,7 +1037,10 @@ mod tests {
             events: vec![ev.clone()],
         });
         assert_eq!(client_msgs(&out, 1), vec![ServerMessage::Event(ev)]);
-        assert!(client_msgs(&out, 2).is_empty(), "the listener hears nothing");
+        assert!(
+            client_msgs(&out, 2).is_empty(),
+            "the listener hears nothing"
+        );
     }
 
     fn client_msgs(out: &[Output], to: u32) -> Vec<ServerMessage> {

@@ -335,8 +335,14 @@ async fn report_contract(store: &dyn Store) {
     assert!(store.add_report(report(b, "r3", 1_500)).await.unwrap());
     let listed = store.reports(a, 10).await.unwrap();
     assert_eq!(listed, vec![report(a, "r2", 2_000), report(a, "r1", 1_000)]);
-    assert_eq!(store.reports(a, 1).await.unwrap(), vec![report(a, "r2", 2_000)]);
-    assert_eq!(store.reports(b, 10).await.unwrap(), vec![report(b, "r3", 1_500)]);
+    assert_eq!(
+        store.reports(a, 1).await.unwrap(),
+        vec![report(a, "r2", 2_000)]
+    );
+    assert_eq!(
+        store.reports(b, 10).await.unwrap(),
+        vec![report(b, "r3", 1_500)]
+    );
     // At most MAX_REPORTS_PER_ROOM per room: the oldest go.
     for i in 0..MAX_REPORTS_PER_ROOM as u64 {
         assert!(store
@@ -347,7 +353,10 @@ async fn report_contract(store: &dyn Store) {
     let all = store.reports(a, usize::MAX / 2).await.unwrap();
     assert_eq!(all.len(), MAX_REPORTS_PER_ROOM);
     assert_eq!(all[0].id, format!("x{}", MAX_REPORTS_PER_ROOM - 1));
-    assert!(all.iter().all(|r| r.id.starts_with('x')), "r1 and r2 dropped");
+    assert!(
+        all.iter().all(|r| r.id.starts_with('x')),
+        "r1 and r2 dropped"
+    );
 }
 
 #[tokio::test]

@@ -270,7 +270,9 @@ impl Room {
                 RoomEvent::Ended { .. } => {
                     return crate::persist::RoomChanges::full(&self.persisted())
                 }
-                RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } | RoomEvent::Reported { .. } => {}
+                RoomEvent::Chat { .. }
+                | RoomEvent::Reaction { .. }
+                | RoomEvent::Reported { .. } => {}
             }
         }
         for id in touched {
@@ -618,10 +620,7 @@ impl Room {
                     return reject(RejectCode::Invalid, "you cannot report yourself");
                 }
                 if !self.roles.contains_key(user) && !self.banned.contains(user) {
-                    return reject(
-                        RejectCode::NotFound,
-                        "that user has not been in this room",
-                    );
+                    return reject(RejectCode::NotFound, "that user has not been in this room");
                 }
                 self.participants
                     .values()

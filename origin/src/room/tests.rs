@@ -286,7 +286,10 @@ fn permission_table_command_by_role() {
                     assert!(*allowed, "{name} by a {role:?} was allowed");
                     assert!(!events.is_empty(), "{name} by a {role:?}: no events");
                     // Chat, reactions and reports are transient: they change no state.
-                    if !matches!(cmd, Cmd::Chat { .. } | Cmd::React { .. } | Cmd::Report { .. }) {
+                    if !matches!(
+                        cmd,
+                        Cmd::Chat { .. } | Cmd::React { .. } | Cmd::Report { .. }
+                    ) {
                         assert_ne!(room.snapshot(), before, "{name} by a {role:?}: no change");
                     }
                 }
@@ -786,7 +789,10 @@ fn reports_are_validated() {
         RejectCode::BadMessage
     );
     // Not oneself, not a user the room never saw, not by someone outside the room.
-    assert_eq!(refused(&mut r, A, report(user("a"), ""), t0), RejectCode::Invalid);
+    assert_eq!(
+        refused(&mut r, A, report(user("a"), ""), t0),
+        RejectCode::Invalid
+    );
     assert_eq!(
         refused(&mut r, A, report(user("stranger"), ""), t0),
         RejectCode::NotFound
@@ -807,9 +813,19 @@ fn a_user_who_left_or_was_kicked_can_still_be_reported() {
     ok(&mut r, S, RoomCommand::Leave, t0);
     ok(&mut r, H, RoomCommand::Kick { target: L }, t0);
     assert!(r.participant(L).is_none() && r.participant(S).is_none());
-    let gone = reported(ok(&mut r, A, report(ReportTarget::User("s".into()), ""), t0));
+    let gone = reported(ok(
+        &mut r,
+        A,
+        report(ReportTarget::User("s".into()), ""),
+        t0,
+    ));
     assert_eq!(gone.target_name, None);
-    let kicked = reported(ok(&mut r, A, report(ReportTarget::User("l".into()), ""), t0));
+    let kicked = reported(ok(
+        &mut r,
+        A,
+        report(ReportTarget::User("l".into()), ""),
+        t0,
+    ));
     assert_eq!(kicked.target, ReportTarget::User("l".into()));
     // A kicked reporter is gone: it reports nothing.
     assert_eq!(
@@ -846,7 +862,12 @@ fn reports_are_rate_limited_per_user() {
         RejectCode::RateLimited
     );
     // Chat has its own budget.
-    ok(&mut r, A, RoomCommand::Chat { text: "hi".into() }, t0 + s(65));
+    ok(
+        &mut r,
+        A,
+        RoomCommand::Chat { text: "hi".into() },
+        t0 + s(65),
+    );
 }
 
 #[test]
