@@ -5,7 +5,9 @@
 use amphi_common::mtls::{DevPki, MeshRole};
 use amphi_protocol::control::{ControlDecoder, ControlMessage};
 use amphi_protocol::relay::RelayFrame;
-use amphi_protocol::room::{Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState};
+use amphi_protocol::room::{
+    Participant, Report, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState,
+};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -159,6 +161,30 @@ fn apply(
             at_ms: 0,
         }],
         RoomCommand::React { emoji } => vec![RoomEvent::Reaction { from: actor, emoji }],
+        RoomCommand::Report {
+            target,
+            reason,
+            text,
+        } => {
+            let Some(reporter) = st.participants.iter().find(|p| p.id == actor) else {
+                return Err(("not_found", "you are not in the room".into()));
+            };
+            vec![RoomEvent::Reported {
+                report: Report {
+                    id: format!("report-{actor}"),
+                    room: st.room,
+                    reporter: reporter.user.clone(),
+                    reporter_name: reporter.name.clone(),
+                    reporter_id: actor,
+                    target,
+                    target_name: None,
+                    reason,
+                    text,
+                    at_ms: 0,
+                    program_ms: None,
+                },
+            }]
+        }
     })
 }
 
