@@ -384,6 +384,49 @@ async fn reports_in_redis_survive_the_router() {
     assert!(ttl > 0, "reports expire eventually (TTL {ttl})");
 }
 
+/// In production the listing needs an app API key's signature: unsigned or signed with a bad
+/// secret it answers 401, signed 200 with the room's reports.
+#[test]
+fn the_report_listing_needs_an_api_key_in_production() {
+    const SECRET: &str = "app-secret";
+    let r = start_router_with(27_150, Backend::Memory, TokenSigner::generate("k1"), |c| {
+        c.dev_mode = false;
+        c.api_keys = vec![amphi_protocol::config::ApiKeyConfig {
+            id: "app".into(),
+            secret: SECRET.into(),
+            scope: amphi_protocol::config::ApiScope::App,
+        }];
+    });
+    let path = "/v1/rooms/000000000000000a/reports?limit=5";
+    let get = |secret: &str| {
+        let now = unix_now();
+        let sig = amphi_geo_router::auth::sign(secret, now, "GET", path, b"");
+        let resp = ureq::get(&format!("{}{path}", r.base))
+            .set("x-amphi-key", "app")
+            .set("x-amphi-timestamp", &now.to_string())
+            .set("x-amphi-signature", &sig)
+            .call();
+        match resp {
+            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    };
+    let (status, body) = call("GET", &format!("{}{path}", r.base), None);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_api_signature")),
+        "{body}"
+    );
+    assert_eq!(get("wrong").0, 401);
+    let (status, body) = get(SECRET);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"room": "000000000000000a", "reports": []})
+    );
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
