@@ -1,7 +1,8 @@
 //! A whole room through the web client in real browsers (headless Chromium, playwright-core, one
 //! browser per fake-microphone tone): a us-east host speaks 440 Hz, an eu-west WebRTC listener and an
 //! eu-west LL-HLS listener hear it, the WebRTC listener raises a hand, is promoted and speaks 660 Hz
-//! that the host hears, is muted (the tone stops), kicked (its rejoin is refused), and the host ends the
+//! that the host hears, is reported with the room by the LL-HLS listener (the host's page shows both),
+//! is muted (the tone stops), kicked (its rejoin is refused), and the host ends the
 //! room: everyone gets the ended event and the HLS playlist gets `EXT-X-ENDLIST`.
 //! The browser side is `tests/browser/rooms.mjs`; screenshots land in `tests/artifacts/`.
 
@@ -75,6 +76,25 @@ fn a_room_in_real_browsers_from_lobby_to_end() {
         "rejoin refused with {codes:?}"
     );
 
+    // The host's page got both reports made from the listener's page, each pointing into the
+    // program (the room's recording); the router lists them.
+    assert_eq!(
+        result["reports"],
+        serde_json::json!([["spam", "room", true], ["harassment", "user", true]]),
+        "reports the host saw"
+    );
+    let listed: serde_json::Value =
+        ureq::get(&format!("{}/v1/rooms/{room}/reports", mesh.router()))
+            .call()
+            .expect("reports listing")
+            .into_json()
+            .unwrap();
+    assert_eq!(
+        listed["reports"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+
     // The room ended everywhere: the directory says so and the HLS playlist is closed.
     let info: serde_json::Value = ureq::get(&format!("{}/v1/rooms/{room}", mesh.router()))
         .call()
@@ -102,6 +122,7 @@ fn a_room_in_real_browsers_from_lobby_to_end() {
         "rooms-host.png",
         "rooms-speaker.png",
         "rooms-hls-listener.png",
+        "rooms-host-reports.png",
         "rooms-banned.png",
         "rooms-ended.png",
     ] {

@@ -55,6 +55,8 @@ const amphi = {
   activeAt: 0,
   events: [], // every server message received, with `at` = performance.now()
   errors: [], // error events {code, message}
+  reports: [], // reports received as a host or co-host (newest first, at most MAX_REPORTS)
+  reportTarget: null, // what the open report dialog reports: "room" or {user}
   keepMicOnMute: false, // test hook: ignore a moderator mute locally to prove the edge enforces it
   audio: null, // { ctx, analyser, webrtcGain, hlsGain, hlsSource }
   hls: null, // hls.js instance
@@ -806,6 +808,8 @@ function handle(msg) {
       return onKicked(msg);
     case "ended":
       return onEnded(msg);
+    case "reported":
+      return onReported(msg.report);
     default:
       return;
   }
@@ -901,6 +905,49 @@ function onKicked({ id, by }) {
     return render();
   }
   close("kicked", `${by == null ? "A moderator" : participantName(by)} removed you from this room. You can't rejoin until the room ends.`, "error");
+}
+
+/** Reports shown to a host or co-host (the edge sends them to moderators only). */
+const MAX_REPORTS = 20;
+const REPORT_REASONS = {
+  spam: "Spam",
+  harassment: "Harassment",
+  hate: "Hate speech",
+  violence: "Violence or threats",
+  sexual: "Sexual content",
+  self_harm: "Self-harm",
+  impersonation: "Impersonation",
+  other: "Something else",
+};
+
+function reportTargetLabel(report) {
+  if (report.target === "room") return "the room";
+  return report.target_name || report.target.user;
+}
+
+function onReported(report) {
+  amphi.reports.unshift(report);
+  amphi.reports.length = Math.min(amphi.reports.length, MAX_REPORTS);
+  const at = report.program_ms != null ? ` at ${Math.floor(report.program_ms / 60000)}:${String(Math.floor(report.program_ms / 1000) % 60).padStart(2, "0")} of the recording` : "";
+  setNotice(`${report.reporter_name || report.reporter} reported ${reportTargetLabel(report)} (${REPORT_REASONS[report.reason] || report.reason})${at}.`, "warn");
+  render();
+}
+
+/** Open the report dialog for a participant id, or the room (`null`). */
+function openReport(id) {
+  const p = id == null ? null : amphi.participants.get(id);
+  if (id != null && !p) return;
+  amphi.reportTarget = p ? { user: p.user } : "room";
+  $("#report-what").textContent = p ? p.name : "this room";
+  $("#report-reason").value = "spam";
+  $("#report-text").value = "";
+  $("#report-dialog").hidden = false;
+  $("#report-reason").focus();
+}
+
+function closeReport() {
+  amphi.reportTarget = null;
+  $("#report-dialog").hidden = true;
 }
 
 function onEnded({ by }) {
@@ -1057,9 +1104,9 @@ function personItem(p) {
     .filter(Boolean)
     .join(" · ");
   li.append(avatar, name, meta);
+  const tools = document.createElement("span");
+  tools.className = "tools";
   if (canModerate(p)) {
-    const tools = document.createElement("span");
-    tools.className = "tools";
     if (p.role === "listener") {
       tools.append(actionButton("promote", p.id, "Invite to speak"));
     } else {
@@ -1069,8 +1116,10 @@ function personItem(p) {
       tools.append(actionButton("demote", p.id, "Move to audience", "ghost"));
     }
     tools.append(actionButton("kick", p.id, "Remove", "danger"));
-    li.append(tools);
   }
+  // Anyone may report anyone else.
+  if (amphi.phase === "joined" && p.id !== amphi.me) tools.append(actionButton("report", p.id, "Report", "ghost"));
+  if (tools.childElementCount > 0) li.append(tools);
   return li;
 }
 
@@ -1101,6 +1150,14 @@ function render() {
     hands.append(li);
   }
   $("#no-hands").hidden = amphi.hands.length > 0;
+  $("#reports-panel").hidden = !moderator || amphi.reports.length === 0;
+  $("#reports").replaceChildren(
+    ...amphi.reports.map((r) => {
+      const li = document.createElement("li");
+      li.textContent = `${r.reporter_name || r.reporter} → ${reportTargetLabel(r)}: ${REPORT_REASONS[r.reason] || r.reason}${r.text ? ` — “${r.text}”` : ""}`;
+      return li;
+    }),
+  );
   renderControls();
   renderActive();
 }
@@ -1131,6 +1188,7 @@ function renderControls() {
   $("#switch-hls").hidden = !(joined && !publisher && amphi.listenMode === "webrtc");
   $("#switch-webrtc").hidden = !(joined && !publisher && amphi.listenMode === "hls");
   $("#end-room").hidden = !(joined && amphi.role === "host");
+  $("#report-room").hidden = !joined;
   $("#step-down").hidden = !(joined && (amphi.role === "speaker" || amphi.role === "cohost"));
   $("#rejoin").hidden = amphi.closedReason !== "failed";
   $("#leave").textContent = amphi.closedReason ? "Back to lobby" : "Leave";
@@ -1220,7 +1278,10 @@ function resetRoomState() {
     active: new Map(),
     micError: null,
     micConsent: false,
+    reports: [],
+    reportTarget: null,
   });
+  closeReport();
   jbPrev = new Map();
   setListenMode(null);
   setNotice("");
@@ -1387,7 +1448,19 @@ $("#room").addEventListener("click", (ev) => {
       return send({ type: "lower_hand", target });
     case "kick":
       return send({ type: "kick", target });
+    case "report":
+      return openReport(target);
   }
+});
+$("#report-room").addEventListener("click", () => openReport(null));
+$("#report-cancel").addEventListener("click", closeReport);
+$("#report-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const target = amphi.reportTarget;
+  if (!target) return closeReport();
+  const msg = { type: "report", target, reason: $("#report-reason").value, text: $("#report-text").value.trim() };
+  if (send(msg)) setNotice("Report sent. The room's hosts and the moderators will see it.");
+  closeReport();
 });
 document.addEventListener("click", () => amphi.audio && amphi.audio.ctx.state === "suspended" && checkAudioUnlocked());
 $("#hls-audio").addEventListener("ended", () => {

@@ -11,7 +11,8 @@
 
 use amphi_protocol::room::{
     Participant, RoomCommand, RoomCounts, RoomEvent, RoomPhase, RoomRole, RoomState,
-    FULL_LIST_MAX_PARTICIPANTS, MAX_CHAT_CHARS, MAX_REACTION_CHARS, PARTICIPANT_PAGE_MAX,
+    FULL_LIST_MAX_PARTICIPANTS, MAX_CHAT_CHARS, MAX_REACTION_CHARS, MAX_REPORT_TEXT_CHARS,
+    PARTICIPANT_PAGE_MAX,
 };
 use amphi_protocol::ParticipantId;
 use std::collections::VecDeque;
@@ -218,7 +219,7 @@ impl RoomReplica {
                 st.hands.retain(|h| h != id);
             }
             RoomEvent::Ended { .. } => st.phase = RoomPhase::Ended,
-            RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } => {}
+            RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } | RoomEvent::Reported { .. } => {}
         }
     }
 }
@@ -330,6 +331,17 @@ pub fn precheck(
                 Ok(())
             } else {
                 Err(forbidden("only hosts end the room"))
+            }
+        }
+        // Anyone present may report; who may be reported and how often is the authority's.
+        RoomCommand::Report { text, .. } => {
+            if text.trim().chars().count() > MAX_REPORT_TEXT_CHARS {
+                Err(Refusal::new(
+                    "bad_message",
+                    format!("report text must be at most {MAX_REPORT_TEXT_CHARS} characters"),
+                ))
+            } else {
+                Ok(())
             }
         }
         RoomCommand::Chat { text } => {

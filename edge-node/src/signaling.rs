@@ -808,8 +808,18 @@ impl SignalingCore {
             RoomEvent::ParticipantJoined { participant } => Some(participant.id),
             _ => None,
         };
+        // Reports are for the room's hosts and co-hosts only.
+        let moderators_only = matches!(ev, RoomEvent::Reported { .. });
         if !(large && quiet) {
             for pid in self.clients(room).collect::<Vec<_>>() {
+                if moderators_only
+                    && !self
+                        .replica(room)
+                        .and_then(|r| r.participant(pid))
+                        .is_some_and(|p| p.role.may_moderate())
+                {
+                    continue;
+                }
                 if Some(pid) != skip {
                     if let Some(intro) = &intro {
                         out.push(Output::ToClient(pid, intro.clone()));
@@ -1002,6 +1012,35 @@ mod tests {
         });
         assert_eq!(client_msgs(&out, 2).len(), 1, "the event itself");
         assert!(c.tick(Instant::now() + COUNTS_EVERY * 2).is_empty());
+    }
+
+    #[test]
+    fn a_report_goes_to_the_rooms_hosts_only() {
+        use amphi_protocol::room::{Report, ReportReason, ReportTarget};
+        let mut c = joined_core();
+        let report = Report {
+            id: "r".into(),
+            room: R,
+            reporter: "lee".into(),
+            reporter_name: "Lee".into(),
+            reporter_id: ParticipantId(2),
+            target: ReportTarget::Room,
+            target_name: None,
+            reason: ReportReason::Spam,
+            text: String::new(),
+            at_ms: 1,
+            program_ms: Some(20),
+        };
+        let ev = RoomEvent::Reported { report };
+        let out = c.on_control(ControlMessage::RoomEvents {
+            room: R,
+            events: vec![ev.clone()],
+        });
+        assert_eq!(client_msgs(&out, 1), vec![ServerMessage::Event(ev)]);
+        assert!(
+            client_msgs(&out, 2).is_empty(),
+            "the listener hears nothing"
+        );
     }
 
     fn client_msgs(out: &[Output], to: u32) -> Vec<ServerMessage> {

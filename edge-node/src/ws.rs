@@ -161,6 +161,15 @@ fn to_command(msg: ClientMessage) -> Option<RoomCommand> {
         ClientMessage::End => RoomCommand::End,
         ClientMessage::Chat { text } => RoomCommand::Chat { text },
         ClientMessage::React { emoji } => RoomCommand::React { emoji },
+        ClientMessage::Report {
+            target,
+            reason,
+            text,
+        } => RoomCommand::Report {
+            target,
+            reason,
+            text,
+        },
         ClientMessage::Join
         | ClientMessage::Offer { .. }
         | ClientMessage::Ping

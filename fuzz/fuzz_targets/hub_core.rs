@@ -139,6 +139,9 @@ struct Quiet;
 
 impl HubSink for Quiet {
     fn mixer(&self, _note: MixerNote) {}
+    fn program_ms(&self, _room: RoomId) -> Option<u64> {
+        Some(1)
+    }
     fn save_changes(&self, _room: &Room, _events: &[RoomEvent]) {}
     fn save(&self, _room: &Room) {}
     fn hold(&self, _room: RoomId) {}
@@ -155,6 +158,7 @@ fuzz_target!(|ops: Vec<Op>| {
         RoomsConfig::default(),
         wait_here,
         Box::new(Quiet),
+        7,
     );
     let log = Arc::new(Mutex::new(Vec::new()));
     // Connection id -> (its link, its kind) while connected.

@@ -1,7 +1,7 @@
 //! State read back from Redis, which anyone with access to it (or a bug in an older release)
 //! could have altered: the origin's stored rooms (the fields of a room's hash, assembled into a
 //! `PersistedRoom` and restored into the room authority), and the geo-router's stored room
-//! entries (paged through the directory index) and stored edges (mirrored into the edge registry, then used
+//! entries (paged through the directory index), stored reports, and stored edges (mirrored into the edge registry, then used
 //! for edge selection and listener counts).
 //!
 //! Records are generated well-formed and then corrupted with byte edits, so both the parsers and
@@ -23,7 +23,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
-use vocab::{ARole, AState, Cmd, Pid, Text, User};
+use vocab::{ARole, AState, Cmd, Ev, Pid, Text, User};
 
 /// Byte edits applied to a record's JSON: (position, new byte), or a cut.
 #[derive(Arbitrary, Debug)]
@@ -83,9 +83,17 @@ struct Edge {
     edits: Vec<Edit>,
 }
 
+/// A report as the geo-router stores it (`reports:{room}` JSON), then edited.
+#[derive(Arbitrary, Debug)]
+struct StoredReport {
+    report: Ev,
+    edits: Vec<Edit>,
+}
+
 #[derive(Arbitrary, Debug)]
 struct Input {
     room: StoredRoom,
+    report: StoredReport,
     /// Raw bytes in a room's place, as a wholly foreign value would be.
     raw: Vec<u8>,
     entries: Vec<Entry>,
@@ -98,6 +106,18 @@ struct Input {
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "\u{1}"];
 
 fuzz_target!(|input: Input| {
+    // The router's stored reports (`GET /v1/rooms/{id}/reports` reads them back): edited
+    // JSON is refused or reads back as a report that stores as itself.
+    if let amphi_protocol::room::RoomEvent::Reported { report } = input.report.report.event() {
+        let json = serde_json::to_vec(&report).expect("a report serializes");
+        let back: amphi_protocol::room::Report = serde_json::from_slice(&json).expect("reads back");
+        assert_eq!(back, report);
+        let edited = corrupt(json, &input.report.edits);
+        if let Ok(r) = serde_json::from_slice::<amphi_protocol::room::Report>(&edited) {
+            let again = serde_json::to_vec(&r).expect("a report serializes");
+            assert_eq!(serde_json::from_slice::<amphi_protocol::room::Report>(&again).ok(), Some(r));
+        }
+    }
     let t0 = Instant::now();
     let unix_ms = 1_700_000_000_000 + u64::from(input.now_secs) * 1000;
 

@@ -3,7 +3,7 @@
 //! the state, and the state stays consistent.
 #![no_main]
 use amphi_origin::room::{Room, RoomLimits};
-use amphi_protocol::room::{RoomCommand, RoomPhase, RoomRole};
+use amphi_protocol::room::{ReportReason, ReportTarget, RoomCommand, RoomPhase, RoomRole};
 use amphi_protocol::token::Role;
 use amphi_protocol::{ParticipantId, RoomId};
 use libfuzzer_sys::fuzz_target;
@@ -22,7 +22,7 @@ const TEXTS: [&str; 4] = ["hi", "", "  \u{7} ", "👏"];
 fn command(b: [u8; 4]) -> RoomCommand {
     let target = ParticipantId(u32::from(b[2] % 8));
     let role = ROLES[usize::from(b[3] % 4)];
-    match b[1] % 14 {
+    match b[1] % 16 {
         0 => RoomCommand::Join {
             user: USERS[usize::from(b[2] % 5)].into(),
             name: "n".repeat(usize::from(b[3])),
@@ -46,8 +46,17 @@ fn command(b: [u8; 4]) -> RoomCommand {
         10 | 11 => RoomCommand::Chat {
             text: TEXTS[usize::from(b[3] % 4)].repeat(usize::from(b[2]) * 3),
         },
-        _ => RoomCommand::React {
+        12 | 13 => RoomCommand::React {
             emoji: TEXTS[usize::from(b[3] % 4)].repeat(usize::from(b[2] % 20)),
+        },
+        _ => RoomCommand::Report {
+            target: if b[3] & 1 == 1 {
+                ReportTarget::User(USERS[usize::from(b[2] % 5)].into())
+            } else {
+                ReportTarget::Room
+            },
+            reason: ReportReason::ALL[usize::from(b[3] >> 1) % ReportReason::ALL.len()],
+            text: TEXTS[usize::from(b[3] % 4)].repeat(usize::from(b[2]) * 3),
         },
     }
 }

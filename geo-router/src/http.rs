@@ -46,6 +46,7 @@ mod edges;
 mod end_room;
 mod recording;
 mod reminders;
+mod reports;
 mod route;
 mod tasks;
 
@@ -739,6 +740,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/rooms/{id}/end"),
     ("post", "/v1/tokens/revoke"),
     ("get", "/v1/rooms/{id}/recording"),
+    ("get", "/v1/rooms/{id}/reports"),
     ("get", "/v1/route"),
     ("get", "/v1/edges"),
     ("put", "/v1/edges/{id}"),
@@ -766,6 +768,7 @@ fn app(state: Shared) -> Router {
         .route("/v1/rooms/{id}/end", post(end_room))
         .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/rooms/{id}/recording", get(recording))
+        .route("/v1/rooms/{id}/reports", get(reports::list))
         .route("/v1/route", get(route))
         .route("/v1/edges", get(list_edges))
         .route("/v1/edges/{id}", put(edge_heartbeat))

@@ -74,6 +74,11 @@ pub enum OriginEvent {
         /// The user (token `sub`).
         user: String,
     },
+    /// An origin's room authority accepted a participant's report.
+    Reported {
+        /// The report.
+        report: Box<amphi_protocol::room::Report>,
+    },
 }
 
 /// What the router tells an origin.
@@ -393,6 +398,11 @@ impl Link {
                                     }
                                     ControlMessage::Revoke { room, user } => {
                                         let _ = self.events.send(OriginEvent::Revoked { room, user });
+                                    }
+                                    ControlMessage::Reported { report } => {
+                                        let _ = self.events.send(OriginEvent::Reported {
+                                            report: Box::new(report),
+                                        });
                                     }
                                     ControlMessage::Ping { nonce } => {
                                         let pong = ControlMessage::Pong { nonce };

@@ -18,7 +18,9 @@
 //! room; idle expiry reads its low end), `scheduled` sorted set
 //! (score = start time), `edge:{id}` JSON `{beat, seen_ms}` with a TTL of [`EDGE_TTL`], `edges`
 //! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
-//! markers so that one replica only emits a webhook.
+//! markers so that one replica only emits a webhook, `reports:{room}` hash (report id -> report
+//! JSON) and `reportidx:{room}` sorted set (score = `at_ms`), at most [`MAX_REPORTS_PER_ROOM`]
+//! per room and kept [`REPORT_TTL`] after the latest.
 //!
 //! While Redis is unreachable a [`RedisStore`] keeps working from this replica's view
 //! ([`Fallback`]): rooms are created, read, listed and ended locally (their directory writes
@@ -34,10 +36,11 @@ use crate::registry::{validate, HeartbeatError, Registry, HEARTBEAT_INTERVAL, MI
 use crate::reminders::MAX_SUBSCRIBERS_PER_ROOM;
 use amphi_protocol::api::EdgeHeartbeat;
 use amphi_protocol::config::EdgeEndpoint;
+use amphi_protocol::room::Report;
 use amphi_protocol::RoomId;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -51,6 +54,10 @@ pub const EDGE_TTL: Duration = Duration::from_secs(60);
 pub const ENDED_ROOM_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a "done once" marker lives.
 const ONCE_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Reports kept per room (the newest; an older one goes when a newer one arrives past this).
+pub const MAX_REPORTS_PER_ROOM: usize = 1000;
+/// How long Redis keeps a room's reports after its latest one.
+pub const REPORT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// What a store operation answers.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -203,6 +210,12 @@ pub trait Store: Send + Sync {
     /// Every token revocation in force at `now_unix`: (jti, until). Re-sent to an origin whose
     /// link comes up.
     fn revoked_tokens(&self, now_unix: u64) -> StoreFuture<'_, Vec<(String, u64)>>;
+    /// Keep `report` with its room's (at most [`MAX_REPORTS_PER_ROOM`], the oldest dropped);
+    /// `true` if it is new, `false` if a report with its id is there already (every router
+    /// linked to the origin hears it; the one that stores it emits `report_created`).
+    fn add_report(&self, report: Report) -> StoreFuture<'_, bool>;
+    /// Up to `limit` of `room`'s reports, newest first.
+    fn reports(&self, room: RoomId, limit: usize) -> StoreFuture<'_, Vec<Report>>;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -234,6 +247,8 @@ pub struct MemoryStore {
     claimed: Mutex<BTreeSet<(String, RoomId)>>,
     revoked: Mutex<amphi_protocol::token::RevokedTokens>,
     reminders: Mutex<HashMap<RoomId, BTreeSet<String>>>,
+    /// Each room's reports, oldest first.
+    reports: Mutex<HashMap<RoomId, VecDeque<Report>>>,
 }
 
 impl MemoryStore {
@@ -245,6 +260,7 @@ impl MemoryStore {
             claimed: Mutex::new(BTreeSet::new()),
             revoked: Mutex::new(Default::default()),
             reminders: Mutex::new(HashMap::new()),
+            reports: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -413,6 +429,27 @@ impl Store for MemoryStore {
             .collect();
         Box::pin(async move { Ok(list) })
     }
+
+    fn add_report(&self, report: Report) -> StoreFuture<'_, bool> {
+        let mut all = lock(&self.reports);
+        let list = all.entry(report.room).or_default();
+        let new = !list.iter().any(|r| r.id == report.id);
+        if new {
+            list.push_back(report);
+            while list.len() > MAX_REPORTS_PER_ROOM {
+                list.pop_front();
+            }
+        }
+        Box::pin(async move { Ok(new) })
+    }
+
+    fn reports(&self, room: RoomId, limit: usize) -> StoreFuture<'_, Vec<Report>> {
+        let list = lock(&self.reports)
+            .get(&room)
+            .map(|l| l.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default();
+        Box::pin(async move { Ok(list) })
+    }
 }
 
 /// An edge as stored in Redis.
@@ -549,6 +586,7 @@ pub struct RedisStore {
     end_script: redis::Script,
     reschedule_script: redis::Script,
     subscribe_script: redis::Script,
+    report_script: redis::Script,
     /// Directory writes and rooms kept while Redis is unreachable.
     fallback: Mutex<Fallback>,
     /// Whether requests try Redis now (the sync always does).
@@ -597,6 +635,23 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, n + 1}
 ";
 
+/// Adds a report unless its id is there: 1 added, 0 already there. Keeps the newest ARGV[4]
+/// of the room. KEYS: the room's report hash (id -> JSON), its index (sorted set, score =
+/// `at_ms`). ARGV: id, JSON, `at_ms`, the limit, the TTL in seconds.
+const ADD_REPORT_LUA: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if over > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, over - 1)
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 1
+";
+
 impl RedisStore {
     /// Connect to `url` (`redis://127.0.0.1:6379/0`) with every key under `prefix`, and load
     /// the shared edge registry once. Fails if Redis cannot be reached.
@@ -640,6 +695,7 @@ impl RedisStore {
             end_script: redis::Script::new(END_ROOM_LUA),
             reschedule_script: redis::Script::new(RESCHEDULE_ROOM_LUA),
             subscribe_script: redis::Script::new(SUBSCRIBE_REMINDER_LUA),
+            report_script: redis::Script::new(ADD_REPORT_LUA),
             fallback: Mutex::new(Fallback::default()),
             breaker: Mutex::new(Breaker::default()),
         };
@@ -1424,6 +1480,69 @@ impl Store for RedisStore {
                     .query_async(&mut c)
                     .await?;
                 Ok(flat)
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn add_report(&self, report: Report) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let json = serde_json::to_string(&report).map_err(|e| StoreError::Corrupt {
+                key: format!("reports:{}", report.room),
+                message: e.to_string(),
+            })?;
+            let call = async {
+                let mut c = self.conn();
+                let added: i64 = self
+                    .report_script
+                    .key(self.key(format!("reports:{}", report.room)))
+                    .key(self.key(format!("reportidx:{}", report.room)))
+                    .arg(&report.id)
+                    .arg(json)
+                    .arg(report.at_ms)
+                    .arg(MAX_REPORTS_PER_ROOM)
+                    .arg(REPORT_TTL.as_secs())
+                    .invoke_async(&mut c)
+                    .await?;
+                Ok::<_, StoreError>(added == 1)
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn reports(&self, room: RoomId, limit: usize) -> StoreFuture<'_, Vec<Report>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let call = async {
+                let mut c = self.conn();
+                let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                    .arg(self.key(format!("reportidx:{room}")))
+                    .arg(0)
+                    .arg(limit - 1)
+                    .query_async(&mut c)
+                    .await?;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let key = self.key(format!("reports:{room}"));
+                let bodies: Vec<Option<String>> = redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&ids)
+                    .query_async(&mut c)
+                    .await?;
+                // An id whose body went (trimmed meanwhile) is skipped.
+                bodies
+                    .into_iter()
+                    .flatten()
+                    .map(|json| {
+                        serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
+                            key: key.clone(),
+                            message: e.to_string(),
+                        })
+                    })
+                    .collect()
             };
             self.guarded(call).await
         })

@@ -40,6 +40,8 @@ pub enum EventKind {
     /// Subscribers of a scheduled room's reminder are to be told (batched; see
     /// [`crate::reminders`]).
     RoomReminder,
+    /// A participant reported a user or a room (`data` is the report).
+    ReportCreated,
 }
 
 /// One webhook delivery body.

@@ -5,10 +5,13 @@
 //! on loopback. Two routers on one Redis must agree.
 
 use amphi_geo_router::directory::{Expiry, RoomCounts};
-use amphi_geo_router::store::{EndOutcome, MemoryStore, Now, RedisStore, Store};
+use amphi_geo_router::store::{
+    EndOutcome, MemoryStore, Now, RedisStore, Store, MAX_REPORTS_PER_ROOM,
+};
 use amphi_geo_router::RouterSetup;
 use amphi_protocol::api::{EdgeHeartbeat, RoomLoad};
 use amphi_protocol::config::RouterConfig;
+use amphi_protocol::room::{Report, ReportReason, ReportTarget};
 use amphi_protocol::token::TokenSigner;
 use amphi_protocol::RoomId;
 use std::time::{Duration, Instant};
@@ -300,6 +303,127 @@ async fn reminder_contract(store: &dyn Store) {
         store.reschedule_room(room, at, now).await.unwrap(),
         Rescheduled::NotScheduled,
         "cancelled rooms stay cancelled"
+    );
+}
+
+fn report(room: RoomId, id: &str, at_ms: u64) -> Report {
+    Report {
+        id: id.into(),
+        room,
+        reporter: "lis".into(),
+        reporter_name: "Lis".into(),
+        reporter_id: amphi_protocol::ParticipantId(2),
+        target: ReportTarget::User("spk".into()),
+        target_name: Some("Spk".into()),
+        reason: ReportReason::Harassment,
+        text: "shouting".into(),
+        at_ms,
+        program_ms: Some(40_000),
+    }
+}
+
+/// Reports: stored once by id (every router hears each), listed newest first, bounded per room.
+async fn report_contract(store: &dyn Store) {
+    let (a, b) = (RoomId(0xa), RoomId(0xb));
+    assert!(store.reports(a, 10).await.unwrap().is_empty());
+    assert!(store.add_report(report(a, "r1", 1_000)).await.unwrap());
+    assert!(
+        !store.add_report(report(a, "r1", 1_000)).await.unwrap(),
+        "the same report from a second router is not new"
+    );
+    assert!(store.add_report(report(a, "r2", 2_000)).await.unwrap());
+    assert!(store.add_report(report(b, "r3", 1_500)).await.unwrap());
+    let listed = store.reports(a, 10).await.unwrap();
+    assert_eq!(listed, vec![report(a, "r2", 2_000), report(a, "r1", 1_000)]);
+    assert_eq!(
+        store.reports(a, 1).await.unwrap(),
+        vec![report(a, "r2", 2_000)]
+    );
+    assert_eq!(
+        store.reports(b, 10).await.unwrap(),
+        vec![report(b, "r3", 1_500)]
+    );
+    // At most MAX_REPORTS_PER_ROOM per room: the oldest go.
+    for i in 0..MAX_REPORTS_PER_ROOM as u64 {
+        assert!(store
+            .add_report(report(a, &format!("x{i}"), 10_000 + i))
+            .await
+            .unwrap());
+    }
+    let all = store.reports(a, usize::MAX / 2).await.unwrap();
+    assert_eq!(all.len(), MAX_REPORTS_PER_ROOM);
+    assert_eq!(all[0].id, format!("x{}", MAX_REPORTS_PER_ROOM - 1));
+    assert!(
+        all.iter().all(|r| r.id.starts_with('x')),
+        "r1 and r2 dropped"
+    );
+}
+
+#[tokio::test]
+async fn reports_in_memory() {
+    report_contract(&MemoryStore::new(&[])).await;
+}
+
+#[tokio::test]
+async fn reports_in_redis_survive_the_router() {
+    let url = redis_db(7);
+    let room = RoomId(0xa);
+    {
+        let store = RedisStore::connect(&url, "reports:", &[]).await.unwrap();
+        report_contract(&store).await;
+    }
+    // A new router process on the same Redis lists them (durable, not this process's memory).
+    let again = RedisStore::connect(&url, "reports:", &[]).await.unwrap();
+    assert_eq!(again.reports(room, 5).await.unwrap().len(), 5);
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("reports:reports:{room}"))
+        .query(&mut c)
+        .unwrap();
+    assert!(ttl > 0, "reports expire eventually (TTL {ttl})");
+}
+
+/// In production the listing needs an app API key's signature: unsigned or signed with a bad
+/// secret it answers 401, signed 200 with the room's reports.
+#[test]
+fn the_report_listing_needs_an_api_key_in_production() {
+    const SECRET: &str = "app-secret";
+    let r = start_router_with(27_150, Backend::Memory, TokenSigner::generate("k1"), |c| {
+        c.dev_mode = false;
+        c.api_keys = vec![amphi_protocol::config::ApiKeyConfig {
+            id: "app".into(),
+            secret: SECRET.into(),
+            scope: amphi_protocol::config::ApiScope::App,
+        }];
+    });
+    let path = "/v1/rooms/000000000000000a/reports?limit=5";
+    let get = |secret: &str| {
+        let now = unix_now();
+        let sig = amphi_geo_router::auth::sign(secret, now, "GET", path, b"");
+        let resp = ureq::get(&format!("{}{path}", r.base))
+            .set("x-amphi-key", "app")
+            .set("x-amphi-timestamp", &now.to_string())
+            .set("x-amphi-signature", &sig)
+            .call();
+        match resp {
+            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    };
+    let (status, body) = call("GET", &format!("{}{path}", r.base), None);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_api_signature")),
+        "{body}"
+    );
+    assert_eq!(get("wrong").0, 401);
+    let (status, body) = get(SECRET);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"room": "000000000000000a", "reports": []})
     );
 }
 

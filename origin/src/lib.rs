@@ -158,6 +158,7 @@ impl Authority {
             packets_tx,
             control_tx,
             None,
+            Arc::new(mixer_thread::ProgramClock::default()),
             room::RoomsConfig::default(),
         ));
         tokio::spawn(hub.clone().accept_loop(endpoint, shutdown));
@@ -233,6 +234,8 @@ pub async fn run_with(
         ..programs::ProgramsConfig::default()
     };
     let (idle_tx, mut idle_rx) = mpsc::unbounded_channel();
+    let clock = Arc::new(mixer_thread::ProgramClock::default());
+    let mixer_clock = clock.clone();
     let mixer_stop = stop.clone();
     std::thread::Builder::new()
         .name("amphi-mixer".into())
@@ -249,6 +252,7 @@ pub async fn run_with(
                         runtime,
                         programs_config,
                         idle_tx,
+                        mixer_clock,
                         mixer_stop.clone(),
                     ))
                     .map_err(|e| e.to_string())
@@ -264,6 +268,7 @@ pub async fn run_with(
         packets_tx,
         control_tx,
         durable,
+        clock,
         room::RoomsConfig {
             room: room::RoomLimits {
                 max_sessions_per_user: config.max_sessions_per_user.max(1),

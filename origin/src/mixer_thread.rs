@@ -8,7 +8,8 @@ use amphi_protocol::relay::{FrameKind, RelayFrame, SpeakerIdentity};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -119,8 +120,45 @@ impl RoomCpu {
     }
 }
 
+/// Where each running program is, in frames mixed since it started (so milliseconds in the
+/// program and in its recording, which starts with the program's first frame): written by the
+/// mixer thread (a room is added when its program starts, its counter bumped per frame, no
+/// allocation), read by the hub to stamp reports with a pointer into the recording.
+#[derive(Debug, Default)]
+pub(crate) struct ProgramClock {
+    rooms: RwLock<HashMap<RoomId, Arc<AtomicU64>>>,
+}
+
+impl ProgramClock {
+    /// Milliseconds of `room`'s program mixed so far; `None` if no program runs for it.
+    pub(crate) fn position_ms(&self, room: RoomId) -> Option<u64> {
+        let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
+        let frames = rooms.get(&room)?.load(Ordering::Relaxed);
+        Some(frames.saturating_mul(crate::jitter::FRAME_NS as u64 / 1_000_000))
+    }
+
+    fn started(&self, room: RoomId) -> Arc<AtomicU64> {
+        let counter = Arc::new(AtomicU64::new(0));
+        self.rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room, counter.clone());
+        counter
+    }
+
+    fn stopped(&self, room: RoomId) {
+        self.rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&room);
+    }
+}
+
 struct Driver {
     programs: Programs,
+    /// The shared program positions, and this thread's handle on each running room's counter.
+    clock: Arc<ProgramClock>,
+    frames: HashMap<RoomId, Arc<AtomicU64>>,
     packagers: HashMap<u64, PackagerLink>,
     /// Live rooms announced to the packagers (`RoomOpened`), replayed to each new packager.
     opened: HashSet<RoomId>,
@@ -254,13 +292,21 @@ impl Driver {
             room_cpu,
             idle_tx,
             identities,
+            clock,
+            frames,
             ..
         } = self;
         programs.poll(now, &mut |event| match event {
-            ProgramEvent::Started(room) => tracing::info!(%room, "program started"),
+            ProgramEvent::Started(room) => {
+                tracing::info!(%room, "program started");
+                frames.insert(room, clock.started(room));
+            }
             ProgramEvent::Mixing(room) => room_cpu.mixing(room),
             ProgramEvent::Frame(room, frame) => {
                 room_cpu.mixed(room, metrics);
+                if let Some(n) = frames.get(&room) {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
                 if packagers.is_empty() {
                     return;
                 }
@@ -290,6 +336,8 @@ impl Driver {
                 tracing::info!(%room, "program stopped");
                 room_cpu.stopped(room, metrics);
                 identities.remove(&room);
+                frames.remove(&room);
+                clock.stopped(room);
                 for link in packagers.values_mut() {
                     link.streams.remove(&room);
                 }
@@ -305,7 +353,9 @@ impl Driver {
 }
 
 /// Run the mixer loop until `shutdown` or until both command channels close. Rooms idle for
-/// `config.idle_end` are sent on `idle_tx` (the hub ends them).
+/// `config.idle_end` are sent on `idle_tx` (the hub ends them); every running program's
+/// position is kept in `clock`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn mixer_loop(
     mut packets: mpsc::Receiver<MixerCmd>,
     mut control: mpsc::UnboundedReceiver<MixerCmd>,
@@ -313,10 +363,13 @@ pub(crate) async fn mixer_loop(
     runtime: tokio::runtime::Handle,
     config: ProgramsConfig,
     idle_tx: mpsc::UnboundedSender<RoomId>,
+    clock: Arc<ProgramClock>,
     shutdown: CancellationToken,
 ) -> Result<(), crate::mixer::MixError> {
     let mut driver = Driver {
         programs: Programs::new(config, Instant::now()),
+        clock,
+        frames: HashMap::new(),
         idle_tx,
         packagers: HashMap::new(),
         opened: HashSet::new(),

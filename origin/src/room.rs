@@ -6,8 +6,8 @@
 //! unit tests below check the whole command x role table.
 
 use amphi_protocol::room::{
-    Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState, MAX_CHAT_CHARS,
-    MAX_REACTION_CHARS,
+    Participant, Report, ReportReason, ReportTarget, RoomCommand, RoomEvent, RoomPhase, RoomRole,
+    RoomState, MAX_CHAT_CHARS, MAX_REACTION_CHARS, MAX_REPORT_TEXT_CHARS,
 };
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -38,7 +38,7 @@ pub enum RejectCode {
     Banned,
     /// The room has ended; it accepts nothing.
     RoomEnded,
-    /// Too many chat messages or reactions in the window.
+    /// Too many chat messages, reactions or reports in the window.
     RateLimited,
     /// A capacity limit (participants in a room, rooms on this origin).
     Limit,
@@ -99,6 +99,8 @@ pub struct RoomLimits {
     pub chat: Rate,
     /// Reactions per participant.
     pub reactions: Rate,
+    /// Reports per user (every session of the user together).
+    pub reports: Rate,
     /// Participants present at most at once.
     pub max_participants: usize,
     /// Participants one user (token `sub`) may be at once, over every edge.
@@ -115,6 +117,10 @@ impl Default for RoomLimits {
             reactions: Rate {
                 max: 10,
                 window: Duration::from_secs(10),
+            },
+            reports: Rate {
+                max: 3,
+                window: Duration::from_secs(60),
             },
             max_participants: 100_000,
             max_sessions_per_user: 8,
@@ -150,6 +156,7 @@ impl Window {
 struct Activity {
     chat: Window,
     reactions: Window,
+    reports: Window,
 }
 
 /// One room's authoritative state. See the module documentation.
@@ -263,7 +270,9 @@ impl Room {
                 RoomEvent::Ended { .. } => {
                     return crate::persist::RoomChanges::full(&self.persisted())
                 }
-                RoomEvent::Chat { .. } | RoomEvent::Reaction { .. } => {}
+                RoomEvent::Chat { .. }
+                | RoomEvent::Reaction { .. }
+                | RoomEvent::Reported { .. } => {}
             }
         }
         for id in touched {
@@ -566,9 +575,90 @@ impl Room {
                     emoji: emoji.to_string(),
                 }]
             }
+            RoomCommand::Report {
+                target,
+                reason,
+                text,
+            } => vec![RoomEvent::Reported {
+                report: self.report(actor, target, reason, text, now)?,
+            }],
         };
         self.last_change = self.last_change.max(now);
         Ok(events)
+    }
+
+    /// A report by `actor` at `now`, validated and counted against the user's report rate. The
+    /// reported user may have left or been kicked: any user who joined the room since it
+    /// started may be reported (a user the room never saw is `not_found`). The report's `id`
+    /// is empty and `program_ms` unset: the driver, which knows the program, fills both.
+    fn report(
+        &mut self,
+        actor: ParticipantId,
+        target: ReportTarget,
+        reason: ReportReason,
+        text: String,
+        now: Instant,
+    ) -> Result<Report, Rejection> {
+        let reporter = self.participant(actor).cloned().ok_or_else(|| Rejection {
+            code: RejectCode::NotFound,
+            message: format!("participant {actor} is not in the room"),
+        })?;
+        let text = text.trim();
+        if text.chars().count() > MAX_REPORT_TEXT_CHARS {
+            return reject(
+                RejectCode::BadMessage,
+                format!("report text must be at most {MAX_REPORT_TEXT_CHARS} characters"),
+            );
+        }
+        if text.chars().any(|c| c.is_control() && c != '\n') {
+            return reject(RejectCode::BadMessage, "report text has control characters");
+        }
+        let target_name = match &target {
+            ReportTarget::Room => None,
+            ReportTarget::User(user) => {
+                if *user == reporter.user {
+                    return reject(RejectCode::Invalid, "you cannot report yourself");
+                }
+                if !self.roles.contains_key(user) && !self.banned.contains(user) {
+                    return reject(RejectCode::NotFound, "that user has not been in this room");
+                }
+                self.participants
+                    .values()
+                    .find(|p| p.user == *user)
+                    .map(|p| p.name.clone())
+            }
+        };
+        self.trim_activity(now);
+        let rate = self.limits.reports;
+        let window = &mut self
+            .activity
+            .entry(reporter.user.clone())
+            .or_default()
+            .reports;
+        if !window.allows(rate, now) {
+            return reject(
+                RejectCode::RateLimited,
+                format!(
+                    "at most {} reports per {} s",
+                    rate.max,
+                    rate.window.as_secs()
+                ),
+            );
+        }
+        window.record(now);
+        Ok(Report {
+            id: String::new(),
+            room: self.id,
+            reporter: reporter.user,
+            reporter_name: reporter.name,
+            reporter_id: actor,
+            target,
+            target_name,
+            reason,
+            text: text.to_string(),
+            at_ms: self.unix_ms(now),
+            program_ms: None,
+        })
     }
 
     /// Whether housekeeping may forget this room at `now`: ended longer than `ended_memory`
@@ -614,9 +704,14 @@ impl Room {
         if self.activity.len() <= 2 * self.participants.len() + 64 {
             return;
         }
-        let keep = self.limits.chat.window.max(self.limits.reactions.window);
+        let keep = self
+            .limits
+            .chat
+            .window
+            .max(self.limits.reactions.window)
+            .max(self.limits.reports.window);
         self.activity.retain(|_, a| {
-            [&a.chat, &a.reactions].iter().any(|w| {
+            [&a.chat, &a.reactions, &a.reports].iter().any(|w| {
                 w.times
                     .back()
                     .is_some_and(|t| now.saturating_duration_since(*t) < keep)

@@ -97,7 +97,8 @@ fn every_documented_message_parses() {
             "react",
             "ping",
             "refresh_token",
-            "list_participants"
+            "list_participants",
+            "report"
         ])
     );
     assert_eq!(
@@ -122,7 +123,8 @@ fn every_documented_message_parses() {
             "counts",
             "participant",
             "participants",
-            "token_refreshed"
+            "token_refreshed",
+            "reported"
         ])
     );
     assert_eq!(
@@ -135,7 +137,8 @@ fn every_documented_message_parses() {
             "room_snapshot_part",
             "command_rejected",
             "room_ended",
-            "revoke_token"
+            "revoke_token",
+            "reported"
         ])
     );
 }

@@ -5,7 +5,7 @@
 //! stream per room) use the same record framing with a relay frame as the body.
 
 use crate::ids::{ParticipantId, RoomId};
-use crate::room::{Participant, RoomCommand, RoomEvent, RoomState};
+use crate::room::{Participant, Report, RoomCommand, RoomEvent, RoomState};
 use serde::{Deserialize, Serialize};
 
 /// Largest control record body (64 KiB).
@@ -116,6 +116,12 @@ pub enum ControlMessage {
         jti: String,
         /// Until when (Unix seconds).
         until: u64,
+    },
+    /// Origin -> every geo-router: a participant's report, accepted by the room authority (the
+    /// routers store it, deduplicated by its id, and emit `report_created`).
+    Reported {
+        /// The report (its room inside).
+        report: Report,
     },
     /// Liveness probe; answered with `Pong` carrying the same nonce.
     Ping {

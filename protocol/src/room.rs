@@ -21,6 +21,104 @@ pub const LISTENER_AUDIO_SLOTS: usize = 3;
 pub const FULL_LIST_MAX_PARTICIPANTS: usize = 200;
 /// Most participants in one `participants` page.
 pub const PARTICIPANT_PAGE_MAX: usize = 500;
+/// Longest free text of a report, in characters.
+pub const MAX_REPORT_TEXT_CHARS: usize = 500;
+
+/// Why a participant or a room is reported (a fixed list; `other` with the free text for the
+/// rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportReason {
+    /// Unsolicited promotion, flooding, scams.
+    Spam,
+    /// Harassment or bullying of someone.
+    Harassment,
+    /// Hate speech against a group.
+    Hate,
+    /// Threats or incitement to violence.
+    Violence,
+    /// Sexual content.
+    Sexual,
+    /// Self-harm or suicide.
+    SelfHarm,
+    /// Pretending to be someone else.
+    Impersonation,
+    /// Anything else (say what in the text).
+    Other,
+}
+
+impl ReportReason {
+    /// Every reason, in the order clients list them.
+    pub const ALL: [ReportReason; 8] = [
+        ReportReason::Spam,
+        ReportReason::Harassment,
+        ReportReason::Hate,
+        ReportReason::Violence,
+        ReportReason::Sexual,
+        ReportReason::SelfHarm,
+        ReportReason::Impersonation,
+        ReportReason::Other,
+    ];
+
+    /// The wire name (`spam`, `harassment`, `hate`, `violence`, `sexual`, `self_harm`,
+    /// `impersonation`, `other`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportReason::Spam => "spam",
+            ReportReason::Harassment => "harassment",
+            ReportReason::Hate => "hate",
+            ReportReason::Violence => "violence",
+            ReportReason::Sexual => "sexual",
+            ReportReason::SelfHarm => "self_harm",
+            ReportReason::Impersonation => "impersonation",
+            ReportReason::Other => "other",
+        }
+    }
+}
+
+/// What a report is about: the whole room (`"room"`) or one user (`{"user": "<token sub>"}`),
+/// present, gone or kicked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportTarget {
+    /// The room as a whole (its topic, its hosts' conduct).
+    Room,
+    /// A user (token `sub`) who is or was in the room.
+    User(String),
+}
+
+/// A report as the room authority accepted it: sent live to the room's hosts and co-hosts
+/// (`reported`), to the geo-routers (stored, listed at `GET /v1/rooms/{id}/reports`, the
+/// `report_created` webhook).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Unique id (the origin that accepted it chose it); stores deduplicate by it.
+    pub id: String,
+    /// The room.
+    pub room: RoomId,
+    /// The reporting user (token `sub`).
+    pub reporter: String,
+    /// The reporter's display name.
+    pub reporter_name: String,
+    /// The reporter's participant id at the time.
+    pub reporter_id: ParticipantId,
+    /// What is reported.
+    pub target: ReportTarget,
+    /// The reported user's display name, if the room knows it (present at the time).
+    #[serde(default)]
+    pub target_name: Option<String>,
+    /// Why.
+    pub reason: ReportReason,
+    /// Free text, at most [`MAX_REPORT_TEXT_CHARS`] characters (may be empty).
+    #[serde(default)]
+    pub text: String,
+    /// Unix milliseconds at the authority.
+    pub at_ms: u64,
+    /// Where the room's program (and so its recording) was when the report was made, in
+    /// milliseconds from the program's start; absent when no program was running.
+    #[serde(default)]
+    pub program_ms: Option<u64>,
+}
 
 /// A participant's role inside a running room (tokens carry only host, speaker or listener;
 /// co-hosts are named by a host).
@@ -196,6 +294,16 @@ pub enum RoomCommand {
         /// Emoji or short word.
         emoji: String,
     },
+    /// Report a user or the room to the room's hosts and the moderators of the application.
+    Report {
+        /// Who or what.
+        target: ReportTarget,
+        /// Why.
+        reason: ReportReason,
+        /// Free text (at most [`MAX_REPORT_TEXT_CHARS`] characters).
+        #[serde(default)]
+        text: String,
+    },
 }
 
 fn default_promote_role() -> RoomRole {
@@ -277,6 +385,12 @@ pub enum RoomEvent {
         /// Who ended it (`None`: ended through the REST API or by an operator).
         by: Option<ParticipantId>,
     },
+    /// A participant reported a user or the room. Edges pass it to their hosts and co-hosts
+    /// only; it changes no state.
+    Reported {
+        /// The report.
+        report: Report,
+    },
 }
 
 /// One entry of the active-speaker list.
@@ -345,6 +459,18 @@ pub enum ClientMessage {
     React {
         /// Emoji or short word.
         emoji: String,
+    },
+    /// Report a user (present, gone or kicked) or the room; the room's hosts get `reported`,
+    /// the application a `report_created` webhook. Refused with `error` (`bad_message`,
+    /// `not_found`, `invalid`, `rate_limited`).
+    Report {
+        /// `"room"` or `{"user": "<user id>"}`.
+        target: ReportTarget,
+        /// One of [`ReportReason::ALL`].
+        reason: ReportReason,
+        /// Free text (at most [`MAX_REPORT_TEXT_CHARS`] characters).
+        #[serde(default)]
+        text: String,
     },
     /// Keep-alive; answered by `pong`.
     Ping,
@@ -523,6 +649,55 @@ mod tests {
         let ended: ServerMessage =
             serde_json::from_value(json!({"type": "ended", "by": null})).unwrap();
         assert_eq!(ended, ServerMessage::Event(RoomEvent::Ended { by: None }));
+    }
+
+    #[test]
+    fn reports_parse_from_documented_json() {
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"type":"report","target":{"user":"u-7"},"reason":"self_harm","text":"x"}"#
+            ),
+            Ok(ClientMessage::Report {
+                target: ReportTarget::User("u-7".into()),
+                reason: ReportReason::SelfHarm,
+                text: "x".into(),
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"report","target":"room","reason":"spam"}"#),
+            Ok(ClientMessage::Report {
+                target: ReportTarget::Room,
+                reason: ReportReason::Spam,
+                text: String::new(),
+            })
+        );
+        assert!(matches!(
+            ClientMessage::parse(r#"{"type":"report","target":"room","reason":"boring"}"#),
+            Err(SignalingError::Malformed(_))
+        ));
+        for reason in ReportReason::ALL {
+            assert_eq!(json!(reason), json!(reason.as_str()));
+        }
+        let report = Report {
+            id: "r1".into(),
+            room: RoomId(9),
+            reporter: "a".into(),
+            reporter_name: "A".into(),
+            reporter_id: ParticipantId(3),
+            target: ReportTarget::Room,
+            target_name: None,
+            reason: ReportReason::Other,
+            text: String::new(),
+            at_ms: 5,
+            program_ms: Some(40),
+        };
+        let ev = ServerMessage::Event(RoomEvent::Reported {
+            report: report.clone(),
+        });
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["type"], "reported");
+        assert_eq!(v["report"]["target"], "room");
+        assert_eq!(serde_json::from_value::<ServerMessage>(v).unwrap(), ev);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //   guest (eu-west, fake mic 660 Hz) joins as an interactive (WebRTC) listener and hears 440 Hz;
 //   hal  (eu-west, no mic)           listens passively over LL-HLS and hears 440 Hz;
 //   the guest raises a hand, the host promotes it, the host hears 660 Hz; chat and a reaction go round;
+//   the HLS listener reports the guest and the room, which the host sees;
 //   the host mutes the guest and the 660 Hz stops; the host kicks the guest, whose rejoin is refused;
 //   the host ends the room and everyone left gets the ended event.
 //
@@ -210,6 +211,29 @@ try {
   check((await state(hal, () => window.amphi.listenMode)) === "webrtc", "hal keeps listening over WebRTC");
   await waitTone(hal, 440, true, 20000);
   log("HLS listener: hand pre-warmed WebRTC, promoted without a microphone, demoted, still hears 440 Hz");
+
+  // --- reports: hal reports the speaking guest (a reason and text) and the room from the page; the
+  // host sees a notice and both in its list, the guest (a speaker) sees neither.
+  await hal.click(`#speakers button[data-action="report"][data-id="${guestId}"]`);
+  await hal.selectOption("#report-reason", "harassment");
+  await hal.fill("#report-text", "shouting over everyone");
+  await hal.click("#report-send");
+  await host.waitForFunction(
+    () => [...document.querySelectorAll("#reports li")].some((li) => li.textContent.includes("shouting over everyone")),
+    null,
+    { timeout: 10000 }
+  );
+  check((await host.textContent("#notice")).includes("reported"), "the host is told of the report");
+  await hal.click("#report-room");
+  await hal.selectOption("#report-reason", "spam");
+  await hal.click("#report-send");
+  await host.waitForFunction(() => window.amphi.reports.some((r) => r.target === "room"), null, { timeout: 10000 });
+  result.reports = await state(host, () =>
+    window.amphi.reports.map((r) => [r.reason, r.target === "room" ? "room" : "user", r.program_ms != null])
+  );
+  check(!(await state(guest, () => window.amphi.events.some((e) => e.type === "reported"))), "a speaker sees no reports");
+  await host.screenshot({ path: `${artifacts}/rooms-host-reports.png` });
+  log(`host got the reports ${JSON.stringify(result.reports)}`);
 
   // --- the host mutes the guest: the 660 Hz stops. The guest's page keeps its microphone on (test
   // hook) so what stops the tone is the edge dropping a muted participant's packets.

@@ -3,7 +3,10 @@
 //! participants again (joins, then moderation of those who joined), plus hostile strings.
 #![allow(dead_code)] // each target uses part of it
 
-use amphi_protocol::room::{Participant, RoomCommand, RoomEvent, RoomPhase, RoomRole, RoomState};
+use amphi_protocol::room::{
+    Participant, Report, ReportReason, ReportTarget, RoomCommand, RoomEvent, RoomPhase, RoomRole,
+    RoomState,
+};
 use amphi_protocol::token::Role;
 use amphi_protocol::{ParticipantId, RoomId};
 use arbitrary::Arbitrary;
@@ -111,6 +114,18 @@ pub enum Cmd {
     End,
     Chat(Text),
     React(Text),
+    /// A report of a user (`Some`) or the room (`None`), with a reason and free text.
+    Report(Option<User>, u8, Text),
+}
+
+/// The report reason numbered `n` (wrapping over every reason).
+pub fn reason(n: u8) -> ReportReason {
+    ReportReason::ALL[usize::from(n) % ReportReason::ALL.len()]
+}
+
+/// What a report is about: a user (`Some`) or the room.
+pub fn report_target(user: Option<User>) -> ReportTarget {
+    user.map_or(ReportTarget::Room, |u| ReportTarget::User(u.name()))
 }
 
 impl Cmd {
@@ -147,6 +162,11 @@ impl Cmd {
             Cmd::End => RoomCommand::End,
             Cmd::Chat(t) => RoomCommand::Chat { text: t.text() },
             Cmd::React(t) => RoomCommand::React { emoji: t.text() },
+            Cmd::Report(target, r, text) => RoomCommand::Report {
+                target: report_target(target),
+                reason: reason(r),
+                text: text.text(),
+            },
         }
     }
 }
@@ -215,6 +235,8 @@ pub enum Ev {
     Reaction(Pid, Text),
     Kicked(Pid, Pid),
     Ended(Option<Pid>),
+    /// A report by a participant about a user or the room.
+    Reported(Pid, Option<User>, u8, Text, Option<u64>),
 }
 
 impl Ev {
@@ -252,6 +274,21 @@ impl Ev {
             },
             Ev::Ended(by) => RoomEvent::Ended {
                 by: by.map(Pid::id),
+            },
+            Ev::Reported(from, target, r, text, program_ms) => RoomEvent::Reported {
+                report: Report {
+                    id: "r".into(),
+                    room: RoomId(1),
+                    reporter: "u".into(),
+                    reporter_name: "n".into(),
+                    reporter_id: from.id(),
+                    target: report_target(target),
+                    target_name: None,
+                    reason: reason(r),
+                    text: text.text(),
+                    at_ms: 0,
+                    program_ms,
+                },
             },
         }
     }

@@ -36,6 +36,27 @@ pub(super) async fn apply_origin_events(s: Shared, mut rx: mpsc::UnboundedReceiv
                 );
                 tracing::info!(%room, "origin revoked a user's tokens");
             }
+            OriginEvent::Reported { report } => {
+                // Every router linked to the origin hears it; the one that stores it first
+                // emits the webhook. Without the store (Redis unreachable) the webhook still
+                // goes out: receivers deduplicate by the report's id.
+                let report = *report;
+                let new = match s.store.add_report(report.clone()).await {
+                    Ok(new) => new,
+                    Err(e) => {
+                        tracing::warn!(room = %report.room, id = %report.id, error = %e, "cannot store a report");
+                        true
+                    }
+                };
+                if new {
+                    tracing::info!(room = %report.room, id = %report.id, reason = report.reason.as_str(), "report stored");
+                    let at = report.at_ms / 1000;
+                    match serde_json::to_value(&report) {
+                        Ok(data) => s.webhooks.emit(EventKind::ReportCreated, at, data),
+                        Err(e) => tracing::warn!(error = %e, "report not serialisable"),
+                    }
+                }
+            }
             OriginEvent::RoomEnded { room, origin } => {
                 let now = now_unix();
                 // Every router linked to the origin hears this; the store lets one of them win.

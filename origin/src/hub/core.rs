@@ -25,6 +25,7 @@ use amphi_protocol::room::{RoomCommand, RoomEvent, RoomPhase, RoomState};
 use amphi_protocol::{ParticipantId, RoomId};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,9 @@ pub enum MixerNote {
 pub trait HubSink: Send + Sync {
     /// Tell the mixer thread.
     fn mixer(&self, note: MixerNote);
+    /// Milliseconds of `room`'s program mixed so far (where a report points into the
+    /// recording); `None` if no program runs for it.
+    fn program_ms(&self, room: RoomId) -> Option<u64>;
     /// Store what `events` changed of `room`'s durable state ([`Room::changes`]).
     fn save_changes(&self, room: &Room, events: &[RoomEvent]);
     /// Store `room`'s whole durable state.
@@ -318,15 +322,21 @@ pub struct HubCore<L> {
     /// When idle rooms are next forgotten.
     next_housekeeping: Mutex<Option<Instant>>,
     sink: Box<dyn HubSink>,
+    /// Report ids are this (random per process, given by the driver) and a counter: unique
+    /// over origins and restarts without coordination.
+    report_nonce: u64,
+    next_report: AtomicU64,
 }
 
 impl<L: Link> HubCore<L> {
-    /// A core with no rooms and no peers; a busy room's lock is waited for through `wait`.
+    /// A core with no rooms and no peers; a busy room's lock is waited for through `wait`;
+    /// report ids start with `report_nonce`.
     pub fn new(
         metrics: Arc<Metrics>,
         rooms: RoomsConfig,
         wait: Wait,
         sink: Box<dyn HubSink>,
+        report_nonce: u64,
     ) -> Self {
         HubCore {
             metrics,
@@ -335,6 +345,20 @@ impl<L: Link> HubCore<L> {
             relay: RwLock::new(RelayTable::default()),
             next_housekeeping: Mutex::new(None),
             sink,
+            report_nonce,
+            next_report: AtomicU64::new(1),
+        }
+    }
+
+    /// Give the reports among `events` (the authority left them without) their id and where
+    /// the room's program is now.
+    fn stamp_reports(&self, room: RoomId, events: &mut [RoomEvent]) {
+        for e in events {
+            if let RoomEvent::Reported { report } = e {
+                let n = self.next_report.fetch_add(1, Relaxed);
+                report.id = format!("{:016x}-{n:x}", self.report_nonce);
+                report.program_ms = self.sink.program_ms(room);
+            }
         }
     }
 
@@ -476,6 +500,7 @@ impl<L: Link> HubCore<L> {
             | ControlMessage::RoomSnapshotPart { .. }
             | ControlMessage::RoomOpened { .. }
             | ControlMessage::Revoke { .. }
+            | ControlMessage::Reported { .. }
             | ControlMessage::CommandRejected { .. } => Err(Violation {
                 code: "unexpected",
                 message: format!("unexpected {}", kind_of(&msg)),
@@ -632,7 +657,8 @@ impl<L: Link> HubCore<L> {
             | RoomEvent::HandRaised { .. }
             | RoomEvent::HandLowered { .. }
             | RoomEvent::Chat { .. }
-            | RoomEvent::Reaction { .. } => None,
+            | RoomEvent::Reaction { .. }
+            | RoomEvent::Reported { .. } => None,
         };
         if !events.iter().any(|e| touches(e).is_some()) {
             return;
@@ -812,10 +838,11 @@ impl<L: Link> HubCore<L> {
         } else {
             held.room.apply(actor, command, now.at)
         };
-        let events = match result {
+        let mut events = match result {
             Ok(events) => events,
             Err(rej) => return self.refuse(own, room, actor, request, rej),
         };
+        self.stamp_reports(room, &mut events);
         self.metrics.room_commands.inc();
         if is_join {
             // The packagers prepare the room's HLS output before any program media.
@@ -832,6 +859,17 @@ impl<L: Link> HubCore<L> {
         // A join that changed nothing (already present) is resolved by a snapshot only.
         let quiet = events.is_empty();
         let st = self.state_read();
+        // Reports are stored and announced by the geo-routers (each deduplicates by id).
+        for e in &events {
+            if let RoomEvent::Reported { report } = e {
+                tracing::info!(%room, id = %report.id, reason = report.reason.as_str(), "report");
+                for link in st.routers.values() {
+                    link.control(ControlMessage::Reported {
+                        report: report.clone(),
+                    });
+                }
+            }
+        }
         if !quiet {
             st.to_subscribers(room, &ControlMessage::RoomEvents { room, events });
         }
@@ -1112,6 +1150,7 @@ pub(crate) fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::CommandRejected { .. } => "command_rejected",
         ControlMessage::Revoke { .. } => "revoke",
         ControlMessage::RevokeToken { .. } => "revoke_token",
+        ControlMessage::Reported { .. } => "reported",
     }
 }
 

@@ -13,7 +13,7 @@ pub mod core;
 
 use self::core::{kind_of, HubCore, HubSink, Link, MixerNote, Moment, Violation};
 use crate::metrics::{DropReason, Metrics};
-use crate::mixer_thread::MixerCmd;
+use crate::mixer_thread::{MixerCmd, ProgramClock};
 use crate::peerq::{peer_queue, PeerReceiver, PeerSender, TooSlow, PEER_QUEUE};
 use crate::persist::{Persister, RoomStore};
 use crate::room::{AuthorityCensus, Room};
@@ -83,15 +83,21 @@ impl Link for PeerLink {
     }
 }
 
-/// The mixer thread's lossless queue and the state writer, as the core's sink.
+/// The mixer thread's lossless queue, its program positions and the state writer, as the
+/// core's sink.
 struct DriverSink {
     mixer: mpsc::UnboundedSender<MixerCmd>,
+    clock: Arc<ProgramClock>,
     persister: Option<Arc<Persister>>,
 }
 
 impl HubSink for DriverSink {
     fn mixer(&self, note: MixerNote) {
         let _ = self.mixer.send(MixerCmd::from(note));
+    }
+
+    fn program_ms(&self, room: RoomId) -> Option<u64> {
+        self.clock.position_ms(room)
     }
 
     fn save_changes(&self, room: &Room, events: &[RoomEvent]) {
@@ -204,16 +210,30 @@ impl Hub {
         packets: mpsc::Sender<MixerCmd>,
         control: mpsc::UnboundedSender<MixerCmd>,
         durable: Option<(RoomStore, Arc<Persister>)>,
+        clock: Arc<ProgramClock>,
         rooms: crate::room::RoomsConfig,
     ) -> Self {
+        use std::hash::{BuildHasher, Hasher};
         let (store, persister) = durable.unzip();
         let sink = DriverSink {
             mixer: control.clone(),
+            clock,
             persister,
         };
+        // Random per process: report ids are this and a counter (unique over origins and
+        // restarts without coordination).
+        let report_nonce = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         Hub {
             origin_id,
-            core: HubCore::new(metrics.clone(), rooms, wait_in_place, Box::new(sink)),
+            core: HubCore::new(
+                metrics.clone(),
+                rooms,
+                wait_in_place,
+                Box::new(sink),
+                report_nonce,
+            ),
             metrics,
             packets,
             control,

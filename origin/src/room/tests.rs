@@ -240,6 +240,26 @@ fn permission_table_command_by_role() {
             Prep::None,
             [true, true, true, true],
         ),
+        (
+            "report_speaker",
+            Cmd::Report {
+                target: ReportTarget::User("s".into()),
+                reason: ReportReason::Spam,
+                text: String::new(),
+            },
+            Prep::None,
+            [true, true, true, true],
+        ),
+        (
+            "report_room",
+            Cmd::Report {
+                target: ReportTarget::Room,
+                reason: ReportReason::Other,
+                text: "off topic".into(),
+            },
+            Prep::None,
+            [true, true, true, true],
+        ),
     ];
     let roles = [
         RoomRole::Host,
@@ -265,8 +285,11 @@ fn permission_table_command_by_role() {
                 Ok(events) => {
                     assert!(*allowed, "{name} by a {role:?} was allowed");
                     assert!(!events.is_empty(), "{name} by a {role:?}: no events");
-                    // Chat and reactions are transient: they change no state.
-                    if !matches!(cmd, Cmd::Chat { .. } | Cmd::React { .. }) {
+                    // Chat, reactions and reports are transient: they change no state.
+                    if !matches!(
+                        cmd,
+                        Cmd::Chat { .. } | Cmd::React { .. } | Cmd::Report { .. }
+                    ) {
                         assert_ne!(room.snapshot(), before, "{name} by a {role:?}: no change");
                     }
                 }
@@ -701,6 +724,150 @@ fn chat_and_reactions_are_rate_limited() {
     for i in 0..5u64 {
         ok(&mut r, A, chat("later"), t0 + ms(30_000 + i));
     }
+}
+
+fn report(target: ReportTarget, text: &str) -> RoomCommand {
+    RoomCommand::Report {
+        target,
+        reason: ReportReason::Harassment,
+        text: text.into(),
+    }
+}
+
+fn reported(events: Vec<RoomEvent>) -> Report {
+    match <[RoomEvent; 1]>::try_from(events) {
+        Ok([RoomEvent::Reported { report }]) => report,
+        Ok(other) => panic!("expected one report, got {other:?}"),
+        Err(other) => panic!("expected one report, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_report_carries_who_reported_whom_and_when() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Listener, t0);
+    let at = t0 + Duration::from_millis(2_500);
+    let got = reported(ok(
+        &mut r,
+        A,
+        report(ReportTarget::User("s".into()), "  shouting slurs \n again "),
+        at,
+    ));
+    assert_eq!(
+        got,
+        Report {
+            id: String::new(),
+            room: RoomId(7),
+            reporter: "a".into(),
+            reporter_name: "A".into(),
+            reporter_id: A,
+            target: ReportTarget::User("s".into()),
+            target_name: Some("S".into()),
+            reason: ReportReason::Harassment,
+            text: "shouting slurs \n again".into(),
+            at_ms: 3_500,
+            program_ms: None,
+        }
+    );
+    let room = reported(ok(&mut r, A, report(ReportTarget::Room, ""), at));
+    assert_eq!((room.target, room.target_name), (ReportTarget::Room, None));
+}
+
+#[test]
+fn reports_are_validated() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Listener, t0);
+    let user = |u: &str| ReportTarget::User(u.into());
+    // At most 500 characters (after trimming), no control characters but newlines.
+    ok(&mut r, A, report(user("s"), &"é".repeat(500)), t0);
+    assert_eq!(
+        refused(&mut r, A, report(user("s"), &"é".repeat(501)), t0),
+        RejectCode::BadMessage
+    );
+    assert_eq!(
+        refused(&mut r, A, report(user("s"), "bell\u{7}"), t0),
+        RejectCode::BadMessage
+    );
+    // Not oneself, not a user the room never saw, not by someone outside the room.
+    assert_eq!(
+        refused(&mut r, A, report(user("a"), ""), t0),
+        RejectCode::Invalid
+    );
+    assert_eq!(
+        refused(&mut r, A, report(user("stranger"), ""), t0),
+        RejectCode::NotFound
+    );
+    assert_eq!(
+        refused(&mut r, NOBODY, report(ReportTarget::Room, ""), t0),
+        RejectCode::NotFound
+    );
+    // Refusals used none of the budget (3 per minute): two more fit.
+    ok(&mut r, A, report(user("s"), ""), t0);
+    ok(&mut r, A, report(user("l"), ""), t0);
+}
+
+#[test]
+fn a_user_who_left_or_was_kicked_can_still_be_reported() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Listener, t0);
+    ok(&mut r, S, RoomCommand::Leave, t0);
+    ok(&mut r, H, RoomCommand::Kick { target: L }, t0);
+    assert!(r.participant(L).is_none() && r.participant(S).is_none());
+    let gone = reported(ok(
+        &mut r,
+        A,
+        report(ReportTarget::User("s".into()), ""),
+        t0,
+    ));
+    assert_eq!(gone.target_name, None);
+    let kicked = reported(ok(
+        &mut r,
+        A,
+        report(ReportTarget::User("l".into()), ""),
+        t0,
+    ));
+    assert_eq!(kicked.target, ReportTarget::User("l".into()));
+    // A kicked reporter is gone: it reports nothing.
+    assert_eq!(
+        refused(&mut r, L, report(ReportTarget::Room, ""), t0),
+        RejectCode::NotFound
+    );
+}
+
+#[test]
+fn reports_are_rate_limited_per_user() {
+    let t0 = Instant::now();
+    let mut r = populated(RoomRole::Listener, t0);
+    // A second session of the same user shares the budget.
+    ok(&mut r, ParticipantId(11), join_cmd("a", Role::Listener), t0);
+    let s = Duration::from_secs;
+    let cmd = report(ReportTarget::User("s".into()), "");
+    ok(&mut r, A, cmd.clone(), t0);
+    ok(&mut r, ParticipantId(11), cmd.clone(), t0 + s(10));
+    ok(&mut r, A, cmd.clone(), t0 + s(20));
+    assert_eq!(
+        refused(&mut r, ParticipantId(11), cmd.clone(), t0 + s(30)),
+        RejectCode::RateLimited
+    );
+    assert_eq!(
+        refused(&mut r, A, cmd.clone(), t0 + s(59)),
+        RejectCode::RateLimited
+    );
+    // Another user is not affected.
+    ok(&mut r, L, cmd.clone(), t0 + s(30));
+    // The first report leaves the window at 60 s: one more fits, then it is full again.
+    ok(&mut r, A, cmd.clone(), t0 + s(60));
+    assert_eq!(
+        refused(&mut r, A, cmd.clone(), t0 + s(65)),
+        RejectCode::RateLimited
+    );
+    // Chat has its own budget.
+    ok(
+        &mut r,
+        A,
+        RoomCommand::Chat { text: "hi".into() },
+        t0 + s(65),
+    );
 }
 
 #[test]

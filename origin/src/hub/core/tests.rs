@@ -47,6 +47,11 @@ impl HubSink for Sunk {
         self.notes.lock().expect("test lock").push(note);
     }
 
+    fn program_ms(&self, room: RoomId) -> Option<u64> {
+        // A program runs in room 4 only, 1.5 s in.
+        (room == RoomId(4)).then_some(1_500)
+    }
+
     fn save_changes(&self, room: &Room, events: &[RoomEvent]) {
         if !events.is_empty() {
             self.saves
@@ -93,6 +98,7 @@ fn core_with(wait: Wait) -> (HubCore<Rec>, Sunk) {
         RoomsConfig::default(),
         wait,
         Box::new(sunk.clone()),
+        0xfeed,
     );
     (core, sunk)
 }
@@ -838,4 +844,73 @@ fn a_big_rooms_join_snapshot_is_split_by_the_writer_not_under_the_lock() {
     assert!(records > 1, "{records} records");
     let state = done.expect("reassembled");
     assert_eq!(state.participants.len(), 5_001);
+}
+
+/// A report reaches the room's edges as an event and every geo-router as `reported`, both
+/// with the id and the program position the core stamped; a refused one reaches the sender
+/// only.
+#[test]
+fn reports_go_to_the_edges_and_every_router_stamped() {
+    use amphi_protocol::room::{ReportReason, ReportTarget};
+    let (core, _) = core();
+    let t0 = Instant::now();
+    let room = RoomId(4);
+    let edge_link = edge(&core, 1, t0);
+    let routers: Vec<Rec> = (100..102)
+        .map(|conn| {
+            let link = Rec::default();
+            core.connected(conn, PeerKind::Router, link.clone(), at(t0, 0));
+            link
+        })
+        .collect();
+    join(&core, 1, room, 1, Role::Speaker);
+    join(&core, 1, room, 2, Role::Listener);
+    let _ = edge_link.take();
+    let own = Rec::default();
+    let cmd = RoomCommand::Report {
+        target: ReportTarget::User("u1".into()),
+        reason: ReportReason::Spam,
+        text: "ads".into(),
+    };
+    command(&core, &own, 1, room, 2, cmd.clone());
+    command(&core, &own, 1, room, 2, cmd);
+    let reports: Vec<_> = events_of(&edge_link.take(), room)
+        .into_iter()
+        .filter_map(|e| match e {
+            RoomEvent::Reported { report } => Some(report),
+            _ => None,
+        })
+        .collect();
+    let [first, second] = &reports[..] else {
+        panic!("two reports expected, got {reports:?}");
+    };
+    assert!(first.id.starts_with("000000000000feed-") && first.id != second.id);
+    assert_eq!((first.reporter.as_str(), first.room), ("u2", room));
+    assert_eq!(first.program_ms, Some(1_500));
+    for router in routers {
+        assert_eq!(
+            router.take(),
+            vec![
+                ControlMessage::Reported {
+                    report: first.clone()
+                },
+                ControlMessage::Reported {
+                    report: second.clone()
+                }
+            ]
+        );
+    }
+    assert!(own.take().is_empty());
+    // Reporting oneself is refused to the sender only.
+    let me = RoomCommand::Report {
+        target: ReportTarget::User("u2".into()),
+        reason: ReportReason::Spam,
+        text: String::new(),
+    };
+    command(&core, &own, 1, room, 2, me);
+    assert!(matches!(
+        &own.take()[..],
+        [ControlMessage::CommandRejected { code, .. }] if code == "invalid"
+    ));
+    assert!(edge_link.take().is_empty());
 }
