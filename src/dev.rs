@@ -39,6 +39,10 @@ pub struct DevArgs {
     /// Media driver threads per edge (peers are spread over them on the edge's one UDP port).
     #[arg(long, default_value_t = 2)]
     media_threads: usize,
+    /// Interactive (WebRTC) listeners per edge and per room before listeners are sent to HLS
+    /// (load tests raise it).
+    #[arg(long, default_value_t = 500)]
+    interactive_capacity: usize,
     /// A live room without speakers for this many seconds is ended (0: never).
     #[arg(long, default_value_t = 3600)]
     idle_room_timeout_secs: u64,
@@ -288,7 +292,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 origin_addr: None,
                 origin_server_name: None,
                 router_url: url(DEV_PORTS.router, off),
-                interactive_capacity: 500,
+                interactive_capacity: args.interactive_capacity,
                 media_threads: args.media_threads,
                 https: Default::default(),
                 limits: Default::default(),
@@ -333,7 +337,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             geoip: args.geoip.clone(),
             trusted_proxies: vec![],
             load_threshold: 0.8,
-            interactive_capacity: 500,
+            interactive_capacity: u32::try_from(args.interactive_capacity).unwrap_or(u32::MAX),
             api_keys: vec![],
             webhooks: vec![],
             room_idle_timeout_secs: 21_600,

@@ -534,12 +534,22 @@ async fn bench_mesh(
     media_threads: usize,
     offset: u16,
 ) -> Result<()> {
+    // Room for every subscriber of the largest step (the dev default is 500).
+    let capacity = counts.iter().max().copied().unwrap_or(0).max(500) + 10;
     let mesh = tokio::task::spawn_blocking(move || {
         let threads = media_threads.to_string();
+        let capacity = capacity.to_string();
         ChildMesh::start(
             "bench-sfu",
             offset,
-            &["--regions", "us-east", "--media-threads", &threads],
+            &[
+                "--regions",
+                "us-east",
+                "--media-threads",
+                &threads,
+                "--interactive-capacity",
+                &capacity,
+            ],
         )
     })
     .await??;
