@@ -151,6 +151,8 @@ struct AppState {
     limiter: Limiter,
     /// Rooms `/v1/route` saw live recently.
     live: std::sync::Mutex<LiveRooms>,
+    /// `/v1/route` answers, while the registry stays as they were made at.
+    answers: std::sync::Mutex<crate::answer_cache::AnswerCache<route::Routed>>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -967,6 +969,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         metrics,
         limiter: limiter.clone(),
         live: std::sync::Mutex::new(LiveRooms::default()),
+        answers: Default::default(),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));

@@ -5,6 +5,7 @@
 
 use super::{error, lock, parse_room, real_client, Answer, AppState, Failure, Shared};
 use crate::answer::RouteAnswer;
+use crate::answer_cache::AnswerKey;
 use crate::client_ip::{client_ip, Source};
 use crate::geoip::Place;
 use crate::metrics::{RouteOutcome, NO_REGION};
@@ -14,12 +15,13 @@ use crate::select::{
 };
 use amphi_protocol::config::known_region;
 use amphi_protocol::RoomId;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -126,8 +128,39 @@ fn client_address(
     Ok((ip, src))
 }
 
+/// A route answer as sent and remembered: the body, and what counting it needs.
+#[derive(Clone, Debug)]
+pub(super) struct Routed {
+    body: Bytes,
+    /// The `route_decisions` series of its region and outcome.
+    decision: Counter,
+    located: bool,
+    hls_only: bool,
+}
+
+impl Routed {
+    /// Count the answer, and send it.
+    fn send(self, s: &AppState) -> Response {
+        self.decision.inc();
+        s.metrics.routes.inc();
+        if self.located {
+            s.metrics.routes_located.inc();
+        }
+        if self.hls_only {
+            s.metrics.routes_hls.inc();
+        }
+        let mut resp = Response::new(Body::from(self.body));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
 /// Route a request whose room is live: where the client is, then the edge, written as the
-/// answer.
+/// answer, or the answer made for a client placed alike while the registry has not changed
+/// ([`crate::answer_cache`]).
 fn route_decide(
     s: &AppState,
     peer: SocketAddr,
@@ -146,6 +179,20 @@ fn route_decide(
     )?;
     let region_override = q.region.as_deref().filter(|_| s.config.dev_mode);
     let place = s.geoip.locate(addr);
+    // Answers with `avoid` or a region are not remembered; nor any while the routing log is
+    // on (it tells why each answer is what it is).
+    let key = (avoid.is_empty()
+        && region_override.is_none()
+        && !tracing::enabled!(tracing::Level::DEBUG))
+    .then(|| AnswerKey::new(room, p.listener, source, place));
+    let now = Instant::now();
+    if let Some(key) = &key {
+        let generation = s.registry().generation();
+        let remembered = lock(&s.answers).get(key, generation, now).cloned();
+        if let Some(routed) = remembered {
+            return Ok(routed.send(s));
+        }
+    }
     let client_place = match (region_override, place) {
         (Some(r), _) => ClientPlace::Region(r),
         (None, Place::Located { point, .. }) => ClientPlace::Located(point),
@@ -159,7 +206,7 @@ fn route_decide(
         None => s.anchor,
     };
     let reg = s.registry();
-    let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
+    let candidates = without_avoided(reg.candidates(room, now), &avoid);
     let choice = select_edge(
         client_place,
         anchor,
@@ -203,21 +250,18 @@ fn route_decide(
     } else {
         RouteOutcome::WebRtc
     };
-    s.metrics.route_decision(answer.region, outcome);
+    let routed = Routed {
+        body: Bytes::from(body),
+        decision: s.metrics.route_series(answer.region, outcome),
+        located: matches!(place, Place::Located { .. }),
+        hls_only,
+    };
+    if let Some(key) = key {
+        let (generation, until) = (reg.generation(), reg.stable_until(now));
+        lock(&s.answers).put(key, generation, now, until, routed.clone());
+    }
     drop(reg);
-    s.metrics.routes.inc();
-    if matches!(place, Place::Located { .. }) {
-        s.metrics.routes_located.inc();
-    }
-    if hls_only {
-        s.metrics.routes_hls.inc();
-    }
-    let mut resp = Response::new(Body::from(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
+    Ok(routed.send(s))
 }
 
 /// The router's service on one connection: `GET /v1/route`, which every listener and speaker
