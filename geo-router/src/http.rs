@@ -787,14 +787,17 @@ fn app(state: Shared) -> Router {
 }
 
 /// The real client address of a request: forwarded by a trusted proxy, else the TCP peer.
+/// `X-Forwarded-For` (a name made once: looking a header up by text parses the text).
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+
 fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     client_ip(
         peer,
-        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
         headers
-            .get_all("x-forwarded-for")
+            .get_all(header::FORWARDED)
             .iter()
             .map(|v| v.as_bytes()),
+        headers.get_all(X_FORWARDED_FOR).iter().map(|v| v.as_bytes()),
         &s.trusted,
     )
     .map_or(peer, |(ip, _)| ip)

@@ -3,7 +3,9 @@
 //! answer. `GET` is answered by [`Front`] below axum; `HEAD` and the in-process app go through
 //! [`route`] with the same code.
 
-use super::{error, lock, parse_room, real_client, Answer, AppState, Failure, Shared};
+use super::{
+    error, lock, parse_room, real_client, Answer, AppState, Failure, Shared, X_FORWARDED_FOR,
+};
 use crate::answer::RouteAnswer;
 use crate::answer_cache::AnswerKey;
 use crate::client_ip::{client_ip, Source};
@@ -83,7 +85,7 @@ pub(super) async fn route(
     if !s.route_live(p.room).await? {
         return Err(not_live());
     }
-    route_decide(&s, peer, req.headers(), &p)
+    route_decide(&s, peer, req.headers(), &p, Instant::now())
 }
 
 fn not_live() -> Failure {
@@ -112,11 +114,11 @@ fn client_address(
     }
     let (ip, src) = client_ip(
         peer,
-        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
         headers
-            .get_all("x-forwarded-for")
+            .get_all(header::FORWARDED)
             .iter()
             .map(|v| v.as_bytes()),
+        headers.get_all(X_FORWARDED_FOR).iter().map(|v| v.as_bytes()),
         trusted,
     )
     .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_forwarded", e.to_string()))?;
@@ -166,10 +168,14 @@ fn route_decide(
     peer: SocketAddr,
     headers: &HeaderMap,
     p: &RouteParams<'_>,
+    now: Instant,
 ) -> Answer {
     let (q, room) = (&p.query, p.room);
     // Checked by `route_params`.
-    let avoid = parse_avoid(q.avoid.as_deref().unwrap_or("")).unwrap_or_default();
+    let avoid = match q.avoid.as_deref() {
+        Some(a) if !a.is_empty() => parse_avoid(a).unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let (addr, source) = client_address(
         q.ip.as_deref(),
         s.config.dev_mode,
@@ -185,7 +191,6 @@ fn route_decide(
         && region_override.is_none()
         && !tracing::enabled!(tracing::Level::DEBUG))
     .then(|| AnswerKey::new(room, p.listener, source, place));
-    let now = Instant::now();
     if let Some(key) = &key {
         let generation = s.registry().generation();
         let remembered = lock(&s.answers).get(key, generation, now).cloned();
@@ -329,8 +334,10 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
         tracing::Level::DEBUG
     )
     .then(Instant::now);
+    // One reading of the clock for the budget, the liveness and the registry.
+    let now = Instant::now();
     let client = real_client(s, peer.ip(), req.headers());
-    if let Err(r) = s.limiter.request(client) {
+    if let Err(r) = s.limiter.request_at(client, now) {
         let resp = amphi_protocol::https::refusal_response(&r);
         log_route(log, req.uri(), &resp);
         return FrontFuture::Ready(Some(resp));
@@ -343,8 +350,8 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
             return FrontFuture::Ready(Some(resp));
         }
     };
-    if lock(&s.live).is_live(p.room, Instant::now()) {
-        let resp = route_decide(s, peer, req.headers(), &p).into_response();
+    if lock(&s.live).is_live(p.room, now) {
+        let resp = route_decide(s, peer, req.headers(), &p, now).into_response();
         log_route(log, req.uri(), &resp);
         return FrontFuture::Ready(Some(resp));
     }
@@ -353,7 +360,7 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
     FrontFuture::Later(Box::pin(async move {
         let resp = match s.route_live(room).await {
             Ok(true) => match route_params(req.uri().query()) {
-                Ok(p) => route_decide(&s, peer, req.headers(), &p),
+                Ok(p) => route_decide(&s, peer, req.headers(), &p, Instant::now()),
                 Err(f) => Err(f),
             },
             Ok(false) => Err(not_live()),
