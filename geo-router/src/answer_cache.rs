@@ -203,13 +203,7 @@ mod tests {
             .iter()
             .map(|c| format!("{} {:.2}", c.id, c.load))
             .collect();
-        cache.put(
-            key(),
-            r.generation(),
-            now,
-            r.stable_until(now),
-            v.clone(),
-        );
+        cache.put(key(), r.generation(), now, r.stable_until(now), v.clone());
         v
     }
 
@@ -283,10 +277,16 @@ mod tests {
         r.mirror(beats(), Default::default());
         assert_eq!(r.generation(), g);
         // A newer beat (or any other instant), other figures, a drain: each a change.
-        r.mirror(vec![(beat("a", "us-east", 0.1), t0 + HEARTBEAT_INTERVAL)], Default::default());
+        r.mirror(
+            vec![(beat("a", "us-east", 0.1), t0 + HEARTBEAT_INTERVAL)],
+            Default::default(),
+        );
         assert_ne!(r.generation(), g);
         let g = r.generation();
-        r.mirror(vec![(beat("a", "us-east", 0.1), t0 + HEARTBEAT_INTERVAL)], ["a".to_string()].into());
+        r.mirror(
+            vec![(beat("a", "us-east", 0.1), t0 + HEARTBEAT_INTERVAL)],
+            ["a".to_string()].into(),
+        );
         assert_ne!(r.generation(), g);
         let g = r.generation();
         r.mirror(Vec::new(), Default::default());

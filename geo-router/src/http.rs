@@ -797,7 +797,10 @@ fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
             .get_all(header::FORWARDED)
             .iter()
             .map(|v| v.as_bytes()),
-        headers.get_all(X_FORWARDED_FOR).iter().map(|v| v.as_bytes()),
+        headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes()),
         &s.trusted,
     )
     .map_or(peer, |(ip, _)| ip)

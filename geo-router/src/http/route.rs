@@ -118,7 +118,10 @@ fn client_address(
             .get_all(header::FORWARDED)
             .iter()
             .map(|v| v.as_bytes()),
-        headers.get_all(X_FORWARDED_FOR).iter().map(|v| v.as_bytes()),
+        headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes()),
         trusted,
     )
     .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_forwarded", e.to_string()))?;
