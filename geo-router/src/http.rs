@@ -152,6 +152,8 @@ struct AppState {
     limiter: Limiter,
     /// Rooms `/v1/route` saw live recently.
     live: std::sync::Mutex<LiveRooms>,
+    /// `/v1/route` answers, while the registry stays as they were made at.
+    answers: std::sync::Mutex<crate::answer_cache::AnswerCache<route::Routed>>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -788,12 +790,18 @@ fn app(state: Shared) -> Router {
 }
 
 /// The real client address of a request: forwarded by a trusted proxy, else the TCP peer.
+/// `X-Forwarded-For` (a name made once: looking a header up by text parses the text).
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+
 fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     client_ip(
         peer,
-        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
         headers
-            .get_all("x-forwarded-for")
+            .get_all(header::FORWARDED)
+            .iter()
+            .map(|v| v.as_bytes()),
+        headers
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .map(|v| v.as_bytes()),
         &s.trusted,
@@ -970,6 +978,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         metrics,
         limiter: limiter.clone(),
         live: std::sync::Mutex::new(LiveRooms::default()),
+        answers: Default::default(),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod answer;
+pub mod answer_cache;
 pub mod auth;
 pub mod bodies;
 pub mod client_ip;

@@ -235,13 +235,18 @@ impl Metrics {
 
     /// Count one route decision for `region` (the chosen edge's, or [`NO_REGION`]).
     pub fn route_decision(&self, region: &str, outcome: RouteOutcome) {
+        self.route_series(region, outcome).inc();
+    }
+
+    /// The series of route decisions for `region` and `outcome` (counting on the handle is
+    /// [`Metrics::route_decision`]).
+    pub fn route_series(&self, region: &str, outcome: RouteOutcome) -> Counter {
         // The series handles of the first regions seen are kept: counting a decision then
         // allocates nothing (regions are few; the family takes any beyond the cache).
         {
             let cache = self.route_series.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, _, c)) = cache.iter().find(|(r, o, _)| *o == outcome && r == region) {
-                c.inc();
-                return;
+                return c.clone();
             }
         }
         let counter = self
@@ -251,11 +256,11 @@ impl Metrics {
                 ("outcome", outcome.label().to_string()),
             ])
             .clone();
-        counter.inc();
         let mut cache = self.route_series.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() < MAX_CACHED_ROUTE_SERIES {
-            cache.push((region.to_string(), outcome, counter));
+            cache.push((region.to_string(), outcome, counter.clone()));
         }
+        counter
     }
 
     /// Publish every registered edge's health and load, and the healthy and available counts;

@@ -121,6 +121,8 @@ pub struct Registry {
     statics: Vec<EdgeEndpoint>,
     /// Edges an operator asked to drain (told in the heartbeat answer).
     drain_requested: BTreeSet<String>,
+    /// Bumped by every change that can change a selection (see [`Registry::generation`]).
+    generation: u64,
 }
 
 impl Registry {
@@ -152,12 +154,17 @@ impl Registry {
     /// Record a heartbeat at `now`. Returns whether the edge was new (or back after being out).
     pub fn heartbeat(&mut self, hb: EdgeHeartbeat, now: Instant) -> Result<bool, HeartbeatError> {
         validate(&hb)?;
-        let was_healthy = self
-            .edges
-            .get(&hb.id)
-            .is_some_and(|e| self.is_healthy(e, now));
-        if !self.edges.contains_key(&hb.id) && self.edges.len() >= MAX_EDGES {
+        let previous = self.edges.get(&hb.id);
+        let was_healthy = previous.is_some_and(|e| self.is_healthy(e, now));
+        // Only the time of the beat is new: every selection made since the last beat stands
+        // (the edge stays in them for longer, see [`Registry::stable_until`]).
+        let same = was_healthy
+            && previous.is_some_and(|e| e.beat == hb && e.last_seen.is_some_and(|t| t <= now));
+        if previous.is_none() && self.edges.len() >= MAX_EDGES {
             return Err(HeartbeatError::Full);
+        }
+        if !same {
+            self.generation += 1;
         }
         // The static entries this edge stands for are now this edge.
         for e in &self.statics {
@@ -165,6 +172,7 @@ impl Registry {
                 if let Some(r) = self.edges.get(&e.id) {
                     if r.last_seen.is_none() {
                         self.edges.remove(&e.id);
+                        self.generation += 1;
                     }
                 }
             }
@@ -186,7 +194,9 @@ impl Registry {
         if !self.edges.contains_key(id) {
             return false;
         }
-        self.drain_requested.insert(id.to_string());
+        if self.drain_requested.insert(id.to_string()) {
+            self.generation += 1;
+        }
         true
     }
 
@@ -208,7 +218,7 @@ impl Registry {
         beats: Vec<(EdgeHeartbeat, Instant)>,
         drains: BTreeSet<String>,
     ) -> usize {
-        self.edges.clear();
+        let before = std::mem::take(&mut self.edges);
         let mut dropped = 0;
         for (hb, seen) in beats {
             if self.edges.len() >= MAX_EDGES {
@@ -226,8 +236,34 @@ impl Registry {
             );
         }
         self.restore_unclaimed_statics();
+        // The beats' instants are read again from the shared registry each time: any change,
+        // even of an instant, counts (an edge seen out may be back).
+        if self.edges != before || self.drain_requested != drains {
+            self.generation += 1;
+        }
         self.drain_requested = drains;
         dropped
+    }
+
+    /// A number that changes whenever the registry changes in a way that can change what
+    /// [`Registry::candidates`] gives for some room at some instant (an edge new, gone, back,
+    /// or heartbeating other figures; a drain). A heartbeat that only says the same again
+    /// leaves it: with [`Registry::stable_until`], a selection made at one generation holds
+    /// until the next.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Until when the candidates at `now` stay the candidates without any change to the
+    /// registry: the first instant a heartbeat-fed edge healthy at `now` goes out for missing
+    /// its heartbeats (`None`: never, only static or out edges).
+    pub fn stable_until(&self, now: Instant) -> Option<Instant> {
+        self.edges
+            .values()
+            .filter(|e| self.is_healthy(e, now))
+            .filter_map(|e| e.last_seen)
+            .map(|t| t + HEARTBEAT_INTERVAL * MISSED_HEARTBEATS)
+            .min()
     }
 
     fn is_healthy(&self, e: &EdgeRecord, now: Instant) -> bool {
@@ -259,6 +295,7 @@ impl Registry {
             self.drain_requested.remove(id);
         }
         if !gone.is_empty() {
+            self.generation += 1;
             self.restore_unclaimed_statics();
         }
         gone

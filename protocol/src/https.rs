@@ -235,7 +235,12 @@ impl Limiter {
 
     /// Spend one request of `client`'s budget (the real client address), or refuse it.
     pub fn request(&self, client: IpAddr) -> Result<(), Refusal> {
-        let r = self.lock().request(client, std::time::Instant::now());
+        self.request_at(client, std::time::Instant::now())
+    }
+
+    /// [`Limiter::request`] at `now` (a caller that already read the clock).
+    pub fn request_at(&self, client: IpAddr, now: std::time::Instant) -> Result<(), Refusal> {
+        let r = self.lock().request(client, now);
         if r.is_err() {
             self.metrics.rate_limited.inc();
         }

@@ -11,7 +11,9 @@
 //! `--connections`) loads each hello-world server, then
 //! `GET /v1/route?room=ID&ip=8.8.8.8&role=listener`, each for `--seconds`.
 //! Goal: routes/s >= 90% of the hardened hello-world's in the same run, p50 within 1.3x of its
-//! p50; the ratio to the bare hyper server is printed as well.
+//! p50; the ratio to the bare hyper server is printed as well, with this process's CPU time per
+//! request of each server (`getrusage`: wrk runs in its own process) and the machine's load
+//! average before and after.
 
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::token::TokenSigner;
@@ -45,9 +47,34 @@ struct WrkResult {
     requests_per_sec: f64,
     latency: String,
     requests: u64,
+    /// This process's CPU time (user and system) during the run.
+    cpu: Duration,
+}
+
+/// This process's CPU time so far (user and system, every thread).
+fn process_cpu() -> Duration {
+    // SAFETY: `rusage` is plain data; `getrusage` fills the one we own and reads nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// The machine's load averages (`/proc/loadavg`'s first three fields).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn wrk(url: &str, o: &RouteBenchOptions) -> Result<WrkResult> {
+    let cpu_before = process_cpu();
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -61,6 +88,7 @@ fn wrk(url: &str, o: &RouteBenchOptions) -> Result<WrkResult> {
         ])
         .output()
         .context("running wrk (apt-get install wrk; scripts/test.sh installs it)")?;
+    let cpu = process_cpu().saturating_sub(cpu_before);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     ensure!(
         out.status.success(),
@@ -91,6 +119,7 @@ fn wrk(url: &str, o: &RouteBenchOptions) -> Result<WrkResult> {
         requests_per_sec,
         latency,
         requests,
+        cpu,
     })
 }
 
@@ -269,6 +298,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         "  sample route: edge {} ({})",
         sample["edge"], sample["why"]
     );
+    println!("  load average before: {}", load_average());
     let results = {
         let urls = [hello_url.clone(), hardened_url.clone(), route_url.clone()];
         let opts = RouteBenchOptions {
@@ -288,11 +318,15 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         ("hello-world (shared server)", &hh),
         ("/v1/route", &r),
     ] {
+        // CPU of the whole process (the served requests; the edges' heartbeats are a few
+        // per second), per request served.
+        let cpu_per_request = w.cpu.as_secs_f64() * 1e6 / w.requests.max(1) as f64;
         println!(
-            "  {name:<28} {:>10.0} req/s  (p50 latency {}, {} requests)",
+            "  {name:<28} {:>10.0} req/s  (p50 latency {}, {} requests, {cpu_per_request:.2} µs CPU per request)",
             w.requests_per_sec, w.latency, w.requests
         );
     }
+    println!("  load average after: {}", load_average());
     let ratio = r.requests_per_sec / hh.requests_per_sec;
     let p50 = match (micros(&r.latency), micros(&hh.latency)) {
         (Some(route), Some(hello)) if hello > 0.0 => route / hello,

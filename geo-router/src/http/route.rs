@@ -3,8 +3,11 @@
 //! answer. `GET` is answered by [`Front`] below axum; `HEAD` and the in-process app go through
 //! [`route`] with the same code.
 
-use super::{error, lock, parse_room, real_client, Answer, AppState, Failure, Shared};
+use super::{
+    error, lock, parse_room, real_client, Answer, AppState, Failure, Shared, X_FORWARDED_FOR,
+};
 use crate::answer::RouteAnswer;
+use crate::answer_cache::AnswerKey;
 use crate::client_ip::{client_ip, Source};
 use crate::geoip::Place;
 use crate::metrics::{RouteOutcome, NO_REGION};
@@ -14,12 +17,13 @@ use crate::select::{
 };
 use amphi_protocol::config::known_region;
 use amphi_protocol::RoomId;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -81,7 +85,7 @@ pub(super) async fn route(
     if !s.route_live(p.room).await? {
         return Err(not_live());
     }
-    route_decide(&s, peer, req.headers(), &p)
+    route_decide(&s, peer, req.headers(), &p, Instant::now())
 }
 
 fn not_live() -> Failure {
@@ -110,9 +114,12 @@ fn client_address(
     }
     let (ip, src) = client_ip(
         peer,
-        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
         headers
-            .get_all("x-forwarded-for")
+            .get_all(header::FORWARDED)
+            .iter()
+            .map(|v| v.as_bytes()),
+        headers
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .map(|v| v.as_bytes()),
         trusted,
@@ -126,17 +133,52 @@ fn client_address(
     Ok((ip, src))
 }
 
+/// A route answer as sent and remembered: the body, and what counting it needs.
+#[derive(Clone, Debug)]
+pub(super) struct Routed {
+    body: Bytes,
+    /// The `route_decisions` series of its region and outcome.
+    decision: Counter,
+    located: bool,
+    hls_only: bool,
+}
+
+impl Routed {
+    /// Count the answer, and send it.
+    fn send(self, s: &AppState) -> Response {
+        self.decision.inc();
+        s.metrics.routes.inc();
+        if self.located {
+            s.metrics.routes_located.inc();
+        }
+        if self.hls_only {
+            s.metrics.routes_hls.inc();
+        }
+        let mut resp = Response::new(Body::from(self.body));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
 /// Route a request whose room is live: where the client is, then the edge, written as the
-/// answer.
+/// answer, or the answer made for a client placed alike while the registry has not changed
+/// ([`crate::answer_cache`]).
 fn route_decide(
     s: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
     p: &RouteParams<'_>,
+    now: Instant,
 ) -> Answer {
     let (q, room) = (&p.query, p.room);
     // Checked by `route_params`.
-    let avoid = parse_avoid(q.avoid.as_deref().unwrap_or("")).unwrap_or_default();
+    let avoid = match q.avoid.as_deref() {
+        Some(a) if !a.is_empty() => parse_avoid(a).unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let (addr, source) = client_address(
         q.ip.as_deref(),
         s.config.dev_mode,
@@ -146,6 +188,19 @@ fn route_decide(
     )?;
     let region_override = q.region.as_deref().filter(|_| s.config.dev_mode);
     let place = s.geoip.locate(addr);
+    // Answers with `avoid` or a region are not remembered; nor any while the routing log is
+    // on (it tells why each answer is what it is).
+    let key = (avoid.is_empty()
+        && region_override.is_none()
+        && !tracing::enabled!(tracing::Level::DEBUG))
+    .then(|| AnswerKey::new(room, p.listener, source, place));
+    if let Some(key) = &key {
+        let generation = s.registry().generation();
+        let remembered = lock(&s.answers).get(key, generation, now).cloned();
+        if let Some(routed) = remembered {
+            return Ok(routed.send(s));
+        }
+    }
     let client_place = match (region_override, place) {
         (Some(r), _) => ClientPlace::Region(r),
         (None, Place::Located { point, .. }) => ClientPlace::Located(point),
@@ -159,7 +214,7 @@ fn route_decide(
         None => s.anchor,
     };
     let reg = s.registry();
-    let candidates = without_avoided(reg.candidates(room, Instant::now()), &avoid);
+    let candidates = without_avoided(reg.candidates(room, now), &avoid);
     let choice = select_edge(
         client_place,
         anchor,
@@ -203,21 +258,18 @@ fn route_decide(
     } else {
         RouteOutcome::WebRtc
     };
-    s.metrics.route_decision(answer.region, outcome);
+    let routed = Routed {
+        body: Bytes::from(body),
+        decision: s.metrics.route_series(answer.region, outcome),
+        located: matches!(place, Place::Located { .. }),
+        hls_only,
+    };
+    if let Some(key) = key {
+        let (generation, until) = (reg.generation(), reg.stable_until(now));
+        lock(&s.answers).put(key, generation, now, until, routed.clone());
+    }
     drop(reg);
-    s.metrics.routes.inc();
-    if matches!(place, Place::Located { .. }) {
-        s.metrics.routes_located.inc();
-    }
-    if hls_only {
-        s.metrics.routes_hls.inc();
-    }
-    let mut resp = Response::new(Body::from(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
+    Ok(routed.send(s))
 }
 
 /// The router's service on one connection: `GET /v1/route`, which every listener and speaker
@@ -285,8 +337,10 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
         tracing::Level::DEBUG
     )
     .then(Instant::now);
+    // One reading of the clock for the budget, the liveness and the registry.
+    let now = Instant::now();
     let client = real_client(s, peer.ip(), req.headers());
-    if let Err(r) = s.limiter.request(client) {
+    if let Err(r) = s.limiter.request_at(client, now) {
         let resp = amphi_protocol::https::refusal_response(&r);
         log_route(log, req.uri(), &resp);
         return FrontFuture::Ready(Some(resp));
@@ -299,8 +353,8 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
             return FrontFuture::Ready(Some(resp));
         }
     };
-    if lock(&s.live).is_live(p.room, Instant::now()) {
-        let resp = route_decide(s, peer, req.headers(), &p).into_response();
+    if lock(&s.live).is_live(p.room, now) {
+        let resp = route_decide(s, peer, req.headers(), &p, now).into_response();
         log_route(log, req.uri(), &resp);
         return FrontFuture::Ready(Some(resp));
     }
@@ -309,7 +363,7 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
     FrontFuture::Later(Box::pin(async move {
         let resp = match s.route_live(room).await {
             Ok(true) => match route_params(req.uri().query()) {
-                Ok(p) => route_decide(&s, peer, req.headers(), &p),
+                Ok(p) => route_decide(&s, peer, req.headers(), &p, Instant::now()),
                 Err(f) => Err(f),
             },
             Ok(false) => Err(not_live()),

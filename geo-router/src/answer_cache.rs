@@ -1,0 +1,344 @@
+//! Whole `/v1/route` answers remembered (sans-IO). An answer is a function of the room, the
+//! role, how the client address was learnt and where the databases put it ([`AnswerKey`]), the
+//! router's configuration, and the edge registry's candidates at the instant of the request. The
+//! registry's [`generation`](crate::registry::Registry::generation) changes with every change that
+//! can change the candidates, and [`stable_until`](crate::registry::Registry::stable_until) says
+//! when time alone will (an edge missing its heartbeats): an answer is served again only at the
+//! generation it was made at, and before that instant. Answers carry no token or anything else
+//! of the client's: two clients placed alike get the same bytes.
+//!
+//! Requests with `avoid` or a dev-mode `region` are not remembered (the caller decides).
+
+use crate::geoip::Place;
+use amphi_protocol::RoomId;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Most answers remembered. When full, those of other generations or past their instant go,
+/// and if none does, all.
+pub const MAX_CACHED_ANSWERS: usize = 4096;
+
+/// Where the databases put the client, as a key (coordinates by their bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PlaceKey {
+    NotPublic,
+    Unknown,
+    Located {
+        latitude: u64,
+        longitude: u64,
+        country: [u8; 2],
+        source: usize,
+    },
+}
+
+impl From<Place> for PlaceKey {
+    fn from(p: Place) -> Self {
+        match p {
+            Place::NotPublic => PlaceKey::NotPublic,
+            Place::Unknown => PlaceKey::Unknown,
+            Place::Located {
+                point,
+                country,
+                source,
+            } => PlaceKey::Located {
+                latitude: point.latitude.to_bits(),
+                longitude: point.longitude.to_bits(),
+                country,
+                source,
+            },
+        }
+    }
+}
+
+/// What, besides the registry and the configuration, a route answer depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AnswerKey {
+    room: RoomId,
+    listener: bool,
+    source: &'static str,
+    place: PlaceKey,
+}
+
+impl AnswerKey {
+    /// The key of an answer for `room` to a listener (or a speaker or host), whose address was
+    /// learnt as `source` says and placed at `place`.
+    pub fn new(room: RoomId, listener: bool, source: &'static str, place: Place) -> Self {
+        AnswerKey {
+            room,
+            listener,
+            source,
+            place: place.into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry<V> {
+    generation: u64,
+    until: Option<Instant>,
+    value: V,
+}
+
+impl<V> Entry<V> {
+    fn holds(&self, generation: u64, now: Instant) -> bool {
+        self.generation == generation && self.until.is_none_or(|u| now < u)
+    }
+}
+
+/// Remembered answers (`V`: the answer and what counting it needs), at most
+/// [`MAX_CACHED_ANSWERS`].
+#[derive(Debug)]
+pub struct AnswerCache<V> {
+    entries: HashMap<AnswerKey, Entry<V>>,
+}
+
+impl<V> Default for AnswerCache<V> {
+    fn default() -> Self {
+        AnswerCache {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<V> AnswerCache<V> {
+    /// The answer for `key` if it was made at the registry's `generation` and `now` is before
+    /// the instant it holds until.
+    pub fn get(&self, key: &AnswerKey, generation: u64, now: Instant) -> Option<&V> {
+        self.entries
+            .get(key)
+            .filter(|e| e.holds(generation, now))
+            .map(|e| &e.value)
+    }
+
+    /// Remember `value` for `key`, made at `generation` at `now`, holding until `until` (the
+    /// registry's [`stable_until`](crate::registry::Registry::stable_until) at `now`).
+    pub fn put(
+        &mut self,
+        key: AnswerKey,
+        generation: u64,
+        now: Instant,
+        until: Option<Instant>,
+        value: V,
+    ) {
+        if self.entries.len() >= MAX_CACHED_ANSWERS && !self.entries.contains_key(&key) {
+            self.entries.retain(|_, e| e.holds(generation, now));
+            if self.entries.len() >= MAX_CACHED_ANSWERS {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(
+            key,
+            Entry {
+                generation,
+                until,
+                value,
+            },
+        );
+    }
+
+    /// Answers remembered now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Registry, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
+    use crate::select::GeoPoint;
+    use amphi_protocol::api::{EdgeHeartbeat, RoomLoad};
+    use amphi_protocol::config::known_region;
+    use std::time::Duration;
+
+    const ROOM: RoomId = RoomId(7);
+
+    fn beat(id: &str, region: &str, cpu_load: f32) -> EdgeHeartbeat {
+        let r = known_region(region).unwrap();
+        EdgeHeartbeat {
+            id: id.into(),
+            region: region.into(),
+            latitude: r.latitude,
+            longitude: r.longitude,
+            public_url: format!("http://{id}"),
+            participants: 10,
+            cpu_load,
+            capacity: 100,
+            rooms: vec![RoomLoad {
+                room: ROOM,
+                sessions: 4,
+            }],
+            draining: false,
+        }
+    }
+
+    fn located(latitude: f64) -> Place {
+        Place::Located {
+            point: GeoPoint {
+                latitude,
+                longitude: -77.0,
+            },
+            country: *b"US",
+            source: 0,
+        }
+    }
+
+    fn key() -> AnswerKey {
+        AnswerKey::new(ROOM, true, "peer", located(39.0))
+    }
+
+    /// The cache as the route path drives it: the answer (here the candidates' ids) from the
+    /// cache, else from the registry, remembered.
+    fn route(cache: &mut AnswerCache<Vec<String>>, r: &Registry, now: Instant) -> Vec<String> {
+        if let Some(v) = cache.get(&key(), r.generation(), now) {
+            return v.clone();
+        }
+        let v: Vec<String> = r
+            .candidates(ROOM, now)
+            .iter()
+            .map(|c| format!("{} {:.2}", c.id, c.load))
+            .collect();
+        cache.put(key(), r.generation(), now, r.stable_until(now), v.clone());
+        v
+    }
+
+    #[test]
+    fn an_answer_is_kept_while_heartbeats_say_the_same_and_dropped_when_they_do_not() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        let mut cache = AnswerCache::default();
+        r.heartbeat(beat("a", "us-east", 0.1), t0).unwrap();
+        r.heartbeat(beat("b", "eu-west", 0.1), t0).unwrap();
+        assert_eq!(route(&mut cache, &r, t0), ["a 0.10", "b 0.10"]);
+        // The same beats again: the answer stands.
+        let t1 = t0 + HEARTBEAT_INTERVAL;
+        let g = r.generation();
+        r.heartbeat(beat("a", "us-east", 0.1), t1).unwrap();
+        assert_eq!(r.generation(), g);
+        assert!(cache.get(&key(), r.generation(), t1).is_some());
+        // The load changes: the next request sees it.
+        r.heartbeat(beat("a", "us-east", 0.9), t1).unwrap();
+        assert!(cache.get(&key(), r.generation(), t1).is_none());
+        assert_eq!(route(&mut cache, &r, t1), ["a 0.90", "b 0.10"]);
+        // So does a drain asked by an operator.
+        assert!(r.request_drain("a"));
+        assert_eq!(route(&mut cache, &r, t1), ["b 0.10"]);
+        // And the room's sessions on an edge (listeners beyond capacity go to HLS).
+        let mut full = beat("b", "eu-west", 0.1);
+        full.rooms[0].sessions = 500;
+        r.heartbeat(full, t1).unwrap();
+        assert!(cache.get(&key(), r.generation(), t1).is_none());
+    }
+
+    #[test]
+    fn an_answer_ends_when_an_edge_in_it_misses_its_heartbeats() {
+        let t0 = Instant::now();
+        let out = HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
+        let mut r = Registry::default();
+        let mut cache = AnswerCache::default();
+        r.heartbeat(beat("a", "us-east", 0.1), t0).unwrap();
+        let t1 = t0 + HEARTBEAT_INTERVAL;
+        r.heartbeat(beat("b", "eu-west", 0.1), t1).unwrap();
+        assert_eq!(route(&mut cache, &r, t1), ["a 0.10", "b 0.10"]);
+        assert_eq!(r.stable_until(t1), Some(t0 + out));
+        // a beats again (same figures): no new generation, the answer made at t1 still ends
+        // at a's old deadline, a little early, never late.
+        r.heartbeat(beat("a", "us-east", 0.1), t1).unwrap();
+        let just_before = t0 + out - Duration::from_millis(1);
+        assert!(cache.get(&key(), r.generation(), just_before).is_some());
+        assert!(cache.get(&key(), r.generation(), t0 + out).is_none());
+        // b stops beating, a goes on: no change to the registry, yet the answer without b
+        // comes at b's deadline.
+        let t2 = t1 + HEARTBEAT_INTERVAL;
+        r.heartbeat(beat("a", "us-east", 0.1), t2).unwrap();
+        assert_eq!(route(&mut cache, &r, t0 + out), ["a 0.10", "b 0.10"]);
+        let b_out = t1 + out;
+        assert_eq!(r.stable_until(t0 + out), Some(b_out));
+        assert_eq!(route(&mut cache, &r, b_out), ["a 0.10"]);
+        // Coming back is a change.
+        let g = r.generation();
+        r.heartbeat(beat("b", "eu-west", 0.1), b_out).unwrap();
+        assert_ne!(r.generation(), g);
+        assert_eq!(route(&mut cache, &r, b_out), ["a 0.10", "b 0.10"]);
+    }
+
+    #[test]
+    fn a_mirror_of_the_shared_registry_changes_the_generation_only_when_something_differs() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        let beats = || vec![(beat("a", "us-east", 0.1), t0)];
+        r.mirror(beats(), Default::default());
+        let g = r.generation();
+        r.mirror(beats(), Default::default());
+        assert_eq!(r.generation(), g);
+        // A newer beat (or any other instant), other figures, a drain: each a change.
+        r.mirror(
+            vec![(beat("a", "us-east", 0.1), t0 + HEARTBEAT_INTERVAL)],
+            Default::default(),
+        );
+        assert_ne!(r.generation(), g);
+        let g = r.generation();
+        r.mirror(
+            vec![(beat("a", "us-east", 0.1), t0 + HEARTBEAT_INTERVAL)],
+            ["a".to_string()].into(),
+        );
+        assert_ne!(r.generation(), g);
+        let g = r.generation();
+        r.mirror(Vec::new(), Default::default());
+        assert_ne!(r.generation(), g);
+        // An edge forgotten by expiry is a change too.
+        r.heartbeat(beat("b", "eu-west", 0.1), t0).unwrap();
+        let g = r.generation();
+        assert_eq!(r.expire(t0 + HEARTBEAT_INTERVAL * 61).len(), 1);
+        assert_ne!(r.generation(), g);
+    }
+
+    #[test]
+    fn answers_are_kept_per_room_role_source_and_place() {
+        let t0 = Instant::now();
+        let mut cache = AnswerCache::default();
+        cache.put(key(), 1, t0, None, "a");
+        assert_eq!(cache.get(&key(), 1, t0), Some(&"a"));
+        for other in [
+            AnswerKey::new(RoomId(8), true, "peer", located(39.0)),
+            AnswerKey::new(ROOM, false, "peer", located(39.0)),
+            AnswerKey::new(ROOM, true, "ip parameter", located(39.0)),
+            AnswerKey::new(ROOM, true, "peer", located(39.5)),
+            AnswerKey::new(ROOM, true, "peer", Place::Unknown),
+        ] {
+            assert_eq!(cache.get(&other, 1, t0), None, "{other:?}");
+        }
+        assert_eq!(cache.get(&key(), 2, t0), None);
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let t0 = Instant::now();
+        let mut cache = AnswerCache::default();
+        let key = |i: usize| AnswerKey::new(RoomId(i as u64), true, "peer", Place::Unknown);
+        for i in 0..MAX_CACHED_ANSWERS {
+            cache.put(key(i), 1, t0, None, i);
+        }
+        assert_eq!(cache.len(), MAX_CACHED_ANSWERS);
+        // Full of current answers: the next one starts over.
+        cache.put(key(MAX_CACHED_ANSWERS), 1, t0, None, 0);
+        assert_eq!(cache.len(), 1);
+        // Full, half of them stale: only the stale ones go.
+        for i in 0..MAX_CACHED_ANSWERS {
+            let generation = if i % 2 == 0 { 1 } else { 2 };
+            cache.put(key(i), generation, t0, None, i);
+        }
+        cache.put(key(MAX_CACHED_ANSWERS + 1), 2, t0, None, 0);
+        assert_eq!(cache.len(), MAX_CACHED_ANSWERS / 2 + 1);
+        assert_eq!(cache.get(&key(1), 2, t0), Some(&1));
+        // Replacing a key never grows it.
+        cache.put(key(1), 2, t0, None, 5);
+        assert_eq!(cache.len(), MAX_CACHED_ANSWERS / 2 + 1);
+        assert!(!cache.is_empty());
+    }
+}
