@@ -306,6 +306,8 @@ pub fn parse_request_head(buf: &[u8]) -> RequestHead {
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
+            // Byte ranges (the recording's file) are answered by hyper.
+            || name.eq_ignore_ascii_case("range")
         {
             return RequestHead::Other;
         } else if name.eq_ignore_ascii_case("connection") {
@@ -391,7 +393,7 @@ async fn answer(conn: &Arc<TcpStream>, req: &FastRequest, st: &FastPath) -> io::
     if let Some(held) = blocking_reload(conn, path, query, st) {
         return held.await;
     }
-    let resp = hls(&st.http, path, query).await;
+    let resp = hls(&st.http, path, query, None).await;
     let bytes = serialize(resp, req.close).await;
     write_all(conn, &bytes).await
 }

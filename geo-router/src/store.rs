@@ -18,7 +18,8 @@
 //! room; idle expiry reads its low end), `scheduled` sorted set
 //! (score = start time), `edge:{id}` JSON `{beat, seen_ms}` with a TTL of [`EDGE_TTL`], `edges`
 //! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
-//! markers so that one replica only emits a webhook.
+//! markers so that one replica only emits a webhook, `recording:{room}` the host's decision on
+//! the room's recording (`published` or `deleted`, no TTL: a deleted recording stays 410).
 //!
 //! While Redis is unreachable a [`RedisStore`] keeps working from this replica's view
 //! ([`Fallback`]): rooms are created, read, listed and ended locally (their directory writes
@@ -51,6 +52,44 @@ pub const EDGE_TTL: Duration = Duration::from_secs(60);
 pub const ENDED_ROOM_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a "done once" marker lives.
 const ONCE_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// The host's decision on a room's recording (absent: undecided, private).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingDecision {
+    /// Public: VOD playlists and the downloadable file.
+    Published,
+    /// Every object removed; the API answers 410.
+    Deleted,
+}
+
+impl RecordingDecision {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingDecision::Published => "published",
+            RecordingDecision::Deleted => "deleted",
+        }
+    }
+
+    /// A stored name read back (anything else: undecided).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "published" => Some(RecordingDecision::Published),
+            "deleted" => Some(RecordingDecision::Deleted),
+            _ => None,
+        }
+    }
+
+    /// The decision in force after `wanted` is asked with `current` stored: a deletion is
+    /// final, so publishing a deleted recording leaves it deleted.
+    pub fn after(current: Option<Self>, wanted: Self) -> Self {
+        match (current, wanted) {
+            (Some(RecordingDecision::Deleted), _) => RecordingDecision::Deleted,
+            (_, w) => w,
+        }
+    }
+}
 
 /// What a store operation answers.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -200,6 +239,15 @@ pub trait Store: Send + Sync {
     fn revoke_token(&self, jti: String, until_unix: u64, now_unix: u64) -> StoreFuture<'_, ()>;
     /// Whether the token `jti` is revoked at `now_unix`.
     fn is_token_revoked(&self, jti: String, now_unix: u64) -> StoreFuture<'_, bool>;
+    /// The host's decision on `room`'s recording, if any.
+    fn recording_decision(&self, room: RoomId) -> StoreFuture<'_, Option<RecordingDecision>>;
+    /// Store the host's decision on `room`'s recording ([`RecordingDecision::after`]); answers
+    /// the decision now in force.
+    fn decide_recording(
+        &self,
+        room: RoomId,
+        wanted: RecordingDecision,
+    ) -> StoreFuture<'_, RecordingDecision>;
     /// Every token revocation in force at `now_unix`: (jti, until). Re-sent to an origin whose
     /// link comes up.
     fn revoked_tokens(&self, now_unix: u64) -> StoreFuture<'_, Vec<(String, u64)>>;
@@ -234,6 +282,7 @@ pub struct MemoryStore {
     claimed: Mutex<BTreeSet<(String, RoomId)>>,
     revoked: Mutex<amphi_protocol::token::RevokedTokens>,
     reminders: Mutex<HashMap<RoomId, BTreeSet<String>>>,
+    recordings: Mutex<HashMap<RoomId, RecordingDecision>>,
 }
 
 impl MemoryStore {
@@ -245,6 +294,7 @@ impl MemoryStore {
             claimed: Mutex::new(BTreeSet::new()),
             revoked: Mutex::new(Default::default()),
             reminders: Mutex::new(HashMap::new()),
+            recordings: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -335,6 +385,22 @@ impl Store for MemoryStore {
     fn claim_once(&self, what: &str, room: RoomId) -> StoreFuture<'_, bool> {
         let fresh = lock(&self.claimed).insert((what.to_string(), room));
         Box::pin(async move { Ok(fresh) })
+    }
+
+    fn recording_decision(&self, room: RoomId) -> StoreFuture<'_, Option<RecordingDecision>> {
+        let d = lock(&self.recordings).get(&room).copied();
+        Box::pin(async move { Ok(d) })
+    }
+
+    fn decide_recording(
+        &self,
+        room: RoomId,
+        wanted: RecordingDecision,
+    ) -> StoreFuture<'_, RecordingDecision> {
+        let mut map = lock(&self.recordings);
+        let now = RecordingDecision::after(map.get(&room).copied(), wanted);
+        map.insert(room, now);
+        Box::pin(async move { Ok(now) })
     }
 
     fn reschedule_room(&self, id: RoomId, at: u64, now_unix: u64) -> StoreFuture<'_, Rescheduled> {
@@ -1214,6 +1280,54 @@ impl Store for RedisStore {
                 .await?;
             write(&self.registry).request_drain(&id);
             Ok(true)
+        })
+    }
+
+    fn recording_decision(&self, room: RoomId) -> StoreFuture<'_, Option<RecordingDecision>> {
+        let key = self.key(format!("recording:{room}"));
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let v: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await?;
+                Ok(v.as_deref().and_then(RecordingDecision::parse))
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn decide_recording(
+        &self,
+        room: RoomId,
+        wanted: RecordingDecision,
+    ) -> StoreFuture<'_, RecordingDecision> {
+        let key = self.key(format!("recording:{room}"));
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                // A deletion overwrites; a publication never overwrites a deletion.
+                let set: Option<String> = match wanted {
+                    RecordingDecision::Deleted => redis::cmd("SET")
+                        .arg(&key)
+                        .arg(wanted.as_str())
+                        .query_async(&mut c)
+                        .await?,
+                    RecordingDecision::Published => redis::cmd("SET")
+                        .arg(&key)
+                        .arg(wanted.as_str())
+                        .arg("NX")
+                        .query_async(&mut c)
+                        .await?,
+                };
+                if set.is_some() {
+                    return Ok(wanted);
+                }
+                let v: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+                Ok(RecordingDecision::after(
+                    v.as_deref().and_then(RecordingDecision::parse),
+                    wanted,
+                ))
+            };
+            self.guarded(call).await
         })
     }
 
