@@ -641,6 +641,8 @@ mod tests {
             "GET /hls/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
             "GET /hls/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET /hls/x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET /hls/x/recording.m4a HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n",
+            "POST /recordings/x/publish HTTP/1.1\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "garbage\r\n\r\n",
         ] {
