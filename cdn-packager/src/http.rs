@@ -592,3 +592,20 @@ async fn stored(st: &HttpState, key: &str, content_type: &str, cache: &str) -> R
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_multivariant_signs_its_media_playlist_uris_only() {
+        let mv = "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1,CODECS=\"opus\"\nopus/vod.m3u8\n\
+                  #EXT-X-STREAM-INF:BANDWIDTH=1\naac/vod.m3u8?x=1\n";
+        let signed = with_sig(mv, "g.h.i");
+        assert_eq!(
+            signed,
+            "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1,CODECS=\"opus\"\nopus/vod.m3u8?sig=g.h.i\n\
+             #EXT-X-STREAM-INF:BANDWIDTH=1\naac/vod.m3u8?x=1&sig=g.h.i\n"
+        );
+    }
+}
