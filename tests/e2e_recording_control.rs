@@ -122,7 +122,10 @@ async fn the_host_publishes_one_recording_and_deletes_another() {
             if status == 200 {
                 break info;
             }
-            assert!(Instant::now() < deadline, "no recording: {status} {info}\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "no recording: {status} {info}\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(250));
         };
 
@@ -147,7 +150,10 @@ async fn the_host_publishes_one_recording_and_deletes_another() {
         // Anonymous callers get the plain URLs.
         let (status, anon) = call("GET", &api, None);
         let proxied = format!("{router}/hls/{kept}/recording.m3u8");
-        assert_eq!((status, anon["url"].as_str()), (200, Some(proxied.as_str())));
+        assert_eq!(
+            (status, anon["url"].as_str()),
+            (200, Some(proxied.as_str()))
+        );
 
         // Nobody but this room's host may publish it.
         let publish = format!("{api}/publish");
@@ -198,8 +204,16 @@ async fn the_host_publishes_one_recording_and_deletes_another() {
             .args(["-f", "f32le", "-ac", "1", "-ar", "48000", "-"])
             .output()
             .expect("ffmpeg");
-        assert!(decode.status.success(), "{:?}", String::from_utf8_lossy(&decode.stderr));
-        assert!(decode.stderr.is_empty(), "{}", String::from_utf8_lossy(&decode.stderr));
+        assert!(
+            decode.status.success(),
+            "{:?}",
+            String::from_utf8_lossy(&decode.stderr)
+        );
+        assert!(
+            decode.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&decode.stderr)
+        );
         let seconds = decode.stdout.len() as f64 / 4.0 / 48_000.0;
         assert!(seconds >= 5.5, "{seconds} s decoded");
 
@@ -217,7 +231,10 @@ async fn the_host_publishes_one_recording_and_deletes_another() {
         assert_eq!(part, bytes[100..200]);
         let past = format!("bytes={}-", bytes.len());
         let refused = ureq::get(&download).set("Range", &past).call();
-        assert!(matches!(refused, Err(ureq::Error::Status(416, _))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(ureq::Error::Status(416, _))),
+            "{refused:?}"
+        );
 
         let hook = wait_hook(&hooks, "recording_published");
         assert_eq!(hook["data"]["room"], kept.as_str(), "{hook}");
@@ -243,22 +260,36 @@ async fn the_host_publishes_one_recording_and_deletes_another() {
             "{stored:?}"
         );
         assert_eq!(call("DELETE", &api, Some(&speaker)).0, 403);
-        assert_eq!(call("DELETE", &api, Some(&host)).0, 403, "another room's host");
+        assert_eq!(
+            call("DELETE", &api, Some(&host)).0,
+            403,
+            "another room's host"
+        );
         let (status, deleted) = call("DELETE", &api, Some(&dropped_host));
         assert_eq!(status, 200, "{deleted}");
         assert_eq!(deleted["removed_objects"], stored.len(), "{deleted}");
         assert_eq!(of_room(&s3), Vec::<String>::new());
         assert_eq!(call("GET", &api, None).0, 410);
         assert_eq!(call("GET", &api, Some(&dropped_host)).0, 410);
-        assert_eq!(call("POST", &format!("{api}/publish"), Some(&dropped_host)).0, 410);
-        for media in ["recording.m3u8", "aac/vod.m3u8", "aac/init.m4a", "opus/seg0.m4a"] {
+        assert_eq!(
+            call("POST", &format!("{api}/publish"), Some(&dropped_host)).0,
+            410
+        );
+        for media in [
+            "recording.m3u8",
+            "aac/vod.m3u8",
+            "aac/init.m4a",
+            "opus/seg0.m4a",
+        ] {
             let url = format!("{packager}/hls/{dropped}/{media}");
             assert_eq!(call("GET", &url, None).0, 410, "{url}");
         }
         let hook = wait_hook(&hooks, "recording_deleted");
         assert_eq!(hook["data"]["room"], dropped.as_str(), "{hook}");
         // The published one is untouched.
-        assert!(s3.keys(BUCKET).contains(&format!("hls/{kept}/recording.m4a")));
+        assert!(s3
+            .keys(BUCKET)
+            .contains(&format!("hls/{kept}/recording.m4a")));
         s3
     })
     .await

@@ -3,21 +3,21 @@
 //! the plain listener's HTTP/1.1 front ([`crate::h1`]) does not answer itself; the front answers
 //! other `/hls/` requests with [`hls`] too.
 
+use crate::m4a::RECORDING_M4A;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::playlist::{main_renditions, render_multivariant};
-use crate::m4a::RECORDING_M4A;
 use crate::recordings::{authorises, Access, ControlError, Recordings};
 use crate::request::{
     decide_reload, parse_hls_path, parse_hls_query, parse_range, query_sig, HlsResource,
     RangeAnswer, ReloadDecision,
 };
-use amphi_protocol::token::RecordingAction;
 use crate::room::{key, Registry, RoomHandle};
 use crate::snapshot::{
     Snapshot, BLOCKING_PLAYLIST_CACHE, BLOCK_TIMEOUT, PLAYLIST_TYPE, PUBLISHED_HEADER,
 };
 use crate::storage::Storage;
 use amphi_protocol::api::ApiError;
+use amphi_protocol::token::RecordingAction;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
@@ -141,7 +141,11 @@ pub async fn hls(st: &HttpState, path: &str, query: &str, range: Option<&str>) -
     // A recording is private until its host publishes it (then public), gone once deleted.
     let sig = query_sig(query);
     if p.resource.is_recording() {
-        match st.recordings.access(&st.registry, room, sig, now_unix()).await {
+        match st
+            .recordings
+            .access(&st.registry, room, sig, now_unix())
+            .await
+        {
             Ok(Access::Allowed) => {}
             Ok(Access::Private) => {
                 return error(
@@ -345,14 +349,19 @@ async fn signed_multivariant(r: Response, sig: Option<&str>) -> Response {
     }
     let (mut parts, body) = r.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "playlist too large");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "playlist too large",
+        );
     };
     let text = String::from_utf8_lossy(&bytes);
     let signed = with_sig(&text, sig);
     // The signed copy must not be cached for others.
-    parts
-        .headers
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    parts.headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(signed))
 }
@@ -399,7 +408,12 @@ async fn download(st: &HttpState, room: amphi_protocol::RoomId, range: Option<&s
         RangeAnswer::Full => response(StatusCode::OK, MEDIA_TYPE, cache, Body::from(file)),
         RangeAnswer::Partial { start, end } => {
             let body = file.slice(start as usize..=end as usize);
-            let mut r = response(StatusCode::PARTIAL_CONTENT, MEDIA_TYPE, cache, Body::from(body));
+            let mut r = response(
+                StatusCode::PARTIAL_CONTENT,
+                MEDIA_TYPE,
+                cache,
+                Body::from(body),
+            );
             if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
                 r.headers_mut().insert(header::CONTENT_RANGE, v);
             }
@@ -455,11 +469,9 @@ async fn recording_control(st: &HttpState, rest: &str, headers: &http::HeaderMap
         );
     }
     let done = match act {
-        RecordingAction::Delete => st
-            .recordings
-            .delete(&st.registry, room)
-            .await
-            .map(|removed| serde_json::json!({ "room": room.to_string(), "removed_objects": removed })),
+        RecordingAction::Delete => st.recordings.delete(&st.registry, room).await.map(
+            |removed| serde_json::json!({ "room": room.to_string(), "removed_objects": removed }),
+        ),
         _ => st.recordings.publish(&st.registry, room).await.map(|p| {
             serde_json::json!({
                 "room": room.to_string(),
@@ -482,10 +494,16 @@ async fn recording_control(st: &HttpState, rest: &str, headers: &http::HeaderMap
             "recording_not_found",
             "no recording of this room is stored",
         ),
-        Err(ControlError::NoMedia(why)) => error(StatusCode::CONFLICT, "recording_without_media", why),
+        Err(ControlError::NoMedia(why)) => {
+            error(StatusCode::CONFLICT, "recording_without_media", why)
+        }
         Err(ControlError::Storage(e)) => {
             tracing::warn!(%room, error = %e, "recording control: storage failed");
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "storage is unavailable")
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage is unavailable",
+            )
         }
     }
 }

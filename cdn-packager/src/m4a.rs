@@ -14,8 +14,8 @@
 use crate::chapters::Chapter;
 use crate::fmp4::TRACK_ID;
 use mp4_atom::{
-    Any, Chpl, ChplEntry, Decode, Edts, Elst, ElstEntry, Encode, Ftyp, Moov, Stco, Stsc,
-    StscEntry, Stsz, StszSamples, Stts, SttsEntry, Udta,
+    Any, Chpl, ChplEntry, Decode, Edts, Elst, ElstEntry, Encode, Ftyp, Moov, Stco, Stsc, StscEntry,
+    Stsz, StszSamples, Stts, SttsEntry, Udta,
 };
 use std::io::Cursor;
 use std::time::Duration;
@@ -318,7 +318,8 @@ mod tests {
                     .flat_map(|i| std::iter::repeat_n(n + i, usize::from(n + i) + 1))
                     .collect();
                 let t = (s * 2 + c) * 3 * u64::from(AAC_FRAME_SAMPLES);
-                w.write_chunk(t, &sizes, &payload, c == 0, &mut seg).unwrap();
+                w.write_chunk(t, &sizes, &payload, c == 0, &mut seg)
+                    .unwrap();
                 n += 3;
             }
             segs.push(seg);

@@ -56,7 +56,11 @@ pub fn decide(
 }
 
 /// Whether a grant authorises `act` on `room` (the router's publish and delete requests).
-pub fn authorises(grant: &Result<RecordingGrant, TokenError>, room: RoomId, act: RecordingAction) -> bool {
+pub fn authorises(
+    grant: &Result<RecordingGrant, TokenError>,
+    room: RoomId,
+    act: RecordingAction,
+) -> bool {
     matches!(grant, Ok(g) if g.room == room && g.act == act)
 }
 
@@ -132,7 +136,11 @@ impl Recordings {
             .unwrap_or_else(|e| e.into_inner())
             .contains(&room);
         let grant = sig.map(|s| self.tokens.verify_grant(s, now));
-        if self.private && !deleted && !published && decide(room, true, false, false, grant.as_ref()) != Access::Allowed {
+        if self.private
+            && !deleted
+            && !published
+            && decide(room, true, false, false, grant.as_ref()) != Access::Allowed
+        {
             published = registry
                 .store()
                 .get(&key(room, PUBLISHED_MARKER))
@@ -145,13 +153,23 @@ impl Recordings {
                     .insert(room);
             }
         }
-        Ok(decide(room, self.private, deleted, published, grant.as_ref()))
+        Ok(decide(
+            room,
+            self.private,
+            deleted,
+            published,
+            grant.as_ref(),
+        ))
     }
 
     /// Publish `room`'s recording: build `recording.m4a` from the AAC-LC rendition's init and
     /// VOD segments with the stored chapters, store it, then the published marker. Publishing
     /// again rewrites both.
-    pub async fn publish(&self, registry: &Registry, room: RoomId) -> Result<Published, ControlError> {
+    pub async fn publish(
+        &self,
+        registry: &Registry,
+        room: RoomId,
+    ) -> Result<Published, ControlError> {
         if self.deleted(room) {
             return Err(ControlError::NotFound);
         }
@@ -174,7 +192,9 @@ impl Recordings {
         for name in &segment_names {
             match store.get(&key(room, &format!("aac/{name}"))).await? {
                 Some(b) => segments.push(b),
-                None => tracing::warn!(%room, segment = %name, "segment missing from the published file"),
+                None => {
+                    tracing::warn!(%room, segment = %name, "segment missing from the published file")
+                }
             }
         }
         let chapters: Vec<Chapter> = match store.get(&key(room, CHAPTERS_JSON)).await? {
@@ -182,17 +202,26 @@ impl Recordings {
             None => Vec::new(),
         };
         let refs: Vec<&[u8]> = segments.iter().map(|b| b.as_ref()).collect();
-        let file = m4a::build(&init, &refs, &chapters).map_err(|e| ControlError::NoMedia(e.to_string()))?;
+        let file = m4a::build(&init, &refs, &chapters)
+            .map_err(|e| ControlError::NoMedia(e.to_string()))?;
         let published = Published {
             m4a_bytes: file.len(),
             chapters: m4a::chapter_list(&chapters).entries.len(),
         };
         store
-            .put(&key(room, RECORDING_M4A), Bytes::from(file), ObjectMeta::DOWNLOAD)
+            .put(
+                &key(room, RECORDING_M4A),
+                Bytes::from(file),
+                ObjectMeta::DOWNLOAD,
+            )
             .await?;
         let marker = serde_json::json!({ "room": room.to_string(), "file": RECORDING_M4A });
         store
-            .put(&key(room, PUBLISHED_MARKER), Bytes::from(marker.to_string()), ObjectMeta::JSON)
+            .put(
+                &key(room, PUBLISHED_MARKER),
+                Bytes::from(marker.to_string()),
+                ObjectMeta::JSON,
+            )
             .await?;
         self.published
             .lock()
@@ -231,7 +260,9 @@ impl Recordings {
 /// deleted.
 fn live_check(registry: &Registry, room: RoomId) -> Result<(), ControlError> {
     match registry.get(room) {
-        Some(h) if !h.finished.load(std::sync::atomic::Ordering::Relaxed) => Err(ControlError::Live),
+        Some(h) if !h.finished.load(std::sync::atomic::Ordering::Relaxed) => {
+            Err(ControlError::Live)
+        }
         _ => Ok(()),
     }
 }
@@ -242,7 +273,8 @@ pub fn vod_files(playlist: &str) -> (Option<String>, Vec<String>) {
     let plain = |n: &str| {
         !n.is_empty()
             && n.len() <= 64
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
             && !n.starts_with('.')
     };
     let mut init = None;
@@ -250,7 +282,11 @@ pub fn vod_files(playlist: &str) -> (Option<String>, Vec<String>) {
     let mut gap = false;
     for line in playlist.lines().map(str::trim) {
         if let Some(attrs) = line.strip_prefix("#EXT-X-MAP:") {
-            if let Some(uri) = attrs.split("URI=\"").nth(1).and_then(|r| r.split('"').next()) {
+            if let Some(uri) = attrs
+                .split("URI=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            {
                 if plain(uri) {
                     init = Some(uri.to_string());
                 }
@@ -291,20 +327,48 @@ mod tests {
             grant(7, RecordingAction::Publish),
             Err(TokenError::Expired),
         ] {
-            assert_eq!(decide(r, true, false, false, Some(&wrong)), Access::Private, "{wrong:?}");
+            assert_eq!(
+                decide(r, true, false, false, Some(&wrong)),
+                Access::Private,
+                "{wrong:?}"
+            );
         }
-        assert_eq!(decide(r, true, false, true, None), Access::Allowed, "published");
-        assert_eq!(decide(r, false, false, false, None), Access::Allowed, "privacy off");
+        assert_eq!(
+            decide(r, true, false, true, None),
+            Access::Allowed,
+            "published"
+        );
+        assert_eq!(
+            decide(r, false, false, false, None),
+            Access::Allowed,
+            "privacy off"
+        );
         assert_eq!(decide(r, false, true, true, Some(&read)), Access::Deleted);
     }
 
     #[test]
     fn only_the_action_granted_for_the_room_is_authorised() {
         let r = RoomId(7);
-        assert!(authorises(&grant(7, RecordingAction::Delete), r, RecordingAction::Delete));
-        assert!(!authorises(&grant(7, RecordingAction::Read), r, RecordingAction::Delete));
-        assert!(!authorises(&grant(8, RecordingAction::Delete), r, RecordingAction::Delete));
-        assert!(!authorises(&Err(TokenError::Signature), r, RecordingAction::Publish));
+        assert!(authorises(
+            &grant(7, RecordingAction::Delete),
+            r,
+            RecordingAction::Delete
+        ));
+        assert!(!authorises(
+            &grant(7, RecordingAction::Read),
+            r,
+            RecordingAction::Delete
+        ));
+        assert!(!authorises(
+            &grant(8, RecordingAction::Delete),
+            r,
+            RecordingAction::Delete
+        ));
+        assert!(!authorises(
+            &Err(TokenError::Signature),
+            r,
+            RecordingAction::Publish
+        ));
     }
 
     #[test]

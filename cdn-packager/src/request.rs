@@ -262,8 +262,7 @@ pub fn query_sig(query: &str) -> Option<&str> {
     found.filter(|v| {
         !v.is_empty()
             && v.len() <= amphi_protocol::token::MAX_TOKEN_LEN
-            && v
-                .bytes()
+            && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     })
 }
@@ -398,16 +397,48 @@ mod tests {
     #[test]
     fn ranges_of_one_object() {
         use RangeAnswer::*;
-        assert_eq!(parse_range("bytes=0-99", 1000), Partial { start: 0, end: 99 });
-        assert_eq!(parse_range("bytes=900-", 1000), Partial { start: 900, end: 999 });
-        assert_eq!(parse_range("bytes=-100", 1000), Partial { start: 900, end: 999 });
-        assert_eq!(parse_range("bytes=-5000", 1000), Partial { start: 0, end: 999 });
-        assert_eq!(parse_range("bytes=990-5000", 1000), Partial { start: 990, end: 999 });
+        assert_eq!(
+            parse_range("bytes=0-99", 1000),
+            Partial { start: 0, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=900-", 1000),
+            Partial {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-100", 1000),
+            Partial {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-5000", 1000),
+            Partial { start: 0, end: 999 }
+        );
+        assert_eq!(
+            parse_range("bytes=990-5000", 1000),
+            Partial {
+                start: 990,
+                end: 999
+            }
+        );
         assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
         assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
         assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
-        for full in ["", "items=0-1", "bytes=0-1,5-6", "bytes=5-1", "bytes=-", "bytes=a-b",
-            "bytes=01-2", "bytes=99999999999999999999-"] {
+        for full in [
+            "",
+            "items=0-1",
+            "bytes=0-1,5-6",
+            "bytes=5-1",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=01-2",
+            "bytes=99999999999999999999-",
+        ] {
             assert_eq!(parse_range(full, 1000), Full, "{full:?}");
         }
     }

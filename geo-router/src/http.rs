@@ -771,10 +771,7 @@ fn app(state: Shared) -> Router {
             "/v1/rooms/{id}/recording",
             get(recording).delete(delete_recording),
         )
-        .route(
-            "/v1/rooms/{id}/recording/publish",
-            post(publish_recording),
-        )
+        .route("/v1/rooms/{id}/recording/publish", post(publish_recording))
         .route("/v1/route", get(route))
         .route("/v1/edges", get(list_edges))
         .route("/v1/edges/{id}", put(edge_heartbeat))

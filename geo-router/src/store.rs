@@ -1306,17 +1306,21 @@ impl Store for RedisStore {
                 let mut c = self.conn();
                 // A deletion overwrites; a publication never overwrites a deletion.
                 let set: Option<String> = match wanted {
-                    RecordingDecision::Deleted => redis::cmd("SET")
-                        .arg(&key)
-                        .arg(wanted.as_str())
-                        .query_async(&mut c)
-                        .await?,
-                    RecordingDecision::Published => redis::cmd("SET")
-                        .arg(&key)
-                        .arg(wanted.as_str())
-                        .arg("NX")
-                        .query_async(&mut c)
-                        .await?,
+                    RecordingDecision::Deleted => {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(wanted.as_str())
+                            .query_async(&mut c)
+                            .await?
+                    }
+                    RecordingDecision::Published => {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(wanted.as_str())
+                            .arg("NX")
+                            .query_async(&mut c)
+                            .await?
+                    }
                 };
                 if set.is_some() {
                     return Ok(wanted);

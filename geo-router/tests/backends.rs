@@ -5,9 +5,7 @@
 //! on loopback. Two routers on one Redis must agree.
 
 use amphi_geo_router::directory::{Expiry, RoomCounts};
-use amphi_geo_router::store::{
-    EndOutcome, MemoryStore, Now, RecordingDecision, RedisStore, Store,
-};
+use amphi_geo_router::store::{EndOutcome, MemoryStore, Now, RecordingDecision, RedisStore, Store};
 use amphi_geo_router::RouterSetup;
 use amphi_protocol::api::{EdgeHeartbeat, RoomLoad};
 use amphi_protocol::config::RouterConfig;
@@ -319,12 +317,24 @@ async fn recording_contract(store: &dyn Store, reopened: &dyn Store) {
     assert_eq!(store.recording_decision(a).await.unwrap(), None);
     let published = RecordingDecision::Published;
     let deleted = RecordingDecision::Deleted;
-    assert_eq!(store.decide_recording(a, published).await.unwrap(), published);
-    assert_eq!(store.decide_recording(a, published).await.unwrap(), published);
-    assert_eq!(store.decide_recording(b, published).await.unwrap(), published);
+    assert_eq!(
+        store.decide_recording(a, published).await.unwrap(),
+        published
+    );
+    assert_eq!(
+        store.decide_recording(a, published).await.unwrap(),
+        published
+    );
+    assert_eq!(
+        store.decide_recording(b, published).await.unwrap(),
+        published
+    );
     assert_eq!(store.decide_recording(b, deleted).await.unwrap(), deleted);
     assert_eq!(store.decide_recording(b, published).await.unwrap(), deleted);
-    assert_eq!(reopened.recording_decision(a).await.unwrap(), Some(published));
+    assert_eq!(
+        reopened.recording_decision(a).await.unwrap(),
+        Some(published)
+    );
     assert_eq!(reopened.recording_decision(b).await.unwrap(), Some(deleted));
 }
 

@@ -585,7 +585,9 @@ impl S3sFs {
         let mut out = Vec::new();
         let mut dirs = vec![root.clone()];
         while let Some(d) = dirs.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {

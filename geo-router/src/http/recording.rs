@@ -144,7 +144,8 @@ pub(super) async fn recording(
         return Err(gone());
     }
     let host = if bearer(&headers).is_some() || headers.contains_key(crate::auth::KEY_HEADER) {
-        s.host_or_api_key(room, &method, &uri, &headers, b"").await?;
+        s.host_or_api_key(room, &method, &uri, &headers, b"")
+            .await?;
         true
     } else {
         false
