@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     for len in [0u64, 1, u64::from(len_byte), 1 << 20, u64::MAX] {
         if let RangeAnswer::Partial { start, end } = parse_range(text, len) {
-            assert!(start <= end && end < len, "{text:?} of {len}: {start}-{end}");
+            assert!(
+                start <= end && end < len,
+                "{text:?} of {len}: {start}-{end}"
+            );
         }
     }
     if let Some(sig) = query_sig(text) {
