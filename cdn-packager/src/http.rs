@@ -138,6 +138,16 @@ pub async fn hls(st: &HttpState, path: &str, query: &str, range: Option<&str>) -
     if st.recordings.deleted(room) {
         return recording_deleted();
     }
+    let handle = st.registry.get(room);
+    if handle.is_none() && !st.registry.may_have(room) {
+        // Never open here, nothing stored from before: no storage read (random room ids
+        // must not turn into S3 GETs).
+        return error(
+            StatusCode::NOT_FOUND,
+            "room_not_found",
+            format!("no HLS output for room {room}"),
+        );
+    }
     // A recording is private until its host publishes it (then public), gone once deleted.
     let sig = query_sig(query);
     if p.resource.is_recording() {
@@ -164,16 +174,6 @@ pub async fn hls(st: &HttpState, path: &str, query: &str, range: Option<&str>) -
                 );
             }
         }
-    }
-    let handle = st.registry.get(room);
-    if handle.is_none() && !st.registry.may_have(room) {
-        // Never open here, nothing stored from before: no storage read (random room ids
-        // must not turn into S3 GETs).
-        return error(
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-            format!("no HLS output for room {room}"),
-        );
     }
     match p.resource {
         HlsResource::Multivariant => match &handle {

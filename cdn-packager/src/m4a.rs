@@ -14,8 +14,8 @@
 use crate::chapters::Chapter;
 use crate::fmp4::TRACK_ID;
 use mp4_atom::{
-    Any, Chpl, ChplEntry, Decode, Edts, Elst, ElstEntry, Encode, Ftyp, Moov, Stco, Stsc, StscEntry,
-    Stsz, StszSamples, Stts, SttsEntry, Udta,
+    Any, Chpl, ChplEntry, Decode, Edts, Elst, ElstEntry, Encode, Ftyp, Stco, Stsc, StscEntry, Stsz,
+    StszSamples, Stts, SttsEntry, Udta,
 };
 use std::io::Cursor;
 use std::time::Duration;
@@ -76,9 +76,11 @@ impl Samples {
                 continue;
             };
             for traf in moof.traf.iter().filter(|t| t.tfhd.track_id == TRACK_ID) {
-                let base = match (traf.tfhd.base_data_offset, traf.tfhd.default_base_is_moof) {
-                    (Some(b), _) => usize::try_from(b).map_err(|_| "base data offset")?,
-                    (None, _) => start,
+                let base = match traf.tfhd.base_data_offset {
+                    Some(b) => usize::try_from(b).map_err(|_| "base data offset")?,
+                    // default-base-is-moof (what the packager writes), or the moof anyway
+                    // for a lone track fragment.
+                    None => start,
                 };
                 for trun in &traf.trun {
                     let offset = usize::try_from(trun.data_offset.unwrap_or(0))
@@ -246,8 +248,6 @@ pub fn build(init: &[u8], segments: &[&[u8]], chapters: &[Chapter]) -> Result<Ve
     moov.encode(&mut head)?;
     let mdat_len =
         u32::try_from(MDAT_HEADER_LEN + samples.data.len()).map_err(|_| M4aError::TooLarge)?;
-    u32::try_from(head.len() + MDAT_HEADER_LEN + samples.data.len())
-        .map_err(|_| M4aError::TooLarge)?;
     let mut out = head;
     out.reserve_exact(MDAT_HEADER_LEN + samples.data.len());
     out.extend_from_slice(&mdat_len.to_be_bytes());
@@ -281,21 +281,22 @@ pub fn chapters_from_json(json: &[u8]) -> Vec<Chapter> {
         .collect()
 }
 
-/// The decoded `moov` of a built file (tests and checks).
-pub fn moov_of(file: &[u8]) -> Option<Moov> {
-    let mut cur = Cursor::new(file);
-    while (cur.position() as usize) < file.len() {
-        if let Any::Moov(m) = Any::decode(&mut cur).ok()? {
-            return Some(m);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fmp4::{init_segment_aac, ChunkWriter, AAC_FRAME_SAMPLES};
+    use mp4_atom::Moov;
+
+    /// The decoded `moov` of a built file.
+    fn moov_of(file: &[u8]) -> Option<Moov> {
+        let mut cur = Cursor::new(file);
+        while (cur.position() as usize) < file.len() {
+            if let Any::Moov(m) = Any::decode(&mut cur).ok()? {
+                return Some(m);
+            }
+        }
+        None
+    }
 
     fn chapter(start_ms: u64, title: &str) -> Chapter {
         Chapter {
