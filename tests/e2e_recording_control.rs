@@ -61,8 +61,13 @@ fn wait_hook(hooks: &std::sync::mpsc::Receiver<Delivery>, kind: &str) -> serde_j
     panic!("no {kind} webhook; got {seen:?}")
 }
 
-/// Two speakers in turn, then the host ends the room.
-async fn record(mesh: &DevMesh, title: &str, speakers: &[(&str, &str, f64)]) -> (String, String) {
+/// The speakers in turn, then the host ends the room: room id, host token, and the token of a
+/// speaker who never spoke (minted before the end).
+async fn record(
+    mesh: &DevMesh,
+    title: &str,
+    speakers: &[(&str, &str, f64)],
+) -> (String, String, String) {
     let (room, host, hls_url) = mesh.create_room(title);
     let whip = mesh.route(&room, "us-east")["whip_url"]
         .as_str()
@@ -75,13 +80,14 @@ async fn record(mesh: &DevMesh, title: &str, speakers: &[(&str, &str, f64)]) -> 
     tokio::task::spawn_blocking(move || wait_status(&hls_url, 200, Duration::from_secs(20)))
         .await
         .unwrap();
+    let silent = named_token(mesh, &room, "Eve", "eve-1");
     let (status, _) = call(
         "POST",
         &format!("{}/v1/rooms/{room}/end", mesh.router()),
         Some(&host),
     );
     assert_eq!(status, 200);
-    (room, host)
+    (room, host, silent)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,11 +112,10 @@ async fn the_host_publishes_one_recording_and_deletes_another() {
         ],
     );
     let two = [(ADA, "ada-1815", 440.0), (GRACE, "grace-1906", 660.0)];
-    let (kept, host) = record(&mesh, "kept", &two).await;
-    let (dropped, dropped_host) = record(&mesh, "dropped", &[(ADA, "ada-1815", 550.0)]).await;
+    let (kept, host, speaker) = record(&mesh, "kept", &two).await;
+    let (dropped, dropped_host, _) = record(&mesh, "dropped", &[(ADA, "ada-1815", 550.0)]).await;
     let router = mesh.router();
     let packager = mesh.packager();
-    let speaker = named_token(&mesh, &kept, "Eve", "eve-1");
     let file = scratch.join("kept.m4a");
     let log = mesh.log_text();
 
