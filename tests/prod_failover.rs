@@ -18,9 +18,7 @@ use amphi_testkit::mesh as support;
 
 use amphi_protocol::placement::rendezvous;
 use amphi_protocol::RoomId;
-use prod_mesh_support::{
-    client_args, fresh_state, participant, times, ws_args, Bed, AP, EU, ROUTER, US,
-};
+use prod_mesh_support::{client_args, fresh_state, participant, times, ws_args, Bed, AP, EU, US};
 use roles::eventually;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;

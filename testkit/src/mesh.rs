@@ -503,7 +503,8 @@ pub fn ffmpeg_hears(url: &str, freq: f64, seconds: &str) {
 /// A real s3s-fs on loopback, killed on drop.
 pub struct S3sFs {
     child: Option<Child>,
-    root: PathBuf,
+    /// The directory it serves (one subdirectory per bucket).
+    pub root: PathBuf,
     port: u16,
 }
 
