@@ -16,12 +16,14 @@ use amphi_protocol::token::{RecordingAction, RecordingGrant, TokenError, TokenVe
 use amphi_protocol::RoomId;
 use bytes::Bytes;
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
 
 /// Storage key (in the room's directory) whose presence marks a published recording.
 pub const PUBLISHED_MARKER: &str = "published.json";
-/// Rooms whose deletion this process remembers (answered 410); older ones fall back to 404.
-const MAX_DELETED: usize = 65_536;
+/// Rooms whose deletion (answered 410; beyond it 404) or publication (beyond it one storage
+/// read per request) this process remembers.
+const MAX_REMEMBERED: usize = 65_536;
 
 /// How a request for a recording resource is answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +99,10 @@ pub struct Recordings {
     /// Recordings need a grant until published (`[packager.recording] private_until_published`).
     pub private: bool,
     published: Mutex<HashSet<RoomId>>,
-    deleted: Mutex<HashSet<RoomId>>,
+    deleted: RwLock<HashSet<RoomId>>,
+    /// `deleted` is not empty: every HLS request asks [`Recordings::deleted`], and until a
+    /// recording is deleted that costs one relaxed load.
+    any_deleted: AtomicBool,
 }
 
 impl Recordings {
@@ -107,16 +112,19 @@ impl Recordings {
             tokens,
             private,
             published: Mutex::new(HashSet::new()),
-            deleted: Mutex::new(HashSet::new()),
+            deleted: RwLock::new(HashSet::new()),
+            any_deleted: AtomicBool::new(false),
         }
     }
 
     /// Whether this process deleted `room`'s recording (every resource of it answers 410).
     pub fn deleted(&self, room: RoomId) -> bool {
-        self.deleted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&room)
+        self.any_deleted.load(Ordering::Relaxed)
+            && self
+                .deleted
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&room)
     }
 
     /// How a read of `room`'s recording with the URL's `sig` is answered at `now` (Unix
@@ -147,10 +155,7 @@ impl Recordings {
                 .await?
                 .is_some();
             if published {
-                self.published
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(room);
+                remember(&self.published, room);
             }
         }
         Ok(decide(
@@ -223,10 +228,7 @@ impl Recordings {
                 ObjectMeta::JSON,
             )
             .await?;
-        self.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(room);
+        remember(&self.published, room);
         tracing::info!(%room, bytes = published.m4a_bytes, chapters = published.chapters, "recording published");
         Ok(published)
     }
@@ -241,9 +243,10 @@ impl Recordings {
             store.delete(k).await?;
         }
         {
-            let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-            if deleted.len() < MAX_DELETED {
+            let mut deleted = self.deleted.write().unwrap_or_else(|e| e.into_inner());
+            if deleted.len() < MAX_REMEMBERED {
                 deleted.insert(room);
+                self.any_deleted.store(true, Ordering::Relaxed);
             }
         }
         self.published
@@ -256,13 +259,19 @@ impl Recordings {
     }
 }
 
+/// Add `room` to `set` unless it holds [`MAX_REMEMBERED`] rooms already.
+fn remember(set: &Mutex<HashSet<RoomId>>, room: RoomId) {
+    let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
+    if set.len() < MAX_REMEMBERED {
+        set.insert(room);
+    }
+}
+
 /// A room still live in this process (its recording not stored yet) cannot be published or
 /// deleted.
 fn live_check(registry: &Registry, room: RoomId) -> Result<(), ControlError> {
     match registry.get(room) {
-        Some(h) if !h.finished.load(std::sync::atomic::Ordering::Relaxed) => {
-            Err(ControlError::Live)
-        }
+        Some(h) if !h.finished.load(Ordering::Relaxed) => Err(ControlError::Live),
         _ => Ok(()),
     }
 }
