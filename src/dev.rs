@@ -78,6 +78,16 @@ pub struct DevArgs {
     /// Delete recordings this many hours after their room ended (default: keep).
     #[arg(long)]
     recording_retention_hours: Option<f64>,
+    /// Recordings stay private (reachable only through the geo-router's signed URLs) until
+    /// their host publishes them (`[packager.recording] private_until_published`).
+    #[arg(long)]
+    private_recordings: bool,
+    /// POST the router's webhooks (signed with `--webhook-secret`) to this URL.
+    #[arg(long)]
+    webhook_url: Option<String>,
+    /// Secret of the `--webhook-url` signatures.
+    #[arg(long, default_value = "dev-webhook-secret")]
+    webhook_secret: String,
     /// Keep the room directory, edge registry and room state in this Redis
     /// (`redis://127.0.0.1:6379/0`) instead of in memory.
     #[arg(long)]
@@ -258,6 +268,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             recording: amphi_packager::RecordingConfig {
                 retention_hours: args.recording_retention_hours,
                 sweep_interval_secs: Some(60),
+                private_until_published: Some(args.private_recordings),
             },
             tls_listen: Some(addr(DEV_PORTS.packager_https, off)),
             tls_cert: None,
@@ -265,6 +276,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             http1_fast_path: None,
         },
         mesh_tls: pki.issue("packager-1.amphi.internal", MeshRole::Packager)?,
+        tokens: verifier.clone(),
     };
     let sd = shutdown.clone();
     tasks.spawn(async move {
@@ -339,7 +351,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
             load_threshold: 0.8,
             interactive_capacity: u32::try_from(args.interactive_capacity).unwrap_or(u32::MAX),
             api_keys: vec![],
-            webhooks: vec![],
+            webhooks: args
+                .webhook_url
+                .iter()
+                .map(|url| amphi_protocol::config::WebhookConfig {
+                    url: url.clone(),
+                    secret: args.webhook_secret.clone(),
+                })
+                .collect(),
             room_idle_timeout_secs: 21_600,
             reminder_lead_secs: 600,
             redis_url: args.redis_url.clone(),

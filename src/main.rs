@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a whole mesh on loopback: geo-router, one edge per region, origin, packager, web UI.
-    Dev(dev::DevArgs),
+    Dev(Box<dev::DevArgs>),
     /// Run an edge node (config: `[edge]`, `[tls]`, `[tokens]`; see infra/config/edge.toml).
     Edge {
         /// TOML config file (values may be overridden by AMPHI__SECTION__KEY env vars).
@@ -70,7 +70,7 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Dev(args) => dev::run(args).await,
+            Command::Dev(args) => dev::run(*args).await,
             Command::Edge { config } => roles::edge(config).await,
             Command::Origin { config } => roles::origin(config).await,
             Command::Packager { config } => roles::packager(config).await,

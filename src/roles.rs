@@ -74,6 +74,9 @@ struct OriginOptionsSection {
 struct PackagerFile {
     packager: PackagerConfig,
     tls: TlsFiles,
+    /// The geo-router's token verification keys (its recording grants); optional.
+    #[serde(default)]
+    tokens: Option<TokensFile>,
 }
 
 /// The optional keys of `[packager]` (`storage`, `recording`, `tls_*`; see amphi-packager),
@@ -127,15 +130,21 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// `amphi edge`.
-pub async fn edge(path: Option<PathBuf>) -> Result<()> {
-    let file: EdgeFile = config::load(path.as_deref())?;
+/// A verifier of the tokens signed by `keys`.
+fn verifier(keys: &[PublicKeyConfig]) -> Result<TokenVerifier> {
     let mut tokens = TokenVerifier::default();
-    for k in &file.tokens.public_keys {
+    for k in keys {
         tokens
             .add_public_pem(k.kid.clone(), &k.pem)
             .with_context(|| format!("token key {}", k.kid))?;
     }
+    Ok(tokens)
+}
+
+/// `amphi edge`.
+pub async fn edge(path: Option<PathBuf>) -> Result<()> {
+    let file: EdgeFile = config::load(path.as_deref())?;
+    let tokens = verifier(&file.tokens.public_keys)?;
     let setup = amphi_edge::EdgeSetup {
         config: file.edge,
         mesh_tls: load_tls(&file.tls)?,
@@ -192,6 +201,7 @@ pub async fn packager(path: Option<PathBuf>) -> Result<()> {
         config: file.packager,
         options: options.packager,
         mesh_tls: load_tls(&file.tls)?,
+        tokens: verifier(file.tokens.as_ref().map_or(&[][..], |t| &t.public_keys))?,
     };
     amphi_packager::run(setup, shutdown_on_signal()).await?;
     Ok(())

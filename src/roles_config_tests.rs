@@ -129,10 +129,13 @@ fn check_origin(path: &Path) -> (OriginFile, Option<String>) {
 }
 
 fn check_packager(path: &Path) -> amphi_packager::PackagerOptions {
-    let _: PackagerFile = config::load(Some(path)).unwrap();
+    let file: PackagerFile = config::load(Some(path)).unwrap();
     let options: super::PackagerOptionsFile = config::load(Some(path)).unwrap();
     let table = read_table(path);
-    only_sections(&table, &["packager", "tls"]);
+    only_sections(&table, &["packager", "tls", "tokens"]);
+    // The router's keys are real Ed25519 public keys, as the packager checks them at start.
+    let keys = file.tokens.as_ref().map_or(&[][..], |t| &t.public_keys);
+    super::verifier(keys).unwrap();
     section_of(
         &table,
         "packager",
@@ -277,7 +280,8 @@ fn module_vars(role: TfRole) -> serde_json::Value {
                 "server_name": "origin.amphi.internal"}],
             "http_port": 8400, "https_port": 8443,
             "storage_bucket": "amphi-media", "storage_region": "us-east-1",
-            "storage_endpoint": "http://10.30.1.9:9000", "storage_static_keys": true}),
+            "storage_endpoint": "http://10.30.1.9:9000", "storage_static_keys": true,
+            "token_public_keys": [{"kid": "k1", "pem": example_public_key()}]}),
         TfRole::Router => serde_json::json!({
             "region": "us-east-1", "http_port": 8080, "public_url": "https://api.example.com",
             "default_region": "us-east-1", "packager_url": "https://packager.example.com",

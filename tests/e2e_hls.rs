@@ -9,8 +9,7 @@ use amphi_testkit::mesh as support;
 use amphi_packager::playlist::{Rendition, AAC, OPUS};
 use amphi_testkit::conformance::{check_media, check_multivariant, Expect, MediaSummary};
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -355,83 +354,6 @@ async fn bad_requests_do_not_disturb_a_live_room_and_the_end_leaves_a_vod_record
     })
     .await
     .unwrap();
-}
-
-/// A real s3s-fs on loopback, killed on drop.
-struct S3sFs {
-    child: Option<Child>,
-    root: PathBuf,
-    port: u16,
-}
-
-const S3_KEY: &str = "amphi-test-access";
-const S3_SECRET: &str = "amphi-test-secret-key-1234";
-
-impl S3sFs {
-    fn binary() -> PathBuf {
-        std::env::var_os("AMPHI_S3S_FS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").expect("HOME");
-                Path::new(&home).join(".cache/amphi/s3s/bin/s3s-fs")
-            })
-    }
-
-    fn start(root: PathBuf, port: u16) -> S3sFs {
-        let mut s = S3sFs {
-            child: None,
-            root,
-            port,
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        std::fs::create_dir_all(&self.root).unwrap();
-        let bin = Self::binary();
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
-            .arg(&self.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{} must be installed by scripts/test.sh: {e}",
-                    bin.display()
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// The object `key` of bucket `bucket` as s3s-fs stored it on disk.
-    fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.root.join(bucket).join(key)).ok()
-    }
-}
-
-impl Drop for S3sFs {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

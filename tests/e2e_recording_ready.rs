@@ -6,59 +6,13 @@ mod roles;
 use amphi_testkit::mesh as support;
 
 use roles::*;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::mpsc;
 use std::time::Duration;
-
-/// One webhook delivery as received.
-struct Delivery {
-    signature: String,
-    body: serde_json::Value,
-}
-
-/// A tiny HTTP/1.1 receiver on `port`: answers 200 to every POST and passes deliveries on.
-fn webhook_receiver(port: u16) -> mpsc::Receiver<Delivery> {
-    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind webhook receiver");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let (mut length, mut signature) = (0usize, String::new());
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                let lower = line.to_ascii_lowercase();
-                if let Some(v) = lower.strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-                if lower.starts_with("x-amphi-webhook-signature:") {
-                    signature = line.split_once(':').unwrap().1.trim().to_string();
-                }
-                line.clear();
-            }
-            let mut body = vec![0; length.min(1 << 20)];
-            if reader.read_exact(&mut body).is_err() {
-                continue;
-            }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-            if let Ok(body) = serde_json::from_slice(&body) {
-                if tx.send(Delivery { signature, body }).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_ready_is_posted_once_the_vod_is_written() {
     let mesh = RoleMesh::new("recording-ready", 27_600);
     let hook_port = 27_650;
-    let deliveries = webhook_receiver(hook_port);
+    let deliveries = support::webhook_receiver(hook_port);
     let _origin = mesh.origin(None);
     let _packager = mesh.packager();
     let _router = mesh.router_process(

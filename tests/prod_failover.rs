@@ -18,9 +18,7 @@ use amphi_testkit::mesh as support;
 
 use amphi_protocol::placement::rendezvous;
 use amphi_protocol::RoomId;
-use prod_mesh_support::{
-    client_args, fresh_state, participant, times, ws_args, Bed, AP, EU, ROUTER, US,
-};
+use prod_mesh_support::{client_args, fresh_state, participant, times, ws_args, Bed, AP, EU, US};
 use roles::eventually;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -232,7 +230,13 @@ fn an_origin_killed_mid_room_hands_the_room_over_intact() {
     for (child, who) in [(lee, "lee"), (sam, "sam"), (bob, "bob")] {
         bed.finish(child, who);
     }
-    let recording_url = format!("{ROUTER}/hls/{room}/recording.m3u8");
+    // The recording is private until its host publishes it: the API key (acting for the host)
+    // gets its signed URL.
+    let recording_url = eventually("the recording is written", Duration::from_secs(90), || {
+        let (status, info) = bed.api("GET", &format!("/v1/rooms/{room}/recording"), None);
+        (status == 200).then(|| info["url"].as_str().map(str::to_string))?
+    });
+    assert!(recording_url.contains("?sig="), "{recording_url}");
     let vod_url = eventually("the recording is written", Duration::from_secs(90), || {
         let master = String::from_utf8(bed.get("client-use1", &recording_url)?).ok()?;
         let Ok(m3u8_rs::Playlist::MasterPlaylist(m)) =

@@ -306,6 +306,8 @@ pub fn parse_request_head(buf: &[u8]) -> RequestHead {
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
+            // Byte ranges (the recording's file) are answered by hyper.
+            || name.eq_ignore_ascii_case("range")
         {
             return RequestHead::Other;
         } else if name.eq_ignore_ascii_case("connection") {
@@ -391,7 +393,7 @@ async fn answer(conn: &Arc<TcpStream>, req: &FastRequest, st: &FastPath) -> io::
     if let Some(held) = blocking_reload(conn, path, query, st) {
         return held.await;
     }
-    let resp = hls(&st.http, path, query).await;
+    let resp = hls(&st.http, path, query, None).await;
     let bytes = serialize(resp, req.close).await;
     write_all(conn, &bytes).await
 }
@@ -639,6 +641,8 @@ mod tests {
             "GET /hls/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
             "GET /hls/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET /hls/x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET /hls/x/recording.m4a HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n",
+            "POST /recordings/x/publish HTTP/1.1\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "garbage\r\n\r\n",
         ] {

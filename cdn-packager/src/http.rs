@@ -3,15 +3,21 @@
 //! the plain listener's HTTP/1.1 front ([`crate::h1`]) does not answer itself; the front answers
 //! other `/hls/` requests with [`hls`] too.
 
+use crate::m4a::RECORDING_M4A;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::playlist::{main_renditions, render_multivariant};
-use crate::request::{decide_reload, parse_hls_path, parse_hls_query, HlsResource, ReloadDecision};
+use crate::recordings::{authorises, Access, ControlError, Recordings};
+use crate::request::{
+    decide_reload, parse_hls_path, parse_hls_query, parse_range, query_sig, HlsResource,
+    RangeAnswer, ReloadDecision,
+};
 use crate::room::{key, Registry, RoomHandle};
 use crate::snapshot::{
     Snapshot, BLOCKING_PLAYLIST_CACHE, BLOCK_TIMEOUT, PLAYLIST_TYPE, PUBLISHED_HEADER,
 };
 use crate::storage::Storage;
 use amphi_protocol::api::ApiError;
+use amphi_protocol::token::RecordingAction;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
@@ -37,6 +43,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Cancelled on shutdown: held requests give up.
     pub shutdown: CancellationToken,
+    /// Who may read recordings; publishing and deleting them.
+    pub recordings: Arc<Recordings>,
 }
 
 /// The router: one fallback handler that dispatches on the raw path.
@@ -67,6 +75,11 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 }
 
 async fn handle(State(st): State<Arc<HttpState>>, req: Request) -> Response {
+    if req.method() == Method::POST {
+        if let Some(rest) = req.uri().path().strip_prefix("/recordings/") {
+            return recording_control(&st, rest, req.headers()).await;
+        }
+    }
     match *req.method() {
         Method::GET | Method::HEAD => {}
         Method::OPTIONS => {
@@ -104,17 +117,27 @@ async fn handle(State(st): State<Arc<HttpState>>, req: Request) -> Response {
             "no-store",
             Body::from(st.metrics.render()),
         ),
-        _ if path.starts_with("/hls/") => hls(&st, path, req.uri().query().unwrap_or("")).await,
+        _ if path.starts_with("/hls/") => {
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok());
+            hls(&st, path, req.uri().query().unwrap_or(""), range).await
+        }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
     }
 }
 
-/// Answer a request under `/hls/` (`path` and `query` raw, as sent).
-pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
+/// Answer a request under `/hls/` (`path` and `query` raw, as sent; `range`: the `Range`
+/// header, honoured for the recording's file).
+pub async fn hls(st: &HttpState, path: &str, query: &str, range: Option<&str>) -> Response {
     let Ok(p) = parse_hls_path(path) else {
         return error(StatusCode::NOT_FOUND, "not_found", "no such HLS resource");
     };
     let room = p.room;
+    if st.recordings.deleted(room) {
+        return recording_deleted();
+    }
     let handle = st.registry.get(room);
     if handle.is_none() && !st.registry.may_have(room) {
         // Never open here, nothing stored from before: no storage read (random room ids
@@ -124,6 +147,33 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
             "room_not_found",
             format!("no HLS output for room {room}"),
         );
+    }
+    // A recording is private until its host publishes it (then public), gone once deleted.
+    let sig = query_sig(query);
+    if p.resource.is_recording() {
+        match st
+            .recordings
+            .access(&st.registry, room, sig, now_unix())
+            .await
+        {
+            Ok(Access::Allowed) => {}
+            Ok(Access::Private) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "recording_private",
+                    "this recording is private until its host publishes it (use the signed URL)",
+                )
+            }
+            Ok(Access::Deleted) => return recording_deleted(),
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "storage read failed (recording access)");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "storage is unavailable",
+                );
+            }
+        }
     }
     match p.resource {
         HlsResource::Multivariant => match &handle {
@@ -163,12 +213,15 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
             }
         },
         HlsResource::Recording => {
-            stored(st, &key(room, "recording.m3u8"), PLAYLIST_TYPE, VOD_CACHE).await
+            let r = stored(st, &key(room, "recording.m3u8"), PLAYLIST_TYPE, VOD_CACHE).await;
+            signed_multivariant(r, sig).await
         }
         HlsResource::CodecRecording(r) => {
             let k = key(room, &format!("recording-{}.m3u8", r.dir()));
-            stored(st, &k, PLAYLIST_TYPE, VOD_CACHE).await
+            let r = stored(st, &k, PLAYLIST_TYPE, VOD_CACHE).await;
+            signed_multivariant(r, sig).await
         }
+        HlsResource::RecordingM4a => download(st, room, range).await,
         HlsResource::ChaptersJson => {
             let json = crate::storage::content_type::JSON;
             stored(
@@ -267,6 +320,190 @@ pub async fn hls(st: &HttpState, path: &str, query: &str) -> Response {
             }
             let key = p.resource.media_key(room).unwrap_or_default();
             object(st, handle.as_deref(), key).await
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// 410 `recording_deleted`.
+fn recording_deleted() -> Response {
+    error(
+        StatusCode::GONE,
+        "recording_deleted",
+        "the host deleted this recording",
+    )
+}
+
+/// A recording's multivariant playlist fetched with a signed URL: its media playlist URIs carry
+/// the same `sig`, so a player reaches them too.
+async fn signed_multivariant(r: Response, sig: Option<&str>) -> Response {
+    let Some(sig) = sig else { return r };
+    if r.status() != StatusCode::OK {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "playlist too large",
+        );
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let signed = with_sig(&text, sig);
+    // The signed copy must not be cached for others.
+    parts.headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(signed))
+}
+
+/// `playlist` with `?sig=` appended to every URI line.
+pub fn with_sig(playlist: &str, sig: &str) -> String {
+    let mut out = String::with_capacity(playlist.len() + 8 * sig.len());
+    for line in playlist.lines() {
+        out.push_str(line);
+        if !line.is_empty() && !line.starts_with('#') {
+            out.push_str(if line.contains('?') { "&sig=" } else { "?sig=" });
+            out.push_str(sig);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `GET /hls/{room}/recording.m4a`: the published file, with single byte ranges (206,
+/// `Content-Range`; 416 past the end) and `Accept-Ranges: bytes`.
+async fn download(st: &HttpState, room: amphi_protocol::RoomId, range: Option<&str>) -> Response {
+    st.metrics.storage_reads.fetch_add(1, Ordering::Relaxed);
+    let file = match st.registry.store().get(&key(room, RECORDING_M4A)).await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no downloadable file (the host has not published this recording)",
+            )
+        }
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "storage read failed");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage is unavailable",
+            );
+        }
+    };
+    let len = file.len() as u64;
+    let cache = crate::storage::ObjectMeta::DOWNLOAD.cache_control;
+    let mut r = match range.map_or(RangeAnswer::Full, |v| parse_range(v, len)) {
+        RangeAnswer::Full => response(StatusCode::OK, MEDIA_TYPE, cache, Body::from(file)),
+        RangeAnswer::Partial { start, end } => {
+            let body = file.slice(start as usize..=end as usize);
+            let mut r = response(
+                StatusCode::PARTIAL_CONTENT,
+                MEDIA_TYPE,
+                cache,
+                Body::from(body),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+        RangeAnswer::Unsatisfiable => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                "the range starts past the end of the file",
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+    };
+    r.headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    r
+}
+
+/// `POST /recordings/{room}/publish` and `POST /recordings/{room}/delete` (`rest` is what
+/// follows `/recordings/`): the geo-router, for the room's host, with a grant of that action
+/// for that room (`Authorization: Bearer`).
+async fn recording_control(st: &HttpState, rest: &str, headers: &http::HeaderMap) -> Response {
+    let Some((room, action)) = rest.split_once('/') else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such resource");
+    };
+    let Ok(room) = room.parse::<amphi_protocol::RoomId>() else {
+        return error(StatusCode::NOT_FOUND, "not_found", "bad room id");
+    };
+    let act = match action {
+        "publish" => RecordingAction::Publish,
+        "delete" => RecordingAction::Delete,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let grant = match token {
+        Some(t) => st.recordings.tokens.verify_grant(t, now_unix()),
+        None => Err(amphi_protocol::token::TokenError::Malformed),
+    };
+    if !authorises(&grant, room, act) {
+        tracing::info!(%room, ?act, "recording control refused: no valid grant");
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a grant of the geo-router for this room and action is required",
+        );
+    }
+    let done = match act {
+        RecordingAction::Delete => st.recordings.delete(&st.registry, room).await.map(
+            |removed| serde_json::json!({ "room": room.to_string(), "removed_objects": removed }),
+        ),
+        _ => st.recordings.publish(&st.registry, room).await.map(|p| {
+            serde_json::json!({
+                "room": room.to_string(),
+                "file": RECORDING_M4A,
+                "bytes": p.m4a_bytes,
+                "chapters": p.chapters,
+            })
+        }),
+    };
+    match done {
+        Ok(body) => response(
+            StatusCode::OK,
+            "application/json",
+            "no-store",
+            Body::from(body.to_string()),
+        ),
+        Err(ControlError::Live) => error(StatusCode::CONFLICT, "room_live", "the room is live"),
+        Err(ControlError::NotFound) => error(
+            StatusCode::NOT_FOUND,
+            "recording_not_found",
+            "no recording of this room is stored",
+        ),
+        Err(ControlError::NoMedia(why)) => {
+            error(StatusCode::CONFLICT, "recording_without_media", why)
+        }
+        Err(ControlError::Storage(e)) => {
+            tracing::warn!(%room, error = %e, "recording control: storage failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage is unavailable",
+            )
         }
     }
 }
@@ -371,5 +608,22 @@ async fn stored(st: &HttpState, key: &str, content_type: &str, cache: &str) -> R
                 "storage is unavailable",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_multivariant_signs_its_media_playlist_uris_only() {
+        let mv = "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1,CODECS=\"opus\"\nopus/vod.m3u8\n\
+                  #EXT-X-STREAM-INF:BANDWIDTH=1\naac/vod.m3u8?x=1\n";
+        let signed = with_sig(mv, "g.h.i");
+        assert_eq!(
+            signed,
+            "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1,CODECS=\"opus\"\nopus/vod.m3u8?sig=g.h.i\n\
+             #EXT-X-STREAM-INF:BANDWIDTH=1\naac/vod.m3u8?x=1&sig=g.h.i\n"
+        );
     }
 }

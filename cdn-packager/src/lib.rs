@@ -30,9 +30,11 @@ pub mod fmp4;
 mod h1;
 mod http;
 mod ingest;
+pub mod m4a;
 pub mod metrics;
 pub mod playlist;
 pub mod recording_index;
+mod recordings;
 pub mod request;
 mod room;
 pub mod segmenter;
@@ -51,6 +53,7 @@ pub use storage::{Backend, StorageConfig};
 
 use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::config::PackagerConfig;
+use amphi_protocol::token::TokenVerifier;
 use amphi_protocol::RoomId;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -71,6 +74,10 @@ pub struct RecordingConfig {
     /// How often expired recordings are looked for (default 600 s).
     #[serde(default)]
     pub sweep_interval_secs: Option<u64>,
+    /// A recording's playlists, chapters and file need the geo-router's signed URL (`?sig=`)
+    /// until its host publishes it (default false: public once stored, as before).
+    #[serde(default)]
+    pub private_until_published: Option<bool>,
 }
 
 /// Packager settings beyond [`PackagerConfig`] (all optional in the TOML `[packager]` table).
@@ -107,6 +114,9 @@ pub struct PackagerSetup {
     pub options: PackagerOptions,
     /// Mesh certificate, key and CA for the QUIC links to the origins.
     pub mesh_tls: MtlsMaterial,
+    /// The geo-router's token verification keys: its recording grants (signed URLs of private
+    /// recordings, publish and delete requests) are checked with them.
+    pub tokens: TokenVerifier,
 }
 
 /// Why the packager could not run.
@@ -185,10 +195,21 @@ impl RoomInput {
 }
 
 impl Packager {
-    /// Open storage and start the HTTP (and HTTPS) listeners.
+    /// Open storage and start the HTTP (and HTTPS) listeners; no recording grant verifies
+    /// (benchmarks, tests without a router).
     pub async fn start(
         config: &PackagerConfig,
         options: &PackagerOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Packager, PackagerError> {
+        Self::start_with(config, options, TokenVerifier::default(), shutdown).await
+    }
+
+    /// [`Packager::start`], checking the geo-router's recording grants with `tokens`.
+    pub async fn start_with(
+        config: &PackagerConfig,
+        options: &PackagerOptions,
+        tokens: TokenVerifier,
         shutdown: CancellationToken,
     ) -> Result<Packager, PackagerError> {
         let store = Arc::new(storage::Store::open(&options.storage, &config.data_dir).await?);
@@ -242,6 +263,10 @@ impl Packager {
             registry: registry.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
+            recordings: Arc::new(recordings::Recordings::new(
+                tokens,
+                options.recording.private_until_published.unwrap_or(false),
+            )),
         });
         let limiter =
             amphi_protocol::https::Limiter::new(&config.limits, metrics.http_limits.clone())
@@ -409,13 +434,14 @@ pub async fn run(setup: PackagerSetup, shutdown: CancellationToken) -> Result<()
         config,
         options,
         mesh_tls,
+        tokens,
     } = setup;
     let tls = mesh_tls.client_config()?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| PackagerError::Quic(e.to_string()))?;
     let client = quinn::ClientConfig::new(Arc::new(quic));
     let origins = config.origin_endpoints()?;
-    let packager = Packager::start(&config, &options, shutdown.clone()).await?;
+    let packager = Packager::start_with(&config, &options, tokens, shutdown.clone()).await?;
     tracing::info!(
         packager = %config.id,
         origins = ?origins.iter().map(|o| &o.id).collect::<Vec<_>>(),

@@ -48,6 +48,8 @@ pub enum HlsResource {
     ChaptersJson,
     /// `chapters.vtt`: the recording's WebVTT chapters.
     ChaptersVtt,
+    /// `recording.m4a`: the published recording as one downloadable file (AAC-LC, chapters).
+    RecordingM4a,
     /// `{rendition}/playlist.m3u8`.
     MediaPlaylist(RenditionId),
     /// `{rendition}/vod.m3u8`: the recording's media playlist.
@@ -131,6 +133,7 @@ pub fn parse_hls_path(path: &str) -> Result<HlsPath, PathError> {
         ["recording-aac.m3u8"] => HlsResource::CodecRecording(RenditionId::Aac),
         ["chapters.json"] => HlsResource::ChaptersJson,
         ["chapters.vtt"] => HlsResource::ChaptersVtt,
+        ["recording.m4a"] => HlsResource::RecordingM4a,
         [dir @ ("opus" | "aac"), file] => {
             let r = if *dir == "opus" {
                 RenditionId::Opus
@@ -227,6 +230,110 @@ pub fn parse_hls_query(query: &str) -> Result<HlsQuery, QueryError> {
     Ok(q)
 }
 
+impl HlsResource {
+    /// Whether this is part of a room's recording proper (its playlists, chapters and file):
+    /// private until the host publishes it, gone once deleted. Live playlists and media
+    /// objects are not (a live room's listeners had them; the room id is not guessable).
+    pub fn is_recording(&self) -> bool {
+        matches!(
+            self,
+            HlsResource::Recording
+                | HlsResource::CodecRecording(_)
+                | HlsResource::ChaptersJson
+                | HlsResource::ChaptersVtt
+                | HlsResource::Vod(_)
+                | HlsResource::RecordingM4a
+        )
+    }
+}
+
+/// The `sig` parameter of a raw query string (a private recording's signed URL), if present
+/// once and non-empty; base64url and `.` only, so it needs no decoding.
+pub fn query_sig(query: &str) -> Option<&str> {
+    let mut found = None;
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("sig=") {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(v);
+        }
+    }
+    found.filter(|v| {
+        !v.is_empty()
+            && v.len() <= amphi_protocol::token::MAX_TOKEN_LEN
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    })
+}
+
+/// What a `Range` request header asks of an object of `len` bytes (RFC 9110 section 14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// No usable single range (absent, another unit, several ranges, malformed): the whole
+    /// object, 200.
+    Full,
+    /// Bytes `start..=end`: 206 with `Content-Range: bytes start-end/len`.
+    Partial {
+        /// First byte.
+        start: u64,
+        /// Last byte (inclusive).
+        end: u64,
+    },
+    /// A well-formed range that starts past the end: 416 with `Content-Range: bytes */len`.
+    Unsatisfiable,
+}
+
+/// Decide a `Range` header `value` against an object of `len` bytes: one `bytes=a-b`, `a-` or
+/// `-n` range is served; anything else gets the whole object (a server may ignore ranges).
+/// Network-facing: never panics, whatever the input (fuzzed under `fuzz/`).
+pub fn parse_range(value: &str, len: u64) -> RangeAnswer {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Full;
+    };
+    let spec = spec.trim();
+    if spec.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let num = |s: &str| parse_number::<u64>(s.trim(), 19);
+    match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, true) => RangeAnswer::Full,
+        (true, false) => match num(b) {
+            // The last n bytes.
+            Some(0) => RangeAnswer::Unsatisfiable,
+            Some(_) if len == 0 => RangeAnswer::Unsatisfiable,
+            Some(n) => RangeAnswer::Partial {
+                start: len.saturating_sub(n),
+                end: len - 1,
+            },
+            None => RangeAnswer::Full,
+        },
+        (false, open) => {
+            let Some(start) = num(a) else {
+                return RangeAnswer::Full;
+            };
+            let end = if open {
+                u64::MAX
+            } else {
+                match num(b) {
+                    Some(e) if e >= start => e,
+                    _ => return RangeAnswer::Full,
+                }
+            };
+            if start >= len {
+                return RangeAnswer::Unsatisfiable;
+            }
+            RangeAnswer::Partial {
+                start,
+                end: end.min(len - 1),
+            }
+        }
+    }
+}
+
 /// What to do with a blocking playlist request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReloadDecision {
@@ -286,6 +393,74 @@ pub fn decide_reload(msn: u64, part: Option<u32>, st: &PlaylistStatus) -> Reload
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_of_one_object() {
+        use RangeAnswer::*;
+        assert_eq!(
+            parse_range("bytes=0-99", 1000),
+            Partial { start: 0, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=900-", 1000),
+            Partial {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-100", 1000),
+            Partial {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-5000", 1000),
+            Partial { start: 0, end: 999 }
+        );
+        assert_eq!(
+            parse_range("bytes=990-5000", 1000),
+            Partial {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        for full in [
+            "",
+            "items=0-1",
+            "bytes=0-1,5-6",
+            "bytes=5-1",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=01-2",
+            "bytes=99999999999999999999-",
+        ] {
+            assert_eq!(parse_range(full, 1000), Full, "{full:?}");
+        }
+    }
+
+    #[test]
+    fn a_signed_url_parameter_is_taken_once_and_plain() {
+        assert_eq!(query_sig("sig=a.b-c_d"), Some("a.b-c_d"));
+        assert_eq!(query_sig("x=1&sig=abc"), Some("abc"));
+        assert_eq!(query_sig("sig=abc&sig=abc"), None);
+        assert_eq!(query_sig("sig=a%20b"), None);
+        assert_eq!(query_sig("sig="), None);
+        assert_eq!(query_sig(""), None);
+    }
+
+    #[test]
+    fn the_recording_file_is_a_recording_resource() {
+        let p = parse_hls_path("/hls/00000000000000ab/recording.m4a").unwrap();
+        assert_eq!(p.resource, HlsResource::RecordingM4a);
+        assert!(p.resource.is_recording());
+        let live = parse_hls_path("/hls/00000000000000ab/aac/playlist.m3u8").unwrap();
+        assert!(!live.resource.is_recording());
+    }
 
     const ROOM: &str = "00abcdef01234567";
 

@@ -158,6 +158,13 @@ impl ObjectMeta {
 }
 
 impl ObjectMeta {
+    /// The published recording's downloadable file (`recording.m4a`; stored directly, never
+    /// spilled). Rewritten if the host publishes again, so not immutable.
+    pub const DOWNLOAD: ObjectMeta = ObjectMeta {
+        content_type: content_type::MEDIA,
+        cache_control: "max-age=60",
+    };
+
     const ALL: [(&'static str, ObjectMeta); 5] = [
         ("media", ObjectMeta::MEDIA),
         ("playlist", ObjectMeta::PLAYLIST),

@@ -133,6 +133,7 @@ async fn retention_deletes_an_expired_recording() {
         recording: RecordingConfig {
             retention_hours: Some(0.0),
             sweep_interval_secs: Some(1),
+            ..Default::default()
         },
         ..Default::default()
     };

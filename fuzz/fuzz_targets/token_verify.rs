@@ -1,5 +1,6 @@
-//! Bearer tokens from the network: verification never panics and never accepts a token the
-//! fuzzer made up (it cannot know the private key).
+//! Bearer tokens and recording grants (a URL's `sig`, the packager's control requests) from the
+//! network: verification never panics and never accepts a token the fuzzer made up (it cannot
+//! know the private key).
 #![no_main]
 use amphi_protocol::token::TokenSigner;
 use libfuzzer_sys::fuzz_target;
@@ -10,5 +11,6 @@ fuzz_target!(|data: &[u8]| {
     let verifier = VERIFIER.get_or_init(|| TokenSigner::generate("k1").verifier());
     if let Ok(text) = std::str::from_utf8(data) {
         assert!(verifier.verify(text, 1_700_000_000).is_err());
+        assert!(verifier.verify_grant(text, 1_700_000_000).is_err());
     }
 });

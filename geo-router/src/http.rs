@@ -52,7 +52,7 @@ mod tasks;
 
 use edges::{drain_edge, edge_heartbeat, list_edges};
 use end_room::end_room;
-use recording::{recording, watch_recording};
+use recording::{delete_recording, publish_recording, recording, watch_recording};
 use route::{route, Front};
 use tasks::{apply_origin_events, housekeeping, sync_store};
 
@@ -743,6 +743,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tokens/revoke"),
     ("get", "/v1/rooms/{id}/recording"),
     ("get", "/v1/rooms/{id}/reports"),
+    ("delete", "/v1/rooms/{id}/recording"),
+    ("post", "/v1/rooms/{id}/recording/publish"),
     ("get", "/v1/route"),
     ("get", "/v1/edges"),
     ("put", "/v1/edges/{id}"),
@@ -769,7 +771,11 @@ fn app(state: Shared) -> Router {
         .route("/v1/rooms/{id}/tokens", post(mint_token))
         .route("/v1/rooms/{id}/end", post(end_room))
         .route("/v1/tokens/revoke", post(revoke_token))
-        .route("/v1/rooms/{id}/recording", get(recording))
+        .route(
+            "/v1/rooms/{id}/recording",
+            get(recording).delete(delete_recording),
+        )
+        .route("/v1/rooms/{id}/recording/publish", post(publish_recording))
         .route("/v1/rooms/{id}/reports", get(reports::list))
         .route("/v1/route", get(route))
         .route("/v1/edges", get(list_edges))

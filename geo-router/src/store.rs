@@ -20,7 +20,8 @@
 //! set of edge ids, `drain` set of edge ids an operator asked to drain, `once:{what}:{room}`
 //! markers so that one replica only emits a webhook, `reports:{room}` hash (report id -> report
 //! JSON) and `reportidx:{room}` sorted set (score = `at_ms`), at most [`MAX_REPORTS_PER_ROOM`]
-//! per room and kept [`REPORT_TTL`] after the latest.
+//! per room and kept [`REPORT_TTL`] after the latest, `recording:{room}` the host's decision on
+//! the room's recording (`published` or `deleted`, no TTL: a deleted recording stays 410).
 //!
 //! While Redis is unreachable a [`RedisStore`] keeps working from this replica's view
 //! ([`Fallback`]): rooms are created, read, listed and ended locally (their directory writes
@@ -58,6 +59,44 @@ const ONCE_TTL_SECS: u64 = 7 * 24 * 3600;
 pub const MAX_REPORTS_PER_ROOM: usize = 1000;
 /// How long Redis keeps a room's reports after its latest one.
 pub const REPORT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The host's decision on a room's recording (absent: undecided, private).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingDecision {
+    /// Public: VOD playlists and the downloadable file.
+    Published,
+    /// Every object removed; the API answers 410.
+    Deleted,
+}
+
+impl RecordingDecision {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingDecision::Published => "published",
+            RecordingDecision::Deleted => "deleted",
+        }
+    }
+
+    /// A stored name read back (anything else: undecided).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "published" => Some(RecordingDecision::Published),
+            "deleted" => Some(RecordingDecision::Deleted),
+            _ => None,
+        }
+    }
+
+    /// The decision in force after `wanted` is asked with `current` stored: a deletion is
+    /// final, so publishing a deleted recording leaves it deleted.
+    pub fn after(current: Option<Self>, wanted: Self) -> Self {
+        match (current, wanted) {
+            (Some(RecordingDecision::Deleted), _) => RecordingDecision::Deleted,
+            (_, w) => w,
+        }
+    }
+}
 
 /// What a store operation answers.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -207,6 +246,15 @@ pub trait Store: Send + Sync {
     fn revoke_token(&self, jti: String, until_unix: u64, now_unix: u64) -> StoreFuture<'_, ()>;
     /// Whether the token `jti` is revoked at `now_unix`.
     fn is_token_revoked(&self, jti: String, now_unix: u64) -> StoreFuture<'_, bool>;
+    /// The host's decision on `room`'s recording, if any.
+    fn recording_decision(&self, room: RoomId) -> StoreFuture<'_, Option<RecordingDecision>>;
+    /// Store the host's decision on `room`'s recording ([`RecordingDecision::after`]); answers
+    /// the decision now in force.
+    fn decide_recording(
+        &self,
+        room: RoomId,
+        wanted: RecordingDecision,
+    ) -> StoreFuture<'_, RecordingDecision>;
     /// Every token revocation in force at `now_unix`: (jti, until). Re-sent to an origin whose
     /// link comes up.
     fn revoked_tokens(&self, now_unix: u64) -> StoreFuture<'_, Vec<(String, u64)>>;
@@ -249,6 +297,7 @@ pub struct MemoryStore {
     reminders: Mutex<HashMap<RoomId, BTreeSet<String>>>,
     /// Each room's reports, oldest first.
     reports: Mutex<HashMap<RoomId, VecDeque<Report>>>,
+    recordings: Mutex<HashMap<RoomId, RecordingDecision>>,
 }
 
 impl MemoryStore {
@@ -261,6 +310,7 @@ impl MemoryStore {
             revoked: Mutex::new(Default::default()),
             reminders: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
+            recordings: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -351,6 +401,22 @@ impl Store for MemoryStore {
     fn claim_once(&self, what: &str, room: RoomId) -> StoreFuture<'_, bool> {
         let fresh = lock(&self.claimed).insert((what.to_string(), room));
         Box::pin(async move { Ok(fresh) })
+    }
+
+    fn recording_decision(&self, room: RoomId) -> StoreFuture<'_, Option<RecordingDecision>> {
+        let d = lock(&self.recordings).get(&room).copied();
+        Box::pin(async move { Ok(d) })
+    }
+
+    fn decide_recording(
+        &self,
+        room: RoomId,
+        wanted: RecordingDecision,
+    ) -> StoreFuture<'_, RecordingDecision> {
+        let mut map = lock(&self.recordings);
+        let now = RecordingDecision::after(map.get(&room).copied(), wanted);
+        map.insert(room, now);
+        Box::pin(async move { Ok(now) })
     }
 
     fn reschedule_room(&self, id: RoomId, at: u64, now_unix: u64) -> StoreFuture<'_, Rescheduled> {
@@ -1270,6 +1336,58 @@ impl Store for RedisStore {
                 .await?;
             write(&self.registry).request_drain(&id);
             Ok(true)
+        })
+    }
+
+    fn recording_decision(&self, room: RoomId) -> StoreFuture<'_, Option<RecordingDecision>> {
+        let key = self.key(format!("recording:{room}"));
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                let v: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await?;
+                Ok(v.as_deref().and_then(RecordingDecision::parse))
+            };
+            self.guarded(call).await
+        })
+    }
+
+    fn decide_recording(
+        &self,
+        room: RoomId,
+        wanted: RecordingDecision,
+    ) -> StoreFuture<'_, RecordingDecision> {
+        let key = self.key(format!("recording:{room}"));
+        Box::pin(async move {
+            let call = async {
+                let mut c = self.conn();
+                // A deletion overwrites; a publication never overwrites a deletion.
+                let set: Option<String> = match wanted {
+                    RecordingDecision::Deleted => {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(wanted.as_str())
+                            .query_async(&mut c)
+                            .await?
+                    }
+                    RecordingDecision::Published => {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(wanted.as_str())
+                            .arg("NX")
+                            .query_async(&mut c)
+                            .await?
+                    }
+                };
+                if set.is_some() {
+                    return Ok(wanted);
+                }
+                let v: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+                Ok(RecordingDecision::after(
+                    v.as_deref().and_then(RecordingDecision::parse),
+                    wanted,
+                ))
+            };
+            self.guarded(call).await
         })
     }
 

@@ -37,6 +37,10 @@ pub enum EventKind {
     ParticipantLeft,
     /// A recording is ready.
     RecordingReady,
+    /// The host published a recording (public, with its downloadable file).
+    RecordingPublished,
+    /// The host deleted a recording (every object removed).
+    RecordingDeleted,
     /// Subscribers of a scheduled room's reminder are to be told (batched; see
     /// [`crate::reminders`]).
     RoomReminder,

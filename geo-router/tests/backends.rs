@@ -6,7 +6,7 @@
 
 use amphi_geo_router::directory::{Expiry, RoomCounts};
 use amphi_geo_router::store::{
-    EndOutcome, MemoryStore, Now, RedisStore, Store, MAX_REPORTS_PER_ROOM,
+    EndOutcome, MemoryStore, Now, RecordingDecision, RedisStore, Store, MAX_REPORTS_PER_ROOM,
 };
 use amphi_geo_router::RouterSetup;
 use amphi_protocol::api::{EdgeHeartbeat, RoomLoad};
@@ -432,6 +432,48 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// The host's decision on a recording: undecided, published, then deleted for good (a later
+/// publish leaves it deleted); `reopened` is another store on the same backend (a restart).
+async fn recording_contract(store: &dyn Store, reopened: &dyn Store) {
+    let (a, b) = (RoomId(0xa1), RoomId(0xb2));
+    assert_eq!(store.recording_decision(a).await.unwrap(), None);
+    let published = RecordingDecision::Published;
+    let deleted = RecordingDecision::Deleted;
+    assert_eq!(
+        store.decide_recording(a, published).await.unwrap(),
+        published
+    );
+    assert_eq!(
+        store.decide_recording(a, published).await.unwrap(),
+        published
+    );
+    assert_eq!(
+        store.decide_recording(b, published).await.unwrap(),
+        published
+    );
+    assert_eq!(store.decide_recording(b, deleted).await.unwrap(), deleted);
+    assert_eq!(store.decide_recording(b, published).await.unwrap(), deleted);
+    assert_eq!(
+        reopened.recording_decision(a).await.unwrap(),
+        Some(published)
+    );
+    assert_eq!(reopened.recording_decision(b).await.unwrap(), Some(deleted));
+}
+
+#[tokio::test]
+async fn recording_decisions_in_memory() {
+    let store = MemoryStore::new(&[]);
+    recording_contract(&store, &store).await;
+}
+
+#[tokio::test]
+async fn recording_decisions_in_redis_survive_a_restart() {
+    let url = redis_db(13);
+    let store = RedisStore::connect(&url, "rec:", &[]).await.unwrap();
+    let reopened = RedisStore::connect(&url, "rec:", &[]).await.unwrap();
+    recording_contract(&store, &reopened).await;
 }
 
 #[tokio::test]

@@ -68,6 +68,37 @@ pub struct Claims {
     pub jti: String,
 }
 
+/// The JWT `typ` of a [`RecordingGrant`]; a room token's is `JWT`, so neither passes for the other.
+pub const GRANT_TYP: &str = "amphi-recording";
+
+/// What a [`RecordingGrant`] allows on a room's recording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingAction {
+    /// Read the recording while it is private (a signed URL the router hands to the host).
+    Read,
+    /// Make it public and write its downloadable file (the router, for the host).
+    Publish,
+    /// Remove every object of it (the router, for the host).
+    Delete,
+}
+
+/// A short-lived grant the geo-router signs with its token key for one room's recording:
+/// the signed URL of a private recording (`?sig=`) and the router's publish/delete requests
+/// to the packager (`Authorization: Bearer`). JWT with `typ` [`GRANT_TYP`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingGrant {
+    /// The room whose recording this is.
+    pub room: RoomId,
+    /// What it allows.
+    pub act: RecordingAction,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Header {
     alg: String,
@@ -162,9 +193,18 @@ impl TokenSigner {
 
     /// Sign `claims` into a compact JWT.
     pub fn sign(&self, claims: &Claims) -> String {
+        self.sign_typed("JWT", claims)
+    }
+
+    /// Sign a recording grant (a JWT of `typ` [`GRANT_TYP`]).
+    pub fn sign_grant(&self, grant: &RecordingGrant) -> String {
+        self.sign_typed(GRANT_TYP, grant)
+    }
+
+    fn sign_typed<T: Serialize>(&self, typ: &str, claims: &T) -> String {
         let header = Header {
             alg: "EdDSA".into(),
-            typ: Some("JWT".into()),
+            typ: Some(typ.into()),
             kid: Some(self.kid.clone()),
         };
         let mut out = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
@@ -219,6 +259,30 @@ impl TokenVerifier {
 
     /// Check signature, algorithm and lifetime at `now_unix`; return the claims.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, TokenError> {
+        let (header, claims): (Header, Claims) = self.verify_signed(token)?;
+        if header.typ.as_deref() == Some(GRANT_TYP) {
+            return Err(TokenError::Malformed);
+        }
+        check_times(claims.iat, claims.exp, now_unix, self.max_lifetime_secs)?;
+        Ok(claims)
+    }
+
+    /// Check a recording grant's signature, `typ` and lifetime at `now_unix`. Network-facing
+    /// (a URL's `sig`, a Bearer header): never panics, whatever the input (fuzzed).
+    pub fn verify_grant(&self, token: &str, now_unix: u64) -> Result<RecordingGrant, TokenError> {
+        let (header, grant): (Header, RecordingGrant) = self.verify_signed(token)?;
+        if header.typ.as_deref() != Some(GRANT_TYP) {
+            return Err(TokenError::Malformed);
+        }
+        check_times(grant.iat, grant.exp, now_unix, self.max_lifetime_secs)?;
+        Ok(grant)
+    }
+
+    /// The header and body of a compact JWT whose EdDSA signature one of the keys checks.
+    fn verify_signed<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+    ) -> Result<(Header, T), TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
@@ -255,22 +319,27 @@ impl TokenVerifier {
             &Signature::from_bytes(&sig_bytes),
         )
         .map_err(|_| TokenError::Signature)?;
-        let claims: Claims = B64
+        let claims: T = B64
             .decode(c)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(TokenError::Malformed)?;
-        if claims.exp <= now_unix {
-            return Err(TokenError::Expired);
-        }
-        if claims.iat > now_unix + CLOCK_SKEW_SECS {
-            return Err(TokenError::NotYetValid);
-        }
-        if claims.exp.saturating_sub(claims.iat) > self.max_lifetime_secs {
-            return Err(TokenError::Lifetime);
-        }
-        Ok(claims)
+        Ok((header, claims))
     }
+}
+
+/// A token issued at `iat`, expiring at `exp`, is usable at `now` under a lifetime cap.
+fn check_times(iat: u64, exp: u64, now: u64, max_lifetime: u64) -> Result<(), TokenError> {
+    if exp <= now {
+        return Err(TokenError::Expired);
+    }
+    if iat > now + CLOCK_SKEW_SECS {
+        return Err(TokenError::NotYetValid);
+    }
+    if exp.saturating_sub(iat) > max_lifetime {
+        return Err(TokenError::Lifetime);
+    }
+    Ok(())
 }
 
 /// Revoked users' tokens, per room, each until an expiry (sans-IO: the caller passes `now`).
@@ -428,6 +497,38 @@ mod tests {
             exp: now + 3600,
             jti: "j1".into(),
         }
+    }
+
+    fn grant(act: RecordingAction, now: u64) -> RecordingGrant {
+        RecordingGrant {
+            room: RoomId(5),
+            act,
+            iat: now,
+            exp: now + 600,
+        }
+    }
+
+    #[test]
+    fn a_recording_grant_verifies_and_is_never_a_room_token_nor_the_reverse() {
+        let signer = TokenSigner::generate("k1");
+        let mut verifier = TokenVerifier::default();
+        verifier.add_public_pem("k1", &signer.public_pem()).unwrap();
+        let g = signer.sign_grant(&grant(RecordingAction::Publish, 1000));
+        assert_eq!(
+            verifier.verify_grant(&g, 1001),
+            Ok(grant(RecordingAction::Publish, 1000))
+        );
+        assert_eq!(verifier.verify(&g, 1001), Err(TokenError::Malformed));
+        let t = signer.sign(&claims(1000));
+        assert_eq!(verifier.verify_grant(&t, 1001), Err(TokenError::Malformed));
+        assert_eq!(verifier.verify_grant(&g, 1600), Err(TokenError::Expired));
+        let other = TokenSigner::generate("k1");
+        let forged = other.sign_grant(&grant(RecordingAction::Delete, 1000));
+        assert_eq!(
+            verifier.verify_grant(&forged, 1001),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(verifier.verify_grant("", 1001), Err(TokenError::Malformed));
     }
 
     #[test]

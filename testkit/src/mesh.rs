@@ -3,7 +3,7 @@
 
 pub use crate::net::scratch_dir;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -498,4 +498,158 @@ pub fn ffmpeg_hears(url: &str, freq: f64, seconds: &str) {
     let (f, level) = dominant_frequency(&samples);
     assert!((f - freq).abs() <= 5.0, "{url}: dominant {f} Hz");
     assert!(level > 0.02, "{url}: rms {level}");
+}
+
+/// A real s3s-fs on loopback, killed on drop.
+pub struct S3sFs {
+    child: Option<Child>,
+    /// The directory it serves (one subdirectory per bucket).
+    pub root: PathBuf,
+    port: u16,
+}
+
+/// Access key of the test s3s-fs.
+pub const S3_KEY: &str = "amphi-test-access";
+/// Secret key of the test s3s-fs.
+pub const S3_SECRET: &str = "amphi-test-secret-key-1234";
+
+impl S3sFs {
+    /// `$AMPHI_S3S_FS`, else where `scripts/test.sh` installs it.
+    pub fn binary() -> PathBuf {
+        std::env::var_os("AMPHI_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").expect("HOME");
+                Path::new(&home).join(".cache/amphi/s3s/bin/s3s-fs")
+            })
+    }
+
+    /// Start one serving `root` on `port` (waits until it listens).
+    pub fn start(root: PathBuf, port: u16) -> S3sFs {
+        let mut s = S3sFs {
+            child: None,
+            root,
+            port,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Start it (again).
+    pub fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.root).unwrap();
+        let bin = Self::binary();
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+            .arg(&self.root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} must be installed by scripts/test.sh: {e}",
+                    bin.display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The object `key` of bucket `bucket` as s3s-fs stored it on disk.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.root.join(bucket).join(key)).ok()
+    }
+}
+
+impl S3sFs {
+    /// Every object key s3s-fs holds on disk in `bucket` (its files, relative paths).
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let root = self.root.join(bucket);
+        let mut out = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(d) = dirs.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&root) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One webhook delivery as received.
+pub struct Delivery {
+    /// `X-Amphi-Webhook-Signature`.
+    pub signature: String,
+    /// The JSON body.
+    pub body: serde_json::Value,
+}
+
+/// A tiny HTTP/1.1 receiver on `port`: answers 200 to every POST and passes deliveries on.
+pub fn webhook_receiver(port: u16) -> std::sync::mpsc::Receiver<Delivery> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind webhook receiver");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let (mut length, mut signature) = (0usize, String::new());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if lower.starts_with("x-amphi-webhook-signature:") {
+                    signature = line.split_once(':').unwrap().1.trim().to_string();
+                }
+                line.clear();
+            }
+            let mut body = vec![0; length.min(1 << 20)];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            if let Ok(body) = serde_json::from_slice(&body) {
+                if tx.send(Delivery { signature, body }).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }

@@ -361,6 +361,7 @@ impl Harness {
             },
             options,
             mesh_tls: packager_tls,
+            tokens: Default::default(),
         };
         let packager = tokio::spawn(run(setup, shutdown.clone()));
         let mut endpoints = endpoints.into_iter();

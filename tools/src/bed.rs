@@ -302,7 +302,9 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                 "http_port": 8400, "https_port": PACKAGER_HTTPS_PORT,
                 "storage_bucket": S3_KEYS.2, "storage_region": REGIONS[0],
                 "storage_endpoint": format!("http://{}:9000", s3.addr()),
-                "storage_static_keys": true}),
+                "storage_static_keys": true,
+                // The router's recording grants (private recordings, publish and delete).
+                "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}]}),
             Kind::Edge => {
                 edge_number += 1;
                 json!({

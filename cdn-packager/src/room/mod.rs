@@ -75,6 +75,8 @@ pub struct RoomHandle {
     inbox: Arc<Inbox>,
     /// The recording (VOD playlists) is stored.
     pub recording_ready: AtomicBool,
+    /// The room ended and its recording's last object is stored (with or without media).
+    pub finished: AtomicBool,
 }
 
 impl RoomHandle {

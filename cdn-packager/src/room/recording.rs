@@ -123,6 +123,7 @@ impl RoomHandle {
     /// The recording's last object is stored.
     pub(super) fn recording_stored(&self, has_media: bool, metrics: &Metrics) {
         self.recording_ready.store(has_media, Ordering::Relaxed);
+        self.finished.store(true, Ordering::Relaxed);
         let p = self.published();
         self.send_snapshots(&p);
         drop(p);

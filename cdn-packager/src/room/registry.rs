@@ -127,6 +127,16 @@ impl Registry {
         }
     }
 
+    /// `room`'s recording was deleted by its host: its handle (and the media it holds in
+    /// memory) goes, and requests for it no longer read storage.
+    pub fn forget(&self, room: RoomId) {
+        self.rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&room);
+        self.forget_stored(room);
+    }
+
     /// A known room.
     pub fn get(&self, room: RoomId) -> Option<Arc<RoomHandle>> {
         self.rooms
@@ -250,6 +260,7 @@ impl Registry {
             hook: self.hook.clone(),
             inbox: queue,
             recording_ready: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         });
         {
             let p = handle.published();

@@ -319,6 +319,7 @@ module "packager" {
 
   name_prefix         = var.name_prefix
   origins             = module.origin.origins
+  token_public_keys   = var.token_public_keys
   vpc_id              = module.edge_us_east_1.vpc_id
   subnet_ids          = module.edge_us_east_1.public_subnet_ids
   certificate_arn     = var.packager_certificate_arn

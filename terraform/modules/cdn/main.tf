@@ -195,10 +195,11 @@ resource "aws_cloudfront_origin_access_control" "media" {
 }
 
 # Playlists: a short TTL, and the LL-HLS blocking-reload and delta-update parameters in the key
-# (each _HLS_msn/_HLS_part pair names a different future playlist).
+# (each _HLS_msn/_HLS_part pair names a different future playlist), and `sig`, the signed URL of
+# a private recording (the packager checks it).
 resource "aws_cloudfront_cache_policy" "playlists" {
   name        = "${var.name_prefix}-playlists"
-  comment     = "LL-HLS playlists: short TTL, _HLS_msn/_HLS_part/_HLS_skip in the cache key"
+  comment     = "LL-HLS playlists: short TTL, _HLS_msn/_HLS_part/_HLS_skip and sig in the cache key"
   min_ttl     = 0
   default_ttl = 1
   max_ttl     = var.playlist_max_ttl
@@ -216,7 +217,7 @@ resource "aws_cloudfront_cache_policy" "playlists" {
     query_strings_config {
       query_string_behavior = "whitelist"
       query_strings {
-        items = ["_HLS_msn", "_HLS_part", "_HLS_skip"]
+        items = ["_HLS_msn", "_HLS_part", "_HLS_skip", "sig"]
       }
     }
   }
@@ -347,8 +348,22 @@ resource "aws_cloudfront_distribution" "this" {
     response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
   }
 
-  # Parts, segments and init segments (`.m4a`): the origin group (S3, then the packager for
-  # what S3 lacks yet).
+  # A recording's chapters: to the packager, which keeps them private (signed URLs) until the
+  # host publishes the recording, like its playlists.
+  ordered_cache_behavior {
+    path_pattern               = "/hls/*/chapters.*"
+    target_origin_id           = local.packager_origin
+    viewer_protocol_policy     = "redirect-to-https"
+    allowed_methods            = ["GET", "HEAD", "OPTIONS"]
+    cached_methods             = ["GET", "HEAD"]
+    compress                   = true
+    cache_policy_id            = aws_cloudfront_cache_policy.playlists.id
+    response_headers_policy_id = aws_cloudfront_response_headers_policy.hls.id
+  }
+
+  # Parts, segments and init segments (`.m4a`), and a published recording's `recording.m4a`
+  # (written only when the host publishes; S3 answers its byte ranges): the origin group (S3,
+  # then the packager for what S3 lacks yet).
   ordered_cache_behavior {
     path_pattern               = "/hls/*.m4a"
     target_origin_id           = local.media_group

@@ -214,6 +214,7 @@ resource "aws_instance" "packager" {
       storage_region      = data.aws_region.current.name
       storage_endpoint    = var.storage_endpoint
       storage_static_keys = var.storage_keys_secret_arns != null
+      token_public_keys   = var.token_public_keys
     })
     unit               = file("${path.module}/../../../infra/systemd/amphi-packager.service")
     artifact_bucket    = var.artifact_bucket

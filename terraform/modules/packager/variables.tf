@@ -13,6 +13,14 @@ variable "origins" {
   }))
 }
 
+variable "token_public_keys" {
+  description = "The geo-router's token verification keys (Ed25519 SPKI PEM) with their kid: its recording grants (signed URLs of private recordings, publish and delete requests) are checked with them."
+  type = list(object({
+    kid = string
+    pem = string
+  }))
+}
+
 variable "vpc_id" {
   description = "VPC of the origin region."
   type        = string
