@@ -288,7 +288,8 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
             "origins": origins,
             "http_port": port(90), "https_port": port(91),
             "storage_bucket": "", "storage_region": "", "storage_endpoint": "",
-            "storage_static_keys": false}),
+            "storage_static_keys": false,
+            "token_public_keys": [{"kid": "k1", "pem": signer.public_pem()}]}),
         &packager_host,
     );
     let router = start(

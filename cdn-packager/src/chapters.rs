@@ -7,7 +7,8 @@
 //! a point), not wall-clock offsets: a packager restart leaves a hole in wall-clock time that the
 //! recording does not play.
 
-use crate::playlist::{ticks_duration, SegmentSummary, SpeakerSpan};
+use crate::playlist::{ticks_duration, SegmentSummary};
+use crate::speakers::SpeakerSpan;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 

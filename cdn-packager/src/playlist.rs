@@ -6,7 +6,7 @@
 //! is exact and deterministic: the same inputs always render the same text.
 
 use crate::segmenter::SegmentStart;
-use crate::speakers::attribute_text;
+use crate::speakers::{attribute_text, SpeakerSpan};
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
@@ -292,19 +292,6 @@ pub struct RenditionReport {
     pub uri: String,
     /// Its last published part.
     pub last: Option<(u64, u32)>,
-}
-
-/// A speaker's turn, rendered as `EXT-X-DATERANGE` in the VOD playlist.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SpeakerSpan {
-    /// Participant id of the loudest speaker (as the origin's program frames carry it).
-    pub speaker: u32,
-    /// Wall-clock start.
-    pub start: SystemTime,
-    /// Length.
-    pub duration: Duration,
-    /// Who the speaker is, when the origin said.
-    pub who: Option<crate::speakers::Speaker>,
 }
 
 /// A live media playlist (and, once ended, the source of the VOD playlist).

@@ -29,10 +29,11 @@
 //! empty when the speaker's identity is unknown. Version 1 files (the first three fields only,
 //! written before identities were carried) still load, their turns unnamed.
 
-use crate::playlist::{Naming, SegmentSummary, SpeakerSpan};
+use crate::playlist::{Naming, SegmentSummary};
 use crate::request::MAX_MSN;
 use crate::segmenter::SegmentStart;
 use crate::speakers::Speaker;
+use crate::speakers::SpeakerSpan;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 

@@ -9,9 +9,21 @@
 //! `SpeakerIdentity` records ([`SpeakerTimeline::identify`]); each turn carries it, so chapters
 //! show a name and the same person rejoining (a new participant id) keeps one user id.
 
-use crate::playlist::SpeakerSpan;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
+
+/// A speaker's turn, rendered as `EXT-X-DATERANGE` in the VOD playlist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpeakerSpan {
+    /// Participant id of the loudest speaker (as the origin's program frames carry it).
+    pub speaker: u32,
+    /// Wall-clock start.
+    pub start: SystemTime,
+    /// Length.
+    pub duration: Duration,
+    /// Who the speaker is, when the origin said.
+    pub who: Option<Speaker>,
+}
 
 /// Most identities remembered per room (participants announced as speakers); later ones are
 /// not named.

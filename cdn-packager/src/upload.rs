@@ -18,8 +18,8 @@
 //! *spilled* (the driver writes it to the spill directory and drops it from memory; see
 //! [`encode_spill`]); nothing is ever dropped. Every decision here takes an explicit `now`.
 
-use crate::playlist::SpeakerSpan;
 use crate::segmenter::SegmentStart;
+use crate::speakers::SpeakerSpan;
 use crate::storage::ObjectMeta;
 use bytes::Bytes;
 use std::collections::VecDeque;

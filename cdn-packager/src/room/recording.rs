@@ -48,7 +48,7 @@ impl RoomHandle {
     /// The room ended: end the playlists (listeners see `EXT-X-ENDLIST` now) and queue the
     /// recording: final playlists, VOD playlists, the recording's multivariant playlist and
     /// `recording.json` (last: once it is stored the recording is ready).
-    pub(super) fn finish_recording(&self, spans: &[crate::playlist::SpeakerSpan]) -> Vec<Job> {
+    pub(super) fn finish_recording(&self, spans: &[crate::speakers::SpeakerSpan]) -> Vec<Job> {
         let room = self.room;
         let mut p = self.published();
         let mut jobs = Vec::new();
