@@ -70,18 +70,7 @@ async fn legacy_gstreamer_playbin_hears_a_room_whose_packager_joined_late() {
     let _router = mesh.router_process(None, "");
     let _us = mesh.edge_process(0, "us-east", "");
     let (router, edge) = (mesh.router(), mesh.edge(0));
-    {
-        let (router, edge) = (router.clone(), edge.clone());
-        tokio::task::spawn_blocking(move || {
-            eventually("mesh up", Duration::from_secs(30), || {
-                (get_status(&format!("{router}/healthz")) == 200
-                    && metric(&edge, "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0)
-                    .then_some(())
-            })
-        })
-        .await
-        .unwrap();
-    }
+    mesh.wait_up(&[0], false, false).await;
     let CreatedRoom { room, .. } = create_room(&router, "legacy playbin");
     let speaker = mint_token(&router, &room, "speaker", "tone");
     let whip = format!("{edge}/whip/{room}");

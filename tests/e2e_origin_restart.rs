@@ -32,19 +32,7 @@ async fn a_restarted_origin_keeps_its_rooms_roles_hands_and_bans() {
     let _us = mesh.edge_process(0, "us-east", "");
     let _eu = mesh.edge_process(1, "eu-west", "");
     let (router, us, eu) = (mesh.router(), mesh.edge(0), mesh.edge(1));
-    {
-        let (router, us, eu) = (router.clone(), us.clone(), eu.clone());
-        tokio::task::spawn_blocking(move || {
-            eventually("mesh up", Duration::from_secs(30), || {
-                (support::get_status(&format!("{router}/healthz")) == 200
-                    && edge_connected(&us)
-                    && edge_connected(&eu))
-                .then_some(())
-            })
-        })
-        .await
-        .unwrap();
-    }
+    mesh.wait_up(&[0, 1], false, false).await;
 
     let CreatedRoom { room, host_token } = create_room(&router, "durable");
     let token = |role: &str, name: &str| mint_token(&router, &room, role, name);

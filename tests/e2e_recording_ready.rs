@@ -22,21 +22,8 @@ async fn recording_ready_is_posted_once_the_vod_is_written() {
         ),
     );
     let _us = mesh.edge_process(0, "us-east", "");
-    let (router, edge, packager) = (mesh.router(), mesh.edge(0), mesh.packager_url());
-    {
-        let (router, edge, packager) = (router.clone(), edge.clone(), packager.clone());
-        tokio::task::spawn_blocking(move || {
-            eventually("mesh up", Duration::from_secs(30), || {
-                (support::get_status(&format!("{router}/healthz")) == 200
-                    && support::get_status(&format!("{packager}/healthz")) == 200
-                    && support::metric(&edge, "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0
-                    && support::metric(&router, "amphi_router_origin_links") == Some(1.0))
-                .then_some(())
-            })
-        })
-        .await
-        .unwrap();
-    }
+    let (router, edge) = (mesh.router(), mesh.edge(0));
+    mesh.wait_up(&[0], true, true).await;
     let CreatedRoom {
         room,
         host_token: host,

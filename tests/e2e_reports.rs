@@ -11,59 +11,16 @@ use amphi_testkit::mesh as support;
 use amphi_protocol::room::{Report, ReportReason, ReportTarget, RoomEvent, ServerMessage};
 use roles::*;
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// A tiny HTTP/1.1 webhook receiver on `port`: answers 200 to every POST and passes on each
-/// delivery's signature header and JSON body.
-fn webhook_receiver(port: u16) -> mpsc::Receiver<(String, serde_json::Value)> {
-    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind webhook receiver");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let (mut length, mut signature) = (0usize, String::new());
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                let lower = line.to_ascii_lowercase();
-                if let Some(v) = lower.strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-                if lower.starts_with("x-amphi-webhook-signature:") {
-                    signature = line.split_once(':').unwrap().1.trim().to_string();
-                }
-                line.clear();
-            }
-            let mut body = vec![0; length.min(1 << 20)];
-            if reader.read_exact(&mut body).is_err() {
-                continue;
-            }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-            if let Ok(body) = serde_json::from_slice(&body) {
-                if tx.send((signature, body)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
-}
-
 /// The next `report_created` delivery (other events skipped), at most 30 s away.
 async fn next_report_hook(
-    rx: mpsc::Receiver<(String, serde_json::Value)>,
-) -> (
-    mpsc::Receiver<(String, serde_json::Value)>,
-    serde_json::Value,
-) {
+    rx: mpsc::Receiver<support::Delivery>,
+) -> (mpsc::Receiver<support::Delivery>, serde_json::Value) {
     tokio::task::spawn_blocking(move || {
         for _ in 0..50 {
-            let (signature, body) = rx
+            let support::Delivery { signature, body } = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("a report_created webhook");
             if body["event"] == "report_created" {
@@ -97,7 +54,7 @@ fn listing(router: &str, room: &str) -> Vec<Report> {
 async fn listeners_report_speakers_and_hosts_webhooks_and_the_api_hear_of_it() {
     let mesh = RoleMesh::new("reports", 29_000);
     let hook_port = 29_050;
-    let hooks = webhook_receiver(hook_port);
+    let hooks = support::webhook_receiver(hook_port);
     let redis = redis_db(7);
     let _origin = mesh.origin(None);
     let _packager = mesh.packager();
@@ -109,19 +66,7 @@ async fn listeners_report_speakers_and_hosts_webhooks_and_the_api_hear_of_it() {
     );
     let _us = mesh.edge_process(0, "us-east", "");
     let (router, edge) = (mesh.router(), mesh.edge(0));
-    {
-        let (router, edge) = (router.clone(), edge.clone());
-        tokio::task::spawn_blocking(move || {
-            eventually("mesh up", Duration::from_secs(30), || {
-                (support::get_status(&format!("{router}/healthz")) == 200
-                    && support::metric(&edge, "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0
-                    && support::metric(&router, "amphi_router_origin_links") == Some(1.0))
-                .then_some(())
-            })
-        })
-        .await
-        .unwrap();
-    }
+    mesh.wait_up(&[0], false, true).await;
     let CreatedRoom {
         room,
         host_token: host,

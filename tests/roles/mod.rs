@@ -184,6 +184,32 @@ impl RoleMesh {
         .unwrap();
     }
 
+    /// Wait (at most 30 s) until the router answers `/healthz` and each of `edges` has its origin
+    /// link; with `packager`, until the packager answers too; with `router_linked`, until the
+    /// router has its origin link (it hears the origin's events: webhooks, reports).
+    pub async fn wait_up(&self, edges: &[u16], packager: bool, router_linked: bool) {
+        let router = self.router();
+        let edges: Vec<String> = edges.iter().map(|&i| self.edge(i)).collect();
+        let packager = packager.then(|| self.packager_url());
+        tokio::task::spawn_blocking(move || {
+            eventually("mesh up", Duration::from_secs(30), || {
+                use crate::support::{get_status, metric};
+                (get_status(&format!("{router}/healthz")) == 200
+                    && edges
+                        .iter()
+                        .all(|e| metric(e, "amphi_edge_origin_connected").unwrap_or(0.0) >= 1.0)
+                    && packager
+                        .as_ref()
+                        .is_none_or(|p| get_status(&format!("{p}/healthz")) == 200)
+                    && (!router_linked
+                        || metric(&router, "amphi_router_origin_links") == Some(1.0)))
+                .then_some(())
+            })
+        })
+        .await
+        .unwrap();
+    }
+
     /// Mesh TLS material from this mesh's CA for `dns` carrying `roles` (for test peers that
     /// speak the mesh protocol themselves).
     pub fn material(&self, dns: &str, roles: &[MeshRole]) -> MtlsMaterial {
