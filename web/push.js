@@ -93,7 +93,7 @@
       st.bufferedMs = Math.round((when - now) * 1000);
       if (header) {
         // Program time of this frame on the wall clock, and when it will be heard.
-        const programUs = header.ts_base_unix_us + (ts - header.ts_base) / 48;
+        const programUs = header.ts_base_unix_us + ((ts - header.ts_base) * 1000) / 48;
         const heardMs = Date.now() + (when - now) * 1000;
         st.latencyMs = Math.round(heardMs - programUs / 1000);
       }

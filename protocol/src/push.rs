@@ -54,8 +54,8 @@ pub struct PushHeader {
     /// Frames per audio message (the edge batches this many; fewer after a gap).
     pub frames_per_message: u32,
     /// A room timestamp (48 kHz) and when the edge received that frame (Unix microseconds): the
-    /// program time of frame `ts` is `ts_base_unix_us + (ts - ts_base) / 48` µs, which lets a
-    /// client tell how late a frame is.
+    /// program time of frame `ts` is `ts_base_unix_us + (ts - ts_base) * 1000 / 48` µs, which
+    /// lets a client tell how late a frame is.
     pub ts_base: u64,
     /// See [`PushHeader::ts_base`].
     pub ts_base_unix_us: u64,

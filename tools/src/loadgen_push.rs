@@ -170,7 +170,8 @@ async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instan
                     tally.frames.fetch_add(m.len() as u64, Ordering::Relaxed);
                     if let Some((ts_base, base_us)) = anchor {
                         for f in m.frames() {
-                            let program_us = base_us + f.ts.saturating_sub(ts_base) / 48;
+                            let program_us =
+                                base_us + f.ts.saturating_sub(ts_base) * 1000 / 48;
                             let delay = now_us.saturating_sub(program_us);
                             if delay > tally.late_bound_us {
                                 tally.late.fetch_add(1, Ordering::Relaxed);
@@ -397,13 +398,7 @@ pub async fn run(args: PushArgs) -> Result<()> {
     }
     // The floor: the same listeners, messages of the same size at the same rate.
     let period = Duration::from_secs_f64(elapsed / (messages as f64 / n as f64));
-    let mut message = vec![0u8; msg_bytes as usize];
-    if message.len() >= 4 {
-        message[0] = 0x80 | opcode::BINARY;
-        message[1] = 126;
-        let len = (message.len() - 4) as u16;
-        message[2..4].copy_from_slice(&len.to_be_bytes());
-    }
+    let message = floor_message(msg_bytes as usize)?;
     let floor = crate::tcp_floor::PushFloor::start(message, period)?;
     let ftally = Tally::new(args.late_ms);
     let funtil = Instant::now() + Duration::from_secs(seconds + 60);
@@ -438,6 +433,21 @@ pub async fn run(args: PushArgs) -> Result<()> {
     Ok(())
 }
 
+/// A WebSocket binary frame of `len` bytes in all holding a valid audio message (one frame of
+/// filler Opus bytes), so the floor's listeners read and decode it as they do the edge's.
+fn floor_message(len: usize) -> Result<Vec<u8>> {
+    // Frame header (4 bytes with a 16-bit length), message header, one frame header.
+    let overhead = 4 + amphi_protocol::push::AUDIO_HEADER_LEN + amphi_protocol::push::FRAME_HEADER_LEN;
+    ensure!(len > overhead && len - 4 >= 126, "messages of {len} bytes cannot be imitated");
+    let opus = vec![0xf8u8; len - overhead];
+    let mut payload = Vec::new();
+    AudioMessage::encode(0, &[amphi_protocol::push::PushFrame { ts: 0, opus: &opus }], &mut payload)?;
+    let mut out = Vec::with_capacity(len);
+    amphi_protocol::push::ws_server_frame(opcode::BINARY, &payload, &mut out);
+    ensure!(out.len() == len, "floor message of {} bytes, not {len}", out.len());
+    Ok(out)
+}
+
 /// Frames per message, rounded.
 fn msg_frames(frames: u64, messages: u64) -> String {
     format!("{:.1}", frames as f64 / messages.max(1) as f64)
@@ -460,6 +470,16 @@ mod tests {
         assert_eq!((op, payload.len(), taken), (opcode::BINARY, 300, 304));
         // A masked frame is not a server's.
         assert!(server_frame(&[0x82, 0x81, 0, 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn the_floor_message_is_a_valid_audio_message_of_the_size_asked() {
+        let m = floor_message(485).unwrap();
+        assert_eq!(m.len(), 485);
+        let (op, payload, taken) = server_frame(&m).unwrap().unwrap();
+        assert_eq!((op, taken), (opcode::BINARY, 485));
+        assert_eq!(AudioMessage::decode(&m[payload]).unwrap().len(), 1);
+        assert!(floor_message(100).is_err());
     }
 
     #[test]
