@@ -122,3 +122,49 @@ async fn a_push_listener_at_another_edge_hears_the_speakers_tone() {
     assert_eq!(m, 1.0);
     drop(ws);
 }
+
+/// The room page's push mode in headless Chromium (`tests/browser/push_play.mjs`): web/push.js
+/// plays the program from the edge's WebSocket with WebCodecs and the page hears the tone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_page_plays_the_push_stream_in_chromium() {
+    let mesh = DevMesh::start(17_500, "push-browser");
+    let (room, _host, _hls) = mesh.create_room("push in a browser");
+    let speaker = mesh.token(&room, "speaker", "tone-550");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 550.0, 25.0).await });
+    let (router, r) = (mesh.router(), room.clone());
+    let (status, result) = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/browser/push_play.mjs"
+        ))
+        .env("AMPHI_URL", router)
+        .env("AMPHI_ROOM", r)
+        .env("AMPHI_FREQ", "550");
+        let mut result = None;
+        let status = run_streaming(cmd, |line| {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if v["result"].is_object() {
+                    result = Some(v["result"].clone());
+                }
+            }
+        });
+        (status, result)
+    })
+    .await
+    .unwrap();
+    tone.abort();
+    assert!(
+        status.success(),
+        "browser script failed; mesh log:\n{}",
+        mesh.log_text()
+    );
+    let result = result.expect("the script reported the player's stats");
+    eprintln!("push player: {result}");
+    assert!(result["frames"].as_u64().unwrap_or(0) > 0, "{result}");
+    assert_eq!(result["label"], "push");
+}

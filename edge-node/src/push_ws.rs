@@ -38,6 +38,9 @@ pub const MAX_SKIPPED: u64 = 64;
 const CLOSE_ENDED: u16 = 4002;
 /// Close code sent to a listener disconnected for being too slow.
 const CLOSE_TOO_SLOW: u16 = 4009;
+/// A listener whose socket takes no bytes for this long is dropped (a peer that vanished without
+/// closing its connection would otherwise hold its task until TCP gives up).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often rooms without listeners are looked at.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -433,8 +436,14 @@ impl Listener {
                 }
                 header_sent = true;
             }
-            if io.write_all(&frame).await.is_err() {
-                return;
+            // The timer is only armed when the socket does not take the message at once.
+            match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    metrics.push_dropped.inc();
+                    return;
+                }
             }
         }
     }

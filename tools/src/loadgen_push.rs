@@ -170,8 +170,7 @@ async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instan
                     tally.frames.fetch_add(m.len() as u64, Ordering::Relaxed);
                     if let Some((ts_base, base_us)) = anchor {
                         for f in m.frames() {
-                            let program_us =
-                                base_us + f.ts.saturating_sub(ts_base) * 1000 / 48;
+                            let program_us = base_us + f.ts.saturating_sub(ts_base) * 1000 / 48;
                             let delay = now_us.saturating_sub(program_us);
                             if delay > tally.late_bound_us {
                                 tally.late.fetch_add(1, Ordering::Relaxed);
@@ -437,14 +436,26 @@ pub async fn run(args: PushArgs) -> Result<()> {
 /// filler Opus bytes), so the floor's listeners read and decode it as they do the edge's.
 fn floor_message(len: usize) -> Result<Vec<u8>> {
     // Frame header (4 bytes with a 16-bit length), message header, one frame header.
-    let overhead = 4 + amphi_protocol::push::AUDIO_HEADER_LEN + amphi_protocol::push::FRAME_HEADER_LEN;
-    ensure!(len > overhead && len - 4 >= 126, "messages of {len} bytes cannot be imitated");
+    let overhead =
+        4 + amphi_protocol::push::AUDIO_HEADER_LEN + amphi_protocol::push::FRAME_HEADER_LEN;
+    ensure!(
+        len > overhead && len - 4 >= 126,
+        "messages of {len} bytes cannot be imitated"
+    );
     let opus = vec![0xf8u8; len - overhead];
     let mut payload = Vec::new();
-    AudioMessage::encode(0, &[amphi_protocol::push::PushFrame { ts: 0, opus: &opus }], &mut payload)?;
+    AudioMessage::encode(
+        0,
+        &[amphi_protocol::push::PushFrame { ts: 0, opus: &opus }],
+        &mut payload,
+    )?;
     let mut out = Vec::with_capacity(len);
     amphi_protocol::push::ws_server_frame(opcode::BINARY, &payload, &mut out);
-    ensure!(out.len() == len, "floor message of {} bytes, not {len}", out.len());
+    ensure!(
+        out.len() == len,
+        "floor message of {} bytes, not {len}",
+        out.len()
+    );
     Ok(out)
 }
 
