@@ -43,7 +43,7 @@ pub struct PushArgs {
     #[arg(long, default_value_t = 250)]
     ramp_batch: usize,
     /// Port offset of the `amphi dev` mesh it starts.
-    #[arg(long, default_value_t = 20_500)]
+    #[arg(long, default_value_t = 18_600)]
     port_offset: u16,
     /// Skip the kernel floor measured after the edge run.
     #[arg(long)]
