@@ -21,6 +21,11 @@ pub fn assets() -> Vec<WebAsset> {
             body: include_bytes!("../web/latency.js"),
         },
         WebAsset {
+            path: "/push.js",
+            content_type: "text/javascript; charset=utf-8",
+            body: include_bytes!("../web/push.js"),
+        },
+        WebAsset {
             path: "/style.css",
             content_type: "text/css; charset=utf-8",
             body: include_bytes!("../web/style.css"),

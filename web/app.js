@@ -39,8 +39,10 @@ const amphi = {
   hands: [], // raised hands, oldest first
   phase: "idle", // idle | connecting | joined | closed
   status: "idle", // connection status shown in the badge ("connected" once media flows)
-  listenMode: null, // "webrtc" | "hls" | null
+  listenMode: null, // "webrtc" | "hls" | "push" | null
   wantHls: false, // the participant chose HLS (or the edge had no room for WebRTC)
+  wantPush: false, // the participant chose the push stream (WebSocket, web/push.js)
+  push: null, // AmphiPush player
   sending: false, // my microphone is on an accepted offer
   pc: null,
   sendTx: null, // the send-only transceiver, once created
@@ -206,10 +208,12 @@ function audioGraph() {
   analyser.smoothingTimeConstant = 0;
   const webrtcGain = ctx.createGain();
   const hlsGain = ctx.createGain();
+  const pushGain = ctx.createGain();
   webrtcGain.connect(analyser);
   hlsGain.connect(analyser);
+  pushGain.connect(analyser);
   analyser.connect(ctx.destination);
-  amphi.audio = { ctx, analyser, webrtcGain, hlsGain, hlsSource: null, bins: new Float32Array(analyser.frequencyBinCount) };
+  amphi.audio = { ctx, analyser, webrtcGain, hlsGain, pushGain, hlsSource: null, bins: new Float32Array(analyser.frequencyBinCount) };
   checkAudioUnlocked();
   return amphi.audio;
 }
@@ -253,11 +257,12 @@ amphi.hears = (freq) => {
 
 function setListenMode(mode) {
   amphi.listenMode = mode;
-  $("#listen-mode").textContent = mode === "webrtc" ? "WebRTC" : mode === "hls" ? "HLS" : "—";
+  $("#listen-mode").textContent = mode === "webrtc" ? "WebRTC" : mode === "hls" ? "HLS" : mode === "push" ? "push" : "—";
   const a = amphi.audio;
   if (a) {
     a.webrtcGain.gain.value = mode === "webrtc" ? 1 : 0;
     a.hlsGain.gain.value = mode === "hls" ? 1 : 0;
+    a.pushGain.gain.value = mode === "push" ? 1 : 0;
   }
   renderControls();
 }
@@ -473,8 +478,9 @@ async function startWebRtc() {
     // has not pressed it yet (a host who just created the room) joins receive-only.
     if (PUBLISHERS.has(amphi.role) && amphi.micConsent) await startSending();
     else await negotiate();
-    if (!amphi.wantHls) {
+    if (!amphi.wantHls && !amphi.wantPush) {
       stopHls();
+      stopPush();
       setListenMode("webrtc");
     }
   } catch (e) {
@@ -488,6 +494,33 @@ async function startWebRtc() {
       reportError(e);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Push: the room's program over a WebSocket at the edge (docs/push.md), played by web/push.js
+
+function startPush() {
+  if (amphi.push || !amphi.route) return;
+  if (!window.AmphiPush || !window.AmphiPush.supported()) {
+    setNotice("This browser has no WebCodecs audio decoder; listening via HLS.", "warn");
+    amphi.wantPush = false;
+    amphi.wantHls = true;
+    startHls();
+    return;
+  }
+  const a = audioGraph();
+  const url = new URL(amphi.route.ws_url);
+  url.pathname = `/v1/rooms/${amphi.room}/push`;
+  url.search = "";
+  url.searchParams.set("token", amphi.token);
+  amphi.push = window.AmphiPush.play({ url: url.href, ctx: a.ctx, destination: a.pushGain, targetMs: 150 });
+  stopHls();
+  setListenMode("push");
+}
+
+function stopPush() {
+  if (amphi.push) amphi.push.stop();
+  amphi.push = null;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -830,8 +863,9 @@ function onSnapshot({ you, state, counts, partial }) {
   if (state.phase === "ended") return onEnded({ by: null });
   setStatus("joined");
   render();
-  const hlsOnly = amphi.wantHls && !PUBLISHERS.has(amphi.role);
-  if (hlsOnly) startHls();
+  const listenerOnly = !PUBLISHERS.has(amphi.role);
+  if (amphi.wantPush && listenerOnly) startPush();
+  else if (amphi.wantHls && listenerOnly) startHls();
   else startWebRtc();
 }
 
@@ -858,6 +892,8 @@ function onRoleChanged({ id, role, by }) {
 /** Promoted: listen over WebRTC (if I was on HLS) and add my microphone on the same connection. */
 async function goOnStage() {
   amphi.wantHls = false;
+  amphi.wantPush = false;
+  stopPush();
   try {
     if (!amphi.pc) {
       await startWebRtc();
@@ -1045,6 +1081,7 @@ function close(reason, text, kind) {
   // A passive listener keeps hearing the last seconds of an ended room until the playlist ends.
   if (!(reason === "ended" && amphi.listenMode === "hls")) {
     stopHls();
+    stopPush();
     setListenMode(null);
   }
   if (amphi.ws) {
@@ -1186,7 +1223,8 @@ function renderControls() {
   $("#raise-hand").hidden = !(joined && !publisher && !handUp);
   $("#lower-hand").hidden = !(joined && !publisher && handUp);
   $("#switch-hls").hidden = !(joined && !publisher && amphi.listenMode === "webrtc");
-  $("#switch-webrtc").hidden = !(joined && !publisher && amphi.listenMode === "hls");
+  $("#switch-webrtc").hidden = !(joined && !publisher && (amphi.listenMode === "hls" || amphi.listenMode === "push"));
+  $("#switch-push").hidden = !(joined && !publisher && amphi.listenMode !== "push");
   $("#end-room").hidden = !(joined && amphi.role === "host");
   $("#report-room").hidden = !joined;
   $("#step-down").hidden = !(joined && (amphi.role === "speaker" || amphi.role === "cohost"));
@@ -1265,6 +1303,7 @@ function resetRoomState() {
   closePeer();
   stopMic();
   stopHls();
+  stopPush();
   Object.assign(amphi, {
     me: null,
     role: null,
@@ -1296,6 +1335,7 @@ async function enterRoom(room) {
   $("#room").hidden = false;
   $("#room-id").textContent = room;
   amphi.wantHls = hashParams().get("listen") === "hls";
+  amphi.wantPush = hashParams().get("listen") === "push";
   try {
     amphi.info = await api(`/v1/rooms/${room}`);
     $("#room-title").textContent = amphi.info.title;
@@ -1413,11 +1453,21 @@ $("#enable-sound").addEventListener("click", () => {
 });
 $("#switch-hls").addEventListener("click", () => {
   amphi.wantHls = true;
+  amphi.wantPush = false;
   closePeer();
+  stopPush();
   startHls();
+});
+$("#switch-push").addEventListener("click", () => {
+  amphi.wantPush = true;
+  amphi.wantHls = false;
+  closePeer();
+  startPush();
 });
 $("#switch-webrtc").addEventListener("click", () => {
   amphi.wantHls = false;
+  amphi.wantPush = false;
+  stopPush();
   startWebRtc();
 });
 $("#chat-form").addEventListener("submit", (ev) => {

@@ -45,6 +45,8 @@ pub(crate) struct AppState {
     pub ids: Mutex<ParticipantIds>,
     pub sessions: Arc<Sessions>,
     pub occupancy: Arc<Occupancy>,
+    /// Push listeners (`GET /v1/rooms/{room}/push`).
+    pub push: Arc<crate::push_ws::PushHub>,
 }
 
 /// Asks the geo-router whether rooms exist.

@@ -59,6 +59,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(whip)
         .route("/v1/ws", get(crate::ws::ws_get))
+        .route("/v1/rooms/{room}/push", get(crate::push_ws::push_get))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(axum::middleware::from_fn(amphi_common::redact::log_request))

@@ -27,6 +27,8 @@ pub mod occupancy;
 pub mod offer;
 pub mod owners;
 pub mod peers;
+pub mod push;
+mod push_ws;
 pub mod red;
 pub mod registration;
 pub mod rejoin;
@@ -256,7 +258,11 @@ pub async fn run_with(
     }
     drop(mesh_tx);
     drop(signal_tx);
+    let (push, push_rx) = push_ws::PushHub::new(push::PushConfig::default(), metrics.clone());
+    tokio::spawn(push.clone().tick_loop(inner.clone()));
     let uplink = uplink::Uplink {
+        push: push.clone(),
+        push_rx,
         edge_id: config.id.clone(),
         region: config.region.clone(),
         origins,
@@ -299,6 +305,7 @@ pub async fn run_with(
         ids: Mutex::new(lifecycle::ParticipantIds::new(config.index)),
         sessions,
         occupancy,
+        push,
     });
     let app = http::router(state).layer(axum::middleware::from_fn(move |req, next| {
         registration::refuse_new_sessions(drain.clone(), req, next)

@@ -91,6 +91,16 @@ pub struct Metrics {
     relay_send_errors: Counter,
     relay_frames_received: Counter,
     relay_frames_invalid: Counter,
+    /// Push listeners connected now.
+    pub push_listeners: Gauge,
+    /// Program frames received from the origins for push listeners.
+    pub push_program_frames: Counter,
+    /// Push audio messages encoded (once per room, written to every listener).
+    pub push_messages: Counter,
+    /// Push messages a slow listener skipped (its queue was full).
+    pub push_skipped: Counter,
+    /// Push listeners disconnected for being too slow.
+    pub push_dropped: Counter,
     control_records_refused: Counter,
     origin_links: Counter,
     whip_sessions_created: Counter,
@@ -143,6 +153,26 @@ impl Metrics {
         let relay_frames_received = r.counter(
             "amphi_edge_relay_frames_received",
             "Speaker relay frames received from the origin",
+        );
+        let push_listeners = r.gauge(
+            "amphi_edge_push_listeners",
+            "Push listeners (WebSocket) connected to this edge",
+        );
+        let push_program_frames = r.counter(
+            "amphi_edge_push_program_frames",
+            "Program frames received from the origins for push listeners",
+        );
+        let push_messages = r.counter(
+            "amphi_edge_push_messages",
+            "Push audio messages encoded, once per room (the same bytes go to every listener)",
+        );
+        let push_skipped = r.counter(
+            "amphi_edge_push_skipped_messages",
+            "Push messages slow listeners skipped because their queue was full",
+        );
+        let push_dropped = r.counter(
+            "amphi_edge_push_dropped_listeners",
+            "Push listeners disconnected for being too slow",
         );
         let relay_frames_invalid = r.counter(
             "amphi_edge_relay_frames_invalid",
@@ -236,6 +266,11 @@ impl Metrics {
             relay_frames_sent,
             relay_send_errors,
             relay_frames_received,
+            push_listeners,
+            push_program_frames,
+            push_messages,
+            push_skipped,
+            push_dropped,
             relay_frames_invalid,
             control_records_refused,
             origin_links,

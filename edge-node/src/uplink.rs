@@ -15,6 +15,8 @@ use crate::media::driver::RelayTargets;
 use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
 use crate::owners::{OriginRoutes, Plan};
+use crate::push::PushOutput;
+use crate::push_ws::PushHub;
 use crate::sessions::Sessions;
 use crate::shards::MediaShards;
 use amphi_protocol::config::OriginEndpoint;
@@ -57,6 +59,11 @@ pub(crate) struct Uplink {
     pub sessions: Arc<Sessions>,
     /// Relayed speaker datagrams to the media driver.
     pub relayed_txs: Vec<mpsc::Sender<(Instant, Bytes)>>,
+    /// Push listeners: program frames go there, their rooms' subscriptions come from there.
+    pub push: Arc<PushHub>,
+    /// The push listeners' subscriptions, sent to every linked origin (only a room's owner
+    /// mixes it, so only that one sends frames; after a failover the new owner already knows).
+    pub push_rx: mpsc::UnboundedReceiver<PushOutput>,
 }
 
 /// Transport settings of the mesh link: frequent keep-alives and a short idle timeout, so a dead
@@ -133,6 +140,7 @@ impl Uplink {
                 region: self.region.clone(),
                 metrics: self.metrics.clone(),
                 relayed_txs: self.relayed_txs.clone(),
+                push: self.push.clone(),
                 events: events_tx.clone(),
             };
             links.spawn(link.run(endpoint.clone(), shutdown.clone()));
@@ -177,6 +185,10 @@ impl Uplink {
                     Some(ev) => router.on_mesh_event(ev, Instant::now()),
                     None => return,
                 },
+                out = self.push_rx.recv() => match out {
+                    Some(out) => router.push_subscription(out),
+                    None => return,
+                },
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let plan = router.routes.tick(Instant::now());
                     router.execute(plan, &self.sessions);
@@ -190,6 +202,10 @@ impl Uplink {
         let now = Instant::now();
         match ev {
             LinkEvent::Up { origin, conn, out } => {
+                // The push listeners' rooms first: their program frames come from the owner.
+                for room in self.push.subscribed() {
+                    let _ = out.send(ControlMessage::SubscribeProgram { room });
+                }
                 router.outs[origin] = Some(out);
                 router.targets.links[origin] = Some(conn);
                 // The core may send room messages from now on (before its rooms are listed, so
@@ -241,6 +257,7 @@ impl Uplink {
             ControlMessage::RoomEnded { room } => {
                 tracing::info!(%room, "origin ended room");
                 self.sessions.on_control(ControlMessage::RoomEnded { room });
+                self.push.room_ended(room);
                 if let Ok(mut cache) = self.rooms.lock() {
                     cache.record(room, RoomStatusAnswer::Gone, Instant::now());
                 }
@@ -280,6 +297,17 @@ impl Router {
     fn send(&self, origin: usize, msg: ControlMessage) {
         if let Some(out) = self.outs.get(origin).and_then(Option::as_ref) {
             let _ = out.send(msg);
+        }
+    }
+
+    /// A push subscription change: every linked origin hears it.
+    fn push_subscription(&self, out: PushOutput) {
+        let msg = match out {
+            PushOutput::Subscribe(room) => ControlMessage::SubscribeProgram { room },
+            PushOutput::Unsubscribe(room) => ControlMessage::UnsubscribeProgram { room },
+        };
+        for origin in 0..self.outs.len() {
+            self.send(origin, msg.clone());
         }
     }
 
@@ -381,6 +409,7 @@ struct Link {
     region: String,
     metrics: Arc<Metrics>,
     relayed_txs: Vec<mpsc::Sender<(Instant, Bytes)>>,
+    push: Arc<PushHub>,
     events: mpsc::UnboundedSender<LinkEvent>,
 }
 
@@ -492,6 +521,9 @@ impl Link {
                                     self.metrics.relay_queue_full();
                                 }
                             }
+                        }
+                        Ok(f) if f.kind == FrameKind::Program => {
+                            self.push.program_frame(f.room, f.rtp_ts, f.payload);
                         }
                         _ => self.metrics.relay_invalid(),
                     },

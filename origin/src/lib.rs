@@ -235,7 +235,23 @@ pub async fn run_with(
     };
     let (idle_tx, mut idle_rx) = mpsc::unbounded_channel();
     let clock = Arc::new(mixer_thread::ProgramClock::default());
-    let mixer_clock = clock.clone();
+    let hub = Arc::new(hub::Hub::new(
+        config.id.clone(),
+        metrics.clone(),
+        packets_tx,
+        control_tx,
+        durable,
+        clock.clone(),
+        room::RoomsConfig {
+            room: room::RoomLimits {
+                max_sessions_per_user: config.max_sessions_per_user.max(1),
+                ..room::RoomLimits::default()
+            },
+            ..room::RoomsConfig::default()
+        },
+    ));
+    let mixer_clock = clock;
+    let fanout: Arc<dyn mixer_thread::ProgramFanout> = hub.clone();
     let mixer_stop = stop.clone();
     std::thread::Builder::new()
         .name("amphi-mixer".into())
@@ -253,6 +269,7 @@ pub async fn run_with(
                         programs_config,
                         idle_tx,
                         mixer_clock,
+                        fanout,
                         mixer_stop.clone(),
                     ))
                     .map_err(|e| e.to_string())
@@ -262,21 +279,6 @@ pub async fn run_with(
         })
         .map_err(|e| OriginError::Mixer(e.to_string()))?;
 
-    let hub = Arc::new(hub::Hub::new(
-        config.id.clone(),
-        metrics.clone(),
-        packets_tx,
-        control_tx,
-        durable,
-        clock,
-        room::RoomsConfig {
-            room: room::RoomLimits {
-                max_sessions_per_user: config.max_sessions_per_user.max(1),
-                ..room::RoomLimits::default()
-            },
-            ..room::RoomsConfig::default()
-        },
-    ));
     {
         // Rooms idle past `idle_room_timeout_secs` end like `POST /v1/rooms/{id}/end`: edges,
         // geo-routers (directory, webhooks) and packagers (ENDLIST) hear `RoomEnded`.

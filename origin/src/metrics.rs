@@ -141,6 +141,8 @@ pub struct Metrics {
     pub program_frames_sent: Counter,
     /// Program frames dropped because a packager stream's queue was full.
     pub program_frames_dropped: Counter,
+    /// Program frames sent as datagrams to edges with push listeners (one per edge and frame).
+    pub program_frames_to_edges: Counter,
     /// Room commands applied by the room authority.
     pub room_commands: Counter,
     /// Room commands the authority refused.
@@ -291,6 +293,10 @@ impl Default for Metrics {
             "amphi_origin_program_frames_dropped",
             "Program frames dropped because a packager stream queue was full",
         );
+        let program_frames_to_edges = r.counter(
+            "amphi_origin_program_frames_to_edges",
+            "Program frames sent as datagrams to edges with push listeners, one per edge and frame",
+        );
         let decode_errors = r.counter(
             "amphi_origin_opus_decode_errors",
             "Speaker packets libopus could not decode",
@@ -323,6 +329,7 @@ impl Default for Metrics {
             control_overflows,
             program_frames_sent,
             program_frames_dropped,
+            program_frames_to_edges,
             room_commands,
             room_commands_rejected,
             rooms_known,

@@ -19,6 +19,12 @@ const STREAM_QUEUE: usize = 100;
 /// Commands handled at most between two checks of the tick deadline.
 const BATCH: usize = 1024;
 
+/// Where program frames go besides the packagers: the edges with push listeners (the hub).
+pub(crate) trait ProgramFanout: Send + Sync {
+    /// Send one program frame of `room` (a `Program` relay frame) to every edge that wants it.
+    fn program_frame(&self, room: RoomId, datagram: &Bytes);
+}
+
 /// Input of the mixer thread.
 pub(crate) enum MixerCmd {
     /// A valid `SpeakerAudio` relay frame and when it arrived.
@@ -170,6 +176,8 @@ struct Driver {
     /// The identity records (program stream records of kind `SpeakerIdentity`) of every speaker
     /// announced in a running room, sent first on each new program stream of the room.
     identities: HashMap<RoomId, HashMap<u32, Bytes>>,
+    /// The edges with push listeners.
+    fanout: Arc<dyn ProgramFanout>,
 }
 
 /// The program stream record (`u32 LE length | relay frame`) telling the packagers who
@@ -294,6 +302,7 @@ impl Driver {
             identities,
             clock,
             frames,
+            fanout,
             ..
         } = self;
         programs.poll(now, &mut |event| match event {
@@ -307,10 +316,9 @@ impl Driver {
                 if let Some(n) = frames.get(&room) {
                     n.fetch_add(1, Ordering::Relaxed);
                 }
-                if packagers.is_empty() {
-                    return;
-                }
                 let record = Bytes::copy_from_slice(frame.record);
+                // The relay frame without its length prefix: one datagram per subscribed edge.
+                fanout.program_frame(room, &record.slice(4..));
                 for link in packagers.values_mut() {
                     let tx = link.streams.entry(room).or_insert_with(|| {
                         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -364,6 +372,7 @@ pub(crate) async fn mixer_loop(
     config: ProgramsConfig,
     idle_tx: mpsc::UnboundedSender<RoomId>,
     clock: Arc<ProgramClock>,
+    fanout: Arc<dyn ProgramFanout>,
     shutdown: CancellationToken,
 ) -> Result<(), crate::mixer::MixError> {
     let mut driver = Driver {
@@ -377,6 +386,7 @@ pub(crate) async fn mixer_loop(
         runtime,
         room_cpu: RoomCpu::default(),
         identities: HashMap::new(),
+        fanout,
     };
     loop {
         let deadline = tokio::time::Instant::from_std(driver.programs.next_tick_at());

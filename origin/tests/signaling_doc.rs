@@ -131,6 +131,8 @@ fn every_documented_message_parses() {
         types[2],
         expect(&[
             "subscribe_room",
+            "subscribe_program",
+            "unsubscribe_program",
             "room_command",
             "room_events",
             "room_snapshot",

@@ -83,6 +83,19 @@ pub enum ControlMessage {
         /// The room.
         room: RoomId,
     },
+    /// Edge -> origin: send me this room's program frames (one `Program` relay frame per 20 ms
+    /// as a datagram) for the edge's push listeners. An edge subscribes at every origin it is
+    /// linked to: only the room's owner mixes it, so only that one sends, and after a failover
+    /// the new owner already knows.
+    SubscribeProgram {
+        /// The room.
+        room: RoomId,
+    },
+    /// Edge -> origin: stop sending this room's program frames to me.
+    UnsubscribeProgram {
+        /// The room.
+        room: RoomId,
+    },
     /// Either way: the room has ended.
     RoomEnded {
         /// The room.

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod limits;
 pub mod ownership;
 pub mod placement;
+pub mod push;
 pub mod relay;
 pub mod room;
 pub mod token;

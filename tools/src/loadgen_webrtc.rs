@@ -316,7 +316,7 @@ fn get(url: &str) -> Result<String> {
         .into_string()?)
 }
 
-fn post_json(url: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+pub(crate) fn post_json(url: &str, body: serde_json::Value) -> Result<serde_json::Value> {
     Ok(ureq::post(url)
         .timeout(Duration::from_secs(5))
         .send_json(body)?
@@ -324,7 +324,7 @@ fn post_json(url: &str, body: serde_json::Value) -> Result<serde_json::Value> {
 }
 
 /// Opus packets of a tone (20 ms each), looped by the speakers.
-fn tone_packets(freq: f32, n: usize) -> Result<Vec<Vec<u8>>> {
+pub(crate) fn tone_packets(freq: f32, n: usize) -> Result<Vec<Vec<u8>>> {
     let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)?;
     enc.set_bitrate(opus::Bitrate::Bits(32_000))?;
     let mut out = Vec::with_capacity(n);

@@ -32,6 +32,7 @@ mod bench_route;
 mod bench_udp;
 mod child_mesh;
 mod loadgen_hls;
+mod loadgen_push;
 mod loadgen_room;
 mod loadgen_webrtc;
 mod ogg;
@@ -172,6 +173,9 @@ enum LoadgenCommand {
     /// `amphi dev` child): joins, hands, promotions, kicks, chat, listener paging; fails on any
     /// origin link drop.
     Room(loadgen_room::RoomArgs),
+    /// N WebSocket push listeners on one edge of an `amphi dev` child while a speaker talks:
+    /// frames/s, late frames, edge CPU per listener, beside the same-run TCP write floor.
+    Push(loadgen_push::PushArgs),
 }
 
 #[derive(clap::Args)]
@@ -594,6 +598,7 @@ fn measure(command: Measure) -> Result<()> {
             Measure::Loadgen(LoadgenCommand::Webrtc(args)) => loadgen_webrtc::loadgen(args).await,
             Measure::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
             Measure::Loadgen(LoadgenCommand::Room(args)) => loadgen_room::run(args).await,
+            Measure::Loadgen(LoadgenCommand::Push(args)) => loadgen_push::run(args).await,
             Measure::Plan(args) => plan::run(args),
         }
     })

@@ -183,6 +183,104 @@ fn render(out: &mut Vec<u8>, len: usize, published_header: &str) {
     out.resize(out.len() + body - 8, b'#');
 }
 
+/// The kernel's floor for push listeners (`amphi-tools loadgen push`): every connection is
+/// answered `101` at once, then every `period` one thread writes the same message bytes to every
+/// socket in turn, the least work any server can do to push one room's messages over TCP.
+pub struct PushFloor {
+    /// Where listeners connect.
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Count writes and CPU only while set.
+    pub measuring: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<WriteCost>>,
+}
+
+impl PushFloor {
+    /// Start on 127.0.0.1 (an ephemeral port), writing `message` every `period`.
+    pub fn start(message: Vec<u8>, period: Duration) -> Result<PushFloor> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("push floor bind")?;
+        // SAFETY: listen(2) on the listener's own open socket; it only raises the backlog.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("push floor listen");
+        }
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let measuring = Arc::new(AtomicBool::new(false));
+        let flags = (stop.clone(), measuring.clone());
+        let thread = std::thread::Builder::new()
+            .name("push-floor".into())
+            .spawn(move || push_passes(listener, &message, period, &flags.0, &flags.1))?;
+        Ok(PushFloor {
+            addr,
+            stop,
+            measuring,
+            thread,
+        })
+    }
+
+    /// Stop; the CPU cost of the write passes made while measuring.
+    pub fn stop(self) -> Result<WriteCost> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("push floor thread panicked"))?
+    }
+}
+
+fn push_passes(
+    listener: TcpListener,
+    message: &[u8],
+    period: Duration,
+    stop: &AtomicBool,
+    measuring: &AtomicBool,
+) -> Result<WriteCost> {
+    let mut socks: Vec<TcpStream> = Vec::new();
+    let mut scratch = [0u8; 4096];
+    let mut cost = WriteCost {
+        writes: 0,
+        cpu_us: 0.0,
+    };
+    let mut next = Instant::now() + period;
+    while !stop.load(Ordering::Relaxed) {
+        while let Ok((mut stream, _)) = listener.accept() {
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+            if write_all(&mut stream, b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_ok() {
+                socks.push(stream);
+            }
+        }
+        // Whatever the listeners sent (their upgrade request) is read and dropped.
+        socks.retain_mut(|s| loop {
+            match s.read(&mut scratch) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        });
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(5)));
+            continue;
+        }
+        next += period;
+        let before = thread_cpu_us();
+        let mut writes = 0;
+        for s in socks.iter_mut() {
+            if write_all(s, message).is_ok() {
+                writes += 1;
+            }
+        }
+        if measuring.load(Ordering::Relaxed) {
+            cost.writes += writes;
+            cost.cpu_us += thread_cpu_us() - before;
+        }
+    }
+    Ok(cost)
+}
+
 /// Write all of `buf` to a nonblocking socket (the response fits its send buffer, so this
 /// loops only if the player stopped reading).
 fn write_all(stream: &mut TcpStream, mut buf: &[u8]) -> std::io::Result<()> {

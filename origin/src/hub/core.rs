@@ -158,6 +158,9 @@ struct RelayTable<L> {
     /// Speakers the authority lets be heard, for every room it holds; datagrams from anyone else
     /// in those rooms are neither relayed nor mixed.
     audible: HashMap<RoomId, HashSet<u32>>,
+    /// Edge connections that want each room's program frames (mirror of
+    /// `HubState::program_subs`).
+    programs: HashMap<RoomId, Vec<ConnId>>,
 }
 
 impl<L> Default for RelayTable<L> {
@@ -168,6 +171,7 @@ impl<L> Default for RelayTable<L> {
             owners: HashMap::new(),
             speakers: HashMap::new(),
             audible: HashMap::new(),
+            programs: HashMap::new(),
         }
     }
 }
@@ -213,6 +217,8 @@ impl<L> RelayTable<L> {
 /// the store.
 struct HubState<L> {
     subs: Subscriptions,
+    /// Which edges want which rooms' program frames (their push listeners).
+    program_subs: Subscriptions,
     edges: HashMap<ConnId, L>,
     /// Geo-routers, told when a room ends.
     routers: HashMap<ConnId, L>,
@@ -232,6 +238,7 @@ impl<L> Default for HubState<L> {
     fn default() -> Self {
         HubState {
             subs: Subscriptions::default(),
+            program_subs: Subscriptions::default(),
             edges: HashMap::new(),
             routers: HashMap::new(),
             revoked_tokens: Default::default(),
@@ -281,7 +288,14 @@ impl<L: Link> HubState<L> {
                 link.control(ControlMessage::RoomEnded { room });
             }
         }
-        for &sub in self.subs.subscribers(room) {
+        let room_subs = self.subs.subscribers(room);
+        // Edges with push listeners only hear it too (they close those listeners).
+        let push_only = self
+            .program_subs
+            .subscribers(room)
+            .iter()
+            .filter(|c| !room_subs.contains(c));
+        for &sub in room_subs.iter().chain(push_only) {
             if sub == from {
                 continue;
             }
@@ -474,6 +488,39 @@ impl<L: Link> HubCore<L> {
         Ok(())
     }
 
+    /// Send one program frame of `room` (`datagram`, a `Program` relay frame) to every edge that
+    /// subscribed to the room's program, once each; returns how many it went to.
+    pub fn program_frame(&self, room: RoomId, datagram: &Bytes) -> usize {
+        let relay = self.relay_read();
+        let Some(subs) = relay.programs.get(&room) else {
+            return 0;
+        };
+        let mut sent = 0;
+        for sub in subs {
+            let Some(link) = relay.links.get(sub) else {
+                continue;
+            };
+            if link.datagram(datagram.clone()) {
+                sent += 1;
+            } else {
+                self.metrics.dropped(DropReason::SendFailed);
+            }
+        }
+        self.metrics.program_frames_to_edges.inc_by(sent as u64);
+        sent
+    }
+
+    /// Mirror `room`'s program subscribers into the relay's view.
+    fn sync_program_subs(&self, st: &HubState<L>, room: RoomId) {
+        let subs = st.program_subs.subscribers(room);
+        let mut relay = self.relay_write();
+        if subs.is_empty() {
+            relay.programs.remove(&room);
+        } else {
+            relay.programs.insert(room, subs.to_vec());
+        }
+    }
+
     /// Apply one control message from connection `conn` (a `peer` called `peer_id`), whose own
     /// link is `own`; returns the reply to queue to it, if any. The room it names must have been
     /// taken from the store first where one is configured ([`HubCore::needs_store_read`]).
@@ -562,6 +609,29 @@ impl<L: Link> HubCore<L> {
                 let mut st = self.state_write();
                 st.subs.unsubscribe(room, conn);
                 self.sync_subs(&st, room);
+                Ok(None)
+            }
+            ControlMessage::SubscribeProgram { room } => {
+                let mut st = self.state_write();
+                match st.program_subs.subscribe(room, conn) {
+                    Subscribe::Added => {
+                        tracing::info!(%room, edge = %peer_id, "edge subscribed to the program");
+                        self.sync_program_subs(&st, room);
+                        Ok(None)
+                    }
+                    Subscribe::Already => Ok(None),
+                    Subscribe::LimitReached => Ok(Some(ControlMessage::Error {
+                        code: "limit".into(),
+                        message: format!("too many program subscriptions, {room} refused"),
+                    })),
+                }
+            }
+            ControlMessage::UnsubscribeProgram { room } => {
+                let mut st = self.state_write();
+                if st.program_subs.unsubscribe(room, conn) {
+                    tracing::info!(%room, edge = %peer_id, "edge unsubscribed from the program");
+                    self.sync_program_subs(&st, room);
+                }
                 Ok(None)
             }
             ControlMessage::RoomEnded { .. } => edge_only("room_ended"),
@@ -941,6 +1011,11 @@ impl<L: Link> HubCore<L> {
             for room in rooms {
                 self.sync_subs(&st, room);
             }
+            let programs = st.program_subs.rooms_of(conn).to_vec();
+            st.program_subs.remove_connection(conn);
+            for room in programs {
+                self.sync_program_subs(&st, room);
+            }
         }
         {
             let mut relay = self.relay_write();
@@ -1138,6 +1213,8 @@ pub(crate) fn kind_of(m: &ControlMessage) -> &'static str {
         ControlMessage::SpeakerLeft { .. } => "speaker_left",
         ControlMessage::SubscribeRoom { .. } => "subscribe_room",
         ControlMessage::UnsubscribeRoom { .. } => "unsubscribe_room",
+        ControlMessage::SubscribeProgram { .. } => "subscribe_program",
+        ControlMessage::UnsubscribeProgram { .. } => "unsubscribe_program",
         ControlMessage::RoomEnded { .. } => "room_ended",
         ControlMessage::RoomOpened { .. } => "room_opened",
         ControlMessage::Ping { .. } => "ping",

@@ -558,6 +558,12 @@ impl Hub {
     }
 }
 
+impl crate::mixer_thread::ProgramFanout for Hub {
+    fn program_frame(&self, room: RoomId, datagram: &Bytes) {
+        self.core.program_frame(room, datagram);
+    }
+}
+
 /// `Ok` if the peer's certificate carries the mesh role of `peer`; else why not.
 fn peer_may_act_as(conn: &quinn::Connection, peer: PeerKind) -> Result<(), String> {
     let role = peer.mesh_role();

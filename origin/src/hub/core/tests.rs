@@ -914,3 +914,49 @@ fn reports_go_to_the_edges_and_every_router_stamped() {
     ));
     assert!(edge_link.take().is_empty());
 }
+
+/// Program frames go once to every edge subscribed to the room's program, to no one else; an
+/// unsubscribed or departed edge gets no more; only edges may subscribe; an edge with push
+/// listeners only (no participants) hears the room end.
+#[test]
+fn program_frames_go_once_to_each_edge_that_subscribed_to_the_program() {
+    let (core, _sunk) = core();
+    let t0 = Instant::now();
+    let room = RoomId(12);
+    let (a, b, c) = (edge(&core, 1, t0), edge(&core, 2, t0), edge(&core, 3, t0));
+    let frame = Bytes::from_static(b"program frame");
+    assert_eq!(core.program_frame(room, &frame), 0);
+    let sub = ControlMessage::SubscribeProgram { room };
+    assert_eq!(control(&core, 1, PeerKind::Edge, &a, sub.clone()), Ok(None));
+    // Subscribing twice changes nothing.
+    assert_eq!(control(&core, 1, PeerKind::Edge, &a, sub.clone()), Ok(None));
+    assert_eq!(control(&core, 2, PeerKind::Edge, &b, sub.clone()), Ok(None));
+    assert_eq!(core.program_frame(room, &frame), 2);
+    assert_eq!(core.program_frame(RoomId(13), &frame), 0);
+    assert_eq!(
+        (a.datagram_count(), b.datagram_count(), c.datagram_count()),
+        (1, 1, 0)
+    );
+    let unsub = ControlMessage::UnsubscribeProgram { room };
+    assert_eq!(control(&core, 1, PeerKind::Edge, &a, unsub), Ok(None));
+    assert_eq!(core.program_frame(room, &frame), 1);
+    assert_eq!((a.datagram_count(), b.datagram_count()), (1, 2));
+    // Edge b has push listeners only: it hears the room end although no participant of it
+    // joined through b; edge c, neither subscribed nor joined, hears nothing.
+    join_as(&core, &c, 3, room, 1, Role::Host);
+    let _ = (b.take(), c.take());
+    core.end_room(room, FROM_ORIGIN, at(t0, 10));
+    assert!(b
+        .take()
+        .iter()
+        .any(|m| matches!(m, ControlMessage::RoomEnded { room: r } if *r == room)));
+    core.disconnected(2, PeerKind::Edge, "b", true, at(t0, 20));
+    assert_eq!(core.program_frame(room, &frame), 0);
+    // A packager may not subscribe.
+    let p = Rec::default();
+    core.connected(9, PeerKind::Packager, p.clone(), at(t0, 0));
+    assert!(matches!(
+        control(&core, 9, PeerKind::Packager, &p, sub),
+        Ok(Some(ControlMessage::Error { .. }))
+    ));
+}

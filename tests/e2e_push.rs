@@ -1,0 +1,170 @@
+//! The push listener tier end to end: a real `amphi dev` mesh, our str0m WHIP client publishing
+//! a tone at one edge, and a WebSocket push listener at the other edge that receives the room's
+//! program (header, then audio messages of Opus frames with room timestamps), decodes it with
+//! libopus and finds the tone. Token checks answer HTTP statuses with JSON errors.
+
+use amphi_protocol::push::{AudioMessage, PushHeader, FRAME_SAMPLES};
+use amphi_testkit::mesh::*;
+use futures_util::StreamExt;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Status and JSON error code of a plain (non-upgrade) GET.
+fn refused(url: &str) -> (u16, String) {
+    match ureq::get(url).call() {
+        Ok(r) => (r.status(), String::new()),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap_or_default();
+            (code, v["error"].as_str().unwrap_or("").to_string())
+        }
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_listener_at_another_edge_hears_the_speakers_tone() {
+    let mesh = DevMesh::start(16_500, "push-tone");
+    let (room, _host, _hls) = mesh.create_room("push tone");
+    let (other, _, _) = mesh.create_room("another room");
+    let listener = mesh.token(&room, "listener", "push-1");
+    let push = format!("{}/v1/rooms/{room}/push", mesh.edge(1));
+
+    // No token, a bad token, another room's token: refused before any upgrade.
+    let checks = {
+        let (push, other_token) = (push.clone(), mesh.token(&other, "listener", "x"));
+        tokio::task::spawn_blocking(move || {
+            [
+                refused(&push),
+                refused(&format!("{push}?token=not-a-token")),
+                refused(&format!("{push}?token={other_token}")),
+            ]
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(checks[0], (401, "unauthorized".into()));
+    assert_eq!(checks[1], (401, "unauthorized".into()));
+    assert_eq!(checks[2], (403, "forbidden".into()));
+
+    let url = format!("{}?token={listener}", push.replace("http://", "ws://"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("push upgrade");
+    assert_eq!(resp.status(), 101);
+
+    // The speaker at the other edge (us-east; the listener is at eu-west).
+    let speaker = mesh.token(&room, "speaker", "tone-660");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 660.0, 6.0).await });
+
+    let mut header: Option<PushHeader> = None;
+    let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
+    let mut samples: Vec<f32> = Vec::new();
+    let mut pcm = vec![0f32; 5760];
+    let (mut frames, mut messages, mut gaps) = (0usize, 0usize, 0usize);
+    let mut last_ts: Option<u64> = None;
+    let mut last_seq: Option<u32> = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while frames < 250 && Instant::now() < deadline {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a push message within 5 s")
+            .expect("stream open")
+            .expect("websocket message");
+        match msg {
+            Message::Text(text) => {
+                assert!(header.is_none(), "one header only");
+                header = Some(serde_json::from_str(&text).expect("header JSON"));
+            }
+            Message::Binary(bytes) => {
+                let h = header.as_ref().expect("the header comes first");
+                assert_eq!(h.room, room);
+                let m = AudioMessage::decode(&bytes).expect("audio message decodes");
+                assert!(m.len() <= h.frames_per_message as usize);
+                if let Some(seq) = last_seq {
+                    assert_eq!(m.seq, seq.wrapping_add(1), "no message skipped");
+                }
+                last_seq = Some(m.seq);
+                messages += 1;
+                for f in m.frames() {
+                    assert!(f.ts >= h.ts_base);
+                    if let Some(last) = last_ts {
+                        assert!(f.ts > last, "timestamps increase");
+                        if f.ts != last + FRAME_SAMPLES {
+                            gaps += 1;
+                        }
+                    }
+                    last_ts = Some(f.ts);
+                    let n = decoder.decode_float(f.opus, &mut pcm, false).expect("opus");
+                    samples.extend_from_slice(&pcm[..n]);
+                    frames += 1;
+                }
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+    tone.await.unwrap();
+    let h = header.expect("a header");
+    assert_eq!(
+        (h.codec.as_str(), h.sample_rate, h.channels, h.frame_ms),
+        ("opus", 48_000, 1, 20)
+    );
+    assert!(frames >= 250, "{frames} frames in {messages} messages");
+    assert!(gaps <= 2, "{gaps} gaps in {frames} frames");
+    let (freq, level) = dominant_frequency(&samples);
+    assert!((freq - 660.0).abs() <= 5.0, "dominant frequency {freq} Hz");
+    assert!(level > 0.02, "real energy expected, rms {level}");
+
+    let m = metric(&mesh.edge(1), "amphi_edge_push_listeners").unwrap();
+    assert_eq!(m, 1.0);
+    drop(ws);
+}
+
+/// The room page's push mode in headless Chromium (`tests/browser/push_play.mjs`): web/push.js
+/// plays the program from the edge's WebSocket with WebCodecs and the page hears the tone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_page_plays_the_push_stream_in_chromium() {
+    let mesh = DevMesh::start(17_500, "push-browser");
+    let (room, _host, _hls) = mesh.create_room("push in a browser");
+    let speaker = mesh.token(&room, "speaker", "tone-550");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 550.0, 25.0).await });
+    let (router, r) = (mesh.router(), room.clone());
+    let (status, result) = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/browser/push_play.mjs"
+        ))
+        .env("AMPHI_URL", router)
+        .env("AMPHI_ROOM", r)
+        .env("AMPHI_FREQ", "550");
+        let mut result = None;
+        let status = run_streaming(cmd, |line| {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if v["result"].is_object() {
+                    result = Some(v["result"].clone());
+                }
+            }
+        });
+        (status, result)
+    })
+    .await
+    .unwrap();
+    tone.abort();
+    assert!(
+        status.success(),
+        "browser script failed; mesh log:\n{}",
+        mesh.log_text()
+    );
+    let result = result.expect("the script reported the player's stats");
+    eprintln!("push player: {result}");
+    assert!(result["frames"].as_u64().unwrap_or(0) > 0, "{result}");
+    assert_eq!(result["label"], "push");
+}

@@ -1,0 +1,504 @@
+//! `amphi-tools loadgen push`: N WebSocket push listeners (`GET /v1/rooms/{room}/push`) on one
+//! edge of an `amphi dev` child while a WHIP speaker talks, bounded in count and time.
+//!
+//! Each listener is a raw TCP client (the upgrade written by hand, server frames parsed with the
+//! push format's own decoder) that timestamps every message on arrival. Reported: frames per
+//! second delivered, late frames (arriving more than `--late-ms` after their program time, which
+//! the stream's header anchors), the arrival delay p50/p99, and the mesh process's CPU per
+//! listener per second (its CPU with the listeners minus its CPU with the speaker alone, measured
+//! just before). Beside it, in the same run: the kernel's TCP write floor, the same number of
+//! listeners fed messages of the same size at the same rate by a thread that only `write`s them
+//! ([`crate::tcp_floor::PushFloor`]).
+
+use crate::child_mesh::ChildMesh;
+use crate::loadgen_webrtc::{post_json, process_cpu, tone_packets};
+use amphi_protocol::push::{opcode, AudioMessage, PushHeader};
+use amphi_testkit::whip_client::WhipPublisher;
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Options of `amphi-tools loadgen push`.
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// Concurrent push listeners (at most 9,000: this process holds the listeners' and the
+    /// floor's sockets within the 20,000 open files the box allows).
+    #[arg(long, default_value_t = 2_000)]
+    listeners: usize,
+    /// Measured seconds (after every listener connected).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Short run for CI: 50 listeners, 3 s.
+    #[arg(long)]
+    smoke: bool,
+    /// A frame arriving more than this after its program time is late.
+    #[arg(long, default_value_t = 200)]
+    late_ms: u64,
+    /// Listeners connected per 50 ms while ramping up.
+    #[arg(long, default_value_t = 250)]
+    ramp_batch: usize,
+    /// Port offset of the `amphi dev` mesh it starts.
+    #[arg(long, default_value_t = 18_600)]
+    port_offset: u16,
+    /// Skip the kernel floor measured after the edge run.
+    #[arg(long)]
+    no_tcp_floor: bool,
+}
+
+/// Arrival delays are counted in buckets of this many µs.
+const BUCKET_US: u64 = 5_000;
+/// Buckets (the last one holds everything later).
+const BUCKETS: usize = 400;
+
+/// What every listener adds to while measuring.
+struct Tally {
+    measuring: AtomicBool,
+    frames: AtomicU64,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    late: AtomicU64,
+    late_bound_us: u64,
+    delays: Vec<AtomicU64>,
+    /// Listeners that connected and got their `101`.
+    upgraded: AtomicU64,
+    /// Listeners whose stream ended or broke.
+    ended: AtomicU64,
+}
+
+impl Tally {
+    fn new(late_ms: u64) -> Arc<Tally> {
+        Arc::new(Tally {
+            measuring: AtomicBool::new(false),
+            frames: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            late_bound_us: late_ms * 1000,
+            delays: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            upgraded: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+        })
+    }
+
+    /// The delay below which fraction `p` of the counted frames arrived, ms.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let counts: Vec<u64> = self
+            .delays
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let want = (total as f64 * p).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want.max(1) {
+                return ((i as u64 + 1) * BUCKET_US) as f64 / 1000.0;
+            }
+        }
+        (BUCKETS as u64 * BUCKET_US) as f64 / 1000.0
+    }
+}
+
+/// The first server frame in `buf`: (opcode, payload range, bytes taken); `None` if incomplete.
+fn server_frame(buf: &[u8]) -> Result<Option<(u8, std::ops::Range<usize>, usize)>> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    ensure!(buf[1] & 0x80 == 0, "a server frame is never masked");
+    let (len, at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&buf[2..10]);
+            (usize::try_from(u64::from_be_bytes(n))?, 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (usize::from(n), 2),
+    };
+    ensure!(len <= 1 << 20, "server frame of {len} bytes");
+    if buf.len() < at + len {
+        return Ok(None);
+    }
+    Ok(Some((buf[0] & 0x0f, at..at + len, at + len)))
+}
+
+/// One listener: connect, upgrade, then read until the deadline, tallying what arrives.
+async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instant) -> Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut filled = 0;
+    // The response head.
+    loop {
+        let n = tokio::time::timeout_at(until.into(), s.read(&mut buf[filled..])).await??;
+        ensure!(n > 0, "closed during the upgrade");
+        filled += n;
+        if let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            ensure!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+            buf.copy_within(end + 4..filled, 0);
+            filled -= end + 4;
+            break;
+        }
+        ensure!(filled < buf.len(), "response head too long");
+    }
+    tally.upgraded.fetch_add(1, Ordering::Relaxed);
+    let mut anchor: Option<(u64, u64)> = None;
+    loop {
+        while let Some((op, payload, taken)) = server_frame(&buf[..filled])? {
+            let now_us = crate::loadgen_hls::unix_us();
+            match op {
+                opcode::TEXT => {
+                    let h: PushHeader = serde_json::from_slice(&buf[payload])?;
+                    anchor = Some((h.ts_base, h.ts_base_unix_us));
+                }
+                opcode::BINARY if tally.measuring.load(Ordering::Relaxed) => {
+                    let m = AudioMessage::decode(&buf[payload.clone()])?;
+                    tally.messages.fetch_add(1, Ordering::Relaxed);
+                    tally.bytes.fetch_add(taken as u64, Ordering::Relaxed);
+                    tally.frames.fetch_add(m.len() as u64, Ordering::Relaxed);
+                    if let Some((ts_base, base_us)) = anchor {
+                        for f in m.frames() {
+                            let program_us = base_us + f.ts.saturating_sub(ts_base) * 1000 / 48;
+                            let delay = now_us.saturating_sub(program_us);
+                            if delay > tally.late_bound_us {
+                                tally.late.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let b = ((delay / BUCKET_US) as usize).min(BUCKETS - 1);
+                            tally.delays[b].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                opcode::BINARY => {}
+                opcode::CLOSE => bail!("the server closed the stream"),
+                other => bail!("unexpected opcode {other}"),
+            }
+            buf.copy_within(taken..filled, 0);
+            filled -= taken;
+        }
+        let read = tokio::time::timeout_at(until.into(), s.read(&mut buf[filled..])).await;
+        match read {
+            Err(_) => return Ok(()),
+            Ok(Ok(0)) => bail!("connection closed"),
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+/// Start `n` listeners of `path` at `addr` in batches; they read until `until`.
+async fn start_listeners(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+    batch: usize,
+    tally: &Arc<Tally>,
+    until: Instant,
+) -> Result<tokio::task::JoinSet<Result<()>>> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (path, tally) = (path.to_string(), tally.clone());
+        set.spawn(async move {
+            let r = listen(addr, path, tally.clone(), until).await;
+            tally.ended.fetch_add(1, Ordering::Relaxed);
+            r
+        });
+        if (i + 1) % batch.max(1) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (tally.upgraded.load(Ordering::Relaxed) as usize) < n {
+        if tally.ended.load(Ordering::Relaxed) > 0 {
+            if let Some(Ok(Err(e))) = set.join_next().await {
+                bail!("a listener failed: {e:#}");
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} listeners upgraded in 30 s",
+            tally.upgraded.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(set)
+}
+
+/// Raise this process's open-file limit to its hard limit (the mesh child inherits it).
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
+    }
+}
+
+/// `amphi-tools loadgen push`.
+pub async fn run(args: PushArgs) -> Result<()> {
+    let (n, seconds) = if args.smoke {
+        (args.listeners.min(50), args.seconds.min(3))
+    } else {
+        (args.listeners, args.seconds.clamp(1, 600))
+    };
+    ensure!((1..=9_000).contains(&n), "--listeners must be 1..=9000");
+    let files = raise_fd_limit();
+    ensure!(
+        files as usize >= 2 * n + 500,
+        "{n} listeners need {} open files; the limit is {files}",
+        2 * n + 500
+    );
+    let offset = args.port_offset;
+    let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("loadgen-push", offset, &[]))
+        .await??;
+    let (router, edge) = (mesh.router_url(), mesh.edge_url(0));
+    let pid = mesh.pid();
+    let (room, speaker, listener) = {
+        let router = router.clone();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let created = post_json(
+                &format!("{router}/v1/rooms"),
+                serde_json::json!({"title": "push load"}),
+            )?;
+            let room = created["room"].as_str().context("room id")?.to_string();
+            let mint = |role: &str| -> Result<String> {
+                let t = post_json(
+                    &format!("{router}/v1/rooms/{room}/tokens"),
+                    serde_json::json!({"role": role, "name": format!("push-{role}")}),
+                )?;
+                Ok(t["token"].as_str().context("token")?.to_string())
+            };
+            Ok((room.clone(), mint("speaker")?, mint("listener")?))
+        })
+        .await??
+    };
+
+    // The speaker talks for the whole run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut publisher = WhipPublisher::connect(&format!("{edge}/whip/{room}"), &speaker)
+        .await
+        .context("speaker WHIP")?;
+    let packets = tone_packets(440.0, 50)?;
+    let speaking = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut k = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let p = &packets[k as usize % packets.len()];
+                if publisher
+                    .send_opus(p, k.wrapping_mul(960), 30)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                k += 1;
+            }
+            let _ = publisher.close().await;
+        })
+    };
+
+    // The mesh with the speaker alone: the baseline CPU.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let base_secs = 3.0;
+    let c0 = process_cpu(pid)?;
+    tokio::time::sleep(Duration::from_secs_f64(base_secs)).await;
+    let baseline = (process_cpu(pid)?.total() - c0.total()) / base_secs;
+
+    let addr: SocketAddr = edge.strip_prefix("http://").context("edge URL")?.parse()?;
+    let path = format!("/v1/rooms/{room}/push?token={listener}");
+    let tally = Tally::new(args.late_ms);
+    let until = Instant::now() + Duration::from_secs(seconds + 60);
+    let ramp = Instant::now();
+    let mut set = start_listeners(addr, &path, n, args.ramp_batch, &tally, until).await?;
+    let ramp_secs = ramp.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c1 = process_cpu(pid)?;
+    let t1 = Instant::now();
+    tally.measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    tally.measuring.store(false, Ordering::Relaxed);
+    let elapsed = t1.elapsed().as_secs_f64();
+    let cpu = process_cpu(pid)?;
+    let loaded = (cpu.total() - c1.total()) / elapsed;
+    let edge_metrics = ureq::get(&format!("{edge}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    set.abort_all();
+    stop.store(true, Ordering::Relaxed);
+    let _ = speaking.await;
+    drop(mesh);
+
+    let frames = tally.frames.load(Ordering::Relaxed);
+    let messages = tally.messages.load(Ordering::Relaxed).max(1);
+    let late = tally.late.load(Ordering::Relaxed);
+    let msg_bytes = tally.bytes.load(Ordering::Relaxed) / messages;
+    let expected = n as f64 * 50.0 * elapsed;
+    let per_listener_us = (loaded - baseline).max(0.0) * 1e6 / n as f64;
+    let skipped = edge_metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("amphi_edge_push_skipped_messages_total "))
+        .unwrap_or("?")
+        .to_string();
+    println!(
+        "push listeners: {n} on one edge of an amphi dev child, one speaker, measured {elapsed:.1} s \
+         (ramp {ramp_secs:.1} s)"
+    );
+    println!(
+        "  frames: {:.0}/s delivered ({:.2}% of the {:.0}/s program x listeners), {} messages of \
+         {msg_bytes} bytes, skipped at the edge {skipped}",
+        frames as f64 / elapsed,
+        100.0 * frames as f64 / expected,
+        expected / elapsed,
+        messages
+    );
+    println!(
+        "  late (> {} ms after program time): {late} = {:.3}%; delay p50 {:.0} ms, p99 {:.0} ms \
+         (5 ms buckets; includes batching {} frames per message)",
+        args.late_ms,
+        100.0 * late as f64 / frames.max(1) as f64,
+        tally.percentile_ms(0.5),
+        tally.percentile_ms(0.99),
+        msg_frames(frames, messages),
+    );
+    println!(
+        "  mesh process CPU: {:.1}% with the speaker alone, {:.1}% with the listeners: \
+         {per_listener_us:.1} us per listener per second, {:.0} listeners per core",
+        baseline * 100.0,
+        loaded * 100.0,
+        1e6 / per_listener_us.max(0.001)
+    );
+    if args.no_tcp_floor {
+        return Ok(());
+    }
+    // The floor: the same listeners, messages of the same size at the same rate.
+    let period = Duration::from_secs_f64(elapsed / (messages as f64 / n as f64));
+    let message = floor_message(msg_bytes as usize)?;
+    let floor = crate::tcp_floor::PushFloor::start(message, period)?;
+    let ftally = Tally::new(args.late_ms);
+    let funtil = Instant::now() + Duration::from_secs(seconds + 60);
+    let mut fset = start_listeners(floor.addr, "/floor", n, args.ramp_batch, &ftally, funtil)
+        .await
+        .context("floor listeners")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    floor.measuring.store(true, Ordering::Relaxed);
+    ftally.measuring.store(true, Ordering::Relaxed);
+    let ft = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    floor.measuring.store(false, Ordering::Relaxed);
+    ftally.measuring.store(false, Ordering::Relaxed);
+    let felapsed = ft.elapsed().as_secs_f64();
+    fset.abort_all();
+    let cost = floor.stop()?;
+    ensure!(cost.writes > 0, "the floor wrote nothing");
+    let us_per_write = cost.cpu_us / cost.writes as f64;
+    let writes_per_listener_sec = messages as f64 / n as f64 / elapsed;
+    let floor_per_listener = us_per_write * writes_per_listener_sec;
+    println!(
+        "kernel floor, same run: {n} listeners, one thread writing {msg_bytes}-byte messages every \
+         {:.0} ms to each socket: {us_per_write:.2} us per write = {floor_per_listener:.1} us per \
+         listener per second ({:.0} messages delivered in {felapsed:.1} s)",
+        period.as_secs_f64() * 1000.0,
+        ftally.messages.load(Ordering::Relaxed) as f64,
+    );
+    println!(
+        "  edge / floor: {:.2}x (goal: >= 10,000 listeners per core within 1.3x the floor)",
+        per_listener_us / floor_per_listener.max(0.001)
+    );
+    Ok(())
+}
+
+/// A WebSocket binary frame of `len` bytes in all holding a valid audio message (one frame of
+/// filler Opus bytes), so the floor's listeners read and decode it as they do the edge's.
+fn floor_message(len: usize) -> Result<Vec<u8>> {
+    // Frame header (4 bytes with a 16-bit length), message header, one frame header.
+    let overhead =
+        4 + amphi_protocol::push::AUDIO_HEADER_LEN + amphi_protocol::push::FRAME_HEADER_LEN;
+    ensure!(
+        len > overhead && len - 4 >= 126,
+        "messages of {len} bytes cannot be imitated"
+    );
+    let opus = vec![0xf8u8; len - overhead];
+    let mut payload = Vec::new();
+    AudioMessage::encode(
+        0,
+        &[amphi_protocol::push::PushFrame { ts: 0, opus: &opus }],
+        &mut payload,
+    )?;
+    let mut out = Vec::with_capacity(len);
+    amphi_protocol::push::ws_server_frame(opcode::BINARY, &payload, &mut out);
+    ensure!(
+        out.len() == len,
+        "floor message of {} bytes, not {len}",
+        out.len()
+    );
+    Ok(out)
+}
+
+/// Frames per message, rounded.
+fn msg_frames(frames: u64, messages: u64) -> String {
+    format!("{:.1}", frames as f64 / messages.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_frames_are_split_off_whole() {
+        let mut buf = Vec::new();
+        amphi_protocol::push::ws_server_frame(opcode::TEXT, b"{}", &mut buf);
+        amphi_protocol::push::ws_server_frame(opcode::BINARY, &[7; 300], &mut buf);
+        let (op, payload, taken) = server_frame(&buf).unwrap().unwrap();
+        assert_eq!((op, &buf[payload], taken), (opcode::TEXT, &b"{}"[..], 4));
+        let rest = &buf[taken..];
+        assert_eq!(server_frame(&rest[..100]).unwrap(), None);
+        let (op, payload, taken) = server_frame(rest).unwrap().unwrap();
+        assert_eq!((op, payload.len(), taken), (opcode::BINARY, 300, 304));
+        // A masked frame is not a server's.
+        assert!(server_frame(&[0x82, 0x81, 0, 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn the_floor_message_is_a_valid_audio_message_of_the_size_asked() {
+        let m = floor_message(485).unwrap();
+        assert_eq!(m.len(), 485);
+        let (op, payload, taken) = server_frame(&m).unwrap().unwrap();
+        assert_eq!((op, taken), (opcode::BINARY, 485));
+        assert_eq!(AudioMessage::decode(&m[payload]).unwrap().len(), 1);
+        assert!(floor_message(100).is_err());
+    }
+
+    #[test]
+    fn percentiles_come_from_the_buckets() {
+        let t = Tally::new(200);
+        t.delays[1].store(90, Ordering::Relaxed);
+        t.delays[20].store(10, Ordering::Relaxed);
+        assert_eq!(t.percentile_ms(0.5), 10.0);
+        assert_eq!(t.percentile_ms(0.99), 105.0);
+    }
+}

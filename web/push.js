@@ -1,0 +1,159 @@
+// amphi push player: a room's program stream over a WebSocket at an edge (docs/push.md), decoded
+// with WebCodecs' AudioDecoder and scheduled on an AudioContext at a latency target with a small
+// jitter buffer. Reconnects resume after the last frame played (`after=`).
+//
+//   const player = AmphiPush.play({ url, ctx, destination, targetMs: 150 });
+//   player.stats(); // { frames, late, gaps, latencyMs, bufferedMs, connected }
+//   player.stop();
+//
+// Scheduling: each decoded 20 ms frame is an AudioBuffer played by an AudioBufferSourceNode at
+// `start + (ts - ts0) / 48000` on the context's clock, where `start` is fixed by the first frame
+// plus the latency target. A frame that would play in the past is dropped (counted late); when
+// frames keep arriving later than the target allows (or far earlier), the timeline is re-anchored.
+(function () {
+  "use strict";
+
+  const SAMPLE_RATE = 48000;
+  const FRAME = 960;
+
+  /** Parse one binary audio message (u8 version, u8 kind, u16 count, u32 seq, frames). */
+  function parseAudio(buf) {
+    const v = new DataView(buf);
+    if (buf.byteLength < 8 || v.getUint8(0) !== 1 || v.getUint8(1) !== 1) throw new Error("bad push message");
+    const count = v.getUint16(2, true);
+    const seq = v.getUint32(4, true);
+    const frames = [];
+    let at = 8;
+    for (let i = 0; i < count; i++) {
+      if (at + 10 > buf.byteLength) throw new Error("truncated push message");
+      const ts = Number(v.getBigUint64(at, true));
+      const len = v.getUint16(at + 8, true);
+      at += 10;
+      if (len === 0 || at + len > buf.byteLength) throw new Error("bad push frame");
+      frames.push({ ts, data: new Uint8Array(buf, at, len) });
+      at += len;
+    }
+    if (at !== buf.byteLength) throw new Error("trailing bytes in push message");
+    return { seq, frames };
+  }
+
+  function play({ url, ctx, destination, targetMs = 150 }) {
+    const st = {
+      frames: 0,
+      late: 0,
+      gaps: 0,
+      reanchors: 0,
+      connected: false,
+      latencyMs: null,
+      bufferedMs: 0,
+    };
+    let stopped = false;
+    let ws = null;
+    let header = null;
+    let lastTs = null; // last frame handed to the decoder
+    let anchor = null; // { ts, at } : room timestamp ts plays at context time `at`
+    let pending = new Map(); // decoder timestamp (µs) -> room ts
+    let retry = 250;
+    const gain = ctx.createGain();
+    gain.connect(destination || ctx.destination);
+
+    const decoder = new AudioDecoder({
+      output: (audio) => {
+        const ts = pending.get(audio.timestamp);
+        pending.delete(audio.timestamp);
+        const n = audio.numberOfFrames;
+        const buf = ctx.createBuffer(1, n, audio.sampleRate);
+        audio.copyTo(buf.getChannelData(0), { planeIndex: 0, format: "f32-planar" });
+        audio.close();
+        if (ts == null) return;
+        schedule(ts, buf);
+      },
+      error: (e) => console.warn("push decoder", e),
+    });
+    decoder.configure({ codec: "opus", sampleRate: SAMPLE_RATE, numberOfChannels: 1 });
+
+    function schedule(ts, buf) {
+      const now = ctx.currentTime;
+      const target = targetMs / 1000;
+      if (!anchor) anchor = { ts, at: now + target };
+      let when = anchor.at + (ts - anchor.ts) / SAMPLE_RATE;
+      const ahead = when - now;
+      if (ahead < 0.005 || ahead > target + 0.5) {
+        // Behind the clock (a stall) or far ahead of it (a burst after a reconnect): re-anchor.
+        st.reanchors++;
+        if (ahead < 0.005) st.late++;
+        anchor = { ts, at: now + target };
+        when = anchor.at;
+      }
+      const src = ctx.createBufferSource();
+      src.buffer = buf;
+      src.connect(gain);
+      src.start(when);
+      st.frames++;
+      st.bufferedMs = Math.round((when - now) * 1000);
+      if (header) {
+        // Program time of this frame on the wall clock, and when it will be heard.
+        const programUs = header.ts_base_unix_us + ((ts - header.ts_base) * 1000) / 48;
+        const heardMs = Date.now() + (when - now) * 1000;
+        st.latencyMs = Math.round(heardMs - programUs / 1000);
+      }
+    }
+
+    function onAudio(buf) {
+      const { frames } = parseAudio(buf);
+      for (const f of frames) {
+        if (lastTs != null && f.ts <= lastTs) continue;
+        if (lastTs != null && f.ts !== lastTs + FRAME) st.gaps++;
+        lastTs = f.ts;
+        const us = Math.round((f.ts * 1e6) / SAMPLE_RATE);
+        pending.set(us, f.ts);
+        decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: us, data: f.data }));
+      }
+    }
+
+    function connect() {
+      if (stopped) return;
+      const u = new URL(url, location.href);
+      if (lastTs != null) u.searchParams.set("after", String(lastTs));
+      ws = new WebSocket(u.toString());
+      ws.binaryType = "arraybuffer";
+      ws.onopen = () => {
+        st.connected = true;
+        retry = 250;
+      };
+      ws.onmessage = (ev) => {
+        try {
+          if (typeof ev.data === "string") header = JSON.parse(ev.data);
+          else onAudio(ev.data);
+        } catch (e) {
+          console.warn("push message", e);
+        }
+      };
+      ws.onclose = (ev) => {
+        st.connected = false;
+        ws = null;
+        // The room ended (4002): no reconnect.
+        if (stopped || ev.code === 4002) return;
+        setTimeout(connect, retry);
+        retry = Math.min(retry * 2, 5000);
+      };
+    }
+    connect();
+
+    return {
+      stats: () => ({ ...st }),
+      stop() {
+        stopped = true;
+        if (ws) ws.close(1000);
+        try {
+          decoder.close();
+        } catch {
+          /* already closed */
+        }
+        gain.disconnect();
+      },
+    };
+  }
+
+  window.AmphiPush = { play, parseAudio, supported: () => typeof window.AudioDecoder === "function" };
+})();
