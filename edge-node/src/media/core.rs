@@ -1113,7 +1113,7 @@ impl MediaCore {
                 &keys.material,
                 keys.active,
             );
-            tracing::debug!(room = %peer.room, participant = %peer.participant, profile = %keys.profile, fast_path = peer.srtp.is_some(), "SRTP keys");
+            tracing::info!(room = %peer.room, participant = %peer.participant, profile = %keys.profile, fast_path = peer.srtp.is_some(), "SRTP keys");
         }
         if !peer.rtc.is_alive() && peer.dead.is_none() {
             peer.dead = Some(CloseReason::Disconnected);
