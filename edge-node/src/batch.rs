@@ -11,20 +11,76 @@ use tokio::net::UdpSocket;
 /// Datagrams per `sendmmsg` call.
 pub const BATCH: usize = 64;
 
+/// The bytes of a queued datagram: one str0m produced, or one the media core wrote into the
+/// outbox's shared buffer (a forwarded packet protected by [`crate::srtp_out`]).
+#[derive(Debug)]
+pub(crate) enum Datagram {
+    /// A str0m transmit (ICE, DTLS, RTCP, and RTP of peers without the fast path).
+    Rtc(DatagramSend),
+    /// `len` bytes at `start` in [`Outbox::buf`].
+    Written { start: u32, len: u32 },
+}
+
 /// A queued datagram: destination, bytes, and the ingress time of the forwarded packet it carries
 /// (for the forwarding-delay histogram), if any.
-pub(crate) type Queued = (SocketAddr, DatagramSend, Option<Instant>);
+pub(crate) type Queued = (SocketAddr, Datagram, Option<Instant>);
+
+/// The datagrams of one turn and the buffer the written ones live in; both keep their capacity
+/// when cleared, so a steady load allocates nothing for its fast-path datagrams.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    /// The datagrams, in sending order.
+    pub(crate) items: Vec<Queued>,
+    /// The bytes of the [`Datagram::Written`] ones.
+    pub(crate) buf: Vec<u8>,
+}
+
+impl Outbox {
+    /// An empty outbox with room for `items` datagrams and `bytes` bytes written in place.
+    pub(crate) fn with_capacity(items: usize, bytes: usize) -> Outbox {
+        Outbox {
+            items: Vec::with_capacity(items),
+            buf: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The bytes of `d`.
+    pub(crate) fn bytes<'a>(&'a self, d: &'a Datagram) -> &'a [u8] {
+        match d {
+            Datagram::Rtc(data) => &data[..],
+            Datagram::Written { start, len } => {
+                &self.buf[*start as usize..(*start + *len) as usize]
+            }
+        }
+    }
+
+    /// Forget every datagram (keeping the capacity).
+    pub(crate) fn clear(&mut self) {
+        self.items.clear();
+        self.buf.clear();
+    }
+}
 
 /// Send and clear `outbox`. A full socket buffer drops the rest (counted), like a router would.
-pub(crate) fn send_all(socket: &UdpSocket, outbox: &mut Vec<Queued>, metrics: &Metrics) {
-    let sent = send_batches(socket, outbox, |(dest, data, _)| (*dest, &data[..]));
+pub(crate) fn send_all(socket: &UdpSocket, outbox: &mut Outbox, metrics: &Metrics) {
+    let sent = {
+        let queued: &Outbox = outbox;
+        send_batches(socket, &queued.items, |(dest, data, _)| {
+            (*dest, queued.bytes(data))
+        })
+    };
     let now = Instant::now();
-    for (_, _, ingress) in &outbox[..sent.processed] {
+    for (_, _, ingress) in &outbox.items[..sent.processed] {
         if let Some(at) = ingress {
             metrics.forward_delay(now.saturating_duration_since(*at));
         }
     }
-    let failed = outbox.len() - sent.sent;
+    let failed = outbox.items.len() - sent.sent;
     if failed > 0 {
         metrics.udp_send_errors(failed as u64);
     }
@@ -44,10 +100,10 @@ pub struct BatchOutcome {
 /// Send `items` (destination and bytes picked by `parts`) from `socket` without blocking, in
 /// `sendmmsg(2)` calls of up to [`BATCH`] datagrams on Linux (one `send_to` each elsewhere).
 /// Stops at a full socket buffer; a datagram the kernel refuses is skipped.
-pub fn send_batches<T>(
+pub fn send_batches<'a, T>(
     socket: &impl std::os::fd::AsRawFd,
-    items: &[T],
-    parts: impl Fn(&T) -> (SocketAddr, &[u8]),
+    items: &'a [T],
+    parts: impl Fn(&'a T) -> (SocketAddr, &'a [u8]),
 ) -> BatchOutcome {
     let mut outcome = BatchOutcome {
         sent: 0,
@@ -72,10 +128,10 @@ pub fn send_batches<T>(
 
 /// One `sendmmsg(2)` call for up to [`BATCH`] datagrams; `Ok(n)` with `n >= 1` sent.
 #[cfg(target_os = "linux")]
-fn send_chunk<T>(
+fn send_chunk<'a, T>(
     fd: std::os::fd::RawFd,
-    chunk: &[T],
-    parts: &impl Fn(&T) -> (SocketAddr, &[u8]),
+    chunk: &'a [T],
+    parts: &impl Fn(&'a T) -> (SocketAddr, &'a [u8]),
 ) -> std::io::Result<usize> {
     // SAFETY: all-zero is a valid value for these plain C structs.
     let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
@@ -113,10 +169,10 @@ fn send_chunk<T>(
 
 /// One `sendto(2)` for the first datagram of `chunk`; `Ok(1)` if sent.
 #[cfg(not(target_os = "linux"))]
-fn send_chunk<T>(
+fn send_chunk<'a, T>(
     fd: std::os::fd::RawFd,
-    chunk: &[T],
-    parts: &impl Fn(&T) -> (SocketAddr, &[u8]),
+    chunk: &'a [T],
+    parts: &impl Fn(&'a T) -> (SocketAddr, &'a [u8]),
 ) -> std::io::Result<usize> {
     use std::os::fd::FromRawFd;
     let (dest, data) = parts(&chunk[0]);
@@ -164,12 +220,21 @@ mod tests {
         let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let dest = rx.local_addr().unwrap();
-        let mut outbox: Vec<Queued> = (0..100u8)
-            .map(|i| (dest, DatagramSend::from(vec![i; 10]), Some(Instant::now())))
-            .collect();
+        // Half str0m's datagrams, half written in place, interleaved.
+        let mut outbox = Outbox::default();
+        for i in 0..100u8 {
+            let data = if i % 2 == 0 {
+                Datagram::Rtc(DatagramSend::from(vec![i; 10]))
+            } else {
+                let start = outbox.buf.len() as u32;
+                outbox.buf.extend_from_slice(&[i; 10]);
+                Datagram::Written { start, len: 10 }
+            };
+            outbox.items.push((dest, data, Some(Instant::now())));
+        }
         let metrics = Metrics::new("us-east");
         send_all(&tx, &mut outbox, &metrics);
-        assert!(outbox.is_empty());
+        assert!(outbox.is_empty() && outbox.buf.is_empty());
         let mut buf = [0u8; 64];
         for i in 0..100u8 {
             let n = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv(&mut buf))

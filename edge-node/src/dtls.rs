@@ -46,8 +46,27 @@ pub fn take_handshake_failure() -> Option<String> {
     LAST_FAILURE.with(|f| f.borrow_mut().take())
 }
 
+/// SRTP keying material a DTLS session on this thread handed to str0m, if not taken yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedKeying {
+    /// The RFC 5764 keying material: client key, server key, client salt, server salt.
+    pub material: Vec<u8>,
+    /// The negotiated SRTP protection profile.
+    pub profile: SrtpProfile,
+    /// Whether this side is the DTLS client (it sends with the client's key and salt).
+    pub active: bool,
+}
+
+/// The SRTP keying material the last DTLS session on this thread exported to str0m, if not
+/// taken yet: str0m keeps its SRTP keys to itself, the media core's forwarding fast path
+/// ([`crate::srtp_out`]) takes them here, right after driving the peer whose session it is.
+pub fn take_exported_keying() -> Option<ExportedKeying> {
+    EXPORTED.with(|k| k.borrow_mut().take())
+}
+
 thread_local! {
     static LAST_FAILURE: RefCell<Option<String>> = const { RefCell::new(None) };
+    static EXPORTED: RefCell<Option<ExportedKeying>> = const { RefCell::new(None) };
 }
 
 /// The provider that makes our certificates (the one [`crypto_provider`] started from).
@@ -409,6 +428,14 @@ impl DtlsInstance for OpensslInstance {
                 return DtlsOutput::PeerCert(&buf[..der.len()]);
             }
             if let Some((km, profile)) = self.keying.take() {
+                let active = self.active.unwrap_or(false);
+                EXPORTED.with(|k| {
+                    *k.borrow_mut() = Some(ExportedKeying {
+                        material: km.clone(),
+                        profile,
+                        active,
+                    })
+                });
                 return DtlsOutput::KeyingMaterial(KeyingMaterial::new(&km), profile);
             }
             if !self.connected_emitted {
@@ -618,6 +645,10 @@ mod tests {
         assert_eq!(cp, sp);
         assert_eq!(ck, sk);
         assert_eq!(ck.len(), cp.keying_material_len());
+        // The last session to finish on this thread left its keys for the fast path, once.
+        let exported = take_exported_keying().expect("keys exported on this thread");
+        assert_eq!((exported.material, exported.profile), (sk, sp));
+        assert!(take_exported_keying().is_none());
         assert_eq!(server.protocol_version(), Some(ProtocolVersion::DTLS1_2));
 
         // Application data (SCTP for data channels) flows both ways.

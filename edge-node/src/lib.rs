@@ -38,6 +38,7 @@ mod sessions;
 pub mod shards;
 pub mod signaling;
 pub mod slots;
+mod srtp_out;
 mod uplink;
 mod ws;
 

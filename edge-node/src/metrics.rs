@@ -198,8 +198,9 @@ impl Metrics {
         );
         let forward_flushes = r.counter(
             "amphi_edge_forward_flushes",
-            "str0m timeout runs that release forwarded packets: one per listener per burst of \
-             packets read together (rtp_forwarded / forward_flushes = packets per run)",
+            "str0m timeout runs that release forwarded packets, for listeners str0m protects \
+             (AES-256-GCM, or until their ICE pair is known; the others take the SRTP fast path): \
+             one per such listener per burst of packets read together",
         );
         let red_recovered = r.counter(
             "amphi_edge_red_recovered",

@@ -10,11 +10,13 @@
 //! It demultiplexes datagrams with [`PeerTable`], feeds them to str0m, drains `poll_output`
 //! (transmits, events, next timeout), encodes allowed publishers' RTP packets as relay frames for
 //! the origin and the other shards, forwards the room's loudest speakers (local publishers and
-//! speakers relayed from other regions by the origin) into every interactive listener's slots, and
+//! speakers relayed from other regions by the origin) into every interactive listener's slots
+//! (as SRTP it protects itself, [`crate::srtp_out`], when it holds the listener's keys), and
 //! removes peers on DELETE, kick, room end, ICE disconnect or inactivity. Decisions live in the
 //! sans-IO parts ([`crate::slots`], [`crate::lifecycle`], [`crate::peers`]).
 
 use super::api::{MediaControl, MediaEvent, NewPeer, PatchOutcome, RemoveOutcome};
+use crate::batch::{Datagram, Outbox};
 use crate::lifecycle::{CloseReason, PeerLiveness};
 use crate::mesh::MeshEvent;
 use crate::metrics::Metrics;
@@ -23,6 +25,7 @@ use crate::red::RedReceiver;
 use crate::sdpfrag::{IceFragment, PatchDecision};
 use crate::signaling::SessionKind;
 use crate::slots::{SlotSelector, SlotStream};
+use crate::srtp_out::{RtpHeaderOut, SrtpSender};
 use amphi_protocol::relay::{FrameKind, RelayFrame, RELAY_HEADER_LEN};
 use amphi_protocol::room::{ActiveSpeaker, LISTENER_AUDIO_SLOTS};
 use amphi_protocol::token::Claims;
@@ -35,7 +38,8 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 use str0m::format::Codec;
 use str0m::media::{ExtensionValues, Mid, Pt};
-use str0m::net::{DatagramRecv, DatagramSend, Protocol, Receive};
+use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::rtp::Extension;
 use str0m::rtp::{RtpWrite, Ssrc};
 use str0m::{Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
 
@@ -47,9 +51,8 @@ pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Cadence of `active_speakers` messages.
 pub(crate) const ACTIVE_SPEAKERS_INTERVAL: Duration = Duration::from_millis(300);
 
-/// A queued datagram: destination, bytes, and the ingress time of the forwarded packet it carries
-/// (for the forwarding-delay histogram), if any.
-pub(crate) type Transmit = (SocketAddr, DatagramSend, Option<Instant>);
+/// Bytes reserved up front for the datagrams the fast path writes in one turn.
+const OUTBOX_BYTES: usize = 64 * 1024;
 
 /// A relay frame for the origin owning its room.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +112,10 @@ struct SlotOut {
     offset: Option<u64>,
     /// The send stream's SSRC once looked up by mid: a map lookup per packet instead of a scan.
     ssrc: Option<Ssrc>,
+    /// The negotiated one-byte extension ids of the audio level and the mid (looked up with the
+    /// SSRC), for packets the fast path writes itself.
+    level_ext: Option<u8>,
+    mid_ext: Option<u8>,
 }
 
 struct Peer {
@@ -134,6 +141,13 @@ struct Peer {
     /// Packets were written to this peer's streams since its last timeout run: the ingress time
     /// of the earliest (see [`MediaCore::forward_inbound`]).
     written: Option<Instant>,
+    /// The forwarding fast path's SRTP context, from the keys our DTLS provider exported when
+    /// this peer's handshake finished (none for AES-256-GCM: str0m then sends its packets).
+    srtp: Option<SrtpSender>,
+    /// Where str0m sends this peer's DTLS, RTCP and RTP: the ICE pair the client nominated
+    /// (learnt from str0m's non-STUN transmits; forgotten on an ICE restart until str0m shows
+    /// it again), the fast path's destination.
+    send_to: Option<SocketAddr>,
 }
 
 /// RFC 2198 RED negotiated with a publisher: the payload types and the loss recovery state.
@@ -301,7 +315,7 @@ pub(crate) struct MediaCore {
     by_participant: HashMap<ParticipantId, PeerId>,
     permissions: HashMap<ParticipantId, bool>,
     inbound: VecDeque<Inbound>,
-    outbox: Vec<Transmit>,
+    outbox: Outbox,
     events: VecDeque<Event>,
     scratch: Vec<PeerId>,
     /// Peers with packets written since their last timeout run, in write order.
@@ -338,7 +352,7 @@ impl MediaCore {
             by_participant: HashMap::new(),
             permissions: HashMap::new(),
             inbound: VecDeque::with_capacity(64),
-            outbox: Vec::with_capacity(256),
+            outbox: Outbox::with_capacity(256, OUTBOX_BYTES),
             events: VecDeque::new(),
             scratch: Vec::new(),
             written: Vec::with_capacity(256),
@@ -358,10 +372,10 @@ impl MediaCore {
     }
 
     /// The datagrams queued since the last call, if any: the driver sends them and clears the
-    /// vector (its capacity is kept, so the hot path allocates nothing). Speaker packets that
+    /// outbox (its capacity is kept, so the hot path allocates nothing). Speaker packets that
     /// arrived since the last call are forwarded first, all of them together (see
     /// [`MediaCore::forward_inbound`]).
-    pub(crate) fn poll_transmit(&mut self) -> Option<&mut Vec<Transmit>> {
+    pub(crate) fn poll_transmit(&mut self) -> Option<&mut Outbox> {
         self.forward_inbound(self.now);
         (!self.outbox.is_empty()).then_some(&mut self.outbox)
     }
@@ -510,6 +524,8 @@ impl MediaCore {
                 pt,
                 offset: kept.and_then(|s| s.offset),
                 ssrc: kept.and_then(|s| s.ssrc),
+                level_ext: kept.and_then(|s| s.level_ext),
+                mid_ext: kept.and_then(|s| s.mid_ext),
             });
         }
         peer.slots = next;
@@ -556,6 +572,8 @@ impl MediaCore {
             dead: None,
             last_relayed: None,
             written: None,
+            srtp: None,
+            send_to: None,
         };
         Self::set_slots(&mut peer, &slots);
         let receiving = peer.slots.iter().any(Option::is_some);
@@ -605,8 +623,14 @@ impl MediaCore {
         let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
         let peer = match self.table.set_ufrag(id, &ufrag) {
             Ok(old) => {
+                let restarted = old.as_deref() != Some(ufrag.as_str());
                 self.moved_ufrag(old, &ufrag);
-                self.table.get_mut(id).ok_or("the PeerConnection is gone")?
+                let peer = self.table.get_mut(id).ok_or("the PeerConnection is gone")?;
+                if restarted {
+                    // A restarted ICE may nominate another pair: learn it from str0m again.
+                    peer.send_to = None;
+                }
+                peer
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -714,6 +738,10 @@ impl MediaCore {
             Ok(old) => self.moved_ufrag(old, &ufrag),
             Err(e) => return PatchOutcome::Refused(e.to_string()),
         }
+        if let Some(peer) = self.table.get_mut(id) {
+            // A restarted ICE may nominate another pair: learn it from str0m again.
+            peer.send_to = None;
+        }
         tracing::info!(%room, %participant, "ICE restarted");
         self.drain(id, now);
         PatchOutcome::Restarted {
@@ -731,8 +759,9 @@ impl MediaCore {
 
     fn datagram(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
         self.metrics.udp_datagram();
-        let id = match self.table.route(source, data) {
-            Route::Peer(id) | Route::NewAddr(id) => id,
+        let (id, new_addr) = match self.table.route(source, data) {
+            Route::Peer(id) => (id, false),
+            Route::NewAddr(id) => (id, true),
             Route::Drop(reason) => {
                 self.metrics.dropped(reason);
                 return;
@@ -746,6 +775,10 @@ impl MediaCore {
             return;
         };
         peer.liveness.on_traffic(now);
+        if new_addr {
+            // The client may move to this address: str0m's packets show where it sends next.
+            peer.send_to = None;
+        }
         let input = Input::Receive(
             now,
             Receive {
@@ -800,11 +833,13 @@ impl MediaCore {
     }
 
     /// Forward queued speaker packets into the slots of the room's receivers; the datagrams wait
-    /// in the outbox for [`MediaCore::poll_transmit`]. Every packet queued since the last call
-    /// is written first, then each receiver that got any runs str0m's timeout and is drained
-    /// once: str0m releases written media on a timeout, and that timeout walks the whole peer
-    /// (ICE, DTLS, SCTP, every stream), so a burst of packets (three speakers' packets read in
-    /// one turn of the loop, a relay batch) costs one walk per receiver, not one per packet.
+    /// in the outbox for [`MediaCore::poll_transmit`]. A receiver on the SRTP fast path (its
+    /// DTLS keys taken from our provider, its ICE pair known) gets each packet packetized and
+    /// protected straight into the outbox's buffer ([`crate::srtp_out`]), str0m untouched. For
+    /// the others every packet queued since the last call is written into str0m first, then each
+    /// receiver that got any runs str0m's timeout and is drained once: str0m releases written
+    /// media on a timeout, and that timeout walks the whole peer (ICE, DTLS, SCTP, every
+    /// stream), so a burst costs one walk per receiver, not one per packet.
     fn forward_inbound(&mut self, now: Instant) {
         // Draining a receiver that also publishes can queue its packets: forward them too.
         while !self.inbound.is_empty() {
@@ -830,6 +865,7 @@ impl MediaCore {
                 voice_activity: Some(pkt.level < 127),
                 ..Default::default()
             };
+            let level_byte = crate::srtp_out::audio_level_byte(pkt.level, pkt.level < 127);
             for &id in &targets {
                 let Some(peer) = self.table.get_mut(id) else {
                     continue;
@@ -844,19 +880,44 @@ impl MediaCore {
                 if seq <= offset {
                     continue;
                 }
-                let (mid, pt) = (slot.mid, slot.pt);
-                let mut api = peer.rtc.direct_api();
-                let stream = match slot.ssrc {
-                    Some(ssrc) => api.stream_tx(&ssrc),
-                    None => api.stream_tx_by_mid(mid, None).inspect(|s| {
-                        slot.ssrc = Some(s.ssrc());
-                    }),
+                if slot.ssrc.is_none() {
+                    learn_send_stream(&mut peer.rtc, slot);
+                }
+                let Some(ssrc) = slot.ssrc else {
+                    continue;
                 };
-                let Some(stream) = stream else {
+                // The stream's own sequence number is also its SRTP index: it starts at 1 for
+                // every listener, so its rollover counter is 0 until 65,535 packets later.
+                let index = seq - offset;
+                if let (Some(srtp), Some(dest)) = (peer.srtp.as_mut(), peer.send_to) {
+                    let header = RtpHeaderOut {
+                        pt: *slot.pt,
+                        seq: index as u16,
+                        ts,
+                        ssrc: *ssrc,
+                        audio_level: slot.level_ext.map(|id| (id, level_byte)),
+                        mid: slot.mid_ext.map(|id| (id, slot.mid.as_bytes())),
+                    };
+                    let start = self.outbox.buf.len();
+                    if let Some(len) =
+                        srtp.protect(&mut self.outbox.buf, &header, &pkt.payload, index)
+                    {
+                        let data = Datagram::Written {
+                            start: start as u32,
+                            len: len as u32,
+                        };
+                        self.outbox.items.push((dest, data, Some(pkt.at)));
+                        self.metrics.rtp_forwarded();
+                    }
+                    continue;
+                }
+                let pt = slot.pt;
+                let mut api = peer.rtc.direct_api();
+                let Some(stream) = api.stream_tx(&ssrc) else {
                     continue;
                 };
                 stream.write_rtp(
-                    RtpWrite::new(pt, (seq - offset).into(), ts, now, pkt.payload.clone())
+                    RtpWrite::new(pt, index.into(), ts, now, pkt.payload.clone())
                         .ext_vals(ext.clone()),
                 );
                 self.metrics.rtp_forwarded();
@@ -956,11 +1017,19 @@ impl MediaCore {
         let Some(peer) = self.table.get_mut(id) else {
             return;
         };
+        // Keys exported now are this peer's (a test's client may have left its own).
+        drop(crate::dtls::take_exported_keying());
         let next = loop {
             match peer.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => break Some(t),
                 Ok(Output::Transmit(t)) => {
-                    self.outbox.push((t.destination, t.contents, ingress));
+                    // STUN answers go to whoever checked; everything else to the nominated pair.
+                    if !is_stun(&t.contents) {
+                        peer.send_to = Some(t.destination);
+                    }
+                    self.outbox
+                        .items
+                        .push((t.destination, Datagram::Rtc(t.contents), ingress));
                 }
                 Ok(Output::Event(ev)) => match ev {
                     RtcEvent::Connected => {
@@ -1037,6 +1106,15 @@ impl MediaCore {
                 }
             }
         };
+        if let Some(keys) = crate::dtls::take_exported_keying() {
+            peer.srtp = SrtpSender::new(
+                &crate::dtls::crypto_provider(),
+                keys.profile,
+                &keys.material,
+                keys.active,
+            );
+            tracing::info!(room = %peer.room, participant = %peer.participant, profile = %keys.profile, fast_path = peer.srtp.is_some(), "SRTP keys");
+        }
         if !peer.rtc.is_alive() && peer.dead.is_none() {
             peer.dead = Some(CloseReason::Disconnected);
         }
@@ -1109,6 +1187,25 @@ impl MediaCore {
             }));
         }
         tracing::info!(room = %p.room, participant = %p.participant, name = %p.name, reason = reason.as_str(), "peer removed");
+    }
+}
+
+/// Whether a datagram str0m sends is STUN (RFC 7983: first byte 0..=3).
+fn is_stun(data: &[u8]) -> bool {
+    data.first().is_some_and(|b| *b <= 3)
+}
+
+/// Look up a slot's send stream: its SSRC, and the audio level and mid extension ids the fast
+/// path writes.
+fn learn_send_stream(rtc: &mut Rtc, slot: &mut SlotOut) {
+    slot.ssrc = rtc
+        .direct_api()
+        .stream_tx_by_mid(slot.mid, None)
+        .map(|s| s.ssrc());
+    if let Some(media) = rtc.media(slot.mid) {
+        let exts = media.remote_extmap();
+        slot.level_ext = exts.id_of(Extension::AudioLevel);
+        slot.mid_ext = exts.id_of(Extension::RtpMid);
     }
 }
 
@@ -1279,7 +1376,8 @@ mod tests {
                     if let Some(out) = self.core.poll_transmit() {
                         moved = true;
                         let batch = std::mem::take(out);
-                        for (dest, data, _) in batch {
+                        for (dest, data, _) in &batch.items {
+                            let dest = *dest;
                             let Some(c) = self.clients.iter_mut().find(|c| c.addr == dest) else {
                                 continue;
                             };
@@ -1292,7 +1390,7 @@ mod tests {
                                     proto: Protocol::Udp,
                                     source: EDGE,
                                     destination: dest,
-                                    contents: DatagramRecv::try_from(&data[..]).unwrap(),
+                                    contents: DatagramRecv::try_from(batch.bytes(data)).unwrap(),
                                 },
                             );
                             c.rtc.handle_input(input).unwrap();
@@ -1458,14 +1556,25 @@ mod tests {
     /// every listener's slots first; each listener then runs str0m's timeout once (not once per
     /// packet) and still receives all three.
     #[test]
-    fn a_burst_of_speaker_packets_costs_each_listener_one_timeout_run() {
+    fn a_burst_of_speaker_packets_is_protected_by_the_fast_path_without_str0m_runs() {
         let mut bed = Bed::new();
         let listeners = [
+            bed.join(false, LISTENER_AUDIO_SLOTS),
             bed.join(false, LISTENER_AUDIO_SLOTS),
             bed.join(false, LISTENER_AUDIO_SLOTS),
         ];
         bed.run(200);
         assert!(bed.connected());
+        let ids: Vec<PeerId> = bed.core.table.ids().collect();
+        for &id in &ids {
+            let peer = bed.core.table.get_mut(id).unwrap();
+            assert!(
+                peer.srtp.is_some() && peer.send_to.is_some(),
+                "fast path ready"
+            );
+        }
+        // The third listener goes through str0m (as a peer on AES-256-GCM would).
+        bed.core.table.get_mut(ids[2]).unwrap().srtp = None;
         let now = bed.now;
         let (forwarded, flushes) = bed.core.metrics.forwarding();
         for (i, speaker) in [9_000u32, 9_001, 9_002].into_iter().enumerate() {
@@ -1474,13 +1583,52 @@ mod tests {
         }
         bed.run(1);
         let (forwarded_after, flushes_after) = bed.core.metrics.forwarding();
-        assert_eq!(forwarded_after - forwarded, 6, "3 packets x 2 listeners");
-        assert_eq!(flushes_after - flushes, 2, "one timeout run per listener");
+        assert_eq!(forwarded_after - forwarded, 9, "3 packets x 3 listeners");
+        assert_eq!(
+            flushes_after - flushes,
+            1,
+            "one timeout run, for the listener str0m protects"
+        );
         for k in listeners {
             let mut heard = bed.heard(k);
             heard.sort_unstable();
             assert_eq!(heard, [70, 71, 72]);
         }
+    }
+
+    /// The fast path's SRTP index is the listener's own extended sequence number: str0m's
+    /// receiver opens packets past 65,535 (rollover counter 1), and a listener that joins then
+    /// starts its stream at 1 (rollover counter 0), as a receiver expects (str0m PR #1036).
+    #[test]
+    fn listeners_open_packets_across_a_rollover_and_late_joiners_start_at_zero() {
+        let mut bed = Bed::new();
+        let early = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        // Jumps of 30,000 (under half the sequence space) carry the slot's stream past 65,535.
+        let mut seq = 1u16;
+        let mut send = |bed: &mut Bed, payload: u8| {
+            let now = bed.now;
+            bed.core
+                .handle_relay(now, now, &relay_frame(ROOM, 9_000, seq, &[payload]));
+            bed.run(1);
+            seq = seq.wrapping_add(30_000);
+        };
+        for i in 0..4 {
+            send(&mut bed, i);
+        }
+        let late = bed.join(false, LISTENER_AUDIO_SLOTS);
+        bed.run(200);
+        assert!(bed.connected());
+        for i in 4..6 {
+            send(&mut bed, i);
+        }
+        assert_eq!(bed.heard(early), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(bed.heard(late), [4, 5]);
+        let seqs =
+            |k: usize| -> Vec<u64> { bed.clients[k].received.iter().map(|(_, s, _)| *s).collect() };
+        assert_eq!(seqs(early), [1, 30_001, 60_001, 90_001, 120_001, 150_001]);
+        assert_eq!(seqs(late), [1, 30_001]);
     }
 
     #[test]

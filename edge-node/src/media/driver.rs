@@ -224,7 +224,7 @@ impl MediaDriver {
                         let now = Instant::now();
                         self.receive(source, &buf[..n], now);
                         // Whatever else the socket holds (bounded) is read before the core
-                        // forwards: one burst costs each listener one str0m timeout run.
+                        // forwards: one burst is forwarded in one pass and one `sendmmsg` batch.
                         for _ in 1..SOCKET_BURST {
                             match socket.try_recv_from(&mut buf) {
                                 Ok((n, source)) => self.receive(source, &buf[..n], now),
