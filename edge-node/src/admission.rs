@@ -46,7 +46,7 @@ pub(crate) struct AppState {
     pub sessions: Arc<Sessions>,
     pub occupancy: Arc<Occupancy>,
     /// Push listeners (`GET /v1/rooms/{room}/push`).
-    pub push: Arc<crate::push_ws::PushHub>,
+    pub push: Arc<crate::push_hub::PushHub>,
 }
 
 /// Asks the geo-router whether rooms exist.

@@ -28,6 +28,7 @@ pub mod offer;
 pub mod owners;
 pub mod peers;
 pub mod push;
+mod push_hub;
 mod push_ws;
 pub mod red;
 pub mod registration;
@@ -259,7 +260,7 @@ pub async fn run_with(
     }
     drop(mesh_tx);
     drop(signal_tx);
-    let (push, push_rx) = push_ws::PushHub::new(push::PushConfig::default(), metrics.clone());
+    let (push, push_rx) = push_hub::PushHub::new(push::PushConfig::default(), metrics.clone());
     tokio::spawn(push.clone().tick_loop(inner.clone()));
     let uplink = uplink::Uplink {
         push: push.clone(),

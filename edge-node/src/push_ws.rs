@@ -3,15 +3,15 @@
 //! the core's subscriptions to the uplink and writes each room's messages to its listeners.
 //!
 //! Every message is WebSocket-framed once by the core; a room's listeners share it through a
-//! broadcast channel of [`PUSH_QUEUE`] messages and write the same `Bytes` to their sockets (the
+//! broadcast channel of [`PUSH_QUEUE`](crate::push_hub::PUSH_QUEUE) messages and write the same `Bytes` to their sockets (the
 //! upgrade is done here, without a WebSocket library, so nothing is re-encoded per listener). A
 //! listener whose socket does not keep up falls behind in the channel and skips the messages it
 //! missed; one that missed more than [`MAX_SKIPPED`] in all is disconnected. Nobody waits for a
 //! slow listener.
 
 use crate::admission::{api_error, check_live, unauthorized, AppState, REVOKED};
-use crate::metrics::Metrics;
-use crate::push::{Message, PushConfig, PushCore, PushOutput, PushRefusal};
+use crate::push::{Message, PushRefusal};
+use crate::push_hub::PushHub;
 use crate::sessions::now_unix;
 use amphi_protocol::push::{opcode, parse_client_frame, ws_server_frame, MAX_CLIENT_FRAME};
 use amphi_protocol::RoomId;
@@ -23,15 +23,11 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
 use sha1::{Digest, Sha1};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::broadcast;
 
-/// Messages a room's channel holds for listeners that fall behind (about 2 s).
-pub const PUSH_QUEUE: usize = 32;
 /// Messages a listener may skip in all before it is disconnected.
 pub const MAX_SKIPPED: u64 = 64;
 /// Close code sent when the room ended (as on `/v1/ws`).
@@ -41,139 +37,6 @@ const CLOSE_TOO_SLOW: u16 = 4009;
 /// A listener whose socket takes no bytes for this long is dropped (a peer that vanished without
 /// closing its connection would otherwise hold its task until TCP gives up).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often rooms without listeners are looked at.
-const TICK: Duration = Duration::from_secs(1);
-
-struct Inner {
-    core: PushCore,
-    rooms: HashMap<RoomId, broadcast::Sender<Bytes>>,
-}
-
-/// The push listeners of this edge: the core and each room's channel.
-pub(crate) struct PushHub {
-    inner: Mutex<Inner>,
-    /// Subscriptions for the uplink.
-    control: mpsc::UnboundedSender<PushOutput>,
-    metrics: Arc<Metrics>,
-}
-
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
-impl PushHub {
-    /// A hub whose subscriptions go to `control` (read by the uplink).
-    pub(crate) fn new(
-        cfg: PushConfig,
-        metrics: Arc<Metrics>,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<PushOutput>) {
-        let (control, rx) = mpsc::unbounded_channel();
-        let hub = PushHub {
-            inner: Mutex::new(Inner {
-                core: PushCore::new(cfg),
-                rooms: HashMap::new(),
-            }),
-            control,
-            metrics,
-        };
-        (Arc::new(hub), rx)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Rooms subscribed now (announced again on every link that comes up).
-    pub(crate) fn subscribed(&self) -> Vec<RoomId> {
-        self.lock().core.subscribed()
-    }
-
-    /// A program frame from an origin.
-    pub(crate) fn program_frame(&self, room: RoomId, rtp_ts: u32, opus: &[u8]) {
-        self.metrics.push_program_frames.inc();
-        let mut inner = self.lock();
-        let Some(msg) = inner.core.program_frame(room, rtp_ts, opus, unix_us()) else {
-            return;
-        };
-        self.metrics.push_messages.inc();
-        if let Some(tx) = inner.rooms.get(&room) {
-            // No receiver is not an error: the room is lingering.
-            let _ = tx.send(msg.frame);
-        }
-    }
-
-    /// The origin ended `room`: its listeners are closed (their channel goes).
-    pub(crate) fn room_ended(&self, room: RoomId) {
-        let mut inner = self.lock();
-        let out = inner.core.room_ended(room, Instant::now());
-        inner.rooms.remove(&room);
-        self.metrics
-            .push_listeners
-            .set(i64::try_from(inner.core.listeners()).unwrap_or(i64::MAX));
-        drop(inner);
-        if let Some(out) = out {
-            let _ = self.control.send(out);
-        }
-    }
-
-    fn join(
-        &self,
-        room: RoomId,
-        after: Option<u64>,
-    ) -> Result<(Vec<Message>, broadcast::Receiver<Bytes>), PushRefusal> {
-        let mut inner = self.lock();
-        let (backlog, out) = inner.core.join(room, after)?;
-        let rx = inner
-            .rooms
-            .entry(room)
-            .or_insert_with(|| broadcast::channel(PUSH_QUEUE).0)
-            .subscribe();
-        self.metrics
-            .push_listeners
-            .set(i64::try_from(inner.core.listeners()).unwrap_or(i64::MAX));
-        drop(inner);
-        if let Some(out) = out {
-            let _ = self.control.send(out);
-        }
-        Ok((backlog, rx))
-    }
-
-    fn leave(&self, room: RoomId) {
-        let mut inner = self.lock();
-        inner.core.leave(room, Instant::now());
-        self.metrics
-            .push_listeners
-            .set(i64::try_from(inner.core.listeners()).unwrap_or(i64::MAX));
-    }
-
-    fn header(&self, room: RoomId) -> Option<Bytes> {
-        self.lock().core.header(room)
-    }
-
-    /// Unsubscribe rooms without listeners for a while, until `shutdown`.
-    pub(crate) async fn tick_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(TICK);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let mut inner = self.lock();
-            let outs = inner.core.poll(Instant::now());
-            for out in &outs {
-                if let PushOutput::Unsubscribe(room) = out {
-                    inner.rooms.remove(room);
-                }
-            }
-            drop(inner);
-            for out in outs {
-                let _ = self.control.send(out);
-            }
-        }
-    }
-}
 
 /// The query of a push request.
 #[derive(Deserialize)]
@@ -248,7 +111,7 @@ pub(crate) async fn push_get(
             "the token is for another room",
         );
     }
-    if st.push.lock().core.is_ended(room) {
+    if st.push.is_ended(room) {
         return api_error(StatusCode::GONE, "room_ended", "the room has ended");
     }
     if let Err(resp) = check_live(&st, room).await {

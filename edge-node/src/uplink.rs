@@ -16,7 +16,7 @@ use crate::mesh::{MeshEvent, MeshState};
 use crate::metrics::Metrics;
 use crate::owners::{OriginRoutes, Plan};
 use crate::push::PushOutput;
-use crate::push_ws::PushHub;
+use crate::push_hub::PushHub;
 use crate::sessions::Sessions;
 use crate::shards::MediaShards;
 use amphi_protocol::config::OriginEndpoint;
