@@ -8,7 +8,7 @@
 //! listener per second (its CPU with the listeners minus its CPU with the speaker alone, measured
 //! just before). Beside it, in the same run: the kernel's TCP write floor, the same number of
 //! listeners fed messages of the same size at the same rate by a thread that only `write`s them
-//! ([`crate::tcp_floor::PushFloor`]).
+//! ([`crate::tcp_floor::FloorServer::start_push`]).
 
 use crate::child_mesh::ChildMesh;
 use crate::loadgen_webrtc::{post_json, process_cpu, tone_packets};
@@ -235,23 +235,6 @@ async fn start_listeners(
     Ok(set)
 }
 
-/// Raise this process's open-file limit to its hard limit (the mesh child inherits it).
-fn raise_fd_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        lim.rlim_cur
-    }
-}
-
 /// `amphi-tools loadgen push`.
 pub async fn run(args: PushArgs) -> Result<()> {
     let (n, seconds) = if args.smoke {
@@ -260,7 +243,7 @@ pub async fn run(args: PushArgs) -> Result<()> {
         (args.listeners, args.seconds.clamp(1, 600))
     };
     ensure!((1..=9_000).contains(&n), "--listeners must be 1..=9000");
-    let files = raise_fd_limit();
+    let files = crate::loadgen_room::raise_fd_limit();
     ensure!(
         files as usize >= 2 * n + 500,
         "{n} listeners need {} open files; the limit is {files}",
@@ -385,12 +368,18 @@ pub async fn run(args: PushArgs) -> Result<()> {
         tally.percentile_ms(0.99),
         msg_frames(frames, messages),
     );
+    // Too few listeners to lift the process above its baseline (smoke runs): say so rather than
+    // print a per-core figure divided by nothing.
+    let per_core = if per_listener_us > 0.0 {
+        format!("{:.0} listeners per core", 1e6 / per_listener_us)
+    } else {
+        "listeners per core not measurable at this size".to_string()
+    };
     println!(
         "  mesh process CPU: {:.1}% with the speaker alone, {:.1}% with the listeners: \
-         {per_listener_us:.1} us per listener per second, {:.0} listeners per core",
+         {per_listener_us:.1} us per listener per second, {per_core}",
         baseline * 100.0,
         loaded * 100.0,
-        1e6 / per_listener_us.max(0.001)
     );
     if args.no_tcp_floor {
         return Ok(());
@@ -398,7 +387,7 @@ pub async fn run(args: PushArgs) -> Result<()> {
     // The floor: the same listeners, messages of the same size at the same rate.
     let period = Duration::from_secs_f64(elapsed / (messages as f64 / n as f64));
     let message = floor_message(msg_bytes as usize)?;
-    let floor = crate::tcp_floor::PushFloor::start(message, period)?;
+    let floor = crate::tcp_floor::FloorServer::start_push(message, period)?;
     let ftally = Tally::new(args.late_ms);
     let funtil = Instant::now() + Duration::from_secs(seconds + 60);
     let mut fset = start_listeners(floor.addr, "/floor", n, args.ramp_batch, &ftally, funtil)

@@ -188,7 +188,7 @@ fn metric(edge: &str, name: &str) -> Result<f64> {
 }
 
 /// Raise this process's open-file limit to its hard limit (the mesh child inherits it).
-fn raise_fd_limit() -> u64 {
+pub(crate) fn raise_fd_limit() -> u64 {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
         let mut lim = libc::rlimit {

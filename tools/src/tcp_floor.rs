@@ -49,6 +49,33 @@ impl FloorServer {
         period: Duration,
         published_header: &'static str,
     ) -> Result<FloorServer> {
+        Self::spawn("tcp-floor", move |listener, stop, measuring| {
+            serve(
+                listener,
+                response_len,
+                period,
+                published_header,
+                stop,
+                measuring,
+            )
+        })
+    }
+
+    /// The kernel's floor for push listeners (`amphi-tools loadgen push`): every connection is
+    /// answered `101` at once, then every `period` one thread writes the same `message` bytes to
+    /// every socket in turn, the least work any server can do to push one room's messages over
+    /// TCP.
+    pub fn start_push(message: Vec<u8>, period: Duration) -> Result<FloorServer> {
+        Self::spawn("push-floor", move |listener, stop, measuring| {
+            push_passes(listener, &message, period, stop, measuring)
+        })
+    }
+
+    /// Listen on 127.0.0.1 (an ephemeral port) and run `passes` on its own thread `name`.
+    fn spawn(
+        name: &str,
+        passes: impl FnOnce(TcpListener, &AtomicBool, &AtomicBool) -> Result<WriteCost> + Send + 'static,
+    ) -> Result<FloorServer> {
         let listener = TcpListener::bind("127.0.0.1:0").context("floor server bind")?;
         // std listens with a backlog of 128; players connect in bursts of hundreds.
         // SAFETY: listen(2) on the listener's own open socket; it only raises the backlog.
@@ -61,17 +88,8 @@ impl FloorServer {
         let measuring = Arc::new(AtomicBool::new(false));
         let flags = (stop.clone(), measuring.clone());
         let thread = std::thread::Builder::new()
-            .name("tcp-floor".into())
-            .spawn(move || {
-                serve(
-                    listener,
-                    response_len,
-                    period,
-                    published_header,
-                    &flags.0,
-                    &flags.1,
-                )
-            })?;
+            .name(name.into())
+            .spawn(move || passes(listener, &flags.0, &flags.1))?;
         Ok(FloorServer {
             addr,
             stop,
@@ -181,51 +199,6 @@ fn render(out: &mut Vec<u8>, len: usize, published_header: &str) {
     out.extend_from_slice(head(body).as_bytes());
     out.extend_from_slice(b"#EXTM3U\n");
     out.resize(out.len() + body - 8, b'#');
-}
-
-/// The kernel's floor for push listeners (`amphi-tools loadgen push`): every connection is
-/// answered `101` at once, then every `period` one thread writes the same message bytes to every
-/// socket in turn, the least work any server can do to push one room's messages over TCP.
-pub struct PushFloor {
-    /// Where listeners connect.
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    /// Count writes and CPU only while set.
-    pub measuring: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<WriteCost>>,
-}
-
-impl PushFloor {
-    /// Start on 127.0.0.1 (an ephemeral port), writing `message` every `period`.
-    pub fn start(message: Vec<u8>, period: Duration) -> Result<PushFloor> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("push floor bind")?;
-        // SAFETY: listen(2) on the listener's own open socket; it only raises the backlog.
-        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("push floor listen");
-        }
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let measuring = Arc::new(AtomicBool::new(false));
-        let flags = (stop.clone(), measuring.clone());
-        let thread = std::thread::Builder::new()
-            .name("push-floor".into())
-            .spawn(move || push_passes(listener, &message, period, &flags.0, &flags.1))?;
-        Ok(PushFloor {
-            addr,
-            stop,
-            measuring,
-            thread,
-        })
-    }
-
-    /// Stop; the CPU cost of the write passes made while measuring.
-    pub fn stop(self) -> Result<WriteCost> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("push floor thread panicked"))?
-    }
 }
 
 fn push_passes(
