@@ -6,13 +6,63 @@
 //! counters are registered without the `_total` suffix, which the encoder appends.
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{Atomic, Counter};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Metric, Registry};
 
 /// The `Content-Type` of every `/metrics` answer.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Shards of a [`ShardedCount`].
+const COUNT_SHARDS: usize = 8;
+
+/// One shard of a [`ShardedCount`], alone on its cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(std::sync::atomic::AtomicU64);
+
+/// A count spread over shards, each thread adding to its own, summed when read: threads
+/// counting the same event at once do not pass one cache line back and forth.
+#[derive(Debug, Default)]
+pub struct ShardedCount {
+    shards: [Shard; COUNT_SHARDS],
+}
+
+impl ShardedCount {
+    fn mine(&self) -> &std::sync::atomic::AtomicU64 {
+        thread_local! {
+            /// This thread's shard (threads take them in turn).
+            static SHARD: usize = {
+                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % COUNT_SHARDS
+            };
+        }
+        &self.shards[SHARD.with(|s| *s)].0
+    }
+}
+
+impl Atomic<u64> for ShardedCount {
+    fn inc(&self) -> u64 {
+        self.inc_by(1)
+    }
+
+    fn inc_by(&self, v: u64) -> u64 {
+        self.mine()
+            .fetch_add(v, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn get(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0.load(std::sync::atomic::Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+/// A counter that many threads add to per request (the router's route counts): exposed like
+/// any counter, counted in per-thread shards ([`ShardedCount`]).
+pub type HotCounter = Counter<u64, ShardedCount>;
 
 /// A role's registry and the sample names its metric families expose.
 #[derive(Debug, Default)]
@@ -40,6 +90,13 @@ impl MetricsRegistry {
     /// A new counter registered as `name` (exposed as `name_total`).
     pub fn counter(&mut self, name: &str, help: &str) -> Counter {
         let c = Counter::default();
+        self.register(name, help, c.clone());
+        c
+    }
+
+    /// A new [`HotCounter`] registered as `name` (exposed as `name_total`).
+    pub fn hot_counter(&mut self, name: &str, help: &str) -> HotCounter {
+        let c = HotCounter::default();
         self.register(name, help, c.clone());
         c
     }
@@ -140,6 +197,46 @@ mod tests {
                 "amphi_test_delay_seconds_count",
                 "amphi_test_drops_total",
             ]
+        );
+    }
+
+    #[test]
+    fn a_hot_counter_sums_what_every_thread_counted() {
+        let mut r = MetricsRegistry::default();
+        let c = r.hot_counter("amphi_test_routes", "Routes");
+        let f = Family::<[(&'static str, &'static str); 1], HotCounter>::default();
+        r.register("amphi_test_decisions", "Decisions", f.clone());
+        std::thread::scope(|scope| {
+            for _ in 0..(COUNT_SHARDS + 3) {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        c.inc();
+                    }
+                    f.get_or_create(&[("region", "eu-west")]).inc_by(2);
+                });
+            }
+        });
+        c.inc_by(5);
+        let threads = (COUNT_SHARDS + 3) as u64;
+        assert_eq!(c.get(), threads * 1000 + 5);
+        let text = r.render();
+        assert!(
+            text.contains("# TYPE amphi_test_routes counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "\namphi_test_routes_total {}\n",
+                threads * 1000 + 5
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "amphi_test_decisions_total{{region=\"eu-west\"}} {}\n",
+                threads * 2
+            )),
+            "{text}"
         );
     }
 }

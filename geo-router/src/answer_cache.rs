@@ -8,6 +8,10 @@
 //! of the client's: two clients placed alike get the same bytes.
 //!
 //! Requests with `avoid` or a dev-mode `region` are not remembered (the caller decides).
+//!
+//! [`AnswerMemo`] is a small table in front of the cache, one per worker thread, holding each
+//! answer with everything it must still match ([`MemoStamp`]) and the instant it holds until,
+//! so that a repeated answer is served without any lock or shared write.
 
 use crate::geoip::Place;
 use amphi_protocol::RoomId;
@@ -60,6 +64,26 @@ pub struct AnswerKey {
 }
 
 impl AnswerKey {
+    /// A cheap mix of the key's fields (for [`AnswerMemo`]'s slot; equality decides a hit).
+    fn mix(&self) -> u64 {
+        let place = match self.place {
+            PlaceKey::NotPublic => 1,
+            PlaceKey::Unknown => 2,
+            PlaceKey::Located {
+                latitude,
+                longitude,
+                source,
+                ..
+            } => latitude ^ longitude.rotate_left(29) ^ source as u64,
+        };
+        let fields = self.room.0
+            ^ place.rotate_left(17)
+            ^ (self.source.len() as u64) << 1
+            ^ u64::from(self.listener);
+        // Fibonacci hashing: the high bits of the product are well mixed.
+        fields.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
     /// The key of an answer for `room` to a listener (or a speaker or host), whose address was
     /// learnt as `source` says and placed at `place`.
     pub fn new(room: RoomId, listener: bool, source: &'static str, place: Place) -> Self {
@@ -110,6 +134,23 @@ impl<V> AnswerCache<V> {
             .map(|e| &e.value)
     }
 
+    /// [`AnswerCache::get`], with the instant the answer holds until (`None`: until the
+    /// registry changes).
+    pub fn get_with_until(
+        &self,
+        key: &AnswerKey,
+        generation: u64,
+        now: Instant,
+    ) -> Option<(V, Option<Instant>)>
+    where
+        V: Clone,
+    {
+        self.entries
+            .get(key)
+            .filter(|e| e.holds(generation, now))
+            .map(|e| (e.value.clone(), e.until))
+    }
+
     /// Remember `value` for `key`, made at `generation` at `now`, holding until `until` (the
     /// registry's [`stable_until`](crate::registry::Registry::stable_until) at `now`).
     pub fn put(
@@ -144,6 +185,72 @@ impl<V> AnswerCache<V> {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Slots of an [`AnswerMemo`] (answers for as many room, role and place combinations).
+pub const MEMO_SLOTS: usize = 256;
+
+/// What a memo entry was made under and must still match to be served: whose it is (one
+/// router's state; threads can serve several in one process), the registry's generation, and
+/// how many rooms this router had ended (an end through this router stops its routes at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoStamp {
+    /// The router state the answer belongs to.
+    pub owner: u64,
+    /// The registry's [`generation`](crate::registry::Registry::generation).
+    pub generation: u64,
+    /// Rooms ended through this router so far.
+    pub ends: u64,
+}
+
+#[derive(Debug)]
+struct MemoEntry<V> {
+    key: AnswerKey,
+    stamp: MemoStamp,
+    until: Instant,
+    value: V,
+}
+
+/// One thread's answers (sans-IO): a direct-mapped table of [`MEMO_SLOTS`], each answer held
+/// with its [`MemoStamp`] and served while the stamp is current and before its instant (the
+/// registry's [`stable_until`](crate::registry::Registry::stable_until) or the end of the room's
+/// trusted liveness, whichever is first). A new answer for a taken slot replaces the old one.
+#[derive(Debug)]
+pub struct AnswerMemo<V> {
+    slots: Vec<Option<MemoEntry<V>>>,
+}
+
+impl<V> Default for AnswerMemo<V> {
+    fn default() -> Self {
+        AnswerMemo {
+            slots: std::iter::repeat_with(|| None).take(MEMO_SLOTS).collect(),
+        }
+    }
+}
+
+impl<V> AnswerMemo<V> {
+    fn slot(key: &AnswerKey) -> usize {
+        // The top bits of the mix: MEMO_SLOTS is a power of two.
+        (key.mix() >> (64 - MEMO_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// The answer for `key` if it was made under `stamp` and `now` is before its instant.
+    pub fn get(&self, key: &AnswerKey, stamp: MemoStamp, now: Instant) -> Option<&V> {
+        self.slots[Self::slot(key)]
+            .as_ref()
+            .filter(|e| e.key == *key && e.stamp == stamp && now < e.until)
+            .map(|e| &e.value)
+    }
+
+    /// Remember `value` for `key`, made under `stamp`, until `until`.
+    pub fn put(&mut self, key: AnswerKey, stamp: MemoStamp, until: Instant, value: V) {
+        self.slots[Self::slot(&key)] = Some(MemoEntry {
+            key,
+            stamp,
+            until,
+            value,
+        });
     }
 }
 
@@ -340,5 +447,62 @@ mod tests {
         cache.put(key(1), 2, t0, None, 5);
         assert_eq!(cache.len(), MAX_CACHED_ANSWERS / 2 + 1);
         assert!(!cache.is_empty());
+    }
+
+    const STAMP: MemoStamp = MemoStamp {
+        owner: 1,
+        generation: 5,
+        ends: 0,
+    };
+
+    #[test]
+    fn a_memo_answer_is_served_only_under_its_stamp_and_before_its_instant() {
+        let mut memo = AnswerMemo::default();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_millis(800);
+        memo.put(key(), STAMP, until, "a");
+        assert_eq!(memo.get(&key(), STAMP, t0), Some(&"a"));
+        assert_eq!(
+            memo.get(&key(), STAMP, until - Duration::from_nanos(1)),
+            Some(&"a")
+        );
+        assert_eq!(memo.get(&key(), STAMP, until), None, "its instant passed");
+        for other in [
+            MemoStamp { owner: 2, ..STAMP },
+            MemoStamp {
+                generation: 6,
+                ..STAMP
+            },
+            MemoStamp { ends: 1, ..STAMP },
+        ] {
+            assert_eq!(memo.get(&key(), other, t0), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_memo_tells_keys_apart_and_a_new_answer_replaces_its_slot() {
+        let mut memo = AnswerMemo::default();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(1);
+        let keys = [
+            key(),
+            AnswerKey::new(ROOM, false, "peer", located(39.0)),
+            AnswerKey::new(RoomId(8), true, "peer", located(39.0)),
+            AnswerKey::new(ROOM, true, "ip parameter", located(39.0)),
+            AnswerKey::new(ROOM, true, "peer", located(51.5)),
+            AnswerKey::new(ROOM, true, "peer", Place::Unknown),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            memo.put(*k, STAMP, until, i);
+            // Whatever slot it shares, a key only ever finds its own answer.
+            for (j, other) in keys.iter().enumerate() {
+                if let Some(v) = memo.get(other, STAMP, t0) {
+                    assert_eq!(*v, j);
+                }
+            }
+            assert_eq!(memo.get(k, STAMP, t0), Some(&i));
+        }
+        memo.put(key(), STAMP, until, 99);
+        assert_eq!(memo.get(&key(), STAMP, t0), Some(&99));
     }
 }

@@ -202,6 +202,11 @@ impl LiveRooms {
             .is_some_and(|t| now.saturating_duration_since(*t) < LIVE_TRUST)
     }
 
+    /// Until when `room` is trusted live (seen live, plus [`LIVE_TRUST`]).
+    pub fn live_until(&self, room: RoomId) -> Option<std::time::Instant> {
+        self.seen.get(&room).map(|t| *t + LIVE_TRUST)
+    }
+
     /// The store said `room` is live at `now`. Bounded: when full, the stale entries go, and
     /// if none is stale, all.
     pub fn saw_live(&mut self, room: RoomId, now: std::time::Instant) {

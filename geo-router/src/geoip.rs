@@ -154,9 +154,46 @@ pub fn covers_key(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
     }
 }
 
+/// Networks ([`cache_key`]) each thread remembers in front of the shared cache.
+const THREAD_NETWORKS: usize = 1024;
+
+/// A network's answer as one thread remembers it: the databases' id, the network, the place.
+type ThreadPlace = Option<(u64, (bool, u128), Place)>;
+
+thread_local! {
+    /// This thread's answers per network, direct-mapped, read without a lock (the databases
+    /// never change under a [`GeoIp`], so an answer holds as long as the shared cache's would).
+    static THREAD_PLACES: std::cell::RefCell<Vec<ThreadPlace>> =
+        std::cell::RefCell::new(vec![None; THREAD_NETWORKS]);
+}
+
+fn next_geoip_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn thread_slot(key: (bool, u128)) -> usize {
+    let mixed = (key.1 as u64 ^ (key.1 >> 64) as u64 ^ u64::from(key.0))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> (64 - THREAD_NETWORKS.trailing_zeros())) as usize
+}
+
+fn thread_place(id: u64, key: (bool, u128)) -> Option<Place> {
+    THREAD_PLACES.with(|t| match t.borrow()[thread_slot(key)] {
+        Some((i, k, place)) if i == id && k == key => Some(place),
+        _ => None,
+    })
+}
+
+fn remember_thread_place(id: u64, key: (bool, u128), place: Place) {
+    THREAD_PLACES.with(|t| t.borrow_mut()[thread_slot(key)] = Some((id, key, place)));
+}
+
 /// Open GeoIP databases, consulted in order, with the answers per /24 (IPv4) or /48 (IPv6)
 /// remembered when the databases say the same for the whole network.
 pub struct GeoIp {
+    /// Which databases these are, for the per-thread answers ([`THREAD_PLACES`]).
+    id: u64,
     readers: Vec<(PathBuf, Reader<maxminddb::Mmap>)>,
     /// At most [`MAX_CACHED_NETWORKS`] answers by [`cache_key`].
     cache: std::sync::Mutex<std::collections::HashMap<(bool, u128), Place>>,
@@ -174,6 +211,7 @@ impl GeoIp {
     /// No databases: every public address is [`Place::Unknown`].
     pub fn empty() -> Self {
         GeoIp {
+            id: next_geoip_id(),
             readers: Vec::new(),
             cache: Default::default(),
         }
@@ -193,6 +231,7 @@ impl GeoIp {
             readers.push((path, reader));
         }
         Ok(GeoIp {
+            id: next_geoip_id(),
             readers,
             cache: Default::default(),
         })
@@ -229,9 +268,14 @@ impl GeoIp {
             return Place::Unknown;
         }
         let key = cache_key(ip);
+        if let Some(place) = thread_place(self.id, key) {
+            return place;
+        }
         let lock = || self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(place) = lock().get(&key) {
-            return *place;
+        let shared = lock().get(&key).copied();
+        if let Some(place) = shared {
+            remember_thread_place(self.id, key, place);
+            return place;
         }
         let (place, cacheable) = self.look_up(ip);
         if cacheable {
@@ -240,6 +284,8 @@ impl GeoIp {
                 cache.clear();
             }
             cache.insert(key, place);
+            drop(cache);
+            remember_thread_place(self.id, key, place);
         }
         place
     }

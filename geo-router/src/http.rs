@@ -154,6 +154,12 @@ struct AppState {
     live: std::sync::Mutex<LiveRooms>,
     /// `/v1/route` answers, while the registry stays as they were made at.
     answers: std::sync::Mutex<crate::answer_cache::AnswerCache<route::Routed>>,
+    /// This state's id among the routers of the process (the worker threads' answer memos).
+    memo_owner: u64,
+    /// The registry's generation, read without its lock.
+    generation: crate::registry::GenerationWatch,
+    /// Rooms ended through this router (each end invalidates the threads' memo answers).
+    ends: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -161,6 +167,12 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 type Shared = Arc<AppState>;
+
+/// A new [`AppState::memo_owner`].
+fn next_memo_owner() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -345,6 +357,17 @@ impl AppState {
     /// `room` ended (through this router): routes stop at once.
     fn ended(&self, room: RoomId) {
         lock(&self.live).forget(room);
+        self.ends.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// What a worker thread's remembered route answer must still match (read before the
+    /// room's liveness is).
+    fn memo_stamp(&self) -> crate::answer_cache::MemoStamp {
+        crate::answer_cache::MemoStamp {
+            owner: self.memo_owner,
+            generation: self.generation.get(),
+            ends: self.ends.load(std::sync::atomic::Ordering::Acquire),
+        }
     }
 
     fn registry(&self) -> std::sync::RwLockReadGuard<'_, crate::registry::Registry> {
@@ -800,6 +823,10 @@ fn app(state: Shared) -> Router {
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 fn real_client(s: &AppState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    // Only a trusted proxy's forwarding headers are read (no header lookup for the others).
+    if !crate::client_ip::is_trusted(peer, &s.trusted) {
+        return peer;
+    }
     client_ip(
         peer,
         headers
@@ -949,6 +976,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         .extend(setup.config.trusted_proxies.iter().cloned());
     let limiter = Limiter::new(&limits, metrics.http_limits.clone())
         .map_err(|e| RouterError::Config(e.to_string()))?;
+    let generation = crate::store::read(store.registry()).generation_watch();
     let state = Arc::new(AppState {
         verifier,
         replays: std::sync::Mutex::new(ReplayCache::new(MAX_REMEMBERED_SIGNATURES)),
@@ -985,6 +1013,9 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         limiter: limiter.clone(),
         live: std::sync::Mutex::new(LiveRooms::default()),
         answers: Default::default(),
+        memo_owner: next_memo_owner(),
+        generation,
+        ends: Default::default(),
     });
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));

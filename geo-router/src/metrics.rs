@@ -3,7 +3,7 @@
 //! `edge` and `region` labels; an edge's series are removed once the registry forgets it.
 
 use crate::webhooks::WebhookCounters;
-use amphi_common::metrics::MetricsRegistry;
+use amphi_common::metrics::{HotCounter, MetricsRegistry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -70,11 +70,11 @@ pub struct Metrics {
     /// Subscribers named in `room_reminder` webhooks.
     pub reminders_sent: Counter,
     /// Route requests answered with an edge.
-    pub routes: Counter,
+    pub routes: HotCounter,
     /// Of those, clients placed by GeoIP.
-    pub routes_located: Counter,
+    pub routes_located: HotCounter,
     /// Of those, listeners sent to HLS.
-    pub routes_hls: Counter,
+    pub routes_hls: HotCounter,
     /// HLS requests proxied to the packager.
     pub hls_proxied: Counter,
     /// Rooms ended.
@@ -91,9 +91,9 @@ pub struct Metrics {
     pub scheduled_rooms: Gauge,
     /// Live rooms ended because no edge kept them alive.
     pub rooms_expired: Counter,
-    route_decisions: Family<RegionOutcomeLabels, Counter>,
+    route_decisions: Family<RegionOutcomeLabels, HotCounter>,
     /// Handles of `route_decisions` series by (region, outcome).
-    route_series: Mutex<Vec<(String, RouteOutcome, Counter)>>,
+    route_series: Mutex<Vec<(String, RouteOutcome, HotCounter)>>,
     webhooks: WebhookCounters,
     healthy_edges: Gauge,
     available_edges: Gauge,
@@ -120,19 +120,19 @@ impl Default for Metrics {
             "amphi_router_reminders_sent",
             "Subscribers named in room_reminder webhooks",
         );
-        let routes = r.counter(
+        let routes = r.hot_counter(
             "amphi_router_routes",
             "Route requests answered with an edge",
         );
-        let routes_located = r.counter(
+        let routes_located = r.hot_counter(
             "amphi_router_routes_located",
             "Route requests whose client GeoIP placed",
         );
-        let routes_hls = r.counter(
+        let routes_hls = r.hot_counter(
             "amphi_router_routes_hls",
             "Route requests of listeners sent to HLS",
         );
-        let route_decisions = Family::<RegionOutcomeLabels, Counter>::default();
+        let route_decisions = Family::<RegionOutcomeLabels, HotCounter>::default();
         r.register(
             "amphi_router_route_decisions",
             "Route decisions by chosen region (none when no edge) and outcome (webrtc, hls, no_edge)",
@@ -240,7 +240,7 @@ impl Metrics {
 
     /// The series of route decisions for `region` and `outcome` (counting on the handle is
     /// [`Metrics::route_decision`]).
-    pub fn route_series(&self, region: &str, outcome: RouteOutcome) -> Counter {
+    pub fn route_series(&self, region: &str, outcome: RouteOutcome) -> HotCounter {
         // The series handles of the first regions seen are kept: counting a decision then
         // allocates nothing (regions are few; the family takes any beyond the cache).
         {

@@ -10,6 +10,8 @@ use amphi_protocol::api::EdgeHeartbeat;
 use amphi_protocol::config::EdgeEndpoint;
 use amphi_protocol::RoomId;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Heartbeat period asked of edges (in every heartbeat answer).
@@ -123,6 +125,20 @@ pub struct Registry {
     drain_requested: BTreeSet<String>,
     /// Bumped by every change that can change a selection (see [`Registry::generation`]).
     generation: u64,
+    /// The same number, readable without the registry's lock.
+    watch: GenerationWatch,
+}
+
+/// A registry's [`generation`](Registry::generation), read without taking the lock the
+/// registry lives behind (`/v1/route`'s per-thread answers check it on every request).
+#[derive(Clone, Debug, Default)]
+pub struct GenerationWatch(Arc<AtomicU64>);
+
+impl GenerationWatch {
+    /// The registry's generation now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl Registry {
@@ -164,18 +180,22 @@ impl Registry {
             return Err(HeartbeatError::Full);
         }
         if !same {
-            self.generation += 1;
+            self.bump_generation();
         }
         // The static entries this edge stands for are now this edge.
+        let mut claimed = false;
         for e in &self.statics {
             if e.id != hb.id && claims(&hb, e) {
                 if let Some(r) = self.edges.get(&e.id) {
                     if r.last_seen.is_none() {
                         self.edges.remove(&e.id);
-                        self.generation += 1;
+                        claimed = true;
                     }
                 }
             }
+        }
+        if claimed {
+            self.bump_generation();
         }
         let rooms = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
         self.edges.insert(
@@ -195,7 +215,7 @@ impl Registry {
             return false;
         }
         if self.drain_requested.insert(id.to_string()) {
-            self.generation += 1;
+            self.bump_generation();
         }
         true
     }
@@ -239,7 +259,7 @@ impl Registry {
         // The beats' instants are read again from the shared registry each time: any change,
         // even of an instant, counts (an edge seen out may be back).
         if self.edges != before || self.drain_requested != drains {
-            self.generation += 1;
+            self.bump_generation();
         }
         self.drain_requested = drains;
         dropped
@@ -252,6 +272,16 @@ impl Registry {
     /// until the next.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// A handle that reads [`Registry::generation`] without the registry.
+    pub fn generation_watch(&self) -> GenerationWatch {
+        self.watch.clone()
+    }
+
+    fn bump_generation(&mut self) {
+        self.generation += 1;
+        self.watch.0.store(self.generation, Ordering::Release);
     }
 
     /// Until when the candidates at `now` stay the candidates without any change to the
@@ -295,7 +325,7 @@ impl Registry {
             self.drain_requested.remove(id);
         }
         if !gone.is_empty() {
-            self.generation += 1;
+            self.bump_generation();
             self.restore_unclaimed_statics();
         }
         gone

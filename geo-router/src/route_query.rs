@@ -37,12 +37,30 @@ pub fn parse(query: Option<&str>) -> Result<RouteQuery<'_>, QueryError> {
     // (`&`-separated, empty pieces skipped, the value after the first `=`, else empty), without
     // its decoding pass over each piece.
     if !query.bytes().any(|b| b == b'%' || b == b'+') {
-        return parse_pairs(query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (Cow::Borrowed(key), Cow::Borrowed(value))
-        }));
+        return parse_pairs(plain_pairs(query));
     }
     parse_pairs(form_urlencoded::parse(query.as_bytes()))
+}
+
+/// The `(key, value)` pairs of an unencoded query, split in one pass over its bytes.
+fn plain_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    let mut rest = query;
+    std::iter::from_fn(move || loop {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
+        let pair = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or("");
+        if pair.is_empty() {
+            continue;
+        }
+        let (key, value) = match pair.bytes().position(|b| b == b'=') {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => (pair, ""),
+        };
+        return Some((Cow::Borrowed(key), Cow::Borrowed(value)));
+    })
 }
 
 /// A query from its decoded `(key, value)` pairs.

@@ -786,6 +786,41 @@ fn api_suite(port: u16, backend: Backend) {
     );
 }
 
+/// Route answers are remembered (per worker thread, and in the router's answer cache); a drain
+/// and an end through this router must still change the very next answers.
+#[test]
+fn remembered_route_answers_end_with_a_drain_and_with_the_room() {
+    let r = start_router(27_160, Backend::Memory, TokenSigner::generate("k1"));
+    let b = &r.base;
+    let (status, created) = call(
+        "POST",
+        &format!("{b}/v1/rooms"),
+        Some(serde_json::json!({"title": "memo"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let room = created["room"].as_str().unwrap().to_string();
+    heartbeat(b, &beat("edge-east", "us-east", vec![]));
+    heartbeat(b, &beat("edge-west", "eu-west", vec![]));
+    // Enough requests, over fresh and kept connections, for both worker threads to remember.
+    let routes = |want: (u16, Option<&str>)| {
+        for i in 0..40 {
+            let (status, v) = call("GET", &format!("{b}/v1/route?room={room}&ip=8.8.8.8"), None);
+            assert_eq!((status, v["edge"].as_str()), want, "request {i}: {v}");
+        }
+    };
+    routes((200, Some("edge-east")));
+    let (status, _) = call("POST", &format!("{b}/v1/edges/edge-east/drain"), None);
+    assert_eq!(status, 202);
+    routes((200, Some("edge-west")));
+    let host = created["host_token"].as_str().unwrap();
+    let ended = ureq::post(&format!("{b}/v1/rooms/{room}/end"))
+        .set("Authorization", &format!("Bearer {host}"))
+        .call()
+        .map(|r| r.status());
+    assert_eq!(ended.ok(), Some(200));
+    routes((404, None));
+}
+
 #[test]
 fn rest_api_on_the_memory_backend() {
     api_suite(27_110, Backend::Memory);

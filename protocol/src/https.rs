@@ -176,6 +176,8 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Limiter {
     budgets: Arc<std::sync::Mutex<IpBudgets>>,
+    /// Clients no request budget applies to, told without the budgets' lock.
+    unmetered: crate::limits::UnmeteredRequests,
     metrics: LimiterMetrics,
 }
 
@@ -197,8 +199,10 @@ impl Drop for ConnectionPermit {
 impl Limiter {
     /// Budgets from `cfg`, counting refusals in `metrics`.
     pub fn new(cfg: &HttpLimits, metrics: LimiterMetrics) -> Result<Limiter, LimitsError> {
+        let budgets = IpBudgets::new(cfg)?;
         Ok(Limiter {
-            budgets: Arc::new(std::sync::Mutex::new(IpBudgets::new(cfg)?)),
+            unmetered: budgets.unmetered_requests(),
+            budgets: Arc::new(std::sync::Mutex::new(budgets)),
             metrics,
         })
     }
@@ -240,6 +244,9 @@ impl Limiter {
 
     /// [`Limiter::request`] at `now` (a caller that already read the clock).
     pub fn request_at(&self, client: IpAddr, now: std::time::Instant) -> Result<(), Refusal> {
+        if self.unmetered.contains(client) {
+            return Ok(());
+        }
         let r = self.lock().request(client, now);
         if r.is_err() {
             self.metrics.rate_limited.inc();

@@ -40,12 +40,21 @@ impl fmt::Debug for RoomId {
 impl FromStr for RoomId {
     type Err = BadRoomId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if s.len() != 16 {
             return Err(BadRoomId);
         }
-        u64::from_str_radix(s, 16)
+        // One pass over the 16 hex digits (either case).
+        s.bytes()
+            .try_fold(0u64, |id, b| {
+                let digit = match b {
+                    b'0'..=b'9' => b - b'0',
+                    b'a'..=b'f' => b - b'a' + 10,
+                    b'A'..=b'F' => b - b'A' + 10,
+                    _ => return Err(BadRoomId),
+                };
+                Ok(id << 4 | u64::from(digit))
+            })
             .map(RoomId)
-            .map_err(|_| BadRoomId)
     }
 }
 

@@ -14,6 +14,7 @@ use crate::config::HttpLimits;
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most addresses tracked at once (about 64 bytes each).
@@ -92,9 +93,33 @@ pub struct IpBudgets {
     max_conns: u32,
     rate: f64,
     burst: f64,
-    exempt: Vec<IpNet>,
+    exempt: Arc<[IpNet]>,
     table: HashMap<IpAddr, Entry>,
     last_prune: Option<Instant>,
+}
+
+/// Whether `ip` (an IPv4-mapped IPv6 address as IPv4) is in one of `networks`.
+fn in_networks(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// The clients whose requests [`IpBudgets::request`] always lets through: every one when no
+/// request rate is set, else the exempt networks ([`IpBudgets::unmetered_requests`]).
+#[derive(Clone, Debug)]
+pub struct UnmeteredRequests {
+    all: bool,
+    exempt: Arc<[IpNet]>,
+}
+
+impl UnmeteredRequests {
+    /// Whether a request from `ip` is never metered.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.all || in_networks(&self.exempt, ip)
+    }
 }
 
 /// The address an entry is kept under: IPv4 as is (also IPv4-mapped IPv6), IPv6 by /64.
@@ -122,7 +147,7 @@ impl IpBudgets {
                     .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
                     .map_err(|_| LimitsError::Exempt(s.clone()))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Arc<[_]>, _>>()?;
         if cfg.requests_per_second_per_ip > 0 && cfg.request_burst_per_ip == 0 {
             return Err(LimitsError::Burst);
         }
@@ -138,11 +163,16 @@ impl IpBudgets {
 
     /// Whether `ip` is in an exempt network (never limited).
     pub fn is_exempt(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        self.exempt.iter().any(|n| n.contains(&ip))
+        in_networks(&self.exempt, ip)
+    }
+
+    /// Who no request budget applies to, fixed for the budgets' life, so a caller can tell
+    /// without taking the lock the budgets live behind.
+    pub fn unmetered_requests(&self) -> UnmeteredRequests {
+        UnmeteredRequests {
+            all: self.rate <= 0.0,
+            exempt: Arc::clone(&self.exempt),
+        }
     }
 
     /// Addresses tracked now.

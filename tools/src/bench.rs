@@ -78,7 +78,10 @@ enum BenchCommand {
         /// without it.
         #[arg(long, value_name = "URL")]
         redis_url: Option<String>,
-        /// Short run for CI (1 s per server).
+        /// Rounds of wrk over every server in turn (the ratios' medians are the figure).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Short run for CI (1 s per server, one round).
         #[arg(long)]
         smoke: bool,
     },
@@ -132,6 +135,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             port,
             geoip,
             redis_url,
+            rounds,
             smoke,
         } => {
             crate::bench_route::run(crate::bench_route::RouteBenchOptions {
@@ -141,6 +145,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 port,
                 geoip,
                 redis_url,
+                rounds: if smoke { 1 } else { rounds },
             })
             .await?
         }

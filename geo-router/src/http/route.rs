@@ -7,7 +7,7 @@ use super::{
     error, lock, parse_room, real_client, Answer, AppState, Failure, Shared, X_FORWARDED_FOR,
 };
 use crate::answer::RouteAnswer;
-use crate::answer_cache::AnswerKey;
+use crate::answer_cache::{AnswerKey, AnswerMemo, MemoStamp};
 use crate::client_ip::{client_ip, Source};
 use crate::geoip::Place;
 use crate::metrics::{RouteOutcome, NO_REGION};
@@ -23,7 +23,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Ur
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use ipnet::IpNet;
-use prometheus_client::metrics::counter::Counter;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -53,8 +52,9 @@ fn route_params(query: Option<&str>) -> Result<RouteParams<'_>, Failure> {
         ));
     };
     let room = parse_room(room)?;
-    parse_avoid(q.avoid.as_deref().unwrap_or(""))
-        .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_query", m))?;
+    if let Some(avoid) = q.avoid.as_deref() {
+        parse_avoid(avoid).map_err(|m| error(StatusCode::BAD_REQUEST, "bad_query", m))?;
+    }
     let listener = match q.role.as_deref() {
         None | Some("speaker") | Some("host") => false,
         Some("listener") => true,
@@ -85,7 +85,8 @@ pub(super) async fn route(
     if !s.route_live(p.room).await? {
         return Err(not_live());
     }
-    route_decide(&s, peer, req.headers(), &p, Instant::now())
+    let at = locate_client(&s, peer, req.headers(), &p)?;
+    route_decide(&s, &p, &at, Instant::now(), None)
 }
 
 fn not_live() -> Failure {
@@ -138,14 +139,14 @@ fn client_address(
 pub(super) struct Routed {
     body: Bytes,
     /// The `route_decisions` series of its region and outcome.
-    decision: Counter,
+    decision: amphi_common::metrics::HotCounter,
     located: bool,
     hls_only: bool,
 }
 
 impl Routed {
     /// Count the answer, and send it.
-    fn send(self, s: &AppState) -> Response {
+    fn send(&self, s: &AppState) -> Response {
         self.decision.inc();
         s.metrics.routes.inc();
         if self.located {
@@ -154,7 +155,7 @@ impl Routed {
         if self.hls_only {
             s.metrics.routes_hls.inc();
         }
-        let mut resp = Response::new(Body::from(self.body));
+        let mut resp = Response::new(Body::from(self.body.clone()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -163,22 +164,24 @@ impl Routed {
     }
 }
 
-/// Route a request whose room is live: where the client is, then the edge, written as the
-/// answer, or the answer made for a client placed alike while the registry has not changed
-/// ([`crate::answer_cache`]).
-fn route_decide(
+/// Where a `/v1/route` client is, and the key its answer is remembered under.
+struct Located {
+    /// How its address was learnt.
+    source: &'static str,
+    place: Place,
+    /// `None`: the answer is not remembered (`avoid`, a dev `region`, or the routing log on,
+    /// which tells why each answer is what it is).
+    key: Option<AnswerKey>,
+}
+
+/// Where the client of `p` is ([`client_address`], then GeoIP).
+fn locate_client(
     s: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
     p: &RouteParams<'_>,
-    now: Instant,
-) -> Answer {
-    let (q, room) = (&p.query, p.room);
-    // Checked by `route_params`.
-    let avoid = match q.avoid.as_deref() {
-        Some(a) if !a.is_empty() => parse_avoid(a).unwrap_or_default(),
-        _ => Vec::new(),
-    };
+) -> Result<Located, Failure> {
+    let q = &p.query;
     let (addr, source) = client_address(
         q.ip.as_deref(),
         s.config.dev_mode,
@@ -186,22 +189,93 @@ fn route_decide(
         headers,
         &s.trusted,
     )?;
-    let region_override = q.region.as_deref().filter(|_| s.config.dev_mode);
     let place = s.geoip.locate(addr);
-    // Answers with `avoid` or a region are not remembered; nor any while the routing log is
-    // on (it tells why each answer is what it is).
-    let key = (avoid.is_empty()
-        && region_override.is_none()
-        && !tracing::enabled!(tracing::Level::DEBUG))
-    .then(|| AnswerKey::new(room, p.listener, source, place));
-    if let Some(key) = &key {
-        let generation = s.registry().generation();
-        let remembered = lock(&s.answers).get(key, generation, now).cloned();
-        if let Some(routed) = remembered {
+    let remembered = q.avoid.as_deref().is_none_or(str::is_empty)
+        && dev_region(s, p).is_none()
+        && !tracing::enabled!(tracing::Level::DEBUG);
+    Ok(Located {
+        source,
+        place,
+        key: remembered.then(|| AnswerKey::new(p.room, p.listener, source, place)),
+    })
+}
+
+/// The region a dev-mode client asked to be placed in (ignored in production).
+fn dev_region<'q>(s: &AppState, p: &'q RouteParams<'_>) -> Option<&'q str> {
+    p.query.region.as_deref().filter(|_| s.config.dev_mode)
+}
+
+thread_local! {
+    /// This worker thread's route answers ([`AnswerMemo`]), served without a lock.
+    static THREAD_ANSWERS: std::cell::RefCell<AnswerMemo<Routed>> =
+        std::cell::RefCell::default();
+}
+
+/// The answer this thread remembers for `key`, sent, if it still holds under `stamp` at `now`.
+fn send_remembered(
+    s: &AppState,
+    key: &AnswerKey,
+    stamp: MemoStamp,
+    now: Instant,
+) -> Option<Response> {
+    THREAD_ANSWERS.with(|m| m.borrow().get(key, stamp, now).map(|r| r.send(s)))
+}
+
+/// Remember `routed` in this thread for `key`, made under `stamp`, until the first of the
+/// registry's `stable_until` and the end of the room's trusted liveness.
+fn remember_in_thread(
+    s: &AppState,
+    room: RoomId,
+    key: AnswerKey,
+    stamp: MemoStamp,
+    stable_until: Option<Instant>,
+    routed: &Routed,
+) {
+    let Some(live_until) = lock(&s.live).live_until(room) else {
+        return;
+    };
+    let until = stable_until.map_or(live_until, |u| u.min(live_until));
+    // The thread's own copy of the body: its reference count stays on this thread's core.
+    let own = Routed {
+        body: Bytes::copy_from_slice(&routed.body),
+        ..routed.clone()
+    };
+    THREAD_ANSWERS.with(|m| m.borrow_mut().put(key, stamp, until, own));
+}
+
+/// Route a request whose room is live from a client located as `at`: the edge, written as the
+/// answer, or the answer made for a client placed alike while the registry has not changed
+/// ([`crate::answer_cache`]). With `memo` (the stamp read before the room's liveness was
+/// checked), the answer is also remembered in this thread.
+fn route_decide(
+    s: &AppState,
+    p: &RouteParams<'_>,
+    at: &Located,
+    now: Instant,
+    memo: Option<MemoStamp>,
+) -> Answer {
+    let (q, room) = (&p.query, p.room);
+    if let Some(key) = &at.key {
+        let generation = s.generation.get();
+        let remembered = lock(&s.answers).get_with_until(key, generation, now);
+        if let Some((routed, until)) = remembered {
+            if let Some(stamp) = memo {
+                let stamp = MemoStamp {
+                    generation,
+                    ..stamp
+                };
+                remember_in_thread(s, room, *key, stamp, until, &routed);
+            }
             return Ok(routed.send(s));
         }
     }
-    let client_place = match (region_override, place) {
+    // Checked by `route_params`.
+    let avoid = match q.avoid.as_deref() {
+        Some(a) if !a.is_empty() => parse_avoid(a).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let region_override = dev_region(s, p);
+    let client_place = match (region_override, at.place) {
         (Some(r), _) => ClientPlace::Region(r),
         (None, Place::Located { point, .. }) => ClientPlace::Located(point),
         (None, _) => ClientPlace::Unknown,
@@ -246,8 +320,8 @@ fn route_decide(
         public_url: choice.edge.public_url,
         hls_base: s.hls_base(),
         hls_only,
-        source,
-        place,
+        source: at.source,
+        place: at.place,
         choice: &choice.why,
     };
     // Written under the registry lock: the edge's strings are borrowed, not copied.
@@ -261,14 +335,21 @@ fn route_decide(
     let routed = Routed {
         body: Bytes::from(body),
         decision: s.metrics.route_series(answer.region, outcome),
-        located: matches!(place, Place::Located { .. }),
+        located: matches!(at.place, Place::Located { .. }),
         hls_only,
     };
-    if let Some(key) = key {
+    if let Some(key) = at.key {
         let (generation, until) = (reg.generation(), reg.stable_until(now));
+        drop(reg);
         lock(&s.answers).put(key, generation, now, until, routed.clone());
+        if let Some(stamp) = memo {
+            let stamp = MemoStamp {
+                generation,
+                ..stamp
+            };
+            remember_in_thread(s, room, key, stamp, until, &routed);
+        }
     }
-    drop(reg);
     Ok(routed.send(s))
 }
 
@@ -353,8 +434,19 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
             return FrontFuture::Ready(Some(resp));
         }
     };
+    // Read before the liveness: an end through this router after it voids what is made now.
+    let stamp = s.memo_stamp();
+    let at = locate_client(s, peer, req.headers(), &p);
+    if let Ok(Located { key: Some(key), .. }) = &at {
+        if let Some(resp) = send_remembered(s, key, stamp, now) {
+            log_route(log, req.uri(), &resp);
+            return FrontFuture::Ready(Some(resp));
+        }
+    }
     if lock(&s.live).is_live(p.room, now) {
-        let resp = route_decide(s, peer, req.headers(), &p, now).into_response();
+        let resp = at
+            .and_then(|at| route_decide(s, &p, &at, now, Some(stamp)))
+            .into_response();
         log_route(log, req.uri(), &resp);
         return FrontFuture::Ready(Some(resp));
     }
@@ -362,10 +454,10 @@ fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFut
     let s = s.clone();
     FrontFuture::Later(Box::pin(async move {
         let resp = match s.route_live(room).await {
-            Ok(true) => match route_params(req.uri().query()) {
-                Ok(p) => route_decide(&s, peer, req.headers(), &p, Instant::now()),
-                Err(f) => Err(f),
-            },
+            Ok(true) => route_params(req.uri().query()).and_then(|p| {
+                let at = locate_client(&s, peer, req.headers(), &p)?;
+                route_decide(&s, &p, &at, Instant::now(), None)
+            }),
             Ok(false) => Err(not_live()),
             Err(f) => Err(f),
         }
