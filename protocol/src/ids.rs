@@ -104,8 +104,26 @@ mod tests {
             "00abcdef0123456g",
             "00abcdef012345678",
             "../../etc/passwd",
+            "+0abcdef01234567",
+            "00abcdef0123456é",
         ] {
             assert_eq!(bad.parse::<RoomId>(), Err(BadRoomId), "{bad}");
+        }
+    }
+
+    #[test]
+    fn room_id_text_reads_as_hexadecimal_in_either_case() {
+        for text in [
+            "00ABCDEF01234567",
+            "ffffffffffffffff",
+            "0000000000000000",
+            "7fA0b1C2d3E4f5a6",
+        ] {
+            assert_eq!(
+                text.parse::<RoomId>().map(|r| r.0),
+                Ok(u64::from_str_radix(text, 16).unwrap()),
+                "{text}"
+            );
         }
     }
 }

@@ -375,6 +375,28 @@ mod tests {
     }
 
     #[test]
+    fn the_unmetered_requests_are_exactly_those_the_budgets_never_refuse() {
+        let metered = IpBudgets::new(&limits(1, 1, 1, &["10.0.0.0/8", "::1"])).unwrap();
+        let unmetered = metered.unmetered_requests();
+        for (addr, exempt) in [
+            ("10.1.2.3", true),
+            ("::ffff:10.9.9.9", true),
+            ("::1", true),
+            ("192.0.2.1", false),
+            ("2001:db8::1", false),
+        ] {
+            assert_eq!(unmetered.contains(ip(addr)), exempt, "{addr}");
+            let mut b = IpBudgets::new(&limits(1, 1, 1, &["10.0.0.0/8", "::1"])).unwrap();
+            let t = Instant::now();
+            let refused = (0..3).any(|_| b.request(ip(addr), t).is_err());
+            assert_eq!(refused, !exempt, "{addr}");
+        }
+        // No request rate: nobody is metered.
+        let off = IpBudgets::new(&limits(1, 0, 0, &[])).unwrap();
+        assert!(off.unmetered_requests().contains(ip("192.0.2.1")));
+    }
+
+    #[test]
     fn the_table_stays_bounded_and_admits_untracked_when_full() {
         let mut b = IpBudgets::new(&limits(1, 1, 1, &[])).unwrap();
         let t = Instant::now();
