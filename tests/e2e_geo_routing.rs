@@ -57,7 +57,7 @@ fn send(method: &str, url: &str, body: &str) -> (u16, String, serde_json::Value)
 
 fn route_ip(mesh: &DevMesh, room: &str, ip: &str) -> serde_json::Value {
     let (status, v) = get(
-        &format!("{}/v1/route?room={room}&ip={ip}", mesh.router()),
+        &format!("{}/v1/route?room={room}&ip={ip}&explain=1", mesh.router()),
         &[],
     );
     assert_eq!(status, 200, "route for {ip}: {v}");
@@ -127,6 +127,12 @@ fn dbip_city_database_routes_v4_and_v6_to_the_nearest_region() {
     }
     let v = route_ip(&mesh, &room, "8.8.8.8");
     assert!(v["why"].as_str().unwrap().contains("km"), "{v}");
+    // Only an answer asked to explain itself says why.
+    let (status, v) = get(
+        &format!("{}/v1/route?room={room}&ip=8.8.8.8", mesh.router()),
+        &[],
+    );
+    assert_eq!((status, v.get("why")), (200, None), "{v}");
     let v = route_ip(&mesh, &room, "10.0.0.1");
     assert!(
         v["why"].as_str().unwrap().contains("not a public address"),
@@ -136,7 +142,7 @@ fn dbip_city_database_routes_v4_and_v6_to_the_nearest_region() {
     // A loopback client spoofing X-Forwarded-For / Forwarded is not a trusted proxy: ignored.
     for (h, val) in [("X-Forwarded-For", "8.8.8.8"), ("Forwarded", "for=1.1.1.1")] {
         let (status, v) = get(
-            &format!("{}/v1/route?room={room}", mesh.router()),
+            &format!("{}/v1/route?room={room}&explain=1", mesh.router()),
             &[(h, val)],
         );
         assert_eq!(status, 200, "{v}");

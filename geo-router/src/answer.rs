@@ -141,6 +141,8 @@ pub struct RouteAnswer<'a> {
     pub place: Place,
     /// The selection's reasons.
     pub choice: &'a str,
+    /// Whether the answer carries `why` (the request asked: `explain=1`).
+    pub explain: bool,
 }
 
 impl RouteAnswer<'_> {
@@ -154,7 +156,7 @@ impl RouteAnswer<'_> {
     }
 
     /// The JSON body: `RouteResponse`'s fields in its order (region, edge, whip_url, whep_url,
-    /// ws_url, hls_url, mode, why).
+    /// ws_url, hls_url, mode, and `why` when [`RouteAnswer::explain`]).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ANSWER_CAPACITY);
         let mut hex = [0u8; 16];
@@ -189,6 +191,10 @@ impl RouteAnswer<'_> {
             "mode",
             &[if self.hls_only { "hls" } else { "interactive" }],
         );
+        if !self.explain {
+            out.push(b'}');
+            return out;
+        }
         field(&mut out, "why", &[]);
         // Reopen the empty `why` string and write it piece by piece.
         out.pop();
@@ -238,7 +244,11 @@ mod tests {
             edge: a.edge.into(),
             hls_url: format!("{}/hls/{}/index.m3u8", a.hls_base, a.room),
             mode: if a.hls_only { "hls" } else { "interactive" }.into(),
-            why: format!("{located}; {}", a.choice),
+            why: if a.explain {
+                format!("{located}; {}", a.choice)
+            } else {
+                String::new()
+            },
         })
         .unwrap()
     }
@@ -277,7 +287,7 @@ mod tests {
         ];
         for (place, choice) in places.into_iter().flat_map(|p| choices.map(|c| (p, c))) {
             for url in urls {
-                for hls_only in [false, true] {
+                for (hls_only, explain) in [(false, true), (true, true), (false, false)] {
                     let a = RouteAnswer {
                         room: RoomId(0x00ab_cdef_0123_4567),
                         edge: "edge-\"x\"",
@@ -288,6 +298,7 @@ mod tests {
                         source: "peer (untrusted forwarding headers ignored)",
                         place,
                         choice,
+                        explain,
                     };
                     assert_eq!(
                         String::from_utf8(a.to_json()).unwrap(),

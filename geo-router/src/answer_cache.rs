@@ -59,6 +59,7 @@ impl From<Place> for PlaceKey {
 pub struct AnswerKey {
     room: RoomId,
     listener: bool,
+    explain: bool,
     source: &'static str,
     place: PlaceKey,
 }
@@ -79,17 +80,25 @@ impl AnswerKey {
         let fields = self.room.0
             ^ place.rotate_left(17)
             ^ (self.source.len() as u64) << 1
-            ^ u64::from(self.listener);
+            ^ u64::from(self.listener)
+            ^ u64::from(self.explain) << 2;
         // Fibonacci hashing: the high bits of the product are well mixed.
         fields.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     /// The key of an answer for `room` to a listener (or a speaker or host), whose address was
-    /// learnt as `source` says and placed at `place`.
-    pub fn new(room: RoomId, listener: bool, source: &'static str, place: Place) -> Self {
+    /// learnt as `source` says and placed at `place`; `explain`: the answer says why.
+    pub fn new(
+        room: RoomId,
+        listener: bool,
+        explain: bool,
+        source: &'static str,
+        place: Place,
+    ) -> Self {
         AnswerKey {
             room,
             listener,
+            explain,
             source,
             place: place.into(),
         }
@@ -296,7 +305,7 @@ mod tests {
     }
 
     fn key() -> AnswerKey {
-        AnswerKey::new(ROOM, true, "peer", located(39.0))
+        AnswerKey::new(ROOM, true, false, "peer", located(39.0))
     }
 
     /// The cache as the route path drives it: the answer (here the candidates' ids) from the
@@ -412,11 +421,11 @@ mod tests {
         cache.put(key(), 1, t0, None, "a");
         assert_eq!(cache.get(&key(), 1, t0), Some(&"a"));
         for other in [
-            AnswerKey::new(RoomId(8), true, "peer", located(39.0)),
-            AnswerKey::new(ROOM, false, "peer", located(39.0)),
-            AnswerKey::new(ROOM, true, "ip parameter", located(39.0)),
-            AnswerKey::new(ROOM, true, "peer", located(39.5)),
-            AnswerKey::new(ROOM, true, "peer", Place::Unknown),
+            AnswerKey::new(RoomId(8), true, false, "peer", located(39.0)),
+            AnswerKey::new(ROOM, false, false, "peer", located(39.0)),
+            AnswerKey::new(ROOM, true, false, "ip parameter", located(39.0)),
+            AnswerKey::new(ROOM, true, false, "peer", located(39.5)),
+            AnswerKey::new(ROOM, true, false, "peer", Place::Unknown),
         ] {
             assert_eq!(cache.get(&other, 1, t0), None, "{other:?}");
         }
@@ -427,7 +436,7 @@ mod tests {
     fn the_cache_is_bounded() {
         let t0 = Instant::now();
         let mut cache = AnswerCache::default();
-        let key = |i: usize| AnswerKey::new(RoomId(i as u64), true, "peer", Place::Unknown);
+        let key = |i: usize| AnswerKey::new(RoomId(i as u64), true, false, "peer", Place::Unknown);
         for i in 0..MAX_CACHED_ANSWERS {
             cache.put(key(i), 1, t0, None, i);
         }
@@ -486,11 +495,11 @@ mod tests {
         let until = t0 + Duration::from_secs(1);
         let keys = [
             key(),
-            AnswerKey::new(ROOM, false, "peer", located(39.0)),
-            AnswerKey::new(RoomId(8), true, "peer", located(39.0)),
-            AnswerKey::new(ROOM, true, "ip parameter", located(39.0)),
-            AnswerKey::new(ROOM, true, "peer", located(51.5)),
-            AnswerKey::new(ROOM, true, "peer", Place::Unknown),
+            AnswerKey::new(ROOM, false, false, "peer", located(39.0)),
+            AnswerKey::new(RoomId(8), true, false, "peer", located(39.0)),
+            AnswerKey::new(ROOM, true, false, "ip parameter", located(39.0)),
+            AnswerKey::new(ROOM, true, false, "peer", located(51.5)),
+            AnswerKey::new(ROOM, true, false, "peer", Place::Unknown),
         ];
         for (i, k) in keys.iter().enumerate() {
             memo.put(*k, STAMP, until, i);

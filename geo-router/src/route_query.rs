@@ -1,6 +1,6 @@
 //! The `/v1/route` query string (sans-IO), parsed in place: values are borrowed from the request
 //! unless they are percent- or `+`-encoded. The rules are those of the typed extractor it
-//! replaces: the five known parameters, each at most once, anything else refused.
+//! replaces: the six known parameters, each at most once, anything else refused.
 
 use std::borrow::Cow;
 
@@ -17,12 +17,14 @@ pub struct RouteQuery<'a> {
     pub role: Option<Cow<'a, str>>,
     /// `avoid=`: comma-separated edge ids the client could not reach.
     pub avoid: Option<Cow<'a, str>>,
+    /// `explain=`: `1` or `true` to have the answer say why (`why`).
+    pub explain: Option<Cow<'a, str>>,
 }
 
 /// Why a query string was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QueryError {
-    /// A parameter other than the five known ones.
+    /// A parameter other than the six known ones.
     #[error("unknown parameter")]
     Unknown,
     /// A parameter given twice.
@@ -75,6 +77,7 @@ fn parse_pairs<'a>(
             "ip" => &mut q.ip,
             "role" => &mut q.role,
             "avoid" => &mut q.avoid,
+            "explain" => &mut q.explain,
             _ => return Err(QueryError::Unknown),
         };
         if slot.is_some() {

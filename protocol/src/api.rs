@@ -178,8 +178,9 @@ pub struct RouteResponse {
     /// listeners: play `hls_url`).
     #[serde(default = "default_route_mode")]
     pub mode: String,
-    /// Short explanation of the choice, for operators.
-    #[serde(default)]
+    /// Short explanation of the choice, for operators: only when the request asked for it
+    /// (`explain=1`), else empty and left out.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub why: String,
 }
 

@@ -326,16 +326,17 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
     let route_url = format!("{base}/v1/route?room={room}&ip=8.8.8.8&role=listener");
     let hello_url = format!("http://{hello_addr}/");
     let hardened_url = format!("http://{hardened_addr}/");
-    let sample_body: Bytes = {
-        let u = route_url.clone();
+    let get_body = |u: String| {
         tokio::task::spawn_blocking(move || -> Result<Bytes> {
             let mut body = Vec::new();
             std::io::Read::read_to_end(&mut ureq::get(&u).call()?.into_reader(), &mut body)?;
             Ok(body.into())
         })
-        .await??
     };
-    let sample: serde_json::Value = serde_json::from_slice(&sample_body)?;
+    // What wrk gets, and the same answer explained (printed).
+    let sample_body = get_body(route_url.clone()).await??;
+    let sample: serde_json::Value =
+        serde_json::from_slice(&get_body(format!("{route_url}&explain=1")).await??)?;
     let same_bytes_addr: SocketAddr = ([127, 0, 0, 1], o.port + 3).into();
     let same_bytes = tokio::spawn(hardened_hello_world(
         same_bytes_addr,

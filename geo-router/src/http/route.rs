@@ -32,6 +32,8 @@ struct RouteParams<'q> {
     query: RouteQuery<'q>,
     room: RoomId,
     listener: bool,
+    /// The answer says why (`explain=1`).
+    explain: bool,
 }
 
 /// Check a `/v1/route` query: 400 for a malformed one, 404 for a malformed room id, in the order
@@ -66,10 +68,22 @@ fn route_params(query: Option<&str>) -> Result<RouteParams<'_>, Failure> {
             ))
         }
     };
+    let explain = match q.explain.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "explain must be 1, true, 0 or false",
+            ))
+        }
+    };
     Ok(RouteParams {
         query: q,
         room,
         listener,
+        explain,
     })
 }
 
@@ -196,7 +210,7 @@ fn locate_client(
     Ok(Located {
         source,
         place,
-        key: remembered.then(|| AnswerKey::new(p.room, p.listener, source, place)),
+        key: remembered.then(|| AnswerKey::new(p.room, p.listener, p.explain, source, place)),
     })
 }
 
@@ -323,6 +337,7 @@ fn route_decide(
         source: at.source,
         place: at.place,
         choice: &choice.why,
+        explain: p.explain,
     };
     // Written under the registry lock: the edge's strings are borrowed, not copied.
     let body = answer.to_json();
@@ -583,5 +598,14 @@ mod tests {
         );
         let p = route_params(Some("room=00000000000000ab&role=listener")).ok();
         assert_eq!(p.map(|p| (p.room, p.listener)), Some((RoomId(0xab), true)));
+        let explained = |q: &str| route_params(Some(q)).map(|p| p.explain).ok();
+        assert_eq!(explained("room=00000000000000ab&explain=1"), Some(true));
+        assert_eq!(explained("room=00000000000000ab&explain=true"), Some(true));
+        assert_eq!(explained("room=00000000000000ab&explain=0"), Some(false));
+        assert_eq!(explained("room=00000000000000ab"), Some(false));
+        assert_eq!(
+            code(Some("room=00000000000000ab&explain=yes")),
+            Some((StatusCode::BAD_REQUEST, "bad_query"))
+        );
     }
 }
