@@ -1,6 +1,7 @@
 //! Geo-router request parsing from the network: forwarding headers from a trusted proxy, edge
-//! heartbeats, API key headers and signatures and `/v1/route?avoid=` lists never panic; a
-//! made-up signature never verifies; an accepted avoid list is within its limits.
+//! heartbeats, API key headers and signatures, `/v1/route` query strings, room ids and
+//! `avoid=` lists never panic; a made-up signature never verifies; an accepted avoid list is
+//! within its limits; a room id parses exactly when it is 16 hexadecimal digits, to their value.
 #![no_main]
 use amphi_geo_router::auth::ApiKeys;
 use amphi_geo_router::client_ip::client_ip;
@@ -61,6 +62,12 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
+    let _ = amphi_geo_router::route_query::parse(Some(&text));
+    let room = text.parse::<amphi_protocol::RoomId>().map(|r| r.0).ok();
+    let hex = (text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u64::from_str_radix(&text, 16).ok())
+        .flatten();
+    assert_eq!(room, hex, "{text:?}");
     if let Ok(ids) = amphi_geo_router::select::parse_avoid(&text) {
         assert!(ids.len() <= amphi_geo_router::select::MAX_AVOID);
         assert!(ids
