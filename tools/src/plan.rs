@@ -20,6 +20,8 @@ const PARTS_PER_S: f64 = 5.0;
 const FORWARDED_SPEAKERS: f64 = 3.0;
 /// Seconds in an hour.
 const HOUR_S: f64 = 3600.0;
+/// Push messages per second to one push listener: 3 frames of 20 ms per message.
+const PUSH_MESSAGES_PER_S: f64 = 50.0 / 3.0;
 
 /// One figure of the table.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -40,7 +42,7 @@ pub struct Figures {
 }
 
 /// Names every figures table must define.
-pub const FIGURE_NAMES: [&str; 11] = [
+pub const FIGURE_NAMES: [&str; 14] = [
     "mixer_realtime_factor",
     "program_bitrate_bps",
     "opus_encode_us",
@@ -52,6 +54,9 @@ pub const FIGURE_NAMES: [&str; 11] = [
     "part_overhead_bytes",
     "playlist_response_bytes",
     "http_response_overhead_bytes",
+    "edge_push_listener_us_s",
+    "push_message_bytes",
+    "push_message_overhead_bytes",
 ];
 
 impl Figures {
@@ -119,8 +124,11 @@ pub struct Inputs {
     pub regions: Vec<(String, f64)>,
     /// Speakers per room.
     pub speakers_per_room: u32,
-    /// Interactive (WebRTC) listeners per room; the rest listen over LL-HLS through the CDN.
+    /// Interactive (WebRTC) listeners per room; the next ones listen over push.
     pub interactive_per_room: u32,
+    /// Push listeners per room (WebSocket at the edges); the rest listen over LL-HLS through the
+    /// CDN.
+    pub push_per_room: u32,
     /// Fraction of a node's cores the plan fills (headroom for bursts and failover).
     pub target_utilization: f64,
     /// Cores of an edge node.
@@ -157,6 +165,13 @@ pub struct RegionPlan {
     pub interactive: f64,
     /// Speakers connected to the region's edges.
     pub speakers: f64,
+    /// Push listeners connected to the region's edges.
+    pub push: f64,
+    /// Distinct edges of this region a room's push listeners sit on (each takes the room's
+    /// program from the origin).
+    pub push_edges_per_room: f64,
+    /// Edge cores serving push listeners (included in `cores`).
+    pub push_cores: f64,
     /// Distinct edges of this region a room's participants sit on (relay fan-out targets).
     pub edges_per_room: f64,
     /// SRTP packets out per second (to listeners and speakers).
@@ -182,6 +197,8 @@ pub struct Plan {
     pub listeners_per_room: f64,
     /// Interactive listeners per room (capped by the audience).
     pub interactive_per_room: f64,
+    /// Push listeners per room (capped by the audience left).
+    pub push_per_room: f64,
     /// Passive (LL-HLS) listeners, all rooms.
     pub passive: f64,
     /// Edge groups.
@@ -216,6 +233,23 @@ pub struct Plan {
     pub edge_egress_bps: f64,
     /// Edge egress cost per month, USD.
     pub edge_egress_usd_month: f64,
+    /// What one listener-hour costs on each tier.
+    pub tiers: [TierCost; 3],
+}
+
+/// One listener tier's cost per listener-hour.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TierCost {
+    /// `WebRTC`, `push` or `LL-HLS`.
+    pub tier: &'static str,
+    /// Bits per second to the listener, on the wire.
+    pub bps: f64,
+    /// HTTP requests per second the listener makes (LL-HLS only).
+    pub requests_s: f64,
+    /// Edge cores per 1,000 listeners (before the utilization target).
+    pub edge_cores_per_1000: f64,
+    /// Egress and request cost of one listener-hour, USD.
+    pub usd_per_hour: f64,
 }
 
 impl Inputs {
@@ -257,7 +291,10 @@ pub fn compute(inputs: &Inputs, figures: &Figures) -> Result<Plan> {
     let speakers = inputs.speakers_per_room as f64;
     let listeners_per_room = inputs.listeners as f64 / rooms;
     let interactive_per_room = (inputs.interactive_per_room as f64).min(listeners_per_room);
-    let passive = inputs.listeners as f64 - interactive_per_room * rooms;
+    let push_per_room =
+        (inputs.push_per_room as f64).min(listeners_per_room - interactive_per_room);
+    let passive = inputs.listeners as f64 - (interactive_per_room + push_per_room) * rooms;
+    let push_wire_bytes = f.v("push_message_bytes") + f.v("push_message_overhead_bytes");
 
     // Edges: every interactive listener gets the loudest three speakers, every speaker the others
     // (up to three); every edge holding a room's participants receives every speaker packet of it.
@@ -283,14 +320,31 @@ pub fn compute(inputs: &Inputs, figures: &Figures) -> Result<Plan> {
         };
         let relay_in = rooms * speakers * PACKETS_PER_SPEAKER_S * edges_per_room;
         let packets_in_s = spk * PACKETS_PER_SPEAKER_S + relay_in;
-        let cores = (packets_out_s + packets_in_s) / (f.v("edge_packets_per_core_s") * u);
+        let push = push_per_room * rooms * share;
+        let push_cores = push * f.v("edge_push_listener_us_s") / 1e6 / u;
+        let cores =
+            (packets_out_s + packets_in_s) / (f.v("edge_packets_per_core_s") * u) + push_cores;
         let n = nodes(cores, inputs.edge_cores).max(inputs.min_edges_per_region as u64);
-        let egress_bps = packets_out_s * f.v("speaker_packet_wire_bytes") * 8.0;
+        // Each edge holding push listeners of a room subscribes to its program at the origin;
+        // like the other participants, they spread over the region's edges unless room-affine.
+        let in_region = push_per_room * share;
+        let push_edges_per_room = if in_region <= 0.0 {
+            0.0
+        } else if inputs.room_affine {
+            1.0
+        } else {
+            in_region.clamp(1.0, n as f64)
+        };
+        let egress_bps = packets_out_s * f.v("speaker_packet_wire_bytes") * 8.0
+            + push * PUSH_MESSAGES_PER_S * push_wire_bytes * 8.0;
         regions.push(RegionPlan {
             name: name.clone(),
             share: *share,
             interactive,
             speakers: spk,
+            push,
+            push_edges_per_room,
+            push_cores,
             edges_per_room,
             packets_out_s,
             packets_in_s,
@@ -307,8 +361,9 @@ pub fn compute(inputs: &Inputs, figures: &Figures) -> Result<Plan> {
         (1.0 / f.v("mixer_realtime_factor")) * (enc + speakers * dec) / (enc + 3.0 * dec);
     let mixer_cores = rooms * mixer_cores_per_room / u;
     let fanout: f64 = regions.iter().map(|r| r.edges_per_room).sum();
-    let relay_datagrams_s =
-        rooms * speakers * PACKETS_PER_SPEAKER_S * (1.0 + fanout) + rooms * PACKETS_PER_SPEAKER_S;
+    let push_fanout: f64 = regions.iter().map(|r| r.push_edges_per_room).sum();
+    let relay_datagrams_s = rooms * speakers * PACKETS_PER_SPEAKER_S * (1.0 + fanout)
+        + rooms * PACKETS_PER_SPEAKER_S * (1.0 + push_fanout);
     let relay_cores = relay_datagrams_s / (f.v("origin_datagrams_per_core_s") * u);
     let origins = nodes(mixer_cores + relay_cores, inputs.origin_cores).max(1);
 
@@ -330,12 +385,45 @@ pub fn compute(inputs: &Inputs, figures: &Figures) -> Result<Plan> {
     let cdn_requests_usd_month = cdn_requests_s * month_s / 1e4 * inputs.cdn_usd_per_10k_requests;
     let edge_egress_bps: f64 = regions.iter().map(|r| r.egress_bps).sum();
     let edge_egress_usd_month = edge_egress_bps / 8.0 * month_s / 1e9 * inputs.edge_usd_per_gb;
+    let hour_gb = |bps: f64| bps / 8.0 * HOUR_S / 1e9;
+    let webrtc_bps = PACKETS_PER_SPEAKER_S
+        * FORWARDED_SPEAKERS.min(speakers)
+        * f.v("speaker_packet_wire_bytes")
+        * 8.0;
+    let push_bps = PUSH_MESSAGES_PER_S * push_wire_bytes * 8.0;
+    let hls_requests_s = PARTS_PER_S * 2.0;
+    let tiers = [
+        TierCost {
+            tier: "WebRTC",
+            bps: webrtc_bps,
+            requests_s: 0.0,
+            edge_cores_per_1000: 1000.0 * PACKETS_PER_SPEAKER_S * FORWARDED_SPEAKERS.min(speakers)
+                / f.v("edge_packets_per_core_s"),
+            usd_per_hour: hour_gb(webrtc_bps) * inputs.edge_usd_per_gb,
+        },
+        TierCost {
+            tier: "push",
+            bps: push_bps,
+            requests_s: 0.0,
+            edge_cores_per_1000: 1000.0 * f.v("edge_push_listener_us_s") / 1e6,
+            usd_per_hour: hour_gb(push_bps) * inputs.edge_usd_per_gb,
+        },
+        TierCost {
+            tier: "LL-HLS",
+            bps: bps_per_listener,
+            requests_s: hls_requests_s,
+            edge_cores_per_1000: 0.0,
+            usd_per_hour: hour_gb(bps_per_listener) * inputs.cdn_usd_per_gb
+                + hls_requests_s * HOUR_S / 1e4 * inputs.cdn_usd_per_10k_requests,
+        },
+    ];
 
     Ok(Plan {
         inputs: inputs.clone(),
         figures: figures.clone(),
         listeners_per_room,
         interactive_per_room,
+        push_per_room,
         passive,
         regions,
         mixer_cores_per_room,
@@ -353,6 +441,7 @@ pub fn compute(inputs: &Inputs, figures: &Figures) -> Result<Plan> {
         cdn_requests_usd_month,
         edge_egress_bps,
         edge_egress_usd_month,
+        tiers,
     })
 }
 
@@ -426,12 +515,15 @@ pub fn render(p: &Plan) -> String {
     );
     let _ = writeln!(
         w,
-        "  interactive (WebRTC) per room = min({}, {}) = {}; passive (LL-HLS) = {} - {} x {} = {}",
+        "  interactive (WebRTC) per room = min({}, {}) = {}; push per room = min({}, the rest) = {}; passive (LL-HLS) = {} - ({} + {}) x {} = {}",
         i.interactive_per_room,
         n(p.listeners_per_room, 1),
         n(p.interactive_per_room, 1),
+        i.push_per_room,
+        n(p.push_per_room, 1),
         n(i.listeners as f64, 0),
         n(p.interactive_per_room, 1),
+        n(p.push_per_room, 1),
         n(i.rooms as f64, 0),
         n(p.passive, 0)
     );
@@ -455,11 +547,33 @@ pub fn render(p: &Plan) -> String {
     );
     let _ = writeln!(
         w,
-        "  cores = (out + in) / (edge_packets_per_core_s {} x {u}) [{}]",
+        "  cores = (out + in) / (edge_packets_per_core_s {} x {u}) + push listeners x edge_push_listener_us_s {} / 1e6 / {u} [{}; {}]",
         n(f.v("edge_packets_per_core_s"), 0),
-        f.src("edge_packets_per_core_s")
+        f.v("edge_push_listener_us_s"),
+        f.src("edge_packets_per_core_s"),
+        f.src("edge_push_listener_us_s")
     );
+    if i.push_per_room > 0 {
+        let _ = writeln!(
+            w,
+            "  push egress = push listeners x 50/3 messages/s x (push_message_bytes {} + push_message_overhead_bytes {}) x 8 [{}; {}]",
+            n(f.v("push_message_bytes"), 0),
+            n(f.v("push_message_overhead_bytes"), 0),
+            f.src("push_message_bytes"),
+            f.src("push_message_overhead_bytes")
+        );
+    }
     for r in &p.regions {
+        if r.push > 0.0 {
+            let _ = writeln!(
+                w,
+                "  {}: push {} -> {} cores; a room's push listeners on {} edges",
+                r.name,
+                n(r.push, 0),
+                n(r.push_cores, 1),
+                n(r.push_edges_per_room, 1)
+            );
+        }
         let _ = writeln!(
             w,
             "  {}: interactive {} + speakers {}; edges per room {}; out {} + in {} pkt/s -> {} cores -> {} nodes; egress {} Gbit/s (x {} B/pkt)",
@@ -509,9 +623,10 @@ pub fn render(p: &Plan) -> String {
     let fanout: f64 = p.regions.iter().map(|r| r.edges_per_room).sum();
     let _ = writeln!(
         w,
-        "  relay datagrams/s = rooms x {} speakers x 50 x (1 in + {} edges out) + rooms x 50 program = {}",
+        "  relay datagrams/s = rooms x {} speakers x 50 x (1 in + {} edges out) + rooms x 50 program x (1 packager + {} push edges) = {}",
         i.speakers_per_room,
         n(fanout, 1),
+        n(p.regions.iter().map(|r| r.push_edges_per_room).sum::<f64>(), 1),
         n(p.relay_datagrams_s, 0)
     );
     let _ = writeln!(
@@ -595,11 +710,28 @@ pub fn render(p: &Plan) -> String {
     );
     let _ = writeln!(
         w,
-        "  edge egress (WebRTC) = {} Gbit/s; per month x ${}/GB = ${}",
+        "  edge egress (WebRTC and push) = {} Gbit/s; per month x ${}/GB = ${}",
         n(p.edge_egress_bps / 1e9, 2),
         i.edge_usd_per_gb,
         n(p.edge_egress_usd_month, 0)
     );
+
+    let _ = writeln!(
+        w,
+        "\ncost per listener-hour (egress at ${}/GB from edges, ${}/GB and ${}/10k requests from the CDN; compute not priced)",
+        i.edge_usd_per_gb, i.cdn_usd_per_gb, i.cdn_usd_per_10k_requests
+    );
+    for t in &p.tiers {
+        let _ = writeln!(
+            w,
+            "  {:<7} {} kbit/s, {} requests/s, {} edge cores per 1,000 listeners: ${:.5} per listener-hour",
+            t.tier,
+            n(t.bps / 1e3, 1),
+            n(t.requests_s, 0),
+            n(t.edge_cores_per_1000, 2),
+            t.usd_per_hour
+        );
+    }
 
     let _ = writeln!(w, "\nsummary");
     let _ = writeln!(
@@ -649,9 +781,12 @@ pub struct PlanArgs {
     /// Speakers per room.
     #[arg(long, default_value_t = 3)]
     speakers_per_room: u32,
-    /// Interactive (WebRTC) listeners per room; the rest listen over LL-HLS.
+    /// Interactive (WebRTC) listeners per room; the next ones listen over push.
     #[arg(long, default_value_t = 50)]
     interactive_per_room: u32,
+    /// Push listeners per room (WebSocket at the edges); the rest listen over LL-HLS.
+    #[arg(long, default_value_t = 0)]
+    push_per_room: u32,
     /// Fraction of each node's cores the plan fills.
     #[arg(long, default_value_t = 0.6)]
     target_utilization: f64,
@@ -711,6 +846,7 @@ impl PlanArgs {
             regions: self.regions.iter().cloned().zip(shares).collect(),
             speakers_per_room: self.speakers_per_room,
             interactive_per_room: self.interactive_per_room,
+            push_per_room: self.push_per_room,
             target_utilization: self.target_utilization,
             edge_cores: self.edge_cores,
             origin_cores: self.origin_cores,
@@ -906,6 +1042,49 @@ mod tests {
         assert!(
             doc.contains(&affine),
             "docs/capacity.md is out of date: paste the output of\n  amphi-tools plan {DOC_COMMAND} --room-affine\n\n{affine}"
+        );
+        let push = render(&plan(&format!(
+            "{DOC_COMMAND} --push-per-room 40 --room-affine"
+        )));
+        assert!(
+            doc.contains(&push),
+            "docs/capacity.md is out of date: paste the output of\n  amphi-tools plan {DOC_COMMAND} --push-per-room 40 --room-affine\n\n{push}"
+        );
+    }
+
+    #[test]
+    fn push_listeners_by_hand_and_per_tier_costs() {
+        // 1 region, 100 rooms of 100 listeners: 10 WebRTC, 30 push, 60 LL-HLS.
+        let p = plan(
+            "--listeners 10000 --rooms 100 --regions r --interactive-per-room 10 \
+             --push-per-room 30 --min-edges-per-region 1 --target-utilization 0.5",
+        );
+        assert_eq!((p.push_per_room, p.passive), (30.0, 6_000.0));
+        let r = &p.regions[0];
+        assert_eq!(r.push, 3_000.0);
+        // 3,000 listeners x 106.3 us/s / 0.5
+        assert!((r.push_cores - 3_000.0 * 106.3e-6 / 0.5).abs() < 1e-9);
+        // spread: a room's 30 push listeners over min(30, the region's nodes) edges
+        assert_eq!(r.push_edges_per_room, 30.0_f64.min(r.nodes as f64));
+        // the program to the packager and to each edge with push listeners
+        let speakers = 100.0 * 3.0 * 50.0 * (1.0 + r.edges_per_room);
+        assert_eq!(
+            p.relay_datagrams_s,
+            speakers + 100.0 * 50.0 * (1.0 + r.push_edges_per_room)
+        );
+        // push: 50/3 messages/s x (480 + 74) bytes x 8 = 73,866.7 bit/s
+        let [webrtc, push, hls] = &p.tiers;
+        assert!((push.bps - 50.0 / 3.0 * 554.0 * 8.0).abs() < 1e-6);
+        assert_eq!(webrtc.bps, 50.0 * 3.0 * 150.0 * 8.0);
+        assert_eq!((hls.bps, hls.requests_s), (146_851.0, 10.0));
+        // LL-HLS: 36,000 requests an hour at $0.01 per 10k dominate its cost
+        assert!((hls.usd_per_hour - (146_851.0 / 8.0 * 3600.0 / 1e9 * 0.02 + 0.036)).abs() < 1e-9);
+        assert!(push.usd_per_hour < webrtc.usd_per_hour && webrtc.usd_per_hour < hls.usd_per_hour);
+        // No push asked: none planned, and the relay carries the program once.
+        let none = plan("--listeners 10000 --rooms 100 --regions r");
+        assert_eq!(
+            (none.push_per_room, none.regions[0].push_edges_per_room),
+            (0.0, 0.0)
         );
     }
 
