@@ -3,18 +3,24 @@
 // jitter buffer. Reconnects resume after the last frame played (`after=`).
 //
 //   const player = AmphiPush.play({ url, ctx, destination, targetMs: 150 });
-//   player.stats(); // { frames, late, gaps, latencyMs, bufferedMs, connected }
+//   player.stats(); // { frames, late, gaps, reanchors, catchups, latencyMs, bufferedMs, connected }
 //   player.stop();
 //
 // Scheduling: each decoded 20 ms frame is an AudioBuffer played by an AudioBufferSourceNode at
 // `start + (ts - ts0) / 48000` on the context's clock, where `start` is fixed by the first frame
 // plus the latency target. A frame that would play in the past is dropped (counted late); when
 // frames keep arriving later than the target allows (or far earlier), the timeline is re-anchored.
+// A re-anchor (or a slow first frame) can leave more delay than the target: when every frame of
+// the last 2 s came at least 30 ms earlier than needed, the extra delay is dropped during silence.
 (function () {
   "use strict";
 
   const SAMPLE_RATE = 48000;
   const FRAME = 960;
+  // Catch-up: every 2 s, if no frame of the last 2 s came with less than 30 ms more lead than
+  // the target, the extra delay is dropped during silence.
+  const CATCH_UP_WINDOW_S = 2;
+  const CATCH_UP_MIN_S = 0.03;
 
   /** Parse one binary audio message (u8 version, u8 kind, u16 count, u32 seq, frames). */
   function parseAudio(buf) {
@@ -37,12 +43,21 @@
     return { seq, frames };
   }
 
+  /** Whether a decoded frame is silence (what a catch-up may shorten unheard). */
+  function quiet(buf) {
+    const x = buf.getChannelData(0);
+    let sum = 0;
+    for (let i = 0; i < x.length; i++) sum += x[i] * x[i];
+    return Math.sqrt(sum / Math.max(1, x.length)) < 0.003;
+  }
+
   function play({ url, ctx, destination, targetMs = 150 }) {
     const st = {
       frames: 0,
       late: 0,
       gaps: 0,
       reanchors: 0,
+      catchups: 0,
       connected: false,
       latencyMs: null,
       bufferedMs: 0,
@@ -53,6 +68,11 @@
     let lastTs = null; // last frame handed to the decoder
     let anchor = null; // { ts, at } : room timestamp ts plays at context time `at`
     let pending = new Map(); // decoder timestamp (µs) -> room ts
+    // The least lead (seconds) any frame had since `windowStart` (context time): when even the
+    // least-early frame of a window was well ahead of the target, the player holds more delay than
+    // it needs (its anchor was set, or moved, by a late frame) and catches up in a quiet moment.
+    let minAhead = Infinity;
+    let windowStart = null;
     let retry = 250;
     const gain = ctx.createGain();
     gain.connect(destination || ctx.destination);
@@ -84,6 +104,23 @@
         if (ahead < 0.005) st.late++;
         anchor = { ts, at: now + target };
         when = anchor.at;
+        minAhead = Infinity;
+        windowStart = now;
+      } else {
+        if (windowStart == null) windowStart = now;
+        minAhead = Math.min(minAhead, ahead);
+        const excess = minAhead - target;
+        if (now - windowStart >= CATCH_UP_WINDOW_S) {
+          if (excess > CATCH_UP_MIN_S && quiet(buf)) {
+            // Every frame of the window came early enough: drop the extra delay while this
+            // frame is silence (the frames already scheduled overlap it by that much).
+            anchor = { ts: anchor.ts, at: anchor.at - excess };
+            when -= excess;
+            st.catchups++;
+          }
+          minAhead = Infinity;
+          windowStart = now;
+        }
       }
       const src = ctx.createBufferSource();
       src.buffer = buf;

@@ -67,6 +67,10 @@ pub struct HlsArgs {
     /// at 1.1x while the player sits more than 0.1 s behind PART-HOLD-BACK).
     #[arg(long)]
     no_latency_keeper: bool,
+    /// With `--glass-to-glass`: also a push listener (the room page's `#listen=push`, web/push.js)
+    /// hearing the same bursts in the same run, side by side with hls.js.
+    #[arg(long)]
+    push: bool,
     /// Port offset of the dev mesh `--glass-to-glass` starts.
     #[arg(long, default_value_t = 22_000)]
     port_offset: u16,
@@ -106,7 +110,14 @@ pub async fn run(args: HlsArgs) -> Result<()> {
             args.bursts.clamp(1, 1000)
         };
         let keeper = !args.no_latency_keeper;
-        return glass_to_glass(bursts, args.port_offset, args.hls_config.clone(), keeper).await;
+        return glass_to_glass(
+            bursts,
+            args.port_offset,
+            args.hls_config.clone(),
+            keeper,
+            args.push,
+        )
+        .await;
     }
     let (players, seconds) = if args.smoke {
         (args.players.min(50), args.seconds.min(3))
@@ -396,6 +407,7 @@ async fn glass_to_glass(
     offset: u16,
     hls_config: String,
     latency_keeper: bool,
+    push: bool,
 ) -> Result<()> {
     let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("g2g", offset, &[])).await??;
     let router = format!("127.0.0.1:{}", 8080 + offset);
@@ -438,6 +450,27 @@ async fn glass_to_glass(
     let player_secs = (total as u64 * 20 / 1000).saturating_sub(3).max(5);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/browser/hls_play.mjs");
     let mut player: Option<std::thread::JoinHandle<Result<Vec<u64>>>> = None;
+    let mut push_player: Option<std::thread::JoinHandle<Result<Vec<u64>>>> = None;
+    if push {
+        let (base, room) = (format!("http://{router}"), room.clone());
+        let seconds = (total as u64 * 20 / 1000).saturating_sub(2).max(5);
+        push_player = Some(std::thread::spawn(move || {
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/browser/push_onsets.mjs"
+            );
+            let out = Command::new("node")
+                .arg(script)
+                .env("AMPHI_URL", base)
+                .env("AMPHI_ROOM", room)
+                .env("AMPHI_REGION", "us-east")
+                .env("AMPHI_SECONDS", seconds.to_string())
+                .stderr(Stdio::null())
+                .output()
+                .context("running node tests/browser/push_onsets.mjs")?;
+            Ok(onsets(&String::from_utf8_lossy(&out.stdout)))
+        }));
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for i in 0..total {
@@ -458,13 +491,7 @@ async fn glass_to_glass(
                     .stderr(Stdio::null())
                     .output()
                     .context("running node tests/browser/hls_play.mjs")?;
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                Ok(text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .filter(|v| v["ev"] == "onset")
-                    .filter_map(|v| v["at"].as_f64().map(|a| a as u64))
-                    .collect())
+                Ok(onsets(&String::from_utf8_lossy(&out.stdout)))
             }));
         }
         let in_burst = i >= lead_in && i < lead_in + bursts * 100 && (i - lead_in) % 100 < 20;
@@ -482,44 +509,93 @@ async fn glass_to_glass(
             .map_err(|e| anyhow::anyhow!("send: {e}"))?;
     }
     let _ = publisher.close().await;
-    let detected = match player {
-        Some(p) => p.join().map_err(|_| anyhow::anyhow!("player thread"))??,
-        None => Vec::new(),
+    let heard = |p: Option<std::thread::JoinHandle<Result<Vec<u64>>>>| -> Result<Vec<u64>> {
+        match p {
+            Some(p) => p.join().map_err(|_| anyhow::anyhow!("player thread"))?,
+            None => Ok(Vec::new()),
+        }
     };
-    // Match each burst to the first onset heard after it (within 1.9 s, before the next burst).
-    let mut lat: Vec<u32> = Vec::new();
-    for (k, &sent) in sent_onsets.iter().enumerate() {
-        let next = sent_onsets.get(k + 1).copied().unwrap_or(u64::MAX);
-        if let Some(&heard) = detected
-            .iter()
-            .find(|&&d| d > sent && d < next.min(sent + 1900))
-        {
-            lat.push((heard - sent) as u32);
+    let hls = burst_latencies(&sent_onsets, &heard(player)?);
+    println!(
+        "glass-to-glass (WHIP packet sent to the edge -> hls.js playing it, Chromium WebAudio onset): {}",
+        hls.summary(sent_onsets.len())
+    );
+    if push {
+        let pushed = burst_latencies(&sent_onsets, &heard(push_player)?);
+        println!(
+            "glass-to-glass (same bursts -> the room page's push listener, web/push.js, playing them): {}",
+            pushed.summary(sent_onsets.len())
+        );
+        println!(
+            "  push p50 / LL-HLS p50 = {:.2} (goal: push p50 <= 350 ms: {})",
+            pushed.quantile(0.5) / hls.quantile(0.5),
+            if pushed.quantile(0.5) <= 350.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        if pushed.sorted_ms.is_empty() {
+            bail!("the push listener heard no burst");
         }
     }
-    lat.sort_unstable();
-    let p = |q: f64| {
-        if lat.is_empty() {
-            f64::NAN
-        } else {
-            f64::from(lat[((lat.len() - 1) as f64 * q).round() as usize])
-        }
-    };
-    println!(
-        "glass-to-glass (WHIP packet sent to the edge -> hls.js playing it, Chromium WebAudio onset): \
-         p50 {:.0} ms, p90 {:.0} ms, min {:.0} ms, max {:.0} ms ({} of {} bursts heard)",
-        p(0.5),
-        p(0.9),
-        p(0.0),
-        p(1.0),
-        lat.len(),
-        sent_onsets.len()
-    );
     drop(mesh);
-    if lat.is_empty() {
+    if hls.sorted_ms.is_empty() {
         bail!("hls.js heard no burst");
     }
     Ok(())
+}
+
+/// The `onset` times (Unix ms) a browser player script printed as JSON lines.
+fn onsets(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["ev"] == "onset")
+        .filter_map(|v| v["at"].as_f64().map(|a| a as u64))
+        .collect()
+}
+
+/// Glass-to-glass latencies of the bursts a player heard, sorted.
+struct BurstLatencies {
+    sorted_ms: Vec<u32>,
+}
+
+/// Match each burst sent to the first onset heard after it (within 1.9 s, before the next burst).
+fn burst_latencies(sent: &[u64], detected: &[u64]) -> BurstLatencies {
+    let mut lat: Vec<u32> = Vec::new();
+    for (k, &at) in sent.iter().enumerate() {
+        let next = sent.get(k + 1).copied().unwrap_or(u64::MAX);
+        if let Some(&heard) = detected
+            .iter()
+            .find(|&&d| d > at && d < next.min(at + 1900))
+        {
+            lat.push(u32::try_from(heard - at).unwrap_or(u32::MAX));
+        }
+    }
+    lat.sort_unstable();
+    BurstLatencies { sorted_ms: lat }
+}
+
+impl BurstLatencies {
+    fn quantile(&self, q: f64) -> f64 {
+        if self.sorted_ms.is_empty() {
+            return f64::NAN;
+        }
+        f64::from(self.sorted_ms[((self.sorted_ms.len() - 1) as f64 * q).round() as usize])
+    }
+
+    fn summary(&self, bursts: usize) -> String {
+        format!(
+            "p50 {:.0} ms, p90 {:.0} ms, min {:.0} ms, max {:.0} ms ({} of {} bursts heard)",
+            self.quantile(0.5),
+            self.quantile(0.9),
+            self.quantile(0.0),
+            self.quantile(1.0),
+            self.sorted_ms.len(),
+            bursts
+        )
+    }
 }
 
 /// A minimal keep-alive HTTP/1.1 client connection (Content-Length and chunked bodies).
