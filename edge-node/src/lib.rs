@@ -28,6 +28,7 @@ pub mod offer;
 pub mod owners;
 pub mod peers;
 pub mod push;
+mod push_fanout;
 mod push_hub;
 mod push_ws;
 pub mod red;
@@ -260,7 +261,14 @@ pub async fn run_with(
     }
     drop(mesh_tx);
     drop(signal_tx);
-    let (push, push_rx) = push_hub::PushHub::new(push::PushConfig::default(), metrics.clone());
+    // One push writer per runtime worker: each writes its share of the push listeners.
+    let push_writers = tokio::runtime::Handle::current().metrics().num_workers();
+    let (push, push_rx) = push_hub::PushHub::start(
+        push::PushConfig::default(),
+        push_writers,
+        metrics.clone(),
+        &inner,
+    );
     tokio::spawn(push.clone().tick_loop(inner.clone()));
     let uplink = uplink::Uplink {
         push: push.clone(),

@@ -85,8 +85,8 @@ struct PushRoom {
     pending_ts: Vec<u64>,
     pending: Vec<Vec<u8>>,
     seq: u32,
-    /// A frame's room timestamp and when it arrived (Unix µs): the header's anchor.
-    anchor: Option<(u64, u64)>,
+    /// The header frame, anchoring the room's first frame's timestamp at its arrival (Unix µs).
+    header: Option<Bytes>,
     recent: VecDeque<Message>,
     /// Reused encoding buffer.
     scratch: Vec<u8>,
@@ -156,16 +156,23 @@ impl PushCore {
         let r = self.rooms.entry(room).or_default();
         r.listeners += 1;
         r.empty_since = None;
-        let backlog = match after {
-            Some(after) => r
+        Ok((
+            self.backlog(room, after),
+            new.then_some(PushOutput::Subscribe(room)),
+        ))
+    }
+
+    /// The messages of `room` still held that end after room timestamp `after` (none without).
+    pub fn backlog(&self, room: RoomId, after: Option<u64>) -> Vec<Message> {
+        match (self.rooms.get(&room), after) {
+            (Some(r), Some(after)) => r
                 .recent
                 .iter()
                 .filter(|m| m.last_ts > after)
                 .cloned()
                 .collect(),
-            None => Vec::new(),
-        };
-        Ok((backlog, new.then_some(PushOutput::Subscribe(room))))
+            _ => Vec::new(),
+        }
     }
 
     /// A listener of `room` disconnected at `now`.
@@ -185,7 +192,11 @@ impl PushCore {
 
     /// The header a listener of `room` gets before its first message, once the room has a frame.
     pub fn header(&self, room: RoomId) -> Option<Bytes> {
-        let (ts, unix_us) = self.rooms.get(&room)?.anchor?;
+        self.rooms.get(&room)?.header.clone()
+    }
+
+    /// The header frame anchoring room timestamp `ts` at `unix_us`.
+    fn encode_header(&self, room: RoomId, ts: u64, unix_us: u64) -> Option<Bytes> {
         let header = PushHeader::opus(
             room.to_string(),
             self.cfg.frames_per_message as u32,
@@ -209,17 +220,22 @@ impl PushCore {
         unix_us: u64,
     ) -> Option<Message> {
         let cfg = self.cfg;
-        let r = self.rooms.get_mut(&room)?;
-        let ts = unwrap_ts(r.last_ts, rtp_ts);
-        if r.last_ts.is_some_and(|last| ts <= last) {
+        let last_ts = self.rooms.get(&room)?.last_ts;
+        let ts = unwrap_ts(last_ts, rtp_ts);
+        if last_ts.is_some_and(|last| ts <= last) {
             return None;
         }
+        let header = match last_ts {
+            None => self.encode_header(room, ts, unix_us),
+            Some(_) => None,
+        };
+        let r = self.rooms.get_mut(&room)?;
         let gap = r
             .last_ts
             .is_some_and(|last| ts != last + amphi_protocol::push::FRAME_SAMPLES);
         r.last_ts = Some(ts);
-        if r.anchor.is_none() {
-            r.anchor = Some((ts, unix_us));
+        if header.is_some() {
+            r.header = header;
         }
         // A gap closes the message gathered so far (frames of one message are consecutive).
         let early = if gap { r.flush(cfg.backlog) } else { None };

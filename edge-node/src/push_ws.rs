@@ -1,42 +1,21 @@
 //! Push listeners over WebSocket: `GET /v1/rooms/{room}/push?token=...[&after=TS]`
-//! (`docs/push.md`). The driver of [`PushCore`]: the uplink hands it program frames, it carries
-//! the core's subscriptions to the uplink and writes each room's messages to its listeners.
-//!
-//! Every message is WebSocket-framed once by the core; a room's listeners share it through a
-//! broadcast channel of [`PUSH_QUEUE`](crate::push_hub::PUSH_QUEUE) messages and write the same `Bytes` to their sockets (the
-//! upgrade is done here, without a WebSocket library, so nothing is re-encoded per listener). A
-//! listener whose socket does not keep up falls behind in the channel and skips the messages it
-//! missed; one that missed more than [`MAX_SKIPPED`] in all is disconnected. Nobody waits for a
-//! slow listener.
+//! (`docs/push.md`): the token and room checks, then the WebSocket upgrade, done here without a
+//! WebSocket library so nothing is re-encoded per listener. The upgraded connection goes to the
+//! [`PushHub`](crate::push_hub::PushHub), whose writers (`push_fanout`) write each room message,
+//! framed once by the core, to every listener's socket.
 
 use crate::admission::{api_error, check_live, unauthorized, AppState, REVOKED};
-use crate::push::{Message, PushRefusal};
-use crate::push_hub::PushHub;
+use crate::push::PushRefusal;
 use crate::sessions::now_unix;
-use amphi_protocol::push::{opcode, parse_client_frame, ws_server_frame, MAX_CLIENT_FRAME};
 use amphi_protocol::RoomId;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use bytes::Bytes;
 use serde::Deserialize;
 use sha1::{Digest, Sha1};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::broadcast;
-
-/// Messages a listener may skip in all before it is disconnected.
-pub const MAX_SKIPPED: u64 = 64;
-/// Close code sent when the room ended (as on `/v1/ws`).
-const CLOSE_ENDED: u16 = 4002;
-/// Close code sent to a listener disconnected for being too slow.
-const CLOSE_TOO_SLOW: u16 = 4009;
-/// A listener whose socket takes no bytes for this long is dropped (a peer that vanished without
-/// closing its connection would otherwise hold its task until TCP gives up).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The query of a push request.
 #[derive(Deserialize)]
@@ -138,8 +117,8 @@ pub(crate) async fn push_get(
             "this connection cannot be upgraded",
         );
     };
-    let (backlog, rx) = match st.push.join(room, q.after) {
-        Ok(x) => x,
+    let place = match st.push.reserve(room) {
+        Ok(place) => place,
         Err(PushRefusal::Full) => {
             return api_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -151,19 +130,13 @@ pub(crate) async fn push_get(
             return api_error(StatusCode::GONE, "room_ended", "the room has ended")
         }
     };
-    let listener = Listener {
-        hub: st.push.clone(),
-        room,
-    };
+    let hub = st.push.clone();
+    let after = q.after;
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let io = hyper_util::rt::TokioIo::new(upgraded);
-                listener.serve(io, backlog, rx).await;
-            }
+            Ok(upgraded) => hub.attach(place, hyper_util::rt::TokioIo::new(upgraded), after),
             Err(e) => tracing::debug!(%room, error = %e, "push upgrade failed"),
         }
-        drop(listener);
     });
     let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = resp.headers_mut();
@@ -173,143 +146,6 @@ pub(crate) async fn push_get(
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
-}
-
-/// One listener's place in its room (left when dropped).
-struct Listener {
-    hub: Arc<PushHub>,
-    room: RoomId,
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.hub.leave(self.room);
-    }
-}
-
-/// What the client sent, as far as the stream cares.
-enum FromClient {
-    /// Nothing that needs an answer.
-    Nothing,
-    /// Answer this pong.
-    Pong(Vec<u8>),
-    /// The client closed, broke the protocol or went away.
-    Gone,
-}
-
-/// A close frame with `code` and `reason`.
-fn close_frame(code: u16, reason: &str) -> Vec<u8> {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(reason.as_bytes());
-    let mut out = Vec::new();
-    ws_server_frame(opcode::CLOSE, &payload, &mut out);
-    out
-}
-
-/// Parse what the client sent so far (`buf[..*filled]`), keeping an incomplete frame.
-fn client_frames(buf: &mut [u8], filled: &mut usize) -> FromClient {
-    let mut answer = FromClient::Nothing;
-    loop {
-        match parse_client_frame(&mut buf[..*filled]) {
-            Ok(Some(f)) => {
-                match f.opcode {
-                    opcode::CLOSE => return FromClient::Gone,
-                    opcode::PING => answer = FromClient::Pong(buf[f.payload.clone()].to_vec()),
-                    // Text, binary and pongs carry nothing the stream uses.
-                    _ => {}
-                }
-                buf.copy_within(f.consumed..*filled, 0);
-                *filled -= f.consumed;
-            }
-            Ok(None) => return answer,
-            Err(e) => {
-                tracing::debug!(error = %e, "push listener sent a bad frame");
-                return FromClient::Gone;
-            }
-        }
-    }
-}
-
-impl Listener {
-    async fn serve<S>(&self, mut io: S, backlog: Vec<Message>, mut rx: broadcast::Receiver<Bytes>)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let metrics = &self.hub.metrics;
-        let mut buf = vec![0u8; MAX_CLIENT_FRAME + 14];
-        let mut filled = 0;
-        let mut skipped = 0u64;
-        let mut header_sent = false;
-        let mut pending: std::collections::VecDeque<Bytes> =
-            backlog.into_iter().map(|m| m.frame).collect();
-        loop {
-            let next = match pending.pop_front() {
-                Some(frame) => Ok(frame),
-                None => tokio::select! {
-                    m = rx.recv() => m,
-                    n = io.read(&mut buf[filled..]) => {
-                        match n {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => filled += n,
-                        }
-                        match client_frames(&mut buf, &mut filled) {
-                            FromClient::Nothing => {}
-                            FromClient::Pong(payload) => {
-                                let mut out = Vec::new();
-                                ws_server_frame(opcode::PONG, &payload, &mut out);
-                                if io.write_all(&out).await.is_err() {
-                                    return;
-                                }
-                            }
-                            FromClient::Gone => {
-                                let _ = io.write_all(&close_frame(1000, "")).await;
-                                return;
-                            }
-                        }
-                        if filled == buf.len() {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let frame = match next {
-                Ok(frame) => frame,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    metrics.push_skipped.inc_by(n);
-                    skipped += n;
-                    if skipped > MAX_SKIPPED {
-                        metrics.push_dropped.inc();
-                        let _ = io.write_all(&close_frame(CLOSE_TOO_SLOW, "too slow")).await;
-                        return;
-                    }
-                    continue;
-                }
-                Err(broadcast::error::RecvError::Closed) => {
-                    let _ = io.write_all(&close_frame(CLOSE_ENDED, "ended")).await;
-                    return;
-                }
-            };
-            if !header_sent {
-                let Some(header) = self.hub.header(self.room) else {
-                    continue;
-                };
-                if io.write_all(&header).await.is_err() {
-                    return;
-                }
-                header_sent = true;
-            }
-            // The timer is only armed when the socket does not take the message at once.
-            match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(&frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    metrics.push_dropped.inc();
-                    return;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -322,31 +158,5 @@ mod tests {
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
-    }
-
-    #[test]
-    fn client_frames_are_consumed_and_a_ping_is_answered() {
-        // A masked ping "hi" and half of a close frame.
-        let mut buf = vec![0x89, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2, 0x88, 0x80];
-        buf.resize(64, 0);
-        let mut filled = 10;
-        match client_frames(&mut buf, &mut filled) {
-            FromClient::Pong(p) => assert_eq!(p, b"hi"),
-            _ => panic!("expected a pong"),
-        }
-        assert_eq!((filled, &buf[..2]), (2, &[0x88, 0x80][..]));
-        buf[2..6].copy_from_slice(&[0, 0, 0, 0]);
-        filled = 6;
-        assert!(matches!(
-            client_frames(&mut buf, &mut filled),
-            FromClient::Gone
-        ));
-        // An unmasked frame breaks the protocol.
-        let mut bad = vec![0x81, 0x01, b'a'];
-        let mut filled = 3;
-        assert!(matches!(
-            client_frames(&mut bad, &mut filled),
-            FromClient::Gone
-        ));
     }
 }
