@@ -295,7 +295,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             config: EdgeConfig {
                 id: id.clone(),
                 region: region.name.clone(),
-                index: (i + 1) as u8,
+                index: (i + 1) as u16,
                 http_listen: addr(DEV_PORTS.edge_http + i16, off),
                 public_url: public_url.clone(),
                 media_listen: media,
@@ -350,6 +350,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             trusted_proxies: vec![],
             load_threshold: 0.8,
             interactive_capacity: u32::try_from(args.interactive_capacity).unwrap_or(u32::MAX),
+            room_affine: true,
             api_keys: vec![],
             webhooks: args
                 .webhook_url

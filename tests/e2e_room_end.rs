@@ -201,6 +201,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             trusted_proxies: vec![],
             load_threshold: 0.8,
             interactive_capacity: 500,
+            room_affine: true,
             api_keys: vec![],
             webhooks: vec![],
             room_idle_timeout_secs: 21_600,

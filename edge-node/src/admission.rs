@@ -49,6 +49,15 @@ pub(crate) struct AppState {
     pub push: Arc<crate::push_hub::PushHub>,
 }
 
+impl AppState {
+    /// A participant id for a new session: the next of this edge's range no live local
+    /// participant holds (`None` if the allocator is poisoned).
+    pub(crate) fn new_participant_id(&self) -> Option<amphi_protocol::ParticipantId> {
+        let in_use = |pid| self.sessions.role_of(pid).is_some();
+        self.ids.lock().ok().map(|mut ids| ids.allocate(in_use))
+    }
+}
+
 /// Asks the geo-router whether rooms exist.
 pub(crate) struct RouterClient {
     base: String,

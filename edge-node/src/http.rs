@@ -245,7 +245,7 @@ fn refusal_response(r: &Refusal) -> Response {
 }
 
 fn allocate(st: &AppState) -> Result<ParticipantId, Response> {
-    st.ids.lock().map(|mut ids| ids.allocate()).map_err(|_| {
+    st.new_participant_id().ok_or_else(|| {
         api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

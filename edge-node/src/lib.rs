@@ -154,6 +154,13 @@ pub async fn run_with(
     let udp_sockets =
         shards::bind_reuseport(config.media_listen, shard_count).map_err(media_bind_error)?;
     let media_local = udp_sockets[0].local_addr().map_err(media_bind_error)?;
+    if config.index > amphi_protocol::ids::MAX_EDGE_INDEX {
+        return Err(EdgeError::Config(format!(
+            "index {} is over {}: edge indexes are 12 bits",
+            config.index,
+            amphi_protocol::ids::MAX_EDGE_INDEX
+        )));
+    }
     if config.ice_connect_timeout_secs == 0 {
         return Err(EdgeError::Config(
             "ice_connect_timeout_secs must be at least 1".into(),

@@ -1,6 +1,7 @@
 //! Sans-IO decisions about time: peer liveness, uplink reconnect backoff, the room-existence
 //! cache and participant id allocation. Every method takes `now` explicitly.
 
+use amphi_protocol::ids::{EDGE_INDEX_BITS, MAX_EDGE_INDEX};
 use amphi_protocol::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -194,23 +195,46 @@ impl RoomCache {
     }
 }
 
-/// Allocates participant ids `edge_index << 24 | counter`, counter in `1..2^24`, wrapping.
+/// Highest counter of a participant id (the low 20 bits).
+const MAX_COUNTER: u32 = (1 << (32 - EDGE_INDEX_BITS)) - 1;
+/// Ids tried at most per allocation when the next ones are still in use.
+const MAX_TRIES: usize = 64;
+
+/// Allocates participant ids `edge_index << 20 | counter`, counter in `1..2^20`, wrapping
+/// (after 1,048,575 sessions on one edge); after a wrap, ids still held by a live participant
+/// are skipped.
 #[derive(Debug)]
 pub struct ParticipantIds {
-    index: u8,
+    index: u16,
     counter: u32,
 }
 
 impl ParticipantIds {
-    /// Allocator for the edge with this index.
-    pub fn new(index: u8) -> Self {
-        ParticipantIds { index, counter: 0 }
+    /// Allocator for the edge with this index (its low 12 bits; configs are checked for
+    /// [`MAX_EDGE_INDEX`]).
+    pub fn new(index: u16) -> Self {
+        ParticipantIds {
+            index: index & MAX_EDGE_INDEX,
+            counter: 0,
+        }
     }
 
-    /// The next id.
-    pub fn allocate(&mut self) -> ParticipantId {
-        self.counter = (self.counter % 0x00ff_ffff) + 1;
-        ParticipantId((self.index as u32) << 24 | self.counter)
+    /// The next id that `in_use` does not claim (of the next [`MAX_TRIES`]; the last of
+    /// them if all are).
+    pub fn allocate(&mut self, in_use: impl Fn(ParticipantId) -> bool) -> ParticipantId {
+        let mut id = self.next();
+        for _ in 1..MAX_TRIES {
+            if !in_use(id) {
+                break;
+            }
+            id = self.next();
+        }
+        id
+    }
+
+    fn next(&mut self) -> ParticipantId {
+        self.counter = (self.counter % MAX_COUNTER) + 1;
+        ParticipantId(u32::from(self.index) << (32 - EDGE_INDEX_BITS) | self.counter)
     }
 }
 
@@ -315,12 +339,27 @@ mod tests {
     }
 
     #[test]
-    fn participant_ids_carry_the_edge_index_and_wrap_without_zero() {
+    fn participant_ids_carry_the_edge_index_wrap_without_zero_and_skip_ids_in_use() {
+        let free = |_| false;
         let mut ids = ParticipantIds::new(3);
-        assert_eq!(ids.allocate(), ParticipantId(0x0300_0001));
-        assert_eq!(ids.allocate(), ParticipantId(0x0300_0002));
-        ids.counter = 0x00ff_fffe;
-        assert_eq!(ids.allocate(), ParticipantId(0x03ff_ffff));
-        assert_eq!(ids.allocate(), ParticipantId(0x0300_0001));
+        assert_eq!(ids.allocate(free), ParticipantId(0x0030_0001));
+        assert_eq!(ids.allocate(free), ParticipantId(0x0030_0002));
+        ids.counter = 0x000f_fffe;
+        assert_eq!(ids.allocate(free), ParticipantId(0x003f_ffff));
+        assert_eq!(ids.allocate(free), ParticipantId(0x0030_0001));
+        // The highest index fills the top 12 bits; the counter never reaches into them.
+        let mut top = ParticipantIds::new(MAX_EDGE_INDEX);
+        top.counter = MAX_COUNTER - 1;
+        assert_eq!(top.allocate(free), ParticipantId(0xffff_ffff));
+        assert_eq!(top.allocate(free), ParticipantId(0xfff0_0001));
+        // After a wrap, ids still held are skipped.
+        let held = [ParticipantId(0x0030_0002), ParticipantId(0x0030_0003)];
+        assert_eq!(
+            ids.allocate(|id| held.contains(&id)),
+            ParticipantId(0x0030_0004)
+        );
+        // Distinct edges never share an id.
+        let (mut a, mut b) = (ParticipantIds::new(1), ParticipantIds::new(2));
+        assert_ne!(a.allocate(free), b.allocate(free));
     }
 }

@@ -333,9 +333,8 @@ impl Session {
             let _ = send(socket, &error("bad_message", "already joined")).await;
             return Next::Continue;
         }
-        let pid = match self.st.ids.lock() {
-            Ok(mut ids) => ids.allocate(),
-            Err(_) => return Next::Close(1011, "internal error"),
+        let Some(pid) = self.st.new_participant_id() else {
+            return Next::Close(1011, "internal error");
         };
         self.pid = Some(pid);
         self.registered = true;

@@ -176,7 +176,7 @@ async fn publisher_audio_reaches_the_origin_and_garbage_is_dropped() {
     assert_eq!(room, LIVE_ROOM);
     assert_eq!(name, "ada");
     assert_eq!(region, "us-east");
-    assert_eq!(speaker.0 >> 24, 1, "participant id carries the edge index");
+    assert_eq!(speaker.0 >> 20, 1, "participant id carries the edge index");
     assert_eq!(metric(&edge, "amphi_edge_peers").await, 1);
     assert_eq!(metric(&edge, "amphi_edge_origin_connected").await, 1);
 

@@ -165,7 +165,7 @@ async fn websocket_signaling_moderation_and_bad_input() {
     let (host_id, state) = host.join().await;
     assert_eq!(state.participants.len(), 1);
     assert_eq!(state.participants[0].role, RoomRole::Host);
-    assert_eq!(host_id.0 >> 24, 1, "ids carry the edge index");
+    assert_eq!(host_id.0 >> 20, 1, "ids carry the edge index");
     let mut lee = ws(&edge, &edge.token(LIVE_ROOM, Role::Listener, "lee"))
         .await
         .unwrap();

@@ -279,6 +279,8 @@ fuzz_target!(|input: Input| {
         let policy = Policy {
             load_threshold: 0.8,
             interactive_capacity: 100,
+            // Both settings, as the input has it.
+            room_affine: input.listener,
         };
         match select_edge(place, None, "eu-west", &candidates, policy, input.listener) {
             Ok(choice) => assert_eq!(choice.edge.id, candidates[choice.index].id),

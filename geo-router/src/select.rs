@@ -158,6 +158,9 @@ pub struct Policy {
     pub load_threshold: f64,
     /// Interactive listeners per room per edge; beyond it listeners get HLS.
     pub interactive_capacity: u32,
+    /// Keep a room's sessions in a region on as few edges as possible: among the chosen edge's
+    /// region's edges under the load threshold, the one already holding most of the room wins.
+    pub room_affine: bool,
 }
 
 impl Default for Policy {
@@ -165,6 +168,7 @@ impl Default for Policy {
         Policy {
             load_threshold: 0.8,
             interactive_capacity: 500,
+            room_affine: true,
         }
     }
 }
@@ -284,7 +288,7 @@ pub fn select_edge<'a>(
     let under = order
         .iter()
         .position(|&(i, _, _)| candidates[i].load < policy.load_threshold);
-    let pick = match under {
+    let mut pick = match under {
         Some(pos) => pos,
         // Everything is above the threshold: the least loaded, nearest first on ties.
         None => {
@@ -297,6 +301,13 @@ pub fn select_edge<'a>(
             best
         }
     };
+    let nearest = pick;
+    let affine = under
+        .filter(|_| policy.room_affine)
+        .and_then(|_| room_affine(candidates, &order, pick, policy, listener));
+    if let Some(pos) = affine {
+        pick = pos;
+    }
     let (index, dist, _) = order[pick];
     let edge = candidates[index].clone();
     let _ = write!(
@@ -307,7 +318,14 @@ pub fn select_edge<'a>(
         Fixed(dist, 0),
         Fixed(edge.load, 2)
     );
-    for &(i, _, _) in &order[..pick] {
+    if affine.is_some() {
+        let _ = write!(
+            why,
+            "; room-affine: {} of the room's sessions there",
+            edge.room_interactive
+        );
+    }
+    for &(i, _, _) in &order[..nearest] {
         let _ = write!(
             why,
             "; skipped {} (load {} >= {})",
@@ -333,6 +351,31 @@ pub fn select_edge<'a>(
         hls_only,
         why,
     })
+}
+
+/// The position in `order` of the edge of `order[pick]`'s region, under the load threshold,
+/// that holds the most of the room (nearest first on ties), where a listener still fits
+/// interactively; `None` when no such edge holds any of the room.
+fn room_affine(
+    candidates: &[Candidate<'_>],
+    order: &[(usize, f64, bool)],
+    pick: usize,
+    policy: Policy,
+    listener: bool,
+) -> Option<usize> {
+    let region = candidates[order[pick].0].region;
+    let mut best: Option<(usize, u32)> = None;
+    for (pos, &(i, _, _)) in order.iter().enumerate() {
+        let c = &candidates[i];
+        let fits = c.region == region
+            && c.load < policy.load_threshold
+            && c.room_interactive > 0
+            && !(listener && c.room_interactive >= policy.interactive_capacity);
+        if fits && best.is_none_or(|(_, most)| c.room_interactive > most) {
+            best = Some((pos, c.room_interactive));
+        }
+    }
+    best.map(|(pos, _)| pos)
 }
 
 #[cfg(test)]
@@ -594,8 +637,8 @@ mod tests {
         let mut c = four();
         c[1].room_interactive = 2;
         let policy = Policy {
-            load_threshold: 0.8,
             interactive_capacity: 2,
+            ..Policy::default()
         };
         let at = ClientPlace::Located(PARIS);
         let listener = select_edge(at, None, "us-east", &c, policy, true).unwrap();
@@ -609,5 +652,57 @@ mod tests {
                 .unwrap()
                 .hls_only
         );
+    }
+
+    #[test]
+    fn a_room_stays_on_the_edge_of_its_region_that_holds_it_until_that_edge_is_full() {
+        // Two edges in eu-west: a is nearer to Paris, b holds the room.
+        let near_b = GeoPoint {
+            latitude: 53.0,
+            longitude: -8.0,
+        };
+        let mut c = vec![
+            cand("edge-eu-west-a", "eu-west", 0.1),
+            Candidate {
+                point: near_b,
+                ..cand("edge-eu-west-b", "eu-west", 0.2)
+            },
+            cand("edge-us-east", "us-east", 0.1),
+        ];
+        c[1].room_interactive = 5;
+        let at = ClientPlace::Located(PARIS);
+        let policy = Policy::default();
+        let chosen = |c: &[Candidate<'static>], policy: Policy, listener: bool| {
+            select_edge(at, None, "us-east", c, policy, listener).unwrap()
+        };
+        for listener in [false, true] {
+            let ch = chosen(&c, policy, listener);
+            assert_eq!(ch.edge.id, "edge-eu-west-b");
+            assert!(ch.why.contains("room-affine: 5"), "{}", ch.why);
+        }
+        // Without affinity the nearest edge wins.
+        let plain = Policy {
+            room_affine: false,
+            ..policy
+        };
+        assert_eq!(chosen(&c, plain, false).edge.id, "edge-eu-west-a");
+        // The edge holding most of the room wins over one holding less.
+        c[0].room_interactive = 3;
+        assert_eq!(chosen(&c, policy, false).edge.id, "edge-eu-west-b");
+        // Spill: b at the load threshold, or full for interactive listeners.
+        c[1].load = 0.8;
+        assert_eq!(chosen(&c, policy, false).edge.id, "edge-eu-west-a");
+        c[1].load = 0.2;
+        let full = Policy {
+            interactive_capacity: 5,
+            ..policy
+        };
+        assert_eq!(chosen(&c, full, true).edge.id, "edge-eu-west-a");
+        assert_eq!(chosen(&c, full, false).edge.id, "edge-eu-west-b");
+        // Affinity never crosses regions: the room on us-east does not pull a Paris client.
+        c[0].room_interactive = 0;
+        c[1].room_interactive = 0;
+        c[2].room_interactive = 40;
+        assert_eq!(chosen(&c, policy, false).edge.id, "edge-eu-west-a");
     }
 }

@@ -553,6 +553,7 @@ fn start_router_with(
         trusted_proxies: vec![],
         load_threshold: 0.8,
         interactive_capacity: 500,
+        room_affine: true,
         api_keys: vec![],
         webhooks: vec![],
         room_idle_timeout_secs: 900,

@@ -143,8 +143,9 @@ pub struct EdgeConfig {
     pub id: String,
     /// Region this edge serves.
     pub region: String,
-    /// Index of this edge (0..=255), the high byte of participant ids it allocates.
-    pub index: u8,
+    /// Index of this edge (0..=4095), the high 12 bits of participant ids it allocates; unique
+    /// per edge in the mesh.
+    pub index: u16,
     /// HTTP listener (WHIP, WHEP, WebSocket).
     pub http_listen: SocketAddr,
     /// Public base URL of the HTTP listener (used in `Location` headers).
@@ -397,6 +398,10 @@ pub struct RouterConfig {
     /// Interactive sessions per room per edge; beyond it listeners are routed to HLS.
     #[serde(default = "default_room_interactive_capacity")]
     pub interactive_capacity: u32,
+    /// Keep each room's sessions in a region on as few edges as possible (the edge of the
+    /// region already holding most of the room, while under `load_threshold`). Default true.
+    #[serde(default = "default_true")]
+    pub room_affine: bool,
     /// API keys (HMAC secrets) that may create rooms, mint tokens and operate edges in production.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
@@ -495,6 +500,10 @@ impl std::fmt::Debug for WebhookConfig {
 
 fn default_load_threshold() -> f64 {
     0.8
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_room_interactive_capacity() -> u32 {

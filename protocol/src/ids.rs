@@ -71,8 +71,14 @@ impl<'de> Deserialize<'de> for RoomId {
     }
 }
 
+/// Bits of a [`ParticipantId`] that carry the allocating edge's index (the high bits).
+pub const EDGE_INDEX_BITS: u32 = 12;
+/// The highest edge index (4,095): a mesh holds at most 4,096 edges.
+pub const MAX_EDGE_INDEX: u16 = (1 << EDGE_INDEX_BITS) - 1;
+
 /// A participant's media id inside a room: the `speaker` field of relay frames.
-/// Edges allocate it from their own range (`edge_index << 24 | counter`) so ids never collide.
+/// Edges allocate it from their own range (`edge_index << 20 | counter`, [`EDGE_INDEX_BITS`]
+/// of index) so ids never collide.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
 pub struct ParticipantId(pub u32);
 

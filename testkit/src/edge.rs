@@ -337,7 +337,7 @@ pub async fn start_edge_with(
     let config = EdgeConfig {
         id: id.clone(),
         region: opts.region.into(),
-        index: opts.index,
+        index: u16::from(opts.index),
         http_listen: http,
         public_url: format!("http://{http}"),
         media_listen: media,

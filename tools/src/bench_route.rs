@@ -280,6 +280,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         trusted_proxies: vec![],
         load_threshold: 0.8,
         interactive_capacity: 500,
+        room_affine: true,
         api_keys: vec![],
         webhooks: vec![],
         room_idle_timeout_secs: 21_600,

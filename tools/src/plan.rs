@@ -591,10 +591,11 @@ pub fn render(p: &Plan) -> String {
     }
     let total_edges: u64 = p.regions.iter().map(|r| r.nodes).sum();
     let _ = writeln!(w, "  total edge nodes = {total_edges}");
-    if total_edges > 256 {
+    let most_edges = u64::from(amphi_protocol::ids::MAX_EDGE_INDEX) + 1;
+    if total_edges > most_edges {
         let _ = writeln!(
             w,
-            "  WARNING: more than 256 edges: the edge index (the high byte of participant ids) runs out; use bigger edge nodes (--edge-cores)"
+            "  WARNING: more than {most_edges} edges: the edge index (the high 12 bits of participant ids) runs out; use bigger edge nodes (--edge-cores)"
         );
     }
 

@@ -17,25 +17,25 @@ locals {
       vpc_cidr   = "10.20.0.0/16"
       azs        = ["us-west-2a", "us-west-2b", "us-west-2c"]
       subnets    = ["10.20.0.0/20", "10.20.16.0/20", "10.20.32.0/20"]
-      index_base = 48
+      index_base = 800
     }
     "eu-west-1" = {
       vpc_cidr   = "10.30.0.0/16"
       azs        = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
       subnets    = ["10.30.0.0/20", "10.30.16.0/20", "10.30.32.0/20"]
-      index_base = 96
+      index_base = 1600
     }
     "ap-southeast-1" = {
       vpc_cidr   = "10.40.0.0/16"
       azs        = ["ap-southeast-1a", "ap-southeast-1b", "ap-southeast-1c"]
       subnets    = ["10.40.0.0/20", "10.40.16.0/20", "10.40.32.0/20"]
-      index_base = 144
+      index_base = 2400
     }
     "ap-southeast-2" = {
       vpc_cidr   = "10.50.0.0/16"
       azs        = ["ap-southeast-2a", "ap-southeast-2b", "ap-southeast-2c"]
       subnets    = ["10.50.0.0/20", "10.50.16.0/20", "10.50.32.0/20"]
-      index_base = 192
+      index_base = 3200
     }
   }
 
@@ -79,7 +79,7 @@ module "edge_us_east_1" {
   certificate_arn     = var.edge_certificate_arns["us-east-1"]
   public_hostname     = "edge-us-east-1.${var.domain}"
   edge_index_base     = local.regions["us-east-1"].index_base
-  edge_index_span     = 48
+  edge_index_span     = 800
   origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
@@ -122,7 +122,7 @@ module "edge_us_west_2" {
   certificate_arn     = var.edge_certificate_arns["us-west-2"]
   public_hostname     = "edge-us-west-2.${var.domain}"
   edge_index_base     = local.regions["us-west-2"].index_base
-  edge_index_span     = 48
+  edge_index_span     = 800
   origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
@@ -165,7 +165,7 @@ module "edge_eu_west_1" {
   certificate_arn     = var.edge_certificate_arns["eu-west-1"]
   public_hostname     = "edge-eu-west-1.${var.domain}"
   edge_index_base     = local.regions["eu-west-1"].index_base
-  edge_index_span     = 48
+  edge_index_span     = 800
   origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
@@ -208,7 +208,7 @@ module "edge_ap_southeast_1" {
   certificate_arn     = var.edge_certificate_arns["ap-southeast-1"]
   public_hostname     = "edge-ap-southeast-1.${var.domain}"
   edge_index_base     = local.regions["ap-southeast-1"].index_base
-  edge_index_span     = 48
+  edge_index_span     = 800
   origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys
@@ -251,7 +251,7 @@ module "edge_ap_southeast_2" {
   certificate_arn     = var.edge_certificate_arns["ap-southeast-2"]
   public_hostname     = "edge-ap-southeast-2.${var.domain}"
   edge_index_base     = local.regions["ap-southeast-2"].index_base
-  edge_index_span     = 48
+  edge_index_span     = 800
   origins             = module.origin.origins
   router_url          = local.router_url
   token_public_keys   = var.token_public_keys

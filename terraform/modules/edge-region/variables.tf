@@ -89,7 +89,7 @@ variable "nlb_udp_listener" {
 }
 
 variable "edge_index_base" {
-  description = "First edge index (0..255, the high byte of participant ids) of this region; indexes must not overlap between regions."
+  description = "First edge index (0..4095, the high 12 bits of participant ids) of this region; indexes must not overlap between regions."
   type        = number
 }
 
