@@ -822,6 +822,63 @@ fn remembered_route_answers_end_with_a_drain_and_with_the_room() {
     routes((404, None));
 }
 
+/// Room-affine placement through the real router: two edges in one region; a room that one of
+/// them holds stays there though the other comes first, a room nobody holds goes to the first,
+/// and a room spills when its edge is loaded past the threshold.
+fn room_affine_suite(port: u16, backend: Backend) {
+    let r = start_router(port, backend, TokenSigner::generate("k1"));
+    let b = &r.base;
+    let room = |title: &str| {
+        let (status, created) = call(
+            "POST",
+            &format!("{b}/v1/rooms"),
+            Some(serde_json::json!({ "title": title })),
+        );
+        assert_eq!(status, 201, "{created}");
+        created["room"].as_str().unwrap().to_string()
+    };
+    let (held, fresh) = (room("held"), room("fresh"));
+    let held_id: RoomId = held.parse().unwrap();
+    // Same place and load: edge-east-a comes first by id; edge-east-b holds the room.
+    let a = beat("edge-east-a", "us-east", vec![]);
+    let mut b_edge = beat("edge-east-b", "us-east", vec![(held_id, 4)]);
+    heartbeat(b, &a);
+    heartbeat(b, &b_edge);
+    let edge_of = |room: &str, role: &str| {
+        let (status, v) = call(
+            "GET",
+            &format!("{b}/v1/route?room={room}&role={role}&ip=8.8.8.8&explain=1"),
+            None,
+        );
+        assert_eq!(status, 200, "{v}");
+        (v["edge"].as_str().unwrap().to_string(), v["why"].to_string())
+    };
+    for role in ["speaker", "listener"] {
+        let (edge, why) = edge_of(&held, role);
+        assert_eq!(edge, "edge-east-b", "{why}");
+        assert!(why.contains("room-affine"), "{why}");
+        assert_eq!(edge_of(&fresh, role).0, "edge-east-a");
+    }
+    // edge-east-b loaded past the threshold: the room spills to edge-east-a.
+    b_edge.cpu_load = 0.95;
+    heartbeat(b, &b_edge);
+    heartbeat(b, &a);
+    eventually("the loaded edge spills", || {
+        (edge_of(&held, "listener").0 == "edge-east-a").then_some(())
+    });
+}
+
+#[test]
+fn rooms_stay_on_the_edge_of_a_region_that_holds_them_in_memory() {
+    room_affine_suite(27_170, Backend::Memory);
+}
+
+#[test]
+fn rooms_stay_on_the_edge_of_a_region_that_holds_them_in_redis() {
+    redis_db(14);
+    room_affine_suite(27_171, Backend::Redis(14));
+}
+
 #[test]
 fn rest_api_on_the_memory_backend() {
     api_suite(27_110, Backend::Memory);
