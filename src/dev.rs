@@ -39,10 +39,13 @@ pub struct DevArgs {
     /// Media driver threads per edge (peers are spread over them on the edge's one UDP port).
     #[arg(long, default_value_t = 2)]
     media_threads: usize,
-    /// Interactive (WebRTC) listeners per edge and per room before listeners are sent to HLS
-    /// (load tests raise it).
+    /// Interactive (WebRTC) listeners per edge and per room before listeners are sent to the
+    /// push tier (load tests raise it).
     #[arg(long, default_value_t = 500)]
     interactive_capacity: usize,
+    /// Push listeners per edge and per room before listeners are sent to HLS (0: no push tier).
+    #[arg(long, default_value_t = 10_000)]
+    push_capacity: usize,
     /// A live room without speakers for this many seconds is ended (0: never).
     #[arg(long, default_value_t = 3600)]
     idle_room_timeout_secs: u64,
@@ -351,6 +354,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             load_threshold: 0.8,
             interactive_capacity: u32::try_from(args.interactive_capacity).unwrap_or(u32::MAX),
             room_affine: true,
+            push_capacity: u32::try_from(args.push_capacity).unwrap_or(u32::MAX),
             api_keys: vec![],
             webhooks: args
                 .webhook_url

@@ -1,7 +1,7 @@
 //! The global front door against real `amphi dev` meshes: GeoIP routing with the real dbip City
 //! database (IPv4 + IPv6 files) and with a GeoIP2-schema fixture written by Debian's
 //! libmaxmind-db-writer-perl; untrusted forwarding headers; bad input; the edge registry (load
-//! spill, failover when heartbeats stop, interactive capacity -> HLS); and draining.
+//! spill, failover when heartbeats stop, interactive capacity -> push -> HLS); and draining.
 //!
 //! The dbip database is fetched by `scripts/test.sh` into `$AMPHI_GEOIP_DIR` (default
 //! `~/.cache/amphi/geoip`).
@@ -289,7 +289,8 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
     );
     assert_eq!(route_ip(&mesh, &room, "81.2.69.1")["edge"], "edge-paris");
 
-    // Interactive capacity (500 per room per edge in dev): listeners beyond it get HLS.
+    // Interactive capacity (500 per room per edge in dev): listeners beyond it get the push
+    // tier at the same edge, and beyond its push capacity (10,000) HLS.
     heartbeat(
         &mesh,
         "edge-paris",
@@ -298,13 +299,34 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
         0.10,
         serde_json::json!([{"room": room, "sessions": 500}]),
     );
-    let (status, v) = get(
-        &format!(
-            "{}/v1/route?room={room}&ip=81.2.69.1&role=listener",
-            mesh.router()
-        ),
-        &[],
+    let listener_route = || {
+        get(
+            &format!(
+                "{}/v1/route?room={room}&ip=81.2.69.1&role=listener",
+                mesh.router()
+            ),
+            &[],
+        )
+    };
+    let (status, v) = listener_route();
+    assert_eq!((status, v["mode"].as_str()), (200, Some("push")), "{v}");
+    assert_eq!(v["edge"], "edge-paris", "{v}");
+    assert!(
+        v["push_url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/v1/rooms/{room}/push")),
+        "{v}"
     );
+    heartbeat(
+        &mesh,
+        "edge-paris",
+        48.86,
+        2.35,
+        0.10,
+        serde_json::json!([{"room": room, "sessions": 500, "push": 10_000}]),
+    );
+    let (status, v) = listener_route();
     assert_eq!((status, v["mode"].as_str()), (200, Some("hls")), "{v}");
     assert!(v["hls_url"].as_str().unwrap().ends_with("/index.m3u8"));
     let (_, v) = get(

@@ -509,8 +509,9 @@ function startPush() {
     return;
   }
   const a = audioGraph();
-  const url = new URL(amphi.route.ws_url);
-  url.pathname = `/v1/rooms/${amphi.room}/push`;
+  // The route answer names the push stream (older routers did not: derive it from ws_url).
+  const url = new URL(amphi.route.push_url || amphi.route.ws_url);
+  if (!amphi.route.push_url) url.pathname = `/v1/rooms/${amphi.room}/push`;
   url.search = "";
   url.searchParams.set("token", amphi.token);
   amphi.push = window.AmphiPush.play({ url: url.href, ctx: a.ctx, destination: a.pushGain, targetMs: 150 });
@@ -1360,8 +1361,13 @@ async function enterRoom(room) {
     amphi.route = await api(`/v1/route?${q}`);
     $("#region").textContent = amphi.route.region;
     audioGraph();
+    if (amphi.route.mode === "push" && amphi.role === "listener" && !amphi.wantHls) {
+      amphi.wantPush = true;
+      setNotice("The interactive seats near you are full: you're listening to the room's live stream (a fraction of a second behind).", "info");
+    }
     if (amphi.route.mode === "hls" && amphi.role === "listener") {
       amphi.wantHls = true;
+      amphi.wantPush = false;
       setNotice("The interactive seats near you are full: you're listening over HLS (a second or two behind).", "info");
     }
     if (amphi.wantHls && amphi.role === "listener") startHls();

@@ -302,6 +302,7 @@ pub async fn run_with(
             options,
             metrics: metrics.clone(),
             occupancy: occupancy.clone(),
+            push: push.clone(),
             drain: drain.clone(),
         };
         tokio::spawn(registrar.run(inner.clone()));

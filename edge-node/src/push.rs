@@ -16,7 +16,7 @@
 use amphi_protocol::push::{opcode, ws_server_frame, AudioMessage, PushFrame, PushHeader};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Tuning of [`PushCore`].
@@ -130,6 +130,15 @@ impl PushCore {
     /// Push listeners served now.
     pub fn listeners(&self) -> usize {
         self.listeners
+    }
+
+    /// Push listeners per room, for rooms that have any.
+    pub fn listeners_per_room(&self) -> BTreeMap<RoomId, u32> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.listeners > 0)
+            .map(|(room, r)| (*room, u32::try_from(r.listeners).unwrap_or(u32::MAX)))
+            .collect()
     }
 
     /// Rooms subscribed now (every one is re-subscribed on a link that comes up).
@@ -356,6 +365,7 @@ mod tests {
         assert_eq!(out, Some(PushOutput::Subscribe(room)));
         assert_eq!(core.join(room, None).unwrap().1, None);
         assert_eq!(core.listeners(), 2);
+        assert_eq!(core.listeners_per_room(), BTreeMap::from([(room, 2)]));
         core.leave(room, t0);
         core.leave(room, t0 + Duration::from_secs(1));
         assert_eq!(core.listeners(), 0);

@@ -98,6 +98,11 @@ impl PushHub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Push listeners per room (for the router's heartbeat).
+    pub(crate) fn listeners_per_room(&self) -> std::collections::BTreeMap<RoomId, u32> {
+        self.lock().core.listeners_per_room()
+    }
+
     /// Rooms subscribed now (announced again on every link that comes up).
     pub(crate) fn subscribed(&self) -> Vec<RoomId> {
         self.lock().core.subscribed()

@@ -15,6 +15,7 @@ use crate::occupancy::Occupancy;
 use amphi_protocol::api::{ApiError, EdgeHeartbeat, HeartbeatAnswer, RoomLoad};
 use amphi_protocol::config::known_region;
 use amphi_protocol::https::HttpsClient;
+use amphi_protocol::RoomId;
 use axum::extract::Request;
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, Limited};
 use sha2::Sha256;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -201,7 +203,37 @@ pub(crate) struct Registrar {
     pub options: RegistrationOptions,
     pub metrics: Arc<Metrics>,
     pub occupancy: Arc<Occupancy>,
+    /// The push listeners (their rooms are listed with their counts).
+    pub push: Arc<crate::push_hub::PushHub>,
     pub drain: Arc<DrainHandle>,
+}
+
+/// The rooms of a heartbeat: every room with WebRTC sessions or push listeners here.
+fn room_loads(sessions: BTreeMap<RoomId, u32>, push: BTreeMap<RoomId, u32>) -> Vec<RoomLoad> {
+    let mut loads: BTreeMap<RoomId, RoomLoad> = sessions
+        .into_iter()
+        .map(|(room, sessions)| {
+            (
+                room,
+                RoomLoad {
+                    room,
+                    sessions,
+                    push: 0,
+                },
+            )
+        })
+        .collect();
+    for (room, n) in push {
+        loads
+            .entry(room)
+            .or_insert(RoomLoad {
+                room,
+                sessions: 0,
+                push: 0,
+            })
+            .push = n;
+    }
+    loads.into_values().collect()
 }
 
 /// The last signed heartbeat (its second and body). The router accepts each signed request
@@ -249,12 +281,10 @@ impl Registrar {
             participants: self.metrics.peers().try_into().unwrap_or(0),
             cpu_load,
             capacity: self.options.capacity,
-            rooms: self
-                .occupancy
-                .listeners_per_room()
-                .into_iter()
-                .map(|(room, sessions)| RoomLoad { room, sessions })
-                .collect(),
+            rooms: room_loads(
+                self.occupancy.listeners_per_room(),
+                self.push.listeners_per_room(),
+            ),
             draining: self.drain.is_draining(),
         }
     }
@@ -355,6 +385,18 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_rooms_carry_webrtc_sessions_and_push_listeners() {
+        let (a, b, c) = (RoomId(1), RoomId(2), RoomId(3));
+        let loads = room_loads(
+            BTreeMap::from([(a, 4), (b, 2)]),
+            BTreeMap::from([(b, 9), (c, 30)]),
+        );
+        let got: Vec<(RoomId, u32, u32)> =
+            loads.iter().map(|r| (r.room, r.sessions, r.push)).collect();
+        assert_eq!(got, vec![(a, 4, 0), (b, 2, 9), (c, 0, 30)]);
+    }
 
     #[test]
     fn heartbeat_period_follows_the_router_within_bounds() {

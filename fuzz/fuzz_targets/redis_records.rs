@@ -241,6 +241,7 @@ fuzz_target!(|input: Input| {
                 .map(|&(room, sessions)| RoomLoad {
                     room: RoomId(u64::from(room % 4) + 1),
                     sessions,
+                    push: sessions.rotate_left(16),
                 })
                 .collect(),
             draining: e.draining,
@@ -279,6 +280,7 @@ fuzz_target!(|input: Input| {
         let policy = Policy {
             load_threshold: 0.8,
             interactive_capacity: 100,
+            push_capacity: 1_000,
             // Both settings, as the input has it.
             room_affine: input.listener,
         };

@@ -37,6 +37,7 @@ fn registry(now: Instant) -> Registry {
                 rooms: vec![RoomLoad {
                     room: ROOM,
                     sessions: 10 * (r as u32 + 1),
+                    push: 0,
                 }],
                 draining: false,
             };

@@ -4,7 +4,7 @@
 //! (escaped as serde_json escapes) into one buffer.
 
 use crate::geoip::Place;
-use crate::select::{Fixed, FIXED_MAX};
+use crate::select::{Fixed, Tier, FIXED_MAX};
 use amphi_protocol::RoomId;
 use std::fmt::{self, Display, Formatter};
 
@@ -133,8 +133,8 @@ pub struct RouteAnswer<'a> {
     pub public_url: &'a str,
     /// Base of the HLS URL (`{hls_base}/hls/{room}/index.m3u8`).
     pub hls_base: &'a str,
-    /// Listen over HLS (the room is full on the edge for listeners).
-    pub hls_only: bool,
+    /// How the client listens.
+    pub tier: Tier,
     /// How the client address was learnt.
     pub source: &'a str,
     /// Where the client is.
@@ -156,7 +156,7 @@ impl RouteAnswer<'_> {
     }
 
     /// The JSON body: `RouteResponse`'s fields in its order (region, edge, whip_url, whep_url,
-    /// ws_url, hls_url, mode, and `why` when [`RouteAnswer::explain`]).
+    /// ws_url, hls_url, push_url, mode, and `why` when [`RouteAnswer::explain`]).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ANSWER_CAPACITY);
         let mut hex = [0u8; 16];
@@ -188,9 +188,10 @@ impl RouteAnswer<'_> {
         );
         field(
             &mut out,
-            "mode",
-            &[if self.hls_only { "hls" } else { "interactive" }],
+            "push_url",
+            &[ws[0], ws[1], "/v1/rooms/", room, "/push"],
         );
+        field(&mut out, "mode", &[self.tier.as_str()]);
         if !self.explain {
             out.push(b'}');
             return out;
@@ -243,7 +244,8 @@ mod tests {
             ws_url: format!("{ws}/v1/ws"),
             edge: a.edge.into(),
             hls_url: format!("{}/hls/{}/index.m3u8", a.hls_base, a.room),
-            mode: if a.hls_only { "hls" } else { "interactive" }.into(),
+            push_url: format!("{ws}/v1/rooms/{}/push", a.room),
+            mode: a.tier.as_str().into(),
             why: if a.explain {
                 format!("{located}; {}", a.choice)
             } else {
@@ -287,14 +289,19 @@ mod tests {
         ];
         for (place, choice) in places.into_iter().flat_map(|p| choices.map(|c| (p, c))) {
             for url in urls {
-                for (hls_only, explain) in [(false, true), (true, true), (false, false)] {
+                for (tier, explain) in [
+                    (Tier::Interactive, true),
+                    (Tier::Push, true),
+                    (Tier::Hls, true),
+                    (Tier::Interactive, false),
+                ] {
                     let a = RouteAnswer {
                         room: RoomId(0x00ab_cdef_0123_4567),
                         edge: "edge-\"x\"",
                         region: "eu-west",
                         public_url: url,
                         hls_base: "https://cdn.example.com",
-                        hls_only,
+                        tier,
                         source: "peer (untrusted forwarding headers ignored)",
                         place,
                         choice,

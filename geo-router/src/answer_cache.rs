@@ -288,6 +288,7 @@ mod tests {
             rooms: vec![RoomLoad {
                 room: ROOM,
                 sessions: 4,
+                push: 0,
             }],
             draining: false,
         }

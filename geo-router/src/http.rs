@@ -997,6 +997,7 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
         policy: Policy {
             load_threshold: setup.config.load_threshold,
             interactive_capacity: setup.config.interactive_capacity,
+            push_capacity: setup.config.push_capacity,
             room_affine: setup.config.room_affine,
         },
         anchor,

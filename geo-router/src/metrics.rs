@@ -16,6 +16,8 @@ use std::sync::Mutex;
 pub enum RouteOutcome {
     /// Sent to an edge for WebRTC.
     WebRtc,
+    /// Sent to an edge for the room's push stream (its interactive seats there are taken).
+    Push,
     /// Sent to an edge's region but told to listen over HLS (room full there).
     Hls,
     /// No healthy edge could take the client (503, or no edge in the requested region).
@@ -26,6 +28,7 @@ impl RouteOutcome {
     fn label(self) -> &'static str {
         match self {
             RouteOutcome::WebRtc => "webrtc",
+            RouteOutcome::Push => "push",
             RouteOutcome::Hls => "hls",
             RouteOutcome::NoEdge => "no_edge",
         }
@@ -135,7 +138,7 @@ impl Default for Metrics {
         let route_decisions = Family::<RegionOutcomeLabels, HotCounter>::default();
         r.register(
             "amphi_router_route_decisions",
-            "Route decisions by chosen region (none when no edge) and outcome (webrtc, hls, no_edge)",
+            "Route decisions by chosen region (none when no edge) and outcome (webrtc, push, hls, no_edge)",
             route_decisions.clone(),
         );
         let hls_proxied = r.counter(

@@ -44,9 +44,28 @@ pub struct EdgeRecord {
     pub last_seen: Option<Instant>,
     /// Per-room sessions, for capacity checks.
     pub rooms: BTreeMap<RoomId, u32>,
+    /// Per-room push listeners, for the push tier's capacity.
+    pub push: BTreeMap<RoomId, u32>,
 }
 
 impl EdgeRecord {
+    /// The record of heartbeat `beat`, received at `last_seen`.
+    fn of(beat: EdgeHeartbeat, last_seen: Option<Instant>) -> Self {
+        let rooms = beat.rooms.iter().map(|r| (r.room, r.sessions)).collect();
+        let push = beat
+            .rooms
+            .iter()
+            .filter(|r| r.push > 0)
+            .map(|r| (r.room, r.push))
+            .collect();
+        EdgeRecord {
+            beat,
+            last_seen,
+            rooms,
+            push,
+        }
+    }
+
     /// Load as a fraction: the larger of CPU and sessions/capacity.
     pub fn load(&self) -> f64 {
         let sessions = if self.beat.capacity == 0 {
@@ -112,6 +131,7 @@ fn static_record(e: &EdgeEndpoint) -> EdgeRecord {
         },
         last_seen: None,
         rooms: BTreeMap::new(),
+        push: BTreeMap::new(),
     }
 }
 
@@ -197,15 +217,8 @@ impl Registry {
         if claimed {
             self.bump_generation();
         }
-        let rooms = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
-        self.edges.insert(
-            hb.id.clone(),
-            EdgeRecord {
-                beat: hb,
-                last_seen: Some(now),
-                rooms,
-            },
-        );
+        self.edges
+            .insert(hb.id.clone(), EdgeRecord::of(hb, Some(now)));
         Ok(!was_healthy)
     }
 
@@ -245,15 +258,8 @@ impl Registry {
                 dropped += 1;
                 continue;
             }
-            let rooms = hb.rooms.iter().map(|r| (r.room, r.sessions)).collect();
-            self.edges.insert(
-                hb.id.clone(),
-                EdgeRecord {
-                    beat: hb,
-                    last_seen: Some(seen),
-                    rooms,
-                },
-            );
+            self.edges
+                .insert(hb.id.clone(), EdgeRecord::of(hb, Some(seen)));
         }
         self.restore_unclaimed_statics();
         // The beats' instants are read again from the shared registry each time: any change,
@@ -346,6 +352,7 @@ impl Registry {
                 public_url: &e.beat.public_url,
                 load: e.load(),
                 room_interactive: e.rooms.get(&room).copied().unwrap_or(0),
+                room_push: e.push.get(&room).copied().unwrap_or(0),
             })
             .collect()
     }
@@ -389,6 +396,7 @@ mod tests {
             rooms: vec![RoomLoad {
                 room: RoomId(7),
                 sessions: 4,
+                push: 0,
             }],
             draining: false,
         }

@@ -149,6 +149,8 @@ pub struct Candidate<'a> {
     pub load: f64,
     /// Interactive sessions of the room being routed, on this edge.
     pub room_interactive: u32,
+    /// Push listeners of the room being routed, on this edge.
+    pub room_push: u32,
 }
 
 /// Selection policy.
@@ -156,8 +158,10 @@ pub struct Candidate<'a> {
 pub struct Policy {
     /// Edges at or above this load take no new sessions while a less loaded one is available.
     pub load_threshold: f64,
-    /// Interactive listeners per room per edge; beyond it listeners get HLS.
+    /// Interactive listeners per room per edge; beyond it listeners get push.
     pub interactive_capacity: u32,
+    /// Push listeners per room per edge; beyond it listeners get HLS (0: no push tier).
+    pub push_capacity: u32,
     /// Keep a room's sessions in a region on as few edges as possible: among the chosen edge's
     /// region's edges under the load threshold, the one already holding most of the room wins.
     pub room_affine: bool,
@@ -168,7 +172,30 @@ impl Default for Policy {
         Policy {
             load_threshold: 0.8,
             interactive_capacity: 500,
+            push_capacity: 10_000,
             room_affine: true,
+        }
+    }
+}
+
+/// How a listener hears the room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// WebRTC at the edge (speakers and hosts always).
+    Interactive,
+    /// The room's program stream over a WebSocket at the edge (`/v1/rooms/{room}/push`).
+    Push,
+    /// LL-HLS through the CDN.
+    Hls,
+}
+
+impl Tier {
+    /// The route answer's `mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Interactive => "interactive",
+            Tier::Push => "push",
+            Tier::Hls => "hls",
         }
     }
 }
@@ -180,8 +207,9 @@ pub struct Choice<'a> {
     pub index: usize,
     /// The edge.
     pub edge: Candidate<'a>,
-    /// The room is full on this edge for listeners: send the client to HLS.
-    pub hls_only: bool,
+    /// How the client listens: interactive unless the room's interactive seats on this edge are
+    /// taken (push), and its push seats too (HLS).
+    pub tier: Tier,
     /// Short explanation for operators.
     pub why: String,
 }
@@ -337,18 +365,28 @@ pub fn select_edge<'a>(
     if under.is_none() {
         why.push_str("; every candidate above the load threshold");
     }
-    let hls_only = listener && edge.room_interactive >= policy.interactive_capacity;
-    if hls_only {
+    let tier = if !listener || edge.room_interactive < policy.interactive_capacity {
+        Tier::Interactive
+    } else if edge.room_push < policy.push_capacity {
+        Tier::Push
+    } else {
+        Tier::Hls
+    };
+    if tier != Tier::Interactive {
         let _ = write!(
             why,
-            "; room full on {} ({} >= {} interactive): HLS",
+            "; room full on {} ({} >= {} interactive",
             edge.id, edge.room_interactive, policy.interactive_capacity
         );
+        if tier == Tier::Hls {
+            let _ = write!(why, ", {} >= {} push", edge.room_push, policy.push_capacity);
+        }
+        let _ = write!(why, "): {}", tier.as_str());
     }
     Ok(Choice {
         index,
         edge,
-        hls_only,
+        tier,
         why,
     })
 }
@@ -449,6 +487,7 @@ mod tests {
             public_url: "http://edge",
             load,
             room_interactive: 0,
+            room_push: 0,
         }
     }
 
@@ -633,25 +672,40 @@ mod tests {
     }
 
     #[test]
-    fn listeners_beyond_interactive_capacity_get_hls() {
+    fn listeners_beyond_interactive_capacity_get_push_then_hls() {
         let mut c = four();
         c[1].room_interactive = 2;
         let policy = Policy {
             interactive_capacity: 2,
+            push_capacity: 3,
             ..Policy::default()
         };
         let at = ClientPlace::Located(PARIS);
-        let listener = select_edge(at, None, "us-east", &c, policy, true).unwrap();
-        assert!(listener.hls_only);
-        assert!(listener.why.contains("HLS"), "{}", listener.why);
-        let speaker = select_edge(at, None, "us-east", &c, policy, false).unwrap();
-        assert!(!speaker.hls_only);
-        c[1].room_interactive = 1;
+        let tier = |c: &[Candidate<'static>], policy: Policy, listener: bool| {
+            select_edge(at, None, "us-east", c, policy, listener).unwrap()
+        };
+        let listener = tier(&c, policy, true);
+        assert_eq!(listener.tier, Tier::Push);
+        assert!(listener.why.contains("): push"), "{}", listener.why);
+        assert_eq!(tier(&c, policy, false).tier, Tier::Interactive);
+        c[1].room_push = 3;
+        let listener = tier(&c, policy, true);
+        assert_eq!(listener.tier, Tier::Hls);
         assert!(
-            !select_edge(at, None, "us-east", &c, policy, true)
-                .unwrap()
-                .hls_only
+            listener.why.contains("3 >= 3 push): hls"),
+            "{}",
+            listener.why
         );
+        // Speakers always get WebRTC; without a push tier full rooms go straight to HLS.
+        assert_eq!(tier(&c, policy, false).tier, Tier::Interactive);
+        c[1].room_push = 0;
+        let no_push = Policy {
+            push_capacity: 0,
+            ..policy
+        };
+        assert_eq!(tier(&c, no_push, true).tier, Tier::Hls);
+        c[1].room_interactive = 1;
+        assert_eq!(tier(&c, policy, true).tier, Tier::Interactive);
     }
 
     #[test]

@@ -69,7 +69,11 @@ fn beat(id: &str, region: &str, rooms: Vec<(RoomId, u32)>) -> EdgeHeartbeat {
         capacity: 100,
         rooms: rooms
             .into_iter()
-            .map(|(room, sessions)| RoomLoad { room, sessions })
+            .map(|(room, sessions)| RoomLoad {
+                room,
+                sessions,
+                push: 0,
+            })
             .collect(),
         draining: false,
     }
@@ -554,6 +558,7 @@ fn start_router_with(
         load_threshold: 0.8,
         interactive_capacity: 500,
         room_affine: true,
+        push_capacity: 10_000,
         api_keys: vec![],
         webhooks: vec![],
         room_idle_timeout_secs: 900,
@@ -851,7 +856,10 @@ fn room_affine_suite(port: u16, backend: Backend) {
             None,
         );
         assert_eq!(status, 200, "{v}");
-        (v["edge"].as_str().unwrap().to_string(), v["why"].to_string())
+        (
+            v["edge"].as_str().unwrap().to_string(),
+            v["why"].to_string(),
+        )
     };
     for role in ["speaker", "listener"] {
         let (edge, why) = edge_of(&held, role);

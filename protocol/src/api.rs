@@ -174,8 +174,12 @@ pub struct RouteResponse {
     pub ws_url: String,
     /// LL-HLS playlist of the room.
     pub hls_url: String,
-    /// `interactive` (connect to the edge) or `hls` (the room is full on the nearest edge for
-    /// listeners: play `hls_url`).
+    /// The room's program stream at the edge for push listeners (WebSocket, `docs/push.md`).
+    #[serde(default)]
+    pub push_url: String,
+    /// The listener's tier: `interactive` (connect to the edge over WebRTC), `push` (the room's
+    /// interactive seats on the edge are taken: play `push_url`) or `hls` (its push seats too:
+    /// play `hls_url`). Speakers and hosts are always `interactive`.
     #[serde(default = "default_route_mode")]
     pub mode: String,
     /// Short explanation of the choice, for operators: only when the request asked for it
@@ -188,13 +192,20 @@ fn default_route_mode() -> String {
     "interactive".into()
 }
 
-/// Interactive sessions of one room on an edge (part of [`EdgeHeartbeat`]).
+/// The sessions of one room on an edge (part of [`EdgeHeartbeat`]).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RoomLoad {
     /// The room.
     pub room: RoomId,
     /// WebRTC sessions (speakers and interactive listeners) of the room on the edge.
     pub sessions: u32,
+    /// Push listeners of the room on the edge (`GET /v1/rooms/{room}/push`); left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub push: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `PUT /v1/edges/{id}` body: an edge registers and heartbeats every second.

@@ -395,9 +395,13 @@ pub struct RouterConfig {
     /// Edges at or above this load (0..=1) spill new sessions to the next nearest edge.
     #[serde(default = "default_load_threshold")]
     pub load_threshold: f64,
-    /// Interactive sessions per room per edge; beyond it listeners are routed to HLS.
+    /// Interactive sessions per room per edge; beyond it listeners are routed to the push tier.
     #[serde(default = "default_room_interactive_capacity")]
     pub interactive_capacity: u32,
+    /// Push listeners per room per edge; beyond it listeners are routed to HLS (0: no push
+    /// tier). Default 10000.
+    #[serde(default = "default_room_push_capacity")]
+    pub push_capacity: u32,
     /// Keep each room's sessions in a region on as few edges as possible (the edge of the
     /// region already holding most of the room, while under `load_threshold`). Default true.
     #[serde(default = "default_true")]
@@ -500,6 +504,10 @@ impl std::fmt::Debug for WebhookConfig {
 
 fn default_load_threshold() -> f64 {
     0.8
+}
+
+fn default_room_push_capacity() -> u32 {
+    10_000
 }
 
 fn default_true() -> bool {

@@ -13,7 +13,7 @@ use crate::geoip::Place;
 use crate::metrics::{RouteOutcome, NO_REGION};
 use crate::route_query::{self, RouteQuery};
 use crate::select::{
-    parse_avoid, select_edge, without_avoided, ClientPlace, GeoPoint, SelectError,
+    parse_avoid, select_edge, without_avoided, ClientPlace, GeoPoint, SelectError, Tier,
 };
 use amphi_protocol::config::known_region;
 use amphi_protocol::RoomId;
@@ -155,7 +155,7 @@ pub(super) struct Routed {
     /// The `route_decisions` series of its region and outcome.
     decision: amphi_common::metrics::HotCounter,
     located: bool,
-    hls_only: bool,
+    tier: Tier,
 }
 
 impl Routed {
@@ -166,7 +166,7 @@ impl Routed {
         if self.located {
             s.metrics.routes_located.inc();
         }
-        if self.hls_only {
+        if self.tier == Tier::Hls {
             s.metrics.routes_hls.inc();
         }
         let mut resp = Response::new(Body::from(self.body.clone()));
@@ -326,14 +326,14 @@ fn route_decide(
             });
         }
     };
-    let hls_only = choice.hls_only;
+    let tier = choice.tier;
     let answer = RouteAnswer {
         room,
         edge: choice.edge.id,
         region: choice.edge.region,
         public_url: choice.edge.public_url,
         hls_base: s.hls_base(),
-        hls_only,
+        tier,
         source: at.source,
         place: at.place,
         choice: &choice.why,
@@ -342,16 +342,16 @@ fn route_decide(
     // Written under the registry lock: the edge's strings are borrowed, not copied.
     let body = answer.to_json();
     tracing::debug!(%room, edge = %answer.edge, why = %answer.why(), "routed");
-    let outcome = if hls_only {
-        RouteOutcome::Hls
-    } else {
-        RouteOutcome::WebRtc
+    let outcome = match tier {
+        Tier::Interactive => RouteOutcome::WebRtc,
+        Tier::Push => RouteOutcome::Push,
+        Tier::Hls => RouteOutcome::Hls,
     };
     let routed = Routed {
         body: Bytes::from(body),
         decision: s.metrics.route_series(answer.region, outcome),
         located: matches!(at.place, Place::Located { .. }),
-        hls_only,
+        tier,
     };
     if let Some(key) = at.key {
         let (generation, until) = (reg.generation(), reg.stable_until(now));
