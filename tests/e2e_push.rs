@@ -168,3 +168,57 @@ async fn the_room_page_plays_the_push_stream_in_chromium() {
     assert!(result["frames"].as_u64().unwrap_or(0) > 0, "{result}");
     assert_eq!(result["label"], "push");
 }
+
+/// Three listeners of one room on the three tiers the router picks (`tests/browser/three_tiers.mjs`):
+/// with one interactive and one push seat per room and edge, the first listener at eu-west gets
+/// WebRTC, the second the push stream, the third LL-HLS, and each room page hears the tone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_listeners_on_three_tiers_hear_the_same_tone() {
+    let mesh = DevMesh::start_with(
+        12_000,
+        "three-tiers",
+        &["--interactive-capacity", "1", "--push-capacity", "1"],
+    );
+    let (room, _host, _hls) = mesh.create_room("three tiers");
+    let speaker = mesh.token(&room, "speaker", "tone-440");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 440.0, 90.0).await });
+    let (router, r) = (mesh.router(), room.clone());
+    let (status, result) = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/browser/three_tiers.mjs"
+        ))
+        .env("AMPHI_URL", router)
+        .env("AMPHI_ROOM", r)
+        .env("AMPHI_FREQ", "440");
+        let mut result = None;
+        let status = run_streaming(cmd, |line| {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if v["result"].is_object() {
+                    result = Some(v["result"].clone());
+                }
+            }
+        });
+        (status, result)
+    })
+    .await
+    .unwrap();
+    tone.abort();
+    assert!(
+        status.success(),
+        "browser script failed; mesh log:\n{}",
+        mesh.log_text()
+    );
+    let result = result.expect("the script reported the tiers");
+    eprintln!("three tiers: {result}");
+    assert_eq!(
+        result["modes"],
+        serde_json::json!(["webrtc", "push", "hls"]),
+        "{result}"
+    );
+}

@@ -84,13 +84,8 @@ pub(crate) async fn ws_get(
     if let Err(resp) = check_live(&st, claims.room).await {
         return resp;
     }
-    if claims.role == amphi_protocol::token::Role::Listener && st.occupancy.is_full() {
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "capacity",
-            "this edge serves its maximum of interactive listeners; listen over HLS",
-        );
-    }
+    // A listener is admitted when the edge's interactive seats are taken: the push and HLS tiers
+    // join signaling too (the room's state, chat, hands). Its offer for media is what is refused.
     // Every WebSocket session holds a place until it closes, media or not.
     let Some(seat) = st.occupancy.admit_ws() else {
         return api_error(
