@@ -222,3 +222,61 @@ async fn three_listeners_on_three_tiers_hear_the_same_tone() {
         "{result}"
     );
 }
+
+/// Promotion from the push and HLS tiers in headless Chromium (`tests/browser/promote_latency.mjs`):
+/// a listener on each tier raises a hand (its page pre-warms WebRTC), the host promotes it and
+/// hears its microphone, then moves it back. Prints the click-to-heard times; the figure itself is
+/// measured by `bench/promote/run.sh` (more trials, release build), not asserted here.
+#[test]
+fn a_listener_on_push_or_hls_is_promoted_and_heard() {
+    let mesh = DevMesh::start(12_500, "promote");
+    let wav = mesh.scratch.join("tone660.wav");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("sine=frequency=660:sample_rate=48000:duration=600")
+        .args(["-ac", "1"])
+        .arg(&wav)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(status.success(), "ffmpeg made no tone");
+    let trials = std::env::var("AMPHI_PROMOTE_TRIALS").unwrap_or_else(|_| "1".into());
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/browser/promote_latency.mjs"
+    ))
+    .env("AMPHI_URL", mesh.router())
+    .env("AMPHI_WAV_GUEST", &wav)
+    .env("AMPHI_TRIALS", &trials);
+    let mut result = None;
+    let status = run_streaming(cmd, |line| {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            if v["result"].is_object() {
+                result = Some(v["result"].clone());
+            }
+        }
+    });
+    assert!(
+        status.success(),
+        "browser script failed; mesh log:\n{}",
+        mesh.log_text()
+    );
+    let result = result.expect("the script reported its trials");
+    for tier in ["push_ms", "hls_ms"] {
+        let mut ms: Vec<u64> = result[tier]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(ms.len().to_string(), trials, "{result}");
+        ms.sort_unstable();
+        eprintln!(
+            "promotion from {}: p50 {} ms, max {} ms over {} trials ({ms:?})",
+            tier.trim_end_matches("_ms"),
+            ms[ms.len() / 2],
+            ms[ms.len() - 1],
+            ms.len()
+        );
+    }
+}

@@ -208,10 +208,21 @@ impl SeqExtender {
     }
 }
 
+/// Packets a source may arrive late by (sequence numbers) and still be its stream.
+const MAX_REORDER: i16 = 64;
+/// Sequence numbers a source may skip (lost packets) and still be its stream.
+const MAX_SEQ_GAP: i16 = 3_000;
+/// RTP time (48 kHz) a late packet may lie behind the source's last one: 2 s.
+const MAX_TS_BACK: i32 = 96_000;
+/// RTP time a source may jump forward (loss, an Opus DTX pause) and still be its stream: 10 min.
+const MAX_TS_GAP: i32 = 48_000 * 600;
+
 /// Rewrites packets of whichever speaker holds one slot into one continuous stream.
 #[derive(Clone, Debug, Default)]
 pub struct SlotStream {
     source: Option<u32>,
+    /// The source's last packet as it came in (sequence number, timestamp).
+    last_in: Option<(u16, u32)>,
     ext: SeqExtender,
     seq_delta: u64,
     ts_delta: u32,
@@ -223,10 +234,19 @@ pub struct SlotStream {
 impl SlotStream {
     /// Output (extended sequence number, RTP timestamp) for a packet of `speaker` with `seq` and
     /// `ts` arriving at `now`. Sequence numbers start at 1 and grow by one per packet across
-    /// speaker switches; timestamps keep advancing by the wall time between switches.
+    /// speaker switches; timestamps keep advancing by the wall time between switches. A speaker
+    /// whose own stream restarted (a new PeerConnection after a re-promotion: new random sequence
+    /// and timestamp bases, the same participant id) counts as a switch too.
     pub fn rewrite(&mut self, speaker: u32, seq: u16, ts: u32, now: Instant) -> (u64, u32) {
-        if self.source != Some(speaker) {
+        let restarted = self.last_in.is_some_and(|(last_seq, last_ts)| {
+            let seq_step = seq.wrapping_sub(last_seq) as i16;
+            let ts_step = ts.wrapping_sub(last_ts) as i32;
+            !(-MAX_REORDER..=MAX_SEQ_GAP).contains(&seq_step)
+                || !(-MAX_TS_BACK..=MAX_TS_GAP).contains(&ts_step)
+        });
+        if self.source != Some(speaker) || restarted {
             self.source = Some(speaker);
+            self.last_in = None;
             self.ext = SeqExtender::default();
             let ext = self.ext.extend(seq);
             let out_seq = self.last_seq + 1;
@@ -242,6 +262,12 @@ impl SlotStream {
         let ext = self.ext.extend(seq);
         let out_seq = ext.wrapping_add(self.seq_delta);
         let out_ts = ts.wrapping_add(self.ts_delta);
+        if self
+            .last_in
+            .is_none_or(|(last_seq, _)| (seq.wrapping_sub(last_seq) as i16) > 0)
+        {
+            self.last_in = Some((seq, ts));
+        }
         if out_seq > self.last_seq {
             self.last_seq = out_seq;
             self.last_ts = out_ts;
@@ -382,5 +408,38 @@ mod tests {
         // A reordered (late) packet keeps its relative number.
         let late = st.rewrite(9, 65_533u16.wrapping_add(3), 42 + 960 * 3, now);
         assert_eq!(late.0, outs[8].0);
+    }
+
+    #[test]
+    fn a_speaker_whose_stream_restarts_stays_one_continuous_stream() {
+        let t0 = Instant::now();
+        let mut st = SlotStream::default();
+        let mut now = t0;
+        let mut outs = Vec::new();
+        for i in 0..5u16 {
+            outs.push(st.rewrite(7, 40_000 + i, 3_000_000_000 + 960 * u32::from(i), now));
+            now += 20 * MS;
+        }
+        // A DTX pause (the timestamp jumps 30 s, the sequence goes on) is the same stream.
+        outs.push(st.rewrite(7, 40_005, 3_000_000_000 + 960 * 5 + 48_000 * 30, now));
+        assert_eq!(outs[5].1.wrapping_sub(outs[4].1), 960 + 48_000 * 30);
+        now += 1_000 * MS;
+        // The same participant comes back on a new PeerConnection: lower sequence numbers and
+        // timestamps. Its packets continue the slot's stream instead of going backwards.
+        for i in 0..5u16 {
+            outs.push(st.rewrite(7, 1_000 + i, 5_000 + 960 * u32::from(i), now));
+            now += 20 * MS;
+        }
+        for w in outs.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + 1, "{outs:?}");
+        }
+        assert_eq!(
+            outs[6].1.wrapping_sub(outs[5].1),
+            48_000,
+            "the second between the streams"
+        );
+        for w in outs[6..].windows(2) {
+            assert_eq!(w[1].1.wrapping_sub(w[0].1), 960);
+        }
     }
 }
