@@ -135,35 +135,13 @@ async fn the_room_page_plays_the_push_stream_in_chromium() {
         .unwrap()
         .to_string();
     let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 550.0, 25.0).await });
-    let (router, r) = (mesh.router(), room.clone());
-    let (status, result) = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new("node");
-        cmd.arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/browser/push_play.mjs"
-        ))
-        .env("AMPHI_URL", router)
-        .env("AMPHI_ROOM", r)
-        .env("AMPHI_FREQ", "550");
-        let mut result = None;
-        let status = run_streaming(cmd, |line| {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                if v["result"].is_object() {
-                    result = Some(v["result"].clone());
-                }
-            }
-        });
-        (status, result)
-    })
-    .await
-    .unwrap();
+    let result = tokio::task::block_in_place(|| {
+        mesh.browser_result(
+            "push_play.mjs",
+            &[("AMPHI_ROOM", &room), ("AMPHI_FREQ", "550")],
+        )
+    });
     tone.abort();
-    assert!(
-        status.success(),
-        "browser script failed; mesh log:\n{}",
-        mesh.log_text()
-    );
-    let result = result.expect("the script reported the player's stats");
     eprintln!("push player: {result}");
     assert!(result["frames"].as_u64().unwrap_or(0) > 0, "{result}");
     assert_eq!(result["label"], "push");
@@ -186,35 +164,13 @@ async fn three_listeners_on_three_tiers_hear_the_same_tone() {
         .unwrap()
         .to_string();
     let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 440.0, 90.0).await });
-    let (router, r) = (mesh.router(), room.clone());
-    let (status, result) = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new("node");
-        cmd.arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/browser/three_tiers.mjs"
-        ))
-        .env("AMPHI_URL", router)
-        .env("AMPHI_ROOM", r)
-        .env("AMPHI_FREQ", "440");
-        let mut result = None;
-        let status = run_streaming(cmd, |line| {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                if v["result"].is_object() {
-                    result = Some(v["result"].clone());
-                }
-            }
-        });
-        (status, result)
-    })
-    .await
-    .unwrap();
+    let result = tokio::task::block_in_place(|| {
+        mesh.browser_result(
+            "three_tiers.mjs",
+            &[("AMPHI_ROOM", &room), ("AMPHI_FREQ", "440")],
+        )
+    });
     tone.abort();
-    assert!(
-        status.success(),
-        "browser script failed; mesh log:\n{}",
-        mesh.log_text()
-    );
-    let result = result.expect("the script reported the tiers");
     eprintln!("three tiers: {result}");
     assert_eq!(
         result["modes"],
@@ -240,28 +196,13 @@ fn a_listener_on_push_or_hls_is_promoted_and_heard() {
         .expect("ffmpeg runs");
     assert!(status.success(), "ffmpeg made no tone");
     let trials = std::env::var("AMPHI_PROMOTE_TRIALS").unwrap_or_else(|_| "1".into());
-    let mut cmd = std::process::Command::new("node");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/browser/promote_latency.mjs"
-    ))
-    .env("AMPHI_URL", mesh.router())
-    .env("AMPHI_WAV_GUEST", &wav)
-    .env("AMPHI_TRIALS", &trials);
-    let mut result = None;
-    let status = run_streaming(cmd, |line| {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if v["result"].is_object() {
-                result = Some(v["result"].clone());
-            }
-        }
-    });
-    assert!(
-        status.success(),
-        "browser script failed; mesh log:\n{}",
-        mesh.log_text()
+    let result = mesh.browser_result(
+        "promote_latency.mjs",
+        &[
+            ("AMPHI_WAV_GUEST", wav.to_str().unwrap()),
+            ("AMPHI_TRIALS", &trials),
+        ],
     );
-    let result = result.expect("the script reported its trials");
     for tier in ["push_ms", "hls_ms"] {
         let mut ms: Vec<u64> = result[tier]
             .as_array()

@@ -6,7 +6,6 @@
 use amphi_testkit::mesh as support;
 
 use amphi_protocol::token::{Claims, Role, TokenSigner};
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 use support::*;
 
@@ -43,29 +42,14 @@ fn the_room_page_refreshes_its_token_before_it_expires() {
         jti: format!("web-{now}"),
     });
 
-    let mut cmd = Command::new("node");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/browser/refresh.mjs"
-    ))
-    .env("AMPHI_URL", mesh.router())
-    .env("AMPHI_ROOM", &room)
-    .env("AMPHI_TOKEN", &token)
-    .env("AMPHI_GRACE_SECS", &grace);
-    let mut result = None;
-    let status = run_streaming(cmd, |line| {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if v["result"].is_object() {
-                result = Some(v["result"].clone());
-            }
-        }
-    });
-    assert!(
-        status.success(),
-        "browser script failed; mesh log:\n{}",
-        mesh.log_text()
+    let result = mesh.browser_result(
+        "refresh.mjs",
+        &[
+            ("AMPHI_ROOM", &room),
+            ("AMPHI_TOKEN", &token),
+            ("AMPHI_GRACE_SECS", &grace),
+        ],
     );
-    let result = result.expect("the script reported its result");
     eprintln!("token refresh result: {result}");
     assert_eq!(result["phase"], "joined", "{result}");
     assert!(result["closedReason"].is_null(), "{result}");

@@ -86,6 +86,35 @@ impl DevMesh {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Run the browser script `tests/browser/{script}` with node against this mesh (`AMPHI_URL`
+    /// is the router, plus `env`); panics with the mesh log if it fails. Returns the `result`
+    /// object of the `{"result": …}` line it printed.
+    pub fn browser_result(&self, script: &str, env: &[(&str, &str)]) -> serde_json::Value {
+        let mut cmd = Command::new("node");
+        cmd.arg(format!(
+            "{}/../tests/browser/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .env("AMPHI_URL", self.router());
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let mut result = None;
+        let status = run_streaming(cmd, |line| {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if v["result"].is_object() {
+                    result = Some(v["result"].clone());
+                }
+            }
+        });
+        assert!(
+            status.success(),
+            "{script} failed; mesh log:\n{}",
+            self.log_text()
+        );
+        result.unwrap_or_else(|| panic!("{script} reported no result"))
+    }
+
     /// Geo-router base URL.
     pub fn router(&self) -> String {
         format!("http://127.0.0.1:{}", 8080 + self.offset)
