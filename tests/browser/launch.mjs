@@ -22,3 +22,14 @@ export async function launch({ wav } = {}) {
     args,
   });
 }
+
+/** A page in a new context of `browser`, its console and errors logged as `[name]`, dialogs
+ * accepted; with `mic`, the context may use the (fake) microphone. */
+export async function openPage(browser, name, { mic }) {
+  const context = await browser.newContext(mic ? { permissions: ["microphone"] } : {});
+  const page = await context.newPage();
+  page.on("console", (m) => console.error(`[${name}] ${m.text()}`));
+  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
+  page.on("dialog", (d) => d.accept());
+  return page;
+}

@@ -8,7 +8,7 @@
 //
 // Env: AMPHI_URL (geo-router), AMPHI_WAV_GUEST (660 Hz), AMPHI_TRIALS (per tier, default 1).
 // Prints {"result": {"push_ms": [...], "hls_ms": [...]}} and exits non-zero on failure.
-import { launch } from "./launch.mjs";
+import { launch, openPage as open } from "./launch.mjs";
 
 const base = process.env.AMPHI_URL;
 const wavGuest = process.env.AMPHI_WAV_GUEST;
@@ -18,15 +18,6 @@ if (!base || !wavGuest) {
   process.exit(2);
 }
 const log = (msg) => console.error(`[promote] ${msg}`);
-
-async function open(browser, name, { mic }) {
-  const context = await browser.newContext(mic ? { permissions: ["microphone"] } : {});
-  const page = await context.newPage();
-  page.on("console", (m) => console.error(`[${name}] ${m.text()}`));
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  page.on("dialog", (d) => d.accept());
-  return page;
-}
 
 const joined = { timeout: 20000 };
 const hostBrowser = await launch();

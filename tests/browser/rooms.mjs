@@ -11,7 +11,7 @@
 // Chromium's fake microphone file is per browser process, so each tone gets its own browser.
 // Env: AMPHI_URL (geo-router), AMPHI_WAV_HOST, AMPHI_WAV_GUEST, AMPHI_ARTIFACTS (screenshots).
 // Prints {"room": ID} once the room is live and {"result": {...}} at the end; exits non-zero on failure.
-import { launch } from "./launch.mjs";
+import { launch, openPage as open } from "./launch.mjs";
 
 const base = process.env.AMPHI_URL;
 const wavHost = process.env.AMPHI_WAV_HOST;
@@ -27,15 +27,6 @@ const result = {};
 
 function check(cond, msg) {
   if (!cond) throw new Error(`check failed: ${msg}`);
-}
-
-async function open(browser, name, { mic }) {
-  const context = await browser.newContext(mic ? { permissions: ["microphone"] } : {});
-  const page = await context.newPage();
-  page.on("console", (m) => console.error(`[${name}] ${m.text()}`));
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  page.on("dialog", (d) => d.accept());
-  return page;
 }
 
 /** Wait (bounded) until the page's analyser does (or does not) hear `freq`. */
