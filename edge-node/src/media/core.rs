@@ -1605,30 +1605,44 @@ mod tests {
         let early = bed.join(false, LISTENER_AUDIO_SLOTS);
         bed.run(200);
         assert!(bed.connected());
-        // Jumps of 30,000 (under half the sequence space) carry the slot's stream past 65,535.
+        // Jumps of 2,900 (a loss a stream may have: under the 3,000 after which the slot takes
+        // it for a restarted stream) carry the slot's stream past 65,535 in 24 packets.
+        const STEP: u16 = 2_900;
         let mut seq = 1u16;
         let mut send = |bed: &mut Bed, payload: u8| {
             let now = bed.now;
-            bed.core
-                .handle_relay(now, now, &relay_frame(ROOM, 9_000, seq, &[payload]));
+            let frame = RelayFrame {
+                kind: FrameKind::SpeakerAudio,
+                room: ROOM,
+                speaker: 9_000,
+                seq,
+                rtp_ts: u32::from(payload) * u32::from(STEP) * 960,
+                audio_level: 20,
+                payload: &[payload],
+            };
+            let mut buf = vec![0; frame.encoded_len()];
+            let n = frame.encode_into(&mut buf).unwrap();
+            bed.core.handle_relay(now, now, &buf[..n]);
             bed.run(1);
-            seq = seq.wrapping_add(30_000);
+            seq = seq.wrapping_add(STEP);
         };
-        for i in 0..4 {
+        for i in 0..24 {
             send(&mut bed, i);
         }
         let late = bed.join(false, LISTENER_AUDIO_SLOTS);
         bed.run(200);
         assert!(bed.connected());
-        for i in 4..6 {
+        for i in 24..26 {
             send(&mut bed, i);
         }
-        assert_eq!(bed.heard(early), [0, 1, 2, 3, 4, 5]);
-        assert_eq!(bed.heard(late), [4, 5]);
+        assert_eq!(bed.heard(early), (0..26).collect::<Vec<u8>>());
+        assert_eq!(bed.heard(late), [24, 25]);
         let seqs =
             |k: usize| -> Vec<u64> { bed.clients[k].received.iter().map(|(_, s, _)| *s).collect() };
-        assert_eq!(seqs(early), [1, 30_001, 60_001, 90_001, 120_001, 150_001]);
-        assert_eq!(seqs(late), [1, 30_001]);
+        let expect: Vec<u64> = (0..26).map(|i| 1 + i * u64::from(STEP)).collect();
+        assert!(expect[23] > 65_535, "past the rollover");
+        assert_eq!(seqs(early), expect);
+        assert_eq!(seqs(late), [1, 1 + u64::from(STEP)]);
     }
 
     #[test]
