@@ -126,17 +126,19 @@ pub(crate) fn signaling_client(
 /// First STUN retransmission timeout of the client's ICE checks.
 const ICE_INITIAL_RTO: Duration = Duration::from_millis(100);
 /// Largest STUN retransmission timeout (also the keepalive period of a connected pair).
-const ICE_MAX_RTO: Duration = Duration::from_millis(250);
+pub(crate) const ICE_MAX_RTO: Duration = Duration::from_millis(250);
 /// Unanswered retransmissions after which the pair (and the session) fails.
 const ICE_MAX_RETRANSMITS: usize = 4;
 
 /// A str0m peer (RTP mode, Opus only, offering RFC 2198 RED if `red`) on a fresh UDP socket
 /// bound to the local address that reaches `toward` (loopback for a loopback edge), which is its
-/// host candidate; str0m statistics events every `stats` (none if `None`).
+/// host candidate; str0m statistics events every `stats` (none if `None`); an ICE check of the
+/// connected pair every `check_every` (never more often than every [`ICE_MAX_RTO`]).
 pub(crate) async fn client_rtc(
     toward: &http::Uri,
     stats: Option<Duration>,
     red: bool,
+    check_every: Duration,
 ) -> Result<(UdpSocket, SocketAddr, Rtc), ClientError> {
     amphi_edge::install_crypto_provider();
     let ip = local_ip_toward(toward).await?;
@@ -151,7 +153,7 @@ pub(crate) async fn client_rtc(
     // so the session ends and the caller can ask the geo-router for another edge
     // (`amphi_edge::rejoin`).
     config.set_initial_stun_rto(ICE_INITIAL_RTO);
-    config.set_max_stun_rto(ICE_MAX_RTO);
+    config.set_max_stun_rto(check_every.max(ICE_MAX_RTO));
     config.set_max_stun_retransmits(ICE_MAX_RETRANSMITS);
     let mut rtc = config.build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local_addr, "udp").map_err(rtc_err)?);
@@ -307,7 +309,7 @@ impl WhipPublisher {
     ) -> Result<WhipPublisher, ClientError> {
         let endpoint = http_endpoint(whip_url, "WHIP")?;
         let (socket, local_addr, mut rtc) =
-            client_rtc(&endpoint, Some(STATS_INTERVAL), offer_red).await?;
+            client_rtc(&endpoint, Some(STATS_INTERVAL), offer_red, ICE_MAX_RTO).await?;
         let mut change = rtc.sdp_api();
         let mid = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         let (offer, pending) = change

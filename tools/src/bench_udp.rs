@@ -4,11 +4,12 @@
 //! interleaved rounds on loopback. It answers whether the edge should drop its hand-made batching
 //! for `quinn-udp`.
 
-use crate::loadgen_webrtc::loopback_send_cost_us;
+use crate::loadgen_webrtc::{loopback_send_cost_us, FloorReceivers};
 use anyhow::{ensure, Result};
 use clap::Args;
 use quinn_udp::{Transmit, UdpSocketState};
 use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
 
 /// `amphi-tools bench udp-send` options.
 #[derive(Args, Debug, Clone)]
@@ -125,48 +126,56 @@ fn measure(path: Path, args: &UdpSendArgs) -> Result<f64> {
     let equal = args.equal_sizes;
     let mut gso_buf = Vec::with_capacity(args.len * slots);
     let mut state: Option<UdpSocketState> = None;
-    loopback_send_cost_us(args.listeners, entries, args.len, |sender, round| {
-        let state = match &mut state {
-            Some(s) => s,
-            None => match UdpSocketState::new(sender.into()) {
-                Ok(s) => state.insert(s),
-                Err(_) => return 0,
-            },
-        };
-        match path {
-            Path::Sendmmsg => {
-                let all = fan_out(round, slots, equal);
-                amphi_edge::batch::send_batches(sender, &all, |(d, b)| (*d, b)).sent
-            }
-            Path::SendTo => fan_out(round, slots, equal)
-                .iter()
-                .filter(|(d, b)| sender.send_to(b, d).is_ok())
-                .count(),
-            Path::QuinnUdp => fan_out(round, slots, equal)
-                .iter()
-                .filter(|(d, b)| {
-                    state
-                        .try_send(sender.into(), &transmit(*d, b, None))
-                        .is_ok()
-                })
-                .count(),
-            Path::QuinnUdpGso => {
-                let all = fan_out(round, slots, equal);
-                let mut sent = 0;
-                for (start, n, segment) in gso_runs(&all, state.max_gso_segments()) {
-                    gso_buf.clear();
-                    for (_, b) in &all[start..start + n] {
-                        gso_buf.extend_from_slice(b);
-                    }
-                    let t = transmit(all[start].0, &gso_buf, (n > 1).then_some(segment));
-                    if state.try_send(sender.into(), &t).is_ok() {
-                        sent += n;
-                    }
+    loopback_send_cost_us(
+        args.listeners,
+        entries,
+        args.len,
+        FloorReceivers::Polled,
+        Duration::from_millis(1),
+        |sender, round| {
+            let state = match &mut state {
+                Some(s) => s,
+                None => match UdpSocketState::new(sender.into()) {
+                    Ok(s) => state.insert(s),
+                    Err(_) => return 0,
+                },
+            };
+            match path {
+                Path::Sendmmsg => {
+                    let all = fan_out(round, slots, equal);
+                    amphi_edge::batch::send_batches(sender, &all, |(d, b)| (*d, b)).sent
                 }
-                sent
+                Path::SendTo => fan_out(round, slots, equal)
+                    .iter()
+                    .filter(|(d, b)| sender.send_to(b, d).is_ok())
+                    .count(),
+                Path::QuinnUdp => fan_out(round, slots, equal)
+                    .iter()
+                    .filter(|(d, b)| {
+                        state
+                            .try_send(sender.into(), &transmit(*d, b, None))
+                            .is_ok()
+                    })
+                    .count(),
+                Path::QuinnUdpGso => {
+                    let all = fan_out(round, slots, equal);
+                    let mut sent = 0;
+                    for (start, n, segment) in gso_runs(&all, state.max_gso_segments()) {
+                        gso_buf.clear();
+                        for (_, b) in &all[start..start + n] {
+                            gso_buf.extend_from_slice(b);
+                        }
+                        let t = transmit(all[start].0, &gso_buf, (n > 1).then_some(segment));
+                        if state.try_send(sender.into(), &t).is_ok() {
+                            sent += n;
+                        }
+                    }
+                    sent
+                }
             }
-        }
-    })
+        },
+    )
+    .map(|cost| cost.us_per_datagram)
 }
 
 fn transmit(destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) -> Transmit<'_> {

@@ -10,7 +10,7 @@
 //! per second, packager RSS and CPU.
 
 use crate::child_mesh::ChildMesh;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -82,6 +82,11 @@ pub struct HlsArgs {
     /// server that only writes the packager's response to each in turn).
     #[arg(long)]
     no_tcp_floor: bool,
+    /// Packager runs, each followed by its floor run; with more than one, the median of the
+    /// rounds' packager / floor ratios is printed too (this shared machine's noise moves a
+    /// single pair by ±20 %).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Internal: run the packager with a synthetic program on this address (child mode).
     #[arg(long, hide = true)]
     serve_packager: Option<SocketAddr>,
@@ -127,6 +132,50 @@ pub async fn run(args: HlsArgs) -> Result<()> {
     if players == 0 || players > 60_000 {
         bail!("--players must be 1..=60000");
     }
+    ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
+    let mut ratios = Vec::new();
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            println!("round {round} of {}", args.rounds);
+        }
+        if let Some(r) = packager_and_floor(&args, players, seconds).await? {
+            ratios.push(r);
+        }
+    }
+    if ratios.len() > 1 {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let p50: Vec<f64> = ratios.iter().map(|r| r.0).collect();
+        let p99: Vec<f64> = ratios.iter().map(|r| r.1).collect();
+        println!(
+            "packager / floor over {} rounds, to all waiting: p50 {} (median {:.2}x), p99 {} (median {:.2}x)",
+            ratios.len(),
+            list(&p50),
+            median(p50.clone()),
+            list(&p99),
+            median(p99.clone()),
+        );
+    }
+    Ok(())
+}
+
+/// Ratios as `1.23x / 1.10x / …`.
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|r| format!("{r:.2}x"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// One packager run (a child packager unless `--url`), then its floor unless `--no-tcp-floor`:
+/// the packager / floor ratios of delivery to all waiting players (p50, p99).
+async fn packager_and_floor(
+    args: &HlsArgs,
+    players: usize,
+    seconds: u64,
+) -> Result<Option<(f64, f64)>> {
     let mut child = None;
     let url = match &args.url {
         Some(u) => u.clone(),
@@ -177,10 +226,12 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(dir);
     }
     let run = result?;
-    if !args.no_tcp_floor {
-        tcp_floor(&run, players, seconds, args.ramp_batch).await?;
+    if args.no_tcp_floor {
+        return Ok(None);
     }
-    Ok(())
+    tcp_floor(&run, players, seconds, args.ramp_batch)
+        .await
+        .map(Some)
 }
 
 /// What the player load measured, for the side-by-side floor.
@@ -199,7 +250,7 @@ async fn tcp_floor(
     players: usize,
     seconds: u64,
     ramp_batch: usize,
-) -> Result<()> {
+) -> Result<(f64, f64)> {
     let period = Duration::from_millis(200);
     let server = crate::tcp_floor::FloorServer::start(
         run.response_len,
@@ -275,15 +326,18 @@ async fn tcp_floor(
         percentile(&to_all, 0.99),
         to_all.len(),
     );
-    println!(
-        "  packager / floor, to all waiting: p50 {:.2}x, p99 {:.2}x",
-        run.all_waiting_ms.0 / percentile(&to_all, 0.5),
-        run.all_waiting_ms.1 / percentile(&to_all, 0.99)
-    );
     if to_all.is_empty() {
         bail!("the floor server answered no round");
     }
-    Ok(())
+    let ratios = (
+        run.all_waiting_ms.0 / percentile(&to_all, 0.5),
+        run.all_waiting_ms.1 / percentile(&to_all, 0.99),
+    );
+    println!(
+        "  packager / floor, to all waiting: p50 {:.2}x, p99 {:.2}x",
+        ratios.0, ratios.1
+    );
+    Ok(ratios)
 }
 
 /// Delivery delays grouped by publication.

@@ -89,6 +89,9 @@ pub struct LoadReport {
     pub mean_payload: f64,
     /// Forwarding delay p50 and p99 upper bounds (µs) from the edge histogram.
     pub delay_us: Option<(f64, f64)>,
+    /// Times the load generator's runtime threads (where the subscribers read their sockets)
+    /// went to sleep in the window: each is a wake-up that, on loopback, the edge's send pays.
+    pub receiver_sleeps: u64,
 }
 
 impl LoadReport {
@@ -175,6 +178,33 @@ fn threads_cpu(pid: u32, name: &str) -> Result<CpuTimes> {
     Ok(sum)
 }
 
+/// Voluntary context switches (each a sleep, then a wake-up) of `pid`'s threads whose name
+/// starts with `prefix`, summed.
+pub(crate) fn thread_sleeps(pid: u32, prefix: &str) -> Result<u64> {
+    let mut sum = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // the thread exited meanwhile
+        };
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        sum += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+/// Name prefix of the load generator's tokio runtime threads (workers and blocking pool).
+const RUNTIME_THREADS: &str = "tokio-r";
+
 /// CPU times of the edge: the whole process and its media thread.
 fn edge_cpu(pid: u32) -> Result<(CpuTimes, CpuTimes)> {
     Ok((
@@ -196,25 +226,64 @@ pub(crate) fn thread_cpu_us() -> f64 {
     ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
 }
 
-/// The kernel's CPU cost of the edge's send path alone: `datagrams` datagrams of `len` bytes
-/// sent round-robin to `receivers` loopback sockets with the edge's own `sendmmsg` batching,
-/// while another thread drains the receivers. Returns CPU microseconds of the sending thread per
-/// datagram: on loopback that includes the receivers' softirq work, as it does for the edge.
-pub fn loopback_send_floor_us(receivers: usize, datagrams: usize, len: usize) -> Result<f64> {
-    loopback_send_cost_us(receivers, datagrams, len, |sender, round| {
-        amphi_edge::batch::send_batches(sender, round, |(d, b)| (*d, b)).sent
-    })
+/// How the floor's receiving sockets take their datagrams. On loopback the sender's `sendmmsg`
+/// runs the receive path too, so this decides part of what the floor costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloorReceivers {
+    /// Swept by one thread every 0.5 ms: nobody ever sleeps on a receiving socket, so the
+    /// sender never pays a wake-up.
+    Polled,
+    /// Each socket read by its own task on a 2-worker tokio runtime that sleeps in `epoll_wait`
+    /// between datagrams, as the load generator's subscribers do: the sender pays their wake-ups,
+    /// as the edge does on loopback.
+    Sleeping,
 }
 
-/// CPU microseconds per sent datagram of `send`, which is handed rounds of up to `receivers`
-/// datagrams (one per receiver, `len` bytes each) and returns how many it sent, until
-/// `datagrams` were attempted; the receivers are drained by another thread meanwhile.
+/// The kernel's CPU cost of the edge's send path alone: `datagrams` datagrams of `len` bytes
+/// sent round-robin to `receivers` loopback sockets with the edge's own `sendmmsg` batching, one
+/// round (a datagram to every receiver) per `round_every`, while `mode` drains the receivers.
+/// On loopback the sending thread's CPU includes the receivers' softirq work, as it does for the
+/// edge.
+pub fn loopback_send_floor_us(
+    receivers: usize,
+    datagrams: usize,
+    len: usize,
+    mode: FloorReceivers,
+    round_every: Duration,
+) -> Result<SendCost> {
+    loopback_send_cost_us(
+        receivers,
+        datagrams,
+        len,
+        mode,
+        round_every,
+        |sender, round| amphi_edge::batch::send_batches(sender, round, |(d, b)| (*d, b)).sent,
+    )
+}
+
+/// What sending to loopback receivers cost.
+#[derive(Debug, Clone, Copy)]
+pub struct SendCost {
+    /// CPU microseconds of the sending thread per sent datagram.
+    pub us_per_datagram: f64,
+    /// Datagrams sent.
+    pub sent: usize,
+    /// Times the receivers' threads went to sleep (and so were woken) meanwhile, for
+    /// [`FloorReceivers::Sleeping`].
+    pub receiver_sleeps: Option<u64>,
+}
+
+/// The cost of `send`, which is handed rounds of up to `receivers` datagrams (one per receiver,
+/// `len` bytes each, a round per `round_every`) and returns how many it sent, until `datagrams`
+/// were attempted; the receivers are drained as `mode` says meanwhile.
 pub fn loopback_send_cost_us(
     receivers: usize,
     datagrams: usize,
     len: usize,
+    mode: FloorReceivers,
+    round_every: Duration,
     mut send: impl FnMut(&std::net::UdpSocket, &[(std::net::SocketAddr, &[u8])]) -> usize,
-) -> Result<f64> {
+) -> Result<SendCost> {
     ensure!(receivers > 0 && datagrams > 0, "nothing to send");
     let sockets = (0..receivers)
         .map(|_| {
@@ -228,37 +297,102 @@ pub fn loopback_send_cost_us(
         .map(|s| s.local_addr())
         .collect::<std::io::Result<Vec<_>>>()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let drain = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                for s in &sockets {
-                    while s.recv(&mut buf).is_ok() {}
+    let drain = match mode {
+        FloorReceivers::Polled => {
+            let stop = stop.clone();
+            Drain::Thread(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    for s in &sockets {
+                        while s.recv(&mut buf).is_ok() {}
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
                 }
-                std::thread::sleep(Duration::from_micros(500));
+            }))
+        }
+        FloorReceivers::Sleeping => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name(FLOOR_RECEIVER_THREADS)
+                .enable_io()
+                .build()?;
+            for s in sockets {
+                let s = {
+                    let _entered = runtime.enter();
+                    tokio::net::UdpSocket::from_std(s)?
+                };
+                runtime.spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    while s.recv(&mut buf).await.is_ok() {}
+                });
             }
-        })
+            Drain::Runtime(runtime)
+        }
     };
     let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
     sender.set_nonblocking(true)?;
     let payload = vec![0x5a_u8; len];
     let round: Vec<(std::net::SocketAddr, &[u8])> =
         targets.iter().map(|t| (*t, &payload[..])).collect();
+    let sleeps = || thread_sleeps(std::process::id(), FLOOR_RECEIVER_THREADS);
+    let sleeps_before = sleeps()?;
     let before = thread_cpu_us();
     let (mut attempted, mut sent) = (0, 0);
+    let mut next_round = Instant::now();
     while attempted < datagrams {
         let n = (datagrams - attempted).min(round.len());
         sent += send(&sender, &round[..n]);
         attempted += n;
-        // Leave the drain thread time to empty the receive buffers, as subscribers would.
-        std::thread::sleep(Duration::from_millis(1));
+        // Leave the receivers time to empty their buffers, as subscribers would.
+        next_round += round_every;
+        std::thread::sleep(next_round.saturating_duration_since(Instant::now()));
     }
     let used_us = thread_cpu_us() - before;
+    let receiver_sleeps = (mode == FloorReceivers::Sleeping)
+        .then(|| sleeps().map(|after| after.saturating_sub(sleeps_before)))
+        .transpose()?;
     stop.store(true, Ordering::Relaxed);
-    let _ = drain.join();
+    match drain {
+        Drain::Thread(t) => {
+            let _ = t.join();
+        }
+        Drain::Runtime(r) => r.shutdown_background(),
+    }
     ensure!(sent > 0, "no datagram could be sent");
-    Ok(used_us / sent as f64)
+    Ok(SendCost {
+        us_per_datagram: used_us / sent as f64,
+        sent,
+        receiver_sleeps,
+    })
+}
+
+/// Name of the floor's receiving runtime threads.
+const FLOOR_RECEIVER_THREADS: &str = "floor-receiver";
+
+/// The send floor for receivers woken `wakes` times per datagram: the polled floor (never woken)
+/// plus the sleeping floor's extra cost in proportion to its receivers' wake-ups per datagram
+/// (linear in the wake-ups, the part of a loopback send that depends on the receiver).
+pub fn wake_adjusted_floor(polled: &SendCost, sleeping: &SendCost, wakes: f64) -> f64 {
+    let floor_wakes = sleeping.receiver_sleeps.unwrap_or(0) as f64 / sleeping.sent.max(1) as f64;
+    if floor_wakes <= 0.0 {
+        return polled.us_per_datagram;
+    }
+    let per_wake = (sleeping.us_per_datagram - polled.us_per_datagram).max(0.0) / floor_wakes;
+    polled.us_per_datagram + per_wake * wakes.max(0.0)
+}
+
+/// `a / b` as `1.23x`, or `n/a`.
+fn ratio(a: Option<f64>, b: f64) -> String {
+    a.filter(|_| b > 0.0)
+        .map_or("n/a".into(), |a| format!("{:.2}x", a / b))
+}
+
+/// What drains the floor's receiving sockets.
+enum Drain {
+    /// The sweeping thread of [`FloorReceivers::Polled`].
+    Thread(std::thread::JoinHandle<()>),
+    /// The runtime of [`FloorReceivers::Sleeping`].
+    Runtime(tokio::runtime::Runtime),
 }
 
 /// Clock ticks per second of `/proc` CPU times (asked of `getconf` once per process).
@@ -408,6 +542,8 @@ pub async fn run_load(
     let mut subs: Vec<WhepSubscriber> = Vec::with_capacity(n);
     let opts = WhepOptions {
         keep_packets: false,
+        // The subscribers stand in for browsers: Chrome checks a stable pair every 2.5 s.
+        ice_check_every: Duration::from_millis(2_500),
         ..WhepOptions::default()
     };
     for chunk in listener_tokens.chunks(CONNECT_BATCH) {
@@ -432,9 +568,11 @@ pub async fn run_load(
     };
     let (t0, p0, b0) = (Instant::now(), total(&stats), total_bytes(&stats));
     let c0 = edge_pid.map(edge_cpu).transpose()?;
+    let s0 = thread_sleeps(std::process::id(), RUNTIME_THREADS)?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (wall, p1, b1) = (t0.elapsed(), total(&stats), total_bytes(&stats));
     let c1 = edge_pid.map(edge_cpu).transpose()?;
+    let s1 = thread_sleeps(std::process::id(), RUNTIME_THREADS)?;
     let m1 = {
         let u = metrics_url.clone();
         tokio::task::spawn_blocking(move || get(&u)).await??
@@ -463,6 +601,7 @@ pub async fn run_load(
         media_cpu: window.map(|((_, a), (_, b))| b.minus(a)),
         mean_payload: (b1 - b0) as f64 / delivered.max(1) as f64,
         delay_us,
+        receiver_sleeps: s1.saturating_sub(s0),
     })
 }
 
@@ -578,14 +717,54 @@ async fn bench_mesh(
         // datagrams of the same size through the edge's own sendmmsg path to n loopback sockets.
         let datagrams = (r.delivered as usize).clamp(1, FLOOR_MAX_DATAGRAMS);
         let len = r.mean_payload.round() as usize + SRTP_OVERHEAD;
-        let floor =
-            tokio::task::spawn_blocking(move || loopback_send_floor_us(n.max(1), datagrams, len))
-                .await??;
+        // Two floors: receivers swept by a polling thread (never woken), and receivers sleeping
+        // in epoll as the subscribers do, sent to at the speakers' cadence (a round per speaker
+        // packet). Idle receivers wake far more often than busy subscribers, so the floor
+        // compared with is the polled one plus the wake-ups' share at the subscribers' rate.
         let media = r.media_cpu.and_then(|t| r.per_packet_us(t.total()));
-        println!(
-            "  loopback send floor ({datagrams} datagrams of {len} B to {n} sockets, same sendmmsg path): {floor:.2} us/datagram; media thread above the floor: {}",
-            media.map_or("n/a".into(), |m| format!("{:.2} us/packet", m - floor))
-        );
+        let subscriber_wakes = r.receiver_sleeps as f64 / r.delivered.max(1) as f64;
+        let mut costs = Vec::new();
+        for (mode, round_every, what) in [
+            (
+                FloorReceivers::Polled,
+                Duration::from_millis(1),
+                "receivers polled, a round per ms",
+            ),
+            (
+                FloorReceivers::Sleeping,
+                Duration::from_micros(1_000_000 / (SPEAKERS as u64 * PPS)),
+                "receivers sleeping in epoll, a round per speaker packet",
+            ),
+        ] {
+            let cost = tokio::task::spawn_blocking(move || {
+                loopback_send_floor_us(n.max(1), datagrams, len, mode, round_every)
+            })
+            .await??;
+            let wakes = cost.receiver_sleeps.map_or(String::new(), |s| {
+                format!(
+                    ", receivers woken {:.1} times per 1,000 datagrams",
+                    s as f64 * 1000.0 / cost.sent.max(1) as f64
+                )
+            });
+            println!(
+                "  loopback send floor ({what}; {datagrams} datagrams of {len} B to {n} sockets, same sendmmsg path): {:.2} us/datagram{wakes}; media thread / floor {}",
+                cost.us_per_datagram,
+                ratio(media, cost.us_per_datagram)
+            );
+            costs.push(cost);
+        }
+        if let [polled, sleeping] = costs[..] {
+            let floor = wake_adjusted_floor(&polled, &sleeping, subscriber_wakes);
+            println!(
+                "  floor at the subscribers' wake-ups ({:.1} per 1,000 packets): {floor:.2} us/datagram; media thread {}",
+                subscriber_wakes * 1000.0,
+                media.map_or("n/a".into(), |m| format!(
+                    "{:.2} us/packet above it = {}",
+                    m - floor,
+                    ratio(Some(m), floor)
+                ))
+            );
+        }
         if r.loss() < 0.01 && marginal > 0.0 {
             let per_core = r.subscribers as f64 * r.wall.as_secs_f64() / marginal;
             best = Some((r, per_core));
@@ -623,6 +802,31 @@ mod tests {
     }
 
     #[test]
+    fn the_floor_is_adjusted_to_the_subscribers_wake_ups() {
+        let polled = SendCost {
+            us_per_datagram: 2.0,
+            sent: 1_000,
+            receiver_sleeps: None,
+        };
+        let sleeping = SendCost {
+            us_per_datagram: 3.0,
+            sent: 1_000,
+            receiver_sleeps: Some(200),
+        };
+        // 1 µs more for 0.2 wake-ups per datagram: 5 µs per wake-up.
+        assert!((wake_adjusted_floor(&polled, &sleeping, 0.0) - 2.0).abs() < 1e-9);
+        assert!((wake_adjusted_floor(&polled, &sleeping, 0.02) - 2.1).abs() < 1e-9);
+        assert!((wake_adjusted_floor(&polled, &sleeping, 0.2) - 3.0).abs() < 1e-9);
+        let never_woken = SendCost {
+            receiver_sleeps: Some(0),
+            ..sleeping
+        };
+        assert_eq!(wake_adjusted_floor(&polled, &never_woken, 0.1), 2.0);
+        assert_eq!(ratio(Some(3.0), 2.0), "1.50x");
+        assert_eq!(ratio(None, 2.0), "n/a");
+    }
+
+    #[test]
     fn report_math() {
         let r = LoadReport {
             subscribers: 2,
@@ -636,6 +840,7 @@ mod tests {
             media_cpu: None,
             mean_payload: 80.0,
             delay_us: None,
+            receiver_sleeps: 0,
         };
         assert!((r.loss() - 0.01).abs() < 1e-9);
         assert!((r.per_packet_us(r.cpu.unwrap().total()).unwrap() - 10.1).abs() < 0.1);
@@ -679,7 +884,16 @@ mod tests {
 
     #[test]
     fn loopback_floor_is_positive() {
-        let floor = loopback_send_floor_us(4, 2_000, 120).unwrap();
-        assert!(floor > 0.0 && floor.is_finite(), "{floor}");
+        for mode in [FloorReceivers::Polled, FloorReceivers::Sleeping] {
+            let cost =
+                loopback_send_floor_us(4, 2_000, 120, mode, Duration::from_micros(200)).unwrap();
+            let floor = cost.us_per_datagram;
+            assert!(floor > 0.0 && floor.is_finite(), "{mode:?}: {floor}");
+            assert_eq!(cost.sent, 2_000);
+            assert_eq!(
+                cost.receiver_sleeps.is_some(),
+                mode == FloorReceivers::Sleeping
+            );
+        }
     }
 }
