@@ -339,6 +339,62 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
     assert_eq!(v["mode"], "interactive", "speakers always get WebRTC: {v}");
     let (_, info) = get(&format!("{}/v1/rooms/{room}", mesh.router()), &[]);
     assert_eq!(info["listeners"], 500, "{info}");
+    assert!(info.get("tiers").is_none(), "{info}");
+
+    // A room with its own thresholds (2 interactive, then 3 push per edge) tiers by them, on the
+    // same edge and heartbeat as the room above.
+    let (status, _, created) = send(
+        "POST",
+        &format!("{}/v1/rooms", mesh.router()),
+        r#"{"title": "small", "tiers": {"interactive": 2, "push": 3}}"#,
+    );
+    assert_eq!(status, 201, "{created}");
+    let small = created["room"].as_str().unwrap().to_string();
+    let (_, info) = get(&format!("{}/v1/rooms/{small}", mesh.router()), &[]);
+    assert_eq!(
+        info["tiers"],
+        serde_json::json!({"interactive": 2, "push": 3})
+    );
+    let small_route = || {
+        get(
+            &format!(
+                "{}/v1/route?room={small}&ip=81.2.69.1&role=listener",
+                mesh.router()
+            ),
+            &[],
+        )
+        .1["mode"]
+            .clone()
+    };
+    let beat_small = |sessions: u32, push: u32| {
+        heartbeat(
+            &mesh,
+            "edge-paris",
+            48.86,
+            2.35,
+            0.10,
+            serde_json::json!([
+                {"room": room, "sessions": 500, "push": 10_000},
+                {"room": small, "sessions": sessions, "push": push},
+            ]),
+        );
+    };
+    beat_small(1, 0);
+    assert_eq!(small_route(), "interactive");
+    beat_small(2, 0);
+    assert_eq!(small_route(), "push");
+    beat_small(2, 3);
+    assert_eq!(small_route(), "hls");
+    let (status, _, v) = send(
+        "POST",
+        &format!("{}/v1/rooms", mesh.router()),
+        r#"{"title": "huge", "tiers": {"interactive": 100001}}"#,
+    );
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("bad_field")),
+        "{v}"
+    );
 
     // Failover: edge-paris stops heartbeating; new routes avoid it after 3 missed beats.
     let stopped = Instant::now();

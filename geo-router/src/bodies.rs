@@ -8,7 +8,8 @@
 use crate::directory::RoomEntry;
 use amphi_protocol::api::{
     valid_user_id, CreateRoomRequest, MintTokenRequest, ReminderRequest, RescheduleRequest,
-    RevokeTokenRequest, MAX_JTI_BYTES, MAX_NAME_CHARS, MAX_TITLE_CHARS, MAX_USER_ID_BYTES,
+    RevokeTokenRequest, TierThresholds, MAX_INTERACTIVE_THRESHOLD, MAX_JTI_BYTES, MAX_NAME_CHARS,
+    MAX_PUSH_THRESHOLD, MAX_TITLE_CHARS, MAX_USER_ID_BYTES,
 };
 use amphi_protocol::token::{Role, TokenError, TokenVerifier};
 use serde::de::DeserializeOwned;
@@ -107,6 +108,20 @@ pub fn create_room(bytes: &[u8], now_unix: u64) -> Result<NewRoom, BodyError> {
             return Err(refuse("bad_field", "scheduled_at must be within a year"));
         }
     }
+    if let Some(t) = &req.tiers {
+        if t.interactive.is_some_and(|n| n > MAX_INTERACTIVE_THRESHOLD) {
+            return Err(refuse(
+                "bad_field",
+                format!("tiers.interactive must be at most {MAX_INTERACTIVE_THRESHOLD}"),
+            ));
+        }
+        if t.push.is_some_and(|n| n > MAX_PUSH_THRESHOLD) {
+            return Err(refuse(
+                "bad_field",
+                format!("tiers.push must be at most {MAX_PUSH_THRESHOLD}"),
+            ));
+        }
+    }
     Ok(NewRoom {
         entry: RoomEntry {
             title: req.title,
@@ -114,6 +129,7 @@ pub fn create_room(bytes: &[u8], now_unix: u64) -> Result<NewRoom, BodyError> {
             created_at: now_unix,
             scheduled_at: req.scheduled_at.filter(|at| *at > now_unix),
             ended_at: None,
+            tiers: req.tiers.filter(|t| *t != TierThresholds::default()),
         },
         host_name,
         host_user_id: req.host_user_id,
@@ -235,6 +251,56 @@ pub fn revoke_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_room_may_set_its_own_tier_thresholds_within_bounds() {
+        let r = create_room(
+            br#"{"title":"T","tiers":{"interactive":2,"push":300}}"#,
+            NOW,
+        );
+        assert_eq!(
+            r.unwrap().entry.tiers,
+            Some(TierThresholds {
+                interactive: Some(2),
+                push: Some(300)
+            })
+        );
+        let one = create_room(br#"{"title":"T","tiers":{"push":0}}"#, NOW).unwrap();
+        assert_eq!(one.entry.tiers.and_then(|t| t.interactive), None);
+        assert_eq!(one.entry.tiers.and_then(|t| t.push), Some(0));
+        let empty = create_room(br#"{"title":"T","tiers":{}}"#, NOW).unwrap();
+        assert_eq!(
+            empty.entry.tiers, None,
+            "nothing set: the router's settings"
+        );
+        for (body, code) in [
+            (
+                format!(
+                    r#"{{"title":"T","tiers":{{"interactive":{}}}}}"#,
+                    MAX_INTERACTIVE_THRESHOLD + 1
+                ),
+                "bad_field",
+            ),
+            (
+                format!(
+                    r#"{{"title":"T","tiers":{{"push":{}}}}}"#,
+                    MAX_PUSH_THRESHOLD + 1
+                ),
+                "bad_field",
+            ),
+            (
+                r#"{"title":"T","tiers":{"interactive":-1}}"#.into(),
+                "bad_json",
+            ),
+            (r#"{"title":"T","tiers":{"hls":5}}"#.into(), "bad_json"),
+        ] {
+            assert_eq!(
+                create_room(body.as_bytes(), NOW).unwrap_err().code,
+                code,
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn reminder_bodies_name_a_valid_user_and_a_future_start() {

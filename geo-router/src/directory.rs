@@ -7,7 +7,7 @@
 //! stored fields, so a cursor stays valid while rooms come and go: every room open for the
 //! whole walk is returned exactly once.
 
-use amphi_protocol::api::{RoomInfo, RoomStatus};
+use amphi_protocol::api::{RoomInfo, RoomStatus, TierThresholds};
 use amphi_protocol::RoomId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -28,6 +28,9 @@ pub struct RoomEntry {
     /// When the room ended, Unix seconds.
     #[serde(skip)]
     pub ended_at: Option<u64>,
+    /// The room's own tier thresholds (`POST /v1/rooms` `tiers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TierThresholds>,
 }
 
 impl RoomEntry {
@@ -61,6 +64,7 @@ impl RoomEntry {
             ended_at: self.ended_at,
             listeners,
             reminder_subscribers: 0,
+            tiers: self.tiers,
         }
     }
 }
@@ -191,7 +195,8 @@ pub const MAX_LIVE_REMEMBERED: usize = 65_536;
 /// Rooms recently seen live (sans-IO): `/v1/route` asks the store only about the others.
 #[derive(Debug, Default)]
 pub struct LiveRooms {
-    seen: HashMap<RoomId, std::time::Instant>,
+    /// When the store last said each room is live, and the room's own tier thresholds.
+    seen: HashMap<RoomId, (std::time::Instant, Option<TierThresholds>)>,
 }
 
 impl LiveRooms {
@@ -199,25 +204,35 @@ impl LiveRooms {
     pub fn is_live(&self, room: RoomId, now: std::time::Instant) -> bool {
         self.seen
             .get(&room)
-            .is_some_and(|t| now.saturating_duration_since(*t) < LIVE_TRUST)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) < LIVE_TRUST)
+    }
+
+    /// The tier thresholds `room` was created with, if it was seen live and had any.
+    pub fn tiers(&self, room: RoomId) -> Option<TierThresholds> {
+        self.seen.get(&room).and_then(|(_, tiers)| *tiers)
     }
 
     /// Until when `room` is trusted live (seen live, plus [`LIVE_TRUST`]).
     pub fn live_until(&self, room: RoomId) -> Option<std::time::Instant> {
-        self.seen.get(&room).map(|t| *t + LIVE_TRUST)
+        self.seen.get(&room).map(|(t, _)| *t + LIVE_TRUST)
     }
 
-    /// The store said `room` is live at `now`. Bounded: when full, the stale entries go, and
-    /// if none is stale, all.
-    pub fn saw_live(&mut self, room: RoomId, now: std::time::Instant) {
+    /// The store said `room` (with its own `tiers`, if any) is live at `now`. Bounded: when
+    /// full, the stale entries go, and if none is stale, all.
+    pub fn saw_live(
+        &mut self,
+        room: RoomId,
+        now: std::time::Instant,
+        tiers: Option<TierThresholds>,
+    ) {
         if self.seen.len() >= MAX_LIVE_REMEMBERED && !self.seen.contains_key(&room) {
             self.seen
-                .retain(|_, t| now.saturating_duration_since(*t) < LIVE_TRUST);
+                .retain(|_, (t, _)| now.saturating_duration_since(*t) < LIVE_TRUST);
             if self.seen.len() >= MAX_LIVE_REMEMBERED {
                 self.seen.clear();
             }
         }
-        self.seen.insert(room, now);
+        self.seen.insert(room, (now, tiers));
     }
 
     /// `room` ended (through this router): never trusted live again.
@@ -405,6 +420,7 @@ mod tests {
             created_at: created,
             scheduled_at: scheduled,
             ended_at: None,
+            tiers: None,
         }
     }
 
@@ -531,18 +547,49 @@ mod tests {
         let mut l = LiveRooms::default();
         let (a, b) = (RoomId(1), RoomId(2));
         assert!(!l.is_live(a, t0));
-        l.saw_live(a, t0);
+        l.saw_live(a, t0, None);
         assert!(l.is_live(a, t0 + LIVE_TRUST / 2));
         assert!(!l.is_live(a, t0 + LIVE_TRUST), "stale: ask the store again");
         assert!(!l.is_live(b, t0));
-        l.saw_live(b, t0);
+        l.saw_live(b, t0, None);
         l.forget(b);
         assert!(!l.is_live(b, t0), "ended here: at once");
         for i in 0..MAX_LIVE_REMEMBERED as u64 + 10 {
-            l.saw_live(RoomId(100 + i), t0);
+            l.saw_live(RoomId(100 + i), t0, None);
         }
         assert!(l.seen.len() <= MAX_LIVE_REMEMBERED);
         assert!(l.is_live(RoomId(100 + MAX_LIVE_REMEMBERED as u64 + 9), t0));
+    }
+
+    #[test]
+    fn a_live_room_keeps_its_own_tier_thresholds() {
+        let t0 = std::time::Instant::now();
+        let mut l = LiveRooms::default();
+        let tiers = TierThresholds {
+            interactive: Some(2),
+            push: None,
+        };
+        l.saw_live(RoomId(1), t0, Some(tiers));
+        l.saw_live(RoomId(2), t0, None);
+        assert_eq!(l.tiers(RoomId(1)), Some(tiers));
+        assert_eq!(l.tiers(RoomId(2)), None);
+        assert_eq!(l.tiers(RoomId(3)), None);
+        let stored = RoomEntry {
+            tiers: Some(tiers),
+            ..entry("t", None, 1, None)
+        };
+        let json = serde_json::to_string(&stored).unwrap();
+        assert!(json.contains(r#""tiers":{"interactive":2}"#), "{json}");
+        assert_eq!(serde_json::from_str::<RoomEntry>(&json).unwrap(), stored);
+        let plain = serde_json::to_string(&entry("t", None, 1, None)).unwrap();
+        assert!(
+            !plain.contains("tiers"),
+            "entries without tiers are stored as before"
+        );
+        assert_eq!(
+            stored.info(RoomId(1), String::new(), 1, 0).tiers,
+            Some(tiers)
+        );
     }
 
     #[test]

@@ -338,9 +338,13 @@ impl AppState {
         if lock(&self.live).is_live(room, now) {
             return Ok(true);
         }
-        let live = self.room_status(room).await? == Some(RoomStatus::Live);
+        let entry = self.store.room(room).await?;
+        let live = entry
+            .as_ref()
+            .is_some_and(|e| e.status(now_unix()) == RoomStatus::Live);
         if live {
-            lock(&self.live).saw_live(room, now);
+            let tiers = entry.and_then(|e| e.tiers);
+            lock(&self.live).saw_live(room, now, tiers);
             // Someone is joining: the room is active (at most once per trust period here).
             self.touch(room).await;
         }

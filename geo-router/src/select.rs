@@ -3,6 +3,7 @@
 //! `why` for operators. Listeners beyond a room's interactive capacity on the chosen edge are sent
 //! to HLS.
 
+use amphi_protocol::api::TierThresholds;
 use std::fmt::Write;
 
 /// Bytes reserved for a choice's `why`.
@@ -165,6 +166,21 @@ pub struct Policy {
     /// Keep a room's sessions in a region on as few edges as possible: among the chosen edge's
     /// region's edges under the load threshold, the one already holding most of the room wins.
     pub room_affine: bool,
+}
+
+impl Policy {
+    /// This policy with a room's own tier thresholds in place of the router's, where it set
+    /// them.
+    pub fn for_room(self, tiers: Option<TierThresholds>) -> Policy {
+        let Some(t) = tiers else {
+            return self;
+        };
+        Policy {
+            interactive_capacity: t.interactive.unwrap_or(self.interactive_capacity),
+            push_capacity: t.push.unwrap_or(self.push_capacity),
+            ..self
+        }
+    }
 }
 
 impl Default for Policy {
@@ -706,6 +722,40 @@ mod tests {
         assert_eq!(tier(&c, no_push, true).tier, Tier::Hls);
         c[1].room_interactive = 1;
         assert_eq!(tier(&c, policy, true).tier, Tier::Interactive);
+    }
+
+    #[test]
+    fn a_rooms_own_thresholds_replace_the_routers_where_set() {
+        let router = Policy {
+            interactive_capacity: 500,
+            push_capacity: 10_000,
+            ..Policy::default()
+        };
+        assert_eq!(router.for_room(None), router);
+        let small = router.for_room(Some(TierThresholds {
+            interactive: Some(1),
+            push: None,
+        }));
+        assert_eq!(
+            (small.interactive_capacity, small.push_capacity),
+            (1, 10_000)
+        );
+        let no_push = router.for_room(Some(TierThresholds {
+            interactive: None,
+            push: Some(0),
+        }));
+        assert_eq!(
+            (no_push.interactive_capacity, no_push.push_capacity),
+            (500, 0)
+        );
+        // The second listener of a room that keeps one interactive listener per edge: push.
+        let mut c = four();
+        c[1].room_interactive = 1;
+        let at = ClientPlace::Located(PARIS);
+        let pick = select_edge(at, None, "us-east", &c, small, true).unwrap();
+        assert_eq!(pick.tier, Tier::Push);
+        let pick = select_edge(at, None, "us-east", &c, router, true).unwrap();
+        assert_eq!(pick.tier, Tier::Interactive);
     }
 
     #[test]

@@ -1734,6 +1734,7 @@ mod tests {
             created_at: 1_000,
             scheduled_at: None,
             ended_at: None,
+            tiers: None,
         }
     }
 

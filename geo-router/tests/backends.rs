@@ -53,6 +53,7 @@ fn entry(title: &str, scheduled_at: Option<u64>) -> amphi_geo_router::directory:
         created_at: 1_000,
         scheduled_at,
         ended_at: None,
+        tiers: None,
     }
 }
 
@@ -81,9 +82,19 @@ fn beat(id: &str, region: &str, rooms: Vec<(RoomId, u32)>) -> EdgeHeartbeat {
 
 async fn store_contract(store: &dyn Store) {
     let a = store.create_room(entry("a", None)).await.unwrap();
-    let b = store.create_room(entry("b", Some(5_000))).await.unwrap();
+    let tiers = amphi_protocol::api::TierThresholds {
+        interactive: Some(3),
+        push: Some(0),
+    };
+    let with_tiers = amphi_geo_router::directory::RoomEntry {
+        tiers: Some(tiers),
+        ..entry("b", Some(5_000))
+    };
+    let b = store.create_room(with_tiers).await.unwrap();
     assert_ne!(a, b);
     assert_eq!(store.room(a).await.unwrap().unwrap().title, "a");
+    assert_eq!(store.room(a).await.unwrap().unwrap().tiers, None);
+    assert_eq!(store.room(b).await.unwrap().unwrap().tiers, Some(tiers));
     assert_eq!(store.room(RoomId(0xdead)).await.unwrap(), None);
     let page = store.page(None, 100, 1_500).await.unwrap();
     let listed: Vec<_> = page.rooms.iter().map(|r| r.0).collect();

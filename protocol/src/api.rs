@@ -37,6 +37,28 @@ pub struct CreateRoomRequest {
     /// id.
     #[serde(default)]
     pub host_user_id: Option<String>,
+    /// The room's own tier thresholds; what it leaves out follows the router's settings.
+    #[serde(default)]
+    pub tiers: Option<TierThresholds>,
+}
+
+/// Most interactive listeners per room per edge a room may ask for.
+pub const MAX_INTERACTIVE_THRESHOLD: u32 = 100_000;
+/// Most push listeners per room per edge a room may ask for.
+pub const MAX_PUSH_THRESHOLD: u32 = 1_000_000;
+
+/// A room's tier thresholds, per edge: the first `interactive` listeners of the room on an
+/// edge hear it over WebRTC, the next `push` over push, the rest over LL-HLS. An absent field
+/// keeps the router's setting (`interactive_capacity`, `push_capacity`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct TierThresholds {
+    /// Interactive (WebRTC) listeners per edge, up to [`MAX_INTERACTIVE_THRESHOLD`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive: Option<u32>,
+    /// Push listeners per edge after those, up to [`MAX_PUSH_THRESHOLD`] (0: no push tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<u32>,
 }
 
 /// `POST /v1/rooms` answer (`201 Created`).
@@ -89,6 +111,9 @@ pub struct RoomInfo {
     /// Users subscribed to a scheduled room's reminder (0 once it started).
     #[serde(default)]
     pub reminder_subscribers: u64,
+    /// The room's own tier thresholds, if it was created with any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TierThresholds>,
 }
 
 /// `POST /v1/rooms/{id}/reminders` body: subscribe a user to a scheduled room's reminder.

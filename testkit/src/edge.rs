@@ -79,6 +79,7 @@ async fn room_handler(State(rooms): State<Arc<Rooms>>, Path(id): Path<String>) -
         ended_at: None,
         listeners: 0,
         reminder_subscribers: 0,
+        tiers: None,
     })
     .into_response()
 }

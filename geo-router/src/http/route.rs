@@ -301,6 +301,7 @@ fn route_decide(
         }),
         None => s.anchor,
     };
+    let policy = s.policy.for_room(lock(&s.live).tiers(room));
     let reg = s.registry();
     let candidates = without_avoided(reg.candidates(room, now), &avoid);
     let choice = select_edge(
@@ -308,7 +309,7 @@ fn route_decide(
         anchor,
         &s.config.default_region,
         &candidates,
-        s.policy,
+        policy,
         p.listener,
     );
     let choice = match choice {
