@@ -257,16 +257,12 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
     // Load spill: an edge in Paris above the load threshold is skipped for the next nearest.
     // The Paris entry is beaten again before each try, and a loaded machine can delay the dev
     // edges' own 0.5 s heartbeats past the 1.5 s window: a few tries (bounded) let them in.
+    let paris = |cpu: f64, rooms: serde_json::Value| {
+        heartbeat(&mesh, "edge-paris", 48.86, 2.35, cpu, rooms);
+    };
     let mut tries = 0;
     let v = loop {
-        heartbeat(
-            &mesh,
-            "edge-paris",
-            48.86,
-            2.35,
-            0.95,
-            serde_json::json!([]),
-        );
+        paris(0.95, serde_json::json!([]));
         let v = route_ip(&mesh, &room, "81.2.69.1");
         tries += 1;
         if v["edge"] == "edge-eu-west" || tries == 20 {
@@ -279,26 +275,12 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
         v["why"].as_str().unwrap().contains("skipped edge-paris"),
         "{v}"
     );
-    heartbeat(
-        &mesh,
-        "edge-paris",
-        48.86,
-        2.35,
-        0.10,
-        serde_json::json!([]),
-    );
+    paris(0.10, serde_json::json!([]));
     assert_eq!(route_ip(&mesh, &room, "81.2.69.1")["edge"], "edge-paris");
 
     // Interactive capacity (500 per room per edge in dev): listeners beyond it get the push
     // tier at the same edge, and beyond its push capacity (10,000) HLS.
-    heartbeat(
-        &mesh,
-        "edge-paris",
-        48.86,
-        2.35,
-        0.10,
-        serde_json::json!([{"room": room, "sessions": 500}]),
-    );
+    paris(0.10, serde_json::json!([{"room": room, "sessions": 500}]));
     let listener_route = || {
         get(
             &format!(
@@ -318,11 +300,7 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
             .ends_with(&format!("/v1/rooms/{room}/push")),
         "{v}"
     );
-    heartbeat(
-        &mesh,
-        "edge-paris",
-        48.86,
-        2.35,
+    paris(
         0.10,
         serde_json::json!([{"room": room, "sessions": 500, "push": 10_000}]),
     );
@@ -367,11 +345,7 @@ fn geoip2_fixture_routes_spills_fails_over_and_sends_full_rooms_to_hls() {
             .clone()
     };
     let beat_small = |sessions: u32, push: u32| {
-        heartbeat(
-            &mesh,
-            "edge-paris",
-            48.86,
-            2.35,
+        paris(
             0.10,
             serde_json::json!([
                 {"room": room, "sessions": 500, "push": 10_000},

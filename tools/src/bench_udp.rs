@@ -4,7 +4,7 @@
 //! interleaved rounds on loopback. It answers whether the edge should drop its hand-made batching
 //! for `quinn-udp`.
 
-use crate::loadgen_webrtc::{loopback_send_cost_us, FloorReceivers};
+use crate::loadgen_webrtc::{loopback_send_cost, FloorReceivers};
 use anyhow::{ensure, Result};
 use clap::Args;
 use quinn_udp::{Transmit, UdpSocketState};
@@ -126,7 +126,7 @@ fn measure(path: Path, args: &UdpSendArgs) -> Result<f64> {
     let equal = args.equal_sizes;
     let mut gso_buf = Vec::with_capacity(args.len * slots);
     let mut state: Option<UdpSocketState> = None;
-    loopback_send_cost_us(
+    loopback_send_cost(
         args.listeners,
         entries,
         args.len,
@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn every_path_delivers_the_fan_out() {
         // Each path sends every datagram of a small fan-out (a path that sent nothing would fail
-        // `loopback_send_cost_us`'s check).
+        // `loopback_send_cost`'s check).
         let args = UdpSendArgs {
             listeners: 4,
             slots: 3,

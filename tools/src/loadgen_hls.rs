@@ -143,19 +143,18 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         }
     }
     if ratios.len() > 1 {
-        let median = |mut v: Vec<f64>| {
+        // Each round's ratios in order, then the median of them.
+        let summary = |pick: fn(&(f64, f64)) -> f64| {
+            let mut v: Vec<f64> = ratios.iter().map(pick).collect();
+            let each = list(&v);
             v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
+            format!("{each} (median {:.2}x)", v[v.len() / 2])
         };
-        let p50: Vec<f64> = ratios.iter().map(|r| r.0).collect();
-        let p99: Vec<f64> = ratios.iter().map(|r| r.1).collect();
         println!(
-            "packager / floor over {} rounds, to all waiting: p50 {} (median {:.2}x), p99 {} (median {:.2}x)",
+            "packager / floor over {} rounds, to all waiting: p50 {}, p99 {}",
             ratios.len(),
-            list(&p50),
-            median(p50.clone()),
-            list(&p99),
-            median(p99.clone()),
+            summary(|r| r.0),
+            summary(|r| r.1),
         );
     }
     Ok(())

@@ -244,14 +244,14 @@ pub enum FloorReceivers {
 /// round (a datagram to every receiver) per `round_every`, while `mode` drains the receivers.
 /// On loopback the sending thread's CPU includes the receivers' softirq work, as it does for the
 /// edge.
-pub fn loopback_send_floor_us(
+pub fn loopback_send_floor(
     receivers: usize,
     datagrams: usize,
     len: usize,
     mode: FloorReceivers,
     round_every: Duration,
 ) -> Result<SendCost> {
-    loopback_send_cost_us(
+    loopback_send_cost(
         receivers,
         datagrams,
         len,
@@ -276,7 +276,7 @@ pub struct SendCost {
 /// The cost of `send`, which is handed rounds of up to `receivers` datagrams (one per receiver,
 /// `len` bytes each, a round per `round_every`) and returns how many it sent, until `datagrams`
 /// were attempted; the receivers are drained as `mode` says meanwhile.
-pub fn loopback_send_cost_us(
+pub fn loopback_send_cost(
     receivers: usize,
     datagrams: usize,
     len: usize,
@@ -334,8 +334,9 @@ pub fn loopback_send_cost_us(
     let payload = vec![0x5a_u8; len];
     let round: Vec<(std::net::SocketAddr, &[u8])> =
         targets.iter().map(|t| (*t, &payload[..])).collect();
+    let sleeping = mode == FloorReceivers::Sleeping;
     let sleeps = || thread_sleeps(std::process::id(), FLOOR_RECEIVER_THREADS);
-    let sleeps_before = sleeps()?;
+    let sleeps_before = if sleeping { sleeps()? } else { 0 };
     let before = thread_cpu_us();
     let (mut attempted, mut sent) = (0, 0);
     let mut next_round = Instant::now();
@@ -348,7 +349,7 @@ pub fn loopback_send_cost_us(
         std::thread::sleep(next_round.saturating_duration_since(Instant::now()));
     }
     let used_us = thread_cpu_us() - before;
-    let receiver_sleeps = (mode == FloorReceivers::Sleeping)
+    let receiver_sleeps = sleeping
         .then(|| sleeps().map(|after| after.saturating_sub(sleeps_before)))
         .transpose()?;
     stop.store(true, Ordering::Relaxed);
@@ -737,7 +738,7 @@ async fn bench_mesh(
             ),
         ] {
             let cost = tokio::task::spawn_blocking(move || {
-                loopback_send_floor_us(n.max(1), datagrams, len, mode, round_every)
+                loopback_send_floor(n.max(1), datagrams, len, mode, round_every)
             })
             .await??;
             let wakes = cost.receiver_sleeps.map_or(String::new(), |s| {
@@ -886,7 +887,7 @@ mod tests {
     fn loopback_floor_is_positive() {
         for mode in [FloorReceivers::Polled, FloorReceivers::Sleeping] {
             let cost =
-                loopback_send_floor_us(4, 2_000, 120, mode, Duration::from_micros(200)).unwrap();
+                loopback_send_floor(4, 2_000, 120, mode, Duration::from_micros(200)).unwrap();
             let floor = cost.us_per_datagram;
             assert!(floor > 0.0 && floor.is_finite(), "{mode:?}: {floor}");
             assert_eq!(cost.sent, 2_000);
