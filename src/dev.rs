@@ -301,6 +301,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 index: (i + 1) as u16,
                 http_listen: addr(DEV_PORTS.edge_http + i16, off),
                 public_url: public_url.clone(),
+                relay_url: Some(public_url.clone()),
                 media_listen: media,
                 media_public: None,
                 origins: origins.clone(),
@@ -354,6 +355,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             load_threshold: 0.8,
             interactive_capacity: u32::try_from(args.interactive_capacity).unwrap_or(u32::MAX),
             room_affine: true,
+            relay_fanout: 10,
             push_capacity: u32::try_from(args.push_capacity).unwrap_or(u32::MAX),
             api_keys: vec![],
             webhooks: args

@@ -202,6 +202,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             load_threshold: 0.8,
             interactive_capacity: 500,
             room_affine: true,
+            relay_fanout: 10,
             push_capacity: 10_000,
             api_keys: vec![],
             webhooks: vec![],

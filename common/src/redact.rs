@@ -3,8 +3,9 @@
 //! webhook receivers may carry a secret in their URL path.
 
 /// Query parameters whose values are secrets (compared case-insensitively).
-const SECRET_PARAMS: [&str; 10] = [
+const SECRET_PARAMS: [&str; 11] = [
     "token",
+    "relay",
     "access_token",
     "jwt",
     "key",
@@ -96,6 +97,10 @@ mod tests {
         assert_eq!(
             redact_query("room=1&Token=abc&_HLS_msn=3&sig=zz"),
             "room=1&Token=<redacted>&_HLS_msn=3&sig=<redacted>"
+        );
+        assert_eq!(
+            redact_query("relay=eyJ.a.b&after=960"),
+            "relay=<redacted>&after=960"
         );
         assert_eq!(redact_query("tokens=1&flag"), "tokens=1&flag");
         assert_eq!(redact_query(""), "");

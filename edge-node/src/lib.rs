@@ -29,7 +29,9 @@ pub mod owners;
 pub mod peers;
 pub mod push;
 mod push_fanout;
+mod push_feed;
 mod push_hub;
+pub mod push_tree;
 mod push_ws;
 pub mod red;
 pub mod registration;
@@ -277,9 +279,24 @@ pub async fn run_with(
         &inner,
     );
     tokio::spawn(push.clone().tick_loop(inner.clone()));
+    // The relay tree: the hub's subscriptions go to the parent edge the router names, or to the
+    // origins.
+    let (relay_parent_tx, relay_parent) = tokio::sync::watch::channel(None);
+    let (to_origins, origin_push_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (origin_rooms_tx, origin_push_rooms) = tokio::sync::watch::channel(Vec::new());
+    let feeds = push_feed::PushFeeds {
+        hub: push.clone(),
+        subscriptions: push_rx,
+        parent: relay_parent,
+        to_origins,
+        origin_rooms: origin_rooms_tx,
+        tls: Arc::new(client_tls.clone()),
+    };
+    tokio::spawn(feeds.run(inner.clone()));
     let uplink = uplink::Uplink {
         push: push.clone(),
-        push_rx,
+        push_rx: origin_push_rx,
+        push_rooms: origin_push_rooms,
         edge_id: config.id.clone(),
         region: config.region.clone(),
         origins,
@@ -299,6 +316,8 @@ pub async fn run_with(
             id: config.id.clone(),
             region: config.region.clone(),
             public_url: config.public_url.clone(),
+            relay_url: config.relay_url.clone(),
+            relay_parent: relay_parent_tx,
             options,
             metrics: metrics.clone(),
             occupancy: occupancy.clone(),

@@ -95,6 +95,12 @@ pub struct Metrics {
     pub push_listeners: Gauge,
     /// Program frames received from the origins for push listeners.
     pub push_program_frames: Counter,
+    /// Program frames received from this edge's parent in the relay tree (feeds).
+    pub push_feed_frames: Counter,
+    /// Rooms whose program this edge pulls from its parent now (live feeds).
+    pub push_fed_rooms: Gauge,
+    /// Feeds from the parent that failed to open or dropped (the origins took over).
+    pub push_feed_failures: Counter,
     /// Push audio messages encoded (once per room, written to every listener).
     pub push_messages: Counter,
     /// Push messages a slow listener skipped (its queue was full).
@@ -161,6 +167,18 @@ impl Metrics {
         let push_program_frames = r.counter(
             "amphi_edge_push_program_frames",
             "Program frames received from the origins for push listeners",
+        );
+        let push_feed_frames = r.counter(
+            "amphi_edge_push_feed_frames",
+            "Program frames received from this edge's parent in the relay tree",
+        );
+        let push_fed_rooms = r.gauge(
+            "amphi_edge_push_fed_rooms",
+            "Rooms whose program this edge pulls from its parent in the relay tree now",
+        );
+        let push_feed_failures = r.counter(
+            "amphi_edge_push_feed_failures",
+            "Feeds from the parent edge that failed to open or dropped (the origins took over)",
         );
         let push_messages = r.counter(
             "amphi_edge_push_messages",
@@ -269,6 +287,9 @@ impl Metrics {
             relay_frames_received,
             push_listeners,
             push_program_frames,
+            push_feed_frames,
+            push_fed_rooms,
+            push_feed_failures,
             push_messages,
             push_skipped,
             push_dropped,

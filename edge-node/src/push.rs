@@ -199,6 +199,11 @@ impl PushCore {
         }
     }
 
+    /// The room timestamp of `room`'s last frame (a feed resumes after it).
+    pub fn last_ts(&self, room: RoomId) -> Option<u64> {
+        self.rooms.get(&room)?.last_ts
+    }
+
     /// The header a listener of `room` gets before its first message, once the room has a frame.
     pub fn header(&self, room: RoomId) -> Option<Bytes> {
         self.rooms.get(&room)?.header.clone()
@@ -228,9 +233,21 @@ impl PushCore {
         opus: &[u8],
         unix_us: u64,
     ) -> Option<Message> {
+        let last_ts = self.rooms.get(&room)?.last_ts;
+        self.room_frame(room, unwrap_ts(last_ts, rtp_ts), opus, unix_us)
+    }
+
+    /// A frame of `room` with its room timestamp (from the parent edge's push stream), like
+    /// [`PushCore::program_frame`].
+    pub fn room_frame(
+        &mut self,
+        room: RoomId,
+        ts: u64,
+        opus: &[u8],
+        unix_us: u64,
+    ) -> Option<Message> {
         let cfg = self.cfg;
         let last_ts = self.rooms.get(&room)?.last_ts;
-        let ts = unwrap_ts(last_ts, rtp_ts);
         if last_ts.is_some_and(|last| ts <= last) {
             return None;
         }

@@ -4,8 +4,9 @@
 //! place before the WebSocket upgrade and attaches its connection after it.
 
 use crate::metrics::Metrics;
-use crate::push::{PushConfig, PushCore, PushOutput, PushRefusal};
+use crate::push::{Message, PushConfig, PushCore, PushOutput, PushRefusal};
 use crate::push_fanout::{close_frame, Command, Inbox, Outbox, Writer, CLOSE_ENDED};
+use amphi_protocol::push::AudioMessage;
 use amphi_protocol::RoomId;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
@@ -103,19 +104,36 @@ impl PushHub {
         self.lock().core.listeners_per_room()
     }
 
-    /// Rooms subscribed now (announced again on every link that comes up).
-    pub(crate) fn subscribed(&self) -> Vec<RoomId> {
-        self.lock().core.subscribed()
-    }
-
     /// A program frame from an origin: a completed message goes to every writer holding
     /// listeners of the room.
     pub(crate) fn program_frame(&self, room: RoomId, rtp_ts: u32, opus: &[u8]) {
         self.metrics.push_program_frames.inc();
         let mut inner = self.lock();
-        let Some(msg) = inner.core.program_frame(room, rtp_ts, opus, unix_us()) else {
-            return;
-        };
+        if let Some(msg) = inner.core.program_frame(room, rtp_ts, opus, unix_us()) {
+            self.fan_out(&inner, room, msg);
+        }
+    }
+
+    /// An audio message of `room` from this edge's parent in the relay tree: its frames, as if
+    /// from an origin (frames the room already has are dropped by the core).
+    pub(crate) fn feed_message(&self, room: RoomId, msg: &AudioMessage<'_>) {
+        self.metrics.push_feed_frames.inc_by(msg.len() as u64);
+        let at = unix_us();
+        let mut inner = self.lock();
+        for frame in msg.frames() {
+            if let Some(msg) = inner.core.room_frame(room, frame.ts, frame.opus, at) {
+                self.fan_out(&inner, room, msg);
+            }
+        }
+    }
+
+    /// The room timestamp of `room`'s last frame here.
+    pub(crate) fn last_ts(&self, room: RoomId) -> Option<u64> {
+        self.lock().core.last_ts(room)
+    }
+
+    /// A completed message goes to every writer holding listeners of the room.
+    fn fan_out(&self, inner: &Inner, room: RoomId, msg: Message) {
         self.metrics.push_messages.inc();
         let (Some(per_writer), Some(header)) = (inner.rooms.get(&room), inner.core.header(room))
         else {

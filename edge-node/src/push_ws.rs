@@ -21,6 +21,8 @@ use std::sync::Arc;
 #[derive(Deserialize)]
 pub(crate) struct PushQuery {
     token: Option<String>,
+    /// A relay grant: another edge of the region pulling the room for its own listeners.
+    relay: Option<String>,
     /// Resume after this room timestamp.
     after: Option<u64>,
 }
@@ -48,8 +50,46 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
     })
 }
 
+/// The refusal of a request without a valid, unrevoked room token of `room` (`?token=` or
+/// `Authorization: Bearer`); `None` when it has one.
+fn room_token_refusal(
+    st: &AppState,
+    room: RoomId,
+    query_token: Option<&str>,
+    headers: &HeaderMap,
+    now: u64,
+) -> Option<Response> {
+    let token = query_token
+        .filter(|t| !t.is_empty())
+        .or_else(|| bearer(headers));
+    let Some(token) = token else {
+        return Some(unauthorized(
+            "missing token (token query parameter or bearer token)".into(),
+        ));
+    };
+    let claims = match st.tokens.verify(token, now) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%room, reason = %e, "push token refused");
+            return Some(unauthorized(format!("invalid token: {e}")));
+        }
+    };
+    if st.sessions.is_revoked(&claims, now) {
+        return Some(unauthorized(REVOKED.into()));
+    }
+    if claims.room != room {
+        return Some(api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token is for another room",
+        ));
+    }
+    None
+}
+
 /// `GET /v1/rooms/{room}/push`: a listener token of that room (`?token=` or
-/// `Authorization: Bearer`), the room live, then the WebSocket upgrade.
+/// `Authorization: Bearer`) or a relay grant (`?relay=`, another edge's feed), the room live,
+/// then the WebSocket upgrade.
 pub(crate) async fn push_get(
     State(st): State<Arc<AppState>>,
     Path(room): Path<String>,
@@ -63,32 +103,20 @@ pub(crate) async fn push_get(
             "room ids are 16 hex digits",
         );
     };
-    let headers = req.headers();
-    let token = q
-        .token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .or_else(|| bearer(headers));
-    let Some(token) = token else {
-        return unauthorized("missing token (token query parameter or bearer token)".into());
-    };
     let now = now_unix();
-    let claims = match st.tokens.verify(token, now) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::info!(%room, reason = %e, "push token refused");
-            return unauthorized(format!("invalid token: {e}"));
+    if let Some(grant) = q.relay.as_deref() {
+        // Another edge of the region (its parent in the relay tree is this edge).
+        match st.tokens.verify_relay_grant(grant, now) {
+            Ok(g) => tracing::debug!(%room, edge = %g.sub, "relay feed"),
+            Err(e) => {
+                tracing::info!(%room, reason = %e, "relay grant refused");
+                return unauthorized(format!("invalid relay grant: {e}"));
+            }
         }
-    };
-    if st.sessions.is_revoked(&claims, now) {
-        return unauthorized(REVOKED.into());
-    }
-    if claims.room != room {
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the token is for another room",
-        );
+    } else if let Some(refusal) =
+        room_token_refusal(&st, room, q.token.as_deref(), req.headers(), now)
+    {
+        return refusal;
     }
     if st.push.is_ended(room) {
         return api_error(StatusCode::GONE, "room_ended", "the room has ended");

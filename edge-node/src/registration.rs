@@ -12,7 +12,7 @@
 
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
-use amphi_protocol::api::{ApiError, EdgeHeartbeat, HeartbeatAnswer, RoomLoad};
+use amphi_protocol::api::{ApiError, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RoomLoad};
 use amphi_protocol::config::known_region;
 use amphi_protocol::https::HttpsClient;
 use amphi_protocol::RoomId;
@@ -200,6 +200,10 @@ pub(crate) struct Registrar {
     pub id: String,
     pub region: String,
     pub public_url: String,
+    /// This edge's base URL for the other edges of its region (relay tree).
+    pub relay_url: Option<String>,
+    /// The router's latest choice of this edge's parent in the relay tree.
+    pub relay_parent: tokio::sync::watch::Sender<Option<RelayParent>>,
     pub options: RegistrationOptions,
     pub metrics: Arc<Metrics>,
     pub occupancy: Arc<Occupancy>,
@@ -286,6 +290,7 @@ impl Registrar {
                 self.push.listeners_per_room(),
             ),
             draining: self.drain.is_draining(),
+            relay_url: self.relay_url.clone(),
         }
     }
 
@@ -352,6 +357,11 @@ impl Registrar {
                             if a.drain {
                                 self.drain.start();
                             }
+                            self.relay_parent.send_if_modified(|p| {
+                                let changed = *p != a.relay_parent;
+                                p.clone_from(&a.relay_parent);
+                                changed
+                            });
                             let asked = heartbeat_period(a.interval_ms);
                             if asked != period {
                                 period = asked;

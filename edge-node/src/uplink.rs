@@ -61,9 +61,12 @@ pub(crate) struct Uplink {
     pub relayed_txs: Vec<mpsc::Sender<(Instant, Bytes)>>,
     /// Push listeners: program frames go there, their rooms' subscriptions come from there.
     pub push: Arc<PushHub>,
-    /// The push listeners' subscriptions, sent to every linked origin (only a room's owner
-    /// mixes it, so only that one sends frames; after a failover the new owner already knows).
+    /// The push listeners' subscriptions at the origins (rooms the relay tree does not feed),
+    /// sent to every linked origin (only a room's owner mixes it, so only that one sends
+    /// frames; after a failover the new owner already knows).
     pub push_rx: mpsc::UnboundedReceiver<PushOutput>,
+    /// The rooms subscribed at the origins now, announced on every link that comes up.
+    pub push_rooms: watch::Receiver<Vec<RoomId>>,
 }
 
 /// Transport settings of the mesh link: frequent keep-alives and a short idle timeout, so a dead
@@ -203,7 +206,7 @@ impl Uplink {
         match ev {
             LinkEvent::Up { origin, conn, out } => {
                 // The push listeners' rooms first: their program frames come from the owner.
-                for room in self.push.subscribed() {
+                for room in self.push_rooms.borrow().iter().copied() {
                     let _ = out.send(ControlMessage::SubscribeProgram { room });
                 }
                 router.outs[origin] = Some(out);

@@ -1,4 +1,5 @@
-//! Bearer tokens and recording grants (a URL's `sig`, the packager's control requests) from the
+//! Bearer tokens, recording grants (a URL's `sig`, the packager's control requests) and relay
+//! grants (another edge's `?relay=`) from the
 //! network: verification never panics and never accepts a token the fuzzer made up (it cannot
 //! know the private key).
 #![no_main]
@@ -12,5 +13,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         assert!(verifier.verify(text, 1_700_000_000).is_err());
         assert!(verifier.verify_grant(text, 1_700_000_000).is_err());
+        assert!(verifier.verify_relay_grant(text, 1_700_000_000).is_err());
     }
 });

@@ -40,6 +40,7 @@ fn registry(now: Instant) -> Registry {
                     push: 0,
                 }],
                 draining: false,
+                relay_url: None,
             };
             reg.heartbeat(hb, now).unwrap();
         }

@@ -291,6 +291,7 @@ mod tests {
                 push: 0,
             }],
             draining: false,
+            relay_url: None,
         }
     }
 

@@ -20,12 +20,12 @@ use crate::store::{EndOutcome, MemoryStore, Now, RedisStore, Store, StoreError, 
 use crate::webhooks::{EventKind, Webhooks};
 use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::api::{
-    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RevokeTokenResponse, RoomStatus,
-    TokenResponse,
+    ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RevokeTokenResponse,
+    RoomStatus, TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};
-use amphi_protocol::token::{Claims, Role, TokenSigner, TokenVerifier};
+use amphi_protocol::token::{Claims, RelayGrant, Role, TokenSigner, TokenVerifier};
 use amphi_protocol::RoomId;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};

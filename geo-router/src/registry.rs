@@ -81,6 +81,8 @@ impl EdgeRecord {
 pub fn validate(hb: &EdgeHeartbeat) -> Result<(), HeartbeatError> {
     let ok_text =
         |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
+    let ok_url =
+        |s: &str| (s.starts_with("http://") || s.starts_with("https://")) && ok_text(s, 512);
     if !ok_text(&hb.id, 128) {
         return Err(HeartbeatError::Invalid(
             "id must be 1..=128 printable characters",
@@ -91,10 +93,11 @@ pub fn validate(hb: &EdgeHeartbeat) -> Result<(), HeartbeatError> {
             "region must be 1..=64 printable characters",
         ));
     }
-    if !(hb.public_url.starts_with("http://") || hb.public_url.starts_with("https://"))
-        || !ok_text(&hb.public_url, 512)
-    {
+    if !ok_url(&hb.public_url) {
         return Err(HeartbeatError::Invalid("public_url must be an http(s) URL"));
+    }
+    if hb.relay_url.as_deref().is_some_and(|u| !ok_url(u)) {
+        return Err(HeartbeatError::Invalid("relay_url must be an http(s) URL"));
     }
     if !(-90.0..=90.0).contains(&hb.latitude) || !(-180.0..=180.0).contains(&hb.longitude) {
         return Err(HeartbeatError::Invalid("coordinates out of range"));
@@ -128,6 +131,7 @@ fn static_record(e: &EdgeEndpoint) -> EdgeRecord {
             capacity: 0,
             rooms: Vec::new(),
             draining: false,
+            relay_url: None,
         },
         last_seen: None,
         rooms: BTreeMap::new(),
@@ -357,6 +361,28 @@ impl Registry {
             .collect()
     }
 
+    /// Edge `id`'s parent in its region's relay tree at `now` (`None`: fed by the origins).
+    /// The tree's members are the region's available edges with a `relay_url`, in id order;
+    /// member `p > 0` pulls from member `(p - 1) / fanout`, so a parent's id always sorts
+    /// before its child's and no two edges' views can make a cycle. An edge that is not a
+    /// member (draining, out, without a `relay_url`) and the root are fed by the origins, as is
+    /// every edge when `fanout` is 0.
+    pub fn relay_parent(&self, id: &str, fanout: u32, now: Instant) -> Option<&EdgeRecord> {
+        let me = self.edges.get(id)?;
+        if fanout == 0 || me.beat.relay_url.is_none() || !self.is_available(me, now) {
+            return None;
+        }
+        // BTreeMap order is id order.
+        let members = self.edges.values().filter(|e| {
+            e.beat.region == me.beat.region
+                && e.beat.relay_url.is_some()
+                && self.is_available(e, now)
+        });
+        let position = members.clone().position(|e| e.beat.id == id)?;
+        let parent = position.checked_sub(1)? / fanout as usize;
+        members.clone().nth(parent)
+    }
+
     /// Every edge with its state at `now`: (record, healthy, available).
     pub fn list(&self, now: Instant) -> Vec<(&EdgeRecord, bool, bool)> {
         self.edges
@@ -399,6 +425,7 @@ mod tests {
                 push: 0,
             }],
             draining: false,
+            relay_url: None,
         }
     }
 
@@ -445,6 +472,93 @@ mod tests {
             r.heartbeat(b, t0).unwrap();
         }
         assert_eq!(r.room_sessions(RoomId(7), t0), u32::MAX);
+    }
+
+    #[test]
+    fn each_regions_relay_tree_hangs_off_its_first_edge_by_id() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        for id in ["e1", "e2", "e3", "e4", "e5", "e6", "e7"] {
+            let mut b = beat(id, "eu-west");
+            b.relay_url = Some(format!("http://10.0.0.{}:8080", &id[1..]));
+            r.heartbeat(b, t0).unwrap();
+        }
+        let mut other = beat("u1", "us-east");
+        other.relay_url = Some("http://10.1.0.1:8080".into());
+        r.heartbeat(other, t0).unwrap();
+        // Without a relay_url: never a member, fed by the origins.
+        r.heartbeat(beat("e0", "eu-west"), t0).unwrap();
+        let parent = |r: &Registry, id: &str, fanout: u32, now: Instant| {
+            r.relay_parent(id, fanout, now).map(|e| e.beat.id.clone())
+        };
+        let tree = |r: &Registry, fanout: u32, now: Instant| {
+            ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7", "u1"]
+                .map(|id| parent(r, id, fanout, now))
+        };
+        let s = |id: &str| Some(id.to_string());
+        // Fan-out 2: e1 is the root; e2, e3 under it; e4, e5 under e2; e6, e7 under e3.
+        assert_eq!(
+            tree(&r, 2, t0),
+            [
+                None,
+                None,
+                s("e1"),
+                s("e1"),
+                s("e2"),
+                s("e2"),
+                s("e3"),
+                s("e3"),
+                None
+            ]
+        );
+        assert_eq!(
+            r.relay_parent("e7", 2, t0)
+                .unwrap()
+                .beat
+                .relay_url
+                .as_deref(),
+            Some("http://10.0.0.3:8080")
+        );
+        // Fan-out 0: no tree.
+        assert!(tree(&r, 0, t0).iter().all(Option::is_none));
+        // The root drains: the tree is rebuilt from e2.
+        assert!(r.request_drain("e1"));
+        assert_eq!(
+            tree(&r, 2, t0),
+            [
+                None,
+                None,
+                None,
+                s("e2"),
+                s("e2"),
+                s("e3"),
+                s("e3"),
+                s("e4"),
+                None
+            ]
+        );
+        // The others keep beating; e1 (drained) and e3 stop: out after 1.5 s, the tree closes up.
+        let t1 = t0 + HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
+        for id in ["e2", "e4", "e5", "e6", "e7"] {
+            let mut b = beat(id, "eu-west");
+            b.relay_url = Some(format!("http://10.0.0.{}:8080", &id[1..]));
+            r.heartbeat(b, t1).unwrap();
+        }
+        assert_eq!(
+            tree(&r, 2, t1),
+            [
+                None,
+                None,
+                None,
+                None,
+                s("e2"),
+                s("e2"),
+                s("e4"),
+                s("e4"),
+                None
+            ]
+        );
+        assert_eq!(parent(&r, "unknown", 2, t1), None);
     }
 
     #[test]

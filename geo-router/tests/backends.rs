@@ -77,6 +77,7 @@ fn beat(id: &str, region: &str, rooms: Vec<(RoomId, u32)>) -> EdgeHeartbeat {
             })
             .collect(),
         draining: false,
+        relay_url: None,
     }
 }
 
@@ -569,6 +570,7 @@ fn start_router_with(
         load_threshold: 0.8,
         interactive_capacity: 500,
         room_affine: true,
+        relay_fanout: 10,
         push_capacity: 10_000,
         api_keys: vec![],
         webhooks: vec![],

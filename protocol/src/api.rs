@@ -259,6 +259,11 @@ pub struct EdgeHeartbeat {
     /// The edge is draining: no new sessions, current ones continue.
     #[serde(default)]
     pub draining: bool,
+    /// This edge's own base URL for other edges of its region (its relay tree's feeds,
+    /// `GET /v1/rooms/{room}/push?relay=`): reachable inside the region, unlike `public_url`
+    /// which may name a load balancer. Without it the edge is never another edge's parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_url: Option<String>,
 }
 
 /// The router's answer to a heartbeat.
@@ -268,6 +273,22 @@ pub struct HeartbeatAnswer {
     pub drain: bool,
     /// Send the next heartbeat within this many milliseconds.
     pub interval_ms: u64,
+    /// This edge's parent in its region's relay tree: pull push listeners' program streams from
+    /// it instead of the origins. Left out for a tree's root (fed by the origins) and when the
+    /// router builds no tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_parent: Option<RelayParent>,
+}
+
+/// An edge's parent in its region's relay tree (part of [`HeartbeatAnswer`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayParent {
+    /// The parent edge's id.
+    pub id: String,
+    /// The parent's `relay_url`.
+    pub url: String,
+    /// A relay grant for this edge (`token::RelayGrant`), renewed in every answer.
+    pub grant: String,
 }
 
 /// Every HTTP error body: `{"error": "code", "message": "..."}`.

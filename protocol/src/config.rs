@@ -150,6 +150,11 @@ pub struct EdgeConfig {
     pub http_listen: SocketAddr,
     /// Public base URL of the HTTP listener (used in `Location` headers).
     pub public_url: String,
+    /// This edge's own base URL for the other edges of its region (the push tier's relay tree:
+    /// they pull rooms' program streams from it), sent in heartbeats. Without it the edge is
+    /// never another edge's parent (it still pulls from its own parent).
+    #[serde(default)]
+    pub relay_url: Option<String>,
     /// UDP socket for all WebRTC media.
     pub media_listen: SocketAddr,
     /// Address advertised in ICE candidates (defaults to `media_listen`).
@@ -406,6 +411,12 @@ pub struct RouterConfig {
     /// region already holding most of the room, while under `load_threshold`). Default true.
     #[serde(default = "default_true")]
     pub room_affine: bool,
+    /// Children per edge in each region's relay tree for the push tier: the region's edges that
+    /// advertise a `relay_url`, in id order, form a tree of this fan-out whose root is fed by
+    /// the origins and whose other edges pull from their parent (0: no tree, every edge is fed
+    /// by the origins). Default 10.
+    #[serde(default = "default_relay_fanout")]
+    pub relay_fanout: u32,
     /// API keys (HMAC secrets) that may create rooms, mint tokens and operate edges in production.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
@@ -504,6 +515,10 @@ impl std::fmt::Debug for WebhookConfig {
 
 fn default_load_threshold() -> f64 {
     0.8
+}
+
+fn default_relay_fanout() -> u32 {
+    10
 }
 
 fn default_room_push_capacity() -> u32 {

@@ -99,6 +99,24 @@ pub struct RecordingGrant {
     pub exp: u64,
 }
 
+/// The JWT `typ` of a [`RelayGrant`].
+pub const RELAY_GRANT_TYP: &str = "amphi-relay";
+
+/// A short-lived grant the geo-router signs with its token key in its heartbeat answer to an
+/// edge: it lets that edge (`sub`) pull any live room's program stream from its parent edge in
+/// the region's relay tree (`GET /v1/rooms/{room}/push?relay=`). JWT with `typ`
+/// [`RELAY_GRANT_TYP`]; neither a room token nor a recording grant passes for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayGrant {
+    /// The edge the grant was issued to.
+    pub sub: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Header {
     alg: String,
@@ -201,6 +219,11 @@ impl TokenSigner {
         self.sign_typed(GRANT_TYP, grant)
     }
 
+    /// Sign a relay grant (a JWT of `typ` [`RELAY_GRANT_TYP`]).
+    pub fn sign_relay_grant(&self, grant: &RelayGrant) -> String {
+        self.sign_typed(RELAY_GRANT_TYP, grant)
+    }
+
     fn sign_typed<T: Serialize>(&self, typ: &str, claims: &T) -> String {
         let header = Header {
             alg: "EdDSA".into(),
@@ -260,7 +283,7 @@ impl TokenVerifier {
     /// Check signature, algorithm and lifetime at `now_unix`; return the claims.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, TokenError> {
         let (header, claims): (Header, Claims) = self.verify_signed(token)?;
-        if header.typ.as_deref() == Some(GRANT_TYP) {
+        if matches!(header.typ.as_deref(), Some(GRANT_TYP | RELAY_GRANT_TYP)) {
             return Err(TokenError::Malformed);
         }
         check_times(claims.iat, claims.exp, now_unix, self.max_lifetime_secs)?;
@@ -272,6 +295,17 @@ impl TokenVerifier {
     pub fn verify_grant(&self, token: &str, now_unix: u64) -> Result<RecordingGrant, TokenError> {
         let (header, grant): (Header, RecordingGrant) = self.verify_signed(token)?;
         if header.typ.as_deref() != Some(GRANT_TYP) {
+            return Err(TokenError::Malformed);
+        }
+        check_times(grant.iat, grant.exp, now_unix, self.max_lifetime_secs)?;
+        Ok(grant)
+    }
+
+    /// Check a relay grant's signature, `typ` and lifetime at `now_unix`. Network-facing (a
+    /// URL's `relay`): never panics, whatever the input.
+    pub fn verify_relay_grant(&self, token: &str, now_unix: u64) -> Result<RelayGrant, TokenError> {
+        let (header, grant): (Header, RelayGrant) = self.verify_signed(token)?;
+        if header.typ.as_deref() != Some(RELAY_GRANT_TYP) {
             return Err(TokenError::Malformed);
         }
         check_times(grant.iat, grant.exp, now_unix, self.max_lifetime_secs)?;
@@ -529,6 +563,40 @@ mod tests {
             Err(TokenError::Signature)
         );
         assert_eq!(verifier.verify_grant("", 1001), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_relay_grant_verifies_and_passes_for_nothing_else() {
+        let signer = TokenSigner::generate("k1");
+        let verifier = signer.verifier();
+        let relay = RelayGrant {
+            sub: "edge-eu-2".into(),
+            iat: 1000,
+            exp: 1600,
+        };
+        let r = signer.sign_relay_grant(&relay);
+        assert_eq!(verifier.verify_relay_grant(&r, 1001), Ok(relay.clone()));
+        assert_eq!(verifier.verify(&r, 1001), Err(TokenError::Malformed));
+        assert_eq!(verifier.verify_grant(&r, 1001), Err(TokenError::Malformed));
+        let t = signer.sign(&claims(1000));
+        assert_eq!(
+            verifier.verify_relay_grant(&t, 1001),
+            Err(TokenError::Malformed)
+        );
+        let g = signer.sign_grant(&grant(RecordingAction::Read, 1000));
+        assert_eq!(
+            verifier.verify_relay_grant(&g, 1001),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            verifier.verify_relay_grant(&r, 1600),
+            Err(TokenError::Expired)
+        );
+        let forged = TokenSigner::generate("k1").sign_relay_grant(&relay);
+        assert_eq!(
+            verifier.verify_relay_grant(&forged, 1001),
+            Err(TokenError::Signature)
+        );
     }
 
     #[test]

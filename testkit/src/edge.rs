@@ -341,6 +341,7 @@ pub async fn start_edge_with(
         index: u16::from(opts.index),
         http_listen: http,
         public_url: format!("http://{http}"),
+        relay_url: None,
         media_listen: media,
         media_public: None,
         origins: Vec::new(),

@@ -339,7 +339,18 @@ key_file = {key:?}
         registration: &str,
         extra: &str,
     ) -> RoleProcess {
-        let id = format!("edge-{region}");
+        self.edge_process_as(i, &format!("edge-{region}"), region, registration, extra)
+    }
+
+    /// Like [`RoleMesh::edge_process_with`] with edge id `id` (several edges in one region).
+    pub fn edge_process_as(
+        &self,
+        i: u16,
+        id: &str,
+        region: &str,
+        registration: &str,
+        extra: &str,
+    ) -> RoleProcess {
         let config = format!(
             r#"[edge]
 id = "{id}"
@@ -367,10 +378,10 @@ pem = """
             media = self.base + 20 + i,
             origin = self.base,
             router = self.base + 80,
-            tls = self.tls(&id, &format!("{id}.amphi.internal"), MeshRole::Edge),
+            tls = self.tls(id, &format!("{id}.amphi.internal"), MeshRole::Edge),
             pem = self.signer.public_pem(),
         );
-        self.spawn("edge", &id, &config)
+        self.spawn("edge", id, &config)
     }
 }
 

@@ -281,6 +281,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         load_threshold: 0.8,
         interactive_capacity: 500,
         room_affine: true,
+        relay_fanout: 10,
         push_capacity: 10_000,
         api_keys: vec![],
         webhooks: vec![],

@@ -68,11 +68,36 @@ pub(super) async fn edge_heartbeat(
             serde_json::json!({ "room": room, "edge": id, "sessions": now_n, "previous": was }),
         );
     }
+    let relay_parent = relay_parent(&s, &id, at);
     Ok(Json(HeartbeatAnswer {
         drain,
         interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+        relay_parent,
     })
     .into_response())
+}
+
+/// How long a relay grant in a heartbeat answer is valid (every answer carries a new one; an
+/// edge needs it only to open a feed).
+const RELAY_GRANT_SECS: u64 = 600;
+
+/// Edge `id`'s parent in its region's relay tree, with a relay grant signed for it at `now_unix`.
+fn relay_parent(s: &AppState, id: &str, now_unix: u64) -> Option<RelayParent> {
+    let (parent, url) = {
+        let reg = s.registry();
+        let p = reg.relay_parent(id, s.config.relay_fanout, Instant::now())?;
+        (p.beat.id.clone(), p.beat.relay_url.clone()?)
+    };
+    let grant = s.signer.sign_relay_grant(&RelayGrant {
+        sub: id.to_string(),
+        iat: now_unix,
+        exp: now_unix + RELAY_GRANT_SECS,
+    });
+    Some(RelayParent {
+        id: parent,
+        url,
+        grant,
+    })
 }
 
 pub(super) async fn list_edges(
