@@ -306,7 +306,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn relay_urls_need_a_scheme_a_host_and_a_port() {
+    fn relay_urls_need_a_scheme_and_a_host_and_default_to_the_schemes_port() {
         let addr = |secure, authority: &str, host: &str| {
             Some(ParentAddr {
                 secure,
