@@ -10,6 +10,7 @@
 //! moves the room to the origins.
 
 use crate::push::PushOutput;
+use crate::push_fanout::CLOSE_ENDED;
 use crate::push_hub::PushHub;
 use crate::push_tree::{TreeOutput, TreePlan};
 use amphi_protocol::api::RelayParent;
@@ -29,8 +30,6 @@ use tokio_util::sync::CancellationToken;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A feed silent this long is lost.
 pub const SILENCE: Duration = Duration::from_secs(3);
-/// The close code of a room that ended (`push_fanout::CLOSE_ENDED`).
-const CLOSE_ENDED: u16 = 4002;
 /// Largest message accepted from a parent (an audio message is at most 50 frames).
 const MAX_MESSAGE: usize = 64 * 1024;
 
