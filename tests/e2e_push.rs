@@ -179,6 +179,83 @@ async fn three_listeners_on_three_tiers_hear_the_same_tone() {
     );
 }
 
+/// A room grows past both tier thresholds under `amphi-tools loadgen listeners` and shrinks
+/// again (`tests/browser/tier_moves.mjs`): the room pages the router put on push and LL-HLS are
+/// moved up by their edge as seats free (HLS -> push, push -> WebRTC) and keep hearing the
+/// tone with no gap the page's analyser can tell. The room's own thresholds (2 and 2) reach the
+/// edge through the router's heartbeat answers. Needs `amphi-tools` built (`./scripts/test.sh`
+/// builds the workspace; else `cargo build -p amphi-tools`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_grows_past_both_tiers_and_moves_its_listeners_up_without_a_gap() {
+    let mesh = DevMesh::start(13_000, "tier-moves");
+    let created: serde_json::Value = ureq::post(&format!("{}/v1/rooms", mesh.router()))
+        .send_json(serde_json::json!({
+            "title": "tier moves",
+            "tiers": {"interactive": 2, "push": 2}
+        }))
+        .expect("create room")
+        .into_json()
+        .unwrap();
+    let room = created["room"].as_str().unwrap().to_string();
+    let tools = tools_bin().expect("amphi-tools binary");
+    let speaker = mesh.token(&room, "speaker", "tone-440");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 440.0, 150.0).await });
+    let result = tokio::task::block_in_place(|| {
+        mesh.browser_result(
+            "tier_moves.mjs",
+            &[
+                ("AMPHI_ROOM", &room),
+                ("AMPHI_FREQ", "440"),
+                ("AMPHI_TOOLS", tools.to_str().unwrap()),
+            ],
+        )
+    });
+    tone.abort();
+    eprintln!("tier moves: {result}");
+    assert_eq!(
+        result["modes"],
+        serde_json::json!(["push", "hls"]),
+        "{result}"
+    );
+    let path = |page: &str| -> Vec<(String, String)> {
+        result[page]["moves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["from"].as_str().unwrap().to_string(),
+                    m["to"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(path("a"), vec![pair("push", "webrtc")], "{result}");
+    assert_eq!(
+        path("b"),
+        vec![pair("hls", "push"), pair("push", "webrtc")],
+        "{result}"
+    );
+    for page in ["a", "b"] {
+        for m in result[page]["moves"].as_array().unwrap() {
+            let gap = m["crossover_gap_ms"].as_u64().unwrap();
+            assert!(
+                gap <= MOVE_GAP_MAX_MS,
+                "page {page}'s move {m} had a {gap} ms gap at its cross-over: {result}"
+            );
+        }
+    }
+}
+
+/// The longest run without the tone a page may have at a move's cross-over: the analyser's 43 ms
+/// window plus the slack of its 5 ms sampling timer, under a gap a listener hears as a dropout.
+const MOVE_GAP_MAX_MS: u64 = 100;
+
 /// Promotion from the push and HLS tiers in headless Chromium (`tests/browser/promote_latency.mjs`):
 /// a listener on each tier raises a hand (its page pre-warms WebRTC), the host promotes it and
 /// hears its microphone, then moves it back. Prints the click-to-heard times; the figure itself is

@@ -43,6 +43,9 @@ const amphi = {
   wantHls: false, // the participant chose HLS (or the edge had no room for WebRTC)
   wantPush: false, // the participant chose the push stream (WebSocket, web/push.js)
   push: null, // AmphiPush player
+  tierPinned: false, // the person chose the tier (the edge never moves it)
+  moving: null, // the tier a move (the edge's `move`) is starting, until it crossed over
+  moves: [], // moves done: {from, to, ms from the offer to the cross-over's end, startedAt, crossfadeAt, endedAt (performance.now())}
   sending: false, // my microphone is on an accepted offer
   pc: null,
   sendTx: null, // the send-only transceiver, once created
@@ -265,6 +268,7 @@ function setListenMode(mode) {
     a.pushGain.gain.value = mode === "push" ? 1 : 0;
   }
   renderControls();
+  sayListening();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,9 +501,111 @@ async function startWebRtc() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tier moves: when a seat frees on a better tier, the edge offers it to a listener the router
+// placed on push or HLS (`move`, docs/signaling.md). The page starts the new path beside the old
+// one (its gain at 0), waits until it plays, cross-fades, closes the old path, then says
+// `listening` with the new tier (or the old one to decline).
+
+/** How long the two paths overlap in a move (a linear cross-fade). */
+const CROSSFADE_S = 0.08;
+/** How long a move waits for the new path to play before it gives up. */
+const MOVE_READY_MS = 8000;
+/** How long after its first audio a new path is trusted to keep playing. */
+const MOVE_SETTLE_MS = 400;
+
+/** Tell the edge how this page hears the room (listeners only). */
+function sayListening() {
+  if (amphi.phase !== "joined" || PUBLISHERS.has(amphi.role) || !amphi.listenMode || amphi.moving) return;
+  if (!amphi.ws || amphi.ws.readyState !== WebSocket.OPEN) return;
+  const tier = amphi.listenMode === "webrtc" ? "interactive" : amphi.listenMode;
+  amphi.ws.send(JSON.stringify({ type: "listening", tier, movable: !amphi.tierPinned }));
+}
+
+/** Whether a WebRTC receive slot delivered audio in the last 300 ms. */
+function webrtcPlaying() {
+  if (!amphi.pc || amphi.pc.connectionState !== "connected") return false;
+  const now = performance.timeOrigin + performance.now();
+  return amphi.pc
+    .getReceivers()
+    .some((r) => r.getSynchronizationSources().some((s) => now - s.timestamp < 300));
+}
+
+function waitUntil(check, ms) {
+  return new Promise((resolve, reject) => {
+    const end = Date.now() + ms;
+    const poll = () => {
+      if (check()) return resolve();
+      if (Date.now() > end || amphi.closedReason) return reject(new Error("the new path did not start"));
+      setTimeout(poll, 20);
+    };
+    poll();
+  });
+}
+
+function gainOf(mode) {
+  const a = amphi.audio;
+  return mode === "webrtc" ? a.webrtcGain : mode === "push" ? a.pushGain : a.hlsGain;
+}
+
+async function onMove({ tier }) {
+  const from = amphi.listenMode;
+  const to = tier === "interactive" ? "webrtc" : tier;
+  const better = { hls: 0, push: 1, webrtc: 2 };
+  if (amphi.moving || amphi.tierPinned || PUBLISHERS.has(amphi.role) || !(to in better) || !(from in better) || better[to] <= better[from]) {
+    return sayListening();
+  }
+  amphi.moving = to;
+  const started = performance.now();
+  const a = audioGraph();
+  try {
+    if (to === "webrtc") {
+      if (!amphi.pc) {
+        createPeer();
+        await negotiate();
+      }
+      await waitUntil(webrtcPlaying, MOVE_READY_MS);
+    } else {
+      startPush(false);
+      await waitUntil(() => amphi.push && amphi.push.stats().frames > 0, MOVE_READY_MS);
+      // The first frame plays the player's latency target after it arrived.
+      await new Promise((r) => setTimeout(r, 150));
+    }
+    await new Promise((r) => setTimeout(r, MOVE_SETTLE_MS));
+    const crossfadeAt = performance.now();
+    const now = a.ctx.currentTime;
+    for (const [mode, value] of [
+      [from, 0],
+      [to, 1],
+    ]) {
+      const g = gainOf(mode).gain;
+      g.cancelScheduledValues(now);
+      g.setValueAtTime(g.value, now);
+      g.linearRampToValueAtTime(value, now + CROSSFADE_S);
+    }
+    await new Promise((r) => setTimeout(r, CROSSFADE_S * 1000 + 40));
+    if (from === "push") stopPush();
+    if (from === "hls") stopHls();
+    amphi.wantPush = to === "push";
+    amphi.wantHls = false;
+    amphi.moves.push({ from, to, ms: Math.round(performance.now() - started), startedAt: started, crossfadeAt, endedAt: performance.now() });
+    amphi.moving = null;
+    setListenMode(to);
+  } catch (e) {
+    console.warn(`move to ${to} failed: ${e.message}`);
+    if (to === "webrtc") closePeer();
+    else stopPush();
+    gainOf(to).gain.value = 0;
+    amphi.moving = null;
+    sayListening();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Push: the room's program over a WebSocket at the edge (docs/push.md), played by web/push.js
 
-function startPush() {
+/** Play the push stream; `handOver` (default) makes it the page's tier at once (a move starts it
+ * beside the current path instead, silent until the cross-fade). */
+function startPush(handOver = true) {
   if (amphi.push || !amphi.route) return;
   if (!window.AmphiPush || !window.AmphiPush.supported()) {
     setNotice("This browser has no WebCodecs audio decoder; listening via HLS.", "warn");
@@ -515,6 +621,7 @@ function startPush() {
   url.search = "";
   url.searchParams.set("token", amphi.token);
   amphi.push = window.AmphiPush.play({ url: url.href, ctx: a.ctx, destination: a.pushGain, targetMs: 150 });
+  if (!handOver) return;
   stopHls();
   setListenMode("push");
 }
@@ -838,6 +945,8 @@ function handle(msg) {
       return addChat(msg);
     case "reaction":
       return addReaction(msg);
+    case "move":
+      return onMove(msg);
     case "kicked":
       return onKicked(msg);
     case "ended":
@@ -868,6 +977,8 @@ function onSnapshot({ you, state, counts, partial }) {
   if (amphi.wantPush && listenerOnly) startPush();
   else if (amphi.wantHls && listenerOnly) startHls();
   else startWebRtc();
+  // A new signaling session (a reconnect) on a tier already playing: tell the edge again.
+  sayListening();
 }
 
 function onRoleChanged({ id, role, by }) {
@@ -1320,6 +1431,8 @@ function resetRoomState() {
     micConsent: false,
     reports: [],
     reportTarget: null,
+    moving: null,
+    moves: [],
   });
   closeReport();
   jbPrev = new Map();
@@ -1337,6 +1450,9 @@ async function enterRoom(room) {
   $("#room-id").textContent = room;
   amphi.wantHls = hashParams().get("listen") === "hls";
   amphi.wantPush = hashParams().get("listen") === "push";
+  // A tier the person chose (listen= or the switch buttons) is kept; one the router chose is
+  // moved up when a seat frees.
+  amphi.tierPinned = hashParams().has("listen");
   try {
     amphi.info = await api(`/v1/rooms/${room}`);
     $("#room-title").textContent = amphi.info.title;
@@ -1458,6 +1574,7 @@ $("#enable-sound").addEventListener("click", () => {
   if (amphi.listenMode === "hls") el.play().catch(() => {});
 });
 $("#switch-hls").addEventListener("click", () => {
+  amphi.tierPinned = true;
   amphi.wantHls = true;
   amphi.wantPush = false;
   closePeer();
@@ -1465,12 +1582,14 @@ $("#switch-hls").addEventListener("click", () => {
   startHls();
 });
 $("#switch-push").addEventListener("click", () => {
+  amphi.tierPinned = true;
   amphi.wantPush = true;
   amphi.wantHls = false;
   closePeer();
   startPush();
 });
 $("#switch-webrtc").addEventListener("click", () => {
+  amphi.tierPinned = true;
   amphi.wantHls = false;
   amphi.wantPush = false;
   stopPush();

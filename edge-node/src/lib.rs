@@ -43,6 +43,7 @@ pub mod shards;
 pub mod signaling;
 pub mod slots;
 mod srtp_out;
+pub mod tier_moves;
 mod uplink;
 mod ws;
 
@@ -279,6 +280,19 @@ pub async fn run_with(
         &inner,
     );
     tokio::spawn(push.clone().tick_loop(inner.clone()));
+    // Moves of listeners up a tier as seats free, with the router's thresholds per room.
+    let (tier_thresholds_tx, tier_thresholds) = tokio::sync::watch::channel(Vec::new());
+    let (waiting_rooms_tx, waiting_rooms) = tokio::sync::watch::channel(Vec::new());
+    let tier_counts: sessions::TierCountsSource = {
+        let (occupancy, push) = (occupancy.clone(), push.clone());
+        Box::new(move || (occupancy.listeners_per_room(), push.listeners_per_room()))
+    };
+    tokio::spawn(sessions.clone().tier_moves_loop(
+        tier_counts,
+        tier_thresholds,
+        waiting_rooms_tx,
+        inner.clone(),
+    ));
     // The relay tree: the hub's subscriptions go to the parent edge the router names, or to the
     // origins.
     let (relay_parent_tx, relay_parent) = tokio::sync::watch::channel(None);
@@ -318,6 +332,8 @@ pub async fn run_with(
             public_url: config.public_url.clone(),
             relay_url: config.relay_url.clone(),
             relay_parent: relay_parent_tx,
+            tier_thresholds: tier_thresholds_tx,
+            waiting_rooms,
             options,
             metrics: metrics.clone(),
             occupancy: occupancy.clone(),

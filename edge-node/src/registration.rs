@@ -12,7 +12,9 @@
 
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
-use amphi_protocol::api::{ApiError, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RoomLoad};
+use amphi_protocol::api::{
+    ApiError, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RoomLoad, RoomTiers,
+};
 use amphi_protocol::config::known_region;
 use amphi_protocol::https::HttpsClient;
 use amphi_protocol::RoomId;
@@ -154,6 +156,10 @@ fn opens_session(method: &Method, path: &str) -> bool {
         || (method == Method::GET && path == "/v1/ws")
 }
 
+/// Largest heartbeat answer read: it lists the tier thresholds of every room the beat named
+/// (about 50 bytes each; the router takes beats of up to 256 KiB).
+const MAX_ANSWER_BYTES: usize = 512 * 1024;
+
 /// Process CPU use since the previous sample, as a fraction of the machine.
 struct CpuSampler {
     last: Option<(Instant, f64)>,
@@ -204,6 +210,11 @@ pub(crate) struct Registrar {
     pub relay_url: Option<String>,
     /// The router's latest choice of this edge's parent in the relay tree.
     pub relay_parent: tokio::sync::watch::Sender<Option<RelayParent>>,
+    /// The router's tier thresholds for this edge's rooms (for moving listeners up a tier).
+    pub tier_thresholds: tokio::sync::watch::Sender<Vec<RoomTiers>>,
+    /// Rooms with listeners waiting for a better tier: listed in heartbeats so the router
+    /// sends their thresholds.
+    pub waiting_rooms: tokio::sync::watch::Receiver<Vec<RoomId>>,
     pub options: RegistrationOptions,
     pub metrics: Arc<Metrics>,
     pub occupancy: Arc<Occupancy>,
@@ -212,8 +223,13 @@ pub(crate) struct Registrar {
     pub drain: Arc<DrainHandle>,
 }
 
-/// The rooms of a heartbeat: every room with WebRTC sessions or push listeners here.
-fn room_loads(sessions: BTreeMap<RoomId, u32>, push: BTreeMap<RoomId, u32>) -> Vec<RoomLoad> {
+/// The rooms of a heartbeat: every room with WebRTC sessions or push listeners here, and the
+/// `waiting` rooms (listeners waiting for a better tier) with none.
+fn room_loads(
+    sessions: BTreeMap<RoomId, u32>,
+    push: BTreeMap<RoomId, u32>,
+    waiting: &[RoomId],
+) -> Vec<RoomLoad> {
     let mut loads: BTreeMap<RoomId, RoomLoad> = sessions
         .into_iter()
         .map(|(room, sessions)| {
@@ -236,6 +252,13 @@ fn room_loads(sessions: BTreeMap<RoomId, u32>, push: BTreeMap<RoomId, u32>) -> V
                 push: 0,
             })
             .push = n;
+    }
+    for &room in waiting {
+        loads.entry(room).or_insert(RoomLoad {
+            room,
+            sessions: 0,
+            push: 0,
+        });
     }
     loads.into_values().collect()
 }
@@ -288,6 +311,7 @@ impl Registrar {
             rooms: room_loads(
                 self.occupancy.listeners_per_room(),
                 self.push.listeners_per_room(),
+                &self.waiting_rooms.borrow(),
             ),
             draining: self.drain.is_draining(),
             relay_url: self.relay_url.clone(),
@@ -350,7 +374,9 @@ impl Registrar {
                         tracing::info!("geo-router reachable again");
                     }
                     failures = 0;
-                    let answer = Limited::new(resp.into_body(), 4096).collect().await;
+                    let answer = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+                        .collect()
+                        .await;
                     if let Ok(bytes) = answer {
                         if let Ok(a) = serde_json::from_slice::<HeartbeatAnswer>(&bytes.to_bytes())
                         {
@@ -360,6 +386,13 @@ impl Registrar {
                             self.relay_parent.send_if_modified(|p| {
                                 let changed = *p != a.relay_parent;
                                 p.clone_from(&a.relay_parent);
+                                changed
+                            });
+                            self.tier_thresholds.send_if_modified(|t| {
+                                let changed = *t != a.tiers;
+                                if changed {
+                                    *t = a.tiers;
+                                }
                                 changed
                             });
                             let asked = heartbeat_period(a.interval_ms);
@@ -402,10 +435,14 @@ mod tests {
         let loads = room_loads(
             BTreeMap::from([(a, 4), (b, 2)]),
             BTreeMap::from([(b, 9), (c, 30)]),
+            &[c, RoomId(4)],
         );
         let got: Vec<(RoomId, u32, u32)> =
             loads.iter().map(|r| (r.room, r.sessions, r.push)).collect();
-        assert_eq!(got, vec![(a, 4, 0), (b, 2, 9), (c, 0, 30)]);
+        assert_eq!(
+            got,
+            vec![(a, 4, 0), (b, 2, 9), (c, 0, 30), (RoomId(4), 0, 0)]
+        );
     }
 
     #[test]

@@ -8,14 +8,16 @@ use crate::mesh::MeshEvent;
 use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
+use crate::tier_moves::{TierCounts, TierMoves};
+use amphi_protocol::api::RoomTiers;
 use amphi_protocol::control::ControlMessage;
-use amphi_protocol::room::{ActiveSpeaker, RoomCommand, RoomRole, ServerMessage};
+use amphi_protocol::room::{ActiveSpeaker, ListenTier, RoomCommand, RoomRole, ServerMessage};
 use amphi_protocol::token::{Claims, Revocations, RevokedTokens};
 use amphi_protocol::{ParticipantId, RoomId};
-use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Capacity of one WebSocket client's outbound queue; a client that falls this far behind is
@@ -55,6 +57,13 @@ pub(crate) const TOKEN_REVOKED: &str = "token revoked";
 pub(crate) const TOKEN_EXPIRED: &str =
     "token expired: refresh it before it expires (refresh_token, or PATCH with the new token)";
 
+/// How often freed tier seats are looked for (`TierMoves::poll`).
+const TIER_POLL: Duration = Duration::from_millis(500);
+
+/// Each room's WebRTC receive sessions and push listeners on this edge (for the tier moves).
+pub(crate) type TierCountsSource =
+    Box<dyn Fn() -> (BTreeMap<RoomId, u32>, BTreeMap<RoomId, u32>) + Send + Sync>;
+
 /// The wall clock in Unix seconds (token times).
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
@@ -70,6 +79,8 @@ struct Inner {
     pending: HashMap<ParticipantId, oneshot::Sender<JoinOutcome>>,
     /// The token every session lives on (ends it when the token expires or is revoked).
     leases: TokenLeases,
+    /// Movable listeners below the interactive tier and the moves offered to them.
+    tiers: TierMoves,
 }
 
 /// The edge's signaling state, shared by HTTP handlers, the media driver and the uplink.
@@ -108,6 +119,7 @@ impl Sessions {
                 clients: HashMap::new(),
                 pending: HashMap::new(),
                 leases: TokenLeases::new(expiry_grace_secs),
+                tiers: TierMoves::new(),
             }),
             mesh_tx,
             media,
@@ -206,6 +218,7 @@ impl Sessions {
         inner.clients.remove(&pid);
         inner.pending.remove(&pid);
         inner.leases.close(pid);
+        inner.tiers.forget(pid);
         let outs = inner.core.leave(pid, Instant::now());
         self.dispatch(&mut inner, outs);
     }
@@ -216,6 +229,72 @@ impl Sessions {
         let outs = inner.core.command(pid, cmd, Instant::now())?;
         self.dispatch(&mut inner, outs);
         Ok(())
+    }
+
+    /// A joined participant says how it hears the room (`listening`). Only listeners are ever
+    /// moved.
+    pub(crate) fn listening(&self, pid: ParticipantId, tier: ListenTier, movable: bool) {
+        let mut inner = self.lock();
+        let Some(room) = inner.core.room_of(pid) else {
+            return;
+        };
+        let movable = movable && inner.core.role_of(pid) == Some(RoomRole::Listener);
+        inner
+            .tiers
+            .listening(pid, room, tier, movable, Instant::now());
+    }
+
+    /// Offer movable listeners the tier seats that freed (`move`), every [`TIER_POLL`] until
+    /// `shutdown`: seats are the router's `thresholds` for this edge's rooms minus `counts`.
+    /// Publishes the rooms with listeners waiting for a seat in `waiting` (the heartbeat lists
+    /// them so the router sends their thresholds).
+    pub(crate) async fn tier_moves_loop(
+        self: Arc<Self>,
+        counts: TierCountsSource,
+        mut thresholds: watch::Receiver<Vec<RoomTiers>>,
+        waiting: watch::Sender<Vec<RoomId>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut every = tokio::time::interval(TIER_POLL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let (interactive, push) = counts();
+            let mut inner = self.lock();
+            if thresholds.has_changed().unwrap_or(false) {
+                let t = thresholds.borrow_and_update();
+                inner.tiers.set_thresholds(&t);
+            }
+            let moves = inner.tiers.poll(Instant::now(), |room| TierCounts {
+                interactive: interactive.get(&room).copied().unwrap_or(0),
+                push: push.get(&room).copied().unwrap_or(0),
+            });
+            let mut outs = Vec::with_capacity(moves.len());
+            for m in moves {
+                if inner.core.role_of(m.participant) != Some(RoomRole::Listener) {
+                    inner.tiers.forget(m.participant);
+                    continue;
+                }
+                tracing::debug!(participant = %m.participant, tier = m.tier.as_str(), "tier move offered");
+                outs.push(Output::ToClient(
+                    m.participant,
+                    ServerMessage::Move { tier: m.tier },
+                ));
+            }
+            self.dispatch(&mut inner, outs);
+            let rooms = inner.tiers.waiting_rooms();
+            drop(inner);
+            waiting.send_if_modified(|w| {
+                let changed = *w != rooms;
+                if changed {
+                    *w = rooms;
+                }
+                changed
+            });
+        }
     }
 
     /// One page of the participant's room (its `list_participants`).

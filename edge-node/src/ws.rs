@@ -169,6 +169,7 @@ fn to_command(msg: ClientMessage) -> Option<RoomCommand> {
         | ClientMessage::Offer { .. }
         | ClientMessage::Ping
         | ClientMessage::RefreshToken { .. }
+        | ClientMessage::Listening { .. }
         | ClientMessage::ListParticipants { .. } => return None,
     })
 }
@@ -291,6 +292,11 @@ impl Session {
             _ if !self.joined => Some(error("not_joined", "send join first")),
             ClientMessage::Offer { sdp } => Some(self.offer(sdp).await),
             ClientMessage::RefreshToken { token } => Some(self.refresh(&token)),
+            ClientMessage::Listening { tier, movable } => {
+                let pid = self.pid.expect("joined participants have an id");
+                self.st.sessions.listening(pid, tier, movable);
+                None
+            }
             ClientMessage::ListParticipants { after, limit } => {
                 let pid = self.pid.expect("joined participants have an id");
                 Some(

@@ -212,6 +212,12 @@ impl LiveRooms {
         self.seen.get(&room).and_then(|(_, tiers)| *tiers)
     }
 
+    /// The tier thresholds of `room` if it was ever seen live (its own, or `None` for the
+    /// router's); `None` when it was not.
+    pub fn known_tiers(&self, room: RoomId) -> Option<Option<TierThresholds>> {
+        self.seen.get(&room).map(|(_, tiers)| *tiers)
+    }
+
     /// Until when `room` is trusted live (seen live, plus [`LIVE_TRUST`]).
     pub fn live_until(&self, room: RoomId) -> Option<std::time::Instant> {
         self.seen.get(&room).map(|(t, _)| *t + LIVE_TRUST)
@@ -574,6 +580,8 @@ mod tests {
         assert_eq!(l.tiers(RoomId(1)), Some(tiers));
         assert_eq!(l.tiers(RoomId(2)), None);
         assert_eq!(l.tiers(RoomId(3)), None);
+        assert_eq!(l.known_tiers(RoomId(1)), Some(Some(tiers)));
+        assert_eq!(l.known_tiers(RoomId(3)), None);
         let stored = RoomEntry {
             tiers: Some(tiers),
             ..entry("t", None, 1, None)

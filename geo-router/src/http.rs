@@ -21,7 +21,7 @@ use crate::webhooks::{EventKind, Webhooks};
 use amphi_common::mtls::MtlsMaterial;
 use amphi_protocol::api::{
     ApiError, CreateRoomResponse, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RevokeTokenResponse,
-    RoomStatus, TokenResponse,
+    RoomStatus, RoomTiers, TokenResponse,
 };
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::https::{HttpsClient, Limiter};

@@ -278,6 +278,22 @@ pub struct HeartbeatAnswer {
     /// router builds no tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_parent: Option<RelayParent>,
+    /// The listener tier thresholds of the heartbeat's rooms, as the router applies them to
+    /// this edge (the room's own or the router's), so the edge can move its push and HLS
+    /// listeners up when seats free. A room the router could not look up is left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<RoomTiers>,
+}
+
+/// The tier thresholds of one room on an edge (part of [`HeartbeatAnswer`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomTiers {
+    /// The room.
+    pub room: RoomId,
+    /// Interactive (WebRTC) listeners per edge.
+    pub interactive: u32,
+    /// Push listeners per edge (0: no push tier).
+    pub push: u32,
 }
 
 /// An edge's parent in its region's relay tree (part of [`HeartbeatAnswer`]).

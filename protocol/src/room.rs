@@ -490,6 +490,44 @@ pub enum ClientMessage {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// How this listener hears the room now (sent when it starts and after every change). A
+    /// `movable` listener on the push or HLS tier is offered a `move` when a better tier has a
+    /// seat for it; one who chose its tier itself says `movable: false`.
+    Listening {
+        /// The tier it plays.
+        tier: ListenTier,
+        /// Whether the edge may move it to a better tier (default true).
+        #[serde(default = "movable_by_default")]
+        movable: bool,
+    },
+}
+
+fn movable_by_default() -> bool {
+    true
+}
+
+/// How a listener hears a room: the `mode` of a route answer, the `tier` of `listening` and
+/// `move`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenTier {
+    /// WebRTC at the edge (the best: a fraction of a second, and a raised hand is quick).
+    Interactive,
+    /// The room's program stream over a WebSocket at the edge.
+    Push,
+    /// LL-HLS through the CDN.
+    Hls,
+}
+
+impl ListenTier {
+    /// The wire name (`interactive`, `push`, `hls`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenTier::Interactive => "interactive",
+            ListenTier::Push => "push",
+            ListenTier::Hls => "hls",
+        }
+    }
 }
 
 /// A message from the edge to a client over the WebSocket.
@@ -557,6 +595,13 @@ pub enum ServerMessage {
         /// The new token's expiry (Unix seconds).
         exp: u64,
     },
+    /// A seat freed on a better tier for this `movable` listener: start playing `tier` beside
+    /// the current path, cross over once it plays, close the old path, then say `listening`
+    /// (with the old tier to decline).
+    Move {
+        /// The tier to move to.
+        tier: ListenTier,
+    },
     /// A room state change.
     #[serde(untagged)]
     Event(RoomEvent),
@@ -611,6 +656,28 @@ mod tests {
         assert_eq!(
             ClientMessage::parse(r#"{"type":"mute"}"#),
             Ok(ClientMessage::Mute { target: None })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"listening","tier":"push"}"#),
+            Ok(ClientMessage::Listening {
+                tier: ListenTier::Push,
+                movable: true
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"listening","tier":"hls","movable":false}"#),
+            Ok(ClientMessage::Listening {
+                tier: ListenTier::Hls,
+                movable: false
+            })
+        );
+        assert!(ClientMessage::parse(r#"{"type":"listening","tier":"smoke"}"#).is_err());
+        assert_eq!(
+            serde_json::to_value(ServerMessage::Move {
+                tier: ListenTier::Interactive
+            })
+            .unwrap(),
+            json!({"type": "move", "tier": "interactive"})
         );
         assert!(matches!(
             ClientMessage::parse(r#"{"type":"fly"}"#),

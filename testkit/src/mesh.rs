@@ -220,6 +220,27 @@ pub fn amphi_bin() -> std::io::Result<PathBuf> {
         })
 }
 
+/// The `amphi-tools` binary (load generators, benchmarks): `$AMPHI_TOOLS`, else beside the
+/// `amphi` binary [`amphi_bin`] finds (`cargo build -p amphi-tools` builds it there).
+pub fn tools_bin() -> std::io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("AMPHI_TOOLS") {
+        return Ok(PathBuf::from(p));
+    }
+    let amphi = amphi_bin()?;
+    let tools = amphi.with_file_name("amphi-tools");
+    if tools.is_file() {
+        Ok(tools)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no {} (build it: cargo build -p amphi-tools; or set AMPHI_TOOLS)",
+                tools.display()
+            ),
+        ))
+    }
+}
+
 /// Run `amphi` with `args`; return stdout (panics on failure).
 pub fn amphi(args: &[&str]) -> String {
     let out = Command::new(amphi_bin().expect("amphi binary"))

@@ -32,6 +32,7 @@ mod bench_route;
 mod bench_udp;
 mod child_mesh;
 mod loadgen_hls;
+mod loadgen_listeners;
 mod loadgen_push;
 mod loadgen_room;
 mod loadgen_webrtc;
@@ -176,6 +177,9 @@ enum LoadgenCommand {
     /// N WebSocket push listeners on one edge of an `amphi dev` child while a speaker talks:
     /// frames/s, late frames, edge CPU per listener, beside the same-run TCP write floor.
     Push(loadgen_push::PushArgs),
+    /// Grow an existing room: N listeners join one after another on the tiers the router names
+    /// (WHEP, push WebSocket, or counted as HLS), hold, then leave.
+    Listeners(loadgen_listeners::ListenersArgs),
 }
 
 #[derive(clap::Args)]
@@ -599,6 +603,7 @@ fn measure(command: Measure) -> Result<()> {
             Measure::Loadgen(LoadgenCommand::Hls(args)) => loadgen_hls::run(args).await,
             Measure::Loadgen(LoadgenCommand::Room(args)) => loadgen_room::run(args).await,
             Measure::Loadgen(LoadgenCommand::Push(args)) => loadgen_push::run(args).await,
+            Measure::Loadgen(LoadgenCommand::Listeners(args)) => loadgen_listeners::run(args).await,
             Measure::Plan(args) => plan::run(args),
         }
     })

@@ -69,12 +69,39 @@ pub(super) async fn edge_heartbeat(
         );
     }
     let relay_parent = relay_parent(&s, &id, at);
+    let room_ids: Vec<RoomId> = rooms.iter().map(|(room, _)| *room).collect();
+    let tiers = room_tiers(&s, &room_ids).await;
     Ok(Json(HeartbeatAnswer {
         drain,
         interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
         relay_parent,
+        tiers,
     })
     .into_response())
+}
+
+/// The tier thresholds of a heartbeat's rooms as `/v1/route` applies them. A room this router
+/// has not seen live since it started is read from the store once (as a route would); one it
+/// cannot read, or that is not live, is left out, and its edge moves nobody in it.
+async fn room_tiers(s: &AppState, rooms: &[RoomId]) -> Vec<RoomTiers> {
+    let mut out = Vec::with_capacity(rooms.len());
+    for &room in rooms {
+        let known = lock(&s.live).known_tiers(room);
+        let tiers = match known {
+            Some(tiers) => tiers,
+            None => match s.route_live(room).await {
+                Ok(true) => lock(&s.live).tiers(room),
+                _ => continue,
+            },
+        };
+        let policy = s.policy.for_room(tiers);
+        out.push(RoomTiers {
+            room,
+            interactive: policy.interactive_capacity,
+            push: policy.push_capacity,
+        });
+    }
+    out
 }
 
 /// How long a relay grant in a heartbeat answer is valid (every answer carries a new one; an
