@@ -98,7 +98,8 @@ fn every_documented_message_parses() {
             "ping",
             "refresh_token",
             "list_participants",
-            "report"
+            "report",
+            "listening"
         ])
     );
     assert_eq!(
@@ -124,7 +125,8 @@ fn every_documented_message_parses() {
             "participant",
             "participants",
             "token_refreshed",
-            "reported"
+            "reported",
+            "move"
         ])
     );
     assert_eq!(
