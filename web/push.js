@@ -3,7 +3,7 @@
 // jitter buffer. Reconnects resume after the last frame played (`after=`).
 //
 //   const player = AmphiPush.play({ url, ctx, destination, targetMs: 150 });
-//   player.stats(); // { frames, late, gaps, reanchors, catchups, latencyMs, bufferedMs, connected }
+//   player.stats(); // { frames, unmatched, late, gaps, reanchors, catchups, latencyMs, bufferedMs, connected }
 //   player.stop();
 //
 // Scheduling: each decoded 20 ms frame is an AudioBuffer played by an AudioBufferSourceNode at
@@ -54,6 +54,7 @@
   function play({ url, ctx, destination, targetMs = 150 }) {
     const st = {
       frames: 0,
+      unmatched: 0,
       late: 0,
       gaps: 0,
       reanchors: 0,
@@ -67,7 +68,11 @@
     let header = null;
     let lastTs = null; // last frame handed to the decoder
     let anchor = null; // { ts, at } : room timestamp ts plays at context time `at`
-    let pending = new Map(); // decoder timestamp (µs) -> room ts
+    // Frames handed to the decoder, in order: [decoder timestamp (µs), room ts]. The decoder's
+    // outputs come back in the same order, but Chromium's may carry a timestamp 1 µs off the
+    // chunk's (a round trip through its own time units), so they are matched within a
+    // millisecond (frames are 20,000 µs apart), never exactly.
+    const pending = [];
     // The least lead (seconds) any frame had since `windowStart` (context time): when even the
     // least-early frame of a window was well ahead of the target, the player holds more delay than
     // it needs (its anchor was set, or moved, by a late frame) and catches up in a quiet moment.
@@ -79,13 +84,17 @@
 
     const decoder = new AudioDecoder({
       output: (audio) => {
-        const ts = pending.get(audio.timestamp);
-        pending.delete(audio.timestamp);
+        // Chunks older than this output were dropped by the decoder.
+        while (pending.length && pending[0][0] < audio.timestamp - 1000) pending.shift();
+        const ts = pending.length && pending[0][0] <= audio.timestamp + 1000 ? pending.shift()[1] : null;
         const n = audio.numberOfFrames;
         const buf = ctx.createBuffer(1, n, audio.sampleRate);
         audio.copyTo(buf.getChannelData(0), { planeIndex: 0, format: "f32-planar" });
         audio.close();
-        if (ts == null) return;
+        if (ts == null) {
+          st.unmatched++;
+          return;
+        }
         schedule(ts, buf);
       },
       error: (e) => console.warn("push decoder", e),
@@ -143,7 +152,7 @@
         if (lastTs != null && f.ts !== lastTs + FRAME) st.gaps++;
         lastTs = f.ts;
         const us = Math.round((f.ts * 1e6) / SAMPLE_RATE);
-        pending.set(us, f.ts);
+        pending.push([us, f.ts]);
         decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: us, data: f.data }));
       }
     }

@@ -96,7 +96,7 @@ function startGapMonitor(page) {
       // The push player's own troubles (late frames, missing frames, re-anchors), as they happen.
       if (p) {
         const st = p.stats();
-        const key = `${st.late}/${st.gaps}/${st.reanchors}`;
+        const key = `${st.late}/${st.gaps}/${st.reanchors}/${st.unmatched}/${st.frames}`;
         if (key !== g.key) g.player.push({ at_ms: Math.round(now - g.started), late_gaps_reanchors: key });
         g.key = key;
       }
