@@ -241,6 +241,16 @@ async fn a_room_grows_past_both_tiers_and_moves_its_listeners_up_without_a_gap()
         vec![pair("hls", "push"), pair("push", "webrtc")],
         "{result}"
     );
+    // The eu-west edge offered exactly those three moves, and none was declined.
+    let edge = mesh.edge(1);
+    assert_eq!(
+        metric(&edge, "amphi_edge_tier_moves_offered_total"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&edge, "amphi_edge_tier_moves_declined_total"),
+        Some(0.0)
+    );
     // From before the first move until after the last: no gap on either page, at the moves'
     // cross-overs or anywhere else.
     for page in ["a", "b"] {

@@ -291,6 +291,7 @@ pub async fn run_with(
         tier_counts,
         tier_thresholds,
         waiting_rooms_tx,
+        metrics.clone(),
         inner.clone(),
     ));
     // The relay tree: the hub's subscriptions go to the parent edge the router names, or to the

@@ -101,6 +101,10 @@ pub struct Metrics {
     pub push_fed_rooms: Gauge,
     /// Feeds from the parent that failed to open or dropped (the origins took over).
     pub push_feed_failures: Counter,
+    /// Tier moves offered to listeners (`move`: a seat freed on a better tier).
+    pub tier_moves_offered: Counter,
+    /// Tier moves declined by the listener, or not taken in time.
+    pub tier_moves_declined: Counter,
     /// Push audio messages encoded (once per room, written to every listener).
     pub push_messages: Counter,
     /// Push messages a slow listener skipped (its queue was full).
@@ -179,6 +183,14 @@ impl Metrics {
         let push_feed_failures = r.counter(
             "amphi_edge_push_feed_failures",
             "Feeds from the parent edge that failed to open or dropped (the origins took over)",
+        );
+        let tier_moves_offered = r.counter(
+            "amphi_edge_tier_moves_offered",
+            "Moves to a better listener tier offered to push and HLS listeners as seats freed",
+        );
+        let tier_moves_declined = r.counter(
+            "amphi_edge_tier_moves_declined",
+            "Tier moves the listener declined or did not take in time",
         );
         let push_messages = r.counter(
             "amphi_edge_push_messages",
@@ -290,6 +302,8 @@ impl Metrics {
             push_feed_frames,
             push_fed_rooms,
             push_feed_failures,
+            tier_moves_offered,
+            tier_moves_declined,
             push_messages,
             push_skipped,
             push_dropped,

@@ -5,6 +5,7 @@
 use crate::leases::{RefreshError, TokenLeases};
 use crate::media::api::{MediaControl, MediaEvent};
 use crate::mesh::MeshEvent;
+use crate::metrics::Metrics;
 use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
@@ -253,8 +254,10 @@ impl Sessions {
         counts: TierCountsSource,
         mut thresholds: watch::Receiver<Vec<RoomTiers>>,
         waiting: watch::Sender<Vec<RoomId>>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
+        let mut declined = 0;
         let mut every = tokio::time::interval(TIER_POLL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -279,12 +282,18 @@ impl Sessions {
                     continue;
                 }
                 tracing::debug!(participant = %m.participant, tier = m.tier.as_str(), "tier move offered");
+                metrics.tier_moves_offered.inc();
                 outs.push(Output::ToClient(
                     m.participant,
                     ServerMessage::Move { tier: m.tier },
                 ));
             }
             self.dispatch(&mut inner, outs);
+            let now_declined = inner.tiers.declined();
+            metrics
+                .tier_moves_declined
+                .inc_by(now_declined.saturating_sub(declined));
+            declined = now_declined;
             let rooms = inner.tiers.waiting_rooms();
             drop(inner);
             waiting.send_if_modified(|w| {

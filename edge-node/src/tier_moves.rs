@@ -72,6 +72,8 @@ pub struct TierMoves {
     listeners: HashMap<ParticipantId, Listener>,
     /// Since when each room has had a seat a waiting listener could take.
     open_since: HashMap<RoomId, Instant>,
+    /// Offers declined or expired so far.
+    declined: u64,
 }
 
 impl TierMoves {
@@ -107,6 +109,7 @@ impl TierMoves {
         let declined = previous
             .and_then(|p| p.offer)
             .is_some_and(|(offered, _)| offered != tier);
+        self.declined += u64::from(declined);
         let since = previous.filter(|p| p.room == room).map_or(now, |p| p.since);
         self.listeners.insert(
             participant,
@@ -125,6 +128,11 @@ impl TierMoves {
         self.listeners.remove(&participant);
     }
 
+    /// Offers declined, or not taken within [`OFFER_TIMEOUT`], so far.
+    pub fn declined(&self) -> u64 {
+        self.declined
+    }
+
     /// Rooms with a movable listener waiting below the interactive tier: the heartbeat lists
     /// them (with no sessions) so the router sends their thresholds.
     pub fn waiting_rooms(&self) -> Vec<RoomId> {
@@ -139,6 +147,7 @@ impl TierMoves {
         // Offers not taken in time: the seat is free again and the listener rests.
         for l in self.listeners.values_mut() {
             if l.offer.is_some_and(|(_, until)| now >= until) {
+                self.declined += 1;
                 l.offer = None;
                 l.quiet_until = Some(now + DECLINED_FOR);
             }
@@ -313,6 +322,7 @@ mod tests {
         // It could not connect and says it still plays push: declined.
         let t1 = t0 + SETTLE * 2;
         p.listening(pid(1), ROOM, ListenTier::Push, true, t1);
+        assert_eq!(p.declined(), 1);
         p.poll(t1, counts(0, 1));
         assert!(p.poll(t1 + SETTLE, counts(0, 1)).is_empty());
         let t2 = t1 + DECLINED_FOR;
@@ -321,6 +331,7 @@ mod tests {
         // This time it never answers: after the timeout the seat is free and it rests.
         let t3 = t2 + SETTLE + OFFER_TIMEOUT;
         assert!(p.poll(t3, counts(0, 1)).is_empty());
+        assert_eq!(p.declined(), 2);
         p.poll(t3 + DECLINED_FOR, counts(0, 1));
         assert_eq!(p.poll(t3 + DECLINED_FOR + SETTLE, counts(0, 1)).len(), 1);
     }
