@@ -551,7 +551,9 @@ async function onMove({ tier }) {
   const from = amphi.listenMode;
   const to = tier === "interactive" ? "webrtc" : tier;
   const better = { hls: 0, push: 1, webrtc: 2 };
-  if (amphi.moving || amphi.tierPinned || PUBLISHERS.has(amphi.role) || !(to in better) || !(from in better) || better[to] <= better[from]) {
+  const pushless = to === "push" && !(window.AmphiPush && window.AmphiPush.supported());
+  if (amphi.moving || amphi.tierPinned || PUBLISHERS.has(amphi.role) || pushless || !(to in better) || !(from in better) || better[to] <= better[from]) {
+    // Not now, or not this page: saying the current tier declines the offer.
     return sayListening();
   }
   amphi.moving = to;
