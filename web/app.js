@@ -530,6 +530,8 @@ function webrtcPlaying() {
     .some((r) => r.getSynchronizationSources().some((s) => now - s.timestamp < 300));
 }
 
+const pause = (ms) => new Promise((r) => setTimeout(r, ms));
+
 function waitUntil(check, ms) {
   return new Promise((resolve, reject) => {
     const end = Date.now() + ms;
@@ -570,9 +572,9 @@ async function onMove({ tier }) {
       startPush(false);
       await waitUntil(() => amphi.push && amphi.push.stats().frames > 0, MOVE_READY_MS);
       // The first frame plays the player's latency target after it arrived.
-      await new Promise((r) => setTimeout(r, 150));
+      await pause(150);
     }
-    await new Promise((r) => setTimeout(r, MOVE_SETTLE_MS));
+    await pause(MOVE_SETTLE_MS);
     const crossfadeAt = performance.now();
     const now = a.ctx.currentTime;
     for (const [mode, value] of [
@@ -584,7 +586,7 @@ async function onMove({ tier }) {
       g.setValueAtTime(g.value, now);
       g.linearRampToValueAtTime(value, now + CROSSFADE_S);
     }
-    await new Promise((r) => setTimeout(r, CROSSFADE_S * 1000 + 40));
+    await pause(CROSSFADE_S * 1000 + 40);
     if (from === "push") stopPush();
     if (from === "hls") stopHls();
     amphi.wantPush = to === "push";

@@ -45,6 +45,7 @@ pub mod slots;
 mod srtp_out;
 pub mod tier_moves;
 mod uplink;
+mod watched;
 mod ws;
 
 pub use occupancy::Occupancy;

@@ -267,32 +267,34 @@ struct ParentAddr {
     host: String,
 }
 
-/// The address of an `http(s)://host[:port][/]` URL.
+/// The address of an `http(s)://host[:port][/]` URL (a base URL: no user info, path or query).
 fn parent_addr(url: &str) -> Option<ParentAddr> {
-    let (secure, rest) = if let Some(rest) = url.strip_prefix("https://") {
-        (true, rest)
-    } else {
-        (false, url.strip_prefix("http://")?)
+    let uri: http::Uri = url.parse().ok()?;
+    let secure = match uri.scheme_str()? {
+        "https" => true,
+        "http" => false,
+        _ => return None,
     };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') || !matches!(uri.path(), "" | "/") || uri.query().is_some()
+    {
         return None;
     }
-    // A port follows the last ':' unless that colon is inside an IPv6 literal.
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => (host, Some(port)),
-        _ => (authority, None),
+    // `host()` keeps an IPv6 literal's brackets, as `host:port` needs them.
+    let host = authority.host();
+    let port = match authority.port_u16() {
+        Some(p) => p,
+        // Text after the host that is not a port number (`http::Uri` drops it).
+        None if authority.as_str() != host => return None,
+        None if secure => 443,
+        None => 80,
     };
-    if host.is_empty() || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+    if host.is_empty() {
         return None;
     }
-    let authority = match port {
-        Some(_) => authority.to_string(),
-        None => format!("{host}:{}", if secure { 443 } else { 80 }),
-    };
     Some(ParentAddr {
         secure,
-        authority,
+        authority: format!("{host}:{port}"),
         host: host
             .trim_start_matches('[')
             .trim_end_matches(']')

@@ -12,6 +12,7 @@
 
 use crate::metrics::Metrics;
 use crate::occupancy::Occupancy;
+use crate::watched::publish_if_changed;
 use amphi_protocol::api::{
     ApiError, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RoomLoad, RoomTiers,
 };
@@ -383,18 +384,8 @@ impl Registrar {
                             if a.drain {
                                 self.drain.start();
                             }
-                            self.relay_parent.send_if_modified(|p| {
-                                let changed = *p != a.relay_parent;
-                                p.clone_from(&a.relay_parent);
-                                changed
-                            });
-                            self.tier_thresholds.send_if_modified(|t| {
-                                let changed = *t != a.tiers;
-                                if changed {
-                                    *t = a.tiers;
-                                }
-                                changed
-                            });
+                            publish_if_changed(&self.relay_parent, a.relay_parent);
+                            publish_if_changed(&self.tier_thresholds, a.tiers);
                             let asked = heartbeat_period(a.interval_ms);
                             if asked != period {
                                 period = asked;

@@ -10,6 +10,7 @@ use crate::room::{ClientView, Refusal};
 use crate::shards::MediaShards;
 use crate::signaling::{Census, CloseWhy, JoinRequest, Output, SignalingCore};
 use crate::tier_moves::{TierCounts, TierMoves};
+use crate::watched::publish_if_changed;
 use amphi_protocol::api::RoomTiers;
 use amphi_protocol::control::ControlMessage;
 use amphi_protocol::room::{ActiveSpeaker, ListenTier, RoomCommand, RoomRole, ServerMessage};
@@ -296,13 +297,7 @@ impl Sessions {
             declined = now_declined;
             let rooms = inner.tiers.waiting_rooms();
             drop(inner);
-            waiting.send_if_modified(|w| {
-                let changed = *w != rooms;
-                if changed {
-                    *w = rooms;
-                }
-                changed
-            });
+            publish_if_changed(&waiting, rooms);
         }
     }
 
