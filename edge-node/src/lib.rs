@@ -31,8 +31,10 @@ pub mod push;
 mod push_fanout;
 mod push_feed;
 mod push_hub;
+mod push_io;
 pub mod push_tree;
 mod push_ws;
+mod push_wt;
 pub mod red;
 pub mod registration;
 pub mod rejoin;
@@ -325,6 +327,18 @@ pub async fn run_with(
         relayed_txs,
     };
     let uplink_task = tokio::spawn(uplink.run(endpoint, inner.clone()));
+    let limiter = amphi_protocol::https::Limiter::new(&config.limits, metrics.http_limits.clone())
+        .map_err(|e| EdgeError::Config(e.to_string()))?;
+    let webtransport = match &config.webtransport {
+        Some(wt) => {
+            let (server, advertised) =
+                push_wt::WebTransportServer::bind(wt, &config.public_url, limiter.clone())
+                    .map_err(|e| EdgeError::Config(e.to_string()))?;
+            tracing::info!(listen = %wt.listen, url = ?advertised.borrow().as_ref().map(|a| &a.url), "push over WebTransport");
+            Some((server, advertised))
+        }
+        None => None,
+    };
     if let Some(options) = registration {
         let registrar = registration::Registrar {
             router_url: config.router_url.clone(),
@@ -333,6 +347,9 @@ pub async fn run_with(
             region: config.region.clone(),
             public_url: config.public_url.clone(),
             relay_url: config.relay_url.clone(),
+            webtransport: webtransport
+                .as_ref()
+                .map(|(_, advertised)| advertised.clone()),
             relay_parent: relay_parent_tx,
             tier_thresholds: tier_thresholds_tx,
             waiting_rooms,
@@ -345,8 +362,6 @@ pub async fn run_with(
         tokio::spawn(registrar.run(inner.clone()));
     }
 
-    let limiter = amphi_protocol::https::Limiter::new(&config.limits, metrics.http_limits.clone())
-        .map_err(|e| EdgeError::Config(e.to_string()))?;
     let state = Arc::new(admission::AppState {
         tokens,
         candidate,
@@ -362,6 +377,9 @@ pub async fn run_with(
         occupancy,
         push,
     });
+    if let Some((server, _)) = webtransport {
+        tokio::spawn(server.run(state.clone(), inner.clone()));
+    }
     let app = http::router(state).layer(axum::middleware::from_fn(move |req, next| {
         registration::refuse_new_sessions(drain.clone(), req, next)
     }));

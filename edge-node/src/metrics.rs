@@ -111,6 +111,8 @@ pub struct Metrics {
     pub push_skipped: Counter,
     /// Push listeners disconnected for being too slow.
     pub push_dropped: Counter,
+    /// Push listeners that joined over WebTransport.
+    pub push_webtransport_sessions: Counter,
     control_records_refused: Counter,
     origin_links: Counter,
     whip_sessions_created: Counter,
@@ -203,6 +205,10 @@ impl Metrics {
         let push_dropped = r.counter(
             "amphi_edge_push_dropped_listeners",
             "Push listeners disconnected for being too slow",
+        );
+        let push_webtransport_sessions = r.counter(
+            "amphi_edge_push_webtransport_sessions",
+            "Push listeners that joined over WebTransport (HTTP/3)",
         );
         let relay_frames_invalid = r.counter(
             "amphi_edge_relay_frames_invalid",
@@ -307,6 +313,7 @@ impl Metrics {
             push_messages,
             push_skipped,
             push_dropped,
+            push_webtransport_sessions,
             relay_frames_invalid,
             control_records_refused,
             origin_links,

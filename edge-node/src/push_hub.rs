@@ -1,22 +1,20 @@
 //! The push listeners' hub: [`PushCore`] behind a lock, and the writers
 //! ([`push_fanout::Writer`], one per runtime worker) that hold the listeners' sockets. The
-//! uplink hands it program frames and reads its subscriptions; `push_ws` reserves a listener's
-//! place before the WebSocket upgrade and attaches its connection after it.
+//! uplink hands it program frames and reads its subscriptions; `push_ws` and `push_wt` reserve a
+//! listener's place before the WebSocket upgrade or the WebTransport session and attach its
+//! connection after it.
 
 use crate::metrics::Metrics;
 use crate::push::{Message, PushConfig, PushCore, PushOutput, PushRefusal};
 use crate::push_fanout::{close_frame, Command, Inbox, Outbox, Writer, CLOSE_ENDED};
+use crate::push_io::PushIo;
 use amphi_protocol::push::AudioMessage;
 use amphi_protocol::RoomId;
-use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// A push listener's connection.
-pub(crate) type PushIo = TokioIo<hyper::upgrade::Upgraded>;
 
 /// How often rooms without listeners are looked at.
 const TICK: Duration = Duration::from_secs(1);

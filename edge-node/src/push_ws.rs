@@ -6,6 +6,8 @@
 
 use crate::admission::{api_error, check_live, unauthorized, AppState, REVOKED};
 use crate::push::PushRefusal;
+use crate::push_hub::Reservation;
+use crate::push_io::PushIo;
 use crate::sessions::now_unix;
 use amphi_protocol::RoomId;
 use axum::body::Body;
@@ -18,13 +20,14 @@ use sha1::{Digest, Sha1};
 use std::sync::Arc;
 
 /// The query of a push request.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 pub(crate) struct PushQuery {
-    token: Option<String>,
+    /// The listener's room token.
+    pub(crate) token: Option<String>,
     /// A relay grant: another edge of the region pulling the room for its own listeners.
-    relay: Option<String>,
+    pub(crate) relay: Option<String>,
     /// Resume after this room timestamp.
-    after: Option<u64>,
+    pub(crate) after: Option<u64>,
 }
 
 /// The bearer token of a request's `Authorization` header, if well-formed.
@@ -87,21 +90,22 @@ fn room_token_refusal(
     None
 }
 
-/// `GET /v1/rooms/{room}/push`: a listener token of that room (`?token=` or
-/// `Authorization: Bearer`) or a relay grant (`?relay=`, another edge's feed), the room live,
-/// then the WebSocket upgrade.
-pub(crate) async fn push_get(
-    State(st): State<Arc<AppState>>,
-    Path(room): Path<String>,
-    Query(q): Query<PushQuery>,
-    mut req: Request<Body>,
-) -> Response {
+/// The checks every push listener passes, over WebSocket or WebTransport: a listener token of
+/// `room` (`?token=` or `Authorization: Bearer`) or a relay grant (`?relay=`, another edge's
+/// feed), and the room live. The refusal is an API error response (its status is what a
+/// WebTransport session is refused with).
+pub(crate) async fn admit(
+    st: &AppState,
+    room: &str,
+    q: &PushQuery,
+    headers: &HeaderMap,
+) -> Result<RoomId, Response> {
     let Ok(room) = room.parse::<RoomId>() else {
-        return api_error(
+        return Err(api_error(
             StatusCode::NOT_FOUND,
             "room_not_found",
             "room ids are 16 hex digits",
-        );
+        ));
     };
     let now = now_unix();
     if let Some(grant) = q.relay.as_deref() {
@@ -110,20 +114,46 @@ pub(crate) async fn push_get(
             Ok(g) => tracing::debug!(%room, edge = %g.sub, "relay feed"),
             Err(e) => {
                 tracing::info!(%room, reason = %e, "relay grant refused");
-                return unauthorized(format!("invalid relay grant: {e}"));
+                return Err(unauthorized(format!("invalid relay grant: {e}")));
             }
         }
-    } else if let Some(refusal) =
-        room_token_refusal(&st, room, q.token.as_deref(), req.headers(), now)
-    {
-        return refusal;
+    } else if let Some(refusal) = room_token_refusal(st, room, q.token.as_deref(), headers, now) {
+        return Err(refusal);
     }
     if st.push.is_ended(room) {
-        return api_error(StatusCode::GONE, "room_ended", "the room has ended");
+        return Err(ended());
     }
-    if let Err(resp) = check_live(&st, room).await {
-        return resp;
-    }
+    check_live(st, room).await?;
+    Ok(room)
+}
+
+fn ended() -> Response {
+    api_error(StatusCode::GONE, "room_ended", "the room has ended")
+}
+
+/// A listener's place in `room` at this edge, or the refusal (the edge is full, the room ended).
+pub(crate) fn reserve(st: &AppState, room: RoomId) -> Result<Reservation, Response> {
+    st.push.reserve(room).map_err(|refusal| match refusal {
+        PushRefusal::Full => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "this edge serves its maximum of push listeners; listen over HLS",
+        ),
+        PushRefusal::Ended => ended(),
+    })
+}
+
+/// `GET /v1/rooms/{room}/push`: [`admit`], then the WebSocket upgrade.
+pub(crate) async fn push_get(
+    State(st): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    Query(q): Query<PushQuery>,
+    mut req: Request<Body>,
+) -> Response {
+    let room = match admit(&st, &room, &q, req.headers()).await {
+        Ok(room) => room,
+        Err(refusal) => return refusal,
+    };
     let headers = req.headers();
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
     let upgrade_ok = header_has(headers, header::UPGRADE, "websocket")
@@ -145,24 +175,19 @@ pub(crate) async fn push_get(
             "this connection cannot be upgraded",
         );
     };
-    let place = match st.push.reserve(room) {
+    let place = match reserve(&st, room) {
         Ok(place) => place,
-        Err(PushRefusal::Full) => {
-            return api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "capacity",
-                "this edge serves its maximum of push listeners; listen over HLS",
-            )
-        }
-        Err(PushRefusal::Ended) => {
-            return api_error(StatusCode::GONE, "room_ended", "the room has ended")
-        }
+        Err(refusal) => return refusal,
     };
     let hub = st.push.clone();
     let after = q.after;
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => hub.attach(place, hyper_util::rt::TokioIo::new(upgraded), after),
+            Ok(upgraded) => hub.attach(
+                place,
+                PushIo::WebSocket(hyper_util::rt::TokioIo::new(upgraded)),
+                after,
+            ),
             Err(e) => tracing::debug!(%room, error = %e, "push upgrade failed"),
         }
     });

@@ -15,6 +15,7 @@ use crate::occupancy::Occupancy;
 use crate::watched::publish_if_changed;
 use amphi_protocol::api::{
     ApiError, EdgeHeartbeat, HeartbeatAnswer, RelayParent, RoomLoad, RoomTiers,
+    WebTransportEndpoint,
 };
 use amphi_protocol::config::known_region;
 use amphi_protocol::https::HttpsClient;
@@ -209,6 +210,9 @@ pub(crate) struct Registrar {
     pub public_url: String,
     /// This edge's base URL for the other edges of its region (relay tree).
     pub relay_url: Option<String>,
+    /// Where the edge serves push listeners over WebTransport, and its certificate's hash
+    /// (`None`: it does not).
+    pub webtransport: Option<tokio::sync::watch::Receiver<Option<WebTransportEndpoint>>>,
     /// The router's latest choice of this edge's parent in the relay tree.
     pub relay_parent: tokio::sync::watch::Sender<Option<RelayParent>>,
     /// The router's tier thresholds for this edge's rooms (for moving listeners up a tier).
@@ -316,6 +320,10 @@ impl Registrar {
             ),
             draining: self.drain.is_draining(),
             relay_url: self.relay_url.clone(),
+            webtransport: self
+                .webtransport
+                .as_ref()
+                .and_then(|advertised| advertised.borrow().clone()),
         }
     }
 

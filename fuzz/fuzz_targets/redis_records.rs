@@ -246,6 +246,7 @@ fuzz_target!(|input: Input| {
                 .collect(),
             draining: e.draining,
             relay_url: None,
+            webtransport: None,
         };
         // JSON has no NaN or infinity: such heartbeats cannot be stored.
         let Ok(json) = serde_json::to_string(&serde_json::json!({

@@ -41,6 +41,7 @@ fn registry(now: Instant) -> Registry {
                 }],
                 draining: false,
                 relay_url: None,
+                webtransport: None,
             };
             reg.heartbeat(hb, now).unwrap();
         }

@@ -5,6 +5,7 @@
 
 use crate::geoip::Place;
 use crate::select::{Fixed, Tier, FIXED_MAX};
+use amphi_protocol::api::WebTransportEndpoint;
 use amphi_protocol::RoomId;
 use std::fmt::{self, Display, Formatter};
 
@@ -131,6 +132,8 @@ pub struct RouteAnswer<'a> {
     pub region: &'a str,
     /// Its public URL.
     pub public_url: &'a str,
+    /// Its WebTransport listener for push listeners, if any.
+    pub webtransport: Option<&'a WebTransportEndpoint>,
     /// Base of the HLS URL (`{hls_base}/hls/{room}/index.m3u8`).
     pub hls_base: &'a str,
     /// How the client listens.
@@ -156,7 +159,8 @@ impl RouteAnswer<'_> {
     }
 
     /// The JSON body: `RouteResponse`'s fields in its order (region, edge, whip_url, whep_url,
-    /// ws_url, hls_url, push_url, mode, and `why` when [`RouteAnswer::explain`]).
+    /// ws_url, hls_url, push_url, webtransport_url and webtransport_cert_sha256 when the edge
+    /// has them, mode, and `why` when [`RouteAnswer::explain`]).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ANSWER_CAPACITY);
         let mut hex = [0u8; 16];
@@ -191,6 +195,16 @@ impl RouteAnswer<'_> {
             "push_url",
             &[ws[0], ws[1], "/v1/rooms/", room, "/push"],
         );
+        if let Some(wt) = self.webtransport {
+            field(
+                &mut out,
+                "webtransport_url",
+                &[wt.url.trim_end_matches('/'), "/v1/rooms/", room, "/push"],
+            );
+            if let Some(sha256) = &wt.cert_sha256 {
+                field(&mut out, "webtransport_cert_sha256", &[sha256]);
+            }
+        }
         field(&mut out, "mode", &[self.tier.as_str()]);
         if !self.explain {
             out.push(b'}');
@@ -245,6 +259,14 @@ mod tests {
             edge: a.edge.into(),
             hls_url: format!("{}/hls/{}/index.m3u8", a.hls_base, a.room),
             push_url: format!("{ws}/v1/rooms/{}/push", a.room),
+            webtransport_url: a
+                .webtransport
+                .map(|wt| format!("{}/v1/rooms/{}/push", wt.url.trim_end_matches('/'), a.room))
+                .unwrap_or_default(),
+            webtransport_cert_sha256: a
+                .webtransport
+                .and_then(|wt| wt.cert_sha256.clone())
+                .unwrap_or_default(),
             mode: a.tier.as_str().into(),
             why: if a.explain {
                 format!("{located}; {}", a.choice)
@@ -287,8 +309,18 @@ mod tests {
             "located client; edge-x of 4 candidates, 3865 km, load 0.10\n",
             "tab\there, DEL \u{7f}, é and ✓, \u{1f}\u{0}\u{8}\u{c}\r</script>\"\\",
         ];
+        let pinned = WebTransportEndpoint {
+            url: "https://edge-1.example.com:4433/".into(),
+            cert_sha256: Some("ab".repeat(32)),
+        };
+        let trusted = WebTransportEndpoint {
+            url: "https://wt.example.com".into(),
+            cert_sha256: None,
+        };
+        let webtransports = [None, Some(&pinned), Some(&trusted)];
         for (place, choice) in places.into_iter().flat_map(|p| choices.map(|c| (p, c))) {
-            for url in urls {
+            for (url, webtransport) in urls.into_iter().flat_map(|u| webtransports.map(|w| (u, w)))
+            {
                 for (tier, explain) in [
                     (Tier::Interactive, true),
                     (Tier::Push, true),
@@ -300,6 +332,7 @@ mod tests {
                         edge: "edge-\"x\"",
                         region: "eu-west",
                         public_url: url,
+                        webtransport,
                         hls_base: "https://cdn.example.com",
                         tier,
                         source: "peer (untrusted forwarding headers ignored)",

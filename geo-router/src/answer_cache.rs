@@ -292,6 +292,7 @@ mod tests {
             }],
             draining: false,
             relay_url: None,
+            webtransport: None,
         }
     }
 

@@ -99,6 +99,23 @@ pub fn validate(hb: &EdgeHeartbeat) -> Result<(), HeartbeatError> {
     if hb.relay_url.as_deref().is_some_and(|u| !ok_url(u)) {
         return Err(HeartbeatError::Invalid("relay_url must be an http(s) URL"));
     }
+    if let Some(wt) = &hb.webtransport {
+        if !(wt.url.starts_with("https://") && ok_text(&wt.url, 512)) {
+            return Err(HeartbeatError::Invalid(
+                "webtransport.url must be an https URL",
+            ));
+        }
+        let is_sha256 = |h: &str| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if wt.cert_sha256.as_deref().is_some_and(|h| !is_sha256(h)) {
+            return Err(HeartbeatError::Invalid(
+                "webtransport.cert_sha256 must be 64 lowercase hex digits",
+            ));
+        }
+    }
     if !(-90.0..=90.0).contains(&hb.latitude) || !(-180.0..=180.0).contains(&hb.longitude) {
         return Err(HeartbeatError::Invalid("coordinates out of range"));
     }
@@ -132,6 +149,7 @@ fn static_record(e: &EdgeEndpoint) -> EdgeRecord {
             rooms: Vec::new(),
             draining: false,
             relay_url: None,
+            webtransport: None,
         },
         last_seen: None,
         rooms: BTreeMap::new(),
@@ -354,6 +372,7 @@ impl Registry {
                     longitude: e.beat.longitude,
                 },
                 public_url: &e.beat.public_url,
+                webtransport: e.beat.webtransport.as_ref(),
                 load: e.load(),
                 room_interactive: e.rooms.get(&room).copied().unwrap_or(0),
                 room_push: e.push.get(&room).copied().unwrap_or(0),
@@ -405,7 +424,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use amphi_protocol::api::RoomLoad;
+    use amphi_protocol::api::{RoomLoad, WebTransportEndpoint};
     use amphi_protocol::config::known_region;
 
     fn beat(id: &str, region: &str) -> EdgeHeartbeat {
@@ -426,6 +445,7 @@ mod tests {
             }],
             draining: false,
             relay_url: None,
+            webtransport: None,
         }
     }
 
@@ -712,6 +732,18 @@ mod tests {
             Box::new(|b| b.latitude = 91.0),
             Box::new(|b| b.longitude = f64::NAN),
             Box::new(|b| b.cpu_load = 1.5),
+            Box::new(|b| {
+                b.webtransport = Some(WebTransportEndpoint {
+                    url: "http://plain:4433".into(),
+                    cert_sha256: None,
+                })
+            }),
+            Box::new(|b| {
+                b.webtransport = Some(WebTransportEndpoint {
+                    url: "https://e:4433".into(),
+                    cert_sha256: Some("AB".repeat(32)),
+                })
+            }),
         ];
         for (i, f) in cases.iter().enumerate() {
             let mut b = beat("a", "us-east");

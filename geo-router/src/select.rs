@@ -3,7 +3,7 @@
 //! `why` for operators. Listeners beyond a room's interactive capacity on the chosen edge are sent
 //! to HLS.
 
-use amphi_protocol::api::TierThresholds;
+use amphi_protocol::api::{TierThresholds, WebTransportEndpoint};
 use std::fmt::Write;
 
 /// Bytes reserved for a choice's `why`.
@@ -146,6 +146,8 @@ pub struct Candidate<'a> {
     pub point: GeoPoint,
     /// Public HTTP base URL.
     pub public_url: &'a str,
+    /// Its WebTransport listener for push listeners, if any.
+    pub webtransport: Option<&'a WebTransportEndpoint>,
     /// Load as a fraction of what the edge can take (max of CPU and participants/capacity).
     pub load: f64,
     /// Interactive sessions of the room being routed, on this edge.
@@ -501,6 +503,7 @@ mod tests {
             region,
             point: point(region),
             public_url: "http://edge",
+            webtransport: None,
             load,
             room_interactive: 0,
             room_push: 0,

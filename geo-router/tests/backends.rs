@@ -78,6 +78,7 @@ fn beat(id: &str, region: &str, rooms: Vec<(RoomId, u32)>) -> EdgeHeartbeat {
             .collect(),
         draining: false,
         relay_url: None,
+        webtransport: None,
     }
 }
 

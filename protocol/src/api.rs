@@ -202,6 +202,15 @@ pub struct RouteResponse {
     /// The room's program stream at the edge for push listeners (WebSocket, `docs/push.md`).
     #[serde(default)]
     pub push_url: String,
+    /// The same stream over WebTransport (HTTP/3), when the edge serves it; else empty and left
+    /// out. The session's one unidirectional stream carries the WebSocket's bytes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub webtransport_url: String,
+    /// SHA-256 of the edge's WebTransport certificate (64 hex digits), when that certificate is
+    /// the edge's own short-lived one: browsers accept it through `serverCertificateHashes`.
+    /// Empty and left out when the certificate is a CA-issued one (or there is no WebTransport).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub webtransport_cert_sha256: String,
     /// The listener's tier: `interactive` (connect to the edge over WebRTC), `push` (the room's
     /// interactive seats on the edge are taken: play `push_url`) or `hls` (its push seats too:
     /// play `hls_url`). Speakers and hosts are always `interactive`.
@@ -264,6 +273,22 @@ pub struct EdgeHeartbeat {
     /// which may name a load balancer. Without it the edge is never another edge's parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_url: Option<String>,
+    /// Where the edge serves push listeners over WebTransport; left out when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webtransport: Option<WebTransportEndpoint>,
+}
+
+/// An edge's WebTransport listener for push listeners (part of [`EdgeHeartbeat`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebTransportEndpoint {
+    /// Base URL (`https://host:port`); a room's stream is `{url}/v1/rooms/{room}/push`.
+    pub url: String,
+    /// SHA-256 of the certificate (64 lowercase hex digits) when it is the edge's own
+    /// short-lived one (browsers pin it with `serverCertificateHashes`); left out for a
+    /// CA-issued certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
 }
 
 /// The router's answer to a heartbeat.

@@ -155,6 +155,9 @@ pub struct EdgeConfig {
     /// never another edge's parent (it still pulls from its own parent).
     #[serde(default)]
     pub relay_url: Option<String>,
+    /// Push listeners over WebTransport (`[edge.webtransport]`); absent: WebSocket only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webtransport: Option<WebTransportConfig>,
     /// UDP socket for all WebRTC media.
     pub media_listen: SocketAddr,
     /// Address advertised in ICE candidates (defaults to `media_listen`).
@@ -228,6 +231,26 @@ fn default_ice_connect_timeout_secs() -> u64 {
 
 fn default_interactive_capacity() -> usize {
     500
+}
+
+/// The edge's WebTransport (HTTP/3) listener for push listeners (`docs/push.md`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebTransportConfig {
+    /// UDP address (HTTP/3 over QUIC).
+    pub listen: SocketAddr,
+    /// Base URL browsers connect to (`https://host:port`). Default: `public_url`'s host with
+    /// `listen`'s port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// PEM certificate chain browsers trust (a CA-issued one for the public name), with `key`.
+    /// Without them the edge makes its own ECDSA P-256 certificate, valid 13 days and renewed
+    /// every 6, and the router hands its SHA-256 to clients (`serverCertificateHashes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// `amphi origin` configuration.

@@ -333,6 +333,7 @@ fn route_decide(
         edge: choice.edge.id,
         region: choice.edge.region,
         public_url: choice.edge.public_url,
+        webtransport: choice.edge.webtransport,
         hls_base: s.hls_base(),
         tier,
         source: at.source,

@@ -1,0 +1,491 @@
+//! Push listeners over WebTransport (HTTP/3 over QUIC, `[edge.webtransport]`):
+//! `CONNECT https://{edge}:{port}/v1/rooms/{room}/push?token=...[&after=TS]`. The session
+//! passes the WebSocket's checks ([`push_ws::admit`](crate::push_ws::admit)) and is refused
+//! with their status; accepted, it gets one unidirectional stream carrying the bytes a
+//! WebSocket listener gets (RFC 6455 server frames: the room header, audio messages, a close
+//! frame when the room ends), written by the same writers (`push_fanout`), so nothing is
+//! encoded per listener or per transport.
+//!
+//! Without a configured certificate the edge makes its own (ECDSA P-256, valid
+//! [`OWN_CERT_VALIDITY`], renewed every [`OWN_CERT_RENEWAL`]) and the router hands its SHA-256
+//! to clients, which pin it with `serverCertificateHashes` (browsers accept that only for
+//! certificates valid at most 14 days).
+
+use crate::admission::AppState;
+use crate::push_hub::Reservation;
+use crate::push_io::PushIo;
+use crate::push_ws::{admit, reserve, PushQuery};
+use amphi_protocol::api::WebTransportEndpoint;
+use amphi_protocol::config::WebTransportConfig;
+use amphi_protocol::https::{ConnectionPermit, Limiter};
+use axum::http::StatusCode;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::Digest;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use web_transport_quinn::{SendStream, Session};
+
+/// Total validity of the edge's own certificate (browsers pin hashes of certificates valid
+/// at most 14 days).
+pub const OWN_CERT_VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
+/// How often the edge's own certificate is replaced (the router's answers carry the new hash
+/// from the next heartbeat on).
+pub const OWN_CERT_RENEWAL: Duration = Duration::from_secs(6 * 24 * 3600);
+/// The own certificate's start is set this far back, for clients whose clocks are behind.
+const BACKDATE: Duration = Duration::from_secs(3600);
+/// How long a closed listener's stream may take to deliver its last bytes (the close frame).
+const LINGER: Duration = Duration::from_secs(2);
+/// A session that has not sent its CONNECT request by then is dropped (QUIC idle timeout).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the WebTransport listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebTransportError {
+    /// The certificate or key could not be read or used.
+    #[error("webtransport certificate: {0}")]
+    Certificate(String),
+    /// The UDP socket could not be bound.
+    #[error("webtransport listen {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// No base URL: `public_url` unset and the edge's `public_url` has no host.
+    #[error("webtransport: set public_url (the edge's public_url has no host)")]
+    NoUrl,
+}
+
+/// A certificate chain and key for the listener, with the SHA-256 clients pin when it is the
+/// edge's own.
+struct ListenerCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    sha256: Option<String>,
+}
+
+/// The edge's own certificate for `host` (an IP address or DNS name), valid from `now - 1 h`
+/// for [`OWN_CERT_VALIDITY`].
+fn own_certificate(host: &str, now: time::OffsetDateTime) -> Result<ListenerCert, String> {
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+    params.not_before = now - BACKDATE;
+    params.not_after = params.not_before + OWN_CERT_VALIDITY;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let der = cert.der().clone();
+    let sha256 = hex::encode(sha2::Sha256::digest(&der));
+    Ok(ListenerCert {
+        chain: vec![der],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        sha256: Some(sha256),
+    })
+}
+
+/// A configured certificate chain and key (PEM files).
+fn configured_certificate(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<ListenerCert, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    Ok(ListenerCert {
+        chain,
+        key,
+        sha256: None,
+    })
+}
+
+/// The QUIC server configuration for `cert`: TLS 1.3, HTTP/3 by ALPN.
+fn server_config(cert: ListenerCert) -> Result<quinn::ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain, cert.key)
+        .map_err(|e| e.to_string())?;
+    tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .map_err(|_| "idle timeout".to_string())?,
+    ));
+    // Listeners receive on the one stream the edge opens; they open none.
+    transport.max_concurrent_uni_streams(0u8.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// The base URL browsers connect to: the configured one, else `https://{host of the edge's
+/// public_url}:{listen port}`.
+fn base_url(config: &WebTransportConfig, edge_public_url: &str) -> Option<String> {
+    if let Some(url) = &config.public_url {
+        return Some(url.trim_end_matches('/').to_string());
+    }
+    let uri: axum::http::Uri = edge_public_url.parse().ok()?;
+    let host = uri.host()?;
+    Some(format!("https://{host}:{}", config.listen.port()))
+}
+
+/// The host a certificate must name for `base` (`https://host:port`), brackets of an IPv6
+/// address removed.
+fn cert_host(base: &str) -> Option<String> {
+    let uri: axum::http::Uri = base.parse().ok()?;
+    let host = uri.host()?;
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+}
+
+/// The WebTransport listener: its endpoint, where it is, and how to renew its certificate.
+pub(crate) struct WebTransportServer {
+    server: web_transport_quinn::Server,
+    /// Where clients connect and what they pin (read by the heartbeat).
+    advertised: watch::Sender<Option<WebTransportEndpoint>>,
+    /// The host the edge's own certificates name (`None`: a configured certificate).
+    own_cert_host: Option<String>,
+    limiter: Limiter,
+}
+
+impl WebTransportServer {
+    /// Bind `config.listen` with the configured certificate or the edge's own; the receiver
+    /// tells the heartbeat where the listener is and its certificate's hash.
+    pub(crate) fn bind(
+        config: &WebTransportConfig,
+        edge_public_url: &str,
+        limiter: Limiter,
+    ) -> Result<(Self, watch::Receiver<Option<WebTransportEndpoint>>), WebTransportError> {
+        let url = base_url(config, edge_public_url).ok_or(WebTransportError::NoUrl)?;
+        let (cert, own_cert_host) = match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) => (configured_certificate(cert, key), None),
+            (None, None) => {
+                let host = cert_host(&url).ok_or(WebTransportError::NoUrl)?;
+                (
+                    own_certificate(&host, time::OffsetDateTime::now_utc()),
+                    Some(host),
+                )
+            }
+            _ => {
+                return Err(WebTransportError::Certificate(
+                    "cert and key go together".into(),
+                ))
+            }
+        };
+        let cert = cert.map_err(WebTransportError::Certificate)?;
+        let sha256 = cert.sha256.clone();
+        let server_config = server_config(cert).map_err(WebTransportError::Certificate)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            WebTransportError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let (advertised, rx) = watch::channel(Some(WebTransportEndpoint {
+            url,
+            cert_sha256: sha256,
+        }));
+        Ok((
+            WebTransportServer {
+                server: web_transport_quinn::Server::new(endpoint),
+                advertised,
+                own_cert_host,
+                limiter,
+            },
+            rx,
+        ))
+    }
+
+    /// Accept sessions until `shutdown`, renewing the edge's own certificate on time.
+    pub(crate) async fn run(mut self, st: Arc<AppState>, shutdown: CancellationToken) {
+        let mut renew = tokio::time::interval_at(
+            tokio::time::Instant::now() + OWN_CERT_RENEWAL,
+            OWN_CERT_RENEWAL,
+        );
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = renew.tick(), if self.own_cert_host.is_some() => self.renew(),
+                request = self.server.accept() => {
+                    let Some(request) = request else { break };
+                    let (st, limiter) = (st.clone(), self.limiter.clone());
+                    tokio::spawn(async move { serve(st, limiter, request).await });
+                }
+            }
+        }
+        self.server.close(0u8.into(), b"edge stopping");
+    }
+
+    /// Replace the edge's own certificate (sessions already open keep theirs).
+    fn renew(&mut self) {
+        let Some(host) = &self.own_cert_host else {
+            return;
+        };
+        let renewed = own_certificate(host, time::OffsetDateTime::now_utc()).and_then(|cert| {
+            let sha256 = cert.sha256.clone();
+            Ok((server_config(cert)?, sha256))
+        });
+        match renewed {
+            Ok((config, sha256)) => {
+                self.server.set_server_config(Some(config));
+                self.advertised.send_modify(|a| {
+                    if let Some(a) = a {
+                        a.cert_sha256 = sha256;
+                    }
+                });
+                tracing::info!("webtransport certificate renewed");
+            }
+            Err(e) => tracing::error!(error = %e, "webtransport certificate not renewed"),
+        }
+    }
+}
+
+/// One session request: [`admission`], then the stream.
+async fn serve(st: Arc<AppState>, limiter: Limiter, request: web_transport_quinn::Request) {
+    let peer = request.conn().remote_address();
+    let (permit, place, after) = match admission(&st, &limiter, &request).await {
+        Ok(admitted) => admitted,
+        Err(status) => {
+            if let Err(e) = request.reject(status).await {
+                tracing::debug!(%peer, error = %e, "webtransport refusal not sent");
+            }
+            return;
+        }
+    };
+    let session = match request.ok().await {
+        Ok(session) => session,
+        Err(e) => return tracing::debug!(%peer, error = %e, "webtransport session not opened"),
+    };
+    let send = match session.open_uni().await {
+        Ok(send) => send,
+        Err(e) => return tracing::debug!(%peer, error = %e, "webtransport stream not opened"),
+    };
+    st.metrics.push_webtransport_sessions.inc();
+    let listener = WebTransportListener::new(session, send, permit);
+    st.push.attach(place, PushIo::WebTransport(listener), after);
+}
+
+/// The client address's budgets, the path, the push checks and a place; refused with the
+/// status a WebSocket request would get.
+async fn admission(
+    st: &AppState,
+    limiter: &Limiter,
+    request: &web_transport_quinn::Request,
+) -> Result<(ConnectionPermit, Reservation, Option<u64>), StatusCode> {
+    let ip = request.conn().remote_address().ip();
+    let permit = limiter
+        .connection(ip)
+        .and_then(|permit| limiter.request(ip).map(|()| permit))
+        .map_err(|_| StatusCode::TOO_MANY_REQUESTS)?;
+    let room = push_path_room(request.url.path()).ok_or(StatusCode::NOT_FOUND)?;
+    let query = push_query(&request.url).map_err(|()| StatusCode::BAD_REQUEST)?;
+    let room = admit(st, room, &query, &request.headers)
+        .await
+        .map_err(|refusal| refusal.status())?;
+    let place = reserve(st, room).map_err(|refusal| refusal.status())?;
+    Ok((permit, place, query.after))
+}
+
+/// The room of a push path `/v1/rooms/{room}/push`.
+fn push_path_room(path: &str) -> Option<&str> {
+    let room = path.strip_prefix("/v1/rooms/")?.strip_suffix("/push")?;
+    (!room.is_empty() && !room.contains('/')).then_some(room)
+}
+
+/// The push query of a session URL (`token`, `relay`, `after`); an `after` that is not a
+/// number is refused.
+fn push_query(url: &url::Url) -> Result<PushQuery, ()> {
+    let mut q = PushQuery::default();
+    for (name, value) in url.query_pairs() {
+        match &*name {
+            "token" => q.token = Some(value.into_owned()),
+            "relay" => q.relay = Some(value.into_owned()),
+            "after" => q.after = Some(value.parse().map_err(|_| ())?),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// A push listener's WebTransport session, as the writers see it: writes go to its stream;
+/// reads never yield bytes and end (EOF) when the session closes.
+pub(crate) struct WebTransportListener {
+    send: Option<SendStream>,
+    session: Session,
+    closed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    _permit: ConnectionPermit,
+}
+
+impl WebTransportListener {
+    fn new(session: Session, send: SendStream, permit: ConnectionPermit) -> Self {
+        let watched = session.clone();
+        WebTransportListener {
+            send: Some(send),
+            session,
+            closed: Box::pin(async move {
+                watched.closed().await;
+            }),
+            _permit: permit,
+        }
+    }
+}
+
+impl AsyncRead for WebTransportListener {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Nothing is read from a listener; a closed session reads as the end of the stream.
+        self.closed.as_mut().poll(cx).map(Ok)
+    }
+}
+
+impl AsyncWrite for WebTransportListener {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.send.as_mut() {
+            Some(send) => Pin::new(send).poll_write(cx, buf),
+            None => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.send.as_mut() {
+            Some(send) => Pin::new(send).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.send.as_mut() {
+            Some(send) => Pin::new(send).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Drop for WebTransportListener {
+    /// Finish the stream and keep the session until its last bytes (a close frame) are
+    /// acknowledged, for at most [`LINGER`]: dropping the session at once would close the
+    /// connection before they leave.
+    fn drop(&mut self) {
+        let Some(mut send) = self.send.take() else {
+            return;
+        };
+        let _ = send.finish();
+        let session = self.session.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+                session.close(0, b"");
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_paths_name_one_room() {
+        assert_eq!(
+            push_path_room("/v1/rooms/00000000000000ab/push"),
+            Some("00000000000000ab")
+        );
+        assert_eq!(push_path_room("/v1/rooms//push"), None);
+        assert_eq!(push_path_room("/v1/rooms/a/b/push"), None);
+        assert_eq!(push_path_room("/v1/ws"), None);
+        assert_eq!(push_path_room("/v1/rooms/00000000000000ab/push/x"), None);
+    }
+
+    #[test]
+    fn the_query_carries_token_relay_and_a_numeric_after() {
+        let url =
+            url::Url::parse("https://e:4433/v1/rooms/ab/push?token=t%2Bk&after=960&x=1").unwrap();
+        let q = push_query(&url).unwrap();
+        assert_eq!(q.token.as_deref(), Some("t+k"));
+        assert_eq!(q.after, Some(960));
+        assert!(q.relay.is_none());
+        let bad = url::Url::parse("https://e:4433/v1/rooms/ab/push?after=soon").unwrap();
+        assert!(push_query(&bad).is_err());
+    }
+
+    #[test]
+    fn the_base_url_defaults_to_the_public_host_and_the_listen_port() {
+        let config = WebTransportConfig {
+            listen: "0.0.0.0:4433".parse().unwrap(),
+            public_url: None,
+            cert: None,
+            key: None,
+        };
+        assert_eq!(
+            base_url(&config, "https://edge-1.example.com").as_deref(),
+            Some("https://edge-1.example.com:4433")
+        );
+        assert_eq!(
+            base_url(&config, "http://127.0.0.1:8080").as_deref(),
+            Some("https://127.0.0.1:4433")
+        );
+        assert_eq!(
+            cert_host("https://[::1]:4433").as_deref(),
+            Some("::1"),
+            "an IPv6 host is named without brackets"
+        );
+        let set = WebTransportConfig {
+            public_url: Some("https://wt.example.com/".into()),
+            ..config
+        };
+        assert_eq!(
+            base_url(&set, "http://x").as_deref(),
+            Some("https://wt.example.com")
+        );
+    }
+
+    #[test]
+    fn the_own_certificate_is_p256_for_13_days_and_its_hash_is_of_the_der() {
+        let now = time::OffsetDateTime::now_utc();
+        let cert = own_certificate("127.0.0.1", now).unwrap();
+        let der = &cert.chain[0];
+        assert_eq!(
+            cert.sha256.as_deref(),
+            Some(hex::encode(sha2::Sha256::digest(der)).as_str())
+        );
+        let (_, parsed) = x509_parser::parse_x509_certificate(der).unwrap();
+        let validity = parsed.validity();
+        let total = validity.not_after.timestamp() - validity.not_before.timestamp();
+        assert_eq!(total, 13 * 24 * 3600);
+        assert!(total <= 14 * 24 * 3600, "browsers pin at most 14 days");
+        assert_eq!(
+            parsed.public_key().algorithm.algorithm.to_id_string(),
+            "1.2.840.10045.2.1",
+            "an EC key"
+        );
+        // The listener takes it.
+        server_config(cert).unwrap();
+    }
+}
