@@ -302,6 +302,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 http_listen: addr(DEV_PORTS.edge_http + i16, off),
                 public_url: public_url.clone(),
                 relay_url: Some(public_url.clone()),
+                relay_server_name: None,
                 // Push over WebTransport on the HTTP port's UDP twin, with the edge's own
                 // short-lived certificate.
                 webtransport: Some(amphi_protocol::config::WebTransportConfig {

@@ -261,6 +261,7 @@ fn module_vars(role: TfRole) -> serde_json::Value {
     match role {
         TfRole::Edge => serde_json::json!({
             "region": "eu-west-1", "http_port": 8080, "media_port": 3478,
+            "webtransport_port": 4433, "tls_server_name": "edge.amphi.internal",
             "public_url": "https://edge-eu-west-1.example.com",
             "origins": [origin],
             "router_url": "https://api.example.com",

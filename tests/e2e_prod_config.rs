@@ -314,6 +314,7 @@ async fn terraform_rendered_roles_run_over_https_end_to_end() {
         TfRole::Edge,
         serde_json::json!({
             "region": "us-east", "http_port": port(10), "media_port": port(20),
+            "webtransport_port": port(30), "tls_server_name": "edge.amphi.internal",
             "public_url": https(10),
             "origins": origins,
             "router_url": https(80), "interactive_capacity": 100, "ice_connect_timeout_secs": 15, "media_threads": 1,

@@ -123,8 +123,160 @@ async fn a_push_listener_at_another_edge_hears_the_speakers_tone() {
     drop(ws);
 }
 
+/// The first WebSocket server frame in `buf`: (opcode, payload, bytes taken), `None` while
+/// incomplete (the WebTransport stream carries the WebSocket's frames).
+fn server_frame(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let (len, at) = match *buf.get(1)? & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+            4,
+        ),
+        127 => panic!("no push frame is that long"),
+        n => (usize::from(n), 2),
+    };
+    assert_eq!(buf[1] & 0x80, 0, "server frames are not masked");
+    let payload = buf.get(at..at + len)?;
+    Some((buf[0] & 0x0f, payload, at + len))
+}
+
+/// A push listener over WebTransport (HTTP/3, web-transport-quinn's client pinning the hash the
+/// route answer carries): refused with the WebSocket's statuses for a bad token or another
+/// room's, then the session's one stream brings the header and the room's audio, which decodes
+/// to the speaker's tone; when the host ends the room the stream ends with a close frame 4002.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_listener_over_webtransport_hears_the_tone_and_the_room_end() {
+    let mesh = DevMesh::start(16_700, "push-webtransport");
+    let (room, host, _hls) = mesh.create_room("push over webtransport");
+    let (other, _, _) = mesh.create_room("another room");
+    // The edge's listener reaches route answers with its first heartbeat.
+    let mut route = mesh.route(&room, "eu-west");
+    for _ in 0..50 {
+        if route["webtransport_url"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        route = mesh.route(&room, "eu-west");
+    }
+    let url = route["webtransport_url"]
+        .as_str()
+        .expect("webtransport_url");
+    let hash = hex::decode(route["webtransport_cert_sha256"].as_str().expect("hash")).unwrap();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let client = web_transport_quinn::ClientBuilder::new()
+        .with_server_certificate_hashes(vec![hash.clone()])
+        .unwrap();
+    let connect = |query: String| {
+        let client = &client;
+        let url = url::Url::parse(&format!("{url}?{query}")).unwrap();
+        async move { client.connect(url).await }
+    };
+    let status = |r: Result<web_transport_quinn::Session, web_transport_quinn::ClientError>| match r
+    {
+        Err(web_transport_quinn::ClientError::HttpError(
+            web_transport_quinn::ConnectError::ErrorStatus(s),
+        ))
+        | Err(web_transport_quinn::ClientError::HttpError(
+            web_transport_quinn::ConnectError::ProtoError(
+                web_transport_quinn::proto::ConnectError::WrongStatus(Some(s)),
+            ),
+        )) => s.as_u16(),
+        Err(e) => panic!("refused without a status: {e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    assert_eq!(status(connect("token=not-a-token".into()).await), 401);
+    let other_token = mesh.token(&other, "listener", "x");
+    assert_eq!(status(connect(format!("token={other_token}")).await), 403);
+    // A client that does not pin the hash (nor trusts the edge's own certificate) is refused
+    // by TLS.
+    let unpinned = web_transport_quinn::ClientBuilder::new()
+        .with_server_certificate_hashes(vec![vec![0; 32]])
+        .unwrap();
+    assert!(unpinned
+        .connect(url::Url::parse(url).unwrap())
+        .await
+        .is_err());
+
+    let listener = mesh.token(&room, "listener", "wt-1");
+    let session = connect(format!("token={listener}")).await.expect("session");
+    let mut stream = session.accept_uni().await.expect("the edge's stream");
+
+    let speaker = mesh.token(&room, "speaker", "tone-770");
+    let whip = mesh.route(&room, "us-east")["whip_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 770.0, 6.0).await });
+
+    let mut header: Option<PushHeader> = None;
+    let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
+    let mut samples: Vec<f32> = Vec::new();
+    let mut pcm = vec![0f32; 5760];
+    let mut frames = 0usize;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut close_code: Option<u16> = None;
+    let mut ended_at: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while close_code.is_none() && Instant::now() < deadline {
+        if frames >= 250 && ended_at.is_none() {
+            // Heard enough: the host ends the room.
+            let router = mesh.router();
+            let (room, host) = (room.clone(), host.clone());
+            let status = tokio::task::spawn_blocking(move || {
+                ureq::post(&format!("{router}/v1/rooms/{room}/end"))
+                    .set("Authorization", &format!("Bearer {host}"))
+                    .send_string("")
+                    .map(|r| r.status())
+                    .unwrap_or_else(|e| panic!("end: {e}"))
+            })
+            .await
+            .unwrap();
+            assert_eq!(status, 200);
+            ended_at = Some(Instant::now());
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("push bytes within 5 s")
+            .expect("stream readable");
+        let Some(n) = n else { break };
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some((op, payload, taken)) = server_frame(&buf) {
+            match op {
+                1 => header = Some(serde_json::from_slice(payload).expect("header JSON")),
+                2 if ended_at.is_none() => {
+                    let h = header.as_ref().expect("the header comes first");
+                    assert_eq!(h.room.to_string(), room);
+                    let m = AudioMessage::decode(payload).expect("audio message decodes");
+                    for f in m.frames() {
+                        let n = decoder.decode_float(f.opus, &mut pcm, false).expect("opus");
+                        samples.extend_from_slice(&pcm[..n]);
+                        frames += 1;
+                    }
+                }
+                2 => {}
+                8 => close_code = Some(u16::from_be_bytes([payload[0], payload[1]])),
+                other => panic!("unexpected opcode {other}"),
+            }
+            buf.drain(..taken);
+        }
+    }
+    tone.abort();
+    assert!(frames >= 250, "{frames} frames");
+    let (freq, level) = dominant_frequency(&samples);
+    assert!((freq - 770.0).abs() <= 5.0, "dominant frequency {freq} Hz");
+    assert!(level > 0.02, "real energy expected, rms {level}");
+    assert_eq!(close_code, Some(4002), "the room end reaches the listener");
+    eprintln!(
+        "webtransport: {frames} frames; room end reached the listener in {:?}",
+        ended_at.map(|t| t.elapsed())
+    );
+    let sessions = metric(&mesh.edge(1), "amphi_edge_push_webtransport_sessions_total").unwrap();
+    assert_eq!(sessions, 1.0, "refused sessions are not counted");
+}
+
 /// The room page's push mode in headless Chromium (`tests/browser/push_play.mjs`): web/push.js
-/// plays the program from the edge's WebSocket with WebCodecs and the page hears the tone.
+/// plays the program from the edge over WebTransport; a second page asks for the WebSocket and a
+/// third cannot open WebTransport sessions and falls back to it; each page hears the tone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_room_page_plays_the_push_stream_in_chromium() {
     let mesh = DevMesh::start(17_500, "push-browser");
@@ -143,8 +295,19 @@ async fn the_room_page_plays_the_push_stream_in_chromium() {
     });
     tone.abort();
     eprintln!("push player: {result}");
-    assert!(result["frames"].as_u64().unwrap_or(0) > 0, "{result}");
-    assert_eq!(result["label"], "push");
+    for (page, transport) in [
+        ("webtransport", "webtransport"),
+        ("websocket", "websocket"),
+        ("fallback", "websocket"),
+    ] {
+        let stats = &result[page];
+        assert!(
+            stats["frames"].as_u64().unwrap_or(0) > 0,
+            "{page}: {result}"
+        );
+        assert_eq!(stats["label"], "push", "{page}");
+        assert_eq!(stats["transport"], transport, "{page}");
+    }
 }
 
 /// Three listeners of one room on the three tiers the router picks (`tests/browser/three_tiers.mjs`):

@@ -43,6 +43,7 @@ const amphi = {
   wantHls: false, // the participant chose HLS (or the edge had no room for WebRTC)
   wantPush: false, // the participant chose the push stream (WebSocket, web/push.js)
   push: null, // AmphiPush player
+  pushTransport: null, // "websocket" to keep the push stream off WebTransport (#push=websocket)
   tierPinned: false, // the person chose the tier (the edge never moves it)
   moving: null, // the tier a move (the edge's `move`) is starting, until it crossed over
   moves: [], // moves done: {from, to, ms from the offer to the cross-over's end, startedAt, crossfadeAt, endedAt (performance.now())}
@@ -624,7 +625,19 @@ function startPush(handOver = true) {
   if (!amphi.route.push_url) url.pathname = `/v1/rooms/${amphi.room}/push`;
   url.search = "";
   url.searchParams.set("token", amphi.token);
-  amphi.push = window.AmphiPush.play({ url: url.href, ctx: a.ctx, destination: a.pushGain, targetMs: 150 });
+  // Over WebTransport when the edge offers it (the route answer names it and, for the edge's own
+  // short-lived certificate, its hash), unless the page asks for the WebSocket (#push=websocket).
+  const webtransport =
+    amphi.route.webtransport_url && amphi.pushTransport !== "websocket"
+      ? { url: amphi.route.webtransport_url, certSha256: amphi.route.webtransport_cert_sha256 || null }
+      : null;
+  amphi.push = window.AmphiPush.play({
+    url: url.href,
+    webtransport,
+    ctx: a.ctx,
+    destination: a.pushGain,
+    targetMs: 150,
+  });
   if (!handOver) return;
   stopHls();
   setListenMode("push");
@@ -1454,6 +1467,7 @@ async function enterRoom(room) {
   $("#room-id").textContent = room;
   amphi.wantHls = hashParams().get("listen") === "hls";
   amphi.wantPush = hashParams().get("listen") === "push";
+  amphi.pushTransport = hashParams().get("push");
   // A tier the person chose (listen= or the switch buttons) is kept; one the router chose is
   // moved up when a seat frees.
   amphi.tierPinned = hashParams().has("listen");

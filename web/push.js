@@ -1,10 +1,15 @@
-// amphi push player: a room's program stream over a WebSocket at an edge (docs/push.md), decoded
-// with WebCodecs' AudioDecoder and scheduled on an AudioContext at a latency target with a small
-// jitter buffer. Reconnects resume after the last frame played (`after=`).
+// amphi push player: a room's program stream at an edge (docs/push.md), over WebTransport where
+// the browser and the edge have it, else over a WebSocket; decoded with WebCodecs' AudioDecoder
+// and scheduled on an AudioContext at a latency target with a small jitter buffer. Reconnects
+// resume after the last frame played (`after=`).
 //
-//   const player = AmphiPush.play({ url, ctx, destination, targetMs: 150 });
-//   player.stats(); // { frames, unmatched, late, gaps, reanchors, catchups, latencyMs, bufferedMs, connected }
+//   const player = AmphiPush.play({ url, webtransport: { url, certSha256 }, ctx, destination, targetMs: 150 });
+//   player.stats(); // { frames, unmatched, late, gaps, reanchors, catchups, latencyMs, bufferedMs, connected, transport }
 //   player.stop();
+//
+// Both transports carry the same bytes: WebSocket server frames (RFC 6455), on WebTransport as
+// the one unidirectional stream the edge opens. A WebTransport session that cannot be opened
+// (a browser or network without HTTP/3 over UDP) makes the player use the WebSocket from then on.
 //
 // Scheduling: each decoded 20 ms frame is an AudioBuffer played by an AudioBufferSourceNode at
 // `start + (ts - ts0) / 48000` on the context's clock, where `start` is fixed by the first frame
@@ -51,7 +56,38 @@
     return Math.sqrt(sum / Math.max(1, x.length)) < 0.003;
   }
 
-  function play({ url, ctx, destination, targetMs = 150 }) {
+  /** Bytes of a hex string (a certificate hash). */
+  function hexBytes(hex) {
+    const out = new Uint8Array(hex.length / 2);
+    for (let i = 0; i < out.length; i++) out[i] = parseInt(hex.substr(2 * i, 2), 16);
+    return out;
+  }
+
+  /**
+   * The first WebSocket server frame in `buf` (Uint8Array): { opcode, payload, taken }, or null
+   * while incomplete. Throws on a masked or oversized frame.
+   */
+  function serverFrame(buf) {
+    if (buf.length < 2) return null;
+    if (buf[1] & 0x80) throw new Error("masked server frame");
+    let len = buf[1] & 0x7f;
+    let at = 2;
+    if (len === 126) {
+      if (buf.length < 4) return null;
+      len = (buf[2] << 8) | buf[3];
+      at = 4;
+    } else if (len === 127) {
+      if (buf.length < 10) return null;
+      const v = new DataView(buf.buffer, buf.byteOffset + 2, 8);
+      len = Number(v.getBigUint64(0));
+      at = 10;
+    }
+    if (len > 1 << 20) throw new Error("push frame too large");
+    if (buf.length < at + len) return null;
+    return { opcode: buf[0] & 0x0f, payload: buf.slice(at, at + len), taken: at + len };
+  }
+
+  function play({ url, webtransport = null, ctx, destination, targetMs = 150 }) {
     const st = {
       frames: 0,
       unmatched: 0,
@@ -60,11 +96,16 @@
       reanchors: 0,
       catchups: 0,
       connected: false,
+      transport: null,
       latencyMs: null,
       bufferedMs: 0,
     };
     let stopped = false;
     let ws = null;
+    let wt = null; // the WebTransport session
+    // WebTransport is tried while it works; one failure to open a session falls back for good.
+    let useWebTransport =
+      !!(webtransport && webtransport.url) && typeof window.WebTransport === "function";
     let header = null;
     let lastTs = null; // last frame handed to the decoder
     let anchor = null; // { ts, at } : room timestamp ts plays at context time `at`
@@ -157,14 +198,26 @@
       }
     }
 
+    function reconnect() {
+      st.connected = false;
+      st.transport = null;
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 5000);
+    }
+
     function connect() {
       if (stopped) return;
+      if (useWebTransport) {
+        connectWebTransport();
+        return;
+      }
       const u = new URL(url, location.href);
       if (lastTs != null) u.searchParams.set("after", String(lastTs));
       ws = new WebSocket(u.toString());
       ws.binaryType = "arraybuffer";
       ws.onopen = () => {
         st.connected = true;
+        st.transport = "websocket";
         retry = 250;
       };
       ws.onmessage = (ev) => {
@@ -176,13 +229,82 @@
         }
       };
       ws.onclose = (ev) => {
-        st.connected = false;
         ws = null;
         // The room ended (4002): no reconnect.
-        if (stopped || ev.code === 4002) return;
-        setTimeout(connect, retry);
-        retry = Math.min(retry * 2, 5000);
+        if (stopped || ev.code === 4002) {
+          st.connected = false;
+          return;
+        }
+        reconnect();
       };
+    }
+
+    async function connectWebTransport() {
+      const u = new URL(webtransport.url, location.href);
+      // The same token (and resume point) as the WebSocket's URL.
+      const token = new URL(url, location.href).searchParams.get("token");
+      if (token) u.searchParams.set("token", token);
+      if (lastTs != null) u.searchParams.set("after", String(lastTs));
+      const options = {};
+      if (webtransport.certSha256) {
+        options.serverCertificateHashes = [{ algorithm: "sha-256", value: hexBytes(webtransport.certSha256) }];
+      }
+      let stream;
+      try {
+        wt = new WebTransport(u.toString(), options);
+        wt.closed.catch(() => {});
+        await wt.ready;
+        const streams = wt.incomingUnidirectionalStreams.getReader();
+        const next = await streams.read();
+        streams.releaseLock();
+        if (next.done) throw new Error("no stream");
+        stream = next.value;
+      } catch (e) {
+        if (wt) wt.close();
+        wt = null;
+        if (stopped) return;
+        if (!st.connected && st.frames === 0) {
+          // Never worked here: WebSocket from now on.
+          console.warn("push over WebTransport unavailable, using WebSocket", e);
+          useWebTransport = false;
+          connect();
+        } else {
+          reconnect();
+        }
+        return;
+      }
+      st.connected = true;
+      st.transport = "webtransport";
+      retry = 250;
+      let ended = false;
+      let buf = new Uint8Array(0);
+      const reader = stream.getReader();
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done || stopped) break;
+          const joined = new Uint8Array(buf.length + value.length);
+          joined.set(buf);
+          joined.set(value, buf.length);
+          buf = joined;
+          let f;
+          while ((f = serverFrame(buf))) {
+            buf = buf.subarray(f.taken);
+            if (f.opcode === 1) header = JSON.parse(new TextDecoder().decode(f.payload));
+            else if (f.opcode === 2) onAudio(f.payload.buffer);
+            else if (f.opcode === 8) ended = f.payload.length >= 2 && ((f.payload[0] << 8) | f.payload[1]) === 4002;
+          }
+        }
+      } catch (e) {
+        if (!stopped) console.warn("push over WebTransport", e);
+      }
+      if (wt) wt.close();
+      wt = null;
+      if (stopped || ended) {
+        st.connected = false;
+        return;
+      }
+      reconnect();
     }
     connect();
 
@@ -191,6 +313,7 @@
       stop() {
         stopped = true;
         if (ws) ws.close(1000);
+        if (wt) wt.close();
         try {
           decoder.close();
         } catch {
@@ -201,5 +324,5 @@
     };
   }
 
-  window.AmphiPush = { play, parseAudio, supported: () => typeof window.AudioDecoder === "function" };
+  window.AmphiPush = { play, parseAudio, serverFrame, supported: () => typeof window.AudioDecoder === "function" };
 })();

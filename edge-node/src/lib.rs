@@ -309,6 +309,7 @@ pub async fn run_with(
         to_origins,
         origin_rooms: origin_rooms_tx,
         tls: Arc::new(client_tls.clone()),
+        server_name: config.relay_server_name.clone(),
     };
     tokio::spawn(feeds.run(inner.clone()));
     let uplink = uplink::Uplink {

@@ -54,6 +54,8 @@ pub(crate) struct PushFeeds {
     pub origin_rooms: watch::Sender<Vec<RoomId>>,
     /// TLS for `https://` parents.
     pub tls: Arc<rustls::ClientConfig>,
+    /// The server name checked on `https://` parents' certificates (`None`: the URL's host).
+    pub server_name: Option<String>,
 }
 
 impl PushFeeds {
@@ -115,6 +117,7 @@ impl PushFeeds {
                             after: self.hub.last_ts(room),
                             hub: self.hub.clone(),
                             tls: self.tls.clone(),
+                            server_name: self.server_name.clone(),
                         };
                         let events = events_tx.clone();
                         tokio::spawn(async move {
@@ -172,6 +175,7 @@ struct Pull {
     after: Option<u64>,
     hub: Arc<PushHub>,
     tls: Arc<rustls::ClientConfig>,
+    server_name: Option<String>,
 }
 
 impl Pull {
@@ -196,7 +200,8 @@ impl Pull {
         .map_err(|_| FeedError::Timeout)??;
         let _ = tcp.set_nodelay(true);
         if addr.secure {
-            let name = rustls::pki_types::ServerName::try_from(addr.host)
+            let host = self.server_name.as_deref().unwrap_or(&addr.host);
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
                 .map_err(|_| FeedError::Url(self.url.clone()))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))

@@ -13,7 +13,7 @@ pub(crate) enum PushIo {
     /// `GET /v1/rooms/{room}/push` upgraded to a WebSocket.
     WebSocket(TokioIo<hyper::upgrade::Upgraded>),
     /// A WebTransport session's unidirectional stream.
-    WebTransport(WebTransportListener),
+    WebTransport(Box<WebTransportListener>),
 }
 
 impl AsyncRead for PushIo {
@@ -24,7 +24,7 @@ impl AsyncRead for PushIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             PushIo::WebSocket(io) => Pin::new(io).poll_read(cx, buf),
-            PushIo::WebTransport(io) => Pin::new(io).poll_read(cx, buf),
+            PushIo::WebTransport(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -37,21 +37,21 @@ impl AsyncWrite for PushIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             PushIo::WebSocket(io) => Pin::new(io).poll_write(cx, buf),
-            PushIo::WebTransport(io) => Pin::new(io).poll_write(cx, buf),
+            PushIo::WebTransport(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             PushIo::WebSocket(io) => Pin::new(io).poll_flush(cx),
-            PushIo::WebTransport(io) => Pin::new(io).poll_flush(cx),
+            PushIo::WebTransport(io) => Pin::new(io.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             PushIo::WebSocket(io) => Pin::new(io).poll_shutdown(cx),
-            PushIo::WebTransport(io) => Pin::new(io).poll_shutdown(cx),
+            PushIo::WebTransport(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
 }

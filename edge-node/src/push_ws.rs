@@ -6,7 +6,6 @@
 
 use crate::admission::{api_error, check_live, unauthorized, AppState, REVOKED};
 use crate::push::PushRefusal;
-use crate::push_hub::Reservation;
 use crate::push_io::PushIo;
 use crate::sessions::now_unix;
 use amphi_protocol::RoomId;
@@ -131,16 +130,16 @@ fn ended() -> Response {
     api_error(StatusCode::GONE, "room_ended", "the room has ended")
 }
 
-/// A listener's place in `room` at this edge, or the refusal (the edge is full, the room ended).
-pub(crate) fn reserve(st: &AppState, room: RoomId) -> Result<Reservation, Response> {
-    st.push.reserve(room).map_err(|refusal| match refusal {
+/// The answer to a listener refused a place (the edge is full, the room ended).
+pub(crate) fn refused_place(refusal: PushRefusal) -> Response {
+    match refusal {
         PushRefusal::Full => api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "capacity",
             "this edge serves its maximum of push listeners; listen over HLS",
         ),
         PushRefusal::Ended => ended(),
-    })
+    }
 }
 
 /// `GET /v1/rooms/{room}/push`: [`admit`], then the WebSocket upgrade.
@@ -175,9 +174,9 @@ pub(crate) async fn push_get(
             "this connection cannot be upgraded",
         );
     };
-    let place = match reserve(&st, room) {
+    let place = match st.push.reserve(room) {
         Ok(place) => place,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refused_place(refusal),
     };
     let hub = st.push.clone();
     let after = q.after;

@@ -14,7 +14,7 @@
 use crate::admission::AppState;
 use crate::push_hub::Reservation;
 use crate::push_io::PushIo;
-use crate::push_ws::{admit, reserve, PushQuery};
+use crate::push_ws::{admit, refused_place, PushQuery};
 use amphi_protocol::api::WebTransportEndpoint;
 use amphi_protocol::config::WebTransportConfig;
 use amphi_protocol::https::{ConnectionPermit, Limiter};
@@ -129,8 +129,9 @@ fn server_config(cert: ListenerCert) -> Result<quinn::ServerConfig, String> {
             .try_into()
             .map_err(|_| "idle timeout".to_string())?,
     ));
-    // Listeners receive on the one stream the edge opens; they open none.
-    transport.max_concurrent_uni_streams(0u8.into());
+    // A client opens its HTTP/3 control and QPACK streams (3); listeners open no others.
+    transport.max_concurrent_uni_streams(8u8.into());
+    transport.max_concurrent_bidi_streams(4u8.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -266,9 +267,13 @@ async fn serve(st: Arc<AppState>, limiter: Limiter, request: web_transport_quinn
     let (permit, place, after) = match admission(&st, &limiter, &request).await {
         Ok(admitted) => admitted,
         Err(status) => {
+            // The connection is kept until the client read the refusal and closed (or for
+            // LINGER): dropping it at once would close it before the response leaves.
+            let conn = request.conn().clone();
             if let Err(e) = request.reject(status).await {
                 tracing::debug!(%peer, error = %e, "webtransport refusal not sent");
             }
+            let _ = tokio::time::timeout(LINGER, conn.closed()).await;
             return;
         }
     };
@@ -282,7 +287,8 @@ async fn serve(st: Arc<AppState>, limiter: Limiter, request: web_transport_quinn
     };
     st.metrics.push_webtransport_sessions.inc();
     let listener = WebTransportListener::new(session, send, permit);
-    st.push.attach(place, PushIo::WebTransport(listener), after);
+    st.push
+        .attach(place, PushIo::WebTransport(Box::new(listener)), after);
 }
 
 /// The client address's budgets, the path, the push checks and a place; refused with the
@@ -302,7 +308,10 @@ async fn admission(
     let room = admit(st, room, &query, &request.headers)
         .await
         .map_err(|refusal| refusal.status())?;
-    let place = reserve(st, room).map_err(|refusal| refusal.status())?;
+    let place = st
+        .push
+        .reserve(room)
+        .map_err(|refusal| refused_place(refusal).status())?;
     Ok((permit, place, query.after))
 }
 

@@ -155,6 +155,11 @@ pub struct EdgeConfig {
     /// never another edge's parent (it still pulls from its own parent).
     #[serde(default)]
     pub relay_url: Option<String>,
+    /// The TLS server name checked on the certificates of `https://` parents in the relay tree,
+    /// instead of their `relay_url`'s host: edges that serve one shared certificate (which names
+    /// no instance's private address) set it to the name in that certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_server_name: Option<String>,
     /// Push listeners over WebTransport (`[edge.webtransport]`); absent: WebSocket only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webtransport: Option<WebTransportConfig>,

@@ -342,6 +342,7 @@ pub async fn start_edge_with(
         http_listen: http,
         public_url: format!("http://{http}"),
         relay_url: None,
+        relay_server_name: None,
         webtransport: None,
         media_listen: media,
         media_public: None,

@@ -3,7 +3,7 @@
 // (what the listener hears), timed like tests/browser/hls_play.mjs.
 //
 // Env: AMPHI_URL (geo-router), AMPHI_ROOM, AMPHI_REGION (the edge's region), AMPHI_SECONDS (how long
-// to listen once joined).
+// to listen once joined), AMPHI_PUSH_TRANSPORT (`websocket`: keep the player off WebTransport).
 // Prints JSON lines on stdout:
 //   {"ev":"joined","at":unix_ms}
 //   {"ev":"onset","at":unix_ms}   a sound after >= 300 ms of silence
@@ -14,6 +14,7 @@ const base = process.env.AMPHI_URL;
 const room = process.env.AMPHI_ROOM;
 const region = process.env.AMPHI_REGION || "us-east";
 const seconds = Number(process.env.AMPHI_SECONDS || 10);
+const transport = process.env.AMPHI_PUSH_TRANSPORT === "websocket" ? "&push=websocket" : "";
 if (!base || !room) {
   console.error("AMPHI_URL and AMPHI_ROOM are required");
   process.exit(2);
@@ -27,7 +28,7 @@ try {
   await page.goto(`${base}/#region=${region}`);
   await page.fill("#my-name", "Glass");
   await page.dispatchEvent("#my-name", "change");
-  await page.evaluate(([r, g]) => (location.hash = `room=${r}&listen=push&region=${g}`), [room, region]);
+  await page.evaluate(([r, g, t]) => (location.hash = `room=${r}&listen=push&region=${g}${t}`), [room, region, transport]);
   await page.waitForFunction(() => window.amphi.phase === "joined" && window.amphi.listenMode === "push" && window.amphi.audio, null, {
     timeout: 20000,
   });

@@ -26,6 +26,9 @@ pub const RTT_MS: [(&str, &str, f64); 3] = [
 
 /// TLS server name of every origin's mesh certificate.
 pub const ORIGIN_SERVER_NAME: &str = "origin.amphi.internal";
+/// The name every edge's certificate carries (the Terraform module's `tls_server_name`): relay
+/// feeds between edges check it.
+pub const EDGE_SERVER_NAME: &str = "edge.amphi.internal";
 /// The bed's API key id (the router's `api_keys`, edges sign heartbeats with it).
 pub const API_KEY_ID: &str = "bed";
 /// Where the router's GeoIP database is on a node (terraform/modules/geo-router with a
@@ -309,6 +312,7 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
                 edge_number += 1;
                 json!({
                     "region": REGIONS[h.region], "http_port": HTTP_PORT, "media_port": 3478,
+                    "webtransport_port": 4433, "tls_server_name": EDGE_SERVER_NAME,
                     "public_url": format!("https://{}:{HTTP_PORT}", h.addr()),
                     "origins": origin_list,
                     "router_url": router_url, "interactive_capacity": 500,
@@ -346,6 +350,9 @@ pub fn setup(repo: &Path, run: &Path, api_secret: &str) -> Result<()> {
         let mut names = vec![h.addr()];
         if h.kind == Kind::Origin {
             names.push(ORIGIN_SERVER_NAME.to_string());
+        }
+        if h.kind == Kind::Edge {
+            names.push(EDGE_SERVER_NAME.to_string());
         }
         names.push(format!("{}.amphi.internal", h.name));
         // The mesh role the host's certificate allows (none for hosts outside the mesh).

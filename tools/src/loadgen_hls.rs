@@ -67,8 +67,9 @@ pub struct HlsArgs {
     /// at 1.1x while the player sits more than 0.1 s behind PART-HOLD-BACK).
     #[arg(long)]
     no_latency_keeper: bool,
-    /// With `--glass-to-glass`: also a push listener (the room page's `#listen=push`, web/push.js)
-    /// hearing the same bursts in the same run, side by side with hls.js.
+    /// With `--glass-to-glass`: also two push listeners (the room page's `#listen=push`,
+    /// web/push.js), one over WebTransport and one over the WebSocket, hearing the same bursts in
+    /// the same run, side by side with hls.js.
     #[arg(long)]
     push: bool,
     /// Port offset of the dev mesh `--glass-to-glass` starts.
@@ -503,26 +504,40 @@ async fn glass_to_glass(
     let player_secs = (total as u64 * 20 / 1000).saturating_sub(3).max(5);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/browser/hls_play.mjs");
     let mut player: Option<std::thread::JoinHandle<Result<Vec<u64>>>> = None;
-    let mut push_player: Option<std::thread::JoinHandle<Result<Vec<u64>>>> = None;
-    if push {
+    let mut push_players = Vec::new();
+    for transport in ["webtransport", "websocket"].into_iter().filter(|_| push) {
         let (base, room) = (format!("http://{router}"), room.clone());
         let seconds = (total as u64 * 20 / 1000).saturating_sub(2).max(5);
-        push_player = Some(std::thread::spawn(move || {
-            let script = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../tests/browser/push_onsets.mjs"
-            );
-            let out = Command::new("node")
-                .arg(script)
-                .env("AMPHI_URL", base)
-                .env("AMPHI_ROOM", room)
-                .env("AMPHI_REGION", "us-east")
-                .env("AMPHI_SECONDS", seconds.to_string())
-                .stderr(Stdio::null())
-                .output()
-                .context("running node tests/browser/push_onsets.mjs")?;
-            Ok(onsets(&String::from_utf8_lossy(&out.stdout)))
-        }));
+        push_players.push((
+            transport,
+            std::thread::spawn(move || {
+                let script = concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../tests/browser/push_onsets.mjs"
+                );
+                let out = Command::new("node")
+                    .arg(script)
+                    .env("AMPHI_URL", base)
+                    .env("AMPHI_ROOM", room)
+                    .env("AMPHI_REGION", "us-east")
+                    .env("AMPHI_SECONDS", seconds.to_string())
+                    .env("AMPHI_PUSH_TRANSPORT", transport)
+                    .stderr(Stdio::null())
+                    .output()
+                    .context("running node tests/browser/push_onsets.mjs")?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let played = stdout
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["ev"] == "done")
+                    .map(|v| v["stats"]["transport"].clone());
+                ensure!(
+                    played.as_ref().and_then(|t| t.as_str()) == Some(transport),
+                    "the push listener asked for {transport} played over {played:?}"
+                );
+                Ok(onsets(&stdout))
+            }),
+        ));
     }
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -573,14 +588,14 @@ async fn glass_to_glass(
         "glass-to-glass (WHIP packet sent to the edge -> hls.js playing it, Chromium WebAudio onset): {}",
         hls.summary(sent_onsets.len())
     );
-    if push {
-        let pushed = burst_latencies(&sent_onsets, &heard(push_player)?);
+    for (transport, player) in push_players {
+        let pushed = burst_latencies(&sent_onsets, &heard(Some(player))?);
         println!(
-            "glass-to-glass (same bursts -> the room page's push listener, web/push.js, playing them): {}",
+            "glass-to-glass (same bursts -> the room page's push listener over {transport}, web/push.js, playing them): {}",
             pushed.summary(sent_onsets.len())
         );
         println!(
-            "  push p50 / LL-HLS p50 = {:.2} (goal: push p50 <= 350 ms: {})",
+            "  push ({transport}) p50 / LL-HLS p50 = {:.2} (goal: push p50 <= 350 ms: {})",
             pushed.quantile(0.5) / hls.quantile(0.5),
             if pushed.quantile(0.5) <= 350.0 {
                 "met"
@@ -589,7 +604,7 @@ async fn glass_to_glass(
             }
         );
         if pushed.sorted_ms.is_empty() {
-            bail!("the push listener heard no burst");
+            bail!("the push listener over {transport} heard no burst");
         }
     }
     drop(mesh);

@@ -13,6 +13,7 @@ locals {
     region                   = var.region_name
     http_port                = var.http_port
     media_port               = var.media_port
+    webtransport_port        = var.webtransport_port
     public_url               = "https://${var.public_hostname}"
     origins                  = var.origins
     router_url               = var.router_url
@@ -21,6 +22,7 @@ locals {
     ice_connect_timeout_secs = var.ice_connect_timeout_secs
     media_threads            = var.media_threads
     backend_tls              = var.backend_tls
+    tls_server_name          = var.tls_server_name
     capacity                 = var.capacity
     api_key_id               = var.api_key_id
     drain_grace_secs         = var.drain_grace_secs
@@ -168,6 +170,17 @@ resource "aws_security_group_rule" "edge_media" {
   protocol          = "udp"
   from_port         = var.media_port
   to_port           = var.media_port
+  cidr_blocks       = var.client_cidrs
+}
+
+resource "aws_security_group_rule" "edge_webtransport" {
+  count             = var.webtransport_port > 0 ? 1 : 0
+  type              = "ingress"
+  description       = "Push listeners over WebTransport (HTTP/3, QUIC) from clients"
+  security_group_id = aws_security_group.edge.id
+  protocol          = "udp"
+  from_port         = var.webtransport_port
+  to_port           = var.webtransport_port
   cidr_blocks       = var.client_cidrs
 }
 

@@ -72,6 +72,18 @@ variable "media_port" {
   default     = 3478
 }
 
+variable "tls_server_name" {
+  description = "DNS name in the edges' mesh certificate (mesh_tls_secret_arn). With backend_tls, edges of a region pull push listeners' rooms from each other (the relay tree) over HTTPS at their private addresses and check this name on the certificate."
+  type        = string
+  default     = "edge.amphi.internal"
+}
+
+variable "webtransport_port" {
+  description = "UDP port of the edge's WebTransport (HTTP/3) listener for push listeners, reached on each instance's public IPv4 with the edge's own short-lived certificate (its hash goes to clients through the geo-router); 0 turns it off (push over WebSocket only)."
+  type        = number
+  default     = 4433
+}
+
 variable "certificate_arn" {
   description = "ACM certificate (in this region) for the load balancer's TLS listener on 443."
   type        = string
