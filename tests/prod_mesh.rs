@@ -170,6 +170,54 @@ fn production_mesh_relays_across_regions_survives_a_partition_and_an_edge_death(
         .count();
     assert!(stored > 0, "no object of room {room} in the S3 bucket");
 
+    // The push tier across hosts with the configs the Terraform module renders: with
+    // backend_tls every edge serves the mesh certificate, so the region's relay tree runs over
+    // HTTPS to `relay_url = https://<private IP>` checking `relay_server_name`. A push listener
+    // sent to the second us-east-1 edge (avoiding the first) is fed by the first, the tree's root.
+    let public_url = |id: &str| {
+        edges["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id)
+            .and_then(|e| e["public_url"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    let push_token = bed.token(&room, "listener", "push-us");
+    let mut args = vec![
+        "push-listen",
+        "--seconds",
+        "6",
+        "--avoid",
+        "edge-us-east-1-a",
+    ];
+    args.extend(client_args(&room, &push_token, US));
+    let pushed = bed.tools("client-use1", &args);
+    assert_eq!(pushed["edge"], "edge-us-east-1-b", "{pushed}");
+    let leaf = bed
+        .get(
+            "client-use1",
+            &format!("{}/metrics", public_url("edge-us-east-1-b")),
+        )
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default();
+    let fed = support::metric_in(&leaf, "amphi_edge_push_feed_frames_total").unwrap_or(0.0);
+    let failures = support::metric_in(&leaf, "amphi_edge_push_feed_failures_total").unwrap_or(0.0);
+    println!(
+        "FIGURE push listener at the leaf edge: {} frames in 6 s ({} gaps); the leaf took {fed} \
+         frames from its parent over HTTPS ({failures} feed failures)",
+        pushed["frames"], pushed["gaps"]
+    );
+    assert!(
+        pushed["frames"].as_u64().unwrap_or(0) >= 200,
+        "the push listener heard too little: {pushed}"
+    );
+    assert!(
+        fed >= 100.0,
+        "the leaf edge was not fed by its parent over HTTPS: {fed} frames, {failures} failures"
+    );
+
     // (b) Partition eu-west-1 from both origins for 10 s while a us-east-1 speaker talks.
     let speaker = bed.token(&room, "speaker", "speaker-2");
     let (eu_token, us_token) = (

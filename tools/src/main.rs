@@ -145,6 +145,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// Route as a listener and play the push stream the answer names (its `push_url`, over
+    /// `wss://`) for a while; report the frames received.
+    PushListen {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Edges to avoid (the router's `avoid`, comma-separated ids).
+        #[arg(long)]
+        avoid: Option<String>,
+        /// How long to listen, seconds.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Route as a listener, subscribe over WHEP, decode (each sender's SSRC on its own), and
     /// report tone burst onsets.
     WhepListen {
@@ -701,6 +713,38 @@ fn bed_helper(command: Cmd) -> Result<()> {
             let ws_url = v["ws_url"].as_str().unwrap_or_default().to_string();
             let mut out =
                 ws_client::session(&ws_url, &client.token, &client.ca, &send, seconds).await?;
+            out["edge"] = v["edge"].clone();
+            Ok::<_, anyhow::Error>(out)
+        })?,
+        Cmd::PushListen {
+            client,
+            avoid,
+            seconds,
+        } => rt.block_on(async {
+            let http = https_client(&client.ca)?;
+            let mut url = format!(
+                "{}/v1/route?room={}&role=listener",
+                client.router, client.room
+            );
+            if let Some(avoid) = &avoid {
+                url.push_str("&avoid=");
+                url.push_str(avoid);
+            }
+            let (status, v) = call(
+                &http,
+                "GET",
+                &url,
+                None,
+                None,
+                client.forwarded_for.as_deref(),
+            )
+            .await;
+            if status != 200 {
+                bail!("route: {status} {v}");
+            }
+            let push_url = v["push_url"].as_str().unwrap_or_default().to_string();
+            let mut out =
+                ws_client::push_listen(&push_url, &client.token, &client.ca, seconds).await?;
             out["edge"] = v["edge"].clone();
             Ok::<_, anyhow::Error>(out)
         })?,

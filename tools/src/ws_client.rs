@@ -1,6 +1,7 @@
-//! `amphi-tools ws`: a WebSocket signaling client for the bed. It routes through the geo-router,
-//! joins over `wss://` (trusting the bed CA), sends the given client messages in order, stays
-//! connected for a while and reports what it saw.
+//! The bed's WebSocket clients over `wss://` (trusting the bed CA): `amphi-tools ws`, a
+//! signaling client that joins, sends the given client messages in order, stays connected for a
+//! while and reports what it saw; and `amphi-tools push-listen`, a push listener that reports
+//! the audio it received.
 
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -38,16 +39,14 @@ pub fn resolve(msg: &mut Value, state: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Join `ws_url` with `token`, send `send` (JSON client messages; `"@name"` strings become that
-/// participant's id) 300 ms apart, stay `seconds`, and report: the edge's answer to the join
-/// (`snapshot` or `error`), every later server message, and whether the edge closed the socket.
-pub async fn session(
+/// A WebSocket over TLS to `ws_url` (`wss://host:port/path`) with `?{query}`, trusting `ca`.
+async fn connect(
     ws_url: &str,
-    token: &str,
+    query: &str,
     ca: &Path,
-    send: &[String],
-    seconds: f64,
-) -> Result<Value> {
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+> {
     let rest = ws_url
         .strip_prefix("wss://")
         .with_context(|| format!("not a wss:// URL: {ws_url}"))?;
@@ -64,10 +63,24 @@ pub async fn session(
         .connect(name, tcp)
         .await
         .context("TLS to the edge")?;
-    let url = format!("{ws_url}?token={token}");
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+    let (ws, _) = tokio_tungstenite::client_async(format!("{ws_url}?{query}"), stream)
         .await
         .context("WebSocket upgrade")?;
+    Ok(ws)
+}
+
+/// Join the signaling WebSocket `ws_url` with `token`, send `send` (JSON client messages;
+/// `"@name"` strings become that participant's id) 300 ms apart, stay `seconds`, and report: the
+/// edge's answer to the join (`snapshot` or `error`), every later server message, and whether
+/// the edge closed the socket.
+pub async fn session(
+    ws_url: &str,
+    token: &str,
+    ca: &Path,
+    send: &[String],
+    seconds: f64,
+) -> Result<Value> {
+    let mut ws = connect(ws_url, &format!("token={token}"), ca).await?;
     ws.send(Message::Text(r#"{"type":"join"}"#.into())).await?;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut answer = Value::Null;
@@ -129,6 +142,42 @@ pub async fn session(
     }
     let _ = ws.close(None).await;
     Ok(json!({"answer": answer, "events": events, "closed": closed}))
+}
+
+/// Listen to the push stream `push_url` (`wss://`) with `token` for `seconds`; report the header,
+/// the audio frames and messages received, the room timestamps' gaps, and whether the edge
+/// closed the stream.
+pub async fn push_listen(push_url: &str, token: &str, ca: &Path, seconds: f64) -> Result<Value> {
+    let mut ws = connect(push_url, &format!("token={token}"), ca).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let (mut header, mut frames, mut messages, mut gaps) = (Value::Null, 0u64, 0u64, 0u64);
+    let mut last_ts: Option<u64> = None;
+    let mut closed = false;
+    while let Ok(m) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match m {
+            Some(Ok(Message::Text(t))) => header = serde_json::from_str(t.as_str())?,
+            Some(Ok(Message::Binary(b))) => {
+                let m = amphi_protocol::push::AudioMessage::decode(&b)?;
+                messages += 1;
+                for f in m.frames() {
+                    if last_ts.is_some_and(|t| f.ts != t + amphi_protocol::push::FRAME_SAMPLES) {
+                        gaps += 1;
+                    }
+                    last_ts = Some(f.ts);
+                    frames += 1;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(
+        json!({"header": header, "frames": frames, "messages": messages, "gaps": gaps, "closed": closed}),
+    )
 }
 
 #[cfg(test)]
