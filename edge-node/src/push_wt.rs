@@ -13,7 +13,7 @@
 
 use crate::admission::AppState;
 use crate::push_hub::Reservation;
-use crate::push_io::PushIo;
+use crate::push_io::{PushIo, WebTransportListener};
 use crate::push_ws::{admit, refused_place, PushQuery};
 use amphi_protocol::api::WebTransportEndpoint;
 use amphi_protocol::config::WebTransportConfig;
@@ -22,16 +22,11 @@ use axum::http::StatusCode;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::Digest;
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use web_transport_quinn::{SendStream, Session};
 
 /// Total validity of the edge's own certificate (browsers pin hashes of certificates valid
 /// at most 14 days).
@@ -41,7 +36,7 @@ pub const OWN_CERT_VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
 pub const OWN_CERT_RENEWAL: Duration = Duration::from_secs(6 * 24 * 3600);
 /// The own certificate's start is set this far back, for clients whose clocks are behind.
 const BACKDATE: Duration = Duration::from_secs(3600);
-/// How long a closed listener's stream may take to deliver its last bytes (the close frame).
+/// How long a refused session's connection is kept for its response to leave.
 const LINGER: Duration = Duration::from_secs(2);
 /// A session that has not sent its CONNECT request by then is dropped (QUIC idle timeout).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -334,86 +329,6 @@ fn push_query(url: &url::Url) -> Result<PushQuery, ()> {
         }
     }
     Ok(q)
-}
-
-/// A push listener's WebTransport session, as the writers see it: writes go to its stream;
-/// reads never yield bytes and end (EOF) when the session closes.
-pub(crate) struct WebTransportListener {
-    send: Option<SendStream>,
-    session: Session,
-    closed: Pin<Box<dyn Future<Output = ()> + Send>>,
-    _permit: ConnectionPermit,
-}
-
-impl WebTransportListener {
-    fn new(session: Session, send: SendStream, permit: ConnectionPermit) -> Self {
-        let watched = session.clone();
-        WebTransportListener {
-            send: Some(send),
-            session,
-            closed: Box::pin(async move {
-                watched.closed().await;
-            }),
-            _permit: permit,
-        }
-    }
-}
-
-impl AsyncRead for WebTransportListener {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        _buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        // Nothing is read from a listener; a closed session reads as the end of the stream.
-        self.closed.as_mut().poll(cx).map(Ok)
-    }
-}
-
-impl AsyncWrite for WebTransportListener {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.send.as_mut() {
-            Some(send) => Pin::new(send).poll_write(cx, buf),
-            None => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.send.as_mut() {
-            Some(send) => Pin::new(send).poll_flush(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.send.as_mut() {
-            Some(send) => Pin::new(send).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl Drop for WebTransportListener {
-    /// Finish the stream and keep the session until its last bytes (a close frame) are
-    /// acknowledged, for at most [`LINGER`]: dropping the session at once would close the
-    /// connection before they leave.
-    fn drop(&mut self) {
-        let Some(mut send) = self.send.take() else {
-            return;
-        };
-        let _ = send.finish();
-        let session = self.session.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = tokio::time::timeout(LINGER, send.stopped()).await;
-                session.close(0, b"");
-            });
-        }
-    }
 }
 
 #[cfg(test)]
