@@ -93,6 +93,11 @@ ls -l "$AMPHI_GEOIP_DIR"/*.mmdb
 # --- Redis (issue 5): the shared room directory, edge registry and origin room state ----------
 # Started on 127.0.0.1 on a free port, no persistence, stopped when this script exits. Tests
 # read AMPHI_TEST_REDIS_URL (each test takes its own database number and flushes it).
+# Every scratch directory the tests, benchmarks and browsers make (`std::env::temp_dir()`) goes
+# under one directory, removed on exit: a run leaves nothing behind in /tmp, even when it fails.
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/amphi-test-run.XXXXXX")
+export TMPDIR="$SCRATCH"
+
 step "Redis (redis-server on a free loopback port)"
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   $SUDO apt-get update -qq
@@ -106,7 +111,11 @@ stop_redis() {
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$REDIS_DIR"
 }
-trap stop_redis EXIT
+stop_all() {
+  stop_redis
+  rm -rf "$SCRATCH"
+}
+trap stop_all EXIT
 for _ in $(seq 1 50); do
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
   sleep 0.1
