@@ -1,26 +1,32 @@
-//! `amphi-tools loadgen push`: N WebSocket push listeners (`GET /v1/rooms/{room}/push`) on one
-//! edge of an `amphi dev` child while a WHIP speaker talks, bounded in count and time.
+//! `amphi-tools loadgen push`: N push listeners (`/v1/rooms/{room}/push`) on one edge of an
+//! `amphi dev` child while a WHIP speaker talks, bounded in count and time, over WebSocket
+//! (`--transport websocket`, the default) or WebTransport (`--transport webtransport`).
 //!
-//! Each listener is a raw TCP client (the upgrade written by hand, server frames parsed with the
-//! push format's own decoder) that timestamps every message on arrival. Reported: frames per
+//! A WebSocket listener is a raw TCP client (the upgrade written by hand); a WebTransport
+//! listener opens a session to the route answer's `webtransport_url` (pinning
+//! `webtransport_cert_sha256`) and accepts the one unidirectional stream the edge opens, which
+//! carries the same bytes. Either way the server frames are parsed with the push format's own
+//! decoder and every message is timestamped on arrival. Reported: frames per
 //! second delivered, late frames (arriving more than `--late-ms` after their program time, which
 //! the stream's header anchors), the arrival delay p50/p99, and the mesh process's CPU per
 //! listener per second (its CPU with the listeners minus its CPU with the speaker alone, measured
 //! just before). Beside it, in the same run: the kernel's TCP write floor, the same number of
 //! listeners fed messages of the same size at the same rate by a thread that only `write`s them
-//! ([`crate::tcp_floor::FloorServer::start_push`]).
+//! ([`crate::tcp_floor::FloorServer::start_push`]). It is a TCP floor for both transports (for
+//! WebTransport it says what the same messages cost a kernel TCP writer, not a QUIC one).
 
 use crate::child_mesh::ChildMesh;
 use crate::loadgen_webrtc::{post_json, process_cpu, tone_packets};
+use amphi_protocol::api::RouteResponse;
 use amphi_protocol::push::{opcode, AudioMessage, PushHeader};
 use amphi_testkit::whip_client::WhipPublisher;
 use anyhow::{bail, ensure, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Options of `amphi-tools loadgen push`.
@@ -48,6 +54,23 @@ pub struct PushArgs {
     /// Skip the kernel floor measured after the edge run.
     #[arg(long)]
     no_tcp_floor: bool,
+    /// How the listeners get the stream: a WebSocket on the edge's HTTP port, or a WebTransport
+    /// session (HTTP/3) on its UDP twin, as the router's `/v1/route` answer names it.
+    #[arg(long, value_enum, default_value_t = Transport::Websocket)]
+    transport: Transport,
+    /// WebTransport: sessions per client QUIC endpoint (one UDP socket of this process each,
+    /// its receive buffer raised as far as `net.core.rmem_max` allows).
+    #[arg(long, default_value_t = 500)]
+    sessions_per_socket: usize,
+}
+
+/// The push listeners' transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// `GET /v1/rooms/{room}/push` upgraded to a WebSocket (TCP).
+    Websocket,
+    /// A WebTransport session (HTTP/3 over QUIC) to the route answer's `webtransport_url`.
+    Webtransport,
 }
 
 /// Arrival delays are counted in buckets of this many µs.
@@ -64,7 +87,7 @@ struct Tally {
     late: AtomicU64,
     late_bound_us: u64,
     delays: Vec<AtomicU64>,
-    /// Listeners that connected and got their `101`.
+    /// Listeners that connected and got their `101` (or their WebTransport stream).
     upgraded: AtomicU64,
     /// Listeners whose stream ended or broke.
     ended: AtomicU64,
@@ -128,8 +151,53 @@ fn server_frame(buf: &[u8]) -> Result<Option<(u8, std::ops::Range<usize>, usize)
     Ok(Some((buf[0] & 0x0f, at..at + len, at + len)))
 }
 
-/// One listener: connect, upgrade, then read until the deadline, tallying what arrives.
-async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instant) -> Result<()> {
+/// Where a listener gets its stream of server frames.
+#[derive(Clone)]
+enum Target {
+    /// A WebSocket upgrade of `path` (token included) at `addr`: the edge, or the TCP floor.
+    WebSocket { addr: SocketAddr, path: String },
+    /// A WebTransport session to `url` (token included); listener `i` uses endpoint
+    /// `i % clients.len()`.
+    WebTransport {
+        clients: Arc<Vec<web_transport_quinn::Client>>,
+        url: url::Url,
+    },
+}
+
+/// Listener `i`: connect, get the stream, then read until the deadline, tallying what arrives.
+async fn listen(target: Target, i: usize, tally: Arc<Tally>, until: Instant) -> Result<()> {
+    match target {
+        Target::WebSocket { addr, path } => {
+            let (s, buf, filled) = ws_upgrade(addr, &path, until).await?;
+            tally.upgraded.fetch_add(1, Ordering::Relaxed);
+            read_frames(s, buf, filled, &tally, until).await
+        }
+        Target::WebTransport { clients, url } => {
+            let client = &clients[i % clients.len()];
+            let session = tokio::time::timeout_at(until.into(), client.connect(url))
+                .await
+                .context("WebTransport session: timed out")?
+                .context("WebTransport session")?;
+            let stream = tokio::time::timeout_at(until.into(), session.accept_uni())
+                .await
+                .context("WebTransport stream: timed out")?
+                .context("WebTransport stream")?;
+            tally.upgraded.fetch_add(1, Ordering::Relaxed);
+            // `session` lives until the reading ends.
+            let read = read_frames(stream, vec![0u8; 64 * 1024], 0, &tally, until).await;
+            drop(session);
+            read
+        }
+    }
+}
+
+/// A WebSocket upgrade of `path` at `addr`: the stream, a buffer and how much of it holds bytes
+/// that came after the response head.
+async fn ws_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    until: Instant,
+) -> Result<(TcpStream, Vec<u8>, usize)> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let req = format!(
@@ -139,7 +207,6 @@ async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instan
     s.write_all(req.as_bytes()).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut filled = 0;
-    // The response head.
     loop {
         let n = tokio::time::timeout_at(until.into(), s.read(&mut buf[filled..])).await??;
         ensure!(n > 0, "closed during the upgrade");
@@ -149,11 +216,21 @@ async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instan
             ensure!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
             buf.copy_within(end + 4..filled, 0);
             filled -= end + 4;
-            break;
+            return Ok((s, buf, filled));
         }
         ensure!(filled < buf.len(), "response head too long");
     }
-    tally.upgraded.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Read server frames from `s` until the deadline (`buf[..filled]` holds bytes already read),
+/// tallying what arrives; the same for every transport.
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut s: R,
+    mut buf: Vec<u8>,
+    mut filled: usize,
+    tally: &Tally,
+    until: Instant,
+) -> Result<()> {
     let mut anchor: Option<(u64, u64)> = None;
     loop {
         while let Some((op, payload, taken)) = server_frame(&buf[..filled])? {
@@ -197,10 +274,9 @@ async fn listen(addr: SocketAddr, path: String, tally: Arc<Tally>, until: Instan
     }
 }
 
-/// Start `n` listeners of `path` at `addr` in batches; they read until `until`.
+/// Start `n` listeners of `target` in batches; they read until `until`.
 async fn start_listeners(
-    addr: SocketAddr,
-    path: &str,
+    target: &Target,
     n: usize,
     batch: usize,
     tally: &Arc<Tally>,
@@ -208,9 +284,9 @@ async fn start_listeners(
 ) -> Result<tokio::task::JoinSet<Result<()>>> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..n {
-        let (path, tally) = (path.to_string(), tally.clone());
+        let (target, tally) = (target.clone(), tally.clone());
         set.spawn(async move {
-            let r = listen(addr, path, tally.clone(), until).await;
+            let r = listen(target, i, tally.clone(), until).await;
             tally.ended.fetch_add(1, Ordering::Relaxed);
             r
         });
@@ -227,7 +303,7 @@ async fn start_listeners(
         }
         ensure!(
             Instant::now() < deadline,
-            "only {} of {n} listeners upgraded in 30 s",
+            "only {} of {n} listeners connected in 30 s",
             tally.upgraded.load(Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -254,7 +330,8 @@ pub async fn run(args: PushArgs) -> Result<()> {
         .await??;
     let (router, edge) = (mesh.router_url(), mesh.edge_url(0));
     let pid = mesh.pid();
-    let (room, speaker, listener) = {
+    let transport = args.transport;
+    let (room, speaker, listener, route) = {
         let router = router.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {
             let created = post_json(
@@ -269,7 +346,32 @@ pub async fn run(args: PushArgs) -> Result<()> {
                 )?;
                 Ok(t["token"].as_str().context("token")?.to_string())
             };
-            Ok((room.clone(), mint("speaker")?, mint("listener")?))
+            let (speaker, listener) = (mint("speaker")?, mint("listener")?);
+            // WebTransport: where the router sends a listener of this room in the first
+            // edge's region (the edge the WebSocket listeners use). Until the edge's first
+            // heartbeat the router knows it only from its static list, without WebTransport:
+            // ask again for a few heartbeats.
+            let route = match transport {
+                Transport::Websocket => None,
+                Transport::Webtransport => {
+                    let url =
+                        format!("{router}/v1/route?room={room}&role=listener&region={EDGE_REGION}");
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    loop {
+                        let route: RouteResponse = ureq::get(&url)
+                            .timeout(Duration::from_secs(5))
+                            .call()
+                            .context("GET /v1/route")?
+                            .into_json()
+                            .context("the /v1/route answer")?;
+                        if !route.webtransport_url.is_empty() || Instant::now() >= deadline {
+                            break Some(route);
+                        }
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
+            };
+            Ok((room.clone(), speaker, listener, route))
         })
         .await??
     };
@@ -310,20 +412,42 @@ pub async fn run(args: PushArgs) -> Result<()> {
     let baseline = (process_cpu(pid)?.total() - c0.total()) / base_secs;
 
     let addr: SocketAddr = edge.strip_prefix("http://").context("edge URL")?.parse()?;
-    let path = format!("/v1/rooms/{room}/push?token={listener}");
+    let target = match route {
+        None => Target::WebSocket {
+            addr,
+            path: format!("/v1/rooms/{room}/push?token={listener}"),
+        },
+        Some(route) => {
+            let (url, sha256) = webtransport_target(&route, &listener, addr.port())?;
+            let sockets = n.div_ceil(args.sessions_per_socket.max(1));
+            let clients = (0..sockets)
+                .map(|_| wt_client(sha256))
+                .collect::<Result<Vec<_>>>()?;
+            Target::WebTransport {
+                clients: Arc::new(clients),
+                url,
+            }
+        }
+    };
     let tally = Tally::new(args.late_ms);
     let until = Instant::now() + Duration::from_secs(seconds + 60);
     let ramp = Instant::now();
-    let mut set = start_listeners(addr, &path, n, args.ramp_batch, &tally, until).await?;
+    let mut set = start_listeners(&target, n, args.ramp_batch, &tally, until).await?;
     let ramp_secs = ramp.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c1 = process_cpu(pid)?;
+    let own1 = process_cpu(std::process::id())?;
+    let udp1 = udp_rcvbuf_errors();
     let t1 = Instant::now();
     tally.measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     tally.measuring.store(false, Ordering::Relaxed);
     let elapsed = t1.elapsed().as_secs_f64();
     let cpu = process_cpu(pid)?;
+    let own = (process_cpu(std::process::id())?.total() - own1.total()) / elapsed;
+    let udp_drops = udp_rcvbuf_errors()
+        .zip(udp1)
+        .map(|(b, a)| b.saturating_sub(a));
     let loaded = (cpu.total() - c1.total()) / elapsed;
     let edge_metrics = ureq::get(&format!("{edge}/metrics"))
         .timeout(Duration::from_secs(5))
@@ -332,6 +456,7 @@ pub async fn run(args: PushArgs) -> Result<()> {
         .and_then(|r| r.into_string().ok())
         .unwrap_or_default();
     set.abort_all();
+    drop(target);
     stop.store(true, Ordering::Relaxed);
     let _ = speaking.await;
     drop(mesh);
@@ -347,9 +472,13 @@ pub async fn run(args: PushArgs) -> Result<()> {
         .find_map(|l| l.strip_prefix("amphi_edge_push_skipped_messages_total "))
         .unwrap_or("?")
         .to_string();
+    let over = match args.transport {
+        Transport::Websocket => "WebSocket",
+        Transport::Webtransport => "WebTransport",
+    };
     println!(
-        "push listeners: {n} on one edge of an amphi dev child, one speaker, measured {elapsed:.1} s \
-         (ramp {ramp_secs:.1} s)"
+        "push listeners over {over}: {n} on one edge of an amphi dev child, one speaker, measured \
+         {elapsed:.1} s (ramp {ramp_secs:.1} s)"
     );
     println!(
         "  frames: {:.0}/s delivered ({:.2}% of the {:.0}/s program x listeners), {} messages of \
@@ -381,6 +510,25 @@ pub async fn run(args: PushArgs) -> Result<()> {
         baseline * 100.0,
         loaded * 100.0,
     );
+    println!(
+        "  load generator CPU (this process, the {n} clients): {:.1}% = {:.1} us per listener per \
+         second",
+        own * 100.0,
+        own * 1e6 / n as f64,
+    );
+    if args.transport == Transport::Webtransport {
+        let sessions = edge_metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("amphi_edge_push_webtransport_sessions_total "))
+            .unwrap_or("?");
+        let drops = udp_drops.map_or("?".to_string(), |d| d.to_string());
+        println!(
+            "  WebTransport: {} client endpoints (UDP sockets), {sessions} sessions opened at the \
+             edge; UDP datagrams dropped for a full receive buffer (whole box, measured seconds): \
+             {drops}",
+            n.div_ceil(args.sessions_per_socket.max(1)),
+        );
+    }
     if args.no_tcp_floor {
         return Ok(());
     }
@@ -390,7 +538,11 @@ pub async fn run(args: PushArgs) -> Result<()> {
     let floor = crate::tcp_floor::FloorServer::start_push(message, period)?;
     let ftally = Tally::new(args.late_ms);
     let funtil = Instant::now() + Duration::from_secs(seconds + 60);
-    let mut fset = start_listeners(floor.addr, "/floor", n, args.ramp_batch, &ftally, funtil)
+    let ftarget = Target::WebSocket {
+        addr: floor.addr,
+        path: "/floor".into(),
+    };
+    let mut fset = start_listeners(&ftarget, n, args.ramp_batch, &ftally, funtil)
         .await
         .context("floor listeners")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -407,15 +559,20 @@ pub async fn run(args: PushArgs) -> Result<()> {
     let us_per_write = cost.cpu_us / cost.writes as f64;
     let writes_per_listener_sec = messages as f64 / n as f64 / elapsed;
     let floor_per_listener = us_per_write * writes_per_listener_sec;
+    // The floor is a kernel TCP writer's: WebSocket's floor; for WebTransport only a reference.
+    let (floor_name, ratio_name) = match args.transport {
+        Transport::Websocket => ("kernel floor", "edge / floor"),
+        Transport::Webtransport => ("kernel TCP floor", "edge (WebTransport) / TCP floor"),
+    };
     println!(
-        "kernel floor, same run: {n} listeners, one thread writing {msg_bytes}-byte messages every \
+        "{floor_name}, same run: {n} listeners, one thread writing {msg_bytes}-byte messages every \
          {:.0} ms to each socket: {us_per_write:.2} us per write = {floor_per_listener:.1} us per \
          listener per second ({:.0} messages delivered in {felapsed:.1} s)",
         period.as_secs_f64() * 1000.0,
         ftally.messages.load(Ordering::Relaxed) as f64,
     );
     println!(
-        "  edge / floor: {:.2}x (goal: >= 10,000 listeners per core within 1.3x the floor)",
+        "  {ratio_name}: {:.2}x (goal: >= 10,000 listeners per core within 1.3x the floor)",
         per_listener_us / floor_per_listener.max(0.001)
     );
     Ok(())
@@ -446,6 +603,161 @@ fn floor_message(len: usize) -> Result<Vec<u8>> {
         out.len()
     );
     Ok(out)
+}
+
+/// The region of the `amphi dev` child's first edge (its default `--regions` starts with it).
+const EDGE_REGION: &str = "us-east";
+
+/// A WebTransport listener's session URL (`webtransport_url?token=`) and pinned certificate
+/// hash from a route answer, which must name the WebTransport listener on `edge_port` (the UDP
+/// twin of the edge's HTTP port).
+fn webtransport_target(
+    route: &RouteResponse,
+    token: &str,
+    edge_port: u16,
+) -> Result<(url::Url, [u8; 32])> {
+    ensure!(
+        !route.webtransport_url.is_empty(),
+        "the /v1/route answer has no webtransport_url (5 s after the mesh came up): edge {} \
+         does not serve push over WebTransport (is [edge.webtransport] configured?)",
+        route.edge
+    );
+    let mut url = url::Url::parse(&route.webtransport_url)
+        .with_context(|| format!("webtransport_url {}", route.webtransport_url))?;
+    ensure!(
+        url.scheme() == "https" && url.port() == Some(edge_port),
+        "webtransport_url {} is not the first edge's (https, port {edge_port})",
+        route.webtransport_url
+    );
+    url.query_pairs_mut().append_pair("token", token);
+    let mut sha256 = [0u8; 32];
+    hex::decode_to_slice(&route.webtransport_cert_sha256, &mut sha256).with_context(|| {
+        format!(
+            "webtransport_cert_sha256 {:?} is not 64 hex digits (a CA-issued certificate \
+             is not pinned; this tool pins the edge's own)",
+            route.webtransport_cert_sha256
+        )
+    })?;
+    Ok((url, sha256))
+}
+
+/// A WebTransport client on its own UDP socket (loopback, receive buffer [`WT_RCVBUF`]) that
+/// accepts only the certificate whose SHA-256 is `sha256`, as a browser's
+/// `serverCertificateHashes` does. (`web_transport_quinn::ClientBuilder` binds its socket with
+/// the kernel's default receive buffer, ~208 KB, which a few hundred sessions' bursts overflow.)
+fn wt_client(sha256: [u8; 32]) -> Result<web_transport_quinn::Client> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let size: libc::c_int = WT_RCVBUF;
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(r == 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert { sha256, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let config = quinn::ClientConfig::new(Arc::new(quic));
+    Ok(web_transport_quinn::Client::new(endpoint, config))
+}
+
+/// Receive buffer asked for each WebTransport client socket (the kernel caps it at
+/// `net.core.rmem_max` and doubles it).
+const WT_RCVBUF: libc::c_int = 4 << 20;
+
+/// Accepts the one server certificate whose SHA-256 is `sha256` (signatures still checked).
+#[derive(Debug)]
+struct PinnedCert {
+    sha256: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        if sha2::Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256 {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The kernel's count of UDP datagrams dropped for a full receive buffer, whole box
+/// (`/proc/net/snmp`, `Udp: ... RcvbufErrors`).
+fn udp_rcvbuf_errors() -> Option<u64> {
+    snmp_udp_field(
+        &std::fs::read_to_string("/proc/net/snmp").ok()?,
+        "RcvbufErrors",
+    )
+}
+
+/// Field `name` of the `Udp:` lines (names, then values) of `/proc/net/snmp` text.
+fn snmp_udp_field(snmp: &str, name: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// Frames per message, rounded.
@@ -480,6 +792,50 @@ mod tests {
         assert_eq!((op, taken), (opcode::BINARY, 485));
         assert_eq!(AudioMessage::decode(&m[payload]).unwrap().len(), 1);
         assert!(floor_message(100).is_err());
+    }
+
+    fn route(webtransport_url: &str, sha256: &str) -> RouteResponse {
+        serde_json::from_value(serde_json::json!({
+            "region": "us-east", "edge": "edge-us-east",
+            "whip_url": "", "whep_url": "", "ws_url": "", "hls_url": "",
+            "push_url": "http://127.0.0.1:8101/v1/rooms/ab/push",
+            "webtransport_url": webtransport_url, "webtransport_cert_sha256": sha256,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_webtransport_target_comes_from_the_route_answer() {
+        let hash = "0f".repeat(32);
+        let r = route("https://127.0.0.1:8101/v1/rooms/ab/push", &hash);
+        let (url, sha256) = webtransport_target(&r, "t.k-n_1", 8101).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://127.0.0.1:8101/v1/rooms/ab/push?token=t.k-n_1"
+        );
+        assert_eq!(sha256, [0x0f; 32]);
+        // No WebTransport at the edge: said plainly.
+        let e = webtransport_target(&route("", ""), "t", 8101).unwrap_err();
+        assert!(format!("{e:#}").contains("no webtransport_url"), "{e:#}");
+        // Another edge's listener, or no pinnable hash.
+        assert!(webtransport_target(&r, "t", 8102).is_err());
+        let r = route("https://127.0.0.1:8101/v1/rooms/ab/push", "");
+        assert!(webtransport_target(&r, "t", 8101).is_err());
+        let r = route("https://127.0.0.1:8101/v1/rooms/ab/push", &"0f".repeat(31));
+        assert!(webtransport_target(&r, "t", 8101).is_err());
+    }
+
+    #[test]
+    fn udp_receive_buffer_drops_are_read_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 39834377 18285 6848 39835569 6850 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 0 0\n";
+        assert_eq!(snmp_udp_field(snmp, "RcvbufErrors"), Some(6850));
+        assert_eq!(snmp_udp_field(snmp, "InDatagrams"), Some(39834377));
+        assert_eq!(snmp_udp_field(snmp, "Nope"), None);
+        assert_eq!(snmp_udp_field("", "RcvbufErrors"), None);
     }
 
     #[test]
