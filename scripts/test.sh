@@ -159,6 +159,8 @@ step "benchmark smoke runs (amphi-tools; figures in BENCHMARKS.md come from full
 "$TARGET_DIR/debug/amphi-tools" loadgen room --smoke --port-offset 23400
 # Push listeners: 50 WebSocket listeners on one edge for 3 s, then the same-run TCP write floor.
 "$TARGET_DIR/debug/amphi-tools" loadgen push --smoke --port-offset 18600
+# The same over WebTransport (HTTP/3 sessions pinning the edge's own certificate).
+"$TARGET_DIR/debug/amphi-tools" loadgen push --smoke --transport webtransport --port-offset 18700
 # Origin relay delay with a 1,000-member room idle, then chatting at its limit (2 s each).
 "$TARGET_DIR/debug/amphi-tools" bench relay --smoke
 # The edge's sendmmsg fan-out vs quinn-udp (with and without GSO) and send_to, one short round.

@@ -38,6 +38,10 @@ pub const OWN_CERT_RENEWAL: Duration = Duration::from_secs(6 * 24 * 3600);
 const BACKDATE: Duration = Duration::from_secs(3600);
 /// How long a refused session's connection is kept for its response to leave.
 const LINGER: Duration = Duration::from_secs(2);
+/// Receive and send buffer of the listener's UDP socket: every listener's ACKs arrive on it, and
+/// with the kernel's default (~208 KB) 2,000 listeners overflowed it (tens of thousands of drops
+/// in 15 s, `amphi-tools loadgen push --transport webtransport`).
+const SOCKET_BUFFER: usize = 4 << 20;
 /// A session that has not sent its CONNECT request by then is dropped (QUIC idle timeout).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -131,6 +135,21 @@ fn server_config(cert: ListenerCert) -> Result<quinn::ServerConfig, String> {
     Ok(config)
 }
 
+/// The listener's UDP socket at `addr`, with [`SOCKET_BUFFER`] bytes of receive and send buffer
+/// (the kernel caps them at `net.core.rmem_max` / `wmem_max`).
+fn udp_socket(addr: std::net::SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // Best effort: a smaller buffer still works, it only drops more under load.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// The base URL browsers connect to: the configured one, else `https://{host of the edge's
 /// public_url}:{listen port}`.
 fn base_url(config: &WebTransportConfig, edge_public_url: &str) -> Option<String> {
@@ -191,12 +210,18 @@ impl WebTransportServer {
         let cert = cert.map_err(WebTransportError::Certificate)?;
         let sha256 = cert.sha256.clone();
         let server_config = server_config(cert).map_err(WebTransportError::Certificate)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            WebTransportError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_error = |source| WebTransportError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = udp_socket(config.listen).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         let (advertised, rx) = watch::channel(Some(WebTransportEndpoint {
             url,
             cert_sha256: sha256,

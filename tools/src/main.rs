@@ -186,8 +186,9 @@ enum LoadgenCommand {
     /// `amphi dev` child): joins, hands, promotions, kicks, chat, listener paging; fails on any
     /// origin link drop.
     Room(loadgen_room::RoomArgs),
-    /// N WebSocket push listeners on one edge of an `amphi dev` child while a speaker talks:
-    /// frames/s, late frames, edge CPU per listener, beside the same-run TCP write floor.
+    /// N push listeners (WebSocket, or WebTransport with `--transport webtransport`) on one
+    /// edge of an `amphi dev` child while a speaker talks: frames/s, late frames, edge CPU per
+    /// listener, beside the same-run TCP write floor.
     Push(loadgen_push::PushArgs),
     /// Grow an existing room: N listeners join one after another on the tiers the router names
     /// (WHEP, push WebSocket, or counted as HLS), hold, then leave.
