@@ -415,6 +415,55 @@ mod tests {
         );
     }
 
+    /// A client pinning `sha256` opens a session at `server` (which accepts one).
+    async fn pinned_session(server: &mut WebTransportServer, sha256: &str) -> bool {
+        let port = server.server.local_addr().unwrap().port();
+        let client = web_transport_quinn::ClientBuilder::new()
+            .with_server_certificate_hashes(vec![hex::decode(sha256).unwrap()])
+            .unwrap();
+        let url = url::Url::parse(&format!("https://127.0.0.1:{port}/v1/rooms/ab/push")).unwrap();
+        let accept = async {
+            if let Some(request) = server.server.accept().await {
+                let _ = request.ok().await;
+            }
+        };
+        tokio::select! {
+            connected = client.connect(url) => connected.is_ok(),
+            _ = async {
+                accept.await;
+                std::future::pending::<()>().await
+            } => unreachable!(),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_is_served_and_advertised_and_the_old_pin_fails() {
+        let config = WebTransportConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: Some("https://127.0.0.1:4433".into()),
+            cert: None,
+            key: None,
+        };
+        let (mut server, advertised) =
+            WebTransportServer::bind(&config, "http://127.0.0.1:1", Limiter::unlimited()).unwrap();
+        let first = advertised.borrow().clone().unwrap();
+        assert_eq!(first.url, "https://127.0.0.1:4433");
+        let old = first.cert_sha256.unwrap();
+        assert!(
+            pinned_session(&mut server, &old).await,
+            "the first pin works"
+        );
+        server.renew();
+        let new = advertised.borrow().clone().unwrap().cert_sha256.unwrap();
+        assert_ne!(new, old, "a new certificate is advertised");
+        assert!(pinned_session(&mut server, &new).await, "the new pin works");
+        assert!(
+            !pinned_session(&mut server, &old).await,
+            "the old certificate is no longer served"
+        );
+    }
+
     #[test]
     fn the_own_certificate_is_p256_for_13_days_and_its_hash_is_of_the_der() {
         let now = time::OffsetDateTime::now_utc();
