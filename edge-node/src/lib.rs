@@ -34,7 +34,7 @@ mod push_hub;
 mod push_io;
 pub mod push_tree;
 mod push_ws;
-mod push_wt;
+pub mod push_wt;
 pub mod red;
 pub mod registration;
 pub mod rejoin;

@@ -323,9 +323,16 @@ async fn admission(
         .connection(ip)
         .and_then(|permit| limiter.request(ip).map(|()| permit))
         .map_err(|_| StatusCode::TOO_MANY_REQUESTS)?;
-    let room = push_path_room(request.url.path()).ok_or(StatusCode::NOT_FOUND)?;
-    let query = push_query(&request.url).map_err(|()| StatusCode::BAD_REQUEST)?;
-    let room = admit(st, room, &query, &request.headers)
+    let target = push_target(&request.url).map_err(|e| match e {
+        BadPushUrl::NotFound => StatusCode::NOT_FOUND,
+        BadPushUrl::BadAfter => StatusCode::BAD_REQUEST,
+    })?;
+    let query = PushQuery {
+        token: target.token,
+        relay: target.relay,
+        after: target.after,
+    };
+    let room = admit(st, target.room, &query, &request.headers)
         .await
         .map_err(|refusal| refusal.status())?;
     let place = st
@@ -335,53 +342,92 @@ async fn admission(
     Ok((permit, place, query.after))
 }
 
-/// The room of a push path `/v1/rooms/{room}/push`.
-fn push_path_room(path: &str) -> Option<&str> {
-    let room = path.strip_prefix("/v1/rooms/")?.strip_suffix("/push")?;
-    (!room.is_empty() && !room.contains('/')).then_some(room)
+/// What a push session's URL asks for: `/v1/rooms/{room}/push?token=..&relay=..&after=..`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PushTarget<'a> {
+    /// The room path segment, as sent (checked as a room id by the push checks).
+    pub room: &'a str,
+    /// `token=`: the listener's room token.
+    pub token: Option<String>,
+    /// `relay=`: another edge's relay grant.
+    pub relay: Option<String>,
+    /// `after=`: resume after this room timestamp.
+    pub after: Option<u64>,
 }
 
-/// The push query of a session URL (`token`, `relay`, `after`); an `after` that is not a
-/// number is refused.
-fn push_query(url: &url::Url) -> Result<PushQuery, ()> {
-    let mut q = PushQuery::default();
+/// Why a push session's URL is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadPushUrl {
+    /// Not `/v1/rooms/{room}/push` (404).
+    #[error("not a push stream path")]
+    NotFound,
+    /// `after` is not a number (400).
+    #[error("after is not a room timestamp")]
+    BadAfter,
+}
+
+/// Parse a push session's URL (never panics; fuzzed: `fuzz/fuzz_targets/push_session_url.rs`).
+pub fn push_target(url: &url::Url) -> Result<PushTarget<'_>, BadPushUrl> {
+    let room = url
+        .path()
+        .strip_prefix("/v1/rooms/")
+        .and_then(|rest| rest.strip_suffix("/push"))
+        .filter(|room| !room.is_empty() && !room.contains('/'))
+        .ok_or(BadPushUrl::NotFound)?;
+    let mut target = PushTarget {
+        room,
+        ..PushTarget::default()
+    };
     for (name, value) in url.query_pairs() {
         match &*name {
-            "token" => q.token = Some(value.into_owned()),
-            "relay" => q.relay = Some(value.into_owned()),
-            "after" => q.after = Some(value.parse().map_err(|_| ())?),
+            "token" => target.token = Some(value.into_owned()),
+            "relay" => target.relay = Some(value.into_owned()),
+            "after" => target.after = Some(value.parse().map_err(|_| BadPushUrl::BadAfter)?),
             _ => {}
         }
     }
-    Ok(q)
+    Ok(target)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn target(url: &str) -> Result<PushTarget<'static>, BadPushUrl> {
+        let url: &'static url::Url = Box::leak(Box::new(url::Url::parse(url).unwrap()));
+        push_target(url)
+    }
+
     #[test]
     fn push_paths_name_one_room() {
         assert_eq!(
-            push_path_room("/v1/rooms/00000000000000ab/push"),
-            Some("00000000000000ab")
+            target("https://e/v1/rooms/00000000000000ab/push").map(|t| t.room),
+            Ok("00000000000000ab")
         );
-        assert_eq!(push_path_room("/v1/rooms//push"), None);
-        assert_eq!(push_path_room("/v1/rooms/a/b/push"), None);
-        assert_eq!(push_path_room("/v1/ws"), None);
-        assert_eq!(push_path_room("/v1/rooms/00000000000000ab/push/x"), None);
+        for path in [
+            "/v1/rooms//push",
+            "/v1/rooms/a/b/push",
+            "/v1/ws",
+            "/v1/rooms/00000000000000ab/push/x",
+        ] {
+            assert_eq!(
+                target(&format!("https://e{path}")),
+                Err(BadPushUrl::NotFound),
+                "{path}"
+            );
+        }
     }
 
     #[test]
     fn the_query_carries_token_relay_and_a_numeric_after() {
-        let url =
-            url::Url::parse("https://e:4433/v1/rooms/ab/push?token=t%2Bk&after=960&x=1").unwrap();
-        let q = push_query(&url).unwrap();
-        assert_eq!(q.token.as_deref(), Some("t+k"));
-        assert_eq!(q.after, Some(960));
-        assert!(q.relay.is_none());
-        let bad = url::Url::parse("https://e:4433/v1/rooms/ab/push?after=soon").unwrap();
-        assert!(push_query(&bad).is_err());
+        let t = target("https://e:4433/v1/rooms/ab/push?token=t%2Bk&after=960&x=1").unwrap();
+        assert_eq!(t.token.as_deref(), Some("t+k"));
+        assert_eq!(t.after, Some(960));
+        assert!(t.relay.is_none());
+        assert_eq!(
+            target("https://e:4433/v1/rooms/ab/push?after=soon"),
+            Err(BadPushUrl::BadAfter)
+        );
     }
 
     #[test]
