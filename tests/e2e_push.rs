@@ -145,7 +145,9 @@ fn server_frame(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
 /// to the speaker's tone; when the host ends the room the stream ends with a close frame 4002.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_listener_over_webtransport_hears_the_tone_and_the_room_end() {
-    let mesh = DevMesh::start(16_700, "push-webtransport");
+    // A mesh takes ports offset+8080 to offset+8401 (TCP and UDP): offsets at least 400 apart
+    // do not collide with the other tests of this file running beside it.
+    let mesh = DevMesh::start(14_000, "push-webtransport");
     let (room, host, _hls) = mesh.create_room("push over webtransport");
     let (other, _, _) = mesh.create_room("another room");
     // The edge's listener reaches route answers with its first heartbeat.
