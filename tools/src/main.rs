@@ -287,14 +287,9 @@ async fn call(
         .unwrap_or((0, Value::Null))
 }
 
-/// Ask the router where to go, avoiding the edges in `avoid` (comma-separated; see
-/// [`Rejoin::avoid`]): (edge id, WHIP URL, WHEP URL).
-async fn route(
-    http: &Http,
-    c: &ClientArgs,
-    role: &str,
-    avoid: &str,
-) -> Result<(String, String, String)> {
+/// The router's route answer for `role`, avoiding the edges in `avoid` (comma-separated; see
+/// [`Rejoin::avoid`]).
+async fn route_answer(http: &Http, c: &ClientArgs, role: &str, avoid: &str) -> Result<Value> {
     let mut url = format!("{}/v1/route?room={}&role={role}", c.router, c.room);
     if !avoid.is_empty() {
         url.push_str("&avoid=");
@@ -304,6 +299,17 @@ async fn route(
     if status != 200 {
         bail!("route: {status} {v}");
     }
+    Ok(v)
+}
+
+/// [`route_answer`]'s (edge id, WHIP URL, WHEP URL).
+async fn route(
+    http: &Http,
+    c: &ClientArgs,
+    role: &str,
+    avoid: &str,
+) -> Result<(String, String, String)> {
+    let v = route_answer(http, c, role, avoid).await?;
     let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
     Ok((s("edge"), s("whip_url"), s("whep_url")))
 }
@@ -695,22 +701,7 @@ fn bed_helper(command: Cmd) -> Result<()> {
             seconds,
         } => rt.block_on(async {
             let http = https_client(&client.ca)?;
-            let url = format!(
-                "{}/v1/route?room={}&role=listener",
-                client.router, client.room
-            );
-            let (status, v) = call(
-                &http,
-                "GET",
-                &url,
-                None,
-                None,
-                client.forwarded_for.as_deref(),
-            )
-            .await;
-            if status != 200 {
-                bail!("route: {status} {v}");
-            }
+            let v = route_answer(&http, &client, "listener", "").await?;
             let ws_url = v["ws_url"].as_str().unwrap_or_default().to_string();
             let mut out =
                 ws_client::session(&ws_url, &client.token, &client.ca, &send, seconds).await?;
@@ -723,26 +714,8 @@ fn bed_helper(command: Cmd) -> Result<()> {
             seconds,
         } => rt.block_on(async {
             let http = https_client(&client.ca)?;
-            let mut url = format!(
-                "{}/v1/route?room={}&role=listener",
-                client.router, client.room
-            );
-            if let Some(avoid) = &avoid {
-                url.push_str("&avoid=");
-                url.push_str(avoid);
-            }
-            let (status, v) = call(
-                &http,
-                "GET",
-                &url,
-                None,
-                None,
-                client.forwarded_for.as_deref(),
-            )
-            .await;
-            if status != 200 {
-                bail!("route: {status} {v}");
-            }
+            let v =
+                route_answer(&http, &client, "listener", avoid.as_deref().unwrap_or("")).await?;
             let push_url = v["push_url"].as_str().unwrap_or_default().to_string();
             let mut out =
                 ws_client::push_listen(&push_url, &client.token, &client.ca, seconds).await?;
