@@ -3,7 +3,7 @@
 //! program (header, then audio messages of Opus frames with room timestamps), decodes it with
 //! libopus and finds the tone. Token checks answer HTTP statuses with JSON errors.
 
-use amphi_protocol::push::{AudioMessage, PushHeader, FRAME_SAMPLES};
+use amphi_protocol::push::{parse_server_frame, AudioMessage, PushHeader, FRAME_SAMPLES};
 use amphi_testkit::mesh::*;
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
@@ -123,22 +123,6 @@ async fn a_push_listener_at_another_edge_hears_the_speakers_tone() {
     drop(ws);
 }
 
-/// The first WebSocket server frame in `buf`: (opcode, payload, bytes taken), `None` while
-/// incomplete (the WebTransport stream carries the WebSocket's frames).
-fn server_frame(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
-    let (len, at) = match *buf.get(1)? & 0x7f {
-        126 => (
-            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
-            4,
-        ),
-        127 => panic!("no push frame is that long"),
-        n => (usize::from(n), 2),
-    };
-    assert_eq!(buf[1] & 0x80, 0, "server frames are not masked");
-    let payload = buf.get(at..at + len)?;
-    Some((buf[0] & 0x0f, payload, at + len))
-}
-
 /// A push listener over WebTransport (HTTP/3, web-transport-quinn's client pinning the hash the
 /// route answer carries): refused with the WebSocket's statuses for a bad token or another
 /// room's, then the session's one stream brings the header and the room's audio, which decodes
@@ -242,8 +226,10 @@ async fn a_push_listener_over_webtransport_hears_the_tone_and_the_room_end() {
             .expect("stream readable");
         let Some(n) = n else { break };
         buf.extend_from_slice(&chunk[..n]);
-        while let Some((op, payload, taken)) = server_frame(&buf) {
-            match op {
+        // The stream carries the WebSocket's server frames.
+        while let Some(frame) = parse_server_frame(&buf).expect("a server frame") {
+            let (payload, taken) = (&buf[frame.payload.clone()], frame.consumed);
+            match frame.opcode {
                 1 => header = Some(serde_json::from_slice(payload).expect("header JSON")),
                 2 if ended_at.is_none() => {
                     let h = header.as_ref().expect("the header comes first");

@@ -1,8 +1,11 @@
 //! Push listener wire input: audio messages from an edge (the players' and load generators'
-//! decoder) and WebSocket frames from a client (the edge's parser). Decoding never panics, what
-//! decodes re-encodes identically, and a client frame's ranges stay inside the input.
+//! decoder), WebSocket frames from a client (the edge's parser) and from a server (the push
+//! clients' parser, also over WebTransport). Decoding never panics, what decodes re-encodes
+//! identically, and a frame's ranges stay inside the input.
 #![no_main]
-use amphi_protocol::push::{parse_client_frame, AudioMessage, PushFrame};
+use amphi_protocol::push::{
+    parse_client_frame, parse_server_frame, ws_server_frame, AudioMessage, PushFrame,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,5 +27,14 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(None) | Err(_) => break,
         }
+    }
+    let mut at = 0;
+    while let Ok(Some(f)) = parse_server_frame(&data[at..]) {
+        assert!(f.consumed > 0 && at + f.consumed <= data.len());
+        assert!(f.payload.end == f.consumed);
+        let mut again = Vec::new();
+        ws_server_frame(f.opcode, &data[at..][f.payload.clone()], &mut again);
+        assert_eq!(parse_server_frame(&again).unwrap().unwrap().payload.len(), f.payload.len());
+        at += f.consumed;
     }
 });

@@ -288,9 +288,13 @@ pub enum WsError {
     /// A control frame fragmented or longer than 125 bytes.
     #[error("bad control frame")]
     Control,
-    /// Payload larger than [`MAX_CLIENT_FRAME`].
-    #[error("client frame of {0} bytes too large")]
+    /// Payload larger than [`MAX_CLIENT_FRAME`] (a client's) or [`MAX_SERVER_FRAME`] (a
+    /// server's).
+    #[error("frame of {0} bytes too large")]
     TooLarge(u64),
+    /// RFC 6455 §5.1: a server never masks its frames.
+    #[error("server frame masked")]
+    Masked,
 }
 
 /// Parse the client frame at the start of `buf`, unmasking its payload in place. `Ok(None)`:
@@ -358,8 +362,75 @@ pub fn parse_client_frame(buf: &mut [u8]) -> Result<Option<ClientFrame>, WsError
     }))
 }
 
+/// Largest server frame payload a push client accepts (an audio message is at most 50 frames).
+pub const MAX_SERVER_FRAME: usize = 1 << 20;
+
+/// One frame read from a server: what [`ws_server_frame`] writes, as a push client (a load
+/// generator, a test, a WebTransport stream's reader) reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerFrame {
+    /// The opcode (see [`opcode`]).
+    pub opcode: u8,
+    /// Bytes of the input the frame took.
+    pub consumed: usize,
+    /// Where its payload is in the input.
+    pub payload: std::ops::Range<usize>,
+}
+
+/// Parse the server frame at the start of `buf`. `Ok(None)`: more bytes are needed. Never
+/// panics, whatever the input.
+pub fn parse_server_frame(buf: &[u8]) -> Result<Option<ServerFrame>, WsError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    if buf[1] & 0x80 != 0 {
+        return Err(WsError::Masked);
+    }
+    let (len, at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(n), 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (u64::from(n), 2),
+    };
+    if len > MAX_SERVER_FRAME as u64 {
+        return Err(WsError::TooLarge(len));
+    }
+    let len = len as usize;
+    if buf.len() < at + len {
+        return Ok(None);
+    }
+    Ok(Some(ServerFrame {
+        opcode: buf[0] & 0x0f,
+        consumed: at + len,
+        payload: at..at + len,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn server_frames_are_split_off_whole() {
+        use super::{opcode, parse_server_frame, ws_server_frame};
+        let split = |buf: &[u8]| {
+            parse_server_frame(buf).map(|f| f.map(|f| (f.opcode, f.payload, f.consumed)))
+        };
+        let mut buf = Vec::new();
+        ws_server_frame(opcode::TEXT, b"{}", &mut buf);
+        ws_server_frame(opcode::BINARY, &[7; 300], &mut buf);
+        let (op, payload, taken) = split(&buf).unwrap().unwrap();
+        assert_eq!((op, &buf[payload], taken), (opcode::TEXT, &b"{}"[..], 4));
+        let rest = &buf[taken..];
+        assert_eq!(split(&rest[..100]).unwrap(), None);
+        let (op, payload, taken) = split(rest).unwrap().unwrap();
+        assert_eq!((op, payload.len(), taken), (opcode::BINARY, 300, 304));
+        // A masked frame is not a server's.
+        assert!(split(&[0x82, 0x81, 0, 0, 0, 0, 1]).is_err());
+    }
+
     use super::*;
 
     fn frames() -> Vec<PushFrame<'static>> {

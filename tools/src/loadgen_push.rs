@@ -18,7 +18,7 @@
 use crate::child_mesh::ChildMesh;
 use crate::loadgen_webrtc::{post_json, process_cpu, tone_packets};
 use amphi_protocol::api::RouteResponse;
-use amphi_protocol::push::{opcode, AudioMessage, PushHeader};
+use amphi_protocol::push::{opcode, parse_server_frame, AudioMessage, PushHeader};
 use amphi_testkit::whip_client::WhipPublisher;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
@@ -128,29 +128,6 @@ impl Tally {
     }
 }
 
-/// The first server frame in `buf`: (opcode, payload range, bytes taken); `None` if incomplete.
-fn server_frame(buf: &[u8]) -> Result<Option<(u8, std::ops::Range<usize>, usize)>> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    ensure!(buf[1] & 0x80 == 0, "a server frame is never masked");
-    let (len, at) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-        127 if buf.len() >= 10 => {
-            let mut n = [0u8; 8];
-            n.copy_from_slice(&buf[2..10]);
-            (usize::try_from(u64::from_be_bytes(n))?, 10)
-        }
-        126 | 127 => return Ok(None),
-        n => (usize::from(n), 2),
-    };
-    ensure!(len <= 1 << 20, "server frame of {len} bytes");
-    if buf.len() < at + len {
-        return Ok(None);
-    }
-    Ok(Some((buf[0] & 0x0f, at..at + len, at + len)))
-}
-
 /// Where a listener gets its stream of server frames.
 #[derive(Clone)]
 enum Target {
@@ -233,7 +210,8 @@ async fn read_frames<R: AsyncRead + Unpin>(
 ) -> Result<()> {
     let mut anchor: Option<(u64, u64)> = None;
     loop {
-        while let Some((op, payload, taken)) = server_frame(&buf[..filled])? {
+        while let Some(frame) = parse_server_frame(&buf[..filled])? {
+            let (op, payload, taken) = (frame.opcode, frame.payload, frame.consumed);
             let now_us = crate::loadgen_hls::unix_us();
             match op {
                 opcode::TEXT => {
@@ -770,27 +748,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_frames_are_split_off_whole() {
-        let mut buf = Vec::new();
-        amphi_protocol::push::ws_server_frame(opcode::TEXT, b"{}", &mut buf);
-        amphi_protocol::push::ws_server_frame(opcode::BINARY, &[7; 300], &mut buf);
-        let (op, payload, taken) = server_frame(&buf).unwrap().unwrap();
-        assert_eq!((op, &buf[payload], taken), (opcode::TEXT, &b"{}"[..], 4));
-        let rest = &buf[taken..];
-        assert_eq!(server_frame(&rest[..100]).unwrap(), None);
-        let (op, payload, taken) = server_frame(rest).unwrap().unwrap();
-        assert_eq!((op, payload.len(), taken), (opcode::BINARY, 300, 304));
-        // A masked frame is not a server's.
-        assert!(server_frame(&[0x82, 0x81, 0, 0, 0, 0, 1]).is_err());
-    }
-
-    #[test]
     fn the_floor_message_is_a_valid_audio_message_of_the_size_asked() {
         let m = floor_message(485).unwrap();
         assert_eq!(m.len(), 485);
-        let (op, payload, taken) = server_frame(&m).unwrap().unwrap();
-        assert_eq!((op, taken), (opcode::BINARY, 485));
-        assert_eq!(AudioMessage::decode(&m[payload]).unwrap().len(), 1);
+        let frame = parse_server_frame(&m).unwrap().unwrap();
+        assert_eq!((frame.opcode, frame.consumed), (opcode::BINARY, 485));
+        assert_eq!(AudioMessage::decode(&m[frame.payload]).unwrap().len(), 1);
         assert!(floor_message(100).is_err());
     }
 
