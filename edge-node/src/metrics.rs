@@ -93,6 +93,8 @@ pub struct Metrics {
     relay_frames_invalid: Counter,
     /// Push listeners connected now.
     pub push_listeners: Gauge,
+    /// Program frames per push message now (more on a busy edge).
+    pub push_frames_per_message: Gauge,
     /// Program frames received from the origins for push listeners.
     pub push_program_frames: Counter,
     /// Program frames received from this edge's parent in the relay tree (feeds).
@@ -168,7 +170,11 @@ impl Metrics {
         );
         let push_listeners = r.gauge(
             "amphi_edge_push_listeners",
-            "Push listeners (WebSocket) connected to this edge",
+            "Push listeners (WebSocket and WebTransport) connected to this edge",
+        );
+        let push_frames_per_message = r.gauge(
+            "amphi_edge_push_frames_per_message",
+            "Program frames (20 ms each) per push message now: more on a busy edge",
         );
         let push_program_frames = r.counter(
             "amphi_edge_push_program_frames",
@@ -304,6 +310,7 @@ impl Metrics {
             relay_send_errors,
             relay_frames_received,
             push_listeners,
+            push_frames_per_message,
             push_program_frames,
             push_feed_frames,
             push_fed_rooms,

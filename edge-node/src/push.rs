@@ -9,6 +9,12 @@
 //! shared [`Bytes`] the driver writes to every listener of the room. A gap in the timestamps (a
 //! lost datagram) closes the message early, so every message is a run of consecutive frames.
 //!
+//! A busy edge sends longer messages: from [`PushConfig::busy_listeners`] push listeners on
+//! (until the count falls below three quarters of it) messages carry
+//! [`PushConfig::busy_frames_per_message`] frames. The kernel's cost of a TCP write, not the
+//! bytes, is most of what a push listener costs, so 5 frames instead of 3 cut the edge's CPU per
+//! listener by about 40 % for at most 40 ms more delay.
+//!
 //! Room timestamps: the origin's 32-bit 48 kHz program timestamps are unwrapped into 64 bits, the
 //! room timestamp a listener resumes after (`after`): the core keeps the last
 //! [`PushConfig::backlog`] messages and hands a resuming listener those after its timestamp.
@@ -24,6 +30,10 @@ use std::time::{Duration, Instant};
 pub struct PushConfig {
     /// Program frames (20 ms each) per audio message.
     pub frames_per_message: usize,
+    /// Push listeners on this edge from which messages carry `busy_frames_per_message` frames.
+    pub busy_listeners: usize,
+    /// Program frames per audio message on a busy edge.
+    pub busy_frames_per_message: usize,
     /// How long a room without listeners stays subscribed.
     pub linger: Duration,
     /// Messages kept per room for listeners that resume.
@@ -36,6 +46,8 @@ impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
             frames_per_message: 3,
+            busy_listeners: 1_000,
+            busy_frames_per_message: 5,
             linger: Duration::from_secs(5),
             backlog: 32,
             max_listeners: 200_000,
@@ -100,6 +112,8 @@ pub struct PushCore {
     /// Rooms ended (refused until forgotten at the next [`PushCore::poll`] after an hour).
     ended: HashMap<RoomId, Instant>,
     listeners: usize,
+    /// Whether messages carry [`PushConfig::busy_frames_per_message`] frames.
+    busy: bool,
 }
 
 /// How long an ended room is remembered.
@@ -124,6 +138,28 @@ impl PushCore {
             rooms: HashMap::new(),
             ended: HashMap::new(),
             listeners: 0,
+            busy: false,
+        }
+    }
+
+    /// Frames per audio message now (more on a busy edge).
+    pub fn frames_per_message(&self) -> usize {
+        let n = if self.busy {
+            self.cfg.busy_frames_per_message
+        } else {
+            self.cfg.frames_per_message
+        };
+        n.clamp(1, amphi_protocol::push::MAX_FRAMES_PER_MESSAGE)
+    }
+
+    /// The listener count changed: an edge becomes busy at [`PushConfig::busy_listeners`] and
+    /// stops being busy below three quarters of it (no flapping around the threshold).
+    fn update_busy(&mut self) {
+        let at = self.cfg.busy_listeners;
+        if self.listeners >= at {
+            self.busy = true;
+        } else if self.listeners < at - at / 4 {
+            self.busy = false;
         }
     }
 
@@ -161,6 +197,7 @@ impl PushCore {
             return Err(PushRefusal::Full);
         }
         self.listeners += 1;
+        self.update_busy();
         let new = !self.rooms.contains_key(&room);
         let r = self.rooms.entry(room).or_default();
         r.listeners += 1;
@@ -193,10 +230,11 @@ impl PushCore {
             return;
         }
         r.listeners -= 1;
-        self.listeners = self.listeners.saturating_sub(1);
         if r.listeners == 0 {
             r.empty_since = Some(now);
         }
+        self.listeners = self.listeners.saturating_sub(1);
+        self.update_busy();
     }
 
     /// The room timestamp of `room`'s last frame (a feed resumes after it).
@@ -209,11 +247,17 @@ impl PushCore {
         self.rooms.get(&room)?.header.clone()
     }
 
-    /// The header frame anchoring room timestamp `ts` at `unix_us`.
+    /// The header frame anchoring room timestamp `ts` at `unix_us`; its `frames_per_message` is
+    /// the most frames a message of this edge carries.
     fn encode_header(&self, room: RoomId, ts: u64, unix_us: u64) -> Option<Bytes> {
+        let most = self
+            .cfg
+            .frames_per_message
+            .max(self.cfg.busy_frames_per_message)
+            .clamp(1, amphi_protocol::push::MAX_FRAMES_PER_MESSAGE);
         let header = PushHeader::opus(
             room.to_string(),
-            self.cfg.frames_per_message as u32,
+            most as u32,
             ts,
             unix_us,
         );
@@ -247,6 +291,7 @@ impl PushCore {
         unix_us: u64,
     ) -> Option<Message> {
         let cfg = self.cfg;
+        let per_message = self.frames_per_message();
         let last_ts = self.rooms.get(&room)?.last_ts;
         if last_ts.is_some_and(|last| ts <= last) {
             return None;
@@ -273,8 +318,9 @@ impl PushCore {
         r.pending[i].clear();
         r.pending[i].extend_from_slice(opus);
         // After an early flush one frame is pending, so at most one message completes per
-        // call (with one frame per message nothing is ever pending before a frame).
-        if r.pending_ts.len() >= cfg.frames_per_message.max(1) {
+        // call (with one frame per message nothing is ever pending before a frame). An edge
+        // that stopped being busy may hold more than it now sends: they go out together.
+        if r.pending_ts.len() >= per_message {
             return r.flush(cfg.backlog);
         }
         early
@@ -285,6 +331,7 @@ impl PushCore {
         self.ended.insert(room, now);
         let r = self.rooms.remove(&room)?;
         self.listeners = self.listeners.saturating_sub(r.listeners);
+        self.update_busy();
         Some(PushOutput::Unsubscribe(room))
     }
 
@@ -429,7 +476,8 @@ mod tests {
         let json = if h[1] == 126 { &h[4..] } else { &h[2..] };
         let header: PushHeader = serde_json::from_slice(json).unwrap();
         assert_eq!((header.ts_base, header.ts_base_unix_us), (960, 1_000));
-        assert_eq!(header.frames_per_message, 3);
+        // The most frames a message of this edge may carry (a busy edge's).
+        assert_eq!(header.frames_per_message, 5);
         // Frame 4 arrives, 5 is lost: frame 6 closes a message of frame 4 alone.
         assert_eq!(core.program_frame(room, 3840, &[4], 61_000), None);
         let early = core.program_frame(room, 5760, &[6], 101_000).unwrap();
@@ -441,6 +489,70 @@ mod tests {
             frames_of(&next),
             vec![(5760, vec![6]), (6720, vec![7]), (7680, vec![8])]
         );
+    }
+
+    #[test]
+    fn a_busy_edge_sends_longer_messages_until_its_audience_shrinks_by_a_quarter() {
+        let t0 = Instant::now();
+        let mut core = PushCore::new(PushConfig {
+            busy_listeners: 4,
+            ..PushConfig::default()
+        });
+        let (room, other) = (RoomId(5), RoomId(6));
+        let mut ts = 0u32;
+        let mut next_message = |core: &mut PushCore| loop {
+            ts = ts.wrapping_add(960);
+            if let Some(m) = core.program_frame(room, ts, &[1], 0) {
+                return frames_of(&m).len();
+            }
+        };
+        for _ in 0..3 {
+            core.join(room, None).unwrap();
+        }
+        assert_eq!(core.frames_per_message(), 3);
+        assert_eq!(next_message(&mut core), 3);
+        // The fourth listener (of any room) makes the edge busy.
+        core.join(other, None).unwrap();
+        assert_eq!(core.frames_per_message(), 5);
+        assert_eq!(next_message(&mut core), 5);
+        assert_eq!(next_message(&mut core), 5);
+        // Three of four is not below three quarters: still busy.
+        core.leave(other, t0);
+        assert_eq!(core.frames_per_message(), 5);
+        assert_eq!(next_message(&mut core), 5);
+        // Two are: the pending frames complete at 3 again.
+        core.leave(room, t0);
+        assert_eq!(core.frames_per_message(), 3);
+        for _ in 0..4 {
+            assert_eq!(next_message(&mut core), 3);
+        }
+        // Back at four, then the room ends: its three listeners go and the edge is quiet.
+        core.join(other, None).unwrap();
+        core.join(other, None).unwrap();
+        assert_eq!(core.frames_per_message(), 5);
+        core.room_ended(room, t0);
+        assert_eq!(core.listeners(), 2);
+        assert_eq!(core.frames_per_message(), 3);
+    }
+
+    #[test]
+    fn a_message_gathered_while_busy_goes_out_whole_when_the_edge_calms_down() {
+        let t0 = Instant::now();
+        let mut core = PushCore::new(PushConfig {
+            busy_listeners: 2,
+            ..PushConfig::default()
+        });
+        let room = RoomId(5);
+        core.join(room, None).unwrap();
+        core.join(room, None).unwrap();
+        for i in 1..=4u32 {
+            assert_eq!(core.program_frame(room, 960 * i, &[1], 0), None);
+        }
+        core.leave(room, t0);
+        // Four frames held, three per message now: the fifth closes a message of all five.
+        let m = core.program_frame(room, 960 * 5, &[1], 0).unwrap();
+        assert_eq!(frames_of(&m).len(), 5);
+        assert_eq!((m.first_ts, m.last_ts), (960, 4800));
     }
 
     #[test]

@@ -90,6 +90,7 @@ impl PushHub {
             control,
             metrics,
         };
+        hub.set_gauge(&hub.lock());
         (Arc::new(hub), rx)
     }
 
@@ -224,6 +225,9 @@ impl PushHub {
         self.metrics
             .push_listeners
             .set(i64::try_from(inner.core.listeners()).unwrap_or(i64::MAX));
+        self.metrics
+            .push_frames_per_message
+            .set(i64::try_from(inner.core.frames_per_message()).unwrap_or(i64::MAX));
     }
 
     /// Whether the origin ended `room`.

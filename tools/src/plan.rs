@@ -20,8 +20,9 @@ const PARTS_PER_S: f64 = 5.0;
 const FORWARDED_SPEAKERS: f64 = 3.0;
 /// Seconds in an hour.
 const HOUR_S: f64 = 3600.0;
-/// Push messages per second to one push listener: 3 frames of 20 ms per message.
-const PUSH_MESSAGES_PER_S: f64 = 50.0 / 3.0;
+/// Push messages per second to one push listener: 5 frames of 20 ms per message, as a busy edge
+/// (1,000 push listeners or more) sends them.
+const PUSH_MESSAGES_PER_S: f64 = 50.0 / 5.0;
 
 /// One figure of the table.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -556,7 +557,7 @@ pub fn render(p: &Plan) -> String {
     if i.push_per_room > 0 {
         let _ = writeln!(
             w,
-            "  push egress = push listeners x 50/3 messages/s x (push_message_bytes {} + push_message_overhead_bytes {}) x 8 [{}; {}]",
+            "  push egress = push listeners x 50/5 messages/s x (push_message_bytes {} + push_message_overhead_bytes {}) x 8 [{}; {}]",
             n(f.v("push_message_bytes"), 0),
             n(f.v("push_message_overhead_bytes"), 0),
             f.src("push_message_bytes"),
@@ -1063,8 +1064,8 @@ mod tests {
         assert_eq!((p.push_per_room, p.passive), (30.0, 6_000.0));
         let r = &p.regions[0];
         assert_eq!(r.push, 3_000.0);
-        // 3,000 listeners x 106.3 us/s / 0.5
-        assert!((r.push_cores - 3_000.0 * 106.3e-6 / 0.5).abs() < 1e-9);
+        // 3,000 listeners x 65.2 us/s / 0.5
+        assert!((r.push_cores - 3_000.0 * 65.2e-6 / 0.5).abs() < 1e-9);
         // spread: a room's 30 push listeners over min(30, the region's nodes) edges
         assert_eq!(r.push_edges_per_room, 30.0_f64.min(r.nodes as f64));
         // the program to the packager and to each edge with push listeners
@@ -1073,9 +1074,9 @@ mod tests {
             p.relay_datagrams_s,
             speakers + 100.0 * 50.0 * (1.0 + r.push_edges_per_room)
         );
-        // push: 50/3 messages/s x (480 + 74) bytes x 8 = 73,866.7 bit/s
+        // push: 50/5 messages/s x (802 + 74) bytes x 8 = 70,080 bit/s
         let [webrtc, push, hls] = &p.tiers;
-        assert!((push.bps - 50.0 / 3.0 * 554.0 * 8.0).abs() < 1e-6);
+        assert!((push.bps - 50.0 / 5.0 * 876.0 * 8.0).abs() < 1e-6);
         assert_eq!(webrtc.bps, 50.0 * 3.0 * 150.0 * 8.0);
         assert_eq!((hls.bps, hls.requests_s), (146_851.0, 10.0));
         // LL-HLS: 36,000 requests an hour at $0.01 per 10k dominate its cost
