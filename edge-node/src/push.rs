@@ -255,12 +255,7 @@ impl PushCore {
             .frames_per_message
             .max(self.cfg.busy_frames_per_message)
             .clamp(1, amphi_protocol::push::MAX_FRAMES_PER_MESSAGE);
-        let header = PushHeader::opus(
-            room.to_string(),
-            most as u32,
-            ts,
-            unix_us,
-        );
+        let header = PushHeader::opus(room.to_string(), most as u32, ts, unix_us);
         let json = serde_json::to_vec(&header).ok()?;
         let mut out = Vec::with_capacity(json.len() + 4);
         ws_server_frame(opcode::TEXT, &json, &mut out);

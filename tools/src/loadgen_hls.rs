@@ -72,6 +72,11 @@ pub struct HlsArgs {
     /// the same run, side by side with hls.js.
     #[arg(long)]
     push: bool,
+    /// With `--glass-to-glass --push`: this many more WebSocket push listeners of the room on the
+    /// same edge (raw clients that read and count), to measure a busy edge (from 1,000 it sends
+    /// 5 frames per message instead of 3).
+    #[arg(long, default_value_t = 0)]
+    busy_push: usize,
     /// Port offset of the dev mesh `--glass-to-glass` starts.
     #[arg(long, default_value_t = 22_000)]
     port_offset: u16,
@@ -122,6 +127,7 @@ pub async fn run(args: HlsArgs) -> Result<()> {
             args.hls_config.clone(),
             keeper,
             args.push,
+            args.busy_push,
         )
         .await;
     }
@@ -462,7 +468,12 @@ async fn glass_to_glass(
     hls_config: String,
     latency_keeper: bool,
     push: bool,
+    busy_push: usize,
 ) -> Result<()> {
+    ensure!(busy_push <= 9_000, "--busy-push must be at most 9000");
+    if busy_push > 0 {
+        crate::loadgen_room::raise_fd_limit();
+    }
     let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("g2g", offset, &[])).await??;
     let router = format!("127.0.0.1:{}", 8080 + offset);
     let mut conn = Conn::open(&router).await?;
@@ -493,6 +504,28 @@ async fn glass_to_glass(
     let mut publisher = amphi_testkit::whip_client::WhipPublisher::connect(&whip, &token)
         .await
         .map_err(|e| anyhow::anyhow!("WHIP: {e}"))?;
+    // The background listeners, on the edge the pages are routed to (the speaker's, us-east).
+    let edge: SocketAddr = whip
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .context("whip_url's edge address")?
+        .parse()?;
+    let mut busy = None;
+    if busy_push > 0 {
+        let tok = json(
+            &mut conn,
+            "POST",
+            &format!("/v1/rooms/{room}/tokens"),
+            r#"{"role":"listener","name":"busy"}"#,
+        )
+        .await?;
+        let listener = tok["token"].as_str().context("token")?;
+        let until = Instant::now() + Duration::from_secs(bursts as u64 * 2 + 120);
+        busy = Some(
+            crate::loadgen_push::hold_websocket_listeners(edge, &room, listener, busy_push, until)
+                .await?,
+        );
+    }
     let tone = amphi_testkit::synth::tone_packets(660.0, 0.4, 20)?;
     let silence = amphi_testkit::synth::tone_packets(660.0, 0.0, 1)?;
     // 4 s of silence first so the program and the playlist exist before the player starts.
@@ -577,6 +610,27 @@ async fn glass_to_glass(
             .map_err(|e| anyhow::anyhow!("send: {e}"))?;
     }
     let _ = publisher.close().await;
+    if let Some(busy) = &busy {
+        let metrics = tokio::task::spawn_blocking(move || {
+            ureq::get(&format!("http://{edge}/metrics"))
+                .timeout(Duration::from_secs(5))
+                .call()
+                .ok()
+                .and_then(|r| r.into_string().ok())
+        })
+        .await?
+        .unwrap_or_default();
+        let per_message = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("amphi_edge_push_frames_per_message "))
+            .unwrap_or("?");
+        println!(
+            "busy edge: {busy_push} more WebSocket push listeners of the room on the pages' edge, \
+             {per_message} frames per push message at the end; they got {}",
+            busy.summary()
+        );
+    }
+    drop(busy);
     let heard = |p: Option<std::thread::JoinHandle<Result<Vec<u64>>>>| -> Result<Vec<u64>> {
         match p {
             Some(p) => p.join().map_err(|_| anyhow::anyhow!("player thread"))?,

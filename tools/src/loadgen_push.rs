@@ -289,6 +289,48 @@ async fn start_listeners(
     Ok(set)
 }
 
+/// Push listeners held as background load for other figures ([`hold_websocket_listeners`]); they
+/// stop when this is dropped.
+pub(crate) struct HeldListeners {
+    _set: tokio::task::JoinSet<Result<()>>,
+    tally: Arc<Tally>,
+}
+
+impl HeldListeners {
+    /// What they received since they connected.
+    pub(crate) fn summary(&self) -> String {
+        let t = &self.tally;
+        format!(
+            "{} frames in {} messages, delay p50 {:.0} ms, p99 {:.0} ms, {} late (> 200 ms), {} streams ended",
+            t.frames.load(Ordering::Relaxed),
+            t.messages.load(Ordering::Relaxed),
+            t.percentile_ms(0.5),
+            t.percentile_ms(0.99),
+            t.late.load(Ordering::Relaxed),
+            t.ended.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// `n` WebSocket push listeners of `room` at the edge `addr` (with a listener `token`), connected
+/// before this returns, reading and counting until `until`.
+pub(crate) async fn hold_websocket_listeners(
+    addr: SocketAddr,
+    room: &str,
+    token: &str,
+    n: usize,
+    until: Instant,
+) -> Result<HeldListeners> {
+    let target = Target::WebSocket {
+        addr,
+        path: format!("/v1/rooms/{room}/push?token={token}"),
+    };
+    let tally = Tally::new(200);
+    let set = start_listeners(&target, n, 250, &tally, until).await?;
+    tally.measuring.store(true, Ordering::Relaxed);
+    Ok(HeldListeners { _set: set, tally })
+}
+
 /// `amphi-tools loadgen push`.
 pub async fn run(args: PushArgs) -> Result<()> {
     let (n, seconds) = if args.smoke {
