@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Status and JSON error code of a plain (non-upgrade) GET.
+/// The Chromium tests of this file run one at a time: two multi-page browser runs side by side on
+/// a 2-core box stall each other's audio (the tier-move test saw 100-470 ms gaps only then).
+static ONE_BROWSER_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Hold while a browser test's pages run.
+fn one_browser_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_BROWSER_TEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn refused(url: &str) -> (u16, String) {
     match ureq::get(url).call() {
         Ok(r) => (r.status(), String::new()),
@@ -276,6 +285,7 @@ async fn the_room_page_plays_the_push_stream_in_chromium() {
         .to_string();
     let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 550.0, 25.0).await });
     let result = tokio::task::block_in_place(|| {
+        let _one = one_browser_test_at_a_time();
         mesh.browser_result(
             "push_play.mjs",
             &[("AMPHI_ROOM", &room), ("AMPHI_FREQ", "550")],
@@ -316,6 +326,7 @@ async fn three_listeners_on_three_tiers_hear_the_same_tone() {
         .to_string();
     let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 440.0, 90.0).await });
     let result = tokio::task::block_in_place(|| {
+        let _one = one_browser_test_at_a_time();
         mesh.browser_result(
             "three_tiers.mjs",
             &[("AMPHI_ROOM", &room), ("AMPHI_FREQ", "440")],
@@ -356,6 +367,7 @@ async fn a_room_grows_past_both_tiers_and_moves_its_listeners_up_without_a_gap()
         .to_string();
     let tone = tokio::spawn(async move { publish_tone(&whip, &speaker, 440.0, 150.0).await });
     let result = tokio::task::block_in_place(|| {
+        let _one = one_browser_test_at_a_time();
         mesh.browser_result(
             "tier_moves.mjs",
             &[
@@ -434,6 +446,7 @@ fn a_listener_on_push_or_hls_is_promoted_and_heard() {
         .expect("ffmpeg runs");
     assert!(status.success(), "ffmpeg made no tone");
     let trials = std::env::var("AMPHI_PROMOTE_TRIALS").unwrap_or_else(|_| "1".into());
+    let _one = one_browser_test_at_a_time();
     let result = mesh.browser_result(
         "promote_latency.mjs",
         &[
