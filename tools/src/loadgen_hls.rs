@@ -458,6 +458,12 @@ async fn json(
     Ok(serde_json::from_slice(&r.body)?)
 }
 
+/// A token for `room` minted over the router's API (`body`: its role and name).
+async fn mint(conn: &mut Conn, room: &str, body: &str) -> Result<String> {
+    let tok = json(conn, "POST", &format!("/v1/rooms/{room}/tokens"), body).await?;
+    Ok(tok["token"].as_str().context("token")?.to_string())
+}
+
 /// Glass-to-glass: tone bursts through WHIP -> edge -> origin -> packager -> hls.js.
 /// The room page's live-latency keeper, which the glass-to-glass player loads beside hls.js.
 const LATENCY_KEEPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../web/latency.js");
@@ -485,14 +491,7 @@ async fn glass_to_glass(
     )
     .await?;
     let room = room["room"].as_str().context("room id")?.to_string();
-    let tok = json(
-        &mut conn,
-        "POST",
-        &format!("/v1/rooms/{room}/tokens"),
-        r#"{"role":"speaker","name":"g2g"}"#,
-    )
-    .await?;
-    let token = tok["token"].as_str().context("token")?.to_string();
+    let token = mint(&mut conn, &room, r#"{"role":"speaker","name":"g2g"}"#).await?;
     let route = json(
         &mut conn,
         "GET",
@@ -510,22 +509,16 @@ async fn glass_to_glass(
         .and_then(|rest| rest.split('/').next())
         .context("whip_url's edge address")?
         .parse()?;
-    let mut busy = None;
-    if busy_push > 0 {
-        let tok = json(
-            &mut conn,
-            "POST",
-            &format!("/v1/rooms/{room}/tokens"),
-            r#"{"role":"listener","name":"busy"}"#,
-        )
-        .await?;
-        let listener = tok["token"].as_str().context("token")?;
+    let busy = if busy_push > 0 {
+        let listener = mint(&mut conn, &room, r#"{"role":"listener","name":"busy"}"#).await?;
         let until = Instant::now() + Duration::from_secs(bursts as u64 * 2 + 120);
-        busy = Some(
-            crate::loadgen_push::hold_websocket_listeners(edge, &room, listener, busy_push, until)
+        Some(
+            crate::loadgen_push::hold_websocket_listeners(edge, &room, &listener, busy_push, until)
                 .await?,
-        );
-    }
+        )
+    } else {
+        None
+    };
     let tone = amphi_testkit::synth::tone_packets(660.0, 0.4, 20)?;
     let silence = amphi_testkit::synth::tone_packets(660.0, 0.0, 1)?;
     // 4 s of silence first so the program and the playlist exist before the player starts.
