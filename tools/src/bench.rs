@@ -81,6 +81,10 @@ enum BenchCommand {
         /// Rounds of wrk over every server in turn (the ratios' medians are the figure).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Connections of the paced latency probe (each waits 1 ms after every answer, so both
+        /// servers get the same load, far below saturation).
+        #[arg(long, default_value_t = 16)]
+        probe_connections: u32,
         /// Short run for CI (1 s per server, one round).
         #[arg(long)]
         smoke: bool,
@@ -136,6 +140,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             geoip,
             redis_url,
             rounds,
+            probe_connections,
             smoke,
         } => {
             crate::bench_route::run(crate::bench_route::RouteBenchOptions {
@@ -146,6 +151,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 geoip,
                 redis_url,
                 rounds: if smoke { 1 } else { rounds },
+                probe_connections: if smoke { 4 } else { probe_connections },
             })
             .await?
         }
