@@ -51,9 +51,14 @@ pub struct PushArgs {
     /// Port offset of the `amphi dev` mesh it starts.
     #[arg(long, default_value_t = 18_600)]
     port_offset: u16,
-    /// Skip the kernel floor measured after the edge run.
+    /// Skip the kernel floor.
     #[arg(long)]
     no_tcp_floor: bool,
+    /// When the kernel floor is measured: over the same seconds as the edge, by a thread of this
+    /// process writing to as many listeners of its own (the default: both see the same box), or
+    /// after the edge run (needs fewer open files: 2 per listener instead of 3).
+    #[arg(long, value_enum, default_value_t = FloorWhen::Alongside)]
+    floor: FloorWhen,
     /// How the listeners get the stream: a WebSocket on the edge's HTTP port, or a WebTransport
     /// session (HTTP/3) on its UDP twin, as the router's `/v1/route` answer names it.
     #[arg(long, value_enum, default_value_t = Transport::Websocket)]
@@ -71,6 +76,15 @@ pub enum Transport {
     Websocket,
     /// A WebTransport session (HTTP/3 over QUIC) to the route answer's `webtransport_url`.
     Webtransport,
+}
+
+/// When `loadgen push` measures the kernel floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FloorWhen {
+    /// Over the same measured seconds as the edge.
+    Alongside,
+    /// After the edge run, with the edge stopped.
+    After,
 }
 
 /// Arrival delays are counted in buckets of this many µs.
@@ -106,6 +120,16 @@ impl Tally {
             upgraded: AtomicU64::new(0),
             ended: AtomicU64::new(0),
         })
+    }
+
+    /// Forget what was counted (the delays too).
+    fn reset(&self) {
+        for c in [&self.frames, &self.messages, &self.bytes, &self.late] {
+            c.store(0, Ordering::Relaxed);
+        }
+        for c in &self.delays {
+            c.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The delay below which fraction `p` of the counted frames arrived, ms.
@@ -339,11 +363,18 @@ pub async fn run(args: PushArgs) -> Result<()> {
         (args.listeners, args.seconds.clamp(1, 600))
     };
     ensure!((1..=9_000).contains(&n), "--listeners must be 1..=9000");
+    let alongside = args.floor == FloorWhen::Alongside && !args.no_tcp_floor;
+    // Each listener's socket, and each of the floor's listeners' two ends.
+    let needed = if alongside { 3 * n } else { 2 * n } + 500;
     let files = crate::loadgen_room::raise_fd_limit();
     ensure!(
-        files as usize >= 2 * n + 500,
-        "{n} listeners need {} open files; the limit is {files}",
-        2 * n + 500
+        files as usize >= needed,
+        "{n} listeners need {needed} open files; the limit is {files}{}",
+        if alongside {
+            " (--floor after needs fewer)"
+        } else {
+            ""
+        }
     );
     let offset = args.port_offset;
     let mesh = tokio::task::spawn_blocking(move || ChildMesh::start("loadgen-push", offset, &[]))
@@ -455,13 +486,24 @@ pub async fn run(args: PushArgs) -> Result<()> {
     let mut set = start_listeners(&target, n, args.ramp_batch, &tally, until).await?;
     let ramp_secs = ramp.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut floor = if alongside {
+        Some(Floor::start_like(&tally, n, args.ramp_batch, args.late_ms, seconds).await?)
+    } else {
+        None
+    };
     let c1 = process_cpu(pid)?;
     let own1 = process_cpu(std::process::id())?;
     let udp1 = udp_rcvbuf_errors();
     let t1 = Instant::now();
     tally.measuring.store(true, Ordering::Relaxed);
+    if let Some(f) = floor.as_mut() {
+        f.measuring(true);
+    }
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     tally.measuring.store(false, Ordering::Relaxed);
+    if let Some(f) = floor.as_mut() {
+        f.measuring(false);
+    }
     let elapsed = t1.elapsed().as_secs_f64();
     let cpu = process_cpu(pid)?;
     let own = (process_cpu(std::process::id())?.total() - own1.total()) / elapsed;
@@ -530,9 +572,13 @@ pub async fn run(args: PushArgs) -> Result<()> {
         baseline * 100.0,
         loaded * 100.0,
     );
+    let whose = if floor.is_some() {
+        "the clients of the edge and of the floor, and the floor"
+    } else {
+        "the clients"
+    };
     println!(
-        "  load generator CPU (this process, the {n} clients): {:.1}% = {:.1} us per listener per \
-         second",
+        "  load generator CPU (this process: {whose}): {:.1}% = {:.1} us per listener per second",
         own * 100.0,
         own * 1e6 / n as f64,
     );
@@ -549,53 +595,172 @@ pub async fn run(args: PushArgs) -> Result<()> {
             n.div_ceil(args.sessions_per_socket.max(1)),
         );
     }
-    if args.no_tcp_floor {
-        return Ok(());
-    }
-    // The floor: the same listeners, messages of the same size at the same rate.
-    let period = Duration::from_secs_f64(elapsed / (messages as f64 / n as f64));
-    let message = floor_message(msg_bytes as usize)?;
-    let floor = crate::tcp_floor::FloorServer::start_push(message, period)?;
-    let ftally = Tally::new(args.late_ms);
-    let funtil = Instant::now() + Duration::from_secs(seconds + 60);
-    let ftarget = Target::WebSocket {
-        addr: floor.addr,
-        path: "/floor".into(),
+    let floor = match (floor, args.no_tcp_floor) {
+        (_, true) => return Ok(()),
+        (Some(floor), false) => floor.finish()?,
+        (None, false) => {
+            // After the edge run: the same listeners, messages of the same size at the same rate.
+            let period = Duration::from_secs_f64(elapsed / (messages as f64 / n as f64));
+            let until = Instant::now() + Duration::from_secs(seconds + 60);
+            let mut floor = Floor::start(
+                msg_bytes as usize,
+                period,
+                n,
+                args.ramp_batch,
+                args.late_ms,
+                until,
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            floor.measuring(true);
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            floor.measuring(false);
+            floor.finish()?
+        }
     };
-    let mut fset = start_listeners(&ftarget, n, args.ramp_batch, &ftally, funtil)
-        .await
-        .context("floor listeners")?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    floor.measuring.store(true, Ordering::Relaxed);
-    ftally.measuring.store(true, Ordering::Relaxed);
-    let ft = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    floor.measuring.store(false, Ordering::Relaxed);
-    ftally.measuring.store(false, Ordering::Relaxed);
-    let felapsed = ft.elapsed().as_secs_f64();
-    fset.abort_all();
-    let cost = floor.stop()?;
-    ensure!(cost.writes > 0, "the floor wrote nothing");
-    let us_per_write = cost.cpu_us / cost.writes as f64;
     let writes_per_listener_sec = messages as f64 / n as f64 / elapsed;
-    let floor_per_listener = us_per_write * writes_per_listener_sec;
+    let floor_per_listener = floor.us_per_write * writes_per_listener_sec;
     // The floor is a kernel TCP writer's: WebSocket's floor; for WebTransport only a reference.
     let (floor_name, ratio_name) = match args.transport {
         Transport::Websocket => ("kernel floor", "edge / floor"),
         Transport::Webtransport => ("kernel TCP floor", "edge (WebTransport) / TCP floor"),
     };
+    let when = match args.floor {
+        FloorWhen::Alongside => "over the same seconds",
+        FloorWhen::After => "after the edge run",
+    };
     println!(
-        "{floor_name}, same run: {n} listeners, one thread writing {msg_bytes}-byte messages every \
-         {:.0} ms to each socket: {us_per_write:.2} us per write = {floor_per_listener:.1} us per \
-         listener per second ({:.0} messages delivered in {felapsed:.1} s)",
-        period.as_secs_f64() * 1000.0,
-        ftally.messages.load(Ordering::Relaxed) as f64,
+        "{floor_name}, same run ({when}): {n} listeners, one thread writing {}-byte messages every \
+         {:.0} ms to each socket: {:.2} us per write = {floor_per_listener:.1} us per listener per \
+         second ({} messages delivered in {:.1} s)",
+        floor.message_bytes,
+        floor.period.as_secs_f64() * 1000.0,
+        floor.us_per_write,
+        floor.messages,
+        floor.elapsed,
     );
     println!(
         "  {ratio_name}: {:.2}x (goal: >= 10,000 listeners per core within 1.3x the floor)",
         per_listener_us / floor_per_listener.max(0.001)
     );
     Ok(())
+}
+
+/// The kernel floor ([`crate::tcp_floor::FloorServer::start_push`]) and its listeners.
+struct Floor {
+    server: crate::tcp_floor::FloorServer,
+    tally: Arc<Tally>,
+    set: tokio::task::JoinSet<Result<()>>,
+    message_bytes: usize,
+    period: Duration,
+    /// When measuring last started.
+    since: Option<Instant>,
+    elapsed: f64,
+}
+
+/// What the floor measured.
+struct FloorCost {
+    /// Its thread's CPU per write while measuring, µs.
+    us_per_write: f64,
+    message_bytes: usize,
+    period: Duration,
+    /// Messages its listeners got while measuring.
+    messages: u64,
+    /// Seconds measured.
+    elapsed: f64,
+}
+
+impl Floor {
+    /// `n` listeners (connected before this returns, reading until `until`) fed a
+    /// `message_bytes`-byte audio message every `period`.
+    async fn start(
+        message_bytes: usize,
+        period: Duration,
+        n: usize,
+        batch: usize,
+        late_ms: u64,
+        until: Instant,
+    ) -> Result<Floor> {
+        let server =
+            crate::tcp_floor::FloorServer::start_push(floor_message(message_bytes)?, period)?;
+        let tally = Tally::new(late_ms);
+        let target = Target::WebSocket {
+            addr: server.addr,
+            path: "/floor".into(),
+        };
+        let set = start_listeners(&target, n, batch, &tally, until)
+            .await
+            .context("floor listeners")?;
+        Ok(Floor {
+            server,
+            tally,
+            set,
+            message_bytes,
+            period,
+            since: None,
+            elapsed: 0.0,
+        })
+    }
+
+    /// A floor for `n` listeners of the stream the `edge` listeners get: its messages' size and
+    /// rate, learnt over 2 s (what `edge` counted then is forgotten); settled when this returns.
+    async fn start_like(
+        edge: &Tally,
+        n: usize,
+        batch: usize,
+        late_ms: u64,
+        seconds: u64,
+    ) -> Result<Floor> {
+        let t = Instant::now();
+        edge.measuring.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        edge.measuring.store(false, Ordering::Relaxed);
+        let secs = t.elapsed().as_secs_f64();
+        let (messages, bytes) = (
+            edge.messages.load(Ordering::Relaxed),
+            edge.bytes.load(Ordering::Relaxed),
+        );
+        edge.reset();
+        ensure!(messages > 0, "the edge's listeners got no message in 2 s");
+        let period = Duration::from_secs_f64(secs * n as f64 / messages as f64);
+        let until = Instant::now() + Duration::from_secs(seconds + 60);
+        let floor = Floor::start(
+            (bytes / messages) as usize,
+            period,
+            n,
+            batch,
+            late_ms,
+            until,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(floor)
+    }
+
+    /// Count (or stop counting) the floor's writes, CPU and delivered messages.
+    fn measuring(&mut self, on: bool) {
+        self.server.measuring.store(on, Ordering::Relaxed);
+        self.tally.measuring.store(on, Ordering::Relaxed);
+        match (on, self.since.take()) {
+            (true, _) => self.since = Some(Instant::now()),
+            (false, Some(since)) => self.elapsed += since.elapsed().as_secs_f64(),
+            (false, None) => {}
+        }
+    }
+
+    /// Stop the floor: what it measured.
+    fn finish(mut self) -> Result<FloorCost> {
+        self.set.abort_all();
+        let cost = self.server.stop()?;
+        ensure!(cost.writes > 0, "the floor wrote nothing");
+        Ok(FloorCost {
+            us_per_write: cost.cpu_us / cost.writes as f64,
+            message_bytes: self.message_bytes,
+            period: self.period,
+            messages: self.tally.messages.load(Ordering::Relaxed),
+            elapsed: self.elapsed,
+        })
+    }
 }
 
 /// A WebSocket binary frame of `len` bytes in all holding a valid audio message (one frame of

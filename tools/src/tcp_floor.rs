@@ -201,6 +201,9 @@ fn render(out: &mut Vec<u8>, len: usize, published_header: &str) {
     out.resize(out.len() + body - 8, b'#');
 }
 
+/// How long after its last new connection the push floor still reads its sockets.
+const READ_WHILE_ACCEPTING: Duration = Duration::from_secs(2);
+
 fn push_passes(
     listener: TcpListener,
     message: &[u8],
@@ -215,6 +218,7 @@ fn push_passes(
         cpu_us: 0.0,
     };
     let mut next = Instant::now() + period;
+    let mut last_accept = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         while let Ok((mut stream, _)) = listener.accept() {
             stream.set_nodelay(true)?;
@@ -222,17 +226,22 @@ fn push_passes(
             if write_all(&mut stream, b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_ok() {
                 socks.push(stream);
             }
+            last_accept = Instant::now();
         }
-        // Whatever the listeners sent (their upgrade request) is read and dropped.
-        socks.retain_mut(|s| loop {
-            match s.read(&mut scratch) {
-                Ok(0) => return false,
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        });
+        // Whatever the listeners sent (their upgrade request, right after connecting) is read
+        // and dropped; once they are all in, the sockets are only written (polling thousands of
+        // idle sockets every few ms would load the box the figures share).
+        if last_accept.elapsed() <= READ_WHILE_ACCEPTING {
+            socks.retain_mut(|s| loop {
+                match s.read(&mut scratch) {
+                    Ok(0) => return false,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => return false,
+                }
+            });
+        }
         let now = Instant::now();
         if now < next {
             std::thread::sleep((next - now).min(Duration::from_millis(5)));
