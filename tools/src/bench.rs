@@ -59,7 +59,7 @@ enum BenchCommand {
     /// Geo-router route lookups/s over HTTP with wrk, side by side with a hyper hello-world.
     Route {
         /// Seconds of wrk load per server.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 8)]
         seconds: u32,
         /// wrk threads.
         #[arg(long, default_value_t = 2)]
@@ -78,8 +78,9 @@ enum BenchCommand {
         /// without it.
         #[arg(long, value_name = "URL")]
         redis_url: Option<String>,
-        /// Rounds of wrk over every server in turn (the ratios' medians are the figure).
-        #[arg(long, default_value_t = 3)]
+        /// Rounds of wrk over every server in turn, even rounds in reverse order (the ratios'
+        /// medians are the figure).
+        #[arg(long, default_value_t = 4)]
         rounds: u32,
         /// Connections of the paced latency probe (each waits 1 ms after every answer, so both
         /// servers get the same load, far below saturation).

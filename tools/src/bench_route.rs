@@ -9,7 +9,9 @@
 //! per-address connection cap, HTTP/1.1 or HTTP/2 prior knowledge, the header read timeout),
 //! which every role, the router included, must keep. `wrk` (keep-alive, `--threads` x
 //! `--connections`) loads each hello-world server, then
-//! `GET /v1/route?room=ID&ip=8.8.8.8&role=listener`, each for `--seconds`.
+//! `GET /v1/route?room=ID&ip=8.8.8.8&role=listener`, each for `--seconds`, in `--rounds` rounds;
+//! even rounds run the servers in reverse order, so that a machine that gets faster or slower
+//! during a round favours no server over a pair of rounds.
 //! Then a paced probe: `--probe-connections` connections (16), each waiting 1 ms after every
 //! answer, load the shared-server hello-world and the route in turn: the same offered load for
 //! both, far below saturation, so the latency is the request's own and not a queue's.
@@ -260,6 +262,26 @@ impl Ratios {
     }
 }
 
+/// `run` over `items` in order in odd rounds and in reverse in even ones; results in `items`'
+/// order.
+fn in_round_order<T, R>(
+    round: u32,
+    items: &[T],
+    mut run: impl FnMut(&T) -> Result<R>,
+) -> Result<Vec<R>> {
+    let mut results: Vec<(usize, R)> = Vec::with_capacity(items.len());
+    let order: Vec<usize> = if round % 2 == 0 {
+        (0..items.len()).rev().collect()
+    } else {
+        (0..items.len()).collect()
+    };
+    for i in order {
+        results.push((i, run(&items[i])?));
+    }
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
+}
+
 /// The median of `values` (the mean of the middle two for an even count).
 fn median_of(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -437,15 +459,12 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
                 ..o
             };
             tokio::task::spawn_blocking(move || -> Result<(Vec<WrkResult>, Vec<WrkResult>)> {
-                let saturated = urls
-                    .iter()
-                    .map(|u| wrk(u, &opts, Load::Saturate))
-                    .collect::<Result<_>>()?;
-                // The paced probe: the shared-server hello-world, then the route.
-                let probe = [&urls[1], &urls[3]]
-                    .into_iter()
-                    .map(|u| wrk(u, &opts, Load::Paced(&script)))
-                    .collect::<Result<_>>()?;
+                // Even rounds run the servers in reverse order (A B B A): a machine getting
+                // faster or slower through a round favours neither side over two rounds.
+                let saturated = in_round_order(round, &urls, |u| wrk(u, &opts, Load::Saturate))?;
+                // The paced probe: the shared-server hello-world and the route.
+                let paced = [urls[1].clone(), urls[3].clone()];
+                let probe = in_round_order(round, &paced, |u| wrk(u, &opts, Load::Paced(&script)))?;
                 Ok((saturated, probe))
             })
             .await??
@@ -530,4 +549,33 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
     let _ = hardened.await;
     let _ = same_bytes.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_rounds_run_in_reverse_and_results_keep_the_items_order() {
+        for (round, want) in [(1, vec![0, 1, 2]), (2, vec![2, 1, 0]), (3, vec![0, 1, 2])] {
+            let mut ran = Vec::new();
+            let results = in_round_order(round, &[10, 11, 12], |x| {
+                ran.push(x - 10);
+                Ok(x * 2)
+            })
+            .unwrap();
+            assert_eq!(ran, want, "round {round}");
+            assert_eq!(results, vec![20, 22, 24]);
+        }
+    }
+
+    #[test]
+    fn wrk_latencies_are_read_in_microseconds() {
+        assert_eq!(micros("246.00us"), Some(246.0));
+        assert_eq!(micros("1.05ms"), Some(1050.0));
+        assert_eq!(micros("2.00s"), Some(2_000_000.0));
+        assert_eq!(micros("12"), None);
+        assert_eq!(median_of(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_of(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
 }
