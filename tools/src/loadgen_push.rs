@@ -10,9 +10,9 @@
 //! second delivered, late frames (arriving more than `--late-ms` after their program time, which
 //! the stream's header anchors), the arrival delay p50/p99, and the mesh process's CPU per
 //! listener per second (its CPU with the listeners minus its CPU with the speaker alone, measured
-//! just before). Beside it, in the same run: the kernel's TCP write floor, the same number of
-//! listeners fed messages of the same size at the same rate by a thread that only `write`s them
-//! ([`crate::tcp_floor::FloorServer::start_push`]). It is a TCP floor for both transports (for
+//! just before). Beside it, over the same seconds (or after the edge run, `--floor after`): the
+//! kernel's TCP write floor, the same number of listeners fed messages of the same size at the
+//! same rate by a thread that only `write`s them ([`crate::tcp_floor::FloorServer::start_push`]). It is a TCP floor for both transports (for
 //! WebTransport it says what the same messages cost a kernel TCP writer, not a QUIC one).
 
 use crate::child_mesh::ChildMesh;
