@@ -9,7 +9,6 @@ use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
-/// Status and JSON error code of a plain (non-upgrade) GET.
 /// The Chromium tests of this file run one at a time: two multi-page browser runs side by side on
 /// a 2-core box stall each other's audio (the tier-move test saw 100-470 ms gaps only then).
 static ONE_BROWSER_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -19,6 +18,7 @@ fn one_browser_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_BROWSER_TEST.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Status and JSON error code of a plain (non-upgrade) GET.
 fn refused(url: &str) -> (u16, String) {
     match ureq::get(url).call() {
         Ok(r) => (r.status(), String::new()),

@@ -17,9 +17,9 @@
 //! both, far below saturation, so the latency is the request's own and not a queue's.
 //! Goal: routes/s >= 90% of the hardened hello-world's in the same run (saturated), p50 within
 //! 1.3x of its p50 at the same paced load; the saturated p50 ratio is printed too (at
-//! saturation a closed loop's latency is mostly its queue). The ratio to the bare hyper server is printed as well, with
-//! this process's CPU time per request of each server (`getrusage`: wrk runs in its own process)
-//! and the machine's load average before and after.
+//! saturation a closed loop's latency is mostly its queue). The ratio to the bare hyper server
+//! is printed as well, with this process's CPU time per request of each server (`getrusage`: wrk
+//! runs in its own process) and the machine's load average before and after.
 
 use amphi_protocol::config::{known_region, RouterConfig};
 use amphi_protocol::token::TokenSigner;
@@ -50,6 +50,13 @@ pub struct RouteBenchOptions {
     pub rounds: u32,
     /// Connections of the paced probe (each waits [`PACE_MS`] after every answer).
     pub probe_connections: u32,
+}
+
+impl RouteBenchOptions {
+    /// The paced probe's connections: at least one per wrk thread.
+    fn paced_connections(&self) -> u32 {
+        self.probe_connections.max(self.threads)
+    }
 }
 
 /// What each connection of the paced probe waits after an answer before its next request.
@@ -110,7 +117,7 @@ fn wrk(url: &str, o: &RouteBenchOptions, load: Load) -> Result<WrkResult> {
     let cpu_before = process_cpu();
     let connections = match load {
         Load::Saturate => o.connections,
-        Load::Paced(_) => o.probe_connections.max(o.threads),
+        Load::Paced(_) => o.paced_connections(),
     };
     let mut command = Command::new("wrk");
     command.args([
@@ -446,7 +453,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
     let urls = [hello_url, hardened_url, same_bytes_url, route_url];
     let script = std::env::temp_dir().join(format!("amphi-bench-route-{}.lua", std::process::id()));
     std::fs::write(&script, pace_script()).context("writing the paced probe's wrk script")?;
-    let paced_connections = o.probe_connections.max(o.threads);
+    let paced_connections = o.paced_connections();
     let mut saturated: Vec<[Ratios; 3]> = Vec::new();
     let mut paced: Vec<Ratios> = Vec::new();
     for round in 1..=o.rounds.max(1) {

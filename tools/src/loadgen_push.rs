@@ -600,7 +600,7 @@ pub async fn run(args: PushArgs) -> Result<()> {
         (Some(floor), false) => floor.finish()?,
         (None, false) => {
             // After the edge run: the same listeners, messages of the same size at the same rate.
-            let period = Duration::from_secs_f64(elapsed / (messages as f64 / n as f64));
+            let period = message_period(elapsed, n, messages);
             let until = Instant::now() + Duration::from_secs(seconds + 60);
             let mut floor = Floor::start(
                 msg_bytes as usize,
@@ -644,6 +644,11 @@ pub async fn run(args: PushArgs) -> Result<()> {
         per_listener_us / floor_per_listener.max(0.001)
     );
     Ok(())
+}
+
+/// How often each of `n` listeners got a message, when together they got `messages` in `secs`.
+fn message_period(secs: f64, n: usize, messages: u64) -> Duration {
+    Duration::from_secs_f64(secs * n as f64 / messages.max(1) as f64)
 }
 
 /// The kernel floor ([`crate::tcp_floor::FloorServer::start_push`]) and its listeners.
@@ -722,7 +727,7 @@ impl Floor {
         );
         edge.reset();
         ensure!(messages > 0, "the edge's listeners got no message in 2 s");
-        let period = Duration::from_secs_f64(secs * n as f64 / messages as f64);
+        let period = message_period(secs, n, messages);
         let until = Instant::now() + Duration::from_secs(seconds + 60);
         let floor = Floor::start(
             (bytes / messages) as usize,
