@@ -379,6 +379,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             reminder_lead_secs: 600,
             redis_url: args.redis_url.clone(),
             hls_base_url: None,
+            http1_fast_path: true,
             https: Default::default(),
             limits: Default::default(),
         },

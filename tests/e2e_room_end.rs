@@ -210,6 +210,7 @@ async fn room_end_reported_by_the_origin_marks_the_directory() {
             reminder_lead_secs: 600,
             redis_url: None,
             hls_base_url: None,
+            http1_fast_path: true,
             https: Default::default(),
             limits: Default::default(),
         },

@@ -45,7 +45,6 @@ pub mod storage;
 mod tls;
 pub mod upload;
 
-pub use h1::{parse_request_head, FastRequest, RequestHead};
 pub use ingest::{program_record, ProgramRecordError};
 pub use request::{decide_reload, parse_hls_path, parse_hls_query};
 pub use snapshot::PUBLISHED_HEADER;
@@ -295,13 +294,17 @@ impl Packager {
             ));
         }
         let server = if options.http1_fast_path.unwrap_or(true) {
-            tokio::spawn(h1::serve(
-                listener,
-                Arc::new(h1::FastPath { http: state, held }),
+            let front = Arc::new(h1::FastPath {
+                http: state,
+                held,
+                limiter: limiter.clone(),
                 app,
-                shutdown.clone(),
-                limiter,
-            ))
+            });
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                amphi_protocol::h1::serve_fast(listener, front, sd, limiter).await;
+                Ok(())
+            })
         } else {
             let sd = shutdown.clone();
             tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! [`PublicationHook`] through which the HTTP/1.1 fast path learns of each publication.
 
 use crate::playlist::{PlaylistStatus, TARGET_DURATION};
+use amphi_protocol::h1::http_date;
 use amphi_protocol::RoomId;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -92,13 +93,4 @@ pub fn render_blocking_answer(body: &[u8], at: SystemTime) -> Bytes {
     out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(body);
     out.freeze()
-}
-
-/// `Date` header value (IMF-fixdate) of `t`.
-pub fn http_date(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    dt.format(time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    ))
-    .unwrap_or_default()
 }

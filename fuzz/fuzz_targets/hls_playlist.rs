@@ -2,8 +2,8 @@
 //! (playlists fetched over HTTP in tests): they return errors, never panic; storage keys that
 //! pass validation never climb out of a room directory.
 #![no_main]
-use amphi_testkit::conformance::{attributes, check_media, check_multivariant, Expect};
 use amphi_packager::playlist::{AAC, OPUS};
+use amphi_testkit::conformance::{attributes, check_media, check_multivariant, Expect};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

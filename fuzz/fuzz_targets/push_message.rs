@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(f.payload.end == f.consumed);
         let mut again = Vec::new();
         ws_server_frame(f.opcode, &data[at..][f.payload.clone()], &mut again);
-        assert_eq!(parse_server_frame(&again).unwrap().unwrap().payload.len(), f.payload.len());
+        assert_eq!(
+            parse_server_frame(&again).unwrap().unwrap().payload.len(),
+            f.payload.len()
+        );
         at += f.consumed;
     }
 });

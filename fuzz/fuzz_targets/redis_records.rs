@@ -115,7 +115,10 @@ fuzz_target!(|input: Input| {
         let edited = corrupt(json, &input.report.edits);
         if let Ok(r) = serde_json::from_slice::<amphi_protocol::room::Report>(&edited) {
             let again = serde_json::to_vec(&r).expect("a report serializes");
-            assert_eq!(serde_json::from_slice::<amphi_protocol::room::Report>(&again).ok(), Some(r));
+            assert_eq!(
+                serde_json::from_slice::<amphi_protocol::room::Report>(&again).ok(),
+                Some(r)
+            );
         }
     }
     let t0 = Instant::now();

@@ -53,7 +53,7 @@ mod tasks;
 use edges::{drain_edge, edge_heartbeat, list_edges};
 use end_room::end_room;
 use recording::{delete_recording, publish_recording, recording, watch_recording};
-use route::{route, Front};
+use route::{route, Front, RouteFront};
 use tasks::{apply_origin_events, housekeeping, sync_store};
 
 /// Prefix of every key the router keeps in Redis.
@@ -1026,8 +1026,14 @@ pub async fn run(setup: RouterSetup, shutdown: CancellationToken) -> Result<(), 
     tokio::spawn(apply_origin_events(state.clone(), events_rx));
     tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
     tracing::info!(%addr, https = acceptor.is_some(), "geo-router listening");
-    // Each connection's service: [`Front`] over the app.
     let routes = app(state.clone());
+    if acceptor.is_none() && state.config.http1_fast_path {
+        // `GET /v1/route` on the HTTP/1.1 fast path, the rest through [`Front`].
+        let front = Arc::new(RouteFront { state, routes });
+        amphi_protocol::h1::serve_fast(listener, front, shutdown, limiter).await;
+        return Ok(());
+    }
+    // Each connection's service: [`Front`] over the app.
     let make = move |peer| Front {
         state: state.clone(),
         app: amphi_protocol::https::app_service(routes.clone(), peer),

@@ -582,6 +582,7 @@ fn start_router_with(
             Backend::Redis(db) => Some(format!("{}/{db}", redis_base())),
         },
         hls_base_url: None,
+        http1_fast_path: true,
         https: Default::default(),
         limits: Default::default(),
     };
@@ -839,6 +840,114 @@ fn remembered_route_answers_end_with_a_drain_and_with_the_room() {
         .map(|r| r.status());
     assert_eq!(ended.ok(), Some(200));
     routes((404, None));
+}
+
+/// The HTTP/1.1 responses in `bytes`, in order: (status, content type, body).
+fn http_responses(mut bytes: &[u8]) -> Vec<(u16, String, String)> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head)) = resp.parse(bytes) else {
+            panic!("not a whole response: {}", String::from_utf8_lossy(bytes));
+        };
+        let value = |name: &str| {
+            resp.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                .unwrap_or_default()
+        };
+        let len: usize = value("content-length").parse().expect("a content length");
+        assert!(!value("date").is_empty(), "a date");
+        let body = String::from_utf8_lossy(&bytes[head..head + len]).into_owned();
+        out.push((resp.code.unwrap_or(0), value("content-type"), body));
+        bytes = &bytes[head + len..];
+    }
+    out
+}
+
+/// `GET /v1/route` is answered on the plain listener's HTTP/1.1 fast path; a connection's
+/// first other request hands it to hyper. Pipelined requests, the trusted proxy's forwarded
+/// address, errors and `Connection: close` read the same on both, and on a router with the
+/// fast path off.
+#[test]
+fn route_answers_read_the_same_on_the_fast_path_and_through_hyper() {
+    use std::io::{Read, Write};
+    let trusted = |c: &mut RouterConfig| c.trusted_proxies = vec!["127.0.0.1/32".into()];
+    let fast = start_router_with(
+        27_180,
+        Backend::Memory,
+        TokenSigner::generate("k1"),
+        trusted,
+    );
+    let hyper_only = start_router_with(27_181, Backend::Memory, TokenSigner::generate("k1"), |c| {
+        trusted(c);
+        c.http1_fast_path = false;
+    });
+    let mut answers = Vec::new();
+    for r in [&fast, &hyper_only] {
+        let b = &r.base;
+        let (status, created) = call(
+            "POST",
+            &format!("{b}/v1/rooms"),
+            Some(serde_json::json!({"title": "front"})),
+        );
+        assert_eq!(status, 201, "{created}");
+        let room = created["room"].as_str().unwrap().to_string();
+        heartbeat(b, &beat("edge-east", "us-east", vec![]));
+        heartbeat(b, &beat("edge-west", "eu-west", vec![]));
+        let route = format!(
+            "GET /v1/route?room={room}&role=listener&explain=1 HTTP/1.1\r\nHost: a\r\n\
+             X-Forwarded-For: 81.2.69.160\r\n\r\n"
+        );
+        // Two routes and a malformed one pipelined, then a request for hyper, then a route
+        // through hyper on the same connection, which asks to close it.
+        let requests = format!(
+            "{route}{route}GET /v1/route?room=nothex HTTP/1.1\r\nHost: a\r\n\r\n\
+             GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n{}",
+            route.replace("Host: a", "Host: a\r\nConnection: close")
+        );
+        let mut conn = std::net::TcpStream::connect(b.trim_start_matches("http://")).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.write_all(requests.as_bytes()).unwrap();
+        let mut read = Vec::new();
+        conn.read_to_end(&mut read)
+            .expect("the router closes after the last answer");
+        let responses = http_responses(&read);
+        let statuses: Vec<u16> = responses.iter().map(|r| r.0).collect();
+        assert_eq!(statuses, [200, 200, 404, 200, 200], "{responses:?}");
+        for i in [0, 1, 4] {
+            assert_eq!(responses[i].1, "application/json");
+            let v: serde_json::Value = serde_json::from_str(&responses[i].2).unwrap();
+            assert_eq!(v["mode"], "interactive", "{v}");
+            assert!(
+                v["why"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("forwarded by a trusted proxy")),
+                "the forwarded address is used: {v}"
+            );
+        }
+        assert_eq!(responses[0].2, responses[1].2);
+        assert_eq!(
+            responses[0].2, responses[4].2,
+            "the fast path and hyper agree"
+        );
+        assert!(responses[2].2.contains("\"error\""), "{:?}", responses[2]);
+        answers.push(
+            responses
+                .into_iter()
+                .map(|(status, kind, body)| {
+                    (
+                        status,
+                        kind,
+                        body.replace(&room, "ROOM").replace(b, "ROUTER"),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(answers[0], answers[1], "with the fast path off");
 }
 
 /// Room-affine placement through the real router: two edges in one region; a room that one of

@@ -468,6 +468,11 @@ pub struct RouterConfig {
     /// the CDN in production; absent, `public_url` (the router's own `/hls` proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hls_base_url: Option<String>,
+    /// The plain HTTP listener answers `GET /v1/route` on its own HTTP/1.1 fast path (one
+    /// write per answer, no hyper per request; default); `false`: everything through hyper,
+    /// like the HTTPS listener.
+    #[serde(default = "default_true")]
+    pub http1_fast_path: bool,
     /// HTTPS listener and client settings (`tls_cert`, `tls_key`, `tls_ca`).
     #[serde(flatten)]
     pub https: HttpTls,

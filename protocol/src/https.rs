@@ -164,7 +164,7 @@ pub fn acceptor_from(
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a connection is given to finish its requests after shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Longest a client may take to send a complete request head: counted from the accepted
 /// connection (or the TLS handshake) to its first request, and from the end of each HTTP/1.1
 /// request to the next head. A slow-loris client is cut off after this; real clients send a
@@ -327,7 +327,7 @@ pub fn limit_requests_by_peer(app: axum::Router, limiter: Limiter) -> axum::Rout
 /// (TCP_NODELAY on) that `limiter` admits; a refused plain connection is answered
 /// [`refusal_bytes`] (a TLS one is closed), without reading from it. Returns once every
 /// connection task has ended.
-async fn accept_loop<F, Fut>(
+pub(crate) async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
     limiter: Limiter,

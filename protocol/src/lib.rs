@@ -12,6 +12,8 @@ pub mod audio;
 pub mod config;
 pub mod control;
 #[cfg(feature = "https")]
+pub mod h1;
+#[cfg(feature = "https")]
 pub mod https;
 pub mod ids;
 pub mod limits;

@@ -86,6 +86,10 @@ enum BenchCommand {
         /// servers get the same load, far below saturation).
         #[arg(long, default_value_t = 16)]
         probe_connections: u32,
+        /// Serve `/v1/route` through hyper like every other request (the router's
+        /// `http1_fast_path = false`), to compare with the fast path.
+        #[arg(long)]
+        hyper_only: bool,
         /// Short run for CI (1 s per server, one round).
         #[arg(long)]
         smoke: bool,
@@ -142,6 +146,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             redis_url,
             rounds,
             probe_connections,
+            hyper_only,
             smoke,
         } => {
             crate::bench_route::run(crate::bench_route::RouteBenchOptions {
@@ -153,6 +158,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 redis_url,
                 rounds: if smoke { 1 } else { rounds },
                 probe_connections: if smoke { 4 } else { probe_connections },
+                hyper_only,
             })
             .await?
         }

@@ -50,6 +50,8 @@ pub struct RouteBenchOptions {
     pub rounds: u32,
     /// Connections of the paced probe (each waits [`PACE_MS`] after every answer).
     pub probe_connections: u32,
+    /// `/v1/route` through hyper (`http1_fast_path = false`) instead of the router's fast path.
+    pub hyper_only: bool,
 }
 
 impl RouteBenchOptions {
@@ -79,6 +81,14 @@ struct WrkResult {
     requests: u64,
     /// This process's CPU time (user and system) during the run.
     cpu: Duration,
+}
+
+impl WrkResult {
+    /// This process's CPU per request served, µs (the served requests; the edges' heartbeats
+    /// are a few per second).
+    fn cpu_per_request(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
 }
 
 /// This process's CPU time so far (user and system, every thread).
@@ -372,6 +382,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
         reminder_lead_secs: 600,
         redis_url: o.redis_url.clone(),
         hls_base_url: None,
+        http1_fast_path: !o.hyper_only,
         https: Default::default(),
         limits: Default::default(),
     };
@@ -433,11 +444,12 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
     let same_bytes_url =
         format!("http://{same_bytes_addr}/v1/route?room={room}&ip=8.8.8.8&role=listener");
     println!(
-        "route lookup over HTTP vs hyper hello-world (wrk -t{} -c{} -d{}s, loopback, same process, {} store)",
+        "route lookup over HTTP vs hyper hello-world (wrk -t{} -c{} -d{}s, loopback, same process, {} store, route {})",
         o.threads,
         o.connections,
         o.seconds,
-        if o.redis_url.is_some() { "Redis" } else { "memory" }
+        if o.redis_url.is_some() { "Redis" } else { "memory" },
+        if o.hyper_only { "through hyper" } else { "on the HTTP/1.1 fast path" }
     );
     println!(
         "  sample route: edge {} ({})",
@@ -485,9 +497,7 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
             o.connections
         );
         for (name, w) in names.iter().zip(&results) {
-            // CPU of the whole process (the served requests; the edges' heartbeats are a few
-            // per second), per request served.
-            let cpu_per_request = w.cpu.as_secs_f64() * 1e6 / w.requests.max(1) as f64;
+            let cpu_per_request = w.cpu_per_request();
             println!(
                 "    {name:<28} {:>10.0} req/s  (p50 latency {}, {} requests, {cpu_per_request:.2} µs CPU per request)",
                 w.requests_per_sec, w.latency, w.requests
@@ -512,8 +522,11 @@ pub async fn run(o: RouteBenchOptions) -> Result<()> {
             ("/v1/route", &probe_route),
         ] {
             println!(
-                "    {name:<28} {:>10.0} req/s  (p50 latency {}, p99 {})",
-                w.requests_per_sec, w.latency, w.p99
+                "    {name:<28} {:>10.0} req/s  (p50 latency {}, p99 {}, {:.2} µs CPU per request)",
+                w.requests_per_sec,
+                w.latency,
+                w.p99,
+                w.cpu_per_request()
             );
         }
         let probe = Ratios::of(&probe_route, &probe_hello);

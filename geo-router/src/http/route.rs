@@ -100,7 +100,7 @@ pub(super) async fn route(
         return Err(not_live());
     }
     let at = locate_client(&s, peer, req.headers(), &p)?;
-    route_decide(&s, &p, &at, Instant::now(), None)
+    route_decide(&s, &p, &at, Instant::now(), None).map(|r| r.response())
 }
 
 fn not_live() -> Failure {
@@ -158,9 +158,12 @@ pub(super) struct Routed {
     tier: Tier,
 }
 
+/// The content type of a route answer.
+const ROUTE_CONTENT_TYPE: &str = "application/json";
+
 impl Routed {
-    /// Count the answer, and send it.
-    fn send(&self, s: &AppState) -> Response {
+    /// Count the answer as sent.
+    fn count(&self, s: &AppState) {
         self.decision.inc();
         s.metrics.routes.inc();
         if self.located {
@@ -169,12 +172,26 @@ impl Routed {
         if self.tier == Tier::Hls {
             s.metrics.routes_hls.inc();
         }
+    }
+
+    /// The answer as a response (counted already).
+    fn response(&self) -> Response {
         let mut resp = Response::new(Body::from(self.body.clone()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            HeaderValue::from_static(ROUTE_CONTENT_TYPE),
         );
         resp
+    }
+
+    /// The answer's HTTP/1.1 bytes for the fast path (counted already).
+    fn wire(&self, close: bool) -> Bytes {
+        amphi_protocol::h1::response_bytes_with(
+            StatusCode::OK,
+            [(header::CONTENT_TYPE.as_str(), ROUTE_CONTENT_TYPE.as_bytes())],
+            &self.body,
+            close,
+        )
     }
 }
 
@@ -225,14 +242,20 @@ thread_local! {
         std::cell::RefCell::default();
 }
 
-/// The answer this thread remembers for `key`, sent, if it still holds under `stamp` at `now`.
+/// The answer this thread remembers for `key`, counted as sent, if it still holds under
+/// `stamp` at `now`.
 fn send_remembered(
     s: &AppState,
     key: &AnswerKey,
     stamp: MemoStamp,
     now: Instant,
-) -> Option<Response> {
-    THREAD_ANSWERS.with(|m| m.borrow().get(key, stamp, now).map(|r| r.send(s)))
+) -> Option<Routed> {
+    THREAD_ANSWERS.with(|m| {
+        let memo = m.borrow();
+        let routed = memo.get(key, stamp, now)?;
+        routed.count(s);
+        Some(routed.clone())
+    })
 }
 
 /// Remember `routed` in this thread for `key`, made under `stamp`, until the first of the
@@ -260,14 +283,14 @@ fn remember_in_thread(
 /// Route a request whose room is live from a client located as `at`: the edge, written as the
 /// answer, or the answer made for a client placed alike while the registry has not changed
 /// ([`crate::answer_cache`]). With `memo` (the stamp read before the room's liveness was
-/// checked), the answer is also remembered in this thread.
+/// checked), the answer is also remembered in this thread. The answer is counted as sent.
 fn route_decide(
     s: &AppState,
     p: &RouteParams<'_>,
     at: &Located,
     now: Instant,
     memo: Option<MemoStamp>,
-) -> Answer {
+) -> Result<Routed, Failure> {
     let (q, room) = (&p.query, p.room);
     if let Some(key) = &at.key {
         let generation = s.generation.get();
@@ -280,7 +303,8 @@ fn route_decide(
                 };
                 remember_in_thread(s, room, *key, stamp, until, &routed);
             }
-            return Ok(routed.send(s));
+            routed.count(s);
+            return Ok(routed);
         }
     }
     // Checked by `route_params`.
@@ -367,7 +391,8 @@ fn route_decide(
             remember_in_thread(s, room, key, stamp, until, &routed);
         }
     }
-    Ok(routed.send(s))
+    routed.count(s);
+    Ok(routed)
 }
 
 /// The router's service on one connection: `GET /v1/route`, which every listener and speaker
@@ -415,7 +440,13 @@ impl<A: amphi_protocol::https::ConnectionService> hyper::service::Service<Reques
 
     fn call(&self, req: Request<Incoming>) -> FrontFuture {
         if req.method() == Method::GET && req.uri().path() == "/v1/route" {
-            return route_front(&self.state, self.peer, req);
+            let (parts, _) = req.into_parts();
+            return match route_front(&self.state, self.peer, parts.uri, parts.headers) {
+                RouteFuture::Ready(reply) => FrontFuture::Ready(Some(reply.into_response())),
+                RouteFuture::Later(f) => {
+                    FrontFuture::Later(Box::pin(async move { f.await.into_response() }))
+                }
+            };
         }
         let fut = self.app.call(req);
         FrontFuture::Later(Box::pin(async move {
@@ -427,67 +458,170 @@ impl<A: amphi_protocol::https::ConnectionService> hyper::service::Service<Reques
     }
 }
 
-/// `GET /v1/route` on [`Front`]: the budget of the real client, then the answer, at once when
-/// the room is known live (else after asking the store).
-fn route_front(s: &Shared, peer: SocketAddr, req: Request<Incoming>) -> FrontFuture {
+/// What `GET /v1/route` answers on the fronts: a route answer (counted as sent), or any other
+/// response (a refusal, an error).
+pub(super) enum Reply {
+    Routed(Routed),
+    Other(Response),
+}
+
+impl Reply {
+    fn status(&self) -> StatusCode {
+        match self {
+            Reply::Routed(_) => StatusCode::OK,
+            Reply::Other(resp) => resp.status(),
+        }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        match self {
+            Reply::Routed(routed) => routed.response(),
+            Reply::Other(resp) => resp,
+        }
+    }
+}
+
+impl From<Result<Routed, Failure>> for Reply {
+    fn from(decided: Result<Routed, Failure>) -> Reply {
+        match decided {
+            Ok(routed) => Reply::Routed(routed),
+            Err(f) => Reply::Other(f.into_response()),
+        }
+    }
+}
+
+/// The answer of [`route_front`]: at once, or after asking the store whether the room is live.
+pub(super) enum RouteFuture {
+    Ready(Reply),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>),
+}
+
+/// `GET /v1/route` on the fronts ([`Front`], [`RouteFront`]): the budget of the real client,
+/// then the answer, at once when the room is known live (else after asking the store).
+fn route_front(s: &Shared, peer: SocketAddr, uri: Uri, headers: HeaderMap) -> RouteFuture {
     let log = tracing::enabled!(
         target: amphi_common::redact::REQUEST_LOG_TARGET,
         tracing::Level::DEBUG
     )
     .then(Instant::now);
+    let ready = |reply: Reply| {
+        log_route(log, &uri, reply.status());
+        RouteFuture::Ready(reply)
+    };
     // One reading of the clock for the budget, the liveness and the registry.
     let now = Instant::now();
-    let client = real_client(s, peer.ip(), req.headers());
+    let client = real_client(s, peer.ip(), &headers);
     if let Err(r) = s.limiter.request_at(client, now) {
-        let resp = amphi_protocol::https::refusal_response(&r);
-        log_route(log, req.uri(), &resp);
-        return FrontFuture::Ready(Some(resp));
+        return ready(Reply::Other(amphi_protocol::https::refusal_response(&r)));
     }
-    let p = match route_params(req.uri().query()) {
+    let p = match route_params(uri.query()) {
         Ok(p) => p,
-        Err(f) => {
-            let resp = f.into_response();
-            log_route(log, req.uri(), &resp);
-            return FrontFuture::Ready(Some(resp));
-        }
+        Err(f) => return ready(Reply::Other(f.into_response())),
     };
     // Read before the liveness: an end through this router after it voids what is made now.
     let stamp = s.memo_stamp();
-    let at = locate_client(s, peer, req.headers(), &p);
+    let at = locate_client(s, peer, &headers, &p);
     if let Ok(Located { key: Some(key), .. }) = &at {
-        if let Some(resp) = send_remembered(s, key, stamp, now) {
-            log_route(log, req.uri(), &resp);
-            return FrontFuture::Ready(Some(resp));
+        if let Some(routed) = send_remembered(s, key, stamp, now) {
+            return ready(Reply::Routed(routed));
         }
     }
     if lock(&s.live).is_live(p.room, now) {
-        let resp = at
-            .and_then(|at| route_decide(s, &p, &at, now, Some(stamp)))
-            .into_response();
-        log_route(log, req.uri(), &resp);
-        return FrontFuture::Ready(Some(resp));
+        return ready(
+            at.and_then(|at| route_decide(s, &p, &at, now, Some(stamp)))
+                .into(),
+        );
     }
     let room = p.room;
     let s = s.clone();
-    FrontFuture::Later(Box::pin(async move {
-        let resp = match s.route_live(room).await {
-            Ok(true) => route_params(req.uri().query()).and_then(|p| {
-                let at = locate_client(&s, peer, req.headers(), &p)?;
+    RouteFuture::Later(Box::pin(async move {
+        let reply: Reply = match s.route_live(room).await {
+            Ok(true) => route_params(uri.query()).and_then(|p| {
+                let at = locate_client(&s, peer, &headers, &p)?;
                 route_decide(&s, &p, &at, Instant::now(), None)
             }),
             Ok(false) => Err(not_live()),
             Err(f) => Err(f),
         }
-        .into_response();
-        log_route(log, req.uri(), &resp);
-        resp
+        .into();
+        log_route(log, &uri, reply.status());
+        reply
     }))
 }
 
-/// The request log line of a `/v1/route` answered by [`Front`] (what
+/// The router's plain HTTP/1.1 front ([`amphi_protocol::h1`]): `GET /v1/route` answered with
+/// one write, as [`Front`] answers it; the rest of a connection goes to [`Front`].
+pub(super) struct RouteFront {
+    /// The router's state.
+    pub(super) state: Shared,
+    /// The axum app behind [`Front`].
+    pub(super) routes: axum::Router,
+}
+
+/// The request headers a route answer reads: where a trusted proxy says the client is.
+static ROUTE_HEADERS: [header::HeaderName; 2] = [header::FORWARDED, X_FORWARDED_FOR];
+
+/// Whether a request target (path and query) is `/v1/route`.
+fn is_route_target(target: &str) -> bool {
+    target
+        .strip_prefix("/v1/route")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
+}
+
+impl amphi_protocol::h1::FastFront for RouteFront {
+    fn accepts(&self, target: &str) -> bool {
+        is_route_target(target)
+    }
+
+    fn kept_headers(&self) -> &[header::HeaderName] {
+        &ROUTE_HEADERS
+    }
+
+    fn answer(
+        self: &std::sync::Arc<Self>,
+        conn: &std::sync::Arc<tokio::net::TcpStream>,
+        peer: SocketAddr,
+        req: amphi_protocol::h1::FastRequest,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        let answer = route_front(&self.state, peer, req.uri, req.headers);
+        let (conn, close) = (conn.clone(), req.close);
+        async move {
+            let reply = match answer {
+                RouteFuture::Ready(reply) => reply,
+                RouteFuture::Later(f) => f.await,
+            };
+            let bytes = match reply {
+                Reply::Routed(routed) => routed.wire(close),
+                Reply::Other(resp) => amphi_protocol::h1::response_bytes(resp, close).await,
+            };
+            amphi_protocol::h1::write_all(&conn, &bytes).await
+        }
+    }
+
+    fn hand_off(
+        self: &std::sync::Arc<Self>,
+        io: amphi_protocol::h1::Prefixed,
+        peer: SocketAddr,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let front = Front {
+            state: self.state.clone(),
+            app: amphi_protocol::https::app_service(self.routes.clone(), peer),
+            peer,
+        };
+        let shutdown = shutdown.clone();
+        async move {
+            amphi_protocol::https::serve_connection_with(io, front, peer, &shutdown).await;
+        }
+    }
+}
+
+/// The request log line of a `/v1/route` answered by a front (what
 /// [`amphi_common::redact::log_request`] writes for the others); `started` is `None` when
 /// the log is off.
-fn log_route(started: Option<Instant>, uri: &Uri, resp: &Response) {
+fn log_route(started: Option<Instant>, uri: &Uri, status: StatusCode) {
     let Some(started) = started else {
         return;
     };
@@ -496,7 +630,7 @@ fn log_route(started: Option<Instant>, uri: &Uri, resp: &Response) {
         method = "GET",
         path = uri.path(),
         query = uri.query().map(amphi_common::redact::redact_query).unwrap_or_default(),
-        status = resp.status().as_u16(),
+        status = status.as_u16(),
         elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "request"
     );
@@ -507,6 +641,23 @@ mod tests {
     use super::*;
 
     const PEER: &str = "10.0.0.2";
+
+    #[test]
+    fn only_route_targets_take_the_fast_path() {
+        for yes in ["/v1/route", "/v1/route?room=1", "/v1/route?"] {
+            assert!(is_route_target(yes), "{yes}");
+        }
+        for no in [
+            "/v1/routes",
+            "/v1/route/",
+            "/v1/route#x",
+            "/v1/rooms",
+            "/",
+            "v1/route",
+        ] {
+            assert!(!is_route_target(no), "{no}");
+        }
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

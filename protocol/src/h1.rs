@@ -1,0 +1,519 @@
+//! A plain HTTP/1.1 front for a role's hottest requests.
+//!
+//! A request of the plain shape (`GET`, HTTP/1.1, no body, no upgrade, no byte range) whose
+//! target the role's [`FastFront`] accepts is parsed here (httparse) and answered by the role
+//! with one write of the whole response, without hyper's per-request machinery. Anything else
+//! (other targets, methods, versions, bodies, upgrades, HTTP/2 prior knowledge) hands the rest
+//! of the connection to hyper ([`serve_connection_with`]) with the bytes already read.
+
+#[cfg(doc)]
+use crate::https::serve_connection_with;
+use crate::https::{accept_loop, Limiter, HEADER_READ_TIMEOUT, SHUTDOWN_GRACE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::response::Response;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use socket2::SockRef;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Largest request head the front reads before handing the connection to hyper.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Headers parsed per request.
+const MAX_HEADERS: usize = 32;
+
+/// A request the front answers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FastRequest {
+    /// Path and query as sent.
+    pub uri: Uri,
+    /// `Connection: close` was asked for.
+    pub close: bool,
+    /// The headers the role asked to keep ([`FastFront::kept_headers`]), in order.
+    pub headers: HeaderMap,
+}
+
+/// What the bytes read so far of a connection hold, as the front sees them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestHead {
+    /// A complete request head of `.1` bytes the front answers.
+    Fast(FastRequest, usize),
+    /// Not complete yet.
+    Partial,
+    /// Something for hyper (the whole rest of the connection).
+    Other,
+}
+
+/// Classify the start of a connection's unread bytes: a plain `GET` whose target `accepts`,
+/// keeping the headers named in `kept`. Network-facing: never panics (fuzzed under `fuzz/`).
+pub fn parse_request_head(
+    buf: &[u8],
+    accepts: impl Fn(&str) -> bool,
+    kept: &[HeaderName],
+) -> RequestHead {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return RequestHead::Partial,
+        _ => return RequestHead::Other,
+    };
+    let (Some("GET"), Some(1), Some(target)) = (req.method, req.version, req.path) else {
+        return RequestHead::Other;
+    };
+    if !accepts(target) {
+        return RequestHead::Other;
+    }
+    let Ok(uri) = Uri::try_from(target) else {
+        return RequestHead::Other;
+    };
+    let mut close = false;
+    let mut keep = HeaderMap::new();
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if h.value != b"0" {
+                return RequestHead::Other;
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+            // Byte ranges are answered by hyper.
+            || name.eq_ignore_ascii_case("range")
+        {
+            return RequestHead::Other;
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = h
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if let Some(k) = kept.iter().find(|k| name.eq_ignore_ascii_case(k.as_str())) {
+            // A value hyper would refuse goes to hyper too.
+            let Ok(value) = HeaderValue::from_bytes(h.value) else {
+                return RequestHead::Other;
+            };
+            keep.append(k.clone(), value);
+        }
+    }
+    RequestHead::Fast(
+        FastRequest {
+            uri,
+            close,
+            headers: keep,
+        },
+        len,
+    )
+}
+
+/// A role's requests answered on the front, and hyper for everything else.
+pub trait FastFront: Send + Sync + 'static {
+    /// Whether a plain `GET` of `target` (path and query) is answered here.
+    fn accepts(&self, target: &str) -> bool;
+
+    /// The request headers [`FastFront::answer`] reads (none by default).
+    fn kept_headers(&self) -> &[HeaderName] {
+        &[]
+    }
+
+    /// Answer one request on `conn` (the whole response, [`write_all`]); `Err` when the
+    /// connection is unusable.
+    fn answer(
+        self: &Arc<Self>,
+        conn: &Arc<TcpStream>,
+        peer: SocketAddr,
+        req: FastRequest,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Serve the rest of a connection from `peer` with hyper ([`serve_connection_with`]),
+    /// starting with the bytes already read (`io`).
+    fn hand_off(
+        self: &Arc<Self>,
+        io: Prefixed,
+        peer: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Accept connections on `listener` until `shutdown`; each that `limiter` admits is served by
+/// `front` (a refused one is answered 503 without being read). Returns once every connection
+/// has finished.
+pub async fn serve_fast<F: FastFront>(
+    listener: TcpListener,
+    front: Arc<F>,
+    shutdown: CancellationToken,
+    limiter: Limiter,
+) {
+    let sd = shutdown.clone();
+    accept_loop(listener, shutdown, limiter, true, move |tcp, peer| {
+        connection(tcp, peer, front.clone(), sd.clone())
+    })
+    .await;
+}
+
+/// One client connection: requests answered by `front` until one is not for it, then the
+/// rest of the connection goes to hyper.
+async fn connection<F: FastFront>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    front: Arc<F>,
+    shutdown: CancellationToken,
+) {
+    let conn = Arc::new(stream);
+    let mut buf = BytesMut::with_capacity(1024);
+    // Made once per connection, not per request: waiting on the token registers with it (a
+    // lock every connection shares), and a timer pushed later is updated in place.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    // Each request head must be complete within this time, counted from the accepted
+    // connection or the end of the previous answer (slow-loris clients are dropped).
+    let head_deadline = tokio::time::sleep(HEADER_READ_TIMEOUT);
+    tokio::pin!(head_deadline);
+    loop {
+        match parse_request_head(&buf, |t| front.accepts(t), front.kept_headers()) {
+            RequestHead::Fast(req, len) => {
+                buf.advance(len);
+                let close = req.close;
+                let answer = front.answer(&conn, peer, req);
+                tokio::pin!(answer);
+                let answered = tokio::select! {
+                    biased;
+                    r = answer.as_mut() => r.is_ok(),
+                    // Shutting down: this answer is finished within the grace, then closed.
+                    _ = cancelled.as_mut() => {
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, answer).await;
+                        return;
+                    }
+                };
+                if !answered || close {
+                    return;
+                }
+                head_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+            }
+            RequestHead::Partial => {
+                let read = tokio::select! {
+                    biased;
+                    r = read_more(&conn, &mut buf) => r,
+                    _ = head_deadline.as_mut() => return,
+                    _ = cancelled.as_mut() => return,
+                };
+                match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            RequestHead::Other => {
+                let Ok(stream) = Arc::try_unwrap(conn) else {
+                    tracing::debug!(%peer, "connection still referenced; closing it");
+                    return;
+                };
+                let io = Prefixed {
+                    read: buf.freeze(),
+                    inner: stream,
+                };
+                front.hand_off(io, peer, &shutdown).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Read what the socket holds into `buf` (0: the client closed it).
+async fn read_more(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        conn.readable().await?;
+        buf.reserve(1024);
+        let mut got = 0;
+        let read = conn.try_io(Interest::READABLE, || {
+            let spare = buf.spare_capacity_mut();
+            let room = spare.len();
+            got = SockRef::from(conn).recv(spare)?;
+            // A read that did not fill the buffer took all the socket held: the next one would
+            // only say "would block", so the readiness is cleared now instead of by that extra
+            // syscall (tokio keeps readiness that a newer event set meanwhile).
+            if got > 0 && got < room {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(got)
+        });
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => continue,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {
+                // SAFETY: `recv` initialised the first `got` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + got) };
+                return Ok(got);
+            }
+        }
+    }
+}
+
+/// Write as much of `bytes` as the socket takes without waiting.
+pub fn write_now(conn: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut off = 0;
+    while off < bytes.len() {
+        match conn.try_write(&bytes[off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off)
+}
+
+/// Write all of `bytes`, waiting for the socket to take them.
+pub async fn write_all(conn: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match conn.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The `Date` header's value for `t` (IMF-fixdate).
+pub fn http_date(t: SystemTime) -> String {
+    httpdate::fmt_http_date(t)
+}
+
+thread_local! {
+    /// This thread's `Date` value and the second it is for.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Append `date: <now>\r\n` (rendered once per second per thread).
+fn put_date(out: &mut BytesMut) {
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != second {
+            *d = (second, http_date(now));
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(d.1.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// HTTP/1.1 bytes of a handler's response (its body is in memory), with `Date`,
+/// `Content-Length` and, when `close`, `Connection: close`.
+pub async fn response_bytes(resp: Response, close: bool) -> Bytes {
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_bytes()));
+    response_bytes_with(parts.status, headers, &body, close)
+}
+
+/// [`response_bytes`] of a status, headers (name, value) and body at hand: one buffer.
+pub fn response_bytes_with<'h>(
+    status: StatusCode,
+    headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+    body: &[u8],
+    close: bool,
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(160 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    put_date(&mut out);
+    out.extend_from_slice(b"content-length: ");
+    put_decimal(&mut out, body.len());
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out.freeze()
+}
+
+/// Append `n` in decimal.
+fn put_decimal(out: &mut BytesMut, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // A digit: `n % 10` is below 10.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Prefixed {
+    read: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::header::FORWARDED;
+
+    fn under_hls(target: &str) -> bool {
+        target.starts_with("/hls/")
+    }
+
+    #[test]
+    fn only_plain_gets_of_accepted_targets_take_the_front() {
+        let fast = |raw: &str| match parse_request_head(raw.as_bytes(), under_hls, &[]) {
+            RequestHead::Fast(r, n) => Some((r.uri.to_string(), r.close, n == raw.len())),
+            _ => None,
+        };
+        assert_eq!(
+            fast("GET /hls/x/opus/playlist.m3u8?_HLS_msn=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(("/hls/x/opus/playlist.m3u8?_HLS_msn=1".into(), false, true))
+        );
+        assert_eq!(
+            fast("GET /hls/x HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n"),
+            Some(("/hls/x".into(), true, true))
+        );
+        assert_eq!(
+            fast("GET /hls/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Some(("/hls/x".into(), false, true))
+        );
+        for other in [
+            "GET /metrics HTTP/1.1\r\n\r\n",
+            "HEAD /hls/x HTTP/1.1\r\n\r\n",
+            "GET /hls/x HTTP/1.0\r\n\r\n",
+            "GET /hls/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "GET /hls/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /hls/x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET /hls/x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET /hls/x/recording.m4a HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n",
+            "POST /recordings/x/publish HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_request_head(other.as_bytes(), under_hls, &[]),
+                    RequestHead::Other
+                ),
+                "{other}"
+            );
+        }
+        assert!(matches!(
+            parse_request_head(b"GET /hls/x HTTP/1.1\r\nHo", under_hls, &[]),
+            RequestHead::Partial
+        ));
+        let huge = format!("GET /hls/x HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert!(matches!(
+            parse_request_head(huge.as_bytes(), under_hls, &[]),
+            RequestHead::Other
+        ));
+    }
+
+    #[test]
+    fn only_the_kept_headers_are_kept_in_order() {
+        let raw = "GET /hls/x HTTP/1.1\r\nHost: a\r\nforwarded: for=1.2.3.4\r\nX-Other: 1\r\n\
+                   Forwarded: for=5.6.7.8\r\n\r\n";
+        let RequestHead::Fast(req, _) = parse_request_head(raw.as_bytes(), under_hls, &[FORWARDED])
+        else {
+            panic!("a plain GET");
+        };
+        let kept: Vec<_> = req.headers.get_all(FORWARDED).iter().collect();
+        assert_eq!(kept, ["for=1.2.3.4", "for=5.6.7.8"]);
+        assert_eq!(req.headers.len(), 2);
+    }
+
+    #[test]
+    fn responses_carry_their_headers_date_and_length() {
+        let headers = [("content-type", &b"application/json"[..])];
+        let bytes = response_bytes_with(StatusCode::OK, headers, b"{}", true);
+        let text = std::str::from_utf8(&bytes).expect("ASCII");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: "));
+        assert!(text.ends_with("\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"));
+        let mut parsed = [httparse::EMPTY_HEADER; 8];
+        let mut resp = httparse::Response::new(&mut parsed);
+        assert!(
+            matches!(resp.parse(&bytes), Ok(httparse::Status::Complete(n)) if n == bytes.len() - 2)
+        );
+        let none = response_bytes_with(StatusCode::NOT_FOUND, [], b"", false);
+        assert!(none.ends_with(b"content-length: 0\r\n\r\n"));
+        assert_eq!(
+            http_date(UNIX_EPOCH + std::time::Duration::from_secs(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+    }
+}
