@@ -221,7 +221,8 @@ async fn connection<F: FastFront>(
                     read: buf.freeze(),
                     inner: stream,
                 };
-                front.hand_off(io, peer, &shutdown).await;
+                // Boxed: most connections never get here, and hyper's connection is large.
+                Box::pin(front.hand_off(io, peer, &shutdown)).await;
                 return;
             }
         }
