@@ -248,14 +248,13 @@ async fn read_more(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
             Ok(got)
         });
         match read {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => continue,
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-            _ => {
-                // SAFETY: `recv` initialised the first `got` bytes of the spare capacity.
-                unsafe { buf.set_len(buf.len() + got) };
-                return Ok(got);
-            }
+            Err(_) if got == 0 => continue,
+            _ => {}
         }
+        // SAFETY: `recv` initialised the first `got` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + got) };
+        return Ok(got);
     }
 }
 
@@ -348,7 +347,7 @@ pub fn response_bytes_with<'h>(
     }
     put_date(&mut out);
     out.extend_from_slice(b"content-length: ");
-    put_decimal(&mut out, body.len());
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     out.extend_from_slice(b"\r\n");
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -356,22 +355,6 @@ pub fn response_bytes_with<'h>(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out.freeze()
-}
-
-/// Append `n` in decimal.
-fn put_decimal(out: &mut BytesMut, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        // A digit: `n % 10` is below 10.
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// A stream that first yields bytes already read from it.

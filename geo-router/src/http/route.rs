@@ -100,7 +100,7 @@ pub(super) async fn route(
         return Err(not_live());
     }
     let at = locate_client(&s, peer, req.headers(), &p)?;
-    route_decide(&s, &p, &at, Instant::now(), None).map(|r| r.response())
+    route_decide(&s, &p, &at, Instant::now(), None).map(|r| route_response(r.body))
 }
 
 fn not_live() -> Failure {
@@ -173,26 +173,26 @@ impl Routed {
             s.metrics.routes_hls.inc();
         }
     }
+}
 
-    /// The answer as a response (counted already).
-    fn response(&self) -> Response {
-        let mut resp = Response::new(Body::from(self.body.clone()));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(ROUTE_CONTENT_TYPE),
-        );
-        resp
-    }
+/// A route answer's body as a response.
+fn route_response(body: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(ROUTE_CONTENT_TYPE),
+    );
+    resp
+}
 
-    /// The answer's HTTP/1.1 bytes for the fast path (counted already).
-    fn wire(&self, close: bool) -> Bytes {
-        amphi_protocol::h1::response_bytes_with(
-            StatusCode::OK,
-            [(header::CONTENT_TYPE.as_str(), ROUTE_CONTENT_TYPE.as_bytes())],
-            &self.body,
-            close,
-        )
-    }
+/// A route answer's body as the fast path's HTTP/1.1 bytes.
+fn route_wire(body: &[u8], close: bool) -> Bytes {
+    amphi_protocol::h1::response_bytes_with(
+        StatusCode::OK,
+        [(header::CONTENT_TYPE.as_str(), ROUTE_CONTENT_TYPE.as_bytes())],
+        body,
+        close,
+    )
 }
 
 /// Where a `/v1/route` client is, and the key its answer is remembered under.
@@ -242,19 +242,15 @@ thread_local! {
         std::cell::RefCell::default();
 }
 
-/// The answer this thread remembers for `key`, counted as sent, if it still holds under
-/// `stamp` at `now`.
-fn send_remembered(
-    s: &AppState,
-    key: &AnswerKey,
-    stamp: MemoStamp,
-    now: Instant,
-) -> Option<Routed> {
+/// The body of the answer this thread remembers for `key`, counted as sent, if it still holds
+/// under `stamp` at `now` (the body only: the rest holds shared counters, whose reference
+/// counts every thread would touch).
+fn send_remembered(s: &AppState, key: &AnswerKey, stamp: MemoStamp, now: Instant) -> Option<Bytes> {
     THREAD_ANSWERS.with(|m| {
         let memo = m.borrow();
         let routed = memo.get(key, stamp, now)?;
         routed.count(s);
-        Some(routed.clone())
+        Some(routed.body.clone())
     })
 }
 
@@ -458,10 +454,10 @@ impl<A: amphi_protocol::https::ConnectionService> hyper::service::Service<Reques
     }
 }
 
-/// What `GET /v1/route` answers on the fronts: a route answer (counted as sent), or any other
-/// response (a refusal, an error).
+/// What `GET /v1/route` answers on the fronts: a route answer's body (counted as sent), or any
+/// other response (a refusal, an error).
 pub(super) enum Reply {
-    Routed(Routed),
+    Routed(Bytes),
     Other(Response),
 }
 
@@ -477,7 +473,7 @@ impl Reply {
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         match self {
-            Reply::Routed(routed) => routed.response(),
+            Reply::Routed(body) => route_response(body),
             Reply::Other(resp) => resp,
         }
     }
@@ -486,7 +482,7 @@ impl IntoResponse for Reply {
 impl From<Result<Routed, Failure>> for Reply {
     fn from(decided: Result<Routed, Failure>) -> Reply {
         match decided {
-            Ok(routed) => Reply::Routed(routed),
+            Ok(routed) => Reply::Routed(routed.body),
             Err(f) => Reply::Other(f.into_response()),
         }
     }
@@ -524,8 +520,8 @@ fn route_front(s: &Shared, peer: SocketAddr, uri: Uri, headers: HeaderMap) -> Ro
     let stamp = s.memo_stamp();
     let at = locate_client(s, peer, &headers, &p);
     if let Ok(Located { key: Some(key), .. }) = &at {
-        if let Some(routed) = send_remembered(s, key, stamp, now) {
-            return ready(Reply::Routed(routed));
+        if let Some(body) = send_remembered(s, key, stamp, now) {
+            return ready(Reply::Routed(body));
         }
     }
     if lock(&s.live).is_live(p.room, now) {
@@ -593,7 +589,7 @@ impl amphi_protocol::h1::FastFront for RouteFront {
                 RouteFuture::Later(f) => f.await,
             };
             let bytes = match reply {
-                Reply::Routed(routed) => routed.wire(close),
+                Reply::Routed(body) => route_wire(&body, close),
                 Reply::Other(resp) => amphi_protocol::h1::response_bytes(resp, close).await,
             };
             amphi_protocol::h1::write_all(&conn, &bytes).await
