@@ -20,21 +20,14 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// A held request's slot is still waiting.
-const WAITING: u8 = 0;
-/// The publisher took the request and answers it.
-const CLAIMED: u8 = 1;
-/// The request gave up (timeout, shutdown) and answers itself.
-const ABANDONED: u8 = 2;
-
-/// What the publisher did with a held request.
+/// What the publisher (or the sweep) did with a held request.
 enum Release {
     /// The whole response is written.
     Written,
@@ -42,15 +35,28 @@ enum Release {
     Rest(Bytes, usize),
     /// Writing failed: the connection is closed.
     Failed,
+    /// No publication satisfied it within [`BLOCK_TIMEOUT`], or the packager is stopping: the
+    /// connection task answers `503`. (A dropped waiter, when its room finishes, reads the
+    /// same.)
+    TimedOut,
 }
 
+/// How often held requests are checked against their deadline: a request that no
+/// publication satisfies is answered between [`BLOCK_TIMEOUT`] and this much later.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
 /// A blocking playlist request held on the fast path.
+///
+/// A waiter is answered exactly once, by whoever takes it out of its list: a publication that
+/// satisfies it ([`release_waiters`]), the sweep once its deadline passed, or the packager's
+/// shutdown. Its connection task only waits for that answer, with no timer or cancellation
+/// registration of its own.
 pub struct Waiter {
     conn: Arc<TcpStream>,
     msn: u64,
     part: Option<u32>,
     skip: bool,
-    state: Arc<AtomicU8>,
+    deadline: Instant,
     done: oneshot::Sender<Release>,
 }
 
@@ -71,10 +77,13 @@ pub struct FastPath {
 type RoomHeld = Vec<Mutex<Vec<Waiter>>>;
 
 /// The blocking playlist reloads the fast path holds, per room and rendition. The rooms'
-/// uploaders release them through [`PublicationHook`] after each publication.
+/// uploaders release them through [`PublicationHook`] after each publication; [`sweep_held`]
+/// answers the ones that waited too long.
 pub struct HeldReloads {
     rooms: RwLock<HashMap<RoomId, Arc<RoomHeld>>>,
     metrics: Arc<Metrics>,
+    /// Set at shutdown, before the last sweep: nothing is held any more.
+    closed: AtomicBool,
 }
 
 impl HeldReloads {
@@ -83,6 +92,43 @@ impl HeldReloads {
         HeldReloads {
             rooms: RwLock::new(HashMap::new()),
             metrics,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Answer `503` to every held request whose deadline is at or before `now`.
+    pub fn sweep(&self, now: Instant) {
+        self.take_and_time_out(|w| w.deadline <= now);
+    }
+
+    /// Stop holding requests: every held one is answered `503`, and later ones are not held.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.take_and_time_out(|_| true);
+    }
+
+    /// Take the waiters `expired` picks out of every list and answer them `503`.
+    fn take_and_time_out(&self, expired: impl Fn(&Waiter) -> bool) {
+        let rooms: Vec<Arc<RoomHeld>> = self
+            .rooms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut gone = Vec::new();
+        for list in rooms.iter().flat_map(|r| r.iter()) {
+            let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+            if list.iter().any(&expired) {
+                let (out, kept): (Vec<Waiter>, Vec<Waiter>) =
+                    std::mem::take(&mut *list).into_iter().partition(&expired);
+                *list = kept;
+                gone.extend(out);
+            }
+        }
+        // Answered outside the locks.
+        for w in gone {
+            let _ = w.done.send(Release::TimedOut);
         }
     }
 
@@ -125,11 +171,24 @@ impl PublicationHook for HeldReloads {
     }
 }
 
+/// Answer held requests that waited [`BLOCK_TIMEOUT`] (checked every [`SWEEP_EVERY`]) until
+/// `shutdown`, then every one still held.
+pub async fn sweep_held(held: Arc<HeldReloads>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = every.tick() => held.sweep(Instant::now()),
+        }
+    }
+    held.close();
+}
+
 /// Answer every request held in `list` that `snap` satisfies.
 fn release_waiters(list: &Mutex<Vec<Waiter>>, snap: &Snapshot, metrics: &Metrics) {
     // Taken out of the lock for the writes: requests keep registering meanwhile (for the next
-    // part, decided against this snapshot), and a held request that gives up finds itself
-    // gone and is skipped here (its state is no longer WAITING).
+    // part, decided against this snapshot); the sweep does not see the ones taken here.
     let held = {
         let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
         if list.is_empty() {
@@ -141,12 +200,6 @@ fn release_waiters(list: &Mutex<Vec<Waiter>>, snap: &Snapshot, metrics: &Metrics
     for w in held {
         if decide_reload(w.msn, w.part, &snap.status) == ReloadDecision::Wait {
             keep.push(w);
-            continue;
-        }
-        if w.state
-            .compare_exchange(WAITING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
             continue;
         }
         let bytes = snap.wire(w.skip);
@@ -235,67 +288,52 @@ fn blocking_reload<'a>(
         ReloadDecision::Ready if !snap.status.has_media() => return None,
         ReloadDecision::Ready => None,
         ReloadDecision::Wait => {
-            let state = Arc::new(AtomicU8::new(WAITING));
-            let (tx, rx) = oneshot::channel();
             // Only a request that waits looks up (or makes) the room's held list.
             let held = st.held.room(p.room, handle.renditions.len());
             let list = held.get(ri)?;
             let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
-            // Decide again under the lock: a publication may have slipped in.
+            // Decide again under the lock: a publication may have slipped in. After `close`
+            // (read under the lock, so its last sweep sees whatever was pushed before) nothing
+            // is held: the request is answered `503` at once.
             let now = handle.rx[ri].borrow().clone();
-            if decide_reload(msn, q.part, &now.status) == ReloadDecision::Wait {
+            if st.held.closed.load(Ordering::SeqCst) {
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Release::TimedOut);
+                Some(rx)
+            } else if decide_reload(msn, q.part, &now.status) == ReloadDecision::Wait {
+                let (tx, rx) = oneshot::channel();
                 list.push(Waiter {
                     conn: conn.clone(),
                     msn,
                     part: q.part,
                     skip: q.skip,
-                    state: state.clone(),
+                    deadline: Instant::now() + BLOCK_TIMEOUT,
                     done: tx,
                 });
-                Some((state, rx, held.clone()))
+                Some(rx)
             } else {
                 None
             }
         }
     };
     Some(async move {
-        let Some((state, mut rx, held)) = registration else {
+        let Some(rx) = registration else {
             let snap = handle.rx[ri].borrow().clone();
             return write_all(conn, &snap.wire(q.skip)).await;
         };
         let _g = GaugeGuard::new(&st.http.metrics.blocking_in_flight);
-        let released = tokio::select! {
-            r = &mut rx => r.ok(),
-            _ = tokio::time::sleep(BLOCK_TIMEOUT) => None,
-            _ = st.http.shutdown.cancelled() => None,
-        };
-        let released = match released {
-            Some(r) => r,
-            None => {
-                if state
-                    .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    if let Some(list) = held.get(ri) {
-                        list.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .retain(|w| !Arc::ptr_eq(&w.state, &state));
-                    }
-                    st.http
-                        .metrics
-                        .blocking_timeouts
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let bytes = response_bytes(crate::http::block_timed_out(), false).await;
-                    return write_all(conn, &bytes).await;
-                }
-                // Claimed by the publisher at the last moment: its answer is on the way.
-                rx.await.unwrap_or(Release::Failed)
-            }
-        };
-        match released {
+        match rx.await.unwrap_or(Release::TimedOut) {
             Release::Written => Ok(()),
             Release::Rest(bytes, off) => write_all(conn, &bytes[off..]).await,
             Release::Failed => Err(io::ErrorKind::BrokenPipe.into()),
+            Release::TimedOut => {
+                st.http
+                    .metrics
+                    .blocking_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                let bytes = response_bytes(crate::http::block_timed_out(), false).await;
+                write_all(conn, &bytes).await
+            }
         }
     })
 }
@@ -318,6 +356,50 @@ mod tests {
         held.published(a, 7, &snap);
         held.finished(a);
         assert!(held.existing(a).is_none());
+    }
+
+    #[tokio::test]
+    async fn held_requests_are_timed_out_by_the_sweep_and_all_at_close() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conn = Arc::new(
+            TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap(),
+        );
+        let held = HeldReloads::new(Arc::new(Metrics::default()));
+        let room = RoomId::random();
+        let t0 = Instant::now();
+        let mut waiting = Vec::new();
+        for (list, after) in [(0, 1), (1, 5), (0, 9)] {
+            let (tx, rx) = oneshot::channel();
+            held.room(room, 2)[list].lock().unwrap().push(Waiter {
+                conn: conn.clone(),
+                msn: 1,
+                part: Some(0),
+                skip: false,
+                deadline: t0 + Duration::from_secs(after),
+                done: tx,
+            });
+            waiting.push(rx);
+        }
+        let timed_out =
+            |rx: &mut oneshot::Receiver<Release>| matches!(rx.try_recv(), Ok(Release::TimedOut));
+        // Only the one whose deadline passed is answered; the others stay held.
+        held.sweep(t0 + Duration::from_secs(2));
+        assert!(timed_out(&mut waiting[0]));
+        assert!(waiting[1].try_recv().is_err() && waiting[2].try_recv().is_err());
+        assert_eq!(held.room(room, 2)[0].lock().unwrap().len(), 1);
+        // At its deadline exactly, and the rest at close.
+        held.sweep(t0 + Duration::from_secs(5));
+        assert!(timed_out(&mut waiting[1]));
+        assert!(waiting[2].try_recv().is_err());
+        held.close();
+        assert!(timed_out(&mut waiting[2]));
+        assert!(held.closed.load(Ordering::SeqCst));
+        assert!(held
+            .room(room, 2)
+            .iter()
+            .all(|l| l.lock().unwrap().is_empty()));
     }
 
     #[test]

@@ -245,6 +245,7 @@ impl Packager {
             .clone()
             .unwrap_or_else(|| config.data_dir.join("spill"));
         let held = Arc::new(h1::HeldReloads::new(metrics.clone()));
+        tasks.spawn(h1::sweep_held(held.clone(), shutdown.clone()));
         let registry = Arc::new(room::Registry::new(
             store.clone(),
             metrics.clone(),

@@ -6,14 +6,17 @@
 //! The session keys come from the DTLS-SRTP keying material our DTLS provider exported
 //! ([`crate::dtls::take_exported_keying`]); they are derived here exactly as str0m derives its own
 //! (AES-CM key derivation of RFC 3711 §4.3 with str0m's crypto provider), so the receiver cannot
-//! tell which of the two protected a packet. The SRTP index of a packet is its extended sequence
+//! tell which of the two protected a packet. AEAD_AES_128_GCM packets are sealed with `ring`
+//! (already linked through quinn and rustls): timed inside the edge's fan-out to 200 listeners,
+//! one protected ~100-byte packet took ~0.39 µs with it against ~0.9 µs through str0m's aws-lc
+//! cipher. AES128_CM_SHA1_80 stays on str0m's provider. The SRTP index of a packet is its extended sequence
 //! number, which the media core keeps per listener stream starting at 1 (rollover counter 0), so
 //! a late joiner's receiver never has to guess a rollover counter (the trap of str0m PR #1036).
 
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use str0m::crypto::dtls::SrtpProfile;
 use str0m::crypto::{
-    AeadAes128Gcm, AeadAes128GcmCipher, Aes128CmSha1_80, Aes128CmSha1_80Cipher, CryptoProvider,
-    Sha1HmacProvider,
+    AeadAes128Gcm, Aes128CmSha1_80, Aes128CmSha1_80Cipher, CryptoProvider, Sha1HmacProvider,
 };
 
 /// RFC 3711 §4.3.1 key derivation labels (SRTP).
@@ -28,10 +31,13 @@ pub(crate) struct SrtpSender {
     cipher: Cipher,
 }
 
+// The AES-GCM key stays inline (no pointer to chase per packet); the peer that holds it is
+// several kilobytes anyway (its str0m `Rtc`).
+#[allow(clippy::large_enum_variant)]
 enum Cipher {
     Gcm128 {
         salt: [u8; AeadAes128Gcm::SALT_LEN],
-        enc: Box<dyn AeadAes128GcmCipher>,
+        key: LessSafeKey,
     },
     CmSha1_80 {
         salt: [u8; Aes128CmSha1_80::SALT_LEN],
@@ -111,10 +117,7 @@ impl SrtpSender {
                 derive(provider, &key, &master_salt, LABEL_RTP_SALT, &mut salt);
                 Cipher::Gcm128 {
                     salt,
-                    enc: provider
-                        .srtp_provider
-                        .aead_aes_128_gcm()
-                        .create_cipher(session_key, true),
+                    key: LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &session_key).ok()?),
                 }
             }
             SrtpProfile::AES128_CM_SHA1_80 => {
@@ -167,12 +170,19 @@ impl SrtpSender {
         let header_len = write_header(out, header);
         let body = start + header_len;
         let ok = match &mut self.cipher {
-            Cipher::Gcm128 { salt, enc } => {
+            Cipher::Gcm128 { salt, key } => {
                 let iv =
                     AeadAes128Gcm::rtp_iv(*salt, header.ssrc, (index >> 16) as u32, index as u16);
-                out.resize(body + payload.len() + AeadAes128Gcm::TAG_LEN, 0);
-                let (aad, cipher_text) = out[start..].split_at_mut(header_len);
-                enc.encrypt(&iv, aad, payload, cipher_text).is_ok()
+                out.extend_from_slice(payload);
+                let (aad, text) = out[start..].split_at_mut(header_len);
+                let nonce = Nonce::assume_unique_for_key(iv);
+                match key.seal_in_place_separate_tag(nonce, Aad::from(&*aad), text) {
+                    Ok(tag) => {
+                        out.extend_from_slice(tag.as_ref());
+                        true
+                    }
+                    Err(_) => false,
+                }
             }
             Cipher::CmSha1_80 {
                 salt,

@@ -174,9 +174,12 @@ async fn connection<F: FastFront>(
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     // Each request head must be complete within this time, counted from the accepted
-    // connection or the end of the previous answer (slow-loris clients are dropped).
-    let head_deadline = tokio::time::sleep(HEADER_READ_TIMEOUT);
-    tokio::pin!(head_deadline);
+    // connection or the end of the previous answer (slow-loris clients are dropped). The
+    // timer is not moved for each request: when it fires before the current deadline it is
+    // set to that deadline then (at most once per timeout, not once per request).
+    let mut deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let head_timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(head_timer);
     loop {
         match parse_request_head(&buf, |t| front.accepts(t), front.kept_headers()) {
             RequestHead::Fast(req, len) => {
@@ -196,15 +199,19 @@ async fn connection<F: FastFront>(
                 if !answered || close {
                     return;
                 }
-                head_deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+                deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
             }
             RequestHead::Partial => {
                 let read = tokio::select! {
                     biased;
                     r = read_more(&conn, &mut buf) => r,
-                    _ = head_deadline.as_mut() => return,
+                    _ = head_timer.as_mut() => {
+                        if tokio::time::Instant::now() >= deadline {
+                            return;
+                        }
+                        head_timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     _ = cancelled.as_mut() => return,
                 };
                 match read {

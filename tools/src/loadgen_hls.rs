@@ -10,6 +10,7 @@
 //! per second, packager RSS and CPU.
 
 use crate::child_mesh::ChildMesh;
+use crate::tcp_floor::FloorReads;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use std::collections::HashMap;
@@ -88,6 +89,11 @@ pub struct HlsArgs {
     /// server that only writes the packager's response to each in turn).
     #[arg(long)]
     no_tcp_floor: bool,
+    /// How the floor server reads requests between its write passes, one floor run per entry
+    /// after each packager run (`epoll`: as a server does, the packager's syscalls; `polled`:
+    /// the older floor that read every socket every few milliseconds). Ratios are to the first.
+    #[arg(long, value_delimiter = ',', default_value = "epoll")]
+    floor_reads: Vec<FloorReads>,
     /// Packager runs, each followed by its floor run; with more than one, the median of the
     /// rounds' packager / floor ratios is printed too (this shared machine's noise moves a
     /// single pair by ±20 %).
@@ -140,16 +146,25 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         bail!("--players must be 1..=60000");
     }
     ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
-    let mut ratios = Vec::new();
+    ensure!(
+        !args.floor_reads.is_empty(),
+        "--floor-reads needs at least one"
+    );
+    // Per floor kind, each round's packager / floor ratios.
+    let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); args.floor_reads.len()];
     for round in 1..=args.rounds {
         if args.rounds > 1 {
             println!("round {round} of {}", args.rounds);
         }
-        if let Some(r) = packager_and_floor(&args, players, seconds).await? {
-            ratios.push(r);
+        let round = packager_and_floor(&args, players, seconds).await?;
+        for (kind, r) in ratios.iter_mut().zip(round) {
+            kind.push(r);
         }
     }
-    if ratios.len() > 1 {
+    for (reads, ratios) in args.floor_reads.iter().zip(&ratios) {
+        if ratios.len() < 2 {
+            continue;
+        }
         // Each round's ratios in order, then the median of them.
         let summary = |pick: fn(&(f64, f64)) -> f64| {
             let mut v: Vec<f64> = ratios.iter().map(pick).collect();
@@ -158,7 +173,7 @@ pub async fn run(args: HlsArgs) -> Result<()> {
             format!("{each} (median {:.2}x)", v[v.len() / 2])
         };
         println!(
-            "packager / floor over {} rounds, to all waiting: p50 {}, p99 {}",
+            "packager / floor ({reads:?} reads) over {} rounds, to all waiting: p50 {}, p99 {}",
             ratios.len(),
             summary(|r| r.0),
             summary(|r| r.1),
@@ -175,13 +190,14 @@ fn list(v: &[f64]) -> String {
         .join(" / ")
 }
 
-/// One packager run (a child packager unless `--url`), then its floor unless `--no-tcp-floor`:
-/// the packager / floor ratios of delivery to all waiting players (p50, p99).
+/// One packager run (a child packager unless `--url`), then its floors unless `--no-tcp-floor`:
+/// per floor of `--floor-reads`, the packager / floor ratios of delivery to all waiting players
+/// (p50, p99).
 async fn packager_and_floor(
     args: &HlsArgs,
     players: usize,
     seconds: u64,
-) -> Result<Option<(f64, f64)>> {
+) -> Result<Vec<(f64, f64)>> {
     let mut child = None;
     let url = match &args.url {
         Some(u) => u.clone(),
@@ -233,11 +249,13 @@ async fn packager_and_floor(
     }
     let run = result?;
     if args.no_tcp_floor {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    tcp_floor(&run, players, seconds, args.ramp_batch)
-        .await
-        .map(Some)
+    let mut ratios = Vec::new();
+    for &reads in &args.floor_reads {
+        ratios.push(tcp_floor(&run, players, seconds, args.ramp_batch, reads).await?);
+    }
+    Ok(ratios)
 }
 
 /// What the player load measured, for the side-by-side floor.
@@ -256,12 +274,14 @@ async fn tcp_floor(
     players: usize,
     seconds: u64,
     ramp_batch: usize,
+    reads: FloorReads,
 ) -> Result<(f64, f64)> {
     let period = Duration::from_millis(200);
     let server = crate::tcp_floor::FloorServer::start(
         run.response_len,
         period,
         amphi_packager::PUBLISHED_HEADER,
+        reads,
     )?;
     let addr = server.addr.to_string();
     let measuring = Arc::new(AtomicBool::new(false));
@@ -317,9 +337,9 @@ async fn tcp_floor(
     );
     let floor_us_per_write = cost.cpu_us / cost.writes.max(1) as f64;
     println!(
-        "kernel floor, same run: {players} players each holding a request against a minimal \
-         blocking server that writes the same {}-byte response to every waiting socket every \
-         200 ms and does nothing else",
+        "kernel floor, same run ({reads:?} reads): {players} players each holding a request \
+         against a minimal blocking server that writes the same {}-byte response to every \
+         waiting socket every 200 ms and does nothing else",
         run.response_len
     );
     println!(
