@@ -15,9 +15,11 @@
 
 use crate::loadgen_webrtc::thread_cpu_us;
 use anyhow::{Context, Result};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,8 +200,8 @@ fn serve_polled(
     Ok(pass.cost)
 }
 
-/// The epoll token of the listening socket (players' tokens are their indices).
-const LISTENER: u64 = u64::MAX;
+/// The poll token of the listening socket (players' tokens are their indices).
+const LISTENER: Token = Token(usize::MAX);
 
 /// The floor that reads each request once, when epoll says it arrived.
 fn serve_epoll(
@@ -208,15 +210,17 @@ fn serve_epoll(
     stop: &AtomicBool,
     mut pass: Pass,
 ) -> Result<WriteCost> {
-    let epoll = Epoll::new()?;
-    epoll.add(listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
+    let mut poll = Poll::new()?;
+    let registry = poll.registry().try_clone()?;
+    registry.register(
+        &mut SourceFd(&listener.as_raw_fd()),
+        LISTENER,
+        Interest::READABLE,
+    )?;
     // Closed players stay as `None` so that the others keep their tokens.
     let mut players: Vec<Option<Player>> = Vec::new();
     let mut scratch = [0u8; 4096];
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
-    // mio's registration for a tokio `TcpStream`: both interests, hang-up, edge-triggered.
-    let interest = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-    let readable = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+    let mut events = Events::with_capacity(1024);
     let mut next = Instant::now() + period;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -226,17 +230,28 @@ fn serve_epoll(
             continue;
         }
         // Woken at least every 5 ms to see `stop`.
-        let wait_ms = (next - now).as_micros().div_ceil(1000).min(5) as i32;
-        for ev in epoll.wait(&mut events, wait_ms)? {
-            let (token, flags) = (ev.u64, ev.events);
-            if token == LISTENER {
+        match poll.poll(
+            &mut events,
+            Some((next - now).min(Duration::from_millis(5))),
+        ) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            r => r?,
+        }
+        for ev in events.iter() {
+            if ev.token() == LISTENER {
                 accept_all(&listener, |stream| {
-                    epoll.add(stream.as_raw_fd(), players.len() as u64, interest)?;
+                    // The registration tokio makes for a `TcpStream` (mio's: both interests,
+                    // edge-triggered), as the packager's sockets have.
+                    registry.register(
+                        &mut SourceFd(&stream.as_raw_fd()),
+                        Token(players.len()),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
                     players.push(Some(Player::new(stream)));
                     Ok(())
                 })?;
-            } else if flags & readable != 0 {
-                let slot = &mut players[token as usize];
+            } else if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                let slot = &mut players[ev.token().0];
                 if slot
                     .as_mut()
                     .is_some_and(|p| !read_arrived(p, &mut scratch))
@@ -248,56 +263,6 @@ fn serve_epoll(
         }
     }
     Ok(pass.cost)
-}
-
-/// An epoll instance, closed on drop.
-struct Epoll(OwnedFd);
-
-impl Epoll {
-    fn new() -> Result<Epoll> {
-        // SAFETY: epoll_create1 takes no pointers; a valid descriptor is owned from here on.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("epoll_create1");
-        }
-        // SAFETY: `fd` was just returned open and nothing else owns it.
-        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Watch `fd` for `events`, reported with `token`.
-    fn add(&self, fd: RawFd, token: u64, events: u32) -> Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: both descriptors are open and `ev` outlives the call.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("epoll_ctl");
-        }
-        Ok(())
-    }
-
-    /// The events ready within `timeout_ms`.
-    fn wait<'e>(
-        &self,
-        events: &'e mut [libc::epoll_event],
-        timeout_ms: i32,
-    ) -> Result<&'e [libc::epoll_event]> {
-        // SAFETY: `events` is valid for `len` entries for the duration of the call.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.0.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as i32,
-                timeout_ms,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                return Ok(&[]);
-            }
-            return Err(e).context("epoll_wait");
-        }
-        Ok(&events[..n as usize])
-    }
 }
 
 impl Player {
