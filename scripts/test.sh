@@ -11,6 +11,10 @@ mkdir -p "$CACHE"
 if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
   export CARGO_TARGET_DIR="$CACHE/target"
 fi
+# CI builds each crate once: incremental state would only take time and disk (it grew to ~10 GB).
+if [ "${CI:-}" = "true" ]; then
+  export CARGO_INCREMENTAL=0
+fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo

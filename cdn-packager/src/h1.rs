@@ -197,6 +197,10 @@ fn release_waiters(list: &Mutex<Vec<Waiter>>, snap: &Snapshot, metrics: &Metrics
         std::mem::take(&mut *list)
     };
     let mut keep = Vec::new();
+    // The connection tasks are told only once every response is written: woken one by one
+    // inside the loop, they would run on the other workers meanwhile (reading the players'
+    // next requests), taking CPU from the writes that every waiting player is waiting on.
+    let mut answered = Vec::with_capacity(held.len());
     for w in held {
         if decide_reload(w.msn, w.part, &snap.status) == ReloadDecision::Wait {
             keep.push(w);
@@ -207,13 +211,17 @@ fn release_waiters(list: &Mutex<Vec<Waiter>>, snap: &Snapshot, metrics: &Metrics
         if let Ok(d) = SystemTime::now().duration_since(snap.published_at) {
             metrics.observe_release(d);
         }
-        let Waiter { conn, done, .. } = w;
-        drop(conn);
-        let _ = done.send(match outcome {
-            Ok(n) if n == bytes.len() => Release::Written,
-            Ok(n) => Release::Rest(bytes, n),
-            Err(_) => Release::Failed,
-        });
+        answered.push((
+            w.done,
+            match outcome {
+                Ok(n) if n == bytes.len() => Release::Written,
+                Ok(n) => Release::Rest(bytes, n),
+                Err(_) => Release::Failed,
+            },
+        ));
+    }
+    for (done, release) in answered {
+        let _ = done.send(release);
     }
     if !keep.is_empty() {
         list.lock()

@@ -266,13 +266,21 @@ async fn read_more(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Write as much of `bytes` as the socket takes without waiting.
+///
+/// Straight to the socket, without tokio's readiness check: a publisher writing one response to
+/// thousands of sockets in turn would otherwise read each one's readiness state too (memory
+/// nothing else in that loop touches). A full socket is not recorded in tokio's readiness, so
+/// the rest goes through [`write_all`], whose first `try_write` finds it full and waits.
 pub fn write_now(conn: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let socket = SockRef::from(conn);
     let mut off = 0;
     while off < bytes.len() {
-        match conn.try_write(&bytes[off..]) {
+        // No SIGPIPE for a player that hung up: it is an `EPIPE` error here.
+        match socket.send_with_flags(&bytes[off..], libc::MSG_NOSIGNAL) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => off += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }

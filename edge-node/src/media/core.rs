@@ -119,7 +119,10 @@ struct SlotOut {
 }
 
 struct Peer {
-    rtc: Rtc,
+    /// Boxed: str0m's `Rtc` is ~11 KB, and inline it spread the fan-out's per-listener fields
+    /// (key, participant, liveness, slots, SRTP context) one `Rtc` apart in the peer table, a
+    /// cache miss each for every listener of every forwarded packet.
+    rtc: Box<Rtc>,
     room: RoomId,
     participant: ParticipantId,
     name: String,
@@ -555,7 +558,7 @@ impl MediaCore {
         let red = red_in(&rtc);
         let mut peer = Peer {
             red,
-            rtc,
+            rtc: Box::new(rtc),
             room,
             participant,
             name,
