@@ -7,12 +7,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE=${AMPHI_CACHE:-$HOME/.cache/amphi}
 mkdir -p "$CACHE"
-# CI starts from a fresh clone: keep the build cache outside it.
-if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
-  export CARGO_TARGET_DIR="$CACHE/target"
-fi
-# CI builds each crate once: incremental state would only take time and disk (it grew to ~10 GB).
+# CI starts from a fresh clone: keep the build cache outside it. It builds each crate once, so
+# incremental state would only take time and disk (it grew to ~10 GB).
 if [ "${CI:-}" = "true" ]; then
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
   export CARGO_INCREMENTAL=0
 fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
