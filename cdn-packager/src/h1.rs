@@ -5,15 +5,19 @@
 //! published, the room's uploader writes one pre-rendered response (head and body, rendered
 //! once per publication) straight into every waiting socket in one loop ([`release_waiters`]),
 //! instead of waking one task per player that would each build, encode and write a response.
+//! The connections' tasks are not woken for it either ([`FastConn::release`]): each runs again
+//! when its player's next request arrives.
 //! Other `/hls/` requests of the plain shape the front accepts (`GET`, HTTP/1.1, no body) are
 //! answered by the same handler as the hyper path and written here; anything else goes to
 //! hyper for the rest of the connection.
 
-use crate::http::{hls, HttpState};
-use crate::metrics::{GaugeGuard, Metrics};
+use crate::http::{block_timed_out_bytes, hls, HttpState};
+use crate::metrics::Metrics;
 use crate::request::{decide_reload, HlsQuery, ReloadDecision};
 use crate::snapshot::{PublicationHook, Snapshot, BLOCK_TIMEOUT};
-use amphi_protocol::h1::{response_bytes, write_all, write_now, FastFront, FastRequest, Prefixed};
+use amphi_protocol::h1::{
+    response_bytes, write_all, Answer, FastConn, FastFront, FastRequest, Prefixed,
+};
 use amphi_protocol::https::{refusal_bytes, Limiter};
 use amphi_protocol::RoomId;
 use bytes::Bytes;
@@ -23,23 +27,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-
-/// What the publisher (or the sweep) did with a held request.
-enum Release {
-    /// The whole response is written.
-    Written,
-    /// The socket was full: the connection task writes `bytes[offset..]`.
-    Rest(Bytes, usize),
-    /// Writing failed: the connection is closed.
-    Failed,
-    /// No publication satisfied it within [`BLOCK_TIMEOUT`], or the packager is stopping: the
-    /// connection task answers `503`. (A dropped waiter, when its room finishes, reads the
-    /// same.)
-    TimedOut,
-}
 
 /// How often held requests are checked against their deadline: a request that no
 /// publication satisfies is answered between [`BLOCK_TIMEOUT`] and this much later.
@@ -48,16 +36,15 @@ pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// A blocking playlist request held on the fast path.
 ///
 /// A waiter is answered exactly once, by whoever takes it out of its list: a publication that
-/// satisfies it ([`release_waiters`]), the sweep once its deadline passed, or the packager's
-/// shutdown. Its connection task only waits for that answer, with no timer or cancellation
-/// registration of its own.
+/// satisfies it ([`release_waiters`]), the sweep once its deadline passed (`503`), or its room
+/// finishing or the packager's shutdown (`503`). The connection's task does not wait for it
+/// with a timer or a channel of its own.
 pub struct Waiter {
-    conn: Arc<TcpStream>,
+    conn: Arc<FastConn>,
     msn: u64,
     part: Option<u32>,
     skip: bool,
     deadline: Instant,
-    done: oneshot::Sender<Release>,
 }
 
 /// What the fast path answers from: the hyper path's state (for everything it does not hold)
@@ -127,9 +114,25 @@ impl HeldReloads {
             }
         }
         // Answered outside the locks.
-        for w in gone {
-            let _ = w.done.send(Release::TimedOut);
+        self.time_out(gone);
+    }
+
+    /// Answer `503` to `waiters`, taken out of their lists.
+    fn time_out(&self, waiters: Vec<Waiter>) {
+        if waiters.is_empty() {
+            return;
         }
+        let n = waiters.len() as u64;
+        let bytes = block_timed_out_bytes();
+        for w in waiters {
+            w.conn.answer_later(bytes.clone());
+        }
+        self.metrics
+            .blocking_timeouts
+            .fetch_add(n, Ordering::Relaxed);
+        self.metrics
+            .blocking_in_flight
+            .fetch_sub(n as i64, Ordering::Relaxed);
     }
 
     /// `room`'s held requests (`renditions` lists, made on first use).
@@ -164,10 +167,16 @@ impl PublicationHook for HeldReloads {
     }
 
     fn finished(&self, room: RoomId) {
-        self.rooms
+        let gone = self
+            .rooms
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&room);
+        // Held until the room's last publication and not satisfied by it: answered `503`.
+        for list in gone.iter().flat_map(|r| r.iter()) {
+            let waiters = std::mem::take(&mut *list.lock().unwrap_or_else(|e| e.into_inner()));
+            self.time_out(waiters);
+        }
     }
 }
 
@@ -197,32 +206,22 @@ fn release_waiters(list: &Mutex<Vec<Waiter>>, snap: &Snapshot, metrics: &Metrics
         std::mem::take(&mut *list)
     };
     let mut keep = Vec::new();
-    // The connection tasks are told only once every response is written: woken one by one
-    // inside the loop, they would run on the other workers meanwhile (reading the players'
-    // next requests), taking CPU from the writes that every waiting player is waiting on.
-    let mut answered = Vec::with_capacity(held.len());
+    let mut answered = 0;
     for w in held {
         if decide_reload(w.msn, w.part, &snap.status) == ReloadDecision::Wait {
             keep.push(w);
             continue;
         }
-        let bytes = snap.wire(w.skip);
-        let outcome = write_now(&w.conn, &bytes);
+        // Written here; a connection whose socket was full (or failed) is left to its task.
+        w.conn.release(snap.wire(w.skip));
+        answered += 1;
         if let Ok(d) = SystemTime::now().duration_since(snap.published_at) {
             metrics.observe_release(d);
         }
-        answered.push((
-            w.done,
-            match outcome {
-                Ok(n) if n == bytes.len() => Release::Written,
-                Ok(n) => Release::Rest(bytes, n),
-                Err(_) => Release::Failed,
-            },
-        ));
     }
-    for (done, release) in answered {
-        let _ = done.send(release);
-    }
+    metrics
+        .blocking_in_flight
+        .fetch_sub(answered, Ordering::Relaxed);
     if !keep.is_empty() {
         list.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -237,17 +236,40 @@ impl FastFront for FastPath {
 
     fn answer(
         self: &Arc<Self>,
-        conn: &Arc<TcpStream>,
+        conn: &Arc<FastConn>,
         peer: SocketAddr,
         req: FastRequest,
-    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+    ) -> impl std::future::Future<Output = io::Result<Answer>> + Send {
+        // Decided before the first await, so that the future keeps only what writing the
+        // answer takes: it lives in the connection's task, held reloads included.
+        let step = match self.limiter.request(peer.ip()) {
+            Err(r) => Step::Refuse(refusal_bytes(&r).into()),
+            Ok(()) => {
+                let (path, query) = (req.uri.path(), req.uri.query().unwrap_or(""));
+                blocking_reload(conn, path, query, self)
+                    .unwrap_or_else(|| Step::Handler(Box::new(req)))
+            }
+        };
         let (st, conn) = (self.clone(), conn.clone());
         async move {
-            if let Err(r) = st.limiter.request(peer.ip()) {
-                write_all(&conn, &refusal_bytes(&r)).await?;
-                return Err(io::ErrorKind::ConnectionRefused.into());
-            }
-            answer(&conn, &req, &st).await
+            let bytes = match step {
+                Step::Held => return Ok(Answer::Held),
+                Step::Refuse(bytes) => {
+                    write_all(conn.stream(), &bytes).await?;
+                    return Err(io::ErrorKind::ConnectionRefused.into());
+                }
+                Step::Write(bytes) => bytes,
+                // Boxed: the handler's future is kilobytes.
+                Step::Handler(req) => {
+                    Box::pin(async move {
+                        let (path, query) = (req.uri.path(), req.uri.query().unwrap_or(""));
+                        response_bytes(hls(&st.http, path, query, None).await, req.close).await
+                    })
+                    .await
+                }
+            };
+            write_all(conn.stream(), &bytes).await?;
+            Ok(Answer::Sent)
         }
     }
 
@@ -262,25 +284,21 @@ impl FastFront for FastPath {
     }
 }
 
-/// Answer one fast-path request; `Err` when the connection is unusable.
-async fn answer(conn: &Arc<TcpStream>, req: &FastRequest, st: &FastPath) -> io::Result<()> {
-    let (path, query) = (req.uri.path(), req.uri.query().unwrap_or(""));
-    if let Some(held) = blocking_reload(conn, path, query, st) {
-        return held.await;
-    }
-    let resp = hls(&st.http, path, query, None).await;
-    let bytes = response_bytes(resp, req.close).await;
-    write_all(conn, &bytes).await
+/// How the fast path answers a request, decided when it arrives.
+enum Step {
+    /// Held until a publication satisfies it.
+    Held,
+    /// Refused by the per-address budget: write this, then close.
+    Refuse(Bytes),
+    /// Write this response.
+    Write(Bytes),
+    /// Answered by the same handler as the hyper path.
+    Handler(Box<FastRequest>),
 }
 
 /// A blocking playlist reload of a live room: answered with the pre-rendered response now,
 /// or held as a [`Waiter`] until a publication satisfies it. `None`: anything else.
-fn blocking_reload<'a>(
-    conn: &'a Arc<TcpStream>,
-    path: &str,
-    query: &str,
-    st: &'a FastPath,
-) -> Option<impl std::future::Future<Output = io::Result<()>> + 'a> {
+fn blocking_reload(conn: &Arc<FastConn>, path: &str, query: &str, st: &FastPath) -> Option<Step> {
     let p = crate::request::parse_hls_path(path).ok()?;
     let crate::request::HlsResource::MediaPlaylist(r) = p.resource else {
         return None;
@@ -290,60 +308,43 @@ fn blocking_reload<'a>(
     let handle = st.http.registry.get(p.room)?;
     let ri = handle.rendition_index(r.dir())?;
     let snap = handle.rx[ri].borrow().clone();
-    let decision = decide_reload(msn, q.part, &snap.status);
-    let registration = match decision {
+    match decide_reload(msn, q.part, &snap.status) {
         ReloadDecision::TooFar => return None,
         ReloadDecision::Ready if !snap.status.has_media() => return None,
-        ReloadDecision::Ready => None,
-        ReloadDecision::Wait => {
-            // Only a request that waits looks up (or makes) the room's held list.
-            let held = st.held.room(p.room, handle.renditions.len());
-            let list = held.get(ri)?;
-            let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
-            // Decide again under the lock: a publication may have slipped in. After `close`
-            // (read under the lock, so its last sweep sees whatever was pushed before) nothing
-            // is held: the request is answered `503` at once.
-            let now = handle.rx[ri].borrow().clone();
-            if st.held.closed.load(Ordering::SeqCst) {
-                let (tx, rx) = oneshot::channel();
-                let _ = tx.send(Release::TimedOut);
-                Some(rx)
-            } else if decide_reload(msn, q.part, &now.status) == ReloadDecision::Wait {
-                let (tx, rx) = oneshot::channel();
-                list.push(Waiter {
-                    conn: conn.clone(),
-                    msn,
-                    part: q.part,
-                    skip: q.skip,
-                    deadline: Instant::now() + BLOCK_TIMEOUT,
-                    done: tx,
-                });
-                Some(rx)
-            } else {
-                None
-            }
-        }
-    };
-    Some(async move {
-        let Some(rx) = registration else {
-            let snap = handle.rx[ri].borrow().clone();
-            return write_all(conn, &snap.wire(q.skip)).await;
-        };
-        let _g = GaugeGuard::new(&st.http.metrics.blocking_in_flight);
-        match rx.await.unwrap_or(Release::TimedOut) {
-            Release::Written => Ok(()),
-            Release::Rest(bytes, off) => write_all(conn, &bytes[off..]).await,
-            Release::Failed => Err(io::ErrorKind::BrokenPipe.into()),
-            Release::TimedOut => {
-                st.http
-                    .metrics
-                    .blocking_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                let bytes = response_bytes(crate::http::block_timed_out(), false).await;
-                write_all(conn, &bytes).await
-            }
-        }
-    })
+        ReloadDecision::Ready => return Some(Step::Write(snap.wire(q.skip).clone())),
+        ReloadDecision::Wait => {}
+    }
+    // Only a request that waits looks up (or makes) the room's held list.
+    let held = st.held.room(p.room, handle.renditions.len());
+    let list = held.get(ri)?;
+    let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+    // Decide again under the lock: a publication may have slipped in. After `close` (read
+    // under the lock, so its last sweep sees whatever was pushed before) nothing is held: the
+    // request is answered `503` at once.
+    let now = handle.rx[ri].borrow().clone();
+    if st.held.closed.load(Ordering::SeqCst) {
+        st.http
+            .metrics
+            .blocking_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        return Some(Step::Write(block_timed_out_bytes()));
+    }
+    if decide_reload(msn, q.part, &now.status) != ReloadDecision::Wait {
+        return Some(Step::Write(now.wire(q.skip).clone()));
+    }
+    conn.hold();
+    list.push(Waiter {
+        conn: conn.clone(),
+        msn,
+        part: q.part,
+        skip: q.skip,
+        deadline: Instant::now() + BLOCK_TIMEOUT,
+    });
+    st.http
+        .metrics
+        .blocking_in_flight
+        .fetch_add(1, Ordering::Relaxed);
+    Some(Step::Held)
 }
 
 #[cfg(test)]
@@ -369,40 +370,36 @@ mod tests {
     #[tokio::test]
     async fn held_requests_are_timed_out_by_the_sweep_and_all_at_close() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let conn = Arc::new(
-            TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap(),
-        );
-        let held = HeldReloads::new(Arc::new(Metrics::default()));
+        let metrics = Arc::new(Metrics::default());
+        let held = HeldReloads::new(metrics.clone());
         let room = RoomId::random();
         let t0 = Instant::now();
-        let mut waiting = Vec::new();
         for (list, after) in [(0, 1), (1, 5), (0, 9)] {
-            let (tx, rx) = oneshot::channel();
+            let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let conn = Arc::new(FastConn::new(stream));
+            conn.hold();
             held.room(room, 2)[list].lock().unwrap().push(Waiter {
-                conn: conn.clone(),
+                conn,
                 msn: 1,
                 part: Some(0),
                 skip: false,
                 deadline: t0 + Duration::from_secs(after),
-                done: tx,
             });
-            waiting.push(rx);
+            metrics.blocking_in_flight.fetch_add(1, Ordering::Relaxed);
         }
-        let timed_out =
-            |rx: &mut oneshot::Receiver<Release>| matches!(rx.try_recv(), Ok(Release::TimedOut));
+        let answered = || metrics.blocking_timeouts.load(Ordering::Relaxed);
+        let still_held = || metrics.blocking_in_flight.load(Ordering::Relaxed);
         // Only the one whose deadline passed is answered; the others stay held.
         held.sweep(t0 + Duration::from_secs(2));
-        assert!(timed_out(&mut waiting[0]));
-        assert!(waiting[1].try_recv().is_err() && waiting[2].try_recv().is_err());
+        assert_eq!((answered(), still_held()), (1, 2));
         assert_eq!(held.room(room, 2)[0].lock().unwrap().len(), 1);
         // At its deadline exactly, and the rest at close.
         held.sweep(t0 + Duration::from_secs(5));
-        assert!(timed_out(&mut waiting[1]));
-        assert!(waiting[2].try_recv().is_err());
+        assert_eq!((answered(), still_held()), (2, 1));
         held.close();
-        assert!(timed_out(&mut waiting[2]));
+        assert_eq!((answered(), still_held()), (3, 0));
         assert!(held.closed.load(Ordering::SeqCst));
         assert!(held
             .room(room, 2)

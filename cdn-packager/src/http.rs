@@ -70,8 +70,17 @@ fn response(status: StatusCode, content_type: &str, cache: &str, body: Body) -> 
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = serde_json::to_vec(&ApiError::new(code, message)).unwrap_or_default();
-    response(status, "application/json", "no-store", Body::from(body))
+    response(
+        status,
+        "application/json",
+        "no-store",
+        Body::from(error_body(code, message)),
+    )
+}
+
+/// The JSON body of an error answer.
+fn error_body(code: &str, message: impl Into<String>) -> Vec<u8> {
+    serde_json::to_vec(&ApiError::new(code, message)).unwrap_or_default()
 }
 
 async fn handle(State(st): State<Arc<HttpState>>, req: Request) -> Response {
@@ -508,13 +517,29 @@ async fn recording_control(st: &HttpState, rest: &str, headers: &http::HeaderMap
     }
 }
 
+/// What a blocking request whose part did not appear within [`BLOCK_TIMEOUT`] is answered:
+/// status, error code and message.
+const BLOCK_TIMED_OUT: (StatusCode, &str, &str) = (
+    StatusCode::SERVICE_UNAVAILABLE,
+    "unavailable",
+    "the requested segment or part did not appear in time",
+);
+
 /// The answer to a blocking request whose part did not appear within [`BLOCK_TIMEOUT`].
 pub fn block_timed_out() -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the requested segment or part did not appear in time",
-    )
+    let (status, code, message) = BLOCK_TIMED_OUT;
+    error(status, code, message)
+}
+
+/// [`block_timed_out`] as the bytes of a whole HTTP/1.1 response, for the fast path.
+pub fn block_timed_out_bytes() -> bytes::Bytes {
+    let (status, code, message) = BLOCK_TIMED_OUT;
+    let (parts, _) = block_timed_out().into_parts();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_bytes()));
+    amphi_protocol::h1::response_bytes_with(status, headers, &error_body(code, message), false)
 }
 
 fn part_published(s: &Snapshot, msn: u64, part: u32) -> bool {

@@ -44,10 +44,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The pre-rendered blocking-reload answer: the delta update if asked for and available.
-    pub fn wire(&self, skip: bool) -> Bytes {
+    pub fn wire(&self, skip: bool) -> &Bytes {
         match (&self.wire_delta, skip) {
-            (Some(d), true) => d.clone(),
-            _ => self.wire_full.clone(),
+            (Some(d), true) => d,
+            _ => &self.wire_full,
         }
     }
 

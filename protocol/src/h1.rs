@@ -5,10 +5,17 @@
 //! with one write of the whole response, without hyper's per-request machinery. Anything else
 //! (other targets, methods, versions, bodies, upgrades, HTTP/2 prior knowledge) hands the rest
 //! of the connection to hyper ([`serve_connection_with`]) with the bytes already read.
+//!
+//! A role may also hold a request ([`Answer::Held`]) for someone else to answer later, straight
+//! into the socket ([`FastConn::release`]): the packager's blocking playlist reloads, answered by
+//! the publication they wait for. The connection's task then goes back to reading; it is not
+//! woken when the answer is written, only when the next request arrives, or when the holder
+//! left it something to finish (the rest of a response the socket had no room for, a timeout).
 
 #[cfg(doc)]
 use crate::https::serve_connection_with;
 use crate::https::{accept_loop, Limiter, HEADER_READ_TIMEOUT, SHUTDOWN_GRACE};
+use atomic_waker::AtomicWaker;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,8 +25,9 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -124,14 +132,17 @@ pub trait FastFront: Send + Sync + 'static {
         &[]
     }
 
-    /// Answer one request on `conn` (the whole response, [`write_all`]); `Err` when the
-    /// connection is unusable.
+    /// Answer one request on `conn`: the whole response ([`write_all`]), or hold it
+    /// ([`FastConn::hold`]) for someone to answer later. `Err` when the connection is unusable.
+    ///
+    /// The future lives in the connection's task for as long as the connection does: keep it
+    /// small (box rare paths' large futures), or every connection's task is that large.
     fn answer(
         self: &Arc<Self>,
-        conn: &Arc<TcpStream>,
+        conn: &Arc<FastConn>,
         peer: SocketAddr,
         req: FastRequest,
-    ) -> impl Future<Output = io::Result<()>> + Send;
+    ) -> impl Future<Output = io::Result<Answer>> + Send;
 
     /// Serve the rest of a connection from `peer` with hyper ([`serve_connection_with`]),
     /// starting with the bytes already read (`io`).
@@ -167,7 +178,7 @@ async fn connection<F: FastFront>(
     front: Arc<F>,
     shutdown: CancellationToken,
 ) {
-    let conn = Arc::new(stream);
+    let conn = Arc::new(FastConn::new(stream));
     let mut buf = BytesMut::with_capacity(1024);
     // Made once per connection, not per request: waiting on the token registers with it (a
     // lock every connection shares), and a timer pushed later is updated in place.
@@ -180,39 +191,75 @@ async fn connection<F: FastFront>(
     let mut deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     let head_timer = tokio::time::sleep_until(deadline);
     tokio::pin!(head_timer);
+    // `Some(close)` while the front holds this connection's last request.
+    let mut held: Option<bool> = None;
     loop {
-        match parse_request_head(&buf, |t| front.accepts(t), front.kept_headers()) {
-            RequestHead::Fast(req, len) => {
-                buf.advance(len);
-                let close = req.close;
-                let answer = front.answer(&conn, peer, req);
-                tokio::pin!(answer);
-                let answered = tokio::select! {
-                    biased;
-                    r = answer.as_mut() => r.is_ok(),
-                    // Shutting down: this answer is finished within the grace, then closed.
-                    _ = cancelled.as_mut() => {
-                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, answer).await;
-                        return;
-                    }
-                };
-                if !answered || close {
+        if let Some(close) = held {
+            if let Some(settled) = conn.take_settled() {
+                held = None;
+                if !finish_held(&conn, settled).await || close {
                     return;
                 }
                 deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
             }
+        }
+        let head = parse_request_head(&buf, |t| front.accepts(t), front.kept_headers());
+        if held.is_some() && head != RequestHead::Partial {
+            // A request behind the held one, or one for hyper: the held answer goes first.
+            tokio::select! {
+                biased;
+                () = conn.settled(true) => continue,
+                _ = cancelled.as_mut() => return shut_held(&conn).await,
+            }
+        }
+        match head {
+            RequestHead::Fast(req, len) => {
+                buf.advance(len);
+                let close = req.close;
+                let mut answer = pin!(front.answer(&conn, peer, req));
+                let answered = tokio::select! {
+                    biased;
+                    r = answer.as_mut() => r,
+                    // Shutting down: this answer is finished within the grace, then closed.
+                    _ = cancelled.as_mut() => {
+                        if let Ok(Ok(Answer::Held)) = tokio::time::timeout(SHUTDOWN_GRACE, answer).await {
+                            shut_held(&conn).await;
+                        }
+                        return;
+                    }
+                };
+                match answered {
+                    Ok(Answer::Sent) if !close => {
+                        deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+                    }
+                    Ok(Answer::Held) => held = Some(close),
+                    Ok(Answer::Sent) | Err(_) => return,
+                }
+            }
             RequestHead::Partial => {
                 let read = tokio::select! {
                     biased;
-                    r = read_more(&conn, &mut buf) => r,
+                    r = read_more(&conn.stream, &mut buf) => r,
+                    // The holder left this task something to finish (woken only for that).
+                    () = conn.settled(false), if held.is_some() => continue,
                     _ = head_timer.as_mut() => {
-                        if tokio::time::Instant::now() >= deadline {
+                        let now = tokio::time::Instant::now();
+                        if held.is_some() {
+                            // The client waits for the held answer, not we for the client. (Once
+                            // that is written, the next head gets up to twice the timeout.)
+                            deadline = now + HEADER_READ_TIMEOUT;
+                        } else if now >= deadline {
                             return;
                         }
                         head_timer.as_mut().reset(deadline);
                         continue;
                     }
-                    _ = cancelled.as_mut() => return,
+                    _ = cancelled.as_mut() => {
+                        if held.is_some() {
+                            shut_held(&conn).await;
+                        }
+                        return;
+                    }
                 };
                 match read {
                     Ok(0) | Err(_) => return,
@@ -220,7 +267,7 @@ async fn connection<F: FastFront>(
                 }
             }
             RequestHead::Other => {
-                let Ok(stream) = Arc::try_unwrap(conn) else {
+                let Some(stream) = sole_owner(conn).await else {
                     tracing::debug!(%peer, "connection still referenced; closing it");
                     return;
                 };
@@ -233,6 +280,205 @@ async fn connection<F: FastFront>(
                 return;
             }
         }
+    }
+}
+
+/// Finish a held request as its holder settled it; `false` when the connection is unusable.
+async fn finish_held(conn: &FastConn, settled: Settled) -> bool {
+    match settled {
+        Settled::Written => true,
+        Settled::Write(bytes) => write_all(&conn.stream, &bytes).await.is_ok(),
+        Settled::Close => false,
+    }
+}
+
+/// Shutting down with a request held: its answer (the holder's shutdown answers every held
+/// request) is waited for and finished within the grace.
+async fn shut_held(conn: &FastConn) {
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        conn.settled(true).await;
+        if let Some(settled) = conn.take_settled() {
+            finish_held(conn, settled).await;
+        }
+    })
+    .await;
+}
+
+/// The socket, once `conn` has no other owner. A holder drops its reference right after
+/// settling a held request, so a few yields are enough; `None` if that never happens.
+async fn sole_owner(mut conn: Arc<FastConn>) -> Option<TcpStream> {
+    for _ in 0..64 {
+        match Arc::try_unwrap(conn) {
+            Ok(c) => return Some(c.stream),
+            Err(shared) => conn = shared,
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+/// What a role's [`FastFront::answer`] did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The whole response is written.
+    Sent,
+    /// Held ([`FastConn::hold`]): whoever holds it settles it once, with [`FastConn::release`]
+    /// or [`FastConn::answer_later`]. The connection reads on meanwhile, and answers no request
+    /// behind it before that.
+    Held,
+}
+
+/// A connection on the front: its socket, and where the request the role holds stands.
+pub struct FastConn {
+    stream: TcpStream,
+    held: Held,
+}
+
+/// No request held.
+const IDLE: u8 = 0;
+/// A request held, to be settled by its holder.
+const PENDING: u8 = 1;
+/// The same, and the connection's task waits for it (a request came in behind it).
+const PENDING_WAKE: u8 = 2;
+/// Settled: its response written in full.
+const WRITTEN: u8 = 3;
+/// Settled: the connection's task finishes it ([`Held::action`]).
+const ACTION: u8 = 4;
+
+/// The answer to a held request, between its holder and the connection's task.
+struct Held {
+    /// [`IDLE`], [`PENDING`], [`PENDING_WAKE`], [`WRITTEN`] or [`ACTION`].
+    state: AtomicU8,
+    /// What the task does when the state is [`ACTION`].
+    action: Mutex<Option<Settled>>,
+    /// The connection's task, while it waits.
+    waker: AtomicWaker,
+}
+
+/// How a held request was settled, as the connection's task finishes it.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    /// Nothing left to do.
+    Written,
+    /// Write these bytes.
+    Write(Bytes),
+    /// Close the connection.
+    Close,
+}
+
+/// What [`FastConn::release`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// The whole response.
+    Written,
+    /// Part of it (the socket was full): the connection's task writes the rest.
+    Partly,
+    /// Nothing: the connection is closed.
+    Failed,
+}
+
+impl FastConn {
+    /// A connection on `stream`, holding nothing (the front makes one per connection).
+    pub fn new(stream: TcpStream) -> FastConn {
+        FastConn {
+            stream,
+            held: Held {
+                state: AtomicU8::new(IDLE),
+                action: Mutex::new(None),
+                waker: AtomicWaker::new(),
+            },
+        }
+    }
+
+    /// The connection's socket.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Hold the request being answered ([`Answer::Held`]). Call before whoever settles it can
+    /// see it.
+    pub fn hold(&self) {
+        self.held.state.store(PENDING, Ordering::Release);
+    }
+
+    /// Settle the held request with `bytes`, written into the socket now as far as it takes
+    /// them (the connection's task writes the rest, waiting for room). The connection's task
+    /// is not woken for a response written in full.
+    pub fn release(&self, bytes: &Bytes) -> Released {
+        match write_now(&self.stream, bytes) {
+            Ok(n) if n == bytes.len() => {
+                self.settle(WRITTEN, None);
+                Released::Written
+            }
+            Ok(n) => {
+                self.settle(ACTION, Some(Settled::Write(bytes.slice(n..))));
+                Released::Partly
+            }
+            Err(_) => {
+                self.settle(ACTION, Some(Settled::Close));
+                Released::Failed
+            }
+        }
+    }
+
+    /// Settle the held request with `bytes`, written by the connection's task.
+    pub fn answer_later(&self, bytes: Bytes) {
+        self.settle(ACTION, Some(Settled::Write(bytes)));
+    }
+
+    fn settle(&self, state: u8, action: Option<Settled>) {
+        if action.is_some() {
+            *self.held.action.lock().unwrap_or_else(|e| e.into_inner()) = action;
+        }
+        let was = self.held.state.swap(state, Ordering::AcqRel);
+        debug_assert!(
+            was == PENDING || was == PENDING_WAKE,
+            "a request is settled once, after it is held"
+        );
+        if state == ACTION || was == PENDING_WAKE {
+            self.held.waker.wake();
+        }
+    }
+
+    /// How the held request was settled, once it was (taken: the connection holds nothing).
+    fn take_settled(&self) -> Option<Settled> {
+        match self.held.state.load(Ordering::Acquire) {
+            WRITTEN => {
+                self.held.state.store(IDLE, Ordering::Relaxed);
+                Some(Settled::Written)
+            }
+            ACTION => {
+                self.held.state.store(IDLE, Ordering::Relaxed);
+                let action = self
+                    .held
+                    .action
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                Some(action.unwrap_or(Settled::Close))
+            }
+            _ => None,
+        }
+    }
+
+    /// Ready once the held request is settled (or nothing is held). The task is woken for a
+    /// response written in full only if `wake_on_written`.
+    fn settled(&self, wake_on_written: bool) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.held.waker.register(cx.waker());
+            if wake_on_written {
+                let _ = self.held.state.compare_exchange(
+                    PENDING,
+                    PENDING_WAKE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            match self.held.state.load(Ordering::Acquire) {
+                PENDING | PENDING_WAKE => Poll::Pending,
+                _ => Poll::Ready(()),
+            }
+        })
     }
 }
 
@@ -271,7 +517,7 @@ async fn read_more(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 /// thousands of sockets in turn would otherwise read each one's readiness state too (memory
 /// nothing else in that loop touches). A full socket is not recorded in tokio's readiness, so
 /// the rest goes through [`write_all`], whose first `try_write` finds it full and waits.
-pub fn write_now(conn: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+fn write_now(conn: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     let socket = SockRef::from(conn);
     let mut off = 0;
     while off < bytes.len() {
@@ -514,5 +760,159 @@ mod tests {
             http_date(UNIX_EPOCH + std::time::Duration::from_secs(784_111_777)),
             "Sun, 06 Nov 1994 08:49:37 GMT"
         );
+    }
+
+    /// A front that holds every `/held` request (handing its connection to the test) and
+    /// answers `/now` at once.
+    struct Holding(tokio::sync::mpsc::UnboundedSender<Arc<FastConn>>);
+
+    const NOW: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nnow";
+
+    /// A response of `body` bytes.
+    fn held_response(body: usize) -> Bytes {
+        let mut out = format!("HTTP/1.1 200 OK\r\ncontent-length: {body}\r\n\r\n").into_bytes();
+        out.resize(out.len() + body, b'h');
+        out.into()
+    }
+
+    impl FastFront for Holding {
+        fn accepts(&self, target: &str) -> bool {
+            target == "/held" || target == "/now"
+        }
+
+        fn answer(
+            self: &Arc<Self>,
+            conn: &Arc<FastConn>,
+            _peer: SocketAddr,
+            req: FastRequest,
+        ) -> impl Future<Output = io::Result<Answer>> + Send {
+            let (front, conn) = (self.clone(), conn.clone());
+            async move {
+                if req.uri.path() == "/now" {
+                    write_all(conn.stream(), NOW).await?;
+                    return Ok(Answer::Sent);
+                }
+                conn.hold();
+                let _ = front.0.send(conn);
+                Ok(Answer::Held)
+            }
+        }
+
+        async fn hand_off(
+            self: &Arc<Self>,
+            _io: Prefixed,
+            _peer: SocketAddr,
+            _shutdown: &CancellationToken,
+        ) {
+        }
+    }
+
+    /// A client connected to one connection served by [`Holding`], the held connections, and
+    /// the connection's shutdown token.
+    async fn holding_connection() -> (
+        TcpStream,
+        tokio::sync::mpsc::UnboundedReceiver<Arc<FastConn>>,
+        CancellationToken,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(connection(
+            stream,
+            peer,
+            Arc::new(Holding(tx)),
+            shutdown.clone(),
+        ));
+        (client, rx, shutdown)
+    }
+
+    /// Read exactly `len` bytes (within 10 s).
+    async fn read_len(client: &mut TcpStream, len: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; len];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut got),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        got
+    }
+
+    #[tokio::test]
+    async fn held_requests_are_answered_by_their_holder_before_the_next_one() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut held, _shutdown) = holding_connection().await;
+        // A request behind a held one (pipelined) waits for it.
+        client
+            .write_all(b"GET /held HTTP/1.1\r\n\r\nGET /now HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let conn = held.recv().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut peek = [0u8; 1];
+        assert_eq!(
+            client.try_read(&mut peek).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing is answered before the held request"
+        );
+        let first = held_response(5);
+        assert_eq!(conn.release(&first), Released::Written);
+        let both = read_len(&mut client, first.len() + NOW.len()).await;
+        assert_eq!(both, [&first[..], NOW].concat());
+
+        // Answered later: the connection's task writes it.
+        client
+            .write_all(b"GET /held HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let again = held.recv().await.unwrap();
+        assert!(Arc::ptr_eq(&conn, &again));
+        let later = held_response(7);
+        conn.answer_later(later.clone());
+        assert_eq!(read_len(&mut client, later.len()).await, later);
+
+        // More than the socket takes now: the connection's task writes the rest.
+        client
+            .write_all(b"GET /held HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = held.recv().await.unwrap();
+        SockRef::from(conn.stream())
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let big = held_response(1 << 20);
+        assert_eq!(conn.release(&big), Released::Partly);
+        assert_eq!(read_len(&mut client, big.len()).await, big);
+        client
+            .write_all(b"GET /now HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_len(&mut client, NOW.len()).await, NOW);
+    }
+
+    #[tokio::test]
+    async fn a_request_held_at_shutdown_is_answered_within_the_grace() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, mut held, shutdown) = holding_connection().await;
+        client
+            .write_all(b"GET /held HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let conn = held.recv().await.unwrap();
+        shutdown.cancel();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let last = held_response(3);
+        conn.answer_later(last.clone());
+        drop(conn);
+        assert_eq!(read_len(&mut client, last.len()).await, last);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "closed after the held answer");
     }
 }

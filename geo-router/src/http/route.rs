@@ -577,10 +577,10 @@ impl amphi_protocol::h1::FastFront for RouteFront {
 
     fn answer(
         self: &std::sync::Arc<Self>,
-        conn: &std::sync::Arc<tokio::net::TcpStream>,
+        conn: &std::sync::Arc<amphi_protocol::h1::FastConn>,
         peer: SocketAddr,
         req: amphi_protocol::h1::FastRequest,
-    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+    ) -> impl std::future::Future<Output = std::io::Result<amphi_protocol::h1::Answer>> + Send {
         let answer = route_front(&self.state, peer, req.uri, req.headers);
         let (conn, close) = (conn.clone(), req.close);
         async move {
@@ -592,7 +592,8 @@ impl amphi_protocol::h1::FastFront for RouteFront {
                 Reply::Routed(body) => route_wire(&body, close),
                 Reply::Other(resp) => amphi_protocol::h1::response_bytes(resp, close).await,
             };
-            amphi_protocol::h1::write_all(&conn, &bytes).await
+            amphi_protocol::h1::write_all(conn.stream(), &bytes).await?;
+            Ok(amphi_protocol::h1::Answer::Sent)
         }
     }
 
