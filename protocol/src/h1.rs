@@ -7,7 +7,7 @@
 //! of the connection to hyper ([`serve_connection_with`]) with the bytes already read.
 //!
 //! A role may also hold a request ([`Answer::Held`]) for someone else to answer later, straight
-//! into the socket ([`FastConn::release`]): the packager's blocking playlist reloads, answered by
+//! into the socket ([`HeldSocket::send`], then [`HeldSocket::settle`]): the packager's blocking playlist reloads, answered by
 //! the publication they wait for. The connection's task then goes back to reading; it is not
 //! woken when the answer is written, only when the next request arrives, or when the holder
 //! left it something to finish (the rest of a response the socket had no room for, a timeout).
@@ -25,6 +25,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,6 +123,58 @@ pub fn parse_request_head(
     )
 }
 
+/// A held request ([`FastConn::hold`]): its connection and its socket's descriptor. A holder
+/// that answers thousands of held requests in one loop [`send`](Self::send)s to each through
+/// the descriptor alone, touching no connection's memory between the writes (the players at
+/// the end of the loop wait for it), and [`settle`](Self::settle)s them after the last one.
+pub struct HeldSocket {
+    conn: Arc<FastConn>,
+    /// `conn`'s socket, open as long as `conn` is.
+    fd: RawFd,
+}
+
+impl HeldSocket {
+    /// The socket's descriptor: a loop writes faster in descriptor order, which is accept order,
+    /// the order the kernel made the sockets' state in.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Write as much of `bytes` into the socket as it takes now, without waiting (a player
+    /// that hung up is an error, not a `SIGPIPE`). Pass the result to [`settle`](Self::settle).
+    pub fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        // SAFETY: the descriptor is `conn`'s socket, which this handle keeps open.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        write_now(SockRef::from(&fd), bytes)
+    }
+
+    /// Settle the held request after [`send`](Self::send) gave `sent` for `bytes`: the
+    /// connection's task writes any rest (waiting for room) or closes a failed connection; it
+    /// is not woken for a response written in full.
+    pub fn settle(&self, bytes: &Bytes, sent: io::Result<usize>) -> Released {
+        match sent {
+            Ok(n) if n == bytes.len() => {
+                self.conn.settle(WRITTEN, None);
+                Released::Written
+            }
+            Ok(n) => {
+                self.conn
+                    .settle(ACTION, Some(Settled::Write(bytes.slice(n..))));
+                Released::Partly
+            }
+            Err(_) => {
+                self.conn.settle(ACTION, Some(Settled::Close));
+                Released::Failed
+            }
+        }
+    }
+
+    /// Settle the held request with `bytes`, written by the connection's task.
+    pub fn answer_later(&self, bytes: Bytes) {
+        self.conn.settle(ACTION, Some(Settled::Write(bytes)));
+    }
+}
+
 /// A role's requests answered on the front, and hyper for everything else.
 pub trait FastFront: Send + Sync + 'static {
     /// Whether a plain `GET` of `target` (path and query) is answered here.
@@ -179,7 +232,10 @@ async fn connection<F: FastFront>(
     shutdown: CancellationToken,
 ) {
     let conn = Arc::new(FastConn::new(stream));
-    let mut buf = BytesMut::with_capacity(1024);
+    // Only while a request is read: an idle or held connection keeps no buffer, so thousands
+    // of them do not each keep a kilobyte that its next read would find cold; that read takes
+    // the allocator's most recently freed one instead.
+    let mut buf = BytesMut::new();
     // Made once per connection, not per request: waiting on the token registers with it (a
     // lock every connection shares), and a timer pushed later is updated in place.
     let cancelled = shutdown.cancelled();
@@ -215,6 +271,9 @@ async fn connection<F: FastFront>(
         match head {
             RequestHead::Fast(req, len) => {
                 buf.advance(len);
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
                 let close = req.close;
                 let mut answer = pin!(front.answer(&conn, peer, req));
                 let answered = tokio::select! {
@@ -322,8 +381,8 @@ async fn sole_owner(mut conn: Arc<FastConn>) -> Option<TcpStream> {
 pub enum Answer {
     /// The whole response is written.
     Sent,
-    /// Held ([`FastConn::hold`]): whoever holds it settles it once, with [`FastConn::release`]
-    /// or [`FastConn::answer_later`]. The connection reads on meanwhile, and answers no request
+    /// Held ([`FastConn::hold`]): whoever holds it settles it once, with
+    /// [`HeldSocket::settle`] or [`HeldSocket::answer_later`]. The connection reads on meanwhile, and answers no request
     /// behind it before that.
     Held,
 }
@@ -366,7 +425,7 @@ enum Settled {
     Close,
 }
 
-/// What [`FastConn::release`] wrote.
+/// What [`HeldSocket::send`] wrote, as [`HeldSocket::settle`] tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
     /// The whole response.
@@ -395,35 +454,14 @@ impl FastConn {
         &self.stream
     }
 
-    /// Hold the request being answered ([`Answer::Held`]). Call before whoever settles it can
-    /// see it.
-    pub fn hold(&self) {
+    /// Hold the request being answered ([`Answer::Held`]); whoever gets the returned handle
+    /// settles it. Call before that one can see it.
+    pub fn hold(self: &Arc<Self>) -> HeldSocket {
         self.held.state.store(PENDING, Ordering::Release);
-    }
-
-    /// Settle the held request with `bytes`, written into the socket now as far as it takes
-    /// them (the connection's task writes the rest, waiting for room). The connection's task
-    /// is not woken for a response written in full.
-    pub fn release(&self, bytes: &Bytes) -> Released {
-        match write_now(&self.stream, bytes) {
-            Ok(n) if n == bytes.len() => {
-                self.settle(WRITTEN, None);
-                Released::Written
-            }
-            Ok(n) => {
-                self.settle(ACTION, Some(Settled::Write(bytes.slice(n..))));
-                Released::Partly
-            }
-            Err(_) => {
-                self.settle(ACTION, Some(Settled::Close));
-                Released::Failed
-            }
+        HeldSocket {
+            fd: self.stream.as_raw_fd(),
+            conn: self.clone(),
         }
-    }
-
-    /// Settle the held request with `bytes`, written by the connection's task.
-    pub fn answer_later(&self, bytes: Bytes) {
-        self.settle(ACTION, Some(Settled::Write(bytes)));
     }
 
     fn settle(&self, state: u8, action: Option<Settled>) {
@@ -517,8 +555,7 @@ async fn read_more(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 /// thousands of sockets in turn would otherwise read each one's readiness state too (memory
 /// nothing else in that loop touches). A full socket is not recorded in tokio's readiness, so
 /// the rest goes through [`write_all`], whose first `try_write` finds it full and waits.
-fn write_now(conn: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
-    let socket = SockRef::from(conn);
+fn write_now(socket: SockRef<'_>, bytes: &[u8]) -> io::Result<usize> {
     let mut off = 0;
     while off < bytes.len() {
         // No SIGPIPE for a player that hung up: it is an `EPIPE` error here.
@@ -764,7 +801,7 @@ mod tests {
 
     /// A front that holds every `/held` request (handing its connection to the test) and
     /// answers `/now` at once.
-    struct Holding(tokio::sync::mpsc::UnboundedSender<Arc<FastConn>>);
+    struct Holding(tokio::sync::mpsc::UnboundedSender<HeldSocket>);
 
     const NOW: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nnow";
 
@@ -792,8 +829,7 @@ mod tests {
                     write_all(conn.stream(), NOW).await?;
                     return Ok(Answer::Sent);
                 }
-                conn.hold();
-                let _ = front.0.send(conn);
+                let _ = front.0.send(conn.hold());
                 Ok(Answer::Held)
             }
         }
@@ -811,7 +847,7 @@ mod tests {
     /// the connection's shutdown token.
     async fn holding_connection() -> (
         TcpStream,
-        tokio::sync::mpsc::UnboundedReceiver<Arc<FastConn>>,
+        tokio::sync::mpsc::UnboundedReceiver<HeldSocket>,
         CancellationToken,
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -862,7 +898,8 @@ mod tests {
             "nothing is answered before the held request"
         );
         let first = held_response(5);
-        assert_eq!(conn.release(&first), Released::Written);
+        let sent = conn.send(&first);
+        assert_eq!(conn.settle(&first, sent), Released::Written);
         let both = read_len(&mut client, first.len() + NOW.len()).await;
         assert_eq!(both, [&first[..], NOW].concat());
 
@@ -872,9 +909,9 @@ mod tests {
             .await
             .unwrap();
         let again = held.recv().await.unwrap();
-        assert!(Arc::ptr_eq(&conn, &again));
+        assert!(Arc::ptr_eq(&conn.conn, &again.conn));
         let later = held_response(7);
-        conn.answer_later(later.clone());
+        again.answer_later(later.clone());
         assert_eq!(read_len(&mut client, later.len()).await, later);
 
         // More than the socket takes now: the connection's task writes the rest.
@@ -882,12 +919,13 @@ mod tests {
             .write_all(b"GET /held HTTP/1.1\r\n\r\n")
             .await
             .unwrap();
-        let _ = held.recv().await.unwrap();
-        SockRef::from(conn.stream())
+        let third = held.recv().await.unwrap();
+        SockRef::from(third.conn.stream())
             .set_send_buffer_size(4096)
             .unwrap();
         let big = held_response(1 << 20);
-        assert_eq!(conn.release(&big), Released::Partly);
+        let sent = third.send(&big);
+        assert_eq!(third.settle(&big, sent), Released::Partly);
         assert_eq!(read_len(&mut client, big.len()).await, big);
         client
             .write_all(b"GET /now HTTP/1.1\r\n\r\n")

@@ -99,6 +99,14 @@ pub struct HlsArgs {
     /// single pair by ±20 %).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Run the players on CPU 0 and each server under test (the child packager, then the
+    /// floor's thread) on CPU 1, so that neither server shares its CPU with the load generator
+    /// and the scheduler's choices between them stay out of the ratio (needs two CPUs).
+    #[arg(long)]
+    pin: bool,
+    /// Internal: the child packager runs on this CPU only.
+    #[arg(long, hide = true)]
+    pin_cpu: Option<usize>,
     /// Internal: run the packager with a synthetic program on this address (child mode).
     #[arg(long, hide = true)]
     serve_packager: Option<SocketAddr>,
@@ -110,12 +118,20 @@ pub struct HlsArgs {
     serve_seconds: u64,
 }
 
+/// With `--pin`: the CPU of the players (the load generator's runtime).
+const PLAYERS_CPU: usize = 0;
+/// With `--pin`: the CPU of the server under test (the child packager, the floor's thread).
+const SERVER_CPU: usize = 1;
+
 /// `amphi-tools loadgen hls`.
 pub async fn run(args: HlsArgs) -> Result<()> {
     if let Some(addr) = args.serve_packager {
         let dir = args.data_dir.clone().context("--data-dir is required")?;
         let secs = args.serve_seconds;
         let fast_path = !args.hyper_only;
+        if let Some(cpu) = args.pin_cpu {
+            crate::tcp_floor::pin_process(cpu)?;
+        }
         return tokio::task::spawn_blocking(move || serve_packager(addr, dir, secs, fast_path))
             .await
             .context("packager thread")?;
@@ -146,6 +162,11 @@ pub async fn run(args: HlsArgs) -> Result<()> {
         bail!("--players must be 1..=60000");
     }
     ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
+    if args.pin {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ensure!(cpus >= 2, "--pin needs two CPUs, this machine has {cpus}");
+        crate::tcp_floor::pin_process(PLAYERS_CPU)?;
+    }
     ensure!(
         !args.floor_reads.is_empty(),
         "--floor-reads needs at least one"
@@ -211,6 +232,9 @@ async fn packager_and_floor(
             if args.hyper_only {
                 cmd.arg("--hyper-only");
             }
+            if args.pin {
+                cmd.args(["--pin-cpu", &SERVER_CPU.to_string()]);
+            }
             let mut c = cmd
                 .arg("--data-dir")
                 .arg(&dir)
@@ -253,7 +277,8 @@ async fn packager_and_floor(
     }
     let mut ratios = Vec::new();
     for &reads in &args.floor_reads {
-        ratios.push(tcp_floor(&run, players, seconds, args.ramp_batch, reads).await?);
+        let cpu = args.pin.then_some(SERVER_CPU);
+        ratios.push(tcp_floor(&run, players, seconds, args.ramp_batch, reads, cpu).await?);
     }
     Ok(ratios)
 }
@@ -275,6 +300,7 @@ async fn tcp_floor(
     seconds: u64,
     ramp_batch: usize,
     reads: FloorReads,
+    cpu: Option<usize>,
 ) -> Result<(f64, f64)> {
     let period = Duration::from_millis(200);
     let server = crate::tcp_floor::FloorServer::start(
@@ -282,6 +308,7 @@ async fn tcp_floor(
         period,
         amphi_packager::PUBLISHED_HEADER,
         reads,
+        cpu,
     )?;
     let addr = server.addr.to_string();
     let measuring = Arc::new(AtomicBool::new(false));

@@ -65,13 +65,18 @@ impl FloorServer {
     /// Start serving on 127.0.0.1 (an ephemeral port): responses of `response_len` bytes, one
     /// pass every `period`, the publication time in `published_header`.
     /// Requests are read as `reads` says.
+    /// With `cpu`, its thread runs on that CPU only.
     pub fn start(
         response_len: usize,
         period: Duration,
         published_header: &'static str,
         reads: FloorReads,
+        cpu: Option<usize>,
     ) -> Result<FloorServer> {
         Self::spawn("tcp-floor", move |listener, stop, measuring| {
+            if let Some(cpu) = cpu {
+                pin_thread(0, cpu)?;
+            }
             let pass = Pass {
                 response: Vec::with_capacity(response_len + 256),
                 response_len,
@@ -133,6 +138,31 @@ impl FloorServer {
             .join()
             .map_err(|_| anyhow::anyhow!("floor server thread panicked"))?
     }
+}
+
+/// Run the thread `tid` (0: the calling thread) on CPU `cpu` only.
+pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity(2) only read
+    // and write that local set.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// Run every thread of this process on CPU `cpu` only (threads started later inherit it).
+pub fn pin_process(cpu: usize) -> Result<()> {
+    for task in std::fs::read_dir("/proc/self/task").context("listing /proc/self/task")? {
+        let tid = task?.file_name().to_string_lossy().parse::<libc::pid_t>()?;
+        pin_thread(tid, cpu)?;
+    }
+    Ok(())
 }
 
 /// The write pass both floors share: one rendered response written to every waiting player.
@@ -444,7 +474,7 @@ mod tests {
     fn a_held_request_is_answered_on_the_next_pass() {
         for reads in [FloorReads::Epoll, FloorReads::Polled] {
             let server =
-                FloorServer::start(800, Duration::from_millis(50), "x-pub", reads).unwrap();
+                FloorServer::start(800, Duration::from_millis(50), "x-pub", reads, None).unwrap();
             server.measuring.store(true, Ordering::Relaxed);
             // Two players: one that asks twice, one that hangs up after connecting (its slot
             // is dropped and the other keeps being answered).
