@@ -7,10 +7,11 @@
 //! of the connection to hyper ([`serve_connection_with`]) with the bytes already read.
 //!
 //! A role may also hold a request ([`Answer::Held`]) for someone else to answer later, straight
-//! into the socket ([`HeldSocket::send`], then [`HeldSocket::settle`]): the packager's blocking playlist reloads, answered by
-//! the publication they wait for. The connection's task then goes back to reading; it is not
-//! woken when the answer is written, only when the next request arrives, or when the holder
-//! left it something to finish (the rest of a response the socket had no room for, a timeout).
+//! into the socket ([`HeldSocket::send`], then [`HeldSocket::settle`]): the packager's blocking
+//! playlist reloads, answered by the publication they wait for. The connection's task then goes
+//! back to reading; it is not woken when the answer is written, only when the next request
+//! arrives, or when the holder left it something to finish (the rest of a response the socket
+//! had no room for, a timeout).
 
 #[cfg(doc)]
 use crate::https::serve_connection_with;
@@ -382,8 +383,8 @@ pub enum Answer {
     /// The whole response is written.
     Sent,
     /// Held ([`FastConn::hold`]): whoever holds it settles it once, with
-    /// [`HeldSocket::settle`] or [`HeldSocket::answer_later`]. The connection reads on meanwhile, and answers no request
-    /// behind it before that.
+    /// [`HeldSocket::settle`] or [`HeldSocket::answer_later`]. The connection reads on
+    /// meanwhile, and answers no request behind it before that.
     Held,
 }
 
