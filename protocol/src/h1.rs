@@ -124,58 +124,6 @@ pub fn parse_request_head(
     )
 }
 
-/// A held request ([`FastConn::hold`]): its connection and its socket's descriptor. A holder
-/// that answers thousands of held requests in one loop [`send`](Self::send)s to each through
-/// the descriptor alone, touching no connection's memory between the writes (the players at
-/// the end of the loop wait for it), and [`settle`](Self::settle)s them after the last one.
-pub struct HeldSocket {
-    conn: Arc<FastConn>,
-    /// `conn`'s socket, open as long as `conn` is.
-    fd: RawFd,
-}
-
-impl HeldSocket {
-    /// The socket's descriptor: a loop writes faster in descriptor order, which is accept order,
-    /// the order the kernel made the sockets' state in.
-    pub fn fd(&self) -> RawFd {
-        self.fd
-    }
-
-    /// Write as much of `bytes` into the socket as it takes now, without waiting (a player
-    /// that hung up is an error, not a `SIGPIPE`). Pass the result to [`settle`](Self::settle).
-    pub fn send(&self, bytes: &[u8]) -> io::Result<usize> {
-        // SAFETY: the descriptor is `conn`'s socket, which this handle keeps open.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
-        write_now(SockRef::from(&fd), bytes)
-    }
-
-    /// Settle the held request after [`send`](Self::send) gave `sent` for `bytes`: the
-    /// connection's task writes any rest (waiting for room) or closes a failed connection; it
-    /// is not woken for a response written in full.
-    pub fn settle(&self, bytes: &Bytes, sent: io::Result<usize>) -> Released {
-        match sent {
-            Ok(n) if n == bytes.len() => {
-                self.conn.settle(WRITTEN, None);
-                Released::Written
-            }
-            Ok(n) => {
-                self.conn
-                    .settle(ACTION, Some(Settled::Write(bytes.slice(n..))));
-                Released::Partly
-            }
-            Err(_) => {
-                self.conn.settle(ACTION, Some(Settled::Close));
-                Released::Failed
-            }
-        }
-    }
-
-    /// Settle the held request with `bytes`, written by the connection's task.
-    pub fn answer_later(&self, bytes: Bytes) {
-        self.conn.settle(ACTION, Some(Settled::Write(bytes)));
-    }
-}
-
 /// A role's requests answered on the front, and hyper for everything else.
 pub trait FastFront: Send + Sync + 'static {
     /// Whether a plain `GET` of `target` (path and query) is answered here.
@@ -518,6 +466,58 @@ impl FastConn {
                 _ => Poll::Ready(()),
             }
         })
+    }
+}
+
+/// A held request ([`FastConn::hold`]): its connection and its socket's descriptor. A holder
+/// that answers thousands of held requests in one loop [`send`](Self::send)s to each through
+/// the descriptor alone, touching no connection's memory between the writes (the players at
+/// the end of the loop wait for it), and [`settle`](Self::settle)s them after the last one.
+pub struct HeldSocket {
+    conn: Arc<FastConn>,
+    /// `conn`'s socket, open as long as `conn` is.
+    fd: RawFd,
+}
+
+impl HeldSocket {
+    /// The socket's descriptor: a loop writes faster in descriptor order, which is accept order,
+    /// the order the kernel made the sockets' state in.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Write as much of `bytes` into the socket as it takes now, without waiting (a player
+    /// that hung up is an error, not a `SIGPIPE`). Pass the result to [`settle`](Self::settle).
+    pub fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        // SAFETY: the descriptor is `conn`'s socket, which this handle keeps open.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        write_now(SockRef::from(&fd), bytes)
+    }
+
+    /// Settle the held request after [`send`](Self::send) gave `sent` for `bytes`: the
+    /// connection's task writes any rest (waiting for room) or closes a failed connection; it
+    /// is not woken for a response written in full.
+    pub fn settle(&self, bytes: &Bytes, sent: io::Result<usize>) -> Released {
+        match sent {
+            Ok(n) if n == bytes.len() => {
+                self.conn.settle(WRITTEN, None);
+                Released::Written
+            }
+            Ok(n) => {
+                self.conn
+                    .settle(ACTION, Some(Settled::Write(bytes.slice(n..))));
+                Released::Partly
+            }
+            Err(_) => {
+                self.conn.settle(ACTION, Some(Settled::Close));
+                Released::Failed
+            }
+        }
+    }
+
+    /// Settle the held request with `bytes`, written by the connection's task.
+    pub fn answer_later(&self, bytes: Bytes) {
+        self.conn.settle(ACTION, Some(Settled::Write(bytes)));
     }
 }
 
@@ -867,6 +867,20 @@ mod tests {
         (client, rx, shutdown)
     }
 
+    /// A request for a held answer.
+    const HELD: &[u8] = b"GET /held HTTP/1.1\r\n\r\n";
+
+    /// Send `request` (ending with one the front holds) and take the held request.
+    async fn ask(
+        client: &mut TcpStream,
+        held: &mut tokio::sync::mpsc::UnboundedReceiver<HeldSocket>,
+        request: &[u8],
+    ) -> HeldSocket {
+        use tokio::io::AsyncWriteExt;
+        client.write_all(request).await.unwrap();
+        held.recv().await.unwrap()
+    }
+
     /// Read exactly `len` bytes (within 10 s).
     async fn read_len(client: &mut TcpStream, len: usize) -> Vec<u8> {
         use tokio::io::AsyncReadExt;
@@ -886,11 +900,12 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut client, mut held, _shutdown) = holding_connection().await;
         // A request behind a held one (pipelined) waits for it.
-        client
-            .write_all(b"GET /held HTTP/1.1\r\n\r\nGET /now HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let conn = held.recv().await.unwrap();
+        let conn = ask(
+            &mut client,
+            &mut held,
+            b"GET /held HTTP/1.1\r\n\r\nGET /now HTTP/1.1\r\n\r\n",
+        )
+        .await;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let mut peek = [0u8; 1];
         assert_eq!(
@@ -905,22 +920,14 @@ mod tests {
         assert_eq!(both, [&first[..], NOW].concat());
 
         // Answered later: the connection's task writes it.
-        client
-            .write_all(b"GET /held HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let again = held.recv().await.unwrap();
+        let again = ask(&mut client, &mut held, HELD).await;
         assert!(Arc::ptr_eq(&conn.conn, &again.conn));
         let later = held_response(7);
         again.answer_later(later.clone());
         assert_eq!(read_len(&mut client, later.len()).await, later);
 
         // More than the socket takes now: the connection's task writes the rest.
-        client
-            .write_all(b"GET /held HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let third = held.recv().await.unwrap();
+        let third = ask(&mut client, &mut held, HELD).await;
         SockRef::from(third.conn.stream())
             .set_send_buffer_size(4096)
             .unwrap();
@@ -937,13 +944,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_held_at_shutdown_is_answered_within_the_grace() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncReadExt;
         let (mut client, mut held, shutdown) = holding_connection().await;
-        client
-            .write_all(b"GET /held HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let conn = held.recv().await.unwrap();
+        let conn = ask(&mut client, &mut held, HELD).await;
         shutdown.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let last = held_response(3);
